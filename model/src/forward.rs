@@ -1,0 +1,291 @@
+//! The decoder forward pass, written with composed candle ops so that every op has a backward.
+//!
+//! Shapes: B batch, T new tokens, S key positions (cache + new), H hidden, D head_dim,
+//! Hq query heads, Hkv key/value heads, G = Hq / Hkv, V vocab.
+//!
+//! Grouped-query attention never copies K/V per query head: the G query heads that share a
+//! K/V head are folded into the row dimension (`[B, Hkv, G·T, D]`), so one batched matmul
+//! serves them all.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::weights::{LayerWeights, Weights};
+
+/// Additive attention bias for positions a query must not see. Finite, so that a row with no
+/// visible key (a padding query) gives a uniform distribution instead of NaN.
+const MASKED: f32 = -1e9;
+
+/// The inputs of one forward call.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[B, T]` u32 token ids.
+    pub input_ids: Tensor,
+    /// `[B·T]` u32 rotary positions (each sequence counts its own tokens, padding excluded).
+    pub positions: Tensor,
+    /// `[B, 1, 1, T, S]` additive bias: 0 where the query may attend, a large negative elsewhere.
+    pub attention_bias: Tensor,
+}
+
+impl Batch {
+    /// A batch without a cache. `input_ids` and `attention_mask` are `B` rows of `T` entries
+    /// (mask 1 on real tokens, 0 on padding; left or right padding both work). Positions count
+    /// real tokens, so a padded row gives the same logits as the sequence alone.
+    pub fn new(
+        input_ids: &[Vec<u32>],
+        attention_mask: &[Vec<u8>],
+        device: &Device,
+    ) -> Result<Self> {
+        let t = input_ids.first().map_or(0, Vec::len);
+        let valid: Vec<Vec<bool>> = attention_mask
+            .iter()
+            .map(|m| m.iter().map(|&x| x != 0).collect())
+            .collect();
+        let positions = valid.iter().map(|v| positions_of(v, 0)).collect::<Vec<_>>();
+        Self::from_parts(input_ids, &positions, &valid, 0, t, device)
+    }
+
+    /// General form: `positions[b]` for the `T` new tokens, `key_valid[b]` over all `S` key
+    /// slots (cache then new), and `q_offset` the slot of the first new token.
+    pub fn from_parts(
+        input_ids: &[Vec<u32>],
+        positions: &[Vec<u32>],
+        key_valid: &[Vec<bool>],
+        q_offset: usize,
+        t: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = input_ids.len();
+        let s = q_offset + t;
+        let ids: Vec<u32> = input_ids.iter().flatten().copied().collect();
+        let pos: Vec<u32> = positions.iter().flatten().copied().collect();
+        let mut bias = vec![MASKED; b * t * s];
+        for (bi, valid) in key_valid.iter().enumerate() {
+            for i in 0..t {
+                let row = &mut bias[(bi * t + i) * s..(bi * t + i + 1) * s];
+                for (j, x) in row.iter_mut().enumerate().take(q_offset + i + 1) {
+                    if valid[j] {
+                        *x = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(Batch {
+            input_ids: Tensor::from_vec(ids, (b, t), device)?,
+            positions: Tensor::from_vec(pos, b * t, device)?,
+            attention_bias: Tensor::from_vec(bias, (b, 1, 1, t, s), device)?,
+        })
+    }
+}
+
+/// Rotary positions of a row: the count of valid tokens before each slot, starting at `start`
+/// (padding slots get the position of the next real token, which is never attended to).
+pub fn positions_of(valid: &[bool], start: u32) -> Vec<u32> {
+    let mut next = start;
+    valid
+        .iter()
+        .map(|&v| {
+            let p = next;
+            if v {
+                next += 1;
+            }
+            p
+        })
+        .collect()
+}
+
+/// Logits `[B, T, V]` in the weights' dtype. With a cache, the new keys and values are
+/// appended and the cache advances by `T`.
+pub fn forward(w: &Weights, batch: &Batch, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    let hidden = hidden_states(w, batch, cache)?; // [B, T, H]
+    linear(&hidden, w.output_weight(), None) // [B, T, V]
+}
+
+/// Final-norm hidden states `[B, T, H]` (the trunk, for value heads and chunked log-probs).
+pub fn hidden_states(
+    w: &Weights,
+    batch: &Batch,
+    mut cache: Option<&mut KvCache>,
+) -> Result<Tensor> {
+    let c = &w.config;
+    let (b, t) = batch.input_ids.dims2()?;
+    let dtype = w.embed_tokens.dtype();
+    let (cos, sin) = rope_tables(c, &batch.positions, b, t, dtype)?; // [B, 1, T, D] each
+    let bias = batch.attention_bias.to_dtype(DType::F32)?;
+    let ids = batch.input_ids.flatten_all()?;
+    let mut x = w
+        .embed_tokens
+        .index_select(&ids, 0)?
+        .reshape((b, t, c.hidden_size))?;
+    for (l, layer) in w.layers.iter().enumerate() {
+        let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
+        let kv = cache.as_deref_mut().map(|cache| (cache, l));
+        let a = attention(c, layer, &h, &cos, &sin, &bias, kv)?;
+        x = (x + a)?;
+        let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+        x = (x + mlp(layer, &h)?)?;
+    }
+    if let Some(cache) = cache {
+        cache.advance(t);
+    }
+    rms_norm(&x, &w.norm, c.rms_norm_eps)
+}
+
+/// `x [.., in] · wᵀ [in, out] (+ bias)` → `[.., out]`.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = dims[dims.len() - 1];
+    let rows = x.elem_count() / inner.max(1);
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?; // [rows, out]
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    *out.last_mut().expect("rank >= 1") = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+/// RMSNorm computed in f32 as transformers does: `w · (x / sqrt(mean(x²) + eps))`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?; // [.., 1]
+    Ok(xf.broadcast_mul(&r)?.to_dtype(dtype)?.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dimension from differentiable ops (candle-nn's fused one has no
+/// backward). The max is detached: softmax is shift-invariant, so its gradient is zero.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+fn mlp(w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
+    let gate = linear(x, &w.gate_proj, None)?.silu()?; // [B, T, I]
+    let up = linear(x, &w.up_proj, None)?; // [B, T, I]
+    linear(&(gate * up)?, &w.down_proj, None) // [B, T, H]
+}
+
+fn attention(
+    c: &ModelConfig,
+    w: &LayerWeights,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    cache: Option<(&mut KvCache, usize)>,
+) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let g = hq / hkv;
+    let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+        Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) // [B, n, T, D]
+    };
+    let q = heads(linear(x, &w.q_proj, w.q_bias.as_ref())?, hq)?;
+    let k = heads(linear(x, &w.k_proj, w.k_bias.as_ref())?, hkv)?;
+    let v = heads(linear(x, &w.v_proj, w.v_bias.as_ref())?, hkv)?;
+    let q = apply_rope(&q, cos, sin)?; // [B, Hq, T, D]
+    let k = apply_rope(&k, cos, sin)?; // [B, Hkv, T, D]
+    let (k, v) = match cache {
+        Some((cache, layer)) => cache.append(layer, &k, &v)?, // [B, Hkv, S, D]
+        None => (k, v),
+    };
+    let s = k.dim(2)?;
+    let q = q.reshape((b, hkv, g * t, d))?; // heads h = kv·G + j share K/V head kv
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [B, Hkv, G·T, S]
+    let scores = scores
+        .to_dtype(DType::F32)?
+        .reshape((b, hkv, g, t, s))?
+        .broadcast_add(bias)?; // bias [B, 1, 1, T, S]
+    let probs = softmax_last_dim(&scores)?
+        .to_dtype(v.dtype())?
+        .reshape((b, hkv, g * t, s))?;
+    let out = probs.matmul(&v.contiguous()?)?; // [B, Hkv, G·T, D]
+    let out = out
+        .reshape((b, hq, t, d))?
+        .transpose(1, 2)?
+        .reshape((b, t, hq * d))?; // [B, T, Hq·D]
+    linear(&out, &w.o_proj, None)
+}
+
+/// `x·cos + rotate_half(x)·sin` with `rotate_half([x1, x2]) = [−x2, x1]` (HF convention).
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// Inverse frequencies `[D/2]` computed in f32 as transformers does, with rope scaling.
+pub fn inv_freq(c: &ModelConfig) -> Vec<f32> {
+    let d = c.head_dim;
+    let base = c.rope_theta as f32;
+    let raw = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32));
+    match c.rope_scaling {
+        RopeScaling::Default => raw.collect(),
+        RopeScaling::Linear { factor } => raw.map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old = original_max_position_embeddings as f32;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            raw.map(|f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                if wavelen > low_wavelen {
+                    f / factor
+                } else if wavelen < high_wavelen {
+                    f
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
+            })
+            .collect()
+        }
+    }
+}
+
+/// cos and sin `[B, 1, T, D]` for the given positions `[B·T]`.
+fn rope_tables(
+    c: &ModelConfig,
+    positions: &Tensor,
+    b: usize,
+    t: usize,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    let pos = positions.to_vec1::<u32>()?;
+    let rows = pos.iter().max().map_or(0, |&m| m as usize + 1);
+    let freqs = inv_freq(c);
+    let d = c.head_dim;
+    let (mut cos, mut sin) = (Vec::with_capacity(rows * d), Vec::with_capacity(rows * d));
+    for p in 0..rows {
+        // emb = cat(freqs, freqs): both halves of the head share the frequencies.
+        for _ in 0..2 {
+            for f in &freqs {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    let device = positions.device();
+    let table = |v: Vec<f32>| -> Result<Tensor> {
+        Ok(Tensor::from_vec(v, (rows, d), device)?
+            .index_select(positions, 0)? // [B·T, D]
+            .reshape((b, 1, t, d))?
+            .to_dtype(dtype)?)
+    };
+    Ok((table(cos)?, table(sin)?))
+}
