@@ -15,7 +15,8 @@ Usage:
   python scripts/make_model_fixtures.py                 # everything
   python scripts/make_model_fixtures.py --check-ferrite DIR MODEL
         load a checkpoint written by ferrite (DIR) in transformers, report missing / unexpected
-        keys, and compare its logits with the fixture model MODEL (tiny-qwen2 or tiny-llama).
+        keys, and compare its logits with the fixture model MODEL (tiny-qwen2 or tiny-llama), or
+        for MODEL = smollm2 with the GGUF as transformers loads it (and check the exported tokenizer).
 
 Needs: pip install torch transformers safetensors gguf accelerate numpy   (CPU is enough)
 """
@@ -282,16 +283,33 @@ def check_ferrite(ckpt, name):
 
     model, info = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager",
                                                        output_loading_info=True)
+    problems = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]]
+    print(f"checkpoint {ckpt}: missing {info['missing_keys']}, unexpected {info['unexpected_keys']}, "
+          f"mismatched {info['mismatched_keys']}")
+    if name == "smollm2":
+        # an export of the GGUF: logits of the golden prompt, and the exported tokenizer
+        from transformers import AutoTokenizer
+        from safetensors.torch import load_file
+
+        meta = json.load(open(os.path.join(FIX, "smollm2_golden.json")))
+        golden = load_file(os.path.join(FIX, "smollm2_golden.safetensors"))
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        text = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], tokenize=False,
+                                       add_generation_prompt=True)
+        same_ids = tok.encode(text, add_special_tokens=False) == meta["prompt_ids"]
+        logits = model(input_ids=torch.tensor([meta["prompt_ids"]])).logits[0, -1]
+        diff = (logits - golden["last_logits"]).abs().max().item()
+        print(f"tokenizer reproduces the prompt ids: {same_ids}; max |last-logit diff| vs GGUF in transformers "
+              f"= {diff:.3e}")
+        sys.exit(0 if same_ids and not problems and diff < 1e-4 else 1)
     ref = load_f32(os.path.join(FIX, name))
     ids, mask = padded_batch()
     a = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
     b = ref(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
     valid = mask.bool()
     diff = (a - b)[valid].abs().max().item()
-    print(f"checkpoint {ckpt}: missing {info['missing_keys']}, unexpected {info['unexpected_keys']}, "
-          f"mismatched {info['mismatched_keys']}; max |logit diff| vs {name} = {diff:.3e}")
-    ok = not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"] and diff < 1e-4
-    sys.exit(0 if ok else 1)
+    print(f"max |logit diff| vs {name} = {diff:.3e}")
+    sys.exit(0 if not problems and diff < 1e-4 else 1)
 
 
 def main():

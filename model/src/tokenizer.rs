@@ -95,6 +95,25 @@ impl Tokenizer {
         self.eos_token = eos;
     }
 
+    /// Writes `tokenizer.json` and a `tokenizer_config.json` (chat template and special tokens)
+    /// that transformers' `AutoTokenizer` loads.
+    pub fn save_dir(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("tokenizer.json");
+        self.inner
+            .save(&path, false)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": self.chat_template,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "clean_up_tokenization_spaces": false,
+        });
+        crate::weights::write_json(&dir.join("tokenizer_config.json"), &config)
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

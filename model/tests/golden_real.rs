@@ -1,0 +1,154 @@
+//! Real tokenizers and a real model against transformers (fixtures from
+//! scripts/make_model_fixtures.py; assets from scripts/fetch-assets.sh):
+//! Qwen2.5 / Qwen3 and SmolLM2 token ids and chat templates, and SmolLM2-135M-Instruct
+//! imported from its quantized GGUF.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use model::generate::{generate, GenerationConfig};
+use model::sampling::SamplingParams;
+use model::tokenizer::Tokenizer;
+use model::{forward, gguf, Batch};
+use serde_json::Value;
+
+fn tokenizer_golden() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("tokenizer_golden.json")).unwrap())
+        .unwrap()
+}
+
+fn check_tokenizer(name: &str, tok: &Tokenizer, golden: &Value) {
+    let cases = &golden[name];
+    for case in cases["encode"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let with_special: Vec<u32> = serde_json::from_value(case["ids_special"].clone()).unwrap();
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            ids,
+            "{name}: ids of {text:?}"
+        );
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            with_special,
+            "{name}: ids (special) of {text:?}"
+        );
+        assert_eq!(
+            tok.decode(&ids, false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{name}: decode of {text:?}"
+        );
+    }
+    let chats = &golden["chats"];
+    for case in cases["chat"].as_array().unwrap() {
+        let conv = case["name"].as_str().unwrap();
+        let gen = case["add_generation_prompt"].as_bool().unwrap();
+        let text = tok.render_chat(&chats[conv], gen).unwrap();
+        assert_eq!(
+            text,
+            case["text"].as_str().unwrap(),
+            "{name}: chat {conv} (generation prompt {gen})"
+        );
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(
+            tok.encode(&text, false).unwrap(),
+            ids,
+            "{name}: chat ids {conv}"
+        );
+    }
+}
+
+#[test]
+fn qwen_tokenizer_and_chat_templates_match_transformers() {
+    let golden = tokenizer_golden();
+    let mut tok = Tokenizer::from_dir(&asset("qwen3-tokenizer")).unwrap();
+    check_tokenizer("qwen3", &tok, &golden);
+    let template = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../scripts/data/qwen2.5-instruct.chat_template.jinja"),
+    )
+    .unwrap();
+    tok.set_chat_template(Some(template));
+    check_tokenizer("qwen2.5", &tok, &golden);
+}
+
+fn smollm2() -> gguf::GgufModel {
+    gguf::load(
+        &asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn smollm2_gguf_tokenizer_and_template_match_transformers() {
+    let m = smollm2();
+    check_tokenizer("smollm2", &m.tokenizer, &tokenizer_golden());
+}
+
+#[test]
+fn smollm2_gguf_logits_and_greedy_match_transformers() {
+    let m = smollm2();
+    let c = &m.weights.config;
+    assert_eq!(
+        (c.num_hidden_layers, c.hidden_size, c.num_key_value_heads),
+        (30, 576, 3)
+    );
+    assert!(c.tie_word_embeddings);
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_golden.json")).unwrap())
+            .unwrap();
+    let golden =
+        candle_core::safetensors::load(fixture("smollm2_golden.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ids: Vec<u32> = serde_json::from_value(json["prompt_ids"].clone()).unwrap();
+    let batch = Batch::new(&[ids.clone()], &[vec![1; ids.len()]], &Device::Cpu).unwrap();
+    let logits = forward(&m.weights, &batch, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap(); // [T, V]
+    let last = logits.get(ids.len() - 1).unwrap();
+    let first = logits.get(0).unwrap();
+    let scale = max_abs(&golden["last_logits"]);
+    for (ours, key) in [(&first, "first_logits"), (&last, "last_logits")] {
+        let d = max_abs_diff(ours, &golden[key]);
+        eprintln!("{key}: max |diff| {d:e}, logit scale {scale}");
+        // measured 6e-5 (logits up to 34 in magnitude, 30 layers in f32)
+        assert!(d < 5e-4, "{key}: max diff {d:e} (logit scale {scale})");
+    }
+    let expected: Vec<u32> = serde_json::from_value(json["greedy"].clone()).unwrap();
+    let cfg = GenerationConfig {
+        max_new_tokens: expected.len(),
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    };
+    let out = generate(&m.weights.detach(), &[ids], &cfg, Some(&m.tokenizer)).unwrap();
+    assert_eq!(out[0].tokens, expected);
+    assert_eq!(out[0].text.as_deref(), json["greedy_text"].as_str());
+}
+
+#[test]
+fn stop_strings_cut_the_text_and_end_generation() {
+    let m = smollm2();
+    let prompt = m
+        .tokenizer
+        .apply_chat_template(
+            &[model::tokenizer::Message::new("user", "What is 12 + 30?")],
+            true,
+        )
+        .unwrap();
+    let ids = m.tokenizer.encode(&prompt, false).unwrap();
+    // transformers' greedy continuation is "12 + 30 = 32\n\nThis is a classic"
+    let cfg = GenerationConfig {
+        max_new_tokens: 16,
+        sampling: SamplingParams::greedy(),
+        stop_strings: vec!["= ".into()],
+        ..Default::default()
+    };
+    let out = generate(&m.weights.detach(), &[ids], &cfg, Some(&m.tokenizer)).unwrap();
+    assert_eq!(out[0].finish, model::generate::FinishReason::Stop);
+    assert_eq!(out[0].text.as_deref(), Some("12 + 30 "));
+    assert!(out[0].tokens.len() < 16);
+}
