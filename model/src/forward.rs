@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{ModelConfig, RopeScaling};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::weights::{LayerWeights, Weights};
 
@@ -39,6 +39,11 @@ impl Batch {
         device: &Device,
     ) -> Result<Self> {
         let t = input_ids.first().map_or(0, Vec::len);
+        if attention_mask.len() != input_ids.len() || attention_mask.iter().any(|m| m.len() != t) {
+            return Err(ModelError::Generation(
+                "attention_mask must have the shape of input_ids".into(),
+            ));
+        }
         let valid: Vec<Vec<bool>> = attention_mask
             .iter()
             .map(|m| m.iter().map(|&x| x != 0).collect())
@@ -59,6 +64,16 @@ impl Batch {
     ) -> Result<Self> {
         let b = input_ids.len();
         let s = q_offset + t;
+        let rows_ok = positions.len() == b
+            && key_valid.len() == b
+            && input_ids.iter().all(|r| r.len() == t)
+            && positions.iter().all(|r| r.len() == t)
+            && key_valid.iter().all(|r| r.len() == s);
+        if b == 0 || t == 0 || !rows_ok {
+            return Err(ModelError::Generation(format!(
+                "malformed batch: {b} rows of {t} tokens expected, with {s} key slots each"
+            )));
+        }
         let ids: Vec<u32> = input_ids.iter().flatten().copied().collect();
         let pos: Vec<u32> = positions.iter().flatten().copied().collect();
         let mut bias = vec![MASKED; b * t * s];

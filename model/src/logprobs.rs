@@ -48,6 +48,11 @@ pub fn sequence_logprobs(
     temperature: f64,
 ) -> Result<SequenceLogprobs> {
     let device = w.embed_tokens.device();
+    if input_ids.first().map_or(0, Vec::len) < 2 || loss_mask.len() != input_ids.len() {
+        return Err(crate::error::ModelError::Generation(
+            "log-probs need rows of at least 2 tokens and a loss mask per row".into(),
+        ));
+    }
     let batch = Batch::new(input_ids, attention_mask, device)?;
     let logits = forward(w, &batch, None)?; // [B, T, V]
     let (b, t, _) = logits.dims3()?;

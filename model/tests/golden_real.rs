@@ -104,7 +104,12 @@ fn smollm2_gguf_logits_and_greedy_match_transformers() {
         candle_core::safetensors::load(fixture("smollm2_golden.safetensors"), &Device::Cpu)
             .unwrap();
     let ids: Vec<u32> = serde_json::from_value(json["prompt_ids"].clone()).unwrap();
-    let batch = Batch::new(std::slice::from_ref(&ids), &[vec![1; ids.len()]], &Device::Cpu).unwrap();
+    let batch = Batch::new(
+        std::slice::from_ref(&ids),
+        &[vec![1; ids.len()]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let logits = forward(&m.weights, &batch, None)
         .unwrap()
         .squeeze(0)

@@ -338,3 +338,20 @@ fn bad_model_files_are_clear_errors() {
     assert!(e.contains("invalid JSON"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn malformed_batches_are_errors() {
+    let w = load("tiny-qwen2");
+    let ragged = vec![vec![1, 2, 3], vec![4, 5]];
+    let mask = vec![vec![1, 1, 1], vec![1, 1]];
+    assert!(Batch::new(&ragged, &mask, &Device::Cpu).is_err());
+    let ids = vec![vec![1, 2, 3]];
+    assert!(Batch::new(&ids, &[vec![1, 1]], &Device::Cpu).is_err());
+    assert!(sequence_logprobs(&w, &[vec![1]], &[vec![1]], &[vec![1]], 1.0).is_err());
+    let cfg = GenerationConfig::default();
+    assert!(generate(&w.detach(), &[vec![]], &cfg, None).is_err());
+    assert!(
+        generate(&w.detach(), &[vec![10_000]], &cfg, None).is_err(),
+        "token beyond the vocab"
+    );
+}

@@ -39,32 +39,50 @@ fn config() -> ModelConfig {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let d = (a.to_device(&Device::Cpu)?.to_dtype(DType::F32)? - b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?;
+    let d = (a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?
+        - b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?;
     Ok(d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 fn max_abs(a: &Tensor) -> Result<f32> {
-    Ok(a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    Ok(a.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?)
 }
 
 /// A padded batch of `b` rows of up to `t` tokens (every other row shorter, right-padded).
 fn batch_rows(b: usize, t: usize, vocab: u32) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
     let mut rng = model::rng::Rng::new(1);
-    let ids = (0..b).map(|_| (0..t).map(|_| rng.below(vocab as u64) as u32).collect()).collect();
+    let ids = (0..b)
+        .map(|_| (0..t).map(|_| rng.below(vocab as u64) as u32).collect())
+        .collect();
     let mask = (0..b)
-        .map(|i| (0..t).map(|j| u8::from(i % 2 == 0 || j < t * 3 / 4)).collect())
+        .map(|i| {
+            (0..t)
+                .map(|j| u8::from(i % 2 == 0 || j < t * 3 / 4))
+                .collect()
+        })
         .collect();
     (ids, mask)
 }
 
-fn loss_and_grads(w: &Weights, ids: &[Vec<u32>], mask: &[Vec<u8>]) -> Result<(f32, Vec<(String, Tensor)>)> {
+fn loss_and_grads(
+    w: &Weights,
+    ids: &[Vec<u32>],
+    mask: &[Vec<u8>],
+) -> Result<(f32, Vec<(String, Tensor)>)> {
     let (vars, trainable) = w.to_vars()?;
     let lp = sequence_logprobs(&trainable, ids, mask, mask, 1.0)?;
     let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
     let grads = loss.backward()?;
     let mut out = Vec::new();
     for (name, v) in vars {
-        let g = grads.get(v.as_tensor()).ok_or(format!("no gradient for {name}"))?;
+        let g = grads
+            .get(v.as_tensor())
+            .ok_or(format!("no gradient for {name}"))?;
         out.push((name, g.clone()));
     }
     Ok((loss.to_scalar::<f32>()?, out))
@@ -99,12 +117,20 @@ fn main() -> Result<()> {
     let w_bf16 = w_cpu.to(DType::BF16, &gpu)?;
     let lb = forward(&w_bf16, &Batch::new(&ids, &mask, &gpu)?, None)?;
     let rel = max_abs_diff(&lc, &lb)? / max_abs(&lc)?;
-    check("forward bf16 rel max|Δlogit|", format!("{rel:.2e}"), rel < 5e-2);
+    check(
+        "forward bf16 rel max|Δlogit|",
+        format!("{rel:.2e}"),
+        rel < 5e-2,
+    );
 
     // backward
     let (loss_c, gc) = loss_and_grads(&w_cpu, &ids, &mask)?;
     let (loss_g, gg) = loss_and_grads(&w_gpu, &ids, &mask)?;
-    check("loss cpu / gpu", format!("{loss_c:.6} / {loss_g:.6}"), (loss_c - loss_g).abs() < 1e-4);
+    check(
+        "loss cpu / gpu",
+        format!("{loss_c:.6} / {loss_g:.6}"),
+        (loss_c - loss_g).abs() < 1e-4,
+    );
     let mut worst = (0f32, String::new());
     for ((name, a), (_, b)) in gc.iter().zip(&gg) {
         let rel = max_abs_diff(a, b)? / max_abs(a)?.max(1e-12);
@@ -119,7 +145,11 @@ fn main() -> Result<()> {
     );
 
     // greedy generation
-    let prompts: Vec<Vec<u32>> = ids.iter().take(4).map(|r| r[..16 + 8 * (r[0] as usize % 3)].to_vec()).collect();
+    let prompts: Vec<Vec<u32>> = ids
+        .iter()
+        .take(4)
+        .map(|r| r[..16 + 8 * (r[0] as usize % 3)].to_vec())
+        .collect();
     let cfg = GenerationConfig {
         max_new_tokens: 32,
         sampling: SamplingParams::greedy(),
@@ -127,15 +157,27 @@ fn main() -> Result<()> {
     };
     let oc = generate(&w_cpu.detach(), &prompts, &cfg, None)?;
     let og = generate(&w_gpu.detach(), &prompts, &cfg, None)?;
-    let same = oc.iter().zip(&og).filter(|(a, b)| a.tokens == b.tokens).count();
-    check("greedy 32 tokens, rows identical", format!("{same}/{}", oc.len()), same == oc.len());
+    let same = oc
+        .iter()
+        .zip(&og)
+        .filter(|(a, b)| a.tokens == b.tokens)
+        .count();
+    check(
+        "greedy 32 tokens, rows identical",
+        format!("{same}/{}", oc.len()),
+        same == oc.len(),
+    );
 
     // timings
     let mut timings = Vec::new();
     for (label, w) in [("f32", &w_gpu), ("bf16", &w_bf16)] {
         for (b, t) in [(4, 256), (8, 512)] {
             let (ids, mask) = batch_rows(b, t, c.vocab_size as u32);
-            let fwd = time(5, || Ok(forward(w, &Batch::new(&ids, &mask, &gpu)?, None)?), &gpu)?;
+            let fwd = time(
+                5,
+                || Ok(forward(w, &Batch::new(&ids, &mask, &gpu)?, None)?),
+                &gpu,
+            )?;
             let step = time(3, || loss_and_grads(w, &ids, &mask), &gpu)?;
             timings.push(format!(
                 "{label:>5} B={b} T={t}: forward {:.1} ms, forward+backward {:.1} ms ({:.0} tok/s)",
@@ -159,7 +201,10 @@ fn main() -> Result<()> {
         ));
     }
 
-    println!("\nferrite model gpu-check ({} parameters)", c.num_parameters());
+    println!(
+        "\nferrite model gpu-check ({} parameters)",
+        c.num_parameters()
+    );
     println!("{:<44} {:<28} result", "check", "value");
     let mut failed = 0;
     for (name, value, ok) in &rows {
