@@ -461,12 +461,12 @@ pub fn eval(e: &Expr, env: Env, budget: &mut Budget) -> Result<Num, String> {
         Expr::Pi => Num::Approx(std::f64::consts::PI),
         Expr::E => Num::Approx(std::f64::consts::E),
         Expr::Infinity => Num::Approx(f64::INFINITY),
-        Expr::Neg(a) => eval(a, env, budget)?.neg(),
-        Expr::Add(a, b) => eval(a, env, budget)?.add(eval(b, env, budget)?),
-        Expr::Sub(a, b) => eval(a, env, budget)?.sub(eval(b, env, budget)?),
-        Expr::Mul(a, b) => eval(a, env, budget)?.mul(eval(b, env, budget)?),
+        Expr::Neg(a) => eval(a, env, budget)?.negate(),
+        Expr::Add(a, b) => eval(a, env, budget)?.plus(eval(b, env, budget)?),
+        Expr::Sub(a, b) => eval(a, env, budget)?.minus(eval(b, env, budget)?),
+        Expr::Mul(a, b) => eval(a, env, budget)?.times(eval(b, env, budget)?),
         Expr::Div(a, b) => eval(a, env, budget)?
-            .div(eval(b, env, budget)?)
+            .divide(eval(b, env, budget)?)
             .ok_or("division by zero")?,
         Expr::Pow(a, b) => eval(a, env, budget)?.pow(eval(b, env, budget)?),
         Expr::Sqrt(a) => eval(a, env, budget)?.sqrt(),

@@ -80,7 +80,7 @@ impl Num {
         }
     }
 
-    pub fn neg(self) -> Num {
+    pub fn negate(self) -> Num {
         match self {
             Num::Exact(n, d) => n
                 .checked_neg()
@@ -89,7 +89,7 @@ impl Num {
         }
     }
 
-    pub fn add(self, o: Num) -> Num {
+    pub fn plus(self, o: Num) -> Num {
         if let (Num::Exact(a, b), Num::Exact(c, d)) = (self, o) {
             let exact = (|| {
                 Num::ratio(
@@ -104,11 +104,11 @@ impl Num {
         Num::Approx(self.to_f64() + o.to_f64())
     }
 
-    pub fn sub(self, o: Num) -> Num {
-        self.add(o.neg())
+    pub fn minus(self, o: Num) -> Num {
+        self.plus(o.negate())
     }
 
-    pub fn mul(self, o: Num) -> Num {
+    pub fn times(self, o: Num) -> Num {
         if let (Num::Exact(a, b), Num::Exact(c, d)) = (self, o) {
             let (g1, g2) = (gcd(a, d).max(1), gcd(c, b).max(1));
             let exact =
@@ -121,12 +121,12 @@ impl Num {
     }
 
     /// `None` on division by zero.
-    pub fn div(self, o: Num) -> Option<Num> {
+    pub fn divide(self, o: Num) -> Option<Num> {
         if o.is_zero() {
             return None;
         }
         match o {
-            Num::Exact(c, d) => Some(self.mul(Num::ratio(d, c)?)),
+            Num::Exact(c, d) => Some(self.times(Num::ratio(d, c)?)),
             Num::Approx(x) => Some(Num::Approx(self.to_f64() / x)),
         }
     }
@@ -138,7 +138,7 @@ impl Num {
                 let mut acc = Num::int(1);
                 let mut exact = true;
                 for _ in 0..k.abs() {
-                    acc = acc.mul(self);
+                    acc = acc.times(self);
                     if matches!(acc, Num::Approx(_)) {
                         exact = false;
                         break;
@@ -146,7 +146,7 @@ impl Num {
                 }
                 if exact {
                     return if k < 0 {
-                        Num::int(1).div(acc).unwrap_or(Num::Approx(f64::NAN))
+                        Num::int(1).divide(acc).unwrap_or(Num::Approx(f64::NAN))
                     } else {
                         acc
                     };
@@ -202,17 +202,17 @@ mod tests {
     #[test]
     fn exact_arithmetic_and_fallback() {
         let half = Num::ratio(1, 2).unwrap();
-        assert_eq!(half.add(Num::ratio(1, 3).unwrap()), Num::Exact(5, 6));
+        assert_eq!(half.plus(Num::ratio(1, 3).unwrap()), Num::Exact(5, 6));
         assert_eq!(Num::parse_decimal("0.50").unwrap(), half);
         assert_eq!(Num::int(8).sqrt(), Num::Approx(8f64.sqrt()));
         assert_eq!(Num::ratio(9, 4).unwrap().sqrt(), Num::Exact(3, 2));
         assert_eq!(Num::int(2).pow(Num::int(-2)), Num::Exact(1, 4));
-        assert!(Num::int(1).div(Num::int(0)).is_none());
+        assert!(Num::int(1).divide(Num::int(0)).is_none());
         // 10^(10^10) overflows to infinity, never allocates or loops for long
         let huge = Num::int(10).pow(Num::int(10).pow(Num::int(10)));
         assert!(!huge.is_finite());
         assert!(matches!(
-            Num::int(i128::MAX).add(Num::int(1)),
+            Num::int(i128::MAX).plus(Num::int(1)),
             Num::Approx(_)
         ));
     }

@@ -1,0 +1,196 @@
+//! A reward as a weighted sum of named parts, every part recorded.
+//!
+//! A part that panics (which no verifier of this crate should) is caught, scored 0 and recorded
+//! as failed, so one bad completion never takes a rollout worker down.
+
+use crate::knights::Role;
+use crate::{countdown, format, knights, math};
+
+/// What a verifier needs to know about the right answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gold {
+    /// A math answer (bare, a GSM8K `####` solution, or a MATH `\boxed{}` solution).
+    Math(String),
+    Countdown {
+        target: i64,
+        nums: Vec<i64>,
+    },
+    KnightsKnaves(Vec<(String, Role)>),
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PartKind {
+    /// 1 if the final answer is equivalent to the gold answer, else 0.
+    MathAnswer,
+    /// TinyZero's 1.0 / 0.1 / 0.0.
+    Countdown,
+    /// Logic-RL's 3 / −0.5 / −1 / −3. `think_in_prompt`: the prompt ends with `<think>`.
+    KnightsKnaves { think_in_prompt: bool },
+    /// 1 for `<think>…</think><answer>…</answer>`, else 0.
+    TagFormat { think_in_prompt: bool },
+    /// DAPO's soft overlong penalty (0 to −1) on the completion's token count.
+    Overlong {
+        max_tokens: usize,
+        cache_tokens: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    pub name: String,
+    pub kind: PartKind,
+    pub weight: f32,
+}
+
+/// A completion to score.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample<'a> {
+    pub completion: &'a str,
+    pub completion_tokens: usize,
+    pub gold: &'a Gold,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// Σ weight · part.
+    pub total: f32,
+    /// Each part's unweighted value, by name.
+    pub parts: Vec<(String, f32)>,
+    /// Whether the task's answer was right (from the first task part), for accuracy.
+    pub correct: Option<bool>,
+    /// Parts that failed (a panic, or a gold answer of the wrong kind), with the reason.
+    pub failures: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RewardSpec {
+    pub parts: Vec<Part>,
+}
+
+impl RewardSpec {
+    pub fn score(&self, s: &Sample) -> Scored {
+        let mut out = Scored {
+            total: 0.0,
+            parts: Vec::with_capacity(self.parts.len()),
+            correct: None,
+            failures: Vec::new(),
+        };
+        for part in &self.parts {
+            let result = std::panic::catch_unwind(|| score_part(&part.kind, s));
+            let (value, correct) = match result {
+                Ok(Ok(v)) => v,
+                Ok(Err(why)) => {
+                    out.failures.push((part.name.clone(), why));
+                    (0.0, None)
+                }
+                Err(_) => {
+                    out.failures
+                        .push((part.name.clone(), "the verifier panicked".into()));
+                    (0.0, None)
+                }
+            };
+            if out.correct.is_none() {
+                out.correct = correct;
+            }
+            out.total += part.weight * value;
+            out.parts.push((part.name.clone(), value));
+        }
+        out
+    }
+}
+
+fn score_part(kind: &PartKind, s: &Sample) -> Result<(f32, Option<bool>), String> {
+    let wrong_gold = || Err(format!("gold answer {:?} does not fit this reward", s.gold));
+    Ok(match (kind, s.gold) {
+        (PartKind::MathAnswer, Gold::Math(gold)) => {
+            let v = math::verify(s.completion, gold);
+            (f32::from(u8::from(v.correct)), Some(v.correct))
+        }
+        (PartKind::Countdown, Gold::Countdown { target, nums }) => {
+            let r = countdown::score(s.completion, *target, nums).reward;
+            (r, Some(r == countdown::CORRECT))
+        }
+        (PartKind::KnightsKnaves { think_in_prompt }, Gold::KnightsKnaves(solution)) => {
+            let text = if *think_in_prompt {
+                format!("<think>{}", s.completion)
+            } else {
+                s.completion.to_string()
+            };
+            let r = knights::score(&text, solution).reward;
+            (r, Some(r == knights::CORRECT))
+        }
+        (PartKind::TagFormat { think_in_prompt }, _) => {
+            (format::tag_format(s.completion, *think_in_prompt), None)
+        }
+        (
+            PartKind::Overlong {
+                max_tokens,
+                cache_tokens,
+            },
+            _,
+        ) => (
+            format::overlong_penalty(s.completion_tokens, *max_tokens, *cache_tokens),
+            None,
+        ),
+        _ => return wrong_gold(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_parts_are_all_recorded() {
+        let spec = RewardSpec {
+            parts: vec![
+                Part {
+                    name: "answer".into(),
+                    kind: PartKind::MathAnswer,
+                    weight: 1.0,
+                },
+                Part {
+                    name: "format".into(),
+                    kind: PartKind::TagFormat {
+                        think_in_prompt: false,
+                    },
+                    weight: 0.1,
+                },
+                Part {
+                    name: "overlong".into(),
+                    kind: PartKind::Overlong {
+                        max_tokens: 100,
+                        cache_tokens: 20,
+                    },
+                    weight: 1.0,
+                },
+            ],
+        };
+        let gold = Gold::Math("#### 42".into());
+        let s = Sample {
+            completion: "<think>6*7</think><answer>42</answer>",
+            completion_tokens: 90,
+            gold: &gold,
+        };
+        let r = spec.score(&s);
+        assert_eq!(
+            r.parts,
+            vec![
+                ("answer".into(), 1.0),
+                ("format".into(), 1.0),
+                ("overlong".into(), -0.5)
+            ]
+        );
+        assert!((r.total - 0.6).abs() < 1e-6);
+        assert_eq!(r.correct, Some(true));
+        // a gold answer of the wrong kind is a recorded failure, not a panic
+        let wrong = Gold::Countdown {
+            target: 1,
+            nums: vec![1],
+        };
+        let r = spec.score(&Sample { gold: &wrong, ..s });
+        assert_eq!(r.failures.len(), 1);
+        assert_eq!(r.parts[0].1, 0.0);
+    }
+}
