@@ -134,7 +134,7 @@ impl Source {
     }
 
     /// Records per epoch (`None`: unlimited).
-    pub fn len(&self) -> Option<u64> {
+    pub fn records_per_epoch(&self) -> Option<u64> {
         match self {
             Source::Jsonl(j) => Some(j.len() as u64),
             Source::Parquet(p) => Some(p.len() as u64),
@@ -195,7 +195,7 @@ pub struct Loader {
 impl Loader {
     pub fn new(source: Source, seed: u64, shuffle: bool, block_rows: usize) -> Result<Self> {
         let sizes = source.chunk_sizes(block_rows.max(1));
-        if source.len() == Some(0) {
+        if source.records_per_epoch() == Some(0) {
             return Err(DataError::Invalid(
                 "the data source has no records in this split".into(),
             ));
