@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
@@ -162,16 +161,53 @@ impl ParquetFile {
 /// Writes records to Parquet (snappy), `rows_per_group` rows per row group, with the columns of
 /// [`record_to_row`] and types inferred from the values.
 pub fn write(path: &Path, records: &[Record], rows_per_group: usize) -> Result<()> {
-    let rows: Vec<_> = records.iter().map(record_to_row).collect();
-    let first = batch_from_rows(&rows).map_err(|e| perr(path, e))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(rows_per_group.max(1)))
-        .build();
-    let file = File::create(path).map_err(|e| DataError::io(path, e))?;
-    let mut w = ArrowWriter::try_new(file, Arc::new(first.schema().as_ref().clone()), Some(props))
-        .map_err(|e| perr(path, e))?;
-    w.write(&first).map_err(|e| perr(path, e))?;
-    w.close().map_err(|e| perr(path, e))?;
-    Ok(())
+    let mut w = Writer::create(path, rows_per_group);
+    w.write(records)?;
+    w.close()
+}
+
+/// A streaming Parquet writer: the schema is inferred from the first records written; later
+/// records must fit it.
+pub struct Writer {
+    path: PathBuf,
+    rows_per_group: usize,
+    inner: Option<(ArrowWriter<File>, arrow::datatypes::SchemaRef)>,
+}
+
+impl Writer {
+    pub fn create(path: &Path, rows_per_group: usize) -> Self {
+        Writer {
+            path: path.to_path_buf(),
+            rows_per_group: rows_per_group.max(1),
+            inner: None,
+        }
+    }
+
+    pub fn write(&mut self, records: &[Record]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<_> = records.iter().map(record_to_row).collect();
+        let batch = batch_from_rows(&rows).map_err(|e| perr(&self.path, e))?;
+        if self.inner.is_none() {
+            let props = WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .set_max_row_group_row_count(Some(self.rows_per_group))
+                .build();
+            let file = File::create(&self.path).map_err(|e| DataError::io(&self.path, e))?;
+            let schema = batch.schema();
+            let w = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| perr(&self.path, e))?;
+            self.inner = Some((w, schema));
+        }
+        let (w, schema) = self.inner.as_mut().expect("created above");
+        let batch = batch.with_schema(schema.clone()).map_err(|e| perr(&self.path, format!("records do not fit the schema of the first ones: {e}")))?;
+        w.write(&batch).map_err(|e| perr(&self.path, e))
+    }
+
+    pub fn close(self) -> Result<()> {
+        match self.inner {
+            Some((w, _)) => w.close().map(|_| ()).map_err(|e| perr(&self.path, e)),
+            None => Err(DataError::Invalid(format!("{}: no records written", self.path.display()))),
+        }
+    }
 }
