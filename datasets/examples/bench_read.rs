@@ -91,16 +91,21 @@ fn read(path: &str) -> Result<(), Box<dyn std::error::Error>> {
         n as f64 / read_secs,
         peak_rss_mb()
     );
-    println!("RESULT {:.1} {:.1}", n as f64 / (open_secs + read_secs), peak_rss_mb());
+    println!(
+        "RESULT {:.1} {:.1}",
+        n as f64 / (open_secs + read_secs),
+        peak_rss_mb()
+    );
     Ok(())
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
-        [cmd, dir, rest @ ..] if cmd == "generate" => {
-            generate(Path::new(dir), rest.first().map_or(Ok(1024), |s| s.parse())?)
-        }
+        [cmd, dir, rest @ ..] if cmd == "generate" => generate(
+            Path::new(dir),
+            rest.first().map_or(Ok(1024), |s| s.parse())?,
+        ),
         [cmd, file] if cmd == "read" => read(file),
         _ => Err("usage: bench_read generate DIR [MB] | read FILE".into()),
     }

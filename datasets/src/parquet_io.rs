@@ -196,18 +196,27 @@ impl Writer {
                 .build();
             let file = File::create(&self.path).map_err(|e| DataError::io(&self.path, e))?;
             let schema = batch.schema();
-            let w = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| perr(&self.path, e))?;
+            let w = ArrowWriter::try_new(file, schema.clone(), Some(props))
+                .map_err(|e| perr(&self.path, e))?;
             self.inner = Some((w, schema));
         }
         let (w, schema) = self.inner.as_mut().expect("created above");
-        let batch = batch.with_schema(schema.clone()).map_err(|e| perr(&self.path, format!("records do not fit the schema of the first ones: {e}")))?;
+        let batch = batch.with_schema(schema.clone()).map_err(|e| {
+            perr(
+                &self.path,
+                format!("records do not fit the schema of the first ones: {e}"),
+            )
+        })?;
         w.write(&batch).map_err(|e| perr(&self.path, e))
     }
 
     pub fn close(self) -> Result<()> {
         match self.inner {
             Some((w, _)) => w.close().map(|_| ()).map_err(|e| perr(&self.path, e)),
-            None => Err(DataError::Invalid(format!("{}: no records written", self.path.display()))),
+            None => Err(DataError::Invalid(format!(
+                "{}: no records written",
+                self.path.display()
+            ))),
         }
     }
 }

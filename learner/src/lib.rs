@@ -1,0 +1,5 @@
+//! The learner: optimizer and learning-rate schedules (the losses and the train step build on
+//! these).
+
+pub mod optim;
+pub mod schedule;
