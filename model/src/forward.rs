@@ -7,7 +7,7 @@
 //! K/V head are folded into the row dimension (`[B, Hkv, G·T, D]`), so one batched matmul
 //! serves them all.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
@@ -163,28 +163,12 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
-/// RMSNorm computed in f32 as transformers does: `w · (x / sqrt(mean(x²) + eps))`.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-        .sqrt()?
-        .recip()?; // [.., 1]
-    Ok(xf.broadcast_mul(&r)?.to_dtype(dtype)?.broadcast_mul(w)?)
-}
-
-/// Softmax over the last dimension from differentiable ops (candle-nn's fused one has no
-/// backward). The max is detached: softmax is shift-invariant, so its gradient is zero.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
+pub use crate::ops::{rms_norm, softmax_last_dim};
 
 fn mlp(w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
-    let gate = linear(x, &w.gate_proj, None)?.silu()?; // [B, T, I]
+    let gate = linear(x, &w.gate_proj, None)?; // [B, T, I]
     let up = linear(x, &w.up_proj, None)?; // [B, T, I]
-    linear(&(gate * up)?, &w.down_proj, None) // [B, T, H]
+    linear(&crate::ops::swiglu(&gate, &up)?, &w.down_proj, None) // [B, T, H]
 }
 
 fn attention(
@@ -231,11 +215,7 @@ fn attention(
 
 /// `x·cos + rotate_half(x)·sin` with `rotate_half([x1, x2]) = [−x2, x1]` (HF convention).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+    crate::ops::rope(x, cos, sin)
 }
 
 /// Inverse frequencies `[D/2]` computed in f32 as transformers does, with rope scaling.

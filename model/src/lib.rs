@@ -20,6 +20,7 @@ pub mod gguf;
 pub mod init;
 pub mod kv_cache;
 pub mod logprobs;
+pub mod ops;
 pub mod rng;
 pub mod sampling;
 pub mod tokenizer;

@@ -1,28 +1,20 @@
 //! Per-token log-probs and entropies of given completions, in f32 through log-sum-exp.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use crate::error::Result;
 use crate::forward::{forward, Batch};
 use crate::weights::Weights;
 
-/// Log-softmax over the last dimension in f32: `x − max − log Σ exp(x − max)`.
-pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-    let x = logits.to_dtype(DType::F32)?;
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&m)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
-}
+pub use crate::ops::composed::log_softmax;
 
-/// `log p(target)` and the entropy of `p` at each position.
-/// `logits [B, T, V]`, `targets [B, T]` u32 → `([B, T], [B, T])` f32.
+/// `log p(target)` and the entropy of `p` at each position, in f32.
+/// `logits [B, T, V]`, `targets [B, T]` u32 → `([B, T], [B, T])`.
 pub fn token_logprobs_and_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
-    let logp = log_softmax(logits)?; // [B, T, V]
-    let picked = logp
-        .gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
-        .squeeze(D::Minus1)?;
-    let entropy = (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?;
+    let (b, t, v) = logits.dims3()?;
+    let flat = logits.to_dtype(DType::F32)?.reshape((b * t, v))?; // [B·T, V]
+    let picked = crate::ops::logprob_gather(&flat, &targets.flatten_all()?)?.reshape((b, t))?;
+    let entropy = crate::ops::entropy(&flat)?.reshape((b, t))?;
     Ok((picked, entropy))
 }
 

@@ -1,0 +1,130 @@
+//! Training-step and sampling speed of the model on this CPU, for a tiny Qwen2-shaped model and
+//! for SmolLM2-135M's shape. `scripts/bench_model.sh` runs it beside PyTorch + transformers on the
+//! same shapes and thread count and prints the ratios.
+//!
+//!     cargo run --release -p ferrite-learner --example bench_model
+//!
+//! Prints `BENCH <model> <train|sample> <tokens/s>` lines.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use learner::optim::{AdamW, AdamWConfig};
+use model::config::{Architecture, ModelConfig, RopeScaling};
+use model::generate::{generate, GenerationConfig};
+use model::logprobs::sequence_logprobs;
+use model::sampling::SamplingParams;
+use model::{init, Weights};
+
+pub fn tiny() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Qwen2,
+        vocab_size: 4096,
+        hidden_size: 256,
+        intermediate_size: 768,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::Default,
+        max_position_embeddings: 1024,
+        tie_word_embeddings: true,
+        qkv_bias: true,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+        pad_token_id: None,
+    }
+}
+
+pub fn smollm2() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Llama,
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100000.0,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        qkv_bias: false,
+        ..tiny()
+    }
+}
+
+fn ids(b: usize, t: usize, vocab: usize, salt: u64) -> Vec<Vec<u32>> {
+    let mut rng = model::rng::Rng::new(salt);
+    (0..b)
+        .map(|_| (0..t).map(|_| rng.below(vocab as u64) as u32).collect())
+        .collect()
+}
+
+fn train_step(
+    w: &Weights,
+    opt: &mut AdamW,
+    ids: &[Vec<u32>],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mask: Vec<Vec<u8>> = ids.iter().map(|r| vec![1; r.len()]).collect();
+    let lp = sequence_logprobs(w, ids, &mask, &mask, 1.0)?;
+    let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
+    opt.accumulate(&loss.backward()?, 1.0)?;
+    opt.step(1e-5)?;
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let only = std::env::args().nth(1);
+    let cases = [
+        ("tiny", tiny(), 8usize, 256usize, 5usize),
+        ("smollm2-135m", smollm2(), 4, 256, 3),
+    ];
+    for (name, config, b, t, reps) in cases {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
+        let base = init::random_weights(&config, 0.02, 0, &Device::Cpu)?;
+        let (vars, w) = base.to_vars()?;
+        let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+        let batch = ids(b, t, config.vocab_size, 1);
+        train_step(&w, &mut opt, &batch)?; // warm-up
+        let start = Instant::now();
+        for _ in 0..reps {
+            train_step(&w, &mut opt, &batch)?;
+        }
+        let secs = start.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "BENCH {name} train {:.1}  # B={b} T={t}: {:.0} ms/step",
+            (b * t) as f64 / secs,
+            secs * 1e3
+        );
+
+        let prompts = ids(16, 32, config.vocab_size, 2);
+        let cfg = GenerationConfig {
+            max_new_tokens: 128,
+            sampling: SamplingParams::default(),
+            seed: 0,
+            ..Default::default()
+        };
+        let detached = w.detach();
+        generate(
+            &detached,
+            &prompts[..2],
+            &GenerationConfig {
+                max_new_tokens: 4,
+                ..cfg.clone()
+            },
+            None,
+        )?;
+        let start = Instant::now();
+        let out = generate(&detached, &prompts, &cfg, None)?;
+        let secs = start.elapsed().as_secs_f64();
+        let n: usize = out.iter().map(|c| c.tokens.len()).sum();
+        println!("BENCH {name} sample {:.1}  # batch 16, 32-token prompts, {n} new tokens in {secs:.1} s", n as f64 / secs);
+    }
+    Ok(())
+}

@@ -1,0 +1,688 @@
+//! Fused CPU kernels with their own backward, for the elementwise and row-wise parts of the
+//! decoder: RMSNorm, softmax, SwiGLU, rotary embedding, and log-softmax + gather / entropy over the
+//! vocabulary. candle's composed ops run these one pass and one allocation per op on a single
+//! thread; these run one or two passes over rows in parallel.
+//!
+//! Each public function dispatches: contiguous f32 CPU tensors take the fused kernel, anything
+//! else (other devices, other dtypes) the composed reference in [`composed`], which is also what
+//! the tests compare the kernels against.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D,
+};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+fn fused(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// The contiguous f32 data of a CPU storage.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("fused op: expected f32");
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused op: not contiguous".into()))?;
+    Ok(&v[a..b])
+}
+
+/// Runs `f` on the f32 data of a contiguous CPU tensor.
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("fused op: expected a CPU tensor");
+    };
+    Ok(f(slice(cpu, layout)?))
+}
+
+fn rows_of(shape: &Shape) -> candle_core::Result<(usize, usize)> {
+    let last = shape.dims().last().copied().unwrap_or(1);
+    Ok((shape.elem_count() / last.max(1), last))
+}
+
+fn tensor(v: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu)
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "ferrite-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(xs, xl)?, slice(ws, wl)?);
+        let h = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+            let r = inv_rms(x, self.eps);
+            for i in 0..h {
+                y[i] = x[i] * r * w[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let (dx, dw) = with_data(x, |x| {
+            with_data(w, |w| {
+                with_data(g, |g| {
+                    let mut dx = vec![0f32; x.len()];
+                    // dx = r·(w∘g) − r³·x·mean(x∘w∘g);  dw = Σ_rows g∘x·r
+                    let partial: Vec<Vec<f32>> = dx
+                        .par_chunks_mut(h)
+                        .zip(x.par_chunks(h).zip(g.par_chunks(h)))
+                        .chunks(64)
+                        .map(|rows| {
+                            let mut dw = vec![0f32; h];
+                            for (dx, (x, g)) in rows {
+                                let r = inv_rms(x, self.eps);
+                                let dot: f32 =
+                                    (0..h).map(|i| x[i] * w[i] * g[i]).sum::<f32>() / h as f32;
+                                for i in 0..h {
+                                    dx[i] = r * w[i] * g[i] - r * r * r * x[i] * dot;
+                                    dw[i] += g[i] * x[i] * r;
+                                }
+                            }
+                            dw
+                        })
+                        .collect();
+                    let mut dw = vec![0f32; h];
+                    for p in partial {
+                        for i in 0..h {
+                            dw[i] += p[i];
+                        }
+                    }
+                    (dx, dw)
+                })
+            })
+        })???;
+        Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
+    }
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// `w · x / sqrt(mean(x²) + eps)` over the last dimension (computed in f32).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused(&[x, w]) {
+        return Ok(x.contiguous()?.apply_op2(w, RmsNorm { eps: eps as f32 })?);
+    }
+    composed::rms_norm(x, w, eps)
+}
+
+// ---------------------------------------------------------------- softmax
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "ferrite-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let (_, n) = rows_of(l.shape())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+            let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for i in 0..n {
+                y[i] = (x[i] - m).exp();
+                sum += y[i];
+            }
+            let inv = 1.0 / sum;
+            y.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let n = y.dims().last().copied().unwrap_or(1);
+        let dx = with_data(y, |y| {
+            with_data(g, |g| {
+                let mut dx = vec![0f32; y.len()];
+                dx.par_chunks_mut(n)
+                    .zip(y.par_chunks(n).zip(g.par_chunks(n)))
+                    .for_each(|(dx, (y, g))| {
+                        let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                        for i in 0..n {
+                            dx[i] = y[i] * (g[i] - dot);
+                        }
+                    });
+                dx
+            })
+        })??;
+        Ok(Some(tensor(dx, y.shape())?))
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused(&[x]) {
+        return Ok(x.contiguous()?.apply_op1(Softmax)?);
+    }
+    composed::softmax_last_dim(x)
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "ferrite-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (gate, up) = (slice(gs, gl)?, slice(us, ul)?);
+        let mut y = vec![0f32; gate.len()];
+        y.par_chunks_mut(4096)
+            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+            .for_each(|(y, (a, b))| {
+                for i in 0..y.len() {
+                    y[i] = a[i] * sigmoid(a[i]) * b[i];
+                }
+            });
+        Ok((CpuStorage::F32(y), gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dgate, dup) = with_data(gate, |a| {
+            with_data(up, |b| {
+                with_data(g, |g| {
+                    let mut da = vec![0f32; a.len()];
+                    let mut db = vec![0f32; a.len()];
+                    da.par_chunks_mut(4096)
+                        .zip(db.par_chunks_mut(4096))
+                        .enumerate()
+                        .for_each(|(k, (da, db))| {
+                            let o = k * 4096;
+                            for i in 0..da.len() {
+                                let (x, s) = (a[o + i], sigmoid(a[o + i]));
+                                db[i] = g[o + i] * x * s;
+                                da[i] = g[o + i] * b[o + i] * s * (1.0 + x * (1.0 - s));
+                            }
+                        });
+                    (da, db)
+                })
+            })
+        })???;
+        Ok((
+            Some(tensor(dgate, gate.shape())?),
+            Some(tensor(dup, up.shape())?),
+        ))
+    }
+}
+
+/// `silu(gate) · up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused(&[gate, up]) {
+        return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?);
+    }
+    Ok((gate.silu()? * up)?)
+}
+
+// ---------------------------------------------------------------- rotary embedding
+
+struct Rope;
+
+/// `y = x·cos + rotate_half(x)·sin` for one row of D, `rotate_half([a, b]) = [−b, a]`.
+fn rope_row(y: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], transpose: bool) {
+    let h = x.len() / 2;
+    for i in 0..h {
+        let (a, b) = (x[i], x[i + h]);
+        if transpose {
+            // the adjoint: dx = g·cos + rotate_halfᵀ(g·sin), rotate_halfᵀ([u, v]) = [v, −u]
+            y[i] = a * cos[i] + b * sin[i + h];
+            y[i + h] = b * cos[i + h] - a * sin[i];
+        } else {
+            y[i] = a * cos[i] - b * sin[i];
+            y[i + h] = b * cos[i + h] + a * sin[i + h];
+        }
+    }
+}
+
+fn rope_apply(x: &[f32], cos: &[f32], sin: &[f32], dims: &[usize], transpose: bool) -> Vec<f32> {
+    // x [B, H, T, D]; cos, sin [B, 1, T, D]
+    let (h, t, d) = (dims[1], dims[2], dims[3]);
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(t * d)
+        .zip(x.par_chunks(t * d))
+        .enumerate()
+        .for_each(|(bh, (y, x))| {
+            let bi = bh / h;
+            for ti in 0..t {
+                let c = &cos[(bi * t + ti) * d..(bi * t + ti + 1) * d];
+                let s = &sin[(bi * t + ti) * d..(bi * t + ti + 1) * d];
+                rope_row(
+                    &mut y[ti * d..(ti + 1) * d],
+                    &x[ti * d..(ti + 1) * d],
+                    c,
+                    s,
+                    transpose,
+                );
+            }
+        });
+    y
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "ferrite-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = rope_apply(
+            slice(xs, xl)?,
+            slice(cs, cl)?,
+            slice(ss, sl)?,
+            xl.dims(),
+            false,
+        );
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = g.dims().to_vec();
+        let dx = with_data(g, |g| {
+            with_data(cos, |c| {
+                with_data(sin, |s| rope_apply(g, c, s, &dims, true))
+            })
+        })???;
+        Ok((Some(tensor(dx, g.shape())?), None, None))
+    }
+}
+
+/// Rotary embedding of `x [B, H, T, D]` with `cos, sin [B, 1, T, D]` (no gradient to cos / sin).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused(&[x, cos, sin]) && x.rank() == 4 {
+        return Ok(x
+            .contiguous()?
+            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)?);
+    }
+    composed::rope(x, cos, sin)
+}
+
+// ---------------------------------------------------------------- log-probs and entropy
+
+/// Row statistics of logits: max and log Σ exp(x − max).
+fn row_lse(x: &[f32]) -> (f32, f32) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let s: f32 = x.iter().map(|v| (v - m).exp()).sum();
+    (m, s.ln())
+}
+
+struct LogprobGather;
+
+impl CustomOp2 for LogprobGather {
+    fn name(&self) -> &'static str {
+        "ferrite-logprob-gather"
+    }
+
+    fn cpu_fwd(
+        &self,
+        zs: &CpuStorage,
+        zl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let z = slice(zs, zl)?;
+        let CpuStorage::U32(t) = ts else {
+            candle_core::bail!("logprob-gather: targets must be u32");
+        };
+        let t = &t[tl.contiguous_offsets().map_or(0, |o| o.0)..];
+        let (n, v) = rows_of(zl.shape())?;
+        let mut out = vec![0f32; n];
+        out.par_iter_mut().enumerate().for_each(|(r, o)| {
+            let row = &z[r * v..(r + 1) * v];
+            let (m, lse) = row_lse(row);
+            *o = row[t[r] as usize] - m - lse;
+        });
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        z: &Tensor,
+        targets: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let v = z.dims().last().copied().unwrap_or(1);
+        let t = targets.flatten_all()?.to_vec1::<u32>()?;
+        let dz = with_data(z, |z| {
+            with_data(g, |g| {
+                let mut dz = vec![0f32; z.len()];
+                dz.par_chunks_mut(v)
+                    .zip(z.par_chunks(v))
+                    .enumerate()
+                    .for_each(|(r, (dz, z))| {
+                        // d log p_t / dz_j = 1[j = t] − p_j
+                        let (m, lse) = row_lse(z);
+                        for j in 0..v {
+                            dz[j] = -g[r] * (z[j] - m - lse).exp();
+                        }
+                        dz[t[r] as usize] += g[r];
+                    });
+                dz
+            })
+        })??;
+        Ok((Some(tensor(dz, z.shape())?), None))
+    }
+}
+
+struct Entropy;
+
+impl CustomOp1 for Entropy {
+    fn name(&self) -> &'static str {
+        "ferrite-entropy"
+    }
+
+    fn cpu_fwd(&self, zs: &CpuStorage, zl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let z = slice(zs, zl)?;
+        let (n, v) = rows_of(zl.shape())?;
+        let mut out = vec![0f32; n];
+        out.par_iter_mut().enumerate().for_each(|(r, o)| {
+            let row = &z[r * v..(r + 1) * v];
+            let (m, lse) = row_lse(row);
+            *o = -row
+                .iter()
+                .map(|x| {
+                    let lp = x - m - lse;
+                    lp.exp() * lp
+                })
+                .sum::<f32>();
+        });
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, z: &Tensor, h: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let v = z.dims().last().copied().unwrap_or(1);
+        let dz = with_data(z, |z| {
+            with_data(h, |h| {
+                with_data(g, |g| {
+                    let mut dz = vec![0f32; z.len()];
+                    dz.par_chunks_mut(v)
+                        .zip(z.par_chunks(v))
+                        .enumerate()
+                        .for_each(|(r, (dz, z))| {
+                            // dH/dz_j = −p_j (log p_j + H)
+                            let (m, lse) = row_lse(z);
+                            for j in 0..v {
+                                let lp = z[j] - m - lse;
+                                dz[j] = -g[r] * lp.exp() * (lp + h[r]);
+                            }
+                        });
+                    dz
+                })
+            })
+        })???;
+        Ok(Some(tensor(dz, z.shape())?))
+    }
+}
+
+/// `log softmax(logits)[target]` per row: `logits [N, V]`, `targets [N]` u32 → `[N]` f32.
+pub fn logprob_gather(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused(&[logits]) && logits.rank() == 2 {
+        return Ok(logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, LogprobGather)?);
+    }
+    composed::logprob_gather(logits, targets)
+}
+
+/// Entropy of `softmax(logits)` per row: `[N, V]` → `[N]`.
+pub fn entropy(logits: &Tensor) -> Result<Tensor> {
+    if fused(&[logits]) && logits.rank() == 2 {
+        return Ok(logits.contiguous()?.apply_op1(Entropy)?);
+    }
+    composed::entropy(logits)
+}
+
+/// The composed-op references (also the path for non-CPU devices until fused kernels exist
+/// there). Every op here has a candle backward.
+pub mod composed {
+    use super::*;
+
+    pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+            .sqrt()?
+            .recip()?; // [.., 1]
+        Ok(xf.broadcast_mul(&r)?.to_dtype(dtype)?.broadcast_mul(w)?)
+    }
+
+    /// The max is detached: softmax is shift-invariant, so its gradient is zero.
+    pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        let m = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&m)?.exp()?;
+        Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    }
+
+    pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+    }
+
+    pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+        let x = logits.to_dtype(DType::F32)?;
+        let m = x.max_keepdim(D::Minus1)?.detach();
+        let shifted = x.broadcast_sub(&m)?;
+        let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        Ok(shifted.broadcast_sub(&lse)?)
+    }
+
+    pub fn logprob_gather(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let logp = log_softmax(logits)?;
+        Ok(logp
+            .gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
+            .squeeze(D::Minus1)?)
+    }
+
+    pub fn entropy(logits: &Tensor) -> Result<Tensor> {
+        let logp = log_softmax(logits)?;
+        Ok((logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let s = b
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        d / s.max(1e-12)
+    }
+
+    /// Forward and input gradients of `f` (fused) and `g` (composed) agree on random inputs,
+    /// with a random upstream gradient.
+    fn check(
+        inputs: &[Tensor],
+        f: impl Fn(&[Tensor]) -> Tensor,
+        g: impl Fn(&[Tensor]) -> Tensor,
+        grad_of: &[bool],
+    ) {
+        let run = |op: &dyn Fn(&[Tensor]) -> Tensor| {
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = op(&ts);
+            let w = random(y.dims(), 99, 1.0);
+            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs: Vec<Option<Tensor>> = vars
+                .iter()
+                .map(|v| grads.get(v.as_tensor()).cloned())
+                .collect();
+            (y, gs)
+        };
+        let (yf, gf) = run(&f);
+        let (yc, gc) = run(&g);
+        assert!(max_rel(&yf, &yc) < 1e-5, "forward {}", max_rel(&yf, &yc));
+        for (k, want) in grad_of.iter().enumerate() {
+            if *want {
+                let (a, b) = (
+                    gf[k].as_ref().expect("fused grad"),
+                    gc[k].as_ref().expect("composed grad"),
+                );
+                assert!(max_rel(a, b) < 1e-4, "grad {k}: {}", max_rel(a, b));
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_composed() {
+        let x = random(&[3, 5, 32], 1, 2.0);
+        let w = random(&[32], 2, 1.0);
+        check(
+            &[x, w],
+            |t| rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+            |t| composed::rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+            &[true, true],
+        );
+    }
+
+    #[test]
+    fn softmax_matches_composed() {
+        let x = random(&[2, 3, 7, 9], 3, 3.0);
+        check(
+            &[x],
+            |t| softmax_last_dim(&t[0]).unwrap(),
+            |t| composed::softmax_last_dim(&t[0]).unwrap(),
+            &[true],
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_composed() {
+        let a = random(&[4, 6, 10], 4, 2.0);
+        let b = random(&[4, 6, 10], 5, 2.0);
+        check(
+            &[a, b],
+            |t| swiglu(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+            &[true, true],
+        );
+    }
+
+    #[test]
+    fn rope_matches_composed() {
+        let x = random(&[2, 3, 5, 8], 6, 1.0);
+        let cos = random(&[2, 1, 5, 8], 7, 1.0);
+        let sin = random(&[2, 1, 5, 8], 8, 1.0);
+        check(
+            &[x, cos, sin],
+            |t| rope(&t[0], &t[1], &t[2]).unwrap(),
+            |t| composed::rope(&t[0], &t[1], &t[2]).unwrap(),
+            &[true, false, false],
+        );
+    }
+
+    #[test]
+    fn logprobs_and_entropy_match_composed() {
+        let z = random(&[6, 50], 9, 3.0);
+        let t = Tensor::new(&[0u32, 49, 7, 7, 20, 1], &Device::Cpu).unwrap();
+        let t2 = t.clone();
+        check(
+            &[z.clone()],
+            move |x| logprob_gather(&x[0], &t).unwrap(),
+            move |x| composed::logprob_gather(&x[0], &t2).unwrap(),
+            &[true],
+        );
+        check(
+            &[z],
+            |x| entropy(&x[0]).unwrap(),
+            |x| composed::entropy(&x[0]).unwrap(),
+            &[true],
+        );
+    }
+}
