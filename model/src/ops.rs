@@ -673,7 +673,7 @@ mod tests {
         let t = Tensor::new(&[0u32, 49, 7, 7, 20, 1], &Device::Cpu).unwrap();
         let t2 = t.clone();
         check(
-            &[z.clone()],
+            std::slice::from_ref(&z),
             move |x| logprob_gather(&x[0], &t).unwrap(),
             move |x| composed::logprob_gather(&x[0], &t2).unwrap(),
             &[true],
