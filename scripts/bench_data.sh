@@ -12,7 +12,9 @@ BIN=target/release/examples/bench_read
 cargo build -q --release -p ferrite-datasets --example bench_read
 [ -f "$DIR/bench.parquet" ] || "$BIN" generate "$DIR" "$MB"
 for f in bench.jsonl bench.parquet; do
-  OURS=$("$BIN" read "$DIR/$f" | tee /dev/stderr | grep '^RESULT')
+  OUT=$("$BIN" read "$DIR/$f")
+  echo "$OUT"
+  OURS=$(echo "$OUT" | grep '^RESULT')
   "$PY" - "$DIR/$f" "$OURS" <<'PY'
 import json, resource, sys, time
 path, ours = sys.argv[1], sys.argv[2].split()

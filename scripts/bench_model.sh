@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 THREADS=${1:-2}
 PY=${PYTHON:-python3}
 cargo build -q --release -p ferrite-learner --example bench_model
-OURS=$(RAYON_NUM_THREADS=$THREADS target/release/examples/bench_model | tee /dev/stderr)
-TORCH=$(OMP_NUM_THREADS=$THREADS "$PY" scripts/bench_model_torch.py "$THREADS" | tee /dev/stderr)
+OURS=$(RAYON_NUM_THREADS=$THREADS target/release/examples/bench_model)
+echo "$OURS"
+TORCH=$(OMP_NUM_THREADS=$THREADS "$PY" scripts/bench_model_torch.py "$THREADS")
+echo "$TORCH"
 echo
 printf '%-14s %-7s %14s %14s %8s\n' model phase "ferrite tok/s" "torch tok/s" ratio
 while read -r _ model phase rate _; do

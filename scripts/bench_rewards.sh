@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=$(mktemp -d)/completions.jsonl
-cargo run -q --release -p ferrite-rewards --example bench_rewards -- "$OUT" | tee "$OUT.ours"
+cargo run -q --release -p ferrite-rewards --example bench_rewards -- "$OUT" > "$OUT.ours"
+cat "$OUT.ours"
 OURS=$(grep '^RATE' "$OUT.ours" | cut -d' ' -f2)
 "$PY" - "$OUT" "$OURS" <<'PY'
 import json, sys, time
