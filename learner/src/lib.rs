@@ -1,5 +1,7 @@
 //! The learner: optimizer and learning-rate schedules (the losses and the train step build on
 //! these).
 
+pub mod error;
+pub mod grpo;
 pub mod optim;
 pub mod schedule;

@@ -13,15 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, thiserror::Error)]
-pub enum OptimError {
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-    #[error("optimizer state {path}: {message}")]
-    State { path: String, message: String },
-}
-
-pub type Result<T> = std::result::Result<T, OptimError>;
+pub use crate::error::{LearnerError as OptimError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {

@@ -1,0 +1,275 @@
+//! The GRPO family of policy losses (spec §5.1–5.4): group-normalised advantages, token- or
+//! sequence-level (GSPO) importance ratios against the behaviour log-probs, clip-low / clip-high
+//! and dual-clip, the aggregation variants (`grpo`, `bnpo`, `dapo`, `dr_grpo`), KL to a
+//! reference policy (k1 / k2 / k3) and an entropy bonus.
+//!
+//! Shapes: B sequences of a micro-batch, T completion positions (padded); masks are f32 0/1.
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleRewards {
+    /// `(r − mean_group) / (std_group + eps)` (TRL's default).
+    Group,
+    /// `(r − mean_group) / (std_batch + eps)`.
+    Batch,
+    /// `r − mean_group` (Dr. GRPO).
+    None,
+}
+
+/// TRL's group advantages: `nanmean` / `nanstd` (Bessel-corrected) over each group; a NaN reward
+/// is left out of the statistics and gets advantage 0, as does a group whose std is undefined.
+pub fn group_advantages(
+    rewards: &[f32],
+    group_ids: &[u64],
+    scale: ScaleRewards,
+    eps: f64,
+) -> Vec<f32> {
+    let stats = |xs: &[f64]| -> (f64, f64) {
+        let n = xs.len() as f64;
+        let mean = xs.iter().sum::<f64>() / n;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        (mean, var.sqrt())
+    };
+    let finite = |ids: &mut dyn Iterator<Item = usize>| -> Vec<f64> {
+        ids.filter(|&i| rewards[i].is_finite())
+            .map(|i| rewards[i] as f64)
+            .collect()
+    };
+    let batch_std = stats(&finite(&mut (0..rewards.len()))).1;
+    rewards
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| {
+            let group = finite(&mut (0..rewards.len()).filter(|&j| group_ids[j] == group_ids[i]));
+            let (mean, std) = if group.is_empty() {
+                (f64::NAN, f64::NAN)
+            } else {
+                stats(&group)
+            };
+            let mean = if group.len() == 1 { group[0] } else { mean };
+            let a = match scale {
+                ScaleRewards::Group => (r as f64 - mean) / (std + eps),
+                ScaleRewards::Batch => (r as f64 - mean) / (batch_std + eps),
+                ScaleRewards::None => r as f64 - mean,
+            };
+            if a.is_finite() {
+                a as f32
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// `mean_i[Σ_t M·ℓ / Σ_t M]` over the sequences of the step.
+    Grpo,
+    /// `Σ M·ℓ / Σ M` within each micro-batch, averaged over micro-batches.
+    Bnpo,
+    /// `Σ M·ℓ / (valid tokens of the whole step)`.
+    Dapo,
+    /// `Σ M·ℓ / (sequences of the step · max_completion_length)`.
+    DrGrpo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RatioLevel {
+    Token,
+    /// GSPO: one ratio per sequence, `exp(mean_t log_ratio)`.
+    Sequence,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KlEstimator {
+    /// `logp − ref_logp`
+    K1,
+    /// `½ (ref_logp − logp)²`
+    K2,
+    /// `e^x − x − 1`, `x = ref_logp − logp` (clamped as verl's `low_var_kl`)
+    K3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PolicyLossConfig {
+    pub clip_low: f64,
+    pub clip_high: f64,
+    /// verl's dual-clip constant `c` for negative advantages (None: off).
+    pub dual_clip: Option<f64>,
+    pub ratio: RatioLevel,
+    pub aggregation: Aggregation,
+    pub kl: KlEstimator,
+    /// β; with 0 no reference log-probs are needed.
+    pub kl_coef: f64,
+    pub entropy_coef: f64,
+}
+
+impl Default for PolicyLossConfig {
+    fn default() -> Self {
+        PolicyLossConfig {
+            clip_low: 0.2,
+            clip_high: 0.28,
+            dual_clip: None,
+            ratio: RatioLevel::Token,
+            aggregation: Aggregation::Dapo,
+            kl: KlEstimator::K3,
+            kl_coef: 0.0,
+            entropy_coef: 0.0,
+        }
+    }
+}
+
+/// The sizes of the whole optimizer step, which the aggregations divide by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepTotals {
+    pub sequences: usize,
+    pub tokens: f64,
+    pub micro_batches: usize,
+    pub max_completion_length: usize,
+}
+
+/// One micro-batch of the policy loss.
+pub struct PolicyInputs<'a> {
+    /// `[B, T]` log-probs under the current policy (differentiable).
+    pub logprobs: &'a Tensor,
+    /// `[B, T]` behaviour log-probs recorded at generation.
+    pub old_logprobs: &'a Tensor,
+    /// `[B, T]` advantages (a sequence's advantage repeated, or token-level).
+    pub advantages: &'a Tensor,
+    /// `[B, T]` 1 on valid completion tokens.
+    pub mask: &'a Tensor,
+    /// `[B, T]` reference log-probs (needed when `kl_coef > 0`).
+    pub ref_logprobs: Option<&'a Tensor>,
+    /// `[B, T]` entropies (needed when `entropy_coef > 0`).
+    pub entropy: Option<&'a Tensor>,
+    /// `[B, T]` where KL and entropy count (Lopti restricts them to a token group); the
+    /// denominators still use `mask`.
+    pub kl_entropy_mask: Option<&'a Tensor>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PolicyStats {
+    /// Fractions of valid tokens clipped below (`r < 1 − ε_low`, A < 0) and above.
+    pub clip_low_frac: f64,
+    pub clip_high_frac: f64,
+    pub ratio_mean: f64,
+    pub ratio_max: f64,
+    pub kl_mean: f64,
+    pub entropy_mean: f64,
+    pub tokens: f64,
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// The loss of one micro-batch (already divided so that summing over the micro-batches of a
+/// step gives the step's loss) and its statistics.
+pub fn policy_loss(
+    x: &PolicyInputs,
+    c: &PolicyLossConfig,
+    totals: &StepTotals,
+) -> Result<(Tensor, PolicyStats)> {
+    let mask = x.mask;
+    let log_ratio = (x.logprobs - x.old_logprobs)?.clamp(-20f32, 20f32)?; // [B, T]
+    let log_ratio = match c.ratio {
+        RatioLevel::Token => log_ratio,
+        RatioLevel::Sequence => {
+            let per_seq = (log_ratio * mask)?
+                .sum_keepdim(1)?
+                .broadcast_div(&mask.sum_keepdim(1)?.clamp(1f32, f32::MAX)?)?;
+            per_seq.broadcast_as(mask.shape())?.contiguous()?
+        }
+    };
+    let ratio = log_ratio.exp()?; // [B, T]
+    let a = x.advantages;
+    let clipped = ratio.clamp((1.0 - c.clip_low) as f32, (1.0 + c.clip_high) as f32)?;
+    // pg = max(−A·r, −A·clip(r))
+    let pg = (ratio.broadcast_mul(a)?.neg()?).maximum(&clipped.broadcast_mul(a)?.neg()?)?;
+    let pg = match c.dual_clip {
+        Some(cap) => {
+            let capped = pg.minimum(&(a.neg()? * cap)?)?;
+            let negative = a.lt(0f32)?;
+            negative.where_cond(&capped, &pg)?
+        }
+        None => pg,
+    };
+    let aux_mask = x.kl_entropy_mask.unwrap_or(mask);
+    let mut per_token = pg;
+    let mut kl_mean = 0.0;
+    if c.kl_coef != 0.0 {
+        let reference = x.ref_logprobs.ok_or_else(|| {
+            crate::error::LearnerError::Invalid("kl_coef > 0 needs reference log-probs".into())
+        })?;
+        let kl = kl_term(x.logprobs, reference, c.kl)?;
+        kl_mean = scalar(&(&kl * mask)?.sum_all()?)? / scalar(&mask.sum_all()?)?.max(1.0);
+        per_token = (per_token + ((kl * aux_mask)? * c.kl_coef)?)?;
+    }
+    let mut entropy_mean = 0.0;
+    if let Some(h) = x.entropy {
+        entropy_mean = scalar(&(h * mask)?.sum_all()?)? / scalar(&mask.sum_all()?)?.max(1.0);
+        if c.entropy_coef != 0.0 {
+            per_token = (per_token - ((h * aux_mask)? * c.entropy_coef)?)?;
+        }
+    }
+    let masked = (per_token * mask)?; // [B, T]
+    let loss = match c.aggregation {
+        Aggregation::Grpo => {
+            let per_seq = masked.sum(1)?.div(&mask.sum(1)?.clamp(1f32, f32::MAX)?)?; // [B]
+            (per_seq.sum_all()? / totals.sequences.max(1) as f64)?
+        }
+        Aggregation::Bnpo => {
+            let local = scalar(&mask.sum_all()?)?.max(1.0);
+            (masked.sum_all()? / (local * totals.micro_batches.max(1) as f64))?
+        }
+        Aggregation::Dapo => (masked.sum_all()? / totals.tokens.max(1.0))?,
+        Aggregation::DrGrpo => {
+            (masked.sum_all()?
+                / (totals.sequences.max(1) * totals.max_completion_length.max(1)) as f64)?
+        }
+    };
+    let n = scalar(&mask.sum_all()?)?;
+    let frac = |cond: Tensor| -> Result<f64> {
+        Ok(scalar(&(cond.to_dtype(DType::F32)? * mask)?.sum_all()?)? / n.max(1.0))
+    };
+    let low = ratio
+        .lt((1.0 - c.clip_low) as f32)?
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&a.lt(0f32)?.to_dtype(DType::F32)?)?;
+    let high = ratio
+        .gt((1.0 + c.clip_high) as f32)?
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&a.gt(0f32)?.to_dtype(DType::F32)?)?;
+    let ratio_masked = (ratio.detach() * mask)?;
+    let stats = PolicyStats {
+        clip_low_frac: frac(low)?,
+        clip_high_frac: frac(high)?,
+        ratio_mean: scalar(&ratio_masked.sum_all()?)? / n.max(1.0),
+        ratio_max: scalar(&ratio_masked.flatten_all()?.max(D::Minus1)?)?,
+        kl_mean,
+        entropy_mean,
+        tokens: n,
+    };
+    Ok((loss, stats))
+}
+
+/// Per-token KL estimate between the policy and the reference at the sampled tokens.
+pub fn kl_term(logprobs: &Tensor, ref_logprobs: &Tensor, k: KlEstimator) -> Result<Tensor> {
+    let x = (ref_logprobs - logprobs)?; // log(π_ref / π_θ)
+    Ok(match k {
+        KlEstimator::K1 => x.neg()?,
+        KlEstimator::K2 => (x.sqr()? * 0.5)?,
+        KlEstimator::K3 => {
+            let x = x.clamp(-20f32, 20f32)?;
+            ((x.exp()? - &x)? - 1.0)?.clamp(-10f32, 10f32)?
+        }
+    })
+}
