@@ -161,6 +161,26 @@ impl Weights {
         out
     }
 
+    /// FNV-1a over every parameter's name and f32 values, in name order: the learner stamps
+    /// published weights with it and a rollout worker checks its copy before sampling.
+    pub fn checksum(&self) -> Result<u64> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for (name, t) in self.named() {
+            eat(name.as_bytes());
+            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            for v in values {
+                eat(&v.to_bits().to_le_bytes());
+            }
+        }
+        Ok(h)
+    }
+
     /// The output projection `[vocab, hidden]` (the embedding when tied).
     pub fn output_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)

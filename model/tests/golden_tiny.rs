@@ -309,6 +309,31 @@ fn checkpoints_round_trip_sharded_and_in_bf16() {
 }
 
 #[test]
+fn checksums_tell_weights_apart() {
+    let w = load("tiny-qwen2");
+    let same = load("tiny-qwen2");
+    assert_eq!(w.checksum().unwrap(), same.checksum().unwrap());
+    let (vars, _) = w.to_vars().unwrap();
+    let before = w.checksum().unwrap();
+    // one value of one tensor nudged by one ulp changes the checksum
+    let (name, var) = &vars[3];
+    let mut values = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    values[7] = f32::from_bits(values[7].to_bits() + 1);
+    let mut named = w.named();
+    named.insert(
+        name.clone(),
+        Tensor::from_vec(values, var.as_tensor().shape(), &Device::Cpu).unwrap(),
+    );
+    let nudged = Weights::from_named(&w.config, &named).unwrap();
+    assert_ne!(nudged.checksum().unwrap(), before);
+}
+
+#[test]
 fn bad_model_files_are_clear_errors() {
     let dir = std::env::temp_dir().join(format!("ferrite-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
