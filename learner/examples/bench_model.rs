@@ -64,20 +64,31 @@ fn ids(b: usize, t: usize, vocab: usize, salt: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// One step; returns the seconds spent in forward + log-probs, backward, and the optimizer.
 fn train_step(
     w: &Weights,
     opt: &mut AdamW,
     ids: &[Vec<u32>],
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<[f64; 3], Box<dyn std::error::Error>> {
+    let t0 = Instant::now();
     let mask: Vec<Vec<u8>> = ids.iter().map(|r| vec![1; r.len()]).collect();
     let lp = sequence_logprobs(w, ids, &mask, &mask, 1.0)?;
     let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
-    opt.accumulate(&loss.backward()?, 1.0)?;
+    let t1 = Instant::now();
+    let grads = loss.backward()?;
+    let t2 = Instant::now();
+    opt.accumulate(&grads, 1.0)?;
     opt.step(1e-5)?;
-    Ok(())
+    let t3 = Instant::now();
+    Ok([
+        (t1 - t0).as_secs_f64(),
+        (t2 - t1).as_secs_f64(),
+        (t3 - t2).as_secs_f64(),
+    ])
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    model::tune_allocator();
     let only = std::env::args().nth(1);
     let cases = [
         ("tiny", tiny(), 8usize, 256usize, 5usize),
@@ -93,14 +104,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let batch = ids(b, t, config.vocab_size, 1);
         train_step(&w, &mut opt, &batch)?; // warm-up
         let start = Instant::now();
+        let mut phases = [0f64; 3];
         for _ in 0..reps {
-            train_step(&w, &mut opt, &batch)?;
+            let p = train_step(&w, &mut opt, &batch)?;
+            (0..3).for_each(|k| phases[k] += p[k] / reps as f64);
         }
         let secs = start.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "BENCH {name} train {:.1}  # B={b} T={t}: {:.0} ms/step",
+            "BENCH {name} train {:.1}  # B={b} T={t}: {:.0} ms/step (forward + log-probs {:.0}, backward {:.0}, AdamW {:.0})",
             (b * t) as f64 / secs,
-            secs * 1e3
+            secs * 1e3,
+            phases[0] * 1e3,
+            phases[1] * 1e3,
+            phases[2] * 1e3
         );
 
         let prompts = ids(16, 32, config.vocab_size, 2);

@@ -163,7 +163,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
-pub use crate::ops::{rms_norm, softmax_last_dim};
+pub use crate::ops::rms_norm;
 
 fn mlp(w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
     let gate = linear(x, &w.gate_proj, None)?; // [B, T, I]
@@ -197,12 +197,8 @@ fn attention(
     };
     let s = k.dim(2)?;
     let q = q.reshape((b, hkv, g * t, d))?; // heads h = kv·G + j share K/V head kv
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [B, Hkv, G·T, S]
-    let scores = scores
-        .to_dtype(DType::F32)?
-        .reshape((b, hkv, g, t, s))?
-        .broadcast_add(bias)?; // bias [B, 1, 1, T, S]
-    let probs = softmax_last_dim(&scores)?
+    let scores = q.matmul(&k.t()?)?.reshape((b, hkv, g, t, s))?; // [B, Hkv, G, T, S]
+    let probs = crate::ops::masked_softmax(&scores, bias, 1.0 / (d as f64).sqrt())? // bias [B, 1, 1, T, S]
         .to_dtype(v.dtype())?
         .reshape((b, hkv, g * t, s))?;
     let out = probs.matmul(&v.contiguous()?)?; // [B, Hkv, G·T, D]

@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
-use crate::forward::{forward, Batch};
+use crate::forward::{hidden_states, linear, Batch};
 use crate::weights::Weights;
 
 pub use crate::ops::composed::log_softmax;
@@ -13,9 +13,8 @@ pub use crate::ops::composed::log_softmax;
 pub fn token_logprobs_and_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     let (b, t, v) = logits.dims3()?;
     let flat = logits.to_dtype(DType::F32)?.reshape((b * t, v))?; // [B·T, V]
-    let picked = crate::ops::logprob_gather(&flat, &targets.flatten_all()?)?.reshape((b, t))?;
-    let entropy = crate::ops::entropy(&flat)?.reshape((b, t))?;
-    Ok((picked, entropy))
+    let (lp, h) = crate::ops::logprob_and_entropy(&flat, &targets.flatten_all()?)?;
+    Ok((lp.reshape((b, t))?, h.reshape((b, t))?))
 }
 
 /// Log-probs of a batch of token sequences under the model.
@@ -46,24 +45,55 @@ pub fn sequence_logprobs(
         ));
     }
     let batch = Batch::new(input_ids, attention_mask, device)?;
-    let logits = forward(w, &batch, None)?; // [B, T, V]
-    let (b, t, _) = logits.dims3()?;
-    let logits = logits.narrow(1, 0, t - 1)?;
+    let hidden = hidden_states(w, &batch, None)?; // [B, T, H]
+    let (b, t, h) = hidden.dims3()?;
+    // Only the scored positions go through the output layer: row b·(T−1)+i predicts token i+1.
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (r, (ids, m)) in input_ids.iter().zip(loss_mask).enumerate() {
+        for i in 0..t - 1 {
+            if m.get(i + 1).copied().unwrap_or(0) != 0 {
+                rows.push((r * (t - 1) + i) as u32);
+                targets.push(ids[i + 1]);
+            }
+        }
+    }
+    let mask: Vec<f32> = loss_mask
+        .iter()
+        .flat_map(|row| row[1..].iter().map(|&m| f32::from(u8::from(m != 0))))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, t - 1), device)?;
+    let zeros = Tensor::zeros((b, t - 1), DType::F32, device)?;
+    if rows.is_empty() {
+        return Ok(SequenceLogprobs {
+            logprobs: zeros.clone(),
+            entropy: zeros,
+            mask,
+        });
+    }
+    let n = rows.len();
+    let rows = Tensor::from_vec(rows, n, device)?;
+    let states = hidden
+        .narrow(1, 0, t - 1)?
+        .reshape((b * (t - 1), h))?
+        .index_select(&rows, 0)?; // [N, H]
+    let logits = linear(&states, w.output_weight(), None)?.to_dtype(DType::F32)?; // [N, V]
     let logits = if temperature != 1.0 {
-        (logits.to_dtype(DType::F32)? / temperature)?
+        (logits / temperature)?
     } else {
         logits
     };
-    let targets = batch.input_ids.narrow(1, 1, t - 1)?; // [B, T−1]
-    let (logprobs, entropy) = token_logprobs_and_entropy(&logits, &targets)?;
-    let mask: Vec<f32> = loss_mask
-        .iter()
-        .flat_map(|row| row[1..].iter().map(|&m| f32::from(m)))
-        .collect();
-    let mask = Tensor::from_vec(mask, (b, t - 1), device)?;
+    let targets = Tensor::from_vec(targets, n, device)?;
+    let (lp, entropy) = crate::ops::logprob_and_entropy(&logits, &targets)?; // [N] each
+    let scatter = |x: Tensor| -> Result<Tensor> {
+        Ok(zeros
+            .flatten_all()?
+            .index_add(&rows, &x.contiguous()?, 0)?
+            .reshape((b, t - 1))?)
+    };
     Ok(SequenceLogprobs {
-        logprobs: (logprobs * &mask)?,
-        entropy: (entropy * &mask)?,
+        logprobs: scatter(lp)?,
+        entropy: scatter(entropy)?,
         mask,
     })
 }

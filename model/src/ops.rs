@@ -191,6 +191,92 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     composed::softmax_last_dim(x)
 }
 
+// ---------------------------------------------------------------- attention softmax
+
+/// `softmax(scale·x + bias)` for attention scores `x [B, Hkv, G, T, S]` and an additive mask
+/// `bias [B, 1, 1, T, S]` (no gradient to the bias).
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "ferrite-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, bias) = (slice(xs, xl)?, slice(bs, bl)?);
+        let dims = xl.dims();
+        let (heads, t, s) = (dims[1] * dims[2], dims[3], dims[4]);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(s)
+            .zip(x.par_chunks(s))
+            .enumerate()
+            .for_each(|(r, (y, x))| {
+                let (bi, ti) = (r / (heads * t), r % t);
+                let bias = &bias[(bi * t + ti) * s..(bi * t + ti + 1) * s];
+                let mut m = f32::NEG_INFINITY;
+                for j in 0..s {
+                    y[j] = self.scale * x[j] + bias[j];
+                    m = m.max(y[j]);
+                }
+                let mut sum = 0f32;
+                for v in y.iter_mut() {
+                    *v = (*v - m).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                y.iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = y.dims().last().copied().unwrap_or(1);
+        let dx = with_data(y, |y| {
+            with_data(g, |g| {
+                let mut dx = vec![0f32; y.len()];
+                dx.par_chunks_mut(n)
+                    .zip(y.par_chunks(n).zip(g.par_chunks(n)))
+                    .for_each(|(dx, (y, g))| {
+                        let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                        for i in 0..n {
+                            dx[i] = self.scale * y[i] * (g[i] - dot);
+                        }
+                    });
+                dx
+            })
+        })??;
+        Ok((Some(tensor(dx, y.shape())?), None))
+    }
+}
+
+/// Attention probabilities `softmax(scale·scores + bias)` in f32:
+/// `scores [B, Hkv, G, T, S]`, `bias [B, 1, 1, T, S]`.
+pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused(&[scores, bias]) && scores.rank() == 5 {
+        return Ok(scores.contiguous()?.apply_op2(
+            &bias.contiguous()?,
+            MaskedSoftmax {
+                scale: scale as f32,
+            },
+        )?);
+    }
+    composed::masked_softmax(scores, bias, scale)
+}
+
 // ---------------------------------------------------------------- SwiGLU
 
 struct SwiGlu;
@@ -363,18 +449,25 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- log-probs and entropy
 
-/// Row statistics of logits: max and log Σ exp(x − max).
-fn row_lse(x: &[f32]) -> (f32, f32) {
-    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let s: f32 = x.iter().map(|v| (v - m).exp()).sum();
-    (m, s.ln())
+struct LogprobEntropy;
+
+/// One pass per row: max, `S = Σ e^(z−m)` and `Σ e^(z−m)·z`, so that
+/// `log p_t = z_t − m − ln S` and `H = m + ln S − Σ p·z` need one exp per element.
+fn row_stats(z: &[f32]) -> (f32, f32, f32) {
+    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let (mut s, mut sz) = (0f32, 0f32);
+    for &v in z {
+        let e = (v - m).exp();
+        s += e;
+        sz += e * v;
+    }
+    let lse = s.ln();
+    (m, lse, m + lse - sz / s)
 }
 
-struct LogprobGather;
-
-impl CustomOp2 for LogprobGather {
+impl CustomOp2 for LogprobEntropy {
     fn name(&self) -> &'static str {
-        "ferrite-logprob-gather"
+        "ferrite-logprob-entropy"
     }
 
     fn cpu_fwd(
@@ -386,115 +479,71 @@ impl CustomOp2 for LogprobGather {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let z = slice(zs, zl)?;
         let CpuStorage::U32(t) = ts else {
-            candle_core::bail!("logprob-gather: targets must be u32");
+            candle_core::bail!("logprob-entropy: targets must be u32");
         };
         let t = &t[tl.contiguous_offsets().map_or(0, |o| o.0)..];
         let (n, v) = rows_of(zl.shape())?;
-        let mut out = vec![0f32; n];
-        out.par_iter_mut().enumerate().for_each(|(r, o)| {
+        let mut out = vec![0f32; 2 * n];
+        out.par_chunks_mut(2).enumerate().for_each(|(r, o)| {
             let row = &z[r * v..(r + 1) * v];
-            let (m, lse) = row_lse(row);
-            *o = row[t[r] as usize] - m - lse;
+            let (m, lse, h) = row_stats(row);
+            o[0] = row[t[r] as usize] - m - lse;
+            o[1] = h;
         });
-        Ok((CpuStorage::F32(out), Shape::from(n)))
+        Ok((CpuStorage::F32(out), Shape::from((n, 2))))
     }
 
     fn bwd(
         &self,
         z: &Tensor,
         targets: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let v = z.dims().last().copied().unwrap_or(1);
         let t = targets.flatten_all()?.to_vec1::<u32>()?;
         let dz = with_data(z, |z| {
-            with_data(g, |g| {
-                let mut dz = vec![0f32; z.len()];
-                dz.par_chunks_mut(v)
-                    .zip(z.par_chunks(v))
-                    .enumerate()
-                    .for_each(|(r, (dz, z))| {
-                        // d log p_t / dz_j = 1[j = t] − p_j
-                        let (m, lse) = row_lse(z);
-                        for j in 0..v {
-                            dz[j] = -g[r] * (z[j] - m - lse).exp();
-                        }
-                        dz[t[r] as usize] += g[r];
-                    });
-                dz
-            })
-        })??;
-        Ok((Some(tensor(dz, z.shape())?), None))
-    }
-}
-
-struct Entropy;
-
-impl CustomOp1 for Entropy {
-    fn name(&self) -> &'static str {
-        "ferrite-entropy"
-    }
-
-    fn cpu_fwd(&self, zs: &CpuStorage, zl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let z = slice(zs, zl)?;
-        let (n, v) = rows_of(zl.shape())?;
-        let mut out = vec![0f32; n];
-        out.par_iter_mut().enumerate().for_each(|(r, o)| {
-            let row = &z[r * v..(r + 1) * v];
-            let (m, lse) = row_lse(row);
-            *o = -row
-                .iter()
-                .map(|x| {
-                    let lp = x - m - lse;
-                    lp.exp() * lp
-                })
-                .sum::<f32>();
-        });
-        Ok((CpuStorage::F32(out), Shape::from(n)))
-    }
-
-    fn bwd(&self, z: &Tensor, h: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let v = z.dims().last().copied().unwrap_or(1);
-        let dz = with_data(z, |z| {
-            with_data(h, |h| {
+            with_data(y, |y| {
                 with_data(g, |g| {
                     let mut dz = vec![0f32; z.len()];
                     dz.par_chunks_mut(v)
                         .zip(z.par_chunks(v))
                         .enumerate()
                         .for_each(|(r, (dz, z))| {
-                            // dH/dz_j = −p_j (log p_j + H)
-                            let (m, lse) = row_lse(z);
+                            // d log p_t / dz_j = 1[j = t] − p_j;   dH/dz_j = −p_j (log p_j + H)
+                            let (m, lse, _) = row_stats(z);
+                            let (g_lp, g_h, h) = (g[2 * r], g[2 * r + 1], y[2 * r + 1]);
                             for j in 0..v {
                                 let lp = z[j] - m - lse;
-                                dz[j] = -g[r] * lp.exp() * (lp + h[r]);
+                                let p = lp.exp();
+                                dz[j] = -g_lp * p - g_h * p * (lp + h);
                             }
+                            dz[t[r] as usize] += g_lp;
                         });
                     dz
                 })
             })
         })???;
-        Ok(Some(tensor(dz, z.shape())?))
+        Ok((Some(tensor(dz, z.shape())?), None))
     }
 }
 
-/// `log softmax(logits)[target]` per row: `logits [N, V]`, `targets [N]` u32 → `[N]` f32.
-pub fn logprob_gather(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+/// `log softmax(logits)[target]` and the entropy of `softmax(logits)` per row:
+/// `logits [N, V]`, `targets [N]` u32 → `([N], [N])` f32, from one fused kernel on the CPU.
+pub fn logprob_and_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     if fused(&[logits]) && logits.rank() == 2 {
-        return Ok(logits
+        let both = logits
             .contiguous()?
-            .apply_op2(&targets.contiguous()?, LogprobGather)?);
+            .apply_op2(&targets.contiguous()?, LogprobEntropy)?; // [N, 2]
+        return Ok((
+            both.narrow(1, 0, 1)?.squeeze(1)?,
+            both.narrow(1, 1, 1)?.squeeze(1)?,
+        ));
     }
-    composed::logprob_gather(logits, targets)
-}
-
-/// Entropy of `softmax(logits)` per row: `[N, V]` → `[N]`.
-pub fn entropy(logits: &Tensor) -> Result<Tensor> {
-    if fused(&[logits]) && logits.rank() == 2 {
-        return Ok(logits.contiguous()?.apply_op1(Entropy)?);
-    }
-    composed::entropy(logits)
+    Ok((
+        composed::logprob_gather(logits, targets)?,
+        composed::entropy(logits)?,
+    ))
 }
 
 /// The composed-op references (also the path for non-CPU devices until fused kernels exist
@@ -516,6 +565,11 @@ pub mod composed {
         let m = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&m)?.exp()?;
         Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    }
+
+    pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+        let x = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(bias)?;
+        softmax_last_dim(&x)
     }
 
     pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -643,6 +697,22 @@ mod tests {
     }
 
     #[test]
+    fn masked_softmax_matches_composed() {
+        let x = random(&[2, 2, 3, 4, 6], 10, 3.0);
+        let mask: Vec<f32> = (0..2 * 4 * 6)
+            .map(|i| if (i * 7) % 5 == 0 { -1e9 } else { 0.0 })
+            .collect();
+        let bias = Tensor::from_vec(mask, (2, 1, 1, 4, 6), &Device::Cpu).unwrap();
+        let b2 = bias.clone();
+        check(
+            &[x],
+            move |t| masked_softmax(&t[0], &bias, 0.125).unwrap(),
+            move |t| composed::masked_softmax(&t[0], &b2, 0.125).unwrap(),
+            &[true],
+        );
+    }
+
+    #[test]
     fn swiglu_matches_composed() {
         let a = random(&[4, 6, 10], 4, 2.0);
         let b = random(&[4, 6, 10], 5, 2.0);
@@ -671,17 +741,18 @@ mod tests {
     fn logprobs_and_entropy_match_composed() {
         let z = random(&[6, 50], 9, 3.0);
         let t = Tensor::new(&[0u32, 49, 7, 7, 20, 1], &Device::Cpu).unwrap();
-        let t2 = t.clone();
-        check(
-            std::slice::from_ref(&z),
-            move |x| logprob_gather(&x[0], &t).unwrap(),
-            move |x| composed::logprob_gather(&x[0], &t2).unwrap(),
-            &[true],
-        );
+        // both outputs, weighted differently, so both backward paths are checked
+        let combine = |(lp, h): (Tensor, Tensor)| (lp + (h * 0.37).unwrap()).unwrap();
+        let (t1, t2) = (t.clone(), t.clone());
         check(
             &[z],
-            |x| entropy(&x[0]).unwrap(),
-            |x| composed::entropy(&x[0]).unwrap(),
+            move |x| combine(logprob_and_entropy(&x[0], &t1).unwrap()),
+            move |x| {
+                combine((
+                    composed::logprob_gather(&x[0], &t2).unwrap(),
+                    composed::entropy(&x[0]).unwrap(),
+                ))
+            },
             &[true],
         );
     }
