@@ -60,14 +60,72 @@ fn list(values: &dyn Array) -> Result<Value, String> {
         .map(Value::Array)
 }
 
-/// The rows of a batch as JSON objects (null cells left out). `Err` on an unsupported column.
+/// Every cell of a column as JSON (`Null` for null cells), converting column by column.
+pub fn column_values(array: &dyn Array) -> Result<Vec<Value>, String> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::*;
+    let n = array.len();
+    let valid = |i: usize| array.is_valid(i);
+    macro_rules! prim {
+        ($t:ty, $conv:expr) => {{
+            let a = array.as_primitive::<$t>();
+            (0..n)
+                .map(|i| {
+                    if valid(i) {
+                        $conv(a.value(i))
+                    } else {
+                        Value::Null
+                    }
+                })
+                .collect()
+        }};
+    }
+    let num = |x: f64| Number::from_f64(x).map_or(Value::Null, Value::Number);
+    Ok(match array.data_type() {
+        DataType::Utf8 => {
+            let a = array.as_string::<i32>();
+            (0..n)
+                .map(|i| {
+                    if valid(i) {
+                        Value::from(a.value(i))
+                    } else {
+                        Value::Null
+                    }
+                })
+                .collect()
+        }
+        DataType::LargeUtf8 => {
+            let a = array.as_string::<i64>();
+            (0..n)
+                .map(|i| {
+                    if valid(i) {
+                        Value::from(a.value(i))
+                    } else {
+                        Value::Null
+                    }
+                })
+                .collect()
+        }
+        DataType::Int64 => prim!(Int64Type, Value::from),
+        DataType::Int32 => prim!(Int32Type, Value::from),
+        DataType::UInt64 => prim!(UInt64Type, Value::from),
+        DataType::UInt32 => prim!(UInt32Type, Value::from),
+        DataType::Float64 => prim!(Float64Type, num),
+        DataType::Float32 => prim!(Float32Type, |x: f32| num(x as f64)),
+        _ => (0..n)
+            .map(|i| value_at(array, i))
+            .collect::<Result<Vec<_>, _>>()?,
+    })
+}
+
+/// The rows of a batch as JSON objects (null cells left out).
 pub fn rows(batch: &RecordBatch) -> Result<Vec<Map<String, Value>>, String> {
     let schema = batch.schema();
     let mut out = vec![Map::new(); batch.num_rows()];
     for (field, col) in schema.fields().iter().zip(batch.columns()) {
-        for (i, row) in out.iter_mut().enumerate() {
-            let v =
-                value_at(col.as_ref(), i).map_err(|e| format!("column `{}`: {e}", field.name()))?;
+        let values =
+            column_values(col.as_ref()).map_err(|e| format!("column `{}`: {e}", field.name()))?;
+        for (row, v) in out.iter_mut().zip(values) {
             if !v.is_null() {
                 row.insert(field.name().clone(), v);
             }

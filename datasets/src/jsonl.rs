@@ -155,27 +155,38 @@ impl JsonlFile {
         self.rows.is_empty()
     }
 
-    /// The records of usable rows `range` (indices into this file's usable rows).
+    /// The records of usable rows `range` (indices into this file's usable rows), read with
+    /// one sequential read of the span they occupy.
     pub fn read(&self, range: std::ops::Range<usize>) -> Result<Vec<Record>> {
+        let rows = &self.rows[range];
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Ok(Vec::new());
+        };
+        let start = first.offset;
+        let end = last.offset + u64::from(last.len);
         let mut f = File::open(&self.path).map_err(|e| DataError::io(&self.path, e))?;
-        let mut out = Vec::with_capacity(range.len());
-        let mut buf = Vec::new();
-        for r in &self.rows[range] {
-            f.seek(SeekFrom::Start(r.offset))
-                .map_err(|e| DataError::io(&self.path, e))?;
-            buf.resize(r.len as usize, 0);
-            f.read_exact(&mut buf)
-                .map_err(|e| DataError::io(&self.path, e))?;
-            let record = parse_row(&buf, &self.fields, u64::from(r.line)).map_err(|why| {
-                DataError::Invalid(format!(
-                    "{}:{}: changed since it was opened: {why}",
-                    self.path.display(),
-                    r.line + 1
-                ))
-            })?;
-            out.push(record);
-        }
-        Ok(out)
+        f.seek(SeekFrom::Start(start))
+            .map_err(|e| DataError::io(&self.path, e))?;
+        let mut span = vec![0u8; (end - start) as usize];
+        f.read_exact(&mut span)
+            .map_err(|e| DataError::io(&self.path, e))?;
+        rows.iter()
+            .map(|r| {
+                let at = (r.offset - start) as usize;
+                parse_row(
+                    &span[at..at + r.len as usize],
+                    &self.fields,
+                    u64::from(r.line),
+                )
+                .map_err(|why| {
+                    DataError::Invalid(format!(
+                        "{}:{}: changed since it was opened: {why}",
+                        self.path.display(),
+                        r.line + 1
+                    ))
+                })
+            })
+            .collect()
     }
 }
 

@@ -188,8 +188,8 @@ pub struct Loader {
     cursor: Cursor,
     sizes: Vec<u64>,
     plan: Option<EpochPlan>,
-    /// The decoded chunk: (epoch, chunk, rows in visiting order).
-    chunk: Option<(u64, u32, Vec<Record>)>,
+    /// The decoded chunk: (epoch, chunk, rows in visiting order; served rows are taken out).
+    chunk: Option<(u64, u32, Vec<Option<Record>>)>,
 }
 
 impl Loader {
@@ -272,7 +272,7 @@ impl Loader {
             let slot = plan.starts.partition_point(|&s| s <= position) - 1;
             (plan.order[slot], position - plan.starts[slot])
         };
-        let cached = matches!(&self.chunk, Some((e, c, _)) if *e == epoch && *c == chunk);
+        let cached = matches!(&self.chunk, Some((e, c, rows)) if *e == epoch && *c == chunk && rows[offset as usize].is_some());
         if !cached {
             let mut rows = self.source.read_chunk(chunk as usize, self.block_rows)?;
             if self.shuffle {
@@ -284,10 +284,10 @@ impl Loader {
                     .map(|&i| taken[i as usize].take().expect("a permutation"))
                     .collect();
             }
-            self.chunk = Some((epoch, chunk, rows));
+            self.chunk = Some((epoch, chunk, rows.into_iter().map(Some).collect()));
         }
-        let rows = &self.chunk.as_ref().expect("cached").2;
-        let record = rows[offset as usize].clone();
+        let rows = &mut self.chunk.as_mut().expect("cached").2;
+        let record = rows[offset as usize].take().expect("checked above");
         self.cursor.position += 1;
         Ok(record)
     }

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
+use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
@@ -60,13 +60,30 @@ fn check_format(path: &Path) -> Result<()> {
 }
 
 /// Decodes one row group into JSON rows.
+/// Decodes one row group into JSON rows, optionally only the named top-level columns.
 fn group_rows(
     path: &Path,
     group: usize,
+    only: Option<&[String]>,
 ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| perr(path, e))?
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| perr(path, e))?;
+    let builder = match only {
+        Some(names) => {
+            let roots: Vec<usize> = builder
+                .schema()
+                .fields()
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| names.contains(f.name()))
+                .map(|(i, _)| i)
+                .collect();
+            let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+            builder.with_projection(mask)
+        }
+        None => builder,
+    };
+    let reader = builder
         .with_row_groups(vec![group])
         .with_batch_size(4096)
         .build()
@@ -93,8 +110,19 @@ impl ParquetFile {
         let mut report = BadRowReport::new(path);
         let mut groups = Vec::new();
         let mut first_row = 0u64;
+        // validation reads only the columns the record is built from (and `id`, which names it)
+        let mut needed: Vec<String> = fields
+            .prompt
+            .iter()
+            .chain(&fields.answer)
+            .cloned()
+            .collect();
+        if let Some((c, r)) = &fields.preference {
+            needed.extend([c.clone(), r.clone()]);
+        }
+        needed.push("id".into());
         for g in 0..meta.num_row_groups() {
-            let rows = group_rows(path, g)?;
+            let rows = group_rows(path, g, Some(&needed))?;
             let mut usable = Vec::new();
             for (i, row) in rows.into_iter().enumerate() {
                 let id = first_row + i as u64;
@@ -141,7 +169,7 @@ impl ParquetFile {
     /// The usable records of group `g`, in file order.
     pub fn read_group(&self, g: usize) -> Result<Vec<Record>> {
         let group = &self.groups[g];
-        let mut rows = group_rows(&self.path, group.index)?;
+        let mut rows = group_rows(&self.path, group.index, None)?;
         group
             .rows
             .iter()
