@@ -5,3 +5,4 @@ pub mod error;
 pub mod grpo;
 pub mod optim;
 pub mod schedule;
+pub mod step;

@@ -1,0 +1,148 @@
+//! Policy steps on the tiny Qwen2 fixture model: positive advantages raise a completion's
+//! log-prob, negative ones lower it; micro-batching does not change the step.
+
+use candle_core::{DType, Device};
+use learner::grpo::{Aggregation, PolicyLossConfig};
+use learner::optim::{AdamW, AdamWConfig};
+use learner::step::{micro_batches, policy_step, Sequence, StepConfig};
+use model::logprobs::sequence_logprobs;
+use model::Weights;
+
+fn model() -> Weights {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
+    Weights::load_dir(&dir, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// Σ log p(completion | prompt) under `w`.
+fn completion_logprob(w: &Weights, s: &Sequence) -> f32 {
+    let ids: Vec<u32> = s.prompt.iter().chain(&s.completion).copied().collect();
+    let n = ids.len();
+    let mask: Vec<u8> = (0..n).map(|i| u8::from(i >= s.prompt.len())).collect();
+    let lp = sequence_logprobs(w, &[ids], &[vec![1; n]], &[mask], 1.0).unwrap();
+    lp.logprobs.sum_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn sequences(w: &Weights) -> Vec<Sequence> {
+    let mk = |prompt: Vec<u32>, completion: Vec<u32>, advantage: f32| {
+        let mut s = Sequence {
+            prompt,
+            completion,
+            behavior_logprobs: vec![],
+            advantage,
+        };
+        // behaviour log-probs from the model itself (on-policy)
+        let ids: Vec<u32> = s.prompt.iter().chain(&s.completion).copied().collect();
+        let n = ids.len();
+        let mask: Vec<u8> = (0..n).map(|i| u8::from(i >= s.prompt.len())).collect();
+        let lp = sequence_logprobs(w, &[ids], &[vec![1; n]], &[mask], 1.0).unwrap();
+        let row = lp.logprobs.get(0).unwrap().to_vec1::<f32>().unwrap();
+        s.behavior_logprobs = (0..s.completion.len())
+            .map(|j| row[s.prompt.len() + j - 1])
+            .collect();
+        s
+    };
+    vec![
+        mk(vec![5, 6, 7], vec![10, 11, 12, 13], 1.0),
+        mk(vec![5, 6, 7], vec![20, 21], -1.0),
+        mk(vec![8, 9], vec![30, 31, 32], 0.5),
+        mk(vec![8, 9], vec![40, 41, 42, 43, 44], -0.5),
+    ]
+}
+
+fn config(budget: usize) -> StepConfig {
+    StepConfig {
+        loss: PolicyLossConfig {
+            aggregation: Aggregation::Dapo,
+            ..Default::default()
+        },
+        micro_batch_tokens: budget,
+        temperature: 1.0,
+        max_completion_length: 8,
+    }
+}
+
+#[test]
+fn advantages_move_log_probs_in_their_direction() {
+    let base = model();
+    let (vars, w) = base.to_vars().unwrap();
+    let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+    let seqs = sequences(&base);
+    let before: Vec<f32> = seqs.iter().map(|s| completion_logprob(&base, s)).collect();
+    for step in 0..5 {
+        let m = policy_step(&w, None, &mut opt, &seqs, &config(1 << 12), 2e-3).unwrap();
+        assert!(!m.skipped, "{m:?}");
+        if step == 0 {
+            // on-policy: every ratio is 1, nothing clipped
+            assert!(
+                (m.policy.ratio_mean - 1.0).abs() < 1e-5 && m.policy.clip_high_frac == 0.0,
+                "{m:?}"
+            );
+            assert!(m.grad_norm > 0.0);
+        }
+    }
+    let after: Vec<f32> = seqs
+        .iter()
+        .map(|s| completion_logprob(&w.detach(), s))
+        .collect();
+    for (k, s) in seqs.iter().enumerate() {
+        let moved = after[k] - before[k];
+        assert!(
+            moved * s.advantage > 0.0,
+            "sequence {k} (A = {}): {} → {}",
+            s.advantage,
+            before[k],
+            after[k]
+        );
+    }
+}
+
+#[test]
+fn micro_batching_does_not_change_the_step() {
+    let base = model();
+    let seqs = sequences(&base);
+    let run = |budget: usize| {
+        let (vars, w) = base.to_vars().unwrap();
+        let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+        let m = policy_step(&w, None, &mut opt, &seqs, &config(budget), 1e-3).unwrap();
+        (
+            m,
+            w.detach()
+                .embed_tokens
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        )
+    };
+    let (one, w1) = run(1 << 12);
+    let (many, w2) = run(8);
+    assert_eq!(one.micro_batches, 1);
+    assert_eq!(many.micro_batches, 4);
+    assert!(
+        (one.loss - many.loss).abs() < 1e-6,
+        "{} vs {}",
+        one.loss,
+        many.loss
+    );
+    assert!((one.grad_norm - many.grad_norm).abs() < 1e-5 * one.grad_norm);
+    let d = w1
+        .iter()
+        .zip(&w2)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-6, "weights differ by {d}");
+}
+
+#[test]
+fn micro_batches_respect_the_token_budget() {
+    let s = |n: usize| Sequence {
+        prompt: vec![1; 2],
+        completion: vec![2; n],
+        behavior_logprobs: vec![0.0; n],
+        advantage: 0.0,
+    };
+    let seqs = vec![s(2), s(2), s(6), s(1), s(30)];
+    let r = micro_batches(&seqs, 16);
+    assert_eq!(r, vec![0..2, 2..4, 4..5]);
+}
