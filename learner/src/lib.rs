@@ -5,4 +5,5 @@ pub mod error;
 pub mod grpo;
 pub mod optim;
 pub mod schedule;
+pub mod sft;
 pub mod step;

@@ -146,3 +146,27 @@ fn micro_batches_respect_the_token_budget() {
     let r = micro_batches(&seqs, 16);
     assert_eq!(r, vec![0..2, 2..4, 4..5]);
 }
+
+#[test]
+fn sft_lowers_the_loss_of_its_examples() {
+    let base = model();
+    let (vars, w) = base.to_vars().unwrap();
+    let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+    let examples = vec![
+        (vec![5, 6, 7], vec![10, 11, 12]),
+        (vec![8, 9], vec![30, 31, 32, 33]),
+    ];
+    let first = learner::sft::sft_step(&w, &mut opt, &examples, 64, 1e-2).unwrap();
+    let mut last = first.clone();
+    for _ in 0..10 {
+        last = learner::sft::sft_step(&w, &mut opt, &examples, 4, 1e-2).unwrap();
+    }
+    assert_eq!(first.tokens, 7);
+    assert!(
+        last.loss < 0.5 * first.loss,
+        "{} → {}",
+        first.loss,
+        last.loss
+    );
+    assert!(learner::sft::sft_step(&w, &mut opt, &[(vec![1], vec![])], 64, 1e-2).is_err());
+}

@@ -12,6 +12,7 @@
 //! - [`logprobs`]: per-token log-probs and entropies of given completions.
 //! - [`sampling`], [`generate`], [`rng`]: seeded sampling and batched generation.
 
+pub mod builtin;
 pub mod config;
 pub mod error;
 pub mod forward;

@@ -1,0 +1,83 @@
+//! Supervised fine-tuning: cross-entropy on gold completions (prompt tokens masked), averaged
+//! over the completion tokens of the whole step.
+
+use candle_core::{DType, Tensor};
+use model::logprobs::sequence_logprobs;
+use model::Weights;
+
+use crate::error::{LearnerError, Result};
+use crate::optim::AdamW;
+use crate::step::{micro_batches, Sequence};
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SftMetrics {
+    /// Mean negative log-likelihood per completion token.
+    pub loss: f64,
+    pub tokens: usize,
+    pub grad_norm: f64,
+    pub skipped: bool,
+}
+
+/// One optimizer step of supervised fine-tuning on `(prompt, completion)` pairs.
+pub fn sft_step(
+    w: &Weights,
+    opt: &mut AdamW,
+    examples: &[(Vec<u32>, Vec<u32>)],
+    micro_batch_tokens: usize,
+    lr: f64,
+) -> Result<SftMetrics> {
+    let tokens: usize = examples.iter().map(|(_, c)| c.len()).sum();
+    if tokens == 0 {
+        return Err(LearnerError::Invalid(
+            "SFT examples without completion tokens".into(),
+        ));
+    }
+    // reuse the policy step's packing rule: rows × longest row within the budget
+    let seqs: Vec<Sequence> = examples
+        .iter()
+        .map(|(p, c)| Sequence {
+            prompt: p.clone(),
+            completion: c.clone(),
+            behavior_logprobs: vec![0.0; c.len()],
+            advantage: 0.0,
+        })
+        .collect();
+    let mut m = SftMetrics {
+        tokens,
+        ..Default::default()
+    };
+    for range in micro_batches(&seqs, micro_batch_tokens) {
+        let mb = &examples[range];
+        let t = mb.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
+        let mut ids = Vec::new();
+        let mut attention = Vec::new();
+        let mut loss_mask = Vec::new();
+        for (p, c) in mb {
+            let n = p.len() + c.len();
+            let mut row: Vec<u32> = p.iter().chain(c).copied().collect();
+            row.resize(t, 0);
+            ids.push(row);
+            attention.push((0..t).map(|i| u8::from(i < n)).collect::<Vec<u8>>());
+            loss_mask.push(
+                (0..t)
+                    .map(|i| u8::from(i >= p.len() && i < n))
+                    .collect::<Vec<u8>>(),
+            );
+        }
+        let lp = sequence_logprobs(w, &ids, &attention, &loss_mask, 1.0)?;
+        let loss: Tensor = (lp.logprobs.sum_all()?.neg()? / tokens as f64)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            opt.zero_grad();
+            m.skipped = true;
+            m.loss = value;
+            return Ok(m);
+        }
+        m.loss += value;
+        opt.accumulate(&loss.backward()?, 1.0)?;
+    }
+    let s = opt.step(lr)?;
+    m.grad_norm = s.grad_norm;
+    m.skipped = s.skipped;
+    Ok(m)
+}
