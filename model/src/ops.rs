@@ -164,23 +164,29 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let n = y.dims().last().copied().unwrap_or(1);
-        let dx = with_data(y, |y| {
-            with_data(g, |g| {
-                let mut dx = vec![0f32; y.len()];
-                dx.par_chunks_mut(n)
-                    .zip(y.par_chunks(n).zip(g.par_chunks(n)))
-                    .for_each(|(dx, (y, g))| {
-                        let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                        for i in 0..n {
-                            dx[i] = y[i] * (g[i] - dot);
-                        }
-                    });
-                dx
-            })
-        })??;
-        Ok(Some(tensor(dx, y.shape())?))
+        Ok(Some(softmax_backward(y, g, 1.0)?))
     }
+}
+
+/// Gradient of `softmax(scale·x)` from its output `y` and upstream `g`:
+/// `dx = scale · y ∘ (g − Σ y∘g)` per row.
+fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    let n = y.dims().last().copied().unwrap_or(1);
+    let dx = with_data(y, |y| {
+        with_data(g, |g| {
+            let mut dx = vec![0f32; y.len()];
+            dx.par_chunks_mut(n)
+                .zip(y.par_chunks(n).zip(g.par_chunks(n)))
+                .for_each(|(dx, (y, g))| {
+                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                    for i in 0..n {
+                        dx[i] = scale * y[i] * (g[i] - dot);
+                    }
+                });
+            dx
+        })
+    })??;
+    tensor(dx, y.shape())
 }
 
 /// Softmax over the last dimension.
@@ -244,22 +250,7 @@ impl CustomOp2 for MaskedSoftmax {
         y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = y.dims().last().copied().unwrap_or(1);
-        let dx = with_data(y, |y| {
-            with_data(g, |g| {
-                let mut dx = vec![0f32; y.len()];
-                dx.par_chunks_mut(n)
-                    .zip(y.par_chunks(n).zip(g.par_chunks(n)))
-                    .for_each(|(dx, (y, g))| {
-                        let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                        for i in 0..n {
-                            dx[i] = self.scale * y[i] * (g[i] - dot);
-                        }
-                    });
-                dx
-            })
-        })??;
-        Ok((Some(tensor(dx, y.shape())?), None))
+        Ok((Some(softmax_backward(y, g, self.scale)?), None))
     }
 }
 

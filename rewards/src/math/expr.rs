@@ -362,7 +362,8 @@ fn split_commas(toks: &[Tok]) -> Vec<&[Tok]> {
     parts
 }
 
-/// Whether the bracket at 0 closes at the last token (so the whole is one bracketed group).
+/// Whether the bracket at 0 closes exactly at the last token, ignoring bracket kinds (so
+/// `(0, 1]` is one group and `(1)+(2)` is not).
 fn encloses(toks: &[Tok]) -> bool {
     let mut depth = 0i32;
     for (i, t) in toks.iter().enumerate() {
@@ -377,7 +378,7 @@ fn encloses(toks: &[Tok]) -> bool {
             _ => {}
         }
     }
-    true
+    depth == 0
 }
 
 /// Parses a normalised answer string.
@@ -402,7 +403,7 @@ pub fn parse_answer(s: &str, budget: &mut Budget) -> Result<Answer, String> {
     };
     let open = matches!(first, Tok::Op('(') | Tok::Op('[') | Tok::Op('{'));
     let close = matches!(last, Tok::Op(')') | Tok::Op(']') | Tok::Op('}'));
-    if open && close && toks.len() >= 2 && (first == &Tok::Op('{') || encloses_any(&toks)) {
+    if open && close && toks.len() >= 2 && (first == &Tok::Op('{') || encloses(&toks)) {
         let inner = &toks[1..toks.len() - 1];
         let parts = split_commas(inner);
         if parts.len() > 1 || first == &Tok::Op('{') && encloses(&toks) {
@@ -426,24 +427,6 @@ pub fn parse_answer(s: &str, budget: &mut Budget) -> Result<Answer, String> {
         return Ok(Answer::Set(items));
     }
     Ok(Answer::Scalar(parse_expr(&toks, budget)?))
-}
-
-/// Whether the outer brackets pair with each other, ignoring their kinds (so `(0, 1]` counts).
-fn encloses_any(toks: &[Tok]) -> bool {
-    let mut depth = 0i32;
-    for (i, t) in toks.iter().enumerate() {
-        match t {
-            Tok::Op('(') | Tok::Op('[') | Tok::Op('{') => depth += 1,
-            Tok::Op(')') | Tok::Op(']') | Tok::Op('}') => {
-                depth -= 1;
-                if depth == 0 && i + 1 != toks.len() {
-                    return false;
-                }
-            }
-            _ => {}
-        }
-    }
-    depth == 0
 }
 
 /// Values for the variables of an expression.
