@@ -7,7 +7,7 @@ use model::Weights;
 
 use crate::error::{LearnerError, Result};
 use crate::optim::AdamW;
-use crate::step::{micro_batches, Sequence};
+use crate::step::{micro_batches, pack, Sequence};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SftMetrics {
@@ -32,7 +32,7 @@ pub fn sft_step(
             "SFT examples without completion tokens".into(),
         ));
     }
-    // reuse the policy step's packing rule: rows × longest row within the budget
+    // the policy step's packing: rows × longest row within the budget, prompt tokens masked
     let seqs: Vec<Sequence> = examples
         .iter()
         .map(|(p, c)| Sequence {
@@ -46,25 +46,10 @@ pub fn sft_step(
         tokens,
         ..Default::default()
     };
+    let device = w.embed_tokens.device().clone();
     for range in micro_batches(&seqs, micro_batch_tokens) {
-        let mb = &examples[range];
-        let t = mb.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
-        let mut ids = Vec::new();
-        let mut attention = Vec::new();
-        let mut loss_mask = Vec::new();
-        for (p, c) in mb {
-            let n = p.len() + c.len();
-            let mut row: Vec<u32> = p.iter().chain(c).copied().collect();
-            row.resize(t, 0);
-            ids.push(row);
-            attention.push((0..t).map(|i| u8::from(i < n)).collect::<Vec<u8>>());
-            loss_mask.push(
-                (0..t)
-                    .map(|i| u8::from(i >= p.len() && i < n))
-                    .collect::<Vec<u8>>(),
-            );
-        }
-        let lp = sequence_logprobs(w, &ids, &attention, &loss_mask, 1.0)?;
+        let p = pack(&seqs[range], &device)?;
+        let lp = sequence_logprobs(w, &p.ids, &p.attention, &p.loss_mask, 1.0)?;
         let loss: Tensor = (lp.logprobs.sum_all()?.neg()? / tokens as f64)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {

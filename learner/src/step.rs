@@ -66,15 +66,15 @@ pub fn micro_batches(seqs: &[Sequence], budget: usize) -> Vec<std::ops::Range<us
 }
 
 /// Padded inputs of a micro-batch and `[B, T−1]` tensors aligned with its log-probs.
-struct Packed {
-    ids: Vec<Vec<u32>>,
-    attention: Vec<Vec<u8>>,
-    loss_mask: Vec<Vec<u8>>,
+pub(crate) struct Packed {
+    pub(crate) ids: Vec<Vec<u32>>,
+    pub(crate) attention: Vec<Vec<u8>>,
+    pub(crate) loss_mask: Vec<Vec<u8>>,
     old: Tensor,
     advantages: Tensor,
 }
 
-fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
+pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
     let t = seqs
         .iter()
         .map(|s| s.prompt.len() + s.completion.len())

@@ -6,17 +6,6 @@ use crate::error::Result;
 use crate::forward::{hidden_states, linear, Batch};
 use crate::weights::Weights;
 
-pub use crate::ops::composed::log_softmax;
-
-/// `log p(target)` and the entropy of `p` at each position, in f32.
-/// `logits [B, T, V]`, `targets [B, T]` u32 → `([B, T], [B, T])`.
-pub fn token_logprobs_and_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (b, t, v) = logits.dims3()?;
-    let flat = logits.to_dtype(DType::F32)?.reshape((b * t, v))?; // [B·T, V]
-    let (lp, h) = crate::ops::logprob_and_entropy(&flat, &targets.flatten_all()?)?;
-    Ok((lp.reshape((b, t))?, h.reshape((b, t))?))
-}
-
 /// Log-probs of a batch of token sequences under the model.
 #[derive(Debug, Clone)]
 pub struct SequenceLogprobs {
