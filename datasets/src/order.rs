@@ -72,7 +72,7 @@ impl std::fmt::Debug for Source {
 }
 
 impl Source {
-    /// `builtin:arithmetic`, `builtin:countdown`, `builtin:knights_knaves`, or a `.jsonl` /
+    /// `builtin:addition`, `builtin:arithmetic`, `builtin:countdown`, `builtin:knights_knaves`, or a `.jsonl` /
     /// `.json` / `.parquet` path.
     pub fn open(spec: &str, opts: &SourceOptions) -> Result<Source> {
         if let Some(name) = spec.strip_prefix("builtin:") {
@@ -82,6 +82,12 @@ impl Source {
                     Arithmetic::default()
                 } else {
                     Arithmetic::with_difficulty(d)
+                }),
+                // the built-in default task: sums of two numbers of up to `d` (2) digits
+                "addition" => Box::new(Arithmetic {
+                    max_digits: if d == 0 { 2 } else { d },
+                    max_operands: 2,
+                    operators: vec!['+'],
                 }),
                 "countdown" => Box::new(if d == 0 {
                     Countdown::default()

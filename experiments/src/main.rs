@@ -1,13 +1,24 @@
 //! `ferrite`: asynchronous RL post-training for LLM reasoning.
 //!
-//! This first version runs the built-in experiment synchronously: a tiny Qwen2-architecture
-//! model with the built-in character tokenizer learns two-digit addition by a short supervised
-//! warm start, then GRPO raises its held-out accuracy. The asynchronous worker pool, TOML
-//! configs, Parquet logs, checkpoints and resume come with the launcher (issue 4).
+//! `ferrite` alone runs the built-in experiment: a tiny Qwen2-architecture model with the
+//! built-in character tokenizer learns two-digit addition by a short supervised warm start,
+//! then asynchronous GRPO raises its held-out accuracy, on a laptop CPU in minutes.
 
-mod default_run;
+mod bench;
+mod config;
+mod eval;
+mod logs;
+mod report;
+mod run;
+mod setup;
 
-use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use config::Config;
 
 #[derive(Parser)]
 #[command(
@@ -16,27 +27,229 @@ use clap::{Parser, Subcommand};
     about = "RL post-training for LLM reasoning"
 )]
 struct Cli {
+    /// error, warn, info, debug or trace.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: tracing::Level,
+    /// No progress bars.
+    #[arg(long, global = true)]
+    no_progress: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+#[derive(Args, Clone, Default)]
+struct ConfigArgs {
+    /// A TOML config (a path, or the name of a preset in experiments/configs); none: the
+    /// built-in default.
+    config: Option<String>,
+    /// Override a key: `--set optimizer.lr=3e-5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the built-in experiment (the default).
-    Run(default_run::Options),
+    /// Run an experiment (no config: the built-in default).
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The run directory (default: `run.output_dir/run.name-<unix time>`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in this directory from its last complete checkpoint.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
+        resume: Option<PathBuf>,
+    },
+    /// Held-out accuracy, pass@1 and pass@k of a checkpoint (or a run's latest one).
+    Eval {
+        checkpoint: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Write a checkpoint as a plain Hugging Face model directory.
+    Export {
+        checkpoint: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// float32 or bfloat16.
+        #[arg(long, default_value = "bfloat16")]
+        dtype: String,
+    },
+    /// Run the same experiment with max_staleness 0 and 1 and compare throughput and accuracy.
+    BenchStaleness {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, default_value = "runs/bench-staleness")]
+        out: PathBuf,
+    },
+}
+
+/// A config path, a preset name, or the built-in default; then the overrides.
+fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    let base = match &args.config {
+        None => Config::default(),
+        Some(name) => {
+            let path = [
+                PathBuf::from(name),
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("configs")
+                    .join(format!("{name}.toml")),
+            ]
+            .into_iter()
+            .find(|p| p.is_file())
+            .with_context(|| {
+                format!("no config file {name} (nor a preset of that name in experiments/configs)")
+            })?;
+            let text = std::fs::read_to_string(&path)?;
+            Config::from_toml(&text, &path.display().to_string())?
+        }
+    };
+    base.with_overrides(&args.sets)
+}
+
+/// Runs `f` on a blocking thread under tokio; Ctrl-C asks it to stop with a checkpoint.
+fn orchestrate<T: Send + 'static>(
+    f: impl FnOnce(Arc<AtomicBool>) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut job = tokio::task::spawn_blocking({
+            let stop = stop.clone();
+            move || f(stop)
+        });
+        tokio::select! {
+            done = &mut job => done?,
+            _ = tokio::signal::ctrl_c() => {
+                tracing::warn!("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to abort)");
+                stop.store(true, Ordering::SeqCst);
+                tokio::select! {
+                    done = &mut job => done?,
+                    _ = tokio::signal::ctrl_c() => bail!("aborted"),
+                }
+            }
+        }
+    })
+}
+
+fn print_summary(dir: &Path, s: &run::Summary) {
+    let initial = s
+        .accuracy_initial
+        .map(|a| format!("{a:.3} before the warm start, "))
+        .unwrap_or_default();
+    println!(
+        "held-out accuracy: {initial}{:.3} before RL, {:.3} after {} RL steps (pass@k {:.3} -> {:.3}); warm start {:.0} s, RL {:.0} s",
+        s.accuracy_start, s.accuracy_final, s.steps, s.pass_at_k_start, s.pass_at_k_final, s.seconds_sft, s.seconds_rl
+    );
+    println!("run directory: {}", dir.display());
 }
 
 fn main() -> anyhow::Result<()> {
     model::tune_allocator();
     let cli = Cli::parse();
-    let options = match cli.command {
-        Some(Command::Run(o)) => o,
-        None => default_run::Options::parse_from(["run"]),
-    };
-    let summary = default_run::run(&options)?;
-    println!(
-        "held-out accuracy: {:.3} before SFT, {:.3} after SFT, {:.3} after GRPO ({:.0} s)",
-        summary.accuracy_initial, summary.accuracy_sft, summary.accuracy_rl, summary.seconds
-    );
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log_level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    let progress = !cli.no_progress;
+    let command = cli.command.unwrap_or(Command::Run {
+        config: ConfigArgs::default(),
+        out: None,
+        resume: None,
+    });
+    match command {
+        Command::Run {
+            config,
+            out,
+            resume,
+        } => {
+            let (c, dir, resume) = match resume {
+                Some(dir) => {
+                    let text = std::fs::read_to_string(dir.join(run::CONFIG_FILE))
+                        .with_context(|| format!("{} is not a run directory", dir.display()))?;
+                    let c = Config::from_toml(&text, "the run's config.toml")?
+                        .with_overrides(&config.sets)?;
+                    (c, dir, true)
+                }
+                None => {
+                    let c = load_config(&config)?;
+                    let dir = out.unwrap_or_else(|| {
+                        let t = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        Path::new(&c.run.output_dir).join(format!("{}-{t}", c.run.name))
+                    });
+                    (c, dir, false)
+                }
+            };
+            let opts = run::RunOptions {
+                dir: dir.clone(),
+                resume,
+                progress,
+                stop: Arc::new(AtomicBool::new(false)),
+            };
+            let summary = orchestrate(move |stop| run::run(&c, &run::RunOptions { stop, ..opts }))?;
+            print_summary(&dir, &summary);
+        }
+        Command::Eval { checkpoint, config } => {
+            let ckpt = resolve_checkpoint(&checkpoint)?;
+            let c = match config.config {
+                Some(_) => load_config(&config)?,
+                None => match std::fs::read_to_string(ckpt.join(run::CONFIG_FILE)) {
+                    Ok(text) => Config::from_toml(&text, "the checkpoint's config.toml")?
+                        .with_overrides(&config.sets)?,
+                    Err(_) => load_config(&config)?,
+                },
+            };
+            let r = eval::evaluate_checkpoint(&c, &ckpt)?;
+            println!(
+                "{}: greedy accuracy {:.3}, pass@1 {:.3}, pass@{} {:.3} on {} held-out prompts (mean length {:.1})",
+                ckpt.display(), r.greedy_accuracy, r.pass_at_1, r.k, r.pass_at_k, r.prompts, r.length_mean
+            );
+        }
+        Command::Export {
+            checkpoint,
+            out,
+            dtype,
+        } => {
+            let ckpt = resolve_checkpoint(&checkpoint)?;
+            let dtype = match dtype.as_str() {
+                "float32" | "f32" => candle_core::DType::F32,
+                "bfloat16" | "bf16" => candle_core::DType::BF16,
+                other => bail!("--dtype {other}: float32 or bfloat16"),
+            };
+            let w = model::Weights::load_dir(
+                &ckpt,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )?;
+            w.save_dir(&out, dtype, 4 << 30)?;
+            model::tokenizer::Tokenizer::from_dir(&ckpt)?.save_dir(&out)?;
+            println!("exported {} to {}", ckpt.display(), out.display());
+        }
+        Command::BenchStaleness { config, out } => {
+            let c = load_config(&config)?;
+            orchestrate(move |stop| bench::staleness(&c, &out, progress, stop))?;
+        }
+    }
     Ok(())
+}
+
+/// A checkpoint directory, or a run directory (its newest checkpoint).
+fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.join("config.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if let Some((_, newest)) = learner::checkpoint::list(&path.join("checkpoints"))?.pop() {
+        return Ok(newest);
+    }
+    bail!(
+        "{}: neither a checkpoint nor a run directory with checkpoints",
+        path.display()
+    )
 }

@@ -1,6 +1,8 @@
-//! The learner: optimizer and learning-rate schedules (the losses and the train step build on
-//! these).
+//! The learner: the GRPO-family losses, the optimizer and learning-rate schedules, the train
+//! step, the collector that turns rollout groups into steps, and checkpoints.
 
+pub mod checkpoint;
+pub mod collect;
 pub mod error;
 pub mod grpo;
 pub mod optim;

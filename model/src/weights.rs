@@ -207,6 +207,16 @@ impl Weights {
         Self::from_named(&self.config, &named).expect("same names and shapes")
     }
 
+    /// A deep copy cut from any graph: what the learner publishes to rollout workers, so that
+    /// later optimizer steps (which update the `Var`s in place) never reach it.
+    pub fn snapshot(&self) -> Result<Self> {
+        let mut named = BTreeMap::new();
+        for (n, t) in self.named() {
+            named.insert(n, t.detach().copy()?);
+        }
+        Self::from_named(&self.config, &named)
+    }
+
     /// Trainable copies: one `Var` per parameter, in HF name order, and weights that read them.
     pub fn to_vars(&self) -> Result<(Vec<(String, Var)>, Self)> {
         let mut vars = Vec::new();

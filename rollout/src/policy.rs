@@ -185,6 +185,17 @@ impl Admission {
         self.changed.notify_all();
     }
 
+    /// Returns the quota of `n` admitted samples that were never produced (a failed group).
+    pub fn release(&self, n: usize) {
+        let mut s = self.state.lock().expect("admission lock");
+        s.started = s.started.saturating_sub(n);
+        self.changed.notify_all();
+    }
+
+    pub fn max_staleness(&self) -> u64 {
+        self.max_staleness
+    }
+
     pub fn stop(&self) {
         self.state.lock().expect("admission lock").stopped = true;
         self.changed.notify_all();

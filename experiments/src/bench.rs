@@ -1,0 +1,90 @@
+//! `ferrite bench-staleness`: the same experiment synchronous (`max_staleness = 0`) and
+//! one-step asynchronous (`= 1`), from one shared warm start; prints the RL throughput ratio,
+//! the final accuracies side by side, and where the time goes in each.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::logs::read_step_table;
+use crate::run::{self, RunOptions, Summary};
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let p = e?.path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().expect("a file name")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sums of the per-step time columns of a run's metrics.
+fn time_split(dir: &Path) -> anyhow::Result<Vec<(String, f64)>> {
+    let (cols, rows) = read_step_table(&dir.join("metrics.parquet"))?;
+    Ok(cols
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.starts_with("time/") && c.as_str() != "time/elapsed")
+        .map(|(i, c)| (c.clone(), rows.iter().map(|(_, r)| r[i]).sum()))
+        .collect())
+}
+
+pub fn staleness(
+    c: &Config,
+    out: &Path,
+    progress: bool,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let mut results: Vec<(u64, Summary, Vec<(String, f64)>)> = Vec::new();
+    let first = out.join("staleness-0");
+    for s in [0u64, 1] {
+        let mut cfg = c.clone();
+        cfg.rollout.max_staleness = s;
+        cfg.run.name = format!("staleness-{s}");
+        let dir = out.join(&cfg.run.name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let shared_sft = s > 0 && first.join("checkpoints/sft").is_dir();
+        if shared_sft {
+            copy_dir(&first.join("checkpoints/sft"), &dir.join("checkpoints/sft"))?;
+        }
+        let opts = RunOptions {
+            dir: dir.clone(),
+            resume: shared_sft,
+            progress,
+            stop: stop.clone(),
+        };
+        let summary = run::run(&cfg, &opts)?;
+        let split = time_split(&dir)?;
+        results.push((s, summary, split));
+    }
+    println!(
+        "\nmax_staleness | RL seconds | samples/s | accuracy before RL -> after | dropped rows"
+    );
+    for (s, r, _) in &results {
+        println!(
+            "{s:>13} | {:>10.1} | {:>9.2} | {:.3} -> {:.3} | {}",
+            r.seconds_rl,
+            r.samples as f64 / r.seconds_rl,
+            r.accuracy_start,
+            r.accuracy_final,
+            r.dropped_rows
+        );
+    }
+    let rate = |r: &Summary| r.samples as f64 / r.seconds_rl;
+    println!(
+        "throughput ratio (staleness 1 / staleness 0): {:.2}x",
+        rate(&results[1].1) / rate(&results[0].1)
+    );
+    println!("\nwhere the learner's time goes (seconds summed over steps):");
+    for (s, _, split) in &results {
+        let line: Vec<String> = split
+            .iter()
+            .map(|(n, v)| format!("{} {v:.1}", n.trim_start_matches("time/")))
+            .collect();
+        println!("  staleness {s}: {}", line.join(", "));
+    }
+    Ok(())
+}

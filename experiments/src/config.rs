@@ -1,0 +1,457 @@
+//! The experiment config: TOML with defaults for every key, presets in `experiments/configs/`,
+//! `--set section.key=value` overrides. An unknown key or a bad value is an error that names it
+//! (and the nearest valid key).
+
+use anyhow::{bail, Context};
+use learner::grpo::{Aggregation, KlEstimator, RatioLevel, ScaleRewards};
+use learner::schedule::Schedule;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub run: RunConfig,
+    pub model: ModelSection,
+    pub data: DataConfig,
+    pub reward: RewardConfig,
+    pub sft: SftConfig,
+    pub rollout: RolloutConfig,
+    pub algorithm: AlgorithmConfig,
+    pub optimizer: OptimizerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub name: String,
+    pub seed: u64,
+    /// RL optimizer steps.
+    pub steps: u64,
+    /// Checkpoint every this many RL steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Step checkpoints kept (0: all).
+    pub keep_checkpoints: usize,
+    /// Evaluate every this many RL steps (0: only before and after).
+    pub eval_every: u64,
+    /// Runs go to `output_dir/name-<time>` unless `--out` names the directory.
+    pub output_dir: String,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: "default".into(),
+            seed: 0,
+            steps: 60,
+            checkpoint_every: 20,
+            keep_checkpoints: 2,
+            eval_every: 20,
+            output_dir: "runs".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// `builtin:tiny` (random init, the built-in character tokenizer), an HF directory, or a
+    /// `.gguf` file.
+    pub path: String,
+    /// Size of `builtin:tiny`.
+    pub hidden: usize,
+    pub layers: usize,
+    /// A Jinja chat template file that replaces the model's.
+    pub chat_template: Option<String>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: "builtin:tiny".into(),
+            hidden: 128,
+            layers: 4,
+            chat_template: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `builtin:addition`, `builtin:arithmetic`, `builtin:countdown`, `builtin:knights_knaves`,
+    /// or a `.jsonl` / `.parquet` file.
+    pub train: String,
+    /// The held-out source (its test split); empty: the train source.
+    pub eval: String,
+    pub eval_size: usize,
+    /// Samples per held-out prompt for pass@1 and pass@k (greedy accuracy is measured too).
+    pub eval_samples: usize,
+    /// Difficulty of a built-in generator (0: its default).
+    pub difficulty: u32,
+    pub shuffle: bool,
+    pub test_fraction: f64,
+    /// The user message from the record's fields (`{prompt}`, `{answer}`, `{metadata_key}`).
+    pub prompt_template: Option<String>,
+    pub system_prompt: Option<String>,
+    /// Field names tried first for the prompt and the answer (beside the usual ones).
+    pub prompt_field: String,
+    pub answer_field: String,
+    /// Largest fraction of malformed rows tolerated (skipped and counted).
+    pub max_bad_fraction: f64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train: "builtin:addition".into(),
+            eval: String::new(),
+            eval_size: 200,
+            eval_samples: 4,
+            difficulty: 0,
+            shuffle: true,
+            test_fraction: 0.1,
+            prompt_template: Some("{expression}=".into()),
+            system_prompt: None,
+            prompt_field: String::new(),
+            answer_field: String::new(),
+            max_bad_fraction: 0.01,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardPart {
+    pub name: String,
+    /// `math`, `countdown`, `knights_knaves`, `format`, `overlong`.
+    pub kind: String,
+    #[serde(default = "one")]
+    pub weight: f32,
+    #[serde(default)]
+    pub think_in_prompt: bool,
+    #[serde(default)]
+    pub max_tokens: usize,
+    #[serde(default)]
+    pub cache_tokens: usize,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    pub parts: Vec<RewardPart>,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        RewardConfig {
+            parts: vec![RewardPart {
+                name: "answer".into(),
+                kind: "math".into(),
+                weight: 1.0,
+                think_in_prompt: false,
+                max_tokens: 0,
+                cache_tokens: 0,
+            }],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftConfig {
+    /// Supervised warm-start steps before RL (0: none).
+    pub steps: u64,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// The linear decay stops at this fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// The gold completion from the record's fields.
+    pub completion_template: String,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        SftConfig {
+            steps: 700,
+            batch_size: 32,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            completion_template: "{answer}".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    pub workers: usize,
+    pub prompts_per_step: usize,
+    pub group_size: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    /// Policy versions the workers may run ahead (0: synchronous).
+    pub max_staleness: u64,
+    /// Stop strings beside the tokenizer's end-of-sequence token.
+    pub stop: Vec<String>,
+    /// Groups the channel to the learner holds.
+    pub channel_capacity: usize,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            workers: 2,
+            prompts_per_step: 16,
+            group_size: 8,
+            max_new_tokens: 8,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_staleness: 0,
+            stop: Vec::new(),
+            channel_capacity: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlgorithmConfig {
+    /// `grpo` (the GRPO family; GSPO with `ratio = "sequence"`).
+    pub name: String,
+    pub scale_rewards: ScaleRewards,
+    pub std_eps: f64,
+    pub loss_aggregation: Aggregation,
+    pub ratio: RatioLevel,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    pub dual_clip: Option<f64>,
+    pub kl_coef: f64,
+    pub kl_estimator: KlEstimator,
+    pub entropy_coef: f64,
+}
+
+impl Default for AlgorithmConfig {
+    fn default() -> Self {
+        AlgorithmConfig {
+            name: "grpo".into(),
+            scale_rewards: ScaleRewards::Group,
+            std_eps: 1e-4,
+            loss_aggregation: Aggregation::Dapo,
+            ratio: RatioLevel::Token,
+            clip_low: 0.2,
+            clip_high: 0.28,
+            dual_clip: None,
+            kl_coef: 0.0,
+            kl_estimator: KlEstimator::K3,
+            entropy_coef: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip (0: off).
+    pub grad_clip: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+    pub micro_batch_tokens: usize,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig {
+            lr: 1e-4,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            micro_batch_tokens: 8192,
+        }
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// serde says "unknown field `x`, expected one of `a`, `b`": add the nearest valid key.
+fn explain(message: &str) -> String {
+    let Some(rest) = message.split("unknown field `").nth(1) else {
+        return message.to_string();
+    };
+    let key = rest.split('`').next().unwrap_or_default();
+    let valid: Vec<&str> = rest
+        .split("expected ")
+        .nth(1)
+        .unwrap_or_default()
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    match valid.iter().min_by_key(|v| edit_distance(key, v)) {
+        Some(best) => format!("{message}\n  unknown key `{key}`: did you mean `{best}`?"),
+        None => message.to_string(),
+    }
+}
+
+impl Config {
+    pub fn from_toml(text: &str, origin: &str) -> anyhow::Result<Config> {
+        let value: toml::Table = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{origin}: {}", e.message().trim()))?;
+        Self::from_table(value, origin)
+    }
+
+    fn from_table(table: toml::Table, origin: &str) -> anyhow::Result<Config> {
+        let c: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", explain(e.message())))?;
+        c.validate().with_context(|| origin.to_string())?;
+        Ok(c)
+    }
+
+    /// Applies `section.key=value` overrides (the value as TOML; a bare word is a string).
+    pub fn with_overrides(&self, sets: &[String]) -> anyhow::Result<Config> {
+        if sets.is_empty() {
+            return Ok(self.clone());
+        }
+        let mut table = toml::Table::try_from(self).context("config to TOML")?;
+        for set in sets {
+            let (path, raw) = set
+                .split_once('=')
+                .with_context(|| format!("--set {set}: expected section.key=value"))?;
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+            let keys: Vec<&str> = path.trim().split('.').collect();
+            let (last, parents) = keys.split_last().expect("split yields one");
+            let mut at = &mut table;
+            for k in parents {
+                at = at
+                    .entry(k.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .with_context(|| format!("--set {set}: `{k}` is not a section"))?;
+            }
+            at.insert(last.to_string(), value);
+        }
+        Self::from_table(table, "--set")
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serializes")
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let r = &self.rollout;
+        if r.group_size < 2 {
+            bail!(
+                "rollout.group_size = {}: GRPO needs at least 2",
+                r.group_size
+            );
+        }
+        if r.prompts_per_step == 0 || r.max_new_tokens == 0 || r.workers == 0 {
+            bail!("rollout.prompts_per_step, max_new_tokens and workers must be positive");
+        }
+        if !(r.temperature > 0.0) {
+            bail!("rollout.temperature = {}: must be positive", r.temperature);
+        }
+        if self.algorithm.name != "grpo" {
+            bail!(
+                "algorithm.name = {:?}: this build runs `grpo` (the GRPO family)",
+                self.algorithm.name
+            );
+        }
+        if !(self.optimizer.lr >= 0.0) || self.optimizer.micro_batch_tokens == 0 {
+            bail!("optimizer.lr must be ≥ 0 and optimizer.micro_batch_tokens positive");
+        }
+        for p in &self.reward.parts {
+            if !["math", "countdown", "knights_knaves", "format", "overlong"]
+                .contains(&p.kind.as_str())
+            {
+                bail!(
+                    "reward part `{}`: kind {:?} is not one of math, countdown, knights_knaves, format, overlong",
+                    p.name,
+                    p.kind
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_name_the_nearest_valid_one() {
+        let e = Config::from_toml("[optimizer]\nlrr = 1e-5\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`lrr`") && e.contains("did you mean `lr`"),
+            "{e}"
+        );
+        let e = Config::from_toml("[rollouts]\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `rollout`"), "{e}");
+        let e = Config::from_toml("[algorithm]\nloss_aggregation = \"mean\"\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mean"), "{e}");
+    }
+
+    #[test]
+    fn overrides_apply_and_are_checked() {
+        let c = Config::default()
+            .with_overrides(&[
+                "optimizer.lr=3e-4".into(),
+                "run.name=probe".into(),
+                "rollout.max_staleness=1".into(),
+            ])
+            .unwrap();
+        assert_eq!(c.optimizer.lr, 3e-4);
+        assert_eq!(c.run.name, "probe");
+        assert_eq!(c.rollout.max_staleness, 1);
+        assert!(Config::default()
+            .with_overrides(&["rollout.group_size=1".into()])
+            .is_err());
+        let e = Config::default()
+            .with_overrides(&["rollout.grup_size=4".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `group_size`"), "{e}");
+        // the resolved config round-trips
+        let back = Config::from_toml(&c.to_toml(), "resolved").unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,0 +1,236 @@
+//! The run's Parquet logs, each readable at every moment, during the run and after it dies:
+//!
+//! - `metrics.parquet` (one row per step) and `eval.parquet` (one row per evaluation) are small
+//!   tables rewritten whole after each row: written to a temporary file and renamed, so a
+//!   reader never sees a torn file.
+//! - `rollouts.parquet/` is a directory of complete Parquet files, one per step (a dataset
+//!   that `pyarrow.parquet.read_table("rollouts.parquet")` or polars reads as one table).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, RecordBatch, UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, UInt64Type};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+fn props() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build()
+}
+
+/// Writes `batch` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, batch: &RecordBatch) -> anyhow::Result<()> {
+    let tmp = path.with_extension("parquet.tmp");
+    let file = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
+    let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props()))?;
+    w.write(batch)?;
+    w.close()?;
+    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
+    Ok(())
+}
+
+/// A table of a `step` column and named f64 columns, one row per step.
+#[derive(Debug, Clone, Default)]
+pub struct StepTable {
+    path: PathBuf,
+    columns: Vec<String>,
+    rows: Vec<(u64, Vec<f64>)>,
+}
+
+impl StepTable {
+    pub fn new(path: PathBuf) -> Self {
+        StepTable {
+            path,
+            columns: Vec::new(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Reopens a table, keeping the rows of steps `≤ last_step` (a resumed run continues it).
+    pub fn reopen(path: PathBuf, last_step: u64) -> anyhow::Result<Self> {
+        let mut t = StepTable::new(path);
+        if !t.path.exists() {
+            return Ok(t);
+        }
+        let (columns, rows) = read_step_table(&t.path)?;
+        t.columns = columns;
+        t.rows = rows.into_iter().filter(|(s, _)| *s <= last_step).collect();
+        t.flush()?;
+        Ok(t)
+    }
+
+    pub fn rows(&self) -> &[(u64, Vec<f64>)] {
+        &self.rows
+    }
+
+    /// Appends a row (its names fix the columns on the first row; later rows give a value for
+    /// each column, NaN where they lack one) and rewrites the file.
+    pub fn push(&mut self, step: u64, values: &[(String, f64)]) -> anyhow::Result<()> {
+        if self.columns.is_empty() {
+            self.columns = values.iter().map(|(n, _)| n.clone()).collect();
+        }
+        let row = self
+            .columns
+            .iter()
+            .map(|c| {
+                values
+                    .iter()
+                    .find(|(n, _)| n == c)
+                    .map_or(f64::NAN, |(_, v)| *v)
+            })
+            .collect();
+        self.rows.push((step, row));
+        self.flush()
+    }
+
+    fn flush(&self) -> anyhow::Result<()> {
+        let mut fields = vec![Field::new("step", DataType::UInt64, false)];
+        let mut arrays: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(
+            self.rows.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        ))];
+        for (i, c) in self.columns.iter().enumerate() {
+            fields.push(Field::new(c, DataType::Float64, true));
+            arrays.push(Arc::new(Float64Array::from(
+                self.rows.iter().map(|(_, r)| r[i]).collect::<Vec<_>>(),
+            )));
+        }
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?;
+        write_atomic(&self.path, &batch)
+    }
+}
+
+/// Reads a table written by [`StepTable`].
+pub fn read_step_table(path: &Path) -> anyhow::Result<(Vec<String>, Vec<(u64, Vec<f64>)>)> {
+    let file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
+    let mut columns = Vec::new();
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let schema = batch.schema();
+        columns = schema
+            .fields()
+            .iter()
+            .skip(1)
+            .map(|f| f.name().clone())
+            .collect();
+        let steps = batch
+            .column(0)
+            .as_primitive_opt::<UInt64Type>()
+            .context("the step column")?;
+        let values: Vec<_> = (1..batch.num_columns())
+            .map(|c| {
+                batch
+                    .column(c)
+                    .as_primitive_opt::<Float64Type>()
+                    .context("a metric column")
+            })
+            .collect::<anyhow::Result<_>>()?;
+        for r in 0..batch.num_rows() {
+            rows.push((
+                steps.value(r),
+                values
+                    .iter()
+                    .map(|v| if v.is_null(r) { f64::NAN } else { v.value(r) })
+                    .collect(),
+            ));
+        }
+    }
+    Ok((columns, rows))
+}
+
+/// `rollouts.parquet/part-<step>.parquet`: the sample schema plus `step`, `advantage` and
+/// `used` (false: dropped as stale).
+pub struct RolloutLog {
+    dir: PathBuf,
+}
+
+impl RolloutLog {
+    /// Opens the directory, removing parts after `last_step` (written by a run that died).
+    pub fn open(dir: PathBuf, last_step: Option<u64>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let step = name
+                .strip_prefix("part-")
+                .and_then(|n| n.strip_suffix(".parquet"))
+                .and_then(|n| n.parse::<u64>().ok());
+            let stale = match (step, last_step) {
+                (Some(s), Some(last)) => s > last,
+                (Some(_), None) => true,
+                (None, _) => name.ends_with(".tmp"),
+            };
+            if stale {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(RolloutLog { dir })
+    }
+
+    pub fn write(
+        &self,
+        step: u64,
+        batches: &[RecordBatch],
+        advantages: &[f32],
+        used: &[bool],
+    ) -> anyhow::Result<()> {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let schema = rollout::schema::schema();
+        let all = arrow::compute::concat_batches(&schema, batches)?;
+        let n = all.num_rows();
+        anyhow::ensure!(
+            advantages.len() == n && used.len() == n,
+            "one advantage per row"
+        );
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new("step", DataType::UInt64, false));
+        fields.push(Field::new("advantage", DataType::Float32, false));
+        fields.push(Field::new("used", DataType::Boolean, false));
+        let mut columns = all.columns().to_vec();
+        columns.push(Arc::new(UInt64Array::from(vec![step; n])));
+        columns.push(Arc::new(Float32Array::from(advantages.to_vec())));
+        columns.push(Arc::new(BooleanArray::from(used.to_vec())));
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+        write_atomic(&self.dir.join(format!("part-{step:06}.parquet")), &batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_tables_round_trip_and_truncate_on_reopen() {
+        let dir = std::env::temp_dir().join(format!("ferrite-logs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.parquet");
+        let mut t = StepTable::new(path.clone());
+        for s in 1..=4u64 {
+            t.push(
+                s,
+                &[("loss".into(), s as f64), ("reward".into(), 0.5 * s as f64)],
+            )
+            .unwrap();
+        }
+        let (cols, rows) = read_step_table(&path).unwrap();
+        assert_eq!(cols, vec!["loss", "reward"]);
+        assert_eq!(rows[3], (4, vec![4.0, 2.0]));
+        let t = StepTable::reopen(path.clone(), 2).unwrap();
+        assert_eq!(t.rows().len(), 2);
+        assert_eq!(read_step_table(&path).unwrap().1.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

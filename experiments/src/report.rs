@@ -1,0 +1,118 @@
+//! `report.png`: the run's curves (reward, accuracy, KL, entropy, response length, held-out
+//! accuracy) drawn from its Parquet logs.
+
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
+
+use crate::logs::read_step_table;
+
+/// DejaVu Sans Mono cut to printable ASCII (see assets/DejaVu-LICENSE).
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono-ascii.ttf");
+
+fn series(columns: &[String], rows: &[(u64, Vec<f64>)], name: &str) -> Vec<(f64, f64)> {
+    let Some(i) = columns.iter().position(|c| c == name) else {
+        return Vec::new();
+    };
+    rows.iter()
+        .filter(|(_, r)| r[i].is_finite())
+        .map(|(s, r)| (*s as f64, r[i]))
+        .collect()
+}
+
+type Panel<'a> = (&'a str, Vec<(&'a str, Vec<(f64, f64)>)>);
+
+/// Draws `dir/report.png` from `dir/metrics.parquet` and `dir/eval.parquet`.
+pub fn plot(dir: &Path) -> anyhow::Result<()> {
+    let _ = register_font("sans-serif", FontStyle::Normal, FONT);
+    let (mc, mr) = read_step_table(&dir.join("metrics.parquet"))?;
+    let (ec, er) = if dir.join("eval.parquet").exists() {
+        read_step_table(&dir.join("eval.parquet"))?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let pass_k = ec
+        .iter()
+        .find(|c| c.starts_with("pass@") && c.as_str() != "pass@1")
+        .cloned()
+        .unwrap_or_default();
+    let panels: Vec<Panel> = vec![
+        ("reward", vec![("mean", series(&mc, &mr, "reward_mean"))]),
+        (
+            "accuracy",
+            vec![
+                ("train (sampled)", series(&mc, &mr, "accuracy")),
+                ("held-out greedy", series(&ec, &er, "greedy_accuracy")),
+                ("held-out pass@1", series(&ec, &er, "pass@1")),
+                ("held-out pass@k", series(&ec, &er, &pass_k)),
+            ],
+        ),
+        ("KL to reference", vec![("kl", series(&mc, &mr, "kl"))]),
+        ("entropy", vec![("entropy", series(&mc, &mr, "entropy"))]),
+        (
+            "response length",
+            vec![("mean", series(&mc, &mr, "length_mean"))],
+        ),
+        (
+            "clip fraction",
+            vec![
+                ("low", series(&mc, &mr, "clip_low_frac")),
+                ("high", series(&mc, &mr, "clip_high_frac")),
+            ],
+        ),
+    ];
+    let path = dir.join("report.png");
+    let root = BitMapBackend::new(&path, (1500, 900)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let colors = [BLUE, RED, GREEN, MAGENTA];
+    for (area, (title, lines)) in root.split_evenly((2, 3)).iter().zip(&panels) {
+        let points = lines.iter().flat_map(|(_, s)| s.iter());
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+        for &(x, y) in points {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+        if x0 > x1 {
+            (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+        }
+        let pad = ((y1 - y0) * 0.05).max(1e-6);
+        let mut chart = ChartBuilder::on(area)
+            .caption(*title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.3}"))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
+        for (i, (name, s)) in lines.iter().enumerate() {
+            if s.is_empty() {
+                continue;
+            }
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(s.iter().copied(), color.stroke_width(2)))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+        }
+        if lines.len() > 1 {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+        }
+    }
+    root.present().context("report.png")?;
+    Ok(())
+}

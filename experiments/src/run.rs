@@ -1,0 +1,602 @@
+//! One experiment: an optional supervised warm start, then asynchronous GRPO with rollout
+//! workers, Parquet logs, periodic evaluation and checkpoints; resumable from its directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::DType;
+use indicatif::{ProgressBar, ProgressStyle};
+use learner::checkpoint::{self, TrainerState};
+use learner::collect::Collector;
+use learner::grpo::{group_advantages, PolicyLossConfig};
+use learner::optim::{AdamW, AdamWConfig};
+use learner::schedule::learning_rate;
+use learner::sft::sft_step;
+use learner::step::{policy_step, Sequence, StepConfig};
+use model::Weights;
+use rollout::policy::{Admission, PolicyStore};
+use rollout::pool::{Feed, FeedState, Pool, PoolConfig};
+use rollout::schema::Finish;
+use rollout::task::Task;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::eval::{evaluate, EvalResult};
+use crate::logs::{RolloutLog, StepTable};
+use crate::setup;
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const SUMMARY_FILE: &str = "summary.json";
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub dir: PathBuf,
+    /// Continue the run in `dir` from its last complete checkpoint.
+    pub resume: bool,
+    pub progress: bool,
+    /// Set (by Ctrl-C) to stop after the current step with a checkpoint.
+    pub stop: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Summary {
+    /// Greedy held-out accuracy of the initial model (when there is a warm start).
+    pub accuracy_initial: Option<f64>,
+    /// At the start of RL (after the warm start).
+    pub accuracy_start: f64,
+    pub accuracy_final: f64,
+    pub pass_at_k_start: f64,
+    pub pass_at_k_final: f64,
+    pub steps: u64,
+    pub samples: u64,
+    pub dropped_rows: u64,
+    pub seconds_sft: f64,
+    pub seconds_rl: f64,
+    /// True when the run stopped early (Ctrl-C) with a checkpoint.
+    pub interrupted: bool,
+}
+
+fn adamw(c: &Config) -> AdamWConfig {
+    let o = &c.optimizer;
+    AdamWConfig {
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+        max_grad_norm: (o.grad_clip > 0.0).then_some(o.grad_clip),
+    }
+}
+
+fn progress_bar(len: u64, prefix: &str, show: bool) -> ProgressBar {
+    let bar = if show {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>5} [{bar:30}] {pos}/{len} {msg} (ETA {eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+/// The supervised warm start, or its checkpoint when a resumed run has one. Returns the weights
+/// after it and the data cursor where RL starts.
+fn sft_stage(
+    c: &Config,
+    dir: &Path,
+    base: &Weights,
+    task: &Task,
+    opts: &RunOptions,
+) -> anyhow::Result<(Weights, FeedState, f64)> {
+    let ckpt = dir.join("checkpoints").join("sft");
+    if opts.resume && ckpt.join(checkpoint::STATE_FILE).is_file() {
+        let w = Weights::load_dir(&ckpt, DType::F32, &candle_core::Device::Cpu)?;
+        return Ok((w, checkpoint::load_state(&ckpt)?.feed, 0.0));
+    }
+    let mut loader = setup::train_loader(c)?;
+    if c.sft.steps == 0 {
+        return Ok((base.clone(), FeedState::default(), 0.0));
+    }
+    let start = Instant::now();
+    let (vars, w) = base.to_vars()?;
+    let mut opt = AdamW::new(vars, adamw(c))?;
+    let eos = setup::stop_ids(&task.tokenizer);
+    let mut table = StepTable::new(dir.join("sft.parquet"));
+    let bar = progress_bar(c.sft.steps, "sft", opts.progress);
+    for step in 0..c.sft.steps {
+        let mut batch = Vec::with_capacity(c.sft.batch_size);
+        for r in loader.take(c.sft.batch_size)? {
+            let template = Task {
+                prompt_template: Some(c.sft.completion_template.clone()),
+                system_prompt: None,
+                ..task.clone()
+            };
+            let text = template
+                .messages(&r)?
+                .pop()
+                .map(|m| m.content)
+                .unwrap_or_default();
+            let mut completion = task.tokenizer.encode(&text, false)?;
+            completion.extend(eos.first());
+            batch.push((task.prompt_ids(&r)?, completion));
+        }
+        let progress = step as f64 / c.sft.steps as f64;
+        let lr = c.sft.lr * (1.0 - progress).max(c.sft.min_lr_ratio);
+        let m = sft_step(&w, &mut opt, &batch, c.optimizer.micro_batch_tokens, lr)?;
+        table.push(
+            step + 1,
+            &[
+                ("loss".into(), m.loss),
+                ("grad_norm".into(), m.grad_norm),
+                ("lr".into(), lr),
+                ("tokens".into(), m.tokens as f64),
+                ("seconds".into(), start.elapsed().as_secs_f64()),
+            ],
+        )?;
+        bar.set_position(step + 1);
+        bar.set_message(format!("loss {:.3}", m.loss));
+        if step % 100 == 0 {
+            tracing::info!(step, loss = m.loss, "sft");
+        }
+    }
+    bar.finish_and_clear();
+    let feed = FeedState {
+        cursor: loader.cursor(),
+        next_group: 0,
+    };
+    let state = TrainerState {
+        step: 0,
+        policy_version: 0,
+        feed,
+        seed: c.run.seed,
+        samples_seen: 0,
+    };
+    let w = w.snapshot()?;
+    checkpoint::save(
+        &dir.join("checkpoints"),
+        "sft",
+        &w,
+        &task.tokenizer,
+        None,
+        &state,
+        &[(CONFIG_FILE, &c.to_toml())],
+    )?;
+    Ok((w, feed, start.elapsed().as_secs_f64()))
+}
+
+fn eval_row(
+    c: &Config,
+    w: &Weights,
+    task: &Task,
+    records: &[datasets::Record],
+    step: u64,
+) -> anyhow::Result<EvalResult> {
+    let generation = setup::generation(c, &task.tokenizer);
+    evaluate(
+        &w.detach(),
+        task,
+        records,
+        &generation,
+        c.data.eval_samples,
+        datasets::rng::mix(c.run.seed, 0xE7A1, step),
+    )
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+/// Runs (or resumes) the experiment in `opts.dir`.
+pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
+    let dir = &opts.dir;
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    std::fs::write(dir.join(CONFIG_FILE), c.to_toml())?;
+    let (base, tokenizer) = setup::load_model(c)?;
+    let task = setup::task(c, tokenizer);
+    let eval_records = setup::eval_records(c)?;
+    let mut summary = Summary::default();
+    let ckpt_root = dir.join("checkpoints");
+    let resume_from = if opts.resume {
+        checkpoint::list(&ckpt_root)?.pop()
+    } else {
+        None
+    };
+    let sft_start = !opts.resume && c.sft.steps > 0;
+    if sft_start {
+        let e = eval_row(c, &base, &task, &eval_records, u64::MAX)?;
+        summary.accuracy_initial = Some(e.greedy_accuracy);
+        tracing::info!(
+            accuracy = e.greedy_accuracy,
+            "held-out accuracy of the initial model"
+        );
+    }
+    let (start_weights, start_feed, sft_seconds) = sft_stage(c, dir, &base, &task, opts)?;
+    summary.seconds_sft = sft_seconds;
+    // the RL stage
+    let (policy_init, state) = match &resume_from {
+        Some((_, ckpt)) => (
+            Weights::load_dir(ckpt, DType::F32, &candle_core::Device::Cpu)?,
+            checkpoint::load_state(ckpt)?,
+        ),
+        None => (
+            start_weights.clone(),
+            TrainerState {
+                step: 0,
+                policy_version: 0,
+                feed: start_feed,
+                seed: c.run.seed,
+                samples_seen: 0,
+            },
+        ),
+    };
+    let reference = (c.algorithm.kl_coef != 0.0).then_some(start_weights);
+    let (vars, policy) = policy_init.to_vars()?;
+    let mut opt = AdamW::new(vars, adamw(c))?;
+    if let Some((_, ckpt)) = &resume_from {
+        opt.load(ckpt)?;
+        tracing::info!(step = state.step, path = %ckpt.display(), "resuming");
+    }
+    let last = resume_from.as_ref().map(|(s, _)| *s);
+    let mut metrics = StepTable::reopen(dir.join("metrics.parquet"), last.unwrap_or(0))?;
+    let mut eval_table = StepTable::reopen(dir.join("eval.parquet"), last.unwrap_or(0))?;
+    if last.is_none() {
+        // a fresh RL stage: no rows from an earlier attempt
+        metrics = StepTable::new(dir.join("metrics.parquet"));
+        eval_table = StepTable::new(dir.join("eval.parquet"));
+    }
+    let rollouts = RolloutLog::open(dir.join("rollouts.parquet"), last)?;
+    if last.is_none() {
+        let e = eval_row(c, &policy, &task, &eval_records, 0)?;
+        eval_table.push(0, &e.row())?;
+        summary.accuracy_start = e.greedy_accuracy;
+        summary.pass_at_k_start = e.pass_at_k;
+    } else if let Some((_, row)) = eval_table.rows().first() {
+        summary.accuracy_start = row[0];
+        summary.pass_at_k_start = row[2];
+    }
+    let rl = rl_stage(
+        c,
+        opts,
+        &task,
+        &policy,
+        reference.as_ref(),
+        &mut opt,
+        state,
+        &mut metrics,
+        &mut eval_table,
+        &rollouts,
+        &eval_records,
+        &mut summary,
+    )?;
+    summary.seconds_rl = rl;
+    std::fs::write(
+        dir.join(SUMMARY_FILE),
+        serde_json::to_string_pretty(&summary).expect("serializes"),
+    )?;
+    if let Err(e) = crate::report::plot(dir) {
+        tracing::warn!("report.png: {e:#}");
+    }
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rl_stage(
+    c: &Config,
+    opts: &RunOptions,
+    task: &Task,
+    policy: &Weights,
+    reference: Option<&Weights>,
+    opt: &mut AdamW,
+    mut state: TrainerState,
+    metrics: &mut StepTable,
+    eval_table: &mut StepTable,
+    rollouts: &RolloutLog,
+    eval_records: &[datasets::Record],
+    summary: &mut Summary,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let r = &c.rollout;
+    let g = r.group_size;
+    let batch_size = r.prompts_per_step * g;
+    let store = Arc::new(PolicyStore::new(
+        state.policy_version,
+        policy.checksum()?,
+        policy.snapshot()?,
+    ));
+    let admission = Arc::new(Admission::new(r.max_staleness, batch_size));
+    admission.published(state.policy_version, 0);
+    let feed = Arc::new(Mutex::new(Feed::new(setup::train_loader(c)?, state.feed)));
+    let (sender, receiver) = crossbeam_channel::bounded(r.channel_capacity.max(1));
+    let pool = Pool::spawn(
+        PoolConfig {
+            workers: r.workers,
+            group_size: g,
+            generation: setup::generation(c, &task.tokenizer),
+            seed: c.run.seed,
+        },
+        Arc::new(task.clone()),
+        feed.clone(),
+        store.clone(),
+        admission.clone(),
+        sender,
+    );
+    let mut collector = Collector::new(receiver, r.max_staleness, r.prompts_per_step);
+    let step_cfg = StepConfig {
+        loss: PolicyLossConfig {
+            clip_low: c.algorithm.clip_low,
+            clip_high: c.algorithm.clip_high,
+            dual_clip: c.algorithm.dual_clip,
+            ratio: c.algorithm.ratio,
+            aggregation: c.algorithm.loss_aggregation,
+            kl: c.algorithm.kl_estimator,
+            kl_coef: c.algorithm.kl_coef,
+            entropy_coef: c.algorithm.entropy_coef,
+        },
+        micro_batch_tokens: c.optimizer.micro_batch_tokens,
+        temperature: f64::from(r.temperature),
+        max_completion_length: r.max_new_tokens,
+    };
+    let part_names: Vec<String> = task.reward.parts.iter().map(|p| p.name.clone()).collect();
+    let bar = progress_bar(c.run.steps, "grpo", opts.progress);
+    bar.set_position(state.step);
+    let mut skipped_in_a_row = 0;
+    let result = (|| -> anyhow::Result<()> {
+        while state.step < c.run.steps {
+            if opts.stop.load(Ordering::SeqCst) {
+                summary.interrupted = true;
+                break;
+            }
+            let t0 = Instant::now();
+            let batch = collector.next_step(state.policy_version)?;
+            {
+                let mut f = feed.lock().expect("feed lock");
+                for id in &batch.finished_groups {
+                    f.done(*id);
+                }
+            }
+            let wait = t0.elapsed().as_secs_f64();
+            let samples: Vec<_> = batch.groups.iter().flatten().collect();
+            let rewards: Vec<f32> = samples.iter().map(|s| s.reward).collect();
+            let group_ids: Vec<u64> = samples.iter().map(|s| s.group_id).collect();
+            let advantages = group_advantages(
+                &rewards,
+                &group_ids,
+                c.algorithm.scale_rewards,
+                c.algorithm.std_eps,
+            );
+            let seqs: Vec<Sequence> = samples
+                .iter()
+                .zip(&advantages)
+                .map(|(s, &a)| Sequence {
+                    prompt: s.prompt_ids.clone(),
+                    completion: s.completion_ids.clone(),
+                    behavior_logprobs: s.behavior_logprobs.clone(),
+                    advantage: a,
+                })
+                .collect();
+            let lr = learning_rate(
+                c.optimizer.lr,
+                c.optimizer.schedule,
+                state.step,
+                c.optimizer.warmup_steps,
+                c.run.steps,
+            );
+            let t1 = Instant::now();
+            let m = policy_step(policy, reference, opt, &seqs, &step_cfg, lr)?;
+            let train = t1.elapsed().as_secs_f64();
+            if m.skipped {
+                skipped_in_a_row += 1;
+                tracing::warn!(
+                    step = state.step,
+                    loss = m.loss,
+                    "non-finite loss or gradient: step skipped"
+                );
+                anyhow::ensure!(skipped_in_a_row < 5, "5 steps in a row with a non-finite loss or gradient; the last checkpoint is intact");
+            } else {
+                skipped_in_a_row = 0;
+            }
+            state.step += 1;
+            state.policy_version += 1;
+            state.samples_seen += samples.len() as u64;
+            let t2 = Instant::now();
+            let snap = policy.snapshot()?;
+            store.publish(state.policy_version, snap.checksum()?, snap)?;
+            admission.published(
+                state.policy_version,
+                collector.stale_waiting(state.policy_version),
+            );
+            let publish = t2.elapsed().as_secs_f64();
+            // metrics
+            let hist = batch.staleness_histogram(state.policy_version - 1, r.max_staleness);
+            let f64s = |f: &dyn Fn(&rollout::schema::Sample) -> f64| {
+                samples.iter().map(|s| f(s)).collect::<Vec<f64>>()
+            };
+            let (reward_mean, reward_std) = mean_std(&f64s(&|s| f64::from(s.reward)));
+            let (adv_mean, adv_std) =
+                mean_std(&advantages.iter().map(|&a| f64::from(a)).collect::<Vec<_>>());
+            let lengths = f64s(&|s| s.completion_ids.len() as f64);
+            let part = |name: &str| {
+                mean_std(&f64s(&|s| {
+                    s.reward_parts
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map_or(0.0, |p| f64::from(p.1))
+                }))
+                .0
+            };
+            let mut row: Vec<(String, f64)> = vec![
+                ("reward_mean".into(), reward_mean),
+                ("reward_std".into(), reward_std),
+                ("accuracy".into(), part("correct")),
+            ];
+            row.extend(part_names.iter().map(|n| (format!("reward/{n}"), part(n))));
+            row.extend([
+                ("advantage_mean".into(), adv_mean),
+                ("advantage_std".into(), adv_std),
+                (
+                    "advantage_abs_max".into(),
+                    advantages
+                        .iter()
+                        .fold(0f64, |a, &x| a.max(f64::from(x.abs()))),
+                ),
+                ("loss".into(), m.loss),
+                ("clip_low_frac".into(), m.policy.clip_low_frac),
+                ("clip_high_frac".into(), m.policy.clip_high_frac),
+                ("ratio_mean".into(), m.policy.ratio_mean),
+                ("ratio_max".into(), m.policy.ratio_max),
+                ("kl".into(), m.policy.kl_mean),
+                ("entropy".into(), m.policy.entropy_mean),
+                ("grad_norm".into(), m.grad_norm),
+                ("lr".into(), lr),
+                ("skipped".into(), f64::from(u8::from(m.skipped))),
+                ("length_mean".into(), mean_std(&lengths).0),
+                (
+                    "length_min".into(),
+                    lengths.iter().copied().fold(f64::INFINITY, f64::min),
+                ),
+                (
+                    "length_max".into(),
+                    lengths.iter().copied().fold(0.0, f64::max),
+                ),
+                (
+                    "truncated_frac".into(),
+                    mean_std(&f64s(&|s| f64::from(u8::from(s.finish == Finish::Length)))).0,
+                ),
+                (
+                    "error_frac".into(),
+                    mean_std(&f64s(&|s| f64::from(u8::from(s.finish == Finish::Error)))).0,
+                ),
+            ]);
+            row.extend(
+                hist.iter()
+                    .enumerate()
+                    .map(|(d, &n)| (format!("staleness_{d}"), n as f64)),
+            );
+            row.extend([
+                ("dropped_rows".into(), batch.dropped_rows as f64),
+                ("failed_groups".into(), batch.failed_groups as f64),
+                ("policy_version".into(), state.policy_version as f64),
+                ("samples".into(), state.samples_seen as f64),
+                ("rollout_tokens".into(), batch.rollout_tokens as f64),
+                (
+                    "rollout_tokens_per_s".into(),
+                    batch.rollout_tokens as f64
+                        / (batch.rollout_seconds / r.workers as f64).max(1e-9),
+                ),
+                (
+                    "learner_tokens_per_s".into(),
+                    m.tokens as f64 / train.max(1e-9),
+                ),
+                ("time/wait_rollout".into(), wait),
+                ("time/train".into(), train),
+                ("time/publish".into(), publish),
+                ("time/step".into(), t0.elapsed().as_secs_f64()),
+                ("time/elapsed".into(), start.elapsed().as_secs_f64()),
+            ]);
+            for f in &batch.failures {
+                tracing::warn!("rollout failed: {f}");
+            }
+            summary.dropped_rows += batch.dropped_rows as u64;
+            let step_batches: Vec<_> = batch
+                .groups
+                .iter()
+                .map(|g| rollout::schema::to_batch(g))
+                .collect::<Result<_, _>>()?;
+            rollouts.write(
+                state.step,
+                &step_batches,
+                &advantages,
+                &vec![true; advantages.len()],
+            )?;
+            let t3 = Instant::now();
+            let eval_due = c.run.eval_every > 0 && state.step % c.run.eval_every == 0
+                || state.step == c.run.steps;
+            if eval_due {
+                let e = eval_row(c, policy, task, eval_records, state.step)?;
+                eval_table.push(state.step, &e.row())?;
+                tracing::info!(
+                    step = state.step,
+                    accuracy = e.greedy_accuracy,
+                    pass_at_k = e.pass_at_k,
+                    "eval"
+                );
+            }
+            row.push(("time/eval".into(), t3.elapsed().as_secs_f64()));
+            let t4 = Instant::now();
+            let ckpt_due = c.run.checkpoint_every > 0 && state.step % c.run.checkpoint_every == 0
+                || state.step == c.run.steps;
+            if ckpt_due {
+                save(c, opts, task, policy, opt, &state, &feed)?;
+            }
+            row.push(("time/checkpoint".into(), t4.elapsed().as_secs_f64()));
+            metrics.push(state.step, &row)?;
+            bar.set_position(state.step);
+            bar.set_message(format!(
+                "reward {reward_mean:.3} acc {:.3}",
+                part("correct")
+            ));
+            tracing::debug!(
+                step = state.step,
+                reward = reward_mean,
+                loss = m.loss,
+                "step"
+            );
+        }
+        Ok(())
+    })();
+    bar.finish_and_clear();
+    drop(collector);
+    pool.stop();
+    result?;
+    if summary.interrupted {
+        save(c, opts, task, policy, opt, &state, &feed)?;
+        tracing::info!(
+            step = state.step,
+            "stopped; resume with --resume {}",
+            opts.dir.display()
+        );
+    }
+    summary.steps = state.step;
+    summary.samples = state.samples_seen;
+    if let Some((_, row)) = eval_table.rows().last() {
+        summary.accuracy_final = row[0];
+        summary.pass_at_k_final = row[2];
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn save(
+    c: &Config,
+    opts: &RunOptions,
+    task: &Task,
+    policy: &Weights,
+    opt: &AdamW,
+    state: &TrainerState,
+    feed: &Mutex<Feed>,
+) -> anyhow::Result<()> {
+    let state = TrainerState {
+        feed: feed.lock().expect("feed lock").state(),
+        ..state.clone()
+    };
+    let root = opts.dir.join("checkpoints");
+    checkpoint::save(
+        &root,
+        &checkpoint::step_name(state.step),
+        policy,
+        &task.tokenizer,
+        Some(opt),
+        &state,
+        &[(CONFIG_FILE, &c.to_toml())],
+    )?;
+    checkpoint::prune(&root, c.run.keep_checkpoints)?;
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! From a config to the things a run needs: the model and tokenizer, the task (prompt rendering
+//! and reward), the train loader and the held-out records.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use datasets::fields::Fields;
+use datasets::order::{Source, SourceOptions, Split};
+use datasets::report::BadRowPolicy;
+use datasets::{Loader, Record};
+use model::generate::GenerationConfig;
+use model::sampling::SamplingParams;
+use model::tokenizer::Tokenizer;
+use model::{builtin, init, Weights};
+use rewards::compose::{Part, PartKind, RewardSpec};
+use rollout::task::Task;
+
+use crate::config::Config;
+
+/// The model named by `model.path`: `builtin:tiny`, an HF directory, or a `.gguf` file.
+pub fn load_model(c: &Config) -> anyhow::Result<(Weights, Tokenizer)> {
+    let m = &c.model;
+    let (weights, mut tokenizer) = if m.path == "builtin:tiny" {
+        let config = builtin::tiny_config(m.hidden, m.layers);
+        let w = init::random_weights(&config, 0.02, c.run.seed, &Device::Cpu)?;
+        (w, builtin::char_tokenizer()?)
+    } else if let Some(other) = m.path.strip_prefix("builtin:") {
+        bail!("model.path = \"builtin:{other}\": the built-in model is `builtin:tiny`");
+    } else {
+        let path = Path::new(&m.path);
+        if path.extension().is_some_and(|e| e == "gguf") {
+            let g = model::gguf::load(path, DType::F32, &Device::Cpu)
+                .with_context(|| format!("model.path = {}", m.path))?;
+            (g.weights, g.tokenizer)
+        } else if path.is_dir() {
+            let w = Weights::load_dir(path, DType::F32, &Device::Cpu)
+                .with_context(|| format!("model.path = {}", m.path))?;
+            (w, Tokenizer::from_dir(path)?)
+        } else {
+            bail!(
+                "model.path = {}: neither `builtin:tiny`, an HF model directory, nor a .gguf file",
+                m.path
+            );
+        }
+    };
+    if let Some(t) = &m.chat_template {
+        let text =
+            std::fs::read_to_string(t).with_context(|| format!("model.chat_template = {t}"))?;
+        tokenizer.set_chat_template(Some(text));
+    }
+    Ok((weights, tokenizer))
+}
+
+pub fn reward_spec(c: &Config) -> RewardSpec {
+    let parts = c
+        .reward
+        .parts
+        .iter()
+        .map(|p| Part {
+            name: p.name.clone(),
+            weight: p.weight,
+            kind: match p.kind.as_str() {
+                "math" => PartKind::MathAnswer,
+                "countdown" => PartKind::Countdown,
+                "knights_knaves" => PartKind::KnightsKnaves {
+                    think_in_prompt: p.think_in_prompt,
+                },
+                "format" => PartKind::TagFormat {
+                    think_in_prompt: p.think_in_prompt,
+                },
+                _ => PartKind::Overlong {
+                    max_tokens: if p.max_tokens == 0 {
+                        c.rollout.max_new_tokens
+                    } else {
+                        p.max_tokens
+                    },
+                    cache_tokens: p.cache_tokens,
+                },
+            },
+        })
+        .collect();
+    RewardSpec { parts }
+}
+
+pub fn task(c: &Config, tokenizer: Tokenizer) -> Task {
+    Task {
+        tokenizer,
+        prompt_template: c.data.prompt_template.clone().filter(|t| !t.is_empty()),
+        system_prompt: c.data.system_prompt.clone().filter(|t| !t.is_empty()),
+        reward: reward_spec(c),
+    }
+}
+
+/// Token ids generation stops at: the tokenizer's end-of-sequence token and `<|im_end|>`.
+pub fn stop_ids(tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> = [tokenizer.eos_token(), Some(builtin::IM_END)]
+        .into_iter()
+        .flatten()
+        .filter_map(|t| tokenizer.token_to_id(t))
+        .collect();
+    ids.dedup();
+    ids
+}
+
+pub fn generation(c: &Config, tokenizer: &Tokenizer) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: c.rollout.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: c.rollout.temperature,
+            top_k: c.rollout.top_k,
+            top_p: c.rollout.top_p,
+        },
+        stop_token_ids: stop_ids(tokenizer),
+        stop_strings: c.rollout.stop.clone(),
+        seed: c.run.seed,
+    }
+}
+
+fn open(c: &Config, spec: &str, split: Split) -> anyhow::Result<Source> {
+    let opts = SourceOptions {
+        fields: {
+            let mut f = Fields::default();
+            if !c.data.prompt_field.is_empty() {
+                f.prompt.insert(0, c.data.prompt_field.clone());
+            }
+            if !c.data.answer_field.is_empty() {
+                f.answer.insert(0, c.data.answer_field.clone());
+            }
+            f
+        },
+        policy: BadRowPolicy {
+            max_fraction: c.data.max_bad_fraction,
+        },
+        split,
+        test_fraction: c.data.test_fraction,
+        difficulty: c.data.difficulty,
+        ..SourceOptions::default()
+    };
+    Source::open(spec, &opts).with_context(|| format!("data source {spec}"))
+}
+
+pub fn train_loader(c: &Config) -> anyhow::Result<Loader> {
+    let source = open(c, &c.data.train, Split::Train)?;
+    if let Some(report) = source.report() {
+        if report.bad_rows > 0 {
+            tracing::warn!("{}", report);
+        }
+    }
+    Ok(Loader::new(source, c.run.seed, c.data.shuffle, 1024)?)
+}
+
+/// The first `eval_size` records of the held-out split (the same for every seed of a run
+/// family: the split does not depend on the run's seed).
+pub fn eval_records(c: &Config) -> anyhow::Result<Vec<Record>> {
+    let spec = if c.data.eval.is_empty() {
+        &c.data.train
+    } else {
+        &c.data.eval
+    };
+    let source = open(c, spec, Split::Test)?;
+    let n = source
+        .records_per_epoch()
+        .map_or(c.data.eval_size as u64, |n| n.min(c.data.eval_size as u64));
+    let mut loader = Loader::new(source, 0, false, 1024)?;
+    Ok(loader.take(n as usize)?)
+}

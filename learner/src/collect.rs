@@ -1,0 +1,224 @@
+//! Gathers the rollout workers' groups into one training batch per step: whole groups only,
+//! rows older than the staleness bound counted and dropped (never trained on), groups ordered
+//! by `group_id` so that a step does not depend on which worker finished first.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rollout::pool::Event;
+use rollout::schema::{from_batch, Sample};
+
+use crate::error::{LearnerError, Result};
+
+/// The groups of one step and what it took to get them.
+#[derive(Debug, Default)]
+pub struct StepBatch {
+    /// `groups_per_step` groups in `group_id` order.
+    pub groups: Vec<Vec<Sample>>,
+    /// Rows dropped as too stale while gathering this step.
+    pub dropped_rows: usize,
+    /// Groups the workers failed to generate.
+    pub failed_groups: usize,
+    pub failures: Vec<String>,
+    /// Ids of every group consumed or dropped (the feed forgets them).
+    pub finished_groups: Vec<u64>,
+    /// Seconds the learner waited for rollouts.
+    pub wait_seconds: f64,
+    /// Worker-seconds spent generating the groups used, and the completion tokens they hold.
+    pub rollout_seconds: f64,
+    pub rollout_tokens: usize,
+}
+
+impl StepBatch {
+    /// Rows by staleness `learner_version − policy_version`.
+    pub fn staleness_histogram(&self, learner_version: u64, max: u64) -> Vec<usize> {
+        let mut h = vec![0; max as usize + 1];
+        for s in self.groups.iter().flatten() {
+            let d = learner_version.saturating_sub(s.policy_version).min(max);
+            h[d as usize] += 1;
+        }
+        h
+    }
+}
+
+/// Buffers groups between steps (workers may run ahead by `max_staleness` versions).
+pub struct Collector {
+    receiver: Receiver<Event>,
+    max_staleness: u64,
+    groups_per_step: usize,
+    /// Groups received and not yet used, by id, with their generation seconds and tokens.
+    ready: BTreeMap<u64, (Vec<Sample>, f64, usize)>,
+    /// How long to wait for a group before reporting the workers stuck.
+    pub timeout: Duration,
+}
+
+impl Collector {
+    pub fn new(receiver: Receiver<Event>, max_staleness: u64, groups_per_step: usize) -> Self {
+        Collector {
+            receiver,
+            max_staleness,
+            groups_per_step,
+            ready: BTreeMap::new(),
+            timeout: Duration::from_secs(600),
+        }
+    }
+
+    fn fresh(&self, s: &[Sample], learner_version: u64) -> bool {
+        s.iter()
+            .all(|x| learner_version.saturating_sub(x.policy_version) <= self.max_staleness)
+    }
+
+    fn accept(&mut self, event: Event, out: &mut StepBatch) -> Result<()> {
+        match event {
+            Event::Rollout(r) => {
+                let samples = from_batch(&r.batch)
+                    .map_err(|e| LearnerError::Invalid(format!("a rollout batch: {e}")))?;
+                if let Some(first) = samples.first() {
+                    self.ready
+                        .insert(first.group_id, (samples, r.seconds, r.tokens));
+                }
+            }
+            Event::Failed { group_id, error } => {
+                out.failed_groups += 1;
+                out.failures.push(format!("group {group_id}: {error}"));
+                out.finished_groups.push(group_id);
+            }
+            Event::Fatal(e) => return Err(LearnerError::Invalid(format!("rollout: {e}"))),
+        }
+        Ok(())
+    }
+
+    /// Drops buffered groups too old for `learner_version`.
+    fn drop_stale(&mut self, learner_version: u64, out: &mut StepBatch) {
+        let stale: Vec<u64> = self
+            .ready
+            .iter()
+            .filter(|(_, (s, _, _))| !self.fresh(s, learner_version))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            let (s, _, _) = self.ready.remove(&id).expect("listed");
+            out.dropped_rows += s.len();
+            out.finished_groups.push(id);
+        }
+    }
+
+    /// Blocks until `groups_per_step` fresh groups are in, and returns them.
+    pub fn next_step(&mut self, learner_version: u64) -> Result<StepBatch> {
+        let mut out = StepBatch::default();
+        let start = Instant::now();
+        while let Ok(e) = self.receiver.try_recv() {
+            self.accept(e, &mut out)?;
+        }
+        loop {
+            self.drop_stale(learner_version, &mut out);
+            if self.ready.len() >= self.groups_per_step {
+                break;
+            }
+            match self.receiver.recv_timeout(self.timeout) {
+                Ok(e) => self.accept(e, &mut out)?,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(LearnerError::Invalid(format!(
+                        "no rollout for {} s: the workers are stuck",
+                        self.timeout.as_secs()
+                    )))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(LearnerError::Invalid("the rollout workers stopped".into()))
+                }
+            }
+        }
+        out.wait_seconds = start.elapsed().as_secs_f64();
+        let ids: Vec<u64> = self
+            .ready
+            .keys()
+            .take(self.groups_per_step)
+            .copied()
+            .collect();
+        for id in ids {
+            let (samples, seconds, tokens) = self.ready.remove(&id).expect("listed");
+            out.rollout_seconds += seconds;
+            out.rollout_tokens += tokens;
+            out.finished_groups.push(id);
+            out.groups.push(samples);
+        }
+        Ok(out)
+    }
+
+    /// Samples buffered (received, not yet used) that will be stale at `next_version`: the
+    /// admission quota shrinks by them.
+    pub fn stale_waiting(&mut self, next_version: u64) -> usize {
+        while let Ok(e) = self.receiver.try_recv() {
+            let mut sink = StepBatch::default();
+            if self.accept(e, &mut sink).is_err() {
+                break;
+            }
+        }
+        self.ready
+            .values()
+            .filter(|(s, _, _)| !self.fresh(s, next_version))
+            .map(|(s, _, _)| s.len())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollout::pool::Rollout;
+    use rollout::schema::{to_batch, Finish};
+
+    fn group(id: u64, version: u64) -> Event {
+        let samples: Vec<Sample> = (0..2)
+            .map(|k| Sample {
+                sample_id: id * 2 + k,
+                prompt_id: id,
+                group_id: id,
+                policy_version: version,
+                prompt_ids: vec![1],
+                completion_ids: vec![2],
+                behavior_logprobs: vec![-0.5],
+                finish: Finish::Stop,
+                reward: k as f32,
+                reward_parts: vec![],
+                completion_text: "x".into(),
+            })
+            .collect();
+        Event::Rollout(Rollout {
+            batch: to_batch(&samples).unwrap(),
+            worker: 0,
+            seconds: 1.0,
+            tokens: 2,
+        })
+    }
+
+    #[test]
+    fn stale_groups_are_dropped_and_counted_and_order_is_by_group() {
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let mut c = Collector::new(rx, 1, 2);
+        for (id, v) in [(5, 3), (4, 1), (3, 2), (2, 3)] {
+            tx.send(group(id, v)).unwrap();
+        }
+        let step = c.next_step(3).unwrap();
+        // group 4 (version 1) is two versions old at learner version 3: dropped
+        assert_eq!(step.dropped_rows, 2);
+        let ids: Vec<u64> = step.groups.iter().map(|g| g[0].group_id).collect();
+        assert_eq!(ids, vec![2, 3]);
+        assert_eq!(step.staleness_histogram(3, 1), vec![2, 2]);
+        // group 5 waits for the next step; at version 5 it would be stale
+        assert_eq!(c.stale_waiting(4), 0);
+        assert_eq!(c.stale_waiting(5), 2);
+        tx.send(Event::Failed {
+            group_id: 6,
+            error: "boom".into(),
+        })
+        .unwrap();
+        tx.send(group(7, 4)).unwrap();
+        let step = c.next_step(4).unwrap();
+        assert_eq!(step.failed_groups, 1);
+        assert_eq!(step.groups.len(), 2);
+        drop(tx);
+        assert!(c.next_step(4).is_err(), "disconnected workers are an error");
+    }
+}

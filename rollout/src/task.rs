@@ -1,0 +1,197 @@
+//! What a rollout worker needs to know about the task: how a record becomes prompt tokens (the
+//! chat template, or a template over the record's fields), and how a completion is scored.
+
+use datasets::Record;
+use model::tokenizer::{Message, Tokenizer};
+use rewards::compose::{Gold, PartKind, RewardSpec, Sample, Scored};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("record {id}: {message}")]
+    Record { id: u64, message: String },
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+}
+
+/// Renders prompts and scores completions.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub tokenizer: Tokenizer,
+    /// When set, the user message is this text with `{prompt}`, `{answer}` and `{field}` (any
+    /// metadata field) replaced; otherwise the record's own prompt or messages.
+    pub prompt_template: Option<String>,
+    /// A system message put first (unless the record brings its own).
+    pub system_prompt: Option<String>,
+    pub reward: RewardSpec,
+}
+
+fn field_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Task {
+    /// The chat messages of a record.
+    pub fn messages(&self, r: &Record) -> Result<Vec<Message>, TaskError> {
+        let mut messages: Vec<Message> = match &self.prompt_template {
+            None => r
+                .prompt
+                .messages()
+                .into_iter()
+                .map(|m| Message::new(&m.role, &m.content))
+                .collect(),
+            Some(t) => vec![Message::new("user", &self.fill(t, r)?)],
+        };
+        if let Some(system) = &self.system_prompt {
+            if messages.first().is_none_or(|m| m.role != "system") {
+                messages.insert(0, Message::new("system", system));
+            }
+        }
+        Ok(messages)
+    }
+
+    fn fill(&self, template: &str, r: &Record) -> Result<String, TaskError> {
+        let mut out = String::with_capacity(template.len() + 32);
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let Some(close) = rest[open..].find('}') else {
+                out.push_str(&rest[open..]);
+                return Ok(out);
+            };
+            let key = &rest[open + 1..open + close];
+            let value = match key {
+                "prompt" => r
+                    .prompt
+                    .messages()
+                    .last()
+                    .map(|m| m.content.clone())
+                    .unwrap_or_default(),
+                "answer" => r.answer.clone().unwrap_or_default(),
+                _ => match r.metadata.get(key) {
+                    Some(v) => field_text(v),
+                    None => {
+                        return Err(TaskError::Record {
+                            id: r.id,
+                            message: format!(
+                                "the prompt template names `{key}`, which the record lacks"
+                            ),
+                        })
+                    }
+                },
+            };
+            out.push_str(&value);
+            rest = &rest[open + close + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    /// Prompt token ids: the chat template with the generation prompt, tokenized.
+    pub fn prompt_ids(&self, r: &Record) -> Result<Vec<u32>, TaskError> {
+        let text = self
+            .tokenizer
+            .apply_chat_template(&self.messages(r)?, true)?;
+        Ok(self.tokenizer.encode(&text, false)?)
+    }
+
+    /// The gold answer in the shape the reward's first task part expects.
+    pub fn gold(&self, r: &Record) -> Gold {
+        let task_part = self.reward.parts.iter().find(|p| {
+            matches!(
+                p.kind,
+                PartKind::MathAnswer | PartKind::Countdown | PartKind::KnightsKnaves { .. }
+            )
+        });
+        let Some(part) = task_part else {
+            return Gold::None;
+        };
+        match part.kind {
+            PartKind::MathAnswer => r.answer.clone().map_or(Gold::None, Gold::Math),
+            PartKind::Countdown => {
+                let target = r.metadata.get("target").and_then(Value::as_i64);
+                let nums = r
+                    .metadata
+                    .get("nums")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_i64).collect::<Vec<_>>());
+                match (target, nums) {
+                    (Some(target), Some(nums)) => Gold::Countdown { target, nums },
+                    _ => Gold::None,
+                }
+            }
+            _ => r
+                .answer
+                .as_deref()
+                .and_then(rewards::knights::parse_solution)
+                .map_or(Gold::None, Gold::KnightsKnaves),
+        }
+    }
+
+    pub fn score(&self, completion: &str, completion_tokens: usize, gold: &Gold) -> Scored {
+        self.reward.score(&Sample {
+            completion,
+            completion_tokens,
+            gold,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datasets::generators::{arithmetic::Arithmetic, countdown::Countdown, Generator};
+    use rewards::compose::Part;
+
+    fn task(kind: PartKind, template: Option<&str>) -> Task {
+        Task {
+            tokenizer: model::builtin::char_tokenizer().unwrap(),
+            prompt_template: template.map(str::to_string),
+            system_prompt: None,
+            reward: RewardSpec {
+                parts: vec![Part {
+                    name: "answer".into(),
+                    kind,
+                    weight: 1.0,
+                }],
+            },
+        }
+    }
+
+    #[test]
+    fn templates_fill_from_metadata_and_name_missing_fields() {
+        let r = Arithmetic {
+            max_digits: 2,
+            max_operands: 2,
+            operators: vec!['+'],
+        }
+        .generate(0, 0, 3);
+        let t = task(PartKind::MathAnswer, Some("{expression}="));
+        let expr = r.metadata["expression"].as_str().unwrap();
+        let ids = t.prompt_ids(&r).unwrap();
+        let text = t.tokenizer.decode(&ids, false).unwrap();
+        assert_eq!(
+            text,
+            format!("<|im_start|>user\n{expr}=<|im_end|>\n<|im_start|>assistant\n")
+        );
+        let answer = r.answer.clone().unwrap();
+        assert_eq!(t.score(&answer, 3, &t.gold(&r)).total, 1.0);
+        let bad = task(PartKind::MathAnswer, Some("{nope}"));
+        let e = bad.prompt_ids(&r).unwrap_err().to_string();
+        assert!(e.contains("`nope`"), "{e}");
+    }
+
+    #[test]
+    fn countdown_gold_comes_from_metadata() {
+        let r = Countdown::default().generate(1, 0, 0);
+        let t = task(PartKind::Countdown, None);
+        let gold = t.gold(&r);
+        assert!(matches!(gold, Gold::Countdown { .. }), "{gold:?}");
+        let solution = r.metadata["solution"].as_str().unwrap();
+        let s = t.score(&format!("<answer>{solution}</answer>"), 10, &gold);
+        assert_eq!(s.correct, Some(true));
+    }
+}

@@ -1,0 +1,150 @@
+//! The worker pool with a tiny model: groups arrive whole, stamped with the version that made
+//! them; the staleness bound holds; a group's completions do not depend on the worker.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::Device;
+use datasets::order::{Source, SourceOptions};
+use datasets::Loader;
+use model::generate::GenerationConfig;
+use model::{builtin, init, Weights};
+use rewards::compose::{Part, PartKind, RewardSpec};
+use rollout::policy::{Admission, PolicyStore};
+use rollout::pool::{Event, Feed, FeedState, Pool, PoolConfig};
+use rollout::schema::{from_batch, Sample};
+use rollout::task::Task;
+
+fn setup(
+    workers: usize,
+    max_staleness: u64,
+) -> (
+    Pool,
+    crossbeam_channel::Receiver<Event>,
+    Arc<PolicyStore<Weights>>,
+    Arc<Admission>,
+    Weights,
+) {
+    let config = builtin::tiny_config(32, 1);
+    let w = init::random_weights(&config, 0.02, 3, &Device::Cpu).unwrap();
+    let task = Task {
+        tokenizer: builtin::char_tokenizer().unwrap(),
+        prompt_template: Some("{expression}=".into()),
+        system_prompt: None,
+        reward: RewardSpec {
+            parts: vec![Part {
+                name: "answer".into(),
+                kind: PartKind::MathAnswer,
+                weight: 1.0,
+            }],
+        },
+    };
+    let source = Source::open("builtin:addition", &SourceOptions::default()).unwrap();
+    let feed = Feed::new(
+        Loader::new(source, 0, false, 16).unwrap(),
+        FeedState::default(),
+    );
+    let store = Arc::new(PolicyStore::new(
+        0,
+        w.checksum().unwrap(),
+        w.snapshot().unwrap(),
+    ));
+    let admission = Arc::new(Admission::new(max_staleness, 2 * 4));
+    let (tx, rx) = crossbeam_channel::bounded(64);
+    let pool = Pool::spawn(
+        PoolConfig {
+            workers,
+            group_size: 4,
+            generation: GenerationConfig {
+                max_new_tokens: 4,
+                stop_token_ids: vec![2],
+                ..Default::default()
+            },
+            seed: 11,
+        },
+        Arc::new(task),
+        Arc::new(Mutex::new(feed)),
+        store.clone(),
+        admission.clone(),
+        tx,
+    );
+    (pool, rx, store, admission, w)
+}
+
+fn groups(rx: &crossbeam_channel::Receiver<Event>, n: usize) -> Vec<Vec<Sample>> {
+    let mut out: Vec<Vec<Sample>> = (0..n)
+        .map(
+            |_| match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+                Event::Rollout(r) => from_batch(&r.batch).unwrap(),
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    out.sort_by_key(|g| g[0].group_id);
+    out
+}
+
+#[test]
+fn synchronous_workers_make_one_batch_per_version_and_switch_between_generations() {
+    let (pool, rx, store, admission, w) = setup(2, 0);
+    let first = groups(&rx, 2);
+    assert_eq!(
+        first.iter().map(|g| g[0].group_id).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    for g in &first {
+        assert_eq!(g.len(), 4);
+        assert!(g
+            .iter()
+            .all(|s| s.policy_version == 0 && s.group_id == g[0].group_id));
+        assert!(g
+            .iter()
+            .all(|s| s.behavior_logprobs.len() == s.completion_ids.len()));
+    }
+    // nothing more until the learner publishes
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    let v1 = init::random_weights(&w.config, 0.02, 4, &Device::Cpu).unwrap();
+    store.publish(1, v1.checksum().unwrap(), v1).unwrap();
+    admission.published(1, 0);
+    let second = groups(&rx, 2);
+    assert_eq!(
+        second.iter().map(|g| g[0].group_id).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert!(second.iter().flatten().all(|s| s.policy_version == 1));
+    // a hand-off whose checksum does not match is refused: the group fails, never samples
+    store.publish(2, 12345, w.snapshot().unwrap()).unwrap();
+    admission.published(2, 0);
+    match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+        Event::Failed { error, .. } => assert!(error.contains("checksum"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+    drop(rx);
+    pool.stop();
+}
+
+#[test]
+fn a_group_is_the_same_whichever_worker_makes_it() {
+    let (pool_a, rx_a, _, _, _) = setup(1, 0);
+    let a = groups(&rx_a, 2);
+    drop(rx_a);
+    pool_a.stop();
+    let (pool_b, rx_b, _, _, _) = setup(2, 0);
+    let b = groups(&rx_b, 2);
+    drop(rx_b);
+    pool_b.stop();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn one_step_staleness_lets_workers_run_a_batch_ahead() {
+    let (pool, rx, _, _, _) = setup(2, 1);
+    let ahead = groups(&rx, 4);
+    assert!(ahead.iter().flatten().all(|s| s.policy_version == 0));
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "bounded at two batches"
+    );
+    drop(rx);
+    pool.stop();
+}
