@@ -32,13 +32,16 @@ fn time_split(dir: &Path) -> anyhow::Result<Vec<(String, f64)>> {
         .collect())
 }
 
+/// One arm of the comparison: its staleness, summary and time split.
+type Arm = (u64, Summary, Vec<(String, f64)>);
+
 pub fn staleness(
     c: &Config,
     out: &Path,
     progress: bool,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let mut results: Vec<(u64, Summary, Vec<(String, f64)>)> = Vec::new();
+    let mut results: Vec<Arm> = Vec::new();
     let first = out.join("staleness-0");
     for s in [0u64, 1] {
         let mut cfg = c.clone();

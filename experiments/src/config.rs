@@ -86,6 +86,8 @@ pub struct DataConfig {
     pub eval_size: usize,
     /// Samples per held-out prompt for pass@1 and pass@k (greedy accuracy is measured too).
     pub eval_samples: usize,
+    /// Prompts per evaluation generation call (bounds the KV cache).
+    pub eval_batch: usize,
     /// Difficulty of a built-in generator (0: its default).
     pub difficulty: u32,
     pub shuffle: bool,
@@ -105,8 +107,9 @@ impl Default for DataConfig {
         DataConfig {
             train: "builtin:addition".into(),
             eval: String::new(),
-            eval_size: 200,
+            eval_size: 1000,
             eval_samples: 4,
+            eval_batch: 64,
             difficulty: 0,
             shuffle: true,
             test_fraction: 0.1,
@@ -380,7 +383,7 @@ impl Config {
         if r.prompts_per_step == 0 || r.max_new_tokens == 0 || r.workers == 0 {
             bail!("rollout.prompts_per_step, max_new_tokens and workers must be positive");
         }
-        if !(r.temperature > 0.0) {
+        if r.temperature.is_nan() || r.temperature <= 0.0 {
             bail!("rollout.temperature = {}: must be positive", r.temperature);
         }
         if self.algorithm.name != "grpo" {
@@ -389,7 +392,10 @@ impl Config {
                 self.algorithm.name
             );
         }
-        if !(self.optimizer.lr >= 0.0) || self.optimizer.micro_batch_tokens == 0 {
+        if self.optimizer.lr.is_nan()
+            || self.optimizer.lr < 0.0
+            || self.optimizer.micro_batch_tokens == 0
+        {
             bail!("optimizer.lr must be ≥ 0 and optimizer.micro_batch_tokens positive");
         }
         for p in &self.reward.parts {

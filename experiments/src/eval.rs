@@ -31,9 +31,6 @@ impl EvalResult {
     }
 }
 
-/// Prompts per generation call (bounds the KV cache).
-const CHUNK: usize = 64;
-
 /// Scores of every completion: (reward, correct, tokens), `n` per record.
 fn sample(
     w: &Weights,
@@ -42,6 +39,7 @@ fn sample(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     n: usize,
+    chunk: usize,
 ) -> anyhow::Result<Vec<(f32, bool, usize)>> {
     let mut out = Vec::with_capacity(records.len() * n);
     let expanded: Vec<(usize, &Vec<u32>)> = prompts
@@ -49,7 +47,7 @@ fn sample(
         .enumerate()
         .flat_map(|(i, p)| std::iter::repeat_n((i, p), n))
         .collect();
-    for (c, chunk) in expanded.chunks(CHUNK).enumerate() {
+    for (c, chunk) in expanded.chunks(chunk.max(1)).enumerate() {
         let ps: Vec<Vec<u32>> = chunk.iter().map(|(_, p)| (*p).clone()).collect();
         let cfg = GenerationConfig {
             seed: datasets::rng::mix(cfg.seed, 0xE7A1, c as u64),
@@ -76,6 +74,7 @@ pub fn evaluate(
     generation: &GenerationConfig,
     k: usize,
     seed: u64,
+    chunk: usize,
 ) -> anyhow::Result<EvalResult> {
     let prompts = records
         .iter()
@@ -87,7 +86,7 @@ pub fn evaluate(
         seed,
         ..generation.clone()
     };
-    let greedy = sample(w, task, records, &prompts, &greedy_cfg, 1)?;
+    let greedy = sample(w, task, records, &prompts, &greedy_cfg, 1, chunk)?;
     let mut r = EvalResult {
         greedy_accuracy: greedy.iter().filter(|g| g.1).count() as f64 / n,
         reward_mean: greedy.iter().map(|g| g.0 as f64).sum::<f64>() / n,
@@ -101,7 +100,7 @@ pub fn evaluate(
             seed,
             ..generation.clone()
         };
-        let s = sample(w, task, records, &prompts, &sampled_cfg, k)?;
+        let s = sample(w, task, records, &prompts, &sampled_cfg, k, chunk)?;
         let per_prompt: Vec<usize> = s
             .chunks(k)
             .map(|c| c.iter().filter(|x| x.1).count())
@@ -134,5 +133,6 @@ pub fn evaluate_checkpoint(
         &generation,
         c.data.eval_samples,
         datasets::rng::mix(c.run.seed, 0xE7A1, 0),
+        c.data.eval_batch,
     )
 }

@@ -107,7 +107,10 @@ impl StepTable {
 }
 
 /// Reads a table written by [`StepTable`].
-pub fn read_step_table(path: &Path) -> anyhow::Result<(Vec<String>, Vec<(u64, Vec<f64>)>)> {
+/// Column names and `(step, values)` rows.
+pub type Rows = (Vec<String>, Vec<(u64, Vec<f64>)>);
+
+pub fn read_step_table(path: &Path) -> anyhow::Result<Rows> {
     let file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
     let mut columns = Vec::new();

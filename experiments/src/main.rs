@@ -207,9 +207,20 @@ fn main() -> anyhow::Result<()> {
                 },
             };
             let r = eval::evaluate_checkpoint(&c, &ckpt)?;
+            let sampled = if r.k > 0 {
+                format!(
+                    ", pass@1 {:.3}, pass@{} {:.3}",
+                    r.pass_at_1, r.k, r.pass_at_k
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "{}: greedy accuracy {:.3}, pass@1 {:.3}, pass@{} {:.3} on {} held-out prompts (mean length {:.1})",
-                ckpt.display(), r.greedy_accuracy, r.pass_at_1, r.k, r.pass_at_k, r.prompts, r.length_mean
+                "{}: greedy accuracy {:.3}{sampled} on {} held-out prompts (mean length {:.1})",
+                ckpt.display(),
+                r.greedy_accuracy,
+                r.prompts,
+                r.length_mean
             );
         }
         Command::Export {

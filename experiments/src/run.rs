@@ -185,6 +185,7 @@ fn eval_row(
         &generation,
         c.data.eval_samples,
         datasets::rng::mix(c.run.seed, 0xE7A1, step),
+        c.data.eval_batch,
     )
 }
 
@@ -313,7 +314,7 @@ fn rl_stage(
         policy.snapshot()?,
     ));
     let admission = Arc::new(Admission::new(r.max_staleness, batch_size));
-    admission.published(state.policy_version, 0);
+    admission.published(state.policy_version);
     let feed = Arc::new(Mutex::new(Feed::new(setup::train_loader(c)?, state.feed)));
     let (sender, receiver) = crossbeam_channel::bounded(r.channel_capacity.max(1));
     let pool = Pool::spawn(
@@ -363,6 +364,8 @@ fn rl_stage(
                     f.done(*id);
                 }
             }
+            admission
+                .consumed(batch.groups.iter().map(Vec::len).sum::<usize>() + batch.dropped_rows);
             let wait = t0.elapsed().as_secs_f64();
             let samples: Vec<_> = batch.groups.iter().flatten().collect();
             let rewards: Vec<f32> = samples.iter().map(|s| s.reward).collect();
@@ -410,10 +413,7 @@ fn rl_stage(
             let t2 = Instant::now();
             let snap = policy.snapshot()?;
             store.publish(state.policy_version, snap.checksum()?, snap)?;
-            admission.published(
-                state.policy_version,
-                collector.stale_waiting(state.policy_version),
-            );
+            admission.published(state.policy_version);
             let publish = t2.elapsed().as_secs_f64();
             // metrics
             let hist = batch.staleness_histogram(state.policy_version - 1, r.max_staleness);
@@ -518,7 +518,7 @@ fn rl_stage(
                 &vec![true; advantages.len()],
             )?;
             let t3 = Instant::now();
-            let eval_due = c.run.eval_every > 0 && state.step % c.run.eval_every == 0
+            let eval_due = c.run.eval_every > 0 && state.step.is_multiple_of(c.run.eval_every)
                 || state.step == c.run.steps;
             if eval_due {
                 let e = eval_row(c, policy, task, eval_records, state.step)?;
@@ -532,7 +532,8 @@ fn rl_stage(
             }
             row.push(("time/eval".into(), t3.elapsed().as_secs_f64()));
             let t4 = Instant::now();
-            let ckpt_due = c.run.checkpoint_every > 0 && state.step % c.run.checkpoint_every == 0
+            let ckpt_due = c.run.checkpoint_every > 0
+                && state.step.is_multiple_of(c.run.checkpoint_every)
                 || state.step == c.run.steps;
             if ckpt_due {
                 save(c, opts, task, policy, opt, &state, &feed)?;

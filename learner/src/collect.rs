@@ -145,22 +145,6 @@ impl Collector {
         }
         Ok(out)
     }
-
-    /// Samples buffered (received, not yet used) that will be stale at `next_version`: the
-    /// admission quota shrinks by them.
-    pub fn stale_waiting(&mut self, next_version: u64) -> usize {
-        while let Ok(e) = self.receiver.try_recv() {
-            let mut sink = StepBatch::default();
-            if self.accept(e, &mut sink).is_err() {
-                break;
-            }
-        }
-        self.ready
-            .values()
-            .filter(|(s, _, _)| !self.fresh(s, next_version))
-            .map(|(s, _, _)| s.len())
-            .sum()
-    }
 }
 
 #[cfg(test)]
@@ -206,9 +190,7 @@ mod tests {
         let ids: Vec<u64> = step.groups.iter().map(|g| g[0].group_id).collect();
         assert_eq!(ids, vec![2, 3]);
         assert_eq!(step.staleness_histogram(3, 1), vec![2, 2]);
-        // group 5 waits for the next step; at version 5 it would be stale
-        assert_eq!(c.stale_waiting(4), 0);
-        assert_eq!(c.stale_waiting(5), 2);
+        // group 5 (version 3) waits for the next step
         tx.send(Event::Failed {
             group_id: 6,
             error: "boom".into(),

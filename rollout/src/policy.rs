@@ -4,9 +4,11 @@
 //! newest published weights only between generations, after checking the checksum of its own
 //! copy, so it can never sample from weights it believes are newer than they are.
 //!
-//! Admission bounds how far the workers run ahead, as verl's fully-async trainer does: between
-//! two publications at most `(1 + max_staleness) · batch_size` samples may start, minus those
-//! already waiting that will be stale by the time the learner reaches them. `max_staleness = 0`
+//! Admission bounds how far the workers run ahead, as verl's fully-async trainer does: at each
+//! publication the count of samples under way restarts from those still outstanding (generating
+//! or queued, not yet consumed by the learner), and new samples may start while that count stays
+//! within `(1 + max_staleness) · batch_size`. In steady state the workers hold `max_staleness`
+//! batches ahead of the learner and nothing is generated only to be dropped. `max_staleness = 0`
 //! is the synchronous baseline: exactly one batch per version.
 
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -121,10 +123,11 @@ impl<W> WorkerPolicy<W> {
 #[derive(Debug, Default)]
 struct AdmissionState {
     version: u64,
-    /// Samples started since the last publication.
+    /// Samples counted against the quota since the last publication (verl's
+    /// `staleness_samples`): those outstanding at the publication plus those started since.
     started: usize,
-    /// Samples waiting for the learner that will be too old when it reaches them.
-    stale_waiting: usize,
+    /// Samples started and not yet consumed (or dropped) by the learner.
+    outstanding: usize,
     stopped: bool,
 }
 
@@ -147,8 +150,8 @@ impl Admission {
         }
     }
 
-    fn quota(&self, s: &AdmissionState) -> usize {
-        ((1 + self.max_staleness as usize) * self.batch_size).saturating_sub(s.stale_waiting)
+    fn quota(&self) -> usize {
+        (1 + self.max_staleness as usize) * self.batch_size
     }
 
     /// Blocks until `n` samples may start; returns the version they are admitted under, or
@@ -160,8 +163,9 @@ impl Admission {
             if s.stopped {
                 return None;
             }
-            if s.started + n <= self.quota(&s) {
+            if s.started + n <= self.quota() {
                 s.started += n;
+                s.outstanding += n;
                 return Some(s.version);
             }
             let now = std::time::Instant::now();
@@ -176,19 +180,25 @@ impl Admission {
         }
     }
 
-    /// The learner published `version`; `stale_waiting` of the queued samples will be dropped.
-    pub fn published(&self, version: u64, stale_waiting: usize) {
+    /// The learner published `version`.
+    pub fn published(&self, version: u64) {
         let mut s = self.state.lock().expect("admission lock");
         s.version = version;
-        s.started = 0;
-        s.stale_waiting = stale_waiting;
+        s.started = s.outstanding;
         self.changed.notify_all();
+    }
+
+    /// The learner took (trained on or dropped) `n` samples.
+    pub fn consumed(&self, n: usize) {
+        let mut s = self.state.lock().expect("admission lock");
+        s.outstanding = s.outstanding.saturating_sub(n);
     }
 
     /// Returns the quota of `n` admitted samples that were never produced (a failed group).
     pub fn release(&self, n: usize) {
         let mut s = self.state.lock().expect("admission lock");
         s.started = s.started.saturating_sub(n);
+        s.outstanding = s.outstanding.saturating_sub(n);
         self.changed.notify_all();
     }
 
@@ -243,13 +253,15 @@ mod tests {
         assert_eq!(a.admit(4, t), Some(0));
         assert_eq!(a.admit(4, t), Some(0));
         assert_eq!(a.admit(4, t), None, "a second batch waits for the learner");
-        a.published(1, 0);
+        a.consumed(8);
+        assert_eq!(a.admit(4, t), None, "consumed, but not yet published");
+        a.published(1);
         assert_eq!(a.admit(4, t), Some(1));
         assert!(a.fresh(1, 1) && !a.fresh(0, 1));
     }
 
     #[test]
-    fn one_step_staleness_runs_a_batch_ahead_minus_stale_samples() {
+    fn one_step_staleness_keeps_the_workers_one_batch_ahead() {
         let a = Admission::new(1, 8);
         let t = Duration::from_millis(10);
         assert_eq!(
@@ -258,9 +270,16 @@ mod tests {
             "two batches under version 0"
         );
         assert_eq!(a.admit(4, t), None);
-        a.published(1, 4); // 4 queued samples will be too old: the quota shrinks by them
-        assert_eq!((0..3).filter_map(|_| a.admit(4, t)).count(), 3);
-        assert!(a.fresh(0, 1) && !a.fresh(0, 2));
+        // the learner takes one batch and publishes: one batch is still outstanding, so one
+        // more may start under version 1
+        a.consumed(8);
+        a.published(1);
+        assert_eq!((0..3).filter_map(|_| a.admit(4, t)).count(), 2);
+        // it takes the second batch of version 0 (one version old) and publishes again
+        a.consumed(8);
+        a.published(2);
+        assert_eq!((0..3).filter_map(|_| a.admit(4, t)).count(), 2);
+        assert!(a.fresh(1, 2) && !a.fresh(0, 2));
     }
 
     #[test]
@@ -272,7 +291,8 @@ mod tests {
             std::thread::spawn(move || a.admit(2, Duration::from_secs(10)))
         };
         std::thread::sleep(Duration::from_millis(20));
-        a.published(1, 0);
+        a.consumed(2);
+        a.published(1);
         assert_eq!(waiter.join().unwrap(), Some(1));
         let waiter = {
             let a = a.clone();

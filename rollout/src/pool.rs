@@ -49,7 +49,7 @@ impl Feed {
         }
     }
 
-    pub fn next(&mut self) -> datasets::Result<(u64, Record)> {
+    pub fn next_group(&mut self) -> datasets::Result<(u64, Record)> {
         let before = self.loader.cursor();
         let record = self.loader.next_record()?;
         let id = self.next_group;
@@ -246,7 +246,7 @@ fn work(
         {
             continue;
         }
-        let next = feed.lock().expect("feed lock").next();
+        let next = feed.lock().expect("feed lock").next_group();
         let (group_id, record) = match next {
             Ok(x) => x,
             Err(e) => {

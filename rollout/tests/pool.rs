@@ -105,7 +105,8 @@ fn synchronous_workers_make_one_batch_per_version_and_switch_between_generations
     assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
     let v1 = init::random_weights(&w.config, 0.02, 4, &Device::Cpu).unwrap();
     store.publish(1, v1.checksum().unwrap(), v1).unwrap();
-    admission.published(1, 0);
+    admission.consumed(8);
+    admission.published(1);
     let second = groups(&rx, 2);
     assert_eq!(
         second.iter().map(|g| g[0].group_id).collect::<Vec<_>>(),
@@ -114,7 +115,8 @@ fn synchronous_workers_make_one_batch_per_version_and_switch_between_generations
     assert!(second.iter().flatten().all(|s| s.policy_version == 1));
     // a hand-off whose checksum does not match is refused: the group fails, never samples
     store.publish(2, 12345, w.snapshot().unwrap()).unwrap();
-    admission.published(2, 0);
+    admission.consumed(8);
+    admission.published(2);
     match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
         Event::Failed { error, .. } => assert!(error.contains("checksum"), "{error}"),
         other => panic!("{other:?}"),
