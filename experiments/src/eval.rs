@@ -20,14 +20,16 @@ pub struct EvalResult {
 }
 
 impl EvalResult {
+    /// The `eval.parquet` row (pass@1 and pass@k only when samples were drawn).
     pub fn row(&self) -> Vec<(String, f64)> {
-        vec![
-            ("greedy_accuracy".into(), self.greedy_accuracy),
-            ("pass@1".into(), self.pass_at_1),
-            (format!("pass@{}", self.k), self.pass_at_k),
-            ("reward_mean".into(), self.reward_mean),
-            ("length_mean".into(), self.length_mean),
-        ]
+        let mut row = vec![("greedy_accuracy".into(), self.greedy_accuracy)];
+        if self.k > 0 {
+            row.push(("pass@1".into(), self.pass_at_1));
+            row.push((format!("pass@{}", self.k), self.pass_at_k));
+        }
+        row.push(("reward_mean".into(), self.reward_mean));
+        row.push(("length_mean".into(), self.length_mean));
+        row
     }
 }
 

@@ -70,6 +70,29 @@ impl StepTable {
         &self.rows
     }
 
+    /// The value of column `name` in row `i` (NaN when the table has no such column).
+    pub fn value(&self, i: usize, name: &str) -> f64 {
+        match (
+            self.columns.iter().position(|c| c == name),
+            self.rows.get(i),
+        ) {
+            (Some(c), Some((_, row))) => row[c],
+            _ => f64::NAN,
+        }
+    }
+
+    /// The value of the first column starting with `prefix` other than `except`.
+    pub fn value_like(&self, i: usize, prefix: &str, except: &str) -> f64 {
+        match self
+            .columns
+            .iter()
+            .find(|c| c.starts_with(prefix) && c.as_str() != except)
+        {
+            Some(name) => self.value(i, &name.clone()),
+            None => f64::NAN,
+        }
+    }
+
     /// Appends a row (its names fix the columns on the first row; later rows give a value for
     /// each column, NaN where they lack one) and rewrites the file.
     pub fn push(&mut self, step: u64, values: &[(String, f64)]) -> anyhow::Result<()> {

@@ -140,9 +140,17 @@ fn print_summary(dir: &Path, s: &run::Summary) {
         .accuracy_initial
         .map(|a| format!("{a:.3} before the warm start, "))
         .unwrap_or_default();
+    let pass_k = if s.pass_at_k_start.is_finite() {
+        format!(
+            " (pass@k {:.3} -> {:.3})",
+            s.pass_at_k_start, s.pass_at_k_final
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "held-out accuracy: {initial}{:.3} before RL, {:.3} after {} RL steps (pass@k {:.3} -> {:.3}); warm start {:.0} s, RL {:.0} s",
-        s.accuracy_start, s.accuracy_final, s.steps, s.pass_at_k_start, s.pass_at_k_final, s.seconds_sft, s.seconds_rl
+        "held-out greedy accuracy: {initial}{:.3} before RL, {:.3} after {} RL steps{pass_k}; warm start {:.0} s, RL {:.0} s",
+        s.accuracy_start, s.accuracy_final, s.steps, s.seconds_sft, s.seconds_rl
     );
     println!("run directory: {}", dir.display());
 }

@@ -259,10 +259,10 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         let e = eval_row(c, &policy, &task, &eval_records, 0)?;
         eval_table.push(0, &e.row())?;
         summary.accuracy_start = e.greedy_accuracy;
-        summary.pass_at_k_start = e.pass_at_k;
-    } else if let Some((_, row)) = eval_table.rows().first() {
-        summary.accuracy_start = row[0];
-        summary.pass_at_k_start = row[2];
+        summary.pass_at_k_start = if e.k > 0 { e.pass_at_k } else { f64::NAN };
+    } else if !eval_table.rows().is_empty() {
+        summary.accuracy_start = eval_table.value(0, "greedy_accuracy");
+        summary.pass_at_k_start = eval_table.value_like(0, "pass@", "pass@1");
     }
     let rl = rl_stage(
         c,
@@ -568,9 +568,9 @@ fn rl_stage(
     }
     summary.steps = state.step;
     summary.samples = state.samples_seen;
-    if let Some((_, row)) = eval_table.rows().last() {
-        summary.accuracy_final = row[0];
-        summary.pass_at_k_final = row[2];
+    if let Some(last) = eval_table.rows().len().checked_sub(1) {
+        summary.accuracy_final = eval_table.value(last, "greedy_accuracy");
+        summary.pass_at_k_final = eval_table.value_like(last, "pass@", "pass@1");
     }
     Ok(start.elapsed().as_secs_f64())
 }
