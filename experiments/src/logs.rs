@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, RecordBatch, UInt64Array,
+    Array, ArrayRef, AsArray, Float32Array, Float64Array, RecordBatch, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, UInt64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -172,8 +172,8 @@ pub fn read_step_table(path: &Path) -> anyhow::Result<Rows> {
     Ok((columns, rows))
 }
 
-/// `rollouts.parquet/part-<step>.parquet`: the sample schema plus `step`, `advantage` and
-/// `used` (false: dropped as stale).
+/// `rollouts.parquet/part-<step>.parquet`: the sample schema plus `step` and `advantage`:
+/// the rows the step trained on; rows dropped as stale are counted in `metrics.parquet`.
 pub struct RolloutLog {
     dir: PathBuf,
 }
@@ -209,7 +209,6 @@ impl RolloutLog {
         step: u64,
         batches: &[RecordBatch],
         advantages: &[f32],
-        used: &[bool],
     ) -> anyhow::Result<()> {
         if batches.is_empty() {
             return Ok(());
@@ -217,18 +216,13 @@ impl RolloutLog {
         let schema = rollout::schema::schema();
         let all = arrow::compute::concat_batches(&schema, batches)?;
         let n = all.num_rows();
-        anyhow::ensure!(
-            advantages.len() == n && used.len() == n,
-            "one advantage per row"
-        );
+        anyhow::ensure!(advantages.len() == n, "one advantage per row");
         let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new("step", DataType::UInt64, false));
         fields.push(Field::new("advantage", DataType::Float32, false));
-        fields.push(Field::new("used", DataType::Boolean, false));
         let mut columns = all.columns().to_vec();
         columns.push(Arc::new(UInt64Array::from(vec![step; n])));
         columns.push(Arc::new(Float32Array::from(advantages.to_vec())));
-        columns.push(Arc::new(BooleanArray::from(used.to_vec())));
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
         write_atomic(&self.dir.join(format!("part-{step:06}.parquet")), &batch)
     }

@@ -511,12 +511,7 @@ fn rl_stage(
                 .iter()
                 .map(|g| rollout::schema::to_batch(g))
                 .collect::<Result<_, _>>()?;
-            rollouts.write(
-                state.step,
-                &step_batches,
-                &advantages,
-                &vec![true; advantages.len()],
-            )?;
+            rollouts.write(state.step, &step_batches, &advantages)?;
             let t3 = Instant::now();
             let eval_due = c.run.eval_every > 0 && state.step.is_multiple_of(c.run.eval_every)
                 || state.step == c.run.steps;
