@@ -11,6 +11,16 @@ fn ferrite() -> Command {
     c
 }
 
+/// Runs the command and fails with its stderr unless it succeeds.
+fn succeed(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ferrite-e2e-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -36,17 +46,7 @@ const SHORT: &[&str] = &[
 #[test]
 fn grpo_beats_the_warm_start_on_held_out_addition() {
     let dir = scratch("gain");
-    let out = ferrite()
-        .args(["run", "--out"])
-        .arg(&dir)
-        .args(SHORT)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(ferrite().args(["run", "--out"]).arg(&dir).args(SHORT));
     let s = summary(&dir);
     let before = s["accuracy_start"].as_f64().unwrap();
     let after = s["accuracy_final"].as_f64().unwrap();
@@ -118,17 +118,7 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
         "rollout.workers=2",
     ];
     let whole = scratch("whole");
-    let out = ferrite()
-        .args(["run", "--out"])
-        .arg(&whole)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(ferrite().args(["run", "--out"]).arg(&whole).args(args));
 
     let killed = scratch("killed");
     let mut child = ferrite()
@@ -155,16 +145,7 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
         !killed.join("summary.json").exists(),
         "killed before the end"
     );
-    let out = ferrite()
-        .args(["run", "--resume"])
-        .arg(&killed)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(ferrite().args(["run", "--resume"]).arg(&killed));
 
     for file in ["metrics.parquet", "eval.parquet"] {
         let a = deterministic_metrics(&whole, file);
@@ -185,12 +166,7 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     let b = summary(&killed);
     assert_eq!(a["accuracy_final"], b["accuracy_final"]);
     // the resumed run's checkpoints load in a fresh process
-    let out = ferrite().args(["eval"]).arg(&killed).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(ferrite().args(["eval"]).arg(&killed));
     let _ = std::fs::remove_dir_all(&whole);
     let _ = std::fs::remove_dir_all(&killed);
 }
