@@ -88,7 +88,7 @@ impl StepTable {
             .iter()
             .find(|c| c.starts_with(prefix) && c.as_str() != except)
         {
-            Some(name) => self.value(i, &name.clone()),
+            Some(name) => self.value(i, name),
             None => f64::NAN,
         }
     }

@@ -99,10 +99,10 @@ fn sft_stage(
         let w = Weights::load_dir(&ckpt, DType::F32, &candle_core::Device::Cpu)?;
         return Ok((w, checkpoint::load_state(&ckpt)?.feed, 0.0));
     }
-    let mut loader = setup::train_loader(c)?;
     if c.sft.steps == 0 {
         return Ok((base.clone(), FeedState::default(), 0.0));
     }
+    let mut loader = setup::train_loader(c)?;
     let start = Instant::now();
     let (vars, w) = base.to_vars()?;
     let mut opt = AdamW::new(vars, adamw(c))?;
@@ -112,16 +112,7 @@ fn sft_stage(
     for step in 0..c.sft.steps {
         let mut batch = Vec::with_capacity(c.sft.batch_size);
         for r in loader.take(c.sft.batch_size)? {
-            let template = Task {
-                prompt_template: Some(c.sft.completion_template.clone()),
-                system_prompt: None,
-                ..task.clone()
-            };
-            let text = template
-                .messages(&r)?
-                .pop()
-                .map(|m| m.content)
-                .unwrap_or_default();
+            let text = rollout::task::fill_template(&c.sft.completion_template, &r)?;
             let mut completion = task.tokenizer.encode(&text, false)?;
             completion.extend(eos.first());
             batch.push((task.prompt_ids(&r)?, completion));
@@ -247,13 +238,16 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         tracing::info!(step = state.step, path = %ckpt.display(), "resuming");
     }
     let last = resume_from.as_ref().map(|(s, _)| *s);
-    let mut metrics = StepTable::reopen(dir.join("metrics.parquet"), last.unwrap_or(0))?;
-    let mut eval_table = StepTable::reopen(dir.join("eval.parquet"), last.unwrap_or(0))?;
-    if last.is_none() {
-        // a fresh RL stage: no rows from an earlier attempt
-        metrics = StepTable::new(dir.join("metrics.parquet"));
-        eval_table = StepTable::new(dir.join("eval.parquet"));
-    }
+    let metrics_path = dir.join("metrics.parquet");
+    let eval_path = dir.join("eval.parquet");
+    // a fresh RL stage starts its tables empty; a resumed one keeps the rows up to its checkpoint
+    let (mut metrics, mut eval_table) = match last {
+        Some(step) => (
+            StepTable::reopen(metrics_path, step)?,
+            StepTable::reopen(eval_path, step)?,
+        ),
+        None => (StepTable::new(metrics_path), StepTable::new(eval_path)),
+    };
     let rollouts = RolloutLog::open(dir.join("rollouts.parquet"), last)?;
     if last.is_none() {
         let e = eval_row(c, &policy, &task, &eval_records, 0)?;
@@ -506,12 +500,7 @@ fn rl_stage(
                 tracing::warn!("rollout failed: {f}");
             }
             summary.dropped_rows += batch.dropped_rows as u64;
-            let step_batches: Vec<_> = batch
-                .groups
-                .iter()
-                .map(|g| rollout::schema::to_batch(g))
-                .collect::<Result<_, _>>()?;
-            rollouts.write(state.step, &step_batches, &advantages)?;
+            rollouts.write(state.step, &batch.batches, &advantages)?;
             let t3 = Instant::now();
             let eval_due = c.run.eval_every > 0 && state.step.is_multiple_of(c.run.eval_every)
                 || state.step == c.run.steps;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use arrow::array::RecordBatch;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rollout::pool::Event;
 use rollout::schema::{from_batch, Sample};
@@ -16,6 +17,8 @@ use crate::error::{LearnerError, Result};
 pub struct StepBatch {
     /// `groups_per_step` groups in `group_id` order.
     pub groups: Vec<Vec<Sample>>,
+    /// The same groups as the workers sent them (for the rollout log).
+    pub batches: Vec<RecordBatch>,
     /// Rows dropped as too stale while gathering this step.
     pub dropped_rows: usize,
     /// Groups the workers failed to generate.
@@ -42,13 +45,21 @@ impl StepBatch {
     }
 }
 
+/// A group received and not yet used, with its generation seconds and tokens.
+struct Ready {
+    samples: Vec<Sample>,
+    batch: RecordBatch,
+    seconds: f64,
+    tokens: usize,
+}
+
 /// Buffers groups between steps (workers may run ahead by `max_staleness` versions).
 pub struct Collector {
     receiver: Receiver<Event>,
     max_staleness: u64,
     groups_per_step: usize,
-    /// Groups received and not yet used, by id, with their generation seconds and tokens.
-    ready: BTreeMap<u64, (Vec<Sample>, f64, usize)>,
+    /// Groups received and not yet used, by id.
+    ready: BTreeMap<u64, Ready>,
     /// How long to wait for a group before reporting the workers stuck.
     pub timeout: Duration,
 }
@@ -74,9 +85,14 @@ impl Collector {
             Event::Rollout(r) => {
                 let samples = from_batch(&r.batch)
                     .map_err(|e| LearnerError::Invalid(format!("a rollout batch: {e}")))?;
-                if let Some(first) = samples.first() {
-                    self.ready
-                        .insert(first.group_id, (samples, r.seconds, r.tokens));
+                if let Some(id) = samples.first().map(|s| s.group_id) {
+                    let ready = Ready {
+                        samples,
+                        batch: r.batch,
+                        seconds: r.seconds,
+                        tokens: r.tokens,
+                    };
+                    self.ready.insert(id, ready);
                 }
             }
             Event::Failed { group_id, error } => {
@@ -94,12 +110,12 @@ impl Collector {
         let stale: Vec<u64> = self
             .ready
             .iter()
-            .filter(|(_, (s, _, _))| !self.fresh(s, learner_version))
+            .filter(|(_, g)| !self.fresh(&g.samples, learner_version))
             .map(|(&id, _)| id)
             .collect();
         for id in stale {
-            let (s, _, _) = self.ready.remove(&id).expect("listed");
-            out.dropped_rows += s.len();
+            let g = self.ready.remove(&id).expect("listed");
+            out.dropped_rows += g.samples.len();
             out.finished_groups.push(id);
         }
     }
@@ -137,11 +153,12 @@ impl Collector {
             .copied()
             .collect();
         for id in ids {
-            let (samples, seconds, tokens) = self.ready.remove(&id).expect("listed");
-            out.rollout_seconds += seconds;
-            out.rollout_tokens += tokens;
+            let g = self.ready.remove(&id).expect("listed");
+            out.rollout_seconds += g.seconds;
+            out.rollout_tokens += g.tokens;
             out.finished_groups.push(id);
-            out.groups.push(samples);
+            out.groups.push(g.samples);
+            out.batches.push(g.batch);
         }
         Ok(out)
     }
@@ -190,6 +207,7 @@ mod tests {
         let ids: Vec<u64> = step.groups.iter().map(|g| g[0].group_id).collect();
         assert_eq!(ids, vec![2, 3]);
         assert_eq!(step.staleness_histogram(3, 1), vec![2, 2]);
+        assert_eq!(step.batches.len(), 2, "the groups as sent, for the log");
         // group 5 (version 3) waits for the next step
         tx.send(Event::Failed {
             group_id: 6,

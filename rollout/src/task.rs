@@ -43,7 +43,7 @@ impl Task {
                 .into_iter()
                 .map(|m| Message::new(&m.role, &m.content))
                 .collect(),
-            Some(t) => vec![Message::new("user", &self.fill(t, r)?)],
+            Some(t) => vec![Message::new("user", &fill_template(t, r)?)],
         };
         if let Some(system) = &self.system_prompt {
             if messages.first().is_none_or(|m| m.role != "system") {
@@ -51,43 +51,6 @@ impl Task {
             }
         }
         Ok(messages)
-    }
-
-    fn fill(&self, template: &str, r: &Record) -> Result<String, TaskError> {
-        let mut out = String::with_capacity(template.len() + 32);
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            out.push_str(&rest[..open]);
-            let Some(close) = rest[open..].find('}') else {
-                out.push_str(&rest[open..]);
-                return Ok(out);
-            };
-            let key = &rest[open + 1..open + close];
-            let value = match key {
-                "prompt" => r
-                    .prompt
-                    .messages()
-                    .last()
-                    .map(|m| m.content.clone())
-                    .unwrap_or_default(),
-                "answer" => r.answer.clone().unwrap_or_default(),
-                _ => match r.metadata.get(key) {
-                    Some(v) => field_text(v),
-                    None => {
-                        return Err(TaskError::Record {
-                            id: r.id,
-                            message: format!(
-                                "the prompt template names `{key}`, which the record lacks"
-                            ),
-                        })
-                    }
-                },
-            };
-            out.push_str(&value);
-            rest = &rest[open + close + 1..];
-        }
-        out.push_str(rest);
-        Ok(out)
     }
 
     /// Prompt token ids: the chat template with the generation prompt, tokenized.
@@ -138,6 +101,45 @@ impl Task {
             gold,
         })
     }
+}
+
+/// `template` with `{prompt}` (the last message), `{answer}` and `{field}` (any metadata field)
+/// replaced from the record; a field the record lacks is an error that names it.
+pub fn fill_template(template: &str, r: &Record) -> Result<String, TaskError> {
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('}') else {
+            out.push_str(&rest[open..]);
+            return Ok(out);
+        };
+        let key = &rest[open + 1..open + close];
+        let value = match key {
+            "prompt" => r
+                .prompt
+                .messages()
+                .last()
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
+            "answer" => r.answer.clone().unwrap_or_default(),
+            _ => match r.metadata.get(key) {
+                Some(v) => field_text(v),
+                None => {
+                    return Err(TaskError::Record {
+                        id: r.id,
+                        message: format!(
+                            "the prompt template names `{key}`, which the record lacks"
+                        ),
+                    })
+                }
+            },
+        };
+        out.push_str(&value);
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 #[cfg(test)]
