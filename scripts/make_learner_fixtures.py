@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
 """Golden values for the learner, from PyTorch: AdamW steps with gradient clipping, the GRPO-family
 losses and their gradients (spec section 5, written out independently here), TRL's group
-advantages.
+advantages; the estimators of issue 5 (RLOO, REINFORCE++ with and without baseline, PPO's token
+rewards, GAE and whitening, AR, EM-RL rewards, the adaptive KL controller), the clipped value
+loss, the DPO family and Lopti's two passes, each with gradients where it is a loss.
 
-Writes learner/tests/fixtures/{adamw,grpo,advantages}.json. Needs: pip install torch
+Everything is computed on padded [B, T] tensors with masks (the Rust side works on ragged rows),
+from the formulas of shared/spec/algorithms.md sections 1 and 5 and verl's / TRL's definitions.
+
+Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti}.json.
+Needs: pip install torch
 """
 import json
 import os
 
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "learner", "tests", "fixtures")
@@ -121,9 +128,193 @@ def advantages():
     return out
 
 
+def padded_batch(seed):
+    """A padded batch of unequal lengths: log-probs, behaviour log-probs, entropies, a mask."""
+    torch.manual_seed(seed)
+    lengths = [5, 2, 4, 1, 3, 5]
+    b, t = len(lengths), 5
+    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths])
+    old = -torch.rand(b, t) * 2.5  # some tokens above pi = 0.5, some below
+    logp = old + 0.15 * torch.randn(b, t)
+    ref = old + 0.1 * torch.randn(b, t)
+    ent = torch.rand(b, t) * 2
+    return lengths, mask, logp * mask, old * mask, ref * mask, ent * mask
+
+
+def masked_whiten(x, mask):
+    """verl masked_whiten: unbiased masked variance, eps 1e-8."""
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) ** 2) * mask).sum() / n * n / (n - 1)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def estimators():
+    lengths, mask, logp, old, ref, ent = padded_batch(2)
+    b, t = mask.shape
+    scores = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.25], dtype=torch.float64)
+    groups = [0, 0, 0, 1, 1, 1]
+    gid = torch.tensor(groups)
+    # RLOO: r_i - mean of the others in the group
+    rloo = torch.zeros(b, dtype=torch.float64)
+    for i in range(b):
+        others = [scores[j] for j in range(b) if j != i and groups[j] == groups[i]]
+        rloo[i] = scores[i] - sum(others) / len(others)
+    last = torch.zeros(b, t)
+    for i, n in enumerate(lengths):
+        last[i, n - 1] = 1.0
+    # PPO / REINFORCE++ token rewards: -beta * k1(old, ref) on every token, the score at the last
+    beta, gamma, lam = 0.05, 0.99, 0.95
+    kl = (old - ref) * mask
+    tok_r = (-beta * kl + scores.float()[:, None] * last) * mask
+    returns = torch.zeros(b, t)
+    running = torch.zeros(b)
+    for j in reversed(range(t)):
+        running = tok_r[:, j] + gamma * running * mask[:, j + 1] if j + 1 < t else tok_r[:, j]
+        returns[:, j] = running
+    returns = returns * mask
+    rpp = masked_whiten(returns, mask)
+    # REINFORCE++-baseline: score minus the group mean on every token, whitened
+    means = torch.tensor([scores[gid == g].mean() for g in groups], dtype=torch.float64)
+    rppb = masked_whiten((scores - means).float()[:, None] * mask, mask)
+    # GAE over values
+    torch.manual_seed(3)
+    values = torch.randn(b, t) * 0.5 * mask
+    adv = torch.zeros(b, t)
+    last_gae = torch.zeros(b)
+    for j in reversed(range(t)):
+        nv = values[:, j + 1] if j + 1 < t else torch.zeros(b)
+        delta = tok_r[:, j] + gamma * nv - values[:, j]
+        cont = mask[:, j + 1] if j + 1 < t else torch.zeros(b)
+        last_gae = delta + gamma * lam * last_gae * cont
+        adv[:, j] = last_gae
+    adv = adv * mask
+    gae_returns = (adv + values) * mask
+    whitened = masked_whiten(adv, mask)
+    # AR: (alpha * pi_old + 1 - alpha) * A
+    alpha = 0.3
+    a_seq = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.8, 0.0])[:, None] * mask
+    ar = (alpha * torch.exp(old) + 1 - alpha) * a_seq * mask
+    # EM-RL rewards
+    em_seq = (old * mask).sum(-1)
+    em_tok = -(ent * mask).sum(-1)
+    # adaptive KL controller: a few updates
+    ctl = []
+    coef = 0.2
+    for kl_value, n in [(0.05, 64), (0.3, 64), (0.1, 128), (0.0, 32)]:
+        err = min(max(kl_value / 0.1 - 1, -0.2), 0.2)
+        coef = coef * (1 + err * n / 10000)
+        ctl.append({"kl": kl_value, "n": n, "beta": coef})
+    rows = lambda x: [x[i, :n].tolist() for i, n in enumerate(lengths)]
+    return {"lengths": lengths, "old": rows(old), "ref": rows(ref), "entropy": rows(ent),
+            "scores": scores.tolist(), "groups": groups, "beta": beta, "gamma": gamma, "lambda": lam,
+            "rloo": rloo.tolist(), "token_rewards": rows(tok_r), "reinforce_pp": rows(rpp),
+            "reinforce_pp_baseline": rows(rppb), "values": rows(values), "gae_advantages": rows(adv),
+            "gae_returns": rows(gae_returns), "gae_whitened": rows(whitened), "alpha": alpha,
+            "advantages": rows(a_seq), "ar": rows(ar), "em_sequence": em_seq.tolist(),
+            "em_token": em_tok.tolist(), "kl_controller": {"beta0": 0.2, "target": 0.1, "horizon": 10000,
+                                                            "updates": ctl}}
+
+
+def value():
+    lengths, mask, *_ = padded_batch(4)
+    b, t = mask.shape
+    torch.manual_seed(5)
+    v = torch.randn(b, t) * mask
+    old_v = (v + 0.4 * torch.randn(b, t)) * mask
+    ret = torch.randn(b, t) * mask
+    tokens = float(mask.sum()) + 7.0  # the step holds more tokens than this micro-batch
+    cases = []
+    for clip in [None, 0.2, 0.5]:
+        x = v.clone().requires_grad_(True)
+        err = (x - ret) ** 2
+        if clip is not None:
+            vc = torch.max(torch.min(x, old_v + clip), old_v - clip)
+            err = torch.max(err, (vc - ret) ** 2)
+        loss = 0.5 * (err * mask).sum() / tokens
+        loss.backward()
+        cases.append({"clip": clip, "loss": loss.item(), "grad": x.grad.tolist()})
+    return {"values": v.tolist(), "old_values": old_v.tolist(), "returns": ret.tolist(),
+            "mask": mask.tolist(), "tokens": tokens, "cases": cases}
+
+
+def dpo():
+    torch.manual_seed(6)
+    n = 5
+    pc = -torch.rand(n) * 20
+    pr = -torch.rand(n) * 20
+    rc = pc + torch.randn(n) * 2
+    rr = pr + torch.randn(n) * 2
+    lc = torch.tensor([3.0, 7.0, 1.0, 12.0, 5.0])
+    lr = torch.tensor([4.0, 2.0, 9.0, 6.0, 5.0])
+    total = 8
+    cases = []
+    for loss_type, beta, eps in [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("sigmoid", 0.1, 0.2),
+                                 ("ipo", 0.1, 0.0), ("ipo", 0.5, 0.0), ("robust", 0.1, 0.1),
+                                 ("robust", 0.3, 0.3), ("hinge", 0.1, 0.0), ("hinge", 0.5, 0.0)]:
+        c = pc.clone().requires_grad_(True)
+        r = pr.clone().requires_grad_(True)
+        hw, hl = c - rc, r - rr
+        logits = hw - hl
+        if loss_type == "sigmoid":
+            per = -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
+        elif loss_type == "robust":
+            per = (-(1 - eps) * F.logsigmoid(beta * logits) + eps * F.logsigmoid(-beta * logits)) / (1 - 2 * eps)
+        elif loss_type == "hinge":
+            per = torch.relu(1 - beta * logits)
+        else:
+            per = (hw / lc - hl / lr - 1 / (2 * beta)) ** 2
+        loss = per.sum() / total
+        loss.backward()
+        rw, rl = (beta * hw).detach(), (beta * hl).detach()
+        cases.append({"loss_type": loss_type, "beta": beta, "label_smoothing": eps, "loss": loss.item(),
+                      "grad_chosen": c.grad.tolist(), "grad_rejected": r.grad.tolist(),
+                      "reward_accuracy": (rw > rl).float().sum().item(), "margin": (rw - rl).sum().item()})
+    return {"chosen": pc.tolist(), "rejected": pr.tolist(), "ref_chosen": rc.tolist(), "ref_rejected": rr.tolist(),
+            "chosen_tokens": lc.tolist(), "rejected_tokens": lr.tolist(), "total_pairs": total, "cases": cases}
+
+
+def lopti():
+    """Lopti's two passes (spec 1.4) at the same parameters, with AR applied first: token-mean
+    dual-clip loss over all valid tokens, KL (k3) and entropy masked to the active group."""
+    lengths, mask, logp, old, ref, ent = padded_batch(7)
+    a_seq = torch.tensor([1.1, -0.6, 0.4, -1.3, 0.9, -0.2])[:, None] * mask
+    cfg = {"clip_low": 0.2, "clip_high": 0.24, "dual_clip": 10.0, "kl_coef": 0.05, "entropy_coef": 0.01}
+    tokens = float(mask.sum())
+
+    def loss_of(x, adv, active):
+        r = torch.exp((x - old).clamp(-20, 20))
+        pg = torch.max(-adv * r, -adv * r.clamp(1 - cfg["clip_low"], 1 + cfg["clip_high"]))
+        pg = torch.where(adv < 0, torch.min(pg, -adv * cfg["dual_clip"]), pg)
+        k = kl(x, ref, "k3")
+        per = pg + cfg["kl_coef"] * k * active - cfg["entropy_coef"] * ent * active
+        return (per * mask).sum() / tokens
+
+    out = {"lengths": lengths, "logp": [logp[i, :n].tolist() for i, n in enumerate(lengths)],
+           "old": [old[i, :n].tolist() for i, n in enumerate(lengths)],
+           "ref": [ref[i, :n].tolist() for i, n in enumerate(lengths)],
+           "entropy": [ent[i, :n].tolist() for i, n in enumerate(lengths)],
+           "advantages": [a_seq[i, :n].tolist() for i, n in enumerate(lengths)], "config": cfg, "cases": []}
+    for alpha, eta in [(0.0, 0.5), (0.3, 0.5), (0.0, 0.4), (0.3, -0.5)]:
+        adv = (alpha * torch.exp(old) + 1 - alpha) * a_seq * mask
+        p = torch.exp(old)
+        low = (p < eta) if eta > 0 else (p >= -eta)
+        low = low.float() * mask
+        high = (1 - low) * mask
+        case = {"alpha": alpha, "eta": eta, "low_tokens": float(low.sum())}
+        for name, adv_p, act in [("single", adv, mask), ("first", adv * low, low), ("second", adv * high, high)]:
+            x = logp.clone().requires_grad_(True)
+            loss = loss_of(x, adv_p, act)
+            loss.backward()
+            case[name] = {"loss": loss.item(), "grad": [x.grad[i, :n].tolist() for i, n in enumerate(lengths)]}
+        out["cases"].append(case)
+    return out
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
-    for name, fn in [("adamw", adamw), ("grpo", grpo), ("advantages", advantages)]:
+    for name, fn in [("adamw", adamw), ("grpo", grpo), ("advantages", advantages),
+                     ("estimators", estimators), ("value", value), ("dpo", dpo), ("lopti", lopti)]:
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(fn(), f)
     print("learner fixtures written")

@@ -339,6 +339,7 @@ fn rl_stage(
         micro_batch_tokens: c.optimizer.micro_batch_tokens,
         temperature: f64::from(r.temperature),
         max_completion_length: r.max_new_tokens,
+        value: None,
     };
     let part_names: Vec<String> = task.reward.parts.iter().map(|p| p.name.clone()).collect();
     let bar = progress_bar(c.run.steps, "grpo", opts.progress);
@@ -373,11 +374,13 @@ fn rl_stage(
             let seqs: Vec<Sequence> = samples
                 .iter()
                 .zip(&advantages)
-                .map(|(s, &a)| Sequence {
-                    prompt: s.prompt_ids.clone(),
-                    completion: s.completion_ids.clone(),
-                    behavior_logprobs: s.behavior_logprobs.clone(),
-                    advantage: a,
+                .map(|(s, &a)| {
+                    Sequence::new(
+                        s.prompt_ids.clone(),
+                        s.completion_ids.clone(),
+                        s.behavior_logprobs.clone(),
+                        a,
+                    )
                 })
                 .collect();
             let lr = learning_rate(
@@ -388,7 +391,7 @@ fn rl_stage(
                 c.run.steps,
             );
             let t1 = Instant::now();
-            let m = policy_step(policy, reference, opt, &seqs, &step_cfg, lr)?;
+            let m = policy_step(policy, reference, None, opt, &seqs, &step_cfg, lr)?;
             let train = t1.elapsed().as_secs_f64();
             if m.skipped {
                 skipped_in_a_row += 1;

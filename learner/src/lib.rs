@@ -1,11 +1,14 @@
 //! The learner: the GRPO-family losses, the optimizer and learning-rate schedules, the train
 //! step, the collector that turns rollout groups into steps, and checkpoints.
 
+pub mod advantages;
 pub mod checkpoint;
 pub mod collect;
+pub mod dpo;
 pub mod error;
 pub mod grpo;
 pub mod optim;
+pub mod ppo;
 pub mod schedule;
 pub mod sft;
 pub mod step;

@@ -35,12 +35,7 @@ pub fn sft_step(
     // the policy step's packing: rows × longest row within the budget, prompt tokens masked
     let seqs: Vec<Sequence> = examples
         .iter()
-        .map(|(p, c)| Sequence {
-            prompt: p.clone(),
-            completion: c.clone(),
-            behavior_logprobs: vec![0.0; c.len()],
-            advantage: 0.0,
-        })
+        .map(|(p, c)| Sequence::new(p.clone(), c.clone(), vec![0.0; c.len()], 0.0))
         .collect();
     let mut m = SftMetrics {
         tokens,

@@ -10,6 +10,7 @@ use model::Weights;
 use crate::error::{LearnerError, Result};
 use crate::grpo::{policy_loss, PolicyInputs, PolicyLossConfig, PolicyStats, StepTotals};
 use crate::optim::AdamW;
+use crate::ppo::{value_loss, ValueHead, ValueStats};
 
 /// One completion to learn from.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,7 +19,45 @@ pub struct Sequence {
     pub completion: Vec<u32>,
     /// Log-prob of each completion token under the policy that sampled it.
     pub behavior_logprobs: Vec<f32>,
-    pub advantage: f32,
+    /// One advantage per completion token.
+    pub advantages: Vec<f32>,
+    /// Where KL and entropy count (Lopti's active group); None: every completion token.
+    pub active: Option<Vec<bool>>,
+    /// PPO: the value targets and the values at rollout, one per completion token.
+    pub values: Option<ValueTargets>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValueTargets {
+    pub returns: Vec<f32>,
+    pub old_values: Vec<f32>,
+}
+
+impl Sequence {
+    /// A sequence whose every token carries the same advantage.
+    pub fn new(
+        prompt: Vec<u32>,
+        completion: Vec<u32>,
+        behavior_logprobs: Vec<f32>,
+        advantage: f32,
+    ) -> Self {
+        let n = completion.len();
+        Sequence {
+            prompt,
+            completion,
+            behavior_logprobs,
+            advantages: vec![advantage; n],
+            active: None,
+            values: None,
+        }
+    }
+}
+
+/// PPO's critic loss inside the policy step (a value head on the policy trunk).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValueLossConfig {
+    pub vf_coef: f64,
+    pub clip: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -30,13 +69,19 @@ pub struct StepConfig {
     pub temperature: f64,
     /// Dr. GRPO's `L_max`.
     pub max_completion_length: usize,
+    /// The value loss of a shared value head (None: no critic in this step).
+    pub value: Option<ValueLossConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct StepMetrics {
     pub loss: f64,
     pub policy: PolicyStats,
+    pub value: ValueStats,
+    pub value_loss: f64,
     pub grad_norm: f64,
+    /// Optimizer steps taken (several with mini-batches, epochs or Lopti).
+    pub optimizer_steps: usize,
     pub skipped: bool,
     pub micro_batches: usize,
     pub tokens: usize,
@@ -72,6 +117,10 @@ pub(crate) struct Packed {
     pub(crate) loss_mask: Vec<Vec<u8>>,
     old: Tensor,
     advantages: Tensor,
+    /// 1 on active completion tokens (KL and entropy; Lopti's group)
+    active: Tensor,
+    returns: Tensor,
+    old_values: Tensor,
 }
 
 pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
@@ -83,12 +132,20 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
     let mut ids = Vec::new();
     let mut attention = Vec::new();
     let mut loss_mask = Vec::new();
-    let mut old = vec![0f32; seqs.len() * (t - 1)];
-    let mut adv = vec![0f32; seqs.len() * (t - 1)];
+    let cells = seqs.len() * (t - 1);
+    let (mut old, mut adv, mut active) = (vec![0f32; cells], vec![0f32; cells], vec![0f32; cells]);
+    let (mut returns, mut old_values) = (vec![0f32; cells], vec![0f32; cells]);
     for (r, s) in seqs.iter().enumerate() {
-        if s.behavior_logprobs.len() != s.completion.len() || s.prompt.is_empty() {
+        let n = s.completion.len();
+        let lengths_ok = s.behavior_logprobs.len() == n
+            && s.advantages.len() == n
+            && s.active.as_ref().is_none_or(|a| a.len() == n)
+            && s.values
+                .as_ref()
+                .is_none_or(|v| v.returns.len() == n && v.old_values.len() == n);
+        if !lengths_ok || s.prompt.is_empty() {
             return Err(LearnerError::Invalid(
-                "a sequence needs a prompt and one behaviour log-prob per completion token".into(),
+                "a sequence needs a prompt and one behaviour log-prob, advantage (and active flag, return, value) per completion token".into(),
             ));
         }
         let n = s.prompt.len() + s.completion.len();
@@ -104,24 +161,35 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
         for (j, &lp) in s.behavior_logprobs.iter().enumerate() {
             let at = r * (t - 1) + s.prompt.len() + j - 1; // position predicting completion token j
             old[at] = lp;
-            adv[at] = s.advantage;
+            adv[at] = s.advantages[j];
+            active[at] = f32::from(u8::from(s.active.as_ref().is_none_or(|a| a[j])));
+            if let Some(v) = &s.values {
+                returns[at] = v.returns[j];
+                old_values[at] = v.old_values[j];
+            }
         }
     }
     let b = seqs.len();
+    let tensor = |v: Vec<f32>| Tensor::from_vec(v, (b, t - 1), device);
     Ok(Packed {
         ids,
         attention,
         loss_mask,
-        old: Tensor::from_vec(old, (b, t - 1), device)?,
-        advantages: Tensor::from_vec(adv, (b, t - 1), device)?,
+        old: tensor(old)?,
+        advantages: tensor(adv)?,
+        active: tensor(active)?,
+        returns: tensor(returns)?,
+        old_values: tensor(old_values)?,
     })
 }
 
 /// One optimizer step of the policy on `seqs`. `policy` must read the optimizer's `Var`s;
-/// `reference` (detached) is needed when the loss has a KL term.
+/// `reference` (detached) is needed when the loss has a KL term; `head` (whose `Var`s the
+/// optimizer also holds) adds PPO's value loss when `cfg.value` is set.
 pub fn policy_step(
     policy: &Weights,
     reference: Option<&Weights>,
+    head: Option<&ValueHead>,
     opt: &mut AdamW,
     seqs: &[Sequence],
     cfg: &StepConfig,
@@ -140,9 +208,11 @@ pub fn policy_step(
     let mut m = StepMetrics {
         micro_batches: ranges.len(),
         tokens,
+        optimizer_steps: 1,
         ..Default::default()
     };
     let mut weighted = PolicyStats::default();
+    let mut value_weighted = ValueStats::default();
     for range in ranges {
         let mb = &seqs[range];
         let p = pack(mb, &device)?;
@@ -167,9 +237,28 @@ pub fn policy_step(
             mask: &lp.mask,
             ref_logprobs: reference_lp.as_ref(),
             entropy: Some(&lp.entropy),
-            kl_entropy_mask: None,
+            kl_entropy_mask: Some(&(&p.active * &lp.mask)?),
         };
-        let (loss, stats) = policy_loss(&inputs, &cfg.loss, &totals)?;
+        let (mut loss, stats) = policy_loss(&inputs, &cfg.loss, &totals)?;
+        if let Some(vc) = cfg.value {
+            let head = head
+                .ok_or_else(|| LearnerError::Invalid("a value loss needs a value head".into()))?;
+            let values = head.values(&lp.hidden)?; // [B, T−1]
+            let mask = (&p.active * &lp.mask)?;
+            let (vl, vs) = value_loss(
+                &values,
+                &p.old_values,
+                &p.returns,
+                &mask,
+                vc.clip,
+                totals.tokens,
+            )?;
+            m.value_loss += vl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            loss = (loss + (vl * vc.vf_coef)?)?;
+            value_weighted.clip_frac += vs.clip_frac * vs.tokens;
+            value_weighted.value_mean += vs.value_mean * vs.tokens;
+            value_weighted.tokens += vs.tokens;
+        }
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             opt.zero_grad();
@@ -180,7 +269,7 @@ pub fn policy_step(
         }
         m.loss += value;
         let missing = opt.accumulate(&loss.backward()?, 1.0)?;
-        if !missing.is_empty() && mb.iter().any(|s| s.advantage != 0.0) {
+        if !missing.is_empty() && mb.iter().flat_map(|s| &s.advantages).any(|&a| a != 0.0) {
             return Err(LearnerError::Invalid(format!(
                 "no gradient reached {}",
                 missing.join(", ")
@@ -205,9 +294,229 @@ pub fn policy_step(
         entropy_mean: weighted.entropy_mean / n,
         tokens: weighted.tokens,
     };
+    let nv = value_weighted.tokens.max(1.0);
+    m.value = ValueStats {
+        clip_frac: value_weighted.clip_frac / nv,
+        value_mean: value_weighted.value_mean / nv,
+        tokens: value_weighted.tokens,
+    };
     let s = opt.step(lr)?;
     m.grad_norm = s.grad_norm;
     m.skipped = s.skipped;
     m.seconds = start.elapsed().as_secs_f64();
     Ok(m)
+}
+
+/// How one RL step's batch becomes optimizer steps: PPO epochs over mini-batches, and Lopti's
+/// two passes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateConfig {
+    pub epochs: usize,
+    /// Mini-batches per epoch (each one optimizer step); 1: the whole batch at once.
+    pub mini_batches: usize,
+    /// Lopti's threshold η (None: one pass over every token).
+    pub lopti_eta: Option<f64>,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig {
+            epochs: 1,
+            mini_batches: 1,
+            lopti_eta: None,
+        }
+    }
+}
+
+/// Lopti's two passes (spec §1.4): the first keeps the advantages of the low-probability tokens
+/// (`π_old < η`) and zeroes the rest; the second the reverse. KL, entropy and value terms are
+/// restricted to the active group; the behaviour log-probs and the denominators are unchanged.
+pub fn lopti_passes(seqs: &[Sequence], eta: f64) -> [Vec<Sequence>; 2] {
+    let pass = |first: bool| -> Vec<Sequence> {
+        seqs.iter()
+            .map(|s| {
+                let low = crate::advantages::lopti_first(&s.behavior_logprobs, eta);
+                let active: Vec<bool> = low
+                    .iter()
+                    .zip(s.active.as_deref().unwrap_or(&vec![true; low.len()]))
+                    .map(|(&l, &a)| a && (l == first))
+                    .collect();
+                Sequence {
+                    advantages: s
+                        .advantages
+                        .iter()
+                        .zip(&low)
+                        .map(|(&a, &l)| if l == first { a } else { 0.0 })
+                        .collect(),
+                    active: Some(active),
+                    ..s.clone()
+                }
+            })
+            .collect()
+    };
+    [pass(true), pass(false)]
+}
+
+/// The whole update of one RL step: for each Lopti pass (one without Lopti), `epochs` passes
+/// over `mini_batches` contiguous mini-batches, each one optimizer step. The metrics are means
+/// over the optimizer steps, except the loss, which sums the Lopti passes (their losses add up to
+/// the one-pass loss).
+#[allow(clippy::too_many_arguments)]
+pub fn update(
+    policy: &Weights,
+    reference: Option<&Weights>,
+    head: Option<&ValueHead>,
+    opt: &mut AdamW,
+    seqs: &[Sequence],
+    step: &StepConfig,
+    up: &UpdateConfig,
+    lr: f64,
+) -> Result<StepMetrics> {
+    let start = Instant::now();
+    let passes: Vec<Vec<Sequence>> = match up.lopti_eta {
+        // a group without tokens makes no optimizer step (it would only apply weight decay)
+        Some(eta) => lopti_passes(seqs, eta)
+            .into_iter()
+            .filter(|pass| {
+                pass.iter()
+                    .flat_map(|s| s.active.iter().flatten())
+                    .any(|&a| a)
+            })
+            .collect(),
+        None => vec![seqs.to_vec()],
+    };
+    if passes.is_empty() {
+        return Err(LearnerError::Invalid("an update without tokens".into()));
+    }
+    let per = seqs.len().div_ceil(up.mini_batches.max(1)).max(1);
+    let mut all: Vec<StepMetrics> = Vec::new();
+    for pass in &passes {
+        for _ in 0..up.epochs.max(1) {
+            for chunk in pass.chunks(per) {
+                all.push(policy_step(policy, reference, head, opt, chunk, step, lr)?);
+            }
+        }
+    }
+    let n = all.len() as f64;
+    let per_pass = n / passes.len() as f64;
+    let mean = |f: &dyn Fn(&StepMetrics) -> f64| all.iter().map(f).sum::<f64>() / n;
+    let tokens: f64 = all.iter().map(|m| m.policy.tokens).sum::<f64>().max(1.0);
+    let weighted = |f: &dyn Fn(&PolicyStats) -> f64| {
+        all.iter()
+            .map(|m| f(&m.policy) * m.policy.tokens)
+            .sum::<f64>()
+            / tokens
+    };
+    let vtokens: f64 = all.iter().map(|m| m.value.tokens).sum::<f64>().max(1.0);
+    let vweighted = |f: &dyn Fn(&ValueStats) -> f64| {
+        all.iter()
+            .map(|m| f(&m.value) * m.value.tokens)
+            .sum::<f64>()
+            / vtokens
+    };
+    Ok(StepMetrics {
+        loss: all.iter().map(|m| m.loss).sum::<f64>() / per_pass,
+        value_loss: all.iter().map(|m| m.value_loss).sum::<f64>() / per_pass,
+        policy: PolicyStats {
+            clip_low_frac: weighted(&|p| p.clip_low_frac),
+            clip_high_frac: weighted(&|p| p.clip_high_frac),
+            ratio_mean: weighted(&|p| p.ratio_mean),
+            ratio_max: all.iter().map(|m| m.policy.ratio_max).fold(0.0, f64::max),
+            kl_mean: weighted(&|p| p.kl_mean),
+            entropy_mean: weighted(&|p| p.entropy_mean),
+            tokens: all.first().map_or(0.0, |m| m.policy.tokens),
+        },
+        value: ValueStats {
+            clip_frac: vweighted(&|v| v.clip_frac),
+            value_mean: vweighted(&|v| v.value_mean),
+            tokens: vtokens,
+        },
+        grad_norm: mean(&|m| m.grad_norm),
+        skipped: all.iter().any(|m| m.skipped),
+        micro_batches: all.iter().map(|m| m.micro_batches).sum(),
+        tokens: seqs.iter().map(|s| s.completion.len()).sum(),
+        optimizer_steps: all.len(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Values `V(s_t)` of every completion token under `w` and `head` (detached), one vector per
+/// sequence: the rollout values PPO's GAE and value clipping start from.
+pub fn predict_values(
+    w: &Weights,
+    head: &ValueHead,
+    seqs: &[Sequence],
+    micro_batch_tokens: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let device = w.embed_tokens.device().clone();
+    let mut out = Vec::with_capacity(seqs.len());
+    for range in micro_batches(seqs, micro_batch_tokens) {
+        let mb = &seqs[range];
+        let p = pack(mb, &device)?;
+        let values = head.values(&trunk(w, &p, &device)?)?.detach(); // [B, T−1]
+        let rows = values.to_vec2::<f32>()?;
+        for (s, row) in mb.iter().zip(rows) {
+            let at = s.prompt.len() - 1;
+            out.push(row[at..at + s.completion.len()].to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// `[B, T−1, H]` final hidden states of a packed micro-batch (position t predicts token t+1).
+fn trunk(w: &Weights, p: &Packed, device: &Device) -> Result<Tensor> {
+    let batch = model::forward::Batch::new(&p.ids, &p.attention, device)?;
+    let hidden = model::forward::hidden_states(w, &batch, None)?;
+    let t = hidden.dim(1)?;
+    Ok(hidden.narrow(1, 0, t - 1)?)
+}
+
+/// One optimizer step of a separate critic (its own trunk `critic`, `head` and optimizer) on the
+/// clipped value loss, token mean over the batch.
+pub fn critic_step(
+    critic: &Weights,
+    head: &ValueHead,
+    opt: &mut AdamW,
+    seqs: &[Sequence],
+    micro_batch_tokens: usize,
+    clip: Option<f64>,
+    lr: f64,
+) -> Result<(f64, ValueStats, f64)> {
+    let device = critic.embed_tokens.device().clone();
+    let tokens: f64 = seqs.iter().map(|s| s.completion.len() as f64).sum();
+    let mut loss_sum = 0.0;
+    let mut stats = ValueStats::default();
+    for range in micro_batches(seqs, micro_batch_tokens) {
+        let p = pack(&seqs[range], &device)?;
+        let values = head.values(&trunk(critic, &p, &device)?)?;
+        let mask = loss_mask_tensor(&p, &device)?;
+        let (loss, s) = value_loss(&values, &p.old_values, &p.returns, &mask, clip, tokens)?;
+        let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !v.is_finite() {
+            opt.zero_grad();
+            return Ok((v, stats, f64::NAN));
+        }
+        loss_sum += v;
+        opt.accumulate(&loss.backward()?, 1.0)?;
+        stats.clip_frac += s.clip_frac * s.tokens;
+        stats.value_mean += s.value_mean * s.tokens;
+        stats.tokens += s.tokens;
+    }
+    let n = stats.tokens.max(1.0);
+    stats.clip_frac /= n;
+    stats.value_mean /= n;
+    let s = opt.step(lr)?;
+    Ok((loss_sum, stats, s.grad_norm))
+}
+
+/// `[B, T−1]` f32 mask of the completion tokens (aligned with the shifted log-probs).
+fn loss_mask_tensor(p: &Packed, device: &Device) -> Result<Tensor> {
+    let rows: Vec<f32> = p
+        .loss_mask
+        .iter()
+        .flat_map(|row| row[1..].iter().map(|&m| f32::from(m)))
+        .collect();
+    let b = p.loss_mask.len();
+    let t = p.loss_mask.first().map_or(1, Vec::len);
+    Ok(Tensor::from_vec(rows, (b, t - 1), device)?)
 }

@@ -4,7 +4,11 @@
 use candle_core::{DType, Device};
 use learner::grpo::{Aggregation, PolicyLossConfig};
 use learner::optim::{AdamW, AdamWConfig};
-use learner::step::{micro_batches, policy_step, Sequence, StepConfig};
+use learner::ppo::ValueHead;
+use learner::step::{
+    critic_step, micro_batches, policy_step, predict_values, update, Sequence, StepConfig,
+    UpdateConfig, ValueLossConfig, ValueTargets,
+};
 use model::logprobs::sequence_logprobs;
 use model::Weights;
 
@@ -25,12 +29,8 @@ fn completion_logprob(w: &Weights, s: &Sequence) -> f32 {
 
 fn sequences(w: &Weights) -> Vec<Sequence> {
     let mk = |prompt: Vec<u32>, completion: Vec<u32>, advantage: f32| {
-        let mut s = Sequence {
-            prompt,
-            completion,
-            behavior_logprobs: vec![],
-            advantage,
-        };
+        let n = completion.len();
+        let mut s = Sequence::new(prompt, completion, vec![0.0; n], advantage);
         // behaviour log-probs from the model itself (on-policy)
         let ids: Vec<u32> = s.prompt.iter().chain(&s.completion).copied().collect();
         let n = ids.len();
@@ -59,6 +59,7 @@ fn config(budget: usize) -> StepConfig {
         micro_batch_tokens: budget,
         temperature: 1.0,
         max_completion_length: 8,
+        value: None,
     }
 }
 
@@ -70,7 +71,7 @@ fn advantages_move_log_probs_in_their_direction() {
     let seqs = sequences(&base);
     let before: Vec<f32> = seqs.iter().map(|s| completion_logprob(&base, s)).collect();
     for step in 0..5 {
-        let m = policy_step(&w, None, &mut opt, &seqs, &config(1 << 12), 2e-3).unwrap();
+        let m = policy_step(&w, None, None, &mut opt, &seqs, &config(1 << 12), 2e-3).unwrap();
         assert!(!m.skipped, "{m:?}");
         if step == 0 {
             // on-policy: every ratio is 1, nothing clipped
@@ -88,9 +89,9 @@ fn advantages_move_log_probs_in_their_direction() {
     for (k, s) in seqs.iter().enumerate() {
         let moved = after[k] - before[k];
         assert!(
-            moved * s.advantage > 0.0,
+            moved * s.advantages[0] > 0.0,
             "sequence {k} (A = {}): {} → {}",
-            s.advantage,
+            s.advantages[0],
             before[k],
             after[k]
         );
@@ -104,7 +105,7 @@ fn micro_batching_does_not_change_the_step() {
     let run = |budget: usize| {
         let (vars, w) = base.to_vars().unwrap();
         let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
-        let m = policy_step(&w, None, &mut opt, &seqs, &config(budget), 1e-3).unwrap();
+        let m = policy_step(&w, None, None, &mut opt, &seqs, &config(budget), 1e-3).unwrap();
         (
             m,
             w.detach()
@@ -136,12 +137,7 @@ fn micro_batching_does_not_change_the_step() {
 
 #[test]
 fn micro_batches_respect_the_token_budget() {
-    let s = |n: usize| Sequence {
-        prompt: vec![1; 2],
-        completion: vec![2; n],
-        behavior_logprobs: vec![0.0; n],
-        advantage: 0.0,
-    };
+    let s = |n: usize| Sequence::new(vec![1; 2], vec![2; n], vec![0.0; n], 0.0);
     let seqs = vec![s(2), s(2), s(6), s(1), s(30)];
     let r = micro_batches(&seqs, 16);
     assert_eq!(r, vec![0..2, 2..4, 4..5]);
@@ -169,4 +165,143 @@ fn sft_lowers_the_loss_of_its_examples() {
         last.loss
     );
     assert!(learner::sft::sft_step(&w, &mut opt, &[(vec![1], vec![])], 64, 1e-2).is_err());
+}
+
+/// Every parameter of `w`, flattened in name order.
+fn flat(w: &Weights) -> Vec<f32> {
+    w.named()
+        .values()
+        .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+fn run_update(
+    base: &Weights,
+    seqs: &[Sequence],
+    up: &UpdateConfig,
+    lr: f64,
+) -> (learner::step::StepMetrics, Vec<f32>, u64) {
+    let (vars, w) = base.to_vars().unwrap();
+    let mut opt = AdamW::new(
+        vars,
+        AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let m = update(&w, None, None, &mut opt, seqs, &config(1 << 12), up, lr).unwrap();
+    (m, flat(&w.detach()), opt.steps())
+}
+
+#[test]
+fn lopti_without_low_probability_tokens_is_one_plain_pass() {
+    let base = model();
+    let seqs = sequences(&base);
+    let plain = run_update(&base, &seqs, &UpdateConfig::default(), 1e-3);
+    // no behaviour probability is below 1e-12: the first group is empty
+    let lopti = UpdateConfig {
+        lopti_eta: Some(1e-12),
+        ..Default::default()
+    };
+    let split = run_update(&base, &seqs, &lopti, 1e-3);
+    assert_eq!(split.0.optimizer_steps, 1);
+    assert_eq!(split.2, 1);
+    assert_eq!(plain.1, split.1, "the same weights bit for bit");
+    assert_eq!(plain.0.loss, split.0.loss);
+}
+
+#[test]
+fn lopti_takes_two_optimizer_steps_whose_first_losses_sum_to_the_plain_loss() {
+    let base = model();
+    let seqs = sequences(&base);
+    // the tiny model's behaviour probabilities straddle 0.002
+    let probs: Vec<f32> = seqs
+        .iter()
+        .flat_map(|s| s.behavior_logprobs.iter().map(|l| l.exp()))
+        .collect();
+    let eta = 0.002f64;
+    assert!(
+        probs.iter().any(|&p| f64::from(p) < eta) && probs.iter().any(|&p| f64::from(p) >= eta),
+        "{probs:?}"
+    );
+    let lopti = UpdateConfig {
+        lopti_eta: Some(eta),
+        ..Default::default()
+    };
+    let (m, w, steps) = run_update(&base, &seqs, &lopti, 1e-3);
+    assert_eq!((m.optimizer_steps, steps), (2, 2));
+    assert_ne!(w, flat(&base));
+    // with lr 0 the second pass sees the first pass's parameters: the losses add up exactly
+    let plain = run_update(&base, &seqs, &UpdateConfig::default(), 0.0).0;
+    let split = run_update(&base, &seqs, &lopti, 0.0).0;
+    assert!(
+        (plain.loss - split.loss).abs() < 1e-6,
+        "{} vs {}",
+        plain.loss,
+        split.loss
+    );
+    // epochs and mini-batches multiply the optimizer steps
+    let many = UpdateConfig {
+        epochs: 2,
+        mini_batches: 2,
+        lopti_eta: Some(eta),
+    };
+    assert_eq!(run_update(&base, &seqs, &many, 1e-3).0.optimizer_steps, 8);
+}
+
+#[test]
+fn a_value_head_learns_the_returns() {
+    let base = model();
+    let mut seqs = sequences(&base);
+    for (k, s) in seqs.iter_mut().enumerate() {
+        let n = s.completion.len();
+        s.values = Some(ValueTargets {
+            returns: vec![k as f32 * 0.5 - 0.5; n],
+            old_values: vec![0.0; n],
+        });
+        s.advantages = vec![0.0; n];
+    }
+    let (mut vars, w) = base.to_vars().unwrap();
+    let head = ValueHead::zeros(w.config.hidden_size, &Device::Cpu).unwrap();
+    vars.extend(head.vars());
+    let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+    let cfg = StepConfig {
+        value: Some(ValueLossConfig {
+            vf_coef: 1.0,
+            clip: None,
+        }),
+        ..config(1 << 12)
+    };
+    let first = policy_step(&w, None, Some(&head), &mut opt, &seqs, &cfg, 1e-2).unwrap();
+    let mut last = first.clone();
+    for _ in 0..30 {
+        last = policy_step(&w, None, Some(&head), &mut opt, &seqs, &cfg, 1e-2).unwrap();
+    }
+    assert!(
+        last.value_loss < 0.2 * first.value_loss,
+        "{} → {}",
+        first.value_loss,
+        last.value_loss
+    );
+    let v = predict_values(&w.detach(), &head, &seqs, 1 << 12).unwrap();
+    assert_eq!(
+        v.iter().map(Vec::len).collect::<Vec<_>>(),
+        seqs.iter().map(|s| s.completion.len()).collect::<Vec<_>>()
+    );
+    // a separate critic trained alone on the same targets
+    let (cvars, critic) = base.to_vars().unwrap();
+    let chead = ValueHead::zeros(critic.config.hidden_size, &Device::Cpu).unwrap();
+    let mut cvars = cvars;
+    cvars.extend(chead.vars());
+    let mut copt = AdamW::new(cvars, AdamWConfig::default()).unwrap();
+    let (l0, _, _) =
+        critic_step(&critic, &chead, &mut copt, &seqs, 1 << 12, Some(10.0), 1e-2).unwrap();
+    let mut l = l0;
+    for _ in 0..30 {
+        l = critic_step(&critic, &chead, &mut copt, &seqs, 16, Some(10.0), 1e-2)
+            .unwrap()
+            .0;
+    }
+    assert!(l < 0.2 * l0, "critic {l0} → {l}");
 }

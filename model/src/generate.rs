@@ -61,6 +61,8 @@ pub struct Completion {
     pub tokens: Vec<u32>,
     /// Log-prob of each token under the distribution it was sampled from.
     pub logprobs: Vec<f32>,
+    /// Entropy of the full next-token distribution (at the sampling temperature) at each step.
+    pub entropies: Vec<f32>,
     pub finish: FinishReason,
     /// Decoded text without special tokens, cut before a stop string (with a tokenizer).
     pub text: Option<String>,
@@ -124,6 +126,7 @@ pub fn generate(
         .map(|_| Completion {
             tokens: Vec::new(),
             logprobs: Vec::new(),
+            entropies: Vec::new(),
             finish: FinishReason::Length,
             text: None,
         })
@@ -138,6 +141,10 @@ pub fn generate(
             let c = &mut out[i];
             c.tokens.push(token);
             c.logprobs.push(logprob);
+            c.entropies.push(crate::sampling::entropy(
+                &logits[i],
+                cfg.sampling.temperature as f64,
+            ));
             if cfg.stop_token_ids.contains(&token) {
                 c.finish = FinishReason::Stop;
                 done[i] = true;

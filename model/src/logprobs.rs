@@ -15,6 +15,8 @@ pub struct SequenceLogprobs {
     pub entropy: Tensor,
     /// `[B, T−1]` f32: 1 where token t+1 is one whose log-prob counts (a completion token).
     pub mask: Tensor,
+    /// `[B, T−1, H]`: the final hidden state at position t (what a value head reads).
+    pub hidden: Tensor,
 }
 
 /// Log-probs and entropies of `input_ids` under `w` (training forward: differentiable when `w`
@@ -53,19 +55,18 @@ pub fn sequence_logprobs(
         .collect();
     let mask = Tensor::from_vec(mask, (b, t - 1), device)?;
     let zeros = Tensor::zeros((b, t - 1), DType::F32, device)?;
+    let hidden = hidden.narrow(1, 0, t - 1)?; // [B, T−1, H]
     if rows.is_empty() {
         return Ok(SequenceLogprobs {
             logprobs: zeros.clone(),
             entropy: zeros,
             mask,
+            hidden,
         });
     }
     let n = rows.len();
     let rows = Tensor::from_vec(rows, n, device)?;
-    let states = hidden
-        .narrow(1, 0, t - 1)?
-        .reshape((b * (t - 1), h))?
-        .index_select(&rows, 0)?; // [N, H]
+    let states = hidden.reshape((b * (t - 1), h))?.index_select(&rows, 0)?; // [N, H]
     let logits = linear(&states, w.output_weight(), None)?.to_dtype(DType::F32)?; // [N, V]
     let logits = if temperature != 1.0 {
         (logits / temperature)?
@@ -84,5 +85,6 @@ pub fn sequence_logprobs(
         logprobs: scatter(lp)?,
         entropy: scatter(entropy)?,
         mask,
+        hidden,
     })
 }

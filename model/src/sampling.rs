@@ -101,6 +101,21 @@ pub fn argmax(xs: &[f32]) -> usize {
     best
 }
 
+/// Entropy of `softmax(x / t)` over the whole vocabulary, in f64 (t ≤ 0 reads as 1).
+pub fn entropy(xs: &[f32], t: f64) -> f32 {
+    let t = if t > 0.0 { t } else { 1.0 };
+    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let (mut z, mut zx) = (0f64, 0f64);
+    for &x in xs {
+        let s = (x as f64 - max) / t;
+        let e = s.exp();
+        z += e;
+        zx += e * s;
+    }
+    // H = log Z − E[s]
+    (z.ln() - zx / z) as f32
+}
+
 /// `log softmax(x / t)[i]` in f64.
 pub fn log_softmax_at(xs: &[f32], i: usize, t: f64) -> f32 {
     let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;

@@ -1,0 +1,226 @@
+//! Advantage estimators beside GRPO's (spec §1.3, §5.5, §5.7 and verl's `core_algos`): RLOO,
+//! REINFORCE++ with and without a group baseline, PPO's token rewards and GAE, masked whitening,
+//! Advantage Reweighting, Lopti's token split and the entropy-minimisation rewards.
+//!
+//! Everything here is computed once per step from detached numbers, so it works on ragged
+//! per-sequence vectors: `xs[i][t]` is completion token t of sequence i (no padding).
+
+use serde::{Deserialize, Serialize};
+
+/// Which estimator turns rewards into advantages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// Group-normalised (spec §5.1).
+    Grpo,
+    /// Leave-one-out baseline: `r_i − mean_{j≠i} r_j`.
+    Rloo,
+    /// REINFORCE++: discounted token returns of the score (and the KL penalty), whitened over the batch.
+    ReinforcePp,
+    /// REINFORCE++-baseline: `r_i − mean_group(r)` on every token, whitened over the batch.
+    ReinforcePpBaseline,
+    /// PPO: GAE over a learned value.
+    Gae,
+}
+
+/// RLOO (Ahmadian et al.; verl `compute_rloo_outcome_advantage`): each response's baseline is the
+/// mean of the other responses of its prompt; a group of one gets advantage 0.
+pub fn rloo(rewards: &[f32], group_ids: &[u64]) -> Vec<f32> {
+    rewards
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| {
+            let others: Vec<f64> = (0..rewards.len())
+                .filter(|&j| j != i && group_ids[j] == group_ids[i])
+                .map(|j| f64::from(rewards[j]))
+                .collect();
+            if others.is_empty() {
+                0.0
+            } else {
+                (f64::from(r) - others.iter().sum::<f64>() / others.len() as f64) as f32
+            }
+        })
+        .collect()
+}
+
+/// The mean of each response's group (the REINFORCE++-baseline and GRPO-without-std baseline).
+fn group_means(rewards: &[f32], group_ids: &[u64]) -> Vec<f64> {
+    group_ids
+        .iter()
+        .map(|g| {
+            let members: Vec<f64> = (0..rewards.len())
+                .filter(|&j| group_ids[j] == *g)
+                .map(|j| f64::from(rewards[j]))
+                .collect();
+            members.iter().sum::<f64>() / members.len() as f64
+        })
+        .collect()
+}
+
+/// `(x − mean) / sqrt(var + 1e-8)` over every token of every sequence, with verl's unbiased
+/// variance (`masked_whiten`, `masked_var(unbiased=True)`).
+pub fn whiten(xs: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let n: usize = xs.iter().map(Vec::len).sum();
+    if n == 0 {
+        return xs.to_vec();
+    }
+    let all = || xs.iter().flatten().map(|&x| f64::from(x));
+    let mean = all().sum::<f64>() / n as f64;
+    let var = all().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+    let var = if n > 1 {
+        var * n as f64 / (n - 1) as f64
+    } else {
+        var
+    };
+    let scale = 1.0 / (var + 1e-8).sqrt();
+    xs.iter()
+        .map(|row| {
+            row.iter()
+                .map(|&x| ((f64::from(x) - mean) * scale) as f32)
+                .collect()
+        })
+        .collect()
+}
+
+/// PPO's token rewards (verl `apply_kl_penalty`, TRL's `non_score_reward`): `−β·kl_t` on every
+/// token and the score added at the last one. `kl[t]` is the per-token k1 `logπ_old − logπ_ref`.
+pub fn token_rewards(score: f32, kl: Option<&[f32]>, beta: f64, len: usize) -> Vec<f32> {
+    let mut r: Vec<f32> = match kl {
+        Some(kl) => kl.iter().map(|&k| (-beta * f64::from(k)) as f32).collect(),
+        None => vec![0.0; len],
+    };
+    if let Some(last) = r.last_mut() {
+        *last += score;
+    }
+    r
+}
+
+/// Discounted returns `G_t = r_t + γ G_{t+1}` of one sequence.
+pub fn discounted_returns(rewards: &[f32], gamma: f64) -> Vec<f32> {
+    let mut out = vec![0f32; rewards.len()];
+    let mut g = 0f64;
+    for t in (0..rewards.len()).rev() {
+        g = f64::from(rewards[t]) + gamma * g;
+        out[t] = g as f32;
+    }
+    out
+}
+
+/// REINFORCE++ (verl `compute_reinforce_plus_plus_outcome_advantage`): whitened discounted
+/// returns of the token rewards.
+pub fn reinforce_pp(token_rewards: &[Vec<f32>], gamma: f64) -> Vec<Vec<f32>> {
+    let returns: Vec<Vec<f32>> = token_rewards
+        .iter()
+        .map(|r| discounted_returns(r, gamma))
+        .collect();
+    whiten(&returns)
+}
+
+/// REINFORCE++-baseline (verl `compute_reinforce_plus_plus_baseline_outcome_advantage`): the
+/// score minus its group's mean on every token, whitened over the batch.
+pub fn reinforce_pp_baseline(
+    rewards: &[f32],
+    group_ids: &[u64],
+    lengths: &[usize],
+) -> Vec<Vec<f32>> {
+    let means = group_means(rewards, group_ids);
+    let centred: Vec<Vec<f32>> = rewards
+        .iter()
+        .zip(&means)
+        .zip(lengths)
+        .map(|((&r, &m), &n)| vec![(f64::from(r) - m) as f32; n])
+        .collect();
+    whiten(&centred)
+}
+
+/// Generalised advantage estimation of one sequence: `δ_t = r_t + γV_{t+1} − V_t`,
+/// `Â_t = δ_t + γλÂ_{t+1}`, V after the end is 0. Returns `(advantages, returns = Â + V)`.
+pub fn gae(rewards: &[f32], values: &[f32], gamma: f64, lambda: f64) -> (Vec<f32>, Vec<f32>) {
+    let n = rewards.len();
+    let mut adv = vec![0f32; n];
+    let mut ret = vec![0f32; n];
+    let mut next_value = 0f64;
+    let mut running = 0f64;
+    for t in (0..n).rev() {
+        let v = f64::from(values[t]);
+        let delta = f64::from(rewards[t]) + gamma * next_value - v;
+        running = delta + gamma * lambda * running;
+        adv[t] = running as f32;
+        ret[t] = (running + v) as f32;
+        next_value = v;
+    }
+    (adv, ret)
+}
+
+/// Advantage Reweighting (spec §1.3): `Â ← (α·π_old + (1 − α))·Â`, π_old the behaviour
+/// probability of the token (a constant).
+pub fn reweight(advantages: &[f32], old_logprobs: &[f32], alpha: f64) -> Vec<f32> {
+    advantages
+        .iter()
+        .zip(old_logprobs)
+        .map(|(&a, &lp)| ((alpha * f64::from(lp).exp() + 1.0 - alpha) * f64::from(a)) as f32)
+        .collect()
+}
+
+/// Lopti's first group (spec §1.4): `π_old < η` for η > 0; for η < 0 the order is reversed
+/// (`π_old ≥ |η|` first), the ablation that collapses training.
+pub fn lopti_first(old_logprobs: &[f32], eta: f64) -> Vec<bool> {
+    old_logprobs
+        .iter()
+        .map(|&lp| {
+            let p = f64::from(lp).exp();
+            if eta > 0.0 {
+                p < eta
+            } else {
+                p >= -eta
+            }
+        })
+        .collect()
+}
+
+/// EM-RL's intrinsic rewards (spec §5.7), from the sampling policy's own statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EntropyReward {
+    /// The verifier's reward.
+    #[default]
+    None,
+    /// `−Σ_t H(π(·|y_<t))`.
+    Token,
+    /// `Σ_t log π(y_t|y_<t)`.
+    Sequence,
+}
+
+impl EntropyReward {
+    /// The reward of one completion from its sampled log-probs and per-step entropies.
+    pub fn reward(self, logprobs: &[f32], entropies: &[f32]) -> Option<f32> {
+        match self {
+            EntropyReward::None => None,
+            EntropyReward::Token => {
+                Some(-entropies.iter().map(|&h| f64::from(h)).sum::<f64>() as f32)
+            }
+            EntropyReward::Sequence => {
+                Some(logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() as f32)
+            }
+        }
+    }
+}
+
+/// Fixed or adaptive KL coefficient (Ziegler et al.; spec §5.4):
+/// `β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n_steps/horizon)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct KlController {
+    pub beta: f64,
+    /// None: fixed.
+    pub target: Option<f64>,
+    pub horizon: f64,
+}
+
+impl KlController {
+    pub fn update(&mut self, kl: f64, n_steps: usize) {
+        if let Some(target) = self.target {
+            let error = (kl / target - 1.0).clamp(-0.2, 0.2);
+            self.beta *= 1.0 + error * n_steps as f64 / self.horizon;
+        }
+    }
+}
