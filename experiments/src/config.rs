@@ -3,6 +3,8 @@
 //! (and the nearest valid key).
 
 use anyhow::{bail, Context};
+use learner::advantages::EntropyReward;
+use learner::dpo::DpoLoss;
 use learner::grpo::{Aggregation, KlEstimator, RatioLevel, ScaleRewards};
 use learner::schedule::Schedule;
 use serde::{Deserialize, Serialize};
@@ -226,7 +228,8 @@ impl Default for RolloutConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlgorithmConfig {
-    /// `grpo` (the GRPO family; GSPO with `ratio = "sequence"`).
+    /// `grpo` (the GRPO family; GSPO with `ratio = "sequence"`), `rloo`, `reinforce_pp`,
+    /// `reinforce_pp_baseline`, `ppo` (GAE over a critic) or `dpo` (preference pairs).
     pub name: String,
     pub scale_rewards: ScaleRewards,
     pub std_eps: f64,
@@ -238,6 +241,44 @@ pub struct AlgorithmConfig {
     pub kl_coef: f64,
     pub kl_estimator: KlEstimator,
     pub entropy_coef: f64,
+    /// Advantage Reweighting α (0: off): `Â ← (α·π_old + 1 − α)·Â`.
+    pub ar_alpha: f64,
+    /// Lopti's threshold η: low-probability tokens (`π_old < η`) are updated first, then the rest
+    /// (negative: the reversed order). None: off.
+    pub lopti_eta: Option<f64>,
+    /// Passes over each step's batch, and optimizer steps per pass.
+    pub epochs: usize,
+    pub mini_batches: usize,
+    /// EM-RL: `token` or `sequence` negative-entropy rewards replace the verifier's.
+    pub entropy_reward: EntropyReward,
+    /// k1 KL penalty in the token rewards (PPO, REINFORCE++): `r_t = −β·KL_t`, score at the end.
+    pub reward_kl_coef: f64,
+    /// Adaptive KL controller target (None: fixed `reward_kl_coef`) and horizon.
+    pub kl_target: Option<f64>,
+    pub kl_horizon: f64,
+    /// Discount and GAE λ (PPO, REINFORCE++).
+    pub gamma: f64,
+    pub lambda: f64,
+    /// PPO: whiten the advantages over the batch.
+    pub whiten_advantages: bool,
+    /// PPO critic: `head` (a value head on the policy trunk, one optimizer) or `separate` (its own
+    /// trunk initialised from the policy, its own optimizer and `critic_lr`).
+    pub critic: String,
+    pub critic_lr: f64,
+    pub vf_coef: f64,
+    /// Value clipping range (None: unclipped).
+    pub value_clip: Option<f64>,
+    /// DPO: loss `sigmoid` / `ipo` / `robust` / `hinge`, β, label smoothing ε.
+    pub dpo_loss: DpoLoss,
+    pub dpo_beta: f64,
+    pub label_smoothing: f64,
+    /// DPO: pairs per optimizer step.
+    pub dpo_pairs_per_step: usize,
+    /// DPO: a JSONL or Parquet file of `prompt`, `chosen`, `rejected`; empty: build the pairs
+    /// from the warm-started model's own samples on the train prompts, ranked by the verifier.
+    pub preferences: String,
+    /// DPO self-built pairs: prompts sampled (each `rollout.group_size` times).
+    pub preference_prompts: usize,
 }
 
 impl Default for AlgorithmConfig {
@@ -254,6 +295,27 @@ impl Default for AlgorithmConfig {
             kl_coef: 0.0,
             kl_estimator: KlEstimator::K3,
             entropy_coef: 0.0,
+            ar_alpha: 0.0,
+            lopti_eta: None,
+            epochs: 1,
+            mini_batches: 1,
+            entropy_reward: EntropyReward::None,
+            reward_kl_coef: 0.0,
+            kl_target: None,
+            kl_horizon: 10000.0,
+            gamma: 1.0,
+            lambda: 0.95,
+            whiten_advantages: true,
+            critic: "head".into(),
+            critic_lr: 1e-4,
+            vf_coef: 0.1,
+            value_clip: Some(0.2),
+            dpo_loss: DpoLoss::Sigmoid,
+            dpo_beta: 0.1,
+            label_smoothing: 0.0,
+            dpo_pairs_per_step: 64,
+            preferences: String::new(),
+            preference_prompts: 512,
         }
     }
 }
@@ -386,11 +448,33 @@ impl Config {
         if r.temperature.is_nan() || r.temperature <= 0.0 {
             bail!("rollout.temperature = {}: must be positive", r.temperature);
         }
-        if self.algorithm.name != "grpo" {
-            bail!(
-                "algorithm.name = {:?}: this build runs `grpo` (the GRPO family)",
-                self.algorithm.name
-            );
+        let a = &self.algorithm;
+        const NAMES: [&str; 6] = ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo", "dpo"];
+        if !NAMES.contains(&a.name.as_str()) {
+            bail!("algorithm.name = {:?}: one of {}", a.name, NAMES.join(", "));
+        }
+        if !(0.0..=1.0).contains(&a.ar_alpha) {
+            bail!("algorithm.ar_alpha = {}: must lie in [0, 1]", a.ar_alpha);
+        }
+        if let Some(eta) = a.lopti_eta {
+            if eta == 0.0 || eta.abs() >= 1.0 || eta.is_nan() {
+                bail!("algorithm.lopti_eta = {eta}: must lie in (−1, 0) or (0, 1)");
+            }
+        }
+        if a.epochs == 0 || a.mini_batches == 0 || a.dpo_pairs_per_step == 0 {
+            bail!("algorithm.epochs, mini_batches and dpo_pairs_per_step must be positive");
+        }
+        if a.critic != "head" && a.critic != "separate" {
+            bail!("algorithm.critic = {:?}: `head` or `separate`", a.critic);
+        }
+        if a.kl_target.is_some_and(|t| t <= 0.0) || a.kl_horizon <= 0.0 {
+            bail!("algorithm.kl_target and kl_horizon must be positive");
+        }
+        if !(0.0..=1.0).contains(&a.gamma) || !(0.0..=1.0).contains(&a.lambda) {
+            bail!("algorithm.gamma and lambda must lie in [0, 1]");
+        }
+        if a.dpo_beta <= 0.0 || !(0.0..0.5).contains(&a.label_smoothing) {
+            bail!("algorithm.dpo_beta must be positive and label_smoothing in [0, 0.5)");
         }
         if self.optimizer.lr.is_nan()
             || self.optimizer.lr < 0.0

@@ -4,6 +4,7 @@
 //! built-in character tokenizer learns two-digit addition by a short supervised warm start,
 //! then asynchronous GRPO raises its held-out accuracy, on a laptop CPU in minutes.
 
+mod algo;
 mod bench;
 mod config;
 mod eval;

@@ -11,11 +11,9 @@ use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use learner::checkpoint::{self, TrainerState};
 use learner::collect::Collector;
-use learner::grpo::{group_advantages, PolicyLossConfig};
 use learner::optim::{AdamW, AdamWConfig};
 use learner::schedule::learning_rate;
 use learner::sft::sft_step;
-use learner::step::{policy_step, Sequence, StepConfig};
 use model::Weights;
 use rollout::policy::{Admission, PolicyStore};
 use rollout::pool::{Feed, FeedState, Pool, PoolConfig};
@@ -23,6 +21,7 @@ use rollout::schema::Finish;
 use rollout::task::Task;
 use serde::{Deserialize, Serialize};
 
+use crate::algo::{Algorithm, Critic};
 use crate::config::Config;
 use crate::eval::{evaluate, EvalResult};
 use crate::logs::{RolloutLog, StepTable};
@@ -147,6 +146,7 @@ fn sft_stage(
         feed,
         seed: c.run.seed,
         samples_seen: 0,
+        kl_coef: None,
     };
     let w = w.snapshot()?;
     checkpoint::save(
@@ -157,6 +157,7 @@ fn sft_stage(
         None,
         &state,
         &[(CONFIG_FILE, &c.to_toml())],
+        None,
     )?;
     Ok((w, feed, start.elapsed().as_secs_f64()))
 }
@@ -227,11 +228,20 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
                 feed: start_feed,
                 seed: c.run.seed,
                 samples_seen: 0,
+                kl_coef: None,
             },
         ),
     };
-    let reference = (c.algorithm.kl_coef != 0.0).then_some(start_weights);
-    let (vars, policy) = policy_init.to_vars()?;
+    let ckpt_dir = resume_from.as_ref().map(|(_, p)| p.as_path());
+    let critic_adamw = learner::optim::AdamWConfig {
+        weight_decay: 0.0,
+        ..adamw(c)
+    };
+    let (critic, head_vars) = Critic::new(c, &start_weights, ckpt_dir, critic_adamw)?;
+    let algorithm = Algorithm::new(c, critic, state.kl_coef);
+    let reference = Algorithm::needs_reference(c).then_some(start_weights);
+    let (mut vars, policy) = policy_init.to_vars()?;
+    vars.extend(head_vars);
     let mut opt = AdamW::new(vars, adamw(c))?;
     if let Some((_, ckpt)) = &resume_from {
         opt.load(ckpt)?;
@@ -263,6 +273,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         opts,
         &task,
         &policy,
+        algorithm,
         reference.as_ref(),
         &mut opt,
         state,
@@ -289,6 +300,7 @@ fn rl_stage(
     opts: &RunOptions,
     task: &Task,
     policy: &Weights,
+    mut algorithm: Algorithm,
     reference: Option<&Weights>,
     opt: &mut AdamW,
     mut state: TrainerState,
@@ -317,6 +329,7 @@ fn rl_stage(
             group_size: g,
             generation: setup::generation(c, &task.tokenizer),
             seed: c.run.seed,
+            entropy_reward: c.algorithm.entropy_reward,
         },
         Arc::new(task.clone()),
         feed.clone(),
@@ -325,22 +338,6 @@ fn rl_stage(
         sender,
     );
     let mut collector = Collector::new(receiver, r.max_staleness, r.prompts_per_step);
-    let step_cfg = StepConfig {
-        loss: PolicyLossConfig {
-            clip_low: c.algorithm.clip_low,
-            clip_high: c.algorithm.clip_high,
-            dual_clip: c.algorithm.dual_clip,
-            ratio: c.algorithm.ratio,
-            aggregation: c.algorithm.loss_aggregation,
-            kl: c.algorithm.kl_estimator,
-            kl_coef: c.algorithm.kl_coef,
-            entropy_coef: c.algorithm.entropy_coef,
-        },
-        micro_batch_tokens: c.optimizer.micro_batch_tokens,
-        temperature: f64::from(r.temperature),
-        max_completion_length: r.max_new_tokens,
-        value: None,
-    };
     let part_names: Vec<String> = task.reward.parts.iter().map(|p| p.name.clone()).collect();
     let bar = progress_bar(c.run.steps, "grpo", opts.progress);
     bar.set_position(state.step);
@@ -363,26 +360,10 @@ fn rl_stage(
                 .consumed(batch.groups.iter().map(Vec::len).sum::<usize>() + batch.dropped_rows);
             let wait = t0.elapsed().as_secs_f64();
             let samples: Vec<_> = batch.groups.iter().flatten().collect();
-            let rewards: Vec<f32> = samples.iter().map(|s| s.reward).collect();
-            let group_ids: Vec<u64> = samples.iter().map(|s| s.group_id).collect();
-            let advantages = group_advantages(
-                &rewards,
-                &group_ids,
-                c.algorithm.scale_rewards,
-                c.algorithm.std_eps,
-            );
-            let seqs: Vec<Sequence> = samples
-                .iter()
-                .zip(&advantages)
-                .map(|(s, &a)| {
-                    Sequence::new(
-                        s.prompt_ids.clone(),
-                        s.completion_ids.clone(),
-                        s.behavior_logprobs.clone(),
-                        a,
-                    )
-                })
-                .collect();
+            let t_adv = Instant::now();
+            let (seqs, adv) = algorithm.sequences(c, &samples, policy, reference)?;
+            let advantages = &adv.per_sequence;
+            let time_advantages = t_adv.elapsed().as_secs_f64();
             let lr = learning_rate(
                 c.optimizer.lr,
                 c.optimizer.schedule,
@@ -391,7 +372,15 @@ fn rl_stage(
                 c.run.steps,
             );
             let t1 = Instant::now();
-            let m = policy_step(policy, reference, None, opt, &seqs, &step_cfg, lr)?;
+            let critic_lr = learning_rate(
+                c.algorithm.critic_lr,
+                c.optimizer.schedule,
+                state.step,
+                c.optimizer.warmup_steps,
+                c.run.steps,
+            );
+            let (m, critic) = algorithm.train(policy, reference, opt, &seqs, lr, critic_lr)?;
+            state.kl_coef = Some(algorithm.kl.beta);
             let train = t1.elapsed().as_secs_f64();
             if m.skipped {
                 skipped_in_a_row += 1;
@@ -419,7 +408,7 @@ fn rl_stage(
             };
             let (reward_mean, reward_std) = mean_std(&f64s(&|s| f64::from(s.reward)));
             let (adv_mean, adv_std) =
-                mean_std(&advantages.iter().map(|&a| f64::from(a)).collect::<Vec<_>>());
+                mean_std(&adv.advantages.iter().map(|&a| f64::from(a)).collect::<Vec<_>>());
             let lengths = f64s(&|s| s.completion_ids.len() as f64);
             let part = |name: &str| {
                 mean_std(&f64s(&|s| {
@@ -441,10 +430,17 @@ fn rl_stage(
                 ("advantage_std".into(), adv_std),
                 (
                     "advantage_abs_max".into(),
-                    advantages
+                    adv.advantages
                         .iter()
                         .fold(0f64, |a, &x| a.max(f64::from(x.abs()))),
                 ),
+                ("reward_kl".into(), adv.reward_kl),
+                ("reward_kl_coef".into(), adv.reward_kl_coef),
+                ("value_loss".into(), critic.map_or(m.value_loss, |c| c.0)),
+                ("value_clip_frac".into(), critic.map_or(m.value.clip_frac, |c| c.1)),
+                ("value_mean".into(), m.value.value_mean),
+                ("critic_grad_norm".into(), critic.map_or(f64::NAN, |c| c.2)),
+                ("optimizer_steps".into(), m.optimizer_steps as f64),
                 ("loss".into(), m.loss),
                 ("clip_low_frac".into(), m.policy.clip_low_frac),
                 ("clip_high_frac".into(), m.policy.clip_high_frac),
@@ -494,6 +490,7 @@ fn rl_stage(
                     m.tokens as f64 / train.max(1e-9),
                 ),
                 ("time/wait_rollout".into(), wait),
+                ("time/advantages".into(), time_advantages),
                 ("time/train".into(), train),
                 ("time/publish".into(), publish),
                 ("time/step".into(), t0.elapsed().as_secs_f64()),
@@ -503,7 +500,7 @@ fn rl_stage(
                 tracing::warn!("rollout failed: {f}");
             }
             summary.dropped_rows += batch.dropped_rows as u64;
-            rollouts.write(state.step, &batch.batches, &advantages)?;
+            rollouts.write(state.step, &batch.batches, advantages)?;
             let t3 = Instant::now();
             let eval_due = c.run.eval_every > 0 && state.step.is_multiple_of(c.run.eval_every)
                 || state.step == c.run.steps;
@@ -523,7 +520,7 @@ fn rl_stage(
                 && state.step.is_multiple_of(c.run.checkpoint_every)
                 || state.step == c.run.steps;
             if ckpt_due {
-                save(c, opts, task, policy, opt, &state, &feed)?;
+                save(c, opts, task, policy, opt, &algorithm.critic, &state, &feed)?;
             }
             row.push(("time/checkpoint".into(), t4.elapsed().as_secs_f64()));
             metrics.push(state.step, &row)?;
@@ -546,7 +543,7 @@ fn rl_stage(
     pool.stop();
     result?;
     if summary.interrupted {
-        save(c, opts, task, policy, opt, &state, &feed)?;
+        save(c, opts, task, policy, opt, &algorithm.critic, &state, &feed)?;
         tracing::info!(
             step = state.step,
             "stopped; resume with --resume {}",
@@ -568,6 +565,7 @@ fn save(
     task: &Task,
     policy: &Weights,
     opt: &AdamW,
+    critic: &Critic,
     state: &TrainerState,
     feed: &Mutex<Feed>,
 ) -> anyhow::Result<()> {
@@ -584,6 +582,7 @@ fn save(
         Some(opt),
         &state,
         &[(CONFIG_FILE, &c.to_toml())],
+        Some(&|dir: &std::path::Path| critic.save(dir)),
     )?;
     checkpoint::prune(&root, c.run.keep_checkpoints)?;
     Ok(())

@@ -178,33 +178,7 @@ pub fn lopti_first(old_logprobs: &[f32], eta: f64) -> Vec<bool> {
         .collect()
 }
 
-/// EM-RL's intrinsic rewards (spec §5.7), from the sampling policy's own statistics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum EntropyReward {
-    /// The verifier's reward.
-    #[default]
-    None,
-    /// `−Σ_t H(π(·|y_<t))`.
-    Token,
-    /// `Σ_t log π(y_t|y_<t)`.
-    Sequence,
-}
-
-impl EntropyReward {
-    /// The reward of one completion from its sampled log-probs and per-step entropies.
-    pub fn reward(self, logprobs: &[f32], entropies: &[f32]) -> Option<f32> {
-        match self {
-            EntropyReward::None => None,
-            EntropyReward::Token => {
-                Some(-entropies.iter().map(|&h| f64::from(h)).sum::<f64>() as f32)
-            }
-            EntropyReward::Sequence => {
-                Some(logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() as f32)
-            }
-        }
-    }
-}
+pub use rollout::task::EntropyReward;
 
 /// Fixed or adaptive KL coefficient (Ziegler et al.; spec §5.4):
 /// `β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n_steps/horizon)`.

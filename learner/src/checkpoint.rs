@@ -31,6 +31,9 @@ pub struct TrainerState {
     pub seed: u64,
     /// Samples (rows) produced so far, for the logs.
     pub samples_seen: u64,
+    /// The adaptive KL controller's current β (token-reward KL penalty).
+    #[serde(default)]
+    pub kl_coef: Option<f64>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> LearnerError {
@@ -40,7 +43,9 @@ fn io(path: &Path, e: std::io::Error) -> LearnerError {
 fn sync_tree(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let path = entry.map_err(|e| io(dir, e))?.path();
-        if path.is_file() {
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else if path.is_file() {
             std::fs::File::open(&path)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io(&path, e))?;
@@ -49,7 +54,12 @@ fn sync_tree(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `root/name` atomically. `files` are extra text files (the resolved config).
+/// Writes more files into a checkpoint before it is committed (a critic, a value head).
+pub type Extra<'a> = &'a dyn Fn(&Path) -> Result<()>;
+
+/// Writes `root/name` atomically. `files` are extra text files (the resolved config); `extra`
+/// writes anything else into the checkpoint directory before it is synced and renamed.
+#[allow(clippy::too_many_arguments)]
 pub fn save(
     root: &Path,
     name: &str,
@@ -58,6 +68,7 @@ pub fn save(
     optimizer: Option<&AdamW>,
     state: &TrainerState,
     files: &[(&str, &str)],
+    extra: Option<Extra>,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
     let tmp = root.join(format!(".{name}.tmp"));
@@ -73,6 +84,9 @@ pub fn save(
     std::fs::write(tmp.join(STATE_FILE), state_json).map_err(|e| io(&tmp, e))?;
     for (file, text) in files {
         std::fs::write(tmp.join(file), text).map_err(|e| io(&tmp, e))?;
+    }
+    if let Some(extra) = extra {
+        extra(&tmp)?;
     }
     sync_tree(&tmp)?;
     let dest = root.join(name);
@@ -159,6 +173,7 @@ mod tests {
             },
             seed: 7,
             samples_seen: 192,
+            kl_coef: None,
         };
         let dir = save(
             &root,
@@ -168,8 +183,17 @@ mod tests {
             Some(&opt),
             &state,
             &[("config.toml", "x = 1")],
+            Some(&|d: &Path| {
+                std::fs::create_dir_all(d.join("critic")).unwrap();
+                std::fs::write(d.join("critic/extra.txt"), "critic").unwrap();
+                Ok(())
+            }),
         )
         .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("critic/extra.txt")).unwrap(),
+            "critic"
+        );
         // an interrupted later checkpoint: only its temporary directory exists
         std::fs::create_dir_all(root.join(".step-000006.tmp")).unwrap();
         std::fs::create_dir_all(root.join("step-000009")).unwrap(); // no trainer state: incomplete

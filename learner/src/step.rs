@@ -463,6 +463,28 @@ pub fn predict_values(
     Ok(out)
 }
 
+/// Log-probs of every completion token under `w` (detached) at `temperature`, one vector per
+/// sequence (reference log-probs for a KL penalty in the reward).
+pub fn token_logprobs(
+    w: &Weights,
+    seqs: &[Sequence],
+    micro_batch_tokens: usize,
+    temperature: f64,
+) -> Result<Vec<Vec<f32>>> {
+    let device = w.embed_tokens.device().clone();
+    let mut out = Vec::with_capacity(seqs.len());
+    for range in micro_batches(seqs, micro_batch_tokens) {
+        let mb = &seqs[range];
+        let p = pack(mb, &device)?;
+        let lp = sequence_logprobs(w, &p.ids, &p.attention, &p.loss_mask, temperature)?;
+        for (s, row) in mb.iter().zip(lp.logprobs.detach().to_vec2::<f32>()?) {
+            let at = s.prompt.len() - 1;
+            out.push(row[at..at + s.completion.len()].to_vec());
+        }
+    }
+    Ok(out)
+}
+
 /// `[B, T−1, H]` final hidden states of a packed micro-batch (position t predicts token t+1).
 fn trunk(w: &Weights, p: &Packed, device: &Device) -> Result<Tensor> {
     let batch = model::forward::Batch::new(&p.ids, &p.attention, device)?;

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{Admission, PolicyStore, WorkerPolicy};
 use crate::schema::{to_batch, Finish, Sample};
-use crate::task::Task;
+use crate::task::{EntropyReward, Task};
 
 /// Where the prompt feed stands, as a checkpoint stores it: the first group the learner has
 /// not consumed, and the data cursor before it.
@@ -85,6 +85,9 @@ pub struct PoolConfig {
     /// Sampling settings; the seed is replaced per group.
     pub generation: GenerationConfig,
     pub seed: u64,
+    /// EM-RL: reward each completion by its own (negative) entropy instead of the verifier; the
+    /// verifier's total is kept as the reward part `verifier`.
+    pub entropy_reward: EntropyReward,
 }
 
 /// One scored group.
@@ -153,6 +156,13 @@ pub fn rollout_group(
                 "correct".into(),
                 f32::from(u8::from(scored.correct == Some(true))),
             ));
+            let reward = match cfg.entropy_reward.reward(&c.logprobs, &c.entropies) {
+                Some(r) => {
+                    parts.push(("verifier".into(), scored.total));
+                    r
+                }
+                None => scored.total,
+            };
             Sample {
                 sample_id: group_id * cfg.group_size as u64 + k as u64,
                 prompt_id: record.id,
@@ -162,7 +172,7 @@ pub fn rollout_group(
                 completion_ids: c.tokens,
                 behavior_logprobs: c.logprobs,
                 finish,
-                reward: scored.total,
+                reward,
                 reward_parts: parts,
                 completion_text: text,
             }

@@ -1,6 +1,7 @@
 //! What a rollout worker needs to know about the task: how a record becomes prompt tokens (the
 //! chat template, or a template over the record's fields), and how a completion is scored.
 
+use serde::{Deserialize, Serialize};
 use datasets::Record;
 use model::tokenizer::{Message, Tokenizer};
 use rewards::compose::{Gold, PartKind, RewardSpec, Sample, Scored};
@@ -197,3 +198,32 @@ mod tests {
         assert_eq!(s.correct, Some(true));
     }
 }
+
+/// EM-RL's intrinsic rewards (spec §5.7): the verifier's reward is replaced by one, from the sampling policy's own statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EntropyReward {
+    /// The verifier's reward.
+    #[default]
+    None,
+    /// `−Σ_t H(π(·|y_<t))`.
+    Token,
+    /// `Σ_t log π(y_t|y_<t)`.
+    Sequence,
+}
+
+impl EntropyReward {
+    /// The reward of one completion from its sampled log-probs and per-step entropies.
+    pub fn reward(self, logprobs: &[f32], entropies: &[f32]) -> Option<f32> {
+        match self {
+            EntropyReward::None => None,
+            EntropyReward::Token => {
+                Some(-entropies.iter().map(|&h| f64::from(h)).sum::<f64>() as f32)
+            }
+            EntropyReward::Sequence => {
+                Some(logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() as f32)
+            }
+        }
+    }
+}
+

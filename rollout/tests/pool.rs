@@ -61,6 +61,7 @@ fn setup(
                 ..Default::default()
             },
             seed: 11,
+            entropy_reward: Default::default(),
         },
         Arc::new(task),
         Arc::new(Mutex::new(feed)),

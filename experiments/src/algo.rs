@@ -1,0 +1,322 @@
+//! The policy-gradient algorithms of a run: from a step's scored samples to sequences with
+//! per-token advantages (GRPO, RLOO, REINFORCE++, PPO's GAE; AR on top), and the update (Lopti's
+//! passes, PPO epochs and mini-batches, the critic).
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use learner::advantages::{self, KlController};
+use learner::grpo::{group_advantages, PolicyLossConfig};
+use learner::optim::AdamW;
+use learner::ppo::ValueHead;
+use learner::step::{
+    critic_step, predict_values, token_logprobs, update, Sequence, StepConfig, StepMetrics,
+    UpdateConfig, ValueLossConfig, ValueTargets,
+};
+use model::Weights;
+use rollout::schema::Sample;
+
+use crate::config::Config;
+
+const HEAD_FILE: &str = "value_head.safetensors";
+const CRITIC_DIR: &str = "critic";
+
+/// PPO's critic.
+pub enum Critic {
+    None,
+    /// A value head on the policy trunk, trained with the policy's optimizer.
+    Head(ValueHead),
+    /// Its own trunk, head and optimizer.
+    Separate {
+        weights: Weights,
+        head: ValueHead,
+        opt: Box<AdamW>,
+    },
+}
+
+impl Critic {
+    /// The critic `c` asks for, fresh from `init` or restored from `checkpoint`. A head's
+    /// variables must join the policy optimizer: they are returned for that.
+    pub fn new(
+        c: &Config,
+        init: &Weights,
+        checkpoint: Option<&Path>,
+        adamw: learner::optim::AdamWConfig,
+    ) -> anyhow::Result<(Critic, Vec<(String, candle_core::Var)>)> {
+        if c.algorithm.name != "ppo" {
+            return Ok((Critic::None, Vec::new()));
+        }
+        let device = init.embed_tokens.device().clone();
+        let hidden = init.config.hidden_size;
+        let load_head = |dir: &Path| -> anyhow::Result<ValueHead> {
+            let t = candle_core::safetensors::load(dir.join(HEAD_FILE), &Device::Cpu)
+                .with_context(|| format!("{}: {HEAD_FILE}", dir.display()))?;
+            let w = t.get("weight").context("value head weight")?.to_vec1::<f32>()?;
+            let b = t.get("bias").context("value head bias")?.to_vec1::<f32>()?;
+            Ok(ValueHead::from_values(w, b[0], &device)?)
+        };
+        if c.algorithm.critic == "head" {
+            let head = match checkpoint {
+                Some(dir) => load_head(dir)?,
+                None => ValueHead::zeros(hidden, &device)?,
+            };
+            let vars = head.vars();
+            return Ok((Critic::Head(head), vars));
+        }
+        let (weights, head) = match checkpoint {
+            Some(dir) => {
+                let d = dir.join(CRITIC_DIR);
+                (Weights::load_dir(&d, DType::F32, &device)?, load_head(&d)?)
+            }
+            None => (init.snapshot()?, ValueHead::zeros(hidden, &device)?),
+        };
+        let (mut vars, weights) = weights.to_vars()?;
+        vars.extend(head.vars());
+        let mut opt = AdamW::new(vars, adamw)?;
+        if let Some(dir) = checkpoint {
+            opt.load(&dir.join(CRITIC_DIR))?;
+        }
+        Ok((
+            Critic::Separate {
+                weights,
+                head,
+                opt: Box::new(opt),
+            },
+            Vec::new(),
+        ))
+    }
+
+    /// Writes the critic into a checkpoint directory.
+    pub fn save(&self, dir: &Path) -> learner::error::Result<()> {
+        let write_head = |head: &ValueHead, dir: &Path| -> learner::error::Result<()> {
+            let tensors = std::collections::HashMap::from([
+                ("weight".to_string(), head.weight.as_tensor().clone()),
+                ("bias".to_string(), head.bias.as_tensor().clone()),
+            ]);
+            candle_core::safetensors::save(&tensors, dir.join(HEAD_FILE))?;
+            Ok(())
+        };
+        match self {
+            Critic::None => Ok(()),
+            Critic::Head(head) => write_head(head, dir),
+            Critic::Separate { weights, head, opt } => {
+                let d = dir.join(CRITIC_DIR);
+                weights.save_dir(&d, DType::F32, 4 << 30)?;
+                write_head(head, &d)?;
+                opt.save(&d)
+            }
+        }
+    }
+}
+
+/// What the advantage stage measured.
+#[derive(Debug, Clone, Default)]
+pub struct AdvantageStats {
+    /// Token advantages, flattened (after AR).
+    pub advantages: Vec<f32>,
+    /// One per sequence (its first token's advantage; the logged `advantage` column).
+    pub per_sequence: Vec<f32>,
+    /// Mean per-token k1 KL of the behaviour policy to the reference (KL in the reward).
+    pub reward_kl: f64,
+    pub reward_kl_coef: f64,
+}
+
+/// The learner side of a run: the algorithm's estimator, AR, the critic and the update.
+pub struct Algorithm {
+    pub step: StepConfig,
+    pub update: UpdateConfig,
+    pub critic: Critic,
+    pub kl: KlController,
+    pub value_clip: Option<f64>,
+}
+
+impl Algorithm {
+    pub fn new(c: &Config, critic: Critic, kl_coef: Option<f64>) -> Algorithm {
+        let a = &c.algorithm;
+        Algorithm {
+            step: StepConfig {
+                loss: PolicyLossConfig {
+                    clip_low: a.clip_low,
+                    clip_high: a.clip_high,
+                    dual_clip: a.dual_clip,
+                    ratio: a.ratio,
+                    aggregation: a.loss_aggregation,
+                    kl: a.kl_estimator,
+                    kl_coef: a.kl_coef,
+                    entropy_coef: a.entropy_coef,
+                },
+                micro_batch_tokens: c.optimizer.micro_batch_tokens,
+                temperature: f64::from(c.rollout.temperature),
+                max_completion_length: c.rollout.max_new_tokens,
+                value: matches!(critic, Critic::Head(_)).then_some(ValueLossConfig {
+                    vf_coef: a.vf_coef,
+                    clip: a.value_clip,
+                }),
+            },
+            update: UpdateConfig {
+                epochs: a.epochs,
+                mini_batches: a.mini_batches,
+                lopti_eta: a.lopti_eta,
+            },
+            critic,
+            kl: KlController {
+                beta: kl_coef.unwrap_or(a.reward_kl_coef),
+                target: a.kl_target,
+                horizon: a.kl_horizon,
+            },
+            value_clip: a.value_clip,
+        }
+    }
+
+    /// A reference policy is needed for a KL loss or a KL penalty in the reward.
+    pub fn needs_reference(c: &Config) -> bool {
+        c.algorithm.kl_coef != 0.0
+            || (c.algorithm.reward_kl_coef != 0.0
+                && matches!(c.algorithm.name.as_str(), "ppo" | "reinforce_pp"))
+    }
+
+    /// The step's sequences with their per-token advantages (and PPO's value targets).
+    pub fn sequences(
+        &mut self,
+        c: &Config,
+        samples: &[&Sample],
+        policy: &Weights,
+        reference: Option<&Weights>,
+    ) -> anyhow::Result<(Vec<Sequence>, AdvantageStats)> {
+        let a = &c.algorithm;
+        let rewards: Vec<f32> = samples.iter().map(|s| s.reward).collect();
+        let group_ids: Vec<u64> = samples.iter().map(|s| s.group_id).collect();
+        let lengths: Vec<usize> = samples.iter().map(|s| s.completion_ids.len()).collect();
+        let mut seqs: Vec<Sequence> = samples
+            .iter()
+            .map(|s| {
+                Sequence::new(
+                    s.prompt_ids.clone(),
+                    s.completion_ids.clone(),
+                    s.behavior_logprobs.clone(),
+                    0.0,
+                )
+            })
+            .collect();
+        let mut stats = AdvantageStats {
+            reward_kl_coef: self.kl.beta,
+            ..Default::default()
+        };
+        let per_seq = |seqs: &mut Vec<Sequence>, adv: &[f32]| {
+            for (s, &x) in seqs.iter_mut().zip(adv) {
+                s.advantages = vec![x; s.completion.len()];
+            }
+        };
+        // k1 KL of the behaviour policy to the reference, per token (for the token rewards)
+        let token_kl = |seqs: &[Sequence]| -> anyhow::Result<Option<Vec<Vec<f32>>>> {
+            let (Some(r), true) = (reference, a.reward_kl_coef != 0.0) else {
+                return Ok(None);
+            };
+            let ref_lp = token_logprobs(&r.detach(), seqs, c.optimizer.micro_batch_tokens, self.step.temperature)?;
+            Ok(Some(
+                seqs.iter()
+                    .zip(ref_lp)
+                    .map(|(s, r)| s.behavior_logprobs.iter().zip(r).map(|(o, r)| o - r).collect())
+                    .collect(),
+            ))
+        };
+        match a.name.as_str() {
+            "grpo" => per_seq(
+                &mut seqs,
+                &group_advantages(&rewards, &group_ids, a.scale_rewards, a.std_eps),
+            ),
+            "rloo" => per_seq(&mut seqs, &advantages::rloo(&rewards, &group_ids)),
+            "reinforce_pp_baseline" => {
+                let adv = advantages::reinforce_pp_baseline(&rewards, &group_ids, &lengths);
+                for (s, x) in seqs.iter_mut().zip(adv) {
+                    s.advantages = x;
+                }
+            }
+            "reinforce_pp" | "ppo" => {
+                let kl = token_kl(&seqs)?;
+                if let Some(kl) = &kl {
+                    let n: usize = kl.iter().map(Vec::len).sum();
+                    stats.reward_kl = kl.iter().flatten().map(|&x| f64::from(x)).sum::<f64>() / n.max(1) as f64;
+                }
+                let token_rewards: Vec<Vec<f32>> = rewards
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &r)| {
+                        advantages::token_rewards(r, kl.as_ref().map(|k| k[i].as_slice()), self.kl.beta, lengths[i])
+                    })
+                    .collect();
+                if a.name == "reinforce_pp" {
+                    for (s, x) in seqs.iter_mut().zip(advantages::reinforce_pp(&token_rewards, a.gamma)) {
+                        s.advantages = x;
+                    }
+                } else {
+                    let values = match &self.critic {
+                        Critic::Head(head) => predict_values(&policy.detach(), head, &seqs, c.optimizer.micro_batch_tokens)?,
+                        Critic::Separate { weights, head, .. } => {
+                            predict_values(&weights.detach(), head, &seqs, c.optimizer.micro_batch_tokens)?
+                        }
+                        Critic::None => anyhow::bail!("PPO without a critic"),
+                    };
+                    let (adv, ret): (Vec<Vec<f32>>, Vec<Vec<f32>>) = token_rewards
+                        .iter()
+                        .zip(&values)
+                        .map(|(r, v)| advantages::gae(r, v, a.gamma, a.lambda))
+                        .unzip();
+                    let adv = if a.whiten_advantages { advantages::whiten(&adv) } else { adv };
+                    for (((s, x), r), v) in seqs.iter_mut().zip(adv).zip(ret).zip(values) {
+                        s.advantages = x;
+                        s.values = Some(ValueTargets {
+                            returns: r,
+                            old_values: v,
+                        });
+                    }
+                }
+                self.kl.update(stats.reward_kl, samples.len());
+            }
+            other => anyhow::bail!("algorithm {other} has no advantage estimator"),
+        }
+        if a.ar_alpha > 0.0 {
+            for s in &mut seqs {
+                s.advantages = advantages::reweight(&s.advantages, &s.behavior_logprobs, a.ar_alpha);
+            }
+        }
+        stats.per_sequence = seqs.iter().map(|s| s.advantages.first().copied().unwrap_or(0.0)).collect();
+        stats.advantages = seqs.iter().flat_map(|s| s.advantages.iter().copied()).collect();
+        Ok((seqs, stats))
+    }
+
+    /// The update of one RL step; a separate critic takes its own step first, on the same
+    /// targets. Returns the policy metrics and, for a separate critic, its (loss, clip fraction, grad norm).
+    pub fn train(
+        &mut self,
+        policy: &Weights,
+        reference: Option<&Weights>,
+        opt: &mut AdamW,
+        seqs: &[Sequence],
+        lr: f64,
+        critic_lr: f64,
+    ) -> anyhow::Result<(StepMetrics, Option<(f64, f64, f64)>)> {
+        let critic = match &mut self.critic {
+            Critic::Separate { weights, head, opt } => {
+                let (loss, stats, grad) = critic_step(
+                    weights,
+                    head,
+                    opt,
+                    seqs,
+                    self.step.micro_batch_tokens,
+                    self.value_clip,
+                    critic_lr,
+                )?;
+                Some((loss, stats.clip_frac, grad))
+            }
+            _ => None,
+        };
+        let head = match &self.critic {
+            Critic::Head(h) => Some(h),
+            _ => None,
+        };
+        let m = update(policy, reference, head, opt, seqs, &self.step, &self.update, lr)?;
+        Ok((m, critic))
+    }
+}
