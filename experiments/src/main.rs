@@ -7,6 +7,7 @@
 mod algo;
 mod bench;
 mod config;
+mod dpo;
 mod eval;
 mod logs;
 mod report;

@@ -239,7 +239,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     };
     let (critic, head_vars) = Critic::new(c, &start_weights, ckpt_dir, critic_adamw)?;
     let algorithm = Algorithm::new(c, critic, state.kl_coef);
-    let reference = Algorithm::needs_reference(c).then_some(start_weights);
+    let reference = Algorithm::needs_reference(c).then(|| start_weights.clone());
     let (mut vars, policy) = policy_init.to_vars()?;
     vars.extend(head_vars);
     let mut opt = AdamW::new(vars, adamw(c))?;
@@ -268,21 +268,74 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         summary.accuracy_start = eval_table.value(0, "greedy_accuracy");
         summary.pass_at_k_start = eval_table.value_like(0, "pass@", "pass@1");
     }
-    let rl = rl_stage(
-        c,
-        opts,
-        &task,
-        &policy,
-        algorithm,
-        reference.as_ref(),
-        &mut opt,
-        state,
-        &mut metrics,
-        &mut eval_table,
-        &rollouts,
-        &eval_records,
-        &mut summary,
-    )?;
+    let rl = if c.algorithm.name == "dpo" {
+        let start = Instant::now();
+        let mut feed = Feed::new(setup::train_loader(c)?, state.feed);
+        let pairs = crate::dpo::preferences(c, dir, &start_weights, &task, &mut feed)?;
+        let t = Instant::now();
+        let cached = learner::dpo::reference_logprobs(
+            &start_weights,
+            &pairs,
+            c.optimizer.micro_batch_tokens,
+        )?;
+        tracing::info!(
+            pairs = pairs.len(),
+            seconds = t.elapsed().as_secs_f64(),
+            "reference log-probs cached"
+        );
+        let bar = progress_bar(c.run.steps, "dpo", opts.progress);
+        bar.set_position(state.step);
+        let mut on_step = |s: &TrainerState, opt: &AdamW| -> anyhow::Result<()> {
+            if c.run.eval_every > 0 && s.step.is_multiple_of(c.run.eval_every)
+                || s.step == c.run.steps
+            {
+                let e = eval_row(c, &policy, &task, &eval_records, s.step)?;
+                eval_table.push(s.step, &e.row())?;
+                tracing::info!(step = s.step, accuracy = e.greedy_accuracy, "eval");
+            }
+            if c.run.checkpoint_every > 0 && s.step.is_multiple_of(c.run.checkpoint_every)
+                || s.step == c.run.steps
+            {
+                crate::dpo::save(c, dir, &task, &policy, opt, s)?;
+            }
+            bar.set_position(s.step);
+            Ok(())
+        };
+        let end = crate::dpo::dpo_stage(
+            c,
+            &policy,
+            &mut opt,
+            &pairs,
+            &cached,
+            state,
+            &mut metrics,
+            &mut on_step,
+        )?;
+        bar.finish_and_clear();
+        summary.steps = end.step;
+        summary.samples = end.samples_seen;
+        if let Some(last) = eval_table.rows().len().checked_sub(1) {
+            summary.accuracy_final = eval_table.value(last, "greedy_accuracy");
+            summary.pass_at_k_final = eval_table.value_like(last, "pass@", "pass@1");
+        }
+        start.elapsed().as_secs_f64()
+    } else {
+        rl_stage(
+            c,
+            opts,
+            &task,
+            &policy,
+            algorithm,
+            reference.as_ref(),
+            &mut opt,
+            state,
+            &mut metrics,
+            &mut eval_table,
+            &rollouts,
+            &eval_records,
+            &mut summary,
+        )?
+    };
     summary.seconds_rl = rl;
     std::fs::write(
         dir.join(SUMMARY_FILE),

@@ -118,9 +118,34 @@ pub fn generation(c: &Config, tokenizer: &Tokenizer) -> GenerationConfig {
 }
 
 fn open(c: &Config, spec: &str, split: Split) -> anyhow::Result<Source> {
+    open_with(c, spec, split, Fields::default())
+}
+
+/// Every record of a preference file (`prompt`, `chosen`, `rejected`), in file order.
+pub fn preference_records(c: &Config, path: &str) -> anyhow::Result<Vec<Record>> {
+    let source = open_with(
+        &Config {
+            data: crate::config::DataConfig {
+                test_fraction: 0.0,
+                ..c.data.clone()
+            },
+            ..c.clone()
+        },
+        path,
+        Split::Train,
+        Fields::preference(),
+    )?;
+    let n = source
+        .records_per_epoch()
+        .context("a preference file has a known length")?;
+    let mut loader = Loader::new(source, 0, false, 1024)?;
+    Ok(loader.take(n as usize)?)
+}
+
+fn open_with(c: &Config, spec: &str, split: Split, fields: Fields) -> anyhow::Result<Source> {
     let opts = SourceOptions {
         fields: {
-            let mut f = Fields::default();
+            let mut f = fields;
             if !c.data.prompt_field.is_empty() {
                 f.prompt.insert(0, c.data.prompt_field.clone());
             }

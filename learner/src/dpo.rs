@@ -2,9 +2,13 @@
 //! length-averaged log-ratios, robust DPO and hinge (SLiC), and their implicit-reward metrics.
 
 use candle_core::{DType, Tensor};
+use model::logprobs::sequence_logprobs;
+use model::Weights;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnerError, Result};
+use crate::optim::AdamW;
+use crate::step::{micro_batches, pack, Sequence};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -109,4 +113,133 @@ pub fn dpo_loss(x: &PairLogprobs, c: &DpoConfig, total_pairs: usize) -> Result<(
         pairs: delta.dim(0)? as f64,
     };
     Ok((loss, stats))
+}
+
+/// One preference pair, tokenized: the completions end with their end-of-sequence token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+}
+
+/// Splits pairs into micro-batches whose padded size (2 rows per pair × longest row) stays
+/// within `budget` tokens.
+fn pair_batches(pairs: &[Pair], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let seqs: Vec<Sequence> = pairs
+        .iter()
+        .map(|p| {
+            let n = p.chosen.len().max(p.rejected.len());
+            Sequence::new(p.prompt.clone(), vec![0; n], vec![0.0; n], 0.0)
+        })
+        .collect();
+    micro_batches(&seqs, budget / 2)
+}
+
+/// `[2n]` rows chosen₀, rejected₀, chosen₁, … of a micro-batch, and the summed completion
+/// log-probs `[n]`, `[n]` under `w` (differentiable when `w` holds `Var`s).
+fn summed_logprobs(w: &Weights, pairs: &[Pair]) -> Result<(Tensor, Tensor)> {
+    let seqs: Vec<Sequence> = pairs
+        .iter()
+        .flat_map(|p| {
+            [&p.chosen, &p.rejected].map(|c| {
+                Sequence::new(p.prompt.clone(), c.clone(), vec![0.0; c.len()], 0.0)
+            })
+        })
+        .collect();
+    let device = w.embed_tokens.device().clone();
+    let p = pack(&seqs, &device)?;
+    let lp = sequence_logprobs(w, &p.ids, &p.attention, &p.loss_mask, 1.0)?;
+    let sums = (lp.logprobs * lp.mask)?.sum(1)?.reshape((pairs.len(), 2))?; // [n, 2]
+    Ok((
+        sums.narrow(1, 0, 1)?.squeeze(1)?,
+        sums.narrow(1, 1, 1)?.squeeze(1)?,
+    ))
+}
+
+/// The reference model's summed log-probs of every pair's (chosen, rejected), computed once
+/// before training and cached by the caller.
+pub fn reference_logprobs(w: &Weights, pairs: &[Pair], budget: usize) -> Result<Vec<(f32, f32)>> {
+    let w = w.detach();
+    let mut out = Vec::with_capacity(pairs.len());
+    for range in pair_batches(pairs, budget) {
+        let (c, r) = summed_logprobs(&w, &pairs[range])?;
+        out.extend(c.to_vec1::<f32>()?.into_iter().zip(r.to_vec1::<f32>()?));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DpoMetrics {
+    pub loss: f64,
+    /// Means over the step's pairs.
+    pub reward_accuracy: f64,
+    pub margin: f64,
+    pub chosen_reward: f64,
+    pub rejected_reward: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
+}
+
+/// One optimizer step of the DPO family on `pairs` with their cached reference log-probs.
+pub fn dpo_step(
+    policy: &Weights,
+    opt: &mut AdamW,
+    pairs: &[Pair],
+    reference: &[(f32, f32)],
+    cfg: &DpoConfig,
+    budget: usize,
+    lr: f64,
+) -> Result<DpoMetrics> {
+    if pairs.len() != reference.len() || pairs.is_empty() {
+        return Err(LearnerError::Invalid(
+            "DPO needs one cached reference pair per preference pair".into(),
+        ));
+    }
+    let device = policy.embed_tokens.device().clone();
+    let mut m = DpoMetrics::default();
+    let mut sums = DpoStats::default();
+    for range in pair_batches(pairs, budget) {
+        let mb = &pairs[range.clone()];
+        let (chosen, rejected) = summed_logprobs(policy, mb)?;
+        let refs = &reference[range];
+        let vec = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
+            Ok(Tensor::from_vec((0..mb.len()).map(f).collect(), mb.len(), &device)?)
+        };
+        let ref_chosen = vec(&|i| refs[i].0)?;
+        let ref_rejected = vec(&|i| refs[i].1)?;
+        let chosen_tokens = vec(&|i| mb[i].chosen.len() as f32)?;
+        let rejected_tokens = vec(&|i| mb[i].rejected.len() as f32)?;
+        let x = PairLogprobs {
+            chosen: &chosen,
+            rejected: &rejected,
+            ref_chosen: &ref_chosen,
+            ref_rejected: &ref_rejected,
+            chosen_tokens: &chosen_tokens,
+            rejected_tokens: &rejected_tokens,
+        };
+        let (loss, s) = dpo_loss(&x, cfg, pairs.len())?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            opt.zero_grad();
+            m.skipped = true;
+            m.loss = value;
+            return Ok(m);
+        }
+        m.loss += value;
+        opt.accumulate(&loss.backward()?, 1.0)?;
+        sums.reward_accuracy += s.reward_accuracy;
+        sums.margin += s.margin;
+        sums.chosen_reward += s.chosen_reward;
+        sums.rejected_reward += s.rejected_reward;
+    }
+    let n = pairs.len() as f64;
+    m.reward_accuracy = sums.reward_accuracy / n;
+    m.margin = sums.margin / n;
+    m.chosen_reward = sums.chosen_reward / n;
+    m.rejected_reward = sums.rejected_reward / n;
+    let s = opt.step(lr)?;
+    m.grad_norm = s.grad_norm;
+    m.skipped = s.skipped;
+    Ok(m)
 }

@@ -1,0 +1,259 @@
+//! The DPO stage of a run: preference pairs from a file, or built from the warm-started model's
+//! own samples ranked by the verifier; reference log-probs computed once; the DPO-family loss;
+//! the same metrics, evaluation and checkpoint files as the RL stage.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use datasets::record::Prompt;
+use datasets::Record;
+use learner::checkpoint::{self, TrainerState};
+use learner::dpo::{dpo_step, DpoConfig, Pair};
+use learner::optim::AdamW;
+use learner::schedule::learning_rate;
+use model::Weights;
+use rollout::pool::{rollout_group, Feed, PoolConfig};
+use rollout::schema::Finish;
+use rollout::task::Task;
+
+use crate::config::Config;
+use crate::logs::StepTable;
+use crate::setup;
+
+pub const PREFERENCES_FILE: &str = "preferences.jsonl";
+
+/// Samples `rollout.group_size` completions for each of `algorithm.preference_prompts` train
+/// prompts and pairs the best-rewarded completion (chosen) with the worst (rejected); prompts
+/// whose completions all score the same give no pair. Each pair keeps its prompt record's
+/// fields, so the prompt renders as it did.
+pub fn build_preferences(
+    c: &Config,
+    w: &Weights,
+    task: &Task,
+    feed: &mut Feed,
+) -> anyhow::Result<Vec<Record>> {
+    let cfg = PoolConfig {
+        workers: 1,
+        group_size: c.rollout.group_size.max(2),
+        generation: setup::generation(c, &task.tokenizer),
+        seed: c.run.seed ^ 0xD90,
+        entropy_reward: Default::default(),
+    };
+    let w = w.detach();
+    let mut out = Vec::new();
+    for _ in 0..c.algorithm.preference_prompts {
+        let (group_id, record) = feed.next_group()?;
+        feed.done(group_id);
+        let samples = match rollout_group(task, &w, 0, group_id, &record, &cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("preference prompt {}: {e}", record.id);
+                continue;
+            }
+        };
+        let best = samples.iter().max_by(|a, b| a.reward.total_cmp(&b.reward));
+        let worst = samples.iter().min_by(|a, b| a.reward.total_cmp(&b.reward));
+        let (Some(best), Some(worst)) = (best, worst) else {
+            continue;
+        };
+        if best.reward <= worst.reward {
+            continue;
+        }
+        let mut metadata = record.metadata.clone();
+        metadata.insert("chosen_reward".into(), best.reward.into());
+        metadata.insert("rejected_reward".into(), worst.reward.into());
+        metadata.insert("chosen_stop".into(), (best.finish == Finish::Stop).into());
+        metadata.insert("rejected_stop".into(), (worst.finish == Finish::Stop).into());
+        out.push(Record {
+            id: record.id,
+            prompt: record.prompt.clone(),
+            answer: record.answer.clone(),
+            chosen: Some(Prompt::Text(best.completion_text.clone())),
+            rejected: Some(Prompt::Text(worst.completion_text.clone())),
+            metadata,
+        });
+    }
+    Ok(out)
+}
+
+/// Tokenized pairs: the prompt as the task renders it, each completion's text and its
+/// end-of-sequence token (unless the record says the sample was cut at the length limit).
+pub fn tokenize(task: &Task, records: &[Record]) -> anyhow::Result<Vec<Pair>> {
+    let eos = setup::stop_ids(&task.tokenizer);
+    let text = |p: &Option<Prompt>, what: &str| -> anyhow::Result<String> {
+        match p {
+            Some(Prompt::Text(t)) => Ok(t.clone()),
+            Some(Prompt::Messages(m)) => Ok(m
+                .iter()
+                .filter(|m| m.role == "assistant")
+                .map(|m| m.content.clone())
+                .collect::<Vec<_>>()
+                .join("")),
+            None => anyhow::bail!("no {what} completion"),
+        }
+    };
+    let mut pairs = Vec::with_capacity(records.len());
+    for r in records {
+        let completion = |p: &Option<Prompt>, what: &str| -> anyhow::Result<Vec<u32>> {
+            let mut ids = task.tokenizer.encode(&text(p, what)?, false)?;
+            let stopped = r
+                .metadata
+                .get(&format!("{what}_stop"))
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(true);
+            if stopped {
+                ids.extend(eos.first());
+            }
+            anyhow::ensure!(!ids.is_empty(), "an empty {what} completion");
+            Ok(ids)
+        };
+        let pair = (|| -> anyhow::Result<Pair> {
+            Ok(Pair {
+                prompt: task.prompt_ids(r)?,
+                chosen: completion(&r.chosen, "chosen")?,
+                rejected: completion(&r.rejected, "rejected")?,
+            })
+        })()
+        .with_context(|| format!("preference record {}", r.id))?;
+        pairs.push(pair);
+    }
+    Ok(pairs)
+}
+
+/// The pairs of one step: `n` pairs from a seeded order over the set, a fresh permutation each
+/// epoch, so a resumed run sees the same pairs.
+pub fn step_pairs(len: usize, n: usize, seed: u64, step: u64) -> Vec<usize> {
+    let epoch_of = |k: u64| k / len as u64;
+    let perm = |epoch: u64| datasets::rng::Stream::new(seed, 0xD90, epoch).permutation(len);
+    (0..n as u64)
+        .map(|k| {
+            let at = step * n as u64 + k;
+            perm(epoch_of(at))[(at % len as u64) as usize] as usize
+        })
+        .collect()
+}
+
+/// DPO optimizer steps from `state.step` to `run.steps`; one metrics row per step.
+#[allow(clippy::too_many_arguments)]
+pub fn dpo_stage(
+    c: &Config,
+    policy: &Weights,
+    opt: &mut AdamW,
+    pairs: &[Pair],
+    reference: &[(f32, f32)],
+    mut state: TrainerState,
+    metrics: &mut StepTable,
+    on_step: &mut dyn FnMut(&TrainerState, &AdamW) -> anyhow::Result<()>,
+) -> anyhow::Result<TrainerState> {
+    anyhow::ensure!(!pairs.is_empty(), "no preference pairs to train on");
+    let cfg = DpoConfig {
+        loss: c.algorithm.dpo_loss,
+        beta: c.algorithm.dpo_beta,
+        label_smoothing: c.algorithm.label_smoothing,
+    };
+    let start = Instant::now();
+    while state.step < c.run.steps {
+        let t0 = Instant::now();
+        let idx = step_pairs(pairs.len(), c.algorithm.dpo_pairs_per_step, c.run.seed, state.step);
+        let batch: Vec<Pair> = idx.iter().map(|&i| pairs[i].clone()).collect();
+        let refs: Vec<(f32, f32)> = idx.iter().map(|&i| reference[i]).collect();
+        let lr = learning_rate(
+            c.optimizer.lr,
+            c.optimizer.schedule,
+            state.step,
+            c.optimizer.warmup_steps,
+            c.run.steps,
+        );
+        let m = dpo_step(policy, opt, &batch, &refs, &cfg, c.optimizer.micro_batch_tokens, lr)?;
+        if m.skipped {
+            tracing::warn!(step = state.step, "non-finite DPO loss or gradient: step skipped");
+        }
+        state.step += 1;
+        state.policy_version += 1;
+        state.samples_seen += batch.len() as u64;
+        let mut row = vec![
+            ("loss".to_string(), m.loss),
+            ("reward_accuracy".into(), m.reward_accuracy),
+            ("reward_margin".into(), m.margin),
+            ("chosen_reward".into(), m.chosen_reward),
+            ("rejected_reward".into(), m.rejected_reward),
+            ("grad_norm".into(), m.grad_norm),
+            ("lr".into(), lr),
+            ("skipped".into(), f64::from(u8::from(m.skipped))),
+            ("pairs".into(), state.samples_seen as f64),
+            ("time/train".into(), t0.elapsed().as_secs_f64()),
+        ];
+        let t1 = Instant::now();
+        on_step(&state, opt)?;
+        row.push(("time/eval_checkpoint".into(), t1.elapsed().as_secs_f64()));
+        row.push(("time/elapsed".into(), start.elapsed().as_secs_f64()));
+        metrics.push(state.step, &row)?;
+        tracing::info!(
+            step = state.step,
+            loss = m.loss,
+            accuracy = m.reward_accuracy,
+            margin = m.margin,
+            "dpo"
+        );
+    }
+    Ok(state)
+}
+
+/// The preference pairs of a run: `algorithm.preferences`, or the pairs this run built (and
+/// saved in its directory) from the warm-started policy.
+pub fn preferences(
+    c: &Config,
+    dir: &Path,
+    start: &Weights,
+    task: &Task,
+    feed: &mut Feed,
+) -> anyhow::Result<Vec<Pair>> {
+    let records = if !c.algorithm.preferences.is_empty() {
+        setup::preference_records(c, &c.algorithm.preferences)?
+    } else {
+        let path = dir.join(PREFERENCES_FILE);
+        if path.is_file() {
+            setup::preference_records(c, path.to_str().context("a UTF-8 path")?)?
+        } else {
+            let t = Instant::now();
+            let records = build_preferences(c, start, task, feed)?;
+            datasets::jsonl::write(&path, &records)?;
+            tracing::info!(
+                pairs = records.len(),
+                prompts = c.algorithm.preference_prompts,
+                seconds = t.elapsed().as_secs_f64(),
+                path = %path.display(),
+                "preference pairs built from the model's own samples"
+            );
+            records
+        }
+    };
+    let pairs = tokenize(task, &records)?;
+    anyhow::ensure!(!pairs.is_empty(), "no preference pairs");
+    Ok(pairs)
+}
+
+/// Saves a DPO checkpoint (the RL stage's layout).
+pub fn save(
+    c: &Config,
+    dir: &Path,
+    task: &Task,
+    policy: &Weights,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> anyhow::Result<()> {
+    let root = dir.join("checkpoints");
+    checkpoint::save(
+        &root,
+        &checkpoint::step_name(state.step),
+        policy,
+        &task.tokenizer,
+        Some(opt),
+        state,
+        &[(crate::run::CONFIG_FILE, &c.to_toml())],
+        None,
+    )?;
+    checkpoint::prune(&root, c.run.keep_checkpoints)?;
+    Ok(())
+}
