@@ -305,3 +305,56 @@ fn a_value_head_learns_the_returns() {
     }
     assert!(l < 0.2 * l0, "critic {l0} → {l}");
 }
+
+#[test]
+fn dpo_steps_prefer_the_chosen_completions_and_ignore_micro_batching() {
+    use learner::dpo::{dpo_step, reference_logprobs, DpoConfig, DpoLoss, Pair};
+    let base = model();
+    let pairs = vec![
+        Pair {
+            prompt: vec![5, 6, 7],
+            chosen: vec![10, 11, 12],
+            rejected: vec![20, 21],
+        },
+        Pair {
+            prompt: vec![8, 9],
+            chosen: vec![30, 31],
+            rejected: vec![40, 41, 42, 43],
+        },
+    ];
+    let reference = reference_logprobs(&base, &pairs, 1 << 12).unwrap();
+    let seq = |p: &[u32], c: &[u32]| Sequence::new(p.to_vec(), c.to_vec(), vec![0.0; c.len()], 0.0);
+    for (p, (c, r)) in pairs.iter().zip(&reference) {
+        assert!((completion_logprob(&base, &seq(&p.prompt, &p.chosen)) - c).abs() < 1e-4);
+        assert!((completion_logprob(&base, &seq(&p.prompt, &p.rejected)) - r).abs() < 1e-4);
+    }
+    for loss in [DpoLoss::Sigmoid, DpoLoss::Ipo, DpoLoss::Hinge, DpoLoss::Robust] {
+        let cfg = DpoConfig {
+            loss,
+            beta: 0.5,
+            label_smoothing: if loss == DpoLoss::Robust { 0.1 } else { 0.0 },
+        };
+        let run = |budget: usize, steps: usize| {
+            let (vars, w) = base.to_vars().unwrap();
+            let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+            let ms: Vec<_> = (0..steps)
+                .map(|_| dpo_step(&w, &mut opt, &pairs, &reference, &cfg, budget, 1e-3).unwrap())
+                .collect();
+            (ms, w.detach())
+        };
+        let (one, _) = run(1 << 12, 1);
+        let (split, _) = run(8, 1);
+        assert!((one[0].loss - split[0].loss).abs() < 1e-6, "{loss:?}");
+        assert!((one[0].grad_norm - split[0].grad_norm).abs() < 1e-5 * one[0].grad_norm);
+        // at the reference every margin is 0
+        assert!(one[0].margin.abs() < 1e-6);
+        let (ms, w) = run(1 << 12, 5);
+        assert!(ms[4].loss < ms[0].loss, "{loss:?}: {} → {}", ms[0].loss, ms[4].loss);
+        assert_eq!(ms[4].reward_accuracy, 1.0, "{loss:?}");
+        for (p, (c, r)) in pairs.iter().zip(&reference) {
+            let dc = completion_logprob(&w, &seq(&p.prompt, &p.chosen)) - c;
+            let dr = completion_logprob(&w, &seq(&p.prompt, &p.rejected)) - r;
+            assert!(dc > dr, "{loss:?}: chosen moved {dc}, rejected {dr}");
+        }
+    }
+}
