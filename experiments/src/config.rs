@@ -20,6 +20,24 @@ pub struct Config {
     pub rollout: RolloutConfig,
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
+    pub sweep: SweepConfig,
+}
+
+/// `ferrite sweep`: every variant (a list of `--set` overrides) for every seed; the variants of
+/// a seed share one warm start and one data order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweepConfig {
+    pub seeds: Vec<u64>,
+    pub variants: Vec<Variant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub name: String,
+    #[serde(default)]
+    pub set: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

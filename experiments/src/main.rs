@@ -13,6 +13,7 @@ mod logs;
 mod report;
 mod run;
 mod setup;
+mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,6 +78,16 @@ enum Command {
         #[arg(long, default_value = "bfloat16")]
         dtype: String,
     },
+    /// Run every variant of the config's [sweep] section for every seed (shared warm start per
+    /// seed), then print the report; rerun to continue a stopped sweep.
+    Sweep {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The table of held-out accuracies of the runs in a directory (a sweep's `--out`), by variant.
+    Report { dir: PathBuf },
     /// Run the same experiment with max_staleness 0 and 1 and compare throughput and accuracy.
     BenchStaleness {
         #[command(flatten)]
@@ -253,6 +264,11 @@ fn main() -> anyhow::Result<()> {
             model::tokenizer::Tokenizer::from_dir(&ckpt)?.save_dir(&out)?;
             println!("exported {} to {}", ckpt.display(), out.display());
         }
+        Command::Sweep { config, out } => {
+            let c = load_config(&config)?;
+            orchestrate(move |stop| sweep::sweep(&c, &out, progress, stop))?;
+        }
+        Command::Report { dir } => sweep::report(&dir)?,
         Command::BenchStaleness { config, out } => {
             let c = load_config(&config)?;
             orchestrate(move |stop| bench::staleness(&c, &out, progress, stop))?;

@@ -192,6 +192,8 @@ impl Generator for KnightsKnaves {
             metadata.insert("names".into(), json!(names));
             metadata.insert("solution".into(), json!(roles));
             metadata.insert("people".into(), json!(n));
+            // the statements alone, for compact prompt templates (`{statements}`)
+            metadata.insert("statements".into(), json!(statements.join(" ")));
             return Record {
                 id: index,
                 prompt: Prompt::Messages(vec![
