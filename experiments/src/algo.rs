@@ -28,11 +28,13 @@ pub enum Critic {
     /// A value head on the policy trunk, trained with the policy's optimizer.
     Head(ValueHead),
     /// Its own trunk, head and optimizer.
-    Separate {
-        weights: Weights,
-        head: ValueHead,
-        opt: Box<AdamW>,
-    },
+    Separate(Box<SeparateCritic>),
+}
+
+pub struct SeparateCritic {
+    pub weights: Weights,
+    pub head: ValueHead,
+    pub opt: AdamW,
 }
 
 impl Critic {
@@ -52,7 +54,10 @@ impl Critic {
         let load_head = |dir: &Path| -> anyhow::Result<ValueHead> {
             let t = candle_core::safetensors::load(dir.join(HEAD_FILE), &Device::Cpu)
                 .with_context(|| format!("{}: {HEAD_FILE}", dir.display()))?;
-            let w = t.get("weight").context("value head weight")?.to_vec1::<f32>()?;
+            let w = t
+                .get("weight")
+                .context("value head weight")?
+                .to_vec1::<f32>()?;
             let b = t.get("bias").context("value head bias")?.to_vec1::<f32>()?;
             Ok(ValueHead::from_values(w, b[0], &device)?)
         };
@@ -78,11 +83,7 @@ impl Critic {
             opt.load(&dir.join(CRITIC_DIR))?;
         }
         Ok((
-            Critic::Separate {
-                weights,
-                head,
-                opt: Box::new(opt),
-            },
+            Critic::Separate(Box::new(SeparateCritic { weights, head, opt })),
             Vec::new(),
         ))
     }
@@ -100,11 +101,11 @@ impl Critic {
         match self {
             Critic::None => Ok(()),
             Critic::Head(head) => write_head(head, dir),
-            Critic::Separate { weights, head, opt } => {
+            Critic::Separate(sc) => {
                 let d = dir.join(CRITIC_DIR);
-                weights.save_dir(&d, DType::F32, 4 << 30)?;
-                write_head(head, &d)?;
-                opt.save(&d)
+                sc.weights.save_dir(&d, DType::F32, 4 << 30)?;
+                write_head(&sc.head, &d)?;
+                sc.opt.save(&d)
             }
         }
     }
@@ -121,6 +122,9 @@ pub struct AdvantageStats {
     pub reward_kl: f64,
     pub reward_kl_coef: f64,
 }
+
+/// A separate critic's step: (loss, value clip fraction, grad norm).
+pub type CriticMetrics = (f64, f64, f64);
 
 /// The learner side of a run: the algorithm's estimator, AR, the critic and the update.
 pub struct Algorithm {
@@ -213,11 +217,22 @@ impl Algorithm {
             let (Some(r), true) = (reference, a.reward_kl_coef != 0.0) else {
                 return Ok(None);
             };
-            let ref_lp = token_logprobs(&r.detach(), seqs, c.optimizer.micro_batch_tokens, self.step.temperature)?;
+            let ref_lp = token_logprobs(
+                &r.detach(),
+                seqs,
+                c.optimizer.micro_batch_tokens,
+                self.step.temperature,
+            )?;
             Ok(Some(
                 seqs.iter()
                     .zip(ref_lp)
-                    .map(|(s, r)| s.behavior_logprobs.iter().zip(r).map(|(o, r)| o - r).collect())
+                    .map(|(s, r)| {
+                        s.behavior_logprobs
+                            .iter()
+                            .zip(r)
+                            .map(|(o, r)| o - r)
+                            .collect()
+                    })
                     .collect(),
             ))
         };
@@ -237,25 +252,42 @@ impl Algorithm {
                 let kl = token_kl(&seqs)?;
                 if let Some(kl) = &kl {
                     let n: usize = kl.iter().map(Vec::len).sum();
-                    stats.reward_kl = kl.iter().flatten().map(|&x| f64::from(x)).sum::<f64>() / n.max(1) as f64;
+                    stats.reward_kl =
+                        kl.iter().flatten().map(|&x| f64::from(x)).sum::<f64>() / n.max(1) as f64;
                 }
                 let token_rewards: Vec<Vec<f32>> = rewards
                     .iter()
                     .enumerate()
                     .map(|(i, &r)| {
-                        advantages::token_rewards(r, kl.as_ref().map(|k| k[i].as_slice()), self.kl.beta, lengths[i])
+                        advantages::token_rewards(
+                            r,
+                            kl.as_ref().map(|k| k[i].as_slice()),
+                            self.kl.beta,
+                            lengths[i],
+                        )
                     })
                     .collect();
                 if a.name == "reinforce_pp" {
-                    for (s, x) in seqs.iter_mut().zip(advantages::reinforce_pp(&token_rewards, a.gamma)) {
+                    for (s, x) in seqs
+                        .iter_mut()
+                        .zip(advantages::reinforce_pp(&token_rewards, a.gamma))
+                    {
                         s.advantages = x;
                     }
                 } else {
                     let values = match &self.critic {
-                        Critic::Head(head) => predict_values(&policy.detach(), head, &seqs, c.optimizer.micro_batch_tokens)?,
-                        Critic::Separate { weights, head, .. } => {
-                            predict_values(&weights.detach(), head, &seqs, c.optimizer.micro_batch_tokens)?
-                        }
+                        Critic::Head(head) => predict_values(
+                            &policy.detach(),
+                            head,
+                            &seqs,
+                            c.optimizer.micro_batch_tokens,
+                        )?,
+                        Critic::Separate(sc) => predict_values(
+                            &sc.weights.detach(),
+                            &sc.head,
+                            &seqs,
+                            c.optimizer.micro_batch_tokens,
+                        )?,
                         Critic::None => anyhow::bail!("PPO without a critic"),
                     };
                     let (adv, ret): (Vec<Vec<f32>>, Vec<Vec<f32>>) = token_rewards
@@ -263,7 +295,11 @@ impl Algorithm {
                         .zip(&values)
                         .map(|(r, v)| advantages::gae(r, v, a.gamma, a.lambda))
                         .unzip();
-                    let adv = if a.whiten_advantages { advantages::whiten(&adv) } else { adv };
+                    let adv = if a.whiten_advantages {
+                        advantages::whiten(&adv)
+                    } else {
+                        adv
+                    };
                     for (((s, x), r), v) in seqs.iter_mut().zip(adv).zip(ret).zip(values) {
                         s.advantages = x;
                         s.values = Some(ValueTargets {
@@ -278,11 +314,18 @@ impl Algorithm {
         }
         if a.ar_alpha > 0.0 {
             for s in &mut seqs {
-                s.advantages = advantages::reweight(&s.advantages, &s.behavior_logprobs, a.ar_alpha);
+                s.advantages =
+                    advantages::reweight(&s.advantages, &s.behavior_logprobs, a.ar_alpha);
             }
         }
-        stats.per_sequence = seqs.iter().map(|s| s.advantages.first().copied().unwrap_or(0.0)).collect();
-        stats.advantages = seqs.iter().flat_map(|s| s.advantages.iter().copied()).collect();
+        stats.per_sequence = seqs
+            .iter()
+            .map(|s| s.advantages.first().copied().unwrap_or(0.0))
+            .collect();
+        stats.advantages = seqs
+            .iter()
+            .flat_map(|s| s.advantages.iter().copied())
+            .collect();
         Ok((seqs, stats))
     }
 
@@ -296,13 +339,13 @@ impl Algorithm {
         seqs: &[Sequence],
         lr: f64,
         critic_lr: f64,
-    ) -> anyhow::Result<(StepMetrics, Option<(f64, f64, f64)>)> {
+    ) -> anyhow::Result<(StepMetrics, Option<CriticMetrics>)> {
         let critic = match &mut self.critic {
-            Critic::Separate { weights, head, opt } => {
+            Critic::Separate(sc) => {
                 let (loss, stats, grad) = critic_step(
-                    weights,
-                    head,
-                    opt,
+                    &sc.weights,
+                    &sc.head,
+                    &mut sc.opt,
                     seqs,
                     self.step.micro_batch_tokens,
                     self.value_clip,
@@ -316,7 +359,16 @@ impl Algorithm {
             Critic::Head(h) => Some(h),
             _ => None,
         };
-        let m = update(policy, reference, head, opt, seqs, &self.step, &self.update, lr)?;
+        let m = update(
+            policy,
+            reference,
+            head,
+            opt,
+            seqs,
+            &self.step,
+            &self.update,
+            lr,
+        )?;
         Ok((m, critic))
     }
 }

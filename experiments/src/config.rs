@@ -467,7 +467,14 @@ impl Config {
             bail!("rollout.temperature = {}: must be positive", r.temperature);
         }
         let a = &self.algorithm;
-        const NAMES: [&str; 6] = ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo", "dpo"];
+        const NAMES: [&str; 6] = [
+            "grpo",
+            "rloo",
+            "reinforce_pp",
+            "reinforce_pp_baseline",
+            "ppo",
+            "dpo",
+        ];
         if !NAMES.contains(&a.name.as_str()) {
             bail!("algorithm.name = {:?}: one of {}", a.name, NAMES.join(", "));
         }
@@ -561,5 +568,53 @@ mod tests {
         // the resolved config round-trips
         let back = Config::from_toml(&c.to_toml(), "resolved").unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn algorithm_settings_are_checked() {
+        let bad = |set: &str| {
+            let e = Config::default()
+                .with_overrides(&[set.to_string()])
+                .unwrap_err();
+            format!("{e:#}")
+        };
+        assert!(bad("algorithm.name=ppoo").contains("one of grpo, rloo"));
+        assert!(bad("algorithm.lopti_eta=0.0").contains("lopti_eta"));
+        assert!(bad("algorithm.ar_alpha=1.5").contains("ar_alpha"));
+        assert!(bad("algorithm.critic=shared").contains("critic"));
+        assert!(bad("algorithm.label_smoothing=0.5").contains("label_smoothing"));
+        assert!(bad("algorithm.dpo_loss=kto").contains("kto"));
+        assert!(bad("algorithm.entropy_reward=tokens").contains("tokens"));
+        let ok = Config::default()
+            .with_overrides(&[
+                "algorithm.name=ppo".into(),
+                "algorithm.lopti_eta=-0.5".into(),
+                "algorithm.ar_alpha=0.3".into(),
+                "algorithm.entropy_reward=token".into(),
+                "algorithm.dpo_loss=ipo".into(),
+            ])
+            .unwrap();
+        assert_eq!(ok.algorithm.lopti_eta, Some(-0.5));
+        assert_eq!(Config::from_toml(&ok.to_toml(), "resolved").unwrap(), ok);
+    }
+
+    #[test]
+    fn every_shipped_preset_parses_and_its_sweep_variants_apply() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut seen = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let c = Config::from_toml(
+                &std::fs::read_to_string(&p).unwrap(),
+                &p.display().to_string(),
+            )
+            .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            for v in &c.sweep.variants {
+                c.with_overrides(&v.set)
+                    .unwrap_or_else(|e| panic!("{} variant {}: {e:#}", p.display(), v.name));
+            }
+            seen += 1;
+        }
+        assert!(seen >= 5);
     }
 }

@@ -64,7 +64,10 @@ pub fn build_preferences(
         metadata.insert("chosen_reward".into(), best.reward.into());
         metadata.insert("rejected_reward".into(), worst.reward.into());
         metadata.insert("chosen_stop".into(), (best.finish == Finish::Stop).into());
-        metadata.insert("rejected_stop".into(), (worst.finish == Finish::Stop).into());
+        metadata.insert(
+            "rejected_stop".into(),
+            (worst.finish == Finish::Stop).into(),
+        );
         out.push(Record {
             id: record.id,
             prompt: record.prompt.clone(),
@@ -155,7 +158,12 @@ pub fn dpo_stage(
     let start = Instant::now();
     while state.step < c.run.steps {
         let t0 = Instant::now();
-        let idx = step_pairs(pairs.len(), c.algorithm.dpo_pairs_per_step, c.run.seed, state.step);
+        let idx = step_pairs(
+            pairs.len(),
+            c.algorithm.dpo_pairs_per_step,
+            c.run.seed,
+            state.step,
+        );
         let batch: Vec<Pair> = idx.iter().map(|&i| pairs[i].clone()).collect();
         let refs: Vec<(f32, f32)> = idx.iter().map(|&i| reference[i]).collect();
         let lr = learning_rate(
@@ -165,9 +173,20 @@ pub fn dpo_stage(
             c.optimizer.warmup_steps,
             c.run.steps,
         );
-        let m = dpo_step(policy, opt, &batch, &refs, &cfg, c.optimizer.micro_batch_tokens, lr)?;
+        let m = dpo_step(
+            policy,
+            opt,
+            &batch,
+            &refs,
+            &cfg,
+            c.optimizer.micro_batch_tokens,
+            lr,
+        )?;
         if m.skipped {
-            tracing::warn!(step = state.step, "non-finite DPO loss or gradient: step skipped");
+            tracing::warn!(
+                step = state.step,
+                "non-finite DPO loss or gradient: step skipped"
+            );
         }
         state.step += 1;
         state.policy_version += 1;
@@ -256,4 +275,50 @@ pub fn save(
     )?;
     checkpoint::prune(&root, c.run.keep_checkpoints)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_pairs_cover_each_epoch_once_in_a_seeded_order() {
+        let len = 10;
+        let mut seen: Vec<usize> = (0..5).flat_map(|s| step_pairs(len, 4, 7, s)).collect();
+        assert_eq!(seen.len(), 20);
+        // epochs 0 and 1 are each a permutation of the pairs
+        let (first, second) = seen.split_at_mut(10);
+        first.sort_unstable();
+        second.sort_unstable();
+        assert_eq!(first, (0..10).collect::<Vec<_>>().as_slice());
+        assert_eq!(second, first);
+        assert_eq!(step_pairs(len, 4, 7, 3), step_pairs(len, 4, 7, 3));
+        assert_ne!(step_pairs(len, 10, 7, 0), step_pairs(len, 10, 8, 0));
+    }
+
+    #[test]
+    fn pairs_keep_their_end_of_sequence_unless_cut() {
+        let c = Config::default();
+        let (_, tokenizer) = setup::load_model(&c).unwrap();
+        let task = setup::task(&c, tokenizer);
+        let eos = setup::stop_ids(&task.tokenizer)[0];
+        let mut r = Record {
+            id: 3,
+            prompt: Prompt::Text("12+7".into()),
+            answer: Some("19".into()),
+            chosen: Some(Prompt::Text("19".into())),
+            rejected: Some(Prompt::Text("18".into())),
+            metadata: serde_json::Map::from_iter([("expression".to_string(), "12+7".into())]),
+        };
+        let p = &tokenize(&task, std::slice::from_ref(&r)).unwrap()[0];
+        assert_eq!(p.prompt, task.prompt_ids(&r).unwrap());
+        assert_eq!(p.chosen.last(), Some(&eos));
+        assert_eq!(p.chosen.len(), 3);
+        r.metadata.insert("rejected_stop".into(), false.into());
+        let p = &tokenize(&task, std::slice::from_ref(&r)).unwrap()[0];
+        assert_eq!(p.rejected, task.tokenizer.encode("18", false).unwrap());
+        r.rejected = None;
+        let e = tokenize(&task, &[r]).unwrap_err();
+        assert!(format!("{e:#}").contains("no rejected completion"), "{e:#}");
+    }
 }

@@ -460,8 +460,12 @@ fn rl_stage(
                 samples.iter().map(|s| f(s)).collect::<Vec<f64>>()
             };
             let (reward_mean, reward_std) = mean_std(&f64s(&|s| f64::from(s.reward)));
-            let (adv_mean, adv_std) =
-                mean_std(&adv.advantages.iter().map(|&a| f64::from(a)).collect::<Vec<_>>());
+            let (adv_mean, adv_std) = mean_std(
+                &adv.advantages
+                    .iter()
+                    .map(|&a| f64::from(a))
+                    .collect::<Vec<_>>(),
+            );
             let lengths = f64s(&|s| s.completion_ids.len() as f64);
             let part = |name: &str| {
                 mean_std(&f64s(&|s| {
@@ -490,7 +494,10 @@ fn rl_stage(
                 ("reward_kl".into(), adv.reward_kl),
                 ("reward_kl_coef".into(), adv.reward_kl_coef),
                 ("value_loss".into(), critic.map_or(m.value_loss, |c| c.0)),
-                ("value_clip_frac".into(), critic.map_or(m.value.clip_frac, |c| c.1)),
+                (
+                    "value_clip_frac".into(),
+                    critic.map_or(m.value.clip_frac, |c| c.1),
+                ),
                 ("value_mean".into(), m.value.value_mean),
                 ("critic_grad_norm".into(), critic.map_or(f64::NAN, |c| c.2)),
                 ("optimizer_steps".into(), m.optimizer_steps as f64),
@@ -612,6 +619,7 @@ fn rl_stage(
     Ok(start.elapsed().as_secs_f64())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn save(
     c: &Config,
     opts: &RunOptions,

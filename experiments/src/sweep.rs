@@ -121,7 +121,14 @@ fn load_row(dir: &Path) -> anyhow::Result<(String, Row)> {
         .strip_suffix(&suffix)
         .unwrap_or(&config.run.name)
         .to_string();
-    Ok((variant, Row { seed, summary, last3 }))
+    Ok((
+        variant,
+        Row {
+            seed,
+            summary,
+            last3,
+        },
+    ))
 }
 
 fn mean_std(xs: &[f64]) -> (f64, f64) {

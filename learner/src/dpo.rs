@@ -142,9 +142,8 @@ fn summed_logprobs(w: &Weights, pairs: &[Pair]) -> Result<(Tensor, Tensor)> {
     let seqs: Vec<Sequence> = pairs
         .iter()
         .flat_map(|p| {
-            [&p.chosen, &p.rejected].map(|c| {
-                Sequence::new(p.prompt.clone(), c.clone(), vec![0.0; c.len()], 0.0)
-            })
+            [&p.chosen, &p.rejected]
+                .map(|c| Sequence::new(p.prompt.clone(), c.clone(), vec![0.0; c.len()], 0.0))
         })
         .collect();
     let device = w.embed_tokens.device().clone();
@@ -204,7 +203,11 @@ pub fn dpo_step(
         let (chosen, rejected) = summed_logprobs(policy, mb)?;
         let refs = &reference[range];
         let vec = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
-            Ok(Tensor::from_vec((0..mb.len()).map(f).collect(), mb.len(), &device)?)
+            Ok(Tensor::from_vec(
+                (0..mb.len()).map(f).collect(),
+                mb.len(),
+                &device,
+            )?)
         };
         let ref_chosen = vec(&|i| refs[i].0)?;
         let ref_rejected = vec(&|i| refs[i].1)?;

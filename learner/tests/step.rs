@@ -328,7 +328,12 @@ fn dpo_steps_prefer_the_chosen_completions_and_ignore_micro_batching() {
         assert!((completion_logprob(&base, &seq(&p.prompt, &p.chosen)) - c).abs() < 1e-4);
         assert!((completion_logprob(&base, &seq(&p.prompt, &p.rejected)) - r).abs() < 1e-4);
     }
-    for loss in [DpoLoss::Sigmoid, DpoLoss::Ipo, DpoLoss::Hinge, DpoLoss::Robust] {
+    for loss in [
+        DpoLoss::Sigmoid,
+        DpoLoss::Ipo,
+        DpoLoss::Hinge,
+        DpoLoss::Robust,
+    ] {
         let cfg = DpoConfig {
             loss,
             beta: 0.5,
@@ -349,7 +354,12 @@ fn dpo_steps_prefer_the_chosen_completions_and_ignore_micro_batching() {
         // at the reference every margin is 0
         assert!(one[0].margin.abs() < 1e-6);
         let (ms, w) = run(1 << 12, 5);
-        assert!(ms[4].loss < ms[0].loss, "{loss:?}: {} → {}", ms[0].loss, ms[4].loss);
+        assert!(
+            ms[4].loss < ms[0].loss,
+            "{loss:?}: {} → {}",
+            ms[0].loss,
+            ms[4].loss
+        );
         assert_eq!(ms[4].reward_accuracy, 1.0, "{loss:?}");
         for (p, (c, r)) in pairs.iter().zip(&reference) {
             let dc = completion_logprob(&w, &seq(&p.prompt, &p.chosen)) - c;

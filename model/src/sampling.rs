@@ -131,6 +131,25 @@ pub fn log_softmax_at(xs: &[f32], i: usize, t: f64) -> f32 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn entropy_is_that_of_the_tempered_softmax() {
+        let logits = [1.0f32, -0.5, 2.0, 0.0];
+        for t in [1.0, 0.7, 2.0] {
+            let z: f64 = logits.iter().map(|&x| (x as f64 / t).exp()).sum();
+            let want: f64 = logits
+                .iter()
+                .map(|&x| {
+                    let p = (x as f64 / t).exp() / z;
+                    -p * p.ln()
+                })
+                .sum();
+            assert!((entropy(&logits, t) as f64 - want).abs() < 1e-6, "T = {t}");
+        }
+        // uniform over 4: log 4; one certain token: 0
+        assert!((entropy(&[3.0; 4], 1.0) - 4f32.ln()).abs() < 1e-6);
+        assert!(entropy(&[0.0, -1e4], 1.0).abs() < 1e-6);
+    }
+
     fn frequencies(logits: &[f32], p: &SamplingParams, n: usize) -> Vec<f64> {
         let mut rng = Rng::new(11);
         let mut counts = vec![0usize; logits.len()];

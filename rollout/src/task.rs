@@ -1,10 +1,10 @@
 //! What a rollout worker needs to know about the task: how a record becomes prompt tokens (the
 //! chat template, or a template over the record's fields), and how a completion is scored.
 
-use serde::{Deserialize, Serialize};
 use datasets::Record;
 use model::tokenizer::{Message, Tokenizer};
 use rewards::compose::{Gold, PartKind, RewardSpec, Sample, Scored};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -226,4 +226,3 @@ impl EntropyReward {
         }
     }
 }
-

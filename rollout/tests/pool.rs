@@ -151,3 +151,64 @@ fn one_step_staleness_lets_workers_run_a_batch_ahead() {
     drop(rx);
     pool.stop();
 }
+
+/// EM-RL: the reward of a completion is its own negative entropy (token) or log-probability
+/// (sequence), from the sampling step; the verifier's total is kept as a part.
+#[test]
+fn entropy_rewards_come_from_the_sampling_policy() {
+    use rollout::pool::rollout_group;
+    use rollout::task::EntropyReward;
+    let config = builtin::tiny_config(32, 1);
+    let w = init::random_weights(&config, 0.02, 3, &Device::Cpu).unwrap();
+    let task = Task {
+        tokenizer: builtin::char_tokenizer().unwrap(),
+        prompt_template: Some("{expression}=".into()),
+        system_prompt: None,
+        reward: RewardSpec {
+            parts: vec![Part {
+                name: "answer".into(),
+                kind: PartKind::MathAnswer,
+                weight: 1.0,
+            }],
+        },
+    };
+    let source = Source::open("builtin:addition", &SourceOptions::default()).unwrap();
+    let record = Loader::new(source, 0, false, 16)
+        .unwrap()
+        .take(1)
+        .unwrap()
+        .remove(0);
+    let cfg = |entropy_reward| PoolConfig {
+        workers: 1,
+        group_size: 3,
+        generation: GenerationConfig {
+            max_new_tokens: 5,
+            stop_token_ids: vec![2],
+            ..Default::default()
+        },
+        seed: 5,
+        entropy_reward,
+    };
+    let plain = rollout_group(&task, &w, 0, 9, &record, &cfg(EntropyReward::None)).unwrap();
+    let seq = rollout_group(&task, &w, 0, 9, &record, &cfg(EntropyReward::Sequence)).unwrap();
+    let tok = rollout_group(&task, &w, 0, 9, &record, &cfg(EntropyReward::Token)).unwrap();
+    let v = model::Weights::detach(&w);
+    for ((p, s), t) in plain.iter().zip(&seq).zip(&tok) {
+        // the same completions (the same seed), rewarded differently
+        assert_eq!(p.completion_ids, s.completion_ids);
+        let sum: f32 = p.behavior_logprobs.iter().sum();
+        assert!((s.reward - sum).abs() < 1e-5, "{} vs {sum}", s.reward);
+        assert!(s
+            .reward_parts
+            .iter()
+            .any(|(n, x)| n == "verifier" && *x == p.reward));
+        // a near-uniform random model: each step's entropy is close to log |V|
+        let steps = t.completion_ids.len() as f32;
+        let log_v = (v.config.vocab_size as f32).ln();
+        assert!(
+            t.reward < 0.0 && (t.reward / steps + log_v).abs() < 0.05 * log_v,
+            "{}",
+            t.reward
+        );
+    }
+}
