@@ -9,17 +9,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::logs::read_step_table;
 use crate::run::{self, RunOptions, Summary};
-
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let p = e?.path();
-        if p.is_file() {
-            std::fs::copy(&p, to.join(p.file_name().expect("a file name")))?;
-        }
-    }
-    Ok(())
-}
+use crate::sweep::copy_dir;
 
 /// Sums of the per-step time columns of a run's metrics.
 fn time_split(dir: &Path) -> anyhow::Result<Vec<(String, f64)>> {

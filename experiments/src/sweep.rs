@@ -14,7 +14,8 @@ use crate::config::Config;
 use crate::logs::read_step_table;
 use crate::run::{self, RunOptions, Summary, SUMMARY_FILE};
 
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+/// Copies a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
         let p = e?.path();

@@ -15,6 +15,22 @@ use rollout::pool::{Event, Feed, FeedState, Pool, PoolConfig};
 use rollout::schema::{from_batch, Sample};
 use rollout::task::Task;
 
+/// Two-operand addition, prompted as `{expression}=`, with the math reward.
+fn addition_task() -> Task {
+    Task {
+        tokenizer: builtin::char_tokenizer().unwrap(),
+        prompt_template: Some("{expression}=".into()),
+        system_prompt: None,
+        reward: RewardSpec {
+            parts: vec![Part {
+                name: "answer".into(),
+                kind: PartKind::MathAnswer,
+                weight: 1.0,
+            }],
+        },
+    }
+}
+
 fn setup(
     workers: usize,
     max_staleness: u64,
@@ -27,18 +43,7 @@ fn setup(
 ) {
     let config = builtin::tiny_config(32, 1);
     let w = init::random_weights(&config, 0.02, 3, &Device::Cpu).unwrap();
-    let task = Task {
-        tokenizer: builtin::char_tokenizer().unwrap(),
-        prompt_template: Some("{expression}=".into()),
-        system_prompt: None,
-        reward: RewardSpec {
-            parts: vec![Part {
-                name: "answer".into(),
-                kind: PartKind::MathAnswer,
-                weight: 1.0,
-            }],
-        },
-    };
+    let task = addition_task();
     let source = Source::open("builtin:addition", &SourceOptions::default()).unwrap();
     let feed = Feed::new(
         Loader::new(source, 0, false, 16).unwrap(),
@@ -160,18 +165,7 @@ fn entropy_rewards_come_from_the_sampling_policy() {
     use rollout::task::EntropyReward;
     let config = builtin::tiny_config(32, 1);
     let w = init::random_weights(&config, 0.02, 3, &Device::Cpu).unwrap();
-    let task = Task {
-        tokenizer: builtin::char_tokenizer().unwrap(),
-        prompt_template: Some("{expression}=".into()),
-        system_prompt: None,
-        reward: RewardSpec {
-            parts: vec![Part {
-                name: "answer".into(),
-                kind: PartKind::MathAnswer,
-                weight: 1.0,
-            }],
-        },
-    };
+    let task = addition_task();
     let source = Source::open("builtin:addition", &SourceOptions::default()).unwrap();
     let record = Loader::new(source, 0, false, 16)
         .unwrap()
