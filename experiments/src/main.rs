@@ -86,7 +86,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// The table of held-out accuracies of the runs in a directory (a sweep's `--out`), by variant.
+    /// The table of held-out accuracies of the runs in a directory (a sweep's `--out`), by
+    /// variant; given one run's directory, redraw its report.png.
     Report { dir: PathBuf },
     /// Run the same experiment with max_staleness 0 and 1 and compare throughput and accuracy.
     BenchStaleness {

@@ -1,5 +1,6 @@
 //! `report.png`: the run's curves (reward, accuracy, KL, entropy, response length, held-out
-//! accuracy) drawn from its Parquet logs.
+//! accuracy, a PPO critic's loss; a DPO run's loss, implicit rewards and their accuracy) drawn
+//! from its Parquet logs.
 
 use std::path::Path;
 
@@ -38,36 +39,72 @@ pub fn plot(dir: &Path) -> anyhow::Result<()> {
         .find(|c| c.starts_with("pass@") && c.as_str() != "pass@1")
         .cloned()
         .unwrap_or_default();
-    let panels: Vec<Panel> = vec![
-        ("reward", vec![("mean", series(&mc, &mr, "reward_mean"))]),
-        (
-            "accuracy",
-            vec![
-                ("train (sampled)", series(&mc, &mr, "accuracy")),
-                ("held-out greedy", series(&ec, &er, "greedy_accuracy")),
-                ("held-out pass@1", series(&ec, &er, "pass@1")),
-                ("held-out pass@k", series(&ec, &er, &pass_k)),
-            ],
-        ),
-        ("KL to reference", vec![("kl", series(&mc, &mr, "kl"))]),
-        ("entropy", vec![("entropy", series(&mc, &mr, "entropy"))]),
-        (
-            "response length",
-            vec![("mean", series(&mc, &mr, "length_mean"))],
-        ),
-        (
-            "clip fraction",
-            vec![
-                ("low", series(&mc, &mr, "clip_low_frac")),
-                ("high", series(&mc, &mr, "clip_high_frac")),
-            ],
-        ),
-    ];
+    let held_out = || {
+        vec![
+            ("held-out greedy", series(&ec, &er, "greedy_accuracy")),
+            ("held-out pass@1", series(&ec, &er, "pass@1")),
+            ("held-out pass@k", series(&ec, &er, &pass_k)),
+        ]
+    };
+    let panels: Vec<Panel> = if mc.iter().any(|c| c == "reward_accuracy") {
+        // a DPO run
+        vec![
+            ("DPO loss", vec![("loss", series(&mc, &mr, "loss"))]),
+            ("held-out accuracy", held_out()),
+            (
+                "implicit reward accuracy",
+                vec![("train pairs", series(&mc, &mr, "reward_accuracy"))],
+            ),
+            (
+                "implicit rewards",
+                vec![
+                    ("chosen", series(&mc, &mr, "chosen_reward")),
+                    ("rejected", series(&mc, &mr, "rejected_reward")),
+                    ("margin", series(&mc, &mr, "reward_margin")),
+                ],
+            ),
+            ("grad norm", vec![("norm", series(&mc, &mr, "grad_norm"))]),
+            ("learning rate", vec![("lr", series(&mc, &mr, "lr"))]),
+        ]
+    } else {
+        let mut accuracy = vec![("train (sampled)", series(&mc, &mr, "accuracy"))];
+        accuracy.extend(held_out());
+        let mut panels = vec![
+            ("reward", vec![("mean", series(&mc, &mr, "reward_mean"))]),
+            ("accuracy", accuracy),
+            (
+                "KL to reference",
+                vec![
+                    ("loss term", series(&mc, &mr, "kl")),
+                    ("in the reward (k1)", series(&mc, &mr, "reward_kl")),
+                ],
+            ),
+            ("entropy", vec![("entropy", series(&mc, &mr, "entropy"))]),
+            (
+                "response length",
+                vec![("mean", series(&mc, &mr, "length_mean"))],
+            ),
+            (
+                "clip fraction",
+                vec![
+                    ("low", series(&mc, &mr, "clip_low_frac")),
+                    ("high", series(&mc, &mr, "clip_high_frac")),
+                ],
+            ),
+        ];
+        let value = series(&mc, &mr, "value_loss");
+        if value.iter().any(|&(_, v)| v != 0.0) {
+            // PPO: the critic's loss
+            panels.push(("value loss", vec![("loss", value)]));
+        }
+        panels
+    };
     let path = dir.join("report.png");
-    let root = BitMapBackend::new(&path, (1500, 900)).into_drawing_area();
+    let columns = panels.len().div_ceil(2);
+    let root = BitMapBackend::new(&path, (500 * columns as u32, 900)).into_drawing_area();
     root.fill(&WHITE)?;
     let colors = [BLUE, RED, GREEN, MAGENTA];
-    for (area, (title, lines)) in root.split_evenly((2, 3)).iter().zip(&panels) {
+    for (area, (title, lines)) in root.split_evenly((2, columns)).iter().zip(&panels) {
         let points = lines.iter().flat_map(|(_, s)| s.iter());
         let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
         for &(x, y) in points {
@@ -90,7 +127,13 @@ pub fn plot(dir: &Path) -> anyhow::Result<()> {
             .configure_mesh()
             .x_desc("step")
             .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.3}"))
+            .y_label_formatter(&|y| {
+                if y1 - y0 < 0.01 {
+                    format!("{y:.2e}")
+                } else {
+                    format!("{y:.3}")
+                }
+            })
             .light_line_style(WHITE.mix(0.0))
             .draw()?;
         for (i, (name, s)) in lines.iter().enumerate() {

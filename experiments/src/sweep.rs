@@ -146,7 +146,13 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 /// Prints, per variant (runs grouped by name without their `-seedN`), the held-out greedy
 /// accuracy before and after RL over seeds, the mean of the last three evaluations, and the RL
 /// wall time.
+/// A single run's directory instead redraws its `report.png`.
 pub fn report(dir: &Path) -> anyhow::Result<()> {
+    if dir.join("metrics.parquet").is_file() {
+        crate::report::plot(dir)?;
+        println!("{}", dir.join("report.png").display());
+        return Ok(());
+    }
     let mut groups: BTreeMap<String, Vec<Row>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     let mut entries: Vec<_> = std::fs::read_dir(dir)
