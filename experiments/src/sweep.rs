@@ -102,7 +102,16 @@ struct Row {
 }
 
 fn load_row(dir: &Path) -> anyhow::Result<(String, Row)> {
-    let summary: Summary = serde_json::from_str(&std::fs::read_to_string(dir.join(SUMMARY_FILE))?)?;
+    // NaN figures (pass@k without samples) are written as null
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(SUMMARY_FILE))?)?;
+    let number = |k: &str| json[k].as_f64().unwrap_or(f64::NAN);
+    let summary = Summary {
+        accuracy_start: number("accuracy_start"),
+        accuracy_final: number("accuracy_final"),
+        seconds_rl: number("seconds_rl"),
+        ..Summary::default()
+    };
     let config = Config::from_toml(
         &std::fs::read_to_string(dir.join(run::CONFIG_FILE))?,
         &dir.display().to_string(),
@@ -160,7 +169,13 @@ pub fn report(dir: &Path) -> anyhow::Result<()> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join(SUMMARY_FILE).is_file())
         .collect();
-    entries.sort();
+    // in the order the runs started (a sweep starts its variants in config order)
+    let started = |p: &std::path::PathBuf| {
+        std::fs::metadata(p.join(run::CONFIG_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    entries.sort_by_key(|p| (started(p), p.clone()));
     for p in entries {
         match load_row(&p) {
             Ok((variant, row)) => {
@@ -182,7 +197,7 @@ pub fn report(dir: &Path) -> anyhow::Result<()> {
     )
     .0;
     println!(
-        "{:<16} {:>5} {:>13} {:>15} {:>15} {:>9} {:>8}  per seed (after RL)",
+        "{:<22} {:>5} {:>9} {:>15} {:>15} {:>9} {:>6}  per seed (after RL)",
         "variant", "seeds", "before RL", "after RL", "last-3 evals", "vs first", "RL s"
     );
     for v in &order {
@@ -202,7 +217,7 @@ pub fn report(dir: &Path) -> anyhow::Result<()> {
             .map(|r| format!("{}:{:.3}", r.seed, r.summary.accuracy_final))
             .collect();
         println!(
-            "{v:<16} {:>5} {:>13.3} {:>8.3} ± {:.3} {:>8.3} ± {:.3} {rel:>9} {t:>8.0}  {}",
+            "{v:<22} {:>5} {:>9.3} {:>7.3} ± {:.3} {:>7.3} ± {:.3} {rel:>9} {t:>6.0}  {}",
             rows.len(),
             b,
             a,

@@ -289,9 +289,21 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
         ],
         2,
     ));
-    assert!(dpo.join("preferences.jsonl").is_file());
+    let prefs = dpo.join("preferences.jsonl");
+    assert!(prefs.is_file());
     // the first step starts at the reference: every margin 0, loss log 2
     let loss = metric(&dpo, "loss");
     assert!((loss[0] - std::f64::consts::LN_2).abs() < 1e-4, "{loss:?}");
+    // the pairs from the file that run wrote give the same training
+    let from_file = root.join("dpo-file");
+    let file = format!("algorithm.preferences={}", prefs.display());
+    succeed(&mut tiny(
+        "dpo",
+        &from_file,
+        &["algorithm.name=dpo", &file, "algorithm.dpo_pairs_per_step=8"],
+        2,
+    ));
+    assert_eq!(metric(&dpo, "loss"), metric(&from_file, "loss"));
+    assert_eq!(metric(&dpo, "reward_margin"), metric(&from_file, "reward_margin"));
     let _ = std::fs::remove_dir_all(&root);
 }
