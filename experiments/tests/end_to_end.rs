@@ -300,10 +300,17 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
     succeed(&mut tiny(
         "dpo",
         &from_file,
-        &["algorithm.name=dpo", &file, "algorithm.dpo_pairs_per_step=8"],
+        &[
+            "algorithm.name=dpo",
+            &file,
+            "algorithm.dpo_pairs_per_step=8",
+        ],
         2,
     ));
     assert_eq!(metric(&dpo, "loss"), metric(&from_file, "loss"));
-    assert_eq!(metric(&dpo, "reward_margin"), metric(&from_file, "reward_margin"));
+    assert_eq!(
+        metric(&dpo, "reward_margin"),
+        metric(&from_file, "reward_margin")
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

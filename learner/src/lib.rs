@@ -12,3 +12,4 @@ pub mod ppo;
 pub mod schedule;
 pub mod sft;
 pub mod step;
+pub mod subnetwork;

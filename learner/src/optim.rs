@@ -69,6 +69,8 @@ struct Param {
     grad: Option<Tensor>,
     /// Elements that may change (None: all).
     mask: Option<Vec<bool>>,
+    /// The mask as 0/1 f32 in the parameter's shape, applied to every gradient.
+    mask_tensor: Option<Tensor>,
 }
 
 pub struct AdamW {
@@ -114,6 +116,7 @@ impl AdamW {
                     moments,
                     grad: None,
                     mask: None,
+                    mask_tensor: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -137,7 +140,9 @@ impl AdamW {
         self.params.iter().map(|p| (p.name.as_str(), &p.var))
     }
 
-    /// Restricts the updates of `name` (gradient step and weight decay) to `mask`.
+    /// Restricts `name` to `mask`: its gradient is multiplied by the mask (so masked entries
+    /// count in neither the clipping norm nor the moments) and its update, weight decay
+    /// included, skips masked entries.
     pub fn set_mask(&mut self, name: &str, mask: Vec<bool>) -> Result<()> {
         let p = self
             .params
@@ -153,6 +158,9 @@ impl AdamW {
                 message: "mask size differs from the parameter".into(),
             });
         }
+        let t = p.var.as_tensor();
+        let ones: Vec<f32> = mask.iter().map(|&k| f32::from(u8::from(k))).collect();
+        p.mask_tensor = Some(Tensor::from_vec(ones, t.shape(), t.device())?);
         p.mask = Some(mask);
         Ok(())
     }
@@ -164,7 +172,11 @@ impl AdamW {
         for p in &mut self.params {
             match grads.get(p.var.as_tensor()) {
                 Some(g) => {
-                    let g = (g.to_dtype(DType::F32)? * scale)?;
+                    let mut g = (g.to_dtype(DType::F32)? * scale)?;
+                    if let Some(m) = &p.mask_tensor {
+                        // ∇ ← m ⊙ ∇: masked entries count neither in the norm nor the moments
+                        g = (g * m)?;
+                    }
                     p.grad = Some(match p.grad.take() {
                         Some(acc) => (acc + g)?,
                         None => g,
