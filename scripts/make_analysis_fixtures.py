@@ -6,7 +6,14 @@ sparsity_in_rl/check_sparsity.py does), the Frobenius norm of each update, the o
 o1, o2 and Jaccard with their closed-form random baselines, checked here against a Monte Carlo
 estimate over random masks of the same sizes.
 
-Writes learner/tests/fixtures/subnetwork.json. Needs: pip install torch numpy
+AlphaRL (spec section 2): top singular triplets (numpy.linalg.svd), numerical rank
+(torch.linalg.matrix_rank with its default tolerance, in float32 as the authors' update_rank.py),
+the norm-matched rank-1 update, backward sign alignment, and the one-component PLS regression with
+OLS on its score and the inverse transform at a target (scikit-learn's PLSRegression and
+LinearRegression, as AlphaPLS.py).
+
+Writes learner/tests/fixtures/{subnetwork,alpharl}.json.
+Needs: pip install torch numpy scikit-learn
 """
 import json
 import os
@@ -74,11 +81,59 @@ def overlap_case():
     return out
 
 
+def alpharl_case():
+    from sklearn.cross_decomposition import PLSRegression
+    from sklearn.linear_model import LinearRegression
+
+    rng = np.random.default_rng(9)
+    mats = []
+    for (m, n, rank, noise) in [(6, 4, 4, 0.0), (5, 7, 2, 0.0), (8, 8, 3, 1e-9), (3, 9, 1, 0.0)]:
+        a = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
+        a = (a + noise * rng.standard_normal((m, n))).astype(np.float32)
+        u, sv, vt = np.linalg.svd(a.astype(np.float64), full_matrices=False)
+        u1, v1 = u[:, 0], vt[0]
+        if u1[np.argmax(np.abs(u1))] < 0:
+            u1, v1 = -u1, -v1
+        fro = np.linalg.norm(a.astype(np.float64))
+        r = int(torch.linalg.matrix_rank(torch.from_numpy(a)).item())
+        lam = 0.7
+        rank1 = lam * (fro / sv[0]) * sv[0] * np.outer(u1, v1)
+        mats.append({"m": m, "n": n, "data": a.flatten().tolist(), "sigma": sv[0], "u": u1.tolist(),
+                     "v": v1.tolist(), "frobenius": fro, "rank": r, "lambda": lam,
+                     "rank1": rank1.flatten().tolist()})
+    # a trajectory of scaled rank-1 vectors with arbitrary signs, and accuracies rising with it
+    k, d = 6, 5
+    direction = rng.standard_normal(d)
+    traj = np.array([(0.2 + 0.15 * t) * direction + 0.05 * rng.standard_normal(d) for t in range(k)])
+    signs = np.array([1, -1, 1, 1, -1, 1])
+    raw = traj * signs[:, None]
+    aligned = raw.copy()
+    flips = [False] * k
+    for t in range(k - 2, -1, -1):
+        if aligned[t] @ aligned[t + 1] < 0:
+            aligned[t] = -aligned[t]
+            flips[t] = True
+    acc = np.array([0.31, 0.35, 0.40, 0.42, 0.47, 0.50])
+    pls = PLSRegression(n_components=1, scale=True).fit(aligned, acc)
+    scores = pls.transform(aligned)[:, 0]
+    ols = LinearRegression().fit(scores[:, None], acc)
+    target = 0.6
+    tau = (target - ols.intercept_) / ols.coef_[0]
+    inverse = pls.inverse_transform(np.array([[tau]]))[0]
+    return {"matrices": mats, "trajectory": raw.tolist(), "aligned": aligned.tolist(), "flips": flips,
+            "accuracy": acc.tolist(), "x_weights": pls.x_weights_[:, 0].tolist(),
+            "x_loadings": pls.x_loadings_[:, 0].tolist(), "scores": scores.tolist(),
+            "slope": float(ols.coef_[0]), "intercept": float(ols.intercept_),
+            "r2": float(ols.score(scores[:, None], acc)), "target": target, "inverse": inverse.tolist()}
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "subnetwork.json"), "w") as f:
         json.dump({"update": update_case(), "overlap": overlap_case()}, f)
-    print("subnetwork fixtures written")
+    with open(os.path.join(OUT, "alpharl.json"), "w") as f:
+        json.dump(alpharl_case(), f)
+    print("subnetwork and alpharl fixtures written")
 
 
 if __name__ == "__main__":

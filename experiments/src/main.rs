@@ -5,6 +5,7 @@
 //! then asynchronous GRPO raises its held-out accuracy, on a laptop CPU in minutes.
 
 mod algo;
+mod analyze;
 mod bench;
 mod config;
 mod dpo;
@@ -89,12 +90,27 @@ enum Command {
     /// The table of held-out accuracies of the runs in a directory (a sweep's `--out`), by
     /// variant; given one run's directory, redraw its report.png.
     Report { dir: PathBuf },
+    /// Analyses of a run's checkpoints.
+    #[command(subcommand)]
+    Analyze(Analysis),
     /// Run the same experiment with max_staleness 0 and 1 and compare throughput and accuracy.
     BenchStaleness {
         #[command(flatten)]
         config: ConfigArgs,
         #[arg(long, default_value = "runs/bench-staleness")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum Analysis {
+    /// Update sparsity (bf16 bitwise and |Δ| ≤ tol), norms, numerical rank and mask overlaps of
+    /// every checkpoint against the RL start, and of the SFT stage against the initial model;
+    /// writes subnetwork.parquet and the masks.
+    Subnetwork {
+        run: PathBuf,
+        #[arg(long, default_value_t = 1e-5)]
+        tol: f64,
     },
 }
 
@@ -270,6 +286,7 @@ fn main() -> anyhow::Result<()> {
             orchestrate(move |stop| sweep::sweep(&c, &out, progress, stop))?;
         }
         Command::Report { dir } => sweep::report(&dir)?,
+        Command::Analyze(Analysis::Subnetwork { run, tol }) => analyze::subnetwork(&run, tol)?,
         Command::BenchStaleness { config, out } => {
             let c = load_config(&config)?;
             orchestrate(move |stop| bench::staleness(&c, &out, progress, stop))?;

@@ -2,6 +2,7 @@
 //! step, the collector that turns rollout groups into steps, and checkpoints.
 
 pub mod advantages;
+pub mod alpharl;
 pub mod checkpoint;
 pub mod collect;
 pub mod dpo;
