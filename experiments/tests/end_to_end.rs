@@ -259,10 +259,19 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
     // the subnetwork analysis of that run: SFT vs the initial model, step 2 vs SFT
     succeed(ferrite().args(["analyze", "subnetwork"]).arg(&lopti));
     let rows = deterministic_metrics(&lopti, "subnetwork.parquet");
-    let unchanged = &rows.iter().find(|(c, _)| c == "all/unchanged_bf16").unwrap().1;
-    assert_eq!(unchanged.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![0, 2]);
+    let unchanged = &rows
+        .iter()
+        .find(|(c, _)| c == "all/unchanged_bf16")
+        .unwrap()
+        .1;
+    assert_eq!(
+        unchanged.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![0, 2]
+    );
     assert!(unchanged.iter().all(|(_, v)| (0.0..=1.0).contains(v)));
-    assert!(lopti.join("subnetwork/step-000002.masks.safetensors").is_file());
+    assert!(lopti
+        .join("subnetwork/step-000002.masks.safetensors")
+        .is_file());
 
     let em = root.join("em");
     succeed(&mut tiny(
