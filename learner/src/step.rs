@@ -440,6 +440,26 @@ pub fn update(
     })
 }
 
+/// A per-position quantity `[B, T−1]` of packed micro-batches, cut to each sequence's
+/// completion tokens (detached).
+fn per_completion_token(
+    seqs: &[Sequence],
+    micro_batch_tokens: usize,
+    device: &Device,
+    f: impl Fn(&Packed) -> Result<Tensor>,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    for range in micro_batches(seqs, micro_batch_tokens) {
+        let mb = &seqs[range];
+        let rows = f(&pack(mb, device)?)?.detach().to_vec2::<f32>()?;
+        for (s, row) in mb.iter().zip(rows) {
+            let at = s.prompt.len() - 1;
+            out.push(row[at..at + s.completion.len()].to_vec());
+        }
+    }
+    Ok(out)
+}
+
 /// Values `V(s_t)` of every completion token under `w` and `head` (detached), one vector per
 /// sequence: the rollout values PPO's GAE and value clipping start from.
 pub fn predict_values(
@@ -449,18 +469,9 @@ pub fn predict_values(
     micro_batch_tokens: usize,
 ) -> Result<Vec<Vec<f32>>> {
     let device = w.embed_tokens.device().clone();
-    let mut out = Vec::with_capacity(seqs.len());
-    for range in micro_batches(seqs, micro_batch_tokens) {
-        let mb = &seqs[range];
-        let p = pack(mb, &device)?;
-        let values = head.values(&trunk(w, &p, &device)?)?.detach(); // [B, T−1]
-        let rows = values.to_vec2::<f32>()?;
-        for (s, row) in mb.iter().zip(rows) {
-            let at = s.prompt.len() - 1;
-            out.push(row[at..at + s.completion.len()].to_vec());
-        }
-    }
-    Ok(out)
+    per_completion_token(seqs, micro_batch_tokens, &device, |p| {
+        head.values(&trunk(w, p, &device)?)
+    })
 }
 
 /// Log-probs of every completion token under `w` (detached) at `temperature`, one vector per
@@ -472,17 +483,9 @@ pub fn token_logprobs(
     temperature: f64,
 ) -> Result<Vec<Vec<f32>>> {
     let device = w.embed_tokens.device().clone();
-    let mut out = Vec::with_capacity(seqs.len());
-    for range in micro_batches(seqs, micro_batch_tokens) {
-        let mb = &seqs[range];
-        let p = pack(mb, &device)?;
-        let lp = sequence_logprobs(w, &p.ids, &p.attention, &p.loss_mask, temperature)?;
-        for (s, row) in mb.iter().zip(lp.logprobs.detach().to_vec2::<f32>()?) {
-            let at = s.prompt.len() - 1;
-            out.push(row[at..at + s.completion.len()].to_vec());
-        }
-    }
-    Ok(out)
+    per_completion_token(seqs, micro_batch_tokens, &device, |p| {
+        Ok(sequence_logprobs(w, &p.ids, &p.attention, &p.loss_mask, temperature)?.logprobs)
+    })
 }
 
 /// `[B, T−1, H]` final hidden states of a packed micro-batch (position t predicts token t+1).
