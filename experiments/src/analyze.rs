@@ -142,6 +142,43 @@ pub fn subnetwork(run: &Path, tol: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Restricts training to a saved subnetwork: every parameter with a mask in `path` (kind `tol`
+/// or `bf16`) trains only where the mask is set. Parameters the file does not cover (a value
+/// head) train freely.
+pub fn apply_masks(opt: &mut learner::optim::AdamW, path: &Path, kind: &str) -> anyhow::Result<()> {
+    let masks = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("subnetwork mask {}", path.display()))?;
+    let params: Vec<(String, usize)> = opt
+        .vars()
+        .map(|(n, v)| (n.to_string(), v.as_tensor().elem_count()))
+        .collect();
+    let (mut free, mut total, mut covered) = (0u64, 0u64, 0usize);
+    for (name, n) in params {
+        let Some(t) = masks.get(&format!("{name}.{kind}")) else {
+            tracing::warn!("{name}: not in the subnetwork mask; trained in full");
+            continue;
+        };
+        let bits = learner::subnetwork::Bitset::from_bytes(n, &t.to_vec1::<u8>()?)
+            .with_context(|| format!("{name} in {}", path.display()))?;
+        free += bits.count();
+        total += n as u64;
+        covered += 1;
+        opt.set_mask(&name, (0..n).map(|i| bits.get(i)).collect())?;
+    }
+    anyhow::ensure!(
+        covered > 0,
+        "{}: no mask matches the model's parameters",
+        path.display()
+    );
+    tracing::info!(
+        trainable = free,
+        parameters = total,
+        "subnetwork-only training: {:.2} % of the parameters train",
+        100.0 * free as f64 / total.max(1) as f64
+    );
+    Ok(())
+}
+
 fn print_line(label: &str, r: &[(String, f64)]) {
     let get = |k: &str| r.iter().find(|(n, _)| n == k).map_or(f64::NAN, |(_, v)| *v);
     println!(

@@ -351,6 +351,11 @@ pub struct OptimizerConfig {
     pub schedule: Schedule,
     pub warmup_steps: u64,
     pub micro_batch_tokens: usize,
+    /// Subnetwork-only RL: a `*.masks.safetensors` of `ferrite analyze subnetwork`; only the
+    /// parameters it marks changed are trained (gradient and update, weight decay included).
+    pub subnetwork_mask: String,
+    /// Which of its masks: `tol` (|Δ| > tol) or `bf16` (bitwise).
+    pub subnetwork_mask_kind: String,
 }
 
 impl Default for OptimizerConfig {
@@ -365,6 +370,8 @@ impl Default for OptimizerConfig {
             schedule: Schedule::Constant,
             warmup_steps: 0,
             micro_batch_tokens: 8192,
+            subnetwork_mask: String::new(),
+            subnetwork_mask_kind: "tol".into(),
         }
     }
 }
@@ -488,6 +495,10 @@ impl Config {
         }
         if a.epochs == 0 || a.mini_batches == 0 || a.dpo_pairs_per_step == 0 {
             bail!("algorithm.epochs, mini_batches and dpo_pairs_per_step must be positive");
+        }
+        let kind = &self.optimizer.subnetwork_mask_kind;
+        if kind != "tol" && kind != "bf16" {
+            bail!("optimizer.subnetwork_mask_kind = {kind:?}: `tol` or `bf16`");
         }
         if a.critic != "head" && a.critic != "separate" {
             bail!("algorithm.critic = {:?}: `head` or `separate`", a.critic);

@@ -63,6 +63,10 @@ enum Command {
         /// Continue the run in this directory from its last complete checkpoint.
         #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
         resume: Option<PathBuf>,
+        /// Train only the subnetwork of a `*.masks.safetensors` from `ferrite analyze
+        /// subnetwork` (sets `optimizer.subnetwork_mask`).
+        #[arg(long, value_name = "PATH")]
+        subnetwork_mask: Option<PathBuf>,
     },
     /// Held-out accuracy, pass@1 and pass@k of a checkpoint (or a run's latest one).
     Eval {
@@ -199,13 +203,21 @@ fn main() -> anyhow::Result<()> {
         config: ConfigArgs::default(),
         out: None,
         resume: None,
+        subnetwork_mask: None,
     });
     match command {
         Command::Run {
-            config,
+            mut config,
             out,
             resume,
+            subnetwork_mask,
         } => {
+            if let Some(mask) = subnetwork_mask {
+                config.sets.push(format!(
+                    "optimizer.subnetwork_mask={:?}",
+                    mask.display().to_string()
+                ));
+            }
             let (c, dir, resume) = match resume {
                 Some(dir) => {
                     let text = std::fs::read_to_string(dir.join(run::CONFIG_FILE))

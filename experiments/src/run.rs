@@ -243,6 +243,13 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     let (mut vars, policy) = policy_init.to_vars()?;
     vars.extend(head_vars);
     let mut opt = AdamW::new(vars, adamw(c))?;
+    if !c.optimizer.subnetwork_mask.is_empty() {
+        crate::analyze::apply_masks(
+            &mut opt,
+            Path::new(&c.optimizer.subnetwork_mask),
+            &c.optimizer.subnetwork_mask_kind,
+        )?;
+    }
     if let Some((_, ckpt)) = &resume_from {
         opt.load(ckpt)?;
         tracing::info!(step = state.step, path = %ckpt.display(), "resuming");

@@ -273,6 +273,43 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
         .join("subnetwork/step-000002.masks.safetensors")
         .is_file());
 
+    // subnetwork-only training from that mask: every parameter outside it stays bit-identical
+    let mask = lopti.join("subnetwork/step-000002.masks.safetensors");
+    let sub = root.join("sub");
+    succeed(
+        tiny(
+            "sub",
+            &sub,
+            &["algorithm.ar_alpha=0.3", "algorithm.lopti_eta=0.5"],
+            2,
+        )
+        .arg("--subnetwork-mask")
+        .arg(&mask),
+    );
+    let load = |p: PathBuf| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let masks = load(mask);
+    let start = load(sub.join("checkpoints/sft/model.safetensors"));
+    let end = load(sub.join("checkpoints/step-000002/model.safetensors"));
+    let (mut frozen, mut moved) = (0, 0);
+    for (name, before) in &start {
+        let before = before.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let after = end[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bits = masks[&format!("{name}.tol")].to_vec1::<u8>().unwrap();
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            if bits[i / 8] >> (i % 8) & 1 == 0 {
+                assert_eq!(
+                    b.to_bits(),
+                    a.to_bits(),
+                    "{name}[{i}] is outside the subnetwork"
+                );
+                frozen += 1;
+            } else if b != a {
+                moved += 1;
+            }
+        }
+    }
+    assert!(frozen > 0 && moved > 0, "frozen {frozen}, moved {moved}");
+
     let em = root.join("em");
     succeed(&mut tiny(
         "em",
