@@ -455,6 +455,17 @@ impl Config {
         Self::from_table(table, "--set")
     }
 
+    /// The scheduled learning rate at an RL step for a base rate (`optimizer.lr`, a critic's).
+    pub fn lr_at(&self, base: f64, step: u64) -> f64 {
+        learner::schedule::learning_rate(
+            base,
+            self.optimizer.schedule,
+            step,
+            self.optimizer.warmup_steps,
+            self.run.steps,
+        )
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("the config serializes")
     }

@@ -11,7 +11,6 @@ use datasets::Record;
 use learner::checkpoint::{self, TrainerState};
 use learner::dpo::{dpo_step, DpoConfig, Pair};
 use learner::optim::AdamW;
-use learner::schedule::learning_rate;
 use model::Weights;
 use rollout::pool::{rollout_group, Feed, PoolConfig};
 use rollout::schema::Finish;
@@ -166,13 +165,7 @@ pub fn dpo_stage(
         );
         let batch: Vec<Pair> = idx.iter().map(|&i| pairs[i].clone()).collect();
         let refs: Vec<(f32, f32)> = idx.iter().map(|&i| reference[i]).collect();
-        let lr = learning_rate(
-            c.optimizer.lr,
-            c.optimizer.schedule,
-            state.step,
-            c.optimizer.warmup_steps,
-            c.run.steps,
-        );
+        let lr = c.lr_at(c.optimizer.lr, state.step);
         let m = dpo_step(
             policy,
             opt,

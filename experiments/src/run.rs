@@ -12,7 +12,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use learner::checkpoint::{self, TrainerState};
 use learner::collect::Collector;
 use learner::optim::{AdamW, AdamWConfig};
-use learner::schedule::learning_rate;
 use learner::sft::sft_step;
 use model::Weights;
 use rollout::policy::{Admission, PolicyStore};
@@ -424,21 +423,9 @@ fn rl_stage(
             let (seqs, adv) = algorithm.sequences(c, &samples, policy, reference)?;
             let advantages = &adv.per_sequence;
             let time_advantages = t_adv.elapsed().as_secs_f64();
-            let lr = learning_rate(
-                c.optimizer.lr,
-                c.optimizer.schedule,
-                state.step,
-                c.optimizer.warmup_steps,
-                c.run.steps,
-            );
+            let lr = c.lr_at(c.optimizer.lr, state.step);
             let t1 = Instant::now();
-            let critic_lr = learning_rate(
-                c.algorithm.critic_lr,
-                c.optimizer.schedule,
-                state.step,
-                c.optimizer.warmup_steps,
-                c.run.steps,
-            );
+            let critic_lr = c.lr_at(c.algorithm.critic_lr, state.step);
             let (m, critic) = algorithm.train(policy, reference, opt, &seqs, lr, critic_lr)?;
             state.kl_coef = Some(algorithm.kl.beta);
             let train = t1.elapsed().as_secs_f64();

@@ -222,15 +222,13 @@ pub fn dpo_step(
             rejected_tokens: &rejected_tokens,
         };
         let (loss, s) = dpo_loss(&x, cfg, pairs.len())?;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !value.is_finite() {
-            opt.zero_grad();
+        let (value, done) = opt.backward(&loss)?;
+        if done.is_none() {
             m.skipped = true;
             m.loss = value;
             return Ok(m);
         }
         m.loss += value;
-        opt.accumulate(&loss.backward()?, 1.0)?;
         sums.reward_accuracy += s.reward_accuracy;
         sums.margin += s.margin;
         sums.chosen_reward += s.chosen_reward;

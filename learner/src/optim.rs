@@ -188,6 +188,18 @@ impl AdamW {
         Ok(missing)
     }
 
+    /// Backpropagates a micro-batch loss and accumulates its gradient, unless the loss is not
+    /// finite: then the step's gradient is dropped. Returns the loss's value and, when it was
+    /// accumulated, the names of parameters that received no gradient.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<(f64, Option<Vec<String>>)> {
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            self.zero_grad();
+            return Ok((value, None));
+        }
+        Ok((value, Some(self.accumulate(&loss.backward()?, 1.0)?)))
+    }
+
     /// Drops the accumulated gradient (e.g. after a skipped step).
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {

@@ -1,7 +1,7 @@
 //! Supervised fine-tuning: cross-entropy on gold completions (prompt tokens masked), averaged
 //! over the completion tokens of the whole step.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use model::logprobs::sequence_logprobs;
 use model::Weights;
 
@@ -46,15 +46,13 @@ pub fn sft_step(
         let p = pack(&seqs[range], &device)?;
         let lp = sequence_logprobs(w, &p.ids, &p.attention, &p.loss_mask, 1.0)?;
         let loss: Tensor = (lp.logprobs.sum_all()?.neg()? / tokens as f64)?;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !value.is_finite() {
-            opt.zero_grad();
+        let (value, done) = opt.backward(&loss)?;
+        if done.is_none() {
             m.skipped = true;
             m.loss = value;
             return Ok(m);
         }
         m.loss += value;
-        opt.accumulate(&loss.backward()?, 1.0)?;
     }
     let s = opt.step(lr)?;
     m.grad_norm = s.grad_norm;

@@ -259,16 +259,14 @@ pub fn policy_step(
             value_weighted.value_mean += vs.value_mean * vs.tokens;
             value_weighted.tokens += vs.tokens;
         }
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !value.is_finite() {
-            opt.zero_grad();
+        let (value, missing) = opt.backward(&loss)?;
+        let Some(missing) = missing else {
             m.skipped = true;
             m.loss = value;
             m.seconds = start.elapsed().as_secs_f64();
             return Ok(m);
-        }
+        };
         m.loss += value;
-        let missing = opt.accumulate(&loss.backward()?, 1.0)?;
         if !missing.is_empty() && mb.iter().flat_map(|s| &s.advantages).any(|&a| a != 0.0) {
             return Err(LearnerError::Invalid(format!(
                 "no gradient reached {}",
@@ -516,13 +514,11 @@ pub fn critic_step(
         let values = head.values(&trunk(critic, &p, &device)?)?;
         let mask = loss_mask_tensor(&p, &device)?;
         let (loss, s) = value_loss(&values, &p.old_values, &p.returns, &mask, clip, tokens)?;
-        let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !v.is_finite() {
-            opt.zero_grad();
+        let (v, done) = opt.backward(&loss)?;
+        if done.is_none() {
             return Ok((v, stats, f64::NAN));
         }
         loss_sum += v;
-        opt.accumulate(&loss.backward()?, 1.0)?;
         stats.clip_frac += s.clip_frac * s.tokens;
         stats.value_mean += s.value_mean * s.tokens;
         stats.tokens += s.tokens;
