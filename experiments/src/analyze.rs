@@ -1,28 +1,48 @@
-//! `ferrite analyze subnetwork RUN_DIR`: which parameters each checkpoint of a run changed against
+//! Update-sparsity tracking (spec §3): which parameters each checkpoint of a run changed against
 //! its RL start (the SFT checkpoint), and what the warm start itself changed against the initial
-//! model (spec §3). One row per checkpoint in `subnetwork.parquet`; the masks as bitsets in
-//! `subnetwork/<checkpoint>.masks.safetensors`.
+//! model. One row per checkpoint in `subnetwork.parquet` (step 0: SFT against the initial model);
+//! the masks as bitsets in `subnetwork/<checkpoint>.masks.safetensors`; the figure in
+//! `subnetwork.png`.
+//!
+//! A [`Tracker`] does it live during a run (`run.track_subnetwork`), at every checkpoint, so the
+//! masks and figures survive checkpoint pruning; `ferrite analyze subnetwork RUN_DIR` does it
+//! afterwards from the checkpoints on disk.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use learner::alpharl::numerical_rank;
-use learner::subnetwork::{model_update, overlap, sparsity, TensorUpdate};
+use learner::subnetwork::{model_update, overlap, sparsity, Bitset, Overlap, TensorUpdate};
 use model::Weights;
 
 use crate::config::Config;
-use crate::logs::StepTable;
+use crate::logs::{read_step_table, StepTable};
 use crate::setup;
 
-fn load(dir: &Path) -> anyhow::Result<BTreeMap<String, Tensor>> {
+pub const TABLE: &str = "subnetwork.parquet";
+pub const MASKS_DIR: &str = "subnetwork";
+
+pub fn load(dir: &Path) -> anyhow::Result<BTreeMap<String, Tensor>> {
     Ok(Weights::load_dir(dir, DType::F32, &Device::Cpu)
         .with_context(|| dir.display().to_string())?
         .named())
 }
 
-/// Writes the changed-parameter bitsets of an update (`|Δ| > tol`, bf16 bitwise) as u8 tensors.
+/// The 2-D attention and MLP matrices of the decoder layers (`self_attn.{q,k,v,o}_proj.weight`,
+/// `mlp.{gate,up,down}_proj.weight`): what the rank analyses and AlphaRL act on.
+pub fn is_layer_matrix(name: &str) -> bool {
+    name.starts_with("model.layers.") && name.ends_with("_proj.weight")
+}
+
+pub fn masks_path(run: &Path, label: &str) -> PathBuf {
+    run.join(MASKS_DIR)
+        .join(format!("{label}.masks.safetensors"))
+}
+
+/// Writes the changed-parameter bitsets of an update (`|Δ| > tol`, bf16 bitwise) as u8 tensors
+/// named `<param>.tol` and `<param>.bf16`.
 fn save_masks(path: &Path, updates: &[TensorUpdate]) -> anyhow::Result<()> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for u in updates {
@@ -35,13 +55,53 @@ fn save_masks(path: &Path, updates: &[TensorUpdate]) -> anyhow::Result<()> {
             );
         }
     }
-    candle_core::safetensors::save(&tensors, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
+}
+
+/// Reads the `kind` (`tol` or `bf16`) masks of a masks file: parameter name → bitset. `sizes`
+/// gives each parameter's element count.
+pub fn load_masks(
+    path: &Path,
+    kind: &str,
+    sizes: &BTreeMap<String, usize>,
+) -> anyhow::Result<BTreeMap<String, Bitset>> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("subnetwork mask {}", path.display()))?;
+    let mut out = BTreeMap::new();
+    for (name, &n) in sizes {
+        if let Some(t) = tensors.get(&format!("{name}.{kind}")) {
+            let bits = Bitset::from_bytes(n, &t.to_vec1::<u8>()?)
+                .with_context(|| format!("{name} in {}", path.display()))?;
+            out.insert(name.clone(), bits);
+        }
+    }
+    Ok(out)
+}
+
+/// Element counts of the parameters a masks file covers (from its byte lengths: the last byte
+/// may be partly used, so counts are rounded up to whole bytes; comparing two files of the same
+/// model uses the same rounding for both).
+fn mask_sizes(path: &Path, kind: &str) -> anyhow::Result<BTreeMap<String, usize>> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("subnetwork mask {}", path.display()))?;
+    Ok(tensors
+        .iter()
+        .filter_map(|(k, t)| {
+            k.strip_suffix(&format!(".{kind}"))
+                .map(|n| (n.to_string(), t.elem_count() * 8))
+        })
+        .collect())
 }
 
 /// The figures of one update: sparsity overall, per layer and per matrix type, and the mean
 /// numerical rank fraction of its 2-D attention and MLP updates.
-fn row(
+fn figures(
     updates: &[TensorUpdate],
     before: &BTreeMap<String, Tensor>,
     after: &BTreeMap<String, Tensor>,
@@ -53,13 +113,7 @@ fn row(
         out.push((format!("{}/frobenius", s.group), s.frobenius));
     }
     let mut fractions = Vec::new();
-    for u in updates {
-        let is_matrix = u.shape.len() == 2
-            && ["proj"].iter().any(|k| u.name.contains(k))
-            && u.name.starts_with("model.layers.");
-        if !is_matrix {
-            continue;
-        }
+    for u in updates.iter().filter(|u| is_layer_matrix(&u.name)) {
         let delta = (&after[&u.name] - &before[&u.name])?;
         let data = delta.flatten_all()?.to_vec1::<f32>()?;
         let (rank, full) = numerical_rank(&data, u.shape[0], u.shape[1])?;
@@ -74,71 +128,229 @@ fn row(
     Ok(out)
 }
 
-pub fn subnetwork(run: &Path, tol: f64) -> anyhow::Result<()> {
-    let config = Config::from_toml(
-        &std::fs::read_to_string(run.join(crate::run::CONFIG_FILE))?,
-        &run.display().to_string(),
-    )?;
-    let ckpts = run.join("checkpoints");
-    let sft = ckpts.join("sft");
-    anyhow::ensure!(
-        sft.is_dir(),
-        "{}: no SFT checkpoint to measure the RL updates from",
-        run.display()
-    );
-    let start = load(&sft)?;
-    let masks_dir = run.join("subnetwork");
-    std::fs::create_dir_all(&masks_dir)?;
-    let mut table = StepTable::new(run.join("subnetwork.parquet"));
-    // the warm start's own update: SFT against the initial model (step 0 of the table)
-    let (initial, _) = setup::load_model(&config)?;
-    let initial = initial.named();
-    let sft_update = model_update(&initial, &start, tol)?;
-    save_masks(&masks_dir.join("sft.masks.safetensors"), &sft_update)?;
-    let mut r = row(&sft_update, &initial, &start)?;
-    r.insert(0, ("is_sft".into(), 1.0));
-    table.push(0, &r)?;
-    print_line("sft vs initial", &r);
-    let mut previous: Option<Vec<TensorUpdate>> = None;
-    for (step, dir) in learner::checkpoint::list(&ckpts)? {
-        let after = load(&dir)?;
-        let updates = model_update(&start, &after, tol)?;
+fn overlap_columns(prefix: &str, o: Option<Overlap>) -> Vec<(String, f64)> {
+    let o = o.unwrap_or(Overlap {
+        o1: f64::NAN,
+        o2: f64::NAN,
+        jaccard: f64::NAN,
+        o1_random: f64::NAN,
+        o2_random: f64::NAN,
+        jaccard_random: f64::NAN,
+    });
+    vec![
+        (format!("{prefix}/o1"), o.o1),
+        (format!("{prefix}/o1_random"), o.o1_random),
+        (format!("{prefix}/o2"), o.o2),
+        (format!("{prefix}/o2_random"), o.o2_random),
+        (format!("{prefix}/jaccard"), o.jaccard),
+        (format!("{prefix}/jaccard_random"), o.jaccard_random),
+    ]
+}
+
+fn ordered<'a>(m: &'a BTreeMap<String, Bitset>, names: &[String]) -> Vec<&'a Bitset> {
+    names.iter().filter_map(|n| m.get(n)).collect()
+}
+
+/// Measures a run's checkpoints against its RL start as they are written.
+pub struct Tracker {
+    run: PathBuf,
+    start: BTreeMap<String, Tensor>,
+    sizes: BTreeMap<String, usize>,
+    tol: f64,
+    table: StepTable,
+}
+
+impl Tracker {
+    /// Opens the tracker of a run whose RL stage starts from `start`. A fresh table gets the
+    /// warm start's own row (step 0) when `initial` (the model before SFT) is given; a resumed
+    /// run (`last_step`) keeps its rows up to that step.
+    pub fn open(
+        run: &Path,
+        start: BTreeMap<String, Tensor>,
+        initial: Option<&BTreeMap<String, Tensor>>,
+        tol: f64,
+        last_step: Option<u64>,
+    ) -> anyhow::Result<Tracker> {
+        let sizes = start
+            .iter()
+            .map(|(n, t)| (n.clone(), t.elem_count()))
+            .collect();
+        let path = run.join(TABLE);
+        let table = match last_step {
+            Some(step) => StepTable::reopen(path, step)?,
+            None => StepTable::new(path),
+        };
+        let mut t = Tracker {
+            run: run.to_path_buf(),
+            start,
+            sizes,
+            tol,
+            table,
+        };
+        if let (None, Some(initial)) = (last_step, initial) {
+            let updates = model_update(initial, &t.start, tol)?;
+            save_masks(&masks_path(run, "sft"), &updates)?;
+            let mut r = vec![("is_sft".to_string(), 1.0)];
+            r.extend(figures(&updates, initial, &t.start)?);
+            r.extend(overlap_columns("prev", None));
+            r.extend(overlap_columns("sft", None));
+            t.table.push(0, &r)?;
+            print_line("sft vs initial", &r);
+        }
+        Ok(t)
+    }
+
+    /// The newest masks file of a step before `step`.
+    fn previous(&self, step: u64) -> Option<PathBuf> {
+        let entries = std::fs::read_dir(self.run.join(MASKS_DIR)).ok()?;
+        entries
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                let s: u64 = name
+                    .strip_prefix("step-")?
+                    .strip_suffix(".masks.safetensors")?
+                    .parse()
+                    .ok()?;
+                (s < step).then_some((s, name))
+            })
+            .max()
+            .map(|(_, name)| self.run.join(MASKS_DIR).join(name))
+    }
+
+    /// Measures the weights of checkpoint `step`, appends its row and writes its masks.
+    pub fn record(
+        &mut self,
+        step: u64,
+        after: &BTreeMap<String, Tensor>,
+    ) -> anyhow::Result<Vec<(String, f64)>> {
+        let updates = model_update(&self.start, after, self.tol)?;
+        let names: Vec<String> = updates.iter().map(|u| u.name.clone()).collect();
+        let now: BTreeMap<String, Bitset> = updates
+            .iter()
+            .map(|u| (u.name.clone(), u.changed_tol.clone()))
+            .collect();
+        let mut r = vec![("is_sft".to_string(), 0.0)];
+        r.extend(figures(&updates, &self.start, after)?);
+        // overlap with the previous checkpoint's subnetwork, and with the SFT stage's
+        let against = |path: Option<PathBuf>| -> anyhow::Result<Option<Overlap>> {
+            let Some(path) = path.filter(|p| p.is_file()) else {
+                return Ok(None);
+            };
+            let other = load_masks(&path, "tol", &self.sizes)?;
+            Ok(Some(overlap(
+                &ordered(&other, &names),
+                &ordered(&now, &names),
+            )?))
+        };
+        r.extend(overlap_columns("prev", against(self.previous(step))?));
+        r.extend(overlap_columns(
+            "sft",
+            against(Some(masks_path(&self.run, "sft")))?,
+        ));
         save_masks(
-            &masks_dir.join(format!(
-                "{}.masks.safetensors",
-                learner::checkpoint::step_name(step)
-            )),
+            &masks_path(&self.run, &learner::checkpoint::step_name(step)),
             &updates,
         )?;
-        let mut r = row(&updates, &start, &after)?;
-        r.insert(0, ("is_sft".into(), 0.0));
-        // overlap of this update's subnetwork with the previous checkpoint's, and with the SFT's
-        let masks =
-            |us: &[TensorUpdate]| us.iter().map(|u| u.changed_tol.clone()).collect::<Vec<_>>();
-        let now = masks(&updates);
-        let now_refs: Vec<_> = now.iter().collect();
-        if let Some(prev) = &previous {
-            let p = masks(prev);
-            let o = overlap(&p.iter().collect::<Vec<_>>(), &now_refs)?;
-            r.extend([
-                ("prev/o1".into(), o.o1),
-                ("prev/o1_random".into(), o.o1_random),
-                ("prev/o2".into(), o.o2),
-                ("prev/jaccard".into(), o.jaccard),
-                ("prev/jaccard_random".into(), o.jaccard_random),
-            ]);
+        self.table.push(step, &r)?;
+        if let Err(e) = plot(&self.run) {
+            tracing::warn!("subnetwork.png: {e:#}");
         }
-        let s = masks(&sft_update);
-        let o = overlap(&s.iter().collect::<Vec<_>>(), &now_refs)?;
-        r.extend([
-            ("sft/jaccard".into(), o.jaccard),
-            ("sft/jaccard_random".into(), o.jaccard_random),
-        ]);
-        table.push(step, &r)?;
-        print_line(&format!("step {step} vs sft"), &r);
-        previous = Some(updates);
+        Ok(r)
     }
-    println!("{}", run.join("subnetwork.parquet").display());
+}
+
+fn run_config(run: &Path) -> anyhow::Result<Config> {
+    let path = run.join(crate::run::CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{} is not a run directory", run.display()))?;
+    Config::from_toml(&text, &path.display().to_string())
+}
+
+/// `ferrite analyze subnetwork RUN_DIR`: the tracker over a finished run's checkpoints. The RL
+/// start is `checkpoints/sft` (or the initial model when the run had no SFT stage).
+pub fn subnetwork(run: &Path, tol: f64) -> anyhow::Result<()> {
+    let config = run_config(run)?;
+    let ckpts = run.join("checkpoints");
+    let sft = ckpts.join("sft");
+    let (initial, _) = setup::load_model(&config)?;
+    let initial = initial.named();
+    let mut tracker = if sft.is_dir() {
+        Tracker::open(run, load(&sft)?, Some(&initial), tol, None)?
+    } else {
+        Tracker::open(run, initial, None, tol, None)?
+    };
+    // masks of checkpoints pruned since are kept; those of the checkpoints present are redone
+    for (step, dir) in learner::checkpoint::list(&ckpts)? {
+        let r = tracker.record(step, &load(&dir)?)?;
+        print_line(&format!("step {step} vs start"), &r);
+    }
+    println!("{}", run.join(TABLE).display());
+    println!("{}", run.join("subnetwork.png").display());
+    Ok(())
+}
+
+/// A masks file, or a run directory's newest checkpoint masks.
+fn resolve_masks(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let dir = path.join(MASKS_DIR);
+    let newest = std::fs::read_dir(&dir)
+        .with_context(|| {
+            format!(
+                "{}: neither a masks file nor a run with {MASKS_DIR}/ (run ferrite analyze subnetwork)",
+                path.display()
+            )
+        })?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("step-") && n.ends_with(".masks.safetensors"))
+        .max()
+        .with_context(|| format!("{}: no checkpoint masks", dir.display()))?;
+    Ok(dir.join(newest))
+}
+
+/// `ferrite analyze overlap A B`: the overlap of two subnetworks (masks files or runs), overall
+/// and per matrix type, beside the overlap two random subnetworks of the same densities have.
+pub fn overlap_cli(a: &Path, b: &Path, kind: &str) -> anyhow::Result<()> {
+    let (pa, pb) = (resolve_masks(a)?, resolve_masks(b)?);
+    let sizes = mask_sizes(&pa, kind)?;
+    anyhow::ensure!(
+        !sizes.is_empty(),
+        "{}: no `{kind}` masks (kind is tol or bf16)",
+        pa.display()
+    );
+    anyhow::ensure!(
+        sizes == mask_sizes(&pb, kind)?,
+        "{} and {} cover different parameters",
+        pa.display(),
+        pb.display()
+    );
+    let (ma, mb) = (
+        load_masks(&pa, kind, &sizes)?,
+        load_masks(&pb, kind, &sizes)?,
+    );
+    println!("A = {}\nB = {}", pa.display(), pb.display());
+    println!(
+        "{:<30} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "group", "o1", "random", "o2", "random", "jaccard", "random"
+    );
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for name in sizes.keys() {
+        groups.entry("all".into()).or_default().push(name.clone());
+        let kind = name.rsplit('.').nth(1).unwrap_or(name);
+        groups
+            .entry(format!("type.{kind}"))
+            .or_default()
+            .push(name.clone());
+    }
+    for (group, names) in groups {
+        let o = overlap(&ordered(&ma, &names), &ordered(&mb, &names))?;
+        println!(
+            "{group:<30} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4}",
+            o.o1, o.o1_random, o.o2, o.o2_random, o.jaccard, o.jaccard_random
+        );
+    }
+    println!("o1 = |A∩B|/|A|, o2 = |A∩B|/|B| over the changed parameters; random: independent masks of the same densities");
     Ok(())
 }
 
@@ -146,30 +358,25 @@ pub fn subnetwork(run: &Path, tol: f64) -> anyhow::Result<()> {
 /// or `bf16`) trains only where the mask is set. Parameters the file does not cover (a value
 /// head) train freely.
 pub fn apply_masks(opt: &mut learner::optim::AdamW, path: &Path, kind: &str) -> anyhow::Result<()> {
-    let masks = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("subnetwork mask {}", path.display()))?;
-    let params: Vec<(String, usize)> = opt
+    let sizes: BTreeMap<String, usize> = opt
         .vars()
         .map(|(n, v)| (n.to_string(), v.as_tensor().elem_count()))
         .collect();
-    let (mut free, mut total, mut covered) = (0u64, 0u64, 0usize);
-    for (name, n) in params {
-        let Some(t) = masks.get(&format!("{name}.{kind}")) else {
-            tracing::warn!("{name}: not in the subnetwork mask; trained in full");
-            continue;
-        };
-        let bits = learner::subnetwork::Bitset::from_bytes(n, &t.to_vec1::<u8>()?)
-            .with_context(|| format!("{name} in {}", path.display()))?;
-        free += bits.count();
-        total += n as u64;
-        covered += 1;
-        opt.set_mask(&name, (0..n).map(|i| bits.get(i)).collect())?;
+    let masks = load_masks(path, kind, &sizes)?;
+    for name in sizes.keys().filter(|n| !masks.contains_key(*n)) {
+        tracing::warn!("{name}: not in the subnetwork mask; trained in full");
     }
     anyhow::ensure!(
-        covered > 0,
+        !masks.is_empty(),
         "{}: no mask matches the model's parameters",
         path.display()
     );
+    let (mut free, mut total) = (0u64, 0u64);
+    for (name, bits) in &masks {
+        free += bits.count();
+        total += bits.len as u64;
+        opt.set_mask(name, (0..bits.len).map(|i| bits.get(i)).collect())?;
+    }
     tracing::info!(
         trainable = free,
         parameters = total,
@@ -182,10 +389,114 @@ pub fn apply_masks(opt: &mut learner::optim::AdamW, path: &Path, kind: &str) -> 
 fn print_line(label: &str, r: &[(String, f64)]) {
     let get = |k: &str| r.iter().find(|(n, _)| n == k).map_or(f64::NAN, |(_, v)| *v);
     println!(
-        "{label:<16} unchanged: {:.4} (bf16 bitwise), {:.4} (|Δ| ≤ tol); ‖Δ‖_F {:.4}; rank {:.3} of full",
+        "{label:<18} unchanged: {:.4} (bf16 bitwise), {:.4} (|Δ| ≤ tol); ‖Δ‖_F {:.4}; rank {:.3} of full",
         get("all/unchanged_bf16"),
         get("all/unchanged_tol"),
         get("all/frobenius"),
         get("rank_fraction"),
     );
+}
+
+/// `subnetwork.png`: unchanged fractions, norms, rank and overlaps over the checkpoints, and the
+/// last checkpoint's per-layer and per-matrix-type sparsity beside the SFT stage's.
+pub fn plot(run: &Path) -> anyhow::Result<()> {
+    use crate::report::{draw, Panel};
+    let (cols, rows) = read_step_table(&run.join(TABLE))?;
+    let col = |name: &str| cols.iter().position(|c| c == name);
+    let rl: Vec<&(u64, Vec<f64>)> = rows
+        .iter()
+        .filter(|(_, r)| col("is_sft").is_some_and(|i| r[i] == 0.0))
+        .collect();
+    let sft = rows
+        .iter()
+        .find(|(_, r)| col("is_sft").is_some_and(|i| r[i] == 1.0));
+    let over_steps = |name: &str| -> Vec<(f64, f64)> {
+        col(name).map_or(Vec::new(), |i| {
+            rl.iter()
+                .filter(|(_, r)| r[i].is_finite())
+                .map(|(s, r)| (*s as f64, r[i]))
+                .collect()
+        })
+    };
+    // per layer / per type of one row: (index, value) points and the category names
+    let by_group = |row: Option<&(u64, Vec<f64>)>, prefix: &str| -> (Vec<String>, Vec<(f64, f64)>) {
+        let Some((_, r)) = row else {
+            return (Vec::new(), Vec::new());
+        };
+        let groups: Vec<(String, f64)> = cols
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let g = c.strip_prefix(prefix)?.strip_suffix("/unchanged_tol")?;
+                Some((g.trim_start_matches('0').to_string(), r[i]))
+            })
+            .collect();
+        let names = groups
+            .iter()
+            .map(|(g, _)| match g.as_str() {
+                "" => "0".into(),
+                "embed_tokens" => "embed".into(),
+                "lm_head" => "head".into(),
+                "input_layernorm" => "ln1".into(),
+                "post_attention_layernorm" => "ln2".into(),
+                "norm" => "norm".into(),
+                other => other.trim_end_matches("_proj").to_string(),
+            })
+            .collect();
+        let points = groups
+            .iter()
+            .enumerate()
+            .map(|(i, (_, v))| (i as f64, *v))
+            .collect();
+        (names, points)
+    };
+    let last = rl.last().copied();
+    let (layers, rl_layers) = by_group(last, "layer.");
+    let (_, sft_layers) = by_group(sft, "layer.");
+    let (types, rl_types) = by_group(last, "type.");
+    let (_, sft_types) = by_group(sft, "type.");
+    let last_step = last.map_or(0, |(s, _)| *s);
+    let rl_label = format!("RL step {last_step} vs SFT");
+    let panels = vec![
+        Panel::steps(
+            "unchanged fraction (RL vs its start)",
+            vec![
+                ("bf16 bitwise", over_steps("all/unchanged_bf16")),
+                ("|delta| <= tol", over_steps("all/unchanged_tol")),
+            ],
+        ),
+        Panel::steps(
+            "update norm ||delta||_F",
+            vec![("all", over_steps("all/frobenius"))],
+        ),
+        Panel::steps(
+            "numerical rank / full rank",
+            vec![("attn + MLP mean", over_steps("rank_fraction"))],
+        ),
+        Panel::steps(
+            "subnetwork overlap (Jaccard)",
+            vec![
+                ("with previous ckpt", over_steps("prev/jaccard")),
+                ("random baseline", over_steps("prev/jaccard_random")),
+                ("with SFT's", over_steps("sft/jaccard")),
+                ("random baseline (SFT)", over_steps("sft/jaccard_random")),
+            ],
+        ),
+        Panel::categories(
+            "unchanged (|delta| <= tol) per layer",
+            "layer",
+            layers,
+            vec![
+                (rl_label.as_str(), rl_layers),
+                ("SFT vs initial", sft_layers),
+            ],
+        ),
+        Panel::categories(
+            "unchanged (|delta| <= tol) per matrix type",
+            "matrix type",
+            types,
+            vec![(rl_label.as_str(), rl_types), ("SFT vs initial", sft_types)],
+        ),
+    ];
+    draw(&run.join("subnetwork.png"), &panels)
 }

@@ -53,6 +53,11 @@ pub struct RunConfig {
     pub keep_checkpoints: usize,
     /// Evaluate every this many RL steps (0: only before and after).
     pub eval_every: u64,
+    /// Measure every checkpoint's update against the RL start as it is written
+    /// (`subnetwork.parquet`, masks in `subnetwork/`, `subnetwork.png`).
+    pub track_subnetwork: bool,
+    /// `|Δ| ≤ tol` counts as unchanged (Mukherjee et al.: 1e-5).
+    pub subnetwork_tol: f64,
     /// Runs go to `output_dir/name-<time>` unless `--out` names the directory.
     pub output_dir: String,
 }
@@ -66,6 +71,8 @@ impl Default for RunConfig {
             checkpoint_every: 20,
             keep_checkpoints: 2,
             eval_every: 20,
+            track_subnetwork: true,
+            subnetwork_tol: 1e-5,
             output_dir: "runs".into(),
         }
     }
@@ -483,6 +490,12 @@ impl Config {
         }
         if r.temperature.is_nan() || r.temperature <= 0.0 {
             bail!("rollout.temperature = {}: must be positive", r.temperature);
+        }
+        if !(self.run.subnetwork_tol >= 0.0) {
+            bail!(
+                "run.subnetwork_tol = {}: must be 0 or positive",
+                self.run.subnetwork_tol
+            );
         }
         let a = &self.algorithm;
         const NAMES: [&str; 6] = [

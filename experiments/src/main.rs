@@ -5,6 +5,7 @@
 //! then asynchronous GRPO raises its held-out accuracy, on a laptop CPU in minutes.
 
 mod algo;
+mod alpharl;
 mod analyze;
 mod bench;
 mod config;
@@ -97,6 +98,9 @@ enum Command {
     /// Analyses of a run's checkpoints.
     #[command(subcommand)]
     Analyze(Analysis),
+    /// AlphaRL: extrapolate a run's early rank-1 trajectories, or the one-command report.
+    #[command(subcommand)]
+    Alpharl(AlphaRl),
     /// Run the same experiment with max_staleness 0 and 1 and compare throughput and accuracy.
     BenchStaleness {
         #[command(flatten)]
@@ -115,6 +119,70 @@ enum Analysis {
         run: PathBuf,
         #[arg(long, default_value_t = 1e-5)]
         tol: f64,
+    },
+    /// The rank-1 model of a checkpoint's RL update (W_0 + λ‖ΔW‖_F u1 v1ᵀ per attention and
+    /// MLP matrix) evaluated beside the full checkpoint: AlphaRL's recovery ratio.
+    Alpharl {
+        run: PathBuf,
+        /// The checkpoint (default: the newest).
+        #[arg(long)]
+        step: Option<u64>,
+        #[arg(long, default_value_t = 1.0)]
+        lambda: f64,
+        /// Samples per prompt for pass@1 (0: greedy accuracy only).
+        #[arg(long, default_value_t = 0)]
+        samples: usize,
+    },
+    /// Overlap of two subnetworks (masks files, or runs: their newest checkpoint's masks) as
+    /// o1, o2 and Jaccard beside the random baselines, overall and per matrix type.
+    Overlap {
+        a: PathBuf,
+        b: PathBuf,
+        /// tol (|Δ| > tol) or bf16 (bitwise).
+        #[arg(long, default_value = "tol")]
+        kind: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AlphaRl {
+    /// Fit the rank-1 trajectories of the checkpoints of steps 1..=K against their held-out
+    /// accuracy (one-component PLS + OLS) and write the model predicted for a target accuracy.
+    Extrapolate {
+        run: PathBuf,
+        /// The window's last step: a step count, or a percentage of the run's steps (`20%`).
+        #[arg(long)]
+        window: String,
+        /// The held-out accuracy to extrapolate to (the paper: the full run's).
+        #[arg(long)]
+        target: f64,
+        /// code (W_K + a v1ᵀ, the authors' script) or paper (W_0 + a v1ᵀ).
+        #[arg(long, default_value = "code")]
+        placement: String,
+        /// Samples per prompt for pass@1 as the fitted accuracy (0: greedy accuracy).
+        #[arg(long, default_value_t = 0)]
+        samples: usize,
+        /// Where the checkpoint goes (default: RUN/alpharl/extrapolate-step-K-PLACEMENT).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Evaluate the extrapolated model on the held-out split.
+        #[arg(long)]
+        eval: bool,
+    },
+    /// Run the experiment with checkpoints every few steps, then report the update sparsity of
+    /// RL against SFT, the rank-1 recovery ratio and AlphaRL from 10/20/40 % windows against
+    /// the full run, with the wall time saved (rerun to continue).
+    Report {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, default_value = "runs/alpharl")]
+        out: PathBuf,
+        /// Window sizes in percent of the RL steps.
+        #[arg(long, value_delimiter = ',', default_value = "10,20,40")]
+        windows: Vec<f64>,
+        /// Samples per prompt for pass@1 as the fitted accuracy (0: greedy accuracy).
+        #[arg(long, default_value_t = 2)]
+        samples: usize,
     },
 }
 
@@ -299,6 +367,55 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Report { dir } => sweep::report(&dir)?,
         Command::Analyze(Analysis::Subnetwork { run, tol }) => analyze::subnetwork(&run, tol)?,
+        Command::Analyze(Analysis::Overlap { a, b, kind }) => analyze::overlap_cli(&a, &b, &kind)?,
+        Command::Analyze(Analysis::Alpharl {
+            run,
+            step,
+            lambda,
+            samples,
+        }) => {
+            let mut ev = alpharl::Evaluator::new(&run, samples)?;
+            alpharl::analyze(&run, step, lambda, &mut ev)?;
+        }
+        Command::Alpharl(AlphaRl::Extrapolate {
+            run,
+            window,
+            target,
+            placement,
+            samples,
+            out,
+            eval,
+        }) => {
+            let placement: alpharl::Placement = placement.parse()?;
+            let mut ev = alpharl::Evaluator::new(&run, samples)?;
+            let k = alpharl::window_steps(&window, ev.config.run.steps)?;
+            let out = out.unwrap_or_else(|| {
+                run.join("alpharl").join(format!(
+                    "extrapolate-{}-{placement}",
+                    learner::checkpoint::step_name(k)
+                ))
+            });
+            alpharl::extrapolate_run(&run, k, target, placement, &out, &mut ev)?;
+            if eval {
+                let s = ev.score(&out.display().to_string(), &analyze::load(&out)?)?;
+                println!(
+                    "extrapolated model: greedy accuracy {:.3}{}",
+                    s.greedy,
+                    s.pass_at_1
+                        .map(|p| format!(", pass@1 {p:.3}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        Command::Alpharl(AlphaRl::Report {
+            config,
+            out,
+            windows,
+            samples,
+        }) => {
+            let c = load_config(&config)?;
+            orchestrate(move |stop| alpharl::report(&c, &out, &windows, samples, progress, stop))?;
+        }
         Command::BenchStaleness { config, out } => {
             let c = load_config(&config)?;
             orchestrate(move |stop| bench::staleness(&c, &out, progress, stop))?;

@@ -265,6 +265,19 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         None => (StepTable::new(metrics_path), StepTable::new(eval_path)),
     };
     let rollouts = RolloutLog::open(dir.join("rollouts.parquet"), last)?;
+    // live subnetwork tracking: every checkpoint against the RL start
+    let mut tracker = if c.run.track_subnetwork {
+        let initial = (c.sft.steps > 0).then(|| base.named());
+        Some(crate::analyze::Tracker::open(
+            dir,
+            start_weights.named(),
+            initial.as_ref(),
+            c.run.subnetwork_tol,
+            last,
+        )?)
+    } else {
+        None
+    };
     if last.is_none() {
         let e = eval_row(c, &policy, &task, &eval_records, 0)?;
         eval_table.push(0, &e.row())?;
@@ -303,6 +316,9 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
                 || s.step == c.run.steps
             {
                 crate::dpo::save(c, dir, &task, &policy, opt, s)?;
+                if let Some(t) = tracker.as_mut() {
+                    t.record(s.step, &policy.named())?;
+                }
             }
             bar.set_position(s.step);
             Ok(())
@@ -340,6 +356,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             &rollouts,
             &eval_records,
             &mut summary,
+            &mut tracker,
         )?
     };
     summary.seconds_rl = rl;
@@ -368,6 +385,7 @@ fn rl_stage(
     rollouts: &RolloutLog,
     eval_records: &[datasets::Record],
     summary: &mut Summary,
+    tracker: &mut Option<crate::analyze::Tracker>,
 ) -> anyhow::Result<f64> {
     let start = Instant::now();
     let r = &c.rollout;
@@ -575,6 +593,9 @@ fn rl_stage(
                 || state.step == c.run.steps;
             if ckpt_due {
                 save(c, opts, task, policy, opt, &algorithm.critic, &state, &feed)?;
+                if let Some(t) = tracker.as_mut() {
+                    t.record(state.step, &policy.named())?;
+                }
             }
             row.push(("time/checkpoint".into(), t4.elapsed().as_secs_f64()));
             metrics.push(state.step, &row)?;
