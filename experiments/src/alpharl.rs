@@ -233,7 +233,8 @@ impl Score {
     }
 }
 
-/// Held-out evaluation of a run's weights, cached in `alpharl/scores.json` by label.
+/// Held-out evaluation of a run's weights, cached in `alpharl/scores.json` by label and weights
+/// checksum.
 pub struct Evaluator {
     pub config: Config,
     pub run: PathBuf,
@@ -278,13 +279,14 @@ impl Evaluator {
     }
 
     pub fn score(&mut self, label: &str, named: &Named) -> anyhow::Result<Score> {
-        let key = format!("{label} k={}", self.samples);
+        let w = Weights::from_named(&self.model, named)?;
+        // keyed by the weights' checksum: a score never outlives the weights it measured
+        let key = format!("{label} {:016x} k={}", w.checksum()?, self.samples);
         if let Some(s) = self.cache.get(&key) {
             return Ok(*s);
         }
         let t = Instant::now();
         let c = &self.config;
-        let w = Weights::from_named(&self.model, named)?;
         let task = setup::task(c, self.tokenizer.clone());
         let records = setup::eval_records(c)?;
         let generation = setup::generation(c, &task.tokenizer);
@@ -395,7 +397,10 @@ pub fn analyze(
         lambda,
         start: ev.score("start", &base)?,
         full: ev.score(&checkpoint::step_name(step), &full)?,
-        rank1: ev.score(&format!("rank1-{} λ={lambda}", checkpoint::step_name(step)), &rank1)?,
+        rank1: ev.score(
+            &format!("rank1-{} λ={lambda}", checkpoint::step_name(step)),
+            &rank1,
+        )?,
         stats,
         checkpoint: out.clone(),
     };
@@ -455,16 +460,15 @@ pub fn extrapolate_run(
     x.window_steps = ckpts.iter().map(|(s, _)| *s).collect();
     let (_, last_dir) = ckpts.last().expect("two or more");
     ev.save(out, &model, &checkpoint::load_state(last_dir)?)?;
-    std::fs::write(
-        out.join("alpharl.json"),
-        serde_json::to_string_pretty(&x)?,
-    )?;
+    std::fs::write(out.join("alpharl.json"), serde_json::to_string_pretty(&x)?)?;
     let mut r2: Vec<f64> = x.modules.iter().map(|m| m.r2).collect();
     r2.sort_by(f64::total_cmp);
     println!(
         "window: steps {:?}, accuracies {:?}",
         x.window_steps,
-        y.iter().map(|v| (v * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+        y.iter()
+            .map(|v| (v * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
     );
     println!(
         "{} matrices fitted ({} skipped: no correlation); R² mean {:.3}, median {:.3}; target {target} ({placement} placement); {:.1} s",
@@ -486,7 +490,10 @@ pub fn window_steps(spec: &str, steps: u64) -> anyhow::Result<u64> {
                 .trim()
                 .parse()
                 .with_context(|| format!("window {spec:?}: a percentage such as 10%"))?;
-            anyhow::ensure!(p > 0.0 && p <= 100.0, "window {spec}: between 0 % and 100 %");
+            anyhow::ensure!(
+                p > 0.0 && p <= 100.0,
+                "window {spec}: between 0 % and 100 %"
+            );
             (steps as f64 * p / 100.0).round() as u64
         }
         None => spec
@@ -515,8 +522,10 @@ struct WindowResult {
     step: u64,
     early: Score,
     fits: Vec<(Extrapolation, Score)>,
-    /// RL seconds to step K, plus the evaluations of the window's checkpoints and the fits.
-    seconds: f64,
+    /// RL seconds (rollouts and training) to step K.
+    rl_seconds: f64,
+    /// The held-out evaluations of the window's checkpoints and the fit.
+    overhead_seconds: f64,
 }
 
 /// `ferrite alpharl report`: runs the experiment with frequent checkpoints (or continues it in
@@ -580,29 +589,35 @@ pub fn report(
         let Some(&k) = ckpt_steps.iter().rev().find(|&&s| s <= want) else {
             bail!("no checkpoint inside the {p} % window");
         };
-        let early = ev.score(&checkpoint::step_name(k), &load(&run_dir.join("checkpoints").join(checkpoint::step_name(k)))?)?;
+        let early = ev.score(
+            &checkpoint::step_name(k),
+            &load(&run_dir.join("checkpoints").join(checkpoint::step_name(k)))?,
+        )?;
         let mut fits = Vec::new();
         for placement in [Placement::Code, Placement::Paper] {
-            let dir = run_dir
-                .join("alpharl")
-                .join(format!("extrapolate-{}-{placement}", checkpoint::step_name(k)));
+            let dir = run_dir.join("alpharl").join(format!(
+                "extrapolate-{}-{placement}",
+                checkpoint::step_name(k)
+            ));
             let x = extrapolate_run(&run_dir, k, full.metric(), placement, &dir, &mut ev)?;
             let s = ev.score(&format!("extrapolate-{k}-{placement}"), &load(&dir)?)?;
             fits.push((x, s));
         }
-        let evals: f64 = ckpt_steps
-            .iter()
-            .filter(|&&s| s <= k)
-            .filter_map(|&s| ev.cache.get(&format!("{} k={}", checkpoint::step_name(s), samples)))
-            .map(|s| s.seconds)
-            .sum();
+        let mut evals = 0.0;
+        for &s in ckpt_steps.iter().filter(|&&s| s <= k) {
+            let name = checkpoint::step_name(s);
+            evals += ev
+                .score(&name, &load(&run_dir.join("checkpoints").join(&name))?)?
+                .seconds;
+        }
         let fit = fits.iter().map(|(x, _)| x.seconds).fold(0.0, f64::max);
         windows.push(WindowResult {
             percent: p,
             step: k,
             early,
             fits,
-            seconds: sum_until(&metrics, "time/step", k) + evals + fit,
+            rl_seconds: sum_until(&metrics, "time/step", k),
+            overhead_seconds: evals + fit,
         });
     }
     let metric = if samples > 0 {
@@ -621,7 +636,10 @@ pub fn report(
         ev.config.data.eval_size,
     ));
     md.push_str("## Update sparsity (parameters left unchanged)\n\n| update | bf16 bitwise | abs(Δ) ≤ tol | ‖Δ‖_F | numerical rank / full |\n|---|---|---|---|---|\n");
-    for (label, row) in [("SFT vs initial model", sft_row), ("RL (last step) vs SFT", rl_row)] {
+    for (label, row) in [
+        ("SFT vs initial model", sft_row),
+        ("RL (last step) vs SFT", rl_row),
+    ] {
         md.push_str(&format!(
             "| {label} | {} | {} | {:.3} | {:.3} |\n",
             pct(get(row, "all/unchanged_bf16")),
@@ -645,14 +663,22 @@ pub fn report(
         rank1.stats.matrices,
     ));
     md.push_str(&format!(
-        "## AlphaRL extrapolation (target: the full run's {:.3})\n\n| window | stop at | early stop | AlphaRL W_K + a v1ᵀ (code) | AlphaRL W_0 + a v1ᵀ (paper) | mean R² | cost | saved vs full ({:.0} s) |\n|---|---|---|---|---|---|---|---|\n",
+        "## AlphaRL extrapolation (target: the full run's {:.3})\n\n| window | stop at | early stop | AlphaRL W_K + a v1ᵀ (code) | AlphaRL W_0 + a v1ᵀ (paper) | mean R² | τ* | RL to K | evals + fit | saved, RL only | saved, with evals |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
         full.metric(),
-        full_seconds
     ));
     for w in &windows {
         let (code, paper) = (&w.fits[0], &w.fits[1]);
+        let mut tau: Vec<f64> = code.0.modules.iter().map(|m| m.tau_position).collect();
+        tau.sort_by(f64::total_cmp);
+        let saved = |cost: f64| {
+            format!(
+                "{:.0} s ({:.0} %)",
+                full_seconds - cost,
+                100.0 * (full_seconds - cost) / full_seconds
+            )
+        };
         md.push_str(&format!(
-            "| {:.0} % | step {} | {:.3} | {:.3} ({:.1} % of full) | {:.3} ({:.1} % of full) | {:.3} | {:.0} s | {:.0} s ({:.0} %) |\n",
+            "| {:.0} % | step {} | {:.3} | {:.3} ({:.1} % of full) | {:.3} ({:.1} % of full) | {:.3} | {:.1} | {:.0} s | {:.0} s | {} | {} |\n",
             w.percent,
             w.step,
             w.early.metric(),
@@ -661,13 +687,15 @@ pub fn report(
             paper.1.metric(),
             100.0 * paper.1.metric() / full.metric(),
             code.0.mean_r2(),
-            w.seconds,
-            full_seconds - w.seconds,
-            100.0 * (full_seconds - w.seconds) / full_seconds,
+            tau.get(tau.len() / 2).copied().unwrap_or(f64::NAN),
+            w.rl_seconds,
+            w.overhead_seconds,
+            saved(w.rl_seconds),
+            saved(w.rl_seconds + w.overhead_seconds),
         ));
     }
     md.push_str(&format!(
-        "\nFull run: {} at step {steps}. Costs: RL seconds to the window's last step (rollouts and training, `time/step` in metrics.parquet) plus the held-out evaluations of the window's checkpoints that the fit needs and the fit itself.\n\nFigures: `{}`; per-window fits: `alpharl.json` in each extrapolated checkpoint.\n",
+        "\nFull run: {} at step {steps}, {full_seconds:.0} s of RL (rollouts and training: `time/step` summed over metrics.parquet). τ*: the median over matrices of where the target's PLS score lies, with the window's first checkpoint at 0 and its last at 1 (above 1: extrapolation). AlphaRL also needs the held-out accuracy of every checkpoint in the window; \"with evals\" counts those evaluations and the fit.\n\nFigures: `{}`; per-window fits: `alpharl.json` in each extrapolated checkpoint.\n",
         fmt_score(&full),
         run_dir.join("subnetwork.png").display()
     ));
@@ -748,7 +776,11 @@ mod tests {
         let (r1, stats) = rank1_model(&b, &full, 1.0).unwrap();
         assert!(max_diff(&r1[UP], &full[UP]) < 1e-6);
         assert!(max_diff(&r1[Q], &full[Q]) < 1e-6);
-        assert_eq!(max_diff(&r1[NORM], &b[NORM]), 0.0, "1-D tensors stay at W_0");
+        assert_eq!(
+            max_diff(&r1[NORM], &b[NORM]),
+            0.0,
+            "1-D tensors stay at W_0"
+        );
         assert_eq!(stats.matrices, 2);
         assert!((stats.sigma1_share - 1.0).abs() < 1e-6);
         // λ scales the update; a rank-2 update keeps its norm but not its second direction
@@ -758,7 +790,11 @@ mod tests {
         let two = plus(
             &plus(&b, UP, &outer(&u1, &v1, 0.3)),
             UP,
-            &outer(&[1.0, -1.0, 1.0, -1.0, 1.0, -1.0], &[1.0, 1.0, -1.0, -1.0], 0.05),
+            &outer(
+                &[1.0, -1.0, 1.0, -1.0, 1.0, -1.0],
+                &[1.0, 1.0, -1.0, -1.0],
+                0.05,
+            ),
         );
         let (r, stats) = rank1_model(&b, &two, 1.0).unwrap();
         let norm = |x: &Tensor| {
@@ -770,10 +806,7 @@ mod tests {
                 .unwrap()
                 .sqrt()
         };
-        let (d_full, d_r) = (
-            (&two[UP] - &b[UP]).unwrap(),
-            (&r[UP] - &b[UP]).unwrap(),
-        );
+        let (d_full, d_r) = ((&two[UP] - &b[UP]).unwrap(), (&r[UP] - &b[UP]).unwrap());
         assert!((norm(&d_full) - norm(&d_r)).abs() < 1e-5, "norm-matched");
         assert!(max_diff(&d_full, &d_r) > 1e-3);
         assert!(stats.sigma1_share < 1.0);
@@ -789,7 +822,11 @@ mod tests {
         let at = |s: f32| {
             // a little of a second direction keeps the SVD honest; its weight grows as s²
             let w = plus(&b, UP, &outer(&u, &v, 0.1 * s));
-            plus(&plus(&w, Q, &outer(&uq, &vq, -0.05 * s)), NORM, &[0.01 * s; 4])
+            plus(
+                &plus(&w, Q, &outer(&uq, &vq, -0.05 * s)),
+                NORM,
+                &[0.01 * s; 4],
+            )
         };
         let window: Vec<Named> = (1..=4).map(|s| at(s as f32)).collect();
         let y: Vec<f64> = (1..=4).map(|s| 0.2 + 0.05 * s as f64).collect();

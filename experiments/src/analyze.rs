@@ -419,37 +419,38 @@ pub fn plot(run: &Path) -> anyhow::Result<()> {
         })
     };
     // per layer / per type of one row: (index, value) points and the category names
-    let by_group = |row: Option<&(u64, Vec<f64>)>, prefix: &str| -> (Vec<String>, Vec<(f64, f64)>) {
-        let Some((_, r)) = row else {
-            return (Vec::new(), Vec::new());
+    let by_group =
+        |row: Option<&(u64, Vec<f64>)>, prefix: &str| -> (Vec<String>, Vec<(f64, f64)>) {
+            let Some((_, r)) = row else {
+                return (Vec::new(), Vec::new());
+            };
+            let groups: Vec<(String, f64)> = cols
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let g = c.strip_prefix(prefix)?.strip_suffix("/unchanged_tol")?;
+                    Some((g.trim_start_matches('0').to_string(), r[i]))
+                })
+                .collect();
+            let names = groups
+                .iter()
+                .map(|(g, _)| match g.as_str() {
+                    "" => "0".into(),
+                    "embed_tokens" => "embed".into(),
+                    "lm_head" => "head".into(),
+                    "input_layernorm" => "ln1".into(),
+                    "post_attention_layernorm" => "ln2".into(),
+                    "norm" => "norm".into(),
+                    other => other.trim_end_matches("_proj").to_string(),
+                })
+                .collect();
+            let points = groups
+                .iter()
+                .enumerate()
+                .map(|(i, (_, v))| (i as f64, *v))
+                .collect();
+            (names, points)
         };
-        let groups: Vec<(String, f64)> = cols
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| {
-                let g = c.strip_prefix(prefix)?.strip_suffix("/unchanged_tol")?;
-                Some((g.trim_start_matches('0').to_string(), r[i]))
-            })
-            .collect();
-        let names = groups
-            .iter()
-            .map(|(g, _)| match g.as_str() {
-                "" => "0".into(),
-                "embed_tokens" => "embed".into(),
-                "lm_head" => "head".into(),
-                "input_layernorm" => "ln1".into(),
-                "post_attention_layernorm" => "ln2".into(),
-                "norm" => "norm".into(),
-                other => other.trim_end_matches("_proj").to_string(),
-            })
-            .collect();
-        let points = groups
-            .iter()
-            .enumerate()
-            .map(|(i, (_, v))| (i as f64, *v))
-            .collect();
-        (names, points)
-    };
     let last = rl.last().copied();
     let (layers, rl_layers) = by_group(last, "layer.");
     let (_, sft_layers) = by_group(sft, "layer.");

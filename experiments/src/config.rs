@@ -491,7 +491,7 @@ impl Config {
         if r.temperature.is_nan() || r.temperature <= 0.0 {
             bail!("rollout.temperature = {}: must be positive", r.temperature);
         }
-        if !(self.run.subnetwork_tol >= 0.0) {
+        if self.run.subnetwork_tol.is_nan() || self.run.subnetwork_tol < 0.0 {
             bail!(
                 "run.subnetwork_tol = {}: must be 0 or positive",
                 self.run.subnetwork_tol

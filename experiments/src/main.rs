@@ -181,7 +181,7 @@ enum AlphaRl {
         #[arg(long, value_delimiter = ',', default_value = "10,20,40")]
         windows: Vec<f64>,
         /// Samples per prompt for pass@1 as the fitted accuracy (0: greedy accuracy).
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 4)]
         samples: usize,
     },
 }

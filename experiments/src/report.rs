@@ -217,7 +217,6 @@ pub fn draw(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
                 .draw()?;
         }
     }
-    root.present()
-        .with_context(|| path.display().to_string())?;
+    root.present().with_context(|| path.display().to_string())?;
     Ok(())
 }

@@ -252,26 +252,75 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
     succeed(&mut tiny(
         "lopti",
         &lopti,
-        &["algorithm.ar_alpha=0.3", "algorithm.lopti_eta=0.5"],
+        &[
+            "algorithm.ar_alpha=0.3",
+            "algorithm.lopti_eta=0.5",
+            "run.checkpoint_every=1",
+            "run.keep_checkpoints=0",
+        ],
         2,
     ));
     assert!(metric(&lopti, "optimizer_steps").iter().all(|n| *n >= 1.0));
-    // the subnetwork analysis of that run: SFT vs the initial model, step 2 vs SFT
-    succeed(ferrite().args(["analyze", "subnetwork"]).arg(&lopti));
-    let rows = deterministic_metrics(&lopti, "subnetwork.parquet");
-    let unchanged = &rows
+    // the live subnetwork tracker: SFT vs the initial model (step 0), then each checkpoint vs SFT
+    let bits = |rows: Vec<(String, Vec<(u64, f64)>)>| -> Vec<(String, Vec<(u64, u64)>)> {
+        rows.into_iter()
+            .map(|(c, v)| (c, v.into_iter().map(|(s, x)| (s, x.to_bits())).collect()))
+            .collect()
+    };
+    let live = deterministic_metrics(&lopti, "subnetwork.parquet");
+    let unchanged = &live
         .iter()
         .find(|(c, _)| c == "all/unchanged_bf16")
         .unwrap()
         .1;
     assert_eq!(
         unchanged.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
-        vec![0, 2]
+        vec![0, 1, 2]
     );
     assert!(unchanged.iter().all(|(_, v)| (0.0..=1.0).contains(v)));
+    let jaccard = &live.iter().find(|(c, _)| c == "prev/jaccard").unwrap().1;
+    assert!(jaccard[0].1.is_nan() && jaccard[1].1.is_nan() && jaccard[2].1 > 0.0);
+    assert!(lopti.join("subnetwork.png").is_file());
+    // the offline analysis of the same checkpoints writes the same table
+    succeed(ferrite().args(["analyze", "subnetwork"]).arg(&lopti));
+    assert_eq!(
+        bits(deterministic_metrics(&lopti, "subnetwork.parquet")),
+        bits(live)
+    );
     assert!(lopti
         .join("subnetwork/step-000002.masks.safetensors")
         .is_file());
+    succeed(
+        ferrite()
+            .args(["analyze", "overlap"])
+            .arg(&lopti)
+            .arg(&lopti),
+    );
+    // AlphaRL: the rank-1 model and an extrapolation from the two checkpoints load as models
+    succeed(ferrite().args(["analyze", "alpharl"]).arg(&lopti));
+    succeed(
+        ferrite()
+            .arg("eval")
+            .arg(lopti.join("alpharl/rank1-step-000002")),
+    );
+    let predicted = root.join("predicted");
+    succeed(
+        ferrite()
+            .args(["alpharl", "extrapolate"])
+            .arg(&lopti)
+            .args([
+                "--window",
+                "100%",
+                "--target",
+                "0.5",
+                "--placement",
+                "paper",
+                "--out",
+            ])
+            .arg(&predicted),
+    );
+    assert!(predicted.join("alpharl.json").is_file());
+    succeed(ferrite().arg("eval").arg(&predicted));
 
     // subnetwork-only training from that mask: every parameter outside it stays bit-identical
     let mask = lopti.join("subnetwork/step-000002.masks.safetensors");
