@@ -1,8 +1,9 @@
 //! Update-sparsity tracking (spec §3): which parameters each checkpoint of a run changed against
 //! its RL start (the SFT checkpoint), and what the warm start itself changed against the initial
-//! model. One row per checkpoint in `subnetwork.parquet` (step 0: SFT against the initial model);
-//! the masks as bitsets in `subnetwork/<checkpoint>.masks.safetensors`; the figure in
-//! `subnetwork.png`.
+//! model. One row per checkpoint in `subnetwork.parquet` (step 0: SFT against the initial model:
+//! overall, per layer and per matrix type); one row per tensor and checkpoint in
+//! `subnetwork_tensors.parquet/`; the masks as bitsets in
+//! `subnetwork/<checkpoint>.masks.safetensors`; the figure in `subnetwork.png`.
 //!
 //! A [`Tracker`] does it live during a run (`run.track_subnetwork`), at every checkpoint, so the
 //! masks and figures survive checkpoint pruning; `ferrite analyze subnetwork RUN_DIR` does it
@@ -23,6 +24,8 @@ use crate::setup;
 
 pub const TABLE: &str = "subnetwork.parquet";
 pub const MASKS_DIR: &str = "subnetwork";
+/// Per-tensor rows, one Parquet file per checkpoint (a dataset pyarrow reads as one table).
+pub const TENSORS: &str = "subnetwork_tensors.parquet";
 
 pub fn load(dir: &Path) -> anyhow::Result<BTreeMap<String, Tensor>> {
     Ok(Weights::load_dir(dir, DType::F32, &Device::Cpu)
@@ -99,33 +102,147 @@ fn mask_sizes(path: &Path, kind: &str) -> anyhow::Result<BTreeMap<String, usize>
         .collect())
 }
 
+/// Numerical rank and full rank of each 2-D attention and MLP update.
+fn ranks(
+    updates: &[TensorUpdate],
+    before: &BTreeMap<String, Tensor>,
+    after: &BTreeMap<String, Tensor>,
+) -> anyhow::Result<BTreeMap<String, (usize, usize)>> {
+    let mut out = BTreeMap::new();
+    for u in updates.iter().filter(|u| is_layer_matrix(&u.name)) {
+        let delta = (&after[&u.name] - &before[&u.name])?;
+        let data = delta.flatten_all()?.to_vec1::<f32>()?;
+        out.insert(
+            u.name.clone(),
+            numerical_rank(&data, u.shape[0], u.shape[1])?,
+        );
+    }
+    Ok(out)
+}
+
 /// The figures of one update: sparsity overall, per layer and per matrix type, and the mean
 /// numerical rank fraction of its 2-D attention and MLP updates.
 fn figures(
     updates: &[TensorUpdate],
-    before: &BTreeMap<String, Tensor>,
-    after: &BTreeMap<String, Tensor>,
-) -> anyhow::Result<Vec<(String, f64)>> {
+    ranks: &BTreeMap<String, (usize, usize)>,
+) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for s in sparsity(updates) {
         out.push((format!("{}/unchanged_bf16", s.group), s.unchanged_bf16));
         out.push((format!("{}/unchanged_tol", s.group), s.unchanged_tol));
         out.push((format!("{}/frobenius", s.group), s.frobenius));
     }
-    let mut fractions = Vec::new();
-    for u in updates.iter().filter(|u| is_layer_matrix(&u.name)) {
-        let delta = (&after[&u.name] - &before[&u.name])?;
-        let data = delta.flatten_all()?.to_vec1::<f32>()?;
-        let (rank, full) = numerical_rank(&data, u.shape[0], u.shape[1])?;
-        fractions.push(rank as f64 / full as f64);
+    if !ranks.is_empty() {
+        let sum: f64 = ranks.values().map(|&(r, f)| r as f64 / f as f64).sum();
+        out.push(("rank_fraction".into(), sum / ranks.len() as f64));
     }
-    if !fractions.is_empty() {
-        out.push((
-            "rank_fraction".into(),
-            fractions.iter().sum::<f64>() / fractions.len() as f64,
-        ));
-    }
-    Ok(out)
+    out
+}
+
+/// `subnetwork_tensors.parquet/part-<label>.parquet`: one row per tensor of one update.
+fn write_tensors(
+    run: &Path,
+    label: &str,
+    step: u64,
+    is_sft: bool,
+    updates: &[TensorUpdate],
+    ranks: &BTreeMap<String, (usize, usize)>,
+) -> anyhow::Result<()> {
+    use arrow::array::{
+        ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray, UInt64Array,
+    };
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let n = |u: &TensorUpdate| u.numel().max(1) as f64;
+    let rank = |u: &TensorUpdate, i: usize| ranks.get(&u.name).map(|r| [r.0, r.1][i] as u64);
+    let columns: Vec<(&str, DataType, ArrayRef)> = vec![
+        (
+            "step",
+            DataType::UInt64,
+            Arc::new(UInt64Array::from(vec![step; updates.len()])),
+        ),
+        (
+            "is_sft",
+            DataType::Boolean,
+            Arc::new(BooleanArray::from(vec![is_sft; updates.len()])),
+        ),
+        (
+            "tensor",
+            DataType::Utf8,
+            Arc::new(StringArray::from_iter_values(
+                updates.iter().map(|u| u.name.as_str()),
+            )),
+        ),
+        (
+            "layer",
+            DataType::Int64,
+            Arc::new(Int64Array::from_iter(
+                updates.iter().map(|u| u.layer().map(|l| l as i64)),
+            )),
+        ),
+        (
+            "matrix_type",
+            DataType::Utf8,
+            Arc::new(StringArray::from_iter_values(
+                updates.iter().map(|u| u.matrix_type()),
+            )),
+        ),
+        (
+            "numel",
+            DataType::UInt64,
+            Arc::new(UInt64Array::from_iter_values(
+                updates.iter().map(|u| u.numel() as u64),
+            )),
+        ),
+        (
+            "unchanged_bf16",
+            DataType::Float64,
+            Arc::new(Float64Array::from_iter_values(
+                updates
+                    .iter()
+                    .map(|u| 1.0 - u.changed_bf16.count() as f64 / n(u)),
+            )),
+        ),
+        (
+            "unchanged_tol",
+            DataType::Float64,
+            Arc::new(Float64Array::from_iter_values(
+                updates
+                    .iter()
+                    .map(|u| 1.0 - u.changed_tol.count() as f64 / n(u)),
+            )),
+        ),
+        (
+            "frobenius",
+            DataType::Float64,
+            Arc::new(Float64Array::from_iter_values(
+                updates.iter().map(|u| u.frobenius),
+            )),
+        ),
+        (
+            "rank",
+            DataType::UInt64,
+            Arc::new(UInt64Array::from_iter(updates.iter().map(|u| rank(u, 0)))),
+        ),
+        (
+            "full_rank",
+            DataType::UInt64,
+            Arc::new(UInt64Array::from_iter(updates.iter().map(|u| rank(u, 1)))),
+        ),
+    ];
+    let schema = Schema::new(
+        columns
+            .iter()
+            .map(|(name, t, _)| Field::new(*name, t.clone(), true))
+            .collect::<Vec<_>>(),
+    );
+    let batch = RecordBatch::try_new(
+        Arc::new(schema),
+        columns.into_iter().map(|(_, _, a)| a).collect(),
+    )?;
+    let dir = run.join(TENSORS);
+    std::fs::create_dir_all(&dir)?;
+    crate::logs::write_atomic(&dir.join(format!("part-{label}.parquet")), &batch)
 }
 
 fn overlap_columns(prefix: &str, o: Option<Overlap>) -> Vec<(String, f64)> {
@@ -190,14 +307,22 @@ impl Tracker {
         if let (None, Some(initial)) = (last_step, initial) {
             let updates = model_update(initial, &t.start, tol)?;
             save_masks(&masks_path(run, "sft"), &updates)?;
+            let ranks = ranks(&updates, initial, &t.start)?;
+            write_tensors(run, "sft", 0, true, &updates, &ranks)?;
             let mut r = vec![("is_sft".to_string(), 1.0)];
-            r.extend(figures(&updates, initial, &t.start)?);
+            r.extend(figures(&updates, &ranks));
             r.extend(overlap_columns("prev", None));
             r.extend(overlap_columns("sft", None));
             t.table.push(0, &r)?;
             print_line("sft vs initial", &r);
         }
         Ok(t)
+    }
+
+    /// Whether checkpoint `step` has its row (a run killed between saving a checkpoint and
+    /// measuring it has not).
+    pub fn has(&self, step: u64) -> bool {
+        self.table.rows().iter().any(|(s, _)| *s == step)
     }
 
     /// The newest masks file of a step before `step`.
@@ -229,8 +354,11 @@ impl Tracker {
             .iter()
             .map(|u| (u.name.clone(), u.changed_tol.clone()))
             .collect();
+        let ranks = ranks(&updates, &self.start, after)?;
+        let label = learner::checkpoint::step_name(step);
+        write_tensors(&self.run, &label, step, false, &updates, &ranks)?;
         let mut r = vec![("is_sft".to_string(), 0.0)];
-        r.extend(figures(&updates, &self.start, after)?);
+        r.extend(figures(&updates, &ranks));
         // overlap with the previous checkpoint's subnetwork, and with the SFT stage's
         let against = |path: Option<PathBuf>| -> anyhow::Result<Option<Overlap>> {
             let Some(path) = path.filter(|p| p.is_file()) else {
@@ -247,10 +375,7 @@ impl Tracker {
             "sft",
             against(Some(masks_path(&self.run, "sft")))?,
         ));
-        save_masks(
-            &masks_path(&self.run, &learner::checkpoint::step_name(step)),
-            &updates,
-        )?;
+        save_masks(&masks_path(&self.run, &label), &updates)?;
         self.table.push(step, &r)?;
         if let Err(e) = plot(&self.run) {
             tracing::warn!("subnetwork.png: {e:#}");
@@ -500,4 +625,79 @@ pub fn plot(run: &Path) -> anyhow::Result<()> {
         ),
     ];
     draw(&run.join("subnetwork.png"), &panels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray, RecordBatch};
+    use arrow::datatypes::{Float64Type, UInt64Type};
+
+    const UP: &str = "model.layers.0.mlp.up_proj.weight";
+    const NORM: &str = "model.layers.0.input_layernorm.weight";
+
+    fn named(up: Vec<f32>, norm: Vec<f32>) -> BTreeMap<String, Tensor> {
+        BTreeMap::from([
+            (
+                UP.into(),
+                Tensor::from_vec(up, (2, 3), &Device::Cpu).unwrap(),
+            ),
+            (
+                NORM.into(),
+                Tensor::from_vec(norm, 4, &Device::Cpu).unwrap(),
+            ),
+        ])
+    }
+
+    fn read(path: &Path) -> RecordBatch {
+        let f = std::fs::File::open(path).unwrap();
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .unwrap()
+            .build()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_tracker_writes_per_tensor_rows_masks_and_overlaps_with_the_previous_checkpoint() {
+        let run = std::env::temp_dir().join(format!("ferrite-tracker-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        let start = named(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], vec![1.0; 4]);
+        let mut t = Tracker::open(&run, start, None, 1e-5, None).unwrap();
+        // step 1: two of six matrix entries and one of four norm entries move; one by less than tol
+        let one = named(
+            vec![1.5, 2.0, 3.25, 4.0, 5.0, 6.0],
+            vec![1.0, 1.0, 1.0 + 1e-7, 0.5],
+        );
+        t.record(1, &one).unwrap();
+        // step 2: the same two entries and one more
+        let two = named(
+            vec![1.5, 2.5, 3.25, 4.0, 5.0, 6.0],
+            vec![1.0, 1.0, 1.0, 0.5],
+        );
+        let r = t.record(2, &two).unwrap();
+        let get = |k: &str| r.iter().find(|(n, _)| n == k).unwrap().1;
+        assert!((get("type.up_proj/unchanged_tol") - 0.5).abs() < 1e-12);
+        assert!((get("all/unchanged_tol") - 6.0 / 10.0).abs() < 1e-12);
+        // masks {0, 2, norm 3} then {0, 1, 2, norm 3}: o1 = 3/3, o2 = 3/4, Jaccard 3/4
+        assert!((get("prev/o1") - 1.0).abs() < 1e-12);
+        assert!((get("prev/o2") - 0.75).abs() < 1e-12);
+        assert!((get("prev/jaccard") - 0.75).abs() < 1e-12);
+        // the rank-1 matrix update of step 1 has rank 1 of 2
+        let b = read(&run.join(TENSORS).join("part-step-000001.parquet"));
+        let tensors: Vec<&str> = b.column(2).as_string::<i32>().iter().flatten().collect();
+        assert_eq!(tensors, vec![NORM, UP]);
+        let tol = b.column(7).as_primitive::<Float64Type>();
+        assert_eq!(tol.value(0), 0.75, "the 1e-7 change is below tol");
+        assert!((tol.value(1) - 4.0 / 6.0).abs() < 1e-12);
+        let rank = b.column(9).as_primitive::<UInt64Type>();
+        assert!(rank.is_null(0));
+        assert_eq!(rank.value(1), 1);
+        assert_eq!(b.column(10).as_primitive::<UInt64Type>().value(1), 2);
+        assert!(masks_path(&run, "step-000002").is_file());
+        assert!(t.has(2) && !t.has(3));
+        let _ = std::fs::remove_dir_all(&run);
+    }
 }

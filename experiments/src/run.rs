@@ -278,6 +278,11 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     } else {
         None
     };
+    if let (Some(t), Some(step)) = (tracker.as_mut(), last) {
+        if step > 0 && !t.has(step) {
+            t.record(step, &policy_init.named())?;
+        }
+    }
     if last.is_none() {
         let e = eval_row(c, &policy, &task, &eval_records, 0)?;
         eval_table.push(0, &e.row())?;

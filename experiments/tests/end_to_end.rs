@@ -281,6 +281,11 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
     let jaccard = &live.iter().find(|(c, _)| c == "prev/jaccard").unwrap().1;
     assert!(jaccard[0].1.is_nan() && jaccard[1].1.is_nan() && jaccard[2].1 > 0.0);
     assert!(lopti.join("subnetwork.png").is_file());
+    for part in ["sft", "step-000001", "step-000002"] {
+        assert!(lopti
+            .join(format!("subnetwork_tensors.parquet/part-{part}.parquet"))
+            .is_file());
+    }
     // the offline analysis of the same checkpoints writes the same table
     succeed(ferrite().args(["analyze", "subnetwork"]).arg(&lopti));
     assert_eq!(
