@@ -196,11 +196,14 @@ pub fn dpo_stage(
             ("pairs".into(), state.samples_seen as f64),
             ("time/train".into(), t0.elapsed().as_secs_f64()),
         ];
-        let t1 = Instant::now();
-        on_step(&state, opt)?;
-        row.push(("time/eval_checkpoint".into(), t1.elapsed().as_secs_f64()));
+        // the row goes to disk before the checkpoint, so a run killed right after its
+        // checkpoint resumes with every row up to it
+        row.push(("time/eval_checkpoint".into(), f64::NAN));
         row.push(("time/elapsed".into(), start.elapsed().as_secs_f64()));
         metrics.push(state.step, &row)?;
+        let t1 = Instant::now();
+        on_step(&state, opt)?;
+        metrics.set_last("time/eval_checkpoint", t1.elapsed().as_secs_f64())?;
         tracing::info!(
             step = state.step,
             loss = m.loss,

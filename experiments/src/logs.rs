@@ -113,6 +113,19 @@ impl StepTable {
         self.flush()
     }
 
+    /// Sets column `name` of the last row (a timing known only after the row had to be on disk)
+    /// and rewrites the file.
+    pub fn set_last(&mut self, name: &str, value: f64) -> anyhow::Result<()> {
+        let c = self
+            .columns
+            .iter()
+            .position(|c| c == name)
+            .with_context(|| format!("no column {name}"))?;
+        let (_, row) = self.rows.last_mut().context("no row")?;
+        row[c] = value;
+        self.flush()
+    }
+
     fn flush(&self) -> anyhow::Result<()> {
         let mut fields = vec![Field::new("step", DataType::UInt64, false)];
         let mut arrays: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(

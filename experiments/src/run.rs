@@ -592,6 +592,10 @@ fn rl_stage(
                 );
             }
             row.push(("time/eval".into(), t3.elapsed().as_secs_f64()));
+            // the row goes to disk before the checkpoint, so a run killed right after its
+            // checkpoint resumes with every row up to it; the checkpoint's time follows
+            row.push(("time/checkpoint".into(), f64::NAN));
+            metrics.push(state.step, &row)?;
             let t4 = Instant::now();
             let ckpt_due = c.run.checkpoint_every > 0
                 && state.step.is_multiple_of(c.run.checkpoint_every)
@@ -602,8 +606,7 @@ fn rl_stage(
                     t.record(state.step, &policy.named())?;
                 }
             }
-            row.push(("time/checkpoint".into(), t4.elapsed().as_secs_f64()));
-            metrics.push(state.step, &row)?;
+            metrics.set_last("time/checkpoint", t4.elapsed().as_secs_f64())?;
             bar.set_position(state.step);
             bar.set_message(format!(
                 "reward {reward_mean:.3} acc {:.3}",
