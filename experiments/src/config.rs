@@ -543,11 +543,18 @@ impl Config {
             bail!("optimizer.lr must be ≥ 0 and optimizer.micro_batch_tokens positive");
         }
         for p in &self.reward.parts {
-            if !["math", "countdown", "knights_knaves", "format", "overlong"]
-                .contains(&p.kind.as_str())
+            if ![
+                "math",
+                "digits",
+                "countdown",
+                "knights_knaves",
+                "format",
+                "overlong",
+            ]
+            .contains(&p.kind.as_str())
             {
                 bail!(
-                    "reward part `{}`: kind {:?} is not one of math, countdown, knights_knaves, format, overlong",
+                    "reward part `{}`: kind {:?} is not one of math, digits, countdown, knights_knaves, format, overlong",
                     p.name,
                     p.kind
                 );

@@ -62,6 +62,7 @@ pub fn reward_spec(c: &Config) -> RewardSpec {
             weight: p.weight,
             kind: match p.kind.as_str() {
                 "math" => PartKind::MathAnswer,
+                "digits" => PartKind::DigitMatch,
                 "countdown" => PartKind::Countdown,
                 "knights_knaves" => PartKind::KnightsKnaves {
                     think_in_prompt: p.think_in_prompt,

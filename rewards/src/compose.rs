@@ -29,6 +29,10 @@ pub enum PartKind {
     KnightsKnaves { think_in_prompt: bool },
     /// 1 for `<think>…</think><answer>…</answer>`, else 0.
     TagFormat { think_in_prompt: bool },
+    /// Partial credit for a numeric answer: the share of the gold answer's characters the
+    /// extracted answer matches, aligned from the right (units with units), over the longer of
+    /// the two. 1 exactly when the strings are equal.
+    DigitMatch,
     /// DAPO's soft overlong penalty (0 to −1) on the completion's token count.
     Overlong {
         max_tokens: usize,
@@ -119,6 +123,9 @@ fn score_part(kind: &PartKind, s: &Sample) -> Result<(f32, Option<bool>), String
             };
             let r = knights::score(&text, solution).reward;
             (r, Some(r == knights::CORRECT))
+        }
+        (PartKind::DigitMatch, Gold::Math(gold)) => {
+            (crate::math::digit_match(s.completion, gold), None)
         }
         (PartKind::TagFormat { think_in_prompt }, _) => {
             (format::tag_format(s.completion, *think_in_prompt), None)

@@ -67,14 +67,19 @@ impl Task {
         let task_part = self.reward.parts.iter().find(|p| {
             matches!(
                 p.kind,
-                PartKind::MathAnswer | PartKind::Countdown | PartKind::KnightsKnaves { .. }
+                PartKind::MathAnswer
+                    | PartKind::DigitMatch
+                    | PartKind::Countdown
+                    | PartKind::KnightsKnaves { .. }
             )
         });
         let Some(part) = task_part else {
             return Gold::None;
         };
         match part.kind {
-            PartKind::MathAnswer => r.answer.clone().map_or(Gold::None, Gold::Math),
+            PartKind::MathAnswer | PartKind::DigitMatch => {
+                r.answer.clone().map_or(Gold::None, Gold::Math)
+            }
             PartKind::Countdown => {
                 let target = r.metadata.get("target").and_then(Value::as_i64);
                 let nums = r

@@ -241,3 +241,42 @@ fn show(n: Num) -> String {
         Num::Approx(x) => format!("{x}"),
     }
 }
+
+/// Partial credit for a numeric answer (see `PartKind::DigitMatch`): the extracted answer and
+/// the gold one compared character by character from the right, over the longer length.
+pub fn digit_match(completion: &str, gold: &str) -> f32 {
+    let Some(found) = extract::extract_answer(completion) else {
+        return 0.0;
+    };
+    let (a, b): (Vec<char>, Vec<char>) = (
+        found.answer.trim().chars().collect(),
+        gold.trim().chars().collect(),
+    );
+    let longer = a.len().max(b.len());
+    if longer == 0 {
+        return 0.0;
+    }
+    let same = a
+        .iter()
+        .rev()
+        .zip(b.iter().rev())
+        .filter(|(x, y)| x == y)
+        .count();
+    same as f32 / longer as f32
+}
+
+#[cfg(test)]
+mod digit_tests {
+    use super::digit_match;
+
+    #[test]
+    fn digits_match_from_the_right_over_the_longer_answer() {
+        assert_eq!(digit_match("57", "57"), 1.0);
+        assert_eq!(digit_match("47", "57"), 0.5);
+        assert_eq!(digit_match("157", "57"), 2.0 / 3.0);
+        assert_eq!(digit_match("7", "57"), 0.5);
+        assert_eq!(digit_match("75", "57"), 0.0);
+        assert_eq!(digit_match("no number", "57"), 0.0);
+        assert_eq!(digit_match("the answer is 108", "108"), 1.0);
+    }
+}
