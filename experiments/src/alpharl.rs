@@ -125,7 +125,6 @@ pub struct Extrapolation {
     pub window_steps: Vec<u64>,
     pub accuracies: Vec<f64>,
     pub target: f64,
-    pub placement: Placement,
     pub modules: Vec<ModuleFit>,
     /// Modules whose trajectory does not correlate with accuracy (left at the placement's start).
     pub skipped: Vec<String>,
@@ -141,14 +140,15 @@ impl Extrapolation {
 /// AlphaRL's rule (spec §2.4) over checkpoints `window` (weights after steps `1..K`, with their
 /// accuracies `y`) of an RL stage that started from `base`: per matrix, the sign-aligned
 /// trajectory `a_t = σ₁(t) u₁(t)` of `ΔW_t = W_t − W_0`, a one-component PLS + OLS against `y`,
-/// inverted at `target`; the update `a* v₁(K)ᵀ` is added to `W_K` or `W_0`.
+/// inverted at `target`; the update `a* v₁(K)ᵀ` is added to `W_K` or `W_0`, one model per
+/// placement asked for (the fit is shared).
 pub fn extrapolate(
     base: &Named,
     window: &[Named],
     y: &[f64],
     target: f64,
-    placement: Placement,
-) -> anyhow::Result<(Named, Extrapolation)> {
+    placements: &[Placement],
+) -> anyhow::Result<(Vec<Named>, Extrapolation)> {
     let t0 = Instant::now();
     anyhow::ensure!(
         window.len() >= 2 && window.len() == y.len(),
@@ -199,18 +199,19 @@ pub fn extrapolate(
         }
         updates.insert(name, u);
     }
-    let start = match placement {
-        Placement::Code => last,
-        Placement::Paper => base,
-    };
-    let out = add_updates(start, &updates)?;
+    let models = placements
+        .iter()
+        .map(|p| match p {
+            Placement::Code => add_updates(last, &updates),
+            Placement::Paper => add_updates(base, &updates),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok((
-        out,
+        models,
         Extrapolation {
             window_steps: Vec::new(),
             accuracies: y.to_vec(),
             target,
-            placement,
             modules,
             skipped,
             seconds: t0.elapsed().as_secs_f64(),
@@ -240,6 +241,9 @@ pub struct Evaluator {
     pub run: PathBuf,
     samples: usize,
     tokenizer: Tokenizer,
+    task: rollout::task::Task,
+    records: Vec<datasets::Record>,
+    generation: model::generate::GenerationConfig,
     model: model::ModelConfig,
     /// The RL stage's start: `checkpoints/sft`, or the initial model when the run had no SFT.
     pub start: Named,
@@ -267,11 +271,17 @@ impl Evaluator {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
+        let task = setup::task(&config, tokenizer.clone());
+        let records = setup::eval_records(&config)?;
+        let generation = setup::generation(&config, &task.tokenizer);
         Ok(Evaluator {
             config,
             run: run.to_path_buf(),
             samples,
             tokenizer,
+            task,
+            records,
+            generation,
             model: start.config.clone(),
             start: start.named(),
             cache,
@@ -287,14 +297,11 @@ impl Evaluator {
         }
         let t = Instant::now();
         let c = &self.config;
-        let task = setup::task(c, self.tokenizer.clone());
-        let records = setup::eval_records(c)?;
-        let generation = setup::generation(c, &task.tokenizer);
         let r = evaluate(
             &w,
-            &task,
-            &records,
-            &generation,
+            &self.task,
+            &self.records,
+            &self.generation,
             self.samples,
             datasets::rng::mix(c.run.seed, 0xE7A1, 0),
             c.data.eval_batch,
@@ -427,13 +434,13 @@ pub fn analyze(
 }
 
 /// `ferrite alpharl extrapolate RUN_DIR --window K --target ACC`: fits the trajectories of the
-/// checkpoints of steps `1..=K` and writes the extrapolated model to `out`.
+/// checkpoints of steps `1..=K` and writes the extrapolated model of each placement to its
+/// directory.
 pub fn extrapolate_run(
     run: &Path,
     window: u64,
     target: f64,
-    placement: Placement,
-    out: &Path,
+    outputs: &[(Placement, PathBuf)],
     ev: &mut Evaluator,
 ) -> anyhow::Result<Extrapolation> {
     let ckpts: Vec<(u64, PathBuf)> = checkpoint::list(&run.join("checkpoints"))?
@@ -456,11 +463,25 @@ pub fn extrapolate_run(
         y.push(ev.score(&checkpoint::step_name(*step), &w)?.metric());
         weights.push(w);
     }
-    let (model, mut x) = extrapolate(&base, &weights, &y, target, placement)?;
+    let placements: Vec<Placement> = outputs.iter().map(|(p, _)| *p).collect();
+    let (models, mut x) = extrapolate(&base, &weights, &y, target, &placements)?;
     x.window_steps = ckpts.iter().map(|(s, _)| *s).collect();
     let (_, last_dir) = ckpts.last().expect("two or more");
-    ev.save(out, &model, &checkpoint::load_state(last_dir)?)?;
-    std::fs::write(out.join("alpharl.json"), serde_json::to_string_pretty(&x)?)?;
+    let state = checkpoint::load_state(last_dir)?;
+    for ((placement, out), model) in outputs.iter().zip(&models) {
+        ev.save(out, model, &state)?;
+        std::fs::write(
+            out.join("alpharl.json"),
+            serde_json::to_string_pretty(&serde_json::json!({
+                "placement": placement,
+                "fit": &x,
+            }))?,
+        )?;
+        println!(
+            "extrapolated checkpoint ({placement} placement): {}",
+            out.display()
+        );
+    }
     let mut r2: Vec<f64> = x.modules.iter().map(|m| m.r2).collect();
     r2.sort_by(f64::total_cmp);
     println!(
@@ -471,14 +492,13 @@ pub fn extrapolate_run(
             .collect::<Vec<_>>()
     );
     println!(
-        "{} matrices fitted ({} skipped: no correlation); R² mean {:.3}, median {:.3}; target {target} ({placement} placement); {:.1} s",
+        "{} matrices fitted ({} skipped: no correlation); R² mean {:.3}, median {:.3}; target {target}; {:.1} s",
         x.modules.len(),
         x.skipped.len(),
         x.mean_r2(),
         r2.get(r2.len() / 2).copied().unwrap_or(f64::NAN),
         x.seconds
     );
-    println!("extrapolated checkpoint: {}", out.display());
     Ok(x)
 }
 
@@ -521,7 +541,9 @@ struct WindowResult {
     percent: f64,
     step: u64,
     early: Score,
-    fits: Vec<(Extrapolation, Score)>,
+    fit: Extrapolation,
+    /// The code placement's score, then the paper placement's.
+    scores: Vec<Score>,
     /// RL seconds (rollouts and training) to step K.
     rl_seconds: f64,
     /// The held-out evaluations of the window's checkpoints and the fit.
@@ -593,15 +615,17 @@ pub fn report(
             &checkpoint::step_name(k),
             &load(&run_dir.join("checkpoints").join(checkpoint::step_name(k)))?,
         )?;
-        let mut fits = Vec::new();
-        for placement in [Placement::Code, Placement::Paper] {
-            let dir = run_dir.join("alpharl").join(format!(
-                "extrapolate-{}-{placement}",
-                checkpoint::step_name(k)
-            ));
-            let x = extrapolate_run(&run_dir, k, full.metric(), placement, &dir, &mut ev)?;
-            let s = ev.score(&format!("extrapolate-{k}-{placement}"), &load(&dir)?)?;
-            fits.push((x, s));
+        let outputs: Vec<(Placement, PathBuf)> = [Placement::Code, Placement::Paper]
+            .into_iter()
+            .map(|p| {
+                let name = format!("extrapolate-{}-{p}", checkpoint::step_name(k));
+                (p, run_dir.join("alpharl").join(name))
+            })
+            .collect();
+        let fit = extrapolate_run(&run_dir, k, full.metric(), &outputs, &mut ev)?;
+        let mut scores = Vec::new();
+        for (p, dir) in &outputs {
+            scores.push(ev.score(&format!("extrapolate-{k}-{p}"), &load(dir)?)?);
         }
         let mut evals = 0.0;
         for &s in ckpt_steps.iter().filter(|&&s| s <= k) {
@@ -610,14 +634,14 @@ pub fn report(
                 .score(&name, &load(&run_dir.join("checkpoints").join(&name))?)?
                 .seconds;
         }
-        let fit = fits.iter().map(|(x, _)| x.seconds).fold(0.0, f64::max);
         windows.push(WindowResult {
             percent: p,
             step: k,
             early,
-            fits,
             rl_seconds: sum_until(&metrics, "time/step", k),
-            overhead_seconds: evals + fit,
+            overhead_seconds: evals + fit.seconds,
+            fit,
+            scores,
         });
     }
     let metric = if samples > 0 {
@@ -667,8 +691,8 @@ pub fn report(
         full.metric(),
     ));
     for w in &windows {
-        let (code, paper) = (&w.fits[0], &w.fits[1]);
-        let mut tau: Vec<f64> = code.0.modules.iter().map(|m| m.tau_position).collect();
+        let (code, paper) = (&w.scores[0], &w.scores[1]);
+        let mut tau: Vec<f64> = w.fit.modules.iter().map(|m| m.tau_position).collect();
         tau.sort_by(f64::total_cmp);
         let saved = |cost: f64| {
             format!(
@@ -682,11 +706,11 @@ pub fn report(
             w.percent,
             w.step,
             w.early.metric(),
-            code.1.metric(),
-            100.0 * code.1.metric() / full.metric(),
-            paper.1.metric(),
-            100.0 * paper.1.metric() / full.metric(),
-            code.0.mean_r2(),
+            code.metric(),
+            100.0 * code.metric() / full.metric(),
+            paper.metric(),
+            100.0 * paper.metric() / full.metric(),
+            w.fit.mean_r2(),
             tau.get(tau.len() / 2).copied().unwrap_or(f64::NAN),
             w.rl_seconds,
             w.overhead_seconds,
@@ -831,7 +855,9 @@ mod tests {
         let window: Vec<Named> = (1..=4).map(|s| at(s as f32)).collect();
         let y: Vec<f64> = (1..=4).map(|s| 0.2 + 0.05 * s as f64).collect();
         // target: the accuracy of step 10
-        let (paper, x) = extrapolate(&b, &window, &y, 0.7, Placement::Paper).unwrap();
+        let (models, x) =
+            extrapolate(&b, &window, &y, 0.7, &[Placement::Paper, Placement::Code]).unwrap();
+        let (paper, code) = (&models[0], &models[1]);
         assert!(x.skipped.is_empty());
         assert!(x.modules.iter().all(|m| (m.r2 - 1.0).abs() < 1e-9));
         for m in &x.modules {
@@ -843,23 +869,29 @@ mod tests {
         assert!(max_diff(&paper[Q], &want[Q]) < 1e-5);
         assert_eq!(max_diff(&paper[NORM], &b[NORM]), 0.0);
         // the code placement adds the same update to W_K, and keeps W_K's other tensors
-        let (code, _) = extrapolate(&b, &window, &y, 0.7, Placement::Code).unwrap();
         let delta = |m: &Named| (&m[UP] - &b[UP]).unwrap();
         let expected = (delta(&want) + delta(&window[3])).unwrap();
-        assert!(max_diff(&delta(&code), &expected) < 1e-5);
+        assert!(max_diff(&delta(code), &expected) < 1e-5);
         assert_eq!(max_diff(&code[NORM], &window[3][NORM]), 0.0);
         // a target inside the window interpolates: step 2's accuracy gives step 2's weights
-        let (two, _) = extrapolate(&b, &window, &y, 0.3, Placement::Paper).unwrap();
-        assert!(max_diff(&two[UP], &window[1][UP]) < 1e-5);
+        let (two, _) = extrapolate(&b, &window, &y, 0.3, &[Placement::Paper]).unwrap();
+        assert!(max_diff(&two[0][UP], &window[1][UP]) < 1e-5);
     }
 
     #[test]
     fn too_short_a_window_or_flat_accuracies_are_errors_or_skips() {
         let b = base();
         let w = plus(&b, UP, &outer(&pseudo(6, 1), &pseudo(4, 2), 0.1));
-        assert!(extrapolate(&b, std::slice::from_ref(&w), &[0.5], 0.6, Placement::Code).is_err());
+        assert!(extrapolate(
+            &b,
+            std::slice::from_ref(&w),
+            &[0.5],
+            0.6,
+            &[Placement::Code]
+        )
+        .is_err());
         let w2 = plus(&b, UP, &outer(&pseudo(6, 1), &pseudo(4, 2), 0.2));
-        let (_, x) = extrapolate(&b, &[w, w2], &[0.5, 0.5], 0.6, Placement::Code).unwrap();
+        let (_, x) = extrapolate(&b, &[w, w2], &[0.5, 0.5], 0.6, &[Placement::Code]).unwrap();
         assert_eq!(x.modules.len(), 0);
         assert_eq!(x.skipped.len(), 2);
     }

@@ -395,7 +395,7 @@ fn main() -> anyhow::Result<()> {
                     learner::checkpoint::step_name(k)
                 ))
             });
-            alpharl::extrapolate_run(&run, k, target, placement, &out, &mut ev)?;
+            alpharl::extrapolate_run(&run, k, target, &[(placement, out.clone())], &mut ev)?;
             if eval {
                 let s = ev.score(&out.display().to_string(), &analyze::load(&out)?)?;
                 println!(
