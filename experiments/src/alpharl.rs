@@ -435,14 +435,14 @@ pub fn analyze(
 
 /// `ferrite alpharl extrapolate RUN_DIR --window K --target ACC`: fits the trajectories of the
 /// checkpoints of steps `1..=K` and writes the extrapolated model of each placement to its
-/// directory.
+/// directory. Returns the fit and the held-out scores of the window's checkpoints.
 pub fn extrapolate_run(
     run: &Path,
     window: u64,
     target: f64,
     outputs: &[(Placement, PathBuf)],
     ev: &mut Evaluator,
-) -> anyhow::Result<Extrapolation> {
+) -> anyhow::Result<(Extrapolation, Vec<Score>)> {
     let ckpts: Vec<(u64, PathBuf)> = checkpoint::list(&run.join("checkpoints"))?
         .into_iter()
         .filter(|(s, _)| (1..=window).contains(s))
@@ -457,12 +457,13 @@ pub fn extrapolate_run(
     }
     let base = ev.start.clone();
     let mut weights = Vec::new();
-    let mut y = Vec::new();
+    let mut scores = Vec::new();
     for (step, dir) in &ckpts {
         let w = load(dir)?;
-        y.push(ev.score(&checkpoint::step_name(*step), &w)?.metric());
+        scores.push(ev.score(&checkpoint::step_name(*step), &w)?);
         weights.push(w);
     }
+    let y: Vec<f64> = scores.iter().map(Score::metric).collect();
     let placements: Vec<Placement> = outputs.iter().map(|(p, _)| *p).collect();
     let (models, mut x) = extrapolate(&base, &weights, &y, target, &placements)?;
     x.window_steps = ckpts.iter().map(|(s, _)| *s).collect();
@@ -499,7 +500,7 @@ pub fn extrapolate_run(
         r2.get(r2.len() / 2).copied().unwrap_or(f64::NAN),
         x.seconds
     );
-    Ok(x)
+    Ok((x, scores))
 }
 
 /// `10%` of `steps`, or a step count.
@@ -611,10 +612,6 @@ pub fn report(
         let Some(&k) = ckpt_steps.iter().rev().find(|&&s| s <= want) else {
             bail!("no checkpoint inside the {p} % window");
         };
-        let early = ev.score(
-            &checkpoint::step_name(k),
-            &load(&run_dir.join("checkpoints").join(checkpoint::step_name(k)))?,
-        )?;
         let outputs: Vec<(Placement, PathBuf)> = [Placement::Code, Placement::Paper]
             .into_iter()
             .map(|p| {
@@ -622,17 +619,15 @@ pub fn report(
                 (p, run_dir.join("alpharl").join(name))
             })
             .collect();
-        let fit = extrapolate_run(&run_dir, k, full.metric(), &outputs, &mut ev)?;
+        let (fit, window_scores) = extrapolate_run(&run_dir, k, full.metric(), &outputs, &mut ev)?;
+        // the window ends at checkpoint K: its score is the early stop's
+        let early = *window_scores
+            .last()
+            .expect("a fitted window has checkpoints");
+        let evals: f64 = window_scores.iter().map(|s| s.seconds).sum();
         let mut scores = Vec::new();
         for (p, dir) in &outputs {
             scores.push(ev.score(&format!("extrapolate-{k}-{p}"), &load(dir)?)?);
-        }
-        let mut evals = 0.0;
-        for &s in ckpt_steps.iter().filter(|&&s| s <= k) {
-            let name = checkpoint::step_name(s);
-            evals += ev
-                .score(&name, &load(&run_dir.join("checkpoints").join(&name))?)?
-                .seconds;
         }
         windows.push(WindowResult {
             percent: p,

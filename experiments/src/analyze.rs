@@ -87,19 +87,23 @@ pub fn load_masks(
     Ok(out)
 }
 
-/// Element counts of the parameters a masks file covers (from its byte lengths: the last byte
-/// may be partly used, so counts are rounded up to whole bytes; comparing two files of the same
-/// model uses the same rounding for both).
-fn mask_sizes(path: &Path, kind: &str) -> anyhow::Result<BTreeMap<String, usize>> {
+/// Every `kind` mask of a masks file, without the model at hand: lengths come from the byte
+/// counts (the last byte may be partly used, so lengths are rounded up to whole bytes; two files
+/// of the same model get the same rounding).
+fn load_all_masks(path: &Path, kind: &str) -> anyhow::Result<BTreeMap<String, Bitset>> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("subnetwork mask {}", path.display()))?;
-    Ok(tensors
-        .iter()
-        .filter_map(|(k, t)| {
-            k.strip_suffix(&format!(".{kind}"))
-                .map(|n| (n.to_string(), t.elem_count() * 8))
-        })
-        .collect())
+    let mut out = BTreeMap::new();
+    for (key, t) in &tensors {
+        if let Some(name) = key.strip_suffix(&format!(".{kind}")) {
+            let bytes = t.to_vec1::<u8>()?;
+            out.insert(
+                name.to_string(),
+                Bitset::from_bytes(bytes.len() * 8, &bytes)?,
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Numerical rank and full rank of each 2-D attention and MLP update.
@@ -438,21 +442,20 @@ fn resolve_masks(path: &Path) -> anyhow::Result<PathBuf> {
 /// and per matrix type, beside the overlap two random subnetworks of the same densities have.
 pub fn overlap_cli(a: &Path, b: &Path, kind: &str) -> anyhow::Result<()> {
     let (pa, pb) = (resolve_masks(a)?, resolve_masks(b)?);
-    let sizes = mask_sizes(&pa, kind)?;
+    let (ma, mb) = (load_all_masks(&pa, kind)?, load_all_masks(&pb, kind)?);
     anyhow::ensure!(
-        !sizes.is_empty(),
+        !ma.is_empty(),
         "{}: no `{kind}` masks (kind is tol or bf16)",
         pa.display()
     );
+    let sizes = |m: &BTreeMap<String, Bitset>| -> Vec<(String, usize)> {
+        m.iter().map(|(n, b)| (n.clone(), b.len)).collect()
+    };
     anyhow::ensure!(
-        sizes == mask_sizes(&pb, kind)?,
+        sizes(&ma) == sizes(&mb),
         "{} and {} cover different parameters",
         pa.display(),
         pb.display()
-    );
-    let (ma, mb) = (
-        load_masks(&pa, kind, &sizes)?,
-        load_masks(&pb, kind, &sizes)?,
     );
     println!("A = {}\nB = {}", pa.display(), pb.display());
     println!(
@@ -460,7 +463,7 @@ pub fn overlap_cli(a: &Path, b: &Path, kind: &str) -> anyhow::Result<()> {
         "group", "o1", "random", "o2", "random", "jaccard", "random"
     );
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for name in sizes.keys() {
+    for name in ma.keys() {
         groups.entry("all".into()).or_default().push(name.clone());
         let kind = name.rsplit('.').nth(1).unwrap_or(name);
         groups
