@@ -4,7 +4,11 @@
 //!
 //!     cargo run --release -p ferrite-learner --example bench_model
 //!
-//! Prints `BENCH <model> <train|sample> <tokens/s>` lines.
+//!     cargo run --release -p ferrite-learner --example bench_model -- smollm2-135m 4 1024
+//!
+//! runs one model's case at another batch and length; a fourth argument sets the attention's
+//! chunk budget (`model::attention::set_chunk_elements`). Prints `BENCH <model> <train|sample>
+//! <tokens/s>` lines; the train line ends with the process's peak resident memory so far.
 
 use std::time::Instant;
 
@@ -87,9 +91,29 @@ fn train_step(
     ])
 }
 
+/// The process's peak resident set (`VmHWM` of /proc/self/status), or "?" off Linux.
+fn peak_rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l["VmHWM:".len()..].trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     model::tune_allocator();
-    let only = std::env::args().nth(1);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let only = args.first().cloned();
+    let shape: Option<(usize, usize)> = match (args.get(1), args.get(2)) {
+        (Some(b), Some(t)) => Some((b.parse()?, t.parse()?)),
+        _ => None,
+    };
+    if let Some(budget) = args.get(3) {
+        model::attention::set_chunk_elements(budget.parse()?);
+    }
     let cases = [
         ("tiny", tiny(), 8usize, 256usize, 5usize),
         ("smollm2-135m", smollm2(), 4, 256, 3),
@@ -98,6 +122,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
+        let (b, t) = shape.unwrap_or((b, t));
         let base = init::random_weights(&config, 0.02, 0, &Device::Cpu)?;
         let (vars, w) = base.to_vars()?;
         let mut opt = AdamW::new(vars, AdamWConfig::default())?;
@@ -111,12 +136,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let secs = start.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "BENCH {name} train {:.1}  # B={b} T={t}: {:.0} ms/step (forward + log-probs {:.0}, backward {:.0}, AdamW {:.0})",
+            "BENCH {name} train {:.1}  # B={b} T={t}: {:.0} ms/step (forward + log-probs {:.0}, backward {:.0}, AdamW {:.0}), peak RSS {}",
             (b * t) as f64 / secs,
             secs * 1e3,
             phases[0] * 1e3,
             phases[1] * 1e3,
-            phases[2] * 1e3
+            phases[2] * 1e3,
+            peak_rss()
         );
 
         let prompts = ids(16, 32, config.vocab_size, 2);

@@ -54,9 +54,12 @@ enum Moments {
         m: Vec<f32>,
         v: Vec<f32>,
     },
+    /// Other devices: the moments as f32 tensors, and an f32 master copy of a parameter held
+    /// in a lower precision (bf16 compute weights lose any update below their resolution).
     Device {
         m: Tensor,
         v: Tensor,
+        master: Option<Tensor>,
     },
 }
 
@@ -107,7 +110,14 @@ impl AdamW {
                     }
                 } else {
                     let z = t.to_dtype(DType::F32)?.zeros_like()?;
-                    Moments::Device { m: z.clone(), v: z }
+                    let master = (t.dtype() != DType::F32)
+                        .then(|| t.to_dtype(DType::F32))
+                        .transpose()?;
+                    Moments::Device {
+                        m: z.clone(),
+                        v: z,
+                        master,
+                    }
                 };
                 Ok(Param {
                     decay: t.rank() >= 2,
@@ -264,11 +274,14 @@ impl AdamW {
                     let t = Tensor::from_slice(w, shape, &Device::Cpu)?.to_dtype(dtype)?;
                     p.var.set(&t)?;
                 }
-                Moments::Device { m, v } => {
-                    let g = (g * clip)?;
+                Moments::Device { m, v, master } => {
+                    let g = (g.to_dtype(DType::F32)? * clip)?;
                     *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                     *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-                    let w = p.var.as_tensor().to_dtype(DType::F32)?;
+                    let w = match master {
+                        Some(w) => w.clone(),
+                        None => p.var.as_tensor().to_dtype(DType::F32)?,
+                    };
                     let denom = ((v.sqrt()? / bias2.sqrt())? + c.eps)?;
                     let update = ((m.div(&denom)? * (lr / bias1))? + (&w * decay)?)?;
                     let update = match &p.mask {
@@ -279,7 +292,11 @@ impl AdamW {
                         }
                         None => update,
                     };
-                    p.var.set(&(w - update)?.to_dtype(dtype)?)?;
+                    let w = (w - update)?;
+                    p.var.set(&w.to_dtype(dtype)?)?;
+                    if let Some(master) = master {
+                        *master = w;
+                    }
                 }
             }
         }
@@ -299,13 +316,25 @@ impl AdamW {
                     Tensor::from_slice(m, m.len(), &Device::Cpu)?,
                     Tensor::from_slice(v, v.len(), &Device::Cpu)?,
                 ),
-                Moments::Device { m, v } => (
+                Moments::Device { m, v, .. } => (
                     m.flatten_all()?.to_device(&Device::Cpu)?,
                     v.flatten_all()?.to_device(&Device::Cpu)?,
                 ),
             };
             tensors.insert(format!("exp_avg.{}", p.name), m);
             tensors.insert(format!("exp_avg_sq.{}", p.name), v);
+            // the f32 master of a parameter held in a lower precision, so that a resumed run
+            // continues from it rather than from the rounded weights
+            if p.var.as_tensor().dtype() != DType::F32 {
+                let master = match &p.moments {
+                    Moments::Host { p: w, .. } => Tensor::from_slice(w, w.len(), &Device::Cpu)?,
+                    Moments::Device {
+                        master: Some(w), ..
+                    } => w.flatten_all()?.to_device(&Device::Cpu)?,
+                    Moments::Device { master: None, .. } => continue,
+                };
+                tensors.insert(format!("master.{}", p.name), master);
+            }
         }
         let st = dir.join("optimizer.safetensors");
         candle_core::safetensors::save(&tensors, &st)?;
@@ -339,22 +368,29 @@ impl AdamW {
                     .ok_or_else(|| err(format!("no {k} for {}", p.name)))
             };
             let (m, v) = (get("exp_avg")?, get("exp_avg_sq")?);
+            // the saved master, or (f32 parameters, older states) the weights themselves
+            let master = match tensors.get(&format!("master.{}", p.name)) {
+                Some(w) => w.clone(),
+                None => p.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?,
+            };
             match &mut p.moments {
                 Moments::Host { p: w, m: hm, v: hv } => {
                     *hm = m.to_vec1::<f32>()?;
                     *hv = v.to_vec1::<f32>()?;
-                    *w = p
-                        .var
-                        .as_tensor()
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?;
+                    *w = master.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
                 }
-                Moments::Device { m: dm, v: dv } => {
+                Moments::Device {
+                    m: dm,
+                    v: dv,
+                    master: dmaster,
+                } => {
                     let shape = p.var.as_tensor().shape().clone();
                     let device = p.var.as_tensor().device().clone();
                     *dm = m.reshape(shape.clone())?.to_device(&device)?;
-                    *dv = v.reshape(shape)?.to_device(&device)?;
+                    *dv = v.reshape(shape.clone())?.to_device(&device)?;
+                    if let Some(dmaster) = dmaster {
+                        *dmaster = master.reshape(shape)?.to_device(&device)?;
+                    }
                 }
             }
         }

@@ -191,14 +191,26 @@ fn attention(
     let v = heads(linear(x, &w.v_proj, w.v_bias.as_ref())?, hkv)?;
     let q = apply_rope(&q, cos, sin)?; // [B, Hq, T, D]
     let k = apply_rope(&k, cos, sin)?; // [B, Hkv, T, D]
+    let cached = cache.is_some();
     let (k, v) = match cache {
         Some((cache, layer)) => cache.append(layer, &k, &v)?, // [B, Hkv, S, D]
         None => (k, v),
     };
     let s = k.dim(2)?;
     let q = q.reshape((b, hkv, g * t, d))?; // heads h = kv·G + j share K/V head kv
+    let scale = 1.0 / (d as f64).sqrt();
+    if !cached && crate::attention::worth_chunking(b, hq, t, s) {
+        // no [T, S] probabilities kept for the backward
+        let chunk = crate::attention::chunk_rows(b, hq, s);
+        let out = crate::attention::attention(&q, &k, &v.contiguous()?, bias, scale, chunk)?;
+        let out = out
+            .reshape((b, hq, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, hq * d))?; // [B, T, Hq·D]
+        return linear(&out, &w.o_proj, None);
+    }
     let scores = q.matmul(&k.t()?)?.reshape((b, hkv, g, t, s))?; // [B, Hkv, G, T, S]
-    let probs = crate::ops::masked_softmax(&scores, bias, 1.0 / (d as f64).sqrt())? // bias [B, 1, 1, T, S]
+    let probs = crate::ops::masked_softmax(&scores, bias, scale)? // bias [B, 1, 1, T, S]
         .to_dtype(v.dtype())?
         .reshape((b, hkv, g * t, s))?;
     let out = probs.matmul(&v.contiguous()?)?; // [B, Hkv, G·T, D]

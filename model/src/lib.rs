@@ -8,16 +8,22 @@
 //! - [`weights`]: safetensors in HF layout (single or sharded, f32 / bf16 / f16), load and save.
 //! - [`gguf`]: import of llama.cpp GGUF files (dequantized, HF names, Q/K rows un-permuted).
 //! - [`tokenizer`]: `tokenizer.json` and the chat template of `tokenizer_config.json`.
-//! - [`forward`]: the decoder itself, with an optional KV cache.
-//! - [`logprobs`]: per-token log-probs and entropies of given completions.
+//! - [`forward`]: the decoder itself, with an optional KV cache; long sequences take
+//!   [`attention`], which keeps no attention probabilities for the backward.
+//! - [`logprobs`]: per-token log-probs and entropies of given completions, through [`head`]:
+//!   the output layer fused with log-softmax, in chunks of rows.
 //! - [`sampling`], [`generate`], [`rng`]: seeded sampling and batched generation.
 
+pub mod attention;
 pub mod builtin;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod forward;
 pub mod generate;
 pub mod gguf;
+pub mod head;
 pub mod init;
 pub mod kv_cache;
 pub mod logprobs;

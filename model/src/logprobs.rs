@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
-use crate::forward::{hidden_states, linear, Batch};
+use crate::forward::{hidden_states, Batch};
 use crate::weights::Weights;
 
 /// Log-probs of a batch of token sequences under the model.
@@ -67,14 +67,15 @@ pub fn sequence_logprobs(
     let n = rows.len();
     let rows = Tensor::from_vec(rows, n, device)?;
     let states = hidden.reshape((b * (t - 1), h))?.index_select(&rows, 0)?; // [N, H]
-    let logits = linear(&states, w.output_weight(), None)?.to_dtype(DType::F32)?; // [N, V]
-    let logits = if temperature != 1.0 {
-        (logits / temperature)?
-    } else {
-        logits
-    };
     let targets = Tensor::from_vec(targets, n, device)?;
-    let (lp, entropy) = crate::ops::logprob_and_entropy(&logits, &targets)?; // [N] each
+    // [N] each; the [N, V] logits exist a chunk of rows at a time
+    let (lp, entropy) = crate::head::output_logprobs(
+        &states,
+        w.output_weight(),
+        &targets,
+        temperature,
+        crate::head::chunk_rows(w.output_weight().dim(0)?),
+    )?;
     let scatter = |x: Tensor| -> Result<Tensor> {
         Ok(zeros
             .flatten_all()?

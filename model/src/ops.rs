@@ -3,9 +3,10 @@
 //! vocabulary. candle's composed ops run these one pass and one allocation per op on a single
 //! thread; these run one or two passes over rows in parallel.
 //!
-//! Each public function dispatches: contiguous f32 CPU tensors take the fused kernel, anything
-//! else (other devices, other dtypes) the composed reference in [`composed`], which is also what
-//! the tests compare the kernels against.
+//! Each public function dispatches: f32 CPU tensors take the fused CPU kernel; with the `cuda`
+//! feature, f32 or bf16 CUDA tensors take the CUDA kernels of `kernels/ferrite.cu` (launched from
+//! [`crate::cuda`]); anything else the composed reference in [`composed`], which is also what the
+//! tests (and `gpu-check` on the GPU) compare the kernels against.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D,
@@ -14,9 +15,29 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
+/// Whether the fused kernel takes `ts`: f32 CPU tensors, or (feature `cuda`) CUDA tensors of one
+/// dtype, f32 or bf16, on one device.
 fn fused(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    let Some(first) = ts.first() else {
+        return false;
+    };
+    if first.device().is_cpu() {
+        return ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    }
+    cfg!(feature = "cuda")
+        && first.device().is_cuda()
+        && matches!(first.dtype(), DType::F32 | DType::BF16)
+        && ts
+            .iter()
+            .all(|t| t.device().same_device(first.device()) && t.dtype() == first.dtype())
+}
+
+/// Whether a backward runs on the GPU kernels.
+#[cfg(feature = "cuda")]
+fn on_gpu(t: &Tensor) -> bool {
+    t.device().is_cuda()
 }
 
 /// The contiguous f32 data of a CPU storage.
@@ -79,6 +100,18 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::rms_norm_fwd(xs, xl, ws, wl, self.eps)?;
+        Ok((y, xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -86,6 +119,11 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if on_gpu(x) {
+            let (dx, dw) = crate::cuda::rms_norm_bwd(x, w, g, self.eps)?;
+            return Ok((Some(dx), Some(dw)));
+        }
         let h = w.elem_count();
         let (dx, dw) = with_data(x, |x| {
             with_data(w, |w| {
@@ -163,6 +201,15 @@ impl CustomOp1 for Softmax {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::softmax_fwd(s, l)?, l.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(softmax_backward(y, g, 1.0)?))
     }
@@ -171,6 +218,10 @@ impl CustomOp1 for Softmax {
 /// Gradient of `softmax(scale·x)` from its output `y` and upstream `g`:
 /// `dx = scale · y ∘ (g − Σ y∘g)` per row.
 fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_gpu(y) {
+        return crate::cuda::softmax_bwd(y, g, scale);
+    }
     let n = y.dims().last().copied().unwrap_or(1);
     let dx = with_data(y, |y| {
         with_data(g, |g| {
@@ -243,21 +294,39 @@ impl CustomOp2 for MaskedSoftmax {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::masked_softmax_fwd(xs, xl, bs, bl, self.scale)?;
+        Ok((y, xl.shape().clone()))
+    }
+
+    /// `y` is f32; the gradient goes back in the scores' dtype.
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         _bias: &Tensor,
         y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(softmax_backward(y, g, self.scale)?), None))
+        let dx = softmax_backward(y, g, self.scale)?.to_dtype(x.dtype())?;
+        Ok((Some(dx), None))
     }
 }
 
 /// Attention probabilities `softmax(scale·scores + bias)` in f32:
 /// `scores [B, Hkv, G, T, S]`, `bias [B, 1, 1, T, S]`.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    if fused(&[scores, bias]) && scores.rank() == 5 {
+    if fused(&[scores])
+        && bias.dtype() == DType::F32
+        && bias.device().same_device(scores.device())
+        && scores.rank() == 5
+    {
         return Ok(scores.contiguous()?.apply_op2(
             &bias.contiguous()?,
             MaskedSoftmax {
@@ -266,6 +335,21 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tens
         )?);
     }
     composed::masked_softmax(scores, bias, scale)
+}
+
+/// The gradient of [`masked_softmax`] with respect to its scores, from its output `p` (f32) and
+/// the upstream gradient `g` (same shape, any float dtype): `scale · p ∘ (g − Σ p∘g)` in f32.
+pub fn masked_softmax_backward(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    let g = g.to_dtype(DType::F32)?;
+    if fused(&[p, &g]) {
+        return Ok(softmax_backward(
+            &p.contiguous()?,
+            &g.contiguous()?,
+            scale as f32,
+        )?);
+    }
+    let dot = (p * &g)?.sum_keepdim(D::Minus1)?;
+    Ok(((g.broadcast_sub(&dot)? * p)? * scale)?)
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -300,6 +384,17 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::swiglu_fwd(gs, gl, us, ul)?, gl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         gate: &Tensor,
@@ -307,6 +402,11 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if on_gpu(gate) {
+            let (da, db) = crate::cuda::swiglu_bwd(gate, up, g)?;
+            return Ok((Some(da), Some(db)));
+        }
         let (dgate, dup) = with_data(gate, |a| {
             with_data(up, |b| {
                 with_data(g, |g| {
@@ -410,6 +510,20 @@ impl CustomOp3 for Rope {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        cs: &candle_core::CudaStorage,
+        cl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::rope(xs, xl, cs, cl, ss, sl, false)?;
+        Ok((y, xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -418,6 +532,10 @@ impl CustomOp3 for Rope {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if on_gpu(g) {
+            return Ok((Some(crate::cuda::rope_bwd(g, cos, sin)?), None, None));
+        }
         let dims = g.dims().to_vec();
         let dx = with_data(g, |g| {
             with_data(cos, |c| {
@@ -484,6 +602,19 @@ impl CustomOp2 for LogprobEntropy {
         Ok((CpuStorage::F32(out), Shape::from((n, 2))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        zs: &candle_core::CudaStorage,
+        zl: &Layout,
+        ts: &candle_core::CudaStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let n = zl.shape().elem_count() / zl.dims().last().copied().unwrap_or(1).max(1);
+        let out = crate::cuda::logprob_entropy_fwd(zs, zl, ts, tl)?;
+        Ok((out, Shape::from((n, 2))))
+    }
+
     fn bwd(
         &self,
         z: &Tensor,
@@ -491,7 +622,28 @@ impl CustomOp2 for LogprobEntropy {
         y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let v = z.dims().last().copied().unwrap_or(1);
+        let dz = logprob_entropy_backward(z, targets, y, g)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((Some(dz), None))
+    }
+}
+
+/// The gradient of `logprob_and_entropy` with respect to the logits:
+/// `logits [N, V]` f32, `targets [N]`, `y [N, 2]` (its output: log-prob, entropy) and the upstream
+/// `g [N, 2]` → `dz [N, V]` f32, with `d log p_t / dz_j = 1[j = t] − p_j` and
+/// `dH / dz_j = −p_j (log p_j + H)`. Fused on the CPU; composed ops elsewhere.
+pub fn logprob_entropy_backward(
+    z: &Tensor,
+    targets: &Tensor,
+    y: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    let v = z.dims().last().copied().unwrap_or(1);
+    #[cfg(feature = "cuda")]
+    if on_gpu(z) && fused(&[z, y, g]) && z.dtype() == DType::F32 {
+        return Ok(crate::cuda::logprob_entropy_bwd(z, targets, y, g)?);
+    }
+    if fused(&[z, y, g]) && z.device().is_cpu() {
         let t = targets.flatten_all()?.to_vec1::<u32>()?;
         let dz = with_data(z, |z| {
             with_data(y, |y| {
@@ -501,7 +653,6 @@ impl CustomOp2 for LogprobEntropy {
                         .zip(z.par_chunks(v))
                         .enumerate()
                         .for_each(|(r, (dz, z))| {
-                            // d log p_t / dz_j = 1[j = t] − p_j;   dH/dz_j = −p_j (log p_j + H)
                             let (m, lse, _) = row_stats(z);
                             let (g_lp, g_h, h) = (g[2 * r], g[2 * r + 1], y[2 * r + 1]);
                             for j in 0..v {
@@ -515,14 +666,15 @@ impl CustomOp2 for LogprobEntropy {
                 })
             })
         })???;
-        Ok((Some(tensor(dz, z.shape())?), None))
+        return Ok(tensor(dz, z.shape())?);
     }
+    composed::logprob_entropy_backward(z, targets, y, g)
 }
 
 /// `log softmax(logits)[target]` and the entropy of `softmax(logits)` per row:
 /// `logits [N, V]`, `targets [N]` u32 → `([N], [N])` f32, from one fused kernel on the CPU.
 pub fn logprob_and_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
-    if fused(&[logits]) && logits.rank() == 2 {
+    if fused(&[logits]) && logits.dtype() == DType::F32 && logits.rank() == 2 {
         let both = logits
             .contiguous()?
             .apply_op2(&targets.contiguous()?, LogprobEntropy)?; // [N, 2]
@@ -589,6 +741,27 @@ pub mod composed {
     pub fn entropy(logits: &Tensor) -> Result<Tensor> {
         let logp = log_softmax(logits)?;
         Ok((logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?)
+    }
+
+    /// [`super::logprob_entropy_backward`] from composed ops.
+    pub fn logprob_entropy_backward(
+        z: &Tensor,
+        targets: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<Tensor> {
+        let logp = log_softmax(z)?; // [N, V]
+        let p = logp.exp()?;
+        let (g_lp, g_h) = (g.narrow(1, 0, 1)?, g.narrow(1, 1, 1)?); // [N, 1]
+        let h = y.narrow(1, 1, 1)?;
+        let dz = (p.broadcast_mul(&g_lp)? + (p * logp.broadcast_add(&h)?)?.broadcast_mul(&g_h)?)?
+            .neg()?;
+        let onehot = Tensor::zeros(dz.shape(), dz.dtype(), dz.device())?.scatter_add(
+            &targets.unsqueeze(1)?.contiguous()?,
+            &g_lp.contiguous()?,
+            1,
+        )?;
+        Ok((dz + onehot)?)
     }
 }
 

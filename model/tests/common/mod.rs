@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use model::logprobs::sequence_logprobs;
+use model::{forward, Batch, Weights};
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -77,4 +79,95 @@ pub fn max_abs(t: &Tensor) -> f32 {
 /// max |a − b|.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
+}
+
+/// A tiny fixture model in f32 on the CPU.
+pub fn load(name: &str) -> Weights {
+    Weights::load_dir(&fixture(name), DType::F32, &Device::Cpu).unwrap()
+}
+
+/// `name`'s padded-batch logits against transformers'.
+pub fn check_padded_batch_logits(name: &str) {
+    {
+        let w = load(name);
+        let (json, golden) = golden(name);
+        let ids = u32_rows(&json["input_ids"]);
+        let mask = u8_rows(&json["attention_mask"]);
+        let batch = Batch::new(&ids, &mask, &Device::Cpu).unwrap();
+        let logits = forward(&w, &batch, None).unwrap(); // [B, T, V]
+        let reference = &golden["logits"];
+        assert_eq!(logits.dims(), reference.dims());
+        let valid = Tensor::new(
+            mask.iter()
+                .flatten()
+                .map(|&m| f32::from(m))
+                .collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .reshape((ids.len(), ids[0].len(), 1))
+        .unwrap();
+        let diff = ((&logits - reference).unwrap().broadcast_mul(&valid)).unwrap();
+        let d = max_abs(&diff);
+        assert!(d < 1e-4, "{name}: max |logit diff| {d:e} on real tokens");
+        // and the logits are not trivially small: the comparison means something
+        assert!(max_abs(reference) > 1.0, "{name}");
+    }
+}
+
+/// `name`'s log-prob loss and every parameter's gradient against transformers'.
+pub fn check_logprob_loss_gradients(name: &str) {
+    {
+        let w = load(name);
+        let (json, golden) = golden(name);
+        let ids = u32_rows(&json["input_ids"]);
+        let mask = u8_rows(&json["attention_mask"]);
+        // token t is scored when it and its predecessor are real (as in the fixture script)
+        let loss_mask: Vec<Vec<u8>> = mask
+            .iter()
+            .map(|m| {
+                (0..m.len())
+                    .map(|t| u8::from(t > 0 && m[t] == 1 && m[t - 1] == 1))
+                    .collect()
+            })
+            .collect();
+        let (vars, trainable) = w.to_vars().unwrap();
+        let lp = sequence_logprobs(&trainable, &ids, &mask, &loss_mask, 1.0).unwrap();
+        let count = lp.mask.sum_all().unwrap();
+        let loss = lp
+            .logprobs
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap()
+            .div(&count)
+            .unwrap();
+        let expected = json["loss"].as_f64().unwrap() as f32;
+        let got = loss.to_scalar::<f32>().unwrap();
+        assert!(
+            (got - expected).abs() < 1e-5,
+            "{name}: loss {got} vs {expected}"
+        );
+        let grads = loss.backward().unwrap();
+        for (param, var) in &vars {
+            let g = grads.get(var.as_tensor());
+            assert!(g.is_some(), "{name}: no gradient reached {param}");
+        }
+        let mut checked = 0;
+        for (key, reference) in golden.iter().filter(|(k, _)| k.starts_with("grad.")) {
+            let param = &key["grad.".len()..];
+            let var = &vars.iter().find(|(n, _)| n == param).unwrap().1;
+            let g = grads.get(var.as_tensor()).unwrap();
+            let rel = max_abs_diff(g, reference) / max_abs(reference);
+            assert!(
+                rel < 1e-4,
+                "{name}: gradient of {param} off by {rel:e} (relative)"
+            );
+            checked += 1;
+        }
+        assert!(
+            checked >= 5,
+            "{name}: only {checked} gradients in the fixture"
+        );
+    }
 }

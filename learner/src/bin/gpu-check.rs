@@ -1,0 +1,631 @@
+//! Every GPU check and benchmark of ferrite in one binary (feature `cuda`), for one call on the
+//! GPU machine (`scripts/gpu-check.sh` runs it beside PyTorch's anchor and prints the ratios):
+//!
+//!     LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib ./gpu/gpu-check [checks|bench|all]
+//!
+//! `checks`: each fused CUDA kernel (RMSNorm, RoPE, SwiGLU, masked softmax, log-prob + entropy,
+//! the chunked output layer) against the composed ops on fresh random inputs, forward and
+//! backward, f32 and bf16; then a small model's GPU forward, backward and greedy generation
+//! against the CPU path. `bench`: the Qwen2.5-0.5B shape — learner tokens/s and peak device memory
+//! at B=8, T=1024 with a per-phase and per-kernel split, generation tokens/s at B=64 and B=256
+//! (128-token prompts, 256 new tokens). Prints a table, then one JSON line per measurement; exits
+//! non-zero when a check fails.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use learner::optim::{AdamW, AdamWConfig};
+use model::config::{Architecture, ModelConfig, RopeScaling};
+use model::generate::{generate, GenerationConfig};
+use model::logprobs::sequence_logprobs;
+use model::sampling::SamplingParams;
+use model::{forward, init, ops, Batch, Weights};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Qwen2,
+        vocab_size: 2048,
+        hidden_size: 256,
+        intermediate_size: 704,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 2,
+        head_dim: 32,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1e6,
+        rope_scaling: RopeScaling::Default,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: false,
+        qkv_bias: true,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+        pad_token_id: None,
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let d = (a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?
+        - b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?;
+    Ok(d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+fn max_abs(a: &Tensor) -> Result<f32> {
+    Ok(a.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?)
+}
+
+/// A padded batch of `b` rows of up to `t` tokens (every other row shorter, right-padded).
+fn batch_rows(b: usize, t: usize, vocab: u32) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
+    let mut rng = model::rng::Rng::new(1);
+    let ids = (0..b)
+        .map(|_| (0..t).map(|_| rng.below(vocab as u64) as u32).collect())
+        .collect();
+    let mask = (0..b)
+        .map(|i| {
+            (0..t)
+                .map(|j| u8::from(i % 2 == 0 || j < t * 3 / 4))
+                .collect()
+        })
+        .collect();
+    (ids, mask)
+}
+
+fn loss_and_grads(
+    w: &Weights,
+    ids: &[Vec<u32>],
+    mask: &[Vec<u8>],
+) -> Result<(f32, Vec<(String, Tensor)>)> {
+    let (vars, trainable) = w.to_vars()?;
+    let lp = sequence_logprobs(&trainable, ids, mask, mask, 1.0)?;
+    let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
+    let grads = loss.backward()?;
+    let mut out = Vec::new();
+    for (name, v) in vars {
+        let g = grads
+            .get(v.as_tensor())
+            .ok_or(format!("no gradient for {name}"))?;
+        out.push((name, g.clone()));
+    }
+    Ok((loss.to_scalar::<f32>()?, out))
+}
+
+fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>, device: &Device) -> Result<f64> {
+    f()?; // warm-up
+    device.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// The small model's GPU forward (f32, bf16), backward and greedy generation against the CPU.
+fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    let cpu = Device::Cpu;
+    let c = config();
+    let w_cpu = init::random_weights(&c, 0.05, 0, &cpu)?;
+    let w_gpu = w_cpu.to(DType::F32, gpu)?;
+    let mut check = |name: &str, value: String, ok: bool| rows.push((name.to_string(), value, ok));
+
+    // forward, f32 and bf16
+    let (ids, mask) = batch_rows(4, 96, c.vocab_size as u32);
+    let lc = forward(&w_cpu, &Batch::new(&ids, &mask, &cpu)?, None)?;
+    let lg = forward(&w_gpu, &Batch::new(&ids, &mask, gpu)?, None)?;
+    let d = max_abs_diff(&lc, &lg)?;
+    check("forward f32 max|Δlogit|", format!("{d:.2e}"), d < 1e-3);
+    let w_bf16 = w_cpu.to(DType::BF16, gpu)?;
+    let lb = forward(&w_bf16, &Batch::new(&ids, &mask, gpu)?, None)?;
+    let rel = max_abs_diff(&lc, &lb)? / max_abs(&lc)?;
+    check(
+        "forward bf16 rel max|Δlogit|",
+        format!("{rel:.2e}"),
+        rel < 5e-2,
+    );
+
+    // backward
+    let (loss_c, gc) = loss_and_grads(&w_cpu, &ids, &mask)?;
+    let (loss_g, gg) = loss_and_grads(&w_gpu, &ids, &mask)?;
+    check(
+        "loss cpu / gpu",
+        format!("{loss_c:.6} / {loss_g:.6}"),
+        (loss_c - loss_g).abs() < 1e-4,
+    );
+    let mut worst = (0f32, String::new());
+    for ((name, a), (_, b)) in gc.iter().zip(&gg) {
+        let rel = max_abs_diff(a, b)? / max_abs(a)?.max(1e-12);
+        if rel > worst.0 {
+            worst = (rel, name.clone());
+        }
+    }
+    check(
+        &format!("grads: worst rel diff ({} tensors)", gc.len()),
+        format!("{:.2e} ({})", worst.0, worst.1),
+        worst.0 < 1e-3,
+    );
+
+    // greedy generation
+    let prompts: Vec<Vec<u32>> = ids
+        .iter()
+        .take(4)
+        .map(|r| r[..16 + 8 * (r[0] as usize % 3)].to_vec())
+        .collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: 32,
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    };
+    let oc = generate(&w_cpu.detach(), &prompts, &cfg, None)?;
+    let og = generate(&w_gpu.detach(), &prompts, &cfg, None)?;
+    let same = oc
+        .iter()
+        .zip(&og)
+        .filter(|(a, b)| a.tokens == b.tokens)
+        .count();
+    check(
+        "greedy 32 tokens, rows identical",
+        format!("{same}/{}", oc.len()),
+        same == oc.len(),
+    );
+
+    Ok(())
+}
+
+/// Random normal tensor of `shape` on `device` in `dtype` (drawn in f32 on the CPU).
+fn randn(shape: &[usize], seed: u64, scale: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mut rng = model::rng::Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
+}
+
+/// Output and input gradients of `op` under the upstream gradient `u` (a fixed random tensor).
+fn value_and_grads(
+    inputs: &[Tensor],
+    grad_of: &[bool],
+    op: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    u_seed: u64,
+) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<std::result::Result<_, _>>()?;
+    let ts: Vec<Tensor> = vars
+        .iter()
+        .zip(grad_of)
+        .map(|(v, g)| {
+            if *g {
+                v.as_tensor().clone()
+            } else {
+                v.as_tensor().detach()
+            }
+        })
+        .collect();
+    let y = op(&ts)?;
+    let u = randn(y.dims(), u_seed, 1.0, DType::F32, y.device())?;
+    let grads = (y.to_dtype(DType::F32)? * u)?.sum_all()?.backward()?;
+    let gs = vars
+        .iter()
+        .zip(grad_of)
+        .map(|(v, g)| {
+            if *g {
+                grads.get(v.as_tensor()).cloned()
+            } else {
+                None
+            }
+        })
+        .collect();
+    Ok((y, gs))
+}
+
+/// Relative max difference of `a` from the reference `b`.
+fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok(max_abs_diff(a, b)? / max_abs(b)?.max(1e-12))
+}
+
+type Op = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+
+/// Each fused kernel against its composed reference on fresh random inputs, forward and backward.
+/// The reference runs in f32 on the GPU from the same (rounded) inputs; bf16 kernels get bf16
+/// tolerances.
+fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    struct Case {
+        name: &'static str,
+        shapes: Vec<Vec<usize>>,
+        grad_of: Vec<bool>,
+        fused: Op,
+        reference: Op,
+    }
+    let (b, h, t, d) = (2, 4, 37, 64);
+    let bias = {
+        // causal mask with padding: row 1 has its last 5 keys masked
+        let mut v = vec![0f32; b * t * t];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || (bi == 1 && j >= t - 5 && i < t - 5) {
+                        v[(bi * t + i) * t + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(v, (b, 1, 1, t, t), &Device::Cpu)?.to_device(gpu)?
+    };
+    let (b1, b2) = (bias.clone(), bias);
+    let targets: Vec<u32> = (0..96u32).map(|i| (i * 7919) % 151_936).collect();
+    let targets = Tensor::new(targets.as_slice(), gpu)?;
+    let (t1, t2, t3, t4) = (targets.clone(), targets.clone(), targets.clone(), targets);
+    let lp_plus_h = |(lp, h): (Tensor, Tensor)| -> Result<Tensor> { Ok((lp + (h * 0.37)?)?) };
+    let cases = vec![
+        Case {
+            name: "rms_norm [3·37, 896]",
+            shapes: vec![vec![3, 37, 896], vec![896]],
+            grad_of: vec![true, true],
+            fused: Box::new(|x| Ok(ops::rms_norm(&x[0], &x[1], 1e-6)?)),
+            reference: Box::new(|x| Ok(ops::composed::rms_norm(&x[0], &x[1], 1e-6)?)),
+        },
+        Case {
+            name: "rope [2, 4, 37, 64]",
+            shapes: vec![vec![b, h, t, d], vec![b, 1, t, d], vec![b, 1, t, d]],
+            grad_of: vec![true, false, false],
+            fused: Box::new(|x| Ok(ops::rope(&x[0], &x[1], &x[2])?)),
+            reference: Box::new(|x| Ok(ops::composed::rope(&x[0], &x[1], &x[2])?)),
+        },
+        Case {
+            name: "swiglu [74, 4864]",
+            shapes: vec![vec![74, 4864], vec![74, 4864]],
+            grad_of: vec![true, true],
+            fused: Box::new(|x| Ok(ops::swiglu(&x[0], &x[1])?)),
+            reference: Box::new(|x| Ok((x[0].silu()? * &x[1])?)),
+        },
+        Case {
+            name: "masked softmax [2, 2, 2, 37, 37]",
+            shapes: vec![vec![b, 2, 2, t, t]],
+            grad_of: vec![true],
+            fused: Box::new(move |x| Ok(ops::masked_softmax(&x[0], &b1, 0.125)?)),
+            reference: Box::new(move |x| Ok(ops::composed::masked_softmax(&x[0], &b2, 0.125)?)),
+        },
+        Case {
+            name: "softmax [5, 1000]",
+            shapes: vec![vec![5, 1000]],
+            grad_of: vec![true],
+            fused: Box::new(|x| Ok(ops::softmax_last_dim(&x[0])?)),
+            reference: Box::new(|x| {
+                Ok(ops::composed::softmax_last_dim(
+                    &x[0].to_dtype(DType::F32)?,
+                )?)
+            }),
+        },
+        Case {
+            name: "log-prob + entropy [96, 151936]",
+            shapes: vec![vec![96, 151_936]],
+            grad_of: vec![true],
+            fused: Box::new(move |x| {
+                let z = x[0].to_dtype(DType::F32)?;
+                lp_plus_h(ops::logprob_and_entropy(&z, &t1)?)
+            }),
+            reference: Box::new(move |x| {
+                let z = x[0].to_dtype(DType::F32)?;
+                lp_plus_h((
+                    ops::composed::logprob_gather(&z, &t2)?,
+                    ops::composed::entropy(&z)?,
+                ))
+            }),
+        },
+        Case {
+            name: "output layer, chunks of 40 [96, 896]·[151936, 896]ᵀ",
+            shapes: vec![vec![96, 896], vec![151_936, 896]],
+            grad_of: vec![true, true],
+            fused: Box::new(move |x| {
+                lp_plus_h(model::head::output_logprobs(&x[0], &x[1], &t3, 0.7, 40)?)
+            }),
+            reference: Box::new(move |x| {
+                let z = (model::forward::linear(&x[0], &x[1], None)?.to_dtype(DType::F32)? / 0.7)?;
+                lp_plus_h((
+                    ops::composed::logprob_gather(&z, &t4)?,
+                    ops::composed::entropy(&z)?,
+                ))
+            }),
+        },
+    ];
+    for (k, case) in cases.iter().enumerate() {
+        for dtype in [DType::F32, DType::BF16] {
+            let scale = if case.name.starts_with("rms") {
+                2.0
+            } else {
+                1.0
+            };
+            let inputs: Vec<Tensor> = case
+                .shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| randn(s, 100 * k as u64 + i as u64, scale, dtype, gpu))
+                .collect::<Result<_>>()?;
+            let reference_inputs: Vec<Tensor> = inputs
+                .iter()
+                .map(|x| x.to_dtype(DType::F32))
+                .collect::<std::result::Result<_, _>>()?;
+            let (y, g) = value_and_grads(&inputs, &case.grad_of, &*case.fused, 7)?;
+            let (yr, gr) = value_and_grads(&reference_inputs, &case.grad_of, &*case.reference, 7)?;
+            let tol = if dtype == DType::F32 { 2e-5 } else { 2e-2 };
+            let e = rel(&y, &yr)?;
+            rows.push((
+                format!("{} {dtype:?} forward", case.name),
+                format!("{e:.2e}"),
+                e < tol,
+            ));
+            for (i, (a, r)) in g.iter().zip(&gr).enumerate() {
+                if let (Some(a), Some(r)) = (a, r) {
+                    let e = rel(a, r)?;
+                    rows.push((
+                        format!("{} {dtype:?} grad {i}", case.name),
+                        format!("{e:.2e}"),
+                        e < tol * 10.0,
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>, device: &Device) -> Result<f64> {
+    f()?; // warm-up
+    device.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// Device memory in use (total − free, CUDA context included), sampled every millisecond on its
+/// own thread while `f` runs; returns `f`'s result and the peak in bytes.
+fn peak_memory<T>(gpu: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, usize)> {
+    let Device::Cuda(dev) = gpu else {
+        return Err("not a CUDA device".into());
+    };
+    let ctx = dev.cuda_stream().context().clone();
+    let used = move || {
+        ctx.mem_get_info()
+            .map(|(free, total)| total - free)
+            .unwrap_or(0)
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, used) = (stop.clone(), used.clone());
+        std::thread::spawn(move || {
+            let mut peak = used();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(used());
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            peak.max(used())
+        })
+    };
+    let out = f();
+    gpu.synchronize()?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().map_err(|_| "memory sampler panicked")?;
+    Ok((out?, peak))
+}
+
+fn qwen05b() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Qwen2,
+        vocab_size: 151_936,
+        hidden_size: 896,
+        intermediate_size: 4864,
+        num_hidden_layers: 24,
+        num_attention_heads: 14,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1e6,
+        rope_scaling: RopeScaling::Default,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: true,
+        qkv_bias: true,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+        pad_token_id: None,
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Learner step and generation on the Qwen2.5-0.5B shape (bf16 weights, f32 AdamW moments), the
+/// measurements torch_anchor.py makes; plus each fused kernel's time at the learner's shapes.
+fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Result<()> {
+    let c = qwen05b();
+    let Device::Cuda(dev) = gpu else {
+        return Err("not a CUDA device".into());
+    };
+    let baseline = dev
+        .cuda_stream()
+        .context()
+        .mem_get_info()
+        .map(|(free, total)| total - free)
+        .unwrap_or(0);
+    let w = init::random_weights(&c, 0.02, 0, &Device::Cpu)?.to(DType::BF16, gpu)?;
+    let (vars, trainable) = w.to_vars()?;
+    let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+    let (b, t) = (8usize, 1024usize);
+    let (ids, _) = batch_rows(b, t, c.vocab_size as u32);
+    let mask: Vec<Vec<u8>> = ids.iter().map(|r| vec![1; r.len()]).collect();
+    let mut phases = [0f64; 3];
+    let mut step = |record: bool| -> Result<()> {
+        let t0 = Instant::now();
+        let lp = sequence_logprobs(&trainable, &ids, &mask, &mask, 1.0)?;
+        let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
+        gpu.synchronize()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        gpu.synchronize()?;
+        let t2 = Instant::now();
+        opt.accumulate(&grads, 1.0)?;
+        opt.step(1e-6)?;
+        gpu.synchronize()?;
+        let t3 = Instant::now();
+        if record {
+            phases[0] += (t1 - t0).as_secs_f64();
+            phases[1] += (t2 - t1).as_secs_f64();
+            phases[2] += (t3 - t2).as_secs_f64();
+        }
+        Ok(())
+    };
+    let reps = 5;
+    let ((), peak) = peak_memory(gpu, || {
+        step(false)?;
+        step(false)
+    })?;
+    let start = Instant::now();
+    for _ in 0..reps {
+        step(true)?;
+    }
+    let secs = start.elapsed().as_secs_f64() / reps as f64;
+    let peak_gib = peak.saturating_sub(baseline) as f64 / GIB;
+    lines.push(format!(
+        "learner B={b} T={t} bf16: {:.0} tok/s, {:.0} ms/step (forward + log-probs {:.0}, backward {:.0}, AdamW {:.0}), peak {peak_gib:.1} GiB above the context",
+        (b * t) as f64 / secs,
+        secs * 1e3,
+        phases[0] / reps as f64 * 1e3,
+        phases[1] / reps as f64 * 1e3,
+        phases[2] / reps as f64 * 1e3,
+    ));
+    json.push(format!(
+        r#"{{"kind": "learner", "B": {b}, "T": {t}, "step_s": {secs}, "tok_s": {}, "peak_gib": {peak_gib}}}"#,
+        (b * t) as f64 / secs
+    ));
+    drop(step);
+    drop(opt);
+
+    // each fused kernel against its composed reference at the learner's shapes (forward + backward)
+    let nt = b * t;
+    let kernel_cases: Vec<(&str, Vec<Vec<usize>>, Vec<bool>, Op, Op)> = vec![
+        (
+            "rms_norm [8192, 896]",
+            vec![vec![nt, 896], vec![896]],
+            vec![true, true],
+            Box::new(|x| Ok(ops::rms_norm(&x[0], &x[1], 1e-6)?)),
+            Box::new(|x| Ok(ops::composed::rms_norm(&x[0], &x[1], 1e-6)?)),
+        ),
+        (
+            "rope [8, 14, 1024, 64]",
+            vec![vec![b, 14, t, 64], vec![b, 1, t, 64], vec![b, 1, t, 64]],
+            vec![true, false, false],
+            Box::new(|x| Ok(ops::rope(&x[0], &x[1], &x[2])?)),
+            Box::new(|x| Ok(ops::composed::rope(&x[0], &x[1], &x[2])?)),
+        ),
+        (
+            "swiglu [8192, 4864]",
+            vec![vec![nt, 4864], vec![nt, 4864]],
+            vec![true, true],
+            Box::new(|x| Ok(ops::swiglu(&x[0], &x[1])?)),
+            Box::new(|x| Ok((x[0].silu()? * &x[1])?)),
+        ),
+    ];
+    for (name, shapes, grad_of, fused, reference) in &kernel_cases {
+        let inputs: Vec<Tensor> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| randn(s, i as u64, 1.0, DType::BF16, gpu))
+            .collect::<Result<_>>()?;
+        let tf = time(5, || value_and_grads(&inputs, grad_of, &**fused, 1), gpu)?;
+        let tr = time(
+            5,
+            || value_and_grads(&inputs, grad_of, &**reference, 1),
+            gpu,
+        )?;
+        lines.push(format!(
+            "kernel {name} bf16 forward+backward: fused {:.2} ms, composed {:.2} ms ({:.1}x)",
+            tf * 1e3,
+            tr * 1e3,
+            tr / tf
+        ));
+    }
+
+    // generation
+    for gb in [64usize, 256] {
+        let (p, n) = (128usize, 256usize);
+        let (prompts, _) = batch_rows(gb, p, c.vocab_size as u32);
+        let cfg = GenerationConfig {
+            max_new_tokens: n,
+            sampling: SamplingParams::default(),
+            ..Default::default()
+        };
+        let detached = w.detach();
+        generate(
+            &detached,
+            &prompts[..2],
+            &GenerationConfig {
+                max_new_tokens: 8,
+                ..cfg.clone()
+            },
+            None,
+        )?;
+        gpu.synchronize()?;
+        let start = Instant::now();
+        let out = generate(&detached, &prompts, &cfg, None)?;
+        gpu.synchronize()?;
+        let secs = start.elapsed().as_secs_f64();
+        let new: usize = out.iter().map(|c| c.tokens.len()).sum();
+        lines.push(format!(
+            "generate B={gb}, {p}-token prompts, {n} new: {:.0} tok/s ({new} tokens in {secs:.1} s)",
+            new as f64 / secs
+        ));
+        json.push(format!(
+            r#"{{"kind": "rollout", "B": {gb}, "P": {p}, "N": {n}, "s": {secs}, "gen_tok_s": {}}}"#,
+            new as f64 / secs
+        ));
+    }
+    println!(
+        "bench done ({:.1} GiB of weights)",
+        c.num_parameters() as f64 * 2.0 / GIB
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    if !matches!(what.as_str(), "checks" | "bench" | "all") {
+        return Err(format!("usage: gpu-check [checks|bench|all], not {what}").into());
+    }
+    let gpu = Device::new_cuda(0)?;
+    let mut rows: Vec<(String, String, bool)> = Vec::new();
+    let (mut json, mut lines) = (Vec::new(), Vec::new());
+    if what != "bench" {
+        kernel_checks(&gpu, &mut rows)?;
+        model_checks(&gpu, &mut rows)?;
+    }
+    if what != "checks" {
+        bench(&gpu, &mut json, &mut lines)?;
+    }
+    println!("\nferrite gpu-check");
+    println!("{:<64} {:<24} result", "check", "value");
+    let mut failed = 0;
+    for (name, value, ok) in &rows {
+        println!("{name:<64} {value:<24} {}", if *ok { "ok" } else { "FAIL" });
+        failed += usize::from(!ok);
+    }
+    println!();
+    for l in lines {
+        println!("{l}");
+    }
+    for j in json {
+        println!("{j}");
+    }
+    if failed > 0 {
+        return Err(format!("{failed} GPU checks failed").into());
+    }
+    Ok(())
+}

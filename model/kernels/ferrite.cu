@@ -1,0 +1,307 @@
+// ferrite's fused CUDA kernels: the GPU side of model/src/ops.rs and model/src/head.rs.
+//
+// Every kernel has an f32 and a bf16 entry point (`<name>_f32`, `<name>_bf16`) over the same
+// template; arithmetic is f32 throughout, bf16 only at loads and stores. Row-wise kernels run one
+// block per row (blockDim a multiple of 32, at most 1024); elementwise kernels one thread per
+// element. The CPU kernels in ops.rs are the reference: the formulas below are theirs.
+//
+// Compiled to PTX at build time by model/build.rs (feature `cuda`) and loaded through candle's
+// CudaDevice::get_or_load_custom_func.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float ld(float x) { return x; }
+__device__ __forceinline__ float ld(bf16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T st(float x);
+template <> __device__ __forceinline__ float st<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 st<bf16>(float x) { return __float2bfloat16(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum / max; every thread gets the result. The leading barrier lets consecutive calls
+// reuse the shared scratch safely.
+__device__ float block_sum(float v) {
+    __shared__ float scratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < warps ? scratch[lane] : 0.f);
+}
+__device__ float block_max(float v) {
+    __shared__ float scratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_max(lane < warps ? scratch[lane] : -INFINITY);
+}
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// ------------------------------------------------------------------------------- RMSNorm
+// y = x · r · w, r = 1 / sqrt(mean(x²) + eps), per row of h.
+
+template <typename T>
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int h, float eps) {
+    const size_t row = blockIdx.x;
+    x += row * h;
+    y += row * h;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        const float v = ld(x[i]);
+        ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss) / h + eps);
+    for (int i = threadIdx.x; i < h; i += blockDim.x) y[i] = st<T>(ld(x[i]) * r * ld(w[i]));
+}
+extern "C" __global__ void rms_norm_fwd_f32(const float* x, const float* w, float* y, int h, float eps) {
+    rms_norm_fwd<float>(x, w, y, h, eps);
+}
+extern "C" __global__ void rms_norm_fwd_bf16(const bf16* x, const bf16* w, bf16* y, int h, float eps) {
+    rms_norm_fwd<bf16>(x, w, y, h, eps);
+}
+
+// dx = r·(w∘g) − r³·x·mean(x∘w∘g) per row; dw += Σ_rows g∘x·r into f32 `dw` (zeroed by the
+// caller). A grid-stride loop over rows; each block sums its rows' dw in shared memory (h floats
+// of dynamic shared memory) and adds it to `dw` once.
+template <typename T>
+__device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, float* dw, int rows, int h,
+                             float eps) {
+    extern __shared__ float dw_block[];
+    for (int i = threadIdx.x; i < h; i += blockDim.x) dw_block[i] = 0.f;
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* xr = x + (size_t)row * h;
+        const T* gr = g + (size_t)row * h;
+        T* dxr = dx + (size_t)row * h;
+        float ss = 0.f, dot = 0.f;
+        for (int i = threadIdx.x; i < h; i += blockDim.x) {
+            const float xv = ld(xr[i]);
+            ss += xv * xv;
+            dot += xv * ld(w[i]) * ld(gr[i]);
+        }
+        ss = block_sum(ss);
+        dot = block_sum(dot) / h;
+        const float r = rsqrtf(ss / h + eps);
+        for (int i = threadIdx.x; i < h; i += blockDim.x) {
+            const float xv = ld(xr[i]), gv = ld(gr[i]);
+            dxr[i] = st<T>(r * ld(w[i]) * gv - r * r * r * xv * dot);
+            dw_block[i] += gv * xv * r;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < h; i += blockDim.x) atomicAdd(dw + i, dw_block[i]);
+}
+extern "C" __global__ void rms_norm_bwd_f32(const float* x, const float* w, const float* g, float* dx,
+                                            float* dw, int rows, int h, float eps) {
+    rms_norm_bwd<float>(x, w, g, dx, dw, rows, h, eps);
+}
+extern "C" __global__ void rms_norm_bwd_bf16(const bf16* x, const bf16* w, const bf16* g, bf16* dx,
+                                             float* dw, int rows, int h, float eps) {
+    rms_norm_bwd<bf16>(x, w, g, dx, dw, rows, h, eps);
+}
+
+// ------------------------------------------------------------------------------- SwiGLU
+// y = silu(a)·b;  da = g·b·s·(1 + a·(1 − s)), db = g·a·s with s = sigmoid(a).
+// The backward writes [da; db] into one buffer of 2n.
+
+template <typename T>
+__device__ void swiglu_fwd(const T* a, const T* b, T* y, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float av = ld(a[i]);
+        y[i] = st<T>(av * sigmoidf(av) * ld(b[i]));
+    }
+}
+template <typename T>
+__device__ void swiglu_bwd(const T* a, const T* b, const T* g, T* dab, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float av = ld(a[i]), s = sigmoidf(av), gv = ld(g[i]);
+        dab[i] = st<T>(gv * ld(b[i]) * s * (1.f + av * (1.f - s)));
+        dab[n + i] = st<T>(gv * av * s);
+    }
+}
+extern "C" __global__ void swiglu_fwd_f32(const float* a, const float* b, float* y, size_t n) {
+    swiglu_fwd<float>(a, b, y, n);
+}
+extern "C" __global__ void swiglu_fwd_bf16(const bf16* a, const bf16* b, bf16* y, size_t n) {
+    swiglu_fwd<bf16>(a, b, y, n);
+}
+extern "C" __global__ void swiglu_bwd_f32(const float* a, const float* b, const float* g, float* dab,
+                                          size_t n) {
+    swiglu_bwd<float>(a, b, g, dab, n);
+}
+extern "C" __global__ void swiglu_bwd_bf16(const bf16* a, const bf16* b, const bf16* g, bf16* dab,
+                                           size_t n) {
+    swiglu_bwd<bf16>(a, b, g, dab, n);
+}
+
+// ------------------------------------------------------------------------------- RoPE
+// x [B, H, T, D], cos / sin [B, 1, T, D]; one thread per (row, i < D/2).
+// forward:  y_i = a·cos_i − b·sin_i,      y_{i+h} = b·cos_{i+h} + a·sin_{i+h}
+// adjoint:  y_i = a·cos_i + b·sin_{i+h},  y_{i+h} = b·cos_{i+h} − a·sin_i
+// with (a, b) = (x_i, x_{i+h}) and h = D/2.
+
+template <typename T>
+__device__ void rope(const T* x, const T* cos, const T* sin, T* y, int heads, int t, int d,
+                     size_t pairs, int transpose) {
+    const int half = d / 2;
+    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < pairs;
+         k += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = k / half;
+        const int i = k % half;
+        const size_t b = row / ((size_t)heads * t);
+        const int ti = row % t;
+        const size_t xo = row * d, co = (b * t + ti) * d;
+        const float a = ld(x[xo + i]), bv = ld(x[xo + i + half]);
+        float lo, hi;
+        if (transpose) {
+            lo = a * ld(cos[co + i]) + bv * ld(sin[co + i + half]);
+            hi = bv * ld(cos[co + i + half]) - a * ld(sin[co + i]);
+        } else {
+            lo = a * ld(cos[co + i]) - bv * ld(sin[co + i]);
+            hi = bv * ld(cos[co + i + half]) + a * ld(sin[co + i + half]);
+        }
+        y[xo + i] = st<T>(lo);
+        y[xo + i + half] = st<T>(hi);
+    }
+}
+extern "C" __global__ void rope_f32(const float* x, const float* c, const float* s, float* y, int heads,
+                                    int t, int d, size_t pairs, int transpose) {
+    rope<float>(x, c, s, y, heads, t, d, pairs, transpose);
+}
+extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s, bf16* y, int heads,
+                                     int t, int d, size_t pairs, int transpose) {
+    rope<bf16>(x, c, s, y, heads, t, d, pairs, transpose);
+}
+
+// ------------------------------------------------------------------------------- softmax
+// Attention probabilities y = softmax(scale·x + bias) in f32, x [B, Hkv, G, T, S] (rows of S),
+// bias [B, 1, 1, T, S] f32; `heads` = Hkv·G. With bias == nullptr and scale 1 it is the plain
+// softmax of rows of n (then T is the output type too: see softmax_fwd).
+
+template <typename T>
+__device__ void masked_softmax_fwd(const T* x, const float* bias, float* y, int heads, int t, int s,
+                                   float scale) {
+    const size_t row = blockIdx.x;
+    const size_t bi = row / ((size_t)heads * t);
+    const int ti = row % t;
+    const T* xr = x + row * s;
+    const float* br = bias + (bi * t + ti) * s;
+    float* yr = y + row * s;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < s; j += blockDim.x) m = fmaxf(m, scale * ld(xr[j]) + br[j]);
+    m = block_max(m);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < s; j += blockDim.x) {
+        const float e = __expf(scale * ld(xr[j]) + br[j] - m);
+        yr[j] = e;
+        sum += e;
+    }
+    const float inv = 1.f / block_sum(sum);
+    for (int j = threadIdx.x; j < s; j += blockDim.x) yr[j] *= inv;
+}
+extern "C" __global__ void masked_softmax_fwd_f32(const float* x, const float* bias, float* y, int heads,
+                                                  int t, int s, float scale) {
+    masked_softmax_fwd<float>(x, bias, y, heads, t, s, scale);
+}
+extern "C" __global__ void masked_softmax_fwd_bf16(const bf16* x, const float* bias, float* y, int heads,
+                                                   int t, int s, float scale) {
+    masked_softmax_fwd<bf16>(x, bias, y, heads, t, s, scale);
+}
+
+// Plain softmax over rows of n, same type in and out.
+template <typename T>
+__device__ void softmax_fwd(const T* x, T* y, int n) {
+    const size_t row = blockIdx.x;
+    const T* xr = x + row * n;
+    T* yr = y + row * n;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, ld(xr[j]));
+    m = block_max(m);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) sum += __expf(ld(xr[j]) - m);
+    const float inv = 1.f / block_sum(sum);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) yr[j] = st<T>(__expf(ld(xr[j]) - m) * inv);
+}
+extern "C" __global__ void softmax_fwd_f32(const float* x, float* y, int n) { softmax_fwd<float>(x, y, n); }
+extern "C" __global__ void softmax_fwd_bf16(const bf16* x, bf16* y, int n) { softmax_fwd<bf16>(x, y, n); }
+
+// dx = scale · y ∘ (g − Σ y∘g) per row of n; y, g and dx of one type.
+template <typename T>
+__device__ void softmax_bwd(const T* y, const T* g, T* dx, int n, float scale) {
+    const size_t row = blockIdx.x;
+    const T* yr = y + row * n;
+    const T* gr = g + row * n;
+    T* dr = dx + row * n;
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) dot += ld(yr[j]) * ld(gr[j]);
+    dot = block_sum(dot);
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+        dr[j] = st<T>(scale * ld(yr[j]) * (ld(gr[j]) - dot));
+}
+extern "C" __global__ void softmax_bwd_f32(const float* y, const float* g, float* dx, int n, float scale) {
+    softmax_bwd<float>(y, g, dx, n, scale);
+}
+extern "C" __global__ void softmax_bwd_bf16(const bf16* y, const bf16* g, bf16* dx, int n, float scale) {
+    softmax_bwd<bf16>(y, g, dx, n, scale);
+}
+
+// ------------------------------------------------------------------------------- log-probs
+// Per row of logits z [N, V] (f32): out[2r] = log p(target), out[2r+1] = entropy, from
+// m = max z, S = Σ e^(z−m), Σ e^(z−m)·z:  log p_t = z_t − m − ln S,  H = m + ln S − Σ p·z.
+
+extern "C" __global__ void logprob_entropy_fwd_f32(const float* z, const uint32_t* targets, float* out,
+                                                   int v) {
+    const size_t row = blockIdx.x;
+    const float* zr = z + row * v;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, zr[j]);
+    m = block_max(m);
+    float s = 0.f, sz = 0.f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        const float e = __expf(zr[j] - m);
+        s += e;
+        sz += e * zr[j];
+    }
+    s = block_sum(s);
+    sz = block_sum(sz);
+    if (threadIdx.x == 0) {
+        const float lse = logf(s);
+        out[2 * row] = zr[targets[row]] - m - lse;
+        out[2 * row + 1] = m + lse - sz / s;
+    }
+}
+
+// dz_j = −g_lp·p_j − g_h·p_j·(log p_j + H) + 1[j = t]·g_lp, from y = (log p_t, H) and g [N, 2].
+extern "C" __global__ void logprob_entropy_bwd_f32(const float* z, const uint32_t* targets,
+                                                   const float* y, const float* g, float* dz, int v) {
+    const size_t row = blockIdx.x;
+    const float* zr = z + row * v;
+    float* dr = dz + row * v;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, zr[j]);
+    m = block_max(m);
+    float s = 0.f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += __expf(zr[j] - m);
+    const float lse = logf(block_sum(s));
+    const float g_lp = g[2 * row], g_h = g[2 * row + 1], h = y[2 * row + 1];
+    const uint32_t t = targets[row];
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        const float lp = zr[j] - m - lse, p = __expf(lp);
+        dr[j] = -g_lp * p - g_h * p * (lp + h) + (j == (int)t ? g_lp : 0.f);
+    }
+}

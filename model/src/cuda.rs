@@ -1,0 +1,430 @@
+//! Launchers for the CUDA kernels of `kernels/ferrite.cu` (feature `cuda`): the GPU side of the
+//! fused ops in [`crate::ops`]. Forward launchers work on candle's `CudaStorage` (they serve the
+//! custom ops' `cuda_fwd`); backward launchers take and return tensors (they serve `bwd`).
+//! Inputs must be contiguous; the callers in `ops` make them so.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor, WithDType};
+
+type Result<T> = candle_core::Result<T>;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ferrite.ptx"));
+const MODULE: &str = "ferrite";
+
+fn err(msg: impl Into<String>) -> candle_core::Error {
+    candle_core::Error::Msg(msg.into())
+}
+
+/// The kernel name for element type `T`: `name_f32` or `name_bf16`.
+fn kernel<T: WithDType>(name: &str) -> Result<String> {
+    match T::DTYPE {
+        DType::F32 => Ok(format!("{name}_f32")),
+        DType::BF16 => Ok(format!("{name}_bf16")),
+        d => Err(err(format!("ferrite cuda kernel {name}: no {d:?} variant"))),
+    }
+}
+
+/// Calls `$f::<T>(args)` for the element type `$dtype` (f32 or bf16).
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident ( $($a:expr),* $(,)? )) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($a),*),
+            DType::BF16 => $f::<half::bf16>($($a),*),
+            d => Err(err(format!("ferrite cuda kernels: unsupported dtype {d:?}"))),
+        }
+    };
+}
+
+/// The contiguous data of a CUDA storage as a view of `T`.
+fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| err("ferrite cuda kernel: input not contiguous"))?;
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+fn as_cuda(s: &Storage) -> Result<&CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Ok(s),
+        _ => Err(err("ferrite cuda kernel: expected a CUDA tensor")),
+    }
+}
+
+fn wrap(s: CudaStorage, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+}
+
+/// One block per row of `n`: a multiple of 32 threads, at most 1024.
+fn rows_config(rows: usize, n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (n.div_ceil(32).clamp(1, 32) as u32 * 32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Grid-stride elementwise launch over `n` items.
+fn elems_config(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn rows_of(l: &Layout) -> (usize, usize) {
+    let n = l.dims().last().copied().unwrap_or(1).max(1);
+    (l.shape().elem_count() / n, n)
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+pub fn rms_norm_fwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f32,
+) -> Result<CudaStorage> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let (rows, h) = rows_of(xl);
+        let (xv, wv) = (view::<T>(x, xl)?, view::<T>(w, wl)?);
+        let y = unsafe { dev.alloc::<T>(rows * h)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("rms_norm_fwd")?, MODULE, PTX)?;
+        let h32 = h as i32;
+        let mut b = f.builder();
+        b.arg(&xv).arg(&wv).arg(&y).arg(&h32).arg(&eps);
+        // SAFETY: the kernel reads rows·h inputs and h weights and writes rows·h outputs.
+        unsafe { b.launch(rows_config(rows, h)) }.w()?;
+        Ok(T::wrap_cuda_slice(y, dev))
+    }
+    by_dtype!(x.dtype(), go(x, xl, w, wl, eps))
+}
+
+/// `(dx, dw)` of RMSNorm; `dw` is summed in f32 and returned in `w`'s dtype.
+pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let (x, w, g) = (
+            x.contiguous()?,
+            w.contiguous()?,
+            g.contiguous()?.to_dtype(T::DTYPE)?,
+        );
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (xs, ws, gs) = (as_cuda(&xs)?, as_cuda(&ws)?, as_cuda(&gs)?);
+        let dev = xs.device().clone();
+        let (rows, h) = rows_of(xl);
+        if h * 4 > 48 * 1024 {
+            return Err(err(format!(
+                "rms_norm_bwd: hidden size {h} exceeds the shared-memory budget"
+            )));
+        }
+        let (xv, wv, gv) = (view::<T>(xs, xl)?, view::<T>(ws, wl)?, view::<T>(gs, gl)?);
+        let dx = unsafe { dev.alloc::<T>(rows * h)? };
+        let dw = dev.alloc_zeros::<f32>(h)?;
+        let f = dev.get_or_load_custom_func(&kernel::<T>("rms_norm_bwd")?, MODULE, PTX)?;
+        let (rows32, h32) = (rows as i32, h as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.clamp(1, 1024) as u32, 1, 1),
+            block_dim: rows_config(1, h).block_dim,
+            shared_mem_bytes: (h * 4) as u32,
+        };
+        let mut b = f.builder();
+        b.arg(&xv)
+            .arg(&wv)
+            .arg(&gv)
+            .arg(&dx)
+            .arg(&dw)
+            .arg(&rows32)
+            .arg(&h32)
+            .arg(&eps);
+        // SAFETY: reads rows·h of x and g, h of w; writes rows·h of dx, adds into h of dw.
+        unsafe { b.launch(cfg) }.w()?;
+        let dx = wrap(T::wrap_cuda_slice(dx, dev.clone()), x.shape());
+        let dw = wrap(f32::wrap_cuda_slice(dw, dev), w.shape()).to_dtype(w.dtype())?;
+        Ok((dx, dw))
+    }
+    by_dtype!(x.dtype(), go(x, w, g, eps))
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+pub fn swiglu_fwd(
+    a: &CudaStorage,
+    al: &Layout,
+    b: &CudaStorage,
+    bl: &Layout,
+) -> Result<CudaStorage> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<CudaStorage> {
+        let dev = a.device().clone();
+        let n = al.shape().elem_count();
+        let (av, bv) = (view::<T>(a, al)?, view::<T>(b, bl)?);
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("swiglu_fwd")?, MODULE, PTX)?;
+        let mut l = f.builder();
+        l.arg(&av).arg(&bv).arg(&y).arg(&n);
+        // SAFETY: n elements in, n out.
+        unsafe { l.launch(elems_config(n)) }.w()?;
+        Ok(T::wrap_cuda_slice(y, dev))
+    }
+    by_dtype!(a.dtype(), go(a, al, b, bl))
+}
+
+pub fn swiglu_bwd(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        a: &Tensor,
+        b: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (a, b, g) = (
+            a.contiguous()?,
+            b.contiguous()?,
+            g.contiguous()?.to_dtype(T::DTYPE)?,
+        );
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (as_, bs, gs) = (as_cuda(&as_)?, as_cuda(&bs)?, as_cuda(&gs)?);
+        let dev = as_.device().clone();
+        let n = al.shape().elem_count();
+        let (av, bv, gv) = (view::<T>(as_, al)?, view::<T>(bs, bl)?, view::<T>(gs, gl)?);
+        let dab = unsafe { dev.alloc::<T>(2 * n)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("swiglu_bwd")?, MODULE, PTX)?;
+        let mut l = f.builder();
+        l.arg(&av).arg(&bv).arg(&gv).arg(&dab).arg(&n);
+        // SAFETY: n elements of each input; 2n outputs.
+        unsafe { l.launch(elems_config(n)) }.w()?;
+        let both = wrap(T::wrap_cuda_slice(dab, dev), (2, n));
+        Ok((
+            both.narrow(0, 0, 1)?.reshape(a.shape())?,
+            both.narrow(0, 1, 1)?.reshape(b.shape())?,
+        ))
+    }
+    by_dtype!(a.dtype(), go(a, b, g))
+}
+
+// ---------------------------------------------------------------- RoPE
+
+/// `x [B, H, T, D]`, `cos, sin [B, 1, T, D]`; `transpose` applies the adjoint (the backward).
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    x: &CudaStorage,
+    xl: &Layout,
+    c: &CudaStorage,
+    cl: &Layout,
+    s: &CudaStorage,
+    sl: &Layout,
+    transpose: bool,
+) -> Result<CudaStorage> {
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        x: &CudaStorage,
+        xl: &Layout,
+        c: &CudaStorage,
+        cl: &Layout,
+        s: &CudaStorage,
+        sl: &Layout,
+        transpose: bool,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let dims = xl.dims();
+        let (heads, t, d) = (dims[1] as i32, dims[2] as i32, dims[3]);
+        let n = xl.shape().elem_count();
+        let pairs = n / 2;
+        let (xv, cv, sv) = (view::<T>(x, xl)?, view::<T>(c, cl)?, view::<T>(s, sl)?);
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("rope")?, MODULE, PTX)?;
+        let (d32, tr) = (d as i32, i32::from(transpose));
+        let mut l = f.builder();
+        l.arg(&xv)
+            .arg(&cv)
+            .arg(&sv)
+            .arg(&y)
+            .arg(&heads)
+            .arg(&t)
+            .arg(&d32)
+            .arg(&pairs)
+            .arg(&tr);
+        // SAFETY: n elements of x and y; cos / sin hold B·T·D.
+        unsafe { l.launch(elems_config(pairs)) }.w()?;
+        Ok(T::wrap_cuda_slice(y, dev))
+    }
+    if c.dtype() != x.dtype() || s.dtype() != x.dtype() {
+        return Err(err("rope: cos and sin must have x's dtype"));
+    }
+    by_dtype!(x.dtype(), go(x, xl, c, cl, s, sl, transpose))
+}
+
+pub fn rope_bwd(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (g, cos, sin) = (g.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let (gs, gl) = g.storage_and_layout();
+    let (cs, cl) = cos.storage_and_layout();
+    let (ss, sl) = sin.storage_and_layout();
+    let out = rope(
+        as_cuda(&gs)?,
+        gl,
+        as_cuda(&cs)?,
+        cl,
+        as_cuda(&ss)?,
+        sl,
+        true,
+    )?;
+    Ok(wrap(out, g.shape()))
+}
+
+// ---------------------------------------------------------------- softmax
+
+/// `softmax(scale·x + bias)` in f32 for `x [B, Hkv, G, T, S]` (f32 or bf16), `bias [B, 1, 1, T, S]` f32.
+pub fn masked_softmax_fwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    bias: &CudaStorage,
+    bl: &Layout,
+    scale: f32,
+) -> Result<CudaStorage> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        x: &CudaStorage,
+        xl: &Layout,
+        bias: &CudaStorage,
+        bl: &Layout,
+        scale: f32,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let dims = xl.dims();
+        let (heads, t, s) = ((dims[1] * dims[2]) as i32, dims[3] as i32, dims[4]);
+        let (rows, _) = rows_of(xl);
+        let (xv, bv) = (view::<T>(x, xl)?, view::<f32>(bias, bl)?);
+        let y = unsafe { dev.alloc::<f32>(rows * s)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("masked_softmax_fwd")?, MODULE, PTX)?;
+        let s32 = s as i32;
+        let mut l = f.builder();
+        l.arg(&xv)
+            .arg(&bv)
+            .arg(&y)
+            .arg(&heads)
+            .arg(&t)
+            .arg(&s32)
+            .arg(&scale);
+        // SAFETY: rows·S scores and outputs; the bias holds B·T·S.
+        unsafe { l.launch(rows_config(rows, s)) }.w()?;
+        Ok(f32::wrap_cuda_slice(y, dev))
+    }
+    if bias.dtype() != DType::F32 {
+        return Err(err("masked_softmax: the bias must be f32"));
+    }
+    by_dtype!(x.dtype(), go(x, xl, bias, bl, scale))
+}
+
+pub fn softmax_fwd(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        x: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let (rows, n) = rows_of(xl);
+        let xv = view::<T>(x, xl)?;
+        let y = unsafe { dev.alloc::<T>(rows * n)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("softmax_fwd")?, MODULE, PTX)?;
+        let n32 = n as i32;
+        let mut l = f.builder();
+        l.arg(&xv).arg(&y).arg(&n32);
+        // SAFETY: rows·n in and out.
+        unsafe { l.launch(rows_config(rows, n)) }.w()?;
+        Ok(T::wrap_cuda_slice(y, dev))
+    }
+    by_dtype!(x.dtype(), go(x, xl))
+}
+
+/// `scale · y ∘ (g − Σ y∘g)` per row, in `y`'s dtype.
+pub fn softmax_bwd(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        y: &Tensor,
+        g: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (y, g) = (y.contiguous()?, g.contiguous()?.to_dtype(T::DTYPE)?);
+        let (ys, yl) = y.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (ys, gs) = (as_cuda(&ys)?, as_cuda(&gs)?);
+        let dev = ys.device().clone();
+        let (rows, n) = rows_of(yl);
+        let (yv, gv) = (view::<T>(ys, yl)?, view::<T>(gs, gl)?);
+        let dx = unsafe { dev.alloc::<T>(rows * n)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("softmax_bwd")?, MODULE, PTX)?;
+        let n32 = n as i32;
+        let mut l = f.builder();
+        l.arg(&yv).arg(&gv).arg(&dx).arg(&n32).arg(&scale);
+        // SAFETY: rows·n of each.
+        unsafe { l.launch(rows_config(rows, n)) }.w()?;
+        Ok(wrap(T::wrap_cuda_slice(dx, dev), y.shape()))
+    }
+    by_dtype!(y.dtype(), go(y, g, scale))
+}
+
+// ---------------------------------------------------------------- log-probs and entropy
+
+/// `[N, 2]` f32 (log-prob of the target, entropy) of f32 logits `[N, V]` and u32 targets `[N]`.
+pub fn logprob_entropy_fwd(
+    z: &CudaStorage,
+    zl: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+) -> Result<CudaStorage> {
+    let dev = z.device().clone();
+    let (rows, v) = rows_of(zl);
+    let (zv, tv) = (view::<f32>(z, zl)?, view::<u32>(t, tl)?);
+    let out = unsafe { dev.alloc::<f32>(2 * rows)? };
+    let f = dev.get_or_load_custom_func("logprob_entropy_fwd_f32", MODULE, PTX)?;
+    let v32 = v as i32;
+    let mut l = f.builder();
+    l.arg(&zv).arg(&tv).arg(&out).arg(&v32);
+    // SAFETY: N·V logits, N targets (each < V, checked by the caller), 2N outputs.
+    unsafe { l.launch(rows_config(rows, v)) }.w()?;
+    Ok(f32::wrap_cuda_slice(out, dev))
+}
+
+/// `dz [N, V]` f32 from logits `z`, targets, the forward's `y [N, 2]` and upstream `g [N, 2]`.
+pub fn logprob_entropy_bwd(z: &Tensor, targets: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let (z, targets) = (z.contiguous()?, targets.contiguous()?);
+    let (y, g) = (y.contiguous()?, g.contiguous()?.to_dtype(DType::F32)?);
+    let (zs, zl) = z.storage_and_layout();
+    let (ts, tl) = targets.storage_and_layout();
+    let (ys, yl) = y.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (zs, ts, ys, gs) = (as_cuda(&zs)?, as_cuda(&ts)?, as_cuda(&ys)?, as_cuda(&gs)?);
+    let dev = zs.device().clone();
+    let (rows, v) = rows_of(zl);
+    let (zv, tv) = (view::<f32>(zs, zl)?, view::<u32>(ts, tl)?);
+    let (yv, gv) = (view::<f32>(ys, yl)?, view::<f32>(gs, gl)?);
+    let dz = unsafe { dev.alloc::<f32>(rows * v)? };
+    let f = dev.get_or_load_custom_func("logprob_entropy_bwd_f32", MODULE, PTX)?;
+    let v32 = v as i32;
+    let mut l = f.builder();
+    l.arg(&zv).arg(&tv).arg(&yv).arg(&gv).arg(&dz).arg(&v32);
+    // SAFETY: N·V logits and gradients, N targets, 2N of y and g.
+    unsafe { l.launch(rows_config(rows, v)) }.w()?;
+    Ok(wrap(f32::wrap_cuda_slice(dz, dev), z.shape()))
+}
