@@ -19,7 +19,7 @@ fn main() {
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", "--use_fast_math"])
+        .args(["--ptx", "-O3", "-std=c++17"])
         .arg(format!("-arch=sm_{cap}"))
         .arg("kernels/ferrite.cu")
         .arg("-o")

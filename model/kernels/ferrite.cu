@@ -305,3 +305,75 @@ extern "C" __global__ void logprob_entropy_bwd_f32(const float* z, const uint32_
         dr[j] = -g_lp * p - g_h * p * (lp + h) + (j == (int)t ? g_lp : 0.f);
     }
 }
+
+// ------------------------------------------------------------------------------- sampling
+// One row of logits z [V] (f32) per block: the next token, its log-prob under the distribution it
+// was drawn from, and the entropy of softmax(z / t) — what model/src/sampling.rs computes on the
+// host for top_k = 0, top_p = 1. `inv_t` = 1/temperature, or 0 for greedy (first argmax, log-prob
+// and entropy at t = 1). `u` [B] are the rows' uniforms in [0, 1), drawn on the host from each
+// row's own stream; the token is the first j with u·Σe < Σ_{i≤j} e_i, e_i = exp((z_i − max)/t).
+// Thread k scans the contiguous segment [k·seg, (k+1)·seg).
+
+extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float inv_t, uint32_t* ids,
+                                           float* logprobs, float* entropies, int v) {
+    __shared__ float seg_sum[1024];
+    __shared__ int chosen;
+    const size_t row = blockIdx.x;
+    const float* zr = z + row * v;
+    const bool greedy = inv_t <= 0.f;
+    const float it = greedy ? 1.f : inv_t;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, zr[j]);
+    m = block_max(m);
+    const int seg = (v + blockDim.x - 1) / blockDim.x;
+    const int lo = min(v, (int)threadIdx.x * seg), hi = min(v, lo + seg);
+    float s = 0.f, es = 0.f;
+    int best = lo;
+    for (int j = lo; j < hi; ++j) {
+        const float x = (zr[j] - m) * it, e = __expf(x);
+        s += e;
+        es += e * x;
+        if (zr[j] > zr[best]) best = j;
+    }
+    seg_sum[threadIdx.x] = s;
+    const float total = block_sum(s);
+    const float total_es = block_sum(es);
+    if (threadIdx.x == 0) chosen = v - 1;
+    __syncthreads();
+    if (greedy) {
+        // first maximum: the lowest index among the segments' maxima that equal the row max
+        if (lo < hi && zr[best] == m) atomicMin(&chosen, best);
+    } else if (threadIdx.x == 0) {
+        // exclusive scan of the segment sums by one thread (≤ 1024 adds), then find the segment
+        const float target = u[row] * total;
+        float acc = 0.f;
+        int k = 0;
+        for (; k < (int)blockDim.x; ++k) {
+            if (target < acc + seg_sum[k]) break;
+            acc += seg_sum[k];
+        }
+        int pick = v - 1;
+        if (k < (int)blockDim.x) {
+            const int a = min(v, k * seg), b = min(v, a + seg);
+            float t = target - acc;
+            pick = b - 1;
+            for (int j = a; j < b; ++j) {
+                const float e = __expf((zr[j] - m) * it);
+                if (t < e) {
+                    pick = j;
+                    break;
+                }
+                t -= e;
+            }
+        }
+        chosen = pick;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int j = chosen;
+        const float lse = logf(total);
+        ids[row] = (uint32_t)j;
+        logprobs[row] = (zr[j] - m) * it - lse;
+        entropies[row] = lse - total_es / total;
+    }
+}

@@ -428,3 +428,56 @@ pub fn logprob_entropy_bwd(z: &Tensor, targets: &Tensor, y: &Tensor, g: &Tensor)
     unsafe { l.launch(rows_config(rows, v)) }.w()?;
     Ok(wrap(f32::wrap_cuda_slice(dz, dev), z.shape()))
 }
+
+// ---------------------------------------------------------------- sampling
+
+/// Samples one token per row of f32 logits `[B, V]` on the device (top_k 0, top_p 1) from the
+/// rows' uniforms `u`; `temperature ≤ 0` is greedy. Only `u` goes to the device and the three
+/// `[B]` results come back: `(token, log-prob, entropy)` per row, as `crate::sampling` defines them.
+pub fn sample_rows(logits: &Tensor, u: &[f32], temperature: f32) -> Result<Vec<(u32, f32, f32)>> {
+    let logits = logits.contiguous()?;
+    let (zs, zl) = logits.storage_and_layout();
+    let zs = as_cuda(&zs)?;
+    let dev = zs.device().clone();
+    let (rows, v) = rows_of(zl);
+    if u.len() != rows {
+        return Err(err(format!(
+            "sample_rows: {} uniforms for {rows} rows",
+            u.len()
+        )));
+    }
+    let zv = view::<f32>(zs, zl)?;
+    let stream = dev.cuda_stream();
+    let uv = stream.clone_htod(u).w()?;
+    let ids = dev.alloc_zeros::<u32>(rows)?;
+    let lp = dev.alloc_zeros::<f32>(rows)?;
+    let ent = dev.alloc_zeros::<f32>(rows)?;
+    let f = dev.get_or_load_custom_func("sample_rows_f32", MODULE, PTX)?;
+    let (inv_t, v32) = (
+        if temperature > 0.0 {
+            1.0 / temperature
+        } else {
+            0.0
+        },
+        v as i32,
+    );
+    let mut l = f.builder();
+    l.arg(&zv)
+        .arg(&uv)
+        .arg(&inv_t)
+        .arg(&ids)
+        .arg(&lp)
+        .arg(&ent)
+        .arg(&v32);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: B·V logits, B uniforms and B of each output.
+    unsafe { l.launch(cfg) }.w()?;
+    let ids = stream.clone_dtoh(&ids).w()?;
+    let lp = stream.clone_dtoh(&lp).w()?;
+    let ent = stream.clone_dtoh(&ent).w()?;
+    Ok((0..rows).map(|i| (ids[i], lp[i], ent[i])).collect())
+}

@@ -5,7 +5,7 @@
 //! Each sequence draws from its own RNG stream (`seed`, index), so a completion does not
 //! depend on which other prompts share its batch.
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::forward::{forward, positions_of, Batch};
@@ -133,18 +133,16 @@ pub fn generate(
         .collect();
     let mut done = vec![false; b];
     for step in 0..cfg.max_new_tokens {
+        let drawn = sample_rows(&logits, &cfg.sampling, &mut rngs, &done)?;
         for i in 0..b {
             if done[i] {
                 continue;
             }
-            let (token, logprob) = sample(&logits[i], &cfg.sampling, &mut rngs[i]);
+            let (token, logprob, entropy) = drawn[i];
             let c = &mut out[i];
             c.tokens.push(token);
             c.logprobs.push(logprob);
-            c.entropies.push(crate::sampling::entropy(
-                &logits[i],
-                cfg.sampling.temperature as f64,
-            ));
+            c.entropies.push(entropy);
             if cfg.stop_token_ids.contains(&token) {
                 c.finish = FinishReason::Stop;
                 done[i] = true;
@@ -191,13 +189,58 @@ pub fn generate(
     Ok(out)
 }
 
-/// Runs the forward with the cache and returns each row's last-position logits in f32.
-fn last_logits(w: &Weights, batch: &Batch, cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+/// Runs the forward with the cache and returns each row's last-position logits `[B, V]` in f32,
+/// on the model's device.
+fn last_logits(w: &Weights, batch: &Batch, cache: &mut KvCache) -> Result<Tensor> {
     let logits = forward(w, batch, Some(cache))?; // [B, T, V]
     let t = logits.dim(1)?;
-    let last = logits
+    Ok(logits
         .narrow(1, t - 1, 1)?
         .squeeze(1)?
-        .to_dtype(DType::F32)?; // [B, V]
-    Ok(last.to_vec2::<f32>()?)
+        .to_dtype(DType::F32)?) // [B, V]
+}
+
+/// `(token, log-prob, entropy)` for every row of `logits [B, V]` (rows that are `done` get a
+/// placeholder and draw nothing from their stream). On a CUDA device without top-k / top-p the
+/// rows are sampled there and only the results cross to the host; otherwise the logits come to
+/// the host and [`sample`] draws. Both consume one uniform per row and step from the row's stream
+/// (none when greedy) and pick the same token for it, up to f32 rounding at the boundaries.
+fn sample_rows(
+    logits: &Tensor,
+    p: &SamplingParams,
+    rngs: &mut [Rng],
+    done: &[bool],
+) -> Result<Vec<(u32, f32, f32)>> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && p.top_k == 0 && p.top_p >= 1.0 {
+        let u: Vec<f32> = rngs
+            .iter_mut()
+            .zip(done)
+            .map(|(rng, &d)| {
+                if d || p.is_greedy() {
+                    0.0
+                } else {
+                    rng.uniform() as f32
+                }
+            })
+            .collect();
+        return Ok(crate::cuda::sample_rows(logits, &u, p.temperature)?);
+    }
+    let rows = logits.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .zip(rngs.iter_mut())
+        .zip(done)
+        .map(|((row, rng), &d)| {
+            if d {
+                return (0, 0.0, 0.0);
+            }
+            let (token, logprob) = sample(row, p, rng);
+            (
+                token,
+                logprob,
+                crate::sampling::entropy(row, p.temperature as f64),
+            )
+        })
+        .collect())
 }

@@ -5,7 +5,7 @@
 //!
 //! `checks`: each fused CUDA kernel (RMSNorm, RoPE, SwiGLU, masked softmax, log-prob + entropy,
 //! the chunked output layer) against the composed ops on fresh random inputs, forward and
-//! backward, f32 and bf16; then a small model's GPU forward, backward and greedy generation
+//! backward, f32 and bf16; the device sampler against the host's; then a small model's GPU forward, backward and greedy generation
 //! against the CPU path. `bench`: the Qwen2.5-0.5B shape — learner tokens/s and peak device memory
 //! at B=8, T=1024 with a per-phase and per-kernel split, generation tokens/s at B=64 and B=256
 //! (128-token prompts, 256 new tokens). Prints a table, then one JSON line per measurement; exits
@@ -93,6 +93,69 @@ fn loss_and_grads(
         out.push((name, g.clone()));
     }
     Ok((loss.to_scalar::<f32>()?, out))
+}
+
+/// The device sampler against the host's inverse CDF (f64) on the same logits and uniforms, at
+/// temperature 0.7 and greedy.
+fn sampling_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    let (b, v) = (64usize, 151_936usize);
+    let z = randn(&[b, v], 42, 3.0, DType::F32, gpu)?;
+    let host = z.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+    let mut rng = model::rng::Rng::new(5);
+    let u: Vec<f32> = (0..b).map(|_| rng.uniform() as f32).collect();
+    for temperature in [0.7f32, 0.0] {
+        let drawn = model::cuda::sample_rows(&z, &u, temperature)?;
+        let t = if temperature > 0.0 {
+            temperature as f64
+        } else {
+            1.0
+        };
+        let (mut same, mut worst) = (0, 0f64);
+        for (i, row) in host.iter().enumerate() {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+            let e: Vec<f64> = row.iter().map(|&x| ((x as f64 - m) / t).exp()).collect();
+            let total: f64 = e.iter().sum();
+            let want = if temperature > 0.0 {
+                let mut left = u[i] as f64 * total;
+                let mut pick = v - 1;
+                for (j, ej) in e.iter().enumerate() {
+                    if left < *ej {
+                        pick = j;
+                        break;
+                    }
+                    left -= ej;
+                }
+                pick
+            } else {
+                model::sampling::argmax(row)
+            };
+            let lp = e[want].ln() - total.ln();
+            let h = total.ln()
+                - e.iter()
+                    .zip(row)
+                    .map(|(ej, &x)| ej * (x as f64 - m) / t)
+                    .sum::<f64>()
+                    / total;
+            let (id, glp, gh) = drawn[i];
+            if id as usize == want {
+                same += 1;
+                worst = worst
+                    .max((glp as f64 - lp).abs())
+                    .max((gh as f64 - h).abs());
+            }
+        }
+        let name = if temperature > 0.0 {
+            "sample T=0.7"
+        } else {
+            "sample greedy"
+        };
+        rows.push((
+            format!("{name} [64, 151936]: same token / worst |Δ log-prob, entropy|"),
+            format!("{same}/{b}, {worst:.1e}"),
+            same >= b - 1 && worst < 1e-3,
+        ));
+    }
+    Ok(())
 }
 
 fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>, device: &Device) -> Result<f64> {
@@ -605,6 +668,7 @@ fn main() -> Result<()> {
     let (mut json, mut lines) = (Vec::new(), Vec::new());
     if what != "bench" {
         kernel_checks(&gpu, &mut rows)?;
+        sampling_checks(&gpu, &mut rows)?;
         model_checks(&gpu, &mut rows)?;
     }
     if what != "checks" {
