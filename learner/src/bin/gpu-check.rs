@@ -158,17 +158,6 @@ fn sampling_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Resu
     Ok(())
 }
 
-fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>, device: &Device) -> Result<f64> {
-    f()?; // warm-up
-    device.synchronize()?;
-    let start = Instant::now();
-    for _ in 0..reps {
-        f()?;
-    }
-    device.synchronize()?;
-    Ok(start.elapsed().as_secs_f64() / reps as f64)
-}
-
 /// The small model's GPU forward (f32, bf16), backward and greedy generation against the CPU.
 fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
     let cpu = Device::Cpu;
@@ -296,17 +285,19 @@ fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
 
 type Op = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
 
+/// A fused op and its composed reference on inputs of the given shapes.
+struct Case {
+    name: &'static str,
+    shapes: Vec<Vec<usize>>,
+    grad_of: Vec<bool>,
+    fused: Op,
+    reference: Op,
+}
+
 /// Each fused kernel against its composed reference on fresh random inputs, forward and backward.
 /// The reference runs in f32 on the GPU from the same (rounded) inputs; bf16 kernels get bf16
 /// tolerances.
 fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
-    struct Case {
-        name: &'static str,
-        shapes: Vec<Vec<usize>>,
-        grad_of: Vec<bool>,
-        fused: Op,
-        reference: Op,
-    }
     let (b, h, t, d) = (2, 4, 37, 64);
     let bias = {
         // causal mask with padding: row 1 has its last 5 keys masked
@@ -327,7 +318,7 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
     let targets = Tensor::new(targets.as_slice(), gpu)?;
     let (t1, t2, t3, t4) = (targets.clone(), targets.clone(), targets.clone(), targets);
     let lp_plus_h = |(lp, h): (Tensor, Tensor)| -> Result<Tensor> { Ok((lp + (h * 0.37)?)?) };
-    let cases = vec![
+    let cases = [
         Case {
             name: "rms_norm [3·37, 896]",
             shapes: vec![vec![3, 37, 896], vec![896]],
@@ -525,8 +516,8 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
     let (b, t) = (8usize, 1024usize);
     let (ids, _) = batch_rows(b, t, c.vocab_size as u32);
     let mask: Vec<Vec<u8>> = ids.iter().map(|r| vec![1; r.len()]).collect();
-    let mut phases = [0f64; 3];
-    let mut step = |record: bool| -> Result<()> {
+    // one step; returns the seconds of forward + log-probs, backward and AdamW
+    let mut step = || -> Result<[f64; 3]> {
         let t0 = Instant::now();
         let lp = sequence_logprobs(&trainable, &ids, &mask, &mask, 1.0)?;
         let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
@@ -539,21 +530,18 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
         opt.step(1e-6)?;
         gpu.synchronize()?;
         let t3 = Instant::now();
-        if record {
-            phases[0] += (t1 - t0).as_secs_f64();
-            phases[1] += (t2 - t1).as_secs_f64();
-            phases[2] += (t3 - t2).as_secs_f64();
-        }
-        Ok(())
+        Ok([t1 - t0, t2 - t1, t3 - t2].map(|d| d.as_secs_f64()))
     };
     let reps = 5;
-    let ((), peak) = peak_memory(gpu, || {
-        step(false)?;
-        step(false)
+    let (_, peak) = peak_memory(gpu, || {
+        step()?;
+        step()
     })?;
+    let mut phases = [0f64; 3];
     let start = Instant::now();
     for _ in 0..reps {
-        step(true)?;
+        let p = step()?;
+        (0..3).for_each(|k| phases[k] += p[k]);
     }
     let secs = start.elapsed().as_secs_f64() / reps as f64;
     let peak_gib = peak.saturating_sub(baseline) as f64 / GIB;
@@ -569,35 +557,41 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
         r#"{{"kind": "learner", "B": {b}, "T": {t}, "step_s": {secs}, "tok_s": {}, "peak_gib": {peak_gib}}}"#,
         (b * t) as f64 / secs
     ));
-    drop(step);
     drop(opt);
 
     // each fused kernel against its composed reference at the learner's shapes (forward + backward)
     let nt = b * t;
-    let kernel_cases: Vec<(&str, Vec<Vec<usize>>, Vec<bool>, Op, Op)> = vec![
-        (
-            "rms_norm [8192, 896]",
-            vec![vec![nt, 896], vec![896]],
-            vec![true, true],
-            Box::new(|x| Ok(ops::rms_norm(&x[0], &x[1], 1e-6)?)),
-            Box::new(|x| Ok(ops::composed::rms_norm(&x[0], &x[1], 1e-6)?)),
-        ),
-        (
-            "rope [8, 14, 1024, 64]",
-            vec![vec![b, 14, t, 64], vec![b, 1, t, 64], vec![b, 1, t, 64]],
-            vec![true, false, false],
-            Box::new(|x| Ok(ops::rope(&x[0], &x[1], &x[2])?)),
-            Box::new(|x| Ok(ops::composed::rope(&x[0], &x[1], &x[2])?)),
-        ),
-        (
-            "swiglu [8192, 4864]",
-            vec![vec![nt, 4864], vec![nt, 4864]],
-            vec![true, true],
-            Box::new(|x| Ok(ops::swiglu(&x[0], &x[1])?)),
-            Box::new(|x| Ok((x[0].silu()? * &x[1])?)),
-        ),
+    let kernel_cases = [
+        Case {
+            name: "rms_norm [8192, 896]",
+            shapes: vec![vec![nt, 896], vec![896]],
+            grad_of: vec![true, true],
+            fused: Box::new(|x| Ok(ops::rms_norm(&x[0], &x[1], 1e-6)?)),
+            reference: Box::new(|x| Ok(ops::composed::rms_norm(&x[0], &x[1], 1e-6)?)),
+        },
+        Case {
+            name: "rope [8, 14, 1024, 64]",
+            shapes: vec![vec![b, 14, t, 64], vec![b, 1, t, 64], vec![b, 1, t, 64]],
+            grad_of: vec![true, false, false],
+            fused: Box::new(|x| Ok(ops::rope(&x[0], &x[1], &x[2])?)),
+            reference: Box::new(|x| Ok(ops::composed::rope(&x[0], &x[1], &x[2])?)),
+        },
+        Case {
+            name: "swiglu [8192, 4864]",
+            shapes: vec![vec![nt, 4864], vec![nt, 4864]],
+            grad_of: vec![true, true],
+            fused: Box::new(|x| Ok(ops::swiglu(&x[0], &x[1])?)),
+            reference: Box::new(|x| Ok((x[0].silu()? * &x[1])?)),
+        },
     ];
-    for (name, shapes, grad_of, fused, reference) in &kernel_cases {
+    for Case {
+        name,
+        shapes,
+        grad_of,
+        fused,
+        reference,
+    } in &kernel_cases
+    {
         let inputs: Vec<Tensor> = shapes
             .iter()
             .enumerate()
