@@ -15,6 +15,14 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
+static CUDA_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the CUDA kernels on or off process-wide (on by default): off, CUDA tensors take the
+/// composed ops, e.g. to measure what the kernels gain or to get round a faulty one.
+pub fn set_cuda_kernels(enabled: bool) {
+    CUDA_KERNELS.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether the fused kernel takes `ts`: f32 CPU tensors, or (feature `cuda`) CUDA tensors of one
 /// dtype, f32 or bf16, on one device.
 fn fused(ts: &[&Tensor]) -> bool {
@@ -27,6 +35,7 @@ fn fused(ts: &[&Tensor]) -> bool {
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
     }
     cfg!(feature = "cuda")
+        && CUDA_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
         && first.device().is_cuda()
         && matches!(first.dtype(), DType::F32 | DType::BF16)
         && ts

@@ -392,40 +392,58 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
     ];
     for (k, case) in cases.iter().enumerate() {
         for dtype in [DType::F32, DType::BF16] {
-            let scale = if case.name.starts_with("rms") {
-                2.0
-            } else {
-                1.0
-            };
-            let inputs: Vec<Tensor> = case
-                .shapes
-                .iter()
-                .enumerate()
-                .map(|(i, s)| randn(s, 100 * k as u64 + i as u64, scale, dtype, gpu))
-                .collect::<Result<_>>()?;
-            let reference_inputs: Vec<Tensor> = inputs
-                .iter()
-                .map(|x| x.to_dtype(DType::F32))
-                .collect::<std::result::Result<_, _>>()?;
-            let (y, g) = value_and_grads(&inputs, &case.grad_of, &*case.fused, 7)?;
-            let (yr, gr) = value_and_grads(&reference_inputs, &case.grad_of, &*case.reference, 7)?;
-            let tol = if dtype == DType::F32 { 2e-5 } else { 2e-2 };
-            let e = rel(&y, &yr)?;
-            rows.push((
-                format!("{} {dtype:?} forward", case.name),
-                format!("{e:.2e}"),
-                e < tol,
-            ));
-            for (i, (a, r)) in g.iter().zip(&gr).enumerate() {
-                if let (Some(a), Some(r)) = (a, r) {
-                    let e = rel(a, r)?;
-                    rows.push((
-                        format!("{} {dtype:?} grad {i}", case.name),
-                        format!("{e:.2e}"),
-                        e < tol * 10.0,
-                    ));
-                }
+            if let Err(e) = kernel_case(gpu, case, k, dtype, rows) {
+                rows.push((
+                    format!("{} {dtype:?}", case.name),
+                    format!("error: {e}"),
+                    false,
+                ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// One case at one dtype: the forward and every input gradient against the reference.
+fn kernel_case(
+    gpu: &Device,
+    case: &Case,
+    k: usize,
+    dtype: DType,
+    rows: &mut Vec<(String, String, bool)>,
+) -> Result<()> {
+    let scale = if case.name.starts_with("rms") {
+        2.0
+    } else {
+        1.0
+    };
+    let inputs: Vec<Tensor> = case
+        .shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| randn(s, 100 * k as u64 + i as u64, scale, dtype, gpu))
+        .collect::<Result<_>>()?;
+    let reference_inputs: Vec<Tensor> = inputs
+        .iter()
+        .map(|x| x.to_dtype(DType::F32))
+        .collect::<std::result::Result<_, _>>()?;
+    let (y, g) = value_and_grads(&inputs, &case.grad_of, &*case.fused, 7)?;
+    let (yr, gr) = value_and_grads(&reference_inputs, &case.grad_of, &*case.reference, 7)?;
+    let tol = if dtype == DType::F32 { 2e-5 } else { 2e-2 };
+    let e = rel(&y, &yr)?;
+    rows.push((
+        format!("{} {dtype:?} forward", case.name),
+        format!("{e:.2e}"),
+        e < tol,
+    ));
+    for (i, (a, r)) in g.iter().zip(&gr).enumerate() {
+        if let (Some(a), Some(r)) = (a, r) {
+            let e = rel(a, r)?;
+            rows.push((
+                format!("{} {dtype:?} grad {i}", case.name),
+                format!("{e:.2e}"),
+                e < tol * 10.0,
+            ));
         }
     }
     Ok(())
@@ -497,24 +515,18 @@ fn qwen05b() -> ModelConfig {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Learner step and generation on the Qwen2.5-0.5B shape (bf16 weights, f32 AdamW moments), the
-/// measurements torch_anchor.py makes; plus each fused kernel's time at the learner's shapes.
-fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Result<()> {
-    let c = qwen05b();
-    let Device::Cuda(dev) = gpu else {
-        return Err("not a CUDA device".into());
-    };
-    let baseline = dev
-        .cuda_stream()
-        .context()
-        .mem_get_info()
-        .map(|(free, total)| total - free)
-        .unwrap_or(0);
-    let w = init::random_weights(&c, 0.02, 0, &Device::Cpu)?.to(DType::BF16, gpu)?;
+/// Seconds per learner step (forward + log-probs, backward, AdamW on bf16 weights with f32
+/// moments and master), its phase split, and the peak device memory in GiB above `baseline`.
+fn learner_bench(
+    gpu: &Device,
+    w: &Weights,
+    b: usize,
+    t: usize,
+    baseline: usize,
+) -> Result<(f64, [f64; 3], f64)> {
     let (vars, trainable) = w.to_vars()?;
     let mut opt = AdamW::new(vars, AdamWConfig::default())?;
-    let (b, t) = (8usize, 1024usize);
-    let (ids, _) = batch_rows(b, t, c.vocab_size as u32);
+    let (ids, _) = batch_rows(b, t, w.config.vocab_size as u32);
     let mask: Vec<Vec<u8>> = ids.iter().map(|r| vec![1; r.len()]).collect();
     // one step; returns the seconds of forward + log-probs, backward and AdamW
     let mut step = || -> Result<[f64; 3]> {
@@ -532,32 +544,92 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
         let t3 = Instant::now();
         Ok([t1 - t0, t2 - t1, t3 - t2].map(|d| d.as_secs_f64()))
     };
-    let reps = 5;
     let (_, peak) = peak_memory(gpu, || {
         step()?;
         step()
     })?;
+    let reps = 5;
     let mut phases = [0f64; 3];
     let start = Instant::now();
     for _ in 0..reps {
         let p = step()?;
-        (0..3).for_each(|k| phases[k] += p[k]);
+        (0..3).for_each(|k| phases[k] += p[k] / reps as f64);
     }
     let secs = start.elapsed().as_secs_f64() / reps as f64;
-    let peak_gib = peak.saturating_sub(baseline) as f64 / GIB;
-    lines.push(format!(
-        "learner B={b} T={t} bf16: {:.0} tok/s, {:.0} ms/step (forward + log-probs {:.0}, backward {:.0}, AdamW {:.0}), peak {peak_gib:.1} GiB above the context",
-        (b * t) as f64 / secs,
-        secs * 1e3,
-        phases[0] / reps as f64 * 1e3,
-        phases[1] / reps as f64 * 1e3,
-        phases[2] / reps as f64 * 1e3,
-    ));
-    json.push(format!(
-        r#"{{"kind": "learner", "B": {b}, "T": {t}, "step_s": {secs}, "tok_s": {}, "peak_gib": {peak_gib}}}"#,
-        (b * t) as f64 / secs
-    ));
-    drop(opt);
+    Ok((secs, phases, peak.saturating_sub(baseline) as f64 / GIB))
+}
+
+/// Seconds to sample `n` new tokens (T = 1) for `b` random `p`-token prompts, and the tokens made.
+fn generation_bench(
+    gpu: &Device,
+    w: &Weights,
+    b: usize,
+    p: usize,
+    n: usize,
+) -> Result<(f64, usize)> {
+    let (prompts, _) = batch_rows(b, p, w.config.vocab_size as u32);
+    let cfg = GenerationConfig {
+        max_new_tokens: n,
+        sampling: SamplingParams::default(),
+        ..Default::default()
+    };
+    let detached = w.detach();
+    let warm = GenerationConfig {
+        max_new_tokens: 8,
+        ..cfg.clone()
+    };
+    generate(&detached, &prompts[..2], &warm, None)?;
+    gpu.synchronize()?;
+    let start = Instant::now();
+    let out = generate(&detached, &prompts, &cfg, None)?;
+    gpu.synchronize()?;
+    let new = out.iter().map(|c| c.tokens.len()).sum();
+    Ok((start.elapsed().as_secs_f64(), new))
+}
+
+/// Learner step and generation on the Qwen2.5-0.5B shape (bf16 weights, f32 AdamW moments), the
+/// measurements torch_anchor.py makes; plus each fused kernel's time at the learner's shapes.
+fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Result<()> {
+    let c = qwen05b();
+    let Device::Cuda(dev) = gpu else {
+        return Err("not a CUDA device".into());
+    };
+    let baseline = dev
+        .cuda_stream()
+        .context()
+        .mem_get_info()
+        .map(|(free, total)| total - free)
+        .unwrap_or(0);
+    let w = init::random_weights(&c, 0.02, 0, &Device::Cpu)?.to(DType::BF16, gpu)?;
+    let (b, t) = (8usize, 1024usize);
+    for kernels in [true, false] {
+        ops::set_cuda_kernels(kernels);
+        let label = if kernels {
+            "CUDA kernels"
+        } else {
+            "composed ops"
+        };
+        match learner_bench(gpu, &w, b, t, baseline) {
+            Ok((secs, phases, peak_gib)) => {
+                lines.push(format!(
+                    "learner B={b} T={t} bf16, {label}: {:.0} tok/s, {:.0} ms/step (forward + log-probs {:.0}, backward {:.0}, AdamW {:.0}), peak {peak_gib:.1} GiB above the context",
+                    (b * t) as f64 / secs,
+                    secs * 1e3,
+                    phases[0] * 1e3,
+                    phases[1] * 1e3,
+                    phases[2] * 1e3,
+                ));
+                if kernels {
+                    json.push(format!(
+                        r#"{{"kind": "learner", "B": {b}, "T": {t}, "step_s": {secs}, "tok_s": {}, "peak_gib": {peak_gib}}}"#,
+                        (b * t) as f64 / secs
+                    ));
+                }
+            }
+            Err(e) => lines.push(format!("learner B={b} T={t} bf16, {label}: error: {e}")),
+        }
+    }
+    ops::set_cuda_kernels(true);
 
     // each fused kernel against its composed reference at the learner's shapes (forward + backward)
     let nt = b * t;
@@ -592,58 +664,47 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
         reference,
     } in &kernel_cases
     {
-        let inputs: Vec<Tensor> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| randn(s, i as u64, 1.0, DType::BF16, gpu))
-            .collect::<Result<_>>()?;
-        let tf = time(5, || value_and_grads(&inputs, grad_of, &**fused, 1), gpu)?;
-        let tr = time(
-            5,
-            || value_and_grads(&inputs, grad_of, &**reference, 1),
-            gpu,
-        )?;
-        lines.push(format!(
-            "kernel {name} bf16 forward+backward: fused {:.2} ms, composed {:.2} ms ({:.1}x)",
-            tf * 1e3,
-            tr * 1e3,
-            tr / tf
-        ));
+        let timed = || -> Result<(f64, f64)> {
+            let inputs: Vec<Tensor> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| randn(s, i as u64, 1.0, DType::BF16, gpu))
+                .collect::<Result<_>>()?;
+            let tf = time(5, || value_and_grads(&inputs, grad_of, &**fused, 1), gpu)?;
+            let tr = time(
+                5,
+                || value_and_grads(&inputs, grad_of, &**reference, 1),
+                gpu,
+            )?;
+            Ok((tf, tr))
+        };
+        lines.push(match timed() {
+            Ok((tf, tr)) => format!(
+                "kernel {name} bf16 forward+backward: fused {:.2} ms, composed {:.2} ms ({:.1}x)",
+                tf * 1e3,
+                tr * 1e3,
+                tr / tf
+            ),
+            Err(e) => format!("kernel {name}: error: {e}"),
+        });
     }
 
     // generation
+    let (p, n) = (128usize, 256usize);
     for gb in [64usize, 256] {
-        let (p, n) = (128usize, 256usize);
-        let (prompts, _) = batch_rows(gb, p, c.vocab_size as u32);
-        let cfg = GenerationConfig {
-            max_new_tokens: n,
-            sampling: SamplingParams::default(),
-            ..Default::default()
-        };
-        let detached = w.detach();
-        generate(
-            &detached,
-            &prompts[..2],
-            &GenerationConfig {
-                max_new_tokens: 8,
-                ..cfg.clone()
-            },
-            None,
-        )?;
-        gpu.synchronize()?;
-        let start = Instant::now();
-        let out = generate(&detached, &prompts, &cfg, None)?;
-        gpu.synchronize()?;
-        let secs = start.elapsed().as_secs_f64();
-        let new: usize = out.iter().map(|c| c.tokens.len()).sum();
-        lines.push(format!(
-            "generate B={gb}, {p}-token prompts, {n} new: {:.0} tok/s ({new} tokens in {secs:.1} s)",
-            new as f64 / secs
-        ));
-        json.push(format!(
-            r#"{{"kind": "rollout", "B": {gb}, "P": {p}, "N": {n}, "s": {secs}, "gen_tok_s": {}}}"#,
-            new as f64 / secs
-        ));
+        match generation_bench(gpu, &w, gb, p, n) {
+            Ok((secs, new)) => {
+                lines.push(format!(
+                    "generate B={gb}, {p}-token prompts, {n} new: {:.0} tok/s ({new} tokens in {secs:.1} s)",
+                    new as f64 / secs
+                ));
+                json.push(format!(
+                    r#"{{"kind": "rollout", "B": {gb}, "P": {p}, "N": {n}, "s": {secs}, "gen_tok_s": {}}}"#,
+                    new as f64 / secs
+                ));
+            }
+            Err(e) => lines.push(format!("generate B={gb}: error: {e}")),
+        }
     }
     println!(
         "bench done ({:.1} GiB of weights)",
@@ -660,13 +721,23 @@ fn main() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
     let mut rows: Vec<(String, String, bool)> = Vec::new();
     let (mut json, mut lines) = (Vec::new(), Vec::new());
+    // a failing section is a FAIL row with its error; the rest still runs
+    let section = |name: &str, r: Result<()>, rows: &mut Vec<(String, String, bool)>| {
+        if let Err(e) = r {
+            rows.push((name.to_string(), format!("error: {e}"), false));
+        }
+    };
     if what != "bench" {
-        kernel_checks(&gpu, &mut rows)?;
-        sampling_checks(&gpu, &mut rows)?;
-        model_checks(&gpu, &mut rows)?;
+        section("kernel checks", kernel_checks(&gpu, &mut rows), &mut rows);
+        section(
+            "sampling checks",
+            sampling_checks(&gpu, &mut rows),
+            &mut rows,
+        );
+        section("model checks", model_checks(&gpu, &mut rows), &mut rows);
     }
     if what != "checks" {
-        bench(&gpu, &mut json, &mut lines)?;
+        section("bench", bench(&gpu, &mut json, &mut lines), &mut rows);
     }
     println!("\nferrite gpu-check");
     println!("{:<64} {:<24} result", "check", "value");
