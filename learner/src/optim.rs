@@ -275,6 +275,39 @@ impl AdamW {
                     p.var.set(&t)?;
                 }
                 Moments::Device { m, v, master } => {
+                    // one fused kernel on a CUDA device (no mask: masked entries take the
+                    // composed path below)
+                    #[cfg(feature = "cuda")]
+                    if p.mask.is_none() && model::ops::cuda_kernels() && g.device().is_cuda() {
+                        let w = match master {
+                            Some(w) => w.clone(),
+                            None => p.var.as_tensor().clone(),
+                        };
+                        let out = model::cuda::adamw(
+                            &w,
+                            &g,
+                            m,
+                            v,
+                            model::cuda::AdamWStep {
+                                beta1: c.beta1 as f32,
+                                beta2: c.beta2 as f32,
+                                eps: c.eps as f32,
+                                decay: decay as f32,
+                                step_size: (lr / bias1) as f32,
+                                sqrt_bias2: bias2.sqrt() as f32,
+                                clip: clip as f32,
+                            },
+                        )?; // [3, n]: w, m, v
+                        let row = |i: usize| out.narrow(0, i, 1)?.reshape(shape.clone());
+                        let w = row(0)?;
+                        *m = row(1)?;
+                        *v = row(2)?;
+                        p.var.set(&w.to_dtype(dtype)?)?;
+                        if let Some(master) = master {
+                            *master = w;
+                        }
+                        continue;
+                    }
                     let g = (g.to_dtype(DType::F32)? * clip)?;
                     *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                     *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;

@@ -377,3 +377,38 @@ extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float
         entropies[row] = lse - total_es / total;
     }
 }
+
+// ------------------------------------------------------------------------------- AdamW
+// One AdamW step of a parameter of n elements, as learner/src/optim.rs's host_update:
+//   g' = clip·g;  m = β1·m + (1−β1)·g';  v = β2·v + (1−β2)·g'²;
+//   w −= decay·w;  w −= step_size·m / (sqrt(v)/sqrt_bias2 + eps)
+// reading the f32 master w, the gradient (f32 or bf16), m and v, and writing [w; m; v] into
+// `out` [3n] f32. Grid-stride over elements.
+
+template <typename G>
+__device__ void adamw(const float* w, const G* g, const float* m, const float* v, float* out, size_t n,
+                      float beta1, float beta2, float eps, float decay, float step_size, float sqrt_bias2,
+                      float clip) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float gi = ld(g[i]) * clip;
+        const float mi = beta1 * m[i] + (1.f - beta1) * gi;
+        const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
+        float wi = w[i];
+        wi -= decay * wi;
+        wi -= step_size * mi / (sqrtf(vi) / sqrt_bias2 + eps);
+        out[i] = wi;
+        out[n + i] = mi;
+        out[2 * n + i] = vi;
+    }
+}
+extern "C" __global__ void adamw_f32(const float* w, const float* g, const float* m, const float* v,
+                                     float* out, size_t n, float beta1, float beta2, float eps, float decay,
+                                     float step_size, float sqrt_bias2, float clip) {
+    adamw<float>(w, g, m, v, out, n, beta1, beta2, eps, decay, step_size, sqrt_bias2, clip);
+}
+extern "C" __global__ void adamw_bf16(const float* w, const bf16* g, const float* m, const float* v,
+                                      float* out, size_t n, float beta1, float beta2, float eps, float decay,
+                                      float step_size, float sqrt_bias2, float clip) {
+    adamw<bf16>(w, g, m, v, out, n, beta1, beta2, eps, decay, step_size, sqrt_bias2, clip);
+}

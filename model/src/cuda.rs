@@ -481,3 +481,64 @@ pub fn sample_rows(logits: &Tensor, u: &[f32], temperature: f32) -> Result<Vec<(
     let ent = stream.clone_dtoh(&ent).w()?;
     Ok((0..rows).map(|i| (ids[i], lp[i], ent[i])).collect())
 }
+
+// ---------------------------------------------------------------- AdamW
+
+/// The scalars of one AdamW step (see `learner::optim`'s host update).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// `lr · weight_decay`, or 0 for parameters without decay.
+    pub decay: f32,
+    /// `lr / (1 − β1ᵗ)`.
+    pub step_size: f32,
+    /// `sqrt(1 − β2ᵗ)`.
+    pub sqrt_bias2: f32,
+    /// The global-norm clipping factor.
+    pub clip: f32,
+}
+
+/// One fused AdamW step: f32 master `w`, gradient `g` (f32 or bf16), f32 moments `m`, `v`, all
+/// of `n` elements → `[3, n]` f32 holding the new `w`, `m` and `v` (one read and one write of each).
+pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep) -> Result<Tensor> {
+    fn go<G: CudaDType + DeviceRepr + WithDType>(
+        w: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        s: AdamWStep,
+    ) -> Result<Tensor> {
+        let (w, g, m, v) = (
+            w.contiguous()?,
+            g.contiguous()?,
+            m.contiguous()?,
+            v.contiguous()?,
+        );
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (ms, ml) = m.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (ws, gs, ms, vs) = (as_cuda(&ws)?, as_cuda(&gs)?, as_cuda(&ms)?, as_cuda(&vs)?);
+        let dev = ws.device().clone();
+        let n = wl.shape().elem_count();
+        let (wv, gv) = (view::<f32>(ws, wl)?, view::<G>(gs, gl)?);
+        let (mv, vv) = (view::<f32>(ms, ml)?, view::<f32>(vs, vl)?);
+        let out = unsafe { dev.alloc::<f32>(3 * n)? };
+        let f = dev.get_or_load_custom_func(&kernel::<G>("adamw")?, MODULE, PTX)?;
+        let mut l = f.builder();
+        l.arg(&wv).arg(&gv).arg(&mv).arg(&vv).arg(&out).arg(&n);
+        l.arg(&s.beta1).arg(&s.beta2).arg(&s.eps).arg(&s.decay);
+        l.arg(&s.step_size).arg(&s.sqrt_bias2).arg(&s.clip);
+        // SAFETY: n elements of each input, 3n outputs.
+        unsafe { l.launch(elems_config(n)) }.w()?;
+        Ok(wrap(f32::wrap_cuda_slice(out, dev), (3, n)))
+    }
+    if [w, m, v].iter().any(|t| t.dtype() != DType::F32) || g.elem_count() != w.elem_count() {
+        return Err(err(
+            "adamw: master and moments must be f32 and match the gradient",
+        ));
+    }
+    by_dtype!(g.dtype(), go(w, g, m, v, s))
+}

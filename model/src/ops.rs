@@ -23,6 +23,11 @@ pub fn set_cuda_kernels(enabled: bool) {
     CUDA_KERNELS.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether CUDA tensors take the CUDA kernels (see [`set_cuda_kernels`]).
+pub fn cuda_kernels() -> bool {
+    cfg!(feature = "cuda") && CUDA_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether the fused kernel takes `ts`: f32 CPU tensors, or (feature `cuda`) CUDA tensors of one
 /// dtype, f32 or bf16, on one device.
 fn fused(ts: &[&Tensor]) -> bool {
@@ -34,8 +39,7 @@ fn fused(ts: &[&Tensor]) -> bool {
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
     }
-    cfg!(feature = "cuda")
-        && CUDA_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+    cuda_kernels()
         && first.device().is_cuda()
         && matches!(first.dtype(), DType::F32 | DType::BF16)
         && ts

@@ -5,7 +5,8 @@
 //!
 //! `checks`: each fused CUDA kernel (RMSNorm, RoPE, SwiGLU, masked softmax, log-prob + entropy,
 //! the chunked output layer) against the composed ops on fresh random inputs, forward and
-//! backward, f32 and bf16; the device sampler against the host's; then a small model's GPU forward, backward and greedy generation
+//! backward, f32 and bf16; the device sampler against the host's; the fused AdamW against the
+//! composed update; then a small model's GPU forward, backward and greedy generation
 //! against the CPU path. `bench`: the Qwen2.5-0.5B shape — learner tokens/s and peak device memory
 //! at B=8, T=1024 with a per-phase and per-kernel split, generation tokens/s at B=64 and B=256
 //! (128-token prompts, 256 new tokens). Prints a table, then one JSON line per measurement; exits
@@ -449,6 +450,51 @@ fn kernel_case(
     Ok(())
 }
 
+/// The fused AdamW kernel against the composed update on the GPU: three steps on a bf16 matrix
+/// (through its f32 master) and an f32 vector, with weight decay and clipping.
+fn optimizer_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    let run = |kernels: bool| -> Result<Vec<Tensor>> {
+        ops::set_cuda_kernels(kernels);
+        let a = Var::from_tensor(&randn(&[64, 96], 1, 1.0, DType::BF16, gpu)?)?;
+        let b = Var::from_tensor(&randn(&[96], 2, 1.0, DType::F32, gpu)?)?;
+        let config = AdamWConfig {
+            weight_decay: 0.1,
+            max_grad_norm: Some(1.0),
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(
+            vec![("a".into(), a.clone()), ("b".into(), b.clone())],
+            config,
+        )?;
+        for k in 0..3u64 {
+            let ga = randn(&[64, 96], 10 + k, 1.0, DType::F32, gpu)?;
+            let gb = randn(&[96], 20 + k, 1.0, DType::F32, gpu)?;
+            let loss = ((a.as_tensor().to_dtype(DType::F32)? * ga)?.sum_all()?
+                + (b.as_tensor() * gb)?.sum_all()?)?;
+            opt.accumulate(&loss.backward()?, 1.0)?;
+            opt.step(1e-2)?;
+        }
+        Ok(vec![a.as_tensor().clone(), b.as_tensor().clone()])
+    };
+    let fused = run(true);
+    let composed = run(false);
+    ops::set_cuda_kernels(true);
+    let (fused, composed) = (fused?, composed?);
+    for (name, (x, y)) in ["bf16 [64, 96]", "f32 [96]"]
+        .iter()
+        .zip(fused.iter().zip(&composed))
+    {
+        let e = rel(x, y)?;
+        let tol = if x.dtype() == DType::F32 { 1e-5 } else { 1e-2 };
+        rows.push((
+            format!("AdamW fused vs composed, 3 steps, {name}"),
+            format!("{e:.2e}"),
+            e < tol,
+        ));
+    }
+    Ok(())
+}
+
 fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>, device: &Device) -> Result<f64> {
     f()?; // warm-up
     device.synchronize()?;
@@ -732,6 +778,11 @@ fn main() -> Result<()> {
         section(
             "sampling checks",
             sampling_checks(&gpu, &mut rows),
+            &mut rows,
+        );
+        section(
+            "optimizer checks",
+            optimizer_checks(&gpu, &mut rows),
             &mut rows,
         );
         section("model checks", model_checks(&gpu, &mut rows), &mut rows);
