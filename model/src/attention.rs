@@ -234,21 +234,8 @@ impl CustomOp3 for ChunkedAttention {
 mod tests {
     use super::*;
     use crate::ops::composed;
+    use crate::test_util::{max_rel, random};
     use candle_core::{Device, Var};
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        let s = b.abs().unwrap().flatten_all().unwrap();
-        d.max(0).unwrap().to_scalar::<f32>().unwrap()
-            / s.max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-12)
-    }
 
     /// The composed attention (autograd through the full probabilities) as the reference.
     fn reference(
@@ -293,11 +280,11 @@ mod tests {
     fn chunked_attention_matches_composed_forward_and_backward() {
         let (b, hkv, g, t, d) = (2, 2, 3, 11, 8);
         let (q0, k0, v0) = (
-            random(&[b, hkv, g * t, d], 1),
-            random(&[b, hkv, t, d], 2),
-            random(&[b, hkv, t, d], 3),
+            random(&[b, hkv, g * t, d], 1, 1.0),
+            random(&[b, hkv, t, d], 2, 1.0),
+            random(&[b, hkv, t, d], 3, 1.0),
         );
-        let u = random(&[b, hkv, g * t, d], 4);
+        let u = random(&[b, hkv, g * t, d], 4, 1.0);
         let mask = bias(b, t);
         let scale = 1.0 / (d as f64).sqrt();
         let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {

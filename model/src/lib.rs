@@ -30,6 +30,8 @@ pub mod logprobs;
 pub mod ops;
 pub mod rng;
 pub mod sampling;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 pub mod weights;
 

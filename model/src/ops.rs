@@ -781,37 +781,8 @@ pub mod composed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_rel, random};
     use candle_core::{Device, Var};
-
-    fn random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let s = b
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        d / s.max(1e-12)
-    }
 
     /// Forward and input gradients of `f` (fused) and `g` (composed) agree on random inputs,
     /// with a random upstream gradient.
