@@ -11,9 +11,9 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{DType, Tensor};
 
+use crate::attach::attach;
 use crate::error::Result;
 use crate::ops::{masked_softmax, masked_softmax_backward};
 
@@ -66,24 +66,18 @@ pub fn attention(
         bias: bias.clone(),
         scale,
         chunk: chunk.max(1),
-        out: None,
     };
-    let out = op
-        .forward(&q.detach(), &k.detach(), &v.detach())?
-        .contiguous()?;
-    let op = ChunkedAttention {
-        out: Some(out),
-        ..op
-    };
-    Ok(q.apply_op3(k, v, op)?)
+    let out = op.forward(&q.detach(), &k.detach(), &v.detach())?;
+    attach(q, k, v, out, move |q, k, v, g| {
+        let (dq, dk, dv) = op.backward(q, k, v, g)?;
+        Ok([Some(dq), Some(dk), Some(dv)])
+    })
 }
 
 struct ChunkedAttention {
     bias: Tensor,
     scale: f64,
     chunk: usize,
-    /// The forward's output, computed on detached inputs before the op joins the graph.
-    out: Option<Tensor>,
 }
 
 impl ChunkedAttention {
@@ -165,68 +159,6 @@ impl ChunkedAttention {
             dk.to_dtype(k.dtype())?,
             dv.to_dtype(v.dtype())?,
         ))
-    }
-
-    /// Runs `f` on the storage of the forward's output.
-    fn with_out<R>(
-        &self,
-        f: impl FnOnce(&Storage, &Layout) -> candle_core::Result<R>,
-    ) -> candle_core::Result<R> {
-        let out = self.out.as_ref().ok_or_else(|| {
-            candle_core::Error::Msg("chunked attention: no forward output".into())
-        })?;
-        let (storage, layout) = out.storage_and_layout();
-        f(&storage, layout)
-    }
-}
-
-impl CustomOp3 for ChunkedAttention {
-    fn name(&self) -> &'static str {
-        "ferrite-chunked-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.with_out(|storage, layout| match storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("chunked attention: output on another device"),
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.with_out(|storage, layout| match storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("chunked attention: output on another device"),
-        })
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _out: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = self
-            .backward(q, k, v, g)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 

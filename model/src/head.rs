@@ -8,9 +8,9 @@
 //! recomputes each chunk's logits, turns them into `dz` and folds it into `dh = dz·W` and
 //! `dW += dzᵀ·h` before the next chunk (the recompute costs one more output-layer matmul).
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Tensor};
 
+use crate::attach::attach;
 use crate::error::Result;
 use crate::forward::linear;
 use crate::ops::{logprob_and_entropy, logprob_entropy_backward};
@@ -49,7 +49,11 @@ pub fn output_logprobs(
         temperature,
         chunk,
     };
-    let out = states.apply_op3(weight, &stats, op)?; // [N, 2], the values of `stats`
+    // [N, 2], the values of `stats`, which is also the third input the backward reads
+    let out = attach(states, weight, &stats, stats.clone(), move |s, w, y, g| {
+        let (ds, dw) = op.backward(s, w, y, g)?;
+        Ok([Some(ds), Some(dw), None])
+    })?;
     Ok((
         out.narrow(1, 0, 1)?.squeeze(1)?,
         out.narrow(1, 1, 1)?.squeeze(1)?,
@@ -66,8 +70,7 @@ fn chunk_logits(states: &Tensor, weight: &Tensor, temperature: f64) -> Result<Te
     })
 }
 
-/// Carries the precomputed `[N, 2]` forward (its third input, detached) into the graph and owns
-/// the chunked backward for the first two inputs.
+/// The chunked backward: gradients of the states and the output weight.
 struct OutputLogprobs {
     targets: Tensor,
     temperature: f64,
@@ -118,50 +121,6 @@ impl OutputLogprobs {
             Tensor::cat(&d_states, 0)?.to_dtype(states.dtype())?,
             d_weight,
         ))
-    }
-}
-
-impl CustomOp3 for OutputLogprobs {
-    fn name(&self) -> &'static str {
-        "ferrite-output-logprobs"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        stats: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((stats.try_clone(layout)?, layout.shape().clone()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        stats: &CudaStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Ok((stats.try_clone(layout)?, layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        states: &Tensor,
-        weight: &Tensor,
-        _stats: &Tensor,
-        y: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (ds, dw) = self
-            .backward(states, weight, y, g)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        Ok((Some(ds), Some(dw), None))
     }
 }
 

@@ -14,6 +14,7 @@
 //!   the output layer fused with log-softmax, in chunks of rows.
 //! - [`sampling`], [`generate`], [`rng`]: seeded sampling and batched generation.
 
+pub mod attach;
 pub mod attention;
 pub mod builtin;
 pub mod config;
