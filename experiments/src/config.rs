@@ -113,7 +113,8 @@ pub struct DataConfig {
     pub eval_size: usize,
     /// Samples per held-out prompt for pass@1 and pass@k (greedy accuracy is measured too).
     pub eval_samples: usize,
-    /// Prompts per evaluation generation call (bounds the KV cache).
+    /// Sequences decoding at once in evaluation (continuous batching: a finished one's row
+    /// takes the next prompt; bounds the KV cache).
     pub eval_batch: usize,
     /// Difficulty of a built-in generator (0: its default).
     pub difficulty: u32,

@@ -1,7 +1,7 @@
 //! Held-out evaluation: greedy accuracy, and pass@1 / pass@k from `k` samples per prompt at the
 //! rollout temperature (the unbiased estimator of Chen et al. 2021 with n = k).
 
-use model::generate::{generate, GenerationConfig};
+use model::generate::{generate_continuous, GenerationConfig};
 use model::sampling::SamplingParams;
 use model::Weights;
 use rollout::task::Task;
@@ -33,7 +33,8 @@ impl EvalResult {
     }
 }
 
-/// Scores of every completion: (reward, correct, tokens), `n` per record.
+/// Scores of every completion: (reward, correct, tokens), `n` per record, generated with
+/// continuous batching in `slots` rows (a finished sequence's row takes the next prompt).
 fn sample(
     w: &Weights,
     task: &Task,
@@ -41,29 +42,26 @@ fn sample(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     n: usize,
-    chunk: usize,
+    slots: usize,
 ) -> anyhow::Result<Vec<(f32, bool, usize)>> {
-    let mut out = Vec::with_capacity(records.len() * n);
-    let expanded: Vec<(usize, &Vec<u32>)> = prompts
+    let expanded: Vec<Vec<u32>> = prompts
         .iter()
-        .enumerate()
-        .flat_map(|(i, p)| std::iter::repeat_n((i, p), n))
+        .flat_map(|p| std::iter::repeat_n(p.clone(), n))
         .collect();
-    for (c, chunk) in expanded.chunks(chunk.max(1)).enumerate() {
-        let ps: Vec<Vec<u32>> = chunk.iter().map(|(_, p)| (*p).clone()).collect();
-        let cfg = GenerationConfig {
-            seed: datasets::rng::mix(cfg.seed, 0xE7A1, c as u64),
-            ..cfg.clone()
-        };
-        for (comp, (i, _)) in generate(w, &ps, &cfg, Some(&task.tokenizer))?
-            .iter()
-            .zip(chunk)
-        {
+    let mut out = vec![(0.0, false, 0); expanded.len()];
+    generate_continuous(
+        w,
+        &expanded,
+        cfg,
+        Some(&task.tokenizer),
+        slots,
+        |k, comp| {
             let text = comp.text.as_deref().unwrap_or_default();
-            let s = task.score(text, comp.tokens.len(), &task.gold(&records[*i]));
-            out.push((s.total, s.correct == Some(true), comp.tokens.len()));
-        }
-    }
+            let s = task.score(text, comp.tokens.len(), &task.gold(&records[k / n]));
+            out[k] = (s.total, s.correct == Some(true), comp.tokens.len());
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 
@@ -76,7 +74,7 @@ pub fn evaluate(
     generation: &GenerationConfig,
     k: usize,
     seed: u64,
-    chunk: usize,
+    slots: usize,
 ) -> anyhow::Result<EvalResult> {
     let prompts = records
         .iter()
@@ -88,7 +86,7 @@ pub fn evaluate(
         seed,
         ..generation.clone()
     };
-    let greedy = sample(w, task, records, &prompts, &greedy_cfg, 1, chunk)?;
+    let greedy = sample(w, task, records, &prompts, &greedy_cfg, 1, slots)?;
     let mut r = EvalResult {
         greedy_accuracy: greedy.iter().filter(|g| g.1).count() as f64 / n,
         reward_mean: greedy.iter().map(|g| g.0 as f64).sum::<f64>() / n,
@@ -102,7 +100,7 @@ pub fn evaluate(
             seed,
             ..generation.clone()
         };
-        let s = sample(w, task, records, &prompts, &sampled_cfg, k, chunk)?;
+        let s = sample(w, task, records, &prompts, &sampled_cfg, k, slots)?;
         let per_prompt: Vec<usize> = s
             .chunks(k)
             .map(|c| c.iter().filter(|x| x.1).count())

@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::forward::{forward, positions_of, Batch};
+use crate::forward::{hidden_states, linear, positions_of, Batch};
 use crate::kv_cache::KvCache;
 use crate::rng::Rng;
 use crate::sampling::{sample, SamplingParams};
@@ -68,15 +68,57 @@ pub struct Completion {
     pub text: Option<String>,
 }
 
-/// Generates one completion per prompt. `w` should be detached (see [`Weights::detach`]).
+/// Generates one completion per prompt, all prompts in one batch (continuous batching with a
+/// slot for every prompt: the batch shrinks as its sequences finish). `w` should be detached
+/// (see [`Weights::detach`]).
 pub fn generate(
     w: &Weights,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<Vec<Completion>> {
+    let mut out: Vec<Option<Completion>> = vec![None; prompts.len()];
+    generate_continuous(w, prompts, cfg, tokenizer, prompts.len(), |i, c| {
+        out[i] = Some(c);
+        Ok(())
+    })?;
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// A sequence decoding in one slot of the batch.
+struct Row {
+    prompt: usize,
+    /// First cache slot of the sequence (earlier slots belong to padding or to the sequence
+    /// that had the slot before).
+    start: usize,
+    rng: Rng,
+    completion: Completion,
+}
+
+/// Continuous batching: at most `slots` sequences decode together. When one finishes,
+/// `on_done(prompt index, completion)` receives it and the next waiting prompt is prefilled
+/// into its slot, so the batch stays full until the prompts run out; then it shrinks.
+/// Prompt `i` draws from the stream `(cfg.seed, i)` whatever its slot or neighbours, so the
+/// completions are those of [`generate`] for any `slots` (up to the float rounding of
+/// differently shaped matmuls).
+///
+/// Cache layout: every row is left-aligned to the shared length `L`; a row's sequence fills
+/// `[start, L)`. A new prompt's prefill is written to end at `L`, and when the cache is full
+/// the rows are moved down to the shortest common length (once every `longest prompt +
+/// max_new_tokens` steps at most).
+pub fn generate_continuous<F>(
+    w: &Weights,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    slots: usize,
+    mut on_done: F,
+) -> Result<()>
+where
+    F: FnMut(usize, Completion) -> Result<()>,
+{
     if prompts.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     if prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::Generation("empty prompt".into()));
@@ -92,24 +134,142 @@ pub fn generate(
             "prompt token {bad} ≥ vocab size {vocab}"
         )));
     }
+    let empty = || Completion {
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
+        entropies: Vec::new(),
+        finish: FinishReason::Length,
+        text: None,
+    };
+    if cfg.max_new_tokens == 0 {
+        for i in 0..prompts.len() {
+            on_done(i, finished(empty(), cfg, tokenizer)?)?;
+        }
+        return Ok(());
+    }
     let device = w.embed_tokens.device().clone();
-    let b = prompts.len();
+    let dtype = w.embed_tokens.dtype();
+    let slots = slots.clamp(1, prompts.len());
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut cache = KvCache::new(
-        &w.config,
-        b,
-        longest + cfg.max_new_tokens,
-        w.embed_tokens.dtype(),
-        &device,
-    )?;
+    let span = longest + cfg.max_new_tokens;
+    // Refilled slots need room to run past the first sequences: twice the span, compacted
+    // when full.
+    let capacity = if slots < prompts.len() {
+        2 * span
+    } else {
+        span
+    };
+    let mut cache = KvCache::new(&w.config, slots, capacity, dtype, &device)?;
 
-    // Prefill: left-padded prompts.
-    let mut key_valid: Vec<Vec<bool>> = Vec::with_capacity(b);
-    let mut ids = Vec::with_capacity(b);
-    let mut positions = Vec::with_capacity(b);
+    let first: Vec<&[u32]> = prompts[..slots].iter().map(Vec::as_slice).collect();
+    let mut logits = prefill(w, &first, longest, &mut cache)?;
+    let mut rows: Vec<Option<Row>> = (0..slots)
+        .map(|i| {
+            Some(Row {
+                prompt: i,
+                start: longest - prompts[i].len(),
+                rng: Rng::stream(cfg.seed, i as u64),
+                completion: empty(),
+            })
+        })
+        .collect();
+    let mut next = slots;
+    // The rows that `logits` holds, in order.
+    let mut fresh: Vec<usize> = (0..slots).collect();
+    loop {
+        let mut rngs: Vec<Option<&mut Rng>> = Vec::with_capacity(fresh.len());
+        let mut it = fresh.iter().peekable();
+        for (r, row) in rows.iter_mut().enumerate() {
+            if it.peek() == Some(&&r) {
+                it.next();
+                rngs.push(row.as_mut().map(|row| &mut row.rng));
+            }
+        }
+        let drawn = sample_rows(&logits, &cfg.sampling, &mut rngs)?;
+        for (&r, (token, logprob, entropy)) in fresh.iter().zip(drawn) {
+            let Some(row) = rows[r].as_mut() else {
+                continue;
+            };
+            let c = &mut row.completion;
+            c.tokens.push(token);
+            c.logprobs.push(logprob);
+            c.entropies.push(entropy);
+            if stops(c, cfg, tokenizer)? {
+                c.finish = FinishReason::Stop;
+            } else if c.tokens.len() < cfg.max_new_tokens {
+                continue;
+            }
+            let row = rows[r].take().expect("live row");
+            on_done(row.prompt, finished(row.completion, cfg, tokenizer)?)?;
+        }
+
+        // Refill free slots from the waiting prompts; their first tokens are drawn next.
+        let free: Vec<usize> = (0..rows.len())
+            .filter(|&r| rows[r].is_none())
+            .take(prompts.len() - next)
+            .collect();
+        if !free.is_empty() {
+            let new: Vec<&[u32]> = prompts[next..next + free.len()]
+                .iter()
+                .map(Vec::as_slice)
+                .collect();
+            let width = new.iter().map(|p| p.len()).max().unwrap_or(0);
+            let mut fill = KvCache::new(&w.config, new.len(), width, dtype, &device)?;
+            logits = prefill(w, &new, width, &mut fill)?;
+            cache.write_rows(&fill, &free)?;
+            for (&r, p) in free.iter().zip(&new) {
+                rows[r] = Some(Row {
+                    prompt: next,
+                    start: cache.len() - p.len(),
+                    rng: Rng::stream(cfg.seed, next as u64),
+                    completion: empty(),
+                });
+                next += 1;
+            }
+            fresh = free;
+            continue;
+        }
+        let live: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].is_some()).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        // No prompt waits: drop the finished slots once they are half the batch.
+        if 2 * live.len() <= rows.len() {
+            cache.select_rows(&live)?;
+            rows = live.iter().map(|&r| rows[r].take()).collect();
+        }
+        if cache.len() == cache.capacity() {
+            compact(&mut cache, &mut rows, longest)?;
+        }
+
+        // Decode one token for every row (free rows feed a dummy token that is never read).
+        let l = cache.len();
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut pos = Vec::with_capacity(rows.len());
+        let mut key_valid = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (token, start) = row.as_ref().map_or((0, l), |row| {
+                (*row.completion.tokens.last().expect("sampled"), row.start)
+            });
+            ids.push(vec![token]);
+            pos.push(vec![(l - start) as u32]);
+            key_valid.push((0..=l).map(|j| j >= start).collect::<Vec<bool>>());
+        }
+        let batch = Batch::from_parts(&ids, &pos, &key_valid, l, 1, &device)?;
+        logits = last_logits(w, &batch, &mut cache)?;
+        fresh = (0..rows.len()).collect();
+    }
+}
+
+/// Prefills `prompts`, left-padded to `width`, into the empty `cache`; the last logits `[k, V]`.
+fn prefill(w: &Weights, prompts: &[&[u32]], width: usize, cache: &mut KvCache) -> Result<Tensor> {
+    let device = w.embed_tokens.device();
+    let mut ids = Vec::with_capacity(prompts.len());
+    let mut positions = Vec::with_capacity(prompts.len());
+    let mut key_valid = Vec::with_capacity(prompts.len());
     for p in prompts {
-        let pad = longest - p.len();
-        let valid: Vec<bool> = (0..longest).map(|j| j >= pad).collect();
+        let pad = width - p.len();
+        let valid: Vec<bool> = (0..width).map(|j| j >= pad).collect();
         positions.push(positions_of(&valid, 0));
         ids.push(
             std::iter::repeat_n(0, pad)
@@ -118,110 +278,94 @@ pub fn generate(
         );
         key_valid.push(valid);
     }
-    let batch = Batch::from_parts(&ids, &positions, &key_valid, 0, longest, &device)?;
-    let mut logits = last_logits(w, &batch, &mut cache)?;
+    let batch = Batch::from_parts(&ids, &positions, &key_valid, 0, width, device)?;
+    last_logits(w, &batch, cache)
+}
 
-    let mut rngs: Vec<Rng> = (0..b).map(|i| Rng::stream(cfg.seed, i as u64)).collect();
-    let mut out: Vec<Completion> = (0..b)
-        .map(|_| Completion {
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            entropies: Vec::new(),
-            finish: FinishReason::Length,
-            text: None,
-        })
-        .collect();
-    let mut done = vec![false; b];
-    for step in 0..cfg.max_new_tokens {
-        let drawn = sample_rows(&logits, &cfg.sampling, &mut rngs, &done)?;
-        for i in 0..b {
-            if done[i] {
-                continue;
-            }
-            let (token, logprob, entropy) = drawn[i];
-            let c = &mut out[i];
-            c.tokens.push(token);
-            c.logprobs.push(logprob);
-            c.entropies.push(entropy);
-            if cfg.stop_token_ids.contains(&token) {
-                c.finish = FinishReason::Stop;
-                done[i] = true;
-            } else if !cfg.stop_strings.is_empty() {
-                let text = tokenizer.expect("checked").decode(&c.tokens, true)?;
-                if cfg.stop_strings.iter().any(|s| text.contains(s.as_str())) {
-                    c.finish = FinishReason::Stop;
-                    done[i] = true;
-                }
-            }
+/// Moves every row's sequence down so that the longest ends at the shortest length that still
+/// holds it (and any prompt): room for the next decode steps without a larger buffer.
+fn compact(cache: &mut KvCache, rows: &mut [Option<Row>], longest: usize) -> Result<()> {
+    let l = cache.len();
+    let new_len = rows
+        .iter()
+        .flatten()
+        .map(|row| l - row.start)
+        .max()
+        .unwrap_or(0)
+        .max(longest);
+    for (r, row) in rows.iter_mut().enumerate() {
+        if let Some(row) = row {
+            let n = l - row.start;
+            cache.move_slots(r, row.start, new_len - n, n)?;
+            row.start = new_len - n;
         }
-        if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
-            break;
-        }
-        // Decode one token for every row (finished rows feed a dummy token that is never read).
-        let next: Vec<Vec<u32>> = out
-            .iter()
-            .map(|c| vec![*c.tokens.last().unwrap_or(&0)])
-            .collect();
-        let pos: Vec<Vec<u32>> = prompts
-            .iter()
-            .map(|p| vec![(p.len() + step) as u32])
-            .collect();
-        for v in &mut key_valid {
-            v.push(true);
-        }
-        let batch = Batch::from_parts(&next, &pos, &key_valid, cache.len(), 1, &device)?;
-        logits = last_logits(w, &batch, &mut cache)?;
     }
+    cache.truncate(new_len);
+    Ok(())
+}
+
+/// Whether the last token ended the completion: a stop id, or a stop string in the text.
+fn stops(c: &Completion, cfg: &GenerationConfig, tokenizer: Option<&Tokenizer>) -> Result<bool> {
+    let token = *c.tokens.last().expect("a token");
+    if cfg.stop_token_ids.contains(&token) {
+        return Ok(true);
+    }
+    if cfg.stop_strings.is_empty() {
+        return Ok(false);
+    }
+    let text = tokenizer.expect("checked").decode(&c.tokens, true)?;
+    Ok(cfg.stop_strings.iter().any(|s| text.contains(s.as_str())))
+}
+
+/// Adds the decoded text (cut before the first stop string) when there is a tokenizer.
+fn finished(
+    mut c: Completion,
+    cfg: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Completion> {
     if let Some(tok) = tokenizer {
-        for c in &mut out {
-            let mut text = tok.decode(&c.tokens, true)?;
-            if let Some(cut) = cfg
-                .stop_strings
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
-                text.truncate(cut);
-            }
-            c.text = Some(text);
+        let mut text = tok.decode(&c.tokens, true)?;
+        if let Some(cut) = cfg
+            .stop_strings
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(cut);
         }
+        c.text = Some(text);
     }
-    Ok(out)
+    Ok(c)
 }
 
 /// Runs the forward with the cache and returns each row's last-position logits `[B, V]` in f32,
-/// on the model's device.
+/// on the model's device (the output layer runs on the last position only).
 fn last_logits(w: &Weights, batch: &Batch, cache: &mut KvCache) -> Result<Tensor> {
-    let logits = forward(w, batch, Some(cache))?; // [B, T, V]
-    let t = logits.dim(1)?;
-    Ok(logits
-        .narrow(1, t - 1, 1)?
+    let hidden = hidden_states(w, batch, Some(cache))?; // [B, T, H]
+    let t = hidden.dim(1)?;
+    let last = hidden.narrow(1, t - 1, 1)?; // [B, 1, H]
+    Ok(linear(&last, w.output_weight(), None)?
         .squeeze(1)?
         .to_dtype(DType::F32)?) // [B, V]
 }
 
-/// `(token, log-prob, entropy)` for every row of `logits [B, V]` (rows that are `done` get a
-/// placeholder and draw nothing from their stream). On a CUDA device without top-k / top-p the
+/// `(token, log-prob, entropy)` for every row of `logits [B, V]` (rows without a stream get a
+/// placeholder and draw nothing). On a CUDA device without top-k / top-p the
 /// rows are sampled there and only the results cross to the host; otherwise the logits come to
 /// the host and [`sample`] draws. Both consume one uniform per row and step from the row's stream
 /// (none when greedy) and pick the same token for it, up to f32 rounding at the boundaries.
 fn sample_rows(
     logits: &Tensor,
     p: &SamplingParams,
-    rngs: &mut [Rng],
-    done: &[bool],
+    rngs: &mut [Option<&mut Rng>],
 ) -> Result<Vec<(u32, f32, f32)>> {
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() && p.top_k == 0 && p.top_p >= 1.0 {
         let u: Vec<f32> = rngs
             .iter_mut()
-            .zip(done)
-            .map(|(rng, &d)| {
-                if d || p.is_greedy() {
-                    0.0
-                } else {
-                    rng.uniform() as f32
-                }
+            .map(|rng| match rng {
+                Some(rng) if !p.is_greedy() => rng.uniform() as f32,
+                _ => 0.0,
             })
             .collect();
         return Ok(crate::cuda::sample_rows(logits, &u, p.temperature)?);
@@ -230,11 +374,10 @@ fn sample_rows(
     Ok(rows
         .iter()
         .zip(rngs.iter_mut())
-        .zip(done)
-        .map(|((row, rng), &d)| {
-            if d {
+        .map(|(row, rng)| {
+            let Some(rng) = rng else {
                 return (0, 0.0, 0.0);
-            }
+            };
             let (token, logprob) = sample(row, p, rng);
             (
                 token,

@@ -79,4 +79,77 @@ impl KvCache {
     pub fn reset(&mut self) {
         self.len = 0;
     }
+
+    /// Rows in the batch.
+    pub fn batch(&self) -> usize {
+        self.keys.first().map_or(0, |k| k.dim(0).unwrap_or(0))
+    }
+
+    /// Copies every filled slot of `from`'s row `j` into this cache's row `rows[j]`, ending at
+    /// this cache's current length (continuous batching: a new prompt's prefill joins a running
+    /// batch in the slot a finished sequence left).
+    pub(crate) fn write_rows(&mut self, from: &KvCache, rows: &[usize]) -> Result<()> {
+        let n = from.len;
+        if n > self.len || rows.len() != from.batch() {
+            return Err(ModelError::Generation(format!(
+                "cannot place {} rows of {n} slots before slot {}",
+                from.batch(),
+                self.len
+            )));
+        }
+        for (dst, src) in self.buffers().zip(from.buffers()) {
+            for (j, &row) in rows.iter().enumerate() {
+                let s = src.narrow(0, j, 1)?.narrow(2, 0, n)?.force_contiguous()?;
+                dst.narrow(0, row, 1)?.slice_set(&s, 2, self.len - n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves row `row`'s slots `[from, from + n)` to `[to, to + n)` in every layer.
+    pub(crate) fn move_slots(
+        &mut self,
+        row: usize,
+        from: usize,
+        to: usize,
+        n: usize,
+    ) -> Result<()> {
+        if n == 0 || from == to {
+            return Ok(());
+        }
+        for buf in self.buffers() {
+            let s = buf
+                .narrow(0, row, 1)?
+                .narrow(2, from, n)?
+                .force_contiguous()?;
+            buf.narrow(0, row, 1)?.slice_set(&s, 2, to)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the filled length after [`KvCache::move_slots`] compacted the rows.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Keeps only `rows` (in that order): the batch shrinks when its sequences run out.
+    pub(crate) fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let device = self.keys.first().map(|k| k.device().clone());
+        let Some(device) = device else {
+            return Ok(());
+        };
+        let ids = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &device,
+        )?;
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *buf = buf.index_select(&ids, 0)?;
+        }
+        Ok(())
+    }
+
+    fn buffers(&self) -> impl Iterator<Item = &Tensor> {
+        self.keys.iter().chain(&self.values)
+    }
 }

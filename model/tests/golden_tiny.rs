@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use model::generate::{generate, GenerationConfig};
+use model::generate::{generate, generate_continuous, Completion, GenerationConfig};
 use model::kv_cache::KvCache;
 use model::logprobs::sequence_logprobs;
 use model::sampling::SamplingParams;
@@ -44,6 +44,95 @@ fn greedy_generation_matches_transformers_in_a_padded_batch() {
         for (k, c) in out.iter().enumerate() {
             assert_eq!(c.tokens, expected[k], "{name}: prompt {k}");
             assert_eq!(c.logprobs.len(), c.tokens.len());
+        }
+    }
+}
+
+#[test]
+fn continuous_batching_matches_transformers_greedy_generation() {
+    // One and two slots for the fixture's prompts: each finished sequence's slot is refilled
+    // with the next prompt, and every completion is still transformers' greedy one.
+    for name in MODELS {
+        let w = load(name).detach();
+        let (json, _) = golden(name);
+        let prompts = u32_rows(&json["prompts"]);
+        let expected = u32_rows(&json["greedy"]);
+        let cfg = GenerationConfig {
+            max_new_tokens: expected[0].len(),
+            sampling: SamplingParams::greedy(),
+            ..Default::default()
+        };
+        for slots in [1, 2] {
+            let out = continuous(&w, &prompts, &cfg, slots);
+            for (k, c) in out.iter().enumerate() {
+                assert_eq!(c.tokens, expected[k], "{name}: {slots} slots, prompt {k}");
+            }
+        }
+    }
+}
+
+/// `generate_continuous`'s completions in prompt order, checking each arrives once.
+fn continuous(
+    w: &Weights,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    slots: usize,
+) -> Vec<Completion> {
+    let mut out: Vec<Option<Completion>> = vec![None; prompts.len()];
+    generate_continuous(w, prompts, cfg, None, slots, |i, c| {
+        assert!(out[i].is_none(), "prompt {i} completed twice");
+        out[i] = Some(c);
+        Ok(())
+    })
+    .unwrap();
+    out.into_iter()
+        .map(|c| c.expect("every prompt completes"))
+        .collect()
+}
+
+#[test]
+fn continuous_batching_samples_what_one_batch_samples() {
+    // Twelve prompts of 1–9 tokens with a stop token, sampled: every slot count gives each
+    // prompt the completion it gets when all prompts share one batch (its stream depends on
+    // the prompt's index only). With two slots the sequences outrun the cache's capacity
+    // (2 × (longest prompt + max_new_tokens)), so the rows are compacted on the way.
+    let w = load("tiny-qwen2").detach();
+    let prompts: Vec<Vec<u32>> = (0..12u32)
+        .map(|i| {
+            (0..1 + (i * 5) % 9)
+                .map(|j| 3 + (i * 7 + j * 3) % 40)
+                .collect()
+        })
+        .collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: 10,
+        sampling: SamplingParams {
+            temperature: 1.3,
+            ..Default::default()
+        },
+        stop_token_ids: vec![5, 7],
+        seed: 11,
+        ..Default::default()
+    };
+    let all = generate(&w, &prompts, &cfg, None).unwrap();
+    let stopped = all.iter().filter(|c| c.tokens.len() < 10).count();
+    assert!(
+        (2..12).contains(&stopped),
+        "mixed lengths: {stopped} stopped early"
+    );
+    let tokens: usize = all.iter().map(|c| c.tokens.len()).sum();
+    assert!(tokens / 2 > 2 * (9 + 10), "two slots must fill the cache");
+    for slots in [1, 2, 3, 5] {
+        let out = continuous(&w, &prompts, &cfg, slots);
+        for (k, (a, b)) in all.iter().zip(&out).enumerate() {
+            assert_eq!(a.tokens, b.tokens, "{slots} slots, prompt {k}");
+            assert_eq!(a.finish, b.finish, "{slots} slots, prompt {k}");
+            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                assert!(
+                    (x - y).abs() < 1e-4,
+                    "{slots} slots, prompt {k}: {x} vs {y}"
+                );
+            }
         }
     }
 }
