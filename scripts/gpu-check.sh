@@ -29,7 +29,7 @@ for o in ours:
         for r in ref:
             if r["kind"] == "learner" and r["B"] == o["B"] and r["T"] == o["T"]:
                 tag = f'{r["attn"]}{" amp" if r["amp"] else ""}'
-                print(f'learner B={o["B"]} T={o["T"]} vs {tag:<10} tok/s {o["tok_s"]:8.0f} / {r["tok_s"]:8.0f} = {o["tok_s"]/r["tok_s"]:.2f}x'
+                print(f'learner B={o["B"]} T={o["T"]}, {o.get("variant", "")}, vs {tag:<10} tok/s {o["tok_s"]:8.0f} / {r["tok_s"]:8.0f} = {o["tok_s"]/r["tok_s"]:.2f}x'
                       f'   peak {o["peak_gib"]:.1f} / {r["peak_gib"]:.1f} GiB')
     if o["kind"] == "rollout":
         for r in ref:

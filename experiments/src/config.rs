@@ -359,6 +359,9 @@ pub struct OptimizerConfig {
     pub schedule: Schedule,
     pub warmup_steps: u64,
     pub micro_batch_tokens: usize,
+    /// Per-layer activation checkpointing: keep each layer's input only and recompute the
+    /// layer in the backward (less memory, about one more forward of compute).
+    pub activation_checkpointing: bool,
     /// Subnetwork-only RL: a `*.masks.safetensors` of `ferrite analyze subnetwork`; only the
     /// parameters it marks changed are trained (gradient and update, weight decay included).
     pub subnetwork_mask: String,
@@ -378,6 +381,7 @@ impl Default for OptimizerConfig {
             schedule: Schedule::Constant,
             warmup_steps: 0,
             micro_batch_tokens: 8192,
+            activation_checkpointing: false,
             subnetwork_mask: String::new(),
             subnetwork_mask_kind: "tol".into(),
         }

@@ -7,7 +7,8 @@
 //!     cargo run --release -p ferrite-learner --example bench_model -- smollm2-135m 4 1024
 //!
 //! runs one model's case at another batch and length; a fourth argument sets the attention's
-//! chunk budget (`model::attention::set_chunk_elements`). Prints `BENCH <model> <train|sample>
+//! chunk budget (`model::attention::set_chunk_elements`), and a fifth, `checkpoint`, turns on
+//! per-layer activation checkpointing (`model::checkpoint`). Prints `BENCH <model> <train|sample>
 //! <tokens/s>` lines; the train line ends with the process's peak resident memory so far.
 
 use std::time::Instant;
@@ -79,7 +80,7 @@ fn train_step(
     let lp = sequence_logprobs(w, ids, &mask, &mask, 1.0)?;
     let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
     let t1 = Instant::now();
-    let grads = loss.backward()?;
+    let grads = model::checkpoint::backward(&loss)?;
     let t2 = Instant::now();
     opt.accumulate(&grads, 1.0)?;
     opt.step(1e-5)?;
@@ -114,6 +115,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(budget) = args.get(3) {
         model::attention::set_chunk_elements(budget.parse()?);
     }
+    model::checkpoint::set_enabled(args.get(4).map(String::as_str) == Some("checkpoint"));
     let cases = [
         ("tiny", tiny(), 8usize, 256usize, 5usize),
         ("smollm2-135m", smollm2(), 4, 256, 3),

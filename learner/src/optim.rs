@@ -207,7 +207,8 @@ impl AdamW {
             self.zero_grad();
             return Ok((value, None));
         }
-        Ok((value, Some(self.accumulate(&loss.backward()?, 1.0)?)))
+        let grads = model::checkpoint::backward(loss)?;
+        Ok((value, Some(self.accumulate(&grads, 1.0)?)))
     }
 
     /// Drops the accumulated gradient (e.g. after a skipped step).
@@ -219,16 +220,18 @@ impl AdamW {
 
     /// One AdamW step with learning rate `lr` on the accumulated gradient, then clears it.
     pub fn step(&mut self, lr: f64) -> Result<StepStats> {
-        let mut sq = 0f64;
-        for p in &self.params {
-            if let Some(g) = &p.grad {
-                sq += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-            }
-        }
+        // Σ‖g‖² summed on the device: one transfer to the host, not one per parameter.
+        let squares = self
+            .params
+            .iter()
+            .filter_map(|p| p.grad.as_ref())
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let sq = if squares.is_empty() {
+            0.0
+        } else {
+            Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?
+        };
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
             self.zero_grad();

@@ -23,14 +23,15 @@ pub fn attach(
         + 'static,
 ) -> Result<Tensor> {
     let op = Attached {
-        value: value.contiguous()?,
+        value: std::sync::Mutex::new(Some(value.contiguous()?)),
         backward: Box::new(backward),
     };
     Ok(a.apply_op3(b, c, op)?)
 }
 
 struct Attached {
-    value: Tensor,
+    /// Taken by the forward, so the graph keeps only the output.
+    value: std::sync::Mutex<Option<Tensor>>,
     backward: Box<Backward>,
 }
 
@@ -40,7 +41,13 @@ impl Attached {
     where
         S: candle_core::backend::BackendStorage,
     {
-        let (storage, layout) = self.value.storage_and_layout();
+        let value = self
+            .value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attach: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("attach: forward run twice".into()))?;
+        let (storage, layout) = value.storage_and_layout();
         let s = pick(&storage)
             .ok_or_else(|| candle_core::Error::Msg("attach: value on another device".into()))?;
         Ok((s.try_clone(layout)?, layout.shape().clone()))

@@ -135,17 +135,36 @@ pub fn hidden_states(
         .index_select(&ids, 0)?
         .reshape((b, t, c.hidden_size))?;
     for (l, layer) in w.layers.iter().enumerate() {
-        let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-        let kv = cache.as_deref_mut().map(|cache| (cache, l));
-        let a = attention(c, layer, &h, &cos, &sin, &bias, kv)?;
-        x = (x + a)?;
-        let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-        x = (x + mlp(layer, &h)?)?;
+        x = match cache.as_deref_mut() {
+            None if crate::checkpoint::enabled() && layer.q_proj.is_variable() => {
+                let (c, cos, sin, bias) = (c.clone(), cos.clone(), sin.clone(), bias.clone());
+                crate::checkpoint::checkpointed(&x, layer, move |layer, x| {
+                    decoder_layer(&c, layer, x, &cos, &sin, &bias, None)
+                })?
+            }
+            cache => decoder_layer(c, layer, &x, &cos, &sin, &bias, cache.map(|c| (c, l)))?,
+        };
     }
     if let Some(cache) = cache {
         cache.advance(t);
     }
     rms_norm(&x, &w.norm, c.rms_norm_eps)
+}
+
+/// One decoder layer: `x + attn(norm(x))`, then `+ mlp(norm(·))`; `[B, T, H]` in and out.
+fn decoder_layer(
+    c: &ModelConfig,
+    layer: &LayerWeights,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    cache: Option<(&mut KvCache, usize)>,
+) -> Result<Tensor> {
+    let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
+    let x = (x + attention(c, layer, &h, cos, sin, bias, cache)?)?;
+    let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+    Ok((&x + mlp(layer, &h)?)?)
 }
 
 /// `x [.., in] · wᵀ [in, out] (+ bias)` → `[.., out]`.

@@ -10,6 +10,7 @@
 //! - [`tokenizer`]: `tokenizer.json` and the chat template of `tokenizer_config.json`.
 //! - [`forward`]: the decoder itself, with an optional KV cache; long sequences take
 //!   [`attention`], which keeps no attention probabilities for the backward.
+//! - [`checkpoint`]: optional per-layer activation checkpointing of training forwards.
 //! - [`logprobs`]: per-token log-probs and entropies of given completions, through [`head`]:
 //!   the output layer fused with log-softmax, in chunks of rows.
 //! - [`sampling`], [`generate`], [`rng`]: seeded sampling and batched generation.
@@ -17,6 +18,7 @@
 pub mod attach;
 pub mod attention;
 pub mod builtin;
+pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;

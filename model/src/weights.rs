@@ -30,6 +30,44 @@ pub struct LayerWeights {
     pub down_proj: Tensor,
 }
 
+impl LayerWeights {
+    /// Every tensor of the layer.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut out = vec![
+            &self.input_layernorm,
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.post_attention_layernorm,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ];
+        out.extend([&self.q_bias, &self.k_bias, &self.v_bias].into_iter().flatten());
+        out
+    }
+
+    /// The same tensors cut from any autograd graph (storage shared).
+    pub fn detach(&self) -> Self {
+        let d = |t: &Tensor| t.detach();
+        LayerWeights {
+            input_layernorm: d(&self.input_layernorm),
+            q_proj: d(&self.q_proj),
+            q_bias: self.q_bias.as_ref().map(d),
+            k_proj: d(&self.k_proj),
+            k_bias: self.k_bias.as_ref().map(d),
+            v_proj: d(&self.v_proj),
+            v_bias: self.v_bias.as_ref().map(d),
+            o_proj: d(&self.o_proj),
+            post_attention_layernorm: d(&self.post_attention_layernorm),
+            gate_proj: d(&self.gate_proj),
+            up_proj: d(&self.up_proj),
+            down_proj: d(&self.down_proj),
+        }
+    }
+}
+
 /// The decoder's weights. Cloning shares storage (candle tensors are reference counted).
 #[derive(Debug, Clone)]
 pub struct Weights {

@@ -581,7 +581,7 @@ fn learner_bench(
         let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
         gpu.synchronize()?;
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = model::checkpoint::backward(&loss)?;
         gpu.synchronize()?;
         let t2 = Instant::now();
         opt.accumulate(&grads, 1.0)?;
@@ -648,13 +648,13 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
         .unwrap_or(0);
     let w = init::random_weights(&c, 0.02, 0, &Device::Cpu)?.to(DType::BF16, gpu)?;
     let (b, t) = (8usize, 1024usize);
-    for kernels in [true, false] {
+    for (label, kernels, checkpoint) in [
+        ("CUDA kernels", true, false),
+        ("composed ops", false, false),
+        ("CUDA kernels + layer checkpointing", true, true),
+    ] {
         ops::set_cuda_kernels(kernels);
-        let label = if kernels {
-            "CUDA kernels"
-        } else {
-            "composed ops"
-        };
+        model::checkpoint::set_enabled(checkpoint);
         match learner_bench(gpu, &w, b, t, baseline) {
             Ok((secs, phases, peak_gib)) => {
                 lines.push(format!(
@@ -665,16 +665,15 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
                     phases[1] * 1e3,
                     phases[2] * 1e3,
                 ));
-                if kernels {
-                    json.push(format!(
-                        r#"{{"kind": "learner", "B": {b}, "T": {t}, "step_s": {secs}, "tok_s": {}, "peak_gib": {peak_gib}}}"#,
-                        (b * t) as f64 / secs
-                    ));
-                }
+                json.push(format!(
+                    r#"{{"kind": "learner", "variant": "{label}", "B": {b}, "T": {t}, "step_s": {secs}, "tok_s": {}, "peak_gib": {peak_gib}}}"#,
+                    (b * t) as f64 / secs
+                ));
             }
             Err(e) => lines.push(format!("learner B={b} T={t} bf16, {label}: error: {e}")),
         }
     }
+    model::checkpoint::set_enabled(false);
     ops::set_cuda_kernels(true);
 
     // each fused kernel against its composed reference at the learner's shapes (forward + backward)
