@@ -244,8 +244,8 @@ fn print_summary(dir: &Path, s: &run::Summary) {
         .unwrap_or_default();
     let pass_k = if s.pass_at_k_start.is_finite() {
         format!(
-            " (pass@k {:.3} -> {:.3})",
-            s.pass_at_k_start, s.pass_at_k_final
+            "; sampled at the rollout temperature, pass@1 {:.3} -> {:.3}, pass@k {:.3} -> {:.3}",
+            s.pass_at_1_start, s.pass_at_1_final, s.pass_at_k_start, s.pass_at_k_final
         )
     } else {
         String::new()

@@ -40,6 +40,7 @@ pub struct RunOptions {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Summary {
     /// Greedy held-out accuracy of the initial model (when there is a warm start).
     pub accuracy_initial: Option<f64>,
@@ -48,6 +49,9 @@ pub struct Summary {
     pub accuracy_final: f64,
     pub pass_at_k_start: f64,
     pub pass_at_k_final: f64,
+    /// Held-out pass@1: the share of correct samples at the rollout temperature.
+    pub pass_at_1_start: f64,
+    pub pass_at_1_final: f64,
     pub steps: u64,
     pub samples: u64,
     pub dropped_rows: u64,
@@ -289,9 +293,11 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         eval_table.push(0, &e.row())?;
         summary.accuracy_start = e.greedy_accuracy;
         summary.pass_at_k_start = if e.k > 0 { e.pass_at_k } else { f64::NAN };
+        summary.pass_at_1_start = if e.k > 0 { e.pass_at_1 } else { f64::NAN };
     } else if !eval_table.rows().is_empty() {
         summary.accuracy_start = eval_table.value(0, "greedy_accuracy");
         summary.pass_at_k_start = eval_table.value_like(0, "pass@", "pass@1");
+        summary.pass_at_1_start = eval_table.value(0, "pass@1");
     }
     let rl = if c.algorithm.name == "dpo" {
         let start = Instant::now();
@@ -345,6 +351,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         if let Some(last) = eval_table.rows().len().checked_sub(1) {
             summary.accuracy_final = eval_table.value(last, "greedy_accuracy");
             summary.pass_at_k_final = eval_table.value_like(last, "pass@", "pass@1");
+            summary.pass_at_1_final = eval_table.value(last, "pass@1");
         }
         start.elapsed().as_secs_f64()
     } else {
@@ -639,6 +646,7 @@ fn rl_stage(
     if let Some(last) = eval_table.rows().len().checked_sub(1) {
         summary.accuracy_final = eval_table.value(last, "greedy_accuracy");
         summary.pass_at_k_final = eval_table.value_like(last, "pass@", "pass@1");
+        summary.pass_at_1_final = eval_table.value(last, "pass@1");
     }
     Ok(start.elapsed().as_secs_f64())
 }

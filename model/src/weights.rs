@@ -44,7 +44,11 @@ impl LayerWeights {
             &self.up_proj,
             &self.down_proj,
         ];
-        out.extend([&self.q_bias, &self.k_bias, &self.v_bias].into_iter().flatten());
+        out.extend(
+            [&self.q_bias, &self.k_bias, &self.v_bias]
+                .into_iter()
+                .flatten(),
+        );
         out
     }
 
