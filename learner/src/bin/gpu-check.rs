@@ -85,7 +85,7 @@ fn loss_and_grads(
     let (vars, trainable) = w.to_vars()?;
     let lp = sequence_logprobs(&trainable, ids, mask, mask, 1.0)?;
     let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
-    let grads = loss.backward()?;
+    let grads = model::checkpoint::backward(&loss)?;
     let mut out = Vec::new();
     for (name, v) in vars {
         let g = grads
@@ -203,6 +203,21 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         worst.0 < 1e-3,
     );
 
+    // the same gradients on the GPU with every layer recomputed in the backward
+    model::checkpoint::set_enabled(true);
+    let checkpointed = loss_and_grads(&w_gpu, &ids, &mask);
+    model::checkpoint::set_enabled(false);
+    let (_, gk) = checkpointed?;
+    let mut worst = 0f32;
+    for ((_, a), (_, b)) in gg.iter().zip(&gk) {
+        worst = worst.max(max_abs_diff(a, b)? / max_abs(a)?.max(1e-12));
+    }
+    check(
+        "grads with layer checkpointing vs without (gpu)",
+        format!("{worst:.2e}"),
+        worst < 1e-4,
+    );
+
     // greedy generation
     let prompts: Vec<Vec<u32>> = ids
         .iter()
@@ -225,6 +240,19 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         "greedy 32 tokens, rows identical",
         format!("{same}/{}", oc.len()),
         same == oc.len(),
+    );
+
+    // continuous batching on the GPU: two slots for the four prompts give the same rows
+    let mut oc2: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    model::generate::generate_continuous(&w_gpu.detach(), &prompts, &cfg, None, 2, |i, c| {
+        oc2[i] = c.tokens;
+        Ok(())
+    })?;
+    let same = og.iter().zip(&oc2).filter(|(a, b)| &a.tokens == *b).count();
+    check(
+        "greedy, 2 slots (continuous batching) vs one batch, rows identical",
+        format!("{same}/{}", og.len()),
+        same == og.len(),
     );
 
     Ok(())
