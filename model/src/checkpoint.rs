@@ -61,8 +61,11 @@ where
     F: Fn(&LayerWeights, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
     let y = layer(&w.detach(), &x.detach())?;
+    // A weight joins the op's inputs so that the op stays in the graph even when `x` does not
+    // need a gradient (its gradient comes through the set-aside store, not through the op).
+    let anchor = w.q_proj.clone();
     let w = w.clone();
-    crate::attach::attach(x, x, x, y, move |x, _, _, g| {
+    crate::attach::attach(x, &anchor, &anchor, y, move |x, _, _, g| {
         RECOMPUTED.fetch_add(1, Ordering::Relaxed);
         let input = Var::from_tensor(&x.detach())?;
         let y = layer(&w, input.as_tensor())?;
