@@ -2,7 +2,10 @@
 //! recomputed layers' weight gradients, so a step with checkpointing lands where a step without
 //! it does. Its own test binary: the switch is process-wide.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::max_diff;
 use learner::optim::{AdamW, AdamWConfig};
 use model::logprobs::sequence_logprobs;
 
@@ -47,16 +50,7 @@ fn checkpointed_steps_equal_plain_steps() {
     let plain = two_steps(false);
     let checkpointed = two_steps(true);
     for ((name, a), (_, b)) in plain.iter().zip(&checkpointed) {
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(a, b);
         assert!(diff < 1e-5, "{name}: {diff}");
     }
 }

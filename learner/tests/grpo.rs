@@ -2,6 +2,10 @@
 //! (scripts/make_learner_fixtures.py), on a padded batch of unequal lengths; TRL's group
 //! advantages.
 
+mod common;
+
+use common::max_diff;
+
 use candle_core::{Device, Tensor, Var};
 use learner::grpo::{
     group_advantages, policy_loss, Aggregation, KlEstimator, PolicyInputs, PolicyLossConfig,
@@ -71,16 +75,7 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
         assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
         let grads = loss.backward().unwrap();
         let g = grads.get(logp.as_tensor()).unwrap();
-        let d = (g - t2(&case["grad"]))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(g, &t2(&case["grad"]));
         assert!(d < 1e-5, "{c}: gradient off by {d}");
     }
 }

@@ -1,7 +1,10 @@
 //! AdamW against torch.optim.AdamW + clip_grad_norm_ (fixture from
 //! scripts/make_learner_fixtures.py), on both update paths; state round trips; masks.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
+use common::max_diff;
 use learner::optim::{AdamW, AdamWConfig};
 use serde_json::Value;
 
@@ -18,19 +21,6 @@ fn t2(v: &Value) -> Tensor {
 fn t1(v: &Value) -> Tensor {
     let xs: Vec<f32> = serde_json::from_value(v.clone()).unwrap();
     Tensor::new(xs, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn run(composed: bool) {

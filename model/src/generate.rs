@@ -177,14 +177,13 @@ where
     // The rows that `logits` holds, in order.
     let mut fresh: Vec<usize> = (0..slots).collect();
     loop {
-        let mut rngs: Vec<Option<&mut Rng>> = Vec::with_capacity(fresh.len());
-        let mut it = fresh.iter().peekable();
-        for (r, row) in rows.iter_mut().enumerate() {
-            if it.peek() == Some(&&r) {
-                it.next();
-                rngs.push(row.as_mut().map(|row| &mut row.rng));
-            }
-        }
+        // `fresh` is sorted: the streams of its rows, in its order
+        let mut rngs: Vec<Option<&mut Rng>> = rows
+            .iter_mut()
+            .enumerate()
+            .filter(|(r, _)| fresh.binary_search(r).is_ok())
+            .map(|(_, row)| row.as_mut().map(|row| &mut row.rng))
+            .collect();
         let drawn = sample_rows(&logits, &cfg.sampling, &mut rngs)?;
         for (&r, (token, logprob, entropy)) in fresh.iter().zip(drawn) {
             let Some(row) = rows[r].as_mut() else {

@@ -29,7 +29,7 @@ fn logprob_loss_gradients_match_transformers() {
 }
 
 #[test]
-fn greedy_generation_matches_transformers_in_a_padded_batch() {
+fn greedy_generation_matches_transformers_in_a_padded_batch_and_in_slots() {
     for name in MODELS {
         let w = load(name).detach();
         let (json, _) = golden(name);
@@ -45,23 +45,8 @@ fn greedy_generation_matches_transformers_in_a_padded_batch() {
             assert_eq!(c.tokens, expected[k], "{name}: prompt {k}");
             assert_eq!(c.logprobs.len(), c.tokens.len());
         }
-    }
-}
-
-#[test]
-fn continuous_batching_matches_transformers_greedy_generation() {
-    // One and two slots for the fixture's prompts: each finished sequence's slot is refilled
-    // with the next prompt, and every completion is still transformers' greedy one.
-    for name in MODELS {
-        let w = load(name).detach();
-        let (json, _) = golden(name);
-        let prompts = u32_rows(&json["prompts"]);
-        let expected = u32_rows(&json["greedy"]);
-        let cfg = GenerationConfig {
-            max_new_tokens: expected[0].len(),
-            sampling: SamplingParams::greedy(),
-            ..Default::default()
-        };
+        // Continuous batching in one and two slots: each finished sequence's slot is refilled
+        // with the next prompt, and every completion is still transformers' greedy one.
         for slots in [1, 2] {
             let out = continuous(&w, &prompts, &cfg, slots);
             for (k, c) in out.iter().enumerate() {
