@@ -162,17 +162,15 @@ where
     let mut cache = KvCache::new(&w.config, slots, capacity, dtype, &device)?;
 
     let first: Vec<&[u32]> = prompts[..slots].iter().map(Vec::as_slice).collect();
+    // Prompt `i`'s row, its prefill ending at cache slot `end`.
+    let admit = |i: usize, end: usize| Row {
+        prompt: i,
+        start: end - prompts[i].len(),
+        rng: Rng::stream(cfg.seed, i as u64),
+        completion: empty(),
+    };
     let mut logits = prefill(w, &first, longest, &mut cache)?;
-    let mut rows: Vec<Option<Row>> = (0..slots)
-        .map(|i| {
-            Some(Row {
-                prompt: i,
-                start: longest - prompts[i].len(),
-                rng: Rng::stream(cfg.seed, i as u64),
-                completion: empty(),
-            })
-        })
-        .collect();
+    let mut rows: Vec<Option<Row>> = (0..slots).map(|i| Some(admit(i, longest))).collect();
     let mut next = slots;
     // The rows that `logits` holds, in order.
     let mut fresh: Vec<usize> = (0..slots).collect();
@@ -216,13 +214,8 @@ where
             let mut fill = KvCache::new(&w.config, new.len(), width, dtype, &device)?;
             logits = prefill(w, &new, width, &mut fill)?;
             cache.write_rows(&fill, &free)?;
-            for (&r, p) in free.iter().zip(&new) {
-                rows[r] = Some(Row {
-                    prompt: next,
-                    start: cache.len() - p.len(),
-                    rng: Rng::stream(cfg.seed, next as u64),
-                    completion: empty(),
-                });
+            for &r in &free {
+                rows[r] = Some(admit(next, cache.len()));
                 next += 1;
             }
             fresh = free;
