@@ -2,7 +2,6 @@
 //! length-averaged log-ratios, robust DPO and hinge (SLiC), and their implicit-reward metrics.
 
 use candle_core::{DType, Tensor};
-use model::logprobs::sequence_logprobs;
 use model::Weights;
 use serde::{Deserialize, Serialize};
 
@@ -148,7 +147,7 @@ fn summed_logprobs(w: &Weights, pairs: &[Pair]) -> Result<(Tensor, Tensor)> {
         .collect();
     let device = w.embed_tokens.device().clone();
     let p = pack(&seqs, &device)?;
-    let lp = sequence_logprobs(w, &p.ids, &p.attention, &p.loss_mask, 1.0)?;
+    let lp = p.logprobs(w, 1.0)?;
     let sums = (lp.logprobs * lp.mask)?.sum(1)?.reshape((pairs.len(), 2))?; // [n, 2]
     Ok((
         sums.narrow(1, 0, 1)?.squeeze(1)?,

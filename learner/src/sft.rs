@@ -2,7 +2,6 @@
 //! over the completion tokens of the whole step.
 
 use candle_core::Tensor;
-use model::logprobs::sequence_logprobs;
 use model::Weights;
 
 use crate::error::{LearnerError, Result};
@@ -44,7 +43,7 @@ pub fn sft_step(
     let device = w.embed_tokens.device().clone();
     for range in micro_batches(&seqs, micro_batch_tokens) {
         let p = pack(&seqs[range], &device)?;
-        let lp = sequence_logprobs(w, &p.ids, &p.attention, &p.loss_mask, 1.0)?;
+        let lp = p.logprobs(w, 1.0)?;
         let loss: Tensor = (lp.logprobs.sum_all()?.neg()? / tokens as f64)?;
         let (value, done) = opt.backward(&loss)?;
         if done.is_none() {

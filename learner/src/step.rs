@@ -3,8 +3,12 @@
 
 use std::time::Instant;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Device, Tensor};
-use model::logprobs::sequence_logprobs;
+use model::forward::SharedPrompts;
+use model::logprobs::{sequence_logprobs, shared_prompt_logprobs, SequenceLogprobs};
 use model::Weights;
 
 use crate::error::{LearnerError, Result};
@@ -110,11 +114,26 @@ pub fn micro_batches(seqs: &[Sequence], budget: usize) -> Vec<std::ops::Range<us
     out
 }
 
+static SHARE_PROMPTS: AtomicBool = AtomicBool::new(true);
+
+/// Whether micro-batches run each distinct prompt through the trunk once for all the rows that
+/// continue it (on by default; see [`model::forward::SharedPrompts`]). Off, every row runs its
+/// prompt again. Both give the same log-probs and gradients up to float rounding.
+pub fn set_share_prompts(on: bool) {
+    SHARE_PROMPTS.store(on, Ordering::Relaxed);
+}
+
 /// Padded inputs of a micro-batch and `[B, T−1]` tensors aligned with its log-probs.
+///
+/// When rows share prompts, a row holds its prompt's last token and the completion, and the
+/// rest of each distinct prompt runs once (`shared`); otherwise a row is prompt + completion.
 pub(crate) struct Packed {
     pub(crate) ids: Vec<Vec<u32>>,
     pub(crate) attention: Vec<Vec<u8>>,
     pub(crate) loss_mask: Vec<Vec<u8>>,
+    /// The prompt tokens at the start of each row (all of them, or the last one when shared).
+    prompt_len: Vec<usize>,
+    shared: Option<SharedPrompts>,
     old: Tensor,
     advantages: Tensor,
     /// 1 on active completion tokens (KL and entropy; Lopti's group)
@@ -123,16 +142,87 @@ pub(crate) struct Packed {
     old_values: Tensor,
 }
 
+impl Packed {
+    /// Log-probs and entropies of the completion tokens under `w`, `[B, T−1]`.
+    pub(crate) fn logprobs(&self, w: &Weights, temperature: f64) -> Result<SequenceLogprobs> {
+        Ok(match &self.shared {
+            Some(s) => shared_prompt_logprobs(w, s, &self.ids, &self.loss_mask, temperature)?,
+            None => sequence_logprobs(w, &self.ids, &self.attention, &self.loss_mask, temperature)?,
+        })
+    }
+
+    /// `[B, T−1, H]` final hidden states (position t predicts token t+1).
+    fn trunk(&self, w: &Weights) -> Result<Tensor> {
+        let hidden = match &self.shared {
+            Some(s) => model::forward::hidden_states_shared(w, s)?,
+            None => {
+                let device = w.embed_tokens.device();
+                let batch = model::forward::Batch::new(&self.ids, &self.attention, device)?;
+                model::forward::hidden_states(w, &batch, None)?
+            }
+        };
+        let t = hidden.dim(1)?;
+        Ok(hidden.narrow(1, 0, t - 1)?)
+    }
+}
+
+/// The distinct prompts of `seqs` without their last token, right-padded with their mask, and
+/// the one each sequence continues; None when sharing is off or would save nothing.
+fn distinct_prompts(seqs: &[Sequence]) -> Option<(Vec<Vec<u32>>, Vec<Vec<u8>>, Vec<usize>)> {
+    if !SHARE_PROMPTS.load(Ordering::Relaxed)
+        || seqs
+            .iter()
+            .any(|s| s.prompt.len() < 2 || s.completion.is_empty())
+    {
+        return None;
+    }
+    let mut index: HashMap<&[u32], usize> = HashMap::new();
+    let mut distinct: Vec<&[u32]> = Vec::new();
+    let rows: Vec<usize> = seqs
+        .iter()
+        .map(|s| {
+            let head = &s.prompt[..s.prompt.len() - 1];
+            *index.entry(head).or_insert_with(|| {
+                distinct.push(head);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    if distinct.len() == seqs.len() {
+        return None;
+    }
+    let lp = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
+    let ids = distinct
+        .iter()
+        .map(|p| p.iter().copied().chain(std::iter::repeat(0)).take(lp).collect())
+        .collect();
+    let mask = distinct
+        .iter()
+        .map(|p| (0..lp).map(|i| u8::from(i < p.len())).collect())
+        .collect();
+    Some((ids, mask, rows))
+}
+
 pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
+    let shared = distinct_prompts(seqs);
+    // the prompt tokens each row starts with
+    let is_shared = shared.is_some();
+    let prompt_of = |s: &Sequence| -> std::ops::Range<usize> {
+        match is_shared {
+            true => s.prompt.len().saturating_sub(1)..s.prompt.len(),
+            false => 0..s.prompt.len(),
+        }
+    };
     let t = seqs
         .iter()
-        .map(|s| s.prompt.len() + s.completion.len())
+        .map(|s| prompt_of(s).len() + s.completion.len())
         .max()
         .unwrap_or(0);
     let mut ids = Vec::new();
     let mut attention = Vec::new();
     let mut loss_mask = Vec::new();
-    let cells = seqs.len() * (t - 1);
+    let mut prompt_len = Vec::new();
+    let cells = seqs.len() * t.saturating_sub(1);
     let (mut old, mut adv, mut active) = (vec![0f32; cells], vec![0f32; cells], vec![0f32; cells]);
     let (mut returns, mut old_values) = (vec![0f32; cells], vec![0f32; cells]);
     for (r, s) in seqs.iter().enumerate() {
@@ -148,18 +238,17 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
                 "a sequence needs a prompt and one behaviour log-prob, advantage (and active flag, return, value) per completion token".into(),
             ));
         }
-        let n = s.prompt.len() + s.completion.len();
-        let mut row: Vec<u32> = s.prompt.iter().chain(&s.completion).copied().collect();
+        let prompt = &s.prompt[prompt_of(s)];
+        let pl = prompt.len();
+        let n = pl + s.completion.len();
+        let mut row: Vec<u32> = prompt.iter().chain(&s.completion).copied().collect();
         row.resize(t, 0);
         ids.push(row);
         attention.push((0..t).map(|i| u8::from(i < n)).collect());
-        loss_mask.push(
-            (0..t)
-                .map(|i| u8::from(i >= s.prompt.len() && i < n))
-                .collect(),
-        );
+        loss_mask.push((0..t).map(|i| u8::from(i >= pl && i < n)).collect());
+        prompt_len.push(pl);
         for (j, &lp) in s.behavior_logprobs.iter().enumerate() {
-            let at = r * (t - 1) + s.prompt.len() + j - 1; // position predicting completion token j
+            let at = r * (t - 1) + pl + j - 1; // position predicting completion token j
             old[at] = lp;
             adv[at] = s.advantages[j];
             active[at] = f32::from(u8::from(s.active.as_ref().is_none_or(|a| a[j])));
@@ -169,12 +258,20 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
             }
         }
     }
+    let shared = match shared {
+        Some((prompts, mask, rows)) => Some(SharedPrompts::new(
+            &prompts, &mask, &rows, &ids, &attention, device,
+        )?),
+        None => None,
+    };
     let b = seqs.len();
     let tensor = |v: Vec<f32>| Tensor::from_vec(v, (b, t - 1), device);
     Ok(Packed {
         ids,
         attention,
         loss_mask,
+        prompt_len,
+        shared,
         old: tensor(old)?,
         advantages: tensor(adv)?,
         active: tensor(active)?,
@@ -216,13 +313,9 @@ pub fn policy_step(
     for range in ranges {
         let mb = &seqs[range];
         let p = pack(mb, &device)?;
-        let lp = sequence_logprobs(policy, &p.ids, &p.attention, &p.loss_mask, cfg.temperature)?;
+        let lp = p.logprobs(policy, cfg.temperature)?;
         let reference_lp = match (reference, cfg.loss.kl_coef != 0.0) {
-            (Some(r), true) => Some(
-                sequence_logprobs(r, &p.ids, &p.attention, &p.loss_mask, cfg.temperature)?
-                    .logprobs
-                    .detach(),
-            ),
+            (Some(r), true) => Some(p.logprobs(r, cfg.temperature)?.logprobs.detach()),
             (None, true) => {
                 return Err(LearnerError::Invalid(
                     "a KL term needs reference weights".into(),
@@ -449,9 +542,10 @@ fn per_completion_token(
     let mut out = Vec::with_capacity(seqs.len());
     for range in micro_batches(seqs, micro_batch_tokens) {
         let mb = &seqs[range];
-        let rows = f(&pack(mb, device)?)?.detach().to_vec2::<f32>()?;
-        for (s, row) in mb.iter().zip(rows) {
-            let at = s.prompt.len() - 1;
+        let p = pack(mb, device)?;
+        let rows = f(&p)?.detach().to_vec2::<f32>()?;
+        for ((s, row), pl) in mb.iter().zip(rows).zip(&p.prompt_len) {
+            let at = pl - 1;
             out.push(row[at..at + s.completion.len()].to_vec());
         }
     }
@@ -468,7 +562,7 @@ pub fn predict_values(
 ) -> Result<Vec<Vec<f32>>> {
     let device = w.embed_tokens.device().clone();
     per_completion_token(seqs, micro_batch_tokens, &device, |p| {
-        head.values(&trunk(w, p, &device)?)
+        head.values(&p.trunk(w)?)
     })
 }
 
@@ -482,16 +576,8 @@ pub fn token_logprobs(
 ) -> Result<Vec<Vec<f32>>> {
     let device = w.embed_tokens.device().clone();
     per_completion_token(seqs, micro_batch_tokens, &device, |p| {
-        Ok(sequence_logprobs(w, &p.ids, &p.attention, &p.loss_mask, temperature)?.logprobs)
+        Ok(p.logprobs(w, temperature)?.logprobs)
     })
-}
-
-/// `[B, T−1, H]` final hidden states of a packed micro-batch (position t predicts token t+1).
-fn trunk(w: &Weights, p: &Packed, device: &Device) -> Result<Tensor> {
-    let batch = model::forward::Batch::new(&p.ids, &p.attention, device)?;
-    let hidden = model::forward::hidden_states(w, &batch, None)?;
-    let t = hidden.dim(1)?;
-    Ok(hidden.narrow(1, 0, t - 1)?)
 }
 
 /// One optimizer step of a separate critic (its own trunk `critic`, `head` and optimizer) on the
@@ -511,7 +597,7 @@ pub fn critic_step(
     let mut stats = ValueStats::default();
     for range in micro_batches(seqs, micro_batch_tokens) {
         let p = pack(&seqs[range], &device)?;
-        let values = head.values(&trunk(critic, &p, &device)?)?;
+        let values = head.values(&p.trunk(critic)?)?;
         let mask = loss_mask_tensor(&p, &device)?;
         let (loss, s) = value_loss(&values, &p.old_values, &p.returns, &mask, clip, tokens)?;
         let (v, done) = opt.backward(&loss)?;

@@ -95,6 +95,66 @@ impl Batch {
     }
 }
 
+/// Rows that continue shared prompts (a GRPO group's completions all continue one prompt): the
+/// prompts run through the trunk once, and each row attends to its prompt's keys and values,
+/// then to its own tokens. The same as running each prompt + row whole (a token's state never
+/// depends on what follows it), for a fraction of the compute when the prompts are long.
+#[derive(Debug, Clone)]
+pub struct SharedPrompts {
+    /// The `P` distinct prompts `[P, Lp]`.
+    pub prompts: Batch,
+    /// `[N]` u32: the prompt each row continues.
+    pub rows: Tensor,
+    /// The `N` rows `[N, T]`: positions continue their prompt's, and the bias covers the
+    /// prompt's `Lp` slots then the row's own (`[N, 1, 1, T, Lp + T]`).
+    pub batch: Batch,
+}
+
+impl SharedPrompts {
+    /// `prompts` and `prompt_mask`: `P` rows of `Lp` entries (mask 1 on real tokens; padding
+    /// anywhere); `rows[n]` the prompt that row `n` of `input_ids` / `attention_mask` continues.
+    pub fn new(
+        prompts: &[Vec<u32>],
+        prompt_mask: &[Vec<u8>],
+        rows: &[usize],
+        input_ids: &[Vec<u32>],
+        attention_mask: &[Vec<u8>],
+        device: &Device,
+    ) -> Result<Self> {
+        let t = input_ids.first().map_or(0, Vec::len);
+        let shapes_ok = rows.len() == input_ids.len()
+            && rows.iter().all(|&r| r < prompts.len())
+            && attention_mask.len() == input_ids.len()
+            && attention_mask.iter().all(|m| m.len() == t);
+        if !shapes_ok {
+            return Err(ModelError::Generation(
+                "shared prompts: one prompt index and a mask of the ids' shape per row".into(),
+            ));
+        }
+        let prompt_batch = Batch::new(prompts, prompt_mask, device)?;
+        let lp = prompts[0].len();
+        let prompt_valid: Vec<Vec<bool>> = prompt_mask
+            .iter()
+            .map(|m| m.iter().map(|&x| x != 0).collect())
+            .collect();
+        let mut positions = Vec::with_capacity(rows.len());
+        let mut key_valid = Vec::with_capacity(rows.len());
+        for (&r, m) in rows.iter().zip(attention_mask) {
+            let own: Vec<bool> = m.iter().map(|&x| x != 0).collect();
+            let start = prompt_valid[r].iter().filter(|&&v| v).count() as u32;
+            positions.push(positions_of(&own, start));
+            key_valid.push(prompt_valid[r].iter().chain(&own).copied().collect());
+        }
+        let batch = Batch::from_parts(input_ids, &positions, &key_valid, lp, t, device)?;
+        let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        Ok(SharedPrompts {
+            prompts: prompt_batch,
+            rows: Tensor::from_vec(rows.clone(), rows.len(), device)?,
+            batch,
+        })
+    }
+}
+
 /// Rotary positions of a row: the count of valid tokens before each slot, starting at `start`
 /// (padding slots get the position of the next real token, which is never attended to).
 pub fn positions_of(valid: &[bool], start: u32) -> Vec<u32> {
@@ -139,16 +199,88 @@ pub fn hidden_states(
             None if crate::checkpoint::enabled() && layer.q_proj.is_variable() => {
                 let (c, cos, sin, bias) = (c.clone(), cos.clone(), sin.clone(), bias.clone());
                 crate::checkpoint::checkpointed(&x, layer, move |layer, x| {
-                    decoder_layer(&c, layer, x, &cos, &sin, &bias, None)
+                    decoder_layer(&c, layer, x, &cos, &sin, &bias, Keys::Own)
                 })?
             }
-            cache => decoder_layer(c, layer, &x, &cos, &sin, &bias, cache.map(|c| (c, l)))?,
+            None => decoder_layer(c, layer, &x, &cos, &sin, &bias, Keys::Own)?,
+            Some(cache) => decoder_layer(c, layer, &x, &cos, &sin, &bias, Keys::Cache(cache, l))?,
         };
     }
     if let Some(cache) = cache {
         cache.advance(t);
     }
     rms_norm(&x, &w.norm, c.rms_norm_eps)
+}
+
+/// Final-norm hidden states `[N, T, H]` of rows that continue shared prompts (see
+/// [`SharedPrompts`]); the prompts' own states are not returned.
+pub fn hidden_states_shared(w: &Weights, s: &SharedPrompts) -> Result<Tensor> {
+    let c = &w.config;
+    let dtype = w.embed_tokens.dtype();
+    let embed = |batch: &Batch| -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let (cos, sin) = rope_tables(c, &batch.positions, b, t, dtype)?; // [B, 1, T, D]
+        let x = w
+            .embed_tokens
+            .index_select(&batch.input_ids.flatten_all()?, 0)?
+            .reshape((b, t, c.hidden_size))?;
+        Ok((x, cos, sin, batch.attention_bias.to_dtype(DType::F32)?))
+    };
+    let (mut xp, cos_p, sin_p, bias_p) = embed(&s.prompts)?; // [P, Lp, H]
+    let (mut xs, cos_s, sin_s, bias_s) = embed(&s.batch)?; // [N, T, H]
+    let (p_dims, s_dims) = (xp.dims().to_vec(), xs.dims().to_vec());
+    let n_layers = w.layers.len();
+    for (l, layer) in w.layers.iter().enumerate() {
+        let last = l + 1 == n_layers;
+        let (cos_p, sin_p, bias_p) = (cos_p.clone(), sin_p.clone(), bias_p.clone());
+        let (cos_s, sin_s, bias_s) = (cos_s.clone(), sin_s.clone(), bias_s.clone());
+        let (rows, cfg) = (s.rows.clone(), c.clone());
+        let run = move |layer: &LayerWeights, xp: &Tensor, xs: &Tensor| -> Result<(Tensor, Tensor)> {
+            let h = rms_norm(xp, &layer.input_layernorm, cfg.rms_norm_eps)?;
+            // the last layer's prompt states are never read: only its keys and values are
+            let (xp, k, v) = if last {
+                let (k, v) = keys_values(&cfg, layer, &h, &cos_p, &sin_p)?;
+                (xp.clone(), k, v)
+            } else {
+                decoder_layer_kv(&cfg, layer, xp, &cos_p, &sin_p, &bias_p, Keys::Own)?
+            };
+            let (k, v) = (k.index_select(&rows, 0)?, v.index_select(&rows, 0)?); // [N, Hkv, Lp, D]
+            let xs = decoder_layer(&cfg, layer, xs, &cos_s, &sin_s, &bias_s, Keys::After(&k, &v))?;
+            Ok((xp, xs))
+        };
+        (xp, xs) = if crate::checkpoint::enabled() && layer.q_proj.is_variable() {
+            // one tensor in and out: the prompts' rows, then the continuations'
+            let (np, ns) = (xp.elem_count() / c.hidden_size, xs.elem_count() / c.hidden_size);
+            let packed = Tensor::cat(
+                &[xp.reshape((np, c.hidden_size))?, xs.reshape((ns, c.hidden_size))?],
+                0,
+            )?;
+            let (pd, sd, h) = (p_dims.clone(), s_dims.clone(), c.hidden_size);
+            let y = crate::checkpoint::checkpointed(&packed, layer, move |layer, x| {
+                let xp = x.narrow(0, 0, np)?.reshape(pd.as_slice())?;
+                let xs = x.narrow(0, np, ns)?.reshape(sd.as_slice())?;
+                let (xp, xs) = run(layer, &xp, &xs)?;
+                Ok(Tensor::cat(&[xp.reshape((np, h))?, xs.reshape((ns, h))?], 0)?)
+            })?;
+            (
+                y.narrow(0, 0, np)?.reshape(p_dims.as_slice())?,
+                y.narrow(0, np, ns)?.reshape(s_dims.as_slice())?,
+            )
+        } else {
+            run(layer, &xp, &xs)?
+        };
+    }
+    rms_norm(&xs, &w.norm, c.rms_norm_eps)
+}
+
+/// The keys and values a layer's queries attend to, besides their own.
+enum Keys<'a> {
+    /// Only the new tokens' own.
+    Own,
+    /// A KV cache's (of this layer) followed by the new tokens', which are appended to it.
+    Cache(&'a mut KvCache, usize),
+    /// Given keys and values `[B, Hkv, P, D]` (a shared prompt's) followed by the new tokens'.
+    After(&'a Tensor, &'a Tensor),
 }
 
 /// One decoder layer: `x + attn(norm(x))`, then `+ mlp(norm(·))`; `[B, T, H]` in and out.
@@ -159,12 +291,26 @@ fn decoder_layer(
     cos: &Tensor,
     sin: &Tensor,
     bias: &Tensor,
-    cache: Option<(&mut KvCache, usize)>,
+    keys: Keys,
 ) -> Result<Tensor> {
+    Ok(decoder_layer_kv(c, layer, x, cos, sin, bias, keys)?.0)
+}
+
+/// [`decoder_layer`], also returning the new tokens' rotated keys and values `[B, Hkv, T, D]`.
+fn decoder_layer_kv(
+    c: &ModelConfig,
+    layer: &LayerWeights,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    keys: Keys,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
-    let x = (x + attention(c, layer, &h, cos, sin, bias, cache)?)?;
+    let (attn, k, v) = attention(c, layer, &h, cos, sin, bias, keys)?;
+    let x = (x + attn)?;
     let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-    Ok((&x + mlp(layer, &h)?)?)
+    Ok(((&x + mlp(layer, &h)?)?, k, v))
 }
 
 /// `x [.., in] · wᵀ [in, out] (+ bias)` → `[.., out]`.
@@ -190,6 +336,26 @@ fn mlp(w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
     linear(&crate::ops::swiglu(&gate, &up)?, &w.down_proj, None) // [B, T, H]
 }
 
+/// The new tokens' rotated keys and their values, `[B, Hkv, T, D]` each, from `x [B, T, H]`.
+fn keys_values(
+    c: &ModelConfig,
+    w: &LayerWeights,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let k = heads(linear(x, &w.k_proj, w.k_bias.as_ref())?, c.num_key_value_heads, c.head_dim)?;
+    let v = heads(linear(x, &w.v_proj, w.v_bias.as_ref())?, c.num_key_value_heads, c.head_dim)?;
+    Ok((apply_rope(&k, cos, sin)?, v))
+}
+
+/// `[B, T, n·D]` → `[B, n, T, D]`.
+fn heads(y: Tensor, n: usize, d: usize) -> Result<Tensor> {
+    let (b, t, _) = y.dims3()?;
+    Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// The attention block's output `[B, T, H]`, and the new tokens' keys and values.
 fn attention(
     c: &ModelConfig,
     w: &LayerWeights,
@@ -197,23 +363,19 @@ fn attention(
     cos: &Tensor,
     sin: &Tensor,
     bias: &Tensor,
-    cache: Option<(&mut KvCache, usize)>,
-) -> Result<Tensor> {
+    keys: Keys,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, t, _) = x.dims3()?;
     let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let g = hq / hkv;
-    let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-        Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) // [B, n, T, D]
-    };
-    let q = heads(linear(x, &w.q_proj, w.q_bias.as_ref())?, hq)?;
-    let k = heads(linear(x, &w.k_proj, w.k_bias.as_ref())?, hkv)?;
-    let v = heads(linear(x, &w.v_proj, w.v_bias.as_ref())?, hkv)?;
+    let q = heads(linear(x, &w.q_proj, w.q_bias.as_ref())?, hq, d)?;
     let q = apply_rope(&q, cos, sin)?; // [B, Hq, T, D]
-    let k = apply_rope(&k, cos, sin)?; // [B, Hkv, T, D]
-    let cached = cache.is_some();
-    let (k, v) = match cache {
-        Some((cache, layer)) => cache.append(layer, &k, &v)?, // [B, Hkv, S, D]
-        None => (k, v),
+    let (k_new, v_new) = keys_values(c, w, x, cos, sin)?; // [B, Hkv, T, D]
+    let cached = matches!(keys, Keys::Cache(..));
+    let (k, v) = match keys {
+        Keys::Cache(cache, layer) => cache.append(layer, &k_new, &v_new)?, // [B, Hkv, S, D]
+        Keys::After(k, v) => (Tensor::cat(&[k, &k_new], 2)?, Tensor::cat(&[v, &v_new], 2)?),
+        Keys::Own => (k_new.clone(), v_new.clone()),
     };
     let s = k.dim(2)?;
     let q = q.reshape((b, hkv, g * t, d))?; // heads h = kv·G + j share K/V head kv
@@ -226,7 +388,7 @@ fn attention(
             .reshape((b, hq, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, hq * d))?; // [B, T, Hq·D]
-        return linear(&out, &w.o_proj, None);
+        return Ok((linear(&out, &w.o_proj, None)?, k_new, v_new));
     }
     let scores = q.matmul(&k.t()?)?.reshape((b, hkv, g, t, s))?; // [B, Hkv, G, T, S]
     let probs = crate::ops::masked_softmax(&scores, bias, scale)? // bias [B, 1, 1, T, S]
@@ -237,7 +399,7 @@ fn attention(
         .reshape((b, hq, t, d))?
         .transpose(1, 2)?
         .reshape((b, t, hq * d))?; // [B, T, Hq·D]
-    linear(&out, &w.o_proj, None)
+    Ok((linear(&out, &w.o_proj, None)?, k_new, v_new))
 }
 
 /// `x·cos + rotate_half(x)·sin` with `rotate_half([x1, x2]) = [−x2, x1]` (HF convention).

@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
-use crate::forward::{hidden_states, Batch};
+use crate::forward::{hidden_states, hidden_states_shared, Batch, SharedPrompts};
 use crate::weights::Weights;
 
 /// Log-probs of a batch of token sequences under the model.
@@ -29,14 +29,47 @@ pub fn sequence_logprobs(
     loss_mask: &[Vec<u8>],
     temperature: f64,
 ) -> Result<SequenceLogprobs> {
-    let device = w.embed_tokens.device();
+    check_rows(input_ids, loss_mask)?;
+    let batch = Batch::new(input_ids, attention_mask, w.embed_tokens.device())?;
+    let hidden = hidden_states(w, &batch, None)?; // [B, T, H]
+    score(w, hidden, input_ids, loss_mask, temperature)
+}
+
+/// [`sequence_logprobs`] of rows that continue shared prompts (`shared`, built from the same
+/// `input_ids`): the log-probs, masks and hidden states cover the rows' own positions
+/// (`[N, T−1]`: position t predicts the row's token t+1). To score a completion's first token,
+/// a row starts with its prompt's last token.
+pub fn shared_prompt_logprobs(
+    w: &Weights,
+    shared: &SharedPrompts,
+    input_ids: &[Vec<u32>],
+    loss_mask: &[Vec<u8>],
+    temperature: f64,
+) -> Result<SequenceLogprobs> {
+    check_rows(input_ids, loss_mask)?;
+    let hidden = hidden_states_shared(w, shared)?; // [N, T, H]
+    score(w, hidden, input_ids, loss_mask, temperature)
+}
+
+fn check_rows(input_ids: &[Vec<u32>], loss_mask: &[Vec<u8>]) -> Result<()> {
     if input_ids.first().map_or(0, Vec::len) < 2 || loss_mask.len() != input_ids.len() {
         return Err(crate::error::ModelError::Generation(
             "log-probs need rows of at least 2 tokens and a loss mask per row".into(),
         ));
     }
-    let batch = Batch::new(input_ids, attention_mask, device)?;
-    let hidden = hidden_states(w, &batch, None)?; // [B, T, H]
+    Ok(())
+}
+
+/// Log-probs and entropies of the tokens `loss_mask` marks, from the final hidden states
+/// `[B, T, H]` of `input_ids`.
+fn score(
+    w: &Weights,
+    hidden: Tensor,
+    input_ids: &[Vec<u32>],
+    loss_mask: &[Vec<u8>],
+    temperature: f64,
+) -> Result<SequenceLogprobs> {
+    let device = w.embed_tokens.device();
     let (b, t, h) = hidden.dims3()?;
     // Only the scored positions go through the output layer: row b·(T−1)+i predicts token i+1.
     let mut rows = Vec::new();
