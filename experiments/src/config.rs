@@ -362,6 +362,9 @@ pub struct OptimizerConfig {
     /// Per-layer activation checkpointing: keep each layer's input only and recompute the
     /// layer in the backward (less memory, about one more forward of compute).
     pub activation_checkpointing: bool,
+    /// Run each distinct prompt of a micro-batch through the model once for all the
+    /// completions that continue it (a GRPO group's), instead of once per completion.
+    pub share_prompts: bool,
     /// Subnetwork-only RL: a `*.masks.safetensors` of `ferrite analyze subnetwork`; only the
     /// parameters it marks changed are trained (gradient and update, weight decay included).
     pub subnetwork_mask: String,
@@ -382,6 +385,7 @@ impl Default for OptimizerConfig {
             warmup_steps: 0,
             micro_batch_tokens: 8192,
             activation_checkpointing: false,
+            share_prompts: true,
             subnetwork_mask: String::new(),
             subnetwork_mask_kind: "tol".into(),
         }

@@ -60,10 +60,19 @@ pub struct DpoStats {
     pub pairs: f64,
 }
 
-/// `log σ(x) = min(x, 0) − log(1 + e^{−|x|})`, stable for large |x|.
+/// `log σ(x)`: `−log(1 + e^{−x})` for x ≥ 0 and `x − log(1 + e^{x})` below, written as
+/// `b − log(1 + e^{−a}) − log(1 + e^{b}) + log 2` with `a = max(x, 0)`, `b = min(x, 0)` split by
+/// one comparison. No exponent is positive, and the gradient at 0 is σ(0) = ½: the usual
+/// `min(x, 0) − log(1 + e^{−|x|})` gets 1 there from autograd's subgradients of `min` and
+/// `|x|`, which doubled the gradient of every pair at the reference (margin exactly 0).
 fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let soft = ((x.abs()?.neg()?.exp()? + 1.0)?).log()?;
-    Ok((x.minimum(0f32)? - soft)?)
+    let zero = x.zeros_like()?;
+    let upper = x.ge(&zero)?;
+    let a = upper.where_cond(x, &zero)?;
+    let b = upper.where_cond(&zero, x)?;
+    let soft = |t: Tensor| -> Result<Tensor> { Ok((t.exp()? + 1.0)?.log()?) };
+    let out = ((&b - soft(a.neg()?)?)? - soft(b)?)?;
+    Ok((out + std::f64::consts::LN_2)?)
 }
 
 /// The loss of a micro-batch: the sum over its pairs divided by `total_pairs` (the pairs of the
@@ -242,4 +251,39 @@ pub fn dpo_step(
     m.grad_norm = s.grad_norm;
     m.skipped = s.skipped;
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::log_sigmoid;
+
+    #[test]
+    fn log_sigmoid_and_its_gradient_hold_everywhere_including_zero() {
+        let xs = [-200.0f32, -30.0, -1.5, -1e-3, 0.0, 1e-3, 0.7, 30.0, 200.0];
+        let x = Var::new(&xs[..], &Device::Cpu).unwrap();
+        let y = log_sigmoid(x.as_tensor()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let values = y.to_vec1::<f32>().unwrap();
+        let slopes = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        for ((&x, v), g) in xs.iter().zip(values).zip(slopes) {
+            let x = f64::from(x);
+            // log σ(x) = −log(1 + e^{−x}); its derivative σ(−x) = 1 / (1 + e^{x})
+            let want = if x >= 0.0 {
+                -(-x).exp().ln_1p()
+            } else {
+                x - x.exp().ln_1p()
+            };
+            let slope = 1.0 / (1.0 + x.exp());
+            assert!(
+                (f64::from(v) - want).abs() < 1e-6 * want.abs().max(1.0),
+                "{x}: {v} vs {want}"
+            );
+            assert!(
+                (f64::from(g) - slope).abs() < 1e-6,
+                "{x}: slope {g} vs {slope}"
+            );
+        }
+    }
 }

@@ -167,7 +167,7 @@ impl Packed {
 }
 
 /// The distinct prompts of `seqs` without their last token, right-padded with their mask, and
-/// the one each sequence continues; None when sharing is off or would save nothing.
+/// the one each sequence continues; None when sharing is off or would save little.
 fn distinct_prompts(seqs: &[Sequence]) -> Option<(Vec<Vec<u32>>, Vec<Vec<u8>>, Vec<usize>)> {
     if !SHARE_PROMPTS.load(Ordering::Relaxed)
         || seqs
@@ -188,13 +188,21 @@ fn distinct_prompts(seqs: &[Sequence]) -> Option<(Vec<Vec<u32>>, Vec<Vec<u8>>, V
             })
         })
         .collect();
-    if distinct.len() == seqs.len() {
+    // at least two rows per prompt on average: a stray repeated prompt (a supervised batch)
+    // saves too little to pay for the gather of its keys and values
+    if 2 * distinct.len() > seqs.len() {
         return None;
     }
     let lp = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
     let ids = distinct
         .iter()
-        .map(|p| p.iter().copied().chain(std::iter::repeat(0)).take(lp).collect())
+        .map(|p| {
+            p.iter()
+                .copied()
+                .chain(std::iter::repeat(0))
+                .take(lp)
+                .collect()
+        })
         .collect();
     let mask = distinct
         .iter()

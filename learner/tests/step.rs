@@ -349,7 +349,9 @@ fn dpo_steps_prefer_the_chosen_completions_and_ignore_micro_batching() {
         };
         let (one, _) = run(1 << 12, 1);
         let (split, _) = run(8, 1);
-        assert!((one[0].loss - split[0].loss).abs() < 1e-6, "{loss:?}");
+        // one pair per micro-batch shares its prompt between two rows, not four: the log-probs
+        // differ from the reference's by float rounding
+        assert!((one[0].loss - split[0].loss).abs() < 1e-5, "{loss:?}");
         assert!((one[0].grad_norm - split[0].grad_norm).abs() < 1e-5 * one[0].grad_norm);
         // at the reference every margin is 0
         assert!(one[0].margin.abs() < 1e-6);

@@ -7,6 +7,8 @@
 //! K/V head are folded into the row dimension (`[B, Hkv, G·T, D]`), so one batched matmul
 //! serves them all.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
@@ -93,6 +95,13 @@ impl Batch {
             attention_bias: Tensor::from_vec(bias, (b, 1, 1, t, s), device)?,
         })
     }
+}
+
+static SHARED_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many forwards over shared prompts this process has run.
+pub fn shared_prompt_calls() -> usize {
+    SHARED_CALLS.load(Ordering::Relaxed)
 }
 
 /// Rows that continue shared prompts (a GRPO group's completions all continue one prompt): the
@@ -215,6 +224,7 @@ pub fn hidden_states(
 /// Final-norm hidden states `[N, T, H]` of rows that continue shared prompts (see
 /// [`SharedPrompts`]); the prompts' own states are not returned.
 pub fn hidden_states_shared(w: &Weights, s: &SharedPrompts) -> Result<Tensor> {
+    SHARED_CALLS.fetch_add(1, Ordering::Relaxed);
     let c = &w.config;
     let dtype = w.embed_tokens.dtype();
     let embed = |batch: &Batch| -> Result<(Tensor, Tensor, Tensor, Tensor)> {
@@ -235,24 +245,39 @@ pub fn hidden_states_shared(w: &Weights, s: &SharedPrompts) -> Result<Tensor> {
         let (cos_p, sin_p, bias_p) = (cos_p.clone(), sin_p.clone(), bias_p.clone());
         let (cos_s, sin_s, bias_s) = (cos_s.clone(), sin_s.clone(), bias_s.clone());
         let (rows, cfg) = (s.rows.clone(), c.clone());
-        let run = move |layer: &LayerWeights, xp: &Tensor, xs: &Tensor| -> Result<(Tensor, Tensor)> {
-            let h = rms_norm(xp, &layer.input_layernorm, cfg.rms_norm_eps)?;
-            // the last layer's prompt states are never read: only its keys and values are
-            let (xp, k, v) = if last {
-                let (k, v) = keys_values(&cfg, layer, &h, &cos_p, &sin_p)?;
-                (xp.clone(), k, v)
-            } else {
-                decoder_layer_kv(&cfg, layer, xp, &cos_p, &sin_p, &bias_p, Keys::Own)?
+        let run =
+            move |layer: &LayerWeights, xp: &Tensor, xs: &Tensor| -> Result<(Tensor, Tensor)> {
+                let h = rms_norm(xp, &layer.input_layernorm, cfg.rms_norm_eps)?;
+                // the last layer's prompt states are never read: only its keys and values are
+                let (xp, k, v) = if last {
+                    let (k, v) = keys_values(&cfg, layer, &h, &cos_p, &sin_p)?;
+                    (xp.clone(), k, v)
+                } else {
+                    decoder_layer_kv(&cfg, layer, xp, &cos_p, &sin_p, &bias_p, Keys::Own)?
+                };
+                let (k, v) = (k.index_select(&rows, 0)?, v.index_select(&rows, 0)?); // [N, Hkv, Lp, D]
+                let xs = decoder_layer(
+                    &cfg,
+                    layer,
+                    xs,
+                    &cos_s,
+                    &sin_s,
+                    &bias_s,
+                    Keys::After(&k, &v),
+                )?;
+                Ok((xp, xs))
             };
-            let (k, v) = (k.index_select(&rows, 0)?, v.index_select(&rows, 0)?); // [N, Hkv, Lp, D]
-            let xs = decoder_layer(&cfg, layer, xs, &cos_s, &sin_s, &bias_s, Keys::After(&k, &v))?;
-            Ok((xp, xs))
-        };
         (xp, xs) = if crate::checkpoint::enabled() && layer.q_proj.is_variable() {
             // one tensor in and out: the prompts' rows, then the continuations'
-            let (np, ns) = (xp.elem_count() / c.hidden_size, xs.elem_count() / c.hidden_size);
+            let (np, ns) = (
+                xp.elem_count() / c.hidden_size,
+                xs.elem_count() / c.hidden_size,
+            );
             let packed = Tensor::cat(
-                &[xp.reshape((np, c.hidden_size))?, xs.reshape((ns, c.hidden_size))?],
+                &[
+                    xp.reshape((np, c.hidden_size))?,
+                    xs.reshape((ns, c.hidden_size))?,
+                ],
                 0,
             )?;
             let (pd, sd, h) = (p_dims.clone(), s_dims.clone(), c.hidden_size);
@@ -260,7 +285,10 @@ pub fn hidden_states_shared(w: &Weights, s: &SharedPrompts) -> Result<Tensor> {
                 let xp = x.narrow(0, 0, np)?.reshape(pd.as_slice())?;
                 let xs = x.narrow(0, np, ns)?.reshape(sd.as_slice())?;
                 let (xp, xs) = run(layer, &xp, &xs)?;
-                Ok(Tensor::cat(&[xp.reshape((np, h))?, xs.reshape((ns, h))?], 0)?)
+                Ok(Tensor::cat(
+                    &[xp.reshape((np, h))?, xs.reshape((ns, h))?],
+                    0,
+                )?)
             })?;
             (
                 y.narrow(0, 0, np)?.reshape(p_dims.as_slice())?,
@@ -344,8 +372,16 @@ fn keys_values(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let k = heads(linear(x, &w.k_proj, w.k_bias.as_ref())?, c.num_key_value_heads, c.head_dim)?;
-    let v = heads(linear(x, &w.v_proj, w.v_bias.as_ref())?, c.num_key_value_heads, c.head_dim)?;
+    let k = heads(
+        linear(x, &w.k_proj, w.k_bias.as_ref())?,
+        c.num_key_value_heads,
+        c.head_dim,
+    )?;
+    let v = heads(
+        linear(x, &w.v_proj, w.v_bias.as_ref())?,
+        c.num_key_value_heads,
+        c.head_dim,
+    )?;
     Ok((apply_rope(&k, cos, sin)?, v))
 }
 

@@ -254,8 +254,30 @@ where
 }
 
 /// Prefills `prompts`, left-padded to `width`, into the empty `cache`; the last logits `[k, V]`.
+/// Identical prompts (a GRPO group's) are prefilled once and their rows copied.
 fn prefill(w: &Weights, prompts: &[&[u32]], width: usize, cache: &mut KvCache) -> Result<Tensor> {
     let device = w.embed_tokens.device();
+    let mut distinct: Vec<&[u32]> = Vec::new();
+    let copy_of: Vec<u32> = prompts
+        .iter()
+        .map(|p| match distinct.iter().position(|d| d == p) {
+            Some(i) => i as u32,
+            None => {
+                distinct.push(p);
+                distinct.len() as u32 - 1
+            }
+        })
+        .collect();
+    if distinct.len() < prompts.len() {
+        let dtype = w.embed_tokens.dtype();
+        let mut once = KvCache::new(&w.config, distinct.len(), cache.capacity(), dtype, device)?;
+        let logits = prefill(w, &distinct, width, &mut once)?; // [P, V]
+        let rows: Vec<usize> = copy_of.iter().map(|&i| i as usize).collect();
+        once.select_rows(&rows)?;
+        *cache = once;
+        let copy_of = Tensor::from_vec(copy_of, prompts.len(), device)?;
+        return Ok(logits.index_select(&copy_of, 0)?); // [k, V]
+    }
     let mut ids = Vec::with_capacity(prompts.len());
     let mut positions = Vec::with_capacity(prompts.len());
     let mut key_valid = Vec::with_capacity(prompts.len());

@@ -80,10 +80,13 @@ fn continuous_batching_samples_what_one_batch_samples() {
     // Twelve prompts of 1–9 tokens with a stop token, sampled: every slot count gives each
     // prompt the completion it gets when all prompts share one batch (its stream depends on
     // the prompt's index only). With two slots the sequences outrun the cache's capacity
-    // (2 × (longest prompt + max_new_tokens)), so the rows are compacted on the way.
+    // (2 × (longest prompt + max_new_tokens)), so the rows are compacted on the way. Prompts
+    // 8–11 repeat prompts 0–3: a batch prefills a repeated prompt once and copies its rows,
+    // which one slot never does.
     let w = load("tiny-qwen2").detach();
     let prompts: Vec<Vec<u32>> = (0..12u32)
         .map(|i| {
+            let i = i % 8;
             (0..1 + (i * 5) % 9)
                 .map(|j| 3 + (i * 7 + j * 3) % 40)
                 .collect()

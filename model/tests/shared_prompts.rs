@@ -41,7 +41,13 @@ fn padded(rows: &[Vec<u32>]) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
     let t = rows.iter().map(Vec::len).max().unwrap();
     let ids = rows
         .iter()
-        .map(|r| r.iter().copied().chain(std::iter::repeat(0)).take(t).collect())
+        .map(|r| {
+            r.iter()
+                .copied()
+                .chain(std::iter::repeat(0))
+                .take(t)
+                .collect()
+        })
         .collect();
     let mask = rows
         .iter()
@@ -95,12 +101,21 @@ fn check(name: &str) {
     let (head_ids, head_mask) = padded(&heads);
     let own: Vec<Vec<u32>> = rows
         .iter()
-        .map(|(p, c)| std::iter::once(*prompts[*p].last().unwrap()).chain(c.iter().copied()).collect())
+        .map(|(p, c)| {
+            std::iter::once(*prompts[*p].last().unwrap())
+                .chain(c.iter().copied())
+                .collect()
+        })
         .collect();
     let (own_ids, own_mask) = padded(&own);
     let own_loss: Vec<Vec<u8>> = own_mask
         .iter()
-        .map(|m| m.iter().enumerate().map(|(i, &x)| u8::from(x != 0 && i >= 1)).collect())
+        .map(|m| {
+            m.iter()
+                .enumerate()
+                .map(|(i, &x)| u8::from(x != 0 && i >= 1))
+                .collect()
+        })
         .collect();
     let row_heads: Vec<usize> = rows.iter().map(|(p, _)| head_of[*p]).collect();
     let shared = SharedPrompts::new(
@@ -125,15 +140,31 @@ fn check(name: &str) {
     };
     let (a, b) = (pick(&full, &full_start), pick(&part, &part_start));
     for r in 0..rows.len() {
-        assert!(max_abs_diff(&a.0[r], &b.0[r]) < 1e-5, "{name}: log-probs of row {r}");
-        assert!(max_abs_diff(&a.1[r], &b.1[r]) < 1e-5, "{name}: entropies of row {r}");
-        assert!(max_abs_diff(&a.2[r], &b.2[r]) < 1e-4, "{name}: hidden states of row {r}");
-        assert_eq!(max_abs(&(&a.3[r] - 1.0).unwrap()), 0.0, "{name}: mask of row {r}");
+        assert!(
+            max_abs_diff(&a.0[r], &b.0[r]) < 1e-5,
+            "{name}: log-probs of row {r}"
+        );
+        assert!(
+            max_abs_diff(&a.1[r], &b.1[r]) < 1e-5,
+            "{name}: entropies of row {r}"
+        );
+        assert!(
+            max_abs_diff(&a.2[r], &b.2[r]) < 1e-4,
+            "{name}: hidden states of row {r}"
+        );
+        assert_eq!(
+            max_abs(&(&a.3[r] - 1.0).unwrap()),
+            0.0,
+            "{name}: mask of row {r}"
+        );
     }
     // the same number of scored tokens: nothing else is masked in
     let count = |lp: &SequenceLogprobs| lp.mask.sum_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(count(&full), count(&part));
-    assert!(max_abs(&full.logprobs) > 0.1, "{name}: log-probs too small to compare");
+    assert!(
+        max_abs(&full.logprobs) > 0.1,
+        "{name}: log-probs too small to compare"
+    );
 
     // gradients of a loss that weighs each completion token differently
     let loss = |lp: &SequenceLogprobs, start: &[usize]| {
@@ -143,7 +174,10 @@ fn check(name: &str) {
             let k = Tensor::from_vec(k, n, &Device::Cpu).unwrap();
             let row = lp.logprobs.get(r).unwrap().narrow(0, s, n).unwrap();
             let ent = lp.entropy.get(r).unwrap().narrow(0, s, n).unwrap();
-            let term = ((row * &k).unwrap() + (ent * 0.1).unwrap()).unwrap().sum_all().unwrap();
+            let term = ((row * &k).unwrap() + (ent * 0.1).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
             total = Some(match total {
                 Some(t) => (t + term).unwrap(),
                 None => term,
@@ -159,7 +193,10 @@ fn check(name: &str) {
         let y = y.unwrap_or_else(|| panic!("{name}: no gradient reached {param} (shared)"));
         let scale = max_abs(x).max(1e-6);
         let rel = max_abs_diff(x, y) / scale;
-        assert!(rel < 1e-4, "{name}: gradient of {param} off by {rel:e} (relative)");
+        assert!(
+            rel < 1e-4,
+            "{name}: gradient of {param} off by {rel:e} (relative)"
+        );
     }
 }
 
@@ -171,10 +208,16 @@ fn shared_prompts_match_whole_sequences() {
     model::checkpoint::set_enabled(true);
     let before = model::checkpoint::recomputed_layers();
     check("tiny-qwen2");
-    assert!(model::checkpoint::recomputed_layers() > before, "no layer was recomputed");
+    assert!(
+        model::checkpoint::recomputed_layers() > before,
+        "no layer was recomputed"
+    );
     model::checkpoint::set_enabled(false);
     model::attention::set_chunk_elements(8);
     let before = model::attention::chunked_calls();
     check("tiny-llama");
-    assert!(model::attention::chunked_calls() > before, "the attention was not chunked");
+    assert!(
+        model::attention::chunked_calls() > before,
+        "the attention was not chunked"
+    );
 }
