@@ -166,9 +166,9 @@ impl Packed {
     }
 }
 
-/// The distinct prompts of `seqs` without their last token, right-padded with their mask, and
-/// the one each sequence continues; None when sharing is off or would save little.
-fn distinct_prompts(seqs: &[Sequence]) -> Option<(Vec<Vec<u32>>, Vec<Vec<u8>>, Vec<usize>)> {
+/// The distinct prompts of `seqs` without their last token, and the one each sequence
+/// continues; None when sharing is off or would save little.
+fn distinct_prompts(seqs: &[Sequence]) -> Option<(Vec<&[u32]>, Vec<usize>)> {
     if !SHARE_PROMPTS.load(Ordering::Relaxed)
         || seqs
             .iter()
@@ -190,25 +190,21 @@ fn distinct_prompts(seqs: &[Sequence]) -> Option<(Vec<Vec<u32>>, Vec<Vec<u8>>, V
         .collect();
     // at least two rows per prompt on average: a stray repeated prompt (a supervised batch)
     // saves too little to pay for the gather of its keys and values
-    if 2 * distinct.len() > seqs.len() {
-        return None;
-    }
-    let lp = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
-    let ids = distinct
-        .iter()
-        .map(|p| {
-            p.iter()
-                .copied()
-                .chain(std::iter::repeat(0))
-                .take(lp)
-                .collect()
+    (2 * distinct.len() <= seqs.len()).then_some((distinct, rows))
+}
+
+/// `rows` right-padded with zeros to the longest, and their masks (1 on real tokens).
+fn right_padded(rows: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|r| {
+            let ids = r.iter().copied().chain(std::iter::repeat(0)).take(t);
+            (
+                ids.collect(),
+                (0..t).map(|i| u8::from(i < r.len())).collect(),
+            )
         })
-        .collect();
-    let mask = distinct
-        .iter()
-        .map(|p| (0..lp).map(|i| u8::from(i < p.len())).collect())
-        .collect();
-    Some((ids, mask, rows))
+        .unzip()
 }
 
 pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
@@ -267,9 +263,12 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
         }
     }
     let shared = match shared {
-        Some((prompts, mask, rows)) => Some(SharedPrompts::new(
-            &prompts, &mask, &rows, &ids, &attention, device,
-        )?),
+        Some((prompts, rows)) => {
+            let (prompts, mask) = right_padded(&prompts);
+            Some(SharedPrompts::new(
+                &prompts, &mask, &rows, &ids, &attention, device,
+            )?)
+        }
         None => None,
     };
     let b = seqs.len();

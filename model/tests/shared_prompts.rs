@@ -13,9 +13,12 @@ use common::*;
 use model::forward::SharedPrompts;
 use model::logprobs::{sequence_logprobs, shared_prompt_logprobs, SequenceLogprobs};
 
+/// Completions and the index of the prompt each continues.
+type Rows = Vec<(usize, Vec<u32>)>;
+
 /// Prompts of 2–7 tokens (the last two share all but their last token) and the completions
 /// that continue them, of 1–6 tokens.
-fn cases() -> (Vec<Vec<u32>>, Vec<(usize, Vec<u32>)>) {
+fn cases() -> (Vec<Vec<u32>>, Rows) {
     let prompts = vec![
         vec![5, 17, 3],
         vec![9, 2, 44, 8, 31, 6, 12],

@@ -10,7 +10,8 @@
 //! against the CPU path. `bench`: the Qwen2.5-0.5B shape — learner tokens/s and peak device memory
 //! at B=8, T=1024 with a per-phase and per-kernel split, generation tokens/s at B=64 and B=256
 //! (128-token prompts, 256 new tokens). Prints a table, then one JSON line per measurement; exits
-//! non-zero when a check fails.
+//! non-zero when a check fails. `GPU_CHECK_DEVICE=cpu gpu-check checks` dry-runs the checks' own
+//! code on the CPU (the kernel checks then fail: there are no kernels).
 
 use std::time::Instant;
 
@@ -216,6 +217,46 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         "grads with layer checkpointing vs without (gpu)",
         format!("{worst:.2e}"),
         worst < 1e-4,
+    );
+
+    // shared prompts: two 40-token prompts run once for the three 8-token completions of each
+    let comp = |k: usize| &ids[2 + k % 2][8 * k..8 * k + 8];
+    let whole: Vec<Vec<u32>> = (0..6)
+        .map(|k| ids[k / 3][..40].iter().chain(comp(k)).copied().collect())
+        .collect();
+    let ones = vec![vec![1u8; 48]; 6];
+    let scored: Vec<Vec<u8>> = (0..6)
+        .map(|_| (0..48).map(|j| u8::from(j >= 40)).collect())
+        .collect();
+    let lw = sequence_logprobs(&w_gpu, &whole, &ones, &scored, 1.0)?.logprobs; // [6, 47]
+    let heads: Vec<Vec<u32>> = ids[..2].iter().map(|r| r[..39].to_vec()).collect();
+    let own: Vec<Vec<u32>> = (0..6)
+        .map(|k| {
+            std::iter::once(ids[k / 3][39])
+                .chain(comp(k).iter().copied())
+                .collect()
+        })
+        .collect();
+    let own_mask = vec![vec![1u8; 9]; 6];
+    let own_scored: Vec<Vec<u8>> = (0..6)
+        .map(|_| (0..9).map(|j| u8::from(j >= 1)).collect())
+        .collect();
+    let shared = model::forward::SharedPrompts::new(
+        &heads,
+        &vec![vec![1u8; 39]; 2],
+        &[0, 0, 0, 1, 1, 1],
+        &own,
+        &own_mask,
+        gpu,
+    )?;
+    let ls =
+        model::logprobs::shared_prompt_logprobs(&w_gpu, &shared, &own, &own_scored, 1.0)?.logprobs; // [6, 8]
+    let d = max_abs_diff(&lw.narrow(1, 39, 8)?, &ls)?;
+    let size = max_abs(&ls)?;
+    check(
+        "shared prompts vs whole rows, max|Δ log-prob| (gpu)",
+        format!("{d:.2e} of {size:.1}"),
+        d < 1e-4 && size > 0.1,
     );
 
     // greedy generation
@@ -791,7 +832,11 @@ fn main() -> Result<()> {
     if !matches!(what.as_str(), "checks" | "bench" | "all") {
         return Err(format!("usage: gpu-check [checks|bench|all], not {what}").into());
     }
-    let gpu = Device::new_cuda(0)?;
+    // a dry run of the checks' own code on the CPU (no kernels), before spending GPU time
+    let gpu = match std::env::var("GPU_CHECK_DEVICE").as_deref() {
+        Ok("cpu") => Device::Cpu,
+        _ => Device::new_cuda(0)?,
+    };
     let mut rows: Vec<(String, String, bool)> = Vec::new();
     let (mut json, mut lines) = (Vec::new(), Vec::new());
     // a failing section is a FAIL row with its error; the rest still runs
