@@ -245,6 +245,8 @@ def dpo():
     pr = -torch.rand(n) * 20
     rc = pc + torch.randn(n) * 2
     rr = pr + torch.randn(n) * 2
+    # one pair at the reference, as every pair is at DPO's first step: its margin is exactly 0
+    rc[2], rr[2] = pc[2], pr[2]
     lc = torch.tensor([3.0, 7.0, 1.0, 12.0, 5.0])
     lr = torch.tensor([4.0, 2.0, 9.0, 6.0, 5.0])
     total = 8
