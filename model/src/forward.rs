@@ -46,10 +46,7 @@ impl Batch {
                 "attention_mask must have the shape of input_ids".into(),
             ));
         }
-        let valid: Vec<Vec<bool>> = attention_mask
-            .iter()
-            .map(|m| m.iter().map(|&x| x != 0).collect())
-            .collect();
+        let valid = valid_slots(attention_mask);
         let positions = valid.iter().map(|v| positions_of(v, 0)).collect::<Vec<_>>();
         Self::from_parts(input_ids, &positions, &valid, 0, t, device)
     }
@@ -142,14 +139,10 @@ impl SharedPrompts {
         }
         let prompt_batch = Batch::new(prompts, prompt_mask, device)?;
         let lp = prompts[0].len();
-        let prompt_valid: Vec<Vec<bool>> = prompt_mask
-            .iter()
-            .map(|m| m.iter().map(|&x| x != 0).collect())
-            .collect();
+        let prompt_valid = valid_slots(prompt_mask);
         let mut positions = Vec::with_capacity(rows.len());
         let mut key_valid = Vec::with_capacity(rows.len());
-        for (&r, m) in rows.iter().zip(attention_mask) {
-            let own: Vec<bool> = m.iter().map(|&x| x != 0).collect();
+        for (&r, own) in rows.iter().zip(valid_slots(attention_mask)) {
             let start = prompt_valid[r].iter().filter(|&&v| v).count() as u32;
             positions.push(positions_of(&own, start));
             key_valid.push(prompt_valid[r].iter().chain(&own).copied().collect());
@@ -162,6 +155,13 @@ impl SharedPrompts {
             batch,
         })
     }
+}
+
+/// `true` where a mask (1 real token, 0 padding) holds a real token.
+fn valid_slots(mask: &[Vec<u8>]) -> Vec<Vec<bool>> {
+    mask.iter()
+        .map(|m| m.iter().map(|&x| x != 0).collect())
+        .collect()
 }
 
 /// Rotary positions of a row: the count of valid tokens before each slot, starting at `start`
@@ -187,6 +187,19 @@ pub fn forward(w: &Weights, batch: &Batch, cache: Option<&mut KvCache>) -> Resul
     linear(&hidden, w.output_weight(), None) // [B, T, V]
 }
 
+/// A batch's token embeddings `[B, T, H]`, its rotary tables `[B, 1, T, D]` (cos, sin) and its
+/// attention bias in f32.
+fn embed(w: &Weights, batch: &Batch) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let c = &w.config;
+    let (b, t) = batch.input_ids.dims2()?;
+    let (cos, sin) = rope_tables(c, &batch.positions, b, t, w.embed_tokens.dtype())?;
+    let x = w
+        .embed_tokens
+        .index_select(&batch.input_ids.flatten_all()?, 0)?
+        .reshape((b, t, c.hidden_size))?;
+    Ok((x, cos, sin, batch.attention_bias.to_dtype(DType::F32)?))
+}
+
 /// Final-norm hidden states `[B, T, H]` (the trunk, for value heads and chunked log-probs).
 pub fn hidden_states(
     w: &Weights,
@@ -194,15 +207,8 @@ pub fn hidden_states(
     mut cache: Option<&mut KvCache>,
 ) -> Result<Tensor> {
     let c = &w.config;
-    let (b, t) = batch.input_ids.dims2()?;
-    let dtype = w.embed_tokens.dtype();
-    let (cos, sin) = rope_tables(c, &batch.positions, b, t, dtype)?; // [B, 1, T, D] each
-    let bias = batch.attention_bias.to_dtype(DType::F32)?;
-    let ids = batch.input_ids.flatten_all()?;
-    let mut x = w
-        .embed_tokens
-        .index_select(&ids, 0)?
-        .reshape((b, t, c.hidden_size))?;
+    let (mut x, cos, sin, bias) = embed(w, batch)?;
+    let t = x.dim(1)?;
     for (l, layer) in w.layers.iter().enumerate() {
         x = match cache.as_deref_mut() {
             None if crate::checkpoint::enabled() && layer.q_proj.is_variable() => {
@@ -226,18 +232,8 @@ pub fn hidden_states(
 pub fn hidden_states_shared(w: &Weights, s: &SharedPrompts) -> Result<Tensor> {
     SHARED_CALLS.fetch_add(1, Ordering::Relaxed);
     let c = &w.config;
-    let dtype = w.embed_tokens.dtype();
-    let embed = |batch: &Batch| -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-        let (b, t) = batch.input_ids.dims2()?;
-        let (cos, sin) = rope_tables(c, &batch.positions, b, t, dtype)?; // [B, 1, T, D]
-        let x = w
-            .embed_tokens
-            .index_select(&batch.input_ids.flatten_all()?, 0)?
-            .reshape((b, t, c.hidden_size))?;
-        Ok((x, cos, sin, batch.attention_bias.to_dtype(DType::F32)?))
-    };
-    let (mut xp, cos_p, sin_p, bias_p) = embed(&s.prompts)?; // [P, Lp, H]
-    let (mut xs, cos_s, sin_s, bias_s) = embed(&s.batch)?; // [N, T, H]
+    let (mut xp, cos_p, sin_p, bias_p) = embed(w, &s.prompts)?; // [P, Lp, H]
+    let (mut xs, cos_s, sin_s, bias_s) = embed(w, &s.batch)?; // [N, T, H]
     let (p_dims, s_dims) = (xp.dims().to_vec(), xs.dims().to_vec());
     let n_layers = w.layers.len();
     for (l, layer) in w.layers.iter().enumerate() {
