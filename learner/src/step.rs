@@ -207,19 +207,20 @@ fn right_padded(rows: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
         .unzip()
 }
 
+/// The prompt tokens a row starts with: all of them, or only the last when prompts are shared.
+fn row_prompt(s: &Sequence, shared: bool) -> &[u32] {
+    match shared {
+        true => &s.prompt[s.prompt.len().saturating_sub(1)..],
+        false => &s.prompt,
+    }
+}
+
 pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
     let shared = distinct_prompts(seqs);
-    // the prompt tokens each row starts with
     let is_shared = shared.is_some();
-    let prompt_of = |s: &Sequence| -> std::ops::Range<usize> {
-        match is_shared {
-            true => s.prompt.len().saturating_sub(1)..s.prompt.len(),
-            false => 0..s.prompt.len(),
-        }
-    };
     let t = seqs
         .iter()
-        .map(|s| prompt_of(s).len() + s.completion.len())
+        .map(|s| row_prompt(s, is_shared).len() + s.completion.len())
         .max()
         .unwrap_or(0);
     let mut ids = Vec::new();
@@ -242,7 +243,7 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
                 "a sequence needs a prompt and one behaviour log-prob, advantage (and active flag, return, value) per completion token".into(),
             ));
         }
-        let prompt = &s.prompt[prompt_of(s)];
+        let prompt = row_prompt(s, is_shared);
         let pl = prompt.len();
         let n = pl + s.completion.len();
         let mut row: Vec<u32> = prompt.iter().chain(&s.completion).copied().collect();

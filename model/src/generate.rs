@@ -258,23 +258,22 @@ where
 fn prefill(w: &Weights, prompts: &[&[u32]], width: usize, cache: &mut KvCache) -> Result<Tensor> {
     let device = w.embed_tokens.device();
     let mut distinct: Vec<&[u32]> = Vec::new();
-    let copy_of: Vec<u32> = prompts
+    let copy_of: Vec<usize> = prompts
         .iter()
-        .map(|p| match distinct.iter().position(|d| d == p) {
-            Some(i) => i as u32,
-            None => {
+        .map(|p| {
+            distinct.iter().position(|d| d == p).unwrap_or_else(|| {
                 distinct.push(p);
-                distinct.len() as u32 - 1
-            }
+                distinct.len() - 1
+            })
         })
         .collect();
     if distinct.len() < prompts.len() {
         let dtype = w.embed_tokens.dtype();
         let mut once = KvCache::new(&w.config, distinct.len(), cache.capacity(), dtype, device)?;
         let logits = prefill(w, &distinct, width, &mut once)?; // [P, V]
-        let rows: Vec<usize> = copy_of.iter().map(|&i| i as usize).collect();
-        once.select_rows(&rows)?;
+        once.select_rows(&copy_of)?;
         *cache = once;
+        let copy_of: Vec<u32> = copy_of.iter().map(|&i| i as u32).collect();
         let copy_of = Tensor::from_vec(copy_of, prompts.len(), device)?;
         return Ok(logits.index_select(&copy_of, 0)?); // [k, V]
     }
