@@ -258,7 +258,7 @@ fn print_summary(dir: &Path, s: &run::Summary) {
 }
 
 fn main() -> anyhow::Result<()> {
-    model::tune_allocator();
+    model::tune_process();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_max_level(cli.log_level)

@@ -105,7 +105,7 @@ fn peak_rss() -> String {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    model::tune_allocator();
+    model::tune_process();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let only = args.first().cloned();
     let shape: Option<(usize, usize)> = match (args.get(1), args.get(2)) {

@@ -12,7 +12,7 @@ use model::generate::{generate, generate_continuous, GenerationConfig};
 use model::sampling::SamplingParams;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    model::tune_allocator();
+    model::tune_process();
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .map(|a| a.parse())

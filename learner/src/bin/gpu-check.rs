@@ -828,6 +828,7 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
 }
 
 fn main() -> Result<()> {
+    model::tune_process();
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     if !matches!(what.as_str(), "checks" | "bench" | "all") {
         return Err(format!("usage: gpu-check [checks|bench|all], not {what}").into());
