@@ -44,7 +44,7 @@ pub use forward::{forward, Batch};
 pub use weights::Weights;
 
 /// Process-wide tuning for candle on the CPU, done once at start-up before any thread starts:
-/// [`tune_allocator`] and [`pin_thread_count`].
+/// glibc keeps freed buffers (`tune_allocator`), and [`pin_thread_count`].
 pub fn tune_process() {
     tune_allocator();
     pin_thread_count();
@@ -53,8 +53,8 @@ pub fn tune_process() {
 /// Keeps freed tensor buffers in the process instead of returning them to the kernel after
 /// every op: candle allocates a fresh buffer per op, and glibc's defaults turn each large one
 /// into an mmap / munmap pair with page faults on first touch (measured: 13% of a CPU train
-/// step). Call once at start-up; a no-op off glibc.
-pub fn tune_allocator() {
+/// step). A no-op off glibc.
+fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         extern "C" {
@@ -76,7 +76,7 @@ pub fn tune_allocator() {
 /// set, on Linux machines whose cores all have the same capacity that means counting physical
 /// cores by reading and parsing `/proc/cpuinfo` again (`num_cpus::get_physical`, uncached).
 /// Measured on the default run (2 cores): some 470 reads a second per thread, and its 60 RL
-/// steps took 45 s instead of 31 s. This resolves candle's count once and fixes it in
+/// steps took 41 s instead of 28 s. This resolves candle's count once and fixes it in
 /// `RAYON_NUM_THREADS`, which candle reads first; rayon's global pool is built beforehand so
 /// that it keeps its own default (logical CPUs). A count the user set is left alone.
 /// Call once at start-up, before any thread starts.
