@@ -22,6 +22,16 @@ fn time_split(dir: &Path) -> anyhow::Result<Vec<(String, f64)>> {
         .collect())
 }
 
+/// The most that asynchrony can speed up a run whose synchronous time split is `split`: every
+/// second the learner spent waiting for rollouts hidden, and nothing else slowed down, so a step
+/// takes `step - wait_rollout` instead of `step`. Rollout and learner sharing one device only
+/// approach it while the device had idle time to give; `None` without both columns.
+fn async_bound(split: &[(String, f64)]) -> Option<f64> {
+    let get = |name: &str| split.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+    let (step, wait) = (get("time/step")?, get("time/wait_rollout")?);
+    (step > wait).then(|| step / (step - wait))
+}
+
 /// One arm of the comparison: its staleness, summary and time split.
 type Arm = (u64, Summary, Vec<(String, f64)>);
 
@@ -71,6 +81,9 @@ pub fn staleness(
         "throughput ratio (staleness 1 / staleness 0): {:.2}x",
         rate(&results[1].1) / rate(&results[0].1)
     );
+    if let Some(b) = async_bound(&results[0].2) {
+        println!("bound (synchronous step time / the same without waiting for rollouts): {b:.2}x");
+    }
     println!("\nwhere the learner's time goes (seconds summed over steps):");
     for (s, _, split) in &results {
         let line: Vec<String> = split
@@ -80,4 +93,28 @@ pub fn staleness(
         println!("  staleness {s}: {}", line.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::async_bound;
+
+    #[test]
+    fn the_bound_hides_only_the_wait() {
+        let split = |pairs: &[(&str, f64)]| -> Vec<(String, f64)> {
+            pairs.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+        };
+        // the synchronous run of 2026-12-01: 27 s of steps, 7 of them waiting for rollouts
+        let sync = split(&[
+            ("time/wait_rollout", 7.0),
+            ("time/train", 20.0),
+            ("time/step", 27.0),
+        ]);
+        assert!((async_bound(&sync).unwrap() - 27.0 / 20.0).abs() < 1e-12);
+        assert_eq!(async_bound(&split(&[("time/train", 20.0)])), None);
+        assert_eq!(
+            async_bound(&split(&[("time/wait_rollout", 3.0), ("time/step", 3.0)])),
+            None
+        );
+    }
 }
