@@ -72,7 +72,10 @@ impl Critic {
         let (weights, head) = match checkpoint {
             Some(dir) => {
                 let d = dir.join(CRITIC_DIR);
-                (Weights::load_dir(&d, DType::F32, &device)?, load_head(&d)?)
+                (
+                    Weights::load_dir(&d, init.embed_tokens.dtype(), &device)?,
+                    load_head(&d)?,
+                )
             }
             None => (init.snapshot()?, ValueHead::zeros(hidden, &device)?),
         };

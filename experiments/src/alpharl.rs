@@ -256,7 +256,7 @@ impl Evaluator {
         let path = run.join(crate::run::CONFIG_FILE);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("{} is not a run directory", run.display()))?;
-        let config = Config::from_toml(&text, &path.display().to_string())?;
+        let config = Config::from_toml(&text, &path.display().to_string())?.on_host();
         let sft = run.join("checkpoints/sft");
         let (start, tokenizer) = if sft.is_dir() {
             (

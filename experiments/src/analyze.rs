@@ -114,7 +114,8 @@ fn ranks(
 ) -> anyhow::Result<BTreeMap<String, (usize, usize)>> {
     let mut out = BTreeMap::new();
     for u in updates.iter().filter(|u| is_layer_matrix(&u.name)) {
-        let delta = (&after[&u.name] - &before[&u.name])?;
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+        let delta = (f32s(&after[&u.name])? - f32s(&before[&u.name])?)?;
         let data = delta.flatten_all()?.to_vec1::<f32>()?;
         out.insert(
             u.name.clone(),
@@ -398,7 +399,7 @@ fn run_config(run: &Path) -> anyhow::Result<Config> {
 /// `ferrite analyze subnetwork RUN_DIR`: the tracker over a finished run's checkpoints. The RL
 /// start is `checkpoints/sft` (or the initial model when the run had no SFT stage).
 pub fn subnetwork(run: &Path, tol: f64) -> anyhow::Result<()> {
-    let config = run_config(run)?;
+    let config = run_config(run)?.on_host();
     let ckpts = run.join("checkpoints");
     let sft = ckpts.join("sft");
     let (initial, _) = setup::load_model(&config)?;

@@ -89,6 +89,47 @@ pub struct ModelSection {
     pub layers: usize,
     /// A Jinja chat template file that replaces the model's.
     pub chat_template: Option<String>,
+    /// Where the policy (and its rollouts, reference and critic) runs: `cpu`, `cuda` or
+    /// `cuda:N` (CUDA needs a binary built with `--features cuda`).
+    pub device: String,
+    /// Compute dtype of the weights: `auto` (f32 on the CPU, bf16 on CUDA), `f32` or `bf16`.
+    /// The optimizer keeps f32 master weights and moments either way.
+    pub dtype: String,
+}
+
+/// Where a run's model lives, parsed from `model.device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// The CUDA device of this ordinal.
+    Cuda(usize),
+}
+
+impl ModelSection {
+    pub fn device_spec(&self) -> anyhow::Result<DeviceSpec> {
+        let d = self.device.trim().to_ascii_lowercase();
+        match d.as_str() {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            _ => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => bail!(
+                    "model.device = {:?}: `cpu`, `cuda` or `cuda:N` (N the device ordinal)",
+                    self.device
+                ),
+            },
+        }
+    }
+
+    /// Whether the weights compute in bf16 (`dtype`, with `auto` resolved by the device).
+    pub fn bf16(&self) -> anyhow::Result<bool> {
+        match self.dtype.as_str() {
+            "auto" => Ok(self.device_spec()? != DeviceSpec::Cpu),
+            "f32" | "float32" => Ok(false),
+            "bf16" | "bfloat16" => Ok(true),
+            other => bail!("model.dtype = {other:?}: `auto`, `f32` or `bf16`"),
+        }
+    }
 }
 
 impl Default for ModelSection {
@@ -98,6 +139,8 @@ impl Default for ModelSection {
             hidden: 128,
             layers: 4,
             chat_template: None,
+            device: "cpu".into(),
+            dtype: "auto".into(),
         }
     }
 }
@@ -486,7 +529,17 @@ impl Config {
         toml::to_string_pretty(self).expect("the config serializes")
     }
 
+    /// The same config with the model on the host in f32: offline analyses of a run's
+    /// checkpoints (subnetwork, AlphaRL) do their arithmetic there, and the run's own device
+    /// may be absent on the machine that analyses it.
+    pub fn on_host(mut self) -> Config {
+        self.model.device = "cpu".into();
+        self.model.dtype = "f32".into();
+        self
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
+        self.model.bf16()?; // parses the device too
         let r = &self.rollout;
         if r.group_size < 2 {
             bail!(
@@ -619,6 +672,36 @@ mod tests {
         // the resolved config round-trips
         let back = Config::from_toml(&c.to_toml(), "resolved").unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn the_device_and_dtype_are_parsed_and_checked() {
+        let with = |set: &[&str]| {
+            let sets: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+            Config::default().with_overrides(&sets)
+        };
+        let c = with(&[]).unwrap();
+        assert_eq!(c.model.device_spec().unwrap(), DeviceSpec::Cpu);
+        assert!(!c.model.bf16().unwrap(), "auto is f32 on the CPU");
+        let c = with(&["model.device=cuda"]).unwrap();
+        assert_eq!(c.model.device_spec().unwrap(), DeviceSpec::Cuda(0));
+        assert!(c.model.bf16().unwrap(), "auto is bf16 on CUDA");
+        let c = with(&["model.device=cuda:3", "model.dtype=f32"]).unwrap();
+        assert_eq!(c.model.device_spec().unwrap(), DeviceSpec::Cuda(3));
+        assert!(!c.model.bf16().unwrap());
+        assert!(with(&["model.dtype=bf16"]).unwrap().model.bf16().unwrap());
+        for (set, key) in [
+            ("model.device=tpu", "model.device"),
+            ("model.device=cuda:x", "model.device"),
+            ("model.dtype=fp8", "model.dtype"),
+        ] {
+            let e = format!("{:#}", with(&[set]).unwrap_err());
+            assert!(e.contains(key), "{set}: {e}");
+        }
+        // analyses of a CUDA run's checkpoints happen on the host
+        let c = with(&["model.device=cuda:1"]).unwrap().on_host();
+        assert_eq!(c.model.device_spec().unwrap(), DeviceSpec::Cpu);
+        assert!(!c.model.bf16().unwrap());
     }
 
     #[test]

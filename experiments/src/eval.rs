@@ -117,11 +117,7 @@ pub fn evaluate_checkpoint(
     checkpoint: &std::path::Path,
 ) -> anyhow::Result<EvalResult> {
     use crate::setup;
-    let w = Weights::load_dir(
-        checkpoint,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )?;
+    let w = setup::load_weights(c, checkpoint)?;
     let tokenizer = model::tokenizer::Tokenizer::from_dir(checkpoint)?;
     let task = setup::task(c, tokenizer);
     let records = setup::eval_records(c)?;

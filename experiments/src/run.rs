@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use learner::checkpoint::{self, TrainerState};
 use learner::collect::Collector;
@@ -98,7 +97,7 @@ fn sft_stage(
 ) -> anyhow::Result<(Weights, FeedState, f64)> {
     let ckpt = dir.join("checkpoints").join("sft");
     if opts.resume && ckpt.join(checkpoint::STATE_FILE).is_file() {
-        let w = Weights::load_dir(&ckpt, DType::F32, &candle_core::Device::Cpu)?;
+        let w = setup::load_weights(c, &ckpt)?;
         return Ok((w, checkpoint::load_state(&ckpt)?.feed, 0.0));
     }
     if c.sft.steps == 0 {
@@ -155,7 +154,7 @@ fn sft_stage(
     checkpoint::save(
         &dir.join("checkpoints"),
         "sft",
-        &w,
+        &opt.master_weights(&w)?,
         &task.tokenizer,
         None,
         &state,
@@ -221,10 +220,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     summary.seconds_sft = sft_seconds;
     // the RL stage
     let (policy_init, state) = match &resume_from {
-        Some((_, ckpt)) => (
-            Weights::load_dir(ckpt, DType::F32, &candle_core::Device::Cpu)?,
-            checkpoint::load_state(ckpt)?,
-        ),
+        Some((_, ckpt)) => (setup::load_weights(c, ckpt)?, checkpoint::load_state(ckpt)?),
         None => (
             start_weights.clone(),
             TrainerState {

@@ -16,25 +16,59 @@ use model::{builtin, init, Weights};
 use rewards::compose::{Part, PartKind, RewardSpec};
 use rollout::task::Task;
 
-use crate::config::Config;
+use crate::config::{Config, DeviceSpec};
 
-/// The model named by `model.path`: `builtin:tiny`, an HF directory, or a `.gguf` file.
+/// The device and compute dtype that `model.device` and `model.dtype` ask for.
+pub fn placement(c: &Config) -> anyhow::Result<(Device, DType)> {
+    let dtype = if c.model.bf16()? {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    Ok((device(c.model.device_spec()?)?, dtype))
+}
+
+fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(n) => Device::new_cuda(n).with_context(|| {
+            format!("model.device = \"cuda:{n}\": no such CUDA device, or the driver failed")
+        }),
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(n) => bail!(
+            "model.device = \"cuda:{n}\": this binary was built without CUDA; build it with \
+             `cargo build --release --features cuda` (see README) or set model.device = \"cpu\""
+        ),
+    }
+}
+
+/// Weights loaded on the run's device in its compute dtype (checkpoints of a run).
+pub fn load_weights(c: &Config, dir: &Path) -> anyhow::Result<Weights> {
+    let (device, dtype) = placement(c)?;
+    Weights::load_dir(dir, dtype, &device).with_context(|| dir.display().to_string())
+}
+
+/// The model named by `model.path` (`builtin:tiny`, an HF directory, or a `.gguf` file), on
+/// the device and in the dtype of `model.device` and `model.dtype`.
 pub fn load_model(c: &Config) -> anyhow::Result<(Weights, Tokenizer)> {
     let m = &c.model;
+    let (device, dtype) = placement(c)?;
     let (weights, mut tokenizer) = if m.path == "builtin:tiny" {
         let config = builtin::tiny_config(m.hidden, m.layers);
+        // drawn on the host by our seeded RNG, so that every device starts from the same model
         let w = init::random_weights(&config, 0.02, c.run.seed, &Device::Cpu)?;
-        (w, builtin::char_tokenizer()?)
+        (w.to(dtype, &device)?, builtin::char_tokenizer()?)
     } else if let Some(other) = m.path.strip_prefix("builtin:") {
         bail!("model.path = \"builtin:{other}\": the built-in model is `builtin:tiny`");
     } else {
         let path = Path::new(&m.path);
         if path.extension().is_some_and(|e| e == "gguf") {
-            let g = model::gguf::load(path, DType::F32, &Device::Cpu)
+            let g = model::gguf::load(path, dtype, &device)
                 .with_context(|| format!("model.path = {}", m.path))?;
             (g.weights, g.tokenizer)
         } else if path.is_dir() {
-            let w = Weights::load_dir(path, DType::F32, &Device::Cpu)
+            let w = Weights::load_dir(path, dtype, &device)
                 .with_context(|| format!("model.path = {}", m.path))?;
             (w, Tokenizer::from_dir(path)?)
         } else {
@@ -190,4 +224,47 @@ pub fn eval_records(c: &Config) -> anyhow::Result<Vec<Record>> {
         .map_or(c.data.eval_size as u64, |n| n.min(c.data.eval_size as u64));
     let mut loader = Loader::new(source, 0, false, 1024)?;
     Ok(loader.take(n as usize)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(set: &[&str]) -> Config {
+        let sets: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        Config::default().with_overrides(&sets).unwrap()
+    }
+
+    /// bf16 on the CPU: the built-in model is the f32 one rounded, whatever the dtype.
+    #[test]
+    fn the_model_loads_in_the_configured_dtype() {
+        let (f32s, _) = load_model(&with(&["model.layers=1"])).unwrap();
+        let (bf16s, _) = load_model(&with(&["model.layers=1", "model.dtype=bf16"])).unwrap();
+        assert_eq!(f32s.embed_tokens.dtype(), DType::F32);
+        assert_eq!(bf16s.embed_tokens.dtype(), DType::BF16);
+        let rounded = f32s.embed_tokens.to_dtype(DType::BF16).unwrap();
+        let diff = (rounded.to_dtype(DType::F32).unwrap()
+            - bf16s.embed_tokens.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_in_a_cpu_build_says_how_to_get_it() {
+        let e = format!(
+            "{:#}",
+            placement(&with(&["model.device=cuda:0"])).unwrap_err()
+        );
+        assert!(
+            e.contains("model.device") && e.contains("--features cuda"),
+            "{e}"
+        );
+    }
 }

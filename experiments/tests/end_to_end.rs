@@ -431,3 +431,64 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// bf16 weights (`model.dtype = "bf16"`, what a CUDA run computes in) on the CPU: the run
+/// trains, its checkpoints hold the optimizer's f32 master weights (not their bf16 rounding),
+/// and a run stopped at its step-1 checkpoint resumes from those masters to the same metrics.
+/// In a build without CUDA, `model.device = "cuda"` says how to get it.
+#[test]
+fn a_bf16_run_checkpoints_its_f32_masters_and_resumes_exactly() {
+    let root = scratch("bf16");
+    let bf16 = ["model.dtype=bf16", "sft.steps=5", "run.checkpoint_every=1"];
+    let full = root.join("full");
+    succeed(&mut tiny("bf16", &full, &bf16, 3));
+    let grad_norm = metric(&full, "grad_norm");
+    // (a step whose groups all tie has no gradient)
+    assert!(
+        grad_norm.iter().all(|g| g.is_finite()) && grad_norm.iter().any(|g| *g > 0.0),
+        "{grad_norm:?}"
+    );
+    let part = root.join("part");
+    succeed(&mut tiny("bf16", &part, &bf16, 1));
+    succeed(
+        ferrite()
+            .args(["run", "--resume"])
+            .arg(&part)
+            .args(["--set", "run.steps=3"]),
+    );
+    for col in ["loss", "grad_norm", "reward_mean", "entropy"] {
+        assert_eq!(metric(&full, col), metric(&part, col), "{col}");
+    }
+    let saved = candle_core::safetensors::load(
+        full.join("checkpoints/step-000003/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let t = &saved["model.layers.0.mlp.down_proj.weight"];
+    assert_eq!(t.dtype(), candle_core::DType::F32);
+    let rounded = t
+        .to_dtype(candle_core::DType::BF16)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    let off = t
+        .ne(&rounded)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(off > 0.0, "the checkpoint holds bf16-rounded weights");
+
+    if !cfg!(feature = "cuda") {
+        let out = tiny("cuda", &root.join("cuda"), &["model.device=cuda:0"], 1)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -75,7 +75,12 @@ pub fn save(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
-    weights.save_dir(&tmp, DType::F32, 4 << 30)?;
+    // f32 on disk; parameters trained in bf16 from the optimizer's f32 master
+    match optimizer {
+        Some(opt) => opt.master_weights(weights)?,
+        None => weights.clone(),
+    }
+    .save_dir(&tmp, DType::F32, 4 << 30)?;
     tokenizer.save_dir(&tmp)?;
     if let Some(opt) = optimizer {
         opt.save(&tmp)?;

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use model::Weights;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -343,6 +344,19 @@ impl AdamW {
         })
     }
 
+    /// `weights` with each parameter that this optimizer holds in a lower precision replaced
+    /// by its f32 master (on the host): what a checkpoint saves, so that the model on disk keeps
+    /// the precision its updates accumulated in (its bf16 rounding is the compute copy exactly).
+    pub fn master_weights(&self, weights: &Weights) -> Result<Weights> {
+        let mut named = weights.named();
+        for p in &self.params {
+            if let (Some(master), Some(t)) = (master_of(p)?, named.get_mut(&p.name)) {
+                *t = master.reshape(t.shape())?;
+            }
+        }
+        Ok(Weights::from_named(&weights.config, &named)?)
+    }
+
     /// Writes the moments and the step count (`optimizer.safetensors`, `optimizer.json`).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -361,14 +375,7 @@ impl AdamW {
             tensors.insert(format!("exp_avg_sq.{}", p.name), v);
             // the f32 master of a parameter held in a lower precision, so that a resumed run
             // continues from it rather than from the rounded weights
-            if p.var.as_tensor().dtype() != DType::F32 {
-                let master = match &p.moments {
-                    Moments::Host { p: w, .. } => Tensor::from_slice(w, w.len(), &Device::Cpu)?,
-                    Moments::Device {
-                        master: Some(w), ..
-                    } => w.flatten_all()?.to_device(&Device::Cpu)?,
-                    Moments::Device { master: None, .. } => continue,
-                };
+            if let Some(master) = master_of(p)? {
                 tensors.insert(format!("master.{}", p.name), master);
             }
         }
@@ -476,4 +483,18 @@ fn host_update(
                 w[i] -= step_size * m[i] / (v[i].sqrt() / sqrt_bias2 + eps);
             }
         });
+}
+/// The f32 master of a parameter held in a lower precision, flat on the host (None: an f32
+/// parameter, its own master).
+fn master_of(p: &Param) -> Result<Option<Tensor>> {
+    if p.var.as_tensor().dtype() == DType::F32 {
+        return Ok(None);
+    }
+    Ok(match &p.moments {
+        Moments::Host { p: w, .. } => Some(Tensor::from_slice(w, w.len(), &Device::Cpu)?),
+        Moments::Device {
+            master: Some(w), ..
+        } => Some(w.flatten_all()?.to_device(&Device::Cpu)?),
+        Moments::Device { master: None, .. } => None,
+    })
 }

@@ -259,12 +259,14 @@ impl Weights {
         Self::from_named(&self.config, &named)
     }
 
-    /// Trainable copies: one `Var` per parameter, in HF name order, and weights that read them.
+    /// Trainable copies: one `Var` per parameter, in HF name order and in the weights' own
+    /// dtype (bf16 weights train in bf16, the optimizer keeping their f32 master), and weights
+    /// that read them.
     pub fn to_vars(&self) -> Result<(Vec<(String, Var)>, Self)> {
         let mut vars = Vec::new();
         let mut named = BTreeMap::new();
         for (n, t) in self.named() {
-            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            let v = Var::from_tensor(&t)?;
             named.insert(n.clone(), v.as_tensor().clone());
             vars.push((n, v));
         }
