@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one call on the GPU machine: ferrite's gpu-check (kernel checks
+# Every GPU check and benchmark in one call on the GPU machine: `ferrite gpu-check` (kernel checks
 # against the composed ops, the small model against the CPU, then the Qwen2.5-0.5B-shape learner
-# and generation benchmarks), then PyTorch's anchor on the same card, then the ratios.
+# and generation benchmarks), PyTorch's anchor on the same card and the ratios, then a shortened
+# built-in experiment with model.device = "cuda" (`ferrite run`, the product path end to end).
 #
 # Build here (no GPU needed), copy the anchor beside the binary, and carry gpu/ to the device:
 #   source <(../shared/cuda/setup.sh)
-#   CARGO_TARGET_DIR=target-cuda cargo build --release --features cuda -p ferrite-learner --bin gpu-check
-#   mkdir -p gpu && cp target-cuda/release/gpu-check ../shared/cuda/torch_anchor.py gpu/
+#   CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda -p ferrite-experiments
+#   mkdir -p gpu && gzip -9 -c target/cuda/release/ferrite > gpu/ferrite.gz
+#   cp ../shared/cuda/torch_anchor.py gpu/
+# (the CUDA binary is 80 MB, most of it candle's PTX; gzipped 20 MB fits the 64 MiB that travels)
 # There:
-#   scripts/gpu-check.sh [checks|bench|all]
+#   scripts/gpu-check.sh [checks|bench|run|all]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 WHAT=${1:-all}
 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-./gpu/gpu-check "$WHAT" 2>&1 | tee "$OUT/ferrite.txt"
-RC=${PIPESTATUS[0]}
-if [ "$WHAT" != checks ] && [ -f gpu/torch_anchor.py ]; then
+BIN=gpu/ferrite
+if [ ! -x "$BIN" ] && [ -f gpu/ferrite.gz ]; then
+  BIN=${TMPDIR:-/tmp}/ferrite-cuda
+  gzip -dc gpu/ferrite.gz > "$BIN" && chmod +x "$BIN"
+fi
+RC=0
+if [ "$WHAT" != run ]; then
+  "$BIN" gpu-check "$WHAT" 2>&1 | tee "$OUT/ferrite.txt"
+  RC=${PIPESTATUS[0]}
+fi
+if [ "$WHAT" = bench ] || [ "$WHAT" = all ] && [ -f gpu/torch_anchor.py ]; then
   python3 gpu/torch_anchor.py 2>&1 | grep '^{' | tee "$OUT/torch.jsonl"
   python3 - "$OUT/ferrite.txt" "$OUT/torch.jsonl" <<'PY'
 import json, sys
@@ -36,5 +47,15 @@ for o in ours:
             if r["kind"] == "rollout" and r["B"] == o["B"]:
                 print(f'generate B={o["B"]} vs HF generate: {o["gen_tok_s"]:8.0f} / {r["gen_tok_s"]:8.0f} tok/s = {o["gen_tok_s"]/r["gen_tok_s"]:.1f}x')
 PY
+fi
+if [ "$WHAT" = run ] || [ "$WHAT" = all ]; then
+  # the built-in experiment, shortened (300 SFT steps, 20 GRPO steps, 200 held-out problems)
+  echo; echo "ferrite run, model.device = cuda"
+  timeout 240 "$BIN" --no-progress --log-level warn run --out "$OUT/run-cuda" \
+    --set model.device=cuda --set sft.steps=300 --set run.steps=20 --set run.eval_every=0 \
+    --set run.checkpoint_every=0 --set data.eval_size=200 --set data.eval_samples=0 2>&1 | tail -5
+  RUN_RC=${PIPESTATUS[0]}
+  [ -f "$OUT/run-cuda/summary.json" ] && cat "$OUT/run-cuda/summary.json"
+  [ "$RUN_RC" = 0 ] || RC=$RUN_RC
 fi
 exit "$RC"

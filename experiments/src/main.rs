@@ -11,6 +11,8 @@ mod bench;
 mod config;
 mod dpo;
 mod eval;
+#[cfg(feature = "cuda")]
+mod gpu_check;
 mod logs;
 mod report;
 mod run;
@@ -107,6 +109,14 @@ enum Command {
         config: ConfigArgs,
         #[arg(long, default_value = "runs/bench-staleness")]
         out: PathBuf,
+    },
+    /// The CUDA kernels against their CPU references, and the Qwen2.5-0.5B-shape learner and
+    /// generation benchmarks (`scripts/gpu-check.sh` runs it beside PyTorch's).
+    #[cfg(feature = "cuda")]
+    GpuCheck {
+        /// checks, bench or all.
+        #[arg(default_value = "all")]
+        what: String,
     },
 }
 
@@ -420,6 +430,8 @@ fn main() -> anyhow::Result<()> {
             let c = load_config(&config)?;
             orchestrate(move |stop| bench::staleness(&c, &out, progress, stop))?;
         }
+        #[cfg(feature = "cuda")]
+        Command::GpuCheck { what } => gpu_check::main(&what)?,
     }
     Ok(())
 }

@@ -716,11 +716,15 @@ pub mod composed {
         Ok(xf.broadcast_mul(&r)?.to_dtype(dtype)?.broadcast_mul(w)?)
     }
 
-    /// The max is detached: softmax is shift-invariant, so its gradient is zero.
+    /// In f32 whatever the input's dtype, as the kernels compute it (a bf16 sum over a long row
+    /// loses a third of the mass), returned in the input's dtype. The max is detached: softmax
+    /// is shift-invariant, so its gradient is zero.
     pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-        let m = x.max_keepdim(D::Minus1)?.detach();
-        let e = x.broadcast_sub(&m)?.exp()?;
-        Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+        let xf = x.to_dtype(DType::F32)?;
+        let m = xf.max_keepdim(D::Minus1)?.detach();
+        let e = xf.broadcast_sub(&m)?.exp()?;
+        Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+            .to_dtype(x.dtype())?)
     }
 
     pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {

@@ -1,17 +1,18 @@
-//! Every GPU check and benchmark of ferrite in one binary (feature `cuda`), for one call on the
-//! GPU machine (`scripts/gpu-check.sh` runs it beside PyTorch's anchor and prints the ratios):
+//! `ferrite gpu-check` (feature `cuda`): every GPU check and benchmark of ferrite, for one call
+//! on the GPU machine (`scripts/gpu-check.sh` runs it beside PyTorch's anchor, prints the
+//! ratios, then runs the built-in experiment with `model.device = "cuda"`):
 //!
-//!     LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib ./gpu/gpu-check [checks|bench|all]
+//!     LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib ./gpu/ferrite gpu-check [checks|bench|all]
 //!
 //! `checks`: each fused CUDA kernel (RMSNorm, RoPE, SwiGLU, masked softmax, log-prob + entropy,
 //! the chunked output layer) against the composed ops on fresh random inputs, forward and
 //! backward, f32 and bf16; the device sampler against the host's; the fused AdamW against the
-//! composed update; then a small model's GPU forward, backward and greedy generation
-//! against the CPU path. `bench`: the Qwen2.5-0.5B shape — learner tokens/s and peak device memory
-//! at B=8, T=1024 with a per-phase and per-kernel split, generation tokens/s at B=64 and B=256
-//! (128-token prompts, 256 new tokens). Prints a table, then one JSON line per measurement; exits
-//! non-zero when a check fails. `GPU_CHECK_DEVICE=cpu gpu-check checks` dry-runs the checks' own
-//! code on the CPU (the kernel checks then fail: there are no kernels).
+//! composed update; then a small model's GPU forward, backward (f32 and bf16) and greedy
+//! generation against the CPU path. `bench`: the Qwen2.5-0.5B shape — learner tokens/s and peak
+//! device memory at B=8, T=1024 with a per-phase and per-kernel split, generation tokens/s at
+//! B=64 and B=256 (128-token prompts, 256 new tokens). Prints a table, then one JSON line per
+//! measurement; fails when a check fails. `GPU_CHECK_DEVICE=cpu ferrite gpu-check checks`
+//! dry-runs the checks' own code on the CPU (the kernel checks then fail: there are no kernels).
 
 use std::time::Instant;
 
@@ -60,6 +61,18 @@ fn max_abs(a: &Tensor) -> Result<f32> {
         .flatten_all()?
         .max(0)?
         .to_scalar::<f32>()?)
+}
+
+/// The largest of the per-tensor `max|a − b| / max|a|` over two gradient lists, and its name.
+fn worst_rel(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> Result<(f32, String)> {
+    let mut worst = (0f32, String::new());
+    for ((name, a), (_, b)) in a.iter().zip(b) {
+        let rel = max_abs_diff(a, b)? / max_abs(a)?.max(1e-12);
+        if rel > worst.0 {
+            worst = (rel, name.clone());
+        }
+    }
+    Ok(worst)
 }
 
 /// A padded batch of `b` rows of up to `t` tokens (every other row shorter, right-padded).
@@ -191,17 +204,24 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         format!("{loss_c:.6} / {loss_g:.6}"),
         (loss_c - loss_g).abs() < 1e-4,
     );
-    let mut worst = (0f32, String::new());
-    for ((name, a), (_, b)) in gc.iter().zip(&gg) {
-        let rel = max_abs_diff(a, b)? / max_abs(a)?.max(1e-12);
-        if rel > worst.0 {
-            worst = (rel, name.clone());
-        }
-    }
+    let worst = worst_rel(&gc, &gg)?;
     check(
         &format!("grads: worst rel diff ({} tensors)", gc.len()),
         format!("{:.2e} ({})", worst.0, worst.1),
         worst.0 < 1e-3,
+    );
+    // bf16 weights, what a CUDA run trains: loss and gradients near the f32 CPU ones
+    let (loss_b, gb) = loss_and_grads(&w_bf16, &ids, &mask)?;
+    check(
+        "loss cpu f32 / gpu bf16",
+        format!("{loss_c:.4} / {loss_b:.4}"),
+        ((loss_c - loss_b) / loss_c).abs() < 2e-2,
+    );
+    let worst = worst_rel(&gc, &gb)?;
+    check(
+        "grads bf16: worst rel diff",
+        format!("{:.2e} ({})", worst.0, worst.1),
+        worst.0 < 0.15, // the CPU's bf16 composed ops: 5.0e-2
     );
 
     // the same gradients on the GPU with every layer recomputed in the backward
@@ -209,10 +229,7 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
     let checkpointed = loss_and_grads(&w_gpu, &ids, &mask);
     model::checkpoint::set_enabled(false);
     let (_, gk) = checkpointed?;
-    let mut worst = 0f32;
-    for ((_, a), (_, b)) in gg.iter().zip(&gk) {
-        worst = worst.max(max_abs_diff(a, b)? / max_abs(a)?.max(1e-12));
-    }
+    let (worst, _) = worst_rel(&gg, &gk)?;
     check(
         "grads with layer checkpointing vs without (gpu)",
         format!("{worst:.2e}"),
@@ -827,11 +844,14 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
     Ok(())
 }
 
-fn main() -> Result<()> {
-    model::tune_process();
-    let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
-    if !matches!(what.as_str(), "checks" | "bench" | "all") {
-        return Err(format!("usage: gpu-check [checks|bench|all], not {what}").into());
+/// `what`: `checks`, `bench` or `all`.
+pub fn main(what: &str) -> anyhow::Result<()> {
+    run(what).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn run(what: &str) -> Result<()> {
+    if !matches!(what, "checks" | "bench" | "all") {
+        return Err(format!("ferrite gpu-check [checks|bench|all], not {what}").into());
     }
     // a dry run of the checks' own code on the CPU (no kernels), before spending GPU time
     let gpu = match std::env::var("GPU_CHECK_DEVICE").as_deref() {
