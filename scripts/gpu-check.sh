@@ -55,6 +55,13 @@ if [ "$WHAT" = run ] || [ "$WHAT" = all ]; then
     --set model.device=cuda --set sft.steps=300 --set run.steps=20 --set run.eval_every=0 \
     --set run.checkpoint_every=0 --set data.eval_size=200 --set data.eval_samples=0 2>&1 | tail -5
   RUN_RC=${PIPESTATUS[0]}
+  if [ "$RUN_RC" = 0 ]; then
+    # resumed on the GPU: the checkpoint, the base model and the optimizer's masters meet there
+    echo "resumed to 24 steps"
+    timeout 120 "$BIN" --no-progress --log-level warn run --resume "$OUT/run-cuda" \
+      --set run.steps=24 2>&1 | tail -3
+    RUN_RC=${PIPESTATUS[0]}
+  fi
   [ -f "$OUT/run-cuda/summary.json" ] && cat "$OUT/run-cuda/summary.json"
   [ "$RUN_RC" = 0 ] || RC=$RUN_RC
 fi

@@ -32,15 +32,30 @@ fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
     match spec {
         DeviceSpec::Cpu => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(n) => Device::new_cuda(n).with_context(|| {
-            format!("model.device = \"cuda:{n}\": no such CUDA device, or the driver failed")
-        }),
+        DeviceSpec::Cuda(n) => cuda(n),
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(n) => bail!(
             "model.device = \"cuda:{n}\": this binary was built without CUDA; build it with \
              `cargo build --release --features cuda` (see README) or set model.device = \"cpu\""
         ),
     }
+}
+
+/// One candle device per CUDA ordinal for the whole process: each `Device::new_cuda` is a
+/// distinct device to candle (its own id, stream and cuBLAS handle), and tensors of two of them
+/// cannot meet in one op — a resumed checkpoint would not combine with the reference model.
+#[cfg(feature = "cuda")]
+fn cuda(n: usize) -> anyhow::Result<Device> {
+    static DEVICES: std::sync::Mutex<Vec<(usize, Device)>> = std::sync::Mutex::new(Vec::new());
+    let mut devices = DEVICES.lock().expect("the CUDA device list");
+    if let Some((_, d)) = devices.iter().find(|(m, _)| *m == n) {
+        return Ok(d.clone());
+    }
+    let d = Device::new_cuda(n).with_context(|| {
+        format!("model.device = \"cuda:{n}\": no such CUDA device, or the driver failed")
+    })?;
+    devices.push((n, d.clone()));
+    Ok(d)
 }
 
 /// Weights loaded on the run's device in its compute dtype (checkpoints of a run).
