@@ -208,6 +208,17 @@ fn tiny(name: &str, dir: &Path, extra: &[&str], steps: u64) -> Command {
     cmd
 }
 
+/// The tiny run stopped after `stop` steps (its checkpoint there), then resumed to `steps`.
+fn stopped_and_resumed(name: &str, dir: &Path, extra: &[&str], stop: u64, steps: u64) {
+    succeed(&mut tiny(name, dir, extra, stop));
+    succeed(
+        ferrite()
+            .args(["run", "--resume"])
+            .arg(dir)
+            .args(["--set", &format!("run.steps={steps}")]),
+    );
+}
+
 fn metric(dir: &Path, column: &str) -> Vec<f64> {
     let out = deterministic_metrics(dir, "metrics.parquet");
     out.into_iter()
@@ -242,13 +253,7 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
         .is_file());
     // the same run stopped after 2 steps, then resumed to 4
     let part = root.join("ppo-part");
-    succeed(&mut tiny("ppo", &part, &ppo, 2));
-    succeed(
-        ferrite()
-            .args(["run", "--resume"])
-            .arg(&part)
-            .args(["--set", "run.steps=4"]),
-    );
+    stopped_and_resumed("ppo", &part, &ppo, 2, 4);
     for col in ["loss", "value_loss", "reward_kl_coef", "reward_mean"] {
         assert_eq!(metric(&full, col), metric(&part, col), "{col}");
     }
@@ -451,13 +456,7 @@ fn a_bf16_run_checkpoints_its_f32_masters_and_resumes_exactly() {
         "{grad_norm:?}"
     );
     let part = root.join("part");
-    succeed(&mut tiny("bf16", &part, &bf16, 1));
-    succeed(
-        ferrite()
-            .args(["run", "--resume"])
-            .arg(&part)
-            .args(["--set", "run.steps=3"]),
-    );
+    stopped_and_resumed("bf16", &part, &bf16, 1, 3);
     for col in ["loss", "grad_norm", "reward_mean", "entropy"] {
         assert_eq!(metric(&full, col), metric(&part, col), "{col}");
     }
