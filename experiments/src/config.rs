@@ -485,6 +485,13 @@ impl Config {
         Ok(c)
     }
 
+    /// The default config with `section.key=value` overrides (for tests).
+    #[cfg(test)]
+    pub fn default_with(sets: &[&str]) -> anyhow::Result<Config> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::default().with_overrides(&sets)
+    }
+
     /// Applies `section.key=value` overrides (the value as TOML; a bare word is a string).
     pub fn with_overrides(&self, sets: &[String]) -> anyhow::Result<Config> {
         if sets.is_empty() {
@@ -676,10 +683,7 @@ mod tests {
 
     #[test]
     fn the_device_and_dtype_are_parsed_and_checked() {
-        let with = |set: &[&str]| {
-            let sets: Vec<String> = set.iter().map(|s| s.to_string()).collect();
-            Config::default().with_overrides(&sets)
-        };
+        let with = Config::default_with;
         let c = with(&[]).unwrap();
         assert_eq!(c.model.device_spec().unwrap(), DeviceSpec::Cpu);
         assert!(!c.model.bf16().unwrap(), "auto is f32 on the CPU");

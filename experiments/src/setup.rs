@@ -245,9 +245,8 @@ pub fn eval_records(c: &Config) -> anyhow::Result<Vec<Record>> {
 mod tests {
     use super::*;
 
-    fn with(set: &[&str]) -> Config {
-        let sets: Vec<String> = set.iter().map(|s| s.to_string()).collect();
-        Config::default().with_overrides(&sets).unwrap()
+    fn with(sets: &[&str]) -> Config {
+        Config::default_with(sets).unwrap()
     }
 
     /// bf16 on the CPU: the built-in model is the f32 one rounded, whatever the dtype.
