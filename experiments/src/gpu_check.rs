@@ -120,37 +120,9 @@ fn sampling_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Resu
     let u: Vec<f32> = (0..b).map(|_| rng.uniform() as f32).collect();
     for temperature in [0.7f32, 0.0] {
         let drawn = model::cuda::sample_rows(&z, &u, temperature)?;
-        let t = if temperature > 0.0 {
-            temperature as f64
-        } else {
-            1.0
-        };
         let (mut same, mut worst) = (0, 0f64);
         for (i, row) in host.iter().enumerate() {
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
-            let e: Vec<f64> = row.iter().map(|&x| ((x as f64 - m) / t).exp()).collect();
-            let total: f64 = e.iter().sum();
-            let want = if temperature > 0.0 {
-                let mut left = u[i] as f64 * total;
-                let mut pick = v - 1;
-                for (j, ej) in e.iter().enumerate() {
-                    if left < *ej {
-                        pick = j;
-                        break;
-                    }
-                    left -= ej;
-                }
-                pick
-            } else {
-                model::sampling::argmax(row)
-            };
-            let lp = e[want].ln() - total.ln();
-            let h = total.ln()
-                - e.iter()
-                    .zip(row)
-                    .map(|(ej, &x)| ej * (x as f64 - m) / t)
-                    .sum::<f64>()
-                    / total;
+            let (want, lp, h) = model::sampling::device_draw(row, u[i] as f64, temperature as f64);
             let (id, glp, gh) = drawn[i];
             if id as usize == want {
                 same += 1;

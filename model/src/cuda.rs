@@ -11,6 +11,8 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor, WithDType};
 
+use crate::launch;
+
 type Result<T> = candle_core::Result<T>;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ferrite.ptx"));
@@ -59,21 +61,12 @@ fn wrap(s: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
 }
 
-/// One block per row of `n`: a multiple of 32 threads, at most 1024.
-fn rows_config(rows: usize, n: usize) -> LaunchConfig {
+/// The cudarc launch of a [`launch::Geometry`].
+fn config(g: launch::Geometry) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (n.div_ceil(32).clamp(1, 32) as u32 * 32, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// Grid-stride elementwise launch over `n` items.
-fn elems_config(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+        grid_dim: (g.grid, 1, 1),
+        block_dim: (g.block, 1, 1),
+        shared_mem_bytes: g.shared_bytes,
     }
 }
 
@@ -107,7 +100,7 @@ pub fn rms_norm_fwd(
         let mut b = f.builder();
         b.arg(&xv).arg(&wv).arg(&y).arg(&h32).arg(&eps);
         // SAFETY: the kernel reads rows·h inputs and h weights and writes rows·h outputs.
-        unsafe { b.launch(rows_config(rows, h)) }.w()?;
+        unsafe { b.launch(config(launch::rows(rows, h))) }.w()?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     by_dtype!(x.dtype(), go(x, xl, w, wl, eps))
@@ -132,21 +125,16 @@ pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Ten
         let (xs, ws, gs) = (as_cuda(&xs)?, as_cuda(&ws)?, as_cuda(&gs)?);
         let dev = xs.device().clone();
         let (rows, h) = rows_of(xl);
-        if h * 4 > 48 * 1024 {
-            return Err(err(format!(
+        let geometry = launch::rms_norm_bwd(rows, h).ok_or_else(|| {
+            err(format!(
                 "rms_norm_bwd: hidden size {h} exceeds the shared-memory budget"
-            )));
-        }
+            ))
+        })?;
         let (xv, wv, gv) = (view::<T>(xs, xl)?, view::<T>(ws, wl)?, view::<T>(gs, gl)?);
         let dx = unsafe { dev.alloc::<T>(rows * h)? };
         let dw = dev.alloc_zeros::<f32>(h)?;
         let f = dev.get_or_load_custom_func(&kernel::<T>("rms_norm_bwd")?, MODULE, PTX)?;
         let (rows32, h32) = (rows as i32, h as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (rows.clamp(1, 1024) as u32, 1, 1),
-            block_dim: rows_config(1, h).block_dim,
-            shared_mem_bytes: (h * 4) as u32,
-        };
         let mut b = f.builder();
         b.arg(&xv)
             .arg(&wv)
@@ -157,7 +145,7 @@ pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Ten
             .arg(&h32)
             .arg(&eps);
         // SAFETY: reads rows·h of x and g, h of w; writes rows·h of dx, adds into h of dw.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(config(geometry)) }.w()?;
         let dx = wrap(T::wrap_cuda_slice(dx, dev.clone()), x.shape());
         let dw = wrap(f32::wrap_cuda_slice(dw, dev), w.shape()).to_dtype(w.dtype())?;
         Ok((dx, dw))
@@ -187,7 +175,7 @@ pub fn swiglu_fwd(
         let mut l = f.builder();
         l.arg(&av).arg(&bv).arg(&y).arg(&n);
         // SAFETY: n elements in, n out.
-        unsafe { l.launch(elems_config(n)) }.w()?;
+        unsafe { l.launch(config(launch::elems(n))) }.w()?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     by_dtype!(a.dtype(), go(a, al, b, bl))
@@ -216,7 +204,7 @@ pub fn swiglu_bwd(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)
         let mut l = f.builder();
         l.arg(&av).arg(&bv).arg(&gv).arg(&dab).arg(&n);
         // SAFETY: n elements of each input; 2n outputs.
-        unsafe { l.launch(elems_config(n)) }.w()?;
+        unsafe { l.launch(config(launch::elems(n))) }.w()?;
         let both = wrap(T::wrap_cuda_slice(dab, dev), (2, n));
         Ok((
             both.narrow(0, 0, 1)?.reshape(a.shape())?,
@@ -269,7 +257,7 @@ pub fn rope(
             .arg(&pairs)
             .arg(&tr);
         // SAFETY: n elements of x and y; cos / sin hold B·T·D.
-        unsafe { l.launch(elems_config(pairs)) }.w()?;
+        unsafe { l.launch(config(launch::elems(pairs))) }.w()?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     if c.dtype() != x.dtype() || s.dtype() != x.dtype() {
@@ -329,7 +317,7 @@ pub fn masked_softmax_fwd(
             .arg(&s32)
             .arg(&scale);
         // SAFETY: rows·S scores and outputs; the bias holds B·T·S.
-        unsafe { l.launch(rows_config(rows, s)) }.w()?;
+        unsafe { l.launch(config(launch::rows(rows, s))) }.w()?;
         Ok(f32::wrap_cuda_slice(y, dev))
     }
     if bias.dtype() != DType::F32 {
@@ -352,7 +340,7 @@ pub fn softmax_fwd(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
         let mut l = f.builder();
         l.arg(&xv).arg(&y).arg(&n32);
         // SAFETY: rows·n in and out.
-        unsafe { l.launch(rows_config(rows, n)) }.w()?;
+        unsafe { l.launch(config(launch::rows(rows, n))) }.w()?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     by_dtype!(x.dtype(), go(x, xl))
@@ -378,7 +366,7 @@ pub fn softmax_bwd(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
         let mut l = f.builder();
         l.arg(&yv).arg(&gv).arg(&dx).arg(&n32).arg(&scale);
         // SAFETY: rows·n of each.
-        unsafe { l.launch(rows_config(rows, n)) }.w()?;
+        unsafe { l.launch(config(launch::rows(rows, n))) }.w()?;
         Ok(wrap(T::wrap_cuda_slice(dx, dev), y.shape()))
     }
     by_dtype!(y.dtype(), go(y, g, scale))
@@ -402,7 +390,7 @@ pub fn logprob_entropy_fwd(
     let mut l = f.builder();
     l.arg(&zv).arg(&tv).arg(&out).arg(&v32);
     // SAFETY: N·V logits, N targets (each < V, checked by the caller), 2N outputs.
-    unsafe { l.launch(rows_config(rows, v)) }.w()?;
+    unsafe { l.launch(config(launch::rows(rows, v))) }.w()?;
     Ok(f32::wrap_cuda_slice(out, dev))
 }
 
@@ -425,7 +413,7 @@ pub fn logprob_entropy_bwd(z: &Tensor, targets: &Tensor, y: &Tensor, g: &Tensor)
     let mut l = f.builder();
     l.arg(&zv).arg(&tv).arg(&yv).arg(&gv).arg(&dz).arg(&v32);
     // SAFETY: N·V logits and gradients, N targets, 2N of y and g.
-    unsafe { l.launch(rows_config(rows, v)) }.w()?;
+    unsafe { l.launch(config(launch::rows(rows, v))) }.w()?;
     Ok(wrap(f32::wrap_cuda_slice(dz, dev), z.shape()))
 }
 
@@ -469,13 +457,8 @@ pub fn sample_rows(logits: &Tensor, u: &[f32], temperature: f32) -> Result<Vec<(
         .arg(&lp)
         .arg(&ent)
         .arg(&v32);
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: B·V logits, B uniforms and B of each output.
-    unsafe { l.launch(cfg) }.w()?;
+    unsafe { l.launch(config(launch::sample_rows(rows))) }.w()?;
     let ids = stream.clone_dtoh(&ids).w()?;
     let lp = stream.clone_dtoh(&lp).w()?;
     let ent = stream.clone_dtoh(&ent).w()?;
@@ -532,7 +515,7 @@ pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep) -> Re
         l.arg(&s.beta1).arg(&s.beta2).arg(&s.eps).arg(&s.decay);
         l.arg(&s.step_size).arg(&s.sqrt_bias2).arg(&s.clip);
         // SAFETY: n elements of each input, 3n outputs.
-        unsafe { l.launch(elems_config(n)) }.w()?;
+        unsafe { l.launch(config(launch::elems(n))) }.w()?;
         Ok(wrap(f32::wrap_cuda_slice(out, dev), (3, n)))
     }
     if [w, m, v].iter().any(|t| t.dtype() != DType::F32) || g.elem_count() != w.elem_count() {

@@ -14,6 +14,9 @@
 //! - [`logprobs`]: per-token log-probs and entropies of given completions, through [`head`]:
 //!   the output layer fused with log-softmax, in chunks of rows.
 //! - [`sampling`], [`generate`], [`rng`]: seeded sampling and batched generation.
+//! - [`ops`]: the fused CPU kernels and (feature `cuda`) `cuda`'s launchers of
+//!   `kernels/ferrite.cu`, with the launch geometry in [`launch`] (shared with the kernels' CPU
+//!   emulation tests).
 
 pub mod attach;
 pub mod attention;
@@ -29,6 +32,7 @@ pub mod gguf;
 pub mod head;
 pub mod init;
 pub mod kv_cache;
+pub mod launch;
 pub mod logprobs;
 pub mod ops;
 pub mod rng;

@@ -116,6 +116,39 @@ pub fn entropy(xs: &[f32], t: f64) -> f32 {
     (z.ln() - zx / z) as f32
 }
 
+/// What the device sampler (`sample_rows` in `kernels/ferrite.cu`) draws from `logits` with the
+/// uniform `u`, computed in f64 on the host: `(token, log-prob, entropy)` of `softmax(x / t)`. At
+/// `temperature > 0` the token is the first `j` with `u·Σe < Σ_{i≤j} e_i` (the inverse CDF that
+/// [`sample`] walks for top_k 0, top_p 1); at `temperature ≤ 0` it is the first argmax, with
+/// log-prob and entropy at t = 1.
+pub fn device_draw(logits: &[f32], u: f64, temperature: f64) -> (usize, f64, f64) {
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+    let e: Vec<f64> = logits.iter().map(|&x| ((x as f64 - m) / t).exp()).collect();
+    let total: f64 = e.iter().sum();
+    let token = if temperature > 0.0 {
+        let mut left = u * total;
+        let mut pick = logits.len() - 1;
+        for (j, ej) in e.iter().enumerate() {
+            if left < *ej {
+                pick = j;
+                break;
+            }
+            left -= ej;
+        }
+        pick
+    } else {
+        argmax(logits)
+    };
+    let entropy = total.ln()
+        - e.iter()
+            .zip(logits)
+            .map(|(ej, &x)| ej * (x as f64 - m) / t)
+            .sum::<f64>()
+            / total;
+    (token, e[token].ln() - total.ln(), entropy)
+}
+
 /// `log softmax(x / t)[i]` in f64.
 pub fn log_softmax_at(xs: &[f32], i: usize, t: f64) -> f32 {
     let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;

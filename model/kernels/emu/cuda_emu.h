@@ -1,0 +1,247 @@
+// A CUDA execution model on the CPU, for the kernel emulation tests (model/tests/kernel_emulation.rs):
+// kernels/ferrite.cu compiles with g++ against this header and runs with one std::thread per CUDA
+// thread, so its index arithmetic, its barriers, warp shuffles, shared memory and atomics are
+// exercised on a machine without a GPU.
+//
+// The model: blocks run one after another; the threads of a block run concurrently;
+// `__syncthreads` is a barrier of the block's live threads, `__shfl_xor_sync` exchanges through
+// one slot per thread between two barriers of the warp; a thread that returns drops out of both
+// barriers, as exited threads do on Volta and later. Launches check CUDA's limits: at most 1024
+// threads a block, 48 KiB of dynamic shared memory. Only 1-D grids and blocks, as ferrite launches.
+// Fast-math intrinsics are their exact libm counterparts.
+//
+// Shared memory is checked for races, as compute-sanitizer's racecheck does: the test rewrites
+// every `__shared__` declaration to an `emu::Shared` array, which starts each block as NaN bytes
+// (it is uninitialised on the GPU) and records who read and wrote each element since the last
+// barrier. An element written by one thread and read, written or updated atomically by another
+// between the same two barriers is a race: the launch stops with exit status 4 and says where.
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+namespace emu {
+inline thread_local dim3 thread_idx, block_idx;
+inline dim3 block_dim, grid_dim;
+inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+inline std::vector<float> lanes;
+inline std::mutex atomics;
+
+[[noreturn]] inline void fail(const char* what) {
+    std::fprintf(stderr, "emu: %s\n", what);
+    std::fflush(stderr);
+    std::_Exit(3);
+}
+
+inline thread_local unsigned epoch = 0;  // block barriers this thread has passed
+
+// Who touched one shared element since the last barrier (epochs are per block).
+struct Access {
+    unsigned write_epoch = ~0u, read_epoch = ~0u, atomic_epoch = ~0u;
+    int writer = -1, reader = -1;  // reader -2: several threads
+};
+
+struct SharedBase {
+    virtual void reset() = 0;
+    virtual ~SharedBase() = default;
+};
+inline std::mutex registry_lock;
+inline std::vector<SharedBase*> registry;
+
+// A `__shared__` array (or scalar: element 0) under race checking.
+template <class T>
+class Shared : public SharedBase {
+   public:
+    // `registered`: reset at the start of every block (static declarations)
+    Shared(const char* name, size_t n, bool registered = true) : name_(name), data_(n), meta_(n) {
+        reset();
+        if (!registered) return;
+        std::lock_guard<std::mutex> lock(registry_lock);
+        registry.push_back(this);
+    }
+    void reset() override {
+        std::memset(static_cast<void*>(data_.data()), 0xff, data_.size() * sizeof(T));
+        meta_.assign(meta_.size(), Access{});
+    }
+
+    struct Ref {
+        Shared* s;
+        size_t i;
+        operator T() const { return s->read(i); }
+        Ref& operator=(T v) {
+            s->write(i, v);
+            return *this;
+        }
+        Ref& operator+=(T v) {
+            s->write(i, s->read(i) + v);
+            return *this;
+        }
+    };
+    Ref operator[](size_t i) { return {this, i}; }
+    Shared& operator=(T v) {
+        write(0, v);
+        return *this;
+    }
+    operator T() { return read(0); }
+
+    T read(size_t i) {
+        std::lock_guard<std::mutex> lock(mu_);
+        Access& a = at(i);
+        const int t = int(thread_idx.x);
+        if (a.write_epoch == epoch && a.writer != t) race(i, "written by thread", a.writer, "read");
+        if (a.atomic_epoch == epoch) race(i, "updated atomically", -1, "read");
+        if (a.read_epoch == epoch && a.reader != t) a.reader = -2;
+        else if (a.read_epoch != epoch) a.read_epoch = epoch, a.reader = t;
+        return data_[i];
+    }
+    void write(size_t i, T v) {
+        std::lock_guard<std::mutex> lock(mu_);
+        Access& a = at(i);
+        const int t = int(thread_idx.x);
+        if (a.write_epoch == epoch && a.writer != t) race(i, "written by thread", a.writer, "written");
+        if (a.read_epoch == epoch && a.reader != t) race(i, "read by thread", a.reader, "written");
+        if (a.atomic_epoch == epoch) race(i, "updated atomically", -1, "written");
+        a.write_epoch = epoch;
+        a.writer = t;
+        data_[i] = v;
+    }
+    // `f(old)` stored atomically; returns the old value.
+    template <class F>
+    T atomic(size_t i, F f) {
+        std::lock_guard<std::mutex> lock(mu_);
+        Access& a = at(i);
+        const int t = int(thread_idx.x);
+        if (a.write_epoch == epoch && a.writer != t)
+            race(i, "written by thread", a.writer, "updated atomically");
+        if (a.read_epoch == epoch && a.reader != t) race(i, "read by thread", a.reader, "updated atomically");
+        a.atomic_epoch = epoch;
+        const T old = data_[i];
+        data_[i] = f(old);
+        return old;
+    }
+
+   private:
+    Access& at(size_t i) {
+        if (i >= data_.size()) {
+            std::fprintf(stderr, "emu: shared `%s`[%zu] out of bounds (%zu)\n", name_, i, data_.size());
+            std::fflush(stderr);
+            std::_Exit(4);
+        }
+        return meta_[i];
+    }
+    // `first` (by `other`: a thread, -2 several, -1 unnamed), then `then` by this thread, with no
+    // barrier between
+    [[noreturn]] void race(size_t i, const char* first, int other, const char* then) {
+        char by[32] = "";
+        if (other == -2) std::snprintf(by, sizeof by, "s (several)");
+        else if (other >= 0) std::snprintf(by, sizeof by, " %d", other);
+        std::fprintf(stderr,
+                     "emu: race on shared `%s`[%zu] in block %u: %s%s, then %s by thread %u, with no "
+                     "barrier between\n",
+                     name_, i, block_idx.x, first, by, then, thread_idx.x);
+        std::fflush(stderr);
+        std::_Exit(4);
+    }
+    const char* name_;
+    std::vector<T> data_;
+    std::vector<Access> meta_;
+    std::mutex mu_;
+};
+// The block's dynamic shared memory, as floats (all that ferrite's kernels keep there).
+inline std::unique_ptr<Shared<float>> dynamic;
+
+inline void start_block(size_t dynamic_floats) {
+    std::lock_guard<std::mutex> lock(registry_lock);
+    for (auto* s : registry) s->reset();
+    dynamic = std::make_unique<Shared<float>>("extern __shared__", dynamic_floats, false);
+}
+
+template <class F>
+void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
+    if (block == 0 || block > 1024) fail("block size must be 1..=1024 threads");
+    if (grid == 0) fail("empty grid");
+    if (shared_bytes > 48 * 1024) fail("more than 48 KiB of dynamic shared memory");
+    grid_dim = {grid, 1, 1};
+    block_dim = {block, 1, 1};
+    for (unsigned b = 0; b < grid; ++b) {
+        std::barrier<> bar(block);
+        block_barrier = &bar;
+        warp_barriers.clear();
+        for (unsigned w = 0; w * 32 < block; ++w)
+            warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - w * 32)));
+        lanes.assign(block, 0.f);
+        start_block(shared_bytes / sizeof(float));
+        std::vector<std::thread> threads;
+        threads.reserve(block);
+        for (unsigned t = 0; t < block; ++t)
+            threads.emplace_back([&, t] {
+                thread_idx = {t, 0, 0};
+                block_idx = {b, 0, 0};
+                kernel();
+                warp_barriers[t / 32]->arrive_and_drop();
+                bar.arrive_and_drop();
+            });
+        for (auto& th : threads) th.join();
+    }
+}
+}  // namespace emu
+
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define blockDim emu::block_dim
+#define gridDim emu::grid_dim
+// The test rewrites `__shared__ T name[N];`, `__shared__ T name;` and `extern __shared__ T name[];`
+// to these.
+#define EMU_SHARED(T, name, n) static emu::Shared<T> name(#name, n)
+#define EMU_DYNAMIC_SHARED(T, name)                                               \
+    static_assert(std::is_same_v<T, float>, "dynamic shared memory holds floats"); \
+    emu::Shared<float>& name = *emu::dynamic
+#define __global__
+#define __device__
+#define __forceinline__ inline
+
+inline void __syncthreads() {
+    emu::block_barrier->arrive_and_wait();
+    ++emu::epoch;
+}
+
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+    if (mask != 0xffffffffu) emu::fail("only full-warp shuffles are emulated");
+    const unsigned t = threadIdx.x, src = t ^ unsigned(lane_mask);
+    auto& warp = *emu::warp_barriers[t / 32];
+    emu::lanes[t] = v;
+    warp.arrive_and_wait();
+    const float r = src < blockDim.x ? emu::lanes[src] : v;
+    warp.arrive_and_wait();
+    return r;
+}
+
+inline float atomicAdd(float* p, float v) {
+    std::lock_guard<std::mutex> lock(emu::atomics);
+    const float old = *p;
+    *p = old + v;
+    return old;
+}
+
+inline int atomicMin(emu::Shared<int>* p, int v) {
+    return p->atomic(0, [v](int old) { return std::min(old, v); });
+}
+
+inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline int min(int a, int b) { return a < b ? a : b; }

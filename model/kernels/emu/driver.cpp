@@ -1,0 +1,137 @@
+// The kernel emulation tests' launcher: runs one kernel of kernels/ferrite.cu on the CPU (see
+// cuda_emu.h) and writes back its buffers. The test generates `kernels.inc` (ferrite.cu with its
+// `extern __shared__` declarations rewritten) and `registry.inc` (one `{"name", runner(name)},`
+// per kernel) next to this file's copy.
+//
+// stdin:  name (u32 length, bytes), grid, block, shared bytes (u32 each), the argument count (u32),
+//         then per argument a tag byte and its value: 'F' f32 / 'B' bf16 / 'U' u32 buffer (u64
+//         element count, then the elements), 'i' int (i32), 'z' size_t (u64), 'f' float (f32).
+// stdout: every buffer argument after the launch, in order, as its element count and elements.
+// Arguments must match the kernel's parameters in number, order and type, or the launch fails.
+#include "cuda_emu.h"
+
+#include "kernels.inc"
+
+#include <functional>
+#include <map>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace {
+
+struct Arg {
+    char tag;
+    std::vector<unsigned char> bytes;
+};
+
+template <class E>
+constexpr char buffer_tag() {
+    if constexpr (std::is_same_v<E, float>) return 'F';
+    else if constexpr (std::is_same_v<E, bf16>) return 'B';
+    else if constexpr (std::is_same_v<E, uint32_t>) return 'U';
+    else return '?';
+}
+
+template <class T>
+constexpr char tag_of() {
+    if constexpr (std::is_pointer_v<T>) return buffer_tag<std::remove_cv_t<std::remove_pointer_t<T>>>();
+    else if constexpr (std::is_same_v<T, int>) return 'i';
+    else if constexpr (std::is_same_v<T, size_t>) return 'z';
+    else if constexpr (std::is_same_v<T, float>) return 'f';
+    else return '?';
+}
+
+template <class T>
+T get(Arg& a, size_t i) {
+    if (a.tag != tag_of<T>()) {
+        std::fprintf(stderr, "emu: argument %zu is '%c', the kernel takes '%c'\n", i, a.tag, tag_of<T>());
+        std::fflush(stderr);
+        std::_Exit(2);
+    }
+    if constexpr (std::is_pointer_v<T>) {
+        return reinterpret_cast<T>(a.bytes.data());
+    } else {
+        T v;
+        std::memcpy(&v, a.bytes.data(), sizeof(T));
+        return v;
+    }
+}
+
+template <class... A, size_t... I>
+std::tuple<A...> typed(std::vector<Arg>& args, std::index_sequence<I...>) {
+    return {get<A>(args[I], I)...};
+}
+
+// Two faulty kernels that the tests expect the emulator to reject: a shared-memory race (thread 0
+// writes what the others read with no barrier between) and a read past the end of a buffer.
+extern "C" __global__ void emu_racy(float* out) {
+    EMU_SHARED(float, cell, 1);
+    if (threadIdx.x == 0) cell = 1.f;
+    out[threadIdx.x] = cell;
+}
+extern "C" __global__ void emu_overflow(const float* x, float* y) { y[threadIdx.x] = x[threadIdx.x + 1]; }
+
+using Runner = std::function<void(std::vector<Arg>&, unsigned, unsigned, size_t)>;
+
+template <class... A>
+Runner runner(void (*kernel)(A...)) {
+    return [kernel](std::vector<Arg>& args, unsigned grid, unsigned block, size_t shared) {
+        if (args.size() != sizeof...(A)) {
+            std::fprintf(stderr, "emu: %zu arguments, the kernel takes %zu\n", args.size(), sizeof...(A));
+            std::fflush(stderr);
+            std::_Exit(2);
+        }
+        const auto values = typed<A...>(args, std::index_sequence_for<A...>{});
+        emu::launch(grid, block, shared, [&] { std::apply(kernel, values); });
+    };
+}
+
+void read(void* p, size_t n) {
+    if (std::fread(p, 1, n, stdin) != n) emu::fail("short input");
+}
+template <class T>
+T read() {
+    T v;
+    read(&v, sizeof v);
+    return v;
+}
+
+size_t elem_size(char tag) { return tag == 'B' ? 2 : 4; }
+
+}  // namespace
+
+int main() {
+    const std::map<std::string, Runner> kernels = {
+#include "registry.inc"
+        {"emu_racy", runner(emu_racy)},
+        {"emu_overflow", runner(emu_overflow)},
+    };
+    std::string name(read<uint32_t>(), '\0');
+    read(name.data(), name.size());
+    const auto grid = read<uint32_t>(), block = read<uint32_t>(), shared = read<uint32_t>();
+    std::vector<Arg> args(read<uint32_t>());
+    for (auto& a : args) {
+        a.tag = read<char>();
+        size_t n;
+        switch (a.tag) {
+            case 'F': case 'B': case 'U': n = read<uint64_t>() * elem_size(a.tag); break;
+            case 'i': case 'f': n = 4; break;
+            case 'z': n = 8; break;
+            default: emu::fail("unknown argument tag");
+        }
+        a.bytes.resize(std::max<size_t>(n, 1));
+        read(a.bytes.data(), n);
+    }
+    const auto k = kernels.find(name);
+    if (k == kernels.end()) emu::fail("no such kernel");
+    k->second(args, grid, block, shared);
+    for (auto& a : args) {
+        if (a.tag != 'F' && a.tag != 'B' && a.tag != 'U') continue;
+        const uint64_t n = a.bytes.size() / elem_size(a.tag);
+        std::fwrite(&n, 8, 1, stdout);
+        std::fwrite(a.bytes.data(), 1, a.bytes.size(), stdout);
+    }
+    return 0;
+}

@@ -1,0 +1,71 @@
+//! Launch geometry of the CUDA kernels in `kernels/ferrite.cu`: grid, block and dynamic shared
+//! memory per kernel family. Plain numbers, built without the `cuda` feature, so that the kernel
+//! emulation tests (`tests/kernel_emulation.rs`, which run the kernels' source on the CPU) launch
+//! them exactly as [`crate::cuda`] does on the GPU.
+
+/// One 1-D launch: `grid` blocks of `block` threads with `shared_bytes` of dynamic shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub grid: u32,
+    pub block: u32,
+    pub shared_bytes: u32,
+}
+
+/// Row-wise kernels: one block per row of `n`, a multiple of 32 threads, at most 1024.
+pub fn rows(rows: usize, n: usize) -> Geometry {
+    Geometry {
+        grid: rows as u32,
+        block: n.div_ceil(32).clamp(1, 32) as u32 * 32,
+        shared_bytes: 0,
+    }
+}
+
+/// Elementwise kernels: grid-stride over `n` items, 256 threads a block, at most 8192 blocks.
+pub fn elems(n: usize) -> Geometry {
+    Geometry {
+        grid: n.div_ceil(256).clamp(1, 8192) as u32,
+        block: 256,
+        shared_bytes: 0,
+    }
+}
+
+/// Dynamic shared memory a block may use without opting in: 48 KiB.
+pub const MAX_SHARED_BYTES: usize = 48 * 1024;
+
+/// RMSNorm's backward: grid-stride over `rows` rows of `h` with at most 1024 blocks, each summing
+/// its rows' weight gradient in `h` floats of shared memory. None when `h` floats exceed
+/// [`MAX_SHARED_BYTES`].
+pub fn rms_norm_bwd(rows_: usize, h: usize) -> Option<Geometry> {
+    (h * 4 <= MAX_SHARED_BYTES).then(|| Geometry {
+        grid: rows_.clamp(1, 1024) as u32,
+        block: rows(1, h).block,
+        shared_bytes: (h * 4) as u32,
+    })
+}
+
+/// The sampler: one block of 1024 threads per row (each scans a contiguous segment of the row).
+pub fn sample_rows(rows: usize) -> Geometry {
+    Geometry {
+        grid: rows as u32,
+        block: 1024,
+        shared_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_whole_warps_within_the_limits() {
+        assert_eq!(rows(3, 1).block, 32);
+        assert_eq!(rows(3, 33).block, 64);
+        assert_eq!(rows(3, 151_936).block, 1024);
+        assert_eq!(elems(1).grid, 1);
+        assert_eq!(elems(257).grid, 2);
+        assert_eq!(elems(usize::MAX / 2).grid, 8192);
+        assert_eq!(rms_norm_bwd(5000, 896).unwrap().grid, 1024);
+        assert_eq!(rms_norm_bwd(5, 896).unwrap().shared_bytes, 3584);
+        assert!(rms_norm_bwd(5, 12_289).is_none());
+    }
+}

@@ -1,0 +1,731 @@
+//! The CUDA kernels of `kernels/ferrite.cu`, run on the CPU: the source is compiled with the host
+//! C++ compiler against `kernels/emu/cuda_emu.h` (one thread per CUDA thread, barriers, warp
+//! shuffles, shared memory, atomics) and each kernel is launched with the geometry that
+//! `model::cuda` uses on the GPU (`model::launch`), then compared with the composed candle ops
+//! that are the kernels' reference. This checks the kernels' formulas, indexing, reductions and
+//! synchronisation on every CI run; what it cannot check (the PTX, the cudarc launchers'
+//! argument marshalling, the GPU's fast-math intrinsics) is `ferrite gpu-check`'s on the GPU.
+//!
+//! Needs a C++20 compiler (`$CXX`, else `c++`).
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use half::bf16;
+use model::launch::{self, Geometry};
+use model::ops::composed;
+use model::rng::Rng;
+
+const SOURCE: &str = include_str!("../kernels/ferrite.cu");
+
+/// The kernels' names, in source order.
+fn kernel_names() -> Vec<String> {
+    SOURCE
+        .lines()
+        .filter_map(|l| l.strip_prefix("extern \"C\" __global__ void "))
+        .map(|rest| rest.split('(').next().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A `__shared__` declaration of `ferrite.cu` as `cuda_emu.h`'s race-checked array; any other
+/// line as it is.
+fn rewrite_shared(line: &str) -> String {
+    fn decl(rest: &str) -> Option<(&str, &str)> {
+        rest.strip_suffix(';')?.split_once(' ')
+    }
+    let t = line.trim();
+    if let Some((ty, name)) = t.strip_prefix("extern __shared__ ").and_then(decl) {
+        let name = name
+            .strip_suffix("[]")
+            .expect("extern __shared__ T name[];");
+        return format!("EMU_DYNAMIC_SHARED({ty}, {name});");
+    }
+    if let Some((ty, name)) = t.strip_prefix("__shared__ ").and_then(decl) {
+        return match name.strip_suffix(']').and_then(|n| n.split_once('[')) {
+            Some((name, n)) => format!("EMU_SHARED({ty}, {name}, {n});"),
+            None => format!("EMU_SHARED({ty}, {name}, 1);"),
+        };
+    }
+    line.to_string()
+}
+
+/// Builds the emulator once per test process: `ferrite.cu` with its shared memory rewritten for
+/// `cuda_emu.h`, a registry of every kernel, and `driver.cpp`.
+fn emulator() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emulation");
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernels: String = SOURCE.lines().map(|l| rewrite_shared(l) + "\n").collect();
+        assert!(
+            !kernels.contains("__shared__ "),
+            "unrewritten shared memory"
+        );
+        std::fs::write(dir.join("kernels.inc"), kernels).unwrap();
+        let registry: String = kernel_names()
+            .iter()
+            .map(|k| format!("{{\"{k}\", runner({k})}},\n"))
+            .collect();
+        std::fs::write(dir.join("registry.inc"), registry).unwrap();
+        let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu");
+        let bin = dir.join("emulator");
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = Command::new(&cxx)
+            .args(["-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address"])
+            .arg("-I")
+            .arg(&emu)
+            .arg("-I")
+            .arg(&dir)
+            .arg(emu.join("driver.cpp"))
+            .arg("-o")
+            .arg(&bin)
+            .output()
+            .unwrap_or_else(|e| panic!("running the C++ compiler `{cxx}` (set CXX): {e}"));
+        assert!(
+            out.status.success(),
+            "compiling the kernel emulator failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        bin
+    })
+}
+
+/// A kernel argument: a buffer (read and written back) or a scalar.
+#[derive(Debug, Clone, PartialEq)]
+enum Arg {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    U32(Vec<u32>),
+    Int(i32),
+    Size(usize),
+    Float(f32),
+}
+
+impl Arg {
+    fn f32s(&self) -> Vec<f32> {
+        match self {
+            Arg::F32(v) => v.clone(),
+            Arg::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            a => panic!("not a float buffer: {a:?}"),
+        }
+    }
+}
+
+/// Runs `kernel` with `args`; returns the buffers after the launch, in argument order.
+fn try_launch(kernel: &str, g: Geometry, args: &[Arg]) -> Result<Vec<Arg>, String> {
+    let mut input = Vec::new();
+    input.extend((kernel.len() as u32).to_le_bytes());
+    input.extend(kernel.as_bytes());
+    for x in [g.grid, g.block, g.shared_bytes, args.len() as u32] {
+        input.extend(x.to_le_bytes());
+    }
+    for a in args {
+        match a {
+            Arg::F32(v) => {
+                input.push(b'F');
+                input.extend((v.len() as u64).to_le_bytes());
+                v.iter().for_each(|x| input.extend(x.to_le_bytes()));
+            }
+            Arg::Bf16(v) => {
+                input.push(b'B');
+                input.extend((v.len() as u64).to_le_bytes());
+                v.iter()
+                    .for_each(|x| input.extend(x.to_bits().to_le_bytes()));
+            }
+            Arg::U32(v) => {
+                input.push(b'U');
+                input.extend((v.len() as u64).to_le_bytes());
+                v.iter().for_each(|x| input.extend(x.to_le_bytes()));
+            }
+            Arg::Int(x) => {
+                input.push(b'i');
+                input.extend(x.to_le_bytes());
+            }
+            Arg::Size(x) => {
+                input.push(b'z');
+                input.extend((*x as u64).to_le_bytes());
+            }
+            Arg::Float(x) => {
+                input.push(b'f');
+                input.extend(x.to_le_bytes());
+            }
+        }
+    }
+    let mut child = Command::new(emulator())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    let status = child.wait().unwrap();
+    if !status.success() {
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        return Err(format!("{kernel}: {status}: {err}"));
+    }
+    let mut at = 0;
+    let mut take = |n: usize| {
+        at += n;
+        &out[at - n..at]
+    };
+    let mut buffers = Vec::new();
+    for a in args {
+        let mut count = || u64::from_le_bytes(take(8).try_into().unwrap()) as usize;
+        buffers.push(match a {
+            Arg::F32(_) => {
+                let n = count();
+                Arg::F32(
+                    take(4 * n)
+                        .chunks(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                )
+            }
+            Arg::Bf16(_) => {
+                let n = count();
+                Arg::Bf16(
+                    take(2 * n)
+                        .chunks(2)
+                        .map(|c| bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())))
+                        .collect(),
+                )
+            }
+            Arg::U32(_) => {
+                let n = count();
+                Arg::U32(
+                    take(4 * n)
+                        .chunks(4)
+                        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                )
+            }
+            _ => continue,
+        });
+    }
+    Ok(buffers)
+}
+
+fn launch(kernel: &str, g: Geometry, args: &[Arg]) -> Vec<Arg> {
+    try_launch(kernel, g, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The element type a kernel runs in: its name's suffix and its buffers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ty {
+    F32,
+    Bf16,
+}
+
+impl Ty {
+    fn name(self, kernel: &str) -> String {
+        match self {
+            Ty::F32 => format!("{kernel}_f32"),
+            Ty::Bf16 => format!("{kernel}_bf16"),
+        }
+    }
+
+    fn buffer(self, t: &Tensor) -> Arg {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        match self {
+            Ty::F32 => Arg::F32(v),
+            Ty::Bf16 => Arg::Bf16(v.into_iter().map(bf16::from_f32).collect()),
+        }
+    }
+
+    /// `t` as the kernel sees it: rounded to bf16 for bf16 kernels.
+    fn round(self, t: &Tensor) -> Tensor {
+        match self {
+            Ty::F32 => t.clone(),
+            Ty::Bf16 => t
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        }
+    }
+
+    /// Tolerance of the largest difference relative to the largest reference value.
+    fn tol(self) -> f32 {
+        match self {
+            Ty::F32 => 1e-5,
+            Ty::Bf16 => 1e-2,
+        }
+    }
+}
+
+fn random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// `max |got − want| / max |want|`, infinite where `got` is NaN (which `f32::max` would skip).
+fn max_rel(got: &[f32], want: &Tensor) -> f32 {
+    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(got.len(), want.len(), "lengths");
+    let scale = want.iter().fold(1e-12f32, |m, x| m.max(x.abs()));
+    got.iter()
+        .zip(&want)
+        .map(|(a, b)| {
+            if a.is_nan() {
+                f32::INFINITY
+            } else {
+                (a - b).abs()
+            }
+        })
+        .fold(0f32, f32::max)
+        / scale
+}
+
+fn assert_close(what: &str, got: &Arg, want: &Tensor, tol: f32) {
+    let e = max_rel(&got.f32s(), want);
+    assert!(
+        e < tol,
+        "{what}: max relative difference {e:.2e} ≥ {tol:.0e}"
+    );
+}
+
+/// `f(x…)`, and the gradients of `Σ f(x…) ∘ u` with respect to every `x`.
+fn with_grads(
+    xs: &[&Tensor],
+    u: &Tensor,
+    f: impl Fn(&[Tensor]) -> Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts);
+    let grads = (&y * u).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = ts.iter().map(|t| grads.get(t).unwrap().clone()).collect();
+    (y, g)
+}
+
+/// A smaller grid than the launcher's, to run the grid-stride loops more than once per block.
+fn fewer_blocks(g: Geometry, grid: u32) -> Geometry {
+    Geometry { grid, ..g }
+}
+
+#[test]
+fn rms_norm_forward_and_backward_match_the_composed_op() {
+    let eps = 1e-6;
+    // h = 40: a partly idle block of 64; h = 1500: 1024 threads striding the row
+    for (rows, h) in [(5usize, 40usize), (3, 1500)] {
+        let x = random(&[rows, h], 1, 1.0);
+        let w = (random(&[h], 2, 0.2) + 1.0).unwrap();
+        let u = random(&[rows, h], 3, 1.0);
+        for ty in [Ty::F32, Ty::Bf16] {
+            let (x, w, u) = (ty.round(&x), ty.round(&w), ty.round(&u));
+            let at = format!("{ty:?} [{rows}, {h}]");
+            let y = launch(
+                &ty.name("rms_norm_fwd"),
+                launch::rows(rows, h),
+                &[
+                    ty.buffer(&x),
+                    ty.buffer(&w),
+                    ty.buffer(&x.zeros_like().unwrap()),
+                    Arg::Int(h as i32),
+                    Arg::Float(eps as f32),
+                ],
+            );
+            let (want, grads) = with_grads(&[&x, &w], &u, |t| {
+                composed::rms_norm(&t[0], &t[1], eps).unwrap()
+            });
+            assert_close(&format!("rms_norm_fwd {at}"), &y[2], &want, ty.tol());
+            let geometry = launch::rms_norm_bwd(rows, h).unwrap();
+            for g in [geometry, fewer_blocks(geometry, 2)] {
+                let out = launch(
+                    &ty.name("rms_norm_bwd"),
+                    g,
+                    &[
+                        ty.buffer(&x),
+                        ty.buffer(&w),
+                        ty.buffer(&u),
+                        ty.buffer(&x.zeros_like().unwrap()),
+                        Arg::F32(vec![0.0; h]),
+                        Arg::Int(rows as i32),
+                        Arg::Int(h as i32),
+                        Arg::Float(eps as f32),
+                    ],
+                );
+                let at = format!("{at}, {} blocks", g.grid);
+                assert_close(
+                    &format!("rms_norm_bwd dx {at}"),
+                    &out[3],
+                    &grads[0],
+                    ty.tol(),
+                );
+                assert_close(&format!("rms_norm_bwd dw {at}"), &out[4], &grads[1], 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_forward_and_backward_match_the_composed_op() {
+    let n = 1000;
+    let (a, b, u) = (
+        random(&[n], 4, 2.0),
+        random(&[n], 5, 1.0),
+        random(&[n], 6, 1.0),
+    );
+    for ty in [Ty::F32, Ty::Bf16] {
+        let (a, b, u) = (ty.round(&a), ty.round(&b), ty.round(&u));
+        let (want, grads) = with_grads(&[&a, &b], &u, |t| (t[0].silu().unwrap() * &t[1]).unwrap());
+        for g in [launch::elems(n), fewer_blocks(launch::elems(n), 1)] {
+            let at = format!("{ty:?}, {} blocks", g.grid);
+            let y = launch(
+                &ty.name("swiglu_fwd"),
+                g,
+                &[
+                    ty.buffer(&a),
+                    ty.buffer(&b),
+                    ty.buffer(&a.zeros_like().unwrap()),
+                    Arg::Size(n),
+                ],
+            );
+            assert_close(&format!("swiglu_fwd {at}"), &y[2], &want, ty.tol());
+            let out = launch(
+                &ty.name("swiglu_bwd"),
+                g,
+                &[
+                    ty.buffer(&a),
+                    ty.buffer(&b),
+                    ty.buffer(&u),
+                    ty.buffer(&Tensor::zeros(2 * n, DType::F32, &Device::Cpu).unwrap()),
+                    Arg::Size(n),
+                ],
+            );
+            let dab = Tensor::cat(&grads, 0).unwrap();
+            assert_close(&format!("swiglu_bwd {at}"), &out[3], &dab, ty.tol());
+        }
+    }
+}
+
+#[test]
+fn rope_and_its_adjoint_match_the_composed_op() {
+    let (b, h, t, d) = (2, 3, 5, 8);
+    let x = random(&[b, h, t, d], 7, 1.0);
+    let u = random(&[b, h, t, d], 8, 1.0);
+    // positions differ per batch row (left padding), so the cos / sin rows must be B's own
+    let angles = random(&[b, 1, t, d], 9, 2.0);
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+    let pairs = b * h * t * d / 2;
+    for ty in [Ty::F32, Ty::Bf16] {
+        let (x, u, cos, sin) = (ty.round(&x), ty.round(&u), ty.round(&cos), ty.round(&sin));
+        let (want, grads) = with_grads(&[&x], &u, |v| composed::rope(&v[0], &cos, &sin).unwrap());
+        for (input, transpose, want) in [(&x, 0, &want), (&u, 1, &grads[0])] {
+            let y = launch(
+                &ty.name("rope"),
+                launch::elems(pairs),
+                &[
+                    ty.buffer(input),
+                    ty.buffer(&cos),
+                    ty.buffer(&sin),
+                    ty.buffer(&x.zeros_like().unwrap()),
+                    Arg::Int(h as i32),
+                    Arg::Int(t as i32),
+                    Arg::Int(d as i32),
+                    Arg::Size(pairs),
+                    Arg::Int(transpose),
+                ],
+            );
+            assert_close(
+                &format!("rope {ty:?} transpose={transpose}"),
+                &y[3],
+                want,
+                ty.tol(),
+            );
+        }
+    }
+}
+
+/// Causal mask with left padding on batch row 1 (its first 3 keys masked), finite as the
+/// model's batches have it: `[B, 1, 1, T, S]` with the queries at the last T of S positions.
+fn causal_bias(b: usize, t: usize, s: usize) -> Tensor {
+    let mut v = vec![0f32; b * t * s];
+    for bi in 0..b {
+        for i in 0..t {
+            for j in 0..s {
+                if j > s - t + i || (bi == 1 && j < 3) {
+                    v[(bi * t + i) * s + j] = -1e9;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (b, 1, 1, t, s), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn masked_softmax_matches_the_composed_op() {
+    let (b, hkv, g, t, s) = (2, 2, 3, 4, 37);
+    let x = random(&[b, hkv, g, t, s], 10, 3.0);
+    let bias = causal_bias(b, t, s);
+    let scale = 0.3;
+    let rows = b * hkv * g * t;
+    for ty in [Ty::F32, Ty::Bf16] {
+        let x = ty.round(&x);
+        let want = composed::masked_softmax(&x, &bias, scale).unwrap();
+        let y = launch(
+            &ty.name("masked_softmax_fwd"),
+            launch::rows(rows, s),
+            &[
+                ty.buffer(&x),
+                Ty::F32.buffer(&bias),
+                Arg::F32(vec![f32::NAN; rows * s]),
+                Arg::Int((hkv * g) as i32),
+                Arg::Int(t as i32),
+                Arg::Int(s as i32),
+                Arg::Float(scale as f32),
+            ],
+        );
+        // f32 out from either input type: only the input's rounding differs
+        assert_close(&format!("masked_softmax_fwd {ty:?}"), &y[2], &want, 1e-5);
+    }
+}
+
+#[test]
+fn softmax_forward_and_backward_match_the_composed_op() {
+    let (rows, n) = (3, 1300);
+    let x = random(&[rows, n], 11, 4.0);
+    let u = random(&[rows, n], 12, 1.0);
+    let scale = 0.7;
+    for ty in [Ty::F32, Ty::Bf16] {
+        let (x, u) = (ty.round(&x), ty.round(&u));
+        let want = composed::softmax_last_dim(&x).unwrap();
+        let y = launch(
+            &ty.name("softmax_fwd"),
+            launch::rows(rows, n),
+            &[
+                ty.buffer(&x),
+                ty.buffer(&x.zeros_like().unwrap()),
+                Arg::Int(n as i32),
+            ],
+        );
+        assert_close(&format!("softmax_fwd {ty:?}"), &y[1], &want, ty.tol());
+        // backward of y = softmax(scale·x) in y's type, from the rounded probabilities
+        let p = ty.round(&want);
+        let dot = (&p * &u).unwrap().sum_keepdim(D::Minus1).unwrap();
+        let dx = ((u.broadcast_sub(&dot).unwrap() * &p).unwrap() * scale).unwrap();
+        let out = launch(
+            &ty.name("softmax_bwd"),
+            launch::rows(rows, n),
+            &[
+                ty.buffer(&p),
+                ty.buffer(&u),
+                ty.buffer(&x.zeros_like().unwrap()),
+                Arg::Int(n as i32),
+                Arg::Float(scale as f32),
+            ],
+        );
+        assert_close(&format!("softmax_bwd {ty:?}"), &out[2], &dx, ty.tol());
+    }
+}
+
+#[test]
+fn log_probs_and_entropies_forward_and_backward_match_the_composed_ops() {
+    let (rows, v) = (4, 3001);
+    let z = random(&[rows, v], 13, 3.0);
+    let targets = Tensor::new(&[0u32, 1500, 3000, 77], &Device::Cpu).unwrap();
+    let g = random(&[rows, 2], 14, 1.0);
+    let lp = composed::logprob_gather(&z, &targets).unwrap();
+    let h = composed::entropy(&z).unwrap();
+    let y = Tensor::stack(&[&lp, &h], 1).unwrap(); // [N, 2]
+    let out = launch(
+        "logprob_entropy_fwd_f32",
+        launch::rows(rows, v),
+        &[
+            Ty::F32.buffer(&z),
+            Arg::U32(targets.to_vec1().unwrap()),
+            Arg::F32(vec![f32::NAN; 2 * rows]),
+            Arg::Int(v as i32),
+        ],
+    );
+    assert_close("logprob_entropy_fwd", &out[2], &y, 1e-5);
+    let (_, grads) = with_grads(&[&z], &g, |t| {
+        let lp = composed::logprob_gather(&t[0], &targets).unwrap();
+        let h = composed::entropy(&t[0]).unwrap();
+        Tensor::stack(&[&lp, &h], 1).unwrap()
+    });
+    let out = launch(
+        "logprob_entropy_bwd_f32",
+        launch::rows(rows, v),
+        &[
+            Ty::F32.buffer(&z),
+            Arg::U32(targets.to_vec1().unwrap()),
+            Ty::F32.buffer(&y),
+            Ty::F32.buffer(&g),
+            Arg::F32(vec![f32::NAN; rows * v]),
+            Arg::Int(v as i32),
+        ],
+    );
+    assert_close("logprob_entropy_bwd", &out[4], &grads[0], 1e-4);
+}
+
+#[test]
+fn the_sampler_draws_what_the_host_inverse_cdf_draws() {
+    // v = 700: the block's last 324 threads scan empty segments; v = 5000: five logits each
+    for v in [700usize, 5000] {
+        let rows = 4;
+        let mut z = random(&[rows, v], 15, 3.0).to_vec2::<f32>().unwrap();
+        // greedy ties: the first maximum wins, in another thread's segment than the second
+        z[3][v / 3] = 20.0;
+        z[3][v - 2] = 20.0;
+        let mut rng = Rng::new(16);
+        let u: Vec<f32> = (0..rows).map(|_| rng.uniform() as f32).collect();
+        for temperature in [0.7f32, 0.0] {
+            let inv_t = if temperature > 0.0 {
+                1.0 / temperature
+            } else {
+                0.0
+            };
+            let out = launch(
+                "sample_rows_f32",
+                launch::sample_rows(rows),
+                &[
+                    Arg::F32(z.concat()),
+                    Arg::F32(u.clone()),
+                    Arg::Float(inv_t),
+                    Arg::U32(vec![u32::MAX; rows]),
+                    Arg::F32(vec![f32::NAN; rows]),
+                    Arg::F32(vec![f32::NAN; rows]),
+                    Arg::Int(v as i32),
+                ],
+            );
+            let (Arg::U32(ids), lps, hs) = (&out[2], out[3].f32s(), out[4].f32s()) else {
+                panic!("ids");
+            };
+            for (i, row) in z.iter().enumerate() {
+                let (want, lp, h) =
+                    model::sampling::device_draw(row, u[i] as f64, temperature as f64);
+                let at = format!("v {v}, T {temperature}, row {i}");
+                assert_eq!(ids[i] as usize, want, "token, {at}");
+                assert!((lps[i] as f64 - lp).abs() < 1e-4, "log-prob, {at}");
+                assert!((hs[i] as f64 - h).abs() < 1e-4, "entropy, {at}");
+            }
+            if temperature == 0.0 {
+                assert_eq!(ids[3] as usize, v / 3, "the first of two maxima");
+            }
+        }
+    }
+}
+
+#[test]
+fn adamw_matches_pytorchs_update() {
+    // torch.optim.AdamW: m = β1 m + (1−β1) g, v = β2 v + (1−β2) g², w ← w(1 − lr·λ) −
+    // lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + ε), on the clipped gradient, in f64 here
+    let n = 1000;
+    let (beta1, beta2, eps, lr, wd, step, clip) = (0.9, 0.95, 1e-8, 1e-3, 0.1, 3, 0.5);
+    let w = random(&[n], 17, 1.0);
+    let g = random(&[n], 18, 1.0);
+    let m = random(&[n], 19, 0.1);
+    let v = random(&[n], 20, 0.1).sqr().unwrap();
+    let (bias1, bias2) = (1.0 - f64::powi(beta1, step), 1.0 - f64::powi(beta2, step));
+    for ty in [Ty::F32, Ty::Bf16] {
+        let g = ty.round(&g);
+        let f = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        let (w0, g0, m0, v0) = (f(&w), f(&g), f(&m), f(&v));
+        let mut want = vec![0f32; 3 * n];
+        for i in 0..n {
+            let gi = g0[i] as f64 * clip;
+            let mi = beta1 * m0[i] as f64 + (1.0 - beta1) * gi;
+            let vi = beta2 * v0[i] as f64 + (1.0 - beta2) * gi * gi;
+            let wi =
+                w0[i] as f64 * (1.0 - lr * wd) - lr / bias1 * mi / (vi.sqrt() / bias2.sqrt() + eps);
+            (want[i], want[n + i], want[2 * n + i]) = (wi as f32, mi as f32, vi as f32);
+        }
+        let want = Tensor::new(want, &Device::Cpu).unwrap();
+        for geometry in [launch::elems(n), fewer_blocks(launch::elems(n), 1)] {
+            let out = launch(
+                &ty.name("adamw"),
+                geometry,
+                &[
+                    Ty::F32.buffer(&w),
+                    ty.buffer(&g),
+                    Ty::F32.buffer(&m),
+                    Ty::F32.buffer(&v),
+                    Arg::F32(vec![f32::NAN; 3 * n]),
+                    Arg::Size(n),
+                    Arg::Float(beta1 as f32),
+                    Arg::Float(beta2 as f32),
+                    Arg::Float(eps as f32),
+                    Arg::Float((lr * wd) as f32),
+                    Arg::Float((lr / bias1) as f32),
+                    Arg::Float(bias2.sqrt() as f32),
+                    Arg::Float(clip as f32),
+                ],
+            );
+            let at = format!("adamw {ty:?}, {} blocks", geometry.grid);
+            assert_close(&at, &out[4], &want, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn every_kernel_is_emulated_by_a_test() {
+    let this = include_str!("kernel_emulation.rs");
+    let names: BTreeSet<String> = kernel_names().into_iter().collect();
+    assert!(names.len() >= 20, "found {} kernels", names.len());
+    let untested: Vec<&String> = names
+        .iter()
+        .filter(|k| {
+            let family = k.trim_end_matches("_f32").trim_end_matches("_bf16");
+            // a family's kernels are launched as `ty.name("family")` or by their full name
+            !this.contains(&format!("\"{k}\"")) && !this.contains(&format!("ty.name(\"{family}\")"))
+        })
+        .collect();
+    assert!(untested.is_empty(), "kernels without a test: {untested:?}");
+}
+
+#[test]
+fn the_emulator_rejects_what_the_gpu_would_reject() {
+    let args = [
+        Arg::F32(vec![1.0; 64]),
+        Arg::F32(vec![0.0; 64]),
+        Arg::Int(64),
+    ];
+    // too many threads, too much shared memory, arguments of the wrong type or number
+    let big = Geometry {
+        grid: 1,
+        block: 2048,
+        shared_bytes: 0,
+    };
+    assert!(try_launch("softmax_fwd_f32", big, &args).is_err());
+    let shared = Geometry {
+        shared_bytes: 64 * 1024,
+        ..launch::rows(1, 64)
+    };
+    assert!(try_launch("softmax_fwd_f32", shared, &args).is_err());
+    let wrong = [
+        Arg::F32(vec![1.0; 64]),
+        Arg::F32(vec![0.0; 64]),
+        Arg::Size(64),
+    ];
+    assert!(try_launch("softmax_fwd_f32", launch::rows(1, 64), &wrong).is_err());
+    assert!(try_launch("softmax_fwd_f32", launch::rows(1, 64), &args[..2]).is_err());
+    assert!(try_launch("no_such_kernel", launch::rows(1, 64), &args).is_err());
+    // a shared-memory race, a read past the end of a buffer (see driver.cpp)
+    let one_warp = launch::rows(1, 32);
+    let err = try_launch("emu_racy", one_warp, &[Arg::F32(vec![0.0; 32])]).unwrap_err();
+    assert!(err.contains("race on shared `cell`"), "{err}");
+    let err = try_launch(
+        "emu_overflow",
+        one_warp,
+        &[Arg::F32(vec![0.0; 32]), Arg::F32(vec![0.0; 32])],
+    )
+    .unwrap_err();
+    assert!(err.contains("heap-buffer-overflow"), "{err}");
+    let ok = try_launch("softmax_fwd_f32", launch::rows(1, 64), &args).unwrap();
+    assert!((ok[1].f32s().iter().sum::<f32>() - 1.0).abs() < 1e-6);
+}
