@@ -426,7 +426,7 @@ fn attention(
     let probs = crate::ops::masked_softmax(&scores, bias, scale)? // bias [B, 1, 1, T, S]
         .to_dtype(v.dtype())?
         .reshape((b, hkv, g * t, s))?;
-    let out = probs.matmul(&v.contiguous()?)?; // [B, Hkv, G·T, D]
+    let out = probs.matmul(&v)?; // [B, Hkv, G·T, D]; a cache view needs no copy
     let out = out
         .reshape((b, hq, t, d))?
         .transpose(1, 2)?
