@@ -508,6 +508,36 @@ fn kernel_case(
     Ok(())
 }
 
+/// The decode attention kernel against the composed ops (f32 probabilities) on a KV cache view:
+/// B=64 rows, Qwen2.5-0.5B's 2 KV heads of 7 query heads and D=64, 300 of 400 slots filled, row 1
+/// left-padded. On the CPU (dry run) the kernel does not apply and the row says so.
+fn decode_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    let (b, hkv, g, d, s, cap) = (64, 2, 7, 64, 300, 400);
+    let bias: Vec<f32> = (0..b * s)
+        .map(|i| if i / s == 1 && i % s < 9 { -1e9 } else { 0.0 })
+        .collect();
+    let bias = Tensor::from_vec(bias, (b, 1, 1, 1, s), &Device::Cpu)?.to_device(gpu)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    for dtype in [DType::F32, DType::BF16] {
+        let q = randn(&[b, hkv, g, d], 61, 1.0, dtype, gpu)?;
+        let k = randn(&[b, hkv, cap, d], 62, 1.0, dtype, gpu)?.narrow(2, 0, s)?;
+        let v = randn(&[b, hkv, cap, d], 63, 1.0, dtype, gpu)?.narrow(2, 0, s)?;
+        let name = format!("decode attention [64, 2, 7, 64] S=300 of 400 {dtype:?}");
+        let Some(y) = ops::decode_attention(&q, &k, &v, &bias, scale)? else {
+            rows.push((name, "kernel not taken".into(), false));
+            continue;
+        };
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let scores = f(&q)?.matmul(&f(&k)?.t()?)?.reshape((b, hkv, g, 1, s))?;
+        let p = ops::composed::masked_softmax(&scores, &bias, scale)?.reshape((b, hkv, g, s))?;
+        let want = p.matmul(&f(&v)?.contiguous()?)?;
+        let e = rel(&f(&y)?, &want)?;
+        let tol = if dtype == DType::F32 { 2e-5 } else { 2e-2 };
+        rows.push((name, format!("{e:.2e}"), e < tol));
+    }
+    Ok(())
+}
+
 /// The fused AdamW kernel against the composed update on the GPU: three steps on a bf16 matrix
 /// (through its f32 master) and an f32 vector, with weight decay and clipping.
 fn optimizer_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
@@ -809,6 +839,17 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
             Err(e) => lines.push(format!("generate B={gb}: error: {e}")),
         }
     }
+    // what the kernels (decode attention, sampler, norms) gain in generation: B=64 without them
+    ops::set_cuda_kernels(false);
+    let composed = generation_bench(gpu, &w, 64, p, n);
+    ops::set_cuda_kernels(true);
+    lines.push(match composed {
+        Ok((secs, new)) => format!(
+            "generate B=64 with the composed ops (kernels off): {:.0} tok/s",
+            new as f64 / secs
+        ),
+        Err(e) => format!("generate B=64 composed: error: {e}"),
+    });
     println!(
         "bench done ({:.1} GiB of weights)",
         c.num_parameters() as f64 * 2.0 / GIB
@@ -848,6 +889,11 @@ fn run(what: &str) -> Result<()> {
         section(
             "optimizer checks",
             optimizer_checks(&gpu, &mut rows),
+            &mut rows,
+        );
+        section(
+            "decode attention checks",
+            decode_attention_checks(&gpu, &mut rows),
             &mut rows,
         );
         section("model checks", model_checks(&gpu, &mut rows), &mut rows);

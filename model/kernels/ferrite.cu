@@ -378,6 +378,109 @@ extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float
     }
 }
 
+// ------------------------------------------------------------------------------- decode attention
+// One decode step of grouped-query attention (one new token) over a KV cache, one block per
+// (batch row b, KV head kv), for the G query heads that share the KV head:
+//   y[g] = Σ_j p_j v_j,  p = softmax_j(scale·q[g]·k_j + bias[b, j]),  j < S
+// q, y [B, Hkv, G, D]; key j of (b, kv) at k + (b·Hkv + kv)·kv_stride + j·D (the cache's buffers,
+// read in place; likewise v); bias [B, S] f32. Warp w runs an online softmax over keys w, w + W, …
+// with lane l keeping the output's elements d = l, l + 32, …; the warps' (max, sum, output) merge
+// through shared memory. Probabilities stay f32. G ≤ DECODE_MAX_G, D ≤ DECODE_MAX_D, W warps ≤
+// DECODE_WARPS (the launcher checks).
+
+#define DECODE_MAX_G 16
+#define DECODE_MAX_D 128
+#define DECODE_WARPS 4
+
+template <typename T>
+__device__ void decode_attention(const T* q, const T* k, const T* v, const float* bias, T* y, int hkv,
+                                 int g_heads, int s, int d, size_t kv_stride, float scale) {
+    __shared__ float part_m[DECODE_WARPS * DECODE_MAX_G];
+    __shared__ float part_l[DECODE_WARPS * DECODE_MAX_G];
+    __shared__ float part_o[DECODE_WARPS * DECODE_MAX_G * DECODE_MAX_D];
+    constexpr int DL = DECODE_MAX_D / 32;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const size_t bk = blockIdx.x, b = bk / hkv;
+    const T* qb = q + bk * g_heads * d;
+    const T* kb = k + bk * kv_stride;
+    const T* vb = v + bk * kv_stride;
+    const float* br = bias + b * s;
+    float qr[DECODE_MAX_G][DL], o[DECODE_MAX_G][DL], m[DECODE_MAX_G], l[DECODE_MAX_G];
+#pragma unroll
+    for (int g = 0; g < DECODE_MAX_G; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) {
+            const int e = lane + 32 * i;
+            qr[g][i] = g < g_heads && e < d ? ld(qb[g * d + e]) : 0.f;
+            o[g][i] = 0.f;
+        }
+    }
+    for (int j = warp; j < s; j += warps) {
+        float kr[DL], vr[DL];
+#pragma unroll
+        for (int i = 0; i < DL; ++i) {
+            const int e = lane + 32 * i;
+            kr[i] = e < d ? ld(kb[(size_t)j * d + e]) : 0.f;
+            vr[i] = e < d ? ld(vb[(size_t)j * d + e]) : 0.f;
+        }
+        const float bj = br[j];
+#pragma unroll
+        for (int g = 0; g < DECODE_MAX_G; ++g) {
+            if (g >= g_heads) break;
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < DL; ++i) dot += qr[g][i] * kr[i];
+            const float score = scale * warp_sum(dot) + bj;
+            const float mn = fmaxf(m[g], score);
+            const float alpha = __expf(m[g] - mn), p = __expf(score - mn);
+            l[g] = l[g] * alpha + p;
+#pragma unroll
+            for (int i = 0; i < DL; ++i) o[g][i] = o[g][i] * alpha + p * vr[i];
+            m[g] = mn;
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < DECODE_MAX_G; ++g) {
+        if (g >= g_heads) break;
+        const int slot = warp * DECODE_MAX_G + g;
+        if (lane == 0) {
+            part_m[slot] = m[g];
+            part_l[slot] = l[g];
+        }
+#pragma unroll
+        for (int i = 0; i < DL; ++i) {
+            const int e = lane + 32 * i;
+            if (e < d) part_o[slot * DECODE_MAX_D + e] = o[g][i];
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < g_heads * d; e += blockDim.x) {
+        const int g = e / d, dd = e % d;
+        float mx = -INFINITY;
+        for (int w = 0; w < warps; ++w) mx = fmaxf(mx, part_m[w * DECODE_MAX_G + g]);
+        float sum = 0.f, out = 0.f;
+        for (int w = 0; w < warps; ++w) {
+            const int slot = w * DECODE_MAX_G + g;
+            const float c = __expf(part_m[slot] - mx);
+            sum += part_l[slot] * c;
+            out += part_o[slot * DECODE_MAX_D + dd] * c;
+        }
+        y[bk * g_heads * d + e] = st<T>(out / sum);
+    }
+}
+extern "C" __global__ void decode_attention_f32(const float* q, const float* k, const float* v,
+                                                const float* bias, float* y, int hkv, int g_heads, int s,
+                                                int d, size_t kv_stride, float scale) {
+    decode_attention<float>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
+}
+extern "C" __global__ void decode_attention_bf16(const bf16* q, const bf16* k, const bf16* v,
+                                                 const float* bias, bf16* y, int hkv, int g_heads, int s,
+                                                 int d, size_t kv_stride, float scale) {
+    decode_attention<bf16>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
+}
+
 // ------------------------------------------------------------------------------- AdamW
 // One AdamW step of a parameter of n elements, as learner/src/optim.rs's host_update:
 //   g' = clip·g;  m = β1·m + (1−β1)·g';  v = β2·v + (1−β2)·g'²;

@@ -50,6 +50,16 @@ fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
+/// `span` elements of a CUDA storage from its layout's first element (a strided view's extent).
+fn strided<'a, T: CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    span: usize,
+) -> Result<CudaView<'a, T>> {
+    let start = l.start_offset();
+    Ok(s.as_cuda_slice::<T>()?.slice(start..start + span))
+}
+
 fn as_cuda(s: &Storage) -> Result<&CudaStorage> {
     match s {
         Storage::Cuda(s) => Ok(s),
@@ -463,6 +473,83 @@ pub fn sample_rows(logits: &Tensor, u: &[f32], temperature: f32) -> Result<Vec<(
     let lp = stream.clone_dtoh(&lp).w()?;
     let ent = stream.clone_dtoh(&ent).w()?;
     Ok((0..rows).map(|i| (ids[i], lp[i], ent[i])).collect())
+}
+
+// ---------------------------------------------------------------- decode attention
+
+/// One decode step's attention over a KV cache (see `decode_attention` in `ferrite.cu`):
+/// `q [B, Hkv, G, D]`, `k, v [B, Hkv, S, D]` (views of the cache's `[B, Hkv, capacity, D]`
+/// buffers, read in place), `bias [B, 1, 1, 1, S]` f32 → `[B, Hkv, G, D]` in `q`'s dtype. None
+/// where the kernel does not apply: G or D past its limits, or K / V rows not contiguous.
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        scale: f32,
+        kv_stride: usize,
+    ) -> Result<Tensor> {
+        let (b, hkv, g, d) = q.dims4()?;
+        let s = k.dim(2)?;
+        let (q, bias) = (q.contiguous()?, bias.contiguous()?);
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (bs, bl) = bias.storage_and_layout();
+        let (qs, ks, vs, bs) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?, as_cuda(&bs)?);
+        let dev = qs.device().clone();
+        // K and V from their views' first element to the last (b, kv)'s last key
+        let span = (b * hkv - 1) * kv_stride + s * d;
+        let (qv, bv) = (view::<T>(qs, ql)?, view::<f32>(bs, bl)?);
+        let (kv_, vv) = (strided::<T>(ks, kl, span)?, strided::<T>(vs, vl, span)?);
+        let y = unsafe { dev.alloc::<T>(b * hkv * g * d)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("decode_attention")?, MODULE, PTX)?;
+        let (hkv32, g32, s32, d32) = (hkv as i32, g as i32, s as i32, d as i32);
+        let mut l = f.builder();
+        l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv).arg(&y);
+        l.arg(&hkv32)
+            .arg(&g32)
+            .arg(&s32)
+            .arg(&d32)
+            .arg(&kv_stride)
+            .arg(&scale);
+        // SAFETY: q and y hold B·Hkv·G·D, the bias B·S; K and V span (B·Hkv − 1)·kv_stride + S·D
+        // from their views' starts, which the caller's layouts were checked to cover.
+        unsafe { l.launch(config(launch::decode_attention(b * hkv))) }.w()?;
+        Ok(wrap(T::wrap_cuda_slice(y, dev), (b, hkv, g, d)))
+    }
+    let (b, hkv, g, d) = q.dims4()?;
+    let s = k.dim(2)?;
+    let (kl, vl) = (k.layout(), v.layout());
+    let kv_stride = kl.stride()[1];
+    let rows_contiguous = |l: &Layout| {
+        l.dims() == [b, hkv, s, d]
+            && l.stride()[3] == 1
+            && l.stride()[2] == d
+            && l.stride()[1] == kv_stride
+            && l.stride()[0] == hkv * kv_stride
+            && kv_stride >= s * d
+    };
+    let fits = g <= launch::DECODE_MAX_G
+        && d <= launch::DECODE_MAX_D
+        && s > 0
+        && rows_contiguous(kl)
+        && rows_contiguous(vl)
+        && bias.dtype() == DType::F32
+        && bias.elem_count() == b * s
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype();
+    if !fits {
+        return Ok(None);
+    }
+    by_dtype!(q.dtype(), go(q, k, v, bias, scale, kv_stride)).map(Some)
 }
 
 // ---------------------------------------------------------------- AdamW

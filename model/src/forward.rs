@@ -412,6 +412,13 @@ fn attention(
     let s = k.dim(2)?;
     let q = q.reshape((b, hkv, g * t, d))?; // heads h = kv·G + j share K/V head kv
     let scale = 1.0 / (d as f64).sqrt();
+    if cached && t == 1 {
+        // a decode step: one fused kernel on CUDA, reading the cache in place
+        if let Some(out) = crate::ops::decode_attention(&q, &k, &v, bias, scale)? {
+            let out = out.reshape((b, 1, hq * d))?; // [B, Hkv, G, D] → [B, 1, Hq·D]
+            return Ok((linear(&out, &w.o_proj, None)?, k_new, v_new));
+        }
+    }
     if !cached && crate::attention::worth_chunking(b, hq, t, s) {
         // no [T, S] probabilities kept for the backward
         let chunk = crate::attention::chunk_rows(b, hq, s);

@@ -52,6 +52,23 @@ pub fn sample_rows(rows: usize) -> Geometry {
     }
 }
 
+/// Query heads per KV head that the decode attention kernel takes (`DECODE_MAX_G` in
+/// `ferrite.cu`).
+pub const DECODE_MAX_G: usize = 16;
+/// Head dimension that the decode attention kernel takes (`DECODE_MAX_D`).
+pub const DECODE_MAX_D: usize = 128;
+/// Warps a decode attention block runs (`DECODE_WARPS`: its shared memory is sized for them).
+pub const DECODE_WARPS: usize = 4;
+
+/// Decode attention: one block of [`DECODE_WARPS`] warps per (batch row, KV head).
+pub fn decode_attention(batch_kv_heads: usize) -> Geometry {
+    Geometry {
+        grid: batch_kv_heads as u32,
+        block: DECODE_WARPS as u32 * 32,
+        shared_bytes: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -702,6 +702,32 @@ pub fn logprob_and_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor,
     ))
 }
 
+// ---------------------------------------------------------------- decode attention
+
+/// One decode step's attention over a KV cache in one fused kernel, on CUDA: `q [B, Hkv, G, D]`
+/// (one new token, the G query heads of each KV head), `k, v [B, Hkv, S, D]` (views of the
+/// cache), `bias [B, 1, 1, 1, S]` f32 → `[B, Hkv, G, D]` in `q`'s dtype, with no backward (the
+/// cache serves generation, on detached weights). None where the kernel does not apply (the CPU,
+/// kernels off, shapes or layouts past its limits): the caller then takes the composed ops.
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if cuda_kernels()
+        && q.device().is_cuda()
+        && matches!(q.dtype(), DType::F32 | DType::BF16)
+        && !q.track_op()
+    {
+        return Ok(crate::cuda::decode_attention(q, k, v, bias, scale as f32)?);
+    }
+    let _ = (q, k, v, bias, scale);
+    Ok(None)
+}
+
 /// The composed-op references (also the path for non-CPU devices until fused kernels exist
 /// there). Every op here has a candle backward.
 pub mod composed {

@@ -622,6 +622,81 @@ fn the_sampler_draws_what_the_host_inverse_cdf_draws() {
 }
 
 #[test]
+fn decode_attention_matches_the_composed_ops_over_a_cache_view() {
+    // (B, Hkv, G, D, S, capacity): Qwen2.5-0.5B's G and D; the kernel's largest G and D with
+    // fewer keys than warps; a D that is no multiple of 32
+    for (case, &(b, hkv, g, d, s, cap)) in [
+        (3, 2, 7, 64, 37, 50),
+        (2, 1, 16, 128, 3, 8),
+        (2, 3, 1, 48, 20, 20),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 100 + 10 * case as u64;
+        let q = random(&[b, hkv, g, d], seed, 1.0);
+        let k_cache = random(&[b, hkv, cap, d], seed + 1, 1.0);
+        let v_cache = random(&[b, hkv, cap, d], seed + 2, 1.0);
+        let bias = causal_bias(b, 1, s); // [B, 1, 1, 1, S]: row 1 left-padded
+        let scale = 1.0 / (d as f64).sqrt();
+        for ty in [Ty::F32, Ty::Bf16] {
+            let (q, k_cache, v_cache) = (ty.round(&q), ty.round(&k_cache), ty.round(&v_cache));
+            let (k, v) = (
+                k_cache.narrow(2, 0, s).unwrap(),
+                v_cache.narrow(2, 0, s).unwrap(),
+            );
+            let scores = q
+                .matmul(&k.t().unwrap())
+                .unwrap()
+                .reshape((b, hkv, g, 1, s))
+                .unwrap();
+            let probs = composed::masked_softmax(&scores, &bias, scale)
+                .unwrap()
+                .reshape((b, hkv, g, s))
+                .unwrap();
+            let want = probs.matmul(&v.contiguous().unwrap()).unwrap(); // [B, Hkv, G, D]
+            let out = launch(
+                &ty.name("decode_attention"),
+                launch::decode_attention(b * hkv),
+                &[
+                    ty.buffer(&q),
+                    ty.buffer(&k_cache),
+                    ty.buffer(&v_cache),
+                    Ty::F32.buffer(&bias),
+                    ty.buffer(&q.zeros_like().unwrap()),
+                    Arg::Int(hkv as i32),
+                    Arg::Int(g as i32),
+                    Arg::Int(s as i32),
+                    Arg::Int(d as i32),
+                    Arg::Size(cap * d),
+                    Arg::Float(scale as f32),
+                ],
+            );
+            let at = format!("decode_attention {ty:?} B{b} Hkv{hkv} G{g} D{d} S{s}");
+            assert_close(&at, &out[4], &want, ty.tol());
+        }
+    }
+}
+
+#[test]
+fn the_launch_limits_match_the_kernel_source() {
+    let define = |name: &str| -> usize {
+        let line = SOURCE
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("no #define {name}"));
+        line.trim().parse().unwrap()
+    };
+    assert_eq!(define("DECODE_MAX_G"), launch::DECODE_MAX_G);
+    assert_eq!(define("DECODE_MAX_D"), launch::DECODE_MAX_D);
+    assert_eq!(define("DECODE_WARPS"), launch::DECODE_WARPS);
+    assert_eq!(
+        launch::decode_attention(1).block as usize,
+        32 * launch::DECODE_WARPS
+    );
+}
+
+#[test]
 fn adamw_matches_pytorchs_update() {
     // torch.optim.AdamW: m = β1 m + (1−β1) g, v = β2 v + (1−β2) g², w ← w(1 − lr·λ) −
     // lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + ε), on the clipped gradient, in f64 here
