@@ -9,7 +9,7 @@
 //! Needs a C++20 compiler (`$CXX`, else `c++`).
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -115,6 +115,36 @@ impl Arg {
     }
 }
 
+/// The tag and little-endian bytes of an argument as `driver.cpp` reads it (a buffer's element
+/// count first).
+fn encode(a: &Arg) -> (u8, Vec<u8>) {
+    fn buffer<const N: usize>(n: usize, xs: impl Iterator<Item = [u8; N]>) -> Vec<u8> {
+        (n as u64)
+            .to_le_bytes()
+            .into_iter()
+            .chain(xs.flatten())
+            .collect()
+    }
+    match a {
+        Arg::F32(v) => (b'F', buffer(v.len(), v.iter().map(|x| x.to_le_bytes()))),
+        Arg::Bf16(v) => (
+            b'B',
+            buffer(v.len(), v.iter().map(|x| x.to_bits().to_le_bytes())),
+        ),
+        Arg::U32(v) => (b'U', buffer(v.len(), v.iter().map(|x| x.to_le_bytes()))),
+        Arg::Int(x) => (b'i', x.to_le_bytes().to_vec()),
+        Arg::Size(x) => (b'z', (*x as u64).to_le_bytes().to_vec()),
+        Arg::Float(x) => (b'f', x.to_le_bytes().to_vec()),
+    }
+}
+
+/// The first `n` bytes of `rest`, which moves past them.
+fn split<'a>(rest: &mut &'a [u8], n: usize) -> &'a [u8] {
+    let (head, tail) = rest.split_at(n);
+    *rest = tail;
+    head
+}
+
 /// Runs `kernel` with `args`; returns the buffers after the launch, in argument order.
 fn try_launch(kernel: &str, g: Geometry, args: &[Arg]) -> Result<Vec<Arg>, String> {
     let mut input = Vec::new();
@@ -123,37 +153,9 @@ fn try_launch(kernel: &str, g: Geometry, args: &[Arg]) -> Result<Vec<Arg>, Strin
     for x in [g.grid, g.block, g.shared_bytes, args.len() as u32] {
         input.extend(x.to_le_bytes());
     }
-    for a in args {
-        match a {
-            Arg::F32(v) => {
-                input.push(b'F');
-                input.extend((v.len() as u64).to_le_bytes());
-                v.iter().for_each(|x| input.extend(x.to_le_bytes()));
-            }
-            Arg::Bf16(v) => {
-                input.push(b'B');
-                input.extend((v.len() as u64).to_le_bytes());
-                v.iter()
-                    .for_each(|x| input.extend(x.to_bits().to_le_bytes()));
-            }
-            Arg::U32(v) => {
-                input.push(b'U');
-                input.extend((v.len() as u64).to_le_bytes());
-                v.iter().for_each(|x| input.extend(x.to_le_bytes()));
-            }
-            Arg::Int(x) => {
-                input.push(b'i');
-                input.extend(x.to_le_bytes());
-            }
-            Arg::Size(x) => {
-                input.push(b'z');
-                input.extend((*x as u64).to_le_bytes());
-            }
-            Arg::Float(x) => {
-                input.push(b'f');
-                input.extend(x.to_le_bytes());
-            }
-        }
+    for (tag, bytes) in args.iter().map(encode) {
+        input.push(tag);
+        input.extend(bytes);
     }
     let mut child = Command::new(emulator())
         .stdin(Stdio::piped())
@@ -161,57 +163,39 @@ fn try_launch(kernel: &str, g: Geometry, args: &[Arg]) -> Result<Vec<Arg>, Strin
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
-    child.stdin.take().unwrap().write_all(&input).unwrap();
-    let mut out = Vec::new();
-    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
-    let status = child.wait().unwrap();
-    if !status.success() {
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        return Err(format!("{kernel}: {status}: {err}"));
+    // a launch that fails early closes its input: the exit status says why
+    let _ = child.stdin.take().unwrap().write_all(&input);
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("{kernel}: {}: {err}", out.status));
     }
-    let mut at = 0;
-    let mut take = |n: usize| {
-        at += n;
-        &out[at - n..at]
-    };
+    let mut rest = out.stdout.as_slice();
     let mut buffers = Vec::new();
     for a in args {
-        let mut count = || u64::from_le_bytes(take(8).try_into().unwrap()) as usize;
-        buffers.push(match a {
-            Arg::F32(_) => {
-                let n = count();
-                Arg::F32(
-                    take(4 * n)
-                        .chunks(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                )
-            }
-            Arg::Bf16(_) => {
-                let n = count();
-                Arg::Bf16(
-                    take(2 * n)
-                        .chunks(2)
-                        .map(|c| bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())))
-                        .collect(),
-                )
-            }
-            Arg::U32(_) => {
-                let n = count();
-                Arg::U32(
-                    take(4 * n)
-                        .chunks(4)
-                        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                )
-            }
+        let width = match a {
+            Arg::F32(_) | Arg::U32(_) => 4,
+            Arg::Bf16(_) => 2,
             _ => continue,
+        };
+        let n = u64::from_le_bytes(split(&mut rest, 8).try_into().unwrap()) as usize;
+        let chunks = split(&mut rest, width * n).chunks(width);
+        buffers.push(match a {
+            Arg::F32(_) => Arg::F32(
+                chunks
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            Arg::Bf16(_) => Arg::Bf16(
+                chunks
+                    .map(|c| bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())))
+                    .collect(),
+            ),
+            _ => Arg::U32(
+                chunks
+                    .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
         });
     }
     Ok(buffers)
