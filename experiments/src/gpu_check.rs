@@ -208,6 +208,29 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         worst < 1e-4,
     );
 
+    // the same gradients through the chunked attention (its row kernels between the matmuls),
+    // in chunks of 8 query rows, f32 and bf16
+    let budget = model::attention::chunk_elements();
+    let calls = model::attention::chunked_calls();
+    model::attention::set_chunk_elements(4 * c.num_attention_heads * 96 * 8);
+    let chunked = loss_and_grads(&w_gpu, &ids, &mask)
+        .and_then(|f32_grads| Ok((f32_grads, loss_and_grads(&w_bf16, &ids, &mask)?)));
+    model::attention::set_chunk_elements(budget);
+    let ((_, gk), (_, gkb)) = chunked?;
+    let taken = model::attention::chunked_calls() > calls;
+    let (worst, _) = worst_rel(&gg, &gk)?;
+    check(
+        "grads with chunked attention vs whole (gpu f32)",
+        format!("{worst:.2e}"),
+        taken && worst < 1e-4,
+    );
+    let (worst, _) = worst_rel(&gb, &gkb)?;
+    check(
+        "grads with chunked attention vs whole (gpu bf16)",
+        format!("{worst:.2e}"),
+        taken && worst < 0.1,
+    );
+
     // shared prompts: two 40-token prompts run once for the three 8-token completions of each
     let comp = |k: usize| &ids[2 + k % 2][8 * k..8 * k + 8];
     let whole: Vec<Vec<u32>> = (0..6)

@@ -260,6 +260,78 @@ extern "C" __global__ void softmax_bwd_bf16(const bf16* y, const bf16* g, bf16* 
     softmax_bwd<bf16>(y, g, dx, n, scale);
 }
 
+// ------------------------------------------------------------------------------- chunked attention
+// The chunked attention's (model/src/attention.rs) probabilities, outside autograd, in the scores'
+// own type T: x [B, Hkv, G, T, S] rows of S, bias [B, 1, 1, T, S] f32 as for masked_softmax_fwd.
+// Forward: y = softmax(scale·x + bias), in three passes over x (max, sum, write) rather than
+// through f32 exponentials. Backward: p recomputed in f32 and ds = scale·p∘(dp − Σ p∘dp) from
+// dp = dO·Vᵀ, writing p (for dV = pᵀ·dO) and ds (for dQ = ds·K, dK = dsᵀ·Q) in T: one pass
+// instead of an f32 softmax, its cast, dp's cast to f32, the f32 softmax backward and its cast.
+
+template <typename T>
+__device__ float attention_row_max(const T* xr, const float* br, int s, float scale) {
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < s; j += blockDim.x) m = fmaxf(m, scale * ld(xr[j]) + br[j]);
+    return block_max(m);
+}
+template <typename T>
+__device__ float attention_row_sum(const T* xr, const float* br, int s, float scale, float m) {
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < s; j += blockDim.x) sum += __expf(scale * ld(xr[j]) + br[j] - m);
+    return block_sum(sum);
+}
+
+template <typename T>
+__device__ void attention_probs(const T* x, const float* bias, T* y, int heads, int t, int s, float scale) {
+    const size_t row = blockIdx.x;
+    const size_t bi = row / ((size_t)heads * t);
+    const int ti = row % t;
+    const T* xr = x + row * s;
+    const float* br = bias + (bi * t + ti) * s;
+    const float m = attention_row_max(xr, br, s, scale);
+    const float inv = 1.f / attention_row_sum(xr, br, s, scale, m);
+    for (int j = threadIdx.x; j < s; j += blockDim.x)
+        y[row * s + j] = st<T>(__expf(scale * ld(xr[j]) + br[j] - m) * inv);
+}
+extern "C" __global__ void attention_probs_f32(const float* x, const float* bias, float* y, int heads, int t,
+                                               int s, float scale) {
+    attention_probs<float>(x, bias, y, heads, t, s, scale);
+}
+extern "C" __global__ void attention_probs_bf16(const bf16* x, const float* bias, bf16* y, int heads, int t,
+                                                int s, float scale) {
+    attention_probs<bf16>(x, bias, y, heads, t, s, scale);
+}
+
+template <typename T>
+__device__ void attention_probs_bwd(const T* x, const float* bias, const T* dp, T* p, T* ds, int heads, int t,
+                                    int s, float scale) {
+    const size_t row = blockIdx.x;
+    const size_t bi = row / ((size_t)heads * t);
+    const int ti = row % t;
+    const T* xr = x + row * s;
+    const T* dr = dp + row * s;
+    const float* br = bias + (bi * t + ti) * s;
+    const float m = attention_row_max(xr, br, s, scale);
+    const float inv = 1.f / attention_row_sum(xr, br, s, scale, m);
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < s; j += blockDim.x)
+        dot += __expf(scale * ld(xr[j]) + br[j] - m) * inv * ld(dr[j]);
+    dot = block_sum(dot);
+    for (int j = threadIdx.x; j < s; j += blockDim.x) {
+        const float pj = __expf(scale * ld(xr[j]) + br[j] - m) * inv;
+        p[row * s + j] = st<T>(pj);
+        ds[row * s + j] = st<T>(scale * pj * (ld(dr[j]) - dot));
+    }
+}
+extern "C" __global__ void attention_probs_bwd_f32(const float* x, const float* bias, const float* dp, float* p,
+                                                   float* ds, int heads, int t, int s, float scale) {
+    attention_probs_bwd<float>(x, bias, dp, p, ds, heads, t, s, scale);
+}
+extern "C" __global__ void attention_probs_bwd_bf16(const bf16* x, const float* bias, const bf16* dp, bf16* p,
+                                                    bf16* ds, int heads, int t, int s, float scale) {
+    attention_probs_bwd<bf16>(x, bias, dp, p, ds, heads, t, s, scale);
+}
+
 // ------------------------------------------------------------------------------- log-probs
 // Per row of logits z [N, V] (f32): out[2r] = log p(target), out[2r+1] = entropy, from
 // m = max z, S = Σ e^(z−m), Σ e^(z−m)·z:  log p_t = z_t − m − ln S,  H = m + ln S − Σ p·z.

@@ -382,6 +382,92 @@ pub fn softmax_bwd(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
     by_dtype!(y.dtype(), go(y, g, scale))
 }
 
+// ---------------------------------------------------------------- chunked attention
+
+/// `(heads, t, s)` of attention scores `[B, Hkv, G, T, S]`, as the row kernels index them.
+fn score_dims(l: &Layout) -> (i32, i32, usize) {
+    let d = l.dims();
+    ((d[1] * d[2]) as i32, d[3] as i32, d[4])
+}
+
+/// `softmax(scale·x + bias)` in `x`'s dtype for scores `x [B, Hkv, G, T, S]` (f32 or bf16) and
+/// `bias [B, 1, 1, T, S]` f32, outside autograd.
+pub fn attention_probs(x: &Tensor, bias: &Tensor, scale: f32) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        x: &Tensor,
+        bias: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (x, bias) = (x.contiguous()?, bias.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (bs, bl) = bias.storage_and_layout();
+        let (xs, bs) = (as_cuda(&xs)?, as_cuda(&bs)?);
+        let dev = xs.device().clone();
+        let (heads, t, s) = score_dims(xl);
+        let (rows, _) = rows_of(xl);
+        let (xv, bv) = (view::<T>(xs, xl)?, view::<f32>(bs, bl)?);
+        let y = unsafe { dev.alloc::<T>(rows * s)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("attention_probs")?, MODULE, PTX)?;
+        let s32 = s as i32;
+        let mut l = f.builder();
+        l.arg(&xv)
+            .arg(&bv)
+            .arg(&y)
+            .arg(&heads)
+            .arg(&t)
+            .arg(&s32)
+            .arg(&scale);
+        // SAFETY: rows·S scores and outputs; the bias holds B·T·S.
+        unsafe { l.launch(config(launch::rows(rows, s))) }.w()?;
+        Ok(wrap(T::wrap_cuda_slice(y, dev), x.shape()))
+    }
+    by_dtype!(x.dtype(), go(x, bias, scale))
+}
+
+/// `(p, ds)` in `x`'s dtype from scores `x`, `bias` and `dp` (`x`'s shape and dtype):
+/// `p = softmax(scale·x + bias)`, `ds = scale·p∘(dp − Σ p∘dp)`, outside autograd.
+pub fn attention_probs_bwd(
+    x: &Tensor,
+    bias: &Tensor,
+    dp: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        x: &Tensor,
+        bias: &Tensor,
+        dp: &Tensor,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let (x, bias, dp) = (x.contiguous()?, bias.contiguous()?, dp.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (bs, bl) = bias.storage_and_layout();
+        let (ds_, dl) = dp.storage_and_layout();
+        let (xs, bs, ds_) = (as_cuda(&xs)?, as_cuda(&bs)?, as_cuda(&ds_)?);
+        let dev = xs.device().clone();
+        let (heads, t, s) = score_dims(xl);
+        let (rows, _) = rows_of(xl);
+        let (xv, bv, dv) = (
+            view::<T>(xs, xl)?,
+            view::<f32>(bs, bl)?,
+            view::<T>(ds_, dl)?,
+        );
+        let p = unsafe { dev.alloc::<T>(rows * s)? };
+        let ds = unsafe { dev.alloc::<T>(rows * s)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("attention_probs_bwd")?, MODULE, PTX)?;
+        let s32 = s as i32;
+        let mut l = f.builder();
+        l.arg(&xv).arg(&bv).arg(&dv).arg(&p).arg(&ds);
+        l.arg(&heads).arg(&t).arg(&s32).arg(&scale);
+        // SAFETY: rows·S of x, dp, p and ds; the bias holds B·T·S.
+        unsafe { l.launch(config(launch::rows(rows, s))) }.w()?;
+        Ok((
+            wrap(T::wrap_cuda_slice(p, dev.clone()), x.shape()),
+            wrap(T::wrap_cuda_slice(ds, dev), x.shape()),
+        ))
+    }
+    by_dtype!(x.dtype(), go(x, bias, dp, scale))
+}
+
 // ---------------------------------------------------------------- log-probs and entropy
 
 /// `[N, 2]` f32 (log-prob of the target, entropy) of f32 logits `[N, V]` and u32 targets `[N]`.

@@ -365,6 +365,46 @@ pub fn masked_softmax_backward(p: &Tensor, g: &Tensor, scale: f64) -> Result<Ten
     Ok(((g.broadcast_sub(&dot)? * p)? * scale)?)
 }
 
+/// Attention probabilities `softmax(scale·scores + bias)` in `scores`' dtype, outside autograd
+/// (the chunked attention's forward): `scores [B, Hkv, G, T, S]`, `bias [B, 1, 1, T, S]` f32.
+/// One kernel on CUDA; elsewhere [`masked_softmax`] (f32), cast.
+pub fn attention_probs(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_gpu(scores) && fused(&[scores]) && bias.dtype() == DType::F32 && scores.rank() == 5 {
+        return Ok(crate::cuda::attention_probs(scores, bias, scale as f32)?);
+    }
+    Ok(masked_softmax(scores, bias, scale)?.to_dtype(scores.dtype())?)
+}
+
+/// The chunked attention's backward through its probabilities, outside autograd: from `scores`,
+/// `bias` (as [`attention_probs`]) and `dp = dO·Vᵀ` (`scores`' shape), `(p, ds)` in `scores`'
+/// dtype with `p = softmax(scale·scores + bias)` and `ds = scale·p∘(dp − Σ p∘dp)` computed in
+/// f32. One kernel on CUDA; elsewhere [`masked_softmax`] and [`masked_softmax_backward`].
+pub fn attention_probs_backward(
+    scores: &Tensor,
+    bias: &Tensor,
+    dp: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if on_gpu(scores)
+        && fused(&[scores, dp])
+        && bias.dtype() == DType::F32
+        && scores.rank() == 5
+        && dp.dims() == scores.dims()
+    {
+        return Ok(crate::cuda::attention_probs_bwd(
+            scores,
+            bias,
+            dp,
+            scale as f32,
+        )?);
+    }
+    let p = masked_softmax(scores, bias, scale)?;
+    let ds = masked_softmax_backward(&p, dp, scale)?;
+    Ok((p.to_dtype(scores.dtype())?, ds.to_dtype(scores.dtype())?))
+}
+
 // ---------------------------------------------------------------- SwiGLU
 
 struct SwiGlu;

@@ -480,6 +480,62 @@ fn masked_softmax_matches_the_composed_op() {
 }
 
 #[test]
+fn chunked_attention_probabilities_match_the_composed_ops() {
+    // a chunk of 4 query rows at rows 3..7 of 7 (the bias's rows for them), 37 keys
+    let (b, hkv, g, len, s) = (2, 2, 3, 4, 37);
+    let x = random(&[b, hkv, g, len, s], 21, 3.0);
+    let dp = random(&[b, hkv, g, len, s], 22, 1.0);
+    let bias = causal_bias(b, 7, s)
+        .narrow(3, 3, len)
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let scale = 0.3;
+    let rows = b * hkv * g * len;
+    for ty in [Ty::F32, Ty::Bf16] {
+        let (x, dp) = (ty.round(&x), ty.round(&dp));
+        let p = composed::masked_softmax(&x, &bias, scale).unwrap(); // f32
+        let dot = (&p * &dp).unwrap().sum_keepdim(D::Minus1).unwrap();
+        let ds = ((dp.broadcast_sub(&dot).unwrap() * &p).unwrap() * scale).unwrap();
+        let args = |extra: Vec<Arg>| {
+            let mut a = vec![ty.buffer(&x), Ty::F32.buffer(&bias)];
+            a.extend(extra);
+            a.extend([
+                Arg::Int((hkv * g) as i32),
+                Arg::Int(len as i32),
+                Arg::Int(s as i32),
+                Arg::Float(scale as f32),
+            ]);
+            a
+        };
+        let y = launch(
+            &ty.name("attention_probs"),
+            launch::rows(rows, s),
+            &args(vec![ty.buffer(&x.zeros_like().unwrap())]),
+        );
+        assert_close(&format!("attention_probs {ty:?}"), &y[2], &p, ty.tol());
+        let empty = || ty.buffer(&x.zeros_like().unwrap());
+        let out = launch(
+            &ty.name("attention_probs_bwd"),
+            launch::rows(rows, s),
+            &args(vec![ty.buffer(&dp), empty(), empty()]),
+        );
+        assert_close(
+            &format!("attention_probs_bwd p {ty:?}"),
+            &out[3],
+            &p,
+            ty.tol(),
+        );
+        assert_close(
+            &format!("attention_probs_bwd ds {ty:?}"),
+            &out[4],
+            &ds,
+            ty.tol(),
+        );
+    }
+}
+
+#[test]
 fn softmax_forward_and_backward_match_the_composed_op() {
     let (rows, n) = (3, 1300);
     let x = random(&[rows, n], 11, 4.0);
