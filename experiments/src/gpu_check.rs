@@ -789,6 +789,12 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
 
     // each fused kernel against its composed reference at the learner's shapes (forward + backward)
     let nt = b * t;
+    let causal: Vec<f32> = (0..b * t * t)
+        .map(|i| if i % t > (i / t) % t { -1e9 } else { 0.0 })
+        .collect();
+    let causal = Tensor::from_vec(causal, (b, 1, 1, t, t), &Device::Cpu)?.to_device(gpu)?;
+    let (c1, c2) = (causal.clone(), causal);
+    let chunk = model::attention::chunk_rows(b, 14, t);
     let kernel_cases = [
         Case {
             name: "rms_norm [8192, 896]",
@@ -810,6 +816,24 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
             grad_of: vec![true, true],
             fused: Box::new(|x| Ok(ops::swiglu(&x[0], &x[1])?)),
             reference: Box::new(|x| Ok((x[0].silu()? * &x[1])?)),
+        },
+        Case {
+            // one layer's attention: chunked against whole probabilities kept for autograd
+            name: "attention [8, 14, 1024, 64], 2 KV heads",
+            shapes: vec![vec![b, 2, 7 * t, 64], vec![b, 2, t, 64], vec![b, 2, t, 64]],
+            grad_of: vec![true, true, true],
+            fused: Box::new(move |x| {
+                Ok(model::attention::attention(
+                    &x[0], &x[1], &x[2], &c1, 0.125, chunk,
+                )?)
+            }),
+            reference: Box::new(move |x| {
+                let scores = x[0].matmul(&x[1].t()?)?.reshape((b, 2, 7, t, t))?;
+                let p = ops::composed::masked_softmax(&scores, &c2, 0.125)?;
+                Ok(p.to_dtype(DType::BF16)?
+                    .reshape((b, 2, 7 * t, t))?
+                    .matmul(&x[2])?)
+            }),
         },
     ];
     for Case {
