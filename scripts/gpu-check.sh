@@ -24,12 +24,16 @@ if [ ! -x "$BIN" ] && [ -f gpu/ferrite.gz ]; then
   gzip -dc gpu/ferrite.gz > "$BIN" && chmod +x "$BIN"
 fi
 RC=0
+# Ceilings, so that a hung kernel still leaves time for the anchor and the run. None of these
+# parts has run on a GPU yet, so their times are unknown; together the ceilings exceed one device
+# call (at most 600 s): if the first `all` runs long, call `checks`, `bench` and `run` separately.
 if [ "$WHAT" != run ]; then
-  "$BIN" gpu-check "$WHAT" 2>&1 | tee "$OUT/ferrite.txt"
+  timeout "${GPU_CHECK_TIMEOUT:-300}" "$BIN" gpu-check "$WHAT" 2>&1 | tee "$OUT/ferrite.txt"
   RC=${PIPESTATUS[0]}
+  [ "$RC" = 124 ] && echo "gpu-check: timed out (a kernel may hang; the rows above ran)"
 fi
 if [ "$WHAT" = bench ] || [ "$WHAT" = all ] && [ -f gpu/torch_anchor.py ]; then
-  python3 gpu/torch_anchor.py 2>&1 | grep '^{' | tee "$OUT/torch.jsonl"
+  timeout "${ANCHOR_TIMEOUT:-180}" python3 gpu/torch_anchor.py 2>&1 | grep '^{' | tee "$OUT/torch.jsonl"
   python3 - "$OUT/ferrite.txt" "$OUT/torch.jsonl" <<'PY'
 import json, sys
 ours = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')]
