@@ -189,38 +189,48 @@ extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s
 }
 
 // ------------------------------------------------------------------------------- softmax
-// Attention probabilities y = softmax(scale·x + bias) in f32, x [B, Hkv, G, T, S] (rows of S),
-// bias [B, 1, 1, T, S] f32; `heads` = Hkv·G. With bias == nullptr and scale 1 it is the plain
-// softmax of rows of n (then T is the output type too: see softmax_fwd).
+// Attention probabilities y = softmax(scale·x + bias), x [B, Hkv, G, T, S] (rows of S) in T,
+// bias [B, 1, 1, T, S] f32, `heads` = Hkv·G; y in O: f32 for the autograd op (ops.rs's
+// MaskedSoftmax), or the scores' own type for the chunked attention (attention.rs), which needs no
+// f32 copy. Three passes over x (max, sum, write) rather than through stored exponentials, so that
+// a bf16 y is rounded once.
 
 template <typename T>
-__device__ void masked_softmax_fwd(const T* x, const float* bias, float* y, int heads, int t, int s,
-                                   float scale) {
+__device__ float masked_row_max(const T* xr, const float* br, int s, float scale) {
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < s; j += blockDim.x) m = fmaxf(m, scale * ld(xr[j]) + br[j]);
+    return block_max(m);
+}
+template <typename T>
+__device__ float masked_row_sum(const T* xr, const float* br, int s, float scale, float m) {
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < s; j += blockDim.x) sum += __expf(scale * ld(xr[j]) + br[j] - m);
+    return block_sum(sum);
+}
+
+template <typename T, typename O>
+__device__ void masked_softmax_fwd(const T* x, const float* bias, O* y, int heads, int t, int s, float scale) {
     const size_t row = blockIdx.x;
     const size_t bi = row / ((size_t)heads * t);
     const int ti = row % t;
     const T* xr = x + row * s;
     const float* br = bias + (bi * t + ti) * s;
-    float* yr = y + row * s;
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < s; j += blockDim.x) m = fmaxf(m, scale * ld(xr[j]) + br[j]);
-    m = block_max(m);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < s; j += blockDim.x) {
-        const float e = __expf(scale * ld(xr[j]) + br[j] - m);
-        yr[j] = e;
-        sum += e;
-    }
-    const float inv = 1.f / block_sum(sum);
-    for (int j = threadIdx.x; j < s; j += blockDim.x) yr[j] *= inv;
+    const float m = masked_row_max(xr, br, s, scale);
+    const float inv = 1.f / masked_row_sum(xr, br, s, scale, m);
+    for (int j = threadIdx.x; j < s; j += blockDim.x)
+        y[row * s + j] = st<O>(__expf(scale * ld(xr[j]) + br[j] - m) * inv);
 }
 extern "C" __global__ void masked_softmax_fwd_f32(const float* x, const float* bias, float* y, int heads,
                                                   int t, int s, float scale) {
-    masked_softmax_fwd<float>(x, bias, y, heads, t, s, scale);
+    masked_softmax_fwd<float, float>(x, bias, y, heads, t, s, scale);
 }
 extern "C" __global__ void masked_softmax_fwd_bf16(const bf16* x, const float* bias, float* y, int heads,
                                                    int t, int s, float scale) {
-    masked_softmax_fwd<bf16>(x, bias, y, heads, t, s, scale);
+    masked_softmax_fwd<bf16, float>(x, bias, y, heads, t, s, scale);
+}
+extern "C" __global__ void masked_softmax_fwd_bf16_bf16(const bf16* x, const float* bias, bf16* y, int heads,
+                                                        int t, int s, float scale) {
+    masked_softmax_fwd<bf16, bf16>(x, bias, y, heads, t, s, scale);
 }
 
 // Plain softmax over rows of n, same type in and out.
@@ -261,46 +271,11 @@ extern "C" __global__ void softmax_bwd_bf16(const bf16* y, const bf16* g, bf16* 
 }
 
 // ------------------------------------------------------------------------------- chunked attention
-// The chunked attention's (model/src/attention.rs) probabilities, outside autograd, in the scores'
-// own type T: x [B, Hkv, G, T, S] rows of S, bias [B, 1, 1, T, S] f32 as for masked_softmax_fwd.
-// Forward: y = softmax(scale·x + bias), in three passes over x (max, sum, write) rather than
-// through f32 exponentials. Backward: p recomputed in f32 and ds = scale·p∘(dp − Σ p∘dp) from
-// dp = dO·Vᵀ, writing p (for dV = pᵀ·dO) and ds (for dQ = ds·K, dK = dsᵀ·Q) in T: one pass
-// instead of an f32 softmax, its cast, dp's cast to f32, the f32 softmax backward and its cast.
-
-template <typename T>
-__device__ float attention_row_max(const T* xr, const float* br, int s, float scale) {
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < s; j += blockDim.x) m = fmaxf(m, scale * ld(xr[j]) + br[j]);
-    return block_max(m);
-}
-template <typename T>
-__device__ float attention_row_sum(const T* xr, const float* br, int s, float scale, float m) {
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < s; j += blockDim.x) sum += __expf(scale * ld(xr[j]) + br[j] - m);
-    return block_sum(sum);
-}
-
-template <typename T>
-__device__ void attention_probs(const T* x, const float* bias, T* y, int heads, int t, int s, float scale) {
-    const size_t row = blockIdx.x;
-    const size_t bi = row / ((size_t)heads * t);
-    const int ti = row % t;
-    const T* xr = x + row * s;
-    const float* br = bias + (bi * t + ti) * s;
-    const float m = attention_row_max(xr, br, s, scale);
-    const float inv = 1.f / attention_row_sum(xr, br, s, scale, m);
-    for (int j = threadIdx.x; j < s; j += blockDim.x)
-        y[row * s + j] = st<T>(__expf(scale * ld(xr[j]) + br[j] - m) * inv);
-}
-extern "C" __global__ void attention_probs_f32(const float* x, const float* bias, float* y, int heads, int t,
-                                               int s, float scale) {
-    attention_probs<float>(x, bias, y, heads, t, s, scale);
-}
-extern "C" __global__ void attention_probs_bf16(const bf16* x, const float* bias, bf16* y, int heads, int t,
-                                                int s, float scale) {
-    attention_probs<bf16>(x, bias, y, heads, t, s, scale);
-}
+// The chunked attention's backward at its probabilities, outside autograd, per row of scores x
+// (as masked_softmax_fwd): p = softmax(scale·x + bias) recomputed in f32 and
+// ds = scale·p∘(dp − Σ p∘dp) from dp = dO·Vᵀ, writing p (for dV = pᵀ·dO) and ds (for dQ = ds·K,
+// dK = dsᵀ·Q) in T: one pass instead of an f32 softmax, its cast, dp's cast to f32, the f32
+// softmax backward and its cast. (Its forward is masked_softmax_fwd with O = T.)
 
 template <typename T>
 __device__ void attention_probs_bwd(const T* x, const float* bias, const T* dp, T* p, T* ds, int heads, int t,
@@ -311,8 +286,8 @@ __device__ void attention_probs_bwd(const T* x, const float* bias, const T* dp, 
     const T* xr = x + row * s;
     const T* dr = dp + row * s;
     const float* br = bias + (bi * t + ti) * s;
-    const float m = attention_row_max(xr, br, s, scale);
-    const float inv = 1.f / attention_row_sum(xr, br, s, scale, m);
+    const float m = masked_row_max(xr, br, s, scale);
+    const float inv = 1.f / masked_row_sum(xr, br, s, scale, m);
     float dot = 0.f;
     for (int j = threadIdx.x; j < s; j += blockDim.x)
         dot += __expf(scale * ld(xr[j]) + br[j] - m) * inv * ld(dr[j]);

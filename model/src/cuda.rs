@@ -295,6 +295,53 @@ pub fn rope_bwd(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- softmax
 
+/// `softmax(scale·x + bias)` in `O` for scores `x [B, Hkv, G, T, S]` of `T` and `bias [B, 1, 1, T, S]`
+/// f32: `masked_softmax_fwd_<t>` (f32 out) or `masked_softmax_fwd_bf16_bf16`.
+fn masked_softmax_as<T, O>(
+    x: &CudaStorage,
+    xl: &Layout,
+    bias: &CudaStorage,
+    bl: &Layout,
+    scale: f32,
+) -> Result<CudaStorage>
+where
+    T: CudaDType + DeviceRepr + WithDType,
+    O: CudaDType + DeviceRepr + WithDType,
+{
+    if bias.dtype() != DType::F32 {
+        return Err(err("masked_softmax: the bias must be f32"));
+    }
+    let name = match (T::DTYPE, O::DTYPE) {
+        (_, DType::F32) => kernel::<T>("masked_softmax_fwd")?,
+        (DType::BF16, DType::BF16) => "masked_softmax_fwd_bf16_bf16".to_string(),
+        (t, o) => return Err(err(format!("masked_softmax: no {t:?} → {o:?} kernel"))),
+    };
+    let dev = x.device().clone();
+    let (heads, t, s) = score_dims(xl);
+    let (rows, _) = rows_of(xl);
+    let (xv, bv) = (view::<T>(x, xl)?, view::<f32>(bias, bl)?);
+    let y = unsafe { dev.alloc::<O>(rows * s)? };
+    let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let s32 = s as i32;
+    let mut l = f.builder();
+    l.arg(&xv)
+        .arg(&bv)
+        .arg(&y)
+        .arg(&heads)
+        .arg(&t)
+        .arg(&s32)
+        .arg(&scale);
+    // SAFETY: rows·S scores and outputs; the bias holds B·T·S.
+    unsafe { l.launch(config(launch::rows(rows, s))) }.w()?;
+    Ok(O::wrap_cuda_slice(y, dev))
+}
+
+/// `(heads, t, s)` of attention scores `[B, Hkv, G, T, S]`, as the row kernels index them.
+fn score_dims(l: &Layout) -> (i32, i32, usize) {
+    let d = l.dims();
+    ((d[1] * d[2]) as i32, d[3] as i32, d[4])
+}
+
 /// `softmax(scale·x + bias)` in f32 for `x [B, Hkv, G, T, S]` (f32 or bf16), `bias [B, 1, 1, T, S]` f32.
 pub fn masked_softmax_fwd(
     x: &CudaStorage,
@@ -303,37 +350,11 @@ pub fn masked_softmax_fwd(
     bl: &Layout,
     scale: f32,
 ) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
-        x: &CudaStorage,
-        xl: &Layout,
-        bias: &CudaStorage,
-        bl: &Layout,
-        scale: f32,
-    ) -> Result<CudaStorage> {
-        let dev = x.device().clone();
-        let dims = xl.dims();
-        let (heads, t, s) = ((dims[1] * dims[2]) as i32, dims[3] as i32, dims[4]);
-        let (rows, _) = rows_of(xl);
-        let (xv, bv) = (view::<T>(x, xl)?, view::<f32>(bias, bl)?);
-        let y = unsafe { dev.alloc::<f32>(rows * s)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("masked_softmax_fwd")?, MODULE, PTX)?;
-        let s32 = s as i32;
-        let mut l = f.builder();
-        l.arg(&xv)
-            .arg(&bv)
-            .arg(&y)
-            .arg(&heads)
-            .arg(&t)
-            .arg(&s32)
-            .arg(&scale);
-        // SAFETY: rows·S scores and outputs; the bias holds B·T·S.
-        unsafe { l.launch(config(launch::rows(rows, s))) }.w()?;
-        Ok(f32::wrap_cuda_slice(y, dev))
+    match x.dtype() {
+        DType::F32 => masked_softmax_as::<f32, f32>(x, xl, bias, bl, scale),
+        DType::BF16 => masked_softmax_as::<half::bf16, f32>(x, xl, bias, bl, scale),
+        d => Err(err(format!("masked_softmax: unsupported dtype {d:?}"))),
     }
-    if bias.dtype() != DType::F32 {
-        return Err(err("masked_softmax: the bias must be f32"));
-    }
-    by_dtype!(x.dtype(), go(x, xl, bias, bl, scale))
 }
 
 pub fn softmax_fwd(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
@@ -384,44 +405,19 @@ pub fn softmax_bwd(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- chunked attention
 
-/// `(heads, t, s)` of attention scores `[B, Hkv, G, T, S]`, as the row kernels index them.
-fn score_dims(l: &Layout) -> (i32, i32, usize) {
-    let d = l.dims();
-    ((d[1] * d[2]) as i32, d[3] as i32, d[4])
-}
-
 /// `softmax(scale·x + bias)` in `x`'s dtype for scores `x [B, Hkv, G, T, S]` (f32 or bf16) and
 /// `bias [B, 1, 1, T, S]` f32, outside autograd.
 pub fn attention_probs(x: &Tensor, bias: &Tensor, scale: f32) -> Result<Tensor> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
-        x: &Tensor,
-        bias: &Tensor,
-        scale: f32,
-    ) -> Result<Tensor> {
-        let (x, bias) = (x.contiguous()?, bias.contiguous()?);
-        let (xs, xl) = x.storage_and_layout();
-        let (bs, bl) = bias.storage_and_layout();
-        let (xs, bs) = (as_cuda(&xs)?, as_cuda(&bs)?);
-        let dev = xs.device().clone();
-        let (heads, t, s) = score_dims(xl);
-        let (rows, _) = rows_of(xl);
-        let (xv, bv) = (view::<T>(xs, xl)?, view::<f32>(bs, bl)?);
-        let y = unsafe { dev.alloc::<T>(rows * s)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("attention_probs")?, MODULE, PTX)?;
-        let s32 = s as i32;
-        let mut l = f.builder();
-        l.arg(&xv)
-            .arg(&bv)
-            .arg(&y)
-            .arg(&heads)
-            .arg(&t)
-            .arg(&s32)
-            .arg(&scale);
-        // SAFETY: rows·S scores and outputs; the bias holds B·T·S.
-        unsafe { l.launch(config(launch::rows(rows, s))) }.w()?;
-        Ok(wrap(T::wrap_cuda_slice(y, dev), x.shape()))
-    }
-    by_dtype!(x.dtype(), go(x, bias, scale))
+    let (x, bias) = (x.contiguous()?, bias.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let (xs, bs) = (as_cuda(&xs)?, as_cuda(&bs)?);
+    let y = match x.dtype() {
+        DType::F32 => masked_softmax_as::<f32, f32>(xs, xl, bs, bl, scale)?,
+        DType::BF16 => masked_softmax_as::<half::bf16, half::bf16>(xs, xl, bs, bl, scale)?,
+        d => return Err(err(format!("attention_probs: unsupported dtype {d:?}"))),
+    };
+    Ok(wrap(y, x.shape()))
 }
 
 /// `(p, ds)` in `x`'s dtype from scores `x`, `bias` and `dp` (`x`'s shape and dtype):
