@@ -560,6 +560,9 @@ impl Config {
         if r.temperature.is_nan() || r.temperature <= 0.0 {
             bail!("rollout.temperature = {}: must be positive", r.temperature);
         }
+        if !(r.top_p > 0.0 && r.top_p <= 1.0) {
+            bail!("rollout.top_p = {}: must be in (0, 1] (1: off)", r.top_p);
+        }
         if self.run.subnetwork_tol.is_nan() || self.run.subnetwork_tol < 0.0 {
             bail!(
                 "run.subnetwork_tol = {}: must be 0 or positive",
@@ -723,6 +726,8 @@ mod tests {
         assert!(bad("algorithm.label_smoothing=0.5").contains("label_smoothing"));
         assert!(bad("algorithm.dpo_loss=kto").contains("kto"));
         assert!(bad("algorithm.entropy_reward=tokens").contains("tokens"));
+        assert!(bad("rollout.top_p=0.0").contains("rollout.top_p"));
+        assert!(bad("rollout.top_p=1.5").contains("rollout.top_p"));
         let ok = Config::default()
             .with_overrides(&[
                 "algorithm.name=ppo".into(),

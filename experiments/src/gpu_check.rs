@@ -110,19 +110,30 @@ fn loss_and_grads(
     Ok((loss.to_scalar::<f32>()?, out))
 }
 
-/// The device sampler against the host's inverse CDF (f64) on the same logits and uniforms, at
-/// temperature 0.7 and greedy.
+/// The device sampler against the host's (`model::sampling::draw`, f64) on the same logits and
+/// uniforms: temperature 0.7, top-k 50, top-p 0.9, both, and greedy.
 fn sampling_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
     let (b, v) = (64usize, 151_936usize);
     let z = randn(&[b, v], 42, 3.0, DType::F32, gpu)?;
     let host = z.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
     let mut rng = model::rng::Rng::new(5);
     let u: Vec<f32> = (0..b).map(|_| rng.uniform() as f32).collect();
-    for temperature in [0.7f32, 0.0] {
-        let drawn = model::cuda::sample_rows(&z, &u, temperature)?;
+    for (name, temperature, top_k, top_p) in [
+        ("T=0.7", 0.7f32, 0usize, 1.0f32),
+        ("T=1 top-k 50", 1.0, 50, 1.0),
+        ("T=1 top-p 0.9", 1.0, 0, 0.9),
+        ("T=0.8 top-k 200 top-p 0.5", 0.8, 200, 0.5),
+        ("greedy", 0.0, 0, 1.0),
+    ] {
+        let p = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+        };
+        let drawn = model::cuda::sample_rows(&z, &u, &p)?;
         let (mut same, mut worst) = (0, 0f64);
         for (i, row) in host.iter().enumerate() {
-            let (want, lp, h) = model::sampling::device_draw(row, u[i] as f64, temperature as f64);
+            let (want, lp, h) = model::sampling::draw(row, u[i] as f64, &p);
             let (id, glp, gh) = drawn[i];
             if id as usize == want {
                 same += 1;
@@ -131,13 +142,8 @@ fn sampling_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Resu
                     .max((gh as f64 - h).abs());
             }
         }
-        let name = if temperature > 0.0 {
-            "sample T=0.7"
-        } else {
-            "sample greedy"
-        };
         rows.push((
-            format!("{name} [64, 151936]: same token / worst |Δ log-prob, entropy|"),
+            format!("sample {name} [64, 151936]: same token / worst |Δ log-prob, entropy|"),
             format!("{same}/{b}, {worst:.1e}"),
             same >= b - 1 && worst < 1e-3,
         ));

@@ -355,14 +355,89 @@ extern "C" __global__ void logprob_entropy_bwd_f32(const float* z, const uint32_
 
 // ------------------------------------------------------------------------------- sampling
 // One row of logits z [V] (f32) per block: the next token, its log-prob under the distribution it
-// was drawn from, and the entropy of softmax(z / t) — what model/src/sampling.rs computes on the
-// host for top_k = 0, top_p = 1. `inv_t` = 1/temperature, or 0 for greedy (first argmax, log-prob
-// and entropy at t = 1). `u` [B] are the rows' uniforms in [0, 1), drawn on the host from each
-// row's own stream; the token is the first j with u·Σe < Σ_{i≤j} e_i, e_i = exp((z_i − max)/t).
-// Thread k scans the contiguous segment [k·seg, (k+1)·seg).
+// was drawn from, and the entropy of softmax(z / t) — what crate::sampling::draw computes on the
+// host. `inv_t` = 1/temperature, or 0 for greedy (first argmax, log-prob and entropy at t = 1).
+// `top_k` (0: off) and `top_p` (≥ 1: off) truncate, as transformers does: top-k, then top-p over
+// the renormalised rest. `u` [B] are the rows' uniforms in [0, 1), drawn on the host from each
+// row's own stream; the token is the first kept j with u·Σ_kept e < Σ_{kept i≤j} e_i,
+// e_i = exp((z_i − max)/t). Thread k scans the contiguous segment [k·seg, (k+1)·seg).
 
-extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float inv_t, uint32_t* ids,
-                                           float* logprobs, float* entropies, int v) {
+typedef unsigned long long u64;
+
+// An order-preserving key of a float: a < b ⇔ order_key(a) < order_key(b) (NaN aside).
+__device__ __forceinline__ uint32_t order_key(float x) {
+    const uint32_t b = __float_as_uint(x);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// A weight e ∈ [0, 1] in fixed point, 2^-40 units: a row's sum (< 2^23 weights) is exact, so
+// top-p's histograms do not depend on the order of their atomic adds.
+__device__ __forceinline__ u64 fixed_weight(float e) { return (u64)(e * 1099511627776.f); }
+
+// The smallest key that top-k (`top_k` in 1..v) and then top-p (`top_p` < 1) keep in the row
+// `zr`, whose weights are e = exp((z − m)·it): the kept tokens are those with order_key(z) at
+// least the result, as crate::sampling::kept_floor defines them. A radix select from the top
+// byte of the key down, one pass over the row per byte, with shared histograms of counts and of
+// fixed-point weights; thread 0 picks each byte. Top-k's stage finds the k-th largest key and the
+// weight kept at or above it; top-p's finds the largest key at or above which the weight reaches
+// top_p times that. Every thread returns the same key.
+__device__ uint32_t kept_floor(const float* zr, int v, float m, float it, int top_k, float top_p) {
+    __shared__ unsigned int hist_count[256];
+    __shared__ u64 hist_weight[256];
+    __shared__ uint32_t picked;
+    const bool by_k = top_k > 0 && top_k < v, by_p = top_p < 1.f;
+    uint32_t floor = 0;
+    u64 kept = 0;  // thread 0: the weight at or above `floor` (0: not yet summed)
+    for (int stage = by_k ? 0 : 1; stage < (by_p ? 2 : 1); ++stage) {
+        uint32_t prefix = 0, mask = 0;
+        unsigned int above_count = 0;  // thread 0: tokens above the prefix's range
+        u64 above_weight = 0;          // thread 0: and their weight
+        double target = 0.0;           // thread 0: top-p's weight to reach
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int d = threadIdx.x; d < 256; d += blockDim.x) {
+                hist_count[d] = 0;
+                hist_weight[d] = 0;
+            }
+            __syncthreads();
+            for (int j = threadIdx.x; j < v; j += blockDim.x) {
+                const uint32_t key = order_key(zr[j]);
+                if ((key & mask) != prefix) continue;
+                const int d = (key >> shift) & 255;
+                atomicAdd(&hist_count[d], 1u);
+                if (by_p) atomicAdd(&hist_weight[d], fixed_weight(__expf((zr[j] - m) * it)));
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                int d = 255;
+                if (stage == 0) {
+                    for (; d > 0 && above_count + hist_count[d] < (unsigned)top_k; --d) {
+                        above_count += hist_count[d];
+                        above_weight += hist_weight[d];
+                    }
+                    if (shift == 0) kept = above_weight + hist_weight[d];
+                } else {
+                    if (shift == 24) {
+                        if (kept == 0)
+                            for (int i = 0; i < 256; ++i) kept += hist_weight[i];
+                        target = (double)top_p * (double)kept;
+                    }
+                    for (; d > 0 && (hist_count[d] == 0 || (double)(above_weight + hist_weight[d]) < target);
+                         --d)
+                        above_weight += hist_weight[d];
+                }
+                picked = prefix | ((uint32_t)d << shift);
+            }
+            __syncthreads();
+            prefix = picked;
+            mask |= 0xffu << shift;
+        }
+        floor = prefix;
+    }
+    return floor;
+}
+
+extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float inv_t, int top_k, float top_p,
+                                           uint32_t* ids, float* logprobs, float* entropies, int v) {
     __shared__ float seg_sum[1024];
     __shared__ int chosen;
     const size_t row = blockIdx.x;
@@ -382,34 +457,47 @@ extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float
         es += e * x;
         if (zr[j] > zr[best]) best = j;
     }
-    seg_sum[threadIdx.x] = s;
     const float total = block_sum(s);
     const float total_es = block_sum(es);
+    // truncation: keep the keys at or above `floor` (0 keeps every token)
+    const bool truncate = !greedy && ((top_k > 0 && top_k < v) || top_p < 1.f);
+    const uint32_t floor = truncate ? kept_floor(zr, v, m, it, top_k, top_p) : 0u;
+    if (truncate) {
+        s = 0.f;
+        for (int j = lo; j < hi; ++j)
+            if (order_key(zr[j]) >= floor) s += __expf((zr[j] - m) * it);
+    }
+    seg_sum[threadIdx.x] = s;
+    const float kept_total = truncate ? block_sum(s) : total;
     if (threadIdx.x == 0) chosen = v - 1;
     __syncthreads();
     if (greedy) {
         // first maximum: the lowest index among the segments' maxima that equal the row max
         if (lo < hi && zr[best] == m) atomicMin(&chosen, best);
     } else if (threadIdx.x == 0) {
-        // exclusive scan of the segment sums by one thread (≤ 1024 adds), then find the segment
-        const float target = u[row] * total;
-        float acc = 0.f;
-        int k = 0;
+        // exclusive scan of the segment sums by one thread (≤ 1024 adds), then find the segment;
+        // past the end (rounding), the last kept token
+        float t = u[row] * kept_total, acc = 0.f;
+        int k = 0, last = -1;
         for (; k < (int)blockDim.x; ++k) {
-            if (target < acc + seg_sum[k]) break;
+            if (seg_sum[k] > 0.f) last = k;
+            if (t < acc + seg_sum[k]) break;
             acc += seg_sum[k];
         }
-        int pick = v - 1;
         if (k < (int)blockDim.x) {
+            t -= acc;
+        } else {
+            k = last;
+            t = INFINITY;
+        }
+        int pick = v - 1;
+        if (k >= 0) {
             const int a = min(v, k * seg), b = min(v, a + seg);
-            float t = target - acc;
-            pick = b - 1;
             for (int j = a; j < b; ++j) {
+                if (order_key(zr[j]) < floor) continue;
                 const float e = __expf((zr[j] - m) * it);
-                if (t < e) {
-                    pick = j;
-                    break;
-                }
+                pick = j;
+                if (t < e) break;
                 t -= e;
             }
         }
@@ -418,10 +506,9 @@ extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float
     __syncthreads();
     if (threadIdx.x == 0) {
         const int j = chosen;
-        const float lse = logf(total);
         ids[row] = (uint32_t)j;
-        logprobs[row] = (zr[j] - m) * it - lse;
-        entropies[row] = lse - total_es / total;
+        logprobs[row] = (zr[j] - m) * it - logf(kept_total);
+        entropies[row] = logf(total) - total_es / total;
     }
 }
 

@@ -511,10 +511,14 @@ pub fn logprob_entropy_bwd(z: &Tensor, targets: &Tensor, y: &Tensor, g: &Tensor)
 
 // ---------------------------------------------------------------- sampling
 
-/// Samples one token per row of f32 logits `[B, V]` on the device (top_k 0, top_p 1) from the
-/// rows' uniforms `u`; `temperature ≤ 0` is greedy. Only `u` goes to the device and the three
-/// `[B]` results come back: `(token, log-prob, entropy)` per row, as `crate::sampling` defines them.
-pub fn sample_rows(logits: &Tensor, u: &[f32], temperature: f32) -> Result<Vec<(u32, f32, f32)>> {
+/// Samples one token per row of f32 logits `[B, V]` on the device under `p` (temperature, top-k,
+/// top-p) from the rows' uniforms `u`. Only `u` goes to the device and the three `[B]` results
+/// come back: `(token, log-prob, entropy)` per row, as `crate::sampling::draw` defines them.
+pub fn sample_rows(
+    logits: &Tensor,
+    u: &[f32],
+    p: &crate::sampling::SamplingParams,
+) -> Result<Vec<(u32, f32, f32)>> {
     let logits = logits.contiguous()?;
     let (zs, zl) = logits.storage_and_layout();
     let zs = as_cuda(&zs)?;
@@ -533,18 +537,18 @@ pub fn sample_rows(logits: &Tensor, u: &[f32], temperature: f32) -> Result<Vec<(
     let lp = dev.alloc_zeros::<f32>(rows)?;
     let ent = dev.alloc_zeros::<f32>(rows)?;
     let f = dev.get_or_load_custom_func("sample_rows_f32", MODULE, PTX)?;
-    let (inv_t, v32) = (
-        if temperature > 0.0 {
-            1.0 / temperature
-        } else {
-            0.0
-        },
-        v as i32,
-    );
+    let inv_t = if p.is_greedy() {
+        0.0
+    } else {
+        1.0 / p.temperature
+    };
+    let (top_k, top_p, v32) = (p.top_k.min(v) as i32, p.top_p, v as i32);
     let mut l = f.builder();
     l.arg(&zv)
         .arg(&uv)
         .arg(&inv_t)
+        .arg(&top_k)
+        .arg(&top_p)
         .arg(&ids)
         .arg(&lp)
         .arg(&ent)

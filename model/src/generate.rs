@@ -11,7 +11,7 @@ use crate::error::{ModelError, Result};
 use crate::forward::{hidden_states, linear, positions_of, Batch};
 use crate::kv_cache::KvCache;
 use crate::rng::Rng;
-use crate::sampling::{sample, SamplingParams};
+use crate::sampling::{draw, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 
@@ -363,40 +363,38 @@ fn last_logits(w: &Weights, batch: &Batch, cache: &mut KvCache) -> Result<Tensor
 }
 
 /// `(token, log-prob, entropy)` for every row of `logits [B, V]` (rows without a stream get a
-/// placeholder and draw nothing). On a CUDA device without top-k / top-p the
-/// rows are sampled there and only the results cross to the host; otherwise the logits come to
-/// the host and [`sample`] draws. Both consume one uniform per row and step from the row's stream
-/// (none when greedy) and pick the same token for it, up to f32 rounding at the boundaries.
+/// placeholder and draw nothing), as [`draw`] defines them. On a CUDA device the rows are sampled
+/// there and only the results cross to the host; otherwise the logits come to the host. Both
+/// consume one uniform per row and step from the row's stream (none when greedy) and pick the
+/// same token for it, up to f32 rounding at the boundaries.
 fn sample_rows(
     logits: &Tensor,
     p: &SamplingParams,
     rngs: &mut [Option<&mut Rng>],
 ) -> Result<Vec<(u32, f32, f32)>> {
+    let u: Vec<f64> = rngs
+        .iter_mut()
+        .map(|rng| match rng {
+            Some(rng) if !p.is_greedy() => rng.uniform(),
+            _ => 0.0,
+        })
+        .collect();
     #[cfg(feature = "cuda")]
-    if logits.device().is_cuda() && p.top_k == 0 && p.top_p >= 1.0 {
-        let u: Vec<f32> = rngs
-            .iter_mut()
-            .map(|rng| match rng {
-                Some(rng) if !p.is_greedy() => rng.uniform() as f32,
-                _ => 0.0,
-            })
-            .collect();
-        return Ok(crate::cuda::sample_rows(logits, &u, p.temperature)?);
+    if logits.device().is_cuda() {
+        let u: Vec<f32> = u.iter().map(|&u| u as f32).collect();
+        return Ok(crate::cuda::sample_rows(logits, &u, p)?);
     }
     let rows = logits.to_vec2::<f32>()?;
     Ok(rows
         .iter()
-        .zip(rngs.iter_mut())
-        .map(|(row, rng)| {
-            let Some(rng) = rng else {
+        .zip(&u)
+        .zip(rngs.iter())
+        .map(|((row, &u), rng)| {
+            if rng.is_none() {
                 return (0, 0.0, 0.0);
-            };
-            let (token, logprob) = sample(row, p, rng);
-            (
-                token,
-                logprob,
-                crate::sampling::entropy(row, p.temperature as f64),
-            )
+            }
+            let (token, logprob, entropy) = draw(row, u, p);
+            (token as u32, logprob as f32, entropy as f32)
         })
         .collect())
 }

@@ -41,54 +41,86 @@ impl SamplingParams {
     }
 }
 
-/// Samples one token from `logits [V]`, returning `(token, log-prob)`.
+/// Samples one token from `logits [V]`, returning `(token, log-prob)`: [`draw`] with one uniform
+/// from `rng` (none when greedy).
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> (u32, f32) {
-    if p.is_greedy() {
+    let u = if p.is_greedy() { 0.0 } else { rng.uniform() };
+    let (token, logprob, _) = draw(logits, u, p);
+    (token as u32, logprob as f32)
+}
+
+/// The token that the uniform `u ∈ [0, 1)` draws from `logits [V]` under `p`, with its log-prob
+/// and the entropy of the full tempered softmax, in f64: `(token, log-prob, entropy)`. This is
+/// what the host sampler draws and what the device sampler (`sample_rows` in
+/// `kernels/ferrite.cu`) computes in f32.
+///
+/// With weights `e_i = exp((x_i − max) / t)`, the kept tokens are those with `e_i` at least
+/// [`kept_floor`]; the token is the first kept `j`, in index order, with
+/// `u·Σ_kept e < Σ_{kept i ≤ j} e_i` (the inverse CDF; the last kept token if rounding leaves
+/// `u` beyond the end), and its log-prob is `ln(e_j / Σ_kept e)`. At `temperature ≤ 0` the token
+/// is the first argmax, and log-prob and entropy are taken at t = 1.
+pub fn draw(logits: &[f32], u: f64, p: &SamplingParams) -> (usize, f64, f64) {
+    let greedy = p.is_greedy();
+    let t = if greedy { 1.0 } else { p.temperature as f64 };
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+    let e: Vec<f64> = logits.iter().map(|&x| ((x as f64 - m) / t).exp()).collect();
+    let total: f64 = e.iter().sum();
+    let entropy = total.ln()
+        - e.iter()
+            .zip(logits)
+            .map(|(ej, &x)| ej * (x as f64 - m) / t)
+            .sum::<f64>()
+            / total;
+    if greedy {
         let best = argmax(logits);
-        return (best as u32, log_softmax_at(logits, best, 1.0));
+        return (best, e[best].ln() - total.ln(), entropy);
     }
-    let t = p.temperature as f64;
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let mut candidates: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| (i as u32, ((x as f64 - max) / t).exp()))
-        .collect();
-    let truncate = (p.top_k > 0 && p.top_k < candidates.len()) || p.top_p < 1.0;
-    if truncate {
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 && p.top_k < candidates.len() {
-            // Ties with the k-th value are kept, as transformers' `logits < kth_value` does.
-            let kth = candidates[p.top_k - 1].1;
-            let keep = candidates.iter().take_while(|c| c.1 >= kth).count();
-            candidates.truncate(keep);
-        }
-        if p.top_p < 1.0 {
-            // Keep the smallest prefix whose mass reaches top_p (at least one token).
-            let total: f64 = candidates.iter().map(|c| c.1).sum();
-            let mut cumulative = 0.0;
-            let mut keep = 0;
-            for c in &candidates {
-                keep += 1;
-                cumulative += c.1 / total;
-                if cumulative >= p.top_p as f64 {
-                    break;
-                }
-            }
-            candidates.truncate(keep);
-        }
-    }
-    let total: f64 = candidates.iter().map(|c| c.1).sum();
-    let mut u = rng.uniform() * total;
-    let mut chosen = candidates[candidates.len() - 1];
-    for c in &candidates {
-        if u < c.1 {
-            chosen = *c;
+    let floor = kept_floor(&e, p);
+    let kept = || e.iter().enumerate().filter(|(_, &ej)| ej >= floor);
+    let kept_total: f64 = kept().map(|(_, ej)| ej).sum();
+    let mut left = u * kept_total;
+    let mut token = 0;
+    for (j, &ej) in kept() {
+        token = j;
+        if left < ej {
             break;
         }
-        u -= c.1;
+        left -= ej;
     }
-    (chosen.0, (chosen.1 / total).ln() as f32)
+    (token, e[token].ln() - kept_total.ln(), entropy)
+}
+
+/// The smallest weight that top-k and then top-p keep, in transformers' order and meaning:
+/// top-k keeps the `top_k` largest weights and every tie of the k-th; top-p, over the weights
+/// that top-k kept (renormalised), keeps a token when the mass strictly above it in descending
+/// order is below `top_p` (the smallest prefix that reaches `top_p`), and every tie of the last
+/// one. Ties are kept whole so that the set does not depend on a sort's order. 0 when nothing is
+/// truncated.
+pub fn kept_floor(e: &[f64], p: &SamplingParams) -> f64 {
+    let top_k = p.top_k > 0 && p.top_k < e.len();
+    if !top_k && p.top_p >= 1.0 {
+        return 0.0;
+    }
+    let mut sorted = e.to_vec();
+    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+    let mut floor = 0.0;
+    if top_k {
+        floor = sorted[p.top_k - 1];
+        let keep = sorted.iter().take_while(|&&x| x >= floor).count();
+        sorted.truncate(keep);
+    }
+    if p.top_p < 1.0 {
+        let total: f64 = sorted.iter().sum();
+        let mut above = 0.0;
+        for &x in &sorted {
+            floor = x;
+            above += x;
+            if above / total >= p.top_p as f64 {
+                break;
+            }
+        }
+    }
+    floor
 }
 
 pub fn argmax(xs: &[f32]) -> usize {
@@ -101,73 +133,23 @@ pub fn argmax(xs: &[f32]) -> usize {
     best
 }
 
-/// Entropy of `softmax(x / t)` over the whole vocabulary, in f64 (t ≤ 0 reads as 1).
-pub fn entropy(xs: &[f32], t: f64) -> f32 {
-    let t = if t > 0.0 { t } else { 1.0 };
-    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let (mut z, mut zx) = (0f64, 0f64);
-    for &x in xs {
-        let s = (x as f64 - max) / t;
-        let e = s.exp();
-        z += e;
-        zx += e * s;
-    }
-    // H = log Z − E[s]
-    (z.ln() - zx / z) as f32
-}
-
-/// What the device sampler (`sample_rows` in `kernels/ferrite.cu`) draws from `logits` with the
-/// uniform `u`, computed in f64 on the host: `(token, log-prob, entropy)` of `softmax(x / t)`. At
-/// `temperature > 0` the token is the first `j` with `u·Σe < Σ_{i≤j} e_i` (the inverse CDF that
-/// [`sample`] walks for top_k 0, top_p 1); at `temperature ≤ 0` it is the first argmax, with
-/// log-prob and entropy at t = 1.
-pub fn device_draw(logits: &[f32], u: f64, temperature: f64) -> (usize, f64, f64) {
-    let t = if temperature > 0.0 { temperature } else { 1.0 };
-    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
-    let e: Vec<f64> = logits.iter().map(|&x| ((x as f64 - m) / t).exp()).collect();
-    let total: f64 = e.iter().sum();
-    let token = if temperature > 0.0 {
-        let mut left = u * total;
-        let mut pick = logits.len() - 1;
-        for (j, ej) in e.iter().enumerate() {
-            if left < *ej {
-                pick = j;
-                break;
-            }
-            left -= ej;
-        }
-        pick
-    } else {
-        argmax(logits)
-    };
-    let entropy = total.ln()
-        - e.iter()
-            .zip(logits)
-            .map(|(ej, &x)| ej * (x as f64 - m) / t)
-            .sum::<f64>()
-            / total;
-    (token, e[token].ln() - total.ln(), entropy)
-}
-
-/// `log softmax(x / t)[i]` in f64.
-pub fn log_softmax_at(xs: &[f32], i: usize, t: f64) -> f32 {
-    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let lse = xs
-        .iter()
-        .map(|&x| ((x as f64 - max) / t).exp())
-        .sum::<f64>()
-        .ln();
-    ((xs[i] as f64 - max) / t - lse) as f32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn entropy(logits: &[f32], t: f32) -> f32 {
+        let p = SamplingParams {
+            temperature: t,
+            ..Default::default()
+        };
+        draw(logits, 0.5, &p).2 as f32
+    }
+
     #[test]
     fn entropy_is_that_of_the_tempered_softmax() {
         let logits = [1.0f32, -0.5, 2.0, 0.0];
-        for t in [1.0, 0.7, 2.0] {
+        for t in [1.0f32, 0.7, 2.0] {
+            let t = t as f64;
             let z: f64 = logits.iter().map(|&x| (x as f64 / t).exp()).sum();
             let want: f64 = logits
                 .iter()
@@ -176,7 +158,10 @@ mod tests {
                     -p * p.ln()
                 })
                 .sum();
-            assert!((entropy(&logits, t) as f64 - want).abs() < 1e-6, "T = {t}");
+            assert!(
+                (entropy(&logits, t as f32) as f64 - want).abs() < 1e-6,
+                "T = {t}"
+            );
         }
         // uniform over 4: log 4; one certain token: 0
         assert!((entropy(&[3.0; 4], 1.0) - 4f32.ln()).abs() < 1e-6);

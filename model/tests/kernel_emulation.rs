@@ -19,6 +19,7 @@ use half::bf16;
 use model::launch::{self, Geometry};
 use model::ops::composed;
 use model::rng::Rng;
+use model::sampling::SamplingParams;
 
 const SOURCE: &str = include_str!("../kernels/ferrite.cu");
 
@@ -34,21 +35,23 @@ fn kernel_names() -> Vec<String> {
 /// A `__shared__` declaration of `ferrite.cu` as `cuda_emu.h`'s race-checked array; any other
 /// line as it is.
 fn rewrite_shared(line: &str) -> String {
-    fn decl(rest: &str) -> Option<(&str, &str)> {
-        rest.strip_suffix(';')?.split_once(' ')
+    /// `T name[n];` or `T name;` as (T, name, n or None); T may be several words.
+    fn decl(rest: &str) -> Option<(&str, &str, Option<&str>)> {
+        let rest = rest.strip_suffix(';')?;
+        let (declarator, n) = match rest.split_once('[') {
+            Some((d, n)) => (d, Some(n.strip_suffix(']')?)),
+            None => (rest, None),
+        };
+        let (ty, name) = declarator.trim().rsplit_once(' ')?;
+        Some((ty, name, n))
     }
     let t = line.trim();
-    if let Some((ty, name)) = t.strip_prefix("extern __shared__ ").and_then(decl) {
-        let name = name
-            .strip_suffix("[]")
-            .expect("extern __shared__ T name[];");
+    if let Some((ty, name, n)) = t.strip_prefix("extern __shared__ ").and_then(decl) {
+        assert_eq!(n, Some(""), "extern __shared__ T name[];");
         return format!("EMU_DYNAMIC_SHARED({ty}, {name});");
     }
-    if let Some((ty, name)) = t.strip_prefix("__shared__ ").and_then(decl) {
-        return match name.strip_suffix(']').and_then(|n| n.split_once('[')) {
-            Some((name, n)) => format!("EMU_SHARED({ty}, {name}, {n});"),
-            None => format!("EMU_SHARED({ty}, {name}, 1);"),
-        };
+    if let Some((ty, name, n)) = t.strip_prefix("__shared__ ").and_then(decl) {
+        return format!("EMU_SHARED({ty}, {name}, {});", n.unwrap_or("1"));
     }
     line.to_string()
 }
@@ -619,17 +622,46 @@ fn log_probs_and_entropies_forward_and_backward_match_the_composed_ops() {
 }
 
 #[test]
-fn the_sampler_draws_what_the_host_inverse_cdf_draws() {
-    // v = 700: the block's last 324 threads scan empty segments; v = 5000: five logits each
+fn the_sampler_draws_what_the_host_draws() {
+    // v = 700: the block's last 324 threads scan empty segments; v = 5000: five logits each.
+    // (temperature, top_k, top_p): the full softmax, top-k alone (its k-th value tied), top-p
+    // alone, both, a top-p that keeps one token, and greedy (which ignores truncation)
+    let cases = [
+        (0.7f32, 0usize, 1.0f32),
+        (1.0, 40, 1.0),
+        (0.7, 0, 0.9),
+        (1.3, 25, 0.6),
+        (1.0, 0, 1e-6),
+        (0.0, 5, 0.5),
+    ];
     for v in [700usize, 5000] {
         let rows = 4;
         let mut z = random(&[rows, v], 15, 3.0).to_vec2::<f32>().unwrap();
         // greedy ties: the first maximum wins, in another thread's segment than the second
         z[3][v / 3] = 20.0;
         z[3][v - 2] = 20.0;
+        // row 0's maximum is the last of its segment (v = 5000), after four tokens just below it
+        // that a top-p of 1e-6 must skip
+        z[0][39] = 25.0;
+        z[0][35..39].fill(24.99);
+        // row 1's 40th largest logit tied three times
+        let mut order: Vec<usize> = (0..v).collect();
+        order.sort_by(|&a, &b| z[1][b].total_cmp(&z[1][a]));
+        let kth = z[1][order[39]];
+        z[1][order[40]] = kth;
+        z[1][order[41]] = kth;
         let mut rng = Rng::new(16);
-        let u: Vec<f32> = (0..rows).map(|_| rng.uniform() as f32).collect();
-        for temperature in [0.7f32, 0.0] {
+        // row 2 draws at the very end of the distribution
+        let u: Vec<f32> = (0..rows)
+            .map(|i| {
+                if i == 2 {
+                    0.999_999
+                } else {
+                    rng.uniform() as f32
+                }
+            })
+            .collect();
+        for &(temperature, top_k, top_p) in &cases {
             let inv_t = if temperature > 0.0 {
                 1.0 / temperature
             } else {
@@ -642,6 +674,8 @@ fn the_sampler_draws_what_the_host_inverse_cdf_draws() {
                     Arg::F32(z.concat()),
                     Arg::F32(u.clone()),
                     Arg::Float(inv_t),
+                    Arg::Int(top_k as i32),
+                    Arg::Float(top_p),
                     Arg::U32(vec![u32::MAX; rows]),
                     Arg::F32(vec![f32::NAN; rows]),
                     Arg::F32(vec![f32::NAN; rows]),
@@ -651,16 +685,30 @@ fn the_sampler_draws_what_the_host_inverse_cdf_draws() {
             let (Arg::U32(ids), lps, hs) = (&out[2], out[3].f32s(), out[4].f32s()) else {
                 panic!("ids");
             };
+            let p = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+            };
             for (i, row) in z.iter().enumerate() {
-                let (want, lp, h) =
-                    model::sampling::device_draw(row, u[i] as f64, temperature as f64);
-                let at = format!("v {v}, T {temperature}, row {i}");
+                let (want, lp, h) = model::sampling::draw(row, u[i] as f64, &p);
+                let at = format!("v {v}, {p:?}, row {i}");
                 assert_eq!(ids[i] as usize, want, "token, {at}");
                 assert!((lps[i] as f64 - lp).abs() < 1e-4, "log-prob, {at}");
                 assert!((hs[i] as f64 - h).abs() < 1e-4, "entropy, {at}");
             }
             if temperature == 0.0 {
                 assert_eq!(ids[3] as usize, v / 3, "the first of two maxima");
+            }
+            if top_p < 1e-3 {
+                // only the maximum is kept (row 3: both of its tied maxima)
+                for (i, row) in z.iter().enumerate() {
+                    let best = row[model::sampling::argmax(row)];
+                    assert_eq!(
+                        row[ids[i] as usize], best,
+                        "top-p keeps the maximum, row {i}"
+                    );
+                }
             }
         }
     }

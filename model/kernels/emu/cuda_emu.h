@@ -63,6 +63,15 @@ struct SharedBase {
 inline std::mutex registry_lock;
 inline std::vector<SharedBase*> registry;
 
+template <class T>
+class Shared;
+// `&a[i]` of a shared array, for the atomics.
+template <class T>
+struct SharedPtr {
+    Shared<T>* s;
+    size_t i;
+};
+
 // A `__shared__` array (or scalar: element 0) under race checking.
 template <class T>
 class Shared : public SharedBase {
@@ -91,6 +100,7 @@ class Shared : public SharedBase {
             s->write(i, s->read(i) + v);
             return *this;
         }
+        SharedPtr<T> operator&() const { return {s, i}; }
     };
     Ref operator[](size_t i) { return {this, i}; }
     Shared& operator=(T v) {
@@ -238,10 +248,20 @@ inline float atomicAdd(float* p, float v) {
     return old;
 }
 
+template <class T>
+T atomicAdd(emu::SharedPtr<T> p, std::type_identity_t<T> v) {
+    return p.s->atomic(p.i, [v](T old) { return T(old + v); });
+}
+
 inline int atomicMin(emu::Shared<int>* p, int v) {
     return p->atomic(0, [v](int old) { return std::min(old, v); });
 }
 
 inline float __expf(float x) { return std::exp(x); }
+inline uint32_t __float_as_uint(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
