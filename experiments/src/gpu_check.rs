@@ -6,11 +6,13 @@
 //!
 //! `checks`: each fused CUDA kernel (RMSNorm, RoPE, SwiGLU, masked softmax, log-prob + entropy,
 //! the chunked output layer) against the composed ops on fresh random inputs, forward and
-//! backward, f32 and bf16; the device sampler against the host's; the fused AdamW against the
+//! backward, f32 and bf16; the device sampler against the host's (temperature, top-k, top-p);
+//! decode attention against the composed ops; the fused AdamW against the
 //! composed update; then a small model's GPU forward, backward (f32 and bf16) and greedy
 //! generation against the CPU path. `bench`: the Qwen2.5-0.5B shape — learner tokens/s and peak
 //! device memory at B=8, T=1024 with a per-phase and per-kernel split, generation tokens/s at
-//! B=64 and B=256 (128-token prompts, 256 new tokens). Prints a table, then one JSON line per
+//! B=64 and B=256 (128-token prompts, 256 new tokens), and the sampler's time per decode step at
+//! B=256. Prints a table, then one JSON line per
 //! measurement; fails when a check fails. `GPU_CHECK_DEVICE=cpu ferrite gpu-check checks`
 //! dry-runs the checks' own code on the CPU (the kernel checks then fail: there are no kernels).
 
@@ -874,6 +876,30 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
             Err(e) => format!("kernel {name}: error: {e}"),
         });
     }
+
+    // the sampler at the widest decode batch: full softmax, top-k, top-p, both
+    let sampler = || -> Result<String> {
+        let (rows, v) = (256usize, c.vocab_size);
+        let z = randn(&[rows, v], 9, 3.0, DType::F32, gpu)?;
+        let u: Vec<f32> = (0..rows).map(|i| (i as f32 + 0.5) / rows as f32).collect();
+        let mut out = format!("sampler [{rows}, {v}] f32:");
+        for (name, top_k, top_p) in [
+            ("T=1", 0usize, 1.0f32),
+            ("top-k 50", 50, 1.0),
+            ("top-p 0.9", 0, 0.9),
+            ("top-k 50 + top-p 0.9", 50, 0.9),
+        ] {
+            let p = SamplingParams {
+                temperature: 1.0,
+                top_k,
+                top_p,
+            };
+            let secs = time(5, || Ok(model::cuda::sample_rows(&z, &u, &p)?), gpu)?;
+            out += &format!(" {name} {:.2} ms,", secs * 1e3);
+        }
+        Ok(out.trim_end_matches(',').to_string())
+    };
+    lines.push(sampler().unwrap_or_else(|e| format!("sampler: error: {e}")));
 
     // generation
     let (p, n) = (128usize, 256usize);

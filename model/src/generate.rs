@@ -363,8 +363,9 @@ fn last_logits(w: &Weights, batch: &Batch, cache: &mut KvCache) -> Result<Tensor
 }
 
 /// `(token, log-prob, entropy)` for every row of `logits [B, V]` (rows without a stream get a
-/// placeholder and draw nothing), as [`draw`] defines them. On a CUDA device the rows are sampled
-/// there and only the results cross to the host; otherwise the logits come to the host. Both
+/// placeholder and draw nothing), as [`draw`] defines them. On a CUDA device with the kernels on
+/// the rows are sampled there and only the results cross to the host; otherwise the logits come
+/// to the host. Both
 /// consume one uniform per row and step from the row's stream (none when greedy) and pick the
 /// same token for it, up to f32 rounding at the boundaries.
 fn sample_rows(
@@ -380,7 +381,7 @@ fn sample_rows(
         })
         .collect();
     #[cfg(feature = "cuda")]
-    if logits.device().is_cuda() {
+    if logits.device().is_cuda() && crate::ops::cuda_kernels() {
         let u: Vec<f32> = u.iter().map(|&u| u as f32).collect();
         return Ok(crate::cuda::sample_rows(logits, &u, p)?);
     }
