@@ -569,37 +569,54 @@ fn decode_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>)
     Ok(())
 }
 
-/// The fused AdamW kernel against the composed update on the GPU: three steps on a bf16 matrix
-/// (through its f32 master) and an f32 vector, with weight decay and clipping.
+/// The multi-tensor AdamW and gradient-norm kernels against the composed update on the GPU:
+/// three steps on a bf16 matrix (through its f32 master), an f32 vector and an f32 matrix of
+/// three chunks, with weight decay and clipping.
 fn optimizer_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
-    let run = |kernels: bool| -> Result<Vec<Tensor>> {
+    let shapes: [(&[usize], DType); 3] = [
+        (&[64, 96], DType::BF16),
+        (&[96], DType::F32),
+        (&[300, 500], DType::F32),
+    ];
+    let run = |kernels: bool| -> Result<(Vec<Tensor>, Vec<f64>)> {
         ops::set_cuda_kernels(kernels);
-        let a = Var::from_tensor(&randn(&[64, 96], 1, 1.0, DType::BF16, gpu)?)?;
-        let b = Var::from_tensor(&randn(&[96], 2, 1.0, DType::F32, gpu)?)?;
+        let vars = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (shape, dtype))| {
+                Ok(Var::from_tensor(&randn(
+                    shape, i as u64, 1.0, *dtype, gpu,
+                )?)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let config = AdamWConfig {
             weight_decay: 0.1,
             max_grad_norm: Some(1.0),
             ..Default::default()
         };
-        let mut opt = AdamW::new(
-            vec![("a".into(), a.clone()), ("b".into(), b.clone())],
-            config,
-        )?;
+        let named = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("p{i}"), v.clone()))
+            .collect();
+        let mut opt = AdamW::new(named, config)?;
+        let mut norms = Vec::new();
         for k in 0..3u64 {
-            let ga = randn(&[64, 96], 10 + k, 1.0, DType::F32, gpu)?;
-            let gb = randn(&[96], 20 + k, 1.0, DType::F32, gpu)?;
-            let loss = ((a.as_tensor().to_dtype(DType::F32)? * ga)?.sum_all()?
-                + (b.as_tensor() * gb)?.sum_all()?)?;
+            let mut loss = Tensor::zeros((), DType::F32, gpu)?;
+            for (i, (v, (shape, _))) in vars.iter().zip(&shapes).enumerate() {
+                let g = randn(shape, 10 * (i as u64 + 1) + k, 1.0, DType::F32, gpu)?;
+                loss = (loss + (v.as_tensor().to_dtype(DType::F32)? * g)?.sum_all()?)?;
+            }
             opt.accumulate(&loss.backward()?, 1.0)?;
-            opt.step(1e-2)?;
+            norms.push(opt.step(1e-2)?.grad_norm);
         }
-        Ok(vec![a.as_tensor().clone(), b.as_tensor().clone()])
+        Ok((vars.iter().map(|v| v.as_tensor().clone()).collect(), norms))
     };
     let fused = run(true);
     let composed = run(false);
     ops::set_cuda_kernels(true);
-    let (fused, composed) = (fused?, composed?);
-    for (name, (x, y)) in ["bf16 [64, 96]", "f32 [96]"]
+    let ((fused, fused_norms), (composed, composed_norms)) = (fused?, composed?);
+    for (name, (x, y)) in ["bf16 [64, 96]", "f32 [96]", "f32 [300, 500]"]
         .iter()
         .zip(fused.iter().zip(&composed))
     {
@@ -611,6 +628,16 @@ fn optimizer_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Res
             e < tol,
         ));
     }
+    let e = fused_norms
+        .iter()
+        .zip(&composed_norms)
+        .map(|(a, b)| (a - b).abs() / b)
+        .fold(0f64, f64::max);
+    rows.push((
+        "gradient norm, multi-tensor vs composed, rel".into(),
+        format!("{e:.2e}"),
+        e < 1e-5,
+    ));
     Ok(())
 }
 

@@ -110,13 +110,14 @@ impl AdamW {
                         v: vec![0.0; n],
                     }
                 } else {
-                    let z = t.to_dtype(DType::F32)?.zeros_like()?;
+                    // separate buffers: the fused CUDA step updates them in place
+                    let zeros = || Tensor::zeros(t.shape(), DType::F32, t.device());
                     let master = (t.dtype() != DType::F32)
                         .then(|| t.to_dtype(DType::F32))
                         .transpose()?;
                     Moments::Device {
-                        m: z.clone(),
-                        v: z,
+                        m: zeros()?,
+                        v: zeros()?,
                         master,
                     }
                 };
@@ -221,19 +222,7 @@ impl AdamW {
 
     /// One AdamW step with learning rate `lr` on the accumulated gradient, then clears it.
     pub fn step(&mut self, lr: f64) -> Result<StepStats> {
-        // Σ‖g‖² summed on the device: one transfer to the host, not one per parameter.
-        let squares = self
-            .params
-            .iter()
-            .filter_map(|p| p.grad.as_ref())
-            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let sq = if squares.is_empty() {
-            0.0
-        } else {
-            Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?
-        };
-        let grad_norm = sq.sqrt();
+        let grad_norm = self.sum_squares()?.sqrt();
         if !grad_norm.is_finite() {
             self.zero_grad();
             return Ok(StepStats {
@@ -251,8 +240,12 @@ impl AdamW {
         let t = self.step as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2 = 1.0 - c.beta2.powi(t);
-        for p in &mut self.params {
+        let fused = self.fused_step(lr, clip, bias1, bias2)?;
+        for (p, fused) in self.params.iter_mut().zip(fused) {
             let Some(g) = p.grad.take() else { continue };
+            if fused {
+                continue;
+            }
             let decay = if p.decay { lr * c.weight_decay } else { 0.0 };
             let shape = p.var.as_tensor().shape().clone();
             let dtype = p.var.as_tensor().dtype();
@@ -279,39 +272,6 @@ impl AdamW {
                     p.var.set(&t)?;
                 }
                 Moments::Device { m, v, master } => {
-                    // one fused kernel on a CUDA device (no mask: masked entries take the
-                    // composed path below)
-                    #[cfg(feature = "cuda")]
-                    if p.mask.is_none() && model::ops::cuda_kernels() && g.device().is_cuda() {
-                        let w = match master {
-                            Some(w) => w.clone(),
-                            None => p.var.as_tensor().clone(),
-                        };
-                        let out = model::cuda::adamw(
-                            &w,
-                            &g,
-                            m,
-                            v,
-                            model::cuda::AdamWStep {
-                                beta1: c.beta1 as f32,
-                                beta2: c.beta2 as f32,
-                                eps: c.eps as f32,
-                                decay: decay as f32,
-                                step_size: (lr / bias1) as f32,
-                                sqrt_bias2: bias2.sqrt() as f32,
-                                clip: clip as f32,
-                            },
-                        )?; // [3, n]: w, m, v
-                        let row = |i: usize| out.narrow(0, i, 1)?.reshape(shape.clone());
-                        let w = row(0)?;
-                        *m = row(1)?;
-                        *v = row(2)?;
-                        p.var.set(&w.to_dtype(dtype)?)?;
-                        if let Some(master) = master {
-                            *master = w;
-                        }
-                        continue;
-                    }
                     let g = (g.to_dtype(DType::F32)? * clip)?;
                     *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                     *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -342,6 +302,84 @@ impl AdamW {
             clipped: clip < 1.0,
             skipped: false,
         })
+    }
+
+    /// Σ‖g‖² of the step's gradient: in one multi-tensor launch on a CUDA device, else summed
+    /// on the device per parameter with one transfer to the host.
+    fn sum_squares(&self) -> Result<f64> {
+        let grads: Vec<&Tensor> = self.params.iter().filter_map(|p| p.grad.as_ref()).collect();
+        #[cfg(feature = "cuda")]
+        if model::ops::cuda_kernels()
+            && !grads.is_empty()
+            && grads
+                .iter()
+                .all(|g| g.device().is_cuda() && g.dtype() == DType::F32)
+        {
+            return Ok(model::cuda::sum_squares(&grads)?);
+        }
+        if grads.is_empty() {
+            return Ok(0.0);
+        }
+        let squares = grads
+            .iter()
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?)
+    }
+
+    /// Steps, in one multi-tensor launch per compute dtype, every parameter on a CUDA device
+    /// that has a gradient and no mask, updating its master, moments and compute weights in
+    /// place; returns which parameters it stepped (none without the `cuda` feature, on other
+    /// devices, or with the kernels off). Masked parameters take the composed update.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables, unused_mut))]
+    fn fused_step(&self, lr: f64, clip: f64, bias1: f64, bias2: f64) -> Result<Vec<bool>> {
+        let mut fused = vec![false; self.params.len()];
+        #[cfg(feature = "cuda")]
+        if model::ops::cuda_kernels() {
+            let c = self.config;
+            let mut batch = Vec::new();
+            for (p, fused) in self.params.iter().zip(fused.iter_mut()) {
+                let (Some(g), Moments::Device { m, v, master }, None) =
+                    (&p.grad, &p.moments, &p.mask)
+                else {
+                    continue;
+                };
+                let w = p.var.as_tensor();
+                let dtypes_ok = g.dtype() == DType::F32
+                    && match master {
+                        Some(_) => w.dtype() == DType::BF16,
+                        None => w.dtype() == DType::F32,
+                    };
+                if !g.device().is_cuda() || !dtypes_ok {
+                    continue;
+                }
+                *fused = true;
+                batch.push(model::cuda::AdamWParam {
+                    master: master.as_ref().unwrap_or(w),
+                    grad: g,
+                    m,
+                    v,
+                    copy: master.as_ref().map(|_| w),
+                    decay: if p.decay {
+                        (lr * c.weight_decay) as f32
+                    } else {
+                        0.0
+                    },
+                });
+            }
+            model::cuda::adamw(
+                &batch,
+                model::cuda::AdamWStep {
+                    beta1: c.beta1 as f32,
+                    beta2: c.beta2 as f32,
+                    eps: c.eps as f32,
+                    step_size: (lr / bias1) as f32,
+                    sqrt_bias2: bias2.sqrt() as f32,
+                    clip: clip as f32,
+                },
+            )?;
+        }
+        Ok(fused)
     }
 
     /// `weights` with each parameter that this optimizer holds in a lower precision replaced

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;
+typedef unsigned long long u64;
 
 __device__ __forceinline__ float ld(float x) { return x; }
 __device__ __forceinline__ float ld(bf16 x) { return __bfloat162float(x); }
@@ -362,8 +363,6 @@ extern "C" __global__ void logprob_entropy_bwd_f32(const float* z, const uint32_
 // row's own stream; the token is the first kept j with u·Σ_kept e < Σ_{kept i≤j} e_i,
 // e_i = exp((z_i − max)/t). Thread k scans the contiguous segment [k·seg, (k+1)·seg).
 
-typedef unsigned long long u64;
-
 // An order-preserving key of a float: a < b ⇔ order_key(a) < order_key(b) (NaN aside).
 __device__ __forceinline__ uint32_t order_key(float x) {
     const uint32_t b = __float_as_uint(x);
@@ -616,36 +615,72 @@ extern "C" __global__ void decode_attention_bf16(const bf16* q, const bf16* k, c
 }
 
 // ------------------------------------------------------------------------------- AdamW
-// One AdamW step of a parameter of n elements, as learner/src/optim.rs's host_update:
-//   g' = clip·g;  m = β1·m + (1−β1)·g';  v = β2·v + (1−β2)·g'²;
-//   w −= decay·w;  w −= step_size·m / (sqrt(v)/sqrt_bias2 + eps)
-// reading the f32 master w, the gradient (f32 or bf16), m and v, and writing [w; m; v] into
-// `out` [3n] f32. Grid-stride over elements.
+// Multi-tensor kernels: many parameters in one launch. The parameters are cut into chunks of
+// `chunk` elements: chunk c is chunk chunk_index[c] of parameter chunk_param[c], of sizes[i]
+// elements; block b takes chunks b, b + gridDim.x, … Device addresses come in a table of u64.
 
-template <typename G>
-__device__ void adamw(const float* w, const G* g, const float* m, const float* v, float* out, size_t n,
-                      float beta1, float beta2, float eps, float decay, float step_size, float sqrt_bias2,
-                      float clip) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const float gi = ld(g[i]) * clip;
-        const float mi = beta1 * m[i] + (1.f - beta1) * gi;
-        const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
-        float wi = w[i];
-        wi -= decay * wi;
-        wi -= step_size * mi / (sqrtf(vi) / sqrt_bias2 + eps);
-        out[i] = wi;
-        out[n + i] = mi;
-        out[2 * n + i] = vi;
+// Σ g² per chunk of the f32 gradients at addresses[i] into partial[c], for the host to add in
+// f64: a fixed order, so the global norm does not vary from run to run.
+extern "C" __global__ void sum_squares_f32(const u64* addresses, const uint32_t* sizes,
+                                           const uint32_t* chunk_param, const uint32_t* chunk_index,
+                                           int chunks, int chunk, float* partial) {
+    for (int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const uint32_t i = chunk_param[c];
+        const float* g = (const float*)addresses[i];
+        const size_t start = (size_t)chunk_index[c] * chunk, n = sizes[i];
+        const size_t end = start + chunk < n ? start + chunk : n;
+        float s = 0.f;
+        for (size_t j = start + threadIdx.x; j < end; j += blockDim.x) s += g[j] * g[j];
+        s = block_sum(s);
+        if (threadIdx.x == 0) partial[c] = s;
     }
 }
-extern "C" __global__ void adamw_f32(const float* w, const float* g, const float* m, const float* v,
-                                     float* out, size_t n, float beta1, float beta2, float eps, float decay,
-                                     float step_size, float sqrt_bias2, float clip) {
-    adamw<float>(w, g, m, v, out, n, beta1, beta2, eps, decay, step_size, sqrt_bias2, clip);
+
+// One AdamW step of every parameter, in place, as learner/src/optim.rs's host_update:
+//   g' = clip·g;  m = β1·m + (1−β1)·g';  v = β2·v + (1−β2)·g'²;
+//   w −= decay·w;  w −= step_size·m / (sqrt(v)/sqrt_bias2 + eps)
+// Parameter i's f32 master w, f32 gradient, f32 moments m and v, and compute copy (P, written
+// with the new w; address 0 when the master is the parameter itself) are at addresses[5i … 5i+4];
+// decays[i] is its lr·weight_decay (or 0).
+template <typename P>
+__device__ void adamw(const u64* addresses, const uint32_t* sizes, const float* decays,
+                      const uint32_t* chunk_param, const uint32_t* chunk_index, int chunks, int chunk,
+                      float beta1, float beta2, float eps, float step_size, float sqrt_bias2, float clip) {
+    for (int c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const uint32_t i = chunk_param[c];
+        float* w = (float*)addresses[5 * i];
+        const float* g = (const float*)addresses[5 * i + 1];
+        float* m = (float*)addresses[5 * i + 2];
+        float* v = (float*)addresses[5 * i + 3];
+        P* copy = (P*)addresses[5 * i + 4];
+        const float decay = decays[i];
+        const size_t start = (size_t)chunk_index[c] * chunk, n = sizes[i];
+        const size_t end = start + chunk < n ? start + chunk : n;
+        for (size_t j = start + threadIdx.x; j < end; j += blockDim.x) {
+            const float gj = g[j] * clip;
+            const float mj = beta1 * m[j] + (1.f - beta1) * gj;
+            const float vj = beta2 * v[j] + (1.f - beta2) * gj * gj;
+            float wj = w[j];
+            wj -= decay * wj;
+            wj -= step_size * mj / (sqrtf(vj) / sqrt_bias2 + eps);
+            w[j] = wj;
+            m[j] = mj;
+            v[j] = vj;
+            if (copy) copy[j] = st<P>(wj);
+        }
+    }
 }
-extern "C" __global__ void adamw_bf16(const float* w, const bf16* g, const float* m, const float* v,
-                                      float* out, size_t n, float beta1, float beta2, float eps, float decay,
-                                      float step_size, float sqrt_bias2, float clip) {
-    adamw<bf16>(w, g, m, v, out, n, beta1, beta2, eps, decay, step_size, sqrt_bias2, clip);
+extern "C" __global__ void adamw_f32(const u64* addresses, const uint32_t* sizes, const float* decays,
+                                     const uint32_t* chunk_param, const uint32_t* chunk_index, int chunks,
+                                     int chunk, float beta1, float beta2, float eps, float step_size,
+                                     float sqrt_bias2, float clip) {
+    adamw<float>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2, eps,
+                 step_size, sqrt_bias2, clip);
+}
+extern "C" __global__ void adamw_bf16(const u64* addresses, const uint32_t* sizes, const float* decays,
+                                      const uint32_t* chunk_param, const uint32_t* chunk_index, int chunks,
+                                      int chunk, float beta1, float beta2, float eps, float step_size,
+                                      float sqrt_bias2, float clip) {
+    adamw<bf16>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2, eps,
+                step_size, sqrt_bias2, clip);
 }

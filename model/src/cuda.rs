@@ -5,9 +5,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor, WithDType};
 
@@ -638,7 +638,87 @@ pub fn decode_attention(
     by_dtype!(q.dtype(), go(q, k, v, bias, scale, kv_stride)).map(Some)
 }
 
-// ---------------------------------------------------------------- AdamW
+// ---------------------------------------------------------------- AdamW and the gradient norm
+
+/// The device address of a contiguous CUDA tensor's first element, as a `T` buffer.
+fn address<T: CudaDType + DeviceRepr>(t: &Tensor) -> Result<u64> {
+    let (s, l) = t.storage_and_layout();
+    let s = as_cuda(&s)?;
+    let stream = s.device().cuda_stream();
+    let v = view::<T>(s, l)?;
+    let ptr = v.device_ptr(&stream).0;
+    Ok(ptr)
+}
+
+/// What a multi-tensor kernel reads besides its addresses: the tensors' sizes and the chunk
+/// table, on the device.
+struct Chunks {
+    sizes: CudaSlice<u32>,
+    param: CudaSlice<u32>,
+    index: CudaSlice<u32>,
+    count: i32,
+}
+
+fn chunks(dev: &CudaDevice, sizes: &[usize]) -> Result<Chunks> {
+    let stream = dev.cuda_stream();
+    let sizes32 = sizes
+        .iter()
+        .map(|&n| {
+            u32::try_from(n)
+                .map_err(|_| err("multi-tensor kernels: a tensor of 2³² elements or more"))
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    let (param, index) = launch::chunk_table(sizes, launch::MULTI_TENSOR_CHUNK);
+    Ok(Chunks {
+        sizes: stream.clone_htod(&sizes32).w()?,
+        count: param.len() as i32,
+        param: stream.clone_htod(&param).w()?,
+        index: stream.clone_htod(&index).w()?,
+    })
+}
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => Err(err("ferrite cuda kernel: expected a CUDA tensor")),
+    }
+}
+
+/// Σ g² over the f32 `grads` (on one CUDA device) in one launch: each chunk of
+/// [`launch::MULTI_TENSOR_CHUNK`] elements is summed in f32 on the device, and the chunks' sums
+/// are added on the host in f64, in a fixed order.
+pub fn sum_squares(grads: &[&Tensor]) -> Result<f64> {
+    let Some(first) = grads.first() else {
+        return Ok(0.0);
+    };
+    let dev = cuda_device(first)?;
+    let stream = dev.cuda_stream();
+    let grads = grads
+        .iter()
+        .map(|g| g.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let addresses = grads
+        .iter()
+        .map(address::<f32>)
+        .collect::<Result<Vec<u64>>>()?;
+    let sizes: Vec<usize> = grads.iter().map(Tensor::elem_count).collect();
+    let c = chunks(&dev, &sizes)?;
+    if c.count == 0 {
+        return Ok(0.0);
+    }
+    let a = stream.clone_htod(&addresses).w()?;
+    let partial = dev.alloc_zeros::<f32>(c.count as usize)?;
+    let chunk = launch::MULTI_TENSOR_CHUNK as i32;
+    let f = dev.get_or_load_custom_func("sum_squares_f32", MODULE, PTX)?;
+    let mut l = f.builder();
+    l.arg(&a).arg(&c.sizes).arg(&c.param).arg(&c.index);
+    l.arg(&c.count).arg(&chunk).arg(&partial);
+    // SAFETY: the addresses are of the contiguous f32 gradients (checked by `address`, alive in
+    // `grads` until the transfer below has waited for the kernel); one partial sum per chunk.
+    unsafe { l.launch(config(launch::multi_tensor(c.count as usize))) }.w()?;
+    let partial = stream.clone_dtoh(&partial).w()?;
+    Ok(partial.iter().map(|&x| x as f64).sum())
+}
 
 /// The scalars of one AdamW step (see `learner::optim`'s host update).
 #[derive(Debug, Clone, Copy)]
@@ -646,8 +726,6 @@ pub struct AdamWStep {
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
-    /// `lr · weight_decay`, or 0 for parameters without decay.
-    pub decay: f32,
     /// `lr / (1 − β1ᵗ)`.
     pub step_size: f32,
     /// `sqrt(1 − β2ᵗ)`.
@@ -656,45 +734,93 @@ pub struct AdamWStep {
     pub clip: f32,
 }
 
-/// One fused AdamW step: f32 master `w`, gradient `g` (f32 or bf16), f32 moments `m`, `v`, all
-/// of `n` elements → `[3, n]` f32 holding the new `w`, `m` and `v` (one read and one write of each).
-pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamWStep) -> Result<Tensor> {
-    fn go<G: CudaDType + DeviceRepr + WithDType>(
-        w: &Tensor,
-        g: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
+/// One parameter of a multi-tensor AdamW step. `master`, `m`, `v` and `copy` are updated in
+/// place, so they must be contiguous and must not share storage.
+pub struct AdamWParam<'a> {
+    /// The f32 master weights; the parameter itself when there is no `copy`.
+    pub master: &'a Tensor,
+    /// The f32 gradient.
+    pub grad: &'a Tensor,
+    /// The f32 moments.
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    /// The parameter in bf16, rewritten from the new master.
+    pub copy: Option<&'a Tensor>,
+    /// `lr · weight_decay`, or 0 for parameters without decay.
+    pub decay: f32,
+}
+
+/// One AdamW step of every parameter in `params`, in place, in one launch for the parameters
+/// without a compute copy and one for those with a bf16 copy: each element's master, moments and
+/// copy are read and written once, its gradient read once.
+pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
+    /// `P`: the compute copies' type (f32: none).
+    fn go<P: CudaDType + DeviceRepr + WithDType>(
+        params: &[&AdamWParam],
         s: AdamWStep,
-    ) -> Result<Tensor> {
-        let (w, g, m, v) = (
-            w.contiguous()?,
-            g.contiguous()?,
-            m.contiguous()?,
-            v.contiguous()?,
-        );
-        let (ws, wl) = w.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (ms, ml) = m.storage_and_layout();
-        let (vs, vl) = v.storage_and_layout();
-        let (ws, gs, ms, vs) = (as_cuda(&ws)?, as_cuda(&gs)?, as_cuda(&ms)?, as_cuda(&vs)?);
-        let dev = ws.device().clone();
-        let n = wl.shape().elem_count();
-        let (wv, gv) = (view::<f32>(ws, wl)?, view::<G>(gs, gl)?);
-        let (mv, vv) = (view::<f32>(ms, ml)?, view::<f32>(vs, vl)?);
-        let out = unsafe { dev.alloc::<f32>(3 * n)? };
-        let f = dev.get_or_load_custom_func(&kernel::<G>("adamw")?, MODULE, PTX)?;
+    ) -> Result<()> {
+        let Some(first) = params.first() else {
+            return Ok(());
+        };
+        let dev = cuda_device(first.master)?;
+        let stream = dev.cuda_stream();
+        let grads = params
+            .iter()
+            .map(|p| p.grad.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let mut addresses = Vec::with_capacity(5 * params.len());
+        for (p, g) in params.iter().zip(&grads) {
+            let n = p.master.elem_count();
+            let sizes_match = [g, p.m, p.v].iter().all(|t| t.elem_count() == n)
+                && p.copy.is_none_or(|c| c.elem_count() == n);
+            if !sizes_match {
+                return Err(err(
+                    "adamw: master, gradient, moments and copy differ in size",
+                ));
+            }
+            addresses.extend([
+                address::<f32>(p.master)?,
+                address::<f32>(g)?,
+                address::<f32>(p.m)?,
+                address::<f32>(p.v)?,
+                p.copy.map(address::<P>).transpose()?.unwrap_or(0),
+            ]);
+        }
+        let sizes: Vec<usize> = params.iter().map(|p| p.master.elem_count()).collect();
+        let decays: Vec<f32> = params.iter().map(|p| p.decay).collect();
+        let c = chunks(&dev, &sizes)?;
+        if c.count == 0 {
+            return Ok(());
+        }
+        let a = stream.clone_htod(&addresses).w()?;
+        let d = stream.clone_htod(&decays).w()?;
+        let chunk = launch::MULTI_TENSOR_CHUNK as i32;
+        let f = dev.get_or_load_custom_func(&kernel::<P>("adamw")?, MODULE, PTX)?;
         let mut l = f.builder();
-        l.arg(&wv).arg(&gv).arg(&mv).arg(&vv).arg(&out).arg(&n);
-        l.arg(&s.beta1).arg(&s.beta2).arg(&s.eps).arg(&s.decay);
+        l.arg(&a).arg(&c.sizes).arg(&d).arg(&c.param).arg(&c.index);
+        l.arg(&c.count).arg(&chunk);
+        l.arg(&s.beta1).arg(&s.beta2).arg(&s.eps);
         l.arg(&s.step_size).arg(&s.sqrt_bias2).arg(&s.clip);
-        // SAFETY: n elements of each input, 3n outputs.
-        unsafe { l.launch(config(launch::elems(n))) }.w()?;
-        Ok(wrap(f32::wrap_cuda_slice(out, dev), (3, n)))
+        // SAFETY: five addresses per parameter, of contiguous buffers of its size and type
+        // (checked above and by `address`); the gradients' contiguous copies and the tables are
+        // freed in stream order, after the kernel.
+        unsafe { l.launch(config(launch::multi_tensor(c.count as usize))) }.w()?;
+        Ok(())
     }
-    if [w, m, v].iter().any(|t| t.dtype() != DType::F32) || g.elem_count() != w.elem_count() {
-        return Err(err(
-            "adamw: master and moments must be f32 and match the gradient",
-        ));
+    let copy_dtype = |p: &AdamWParam| p.copy.map_or(DType::F32, Tensor::dtype);
+    for p in params {
+        if [p.master, p.grad, p.m, p.v]
+            .iter()
+            .any(|t| t.dtype() != DType::F32)
+        {
+            return Err(err("adamw: master, gradient and moments must be f32"));
+        }
+        if !matches!(copy_dtype(p), DType::F32 | DType::BF16) {
+            return Err(err(format!("adamw: no {:?} variant", copy_dtype(p))));
+        }
     }
-    by_dtype!(g.dtype(), go(w, g, m, v, s))
+    let of =
+        |d: DType| -> Vec<&AdamWParam> { params.iter().filter(|p| copy_dtype(p) == d).collect() };
+    go::<f32>(&of(DType::F32), s)?;
+    go::<half::bf16>(&of(DType::BF16), s)
 }

@@ -29,6 +29,28 @@ pub fn elems(n: usize) -> Geometry {
     }
 }
 
+/// Elements in a chunk of the multi-tensor kernels (AdamW, the gradient norm).
+pub const MULTI_TENSOR_CHUNK: usize = 65536;
+
+/// The chunks of tensors of `sizes` elements, `chunk` elements each (a tensor's last one
+/// shorter, none for an empty tensor): for each chunk, its tensor and its index in the tensor.
+pub fn chunk_table(sizes: &[usize], chunk: usize) -> (Vec<u32>, Vec<u32>) {
+    sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| (0..n.div_ceil(chunk)).map(move |k| (i as u32, k as u32)))
+        .unzip()
+}
+
+/// The multi-tensor kernels: blocks of 512 threads striding over the chunks, at most 2048.
+pub fn multi_tensor(chunks: usize) -> Geometry {
+    Geometry {
+        grid: chunks.clamp(1, 2048) as u32,
+        block: 512,
+        shared_bytes: 0,
+    }
+}
+
 /// Dynamic shared memory a block may use without opting in: 48 KiB.
 pub const MAX_SHARED_BYTES: usize = 48 * 1024;
 
@@ -84,5 +106,14 @@ mod tests {
         assert_eq!(rms_norm_bwd(5000, 896).unwrap().grid, 1024);
         assert_eq!(rms_norm_bwd(5, 896).unwrap().shared_bytes, 3584);
         assert!(rms_norm_bwd(5, 12_289).is_none());
+        assert_eq!(multi_tensor(0).grid, 1);
+        assert_eq!(multi_tensor(10_000).grid, 2048);
+    }
+
+    #[test]
+    fn chunks_cover_every_element_once() {
+        let (param, index) = chunk_table(&[5, 0, 4, 1], 2);
+        assert_eq!(param, [0, 0, 0, 2, 2, 3]);
+        assert_eq!(index, [0, 1, 2, 0, 1, 0]);
     }
 }

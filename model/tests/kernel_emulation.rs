@@ -106,6 +106,8 @@ enum Arg {
     Int(i32),
     Size(usize),
     Float(f32),
+    /// A table of device addresses (`const u64*`) of its buffers (None: address 0).
+    Table(Vec<Option<Arg>>),
 }
 
 impl Arg {
@@ -138,6 +140,20 @@ fn encode(a: &Arg) -> (u8, Vec<u8>) {
         Arg::Int(x) => (b'i', x.to_le_bytes().to_vec()),
         Arg::Size(x) => (b'z', (*x as u64).to_le_bytes().to_vec()),
         Arg::Float(x) => (b'f', x.to_le_bytes().to_vec()),
+        Arg::Table(entries) => {
+            let mut bytes = (entries.len() as u64).to_le_bytes().to_vec();
+            for e in entries {
+                match e {
+                    Some(buffer) => {
+                        let (tag, b) = encode(buffer);
+                        bytes.push(tag);
+                        bytes.extend(b);
+                    }
+                    None => bytes.push(b'n'),
+                }
+            }
+            (b'P', bytes)
+        }
     }
 }
 
@@ -176,32 +192,46 @@ fn try_launch(kernel: &str, g: Geometry, args: &[Arg]) -> Result<Vec<Arg>, Strin
     let mut rest = out.stdout.as_slice();
     let mut buffers = Vec::new();
     for a in args {
-        let width = match a {
-            Arg::F32(_) | Arg::U32(_) => 4,
-            Arg::Bf16(_) => 2,
-            _ => continue,
-        };
-        let n = u64::from_le_bytes(split(&mut rest, 8).try_into().unwrap()) as usize;
-        let chunks = split(&mut rest, width * n).chunks(width);
-        buffers.push(match a {
-            Arg::F32(_) => Arg::F32(
-                chunks
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        match a {
+            Arg::F32(_) | Arg::U32(_) | Arg::Bf16(_) => buffers.push(decode(&mut rest, a)),
+            Arg::Table(entries) => buffers.push(Arg::Table(
+                entries
+                    .iter()
+                    .map(|e| e.as_ref().map(|b| decode(&mut rest, b)))
                     .collect(),
-            ),
-            Arg::Bf16(_) => Arg::Bf16(
-                chunks
-                    .map(|c| bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())))
-                    .collect(),
-            ),
-            _ => Arg::U32(
-                chunks
-                    .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            ),
-        });
+            )),
+            _ => {}
+        }
     }
     Ok(buffers)
+}
+
+/// The next buffer of the emulator's output, of `like`'s type.
+fn decode(rest: &mut &[u8], like: &Arg) -> Arg {
+    let width = match like {
+        Arg::Bf16(_) => 2,
+        _ => 4,
+    };
+    let n = u64::from_le_bytes(split(rest, 8).try_into().unwrap()) as usize;
+    let chunks = split(rest, width * n).chunks(width);
+    match like {
+        Arg::F32(_) => Arg::F32(
+            chunks
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        Arg::Bf16(_) => Arg::Bf16(
+            chunks
+                .map(|c| bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())))
+                .collect(),
+        ),
+        Arg::U32(_) => Arg::U32(
+            chunks
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        a => panic!("not a buffer: {a:?}"),
+    }
 }
 
 fn launch(kernel: &str, g: Geometry, args: &[Arg]) -> Vec<Arg> {
@@ -789,53 +819,175 @@ fn the_launch_limits_match_the_kernel_source() {
     );
 }
 
+/// Chunk tables for the multi-tensor kernels: three tensors over chunks of 300 elements (one of
+/// several chunks with a short last one, one shorter than a chunk, one a chunk and one element).
+const MULTI_SIZES: [usize; 3] = [1000, 7, 301];
+const MULTI_CHUNK: usize = 300;
+
+fn multi_tensor_args(sizes: &[usize], chunk: usize) -> (Arg, Arg, Arg, Arg) {
+    let (param, index) = launch::chunk_table(sizes, chunk);
+    let chunks = param.len() as i32;
+    (
+        Arg::U32(sizes.iter().map(|&n| n as u32).collect()),
+        Arg::U32(param),
+        Arg::U32(index),
+        Arg::Int(chunks),
+    )
+}
+
+#[test]
+fn sum_squares_sums_each_chunk() {
+    let grads: Vec<Vec<f32>> = MULTI_SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| random(&[n], 30 + i as u64, 1.0).to_vec1().unwrap())
+        .collect();
+    let (sizes, param, index, chunks) = multi_tensor_args(&MULTI_SIZES, MULTI_CHUNK);
+    let Arg::Int(n_chunks) = chunks else {
+        unreachable!()
+    };
+    let (Arg::U32(chunk_param), Arg::U32(chunk_index)) = (&param, &index) else {
+        unreachable!()
+    };
+    let want: Vec<f32> = chunk_param
+        .iter()
+        .zip(chunk_index)
+        .map(|(&i, &k)| {
+            let g = &grads[i as usize];
+            let start = k as usize * MULTI_CHUNK;
+            let end = (start + MULTI_CHUNK).min(g.len());
+            g[start..end]
+                .iter()
+                .map(|&x| x as f64 * x as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    let total: f64 = want.iter().map(|&x| x as f64).sum();
+    let want = Tensor::new(want, &Device::Cpu).unwrap();
+    let geometry = launch::multi_tensor(n_chunks as usize);
+    for geometry in [geometry, fewer_blocks(geometry, 2)] {
+        let out = launch(
+            "sum_squares_f32",
+            geometry,
+            &[
+                Arg::Table(grads.iter().map(|g| Some(Arg::F32(g.clone()))).collect()),
+                sizes.clone(),
+                param.clone(),
+                index.clone(),
+                chunks.clone(),
+                Arg::Int(MULTI_CHUNK as i32),
+                Arg::F32(vec![f32::NAN; n_chunks as usize]),
+            ],
+        );
+        assert_close("sum_squares", &out[4], &want, 1e-6);
+        let got: f64 = out[4].f32s().iter().map(|&x| x as f64).sum();
+        assert!((got / total - 1.0).abs() < 1e-6, "{got} vs {total}");
+    }
+}
+
 #[test]
 fn adamw_matches_pytorchs_update() {
     // torch.optim.AdamW: m = β1 m + (1−β1) g, v = β2 v + (1−β2) g², w ← w(1 − lr·λ) −
-    // lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + ε), on the clipped gradient, in f64 here
-    let n = 1000;
+    // lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + ε), on the clipped gradient, in f64 here; every
+    // parameter in one launch, in place, the second without weight decay
     let (beta1, beta2, eps, lr, wd, step, clip) = (0.9, 0.95, 1e-8, 1e-3, 0.1, 3, 0.5);
-    let w = random(&[n], 17, 1.0);
-    let g = random(&[n], 18, 1.0);
-    let m = random(&[n], 19, 0.1);
-    let v = random(&[n], 20, 0.1).sqr().unwrap();
     let (bias1, bias2) = (1.0 - f64::powi(beta1, step), 1.0 - f64::powi(beta2, step));
+    let decays: Vec<f32> = [lr * wd, 0.0, lr * wd].iter().map(|&d| d as f32).collect();
+    let vec = |t: Tensor| t.to_vec1::<f32>().unwrap();
+    let params: Vec<[Vec<f32>; 4]> = MULTI_SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let seed = 17 + 4 * i as u64;
+            [
+                vec(random(&[n], seed, 1.0)),
+                vec(random(&[n], seed + 1, 1.0)),
+                vec(random(&[n], seed + 2, 0.1)),
+                vec(random(&[n], seed + 3, 0.1).sqr().unwrap()),
+            ]
+        })
+        .collect();
+    let want: Vec<[Vec<f32>; 3]> = params
+        .iter()
+        .zip(&decays)
+        .map(|([w0, g0, m0, v0], &decay)| {
+            let mut out = [vec![], vec![], vec![]];
+            for i in 0..w0.len() {
+                let gi = g0[i] as f64 * clip;
+                let mi = beta1 * m0[i] as f64 + (1.0 - beta1) * gi;
+                let vi = beta2 * v0[i] as f64 + (1.0 - beta2) * gi * gi;
+                let wi = w0[i] as f64 * (1.0 - decay as f64)
+                    - lr / bias1 * mi / (vi.sqrt() / bias2.sqrt() + eps);
+                out[0].push(wi as f32);
+                out[1].push(mi as f32);
+                out[2].push(vi as f32);
+            }
+            out
+        })
+        .collect();
+    let (sizes, param, index, chunks) = multi_tensor_args(&MULTI_SIZES, MULTI_CHUNK);
+    let Arg::Int(n_chunks) = chunks else {
+        unreachable!()
+    };
+    // f32 parameters (no compute copy) and bf16 ones (the copy rewritten from the master)
     for ty in [Ty::F32, Ty::Bf16] {
-        let g = ty.round(&g);
-        let f = |t: &Tensor| t.to_vec1::<f32>().unwrap();
-        let (w0, g0, m0, v0) = (f(&w), f(&g), f(&m), f(&v));
-        let mut want = vec![0f32; 3 * n];
-        for i in 0..n {
-            let gi = g0[i] as f64 * clip;
-            let mi = beta1 * m0[i] as f64 + (1.0 - beta1) * gi;
-            let vi = beta2 * v0[i] as f64 + (1.0 - beta2) * gi * gi;
-            let wi =
-                w0[i] as f64 * (1.0 - lr * wd) - lr / bias1 * mi / (vi.sqrt() / bias2.sqrt() + eps);
-            (want[i], want[n + i], want[2 * n + i]) = (wi as f32, mi as f32, vi as f32);
-        }
-        let want = Tensor::new(want, &Device::Cpu).unwrap();
-        for geometry in [launch::elems(n), fewer_blocks(launch::elems(n), 1)] {
+        let table: Vec<Option<Arg>> = params
+            .iter()
+            .flat_map(|[w, g, m, v]| {
+                let copy = match ty {
+                    Ty::F32 => None,
+                    Ty::Bf16 => Some(Arg::Bf16(vec![bf16::NAN; w.len()])),
+                };
+                [
+                    Some(Arg::F32(w.clone())),
+                    Some(Arg::F32(g.clone())),
+                    Some(Arg::F32(m.clone())),
+                    Some(Arg::F32(v.clone())),
+                    copy,
+                ]
+            })
+            .collect();
+        let geometry = launch::multi_tensor(n_chunks as usize);
+        for geometry in [geometry, fewer_blocks(geometry, 2)] {
             let out = launch(
                 &ty.name("adamw"),
                 geometry,
                 &[
-                    Ty::F32.buffer(&w),
-                    ty.buffer(&g),
-                    Ty::F32.buffer(&m),
-                    Ty::F32.buffer(&v),
-                    Arg::F32(vec![f32::NAN; 3 * n]),
-                    Arg::Size(n),
+                    Arg::Table(table.clone()),
+                    sizes.clone(),
+                    Arg::F32(decays.clone()),
+                    param.clone(),
+                    index.clone(),
+                    chunks.clone(),
+                    Arg::Int(MULTI_CHUNK as i32),
                     Arg::Float(beta1 as f32),
                     Arg::Float(beta2 as f32),
                     Arg::Float(eps as f32),
-                    Arg::Float((lr * wd) as f32),
                     Arg::Float((lr / bias1) as f32),
                     Arg::Float(bias2.sqrt() as f32),
                     Arg::Float(clip as f32),
                 ],
             );
-            let at = format!("adamw {ty:?}, {} blocks", geometry.grid);
-            assert_close(&at, &out[4], &want, 1e-6);
+            let Arg::Table(got) = &out[0] else {
+                panic!("no table")
+            };
+            for (i, want) in want.iter().enumerate() {
+                let at = |what: &str| format!("adamw {ty:?}, {} blocks, {what} {i}", geometry.grid);
+                let entry = |k: usize| got[5 * i + k].as_ref().unwrap();
+                let t = |v: &Vec<f32>| Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+                for (k, what) in [(0, "w"), (2, "m"), (3, "v")] {
+                    let slot = if k == 0 { 0 } else { k - 1 };
+                    assert_close(&at(what), entry(k), &t(&want[slot]), 1e-6);
+                }
+                assert_eq!(entry(1), &Arg::F32(params[i][1].clone()), "{}", at("g"));
+                if ty == Ty::Bf16 {
+                    // the copy is the new master rounded to bf16
+                    let copy = Tensor::new(entry(0).f32s(), &Device::Cpu).unwrap();
+                    assert_close(&at("copy"), entry(4), &Ty::Bf16.round(&copy), 1e-9);
+                } else {
+                    assert!(got[5 * i + 4].is_none());
+                }
+            }
         }
     }
 }

@@ -5,8 +5,11 @@
 //
 // stdin:  name (u32 length, bytes), grid, block, shared bytes (u32 each), the argument count (u32),
 //         then per argument a tag byte and its value: 'F' f32 / 'B' bf16 / 'U' u32 buffer (u64
-//         element count, then the elements), 'i' int (i32), 'z' size_t (u64), 'f' float (f32).
-// stdout: every buffer argument after the launch, in order, as its element count and elements.
+//         element count, then the elements), 'i' int (i32), 'z' size_t (u64), 'f' float (f32),
+//         'P' a table of device addresses (`const u64*`: u64 count, then per entry 'n' for a null
+//         address or a tagged buffer, which the table points to).
+// stdout: every buffer argument after the launch, in order, as its element count and elements (a
+//         table's buffers in its place).
 // Arguments must match the kernel's parameters in number, order and type, or the launch fails.
 #include "cuda_emu.h"
 
@@ -24,6 +27,7 @@ namespace {
 struct Arg {
     char tag;
     std::vector<unsigned char> bytes;
+    std::vector<Arg> table;  // 'P': the buffers its addresses point to ('n': none)
 };
 
 template <class E>
@@ -31,6 +35,7 @@ constexpr char buffer_tag() {
     if constexpr (std::is_same_v<E, float>) return 'F';
     else if constexpr (std::is_same_v<E, bf16>) return 'B';
     else if constexpr (std::is_same_v<E, uint32_t>) return 'U';
+    else if constexpr (std::is_same_v<E, unsigned long long>) return 'P';
     else return '?';
 }
 
@@ -99,6 +104,19 @@ T read() {
 }
 
 size_t elem_size(char tag) { return tag == 'B' ? 2 : 4; }
+bool is_buffer(char tag) { return tag == 'F' || tag == 'B' || tag == 'U'; }
+
+void read_buffer(Arg& a) {
+    const size_t n = read<uint64_t>() * elem_size(a.tag);
+    a.bytes.resize(std::max<size_t>(n, 1));
+    read(a.bytes.data(), n);
+}
+
+void write_buffer(const Arg& a) {
+    const uint64_t n = a.bytes.size() / elem_size(a.tag);
+    std::fwrite(&n, 8, 1, stdout);
+    std::fwrite(a.bytes.data(), 1, a.bytes.size(), stdout);
+}
 
 }  // namespace
 
@@ -114,24 +132,43 @@ int main() {
     std::vector<Arg> args(read<uint32_t>());
     for (auto& a : args) {
         a.tag = read<char>();
+        if (is_buffer(a.tag)) {
+            read_buffer(a);
+            continue;
+        }
+        if (a.tag == 'P') {
+            a.table.resize(read<uint64_t>());
+            std::vector<uint64_t> addresses;
+            for (auto& t : a.table) {
+                t.tag = read<char>();
+                if (t.tag == 'n') {
+                    addresses.push_back(0);
+                    continue;
+                }
+                if (!is_buffer(t.tag)) emu::fail("a table entry is a buffer or 'n'");
+                read_buffer(t);
+                addresses.push_back(reinterpret_cast<uint64_t>(t.bytes.data()));
+            }
+            a.bytes.resize(std::max<size_t>(addresses.size() * 8, 1));
+            std::memcpy(a.bytes.data(), addresses.data(), addresses.size() * 8);
+            continue;
+        }
         size_t n;
         switch (a.tag) {
-            case 'F': case 'B': case 'U': n = read<uint64_t>() * elem_size(a.tag); break;
             case 'i': case 'f': n = 4; break;
             case 'z': n = 8; break;
             default: emu::fail("unknown argument tag");
         }
-        a.bytes.resize(std::max<size_t>(n, 1));
+        a.bytes.resize(n);
         read(a.bytes.data(), n);
     }
     const auto k = kernels.find(name);
     if (k == kernels.end()) emu::fail("no such kernel");
     k->second(args, grid, block, shared);
     for (auto& a : args) {
-        if (a.tag != 'F' && a.tag != 'B' && a.tag != 'U') continue;
-        const uint64_t n = a.bytes.size() / elem_size(a.tag);
-        std::fwrite(&n, 8, 1, stdout);
-        std::fwrite(a.bytes.data(), 1, a.bytes.size(), stdout);
+        if (is_buffer(a.tag)) write_buffer(a);
+        for (auto& t : a.table)
+            if (t.tag != 'n') write_buffer(t);
     }
     return 0;
 }
