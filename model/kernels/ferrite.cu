@@ -616,8 +616,15 @@ extern "C" __global__ void decode_attention_bf16(const bf16* q, const bf16* k, c
 
 // ------------------------------------------------------------------------------- AdamW
 // Multi-tensor kernels: many parameters in one launch. The parameters are cut into chunks of
-// `chunk` elements: chunk c is chunk chunk_index[c] of parameter chunk_param[c], of sizes[i]
-// elements; block b takes chunks b, b + gridDim.x, … Device addresses come in a table of u64.
+// `chunk` elements: chunk c is chunk chunk_index[c] of tensor i = chunk_param[c], which has
+// sizes[i] elements; block b takes chunks b, b + gridDim.x, … Device addresses come in a table of u64.
+
+// The elements [start, end) of chunk c of tensor i.
+__device__ __forceinline__ void chunk_bounds(const uint32_t* sizes, const uint32_t* chunk_index, int c,
+                                             uint32_t i, int chunk, size_t& start, size_t& end) {
+    start = (size_t)chunk_index[c] * chunk;
+    end = start + chunk < sizes[i] ? start + chunk : sizes[i];
+}
 
 // Σ g² per chunk of the f32 gradients at addresses[i] into partial[c], for the host to add in
 // f64: a fixed order, so the global norm does not vary from run to run.
@@ -627,8 +634,8 @@ extern "C" __global__ void sum_squares_f32(const u64* addresses, const uint32_t*
     for (int c = blockIdx.x; c < chunks; c += gridDim.x) {
         const uint32_t i = chunk_param[c];
         const float* g = (const float*)addresses[i];
-        const size_t start = (size_t)chunk_index[c] * chunk, n = sizes[i];
-        const size_t end = start + chunk < n ? start + chunk : n;
+        size_t start, end;
+        chunk_bounds(sizes, chunk_index, c, i, chunk, start, end);
         float s = 0.f;
         for (size_t j = start + threadIdx.x; j < end; j += blockDim.x) s += g[j] * g[j];
         s = block_sum(s);
@@ -654,8 +661,8 @@ __device__ void adamw(const u64* addresses, const uint32_t* sizes, const float* 
         float* v = (float*)addresses[5 * i + 3];
         P* copy = (P*)addresses[5 * i + 4];
         const float decay = decays[i];
-        const size_t start = (size_t)chunk_index[c] * chunk, n = sizes[i];
-        const size_t end = start + chunk < n ? start + chunk : n;
+        size_t start, end;
+        chunk_bounds(sizes, chunk_index, c, i, chunk, start, end);
         for (size_t j = start + threadIdx.x; j < end; j += blockDim.x) {
             const float gj = g[j] * clip;
             const float mj = beta1 * m[j] + (1.f - beta1) * gj;

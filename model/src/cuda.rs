@@ -650,31 +650,46 @@ fn address<T: CudaDType + DeviceRepr>(t: &Tensor) -> Result<u64> {
     Ok(ptr)
 }
 
-/// What a multi-tensor kernel reads besides its addresses: the tensors' sizes and the chunk
-/// table, on the device.
-struct Chunks {
+/// What a multi-tensor kernel reads, on the device: the tensors' addresses and sizes, and the
+/// chunk table (see `kernels/ferrite.cu`).
+struct MultiTensor {
+    addresses: CudaSlice<u64>,
     sizes: CudaSlice<u32>,
     param: CudaSlice<u32>,
     index: CudaSlice<u32>,
-    count: i32,
+    chunks: i32,
+    chunk: i32,
 }
 
-fn chunks(dev: &CudaDevice, sizes: &[usize]) -> Result<Chunks> {
-    let stream = dev.cuda_stream();
-    let sizes32 = sizes
-        .iter()
-        .map(|&n| {
-            u32::try_from(n)
-                .map_err(|_| err("multi-tensor kernels: a tensor of 2³² elements or more"))
-        })
-        .collect::<Result<Vec<u32>>>()?;
-    let (param, index) = launch::chunk_table(sizes, launch::MULTI_TENSOR_CHUNK);
-    Ok(Chunks {
-        sizes: stream.clone_htod(&sizes32).w()?,
-        count: param.len() as i32,
-        param: stream.clone_htod(&param).w()?,
-        index: stream.clone_htod(&index).w()?,
-    })
+impl MultiTensor {
+    /// Tensors of `sizes` elements, with `addresses` (any number per tensor); None when there
+    /// is nothing to do.
+    fn upload(dev: &CudaDevice, addresses: &[u64], sizes: &[usize]) -> Result<Option<Self>> {
+        let stream = dev.cuda_stream();
+        let sizes32 = sizes
+            .iter()
+            .map(|&n| {
+                u32::try_from(n)
+                    .map_err(|_| err("multi-tensor kernels: a tensor of 2³² elements or more"))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let (param, index) = launch::chunk_table(sizes, launch::MULTI_TENSOR_CHUNK);
+        if param.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(MultiTensor {
+            addresses: stream.clone_htod(addresses).w()?,
+            sizes: stream.clone_htod(&sizes32).w()?,
+            chunks: param.len() as i32,
+            chunk: launch::MULTI_TENSOR_CHUNK as i32,
+            param: stream.clone_htod(&param).w()?,
+            index: stream.clone_htod(&index).w()?,
+        }))
+    }
+
+    fn geometry(&self) -> LaunchConfig {
+        config(launch::multi_tensor(self.chunks as usize))
+    }
 }
 
 fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
@@ -702,20 +717,20 @@ pub fn sum_squares(grads: &[&Tensor]) -> Result<f64> {
         .map(address::<f32>)
         .collect::<Result<Vec<u64>>>()?;
     let sizes: Vec<usize> = grads.iter().map(Tensor::elem_count).collect();
-    let c = chunks(&dev, &sizes)?;
-    if c.count == 0 {
+    let Some(t) = MultiTensor::upload(&dev, &addresses, &sizes)? else {
         return Ok(0.0);
-    }
-    let a = stream.clone_htod(&addresses).w()?;
-    let partial = dev.alloc_zeros::<f32>(c.count as usize)?;
-    let chunk = launch::MULTI_TENSOR_CHUNK as i32;
+    };
+    let partial = dev.alloc_zeros::<f32>(t.chunks as usize)?;
     let f = dev.get_or_load_custom_func("sum_squares_f32", MODULE, PTX)?;
     let mut l = f.builder();
-    l.arg(&a).arg(&c.sizes).arg(&c.param).arg(&c.index);
-    l.arg(&c.count).arg(&chunk).arg(&partial);
+    l.arg(&t.addresses)
+        .arg(&t.sizes)
+        .arg(&t.param)
+        .arg(&t.index);
+    l.arg(&t.chunks).arg(&t.chunk).arg(&partial);
     // SAFETY: the addresses are of the contiguous f32 gradients (checked by `address`, alive in
     // `grads` until the transfer below has waited for the kernel); one partial sum per chunk.
-    unsafe { l.launch(config(launch::multi_tensor(c.count as usize))) }.w()?;
+    unsafe { l.launch(t.geometry()) }.w()?;
     let partial = stream.clone_dtoh(&partial).w()?;
     Ok(partial.iter().map(|&x| x as f64).sum())
 }
@@ -763,7 +778,6 @@ pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
             return Ok(());
         };
         let dev = cuda_device(first.master)?;
-        let stream = dev.cuda_stream();
         let grads = params
             .iter()
             .map(|p| p.grad.contiguous())
@@ -787,24 +801,21 @@ pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
             ]);
         }
         let sizes: Vec<usize> = params.iter().map(|p| p.master.elem_count()).collect();
-        let decays: Vec<f32> = params.iter().map(|p| p.decay).collect();
-        let c = chunks(&dev, &sizes)?;
-        if c.count == 0 {
+        let Some(t) = MultiTensor::upload(&dev, &addresses, &sizes)? else {
             return Ok(());
-        }
-        let a = stream.clone_htod(&addresses).w()?;
-        let d = stream.clone_htod(&decays).w()?;
-        let chunk = launch::MULTI_TENSOR_CHUNK as i32;
+        };
+        let decays: Vec<f32> = params.iter().map(|p| p.decay).collect();
+        let decays = dev.cuda_stream().clone_htod(&decays).w()?;
         let f = dev.get_or_load_custom_func(&kernel::<P>("adamw")?, MODULE, PTX)?;
         let mut l = f.builder();
-        l.arg(&a).arg(&c.sizes).arg(&d).arg(&c.param).arg(&c.index);
-        l.arg(&c.count).arg(&chunk);
+        l.arg(&t.addresses).arg(&t.sizes).arg(&decays);
+        l.arg(&t.param).arg(&t.index).arg(&t.chunks).arg(&t.chunk);
         l.arg(&s.beta1).arg(&s.beta2).arg(&s.eps);
         l.arg(&s.step_size).arg(&s.sqrt_bias2).arg(&s.clip);
         // SAFETY: five addresses per parameter, of contiguous buffers of its size and type
         // (checked above and by `address`); the gradients' contiguous copies and the tables are
         // freed in stream order, after the kernel.
-        unsafe { l.launch(config(launch::multi_tensor(c.count as usize))) }.w()?;
+        unsafe { l.launch(t.geometry()) }.w()?;
         Ok(())
     }
     let copy_dtype = |p: &AdamWParam| p.copy.map_or(DType::F32, Tensor::dtype);

@@ -1,12 +1,12 @@
-//! Next-token sampling on the host: greedy, temperature, top-k, top-p, in the order
-//! transformers applies them (temperature, then top-k, then top-p).
+//! Next-token sampling: greedy, temperature, top-k, top-p, in the order transformers applies
+//! them (temperature, then top-k, then top-p). [`draw`] defines it: the host runs it, and the
+//! device sampler (`sample_rows` in `kernels/ferrite.cu`) computes the same in f32.
 //!
 //! Each sampled token comes with its log-prob under the distribution it was drawn from: the
 //! tempered, truncated and renormalised one. With `top_k = 0` and `top_p = 1` that is the full
 //! softmax at the sampling temperature, which is what the learner recomputes for the
-//! importance ratio. Greedy decoding reports the log-prob under the untempered softmax.
-
-use crate::rng::Rng;
+//! importance ratio; with truncation the two differ even on-policy, and the ratio carries the
+//! truncation. Greedy decoding reports the log-prob under the untempered softmax.
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -39,14 +39,6 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
-}
-
-/// Samples one token from `logits [V]`, returning `(token, log-prob)`: [`draw`] with one uniform
-/// from `rng` (none when greedy).
-pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> (u32, f32) {
-    let u = if p.is_greedy() { 0.0 } else { rng.uniform() };
-    let (token, logprob, _) = draw(logits, u, p);
-    (token as u32, logprob as f32)
 }
 
 /// The token that the uniform `u ∈ [0, 1)` draws from `logits [V]` under `p`, with its log-prob
@@ -136,6 +128,15 @@ pub fn argmax(xs: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
+
+    /// `(token, log-prob)` drawn with one uniform from `rng` (none when greedy), as the
+    /// generator draws.
+    fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> (u32, f32) {
+        let u = if p.is_greedy() { 0.0 } else { rng.uniform() };
+        let (token, logprob, _) = draw(logits, u, p);
+        (token as u32, logprob as f32)
+    }
 
     fn entropy(logits: &[f32], t: f32) -> f32 {
         let p = SamplingParams {

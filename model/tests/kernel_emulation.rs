@@ -824,14 +824,14 @@ fn the_launch_limits_match_the_kernel_source() {
 const MULTI_SIZES: [usize; 3] = [1000, 7, 301];
 const MULTI_CHUNK: usize = 300;
 
-fn multi_tensor_args(sizes: &[usize], chunk: usize) -> (Arg, Arg, Arg, Arg) {
-    let (param, index) = launch::chunk_table(sizes, chunk);
+/// The arguments of a multi-tensor kernel that describe its tensors of `MULTI_SIZES` elements:
+/// the sizes, and the chunk table (`chunk_param`, `chunk_index`, the chunk count).
+fn multi_tensor_args() -> (Arg, [Arg; 3]) {
+    let (param, index) = launch::chunk_table(&MULTI_SIZES, MULTI_CHUNK);
     let chunks = param.len() as i32;
     (
-        Arg::U32(sizes.iter().map(|&n| n as u32).collect()),
-        Arg::U32(param),
-        Arg::U32(index),
-        Arg::Int(chunks),
+        Arg::U32(MULTI_SIZES.iter().map(|&n| n as u32).collect()),
+        [Arg::U32(param), Arg::U32(index), Arg::Int(chunks)],
     )
 }
 
@@ -842,16 +842,10 @@ fn sum_squares_sums_each_chunk() {
         .enumerate()
         .map(|(i, &n)| random(&[n], 30 + i as u64, 1.0).to_vec1().unwrap())
         .collect();
-    let (sizes, param, index, chunks) = multi_tensor_args(&MULTI_SIZES, MULTI_CHUNK);
-    let Arg::Int(n_chunks) = chunks else {
-        unreachable!()
-    };
-    let (Arg::U32(chunk_param), Arg::U32(chunk_index)) = (&param, &index) else {
-        unreachable!()
-    };
+    let (chunk_param, chunk_index) = launch::chunk_table(&MULTI_SIZES, MULTI_CHUNK);
     let want: Vec<f32> = chunk_param
         .iter()
-        .zip(chunk_index)
+        .zip(&chunk_index)
         .map(|(&i, &k)| {
             let g = &grads[i as usize];
             let start = k as usize * MULTI_CHUNK;
@@ -863,22 +857,21 @@ fn sum_squares_sums_each_chunk() {
         })
         .collect();
     let total: f64 = want.iter().map(|&x| x as f64).sum();
+    let n_chunks = want.len();
     let want = Tensor::new(want, &Device::Cpu).unwrap();
-    let geometry = launch::multi_tensor(n_chunks as usize);
+    let (sizes, table) = multi_tensor_args();
+    let geometry = launch::multi_tensor(n_chunks);
     for geometry in [geometry, fewer_blocks(geometry, 2)] {
-        let out = launch(
-            "sum_squares_f32",
-            geometry,
-            &[
-                Arg::Table(grads.iter().map(|g| Some(Arg::F32(g.clone()))).collect()),
-                sizes.clone(),
-                param.clone(),
-                index.clone(),
-                chunks.clone(),
-                Arg::Int(MULTI_CHUNK as i32),
-                Arg::F32(vec![f32::NAN; n_chunks as usize]),
-            ],
-        );
+        let mut args = vec![
+            Arg::Table(grads.iter().map(|g| Some(Arg::F32(g.clone()))).collect()),
+            sizes.clone(),
+        ];
+        args.extend(table.iter().cloned());
+        args.extend([
+            Arg::Int(MULTI_CHUNK as i32),
+            Arg::F32(vec![f32::NAN; n_chunks]),
+        ]);
+        let out = launch("sum_squares_f32", geometry, &args);
         assert_close("sum_squares", &out[4], &want, 1e-6);
         let got: f64 = out[4].f32s().iter().map(|&x| x as f64).sum();
         assert!((got / total - 1.0).abs() < 1e-6, "{got} vs {total}");
@@ -925,13 +918,11 @@ fn adamw_matches_pytorchs_update() {
             out
         })
         .collect();
-    let (sizes, param, index, chunks) = multi_tensor_args(&MULTI_SIZES, MULTI_CHUNK);
-    let Arg::Int(n_chunks) = chunks else {
-        unreachable!()
-    };
+    let (sizes, table) = multi_tensor_args();
+    let n_chunks = launch::chunk_table(&MULTI_SIZES, MULTI_CHUNK).0.len();
     // f32 parameters (no compute copy) and bf16 ones (the copy rewritten from the master)
     for ty in [Ty::F32, Ty::Bf16] {
-        let table: Vec<Option<Arg>> = params
+        let addresses: Vec<Option<Arg>> = params
             .iter()
             .flat_map(|[w, g, m, v]| {
                 let copy = match ty {
@@ -947,27 +938,24 @@ fn adamw_matches_pytorchs_update() {
                 ]
             })
             .collect();
-        let geometry = launch::multi_tensor(n_chunks as usize);
+        let geometry = launch::multi_tensor(n_chunks);
         for geometry in [geometry, fewer_blocks(geometry, 2)] {
-            let out = launch(
-                &ty.name("adamw"),
-                geometry,
-                &[
-                    Arg::Table(table.clone()),
-                    sizes.clone(),
-                    Arg::F32(decays.clone()),
-                    param.clone(),
-                    index.clone(),
-                    chunks.clone(),
-                    Arg::Int(MULTI_CHUNK as i32),
-                    Arg::Float(beta1 as f32),
-                    Arg::Float(beta2 as f32),
-                    Arg::Float(eps as f32),
-                    Arg::Float((lr / bias1) as f32),
-                    Arg::Float(bias2.sqrt() as f32),
-                    Arg::Float(clip as f32),
-                ],
-            );
+            let mut args = vec![
+                Arg::Table(addresses.clone()),
+                sizes.clone(),
+                Arg::F32(decays.clone()),
+            ];
+            args.extend(table.iter().cloned());
+            args.extend([
+                Arg::Int(MULTI_CHUNK as i32),
+                Arg::Float(beta1 as f32),
+                Arg::Float(beta2 as f32),
+                Arg::Float(eps as f32),
+                Arg::Float((lr / bias1) as f32),
+                Arg::Float(bias2.sqrt() as f32),
+                Arg::Float(clip as f32),
+            ]);
+            let out = launch(&ty.name("adamw"), geometry, &args);
             let Arg::Table(got) = &out[0] else {
                 panic!("no table")
             };
