@@ -23,20 +23,26 @@ struct Case {
     logprobs: Vec<f64>,
 }
 
-fn golden() -> Golden {
-    serde_json::from_str(include_str!("fixtures/sampling_golden.json")).unwrap()
+/// Each case with its row of logits and its sampling parameters.
+fn cases() -> Vec<(Case, Vec<f32>, SamplingParams)> {
+    let g: Golden = serde_json::from_str(include_str!("fixtures/sampling_golden.json")).unwrap();
+    g.cases
+        .into_iter()
+        .map(|c| {
+            let p = SamplingParams {
+                temperature: c.temperature,
+                top_k: c.top_k,
+                top_p: c.top_p,
+            };
+            let z = g.rows[c.row].clone();
+            (c, z, p)
+        })
+        .collect()
 }
 
 #[test]
 fn top_k_and_top_p_keep_what_transformers_keeps() {
-    let g = golden();
-    for c in &g.cases {
-        let z = &g.rows[c.row];
-        let p = SamplingParams {
-            temperature: c.temperature,
-            top_k: c.top_k,
-            top_p: c.top_p,
-        };
+    for (c, z, p) in cases() {
         let t = c.temperature as f64;
         let m = z.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
         let e: Vec<f64> = z.iter().map(|&x| ((x as f64 - m) / t).exp()).collect();
@@ -48,19 +54,12 @@ fn top_k_and_top_p_keep_what_transformers_keeps() {
 
 #[test]
 fn each_kept_token_is_drawn_with_the_log_prob_transformers_gives_it() {
-    let g = golden();
-    for c in &g.cases {
-        let z = &g.rows[c.row];
-        let p = SamplingParams {
-            temperature: c.temperature,
-            top_k: c.top_k,
-            top_p: c.top_p,
-        };
+    for (c, z, p) in cases() {
         // the inverse CDF in index order: the middle of token j's interval draws j
         let mut below = 0.0;
         for (&j, &lp) in c.kept.iter().zip(&c.logprobs) {
             let pj = lp.exp();
-            let (token, logprob, _) = draw(z, below + pj / 2.0, &p);
+            let (token, logprob, _) = draw(&z, below + pj / 2.0, &p);
             assert_eq!(token, j, "row {}, {p:?}", c.row);
             assert!(
                 (logprob - lp).abs() < 1e-6, // the temperature is an f32 here
