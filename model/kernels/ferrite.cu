@@ -518,20 +518,23 @@ extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float
 // q, y [B, Hkv, G, D]; key j of (b, kv) at k + (b·Hkv + kv)·kv_stride + j·D (the cache's buffers,
 // read in place; likewise v); bias [B, S] f32. Warp w runs an online softmax over keys w, w + W, …
 // with lane l keeping the output's elements d = l, l + 32, …; the warps' (max, sum, output) merge
-// through shared memory. Probabilities stay f32. G ≤ DECODE_MAX_G, D ≤ DECODE_MAX_D, W warps ≤
-// DECODE_WARPS (the launcher checks).
+// through shared memory. Probabilities stay f32. G ≤ DECODE_MAX_G, D ≤ MAX_D, W warps ≤
+// DECODE_WARPS (the launcher checks). Each lane's query and output rows are sized for MAX_D: the
+// `_d64` entries (MAX_D = DECODE_SMALL_D) serve D ≤ 64 (Qwen2.5-0.5B, Llama 3.2 1B) with half the
+// registers and shared memory of the D ≤ DECODE_MAX_D ones.
 
 #define DECODE_MAX_G 16
 #define DECODE_MAX_D 128
+#define DECODE_SMALL_D 64
 #define DECODE_WARPS 4
 
-template <typename T>
+template <typename T, int MAX_D>
 __device__ void decode_attention(const T* q, const T* k, const T* v, const float* bias, T* y, int hkv,
                                  int g_heads, int s, int d, size_t kv_stride, float scale) {
     __shared__ float part_m[DECODE_WARPS * DECODE_MAX_G];
     __shared__ float part_l[DECODE_WARPS * DECODE_MAX_G];
-    __shared__ float part_o[DECODE_WARPS * DECODE_MAX_G * DECODE_MAX_D];
-    constexpr int DL = DECODE_MAX_D / 32;
+    __shared__ float part_o[DECODE_WARPS * DECODE_MAX_G * MAX_D];
+    constexpr int DL = MAX_D / 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const size_t bk = blockIdx.x, b = bk / hkv;
     const T* qb = q + bk * g_heads * d;
@@ -585,7 +588,7 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, const float
 #pragma unroll
         for (int i = 0; i < DL; ++i) {
             const int e = lane + 32 * i;
-            if (e < d) part_o[slot * DECODE_MAX_D + e] = o[g][i];
+            if (e < d) part_o[slot * MAX_D + e] = o[g][i];
         }
     }
     __syncthreads();
@@ -598,7 +601,7 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, const float
             const int slot = w * DECODE_MAX_G + g;
             const float c = __expf(part_m[slot] - mx);
             sum += part_l[slot] * c;
-            out += part_o[slot * DECODE_MAX_D + dd] * c;
+            out += part_o[slot * MAX_D + dd] * c;
         }
         y[bk * g_heads * d + e] = st<T>(out / sum);
     }
@@ -606,12 +609,22 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, const float
 extern "C" __global__ void decode_attention_f32(const float* q, const float* k, const float* v,
                                                 const float* bias, float* y, int hkv, int g_heads, int s,
                                                 int d, size_t kv_stride, float scale) {
-    decode_attention<float>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
+    decode_attention<float, DECODE_MAX_D>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
 }
 extern "C" __global__ void decode_attention_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                  const float* bias, bf16* y, int hkv, int g_heads, int s,
                                                  int d, size_t kv_stride, float scale) {
-    decode_attention<bf16>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
+    decode_attention<bf16, DECODE_MAX_D>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
+}
+extern "C" __global__ void decode_attention_d64_f32(const float* q, const float* k, const float* v,
+                                                    const float* bias, float* y, int hkv, int g_heads,
+                                                    int s, int d, size_t kv_stride, float scale) {
+    decode_attention<float, DECODE_SMALL_D>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
+}
+extern "C" __global__ void decode_attention_d64_bf16(const bf16* q, const bf16* k, const bf16* v,
+                                                     const float* bias, bf16* y, int hkv, int g_heads,
+                                                     int s, int d, size_t kv_stride, float scale) {
+    decode_attention<bf16, DECODE_SMALL_D>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
 }
 
 // ------------------------------------------------------------------------------- AdamW

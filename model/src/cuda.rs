@@ -596,7 +596,8 @@ pub fn decode_attention(
         let (qv, bv) = (view::<T>(qs, ql)?, view::<f32>(bs, bl)?);
         let (kv_, vv) = (strided::<T>(ks, kl, span)?, strided::<T>(vs, vl, span)?);
         let y = unsafe { dev.alloc::<T>(b * hkv * g * d)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("decode_attention")?, MODULE, PTX)?;
+        let name = kernel::<T>(launch::decode_attention_kernel(d))?;
+        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let (hkv32, g32, s32, d32) = (hkv as i32, g as i32, s as i32, d as i32);
         let mut l = f.builder();
         l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv).arg(&y);

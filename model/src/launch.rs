@@ -79,6 +79,19 @@ pub fn sample_rows(rows: usize) -> Geometry {
 pub const DECODE_MAX_G: usize = 16;
 /// Head dimension that the decode attention kernel takes (`DECODE_MAX_D`).
 pub const DECODE_MAX_D: usize = 128;
+/// Head dimension up to which the decode attention's `_d64` entries serve (`DECODE_SMALL_D`):
+/// their per-lane rows are half as long, so they need fewer registers and less shared memory.
+pub const DECODE_SMALL_D: usize = 64;
+
+/// The decode attention kernel family for head dimension `d` (≤ [`DECODE_MAX_D`]).
+pub fn decode_attention_kernel(d: usize) -> &'static str {
+    if d <= DECODE_SMALL_D {
+        "decode_attention_d64"
+    } else {
+        "decode_attention"
+    }
+}
+
 /// Warps a decode attention block runs (`DECODE_WARPS`: its shared memory is sized for them).
 pub const DECODE_WARPS: usize = 4;
 

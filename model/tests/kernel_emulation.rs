@@ -778,25 +778,37 @@ fn decode_attention_matches_the_composed_ops_over_a_cache_view() {
                 .reshape((b, hkv, g, s))
                 .unwrap();
             let want = probs.matmul(&v.contiguous().unwrap()).unwrap(); // [B, Hkv, G, D]
-            let out = launch(
-                &ty.name("decode_attention"),
-                launch::decode_attention(b * hkv),
-                &[
-                    ty.buffer(&q),
-                    ty.buffer(&k_cache),
-                    ty.buffer(&v_cache),
-                    Ty::F32.buffer(&bias),
-                    ty.buffer(&q.zeros_like().unwrap()),
-                    Arg::Int(hkv as i32),
-                    Arg::Int(g as i32),
-                    Arg::Int(s as i32),
-                    Arg::Int(d as i32),
-                    Arg::Size(cap * d),
-                    Arg::Float(scale as f32),
-                ],
+                                                                        // the general kernel takes every D; the launcher picks the D ≤ 64 one when it can
+            let families: &[&str] = if d <= 64 {
+                &["decode_attention", "decode_attention_d64"]
+            } else {
+                &["decode_attention"]
+            };
+            assert_eq!(
+                launch::decode_attention_kernel(d),
+                *families.last().unwrap()
             );
-            let at = format!("decode_attention {ty:?} B{b} Hkv{hkv} G{g} D{d} S{s}");
-            assert_close(&at, &out[4], &want, ty.tol());
+            for family in families {
+                let out = launch(
+                    &ty.name(family),
+                    launch::decode_attention(b * hkv),
+                    &[
+                        ty.buffer(&q),
+                        ty.buffer(&k_cache),
+                        ty.buffer(&v_cache),
+                        Ty::F32.buffer(&bias),
+                        ty.buffer(&q.zeros_like().unwrap()),
+                        Arg::Int(hkv as i32),
+                        Arg::Int(g as i32),
+                        Arg::Int(s as i32),
+                        Arg::Int(d as i32),
+                        Arg::Size(cap * d),
+                        Arg::Float(scale as f32),
+                    ],
+                );
+                let at = format!("{family} {ty:?} B{b} Hkv{hkv} G{g} D{d} S{s}");
+                assert_close(&at, &out[4], &want, ty.tol());
+            }
         }
     }
 }
@@ -812,6 +824,7 @@ fn the_launch_limits_match_the_kernel_source() {
     };
     assert_eq!(define("DECODE_MAX_G"), launch::DECODE_MAX_G);
     assert_eq!(define("DECODE_MAX_D"), launch::DECODE_MAX_D);
+    assert_eq!(define("DECODE_SMALL_D"), launch::DECODE_SMALL_D);
     assert_eq!(define("DECODE_WARPS"), launch::DECODE_WARPS);
     assert_eq!(
         launch::decode_attention(1).block as usize,
@@ -989,8 +1002,9 @@ fn every_kernel_is_emulated_by_a_test() {
         .iter()
         .filter(|k| {
             let family = k.trim_end_matches("_f32").trim_end_matches("_bf16");
-            // a family's kernels are launched as `ty.name("family")` or by their full name
-            !this.contains(&format!("\"{k}\"")) && !this.contains(&format!("ty.name(\"{family}\")"))
+            // a family's kernels are launched as `ty.name("family")` (the family named in a
+            // literal) or by their full name
+            !this.contains(&format!("\"{k}\"")) && !this.contains(&format!("\"{family}\""))
         })
         .collect();
     assert!(untested.is_empty(), "kernels without a test: {untested:?}");
