@@ -308,17 +308,16 @@ impl AdamW {
     /// on the device per parameter with one transfer to the host.
     fn sum_squares(&self) -> Result<f64> {
         let grads: Vec<&Tensor> = self.params.iter().filter_map(|p| p.grad.as_ref()).collect();
+        if grads.is_empty() {
+            return Ok(0.0);
+        }
         #[cfg(feature = "cuda")]
         if model::ops::cuda_kernels()
-            && !grads.is_empty()
             && grads
                 .iter()
                 .all(|g| g.device().is_cuda() && g.dtype() == DType::F32)
         {
             return Ok(model::cuda::sum_squares(&grads)?);
-        }
-        if grads.is_empty() {
-            return Ok(0.0);
         }
         let squares = grads
             .iter()
