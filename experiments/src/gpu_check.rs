@@ -449,15 +449,12 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
             }),
         },
         Case {
-            name: "log-prob + entropy [96, 151936]",
+            name: "log-prob + entropy at T=0.7 [96, 151936]",
             shapes: vec![vec![96, 151_936]],
             grad_of: vec![true],
-            fused: Box::new(move |x| {
-                let z = x[0].to_dtype(DType::F32)?;
-                lp_plus_h(ops::logprob_and_entropy(&z, &t1)?)
-            }),
+            fused: Box::new(move |x| lp_plus_h(ops::logprob_and_entropy(&x[0], &t1, 0.7)?)),
             reference: Box::new(move |x| {
-                let z = x[0].to_dtype(DType::F32)?;
+                let z = (x[0].to_dtype(DType::F32)? / 0.7)?;
                 lp_plus_h((
                     ops::composed::logprob_gather(&z, &t2)?,
                     ops::composed::entropy(&z)?,
@@ -465,11 +462,14 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
             }),
         },
         Case {
-            name: "output layer, chunks of 40 [96, 896]·[151936, 896]ᵀ",
+            // two weight-gradient groups: 2 chunks of 40 rows, then one of 16
+            name: "output layer, chunks of 40, groups of 80 [96, 896]·[151936, 896]ᵀ",
             shapes: vec![vec![96, 896], vec![151_936, 896]],
             grad_of: vec![true, true],
             fused: Box::new(move |x| {
-                lp_plus_h(model::head::output_logprobs(&x[0], &x[1], &t3, 0.7, 40)?)
+                lp_plus_h(model::head::output_logprobs_grouped(
+                    &x[0], &x[1], &t3, 0.7, 40, 80,
+                )?)
             }),
             reference: Box::new(move |x| {
                 let z = (model::forward::linear(&x[0], &x[1], None)?.to_dtype(DType::F32)? / 0.7)?;

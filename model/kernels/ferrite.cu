@@ -309,49 +309,69 @@ extern "C" __global__ void attention_probs_bwd_bf16(const bf16* x, const float* 
 }
 
 // ------------------------------------------------------------------------------- log-probs
-// Per row of logits z [N, V] (f32): out[2r] = log p(target), out[2r+1] = entropy, from
-// m = max z, S = Σ e^(z−m), Σ e^(z−m)·z:  log p_t = z_t − m − ln S,  H = m + ln S − Σ p·z.
+// Per row of logits z [N, V] in T, at temperature 1/inv_t (x = inv_t·z, in f32):
+// out[2r] = log p(target), out[2r+1] = entropy, from m = max x, S = Σ e^(x−m), Σ e^(x−m)·x:
+// log p_t = x_t − m − ln S,  H = m + ln S − Σ p·x. The logits are read in the output layer's
+// dtype as its matmul wrote them: no f32 copy, no pass for the temperature.
 
-extern "C" __global__ void logprob_entropy_fwd_f32(const float* z, const uint32_t* targets, float* out,
-                                                   int v) {
+template <typename T>
+__device__ void logprob_entropy_fwd(const T* z, const uint32_t* targets, float* out, int v, float inv_t) {
     const size_t row = blockIdx.x;
-    const float* zr = z + row * v;
+    const T* zr = z + row * v;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, zr[j]);
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, inv_t * ld(zr[j]));
     m = block_max(m);
     float s = 0.f, sz = 0.f;
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        const float e = __expf(zr[j] - m);
+        const float x = inv_t * ld(zr[j]), e = __expf(x - m);
         s += e;
-        sz += e * zr[j];
+        sz += e * x;
     }
     s = block_sum(s);
     sz = block_sum(sz);
     if (threadIdx.x == 0) {
         const float lse = logf(s);
-        out[2 * row] = zr[targets[row]] - m - lse;
+        out[2 * row] = inv_t * ld(zr[targets[row]]) - m - lse;
         out[2 * row + 1] = m + lse - sz / s;
     }
 }
+extern "C" __global__ void logprob_entropy_fwd_f32(const float* z, const uint32_t* targets, float* out, int v,
+                                                   float inv_t) {
+    logprob_entropy_fwd<float>(z, targets, out, v, inv_t);
+}
+extern "C" __global__ void logprob_entropy_fwd_bf16(const bf16* z, const uint32_t* targets, float* out, int v,
+                                                    float inv_t) {
+    logprob_entropy_fwd<bf16>(z, targets, out, v, inv_t);
+}
 
-// dz_j = −g_lp·p_j − g_h·p_j·(log p_j + H) + 1[j = t]·g_lp, from y = (log p_t, H) and g [N, 2].
-extern "C" __global__ void logprob_entropy_bwd_f32(const float* z, const uint32_t* targets,
-                                                   const float* y, const float* g, float* dz, int v) {
+// dz_j = inv_t·(−g_lp·p_j − g_h·p_j·(log p_j + H) + 1[j = t]·g_lp), from y = (log p_t, H) and
+// g [N, 2], written in T (the dtype of the output layer's matmuls that take it).
+template <typename T>
+__device__ void logprob_entropy_bwd(const T* z, const uint32_t* targets, const float* y, const float* g, T* dz,
+                                    int v, float inv_t) {
     const size_t row = blockIdx.x;
-    const float* zr = z + row * v;
-    float* dr = dz + row * v;
+    const T* zr = z + row * v;
+    T* dr = dz + row * v;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, zr[j]);
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, inv_t * ld(zr[j]));
     m = block_max(m);
     float s = 0.f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) s += __expf(zr[j] - m);
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += __expf(inv_t * ld(zr[j]) - m);
     const float lse = logf(block_sum(s));
     const float g_lp = g[2 * row], g_h = g[2 * row + 1], h = y[2 * row + 1];
     const uint32_t t = targets[row];
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        const float lp = zr[j] - m - lse, p = __expf(lp);
-        dr[j] = -g_lp * p - g_h * p * (lp + h) + (j == (int)t ? g_lp : 0.f);
+        const float lp = inv_t * ld(zr[j]) - m - lse, p = __expf(lp);
+        dr[j] = st<T>(inv_t * (-g_lp * p - g_h * p * (lp + h) + (j == (int)t ? g_lp : 0.f)));
     }
+}
+extern "C" __global__ void logprob_entropy_bwd_f32(const float* z, const uint32_t* targets, const float* y,
+                                                   const float* g, float* dz, int v, float inv_t) {
+    logprob_entropy_bwd<float>(z, targets, y, g, dz, v, inv_t);
+}
+extern "C" __global__ void logprob_entropy_bwd_bf16(const bf16* z, const uint32_t* targets, const float* y,
+                                                    const float* g, bf16* dz, int v, float inv_t) {
+    logprob_entropy_bwd<bf16>(z, targets, y, g, dz, v, inv_t);
 }
 
 // ------------------------------------------------------------------------------- sampling

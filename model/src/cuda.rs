@@ -466,47 +466,81 @@ pub fn attention_probs_bwd(
 
 // ---------------------------------------------------------------- log-probs and entropy
 
-/// `[N, 2]` f32 (log-prob of the target, entropy) of f32 logits `[N, V]` and u32 targets `[N]`.
+/// `[N, 2]` f32 (log-prob of the target, entropy) of logits `[N, V]` (f32 or bf16) at
+/// temperature `1 / inv_t`, and u32 targets `[N]`.
 pub fn logprob_entropy_fwd(
     z: &CudaStorage,
     zl: &Layout,
     t: &CudaStorage,
     tl: &Layout,
+    inv_t: f32,
 ) -> Result<CudaStorage> {
-    let dev = z.device().clone();
-    let (rows, v) = rows_of(zl);
-    let (zv, tv) = (view::<f32>(z, zl)?, view::<u32>(t, tl)?);
-    let out = unsafe { dev.alloc::<f32>(2 * rows)? };
-    let f = dev.get_or_load_custom_func("logprob_entropy_fwd_f32", MODULE, PTX)?;
-    let v32 = v as i32;
-    let mut l = f.builder();
-    l.arg(&zv).arg(&tv).arg(&out).arg(&v32);
-    // SAFETY: N·V logits, N targets (each < V, checked by the caller), 2N outputs.
-    unsafe { l.launch(config(launch::rows(rows, v))) }.w()?;
-    Ok(f32::wrap_cuda_slice(out, dev))
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        z: &CudaStorage,
+        zl: &Layout,
+        t: &CudaStorage,
+        tl: &Layout,
+        inv_t: f32,
+    ) -> Result<CudaStorage> {
+        let dev = z.device().clone();
+        let (rows, v) = rows_of(zl);
+        let (zv, tv) = (view::<T>(z, zl)?, view::<u32>(t, tl)?);
+        let out = unsafe { dev.alloc::<f32>(2 * rows)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("logprob_entropy_fwd")?, MODULE, PTX)?;
+        let v32 = v as i32;
+        let mut l = f.builder();
+        l.arg(&zv).arg(&tv).arg(&out).arg(&v32).arg(&inv_t);
+        // SAFETY: N·V logits, N targets (each < V, checked by the caller), 2N outputs.
+        unsafe { l.launch(config(launch::rows(rows, v))) }.w()?;
+        Ok(f32::wrap_cuda_slice(out, dev))
+    }
+    by_dtype!(z.dtype(), go(z, zl, t, tl, inv_t))
 }
 
-/// `dz [N, V]` f32 from logits `z`, targets, the forward's `y [N, 2]` and upstream `g [N, 2]`.
-pub fn logprob_entropy_bwd(z: &Tensor, targets: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
-    let (z, targets) = (z.contiguous()?, targets.contiguous()?);
-    let (y, g) = (y.contiguous()?, g.contiguous()?.to_dtype(DType::F32)?);
-    let (zs, zl) = z.storage_and_layout();
-    let (ts, tl) = targets.storage_and_layout();
-    let (ys, yl) = y.storage_and_layout();
-    let (gs, gl) = g.storage_and_layout();
-    let (zs, ts, ys, gs) = (as_cuda(&zs)?, as_cuda(&ts)?, as_cuda(&ys)?, as_cuda(&gs)?);
-    let dev = zs.device().clone();
-    let (rows, v) = rows_of(zl);
-    let (zv, tv) = (view::<f32>(zs, zl)?, view::<u32>(ts, tl)?);
-    let (yv, gv) = (view::<f32>(ys, yl)?, view::<f32>(gs, gl)?);
-    let dz = unsafe { dev.alloc::<f32>(rows * v)? };
-    let f = dev.get_or_load_custom_func("logprob_entropy_bwd_f32", MODULE, PTX)?;
-    let v32 = v as i32;
-    let mut l = f.builder();
-    l.arg(&zv).arg(&tv).arg(&yv).arg(&gv).arg(&dz).arg(&v32);
-    // SAFETY: N·V logits and gradients, N targets, 2N of y and g.
-    unsafe { l.launch(config(launch::rows(rows, v))) }.w()?;
-    Ok(wrap(f32::wrap_cuda_slice(dz, dev), z.shape()))
+/// `dz [N, V]` in the logits' dtype from logits `z` (f32 or bf16) at temperature `1 / inv_t`,
+/// targets, the forward's `y [N, 2]` f32 and upstream `g [N, 2]`.
+pub fn logprob_entropy_bwd(
+    z: &Tensor,
+    targets: &Tensor,
+    y: &Tensor,
+    g: &Tensor,
+    inv_t: f32,
+) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        z: &Tensor,
+        targets: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+        inv_t: f32,
+    ) -> Result<Tensor> {
+        let (z, targets) = (z.contiguous()?, targets.contiguous()?);
+        let y = y.contiguous()?.to_dtype(DType::F32)?;
+        let g = g.contiguous()?.to_dtype(DType::F32)?;
+        let (zs, zl) = z.storage_and_layout();
+        let (ts, tl) = targets.storage_and_layout();
+        let (ys, yl) = y.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (zs, ts, ys, gs) = (as_cuda(&zs)?, as_cuda(&ts)?, as_cuda(&ys)?, as_cuda(&gs)?);
+        let dev = zs.device().clone();
+        let (rows, v) = rows_of(zl);
+        let (zv, tv) = (view::<T>(zs, zl)?, view::<u32>(ts, tl)?);
+        let (yv, gv) = (view::<f32>(ys, yl)?, view::<f32>(gs, gl)?);
+        let dz = unsafe { dev.alloc::<T>(rows * v)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("logprob_entropy_bwd")?, MODULE, PTX)?;
+        let v32 = v as i32;
+        let mut l = f.builder();
+        l.arg(&zv)
+            .arg(&tv)
+            .arg(&yv)
+            .arg(&gv)
+            .arg(&dz)
+            .arg(&v32)
+            .arg(&inv_t);
+        // SAFETY: N·V logits and gradients, N targets, 2N of y and g.
+        unsafe { l.launch(config(launch::rows(rows, v))) }.w()?;
+        Ok(wrap(T::wrap_cuda_slice(dz, dev), z.shape()))
+    }
+    by_dtype!(z.dtype(), go(z, targets, y, g, inv_t))
 }
 
 // ---------------------------------------------------------------- sampling

@@ -5,8 +5,15 @@
 //! distribution. Autograd through `linear → log_softmax → gather` keeps the f32 logits of every
 //! scored token for the backward (8192 tokens × 151,936 vocab = 5 GB, several times over). Here
 //! the forward runs chunk by chunk on detached weights and keeps only `[N, 2]`; the backward
-//! recomputes each chunk's logits, turns them into `dz` and folds it into `dh = dz·W` and
-//! `dW += dzᵀ·h` before the next chunk (the recompute costs one more output-layer matmul).
+//! recomputes each chunk's logits, turns them into `dz` and folds it into `dh = dz·W` before the
+//! next chunk (the recompute costs one more output-layer matmul).
+//!
+//! The logits stay in the matmul's dtype: the log-prob kernels read them as they are and apply
+//! the temperature as they go, and write `dz` in that dtype too, so a chunk costs no f32 copy.
+//! `dW = dzᵀ·h` runs once per *group* of chunks (about [`GROUP_BYTES`] of `dz`), not per chunk:
+//! a chunk's 220 rows would make it a thin matmul whose `[V, H]` result (136M entries for
+//! Qwen2.5-0.5B) is cast and added in f32 38 times a step at 8192 tokens; a group of 3,533 rows
+//! makes that three times.
 
 use candle_core::{DType, Tensor};
 
@@ -15,12 +22,23 @@ use crate::error::Result;
 use crate::forward::linear;
 use crate::ops::{logprob_and_entropy, logprob_entropy_backward};
 
-/// Logit elements (f32) one chunk may hold: 2²⁵ = 128 MiB, e.g. 220 rows of a 151,936 vocab.
+/// Logit elements one chunk may hold: 2²⁵ (128 MiB in f32), e.g. 220 rows of a 151,936 vocab.
 pub const CHUNK_ELEMENTS: usize = 1 << 25;
+
+/// Bytes of `dz` one weight-gradient matmul takes: 1 GiB, e.g. 3,533 rows of a 151,936 vocab
+/// in bf16 (16 chunks of 220).
+pub const GROUP_BYTES: usize = 1 << 30;
 
 /// Rows per chunk for a vocabulary of `vocab` entries.
 pub fn chunk_rows(vocab: usize) -> usize {
     (CHUNK_ELEMENTS / vocab.max(1)).max(1)
+}
+
+/// Rows per weight-gradient matmul: whole chunks of `chunk` rows, at least one, of `dz` in
+/// `dtype` within [`GROUP_BYTES`].
+pub fn group_rows(chunk: usize, vocab: usize, dtype: DType) -> usize {
+    let chunk_bytes = chunk.max(1) * vocab.max(1) * dtype.size_in_bytes();
+    chunk.max(1) * (GROUP_BYTES / chunk_bytes).max(1)
 }
 
 /// Per-row log-prob of `targets` and entropy under `softmax(states · weightᵀ / temperature)`:
@@ -33,14 +51,27 @@ pub fn output_logprobs(
     temperature: f64,
     chunk: usize,
 ) -> Result<(Tensor, Tensor)> {
+    let group = group_rows(chunk, weight.dim(0)?, weight.dtype());
+    output_logprobs_grouped(states, weight, targets, temperature, chunk, group)
+}
+
+/// [`output_logprobs`] with the backward's weight gradient taken `group` rows at a time.
+pub fn output_logprobs_grouped(
+    states: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    chunk: usize,
+    group: usize,
+) -> Result<(Tensor, Tensor)> {
     let (n, _) = states.dims2()?;
     let chunk = chunk.max(1);
     let (sd, wd) = (states.detach(), weight.detach());
     let mut parts = Vec::new();
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let z = chunk_logits(&sd.narrow(0, start, len)?, &wd, temperature)?; // [c, V]
-        let (lp, ent) = logprob_and_entropy(&z, &targets.narrow(0, start, len)?)?;
+        let z = linear(&sd.narrow(0, start, len)?, &wd, None)?; // [c, V]
+        let (lp, ent) = logprob_and_entropy(&z, &targets.narrow(0, start, len)?, temperature)?;
         parts.push(Tensor::stack(&[lp, ent], 1)?); // [c, 2]
     }
     let stats = Tensor::cat(&parts, 0)?.contiguous()?; // [N, 2]
@@ -48,6 +79,7 @@ pub fn output_logprobs(
         targets: targets.clone(),
         temperature,
         chunk,
+        group: group.max(1),
     };
     // [N, 2], the values of `stats`, which is also the third input the backward reads
     let out = attach(states, weight, &stats, stats.clone(), move |s, w, y, g| {
@@ -60,21 +92,12 @@ pub fn output_logprobs(
     ))
 }
 
-/// `states [c, H] · weightᵀ / temperature` as f32 `[c, V]`.
-fn chunk_logits(states: &Tensor, weight: &Tensor, temperature: f64) -> Result<Tensor> {
-    let z = linear(states, weight, None)?.to_dtype(DType::F32)?;
-    Ok(if temperature != 1.0 {
-        (z / temperature)?
-    } else {
-        z
-    })
-}
-
 /// The chunked backward: gradients of the states and the output weight.
 struct OutputLogprobs {
     targets: Tensor,
     temperature: f64,
     chunk: usize,
+    group: usize,
 }
 
 impl OutputLogprobs {
@@ -86,31 +109,32 @@ impl OutputLogprobs {
         g: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let (n, _) = states.dims2()?;
+        let v = weight.dim(0)?;
         let (sd, wd) = (states.detach(), weight.detach());
         let mut d_states = Vec::new();
-        let mut d_weight: Option<Tensor> = None; // [V, H] f32
-        for start in (0..n).step_by(self.chunk) {
-            let len = self.chunk.min(n - start);
-            let s = sd.narrow(0, start, len)?; // [c, H]
-            let z = chunk_logits(&s, &wd, self.temperature)?; // [c, V]
-            let dz = logprob_entropy_backward(
-                &z,
-                &self.targets.narrow(0, start, len)?,
-                &y.narrow(0, start, len)?.contiguous()?,
-                &g.narrow(0, start, len)?.contiguous()?,
-            )?;
-            drop(z);
-            let dz = if self.temperature != 1.0 {
-                (dz / self.temperature)?
-            } else {
-                dz
-            };
-            let dz = dz.to_dtype(wd.dtype())?; // [c, V]
-            d_states.push(dz.matmul(&wd)?); // [c, H]
-            let dw = dz.t()?.matmul(&s)?.to_dtype(DType::F32)?; // [V, H]
+        let mut d_weight: Option<Tensor> = None; // [V, H]; f32 once a second group adds to it
+        for g_start in (0..n).step_by(self.group) {
+            let g_len = self.group.min(n - g_start);
+            let dz = Tensor::zeros((g_len, v), wd.dtype(), wd.device())?; // [g, V]
+            for start in (g_start..g_start + g_len).step_by(self.chunk) {
+                let len = self.chunk.min(g_start + g_len - start);
+                let z = linear(&sd.narrow(0, start, len)?, &wd, None)?; // [c, V]
+                let dz_c = logprob_entropy_backward(
+                    &z,
+                    &self.targets.narrow(0, start, len)?,
+                    &y.narrow(0, start, len)?.contiguous()?,
+                    &g.narrow(0, start, len)?.contiguous()?,
+                    self.temperature,
+                )?
+                .to_dtype(wd.dtype())?; // [c, V]
+                drop(z);
+                d_states.push(dz_c.matmul(&wd)?); // [c, H]
+                dz.slice_set(&dz_c, 0, start - g_start)?;
+            }
+            let dw = dz.t()?.matmul(&sd.narrow(0, g_start, g_len)?)?; // [V, H]
             d_weight = Some(match d_weight {
                 None => dw,
-                Some(acc) => (acc + dw)?,
+                Some(acc) => (acc.to_dtype(DType::F32)? + dw.to_dtype(DType::F32)?)?,
             });
         }
         let d_weight = match d_weight {
@@ -162,13 +186,30 @@ mod tests {
                 g.get(s.as_tensor()).unwrap().clone(),
                 g.get(w.as_tensor()).unwrap().clone(),
             );
-            for chunk in [1, 4, 13, 100] {
+            // chunk, group: one group; groups of whole chunks with a short last one; groups
+            // smaller than a chunk (one chunk each)
+            for (chunk, group) in [
+                (1, 100),
+                (4, 100),
+                (13, 13),
+                (100, 100),
+                (2, 6),
+                (4, 8),
+                (4, 1),
+            ] {
                 let (s, w) = (
                     Var::from_tensor(&s0).unwrap(),
                     Var::from_tensor(&w0).unwrap(),
                 );
-                let (lp2, ent2) =
-                    output_logprobs(s.as_tensor(), w.as_tensor(), &t, temperature, chunk).unwrap();
+                let (lp2, ent2) = output_logprobs_grouped(
+                    s.as_tensor(),
+                    w.as_tensor(),
+                    &t,
+                    temperature,
+                    chunk,
+                    group,
+                )
+                .unwrap();
                 assert!(max_rel(&lp2, &lp) < 1e-5, "log-probs, chunk {chunk}");
                 assert!(max_rel(&ent2, &ent) < 1e-5, "entropy, chunk {chunk}");
                 let g = objective(&lp2, &ent2, &u).backward().unwrap();
@@ -193,10 +234,10 @@ mod tests {
     fn composed_logprob_backward_matches_fused() {
         let z = random(&[5, 30], 4, 3.0);
         let t = Tensor::new(&[0u32, 29, 7, 7, 11], &Device::Cpu).unwrap();
-        let (lp, ent) = logprob_and_entropy(&z, &t).unwrap();
+        let (lp, ent) = logprob_and_entropy(&z, &t, 1.0).unwrap();
         let y = Tensor::stack(&[lp, ent], 1).unwrap();
         let g = random(&[5, 2], 5, 1.0);
-        let fused = logprob_entropy_backward(&z, &t, &y, &g).unwrap();
+        let fused = logprob_entropy_backward(&z, &t, &y, &g, 1.0).unwrap();
         let composed = composed::logprob_entropy_backward(&z, &t, &y, &g).unwrap();
         assert!(
             max_rel(&composed, &fused) < 1e-5,

@@ -611,20 +611,25 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- log-probs and entropy
 
-struct LogprobEntropy;
+/// At temperature `1 / inv_t`.
+struct LogprobEntropy {
+    inv_t: f32,
+}
 
-/// One pass per row: max, `S = Σ e^(z−m)` and `Σ e^(z−m)·z`, so that
-/// `log p_t = z_t − m − ln S` and `H = m + ln S − Σ p·z` need one exp per element.
-fn row_stats(z: &[f32]) -> (f32, f32, f32) {
-    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let (mut s, mut sz) = (0f32, 0f32);
+/// One pass per row of logits `z` at temperature `1 / inv_t` (`x = inv_t·z`): max,
+/// `S = Σ e^(x−m)` and `Σ e^(x−m)·x`, so that `log p_t = x_t − m − ln S` and
+/// `H = m + ln S − Σ p·x` need one exp per element. Returns `(m, ln S, H)`.
+fn row_stats(z: &[f32], inv_t: f32) -> (f32, f32, f32) {
+    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(inv_t * b));
+    let (mut s, mut sx) = (0f32, 0f32);
     for &v in z {
-        let e = (v - m).exp();
+        let x = inv_t * v;
+        let e = (x - m).exp();
         s += e;
-        sz += e * v;
+        sx += e * x;
     }
     let lse = s.ln();
-    (m, lse, m + lse - sz / s)
+    (m, lse, m + lse - sx / s)
 }
 
 impl CustomOp2 for LogprobEntropy {
@@ -648,8 +653,8 @@ impl CustomOp2 for LogprobEntropy {
         let mut out = vec![0f32; 2 * n];
         out.par_chunks_mut(2).enumerate().for_each(|(r, o)| {
             let row = &z[r * v..(r + 1) * v];
-            let (m, lse, h) = row_stats(row);
-            o[0] = row[t[r] as usize] - m - lse;
+            let (m, lse, h) = row_stats(row, self.inv_t);
+            o[0] = self.inv_t * row[t[r] as usize] - m - lse;
             o[1] = h;
         });
         Ok((CpuStorage::F32(out), Shape::from((n, 2))))
@@ -664,7 +669,7 @@ impl CustomOp2 for LogprobEntropy {
         tl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let n = zl.shape().elem_count() / zl.dims().last().copied().unwrap_or(1).max(1);
-        let out = crate::cuda::logprob_entropy_fwd(zs, zl, ts, tl)?;
+        let out = crate::cuda::logprob_entropy_fwd(zs, zl, ts, tl, self.inv_t)?;
         Ok((out, Shape::from((n, 2))))
     }
 
@@ -675,26 +680,30 @@ impl CustomOp2 for LogprobEntropy {
         y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dz = logprob_entropy_backward(z, targets, y, g)
+        let dz = logprob_entropy_backward(z, targets, y, g, 1.0 / self.inv_t as f64)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((Some(dz), None))
     }
 }
 
-/// The gradient of `logprob_and_entropy` with respect to the logits:
-/// `logits [N, V]` f32, `targets [N]`, `y [N, 2]` (its output: log-prob, entropy) and the upstream
-/// `g [N, 2]` → `dz [N, V]` f32, with `d log p_t / dz_j = 1[j = t] − p_j` and
-/// `dH / dz_j = −p_j (log p_j + H)`. Fused on the CPU; composed ops elsewhere.
+/// The gradient of [`logprob_and_entropy`] at `temperature` with respect to the logits:
+/// `logits [N, V]`, `targets [N]`, `y [N, 2]` f32 (its output: log-prob, entropy) and the upstream
+/// `g [N, 2]` → `dz [N, V]` in the logits' dtype, with `x = z / temperature`,
+/// `d log p_t / dx_j = 1[j = t] − p_j` and `dH / dx_j = −p_j (log p_j + H)`, times
+/// `1 / temperature`. One kernel on CUDA (f32 or bf16 logits, computed in f32), fused on the
+/// CPU (f32), composed ops elsewhere.
 pub fn logprob_entropy_backward(
     z: &Tensor,
     targets: &Tensor,
     y: &Tensor,
     g: &Tensor,
+    temperature: f64,
 ) -> Result<Tensor> {
+    let inv_t = (1.0 / temperature) as f32;
     let v = z.dims().last().copied().unwrap_or(1);
     #[cfg(feature = "cuda")]
-    if on_gpu(z) && fused(&[z, y, g]) && z.dtype() == DType::F32 {
-        return Ok(crate::cuda::logprob_entropy_bwd(z, targets, y, g)?);
+    if on_gpu(z) && fused(&[z]) && [y, g].iter().all(|t| t.device().same_device(z.device())) {
+        return Ok(crate::cuda::logprob_entropy_bwd(z, targets, y, g, inv_t)?);
     }
     if fused(&[z, y, g]) && z.device().is_cpu() {
         let t = targets.flatten_all()?.to_vec1::<u32>()?;
@@ -706,14 +715,14 @@ pub fn logprob_entropy_backward(
                         .zip(z.par_chunks(v))
                         .enumerate()
                         .for_each(|(r, (dz, z))| {
-                            let (m, lse, _) = row_stats(z);
+                            let (m, lse, _) = row_stats(z, inv_t);
                             let (g_lp, g_h, h) = (g[2 * r], g[2 * r + 1], y[2 * r + 1]);
                             for j in 0..v {
-                                let lp = z[j] - m - lse;
+                                let lp = inv_t * z[j] - m - lse;
                                 let p = lp.exp();
-                                dz[j] = -g_lp * p - g_h * p * (lp + h);
+                                dz[j] = inv_t * (-g_lp * p - g_h * p * (lp + h));
                             }
-                            dz[t[r] as usize] += g_lp;
+                            dz[t[r] as usize] += inv_t * g_lp;
                         });
                     dz
                 })
@@ -721,24 +730,39 @@ pub fn logprob_entropy_backward(
         })???;
         return Ok(tensor(dz, z.shape())?);
     }
-    composed::logprob_entropy_backward(z, targets, y, g)
+    let x = scaled(&z.to_dtype(DType::F32)?, inv_t)?;
+    let dz = composed::logprob_entropy_backward(&x, targets, y, g)?;
+    Ok(scaled(&dz, inv_t)?.to_dtype(z.dtype())?)
 }
 
-/// `log softmax(logits)[target]` and the entropy of `softmax(logits)` per row:
-/// `logits [N, V]`, `targets [N]` u32 → `([N], [N])` f32, from one fused kernel on the CPU.
-pub fn logprob_and_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
-    if fused(&[logits]) && logits.dtype() == DType::F32 && logits.rank() == 2 {
+/// `x · s`, or `x` itself at `s = 1`.
+fn scaled(x: &Tensor, s: f32) -> Result<Tensor> {
+    Ok(if s == 1.0 { x.clone() } else { (x * s as f64)? })
+}
+
+/// `log softmax(logits / temperature)[target]` and the entropy of `softmax(logits / temperature)`
+/// per row: `logits [N, V]`, `targets [N]` u32 → `([N], [N])` f32. One kernel that reads the
+/// logits as they are (f32 on the CPU; f32 or bf16 on CUDA) and computes in f32; elsewhere the
+/// composed ops on the f32 logits.
+pub fn logprob_and_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+) -> Result<(Tensor, Tensor)> {
+    let inv_t = (1.0 / temperature) as f32;
+    if fused(&[logits]) && logits.rank() == 2 {
         let both = logits
             .contiguous()?
-            .apply_op2(&targets.contiguous()?, LogprobEntropy)?; // [N, 2]
+            .apply_op2(&targets.contiguous()?, LogprobEntropy { inv_t })?; // [N, 2]
         return Ok((
             both.narrow(1, 0, 1)?.squeeze(1)?,
             both.narrow(1, 1, 1)?.squeeze(1)?,
         ));
     }
+    let x = scaled(&logits.to_dtype(DType::F32)?, inv_t)?;
     Ok((
-        composed::logprob_gather(logits, targets)?,
-        composed::entropy(logits)?,
+        composed::logprob_gather(&x, targets)?,
+        composed::entropy(&x)?,
     ))
 }
 
@@ -961,17 +985,20 @@ mod tests {
         let t = Tensor::new(&[0u32, 49, 7, 7, 20, 1], &Device::Cpu).unwrap();
         // both outputs, weighted differently, so both backward paths are checked
         let combine = |(lp, h): (Tensor, Tensor)| (lp + (h * 0.37).unwrap()).unwrap();
-        let (t1, t2) = (t.clone(), t.clone());
-        check(
-            &[z],
-            move |x| combine(logprob_and_entropy(&x[0], &t1).unwrap()),
-            move |x| {
-                combine((
-                    composed::logprob_gather(&x[0], &t2).unwrap(),
-                    composed::entropy(&x[0]).unwrap(),
-                ))
-            },
-            &[true],
-        );
+        for temperature in [1.0, 0.7] {
+            let (t1, t2) = (t.clone(), t.clone());
+            check(
+                std::slice::from_ref(&z),
+                move |x| combine(logprob_and_entropy(&x[0], &t1, temperature).unwrap()),
+                move |x| {
+                    let x = (&x[0] / temperature).unwrap();
+                    combine((
+                        composed::logprob_gather(&x, &t2).unwrap(),
+                        composed::entropy(&x).unwrap(),
+                    ))
+                },
+                &[true],
+            );
+        }
     }
 }

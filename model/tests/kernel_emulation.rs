@@ -614,41 +614,56 @@ fn softmax_forward_and_backward_match_the_composed_op() {
 #[test]
 fn log_probs_and_entropies_forward_and_backward_match_the_composed_ops() {
     let (rows, v) = (4, 3001);
-    let z = random(&[rows, v], 13, 3.0);
     let targets = Tensor::new(&[0u32, 1500, 3000, 77], &Device::Cpu).unwrap();
     let g = random(&[rows, 2], 14, 1.0);
-    let lp = composed::logprob_gather(&z, &targets).unwrap();
-    let h = composed::entropy(&z).unwrap();
-    let y = Tensor::stack(&[&lp, &h], 1).unwrap(); // [N, 2]
-    let out = launch(
-        "logprob_entropy_fwd_f32",
-        launch::rows(rows, v),
-        &[
-            Ty::F32.buffer(&z),
-            Arg::U32(targets.to_vec1().unwrap()),
-            Arg::F32(vec![f32::NAN; 2 * rows]),
-            Arg::Int(v as i32),
-        ],
-    );
-    assert_close("logprob_entropy_fwd", &out[2], &y, 1e-5);
-    let (_, grads) = with_grads(&[&z], &g, |t| {
-        let lp = composed::logprob_gather(&t[0], &targets).unwrap();
-        let h = composed::entropy(&t[0]).unwrap();
-        Tensor::stack(&[&lp, &h], 1).unwrap()
-    });
-    let out = launch(
-        "logprob_entropy_bwd_f32",
-        launch::rows(rows, v),
-        &[
-            Ty::F32.buffer(&z),
-            Arg::U32(targets.to_vec1().unwrap()),
-            Ty::F32.buffer(&y),
-            Ty::F32.buffer(&g),
-            Arg::F32(vec![f32::NAN; rows * v]),
-            Arg::Int(v as i32),
-        ],
-    );
-    assert_close("logprob_entropy_bwd", &out[4], &grads[0], 1e-4);
+    for ty in [Ty::F32, Ty::Bf16] {
+        for temperature in [1.0f64, 0.7] {
+            let z = ty.round(&random(&[rows, v], 13, 3.0));
+            // the composed ops on the logits the kernel reads, at the temperature
+            let f = |z: &Tensor| {
+                let x = (z / temperature).unwrap();
+                let lp = composed::logprob_gather(&x, &targets).unwrap();
+                let h = composed::entropy(&x).unwrap();
+                Tensor::stack(&[&lp, &h], 1).unwrap() // [N, 2]
+            };
+            let (y, grads) = with_grads(&[&z], &g, |t| f(&t[0]));
+            let inv_t = Arg::Float((1.0 / temperature) as f32);
+            let what = format!("{ty:?} at T={temperature}");
+            let out = launch(
+                &ty.name("logprob_entropy_fwd"),
+                launch::rows(rows, v),
+                &[
+                    ty.buffer(&z),
+                    Arg::U32(targets.to_vec1().unwrap()),
+                    Arg::F32(vec![f32::NAN; 2 * rows]),
+                    Arg::Int(v as i32),
+                    inv_t.clone(),
+                ],
+            );
+            assert_close(&format!("logprob_entropy_fwd {what}"), &out[2], &y, 1e-5);
+            let out = launch(
+                &ty.name("logprob_entropy_bwd"),
+                launch::rows(rows, v),
+                &[
+                    ty.buffer(&z),
+                    Arg::U32(targets.to_vec1().unwrap()),
+                    Arg::F32(y.flatten_all().unwrap().to_vec1().unwrap()),
+                    Arg::F32(g.flatten_all().unwrap().to_vec1().unwrap()),
+                    ty.buffer(&z.zeros_like().unwrap()),
+                    Arg::Int(v as i32),
+                    inv_t,
+                ],
+            );
+            // dz in the logits' type: rounded to bf16 for bf16 kernels
+            let tol = if ty == Ty::F32 { 1e-4 } else { 1e-2 };
+            assert_close(
+                &format!("logprob_entropy_bwd {what}"),
+                &out[4],
+                &grads[0],
+                tol,
+            );
+        }
+    }
 }
 
 #[test]
