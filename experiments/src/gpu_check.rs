@@ -830,6 +830,10 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
     let causal = Tensor::from_vec(causal, (b, 1, 1, t, t), &Device::Cpu)?.to_device(gpu)?;
     let (c1, c2) = (causal.clone(), causal);
     let chunk = model::attention::chunk_rows(b, 14, t);
+    let targets: Vec<u32> = (0..nt as u32).map(|i| (i * 7919) % 151_936).collect();
+    let targets = Tensor::new(targets.as_slice(), gpu)?;
+    let (t1, t2) = (targets.clone(), targets);
+    let lp_plus_h = |(lp, h): (Tensor, Tensor)| -> Result<Tensor> { Ok((lp + (h * 0.37)?)?) };
     let kernel_cases = [
         Case {
             name: "rms_norm [8192, 896]",
@@ -868,6 +872,24 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
                 Ok(p.to_dtype(DType::BF16)?
                     .reshape((b, 2, 7 * t, t))?
                     .matmul(&x[2])?)
+            }),
+        },
+        Case {
+            // the learner's output layer: chunks of 220 rows, dW per group of 16 chunks, against
+            // autograd through the whole f32 logits (5 GB at this shape)
+            name: "output layer [8192, 896]·[151936, 896]ᵀ",
+            shapes: vec![vec![nt, 896], vec![151_936, 896]],
+            grad_of: vec![true, true],
+            fused: Box::new(move |x| {
+                let chunk = model::head::chunk_rows(151_936);
+                lp_plus_h(model::head::output_logprobs(&x[0], &x[1], &t1, 1.0, chunk)?)
+            }),
+            reference: Box::new(move |x| {
+                let z = model::forward::linear(&x[0], &x[1], None)?.to_dtype(DType::F32)?;
+                lp_plus_h((
+                    ops::composed::logprob_gather(&z, &t2)?,
+                    ops::composed::entropy(&z)?,
+                ))
             }),
         },
     ];

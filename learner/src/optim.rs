@@ -184,7 +184,10 @@ impl AdamW {
         for p in &mut self.params {
             match grads.get(p.var.as_tensor()) {
                 Some(g) => {
-                    let mut g = (g.to_dtype(DType::F32)? * scale)?;
+                    let mut g = g.to_dtype(DType::F32)?;
+                    if scale != 1.0 {
+                        g = (g * scale)?;
+                    }
                     if let Some(m) = &p.mask_tensor {
                         // ∇ ← m ⊙ ∇: masked entries count neither in the norm nor the moments
                         g = (g * m)?;
