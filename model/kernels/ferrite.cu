@@ -189,6 +189,73 @@ extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s
     rope<bf16>(x, c, s, y, heads, t, d, pairs, transpose);
 }
 
+// ------------------------------------------------------------------------------- decode q/k/v
+// One decode step's projections, finished in one pass: the q/k/v biases (when the model has
+// them; rounded to T as a separate add would), the rotary embedding of q and k, and the KV
+// cache's write of k and v at slot `slot`. q [B, Hq·D], k, v [B, Hkv·D] are the projections'
+// outputs, qb [Hq·D], kb, vb [Hkv·D] the biases (read only when has_bias), cos, sin [B, D] the
+// step's tables; writes q_out [B, Hq·D] (= [B, Hkv, G, D]) and slot `slot` of the caches
+// [B, Hkv, cap, D]. One thread per (row, head, i < D/2) pair, as the rope kernel: its lo/hi
+// arithmetic exactly. Replaces three bias adds, two rope launches and two cache copies.
+
+template <typename T>
+__device__ void decode_qkv(const T* q, const T* k, const T* v, const T* qb, const T* kb, const T* vb,
+                           int has_bias, const T* cos, const T* sin, T* q_out, T* k_cache, T* v_cache, int hq,
+                           int hkv, int d, int cap, int slot, size_t pairs) {
+    const int half = d / 2, heads = hq + 2 * hkv;
+    for (size_t p = blockIdx.x * (size_t)blockDim.x + threadIdx.x; p < pairs;
+         p += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = p / half;
+        const int i = p % half;
+        const size_t b = row / heads;
+        const int h = row % heads;
+        const T *src, *bias;
+        T* dst;
+        if (h < hq) {
+            src = q + (b * hq + h) * d;
+            bias = qb + (size_t)h * d;
+            dst = q_out + (b * hq + h) * d;
+        } else if (h < hq + hkv) {
+            const int kh = h - hq;
+            src = k + (b * hkv + kh) * d;
+            bias = kb + (size_t)kh * d;
+            dst = k_cache + ((b * hkv + kh) * cap + slot) * d;
+        } else {
+            const int vh = h - hq - hkv;
+            src = v + (b * hkv + vh) * d;
+            bias = vb + (size_t)vh * d;
+            dst = v_cache + ((b * hkv + vh) * cap + slot) * d;
+        }
+        float a = ld(src[i]), bv = ld(src[i + half]);
+        if (has_bias) {
+            a = ld(st<T>(a + ld(bias[i])));
+            bv = ld(st<T>(bv + ld(bias[i + half])));
+        }
+        float lo = a, hi = bv;
+        if (h < hq + hkv) {
+            const size_t co = b * d;
+            lo = a * ld(cos[co + i]) - bv * ld(sin[co + i]);
+            hi = bv * ld(cos[co + i + half]) + a * ld(sin[co + i + half]);
+        }
+        dst[i] = st<T>(lo);
+        dst[i + half] = st<T>(hi);
+    }
+}
+extern "C" __global__ void decode_qkv_f32(const float* q, const float* k, const float* v, const float* qb,
+                                          const float* kb, const float* vb, int has_bias, const float* cos,
+                                          const float* sin, float* q_out, float* k_cache, float* v_cache, int hq,
+                                          int hkv, int d, int cap, int slot, size_t pairs) {
+    decode_qkv<float>(q, k, v, qb, kb, vb, has_bias, cos, sin, q_out, k_cache, v_cache, hq, hkv, d, cap, slot,
+                      pairs);
+}
+extern "C" __global__ void decode_qkv_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* qb,
+                                           const bf16* kb, const bf16* vb, int has_bias, const bf16* cos,
+                                           const bf16* sin, bf16* q_out, bf16* k_cache, bf16* v_cache, int hq,
+                                           int hkv, int d, int cap, int slot, size_t pairs) {
+    decode_qkv<bf16>(q, k, v, qb, kb, vb, has_bias, cos, sin, q_out, k_cache, v_cache, hq, hkv, d, cap, slot,
+                     pairs);
+}
+
 // ------------------------------------------------------------------------------- softmax
 // Attention probabilities y = softmax(scale·x + bias), x [B, Hkv, G, T, S] (rows of S) in T,
 // bias [B, 1, 1, T, S] f32, `heads` = Hkv·G; y in O: f32 for the autograd op (ops.rs's

@@ -595,6 +595,109 @@ pub fn sample_rows(
     Ok((0..rows).map(|i| (ids[i], lp[i], ent[i])).collect())
 }
 
+// ---------------------------------------------------------------- decode q/k/v
+
+/// One decode step's q/k/v epilogue in one launch (`decode_qkv` in `kernels/ferrite.cu`): from
+/// the projections `q [B, Hq·D]`, `k, v [B, Hkv·D]`, their biases (`[Hq·D]`, `[Hkv·D]`, `[Hkv·D]`)
+/// if the model has them, and the step's `cos, sin [B, D]`, writes the rotated k and the v into
+/// slot `slot` of `k_cache, v_cache [B, Hkv, cap, D]` (contiguous, written in place) and returns
+/// the rotated q `[B, Hq·D]`. All of one dtype, f32 or bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_qkv(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<[&Tensor; 3]>,
+    cos: &Tensor,
+    sin: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    slot: usize,
+) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<[&Tensor; 3]>,
+        cos: &Tensor,
+        sin: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        slot: usize,
+    ) -> Result<Tensor> {
+        let (b, hkv, cap, d) = k_cache.dims4()?;
+        let hq = q.elem_count() / (b * d);
+        let shapes_ok = q.elem_count() == b * hq * d
+            && k.elem_count() == b * hkv * d
+            && v.elem_count() == b * hkv * d
+            && cos.elem_count() == b * d
+            && sin.elem_count() == b * d
+            && v_cache.dims() == k_cache.dims()
+            && k_cache.is_contiguous()
+            && v_cache.is_contiguous()
+            && d % 2 == 0
+            && slot < cap
+            && bias.is_none_or(|[qb, kb, vb]| {
+                qb.elem_count() == hq * d
+                    && kb.elem_count() == hkv * d
+                    && vb.elem_count() == hkv * d
+            });
+        if !shapes_ok {
+            return Err(err("decode_qkv: shapes do not match the cache"));
+        }
+        let inputs = [q, k, v, cos, sin].map(|t| t.contiguous());
+        let [q, k, v, cos, sin] = inputs;
+        let (q, k, v, cos, sin) = (q?, k?, v?, cos?, sin?);
+        // without biases the kernel reads none: q stands in for them
+        let [qb, kb, vb] = match bias {
+            Some(bs) => bs.map(|t| t.contiguous()),
+            None => [q.contiguous(), q.contiguous(), q.contiguous()],
+        };
+        let (qb, kb, vb) = (qb?, kb?, vb?);
+        let dev = cuda_device(&q)?;
+        let out = unsafe { dev.alloc::<T>(b * hq * d)? };
+        let (k_at, v_at) = (address::<T>(k_cache)?, address::<T>(v_cache)?);
+        let guards = [&q, &k, &v, &qb, &kb, &vb, &cos, &sin].map(|t| t.storage_and_layout());
+        let views = guards
+            .iter()
+            .map(|(s, l)| view::<T>(as_cuda(s)?, l))
+            .collect::<Result<Vec<_>>>()?;
+        let f = dev.get_or_load_custom_func(&kernel::<T>("decode_qkv")?, MODULE, PTX)?;
+        let pairs = b * (hq + 2 * hkv) * d / 2;
+        let has_bias = i32::from(bias.is_some());
+        let (hq32, hkv32, d32, cap32, slot32) =
+            (hq as i32, hkv as i32, d as i32, cap as i32, slot as i32);
+        let mut l = f.builder();
+        for view in &views[..6] {
+            l.arg(view);
+        }
+        l.arg(&has_bias).arg(&views[6]).arg(&views[7]);
+        l.arg(&out)
+            .arg(&k_at)
+            .arg(&v_at)
+            .arg(&hq32)
+            .arg(&hkv32)
+            .arg(&d32)
+            .arg(&cap32)
+            .arg(&slot32)
+            .arg(&pairs);
+        // SAFETY: B·Hq·D of q and out, B·Hkv·D of k and v, the biases' Hq·D and Hkv·D (checked
+        // above), B·D of cos and sin; the caches hold B·Hkv·cap·D and slot < cap.
+        unsafe { l.launch(config(launch::elems(pairs))) }.w()?;
+        Ok(wrap(T::wrap_cuda_slice(out, dev), (b, hq * d)))
+    }
+    let dtype = q.dtype();
+    let same = [k, v, cos, sin, k_cache, v_cache]
+        .iter()
+        .chain(bias.iter().flatten())
+        .all(|t| t.dtype() == dtype);
+    if !same {
+        return Err(err("decode_qkv: inputs of mixed dtypes"));
+    }
+    by_dtype!(dtype, go(q, k, v, bias, cos, sin, k_cache, v_cache, slot))
+}
+
 // ---------------------------------------------------------------- decode attention
 
 /// One decode step's attention over a KV cache (see `decode_attention` in `ferrite.cu`):

@@ -387,6 +387,86 @@ fn heads(y: Tensor, n: usize, d: usize) -> Result<Tensor> {
     Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
 }
 
+/// A layer's rotated queries `[B, Hq, T, D]`, the keys and values they attend to
+/// `[B, Hkv, S, D]`, and the new tokens' own keys and values `[B, Hkv, T, D]`.
+struct Projections {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+}
+
+/// [`Projections`] of `x [B, T, H]` through the composed ops; the new keys and values go into
+/// the cache, after the shared prompt's, or stand alone, as `keys` says.
+fn projections(
+    c: &ModelConfig,
+    w: &LayerWeights,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    keys: Keys,
+) -> Result<Projections> {
+    let (hq, d) = (c.num_attention_heads, c.head_dim);
+    let q = heads(linear(x, &w.q_proj, w.q_bias.as_ref())?, hq, d)?;
+    let q = apply_rope(&q, cos, sin)?; // [B, Hq, T, D]
+    let (k_new, v_new) = keys_values(c, w, x, cos, sin)?; // [B, Hkv, T, D]
+    let (k, v) = match keys {
+        Keys::Cache(cache, layer) => cache.append(layer, &k_new, &v_new)?, // [B, Hkv, S, D]
+        Keys::After(k, v) => (Tensor::cat(&[k, &k_new], 2)?, Tensor::cat(&[v, &v_new], 2)?),
+        Keys::Own => (k_new.clone(), v_new.clone()),
+    };
+    Ok(Projections {
+        q,
+        k,
+        v,
+        k_new,
+        v_new,
+    })
+}
+
+/// A decode step's [`Projections`] with one fused kernel after the three matmuls (CUDA): biases,
+/// rotary embedding and the cache write in place (`ops::decode_qkv`). None where it does not
+/// apply, with nothing computed or written: the CPU, kernels off, a graph to keep, or a model
+/// with some of the q/k/v biases but not all.
+fn decode_projections(
+    c: &ModelConfig,
+    w: &LayerWeights,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    cache: &mut KvCache,
+    layer: usize,
+) -> Result<Option<Projections>> {
+    let bias = match (&w.q_bias, &w.k_bias, &w.v_bias) {
+        (Some(qb), Some(kb), Some(vb)) => Some([qb, kb, vb]),
+        (None, None, None) => None,
+        _ => return Ok(None),
+    };
+    if !crate::ops::decode_qkv_applies(x) {
+        return Ok(None);
+    }
+    let (b, hq, d) = (x.dim(0)?, c.num_attention_heads, c.head_dim);
+    let (q, k, v) = (
+        linear(x, &w.q_proj, None)?, // [B, 1, Hq·D]
+        linear(x, &w.k_proj, None)?, // [B, 1, Hkv·D]
+        linear(x, &w.v_proj, None)?, // [B, 1, Hkv·D]
+    );
+    let (k_cache, v_cache, slot) = cache.next_slot(layer)?;
+    let Some(q) = crate::ops::decode_qkv(&q, &k, &v, bias, cos, sin, k_cache, v_cache, slot)?
+    else {
+        return Ok(None);
+    };
+    let (k, v) = cache.filled(layer, 1)?; // [B, Hkv, S, D]
+    Ok(Some(Projections {
+        q: q.reshape((b, hq, 1, d))?,
+        k_new: k.narrow(2, slot, 1)?,
+        v_new: v.narrow(2, slot, 1)?,
+        k,
+        v,
+    }))
+}
+
 /// The attention block's output `[B, T, H]`, and the new tokens' keys and values.
 fn attention(
     c: &ModelConfig,
@@ -400,14 +480,21 @@ fn attention(
     let (b, t, _) = x.dims3()?;
     let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let g = hq / hkv;
-    let q = heads(linear(x, &w.q_proj, w.q_bias.as_ref())?, hq, d)?;
-    let q = apply_rope(&q, cos, sin)?; // [B, Hq, T, D]
-    let (k_new, v_new) = keys_values(c, w, x, cos, sin)?; // [B, Hkv, T, D]
     let cached = matches!(keys, Keys::Cache(..));
-    let (k, v) = match keys {
-        Keys::Cache(cache, layer) => cache.append(layer, &k_new, &v_new)?, // [B, Hkv, S, D]
-        Keys::After(k, v) => (Tensor::cat(&[k, &k_new], 2)?, Tensor::cat(&[v, &v_new], 2)?),
-        Keys::Own => (k_new.clone(), v_new.clone()),
+    let Projections {
+        q,
+        k,
+        v,
+        k_new,
+        v_new,
+    } = match keys {
+        Keys::Cache(cache, layer) if t == 1 => {
+            match decode_projections(c, w, x, cos, sin, cache, layer)? {
+                Some(p) => p,
+                None => projections(c, w, x, cos, sin, Keys::Cache(cache, layer))?,
+            }
+        }
+        keys => projections(c, w, x, cos, sin, keys)?,
     };
     let s = k.dim(2)?;
     let q = q.reshape((b, hkv, g * t, d))?; // heads h = kv·G + j share K/V head kv
@@ -480,7 +567,9 @@ pub fn inv_freq(c: &ModelConfig) -> Vec<f32> {
     }
 }
 
-/// cos and sin `[B, 1, T, D]` for the given positions `[B·T]`.
+/// cos and sin `[B, 1, T, D]` for the given positions `[B·T]`, gathered on the host from
+/// [`rope_rows`] and uploaded once each in `dtype`: a decode step costs no trigonometry and no
+/// device launch.
 fn rope_tables(
     c: &ModelConfig,
     positions: &Tensor,
@@ -490,7 +579,43 @@ fn rope_tables(
 ) -> Result<(Tensor, Tensor)> {
     let pos = positions.to_vec1::<u32>()?;
     let rows = pos.iter().max().map_or(0, |&m| m as usize + 1);
+    let table = rope_rows(c, rows);
+    let d = c.head_dim;
+    let gather = |values: &[f32]| -> Result<Tensor> {
+        let v: Vec<f32> = pos
+            .iter()
+            .flat_map(|&p| &values[p as usize * d..(p as usize + 1) * d])
+            .copied()
+            .collect(); // [B·T, D]
+        Ok(Tensor::from_vec(v, (b, 1, t, d), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(positions.device())?)
+    };
+    Ok((gather(&table.cos)?, gather(&table.sin)?))
+}
+
+/// The rotary table of one model: `cos`, `sin` `[rows, D]` in f32 for positions `0..rows`.
+struct RopeRows {
+    inv_freq: Vec<f32>,
+    head_dim: usize,
+    rows: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// The rotary table for positions `0..rows` (at least): the last one computed, when it is for
+/// this model's frequencies and long enough, else a new one, grown to a power of two so that a
+/// decode that adds one position a step recomputes it a logarithmic number of times.
+fn rope_rows(c: &ModelConfig, rows: usize) -> std::sync::Arc<RopeRows> {
+    static LAST: std::sync::Mutex<Option<std::sync::Arc<RopeRows>>> = std::sync::Mutex::new(None);
     let freqs = inv_freq(c);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(table) = last.as_ref() {
+        if table.inv_freq == freqs && table.head_dim == c.head_dim && table.rows >= rows {
+            return table.clone();
+        }
+    }
+    let rows = rows.next_power_of_two();
     let d = c.head_dim;
     let (mut cos, mut sin) = (Vec::with_capacity(rows * d), Vec::with_capacity(rows * d));
     for p in 0..rows {
@@ -503,12 +628,13 @@ fn rope_tables(
             }
         }
     }
-    let device = positions.device();
-    let table = |v: Vec<f32>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(v, (rows, d), device)?
-            .index_select(positions, 0)? // [B·T, D]
-            .reshape((b, 1, t, d))?
-            .to_dtype(dtype)?)
-    };
-    Ok((table(cos)?, table(sin)?))
+    let table = std::sync::Arc::new(RopeRows {
+        inv_freq: freqs,
+        head_dim: d,
+        rows,
+        cos,
+        sin,
+    });
+    *last = Some(table.clone());
+    table
 }

@@ -63,6 +63,24 @@ impl KvCache {
         }
         self.keys[layer].slice_set(&k.contiguous()?, 2, self.len)?;
         self.values[layer].slice_set(&v.contiguous()?, 2, self.len)?;
+        self.filled(layer, t)
+    }
+
+    /// `layer`'s key and value buffers `[B, Hkv, capacity, D]` and the slot the next token goes
+    /// to, for a kernel that writes it in place (then [`KvCache::filled`]).
+    pub(crate) fn next_slot(&self, layer: usize) -> Result<(&Tensor, &Tensor, usize)> {
+        if self.len >= self.capacity {
+            return Err(ModelError::Generation(format!(
+                "KV cache full: {} + 1 slots > capacity {}",
+                self.len, self.capacity
+            )));
+        }
+        Ok((&self.keys[layer], &self.values[layer], self.len))
+    }
+
+    /// Views of `layer`'s keys and values in the filled slots plus `t` new ones `[B, Hkv,
+    /// len + t, D]`, once something wrote those in place.
+    pub(crate) fn filled(&self, layer: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let end = self.len + t;
         Ok((
             self.keys[layer].narrow(2, 0, end)?,

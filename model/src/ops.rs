@@ -792,6 +792,45 @@ pub fn decode_attention(
     Ok(None)
 }
 
+/// Whether [`decode_qkv`] runs its kernel for activations like `x`: CUDA, kernels on, f32 or
+/// bf16, and no graph to keep (generation runs on detached weights).
+pub fn decode_qkv_applies(x: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && cuda_kernels()
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && !x.track_op()
+}
+
+/// One decode step's q/k/v epilogue in one fused kernel, on CUDA: the projections
+/// `q [B, 1, Hq·D]`, `k, v [B, 1, Hkv·D]` get their biases (`bias`: q's, k's, v's, if the model
+/// has them), q and k their rotary embedding from the step's `cos, sin [B, 1, 1, D]`, and the
+/// rotated k and the v are written into slot `slot` of the KV cache's buffers
+/// `k_cache, v_cache [B, Hkv, cap, D]`, in place. Returns the rotated q `[B, Hq·D]`; None where
+/// the kernel does not apply (the CPU, kernels off, a graph to keep): the caller then takes the
+/// composed ops, which compute the same.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_qkv(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<[&Tensor; 3]>,
+    cos: &Tensor,
+    sin: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    slot: usize,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if decode_qkv_applies(q) {
+        return Ok(Some(crate::cuda::decode_qkv(
+            q, k, v, bias, cos, sin, k_cache, v_cache, slot,
+        )?));
+    }
+    let _ = (q, k, v, bias, cos, sin, k_cache, v_cache, slot);
+    Ok(None)
+}
+
 /// The composed-op references (also the path for non-CPU devices until fused kernels exist
 /// there). Every op here has a candle backward.
 pub mod composed {

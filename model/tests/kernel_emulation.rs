@@ -760,6 +760,80 @@ fn the_sampler_draws_what_the_host_draws() {
 }
 
 #[test]
+fn decode_qkv_adds_the_biases_rotates_and_writes_the_cache_slot() {
+    // 3 rows, 6 query heads over 2 KV heads of 8, a cache of 5 slots written at slot 3
+    let (b, hq, hkv, d, cap, slot) = (3usize, 6usize, 2usize, 8usize, 5usize, 3usize);
+    let pairs = b * (hq + 2 * hkv) * d / 2;
+    for ty in [Ty::F32, Ty::Bf16] {
+        let r = |shape: &[usize], seed| ty.round(&random(shape, seed, 1.0));
+        let (q, k, v) = (
+            r(&[b, hq * d], 21),
+            r(&[b, hkv * d], 22),
+            r(&[b, hkv * d], 23),
+        );
+        let (qb, kb, vb) = (r(&[hq * d], 24), r(&[hkv * d], 25), r(&[hkv * d], 26));
+        let (cos, sin) = (r(&[b, 1, 1, d], 27), r(&[b, 1, 1, d], 28));
+        let (k_cache, v_cache) = (r(&[b, hkv, cap, d], 29), r(&[b, hkv, cap, d], 30));
+        for with_bias in [true, false] {
+            // the composed decode path: bias adds rounded to the type, rope, the cache's slice_set
+            let add = |x: &Tensor, bias: &Tensor, heads: usize| {
+                let x = if with_bias {
+                    ty.round(&x.broadcast_add(bias).unwrap())
+                } else {
+                    x.clone()
+                };
+                x.reshape((b, heads, 1, d)).unwrap()
+            };
+            let rot = |x: Tensor| ty.round(&composed::rope(&x, &cos, &sin).unwrap());
+            let want_q = rot(add(&q, &qb, hq));
+            let at_slot = |cache: &Tensor, new: &Tensor| {
+                cache
+                    .slice_assign(&[0..b, 0..hkv, slot..slot + 1, 0..d], new)
+                    .unwrap()
+            };
+            let want_k = at_slot(&k_cache, &rot(add(&k, &kb, hkv)));
+            let want_v = at_slot(&v_cache, &add(&v, &vb, hkv));
+            // the launcher's geometry (one block here), and 64 threads striding the 120 pairs
+            let striding = Geometry {
+                grid: 2,
+                block: 32,
+                shared_bytes: 0,
+            };
+            for geometry in [launch::elems(pairs), striding] {
+                let out = launch(
+                    &ty.name("decode_qkv"),
+                    geometry,
+                    &[
+                        ty.buffer(&q),
+                        ty.buffer(&k),
+                        ty.buffer(&v),
+                        ty.buffer(&qb),
+                        ty.buffer(&kb),
+                        ty.buffer(&vb),
+                        Arg::Int(i32::from(with_bias)),
+                        ty.buffer(&cos),
+                        ty.buffer(&sin),
+                        ty.buffer(&q.zeros_like().unwrap()),
+                        ty.buffer(&k_cache),
+                        ty.buffer(&v_cache),
+                        Arg::Int(hq as i32),
+                        Arg::Int(hkv as i32),
+                        Arg::Int(d as i32),
+                        Arg::Int(cap as i32),
+                        Arg::Int(slot as i32),
+                        Arg::Size(pairs),
+                    ],
+                );
+                let what = format!("decode_qkv {ty:?}, bias {with_bias}, {geometry:?}");
+                assert_close(&format!("{what}: q"), &out[8], &want_q, ty.tol());
+                assert_close(&format!("{what}: k cache"), &out[9], &want_k, ty.tol());
+                assert_close(&format!("{what}: v cache"), &out[10], &want_v, ty.tol());
+            }
+        }
+    }
+}
+
+#[test]
 fn decode_attention_matches_the_composed_ops_over_a_cache_view() {
     // (B, Hkv, G, D, S, capacity): Qwen2.5-0.5B's G and D; the kernel's largest G and D with
     // fewer keys than warps; a D that is no multiple of 32
