@@ -646,14 +646,10 @@ pub fn decode_qkv(
         if !shapes_ok {
             return Err(err("decode_qkv: shapes do not match the cache"));
         }
-        let inputs = [q, k, v, cos, sin].map(|t| t.contiguous());
-        let [q, k, v, cos, sin] = inputs;
+        let [q, k, v, cos, sin] = [q, k, v, cos, sin].map(|t| t.contiguous());
         let (q, k, v, cos, sin) = (q?, k?, v?, cos?, sin?);
         // without biases the kernel reads none: q stands in for them
-        let [qb, kb, vb] = match bias {
-            Some(bs) => bs.map(|t| t.contiguous()),
-            None => [q.contiguous(), q.contiguous(), q.contiguous()],
-        };
+        let [qb, kb, vb] = bias.unwrap_or([&q; 3]).map(|t| t.contiguous());
         let (qb, kb, vb) = (qb?, kb?, vb?);
         let dev = cuda_device(&q)?;
         let out = unsafe { dev.alloc::<T>(b * hq * d)? };

@@ -8,6 +8,7 @@
 //! serves them all.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -606,8 +607,8 @@ struct RopeRows {
 /// The rotary table for positions `0..rows` (at least): the last one computed, when it is for
 /// this model's frequencies and long enough, else a new one, grown to a power of two so that a
 /// decode that adds one position a step recomputes it a logarithmic number of times.
-fn rope_rows(c: &ModelConfig, rows: usize) -> std::sync::Arc<RopeRows> {
-    static LAST: std::sync::Mutex<Option<std::sync::Arc<RopeRows>>> = std::sync::Mutex::new(None);
+fn rope_rows(c: &ModelConfig, rows: usize) -> Arc<RopeRows> {
+    static LAST: Mutex<Option<Arc<RopeRows>>> = Mutex::new(None);
     let freqs = inv_freq(c);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(table) = last.as_ref() {
@@ -628,7 +629,7 @@ fn rope_rows(c: &ModelConfig, rows: usize) -> std::sync::Arc<RopeRows> {
             }
         }
     }
-    let table = std::sync::Arc::new(RopeRows {
+    let table = Arc::new(RopeRows {
         inv_freq: freqs,
         head_dim: d,
         rows,
