@@ -462,13 +462,19 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
             }),
         },
         Case {
-            // two weight-gradient groups: 2 chunks of 40 rows, then one of 16
+            // two weight-gradient groups: 2 chunks of 40 rows, then one of 16; the logits
+            // recomputed by the backward (the learner's shape keeps them: see the bench)
             name: "output layer, chunks of 40, groups of 80 [96, 896]·[151936, 896]ᵀ",
             shapes: vec![vec![96, 896], vec![151_936, 896]],
             grad_of: vec![true, true],
             fused: Box::new(move |x| {
-                lp_plus_h(model::head::output_logprobs_grouped(
-                    &x[0], &x[1], &t3, 0.7, 40, 80,
+                let chunking = model::head::Chunking {
+                    rows: 40,
+                    group: 80,
+                    keep_logits: false,
+                };
+                lp_plus_h(model::head::output_logprobs_with(
+                    &x[0], &x[1], &t3, 0.7, chunking,
                 )?)
             }),
             reference: Box::new(move |x| {

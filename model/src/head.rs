@@ -41,9 +41,38 @@ pub fn group_rows(chunk: usize, vocab: usize, dtype: DType) -> usize {
     chunk.max(1) * (GROUP_BYTES / chunk_bytes).max(1)
 }
 
+/// Bytes of 16-bit logits a differentiable forward keeps for its backward, which then skips
+/// recomputing them (one output-layer matmul per chunk, about 2.2 TFLOP a step at 8,192 tokens
+/// of Qwen2.5-0.5B): 4 GiB, e.g. those 8,192 tokens' 151,936 logits in bf16 (2.3 GiB). Past it,
+/// and for f32 logits (which are never all kept), the backward recomputes each chunk's.
+pub const KEEP_BYTES: usize = 1 << 32;
+
+/// How the output layer splits its rows: `rows` per chunk of logits, `group` per
+/// weight-gradient matmul (rounded down to whole chunks, at least one), and whether the forward
+/// keeps its logits for the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    pub rows: usize,
+    pub group: usize,
+    pub keep_logits: bool,
+}
+
+impl Chunking {
+    /// `chunk` rows per chunk, [`group_rows`] per group, and the logits kept when they are
+    /// 16-bit and fit in [`KEEP_BYTES`] for `n` rows of a `vocab` vocabulary in `dtype`.
+    pub fn new(n: usize, vocab: usize, chunk: usize, dtype: DType) -> Self {
+        let bytes = dtype.size_in_bytes();
+        Chunking {
+            rows: chunk.max(1),
+            group: group_rows(chunk, vocab, dtype),
+            keep_logits: bytes == 2 && n * vocab * bytes <= KEEP_BYTES,
+        }
+    }
+}
+
 /// Per-row log-prob of `targets` and entropy under `softmax(states · weightᵀ / temperature)`:
 /// `states [N, H]`, `weight [V, H]`, `targets [N]` u32 → `([N], [N])` f32, differentiable in
-/// `states` and `weight`, with at most `chunk` rows of logits alive at a time.
+/// `states` and `weight`, with at most `chunk` rows of logits computed at a time.
 pub fn output_logprobs(
     states: &Tensor,
     weight: &Tensor,
@@ -51,35 +80,42 @@ pub fn output_logprobs(
     temperature: f64,
     chunk: usize,
 ) -> Result<(Tensor, Tensor)> {
-    let group = group_rows(chunk, weight.dim(0)?, weight.dtype());
-    output_logprobs_grouped(states, weight, targets, temperature, chunk, group)
+    let (n, _) = states.dims2()?;
+    let chunking = Chunking::new(n, weight.dim(0)?, chunk, weight.dtype());
+    output_logprobs_with(states, weight, targets, temperature, chunking)
 }
 
-/// [`output_logprobs`] with the backward's weight gradient taken `group` rows at a time.
-pub fn output_logprobs_grouped(
+/// [`output_logprobs`] split as `chunking` says. The logits are kept only when asked and a
+/// backward may follow (the states or the weight are in a graph).
+pub fn output_logprobs_with(
     states: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     temperature: f64,
-    chunk: usize,
-    group: usize,
+    chunking: Chunking,
 ) -> Result<(Tensor, Tensor)> {
     let (n, _) = states.dims2()?;
-    let chunk = chunk.max(1);
+    let chunk = chunking.rows.max(1);
+    let keep = chunking.keep_logits && (states.track_op() || weight.track_op());
     let (sd, wd) = (states.detach(), weight.detach());
-    let mut parts = Vec::new();
+    let (mut parts, mut kept) = (Vec::new(), Vec::new());
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let z = linear(&sd.narrow(0, start, len)?, &wd, None)?; // [c, V]
         let (lp, ent) = logprob_and_entropy(&z, &targets.narrow(0, start, len)?, temperature)?;
         parts.push(Tensor::stack(&[lp, ent], 1)?); // [c, 2]
+        if keep {
+            kept.push(z);
+        }
     }
     let stats = Tensor::cat(&parts, 0)?.contiguous()?; // [N, 2]
     let op = OutputLogprobs {
         targets: targets.clone(),
         temperature,
         chunk,
-        group: group.max(1),
+        // whole chunks, so that the backward's chunks are the forward's
+        group: chunk * (chunking.group / chunk).max(1),
+        kept: keep.then_some(kept),
     };
     // [N, 2], the values of `stats`, which is also the third input the backward reads
     let out = attach(states, weight, &stats, stats.clone(), move |s, w, y, g| {
@@ -98,6 +134,8 @@ struct OutputLogprobs {
     temperature: f64,
     chunk: usize,
     group: usize,
+    /// The forward's logits, chunk by chunk, when it kept them.
+    kept: Option<Vec<Tensor>>,
 }
 
 impl OutputLogprobs {
@@ -118,7 +156,10 @@ impl OutputLogprobs {
             let dz = Tensor::zeros((g_len, v), wd.dtype(), wd.device())?; // [g, V]
             for start in (g_start..g_start + g_len).step_by(self.chunk) {
                 let len = self.chunk.min(g_start + g_len - start);
-                let z = linear(&sd.narrow(0, start, len)?, &wd, None)?; // [c, V]
+                let z = match &self.kept {
+                    Some(kept) => kept[start / self.chunk].clone(),
+                    None => linear(&sd.narrow(0, start, len)?, &wd, None)?,
+                }; // [c, V]
                 let dz_c = logprob_entropy_backward(
                     &z,
                     &self.targets.narrow(0, start, len)?,
@@ -186,9 +227,9 @@ mod tests {
                 g.get(s.as_tensor()).unwrap().clone(),
                 g.get(w.as_tensor()).unwrap().clone(),
             );
-            // chunk, group: one group; groups of whole chunks with a short last one; groups
-            // smaller than a chunk (one chunk each)
-            for (chunk, group) in [
+            // chunk, group: one group; groups of whole chunks with a short last one; a group
+            // smaller than a chunk (one chunk); with the logits kept and recomputed
+            let splits = [
                 (1, 100),
                 (4, 100),
                 (13, 13),
@@ -196,20 +237,21 @@ mod tests {
                 (2, 6),
                 (4, 8),
                 (4, 1),
-            ] {
+            ];
+            for ((rows, group), keep_logits) in splits.into_iter().zip([true, false].repeat(4)) {
+                let chunking = Chunking {
+                    rows,
+                    group,
+                    keep_logits,
+                };
+                let chunk = format!("{chunking:?}");
                 let (s, w) = (
                     Var::from_tensor(&s0).unwrap(),
                     Var::from_tensor(&w0).unwrap(),
                 );
-                let (lp2, ent2) = output_logprobs_grouped(
-                    s.as_tensor(),
-                    w.as_tensor(),
-                    &t,
-                    temperature,
-                    chunk,
-                    group,
-                )
-                .unwrap();
+                let (lp2, ent2) =
+                    output_logprobs_with(s.as_tensor(), w.as_tensor(), &t, temperature, chunking)
+                        .unwrap();
                 assert!(max_rel(&lp2, &lp) < 1e-5, "log-probs, chunk {chunk}");
                 assert!(max_rel(&ent2, &ent) < 1e-5, "entropy, chunk {chunk}");
                 let g = objective(&lp2, &ent2, &u).backward().unwrap();
@@ -227,6 +269,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn only_16_bit_logits_within_the_budget_are_kept() {
+        let v = 151_936;
+        let chunk = chunk_rows(v); // 220
+                                   // the learner's shape in bf16: 2.3 GiB kept, dW per 16 chunks
+        let bf16 = Chunking::new(8192, v, chunk, DType::BF16);
+        assert_eq!(
+            (bf16.rows, bf16.group, bf16.keep_logits),
+            (220, 220 * 16, true)
+        );
+        // twice the tokens pass 4 GiB; f32 logits are never all kept
+        assert!(!Chunking::new(16_384, v, chunk, DType::BF16).keep_logits);
+        assert!(!Chunking::new(8, v, chunk, DType::F32).keep_logits);
     }
 
     /// The composed backward (the path of non-CPU devices) against the fused one.
