@@ -163,10 +163,12 @@ impl ChunkedAttention {
         let (b, hkv, g, t, s, d) = self.dims(q, k)?;
         let (k, v) = (k.detach(), v.detach().contiguous()?);
         let (q, d_out) = (q.detach(), d_out.to_dtype(v.dtype())?);
-        let mut dq = Vec::new();
-        let mut dk = Tensor::zeros((b, hkv, s, d), DType::F32, k.device())?;
-        let mut dv = Tensor::zeros((b, hkv, s, d), DType::F32, v.device())?;
-        for start in (0..t).step_by(self.chunk) {
+        // the last rows first: they see every key, so their gradients start the f32 sums whole,
+        // and each earlier chunk adds into a prefix of them in place
+        let starts: Vec<usize> = (0..t).step_by(self.chunk).collect();
+        let mut dq = Vec::with_capacity(starts.len());
+        let (mut dk, mut dv) = (None, None);
+        for &start in starts.iter().rev() {
             let len = self.chunk.min(t - start);
             let keys = Self::visible_keys(t, s, start, len);
             let (k_c, v_c) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?); // [B, Hkv, keys, D]
@@ -178,11 +180,14 @@ impl ChunkedAttention {
             let rows = (b, hkv, g * len, keys);
             let (p, ds) = (p.reshape(rows)?, ds.reshape(rows)?.to_dtype(k.dtype())?);
             let dv_c = p.to_dtype(v.dtype())?.t()?.matmul(&do_c)?; // [B, Hkv, keys, D]
-            dv = (dv + dv_c.to_dtype(DType::F32)?.pad_with_zeros(2, 0, s - keys)?)?;
+            dv = Some(add_prefix(dv, dv_c.to_dtype(DType::F32)?, s)?);
             dq.push(ds.matmul(&k_c)?.reshape((b, hkv, g, len, d))?);
             let dk_c = ds.t()?.matmul(&q_c)?; // [B, Hkv, keys, D]
-            dk = (dk + dk_c.to_dtype(DType::F32)?.pad_with_zeros(2, 0, s - keys)?)?;
+            dk = Some(add_prefix(dk, dk_c.to_dtype(DType::F32)?, s)?);
         }
+        dq.reverse();
+        let zeros = || Tensor::zeros((b, hkv, s, d), DType::F32, k.device());
+        let (dk, dv) = (dk.map_or_else(zeros, Ok)?, dv.map_or_else(zeros, Ok)?);
         let dq = Tensor::cat(&dq, 3)?.reshape((b, hkv, g * t, d))?;
         Ok((
             dq.to_dtype(q.dtype())?,
@@ -190,6 +195,22 @@ impl ChunkedAttention {
             dv.to_dtype(v.dtype())?,
         ))
     }
+}
+
+/// `acc + part` over `part`'s leading key slots (dim 2), written into `acc` in place; with no
+/// `acc` yet, `part` padded with zeros to `s` slots.
+fn add_prefix(acc: Option<Tensor>, part: Tensor, s: usize) -> Result<Tensor> {
+    let keys = part.dim(2)?;
+    let Some(acc) = acc else {
+        return Ok(if keys == s {
+            part
+        } else {
+            part.pad_with_zeros(2, 0, s - keys)?
+        });
+    };
+    let sum = (acc.narrow(2, 0, keys)? + part)?;
+    acc.slice_set(&sum, 2, 0)?;
+    Ok(acc)
 }
 
 #[cfg(test)]
