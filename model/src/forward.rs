@@ -429,7 +429,7 @@ fn projections(
 /// A decode step's [`Projections`] with one fused kernel after the three matmuls (CUDA): biases,
 /// rotary embedding and the cache write in place (`ops::decode_qkv`). None where it does not
 /// apply, with nothing computed or written: the CPU, kernels off, a graph to keep, or a model
-/// with some of the q/k/v biases but not all.
+/// with some of the q/k/v biases but not all, or biases in another dtype than its activations.
 fn decode_projections(
     c: &ModelConfig,
     w: &LayerWeights,
@@ -444,7 +444,8 @@ fn decode_projections(
         (None, None, None) => None,
         _ => return Ok(None),
     };
-    if !crate::ops::decode_qkv_applies(x) {
+    let same_dtype = bias.is_none_or(|bs| bs.iter().all(|t| t.dtype() == x.dtype()));
+    if !same_dtype || !crate::ops::decode_qkv_applies(x) {
         return Ok(None);
     }
     let (b, hq, d) = (x.dim(0)?, c.num_attention_heads, c.head_dim);
