@@ -27,10 +27,19 @@ RC=0
 # Ceilings, so that a hung kernel still leaves time for the anchor and the run. None of these
 # parts has run on a GPU yet, so their times are unknown; together the ceilings exceed one device
 # call (at most 600 s): if the first `all` runs long, call `checks`, `bench` and `run` separately.
+# The checks and the bench run as two processes: a kernel fault in a check (which leaves the CUDA
+# context unusable) does not cost the bench. Each prints every section as it ends.
 if [ "$WHAT" != run ]; then
-  timeout "${GPU_CHECK_TIMEOUT:-300}" "$BIN" gpu-check "$WHAT" 2>&1 | tee "$OUT/ferrite.txt"
-  RC=${PIPESTATUS[0]}
-  [ "$RC" = 124 ] && echo "gpu-check: timed out (a kernel may hang; the rows above ran)"
+  : > "$OUT/ferrite.txt"
+  PARTS=$WHAT
+  [ "$WHAT" = all ] && PARTS="checks bench"
+  for PART in $PARTS; do
+    if [ "$PART" = checks ]; then LIMIT=${GPU_CHECK_TIMEOUT:-150}; else LIMIT=${GPU_BENCH_TIMEOUT:-300}; fi
+    timeout "$LIMIT" "$BIN" gpu-check "$PART" 2>&1 | tee -a "$OUT/ferrite.txt"
+    PART_RC=${PIPESTATUS[0]}
+    [ "$PART_RC" = 124 ] && echo "gpu-check $PART: timed out after $LIMIT s (a kernel may hang; the sections above ran)"
+    [ "$PART_RC" = 0 ] || RC=$PART_RC
+  done
 fi
 if [ "$WHAT" = bench ] || [ "$WHAT" = all ] && [ -f gpu/torch_anchor.py ]; then
   timeout "${ANCHOR_TIMEOUT:-180}" python3 gpu/torch_anchor.py 2>&1 | grep '^{' | tee "$OUT/torch.jsonl"

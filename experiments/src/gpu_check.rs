@@ -549,6 +549,64 @@ fn kernel_case(
     Ok(())
 }
 
+/// The token embedding (its backward: each distinct token's rows summed) and the log-probs' row
+/// selection and scatter against candle's `index_select` / `index_add`, forward and backward, at
+/// the learner's widths: 8,192 ids over 5,000 distinct tokens into Qwen2.5-0.5B's table, and 6,000
+/// of 8,192 rows.
+fn embedding_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    let (v, h, n) = (151_936usize, 896usize, 8192usize);
+    let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % 5000 * 30).collect();
+    let picked: Vec<u32> = (0..n as u32).filter(|i| i % 4 != 1).collect();
+    let ids_t = Tensor::new(ids.as_slice(), gpu)?;
+    let picked_t = Tensor::new(picked.as_slice(), gpu)?;
+    let m = picked.len();
+    let (i1, i2, p1, p2, p3) = (
+        ids_t.clone(),
+        ids_t,
+        picked.clone(),
+        picked.clone(),
+        picked_t.clone(),
+    );
+    let p4 = picked_t;
+    let cases = [
+        Case {
+            name: "embedding [151936, 896] ← 8192 ids",
+            shapes: vec![vec![v, h]],
+            grad_of: vec![true],
+            fused: Box::new(move |x| Ok(ops::embedding(&x[0], &i1)?)),
+            reference: Box::new(move |x| Ok(x[0].index_select(&i2, 0)?)),
+        },
+        Case {
+            name: "select rows [8192, 896] → 6144",
+            shapes: vec![vec![n, h]],
+            grad_of: vec![true],
+            fused: Box::new(move |x| Ok(ops::select_rows(&x[0], &p1)?)),
+            reference: Box::new(move |x| Ok(x[0].index_select(&p3, 0)?)),
+        },
+        Case {
+            name: "scatter rows [6144, 2] → [8192, 2]",
+            shapes: vec![vec![m, 2]],
+            grad_of: vec![true],
+            fused: Box::new(move |x| Ok(ops::scatter_rows(&x[0], &p2, n)?)),
+            reference: Box::new(move |x| {
+                Ok(Tensor::zeros((n, 2), x[0].dtype(), x[0].device())?.index_add(&p4, &x[0], 0)?)
+            }),
+        },
+    ];
+    for (k, case) in cases.iter().enumerate() {
+        for dtype in [DType::F32, DType::BF16] {
+            if let Err(e) = kernel_case(gpu, case, 50 + k, dtype, rows) {
+                rows.push((
+                    format!("{} {dtype:?}", case.name),
+                    format!("error: {e}"),
+                    false,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The decode attention kernel against the composed ops (f32 probabilities) on a KV cache view:
 /// B=64 rows, Qwen2.5-0.5B's 2 KV heads of 7 query heads and D=64, 300 of 400 slots filled, row 1
 /// left-padded. On the CPU (dry run) the kernel does not apply and the row says so.
@@ -844,20 +902,23 @@ fn generation_bench(
     Ok((start.elapsed().as_secs_f64(), new))
 }
 
-/// Learner step and generation on the Qwen2.5-0.5B shape (bf16 weights, f32 AdamW moments), the
-/// measurements torch_anchor.py makes; plus each fused kernel's time at the learner's shapes.
-fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Result<()> {
-    let c = qwen05b();
-    let Device::Cuda(dev) = gpu else {
-        return Err("not a CUDA device".into());
-    };
-    let baseline = dev
-        .cuda_stream()
-        .context()
-        .mem_get_info()
-        .map(|(free, total)| total - free)
-        .unwrap_or(0);
-    let w = init::random_weights(&c, 0.02, 0, &Device::Cpu)?.to(DType::BF16, gpu)?;
+/// Device memory in use (total − free, the CUDA context included); 0 off CUDA.
+fn used_memory(gpu: &Device) -> usize {
+    match gpu {
+        Device::Cuda(dev) => dev
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .map(|(free, total)| total - free)
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The learner step on the Qwen2.5-0.5B shape (bf16 weights, f32 AdamW moments) at B=8, T=1024,
+/// the measurement torch_anchor.py makes: with the kernels, with the composed ops, and with the
+/// kernels and layer checkpointing.
+fn learner_benches(gpu: &Device, w: &Weights, baseline: usize, r: &mut Report) -> Result<()> {
     let (b, t) = (8usize, 1024usize);
     for (label, kernels, checkpoint) in [
         ("CUDA kernels", true, false),
@@ -866,9 +927,9 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
     ] {
         ops::set_cuda_kernels(kernels);
         model::checkpoint::set_enabled(checkpoint);
-        match learner_bench(gpu, &w, b, t, baseline) {
+        match learner_bench(gpu, w, b, t, baseline) {
             Ok((secs, phases, peak_gib)) => {
-                lines.push(format!(
+                r.lines.push(format!(
                     "learner B={b} T={t} bf16, {label}: {:.0} tok/s, {:.0} ms/step (forward + log-probs {:.0}, backward {:.0}, AdamW {:.0}), peak {peak_gib:.1} GiB above the context",
                     (b * t) as f64 / secs,
                     secs * 1e3,
@@ -876,17 +937,23 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
                     phases[1] * 1e3,
                     phases[2] * 1e3,
                 ));
-                json.push(format!(
+                r.json.push(format!(
                     r#"{{"kind": "learner", "variant": "{label}", "B": {b}, "T": {t}, "step_s": {secs}, "tok_s": {}, "peak_gib": {peak_gib}}}"#,
                     (b * t) as f64 / secs
                 ));
             }
-            Err(e) => lines.push(format!("learner B={b} T={t} bf16, {label}: error: {e}")),
+            Err(e) => r.lines.push(format!("learner B={b} T={t} bf16, {label}: error: {e}")),
         }
     }
     model::checkpoint::set_enabled(false);
     ops::set_cuda_kernels(true);
+    Ok(())
+}
 
+/// Each fused kernel's forward + backward time against its composed reference at the learner's
+/// shapes (B=8, T=1024, Qwen2.5-0.5B's widths).
+fn kernel_timings(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
+    let (b, t) = (8usize, 1024usize);
     // each fused kernel against its composed reference at the learner's shapes (forward + backward)
     let nt = b * t;
     let causal: Vec<f32> = (0..b * t * t)
@@ -899,6 +966,11 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
     let targets = Tensor::new(targets.as_slice(), gpu)?;
     let (t1, t2) = (targets.clone(), targets);
     let lp_plus_h = |(lp, h): (Tensor, Tensor)| -> Result<Tensor> { Ok((lp + (h * 0.37)?)?) };
+    let ids: Vec<u32> = (0..nt as u32).map(|i| (i * 104_729) % 151_936).collect();
+    let e1 = Tensor::new(ids.as_slice(), gpu)?;
+    let e2 = e1.clone();
+    let r1: Vec<u32> = (0..nt as u32).filter(|i| i % 4 != 1).collect();
+    let r2 = Tensor::new(r1.as_slice(), gpu)?;
     let kernel_cases = [
         Case {
             name: "rms_norm [8192, 896]",
@@ -957,6 +1029,22 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
                 ))
             }),
         },
+        Case {
+            // the step's first op: its backward is the embedding table's gradient
+            name: "embedding [151936, 896] ← 8192 ids",
+            shapes: vec![vec![151_936, 896]],
+            grad_of: vec![true],
+            fused: Box::new(move |x| Ok(ops::embedding(&x[0], &e1)?)),
+            reference: Box::new(move |x| Ok(x[0].index_select(&e2, 0)?)),
+        },
+        Case {
+            // the scored rows (three in four here) before the output layer
+            name: "select rows [8192, 896] → 6144",
+            shapes: vec![vec![nt, 896]],
+            grad_of: vec![true],
+            fused: Box::new(move |x| Ok(ops::select_rows(&x[0], &r1)?)),
+            reference: Box::new(move |x| Ok(x[0].index_select(&r2, 0)?)),
+        },
     ];
     for Case {
         name,
@@ -997,6 +1085,50 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
         });
     }
 
+    // the matmuls of one decoder layer (q, k, v, o, gate, up, down), forward + backward: with 24
+    // layers and the output layer, most of the step's FLOPs
+    let layer = |x: &[Tensor]| -> Result<Tensor> {
+        let lin = |a: &Tensor, w: &Tensor| model::forward::linear(a, w, None);
+        let h = &x[0];
+        let (q, k, v) = (lin(h, &x[1])?, lin(h, &x[2])?, lin(h, &x[3])?);
+        let mlp = lin(&(lin(h, &x[5])? * lin(h, &x[6])?)?, &x[7])?;
+        Ok(Tensor::cat(&[(lin(&q, &x[4])? + mlp)?, k, v], 1)?)
+    };
+    let (hd, kv, ff) = (896usize, 128usize, 4864usize);
+    let shapes = [
+        vec![nt, hd],
+        vec![hd, hd],
+        vec![kv, hd],
+        vec![kv, hd],
+        vec![hd, hd],
+        vec![ff, hd],
+        vec![ff, hd],
+        vec![hd, ff],
+    ];
+    let matmuls = || -> Result<f64> {
+        let inputs: Vec<Tensor> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| randn(s, 20 + i as u64, 0.03, DType::BF16, gpu))
+            .collect::<Result<_>>()?;
+        time(5, || value_and_grads(&inputs, &[true; 8], &layer, 1), gpu)
+    };
+    let flops = 6.0 * nt as f64 * (hd * (2 * hd + 2 * kv + 3 * ff)) as f64;
+    lines.push(match matmuls() {
+        Ok(secs) => format!(
+            "one layer's 7 matmuls [8192, 896] bf16 forward+backward: {:.2} ms ({:.0} TFLOP/s; x24 layers = {:.0} ms a step)",
+            secs * 1e3,
+            flops / secs / 1e12,
+            24.0 * secs * 1e3
+        ),
+        Err(e) => format!("one layer's matmuls: error: {e}"),
+    });
+    Ok(())
+}
+
+/// The device sampler's time per decode step at the widest decode batch (B=256).
+fn sampler_timing(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
+    let c = qwen05b();
     // the sampler at the widest decode batch: full softmax, top-k, top-p, both
     let sampler = || -> Result<String> {
         let (rows, v) = (256usize, c.vocab_size);
@@ -1019,46 +1151,97 @@ fn bench(gpu: &Device, json: &mut Vec<String>, lines: &mut Vec<String>) -> Resul
         }
         Ok(out.trim_end_matches(',').to_string())
     };
-    lines.push(sampler().unwrap_or_else(|e| format!("sampler: error: {e}")));
+    lines.push(sampler()?);
 
+    Ok(())
+}
+
+/// Generation on the Qwen2.5-0.5B shape: B=64 and B=256, 128-token prompts, 256 new tokens (HF
+/// `generate`'s measurement in torch_anchor.py), and B=64 with the kernels off.
+fn generation_benches(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
     // generation
     let (p, n) = (128usize, 256usize);
     for gb in [64usize, 256] {
-        match generation_bench(gpu, &w, gb, p, n) {
+        match generation_bench(gpu, w, gb, p, n) {
             Ok((secs, new)) => {
-                lines.push(format!(
+                r.lines.push(format!(
                     "generate B={gb}, {p}-token prompts, {n} new: {:.0} tok/s ({new} tokens in {secs:.1} s)",
                     new as f64 / secs
                 ));
-                json.push(format!(
+                r.json.push(format!(
                     r#"{{"kind": "rollout", "B": {gb}, "P": {p}, "N": {n}, "s": {secs}, "gen_tok_s": {}}}"#,
                     new as f64 / secs
                 ));
             }
-            Err(e) => lines.push(format!("generate B={gb}: error: {e}")),
+            Err(e) => r.lines.push(format!("generate B={gb}: error: {e}")),
         }
     }
     // what the kernels (decode attention, sampler, norms) gain in generation: B=64 without them
     ops::set_cuda_kernels(false);
-    let composed = generation_bench(gpu, &w, 64, p, n);
+    let composed = generation_bench(gpu, w, 64, p, n);
     ops::set_cuda_kernels(true);
-    lines.push(match composed {
+    r.lines.push(match composed {
         Ok((secs, new)) => format!(
             "generate B=64 with the composed ops (kernels off): {:.0} tok/s",
             new as f64 / secs
         ),
         Err(e) => format!("generate B=64 composed: error: {e}"),
     });
-    println!(
-        "bench done ({:.1} GiB of weights)",
-        c.num_parameters() as f64 * 2.0 / GIB
-    );
     Ok(())
 }
 
 /// `what`: `checks`, `bench` or `all`.
 pub fn main(what: &str) -> anyhow::Result<()> {
     run(what).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+type Rows = Vec<(String, String, bool)>;
+
+/// What the sections found: check rows, bench lines and JSON lines. Each section's part is
+/// printed as soon as it ends, so that a run cut short (a hung kernel, the device call's time
+/// limit) still shows everything before; the whole table is printed again at the end.
+#[derive(Default)]
+struct Report {
+    rows: Rows,
+    lines: Vec<String>,
+    json: Vec<String>,
+}
+
+impl Report {
+    /// Runs one section; its error or panic becomes a FAIL row and the next section still runs
+    /// (a CUDA fault may leave the context unusable: the later sections then fail fast).
+    fn section(&mut self, name: &str, f: impl FnOnce(&mut Report) -> Result<()>) {
+        let (rows, lines, json) = (self.rows.len(), self.lines.len(), self.json.len());
+        let start = Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        let failure = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("error: {e}")),
+            Err(panic) => Some(format!(
+                "panic: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+            )),
+        };
+        if let Some(failure) = failure {
+            self.rows.push((name.to_string(), failure, false));
+        }
+        println!("-- {name} ({:.1} s)", start.elapsed().as_secs_f64());
+        print_rows(&self.rows[rows..]);
+        self.lines[lines..].iter().for_each(|l| println!("{l}"));
+        self.json[json..].iter().for_each(|j| println!("{j}"));
+        use std::io::Write;
+        std::io::stdout().flush().ok();
+    }
+}
+
+fn print_rows(rows: &[(String, String, bool)]) {
+    for (name, value, ok) in rows {
+        println!("{name:<64} {value:<24} {}", if *ok { "ok" } else { "FAIL" });
+    }
 }
 
 fn run(what: &str) -> Result<()> {
@@ -1070,55 +1253,43 @@ fn run(what: &str) -> Result<()> {
         Ok("cpu") => Device::Cpu,
         _ => Device::new_cuda(0)?,
     };
-    let mut rows: Vec<(String, String, bool)> = Vec::new();
-    let (mut json, mut lines) = (Vec::new(), Vec::new());
-    // a failing section is a FAIL row with its error; the rest still runs
-    let section = |name: &str, r: Result<()>, rows: &mut Vec<(String, String, bool)>| {
-        if let Err(e) = r {
-            rows.push((name.to_string(), format!("error: {e}"), false));
-        }
-    };
+    let mut r = Report::default();
     if what != "bench" {
-        section("kernel checks", kernel_checks(&gpu, &mut rows), &mut rows);
-        section(
-            "sampling checks",
-            sampling_checks(&gpu, &mut rows),
-            &mut rows,
-        );
-        section(
-            "optimizer checks",
-            optimizer_checks(&gpu, &mut rows),
-            &mut rows,
-        );
-        section(
-            "decode attention checks",
-            decode_attention_checks(&gpu, &mut rows),
-            &mut rows,
-        );
-        section(
-            "decode q/k/v checks",
-            decode_qkv_checks(&gpu, &mut rows),
-            &mut rows,
-        );
-        section("model checks", model_checks(&gpu, &mut rows), &mut rows);
+        r.section("kernel checks", |r| kernel_checks(&gpu, &mut r.rows));
+        r.section("embedding checks", |r| embedding_checks(&gpu, &mut r.rows));
+        r.section("sampling checks", |r| sampling_checks(&gpu, &mut r.rows));
+        r.section("optimizer checks", |r| optimizer_checks(&gpu, &mut r.rows));
+        r.section("decode attention checks", |r| {
+            decode_attention_checks(&gpu, &mut r.rows)
+        });
+        r.section("decode q/k/v checks", |r| {
+            decode_qkv_checks(&gpu, &mut r.rows)
+        });
+        r.section("model checks", |r| model_checks(&gpu, &mut r.rows));
     }
     if what != "checks" {
-        section("bench", bench(&gpu, &mut json, &mut lines), &mut rows);
+        let c = qwen05b();
+        let baseline = used_memory(&gpu);
+        let mut w = None;
+        r.section("Qwen2.5-0.5B-shape weights", |_| {
+            w = Some(init::random_weights(&c, 0.02, 0, &Device::Cpu)?.to(DType::BF16, &gpu)?);
+            Ok(())
+        });
+        if let Some(w) = &w {
+            r.section("learner bench", |r| {
+                learner_benches(&gpu, w, baseline, r)
+            });
+            r.section("kernel timings", |r| kernel_timings(&gpu, &mut r.lines));
+            r.section("sampler timing", |r| sampler_timing(&gpu, &mut r.lines));
+            r.section("generation bench", |r| generation_benches(&gpu, w, r));
+        }
     }
     println!("\nferrite gpu-check");
     println!("{:<64} {:<24} result", "check", "value");
-    let mut failed = 0;
-    for (name, value, ok) in &rows {
-        println!("{name:<64} {value:<24} {}", if *ok { "ok" } else { "FAIL" });
-        failed += usize::from(!ok);
-    }
+    print_rows(&r.rows);
     println!();
-    for l in lines {
-        println!("{l}");
-    }
-    for j in json {
-        println!("{j}");
-    }
+    r.lines.iter().for_each(|l| println!("{l}"));
+    let failed = r.rows.iter().filter(|(_, _, ok)| !ok).count();
     if failed > 0 {
         return Err(format!("{failed} GPU checks failed").into());
     }

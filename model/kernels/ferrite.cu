@@ -52,6 +52,70 @@ __device__ float block_max(float v) {
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
 
+// ------------------------------------------------------------------------------- rows
+// Row gather and scatter over rows of h, one thread per element (any h, 1 included):
+// gather_rows:  y[i] = x[rows[i]], a row of NaN where rows[i] ≥ m (an embedding's bad token id:
+//               the loss is then non-finite and the step skipped, where reading past x would fault);
+// scatter_rows: y[rows[i]] = x[i] into a zeroed y of m rows (the rows distinct), rows ≥ m skipped.
+// The token embedding's backward, embedding_bwd: dw[token] = Σ g[i] over the positions i holding
+// that token, summed in f32 in position order and written once; `table` (from the host,
+// ops::token_segments) holds the u distinct tokens, their segment starts (u + 1) and the positions
+// sorted by token. One block per token, threads over h; dw is zeroed beforehand. Deterministic,
+// and no thread walks every id (candle's index_add runs one thread per column through all ids).
+
+template <typename T>
+__device__ void gather_rows(const T* x, const uint32_t* rows, T* y, int h, int m, size_t n) {
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        const uint32_t r = rows[e / h];
+        y[e] = r < (uint32_t)m ? x[(size_t)r * h + e % h] : st<T>(NAN);
+    }
+}
+extern "C" __global__ void gather_rows_f32(const float* x, const uint32_t* rows, float* y, int h, int m,
+                                           size_t n) {
+    gather_rows<float>(x, rows, y, h, m, n);
+}
+extern "C" __global__ void gather_rows_bf16(const bf16* x, const uint32_t* rows, bf16* y, int h, int m,
+                                            size_t n) {
+    gather_rows<bf16>(x, rows, y, h, m, n);
+}
+
+template <typename T>
+__device__ void scatter_rows(const T* x, const uint32_t* rows, T* y, int h, int m, size_t n) {
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        const uint32_t r = rows[e / h];
+        if (r < (uint32_t)m) y[(size_t)r * h + e % h] = x[e];
+    }
+}
+extern "C" __global__ void scatter_rows_f32(const float* x, const uint32_t* rows, float* y, int h, int m,
+                                            size_t n) {
+    scatter_rows<float>(x, rows, y, h, m, n);
+}
+extern "C" __global__ void scatter_rows_bf16(const bf16* x, const uint32_t* rows, bf16* y, int h, int m,
+                                             size_t n) {
+    scatter_rows<bf16>(x, rows, y, h, m, n);
+}
+
+template <typename T>
+__device__ void embedding_bwd(const T* g, const uint32_t* table, T* dw, int u, int h) {
+    const uint32_t *tokens = table, *starts = table + u, *order = table + 2 * u + 1;
+    for (int k = blockIdx.x; k < u; k += gridDim.x) {
+        const uint32_t first = starts[k], last = starts[k + 1];
+        T* row = dw + (size_t)tokens[k] * h;
+        for (int i = threadIdx.x; i < h; i += blockDim.x) {
+            float s = 0.f;
+#pragma unroll 4
+            for (uint32_t p = first; p < last; ++p) s += ld(g[(size_t)order[p] * h + i]);
+            row[i] = st<T>(s);
+        }
+    }
+}
+extern "C" __global__ void embedding_bwd_f32(const float* g, const uint32_t* table, float* dw, int u, int h) {
+    embedding_bwd<float>(g, table, dw, u, h);
+}
+extern "C" __global__ void embedding_bwd_bf16(const bf16* g, const uint32_t* table, bf16* dw, int u, int h) {
+    embedding_bwd<bf16>(g, table, dw, u, h);
+}
+
 // ------------------------------------------------------------------------------- RMSNorm
 // y = x · r · w, r = 1 / sqrt(mean(x²) + eps), per row of h.
 

@@ -5,7 +5,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
@@ -83,6 +83,113 @@ fn config(g: launch::Geometry) -> LaunchConfig {
 fn rows_of(l: &Layout) -> (usize, usize) {
     let n = l.dims().last().copied().unwrap_or(1).max(1);
     (l.shape().elem_count() / n, n)
+}
+
+// ---------------------------------------------------------------- token embedding
+
+/// Rows `ids [N]` (u32) of `x [M, H]` → `[N, H]`; a row of NaN for an id ≥ M.
+pub fn gather_rows(
+    x: &CudaStorage,
+    xl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+) -> Result<CudaStorage> {
+    rows_kernel("gather_rows", x, xl, ids, il, None)
+}
+
+/// `x [N, H]` written to rows `ids [N]` (distinct) of `m` zero rows → `[m, H]`; ids ≥ m skipped.
+pub fn scatter_rows(
+    x: &CudaStorage,
+    xl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+    m: usize,
+) -> Result<CudaStorage> {
+    rows_kernel("scatter_rows", x, xl, ids, il, Some(m))
+}
+
+/// `gather_rows` (`scatter_into` None: M is x's rows) or `scatter_rows` into `m` zero rows.
+fn rows_kernel(
+    name: &str,
+    x: &CudaStorage,
+    xl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+    scatter_into: Option<usize>,
+) -> Result<CudaStorage> {
+    fn go<T: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits>(
+        name: &str,
+        x: &CudaStorage,
+        xl: &Layout,
+        ids: &CudaStorage,
+        il: &Layout,
+        scatter_into: Option<usize>,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let (rows, h) = rows_of(xl);
+        let n = il.shape().elem_count();
+        if scatter_into.is_some() && rows != n {
+            return Err(err(format!("scatter_rows: {rows} rows for {n} ids")));
+        }
+        let (xv, iv) = (view::<T>(x, xl)?, view::<u32>(ids, il)?);
+        let (m, y) = match scatter_into {
+            None => (rows, unsafe { dev.alloc::<T>(n * h)? }),
+            Some(m) => (m, dev.alloc_zeros::<T>(m * h)?),
+        };
+        let f = dev.get_or_load_custom_func(&kernel::<T>(name)?, MODULE, PTX)?;
+        let (h32, m32, elems) = (h as i32, m as i32, n * h);
+        let mut b = f.builder();
+        b.arg(&xv).arg(&iv).arg(&y).arg(&h32).arg(&m32).arg(&elems);
+        // SAFETY: n ids; the kernel reads (gather) or writes (scatter) only rows below m of the
+        // m·h side, and n·h elements of the other.
+        unsafe { b.launch(config(launch::elems(elems))) }.w()?;
+        Ok(T::wrap_cuda_slice(y, dev))
+    }
+    by_dtype!(x.dtype(), go(name, x, xl, ids, il, scatter_into))
+}
+
+/// The embedding table's gradient `[V, H]` in `dtype` from the upstream `g [N, H]` and the
+/// step's `table` of `u` distinct tokens (`ops::token_segments`): zeros but for the tokens'
+/// rows, each the f32 sum of its positions' rows of `g`.
+pub fn embedding_bwd(g: &Tensor, table: &[u32], u: usize, v: usize, dtype: DType) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits>(
+        g: &Tensor,
+        table: &[u32],
+        u: usize,
+        v: usize,
+    ) -> Result<Tensor> {
+        let g = g.contiguous()?.to_dtype(T::DTYPE)?;
+        let (n, h) = g.dims2()?;
+        // what the kernel's reads rely on, checked on the host (the table is a few kB)
+        let fits = table.len() > 2 * u && {
+            let (tokens, rest) = table.split_at(u);
+            let (starts, order) = rest.split_at(u + 1);
+            tokens.iter().all(|&t| (t as usize) < v)
+                && starts.windows(2).all(|s| s[0] <= s[1])
+                && starts.last() == Some(&(order.len() as u32))
+                && order.iter().all(|&p| (p as usize) < n)
+        };
+        if !fits {
+            return Err(err("embedding_bwd: the token table does not fit the gradient"));
+        }
+        let (gs, gl) = g.storage_and_layout();
+        let gs = as_cuda(&gs)?;
+        let dev = gs.device().clone();
+        let gv = view::<T>(gs, gl)?;
+        let tv = dev.cuda_stream().clone_htod(table).w()?;
+        let dw = dev.alloc_zeros::<T>(v * h)?;
+        if u > 0 {
+            let f = dev.get_or_load_custom_func(&kernel::<T>("embedding_bwd")?, MODULE, PTX)?;
+            let (u32_, h32) = (u as i32, h as i32);
+            let mut b = f.builder();
+            b.arg(&gv).arg(&tv).arg(&dw).arg(&u32_).arg(&h32);
+            // SAFETY: checked above: tokens < v, segments within the positions, positions < n;
+            // reads their rows of g (n·h), writes u rows of dw (v·h).
+            unsafe { b.launch(config(launch::rows(u, h))) }.w()?;
+        }
+        Ok(wrap(T::wrap_cuda_slice(dw, dev), (v, h)))
+    }
+    by_dtype!(dtype, go(g, table, u, v))
 }
 
 // ---------------------------------------------------------------- RMSNorm

@@ -194,10 +194,7 @@ fn embed(w: &Weights, batch: &Batch) -> Result<(Tensor, Tensor, Tensor, Tensor)>
     let c = &w.config;
     let (b, t) = batch.input_ids.dims2()?;
     let (cos, sin) = rope_tables(c, &batch.positions, b, t, w.embed_tokens.dtype())?;
-    let x = w
-        .embed_tokens
-        .index_select(&batch.input_ids.flatten_all()?, 0)?
-        .reshape((b, t, c.hidden_size))?;
+    let x = crate::ops::embedding(&w.embed_tokens, &batch.input_ids)?; // [B, T, H]
     Ok((x, cos, sin, batch.attention_bias.to_dtype(DType::F32)?))
 }
 

@@ -71,13 +71,14 @@ fn score(
 ) -> Result<SequenceLogprobs> {
     let device = w.embed_tokens.device();
     let (b, t, h) = hidden.dims3()?;
-    // Only the scored positions go through the output layer: row b·(T−1)+i predicts token i+1.
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
+    // Only the scored positions go through the output layer: hidden row b·T+i predicts token
+    // i+1, whose log-prob is output row b·(T−1)+i.
+    let (mut rows, mut out_rows, mut targets) = (Vec::new(), Vec::new(), Vec::new());
     for (r, (ids, m)) in input_ids.iter().zip(loss_mask).enumerate() {
         for i in 0..t - 1 {
             if m.get(i + 1).copied().unwrap_or(0) != 0 {
-                rows.push((r * (t - 1) + i) as u32);
+                rows.push((r * t + i) as u32);
+                out_rows.push((r * (t - 1) + i) as u32);
                 targets.push(ids[i + 1]);
             }
         }
@@ -88,18 +89,16 @@ fn score(
         .collect();
     let mask = Tensor::from_vec(mask, (b, t - 1), device)?;
     let zeros = Tensor::zeros((b, t - 1), DType::F32, device)?;
-    let hidden = hidden.narrow(1, 0, t - 1)?; // [B, T−1, H]
     if rows.is_empty() {
         return Ok(SequenceLogprobs {
             logprobs: zeros.clone(),
             entropy: zeros,
             mask,
-            hidden,
+            hidden: hidden.narrow(1, 0, t - 1)?,
         });
     }
     let n = rows.len();
-    let rows = Tensor::from_vec(rows, n, device)?;
-    let states = hidden.reshape((b * (t - 1), h))?.index_select(&rows, 0)?; // [N, H]
+    let states = crate::ops::select_rows(&hidden.reshape((b * t, h))?, &rows)?; // [N, H]
     let targets = Tensor::from_vec(targets, n, device)?;
     // [N] each; the [N, V] logits exist a chunk of rows at a time
     let (lp, entropy) = crate::head::output_logprobs(
@@ -110,15 +109,13 @@ fn score(
         crate::head::chunk_rows(w.output_weight().dim(0)?),
     )?;
     let scatter = |x: Tensor| -> Result<Tensor> {
-        Ok(zeros
-            .flatten_all()?
-            .index_add(&rows, &x.contiguous()?, 0)?
-            .reshape((b, t - 1))?)
+        let x = x.reshape((n, 1))?;
+        Ok(crate::ops::scatter_rows(&x, &out_rows, b * (t - 1))?.reshape((b, t - 1))?)
     };
     Ok(SequenceLogprobs {
         logprobs: scatter(lp)?,
         entropy: scatter(entropy)?,
         mask,
-        hidden,
+        hidden: hidden.narrow(1, 0, t - 1)?,
     })
 }

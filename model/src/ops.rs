@@ -83,6 +83,309 @@ fn tensor(v: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu)
 }
 
+// ---------------------------------------------------------------- rows: embedding, selection
+
+/// Rows `ids` of `x [M, H]` → `[N, H]` on the CPU; an id ≥ M is an error.
+fn gather_cpu(
+    xs: &CpuStorage,
+    xl: &Layout,
+    is: &CpuStorage,
+    il: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let x = slice(xs, xl)?;
+    let (m, h) = rows_of(xl.shape())?;
+    let ids = u32_slice(is, il)?;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= m) {
+        candle_core::bail!("row {bad} of a table of {m} rows (a token id past the vocabulary?)");
+    }
+    let mut y = vec![0f32; ids.len() * h];
+    y.par_chunks_mut(h.max(1))
+        .zip(ids.par_iter())
+        .for_each(|(y, &id)| y.copy_from_slice(&x[id as usize * h..(id as usize + 1) * h]));
+    Ok((CpuStorage::F32(y), Shape::from((ids.len(), h))))
+}
+
+/// The contiguous u32 data of a CPU storage.
+fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    let CpuStorage::U32(v) = s else {
+        candle_core::bail!("fused op: expected u32 ids");
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused op: not contiguous".into()))?;
+    Ok(&v[a..b])
+}
+
+#[cfg(feature = "cuda")]
+fn gather_cuda(
+    xs: &candle_core::CudaStorage,
+    xl: &Layout,
+    is: &candle_core::CudaStorage,
+    il: &Layout,
+) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    let (n, h) = (il.shape().elem_count(), xl.dims().last().copied().unwrap_or(1));
+    Ok((crate::cuda::gather_rows(xs, xl, is, il)?, Shape::from((n, h))))
+}
+
+/// The token embedding: a row gather whose backward sums each distinct token's rows.
+struct Embedding;
+
+impl CustomOp2 for Embedding {
+    fn name(&self) -> &'static str {
+        "ferrite-embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ws: &CpuStorage,
+        wl: &Layout,
+        is: &CpuStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        gather_cpu(ws, wl, is, il)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        is: &candle_core::CudaStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        gather_cuda(ws, wl, is, il)
+    }
+
+    fn bwd(
+        &self,
+        w: &Tensor,
+        ids: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (v, h) = w.dims2()?;
+        // the one host read of the step's ids (a few kB), at the end of the backward
+        let ids = ids.to_vec1::<u32>()?;
+        let (table, u) = token_segments(&ids, v);
+        #[cfg(feature = "cuda")]
+        if on_gpu(w) {
+            let dw = crate::cuda::embedding_bwd(g, &table, u, v, w.dtype())?;
+            return Ok((Some(dw), None));
+        }
+        let (tokens, rest) = table.split_at(u);
+        let (starts, order) = rest.split_at(u + 1);
+        let mut segment = vec![u32::MAX; v];
+        for (k, &t) in tokens.iter().enumerate() {
+            segment[t as usize] = k as u32;
+        }
+        let dw = with_data(g, |g| {
+            let mut dw = vec![0f32; v * h];
+            dw.par_chunks_mut(h.max(1))
+                .zip(segment.par_iter())
+                .filter(|(_, &k)| k != u32::MAX)
+                .for_each(|(row, &k)| {
+                    let (first, last) = (starts[k as usize], starts[k as usize + 1]);
+                    for &p in &order[first as usize..last as usize] {
+                        let p = p as usize;
+                        for (d, x) in row.iter_mut().zip(&g[p * h..(p + 1) * h]) {
+                            *d += x;
+                        }
+                    }
+                });
+            dw
+        })?;
+        Ok((Some(tensor(dw, w.shape())?), None))
+    }
+}
+
+/// The embedding backward's table for the token `ids` of a step: its `u` distinct tokens below
+/// `vocab` in increasing order, then their `u + 1` segment starts, then the positions sorted by
+/// token (each token's positions in increasing order), all in one `u32` buffer; and `u`. Ids ≥
+/// `vocab` (NaN rows in the CUDA forward) get no gradient.
+pub fn token_segments(ids: &[u32], vocab: usize) -> (Vec<u32>, usize) {
+    let mut order: Vec<u32> = (0..ids.len() as u32)
+        .filter(|&p| (ids[p as usize] as usize) < vocab)
+        .collect();
+    order.sort_by_key(|&p| (ids[p as usize], p));
+    let mut tokens = Vec::new();
+    let mut starts = Vec::new();
+    for (k, &p) in order.iter().enumerate() {
+        if tokens.last() != Some(&ids[p as usize]) {
+            tokens.push(ids[p as usize]);
+            starts.push(k as u32);
+        }
+    }
+    starts.push(order.len() as u32);
+    let u = tokens.len();
+    tokens.extend(starts);
+    tokens.extend(order);
+    (tokens, u)
+}
+
+/// Rows `ids` (u32, any shape) of the embedding table `w [V, H]` → `[ids…, H]`. On the fused
+/// path (f32 CPU, f32 / bf16 CUDA) the backward sums each distinct token's rows of the upstream
+/// gradient in f32, in position order, and writes each once: deterministic, where candle's
+/// `index_add` on CUDA runs one thread per column through every id in turn (8,192 dependent
+/// read-modify-writes per thread at the learner's step). An id ≥ V is an error, except in the
+/// CUDA kernel, which cannot read the ids on the host without a sync: it writes a row of NaN, so
+/// the loss is non-finite and the learner skips the step, rather than a fault that would end the
+/// process.
+pub fn embedding(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    dims.push(w.dim(D::Minus1)?);
+    let flat = ids.flatten_all()?;
+    if fused(&[w]) && w.rank() == 2 && ids.dtype() == DType::U32 {
+        return Ok(w
+            .contiguous()?
+            .apply_op2(&flat.contiguous()?, Embedding)?
+            .reshape(dims)?);
+    }
+    Ok(w.index_select(&flat, 0)?.reshape(dims)?)
+}
+
+/// A gather of distinct rows (`SelectRows`) or its transpose, a scatter into `m` zero rows
+/// (`ScatterRows`): each is the other's backward.
+struct SelectRows {
+    m: usize,
+}
+
+struct ScatterRows {
+    m: usize,
+}
+
+impl CustomOp2 for SelectRows {
+    fn name(&self) -> &'static str {
+        "ferrite-select-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        is: &CpuStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        gather_cpu(xs, xl, is, il)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        is: &candle_core::CudaStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        gather_cuda(xs, xl, is, il)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        rows: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = g.contiguous()?.apply_op2(rows, ScatterRows { m: self.m })?;
+        Ok((Some(dx), None))
+    }
+}
+
+impl CustomOp2 for ScatterRows {
+    fn name(&self) -> &'static str {
+        "ferrite-scatter-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        is: &CpuStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl)?;
+        let (_, h) = rows_of(xl.shape())?;
+        let rows = u32_slice(is, il)?;
+        let mut y = vec![0f32; self.m * h];
+        for (i, &r) in rows.iter().enumerate() {
+            if let Some(dst) = y.get_mut(r as usize * h..(r as usize + 1) * h) {
+                dst.copy_from_slice(&x[i * h..(i + 1) * h]);
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((self.m, h))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        is: &candle_core::CudaStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let h = xl.dims().last().copied().unwrap_or(1);
+        let y = crate::cuda::scatter_rows(xs, xl, is, il, self.m)?;
+        Ok((y, Shape::from((self.m, h))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        rows: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = g
+            .contiguous()?
+            .apply_op2(rows, SelectRows { m: self.m })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// Checks that `rows` increase strictly and stay below `m`, and puts them on `device`.
+fn distinct_rows(rows: &[u32], m: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let increasing = rows.windows(2).all(|w| w[0] < w[1]);
+    if !increasing || rows.last().is_some_and(|&r| r as usize >= m) {
+        return Err(candle_core::Error::Msg(format!(
+            "row selection: {} rows must increase strictly and stay below {m}",
+            rows.len()
+        ))
+        .into());
+    }
+    Ok(Tensor::new(rows, device)?)
+}
+
+/// Rows `rows` (strictly increasing, below M) of `x [M, H]` → `[N, H]`. The backward writes the
+/// upstream rows into zeros in one parallel pass (fused path: f32 CPU, f32 / bf16 CUDA), where
+/// candle's `index_add` backward of `index_select` runs one thread per column through every row.
+pub fn select_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    let (m, _) = x.dims2()?;
+    let ids = distinct_rows(rows, m, x.device())?;
+    if fused(&[x]) {
+        return Ok(x.contiguous()?.apply_op2(&ids, SelectRows { m })?);
+    }
+    Ok(x.index_select(&ids, 0)?)
+}
+
+/// The transpose of [`select_rows`]: `x [N, H]` written to rows `rows` (strictly increasing,
+/// below `m`) of `m` zero rows → `[m, H]`; its backward selects the rows again. candle's
+/// `index_add` forward runs one thread per column through every row.
+pub fn scatter_rows(x: &Tensor, rows: &[u32], m: usize) -> Result<Tensor> {
+    let (n, h) = x.dims2()?;
+    if n != rows.len() {
+        return Err(candle_core::Error::Msg(format!(
+            "row scatter: {n} rows of values for {} row ids",
+            rows.len()
+        ))
+        .into());
+    }
+    let ids = distinct_rows(rows, m, x.device())?;
+    if fused(&[x]) {
+        return Ok(x.contiguous()?.apply_op2(&ids, ScatterRows { m })?);
+    }
+    Ok(Tensor::zeros((m, h), x.dtype(), x.device())?.index_add(&ids, x, 0)?)
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 struct RmsNorm {
@@ -1038,6 +1341,76 @@ mod tests {
                 },
                 &[true],
             );
+        }
+    }
+
+    #[test]
+    fn the_embedding_sums_each_tokens_rows_like_index_select() {
+        let w = random(&[11, 6], 21, 1.0);
+        // token 3 three times, 9 twice, 0 and 10 (the table's ends) once, 5 never
+        let ids = Tensor::new(&[[3u32, 9, 0, 3], [10, 3, 9, 1]], &Device::Cpu).unwrap();
+        let (i1, i2) = (ids.clone(), ids.clone());
+        check(
+            &[w],
+            move |t| embedding(&t[0], &i1).unwrap(),
+            move |t| {
+                t[0].index_select(&i2.flatten_all().unwrap(), 0)
+                    .unwrap()
+                    .reshape((2, 4, 6))
+                    .unwrap()
+            },
+            &[true],
+        );
+        let (table, u) = token_segments(&[3, 9, 0, 3, 10, 3, 9, 1], 11);
+        assert_eq!(u, 5);
+        assert_eq!(&table[..5], &[0, 1, 3, 9, 10], "distinct tokens");
+        assert_eq!(&table[5..11], &[0, 1, 2, 5, 7, 8], "segment starts");
+        assert_eq!(&table[11..], &[2, 7, 0, 3, 5, 1, 6, 4], "positions by token");
+        // an id past the table: no gradient row on the kernels' side, an error in the forward
+        let (table, u) = token_segments(&[4, 11, 4], 11);
+        assert_eq!((u, table), (1, vec![4, 0, 2, 0, 2]));
+        let bad = Tensor::new(&[1u32, 11], &Device::Cpu).unwrap();
+        let err = embedding(&random(&[11, 6], 1, 1.0), &bad).unwrap_err();
+        assert!(err.to_string().contains("row 11 of a table of 11"), "{err}");
+    }
+
+    #[test]
+    fn row_selection_and_its_scatter_match_index_select_and_index_add() {
+        let x = random(&[9, 5], 22, 1.0);
+        let rows = [0u32, 2, 3, 7, 8];
+        let ids = Tensor::new(&rows, &Device::Cpu).unwrap();
+        let i1 = ids.clone();
+        check(
+            std::slice::from_ref(&x),
+            |t| select_rows(&t[0], &rows).unwrap(),
+            move |t| t[0].index_select(&i1, 0).unwrap(),
+            &[true],
+        );
+        let v = random(&[5, 5], 23, 1.0);
+        check(
+            &[v],
+            |t| scatter_rows(&t[0], &rows, 9).unwrap(),
+            move |t| {
+                Tensor::zeros((9, 5), DType::F32, &Device::Cpu)
+                    .unwrap()
+                    .index_add(&ids, &t[0], 0)
+                    .unwrap()
+            },
+            &[true],
+        );
+        // the two chained: the gradient reaches exactly the selected rows
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = scatter_rows(&select_rows(xv.as_tensor(), &rows).unwrap(), &rows, 9).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let want: Vec<f32> = (0..9)
+            .flat_map(|r| [f32::from(u8::from(rows.contains(&r))); 5])
+            .collect();
+        let got = g.get(xv.as_tensor()).unwrap().flatten_all().unwrap();
+        assert_eq!(got.to_vec1::<f32>().unwrap(), want);
+        // rows that repeat, fall or pass the end are refused
+        for bad in [&[1u32, 1][..], &[3, 2], &[8, 9]] {
+            assert!(select_rows(&x, bad).is_err(), "{bad:?}");
+            assert!(scatter_rows(&random(&[2, 5], 1, 1.0), bad, 9).is_err(), "{bad:?}");
         }
     }
 }

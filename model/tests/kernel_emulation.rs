@@ -335,6 +335,101 @@ fn fewer_blocks(g: Geometry, grid: u32) -> Geometry {
 }
 
 #[test]
+fn row_gather_scatter_and_the_embedding_backward_match_index_select_and_index_add() {
+    let m = 13;
+    // token 4 three times, 12 (the last row) twice, an id past the table (13) once
+    let ids = [4u32, 12, 0, 4, 13, 7, 4, 12, 2, 9];
+    let valid: Vec<u32> = ids.iter().copied().filter(|&i| i < m as u32).collect();
+    let positions: Vec<u32> = (0..ids.len() as u32).filter(|&p| ids[p as usize] < 13).collect();
+    let n = ids.len();
+    for h in [40usize, 1500] {
+        let x = random(&[m, h], 30, 1.0);
+        let g = random(&[n, h], 31, 1.0);
+        let pick = |t: &Tensor, rows: &[u32]| {
+            t.index_select(&Tensor::new(rows, &Device::Cpu).unwrap(), 0).unwrap()
+        };
+        for ty in [Ty::F32, Ty::Bf16] {
+            let (x, g) = (ty.round(&x), ty.round(&g));
+            let at = format!("{ty:?}, h = {h}");
+            for geometry in [launch::elems(n * h), fewer_blocks(launch::elems(n * h), 1)] {
+                let out = launch(
+                    &ty.name("gather_rows"),
+                    geometry,
+                    &[
+                        ty.buffer(&x),
+                        Arg::U32(ids.to_vec()),
+                        ty.buffer(&g.zeros_like().unwrap()),
+                        Arg::Int(h as i32),
+                        Arg::Int(m as i32),
+                        Arg::Size(n * h),
+                    ],
+                );
+                let y = out[2].f32s();
+                assert!(y[4 * h..5 * h].iter().all(|v| v.is_nan()), "NaN row {at}");
+                let rows: Vec<f32> = positions
+                    .iter()
+                    .flat_map(|&p| y[p as usize * h..(p as usize + 1) * h].to_vec())
+                    .collect();
+                assert_close(&format!("gather_rows {at}"), &Arg::F32(rows), &pick(&x, &valid), 1e-7);
+
+                // distinct rows 0, 3, 5, 12 and one past the end (skipped) into m zero rows
+                let rows = [0u32, 3, 5, 12, 13];
+                let v = random(&[5, h], 32, 1.0);
+                let v = ty.round(&v);
+                let out = launch(
+                    &ty.name("scatter_rows"),
+                    geometry,
+                    &[
+                        ty.buffer(&v),
+                        Arg::U32(rows.to_vec()),
+                        ty.buffer(&x.zeros_like().unwrap()),
+                        Arg::Int(h as i32),
+                        Arg::Int(m as i32),
+                        Arg::Size(5 * h),
+                    ],
+                );
+                let want = x
+                    .zeros_like()
+                    .unwrap()
+                    .index_add(
+                        &Tensor::new(&rows[..4], &Device::Cpu).unwrap(),
+                        &v.narrow(0, 0, 4).unwrap(),
+                        0,
+                    )
+                    .unwrap();
+                assert_close(&format!("scatter_rows {at}"), &out[2], &want, 1e-7);
+            }
+            let (table, u) = model::ops::token_segments(&ids, m);
+            let want = x
+                .zeros_like()
+                .unwrap()
+                .index_add(
+                    &Tensor::new(valid.as_slice(), &Device::Cpu).unwrap(),
+                    &pick(&g, &positions),
+                    0,
+                )
+                .unwrap();
+            let geometry = launch::rows(u, h);
+            for geometry in [geometry, fewer_blocks(geometry, 2)] {
+                let out = launch(
+                    &ty.name("embedding_bwd"),
+                    geometry,
+                    &[
+                        ty.buffer(&g),
+                        Arg::U32(table.clone()),
+                        ty.buffer(&x.zeros_like().unwrap()),
+                        Arg::Int(u as i32),
+                        Arg::Int(h as i32),
+                    ],
+                );
+                let at = format!("{at}, {} blocks", geometry.grid);
+                assert_close(&format!("embedding_bwd {at}"), &out[2], &want, ty.tol());
+            }
+        }
+    }
+}
+
+#[test]
 fn rms_norm_forward_and_backward_match_the_composed_op() {
     let eps = 1e-6;
     // h = 40: a partly idle block of 64; h = 1500: 1024 threads striding the row
