@@ -942,7 +942,9 @@ fn learner_benches(gpu: &Device, w: &Weights, baseline: usize, r: &mut Report) -
                     (b * t) as f64 / secs
                 ));
             }
-            Err(e) => r.lines.push(format!("learner B={b} T={t} bf16, {label}: error: {e}")),
+            Err(e) => r
+                .lines
+                .push(format!("learner B={b} T={t} bf16, {label}: error: {e}")),
         }
     }
     model::checkpoint::set_enabled(false);
@@ -1276,9 +1278,7 @@ fn run(what: &str) -> Result<()> {
             Ok(())
         });
         if let Some(w) = &w {
-            r.section("learner bench", |r| {
-                learner_benches(&gpu, w, baseline, r)
-            });
+            r.section("learner bench", |r| learner_benches(&gpu, w, baseline, r));
             r.section("kernel timings", |r| kernel_timings(&gpu, &mut r.lines));
             r.section("sampler timing", |r| sampler_timing(&gpu, &mut r.lines));
             r.section("generation bench", |r| generation_benches(&gpu, w, r));

@@ -151,7 +151,13 @@ fn rows_kernel(
 /// The embedding table's gradient `[V, H]` in `dtype` from the upstream `g [N, H]` and the
 /// step's `table` of `u` distinct tokens (`ops::token_segments`): zeros but for the tokens'
 /// rows, each the f32 sum of its positions' rows of `g`.
-pub fn embedding_bwd(g: &Tensor, table: &[u32], u: usize, v: usize, dtype: DType) -> Result<Tensor> {
+pub fn embedding_bwd(
+    g: &Tensor,
+    table: &[u32],
+    u: usize,
+    v: usize,
+    dtype: DType,
+) -> Result<Tensor> {
     fn go<T: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits>(
         g: &Tensor,
         table: &[u32],
@@ -170,7 +176,9 @@ pub fn embedding_bwd(g: &Tensor, table: &[u32], u: usize, v: usize, dtype: DType
                 && order.iter().all(|&p| (p as usize) < n)
         };
         if !fits {
-            return Err(err("embedding_bwd: the token table does not fit the gradient"));
+            return Err(err(
+                "embedding_bwd: the token table does not fit the gradient",
+            ));
         }
         let (gs, gl) = g.storage_and_layout();
         let gs = as_cuda(&gs)?;

@@ -123,8 +123,14 @@ fn gather_cuda(
     is: &candle_core::CudaStorage,
     il: &Layout,
 ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-    let (n, h) = (il.shape().elem_count(), xl.dims().last().copied().unwrap_or(1));
-    Ok((crate::cuda::gather_rows(xs, xl, is, il)?, Shape::from((n, h))))
+    let (n, h) = (
+        il.shape().elem_count(),
+        xl.dims().last().copied().unwrap_or(1),
+    );
+    Ok((
+        crate::cuda::gather_rows(xs, xl, is, il)?,
+        Shape::from((n, h)),
+    ))
 }
 
 /// The token embedding: a row gather whose backward sums each distinct token's rows.
@@ -335,9 +341,7 @@ impl CustomOp2 for ScatterRows {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = g
-            .contiguous()?
-            .apply_op2(rows, SelectRows { m: self.m })?;
+        let dx = g.contiguous()?.apply_op2(rows, SelectRows { m: self.m })?;
         Ok((Some(dx), None))
     }
 }
@@ -1365,7 +1369,11 @@ mod tests {
         assert_eq!(u, 5);
         assert_eq!(&table[..5], &[0, 1, 3, 9, 10], "distinct tokens");
         assert_eq!(&table[5..11], &[0, 1, 2, 5, 7, 8], "segment starts");
-        assert_eq!(&table[11..], &[2, 7, 0, 3, 5, 1, 6, 4], "positions by token");
+        assert_eq!(
+            &table[11..],
+            &[2, 7, 0, 3, 5, 1, 6, 4],
+            "positions by token"
+        );
         // an id past the table: no gradient row on the kernels' side, an error in the forward
         let (table, u) = token_segments(&[4, 11, 4], 11);
         assert_eq!((u, table), (1, vec![4, 0, 2, 0, 2]));
@@ -1410,7 +1418,10 @@ mod tests {
         // rows that repeat, fall or pass the end are refused
         for bad in [&[1u32, 1][..], &[3, 2], &[8, 9]] {
             assert!(select_rows(&x, bad).is_err(), "{bad:?}");
-            assert!(scatter_rows(&random(&[2, 5], 1, 1.0), bad, 9).is_err(), "{bad:?}");
+            assert!(
+                scatter_rows(&random(&[2, 5], 1, 1.0), bad, 9).is_err(),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -340,13 +340,16 @@ fn row_gather_scatter_and_the_embedding_backward_match_index_select_and_index_ad
     // token 4 three times, 12 (the last row) twice, an id past the table (13) once
     let ids = [4u32, 12, 0, 4, 13, 7, 4, 12, 2, 9];
     let valid: Vec<u32> = ids.iter().copied().filter(|&i| i < m as u32).collect();
-    let positions: Vec<u32> = (0..ids.len() as u32).filter(|&p| ids[p as usize] < 13).collect();
+    let positions: Vec<u32> = (0..ids.len() as u32)
+        .filter(|&p| ids[p as usize] < 13)
+        .collect();
     let n = ids.len();
     for h in [40usize, 1500] {
         let x = random(&[m, h], 30, 1.0);
         let g = random(&[n, h], 31, 1.0);
         let pick = |t: &Tensor, rows: &[u32]| {
-            t.index_select(&Tensor::new(rows, &Device::Cpu).unwrap(), 0).unwrap()
+            t.index_select(&Tensor::new(rows, &Device::Cpu).unwrap(), 0)
+                .unwrap()
         };
         for ty in [Ty::F32, Ty::Bf16] {
             let (x, g) = (ty.round(&x), ty.round(&g));
@@ -370,7 +373,12 @@ fn row_gather_scatter_and_the_embedding_backward_match_index_select_and_index_ad
                     .iter()
                     .flat_map(|&p| y[p as usize * h..(p as usize + 1) * h].to_vec())
                     .collect();
-                assert_close(&format!("gather_rows {at}"), &Arg::F32(rows), &pick(&x, &valid), 1e-7);
+                assert_close(
+                    &format!("gather_rows {at}"),
+                    &Arg::F32(rows),
+                    &pick(&x, &valid),
+                    1e-7,
+                );
 
                 // distinct rows 0, 3, 5, 12 and one past the end (skipped) into m zero rows
                 let rows = [0u32, 3, 5, 12, 13];
