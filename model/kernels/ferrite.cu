@@ -440,30 +440,40 @@ extern "C" __global__ void attention_probs_bwd_bf16(const bf16* x, const float* 
 }
 
 // ------------------------------------------------------------------------------- log-probs
-// Per row of logits z [N, V] in T, at temperature 1/inv_t (x = inv_t·z, in f32):
-// out[2r] = log p(target), out[2r+1] = entropy, from m = max x, S = Σ e^(x−m), Σ e^(x−m)·x:
-// log p_t = x_t − m − ln S,  H = m + ln S − Σ p·x. The logits are read in the output layer's
-// dtype as its matmul wrote them: no f32 copy, no pass for the temperature.
+// Per row of logits z [N, V] in T, at temperature 1/inv_t (x = inv_t·z, in f32), in one pass with
+// a running max: m = max x, S = Σ e^(x−m), Σ e^(x−m)·x, each thread over its share, then merged
+// across the block. out[3r] = log p(target) = x_t − L, out[3r+1] = entropy H = L − Σ p·x,
+// out[3r+2] = the log-partition L = m + ln S, which the backward reads instead of a pass of its
+// own. The logits are read in the output layer's dtype as its matmul wrote them: no f32 copy, no
+// pass for the temperature.
 
 template <typename T>
 __device__ void logprob_entropy_fwd(const T* z, const uint32_t* targets, float* out, int v, float inv_t) {
     const size_t row = blockIdx.x;
     const T* zr = z + row * v;
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, inv_t * ld(zr[j]));
-    m = block_max(m);
-    float s = 0.f, sz = 0.f;
+    float m = -INFINITY, s = 0.f, sx = 0.f;
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        const float x = inv_t * ld(zr[j]), e = __expf(x - m);
-        s += e;
-        sz += e * x;
+        const float x = inv_t * ld(zr[j]);
+        if (x > m) {  // a new max: rescale the sums to it (e^(−∞) = 0 at the first element)
+            const float r = __expf(m - x);
+            s = s * r + 1.f;
+            sx = sx * r + x;
+            m = x;
+        } else {
+            const float e = __expf(x - m);
+            s += e;
+            sx += e * x;
+        }
     }
-    s = block_sum(s);
-    sz = block_sum(sz);
+    const float mb = block_max(m);
+    const float r = m == -INFINITY ? 0.f : __expf(m - mb);  // 0 for a thread with no element
+    s = block_sum(s * r);
+    sx = block_sum(sx * r);
     if (threadIdx.x == 0) {
-        const float lse = logf(s);
-        out[2 * row] = inv_t * ld(zr[targets[row]]) - m - lse;
-        out[2 * row + 1] = m + lse - sz / s;
+        const float l = mb + logf(s);
+        out[3 * row] = inv_t * ld(zr[targets[row]]) - l;
+        out[3 * row + 1] = l - sx / s;
+        out[3 * row + 2] = l;
     }
 }
 extern "C" __global__ void logprob_entropy_fwd_f32(const float* z, const uint32_t* targets, float* out, int v,
@@ -475,24 +485,20 @@ extern "C" __global__ void logprob_entropy_fwd_bf16(const bf16* z, const uint32_
     logprob_entropy_fwd<bf16>(z, targets, out, v, inv_t);
 }
 
-// dz_j = inv_t·(−g_lp·p_j − g_h·p_j·(log p_j + H) + 1[j = t]·g_lp), from y = (log p_t, H) and
-// g [N, 2], written in T (the dtype of the output layer's matmuls that take it).
+// dz_j = inv_t·(−g_lp·p_j − g_h·p_j·(log p_j + H) + 1[j = t]·g_lp) with log p_j = x_j − L, from
+// y = (log p_t, H, L) and g [N, 3] (its third column unused): one pass over the logits. dz is
+// written in T (the dtype of the output layer's matmuls that take it), possibly into rows of a
+// weight-gradient group's buffer.
 template <typename T>
 __device__ void logprob_entropy_bwd(const T* z, const uint32_t* targets, const float* y, const float* g, T* dz,
                                     int v, float inv_t) {
     const size_t row = blockIdx.x;
     const T* zr = z + row * v;
     T* dr = dz + row * v;
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, inv_t * ld(zr[j]));
-    m = block_max(m);
-    float s = 0.f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) s += __expf(inv_t * ld(zr[j]) - m);
-    const float lse = logf(block_sum(s));
-    const float g_lp = g[2 * row], g_h = g[2 * row + 1], h = y[2 * row + 1];
+    const float g_lp = g[3 * row], g_h = g[3 * row + 1], h = y[3 * row + 1], l = y[3 * row + 2];
     const uint32_t t = targets[row];
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        const float lp = inv_t * ld(zr[j]) - m - lse, p = __expf(lp);
+        const float lp = inv_t * ld(zr[j]) - l, p = __expf(lp);
         dr[j] = st<T>(inv_t * (-g_lp * p - g_h * p * (lp + h) + (j == (int)t ? g_lp : 0.f)));
     }
 }

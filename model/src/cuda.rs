@@ -600,12 +600,12 @@ pub fn logprob_entropy_fwd(
         let dev = z.device().clone();
         let (rows, v) = rows_of(zl);
         let (zv, tv) = (view::<T>(z, zl)?, view::<u32>(t, tl)?);
-        let out = unsafe { dev.alloc::<f32>(2 * rows)? };
+        let out = unsafe { dev.alloc::<f32>(3 * rows)? };
         let f = dev.get_or_load_custom_func(&kernel::<T>("logprob_entropy_fwd")?, MODULE, PTX)?;
         let v32 = v as i32;
         let mut l = f.builder();
         l.arg(&zv).arg(&tv).arg(&out).arg(&v32).arg(&inv_t);
-        // SAFETY: N·V logits, N targets (each < V, checked by the caller), 2N outputs.
+        // SAFETY: N·V logits, N targets (each < V, checked by the caller), 3N outputs.
         unsafe { l.launch(config(launch::rows(rows, v))) }.w()?;
         Ok(f32::wrap_cuda_slice(out, dev))
     }
@@ -613,13 +613,16 @@ pub fn logprob_entropy_fwd(
 }
 
 /// `dz [N, V]` in the logits' dtype from logits `z` (f32 or bf16) at temperature `1 / inv_t`,
-/// targets, the forward's `y [N, 2]` f32 and upstream `g [N, 2]`.
+/// targets, the forward's `y [N, 3]` f32 (log-prob, entropy, log-partition) and the upstream
+/// `g [N, 3]`, in one pass over the logits. `into`: rows `row..row + N` of a contiguous `[M, V]`
+/// tensor of the logits' dtype that the kernel writes `dz` to in place (returned as a view).
 pub fn logprob_entropy_bwd(
     z: &Tensor,
     targets: &Tensor,
     y: &Tensor,
     g: &Tensor,
     inv_t: f32,
+    into: Option<(&Tensor, usize)>,
 ) -> Result<Tensor> {
     fn go<T: CudaDType + DeviceRepr + WithDType>(
         z: &Tensor,
@@ -627,35 +630,84 @@ pub fn logprob_entropy_bwd(
         y: &Tensor,
         g: &Tensor,
         inv_t: f32,
+        into: Option<(&Tensor, usize)>,
     ) -> Result<Tensor> {
         let (z, targets) = (z.contiguous()?, targets.contiguous()?);
         let y = y.contiguous()?.to_dtype(DType::F32)?;
         let g = g.contiguous()?.to_dtype(DType::F32)?;
+        let (rows, v) = z.dims2()?;
+        if y.elem_count() != 3 * rows || g.elem_count() != 3 * rows || targets.elem_count() != rows
+        {
+            return Err(err(
+                "logprob_entropy_bwd: y and g must be [N, 3], targets [N]",
+            ));
+        }
+        let dev = cuda_device(&z)?;
+        // the destination: a fresh buffer, or rows of `into` (checked to hold them)
+        let fresh = match into {
+            None => Some(unsafe { dev.alloc::<T>(rows * v)? }),
+            Some((dst, row)) => {
+                let fits = dst.is_contiguous()
+                    && dst.dtype() == T::DTYPE
+                    && dst.dims2().is_ok_and(|(m, w)| w == v && row + rows <= m);
+                if !fits {
+                    return Err(err("logprob_entropy_bwd: the destination cannot take dz"));
+                }
+                None
+            }
+        };
+        let dst_at = match into {
+            Some((dst, row)) => address::<T>(dst)? + (row * v * T::DTYPE.size_in_bytes()) as u64,
+            None => 0,
+        };
         let (zs, zl) = z.storage_and_layout();
         let (ts, tl) = targets.storage_and_layout();
         let (ys, yl) = y.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
         let (zs, ts, ys, gs) = (as_cuda(&zs)?, as_cuda(&ts)?, as_cuda(&ys)?, as_cuda(&gs)?);
-        let dev = zs.device().clone();
-        let (rows, v) = rows_of(zl);
         let (zv, tv) = (view::<T>(zs, zl)?, view::<u32>(ts, tl)?);
         let (yv, gv) = (view::<f32>(ys, yl)?, view::<f32>(gs, gl)?);
-        let dz = unsafe { dev.alloc::<T>(rows * v)? };
         let f = dev.get_or_load_custom_func(&kernel::<T>("logprob_entropy_bwd")?, MODULE, PTX)?;
         let v32 = v as i32;
         let mut l = f.builder();
-        l.arg(&zv)
-            .arg(&tv)
-            .arg(&yv)
-            .arg(&gv)
-            .arg(&dz)
-            .arg(&v32)
-            .arg(&inv_t);
-        // SAFETY: N·V logits and gradients, N targets, 2N of y and g.
+        l.arg(&zv).arg(&tv).arg(&yv).arg(&gv);
+        match &fresh {
+            Some(dz) => l.arg(dz),
+            None => l.arg(&dst_at),
+        };
+        l.arg(&v32).arg(&inv_t);
+        // SAFETY: N·V logits, N targets, 3N of y and g (checked above); N·V of dz written, to a
+        // fresh buffer or to rows row..row + N of the destination (checked above).
         unsafe { l.launch(config(launch::rows(rows, v))) }.w()?;
-        Ok(wrap(T::wrap_cuda_slice(dz, dev), z.shape()))
+        match (fresh, into) {
+            (Some(dz), _) => Ok(wrap(T::wrap_cuda_slice(dz, dev), (rows, v))),
+            (None, Some((dst, row))) => dst.narrow(0, row, rows),
+            (None, None) => Err(err("logprob_entropy_bwd: no destination")),
+        }
     }
-    by_dtype!(z.dtype(), go(z, targets, y, g, inv_t))
+    by_dtype!(z.dtype(), go(z, targets, y, g, inv_t, into))
+}
+
+/// A `[rows, cols]` tensor of `dtype` (f32 or bf16) on a CUDA `device`, uninitialised: for a
+/// buffer whose every element a kernel writes before anything reads it.
+pub fn uninit(
+    (rows, cols): (usize, usize),
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        n: usize,
+        device: &candle_core::Device,
+    ) -> Result<CudaStorage> {
+        let candle_core::Device::Cuda(dev) = device else {
+            return Err(err("uninit: expected a CUDA device"));
+        };
+        // SAFETY: the caller writes every element before any is read.
+        let buf = unsafe { dev.alloc::<T>(n)? };
+        Ok(T::wrap_cuda_slice(buf, dev.clone()))
+    }
+    let storage = by_dtype!(dtype, go(rows * cols, device))?;
+    Ok(wrap(storage, (rows, cols)))
 }
 
 // ---------------------------------------------------------------- sampling

@@ -4,9 +4,11 @@
 //! The losses need only each scored token's log-prob and the entropy of its next-token
 //! distribution. Autograd through `linear → log_softmax → gather` keeps the f32 logits of every
 //! scored token for the backward (8192 tokens × 151,936 vocab = 5 GB, several times over). Here
-//! the forward runs chunk by chunk on detached weights and keeps only `[N, 2]`; the backward
-//! recomputes each chunk's logits, turns them into `dz` and folds it into `dh = dz·W` before the
-//! next chunk (the recompute costs one more output-layer matmul).
+//! the forward runs chunk by chunk on detached weights and keeps only `[N, 3]` (log-prob,
+//! entropy, and the log-partition that lets the backward turn logits into `dz` in one pass); the
+//! backward recomputes each chunk's logits (unless the forward kept them, see [`KEEP_BYTES`]) and
+//! turns them into `dz`, written in place into its group's buffer, which then makes `dh = dz·W`
+//! and `dW` (the recompute costs one more output-layer matmul).
 //!
 //! The logits stay in the matmul's dtype: the log-prob kernels read them as they are and apply
 //! the temperature as they go, and write `dz` in that dtype too, so a chunk costs no f32 copy.
@@ -20,7 +22,7 @@ use candle_core::{DType, Tensor};
 use crate::attach::attach;
 use crate::error::Result;
 use crate::forward::linear;
-use crate::ops::{logprob_and_entropy, logprob_entropy_backward};
+use crate::ops::{logprob_entropy_backward, logprob_entropy_stats};
 
 /// Logit elements one chunk may hold: 2²⁵ (128 MiB in f32), e.g. 220 rows of a 151,936 vocab.
 pub const CHUNK_ELEMENTS: usize = 1 << 25;
@@ -102,13 +104,17 @@ pub fn output_logprobs_with(
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let z = linear(&sd.narrow(0, start, len)?, &wd, None)?; // [c, V]
-        let (lp, ent) = logprob_and_entropy(&z, &targets.narrow(0, start, len)?, temperature)?;
-        parts.push(Tensor::stack(&[lp, ent], 1)?); // [c, 2]
+                                                                // [c, 3]: log-prob, entropy, log-partition (which spares the backward a pass)
+        parts.push(logprob_entropy_stats(
+            &z,
+            &targets.narrow(0, start, len)?,
+            temperature,
+        )?);
         if keep {
             kept.push(z);
         }
     }
-    let stats = Tensor::cat(&parts, 0)?.contiguous()?; // [N, 2]
+    let stats = Tensor::cat(&parts, 0)?.contiguous()?; // [N, 3]
     let op = OutputLogprobs {
         targets: targets.clone(),
         temperature,
@@ -117,7 +123,7 @@ pub fn output_logprobs_with(
         group: chunk * (chunking.group / chunk).max(1),
         kept: keep.then_some(kept),
     };
-    // [N, 2], the values of `stats`, which is also the third input the backward reads
+    // [N, 3], the values of `stats`, which is also the third input the backward reads
     let out = attach(states, weight, &stats, stats.clone(), move |s, w, y, g| {
         let (ds, dw) = op.backward(s, w, y, g)?;
         Ok([Some(ds), Some(dw), None])
@@ -153,25 +159,24 @@ impl OutputLogprobs {
         let mut d_weight: Option<Tensor> = None; // [V, H]; f32 once a second group adds to it
         for g_start in (0..n).step_by(self.group) {
             let g_len = self.group.min(n - g_start);
-            let dz = Tensor::zeros((g_len, v), wd.dtype(), wd.device())?; // [g, V]
+            // every row is written below, chunk by chunk, in place
+            let dz = crate::ops::rows_buffer(g_len, v, wd.dtype(), wd.device())?; // [g, V]
             for start in (g_start..g_start + g_len).step_by(self.chunk) {
                 let len = self.chunk.min(g_start + g_len - start);
                 let z = match &self.kept {
                     Some(kept) => kept[start / self.chunk].clone(),
                     None => linear(&sd.narrow(0, start, len)?, &wd, None)?,
-                }; // [c, V]
-                let dz_c = logprob_entropy_backward(
+                }; // [c, V] in the weight's dtype
+                logprob_entropy_backward(
                     &z,
                     &self.targets.narrow(0, start, len)?,
                     &y.narrow(0, start, len)?.contiguous()?,
                     &g.narrow(0, start, len)?.contiguous()?,
                     self.temperature,
-                )?
-                .to_dtype(wd.dtype())?; // [c, V]
-                drop(z);
-                d_states.push(dz_c.matmul(&wd)?); // [c, H]
-                dz.slice_set(&dz_c, 0, start - g_start)?;
+                    Some((&dz, start - g_start)),
+                )?;
             }
+            d_states.push(dz.matmul(&wd)?); // [g, H]
             let dw = dz.t()?.matmul(&sd.narrow(0, g_start, g_len)?)?; // [V, H]
             d_weight = Some(match d_weight {
                 None => dw,
@@ -291,10 +296,9 @@ mod tests {
     fn composed_logprob_backward_matches_fused() {
         let z = random(&[5, 30], 4, 3.0);
         let t = Tensor::new(&[0u32, 29, 7, 7, 11], &Device::Cpu).unwrap();
-        let (lp, ent) = logprob_and_entropy(&z, &t, 1.0).unwrap();
-        let y = Tensor::stack(&[lp, ent], 1).unwrap();
-        let g = random(&[5, 2], 5, 1.0);
-        let fused = logprob_entropy_backward(&z, &t, &y, &g, 1.0).unwrap();
+        let y = logprob_entropy_stats(&z, &t, 1.0).unwrap();
+        let g = random(&[5, 3], 5, 1.0);
+        let fused = logprob_entropy_backward(&z, &t, &y, &g, 1.0, None).unwrap();
         let composed = composed::logprob_entropy_backward(&z, &t, &y, &g).unwrap();
         assert!(
             max_rel(&composed, &fused) < 1e-5,

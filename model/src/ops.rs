@@ -923,20 +923,25 @@ struct LogprobEntropy {
     inv_t: f32,
 }
 
-/// One pass per row of logits `z` at temperature `1 / inv_t` (`x = inv_t·z`): max,
-/// `S = Σ e^(x−m)` and `Σ e^(x−m)·x`, so that `log p_t = x_t − m − ln S` and
-/// `H = m + ln S − Σ p·x` need one exp per element. Returns `(m, ln S, H)`.
-fn row_stats(z: &[f32], inv_t: f32) -> (f32, f32, f32) {
-    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(inv_t * b));
-    let (mut s, mut sx) = (0f32, 0f32);
+/// One pass per row of logits `z` at temperature `1 / inv_t` (`x = inv_t·z`), with a running
+/// max: `m`, `S = Σ e^(x−m)` and `Σ e^(x−m)·x`, so that `log p_t = x_t − L` with the log-partition
+/// `L = m + ln S`, and `H = L − Σ p·x`. Returns `(L, H)`.
+fn row_stats(z: &[f32], inv_t: f32) -> (f32, f32) {
+    let (mut m, mut s, mut sx) = (f32::NEG_INFINITY, 0f32, 0f32);
     for &v in z {
         let x = inv_t * v;
-        let e = (x - m).exp();
-        s += e;
-        sx += e * x;
+        if x > m {
+            // rescale the sums to the new max
+            let r = (m - x).exp();
+            (s, sx, m) = (s * r + 1.0, sx * r + x, x);
+        } else {
+            let e = (x - m).exp();
+            s += e;
+            sx += e * x;
+        }
     }
-    let lse = s.ln();
-    (m, lse, m + lse - sx / s)
+    let l = m + s.ln();
+    (l, l - sx / s)
 }
 
 impl CustomOp2 for LogprobEntropy {
@@ -952,19 +957,17 @@ impl CustomOp2 for LogprobEntropy {
         tl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let z = slice(zs, zl)?;
-        let CpuStorage::U32(t) = ts else {
-            candle_core::bail!("logprob-entropy: targets must be u32");
-        };
-        let t = &t[tl.contiguous_offsets().map_or(0, |o| o.0)..];
+        let t = u32_slice(ts, tl)?;
         let (n, v) = rows_of(zl.shape())?;
-        let mut out = vec![0f32; 2 * n];
-        out.par_chunks_mut(2).enumerate().for_each(|(r, o)| {
+        let mut out = vec![0f32; 3 * n];
+        out.par_chunks_mut(3).enumerate().for_each(|(r, o)| {
             let row = &z[r * v..(r + 1) * v];
-            let (m, lse, h) = row_stats(row, self.inv_t);
-            o[0] = self.inv_t * row[t[r] as usize] - m - lse;
+            let (l, h) = row_stats(row, self.inv_t);
+            o[0] = self.inv_t * row[t[r] as usize] - l;
             o[1] = h;
+            o[2] = l;
         });
-        Ok((CpuStorage::F32(out), Shape::from((n, 2))))
+        Ok((CpuStorage::F32(out), Shape::from((n, 3))))
     }
 
     #[cfg(feature = "cuda")]
@@ -977,7 +980,7 @@ impl CustomOp2 for LogprobEntropy {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let n = zl.shape().elem_count() / zl.dims().last().copied().unwrap_or(1).max(1);
         let out = crate::cuda::logprob_entropy_fwd(zs, zl, ts, tl, self.inv_t)?;
-        Ok((out, Shape::from((n, 2))))
+        Ok((out, Shape::from((n, 3))))
     }
 
     fn bwd(
@@ -987,32 +990,38 @@ impl CustomOp2 for LogprobEntropy {
         y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dz = logprob_entropy_backward(z, targets, y, g, 1.0 / self.inv_t as f64)
+        let dz = logprob_entropy_backward(z, targets, y, g, 1.0 / self.inv_t as f64, None)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((Some(dz), None))
     }
 }
 
-/// The gradient of [`logprob_and_entropy`] at `temperature` with respect to the logits:
-/// `logits [N, V]`, `targets [N]`, `y [N, 2]` f32 (its output: log-prob, entropy) and the upstream
-/// `g [N, 2]` → `dz [N, V]` in the logits' dtype, with `x = z / temperature`,
-/// `d log p_t / dx_j = 1[j = t] − p_j` and `dH / dx_j = −p_j (log p_j + H)`, times
-/// `1 / temperature`. One kernel on CUDA (f32 or bf16 logits, computed in f32), fused on the
-/// CPU (f32), composed ops elsewhere.
+/// The gradient of [`logprob_entropy_stats`] at `temperature` with respect to the logits:
+/// `logits [N, V]`, `targets [N]`, `y [N, 3]` f32 (its output: log-prob, entropy, log-partition)
+/// and the upstream `g [N, 3]` (the third column unused) → `dz [N, V]` in the logits' dtype, with
+/// `x = z / temperature`, `d log p_t / dx_j = 1[j = t] − p_j` and
+/// `dH / dx_j = −p_j (log p_j + H)`, times `1 / temperature`, where `log p_j = x_j − L`: one pass
+/// over the logits. One kernel on CUDA (f32 or bf16 logits, computed in f32), fused on the CPU
+/// (f32), composed ops elsewhere. `into`: rows `row..row + N` of a contiguous `[M, V]` tensor of
+/// the logits' dtype to write `dz` to, in place (a weight-gradient group's buffer); the returned
+/// `dz` is then those rows.
 pub fn logprob_entropy_backward(
     z: &Tensor,
     targets: &Tensor,
     y: &Tensor,
     g: &Tensor,
     temperature: f64,
+    into: Option<(&Tensor, usize)>,
 ) -> Result<Tensor> {
     let inv_t = (1.0 / temperature) as f32;
-    let v = z.dims().last().copied().unwrap_or(1);
+    let (n, v) = z.dims2()?;
     #[cfg(feature = "cuda")]
     if on_gpu(z) && fused(&[z]) && [y, g].iter().all(|t| t.device().same_device(z.device())) {
-        return Ok(crate::cuda::logprob_entropy_bwd(z, targets, y, g, inv_t)?);
+        return Ok(crate::cuda::logprob_entropy_bwd(
+            z, targets, y, g, inv_t, into,
+        )?);
     }
-    if fused(&[z, y, g]) && z.device().is_cpu() {
+    let dz = if fused(&[z, y, g]) && z.device().is_cpu() {
         let t = targets.flatten_all()?.to_vec1::<u32>()?;
         let dz = with_data(z, |z| {
             with_data(y, |y| {
@@ -1022,10 +1031,10 @@ pub fn logprob_entropy_backward(
                         .zip(z.par_chunks(v))
                         .enumerate()
                         .for_each(|(r, (dz, z))| {
-                            let (m, lse, _) = row_stats(z, inv_t);
-                            let (g_lp, g_h, h) = (g[2 * r], g[2 * r + 1], y[2 * r + 1]);
+                            let (g_lp, g_h) = (g[3 * r], g[3 * r + 1]);
+                            let (h, l) = (y[3 * r + 1], y[3 * r + 2]);
                             for j in 0..v {
-                                let lp = inv_t * z[j] - m - lse;
+                                let lp = inv_t * z[j] - l;
                                 let p = lp.exp();
                                 dz[j] = inv_t * (-g_lp * p - g_h * p * (lp + h));
                             }
@@ -1035,11 +1044,35 @@ pub fn logprob_entropy_backward(
                 })
             })
         })???;
-        return Ok(tensor(dz, z.shape())?);
+        tensor(dz, z.shape())?
+    } else {
+        let x = scaled(&z.to_dtype(DType::F32)?, inv_t)?;
+        let dz = composed::logprob_entropy_backward(&x, targets, y, g)?;
+        scaled(&dz, inv_t)?.to_dtype(z.dtype())?
+    };
+    Ok(match into {
+        Some((dst, row)) => {
+            dst.slice_set(&dz, 0, row)?;
+            dst.narrow(0, row, n)?
+        }
+        None => dz,
+    })
+}
+
+/// A `[rows, v]` buffer in `dtype` for [`logprob_entropy_backward`] to write every row of:
+/// uninitialised on CUDA with the kernels (no memset of a weight-gradient group's gigabyte),
+/// zeros elsewhere.
+pub fn rows_buffer(
+    rows: usize,
+    v: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if cuda_kernels() && device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) {
+        return Ok(crate::cuda::uninit((rows, v), dtype, device)?);
     }
-    let x = scaled(&z.to_dtype(DType::F32)?, inv_t)?;
-    let dz = composed::logprob_entropy_backward(&x, targets, y, g)?;
-    Ok(scaled(&dz, inv_t)?.to_dtype(z.dtype())?)
+    Ok(Tensor::zeros((rows, v), dtype, device)?)
 }
 
 /// `x · s`, or `x` itself at `s = 1`.
@@ -1056,21 +1089,39 @@ pub fn logprob_and_entropy(
     targets: &Tensor,
     temperature: f64,
 ) -> Result<(Tensor, Tensor)> {
+    let stats = logprob_entropy_stats(logits, targets, temperature)?; // [N, 3]
+    Ok((
+        stats.narrow(1, 0, 1)?.squeeze(1)?,
+        stats.narrow(1, 1, 1)?.squeeze(1)?,
+    ))
+}
+
+/// `[N, 3]` f32 per row of `logits [N, V]` at `temperature`: the target's log-prob, the entropy,
+/// and the log-partition `L = log Σ_j e^(x_j)` of `x = logits / temperature`, which lets the
+/// backward ([`logprob_entropy_backward`]) take one pass over the logits. Differentiable in the
+/// logits through the first two columns.
+pub fn logprob_entropy_stats(
+    logits: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
     let inv_t = (1.0 / temperature) as f32;
     if fused(&[logits]) && logits.rank() == 2 {
-        let both = logits
+        return Ok(logits
             .contiguous()?
-            .apply_op2(&targets.contiguous()?, LogprobEntropy { inv_t })?; // [N, 2]
-        return Ok((
-            both.narrow(1, 0, 1)?.squeeze(1)?,
-            both.narrow(1, 1, 1)?.squeeze(1)?,
-        ));
+            .apply_op2(&targets.contiguous()?, LogprobEntropy { inv_t })?);
     }
     let x = scaled(&logits.to_dtype(DType::F32)?, inv_t)?;
-    Ok((
-        composed::logprob_gather(&x, targets)?,
-        composed::entropy(&x)?,
-    ))
+    let m = x.max_keepdim(1)?.detach(); // [N, 1]
+    let l = (x.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + m)?;
+    Ok(Tensor::cat(
+        &[
+            composed::logprob_gather(&x, targets)?.unsqueeze(1)?,
+            composed::entropy(&x)?.unsqueeze(1)?,
+            l,
+        ],
+        1,
+    )?)
 }
 
 // ---------------------------------------------------------------- decode attention

@@ -716,18 +716,49 @@ fn softmax_forward_and_backward_match_the_composed_op() {
 
 #[test]
 fn log_probs_and_entropies_forward_and_backward_match_the_composed_ops() {
-    let (rows, v) = (4, 3001);
-    let targets = Tensor::new(&[0u32, 1500, 3000, 77], &Device::Cpu).unwrap();
-    let g = random(&[rows, 2], 14, 1.0);
+    let (rows, v) = (5, 3001);
+    let targets = Tensor::new(&[0u32, 1500, 3000, 77, 2999], &Device::Cpu).unwrap();
+    // the upstream of log-prob and entropy; none for the log-partition, an output the losses
+    // do not take
+    let g = Tensor::cat(
+        &[
+            random(&[rows, 2], 14, 1.0),
+            Tensor::zeros((rows, 1), DType::F32, &Device::Cpu).unwrap(),
+        ],
+        1,
+    )
+    .unwrap();
+    // four random rows, and one rising: each thread's running max moves at every element
+    let rising = Tensor::arange(0f32, v as f32, &Device::Cpu)
+        .unwrap()
+        .affine(8.0 / v as f64, -4.0)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     for ty in [Ty::F32, Ty::Bf16] {
         for temperature in [1.0f64, 0.7] {
-            let z = ty.round(&random(&[rows, v], 13, 3.0));
+            let z = Tensor::cat(&[random(&[rows - 1, v], 13, 3.0), rising.clone()], 0).unwrap();
+            let z = ty.round(&z);
             // the composed ops on the logits the kernel reads, at the temperature
             let f = |z: &Tensor| {
                 let x = (z / temperature).unwrap();
                 let lp = composed::logprob_gather(&x, &targets).unwrap();
                 let h = composed::entropy(&x).unwrap();
-                Tensor::stack(&[&lp, &h], 1).unwrap() // [N, 2]
+                let m = x.max_keepdim(1).unwrap();
+                let l = (x
+                    .broadcast_sub(&m)
+                    .unwrap()
+                    .exp()
+                    .unwrap()
+                    .sum_keepdim(1)
+                    .unwrap())
+                .log()
+                .unwrap()
+                .add(&m)
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
+                Tensor::stack(&[&lp, &h, &l], 1).unwrap() // [N, 3]
             };
             let (y, grads) = with_grads(&[&z], &g, |t| f(&t[0]));
             let inv_t = Arg::Float((1.0 / temperature) as f32);
@@ -738,7 +769,7 @@ fn log_probs_and_entropies_forward_and_backward_match_the_composed_ops() {
                 &[
                     ty.buffer(&z),
                     Arg::U32(targets.to_vec1().unwrap()),
-                    Arg::F32(vec![f32::NAN; 2 * rows]),
+                    Arg::F32(vec![f32::NAN; 3 * rows]),
                     Arg::Int(v as i32),
                     inv_t.clone(),
                 ],
