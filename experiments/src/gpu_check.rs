@@ -5,15 +5,15 @@
 //!     LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib ./gpu/ferrite gpu-check [checks|bench|all]
 //!
 //! `checks`: each fused CUDA kernel (RMSNorm, RoPE, SwiGLU, masked softmax, log-prob + entropy,
-//! the chunked output layer) against the composed ops on fresh random inputs, forward and
-//! backward, f32 and bf16; the device sampler against the host's (temperature, top-k, top-p);
+//! the chunked output layer, the token embedding, the row selection and its scatter) against the
+//! composed ops on fresh random inputs, forward and backward, f32 and bf16; the device sampler against the host's (temperature, top-k, top-p);
 //! decode attention against the composed ops; the fused AdamW against the
 //! composed update; then a small model's GPU forward, backward (f32 and bf16) and greedy
 //! generation against the CPU path. `bench`: the Qwen2.5-0.5B shape — learner tokens/s and peak
 //! device memory at B=8, T=1024 with a per-phase and per-kernel split, generation tokens/s at
 //! B=64 and B=256 (128-token prompts, 256 new tokens), and the sampler's time per decode step at
-//! B=256. Prints a table, then one JSON line per
-//! measurement; fails when a check fails. `GPU_CHECK_DEVICE=cpu ferrite gpu-check checks`
+//! B=256. Each section prints its rows, lines and JSON lines (one per measurement) as it ends, and
+//! the whole table again at the end; fails when a check fails. `GPU_CHECK_DEVICE=cpu ferrite gpu-check checks`
 //! dry-runs the checks' own code on the CPU (the kernel checks then fail: there are no kernels).
 
 use std::time::Instant;
@@ -929,6 +929,9 @@ fn learner_benches(gpu: &Device, w: &Weights, baseline: usize, r: &mut Report) -
         model::checkpoint::set_enabled(checkpoint);
         match learner_bench(gpu, w, b, t, baseline) {
             Ok((secs, phases, peak_gib)) => {
+                if kernels && !checkpoint {
+                    r.step = Some((secs, phases));
+                }
                 r.lines.push(format!(
                     "learner B={b} T={t} bf16, {label}: {:.0} tok/s, {:.0} ms/step (forward + log-probs {:.0}, backward {:.0}, AdamW {:.0}), peak {peak_gib:.1} GiB above the context",
                     (b * t) as f64 / secs,
@@ -954,7 +957,8 @@ fn learner_benches(gpu: &Device, w: &Weights, baseline: usize, r: &mut Report) -
 
 /// Each fused kernel's forward + backward time against its composed reference at the learner's
 /// shapes (B=8, T=1024, Qwen2.5-0.5B's widths).
-fn kernel_timings(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
+fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
+    let lines = &mut r.lines;
     let (b, t) = (8usize, 1024usize);
     // each fused kernel against its composed reference at the learner's shapes (forward + backward)
     let nt = b * t;
@@ -1048,11 +1052,12 @@ fn kernel_timings(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
             reference: Box::new(move |x| Ok(x[0].index_select(&r2, 0)?)),
         },
     ];
+    let mut fused: Vec<(&str, f64)> = Vec::new(); // the fused ops' seconds, by case name
     for Case {
         name,
         shapes,
         grad_of,
-        fused,
+        fused: op,
         reference,
     } in &kernel_cases
     {
@@ -1064,7 +1069,7 @@ fn kernel_timings(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
                 .enumerate()
                 .map(|(i, s)| randn(s, i as u64, 1.0, DType::BF16, gpu))
                 .collect::<Result<_>>()?;
-            let tf = time(5, || value_and_grads(&inputs, grad_of, &**fused, 1), gpu)?;
+            let tf = time(5, || value_and_grads(&inputs, grad_of, &**op, 1), gpu)?;
             let tr = time(
                 5,
                 || value_and_grads(&inputs, grad_of, &**reference, 1),
@@ -1072,7 +1077,11 @@ fn kernel_timings(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
             );
             Ok((tf, tr))
         };
-        lines.push(match timed() {
+        let outcome = timed();
+        if let Ok((tf, _)) = &outcome {
+            fused.push((*name, *tf));
+        }
+        lines.push(match outcome {
             Ok((tf, Ok(tr))) => format!(
                 "kernel {name} bf16 forward+backward: fused {:.2} ms, composed {:.2} ms ({:.1}x)",
                 tf * 1e3,
@@ -1116,7 +1125,8 @@ fn kernel_timings(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
         time(5, || value_and_grads(&inputs, &[true; 8], &layer, 1), gpu)
     };
     let flops = 6.0 * nt as f64 * (hd * (2 * hd + 2 * kv + 3 * ff)) as f64;
-    lines.push(match matmuls() {
+    let matmuls = matmuls();
+    lines.push(match &matmuls {
         Ok(secs) => format!(
             "one layer's 7 matmuls [8192, 896] bf16 forward+backward: {:.2} ms ({:.0} TFLOP/s; x24 layers = {:.0} ms a step)",
             secs * 1e3,
@@ -1125,7 +1135,64 @@ fn kernel_timings(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
         ),
         Err(e) => format!("one layer's matmuls: error: {e}"),
     });
+    if let Ok(secs) = matmuls {
+        fused.push(("matmuls", secs));
+    }
+    let step = r.step;
+    r.lines.push(step_budget(&fused, step));
     Ok(())
+}
+
+/// Where the learner step's time goes, by the kernels' own timings at its shapes: 24 layers of
+/// two RMSNorms, RoPE on q and k (k has 2 of q's 14 heads), SwiGLU, attention and the seven
+/// matmuls, then the output layer, the embedding and the row selection, against the step
+/// measured whole (`step`: seconds and its forward / backward / AdamW phases); what is left is
+/// the ops without a timing of their own (residual and bias adds, casts, transposes, the loss)
+/// and the gaps between launches.
+fn step_budget(fused: &[(&str, f64)], step: Option<(f64, [f64; 3])>) -> String {
+    let ms = |prefix: &str| {
+        fused
+            .iter()
+            .find(|(name, _)| name.starts_with(prefix))
+            .map(|(_, secs)| secs * 1e3)
+    };
+    let parts = [
+        ("norms", ms("rms_norm").map(|x| 2.0 * x)),
+        ("rope", ms("rope").map(|x| x * 16.0 / 14.0)),
+        ("swiglu", ms("swiglu")),
+        ("attention", ms("attention")),
+        ("matmuls", ms("matmuls")),
+    ];
+    let once = [
+        ("output layer", ms("output layer")),
+        ("embedding", ms("embedding")),
+        ("row selection", ms("select rows")),
+    ];
+    let known = |xs: &[(&str, Option<f64>)]| -> String {
+        xs.iter()
+            .map(|(name, x)| match x {
+                Some(x) => format!("{name} {x:.2}"),
+                None => format!("{name} ?"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let layer: f64 = parts.iter().filter_map(|(_, x)| *x).sum();
+    let total = 24.0 * layer + once.iter().filter_map(|(_, x)| *x).sum::<f64>();
+    let mut line = format!(
+        "learner step by the kernel timings: 24 layers x {layer:.2} ms ({}) + {} = {total:.0} ms",
+        known(&parts),
+        known(&once)
+    );
+    if let Some((secs, [_, _, adamw])) = step {
+        let measured = secs * 1e3;
+        line += &format!(
+            "; measured {measured:.0} ms, of which AdamW {:.0}; the rest, {:.0} ms, is ops without a timing here and launch gaps",
+            adamw * 1e3,
+            measured - adamw * 1e3 - total
+        );
+    }
+    line
 }
 
 /// The device sampler's time per decode step at the widest decode batch (B=256).
@@ -1207,6 +1274,8 @@ struct Report {
     rows: Rows,
     lines: Vec<String>,
     json: Vec<String>,
+    /// The learner step with the kernels: seconds, and its phases (forward, backward, AdamW).
+    step: Option<(f64, [f64; 3])>,
 }
 
 impl Report {
@@ -1279,7 +1348,7 @@ fn run(what: &str) -> Result<()> {
         });
         if let Some(w) = &w {
             r.section("learner bench", |r| learner_benches(&gpu, w, baseline, r));
-            r.section("kernel timings", |r| kernel_timings(&gpu, &mut r.lines));
+            r.section("kernel timings", |r| kernel_timings(&gpu, r));
             r.section("sampler timing", |r| sampler_timing(&gpu, &mut r.lines));
             r.section("generation bench", |r| generation_benches(&gpu, w, r));
         }

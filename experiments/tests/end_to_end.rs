@@ -57,6 +57,11 @@ fn grpo_beats_the_warm_start_on_held_out_addition() {
     // 0.199, pass@1 0.130 -> 0.154 on an AVX-512 one (the same binary: candle's CPU matmul picks
     // other kernels, and 700 SFT steps amplify the rounding). GRPO on this 0.8 M-parameter model
     // sharpens the sampled policy: pass@1 rises on both, the greedy answer moves by a point or less.
+    // The numbers move with any change of rounding: on the AVX-512 machine, summing the tied
+    // embedding's gradient per token before adding it to the output layer's (2026-12-02) gave
+    // greedy 0.163 -> 0.138, pass@1 0.100 -> 0.102 (this test failed), and the one-pass log-prob
+    // backward on top of it greedy 0.338 -> 0.435, pass@1 0.209 -> 0.253. One run's outcome is a
+    // draw from a wide spread: the test holds a claim the default job makes, not a margin.
     assert!(
         pass1_after >= pass1_before + 0.01,
         "GRPO pass@1: {pass1_before:.3} -> {pass1_after:.3}"
