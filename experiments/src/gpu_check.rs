@@ -116,10 +116,30 @@ fn loss_and_grads(
 /// uniforms: temperature 0.7, top-k 50, top-p 0.9, both, and greedy.
 fn sampling_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
     let (b, v) = (64usize, 151_936usize);
-    let z = randn(&[b, v], 42, 3.0, DType::F32, gpu)?;
-    let host = z.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
     let mut rng = model::rng::Rng::new(5);
     let u: Vec<f32> = (0..b).map(|_| rng.uniform() as f32).collect();
+    // f32 logits, and bf16 ones read as a bf16 output layer writes them (the host draws from
+    // the same values widened)
+    for dtype in [DType::F32, DType::BF16] {
+        let z = randn(&[b, v], 42, 3.0, dtype, gpu)?;
+        let host = z
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
+        sampler_rows(&z, &host, &u, dtype, rows)?;
+    }
+    Ok(())
+}
+
+/// The device sampler on `z` against the host's draw on its values `host`, one row per case.
+fn sampler_rows(
+    z: &Tensor,
+    host: &[Vec<f32>],
+    u: &[f32],
+    dtype: DType,
+    rows: &mut Vec<(String, String, bool)>,
+) -> Result<()> {
+    let b = host.len();
     for (name, temperature, top_k, top_p) in [
         ("T=0.7", 0.7f32, 0usize, 1.0f32),
         ("T=1 top-k 50", 1.0, 50, 1.0),
@@ -132,7 +152,7 @@ fn sampling_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Resu
             top_k,
             top_p,
         };
-        let drawn = model::cuda::sample_rows(&z, &u, &p)?;
+        let drawn = model::cuda::sample_rows(z, u, &p)?;
         let (mut same, mut worst) = (0, 0f64);
         for (i, row) in host.iter().enumerate() {
             let (want, lp, h) = model::sampling::draw(row, u[i] as f64, &p);
@@ -145,7 +165,9 @@ fn sampling_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Resu
             }
         }
         rows.push((
-            format!("sample {name} [64, 151936]: same token / worst |Δ log-prob, entropy|"),
+            format!(
+                "sample {name} [64, 151936] {dtype:?}: same token / worst |Δ log-prob, entropy|"
+            ),
             format!("{same}/{b}, {worst:.1e}"),
             same >= b - 1 && worst < 1e-3,
         ));
@@ -1198,12 +1220,13 @@ fn step_budget(fused: &[(&str, f64)], step: Option<(f64, [f64; 3])>) -> String {
 /// The device sampler's time per decode step at the widest decode batch (B=256).
 fn sampler_timing(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
     let c = qwen05b();
-    // the sampler at the widest decode batch: full softmax, top-k, top-p, both
-    let sampler = || -> Result<String> {
-        let (rows, v) = (256usize, c.vocab_size);
-        let z = randn(&[rows, v], 9, 3.0, DType::F32, gpu)?;
-        let u: Vec<f32> = (0..rows).map(|i| (i as f32 + 0.5) / rows as f32).collect();
-        let mut out = format!("sampler [{rows}, {v}] f32:");
+    // the sampler at the widest decode batch: full softmax, top-k, top-p, both; on f32 logits
+    // and on bf16 ones (what a bf16 model's decode step samples from)
+    let (rows, v) = (256usize, c.vocab_size);
+    let u: Vec<f32> = (0..rows).map(|i| (i as f32 + 0.5) / rows as f32).collect();
+    for dtype in [DType::F32, DType::BF16] {
+        let z = randn(&[rows, v], 9, 3.0, dtype, gpu)?;
+        let mut out = format!("sampler [{rows}, {v}] {dtype:?}:");
         for (name, top_k, top_p) in [
             ("T=1", 0usize, 1.0f32),
             ("top-k 50", 50, 1.0),
@@ -1218,10 +1241,8 @@ fn sampler_timing(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
             let secs = time(5, || Ok(model::cuda::sample_rows(&z, &u, &p)?), gpu)?;
             out += &format!(" {name} {:.2} ms,", secs * 1e3);
         }
-        Ok(out.trim_end_matches(',').to_string())
-    };
-    lines.push(sampler()?);
-
+        lines.push(out.trim_end_matches(',').to_string());
+    }
     Ok(())
 }
 

@@ -512,9 +512,10 @@ extern "C" __global__ void logprob_entropy_bwd_bf16(const bf16* z, const uint32_
 }
 
 // ------------------------------------------------------------------------------- sampling
-// One row of logits z [V] (f32) per block: the next token, its log-prob under the distribution it
-// was drawn from, and the entropy of softmax(z / t) — what crate::sampling::draw computes on the
-// host. `inv_t` = 1/temperature, or 0 for greedy (first argmax, log-prob and entropy at t = 1).
+// One row of logits z [V] per block, in T (f32, or bf16 as the output layer's matmul wrote them:
+// no f32 copy of a decode step's [B, V] logits): the next token, its log-prob under the
+// distribution it was drawn from, and the entropy of softmax(z / t) — what crate::sampling::draw
+// computes on the host from the same (f32-widened) logits. `inv_t` = 1/temperature, or 0 for greedy (first argmax, log-prob and entropy at t = 1).
 // `top_k` (0: off) and `top_p` (≥ 1: off) truncate, as transformers does: top-k, then top-p over
 // the renormalised rest. `u` [B] are the rows' uniforms in [0, 1), drawn on the host from each
 // row's own stream; the token is the first kept j with u·Σ_kept e < Σ_{kept i≤j} e_i,
@@ -537,7 +538,8 @@ __device__ __forceinline__ u64 fixed_weight(float e) { return (u64)(e * 10995116
 // fixed-point weights; thread 0 picks each byte. Top-k's stage finds the k-th largest key and the
 // weight kept at or above it; top-p's finds the largest key at or above which the weight reaches
 // top_p times that. Every thread returns the same key.
-__device__ uint32_t kept_floor(const float* zr, int v, float m, float it, int top_k, float top_p) {
+template <typename T>
+__device__ uint32_t kept_floor(const T* zr, int v, float m, float it, int top_k, float top_p) {
     __shared__ unsigned int hist_count[256];
     __shared__ u64 hist_weight[256];
     __shared__ uint32_t picked;
@@ -556,11 +558,11 @@ __device__ uint32_t kept_floor(const float* zr, int v, float m, float it, int to
             }
             __syncthreads();
             for (int j = threadIdx.x; j < v; j += blockDim.x) {
-                const uint32_t key = order_key(zr[j]);
+                const uint32_t key = order_key(ld(zr[j]));
                 if ((key & mask) != prefix) continue;
                 const int d = (key >> shift) & 255;
                 atomicAdd(&hist_count[d], 1u);
-                if (by_p) atomicAdd(&hist_weight[d], fixed_weight(__expf((zr[j] - m) * it)));
+                if (by_p) atomicAdd(&hist_weight[d], fixed_weight(__expf((ld(zr[j]) - m) * it)));
             }
             __syncthreads();
             if (threadIdx.x == 0) {
@@ -592,26 +594,27 @@ __device__ uint32_t kept_floor(const float* zr, int v, float m, float it, int to
     return floor;
 }
 
-extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float inv_t, int top_k, float top_p,
-                                           uint32_t* ids, float* logprobs, float* entropies, int v) {
+template <typename T>
+__device__ void sample_rows(const T* z, const float* u, float inv_t, int top_k, float top_p, uint32_t* ids,
+                            float* logprobs, float* entropies, int v) {
     __shared__ float seg_sum[1024];
     __shared__ int chosen;
     const size_t row = blockIdx.x;
-    const float* zr = z + row * v;
+    const T* zr = z + row * v;
     const bool greedy = inv_t <= 0.f;
     const float it = greedy ? 1.f : inv_t;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, zr[j]);
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, ld(zr[j]));
     m = block_max(m);
     const int seg = (v + blockDim.x - 1) / blockDim.x;
     const int lo = min(v, (int)threadIdx.x * seg), hi = min(v, lo + seg);
     float s = 0.f, es = 0.f;
     int best = lo;
     for (int j = lo; j < hi; ++j) {
-        const float x = (zr[j] - m) * it, e = __expf(x);
+        const float x = (ld(zr[j]) - m) * it, e = __expf(x);
         s += e;
         es += e * x;
-        if (zr[j] > zr[best]) best = j;
+        if (ld(zr[j]) > ld(zr[best])) best = j;
     }
     const float total = block_sum(s);
     const float total_es = block_sum(es);
@@ -621,7 +624,7 @@ extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float
     if (truncate) {
         s = 0.f;
         for (int j = lo; j < hi; ++j)
-            if (order_key(zr[j]) >= floor) s += __expf((zr[j] - m) * it);
+            if (order_key(ld(zr[j])) >= floor) s += __expf((ld(zr[j]) - m) * it);
     }
     seg_sum[threadIdx.x] = s;
     const float kept_total = truncate ? block_sum(s) : total;
@@ -629,7 +632,7 @@ extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float
     __syncthreads();
     if (greedy) {
         // first maximum: the lowest index among the segments' maxima that equal the row max
-        if (lo < hi && zr[best] == m) atomicMin(&chosen, best);
+        if (lo < hi && ld(zr[best]) == m) atomicMin(&chosen, best);
     } else if (threadIdx.x == 0) {
         // exclusive scan of the segment sums by one thread (≤ 1024 adds), then find the segment;
         // past the end (rounding), the last kept token
@@ -650,8 +653,8 @@ extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float
         if (k >= 0) {
             const int a = min(v, k * seg), b = min(v, a + seg);
             for (int j = a; j < b; ++j) {
-                if (order_key(zr[j]) < floor) continue;
-                const float e = __expf((zr[j] - m) * it);
+                if (order_key(ld(zr[j])) < floor) continue;
+                const float e = __expf((ld(zr[j]) - m) * it);
                 pick = j;
                 if (t < e) break;
                 t -= e;
@@ -663,9 +666,17 @@ extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float
     if (threadIdx.x == 0) {
         const int j = chosen;
         ids[row] = (uint32_t)j;
-        logprobs[row] = (zr[j] - m) * it - logf(kept_total);
+        logprobs[row] = (ld(zr[j]) - m) * it - logf(kept_total);
         entropies[row] = logf(total) - total_es / total;
     }
+}
+extern "C" __global__ void sample_rows_f32(const float* z, const float* u, float inv_t, int top_k, float top_p,
+                                           uint32_t* ids, float* logprobs, float* entropies, int v) {
+    sample_rows<float>(z, u, inv_t, top_k, top_p, ids, logprobs, entropies, v);
+}
+extern "C" __global__ void sample_rows_bf16(const bf16* z, const float* u, float inv_t, int top_k, float top_p,
+                                            uint32_t* ids, float* logprobs, float* entropies, int v) {
+    sample_rows<bf16>(z, u, inv_t, top_k, top_p, ids, logprobs, entropies, v);
 }
 
 // ------------------------------------------------------------------------------- decode attention

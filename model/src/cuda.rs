@@ -712,54 +712,74 @@ pub fn uninit(
 
 // ---------------------------------------------------------------- sampling
 
-/// Samples one token per row of f32 logits `[B, V]` on the device under `p` (temperature, top-k,
-/// top-p) from the rows' uniforms `u`. Only `u` goes to the device and the three `[B]` results
-/// come back: `(token, log-prob, entropy)` per row, as `crate::sampling::draw` defines them.
+/// Samples one token per row of logits `[B, V]` (f32 or bf16, read as they are) on the device
+/// under `p` (temperature, top-k, top-p) from the rows' uniforms `u`. Only `u` goes to the device
+/// and the three `[B]` results come back, in one copy: `(token, log-prob, entropy)` per row, as `crate::sampling::draw` defines them.
 pub fn sample_rows(
     logits: &Tensor,
     u: &[f32],
     p: &crate::sampling::SamplingParams,
 ) -> Result<Vec<(u32, f32, f32)>> {
-    let logits = logits.contiguous()?;
-    let (zs, zl) = logits.storage_and_layout();
-    let zs = as_cuda(&zs)?;
-    let dev = zs.device().clone();
-    let (rows, v) = rows_of(zl);
-    if u.len() != rows {
-        return Err(err(format!(
-            "sample_rows: {} uniforms for {rows} rows",
-            u.len()
-        )));
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        logits: &Tensor,
+        u: &[f32],
+        p: &crate::sampling::SamplingParams,
+    ) -> Result<Vec<(u32, f32, f32)>> {
+        let logits = logits.contiguous()?;
+        let (zs, zl) = logits.storage_and_layout();
+        let zs = as_cuda(&zs)?;
+        let dev = zs.device().clone();
+        let (rows, v) = rows_of(zl);
+        if u.len() != rows {
+            return Err(err(format!(
+                "sample_rows: {} uniforms for {rows} rows",
+                u.len()
+            )));
+        }
+        let zv = view::<T>(zs, zl)?;
+        let stream = dev.cuda_stream();
+        let uv = stream.clone_htod(u).w()?;
+        // the three [B] results in one buffer, so that one copy (and one wait) brings them back:
+        // the tokens, then the bits of the log-probs and of the entropies
+        let out = dev.alloc_zeros::<u32>(3 * rows)?;
+        let (ids, lp, ent) = (
+            out.slice(0..rows),
+            out.slice(rows..2 * rows),
+            out.slice(2 * rows..3 * rows),
+        );
+        let f = dev.get_or_load_custom_func(&kernel::<T>("sample_rows")?, MODULE, PTX)?;
+        let inv_t = if p.is_greedy() {
+            0.0
+        } else {
+            1.0 / p.temperature
+        };
+        let (top_k, top_p, v32) = (p.top_k.min(v) as i32, p.top_p, v as i32);
+        let mut l = f.builder();
+        l.arg(&zv)
+            .arg(&uv)
+            .arg(&inv_t)
+            .arg(&top_k)
+            .arg(&top_p)
+            .arg(&ids)
+            .arg(&lp)
+            .arg(&ent)
+            .arg(&v32);
+        // SAFETY: B·V logits, B uniforms and B of each output (32-bit words: u32 tokens, f32
+        // log-probs and entropies).
+        unsafe { l.launch(config(launch::sample_rows(rows))) }.w()?;
+        let out = stream.clone_dtoh(&out).w()?;
+        let word = |k: usize, i: usize| out[k * rows + i];
+        Ok((0..rows)
+            .map(|i| {
+                (
+                    word(0, i),
+                    f32::from_bits(word(1, i)),
+                    f32::from_bits(word(2, i)),
+                )
+            })
+            .collect())
     }
-    let zv = view::<f32>(zs, zl)?;
-    let stream = dev.cuda_stream();
-    let uv = stream.clone_htod(u).w()?;
-    let ids = dev.alloc_zeros::<u32>(rows)?;
-    let lp = dev.alloc_zeros::<f32>(rows)?;
-    let ent = dev.alloc_zeros::<f32>(rows)?;
-    let f = dev.get_or_load_custom_func("sample_rows_f32", MODULE, PTX)?;
-    let inv_t = if p.is_greedy() {
-        0.0
-    } else {
-        1.0 / p.temperature
-    };
-    let (top_k, top_p, v32) = (p.top_k.min(v) as i32, p.top_p, v as i32);
-    let mut l = f.builder();
-    l.arg(&zv)
-        .arg(&uv)
-        .arg(&inv_t)
-        .arg(&top_k)
-        .arg(&top_p)
-        .arg(&ids)
-        .arg(&lp)
-        .arg(&ent)
-        .arg(&v32);
-    // SAFETY: B·V logits, B uniforms and B of each output.
-    unsafe { l.launch(config(launch::sample_rows(rows))) }.w()?;
-    let ids = stream.clone_dtoh(&ids).w()?;
-    let lp = stream.clone_dtoh(&lp).w()?;
-    let ent = stream.clone_dtoh(&ent).w()?;
-    Ok((0..rows).map(|i| (ids[i], lp[i], ent[i])).collect())
+    by_dtype!(logits.dtype(), go(logits, u, p))
 }
 
 // ---------------------------------------------------------------- decode q/k/v

@@ -351,15 +351,13 @@ fn finished(
     Ok(c)
 }
 
-/// Runs the forward with the cache and returns each row's last-position logits `[B, V]` in f32,
-/// on the model's device (the output layer runs on the last position only).
+/// Runs the forward with the cache and returns each row's last-position logits `[B, V]` in the
+/// weights' dtype, on the model's device (the output layer runs on the last position only).
 fn last_logits(w: &Weights, batch: &Batch, cache: &mut KvCache) -> Result<Tensor> {
     let hidden = hidden_states(w, batch, Some(cache))?; // [B, T, H]
     let t = hidden.dim(1)?;
     let last = hidden.narrow(1, t - 1, 1)?; // [B, 1, H]
-    Ok(linear(&last, w.output_weight(), None)?
-        .squeeze(1)?
-        .to_dtype(DType::F32)?) // [B, V]
+    Ok(linear(&last, w.output_weight(), None)?.squeeze(1)?) // [B, V]
 }
 
 /// `(token, log-prob, entropy)` for every row of `logits [B, V]` (rows without a stream get a
@@ -383,9 +381,14 @@ fn sample_rows(
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() && crate::ops::cuda_kernels() {
         let u: Vec<f32> = u.iter().map(|&u| u as f32).collect();
-        return Ok(crate::cuda::sample_rows(logits, &u, p)?);
+        // the kernel reads f32 or bf16 logits as they are; others are widened first
+        let logits = match logits.dtype() {
+            DType::F32 | DType::BF16 => logits.clone(),
+            _ => logits.to_dtype(DType::F32)?,
+        };
+        return Ok(crate::cuda::sample_rows(&logits, &u, p)?);
     }
-    let rows = logits.to_vec2::<f32>()?;
+    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     Ok(rows
         .iter()
         .zip(&u)

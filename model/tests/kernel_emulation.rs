@@ -840,17 +840,29 @@ fn the_sampler_draws_what_the_host_draws() {
                 }
             })
             .collect();
-        for &(temperature, top_k, top_p) in &cases {
+        // bf16: the logits as a bf16 output layer writes them, widened by the kernel (the host
+        // draws from the same rounded values)
+        for (ty, &(temperature, top_k, top_p)) in [Ty::F32, Ty::Bf16]
+            .into_iter()
+            .flat_map(|ty| cases.iter().map(move |c| (ty, c)))
+        {
+            let z: Vec<Vec<f32>> = match ty {
+                Ty::F32 => z.clone(),
+                Ty::Bf16 => z
+                    .iter()
+                    .map(|r| r.iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
+                    .collect(),
+            };
             let inv_t = if temperature > 0.0 {
                 1.0 / temperature
             } else {
                 0.0
             };
             let out = launch(
-                "sample_rows_f32",
+                &ty.name("sample_rows"),
                 launch::sample_rows(rows),
                 &[
-                    Arg::F32(z.concat()),
+                    ty.buffer(&Tensor::new(z.concat(), &Device::Cpu).unwrap()),
                     Arg::F32(u.clone()),
                     Arg::Float(inv_t),
                     Arg::Int(top_k as i32),
@@ -871,7 +883,7 @@ fn the_sampler_draws_what_the_host_draws() {
             };
             for (i, row) in z.iter().enumerate() {
                 let (want, lp, h) = model::sampling::draw(row, u[i] as f64, &p);
-                let at = format!("v {v}, {p:?}, row {i}");
+                let at = format!("{ty:?}, v {v}, {p:?}, row {i}");
                 assert_eq!(ids[i] as usize, want, "token, {at}");
                 assert!((lps[i] as f64 - lp).abs() < 1e-4, "log-prob, {at}");
                 assert!((hs[i] as f64 - h).abs() < 1e-4, "entropy, {at}");
