@@ -85,26 +85,6 @@ fn tensor(v: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
 
 // ---------------------------------------------------------------- rows: embedding, selection
 
-/// Rows `ids` of `x [M, H]` → `[N, H]` on the CPU; an id ≥ M is an error.
-fn gather_cpu(
-    xs: &CpuStorage,
-    xl: &Layout,
-    is: &CpuStorage,
-    il: &Layout,
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let x = slice(xs, xl)?;
-    let (m, h) = rows_of(xl.shape())?;
-    let ids = u32_slice(is, il)?;
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= m) {
-        candle_core::bail!("row {bad} of a table of {m} rows (a token id past the vocabulary?)");
-    }
-    let mut y = vec![0f32; ids.len() * h];
-    y.par_chunks_mut(h.max(1))
-        .zip(ids.par_iter())
-        .for_each(|(y, &id)| y.copy_from_slice(&x[id as usize * h..(id as usize + 1) * h]));
-    Ok((CpuStorage::F32(y), Shape::from((ids.len(), h))))
-}
-
 /// The contiguous u32 data of a CPU storage.
 fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
     let CpuStorage::U32(v) = s else {
@@ -116,92 +96,117 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]
     Ok(&v[a..b])
 }
 
-#[cfg(feature = "cuda")]
-fn gather_cuda(
-    xs: &candle_core::CudaStorage,
-    xl: &Layout,
-    is: &candle_core::CudaStorage,
-    il: &Layout,
-) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-    let (n, h) = (
-        il.shape().elem_count(),
-        xl.dims().last().copied().unwrap_or(1),
-    );
-    Ok((
-        crate::cuda::gather_rows(xs, xl, is, il)?,
-        Shape::from((n, h)),
-    ))
+/// A row gather `x[ids]`: `x [M, H]`, `ids [N]` u32 → `[N, H]`. Its backward depends on what
+/// the ids may hold.
+struct Gather(GatherBackward);
+
+enum GatherBackward {
+    /// Ids that repeat (a step's token ids): each distinct id's rows of the upstream gradient
+    /// summed into its row of zeros.
+    SumPerId,
+    /// Distinct rows of an `m`-row `x`: the upstream rows scattered into zeros ([`ScatterRows`]).
+    Scatter { m: usize },
 }
 
-/// The token embedding: a row gather whose backward sums each distinct token's rows.
-struct Embedding;
-
-impl CustomOp2 for Embedding {
+impl CustomOp2 for Gather {
     fn name(&self) -> &'static str {
-        "ferrite-embedding"
+        match self.0 {
+            GatherBackward::SumPerId => "ferrite-embedding",
+            GatherBackward::Scatter { .. } => "ferrite-select-rows",
+        }
     }
 
+    /// An id ≥ M is an error.
     fn cpu_fwd(
         &self,
-        ws: &CpuStorage,
-        wl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
         is: &CpuStorage,
         il: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        gather_cpu(ws, wl, is, il)
+        let x = slice(xs, xl)?;
+        let (m, h) = rows_of(xl.shape())?;
+        let ids = u32_slice(is, il)?;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= m) {
+            candle_core::bail!(
+                "row {bad} of a table of {m} rows (a token id past the vocabulary?)"
+            );
+        }
+        let mut y = vec![0f32; ids.len() * h];
+        y.par_chunks_mut(h.max(1))
+            .zip(ids.par_iter())
+            .for_each(|(y, &id)| y.copy_from_slice(&x[id as usize * h..(id as usize + 1) * h]));
+        Ok((CpuStorage::F32(y), Shape::from((ids.len(), h))))
     }
 
+    /// A row of NaN for an id ≥ M (see [`embedding`]).
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        ws: &candle_core::CudaStorage,
-        wl: &Layout,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
         is: &candle_core::CudaStorage,
         il: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        gather_cuda(ws, wl, is, il)
+        let (n, h) = (
+            il.shape().elem_count(),
+            xl.dims().last().copied().unwrap_or(1),
+        );
+        Ok((
+            crate::cuda::gather_rows(xs, xl, is, il)?,
+            Shape::from((n, h)),
+        ))
     }
 
     fn bwd(
         &self,
-        w: &Tensor,
+        x: &Tensor,
         ids: &Tensor,
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (v, h) = w.dims2()?;
-        // the one host read of the step's ids (a few kB), at the end of the backward
-        let ids = ids.to_vec1::<u32>()?;
-        let (table, u) = token_segments(&ids, v);
-        #[cfg(feature = "cuda")]
-        if on_gpu(w) {
-            let dw = crate::cuda::embedding_bwd(g, &table, u, v, w.dtype())?;
-            return Ok((Some(dw), None));
-        }
-        let (tokens, rest) = table.split_at(u);
-        let (starts, order) = rest.split_at(u + 1);
-        let mut segment = vec![u32::MAX; v];
-        for (k, &t) in tokens.iter().enumerate() {
-            segment[t as usize] = k as u32;
-        }
-        let dw = with_data(g, |g| {
-            let mut dw = vec![0f32; v * h];
-            dw.par_chunks_mut(h.max(1))
-                .zip(segment.par_iter())
-                .filter(|(_, &k)| k != u32::MAX)
-                .for_each(|(row, &k)| {
-                    let (first, last) = (starts[k as usize], starts[k as usize + 1]);
-                    for &p in &order[first as usize..last as usize] {
-                        let p = p as usize;
-                        for (d, x) in row.iter_mut().zip(&g[p * h..(p + 1) * h]) {
-                            *d += x;
-                        }
-                    }
-                });
-            dw
-        })?;
-        Ok((Some(tensor(dw, w.shape())?), None))
+        let dx = match self.0 {
+            GatherBackward::SumPerId => sum_per_id(x, ids, g)?,
+            GatherBackward::Scatter { m } => g.contiguous()?.apply_op2(ids, ScatterRows { m })?,
+        };
+        Ok((Some(dx), None))
     }
+}
+
+/// The gradient of the table `w [V, H]` of a gather by the repeating `ids`: each distinct id's
+/// rows of `g` summed in f32, in position order.
+fn sum_per_id(w: &Tensor, ids: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    let (v, h) = w.dims2()?;
+    // the one host read of the step's ids (a few kB), at the end of the backward
+    let ids = ids.to_vec1::<u32>()?;
+    let (table, u) = token_segments(&ids, v);
+    #[cfg(feature = "cuda")]
+    if on_gpu(w) {
+        return crate::cuda::embedding_bwd(g, &table, u, v, w.dtype());
+    }
+    let (tokens, rest) = table.split_at(u);
+    let (starts, order) = rest.split_at(u + 1);
+    let mut segment = vec![u32::MAX; v];
+    for (k, &t) in tokens.iter().enumerate() {
+        segment[t as usize] = k as u32;
+    }
+    let dw = with_data(g, |g| {
+        let mut dw = vec![0f32; v * h];
+        dw.par_chunks_mut(h.max(1))
+            .zip(segment.par_iter())
+            .filter(|(_, &k)| k != u32::MAX)
+            .for_each(|(row, &k)| {
+                let (first, last) = (starts[k as usize], starts[k as usize + 1]);
+                for &p in &order[first as usize..last as usize] {
+                    let p = p as usize;
+                    for (d, x) in row.iter_mut().zip(&g[p * h..(p + 1) * h]) {
+                        *d += x;
+                    }
+                }
+            });
+        dw
+    })?;
+    tensor(dw, w.shape())
 }
 
 /// The embedding backward's table for the token `ids` of a step: its `u` distinct tokens below
@@ -243,58 +248,16 @@ pub fn embedding(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
     if fused(&[w]) && w.rank() == 2 && ids.dtype() == DType::U32 {
         return Ok(w
             .contiguous()?
-            .apply_op2(&flat.contiguous()?, Embedding)?
+            .apply_op2(&flat.contiguous()?, Gather(GatherBackward::SumPerId))?
             .reshape(dims)?);
     }
     Ok(w.index_select(&flat, 0)?.reshape(dims)?)
 }
 
-/// A gather of distinct rows (`SelectRows`) or its transpose, a scatter into `m` zero rows
-/// (`ScatterRows`): each is the other's backward.
-struct SelectRows {
-    m: usize,
-}
-
+/// The transpose of a gather of distinct rows: `x [N, H]` written to rows `ids` of `m` zero
+/// rows. Each is the other's backward.
 struct ScatterRows {
     m: usize,
-}
-
-impl CustomOp2 for SelectRows {
-    fn name(&self) -> &'static str {
-        "ferrite-select-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        is: &CpuStorage,
-        il: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        gather_cpu(xs, xl, is, il)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        is: &candle_core::CudaStorage,
-        il: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        gather_cuda(xs, xl, is, il)
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        rows: &Tensor,
-        _y: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = g.contiguous()?.apply_op2(rows, ScatterRows { m: self.m })?;
-        Ok((Some(dx), None))
-    }
 }
 
 impl CustomOp2 for ScatterRows {
@@ -341,7 +304,9 @@ impl CustomOp2 for ScatterRows {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = g.contiguous()?.apply_op2(rows, SelectRows { m: self.m })?;
+        let dx = g
+            .contiguous()?
+            .apply_op2(rows, Gather(GatherBackward::Scatter { m: self.m }))?;
         Ok((Some(dx), None))
     }
 }
@@ -366,7 +331,9 @@ pub fn select_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     let (m, _) = x.dims2()?;
     let ids = distinct_rows(rows, m, x.device())?;
     if fused(&[x]) {
-        return Ok(x.contiguous()?.apply_op2(&ids, SelectRows { m })?);
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&ids, Gather(GatherBackward::Scatter { m }))?);
     }
     Ok(x.index_select(&ids, 0)?)
 }
