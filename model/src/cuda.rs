@@ -85,7 +85,7 @@ fn rows_of(l: &Layout) -> (usize, usize) {
     (l.shape().elem_count() / n, n)
 }
 
-// ---------------------------------------------------------------- token embedding
+// ---------------------------------------------------------------- rows
 
 /// Rows `ids [N]` (u32) of `x [M, H]` → `[N, H]`; a row of NaN for an id ≥ M.
 pub fn gather_rows(
