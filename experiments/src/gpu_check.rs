@@ -578,6 +578,12 @@ fn kernel_case(
 fn embedding_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
     let (v, h, n) = (151_936usize, 896usize, 8192usize);
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % 5000 * 30).collect();
+    // a padded batch: the last 3,000 positions hold one padding token (split over 47 blocks)
+    let padded: Vec<u32> = (0..n)
+        .map(|i| if i < 5192 { ids[i] } else { 151_643 })
+        .collect();
+    let padded_t = Tensor::new(padded.as_slice(), gpu)?;
+    let (d1, d2) = (padded_t.clone(), padded_t);
     let picked: Vec<u32> = (0..n as u32).filter(|i| i % 4 != 1).collect();
     let ids_t = Tensor::new(ids.as_slice(), gpu)?;
     let picked_t = Tensor::new(picked.as_slice(), gpu)?;
@@ -597,6 +603,13 @@ fn embedding_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Res
             grad_of: vec![true],
             fused: Box::new(move |x| Ok(ops::embedding(&x[0], &i1)?)),
             reference: Box::new(move |x| Ok(x[0].index_select(&i2, 0)?)),
+        },
+        Case {
+            name: "embedding [151936, 896] ← 8192 ids, 3000 of one padding id",
+            shapes: vec![vec![v, h]],
+            grad_of: vec![true],
+            fused: Box::new(move |x| Ok(ops::embedding(&x[0], &d1)?)),
+            reference: Box::new(move |x| Ok(x[0].index_select(&d2, 0)?)),
         },
         Case {
             name: "select rows [8192, 896] → 6144",
@@ -997,6 +1010,12 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
     let ids: Vec<u32> = (0..nt as u32).map(|i| (i * 104_729) % 151_936).collect();
     let e1 = Tensor::new(ids.as_slice(), gpu)?;
     let e2 = e1.clone();
+    // a third of the batch one padding token, as right-padded rollouts make it
+    let padded: Vec<u32> = (0..nt)
+        .map(|i| if i % t < 2 * t / 3 { ids[i] } else { 151_643 })
+        .collect();
+    let e3 = Tensor::new(padded.as_slice(), gpu)?;
+    let e4 = e3.clone();
     let r1: Vec<u32> = (0..nt as u32).filter(|i| i % 4 != 1).collect();
     let r2 = Tensor::new(r1.as_slice(), gpu)?;
     let kernel_cases = [
@@ -1064,6 +1083,13 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
             grad_of: vec![true],
             fused: Box::new(move |x| Ok(ops::embedding(&x[0], &e1)?)),
             reference: Box::new(move |x| Ok(x[0].index_select(&e2, 0)?)),
+        },
+        Case {
+            name: "embedding [151936, 896] ← 8192 ids, a third one padding id",
+            shapes: vec![vec![151_936, 896]],
+            grad_of: vec![true],
+            fused: Box::new(move |x| Ok(ops::embedding(&x[0], &e3)?)),
+            reference: Box::new(move |x| Ok(x[0].index_select(&e4, 0)?)),
         },
         Case {
             // the scored rows (three in four here) before the output layer

@@ -60,8 +60,12 @@ __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(
 // The token embedding's backward, embedding_bwd: dw[token] = Σ g[i] over the positions i holding
 // that token, summed in f32 in position order and written once; `table` (from the host,
 // ops::token_segments) holds the u distinct tokens, their segment starts (u + 1) and the positions
-// sorted by token. One block per token, threads over h; dw is zeroed beforehand. Deterministic,
-// and no thread walks every id (candle's index_add runs one thread per column through all ids).
+// sorted by token. One block per piece of at most launch::EMBEDDING_PIECE positions of a token's
+// segment, threads over h: a token of one piece has its row written by that block; a longer one
+// (a padding token repeated through a batch) has its pieces' partial sums written to f32 scratch
+// and added in piece order by embedding_merge, so no block walks a long segment alone. dw is
+// zeroed beforehand. Deterministic, and no thread walks every id (candle's index_add runs one
+// thread per column through all ids).
 
 template <typename T>
 __device__ void gather_rows(const T* x, const uint32_t* rows, T* y, int h, int m, size_t n) {
@@ -96,24 +100,53 @@ extern "C" __global__ void scatter_rows_bf16(const bf16* x, const uint32_t* rows
 }
 
 template <typename T>
-__device__ void embedding_bwd(const T* g, const uint32_t* table, T* dw, int u, int h) {
-    const uint32_t *tokens = table, *starts = table + u, *order = table + 2 * u + 1;
-    for (int k = blockIdx.x; k < u; k += gridDim.x) {
-        const uint32_t first = starts[k], last = starts[k + 1];
-        T* row = dw + (size_t)tokens[k] * h;
+__device__ void embedding_bwd(const T* g, const uint32_t* table, const uint32_t* pieces, T* dw, float* scratch,
+                              int u, int n, int h) {
+    const uint32_t *tokens = table, *order = table + 2 * u + 1;
+    for (int q = blockIdx.x; q < n; q += gridDim.x) {
+        const uint32_t* piece = pieces + 4 * (size_t)q;
+        const uint32_t k = piece[0], first = piece[1], end = piece[2], slot = piece[3];
         for (int i = threadIdx.x; i < h; i += blockDim.x) {
             float s = 0.f;
 #pragma unroll 4
-            for (uint32_t p = first; p < last; ++p) s += ld(g[(size_t)order[p] * h + i]);
-            row[i] = st<T>(s);
+            for (uint32_t p = first; p < end; ++p) s += ld(g[(size_t)order[p] * h + i]);
+            if (slot == 0xffffffffu)
+                dw[(size_t)tokens[k] * h + i] = st<T>(s);
+            else
+                scratch[(size_t)slot * h + i] = s;
         }
     }
 }
-extern "C" __global__ void embedding_bwd_f32(const float* g, const uint32_t* table, float* dw, int u, int h) {
-    embedding_bwd<float>(g, table, dw, u, h);
+extern "C" __global__ void embedding_bwd_f32(const float* g, const uint32_t* table, const uint32_t* pieces,
+                                             float* dw, float* scratch, int u, int n, int h) {
+    embedding_bwd<float>(g, table, pieces, dw, scratch, u, n, h);
 }
-extern "C" __global__ void embedding_bwd_bf16(const bf16* g, const uint32_t* table, bf16* dw, int u, int h) {
-    embedding_bwd<bf16>(g, table, dw, u, h);
+extern "C" __global__ void embedding_bwd_bf16(const bf16* g, const uint32_t* table, const uint32_t* pieces,
+                                              bf16* dw, float* scratch, int u, int n, int h) {
+    embedding_bwd<bf16>(g, table, pieces, dw, scratch, u, n, h);
+}
+
+// A split token's row: its pieces' partial sums added in piece order; merges (k, first slot, count).
+template <typename T>
+__device__ void embedding_merge(const uint32_t* table, const uint32_t* merges, const float* scratch, T* dw, int n,
+                                int h) {
+    for (int q = blockIdx.x; q < n; q += gridDim.x) {
+        const uint32_t* merge = merges + 3 * (size_t)q;
+        const uint32_t k = merge[0], first = merge[1], count = merge[2];
+        for (int i = threadIdx.x; i < h; i += blockDim.x) {
+            float s = 0.f;
+            for (uint32_t j = 0; j < count; ++j) s += scratch[(size_t)(first + j) * h + i];
+            dw[(size_t)table[k] * h + i] = st<T>(s);
+        }
+    }
+}
+extern "C" __global__ void embedding_merge_f32(const uint32_t* table, const uint32_t* merges, const float* scratch,
+                                               float* dw, int n, int h) {
+    embedding_merge<float>(table, merges, scratch, dw, n, h);
+}
+extern "C" __global__ void embedding_merge_bf16(const uint32_t* table, const uint32_t* merges, const float* scratch,
+                                                bf16* dw, int n, int h) {
+    embedding_merge<bf16>(table, merges, scratch, dw, n, h);
 }
 
 // ------------------------------------------------------------------------------- RMSNorm

@@ -184,16 +184,48 @@ pub fn embedding_bwd(
         let gs = as_cuda(&gs)?;
         let dev = gs.device().clone();
         let gv = view::<T>(gs, gl)?;
-        let tv = dev.cuda_stream().clone_htod(table).w()?;
         let dw = dev.alloc_zeros::<T>(v * h)?;
         if u > 0 {
+            // pieces of each token's segment (from the checked starts), in one upload with the
+            // table: table | pieces | merges
+            let starts = &table[u..2 * u + 1];
+            let (pieces, merges, slots) = launch::embedding_pieces(starts, launch::EMBEDDING_PIECE);
+            let all: Vec<u32> = [table, &pieces, &merges].concat();
+            let all = dev.cuda_stream().clone_htod(&all).w()?;
+            let (a, b) = (table.len(), table.len() + pieces.len());
+            let (tv, pv, mv) = (all.slice(..a), all.slice(a..b), all.slice(b..));
+            let scratch = unsafe { dev.alloc::<f32>((slots * h).max(1))? };
+            let (n_pieces, n_merges) = (pieces.len() / 4, merges.len() / 3);
             let f = dev.get_or_load_custom_func(&kernel::<T>("embedding_bwd")?, MODULE, PTX)?;
-            let (u32_, h32) = (u as i32, h as i32);
-            let mut b = f.builder();
-            b.arg(&gv).arg(&tv).arg(&dw).arg(&u32_).arg(&h32);
+            let (u32_, pieces32, h32) = (u as i32, n_pieces as i32, h as i32);
+            let mut l = f.builder();
+            l.arg(&gv)
+                .arg(&tv)
+                .arg(&pv)
+                .arg(&dw)
+                .arg(&scratch)
+                .arg(&u32_)
+                .arg(&pieces32)
+                .arg(&h32);
             // SAFETY: checked above: tokens < v, segments within the positions, positions < n;
-            // reads their rows of g (n·h), writes u rows of dw (v·h).
-            unsafe { b.launch(config(launch::rows(u, h))) }.w()?;
+            // each piece lies in its token's segment and writes its token's row of dw (v·h) or
+            // its own scratch row (slots·h); reads the positions' rows of g (n·h).
+            unsafe { l.launch(config(launch::embedding_bwd(n_pieces, h))) }.w()?;
+            if n_merges > 0 {
+                let f =
+                    dev.get_or_load_custom_func(&kernel::<T>("embedding_merge")?, MODULE, PTX)?;
+                let merges32 = n_merges as i32;
+                let mut l = f.builder();
+                l.arg(&tv)
+                    .arg(&mv)
+                    .arg(&scratch)
+                    .arg(&dw)
+                    .arg(&merges32)
+                    .arg(&h32);
+                // SAFETY: each merge reads its token's slots, all written above (slots·h), and
+                // writes its token's row of dw.
+                unsafe { l.launch(config(launch::embedding_bwd(n_merges, h))) }.w()?;
+            }
         }
         Ok(wrap(T::wrap_cuda_slice(dw, dev), (v, h)))
     }

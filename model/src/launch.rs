@@ -104,6 +104,43 @@ pub fn decode_attention(batch_kv_heads: usize) -> Geometry {
     }
 }
 
+/// Positions one block of the embedding backward sums at most: a token's segment longer than
+/// this (a padding token repeated through a padded batch) is split into pieces over several
+/// blocks, whose partial sums a second kernel adds in order.
+pub const EMBEDDING_PIECE: usize = 64;
+
+/// The embedding backward's work from the segment `starts` (`u + 1` of them, as
+/// `ops::token_segments` lays them out), in pieces of at most `piece` positions: per piece
+/// `(token index, first position, end, slot)`, with slot `u32::MAX` when the piece is its token's
+/// whole segment (the block writes the gradient row itself) and otherwise the row of f32 scratch
+/// it writes its partial sum to; per split token `(token index, first slot, pieces)`, for the
+/// merge; and the scratch rows needed.
+pub fn embedding_pieces(starts: &[u32], piece: usize) -> (Vec<u32>, Vec<u32>, usize) {
+    let piece = piece.max(1) as u32;
+    let (mut pieces, mut merges, mut slots) = (Vec::new(), Vec::new(), 0u32);
+    for (k, w) in starts.windows(2).enumerate() {
+        let (first, end) = (w[0], w[1]);
+        if end - first <= piece {
+            pieces.extend([k as u32, first, end, u32::MAX]);
+            continue;
+        }
+        let count = (end - first).div_ceil(piece);
+        merges.extend([k as u32, slots, count]);
+        for j in 0..count {
+            let a = first + j * piece;
+            pieces.extend([k as u32, a, (a + piece).min(end), slots + j]);
+        }
+        slots += count;
+    }
+    (pieces, merges, slots as usize)
+}
+
+/// The embedding backward's two kernels: a block per piece, or per split token, with threads
+/// over the `h` columns.
+pub fn embedding_bwd(items: usize, h: usize) -> Geometry {
+    rows(items, h)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +165,18 @@ mod tests {
         let (param, index) = chunk_table(&[5, 0, 4, 1], 2);
         assert_eq!(param, [0, 0, 0, 2, 2, 3]);
         assert_eq!(index, [0, 1, 2, 0, 1, 0]);
+    }
+
+    #[test]
+    fn a_long_segment_is_split_into_pieces_merged_in_order() {
+        // token 0: positions 0..2 (whole); token 1: 2..9 (pieces of 3: 2..5, 5..8, 8..9); token
+        // 2: 9..12 (whole, exactly one piece)
+        let (pieces, merges, slots) = embedding_pieces(&[0, 2, 9, 12], 3);
+        let whole = u32::MAX;
+        assert_eq!(
+            pieces,
+            [0, 0, 2, whole, 1, 2, 5, 0, 1, 5, 8, 1, 1, 8, 9, 2, 2, 9, 12, whole]
+        );
+        assert_eq!((merges, slots), (vec![1, 0, 3], 3));
     }
 }

@@ -417,21 +417,51 @@ fn row_gather_scatter_and_the_embedding_backward_match_index_select_and_index_ad
                     0,
                 )
                 .unwrap();
-            let geometry = launch::rows(u, h);
-            for geometry in [geometry, fewer_blocks(geometry, 2)] {
-                let out = launch(
-                    &ty.name("embedding_bwd"),
-                    geometry,
-                    &[
-                        ty.buffer(&g),
-                        Arg::U32(table.clone()),
-                        ty.buffer(&x.zeros_like().unwrap()),
-                        Arg::Int(u as i32),
-                        Arg::Int(h as i32),
-                    ],
+            // whole segments (the launcher's pieces of 64), and pieces of 2: token 4's three
+            // positions split in two, merged by the second kernel
+            for piece in [launch::EMBEDDING_PIECE, 2] {
+                let starts = &table[u..2 * u + 1];
+                let (pieces, merges, slots) = launch::embedding_pieces(starts, piece);
+                let (n_pieces, n_merges) = (pieces.len() / 4, merges.len() / 3);
+                assert_eq!(
+                    (n_pieces, n_merges, slots),
+                    if piece == 2 { (7, 1, 2) } else { (6, 0, 0) }
                 );
-                let at = format!("{at}, {} blocks", geometry.grid);
-                assert_close(&format!("embedding_bwd {at}"), &out[2], &want, ty.tol());
+                let geometry = launch::embedding_bwd(n_pieces, h);
+                for geometry in [geometry, fewer_blocks(geometry, 2)] {
+                    let out = launch(
+                        &ty.name("embedding_bwd"),
+                        geometry,
+                        &[
+                            ty.buffer(&g),
+                            Arg::U32(table.clone()),
+                            Arg::U32(pieces.clone()),
+                            ty.buffer(&x.zeros_like().unwrap()),
+                            Arg::F32(vec![f32::NAN; (slots * h).max(1)]),
+                            Arg::Int(u as i32),
+                            Arg::Int(n_pieces as i32),
+                            Arg::Int(h as i32),
+                        ],
+                    );
+                    let mut dw = out[3].clone();
+                    if n_merges > 0 {
+                        let out = launch(
+                            &ty.name("embedding_merge"),
+                            launch::embedding_bwd(n_merges, h),
+                            &[
+                                Arg::U32(table.clone()),
+                                Arg::U32(merges.clone()),
+                                out[4].clone(),
+                                dw,
+                                Arg::Int(n_merges as i32),
+                                Arg::Int(h as i32),
+                            ],
+                        );
+                        dw = out[3].clone();
+                    }
+                    let at = format!("{at}, pieces of {piece}, {} blocks", geometry.grid);
+                    assert_close(&format!("embedding_bwd {at}"), &dw, &want, ty.tol());
+                }
             }
         }
     }
