@@ -453,6 +453,13 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
             reference: Box::new(|x| Ok((x[0].silu()? * &x[1])?)),
         },
         Case {
+            name: "bias add [3·37, 896] + [896]",
+            shapes: vec![vec![3, 37, 896], vec![896]],
+            grad_of: vec![true, true],
+            fused: Box::new(|x| Ok(ops::bias_add(&x[0], &x[1])?)),
+            reference: Box::new(|x| Ok(x[0].broadcast_add(&x[1])?)),
+        },
+        Case {
             name: "masked softmax [2, 2, 2, 37, 37]",
             shapes: vec![vec![b, 2, 2, t, t]],
             grad_of: vec![true],
@@ -1034,6 +1041,14 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
             reference: Box::new(|x| Ok(ops::composed::rope(&x[0], &x[1], &x[2])?)),
         },
         Case {
+            // q's bias; the backward's column sums are what differ from candle's
+            name: "bias add [8192, 896] + [896]",
+            shapes: vec![vec![nt, 896], vec![896]],
+            grad_of: vec![true, true],
+            fused: Box::new(|x| Ok(ops::bias_add(&x[0], &x[1])?)),
+            reference: Box::new(|x| Ok(x[0].broadcast_add(&x[1])?)),
+        },
+        Case {
             name: "swiglu [8192, 4864]",
             shapes: vec![vec![nt, 4864], vec![nt, 4864]],
             grad_of: vec![true, true],
@@ -1192,11 +1207,11 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
 }
 
 /// Where the learner step's time goes, by the kernels' own timings at its shapes: 24 layers of
-/// two RMSNorms, RoPE on q and k (k has 2 of q's 14 heads), SwiGLU, attention and the seven
-/// matmuls, then the output layer, the embedding and the row selection, against the step
-/// measured whole (`step`: seconds and its forward / backward / AdamW phases); what is left is
-/// the ops without a timing of their own (residual and bias adds, casts, transposes, the loss)
-/// and the gaps between launches.
+/// two RMSNorms, RoPE on q and k (k has 2 of q's 14 heads), SwiGLU, the q, k and v biases (k's
+/// and v's 128 wide to q's 896), attention and the seven matmuls, then the output layer, the
+/// embedding and the row selection, against the step measured whole (`step`: seconds and its
+/// forward / backward / AdamW phases); what is left is the ops without a timing of their own
+/// (residual adds, casts, transposes, the loss) and the gaps between launches.
 fn step_budget(fused: &[(&str, f64)], step: Option<(f64, [f64; 3])>) -> String {
     let ms = |prefix: &str| {
         fused
@@ -1208,6 +1223,10 @@ fn step_budget(fused: &[(&str, f64)], step: Option<(f64, [f64; 3])>) -> String {
         ("norms", ms("rms_norm").map(|x| 2.0 * x)),
         ("rope", ms("rope").map(|x| x * 16.0 / 14.0)),
         ("swiglu", ms("swiglu")),
+        (
+            "biases",
+            ms("bias add").map(|x| x * (896.0 + 2.0 * 128.0) / 896.0),
+        ),
         ("attention", ms("attention")),
         ("matmuls", ms("matmuls")),
     ];

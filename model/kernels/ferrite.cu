@@ -149,6 +149,23 @@ extern "C" __global__ void embedding_merge_bf16(const uint32_t* table, const uin
     embedding_merge<bf16>(table, merges, scratch, dw, n, h);
 }
 
+// ------------------------------------------------------------------------------- bias add
+// y = x + b over rows of `out`, one thread per element, rounded to T once (as candle's add). Its
+// backward is the upstream gradient itself for x and, for b, its column sums as one matmul by a
+// row of ones (ops::bias_add), where candle sums the token dimension strided.
+
+template <typename T>
+__device__ void bias_add(const T* x, const T* b, T* y, int out, size_t n) {
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
+        y[e] = st<T>(ld(x[e]) + ld(b[e % out]));
+}
+extern "C" __global__ void bias_add_f32(const float* x, const float* b, float* y, int out, size_t n) {
+    bias_add<float>(x, b, y, out, n);
+}
+extern "C" __global__ void bias_add_bf16(const bf16* x, const bf16* b, bf16* y, int out, size_t n) {
+    bias_add<bf16>(x, b, y, out, n);
+}
+
 // ------------------------------------------------------------------------------- RMSNorm
 // y = x · r · w, r = 1 / sqrt(mean(x²) + eps), per row of h.
 

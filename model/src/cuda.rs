@@ -232,6 +232,35 @@ pub fn embedding_bwd(
     by_dtype!(dtype, go(g, table, u, v))
 }
 
+// ---------------------------------------------------------------- bias add
+
+/// `x [N, out] + b [out]`, broadcast over the rows.
+pub fn bias_add(x: &CudaStorage, xl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<CudaStorage> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        x: &CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let (_, out) = rows_of(xl);
+        let n = xl.shape().elem_count();
+        if bl.shape().elem_count() != out {
+            return Err(err("bias_add: the bias must have the rows' width"));
+        }
+        let (xv, bv) = (view::<T>(x, xl)?, view::<T>(b, bl)?);
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let f = dev.get_or_load_custom_func(&kernel::<T>("bias_add")?, MODULE, PTX)?;
+        let out32 = out as i32;
+        let mut l = f.builder();
+        l.arg(&xv).arg(&bv).arg(&y).arg(&out32).arg(&n);
+        // SAFETY: n elements of x and y, `out` of b (checked above).
+        unsafe { l.launch(config(launch::elems(n))) }.w()?;
+        Ok(T::wrap_cuda_slice(y, dev))
+    }
+    by_dtype!(x.dtype(), go(x, xl, b, bl))
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 pub fn rms_norm_fwd(

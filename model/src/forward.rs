@@ -342,7 +342,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let rows = x.elem_count() / inner.max(1);
     let y = x.reshape((rows, inner))?.matmul(&w.t()?)?; // [rows, out]
     let y = match bias {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => crate::ops::bias_add(&y, b)?,
         None => y,
     };
     let mut out = dims;

@@ -357,6 +357,68 @@ pub fn scatter_rows(x: &Tensor, rows: &[u32], m: usize) -> Result<Tensor> {
     Ok(Tensor::zeros((m, h), x.dtype(), x.device())?.index_add(&ids, x, 0)?)
 }
 
+// ---------------------------------------------------------------- bias add
+
+/// `x + b` over the last dimension, on CUDA.
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "ferrite-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, b) = (slice(xs, xl)?, slice(bs, bl)?);
+        let out = b.len().max(1);
+        let y = x.iter().enumerate().map(|(e, v)| v + b[e % out]).collect();
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::bias_add(xs, xl, bs, bl)?, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // db = 1ᵀ·g [1, out]: one matmul reading g once, coalesced, summed in f32 by cuBLAS
+        let out = b.elem_count();
+        let g2 = g.reshape((g.elem_count() / out.max(1), out))?;
+        let ones = Tensor::ones((1, g2.dim(0)?), g2.dtype(), g2.device())?;
+        let db = ones.matmul(&g2)?.reshape(b.shape())?;
+        Ok((Some(g.clone()), Some(db)))
+    }
+}
+
+/// `x [.., out] + b [out]`. On CUDA with the kernels (f32 or bf16, one dtype) one kernel, whose
+/// backward passes the upstream gradient on to `x` and gives `b` the gradient's column sums as a
+/// matmul by a row of ones; candle's `broadcast_add` backward sums the token dimension with one
+/// block per column reading at the row stride. Elsewhere candle's `broadcast_add`, so that the
+/// CPU's numerics stay as they are.
+pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if x.device().is_cuda() && fused(&[x, b]) && b.rank() == 1 {
+        return Ok(x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)?);
+    }
+    Ok(x.broadcast_add(b)?)
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 struct RmsNorm {
@@ -1441,5 +1503,19 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// The CUDA bias add's op, run on the CPU (its dispatcher sends CPU tensors to candle's
+    /// `broadcast_add`): the forward and both gradients against `broadcast_add`'s.
+    #[test]
+    fn the_bias_add_op_matches_broadcast_add() {
+        let x = random(&[3, 4, 7], 30, 1.0);
+        let b = random(&[7], 31, 1.0);
+        check(
+            &[x, b],
+            |t| t[0].apply_op2(&t[1], BiasAdd).unwrap(),
+            |t| t[0].broadcast_add(&t[1]).unwrap(),
+            &[true, true],
+        );
     }
 }

@@ -468,6 +468,32 @@ fn row_gather_scatter_and_the_embedding_backward_match_index_select_and_index_ad
 }
 
 #[test]
+fn bias_add_matches_broadcast_add() {
+    let (rows, out) = (37, 96);
+    let (x, b) = (random(&[rows, out], 40, 1.0), random(&[out], 41, 1.0));
+    for ty in [Ty::F32, Ty::Bf16] {
+        let (x, b) = (ty.round(&x), ty.round(&b));
+        let want = x.broadcast_add(&b).unwrap();
+        let n = rows * out;
+        for g in [launch::elems(n), fewer_blocks(launch::elems(n), 2)] {
+            let y = launch(
+                &ty.name("bias_add"),
+                g,
+                &[
+                    ty.buffer(&x),
+                    ty.buffer(&b),
+                    ty.buffer(&x.zeros_like().unwrap()),
+                    Arg::Int(out as i32),
+                    Arg::Size(n),
+                ],
+            );
+            let at = format!("{ty:?}, {} blocks", g.grid);
+            assert_close(&format!("bias_add {at}"), &y[2], &want, ty.tol());
+        }
+    }
+}
+
+#[test]
 fn rms_norm_forward_and_backward_match_the_composed_op() {
     let eps = 1e-6;
     // h = 40: a partly idle block of 64; h = 1500: 1024 threads striding the row
