@@ -679,6 +679,53 @@ fn decode_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>)
     Ok(())
 }
 
+/// The flash attention kernel against the composed ops (f32 probabilities) from the same bf16
+/// inputs: Qwen2.5-0.5B's heads over 300 rows; 200 rows after a 100-slot prompt, read from a
+/// cache view of 400 slots; D = 128. Row 1 is left-padded (its first 9 keys masked, except for
+/// the rows that would then see no key at all: garbage rows, computed differently by each).
+fn flash_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    for (seed, (b, hkv, g, t, s, cap, d)) in [
+        (2, 2, 7, 300, 300, 300, 64),
+        (2, 2, 7, 200, 300, 400, 64),
+        (2, 2, 4, 300, 300, 300, 128),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let bias: Vec<f32> = (0..b * t * s)
+            .map(|i| {
+                let (bi, row, key) = (i / (t * s), (i / s) % t, i % s);
+                let own = s - t + row;
+                if key > own || (bi == 1 && key < 9 && own >= 9) {
+                    -1e9
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (b, 1, 1, t, s), &Device::Cpu)?.to_device(gpu)?;
+        let seed = 90 + 3 * seed as u64;
+        let q = randn(&[b, hkv, g * t, d], seed, 1.0, DType::BF16, gpu)?;
+        let k = randn(&[b, hkv, cap, d], seed + 1, 1.0, DType::BF16, gpu)?.narrow(2, 0, s)?;
+        let v = randn(&[b, hkv, cap, d], seed + 2, 1.0, DType::BF16, gpu)?.narrow(2, 0, s)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let name = format!("flash attention [{b}, {hkv}, {g}·{t}, {d}] S={s} of {cap} BF16");
+        let Some(y) = ops::flash_attention(&q, &k, &v, &bias, scale)? else {
+            rows.push((name, "kernel not taken".into(), false));
+            continue;
+        };
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let scores = f(&q)?.matmul(&f(&k)?.t()?)?.reshape((b, hkv, g, t, s))?;
+        let p = ops::composed::masked_softmax(&scores, &bias, scale)?;
+        let want = p
+            .reshape((b, hkv, g * t, s))?
+            .matmul(&f(&v)?.contiguous()?)?;
+        let e = rel(&f(&y)?, &want)?;
+        rows.push((name, format!("{e:.2e}"), e < 2e-2));
+    }
+    Ok(())
+}
+
 /// The decode step's fused q/k/v epilogue (biases, rotary embedding, the cache write in place)
 /// against the composed ops on the GPU: Qwen2.5-0.5B's heads at B=64, slot 300 of 400, with
 /// and without biases.
@@ -1008,7 +1055,7 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
         .map(|i| if i % t > (i / t) % t { -1e9 } else { 0.0 })
         .collect();
     let causal = Tensor::from_vec(causal, (b, 1, 1, t, t), &Device::Cpu)?.to_device(gpu)?;
-    let (c1, c2) = (causal.clone(), causal);
+    let (c1, c2, causal_bias) = (causal.clone(), causal.clone(), causal);
     let chunk = model::attention::chunk_rows(b, 14, t);
     let targets: Vec<u32> = (0..nt as u32).map(|i| (i * 7919) % 151_936).collect();
     let targets = Tensor::new(targets.as_slice(), gpu)?;
@@ -1158,6 +1205,42 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
             Err(e) => format!("kernel {name}: error: {e}"),
         });
     }
+
+    // the attention's forward alone, the flash kernel against the chunked forward it replaces
+    // (the learner's forward, the old policy's and the reference model's log-probs, a prefill)
+    let attention_forward = || -> Result<String> {
+        let r = |shape: &[usize], seed| randn(shape, seed, 1.0, DType::BF16, gpu);
+        let (q, k, v) = (
+            r(&[b, 2, 7 * t, 64], 31)?,
+            r(&[b, 2, t, 64], 32)?,
+            r(&[b, 2, t, 64], 33)?,
+        );
+        let run = || {
+            Ok(model::attention::attention(
+                &q,
+                &k,
+                &v,
+                &causal_bias,
+                0.125,
+                chunk,
+            )?)
+        };
+        let flash = time(5, run, gpu)?;
+        ops::set_flash_attention(false);
+        let chunked = time(5, run, gpu);
+        ops::set_flash_attention(true);
+        let chunked = chunked?;
+        // 4·B·Hq·T²·D/2 FLOPs: two products over the causal half of the scores
+        let flops = 2.0 * (b * 14 * t * t * 64) as f64;
+        Ok(format!(
+            "attention [8, 14, 1024, 64] bf16 forward: flash {:.2} ms ({:.0} TFLOP/s), chunked {:.2} ms ({:.1}x)",
+            flash * 1e3,
+            flops / flash / 1e12,
+            chunked * 1e3,
+            chunked / flash
+        ))
+    };
+    lines.push(attention_forward().unwrap_or_else(|e| format!("attention forward: error: {e}")));
 
     // the matmuls of one decoder layer (q, k, v, o, gate, up, down), forward + backward: with 24
     // layers and the output layer, most of the step's FLOPs
@@ -1398,6 +1481,9 @@ fn run(what: &str) -> Result<()> {
         r.section("optimizer checks", |r| optimizer_checks(&gpu, &mut r.rows));
         r.section("decode attention checks", |r| {
             decode_attention_checks(&gpu, &mut r.rows)
+        });
+        r.section("flash attention checks", |r| {
+            flash_attention_checks(&gpu, &mut r.rows)
         });
         r.section("decode q/k/v checks", |r| {
             decode_qkv_checks(&gpu, &mut r.rows)

@@ -845,6 +845,211 @@ extern "C" __global__ void decode_attention_d64_bf16(const bf16* q, const bf16* 
     decode_attention<bf16, DECODE_SMALL_D>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
 }
 
+// ------------------------------------------------------------------------------- flash attention
+// softmax(scale·q·kᵀ + bias)·v over a batch of query rows (the learner's forward, a prompt's
+// prefill) in one kernel, FlashAttention-2 style: a block of FLASH_WARPS warps takes FLASH_ROWS
+// query rows of one query head, each warp 16 of them, and walks the keys in tiles of FLASH_KEYS
+// with an online softmax (running max and sum per row, the output rescaled when the max grows);
+// no score leaves the registers. Both products run on the tensor cores (mma.sync m16n8k16, bf16
+// in, f32 accumulate): S = Q·Kᵀ from q's fragments (registers, loaded once) and the key tile in
+// shared memory, then O += P·V with P rounded to bf16 straight from S's accumulator layout (an
+// m16n8 accumulator pair is an m16k16 A fragment) and V's tile transposed into key pairs in shared
+// memory. bf16 only; D = 64 or 128.
+//
+// q, y [B, Hkv, G·T, D] (query head h = kv·G + j at rows j·T.., so head (b, h)'s rows start at
+// (b·Hq + h)·T·D); key j of (b, kv) at k + (b·Hkv + kv)·kv_stride + j·D (a KV cache's buffers read
+// in place, or kv_stride = S·D); bias [B, 1, 1, T, S] f32. The bias must be causal (query row i
+// sees no key past S − T + i): a block reads the keys up to its last row's, no further. Grid:
+// B·Hq·⌈T / FLASH_ROWS⌉ blocks, block (b, h)'s row tiles consecutive.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): lane = 4·g + c; A (16×16, row-major) holds
+// a0 = (row g, cols 2c, 2c+1), a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..); B (16×8)
+// b0 = (rows 2c, 2c+1, col g), b1 = (rows 2c+8.., col g); the f32 accumulator c0, c1 = (row g,
+// cols 2c, 2c+1), c2, c3 = (row g+8, ...). Two bf16 in a u32: the lower column in the low half.
+
+#define FLASH_WARPS 4
+#define FLASH_ROWS (16 * FLASH_WARPS)
+#define FLASH_KEYS 64
+
+__device__ __forceinline__ uint32_t ld_pair(const bf16* p) {
+#ifdef __CUDA_ARCH__
+    return *reinterpret_cast<const uint32_t*>(p);
+#else
+    uint32_t u;
+    memcpy(&u, p, 4);
+    return u;
+#endif
+}
+__device__ __forceinline__ void st_pair(bf16* p, uint32_t u) {
+#ifdef __CUDA_ARCH__
+    *reinterpret_cast<uint32_t*>(p) = u;
+#else
+    memcpy(p, &u, 4);
+#endif
+}
+__device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
+    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+__device__ __forceinline__ uint32_t pack_f32(float lo, float hi) {
+    return pack_bf16(__float2bfloat16(lo), __float2bfloat16(hi));
+}
+
+// c += a·b for one warp's m16n8k16 tile (layouts above).
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uint32_t* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(__CUDA_ARCH__)
+    __trap();  // tensor-core bf16 needs sm_80 or later
+#else
+    emu::mma_m16n8k16_bf16(c, a, b);
+#endif
+}
+
+template <int D>
+__device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, const float* bias, bf16* y,
+                                int hkv, int g_heads, int t, int s, size_t kv_stride, float scale) {
+    // the key tile as D/2 pairs per key, the value tile as FLASH_KEYS/2 key pairs per dimension;
+    // rows padded by 4 words so that a fragment's 32 loads hit 32 banks
+    constexpr int KS = D / 2 + 4, VS = FLASH_KEYS / 2 + 4;
+    __shared__ uint32_t ks[FLASH_KEYS * KS];
+    __shared__ uint32_t vs[D * VS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int tiles = (t + FLASH_ROWS - 1) / FLASH_ROWS, tile = blockIdx.x % tiles;
+    const size_t bh = blockIdx.x / tiles, hq = (size_t)hkv * g_heads, b = bh / hq;
+    const size_t kv = b * hkv + (bh % hq) / g_heads;
+    const bf16* qb = q + bh * t * D;
+    bf16* yb = y + bh * t * D;
+    const bf16* kb = k + kv * kv_stride;
+    const bf16* vb = v + kv * kv_stride;
+    const float* bb = bias + b * t * s;
+    const int ra = tile * FLASH_ROWS + warp * 16 + g, rb = ra + 8;  // this lane's two rows
+
+    uint32_t qf[D / 16][4];  // q's A fragments, D in steps of 16
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const int d0 = 16 * kk + 2 * c;
+        qf[kk][0] = ra < t ? ld_pair(qb + (size_t)ra * D + d0) : 0u;
+        qf[kk][1] = rb < t ? ld_pair(qb + (size_t)rb * D + d0) : 0u;
+        qf[kk][2] = ra < t ? ld_pair(qb + (size_t)ra * D + d0 + 8) : 0u;
+        qf[kk][3] = rb < t ? ld_pair(qb + (size_t)rb * D + d0 + 8) : 0u;
+    }
+    float o[D / 8][4];  // the output's accumulators, D in tiles of 8
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float ma = -INFINITY, mb = -INFINITY, la = 0.f, lb = 0.f;  // rows ra, rb: max, this lane's sum
+
+    const int last = min(tile * FLASH_ROWS + FLASH_ROWS, t) - 1;
+    const int keys = min(s, s - t + last + 1);  // the keys the block's last row sees
+    const bf16 zero = __float2bfloat16(0.f);
+    for (int k0 = 0; k0 < keys; k0 += FLASH_KEYS) {
+        __syncthreads();  // the previous tile's readers are done
+        for (int e = threadIdx.x; e < FLASH_KEYS * D / 2; e += blockDim.x) {
+            const int key = e / (D / 2), p = e % (D / 2);
+            ks[key * KS + p] = k0 + key < keys ? ld_pair(kb + (size_t)(k0 + key) * D + 2 * p) : 0u;
+        }
+        for (int e = threadIdx.x; e < D * FLASH_KEYS / 2; e += blockDim.x) {
+            const int kp = e / D, d = e % D, key = k0 + 2 * kp;  // threads along d: coalesced
+            const bf16 lo = key < keys ? vb[(size_t)key * D + d] : zero;
+            const bf16 hi = key + 1 < keys ? vb[(size_t)(key + 1) * D + d] : zero;
+            vs[d * VS + kp] = pack_bf16(lo, hi);
+        }
+        __syncthreads();
+
+        float sc[FLASH_KEYS / 8][4];  // S = Q·Kᵀ, keys in tiles of 8
+#pragma unroll
+        for (int n = 0; n < FLASH_KEYS / 8; ++n) {
+            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const uint32_t bf[2] = {ks[(n * 8 + g) * KS + 8 * kk + c], ks[(n * 8 + g) * KS + 8 * kk + 4 + c]};
+                mma_16816(sc[n], qf[kk], bf);
+            }
+        }
+        // x = scale·S + bias; keys past the block's last are −∞, rows past T are 0 (unwritten)
+        float xa = -INFINITY, xb = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < FLASH_KEYS / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
+                const float x = key >= keys ? -INFINITY
+                                : row >= t  ? 0.f
+                                            : scale * sc[n][e] + bb[(size_t)row * s + key];
+                sc[n][e] = x;
+                if (e < 2) xa = fmaxf(xa, x);
+                else xb = fmaxf(xb, x);
+            }
+        }
+        // the row's max across its 4 lanes, then the online rescale (the first tile holds key 0,
+        // so every row's max is finite from it on)
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 1));
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
+        const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
+        const float aa = __expf(ma - na), ab = __expf(mb - nb);
+        ma = na;
+        mb = nb;
+        la *= aa;
+        lb *= ab;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[n][0] *= aa;
+            o[n][1] *= aa;
+            o[n][2] *= ab;
+            o[n][3] *= ab;
+        }
+#pragma unroll
+        for (int n = 0; n < FLASH_KEYS / 8; ++n) {
+            sc[n][0] = __expf(sc[n][0] - ma);
+            sc[n][1] = __expf(sc[n][1] - ma);
+            sc[n][2] = __expf(sc[n][2] - mb);
+            sc[n][3] = __expf(sc[n][3] - mb);
+            la += sc[n][0] + sc[n][1];
+            lb += sc[n][2] + sc[n][3];
+        }
+        // O += P·V, 16 keys a step: S's accumulator tiles 2j and 2j+1 are P's A fragment
+#pragma unroll
+        for (int j = 0; j < FLASH_KEYS / 16; ++j) {
+            const uint32_t pf[4] = {pack_f32(sc[2 * j][0], sc[2 * j][1]), pack_f32(sc[2 * j][2], sc[2 * j][3]),
+                                    pack_f32(sc[2 * j + 1][0], sc[2 * j + 1][1]),
+                                    pack_f32(sc[2 * j + 1][2], sc[2 * j + 1][3])};
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                const uint32_t bf[2] = {vs[(n * 8 + g) * VS + 8 * j + c], vs[(n * 8 + g) * VS + 8 * j + 4 + c]};
+                mma_16816(o[n], pf, bf);
+            }
+        }
+    }
+    // the rows' sums across their 4 lanes, then y = O / l
+    la += __shfl_xor_sync(0xffffffffu, la, 1);
+    la += __shfl_xor_sync(0xffffffffu, la, 2);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+    const float ia = 1.f / la, ib = 1.f / lb;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const int d = n * 8 + 2 * c;
+        if (ra < t) st_pair(yb + (size_t)ra * D + d, pack_f32(o[n][0] * ia, o[n][1] * ia));
+        if (rb < t) st_pair(yb + (size_t)rb * D + d, pack_f32(o[n][2] * ib, o[n][3] * ib));
+    }
+}
+extern "C" __global__ void flash_attention_d64_bf16(const bf16* q, const bf16* k, const bf16* v,
+                                                    const float* bias, bf16* y, int hkv, int g_heads, int t,
+                                                    int s, size_t kv_stride, float scale) {
+    flash_attention<64>(q, k, v, bias, y, hkv, g_heads, t, s, kv_stride, scale);
+}
+extern "C" __global__ void flash_attention_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
+                                                     const float* bias, bf16* y, int hkv, int g_heads, int t,
+                                                     int s, size_t kv_stride, float scale) {
+    flash_attention<128>(q, k, v, bias, y, hkv, g_heads, t, s, kv_stride, scale);
+}
+
 // ------------------------------------------------------------------------------- AdamW
 // Multi-tensor kernels: many parameters in one launch. The parameters are cut into chunks of
 // `chunk` elements: chunk c is chunk chunk_index[c] of tensor i = chunk_param[c], which has

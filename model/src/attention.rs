@@ -133,6 +133,11 @@ impl ChunkedAttention {
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        // on CUDA in bf16, one kernel that keeps the scores on chip (the backward below is the
+        // same either way: it needs only q, k and v)
+        if let Some(y) = crate::ops::flash_attention(q, k, v, &self.bias, self.scale)? {
+            return Ok(y);
+        }
         let (b, hkv, g, t, s, d) = self.dims(q, k)?;
         let v = v.contiguous()?;
         let mut parts = Vec::new();

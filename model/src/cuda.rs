@@ -995,21 +995,12 @@ pub fn decode_attention(
     }
     let (b, hkv, g, d) = q.dims4()?;
     let s = k.dim(2)?;
-    let (kl, vl) = (k.layout(), v.layout());
-    let kv_stride = kl.stride()[1];
-    let rows_contiguous = |l: &Layout| {
-        l.dims() == [b, hkv, s, d]
-            && l.stride()[3] == 1
-            && l.stride()[2] == d
-            && l.stride()[1] == kv_stride
-            && l.stride()[0] == hkv * kv_stride
-            && kv_stride >= s * d
-    };
+    let kv_stride = k.layout().stride()[1];
     let fits = g <= launch::DECODE_MAX_G
         && d <= launch::DECODE_MAX_D
         && s > 0
-        && rows_contiguous(kl)
-        && rows_contiguous(vl)
+        && kv_rows(k, [b, hkv, s, d], kv_stride)
+        && kv_rows(v, [b, hkv, s, d], kv_stride)
         && bias.dtype() == DType::F32
         && bias.elem_count() == b * s
         && k.dtype() == q.dtype()
@@ -1018,6 +1009,88 @@ pub fn decode_attention(
         return Ok(None);
     }
     by_dtype!(q.dtype(), go(q, k, v, bias, scale, kv_stride)).map(Some)
+}
+
+/// Whether `x` (K or V) has dims `dims` = `[B, Hkv, S, D]` with contiguous rows of D, heads
+/// `kv_stride` elements apart (a KV cache's `[B, Hkv, capacity, D]` buffers: capacity·D) and batch
+/// rows Hkv heads apart: what the attention kernels read in place.
+fn kv_rows(x: &Tensor, dims: [usize; 4], kv_stride: usize) -> bool {
+    let (l, [_, hkv, s, d]) = (x.layout(), dims);
+    l.dims() == dims
+        && l.stride()[3] == 1
+        && l.stride()[2] == d
+        && l.stride()[1] == kv_stride
+        && l.stride()[0] == hkv * kv_stride
+        && kv_stride >= s * d
+}
+
+/// Attention over a batch of query rows in one kernel (see `flash_attention` in `ferrite.cu`):
+/// `q [B, Hkv, G·T, D]`, `k, v [B, Hkv, S, D]` (contiguous, or views of a KV cache's
+/// `[B, Hkv, capacity, D]` buffers, read in place), `bias [B, 1, 1, T, S]` f32 and causal →
+/// `[B, Hkv, G·T, D]`, all bf16. None where the kernel does not apply: another dtype, D other
+/// than 64 or 128, S < T, or K / V rows not contiguous.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    let (b, hkv, gt, d) = q.dims4()?;
+    let s = k.dim(2)?;
+    let t = match bias.dims() {
+        &[_, 1, 1, t, _] => t,
+        _ => return Ok(None),
+    };
+    let kv_stride = k.layout().stride()[1];
+    let Some(name) = launch::flash_attention_kernel(d) else {
+        return Ok(None);
+    };
+    let bf16 = |x: &Tensor| x.dtype() == DType::BF16;
+    let fits = bf16(q)
+        && bf16(k)
+        && bf16(v)
+        && bias.dtype() == DType::F32
+        && t > 0
+        && gt % t == 0
+        && s >= t
+        && bias.dims() == [b, 1, 1, t, s]
+        && kv_rows(k, [b, hkv, s, d], kv_stride)
+        && kv_rows(v, [b, hkv, s, d], kv_stride);
+    if !fits {
+        return Ok(None);
+    }
+    let g = gt / t;
+    let (q, bias) = (q.contiguous()?, bias.contiguous()?);
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let (qs, ks, vs, bs) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?, as_cuda(&bs)?);
+    let dev = qs.device().clone();
+    // K and V from their views' first element to the last (b, kv)'s last key
+    let span = (b * hkv - 1) * kv_stride + s * d;
+    let (qv, bv) = (view::<half::bf16>(qs, ql)?, view::<f32>(bs, bl)?);
+    let (kv_, vv) = (
+        strided::<half::bf16>(ks, kl, span)?,
+        strided::<half::bf16>(vs, vl, span)?,
+    );
+    let y = unsafe { dev.alloc::<half::bf16>(b * hkv * gt * d)? };
+    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let (hkv32, g32, t32, s32) = (hkv as i32, g as i32, t as i32, s as i32);
+    let mut l = f.builder();
+    l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv).arg(&y);
+    l.arg(&hkv32)
+        .arg(&g32)
+        .arg(&t32)
+        .arg(&s32)
+        .arg(&kv_stride)
+        .arg(&scale);
+    // SAFETY: q and y hold B·Hkv·G·T·D, the bias B·T·S; K and V span (B·Hkv − 1)·kv_stride + S·D
+    // from their views' starts, which their layouts were checked to cover; D is the kernel's.
+    unsafe { l.launch(config(launch::flash_attention(b * hkv * g, t))) }.w()?;
+    let y = half::bf16::wrap_cuda_slice(y, dev);
+    Ok(Some(wrap(y, (b, hkv, gt, d))))
 }
 
 // ---------------------------------------------------------------- AdamW and the gradient norm

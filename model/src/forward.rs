@@ -505,21 +505,24 @@ fn attention(
             return Ok((linear(&out, &w.o_proj, None)?, k_new, v_new));
         }
     }
-    if !cached && crate::attention::worth_chunking(b, hq, t, s) {
+    // no graph to keep (a prefill): one kernel on CUDA, reading a cache in place
+    let flash = match t > 1 && !q.track_op() {
+        true => crate::ops::flash_attention(&q, &k, &v, bias, scale)?,
+        false => None,
+    };
+    let out = if let Some(out) = flash {
+        out
+    } else if !cached && crate::attention::worth_chunking(b, hq, t, s) {
         // no [T, S] probabilities kept for the backward
         let chunk = crate::attention::chunk_rows(b, hq, s);
-        let out = crate::attention::attention(&q, &k, &v.contiguous()?, bias, scale, chunk)?;
-        let out = out
-            .reshape((b, hq, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, hq * d))?; // [B, T, Hq·D]
-        return Ok((linear(&out, &w.o_proj, None)?, k_new, v_new));
-    }
-    let scores = q.matmul(&k.t()?)?.reshape((b, hkv, g, t, s))?; // [B, Hkv, G, T, S]
-    let probs = crate::ops::masked_softmax(&scores, bias, scale)? // bias [B, 1, 1, T, S]
-        .to_dtype(v.dtype())?
-        .reshape((b, hkv, g * t, s))?;
-    let out = probs.matmul(&v)?; // [B, Hkv, G·T, D]; a cache view needs no copy
+        crate::attention::attention(&q, &k, &v.contiguous()?, bias, scale, chunk)?
+    } else {
+        let scores = q.matmul(&k.t()?)?.reshape((b, hkv, g, t, s))?; // [B, Hkv, G, T, S]
+        let probs = crate::ops::masked_softmax(&scores, bias, scale)? // bias [B, 1, 1, T, S]
+            .to_dtype(v.dtype())?
+            .reshape((b, hkv, g * t, s))?;
+        probs.matmul(&v)? // [B, Hkv, G·T, D]; a cache view needs no copy
+    };
     let out = out
         .reshape((b, hq, t, d))?
         .transpose(1, 2)?

@@ -104,6 +104,30 @@ pub fn decode_attention(batch_kv_heads: usize) -> Geometry {
     }
 }
 
+/// Warps a flash attention block runs (`FLASH_WARPS`), each over 16 query rows.
+pub const FLASH_WARPS: usize = 4;
+/// Query rows a flash attention block takes (`FLASH_ROWS`).
+pub const FLASH_ROWS: usize = 16 * FLASH_WARPS;
+
+/// The flash attention kernel for head dimension `d` (bf16 only; its tiles are sized for
+/// D = 64 and D = 128), None for any other.
+pub fn flash_attention_kernel(d: usize) -> Option<&'static str> {
+    match d {
+        64 => Some("flash_attention_d64_bf16"),
+        128 => Some("flash_attention_d128_bf16"),
+        _ => None,
+    }
+}
+
+/// Flash attention: one block per [`FLASH_ROWS`] query rows of each (batch row, query head).
+pub fn flash_attention(batch_heads: usize, t: usize) -> Geometry {
+    Geometry {
+        grid: (batch_heads * t.div_ceil(FLASH_ROWS)) as u32,
+        block: (32 * FLASH_WARPS) as u32,
+        shared_bytes: 0,
+    }
+}
+
 /// Positions one block of the embedding backward sums at most: a token's segment longer than
 /// this (a padding token repeated through a padded batch) is split into pieces over several
 /// blocks, whose partial sums a second kernel adds in order.

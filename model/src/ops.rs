@@ -1179,6 +1179,44 @@ pub fn decode_attention(
     Ok(None)
 }
 
+static FLASH_ATTENTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the flash attention kernel on or off process-wide (on by default): off, attention over
+/// a batch of rows runs its chunked forward on CUDA too, e.g. to measure what the kernel gains.
+pub fn set_flash_attention(enabled: bool) {
+    FLASH_ATTENTION.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `softmax(scale·q·kᵀ + bias)·v` over a batch of query rows in one fused kernel on CUDA (the
+/// FlashAttention-2 forward on the tensor cores: no score leaves the chip): `q [B, Hkv, G·T, D]`,
+/// `k, v [B, Hkv, S, D]` (contiguous rows; a KV cache's views are read in place), a causal
+/// `bias [B, 1, 1, T, S]` f32 → `[B, Hkv, G·T, D]`. Forward only: the result has no graph
+/// ([`crate::attention::attention`] attaches its chunked backward). None where it does not
+/// apply: the CPU, kernels or flash attention off, not bf16, D other than 64 or 128.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if cuda_kernels()
+        && FLASH_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
+        && q.device().is_cuda()
+    {
+        return Ok(crate::cuda::flash_attention(
+            &q.detach(),
+            &k.detach(),
+            &v.detach(),
+            bias,
+            scale as f32,
+        )?);
+    }
+    let _ = (q, k, v, bias, scale, &FLASH_ATTENTION);
+    Ok(None)
+}
+
 /// Whether [`decode_qkv`] runs its kernel for activations like `x`: CUDA, kernels on, f32 or
 /// bf16, and no graph to keep (generation runs on detached weights).
 pub fn decode_qkv_applies(x: &Tensor) -> bool {

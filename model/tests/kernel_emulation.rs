@@ -1105,6 +1105,90 @@ fn decode_attention_matches_the_composed_ops_over_a_cache_view() {
 }
 
 #[test]
+fn flash_attention_matches_the_composed_ops() {
+    // (B, Hkv, G, T, S, capacity, D): Qwen2.5-0.5B's G and D over two row tiles (the second
+    // partial) and two key tiles; 37 rows after a 63-slot prompt, read from a cache view wider
+    // than S; D = 128 over one partial tile
+    for (case, &(b, hkv, g, t, s, cap, d)) in [
+        (2, 2, 7, 70, 70, 70, 64),
+        (2, 1, 3, 37, 100, 120, 64),
+        (2, 1, 2, 33, 33, 40, 128),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 300 + 10 * case as u64;
+        // q scaled up: peaked rows, whose max moves from one key tile to the next
+        let q = Ty::Bf16.round(&random(&[b, hkv, g * t, d], seed, 2.0));
+        let k_cache = Ty::Bf16.round(&random(&[b, hkv, cap, d], seed + 1, 1.0));
+        let v_cache = Ty::Bf16.round(&random(&[b, hkv, cap, d], seed + 2, 1.0));
+        // batch row 1 left-padded; its rows that see no key at all are left out (the kernel
+        // averages the values of their key tiles, the composed ops of all S keys: garbage
+        // either way, and no real token attends to them)
+        let bias = causal_bias(b, t, s)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .chunks(s)
+            .enumerate()
+            .flat_map(|(row, keys)| {
+                let own = s - t + row % t; // the row's own key slot
+                let mut keys = keys.to_vec();
+                if own < 3 {
+                    keys[..=own].fill(0.0);
+                }
+                keys
+            })
+            .collect::<Vec<f32>>();
+        let bias = Tensor::from_vec(bias, (b, 1, 1, t, s), &Device::Cpu).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let (k, v) = (
+            k_cache.narrow(2, 0, s).unwrap(),
+            v_cache.narrow(2, 0, s).unwrap(),
+        );
+        let scores = q
+            .matmul(&k.t().unwrap())
+            .unwrap()
+            .reshape((b, hkv, g, t, s))
+            .unwrap();
+        let probs = composed::masked_softmax(&scores, &bias, scale)
+            .unwrap()
+            .reshape((b, hkv, g * t, s))
+            .unwrap();
+        let want = probs.matmul(&v.contiguous().unwrap()).unwrap(); // [B, Hkv, G·T, D]
+        let kernel = launch::flash_attention_kernel(d).unwrap();
+        let out = launch(
+            kernel,
+            launch::flash_attention(b * hkv * g, t),
+            &[
+                Ty::Bf16.buffer(&q),
+                Ty::Bf16.buffer(&k_cache),
+                Ty::Bf16.buffer(&v_cache),
+                Ty::F32.buffer(&bias),
+                Ty::Bf16.buffer(&q.zeros_like().unwrap()),
+                Arg::Int(hkv as i32),
+                Arg::Int(g as i32),
+                Arg::Int(t as i32),
+                Arg::Int(s as i32),
+                Arg::Size(cap * d),
+                Arg::Float(scale as f32),
+            ],
+        );
+        let at = format!("{kernel} B{b} Hkv{hkv} G{g} T{t} S{s}");
+        assert_close(&at, &out[4], &want, Ty::Bf16.tol());
+    }
+    assert_eq!(
+        [64, 128, 96].map(launch::flash_attention_kernel),
+        [
+            Some("flash_attention_d64_bf16"),
+            Some("flash_attention_d128_bf16"),
+            None
+        ]
+    );
+}
+
+#[test]
 fn the_launch_limits_match_the_kernel_source() {
     let define = |name: &str| -> usize {
         let line = SOURCE
@@ -1117,6 +1201,11 @@ fn the_launch_limits_match_the_kernel_source() {
     assert_eq!(define("DECODE_MAX_D"), launch::DECODE_MAX_D);
     assert_eq!(define("DECODE_SMALL_D"), launch::DECODE_SMALL_D);
     assert_eq!(define("DECODE_WARPS"), launch::DECODE_WARPS);
+    assert_eq!(define("FLASH_WARPS"), launch::FLASH_WARPS);
+    assert_eq!(
+        launch::flash_attention(1, 1).block as usize,
+        32 * launch::FLASH_WARPS
+    );
     assert_eq!(
         launch::decode_attention(1).block as usize,
         32 * launch::DECODE_WARPS

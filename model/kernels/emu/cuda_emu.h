@@ -40,6 +40,7 @@ inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 inline std::vector<float> lanes;
+inline std::vector<uint32_t> mma_regs;  // a warp's mma fragments: 6 per thread (a0..a3, b0, b1)
 inline std::mutex atomics;
 
 [[noreturn]] inline void fail(const char* what) {
@@ -195,6 +196,7 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
         for (unsigned w = 0; w * 32 < block; ++w)
             warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - w * 32)));
         lanes.assign(block, 0.f);
+        mma_regs.assign(size_t(block) * 6, 0u);
         start_block(shared_bytes / sizeof(float));
         std::vector<std::thread> threads;
         threads.reserve(block);
@@ -265,3 +267,45 @@ inline uint32_t __float_as_uint(float x) {
 }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
+
+namespace emu {
+// The tensor cores' mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling thread's
+// warp, by the PTX ISA's fragment layouts: lane = 4·g + c holds A's a0 = (row g, cols 2c, 2c+1),
+// a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..); B's b0 = (rows 2c, 2c+1, col g),
+// b1 = (rows 2c+8.., col g); C's c0, c1 = (row g, cols 2c, 2c+1), c2, c3 = (row g+8, ...); two
+// bf16 to a u32, the lower index in the low half. Every lane of a full warp must call it (it is
+// .sync.aligned); the products are summed in f32 in k order.
+inline void mma_m16n8k16_bf16(float* c, const uint32_t* a, const uint32_t* b) {
+    const unsigned t = threadIdx.x, lane = t & 31, base = t - lane;
+    if (blockDim.x < base + 32) fail("mma.sync needs a full warp");
+    auto& warp = *warp_barriers[t / 32];
+    for (int i = 0; i < 4; ++i) mma_regs[6 * t + i] = a[i];
+    mma_regs[6 * t + 4] = b[0];
+    mma_regs[6 * t + 5] = b[1];
+    warp.arrive_and_wait();
+    const auto half = [](uint32_t r, int k) {
+        const uint32_t u = (k & 1 ? r >> 16 : r & 0xffffu) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+    };
+    const auto at_a = [&](int row, int k) {
+        const unsigned from = base + 4 * (row % 8) + (k % 8) / 2;
+        return half(mma_regs[6 * from + (row >= 8) + 2 * (k >= 8)], k);
+    };
+    const auto at_b = [&](int k, int col) {
+        const unsigned from = base + 4 * col + (k % 8) / 2;
+        return half(mma_regs[6 * from + 4 + (k >= 8)], k);
+    };
+    const int g = int(lane) / 4, cc = int(lane) % 4;
+    float d[4];
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e / 2), col = 2 * cc + e % 2;
+        float acc = c[e];
+        for (int k = 0; k < 16; ++k) acc += at_a(row, k) * at_b(k, col);
+        d[e] = acc;
+    }
+    warp.arrive_and_wait();
+    for (int e = 0; e < 4; ++e) c[e] = d[e];
+}
+}  // namespace emu
