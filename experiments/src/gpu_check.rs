@@ -710,18 +710,42 @@ fn flash_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) 
         let v = randn(&[b, hkv, cap, d], seed + 2, 1.0, DType::BF16, gpu)?.narrow(2, 0, s)?;
         let scale = 1.0 / (d as f64).sqrt();
         let name = format!("flash attention [{b}, {hkv}, {g}·{t}, {d}] S={s} of {cap} BF16");
-        let Some(y) = ops::flash_attention(&q, &k, &v, &bias, scale)? else {
+        let Some((y, _)) = ops::flash_attention(&q, &k, &v, &bias, scale)? else {
             rows.push((name, "kernel not taken".into(), false));
             continue;
         };
         let f = |t: &Tensor| t.to_dtype(DType::F32);
-        let scores = f(&q)?.matmul(&f(&k)?.t()?)?.reshape((b, hkv, g, t, s))?;
-        let p = ops::composed::masked_softmax(&scores, &bias, scale)?;
-        let want = p
-            .reshape((b, hkv, g * t, s))?
-            .matmul(&f(&v)?.contiguous()?)?;
+        let reference = |x: &[Tensor]| -> Result<Tensor> {
+            let scores = x[0].matmul(&x[1].t()?)?.reshape((b, hkv, g, t, s))?;
+            let p = ops::composed::masked_softmax(&scores, &bias, scale)?;
+            Ok(p.reshape((b, hkv, g * t, s))?.matmul(&x[2])?)
+        };
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let want = reference(&[f(&q)?, f(&k)?, f(&v)?])?;
         let e = rel(&f(&y)?, &want)?;
-        rows.push((name, format!("{e:.2e}"), e < 2e-2));
+        rows.push((name.clone(), format!("{e:.2e}"), e < 2e-2));
+        if model::launch::flash_attention_backward_kernels(d).is_none() {
+            continue;
+        }
+        // the backward through attention::attention (the flash kernels at D = 64) against
+        // autograd through the composed ops in f32
+        let inputs = [q, k, v];
+        let flash = |x: &[Tensor]| -> Result<Tensor> {
+            Ok(model::attention::attention(
+                &x[0], &x[1], &x[2], &bias, scale, 64,
+            )?)
+        };
+        let (_, got) = value_and_grads(&inputs, &[true; 3], &flash, seed + 5)?;
+        let f32_inputs = [f(&inputs[0])?, f(&inputs[1])?, f(&inputs[2])?];
+        let (_, want) = value_and_grads(&f32_inputs, &[true; 3], &reference, seed + 5)?;
+        for (grad, (a, w)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+            let (Some(a), Some(w)) = (a, w) else {
+                rows.push((format!("{name} {grad}"), "no gradient".into(), false));
+                continue;
+            };
+            let e = rel(&f(a)?, w)?;
+            rows.push((format!("{name} {grad}"), format!("{e:.2e}"), e < 3e-2));
+        }
     }
     Ok(())
 }
@@ -1206,41 +1230,43 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
         });
     }
 
-    // the attention's forward alone, the flash kernel against the chunked forward it replaces
-    // (the learner's forward, the old policy's and the reference model's log-probs, a prefill)
-    let attention_forward = || -> Result<String> {
+    // the attention, the flash kernels against the chunked attention they replace: the forward
+    // alone (the old policy's and the reference model's log-probs, a prefill), and with the
+    // backward
+    let attention_timing = || -> Result<String> {
         let r = |shape: &[usize], seed| randn(shape, seed, 1.0, DType::BF16, gpu);
-        let (q, k, v) = (
+        let inputs = [
             r(&[b, 2, 7 * t, 64], 31)?,
             r(&[b, 2, t, 64], 32)?,
             r(&[b, 2, t, 64], 33)?,
-        );
-        let run = || {
-            Ok(model::attention::attention(
-                &q,
-                &k,
-                &v,
-                &causal_bias,
-                0.125,
-                chunk,
-            )?)
+        ];
+        let op = |x: &[Tensor]| -> Result<Tensor> {
+            let a = model::attention::attention(&x[0], &x[1], &x[2], &causal_bias, 0.125, chunk);
+            Ok(a?)
         };
-        let flash = time(5, run, gpu)?;
+        let forward = || op(&inputs);
+        let both = || value_and_grads(&inputs, &[true; 3], &op, 1);
+        let flash = (time(5, forward, gpu)?, time(5, both, gpu)?);
         ops::set_flash_attention(false);
-        let chunked = time(5, run, gpu);
+        let chunked = time(5, forward, gpu).and_then(|f| Ok((f, time(5, both, gpu)?)));
         ops::set_flash_attention(true);
         let chunked = chunked?;
-        // 4·B·Hq·T²·D/2 FLOPs: two products over the causal half of the scores
+        // forward: two products over the causal half of the scores, 2·B·Hq·T²·D FLOPs; the
+        // flash backward makes seven (S and dP twice), the chunked one five
         let flops = 2.0 * (b * 14 * t * t * 64) as f64;
         Ok(format!(
-            "attention [8, 14, 1024, 64] bf16 forward: flash {:.2} ms ({:.0} TFLOP/s), chunked {:.2} ms ({:.1}x)",
-            flash * 1e3,
-            flops / flash / 1e12,
-            chunked * 1e3,
-            chunked / flash
+            "attention [8, 14, 1024, 64] bf16: forward flash {:.2} ms ({:.0} TFLOP/s), chunked {:.2} ms ({:.1}x); forward+backward flash {:.2} ms ({:.0} TFLOP/s), chunked {:.2} ms ({:.1}x)",
+            flash.0 * 1e3,
+            flops / flash.0 / 1e12,
+            chunked.0 * 1e3,
+            chunked.0 / flash.0,
+            flash.1 * 1e3,
+            4.5 * flops / flash.1 / 1e12,
+            chunked.1 * 1e3,
+            chunked.1 / flash.1
         ))
     };
-    lines.push(attention_forward().unwrap_or_else(|e| format!("attention forward: error: {e}")));
+    lines.push(attention_timing().unwrap_or_else(|e| format!("attention: error: {e}")));
 
     // the matmuls of one decoder layer (q, k, v, o, gate, up, down), forward + backward: with 24
     // layers and the output layer, most of the step's FLOPs

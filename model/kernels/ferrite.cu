@@ -847,20 +847,18 @@ extern "C" __global__ void decode_attention_d64_bf16(const bf16* q, const bf16* 
 
 // ------------------------------------------------------------------------------- flash attention
 // softmax(scale·q·kᵀ + bias)·v over a batch of query rows (the learner's forward, a prompt's
-// prefill) in one kernel, FlashAttention-2 style: a block of FLASH_WARPS warps takes FLASH_ROWS
-// query rows of one query head, each warp 16 of them, and walks the keys in tiles of FLASH_KEYS
-// with an online softmax (running max and sum per row, the output rescaled when the max grows);
-// no score leaves the registers. Both products run on the tensor cores (mma.sync m16n8k16, bf16
-// in, f32 accumulate): S = Q·Kᵀ from q's fragments (registers, loaded once) and the key tile in
-// shared memory, then O += P·V with P rounded to bf16 straight from S's accumulator layout (an
-// m16n8 accumulator pair is an m16k16 A fragment) and V's tile transposed into key pairs in shared
-// memory. bf16 only; D = 64 or 128.
+// prefill) and its backward, FlashAttention-2 style: no score leaves the chip. Every product runs
+// on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate), each warp over 16 rows of its
+// left operand; a product's right operand comes from a tile in shared memory (row-major, D/2
+// pairs a row), its left one from registers: loaded once from global memory, or a probability
+// or score tile rounded to bf16 straight from the accumulators (two m16n8 accumulators are one
+// m16k16 A fragment). bf16 only.
 //
-// q, y [B, Hkv, G·T, D] (query head h = kv·G + j at rows j·T.., so head (b, h)'s rows start at
-// (b·Hq + h)·T·D); key j of (b, kv) at k + (b·Hkv + kv)·kv_stride + j·D (a KV cache's buffers read
-// in place, or kv_stride = S·D); bias [B, 1, 1, T, S] f32. The bias must be causal (query row i
-// sees no key past S − T + i): a block reads the keys up to its last row's, no further. Grid:
-// B·Hq·⌈T / FLASH_ROWS⌉ blocks, block (b, h)'s row tiles consecutive.
+// q, y, dy, dq [B, Hkv, G·T, D] (query head h = kv·G + j at rows j·T.., so head (b, h)'s rows start
+// at (b·Hq + h)·T·D); key j of (b, kv) at k + (b·Hkv + kv)·kv_stride + j·D (a KV cache's buffers
+// read in place, or kv_stride = S·D; likewise v); bias [B, 1, 1, T, S] f32; lse and delta [B·Hq·T]
+// f32. The bias must be causal (query row i sees no key past S − T + i): the kernels skip the
+// keys past a tile's last row's and the rows before a key tile's first.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): lane = 4·g + c; A (16×16, row-major) holds
 // a0 = (row g, cols 2c, 2c+1), a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..); B (16×8)
@@ -887,11 +885,15 @@ __device__ __forceinline__ void st_pair(bf16* p, uint32_t u) {
     memcpy(p, &u, 4);
 #endif
 }
-__device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
-    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
-}
 __device__ __forceinline__ uint32_t pack_f32(float lo, float hi) {
-    return pack_bf16(__float2bfloat16(lo), __float2bfloat16(hi));
+    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16(lo)) |
+           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
+}
+__device__ __forceinline__ float lo_f32(uint32_t u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float hi_f32(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+// The halves at bit `shift` of two words, as one pair (x0's in the low half).
+__device__ __forceinline__ uint32_t halves(uint32_t x0, uint32_t x1, int shift) {
+    return ((x0 >> shift) & 0xffffu) | (((x1 >> shift) & 0xffffu) << 16);
 }
 
 // c += a·b for one warp's m16n8k16 tile (layouts above).
@@ -909,71 +911,144 @@ __device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uin
 #endif
 }
 
+// A tile in shared memory: rows of D/2 pairs, padded by 4 words so that a fragment's 32 loads
+// (either kind below) hit 32 banks.
 template <int D>
-__device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, const float* bias, bf16* y,
-                                int hkv, int g_heads, int t, int s, size_t kv_stride, float scale) {
-    // the key tile as D/2 pairs per key, the value tile as FLASH_KEYS/2 key pairs per dimension;
-    // rows padded by 4 words so that a fragment's 32 loads hit 32 banks
-    constexpr int KS = D / 2 + 4, VS = FLASH_KEYS / 2 + 4;
-    __shared__ uint32_t ks[FLASH_KEYS * KS];
-    __shared__ uint32_t vs[D * VS];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, c = lane & 3;
-    const int tiles = (t + FLASH_ROWS - 1) / FLASH_ROWS, tile = blockIdx.x % tiles;
-    const size_t bh = blockIdx.x / tiles, hq = (size_t)hkv * g_heads, b = bh / hq;
-    const size_t kv = b * hkv + (bh % hq) / g_heads;
-    const bf16* qb = q + bh * t * D;
-    bf16* yb = y + bh * t * D;
-    const bf16* kb = k + kv * kv_stride;
-    const bf16* vb = v + kv * kv_stride;
-    const float* bb = bias + b * t * s;
-    const int ra = tile * FLASH_ROWS + warp * 16 + g, rb = ra + 8;  // this lane's two rows
+struct Pitch {
+    static constexpr int words = D / 2 + 4;
+};
 
-    uint32_t qf[D / 16][4];  // q's A fragments, D in steps of 16
+// Rows first..first+n of a [rows, D] matrix into a shared tile, zeros from row `end` on.
+template <int D, typename Smem>
+__device__ __forceinline__ void load_tile(Smem& dst, const bf16* src, int first, int n, int end) {
+    for (int e = threadIdx.x; e < n * D / 2; e += blockDim.x) {
+        const int r = e / (D / 2), p = e % (D / 2);
+        dst[r * Pitch<D>::words + p] = first + r < end ? ld_pair(src + (size_t)(first + r) * D + 2 * p) : 0u;
+    }
+}
+// The B fragment of a product with a shared tile's transpose (k = the tile's columns 16·kk..,
+// n = its rows `row`): b0 = (cols 16kk + 2c, +1 of row `row`), b1 = (cols 16kk + 8 + 2c, ...).
+template <int D, typename Smem>
+__device__ __forceinline__ void frag_b_t(Smem& src, int row, int kk, int c, uint32_t* b) {
+    b[0] = src[row * Pitch<D>::words + 8 * kk + c];
+    b[1] = src[row * Pitch<D>::words + 8 * kk + 4 + c];
+}
+// The B fragment of a product with a shared tile itself (k = its rows r0.., n = its column d):
+// b0 = (rows r0 + 2c, +1 at column d), b1 = (rows r0 + 8 + 2c, +1).
+template <int D, typename Smem>
+__device__ __forceinline__ void frag_b(Smem& src, int r0, int d, int c, uint32_t* b) {
+    const int w = d >> 1, shift = (d & 1) * 16, r = r0 + 2 * c;
+    b[0] = halves(src[r * Pitch<D>::words + w], src[(r + 1) * Pitch<D>::words + w], shift);
+    b[1] = halves(src[(r + 8) * Pitch<D>::words + w], src[(r + 9) * Pitch<D>::words + w], shift);
+}
+// The A fragments of rows ra, rb (= ra + 8) of a [rows, D] matrix in global memory, D in steps of
+// 16; zeros for rows from `end` on.
+template <int D>
+__device__ __forceinline__ void frag_a_rows(const bf16* src, int ra, int rb, int end, int c, uint32_t (*a)[4]) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         const int d0 = 16 * kk + 2 * c;
-        qf[kk][0] = ra < t ? ld_pair(qb + (size_t)ra * D + d0) : 0u;
-        qf[kk][1] = rb < t ? ld_pair(qb + (size_t)rb * D + d0) : 0u;
-        qf[kk][2] = ra < t ? ld_pair(qb + (size_t)ra * D + d0 + 8) : 0u;
-        qf[kk][3] = rb < t ? ld_pair(qb + (size_t)rb * D + d0 + 8) : 0u;
+        a[kk][0] = ra < end ? ld_pair(src + (size_t)ra * D + d0) : 0u;
+        a[kk][1] = rb < end ? ld_pair(src + (size_t)rb * D + d0) : 0u;
+        a[kk][2] = ra < end ? ld_pair(src + (size_t)ra * D + d0 + 8) : 0u;
+        a[kk][3] = rb < end ? ld_pair(src + (size_t)rb * D + d0 + 8) : 0u;
     }
-    float o[D / 8][4];  // the output's accumulators, D in tiles of 8
+}
+// The A fragment of accumulator tiles n0 (columns 0..8) and n1 (8..16), rounded to bf16.
+__device__ __forceinline__ void frag_a_acc(const float* n0, const float* n1, uint32_t* a) {
+    a[0] = pack_f32(n0[0], n0[1]);
+    a[1] = pack_f32(n0[2], n0[3]);
+    a[2] = pack_f32(n1[0], n1[1]);
+    a[3] = pack_f32(n1[2], n1[3]);
+}
+// acc[n] = A·Bᵀ over a shared tile of 64 rows (n: its rows in tiles of 8), A = fragments of D.
+template <int D, typename Smem>
+__device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4], Smem& tile, int g, int c) {
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t b[2];
+            frag_b_t<D>(tile, n * 8 + g, kk, c, b);
+            mma_16816(acc[n], a[kk], b);
+        }
+    }
+}
+// out[n] += P·tile over its 64 rows (P: accumulator tiles of 8 of those rows), out over D.
+template <int D, typename Smem>
+__device__ __forceinline__ void mma_cols(float (*out)[4], const float (*p)[4], Smem& tile, int g, int c) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        uint32_t a[4];
+        frag_a_acc(p[2 * j], p[2 * j + 1], a);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            uint32_t b[2];
+            frag_b<D>(tile, 16 * j, n * 8 + g, c, b);
+            mma_16816(out[n], a, b);
+        }
+    }
+}
+// A row's value across the 4 lanes that hold it: max, or sum.
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Where a query tile's block works: the query head (b·Hq + h), its K/V head (b·Hkv + kv), and
+// this lane's rows (tiles of FLASH_ROWS rows, block (b, h)'s consecutive).
+struct FlashRows {
+    size_t bh, kv, b;
+    int ra, rb, last;
+};
+__device__ __forceinline__ FlashRows flash_rows(int hkv, int g_heads, int t, int lane_row) {
+    const int tiles = (t + FLASH_ROWS - 1) / FLASH_ROWS, tile = blockIdx.x % tiles;
+    const size_t bh = blockIdx.x / tiles, hq = (size_t)hkv * g_heads, b = bh / hq;
+    const int ra = tile * FLASH_ROWS + (threadIdx.x >> 5) * 16 + lane_row;
+    return {bh, b * hkv + (bh % hq) / g_heads, b, ra, ra + 8, min(tile * FLASH_ROWS + FLASH_ROWS, t) - 1};
+}
+
+// The forward: a block of FLASH_WARPS warps takes FLASH_ROWS query rows of one query head and
+// walks the keys in tiles of FLASH_KEYS with an online softmax (running max and sum per row, the
+// output rescaled when the max grows): S = Q·Kᵀ, then O += P·V. Writes y and each row's
+// log-partition lse = m + ln Σ e^(x − m) over x = scale·S + bias (the backward's P = e^(x − lse)).
+// D = 64 or 128. Grid: B·Hq·⌈T / FLASH_ROWS⌉ blocks.
+template <int D>
+__device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, const float* bias, bf16* y,
+                                float* lse, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale) {
+    __shared__ uint32_t ks[FLASH_KEYS * Pitch<D>::words];
+    __shared__ uint32_t vs[FLASH_KEYS * Pitch<D>::words];
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const FlashRows at = flash_rows(hkv, g_heads, t, g);
+    const int ra = at.ra, rb = at.rb;
+    const bf16* kb = k + at.kv * kv_stride;
+    const bf16* vb = v + at.kv * kv_stride;
+    const float* bb = bias + at.b * t * s;
+
+    uint32_t qf[D / 16][4];
+    frag_a_rows<D>(q + at.bh * t * D, ra, rb, t, c, qf);
+    float o[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float ma = -INFINITY, mb = -INFINITY, la = 0.f, lb = 0.f;  // rows ra, rb: max, this lane's sum
 
-    const int last = min(tile * FLASH_ROWS + FLASH_ROWS, t) - 1;
-    const int keys = min(s, s - t + last + 1);  // the keys the block's last row sees
-    const bf16 zero = __float2bfloat16(0.f);
+    const int keys = min(s, s - t + at.last + 1);  // the keys the block's last row sees
     for (int k0 = 0; k0 < keys; k0 += FLASH_KEYS) {
         __syncthreads();  // the previous tile's readers are done
-        for (int e = threadIdx.x; e < FLASH_KEYS * D / 2; e += blockDim.x) {
-            const int key = e / (D / 2), p = e % (D / 2);
-            ks[key * KS + p] = k0 + key < keys ? ld_pair(kb + (size_t)(k0 + key) * D + 2 * p) : 0u;
-        }
-        for (int e = threadIdx.x; e < D * FLASH_KEYS / 2; e += blockDim.x) {
-            const int kp = e / D, d = e % D, key = k0 + 2 * kp;  // threads along d: coalesced
-            const bf16 lo = key < keys ? vb[(size_t)key * D + d] : zero;
-            const bf16 hi = key + 1 < keys ? vb[(size_t)(key + 1) * D + d] : zero;
-            vs[d * VS + kp] = pack_bf16(lo, hi);
-        }
+        load_tile<D>(ks, kb, k0, FLASH_KEYS, keys);
+        load_tile<D>(vs, vb, k0, FLASH_KEYS, keys);
         __syncthreads();
-
-        float sc[FLASH_KEYS / 8][4];  // S = Q·Kᵀ, keys in tiles of 8
-#pragma unroll
-        for (int n = 0; n < FLASH_KEYS / 8; ++n) {
-            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const uint32_t bf[2] = {ks[(n * 8 + g) * KS + 8 * kk + c], ks[(n * 8 + g) * KS + 8 * kk + 4 + c]};
-                mma_16816(sc[n], qf[kk], bf);
-            }
-        }
+        float sc[8][4];  // S = Q·Kᵀ, keys in tiles of 8
+        mma_rows<D>(sc, qf, ks, g, c);
         // x = scale·S + bias; keys past the block's last are −∞, rows past T are 0 (unwritten)
         float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < FLASH_KEYS / 8; ++n) {
+        for (int n = 0; n < 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
@@ -985,13 +1060,8 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
                 else xb = fmaxf(xb, x);
             }
         }
-        // the row's max across its 4 lanes, then the online rescale (the first tile holds key 0,
-        // so every row's max is finite from it on)
-        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 1));
-        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
-        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
-        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
-        const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
+        // the online rescale (the first tile holds key 0, so every row's max is finite from it on)
+        const float na = fmaxf(ma, quad_max(xa)), nb = fmaxf(mb, quad_max(xb));
         const float aa = __expf(ma - na), ab = __expf(mb - nb);
         ma = na;
         mb = nb;
@@ -1005,7 +1075,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
             o[n][3] *= ab;
         }
 #pragma unroll
-        for (int n = 0; n < FLASH_KEYS / 8; ++n) {
+        for (int n = 0; n < 8; ++n) {
             sc[n][0] = __expf(sc[n][0] - ma);
             sc[n][1] = __expf(sc[n][1] - ma);
             sc[n][2] = __expf(sc[n][2] - mb);
@@ -1013,41 +1083,191 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
             la += sc[n][0] + sc[n][1];
             lb += sc[n][2] + sc[n][3];
         }
-        // O += P·V, 16 keys a step: S's accumulator tiles 2j and 2j+1 are P's A fragment
-#pragma unroll
-        for (int j = 0; j < FLASH_KEYS / 16; ++j) {
-            const uint32_t pf[4] = {pack_f32(sc[2 * j][0], sc[2 * j][1]), pack_f32(sc[2 * j][2], sc[2 * j][3]),
-                                    pack_f32(sc[2 * j + 1][0], sc[2 * j + 1][1]),
-                                    pack_f32(sc[2 * j + 1][2], sc[2 * j + 1][3])};
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                const uint32_t bf[2] = {vs[(n * 8 + g) * VS + 8 * j + c], vs[(n * 8 + g) * VS + 8 * j + 4 + c]};
-                mma_16816(o[n], pf, bf);
-            }
-        }
+        mma_cols<D>(o, sc, vs, g, c);  // O += P·V
     }
-    // the rows' sums across their 4 lanes, then y = O / l
-    la += __shfl_xor_sync(0xffffffffu, la, 1);
-    la += __shfl_xor_sync(0xffffffffu, la, 2);
-    lb += __shfl_xor_sync(0xffffffffu, lb, 1);
-    lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+    la = quad_sum(la);
+    lb = quad_sum(lb);
     const float ia = 1.f / la, ib = 1.f / lb;
+    bf16* yb = y + at.bh * t * D;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
         const int d = n * 8 + 2 * c;
         if (ra < t) st_pair(yb + (size_t)ra * D + d, pack_f32(o[n][0] * ia, o[n][1] * ia));
         if (rb < t) st_pair(yb + (size_t)rb * D + d, pack_f32(o[n][2] * ib, o[n][3] * ib));
     }
+    if (c == 0 && ra < t) lse[at.bh * t + ra] = ma + logf(la);
+    if (c == 0 && rb < t) lse[at.bh * t + rb] = mb + logf(lb);
 }
 extern "C" __global__ void flash_attention_d64_bf16(const bf16* q, const bf16* k, const bf16* v,
-                                                    const float* bias, bf16* y, int hkv, int g_heads, int t,
-                                                    int s, size_t kv_stride, float scale) {
-    flash_attention<64>(q, k, v, bias, y, hkv, g_heads, t, s, kv_stride, scale);
+                                                    const float* bias, bf16* y, float* lse, int hkv,
+                                                    int g_heads, int t, int s, size_t kv_stride, float scale) {
+    flash_attention<64>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale);
 }
 extern "C" __global__ void flash_attention_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
-                                                     const float* bias, bf16* y, int hkv, int g_heads, int t,
-                                                     int s, size_t kv_stride, float scale) {
-    flash_attention<128>(q, k, v, bias, y, hkv, g_heads, t, s, kv_stride, scale);
+                                                     const float* bias, bf16* y, float* lse, int hkv,
+                                                     int g_heads, int t, int s, size_t kv_stride, float scale) {
+    flash_attention<128>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale);
+}
+
+// The backward, in two kernels, neither with atomics. With x = scale·S + bias, P = e^(x − lse),
+// dP = dO·Vᵀ, Δ = rowsum(dO∘O) and dS = P∘(dP − Δ): dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
+//
+// flash_attention_bwd_dq: the forward's grid (query tiles); S and dP again per key tile, then
+// dQ += dS·K. It computes each row's Δ from dO and O first and writes it for the next kernel.
+template <int D>
+__device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const float* bias,
+                                       const bf16* y, const bf16* dy, const float* lse, bf16* dq, float* delta,
+                                       int hkv, int g_heads, int t, int s, size_t kv_stride, float scale) {
+    __shared__ uint32_t ks[FLASH_KEYS * Pitch<D>::words];
+    __shared__ uint32_t vs[FLASH_KEYS * Pitch<D>::words];
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const FlashRows at = flash_rows(hkv, g_heads, t, g);
+    const int ra = at.ra, rb = at.rb;
+    const size_t rows = at.bh * t * D;
+    const bf16* kb = k + at.kv * kv_stride;
+    const bf16* vb = v + at.kv * kv_stride;
+    const float* bb = bias + at.b * t * s;
+
+    uint32_t qf[D / 16][4], df[D / 16][4], yf[D / 16][4];
+    frag_a_rows<D>(q + rows, ra, rb, t, c, qf);
+    frag_a_rows<D>(dy + rows, ra, rb, t, c, df);
+    frag_a_rows<D>(y + rows, ra, rb, t, c, yf);
+    float da = 0.f, db = 0.f;  // Δ of rows ra, rb
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float p = lo_f32(df[kk][i]) * lo_f32(yf[kk][i]) + hi_f32(df[kk][i]) * hi_f32(yf[kk][i]);
+            if (i & 1) db += p;
+            else da += p;
+        }
+    }
+    da = quad_sum(da);
+    db = quad_sum(db);
+    if (c == 0 && ra < t) delta[at.bh * t + ra] = da;
+    if (c == 0 && rb < t) delta[at.bh * t + rb] = db;
+    const float lsa = ra < t ? lse[at.bh * t + ra] : 0.f, lsb = rb < t ? lse[at.bh * t + rb] : 0.f;
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    const int keys = min(s, s - t + at.last + 1);
+    for (int k0 = 0; k0 < keys; k0 += FLASH_KEYS) {
+        __syncthreads();
+        load_tile<D>(ks, kb, k0, FLASH_KEYS, keys);
+        load_tile<D>(vs, vb, k0, FLASH_KEYS, keys);
+        __syncthreads();
+        float sc[8][4], dp[8][4];
+        mma_rows<D>(sc, qf, ks, g, c);  // S = Q·Kᵀ
+        mma_rows<D>(dp, df, vs, g, c);  // dP = dO·Vᵀ
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
+                const float p = key < keys && row < t
+                                    ? __expf(scale * sc[n][e] + bb[(size_t)row * s + key] - (e < 2 ? lsa : lsb))
+                                    : 0.f;
+                sc[n][e] = p * (dp[n][e] - (e < 2 ? da : db));  // dS
+            }
+        }
+        mma_cols<D>(acc, sc, ks, g, c);  // dQ += dS·K
+    }
+    bf16* dqb = dq + rows;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const int d = n * 8 + 2 * c;
+        if (ra < t) st_pair(dqb + (size_t)ra * D + d, pack_f32(scale * acc[n][0], scale * acc[n][1]));
+        if (rb < t) st_pair(dqb + (size_t)rb * D + d, pack_f32(scale * acc[n][2], scale * acc[n][3]));
+    }
+}
+extern "C" __global__ void flash_attention_bwd_dq_d64_bf16(const bf16* q, const bf16* k, const bf16* v,
+                                                           const float* bias, const bf16* y, const bf16* dy,
+                                                           const float* lse, bf16* dq, float* delta, int hkv,
+                                                           int g_heads, int t, int s, size_t kv_stride,
+                                                           float scale) {
+    flash_attention_bwd_dq<64>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s, kv_stride, scale);
+}
+
+// flash_attention_bwd_dkv: a block per FLASH_KEYS keys of one query head (grid B·Hq·⌈S /
+// FLASH_KEYS⌉, block (b, h)'s consecutive), each warp 16 keys with their K and V rows in
+// registers; it walks the query tiles that see its keys: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, then
+// dV += Pᵀ·dO and dK += dSᵀ·Q. Writes this head's share, dk and dv [B, Hkv, G, S, D] f32, for the
+// caller to sum over the G query heads of each K/V head (in order: deterministic).
+template <int D>
+__device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16* v, const float* bias,
+                                        const bf16* dy, const float* lse, const float* delta, float* dk,
+                                        float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride,
+                                        float scale) {
+    __shared__ uint32_t qs[FLASH_ROWS * Pitch<D>::words];
+    __shared__ uint32_t dos[FLASH_ROWS * Pitch<D>::words];
+    __shared__ float ls[FLASH_ROWS];
+    __shared__ float dl[FLASH_ROWS];
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int tiles = (s + FLASH_KEYS - 1) / FLASH_KEYS, tile = blockIdx.x % tiles;
+    const size_t bh = blockIdx.x / tiles, hq = (size_t)hkv * g_heads, b = bh / hq;
+    const size_t kv = b * hkv + (bh % hq) / g_heads;
+    const int k0 = tile * FLASH_KEYS, ka = k0 + (threadIdx.x >> 5) * 16 + g, kb = ka + 8;
+    const size_t rows = bh * t * D;
+    const float* bb = bias + b * t * s;
+
+    uint32_t kf[D / 16][4], vf[D / 16][4];
+    frag_a_rows<D>(k + kv * kv_stride, ka, kb, s, c, kf);
+    frag_a_rows<D>(v + kv * kv_stride, ka, kb, s, c, vf);
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.f;
+
+    // the first query row that sees key k0 sits at key slot k0
+    const int first = k0 > s - t ? k0 - (s - t) : 0;
+    for (int r0 = first / FLASH_ROWS * FLASH_ROWS; r0 < t; r0 += FLASH_ROWS) {
+        __syncthreads();
+        load_tile<D>(qs, q + rows, r0, FLASH_ROWS, t);
+        load_tile<D>(dos, dy + rows, r0, FLASH_ROWS, t);
+        for (int i = threadIdx.x; i < FLASH_ROWS; i += blockDim.x) {
+            ls[i] = r0 + i < t ? lse[bh * t + r0 + i] : 0.f;
+            dl[i] = r0 + i < t ? delta[bh * t + r0 + i] : 0.f;
+        }
+        __syncthreads();
+        float st[8][4], dpt[8][4];
+        mma_rows<D>(st, kf, qs, g, c);    // Sᵀ = K·Qᵀ, queries in tiles of 8
+        mma_rows<D>(dpt, vf, dos, g, c);  // dPᵀ = V·dOᵀ
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = n * 8 + 2 * c + (e & 1), row = r0 + i, key = e < 2 ? ka : kb;
+                const float p = row < t && key < s
+                                    ? __expf(scale * st[n][e] + bb[(size_t)row * s + key] - ls[i])
+                                    : 0.f;
+                st[n][e] = p;
+                dpt[n][e] = p * (dpt[n][e] - dl[i]);  // dSᵀ
+            }
+        }
+        mma_cols<D>(dva, st, dos, g, c);  // dV += Pᵀ·dO
+        mma_cols<D>(dka, dpt, qs, g, c);  // dK += dSᵀ·Q
+    }
+    const size_t out = bh * s * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = e < 2 ? ka : kb, d = n * 8 + 2 * c + (e & 1);
+            if (key < s) {
+                dk[out + (size_t)key * D + d] = scale * dka[n][e];
+                dv[out + (size_t)key * D + d] = dva[n][e];
+            }
+        }
+    }
+}
+extern "C" __global__ void flash_attention_bwd_dkv_d64_bf16(const bf16* q, const bf16* k, const bf16* v,
+                                                            const float* bias, const bf16* dy, const float* lse,
+                                                            const float* delta, float* dk, float* dv, int hkv,
+                                                            int g_heads, int t, int s, size_t kv_stride,
+                                                            float scale) {
+    flash_attention_bwd_dkv<64>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s, kv_stride, scale);
 }
 
 // ------------------------------------------------------------------------------- AdamW

@@ -6,18 +6,20 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Shape, Storage, Te
 
 use crate::error::Result;
 
-/// `backward(a, b, c, grad)` → the gradients of `a`, `b`, `c`.
-pub type Backward =
-    dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<[Option<Tensor>; 3]> + Send + Sync;
+/// `backward(a, b, c, value, grad)` → the gradients of `a`, `b`, `c`.
+pub type Backward = dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<[Option<Tensor>; 3]>
+    + Send
+    + Sync;
 
 /// A tensor holding `value`'s data whose gradients with respect to `a`, `b` and `c` are what
-/// `backward` returns for the upstream gradient. `value` must be on the inputs' device.
+/// `backward` returns for the upstream gradient (given the inputs and the value as the graph
+/// holds it). `value` must be on the inputs' device.
 pub fn attach(
     a: &Tensor,
     b: &Tensor,
     c: &Tensor,
     value: Tensor,
-    backward: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<[Option<Tensor>; 3]>
+    backward: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<[Option<Tensor>; 3]>
         + Send
         + Sync
         + 'static,
@@ -94,11 +96,11 @@ impl CustomOp3 for Attached {
         a: &Tensor,
         b: &Tensor,
         c: &Tensor,
-        _value: &Tensor,
+        value: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [da, db, dc] =
-            (self.backward)(a, b, c, g).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let [da, db, dc] = (self.backward)(a, b, c, value, g)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((da, db, dc))
     }
 }

@@ -1,8 +1,11 @@
-//! Grouped-query attention that keeps no `[T, S]` probabilities for the backward: the forward
+//! Grouped-query attention that keeps no `[T, S]` probabilities for the backward. On CUDA in
+//! bf16 it is FlashAttention-2 ([`flash_attention`], [`flash_attention_backward`]: kernels on the
+//! tensor cores that keep the scores on chip, the forward saving each row's log-partition for the
+//! backward). Elsewhere (the CPU, f32, a head dimension the kernels do not take) the forward
 //! runs in chunks of query rows and keeps only the output; the backward recomputes each chunk's
-//! probabilities from `q`, `k` and the mask and turns them into `dq`, `dk`, `dv` (the
-//! FlashAttention-2 recurrence at the granularity of a chunk of rows, on the device's matmuls).
-//! Between the matmuls, one row kernel per chunk on CUDA ([`attention_probs`] forward,
+//! probabilities from `q`, `k` and the mask and turns them into `dq`, `dk`, `dv` (the same
+//! recurrence at the granularity of a chunk of rows, on the device's matmuls). Between the
+//! matmuls, one row kernel per chunk on CUDA ([`attention_probs`] forward,
 //! [`attention_probs_backward`] backward) reads and writes the scores in the model's dtype.
 //!
 //! The bias is causal (the model's batches always are): query row `i` sits at key slot
@@ -21,7 +24,9 @@ use candle_core::{DType, Tensor};
 
 use crate::attach::attach;
 use crate::error::Result;
-use crate::ops::{attention_probs, attention_probs_backward};
+use crate::ops::{
+    attention_probs, attention_probs_backward, flash_attention, flash_attention_backward,
+};
 
 /// Score elements one chunk may hold by default: 2²⁴ (64 MiB in f32).
 pub const CHUNK_ELEMENTS: usize = 1 << 24;
@@ -78,8 +83,22 @@ pub fn attention(
         scale,
         chunk: chunk.max(1),
     };
-    let out = op.forward(&q.detach(), &k.detach(), &v.detach())?;
-    attach(q, k, v, out, move |q, k, v, g| {
+    let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
+    // on CUDA in bf16: the flash kernels, forward and (at D = 64) backward; the chunked backward
+    // where theirs does not apply (it needs only q, k and v)
+    if let Some((out, lse)) = flash_attention(&q0, &k0, &v0, bias, scale)? {
+        return attach(q, k, v, out, move |q, k, v, y, g| {
+            let g = g.to_dtype(v.dtype())?;
+            let (dq, dk, dv) =
+                match flash_attention_backward(q, k, v, &op.bias, y, &g, &lse, op.scale)? {
+                    Some(grads) => grads,
+                    None => op.backward(q, k, v, &g)?,
+                };
+            Ok([Some(dq), Some(dk), Some(dv)])
+        });
+    }
+    let out = op.forward(&q0, &k0, &v0)?;
+    attach(q, k, v, out, move |q, k, v, _, g| {
         let (dq, dk, dv) = op.backward(q, k, v, g)?;
         Ok([Some(dq), Some(dk), Some(dv)])
     })
@@ -133,11 +152,6 @@ impl ChunkedAttention {
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        // on CUDA in bf16, one kernel that keeps the scores on chip (the backward below is the
-        // same either way: it needs only q, k and v)
-        if let Some(y) = crate::ops::flash_attention(q, k, v, &self.bias, self.scale)? {
-            return Ok(y);
-        }
         let (b, hkv, g, t, s, d) = self.dims(q, k)?;
         let v = v.contiguous()?;
         let mut parts = Vec::new();

@@ -65,7 +65,7 @@ where
     // need a gradient (its gradient comes through the set-aside store, not through the op).
     let anchor = w.q_proj.clone();
     let w = w.clone();
-    crate::attach::attach(x, &anchor, &anchor, y, move |x, _, _, g| {
+    crate::attach::attach(x, &anchor, &anchor, y, move |x, _, _, _, g| {
         RECOMPUTED.fetch_add(1, Ordering::Relaxed);
         let input = Var::from_tensor(&x.detach())?;
         let y = layer(&w, input.as_tensor())?;

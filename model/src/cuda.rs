@@ -5,7 +5,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
@@ -1027,40 +1028,19 @@ fn kv_rows(x: &Tensor, dims: [usize; 4], kv_stride: usize) -> bool {
 /// Attention over a batch of query rows in one kernel (see `flash_attention` in `ferrite.cu`):
 /// `q [B, Hkv, G·T, D]`, `k, v [B, Hkv, S, D]` (contiguous, or views of a KV cache's
 /// `[B, Hkv, capacity, D]` buffers, read in place), `bias [B, 1, 1, T, S]` f32 and causal →
-/// `[B, Hkv, G·T, D]`, all bf16. None where the kernel does not apply: another dtype, D other
-/// than 64 or 128, S < T, or K / V rows not contiguous.
+/// `[B, Hkv, G·T, D]`, all bf16, and each row's log-partition `[B·Hkv·G·T]` f32. None where the
+/// kernel does not apply: another dtype, D other than 64 or 128, S < T, or K / V rows not
+/// contiguous.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: &Tensor,
     scale: f32,
-) -> Result<Option<Tensor>> {
-    let (b, hkv, gt, d) = q.dims4()?;
-    let s = k.dim(2)?;
-    let t = match bias.dims() {
-        &[_, 1, 1, t, _] => t,
-        _ => return Ok(None),
-    };
-    let kv_stride = k.layout().stride()[1];
-    let Some(name) = launch::flash_attention_kernel(d) else {
+) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(a) = FlashArgs::new(q, k, v, bias, launch::flash_attention_kernel)? else {
         return Ok(None);
     };
-    let bf16 = |x: &Tensor| x.dtype() == DType::BF16;
-    let fits = bf16(q)
-        && bf16(k)
-        && bf16(v)
-        && bias.dtype() == DType::F32
-        && t > 0
-        && gt % t == 0
-        && s >= t
-        && bias.dims() == [b, 1, 1, t, s]
-        && kv_rows(k, [b, hkv, s, d], kv_stride)
-        && kv_rows(v, [b, hkv, s, d], kv_stride);
-    if !fits {
-        return Ok(None);
-    }
-    let g = gt / t;
     let (q, bias) = (q.contiguous()?, bias.contiguous()?);
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
@@ -1068,29 +1048,201 @@ pub fn flash_attention(
     let (bs, bl) = bias.storage_and_layout();
     let (qs, ks, vs, bs) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?, as_cuda(&bs)?);
     let dev = qs.device().clone();
-    // K and V from their views' first element to the last (b, kv)'s last key
-    let span = (b * hkv - 1) * kv_stride + s * d;
     let (qv, bv) = (view::<half::bf16>(qs, ql)?, view::<f32>(bs, bl)?);
-    let (kv_, vv) = (
-        strided::<half::bf16>(ks, kl, span)?,
-        strided::<half::bf16>(vs, vl, span)?,
-    );
-    let y = unsafe { dev.alloc::<half::bf16>(b * hkv * gt * d)? };
-    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let (hkv32, g32, t32, s32) = (hkv as i32, g as i32, t as i32, s as i32);
+    let (kv_, vv) = (a.kv_view(ks, kl)?, a.kv_view(vs, vl)?);
+    let y = unsafe { dev.alloc::<half::bf16>(a.rows() * a.d)? };
+    let lse = unsafe { dev.alloc::<f32>(a.rows())? };
+    let f = dev.get_or_load_custom_func(a.kernel, MODULE, PTX)?;
     let mut l = f.builder();
-    l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv).arg(&y);
-    l.arg(&hkv32)
-        .arg(&g32)
-        .arg(&t32)
-        .arg(&s32)
-        .arg(&kv_stride)
-        .arg(&scale);
-    // SAFETY: q and y hold B·Hkv·G·T·D, the bias B·T·S; K and V span (B·Hkv − 1)·kv_stride + S·D
-    // from their views' starts, which their layouts were checked to cover; D is the kernel's.
-    unsafe { l.launch(config(launch::flash_attention(b * hkv * g, t))) }.w()?;
-    let y = half::bf16::wrap_cuda_slice(y, dev);
-    Ok(Some(wrap(y, (b, hkv, gt, d))))
+    l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv).arg(&y).arg(&lse);
+    let dims = a.dims(scale);
+    dims.push_to(&mut l);
+    // SAFETY: q and y hold B·Hkv·G·T·D, the bias B·T·S, lse B·Hkv·G·T; K and V span
+    // (B·Hkv − 1)·kv_stride + S·D from their views' starts, which their layouts were checked to
+    // cover; D is the kernel's.
+    unsafe { l.launch(config(launch::flash_attention(a.heads(), a.t))) }.w()?;
+    let y = wrap(half::bf16::wrap_cuda_slice(y, dev.clone()), q.shape());
+    let lse = wrap(f32::wrap_cuda_slice(lse, dev), a.rows());
+    Ok(Some((y, lse)))
+}
+
+/// The gradients `(dq, dk, dv)` of [`flash_attention`] (see `flash_attention_bwd_dq` and
+/// `flash_attention_bwd_dkv` in `ferrite.cu`) from its inputs, output `y`, upstream `dy` and
+/// log-partitions `lse`; dk and dv per query head in f32, summed here over each K/V head's G
+/// query heads. None where the kernels do not apply: as the forward, and D other than 64.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    lse: &Tensor,
+    scale: f32,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let pick = |d| launch::flash_attention_backward_kernels(d).map(|(dq, _)| dq);
+    let Some(a) = FlashArgs::new(q, k, v, bias, pick)? else {
+        return Ok(None);
+    };
+    let Some((_, dkv_kernel)) = launch::flash_attention_backward_kernels(a.d) else {
+        return Ok(None);
+    };
+    if y.dims() != q.dims() || dy.dims() != q.dims() || dy.dtype() != DType::BF16 {
+        return Ok(None);
+    }
+    let (q, bias, y, dy) = (
+        q.contiguous()?,
+        bias.contiguous()?,
+        y.contiguous()?,
+        dy.contiguous()?,
+    );
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let (ys, yl) = y.storage_and_layout();
+    let (gs, gl) = dy.storage_and_layout();
+    let (ls, ll) = lse.storage_and_layout();
+    let (qs, ks, vs, bs) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?, as_cuda(&bs)?);
+    let (ys, gs, ls) = (as_cuda(&ys)?, as_cuda(&gs)?, as_cuda(&ls)?);
+    let dev = qs.device().clone();
+    let (qv, bv) = (view::<half::bf16>(qs, ql)?, view::<f32>(bs, bl)?);
+    let (yv, gv, lv) = (
+        view::<half::bf16>(ys, yl)?,
+        view::<half::bf16>(gs, gl)?,
+        view::<f32>(ls, ll)?,
+    );
+    let (kv_, vv) = (a.kv_view(ks, kl)?, a.kv_view(vs, vl)?);
+    let dims = a.dims(scale);
+    let dq = unsafe { dev.alloc::<half::bf16>(a.rows() * a.d)? };
+    let delta = unsafe { dev.alloc::<f32>(a.rows())? };
+    let f = dev.get_or_load_custom_func(a.kernel, MODULE, PTX)?;
+    let mut l = f.builder();
+    l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv);
+    l.arg(&yv).arg(&gv).arg(&lv).arg(&dq).arg(&delta);
+    dims.push_to(&mut l);
+    // SAFETY: as the forward's; y, dy and dq hold B·Hkv·G·T·D, lse and delta B·Hkv·G·T.
+    unsafe { l.launch(config(launch::flash_attention(a.heads(), a.t))) }.w()?;
+    let per_head = a.heads() * a.s * a.d;
+    let dk = unsafe { dev.alloc::<f32>(per_head)? };
+    let dv = unsafe { dev.alloc::<f32>(per_head)? };
+    let f = dev.get_or_load_custom_func(dkv_kernel, MODULE, PTX)?;
+    let mut l = f.builder();
+    l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv);
+    l.arg(&gv).arg(&lv).arg(&delta).arg(&dk).arg(&dv);
+    dims.push_to(&mut l);
+    // SAFETY: as above; dk and dv hold B·Hkv·G·S·D, every element of which the kernel writes.
+    unsafe { l.launch(config(launch::flash_attention_dkv(a.heads(), a.s))) }.w()?;
+    let dq = wrap(half::bf16::wrap_cuda_slice(dq, dev.clone()), q.shape());
+    let per_kv = |x: CudaSlice<f32>| -> Result<Tensor> {
+        let x = wrap(
+            f32::wrap_cuda_slice(x, dev.clone()),
+            (a.b, a.hkv, a.g, a.s, a.d),
+        );
+        x.sum(2)?.to_dtype(DType::BF16) // [B, Hkv, S, D]
+    };
+    Ok(Some((dq, per_kv(dk)?, per_kv(dv)?)))
+}
+
+/// What the flash attention kernels take of their inputs, checked: the sizes, the kernel for D,
+/// and K's and V's head stride.
+struct FlashArgs {
+    kernel: &'static str,
+    b: usize,
+    hkv: usize,
+    g: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+    kv_stride: usize,
+}
+
+/// The kernels' trailing scalar arguments: Hkv, G, T, S (i32), kv_stride, scale.
+struct FlashDims {
+    ints: [i32; 4],
+    kv_stride: usize,
+    scale: f32,
+}
+
+impl FlashDims {
+    fn push_to<'a>(&'a self, l: &mut LaunchArgs<'a>) {
+        for x in &self.ints {
+            l.arg(x);
+        }
+        l.arg(&self.kv_stride).arg(&self.scale);
+    }
+}
+
+impl FlashArgs {
+    /// The sizes of `q [B, Hkv, G·T, D]`, `k, v [B, Hkv, S, D]` and `bias [B, 1, 1, T, S]`, and
+    /// `kernel(D)`; None where the kernels do not take them (see [`flash_attention`]).
+    fn new(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        kernel: impl Fn(usize) -> Option<&'static str>,
+    ) -> Result<Option<Self>> {
+        let (b, hkv, gt, d) = q.dims4()?;
+        let s = k.dim(2)?;
+        let t = match bias.dims() {
+            &[_, 1, 1, t, _] => t,
+            _ => return Ok(None),
+        };
+        let Some(kernel) = kernel(d) else {
+            return Ok(None);
+        };
+        let kv_stride = k.layout().stride()[1];
+        let bf16 = |x: &Tensor| x.dtype() == DType::BF16;
+        let fits = bf16(q)
+            && bf16(k)
+            && bf16(v)
+            && bias.dtype() == DType::F32
+            && t > 0
+            && gt % t == 0
+            && s >= t
+            && bias.dims() == [b, 1, 1, t, s]
+            && kv_rows(k, [b, hkv, s, d], kv_stride)
+            && kv_rows(v, [b, hkv, s, d], kv_stride);
+        Ok(fits.then_some(Self {
+            kernel,
+            b,
+            hkv,
+            g: gt / t,
+            t,
+            s,
+            d,
+            kv_stride,
+        }))
+    }
+
+    /// Query heads over the batch, B·Hkv·G.
+    fn heads(&self) -> usize {
+        self.b * self.hkv * self.g
+    }
+
+    /// Query rows over the batch, B·Hkv·G·T.
+    fn rows(&self) -> usize {
+        self.heads() * self.t
+    }
+
+    /// K's or V's elements from the view's first to the last (b, kv)'s last key.
+    fn kv_view<'a>(&self, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, half::bf16>> {
+        strided::<half::bf16>(
+            s,
+            l,
+            (self.b * self.hkv - 1) * self.kv_stride + self.s * self.d,
+        )
+    }
+
+    fn dims(&self, scale: f32) -> FlashDims {
+        FlashDims {
+            ints: [self.hkv, self.g, self.t, self.s].map(|x| x as i32),
+            kv_stride: self.kv_stride,
+            scale,
+        }
+    }
 }
 
 // ---------------------------------------------------------------- AdamW and the gradient norm

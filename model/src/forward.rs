@@ -507,7 +507,7 @@ fn attention(
     }
     // no graph to keep (a prefill): one kernel on CUDA, reading a cache in place
     let flash = match t > 1 && !q.track_op() {
-        true => crate::ops::flash_attention(&q, &k, &v, bias, scale)?,
+        true => crate::ops::flash_attention(&q, &k, &v, bias, scale)?.map(|(out, _)| out),
         false => None,
     };
     let out = if let Some(out) = flash {

@@ -124,10 +124,16 @@ pub fn output_logprobs_with(
         kept: keep.then_some(kept),
     };
     // [N, 3], the values of `stats`, which is also the third input the backward reads
-    let out = attach(states, weight, &stats, stats.clone(), move |s, w, y, g| {
-        let (ds, dw) = op.backward(s, w, y, g)?;
-        Ok([Some(ds), Some(dw), None])
-    })?;
+    let out = attach(
+        states,
+        weight,
+        &stats,
+        stats.clone(),
+        move |s, w, y, _, g| {
+            let (ds, dw) = op.backward(s, w, y, g)?;
+            Ok([Some(ds), Some(dw), None])
+        },
+    )?;
     Ok((
         out.narrow(1, 0, 1)?.squeeze(1)?,
         out.narrow(1, 1, 1)?.squeeze(1)?,

@@ -109,6 +109,10 @@ pub const FLASH_WARPS: usize = 4;
 /// Query rows a flash attention block takes (`FLASH_ROWS`).
 pub const FLASH_ROWS: usize = 16 * FLASH_WARPS;
 
+/// Keys a flash attention block's tile holds (`FLASH_KEYS`); the backward's dK/dV kernel takes
+/// one such tile per block.
+pub const FLASH_KEYS: usize = 64;
+
 /// The flash attention kernel for head dimension `d` (bf16 only; its tiles are sized for
 /// D = 64 and D = 128), None for any other.
 pub fn flash_attention_kernel(d: usize) -> Option<&'static str> {
@@ -125,6 +129,24 @@ pub fn flash_attention(batch_heads: usize, t: usize) -> Geometry {
         grid: (batch_heads * t.div_ceil(FLASH_ROWS)) as u32,
         block: (32 * FLASH_WARPS) as u32,
         shared_bytes: 0,
+    }
+}
+
+/// The flash attention backward's two kernels (dQ, then dK/dV) for head dimension `d`: D = 64
+/// only (at D = 128 the dK/dV kernel's accumulators would spill), None for any other.
+pub fn flash_attention_backward_kernels(d: usize) -> Option<(&'static str, &'static str)> {
+    (d == 64).then_some((
+        "flash_attention_bwd_dq_d64_bf16",
+        "flash_attention_bwd_dkv_d64_bf16",
+    ))
+}
+
+/// The flash attention backward's dK/dV kernel: one block per [`FLASH_KEYS`] keys of each (batch
+/// row, query head). (Its dQ kernel runs on the forward's grid.)
+pub fn flash_attention_dkv(batch_heads: usize, s: usize) -> Geometry {
+    Geometry {
+        grid: (batch_heads * s.div_ceil(FLASH_KEYS)) as u32,
+        ..flash_attention(1, 1)
     }
 }
 

@@ -1190,16 +1190,17 @@ pub fn set_flash_attention(enabled: bool) {
 /// `softmax(scale·q·kᵀ + bias)·v` over a batch of query rows in one fused kernel on CUDA (the
 /// FlashAttention-2 forward on the tensor cores: no score leaves the chip): `q [B, Hkv, G·T, D]`,
 /// `k, v [B, Hkv, S, D]` (contiguous rows; a KV cache's views are read in place), a causal
-/// `bias [B, 1, 1, T, S]` f32 → `[B, Hkv, G·T, D]`. Forward only: the result has no graph
-/// ([`crate::attention::attention`] attaches its chunked backward). None where it does not
-/// apply: the CPU, kernels or flash attention off, not bf16, D other than 64 or 128.
+/// `bias [B, 1, 1, T, S]` f32 → the output `[B, Hkv, G·T, D]` and each row's log-partition
+/// `[B·Hkv·G·T]` f32 (for [`flash_attention_backward`]). No graph: [`crate::attention::attention`]
+/// attaches the backward. None where it does not apply: the CPU, kernels or flash attention off,
+/// not bf16, D other than 64 or 128.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: &Tensor,
     scale: f64,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<(Tensor, Tensor)>> {
     #[cfg(feature = "cuda")]
     if cuda_kernels()
         && FLASH_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
@@ -1214,6 +1215,41 @@ pub fn flash_attention(
         )?);
     }
     let _ = (q, k, v, bias, scale, &FLASH_ATTENTION);
+    Ok(None)
+}
+
+/// The gradients `(dq, dk, dv)` of [`flash_attention`] from its inputs, its output `y`, the
+/// upstream `dy` (like `y`) and its log-partitions `lse`, in two kernels on CUDA (dQ, then dK and
+/// dV per query head, summed over each K/V head's G query heads). None where they do not apply:
+/// as the forward, and D other than 64.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    lse: &Tensor,
+    scale: f64,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if cuda_kernels()
+        && FLASH_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
+        && q.device().is_cuda()
+    {
+        return Ok(crate::cuda::flash_attention_backward(
+            q,
+            k,
+            v,
+            bias,
+            y,
+            dy,
+            lse,
+            scale as f32,
+        )?);
+    }
+    let _ = (q, k, v, bias, y, dy, lse, scale);
     Ok(None)
 }
 

@@ -63,7 +63,7 @@ fn a_gradient_of_the_wrong_dtype_or_shape_is_an_error() {
     ] {
         let value = x.as_tensor().detach();
         let y = model::attach::attach(x.as_tensor(), x.as_tensor(), x.as_tensor(), value, {
-            move |_, _, _, _| Ok([Some(bad.clone()), None, None])
+            move |_, _, _, _, _| Ok([Some(bad.clone()), None, None])
         })
         .unwrap();
         assert!(y.sum_all().unwrap().backward().is_err());

@@ -1105,10 +1105,10 @@ fn decode_attention_matches_the_composed_ops_over_a_cache_view() {
 }
 
 #[test]
-fn flash_attention_matches_the_composed_ops() {
+fn flash_attention_forward_and_backward_match_the_composed_ops() {
     // (B, Hkv, G, T, S, capacity, D): Qwen2.5-0.5B's G and D over two row tiles (the second
     // partial) and two key tiles; 37 rows after a 63-slot prompt, read from a cache view wider
-    // than S; D = 128 over one partial tile
+    // than S; D = 128 (forward only) over one partial tile
     for (case, &(b, hkv, g, t, s, cap, d)) in [
         (2, 2, 7, 70, 70, 70, 64),
         (2, 1, 3, 37, 100, 120, 64),
@@ -1122,9 +1122,10 @@ fn flash_attention_matches_the_composed_ops() {
         let q = Ty::Bf16.round(&random(&[b, hkv, g * t, d], seed, 2.0));
         let k_cache = Ty::Bf16.round(&random(&[b, hkv, cap, d], seed + 1, 1.0));
         let v_cache = Ty::Bf16.round(&random(&[b, hkv, cap, d], seed + 2, 1.0));
-        // batch row 1 left-padded; its rows that see no key at all are left out (the kernel
-        // averages the values of their key tiles, the composed ops of all S keys: garbage
-        // either way, and no real token attends to them)
+        let u = Ty::Bf16.round(&random(&[b, hkv, g * t, d], seed + 3, 1.0)); // upstream dO
+                                                                             // batch row 1 left-padded; its rows that see no key at all are left out (the kernel
+                                                                             // averages the values of their key tiles, the composed ops of all S keys: garbage
+                                                                             // either way, and no real token attends to them)
         let bias = causal_bias(b, t, s)
             .flatten_all()
             .unwrap()
@@ -1144,45 +1145,132 @@ fn flash_attention_matches_the_composed_ops() {
         let bias = Tensor::from_vec(bias, (b, 1, 1, t, s), &Device::Cpu).unwrap();
         let scale = 1.0 / (d as f64).sqrt();
         let (k, v) = (
-            k_cache.narrow(2, 0, s).unwrap(),
-            v_cache.narrow(2, 0, s).unwrap(),
+            k_cache.narrow(2, 0, s).unwrap().contiguous().unwrap(),
+            v_cache.narrow(2, 0, s).unwrap().contiguous().unwrap(),
         );
-        let scores = q
-            .matmul(&k.t().unwrap())
+        let scores = |x: &[Tensor]| {
+            x[0].matmul(&x[1].t().unwrap())
+                .unwrap()
+                .reshape((b, hkv, g, t, s))
+                .unwrap()
+        };
+        let (want, want_grads) = with_grads(&[&q, &k, &v], &u, |x| {
+            composed::masked_softmax(&scores(x), &bias, scale)
+                .unwrap()
+                .reshape((b, hkv, g * t, s))
+                .unwrap()
+                .matmul(&x[2])
+                .unwrap() // [B, Hkv, G·T, D]
+        });
+        // the rows' log-partitions, over x = scale·S + bias
+        let x = (scores(&[q.clone(), k.clone()]) * scale)
             .unwrap()
-            .reshape((b, hkv, g, t, s))
+            .broadcast_add(&bias)
             .unwrap();
-        let probs = composed::masked_softmax(&scores, &bias, scale)
-            .unwrap()
-            .reshape((b, hkv, g * t, s))
-            .unwrap();
-        let want = probs.matmul(&v.contiguous().unwrap()).unwrap(); // [B, Hkv, G·T, D]
+        let want_lse = x.exp().unwrap().sum(D::Minus1).unwrap().log().unwrap();
+
         let kernel = launch::flash_attention_kernel(d).unwrap();
+        let at = format!("B{b} Hkv{hkv} G{g} T{t} S{s} D{d}");
+        let dims = [
+            Arg::Int(hkv as i32),
+            Arg::Int(g as i32),
+            Arg::Int(t as i32),
+            Arg::Int(s as i32),
+            Arg::Size(cap * d),
+            Arg::Float(scale as f32),
+        ];
+        let rows = vec![0f32; b * hkv * g * t];
+        let inputs = [
+            Ty::Bf16.buffer(&q),
+            Ty::Bf16.buffer(&k_cache),
+            Ty::Bf16.buffer(&v_cache),
+            Ty::F32.buffer(&bias),
+        ];
+        let args = |rest: &[Arg]| -> Vec<Arg> {
+            inputs.iter().chain(rest).chain(&dims).cloned().collect()
+        };
         let out = launch(
             kernel,
             launch::flash_attention(b * hkv * g, t),
-            &[
-                Ty::Bf16.buffer(&q),
-                Ty::Bf16.buffer(&k_cache),
-                Ty::Bf16.buffer(&v_cache),
-                Ty::F32.buffer(&bias),
+            &args(&[
                 Ty::Bf16.buffer(&q.zeros_like().unwrap()),
-                Arg::Int(hkv as i32),
-                Arg::Int(g as i32),
-                Arg::Int(t as i32),
-                Arg::Int(s as i32),
-                Arg::Size(cap * d),
-                Arg::Float(scale as f32),
-            ],
+                Arg::F32(rows.clone()),
+            ]),
         );
-        let at = format!("{kernel} B{b} Hkv{hkv} G{g} T{t} S{s}");
-        assert_close(&at, &out[4], &want, Ty::Bf16.tol());
+        let (y, lse) = (&out[4], &out[5]);
+        assert_close(&format!("{kernel} {at}"), y, &want, Ty::Bf16.tol());
+        assert_close(&format!("{kernel} lse {at}"), lse, &want_lse, 1e-5);
+
+        let Some((dq_kernel, dkv_kernel)) = launch::flash_attention_backward_kernels(d) else {
+            continue;
+        };
+        let dy = Ty::Bf16.buffer(&u);
+        let out = launch(
+            dq_kernel,
+            launch::flash_attention(b * hkv * g, t),
+            &args(&[
+                y.clone(),
+                dy.clone(),
+                lse.clone(),
+                Ty::Bf16.buffer(&q.zeros_like().unwrap()),
+                Arg::F32(rows),
+            ]),
+        );
+        let (dq, delta) = (&out[7], &out[8]);
+        assert_close(&format!("{dq_kernel} {at}"), dq, &want_grads[0], 2e-2);
+        // Δ = rowsum(dO∘O) from the kernel's own (bf16) output
+        let y_t = Tensor::from_vec(y.f32s(), (b, hkv, g * t, d), &Device::Cpu).unwrap();
+        let want_delta = (&u * &y_t).unwrap().sum(D::Minus1).unwrap();
+        assert_close(&format!("{dq_kernel} delta {at}"), delta, &want_delta, 1e-5);
+
+        let per_head = vec![0f32; b * hkv * g * s * d];
+        let out = launch(
+            dkv_kernel,
+            launch::flash_attention_dkv(b * hkv * g, s),
+            &args(&[
+                dy,
+                lse.clone(),
+                delta.clone(),
+                Arg::F32(per_head.clone()),
+                Arg::F32(per_head),
+            ]),
+        );
+        // each query head's share, summed over the G heads of its K/V head
+        let summed = |a: &Arg| {
+            Tensor::from_vec(a.f32s(), (b, hkv, g, s, d), &Device::Cpu)
+                .unwrap()
+                .sum(2)
+                .unwrap()
+        };
+        for (name, got, want) in [
+            ("dk", &out[7], &want_grads[1]),
+            ("dv", &out[8], &want_grads[2]),
+        ] {
+            let got = summed(got).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_close(
+                &format!("{dkv_kernel} {name} {at}"),
+                &Arg::F32(got),
+                want,
+                2e-2,
+            );
+        }
     }
     assert_eq!(
         [64, 128, 96].map(launch::flash_attention_kernel),
         [
             Some("flash_attention_d64_bf16"),
             Some("flash_attention_d128_bf16"),
+            None
+        ]
+    );
+    assert_eq!(
+        [64, 128, 96].map(launch::flash_attention_backward_kernels),
+        [
+            Some((
+                "flash_attention_bwd_dq_d64_bf16",
+                "flash_attention_bwd_dkv_d64_bf16"
+            )),
+            None,
             None
         ]
     );
@@ -1202,6 +1290,7 @@ fn the_launch_limits_match_the_kernel_source() {
     assert_eq!(define("DECODE_SMALL_D"), launch::DECODE_SMALL_D);
     assert_eq!(define("DECODE_WARPS"), launch::DECODE_WARPS);
     assert_eq!(define("FLASH_WARPS"), launch::FLASH_WARPS);
+    assert_eq!(define("FLASH_KEYS"), launch::FLASH_KEYS);
     assert_eq!(
         launch::flash_attention(1, 1).block as usize,
         32 * launch::FLASH_WARPS

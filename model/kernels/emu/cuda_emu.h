@@ -265,6 +265,11 @@ inline uint32_t __float_as_uint(float x) {
     std::memcpy(&u, &x, 4);
     return u;
 }
+inline float __uint_as_float(uint32_t u) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 
