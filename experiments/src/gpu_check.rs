@@ -261,6 +261,50 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         taken && worst < 0.1,
     );
 
+    // a model of D = 64 heads, which the flash kernels take: its bf16 forward (no graph: the
+    // prefill's path) and gradients (the attention chunked, as the learner's is) with them,
+    // against the CPU's f32 and against the GPU without them
+    let c64 = ModelConfig {
+        num_attention_heads: 4,
+        head_dim: 64,
+        ..config()
+    };
+    let w64 = init::random_weights(&c64, 0.05, 0, &cpu)?;
+    let w64_bf16 = w64.to(DType::BF16, gpu)?;
+    let calls = ops::flash_calls();
+    let l64 = forward(&w64, &Batch::new(&ids, &mask, &cpu)?, None)?;
+    let l64b = forward(&w64_bf16, &Batch::new(&ids, &mask, gpu)?, None)?;
+    let taken = ops::flash_calls() > calls;
+    let rel = max_abs_diff(&l64, &l64b)? / max_abs(&l64)?;
+    check(
+        "forward bf16, flash attention (D=64), rel max|Δlogit|",
+        format!("{rel:.2e}"),
+        taken && rel < 5e-2,
+    );
+    let (_, g64) = loss_and_grads(&w64, &ids, &mask)?;
+    let budget = model::attention::chunk_elements();
+    model::attention::set_chunk_elements(4 * c64.num_attention_heads * 96 * 8);
+    let calls = ops::flash_calls();
+    let flash = loss_and_grads(&w64_bf16, &ids, &mask);
+    let taken = ops::flash_calls() > calls;
+    ops::set_flash_attention(false);
+    let without = loss_and_grads(&w64_bf16, &ids, &mask);
+    ops::set_flash_attention(true);
+    model::attention::set_chunk_elements(budget);
+    let ((_, g64f), (_, g64w)) = (flash?, without?);
+    let worst = worst_rel(&g64, &g64f)?;
+    check(
+        "grads bf16, flash attention (D=64) vs cpu f32",
+        format!("{:.2e} ({})", worst.0, worst.1),
+        taken && worst.0 < 0.15,
+    );
+    let worst = worst_rel(&g64w, &g64f)?;
+    check(
+        "grads bf16, flash attention (D=64) vs chunked (gpu)",
+        format!("{:.2e} ({})", worst.0, worst.1),
+        taken && worst.0 < 0.1,
+    );
+
     // shared prompts: two 40-token prompts run once for the three 8-token completions of each
     let comp = |k: usize| &ids[2 + k % 2][8 * k..8 * k + 8];
     let whole: Vec<Vec<u32>> = (0..6)

@@ -1088,7 +1088,7 @@ pub fn flash_attention_backward(
     let Some((_, dkv_kernel)) = launch::flash_attention_backward_kernels(a.d) else {
         return Ok(None);
     };
-    if y.dims() != q.dims() || dy.dims() != q.dims() || dy.dtype() != DType::BF16 {
+    if y.dims() != q.dims() || dy.dims() != q.dims() || !bf16_pairs(y) || !bf16_pairs(dy) {
         return Ok(None);
     }
     let (q, bias, y, dy) = (
@@ -1145,6 +1145,11 @@ pub fn flash_attention_backward(
     Ok(Some((dq, per_kv(dk)?, per_kv(dv)?)))
 }
 
+/// Whether `x` is bf16 starting on a 4-byte boundary: the flash kernels load and store pairs.
+fn bf16_pairs(x: &Tensor) -> bool {
+    x.dtype() == DType::BF16 && x.layout().start_offset().is_multiple_of(2)
+}
+
 /// What the flash attention kernels take of their inputs, checked: the sizes, the kernel for D,
 /// and K's and V's head stride.
 struct FlashArgs {
@@ -1194,10 +1199,9 @@ impl FlashArgs {
             return Ok(None);
         };
         let kv_stride = k.layout().stride()[1];
-        let bf16 = |x: &Tensor| x.dtype() == DType::BF16;
-        let fits = bf16(q)
-            && bf16(k)
-            && bf16(v)
+        let fits = bf16_pairs(q)
+            && bf16_pairs(k)
+            && bf16_pairs(v)
             && bias.dtype() == DType::F32
             && t > 0
             && gt % t == 0

@@ -1206,16 +1206,28 @@ pub fn flash_attention(
         && FLASH_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
         && q.device().is_cuda()
     {
-        return Ok(crate::cuda::flash_attention(
+        let out = crate::cuda::flash_attention(
             &q.detach(),
             &k.detach(),
             &v.detach(),
             bias,
             scale as f32,
-        )?);
+        )?;
+        if out.is_some() {
+            FLASH_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        return Ok(out);
     }
     let _ = (q, k, v, bias, scale, &FLASH_ATTENTION);
     Ok(None)
+}
+
+static FLASH_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many times this process has run the flash attention kernel (a layer's forward counts
+/// once).
+pub fn flash_calls() -> usize {
+    FLASH_CALLS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The gradients `(dq, dk, dv)` of [`flash_attention`] from its inputs, its output `y`, the
