@@ -771,7 +771,7 @@ fn flash_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) 
         if model::launch::flash_attention_backward_kernels(d).is_none() {
             continue;
         }
-        // the backward through attention::attention (the flash kernels at D = 64) against
+        // the backward through attention::attention (the flash kernels) against
         // autograd through the composed ops in f32
         let inputs = [q, k, v];
         let flash = |x: &[Tensor]| -> Result<Tensor> {

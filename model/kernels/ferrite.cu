@@ -961,11 +961,11 @@ __device__ __forceinline__ void frag_a_acc(const float* n0, const float* n1, uin
     a[2] = pack_f32(n1[0], n1[1]);
     a[3] = pack_f32(n1[2], n1[3]);
 }
-// acc[n] = A·Bᵀ over a shared tile of 64 rows (n: its rows in tiles of 8), A = fragments of D.
-template <int D, typename Smem>
+// acc[n] = A·Bᵀ over a shared tile of N rows (n: its rows in tiles of 8), A = fragments of D.
+template <int D, int N, typename Smem>
 __device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4], Smem& tile, int g, int c) {
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+    for (int n = 0; n < N / 8; ++n) {
         acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -975,11 +975,11 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4]
         }
     }
 }
-// out[n] += P·tile over its 64 rows (P: accumulator tiles of 8 of those rows), out over D.
-template <int D, typename Smem>
+// out[n] += P·tile over its N rows (P: accumulator tiles of 8 of those rows), out over D.
+template <int D, int N, typename Smem>
 __device__ __forceinline__ void mma_cols(float (*out)[4], const float (*p)[4], Smem& tile, int g, int c) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < N / 16; ++j) {
         uint32_t a[4];
         frag_a_acc(p[2 * j], p[2 * j + 1], a);
 #pragma unroll
@@ -1043,12 +1043,12 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
         load_tile<D>(ks, kb, k0, FLASH_KEYS, keys);
         load_tile<D>(vs, vb, k0, FLASH_KEYS, keys);
         __syncthreads();
-        float sc[8][4];  // S = Q·Kᵀ, keys in tiles of 8
-        mma_rows<D>(sc, qf, ks, g, c);
+        float sc[FLASH_KEYS / 8][4];  // S = Q·Kᵀ, keys in tiles of 8
+        mma_rows<D, FLASH_KEYS>(sc, qf, ks, g, c);
         // x = scale·S + bias; keys past the block's last are −∞, rows past T are 0 (unwritten)
         float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
+        for (int n = 0; n < FLASH_KEYS / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
@@ -1075,7 +1075,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
             o[n][3] *= ab;
         }
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
+        for (int n = 0; n < FLASH_KEYS / 8; ++n) {
             sc[n][0] = __expf(sc[n][0] - ma);
             sc[n][1] = __expf(sc[n][1] - ma);
             sc[n][2] = __expf(sc[n][2] - mb);
@@ -1083,7 +1083,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
             la += sc[n][0] + sc[n][1];
             lb += sc[n][2] + sc[n][3];
         }
-        mma_cols<D>(o, sc, vs, g, c);  // O += P·V
+        mma_cols<D, FLASH_KEYS>(o, sc, vs, g, c);  // O += P·V
     }
     la = quad_sum(la);
     lb = quad_sum(lb);
@@ -1112,14 +1112,15 @@ extern "C" __global__ void flash_attention_d128_bf16(const bf16* q, const bf16* 
 // The backward, in two kernels, neither with atomics. With x = scale·S + bias, P = e^(x − lse),
 // dP = dO·Vᵀ, Δ = rowsum(dO∘O) and dS = P∘(dP − Δ): dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
 //
-// flash_attention_bwd_dq: the forward's grid (query tiles); S and dP again per key tile, then
-// dQ += dS·K. It computes each row's Δ from dO and O first and writes it for the next kernel.
-template <int D>
+// flash_attention_bwd_dq: the forward's grid (query tiles); S and dP again per tile of KT keys,
+// then dQ += dS·K. It computes each row's Δ from dO and O first and writes it for the next kernel.
+// KT = FLASH_KEYS at D = 64, half that at D = 128 (fewer registers for S and dP).
+template <int D, int KT>
 __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const float* bias,
                                        const bf16* y, const bf16* dy, const float* lse, bf16* dq, float* delta,
                                        int hkv, int g_heads, int t, int s, size_t kv_stride, float scale) {
-    __shared__ uint32_t ks[FLASH_KEYS * Pitch<D>::words];
-    __shared__ uint32_t vs[FLASH_KEYS * Pitch<D>::words];
+    __shared__ uint32_t ks[KT * Pitch<D>::words];
+    __shared__ uint32_t vs[KT * Pitch<D>::words];
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const FlashRows at = flash_rows(hkv, g_heads, t, g);
     const int ra = at.ra, rb = at.rb;
@@ -1152,16 +1153,16 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     const int keys = min(s, s - t + at.last + 1);
-    for (int k0 = 0; k0 < keys; k0 += FLASH_KEYS) {
+    for (int k0 = 0; k0 < keys; k0 += KT) {
         __syncthreads();
-        load_tile<D>(ks, kb, k0, FLASH_KEYS, keys);
-        load_tile<D>(vs, vb, k0, FLASH_KEYS, keys);
+        load_tile<D>(ks, kb, k0, KT, keys);
+        load_tile<D>(vs, vb, k0, KT, keys);
         __syncthreads();
-        float sc[8][4], dp[8][4];
-        mma_rows<D>(sc, qf, ks, g, c);  // S = Q·Kᵀ
-        mma_rows<D>(dp, df, vs, g, c);  // dP = dO·Vᵀ
+        float sc[KT / 8][4], dp[KT / 8][4];
+        mma_rows<D, KT>(sc, qf, ks, g, c);  // S = Q·Kᵀ
+        mma_rows<D, KT>(dp, df, vs, g, c);  // dP = dO·Vᵀ
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
+        for (int n = 0; n < KT / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
@@ -1171,7 +1172,7 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
                 sc[n][e] = p * (dp[n][e] - (e < 2 ? da : db));  // dS
             }
         }
-        mma_cols<D>(acc, sc, ks, g, c);  // dQ += dS·K
+        mma_cols<D, KT>(acc, sc, ks, g, c);  // dQ += dS·K
     }
     bf16* dqb = dq + rows;
 #pragma unroll
@@ -1186,28 +1187,38 @@ extern "C" __global__ void flash_attention_bwd_dq_d64_bf16(const bf16* q, const 
                                                            const float* lse, bf16* dq, float* delta, int hkv,
                                                            int g_heads, int t, int s, size_t kv_stride,
                                                            float scale) {
-    flash_attention_bwd_dq<64>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s, kv_stride, scale);
+    flash_attention_bwd_dq<64, FLASH_KEYS>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s, kv_stride,
+                                           scale);
+}
+extern "C" __global__ void flash_attention_bwd_dq_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
+                                                            const float* bias, const bf16* y, const bf16* dy,
+                                                            const float* lse, bf16* dq, float* delta, int hkv,
+                                                            int g_heads, int t, int s, size_t kv_stride,
+                                                            float scale) {
+    flash_attention_bwd_dq<128, FLASH_KEYS / 2>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
+                                                kv_stride, scale);
 }
 
-// flash_attention_bwd_dkv: a block per FLASH_KEYS keys of one query head (grid B·Hq·⌈S /
-// FLASH_KEYS⌉, block (b, h)'s consecutive), each warp 16 keys with their K and V rows in
-// registers; it walks the query tiles that see its keys: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, then
-// dV += Pᵀ·dO and dK += dSᵀ·Q. Writes this head's share, dk and dv [B, Hkv, G, S, D] f32, for the
-// caller to sum over the G query heads of each K/V head (in order: deterministic).
-template <int D>
+// flash_attention_bwd_dkv: a block per FLASH_ROWS keys of one query head (grid B·Hq·⌈S /
+// FLASH_ROWS⌉, block (b, h)'s consecutive), each warp 16 keys with their K and V rows in
+// registers; it walks the tiles of QR query rows that see its keys: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ,
+// then dV += Pᵀ·dO and dK += dSᵀ·Q. Writes this head's share, dk and dv [B, Hkv, G, S, D] f32,
+// for the caller to sum over the G query heads of each K/V head (in order: deterministic).
+// QR = FLASH_ROWS at D = 64, a quarter of that at D = 128 (fewer registers for Sᵀ and dPᵀ).
+template <int D, int QR>
 __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16* v, const float* bias,
                                         const bf16* dy, const float* lse, const float* delta, float* dk,
                                         float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride,
                                         float scale) {
-    __shared__ uint32_t qs[FLASH_ROWS * Pitch<D>::words];
-    __shared__ uint32_t dos[FLASH_ROWS * Pitch<D>::words];
-    __shared__ float ls[FLASH_ROWS];
-    __shared__ float dl[FLASH_ROWS];
+    __shared__ uint32_t qs[QR * Pitch<D>::words];
+    __shared__ uint32_t dos[QR * Pitch<D>::words];
+    __shared__ float ls[QR];
+    __shared__ float dl[QR];
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const int tiles = (s + FLASH_KEYS - 1) / FLASH_KEYS, tile = blockIdx.x % tiles;
+    const int tiles = (s + FLASH_ROWS - 1) / FLASH_ROWS, tile = blockIdx.x % tiles;
     const size_t bh = blockIdx.x / tiles, hq = (size_t)hkv * g_heads, b = bh / hq;
     const size_t kv = b * hkv + (bh % hq) / g_heads;
-    const int k0 = tile * FLASH_KEYS, ka = k0 + (threadIdx.x >> 5) * 16 + g, kb = ka + 8;
+    const int k0 = tile * FLASH_ROWS, ka = k0 + (threadIdx.x >> 5) * 16 + g, kb = ka + 8;
     const size_t rows = bh * t * D;
     const float* bb = bias + b * t * s;
 
@@ -1222,20 +1233,20 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
 
     // the first query row that sees key k0 sits at key slot k0
     const int first = k0 > s - t ? k0 - (s - t) : 0;
-    for (int r0 = first / FLASH_ROWS * FLASH_ROWS; r0 < t; r0 += FLASH_ROWS) {
+    for (int r0 = first / QR * QR; r0 < t; r0 += QR) {
         __syncthreads();
-        load_tile<D>(qs, q + rows, r0, FLASH_ROWS, t);
-        load_tile<D>(dos, dy + rows, r0, FLASH_ROWS, t);
-        for (int i = threadIdx.x; i < FLASH_ROWS; i += blockDim.x) {
+        load_tile<D>(qs, q + rows, r0, QR, t);
+        load_tile<D>(dos, dy + rows, r0, QR, t);
+        for (int i = threadIdx.x; i < QR; i += blockDim.x) {
             ls[i] = r0 + i < t ? lse[bh * t + r0 + i] : 0.f;
             dl[i] = r0 + i < t ? delta[bh * t + r0 + i] : 0.f;
         }
         __syncthreads();
-        float st[8][4], dpt[8][4];
-        mma_rows<D>(st, kf, qs, g, c);    // Sᵀ = K·Qᵀ, queries in tiles of 8
-        mma_rows<D>(dpt, vf, dos, g, c);  // dPᵀ = V·dOᵀ
+        float st[QR / 8][4], dpt[QR / 8][4];
+        mma_rows<D, QR>(st, kf, qs, g, c);    // Sᵀ = K·Qᵀ, queries in tiles of 8
+        mma_rows<D, QR>(dpt, vf, dos, g, c);  // dPᵀ = V·dOᵀ
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
+        for (int n = 0; n < QR / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = n * 8 + 2 * c + (e & 1), row = r0 + i, key = e < 2 ? ka : kb;
@@ -1246,8 +1257,8 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
                 dpt[n][e] = p * (dpt[n][e] - dl[i]);  // dSᵀ
             }
         }
-        mma_cols<D>(dva, st, dos, g, c);  // dV += Pᵀ·dO
-        mma_cols<D>(dka, dpt, qs, g, c);  // dK += dSᵀ·Q
+        mma_cols<D, QR>(dva, st, dos, g, c);  // dV += Pᵀ·dO
+        mma_cols<D, QR>(dka, dpt, qs, g, c);  // dK += dSᵀ·Q
     }
     const size_t out = bh * s * D;
 #pragma unroll
@@ -1267,7 +1278,16 @@ extern "C" __global__ void flash_attention_bwd_dkv_d64_bf16(const bf16* q, const
                                                             const float* delta, float* dk, float* dv, int hkv,
                                                             int g_heads, int t, int s, size_t kv_stride,
                                                             float scale) {
-    flash_attention_bwd_dkv<64>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s, kv_stride, scale);
+    flash_attention_bwd_dkv<64, FLASH_ROWS>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s, kv_stride,
+                                            scale);
+}
+extern "C" __global__ void flash_attention_bwd_dkv_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
+                                                             const float* bias, const bf16* dy, const float* lse,
+                                                             const float* delta, float* dk, float* dv, int hkv,
+                                                             int g_heads, int t, int s, size_t kv_stride,
+                                                             float scale) {
+    flash_attention_bwd_dkv<128, FLASH_ROWS / 4>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
+                                                 kv_stride, scale);
 }
 
 // ------------------------------------------------------------------------------- AdamW

@@ -84,8 +84,8 @@ pub fn attention(
         chunk: chunk.max(1),
     };
     let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
-    // on CUDA in bf16: the flash kernels, forward and (at D = 64) backward; the chunked backward
-    // where theirs does not apply (it needs only q, k and v)
+    // on CUDA in bf16: the flash kernels, forward and backward (the chunked backward where theirs
+    // does not apply: it needs only q, k and v)
     if let Some((out, lse)) = flash_attention(&q0, &k0, &v0, bias, scale)? {
         return attach(q, k, v, out, move |q, k, v, y, g| {
             let g = g.to_dtype(v.dtype())?;

@@ -1069,7 +1069,7 @@ pub fn flash_attention(
 /// The gradients `(dq, dk, dv)` of [`flash_attention`] (see `flash_attention_bwd_dq` and
 /// `flash_attention_bwd_dkv` in `ferrite.cu`) from its inputs, output `y`, upstream `dy` and
 /// log-partitions `lse`; dk and dv per query head in f32, summed here over each K/V head's G
-/// query heads. None where the kernels do not apply: as the forward, and D other than 64.
+/// query heads. None where the kernels do not apply: as the forward.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_backward(
     q: &Tensor,

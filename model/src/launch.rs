@@ -109,8 +109,7 @@ pub const FLASH_WARPS: usize = 4;
 /// Query rows a flash attention block takes (`FLASH_ROWS`).
 pub const FLASH_ROWS: usize = 16 * FLASH_WARPS;
 
-/// Keys a flash attention block's tile holds (`FLASH_KEYS`); the backward's dK/dV kernel takes
-/// one such tile per block.
+/// Keys a flash attention block's tile holds (`FLASH_KEYS`).
 pub const FLASH_KEYS: usize = 64;
 
 /// The flash attention kernel for head dimension `d` (bf16 only; its tiles are sized for
@@ -133,19 +132,26 @@ pub fn flash_attention(batch_heads: usize, t: usize) -> Geometry {
 }
 
 /// The flash attention backward's two kernels (dQ, then dK/dV) for head dimension `d`: D = 64
-/// only (at D = 128 the dK/dV kernel's accumulators would spill), None for any other.
+/// or 128, None for any other.
 pub fn flash_attention_backward_kernels(d: usize) -> Option<(&'static str, &'static str)> {
-    (d == 64).then_some((
-        "flash_attention_bwd_dq_d64_bf16",
-        "flash_attention_bwd_dkv_d64_bf16",
-    ))
+    match d {
+        64 => Some((
+            "flash_attention_bwd_dq_d64_bf16",
+            "flash_attention_bwd_dkv_d64_bf16",
+        )),
+        128 => Some((
+            "flash_attention_bwd_dq_d128_bf16",
+            "flash_attention_bwd_dkv_d128_bf16",
+        )),
+        _ => None,
+    }
 }
 
-/// The flash attention backward's dK/dV kernel: one block per [`FLASH_KEYS`] keys of each (batch
-/// row, query head). (Its dQ kernel runs on the forward's grid.)
+/// The flash attention backward's dK/dV kernel: one block per [`FLASH_ROWS`] keys (16 a warp)
+/// of each (batch row, query head). (Its dQ kernel runs on the forward's grid.)
 pub fn flash_attention_dkv(batch_heads: usize, s: usize) -> Geometry {
     Geometry {
-        grid: (batch_heads * s.div_ceil(FLASH_KEYS)) as u32,
+        grid: (batch_heads * s.div_ceil(FLASH_ROWS)) as u32,
         ..flash_attention(1, 1)
     }
 }

@@ -1233,7 +1233,7 @@ pub fn flash_calls() -> usize {
 /// The gradients `(dq, dk, dv)` of [`flash_attention`] from its inputs, its output `y`, the
 /// upstream `dy` (like `y`) and its log-partitions `lse`, in two kernels on CUDA (dQ, then dK and
 /// dV per query head, summed over each K/V head's G query heads). None where they do not apply:
-/// as the forward, and D other than 64.
+/// as the forward.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_backward(
     q: &Tensor,
