@@ -794,6 +794,37 @@ fn flash_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) 
     Ok(())
 }
 
+/// The attention bias built on the device from the key slots' flags against the host's: 8 rows of
+/// 1024 queries, a third of each row's slots padding (right-padded), and 40 queries after 300
+/// cached slots with left padding.
+fn attention_bias_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    for (b, t, q_offset) in [(8usize, 1024usize, 0usize), (4, 40, 300)] {
+        let s = q_offset + t;
+        let valid: Vec<Vec<bool>> = (0..b)
+            .map(|r| {
+                (0..s)
+                    .map(|j| {
+                        if q_offset == 0 {
+                            j < 2 * s / 3
+                        } else {
+                            j >= 7 * r
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let device = ops::attention_bias(&valid, t, q_offset, -1e9, gpu)?;
+        let host = ops::attention_bias(&valid, t, q_offset, -1e9, &Device::Cpu)?;
+        let d = max_abs_diff(&device.to_device(&Device::Cpu)?, &host)?;
+        rows.push((
+            format!("attention bias [{b}, 1, 1, {t}, {s}] from flags"),
+            format!("{d:.1e}"),
+            d == 0.0,
+        ));
+    }
+    Ok(())
+}
+
 /// The decode step's fused q/k/v epilogue (biases, rotary embedding, the cache write in place)
 /// against the composed ops on the GPU: Qwen2.5-0.5B's heads at B=64, slot 300 of 400, with
 /// and without biases.
@@ -1312,6 +1343,24 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
     };
     lines.push(attention_timing().unwrap_or_else(|e| format!("attention: error: {e}")));
 
+    // a batch's attention bias: built on the device from B·S flags, or on the host and uploaded
+    let bias_timing = || -> Result<String> {
+        let valid = vec![(0..t).map(|j| j < 2 * t / 3).collect::<Vec<bool>>(); b];
+        let build = || Ok(ops::attention_bias(&valid, t, 0, -1e9, gpu)?);
+        let device = time(5, build, gpu)?;
+        ops::set_cuda_kernels(false);
+        let host = time(5, build, gpu);
+        ops::set_cuda_kernels(true);
+        let host = host?;
+        Ok(format!(
+            "attention bias [8, 1, 1, 1024, 1024]: on the device {:.3} ms, on the host and uploaded {:.2} ms ({:.0}x)",
+            device * 1e3,
+            host * 1e3,
+            host / device
+        ))
+    };
+    lines.push(bias_timing().unwrap_or_else(|e| format!("attention bias: error: {e}")));
+
     // the matmuls of one decoder layer (q, k, v, o, gate, up, down), forward + backward: with 24
     // layers and the output layer, most of the step's FLOPs
     let layer = |x: &[Tensor]| -> Result<Tensor> {
@@ -1553,7 +1602,8 @@ fn run(what: &str) -> Result<()> {
             decode_attention_checks(&gpu, &mut r.rows)
         });
         r.section("flash attention checks", |r| {
-            flash_attention_checks(&gpu, &mut r.rows)
+            flash_attention_checks(&gpu, &mut r.rows)?;
+            attention_bias_checks(&gpu, &mut r.rows)
         });
         r.section("decode q/k/v checks", |r| {
             decode_qkv_checks(&gpu, &mut r.rows)

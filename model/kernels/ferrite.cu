@@ -166,6 +166,21 @@ extern "C" __global__ void bias_add_bf16(const bf16* x, const bf16* b, bf16* y, 
     bias_add<bf16>(x, b, y, out, n);
 }
 
+// ------------------------------------------------------------------------------- attention bias
+// A batch's additive attention bias [B, 1, 1, T, S] (forward.rs's Batch), built on the device from
+// which key slots hold a token, valid [B, S] (1 or 0): query row i (at key slot q_offset + i) sees
+// slot j when j ≤ q_offset + i and valid[b, j]; 0 where it sees it, `masked` elsewhere. One thread
+// per element: the host sends B·S flags instead of the B·T·S floats (32 MB at B=8, T=S=1024).
+
+extern "C" __global__ void attention_bias_f32(const uint32_t* valid, float* bias, int t, int s, int q_offset,
+                                              float masked, size_t n) {
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = e / s, b = row / t;
+        const int i = row % t, j = e % s;
+        bias[e] = j <= q_offset + i && valid[b * s + j] ? 0.f : masked;
+    }
+}
+
 // ------------------------------------------------------------------------------- RMSNorm
 // y = x · r · w, r = 1 / sqrt(mean(x²) + eps), per row of h.
 

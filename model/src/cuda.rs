@@ -262,6 +262,39 @@ pub fn bias_add(x: &CudaStorage, xl: &Layout, b: &CudaStorage, bl: &Layout) -> R
     by_dtype!(x.dtype(), go(x, xl, b, bl))
 }
 
+// ---------------------------------------------------------------- attention bias
+
+/// A batch's attention bias `[B, 1, 1, T, S]` f32 built on `dev` from `valid` (`[B, S]`, 1 where
+/// a key slot holds a token): 0 where query row `i` (slot `q_offset + i`) sees slot `j`
+/// (`j ≤ q_offset + i`, valid), `masked` elsewhere.
+pub fn attention_bias(
+    valid: &[u32],
+    b: usize,
+    t: usize,
+    s: usize,
+    q_offset: usize,
+    masked: f32,
+    dev: &CudaDevice,
+) -> Result<Tensor> {
+    if valid.len() != b * s {
+        return Err(err("attention_bias: valid must hold B·S flags"));
+    }
+    let n = b * t * s;
+    let valid = dev.clone_htod(valid)?;
+    let bias = unsafe { dev.alloc::<f32>(n)? };
+    let f = dev.get_or_load_custom_func("attention_bias_f32", MODULE, PTX)?;
+    let (t32, s32, offset32) = (t as i32, s as i32, q_offset as i32);
+    let mut l = f.builder();
+    l.arg(&valid).arg(&bias).arg(&t32).arg(&s32).arg(&offset32);
+    l.arg(&masked).arg(&n);
+    // SAFETY: bias holds B·T·S elements, valid B·S (checked above).
+    unsafe { l.launch(config(launch::elems(n))) }.w()?;
+    Ok(wrap(
+        f32::wrap_cuda_slice(bias, dev.clone()),
+        (b, 1, 1, t, s),
+    ))
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 pub fn rms_norm_fwd(

@@ -76,21 +76,10 @@ impl Batch {
         }
         let ids: Vec<u32> = input_ids.iter().flatten().copied().collect();
         let pos: Vec<u32> = positions.iter().flatten().copied().collect();
-        let mut bias = vec![MASKED; b * t * s];
-        for (bi, valid) in key_valid.iter().enumerate() {
-            for i in 0..t {
-                let row = &mut bias[(bi * t + i) * s..(bi * t + i + 1) * s];
-                for (j, x) in row.iter_mut().enumerate().take(q_offset + i + 1) {
-                    if valid[j] {
-                        *x = 0.0;
-                    }
-                }
-            }
-        }
         Ok(Batch {
             input_ids: Tensor::from_vec(ids, (b, t), device)?,
             positions: Tensor::from_vec(pos, b * t, device)?,
-            attention_bias: Tensor::from_vec(bias, (b, 1, 1, t, s), device)?,
+            attention_bias: crate::ops::attention_bias(key_valid, t, q_offset, MASKED, device)?,
         })
     }
 }

@@ -1179,6 +1179,39 @@ pub fn decode_attention(
     Ok(None)
 }
 
+/// A batch's additive attention bias `[B, 1, 1, T, S]` f32 from which of its `S` key slots hold a
+/// token (`key_valid`, `B` rows of `S`): query row `i` sits at slot `q_offset + i` and sees slot
+/// `j` when `j ≤ q_offset + i` and the slot is valid; 0 there, `masked` elsewhere. On CUDA (with
+/// the kernels on) it is built on the device from the `B·S` flags; elsewhere on the host.
+pub fn attention_bias(
+    key_valid: &[Vec<bool>],
+    t: usize,
+    q_offset: usize,
+    masked: f32,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let (b, s) = (key_valid.len(), q_offset + t);
+    #[cfg(feature = "cuda")]
+    if let (true, candle_core::Device::Cuda(dev)) = (cuda_kernels(), device) {
+        let flags: Vec<u32> = key_valid.iter().flatten().map(|&v| u32::from(v)).collect();
+        return Ok(crate::cuda::attention_bias(
+            &flags, b, t, s, q_offset, masked, dev,
+        )?);
+    }
+    let mut bias = vec![masked; b * t * s];
+    for (bi, valid) in key_valid.iter().enumerate() {
+        for i in 0..t {
+            let row = &mut bias[(bi * t + i) * s..(bi * t + i + 1) * s];
+            for (j, x) in row.iter_mut().enumerate().take(q_offset + i + 1) {
+                if valid[j] {
+                    *x = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (b, 1, 1, t, s), device)?)
+}
+
 static FLASH_ATTENTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Turns the flash attention kernel on or off process-wide (on by default): off, attention over

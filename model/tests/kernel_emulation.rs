@@ -494,6 +494,37 @@ fn bias_add_matches_broadcast_add() {
 }
 
 #[test]
+fn the_attention_bias_is_built_as_the_host_builds_it() {
+    // 3 rows of 20 queries after 5 cached slots; slots missing here and there (padding anywhere)
+    let (b, t, q_offset) = (3, 20, 5);
+    let s = q_offset + t;
+    let mut rng = Rng::new(17);
+    let valid: Vec<Vec<bool>> = (0..b)
+        .map(|_| (0..s).map(|_| rng.below(4) != 0).collect())
+        .collect();
+    let want = model::ops::attention_bias(&valid, t, q_offset, -1e9, &Device::Cpu).unwrap();
+    let flags: Vec<u32> = valid.iter().flatten().map(|&v| u32::from(v)).collect();
+    let n = b * t * s;
+    for geometry in [launch::elems(n), fewer_blocks(launch::elems(n), 1)] {
+        let out = launch(
+            "attention_bias_f32",
+            geometry,
+            &[
+                Arg::U32(flags.clone()),
+                Arg::F32(vec![f32::NAN; n]),
+                Arg::Int(t as i32),
+                Arg::Int(s as i32),
+                Arg::Int(q_offset as i32),
+                Arg::Float(-1e9),
+                Arg::Size(n),
+            ],
+        );
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(out[1], Arg::F32(want));
+    }
+}
+
+#[test]
 fn rms_norm_forward_and_backward_match_the_composed_op() {
     let eps = 1e-6;
     // h = 40: a partly idle block of 64; h = 1500: 1024 threads striding the row
