@@ -28,6 +28,8 @@ pub struct Batch {
     pub input_ids: Tensor,
     /// `[B·T]` u32 rotary positions (each sequence counts its own tokens, padding excluded).
     pub positions: Tensor,
+    /// The largest of `positions` (the rotary table's rows needed, less one).
+    pub max_position: u32,
     /// `[B, 1, 1, T, S]` additive bias: 0 where the query may attend, a large negative elsewhere.
     pub attention_bias: Tensor,
 }
@@ -78,6 +80,7 @@ impl Batch {
         let pos: Vec<u32> = positions.iter().flatten().copied().collect();
         Ok(Batch {
             input_ids: Tensor::from_vec(ids, (b, t), device)?,
+            max_position: pos.iter().copied().max().unwrap_or(0),
             positions: Tensor::from_vec(pos, b * t, device)?,
             attention_bias: crate::ops::attention_bias(key_valid, t, q_offset, MASKED, device)?,
         })
@@ -182,7 +185,8 @@ pub fn forward(w: &Weights, batch: &Batch, cache: Option<&mut KvCache>) -> Resul
 fn embed(w: &Weights, batch: &Batch) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let c = &w.config;
     let (b, t) = batch.input_ids.dims2()?;
-    let (cos, sin) = rope_tables(c, &batch.positions, b, t, w.embed_tokens.dtype())?;
+    let dtype = w.embed_tokens.dtype();
+    let (cos, sin) = rope_tables(c, &batch.positions, batch.max_position, b, t, dtype)?;
     let x = crate::ops::embedding(&w.embed_tokens, &batch.input_ids)?; // [B, T, H]
     Ok((x, cos, sin, batch.attention_bias.to_dtype(DType::F32)?))
 }
@@ -564,23 +568,33 @@ pub fn inv_freq(c: &ModelConfig) -> Vec<f32> {
 fn rope_tables(
     c: &ModelConfig,
     positions: &Tensor,
+    max_position: u32,
     b: usize,
     t: usize,
     dtype: DType,
 ) -> Result<(Tensor, Tensor)> {
-    let pos = positions.to_vec1::<u32>()?;
-    let rows = pos.iter().max().map_or(0, |&m| m as usize + 1);
-    let table = rope_rows(c, rows);
+    let table = rope_rows(c, max_position as usize + 1);
     let d = c.head_dim;
+    let device = positions.device();
+    if !device.is_cpu() {
+        // the table's rows up to the batch's last position go up, and the device gathers them:
+        // no copy of the positions back to the host, no [B·T, D] tables built there
+        let rows = max_position as usize + 1;
+        let gather = |values: &[f32]| -> Result<Tensor> {
+            let table = Tensor::from_slice(&values[..rows * d], (rows, d), device)?;
+            let rows = crate::ops::embedding(&table.to_dtype(dtype)?, positions)?; // [B·T, D]
+            Ok(rows.reshape((b, 1, t, d))?)
+        };
+        return Ok((gather(&table.cos)?, gather(&table.sin)?));
+    }
+    let pos = positions.to_vec1::<u32>()?;
     let gather = |values: &[f32]| -> Result<Tensor> {
         let v: Vec<f32> = pos
             .iter()
             .flat_map(|&p| &values[p as usize * d..(p as usize + 1) * d])
             .copied()
             .collect(); // [B·T, D]
-        Ok(Tensor::from_vec(v, (b, 1, t, d), &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(positions.device())?)
+        Ok(Tensor::from_vec(v, (b, 1, t, d), &Device::Cpu)?.to_dtype(dtype)?)
     };
     Ok((gather(&table.cos)?, gather(&table.sin)?))
 }
