@@ -326,8 +326,40 @@ fn stops(c: &Completion, cfg: &GenerationConfig, tokenizer: Option<&Tokenizer>) 
     if cfg.stop_strings.is_empty() {
         return Ok(false);
     }
-    let text = tokenizer.expect("checked").decode(&c.tokens, true)?;
-    Ok(cfg.stop_strings.iter().any(|s| text.contains(s.as_str())))
+    completes_a_stop_string(&c.tokens, &cfg.stop_strings, tokenizer.expect("checked"))
+}
+
+/// Whether the text of `tokens` holds one of `stop_strings`, given that the text of all but the
+/// last token did not (generation checks after every token): what decoding all of `tokens`
+/// would say, from the text of a tail of them long enough to hold any occurrence the last token
+/// completes (the longest stop string and the last token's text, with a margin for the tail's
+/// first characters: a partial UTF-8 sequence, a stripped leading space). A hit in the tail is
+/// confirmed on the whole text. Decoding the whole completion at every token instead costs
+/// O(n²) tokens a row: 134M token decodes for 256 rows of 1,024 tokens.
+pub fn completes_a_stop_string(
+    tokens: &[u32],
+    stop_strings: &[String],
+    tokenizer: &Tokenizer,
+) -> Result<bool> {
+    let Some(&last) = tokens.last() else {
+        return Ok(stop_strings.iter().any(String::is_empty));
+    };
+    let hit = |text: &str| stop_strings.iter().any(|s| text.contains(s.as_str()));
+    let longest = stop_strings.iter().map(String::len).max().unwrap_or(0);
+    let need = longest + tokenizer.decode(&[last], true)?.len() + 8; // bytes of tail text
+    let n = tokens.len();
+    let mut w = (longest + 8).min(n);
+    let tail = loop {
+        let text = tokenizer.decode(&tokens[n - w..], true)?;
+        if w == n || text.len() >= need {
+            break text;
+        }
+        w = (2 * w).min(n);
+    };
+    if !hit(&tail) {
+        return Ok(false);
+    }
+    Ok(w == n || hit(&tokenizer.decode(tokens, true)?))
 }
 
 /// Adds the decoded text (cut before the first stop string) when there is a tokenizer.

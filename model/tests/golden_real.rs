@@ -134,6 +134,50 @@ fn smollm2_gguf_logits_and_greedy_match_transformers() {
     assert_eq!(out[0].text.as_deref(), json["greedy_text"].as_str());
 }
 
+/// The stop-string check decodes a tail of the completion: at every prefix up to the first
+/// whose whole text holds a stop string, it says what decoding the whole prefix says. Over
+/// text with multi-byte characters and over random token ids (byte tokens, special tokens,
+/// partial characters), with both tokenizers.
+#[test]
+fn the_stop_string_check_on_a_tail_agrees_with_the_whole_text() {
+    let qwen = Tokenizer::from_dir(&asset("qwen3-tokenizer")).unwrap();
+    let smol = smollm2().tokenizer;
+    let text = "Déjà vu: 12 + 30 = 42, naïve café — 日本語のテキスト.\n\nThe answer is 42. \
+                Ünïcödé again, and = signs = more; ends with \\boxed{42} and a long tail \
+                of words to make the completion longer than any window.";
+    let stops: &[&[&str]] = &[
+        &["= "],
+        &["\n\n"],
+        &["é — 日"],
+        &["\\boxed{42}", "zzz"],
+        &["window."],
+        &["e"],
+    ];
+    let mut rng = model::rng::Rng::new(5);
+    for tok in [&qwen, &smol] {
+        let mut sequences = vec![tok.encode(text, false).unwrap()];
+        for _ in 0..3 {
+            let v = tok.vocab_size() as u64;
+            sequences.push((0..120).map(|_| rng.below(v) as u32).collect());
+        }
+        for tokens in &sequences {
+            for stop in stops {
+                let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
+                for n in 1..=tokens.len() {
+                    let whole = tok.decode(&tokens[..n], true).unwrap();
+                    let want = stop.iter().any(|s| whole.contains(s.as_str()));
+                    let got =
+                        model::generate::completes_a_stop_string(&tokens[..n], &stop, tok).unwrap();
+                    assert_eq!(got, want, "{stop:?} after {n} tokens: {whole:?}");
+                    if want {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn stop_strings_cut_the_text_and_end_generation() {
     let m = smollm2();
