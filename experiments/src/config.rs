@@ -95,6 +95,12 @@ pub struct ModelSection {
     /// Compute dtype of the weights: `auto` (f32 on the CPU, bf16 on CUDA), `f32` or `bf16`.
     /// The optimizer keeps f32 master weights and moments either way.
     pub dtype: String,
+    /// On CUDA: ferrite's fused kernels (`true`), or candle's composed ops for every op they
+    /// replace (`false`: slower, a way round a kernel that misbehaves on some card).
+    pub cuda_kernels: bool,
+    /// On CUDA in bf16: attention over a batch of rows by the flash kernels (`true`), or the
+    /// chunked attention (`false`).
+    pub flash_attention: bool,
 }
 
 /// Where a run's model lives, parsed from `model.device`.
@@ -141,6 +147,8 @@ impl Default for ModelSection {
             chat_template: None,
             device: "cpu".into(),
             dtype: "auto".into(),
+            cuda_kernels: true,
+            flash_attention: true,
         }
     }
 }

@@ -18,8 +18,11 @@ use rollout::task::Task;
 
 use crate::config::{Config, DeviceSpec};
 
-/// The device and compute dtype that `model.device` and `model.dtype` ask for.
+/// The device and compute dtype that `model.device` and `model.dtype` ask for; sets the
+/// process's CUDA kernel switches from `model.cuda_kernels` and `model.flash_attention`.
 pub fn placement(c: &Config) -> anyhow::Result<(Device, DType)> {
+    model::ops::set_cuda_kernels(c.model.cuda_kernels);
+    model::ops::set_flash_attention(c.model.flash_attention);
     let dtype = if c.model.bf16()? {
         DType::BF16
     } else {
