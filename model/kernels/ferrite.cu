@@ -865,7 +865,8 @@ extern "C" __global__ void decode_attention_d64_bf16(const bf16* q, const bf16* 
 // prefill) and its backward, FlashAttention-2 style: no score leaves the chip. Every product runs
 // on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate), each warp over 16 rows of its
 // left operand; a product's right operand comes from a tile in shared memory (row-major, D/2
-// pairs a row), its left one from registers: loaded once from global memory, or a probability
+// pairs a row) through ldmatrix (transposed where the product takes the tile itself), its left
+// one from registers: loaded once from global memory, or a probability
 // or score tile rounded to bf16 straight from the accumulators (two m16n8 accumulators are one
 // m16k16 A fragment). bf16 only.
 //
@@ -906,10 +907,6 @@ __device__ __forceinline__ uint32_t pack_f32(float lo, float hi) {
 }
 __device__ __forceinline__ float lo_f32(uint32_t u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float hi_f32(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
-// The halves at bit `shift` of two words, as one pair (x0's in the low half).
-__device__ __forceinline__ uint32_t halves(uint32_t x0, uint32_t x1, int shift) {
-    return ((x0 >> shift) & 0xffffu) | (((x1 >> shift) & 0xffffu) << 16);
-}
 
 // c += a·b for one warp's m16n8k16 tile (layouts above).
 __device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uint32_t* b) {
@@ -941,20 +938,26 @@ __device__ __forceinline__ void load_tile(Smem& dst, const bf16* src, int first,
         dst[r * Pitch<D>::words + p] = first + r < end ? ld_pair(src + (size_t)(first + r) * D + 2 * p) : 0u;
     }
 }
-// The B fragment of a product with a shared tile's transpose (k = the tile's columns 16·kk..,
-// n = its rows `row`): b0 = (cols 16kk + 2c, +1 of row `row`), b1 = (cols 16kk + 8 + 2c, ...).
-template <int D, typename Smem>
-__device__ __forceinline__ void frag_b_t(Smem& src, int row, int kk, int c, uint32_t* b) {
-    b[0] = src[row * Pitch<D>::words + 8 * kk + c];
-    b[1] = src[row * Pitch<D>::words + 8 * kk + 4 + c];
-}
-// The B fragment of a product with a shared tile itself (k = its rows r0.., n = its column d):
-// b0 = (rows r0 + 2c, +1 at column d), b1 = (rows r0 + 8 + 2c, +1).
-template <int D, typename Smem>
-__device__ __forceinline__ void frag_b(Smem& src, int r0, int d, int c, uint32_t* b) {
-    const int w = d >> 1, shift = (d & 1) * 16, r = r0 + 2 * c;
-    b[0] = halves(src[r * Pitch<D>::words + w], src[(r + 1) * Pitch<D>::words + w], shift);
-    b[1] = halves(src[(r + 8) * Pitch<D>::words + w], src[(r + 9) * Pitch<D>::words + w], shift);
+// Four 8×8 bf16 matrices of a shared tile into this lane's registers (ldmatrix .x4): lane l gives
+// the address (a word index, 16-byte aligned) of row l % 8 of matrix l / 8 and gets in r[i] matrix
+// i's row l / 4, columns 2(l % 4) and +1; TRANS: its column l / 4, rows 2(l % 4) and +1.
+template <bool TRANS, typename Smem>
+__device__ __forceinline__ void ldsm_x4(Smem& tile, int word, uint32_t* r) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(&tile[word]);
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+#elif defined(__CUDA_ARCH__)
+    __trap();  // the flash kernels need sm_80 or later
+#else
+    emu::ldmatrix_x4(tile, word, TRANS, r);
+#endif
 }
 // The A fragments of rows ra, rb (= ra + 8) of a [rows, D] matrix in global memory, D in steps of
 // 16; zeros for rows from `end` on.
@@ -976,32 +979,41 @@ __device__ __forceinline__ void frag_a_acc(const float* n0, const float* n1, uin
     a[2] = pack_f32(n1[0], n1[1]);
     a[3] = pack_f32(n1[2], n1[3]);
 }
-// acc[n] = A·Bᵀ over a shared tile of N rows (n: its rows in tiles of 8), A = fragments of D.
+// acc[n] = A·Bᵀ over a shared tile of N rows (n: its rows in tiles of 8), A = fragments of D. Each
+// ldmatrix brings two tiles' B fragments: b0, b1 of rows n·8.. (columns 16kk.., 16kk + 8..), then
+// of rows (n + 1)·8.. (non-transposed: lane 4g + c gets row g, columns 2c and +1).
 template <int D, int N, typename Smem>
 __device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4], Smem& tile, int g, int c) {
+    const int lane = 4 * g + c, m = lane >> 3, r8 = lane & 7;
 #pragma unroll
-    for (int n = 0; n < N / 8; ++n) {
-        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    for (int n = 0; n < N / 8; n += 2) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = acc[n + 1][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            uint32_t b[2];
-            frag_b_t<D>(tile, n * 8 + g, kk, c, b);
+            uint32_t b[4];
+            ldsm_x4<false>(tile, ((n + (m >> 1)) * 8 + r8) * Pitch<D>::words + 8 * kk + 4 * (m & 1), b);
             mma_16816(acc[n], a[kk], b);
+            mma_16816(acc[n + 1], a[kk], b + 2);
         }
     }
 }
 // out[n] += P·tile over its N rows (P: accumulator tiles of 8 of those rows), out over D.
 template <int D, int N, typename Smem>
 __device__ __forceinline__ void mma_cols(float (*out)[4], const float (*p)[4], Smem& tile, int g, int c) {
+    const int lane = 4 * g + c, m = lane >> 3, r8 = lane & 7;
 #pragma unroll
     for (int j = 0; j < N / 16; ++j) {
         uint32_t a[4];
         frag_a_acc(p[2 * j], p[2 * j + 1], a);
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            uint32_t b[2];
-            frag_b<D>(tile, 16 * j, n * 8 + g, c, b);
+        for (int n = 0; n < D / 8; n += 2) {
+            // b0, b1 of columns n·8.. (rows 16j.., 16j + 8..), then of columns (n + 1)·8..
+            // (transposed: lane 4g + c gets column g, rows 2c and +1)
+            uint32_t b[4];
+            ldsm_x4<true>(tile, (16 * j + 8 * (m & 1) + r8) * Pitch<D>::words + 4 * (n + (m >> 1)), b);
             mma_16816(out[n], a, b);
+            mma_16816(out[n + 1], a, b + 2);
         }
     }
 }

@@ -41,6 +41,7 @@ inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 inline std::vector<float> lanes;
 inline std::vector<uint32_t> mma_regs;  // a warp's mma fragments: 6 per thread (a0..a3, b0, b1)
+inline std::vector<size_t> ldsm_rows;   // a warp's ldmatrix row addresses: 1 per thread
 inline std::mutex atomics;
 
 [[noreturn]] inline void fail(const char* what) {
@@ -197,6 +198,7 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
             warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - w * 32)));
         lanes.assign(block, 0.f);
         mma_regs.assign(size_t(block) * 6, 0u);
+        ldsm_rows.assign(block, 0);
         start_block(shared_bytes / sizeof(float));
         std::vector<std::thread> threads;
         threads.reserve(block);
@@ -312,5 +314,38 @@ inline void mma_m16n8k16_bf16(float* c, const uint32_t* a, const uint32_t* b) {
     }
     warp.arrive_and_wait();
     for (int e = 0; e < 4; ++e) c[e] = d[e];
+}
+}  // namespace emu
+
+namespace emu {
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 for the calling thread's warp, from a shared
+// tile of u32 words (two bf16 each, the lower index in the low half): lane l gives `word`, the
+// start of row l % 8 of matrix l / 8 (16-byte aligned: a multiple of 4 words), and gets in r[i]
+// matrix i's row l / 4, columns 2(l % 4) and +1 (one word); `trans`: its column l / 4, rows
+// 2(l % 4) and +1, packed. Every lane of a full warp must call it.
+template <class Smem>
+void ldmatrix_x4(Smem& tile, int word, bool trans, uint32_t* r) {
+    const unsigned t = threadIdx.x, lane = t & 31, base = t - lane;
+    if (blockDim.x < base + 32) fail("ldmatrix needs a full warp");
+    if (word < 0 || word % 4 != 0) fail("ldmatrix: a row address is not 16-byte aligned");
+    auto& warp = *warp_barriers[t / 32];
+    ldsm_rows[t] = size_t(word);
+    warp.arrive_and_wait();
+    uint32_t out[4];
+    for (unsigned i = 0; i < 4; ++i) {
+        const auto row = [&](unsigned k) { return ldsm_rows[base + 8 * i + k]; };
+        if (!trans) {
+            out[i] = tile[row(lane / 4) + lane % 4];
+            continue;
+        }
+        const unsigned col = lane / 4, r0 = 2 * (lane % 4);
+        const auto elem = [&](unsigned k) -> uint32_t {
+            const uint32_t w = tile[row(k) + col / 2];
+            return col % 2 ? w >> 16 : w & 0xffffu;
+        };
+        out[i] = elem(r0) | (elem(r0 + 1) << 16);
+    }
+    warp.arrive_and_wait();
+    for (int i = 0; i < 4; ++i) r[i] = out[i];
 }
 }  // namespace emu
