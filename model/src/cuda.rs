@@ -1071,7 +1071,10 @@ pub fn flash_attention(
     bias: &Tensor,
     scale: f32,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    let Some(a) = FlashArgs::new(q, k, v, bias, launch::flash_attention_kernel)? else {
+    let Some(a) = FlashArgs::new(q, k, v, bias)? else {
+        return Ok(None);
+    };
+    let Some(kernel) = launch::flash_attention_kernel(a.d) else {
         return Ok(None);
     };
     let (q, bias) = (q.contiguous()?, bias.contiguous()?);
@@ -1085,7 +1088,7 @@ pub fn flash_attention(
     let (kv_, vv) = (a.kv_view(ks, kl)?, a.kv_view(vs, vl)?);
     let y = unsafe { dev.alloc::<half::bf16>(a.rows() * a.d)? };
     let lse = unsafe { dev.alloc::<f32>(a.rows())? };
-    let f = dev.get_or_load_custom_func(a.kernel, MODULE, PTX)?;
+    let f = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
     let mut l = f.builder();
     l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv).arg(&y).arg(&lse);
     let dims = a.dims(scale);
@@ -1114,11 +1117,10 @@ pub fn flash_attention_backward(
     lse: &Tensor,
     scale: f32,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    let pick = |d| launch::flash_attention_backward_kernels(d).map(|(dq, _)| dq);
-    let Some(a) = FlashArgs::new(q, k, v, bias, pick)? else {
+    let Some(a) = FlashArgs::new(q, k, v, bias)? else {
         return Ok(None);
     };
-    let Some((_, dkv_kernel)) = launch::flash_attention_backward_kernels(a.d) else {
+    let Some((dq_kernel, dkv_kernel)) = launch::flash_attention_backward_kernels(a.d) else {
         return Ok(None);
     };
     if y.dims() != q.dims() || dy.dims() != q.dims() || !bf16_pairs(y) || !bf16_pairs(dy) {
@@ -1150,7 +1152,7 @@ pub fn flash_attention_backward(
     let dims = a.dims(scale);
     let dq = unsafe { dev.alloc::<half::bf16>(a.rows() * a.d)? };
     let delta = unsafe { dev.alloc::<f32>(a.rows())? };
-    let f = dev.get_or_load_custom_func(a.kernel, MODULE, PTX)?;
+    let f = dev.get_or_load_custom_func(dq_kernel, MODULE, PTX)?;
     let mut l = f.builder();
     l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv);
     l.arg(&yv).arg(&gv).arg(&lv).arg(&dq).arg(&delta);
@@ -1183,10 +1185,9 @@ fn bf16_pairs(x: &Tensor) -> bool {
     x.dtype() == DType::BF16 && x.layout().start_offset().is_multiple_of(2)
 }
 
-/// What the flash attention kernels take of their inputs, checked: the sizes, the kernel for D,
-/// and K's and V's head stride.
+/// What the flash attention kernels take of their inputs, checked: the sizes and K's and V's
+/// head stride.
 struct FlashArgs {
-    kernel: &'static str,
     b: usize,
     hkv: usize,
     g: usize,
@@ -1213,23 +1214,15 @@ impl FlashDims {
 }
 
 impl FlashArgs {
-    /// The sizes of `q [B, Hkv, G·T, D]`, `k, v [B, Hkv, S, D]` and `bias [B, 1, 1, T, S]`, and
-    /// `kernel(D)`; None where the kernels do not take them (see [`flash_attention`]).
-    fn new(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        bias: &Tensor,
-        kernel: impl Fn(usize) -> Option<&'static str>,
-    ) -> Result<Option<Self>> {
+    /// The sizes of `q [B, Hkv, G·T, D]`, `k, v [B, Hkv, S, D]` and `bias [B, 1, 1, T, S]`; None
+    /// where the kernels do not take them (see [`flash_attention`]; D is checked by the caller,
+    /// against its kernels).
+    fn new(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Option<Self>> {
         let (b, hkv, gt, d) = q.dims4()?;
         let s = k.dim(2)?;
         let t = match bias.dims() {
             &[_, 1, 1, t, _] => t,
             _ => return Ok(None),
-        };
-        let Some(kernel) = kernel(d) else {
-            return Ok(None);
         };
         let kv_stride = k.layout().stride()[1];
         let fits = bf16_pairs(q)
@@ -1243,7 +1236,6 @@ impl FlashArgs {
             && kv_rows(k, [b, hkv, s, d], kv_stride)
             && kv_rows(v, [b, hkv, s, d], kv_stride);
         Ok(fits.then_some(Self {
-            kernel,
             b,
             hkv,
             g: gt / t,
