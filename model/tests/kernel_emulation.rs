@@ -1139,11 +1139,13 @@ fn decode_attention_matches_the_composed_ops_over_a_cache_view() {
 fn flash_attention_forward_and_backward_match_the_composed_ops() {
     // (B, Hkv, G, T, S, capacity, D): Qwen2.5-0.5B's G and D over two row tiles (the second
     // partial) and two key tiles; 37 rows after a 63-slot prompt, read from a cache view wider
-    // than S; D = 128 over two partial row tiles and, in the backward, three key tiles of 32 and
-    // five query tiles of 16
+    // than S; 5 rows after a 145-slot prompt (key tiles the rows see whole, and rows that fill
+    // no warp); D = 128 over two partial row tiles and, in the backward, three key tiles of 32
+    // and five query tiles of 16
     for (case, &(b, hkv, g, t, s, cap, d)) in [
         (2, 2, 7, 70, 70, 70, 64),
         (2, 1, 3, 37, 100, 120, 64),
+        (2, 1, 1, 5, 150, 150, 64),
         (2, 1, 2, 70, 70, 80, 128),
     ]
     .iter()
