@@ -1108,16 +1108,18 @@ fn used_memory(gpu: &Device) -> usize {
 /// kernels and layer checkpointing.
 fn learner_benches(gpu: &Device, w: &Weights, baseline: usize, r: &mut Report) -> Result<()> {
     let (b, t) = (8usize, 1024usize);
-    for (label, kernels, checkpoint) in [
-        ("CUDA kernels", true, false),
-        ("composed ops", false, false),
-        ("CUDA kernels + layer checkpointing", true, true),
+    for (label, kernels, flash, checkpoint) in [
+        ("CUDA kernels", true, true, false),
+        ("CUDA kernels, chunked attention", true, false, false),
+        ("composed ops", false, false, false),
+        ("CUDA kernels + layer checkpointing", true, true, true),
     ] {
         ops::set_cuda_kernels(kernels);
+        ops::set_flash_attention(flash);
         model::checkpoint::set_enabled(checkpoint);
         match learner_bench(gpu, w, b, t, baseline) {
             Ok((secs, phases, peak_gib)) => {
-                if kernels && !checkpoint {
+                if kernels && flash && !checkpoint {
                     r.step = Some((secs, phases));
                 }
                 r.lines.push(format!(
@@ -1140,6 +1142,7 @@ fn learner_benches(gpu: &Device, w: &Weights, baseline: usize, r: &mut Report) -
     }
     model::checkpoint::set_enabled(false);
     ops::set_cuda_kernels(true);
+    ops::set_flash_attention(true);
     Ok(())
 }
 
