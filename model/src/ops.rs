@@ -1220,6 +1220,14 @@ pub fn set_flash_attention(enabled: bool) {
     FLASH_ATTENTION.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether the flash attention kernels may take `q`'s attention: CUDA, kernels and flash
+/// attention on (the launchers then check the shapes, the dtype and the head dimension).
+fn flash_applies(q: &Tensor) -> bool {
+    cuda_kernels()
+        && FLASH_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
+        && q.device().is_cuda()
+}
+
 /// `softmax(scale·q·kᵀ + bias)·v` over a batch of query rows in one fused kernel on CUDA (the
 /// FlashAttention-2 forward on the tensor cores: no score leaves the chip): `q [B, Hkv, G·T, D]`,
 /// `k, v [B, Hkv, S, D]` (contiguous rows; a KV cache's views are read in place), a causal
@@ -1235,10 +1243,7 @@ pub fn flash_attention(
     scale: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
     #[cfg(feature = "cuda")]
-    if cuda_kernels()
-        && FLASH_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
-        && q.device().is_cuda()
-    {
+    if flash_applies(q) {
         let out = crate::cuda::flash_attention(
             &q.detach(),
             &k.detach(),
@@ -1251,7 +1256,7 @@ pub fn flash_attention(
         }
         return Ok(out);
     }
-    let _ = (q, k, v, bias, scale, &FLASH_ATTENTION);
+    let _ = (q, k, v, bias, scale, flash_applies);
     Ok(None)
 }
 
@@ -1279,10 +1284,7 @@ pub fn flash_attention_backward(
     scale: f64,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     #[cfg(feature = "cuda")]
-    if cuda_kernels()
-        && FLASH_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
-        && q.device().is_cuda()
-    {
+    if flash_applies(q) {
         return Ok(crate::cuda::flash_attention_backward(
             q,
             k,
