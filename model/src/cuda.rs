@@ -5,14 +5,15 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor, WithDType};
 
 use crate::launch;
+use crate::signatures::{self, Arg, Elem};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -81,6 +82,124 @@ fn config(g: launch::Geometry) -> LaunchConfig {
     }
 }
 
+// ---------------------------------------------------------------- checked launches
+
+/// An element type of the kernels' buffers, as [`signatures`] names it.
+trait KernelElem {
+    const ELEM: Elem;
+}
+impl KernelElem for f32 {
+    const ELEM: Elem = Elem::F32;
+}
+impl KernelElem for half::bf16 {
+    const ELEM: Elem = Elem::Bf16;
+}
+impl KernelElem for u32 {
+    const ELEM: Elem = Elem::U32;
+}
+impl KernelElem for u64 {
+    const ELEM: Elem = Elem::U64;
+}
+
+/// The kernels' float types, f32 and bf16: their `_f32` and `_bf16` variants.
+trait Float: CudaDType + DeviceRepr + WithDType + KernelElem {}
+impl Float for f32 {}
+impl Float for half::bf16 {}
+
+/// A launch argument: what it is, for the signature check, and how cudarc passes it.
+trait KernelArg {
+    fn kind(&self) -> Arg;
+    fn push<'a>(&'a self, l: &mut LaunchArgs<'a>);
+}
+
+impl<T: KernelElem> KernelArg for CudaSlice<T> {
+    fn kind(&self) -> Arg {
+        Arg::Buffer {
+            elem: T::ELEM,
+            writable: true,
+        }
+    }
+    fn push<'a>(&'a self, l: &mut LaunchArgs<'a>) {
+        l.arg(self);
+    }
+}
+
+impl<T: KernelElem> KernelArg for CudaView<'_, T> {
+    fn kind(&self) -> Arg {
+        Arg::Buffer {
+            elem: T::ELEM,
+            writable: false,
+        }
+    }
+    fn push<'a>(&'a self, l: &mut LaunchArgs<'a>) {
+        l.arg(self);
+    }
+}
+
+/// A scalar argument passed by value.
+macro_rules! scalar_arg {
+    ($t:ty, $kind:expr) => {
+        impl KernelArg for $t {
+            fn kind(&self) -> Arg {
+                $kind
+            }
+            fn push<'a>(&'a self, l: &mut LaunchArgs<'a>) {
+                l.arg(self);
+            }
+        }
+    };
+}
+scalar_arg!(i32, Arg::Int);
+scalar_arg!(f32, Arg::Float);
+scalar_arg!(usize, Arg::Size);
+// a raw device address: a destination inside another tensor's buffer
+scalar_arg!(u64, Arg::Address);
+
+/// A launch of one kernel of `ferrite.cu`, its arguments checked against the kernel's C
+/// signature ([`signatures::check`]) before it runs: a missing, swapped or mistyped argument, or
+/// a read-only view where the kernel writes, is an error naming the kernel and the parameter,
+/// not a kernel reading garbage.
+struct Launch<'a> {
+    kernel: String,
+    func: CudaFunction,
+    stream: std::sync::Arc<CudaStream>,
+    args: Vec<&'a dyn KernelArg>,
+}
+
+impl<'a> Launch<'a> {
+    /// Loads `kernel` (the module once per device).
+    fn new(dev: &CudaDevice, kernel: &str) -> Result<Self> {
+        Ok(Launch {
+            kernel: kernel.to_string(),
+            func: dev
+                .get_or_load_custom_func(kernel, MODULE, PTX)?
+                .into_cuda_function(),
+            stream: dev.cuda_stream(),
+            args: Vec::new(),
+        })
+    }
+
+    fn arg(&mut self, x: &'a dyn KernelArg) -> &mut Self {
+        self.args.push(x);
+        self
+    }
+
+    /// # Safety
+    /// The kernel must stay within its buffers for these arguments and this geometry, as each
+    /// launcher's SAFETY note argues: the check covers the arguments' types, not their sizes.
+    unsafe fn launch(&self, g: launch::Geometry) -> Result<()> {
+        let kinds: Vec<Arg> = self.args.iter().map(|a| a.kind()).collect();
+        signatures::check(&self.kernel, &kinds).map_err(err)?;
+        let mut l = self.stream.launch_builder(&self.func);
+        for a in &self.args {
+            a.push(&mut l);
+        }
+        // SAFETY: the caller's.
+        unsafe { l.launch(config(g)) }.w()?;
+        Ok(())
+    }
+}
+
 fn rows_of(l: &Layout) -> (usize, usize) {
     let n = l.dims().last().copied().unwrap_or(1).max(1);
     (l.shape().elem_count() / n, n)
@@ -118,7 +237,7 @@ fn rows_kernel(
     il: &Layout,
     scatter_into: Option<usize>,
 ) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits>(
+    fn go<T: Float + ValidAsZeroBits>(
         name: &str,
         x: &CudaStorage,
         xl: &Layout,
@@ -137,13 +256,12 @@ fn rows_kernel(
             None => (rows, unsafe { dev.alloc::<T>(n * h)? }),
             Some(m) => (m, dev.alloc_zeros::<T>(m * h)?),
         };
-        let f = dev.get_or_load_custom_func(&kernel::<T>(name)?, MODULE, PTX)?;
         let (h32, m32, elems) = (h as i32, m as i32, n * h);
-        let mut b = f.builder();
+        let mut b = Launch::new(&dev, &kernel::<T>(name)?)?;
         b.arg(&xv).arg(&iv).arg(&y).arg(&h32).arg(&m32).arg(&elems);
         // SAFETY: n ids; the kernel reads (gather) or writes (scatter) only rows below m of the
         // m·h side, and n·h elements of the other.
-        unsafe { b.launch(config(launch::elems(elems))) }.w()?;
+        unsafe { b.launch(launch::elems(elems)) }?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     by_dtype!(x.dtype(), go(name, x, xl, ids, il, scatter_into))
@@ -159,7 +277,7 @@ pub fn embedding_bwd(
     v: usize,
     dtype: DType,
 ) -> Result<Tensor> {
-    fn go<T: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits>(
+    fn go<T: Float + ValidAsZeroBits>(
         g: &Tensor,
         table: &[u32],
         u: usize,
@@ -197,9 +315,8 @@ pub fn embedding_bwd(
             let (tv, pv, mv) = (all.slice(..a), all.slice(a..b), all.slice(b..));
             let scratch = unsafe { dev.alloc::<f32>((slots * h).max(1))? };
             let (n_pieces, n_merges) = (pieces.len() / 4, merges.len() / 3);
-            let f = dev.get_or_load_custom_func(&kernel::<T>("embedding_bwd")?, MODULE, PTX)?;
             let (u32_, pieces32, h32) = (u as i32, n_pieces as i32, h as i32);
-            let mut l = f.builder();
+            let mut l = Launch::new(&dev, &kernel::<T>("embedding_bwd")?)?;
             l.arg(&gv)
                 .arg(&tv)
                 .arg(&pv)
@@ -211,12 +328,10 @@ pub fn embedding_bwd(
             // SAFETY: checked above: tokens < v, segments within the positions, positions < n;
             // each piece lies in its token's segment and writes its token's row of dw (v·h) or
             // its own scratch row (slots·h); reads the positions' rows of g (n·h).
-            unsafe { l.launch(config(launch::embedding_bwd(n_pieces, h))) }.w()?;
+            unsafe { l.launch(launch::embedding_bwd(n_pieces, h)) }?;
             if n_merges > 0 {
-                let f =
-                    dev.get_or_load_custom_func(&kernel::<T>("embedding_merge")?, MODULE, PTX)?;
                 let merges32 = n_merges as i32;
-                let mut l = f.builder();
+                let mut l = Launch::new(&dev, &kernel::<T>("embedding_merge")?)?;
                 l.arg(&tv)
                     .arg(&mv)
                     .arg(&scratch)
@@ -225,7 +340,7 @@ pub fn embedding_bwd(
                     .arg(&h32);
                 // SAFETY: each merge reads its token's slots, all written above (slots·h), and
                 // writes its token's row of dw.
-                unsafe { l.launch(config(launch::embedding_bwd(n_merges, h))) }.w()?;
+                unsafe { l.launch(launch::embedding_bwd(n_merges, h)) }?;
             }
         }
         Ok(wrap(T::wrap_cuda_slice(dw, dev), (v, h)))
@@ -237,7 +352,7 @@ pub fn embedding_bwd(
 
 /// `x [N, out] + b [out]`, broadcast over the rows.
 pub fn bias_add(x: &CudaStorage, xl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
+    fn go<T: Float>(
         x: &CudaStorage,
         xl: &Layout,
         b: &CudaStorage,
@@ -251,12 +366,11 @@ pub fn bias_add(x: &CudaStorage, xl: &Layout, b: &CudaStorage, bl: &Layout) -> R
         }
         let (xv, bv) = (view::<T>(x, xl)?, view::<T>(b, bl)?);
         let y = unsafe { dev.alloc::<T>(n)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("bias_add")?, MODULE, PTX)?;
         let out32 = out as i32;
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("bias_add")?)?;
         l.arg(&xv).arg(&bv).arg(&y).arg(&out32).arg(&n);
         // SAFETY: n elements of x and y, `out` of b (checked above).
-        unsafe { l.launch(config(launch::elems(n))) }.w()?;
+        unsafe { l.launch(launch::elems(n)) }?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     by_dtype!(x.dtype(), go(x, xl, b, bl))
@@ -282,13 +396,12 @@ pub fn attention_bias(
     let n = b * t * s;
     let valid = dev.clone_htod(valid)?;
     let bias = unsafe { dev.alloc::<f32>(n)? };
-    let f = dev.get_or_load_custom_func("attention_bias_f32", MODULE, PTX)?;
     let (t32, s32, offset32) = (t as i32, s as i32, q_offset as i32);
-    let mut l = f.builder();
+    let mut l = Launch::new(dev, "attention_bias_f32")?;
     l.arg(&valid).arg(&bias).arg(&t32).arg(&s32).arg(&offset32);
     l.arg(&masked).arg(&n);
     // SAFETY: bias holds B·T·S elements, valid B·S (checked above).
-    unsafe { l.launch(config(launch::elems(n))) }.w()?;
+    unsafe { l.launch(launch::elems(n)) }?;
     Ok(wrap(
         f32::wrap_cuda_slice(bias, dev.clone()),
         (b, 1, 1, t, s),
@@ -304,7 +417,7 @@ pub fn rms_norm_fwd(
     wl: &Layout,
     eps: f32,
 ) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
+    fn go<T: Float>(
         x: &CudaStorage,
         xl: &Layout,
         w: &CudaStorage,
@@ -315,12 +428,11 @@ pub fn rms_norm_fwd(
         let (rows, h) = rows_of(xl);
         let (xv, wv) = (view::<T>(x, xl)?, view::<T>(w, wl)?);
         let y = unsafe { dev.alloc::<T>(rows * h)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("rms_norm_fwd")?, MODULE, PTX)?;
         let h32 = h as i32;
-        let mut b = f.builder();
+        let mut b = Launch::new(&dev, &kernel::<T>("rms_norm_fwd")?)?;
         b.arg(&xv).arg(&wv).arg(&y).arg(&h32).arg(&eps);
         // SAFETY: the kernel reads rows·h inputs and h weights and writes rows·h outputs.
-        unsafe { b.launch(config(launch::rows(rows, h))) }.w()?;
+        unsafe { b.launch(launch::rows(rows, h)) }?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     by_dtype!(x.dtype(), go(x, xl, w, wl, eps))
@@ -328,12 +440,7 @@ pub fn rms_norm_fwd(
 
 /// `(dx, dw)` of RMSNorm; `dw` is summed in f32 and returned in `w`'s dtype.
 pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
-        x: &Tensor,
-        w: &Tensor,
-        g: &Tensor,
-        eps: f32,
-    ) -> Result<(Tensor, Tensor)> {
+    fn go<T: Float>(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
         let (x, w, g) = (
             x.contiguous()?,
             w.contiguous()?,
@@ -353,9 +460,8 @@ pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Ten
         let (xv, wv, gv) = (view::<T>(xs, xl)?, view::<T>(ws, wl)?, view::<T>(gs, gl)?);
         let dx = unsafe { dev.alloc::<T>(rows * h)? };
         let dw = dev.alloc_zeros::<f32>(h)?;
-        let f = dev.get_or_load_custom_func(&kernel::<T>("rms_norm_bwd")?, MODULE, PTX)?;
         let (rows32, h32) = (rows as i32, h as i32);
-        let mut b = f.builder();
+        let mut b = Launch::new(&dev, &kernel::<T>("rms_norm_bwd")?)?;
         b.arg(&xv)
             .arg(&wv)
             .arg(&gv)
@@ -365,7 +471,7 @@ pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Ten
             .arg(&h32)
             .arg(&eps);
         // SAFETY: reads rows·h of x and g, h of w; writes rows·h of dx, adds into h of dw.
-        unsafe { b.launch(config(geometry)) }.w()?;
+        unsafe { b.launch(geometry) }?;
         let dx = wrap(T::wrap_cuda_slice(dx, dev.clone()), x.shape());
         let dw = wrap(f32::wrap_cuda_slice(dw, dev), w.shape()).to_dtype(w.dtype())?;
         Ok((dx, dw))
@@ -381,7 +487,7 @@ pub fn swiglu_fwd(
     b: &CudaStorage,
     bl: &Layout,
 ) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
+    fn go<T: Float>(
         a: &CudaStorage,
         al: &Layout,
         b: &CudaStorage,
@@ -391,22 +497,17 @@ pub fn swiglu_fwd(
         let n = al.shape().elem_count();
         let (av, bv) = (view::<T>(a, al)?, view::<T>(b, bl)?);
         let y = unsafe { dev.alloc::<T>(n)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("swiglu_fwd")?, MODULE, PTX)?;
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("swiglu_fwd")?)?;
         l.arg(&av).arg(&bv).arg(&y).arg(&n);
         // SAFETY: n elements in, n out.
-        unsafe { l.launch(config(launch::elems(n))) }.w()?;
+        unsafe { l.launch(launch::elems(n)) }?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     by_dtype!(a.dtype(), go(a, al, b, bl))
 }
 
 pub fn swiglu_bwd(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
-        a: &Tensor,
-        b: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    fn go<T: Float>(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
         let (a, b, g) = (
             a.contiguous()?,
             b.contiguous()?,
@@ -420,11 +521,10 @@ pub fn swiglu_bwd(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)
         let n = al.shape().elem_count();
         let (av, bv, gv) = (view::<T>(as_, al)?, view::<T>(bs, bl)?, view::<T>(gs, gl)?);
         let dab = unsafe { dev.alloc::<T>(2 * n)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("swiglu_bwd")?, MODULE, PTX)?;
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("swiglu_bwd")?)?;
         l.arg(&av).arg(&bv).arg(&gv).arg(&dab).arg(&n);
         // SAFETY: n elements of each input; 2n outputs.
-        unsafe { l.launch(config(launch::elems(n))) }.w()?;
+        unsafe { l.launch(launch::elems(n)) }?;
         let both = wrap(T::wrap_cuda_slice(dab, dev), (2, n));
         Ok((
             both.narrow(0, 0, 1)?.reshape(a.shape())?,
@@ -448,7 +548,7 @@ pub fn rope(
     transpose: bool,
 ) -> Result<CudaStorage> {
     #[allow(clippy::too_many_arguments)]
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
+    fn go<T: Float>(
         x: &CudaStorage,
         xl: &Layout,
         c: &CudaStorage,
@@ -464,9 +564,8 @@ pub fn rope(
         let pairs = n / 2;
         let (xv, cv, sv) = (view::<T>(x, xl)?, view::<T>(c, cl)?, view::<T>(s, sl)?);
         let y = unsafe { dev.alloc::<T>(n)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("rope")?, MODULE, PTX)?;
         let (d32, tr) = (d as i32, i32::from(transpose));
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("rope")?)?;
         l.arg(&xv)
             .arg(&cv)
             .arg(&sv)
@@ -477,7 +576,7 @@ pub fn rope(
             .arg(&pairs)
             .arg(&tr);
         // SAFETY: n elements of x and y; cos / sin hold B·T·D.
-        unsafe { l.launch(config(launch::elems(pairs))) }.w()?;
+        unsafe { l.launch(launch::elems(pairs)) }?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     if c.dtype() != x.dtype() || s.dtype() != x.dtype() {
@@ -515,8 +614,8 @@ fn masked_softmax_as<T, O>(
     scale: f32,
 ) -> Result<CudaStorage>
 where
-    T: CudaDType + DeviceRepr + WithDType,
-    O: CudaDType + DeviceRepr + WithDType,
+    T: Float,
+    O: Float,
 {
     if bias.dtype() != DType::F32 {
         return Err(err("masked_softmax: the bias must be f32"));
@@ -531,9 +630,8 @@ where
     let (rows, _) = rows_of(xl);
     let (xv, bv) = (view::<T>(x, xl)?, view::<f32>(bias, bl)?);
     let y = unsafe { dev.alloc::<O>(rows * s)? };
-    let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let s32 = s as i32;
-    let mut l = f.builder();
+    let mut l = Launch::new(&dev, &name)?;
     l.arg(&xv)
         .arg(&bv)
         .arg(&y)
@@ -542,7 +640,7 @@ where
         .arg(&s32)
         .arg(&scale);
     // SAFETY: rows·S scores and outputs; the bias holds B·T·S.
-    unsafe { l.launch(config(launch::rows(rows, s))) }.w()?;
+    unsafe { l.launch(launch::rows(rows, s)) }?;
     Ok(O::wrap_cuda_slice(y, dev))
 }
 
@@ -568,20 +666,16 @@ pub fn masked_softmax_fwd(
 }
 
 pub fn softmax_fwd(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
-        x: &CudaStorage,
-        xl: &Layout,
-    ) -> Result<CudaStorage> {
+    fn go<T: Float>(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
         let dev = x.device().clone();
         let (rows, n) = rows_of(xl);
         let xv = view::<T>(x, xl)?;
         let y = unsafe { dev.alloc::<T>(rows * n)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("softmax_fwd")?, MODULE, PTX)?;
         let n32 = n as i32;
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("softmax_fwd")?)?;
         l.arg(&xv).arg(&y).arg(&n32);
         // SAFETY: rows·n in and out.
-        unsafe { l.launch(config(launch::rows(rows, n))) }.w()?;
+        unsafe { l.launch(launch::rows(rows, n)) }?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     by_dtype!(x.dtype(), go(x, xl))
@@ -589,11 +683,7 @@ pub fn softmax_fwd(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
 
 /// `scale · y ∘ (g − Σ y∘g)` per row, in `y`'s dtype.
 pub fn softmax_bwd(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
-        y: &Tensor,
-        g: &Tensor,
-        scale: f32,
-    ) -> Result<Tensor> {
+    fn go<T: Float>(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
         let (y, g) = (y.contiguous()?, g.contiguous()?.to_dtype(T::DTYPE)?);
         let (ys, yl) = y.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
@@ -602,12 +692,11 @@ pub fn softmax_bwd(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
         let (rows, n) = rows_of(yl);
         let (yv, gv) = (view::<T>(ys, yl)?, view::<T>(gs, gl)?);
         let dx = unsafe { dev.alloc::<T>(rows * n)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("softmax_bwd")?, MODULE, PTX)?;
         let n32 = n as i32;
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("softmax_bwd")?)?;
         l.arg(&yv).arg(&gv).arg(&dx).arg(&n32).arg(&scale);
         // SAFETY: rows·n of each.
-        unsafe { l.launch(config(launch::rows(rows, n))) }.w()?;
+        unsafe { l.launch(launch::rows(rows, n)) }?;
         Ok(wrap(T::wrap_cuda_slice(dx, dev), y.shape()))
     }
     by_dtype!(y.dtype(), go(y, g, scale))
@@ -638,7 +727,7 @@ pub fn attention_probs_bwd(
     dp: &Tensor,
     scale: f32,
 ) -> Result<(Tensor, Tensor)> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
+    fn go<T: Float>(
         x: &Tensor,
         bias: &Tensor,
         dp: &Tensor,
@@ -659,13 +748,12 @@ pub fn attention_probs_bwd(
         );
         let p = unsafe { dev.alloc::<T>(rows * s)? };
         let ds = unsafe { dev.alloc::<T>(rows * s)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("attention_probs_bwd")?, MODULE, PTX)?;
         let s32 = s as i32;
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("attention_probs_bwd")?)?;
         l.arg(&xv).arg(&bv).arg(&dv).arg(&p).arg(&ds);
         l.arg(&heads).arg(&t).arg(&s32).arg(&scale);
         // SAFETY: rows·S of x, dp, p and ds; the bias holds B·T·S.
-        unsafe { l.launch(config(launch::rows(rows, s))) }.w()?;
+        unsafe { l.launch(launch::rows(rows, s)) }?;
         Ok((
             wrap(T::wrap_cuda_slice(p, dev.clone()), x.shape()),
             wrap(T::wrap_cuda_slice(ds, dev), x.shape()),
@@ -685,7 +773,7 @@ pub fn logprob_entropy_fwd(
     tl: &Layout,
     inv_t: f32,
 ) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
+    fn go<T: Float>(
         z: &CudaStorage,
         zl: &Layout,
         t: &CudaStorage,
@@ -696,12 +784,11 @@ pub fn logprob_entropy_fwd(
         let (rows, v) = rows_of(zl);
         let (zv, tv) = (view::<T>(z, zl)?, view::<u32>(t, tl)?);
         let out = unsafe { dev.alloc::<f32>(3 * rows)? };
-        let f = dev.get_or_load_custom_func(&kernel::<T>("logprob_entropy_fwd")?, MODULE, PTX)?;
         let v32 = v as i32;
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("logprob_entropy_fwd")?)?;
         l.arg(&zv).arg(&tv).arg(&out).arg(&v32).arg(&inv_t);
         // SAFETY: N·V logits, N targets (each < V, checked by the caller), 3N outputs.
-        unsafe { l.launch(config(launch::rows(rows, v))) }.w()?;
+        unsafe { l.launch(launch::rows(rows, v)) }?;
         Ok(f32::wrap_cuda_slice(out, dev))
     }
     by_dtype!(z.dtype(), go(z, zl, t, tl, inv_t))
@@ -719,7 +806,7 @@ pub fn logprob_entropy_bwd(
     inv_t: f32,
     into: Option<(&Tensor, usize)>,
 ) -> Result<Tensor> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
+    fn go<T: Float>(
         z: &Tensor,
         targets: &Tensor,
         y: &Tensor,
@@ -762,9 +849,8 @@ pub fn logprob_entropy_bwd(
         let (zs, ts, ys, gs) = (as_cuda(&zs)?, as_cuda(&ts)?, as_cuda(&ys)?, as_cuda(&gs)?);
         let (zv, tv) = (view::<T>(zs, zl)?, view::<u32>(ts, tl)?);
         let (yv, gv) = (view::<f32>(ys, yl)?, view::<f32>(gs, gl)?);
-        let f = dev.get_or_load_custom_func(&kernel::<T>("logprob_entropy_bwd")?, MODULE, PTX)?;
         let v32 = v as i32;
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("logprob_entropy_bwd")?)?;
         l.arg(&zv).arg(&tv).arg(&yv).arg(&gv);
         match &fresh {
             Some(dz) => l.arg(dz),
@@ -773,7 +859,7 @@ pub fn logprob_entropy_bwd(
         l.arg(&v32).arg(&inv_t);
         // SAFETY: N·V logits, N targets, 3N of y and g (checked above); N·V of dz written, to a
         // fresh buffer or to rows row..row + N of the destination (checked above).
-        unsafe { l.launch(config(launch::rows(rows, v))) }.w()?;
+        unsafe { l.launch(launch::rows(rows, v)) }?;
         match (fresh, into) {
             (Some(dz), _) => Ok(wrap(T::wrap_cuda_slice(dz, dev), (rows, v))),
             (None, Some((dst, row))) => dst.narrow(0, row, rows),
@@ -790,10 +876,7 @@ pub fn uninit(
     dtype: DType,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
-        n: usize,
-        device: &candle_core::Device,
-    ) -> Result<CudaStorage> {
+    fn go<T: Float>(n: usize, device: &candle_core::Device) -> Result<CudaStorage> {
         let candle_core::Device::Cuda(dev) = device else {
             return Err(err("uninit: expected a CUDA device"));
         };
@@ -815,7 +898,7 @@ pub fn sample_rows(
     u: &[f32],
     p: &crate::sampling::SamplingParams,
 ) -> Result<Vec<(u32, f32, f32)>> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
+    fn go<T: Float>(
         logits: &Tensor,
         u: &[f32],
         p: &crate::sampling::SamplingParams,
@@ -836,20 +919,17 @@ pub fn sample_rows(
         let uv = stream.clone_htod(u).w()?;
         // the three [B] results in one buffer, so that one copy (and one wait) brings them back:
         // the tokens, then the bits of the log-probs and of the entropies
+        // (passed as addresses: the kernel writes the last two as floats)
         let out = dev.alloc_zeros::<u32>(3 * rows)?;
-        let (ids, lp, ent) = (
-            out.slice(0..rows),
-            out.slice(rows..2 * rows),
-            out.slice(2 * rows..3 * rows),
-        );
-        let f = dev.get_or_load_custom_func(&kernel::<T>("sample_rows")?, MODULE, PTX)?;
+        let at = out.device_ptr(&stream).0;
+        let (ids, lp, ent) = (at, at + 4 * rows as u64, at + 8 * rows as u64);
         let inv_t = if p.is_greedy() {
             0.0
         } else {
             1.0 / p.temperature
         };
         let (top_k, top_p, v32) = (p.top_k.min(v) as i32, p.top_p, v as i32);
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("sample_rows")?)?;
         l.arg(&zv)
             .arg(&uv)
             .arg(&inv_t)
@@ -861,7 +941,7 @@ pub fn sample_rows(
             .arg(&v32);
         // SAFETY: B·V logits, B uniforms and B of each output (32-bit words: u32 tokens, f32
         // log-probs and entropies).
-        unsafe { l.launch(config(launch::sample_rows(rows))) }.w()?;
+        unsafe { l.launch(launch::sample_rows(rows)) }?;
         let out = stream.clone_dtoh(&out).w()?;
         let word = |k: usize, i: usize| out[k * rows + i];
         Ok((0..rows)
@@ -897,7 +977,7 @@ pub fn decode_qkv(
     slot: usize,
 ) -> Result<Tensor> {
     #[allow(clippy::too_many_arguments)]
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
+    fn go<T: Float>(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -941,12 +1021,11 @@ pub fn decode_qkv(
             .iter()
             .map(|(s, l)| view::<T>(as_cuda(s)?, l))
             .collect::<Result<Vec<_>>>()?;
-        let f = dev.get_or_load_custom_func(&kernel::<T>("decode_qkv")?, MODULE, PTX)?;
         let pairs = b * (hq + 2 * hkv) * d / 2;
         let has_bias = i32::from(bias.is_some());
         let (hq32, hkv32, d32, cap32, slot32) =
             (hq as i32, hkv as i32, d as i32, cap as i32, slot as i32);
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<T>("decode_qkv")?)?;
         for view in &views[..6] {
             l.arg(view);
         }
@@ -962,7 +1041,7 @@ pub fn decode_qkv(
             .arg(&pairs);
         // SAFETY: B·Hq·D of q and out, B·Hkv·D of k and v, the biases' Hq·D and Hkv·D (checked
         // above), B·D of cos and sin; the caches hold B·Hkv·cap·D and slot < cap.
-        unsafe { l.launch(config(launch::elems(pairs))) }.w()?;
+        unsafe { l.launch(launch::elems(pairs)) }?;
         Ok(wrap(T::wrap_cuda_slice(out, dev), (b, hq * d)))
     }
     let dtype = q.dtype();
@@ -989,7 +1068,7 @@ pub fn decode_attention(
     bias: &Tensor,
     scale: f32,
 ) -> Result<Option<Tensor>> {
-    fn go<T: CudaDType + DeviceRepr + WithDType>(
+    fn go<T: Float>(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -1012,9 +1091,8 @@ pub fn decode_attention(
         let (kv_, vv) = (strided::<T>(ks, kl, span)?, strided::<T>(vs, vl, span)?);
         let y = unsafe { dev.alloc::<T>(b * hkv * g * d)? };
         let name = kernel::<T>(launch::decode_attention_kernel(d))?;
-        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let (hkv32, g32, s32, d32) = (hkv as i32, g as i32, s as i32, d as i32);
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &name)?;
         l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv).arg(&y);
         l.arg(&hkv32)
             .arg(&g32)
@@ -1024,7 +1102,7 @@ pub fn decode_attention(
             .arg(&scale);
         // SAFETY: q and y hold B·Hkv·G·D, the bias B·S; K and V span (B·Hkv − 1)·kv_stride + S·D
         // from their views' starts, which the caller's layouts were checked to cover.
-        unsafe { l.launch(config(launch::decode_attention(b * hkv))) }.w()?;
+        unsafe { l.launch(launch::decode_attention(b * hkv)) }?;
         Ok(wrap(T::wrap_cuda_slice(y, dev), (b, hkv, g, d)))
     }
     let (b, hkv, g, d) = q.dims4()?;
@@ -1088,15 +1166,14 @@ pub fn flash_attention(
     let (kv_, vv) = (a.kv_view(ks, kl)?, a.kv_view(vs, vl)?);
     let y = unsafe { dev.alloc::<half::bf16>(a.rows() * a.d)? };
     let lse = unsafe { dev.alloc::<f32>(a.rows())? };
-    let f = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
-    let mut l = f.builder();
+    let mut l = Launch::new(&dev, kernel)?;
     l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv).arg(&y).arg(&lse);
     let dims = a.dims(scale);
     dims.push_to(&mut l);
     // SAFETY: q and y hold B·Hkv·G·T·D, the bias B·T·S, lse B·Hkv·G·T; K and V span
     // (B·Hkv − 1)·kv_stride + S·D from their views' starts, which their layouts were checked to
     // cover; D is the kernel's.
-    unsafe { l.launch(config(launch::flash_attention(a.heads(), a.t))) }.w()?;
+    unsafe { l.launch(launch::flash_attention(a.heads(), a.t)) }?;
     let y = wrap(half::bf16::wrap_cuda_slice(y, dev.clone()), q.shape());
     let lse = wrap(f32::wrap_cuda_slice(lse, dev), a.rows());
     Ok(Some((y, lse)))
@@ -1152,23 +1229,21 @@ pub fn flash_attention_backward(
     let dims = a.dims(scale);
     let dq = unsafe { dev.alloc::<half::bf16>(a.rows() * a.d)? };
     let delta = unsafe { dev.alloc::<f32>(a.rows())? };
-    let f = dev.get_or_load_custom_func(dq_kernel, MODULE, PTX)?;
-    let mut l = f.builder();
+    let mut l = Launch::new(&dev, dq_kernel)?;
     l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv);
     l.arg(&yv).arg(&gv).arg(&lv).arg(&dq).arg(&delta);
     dims.push_to(&mut l);
     // SAFETY: as the forward's; y, dy and dq hold B·Hkv·G·T·D, lse and delta B·Hkv·G·T.
-    unsafe { l.launch(config(launch::flash_attention(a.heads(), a.t))) }.w()?;
+    unsafe { l.launch(launch::flash_attention(a.heads(), a.t)) }?;
     let per_head = a.heads() * a.s * a.d;
     let dk = unsafe { dev.alloc::<f32>(per_head)? };
     let dv = unsafe { dev.alloc::<f32>(per_head)? };
-    let f = dev.get_or_load_custom_func(dkv_kernel, MODULE, PTX)?;
-    let mut l = f.builder();
+    let mut l = Launch::new(&dev, dkv_kernel)?;
     l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv);
     l.arg(&gv).arg(&lv).arg(&delta).arg(&dk).arg(&dv);
     dims.push_to(&mut l);
     // SAFETY: as above; dk and dv hold B·Hkv·G·S·D, every element of which the kernel writes.
-    unsafe { l.launch(config(launch::flash_attention_dkv(a.heads(), a.s))) }.w()?;
+    unsafe { l.launch(launch::flash_attention_dkv(a.heads(), a.s)) }?;
     let dq = wrap(half::bf16::wrap_cuda_slice(dq, dev.clone()), q.shape());
     let per_kv = |x: CudaSlice<f32>| -> Result<Tensor> {
         let x = wrap(
@@ -1205,7 +1280,7 @@ struct FlashDims {
 }
 
 impl FlashDims {
-    fn push_to<'a>(&'a self, l: &mut LaunchArgs<'a>) {
+    fn push_to<'a>(&'a self, l: &mut Launch<'a>) {
         for x in &self.ints {
             l.arg(x);
         }
@@ -1323,8 +1398,8 @@ impl MultiTensor {
         }))
     }
 
-    fn geometry(&self) -> LaunchConfig {
-        config(launch::multi_tensor(self.chunks as usize))
+    fn geometry(&self) -> launch::Geometry {
+        launch::multi_tensor(self.chunks as usize)
     }
 }
 
@@ -1357,8 +1432,7 @@ pub fn sum_squares(grads: &[&Tensor]) -> Result<f64> {
         return Ok(0.0);
     };
     let partial = dev.alloc_zeros::<f32>(t.chunks as usize)?;
-    let f = dev.get_or_load_custom_func("sum_squares_f32", MODULE, PTX)?;
-    let mut l = f.builder();
+    let mut l = Launch::new(&dev, "sum_squares_f32")?;
     l.arg(&t.addresses)
         .arg(&t.sizes)
         .arg(&t.param)
@@ -1366,7 +1440,7 @@ pub fn sum_squares(grads: &[&Tensor]) -> Result<f64> {
     l.arg(&t.chunks).arg(&t.chunk).arg(&partial);
     // SAFETY: the addresses are of the contiguous f32 gradients (checked by `address`, alive in
     // `grads` until the transfer below has waited for the kernel); one partial sum per chunk.
-    unsafe { l.launch(t.geometry()) }.w()?;
+    unsafe { l.launch(t.geometry()) }?;
     let partial = stream.clone_dtoh(&partial).w()?;
     Ok(partial.iter().map(|&x| x as f64).sum())
 }
@@ -1406,10 +1480,7 @@ pub struct AdamWParam<'a> {
 /// copy are read and written once, its gradient read once.
 pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
     /// `P`: the compute copies' type (f32: none).
-    fn go<P: CudaDType + DeviceRepr + WithDType>(
-        params: &[&AdamWParam],
-        s: AdamWStep,
-    ) -> Result<()> {
+    fn go<P: Float>(params: &[&AdamWParam], s: AdamWStep) -> Result<()> {
         let Some(first) = params.first() else {
             return Ok(());
         };
@@ -1442,8 +1513,7 @@ pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
         };
         let decays: Vec<f32> = params.iter().map(|p| p.decay).collect();
         let decays = dev.cuda_stream().clone_htod(&decays).w()?;
-        let f = dev.get_or_load_custom_func(&kernel::<P>("adamw")?, MODULE, PTX)?;
-        let mut l = f.builder();
+        let mut l = Launch::new(&dev, &kernel::<P>("adamw")?)?;
         l.arg(&t.addresses).arg(&t.sizes).arg(&decays);
         l.arg(&t.param).arg(&t.index).arg(&t.chunks).arg(&t.chunk);
         l.arg(&s.beta1).arg(&s.beta2).arg(&s.eps);
@@ -1451,7 +1521,7 @@ pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
         // SAFETY: five addresses per parameter, of contiguous buffers of its size and type
         // (checked above and by `address`); the gradients' contiguous copies and the tables are
         // freed in stream order, after the kernel.
-        unsafe { l.launch(t.geometry()) }.w()?;
+        unsafe { l.launch(t.geometry()) }?;
         Ok(())
     }
     let copy_dtype = |p: &AdamWParam| p.copy.map_or(DType::F32, Tensor::dtype);

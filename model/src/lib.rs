@@ -16,7 +16,8 @@
 //! - [`sampling`], [`generate`], [`rng`]: seeded sampling and batched generation.
 //! - [`ops`]: the fused CPU kernels and (feature `cuda`) `cuda`'s launchers of
 //!   `kernels/ferrite.cu`, with the launch geometry in [`launch`] (shared with the kernels' CPU
-//!   emulation tests).
+//!   emulation tests) and the kernels' parameter lists in [`signatures`] (each launch's
+//!   arguments are checked against them).
 
 pub mod attach;
 pub mod attention;
@@ -37,6 +38,7 @@ pub mod logprobs;
 pub mod ops;
 pub mod rng;
 pub mod sampling;
+pub mod signatures;
 #[cfg(test)]
 mod test_util;
 pub mod tokenizer;
