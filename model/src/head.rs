@@ -103,8 +103,9 @@ pub fn output_logprobs_with(
     let (mut parts, mut kept) = (Vec::new(), Vec::new());
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let z = linear(&sd.narrow(0, start, len)?, &wd, None)?; // [c, V]
-                                                                // [c, 3]: log-prob, entropy, log-partition (which spares the backward a pass)
+        // z [c, V]; its stats [c, 3]: log-prob, entropy, log-partition (which spares the
+        // backward a pass)
+        let z = linear(&sd.narrow(0, start, len)?, &wd, None)?;
         parts.push(logprob_entropy_stats(
             &z,
             &targets.narrow(0, start, len)?,

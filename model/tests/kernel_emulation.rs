@@ -1099,8 +1099,9 @@ fn decode_attention_matches_the_composed_ops_over_a_cache_view() {
                 .unwrap()
                 .reshape((b, hkv, g, s))
                 .unwrap();
-            let want = probs.matmul(&v.contiguous().unwrap()).unwrap(); // [B, Hkv, G, D]
-                                                                        // the general kernel takes every D; the launcher picks the D ≤ 64 one when it can
+            // [B, Hkv, G, D]
+            let want = probs.matmul(&v.contiguous().unwrap()).unwrap();
+            // the general kernel takes every D; the launcher picks the D ≤ 64 one when it can
             let families: &[&str] = if d <= 64 {
                 &["decode_attention", "decode_attention_d64"]
             } else {
@@ -1156,10 +1157,11 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
         let q = Ty::Bf16.round(&random(&[b, hkv, g * t, d], seed, 2.0));
         let k_cache = Ty::Bf16.round(&random(&[b, hkv, cap, d], seed + 1, 1.0));
         let v_cache = Ty::Bf16.round(&random(&[b, hkv, cap, d], seed + 2, 1.0));
-        let u = Ty::Bf16.round(&random(&[b, hkv, g * t, d], seed + 3, 1.0)); // upstream dO
-                                                                             // batch row 1 left-padded; its rows that see no key at all are left out (the kernel
-                                                                             // averages the values of their key tiles, the composed ops of all S keys: garbage
-                                                                             // either way, and no real token attends to them)
+        // the upstream dO
+        let u = Ty::Bf16.round(&random(&[b, hkv, g * t, d], seed + 3, 1.0));
+        // batch row 1 left-padded; its rows that see no key at all are left out (the kernel
+        // averages the values of their key tiles, the composed ops of all S keys: garbage
+        // either way, and no real token attends to them)
         let bias = causal_bias(b, t, s)
             .flatten_all()
             .unwrap()
