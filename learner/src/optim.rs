@@ -179,11 +179,24 @@ impl AdamW {
 
     /// Adds `scale ·` the gradients of one micro-batch to the step's accumulated gradient.
     /// Returns the names of parameters that received no gradient.
+    ///
+    /// The accumulated gradient is f32, but for a step of one micro-batch (scale 1, no mask) on
+    /// a non-CPU device, whose gradient stays as the backward left it: bf16 for a bf16
+    /// parameter, which the update widens as it reads (the fused CUDA step in its registers), so
+    /// that no f32 copy of every gradient is written. Either way the update sees the same values.
     pub fn accumulate(&mut self, grads: &GradStore, scale: f64) -> Result<Vec<String>> {
         let mut missing = Vec::new();
         for p in &mut self.params {
             match grads.get(p.var.as_tensor()) {
                 Some(g) => {
+                    let as_is = p.grad.is_none()
+                        && scale == 1.0
+                        && p.mask_tensor.is_none()
+                        && matches!(p.moments, Moments::Device { .. });
+                    if as_is {
+                        p.grad = Some(g.clone());
+                        continue;
+                    }
                     let mut g = g.to_dtype(DType::F32)?;
                     if scale != 1.0 {
                         g = (g * scale)?;
@@ -193,7 +206,7 @@ impl AdamW {
                         g = (g * m)?;
                     }
                     p.grad = Some(match p.grad.take() {
-                        Some(acc) => (acc + g)?,
+                        Some(acc) => (acc.to_dtype(DType::F32)? + g)?,
                         None => g,
                     });
                 }
@@ -254,7 +267,7 @@ impl AdamW {
             let dtype = p.var.as_tensor().dtype();
             match &mut p.moments {
                 Moments::Host { p: w, m, v } => {
-                    let g = g.flatten_all()?.to_vec1::<f32>()?;
+                    let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     let mask = p.mask.as_deref();
                     host_update(
                         w,
@@ -307,8 +320,9 @@ impl AdamW {
         })
     }
 
-    /// Σ‖g‖² of the step's gradient: in one multi-tensor launch on a CUDA device, else summed
-    /// on the device per parameter with one transfer to the host.
+    /// Σ‖g‖² of the step's gradient (in f32, whatever the gradients' dtype): in one
+    /// multi-tensor launch per dtype on a CUDA device, else summed on the device per parameter
+    /// with one transfer to the host.
     fn sum_squares(&self) -> Result<f64> {
         let grads: Vec<&Tensor> = self.params.iter().filter_map(|p| p.grad.as_ref()).collect();
         if grads.is_empty() {
@@ -318,13 +332,18 @@ impl AdamW {
         if model::ops::cuda_kernels()
             && grads
                 .iter()
-                .all(|g| g.device().is_cuda() && g.dtype() == DType::F32)
+                .all(|g| g.device().is_cuda() && matches!(g.dtype(), DType::F32 | DType::BF16))
         {
             return Ok(model::cuda::sum_squares(&grads)?);
         }
         let squares = grads
             .iter()
-            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .map(|g| {
+                g.to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?)
     }
@@ -347,11 +366,13 @@ impl AdamW {
                     continue;
                 };
                 let w = p.var.as_tensor();
-                let dtypes_ok = g.dtype() == DType::F32
-                    && match master {
-                        Some(_) => w.dtype() == DType::BF16,
-                        None => w.dtype() == DType::F32,
-                    };
+                // an f32 gradient, or a bf16 parameter's own bf16 one
+                let dtypes_ok = match master {
+                    Some(_) => {
+                        w.dtype() == DType::BF16 && matches!(g.dtype(), DType::F32 | DType::BF16)
+                    }
+                    None => w.dtype() == DType::F32 && g.dtype() == DType::F32,
+                };
                 if !g.device().is_cuda() || !dtypes_ok {
                     continue;
                 }

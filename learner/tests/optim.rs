@@ -238,3 +238,73 @@ fn bf16_parameters_update_through_an_f32_master() {
     }
     assert_eq!(finals[0], finals[1], "host and composed paths agree");
 }
+
+/// A step of one micro-batch keeps a bf16 parameter's gradient in bf16 until the update widens
+/// it (no f32 copy of every gradient); two half-weighted micro-batches accumulate in f32. The
+/// two must update the weights, the master and the gradient norm identically (halving and
+/// doubling are exact), with and without clipping.
+#[test]
+fn a_single_bf16_gradient_updates_as_the_f32_accumulated_one() {
+    use candle_core::DType;
+    let init = Tensor::new(&[[1f32, -1.0, 0.25], [0.5, 2.0, -3.0]], &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let grad = Tensor::new(&[[0.3f32, -1.7, 0.01], [2.5, 1.1, -0.4]], &Device::Cpu).unwrap();
+    for max_grad_norm in [None, Some(0.5)] {
+        let config = AdamWConfig {
+            weight_decay: 0.1,
+            max_grad_norm,
+            ..Default::default()
+        };
+        let run = |micro_batches: usize| {
+            let w = Var::from_tensor(&init).unwrap();
+            let vars = vec![("w".to_string(), w.clone())];
+            let mut opt = AdamW::new_composed(vars, config).unwrap();
+            let mut norms = Vec::new();
+            for _ in 0..3 {
+                for _ in 0..micro_batches {
+                    let loss = (w.as_tensor().to_dtype(DType::F32).unwrap() * &grad)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap();
+                    let grads = loss.backward().unwrap();
+                    assert_eq!(grads.get(w.as_tensor()).unwrap().dtype(), DType::BF16);
+                    opt.accumulate(&grads, 1.0 / micro_batches as f64).unwrap();
+                }
+                norms.push(opt.step(1e-2).unwrap().grad_norm);
+            }
+            let dir = std::env::temp_dir().join(format!(
+                "ferrite-optim-bf16-grad-{}-{micro_batches}-{max_grad_norm:?}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            opt.save(&dir).unwrap();
+            let saved = std::fs::read(dir.join("optimizer.safetensors")).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            let w = w
+                .as_tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            (w.to_vec1::<f32>().unwrap(), norms, saved)
+        };
+        let (one, two) = (run(1), run(2));
+        assert_ne!(
+            one.0,
+            init.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        assert_eq!(one.0, two.0, "weights, clip {max_grad_norm:?}");
+        assert_eq!(one.1, two.1, "gradient norms, clip {max_grad_norm:?}");
+        assert!(
+            one.2 == two.2,
+            "masters and moments, clip {max_grad_norm:?}"
+        );
+    }
+}

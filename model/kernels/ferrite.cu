@@ -1329,37 +1329,51 @@ __device__ __forceinline__ void chunk_bounds(const uint32_t* sizes, const uint32
     end = start + chunk < sizes[i] ? start + chunk : sizes[i];
 }
 
-// Σ g² per chunk of the f32 gradients at addresses[i] into partial[c], for the host to add in
-// f64: a fixed order, so the global norm does not vary from run to run.
-extern "C" __global__ void sum_squares_f32(const u64* addresses, const uint32_t* sizes,
-                                           const uint32_t* chunk_param, const uint32_t* chunk_index,
-                                           int chunks, int chunk, float* partial) {
+// Σ g² per chunk of the gradients (f32 or bf16, G) at addresses[i] into partial[c], for the host
+// to add in f64: a fixed order, so the global norm does not vary from run to run.
+template <typename G>
+__device__ void sum_squares(const u64* addresses, const uint32_t* sizes, const uint32_t* chunk_param,
+                            const uint32_t* chunk_index, int chunks, int chunk, float* partial) {
     for (int c = blockIdx.x; c < chunks; c += gridDim.x) {
         const uint32_t i = chunk_param[c];
-        const float* g = (const float*)addresses[i];
+        const G* g = (const G*)addresses[i];
         size_t start, end;
         chunk_bounds(sizes, chunk_index, c, i, chunk, start, end);
         float s = 0.f;
-        for (size_t j = start + threadIdx.x; j < end; j += blockDim.x) s += g[j] * g[j];
+        for (size_t j = start + threadIdx.x; j < end; j += blockDim.x) {
+            const float gj = ld(g[j]);
+            s += gj * gj;
+        }
         s = block_sum(s);
         if (threadIdx.x == 0) partial[c] = s;
     }
+}
+extern "C" __global__ void sum_squares_f32(const u64* addresses, const uint32_t* sizes,
+                                           const uint32_t* chunk_param, const uint32_t* chunk_index,
+                                           int chunks, int chunk, float* partial) {
+    sum_squares<float>(addresses, sizes, chunk_param, chunk_index, chunks, chunk, partial);
+}
+extern "C" __global__ void sum_squares_bf16(const u64* addresses, const uint32_t* sizes,
+                                            const uint32_t* chunk_param, const uint32_t* chunk_index,
+                                            int chunks, int chunk, float* partial) {
+    sum_squares<bf16>(addresses, sizes, chunk_param, chunk_index, chunks, chunk, partial);
 }
 
 // One AdamW step of every parameter, in place, as learner/src/optim.rs's host_update:
 //   g' = clip·g;  m = β1·m + (1−β1)·g';  v = β2·v + (1−β2)·g'²;
 //   w −= decay·w;  w −= step_size·m / (sqrt(v)/sqrt_bias2 + eps)
-// Parameter i's f32 master w, f32 gradient, f32 moments m and v, and compute copy (P, written
-// with the new w; address 0 when the master is the parameter itself) are at addresses[5i … 5i+4];
-// decays[i] is its lr·weight_decay (or 0).
-template <typename P>
+// Parameter i's f32 master w, gradient (G: f32, or bf16 as a bf16 parameter's backward left it),
+// f32 moments m and v, and compute copy (P, written with the new w; address 0 when the master is
+// the parameter itself) are at addresses[5i … 5i+4]; decays[i] is its lr·weight_decay (or 0).
+// Kernels adamw_<P> read f32 gradients, adamw_bf16_bf16 bf16 ones.
+template <typename P, typename G>
 __device__ void adamw(const u64* addresses, const uint32_t* sizes, const float* decays,
                       const uint32_t* chunk_param, const uint32_t* chunk_index, int chunks, int chunk,
                       float beta1, float beta2, float eps, float step_size, float sqrt_bias2, float clip) {
     for (int c = blockIdx.x; c < chunks; c += gridDim.x) {
         const uint32_t i = chunk_param[c];
         float* w = (float*)addresses[5 * i];
-        const float* g = (const float*)addresses[5 * i + 1];
+        const G* g = (const G*)addresses[5 * i + 1];
         float* m = (float*)addresses[5 * i + 2];
         float* v = (float*)addresses[5 * i + 3];
         P* copy = (P*)addresses[5 * i + 4];
@@ -1367,7 +1381,7 @@ __device__ void adamw(const u64* addresses, const uint32_t* sizes, const float* 
         size_t start, end;
         chunk_bounds(sizes, chunk_index, c, i, chunk, start, end);
         for (size_t j = start + threadIdx.x; j < end; j += blockDim.x) {
-            const float gj = g[j] * clip;
+            const float gj = ld(g[j]) * clip;
             const float mj = beta1 * m[j] + (1.f - beta1) * gj;
             const float vj = beta2 * v[j] + (1.f - beta2) * gj * gj;
             float wj = w[j];
@@ -1384,13 +1398,20 @@ extern "C" __global__ void adamw_f32(const u64* addresses, const uint32_t* sizes
                                      const uint32_t* chunk_param, const uint32_t* chunk_index, int chunks,
                                      int chunk, float beta1, float beta2, float eps, float step_size,
                                      float sqrt_bias2, float clip) {
-    adamw<float>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2, eps,
-                 step_size, sqrt_bias2, clip);
+    adamw<float, float>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2,
+                        eps, step_size, sqrt_bias2, clip);
 }
 extern "C" __global__ void adamw_bf16(const u64* addresses, const uint32_t* sizes, const float* decays,
                                       const uint32_t* chunk_param, const uint32_t* chunk_index, int chunks,
                                       int chunk, float beta1, float beta2, float eps, float step_size,
                                       float sqrt_bias2, float clip) {
-    adamw<bf16>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2, eps,
-                step_size, sqrt_bias2, clip);
+    adamw<bf16, float>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2,
+                       eps, step_size, sqrt_bias2, clip);
+}
+extern "C" __global__ void adamw_bf16_bf16(const u64* addresses, const uint32_t* sizes, const float* decays,
+                                           const uint32_t* chunk_param, const uint32_t* chunk_index,
+                                           int chunks, int chunk, float beta1, float beta2, float eps,
+                                           float step_size, float sqrt_bias2, float clip) {
+    adamw<bf16, bf16>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2,
+                      eps, step_size, sqrt_bias2, clip);
 }

@@ -1410,39 +1410,55 @@ fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
-/// Σ g² over the f32 `grads` (on one CUDA device) in one launch: each chunk of
+/// Σ g² over `grads` (f32 or bf16, on one CUDA device) in one launch per dtype: each chunk of
 /// [`launch::MULTI_TENSOR_CHUNK`] elements is summed in f32 on the device, and the chunks' sums
-/// are added on the host in f64, in a fixed order.
+/// are added on the host in f64, in a fixed order (the f32 gradients' chunks, then the bf16
+/// ones').
 pub fn sum_squares(grads: &[&Tensor]) -> Result<f64> {
-    let Some(first) = grads.first() else {
-        return Ok(0.0);
-    };
-    let dev = cuda_device(first)?;
-    let stream = dev.cuda_stream();
-    let grads = grads
+    /// The f32 partial sums of `grads`, all of `G`.
+    fn go<G: Float>(grads: &[&Tensor]) -> Result<Vec<f32>> {
+        let Some(first) = grads.first() else {
+            return Ok(Vec::new());
+        };
+        let dev = cuda_device(first)?;
+        let grads = grads
+            .iter()
+            .map(|g| g.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let addresses = grads
+            .iter()
+            .map(address::<G>)
+            .collect::<Result<Vec<u64>>>()?;
+        let sizes: Vec<usize> = grads.iter().map(Tensor::elem_count).collect();
+        let Some(t) = MultiTensor::upload(&dev, &addresses, &sizes)? else {
+            return Ok(Vec::new());
+        };
+        let partial = dev.alloc_zeros::<f32>(t.chunks as usize)?;
+        let mut l = Launch::new(&dev, &kernel::<G>("sum_squares")?)?;
+        l.arg(&t.addresses)
+            .arg(&t.sizes)
+            .arg(&t.param)
+            .arg(&t.index);
+        l.arg(&t.chunks).arg(&t.chunk).arg(&partial);
+        // SAFETY: the addresses are of the contiguous gradients of G (checked by `address`,
+        // alive in `grads` until the transfer below has waited for the kernel); one partial sum
+        // per chunk.
+        unsafe { l.launch(t.geometry()) }?;
+        dev.cuda_stream().clone_dtoh(&partial).w()
+    }
+    let of =
+        |d: DType| -> Vec<&Tensor> { grads.iter().copied().filter(|g| g.dtype() == d).collect() };
+    if let Some(g) = grads
         .iter()
-        .map(|g| g.contiguous())
-        .collect::<Result<Vec<_>>>()?;
-    let addresses = grads
-        .iter()
-        .map(address::<f32>)
-        .collect::<Result<Vec<u64>>>()?;
-    let sizes: Vec<usize> = grads.iter().map(Tensor::elem_count).collect();
-    let Some(t) = MultiTensor::upload(&dev, &addresses, &sizes)? else {
-        return Ok(0.0);
-    };
-    let partial = dev.alloc_zeros::<f32>(t.chunks as usize)?;
-    let mut l = Launch::new(&dev, "sum_squares_f32")?;
-    l.arg(&t.addresses)
-        .arg(&t.sizes)
-        .arg(&t.param)
-        .arg(&t.index);
-    l.arg(&t.chunks).arg(&t.chunk).arg(&partial);
-    // SAFETY: the addresses are of the contiguous f32 gradients (checked by `address`, alive in
-    // `grads` until the transfer below has waited for the kernel); one partial sum per chunk.
-    unsafe { l.launch(t.geometry()) }?;
-    let partial = stream.clone_dtoh(&partial).w()?;
-    Ok(partial.iter().map(|&x| x as f64).sum())
+        .find(|g| !matches!(g.dtype(), DType::F32 | DType::BF16))
+    {
+        return Err(err(format!("sum_squares: no {:?} variant", g.dtype())));
+    }
+    let partial = [
+        go::<f32>(&of(DType::F32))?,
+        go::<half::bf16>(&of(DType::BF16))?,
+    ];
+    Ok(partial.iter().flatten().map(|&x| x as f64).sum())
 }
 
 /// The scalars of one AdamW step (see `learner::optim`'s host update).
@@ -1464,7 +1480,7 @@ pub struct AdamWStep {
 pub struct AdamWParam<'a> {
     /// The f32 master weights; the parameter itself when there is no `copy`.
     pub master: &'a Tensor,
-    /// The f32 gradient.
+    /// The gradient: f32, or bf16 (as a bf16 parameter's backward leaves it) with a bf16 copy.
     pub grad: &'a Tensor,
     /// The f32 moments.
     pub m: &'a Tensor,
@@ -1475,12 +1491,13 @@ pub struct AdamWParam<'a> {
     pub decay: f32,
 }
 
-/// One AdamW step of every parameter in `params`, in place, in one launch for the parameters
-/// without a compute copy and one for those with a bf16 copy: each element's master, moments and
-/// copy are read and written once, its gradient read once.
+/// One AdamW step of every parameter in `params`, in place, in one launch per kind: without a
+/// compute copy (`adamw_f32`), with a bf16 copy and an f32 gradient (`adamw_bf16`), with a bf16
+/// copy and a bf16 gradient (`adamw_bf16_bf16`). Each element's master, moments and copy are read
+/// and written once, its gradient read once.
 pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
-    /// `P`: the compute copies' type (f32: none).
-    fn go<P: Float>(params: &[&AdamWParam], s: AdamWStep) -> Result<()> {
+    /// `P`: the compute copies' type (f32: none); `G`: the gradients'.
+    fn go<P: Float, G: Float>(params: &[&AdamWParam], s: AdamWStep) -> Result<()> {
         let Some(first) = params.first() else {
             return Ok(());
         };
@@ -1501,7 +1518,7 @@ pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
             }
             addresses.extend([
                 address::<f32>(p.master)?,
-                address::<f32>(g)?,
+                address::<G>(g)?,
                 address::<f32>(p.m)?,
                 address::<f32>(p.v)?,
                 p.copy.map(address::<P>).transpose()?.unwrap_or(0),
@@ -1513,7 +1530,11 @@ pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
         };
         let decays: Vec<f32> = params.iter().map(|p| p.decay).collect();
         let decays = dev.cuda_stream().clone_htod(&decays).w()?;
-        let mut l = Launch::new(&dev, &kernel::<P>("adamw")?)?;
+        let name = match G::DTYPE {
+            DType::F32 => kernel::<P>("adamw")?,
+            _ => kernel::<P>("adamw")? + "_bf16",
+        };
+        let mut l = Launch::new(&dev, &name)?;
         l.arg(&t.addresses).arg(&t.sizes).arg(&decays);
         l.arg(&t.param).arg(&t.index).arg(&t.chunks).arg(&t.chunk);
         l.arg(&s.beta1).arg(&s.beta2).arg(&s.eps);
@@ -1526,18 +1547,27 @@ pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
     }
     let copy_dtype = |p: &AdamWParam| p.copy.map_or(DType::F32, Tensor::dtype);
     for p in params {
-        if [p.master, p.grad, p.m, p.v]
-            .iter()
-            .any(|t| t.dtype() != DType::F32)
-        {
-            return Err(err("adamw: master, gradient and moments must be f32"));
+        if [p.master, p.m, p.v].iter().any(|t| t.dtype() != DType::F32) {
+            return Err(err("adamw: master and moments must be f32"));
         }
-        if !matches!(copy_dtype(p), DType::F32 | DType::BF16) {
-            return Err(err(format!("adamw: no {:?} variant", copy_dtype(p))));
+        let kind = (copy_dtype(p), p.grad.dtype());
+        if !matches!(
+            kind,
+            (DType::F32, DType::F32) | (DType::BF16, DType::F32) | (DType::BF16, DType::BF16)
+        ) {
+            return Err(err(format!(
+                "adamw: no variant for a {:?} copy with a {:?} gradient",
+                kind.0, kind.1
+            )));
         }
     }
-    let of =
-        |d: DType| -> Vec<&AdamWParam> { params.iter().filter(|p| copy_dtype(p) == d).collect() };
-    go::<f32>(&of(DType::F32), s)?;
-    go::<half::bf16>(&of(DType::BF16), s)
+    let of = |copy: DType, grad: DType| -> Vec<&AdamWParam> {
+        params
+            .iter()
+            .filter(|p| copy_dtype(p) == copy && p.grad.dtype() == grad)
+            .collect()
+    };
+    go::<f32, f32>(&of(DType::F32, DType::F32), s)?;
+    go::<half::bf16, f32>(&of(DType::BF16, DType::F32), s)?;
+    go::<half::bf16, half::bf16>(&of(DType::BF16, DType::BF16), s)
 }

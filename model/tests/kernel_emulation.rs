@@ -1356,44 +1356,48 @@ fn multi_tensor_args() -> (Arg, [Arg; 3]) {
 
 #[test]
 fn sum_squares_sums_each_chunk() {
-    let grads: Vec<Vec<f32>> = MULTI_SIZES
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| random(&[n], 30 + i as u64, 1.0).to_vec1().unwrap())
-        .collect();
-    let (chunk_param, chunk_index) = launch::chunk_table(&MULTI_SIZES, MULTI_CHUNK);
-    let want: Vec<f32> = chunk_param
-        .iter()
-        .zip(&chunk_index)
-        .map(|(&i, &k)| {
-            let g = &grads[i as usize];
-            let start = k as usize * MULTI_CHUNK;
-            let end = (start + MULTI_CHUNK).min(g.len());
-            g[start..end]
-                .iter()
-                .map(|&x| x as f64 * x as f64)
-                .sum::<f64>() as f32
-        })
-        .collect();
-    let total: f64 = want.iter().map(|&x| x as f64).sum();
-    let n_chunks = want.len();
-    let want = Tensor::new(want, &Device::Cpu).unwrap();
-    let (sizes, table) = multi_tensor_args();
-    let geometry = launch::multi_tensor(n_chunks);
-    for geometry in [geometry, fewer_blocks(geometry, 2)] {
-        let mut args = vec![
-            Arg::Table(grads.iter().map(|g| Some(Arg::F32(g.clone()))).collect()),
-            sizes.clone(),
-        ];
-        args.extend(table.iter().cloned());
-        args.extend([
-            Arg::Int(MULTI_CHUNK as i32),
-            Arg::F32(vec![f32::NAN; n_chunks]),
-        ]);
-        let out = launch("sum_squares_f32", geometry, &args);
-        assert_close("sum_squares", &out[4], &want, 1e-6);
-        let got: f64 = out[4].f32s().iter().map(|&x| x as f64).sum();
-        assert!((got / total - 1.0).abs() < 1e-6, "{got} vs {total}");
+    // f32 gradients, and bf16 ones as a bf16 parameter's backward leaves them
+    for ty in [Ty::F32, Ty::Bf16] {
+        let grads: Vec<Tensor> = MULTI_SIZES
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| ty.round(&random(&[n], 30 + i as u64, 1.0)))
+            .collect();
+        let (chunk_param, chunk_index) = launch::chunk_table(&MULTI_SIZES, MULTI_CHUNK);
+        let values: Vec<Vec<f32>> = grads.iter().map(|g| g.to_vec1().unwrap()).collect();
+        let want: Vec<f32> = chunk_param
+            .iter()
+            .zip(&chunk_index)
+            .map(|(&i, &k)| {
+                let g = &values[i as usize];
+                let start = k as usize * MULTI_CHUNK;
+                let end = (start + MULTI_CHUNK).min(g.len());
+                g[start..end]
+                    .iter()
+                    .map(|&x| x as f64 * x as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let total: f64 = want.iter().map(|&x| x as f64).sum();
+        let n_chunks = want.len();
+        let want = Tensor::new(want, &Device::Cpu).unwrap();
+        let (sizes, table) = multi_tensor_args();
+        let geometry = launch::multi_tensor(n_chunks);
+        for geometry in [geometry, fewer_blocks(geometry, 2)] {
+            let mut args = vec![
+                Arg::Table(grads.iter().map(|g| Some(ty.buffer(g))).collect()),
+                sizes.clone(),
+            ];
+            args.extend(table.iter().cloned());
+            args.extend([
+                Arg::Int(MULTI_CHUNK as i32),
+                Arg::F32(vec![f32::NAN; n_chunks]),
+            ]);
+            let out = launch(&ty.name("sum_squares"), geometry, &args);
+            assert_close("sum_squares", &out[4], &want, 1e-6);
+            let got: f64 = out[4].f32s().iter().map(|&x| x as f64).sum();
+            assert!((got / total - 1.0).abs() < 1e-6, "{ty:?}: {got} vs {total}");
+        }
     }
 }
 
@@ -1419,38 +1423,50 @@ fn adamw_matches_pytorchs_update() {
             ]
         })
         .collect();
-    let want: Vec<[Vec<f32>; 3]> = params
-        .iter()
-        .zip(&decays)
-        .map(|([w0, g0, m0, v0], &decay)| {
-            let mut out = [vec![], vec![], vec![]];
-            for i in 0..w0.len() {
-                let gi = g0[i] as f64 * clip;
-                let mi = beta1 * m0[i] as f64 + (1.0 - beta1) * gi;
-                let vi = beta2 * v0[i] as f64 + (1.0 - beta2) * gi * gi;
-                let wi = w0[i] as f64 * (1.0 - decay as f64)
-                    - lr / bias1 * mi / (vi.sqrt() / bias2.sqrt() + eps);
-                out[0].push(wi as f32);
-                out[1].push(mi as f32);
-                out[2].push(vi as f32);
-            }
-            out
-        })
-        .collect();
     let (sizes, table) = multi_tensor_args();
     let n_chunks = launch::chunk_table(&MULTI_SIZES, MULTI_CHUNK).0.len();
-    // f32 parameters (no compute copy) and bf16 ones (the copy rewritten from the master)
-    for ty in [Ty::F32, Ty::Bf16] {
+    // f32 parameters (no compute copy), bf16 ones (the copy rewritten from the master), and bf16
+    // ones whose gradient is bf16 too (as their backward leaves it)
+    for (ty, grad_ty, kernel) in [
+        (Ty::F32, Ty::F32, "adamw_f32"),
+        (Ty::Bf16, Ty::F32, "adamw_bf16"),
+        (Ty::Bf16, Ty::Bf16, "adamw_bf16_bf16"),
+    ] {
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|[_, g, _, _]| grad_ty.round(&Tensor::new(g.as_slice(), &Device::Cpu).unwrap()))
+            .collect();
+        let grad_values: Vec<Vec<f32>> = grads.iter().map(|g| vec(g.clone())).collect();
+        let want: Vec<[Vec<f32>; 3]> = params
+            .iter()
+            .zip(&grad_values)
+            .zip(&decays)
+            .map(|(([w0, _, m0, v0], g0), &decay)| {
+                let mut out = [vec![], vec![], vec![]];
+                for i in 0..w0.len() {
+                    let gi = g0[i] as f64 * clip;
+                    let mi = beta1 * m0[i] as f64 + (1.0 - beta1) * gi;
+                    let vi = beta2 * v0[i] as f64 + (1.0 - beta2) * gi * gi;
+                    let wi = w0[i] as f64 * (1.0 - decay as f64)
+                        - lr / bias1 * mi / (vi.sqrt() / bias2.sqrt() + eps);
+                    out[0].push(wi as f32);
+                    out[1].push(mi as f32);
+                    out[2].push(vi as f32);
+                }
+                out
+            })
+            .collect();
         let addresses: Vec<Option<Arg>> = params
             .iter()
-            .flat_map(|[w, g, m, v]| {
+            .zip(&grads)
+            .flat_map(|([w, _, m, v], g)| {
                 let copy = match ty {
                     Ty::F32 => None,
                     Ty::Bf16 => Some(Arg::Bf16(vec![bf16::NAN; w.len()])),
                 };
                 [
                     Some(Arg::F32(w.clone())),
-                    Some(Arg::F32(g.clone())),
+                    Some(grad_ty.buffer(g)),
                     Some(Arg::F32(m.clone())),
                     Some(Arg::F32(v.clone())),
                     copy,
@@ -1474,19 +1490,19 @@ fn adamw_matches_pytorchs_update() {
                 Arg::Float(bias2.sqrt() as f32),
                 Arg::Float(clip as f32),
             ]);
-            let out = launch(&ty.name("adamw"), geometry, &args);
+            let out = launch(kernel, geometry, &args);
             let Arg::Table(got) = &out[0] else {
                 panic!("no table")
             };
             for (i, want) in want.iter().enumerate() {
-                let at = |what: &str| format!("adamw {ty:?}, {} blocks, {what} {i}", geometry.grid);
+                let at = |what: &str| format!("{kernel}, {} blocks, {what} {i}", geometry.grid);
                 let entry = |k: usize| got[5 * i + k].as_ref().unwrap();
                 let t = |v: &Vec<f32>| Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
                 for (k, what) in [(0, "w"), (2, "m"), (3, "v")] {
                     let slot = if k == 0 { 0 } else { k - 1 };
                     assert_close(&at(what), entry(k), &t(&want[slot]), 1e-6);
                 }
-                assert_eq!(entry(1), &Arg::F32(params[i][1].clone()), "{}", at("g"));
+                assert_eq!(entry(1), &grad_ty.buffer(&grads[i]), "{}", at("g"));
                 if ty == Ty::Bf16 {
                     // the copy is the new master rounded to bf16
                     let copy = Tensor::new(entry(0).f32s(), &Device::Cpu).unwrap();
