@@ -112,34 +112,10 @@ trait KernelArg {
     fn push<'a>(&'a self, l: &mut LaunchArgs<'a>);
 }
 
-impl<T: KernelElem> KernelArg for CudaSlice<T> {
-    fn kind(&self) -> Arg {
-        Arg::Buffer {
-            elem: T::ELEM,
-            writable: true,
-        }
-    }
-    fn push<'a>(&'a self, l: &mut LaunchArgs<'a>) {
-        l.arg(self);
-    }
-}
-
-impl<T: KernelElem> KernelArg for CudaView<'_, T> {
-    fn kind(&self) -> Arg {
-        Arg::Buffer {
-            elem: T::ELEM,
-            writable: false,
-        }
-    }
-    fn push<'a>(&'a self, l: &mut LaunchArgs<'a>) {
-        l.arg(self);
-    }
-}
-
-/// A scalar argument passed by value.
-macro_rules! scalar_arg {
-    ($t:ty, $kind:expr) => {
-        impl KernelArg for $t {
+/// `KernelArg` for a type (with its generics in brackets) that cudarc passes as it is.
+macro_rules! kernel_arg {
+    ([$($generics:tt)*] $t:ty => $kind:expr) => {
+        impl<$($generics)*> KernelArg for $t {
             fn kind(&self) -> Arg {
                 $kind
             }
@@ -149,11 +125,13 @@ macro_rules! scalar_arg {
         }
     };
 }
-scalar_arg!(i32, Arg::Int);
-scalar_arg!(f32, Arg::Float);
-scalar_arg!(usize, Arg::Size);
+kernel_arg!([T: KernelElem] CudaSlice<T> => Arg::Buffer { elem: T::ELEM, writable: true });
+kernel_arg!(['v, T: KernelElem] CudaView<'v, T> => Arg::Buffer { elem: T::ELEM, writable: false });
+kernel_arg!([] i32 => Arg::Int);
+kernel_arg!([] f32 => Arg::Float);
+kernel_arg!([] usize => Arg::Size);
 // a raw device address: a destination inside another tensor's buffer
-scalar_arg!(u64, Arg::Address);
+kernel_arg!([] u64 => Arg::Address);
 
 /// A launch of one kernel of `ferrite.cu`, its arguments checked against the kernel's C
 /// signature ([`signatures::check`]) before it runs: a missing, swapped or mistyped argument, or
