@@ -873,8 +873,12 @@ extern "C" __global__ void decode_attention_d64_bf16(const bf16* q, const bf16* 
 // q, y, dy, dq [B, Hkv, G·T, D] (query head h = kv·G + j at rows j·T.., so head (b, h)'s rows start
 // at (b·Hq + h)·T·D); key j of (b, kv) at k + (b·Hkv + kv)·kv_stride + j·D (a KV cache's buffers
 // read in place, or kv_stride = S·D; likewise v); bias [B, 1, 1, T, S] f32; lse and delta [B·Hq·T]
-// f32. The bias must be causal (query row i sees no key past S − T + i): the kernels skip the
-// keys past a tile's last row's and the rows before a key tile's first.
+// f32. The bias must be causal, as every bias the model builds is (forward.rs's Batch): query row
+// i sees no key past S − T + i, and below that limit its bias is the last row's (0 for a valid
+// key slot, the mask for padding). So the kernels read only the bias's last row, one value per
+// key (flash_logit), rather than a value per score (a block's bias tile was as much global
+// traffic as its K and V tiles); they skip the keys past a tile's last row's and the rows before
+// a key tile's first.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): lane = 4·g + c; A (16×16, row-major) holds
 // a0 = (row g, cols 2c, 2c+1), a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..); B (16×8)
@@ -884,6 +888,17 @@ extern "C" __global__ void decode_attention_d64_bf16(const bf16* q, const bf16* 
 #define FLASH_WARPS 4
 #define FLASH_ROWS (16 * FLASH_WARPS)
 #define FLASH_KEYS 64
+
+// The logit x = scale·S + bias of query row `row` and key `key` (key < S) under a causal bias
+// whose last row holds `last` at the key: that value (0, or the mask on a padding slot) up to the
+// row's own slot S − T + row, −∞ past it. The bias masks those keys with a finite value instead;
+// e^(x − m) is 0 either way for a row that sees a valid key, and a row that sees none (a padding
+// query: its output is never read and its upstream gradient is 0) still sees key 0, so no row's
+// max is −∞.
+__device__ __forceinline__ float flash_logit(float sc, float scale, float last, int key, int row, int t,
+                                             int s) {
+    return key > s - t + row ? -INFINITY : scale * sc + last;
+}
 
 __device__ __forceinline__ uint32_t ld_pair(const bf16* p) {
 #ifdef __CUDA_ARCH__
@@ -1055,7 +1070,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     const int ra = at.ra, rb = at.rb;
     const bf16* kb = k + at.kv * kv_stride;
     const bf16* vb = v + at.kv * kv_stride;
-    const float* bb = bias + at.b * t * s;
+    const float* last = bias + (at.b * t + t - 1) * s;  // the bias's last row
 
     uint32_t qf[D / 16][4];
     frag_a_rows<D>(q + at.bh * t * D, ra, rb, t, c, qf);
@@ -1072,7 +1087,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
         __syncthreads();
         float sc[FLASH_KEYS / 8][4];  // S = Q·Kᵀ, keys in tiles of 8
         mma_rows<D, FLASH_KEYS>(sc, qf, ks, g, c);
-        // x = scale·S + bias; keys past the block's last are −∞, rows past T are 0 (unwritten)
+        // x = scale·S + bias; keys past the block's last row's are −∞, rows past T 0 (unwritten)
         float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
         for (int n = 0; n < FLASH_KEYS / 8; ++n) {
@@ -1081,7 +1096,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
                 const int key = k0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
                 const float x = key >= keys ? -INFINITY
                                 : row >= t  ? 0.f
-                                            : scale * sc[n][e] + bb[(size_t)row * s + key];
+                                            : flash_logit(sc[n][e], scale, last[key], key, row, t, s);
                 sc[n][e] = x;
                 if (e < 2) xa = fmaxf(xa, x);
                 else xb = fmaxf(xb, x);
@@ -1154,7 +1169,7 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
     const size_t rows = at.bh * t * D;
     const bf16* kb = k + at.kv * kv_stride;
     const bf16* vb = v + at.kv * kv_stride;
-    const float* bb = bias + at.b * t * s;
+    const float* last = bias + (at.b * t + t - 1) * s;  // the bias's last row
 
     uint32_t qf[D / 16][4], df[D / 16][4], yf[D / 16][4];
     frag_a_rows<D>(q + rows, ra, rb, t, c, qf);
@@ -1194,7 +1209,7 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
                 const float p = key < keys && row < t
-                                    ? __expf(scale * sc[n][e] + bb[(size_t)row * s + key] - (e < 2 ? lsa : lsb))
+                                    ? __expf(flash_logit(sc[n][e], scale, last[key], key, row, t, s) - (e < 2 ? lsa : lsb))
                                     : 0.f;
                 sc[n][e] = p * (dp[n][e] - (e < 2 ? da : db));  // dS
             }
@@ -1247,7 +1262,8 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
     const size_t kv = b * hkv + (bh % hq) / g_heads;
     const int k0 = tile * FLASH_ROWS, ka = k0 + (threadIdx.x >> 5) * 16 + g, kb = ka + 8;
     const size_t rows = bh * t * D;
-    const float* bb = bias + b * t * s;
+    const float* last = bias + (b * t + t - 1) * s;  // the bias's last row, at the warp's keys
+    const float bka = ka < s ? last[ka] : 0.f, bkb = kb < s ? last[kb] : 0.f;
 
     uint32_t kf[D / 16][4], vf[D / 16][4];
     frag_a_rows<D>(k + kv * kv_stride, ka, kb, s, c, kf);
@@ -1278,7 +1294,7 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
             for (int e = 0; e < 4; ++e) {
                 const int i = n * 8 + 2 * c + (e & 1), row = r0 + i, key = e < 2 ? ka : kb;
                 const float p = row < t && key < s
-                                    ? __expf(scale * st[n][e] + bb[(size_t)row * s + key] - ls[i])
+                                    ? __expf(flash_logit(st[n][e], scale, e < 2 ? bka : bkb, key, row, t, s) - ls[i])
                                     : 0.f;
                 st[n][e] = p;
                 dpt[n][e] = p * (dpt[n][e] - dl[i]);  // dSᵀ

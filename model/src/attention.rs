@@ -65,10 +65,12 @@ pub fn worth_chunking(batch: usize, heads: usize, queries: usize, keys: usize) -
 /// `bias [B, 1, 1, T, S]` f32 → `[B, Hkv, G·T, D]` in `v`'s dtype; at most `chunk` query
 /// rows of scores alive at a time. Differentiable in `q`, `k` and `v`.
 ///
-/// The bias must be causal: it masks every key slot past `S − T + i` for query row `i`. Those
-/// keys are never read. (A row that sees no key at all, a left-padding query, then averages the
-/// values of its visible-by-position keys rather than of all `S`: padding rows are garbage either
-/// way and no real token attends to them.)
+/// The bias must be causal: it masks every key slot past `S − T + i` for query row `i`, and
+/// below that limit each row's bias is the last row's (a key slot's validity), as every
+/// [`crate::forward::Batch`]'s is. Keys past a row's limit are never read, and the flash kernels
+/// read only the bias's last row. (A row that sees no valid key at all, a left-padding query,
+/// then averages the values of some of its keys rather than of all `S`: padding rows are
+/// garbage either way, no real token attends to them, and their upstream gradient is 0.)
 pub fn attention(
     q: &Tensor,
     k: &Tensor,

@@ -1231,7 +1231,8 @@ fn flash_applies(q: &Tensor) -> bool {
 /// `softmax(scale·q·kᵀ + bias)·v` over a batch of query rows in one fused kernel on CUDA (the
 /// FlashAttention-2 forward on the tensor cores: no score leaves the chip): `q [B, Hkv, G·T, D]`,
 /// `k, v [B, Hkv, S, D]` (contiguous rows; a KV cache's views are read in place), a causal
-/// `bias [B, 1, 1, T, S]` f32 → the output `[B, Hkv, G·T, D]` and each row's log-partition
+/// `bias [B, 1, 1, T, S]` f32 (as [`crate::attention::attention`] requires: the kernels read its
+/// last row) → the output `[B, Hkv, G·T, D]` and each row's log-partition
 /// `[B·Hkv·G·T]` f32 (for [`flash_attention_backward`]). No graph: [`crate::attention::attention`]
 /// attaches the backward. None where it does not apply: the CPU, kernels or flash attention off,
 /// not bf16, D other than 64 or 128.

@@ -1,5 +1,5 @@
 //! The parameter lists of the kernels in `kernels/ferrite.cu`, read from their C signatures, and
-//! the check that [`crate::cuda`] runs before every launch: that its arguments match the
+//! the check that `cuda` (feature `cuda`) runs before every launch: that its arguments match the
 //! kernel's parameters in number, kind, element type and writability.
 //!
 //! A CUDA launch takes an untyped list of argument addresses: an argument missing, swapped or of

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use half::bf16;
 use model::launch::{self, Geometry};
 use model::ops::composed;
@@ -1157,28 +1157,35 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
         let q = Ty::Bf16.round(&random(&[b, hkv, g * t, d], seed, 2.0));
         let k_cache = Ty::Bf16.round(&random(&[b, hkv, cap, d], seed + 1, 1.0));
         let v_cache = Ty::Bf16.round(&random(&[b, hkv, cap, d], seed + 2, 1.0));
-        // the upstream dO
-        let u = Ty::Bf16.round(&random(&[b, hkv, g * t, d], seed + 3, 1.0));
-        // batch row 1 left-padded; its rows that see no key at all are left out (the kernel
-        // averages the values of their key tiles, the composed ops of all S keys: garbage
-        // either way, and no real token attends to them)
-        let bias = causal_bias(b, t, s)
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .chunks(s)
-            .enumerate()
-            .flat_map(|(row, keys)| {
-                let own = s - t + row % t; // the row's own key slot
-                let mut keys = keys.to_vec();
-                if own < 3 {
-                    keys[..=own].fill(0.0);
-                }
-                keys
+        let bias = causal_bias(b, t, s); // batch row 1 left-padded
+                                         // query rows that see no valid key (padding queries): their output is never read and
+                                         // their upstream gradient is 0, as in training (the kernels and the composed ops give
+                                         // them different garbage)
+        let sees: Vec<f32> = (0..b * hkv * g * t)
+            .map(|i| {
+                let (bi, row) = (i / (hkv * g * t), i % t);
+                let visible = bias.i((bi, 0, 0, row)).unwrap().to_vec1::<f32>().unwrap();
+                f32::from(u8::from(visible.contains(&0.0)))
             })
-            .collect::<Vec<f32>>();
-        let bias = Tensor::from_vec(bias, (b, 1, 1, t, s), &Device::Cpu).unwrap();
+            .collect();
+        let sees = Tensor::from_vec(sees, (b, hkv, g * t, 1), &Device::Cpu).unwrap();
+        // the upstream dO, 0 on padding queries
+        let u = Ty::Bf16
+            .round(&random(&[b, hkv, g * t, d], seed + 3, 1.0))
+            .broadcast_mul(&sees)
+            .unwrap();
+        // a kernel's rows with the padding queries' zeroed
+        let seen = |a: &Arg, cols: usize| {
+            let x = Tensor::from_vec(a.f32s(), (b, hkv, g * t, cols), &Device::Cpu).unwrap();
+            Arg::F32(
+                x.broadcast_mul(&sees)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            )
+        };
         let scale = 1.0 / (d as f64).sqrt();
         let (k, v) = (
             k_cache.narrow(2, 0, s).unwrap().contiguous().unwrap(),
@@ -1234,8 +1241,24 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
             ]),
         );
         let (y, lse) = (&out[4], &out[5]);
-        assert_close(&format!("{kernel} {at}"), y, &want, Ty::Bf16.tol());
-        assert_close(&format!("{kernel} lse {at}"), lse, &want_lse, 1e-5);
+        let want = want.broadcast_mul(&sees).unwrap();
+        let want_lse = want_lse
+            .reshape((b, hkv, g * t, 1))
+            .unwrap()
+            .broadcast_mul(&sees)
+            .unwrap();
+        assert_close(
+            &format!("{kernel} {at}"),
+            &seen(y, d),
+            &want,
+            Ty::Bf16.tol(),
+        );
+        assert_close(
+            &format!("{kernel} lse {at}"),
+            &seen(lse, 1),
+            &want_lse,
+            1e-5,
+        );
 
         let (dq_kernel, dkv_kernel) = launch::flash_attention_backward_kernels(d).unwrap();
         let dy = Ty::Bf16.buffer(&u);
