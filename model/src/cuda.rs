@@ -69,6 +69,20 @@ fn as_cuda(s: &Storage) -> Result<&CudaStorage> {
     }
 }
 
+/// The CUDA storages and layouts behind `guards` (tensors' `storage_and_layout()`, which keep
+/// them readable while views borrow them).
+fn on_cuda<'a, G: std::ops::Deref<Target = Storage>, const N: usize>(
+    guards: &'a [(G, &'a Layout); N],
+) -> Result<[(&'a CudaStorage, &'a Layout); N]> {
+    let parts = guards
+        .iter()
+        .map(|(s, l)| Ok((as_cuda(s)?, *l)))
+        .collect::<Result<Vec<_>>>()?;
+    parts
+        .try_into()
+        .map_err(|_| err("ferrite cuda kernel: storage count"))
+}
+
 fn wrap(s: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
 }
@@ -424,10 +438,8 @@ pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Ten
             w.contiguous()?,
             g.contiguous()?.to_dtype(T::DTYPE)?,
         );
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (xs, ws, gs) = (as_cuda(&xs)?, as_cuda(&ws)?, as_cuda(&gs)?);
+        let guards = [&x, &w, &g].map(|t| t.storage_and_layout());
+        let [(xs, xl), (ws, wl), (gs, gl)] = on_cuda(&guards)?;
         let dev = xs.device().clone();
         let (rows, h) = rows_of(xl);
         let geometry = launch::rms_norm_bwd(rows, h).ok_or_else(|| {
@@ -491,10 +503,8 @@ pub fn swiglu_bwd(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)
             b.contiguous()?,
             g.contiguous()?.to_dtype(T::DTYPE)?,
         );
-        let (as_, al) = a.storage_and_layout();
-        let (bs, bl) = b.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (as_, bs, gs) = (as_cuda(&as_)?, as_cuda(&bs)?, as_cuda(&gs)?);
+        let guards = [&a, &b, &g].map(|t| t.storage_and_layout());
+        let [(as_, al), (bs, bl), (gs, gl)] = on_cuda(&guards)?;
         let dev = as_.device().clone();
         let n = al.shape().elem_count();
         let (av, bv, gv) = (view::<T>(as_, al)?, view::<T>(bs, bl)?, view::<T>(gs, gl)?);
@@ -565,18 +575,9 @@ pub fn rope(
 
 pub fn rope_bwd(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (g, cos, sin) = (g.contiguous()?, cos.contiguous()?, sin.contiguous()?);
-    let (gs, gl) = g.storage_and_layout();
-    let (cs, cl) = cos.storage_and_layout();
-    let (ss, sl) = sin.storage_and_layout();
-    let out = rope(
-        as_cuda(&gs)?,
-        gl,
-        as_cuda(&cs)?,
-        cl,
-        as_cuda(&ss)?,
-        sl,
-        true,
-    )?;
+    let guards = [&g, &cos, &sin].map(|t| t.storage_and_layout());
+    let [(gs, gl), (cs, cl), (ss, sl)] = on_cuda(&guards)?;
+    let out = rope(gs, gl, cs, cl, ss, sl, true)?;
     Ok(wrap(out, g.shape()))
 }
 
@@ -663,9 +664,8 @@ pub fn softmax_fwd(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
 pub fn softmax_bwd(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
     fn go<T: Float>(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
         let (y, g) = (y.contiguous()?, g.contiguous()?.to_dtype(T::DTYPE)?);
-        let (ys, yl) = y.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (ys, gs) = (as_cuda(&ys)?, as_cuda(&gs)?);
+        let guards = [&y, &g].map(|t| t.storage_and_layout());
+        let [(ys, yl), (gs, gl)] = on_cuda(&guards)?;
         let dev = ys.device().clone();
         let (rows, n) = rows_of(yl);
         let (yv, gv) = (view::<T>(ys, yl)?, view::<T>(gs, gl)?);
@@ -686,9 +686,8 @@ pub fn softmax_bwd(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
 /// `bias [B, 1, 1, T, S]` f32, outside autograd.
 pub fn attention_probs(x: &Tensor, bias: &Tensor, scale: f32) -> Result<Tensor> {
     let (x, bias) = (x.contiguous()?, bias.contiguous()?);
-    let (xs, xl) = x.storage_and_layout();
-    let (bs, bl) = bias.storage_and_layout();
-    let (xs, bs) = (as_cuda(&xs)?, as_cuda(&bs)?);
+    let guards = [&x, &bias].map(|t| t.storage_and_layout());
+    let [(xs, xl), (bs, bl)] = on_cuda(&guards)?;
     let y = match x.dtype() {
         DType::F32 => masked_softmax_as::<f32, f32>(xs, xl, bs, bl, scale)?,
         DType::BF16 => masked_softmax_as::<half::bf16, half::bf16>(xs, xl, bs, bl, scale)?,
@@ -712,10 +711,8 @@ pub fn attention_probs_bwd(
         scale: f32,
     ) -> Result<(Tensor, Tensor)> {
         let (x, bias, dp) = (x.contiguous()?, bias.contiguous()?, dp.contiguous()?);
-        let (xs, xl) = x.storage_and_layout();
-        let (bs, bl) = bias.storage_and_layout();
-        let (ds_, dl) = dp.storage_and_layout();
-        let (xs, bs, ds_) = (as_cuda(&xs)?, as_cuda(&bs)?, as_cuda(&ds_)?);
+        let guards = [&x, &bias, &dp].map(|t| t.storage_and_layout());
+        let [(xs, xl), (bs, bl), (ds_, dl)] = on_cuda(&guards)?;
         let dev = xs.device().clone();
         let (heads, t, s) = score_dims(xl);
         let (rows, _) = rows_of(xl);
@@ -820,11 +817,8 @@ pub fn logprob_entropy_bwd(
             Some((dst, row)) => address::<T>(dst)? + (row * v * T::DTYPE.size_in_bytes()) as u64,
             None => 0,
         };
-        let (zs, zl) = z.storage_and_layout();
-        let (ts, tl) = targets.storage_and_layout();
-        let (ys, yl) = y.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (zs, ts, ys, gs) = (as_cuda(&zs)?, as_cuda(&ts)?, as_cuda(&ys)?, as_cuda(&gs)?);
+        let guards = [&z, &targets, &y, &g].map(|t| t.storage_and_layout());
+        let [(zs, zl), (ts, tl), (ys, yl), (gs, gl)] = on_cuda(&guards)?;
         let (zv, tv) = (view::<T>(zs, zl)?, view::<u32>(ts, tl)?);
         let (yv, gv) = (view::<f32>(ys, yl)?, view::<f32>(gs, gl)?);
         let v32 = v as i32;
@@ -1057,11 +1051,8 @@ pub fn decode_attention(
         let (b, hkv, g, d) = q.dims4()?;
         let s = k.dim(2)?;
         let (q, bias) = (q.contiguous()?, bias.contiguous()?);
-        let (qs, ql) = q.storage_and_layout();
-        let (ks, kl) = k.storage_and_layout();
-        let (vs, vl) = v.storage_and_layout();
-        let (bs, bl) = bias.storage_and_layout();
-        let (qs, ks, vs, bs) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?, as_cuda(&bs)?);
+        let guards = [&q, k, v, &bias].map(|t| t.storage_and_layout());
+        let [(qs, ql), (ks, kl), (vs, vl), (bs, bl)] = on_cuda(&guards)?;
         let dev = qs.device().clone();
         // K and V from their views' first element to the last (b, kv)'s last key
         let span = (b * hkv - 1) * kv_stride + s * d;
@@ -1134,11 +1125,8 @@ pub fn flash_attention(
         return Ok(None);
     };
     let (q, bias) = (q.contiguous()?, bias.contiguous()?);
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (bs, bl) = bias.storage_and_layout();
-    let (qs, ks, vs, bs) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?, as_cuda(&bs)?);
+    let guards = [&q, k, v, &bias].map(|t| t.storage_and_layout());
+    let [(qs, ql), (ks, kl), (vs, vl), (bs, bl)] = on_cuda(&guards)?;
     let dev = qs.device().clone();
     let (qv, bv) = (view::<half::bf16>(qs, ql)?, view::<f32>(bs, bl)?);
     let (kv_, vv) = (a.kv_view(ks, kl)?, a.kv_view(vs, vl)?);
@@ -1187,15 +1175,8 @@ pub fn flash_attention_backward(
         y.contiguous()?,
         dy.contiguous()?,
     );
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (bs, bl) = bias.storage_and_layout();
-    let (ys, yl) = y.storage_and_layout();
-    let (gs, gl) = dy.storage_and_layout();
-    let (ls, ll) = lse.storage_and_layout();
-    let (qs, ks, vs, bs) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?, as_cuda(&bs)?);
-    let (ys, gs, ls) = (as_cuda(&ys)?, as_cuda(&gs)?, as_cuda(&ls)?);
+    let guards = [&q, k, v, &bias, &y, &dy, lse].map(|t| t.storage_and_layout());
+    let [(qs, ql), (ks, kl), (vs, vl), (bs, bl), (ys, yl), (gs, gl), (ls, ll)] = on_cuda(&guards)?;
     let dev = qs.device().clone();
     let (qv, bv) = (view::<half::bf16>(qs, ql)?, view::<f32>(bs, bl)?);
     let (yv, gv, lv) = (
