@@ -11,7 +11,7 @@
 #   cp ../shared/cuda/torch_anchor.py gpu/
 # (the CUDA binary is 80 MB, most of it candle's PTX; gzipped 20 MB fits the 64 MiB that travels)
 # There:
-#   scripts/gpu-check.sh [checks|bench|run|all]
+#   scripts/gpu-check.sh [all|bench|checks|run|anchor]   (all: in one device call of <= 600 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
@@ -24,26 +24,50 @@ if [ ! -x "$BIN" ] && [ -f gpu/ferrite.gz ]; then
   gzip -dc gpu/ferrite.gz > "$BIN" && chmod +x "$BIN"
 fi
 RC=0
-# Ceilings, so that a hung kernel still leaves time for the anchor and the run. None of these
-# parts has run on a GPU yet, so their times are unknown; together the ceilings exceed one device
-# call (at most 600 s): if the first `all` runs long, call `checks`, `bench` and `run` separately.
-# The checks and the bench run as two processes: a kernel fault in a check (which leaves the CUDA
-# context unusable) does not cost the bench. Each prints every section as it ends.
-if [ "$WHAT" != run ]; then
-  : > "$OUT/ferrite.txt"
-  PARTS=$WHAT
-  [ "$WHAT" = all ] && PARTS="checks bench"
-  for PART in $PARTS; do
-    if [ "$PART" = checks ]; then LIMIT=${GPU_CHECK_TIMEOUT:-150}; else LIMIT=${GPU_BENCH_TIMEOUT:-300}; fi
-    timeout "$LIMIT" "$BIN" gpu-check "$PART" 2>&1 | tee -a "$OUT/ferrite.txt"
-    PART_RC=${PIPESTATUS[0]}
-    [ "$PART_RC" = 124 ] && echo "gpu-check $PART: timed out after $LIMIT s (a kernel may hang; the sections above ran)"
-    [ "$PART_RC" = 0 ] || RC=$PART_RC
-  done
+# One device call is at most 600 s and no part of this has run on a GPU yet, so `all` runs
+# against one deadline (GPU_CHECK_BUDGET, 530 s from here), most telling part first:
+#   PyTorch's anchor (known code, about two minutes), then ferrite's bench (which prints the
+#   headline learner and generation figures first), the ratios, the kernel checks, and the
+#   built-in run with whatever time is left.
+# Each part gets at most its own ceiling and never the time reserved for the parts after it,
+# so a part that hangs costs its share only. The checks and the bench are two processes: a
+# kernel fault in one (which leaves the CUDA context unusable) does not cost the other.
+# Every part prints each section as it ends, so a part cut short still shows what it finished.
+BUDGET=${GPU_CHECK_BUDGET:-530}
+# seconds `all` may still give a part whose ceiling is $1, keeping $2 for the parts after it
+share() {
+  local left=$((BUDGET - SECONDS)) want=$1
+  left=$((left - $2))
+  [ "$left" -lt "$want" ] && want=$left
+  echo "$want"
+}
+
+has() { [ "$WHAT" = all ] || [ "$WHAT" = "$1" ]; }
+# `ferrite gpu-check PART` for at most $2 s, appended to ferrite.txt
+gpu_check() {
+  if [ "$2" -lt 20 ]; then echo "gpu-check $1: skipped, $2 s left of the budget"; RC=1; return; fi
+  timeout "$2" "$BIN" gpu-check "$1" 2>&1 | tee -a "$OUT/ferrite.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 124 ] && echo "gpu-check $1: timed out after $2 s (a kernel may hang; the sections above ran)"
+  [ "$rc" = 0 ] || RC=$rc
+}
+: > "$OUT/ferrite.txt"
+if { has bench || has anchor; } && [ -f gpu/torch_anchor.py ]; then
+  LIMIT=$(share "${ANCHOR_TIMEOUT:-150}" 330)
+  [ "$WHAT" = all ] || LIMIT=${ANCHOR_TIMEOUT:-150}
+  echo "PyTorch anchor (at most $LIMIT s)"
+  if [ "$LIMIT" -ge 20 ]; then
+    timeout "$LIMIT" python3 gpu/torch_anchor.py 2>&1 | grep '^{' | tee "$OUT/torch.jsonl"
+  else
+    echo "skipped: $LIMIT s left of the budget"
+  fi
 fi
-if [ "$WHAT" = bench ] || [ "$WHAT" = all ] && [ -f gpu/torch_anchor.py ]; then
-  timeout "${ANCHOR_TIMEOUT:-180}" python3 gpu/torch_anchor.py 2>&1 | grep '^{' | tee "$OUT/torch.jsonl"
-  python3 - "$OUT/ferrite.txt" "$OUT/torch.jsonl" <<'PY'
+if has bench; then
+  LIMIT=$(share "${GPU_BENCH_TIMEOUT:-300}" 150)
+  [ "$WHAT" = all ] || LIMIT=${GPU_BENCH_TIMEOUT:-300}
+  echo; echo "ferrite gpu-check bench (at most $LIMIT s)"
+  gpu_check bench "$LIMIT"
+  [ -f "$OUT/torch.jsonl" ] && python3 - "$OUT/ferrite.txt" "$OUT/torch.jsonl" <<'PY'
 import json, sys
 ours = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')]
 ref = [json.loads(l) for l in open(sys.argv[2]) if l.startswith('{')]
@@ -61,21 +85,36 @@ for o in ours:
                 print(f'generate B={o["B"]} vs HF generate: {o["gen_tok_s"]:8.0f} / {r["gen_tok_s"]:8.0f} tok/s = {o["gen_tok_s"]/r["gen_tok_s"]:.1f}x')
 PY
 fi
-if [ "$WHAT" = run ] || [ "$WHAT" = all ]; then
-  # the built-in experiment, shortened (300 SFT steps, 20 GRPO steps, 200 held-out problems)
-  echo; echo "ferrite run, model.device = cuda"
-  timeout 240 "$BIN" --no-progress --log-level warn run --out "$OUT/run-cuda" \
-    --set model.device=cuda --set sft.steps=300 --set run.steps=20 --set run.eval_every=0 \
-    --set run.checkpoint_every=0 --set data.eval_size=200 --set data.eval_samples=0 2>&1 | tail -5
-  RUN_RC=${PIPESTATUS[0]}
-  if [ "$RUN_RC" = 0 ]; then
-    # resumed on the GPU: the checkpoint, the base model and the optimizer's masters meet there
-    echo "resumed to 24 steps"
-    timeout 120 "$BIN" --no-progress --log-level warn run --resume "$OUT/run-cuda" \
-      --set run.steps=24 2>&1 | tail -3
-    RUN_RC=${PIPESTATUS[0]}
-  fi
-  [ -f "$OUT/run-cuda/summary.json" ] && cat "$OUT/run-cuda/summary.json"
-  [ "$RUN_RC" = 0 ] || RC=$RUN_RC
+if has checks; then
+  LIMIT=$(share "${GPU_CHECK_TIMEOUT:-150}" 45)
+  [ "$WHAT" = all ] || LIMIT=${GPU_CHECK_TIMEOUT:-150}
+  echo; echo "ferrite gpu-check checks (at most $LIMIT s)"
+  gpu_check checks "$LIMIT"
 fi
+if has run; then
+  # the built-in experiment, shortened (300 SFT steps, 20 GRPO steps, 200 held-out problems),
+  # then resumed on the GPU: the checkpoint, the base model and the optimizer's masters meet there
+  LIMIT=$(share 240 0)
+  [ "$WHAT" = all ] || LIMIT=240
+  echo; echo "ferrite run, model.device = cuda (at most $LIMIT s)"
+  if [ "$LIMIT" -lt 20 ]; then
+    echo "skipped: $LIMIT s left of the budget"
+  else
+    timeout "$LIMIT" "$BIN" --no-progress --log-level warn run --out "$OUT/run-cuda" \
+      --set model.device=cuda --set sft.steps=300 --set run.steps=20 --set run.eval_every=0 \
+      --set run.checkpoint_every=0 --set data.eval_size=200 --set data.eval_samples=0 2>&1 | tail -5
+    RUN_RC=${PIPESTATUS[0]}
+    LIMIT=$(share 120 0)
+    [ "$WHAT" = all ] || LIMIT=120
+    if [ "$RUN_RC" = 0 ] && [ "$LIMIT" -ge 20 ]; then
+      echo "resumed to 24 steps (at most $LIMIT s)"
+      timeout "$LIMIT" "$BIN" --no-progress --log-level warn run --resume "$OUT/run-cuda" \
+        --set run.steps=24 2>&1 | tail -3
+      RUN_RC=${PIPESTATUS[0]}
+    fi
+    [ -f "$OUT/run-cuda/summary.json" ] && cat "$OUT/run-cuda/summary.json"
+    [ "$RUN_RC" = 0 ] || RC=$RUN_RC
+  fi
+fi
+echo "gpu-check.sh $WHAT: $SECONDS s"
 exit "$RC"

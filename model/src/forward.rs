@@ -643,3 +643,33 @@ fn rope_rows(c: &ModelConfig, rows: usize) -> Arc<RopeRows> {
     *last = Some(table.clone());
     table
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    /// The vendored candle's CPU matmul keeps cuBLAS's layout rule (`vendor/README.md`): a
+    /// matrix whose rows are strided (a column slice) fails on the CPU as it would on CUDA,
+    /// where a plain or transposed one, as `linear` passes, multiplies.
+    #[test]
+    fn the_cpu_matmul_rejects_the_layouts_cublas_rejects() {
+        let dev = Device::Cpu;
+        // a [2, 4] of 0..8 and a [3, 2] weight
+        let a = Tensor::arange(0f32, 8., &dev)
+            .unwrap()
+            .reshape((2, 4))
+            .unwrap();
+        let w = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.]], &dev).unwrap();
+        let slice = a.narrow(1, 1, 2).unwrap(); // [[1, 2], [5, 6]], row stride 4
+        let err = slice.matmul(&w.t().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("cuBLAS"), "{err}");
+        let err = w.matmul(&slice.t().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("cuBLAS"), "{err}");
+        // made contiguous, or through linear (which reshapes, copying the slice)
+        let want = [[1f32, 2., 3.], [5., 6., 11.]];
+        let y = slice.contiguous().unwrap().matmul(&w.t().unwrap()).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), want);
+        let y = super::linear(&slice, &w, None).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), want);
+    }
+}

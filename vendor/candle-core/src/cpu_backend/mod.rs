@@ -1414,6 +1414,25 @@ impl MatMul {
         .bt()
     }
 
+    /// ferrite: the CPU's matmul accepts any strides in the last two dimensions, but the CUDA
+    /// backend's cuBLAS call (`gemm_config` in `cuda_backend`) takes only operands whose matrices
+    /// are contiguous or transposed-contiguous, and rejects the rest with `MatMulNonContiguous`.
+    /// The same rule here makes a layout that would fail only on the GPU fail in CPU tests too.
+    fn check_cublas_layout(&self, lhs_l: &Layout, rhs_l: &Layout) -> Result<()> {
+        let (_b, m, n, k) = self.0;
+        let plain_or_transposed = |l: &Layout, rows: usize, cols: usize| {
+            let s = l.stride();
+            let (minor, major) = (s[s.len() - 1], s[s.len() - 2]);
+            ((minor == 1 || cols == 1) && (major == cols || rows == 1))
+                || ((minor == rows || cols == 1) && (major == 1 || rows == 1))
+        };
+        if plain_or_transposed(lhs_l, m, k) && plain_or_transposed(rhs_l, k, n) {
+            Ok(())
+        } else {
+            Err(self.striding_error(lhs_l, rhs_l, "a matrix layout cuBLAS rejects"))
+        }
+    }
+
     fn ab_skip(&self, lhs_l: &Layout, rhs_l: &Layout) -> Result<(usize, usize)> {
         let lhs_stride = lhs_l.stride();
         let rhs_stride = rhs_l.stride();
@@ -1458,6 +1477,7 @@ impl Map2 for MatMul {
         }
 
         let (b, m, n, k) = self.0;
+        self.check_cublas_layout(lhs_l, rhs_l)?;
         let lhs = &lhs[lhs_l.start_offset()..];
         let rhs = &rhs[rhs_l.start_offset()..];
 
