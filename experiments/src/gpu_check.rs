@@ -1518,8 +1518,9 @@ fn generation_benches(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
         match generation_bench(gpu, w, gb, p, n) {
             Ok((secs, new)) => {
                 r.lines.push(format!(
-                    "generate B={gb}, {p}-token prompts, {n} new: {:.0} tok/s ({new} tokens in {secs:.1} s)",
-                    new as f64 / secs
+                    "generate B={gb}, {p}-token prompts, {n} new: {:.0} tok/s ({new} tokens in {secs:.1} s, {:.2} ms per step, the prefill included)",
+                    new as f64 / secs,
+                    secs * 1e3 / n as f64
                 ));
                 r.json.push(format!(
                     r#"{{"kind": "rollout", "B": {gb}, "P": {p}, "N": {n}, "s": {secs}, "gen_tok_s": {}}}"#,
@@ -1532,15 +1533,28 @@ fn generation_benches(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// What the kernels (decode attention, sampler, norms) gain in generation: B=64 without them.
-fn composed_generation_bench(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
+/// Generation beside the headline: B=1 with the kernels, whose step time is the floor a decode
+/// step costs when the GPU has almost nothing to do (the launches and the host's work: if B=64's
+/// step is not much longer, generation is launch-bound), and B=64 with the composed ops (kernels
+/// off: what decode attention, the sampler and the norms gain).
+fn generation_variants(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
+    let (p, n) = (128usize, 256usize);
+    r.lines.push(match generation_bench(gpu, w, 1, p, n) {
+        Ok((secs, new)) => format!(
+            "generate B=1: {:.0} tok/s, {:.2} ms per step (the launch and host floor)",
+            new as f64 / secs,
+            secs * 1e3 / n as f64
+        ),
+        Err(e) => format!("generate B=1: error: {e}"),
+    });
     ops::set_cuda_kernels(false);
-    let composed = generation_bench(gpu, w, 64, 128, 256);
+    let composed = generation_bench(gpu, w, 64, p, n);
     ops::set_cuda_kernels(true);
     r.lines.push(match composed {
         Ok((secs, new)) => format!(
-            "generate B=64 with the composed ops (kernels off): {:.0} tok/s",
-            new as f64 / secs
+            "generate B=64 with the composed ops (kernels off): {:.0} tok/s, {:.2} ms per step",
+            new as f64 / secs,
+            secs * 1e3 / n as f64
         ),
         Err(e) => format!("generate B=64 composed: error: {e}"),
     });
@@ -1655,9 +1669,7 @@ fn run(what: &str) -> Result<()> {
             });
             r.section("kernel timings", |r| kernel_timings(&gpu, r));
             r.section("sampler timing", |r| sampler_timing(&gpu, &mut r.lines));
-            r.section("generation, composed ops", |r| {
-                composed_generation_bench(&gpu, w, r)
-            });
+            r.section("generation variants", |r| generation_variants(&gpu, w, r));
         }
     }
     println!("\nferrite gpu-check");
