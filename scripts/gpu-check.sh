@@ -104,6 +104,7 @@ if has run; then
       --set model.device=cuda --set sft.steps=300 --set run.steps=20 --set run.eval_every=0 \
       --set run.checkpoint_every=0 --set data.eval_size=200 --set data.eval_samples=0 2>&1 | tail -5
     RUN_RC=${PIPESTATUS[0]}
+    [ "$RUN_RC" = 124 ] && echo "ferrite run: timed out after $LIMIT s"
     LIMIT=$(share 120 0)
     [ "$WHAT" = all ] || LIMIT=120
     if [ "$RUN_RC" = 0 ] && [ "$LIMIT" -ge 20 ]; then
