@@ -834,6 +834,16 @@ fn attention_bias_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -
             d == 0.0,
         ));
     }
+    // a decode step's, from each row's first slot: B=256 at slot 383
+    let starts: Vec<usize> = (0..256).map(|r| (r * 37) % 384).collect();
+    let device = ops::decode_bias(&starts, 384, -1e9, gpu)?;
+    let host = ops::decode_bias(&starts, 384, -1e9, &Device::Cpu)?;
+    let d = max_abs_diff(&device.to_device(&Device::Cpu)?, &host)?;
+    rows.push((
+        "decode bias [256, 1, 1, 1, 384] from starts".into(),
+        format!("{d:.1e}"),
+        d == 0.0,
+    ));
     Ok(())
 }
 

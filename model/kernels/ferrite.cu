@@ -181,6 +181,14 @@ extern "C" __global__ void attention_bias_f32(const uint32_t* valid, float* bias
     }
 }
 
+// A decode step's bias [B, 1, 1, 1, S]: one query per row, at the last slot S − 1, whose sequence
+// fills slots start[b]..S (the slots before it hold padding, or the sequence that had the row
+// before): 0 from start[b] on, `masked` before. The host sends B starts, not B·S flags.
+extern "C" __global__ void decode_bias_f32(const uint32_t* start, float* bias, int s, float masked, size_t n) {
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
+        bias[e] = e % s >= start[e / s] ? 0.f : masked;
+}
+
 // ------------------------------------------------------------------------------- RMSNorm
 // y = x · r · w, r = 1 / sqrt(mean(x²) + eps), per row of h.
 

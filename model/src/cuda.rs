@@ -400,6 +400,22 @@ pub fn attention_bias(
     ))
 }
 
+/// A decode step's bias `[B, 1, 1, 1, S]` from each row's first slot `start [B]`.
+pub fn decode_bias(start: &[u32], s: usize, masked: f32, dev: &CudaDevice) -> Result<Tensor> {
+    let n = start.len() * s;
+    let start = dev.clone_htod(start)?;
+    let bias = unsafe { dev.alloc::<f32>(n)? };
+    let s32 = s as i32;
+    let mut l = Launch::new(dev, "decode_bias_f32")?;
+    l.arg(&start).arg(&bias).arg(&s32).arg(&masked).arg(&n);
+    // SAFETY: bias holds B·S elements, start B.
+    unsafe { l.launch(launch::elems(n)) }?;
+    Ok(wrap(
+        f32::wrap_cuda_slice(bias, dev.clone()),
+        (n / s.max(1), 1, 1, 1, s),
+    ))
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 pub fn rms_norm_fwd(

@@ -85,6 +85,34 @@ impl Batch {
             attention_bias: crate::ops::attention_bias(key_valid, t, q_offset, MASKED, device)?,
         })
     }
+
+    /// A decode step: row `b`'s one token `tokens[b]` at position `positions[b]` goes to cache
+    /// slot `L`, and its sequence fills slots `starts[b]..=L`. [`Batch::from_parts`] with `T = 1`,
+    /// `q_offset = L` and `key_valid[b][j] = j ≥ starts[b]`, built without the `B·(L + 1)` flags
+    /// (on CUDA only the starts go to the device: at B = 256 and L = 383 the flags were 98,304
+    /// values to build on the host and 393 KB to send every step).
+    pub fn decode(
+        tokens: &[u32],
+        positions: &[u32],
+        starts: &[usize],
+        l: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = tokens.len();
+        if b == 0 || positions.len() != b || starts.len() != b {
+            return Err(ModelError::Generation(format!(
+                "malformed decode step: {b} tokens, {} positions, {} starts",
+                positions.len(),
+                starts.len()
+            )));
+        }
+        Ok(Batch {
+            input_ids: Tensor::from_slice(tokens, (b, 1), device)?,
+            max_position: positions.iter().copied().max().unwrap_or(0),
+            positions: Tensor::from_slice(positions, b, device)?,
+            attention_bias: crate::ops::decode_bias(starts, l + 1, MASKED, device)?,
+        })
+    }
 }
 
 static SHARED_CALLS: AtomicUsize = AtomicUsize::new(0);
@@ -577,15 +605,15 @@ fn rope_tables(
     let d = c.head_dim;
     let device = positions.device();
     if !device.is_cpu() {
-        // the table's rows up to the batch's last position go up, and the device gathers them:
-        // no copy of the positions back to the host, no [B·T, D] tables built there
-        let rows = max_position as usize + 1;
-        let gather = |values: &[f32]| -> Result<Tensor> {
-            let table = Tensor::from_slice(&values[..rows * d], (rows, d), device)?;
-            let rows = crate::ops::embedding(&table.to_dtype(dtype)?, positions)?; // [B·T, D]
+        // the device gathers the rows from its copy of the table, sent once per table: no copy
+        // of the positions back to the host, no [B·T, D] tables built there, nothing sent per
+        // decode step
+        let (cos, sin) = table.on(device, dtype)?;
+        let gather = |table: &Tensor| -> Result<Tensor> {
+            let rows = crate::ops::embedding(table, positions)?; // [B·T, D]
             Ok(rows.reshape((b, 1, t, d))?)
         };
-        return Ok((gather(&table.cos)?, gather(&table.sin)?));
+        return Ok((gather(&cos)?, gather(&sin)?));
     }
     let pos = positions.to_vec1::<u32>()?;
     let gather = |values: &[f32]| -> Result<Tensor> {
@@ -599,13 +627,34 @@ fn rope_tables(
     Ok((gather(&table.cos)?, gather(&table.sin)?))
 }
 
-/// The rotary table of one model: `cos`, `sin` `[rows, D]` in f32 for positions `0..rows`.
+/// The rotary table of one model: `cos`, `sin` `[rows, D]` in f32 for positions `0..rows`, and
+/// its copies on devices.
 struct RopeRows {
     inv_freq: Vec<f32>,
     head_dim: usize,
     rows: usize,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// (device, dtype, cos, sin `[rows, D]`) for each device and dtype it was asked for.
+    copies: Mutex<Vec<(Device, DType, Tensor, Tensor)>>,
+}
+
+impl RopeRows {
+    /// The table on `device` in `dtype`, sent there the first time it is asked for.
+    fn on(&self, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let mut copies = self.copies.lock().unwrap_or_else(|e| e.into_inner());
+        let found = copies
+            .iter()
+            .find(|(dev, dt, _, _)| dev.same_device(device) && *dt == dtype);
+        if let Some((_, _, cos, sin)) = found {
+            return Ok((cos.clone(), sin.clone()));
+        }
+        let shape = (self.rows, self.head_dim);
+        let cos = Tensor::from_slice(&self.cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_slice(&self.sin, shape, device)?.to_dtype(dtype)?;
+        copies.push((device.clone(), dtype, cos.clone(), sin.clone()));
+        Ok((cos, sin))
+    }
 }
 
 /// The rotary table for positions `0..rows` (at least): the last one computed, when it is for
@@ -639,6 +688,7 @@ fn rope_rows(c: &ModelConfig, rows: usize) -> Arc<RopeRows> {
         rows,
         cos,
         sin,
+        copies: Mutex::new(Vec::new()),
     });
     *last = Some(table.clone());
     table

@@ -238,16 +238,16 @@ where
         let l = cache.len();
         let mut ids = Vec::with_capacity(rows.len());
         let mut pos = Vec::with_capacity(rows.len());
-        let mut key_valid = Vec::with_capacity(rows.len());
+        let mut starts = Vec::with_capacity(rows.len());
         for row in &rows {
             let (token, start) = row.as_ref().map_or((0, l), |row| {
                 (*row.completion.tokens.last().expect("sampled"), row.start)
             });
-            ids.push(vec![token]);
-            pos.push(vec![(l - start) as u32]);
-            key_valid.push((0..=l).map(|j| j >= start).collect::<Vec<bool>>());
+            ids.push(token);
+            pos.push((l - start) as u32);
+            starts.push(start);
         }
-        let batch = Batch::from_parts(&ids, &pos, &key_valid, l, 1, &device)?;
+        let batch = Batch::decode(&ids, &pos, &starts, l, &device)?;
         logits = last_logits(w, &batch, &mut cache)?;
         fresh = (0..rows.len()).collect();
     }

@@ -1212,6 +1212,34 @@ pub fn attention_bias(
     Ok(Tensor::from_vec(bias, (b, 1, 1, t, s), device)?)
 }
 
+/// A decode step's attention bias `[B, 1, 1, 1, S]`: row `b`'s one query sits at slot `S − 1`
+/// and sees slots `start[b]..S` (0 there, `masked` before). The same as [`attention_bias`] with
+/// `t = 1`, `q_offset = S − 1` and `valid[b][j] = j ≥ start[b]`, without the `B·S` flags: on
+/// CUDA only the starts go to the device.
+pub fn decode_bias(
+    start: &[usize],
+    s: usize,
+    masked: f32,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    if start.is_empty() || s == 0 || start.iter().any(|&x| x >= s) {
+        return Err(crate::error::ModelError::Generation(format!(
+            "decode bias: {} rows, starts {start:?}, {s} slots (each start must be below the slot count)",
+            start.len()
+        )));
+    }
+    #[cfg(feature = "cuda")]
+    if let (true, candle_core::Device::Cuda(dev)) = (cuda_kernels(), device) {
+        let start: Vec<u32> = start.iter().map(|&x| x as u32).collect();
+        return Ok(crate::cuda::decode_bias(&start, s, masked, dev)?);
+    }
+    let mut bias = vec![0f32; start.len() * s];
+    for (row, &first) in bias.chunks_mut(s).zip(start) {
+        row[..first].fill(masked);
+    }
+    Ok(Tensor::from_vec(bias, (start.len(), 1, 1, 1, s), device)?)
+}
+
 static FLASH_ATTENTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Turns the flash attention kernel on or off process-wide (on by default): off, attention over
@@ -1484,6 +1512,29 @@ mod tests {
             |t| composed::softmax_last_dim(&t[0]).unwrap(),
             &[true],
         );
+    }
+
+    #[test]
+    fn a_decode_bias_masks_the_slots_before_each_rows_start() {
+        let m = -1e9f32;
+        let bias = decode_bias(&[0, 2, 4], 5, m, &Device::Cpu).unwrap();
+        assert_eq!(bias.dims(), [3, 1, 1, 1, 5]);
+        let want = [[0., 0., 0., 0., 0.], [m, m, 0., 0., 0.], [m, m, m, m, 0.]];
+        let got = bias.reshape((3, 5)).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got, want);
+        // the general bias of the same step: one query at slot 4, valid from each start on
+        let valid: Vec<Vec<bool>> = [0, 2, 4]
+            .iter()
+            .map(|&first| (0..5).map(|j| j >= first).collect())
+            .collect();
+        let general = attention_bias(&valid, 1, 4, m, &Device::Cpu).unwrap();
+        assert_eq!(
+            general.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.concat()
+        );
+        // a row must see at least its own slot
+        assert!(decode_bias(&[0, 5], 5, m, &Device::Cpu).is_err());
+        assert!(decode_bias(&[], 5, m, &Device::Cpu).is_err());
     }
 
     #[test]

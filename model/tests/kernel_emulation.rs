@@ -525,6 +525,29 @@ fn the_attention_bias_is_built_as_the_host_builds_it() {
 }
 
 #[test]
+fn the_decode_bias_is_built_as_the_host_builds_it() {
+    // 5 rows at slot 30 (S = 31): a full row, padded ones, one that sees only its own slot
+    let (s, starts) = (31usize, [0usize, 3, 17, 29, 30]);
+    let want = model::ops::decode_bias(&starts, s, -1e9, &Device::Cpu).unwrap();
+    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let n = starts.len() * s;
+    for geometry in [launch::elems(n), fewer_blocks(launch::elems(n), 1)] {
+        let out = launch(
+            "decode_bias_f32",
+            geometry,
+            &[
+                Arg::U32(starts.iter().map(|&x| x as u32).collect()),
+                Arg::F32(vec![f32::NAN; n]),
+                Arg::Int(s as i32),
+                Arg::Float(-1e9),
+                Arg::Size(n),
+            ],
+        );
+        assert_eq!(out[1], Arg::F32(want.clone()));
+    }
+}
+
+#[test]
 fn rms_norm_forward_and_backward_match_the_composed_op() {
     let eps = 1e-6;
     // h = 40: a partly idle block of 64; h = 1500: 1024 threads striding the row
