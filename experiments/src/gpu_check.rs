@@ -1049,6 +1049,9 @@ fn learner_bench(
     t: usize,
     baseline: usize,
 ) -> Result<(f64, [f64; 3], f64)> {
+    // what earlier benches left in the memory pool goes back first, so that the peak is this
+    // step's
+    model::cuda::release_cached(gpu)?;
     let (vars, trainable) = w.to_vars()?;
     let mut opt = AdamW::new(vars, AdamWConfig::default())?;
     let (ids, _) = batch_rows(b, t, w.config.vocab_size as u32);
@@ -1543,10 +1546,32 @@ fn generation_benches(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` on a second device of GPU 0 as candle opens it (`Device::new_cuda`: cudarc's
+/// events on, and the memory pool handing its free memory back at every synchronization), with
+/// `w` copied there, then puts back `model::cuda::open`'s pool setting: what that setting and
+/// the events cost, measured on the same card in the same call. `f` also gets the memory in use
+/// before the copy: the baseline of a peak that, like the other variants', counts one copy of
+/// the weights.
+fn with_candle_defaults<T>(
+    w: &Weights,
+    f: impl FnOnce(&Device, &Weights, usize) -> Result<T>,
+) -> Result<T> {
+    let plain = Device::new_cuda(0)?;
+    let before = used_memory(&plain);
+    let w = w.to(w.embed_tokens.dtype(), &plain)?;
+    model::cuda::keep_freed_memory(&plain, false)?;
+    let out = f(&plain, &w, before);
+    model::cuda::keep_freed_memory(&plain, true)?;
+    drop(w);
+    model::cuda::release_cached(&plain)?;
+    out
+}
+
 /// Generation beside the headline: B=1 with the kernels, whose step time is the floor a decode
 /// step costs when the GPU has almost nothing to do (the launches and the host's work: if B=64's
-/// step is not much longer, generation is launch-bound), and B=64 with the composed ops (kernels
-/// off: what decode attention, the sampler and the norms gain).
+/// step is not much longer, generation is launch-bound); B=64 on candle's device defaults (what
+/// `model::cuda::open`'s settings gain); and B=64 with the composed ops (kernels off: what
+/// decode attention, the sampler and the norms gain).
 fn generation_variants(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
     let (p, n) = (128usize, 256usize);
     r.lines.push(match generation_bench(gpu, w, 1, p, n) {
@@ -1556,6 +1581,15 @@ fn generation_variants(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> 
             secs * 1e3 / n as f64
         ),
         Err(e) => format!("generate B=1: error: {e}"),
+    });
+    let plain = with_candle_defaults(w, |plain, w, _| generation_bench(plain, w, 64, p, n));
+    r.lines.push(match plain {
+        Ok((secs, new)) => format!(
+            "generate B=64 on candle's device defaults (cudarc events, the pool emptied at each sync): {:.0} tok/s, {:.2} ms per step",
+            new as f64 / secs,
+            secs * 1e3 / n as f64
+        ),
+        Err(e) => format!("generate B=64 on candle's device defaults: error: {e}"),
     });
     ops::set_cuda_kernels(false);
     let composed = generation_bench(gpu, w, 64, p, n);
@@ -1634,7 +1668,7 @@ fn run(what: &str) -> Result<()> {
     // a dry run of the checks' own code on the CPU (no kernels), before spending GPU time
     let gpu = match std::env::var("GPU_CHECK_DEVICE").as_deref() {
         Ok("cpu") => Device::Cpu,
-        _ => Device::new_cuda(0)?,
+        _ => model::cuda::open(0)?,
     };
     let mut r = Report::default();
     if what != "bench" {
@@ -1675,7 +1709,12 @@ fn run(what: &str) -> Result<()> {
                     ("composed ops", false, false, false),
                     ("CUDA kernels + layer checkpointing", true, true, true),
                 ];
-                learner_benches(&gpu, w, baseline, &variants, r)
+                learner_benches(&gpu, w, baseline, &variants, r)?;
+                // what model::cuda::open's device settings gain, against candle's own
+                with_candle_defaults(w, |plain, w, before| {
+                    let label = [("CUDA kernels, candle's device defaults", true, true, false)];
+                    learner_benches(plain, w, before, &label, r)
+                })
             });
             r.section("kernel timings", |r| kernel_timings(&gpu, r));
             r.section("sampler timing", |r| sampler_timing(&gpu, &mut r.lines));

@@ -44,9 +44,10 @@ fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
     }
 }
 
-/// One candle device per CUDA ordinal for the whole process: each `Device::new_cuda` is a
-/// distinct device to candle (its own id, stream and cuBLAS handle), and tensors of two of them
-/// cannot meet in one op — a resumed checkpoint would not combine with the reference model.
+/// One candle device per CUDA ordinal for the whole process (`model::cuda::open`: no cudarc
+/// events, freed memory kept in the pool): each opened device is a distinct device to candle
+/// (its own id, stream and cuBLAS handle), and tensors of two of them cannot meet in one op — a
+/// resumed checkpoint would not combine with the reference model.
 #[cfg(feature = "cuda")]
 fn cuda(n: usize) -> anyhow::Result<Device> {
     static DEVICES: std::sync::Mutex<Vec<(usize, Device)>> = std::sync::Mutex::new(Vec::new());
@@ -54,7 +55,7 @@ fn cuda(n: usize) -> anyhow::Result<Device> {
     if let Some((_, d)) = devices.iter().find(|(m, _)| *m == n) {
         return Ok(d.clone());
     }
-    let d = Device::new_cuda(n).with_context(|| {
+    let d = model::cuda::open(n).with_context(|| {
         format!("model.device = \"cuda:{n}\": no such CUDA device, or the driver failed")
     })?;
     devices.push((n, d.clone()));

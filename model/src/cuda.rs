@@ -5,8 +5,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    result, sys, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchArgs,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
@@ -22,6 +22,72 @@ const MODULE: &str = "ferrite";
 
 fn err(msg: impl Into<String>) -> candle_core::Error {
     candle_core::Error::Msg(msg.into())
+}
+
+// ---------------------------------------------------------------- the device
+
+/// CUDA device `ordinal` (a fresh candle device: its own id, stream and cuBLAS handle), set up
+/// for a workload of many short-lived tensors, as a learner step or a decode step is:
+/// - cudarc's event tracking is off. With it on, every allocation creates two CUDA events and
+///   every free destroys them (four driver calls per tensor, under the context's lock), yet they
+///   are recorded and waited on only once a context has a second stream, which candle's device
+///   (one per-thread default stream) never creates: they cost and guard nothing.
+/// - the device's default memory pool, which cudarc's stream-ordered allocations draw from, keeps
+///   the memory freed to it. Its release threshold is 0 by default: every synchronization (one
+///   per decode step for the sampled tokens, several per learner step) hands the free memory back
+///   to the driver, and the next step maps it again. PyTorch's caching allocator keeps it too;
+///   [`release_cached`] hands it back on request.
+pub fn open(ordinal: usize) -> Result<candle_core::Device> {
+    let device = candle_core::Device::new_cuda(ordinal)?;
+    let candle_core::Device::Cuda(dev) = &device else {
+        return Err(err("Device::new_cuda gave a device that is not CUDA"));
+    };
+    // SAFETY: cudarc's events only order work across streams, and this device runs all of its
+    // work on one stream per host thread without a second stream in the context (see above):
+    // its slices would carry events that are never recorded or waited on.
+    unsafe { dev.disable_event_tracking() };
+    keep_freed_memory(&device, true)?;
+    Ok(device)
+}
+
+/// Whether the default memory pool of `device`'s GPU keeps the memory freed to it through
+/// synchronizations (release threshold unbounded) or hands it back at each (0, CUDA's default).
+/// The pool is the GPU's: this holds for every candle device on it. A no-op off CUDA.
+pub fn keep_freed_memory(device: &candle_core::Device, keep: bool) -> Result<()> {
+    let candle_core::Device::Cuda(dev) = device else {
+        return Ok(());
+    };
+    let pool = default_pool(dev)?;
+    let mut threshold: u64 = if keep { u64::MAX } else { 0 };
+    // SAFETY: a valid pool, and the release threshold attribute is a u64.
+    unsafe {
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .w()
+    }
+}
+
+/// Waits for `device`'s work and hands the memory its pool keeps unused back to the driver (a
+/// no-op off CUDA): before measuring a peak, or to leave room for another process.
+pub fn release_cached(device: &candle_core::Device) -> Result<()> {
+    let candle_core::Device::Cuda(dev) = device else {
+        return Ok(());
+    };
+    device.synchronize()?;
+    let pool = default_pool(dev)?;
+    // SAFETY: a valid pool; trimming frees only memory that no allocation holds.
+    unsafe { result::mem_pool::trim_to(pool, 0).w() }
+}
+
+/// The default memory pool of `dev`'s GPU, which cudarc's stream-ordered allocations use.
+fn default_pool(dev: &CudaDevice) -> Result<sys::CUmemoryPool> {
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().w()?;
+    // SAFETY: the ordinal of a device this context was made for.
+    unsafe { result::device::get_default_mem_pool(ctx.cu_device()).w() }
 }
 
 /// The kernel name for element type `T`: `name_f32` or `name_bf16`.
