@@ -52,12 +52,15 @@ pub fn open(ordinal: usize) -> Result<candle_core::Device> {
 
 /// Whether the default memory pool of `device`'s GPU keeps the memory freed to it through
 /// synchronizations (release threshold unbounded) or hands it back at each (0, CUDA's default).
-/// The pool is the GPU's: this holds for every candle device on it. A no-op off CUDA.
+/// The pool is the GPU's: this holds for every candle device on it. A no-op off CUDA and on a
+/// GPU without memory pools.
 pub fn keep_freed_memory(device: &candle_core::Device, keep: bool) -> Result<()> {
     let candle_core::Device::Cuda(dev) = device else {
         return Ok(());
     };
-    let pool = default_pool(dev)?;
+    let Some(pool) = default_pool(dev)? else {
+        return Ok(());
+    };
     let mut threshold: u64 = if keep { u64::MAX } else { 0 };
     // SAFETY: a valid pool, and the release threshold attribute is a u64.
     unsafe {
@@ -77,17 +80,28 @@ pub fn release_cached(device: &candle_core::Device) -> Result<()> {
         return Ok(());
     };
     device.synchronize()?;
-    let pool = default_pool(dev)?;
+    let Some(pool) = default_pool(dev)? else {
+        return Ok(());
+    };
     // SAFETY: a valid pool; trimming frees only memory that no allocation holds.
     unsafe { result::mem_pool::trim_to(pool, 0).w() }
 }
 
-/// The default memory pool of `dev`'s GPU, which cudarc's stream-ordered allocations use.
-fn default_pool(dev: &CudaDevice) -> Result<sys::CUmemoryPool> {
+/// The default memory pool of `dev`'s GPU, which cudarc's stream-ordered allocations use; none
+/// where the GPU has no memory pools (cudarc then allocates and frees synchronously).
+fn default_pool(dev: &CudaDevice) -> Result<Option<sys::CUmemoryPool>> {
     let ctx = dev.cuda_stream().context().clone();
     ctx.bind_to_thread().w()?;
+    let pools = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED;
+    if ctx.attribute(pools).w()? == 0 {
+        return Ok(None);
+    }
     // SAFETY: the ordinal of a device this context was made for.
-    unsafe { result::device::get_default_mem_pool(ctx.cu_device()).w() }
+    unsafe {
+        result::device::get_default_mem_pool(ctx.cu_device())
+            .w()
+            .map(Some)
+    }
 }
 
 /// The kernel name for element type `T`: `name_f32` or `name_bf16`.
