@@ -696,7 +696,27 @@ fn rope_rows(c: &ModelConfig, rows: usize) -> Arc<RopeRows> {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
+
+    /// A rotary table goes to a device once per dtype: a second request gets the same tensors,
+    /// and the copy holds the host table's rows.
+    #[test]
+    fn a_rotary_table_is_sent_to_a_device_once_per_dtype() {
+        let c = crate::builtin::tiny_config(64, 1);
+        let table = super::rope_rows(&c, 10);
+        let dev = Device::Cpu;
+        let (cos, sin) = table.on(&dev, DType::F32).unwrap();
+        assert_eq!(cos.dims(), [table.rows, c.head_dim]);
+        let again = table.on(&dev, DType::F32).unwrap();
+        assert_eq!((again.0.id(), again.1.id()), (cos.id(), sin.id()));
+        let half = table.on(&dev, DType::BF16).unwrap();
+        assert_ne!(half.0.id(), cos.id());
+        assert_eq!(half.0.dtype(), DType::BF16);
+        let d = c.head_dim;
+        let row = |t: &Tensor, p: usize| t.get(p).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(row(&cos, 7), table.cos[7 * d..8 * d]);
+        assert_eq!(row(&sin, 9), table.sin[9 * d..10 * d]);
+    }
 
     /// The vendored candle's CPU matmul keeps cuBLAS's layout rule (`vendor/README.md`): a
     /// matrix whose rows are strided (a column slice) fails on the CPU as it would on CUDA,
