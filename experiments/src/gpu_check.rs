@@ -622,6 +622,26 @@ fn kernel_case(
     Ok(())
 }
 
+/// The residual add fused with the RMSNorm after it (forward only, where no gradient is taken)
+/// against candle's add and the composed RMSNorm in f32.
+fn add_rms_norm_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    for dtype in [DType::F32, DType::BF16] {
+        let x = randn(&[3, 37, 896], 41, 2.0, dtype, gpu)?;
+        let r = randn(&[3, 37, 896], 42, 2.0, dtype, gpu)?;
+        let w = randn(&[896], 43, 1.0, dtype, gpu)?;
+        let (sum, y) = ops::add_rms_norm(&x, &r, &w, 1e-6)?;
+        let name = format!("add + rms_norm, no gradient [3·37, 896] {dtype:?}");
+        let e = max_abs_diff(&sum, &(&x + &r)?)?;
+        rows.push((format!("{name} sum"), format!("{e:.1e}"), e == 0.0));
+        let [s32, w32] = [&sum, &w].map(|t| t.to_dtype(DType::F32));
+        let want = ops::composed::rms_norm(&s32?, &w32?, 1e-6)?;
+        let e = rel(&y, &want)?;
+        let tol = if dtype == DType::F32 { 2e-5 } else { 2e-2 };
+        rows.push((format!("{name} norm"), format!("{e:.2e}"), e < tol));
+    }
+    Ok(())
+}
+
 /// The token embedding (its backward: each distinct token's rows summed) and the log-probs' row
 /// selection and scatter against candle's `index_select` / `index_add`, forward and backward, at
 /// the learner's widths: 8,192 ids over 5,000 distinct tokens into Qwen2.5-0.5B's table, and 6,000
@@ -1672,7 +1692,10 @@ fn run(what: &str) -> Result<()> {
     };
     let mut r = Report::default();
     if what != "bench" {
-        r.section("kernel checks", |r| kernel_checks(&gpu, &mut r.rows));
+        r.section("kernel checks", |r| {
+            kernel_checks(&gpu, &mut r.rows)?;
+            add_rms_norm_checks(&gpu, &mut r.rows)
+        });
         r.section("embedding checks", |r| embedding_checks(&gpu, &mut r.rows));
         r.section("sampling checks", |r| sampling_checks(&gpu, &mut r.rows));
         r.section("optimizer checks", |r| optimizer_checks(&gpu, &mut r.rows));

@@ -212,6 +212,36 @@ extern "C" __global__ void rms_norm_fwd_bf16(const bf16* x, const bf16* w, bf16*
     rms_norm_fwd<bf16>(x, w, y, h, eps);
 }
 
+// The residual add and the RMSNorm after it, in one pass, where no gradient is taken (a decode
+// step, a prefill, a no-grad forward): s = x + res, rounded to T as a separate add stores it, and
+// y = RMSNorm(s)·w as rms_norm_fwd computes it from the stored s, so both are bit-identical to
+// the two launches they replace. One block per row of h.
+template <typename T>
+__device__ void add_rms_norm(const T* x, const T* res, const T* w, T* sum, T* y, int h, float eps) {
+    const size_t row = blockIdx.x;
+    x += row * h;
+    res += row * h;
+    sum += row * h;
+    y += row * h;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        const T s = st<T>(ld(x[i]) + ld(res[i]));
+        sum[i] = s;
+        const float v = ld(s);
+        ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss) / h + eps);
+    for (int i = threadIdx.x; i < h; i += blockDim.x) y[i] = st<T>(ld(sum[i]) * r * ld(w[i]));
+}
+extern "C" __global__ void add_rms_norm_f32(const float* x, const float* res, const float* w, float* sum, float* y,
+                                            int h, float eps) {
+    add_rms_norm<float>(x, res, w, sum, y, h, eps);
+}
+extern "C" __global__ void add_rms_norm_bf16(const bf16* x, const bf16* res, const bf16* w, bf16* sum, bf16* y,
+                                             int h, float eps) {
+    add_rms_norm<bf16>(x, res, w, sum, y, h, eps);
+}
+
 // dx = r·(w∘g) − r³·x·mean(x∘w∘g) per row; dw += Σ_rows g∘x·r into f32 `dw` (zeroed by the
 // caller). A grid-stride loop over rows; each block sums its rows' dw in shared memory (h floats
 // of dynamic shared memory) and adds it to `dw` once.

@@ -565,6 +565,44 @@ pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Ten
     by_dtype!(x.dtype(), go(x, w, g, eps))
 }
 
+/// `(x + res, RMSNorm(x + res)·w)` in one launch, for a forward that takes no gradient: both
+/// bit-identical to the add and `rms_norm_fwd` it replaces (`ferrite.cu`).
+pub fn add_rms_norm(x: &Tensor, res: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    fn go<T: Float>(x: &Tensor, res: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+        let (x, res, w) = (x.contiguous()?, res.contiguous()?, w.contiguous()?);
+        let guards = [&x, &res, &w].map(|t| t.storage_and_layout());
+        let [(xs, xl), (rs, rl), (ws, wl)] = on_cuda(&guards)?;
+        let dev = xs.device().clone();
+        let (rows, h) = rows_of(xl);
+        let (xv, rv, wv) = (view::<T>(xs, xl)?, view::<T>(rs, rl)?, view::<T>(ws, wl)?);
+        let sum = unsafe { dev.alloc::<T>(rows * h)? };
+        let y = unsafe { dev.alloc::<T>(rows * h)? };
+        let h32 = h as i32;
+        let mut b = Launch::new(&dev, &kernel::<T>("add_rms_norm")?)?;
+        b.arg(&xv)
+            .arg(&rv)
+            .arg(&wv)
+            .arg(&sum)
+            .arg(&y)
+            .arg(&h32)
+            .arg(&eps);
+        // SAFETY: reads rows·h of x and res and h of w; writes rows·h of sum and of y.
+        unsafe { b.launch(launch::rows(rows, h)) }?;
+        let sum = wrap(T::wrap_cuda_slice(sum, dev.clone()), x.shape());
+        let y = wrap(T::wrap_cuda_slice(y, dev), x.shape());
+        Ok((sum, y))
+    }
+    if x.shape() != res.shape() || w.dims() != [x.dim(candle_core::D::Minus1)?] {
+        return Err(err(format!(
+            "add_rms_norm: x {:?}, res {:?}, w {:?}",
+            x.shape(),
+            res.shape(),
+            w.shape()
+        )));
+    }
+    by_dtype!(x.dtype(), go(x, res, w, eps))
+}
+
 // ---------------------------------------------------------------- SwiGLU
 
 pub fn swiglu_fwd(

@@ -351,8 +351,8 @@ fn decoder_layer_kv(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
     let (attn, k, v) = attention(c, layer, &h, cos, sin, bias, keys)?;
-    let x = (x + attn)?;
-    let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+    let (x, h) =
+        crate::ops::add_rms_norm(x, &attn, &layer.post_attention_layernorm, c.rms_norm_eps)?;
     Ok(((&x + mlp(layer, &h)?)?, k, v))
 }
 

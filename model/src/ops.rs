@@ -524,6 +524,23 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     composed::rms_norm(x, w, eps)
 }
 
+/// The residual add and the RMSNorm after it: `(x + res, rms_norm(x + res, w))`. Where no
+/// gradient is taken (a decode step, a prefill, a no-grad forward) and the kernels apply, one
+/// CUDA launch gives both, bit-identical to the two it replaces; elsewhere it is the add and
+/// [`rms_norm`].
+pub fn add_rms_norm(x: &Tensor, res: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda()
+        && fused(&[x, res, w])
+        && !(x.track_op() || res.track_op() || w.track_op())
+    {
+        return Ok(crate::cuda::add_rms_norm(x, res, w, eps as f32)?);
+    }
+    let sum = (x + res)?;
+    let y = rms_norm(&sum, w, eps)?;
+    Ok((sum, y))
+}
+
 // ---------------------------------------------------------------- softmax
 
 struct Softmax;

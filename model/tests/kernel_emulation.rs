@@ -603,6 +603,50 @@ fn rms_norm_forward_and_backward_match_the_composed_op() {
 }
 
 #[test]
+fn add_rms_norm_is_the_add_then_rms_norm_bit_for_bit() {
+    let eps = 1e-6;
+    for (rows, h) in [(5usize, 40usize), (3, 1500)] {
+        let x = random(&[rows, h], 11, 1.0);
+        let r = random(&[rows, h], 12, 1.0);
+        let w = (random(&[h], 13, 0.2) + 1.0).unwrap();
+        for ty in [Ty::F32, Ty::Bf16] {
+            let (x, r, w) = (ty.round(&x), ty.round(&r), ty.round(&w));
+            let at = format!("{ty:?} [{rows}, {h}]");
+            let out = launch(
+                &ty.name("add_rms_norm"),
+                launch::rows(rows, h),
+                &[
+                    ty.buffer(&x),
+                    ty.buffer(&r),
+                    ty.buffer(&w),
+                    ty.buffer(&x.zeros_like().unwrap()),
+                    ty.buffer(&x.zeros_like().unwrap()),
+                    Arg::Int(h as i32),
+                    Arg::Float(eps as f32),
+                ],
+            );
+            // the add as a separate op stores it (rounded to the dtype), then rms_norm_fwd on it
+            let sum = ty.round(&(&x + &r).unwrap());
+            assert_eq!(out[3], ty.buffer(&sum), "the sum, {at}");
+            let y = launch(
+                &ty.name("rms_norm_fwd"),
+                launch::rows(rows, h),
+                &[
+                    ty.buffer(&sum),
+                    ty.buffer(&w),
+                    ty.buffer(&x.zeros_like().unwrap()),
+                    Arg::Int(h as i32),
+                    Arg::Float(eps as f32),
+                ],
+            );
+            assert_eq!(out[4], y[2], "the norm, {at}");
+            let want = composed::rms_norm(&sum, &w, eps).unwrap();
+            assert_close(&format!("add_rms_norm {at}"), &out[4], &want, ty.tol());
+        }
+    }
+}
+
+#[test]
 fn swiglu_forward_and_backward_match_the_composed_op() {
     let n = 1000;
     let (a, b, u) = (
