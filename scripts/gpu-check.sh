@@ -34,11 +34,11 @@ RC=0
 # kernel fault in one (which leaves the CUDA context unusable) does not cost the other.
 # Every part prints each section as it ends, so a part cut short still shows what it finished.
 BUDGET=${GPU_CHECK_BUDGET:-530}
-# seconds `all` may still give a part whose ceiling is $1, keeping $2 for the parts after it
+# seconds a part whose ceiling is $1 may run: the ceiling alone when one part runs, and under
+# `all` no more than is left of the budget once $2 s are kept for the parts after it
 share() {
-  local left=$((BUDGET - SECONDS)) want=$1
-  left=$((left - $2))
-  [ "$left" -lt "$want" ] && want=$left
+  local want=$1 left=$((BUDGET - SECONDS - $2))
+  [ "$WHAT" = all ] && [ "$left" -lt "$want" ] && want=$left
   echo "$want"
 }
 
@@ -54,7 +54,6 @@ gpu_check() {
 : > "$OUT/ferrite.txt"
 if { has bench || has anchor; } && [ -f gpu/torch_anchor.py ]; then
   LIMIT=$(share "${ANCHOR_TIMEOUT:-150}" 330)
-  [ "$WHAT" = all ] || LIMIT=${ANCHOR_TIMEOUT:-150}
   echo "PyTorch anchor (at most $LIMIT s)"
   if [ "$LIMIT" -ge 20 ]; then
     timeout "$LIMIT" python3 gpu/torch_anchor.py 2>&1 | grep '^{' | tee "$OUT/torch.jsonl"
@@ -64,7 +63,6 @@ if { has bench || has anchor; } && [ -f gpu/torch_anchor.py ]; then
 fi
 if has bench; then
   LIMIT=$(share "${GPU_BENCH_TIMEOUT:-300}" 150)
-  [ "$WHAT" = all ] || LIMIT=${GPU_BENCH_TIMEOUT:-300}
   echo; echo "ferrite gpu-check bench (at most $LIMIT s)"
   gpu_check bench "$LIMIT"
   [ -f "$OUT/torch.jsonl" ] && python3 - "$OUT/ferrite.txt" "$OUT/torch.jsonl" <<'PY'
@@ -87,7 +85,6 @@ PY
 fi
 if has checks; then
   LIMIT=$(share "${GPU_CHECK_TIMEOUT:-150}" 45)
-  [ "$WHAT" = all ] || LIMIT=${GPU_CHECK_TIMEOUT:-150}
   echo; echo "ferrite gpu-check checks (at most $LIMIT s)"
   gpu_check checks "$LIMIT"
 fi
@@ -95,7 +92,6 @@ if has run; then
   # the built-in experiment, shortened (300 SFT steps, 20 GRPO steps, 200 held-out problems),
   # then resumed on the GPU: the checkpoint, the base model and the optimizer's masters meet there
   LIMIT=$(share 240 0)
-  [ "$WHAT" = all ] || LIMIT=240
   echo; echo "ferrite run, model.device = cuda (at most $LIMIT s)"
   if [ "$LIMIT" -lt 20 ]; then
     echo "skipped: $LIMIT s left of the budget"
@@ -106,7 +102,6 @@ if has run; then
     RUN_RC=${PIPESTATUS[0]}
     [ "$RUN_RC" = 124 ] && echo "ferrite run: timed out after $LIMIT s"
     LIMIT=$(share 120 0)
-    [ "$WHAT" = all ] || LIMIT=120
     if [ "$RUN_RC" = 0 ] && [ "$LIMIT" -ge 20 ]; then
       echo "resumed to 24 steps (at most $LIMIT s)"
       timeout "$LIMIT" "$BIN" --no-progress --log-level warn run --resume "$OUT/run-cuda" \

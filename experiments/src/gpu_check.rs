@@ -1594,34 +1594,27 @@ fn with_candle_defaults<T>(
 /// decode attention, the sampler and the norms gain).
 fn generation_variants(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
     let (p, n) = (128usize, 256usize);
-    r.lines.push(match generation_bench(gpu, w, 1, p, n) {
+    // one line per variant: tokens/s and the time per step (the prefill included)
+    let line = |label: &str, run: Result<(f64, usize)>| match run {
         Ok((secs, new)) => format!(
-            "generate B=1: {:.0} tok/s, {:.2} ms per step (the launch and host floor)",
+            "generate {label}: {:.0} tok/s, {:.2} ms per step",
             new as f64 / secs,
             secs * 1e3 / n as f64
         ),
-        Err(e) => format!("generate B=1: error: {e}"),
-    });
+        Err(e) => format!("generate {label}: error: {e}"),
+    };
+    let floor = generation_bench(gpu, w, 1, p, n);
+    r.lines.push(line("B=1 (the launch and host floor)", floor));
     let plain = with_candle_defaults(w, |plain, w, _| generation_bench(plain, w, 64, p, n));
-    r.lines.push(match plain {
-        Ok((secs, new)) => format!(
-            "generate B=64 on candle's device defaults (cudarc events, the pool emptied at each sync): {:.0} tok/s, {:.2} ms per step",
-            new as f64 / secs,
-            secs * 1e3 / n as f64
-        ),
-        Err(e) => format!("generate B=64 on candle's device defaults: error: {e}"),
-    });
+    r.lines.push(line(
+        "B=64 on candle's device defaults (cudarc events, the pool emptied at each sync)",
+        plain,
+    ));
     ops::set_cuda_kernels(false);
     let composed = generation_bench(gpu, w, 64, p, n);
     ops::set_cuda_kernels(true);
-    r.lines.push(match composed {
-        Ok((secs, new)) => format!(
-            "generate B=64 with the composed ops (kernels off): {:.0} tok/s, {:.2} ms per step",
-            new as f64 / secs,
-            secs * 1e3 / n as f64
-        ),
-        Err(e) => format!("generate B=64 composed: error: {e}"),
-    });
+    r.lines
+        .push(line("B=64 with the composed ops (kernels off)", composed));
     Ok(())
 }
 

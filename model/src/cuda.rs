@@ -482,7 +482,8 @@ pub fn attention_bias(
 
 /// A decode step's bias `[B, 1, 1, 1, S]` from each row's first slot `start [B]`.
 pub fn decode_bias(start: &[u32], s: usize, masked: f32, dev: &CudaDevice) -> Result<Tensor> {
-    let n = start.len() * s;
+    let b = start.len();
+    let n = b * s;
     let start = dev.clone_htod(start)?;
     let bias = unsafe { dev.alloc::<f32>(n)? };
     let s32 = s as i32;
@@ -492,7 +493,7 @@ pub fn decode_bias(start: &[u32], s: usize, masked: f32, dev: &CudaDevice) -> Re
     unsafe { l.launch(launch::elems(n)) }?;
     Ok(wrap(
         f32::wrap_cuda_slice(bias, dev.clone()),
-        (n / s.max(1), 1, 1, 1, s),
+        (b, 1, 1, 1, s),
     ))
 }
 
