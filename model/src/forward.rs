@@ -86,30 +86,24 @@ impl Batch {
         })
     }
 
-    /// A decode step: row `b`'s one token `tokens[b]` at position `positions[b]` goes to cache
-    /// slot `L`, and its sequence fills slots `starts[b]..=L`. [`Batch::from_parts`] with `T = 1`,
-    /// `q_offset = L` and `key_valid[b][j] = j ≥ starts[b]`, built without the `B·(L + 1)` flags
-    /// (on CUDA only the starts go to the device: at B = 256 and L = 383 the flags were 98,304
-    /// values to build on the host and 393 KB to send every step).
-    pub fn decode(
-        tokens: &[u32],
-        positions: &[u32],
-        starts: &[usize],
-        l: usize,
-        device: &Device,
-    ) -> Result<Self> {
+    /// A decode step: row `b`'s one token `tokens[b]` goes to cache slot `L`, and its sequence
+    /// fills slots `starts[b]..=L`, so the token's position is `L − starts[b]`.
+    /// [`Batch::from_parts`] with `T = 1`, `q_offset = L` and `key_valid[b][j] = j ≥ starts[b]`,
+    /// built without the `B·(L + 1)` flags (on CUDA only the starts go to the device: at B = 256
+    /// and L = 383 the flags were 98,304 values to build on the host and 393 KB to send every
+    /// step).
+    pub fn decode(tokens: &[u32], starts: &[usize], l: usize, device: &Device) -> Result<Self> {
         let b = tokens.len();
-        if b == 0 || positions.len() != b || starts.len() != b {
+        if b == 0 || starts.len() != b || starts.iter().any(|&s| s > l) {
             return Err(ModelError::Generation(format!(
-                "malformed decode step: {b} tokens, {} positions, {} starts",
-                positions.len(),
-                starts.len()
+                "malformed decode step: {b} tokens at slot {l}, starts {starts:?}"
             )));
         }
+        let positions: Vec<u32> = starts.iter().map(|&s| (l - s) as u32).collect();
         Ok(Batch {
             input_ids: Tensor::from_slice(tokens, (b, 1), device)?,
             max_position: positions.iter().copied().max().unwrap_or(0),
-            positions: Tensor::from_slice(positions, b, device)?,
+            positions: Tensor::from_vec(positions, b, device)?,
             attention_bias: crate::ops::decode_bias(starts, l + 1, MASKED, device)?,
         })
     }

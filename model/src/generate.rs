@@ -236,18 +236,15 @@ where
 
         // Decode one token for every row (free rows feed a dummy token that is never read).
         let l = cache.len();
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut pos = Vec::with_capacity(rows.len());
-        let mut starts = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let (token, start) = row.as_ref().map_or((0, l), |row| {
-                (*row.completion.tokens.last().expect("sampled"), row.start)
-            });
-            ids.push(token);
-            pos.push((l - start) as u32);
-            starts.push(start);
-        }
-        let batch = Batch::decode(&ids, &pos, &starts, l, &device)?;
+        let (ids, starts): (Vec<u32>, Vec<usize>) = rows
+            .iter()
+            .map(|row| {
+                row.as_ref().map_or((0, l), |row| {
+                    (*row.completion.tokens.last().expect("sampled"), row.start)
+                })
+            })
+            .unzip();
+        let batch = Batch::decode(&ids, &starts, l, &device)?;
         logits = last_logits(w, &batch, &mut cache)?;
         fresh = (0..rows.len()).collect();
     }
