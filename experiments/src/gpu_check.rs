@@ -368,6 +368,18 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         format!("{same}/{}", oc.len()),
         same == oc.len(),
     );
+    // packed weights (a rollout snapshot's): one q/k/v and one gate/up matmul per layer
+    let op = generate(&w_gpu.packed()?, &prompts, &cfg, None)?;
+    let same = oc
+        .iter()
+        .zip(&op)
+        .filter(|(a, b)| a.tokens == b.tokens)
+        .count();
+    check(
+        "greedy 32 tokens, packed weights, rows identical",
+        format!("{same}/{}", oc.len()),
+        same == oc.len(),
+    );
 
     // continuous batching on the GPU: two slots for the four prompts give the same rows
     let mut oc2: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -642,6 +654,26 @@ fn add_rms_norm_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> 
     Ok(())
 }
 
+/// SwiGLU of a packed gate/up projection (forward only, where no gradient is taken) against the
+/// SwiGLU kernel on its two halves (bit for bit) and the composed op in f32.
+fn swiglu_packed_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    let n = 4864;
+    for dtype in [DType::F32, DType::BF16] {
+        let gu = randn(&[3, 37, 2 * n], 44, 2.0, dtype, gpu)?;
+        let (gate, up) = (gu.narrow(2, 0, n)?, gu.narrow(2, n, n)?);
+        let y = ops::swiglu_packed(&gu)?;
+        let name = format!("swiglu of a packed gate/up, no gradient [3·37, 2·{n}] {dtype:?}");
+        let e = max_abs_diff(&y, &ops::swiglu(&gate, &up)?)?;
+        rows.push((format!("{name} vs halves"), format!("{e:.1e}"), e == 0.0));
+        let [g32, u32_] = [&gate, &up].map(|t| t.to_dtype(DType::F32));
+        let want = (g32?.silu()? * u32_?)?;
+        let e = rel(&y, &want)?;
+        let tol = if dtype == DType::F32 { 2e-5 } else { 2e-2 };
+        rows.push((name, format!("{e:.2e}"), e < tol));
+    }
+    Ok(())
+}
+
 /// The token embedding (its backward: each distinct token's rows summed) and the log-probs' row
 /// selection and scatter against candle's `index_select` / `index_add`, forward and backward, at
 /// the learner's widths: 8,192 ids over 5,000 distinct tokens into Qwen2.5-0.5B's table, and 6,000
@@ -881,13 +913,27 @@ fn decode_qkv_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Re
         );
         let (qb, kb, vb) = (r(&[hq * d], 74)?, r(&[hkv * d], 75)?, r(&[hkv * d], 76)?);
         let (cos, sin) = (r(&[b, 1, 1, d], 77)?, r(&[b, 1, 1, d], 78)?);
-        for with_bias in [true, false] {
-            let name = format!(
-                "decode q/k/v [64, 14 + 2·2, 64] slot 300 of 400 {dtype:?}, bias {with_bias}"
-            );
+        // one packed matmul's output [B, 1, (Hq + 2·Hkv)·D], read through column slices
+        let qkv = Tensor::cat(&[&q, &k, &v], 2)?;
+        let (nq, nkv) = (hq * d, hkv * d);
+        let slices = [
+            qkv.narrow(2, 0, nq)?,
+            qkv.narrow(2, nq, nkv)?,
+            qkv.narrow(2, nq + nkv, nkv)?,
+        ];
+        for (with_bias, packed) in [(true, false), (false, false), (true, true)] {
+            let biases = if with_bias { ", biases" } else { "" };
+            let layout = if packed { ", packed" } else { "" };
+            let name =
+                format!("decode q/k/v [64, 14 + 2·2, 64] slot 300/400 {dtype:?}{biases}{layout}");
             let (k_cache, v_cache) = (r(&[b, hkv, cap, d], 79)?, r(&[b, hkv, cap, d], 80)?);
             let bias = with_bias.then_some([&qb, &kb, &vb]);
-            let Some(y) = ops::decode_qkv(&q, &k, &v, bias, &cos, &sin, &k_cache, &v_cache, slot)?
+            let [qi, ki, vi] = if packed {
+                &slices
+            } else {
+                &[q.clone(), k.clone(), v.clone()]
+            };
+            let Some(y) = ops::decode_qkv(qi, ki, vi, bias, &cos, &sin, &k_cache, &v_cache, slot)?
             else {
                 rows.push((name, "kernel not taken".into(), false));
                 continue;
@@ -1544,9 +1590,11 @@ fn sampler_timing(gpu: &Device, lines: &mut Vec<String>) -> Result<()> {
 }
 
 /// Generation on the Qwen2.5-0.5B shape: B=64 and B=256, 128-token prompts, 256 new tokens (HF
-/// `generate`'s measurement in torch_anchor.py).
+/// `generate`'s measurement in torch_anchor.py), on packed weights as a rollout worker's snapshot
+/// has them.
 fn generation_benches(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
     let (p, n) = (128usize, 256usize);
+    let w = &w.packed()?;
     for gb in [64usize, 256] {
         match generation_bench(gpu, w, gb, p, n) {
             Ok((secs, new)) => {
@@ -1587,13 +1635,16 @@ fn with_candle_defaults<T>(
     out
 }
 
-/// Generation beside the headline: B=1 with the kernels, whose step time is the floor a decode
-/// step costs when the GPU has almost nothing to do (the launches and the host's work: if B=64's
-/// step is not much longer, generation is launch-bound); B=64 on candle's device defaults (what
-/// `model::cuda::open`'s settings gain); and B=64 with the composed ops (kernels off: what
-/// decode attention, the sampler and the norms gain).
+/// Generation beside the headline, on packed weights as it is: B=1 with the kernels, whose step
+/// time is the floor a decode step costs when the GPU has almost nothing to do (the launches and
+/// the host's work: if B=64's step is not much longer, generation is launch-bound); B=64 on
+/// unpacked weights (what one q/k/v and one gate/up matmul per layer gain); B=64 on candle's
+/// device defaults (what `model::cuda::open`'s settings gain); and B=64 with the composed ops
+/// (kernels off: what decode attention, the sampler and the norms gain).
 fn generation_variants(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
     let (p, n) = (128usize, 256usize);
+    let unpacked = generation_bench(gpu, w, 64, p, n);
+    let w = &w.packed()?;
     // one line per variant: tokens/s and the time per step (the prefill included)
     let line = |label: &str, run: Result<(f64, usize)>| match run {
         Ok((secs, new)) => format!(
@@ -1605,6 +1656,10 @@ fn generation_variants(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> 
     };
     let floor = generation_bench(gpu, w, 1, p, n);
     r.lines.push(line("B=1 (the launch and host floor)", floor));
+    r.lines.push(line(
+        "B=64 on unpacked weights (three q/k/v and two gate/up matmuls per layer)",
+        unpacked,
+    ));
     let plain = with_candle_defaults(w, |plain, w, _| generation_bench(plain, w, 64, p, n));
     r.lines.push(line(
         "B=64 on candle's device defaults (cudarc events, the pool emptied at each sync)",
@@ -1687,7 +1742,8 @@ fn run(what: &str) -> Result<()> {
     if what != "bench" {
         r.section("kernel checks", |r| {
             kernel_checks(&gpu, &mut r.rows)?;
-            add_rms_norm_checks(&gpu, &mut r.rows)
+            add_rms_norm_checks(&gpu, &mut r.rows)?;
+            swiglu_packed_checks(&gpu, &mut r.rows)
         });
         r.section("embedding checks", |r| embedding_checks(&gpu, &mut r.rows));
         r.section("sampling checks", |r| sampling_checks(&gpu, &mut r.rows));

@@ -154,21 +154,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             seed: 0,
             ..Default::default()
         };
-        let detached = w.detach();
-        generate(
-            &detached,
-            &prompts[..2],
-            &GenerationConfig {
+        // packed weights, as a rollout worker's snapshot has them, then the learner's unpacked
+        let sample = |w: &model::Weights| -> Result<(f64, usize), Box<dyn std::error::Error>> {
+            let warm = GenerationConfig {
                 max_new_tokens: 4,
                 ..cfg.clone()
-            },
-            None,
-        )?;
-        let start = Instant::now();
-        let out = generate(&detached, &prompts, &cfg, None)?;
-        let secs = start.elapsed().as_secs_f64();
-        let n: usize = out.iter().map(|c| c.tokens.len()).sum();
-        println!("BENCH {name} sample {:.1}  # batch 16, 32-token prompts, {n} new tokens in {secs:.1} s", n as f64 / secs);
+            };
+            generate(w, &prompts[..2], &warm, None)?;
+            let start = Instant::now();
+            let out = generate(w, &prompts, &cfg, None)?;
+            let n: usize = out.iter().map(|c| c.tokens.len()).sum();
+            Ok((start.elapsed().as_secs_f64(), n))
+        };
+        let (secs, n) = sample(&w.packed()?)?;
+        println!("BENCH {name} sample {:.1}  # batch 16, 32-token prompts, {n} new tokens in {secs:.1} s, packed weights", n as f64 / secs);
+        let (secs_u, n_u) = sample(&w.detach())?;
+        println!(
+            "  {name} sample on unpacked weights: {:.1} tok/s (packed / unpacked {:.2}x)",
+            n_u as f64 / secs_u,
+            (n as f64 / secs) / (n_u as f64 / secs_u)
+        );
     }
     Ok(())
 }

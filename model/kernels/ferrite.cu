@@ -308,6 +308,24 @@ extern "C" __global__ void swiglu_fwd_f32(const float* a, const float* b, float*
 extern "C" __global__ void swiglu_fwd_bf16(const bf16* a, const bf16* b, bf16* y, size_t n) {
     swiglu_fwd<bf16>(a, b, y, n);
 }
+// y [rows, n] = silu(gu[:, :n])·gu[:, n:] of a packed gate/up projection gu [rows, 2n], forward only:
+// each element as swiglu_fwd computes it from the two halves.
+template <typename T>
+__device__ void swiglu_packed_fwd(const T* gu, T* y, int n, size_t count) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const T* row = gu + (i / n) * 2 * n;
+        const int j = i % n;
+        const float av = ld(row[j]);
+        y[i] = st<T>(av * sigmoidf(av) * ld(row[n + j]));
+    }
+}
+extern "C" __global__ void swiglu_packed_fwd_f32(const float* gu, float* y, int n, size_t count) {
+    swiglu_packed_fwd<float>(gu, y, n, count);
+}
+extern "C" __global__ void swiglu_packed_fwd_bf16(const bf16* gu, bf16* y, int n, size_t count) {
+    swiglu_packed_fwd<bf16>(gu, y, n, count);
+}
 extern "C" __global__ void swiglu_bwd_f32(const float* a, const float* b, const float* g, float* dab,
                                           size_t n) {
     swiglu_bwd<float>(a, b, g, dab, n);
@@ -360,15 +378,17 @@ extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s
 // One decode step's projections, finished in one pass: the q/k/v biases (when the model has
 // them; rounded to T as a separate add would), the rotary embedding of q and k, and the KV
 // cache's write of k and v at slot `slot`. q [B, Hq·D], k, v [B, Hkv·D] are the projections'
-// outputs, qb [Hq·D], kb, vb [Hkv·D] the biases (read only when has_bias), cos, sin [B, D] the
+// outputs, their rows q_row, k_row, v_row elements apart (Hq·D and Hkv·D when each is its own
+// matmul's; (Hq + 2·Hkv)·D for all three when they are column slices of one packed matmul's),
+// qb [Hq·D], kb, vb [Hkv·D] the biases (read only when has_bias), cos, sin [B, D] the
 // step's tables; writes q_out [B, Hq·D] (= [B, Hkv, G, D]) and slot `slot` of the caches
 // [B, Hkv, cap, D]. One thread per (row, head, i < D/2) pair, as the rope kernel: its lo/hi
 // arithmetic exactly. Replaces three bias adds, two rope launches and two cache copies.
 
 template <typename T>
-__device__ void decode_qkv(const T* q, const T* k, const T* v, const T* qb, const T* kb, const T* vb,
-                           int has_bias, const T* cos, const T* sin, T* q_out, T* k_cache, T* v_cache, int hq,
-                           int hkv, int d, int cap, int slot, size_t pairs) {
+__device__ void decode_qkv(const T* q, const T* k, const T* v, int q_row, int k_row, int v_row, const T* qb,
+                           const T* kb, const T* vb, int has_bias, const T* cos, const T* sin, T* q_out,
+                           T* k_cache, T* v_cache, int hq, int hkv, int d, int cap, int slot, size_t pairs) {
     const int half = d / 2, heads = hq + 2 * hkv;
     for (size_t p = blockIdx.x * (size_t)blockDim.x + threadIdx.x; p < pairs;
          p += (size_t)gridDim.x * blockDim.x) {
@@ -379,17 +399,17 @@ __device__ void decode_qkv(const T* q, const T* k, const T* v, const T* qb, cons
         const T *src, *bias;
         T* dst;
         if (h < hq) {
-            src = q + (b * hq + h) * d;
+            src = q + b * q_row + (size_t)h * d;
             bias = qb + (size_t)h * d;
             dst = q_out + (b * hq + h) * d;
         } else if (h < hq + hkv) {
             const int kh = h - hq;
-            src = k + (b * hkv + kh) * d;
+            src = k + b * k_row + (size_t)kh * d;
             bias = kb + (size_t)kh * d;
             dst = k_cache + ((b * hkv + kh) * cap + slot) * d;
         } else {
             const int vh = h - hq - hkv;
-            src = v + (b * hkv + vh) * d;
+            src = v + b * v_row + (size_t)vh * d;
             bias = vb + (size_t)vh * d;
             dst = v_cache + ((b * hkv + vh) * cap + slot) * d;
         }
@@ -408,19 +428,21 @@ __device__ void decode_qkv(const T* q, const T* k, const T* v, const T* qb, cons
         dst[i + half] = st<T>(hi);
     }
 }
-extern "C" __global__ void decode_qkv_f32(const float* q, const float* k, const float* v, const float* qb,
-                                          const float* kb, const float* vb, int has_bias, const float* cos,
-                                          const float* sin, float* q_out, float* k_cache, float* v_cache, int hq,
-                                          int hkv, int d, int cap, int slot, size_t pairs) {
-    decode_qkv<float>(q, k, v, qb, kb, vb, has_bias, cos, sin, q_out, k_cache, v_cache, hq, hkv, d, cap, slot,
-                      pairs);
+extern "C" __global__ void decode_qkv_f32(const float* q, const float* k, const float* v, int q_row, int k_row,
+                                          int v_row, const float* qb, const float* kb, const float* vb,
+                                          int has_bias, const float* cos, const float* sin, float* q_out,
+                                          float* k_cache, float* v_cache, int hq, int hkv, int d, int cap,
+                                          int slot, size_t pairs) {
+    decode_qkv<float>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, q_out, k_cache, v_cache, hq,
+                      hkv, d, cap, slot, pairs);
 }
-extern "C" __global__ void decode_qkv_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* qb,
-                                           const bf16* kb, const bf16* vb, int has_bias, const bf16* cos,
-                                           const bf16* sin, bf16* q_out, bf16* k_cache, bf16* v_cache, int hq,
-                                           int hkv, int d, int cap, int slot, size_t pairs) {
-    decode_qkv<bf16>(q, k, v, qb, kb, vb, has_bias, cos, sin, q_out, k_cache, v_cache, hq, hkv, d, cap, slot,
-                     pairs);
+extern "C" __global__ void decode_qkv_bf16(const bf16* q, const bf16* k, const bf16* v, int q_row, int k_row,
+                                           int v_row, const bf16* qb, const bf16* kb, const bf16* vb,
+                                           int has_bias, const bf16* cos, const bf16* sin, bf16* q_out,
+                                           bf16* k_cache, bf16* v_cache, int hq, int hkv, int d, int cap,
+                                           int slot, size_t pairs) {
+    decode_qkv<bf16>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, q_out, k_cache, v_cache, hq,
+                     hkv, d, cap, slot, pairs);
 }
 
 // ------------------------------------------------------------------------------- softmax

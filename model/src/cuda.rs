@@ -142,6 +142,25 @@ fn strided<'a, T: CudaDType + DeviceRepr>(
     Ok(s.as_cuda_slice::<T>()?.slice(start..start + span))
 }
 
+/// The elements between consecutive rows of a tensor read as `rows` rows of `n` elements, where
+/// each row is contiguous and they are evenly spaced: n for a contiguous tensor, a wider row's
+/// for a column slice `[rows, 1, n]` of a matrix (`narrow` of its last dimension). None for any
+/// other layout.
+fn row_stride(l: &Layout, rows: usize, n: usize) -> Option<usize> {
+    if l.shape().elem_count() != rows * n {
+        return None;
+    }
+    if l.is_contiguous() {
+        return Some(n);
+    }
+    let (dims, strides) = (l.dims(), l.stride());
+    let last = dims.len().checked_sub(1)?;
+    let inner_ones = dims.get(1..last)?.iter().all(|&d| d == 1);
+    (last > 0 && dims[0] == rows && dims[last] == n && strides[last] == 1 && inner_ones)
+        .then_some(strides[0])
+        .filter(|&row| row >= n)
+}
+
 fn as_cuda(s: &Storage) -> Result<&CudaStorage> {
     match s {
         Storage::Cuda(s) => Ok(s),
@@ -631,6 +650,24 @@ pub fn swiglu_fwd(
     by_dtype!(a.dtype(), go(a, al, b, bl))
 }
 
+/// `gu [rows, 2n]` (contiguous) → `silu(gu[:, :n]) · gu[:, n:]` `[rows, n]`, forward only.
+pub fn swiglu_packed(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    fn go<T: Float>(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+        let dev = s.device().clone();
+        let (rows, two_n) = rows_of(l);
+        let (n, count) = (two_n / 2, rows * (two_n / 2));
+        let gu = view::<T>(s, l)?;
+        let y = unsafe { dev.alloc::<T>(count)? };
+        let n32 = n as i32;
+        let mut b = Launch::new(&dev, &kernel::<T>("swiglu_packed_fwd")?)?;
+        b.arg(&gu).arg(&y).arg(&n32).arg(&count);
+        // SAFETY: rows·2n elements in, rows·n out.
+        unsafe { b.launch(launch::elems(count)) }?;
+        Ok(T::wrap_cuda_slice(y, dev))
+    }
+    by_dtype!(s.dtype(), go(s, l))
+}
+
 pub fn swiglu_bwd(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     fn go<T: Float>(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
         let (a, b, g) = (
@@ -1107,6 +1144,7 @@ pub fn decode_qkv(
             && v_cache.is_contiguous()
             && d % 2 == 0
             && slot < cap
+            && b > 0
             && bias.is_none_or(|[qb, kb, vb]| {
                 qb.elem_count() == hq * d
                     && kb.elem_count() == hkv * d
@@ -1115,15 +1153,38 @@ pub fn decode_qkv(
         if !shapes_ok {
             return Err(err("decode_qkv: shapes do not match the cache"));
         }
-        let [q, k, v, cos, sin] = [q, k, v, cos, sin].map(|t| t.contiguous());
-        let (q, k, v, cos, sin) = (q?, k?, v?, cos?, sin?);
-        // without biases the kernel reads none: q stands in for them
-        let [qb, kb, vb] = bias.unwrap_or([&q; 3]).map(|t| t.contiguous());
+        // q, k and v are read in place where their rows are evenly spaced (a packed matmul's
+        // column slices among them), else from a contiguous copy
+        let in_rows = |t: &Tensor, n: usize| -> Result<(Tensor, usize)> {
+            match row_stride(t.layout(), b, n) {
+                Some(stride) => Ok((t.clone(), stride)),
+                None => Ok((t.contiguous()?, n)),
+            }
+        };
+        let ((q, q_row), (k, k_row), (v, v_row)) = (
+            in_rows(q, hq * d)?,
+            in_rows(k, hkv * d)?,
+            in_rows(v, hkv * d)?,
+        );
+        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+        // without biases the kernel reads none: cos stands in for them
+        let [qb, kb, vb] = bias.unwrap_or([&cos; 3]).map(|t| t.contiguous());
         let (qb, kb, vb) = (qb?, kb?, vb?);
         let dev = cuda_device(&q)?;
         let out = unsafe { dev.alloc::<T>(b * hq * d)? };
         let (k_at, v_at) = (address::<T>(k_cache)?, address::<T>(v_cache)?);
-        let guards = [&q, &k, &v, &qb, &kb, &vb, &cos, &sin].map(|t| t.storage_and_layout());
+        let rows = [
+            (&q, q_row, hq * d),
+            (&k, k_row, hkv * d),
+            (&v, v_row, hkv * d),
+        ];
+        let row_guards = rows.map(|(t, ..)| t.storage_and_layout());
+        let row_views = row_guards
+            .iter()
+            .zip(rows)
+            .map(|((s, l), (_, row, n))| strided::<T>(as_cuda(s)?, l, (b - 1) * row + n))
+            .collect::<Result<Vec<_>>>()?;
+        let guards = [&qb, &kb, &vb, &cos, &sin].map(|t| t.storage_and_layout());
         let views = guards
             .iter()
             .map(|(s, l)| view::<T>(as_cuda(s)?, l))
@@ -1132,11 +1193,16 @@ pub fn decode_qkv(
         let has_bias = i32::from(bias.is_some());
         let (hq32, hkv32, d32, cap32, slot32) =
             (hq as i32, hkv as i32, d as i32, cap as i32, slot as i32);
+        let [q_row, k_row, v_row] = [q_row, k_row, v_row].map(|r| r as i32);
         let mut l = Launch::new(&dev, &kernel::<T>("decode_qkv")?)?;
-        for view in &views[..6] {
+        for view in &row_views {
             l.arg(view);
         }
-        l.arg(&has_bias).arg(&views[6]).arg(&views[7]);
+        l.arg(&q_row).arg(&k_row).arg(&v_row);
+        for view in &views[..3] {
+            l.arg(view);
+        }
+        l.arg(&has_bias).arg(&views[3]).arg(&views[4]);
         l.arg(&out)
             .arg(&k_at)
             .arg(&v_at)
@@ -1146,7 +1212,8 @@ pub fn decode_qkv(
             .arg(&cap32)
             .arg(&slot32)
             .arg(&pairs);
-        // SAFETY: B·Hq·D of q and out, B·Hkv·D of k and v, the biases' Hq·D and Hkv·D (checked
+        // SAFETY: B rows of Hq·D of q and Hkv·D of k and v at their strides (the views span
+        // them), B·Hq·D of out, the biases' Hq·D and Hkv·D (checked
         // above), B·D of cos and sin; the caches hold B·Hkv·cap·D and slot < cap.
         unsafe { l.launch(launch::elems(pairs)) }?;
         Ok(wrap(T::wrap_cuda_slice(out, dev), (b, hq * d)))

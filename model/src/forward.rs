@@ -214,30 +214,48 @@ fn embed(w: &Weights, batch: &Batch) -> Result<(Tensor, Tensor, Tensor, Tensor)>
 }
 
 /// Final-norm hidden states `[B, T, H]` (the trunk, for value heads and chunked log-probs).
-pub fn hidden_states(
-    w: &Weights,
-    batch: &Batch,
-    mut cache: Option<&mut KvCache>,
-) -> Result<Tensor> {
+pub fn hidden_states(w: &Weights, batch: &Batch, cache: Option<&mut KvCache>) -> Result<Tensor> {
     let c = &w.config;
     let (mut x, cos, sin, bias) = embed(w, batch)?;
-    let t = x.dim(1)?;
-    for (l, layer) in w.layers.iter().enumerate() {
-        x = match cache.as_deref_mut() {
-            None if crate::checkpoint::enabled() && layer.q_proj.is_variable() => {
-                let (c, cos, sin, bias) = (c.clone(), cos.clone(), sin.clone(), bias.clone());
-                crate::checkpoint::checkpointed(&x, layer, move |layer, x| {
-                    decoder_layer(&c, layer, x, &cos, &sin, &bias, Keys::Own)
-                })?
-            }
-            None => decoder_layer(c, layer, &x, &cos, &sin, &bias, Keys::Own)?,
-            Some(cache) => decoder_layer(c, layer, &x, &cos, &sin, &bias, Keys::Cache(cache, l))?,
+    if let Some(cache) = cache {
+        return hidden_states_cached(w, x, &cos, &sin, &bias, cache);
+    }
+    for layer in &w.layers {
+        x = if crate::checkpoint::enabled() && layer.q_proj.is_variable() {
+            let (c, cos, sin, bias) = (c.clone(), cos.clone(), sin.clone(), bias.clone());
+            crate::checkpoint::checkpointed(&x, layer, move |layer, x| {
+                decoder_layer(&c, layer, x, &cos, &sin, &bias, Keys::Own)
+            })?
+        } else {
+            decoder_layer(c, layer, &x, &cos, &sin, &bias, Keys::Own)?
         };
     }
-    if let Some(cache) = cache {
-        cache.advance(t);
-    }
     rms_norm(&x, &w.norm, c.rms_norm_eps)
+}
+
+/// [`hidden_states`] through a KV cache (a prefill, a decode step): the layers of
+/// [`decoder_layer`], each residual add fused with the RMSNorm after it (`ops::add_rms_norm`),
+/// including a layer's last add with the next layer's input norm (the final norm after the last
+/// layer).
+fn hidden_states_cached(
+    w: &Weights,
+    mut x: Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    cache: &mut KvCache,
+) -> Result<Tensor> {
+    let (c, eps, t) = (&w.config, w.config.rms_norm_eps, x.dim(1)?);
+    let norms = || w.layers.iter().map(|l| &l.input_layernorm).chain([&w.norm]);
+    let mut h = rms_norm(&x, norms().next().expect("the final norm at least"), eps)?;
+    for ((l, layer), next_norm) in w.layers.iter().enumerate().zip(norms().skip(1)) {
+        let (attn, _, _) = attention(c, layer, &h, cos, sin, bias, Keys::Cache(cache, l))?;
+        let (x_mid, h_mid) =
+            crate::ops::add_rms_norm(&x, &attn, &layer.post_attention_layernorm, eps)?;
+        (x, h) = crate::ops::add_rms_norm(&x_mid, &mlp(layer, &h_mid)?, next_norm, eps)?;
+    }
+    cache.advance(t);
+    Ok(h)
 }
 
 /// Final-norm hidden states `[N, T, H]` of rows that continue shared prompts (see
@@ -368,9 +386,16 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 pub use crate::ops::rms_norm;
 
 fn mlp(w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
-    let gate = linear(x, &w.gate_proj, None)?; // [B, T, I]
-    let up = linear(x, &w.up_proj, None)?; // [B, T, I]
-    linear(&crate::ops::swiglu(&gate, &up)?, &w.down_proj, None) // [B, T, H]
+    let act = match &w.packed {
+        // one matmul for gate and up: [B, T, 2·I]
+        Some(p) => crate::ops::swiglu_packed(&linear(x, &p.gate_up, None)?)?,
+        None => {
+            let gate = linear(x, &w.gate_proj, None)?; // [B, T, I]
+            let up = linear(x, &w.up_proj, None)?; // [B, T, I]
+            crate::ops::swiglu(&gate, &up)?
+        }
+    };
+    linear(&act, &w.down_proj, None) // [B, T, H]
 }
 
 /// The new tokens' rotated keys and their values, `[B, Hkv, T, D]` each, from `x [B, T, H]`.
@@ -420,10 +445,25 @@ fn projections(
     sin: &Tensor,
     keys: Keys,
 ) -> Result<Projections> {
-    let (hq, d) = (c.num_attention_heads, c.head_dim);
-    let q = heads(linear(x, &w.q_proj, w.q_bias.as_ref())?, hq, d)?;
+    let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let (q, k_new, v_new) = match &w.packed {
+        Some(p) => {
+            // one matmul for q, k and v: [B, T, (Hq + 2·Hkv)·D]
+            let (b, t, _) = x.dims3()?;
+            let y = linear(x, &p.qkv, p.qkv_bias.as_ref())?.reshape((b, t, hq + 2 * hkv, d))?;
+            let part = |at: usize, n: usize| -> Result<Tensor> {
+                Ok(y.narrow(2, at, n)?.transpose(1, 2)?.contiguous()?) // [B, n, T, D]
+            };
+            let k = apply_rope(&part(hq, hkv)?, cos, sin)?;
+            (part(0, hq)?, k, part(hq + hkv, hkv)?)
+        }
+        None => {
+            let q = heads(linear(x, &w.q_proj, w.q_bias.as_ref())?, hq, d)?;
+            let (k, v) = keys_values(c, w, x, cos, sin)?; // [B, Hkv, T, D]
+            (q, k, v)
+        }
+    };
     let q = apply_rope(&q, cos, sin)?; // [B, Hq, T, D]
-    let (k_new, v_new) = keys_values(c, w, x, cos, sin)?; // [B, Hkv, T, D]
     let (k, v) = match keys {
         Keys::Cache(cache, layer) => cache.append(layer, &k_new, &v_new)?, // [B, Hkv, S, D]
         Keys::After(k, v) => (Tensor::cat(&[k, &k_new], 2)?, Tensor::cat(&[v, &v_new], 2)?),
@@ -461,11 +501,23 @@ fn decode_projections(
         return Ok(None);
     }
     let (b, hq, d) = (x.dim(0)?, c.num_attention_heads, c.head_dim);
-    let (q, k, v) = (
-        linear(x, &w.q_proj, None)?, // [B, 1, Hq·D]
-        linear(x, &w.k_proj, None)?, // [B, 1, Hkv·D]
-        linear(x, &w.v_proj, None)?, // [B, 1, Hkv·D]
-    );
+    let (q, k, v) = match &w.packed {
+        Some(p) => {
+            // one matmul; the kernel reads each part in place, rows of (Hq + 2·Hkv)·D apart
+            let (nq, nkv) = (w.q_proj.dim(0)?, w.k_proj.dim(0)?);
+            let y = linear(x, &p.qkv, None)?; // [B, 1, Hq·D + 2·Hkv·D]
+            (
+                y.narrow(2, 0, nq)?,
+                y.narrow(2, nq, nkv)?,
+                y.narrow(2, nq + nkv, nkv)?,
+            )
+        }
+        None => (
+            linear(x, &w.q_proj, None)?, // [B, 1, Hq·D]
+            linear(x, &w.k_proj, None)?, // [B, 1, Hkv·D]
+            linear(x, &w.v_proj, None)?, // [B, 1, Hkv·D]
+        ),
+    };
     let (k_cache, v_cache, slot) = cache.next_slot(layer)?;
     let Some(q) = crate::ops::decode_qkv(&q, &k, &v, bias, cos, sin, k_cache, v_cache, slot)?
     else {

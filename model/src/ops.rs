@@ -848,6 +848,68 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
 }
 
+/// [`swiglu`] of a packed gate/up projection, forward only: rows `[gate (n), up (n)]` in, rows
+/// of `silu(gate) · up` out, each element as [`SwiGlu`] computes it.
+struct SwiGluPacked;
+
+impl CustomOp1 for SwiGluPacked {
+    fn name(&self) -> &'static str {
+        "ferrite-swiglu-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let gu = slice(s, l)?;
+        let (rows, two_n) = rows_of(l.shape())?;
+        let n = two_n / 2;
+        let mut y = vec![0f32; rows * n];
+        y.par_chunks_mut(n.max(1))
+            .zip(gu.par_chunks(two_n.max(1)))
+            .for_each(|(y, gu)| {
+                let (a, b) = gu.split_at(n);
+                for i in 0..n {
+                    y[i] = a[i] * sigmoid(a[i]) * b[i];
+                }
+            });
+        Ok((CpuStorage::F32(y), half_last_dim(l.shape())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::swiglu_packed(s, l)?, half_last_dim(l.shape())))
+    }
+}
+
+/// A shape with its last dimension halved.
+fn half_last_dim(shape: &Shape) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last /= 2;
+    }
+    Shape::from(dims)
+}
+
+/// `silu(gate) · up` of a packed projection `gu [.., 2·n]` whose last dimension holds gate's n
+/// values, then up's (a [`Packed`](crate::weights::Packed) layer's one matmul for both): `[.., n]`.
+/// Where no gradient is taken and the kernels apply, one pass reads both halves in place; elsewhere
+/// it is [`swiglu`] of the two halves.
+pub fn swiglu_packed(gu: &Tensor) -> Result<Tensor> {
+    let two_n = gu.dim(D::Minus1)?;
+    if two_n % 2 != 0 {
+        return Err(crate::error::ModelError::Unsupported(format!(
+            "a packed gate/up projection of odd width {two_n}"
+        )));
+    }
+    if fused(&[gu]) && !gu.track_op() {
+        return Ok(gu.contiguous()?.apply_op1(SwiGluPacked)?);
+    }
+    let n = two_n / 2;
+    swiglu(&gu.narrow(D::Minus1, 0, n)?, &gu.narrow(D::Minus1, n, n)?)
+}
+
 // ---------------------------------------------------------------- rotary embedding
 
 struct Rope;
@@ -1579,6 +1641,39 @@ mod tests {
             |t| swiglu(&t[0], &t[1]).unwrap(),
             |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
             &[true, true],
+        );
+    }
+
+    #[test]
+    fn swiglu_of_a_packed_projection_is_swiglu_of_its_halves() {
+        // rows [gate (10), up (10)]: the no-gradient pass gives swiglu's values bit for bit
+        let gu = random(&[4, 6, 20], 11, 2.0);
+        let (gate, up) = (gu.narrow(2, 0, 10).unwrap(), gu.narrow(2, 10, 10).unwrap());
+        let y = swiglu_packed(&gu).unwrap();
+        assert_eq!(y.dims(), [4, 6, 10]);
+        let want = swiglu(&gate, &up).unwrap();
+        assert_eq!(max_rel(&y, &want), 0.0);
+        // in bf16 (no CPU kernel): the halves through the composed op
+        let y16 = swiglu_packed(&gu.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(y16.dims(), [4, 6, 10]);
+        let d = max_rel(&y16.to_dtype(DType::F32).unwrap(), &want);
+        assert!(d < 1e-2, "bf16: {d}");
+        // with a graph to keep, the gradient reaches both halves of the projection
+        check(
+            &[gu],
+            |t| swiglu_packed(&t[0]).unwrap(),
+            |t| {
+                let (g, u) = (
+                    t[0].narrow(2, 0, 10).unwrap(),
+                    t[0].narrow(2, 10, 10).unwrap(),
+                );
+                (g.silu().unwrap() * u).unwrap()
+            },
+            &[true],
+        );
+        assert!(
+            swiglu_packed(&random(&[2, 7], 12, 1.0)).is_err(),
+            "odd width"
         );
     }
 

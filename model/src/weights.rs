@@ -28,6 +28,22 @@ pub struct LayerWeights {
     pub gate_proj: Tensor,
     pub up_proj: Tensor,
     pub down_proj: Tensor,
+    /// Where set, `q_proj` … `v_bias`, `gate_proj` and `up_proj` are row views of these.
+    pub packed: Option<Packed>,
+}
+
+/// A layer's q, k and v projections stored as one matrix, and its gate and up projections as
+/// another, so that a forward with no gradient multiplies once for each pair instead of three
+/// and two times (inference weights: [`Weights::snapshot`], [`Weights::packed`]). Trainable
+/// weights stay unpacked: each is its own `Var`.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    /// `[Hq·D + 2·Hkv·D, H]`: q's rows, then k's, then v's.
+    pub qkv: Tensor,
+    /// `[Hq·D + 2·Hkv·D]`, for models with q/k/v biases.
+    pub qkv_bias: Option<Tensor>,
+    /// `[2·I, H]`: gate's rows, then up's.
+    pub gate_up: Tensor,
 }
 
 impl LayerWeights {
@@ -54,21 +70,87 @@ impl LayerWeights {
 
     /// The same tensors cut from any autograd graph (storage shared).
     pub fn detach(&self) -> Self {
-        let d = |t: &Tensor| t.detach();
-        LayerWeights {
-            input_layernorm: d(&self.input_layernorm),
-            q_proj: d(&self.q_proj),
-            q_bias: self.q_bias.as_ref().map(d),
-            k_proj: d(&self.k_proj),
-            k_bias: self.k_bias.as_ref().map(d),
-            v_proj: d(&self.v_proj),
-            v_bias: self.v_bias.as_ref().map(d),
-            o_proj: d(&self.o_proj),
-            post_attention_layernorm: d(&self.post_attention_layernorm),
-            gate_proj: d(&self.gate_proj),
-            up_proj: d(&self.up_proj),
-            down_proj: d(&self.down_proj),
+        self.map(&|t| Ok(t.detach()))
+            .expect("detaching cannot fail")
+    }
+
+    /// The layer with every tensor it stores passed through `f`: a packed layer's packed
+    /// matrices (its views cut again from the results), an unpacked layer's every tensor.
+    fn map(&self, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let opt = |t: &Option<Tensor>| t.as_ref().map(f).transpose();
+        let layer = LayerWeights {
+            input_layernorm: f(&self.input_layernorm)?,
+            o_proj: f(&self.o_proj)?,
+            post_attention_layernorm: f(&self.post_attention_layernorm)?,
+            down_proj: f(&self.down_proj)?,
+            ..self.clone()
+        };
+        match &self.packed {
+            Some(p) => layer.with_packed(Packed {
+                qkv: f(&p.qkv)?,
+                qkv_bias: opt(&p.qkv_bias)?,
+                gate_up: f(&p.gate_up)?,
+            }),
+            None => Ok(LayerWeights {
+                q_proj: f(&self.q_proj)?,
+                q_bias: opt(&self.q_bias)?,
+                k_proj: f(&self.k_proj)?,
+                k_bias: opt(&self.k_bias)?,
+                v_proj: f(&self.v_proj)?,
+                v_bias: opt(&self.v_bias)?,
+                gate_proj: f(&self.gate_proj)?,
+                up_proj: f(&self.up_proj)?,
+                ..layer
+            }),
         }
+    }
+
+    /// The layer packed ([`Packed`], new storage: the concatenations copy) with its other
+    /// tensors through `f`; a packed layer has every tensor through `f`. A layer with some of
+    /// the q/k/v biases but not all stays unpacked.
+    fn pack(&self, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let qkv_bias = match (&self.q_bias, &self.k_bias, &self.v_bias) {
+            _ if self.packed.is_some() => return self.map(f),
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            (None, None, None) => None,
+            _ => return self.map(f),
+        };
+        let packed = Packed {
+            qkv: Tensor::cat(&[&self.q_proj, &self.k_proj, &self.v_proj], 0)?,
+            qkv_bias,
+            gate_up: Tensor::cat(&[&self.gate_proj, &self.up_proj], 0)?,
+        };
+        let layer = LayerWeights {
+            input_layernorm: f(&self.input_layernorm)?,
+            o_proj: f(&self.o_proj)?,
+            post_attention_layernorm: f(&self.post_attention_layernorm)?,
+            down_proj: f(&self.down_proj)?,
+            ..self.clone()
+        };
+        layer.with_packed(packed)
+    }
+
+    /// The layer reading its projections from `p`: each one a row view of it (shapes as before).
+    fn with_packed(self, p: Packed) -> Result<Self> {
+        let (q, kv, i) = (
+            self.q_proj.dim(0)?,
+            self.k_proj.dim(0)?,
+            self.gate_proj.dim(0)?,
+        );
+        let rows = |t: &Tensor, at: usize, n: usize| t.narrow(0, at, n);
+        let bias = |at: usize, n: usize| p.qkv_bias.as_ref().map(|b| rows(b, at, n)).transpose();
+        Ok(LayerWeights {
+            q_proj: rows(&p.qkv, 0, q)?,
+            k_proj: rows(&p.qkv, q, kv)?,
+            v_proj: rows(&p.qkv, q + kv, kv)?,
+            q_bias: bias(0, q)?,
+            k_bias: bias(q, kv)?,
+            v_bias: bias(q + kv, kv)?,
+            gate_proj: rows(&p.gate_up, 0, i)?,
+            up_proj: rows(&p.gate_up, i, i)?,
+            packed: Some(p),
+            ..self
+        })
     }
 }
 
@@ -149,6 +231,7 @@ impl Weights {
                     gate_proj: get(&p("mlp.gate_proj.weight")),
                     up_proj: get(&p("mlp.up_proj.weight")),
                     down_proj: get(&p("mlp.down_proj.weight")),
+                    packed: None,
                 }
             })
             .collect();
@@ -228,35 +311,47 @@ impl Weights {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// A copy of every tensor converted to `dtype` on `device`.
+    /// A copy of every tensor converted to `dtype` on `device` (packed layers stay packed).
     pub fn to(&self, dtype: DType, device: &Device) -> Result<Self> {
-        let mut named = BTreeMap::new();
-        for (n, t) in self.named() {
-            named.insert(n, t.to_device(device)?.to_dtype(dtype)?);
-        }
-        Self::from_named(&self.config, &named)
+        self.map(|t| Ok(t.to_device(device)?.to_dtype(dtype)?), false)
     }
 
     /// The same weights cut from any autograd graph (storage shared, no copy). Generation runs
     /// on these: candle has no no-grad mode, and a KV cache built from `Var`s would keep every
     /// step's graph alive.
     pub fn detach(&self) -> Self {
-        let named = self
-            .named()
-            .into_iter()
-            .map(|(n, t)| (n, t.detach()))
-            .collect();
-        Self::from_named(&self.config, &named).expect("same names and shapes")
+        self.map(|t| Ok(t.detach()), false)
+            .expect("detaching cannot fail")
     }
 
-    /// A deep copy cut from any graph: what the learner publishes to rollout workers, so that
-    /// later optimizer steps (which update the `Var`s in place) never reach it.
+    /// A deep copy cut from any graph, its layers packed: what the learner publishes to rollout
+    /// workers, so that later optimizer steps (which update the `Var`s in place) never reach it,
+    /// and generation multiplies once for q/k/v and once for gate/up.
     pub fn snapshot(&self) -> Result<Self> {
-        let mut named = BTreeMap::new();
-        for (n, t) in self.named() {
-            named.insert(n, t.detach().copy()?);
-        }
-        Self::from_named(&self.config, &named)
+        self.detach().map(|t| Ok(t.copy()?), true)
+    }
+
+    /// The same weights cut from any graph with their layers packed ([`Packed`]): only the
+    /// packed matrices are new storage.
+    pub fn packed(&self) -> Result<Self> {
+        self.detach().map(|t| Ok(t.clone()), true)
+    }
+
+    /// The weights with every tensor they store through `f` (see [`LayerWeights::map`]), and
+    /// their layers packed where `pack`.
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>, pack: bool) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| if pack { l.pack(&f) } else { l.map(&f) })
+            .collect::<Result<_>>()?;
+        Ok(Weights {
+            config: self.config.clone(),
+            embed_tokens: f(&self.embed_tokens)?,
+            layers,
+            norm: f(&self.norm)?,
+            lm_head: self.lm_head.as_ref().map(&f).transpose()?,
+        })
     }
 
     /// Trainable copies: one `Var` per parameter, in HF name order and in the weights' own
@@ -408,4 +503,102 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
     std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Weights {
+        let c = crate::builtin::tiny_config(64, 2);
+        crate::init::random_weights(&c, 0.5, 3, &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        let t = t.to_dtype(DType::F32).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// Every named tensor of `a` equals `b`'s, shape and values.
+    fn same_named(a: &Weights, b: &Weights) {
+        let (a, b) = (a.named(), b.named());
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (name, t) in &a {
+            assert_eq!(t.dims(), b[name].dims(), "{name}");
+            assert_eq!(values(t), values(&b[name]), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_packs_each_layer_and_reads_as_the_weights_it_copies() {
+        let w = tiny();
+        let snap = w.snapshot().unwrap();
+        same_named(&w, &snap);
+        assert_eq!(w.checksum().unwrap(), snap.checksum().unwrap());
+        for (l, layer) in snap.layers.iter().enumerate() {
+            let p = layer.packed.as_ref().expect("packed");
+            let (q, kv, i) = (64, 32, 192); // 2 query heads and 1 KV head of 32; I = 3·64
+            assert_eq!(p.qkv.dims(), [q + 2 * kv, 64], "layer {l}");
+            assert_eq!(p.qkv_bias.as_ref().unwrap().dims(), [q + 2 * kv]);
+            assert_eq!(p.gate_up.dims(), [2 * i, 64]);
+            // the projections are its rows: q's, then k's, then v's; gate's, then up's
+            let cat = |ts: &[&Tensor]| values(&Tensor::cat(ts, 0).unwrap());
+            let unpacked = &w.layers[l];
+            let qkv = [&unpacked.q_proj, &unpacked.k_proj, &unpacked.v_proj];
+            assert_eq!(values(&p.qkv), cat(&qkv));
+            assert_eq!(
+                values(&p.gate_up),
+                cat(&[&unpacked.gate_proj, &unpacked.up_proj])
+            );
+        }
+        // a deep copy: writing the source leaves the snapshot as it was
+        let (vars, trained) = w.to_vars().unwrap();
+        let snap = trained.snapshot().unwrap();
+        for (_, v) in &vars {
+            v.set(&v.as_tensor().affine(0.0, 1.0).unwrap()).unwrap();
+        }
+        same_named(&w, &snap);
+    }
+
+    #[test]
+    fn packed_weights_stay_packed_through_to_and_detach_and_train_unpacked() {
+        let w = tiny();
+        let packed = w.packed().unwrap();
+        for moved in [
+            packed.detach(),
+            packed.to(DType::F32, &Device::Cpu).unwrap(),
+        ] {
+            assert!(moved.layers.iter().all(|l| l.packed.is_some()));
+            same_named(&w, &moved);
+        }
+        let bf16 = packed.to(DType::BF16, &Device::Cpu).unwrap();
+        assert!(bf16.layers.iter().all(|l| l.packed.is_some()));
+        same_named(&w.to(DType::BF16, &Device::Cpu).unwrap(), &bf16);
+        // trainable copies are one Var per parameter, each its own storage
+        let (vars, trained) = packed.to_vars().unwrap();
+        assert!(trained.layers.iter().all(|l| l.packed.is_none()));
+        same_named(&w, &trained);
+        let q = &vars
+            .iter()
+            .find(|(n, _)| n == "model.layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .1;
+        q.set(&q.as_tensor().zeros_like().unwrap()).unwrap();
+        let k = &trained.layers[0].k_proj;
+        assert_eq!(values(k), values(&w.layers[0].k_proj), "k untouched");
+        same_named(&w, &packed);
+    }
+
+    #[test]
+    fn packed_weights_save_as_the_unpacked_do() {
+        let dir = std::env::temp_dir().join(format!("ferrite-packed-save-{}", std::process::id()));
+        let w = tiny();
+        w.packed()
+            .unwrap()
+            .save_dir(&dir, DType::F32, usize::MAX)
+            .unwrap();
+        let back = Weights::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        same_named(&w, &back);
+    }
 }

@@ -688,6 +688,46 @@ fn swiglu_forward_and_backward_match_the_composed_op() {
 }
 
 #[test]
+fn swiglu_of_a_packed_projection_is_swiglu_fwd_of_its_halves_bit_for_bit() {
+    // rows [gate (n), up (n)], as a packed layer's one matmul gives them
+    let (rows, n) = (7usize, 150usize);
+    let gu = random(&[rows, 2 * n], 31, 2.0);
+    for ty in [Ty::F32, Ty::Bf16] {
+        let gu = ty.round(&gu);
+        let half = |at: usize| gu.narrow(1, at, n).unwrap().contiguous().unwrap();
+        let (gate, up) = (half(0), half(n));
+        let count = rows * n;
+        let zeros = gate.zeros_like().unwrap();
+        let y = launch(
+            &ty.name("swiglu_fwd"),
+            launch::elems(count),
+            &[
+                ty.buffer(&gate),
+                ty.buffer(&up),
+                ty.buffer(&zeros),
+                Arg::Size(count),
+            ],
+        );
+        for g in [launch::elems(count), fewer_blocks(launch::elems(count), 1)] {
+            let out = launch(
+                &ty.name("swiglu_packed_fwd"),
+                g,
+                &[
+                    ty.buffer(&gu),
+                    ty.buffer(&zeros),
+                    Arg::Int(n as i32),
+                    Arg::Size(count),
+                ],
+            );
+            let at = format!("{ty:?}, {} blocks", g.grid);
+            assert_eq!(out[1], y[2], "swiglu_packed_fwd {at}");
+            let want = (gate.silu().unwrap() * &up).unwrap();
+            assert_close(&format!("swiglu_packed_fwd {at}"), &out[1], &want, ty.tol());
+        }
+    }
+}
+
+#[test]
 fn rope_and_its_adjoint_match_the_composed_op() {
     let (b, h, t, d) = (2, 3, 5, 8);
     let x = random(&[b, h, t, d], 7, 1.0);
@@ -1099,7 +1139,29 @@ fn decode_qkv_adds_the_biases_rotates_and_writes_the_cache_slot() {
                 block: 32,
                 shared_bytes: 0,
             };
-            for geometry in [launch::elems(pairs), striding] {
+            // q, k and v as three matmuls' outputs, or as column slices of one packed matmul's
+            // rows [q | k | v]: k's buffer starts at row 0's k, v's at its v
+            let (nq, nkv) = (hq * d, hkv * d);
+            let packed = Tensor::cat(&[&q, &k, &v], 1).unwrap(); // [B, nq + 2·nkv]
+            let from = |at: usize| {
+                let flat = packed.flatten_all().unwrap();
+                flat.narrow(0, at, flat.dim(0).unwrap() - at).unwrap()
+            };
+            let separate = [(q.clone(), nq), (k.clone(), nkv), (v.clone(), nkv)];
+            let sliced = [
+                (from(0), nq + 2 * nkv),
+                (from(nq), nq + 2 * nkv),
+                (from(nq + nkv), nq + 2 * nkv),
+            ];
+            for (layout, geometry) in [
+                ("separate", launch::elems(pairs)),
+                ("separate", striding),
+                ("packed", launch::elems(pairs)),
+            ] {
+                let [(q, q_row), (k, k_row), (v, v_row)] = match layout {
+                    "separate" => separate.clone(),
+                    _ => sliced.clone(),
+                };
                 let out = launch(
                     &ty.name("decode_qkv"),
                     geometry,
@@ -1107,13 +1169,16 @@ fn decode_qkv_adds_the_biases_rotates_and_writes_the_cache_slot() {
                         ty.buffer(&q),
                         ty.buffer(&k),
                         ty.buffer(&v),
+                        Arg::Int(q_row as i32),
+                        Arg::Int(k_row as i32),
+                        Arg::Int(v_row as i32),
                         ty.buffer(&qb),
                         ty.buffer(&kb),
                         ty.buffer(&vb),
                         Arg::Int(i32::from(with_bias)),
                         ty.buffer(&cos),
                         ty.buffer(&sin),
-                        ty.buffer(&q.zeros_like().unwrap()),
+                        ty.buffer(&Tensor::zeros((b, nq), DType::F32, &Device::Cpu).unwrap()),
                         ty.buffer(&k_cache),
                         ty.buffer(&v_cache),
                         Arg::Int(hq as i32),
@@ -1124,7 +1189,7 @@ fn decode_qkv_adds_the_biases_rotates_and_writes_the_cache_slot() {
                         Arg::Size(pairs),
                     ],
                 );
-                let what = format!("decode_qkv {ty:?}, bias {with_bias}, {geometry:?}");
+                let what = format!("decode_qkv {ty:?}, bias {with_bias}, {layout}, {geometry:?}");
                 assert_close(&format!("{what}: q"), &out[8], &want_q, ty.tol());
                 assert_close(&format!("{what}: k cache"), &out[9], &want_k, ty.tol());
                 assert_close(&format!("{what}: v cache"), &out[10], &want_v, ty.tol());

@@ -86,11 +86,19 @@ pub fn load(name: &str) -> Weights {
     Weights::load_dir(&fixture(name), DType::F32, &Device::Cpu).unwrap()
 }
 
-/// `name`'s padded-batch logits against transformers'.
-pub fn check_padded_batch_logits(name: &str) {
-    {
-        let w = load(name);
-        let (json, golden) = golden(name);
+/// `name`'s weights as loaded (unpacked, like a learner's) and packed (like a rollout
+/// snapshot's: one q/k/v and one gate/up matrix per layer), with a label for failures.
+pub fn both_layouts(name: &str) -> [(String, Weights); 2] {
+    let w = load(name);
+    let packed = w.packed().unwrap();
+    assert!(packed.layers.iter().all(|l| l.packed.is_some()));
+    [(name.to_string(), w), (format!("{name}, packed"), packed)]
+}
+
+/// `name`'s padded-batch logits against transformers', unpacked and packed.
+pub fn check_padded_batch_logits(model: &str) {
+    for (name, w) in both_layouts(model) {
+        let (json, golden) = golden(model);
         let ids = u32_rows(&json["input_ids"]);
         let mask = u8_rows(&json["attention_mask"]);
         let batch = Batch::new(&ids, &mask, &Device::Cpu).unwrap();
