@@ -933,7 +933,8 @@ fn decode_qkv_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Re
             } else {
                 &[q.clone(), k.clone(), v.clone()]
             };
-            let Some(y) = ops::decode_qkv(qi, ki, vi, bias, &cos, &sin, &k_cache, &v_cache, slot)?
+            let Some(y) =
+                ops::decode_qkv(qi, ki, vi, bias, &cos, &sin, &k_cache, &v_cache, slot, None)?
             else {
                 rows.push((name, "kernel not taken".into(), false));
                 continue;
@@ -963,6 +964,63 @@ fn decode_qkv_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Re
             .fold(0f32, f32::max);
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
             rows.push((name, format!("{e:.2e}"), e < tol));
+        }
+    }
+    Ok(())
+}
+
+/// The decode step's q/k/v epilogue and attention in one launch against the two launches it
+/// replaces (the epilogue, then decode attention over the cache it wrote), on a packed matmul's
+/// column slices with biases: the attention output and the caches, at Qwen2.5-0.5B's heads
+/// (D = 64, the `_d64` entry) and at D = 128, B=64, slot 300 of 400, batch row 1 left-padded.
+fn decode_qkv_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    let (b, cap, slot) = (64, 400, 300);
+    let s = slot + 1;
+    let bias: Vec<f32> = (0..b * s)
+        .map(|i| if i / s == 1 && i % s < 9 { -1e9 } else { 0.0 })
+        .collect();
+    let bias = Tensor::from_vec(bias, (b, 1, 1, 1, s), &Device::Cpu)?.to_device(gpu)?;
+    for (hq, hkv, d) in [(14, 2, 64), (8, 2, 128)] {
+        let scale = 1.0 / (d as f64).sqrt();
+        for dtype in [DType::F32, DType::BF16] {
+            let r = |shape: &[usize], seed| randn(shape, seed, 1.0, dtype, gpu);
+            let qkv = r(&[b, 1, (hq + 2 * hkv) * d], 81)?;
+            let (nq, nkv) = (hq * d, hkv * d);
+            let (q, k, v) = (
+                qkv.narrow(2, 0, nq)?,
+                qkv.narrow(2, nq, nkv)?,
+                qkv.narrow(2, nq + nkv, nkv)?,
+            );
+            let (qb, kb, vb) = (r(&[nq], 82)?, r(&[nkv], 83)?, r(&[nkv], 84)?);
+            let (cos, sin) = (r(&[b, 1, 1, d], 85)?, r(&[b, 1, 1, d], 86)?);
+            let biases = Some([&qb, &kb, &vb]);
+            let name = format!(
+                "decode q/k/v + attention [64, {hq} + 2·{hkv}, {d}] slot 300/400 {dtype:?}"
+            );
+            // two launches, then one, each on its own copy of the caches
+            let caches = || -> Result<(Tensor, Tensor)> {
+                Ok((r(&[b, hkv, cap, d], 87)?, r(&[b, hkv, cap, d], 88)?))
+            };
+            let (k2, v2) = caches()?;
+            let q2 = ops::decode_qkv(&q, &k, &v, biases, &cos, &sin, &k2, &v2, slot, None)?;
+            let (k1, v1) = caches()?;
+            let attend = Some((&bias, scale));
+            let y1 = ops::decode_qkv(&q, &k, &v, biases, &cos, &sin, &k1, &v1, slot, attend)?;
+            let (Some(q2), Some(y1)) = (q2, y1) else {
+                rows.push((name, "kernel not taken".into(), false));
+                continue;
+            };
+            let q2 = q2.reshape((b, hkv, hq / hkv, d))?;
+            let (kf, vf) = (k2.narrow(2, 0, s)?, v2.narrow(2, 0, s)?);
+            let Some(y2) = ops::decode_attention(&q2, &kf, &vf, &bias, scale)? else {
+                rows.push((name, "decode attention not taken".into(), false));
+                continue;
+            };
+            let e = rel(&y1, &y2)?;
+            let caches_equal = max_abs_diff(&k1, &k2)? == 0.0 && max_abs_diff(&v1, &v2)? == 0.0;
+            let value = format!("{e:.1e}, caches equal: {caches_equal}");
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            rows.push((name, value, e < tol && caches_equal));
         }
     }
     Ok(())
@@ -1756,7 +1814,8 @@ fn run(what: &str) -> Result<()> {
             attention_bias_checks(&gpu, &mut r.rows)
         });
         r.section("decode q/k/v checks", |r| {
-            decode_qkv_checks(&gpu, &mut r.rows)
+            decode_qkv_checks(&gpu, &mut r.rows)?;
+            decode_qkv_attention_checks(&gpu, &mut r.rows)
         });
         r.section("model checks", |r| model_checks(&gpu, &mut r.rows));
     }

@@ -385,6 +385,25 @@ extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s
 // [B, Hkv, cap, D]. One thread per (row, head, i < D/2) pair, as the rope kernel: its lo/hi
 // arithmetic exactly. Replaces three bias adds, two rope launches and two cache copies.
 
+// One (head, i) pair of a decode step's projections: elements i and i + D/2 of the row `src`, its
+// bias added (rounded to T as a separate add would) when has_bias, then rotated by the row's cos,
+// sin [D] when `rotate` (q and k): f32 (lo, hi), which the caller rounds as it stores them.
+template <typename T>
+__device__ __forceinline__ void qkv_pair(const T* src, const T* bias, int has_bias, bool rotate,
+                                         const T* cos, const T* sin, int i, int half, float& lo, float& hi) {
+    float a = ld(src[i]), bv = ld(src[i + half]);
+    if (has_bias) {
+        a = ld(st<T>(a + ld(bias[i])));
+        bv = ld(st<T>(bv + ld(bias[i + half])));
+    }
+    lo = a;
+    hi = bv;
+    if (rotate) {
+        lo = a * ld(cos[i]) - bv * ld(sin[i]);
+        hi = bv * ld(cos[i + half]) + a * ld(sin[i + half]);
+    }
+}
+
 template <typename T>
 __device__ void decode_qkv(const T* q, const T* k, const T* v, int q_row, int k_row, int v_row, const T* qb,
                            const T* kb, const T* vb, int has_bias, const T* cos, const T* sin, T* q_out,
@@ -413,17 +432,8 @@ __device__ void decode_qkv(const T* q, const T* k, const T* v, int q_row, int k_
             bias = vb + (size_t)vh * d;
             dst = v_cache + ((b * hkv + vh) * cap + slot) * d;
         }
-        float a = ld(src[i]), bv = ld(src[i + half]);
-        if (has_bias) {
-            a = ld(st<T>(a + ld(bias[i])));
-            bv = ld(st<T>(bv + ld(bias[i + half])));
-        }
-        float lo = a, hi = bv;
-        if (h < hq + hkv) {
-            const size_t co = b * d;
-            lo = a * ld(cos[co + i]) - bv * ld(sin[co + i]);
-            hi = bv * ld(cos[co + i + half]) + a * ld(sin[co + i + half]);
-        }
+        float lo, hi;
+        qkv_pair(src, bias, has_bias, h < hq + hkv, cos + b * d, sin + b * d, i, half, lo, hi);
         dst[i] = st<T>(lo);
         dst[i + half] = st<T>(hi);
     }
@@ -821,19 +831,17 @@ extern "C" __global__ void sample_rows_bf16(const bf16* z, const float* u, float
 #define DECODE_SMALL_D 64
 #define DECODE_WARPS 4
 
-template <typename T, int MAX_D>
-__device__ void decode_attention(const T* q, const T* k, const T* v, const float* bias, T* y, int hkv,
-                                 int g_heads, int s, int d, size_t kv_stride, float scale) {
+// One block's attention: its G query rows qb [G, D] (a pointer to global T, or the fused kernel's
+// shared f32 array), its KV head's keys kb and values vb [S, D], its batch row's bias br [S], its
+// output yb [G, D].
+template <typename T, int MAX_D, typename Q>
+__device__ void decode_attend(Q&& qb, const T* kb, const T* vb, const float* br, T* yb, int g_heads, int s,
+                              int d, float scale) {
     __shared__ float part_m[DECODE_WARPS * DECODE_MAX_G];
     __shared__ float part_l[DECODE_WARPS * DECODE_MAX_G];
     __shared__ float part_o[DECODE_WARPS * DECODE_MAX_G * MAX_D];
     constexpr int DL = MAX_D / 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const size_t bk = blockIdx.x, b = bk / hkv;
-    const T* qb = q + bk * g_heads * d;
-    const T* kb = k + bk * kv_stride;
-    const T* vb = v + bk * kv_stride;
-    const float* br = bias + b * s;
     float qr[DECODE_MAX_G][DL], o[DECODE_MAX_G][DL], m[DECODE_MAX_G], l[DECODE_MAX_G];
 #pragma unroll
     for (int g = 0; g < DECODE_MAX_G; ++g) {
@@ -896,8 +904,15 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, const float
             sum += part_l[slot] * c;
             out += part_o[slot * MAX_D + dd] * c;
         }
-        y[bk * g_heads * d + e] = st<T>(out / sum);
+        yb[e] = st<T>(out / sum);
     }
+}
+template <typename T, int MAX_D>
+__device__ void decode_attention(const T* q, const T* k, const T* v, const float* bias, T* y, int hkv,
+                                 int g_heads, int s, int d, size_t kv_stride, float scale) {
+    const size_t bk = blockIdx.x, b = bk / hkv;
+    decode_attend<T, MAX_D>(q + bk * g_heads * d, k + bk * kv_stride, v + bk * kv_stride, bias + b * s,
+                            y + bk * g_heads * d, g_heads, s, d, scale);
 }
 extern "C" __global__ void decode_attention_f32(const float* q, const float* k, const float* v,
                                                 const float* bias, float* y, int hkv, int g_heads, int s,
@@ -918,6 +933,75 @@ extern "C" __global__ void decode_attention_d64_bf16(const bf16* q, const bf16* 
                                                      const float* bias, bf16* y, int hkv, int g_heads,
                                                      int s, int d, size_t kv_stride, float scale) {
     decode_attention<bf16, DECODE_SMALL_D>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
+}
+
+// A decode step's q/k/v epilogue and its attention in one launch: decode_qkv's work for the block's
+// (batch row b, KV head kv) — its G query heads h = kv·G + j, its key and value head — then
+// decode_attention over the cache's slots 0 … slot. The rotated queries stay in shared memory,
+// rounded to T as decode_qkv stores them; the key and value go to the cache's slot, which the
+// block's own threads read back after the barrier. Arguments as decode_qkv's (the caches
+// [B, Hkv, cap, D]) and decode_attention's (bias [B, slot + 1] f32, y [B, Hkv, G, D]); the same
+// values as those two launches, bit for bit. One block per (b, kv), DECODE_WARPS warps.
+
+template <typename T, int MAX_D>
+__device__ void decode_qkv_attention(const T* q, const T* k, const T* v, int q_row, int k_row, int v_row,
+                                     const T* qb, const T* kb, const T* vb, int has_bias, const T* cos,
+                                     const T* sin, T* k_cache, T* v_cache, const float* bias, T* y, int hkv,
+                                     int g_heads, int d, int cap, int slot, float scale) {
+    __shared__ float q_rot[DECODE_MAX_G * MAX_D];
+    const size_t bk = blockIdx.x, b = bk / hkv;
+    const int kv = bk % hkv, half = d / 2;
+    const T *cs = cos + b * d, *sn = sin + b * d;
+    T* k_rows = k_cache + bk * cap * d;
+    T* v_rows = v_cache + bk * cap * d;
+    for (int p = threadIdx.x; p < (g_heads + 2) * half; p += blockDim.x) {
+        const int j = p / half, i = p % half;
+        float lo, hi;
+        if (j < g_heads) {
+            const size_t h = (size_t)kv * g_heads + j;
+            qkv_pair(q + b * q_row + h * d, qb + h * d, has_bias, true, cs, sn, i, half, lo, hi);
+            q_rot[j * d + i] = ld(st<T>(lo));
+            q_rot[j * d + i + half] = ld(st<T>(hi));
+        } else {
+            const bool is_k = j == g_heads;
+            const T* src = is_k ? k + b * k_row + (size_t)kv * d : v + b * v_row + (size_t)kv * d;
+            qkv_pair(src, (is_k ? kb : vb) + (size_t)kv * d, has_bias, is_k, cs, sn, i, half, lo, hi);
+            T* dst = (is_k ? k_rows : v_rows) + (size_t)slot * d;
+            dst[i] = st<T>(lo);
+            dst[i + half] = st<T>(hi);
+        }
+    }
+    __syncthreads();
+    const int s = slot + 1;
+    decode_attend<T, MAX_D>(q_rot, k_rows, v_rows, bias + b * s, y + bk * g_heads * d, g_heads, s, d, scale);
+}
+extern "C" __global__ void decode_qkv_attention_f32(const float* q, const float* k, const float* v, int q_row,
+        int k_row, int v_row, const float* qb, const float* kb, const float* vb, int has_bias, const float* cos,
+        const float* sin, float* k_cache, float* v_cache, const float* bias, float* y, int hkv, int g_heads, int d,
+        int cap, int slot, float scale) {
+    decode_qkv_attention<float, DECODE_MAX_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+                                      v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
+}
+extern "C" __global__ void decode_qkv_attention_bf16(const bf16* q, const bf16* k, const bf16* v, int q_row,
+        int k_row, int v_row, const bf16* qb, const bf16* kb, const bf16* vb, int has_bias, const bf16* cos,
+        const bf16* sin, bf16* k_cache, bf16* v_cache, const float* bias, bf16* y, int hkv, int g_heads, int d,
+        int cap, int slot, float scale) {
+    decode_qkv_attention<bf16, DECODE_MAX_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+                                      v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
+}
+extern "C" __global__ void decode_qkv_attention_d64_f32(const float* q, const float* k, const float* v, int q_row,
+        int k_row, int v_row, const float* qb, const float* kb, const float* vb, int has_bias, const float* cos,
+        const float* sin, float* k_cache, float* v_cache, const float* bias, float* y, int hkv, int g_heads, int d,
+        int cap, int slot, float scale) {
+    decode_qkv_attention<float, DECODE_SMALL_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+                                      v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
+}
+extern "C" __global__ void decode_qkv_attention_d64_bf16(const bf16* q, const bf16* k, const bf16* v, int q_row,
+        int k_row, int v_row, const bf16* qb, const bf16* kb, const bf16* vb, int has_bias, const bf16* cos,
+        const bf16* sin, bf16* k_cache, bf16* v_cache, const float* bias, bf16* y, int hkv, int g_heads, int d,
+        int cap, int slot, float scale) {
+    decode_qkv_attention<bf16, DECODE_SMALL_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+                                      v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
 }
 
 // ------------------------------------------------------------------------------- flash attention

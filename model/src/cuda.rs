@@ -1104,10 +1104,14 @@ pub fn sample_rows(
 // ---------------------------------------------------------------- decode q/k/v
 
 /// One decode step's q/k/v epilogue in one launch (`decode_qkv` in `kernels/ferrite.cu`): from
-/// the projections `q [B, Hq·D]`, `k, v [B, Hkv·D]`, their biases (`[Hq·D]`, `[Hkv·D]`, `[Hkv·D]`)
-/// if the model has them, and the step's `cos, sin [B, D]`, writes the rotated k and the v into
-/// slot `slot` of `k_cache, v_cache [B, Hkv, cap, D]` (contiguous, written in place) and returns
-/// the rotated q `[B, Hq·D]`. All of one dtype, f32 or bf16.
+/// the projections `q [B, Hq·D]`, `k, v [B, Hkv·D]` (each contiguous, or rows evenly spaced: a
+/// packed matmul's column slices), their biases (`[Hq·D]`, `[Hkv·D]`, `[Hkv·D]`) if the model has
+/// them, and the step's `cos, sin [B, D]`, writes the rotated k and the v into slot `slot` of
+/// `k_cache, v_cache [B, Hkv, cap, D]` (contiguous, written in place). Returns the rotated q
+/// `[B, Hq·D]`; or, with `attend` = (bias `[B, 1, 1, 1, slot + 1]` f32, scale), the attention of
+/// those queries over the cache's slots 0 … slot in the same launch (`decode_qkv_attention`):
+/// `[B, Hkv, G, D]`, with G·D ≤ the decode attention's limits (the caller checks). All of one
+/// dtype, f32 or bf16, but the bias.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_qkv(
     q: &Tensor,
@@ -1119,6 +1123,7 @@ pub fn decode_qkv(
     k_cache: &Tensor,
     v_cache: &Tensor,
     slot: usize,
+    attend: Option<(&Tensor, f32)>,
 ) -> Result<Tensor> {
     #[allow(clippy::too_many_arguments)]
     fn go<T: Float>(
@@ -1131,9 +1136,11 @@ pub fn decode_qkv(
         k_cache: &Tensor,
         v_cache: &Tensor,
         slot: usize,
+        attend: Option<(&Tensor, f32)>,
     ) -> Result<Tensor> {
         let (b, hkv, cap, d) = k_cache.dims4()?;
         let hq = q.elem_count() / (b * d);
+        let g = hq / hkv.max(1);
         let shapes_ok = q.elem_count() == b * hq * d
             && k.elem_count() == b * hkv * d
             && v.elem_count() == b * hkv * d
@@ -1149,6 +1156,13 @@ pub fn decode_qkv(
                 qb.elem_count() == hq * d
                     && kb.elem_count() == hkv * d
                     && vb.elem_count() == hkv * d
+            })
+            && attend.is_none_or(|(bias, _)| {
+                bias.dtype() == DType::F32
+                    && bias.elem_count() == b * (slot + 1)
+                    && g * hkv == hq
+                    && g <= launch::DECODE_MAX_G
+                    && d <= launch::DECODE_MAX_D
             });
         if !shapes_ok {
             return Err(err("decode_qkv: shapes do not match the cache"));
@@ -1167,9 +1181,11 @@ pub fn decode_qkv(
             in_rows(v, hkv * d)?,
         );
         let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-        // without biases the kernel reads none: cos stands in for them
+        // without biases the kernel reads none: cos stands in for them; likewise for the
+        // attention bias when there is no attention
         let [qb, kb, vb] = bias.unwrap_or([&cos; 3]).map(|t| t.contiguous());
         let (qb, kb, vb) = (qb?, kb?, vb?);
+        let attention_bias = attend.map(|(bias, _)| bias.contiguous()).transpose()?;
         let dev = cuda_device(&q)?;
         let out = unsafe { dev.alloc::<T>(b * hq * d)? };
         let (k_at, v_at) = (address::<T>(k_cache)?, address::<T>(v_cache)?);
@@ -1189,12 +1205,27 @@ pub fn decode_qkv(
             .iter()
             .map(|(s, l)| view::<T>(as_cuda(s)?, l))
             .collect::<Result<Vec<_>>>()?;
+        let bias_guard = attention_bias.as_ref().map(|t| t.storage_and_layout());
+        let bias_view = match &bias_guard {
+            Some((s, l)) => Some(view::<f32>(as_cuda(s)?, l)?),
+            None => None,
+        };
         let pairs = b * (hq + 2 * hkv) * d / 2;
         let has_bias = i32::from(bias.is_some());
-        let (hq32, hkv32, d32, cap32, slot32) =
-            (hq as i32, hkv as i32, d as i32, cap as i32, slot as i32);
+        let (hq32, hkv32, g32, d32, cap32, slot32) = (
+            hq as i32,
+            hkv as i32,
+            g as i32,
+            d as i32,
+            cap as i32,
+            slot as i32,
+        );
         let [q_row, k_row, v_row] = [q_row, k_row, v_row].map(|r| r as i32);
-        let mut l = Launch::new(&dev, &kernel::<T>("decode_qkv")?)?;
+        let name = match attend {
+            Some(_) => launch::decode_qkv_attention_kernel(d),
+            None => "decode_qkv",
+        };
+        let mut l = Launch::new(&dev, &kernel::<T>(name)?)?;
         for view in &row_views {
             l.arg(view);
         }
@@ -1203,20 +1234,32 @@ pub fn decode_qkv(
             l.arg(view);
         }
         l.arg(&has_bias).arg(&views[3]).arg(&views[4]);
-        l.arg(&out)
-            .arg(&k_at)
-            .arg(&v_at)
-            .arg(&hq32)
-            .arg(&hkv32)
-            .arg(&d32)
-            .arg(&cap32)
-            .arg(&slot32)
-            .arg(&pairs);
+        let scale = attend.map_or(0.0, |(_, scale)| scale);
+        let geometry = match &bias_view {
+            // SAFETY (below): bias holds B·(slot + 1) f32 and out B·Hkv·G·D = B·Hq·D (checked
+            // above); each block reads its own (b, kv) rows of the caches, slots 0 … slot.
+            Some(bias_view) => {
+                l.arg(&k_at).arg(&v_at).arg(bias_view).arg(&out);
+                l.arg(&hkv32).arg(&g32).arg(&d32).arg(&cap32).arg(&slot32);
+                l.arg(&scale);
+                launch::decode_attention(b * hkv)
+            }
+            None => {
+                l.arg(&out).arg(&k_at).arg(&v_at);
+                l.arg(&hq32).arg(&hkv32).arg(&d32).arg(&cap32).arg(&slot32);
+                l.arg(&pairs);
+                launch::elems(pairs)
+            }
+        };
         // SAFETY: B rows of Hq·D of q and Hkv·D of k and v at their strides (the views span
-        // them), B·Hq·D of out, the biases' Hq·D and Hkv·D (checked
-        // above), B·D of cos and sin; the caches hold B·Hkv·cap·D and slot < cap.
-        unsafe { l.launch(launch::elems(pairs)) }?;
-        Ok(wrap(T::wrap_cuda_slice(out, dev), (b, hq * d)))
+        // them), B·Hq·D of out, the biases' Hq·D and Hkv·D (checked above), B·D of cos and sin;
+        // the caches hold B·Hkv·cap·D and slot < cap.
+        unsafe { l.launch(geometry) }?;
+        let out = wrap(T::wrap_cuda_slice(out, dev), (b, hq * d));
+        Ok(match attend {
+            Some(_) => out.reshape((b, hkv, g, d))?,
+            None => out,
+        })
     }
     let dtype = q.dtype();
     let same = [k, v, cos, sin, k_cache, v_cache]
@@ -1226,7 +1269,10 @@ pub fn decode_qkv(
     if !same {
         return Err(err("decode_qkv: inputs of mixed dtypes"));
     }
-    by_dtype!(dtype, go(q, k, v, bias, cos, sin, k_cache, v_cache, slot))
+    by_dtype!(
+        dtype,
+        go(q, k, v, bias, cos, sin, k_cache, v_cache, slot, attend)
+    )
 }
 
 // ---------------------------------------------------------------- decode attention

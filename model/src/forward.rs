@@ -478,19 +478,31 @@ fn projections(
     })
 }
 
-/// A decode step's [`Projections`] with one fused kernel after the three matmuls (CUDA): biases,
-/// rotary embedding and the cache write in place (`ops::decode_qkv`). None where it does not
-/// apply, with nothing computed or written: the CPU, kernels off, a graph to keep, or a model
-/// with some of the q/k/v biases but not all, or biases in another dtype than its activations.
-fn decode_projections(
+/// What a decode step's fused kernels (CUDA) did with a layer's q/k/v projections.
+enum DecodeStep {
+    /// The epilogue and the attention in one launch: the attention `[B, Hkv, G, D]` (before the
+    /// output projection), the new token's key and value `[B, Hkv, 1, D]` (views of the cache).
+    Attended(Tensor, Tensor, Tensor),
+    /// The epilogue only (G or D past the decode attention's limits): the [`Projections`].
+    Projected(Projections),
+}
+
+/// A decode step's attention, or its [`Projections`], with the fused kernels after the q/k/v
+/// matmul(s) (CUDA: `ops::decode_qkv`): biases, rotary embedding and the cache write in place,
+/// and the attention over the cache in the same launch where it fits. None where they do not
+/// apply, with nothing computed or written: the CPU, kernels off, a graph to keep, or a model with
+/// some of the q/k/v biases but not all, or biases in another dtype than its activations.
+#[allow(clippy::too_many_arguments)]
+fn decode_step(
     c: &ModelConfig,
     w: &LayerWeights,
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
+    attention_bias: &Tensor,
     cache: &mut KvCache,
     layer: usize,
-) -> Result<Option<Projections>> {
+) -> Result<Option<DecodeStep>> {
     let bias = match (&w.q_bias, &w.k_bias, &w.v_bias) {
         (Some(qb), Some(kb), Some(vb)) => Some([qb, kb, vb]),
         (None, None, None) => None,
@@ -519,18 +531,27 @@ fn decode_projections(
         ),
     };
     let (k_cache, v_cache, slot) = cache.next_slot(layer)?;
-    let Some(q) = crate::ops::decode_qkv(&q, &k, &v, bias, cos, sin, k_cache, v_cache, slot)?
-    else {
-        return Ok(None);
+    let scale = 1.0 / (d as f64).sqrt();
+    let fused =
+        |attend| crate::ops::decode_qkv(&q, &k, &v, bias, cos, sin, k_cache, v_cache, slot, attend);
+    let attended = fused(Some((attention_bias, scale)))?;
+    let projected = match attended {
+        Some(_) => None,
+        None => fused(None)?,
     };
-    let (k, v) = cache.filled(layer, 1)?; // [B, Hkv, S, D]
-    Ok(Some(Projections {
-        q: q.reshape((b, hq, 1, d))?,
-        k_new: k.narrow(2, slot, 1)?,
-        v_new: v.narrow(2, slot, 1)?,
-        k,
-        v,
-    }))
+    let (k_all, v_all) = cache.filled(layer, 1)?; // [B, Hkv, S, D]
+    let (k_new, v_new) = (k_all.narrow(2, slot, 1)?, v_all.narrow(2, slot, 1)?);
+    Ok(match (attended, projected) {
+        (Some(out), _) => Some(DecodeStep::Attended(out, k_new, v_new)),
+        (None, Some(q)) => Some(DecodeStep::Projected(Projections {
+            q: q.reshape((b, hq, 1, d))?,
+            k: k_all,
+            v: v_all,
+            k_new,
+            v_new,
+        })),
+        (None, None) => None,
+    })
 }
 
 /// The attention block's output `[B, T, H]`, and the new tokens' keys and values.
@@ -547,20 +568,34 @@ fn attention(
     let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let g = hq / hkv;
     let cached = matches!(keys, Keys::Cache(..));
+    let step = match keys {
+        Keys::Cache(cache, layer) if t == 1 => {
+            match decode_step(c, w, x, cos, sin, bias, cache, layer)? {
+                Some(step) => step,
+                None => DecodeStep::Projected(projections(
+                    c,
+                    w,
+                    x,
+                    cos,
+                    sin,
+                    Keys::Cache(cache, layer),
+                )?),
+            }
+        }
+        keys => DecodeStep::Projected(projections(c, w, x, cos, sin, keys)?),
+    };
     let Projections {
         q,
         k,
         v,
         k_new,
         v_new,
-    } = match keys {
-        Keys::Cache(cache, layer) if t == 1 => {
-            match decode_projections(c, w, x, cos, sin, cache, layer)? {
-                Some(p) => p,
-                None => projections(c, w, x, cos, sin, Keys::Cache(cache, layer))?,
-            }
+    } = match step {
+        DecodeStep::Attended(out, k_new, v_new) => {
+            let out = out.reshape((b, 1, hq * d))?; // [B, Hkv, G, D] → [B, 1, Hq·D]
+            return Ok((linear(&out, &w.o_proj, None)?, k_new, v_new));
         }
-        keys => projections(c, w, x, cos, sin, keys)?,
+        DecodeStep::Projected(p) => p,
     };
     let s = k.dim(2)?;
     let q = q.reshape((b, hkv, g * t, d))?; // heads h = kv·G + j share K/V head kv

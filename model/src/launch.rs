@@ -92,6 +92,16 @@ pub fn decode_attention_kernel(d: usize) -> &'static str {
     }
 }
 
+/// The fused decode q/k/v + attention kernel family for head dimension `d` (≤
+/// [`DECODE_MAX_D`]), launched as [`decode_attention`] is.
+pub fn decode_qkv_attention_kernel(d: usize) -> &'static str {
+    if d <= DECODE_SMALL_D {
+        "decode_qkv_attention_d64"
+    } else {
+        "decode_qkv_attention"
+    }
+}
+
 /// Warps a decode attention block runs (`DECODE_WARPS`: its shared memory is sized for them).
 pub const DECODE_WARPS: usize = 4;
 

@@ -1419,12 +1419,16 @@ pub fn decode_qkv_applies(x: &Tensor) -> bool {
 }
 
 /// One decode step's q/k/v epilogue in one fused kernel, on CUDA: the projections
-/// `q [B, 1, Hq·D]`, `k, v [B, 1, Hkv·D]` get their biases (`bias`: q's, k's, v's, if the model
-/// has them), q and k their rotary embedding from the step's `cos, sin [B, 1, 1, D]`, and the
-/// rotated k and the v are written into slot `slot` of the KV cache's buffers
-/// `k_cache, v_cache [B, Hkv, cap, D]`, in place. Returns the rotated q `[B, Hq·D]`; None where
-/// the kernel does not apply (the CPU, kernels off, a graph to keep): the caller then takes the
-/// composed ops, which compute the same.
+/// `q [B, 1, Hq·D]`, `k, v [B, 1, Hkv·D]` (each its own matmul's, or column slices of one packed
+/// matmul's, read in place) get their biases (`bias`: q's, k's, v's, if the model has them), q and
+/// k their rotary embedding from the step's `cos, sin [B, 1, 1, D]`, and the rotated k and the v
+/// are written into slot `slot` of the KV cache's buffers `k_cache, v_cache [B, Hkv, cap, D]`, in
+/// place. Returns the rotated q `[B, Hq·D]`; or, with `attend` = (the step's attention bias
+/// `[B, 1, 1, 1, slot + 1]` f32, scale), those queries' attention over the cache's slots
+/// 0 … slot in the same launch, `[B, Hkv, G, D]` (heads h = kv·G + j), as [`decode_attention`]
+/// computes it. None where the kernel does not apply (the CPU, kernels off, a graph to keep; with
+/// `attend`, also G or D past the decode attention's limits), with nothing written: the caller
+/// then takes the unfused path, which computes the same.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_qkv(
     q: &Tensor,
@@ -1436,14 +1440,24 @@ pub fn decode_qkv(
     k_cache: &Tensor,
     v_cache: &Tensor,
     slot: usize,
+    attend: Option<(&Tensor, f64)>,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     if decode_qkv_applies(q) {
+        let (b, hkv, _, d) = k_cache.dims4()?;
+        let hq = q.elem_count() / (b * d).max(1);
+        let fits = hq.is_multiple_of(hkv.max(1))
+            && hq / hkv.max(1) <= crate::launch::DECODE_MAX_G
+            && d <= crate::launch::DECODE_MAX_D;
+        if attend.is_some() && !fits {
+            return Ok(None);
+        }
+        let attend = attend.map(|(bias, scale)| (bias, scale as f32));
         return Ok(Some(crate::cuda::decode_qkv(
-            q, k, v, bias, cos, sin, k_cache, v_cache, slot,
+            q, k, v, bias, cos, sin, k_cache, v_cache, slot, attend,
         )?));
     }
-    let _ = (q, k, v, bias, cos, sin, k_cache, v_cache, slot);
+    let _ = (q, k, v, bias, cos, sin, k_cache, v_cache, slot, attend);
     Ok(None)
 }
 

@@ -1269,6 +1269,114 @@ fn decode_attention_matches_the_composed_ops_over_a_cache_view() {
 }
 
 #[test]
+fn decode_qkv_attention_is_decode_qkv_then_decode_attention_bit_for_bit() {
+    // (B, Hkv, G, D, capacity, slot): Qwen2.5-0.5B's G and D (the _d64 entry); the kernel's
+    // largest G and D with fewer keys than warps; a D that is no multiple of 32
+    for (case, &(b, hkv, g, d, cap, slot)) in [
+        (3, 2, 7, 64, 50, 36),
+        (2, 1, 16, 128, 8, 2),
+        (2, 3, 1, 48, 20, 19),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 300 + 10 * case as u64;
+        let (hq, s) = (hkv * g, slot + 1);
+        let (nq, nkv) = (hq * d, hkv * d);
+        for ty in [Ty::F32, Ty::Bf16] {
+            let r = |shape: &[usize], k: u64| ty.round(&random(shape, seed + k, 1.0));
+            // one packed matmul's rows [q | k | v]: k's buffer starts at row 0's k, v's at its v
+            let packed = r(&[b, nq + 2 * nkv], 1).flatten_all().unwrap();
+            let from = |at: usize| packed.narrow(0, at, packed.dim(0).unwrap() - at).unwrap();
+            let row = Arg::Int((nq + 2 * nkv) as i32);
+            let (cos, sin) = (r(&[b, d], 2), r(&[b, d], 3));
+            let (k_cache, v_cache) = (r(&[b, hkv, cap, d], 4), r(&[b, hkv, cap, d], 5));
+            let bias = causal_bias(b, 1, s); // [B, 1, 1, 1, S]: row 1 left-padded
+            let scale = (1.0 / (d as f64).sqrt()) as f32;
+            // the two launches: the epilogue, then the attention over the cache it wrote
+            let projections = [
+                ty.buffer(&from(0)),
+                ty.buffer(&from(nq)),
+                ty.buffer(&from(nq + nkv)),
+                row.clone(),
+                row.clone(),
+                row,
+                ty.buffer(&r(&[nq], 6)),
+                ty.buffer(&r(&[nkv], 7)),
+                ty.buffer(&r(&[nkv], 8)),
+                Arg::Int(1),
+                ty.buffer(&cos),
+                ty.buffer(&sin),
+            ];
+            let zeros = Tensor::zeros((b, nq), DType::F32, &Device::Cpu).unwrap();
+            let pairs = b * (hq + 2 * hkv) * d / 2;
+            let mut args = projections.to_vec();
+            args.extend([
+                ty.buffer(&zeros),
+                ty.buffer(&k_cache),
+                ty.buffer(&v_cache),
+                Arg::Int(hq as i32),
+                Arg::Int(hkv as i32),
+                Arg::Int(d as i32),
+                Arg::Int(cap as i32),
+                Arg::Int(slot as i32),
+                Arg::Size(pairs),
+            ]);
+            let epilogue = launch(&ty.name("decode_qkv"), launch::elems(pairs), &args);
+            let (q_rot, k_written, v_written) = (&epilogue[8], &epilogue[9], &epilogue[10]);
+            let attention = launch(
+                &ty.name(launch::decode_attention_kernel(d)),
+                launch::decode_attention(b * hkv),
+                &[
+                    q_rot.clone(),
+                    k_written.clone(),
+                    v_written.clone(),
+                    Ty::F32.buffer(&bias),
+                    ty.buffer(&zeros),
+                    Arg::Int(hkv as i32),
+                    Arg::Int(g as i32),
+                    Arg::Int(s as i32),
+                    Arg::Int(d as i32),
+                    Arg::Size(cap * d),
+                    Arg::Float(scale),
+                ],
+            );
+            // the one launch
+            let mut args = projections.to_vec();
+            args.extend([
+                ty.buffer(&k_cache),
+                ty.buffer(&v_cache),
+                Ty::F32.buffer(&bias),
+                ty.buffer(&zeros),
+                Arg::Int(hkv as i32),
+                Arg::Int(g as i32),
+                Arg::Int(d as i32),
+                Arg::Int(cap as i32),
+                Arg::Int(slot as i32),
+                Arg::Float(scale),
+            ]);
+            // the general kernel takes every D; the launcher picks the D ≤ 64 one when it can
+            let families: &[&str] = if d <= 64 {
+                &["decode_qkv_attention", "decode_qkv_attention_d64"]
+            } else {
+                &["decode_qkv_attention"]
+            };
+            assert_eq!(
+                launch::decode_qkv_attention_kernel(d),
+                *families.last().unwrap()
+            );
+            for family in families {
+                let fused = launch(&ty.name(family), launch::decode_attention(b * hkv), &args);
+                let at = format!("{family} {ty:?} B{b} Hkv{hkv} G{g} D{d} slot {slot}");
+                assert_eq!(&fused[8], k_written, "{at}: the key cache");
+                assert_eq!(&fused[9], v_written, "{at}: the value cache");
+                assert_eq!(fused[11], attention[4], "{at}: the attention");
+            }
+        }
+    }
+}
+
+#[test]
 fn flash_attention_forward_and_backward_match_the_composed_ops() {
     // (B, Hkv, G, T, S, capacity, D): Qwen2.5-0.5B's G and D over two row tiles (the second
     // partial) and two key tiles; 37 rows after a 63-slot prompt, read from a cache view wider
