@@ -1211,14 +1211,30 @@ fn learner_bench(
     Ok((secs, phases, peak.saturating_sub(baseline) as f64 / GIB))
 }
 
-/// Seconds to sample `n` new tokens (T = 1) for `b` random `p`-token prompts, and the tokens made.
-fn generation_bench(
-    gpu: &Device,
-    w: &Weights,
-    b: usize,
-    p: usize,
-    n: usize,
-) -> Result<(f64, usize)> {
+/// A generation run: its seconds, the tokens it made, and per decode step (its `n` steps, the
+/// prefill included) the launches of ferrite's own kernels and the matmuls (cuBLAS launches).
+struct Generated {
+    secs: f64,
+    tokens: usize,
+    kernels_per_step: f64,
+    matmuls_per_step: f64,
+}
+
+impl Generated {
+    /// Tokens/s, the time per step and its launches.
+    fn summary(&self, n: usize) -> String {
+        format!(
+            "{:.0} tok/s, {:.2} ms per step, {:.0} ferrite kernels + {:.0} matmuls per step",
+            self.tokens as f64 / self.secs,
+            self.secs * 1e3 / n as f64,
+            self.kernels_per_step,
+            self.matmuls_per_step
+        )
+    }
+}
+
+/// Samples `n` new tokens (T = 1) for `b` random `p`-token prompts.
+fn generation_bench(gpu: &Device, w: &Weights, b: usize, p: usize, n: usize) -> Result<Generated> {
     let (prompts, _) = batch_rows(b, p, w.config.vocab_size as u32);
     let cfg = GenerationConfig {
         max_new_tokens: n,
@@ -1232,11 +1248,17 @@ fn generation_bench(
     };
     generate(&detached, &prompts[..2], &warm, None)?;
     gpu.synchronize()?;
+    let (kernels, matmuls) = (model::cuda::kernel_launches(), forward::linear_calls());
     let start = Instant::now();
     let out = generate(&detached, &prompts, &cfg, None)?;
     gpu.synchronize()?;
-    let new = out.iter().map(|c| c.tokens.len()).sum();
-    Ok((start.elapsed().as_secs_f64(), new))
+    let per_step = |count: f64| count / n as f64;
+    Ok(Generated {
+        secs: start.elapsed().as_secs_f64(),
+        tokens: out.iter().map(|c| c.tokens.len()).sum(),
+        kernels_per_step: per_step((model::cuda::kernel_launches() - kernels) as f64),
+        matmuls_per_step: per_step((forward::linear_calls() - matmuls) as f64),
+    })
 }
 
 /// Device memory in use (total − free, the CUDA context included); 0 off CUDA.
@@ -1655,15 +1677,17 @@ fn generation_benches(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
     let w = &w.packed()?;
     for gb in [64usize, 256] {
         match generation_bench(gpu, w, gb, p, n) {
-            Ok((secs, new)) => {
+            Ok(run) => {
                 r.lines.push(format!(
-                    "generate B={gb}, {p}-token prompts, {n} new: {:.0} tok/s ({new} tokens in {secs:.1} s, {:.2} ms per step, the prefill included)",
-                    new as f64 / secs,
-                    secs * 1e3 / n as f64
+                    "generate B={gb}, {p}-token prompts, {n} new: {} ({} tokens in {:.1} s, the prefill included)",
+                    run.summary(n),
+                    run.tokens,
+                    run.secs
                 ));
                 r.json.push(format!(
-                    r#"{{"kind": "rollout", "B": {gb}, "P": {p}, "N": {n}, "s": {secs}, "gen_tok_s": {}}}"#,
-                    new as f64 / secs
+                    r#"{{"kind": "rollout", "B": {gb}, "P": {p}, "N": {n}, "s": {}, "gen_tok_s": {}}}"#,
+                    run.secs,
+                    run.tokens as f64 / run.secs
                 ));
             }
             Err(e) => r.lines.push(format!("generate B={gb}: error: {e}")),
@@ -1703,13 +1727,9 @@ fn generation_variants(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> 
     let (p, n) = (128usize, 256usize);
     let unpacked = generation_bench(gpu, w, 64, p, n);
     let w = &w.packed()?;
-    // one line per variant: tokens/s and the time per step (the prefill included)
-    let line = |label: &str, run: Result<(f64, usize)>| match run {
-        Ok((secs, new)) => format!(
-            "generate {label}: {:.0} tok/s, {:.2} ms per step",
-            new as f64 / secs,
-            secs * 1e3 / n as f64
-        ),
+    // one line per variant: tokens/s, the time per step and its launches (the prefill included)
+    let line = |label: &str, run: Result<Generated>| match run {
+        Ok(run) => format!("generate {label}: {}", run.summary(n)),
         Err(e) => format!("generate {label}: error: {e}"),
     };
     let floor = generation_bench(gpu, w, 1, p, n);

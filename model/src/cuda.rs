@@ -250,6 +250,14 @@ kernel_arg!([] u64 => Arg::Address);
 /// signature ([`signatures::check`]) before it runs: a missing, swapped or mistyped argument, or
 /// a read-only view where the kernel writes, is an error naming the kernel and the parameter,
 /// not a kernel reading garbage.
+static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many of ferrite's own kernels this process has launched (candle's ops and cuBLAS not
+/// counted): `gpu-check` counts a decode step's launches with it.
+pub fn kernel_launches() -> u64 {
+    LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 struct Launch<'a> {
     kernel: String,
     func: CudaFunction,
@@ -279,6 +287,7 @@ impl<'a> Launch<'a> {
     /// The kernel must stay within its buffers for these arguments and this geometry, as each
     /// launcher's SAFETY note argues: the check covers the arguments' types, not their sizes.
     unsafe fn launch(&self, g: launch::Geometry) -> Result<()> {
+        LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let kinds: Vec<Arg> = self.args.iter().map(|a| a.kind()).collect();
         signatures::check(&self.kernel, &kinds).map_err(err)?;
         let mut l = self.stream.launch_builder(&self.func);

@@ -116,6 +116,14 @@ pub fn shared_prompt_calls() -> usize {
     SHARED_CALLS.load(Ordering::Relaxed)
 }
 
+static LINEAR_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many [`linear`] products this process has run (one matmul launch each on CUDA, and one
+/// more for a bias): `gpu-check` counts a decode step's launches with it.
+pub fn linear_calls() -> usize {
+    LINEAR_CALLS.load(Ordering::Relaxed)
+}
+
 /// Rows that continue shared prompts (a GRPO group's completions all continue one prompt): the
 /// prompts run through the trunk once, and each row attends to its prompt's keys and values,
 /// then to its own tokens. The same as running each prompt + row whole (a token's state never
@@ -370,6 +378,7 @@ fn decoder_layer_kv(
 
 /// `x [.., in] · wᵀ [in, out] (+ bias)` → `[.., out]`.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    LINEAR_CALLS.fetch_add(1, Ordering::Relaxed);
     let dims = x.dims().to_vec();
     let inner = dims[dims.len() - 1];
     let rows = x.elem_count() / inner.max(1);
