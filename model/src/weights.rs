@@ -78,13 +78,7 @@ impl LayerWeights {
     /// matrices (its views cut again from the results), an unpacked layer's every tensor.
     fn map(&self, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
         let opt = |t: &Option<Tensor>| t.as_ref().map(f).transpose();
-        let layer = LayerWeights {
-            input_layernorm: f(&self.input_layernorm)?,
-            o_proj: f(&self.o_proj)?,
-            post_attention_layernorm: f(&self.post_attention_layernorm)?,
-            down_proj: f(&self.down_proj)?,
-            ..self.clone()
-        };
+        let layer = self.map_never_packed(f)?;
         match &self.packed {
             Some(p) => layer.with_packed(Packed {
                 qkv: f(&p.qkv)?,
@@ -120,14 +114,19 @@ impl LayerWeights {
             qkv_bias,
             gate_up: Tensor::cat(&[&self.gate_proj, &self.up_proj], 0)?,
         };
-        let layer = LayerWeights {
+        self.map_never_packed(f)?.with_packed(packed)
+    }
+
+    /// The layer with the tensors that are never packed (the norms, the output and down
+    /// projections) through `f`, the others as they are.
+    fn map_never_packed(&self, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(LayerWeights {
             input_layernorm: f(&self.input_layernorm)?,
             o_proj: f(&self.o_proj)?,
             post_attention_layernorm: f(&self.post_attention_layernorm)?,
             down_proj: f(&self.down_proj)?,
             ..self.clone()
-        };
-        layer.with_packed(packed)
+        })
     }
 
     /// The layer reading its projections from `p`: each one a row view of it (shapes as before).
