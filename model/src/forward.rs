@@ -242,9 +242,8 @@ pub fn hidden_states(w: &Weights, batch: &Batch, cache: Option<&mut KvCache>) ->
 }
 
 /// [`hidden_states`] through a KV cache (a prefill, a decode step): the layers of
-/// [`decoder_layer`], each residual add fused with the RMSNorm after it (`ops::add_rms_norm`),
-/// including a layer's last add with the next layer's input norm (the final norm after the last
-/// layer).
+/// [`decoder_layer`], each one's last residual add fused with the next layer's input norm (the
+/// final norm after the last layer) in `ops::add_rms_norm`.
 fn hidden_states_cached(
     w: &Weights,
     mut x: Tensor,
@@ -257,10 +256,9 @@ fn hidden_states_cached(
     let norms = || w.layers.iter().map(|l| &l.input_layernorm).chain([&w.norm]);
     let mut h = rms_norm(&x, norms().next().expect("the final norm at least"), eps)?;
     for ((l, layer), next_norm) in w.layers.iter().enumerate().zip(norms().skip(1)) {
-        let (attn, _, _) = attention(c, layer, &h, cos, sin, bias, Keys::Cache(cache, l))?;
-        let (x_mid, h_mid) =
-            crate::ops::add_rms_norm(&x, &attn, &layer.post_attention_layernorm, eps)?;
-        (x, h) = crate::ops::add_rms_norm(&x_mid, &mlp(layer, &h_mid)?, next_norm, eps)?;
+        let keys = Keys::Cache(cache, l);
+        let (x_mid, m, _, _) = layer_before_last_add(c, layer, &x, &h, cos, sin, bias, keys)?;
+        (x, h) = crate::ops::add_rms_norm(&x_mid, &m, next_norm, eps)?;
     }
     cache.advance(t);
     Ok(h)
@@ -370,10 +368,28 @@ fn decoder_layer_kv(
     keys: Keys,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
-    let (attn, k, v) = attention(c, layer, &h, cos, sin, bias, keys)?;
+    let (x, m, k, v) = layer_before_last_add(c, layer, x, &h, cos, sin, bias, keys)?;
+    Ok(((&x + &m)?, k, v))
+}
+
+/// A decoder layer up to its last residual add, from `x` and its input norm `h`: `x + attn(h)`
+/// and the MLP's output on its norm (the caller adds them, or fuses the add with the next norm),
+/// and the new tokens' keys and values.
+#[allow(clippy::too_many_arguments)]
+fn layer_before_last_add(
+    c: &ModelConfig,
+    layer: &LayerWeights,
+    x: &Tensor,
+    h: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    keys: Keys,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let (attn, k, v) = attention(c, layer, h, cos, sin, bias, keys)?;
     let (x, h) =
         crate::ops::add_rms_norm(x, &attn, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-    Ok(((&x + mlp(layer, &h)?)?, k, v))
+    Ok((x, mlp(layer, &h)?, k, v))
 }
 
 /// `x [.., in] · wᵀ [in, out] (+ bias)` → `[.., out]`.

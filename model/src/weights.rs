@@ -536,7 +536,12 @@ mod tests {
         assert_eq!(w.checksum().unwrap(), snap.checksum().unwrap());
         for (l, layer) in snap.layers.iter().enumerate() {
             let p = layer.packed.as_ref().expect("packed");
-            let (q, kv, i) = (64, 32, 192); // 2 query heads and 1 KV head of 32; I = 3·64
+            let c = &w.config;
+            let (q, kv) = (
+                c.num_attention_heads * c.head_dim,
+                c.num_key_value_heads * c.head_dim,
+            );
+            let i = c.intermediate_size;
             assert_eq!(p.qkv.dims(), [q + 2 * kv, 64], "layer {l}");
             assert_eq!(p.qkv_bias.as_ref().unwrap().dims(), [q + 2 * kv]);
             assert_eq!(p.gate_up.dims(), [2 * i, 64]);
