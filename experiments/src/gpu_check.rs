@@ -1158,6 +1158,11 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 /// Seconds per learner step (forward + log-probs, backward, AdamW on bf16 weights with f32
 /// moments and master), its phase split, and the peak device memory in GiB above `baseline`.
+///
+/// The step is the learner's own calls (`AdamW::backward`, `AdamW::step`) on torch_anchor.py's
+/// loss, the mean log-prob. The headline time runs steps back to back with no synchronization
+/// but at the end, as torch_anchor.py's loop does; the phase split comes from separate steps
+/// synchronized after each phase (their sum exceeds the headline by the host's idle gaps).
 fn learner_bench(
     gpu: &Device,
     w: &Weights,
@@ -1172,34 +1177,55 @@ fn learner_bench(
     let mut opt = AdamW::new(vars, AdamWConfig::default())?;
     let (ids, _) = batch_rows(b, t, w.config.vocab_size as u32);
     let mask: Vec<Vec<u8>> = ids.iter().map(|r| vec![1; r.len()]).collect();
-    // one step; returns the seconds of forward + log-probs, backward and AdamW
-    let mut step = || -> Result<[f64; 3]> {
-        let t0 = Instant::now();
+    // the loss's denominator, the scored tokens, read back once (the first step)
+    let mut scored: Option<f64> = None;
+    // one step; with `phases`, the device synchronized after each phase and the phases' seconds
+    // returned (forward + log-probs, backward, AdamW), otherwise zeros
+    let mut step = |phases: bool| -> Result<[f64; 3]> {
+        let mut marks = vec![Instant::now()];
+        let mut mark = |marks: &mut Vec<Instant>| -> Result<()> {
+            if phases {
+                gpu.synchronize()?;
+                marks.push(Instant::now());
+            }
+            Ok(())
+        };
         let lp = sequence_logprobs(&trainable, &ids, &mask, &mask, 1.0)?;
-        let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
-        gpu.synchronize()?;
-        let t1 = Instant::now();
-        let grads = model::checkpoint::backward(&loss)?;
-        gpu.synchronize()?;
-        let t2 = Instant::now();
-        opt.accumulate(&grads, 1.0)?;
+        let n = match scored {
+            Some(n) => n,
+            None => *scored.insert(lp.mask.sum_all()?.to_scalar::<f32>()? as f64),
+        };
+        let loss = (lp.logprobs.sum_all()?.neg()? / n)?;
+        mark(&mut marks)?;
+        if opt.backward(&loss)?.1.is_none() {
+            return Err("the loss is not finite".into());
+        }
+        mark(&mut marks)?;
         opt.step(1e-6)?;
-        gpu.synchronize()?;
-        let t3 = Instant::now();
-        Ok([t1 - t0, t2 - t1, t3 - t2].map(|d| d.as_secs_f64()))
+        mark(&mut marks)?;
+        Ok(match phases {
+            true => [1, 2, 3].map(|k| (marks[k] - marks[k - 1]).as_secs_f64()),
+            false => [0.0; 3],
+        })
     };
     let (_, peak) = peak_memory(gpu, || {
-        step()?;
-        step()
+        step(false)?;
+        step(false)
     })?;
     let reps = 5;
-    let mut phases = [0f64; 3];
+    gpu.synchronize()?;
     let start = Instant::now();
     for _ in 0..reps {
-        let p = step()?;
-        (0..3).for_each(|k| phases[k] += p[k] / reps as f64);
+        step(false)?;
     }
+    gpu.synchronize()?;
     let secs = start.elapsed().as_secs_f64() / reps as f64;
+    let split_reps = 3;
+    let mut phases = [0f64; 3];
+    for _ in 0..split_reps {
+        let p = step(true)?;
+        (0..3).for_each(|k| phases[k] += p[k] / split_reps as f64);
+    }
     Ok((secs, phases, peak.saturating_sub(baseline) as f64 / GIB))
 }
 
@@ -1288,7 +1314,7 @@ fn learner_benches(
                     r.step = Some((secs, phases));
                 }
                 r.lines.push(format!(
-                    "learner B={b} T={t} bf16, {label}: {:.0} tok/s, {:.0} ms/step (forward + log-probs {:.0}, backward {:.0}, AdamW {:.0}), peak {peak_gib:.1} GiB above the context",
+                    "learner B={b} T={t} bf16, {label}: {:.0} tok/s, {:.0} ms/step (synchronized phases: forward + log-probs {:.0}, backward {:.0}, AdamW {:.0}), peak {peak_gib:.1} GiB above the context",
                     (b * t) as f64 / secs,
                     secs * 1e3,
                     phases[0] * 1e3,

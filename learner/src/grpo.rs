@@ -167,18 +167,47 @@ pub struct PolicyStats {
     pub tokens: f64,
 }
 
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+/// A micro-batch's [`PolicyStats`] as device sums, read back in one transfer by
+/// [`PendingStats::read`]: after the backward is queued, so that on a GPU the device does not
+/// wait on the host between the forward and the backward.
+pub struct PendingStats {
+    /// `[7]` f32: valid tokens, tokens clipped low, tokens clipped high, Σ ratio, max ratio,
+    /// Σ KL, Σ entropy (all over valid tokens).
+    sums: Tensor,
+}
+
+impl PendingStats {
+    pub fn read(&self) -> Result<PolicyStats> {
+        let s: Vec<f64> = self
+            .sums
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let n = s[0];
+        let mean = |x: f64| x / n.max(1.0);
+        Ok(PolicyStats {
+            clip_low_frac: mean(s[1]),
+            clip_high_frac: mean(s[2]),
+            ratio_mean: mean(s[3]),
+            ratio_max: s[4],
+            kl_mean: mean(s[5]),
+            entropy_mean: mean(s[6]),
+            tokens: n,
+        })
+    }
 }
 
 /// The loss of one micro-batch (already divided so that summing over the micro-batches of a
-/// step gives the step's loss) and its statistics.
+/// step gives the step's loss) and its statistics, still on the device.
 pub fn policy_loss(
     x: &PolicyInputs,
     c: &PolicyLossConfig,
     totals: &StepTotals,
-) -> Result<(Tensor, PolicyStats)> {
+) -> Result<(Tensor, PendingStats)> {
     let mask = x.mask;
+    let sum = |t: &Tensor| -> Result<Tensor> { Ok((t * mask)?.sum_all()?.to_dtype(DType::F32)?) };
+    let zero = || Tensor::zeros((), DType::F32, mask.device());
     let log_ratio = (x.logprobs - x.old_logprobs)?.clamp(-20f32, 20f32)?; // [B, T]
     let log_ratio = match c.ratio {
         RatioLevel::Token => log_ratio,
@@ -204,18 +233,18 @@ pub fn policy_loss(
     };
     let aux_mask = x.kl_entropy_mask.unwrap_or(mask);
     let mut per_token = pg;
-    let mut kl_mean = 0.0;
+    let mut kl_sum = zero()?;
     if c.kl_coef != 0.0 {
         let reference = x.ref_logprobs.ok_or_else(|| {
             crate::error::LearnerError::Invalid("kl_coef > 0 needs reference log-probs".into())
         })?;
         let kl = kl_term(x.logprobs, reference, c.kl)?;
-        kl_mean = scalar(&(&kl * mask)?.sum_all()?)? / scalar(&mask.sum_all()?)?.max(1.0);
+        kl_sum = sum(&kl.detach())?;
         per_token = (per_token + ((kl * aux_mask)? * c.kl_coef)?)?;
     }
-    let mut entropy_mean = 0.0;
+    let mut entropy_sum = zero()?;
     if let Some(h) = x.entropy {
-        entropy_mean = scalar(&(h * mask)?.sum_all()?)? / scalar(&mask.sum_all()?)?.max(1.0);
+        entropy_sum = sum(&h.detach())?;
         if c.entropy_coef != 0.0 {
             per_token = (per_token - ((h * aux_mask)? * c.entropy_coef)?)?;
         }
@@ -227,8 +256,9 @@ pub fn policy_loss(
             (per_seq.sum_all()? / totals.sequences.max(1) as f64)?
         }
         Aggregation::Bnpo => {
-            let local = scalar(&mask.sum_all()?)?.max(1.0);
-            (masked.sum_all()? / (local * totals.micro_batches.max(1) as f64))?
+            // this micro-batch's tokens, divided by on the device
+            let local = mask.sum_all()?.clamp(1f32, f32::MAX)?;
+            (masked.sum_all()?.div(&local)? / totals.micro_batches.max(1) as f64)?
         }
         Aggregation::Dapo => (masked.sum_all()? / totals.tokens.max(1.0))?,
         Aggregation::DrGrpo => {
@@ -236,10 +266,7 @@ pub fn policy_loss(
                 / (totals.sequences.max(1) * totals.max_completion_length.max(1)) as f64)?
         }
     };
-    let n = scalar(&mask.sum_all()?)?;
-    let frac = |cond: Tensor| -> Result<f64> {
-        Ok(scalar(&(cond.to_dtype(DType::F32)? * mask)?.sum_all()?)? / n.max(1.0))
-    };
+    let ratio = ratio.detach();
     let low = ratio
         .lt((1.0 - c.clip_low) as f32)?
         .to_dtype(DType::F32)?
@@ -248,17 +275,23 @@ pub fn policy_loss(
         .gt((1.0 + c.clip_high) as f32)?
         .to_dtype(DType::F32)?
         .broadcast_mul(&a.gt(0f32)?.to_dtype(DType::F32)?)?;
-    let ratio_masked = (ratio.detach() * mask)?;
-    let stats = PolicyStats {
-        clip_low_frac: frac(low)?,
-        clip_high_frac: frac(high)?,
-        ratio_mean: scalar(&ratio_masked.sum_all()?)? / n.max(1.0),
-        ratio_max: scalar(&ratio_masked.flatten_all()?.max(D::Minus1)?)?,
-        kl_mean,
-        entropy_mean,
-        tokens: n,
-    };
-    Ok((loss, stats))
+    let ratio_max = (&ratio * mask)?
+        .flatten_all()?
+        .max(D::Minus1)?
+        .to_dtype(DType::F32)?;
+    let sums = Tensor::stack(
+        &[
+            mask.sum_all()?.to_dtype(DType::F32)?,
+            sum(&low)?,
+            sum(&high)?,
+            sum(&ratio)?,
+            ratio_max,
+            kl_sum,
+            entropy_sum,
+        ],
+        0,
+    )?;
+    Ok((loss, PendingStats { sums }))
 }
 
 /// Per-token KL estimate between the policy and the reference at the sampled tokens.

@@ -219,13 +219,17 @@ impl AdamW {
     /// Backpropagates a micro-batch loss and accumulates its gradient, unless the loss is not
     /// finite: then the step's gradient is dropped. Returns the loss's value and, when it was
     /// accumulated, the names of parameters that received no gradient.
+    ///
+    /// The backward is queued before the loss is read back: on a GPU, reading the loss first
+    /// would leave the device idle while the host walks the backward graph. A non-finite loss
+    /// (rare) costs a discarded backward instead.
     pub fn backward(&mut self, loss: &Tensor) -> Result<(f64, Option<Vec<String>>)> {
+        let grads = model::checkpoint::backward(loss)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             self.zero_grad();
             return Ok((value, None));
         }
-        let grads = model::checkpoint::backward(loss)?;
         Ok((value, Some(self.accumulate(&grads, 1.0)?)))
     }
 

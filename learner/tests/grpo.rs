@@ -103,6 +103,7 @@ fn clip_statistics_count_the_clipped_tokens() {
         max_completion_length: 4,
     };
     let (_, s) = policy_loss(&inputs, &PolicyLossConfig::default(), &totals).unwrap();
+    let s = s.read().unwrap();
     assert!(
         (s.clip_high_frac - 1.0 / 3.0).abs() < 1e-9 && (s.clip_low_frac - 1.0 / 3.0).abs() < 1e-9,
         "{s:?}"
@@ -119,6 +120,24 @@ fn clip_statistics_count_the_clipped_tokens() {
         policy_loss(&inputs, &kl, &totals).is_err(),
         "KL without reference log-probs is an error"
     );
+    // KL (k3 against a reference of zeros) and entropy means over the valid tokens only: the
+    // padding's k3 would be e^-9 + 9 - 1 and its entropy 100
+    let (reference, entropy) = (
+        Tensor::zeros((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Tensor::new(&[[1f32, 2.0, 3.0, 100.0]], &Device::Cpu).unwrap(),
+    );
+    let with_kl = PolicyInputs {
+        ref_logprobs: Some(&reference),
+        entropy: Some(&entropy),
+        ..inputs
+    };
+    let (_, s) = policy_loss(&with_kl, &kl, &totals).unwrap();
+    let s = s.read().unwrap();
+    let k3 = |x: f64| x.exp() - x - 1.0;
+    let want_kl = (k3(-0.5) + k3(0.5) + k3(0.0)) / 3.0;
+    assert!((s.kl_mean - want_kl).abs() < 1e-6, "{s:?} vs {want_kl}");
+    assert!((s.entropy_mean - 2.0).abs() < 1e-9, "{s:?}");
+    assert_eq!(s.tokens, 3.0);
 }
 
 #[test]

@@ -144,6 +144,35 @@ fn non_finite_gradients_skip_the_step() {
     assert_eq!(opt.steps(), 0);
 }
 
+/// A non-finite micro-batch loss is reported with no gradient and drops what the step had
+/// accumulated: the step then moves each weight by the later micro-batch's gradient alone
+/// (Adam's first step is about `lr · sign(g)`; with the dropped `[1, 1]` kept, the second weight
+/// would see a zero gradient and not rise).
+#[test]
+fn a_non_finite_loss_drops_the_steps_gradient() {
+    let w = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap()).unwrap();
+    let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default()).unwrap();
+    let loss_times = |c: &[f32]| {
+        (w.as_tensor() * Tensor::new(c, &Device::Cpu).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let (value, missing) = opt.backward(&loss_times(&[1.0, 1.0])).unwrap();
+    assert_eq!((value, missing), (3.0, Some(vec![])));
+    let (value, missing) = opt.backward(&loss_times(&[f32::INFINITY, 1.0])).unwrap();
+    assert!(
+        value.is_infinite() && missing.is_none(),
+        "{value} {missing:?}"
+    );
+    let (value, missing) = opt.backward(&loss_times(&[1.0, -1.0])).unwrap();
+    assert_eq!((value, missing), (-1.0, Some(vec![])));
+    opt.step(0.1).unwrap();
+    assert_eq!(opt.steps(), 1);
+    let after = w.as_tensor().to_vec1::<f32>().unwrap();
+    assert!(after[0] < 1.0 && after[1] > 2.0, "{after:?}");
+}
+
 /// bf16 parameters keep an f32 master copy on both update paths: updates far below bf16's
 /// resolution (lr 1e-4 on weights near 1, whose bf16 spacing is 2⁻⁷) accumulate in the master
 /// and reach the weights, the two paths agree, and a saved state resumes from the master.
