@@ -75,8 +75,11 @@ for o in ours:
         for r in ref:
             if r["kind"] == "learner" and r["B"] == o["B"] and r["T"] == o["T"]:
                 tag = f'{r["attn"]}{" amp" if r["amp"] else ""}'
-                print(f'learner B={o["B"]} T={o["T"]}, {o.get("variant", "")}, vs {tag:<10} tok/s {o["tok_s"]:8.0f} / {r["tok_s"]:8.0f} = {o["tok_s"]/r["tok_s"]:.2f}x'
-                      f'   peak {o["peak_gib"]:.1f} / {r["peak_gib"]:.1f} GiB')
+                # PyTorch's peak is max_memory_allocated: ours the pool's high watermark
+                alloc = o.get("alloc_gib")
+                mem = (f'peak allocated {alloc:.1f} / {r["peak_gib"]:.1f} GiB (device use {o["peak_gib"]:.1f})'
+                       if alloc is not None else f'device use {o["peak_gib"]:.1f} / peak allocated {r["peak_gib"]:.1f} GiB')
+                print(f'learner B={o["B"]} T={o["T"]}, {o.get("variant", "")}, vs {tag:<10} tok/s {o["tok_s"]:8.0f} / {r["tok_s"]:8.0f} = {o["tok_s"]/r["tok_s"]:.2f}x   {mem}')
     if o["kind"] == "rollout":
         for r in ref:
             if r["kind"] == "rollout" and r["B"] == o["B"]:

@@ -1156,8 +1156,18 @@ fn qwen05b() -> ModelConfig {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Seconds per learner step (forward + log-probs, backward, AdamW on bf16 weights with f32
-/// moments and master), its phase split, and the peak device memory in GiB above `baseline`.
+/// A learner step's measurement: seconds per step, its phases (forward + log-probs, backward,
+/// AdamW), and its peak memory in GiB: allocated (the memory pool's high watermark, as
+/// torch_anchor.py's `max_memory_allocated`, the weights it trains included; None without
+/// memory pools) and the device's use above `baseline` (what the pool keeps free included).
+struct LearnerStep {
+    secs: f64,
+    phases: [f64; 3],
+    allocated_gib: Option<f64>,
+    device_gib: f64,
+}
+
+/// A [`LearnerStep`] on bf16 weights with f32 moments and master.
 ///
 /// The step is the learner's own calls (`AdamW::backward`, `AdamW::step`) on torch_anchor.py's
 /// loss, the mean log-prob. The headline time runs steps back to back with no synchronization
@@ -1169,10 +1179,11 @@ fn learner_bench(
     b: usize,
     t: usize,
     baseline: usize,
-) -> Result<(f64, [f64; 3], f64)> {
+) -> Result<LearnerStep> {
     // what earlier benches left in the memory pool goes back first, so that the peak is this
     // step's
     model::cuda::release_cached(gpu)?;
+    model::cuda::reset_peak_allocated(gpu)?;
     let (vars, trainable) = w.to_vars()?;
     let mut opt = AdamW::new(vars, AdamWConfig::default())?;
     let (ids, _) = batch_rows(b, t, w.config.vocab_size as u32);
@@ -1183,7 +1194,7 @@ fn learner_bench(
     // returned (forward + log-probs, backward, AdamW), otherwise zeros
     let mut step = |phases: bool| -> Result<[f64; 3]> {
         let mut marks = vec![Instant::now()];
-        let mut mark = |marks: &mut Vec<Instant>| -> Result<()> {
+        let mark = |marks: &mut Vec<Instant>| -> Result<()> {
             if phases {
                 gpu.synchronize()?;
                 marks.push(Instant::now());
@@ -1226,7 +1237,12 @@ fn learner_bench(
         let p = step(true)?;
         (0..3).for_each(|k| phases[k] += p[k] / split_reps as f64);
     }
-    Ok((secs, phases, peak.saturating_sub(baseline) as f64 / GIB))
+    Ok(LearnerStep {
+        secs,
+        phases,
+        allocated_gib: model::cuda::peak_allocated(gpu)?.map(|b| b as f64 / GIB),
+        device_gib: peak.saturating_sub(baseline) as f64 / GIB,
+    })
 }
 
 /// A generation run: its seconds, the tokens it made, and per decode step (its `n` steps, the
@@ -1309,21 +1325,22 @@ fn learner_benches(
         ops::set_flash_attention(flash);
         model::checkpoint::set_enabled(checkpoint);
         match learner_bench(gpu, w, b, t, baseline) {
-            Ok((secs, phases, peak_gib)) => {
+            Ok(m) => {
+                let [forward, backward, adamw] = m.phases.map(|x| x * 1e3);
                 if kernels && flash && !checkpoint && r.step.is_none() {
-                    r.step = Some((secs, phases));
+                    r.step = Some((m.secs, m.phases));
                 }
+                let (tok_s, allocated) = ((b * t) as f64 / m.secs, m.allocated_gib);
+                let alloc_text = allocated.map_or("?".into(), |g| format!("{g:.1}"));
                 r.lines.push(format!(
-                    "learner B={b} T={t} bf16, {label}: {:.0} tok/s, {:.0} ms/step (synchronized phases: forward + log-probs {:.0}, backward {:.0}, AdamW {:.0}), peak {peak_gib:.1} GiB above the context",
-                    (b * t) as f64 / secs,
-                    secs * 1e3,
-                    phases[0] * 1e3,
-                    phases[1] * 1e3,
-                    phases[2] * 1e3,
+                    "learner B={b} T={t} bf16, {label}: {tok_s:.0} tok/s, {:.0} ms/step (synchronized phases: forward + log-probs {forward:.0}, backward {backward:.0}, AdamW {adamw:.0}), peak allocated {alloc_text} GiB, device use {:.1} GiB above the context",
+                    m.secs * 1e3,
+                    m.device_gib,
                 ));
+                let alloc_json = allocated.map_or("null".into(), |g| g.to_string());
                 r.json.push(format!(
-                    r#"{{"kind": "learner", "variant": "{label}", "B": {b}, "T": {t}, "step_s": {secs}, "tok_s": {}, "peak_gib": {peak_gib}}}"#,
-                    (b * t) as f64 / secs
+                    r#"{{"kind": "learner", "variant": "{label}", "B": {b}, "T": {t}, "step_s": {}, "tok_s": {tok_s}, "alloc_gib": {alloc_json}, "peak_gib": {}}}"#,
+                    m.secs, m.device_gib
                 ));
             }
             Err(e) => r

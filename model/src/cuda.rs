@@ -87,6 +87,52 @@ pub fn release_cached(device: &candle_core::Device) -> Result<()> {
     unsafe { result::mem_pool::trim_to(pool, 0).w() }
 }
 
+/// The most memory that allocations from `device`'s memory pool (every tensor candle makes) have
+/// held at once since the last [`reset_peak_allocated`]: what `torch.cuda.max_memory_allocated`
+/// reports, without the memory the pool keeps free, the context or cuBLAS's workspace. None off
+/// CUDA and on a GPU without memory pools.
+pub fn peak_allocated(device: &candle_core::Device) -> Result<Option<u64>> {
+    let candle_core::Device::Cuda(dev) = device else {
+        return Ok(None);
+    };
+    let Some(pool) = default_pool(dev)? else {
+        return Ok(None);
+    };
+    let read = |attr| -> Result<u64> {
+        let mut bytes: u64 = 0;
+        // SAFETY: a valid pool, and its used-memory attributes are u64s.
+        unsafe { result::mem_pool::get_attribute(pool, attr, (&mut bytes as *mut u64).cast()) }
+            .w()?;
+        Ok(bytes)
+    };
+    // the high watermark moves at allocations: right after a reset it may lag the memory in use
+    let high = read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+    let now = read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+    Ok(Some(high.max(now)))
+}
+
+/// Starts [`peak_allocated`] again from the memory allocated now (a no-op off CUDA and on a GPU
+/// without memory pools).
+pub fn reset_peak_allocated(device: &candle_core::Device) -> Result<()> {
+    let candle_core::Device::Cuda(dev) = device else {
+        return Ok(());
+    };
+    device.synchronize()?;
+    let Some(pool) = default_pool(dev)? else {
+        return Ok(());
+    };
+    let mut zero: u64 = 0;
+    // SAFETY: a valid pool; the high watermark is a u64 and may only be reset to 0.
+    unsafe {
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut zero as *mut u64).cast(),
+        )
+        .w()
+    }
+}
+
 /// The default memory pool of `dev`'s GPU, which cudarc's stream-ordered allocations use; none
 /// where the GPU has no memory pools (cudarc then allocates and frees synchronously).
 fn default_pool(dev: &CudaDevice) -> Result<Option<sys::CUmemoryPool>> {
