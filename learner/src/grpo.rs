@@ -206,6 +206,7 @@ pub fn policy_loss(
     totals: &StepTotals,
 ) -> Result<(Tensor, PendingStats)> {
     let mask = x.mask;
+    let valid = mask.sum_all()?; // the micro-batch's valid tokens
     let sum = |t: &Tensor| -> Result<Tensor> { Ok((t * mask)?.sum_all()?.to_dtype(DType::F32)?) };
     let zero = || Tensor::zeros((), DType::F32, mask.device());
     let log_ratio = (x.logprobs - x.old_logprobs)?.clamp(-20f32, 20f32)?; // [B, T]
@@ -257,7 +258,7 @@ pub fn policy_loss(
         }
         Aggregation::Bnpo => {
             // this micro-batch's tokens, divided by on the device
-            let local = mask.sum_all()?.clamp(1f32, f32::MAX)?;
+            let local = valid.clamp(1f32, f32::MAX)?;
             (masked.sum_all()?.div(&local)? / totals.micro_batches.max(1) as f64)?
         }
         Aggregation::Dapo => (masked.sum_all()? / totals.tokens.max(1.0))?,
@@ -281,7 +282,7 @@ pub fn policy_loss(
         .to_dtype(DType::F32)?;
     let sums = Tensor::stack(
         &[
-            mask.sum_all()?.to_dtype(DType::F32)?,
+            valid.to_dtype(DType::F32)?,
             sum(&low)?,
             sum(&high)?,
             sum(&ratio)?,

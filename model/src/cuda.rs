@@ -11,6 +11,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor, WithDType};
+use sys::CUmemPool_attribute as PoolAttr;
 
 use crate::launch;
 use crate::signatures::{self, Arg, Elem};
@@ -55,36 +56,20 @@ pub fn open(ordinal: usize) -> Result<candle_core::Device> {
 /// The pool is the GPU's: this holds for every candle device on it. A no-op off CUDA and on a
 /// GPU without memory pools.
 pub fn keep_freed_memory(device: &candle_core::Device, keep: bool) -> Result<()> {
-    let candle_core::Device::Cuda(dev) = device else {
-        return Ok(());
-    };
-    let Some(pool) = default_pool(dev)? else {
-        return Ok(());
-    };
-    let mut threshold: u64 = if keep { u64::MAX } else { 0 };
-    // SAFETY: a valid pool, and the release threshold attribute is a u64.
-    unsafe {
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-        .w()
-    }
+    on_pool(device, (), |pool| {
+        let threshold = if keep { u64::MAX } else { 0 };
+        set_pool_attribute(pool, PoolAttr::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, threshold)
+    })
 }
 
 /// Waits for `device`'s work and hands the memory its pool keeps unused back to the driver (a
 /// no-op off CUDA): before measuring a peak, or to leave room for another process.
 pub fn release_cached(device: &candle_core::Device) -> Result<()> {
-    let candle_core::Device::Cuda(dev) = device else {
-        return Ok(());
-    };
     device.synchronize()?;
-    let Some(pool) = default_pool(dev)? else {
-        return Ok(());
-    };
-    // SAFETY: a valid pool; trimming frees only memory that no allocation holds.
-    unsafe { result::mem_pool::trim_to(pool, 0).w() }
+    on_pool(device, (), |pool| {
+        // SAFETY: a valid pool; trimming frees only memory that no allocation holds.
+        unsafe { result::mem_pool::trim_to(pool, 0).w() }
+    })
 }
 
 /// The most memory that allocations from `device`'s memory pool (every tensor candle makes) have
@@ -92,45 +77,53 @@ pub fn release_cached(device: &candle_core::Device) -> Result<()> {
 /// reports, without the memory the pool keeps free, the context or cuBLAS's workspace. None off
 /// CUDA and on a GPU without memory pools.
 pub fn peak_allocated(device: &candle_core::Device) -> Result<Option<u64>> {
-    let candle_core::Device::Cuda(dev) = device else {
-        return Ok(None);
-    };
-    let Some(pool) = default_pool(dev)? else {
-        return Ok(None);
-    };
-    let read = |attr| -> Result<u64> {
-        let mut bytes: u64 = 0;
-        // SAFETY: a valid pool, and its used-memory attributes are u64s.
-        unsafe { result::mem_pool::get_attribute(pool, attr, (&mut bytes as *mut u64).cast()) }
-            .w()?;
-        Ok(bytes)
-    };
-    // the high watermark moves at allocations: right after a reset it may lag the memory in use
-    let high = read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
-    let now = read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
-    Ok(Some(high.max(now)))
+    on_pool(device, None, |pool| {
+        let read = |attr| -> Result<u64> {
+            let mut bytes: u64 = 0;
+            // SAFETY: a valid pool, and its used-memory attributes are u64s.
+            unsafe { result::mem_pool::get_attribute(pool, attr, (&mut bytes as *mut u64).cast()) }
+                .w()?;
+            Ok(bytes)
+        };
+        // the high watermark moves at allocations: right after a reset it may lag the memory in
+        // use
+        let high = read(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+        let now = read(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        Ok(Some(high.max(now)))
+    })
 }
 
 /// Starts [`peak_allocated`] again from the memory allocated now (a no-op off CUDA and on a GPU
 /// without memory pools).
 pub fn reset_peak_allocated(device: &candle_core::Device) -> Result<()> {
-    let candle_core::Device::Cuda(dev) = device else {
-        return Ok(());
-    };
     device.synchronize()?;
-    let Some(pool) = default_pool(dev)? else {
-        return Ok(());
+    // the high watermark may only be reset to 0
+    on_pool(device, (), |pool| {
+        set_pool_attribute(pool, PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)
+    })
+}
+
+/// `f` of the default memory pool of `device`'s GPU; `absent` off CUDA and on a GPU without
+/// memory pools.
+fn on_pool<T>(
+    device: &candle_core::Device,
+    absent: T,
+    f: impl FnOnce(sys::CUmemoryPool) -> Result<T>,
+) -> Result<T> {
+    let candle_core::Device::Cuda(dev) = device else {
+        return Ok(absent);
     };
-    let mut zero: u64 = 0;
-    // SAFETY: a valid pool; the high watermark is a u64 and may only be reset to 0.
-    unsafe {
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut zero as *mut u64).cast(),
-        )
-        .w()
+    match default_pool(dev)? {
+        Some(pool) => f(pool),
+        None => Ok(absent),
     }
+}
+
+/// Sets a `u64` attribute (the release threshold, the used-memory high watermark) of `pool`.
+fn set_pool_attribute(pool: sys::CUmemoryPool, attr: PoolAttr, value: u64) -> Result<()> {
+    let mut value = value;
+    // SAFETY: a valid pool (from `default_pool`), and the attributes set here are u64s.
+    unsafe { result::mem_pool::set_attribute(pool, attr, (&mut value as *mut u64).cast()).w() }
 }
 
 /// The default memory pool of `dev`'s GPU, which cudarc's stream-ordered allocations use; none
