@@ -341,7 +341,6 @@ pub fn policy_step(
             kl_entropy_mask: Some(&(&p.active * &lp.mask)?),
         };
         let (mut loss, stats) = policy_loss(&inputs, &cfg.loss, &totals)?;
-        let mut value_part = None;
         if let Some(vc) = cfg.value {
             let head = head
                 .ok_or_else(|| LearnerError::Invalid("a value loss needs a value head".into()))?;
@@ -355,7 +354,8 @@ pub fn policy_step(
                 vc.clip,
                 totals.tokens,
             )?;
-            value_part = Some(vl.detach());
+            // read now: value_loss has waited on the device for its statistics already
+            m.value_loss += vl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             loss = (loss + (vl * vc.vf_coef)?)?;
             value_weighted.clip_frac += vs.clip_frac * vs.tokens;
             value_weighted.value_mean += vs.value_mean * vs.tokens;
@@ -364,9 +364,6 @@ pub fn policy_step(
         let (value, missing) = opt.backward(&loss)?;
         // read back once the backward is queued
         let stats = stats.read()?;
-        if let Some(vl) = value_part {
-            m.value_loss += vl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
         let Some(missing) = missing else {
             m.skipped = true;
             m.loss = value;
