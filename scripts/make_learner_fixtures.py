@@ -220,20 +220,26 @@ def value():
     lengths, mask, *_ = padded_batch(4)
     b, t = mask.shape
     torch.manual_seed(5)
-    v = torch.randn(b, t) * mask
-    old_v = (v + 0.4 * torch.randn(b, t)) * mask
-    ret = torch.randn(b, t) * mask
+    # the padding holds values too (as a padded batch does): only the mask may keep them out
+    v = torch.randn(b, t)
+    old_v = v + 0.4 * torch.randn(b, t)
+    ret = torch.randn(b, t)
     tokens = float(mask.sum()) + 7.0  # the step holds more tokens than this micro-batch
     cases = []
     for clip in [None, 0.2, 0.5]:
         x = v.clone().requires_grad_(True)
         err = (x - ret) ** 2
+        # verl's vf_clipfrac: the masked mean of (clipped error > unclipped error)
+        clipfrac = 0.0
         if clip is not None:
             vc = torch.max(torch.min(x, old_v + clip), old_v - clip)
-            err = torch.max(err, (vc - ret) ** 2)
+            err_clipped = (vc - ret) ** 2
+            clipfrac = ((err_clipped > err).float() * mask).sum().item() / mask.sum().item()
+            err = torch.max(err, err_clipped)
         loss = 0.5 * (err * mask).sum() / tokens
         loss.backward()
-        cases.append({"clip": clip, "loss": loss.item(), "grad": x.grad.tolist()})
+        cases.append({"clip": clip, "loss": loss.item(), "grad": x.grad.tolist(), "clip_frac": clipfrac,
+                      "value_mean": ((v * mask).sum() / mask.sum()).item(), "valid_tokens": mask.sum().item()})
     return {"values": v.tolist(), "old_values": old_v.tolist(), "returns": ret.tolist(),
             "mask": mask.tolist(), "tokens": tokens, "cases": cases}
 
@@ -271,7 +277,8 @@ def dpo():
         rw, rl = (beta * hw).detach(), (beta * hl).detach()
         cases.append({"loss_type": loss_type, "beta": beta, "label_smoothing": eps, "loss": loss.item(),
                       "grad_chosen": c.grad.tolist(), "grad_rejected": r.grad.tolist(),
-                      "reward_accuracy": (rw > rl).float().sum().item(), "margin": (rw - rl).sum().item()})
+                      "reward_accuracy": (rw > rl).float().sum().item(), "margin": (rw - rl).sum().item(),
+                      "chosen_reward": rw.sum().item(), "rejected_reward": rl.sum().item()})
     return {"chosen": pc.tolist(), "rejected": pr.tolist(), "ref_chosen": rc.tolist(), "ref_rejected": rr.tolist(),
             "chosen_tokens": lc.tolist(), "rejected_tokens": lr.tolist(), "total_pairs": total, "cases": cases}
 

@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 use model::Weights;
 use serde::{Deserialize, Serialize};
 
+use crate::device_sums::DeviceSums;
 use crate::error::{LearnerError, Result};
 use crate::optim::AdamW;
 use crate::step::{micro_batches, pack, Sequence};
@@ -50,6 +51,28 @@ pub struct PairLogprobs<'a> {
     pub rejected_tokens: &'a Tensor,
 }
 
+/// A micro-batch's [`DpoStats`] as device sums, read back by [`PendingDpoStats::read`] after
+/// the backward is queued (see [`DeviceSums`]).
+pub struct PendingDpoStats {
+    /// pairs whose chosen reward beats the rejected one, Σ margin, Σ chosen reward, Σ rejected
+    /// reward
+    sums: DeviceSums,
+    pairs: usize,
+}
+
+impl PendingDpoStats {
+    pub fn read(&self) -> Result<DpoStats> {
+        let s = self.sums.read()?;
+        Ok(DpoStats {
+            reward_accuracy: s[0],
+            margin: s[1],
+            chosen_reward: s[2],
+            rejected_reward: s[3],
+            pairs: self.pairs as f64,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct DpoStats {
     /// Sums over the micro-batch's pairs (divide by the pair count).
@@ -76,8 +99,13 @@ fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The loss of a micro-batch: the sum over its pairs divided by `total_pairs` (the pairs of the
-/// whole optimizer step), so micro-batch losses add up to the step's mean.
-pub fn dpo_loss(x: &PairLogprobs, c: &DpoConfig, total_pairs: usize) -> Result<(Tensor, DpoStats)> {
+/// whole optimizer step), so micro-batch losses add up to the step's mean; and its implicit-reward
+/// statistics, still on the device.
+pub fn dpo_loss(
+    x: &PairLogprobs,
+    c: &DpoConfig,
+    total_pairs: usize,
+) -> Result<(Tensor, PendingDpoStats)> {
     let eps = c.label_smoothing;
     if c.loss == DpoLoss::Robust && !(0.0..0.5).contains(&eps) {
         return Err(LearnerError::Invalid(
@@ -109,18 +137,16 @@ pub fn dpo_loss(x: &PairLogprobs, c: &DpoConfig, total_pairs: usize) -> Result<(
         }
     };
     let loss = (per_pair.sum_all()? / total_pairs.max(1) as f64)?;
-    let sum =
-        |t: Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
     let r_w = (h_w.detach() * c.beta)?;
     let r_l = (h_l.detach() * c.beta)?;
-    let stats = DpoStats {
-        reward_accuracy: sum(r_w.gt(&r_l)?.to_dtype(DType::F32)?)?,
-        margin: sum((&r_w - &r_l)?)?,
-        chosen_reward: sum(r_w)?,
-        rejected_reward: sum(r_l)?,
-        pairs: delta.dim(0)? as f64,
-    };
-    Ok((loss, stats))
+    let sums = DeviceSums::stack(&[
+        r_w.gt(&r_l)?.to_dtype(DType::F32)?.sum_all()?,
+        (&r_w - &r_l)?.sum_all()?,
+        r_w.sum_all()?,
+        r_l.sum_all()?,
+    ])?;
+    let pairs = delta.dim(0)?;
+    Ok((loss, PendingDpoStats { sums, pairs }))
 }
 
 /// One preference pair, tokenized: the completions end with their end-of-sequence token.
@@ -229,13 +255,14 @@ pub fn dpo_step(
             chosen_tokens: &chosen_tokens,
             rejected_tokens: &rejected_tokens,
         };
-        let (loss, s) = dpo_loss(&x, cfg, pairs.len())?;
+        let (loss, pending) = dpo_loss(&x, cfg, pairs.len())?;
         let (value, done) = opt.backward(&loss)?;
         if done.is_none() {
             m.skipped = true;
             m.loss = value;
             return Ok(m);
         }
+        let s = pending.read()?;
         m.loss += value;
         sums.reward_accuracy += s.reward_accuracy;
         sums.margin += s.margin;

@@ -8,6 +8,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::device_sums::DeviceSums;
 use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,23 +168,17 @@ pub struct PolicyStats {
     pub tokens: f64,
 }
 
-/// A micro-batch's [`PolicyStats`] as device sums, read back in one transfer by
-/// [`PendingStats::read`]: after the backward is queued, so that on a GPU the device does not
-/// wait on the host between the forward and the backward.
+/// A micro-batch's [`PolicyStats`] as device sums, read back by [`PendingStats::read`] after
+/// the backward is queued (see [`DeviceSums`]).
 pub struct PendingStats {
-    /// `[7]` f32: valid tokens, tokens clipped low, tokens clipped high, Σ ratio, max ratio,
-    /// Σ KL, Σ entropy (all over valid tokens).
-    sums: Tensor,
+    /// valid tokens, tokens clipped low, tokens clipped high, Σ ratio, max ratio, Σ KL,
+    /// Σ entropy (all over valid tokens).
+    sums: DeviceSums,
 }
 
 impl PendingStats {
     pub fn read(&self) -> Result<PolicyStats> {
-        let s: Vec<f64> = self
-            .sums
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f64::from)
-            .collect();
+        let s = self.sums.read()?;
         let n = s[0];
         let mean = |x: f64| x / n.max(1.0);
         Ok(PolicyStats {
@@ -207,7 +202,7 @@ pub fn policy_loss(
 ) -> Result<(Tensor, PendingStats)> {
     let mask = x.mask;
     let valid = mask.sum_all()?; // the micro-batch's valid tokens
-    let sum = |t: &Tensor| -> Result<Tensor> { Ok((t * mask)?.sum_all()?.to_dtype(DType::F32)?) };
+    let sum = |t: &Tensor| -> Result<Tensor> { Ok((t * mask)?.sum_all()?) };
     let zero = || Tensor::zeros((), DType::F32, mask.device());
     let log_ratio = (x.logprobs - x.old_logprobs)?.clamp(-20f32, 20f32)?; // [B, T]
     let log_ratio = match c.ratio {
@@ -276,22 +271,16 @@ pub fn policy_loss(
         .gt((1.0 + c.clip_high) as f32)?
         .to_dtype(DType::F32)?
         .broadcast_mul(&a.gt(0f32)?.to_dtype(DType::F32)?)?;
-    let ratio_max = (&ratio * mask)?
-        .flatten_all()?
-        .max(D::Minus1)?
-        .to_dtype(DType::F32)?;
-    let sums = Tensor::stack(
-        &[
-            valid.to_dtype(DType::F32)?,
-            sum(&low)?,
-            sum(&high)?,
-            sum(&ratio)?,
-            ratio_max,
-            kl_sum,
-            entropy_sum,
-        ],
-        0,
-    )?;
+    let ratio_max = (&ratio * mask)?.flatten_all()?.max(D::Minus1)?;
+    let sums = DeviceSums::stack(&[
+        valid,
+        sum(&low)?,
+        sum(&high)?,
+        sum(&ratio)?,
+        ratio_max,
+        kl_sum,
+        entropy_sum,
+    ])?;
     Ok((loss, PendingStats { sums }))
 }
 

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::device_sums::DeviceSums;
 use crate::error::Result;
 
 /// `V(s_t) = h_t · w + b`, read from the final hidden states.
@@ -60,8 +61,30 @@ pub struct ValueStats {
     pub tokens: f64,
 }
 
+/// A micro-batch's value loss and [`ValueStats`] as device sums, read back by
+/// [`PendingValueStats::read`] after the backward is queued (see [`DeviceSums`]).
+pub struct PendingValueStats {
+    /// the loss, valid tokens, tokens where the clipped error was the larger, Σ value
+    sums: DeviceSums,
+}
+
+impl PendingValueStats {
+    /// The loss's value and the statistics.
+    pub fn read(&self) -> Result<(f64, ValueStats)> {
+        let s = self.sums.read()?;
+        let n = s[1];
+        let stats = ValueStats {
+            clip_frac: s[2] / n.max(1.0),
+            value_mean: s[3] / n.max(1.0),
+            tokens: n,
+        };
+        Ok((s[0], stats))
+    }
+}
+
 /// The clipped value loss `½·Σ M·max((V − R)², (clip(V, V_old ± c) − R)²) / tokens` (token mean
-/// over the `tokens` valid tokens of the whole step, so micro-batches sum to the step's loss).
+/// over the `tokens` valid tokens of the whole step, so micro-batches sum to the step's loss),
+/// and its statistics, still on the device.
 /// `values`, `old_values`, `returns`, `mask`: `[B, T]`; `clip` None: unclipped.
 pub fn value_loss(
     values: &Tensor,
@@ -70,7 +93,7 @@ pub fn value_loss(
     mask: &Tensor,
     clip: Option<f64>,
     tokens: f64,
-) -> Result<(Tensor, ValueStats)> {
+) -> Result<(Tensor, PendingValueStats)> {
     let err = (values - returns)?.sqr()?;
     let worst = match clip {
         Some(c) => {
@@ -83,13 +106,12 @@ pub fn value_loss(
         None => err.clone(),
     };
     let loss = ((worst.clone() * mask)?.sum_all()? * (0.5 / tokens.max(1.0)))?;
-    let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-    let n = scalar(mask.sum_all()?)?;
     let clipped = worst.gt(&err)?.to_dtype(DType::F32)?;
-    let stats = ValueStats {
-        clip_frac: scalar((clipped * mask)?.sum_all()?)? / n.max(1.0),
-        value_mean: scalar((values.detach() * mask)?.sum_all()?)? / n.max(1.0),
-        tokens: n,
-    };
-    Ok((loss, stats))
+    let sums = DeviceSums::stack(&[
+        loss.detach(),
+        mask.sum_all()?,
+        (clipped * mask)?.sum_all()?,
+        (values.detach() * mask)?.sum_all()?,
+    ])?;
+    Ok((loss, PendingValueStats { sums }))
 }

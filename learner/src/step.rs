@@ -6,7 +6,7 @@ use std::time::Instant;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use model::forward::SharedPrompts;
 use model::logprobs::{sequence_logprobs, shared_prompt_logprobs, SequenceLogprobs};
 use model::Weights;
@@ -341,6 +341,7 @@ pub fn policy_step(
             kl_entropy_mask: Some(&(&p.active * &lp.mask)?),
         };
         let (mut loss, stats) = policy_loss(&inputs, &cfg.loss, &totals)?;
+        let mut value_stats = None;
         if let Some(vc) = cfg.value {
             let head = head
                 .ok_or_else(|| LearnerError::Invalid("a value loss needs a value head".into()))?;
@@ -354,16 +355,19 @@ pub fn policy_step(
                 vc.clip,
                 totals.tokens,
             )?;
-            // read now: value_loss has waited on the device for its statistics already
-            m.value_loss += vl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             loss = (loss + (vl * vc.vf_coef)?)?;
-            value_weighted.clip_frac += vs.clip_frac * vs.tokens;
-            value_weighted.value_mean += vs.value_mean * vs.tokens;
-            value_weighted.tokens += vs.tokens;
+            value_stats = Some(vs);
         }
         let (value, missing) = opt.backward(&loss)?;
         // read back once the backward is queued
         let stats = stats.read()?;
+        if let Some(pending) = value_stats {
+            let (vl, vs) = pending.read()?;
+            m.value_loss += vl;
+            value_weighted.clip_frac += vs.clip_frac * vs.tokens;
+            value_weighted.value_mean += vs.value_mean * vs.tokens;
+            value_weighted.tokens += vs.tokens;
+        }
         let Some(missing) = missing else {
             m.skipped = true;
             m.loss = value;
@@ -610,11 +614,12 @@ pub fn critic_step(
         let p = pack(&seqs[range], &device)?;
         let values = head.values(&p.trunk(critic)?)?;
         let mask = loss_mask_tensor(&p, &device)?;
-        let (loss, s) = value_loss(&values, &p.old_values, &p.returns, &mask, clip, tokens)?;
+        let (loss, pending) = value_loss(&values, &p.old_values, &p.returns, &mask, clip, tokens)?;
         let (v, done) = opt.backward(&loss)?;
         if done.is_none() {
             return Ok((v, stats, f64::NAN));
         }
+        let (_, s) = pending.read()?;
         loss_sum += v;
         stats.clip_frac += s.clip_frac * s.tokens;
         stats.value_mean += s.value_mean * s.tokens;

@@ -200,7 +200,7 @@ fn clipped_value_loss_and_gradient_match_the_reference() {
     for case in f["cases"].as_array().unwrap() {
         let clip: Option<f64> = parse(&case["clip"]);
         let v = Var::from_tensor(&t("values")).unwrap();
-        let (loss, _) =
+        let (loss, pending) =
             value_loss(v.as_tensor(), &old_values, &returns, &mask, clip, tokens).unwrap();
         let want: f64 = parse(&case["loss"]);
         assert!(
@@ -208,6 +208,15 @@ fn clipped_value_loss_and_gradient_match_the_reference() {
             "clip {clip:?}: {} vs {want}",
             scalar(&loss)
         );
+        // the statistics read back in one transfer: the loss's value, verl's vf_clipfrac and
+        // the mean value over the micro-batch's valid tokens
+        let (value, stats) = pending.read().unwrap();
+        assert!((value - want).abs() < TOL, "clip {clip:?}: read {value}");
+        assert_eq!(stats.tokens, parse::<f64>(&case["valid_tokens"]));
+        let clip_frac: f64 = parse(&case["clip_frac"]);
+        assert!((stats.clip_frac - clip_frac).abs() < 1e-6, "clip {clip:?}");
+        let value_mean: f64 = parse(&case["value_mean"]);
+        assert!((stats.value_mean - value_mean).abs() < 1e-5, "mean");
         let g = loss.backward().unwrap();
         let got = g.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
         close_rows(
@@ -247,7 +256,7 @@ fn dpo_losses_gradients_and_metrics_match_the_reference() {
             chosen_tokens: &lc,
             rejected_tokens: &lr,
         };
-        let (loss, stats) = dpo_loss(&x, &cfg, total).unwrap();
+        let (loss, pending) = dpo_loss(&x, &cfg, total).unwrap();
         let want: f64 = parse(&case["loss"]);
         assert!(
             (scalar(&loss) - want).abs() < TOL,
@@ -263,12 +272,20 @@ fn dpo_losses_gradients_and_metrics_match_the_reference() {
                 &format!("{cfg:?} {key}"),
             );
         }
+        let stats = pending.read().unwrap();
         assert_eq!(
             stats.reward_accuracy,
             parse::<f64>(&case["reward_accuracy"])
         );
         let margin: f64 = parse(&case["margin"]);
         assert!((stats.margin - margin).abs() < 1e-4, "{cfg:?} margin");
+        for (got, key) in [
+            (stats.chosen_reward, "chosen_reward"),
+            (stats.rejected_reward, "rejected_reward"),
+        ] {
+            let want: f64 = parse(&case[key]);
+            assert!((got - want).abs() < 1e-4, "{cfg:?} {key}: {got} vs {want}");
+        }
         assert_eq!(stats.pairs, 5.0);
     }
     let bad = DpoConfig {
