@@ -165,7 +165,26 @@ pub struct PolicyStats {
     pub ratio_max: f64,
     pub kl_mean: f64,
     pub entropy_mean: f64,
+    /// The valid tokens the statistics cover.
     pub tokens: f64,
+}
+
+impl PolicyStats {
+    /// The statistics of `self`'s tokens and `other`'s together: token-weighted means, the
+    /// larger maximum.
+    pub fn merge(self, other: &PolicyStats) -> PolicyStats {
+        let tokens = self.tokens + other.tokens;
+        let mean = |a: f64, b: f64| (a * self.tokens + b * other.tokens) / tokens.max(1.0);
+        PolicyStats {
+            clip_low_frac: mean(self.clip_low_frac, other.clip_low_frac),
+            clip_high_frac: mean(self.clip_high_frac, other.clip_high_frac),
+            ratio_mean: mean(self.ratio_mean, other.ratio_mean),
+            ratio_max: self.ratio_max.max(other.ratio_max),
+            kl_mean: mean(self.kl_mean, other.kl_mean),
+            entropy_mean: mean(self.entropy_mean, other.entropy_mean),
+            tokens,
+        }
+    }
 }
 
 /// A micro-batch's [`PolicyStats`] as device sums, read back by [`PendingStats::read`] after

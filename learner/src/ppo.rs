@@ -58,7 +58,21 @@ pub struct ValueStats {
     /// Fraction of valid tokens where the clipped error was the larger.
     pub clip_frac: f64,
     pub value_mean: f64,
+    /// The valid tokens the statistics cover.
     pub tokens: f64,
+}
+
+impl ValueStats {
+    /// The statistics of `self`'s tokens and `other`'s together (token-weighted means).
+    pub fn merge(self, other: &ValueStats) -> ValueStats {
+        let tokens = self.tokens + other.tokens;
+        let mean = |a: f64, b: f64| (a * self.tokens + b * other.tokens) / tokens.max(1.0);
+        ValueStats {
+            clip_frac: mean(self.clip_frac, other.clip_frac),
+            value_mean: mean(self.value_mean, other.value_mean),
+            tokens,
+        }
+    }
 }
 
 /// A micro-batch's value loss and [`ValueStats`] as device sums, read back by

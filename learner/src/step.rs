@@ -316,8 +316,6 @@ pub fn policy_step(
         optimizer_steps: 1,
         ..Default::default()
     };
-    let mut weighted = PolicyStats::default();
-    let mut value_weighted = ValueStats::default();
     for range in ranges {
         let mb = &seqs[range];
         let p = pack(mb, &device)?;
@@ -364,9 +362,7 @@ pub fn policy_step(
         if let Some(pending) = value_stats {
             let (vl, vs) = pending.read()?;
             m.value_loss += vl;
-            value_weighted.clip_frac += vs.clip_frac * vs.tokens;
-            value_weighted.value_mean += vs.value_mean * vs.tokens;
-            value_weighted.tokens += vs.tokens;
+            m.value = m.value.merge(&vs);
         }
         let Some(missing) = missing else {
             m.skipped = true;
@@ -381,31 +377,8 @@ pub fn policy_step(
                 missing.join(", ")
             )));
         }
-        let w = stats.tokens;
-        weighted.clip_low_frac += stats.clip_low_frac * w;
-        weighted.clip_high_frac += stats.clip_high_frac * w;
-        weighted.ratio_mean += stats.ratio_mean * w;
-        weighted.ratio_max = weighted.ratio_max.max(stats.ratio_max);
-        weighted.kl_mean += stats.kl_mean * w;
-        weighted.entropy_mean += stats.entropy_mean * w;
-        weighted.tokens += w;
+        m.policy = m.policy.merge(&stats);
     }
-    let n = weighted.tokens.max(1.0);
-    m.policy = PolicyStats {
-        clip_low_frac: weighted.clip_low_frac / n,
-        clip_high_frac: weighted.clip_high_frac / n,
-        ratio_mean: weighted.ratio_mean / n,
-        ratio_max: weighted.ratio_max,
-        kl_mean: weighted.kl_mean / n,
-        entropy_mean: weighted.entropy_mean / n,
-        tokens: weighted.tokens,
-    };
-    let nv = value_weighted.tokens.max(1.0);
-    m.value = ValueStats {
-        clip_frac: value_weighted.clip_frac / nv,
-        value_mean: value_weighted.value_mean / nv,
-        tokens: value_weighted.tokens,
-    };
     let s = opt.step(lr)?;
     m.grad_norm = s.grad_norm;
     m.skipped = s.skipped;
@@ -506,37 +479,15 @@ pub fn update(
     let n = all.len() as f64;
     let per_pass = n / passes.len() as f64;
     let mean = |f: &dyn Fn(&StepMetrics) -> f64| all.iter().map(f).sum::<f64>() / n;
-    let tokens: f64 = all.iter().map(|m| m.policy.tokens).sum::<f64>().max(1.0);
-    let weighted = |f: &dyn Fn(&PolicyStats) -> f64| {
-        all.iter()
-            .map(|m| f(&m.policy) * m.policy.tokens)
-            .sum::<f64>()
-            / tokens
-    };
-    let vtokens: f64 = all.iter().map(|m| m.value.tokens).sum::<f64>().max(1.0);
-    let vweighted = |f: &dyn Fn(&ValueStats) -> f64| {
-        all.iter()
-            .map(|m| f(&m.value) * m.value.tokens)
-            .sum::<f64>()
-            / vtokens
-    };
     Ok(StepMetrics {
         loss: all.iter().map(|m| m.loss).sum::<f64>() / per_pass,
         value_loss: all.iter().map(|m| m.value_loss).sum::<f64>() / per_pass,
-        policy: PolicyStats {
-            clip_low_frac: weighted(&|p| p.clip_low_frac),
-            clip_high_frac: weighted(&|p| p.clip_high_frac),
-            ratio_mean: weighted(&|p| p.ratio_mean),
-            ratio_max: all.iter().map(|m| m.policy.ratio_max).fold(0.0, f64::max),
-            kl_mean: weighted(&|p| p.kl_mean),
-            entropy_mean: weighted(&|p| p.entropy_mean),
-            tokens: all.first().map_or(0.0, |m| m.policy.tokens),
-        },
-        value: ValueStats {
-            clip_frac: vweighted(&|v| v.clip_frac),
-            value_mean: vweighted(&|v| v.value_mean),
-            tokens: vtokens,
-        },
+        policy: all
+            .iter()
+            .fold(PolicyStats::default(), |s, m| s.merge(&m.policy)),
+        value: all
+            .iter()
+            .fold(ValueStats::default(), |s, m| s.merge(&m.value)),
         grad_norm: mean(&|m| m.grad_norm),
         skipped: all.iter().any(|m| m.skipped),
         micro_batches: all.iter().map(|m| m.micro_batches).sum(),
@@ -621,13 +572,8 @@ pub fn critic_step(
         }
         let (_, s) = pending.read()?;
         loss_sum += v;
-        stats.clip_frac += s.clip_frac * s.tokens;
-        stats.value_mean += s.value_mean * s.tokens;
-        stats.tokens += s.tokens;
+        stats = stats.merge(&s);
     }
-    let n = stats.tokens.max(1.0);
-    stats.clip_frac /= n;
-    stats.value_mean /= n;
     let s = opt.step(lr)?;
     Ok((loss_sum, stats, s.grad_norm))
 }

@@ -127,6 +127,18 @@ fn micro_batching_does_not_change_the_step() {
         many.loss
     );
     assert!((one.grad_norm - many.grad_norm).abs() < 1e-5 * one.grad_norm);
+    // four micro-batches' statistics merge into the one's: token-weighted means, the maximum
+    assert_eq!(one.policy.tokens, many.policy.tokens);
+    for (a, b, what) in [
+        (one.policy.entropy_mean, many.policy.entropy_mean, "entropy"),
+        (one.policy.ratio_mean, many.policy.ratio_mean, "ratio mean"),
+        (one.policy.ratio_max, many.policy.ratio_max, "ratio max"),
+    ] {
+        assert!(
+            (a - b).abs() < 1e-5 * a.abs().max(1.0),
+            "{what}: {a} vs {b}"
+        );
+    }
     let d = w1
         .iter()
         .zip(&w2)
