@@ -357,13 +357,6 @@ pub fn policy_step(
             value_stats = Some(vs);
         }
         let (value, missing) = opt.backward(&loss)?;
-        // read back once the backward is queued
-        let stats = stats.read()?;
-        if let Some(pending) = value_stats {
-            let (vl, vs) = pending.read()?;
-            m.value_loss += vl;
-            m.value = m.value.merge(&vs);
-        }
         let Some(missing) = missing else {
             m.skipped = true;
             m.loss = value;
@@ -377,7 +370,13 @@ pub fn policy_step(
                 missing.join(", ")
             )));
         }
-        m.policy = m.policy.merge(&stats);
+        // the statistics of an accumulated micro-batch, read back once its backward is queued
+        m.policy = m.policy.merge(&stats.read()?);
+        if let Some(pending) = value_stats {
+            let (vl, vs) = pending.read()?;
+            m.value_loss += vl;
+            m.value = m.value.merge(&vs);
+        }
     }
     let s = opt.step(lr)?;
     m.grad_norm = s.grad_norm;
