@@ -1,5 +1,5 @@
 //! The CUDA kernels of `kernels/ferrite.cu`, run on the CPU: the source is compiled with the host
-//! C++ compiler against `kernels/emu/cuda_emu.h` (one thread per CUDA thread, barriers, warp
+//! C++ compiler against `kernels/emu/cuda_emu.h` (one fiber per CUDA thread, barriers, warp
 //! shuffles, shared memory, atomics) and each kernel is launched with the geometry that
 //! `model::cuda` uses on the GPU (`model::launch`), then compared with the composed candle ops
 //! that are the kernels' reference. This checks the kernels' formulas, indexing, reductions and
@@ -1833,6 +1833,30 @@ fn the_emulator_rejects_what_the_gpu_would_reject() {
     )
     .unwrap_err();
     assert!(err.contains("heap-buffer-overflow"), "{err}");
+    // past a thread's own array, on its fiber's stack (thread 4 reads own[4])
+    let err = try_launch(
+        "emu_stack_overflow",
+        one_warp,
+        &[Arg::F32(vec![0.0; 32]), Arg::Int(0)],
+    )
+    .unwrap_err();
+    assert!(err.contains("stack-buffer-overflow"), "{err}");
+    let four = Geometry {
+        grid: 1,
+        block: 4,
+        shared_bytes: 0,
+    };
+    let within = try_launch(
+        "emu_stack_overflow",
+        four,
+        &[Arg::F32(vec![0.0; 4]), Arg::Int(0)],
+    )
+    .unwrap();
+    assert_eq!(within[0].f32s(), [1.0, 2.0, 3.0, 4.0]);
+    // a deadlock fails the launch rather than hanging it
+    let two_warps = launch::rows(1, 64);
+    let err = try_launch("emu_deadlock", two_warps, &[Arg::F32(vec![0.0; 64])]).unwrap_err();
+    assert!(err.contains("deadlock"), "{err}");
     let ok = try_launch("softmax_fwd_f32", launch::rows(1, 64), &args).unwrap();
     assert!((ok[1].f32s().iter().sum::<f32>() - 1.0).abs() < 1e-6);
 }

@@ -1,24 +1,30 @@
 // A CUDA execution model on the CPU, for the kernel emulation tests (model/tests/kernel_emulation.rs):
-// kernels/ferrite.cu compiles with g++ against this header and runs with one std::thread per CUDA
-// thread, so its index arithmetic, its barriers, warp shuffles, shared memory and atomics are
-// exercised on a machine without a GPU.
+// kernels/ferrite.cu compiles with g++ against this header and runs with one fiber (a ucontext with
+// its own stack) per CUDA thread, so its index arithmetic, its barriers, warp shuffles, shared
+// memory and atomics are exercised on a machine without a GPU.
 //
-// The model: blocks run one after another; the threads of a block run concurrently;
-// `__syncthreads` is a barrier of the block's live threads, `__shfl_xor_sync` exchanges through
-// one slot per thread between two barriers of the warp; a thread that returns drops out of both
-// barriers, as exited threads do on Volta and later. Launches check CUDA's limits: at most 1024
-// threads a block, 48 KiB of dynamic shared memory. Only 1-D grids and blocks, as ferrite launches.
-// Fast-math intrinsics are their exact libm counterparts.
+// The model: blocks run one after another; the threads of a block run as fibers on one OS thread,
+// each until it waits at a barrier or returns, in turn; `__syncthreads` is a barrier of the
+// block's live threads, `__shfl_xor_sync` exchanges through one slot per thread between two
+// barriers of the warp; a thread that returns drops out of both barriers, as exited threads do on
+// Volta and later. A round in which every live thread waits and none is released is a deadlock,
+// and fails the launch. Launches check CUDA's limits: at most 1024 threads a block, 48 KiB of
+// dynamic shared memory. Only 1-D grids and blocks, as ferrite launches. Fast-math intrinsics are
+// their exact libm counterparts.
+//
+// (One OS thread per CUDA thread, as this emulator had first, spent most of its time in the
+// kernel: every barrier of 256 threads on two cores was 256 futex waits, wake-ups and context
+// switches. A fiber switch is a function call and a signal-mask syscall.)
 //
 // Shared memory is checked for races, as compute-sanitizer's racecheck does: the test rewrites
 // every `__shared__` declaration to an `emu::Shared` array, which starts each block as NaN bytes
 // (it is uninitialised on the GPU) and records who read and wrote each element since the last
 // barrier. An element written by one thread and read, written or updated atomically by another
 // between the same two barriers is a race: the launch stops with exit status 4 and says where.
+// The race check does not depend on the order the fibers run in: it records every access.
 #pragma once
 
 #include <algorithm>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -27,18 +33,27 @@
 #include <type_traits>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <vector>
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
 
 namespace emu {
-inline thread_local dim3 thread_idx, block_idx;
+// the running fiber's: the scheduler sets them before it switches to a fiber
+inline dim3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
-inline std::barrier<>* block_barrier = nullptr;
-inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+class Barrier;
+inline Barrier* block_barrier = nullptr;
+inline std::vector<std::unique_ptr<Barrier>> warp_barriers;
 inline std::vector<float> lanes;
 inline std::vector<uint32_t> mma_regs;  // a warp's mma fragments: 6 per thread (a0..a3, b0, b1)
 inline std::vector<size_t> ldsm_rows;   // a warp's ldmatrix row addresses: 1 per thread
@@ -50,7 +65,7 @@ inline std::mutex atomics;
     std::_Exit(3);
 }
 
-inline thread_local unsigned epoch = 0;  // block barriers this thread has passed
+inline unsigned epoch = 0;  // block barriers the running thread has passed (saved per fiber)
 
 // Who touched one shared element since the last barrier (epochs are per block).
 struct Access {
@@ -183,6 +198,92 @@ inline void start_block(size_t dynamic_floats) {
     dynamic = std::make_unique<Shared<float>>("extern __shared__", dynamic_floats, false);
 }
 
+// The fibers of the running block, and the scheduler's context they switch back to.
+struct Fiber {
+    ucontext_t ctx;
+    char* stack = nullptr;
+    bool done = false;
+    unsigned epoch = 0;
+};
+inline constexpr size_t fiber_stack = 256 * 1024;
+inline std::vector<Fiber> fibers;
+inline ucontext_t scheduler;
+inline bool progress = false;  // a thread started, was released from a barrier, or returned
+inline void (*body)(void*) = nullptr;
+inline void* body_arg = nullptr;
+
+// AddressSanitizer must be told of every switch between stacks (its fiber annotations).
+#if defined(__SANITIZE_ADDRESS__)
+inline const void* main_bottom = nullptr;
+inline size_t main_size = 0;
+inline void enter_fiber(Fiber& f) {
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, f.stack, fiber_stack);
+    swapcontext(&scheduler, &f.ctx);
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+}
+inline void leave_fiber(Fiber& f, bool finished) {
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(finished ? nullptr : &fake, main_bottom, main_size);
+    swapcontext(&f.ctx, &scheduler);
+    __sanitizer_finish_switch_fiber(fake, &main_bottom, &main_size);
+}
+inline void fiber_started() { __sanitizer_finish_switch_fiber(nullptr, &main_bottom, &main_size); }
+inline void unpoison_top(char* stack) {
+    constexpr size_t top = 16 * 1024;
+    ASAN_UNPOISON_MEMORY_REGION(stack + fiber_stack - top, top);
+}
+#else
+inline void enter_fiber(Fiber& f) { swapcontext(&scheduler, &f.ctx); }
+inline void leave_fiber(Fiber& f, bool) { swapcontext(&f.ctx, &scheduler); }
+inline void fiber_started() {}
+inline void unpoison_top(char*) {}
+#endif
+
+// The running thread waits for the others: back to the scheduler until it is its turn again.
+inline void yield() { leave_fiber(fibers[thread_idx.x], false); }
+
+// A barrier of a block's (or a warp's) threads, as std::barrier: `arrive_and_wait` returns once
+// every participant of the phase has arrived; `arrive_and_drop` arrives and leaves for good.
+class Barrier {
+   public:
+    explicit Barrier(unsigned n) : expected_(n) {}
+    void arrive_and_wait() {
+        const unsigned long phase = phase_;
+        arrive();
+        while (phase_ == phase) yield();
+        progress = true;
+    }
+    void arrive_and_drop() {
+        --expected_;
+        if (arrived_ > 0 && arrived_ >= expected_) complete();
+    }
+
+   private:
+    void arrive() {
+        if (++arrived_ >= expected_) complete();
+    }
+    void complete() {
+        arrived_ = 0;
+        ++phase_;
+        progress = true;
+    }
+    unsigned expected_, arrived_ = 0;
+    unsigned long phase_ = 0;
+};
+
+inline void fiber_main(int t) {
+    fiber_started();
+    progress = true;
+    body(body_arg);
+    warp_barriers[unsigned(t) / 32]->arrive_and_drop();
+    block_barrier->arrive_and_drop();
+    fibers[t].done = true;
+    progress = true;
+    leave_fiber(fibers[t], true);  // never resumed
+    fail("a finished thread was resumed");
+}
+
 template <class F>
 void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
     if (block == 0 || block > 1024) fail("block size must be 1..=1024 threads");
@@ -190,28 +291,54 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
     if (shared_bytes > 48 * 1024) fail("more than 48 KiB of dynamic shared memory");
     grid_dim = {grid, 1, 1};
     block_dim = {block, 1, 1};
+    body = [](void* k) { (*static_cast<F*>(k))(); };
+    body_arg = &kernel;
+    fibers.assign(block, Fiber{});
+    const size_t bytes = size_t(block) * fiber_stack;
+    void* stacks = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (stacks == MAP_FAILED) fail("no memory for the threads' stacks");
+    for (unsigned t = 0; t < block; ++t) fibers[t].stack = static_cast<char*>(stacks) + t * fiber_stack;
     for (unsigned b = 0; b < grid; ++b) {
-        std::barrier<> bar(block);
+        Barrier bar(block);
         block_barrier = &bar;
         warp_barriers.clear();
         for (unsigned w = 0; w * 32 < block; ++w)
-            warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - w * 32)));
+            warp_barriers.push_back(std::make_unique<Barrier>(std::min(32u, block - w * 32)));
         lanes.assign(block, 0.f);
         mma_regs.assign(size_t(block) * 6, 0u);
         ldsm_rows.assign(block, 0);
         start_block(shared_bytes / sizeof(float));
-        std::vector<std::thread> threads;
-        threads.reserve(block);
-        for (unsigned t = 0; t < block; ++t)
-            threads.emplace_back([&, t] {
+        for (unsigned t = 0; t < block; ++t) {
+            Fiber& f = fibers[t];
+            f.done = false;
+            f.epoch = 0;
+            getcontext(&f.ctx);
+            f.ctx.uc_stack = {f.stack, 0, fiber_stack};
+            f.ctx.uc_link = nullptr;
+            makecontext(&f.ctx, reinterpret_cast<void (*)()>(fiber_main), 1, int(t));
+            // makecontext has placed the stack; a context's stack is what AddressSanitizer's
+            // swapcontext clears the shadow of on every switch into it (32 KiB of memset), so
+            // the context forgets it, and only the top of the stack, where the frames of the
+            // previous block's finished fiber were left, is cleared, once a block
+            f.ctx.uc_stack = {nullptr, 0, 0};
+            unpoison_top(f.stack);
+        }
+        block_idx = {b, 0, 0};
+        for (unsigned live = block; live > 0;) {
+            progress = false;
+            for (unsigned t = 0; t < block; ++t) {
+                Fiber& f = fibers[t];
+                if (f.done) continue;
                 thread_idx = {t, 0, 0};
-                block_idx = {b, 0, 0};
-                kernel();
-                warp_barriers[t / 32]->arrive_and_drop();
-                bar.arrive_and_drop();
-            });
-        for (auto& th : threads) th.join();
+                epoch = f.epoch;
+                enter_fiber(f);
+                f.epoch = epoch;
+                if (f.done) --live;
+            }
+            if (live > 0 && !progress) fail("deadlock: every live thread waits at a barrier no other reaches");
+        }
     }
+    munmap(stacks, bytes);
 }
 }  // namespace emu
 

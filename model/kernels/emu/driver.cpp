@@ -69,14 +69,24 @@ std::tuple<A...> typed(std::vector<Arg>& args, std::index_sequence<I...>) {
     return {get<A>(args[I], I)...};
 }
 
-// Two faulty kernels that the tests expect the emulator to reject: a shared-memory race (thread 0
-// writes what the others read with no barrier between) and a read past the end of a buffer.
+// Faulty kernels that the tests expect the emulator to reject: a shared-memory race (thread 0
+// writes what the others read with no barrier between), a read past the end of a buffer, a read
+// past the end of a thread's own array (on its fiber's stack), and a deadlock (thread 0 waits at
+// the block's barrier while its warp waits for it at a shuffle: a GPU would hang).
 extern "C" __global__ void emu_racy(float* out) {
     EMU_SHARED(float, cell, 1);
     if (threadIdx.x == 0) cell = 1.f;
     out[threadIdx.x] = cell;
 }
 extern "C" __global__ void emu_overflow(const float* x, float* y) { y[threadIdx.x] = x[threadIdx.x + 1]; }
+extern "C" __global__ void emu_stack_overflow(float* y, int n) {
+    float own[4] = {1.f, 2.f, 3.f, 4.f};
+    y[threadIdx.x] = own[(threadIdx.x + n) % 8];
+}
+extern "C" __global__ void emu_deadlock(float* y) {
+    if (threadIdx.x == 0) __syncthreads();
+    else y[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+}
 
 using Runner = std::function<void(std::vector<Arg>&, unsigned, unsigned, size_t)>;
 
@@ -125,6 +135,8 @@ int main() {
 #include "registry.inc"
         {"emu_racy", runner(emu_racy)},
         {"emu_overflow", runner(emu_overflow)},
+        {"emu_stack_overflow", runner(emu_stack_overflow)},
+        {"emu_deadlock", runner(emu_deadlock)},
     };
     std::string name(read<uint32_t>(), '\0');
     read(name.data(), name.size());
