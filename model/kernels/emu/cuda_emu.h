@@ -317,9 +317,12 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
             f.ctx.uc_link = nullptr;
             makecontext(&f.ctx, reinterpret_cast<void (*)()>(fiber_main), 1, int(t));
             // makecontext has placed the stack; a context's stack is what AddressSanitizer's
-            // swapcontext clears the shadow of on every switch into it (32 KiB of memset), so
-            // the context forgets it, and only the top of the stack, where the frames of the
-            // previous block's finished fiber were left, is cleared, once a block
+            // swapcontext clears the shadow of on every switch into it (32 KiB of memset, half
+            // the emulation's time), so the context forgets it. The previous block's fiber left
+            // its last frames' redzones poisoned at the top of this stack: instrumented frames
+            // rewrite their shadow on entry, but an intercepted libc call reading or writing a
+            // stack buffer there would be reported, so that top is cleared once a block (a
+            // precaution: every emulation test passes without it)
             f.ctx.uc_stack = {nullptr, 0, 0};
             unpoison_top(f.stack);
         }
