@@ -21,7 +21,8 @@
 // (it is uninitialised on the GPU) and records who read and wrote each element since the last
 // barrier. An element written by one thread and read, written or updated atomically by another
 // between the same two barriers is a race: the launch stops with exit status 4 and says where.
-// The race check does not depend on the order the fibers run in: it records every access.
+// The race check does not depend on the order the fibers run in: it records every access. One OS
+// thread runs every fiber, so the shared arrays, the registry and the atomics need no locks.
 #pragma once
 
 #include <algorithm>
@@ -32,7 +33,6 @@
 #include <cstring>
 #include <type_traits>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include <sys/mman.h>
@@ -57,7 +57,6 @@ inline std::vector<std::unique_ptr<Barrier>> warp_barriers;
 inline std::vector<float> lanes;
 inline std::vector<uint32_t> mma_regs;  // a warp's mma fragments: 6 per thread (a0..a3, b0, b1)
 inline std::vector<size_t> ldsm_rows;   // a warp's ldmatrix row addresses: 1 per thread
-inline std::mutex atomics;
 
 [[noreturn]] inline void fail(const char* what) {
     std::fprintf(stderr, "emu: %s\n", what);
@@ -77,7 +76,6 @@ struct SharedBase {
     virtual void reset() = 0;
     virtual ~SharedBase() = default;
 };
-inline std::mutex registry_lock;
 inline std::vector<SharedBase*> registry;
 
 template <class T>
@@ -97,7 +95,6 @@ class Shared : public SharedBase {
     Shared(const char* name, size_t n, bool registered = true) : name_(name), data_(n), meta_(n) {
         reset();
         if (!registered) return;
-        std::lock_guard<std::mutex> lock(registry_lock);
         registry.push_back(this);
     }
     void reset() override {
@@ -127,7 +124,6 @@ class Shared : public SharedBase {
     operator T() { return read(0); }
 
     T read(size_t i) {
-        std::lock_guard<std::mutex> lock(mu_);
         Access& a = at(i);
         const int t = int(thread_idx.x);
         if (a.write_epoch == epoch && a.writer != t) race(i, "written by thread", a.writer, "read");
@@ -137,7 +133,6 @@ class Shared : public SharedBase {
         return data_[i];
     }
     void write(size_t i, T v) {
-        std::lock_guard<std::mutex> lock(mu_);
         Access& a = at(i);
         const int t = int(thread_idx.x);
         if (a.write_epoch == epoch && a.writer != t) race(i, "written by thread", a.writer, "written");
@@ -150,7 +145,6 @@ class Shared : public SharedBase {
     // `f(old)` stored atomically; returns the old value.
     template <class F>
     T atomic(size_t i, F f) {
-        std::lock_guard<std::mutex> lock(mu_);
         Access& a = at(i);
         const int t = int(thread_idx.x);
         if (a.write_epoch == epoch && a.writer != t)
@@ -187,13 +181,11 @@ class Shared : public SharedBase {
     const char* name_;
     std::vector<T> data_;
     std::vector<Access> meta_;
-    std::mutex mu_;
 };
 // The block's dynamic shared memory, as floats (all that ferrite's kernels keep there).
 inline std::unique_ptr<Shared<float>> dynamic;
 
 inline void start_block(size_t dynamic_floats) {
-    std::lock_guard<std::mutex> lock(registry_lock);
     for (auto* s : registry) s->reset();
     dynamic = std::make_unique<Shared<float>>("extern __shared__", dynamic_floats, false);
 }
@@ -376,7 +368,6 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
 }
 
 inline float atomicAdd(float* p, float v) {
-    std::lock_guard<std::mutex> lock(emu::atomics);
     const float old = *p;
     *p = old + v;
     return old;
