@@ -12,6 +12,7 @@
 # (the CUDA binary is 80 MB, most of it candle's PTX; gzipped 20 MB fits the 64 MiB that travels)
 # There:
 #   scripts/gpu-check.sh [all|bench|checks|run|anchor]   (all: in one device call of <= 600 s)
+# (every part but `anchor` first compiles the kernel modules into the driver's cache: see below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
@@ -52,6 +53,20 @@ gpu_check() {
   [ "$rc" = 0 ] || RC=$rc
 }
 : > "$OUT/ferrite.txt"
+# The driver compiles each kernel module's PTX for the GPU when a process first loads it (ptxas
+# took 44 s of one core for all of them on the 2-core build machine) and keeps the code in its
+# compute cache, which the later processes here then read. `gpu-check jit` fills the cache, a
+# thread per module, while PyTorch's anchor runs (on the CPU: the anchor's GPU time is not
+# touched), and says which module fails to load, if one does, before anything else runs.
+export CUDA_CACHE_PATH=${CUDA_CACHE_PATH:-$PWD/target/compute-cache}
+export CUDA_CACHE_MAXSIZE=${CUDA_CACHE_MAXSIZE:-1073741824}
+mkdir -p "$CUDA_CACHE_PATH"
+JIT_PID=
+JIT_LIMIT=$(share "${JIT_TIMEOUT:-150}" 330)
+if [ "$WHAT" != anchor ]; then
+  timeout "$JIT_LIMIT" "$BIN" gpu-check jit > "$OUT/jit.txt" 2>&1 &
+  JIT_PID=$!
+fi
 if { has bench || has anchor; } && [ -f gpu/torch_anchor.py ]; then
   LIMIT=$(share "${ANCHOR_TIMEOUT:-150}" 330)
   echo "PyTorch anchor (at most $LIMIT s)"
@@ -60,6 +75,13 @@ if { has bench || has anchor; } && [ -f gpu/torch_anchor.py ]; then
   else
     echo "skipped: $LIMIT s left of the budget"
   fi
+fi
+if [ -n "$JIT_PID" ]; then
+  wait "$JIT_PID"
+  JIT_RC=$?
+  echo; echo "kernel modules compiled for the GPU (exit $JIT_RC, at $SECONDS s)"
+  cat "$OUT/jit.txt"
+  [ "$JIT_RC" = 124 ] && echo "gpu-check jit: timed out after $JIT_LIMIT s"
 fi
 if has bench; then
   LIMIT=$(share "${GPU_BENCH_TIMEOUT:-300}" 150)

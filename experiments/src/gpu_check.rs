@@ -2,7 +2,7 @@
 //! on the GPU machine (`scripts/gpu-check.sh` runs it beside PyTorch's anchor, prints the
 //! ratios, then runs the built-in experiment with `model.device = "cuda"`):
 //!
-//!     LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib ./gpu/ferrite gpu-check [checks|bench|all]
+//!     LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib ./gpu/ferrite gpu-check [checks|bench|all|jit]
 //!
 //! `checks`: each fused CUDA kernel (RMSNorm, RoPE, SwiGLU, masked softmax, log-prob + entropy,
 //! the chunked output layer, the token embedding, the row selection and its scatter) against the
@@ -15,6 +15,8 @@
 //! B=256. Each section prints its rows, lines and JSON lines (one per measurement) as it ends, and
 //! the whole table again at the end; fails when a check fails. `GPU_CHECK_DEVICE=cpu ferrite gpu-check checks`
 //! dry-runs the checks' own code on the CPU (the kernel checks then fail: there are no kernels).
+//! `jit`: compiles every kernel module (ferrite's and candle's) for the GPU into the driver's
+//! compute cache, in parallel, and prints each module's seconds.
 
 use std::time::Instant;
 
@@ -1791,6 +1793,27 @@ pub fn main(what: &str) -> anyhow::Result<()> {
     run(what).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// `jit`: compiles every kernel module for the GPU into the driver's compute cache
+/// ([`model::cuda::compile_modules`]), so that the processes after it load them at once;
+/// `scripts/gpu-check.sh` runs it beside PyTorch's anchor.
+fn jit(gpu: &Device) -> Result<()> {
+    let start = Instant::now();
+    let modules = model::cuda::compile_modules(gpu)?;
+    let wall = start.elapsed().as_secs_f64();
+    for (name, bytes, secs) in &modules {
+        println!(
+            "compiled {name:<16} {:>6.2} MB of PTX in {secs:5.1} s",
+            *bytes as f64 / 1e6
+        );
+    }
+    let serial: f64 = modules.iter().map(|m| m.2).sum();
+    println!(
+        "compiled {} kernel modules in {wall:.1} s (their threads' sum {serial:.1} s)",
+        modules.len()
+    );
+    Ok(())
+}
+
 type Rows = Vec<(String, String, bool)>;
 
 /// What the sections found: check rows, bench lines and JSON lines. Each section's part is
@@ -1843,14 +1866,17 @@ fn print_rows(rows: &[(String, String, bool)]) {
 }
 
 fn run(what: &str) -> Result<()> {
-    if !matches!(what, "checks" | "bench" | "all") {
-        return Err(format!("ferrite gpu-check [checks|bench|all], not {what}").into());
+    if !matches!(what, "checks" | "bench" | "all" | "jit") {
+        return Err(format!("ferrite gpu-check [checks|bench|all|jit], not {what}").into());
     }
     // a dry run of the checks' own code on the CPU (no kernels), before spending GPU time
     let gpu = match std::env::var("GPU_CHECK_DEVICE").as_deref() {
         Ok("cpu") => Device::Cpu,
         _ => model::cuda::open(0)?,
     };
+    if what == "jit" {
+        return jit(&gpu);
+    }
     let mut r = Report::default();
     if what != "bench" {
         r.section("kernel checks", |r| {

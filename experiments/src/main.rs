@@ -114,7 +114,7 @@ enum Command {
     /// generation benchmarks (`scripts/gpu-check.sh` runs it beside PyTorch's).
     #[cfg(feature = "cuda")]
     GpuCheck {
-        /// checks, bench or all.
+        /// checks, bench, all, or jit (compile every kernel module into the driver's cache).
         #[arg(default_value = "all")]
         what: String,
     },

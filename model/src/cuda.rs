@@ -143,6 +143,65 @@ fn default_pool(dev: &CudaDevice) -> Result<Option<sys::CUmemoryPool>> {
     }
 }
 
+/// The kernel modules a run may load, by name: ferrite's and candle's (but candle's quantized
+/// kernels, which ferrite never calls), as PTX.
+fn kernel_modules() -> [(&'static str, &'static str); 11] {
+    use candle_core::cuda_backend::kernels as candle;
+    [
+        (MODULE, PTX),
+        ("candle binary", candle::BINARY.ptx()),
+        ("candle unary", candle::UNARY.ptx()),
+        ("candle indexing", candle::INDEXING.ptx()),
+        ("candle conv", candle::CONV.ptx()),
+        ("candle reduce", candle::REDUCE.ptx()),
+        ("candle cast", candle::CAST.ptx()),
+        ("candle ternary", candle::TERNARY.ptx()),
+        ("candle affine", candle::AFFINE.ptx()),
+        ("candle fill", candle::FILL.ptx()),
+        ("candle sort", candle::SORT.ptx()),
+    ]
+}
+
+/// Compiles every kernel module a run may load for `device`'s GPU, each on its own thread, and
+/// returns each module's name, PTX bytes and seconds (none off CUDA).
+///
+/// The driver compiles a module's PTX to the GPU's code when a process first loads it, at the
+/// first launch of one of its kernels: at sm_90, ptxas takes 44 s of one core for all of them
+/// here (candle's binary kernels 18 s, ferrite's 7 s; 2026-12-05). It keeps what it compiled in
+/// its compute cache on disk (`CUDA_CACHE_PATH`, by default `~/.nv/ComputeCache`), keyed by the
+/// PTX, so that a later process on the machine loads the module at once. Run before a workload
+/// (`ferrite gpu-check jit`), this fills the cache in parallel, where the workload would compile
+/// one module at a time inside its first step.
+pub fn compile_modules(device: &candle_core::Device) -> Result<Vec<(&'static str, usize, f64)>> {
+    let candle_core::Device::Cuda(dev) = device else {
+        return Ok(Vec::new());
+    };
+    let ctx = dev.cuda_stream().context().clone();
+    std::thread::scope(|s| {
+        let threads: Vec<_> = kernel_modules()
+            .into_iter()
+            .map(|(name, ptx)| {
+                let ctx = ctx.clone();
+                s.spawn(move || -> Result<(&'static str, usize, f64)> {
+                    let start = std::time::Instant::now();
+                    // dropped at once: the compiled code stays in the driver's cache
+                    ctx.load_module(ptx.into())
+                        .w()
+                        .map_err(|e| err(format!("compiling the {name} kernels: {e}")))?;
+                    Ok((name, ptx.len(), start.elapsed().as_secs_f64()))
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(err("a compiling thread panicked")))
+            })
+            .collect()
+    })
+}
+
 /// The kernel name for element type `T`: `name_f32` or `name_bf16`.
 fn kernel<T: WithDType>(name: &str) -> Result<String> {
     match T::DTYPE {
