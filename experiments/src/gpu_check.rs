@@ -1799,6 +1799,10 @@ pub fn main(what: &str) -> anyhow::Result<()> {
 fn jit(gpu: &Device) -> Result<()> {
     let start = Instant::now();
     let modules = model::cuda::compile_modules(gpu)?;
+    if modules.is_empty() {
+        println!("no CUDA device: no kernel modules to compile");
+        return Ok(());
+    }
     let wall = start.elapsed().as_secs_f64();
     for (name, bytes, secs) in &modules {
         println!(
