@@ -1833,6 +1833,20 @@ struct Report {
 }
 
 impl Report {
+    /// Prints the whole table and the lines again; an error when a check failed.
+    fn finish(&self) -> Result<()> {
+        println!("\nferrite gpu-check");
+        println!("{:<64} {:<24} result", "check", "value");
+        print_rows(&self.rows);
+        println!();
+        self.lines.iter().for_each(|l| println!("{l}"));
+        let failed = self.rows.iter().filter(|(_, _, ok)| !ok).count();
+        if failed > 0 {
+            return Err(format!("{failed} GPU checks failed").into());
+        }
+        Ok(())
+    }
+
     /// Runs one section; its error or panic becomes a FAIL row and the next section still runs
     /// (a CUDA fault may leave the context unusable: the later sections then fail fast).
     fn section(&mut self, name: &str, f: impl FnOnce(&mut Report) -> Result<()>) {
@@ -1870,8 +1884,8 @@ fn print_rows(rows: &[(String, String, bool)]) {
 }
 
 fn run(what: &str) -> Result<()> {
-    if !matches!(what, "checks" | "bench" | "all" | "jit") {
-        return Err(format!("ferrite gpu-check [checks|bench|all|jit], not {what}").into());
+    if !matches!(what, "checks" | "bench" | "all" | "jit" | "glue") {
+        return Err(format!("ferrite gpu-check [checks|bench|all|jit|glue], not {what}").into());
     }
     // a dry run of the checks' own code on the CPU (no kernels), before spending GPU time
     let gpu = match std::env::var("GPU_CHECK_DEVICE").as_deref() {
@@ -1882,6 +1896,10 @@ fn run(what: &str) -> Result<()> {
         return jit(&gpu);
     }
     let mut r = Report::default();
+    if what == "glue" {
+        r.section("glue checks", |r| glue_checks(&gpu, &mut r.rows));
+        return r.finish();
+    }
     if what != "bench" {
         r.section("kernel checks", |r| {
             kernel_checks(&gpu, &mut r.rows)?;
@@ -1937,14 +1955,352 @@ fn run(what: &str) -> Result<()> {
             r.section("generation variants", |r| generation_variants(&gpu, w, r));
         }
     }
-    println!("\nferrite gpu-check");
-    println!("{:<64} {:<24} result", "check", "value");
-    print_rows(&r.rows);
-    println!();
-    r.lines.iter().for_each(|l| println!("{l}"));
-    let failed = r.rows.iter().filter(|(_, _, ok)| !ok).count();
-    if failed > 0 {
-        return Err(format!("{failed} GPU checks failed").into());
+    r.finish()
+}
+
+// ---------------------------------------------------------------- glue
+
+/// `glue`: every launcher of `model::cuda` that needs no kernel but ferrite's own, on `gpu`,
+/// against the CPU path on the same inputs (f32, and bf16 where the kernel is bf16 only): each
+/// op's forward through candle's custom-op dispatch and its backward launcher called directly,
+/// the reference through autograd on the CPU. It reads only copies and ferrite's kernels on the
+/// device, so it runs under `scripts/fake-gpu.sh` (the kernels in the CPU emulator), where it
+/// checks the launchers' argument lists, offsets and geometry before a GPU is lent; on a GPU it
+/// is one more check of the same. Small shapes: the emulator runs a fiber per CUDA thread.
+fn glue_checks(gpu: &Device, rows: &mut Rows) -> Result<()> {
+    let cpu = Device::Cpu;
+    let x = randn(&[3, 37, 96], 201, 2.0, DType::F32, &cpu)?;
+    let w = randn(&[96], 202, 1.0, DType::F32, &cpu)?;
+    glue_case(
+        rows,
+        gpu,
+        "rms_norm [3, 37, 96]",
+        &[&x, &w],
+        &|t| Ok(ops::rms_norm(&t[0], &t[1], 1e-6)?),
+        &|t, u| {
+            let (dx, dw) = model::cuda::rms_norm_bwd(&t[0], &t[1], u, 1e-6)?;
+            Ok(vec![dx, dw])
+        },
+    )?;
+    let r = randn(&[3, 37, 96], 203, 2.0, DType::F32, &cpu)?;
+    let (sum, y) = ops::add_rms_norm(
+        &x.to_device(gpu)?,
+        &r.to_device(gpu)?,
+        &w.to_device(gpu)?,
+        1e-6,
+    )?;
+    let (want_sum, want_y) = ops::add_rms_norm(&x, &r, &w, 1e-6)?;
+    glue_row(rows, "add + rms_norm [3, 37, 96]: sum", &sum, &want_sum)?;
+    glue_row(rows, "add + rms_norm [3, 37, 96]: y", &y, &want_y)?;
+
+    let a = randn(&[37, 160], 204, 1.0, DType::F32, &cpu)?;
+    let b = randn(&[37, 160], 205, 1.0, DType::F32, &cpu)?;
+    glue_case(
+        rows,
+        gpu,
+        "swiglu [37, 160]",
+        &[&a, &b],
+        &|t| Ok(ops::swiglu(&t[0], &t[1])?),
+        &|t, u| {
+            let (da, db) = model::cuda::swiglu_bwd(&t[0], &t[1], u)?;
+            Ok(vec![da, db])
+        },
+    )?;
+    let gu = Tensor::cat(&[&a, &b], 1)?;
+    let got = ops::swiglu_packed(&gu.to_device(gpu)?)?;
+    glue_row(
+        rows,
+        "swiglu of a packed [37, 2·160]",
+        &got,
+        &ops::swiglu(&a, &b)?,
+    )?;
+
+    let q = randn(&[2, 4, 37, 64], 206, 1.0, DType::F32, &cpu)?;
+    let cos = randn(&[2, 1, 37, 64], 207, 1.0, DType::F32, &cpu)?;
+    let sin = randn(&[2, 1, 37, 64], 208, 1.0, DType::F32, &cpu)?;
+    let (cg, sg) = (cos.to_device(gpu)?, sin.to_device(gpu)?);
+    glue_case(
+        rows,
+        gpu,
+        "rope [2, 4, 37, 64]",
+        &[&q],
+        &|t| {
+            let (c, s) = match t[0].device() {
+                Device::Cpu => (cos.clone(), sin.clone()),
+                _ => (cg.clone(), sg.clone()),
+            };
+            Ok(ops::rope(&t[0], &c, &s)?)
+        },
+        &|_, u| Ok(vec![model::cuda::rope_bwd(u, &cg, &sg)?]),
+    )?;
+
+    let bias = randn(&[96], 209, 1.0, DType::F32, &cpu)?;
+    let got = ops::bias_add(&x.to_device(gpu)?, &bias.to_device(gpu)?)?;
+    glue_row(
+        rows,
+        "bias add [3, 37, 96] + [96]",
+        &got,
+        &ops::bias_add(&x, &bias)?,
+    )?;
+
+    let z = randn(&[5, 300], 210, 1.0, DType::F32, &cpu)?;
+    let p = ops::softmax_last_dim(&z.to_device(gpu)?)?;
+    glue_row(rows, "softmax [5, 300]", &p, &ops::softmax_last_dim(&z)?)?;
+    let u = randn(&[5, 300], 211, 1.0, DType::F32, &cpu)?;
+    let got = ops::masked_softmax_backward(&p, &u.to_device(gpu)?, 0.5)?;
+    let want = ops::masked_softmax_backward(&ops::softmax_last_dim(&z)?, &u, 0.5)?;
+    glue_row(rows, "softmax backward [5, 300]", &got, &want)?;
+
+    // scores [B, Hkv, G, T, S] with a causal mask, batch row 1 left-padded by 3 keys
+    let (bb, t, s) = (2, 9, 12);
+    let mask: Vec<f32> = (0..bb * t * s)
+        .map(|i| {
+            let (bi, row, key) = (i / (t * s), (i / s) % t, i % s);
+            if key > s - t + row || (bi == 1 && key < 3) {
+                -1e9
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (bb, 1, 1, t, s), &cpu)?;
+    let scores = randn(&[bb, 2, 3, t, s], 212, 1.0, DType::F32, &cpu)?;
+    let (mg, sg5) = (mask.to_device(gpu)?, scores.to_device(gpu)?);
+    let got = ops::masked_softmax(&sg5, &mg, 0.125)?;
+    glue_row(
+        rows,
+        "masked softmax [2, 2, 3, 9, 12]",
+        &got,
+        &ops::masked_softmax(&scores, &mask, 0.125)?,
+    )?;
+    let got = ops::attention_probs(&sg5, &mg, 0.125)?;
+    let want = ops::attention_probs(&scores, &mask, 0.125)?;
+    glue_row(rows, "attention probs [2, 2, 3, 9, 12]", &got, &want)?;
+    let dp = randn(&[bb, 2, 3, t, s], 213, 1.0, DType::F32, &cpu)?;
+    let (gp, gds) = ops::attention_probs_backward(&sg5, &mg, &dp.to_device(gpu)?, 0.125)?;
+    let (wp, wds) = ops::attention_probs_backward(&scores, &mask, &dp, 0.125)?;
+    glue_row(
+        rows,
+        "attention probs backward [2, 2, 3, 9, 12]: p",
+        &gp,
+        &wp,
+    )?;
+    glue_row(
+        rows,
+        "attention probs backward [2, 2, 3, 9, 12]: ds",
+        &gds,
+        &wds,
+    )?;
+
+    let logits = randn(&[24, 5000], 214, 3.0, DType::F32, &cpu)?;
+    let targets: Vec<u32> = (0..24u32).map(|i| (i * 977) % 5000).collect();
+    let targets = Tensor::new(targets.as_slice(), &cpu)?;
+    let (lg, tg) = (logits.to_device(gpu)?, targets.to_device(gpu)?);
+    let got = ops::logprob_entropy_stats(&lg, &tg, 0.7)?;
+    let want = ops::logprob_entropy_stats(&logits, &targets, 0.7)?;
+    glue_row(rows, "log-prob + entropy at T=0.7 [24, 5000]", &got, &want)?;
+    let g3 = randn(&[24, 3], 215, 1.0, DType::F32, &cpu)?;
+    let got = ops::logprob_entropy_backward(&lg, &tg, &got, &g3.to_device(gpu)?, 0.7, None)?;
+    let want = ops::logprob_entropy_backward(&logits, &targets, &want, &g3, 0.7, None)?;
+    glue_row(rows, "log-prob + entropy backward [24, 5000]", &got, &want)?;
+
+    let table = randn(&[50, 96], 216, 1.0, DType::F32, &cpu)?;
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 13) % 50).collect();
+    let ids = Tensor::new(ids.as_slice(), &cpu)?.reshape((4, 10))?;
+    let got = ops::embedding(&table.to_device(gpu)?, &ids.to_device(gpu)?)?;
+    glue_row(
+        rows,
+        "embedding [50, 96] at [4, 10]",
+        &got,
+        &ops::embedding(&table, &ids)?,
+    )?;
+    let picked = [1u32, 4, 5, 17, 30, 49];
+    let got = ops::select_rows(&table.to_device(gpu)?, &picked)?;
+    let want = ops::select_rows(&table, &picked)?;
+    glue_row(rows, "row selection of 6 of [50, 96]", &got, &want)?;
+    let got = ops::scatter_rows(&want.to_device(gpu)?, &picked, 50)?;
+    glue_row(
+        rows,
+        "row scatter of 6 into [50, 96]",
+        &got,
+        &ops::scatter_rows(&want, &picked, 50)?,
+    )?;
+
+    let got = model::cuda::sum_squares(&[&x.to_device(gpu)?, &table.to_device(gpu)?])?;
+    let want = (x.sqr()?.sum_all()?.to_scalar::<f32>()?
+        + table.sqr()?.sum_all()?.to_scalar::<f32>()?) as f64;
+    let e = ((got - want) / want).abs() as f32;
+    rows.push((
+        "glue: sum of squares of two tensors".into(),
+        format!("{e:.2e}"),
+        e < 1e-5,
+    ));
+
+    glue_attention(gpu, rows)
+}
+
+/// Decode attention over a cache view, and flash attention (bf16) forward and backward, against
+/// the composed ops on the CPU in f32.
+fn glue_attention(gpu: &Device, rows: &mut Rows) -> Result<()> {
+    let cpu = Device::Cpu;
+    let composed = |q: &Tensor,
+                    k: &Tensor,
+                    v: &Tensor,
+                    bias: &Tensor,
+                    shape: (usize, usize, usize, usize, usize),
+                    scale: f64|
+     -> Result<Tensor> {
+        let (b, hkv, g, t, s) = shape;
+        let scores = q.matmul(&k.t()?)?.reshape((b, hkv, g, t, s))?;
+        let p = ops::composed::masked_softmax(&scores, bias, scale)?;
+        Ok(p.reshape((b, hkv, g * t, s))?.matmul(&v.contiguous()?)?)
+    };
+    let (b, hkv, g, d, s, cap) = (3, 2, 7, 64, 40, 50);
+    let bias: Vec<f32> = (0..b * s)
+        .map(|i| if i / s == 1 && i % s < 5 { -1e9 } else { 0.0 })
+        .collect();
+    let bias = Tensor::from_vec(bias, (b, 1, 1, 1, s), &cpu)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = randn(&[b, hkv, g, d], 220, 1.0, DType::F32, &cpu)?;
+    let kc = randn(&[b, hkv, cap, d], 221, 1.0, DType::F32, &cpu)?;
+    let vc = randn(&[b, hkv, cap, d], 222, 1.0, DType::F32, &cpu)?;
+    let (kg, vg) = (
+        kc.to_device(gpu)?.narrow(2, 0, s)?,
+        vc.to_device(gpu)?.narrow(2, 0, s)?,
+    );
+    let name = "decode attention [3, 2, 7, 64] S=40 of 50";
+    match ops::decode_attention(&q.to_device(gpu)?, &kg, &vg, &bias.to_device(gpu)?, scale)? {
+        Some(y) => {
+            let want = composed(
+                &q,
+                &kc.narrow(2, 0, s)?,
+                &vc.narrow(2, 0, s)?,
+                &bias,
+                (b, hkv, g, 1, s),
+                scale,
+            )?;
+            glue_row(rows, name, &y, &want.reshape((b, hkv, g, d))?)?;
+        }
+        None => rows.push((format!("glue: {name}"), "kernel not taken".into(), false)),
     }
+
+    // 70 rows after a 5-slot prompt, causal, batch row 1 left-padded by 3 slots (every row sees
+    // a key: the kernel, as the model, takes padding as keys masked for every row)
+    let (b, hkv, g, t, s, cap) = (2, 2, 2, 70, 75, 80);
+    let bias: Vec<f32> = (0..b * t * s)
+        .map(|i| {
+            let (bi, row, key) = (i / (t * s), (i / s) % t, i % s);
+            if key > s - t + row || (bi == 1 && key < 3) {
+                -1e9
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let bias = Tensor::from_vec(bias, (b, 1, 1, t, s), &cpu)?;
+    let bf = |x: Tensor| -> Result<Tensor> { Ok(x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?) };
+    let q = bf(randn(&[b, hkv, g * t, d], 223, 1.0, DType::F32, &cpu)?)?;
+    let kc = bf(randn(&[b, hkv, cap, d], 224, 1.0, DType::F32, &cpu)?)?;
+    let vc = bf(randn(&[b, hkv, cap, d], 225, 1.0, DType::F32, &cpu)?)?;
+    let on = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(DType::BF16)?.to_device(gpu)?) };
+    let (qg, kg, vg, bg) = (
+        on(&q)?,
+        on(&kc)?.narrow(2, 0, s)?,
+        on(&vc)?.narrow(2, 0, s)?,
+        bias.to_device(gpu)?,
+    );
+    let name = "flash attention [2, 2, 2·70, 64] S=75 of 80 BF16";
+    let Some((y, lse)) = ops::flash_attention(&qg, &kg, &vg, &bg, scale)? else {
+        rows.push((format!("glue: {name}"), "kernel not taken".into(), false));
+        return Ok(());
+    };
+    let shape = (b, hkv, g, t, s);
+    let vars = [
+        &q,
+        &kc.narrow(2, 0, s)?.contiguous()?,
+        &vc.narrow(2, 0, s)?.contiguous()?,
+    ]
+    .map(Var::from_tensor);
+    let vars: Vec<Var> = vars.into_iter().collect::<std::result::Result<_, _>>()?;
+    let want = composed(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+        &bias,
+        shape,
+        scale,
+    )?;
+    glue_row_tol(rows, name, &y, &want, 2e-2)?;
+    let dy = bf(randn(&[b, hkv, g * t, d], 226, 1.0, DType::F32, &cpu)?)?;
+    let grads = (&want * &dy)?.sum_all()?.backward()?;
+    match ops::flash_attention_backward(&qg, &kg, &vg, &bg, &y, &on(&dy)?, &lse, scale)? {
+        Some((dq, dk, dv)) => {
+            for (what, (got, var)) in ["dq", "dk", "dv"]
+                .iter()
+                .zip([dq, dk, dv].iter().zip(&vars))
+            {
+                let want = grads.get(var.as_tensor()).ok_or("no reference gradient")?;
+                glue_row_tol(rows, &format!("{name} {what}"), got, want, 3e-2)?;
+            }
+        }
+        None => rows.push((
+            format!("glue: {name} backward"),
+            "kernel not taken".into(),
+            false,
+        )),
+    }
+    Ok(())
+}
+
+/// A backward launcher under test: the device inputs and the upstream gradient → the inputs'
+/// gradients.
+type BackwardLauncher<'a> = dyn Fn(&[Tensor], &Tensor) -> Result<Vec<Tensor>> + 'a;
+
+/// One op on `gpu` against the CPU: its forward (`op`, on the inputs moved to `gpu`) and its
+/// backward launcher (`grads`, given the device inputs and the upstream gradient) against
+/// autograd through `op` on the CPU.
+fn glue_case(
+    rows: &mut Rows,
+    gpu: &Device,
+    name: &str,
+    inputs: &[&Tensor],
+    op: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    grads: &BackwardLauncher<'_>,
+) -> Result<()> {
+    let on_gpu: Vec<Tensor> = inputs
+        .iter()
+        .map(|x| x.to_device(gpu))
+        .collect::<std::result::Result<_, _>>()?;
+    let y = op(&on_gpu)?;
+    let inputs: Vec<Tensor> = inputs.iter().map(|&x| x.clone()).collect();
+    let (want, want_grads) = value_and_grads(&inputs, &vec![true; inputs.len()], op, 7)?;
+    glue_row(rows, &format!("{name} forward"), &y, &want)?;
+    let u = randn(y.dims(), 7, 1.0, DType::F32, gpu)?;
+    for (i, (got, want)) in grads(&on_gpu, &u)?.iter().zip(&want_grads).enumerate() {
+        let want = want.as_ref().ok_or("no reference gradient")?;
+        glue_row(rows, &format!("{name} grad {i}"), got, want)?;
+    }
+    Ok(())
+}
+
+/// A glue row: `got` (on any device) against `want` (on the CPU), relative to `want`'s largest
+/// magnitude, within f32 rounding.
+fn glue_row(rows: &mut Rows, name: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+    glue_row_tol(rows, name, got, want, 1e-4)
+}
+
+fn glue_row_tol(rows: &mut Rows, name: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<()> {
+    let f = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?) };
+    let (got, want) = (f(got)?, f(want)?);
+    if got.dims() != want.dims() {
+        rows.push((
+            format!("glue: {name}"),
+            format!("shape {:?}, not {:?}", got.dims(), want.dims()),
+            false,
+        ));
+        return Ok(());
+    }
+    let e = rel(&got, &want)?;
+    rows.push((format!("glue: {name}"), format!("{e:.2e}"), e < tol));
     Ok(())
 }
