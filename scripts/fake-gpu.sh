@@ -43,9 +43,10 @@ for lib in 1:libcuda.so.1 2:libcublas.so.13 3:libcurand.so.10 4:libcudart.so.13;
   n=${lib%%:*} name=${lib#*:}
   if [ ! -f "$DIR/$name" ] || [ -n "$(find model/kernels -newer "$DIR/$name" -print -quit)" ]; then
     echo "$name { global: *; };" > "$DIR/$name.map"
-    "$CXX" -std=c++20 -O2 -shared -fPIC -DFAKE_CUDA_LIB="$n" -I model/kernels/emu -I "$DIR" \
+    "$CXX" -std=c++20 -O3 -pthread -shared -fPIC -DFAKE_CUDA_LIB="$n" -I model/kernels/emu -I "$DIR" \
       -Wl,-soname,"$name" -Wl,--version-script="$DIR/$name.map" \
-      model/kernels/emu/fake_cuda.cpp -o "$DIR/$name"
+      model/kernels/emu/fake_cuda.cpp -o "$DIR/$name.new"
+    mv "$DIR/$name.new" "$DIR/$name"  # a new file: a process still running keeps the old one
   fi
 done
 BIN=${FERRITE_CUDA_BIN:-target/cuda/release/ferrite}

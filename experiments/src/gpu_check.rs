@@ -16,7 +16,9 @@
 //! the whole table again at the end; fails when a check fails. `GPU_CHECK_DEVICE=cpu ferrite gpu-check checks`
 //! dry-runs the checks' own code on the CPU (the kernel checks then fail: there are no kernels).
 //! `jit`: compiles every kernel module (ferrite's and candle's) for the GPU into the driver's
-//! compute cache, in parallel, and prints each module's seconds.
+//! compute cache, in parallel, and prints each module's seconds. `glue` (also the first section
+//! of `checks`): each launcher of `model::cuda` against the CPU path, needing no kernel but
+//! ferrite's, so that `scripts/fake-gpu.sh` runs it on the CPU.
 
 use std::time::Instant;
 
@@ -1901,6 +1903,7 @@ fn run(what: &str) -> Result<()> {
         return r.finish();
     }
     if what != "bench" {
+        r.section("glue checks", |r| glue_checks(&gpu, &mut r.rows));
         r.section("kernel checks", |r| {
             kernel_checks(&gpu, &mut r.rows)?;
             add_rms_norm_checks(&gpu, &mut r.rows)?;

@@ -114,7 +114,8 @@ enum Command {
     /// generation benchmarks (`scripts/gpu-check.sh` runs it beside PyTorch's).
     #[cfg(feature = "cuda")]
     GpuCheck {
-        /// checks, bench, all, or jit (compile every kernel module into the driver's cache).
+        /// checks, bench, all, jit (compile every kernel module into the driver's cache) or glue
+        /// (the launchers against the CPU path, as `scripts/fake-gpu.sh` runs them).
         #[arg(default_value = "all")]
         what: String,
     },

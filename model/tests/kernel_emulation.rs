@@ -1795,6 +1795,34 @@ fn every_kernel_is_emulated_by_a_test() {
     assert!(untested.is_empty(), "kernels without a test: {untested:?}");
 }
 
+/// `kernels/emu/fake_cuda.cpp`, the CPU stand-in for the CUDA libraries that
+/// `scripts/fake-gpu.sh` runs the `cuda` build against, compiles for each of its four libraries
+/// with today's kernels (its launches read each kernel's parameters by its C++ signature), so that
+/// it does not fall behind `ferrite.cu` on machines without the CUDA toolkit.
+#[test]
+fn the_fake_cuda_libraries_compile_against_the_kernels() {
+    let dir = emulator().parent().unwrap();
+    let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    for lib in 1..=4 {
+        let out = Command::new(&cxx)
+            .args(["-std=c++20", "-fsyntax-only", "-fPIC"])
+            .arg(format!("-DFAKE_CUDA_LIB={lib}"))
+            .arg("-I")
+            .arg(&emu)
+            .arg("-I")
+            .arg(dir)
+            .arg(emu.join("fake_cuda.cpp"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fake_cuda.cpp (library {lib}) does not compile:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn the_emulator_rejects_what_the_gpu_would_reject() {
     let args = [

@@ -20,6 +20,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
@@ -75,16 +76,42 @@ const std::map<std::string, Runner>& kernels() {
 struct Module {
     bool ferrite;  // the PTX of kernels/ferrite.cu, else another's (candle's)
 };
-// Two of candle's kernels, as loops on the host: the sum over a dimension and the f32 → bf16 cast
-// (the flash attention backward sums its per-query-head dK and dV over each K/V head's G heads
-// with them). Parameters as candle-kernels' reduce.cu and cast.cu declare them; `info` is the
-// input's dims then strides (null: contiguous).
-size_t strided(size_t i, size_t dims, const size_t* info) {
-    if (!info) return i;
+// Candle's kernels, as loops on the host, by the families of candle-kernels' sources (parameters as
+// they declare them; `info` is dims then strides, null where contiguous): unary `u<op>_<t>`,
+// binary `b<op>_<t>`, `affine_<t>`, `cast_<a>_<b>`, `copy2d_<t>`, `fill_<t>`, the reductions
+// `fast_<sum|max|min|argmax|argmin>_<t>` and `fast_sum_small_<t>`, and `where_<ids>_<t>`, for
+// f32, bf16, u32 and u8 (bf16 computed in f32, as candle's kernels do). Others are refused.
+enum class Ty { F32, BF16, U32, U8, None };
+Ty ty_of(const std::string& t) {
+    return t == "f32" ? Ty::F32 : t == "bf16" ? Ty::BF16 : t == "u32" ? Ty::U32 : t == "u8" ? Ty::U8 : Ty::None;
+}
+double load(Ty t, const void* p, size_t i) {
+    switch (t) {
+        case Ty::F32: return static_cast<const float*>(p)[i];
+        case Ty::BF16: return __bfloat162float(static_cast<const bf16*>(p)[i]);
+        case Ty::U32: return static_cast<const uint32_t*>(p)[i];
+        case Ty::U8: return static_cast<const uint8_t*>(p)[i];
+        default: return 0;
+    }
+}
+void store(Ty t, void* p, size_t i, double v) {
+    switch (t) {
+        case Ty::F32: static_cast<float*>(p)[i] = float(v); break;
+        case Ty::BF16: static_cast<bf16*>(p)[i] = __float2bfloat16(float(v)); break;
+        case Ty::U32: static_cast<uint32_t*>(p)[i] = uint32_t(v); break;
+        case Ty::U8: static_cast<uint8_t*>(p)[i] = uint8_t(v); break;
+        default: break;
+    }
+}
+// a scalar parameter of type t (affine's mul and add, fill's value) as a double
+double scalar(Ty t, const void* p) { return load(t, p, 0); }
+// element i (in logical, row-major order) of a tensor of `dims` dims laid out by `strides`
+size_t strided(size_t i, size_t dims, const size_t* sizes, const size_t* strides) {
+    if (!sizes) return i;
     size_t at = 0;
     for (size_t d = dims; d-- > 0;) {
-        at += (i % info[d]) * info[dims + d];
-        i /= info[d];
+        at += (i % sizes[d]) * strides[d];
+        i /= sizes[d];
     }
     return at;
 }
@@ -92,39 +119,255 @@ template <class T>
 T param(void** params, int i) {
     return *static_cast<T*>(params[i]);
 }
-// fast_sum_f32(src_numel, el_to_sum_per_block, num_dims, info, src, dst) and
-// fast_sum_small_f32(dst_el, …): dst[i] = the sum of the input's elements i·n … i·n + n − 1
-template <bool small>
-void candle_sum_f32(void** p) {
-    const auto [count, n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1), param<size_t>(p, 2)};
-    const auto* info = param<const size_t*>(p, 3);
-    const auto* src = param<const float*>(p, 4);
-    auto* dst = param<float*>(p, 5);
-    const size_t outputs = small ? count : n == 0 ? 0 : count / n;
-    for (size_t o = 0; o < outputs; ++o) {
-        float sum = 0.f;
-        for (size_t i = 0; i < n; ++i) sum += src[strided(o * n + i, dims, info)];
-        dst[o] = sum;
+using Host = std::function<void(void**)>;
+
+Host unary(const std::string& op, Ty t) {
+    std::function<double(double)> f;
+    if (op == "copy") f = [](double x) { return x; };
+    else if (op == "neg") f = [](double x) { return -x; };
+    else if (op == "recip") f = [](double x) { return 1.0 / x; };
+    else if (op == "exp") f = [](double x) { return std::exp(float(x)); };
+    else if (op == "log") f = [](double x) { return std::log(float(x)); };
+    else if (op == "sin") f = [](double x) { return std::sin(float(x)); };
+    else if (op == "cos") f = [](double x) { return std::cos(float(x)); };
+    else if (op == "tanh") f = [](double x) { return std::tanh(float(x)); };
+    else if (op == "abs") f = [](double x) { return std::fabs(x); };
+    else if (op == "sqr") f = [](double x) { return double(float(x) * float(x)); };
+    else if (op == "sqrt") f = [](double x) { return std::sqrt(float(x)); };
+    else if (op == "silu") f = [](double x) { return float(x) / (1.f + std::exp(-float(x))); };
+    else if (op == "sigmoid") f = [](double x) { return 1.f / (1.f + std::exp(-float(x))); };
+    else if (op == "relu") f = [](double x) { return x > 0 ? x : 0; };
+    else if (op == "sign") f = [](double x) { return double((x > 0) - (x < 0)); };
+    else return nullptr;
+    return [f, t](void** p) {
+        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
+        const auto* info = param<const size_t*>(p, 2);
+        const void* in = param<const void*>(p, 3);
+        void* out = param<void*>(p, 4);
+        const size_t* strides = info ? info + dims : nullptr;
+        std::vector<double> y(n);
+        for (size_t i = 0; i < n; ++i) y[i] = f(in ? load(t, in, strided(i, dims, info, strides)) : load(t, out, i));
+        for (size_t i = 0; i < n; ++i) store(t, out, i, y[i]);
+    };
+}
+
+Host binary(const std::string& op, Ty t) {
+    std::function<double(float, float)> f;
+    if (op == "add") f = [](float x, float y) { return x + y; };
+    else if (op == "sub") f = [](float x, float y) { return x - y; };
+    else if (op == "mul") f = [](float x, float y) { return x * y; };
+    else if (op == "div") f = [](float x, float y) { return x / y; };
+    else if (op == "maximum") f = [](float x, float y) { return std::max(x, y); };
+    else if (op == "minimum") f = [](float x, float y) { return std::min(x, y); };
+    else return nullptr;
+    return [f, t](void** p) {
+        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
+        const auto* info = param<const size_t*>(p, 2);
+        const void *lhs = param<const void*>(p, 3), *rhs = param<const void*>(p, 4);
+        void* out = param<void*>(p, 5);
+        const size_t* ls = info ? info + dims : nullptr;
+        const size_t* rs = info ? info + 2 * dims : nullptr;
+        for (size_t i = 0; i < n; ++i)
+            store(t, out, i, f(load(t, lhs, strided(i, dims, info, ls)), load(t, rhs, strided(i, dims, info, rs))));
+    };
+}
+
+Host affine(Ty t) {
+    return [t](void** p) {
+        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
+        const auto* info = param<const size_t*>(p, 2);
+        const void* in = param<const void*>(p, 3);
+        void* out = param<void*>(p, 4);
+        const float mul = float(scalar(t, p[5])), add = float(scalar(t, p[6]));
+        const size_t* strides = info ? info + dims : nullptr;
+        for (size_t i = 0; i < n; ++i) {
+            const float x = float(in ? load(t, in, strided(i, dims, info, strides)) : load(t, out, i));
+            store(t, out, i, x * mul + add);
+        }
+    };
+}
+
+Host cast(Ty from, Ty to) {
+    return [from, to](void** p) {
+        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
+        const auto* info = param<const size_t*>(p, 2);
+        const void* in = param<const void*>(p, 3);
+        void* out = param<void*>(p, 4);
+        const size_t* strides = info ? info + dims : nullptr;
+        for (size_t i = 0; i < n; ++i) store(to, out, i, load(from, in, strided(i, dims, info, strides)));
+    };
+}
+
+// copy2d(src, dst, d1, d2, src_s, dst_s): dst[i·dst_s + j] = src[i·src_s + j]
+Host copy2d(Ty t) {
+    return [t](void** p) {
+        const void* src = param<const void*>(p, 0);
+        void* dst = param<void*>(p, 1);
+        const uint32_t d1 = param<uint32_t>(p, 2), d2 = param<uint32_t>(p, 3);
+        const uint32_t ss = param<uint32_t>(p, 4), ds = param<uint32_t>(p, 5);
+        for (size_t i = 0; i < d1; ++i)
+            for (size_t j = 0; j < d2; ++j) store(t, dst, i * ds + j, load(t, src, i * ss + j));
+    };
+}
+
+Host fill(Ty t) {
+    return [t](void** p) {
+        void* buf = param<void*>(p, 0);
+        const double v = scalar(t, p[1]);
+        const size_t n = param<size_t>(p, 2);
+        for (size_t i = 0; i < n; ++i) store(t, buf, i, v);
+    };
+}
+
+// fast_<op>(src_numel, n, dims, info, src, dst) and fast_sum_small(dst_el, n, …): output o
+// reduces the input's elements o·n … o·n + n − 1 (in logical order)
+Host reduce(const std::string& op, Ty t, bool small) {
+    if (op != "sum" && op != "max" && op != "min" && op != "argmax" && op != "argmin") return nullptr;
+    return [op, t, small](void** p) {
+        const auto [count, n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1), param<size_t>(p, 2)};
+        const auto* info = param<const size_t*>(p, 3);
+        const void* src = param<const void*>(p, 4);
+        void* dst = param<void*>(p, 5);
+        const size_t* strides = info ? info + dims : nullptr;
+        const size_t outputs = small ? count : n == 0 ? 0 : count / n;
+        for (size_t o = 0; o < outputs; ++o) {
+            float acc = op == "sum" ? 0.f : float(load(t, src, strided(o * n, dims, info, strides)));
+            uint32_t at = 0;
+            for (size_t i = 0; i < n; ++i) {
+                const float x = float(load(t, src, strided(o * n + i, dims, info, strides)));
+                if (op == "sum") acc += x;
+                else if ((op == "max" || op == "argmax") ? x > acc : x < acc) acc = x, at = uint32_t(i);
+            }
+            if (op.rfind("arg", 0) == 0) static_cast<uint32_t*>(dst)[o] = at;
+            else store(t, dst, o, acc);
+        }
+    };
+}
+
+// where_<ids>_<t>(numel, dims, info, ids, t, f, out); info: dims, then the strides of ids, t, f
+Host where(Ty ids, Ty t) {
+    return [ids, t](void** p) {
+        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
+        const auto* info = param<const size_t*>(p, 2);
+        const void *c = param<const void*>(p, 3), *on_true = param<const void*>(p, 4), *on_false = param<const void*>(p, 5);
+        void* out = param<void*>(p, 6);
+        auto at = [&](size_t i, int k) { return strided(i, dims, info, info ? info + k * dims : nullptr); };
+        for (size_t i = 0; i < n; ++i)
+            store(t, out, i, load(ids, c, at(i, 1)) != 0 ? load(t, on_true, at(i, 2)) : load(t, on_false, at(i, 3)));
+    };
+}
+
+// const_set_<t>(numel, dims, info, value, out): every element of the (strided) output
+Host const_set(Ty t) {
+    return [t](void** p) {
+        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
+        const auto* info = param<const size_t*>(p, 2);
+        const double v = scalar(t, p[3]);
+        void* out = param<void*>(p, 4);
+        for (size_t i = 0; i < n; ++i) store(t, out, strided(i, dims, info, info ? info + dims : nullptr), v);
+    };
+}
+
+// is_<ids>_<t>(numel, dims, info, ids, inp, out, left, src_dim, ids_dim, right) (index_select: the
+// ids laid out by info), gather_<ids>_<t>(numel, ids, inp, out, left, src_dim, ids_dim, right) and
+// ia_<ids>_<t>(ids, ids_dim, inp, out, left, src_dim, dst_dim, right) (index_add), and s_ / sa_
+// (scatter, scatter_add: the ids shaped as the input)
+Host indexing(const std::string& op, Ty ids, Ty t) {
+    if (op == "is")
+        return [ids, t](void** p) {
+            const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
+            const auto* info = param<const size_t*>(p, 2);
+            const void *id = param<const void*>(p, 3), *in = param<const void*>(p, 4);
+            void* out = param<void*>(p, 5);
+            const auto [left, src, nid, right] =
+                std::tuple{param<size_t>(p, 6), param<size_t>(p, 7), param<size_t>(p, 8), param<size_t>(p, 9)};
+            for (size_t o = 0; o < n && o < left * nid * right; ++o) {
+                const size_t r = o % right, i = (o / right) % nid, l = o / (right * nid);
+                const size_t row = size_t(load(ids, id, strided(i, dims, info, info ? info + dims : nullptr)));
+                store(t, out, o, load(t, in, (l * src + row) * right + r));
+            }
+        };
+    if (op == "gather")
+        return [ids, t](void** p) {
+            const size_t n = param<size_t>(p, 0);
+            const void *id = param<const void*>(p, 1), *in = param<const void*>(p, 2);
+            void* out = param<void*>(p, 3);
+            const auto [left, src, nid, right] =
+                std::tuple{param<size_t>(p, 4), param<size_t>(p, 5), param<size_t>(p, 6), param<size_t>(p, 7)};
+            for (size_t o = 0; o < n && o < left * nid * right; ++o) {
+                const size_t r = o % right, l = o / (right * nid);
+                const size_t row = size_t(load(ids, id, o));
+                store(t, out, o, load(t, in, (l * src + row) * right + r));
+            }
+        };
+    if (op == "ia")
+        return [ids, t](void** p) {
+            const void* id = param<const void*>(p, 0);
+            const size_t nid = param<size_t>(p, 1);
+            const void* in = param<const void*>(p, 2);
+            void* out = param<void*>(p, 3);
+            const auto [left, src, dst, right] =
+                std::tuple{param<size_t>(p, 4), param<size_t>(p, 5), param<size_t>(p, 6), param<size_t>(p, 7)};
+            for (size_t l = 0; l < left; ++l)
+                for (size_t i = 0; i < nid; ++i)
+                    for (size_t r = 0; r < right; ++r) {
+                        const size_t at = (l * dst + size_t(load(ids, id, i))) * right + r;
+                        store(t, out, at, load(t, out, at) + load(t, in, (l * src + i) * right + r));
+                    }
+        };
+    if (op == "s" || op == "sa")  // scatter and scatter_add(ids, inp, out, left, src_dim, dst_dim, right)
+        return [ids, t, add = op == "sa"](void** p) {
+            const void *id = param<const void*>(p, 0), *in = param<const void*>(p, 1);
+            void* out = param<void*>(p, 2);
+            const auto [left, src, dst, right] =
+                std::tuple{param<size_t>(p, 3), param<size_t>(p, 4), param<size_t>(p, 5), param<size_t>(p, 6)};
+            for (size_t l = 0; l < left; ++l)
+                for (size_t i = 0; i < src; ++i)
+                    for (size_t r = 0; r < right; ++r) {
+                        const size_t from = (l * src + i) * right + r;
+                        const size_t at = (l * dst + size_t(load(ids, id, from))) * right + r;
+                        store(t, out, at, (add ? load(t, out, at) : 0.0) + load(t, in, from));
+                    }
+        };
+    return nullptr;
+}
+
+Host candle_kernel(const std::string& name) {
+    const auto last = name.rfind('_');
+    if (last == std::string::npos) return nullptr;
+    const std::string head = name.substr(0, last);
+    const Ty t = ty_of(name.substr(last + 1));
+    if (t == Ty::None) return nullptr;
+    if (head == "affine") return affine(t);
+    if (head == "copy2d") return copy2d(t);
+    if (head == "fill") return fill(t);
+    if (head == "const_set") return const_set(t);
+    for (const char* op : {"is", "gather", "ia", "sa", "s"}) {
+        const std::string prefix = std::string(op) + "_";
+        if (head.rfind(prefix, 0) == 0) {
+            const Ty ids = ty_of(head.substr(prefix.size()));
+            return ids == Ty::None ? nullptr : indexing(op, ids, t);
+        }
     }
+    if (head.rfind("fast_sum_small", 0) == 0) return reduce("sum", t, true);
+    if (head.rfind("fast_", 0) == 0) return reduce(head.substr(5), t, false);
+    if (head.rfind("cast_", 0) == 0) {
+        const Ty from = ty_of(head.substr(5));
+        return from == Ty::None ? nullptr : cast(from, t);
+    }
+    if (head.rfind("where_", 0) == 0) {
+        const Ty ids = ty_of(head.substr(6));
+        return ids == Ty::None ? nullptr : where(ids, t);
+    }
+    if (head[0] == 'u') return unary(head.substr(1), t);
+    if (head[0] == 'b') return binary(head.substr(1), t);
+    return nullptr;
 }
-// cast_f32_bf16(numel, num_dims, info, inp, out)
-void candle_cast_f32_bf16(void** p) {
-    const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
-    const auto* info = param<const size_t*>(p, 2);
-    const auto* src = param<const float*>(p, 3);
-    auto* dst = param<bf16*>(p, 4);
-    for (size_t i = 0; i < n; ++i) dst[i] = __float2bfloat16(src[strided(i, dims, info)]);
-}
-const std::map<std::string, void (*)(void**)> candle_kernels = {
-    {"fast_sum_f32", candle_sum_f32<false>},
-    {"fast_sum_small_f32", candle_sum_f32<true>},
-    {"cast_f32_bf16", candle_cast_f32_bf16},
-};
 
 struct Function {
     std::string name;
-    Runner run;               // one of ferrite's kernels, emulated
-    void (*host)(void**);     // one of candle's, on the host
+    Runner run;  // one of ferrite's kernels, emulated
+    Host host;   // one of candle's, on the host
 };
 
 std::mutex lock;  // one launch at a time: the emulator's state is global
@@ -286,7 +529,7 @@ CUresult cuModuleUnload(void* module) {
 }
 CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
     Runner run = nullptr;
-    void (*host)(void**) = nullptr;
+    Host host;
     if (static_cast<Module*>(module)->ferrite) {
         const auto k = kernels().find(name);
         if (k == kernels().end()) {
@@ -294,8 +537,8 @@ CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
             return CUDA_ERROR_NOT_FOUND;
         }
         run = k->second;
-    } else if (const auto k = candle_kernels.find(name); k != candle_kernels.end()) {
-        host = k->second;
+    } else {
+        host = candle_kernel(name);
     }
     *function = new Function{name, run, host};
     return CUDA_SUCCESS;
@@ -308,7 +551,7 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
         return CUDA_SUCCESS;
     }
     if (!f->run) {
-        say("%s is not emulated (ferrite's kernels and three of candle's are)", f->name.c_str());
+        say("%s is not emulated (ferrite's kernels and candle's elementwise, cast, copy, fill, where and reduction kernels are)", f->name.c_str());
         return CUDA_ERROR_NOT_SUPPORTED;
     }
     if (gy != 1 || gz != 1 || by != 1 || bz != 1 || extra != nullptr) {
@@ -321,7 +564,18 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
 }
 }  // extern "C"
 
-#elif FAKE_CUDA_LIB == 2  // libcublas.so.13: a handle, and no matrix multiply
+#elif FAKE_CUDA_LIB == 2  // libcublas.so.13: a handle, and the batched matrix multiply as loops
+
+#include "cuda_bf16.h"
+
+#include <thread>
+
+namespace {
+// an element of a column-major matrix of CUDA data type `type` (0: f32, 14: bf16)
+float element(int type, const void* p, long long i) {
+    return type == 14 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+}  // namespace
 
 extern "C" {
 int cublasCreate_v2(void** handle) {
@@ -331,12 +585,61 @@ int cublasCreate_v2(void** handle) {
 }
 int cublasDestroy_v2(void*) { return 0; }
 int cublasSetStream_v2(void*, void*) { return 0; }
-// CUBLAS_STATUS_NOT_SUPPORTED
-int cublasGemmStridedBatchedEx() {
-    std::fputs("fake cuda: cuBLAS matrix multiplies are not emulated\n", stderr);
+// C = α·op(A)·op(B) + β·C per batch, column-major, in f32 (compute types 32F, with f32 α and β);
+// A, B and C f32 or bf16. CUBLAS_STATUS_NOT_SUPPORTED (15) for anything else.
+int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, int k, const void* alpha, const void* a,
+                               int atype, int lda, long long stride_a, const void* b, int btype, int ldb,
+                               long long stride_b, const void* beta, void* c, int ctype, int ldc, long long stride_c,
+                               int batches, int compute, int) {
+    const auto known = [](int t) { return t == 0 || t == 14; };
+    if (!known(atype) || !known(btype) || !known(ctype) || compute == 64 || compute == 65) {
+        std::fprintf(stderr, "fake cuda: cuBLAS gemm of types %d, %d -> %d (compute %d) is not emulated\n", atype,
+                     btype, ctype, compute);
+        return 15;
+    }
+    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    // per batch: op(A) packed as m rows of k, op(B) as n rows of k, so that each element of C is
+    // a dot product of two contiguous rows; the columns of C split over the host's threads
+    std::vector<float> ap(size_t(m) * k), bp(size_t(n) * k);
+    const unsigned threads = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+    for (int bt = 0; bt < batches; ++bt) {
+        const void* ab = static_cast<const char*>(a) + bt * stride_a * (atype == 14 ? 2 : 4);
+        const void* bb = static_cast<const char*>(b) + bt * stride_b * (btype == 14 ? 2 : 4);
+        void* cb = static_cast<char*>(c) + bt * stride_c * (ctype == 14 ? 2 : 4);
+        for (int i = 0; i < m; ++i)
+            for (int l = 0; l < k; ++l)
+                ap[size_t(i) * k + l] = element(atype, ab, transa ? l + (long long)i * lda : i + (long long)l * lda);
+        for (int j = 0; j < n; ++j)
+            for (int l = 0; l < k; ++l)
+                bp[size_t(j) * k + l] = element(btype, bb, transb ? j + (long long)l * ldb : l + (long long)j * ldb);
+        auto columns = [&](int from, int to) {
+            for (int j = from; j < to; ++j)
+                for (int i = 0; i < m; ++i) {
+                    const float *x = &ap[size_t(i) * k], *y = &bp[size_t(j) * k];
+                    float part[8] = {};
+                    int l = 0;
+                    for (; l + 8 <= k; l += 8)
+                        for (int u = 0; u < 8; ++u) part[u] += x[l + u] * y[l + u];
+                    float acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+                    for (; l < k; ++l) acc += x[l] * y[l];
+                    const long long at = i + (long long)j * ldc;
+                    const float old = be == 0.f ? 0.f : element(ctype, cb, at);
+                    const float v = al * acc + be * old;
+                    if (ctype == 14) static_cast<__nv_bfloat16*>(cb)[at] = __float2bfloat16(v);
+                    else static_cast<float*>(cb)[at] = v;
+                }
+        };
+        std::vector<std::thread> pool;
+        const int per = (n + int(threads) - 1) / int(threads);
+        for (int from = 0; from < n; from += per) pool.emplace_back(columns, from, std::min(n, from + per));
+        for (auto& t : pool) t.join();
+    }
+    return 0;
+}
+int cublasDgemmStridedBatched() {
+    std::fputs("fake cuda: f64 cuBLAS gemm is not emulated\n", stderr);
     return 15;
 }
-int cublasDgemmStridedBatched() { return cublasGemmStridedBatchedEx(); }
 }
 
 #elif FAKE_CUDA_LIB == 3  // libcurand.so.10: a generator that generates nothing
