@@ -15,6 +15,7 @@
 //! B=256. Each section prints its rows, lines and JSON lines (one per measurement) as it ends, and
 //! the whole table again at the end; fails when a check fails. `GPU_CHECK_DEVICE=cpu ferrite gpu-check checks`
 //! dry-runs the checks' own code on the CPU (the kernel checks then fail: there are no kernels).
+//! `GPU_CHECK_ONLY=model,optimizer` runs only the sections whose names contain one of the words.
 //! `jit`: compiles every kernel module (ferrite's and candle's) for the GPU into the driver's
 //! compute cache, in parallel, and prints each module's seconds. `glue` (also the first section
 //! of `checks`): each launcher of `model::cuda` against the CPU path, needing no kernel but
@@ -1852,6 +1853,15 @@ impl Report {
     /// Runs one section; its error or panic becomes a FAIL row and the next section still runs
     /// (a CUDA fault may leave the context unusable: the later sections then fail fast).
     fn section(&mut self, name: &str, f: impl FnOnce(&mut Report) -> Result<()>) {
+        // GPU_CHECK_ONLY=word,word: only the sections whose names contain one of the words
+        if let Ok(only) = std::env::var("GPU_CHECK_ONLY") {
+            if !only
+                .split(',')
+                .any(|w| !w.is_empty() && name.contains(w.trim()))
+            {
+                return;
+            }
+        }
         let (rows, lines, json) = (self.rows.len(), self.lines.len(), self.json.len());
         let start = Instant::now();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));

@@ -287,8 +287,22 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
     body_arg = &kernel;
     fibers.assign(block, Fiber{});
     const size_t bytes = size_t(block) * fiber_stack;
+#if defined(__SANITIZE_ADDRESS__)
     void* stacks = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (stacks == MAP_FAILED) fail("no memory for the threads' stacks");
+#else
+    // without AddressSanitizer (the fake CUDA library, which launches thousands of kernels) the
+    // stacks are kept from launch to launch: mapping and faulting them in again cost more than
+    // the kernels
+    static void* stacks = nullptr;
+    static size_t mapped = 0;
+    if (bytes > mapped) {
+        if (stacks) munmap(stacks, mapped);
+        stacks = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (stacks == MAP_FAILED) fail("no memory for the threads' stacks");
+        mapped = bytes;
+    }
+#endif
     for (unsigned t = 0; t < block; ++t) fibers[t].stack = static_cast<char*>(stacks) + t * fiber_stack;
     for (unsigned b = 0; b < grid; ++b) {
         Barrier bar(block);
@@ -333,7 +347,9 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
             if (live > 0 && !progress) fail("deadlock: every live thread waits at a barrier no other reaches");
         }
     }
+#if defined(__SANITIZE_ADDRESS__)
     munmap(stacks, bytes);
+#endif
 }
 }  // namespace emu
 

@@ -80,10 +80,17 @@ struct Module {
 // they declare them; `info` is dims then strides, null where contiguous): unary `u<op>_<t>`,
 // binary `b<op>_<t>`, `affine_<t>`, `cast_<a>_<b>`, `copy2d_<t>`, `fill_<t>`, the reductions
 // `fast_<sum|max|min|argmax|argmin>_<t>` and `fast_sum_small_<t>`, and `where_<ids>_<t>`, for
-// f32, bf16, u32 and u8 (bf16 computed in f32, as candle's kernels do). Others are refused.
-enum class Ty { F32, BF16, U32, U8, None };
+// f32, bf16, f64, u32, u8 and i64 (bf16 computed in f32, as candle's kernels do). Others are
+// refused.
+enum class Ty { F32, BF16, F64, U32, U8, I64, None };
 Ty ty_of(const std::string& t) {
-    return t == "f32" ? Ty::F32 : t == "bf16" ? Ty::BF16 : t == "u32" ? Ty::U32 : t == "u8" ? Ty::U8 : Ty::None;
+    return t == "f32"    ? Ty::F32
+           : t == "bf16" ? Ty::BF16
+           : t == "f64"  ? Ty::F64
+           : t == "u32"  ? Ty::U32
+           : t == "u8"   ? Ty::U8
+           : t == "i64"  ? Ty::I64
+                         : Ty::None;
 }
 double load(Ty t, const void* p, size_t i) {
     switch (t) {
@@ -91,6 +98,8 @@ double load(Ty t, const void* p, size_t i) {
         case Ty::BF16: return __bfloat162float(static_cast<const bf16*>(p)[i]);
         case Ty::U32: return static_cast<const uint32_t*>(p)[i];
         case Ty::U8: return static_cast<const uint8_t*>(p)[i];
+        case Ty::F64: return static_cast<const double*>(p)[i];
+        case Ty::I64: return double(static_cast<const int64_t*>(p)[i]);
         default: return 0;
     }
 }
@@ -100,6 +109,8 @@ void store(Ty t, void* p, size_t i, double v) {
         case Ty::BF16: static_cast<bf16*>(p)[i] = __float2bfloat16(float(v)); break;
         case Ty::U32: static_cast<uint32_t*>(p)[i] = uint32_t(v); break;
         case Ty::U8: static_cast<uint8_t*>(p)[i] = uint8_t(v); break;
+        case Ty::F64: static_cast<double*>(p)[i] = v; break;
+        case Ty::I64: static_cast<int64_t*>(p)[i] = int64_t(v); break;
         default: break;
     }
 }
@@ -152,13 +163,14 @@ Host unary(const std::string& op, Ty t) {
 }
 
 Host binary(const std::string& op, Ty t) {
-    std::function<double(float, float)> f;
-    if (op == "add") f = [](float x, float y) { return x + y; };
-    else if (op == "sub") f = [](float x, float y) { return x - y; };
-    else if (op == "mul") f = [](float x, float y) { return x * y; };
-    else if (op == "div") f = [](float x, float y) { return x / y; };
-    else if (op == "maximum") f = [](float x, float y) { return std::max(x, y); };
-    else if (op == "minimum") f = [](float x, float y) { return std::min(x, y); };
+    // in f64: rounded to f32 or bf16 as it is stored, + − × ÷ are then rounded once, as on a GPU
+    std::function<double(double, double)> f;
+    if (op == "add") f = [](double x, double y) { return x + y; };
+    else if (op == "sub") f = [](double x, double y) { return x - y; };
+    else if (op == "mul") f = [](double x, double y) { return x * y; };
+    else if (op == "div") f = [](double x, double y) { return x / y; };
+    else if (op == "maximum") f = [](double x, double y) { return std::max(x, y); };
+    else if (op == "minimum") f = [](double x, double y) { return std::min(x, y); };
     else return nullptr;
     return [f, t](void** p) {
         const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
@@ -231,10 +243,10 @@ Host reduce(const std::string& op, Ty t, bool small) {
         const size_t* strides = info ? info + dims : nullptr;
         const size_t outputs = small ? count : n == 0 ? 0 : count / n;
         for (size_t o = 0; o < outputs; ++o) {
-            float acc = op == "sum" ? 0.f : float(load(t, src, strided(o * n, dims, info, strides)));
+            double acc = op == "sum" ? 0.0 : load(t, src, strided(o * n, dims, info, strides));
             uint32_t at = 0;
             for (size_t i = 0; i < n; ++i) {
-                const float x = float(load(t, src, strided(o * n + i, dims, info, strides)));
+                const double x = load(t, src, strided(o * n + i, dims, info, strides));
                 if (op == "sum") acc += x;
                 else if ((op == "max" || op == "argmax") ? x > acc : x < acc) acc = x, at = uint32_t(i);
             }
