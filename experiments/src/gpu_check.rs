@@ -785,18 +785,7 @@ fn flash_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) 
     .into_iter()
     .enumerate()
     {
-        // causal, batch row 1 left-padded by 9 slots
-        let bias: Vec<f32> = (0..b * t * s)
-            .map(|i| {
-                let (bi, row, key) = (i / (t * s), (i / s) % t, i % s);
-                if key > s - t + row || (bi == 1 && key < 9) {
-                    -1e9
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let bias = Tensor::from_vec(bias, (b, 1, 1, t, s), &Device::Cpu)?.to_device(gpu)?;
+        let bias = padded_causal_bias(b, t, s, 9)?.to_device(gpu)?;
         // 0 on the query rows that see no valid key (padding queries, whose output is never
         // read and whose upstream gradient is 0 in training): both sides' outputs are multiplied
         // by it, so those rows are neither compared nor given an upstream gradient
@@ -853,6 +842,23 @@ fn flash_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) 
         }
     }
     Ok(())
+}
+
+/// The attention bias `[B, 1, 1, T, S]` (on the CPU) of `t` query rows after `s − t` cached
+/// slots: causal, and batch row 1 left-padded by `pad` slots (keys masked for every row), −1e9
+/// where masked.
+fn padded_causal_bias(b: usize, t: usize, s: usize, pad: usize) -> Result<Tensor> {
+    let bias: Vec<f32> = (0..b * t * s)
+        .map(|i| {
+            let (bi, row, key) = (i / (t * s), (i / s) % t, i % s);
+            if key > s - t + row || (bi == 1 && key < pad) {
+                -1e9
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(bias, (b, 1, 1, t, s), &Device::Cpu)?)
 }
 
 /// The attention bias built on the device from the key slots' flags against the host's: 8 rows of
@@ -2066,17 +2072,7 @@ fn glue_checks(gpu: &Device, rows: &mut Rows) -> Result<()> {
 
     // scores [B, Hkv, G, T, S] with a causal mask, batch row 1 left-padded by 3 keys
     let (bb, t, s) = (2, 9, 12);
-    let mask: Vec<f32> = (0..bb * t * s)
-        .map(|i| {
-            let (bi, row, key) = (i / (t * s), (i / s) % t, i % s);
-            if key > s - t + row || (bi == 1 && key < 3) {
-                -1e9
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (bb, 1, 1, t, s), &cpu)?;
+    let mask = padded_causal_bias(bb, t, s, 3)?;
     let scores = randn(&[bb, 2, 3, t, s], 212, 1.0, DType::F32, &cpu)?;
     let (mg, sg5) = (mask.to_device(gpu)?, scores.to_device(gpu)?);
     let got = ops::masked_softmax(&sg5, &mg, 0.125)?;
@@ -2200,17 +2196,7 @@ fn glue_attention(gpu: &Device, rows: &mut Rows) -> Result<()> {
     // 70 rows after a 5-slot prompt, causal, batch row 1 left-padded by 3 slots (every row sees
     // a key: the kernel, as the model, takes padding as keys masked for every row)
     let (b, hkv, g, t, s, cap) = (2, 2, 2, 70, 75, 80);
-    let bias: Vec<f32> = (0..b * t * s)
-        .map(|i| {
-            let (bi, row, key) = (i / (t * s), (i / s) % t, i % s);
-            if key > s - t + row || (bi == 1 && key < 3) {
-                -1e9
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let bias = Tensor::from_vec(bias, (b, 1, 1, t, s), &cpu)?;
+    let bias = padded_causal_bias(b, t, s, 3)?;
     let bf = |x: Tensor| -> Result<Tensor> { Ok(x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?) };
     let q = bf(randn(&[b, hkv, g * t, d], 223, 1.0, DType::F32, &cpu)?)?;
     let kc = bf(randn(&[b, hkv, cap, d], 224, 1.0, DType::F32, &cpu)?)?;
@@ -2286,9 +2272,12 @@ fn glue_case(
         .collect::<std::result::Result<_, _>>()?;
     let y = op(&on_gpu)?;
     let inputs: Vec<Tensor> = inputs.iter().map(|&x| x.clone()).collect();
-    let (want, want_grads) = value_and_grads(&inputs, &vec![true; inputs.len()], op, 7)?;
+    const UPSTREAM_SEED: u64 = 7;
+    let (want, want_grads) =
+        value_and_grads(&inputs, &vec![true; inputs.len()], op, UPSTREAM_SEED)?;
     glue_row(rows, &format!("{name} forward"), &y, &want)?;
-    let u = randn(y.dims(), 7, 1.0, DType::F32, gpu)?;
+    // the upstream gradient value_and_grads drew
+    let u = randn(y.dims(), UPSTREAM_SEED, 1.0, DType::F32, gpu)?;
     for (i, (got, want)) in grads(&on_gpu, &u)?.iter().zip(&want_grads).enumerate() {
         let want = want.as_ref().ok_or("no reference gradient")?;
         glue_row(rows, &format!("{name} grad {i}"), got, want)?;

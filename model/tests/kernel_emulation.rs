@@ -56,11 +56,13 @@ fn rewrite_shared(line: &str) -> String {
     line.to_string()
 }
 
-/// Builds the emulator once per test process: `ferrite.cu` with its shared memory rewritten for
-/// `cuda_emu.h`, a registry of every kernel, and `driver.cpp`.
-fn emulator() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
+/// Writes, once per test process, what the emulator's sources include (into
+/// `target/tmp/kernel-emulation`, where `scripts/fake-gpu.sh` finds them too): `kernels.inc`,
+/// `ferrite.cu` with its shared memory rewritten for `cuda_emu.h`, and `registry.inc`, one
+/// `{"name", runner(name)},` per kernel. Returns the directory.
+fn generated_sources() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emulation");
         std::fs::create_dir_all(&dir).unwrap();
         let kernels: String = SOURCE.lines().map(|l| rewrite_shared(l) + "\n").collect();
@@ -74,6 +76,15 @@ fn emulator() -> &'static Path {
             .map(|k| format!("{{\"{k}\", runner({k})}},\n"))
             .collect();
         std::fs::write(dir.join("registry.inc"), registry).unwrap();
+        dir
+    })
+}
+
+/// Builds the emulator once per test process: the generated sources and `driver.cpp`.
+fn emulator() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = generated_sources();
         let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu");
         let bin = dir.join("emulator");
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
@@ -1801,7 +1812,7 @@ fn every_kernel_is_emulated_by_a_test() {
 /// it does not fall behind `ferrite.cu` on machines without the CUDA toolkit.
 #[test]
 fn the_fake_cuda_libraries_compile_against_the_kernels() {
-    let dir = emulator().parent().unwrap();
+    let dir = generated_sources();
     let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     for lib in 1..=4 {
