@@ -93,7 +93,7 @@ fn emulator() -> &'static Path {
             .arg("-I")
             .arg(&emu)
             .arg("-I")
-            .arg(&dir)
+            .arg(dir)
             .arg(emu.join("driver.cpp"))
             .arg("-o")
             .arg(&bin)
