@@ -1,6 +1,6 @@
 // A CUDA execution model on the CPU, for the kernel emulation tests (model/tests/kernel_emulation.rs):
-// kernels/ferrite.cu compiles with g++ against this header and runs with one fiber (a ucontext with
-// its own stack) per CUDA thread, so its index arithmetic, its barriers, warp shuffles, shared
+// kernels/ferrite.cu compiles with g++ against this header and runs with one fiber (its own stack)
+// per CUDA thread, so its index arithmetic, its barriers, warp shuffles, shared
 // memory and atomics are exercised on a machine without a GPU.
 //
 // The model: blocks run one after another; the threads of a block run as fibers on one OS thread,
@@ -14,7 +14,7 @@
 //
 // (One OS thread per CUDA thread, as this emulator had first, spent most of its time in the
 // kernel: every barrier of 256 threads on two cores was 256 futex waits, wake-ups and context
-// switches. A fiber switch is a function call and a signal-mask syscall.)
+// switches. A fiber switch is a function call: the registers the ABI keeps, and the stack pointer.)
 //
 // Shared memory is checked for races, as compute-sanitizer's racecheck does: the test rewrites
 // every `__shared__` declaration to an `emu::Shared` array, which starts each block as NaN bytes
@@ -41,6 +41,49 @@
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
+#endif
+
+// The switch between the scheduler and a fiber. On x86-64 it is our own: the callee-saved
+// registers, the MXCSR and x87 control words pushed on the stack being left, the stack pointer
+// saved and the other one's restored, and popped from there. glibc's swapcontext also saves and
+// restores the signal mask, a system call each way, which was three quarters of the fake CUDA
+// library's time (perf, 2026-12-05); no kernel touches the signal mask. Elsewhere: ucontext.
+#if defined(__x86_64__)
+#define EMU_OWN_SWITCH 1
+// emu_switch(save, to): saves the running stack's pointer in *save and continues on `to`'s.
+extern "C" void emu_switch(void** save, void* to);
+asm(R"(
+    .pushsection .text.emu_switch,"axG",@progbits,emu_switch,comdat
+    .globl emu_switch
+    .hidden emu_switch
+    .type emu_switch,@function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+    .popsection
+)");
+#else
+#define EMU_OWN_SWITCH 0
 #endif
 
 struct dim3 {
@@ -192,17 +235,33 @@ inline void start_block(size_t dynamic_floats) {
 
 // The fibers of the running block, and the scheduler's context they switch back to.
 struct Fiber {
+#if EMU_OWN_SWITCH
+    void* sp = nullptr;  // its saved stack pointer while it is switched out
+#else
     ucontext_t ctx;
+#endif
     char* stack = nullptr;
     bool done = false;
     unsigned epoch = 0;
 };
 inline constexpr size_t fiber_stack = 256 * 1024;
 inline std::vector<Fiber> fibers;
+#if EMU_OWN_SWITCH
+inline void* scheduler = nullptr;  // the scheduler's saved stack pointer while a fiber runs
+#else
 inline ucontext_t scheduler;
+#endif
 inline bool progress = false;  // a thread started, was released from a barrier, or returned
 inline void (*body)(void*) = nullptr;
 inline void* body_arg = nullptr;
+
+#if EMU_OWN_SWITCH
+inline void to_fiber(Fiber& f) { emu_switch(&scheduler, f.sp); }
+inline void to_scheduler(Fiber& f) { emu_switch(&f.sp, scheduler); }
+#else
+inline void to_fiber(Fiber& f) { swapcontext(&scheduler, &f.ctx); }
+inline void to_scheduler(Fiber& f) { swapcontext(&f.ctx, &scheduler); }
+#endif
 
 // AddressSanitizer must be told of every switch between stacks (its fiber annotations).
 #if defined(__SANITIZE_ADDRESS__)
@@ -211,13 +270,13 @@ inline size_t main_size = 0;
 inline void enter_fiber(Fiber& f) {
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, f.stack, fiber_stack);
-    swapcontext(&scheduler, &f.ctx);
+    to_fiber(f);
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 }
 inline void leave_fiber(Fiber& f, bool finished) {
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(finished ? nullptr : &fake, main_bottom, main_size);
-    swapcontext(&f.ctx, &scheduler);
+    to_scheduler(f);
     __sanitizer_finish_switch_fiber(fake, &main_bottom, &main_size);
 }
 inline void fiber_started() { __sanitizer_finish_switch_fiber(nullptr, &main_bottom, &main_size); }
@@ -226,8 +285,8 @@ inline void unpoison_top(char* stack) {
     ASAN_UNPOISON_MEMORY_REGION(stack + fiber_stack - top, top);
 }
 #else
-inline void enter_fiber(Fiber& f) { swapcontext(&scheduler, &f.ctx); }
-inline void leave_fiber(Fiber& f, bool) { swapcontext(&f.ctx, &scheduler); }
+inline void enter_fiber(Fiber& f) { to_fiber(f); }
+inline void leave_fiber(Fiber& f, bool) { to_scheduler(f); }
 inline void fiber_started() {}
 inline void unpoison_top(char*) {}
 #endif
@@ -276,6 +335,38 @@ inline void fiber_main(int t) {
     fail("a finished thread was resumed");
 }
 
+// Makes `f` start at fiber_main(t) on its own stack when it is first switched to.
+#if EMU_OWN_SWITCH
+[[noreturn]] inline void fiber_entry() {
+    fiber_main(int(thread_idx.x));  // the scheduler sets thread_idx before every switch
+    fail("a finished thread returned");
+}
+inline void start_fiber(Fiber& f, unsigned) {
+    // the frame emu_switch pops (from the bottom): the MXCSR and x87 control words, r15, r14,
+    // r13, r12, rbx, rbp and its return address, fiber_entry's; above that fiber_entry's own
+    // return address slot (none), 8 bytes off the 16-byte alignment as at any function's entry
+    auto* top = reinterpret_cast<uint64_t*>(f.stack + fiber_stack);
+    uint16_t fcw;
+    asm volatile("fnstcw %0" : "=m"(fcw));
+    top[-1] = 0;
+    top[-2] = reinterpret_cast<uint64_t>(&fiber_entry);
+    for (int r = 3; r <= 8; ++r) top[-r] = 0;
+    top[-9] = uint64_t(__builtin_ia32_stmxcsr()) | uint64_t(fcw) << 32;
+    f.sp = &top[-9];
+}
+#else
+inline void start_fiber(Fiber& f, unsigned t) {
+    getcontext(&f.ctx);
+    f.ctx.uc_stack = {f.stack, 0, fiber_stack};
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, reinterpret_cast<void (*)()>(fiber_main), 1, int(t));
+    // makecontext has placed the stack; a context's stack is what AddressSanitizer's swapcontext
+    // clears the shadow of on every switch into it (32 KiB of memset, half the emulation's time
+    // when it was used), so the context forgets it
+    f.ctx.uc_stack = {nullptr, 0, 0};
+}
+#endif
+
 template <class F>
 void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
     if (block == 0 || block > 1024) fail("block size must be 1..=1024 threads");
@@ -318,18 +409,11 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
             Fiber& f = fibers[t];
             f.done = false;
             f.epoch = 0;
-            getcontext(&f.ctx);
-            f.ctx.uc_stack = {f.stack, 0, fiber_stack};
-            f.ctx.uc_link = nullptr;
-            makecontext(&f.ctx, reinterpret_cast<void (*)()>(fiber_main), 1, int(t));
-            // makecontext has placed the stack; a context's stack is what AddressSanitizer's
-            // swapcontext clears the shadow of on every switch into it (32 KiB of memset, half
-            // the emulation's time), so the context forgets it. The previous block's fiber left
-            // its last frames' redzones poisoned at the top of this stack: instrumented frames
-            // rewrite their shadow on entry, but an intercepted libc call reading or writing a
-            // stack buffer there would be reported, so that top is cleared once a block (a
-            // precaution: every emulation test passes without it)
-            f.ctx.uc_stack = {nullptr, 0, 0};
+            start_fiber(f, t);
+            // The previous block's fiber left its last frames' redzones poisoned at the top of
+            // this stack: instrumented frames rewrite their shadow on entry, but an intercepted
+            // libc call reading or writing a stack buffer there would be reported, so that top is
+            // cleared once a block (a precaution: every emulation test passes without it)
             unpoison_top(f.stack);
         }
         block_idx = {b, 0, 0};
