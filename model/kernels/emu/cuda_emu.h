@@ -44,10 +44,12 @@
 #endif
 
 // The switch between the scheduler and a fiber. On x86-64 it is our own: the callee-saved
-// registers, the MXCSR and x87 control words pushed on the stack being left, the stack pointer
-// saved and the other one's restored, and popped from there. glibc's swapcontext also saves and
-// restores the signal mask, a system call each way, which was three quarters of the fake CUDA
-// library's time (perf, 2026-12-05); no kernel touches the signal mask. Elsewhere: ucontext.
+// registers pushed on the stack being left, the stack pointer saved and the other one's restored,
+// and popped from there. glibc's swapcontext also saves and restores the signal mask, a system
+// call each way, which was three quarters of the fake CUDA library's time (perf, 2026-12-05). The
+// MXCSR and x87 control words, callee-saved too, are not switched: no kernel or emulator code
+// changes the rounding mode or the exception masks, and saving them (stmxcsr, fnstcw, ldmxcsr,
+// fldcw) was a quarter of the fake's time. Elsewhere: ucontext.
 #if defined(__x86_64__)
 #define EMU_OWN_SWITCH 1
 // emu_switch(save, to): saves the running stack's pointer in *save and continues on `to`'s.
@@ -64,14 +66,8 @@ emu_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -245,6 +241,11 @@ struct Fiber {
     unsigned epoch = 0;
 };
 inline constexpr size_t fiber_stack = 256 * 1024;
+// Stacks are laid out this far apart, not fiber_stack: at a power-of-two stride every fiber's top
+// frames fall in the same cache sets, and each switch missed the cache (two thirds of the fake
+// CUDA library's time went to the first pop after a switch). 64 bytes more than a page on top
+// spreads them over every set of L1 and over L2's.
+inline constexpr size_t fiber_stride = fiber_stack + 4096 + 64;
 inline std::vector<Fiber> fibers;
 #if EMU_OWN_SWITCH
 inline void* scheduler = nullptr;  // the scheduler's saved stack pointer while a fiber runs
@@ -342,17 +343,14 @@ inline void fiber_main(int t) {
     fail("a finished thread returned");
 }
 inline void start_fiber(Fiber& f, unsigned) {
-    // the frame emu_switch pops (from the bottom): the MXCSR and x87 control words, r15, r14,
-    // r13, r12, rbx, rbp and its return address, fiber_entry's; above that fiber_entry's own
-    // return address slot (none), 8 bytes off the 16-byte alignment as at any function's entry
+    // the frame emu_switch pops (from the bottom): r15, r14, r13, r12, rbx, rbp and its return
+    // address, fiber_entry's; above that fiber_entry's own return address slot (none), 8 bytes
+    // off the 16-byte alignment as at any function's entry
     auto* top = reinterpret_cast<uint64_t*>(f.stack + fiber_stack);
-    uint16_t fcw;
-    asm volatile("fnstcw %0" : "=m"(fcw));
     top[-1] = 0;
     top[-2] = reinterpret_cast<uint64_t>(&fiber_entry);
     for (int r = 3; r <= 8; ++r) top[-r] = 0;
-    top[-9] = uint64_t(__builtin_ia32_stmxcsr()) | uint64_t(fcw) << 32;
-    f.sp = &top[-9];
+    f.sp = &top[-8];
 }
 #else
 inline void start_fiber(Fiber& f, unsigned t) {
@@ -377,7 +375,7 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
     body = [](void* k) { (*static_cast<F*>(k))(); };
     body_arg = &kernel;
     fibers.assign(block, Fiber{});
-    const size_t bytes = size_t(block) * fiber_stack;
+    const size_t bytes = size_t(block) * fiber_stride;
 #if defined(__SANITIZE_ADDRESS__)
     void* stacks = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (stacks == MAP_FAILED) fail("no memory for the threads' stacks");
@@ -394,7 +392,7 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
         mapped = bytes;
     }
 #endif
-    for (unsigned t = 0; t < block; ++t) fibers[t].stack = static_cast<char*>(stacks) + t * fiber_stack;
+    for (unsigned t = 0; t < block; ++t) fibers[t].stack = static_cast<char*>(stacks) + t * fiber_stride;
     for (unsigned b = 0; b < grid; ++b) {
         Barrier bar(block);
         block_barrier = &bar;
@@ -526,11 +524,16 @@ inline void mma_m16n8k16_bf16(float* c, const uint32_t* a, const uint32_t* b) {
         return half(mma_regs[6 * from + 4 + (k >= 8)], k);
     };
     const int g = int(lane) / 4, cc = int(lane) % 4;
+    // this lane's two rows of A and two columns of B, unpacked once
+    float rows[2][16], cols[2][16];
+    for (int k = 0; k < 16; ++k) {
+        rows[0][k] = at_a(g, k), rows[1][k] = at_a(g + 8, k);
+        cols[0][k] = at_b(k, 2 * cc), cols[1][k] = at_b(k, 2 * cc + 1);
+    }
     float d[4];
     for (int e = 0; e < 4; ++e) {
-        const int row = g + 8 * (e / 2), col = 2 * cc + e % 2;
         float acc = c[e];
-        for (int k = 0; k < 16; ++k) acc += at_a(row, k) * at_b(k, col);
+        for (int k = 0; k < 16; ++k) acc += rows[e / 2][k] * cols[e % 2][k];
         d[e] = acc;
     }
     warp.arrive_and_wait();
