@@ -7,10 +7,17 @@
 // streams, events and contexts are tokens: everything runs at once, in order. A launch of one of
 // ferrite's kernels runs it in the kernel emulator (cuda_emu.h: a fiber per CUDA thread, barriers,
 // shuffles, shared memory checked for races) with its parameters read from the launch's argument
-// list by the kernel's own C++ signature. Of candle's kernels only the f32 sums and the f32 → bf16
-// cast run (on the host), and cuBLAS's matrix multiplies not at all: other launches fail with
-// CUDA_ERROR_NOT_SUPPORTED, naming the kernel, so only what uses ferrite's kernels, copies and
-// those three can run here.
+// list by the kernel's own C++ signature. Candle's elementwise, cast, copy, fill, where, indexing
+// and reduction kernels run as loops on the host, and cuBLAS's strided batched matrix multiply as
+// a threaded loop; any other launch fails with CUDA_ERROR_NOT_SUPPORTED, naming the kernel.
+//
+// FAKE_CUDA_MEMORY_ONLY=1 measures memory instead: a launch of more than 65,536 threads and every
+// matrix multiply return at once without computing anything, so that a learner step at its full
+// size (Qwen2.5-0.5B, 8 × 1024 tokens) runs in seconds on the host while every allocation and
+// free is still made, in the same order. The memory pool's high watermark is then the step's
+// peak allocated memory, as the GPU's pool would report it. The values are wrong (zeros where
+// the compute was skipped); the small launches (a mask's sum, a scalar) still run, so that what
+// the host reads back stays finite.
 //
 // Built once per library, with FAKE_CUDA_LIB set to which (see scripts/fake-gpu.sh); the test's
 // kernels.inc and registry.inc (ferrite.cu with its shared memory rewritten, and the kernels'
@@ -34,6 +41,15 @@ constexpr CUresult CUDA_ERROR_INVALID_VALUE = 1;
 constexpr CUresult CUDA_ERROR_OUT_OF_MEMORY = 2;
 constexpr CUresult CUDA_ERROR_NOT_FOUND = 500;
 constexpr CUresult CUDA_ERROR_NOT_SUPPORTED = 801;
+
+// FAKE_CUDA_MEMORY_ONLY is set (and not 0)
+inline bool memory_only() {
+    static const bool on = [] {
+        const char* v = std::getenv("FAKE_CUDA_MEMORY_ONLY");
+        return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+    }();
+    return on;
+}
 
 #if FAKE_CUDA_LIB == 1  // libcuda.so.1: the driver API
 
@@ -131,6 +147,16 @@ T param(void** params, int i) {
     return *static_cast<T*>(params[i]);
 }
 using Host = std::function<void(void**)>;
+// The parameters most of candle's kernels start with, (numel, num_dims, info): `info` is the dims,
+// then the strides of each strided operand in turn, null where all are contiguous.
+struct Layout {
+    size_t n, dims;
+    const size_t* info;
+    explicit Layout(void** p)
+        : n(param<size_t>(p, 0)), dims(param<size_t>(p, 1)), info(param<const size_t*>(p, 2)) {}
+    // where element i (in logical order) of the k-th strided operand lies
+    size_t at(size_t i, int k = 1) const { return strided(i, dims, info, info ? info + k * dims : nullptr); }
+};
 
 Host unary(const std::string& op, Ty t) {
     std::function<double(double)> f;
@@ -151,14 +177,12 @@ Host unary(const std::string& op, Ty t) {
     else if (op == "sign") f = [](double x) { return double((x > 0) - (x < 0)); };
     else return nullptr;
     return [f, t](void** p) {
-        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
-        const auto* info = param<const size_t*>(p, 2);
+        const Layout l(p);
         const void* in = param<const void*>(p, 3);
         void* out = param<void*>(p, 4);
-        const size_t* strides = info ? info + dims : nullptr;
-        std::vector<double> y(n);
-        for (size_t i = 0; i < n; ++i) y[i] = f(in ? load(t, in, strided(i, dims, info, strides)) : load(t, out, i));
-        for (size_t i = 0; i < n; ++i) store(t, out, i, y[i]);
+        std::vector<double> y(l.n);
+        for (size_t i = 0; i < l.n; ++i) y[i] = f(in ? load(t, in, l.at(i)) : load(t, out, i));
+        for (size_t i = 0; i < l.n; ++i) store(t, out, i, y[i]);
     };
 }
 
@@ -173,27 +197,21 @@ Host binary(const std::string& op, Ty t) {
     else if (op == "minimum") f = [](double x, double y) { return std::min(x, y); };
     else return nullptr;
     return [f, t](void** p) {
-        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
-        const auto* info = param<const size_t*>(p, 2);
+        const Layout l(p);
         const void *lhs = param<const void*>(p, 3), *rhs = param<const void*>(p, 4);
         void* out = param<void*>(p, 5);
-        const size_t* ls = info ? info + dims : nullptr;
-        const size_t* rs = info ? info + 2 * dims : nullptr;
-        for (size_t i = 0; i < n; ++i)
-            store(t, out, i, f(load(t, lhs, strided(i, dims, info, ls)), load(t, rhs, strided(i, dims, info, rs))));
+        for (size_t i = 0; i < l.n; ++i) store(t, out, i, f(load(t, lhs, l.at(i, 1)), load(t, rhs, l.at(i, 2))));
     };
 }
 
 Host affine(Ty t) {
     return [t](void** p) {
-        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
-        const auto* info = param<const size_t*>(p, 2);
+        const Layout l(p);
         const void* in = param<const void*>(p, 3);
         void* out = param<void*>(p, 4);
         const float mul = float(scalar(t, p[5])), add = float(scalar(t, p[6]));
-        const size_t* strides = info ? info + dims : nullptr;
-        for (size_t i = 0; i < n; ++i) {
-            const float x = float(in ? load(t, in, strided(i, dims, info, strides)) : load(t, out, i));
+        for (size_t i = 0; i < l.n; ++i) {
+            const float x = float(in ? load(t, in, l.at(i)) : load(t, out, i));
             store(t, out, i, x * mul + add);
         }
     };
@@ -201,12 +219,10 @@ Host affine(Ty t) {
 
 Host cast(Ty from, Ty to) {
     return [from, to](void** p) {
-        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
-        const auto* info = param<const size_t*>(p, 2);
+        const Layout l(p);
         const void* in = param<const void*>(p, 3);
         void* out = param<void*>(p, 4);
-        const size_t* strides = info ? info + dims : nullptr;
-        for (size_t i = 0; i < n; ++i) store(to, out, i, load(from, in, strided(i, dims, info, strides)));
+        for (size_t i = 0; i < l.n; ++i) store(to, out, i, load(from, in, l.at(i)));
     };
 }
 
@@ -259,24 +275,21 @@ Host reduce(const std::string& op, Ty t, bool small) {
 // where_<ids>_<t>(numel, dims, info, ids, t, f, out); info: dims, then the strides of ids, t, f
 Host where(Ty ids, Ty t) {
     return [ids, t](void** p) {
-        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
-        const auto* info = param<const size_t*>(p, 2);
+        const Layout l(p);
         const void *c = param<const void*>(p, 3), *on_true = param<const void*>(p, 4), *on_false = param<const void*>(p, 5);
         void* out = param<void*>(p, 6);
-        auto at = [&](size_t i, int k) { return strided(i, dims, info, info ? info + k * dims : nullptr); };
-        for (size_t i = 0; i < n; ++i)
-            store(t, out, i, load(ids, c, at(i, 1)) != 0 ? load(t, on_true, at(i, 2)) : load(t, on_false, at(i, 3)));
+        for (size_t i = 0; i < l.n; ++i)
+            store(t, out, i, load(ids, c, l.at(i, 1)) != 0 ? load(t, on_true, l.at(i, 2)) : load(t, on_false, l.at(i, 3)));
     };
 }
 
 // const_set_<t>(numel, dims, info, value, out): every element of the (strided) output
 Host const_set(Ty t) {
     return [t](void** p) {
-        const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
-        const auto* info = param<const size_t*>(p, 2);
+        const Layout l(p);
         const double v = scalar(t, p[3]);
         void* out = param<void*>(p, 4);
-        for (size_t i = 0; i < n; ++i) store(t, out, strided(i, dims, info, info ? info + dims : nullptr), v);
+        for (size_t i = 0; i < l.n; ++i) store(t, out, l.at(i), v);
     };
 }
 
@@ -287,16 +300,15 @@ Host const_set(Ty t) {
 Host indexing(const std::string& op, Ty ids, Ty t) {
     if (op == "is")
         return [ids, t](void** p) {
-            const auto [n, dims] = std::tuple{param<size_t>(p, 0), param<size_t>(p, 1)};
-            const auto* info = param<const size_t*>(p, 2);
+            const Layout l(p);
             const void *id = param<const void*>(p, 3), *in = param<const void*>(p, 4);
             void* out = param<void*>(p, 5);
             const auto [left, src, nid, right] =
                 std::tuple{param<size_t>(p, 6), param<size_t>(p, 7), param<size_t>(p, 8), param<size_t>(p, 9)};
-            for (size_t o = 0; o < n && o < left * nid * right; ++o) {
-                const size_t r = o % right, i = (o / right) % nid, l = o / (right * nid);
-                const size_t row = size_t(load(ids, id, strided(i, dims, info, info ? info + dims : nullptr)));
-                store(t, out, o, load(t, in, (l * src + row) * right + r));
+            for (size_t o = 0; o < l.n && o < left * nid * right; ++o) {
+                const size_t r = o % right, i = (o / right) % nid, outer = o / (right * nid);
+                const size_t row = size_t(load(ids, id, l.at(i)));
+                store(t, out, o, load(t, in, (outer * src + row) * right + r));
             }
         };
     if (op == "gather")
@@ -387,8 +399,20 @@ std::map<uintptr_t, size_t> allocations;
 size_t used = 0, used_high = 0;
 constexpr size_t total_memory = size_t(64) << 30;
 
+// With FAKE_CUDA_MEMORY_ONLY an allocation is its own mapping, which takes no host memory until
+// it is touched, and copies and memsets of more than 1 MiB are skipped: a full-size step's tens
+// of GiB of device memory would not fit in the host's otherwise.
+constexpr size_t copied_at_most = size_t(1) << 20;
+bool skip_copy(size_t n) { return memory_only() && n > copied_at_most; }
+
 CUresult allocate(CUdeviceptr* p, size_t n) {
-    void* m = std::calloc(std::max<size_t>(n, 1), 1);
+    void* m = nullptr;
+    if (memory_only()) {
+        m = mmap(nullptr, std::max<size_t>(n, 1), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    } else {
+        m = std::calloc(std::max<size_t>(n, 1), 1);
+    }
     if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
     std::lock_guard g(lock);
     allocations[reinterpret_cast<uintptr_t>(m)] = n;
@@ -407,8 +431,9 @@ CUresult release(CUdeviceptr p) {
         return CUDA_ERROR_INVALID_VALUE;
     }
     used -= a->second;
+    if (memory_only()) munmap(reinterpret_cast<void*>(p), std::max<size_t>(a->second, 1));
+    else std::free(reinterpret_cast<void*>(p));
     allocations.erase(a);
-    std::free(reinterpret_cast<void*>(p));
     return CUDA_SUCCESS;
 }
 
@@ -505,22 +530,27 @@ CUresult cuMemPoolSetAttribute(void*, int attribute, void* value) {
 }
 CUresult cuMemPoolTrimTo(void*, size_t) { return CUDA_SUCCESS; }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
+    if (skip_copy(n)) return CUDA_SUCCESS;
     std::memcpy(reinterpret_cast<void*>(dst), src, n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
+    if (skip_copy(n)) return CUDA_SUCCESS;
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) {
+    if (skip_copy(n)) return CUDA_SUCCESS;
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyPeerAsync(CUdeviceptr dst, void*, CUdeviceptr src, void*, size_t n, void*) {
+    if (skip_copy(n)) return CUDA_SUCCESS;
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, void*) {
+    if (skip_copy(n)) return CUDA_SUCCESS;
     std::memset(reinterpret_cast<void*>(dst), value, n);
     return CUDA_SUCCESS;
 }
@@ -558,6 +588,7 @@ CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
 CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, void*, void** params, void** extra) {
     const auto* f = static_cast<Function*>(function);
+    if (memory_only() && (f->host || f->run) && size_t(gx) * gy * gz * bx * by * bz > 65536) return CUDA_SUCCESS;
     if (f->host) {
         f->host(params);
         return CUDA_SUCCESS;
@@ -609,6 +640,7 @@ int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, int 
                      btype, ctype, compute);
         return 15;
     }
+    if (memory_only()) return 0;
     const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
     // per batch: op(A) packed as m rows of k, op(B) as n rows of k, so that each element of C is
     // a dot product of two contiguous rows; the columns of C split over the host's threads
