@@ -1291,7 +1291,8 @@ fn generation_bench(gpu: &Device, w: &Weights, b: usize, p: usize, n: usize) -> 
         max_new_tokens: 8,
         ..cfg.clone()
     };
-    generate(&detached, &prompts[..2], &warm, None)?;
+    // warmed up on two of the prompts (the one at B=1): the kernels loaded, the pool grown
+    generate(&detached, &prompts[..b.min(2)], &warm, None)?;
     gpu.synchronize()?;
     let (kernels, matmuls) = (model::cuda::kernel_launches(), forward::linear_calls());
     let start = Instant::now();

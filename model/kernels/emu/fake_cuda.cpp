@@ -11,13 +11,14 @@
 // and reduction kernels run as loops on the host, and cuBLAS's strided batched matrix multiply as
 // a threaded loop; any other launch fails with CUDA_ERROR_NOT_SUPPORTED, naming the kernel.
 //
-// FAKE_CUDA_MEMORY_ONLY=1 measures memory instead: a launch of more than 65,536 threads and every
-// matrix multiply return at once without computing anything, so that a learner step at its full
-// size (Qwen2.5-0.5B, 8 × 1024 tokens) runs in seconds on the host while every allocation and
-// free is still made, in the same order. The memory pool's high watermark is then the step's
-// peak allocated memory, as the GPU's pool would report it. The values are wrong (zeros where
-// the compute was skipped); the small launches (a mask's sum, a scalar) still run, so that what
-// the host reads back stays finite.
+// FAKE_CUDA_MEMORY_ONLY=1 measures memory and launches instead: every launch of ferrite's
+// kernels, candle's launches of more than 65,536 threads and every matrix multiply return at once
+// without computing anything, so that a learner step or a decode loop at its full size
+// (Qwen2.5-0.5B, 8 × 1024 tokens; 256 rows) runs in seconds on the host while every allocation,
+// free and launch is still made, in the same order. The memory pool's high watermark is then the
+// step's peak allocated memory, as the GPU's pool would report it. The values are wrong (zeros
+// where the compute was skipped); candle's small launches (a mask's sum, a scalar) still run, so
+// that what the host reads back stays finite.
 //
 // Built once per library, with FAKE_CUDA_LIB set to which (see scripts/fake-gpu.sh); the test's
 // kernels.inc and registry.inc (ferrite.cu with its shared memory rewritten, and the kernels'
@@ -399,15 +400,18 @@ std::map<uintptr_t, size_t> allocations;
 size_t used = 0, used_high = 0;
 constexpr size_t total_memory = size_t(64) << 30;
 
-// With FAKE_CUDA_MEMORY_ONLY an allocation is its own mapping, which takes no host memory until
-// it is touched, and copies and memsets of more than 1 MiB are skipped: a full-size step's tens
-// of GiB of device memory would not fit in the host's otherwise.
+// With FAKE_CUDA_MEMORY_ONLY an allocation of more than 1 MiB is its own mapping, which takes no
+// host memory until it is touched, and copies and memsets of more than 1 MiB are skipped: a
+// full-size step's tens of GiB of device memory would not fit in the host's otherwise. (Smaller
+// ones come from the heap as before: a mapping each, a decode step's hundreds of small tensors
+// spent more time in mmap and munmap than the host code that made them.)
 constexpr size_t copied_at_most = size_t(1) << 20;
 bool skip_copy(size_t n) { return memory_only() && n > copied_at_most; }
+bool mapped(size_t n) { return memory_only() && n > copied_at_most; }
 
 CUresult allocate(CUdeviceptr* p, size_t n) {
     void* m = nullptr;
-    if (memory_only()) {
+    if (mapped(n)) {
         m = mmap(nullptr, std::max<size_t>(n, 1), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
     } else {
@@ -431,7 +435,7 @@ CUresult release(CUdeviceptr p) {
         return CUDA_ERROR_INVALID_VALUE;
     }
     used -= a->second;
-    if (memory_only()) munmap(reinterpret_cast<void*>(p), std::max<size_t>(a->second, 1));
+    if (mapped(a->second)) munmap(reinterpret_cast<void*>(p), std::max<size_t>(a->second, 1));
     else std::free(reinterpret_cast<void*>(p));
     allocations.erase(a);
     return CUDA_SUCCESS;
@@ -588,7 +592,7 @@ CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
 CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, void*, void** params, void** extra) {
     const auto* f = static_cast<Function*>(function);
-    if (memory_only() && (f->host || f->run) && size_t(gx) * gy * gz * bx * by * bz > 65536) return CUDA_SUCCESS;
+    if (memory_only() && (f->run || (f->host && size_t(gx) * gy * gz * bx * by * bz > 65536))) return CUDA_SUCCESS;
     if (f->host) {
         f->host(params);
         return CUDA_SUCCESS;
