@@ -95,7 +95,7 @@ struct Module {
 };
 // Candle's kernels, as loops on the host, by the families of candle-kernels' sources (parameters as
 // they declare them; `info` is dims then strides, null where contiguous): unary `u<op>_<t>`,
-// binary `b<op>_<t>`, `affine_<t>`, `cast_<a>_<b>`, `copy2d_<t>`, `fill_<t>`, the reductions
+// binary `b<op>_<t>` and the comparisons `<eq|ne|lt|le|gt|ge>_<t>`, `affine_<t>`, `cast_<a>_<b>`, `copy2d_<t>`, `fill_<t>`, the reductions
 // `fast_<sum|max|min|argmax|argmin>_<t>` and `fast_sum_small_<t>`, and `where_<ids>_<t>`, for
 // f32, bf16, f64, u32, u8 and i64 (bf16 computed in f32, as candle's kernels do). Others are
 // refused.
@@ -196,12 +196,21 @@ Host binary(const std::string& op, Ty t) {
     else if (op == "div") f = [](double x, double y) { return x / y; };
     else if (op == "maximum") f = [](double x, double y) { return std::max(x, y); };
     else if (op == "minimum") f = [](double x, double y) { return std::min(x, y); };
+    // the comparisons `<op>_<t>` (no `b`), to u8
+    else if (op == "eq") f = [](double x, double y) { return double(x == y); };
+    else if (op == "ne") f = [](double x, double y) { return double(x != y); };
+    else if (op == "lt") f = [](double x, double y) { return double(x < y); };
+    else if (op == "le") f = [](double x, double y) { return double(x <= y); };
+    else if (op == "gt") f = [](double x, double y) { return double(x > y); };
+    else if (op == "ge") f = [](double x, double y) { return double(x >= y); };
     else return nullptr;
-    return [f, t](void** p) {
+    const bool comparison = op == "eq" || op == "ne" || op == "lt" || op == "le" || op == "gt" || op == "ge";
+    const Ty to = comparison ? Ty::U8 : t;
+    return [f, t, to](void** p) {
         const Layout l(p);
         const void *lhs = param<const void*>(p, 3), *rhs = param<const void*>(p, 4);
         void* out = param<void*>(p, 5);
-        for (size_t i = 0; i < l.n; ++i) store(t, out, i, f(load(t, lhs, l.at(i, 1)), load(t, rhs, l.at(i, 2))));
+        for (size_t i = 0; i < l.n; ++i) store(to, out, i, f(load(t, lhs, l.at(i, 1)), load(t, rhs, l.at(i, 2))));
     };
 }
 
@@ -386,6 +395,8 @@ Host candle_kernel(const std::string& name) {
     }
     if (head[0] == 'u') return unary(head.substr(1), t);
     if (head[0] == 'b') return binary(head.substr(1), t);
+    for (const char* cmp : {"eq", "ne", "lt", "le", "gt", "ge"})
+        if (head == cmp) return binary(head, t);
     return nullptr;
 }
 
