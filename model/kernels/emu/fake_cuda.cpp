@@ -95,8 +95,9 @@ struct Module {
 };
 // Candle's kernels, as loops on the host, by the families of candle-kernels' sources (parameters as
 // they declare them; `info` is dims then strides, null where contiguous): unary `u<op>_<t>`,
-// binary `b<op>_<t>` and the comparisons `<eq|ne|lt|le|gt|ge>_<t>`, `affine_<t>`, `cast_<a>_<b>`, `copy2d_<t>`, `fill_<t>`, the reductions
-// `fast_<sum|max|min|argmax|argmin>_<t>` and `fast_sum_small_<t>`, and `where_<ids>_<t>`, for
+// binary `b<op>_<t>` and the comparisons `<eq|ne|lt|le|gt|ge>_<t>` (to u8), `affine_<t>`,
+// `cast_<a>_<b>`, `copy2d_<t>`, `fill_<t>`, the reductions `fast_<sum|max|min|argmax|argmin>_<t>`
+// and `fast_sum_small_<t>`, `where_<ids>_<t>`, `const_set_<t>` and the indexing kernels, for
 // f32, bf16, f64, u32, u8 and i64 (bf16 computed in f32, as candle's kernels do). Others are
 // refused.
 enum class Ty { F32, BF16, F64, U32, U8, I64, None };
@@ -187,7 +188,8 @@ Host unary(const std::string& op, Ty t) {
     };
 }
 
-Host binary(const std::string& op, Ty t) {
+// `to`: the output's type (u8 for the comparisons)
+Host binary(const std::string& op, Ty t, Ty to) {
     // in f64: rounded to f32 or bf16 as it is stored, + − × ÷ are then rounded once, as on a GPU
     std::function<double(double, double)> f;
     if (op == "add") f = [](double x, double y) { return x + y; };
@@ -196,7 +198,6 @@ Host binary(const std::string& op, Ty t) {
     else if (op == "div") f = [](double x, double y) { return x / y; };
     else if (op == "maximum") f = [](double x, double y) { return std::max(x, y); };
     else if (op == "minimum") f = [](double x, double y) { return std::min(x, y); };
-    // the comparisons `<op>_<t>` (no `b`), to u8
     else if (op == "eq") f = [](double x, double y) { return double(x == y); };
     else if (op == "ne") f = [](double x, double y) { return double(x != y); };
     else if (op == "lt") f = [](double x, double y) { return double(x < y); };
@@ -204,8 +205,6 @@ Host binary(const std::string& op, Ty t) {
     else if (op == "gt") f = [](double x, double y) { return double(x > y); };
     else if (op == "ge") f = [](double x, double y) { return double(x >= y); };
     else return nullptr;
-    const bool comparison = op == "eq" || op == "ne" || op == "lt" || op == "le" || op == "gt" || op == "ge";
-    const Ty to = comparison ? Ty::U8 : t;
     return [f, t, to](void** p) {
         const Layout l(p);
         const void *lhs = param<const void*>(p, 3), *rhs = param<const void*>(p, 4);
@@ -394,9 +393,9 @@ Host candle_kernel(const std::string& name) {
         return ids == Ty::None ? nullptr : where(ids, t);
     }
     if (head[0] == 'u') return unary(head.substr(1), t);
-    if (head[0] == 'b') return binary(head.substr(1), t);
-    for (const char* cmp : {"eq", "ne", "lt", "le", "gt", "ge"})
-        if (head == cmp) return binary(head, t);
+    if (head[0] == 'b') return binary(head.substr(1), t, t);
+    for (const char* comparison : {"eq", "ne", "lt", "le", "gt", "ge"})
+        if (head == comparison) return binary(head, t, Ty::U8);
     return nullptr;
 }
 
