@@ -36,7 +36,6 @@
 #include <vector>
 
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -49,8 +48,8 @@
 // call each way, which was three quarters of the fake CUDA library's time (perf, 2026-12-05). The
 // MXCSR and x87 control words, callee-saved too, are not switched: no kernel or emulator code
 // changes the rounding mode or the exception masks, and saving them (stmxcsr, fnstcw, ldmxcsr,
-// fldcw) was a quarter of the fake's time. Elsewhere: ucontext.
-#if defined(__x86_64__)
+// fldcw) was a quarter of the fake's time. Elsewhere, or with EMU_UCONTEXT defined: ucontext.
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
 #define EMU_OWN_SWITCH 1
 // emu_switch(save, to): saves the running stack's pointer in *save and continues on `to`'s.
 extern "C" void emu_switch(void** save, void* to);
@@ -80,6 +79,7 @@ emu_switch:
 )");
 #else
 #define EMU_OWN_SWITCH 0
+#include <ucontext.h>
 #endif
 
 struct dim3 {

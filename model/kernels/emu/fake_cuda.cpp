@@ -43,6 +43,9 @@ constexpr CUresult CUDA_ERROR_OUT_OF_MEMORY = 2;
 constexpr CUresult CUDA_ERROR_NOT_FOUND = 500;
 constexpr CUresult CUDA_ERROR_NOT_SUPPORTED = 801;
 
+// the most threads a launch of candle's kernels has that the memory-only mode still computes
+constexpr size_t memory_only_threads = 65536;
+
 // FAKE_CUDA_MEMORY_ONLY is set (and not 0)
 inline bool memory_only() {
     static const bool on = [] {
@@ -415,14 +418,13 @@ constexpr size_t total_memory = size_t(64) << 30;
 // full-size step's tens of GiB of device memory would not fit in the host's otherwise. (Smaller
 // ones come from the heap as before: a mapping each, a decode step's hundreds of small tensors
 // spent more time in mmap and munmap than the host code that made them.)
-constexpr size_t copied_at_most = size_t(1) << 20;
-bool skip_copy(size_t n) { return memory_only() && n > copied_at_most; }
-bool mapped(size_t n) { return memory_only() && n > copied_at_most; }
+// A buffer of n bytes that the memory-only mode maps and never touches.
+bool untouched(size_t n) { return memory_only() && n > (size_t(1) << 20); }
 
 CUresult allocate(CUdeviceptr* p, size_t n) {
     void* m = nullptr;
-    if (mapped(n)) {
-        m = mmap(nullptr, std::max<size_t>(n, 1), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (untouched(n)) {
+        m = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
     } else {
         m = std::calloc(std::max<size_t>(n, 1), 1);
@@ -445,7 +447,7 @@ CUresult release(CUdeviceptr p) {
         return CUDA_ERROR_INVALID_VALUE;
     }
     used -= a->second;
-    if (mapped(a->second)) munmap(reinterpret_cast<void*>(p), std::max<size_t>(a->second, 1));
+    if (untouched(a->second)) munmap(reinterpret_cast<void*>(p), a->second);
     else std::free(reinterpret_cast<void*>(p));
     allocations.erase(a);
     return CUDA_SUCCESS;
@@ -544,27 +546,27 @@ CUresult cuMemPoolSetAttribute(void*, int attribute, void* value) {
 }
 CUresult cuMemPoolTrimTo(void*, size_t) { return CUDA_SUCCESS; }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
-    if (skip_copy(n)) return CUDA_SUCCESS;
+    if (untouched(n)) return CUDA_SUCCESS;
     std::memcpy(reinterpret_cast<void*>(dst), src, n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
-    if (skip_copy(n)) return CUDA_SUCCESS;
+    if (untouched(n)) return CUDA_SUCCESS;
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) {
-    if (skip_copy(n)) return CUDA_SUCCESS;
+    if (untouched(n)) return CUDA_SUCCESS;
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyPeerAsync(CUdeviceptr dst, void*, CUdeviceptr src, void*, size_t n, void*) {
-    if (skip_copy(n)) return CUDA_SUCCESS;
+    if (untouched(n)) return CUDA_SUCCESS;
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, void*) {
-    if (skip_copy(n)) return CUDA_SUCCESS;
+    if (untouched(n)) return CUDA_SUCCESS;
     std::memset(reinterpret_cast<void*>(dst), value, n);
     return CUDA_SUCCESS;
 }
@@ -602,7 +604,8 @@ CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
 CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, void*, void** params, void** extra) {
     const auto* f = static_cast<Function*>(function);
-    if (memory_only() && (f->run || (f->host && size_t(gx) * gy * gz * bx * by * bz > 65536))) return CUDA_SUCCESS;
+    const size_t threads = size_t(gx) * gy * gz * bx * by * bz;
+    if (memory_only() && (f->run || (f->host && threads > memory_only_threads))) return CUDA_SUCCESS;
     if (f->host) {
         f->host(params);
         return CUDA_SUCCESS;
