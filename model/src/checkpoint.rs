@@ -69,7 +69,7 @@ where
         RECOMPUTED.fetch_add(1, Ordering::Relaxed);
         let input = Var::from_tensor(&x.detach())?;
         let y = layer(&w, input.as_tensor())?;
-        let grads = (y * g)?.sum_all()?.backward()?;
+        let grads = y.backward_from(g)?;
         SET_ASIDE.with(|s| {
             let mut s = s.borrow_mut();
             for p in w.tensors() {
@@ -80,4 +80,41 @@ where
         });
         Ok([grads.get(input.as_tensor()).cloned(), None, None])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    /// The recomputed layer's backward is seeded with the upstream gradient (vendored candle's
+    /// `backward_from`): the same gradients, bit for bit, as the product with it summed, which
+    /// on a GPU was an elementwise product, a one-block reduction over the layer's whole output
+    /// and their backward, per layer.
+    #[test]
+    fn a_seeded_backward_gives_the_gradients_of_the_seeds_product_summed() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 5), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 4), &dev).unwrap()).unwrap();
+        let g = Tensor::randn(0f32, 1., (3, 4), &dev).unwrap();
+        let layer = || {
+            let h = x.as_tensor().matmul(w.as_tensor()).unwrap();
+            (h.silu().unwrap() + x.as_tensor().narrow(1, 0, 4).unwrap()).unwrap()
+        };
+        let seeded = layer().backward_from(&g).unwrap();
+        let summed = (layer() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w] {
+            let a = seeded.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            let b = summed.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        }
+        // a seed of another shape or dtype is an error, not a silent broadcast or cast
+        let y = layer();
+        assert!(y.backward_from(&g.narrow(0, 0, 2).unwrap()).is_err());
+        assert!(y.backward_from(&g.to_dtype(DType::F64).unwrap()).is_err());
+    }
 }

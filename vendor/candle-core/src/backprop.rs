@@ -163,9 +163,32 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        self.backward_from(&self.ones_like()?)
+    }
+
+    /// The backward pass seeded with `grad`, the gradient of some scalar with respect to `self`
+    /// (ferrite's addition): the gradients `(self * grad).sum_all().backward()` gives, without
+    /// the product, the full reduction and their own backward.
+    pub fn backward_from(&self, grad: &Tensor) -> Result<GradStore> {
+        if grad.shape() != self.shape() {
+            Err(Error::ShapeMismatchBinaryOp {
+                lhs: self.shape().clone(),
+                rhs: grad.shape().clone(),
+                op: "backward_from",
+            }
+            .bt())?
+        }
+        if grad.dtype() != self.dtype() {
+            Err(Error::DTypeMismatchBinaryOp {
+                lhs: self.dtype(),
+                rhs: grad.dtype(),
+                op: "backward_from",
+            }
+            .bt())?
+        }
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
-        grads.insert(self, self.ones_like()?.contiguous()?);
+        grads.insert(self, grad.contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;
