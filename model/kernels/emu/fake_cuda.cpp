@@ -18,13 +18,16 @@
 // free and launch is still made, in the same order. The memory pool's high watermark is then the
 // step's peak allocated memory, as the GPU's pool would report it. The values are wrong (zeros
 // where the compute was skipped); candle's small launches (a mask's sum, a scalar) still run, so
-// that what the host reads back stays finite.
+// that what the host reads back stays finite. FAKE_CUDA_PROFILE=1 prints at exit which of
+// candle's launches ran on the host and their time (see `Profile`).
 //
 // Built once per library, with FAKE_CUDA_LIB set to which (see scripts/fake-gpu.sh); the test's
 // kernels.inc and registry.inc (ferrite.cu with its shared memory rewritten, and the kernels'
 // names) are generated beside the build.
 #include "cuda_emu.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cstdarg>
 #include <cstdint>
 #include <cstring>
@@ -34,6 +37,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 using CUresult = int;
 using CUdeviceptr = unsigned long long;
@@ -411,6 +415,12 @@ struct Function {
 std::mutex lock;  // one launch at a time: the emulator's state is global
 std::map<uintptr_t, size_t> allocations;
 size_t used = 0, used_high = 0;
+// With FAKE_CUDA_MEMORY_ONLY, freed heap buffers by size, handed out again as they are: zeroing
+// a fresh one each time made a decode step's host time at B = 256 6.1 ms, against 1.4 to 2.0
+// without, where the GPU's pool zeroes nothing. They hold zeros or what the small launches
+// wrote, so what the host reads back stays finite (plain malloc's garbage made the composed
+// ops' gradient norm non-finite, which skipped their update and a third of the step's memory).
+std::map<size_t, std::vector<void*>> spare;
 constexpr size_t total_memory = size_t(64) << 30;
 
 // With FAKE_CUDA_MEMORY_ONLY an allocation of more than 1 MiB is its own mapping, which takes no
@@ -427,8 +437,13 @@ CUresult allocate(CUdeviceptr* p, size_t n) {
         m = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
     } else {
-        m = std::calloc(std::max<size_t>(n, 1), 1);
+        std::lock_guard g(lock);
+        if (auto s = spare.find(n); s != spare.end() && !s->second.empty()) {
+            m = s->second.back();
+            s->second.pop_back();
+        }
     }
+    if (m == nullptr) m = std::calloc(std::max<size_t>(n, 1), 1);
     if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
     std::lock_guard g(lock);
     allocations[reinterpret_cast<uintptr_t>(m)] = n;
@@ -448,6 +463,7 @@ CUresult release(CUdeviceptr p) {
     }
     used -= a->second;
     if (untouched(a->second)) munmap(reinterpret_cast<void*>(p), a->second);
+    else if (memory_only()) spare[a->second].push_back(reinterpret_cast<void*>(p));
     else std::free(reinterpret_cast<void*>(p));
     allocations.erase(a);
     return CUDA_SUCCESS;
@@ -601,13 +617,50 @@ CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
     *function = new Function{name, run, host};
     return CUDA_SUCCESS;
 }
+// FAKE_CUDA_PROFILE=1: candle's launches that ran on the host, by kernel and geometry, with their
+// count and host time, printed at exit, the costliest first. Under FAKE_CUDA_MEMORY_ONLY those are
+// the launches of at most 65,536 threads, so one that takes long here is a launch where few GPU
+// threads walk much memory (candle's full reduction is one block).
+struct Profile {
+    std::mutex lock;
+    std::map<std::string, std::pair<size_t, double>> by_launch;  // count, seconds
+    ~Profile() {
+        std::vector<std::pair<std::string, std::pair<size_t, double>>> rows(by_launch.begin(), by_launch.end());
+        std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.second > b.second.second; });
+        if (!rows.empty()) std::fprintf(stderr, "fake cuda: host-run launches, costliest first\n");
+        for (size_t i = 0; i < rows.size() && i < 25; ++i)
+            std::fprintf(stderr, "%10.3f s %8zu x  %s\n", rows[i].second.second, rows[i].second.first,
+                         rows[i].first.c_str());
+    }
+};
+Profile* profile() {
+    static const bool on = [] {
+        const char* v = std::getenv("FAKE_CUDA_PROFILE");
+        return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+    }();
+    static Profile p;  // prints at exit
+    return on ? &p : nullptr;
+}
+// runs `host`, and with FAKE_CUDA_PROFILE adds its time to the kernel's row at this geometry
+void run_host(const Function& f, unsigned grid, unsigned block, void** params) {
+    Profile* p = profile();
+    if (p == nullptr) return f.host(params);
+    const auto start = std::chrono::steady_clock::now();
+    f.host(params);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::lock_guard g(p->lock);
+    auto& row = p->by_launch[f.name + " <<<" + std::to_string(grid) + ", " + std::to_string(block) + ">>>"];
+    row.first += 1;
+    row.second += s;
+}
+
 CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, void*, void** params, void** extra) {
     const auto* f = static_cast<Function*>(function);
     const size_t threads = size_t(gx) * gy * gz * bx * by * bz;
     if (memory_only() && (f->run || (f->host && threads > memory_only_threads))) return CUDA_SUCCESS;
     if (f->host) {
-        f->host(params);
+        run_host(*f, gx * gy * gz, bx * by * bz, params);
         return CUDA_SUCCESS;
     }
     if (!f->run) {
