@@ -59,6 +59,56 @@ inline bool memory_only() {
     return on;
 }
 
+// FAKE_CUDA_PROFILE=1: each library's launches (libcuda's kernels, libcublas's GEMMs) by kernel and
+// geometry, with their count and the host time they took, printed at exit: the costliest, then
+// the most frequent. Under FAKE_CUDA_MEMORY_ONLY the ones that take time are candle's launches of
+// at most 65,536 threads, so a costly row is a launch where few GPU threads walk much memory
+// (candle's full reduction is one block); the counts are what a step launches.
+struct Profile {
+    const char* what;
+    std::mutex lock;
+    std::map<std::string, std::pair<size_t, double>> rows;  // count, seconds
+    ~Profile() {
+        if (rows.empty()) return;
+        std::vector<std::pair<std::string, std::pair<size_t, double>>> by(rows.begin(), rows.end());
+        size_t total = 0;
+        for (auto& r : by) total += r.second.first;
+        std::fprintf(stderr, "fake cuda: %zu %s in all; the costliest on the host, then the most frequent\n", total,
+                     what);
+        const auto print = [&](auto longer) {
+            std::sort(by.begin(), by.end(), longer);
+            for (size_t i = 0; i < by.size() && i < 30; ++i)
+                std::fprintf(stderr, "%10.3f s %9zu x  %s\n", by[i].second.second, by[i].second.first,
+                             by[i].first.c_str());
+        };
+        print([](auto& a, auto& b) { return a.second.second > b.second.second; });
+        std::fputs("  ...\n", stderr);
+        print([](auto& a, auto& b) { return a.second.first > b.second.first; });
+    }
+};
+// the library's profile with FAKE_CUDA_PROFILE set, else null
+Profile* profile(const char* what) {
+    static const bool on = [] {
+        const char* v = std::getenv("FAKE_CUDA_PROFILE");
+        return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+    }();
+    static Profile p{what, {}, {}};  // prints at exit
+    return on ? &p : nullptr;
+}
+// runs `work`, and with FAKE_CUDA_PROFILE counts it and its host time in the row `key()` names
+template <typename Key, typename Work>
+void profiled(const Key& key, const Work& work) {
+    Profile* p = profile(FAKE_CUDA_LIB == 2 ? "cuBLAS GEMMs" : "kernel launches");
+    if (p == nullptr) return work();
+    const auto start = std::chrono::steady_clock::now();
+    work();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::lock_guard g(p->lock);
+    auto& row = p->rows[key()];
+    row.first += 1;
+    row.second += s;
+}
+
 #if FAKE_CUDA_LIB == 1  // libcuda.so.1: the driver API
 
 #include "kernels.inc"
@@ -617,50 +667,19 @@ CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
     *function = new Function{name, run, host};
     return CUDA_SUCCESS;
 }
-// FAKE_CUDA_PROFILE=1: candle's launches that ran on the host, by kernel and geometry, with their
-// count and host time, printed at exit, the costliest first. Under FAKE_CUDA_MEMORY_ONLY those are
-// the launches of at most 65,536 threads, so one that takes long here is a launch where few GPU
-// threads walk much memory (candle's full reduction is one block).
-struct Profile {
-    std::mutex lock;
-    std::map<std::string, std::pair<size_t, double>> by_launch;  // count, seconds
-    ~Profile() {
-        std::vector<std::pair<std::string, std::pair<size_t, double>>> rows(by_launch.begin(), by_launch.end());
-        std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.second > b.second.second; });
-        if (!rows.empty()) std::fprintf(stderr, "fake cuda: host-run launches, costliest first\n");
-        for (size_t i = 0; i < rows.size() && i < 25; ++i)
-            std::fprintf(stderr, "%10.3f s %8zu x  %s\n", rows[i].second.second, rows[i].second.first,
-                         rows[i].first.c_str());
-    }
-};
-Profile* profile() {
-    static const bool on = [] {
-        const char* v = std::getenv("FAKE_CUDA_PROFILE");
-        return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
-    }();
-    static Profile p;  // prints at exit
-    return on ? &p : nullptr;
-}
-// runs `host`, and with FAKE_CUDA_PROFILE adds its time to the kernel's row at this geometry
-void run_host(const Function& f, unsigned grid, unsigned block, void** params) {
-    Profile* p = profile();
-    if (p == nullptr) return f.host(params);
-    const auto start = std::chrono::steady_clock::now();
-    f.host(params);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::lock_guard g(p->lock);
-    auto& row = p->by_launch[f.name + " <<<" + std::to_string(grid) + ", " + std::to_string(block) + ">>>"];
-    row.first += 1;
-    row.second += s;
-}
-
 CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, void*, void** params, void** extra) {
     const auto* f = static_cast<Function*>(function);
     const size_t threads = size_t(gx) * gy * gz * bx * by * bz;
-    if (memory_only() && (f->run || (f->host && threads > memory_only_threads))) return CUDA_SUCCESS;
+    const auto key = [&] {
+        return f->name + " <<<" + std::to_string(gx * gy * gz) + ", " + std::to_string(bx * by * bz) + ">>>";
+    };
+    if (memory_only() && (f->run || (f->host && threads > memory_only_threads))) {
+        profiled(key, [] {});
+        return CUDA_SUCCESS;
+    }
     if (f->host) {
-        run_host(*f, gx * gy * gz, bx * by * bz, params);
+        profiled(key, [&] { f->host(params); });
         return CUDA_SUCCESS;
     }
     if (!f->run) {
@@ -672,7 +691,7 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
         return CUDA_ERROR_NOT_SUPPORTED;
     }
     std::lock_guard g(lock);
-    f->run(params, gx, bx, shared);
+    profiled(key, [&] { f->run(params, gx, bx, shared); });
     return CUDA_SUCCESS;
 }
 }  // extern "C"
@@ -710,44 +729,54 @@ int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, int 
                      btype, ctype, compute);
         return 15;
     }
-    if (memory_only()) return 0;
-    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-    // per batch: op(A) packed as m rows of k, op(B) as n rows of k, so that each element of C is
-    // a dot product of two contiguous rows; the columns of C split over the host's threads
-    std::vector<float> ap(size_t(m) * k), bp(size_t(n) * k);
-    const unsigned threads = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
-    for (int bt = 0; bt < batches; ++bt) {
-        const void* ab = static_cast<const char*>(a) + bt * stride_a * (atype == 14 ? 2 : 4);
-        const void* bb = static_cast<const char*>(b) + bt * stride_b * (btype == 14 ? 2 : 4);
-        void* cb = static_cast<char*>(c) + bt * stride_c * (ctype == 14 ? 2 : 4);
-        for (int i = 0; i < m; ++i)
-            for (int l = 0; l < k; ++l)
-                ap[size_t(i) * k + l] = element(atype, ab, transa ? l + (long long)i * lda : i + (long long)l * lda);
-        for (int j = 0; j < n; ++j)
-            for (int l = 0; l < k; ++l)
-                bp[size_t(j) * k + l] = element(btype, bb, transb ? j + (long long)l * ldb : l + (long long)j * ldb);
-        auto columns = [&](int from, int to) {
-            for (int j = from; j < to; ++j)
-                for (int i = 0; i < m; ++i) {
-                    const float *x = &ap[size_t(i) * k], *y = &bp[size_t(j) * k];
-                    float part[8] = {};
-                    int l = 0;
-                    for (; l + 8 <= k; l += 8)
-                        for (int u = 0; u < 8; ++u) part[u] += x[l + u] * y[l + u];
-                    float acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-                    for (; l < k; ++l) acc += x[l] * y[l];
-                    const long long at = i + (long long)j * ldc;
-                    const float old = be == 0.f ? 0.f : element(ctype, cb, at);
-                    const float v = al * acc + be * old;
-                    if (ctype == 14) static_cast<__nv_bfloat16*>(cb)[at] = __float2bfloat16(v);
-                    else static_cast<float*>(cb)[at] = v;
-                }
-        };
-        std::vector<std::thread> pool;
-        const int per = (n + int(threads) - 1) / int(threads);
-        for (int from = 0; from < n; from += per) pool.emplace_back(columns, from, std::min(n, from + per));
-        for (auto& t : pool) t.join();
+    const auto key = [&] {
+        std::string shape = "gemm " + std::to_string(m) + " x " + std::to_string(n) + " x " + std::to_string(k);
+        if (batches > 1) shape += ", " + std::to_string(batches) + " batches";
+        return shape + (ctype == 14 ? " bf16" : " f32");
+    };
+    if (memory_only()) {
+        profiled(key, [] {});
+        return 0;
     }
+    profiled(key, [&] {
+        const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+        // per batch: op(A) packed as m rows of k, op(B) as n rows of k, so that each element of C is
+        // a dot product of two contiguous rows; the columns of C split over the host's threads
+        std::vector<float> ap(size_t(m) * k), bp(size_t(n) * k);
+        const unsigned threads = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+        for (int bt = 0; bt < batches; ++bt) {
+            const void* ab = static_cast<const char*>(a) + bt * stride_a * (atype == 14 ? 2 : 4);
+            const void* bb = static_cast<const char*>(b) + bt * stride_b * (btype == 14 ? 2 : 4);
+            void* cb = static_cast<char*>(c) + bt * stride_c * (ctype == 14 ? 2 : 4);
+            for (int i = 0; i < m; ++i)
+                for (int l = 0; l < k; ++l)
+                    ap[size_t(i) * k + l] = element(atype, ab, transa ? l + (long long)i * lda : i + (long long)l * lda);
+            for (int j = 0; j < n; ++j)
+                for (int l = 0; l < k; ++l)
+                    bp[size_t(j) * k + l] = element(btype, bb, transb ? j + (long long)l * ldb : l + (long long)j * ldb);
+            auto columns = [&](int from, int to) {
+                for (int j = from; j < to; ++j)
+                    for (int i = 0; i < m; ++i) {
+                        const float *x = &ap[size_t(i) * k], *y = &bp[size_t(j) * k];
+                        float part[8] = {};
+                        int l = 0;
+                        for (; l + 8 <= k; l += 8)
+                            for (int u = 0; u < 8; ++u) part[u] += x[l + u] * y[l + u];
+                        float acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+                        for (; l < k; ++l) acc += x[l] * y[l];
+                        const long long at = i + (long long)j * ldc;
+                        const float old = be == 0.f ? 0.f : element(ctype, cb, at);
+                        const float v = al * acc + be * old;
+                        if (ctype == 14) static_cast<__nv_bfloat16*>(cb)[at] = __float2bfloat16(v);
+                        else static_cast<float*>(cb)[at] = v;
+                    }
+            };
+            std::vector<std::thread> pool;
+            const int per = (n + int(threads) - 1) / int(threads);
+            for (int from = 0; from < n; from += per) pool.emplace_back(columns, from, std::min(n, from + per));
+            for (auto& t : pool) t.join();
+        }
+    });
     return 0;
 }
 int cublasDgemmStridedBatched() {
