@@ -50,12 +50,13 @@ constexpr CUresult CUDA_ERROR_NOT_SUPPORTED = 801;
 // the most threads a launch of candle's kernels has that the memory-only mode still computes
 constexpr size_t memory_only_threads = 65536;
 
-// FAKE_CUDA_MEMORY_ONLY is set (and not 0)
+// the environment variable `name` is set, and not empty or 0
+inline bool env_flag(const char* name) {
+    const char* v = std::getenv(name);
+    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
 inline bool memory_only() {
-    static const bool on = [] {
-        const char* v = std::getenv("FAKE_CUDA_MEMORY_ONLY");
-        return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
-    }();
+    static const bool on = env_flag("FAKE_CUDA_MEMORY_ONLY");
     return on;
 }
 
@@ -88,10 +89,7 @@ struct Profile {
 };
 // the library's profile with FAKE_CUDA_PROFILE set, else null
 Profile* profile(const char* what) {
-    static const bool on = [] {
-        const char* v = std::getenv("FAKE_CUDA_PROFILE");
-        return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
-    }();
+    static const bool on = env_flag("FAKE_CUDA_PROFILE");
     static Profile p{what, {}, {}};  // prints at exit
     return on ? &p : nullptr;
 }
