@@ -481,7 +481,7 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
     let (b1, b2) = (bias.clone(), bias);
     let targets: Vec<u32> = (0..96u32).map(|i| (i * 7919) % 151_936).collect();
     let targets = Tensor::new(targets.as_slice(), gpu)?;
-    let (t1, t2, t3, t4) = (targets.clone(), targets.clone(), targets.clone(), targets);
+    let [t1, t2, t3, t4, t5] = [(); 5].map(|_| targets.clone());
     let lp_plus_h = |(lp, h): (Tensor, Tensor)| -> Result<Tensor> { Ok((lp + (h * 0.37)?)?) };
     let cases = [
         Case {
@@ -497,6 +497,35 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
             grad_of: vec![true, false, false],
             fused: Box::new(|x| Ok(ops::rope(&x[0], &x[1], &x[2])?)),
             reference: Box::new(|x| Ok(ops::composed::rope(&x[0], &x[1], &x[2])?)),
+        },
+        Case {
+            // a projection's rows read in place, the backward writing dy in their order
+            name: "rope of a projection's heads [2, 37, 4·64] → [2, 4, 37, 64]",
+            shapes: vec![vec![b, t, h * d], vec![b, 1, t, d], vec![b, 1, t, d]],
+            grad_of: vec![true, false, false],
+            fused: Box::new(move |x| Ok(ops::rope_heads(&x[0], h, &x[1], &x[2])?)),
+            reference: Box::new(move |x| {
+                let heads = x[0].reshape((b, t, h, d))?.transpose(1, 2)?;
+                Ok(ops::composed::rope(&heads, &x[1], &x[2])?)
+            }),
+        },
+        Case {
+            // k's rows of a packed q/k/v projection: a row stride of (4 + 2·1)·64
+            name: "rope of a packed projection's k heads [2, 37, (4+1+1)·64] → [2, 1, 37, 64]",
+            shapes: vec![vec![b, t, (h + 2) * d], vec![b, 1, t, d], vec![b, 1, t, d]],
+            grad_of: vec![true, false, false],
+            fused: Box::new(move |x| {
+                Ok(ops::rope_heads(
+                    &x[0].narrow(2, h * d, d)?,
+                    1,
+                    &x[1],
+                    &x[2],
+                )?)
+            }),
+            reference: Box::new(move |x| {
+                let k = x[0].narrow(2, h * d, d)?.reshape((b, t, 1, d))?;
+                Ok(ops::composed::rope(&k.transpose(1, 2)?, &x[1], &x[2])?)
+            }),
         },
         Case {
             name: "swiglu [74, 4864]",
@@ -563,6 +592,29 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
                 let z = (model::forward::linear(&x[0], &x[1], None)?.to_dtype(DType::F32)? / 0.7)?;
                 lp_plus_h((
                     ops::composed::logprob_gather(&z, &t4)?,
+                    ops::composed::entropy(&z)?,
+                ))
+            }),
+        },
+        Case {
+            // the logits kept by the forward (in one matmul) and overwritten by dz in place
+            name: "output layer, logits kept [96, 896]·[151936, 896]ᵀ",
+            shapes: vec![vec![96, 896], vec![151_936, 896]],
+            grad_of: vec![true, true],
+            fused: Box::new(move |x| {
+                let chunking = model::head::Chunking {
+                    rows: 40,
+                    group: 80,
+                    keep_logits: true,
+                };
+                lp_plus_h(model::head::output_logprobs_with(
+                    &x[0], &x[1], &t5, 0.7, chunking,
+                )?)
+            }),
+            reference: Box::new(move |x| {
+                let z = (model::forward::linear(&x[0], &x[1], None)?.to_dtype(DType::F32)? / 0.7)?;
+                lp_plus_h((
+                    ops::composed::logprob_gather(&z, &targets)?,
                     ops::composed::entropy(&z)?,
                 ))
             }),
@@ -1443,8 +1495,9 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
             }),
         },
         Case {
-            // the learner's output layer: chunks of 220 rows, dW per group of 16 chunks, against
-            // autograd through the whole f32 logits (5 GB at this shape)
+            // the learner's output layer: in bf16 its logits kept whole (2.3 GiB), turned into dz
+            // in place, one dW matmul; in f32 recomputed in chunks of 220 rows, dW per group of 8
+            // chunks; against autograd through the whole f32 logits (5 GB at this shape)
             name: "output layer [8192, 896]·[151936, 896]ᵀ",
             shapes: vec![vec![nt, 896], vec![151_936, 896]],
             grad_of: vec![true, true],

@@ -336,22 +336,27 @@ extern "C" __global__ void swiglu_bwd_bf16(const bf16* a, const bf16* b, const b
 }
 
 // ------------------------------------------------------------------------------- RoPE
-// x [B, H, T, D], cos / sin [B, 1, T, D]; one thread per (row, i < D/2).
+// x, y [B, H, T, D] each at its own strides (elements) of b, h and t, D contiguous: a transposed
+// view of a projection's [B, T, H, D] rows is read in place, and the adjoint writes back in that
+// order; cos / sin [B, 1, T, D] contiguous. One thread per (row, i < D/2).
 // forward:  y_i = a·cos_i − b·sin_i,      y_{i+h} = b·cos_{i+h} + a·sin_{i+h}
 // adjoint:  y_i = a·cos_i + b·sin_{i+h},  y_{i+h} = b·cos_{i+h} − a·sin_i
 // with (a, b) = (x_i, x_{i+h}) and h = D/2.
 
 template <typename T>
 __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int heads, int t, int d,
-                     size_t pairs, int transpose) {
+                     size_t pairs, int transpose, size_t xb, size_t xh, size_t xt, size_t yb,
+                     size_t yh, size_t yt) {
     const int half = d / 2;
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < pairs;
          k += (size_t)gridDim.x * blockDim.x) {
         const size_t row = k / half;
         const int i = k % half;
         const size_t b = row / ((size_t)heads * t);
+        const size_t head = (row / t) % heads;
         const int ti = row % t;
-        const size_t xo = row * d, co = (b * t + ti) * d;
+        const size_t xo = b * xb + head * xh + ti * xt, yo = b * yb + head * yh + ti * yt;
+        const size_t co = (b * t + ti) * d;
         const float a = ld(x[xo + i]), bv = ld(x[xo + i + half]);
         float lo, hi;
         if (transpose) {
@@ -361,17 +366,19 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int heads, in
             lo = a * ld(cos[co + i]) - bv * ld(sin[co + i]);
             hi = bv * ld(cos[co + i + half]) + a * ld(sin[co + i + half]);
         }
-        y[xo + i] = st<T>(lo);
-        y[xo + i + half] = st<T>(hi);
+        y[yo + i] = st<T>(lo);
+        y[yo + i + half] = st<T>(hi);
     }
 }
 extern "C" __global__ void rope_f32(const float* x, const float* c, const float* s, float* y, int heads,
-                                    int t, int d, size_t pairs, int transpose) {
-    rope<float>(x, c, s, y, heads, t, d, pairs, transpose);
+                                    int t, int d, size_t pairs, int transpose, size_t xb, size_t xh,
+                                    size_t xt, size_t yb, size_t yh, size_t yt) {
+    rope<float>(x, c, s, y, heads, t, d, pairs, transpose, xb, xh, xt, yb, yh, yt);
 }
 extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s, bf16* y, int heads,
-                                     int t, int d, size_t pairs, int transpose) {
-    rope<bf16>(x, c, s, y, heads, t, d, pairs, transpose);
+                                     int t, int d, size_t pairs, int transpose, size_t xb, size_t xh,
+                                     size_t xt, size_t yb, size_t yh, size_t yt) {
+    rope<bf16>(x, c, s, y, heads, t, d, pairs, transpose, xb, xh, xt, yb, yh, yt);
 }
 
 // ------------------------------------------------------------------------------- decode q/k/v

@@ -803,9 +803,31 @@ pub fn swiglu_bwd(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)
 
 // ---------------------------------------------------------------- RoPE
 
-/// `x [B, H, T, D]`, `cos, sin [B, 1, T, D]`; `transpose` applies the adjoint (the backward).
+/// Where a rope launch reads `x` and writes `y`, both `[B, H, T, D]` with D contiguous: their
+/// element strides of b, h and t, and the elements `x` spans from its layout's first element.
+struct RopeOrder {
+    dims: [usize; 4],
+    x: [usize; 3],
+    x_span: usize,
+    y: [usize; 3],
+}
+
+impl RopeOrder {
+    /// Strides `[H·T·D, T·D, D]`: a contiguous `[B, H, T, D]` tensor.
+    fn head_major([_, h, t, d]: [usize; 4]) -> [usize; 3] {
+        [h * t * d, t * d, d]
+    }
+
+    /// Strides `[T·H·D, D, H·D]`: the rows of a contiguous `[B, T, H·D]` projection.
+    fn token_major([_, h, t, d]: [usize; 4]) -> [usize; 3] {
+        [t * h * d, d, h * d]
+    }
+}
+
+/// `y = rope(x)`, or its adjoint where `transpose` (the backward), in a fresh buffer, each read
+/// and written as `order` says; `cos, sin [B, 1, T, D]` contiguous.
 #[allow(clippy::too_many_arguments)]
-pub fn rope(
+fn rope_launch(
     x: &CudaStorage,
     xl: &Layout,
     c: &CudaStorage,
@@ -813,6 +835,7 @@ pub fn rope(
     s: &CudaStorage,
     sl: &Layout,
     transpose: bool,
+    order: RopeOrder,
 ) -> Result<CudaStorage> {
     #[allow(clippy::too_many_arguments)]
     fn go<T: Float>(
@@ -823,33 +846,69 @@ pub fn rope(
         s: &CudaStorage,
         sl: &Layout,
         transpose: bool,
+        order: &RopeOrder,
     ) -> Result<CudaStorage> {
         let dev = x.device().clone();
-        let dims = xl.dims();
-        let (heads, t, d) = (dims[1] as i32, dims[2] as i32, dims[3]);
-        let n = xl.shape().elem_count();
+        let [b, h, t, d] = order.dims;
+        let n = b * h * t * d;
         let pairs = n / 2;
-        let (xv, cv, sv) = (view::<T>(x, xl)?, view::<T>(c, cl)?, view::<T>(s, sl)?);
+        if cl.shape().elem_count() != b * t * d || sl.shape().elem_count() != b * t * d {
+            return Err(err("rope: cos and sin must be [B, 1, T, D]"));
+        }
+        let xv = strided::<T>(x, xl, order.x_span)?;
+        let (cv, sv) = (view::<T>(c, cl)?, view::<T>(s, sl)?);
         let y = unsafe { dev.alloc::<T>(n)? };
-        let (d32, tr) = (d as i32, i32::from(transpose));
+        let (h32, t32, d32, tr) = (h as i32, t as i32, d as i32, i32::from(transpose));
         let mut l = Launch::new(&dev, &kernel::<T>("rope")?)?;
         l.arg(&xv)
             .arg(&cv)
             .arg(&sv)
             .arg(&y)
-            .arg(&heads)
-            .arg(&t)
+            .arg(&h32)
+            .arg(&t32)
             .arg(&d32)
             .arg(&pairs)
             .arg(&tr);
-        // SAFETY: n elements of x and y; cos / sin hold B·T·D.
+        for stride in order.x.iter().chain(&order.y) {
+            l.arg(stride);
+        }
+        // SAFETY: x is read within its span; y's strides are one of RopeOrder's two orders of
+        // B·H·T·D elements, each written once; cos / sin hold B·T·D (checked above).
         unsafe { l.launch(launch::elems(pairs)) }?;
         Ok(T::wrap_cuda_slice(y, dev))
     }
     if c.dtype() != x.dtype() || s.dtype() != x.dtype() {
         return Err(err("rope: cos and sin must have x's dtype"));
     }
-    by_dtype!(x.dtype(), go(x, xl, c, cl, s, sl, transpose))
+    by_dtype!(x.dtype(), go(x, xl, c, cl, s, sl, transpose, &order))
+}
+
+/// `x [B, H, T, D]` contiguous, `cos, sin [B, 1, T, D]` → `[B, H, T, D]`; `transpose` applies the
+/// adjoint (the backward).
+pub fn rope(
+    x: &CudaStorage,
+    xl: &Layout,
+    c: &CudaStorage,
+    cl: &Layout,
+    s: &CudaStorage,
+    sl: &Layout,
+    transpose: bool,
+) -> Result<CudaStorage> {
+    let dims: [usize; 4] = xl
+        .dims()
+        .try_into()
+        .map_err(|_| err("rope: x must be [B, H, T, D]"))?;
+    if !xl.is_contiguous() {
+        return Err(err("rope: x must be contiguous"));
+    }
+    let contiguous = RopeOrder::head_major(dims);
+    let order = RopeOrder {
+        dims,
+        x: contiguous,
+        x_span: xl.shape().elem_count(),
+        y: contiguous,
+    };
+    rope_launch(x, xl, c, cl, s, sl, transpose, order)
 }
 
 pub fn rope_bwd(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -858,6 +917,60 @@ pub fn rope_bwd(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let [(gs, gl), (cs, cl), (ss, sl)] = on_cuda(&guards)?;
     let out = rope(gs, gl, cs, cl, ss, sl, true)?;
     Ok(wrap(out, g.shape()))
+}
+
+/// A projection's rows `y [B, T, H·D]` (each row contiguous, at any row stride: a narrow of a
+/// packed q/k/v projection too) split into heads and rotated in one pass, `[B, H, T, D]`
+/// contiguous out: the transpose's copy and the rotation's pass in one.
+pub fn rope_heads(
+    y: &CudaStorage,
+    yl: &Layout,
+    heads: usize,
+    c: &CudaStorage,
+    cl: &Layout,
+    s: &CudaStorage,
+    sl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (b, t, hd) = yl
+        .shape()
+        .dims3()
+        .map_err(|_| err("rope_heads: y must be [B, T, H·D]"))?;
+    let st = yl.stride();
+    if heads == 0 || hd % heads != 0 || (st[2] != 1 && hd > 1) {
+        return Err(err("rope_heads: y's rows must be contiguous, H·D of them"));
+    }
+    let dims = [b, heads, t, hd / heads];
+    let x = [st[0], dims[3], st[1]];
+    let x_span = match b * t {
+        0 => 0,
+        _ => (b - 1) * st[0] + (t - 1) * st[1] + hd,
+    };
+    let order = RopeOrder {
+        dims,
+        x,
+        x_span,
+        y: RopeOrder::head_major(dims),
+    };
+    let out = rope_launch(y, yl, c, cl, s, sl, false, order)?;
+    Ok((out, Shape::from(dims.to_vec())))
+}
+
+/// [`rope_heads`]'s backward: `g [B, H, T, D]` → `dy [B, T, H·D]`, written in the projection's
+/// order (no transpose's copy).
+pub fn rope_heads_bwd(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (g, cos, sin) = (g.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let (b, h, t, d) = g.dims4()?;
+    let dims = [b, h, t, d];
+    let guards = [&g, &cos, &sin].map(|t| t.storage_and_layout());
+    let [(gs, gl), (cs, cl), (ss, sl)] = on_cuda(&guards)?;
+    let order = RopeOrder {
+        dims,
+        x: RopeOrder::head_major(dims),
+        x_span: g.elem_count(),
+        y: RopeOrder::token_major(dims),
+    };
+    let out = rope_launch(gs, gl, cs, cl, ss, sl, true, order)?;
+    Ok(wrap(out, (b, t, h * d)))
 }
 
 // ---------------------------------------------------------------- softmax

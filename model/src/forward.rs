@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::ops::rope_heads;
 use crate::weights::{LayerWeights, Weights};
 
 /// Additive attention bias for positions a query must not see. Finite, so that a row with no
@@ -431,17 +432,13 @@ fn keys_values(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let k = heads(
-        linear(x, &w.k_proj, w.k_bias.as_ref())?,
-        c.num_key_value_heads,
-        c.head_dim,
-    )?;
+    let k = linear(x, &w.k_proj, w.k_bias.as_ref())?; // [B, T, Hkv·D]
     let v = heads(
         linear(x, &w.v_proj, w.v_bias.as_ref())?,
         c.num_key_value_heads,
         c.head_dim,
     )?;
-    Ok((apply_rope(&k, cos, sin)?, v))
+    Ok((rope_heads(&k, c.num_key_value_heads, cos, sin)?, v))
 }
 
 /// `[B, T, n·D]` → `[B, n, T, D]`.
@@ -471,24 +468,27 @@ fn projections(
     keys: Keys,
 ) -> Result<Projections> {
     let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    // rotated q [B, Hq, T, D], rotated k and v [B, Hkv, T, D]
     let (q, k_new, v_new) = match &w.packed {
         Some(p) => {
             // one matmul for q, k and v: [B, T, (Hq + 2·Hkv)·D]
             let (b, t, _) = x.dims3()?;
-            let y = linear(x, &p.qkv, p.qkv_bias.as_ref())?.reshape((b, t, hq + 2 * hkv, d))?;
-            let part = |at: usize, n: usize| -> Result<Tensor> {
-                Ok(y.narrow(2, at, n)?.transpose(1, 2)?.contiguous()?) // [B, n, T, D]
-            };
-            let k = apply_rope(&part(hq, hkv)?, cos, sin)?;
-            (part(0, hq)?, k, part(hq + hkv, hkv)?)
+            let y = linear(x, &p.qkv, p.qkv_bias.as_ref())?;
+            let part = |at: usize, n: usize| y.narrow(2, at * d, n * d); // [B, T, n·D]
+            let v = y
+                .reshape((b, t, hq + 2 * hkv, d))?
+                .narrow(2, hq + hkv, hkv)?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = rope_heads(&part(0, hq)?, hq, cos, sin)?;
+            (q, rope_heads(&part(hq, hkv)?, hkv, cos, sin)?, v)
         }
         None => {
-            let q = heads(linear(x, &w.q_proj, w.q_bias.as_ref())?, hq, d)?;
+            let q = linear(x, &w.q_proj, w.q_bias.as_ref())?; // [B, T, Hq·D]
             let (k, v) = keys_values(c, w, x, cos, sin)?; // [B, Hkv, T, D]
-            (q, k, v)
+            (rope_heads(&q, hq, cos, sin)?, k, v)
         }
     };
-    let q = apply_rope(&q, cos, sin)?; // [B, Hq, T, D]
     let (k, v) = match keys {
         Keys::Cache(cache, layer) => cache.append(layer, &k_new, &v_new)?, // [B, Hkv, S, D]
         Keys::After(k, v) => (Tensor::cat(&[k, &k_new], 2)?, Tensor::cat(&[v, &v_new], 2)?),

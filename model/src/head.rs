@@ -6,9 +6,15 @@
 //! scored token for the backward (8192 tokens × 151,936 vocab = 5 GB, several times over). Here
 //! the forward runs chunk by chunk on detached weights and keeps only `[N, 3]` (log-prob,
 //! entropy, and the log-partition that lets the backward turn logits into `dz` in one pass); the
-//! backward recomputes each chunk's logits (unless the forward kept them, see [`KEEP_BYTES`]) and
-//! turns them into `dz`, written in place into its group's buffer, which then makes `dh = dz·W`
-//! and `dW` (the recompute costs one more output-layer matmul).
+//! backward recomputes each chunk's logits and turns them into `dz`, written in place into its
+//! group's buffer, which then makes `dh = dz·W` and `dW` (the recompute costs one more
+//! output-layer matmul).
+//!
+//! Where the forward keeps its 16-bit logits for the backward (see [`KEEP_BYTES`]), it computes
+//! them in one matmul rather than 38 thin ones that each read the `[V, H]` weight again, and the
+//! backward turns them into `dz` in place (no group buffer) and runs one matmul each for `dh`
+//! and `dW`: `dW` comes in the weight's dtype straight from the matmul's f32 accumulator, with
+//! no group products added in f32.
 //!
 //! The logits stay in the matmul's dtype: the log-prob kernels read them as they are and apply
 //! the temperature as they go, and write `dz` in that dtype too, so a chunk costs no f32 copy.
@@ -51,7 +57,8 @@ pub const KEEP_BYTES: usize = 1 << 32;
 
 /// How the output layer splits its rows: `rows` per chunk of logits, `group` per
 /// weight-gradient matmul (rounded down to whole chunks, at least one), and whether the forward
-/// keeps its logits for the backward.
+/// keeps its logits for the backward (where a backward may follow and the fused log-prob kernels
+/// apply: then all rows are one chunk and one group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunking {
     pub rows: usize,
@@ -87,8 +94,9 @@ pub fn output_logprobs(
     output_logprobs_with(states, weight, targets, temperature, chunking)
 }
 
-/// [`output_logprobs`] split as `chunking` says. The logits are kept only when asked and a
-/// backward may follow (the states or the weight are in a graph).
+/// [`output_logprobs`] split as `chunking` says. The logits are kept only when asked, a
+/// backward may follow (the states or the weight are in a graph) and the fused log-prob kernels
+/// read them ([`crate::ops::logprob_kernels_apply`]); kept, they are computed whole.
 pub fn output_logprobs_with(
     states: &Tensor,
     weight: &Tensor,
@@ -97,12 +105,18 @@ pub fn output_logprobs_with(
     chunking: Chunking,
 ) -> Result<(Tensor, Tensor)> {
     let (n, _) = states.dims2()?;
+    // kept logits come in one piece, which only the fused kernels read without temporaries
+    let keep = chunking.keep_logits
+        && (states.track_op() || weight.track_op())
+        && crate::ops::logprob_kernels_apply(weight);
+    // whole chunks per group, so that the backward's chunks are the forward's
     let chunk = chunking.rows.max(1);
-    let keep = chunking.keep_logits && (states.track_op() || weight.track_op());
+    let group = chunk * (chunking.group / chunk).max(1);
     let (sd, wd) = (states.detach(), weight.detach());
-    let (mut parts, mut kept) = (Vec::new(), Vec::new());
-    for start in (0..n).step_by(chunk) {
-        let len = chunk.min(n - start);
+    let (mut parts, mut kept) = (Vec::new(), None);
+    let step = if keep { n.max(1) } else { chunk };
+    for start in (0..n).step_by(step) {
+        let len = step.min(n - start);
         // z [c, V]; its stats [c, 3]: log-prob, entropy, log-partition (which spares the
         // backward a pass)
         let z = linear(&sd.narrow(0, start, len)?, &wd, None)?;
@@ -112,7 +126,7 @@ pub fn output_logprobs_with(
             temperature,
         )?);
         if keep {
-            kept.push(z);
+            kept = Some(z);
         }
     }
     let stats = Tensor::cat(&parts, 0)?.contiguous()?; // [N, 3]
@@ -120,9 +134,8 @@ pub fn output_logprobs_with(
         targets: targets.clone(),
         temperature,
         chunk,
-        // whole chunks, so that the backward's chunks are the forward's
-        group: chunk * (chunking.group / chunk).max(1),
-        kept: keep.then_some(kept),
+        group,
+        kept: std::sync::Mutex::new(kept),
     };
     // [N, 3], the values of `stats`, which is also the third input the backward reads
     let out = attach(
@@ -147,8 +160,9 @@ struct OutputLogprobs {
     temperature: f64,
     chunk: usize,
     group: usize,
-    /// The forward's logits, chunk by chunk, when it kept them.
-    kept: Option<Vec<Tensor>>,
+    /// The forward's logits `[N, V]`, when it kept them: the first backward takes them and
+    /// overwrites them with `dz` (all rows one group), a later one recomputes in chunks.
+    kept: std::sync::Mutex<Option<Tensor>>,
 }
 
 impl OutputLogprobs {
@@ -160,29 +174,25 @@ impl OutputLogprobs {
         g: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let (n, _) = states.dims2()?;
-        let v = weight.dim(0)?;
         let (sd, wd) = (states.detach(), weight.detach());
         let mut d_states = Vec::new();
         let mut d_weight: Option<Tensor> = None; // [V, H]; f32 once a second group adds to it
-        for g_start in (0..n).step_by(self.group) {
-            let g_len = self.group.min(n - g_start);
-            // every row is written below, chunk by chunk, in place
-            let dz = crate::ops::rows_buffer(g_len, v, wd.dtype(), wd.device())?; // [g, V]
-            for start in (g_start..g_start + g_len).step_by(self.chunk) {
-                let len = self.chunk.min(g_start + g_len - start);
-                let z = match &self.kept {
-                    Some(kept) => kept[start / self.chunk].clone(),
-                    None => linear(&sd.narrow(0, start, len)?, &wd, None)?,
-                }; // [c, V] in the weight's dtype
-                logprob_entropy_backward(
+        let mut kept = self.kept.lock().ok().and_then(|mut k| k.take());
+        let group = if kept.is_some() { n.max(1) } else { self.group };
+        for g_start in (0..n).step_by(group) {
+            let g_len = group.min(n - g_start);
+            let dz = match kept.take() {
+                // the kept logits [N, V] (the one group), overwritten in place by their dz
+                Some(z) => logprob_entropy_backward(
                     &z,
-                    &self.targets.narrow(0, start, len)?,
-                    &y.narrow(0, start, len)?.contiguous()?,
-                    &g.narrow(0, start, len)?.contiguous()?,
+                    &self.targets,
+                    &y.contiguous()?,
+                    &g.contiguous()?,
                     self.temperature,
-                    Some((&dz, start - g_start)),
-                )?;
-            }
+                    Some((&z, 0)),
+                )?,
+                None => self.recomputed_dz(&sd, &wd, y, g, g_start, g_len)?,
+            }; // [g, V] in the weight's dtype
             d_states.push(dz.matmul(&wd)?); // [g, H]
             let dw = dz.t()?.matmul(&sd.narrow(0, g_start, g_len)?)?; // [V, H]
             d_weight = Some(match d_weight {
@@ -198,6 +208,34 @@ impl OutputLogprobs {
             Tensor::cat(&d_states, 0)?.to_dtype(states.dtype())?,
             d_weight,
         ))
+    }
+
+    /// `dz [g, V]` of the group of rows `g_start..g_start + g_len`, its logits recomputed chunk
+    /// by chunk from `sd [N, H]` and `wd [V, H]`, each chunk's written into the group's buffer.
+    fn recomputed_dz(
+        &self,
+        sd: &Tensor,
+        wd: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+        g_start: usize,
+        g_len: usize,
+    ) -> Result<Tensor> {
+        // every row is written below, chunk by chunk, in place
+        let dz = crate::ops::rows_buffer(g_len, wd.dim(0)?, wd.dtype(), wd.device())?; // [g, V]
+        for start in (g_start..g_start + g_len).step_by(self.chunk) {
+            let len = self.chunk.min(g_start + g_len - start);
+            let z = linear(&sd.narrow(0, start, len)?, wd, None)?; // [c, V]
+            logprob_entropy_backward(
+                &z,
+                &self.targets.narrow(0, start, len)?,
+                &y.narrow(0, start, len)?.contiguous()?,
+                &g.narrow(0, start, len)?.contiguous()?,
+                self.temperature,
+                Some((&dz, start - g_start)),
+            )?;
+        }
+        Ok(dz)
     }
 }
 
@@ -280,6 +318,36 @@ mod tests {
                     max_rel(dw, &want_w)
                 );
             }
+        }
+    }
+
+    /// The first backward turns the kept logits into `dz` in place; a second backward through
+    /// the same graph recomputes them and gets the same gradients.
+    #[test]
+    fn a_second_backward_recomputes_the_logits_the_first_overwrote() {
+        let (n, h, v) = (9, 8, 30);
+        let (s, w) = (
+            Var::from_tensor(&random(&[n, h], 6, 1.0)).unwrap(),
+            Var::from_tensor(&random(&[v, h], 7, 0.5)).unwrap(),
+        );
+        let u = random(&[n], 8, 1.0);
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 5 + 1) % v as u32).collect();
+        let t = Tensor::new(t.as_slice(), &Device::Cpu).unwrap();
+        let chunking = Chunking {
+            rows: 2,
+            group: 4,
+            keep_logits: true,
+        };
+        let (lp, ent) =
+            output_logprobs_with(s.as_tensor(), w.as_tensor(), &t, 0.8, chunking).unwrap();
+        let loss = objective(&lp, &ent, &u);
+        let grads = |g: candle_core::backprop::GradStore| {
+            [s.as_tensor(), w.as_tensor()].map(|x| g.get(x).expect("a gradient").clone())
+        };
+        let first = grads(loss.backward().unwrap());
+        let second = grads(loss.backward().unwrap());
+        for (a, b) in first.iter().zip(&second) {
+            assert!(max_rel(a, b) < 1e-6, "{}", max_rel(a, b));
         }
     }
 

@@ -1024,6 +1024,73 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     composed::rope(x, cos, sin)
 }
 
+/// [`rope_heads`] on CUDA: the split into heads and the rotation in one pass each way.
+#[cfg(feature = "cuda")]
+struct RopeHeads {
+    heads: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "ferrite-rope-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // rope_heads takes the composed path on the CPU
+        candle_core::bail!("ferrite-rope-heads runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        cs: &candle_core::CudaStorage,
+        cl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rope_heads(ys, yl, self.heads, cs, cl, ss, sl)
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(crate::cuda::rope_heads_bwd(g, cos, sin)?), None, None))
+    }
+}
+
+/// The rows of a projection `y [B, T, n·D]` split into `n` heads and rotated: `[B, n, T, D]`,
+/// [`rope`] of their head-major copy. On CUDA one pass reads the rows in place (any row stride:
+/// a narrow of a packed q/k/v projection too) and the backward writes `dy` in their order, so
+/// neither direction copies the transpose.
+pub fn rope_heads(y: &Tensor, n: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, t, nd) = y.dims3()?;
+    #[cfg(feature = "cuda")]
+    if fused(&[y, cos, sin]) && on_gpu(y) && y.stride()[2] == 1 && n > 0 && nd % n == 0 {
+        return Ok(y.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            RopeHeads { heads: n },
+        )?);
+    }
+    let x = y.reshape((b, t, n, nd / n.max(1)))?.transpose(1, 2)?;
+    rope(&x.contiguous()?, cos, sin)
+}
+
 // ---------------------------------------------------------------- log-probs and entropy
 
 /// At temperature `1 / inv_t`.
@@ -1202,6 +1269,13 @@ pub fn logprob_and_entropy(
         stats.narrow(1, 0, 1)?.squeeze(1)?,
         stats.narrow(1, 1, 1)?.squeeze(1)?,
     ))
+}
+
+/// Whether [`logprob_entropy_stats`] and [`logprob_entropy_backward`] run on the fused kernels
+/// for logits on `t`'s device in its dtype, reading all rows in one pass whatever their number
+/// (the composed ops make f32 temporaries of the logits' size).
+pub fn logprob_kernels_apply(t: &Tensor) -> bool {
+    fused(&[t])
 }
 
 /// `[N, 3]` f32 per row of `logits [N, V]` at `temperature`: the target's log-prob, the entropy,

@@ -738,6 +738,9 @@ fn swiglu_of_a_packed_projection_is_swiglu_fwd_of_its_halves_bit_for_bit() {
     }
 }
 
+/// The rotation and its adjoint, each read and written head-major (`[B, H, T, D]` contiguous)
+/// and in a projection's token-major order (`[B, T, H, D]`): the forward reads a projection's
+/// rows in place, the backward writes its gradient back in their order.
 #[test]
 fn rope_and_its_adjoint_match_the_composed_op() {
     let (b, h, t, d) = (2, 3, 5, 8);
@@ -747,10 +750,20 @@ fn rope_and_its_adjoint_match_the_composed_op() {
     let angles = random(&[b, 1, t, d], 9, 2.0);
     let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
     let pairs = b * h * t * d / 2;
+    let head_major = [h * t * d, t * d, d];
+    let token_major = [t * h * d, d, h * d];
+    // [B, H, T, D] stored in token-major order, and back
+    let to_tokens = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
     for ty in [Ty::F32, Ty::Bf16] {
         let (x, u, cos, sin) = (ty.round(&x), ty.round(&u), ty.round(&cos), ty.round(&sin));
         let (want, grads) = with_grads(&[&x], &u, |v| composed::rope(&v[0], &cos, &sin).unwrap());
-        for (input, transpose, want) in [(&x, 0, &want), (&u, 1, &grads[0])] {
+        let cases = [
+            (&x, 0, head_major, head_major, want.clone()),
+            (&u, 1, head_major, head_major, grads[0].clone()),
+            (&to_tokens(&x), 0, token_major, head_major, want.clone()),
+            (&u, 1, head_major, token_major, to_tokens(&grads[0])),
+        ];
+        for (input, transpose, xs, ys, want) in cases {
             let y = launch(
                 &ty.name("rope"),
                 launch::elems(pairs),
@@ -764,12 +777,23 @@ fn rope_and_its_adjoint_match_the_composed_op() {
                     Arg::Int(d as i32),
                     Arg::Size(pairs),
                     Arg::Int(transpose),
+                    Arg::Size(xs[0]),
+                    Arg::Size(xs[1]),
+                    Arg::Size(xs[2]),
+                    Arg::Size(ys[0]),
+                    Arg::Size(ys[1]),
+                    Arg::Size(ys[2]),
                 ],
             );
+            let order = if xs == ys {
+                "head-major"
+            } else {
+                "token-major"
+            };
             assert_close(
-                &format!("rope {ty:?} transpose={transpose}"),
+                &format!("rope {ty:?} transpose={transpose} {order}"),
                 &y[3],
-                want,
+                &want,
                 ty.tol(),
             );
         }
