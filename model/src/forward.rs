@@ -657,11 +657,6 @@ fn attention(
     Ok((linear(&out, &w.o_proj, None)?, k_new, v_new))
 }
 
-/// `x·cos + rotate_half(x)·sin` with `rotate_half([x1, x2]) = [−x2, x1]` (HF convention).
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    crate::ops::rope(x, cos, sin)
-}
-
 /// Inverse frequencies `[D/2]` computed in f32 as transformers does, with rope scaling.
 pub fn inv_freq(c: &ModelConfig) -> Vec<f32> {
     let d = c.head_dim;
