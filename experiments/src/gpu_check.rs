@@ -481,7 +481,7 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
     let (b1, b2) = (bias.clone(), bias);
     let targets: Vec<u32> = (0..96u32).map(|i| (i * 7919) % 151_936).collect();
     let targets = Tensor::new(targets.as_slice(), gpu)?;
-    let [t1, t2, t3, t4, t5] = [(); 5].map(|_| targets.clone());
+    let (t1, t2) = (targets.clone(), targets.clone());
     let lp_plus_h = |(lp, h): (Tensor, Tensor)| -> Result<Tensor> { Ok((lp + (h * 0.37)?)?) };
     let cases = [
         Case {
@@ -572,53 +572,19 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
                 ))
             }),
         },
-        Case {
-            // two weight-gradient groups: 2 chunks of 40 rows, then one of 16; the logits
-            // recomputed by the backward (the learner's shape keeps them: see the bench)
-            name: "output layer, chunks of 40, groups of 80 [96, 896]·[151936, 896]ᵀ",
-            shapes: vec![vec![96, 896], vec![151_936, 896]],
-            grad_of: vec![true, true],
-            fused: Box::new(move |x| {
-                let chunking = model::head::Chunking {
-                    rows: 40,
-                    group: 80,
-                    keep_logits: false,
-                };
-                lp_plus_h(model::head::output_logprobs_with(
-                    &x[0], &x[1], &t3, 0.7, chunking,
-                )?)
-            }),
-            reference: Box::new(move |x| {
-                let z = (model::forward::linear(&x[0], &x[1], None)?.to_dtype(DType::F32)? / 0.7)?;
-                lp_plus_h((
-                    ops::composed::logprob_gather(&z, &t4)?,
-                    ops::composed::entropy(&z)?,
-                ))
-            }),
-        },
-        Case {
-            // the logits kept by the forward (in one matmul) and overwritten by dz in place
-            name: "output layer, logits kept [96, 896]·[151936, 896]ᵀ",
-            shapes: vec![vec![96, 896], vec![151_936, 896]],
-            grad_of: vec![true, true],
-            fused: Box::new(move |x| {
-                let chunking = model::head::Chunking {
-                    rows: 40,
-                    group: 80,
-                    keep_logits: true,
-                };
-                lp_plus_h(model::head::output_logprobs_with(
-                    &x[0], &x[1], &t5, 0.7, chunking,
-                )?)
-            }),
-            reference: Box::new(move |x| {
-                let z = (model::forward::linear(&x[0], &x[1], None)?.to_dtype(DType::F32)? / 0.7)?;
-                lp_plus_h((
-                    ops::composed::logprob_gather(&z, &targets)?,
-                    ops::composed::entropy(&z)?,
-                ))
-            }),
-        },
+        // two weight-gradient groups: 2 chunks of 40 rows, then one of 16; the logits
+        // recomputed by the backward (the learner's shape keeps them: see the bench)
+        output_layer_case(
+            "output layer, chunks of 40, groups of 80 [96, 896]·[151936, 896]ᵀ",
+            false,
+            &targets,
+        ),
+        // the logits kept by the forward (in one matmul) and overwritten by dz in place
+        output_layer_case(
+            "output layer, logits kept [96, 896]·[151936, 896]ᵀ",
+            true,
+            &targets,
+        ),
     ];
     for (k, case) in cases.iter().enumerate() {
         for dtype in [DType::F32, DType::BF16] {
@@ -632,6 +598,36 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
         }
     }
     Ok(())
+}
+
+/// The chunked output layer at `[96, 896]·[151936, 896]ᵀ`, temperature 0.7, in chunks of 40 rows
+/// and weight-gradient groups of 80, its logits kept or recomputed by the backward, against
+/// autograd through the whole f32 logits.
+fn output_layer_case(name: &'static str, keep_logits: bool, targets: &Tensor) -> Case {
+    let (t1, t2) = (targets.clone(), targets.clone());
+    let lp_plus_h = |(lp, h): (Tensor, Tensor)| -> Result<Tensor> { Ok((lp + (h * 0.37)?)?) };
+    Case {
+        name,
+        shapes: vec![vec![96, 896], vec![151_936, 896]],
+        grad_of: vec![true, true],
+        fused: Box::new(move |x| {
+            let chunking = model::head::Chunking {
+                rows: 40,
+                group: 80,
+                keep_logits,
+            };
+            lp_plus_h(model::head::output_logprobs_with(
+                &x[0], &x[1], &t1, 0.7, chunking,
+            )?)
+        }),
+        reference: Box::new(move |x| {
+            let z = (model::forward::linear(&x[0], &x[1], None)?.to_dtype(DType::F32)? / 0.7)?;
+            lp_plus_h((
+                ops::composed::logprob_gather(&z, &t2)?,
+                ops::composed::entropy(&z)?,
+            ))
+        }),
+    }
 }
 
 /// One case at one dtype: the forward and every input gradient against the reference.
