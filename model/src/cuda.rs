@@ -883,8 +883,7 @@ fn rope_launch(
     by_dtype!(x.dtype(), go(x, xl, c, cl, s, sl, transpose, &order))
 }
 
-/// `x [B, H, T, D]` contiguous, `cos, sin [B, 1, T, D]` → `[B, H, T, D]`; `transpose` applies the
-/// adjoint (the backward).
+/// `x [B, H, T, D]` contiguous, `cos, sin [B, 1, T, D]` → `[B, H, T, D]`.
 pub fn rope(
     x: &CudaStorage,
     xl: &Layout,
@@ -892,7 +891,6 @@ pub fn rope(
     cl: &Layout,
     s: &CudaStorage,
     sl: &Layout,
-    transpose: bool,
 ) -> Result<CudaStorage> {
     let dims: [usize; 4] = xl
         .dims()
@@ -908,15 +906,12 @@ pub fn rope(
         x_span: xl.shape().elem_count(),
         y: contiguous,
     };
-    rope_launch(x, xl, c, cl, s, sl, transpose, order)
+    rope_launch(x, xl, c, cl, s, sl, false, order)
 }
 
+/// [`rope`]'s backward: `g [B, H, T, D]` → `dx [B, H, T, D]`.
 pub fn rope_bwd(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (g, cos, sin) = (g.contiguous()?, cos.contiguous()?, sin.contiguous()?);
-    let guards = [&g, &cos, &sin].map(|t| t.storage_and_layout());
-    let [(gs, gl), (cs, cl), (ss, sl)] = on_cuda(&guards)?;
-    let out = rope(gs, gl, cs, cl, ss, sl, true)?;
-    Ok(wrap(out, g.shape()))
+    rope_adjoint(g, cos, sin, false)
 }
 
 /// A projection's rows `y [B, T, H·D]` (each row contiguous, at any row stride: a narrow of a
@@ -958,6 +953,12 @@ pub fn rope_heads(
 /// [`rope_heads`]'s backward: `g [B, H, T, D]` → `dy [B, T, H·D]`, written in the projection's
 /// order (no transpose's copy).
 pub fn rope_heads_bwd(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_adjoint(g, cos, sin, true)
+}
+
+/// The rotation's adjoint of `g [B, H, T, D]`, written head-major (`[B, H, T, D]`) or, where
+/// `token_major`, in a projection's order (`[B, T, H·D]`).
+fn rope_adjoint(g: &Tensor, cos: &Tensor, sin: &Tensor, token_major: bool) -> Result<Tensor> {
     let (g, cos, sin) = (g.contiguous()?, cos.contiguous()?, sin.contiguous()?);
     let (b, h, t, d) = g.dims4()?;
     let dims = [b, h, t, d];
@@ -967,10 +968,16 @@ pub fn rope_heads_bwd(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
         dims,
         x: RopeOrder::head_major(dims),
         x_span: g.elem_count(),
-        y: RopeOrder::token_major(dims),
+        y: match token_major {
+            true => RopeOrder::token_major(dims),
+            false => RopeOrder::head_major(dims),
+        },
     };
     let out = rope_launch(gs, gl, cs, cl, ss, sl, true, order)?;
-    Ok(wrap(out, (b, t, h * d)))
+    Ok(match token_major {
+        true => wrap(out, (b, t, h * d)),
+        false => wrap(out, (b, h, t, d)),
+    })
 }
 
 // ---------------------------------------------------------------- softmax

@@ -988,7 +988,7 @@ impl CustomOp3 for Rope {
         ss: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let y = crate::cuda::rope(xs, xl, cs, cl, ss, sl, false)?;
+        let y = crate::cuda::rope(xs, xl, cs, cl, ss, sl)?;
         Ok((y, xl.shape().clone()))
     }
 
