@@ -1096,12 +1096,52 @@ struct Pitch {
     static constexpr int words = D / 2 + 4;
 };
 
-// Rows first..first+n of a [rows, D] matrix into a shared tile, zeros from row `end` on.
+// 16 bytes (8 bf16) of global memory into words word..word+3 of a shared array, asynchronously
+// (cp.async, sm_80 on: the copy bypasses the registers and is in flight until the issuing thread's
+// cp_async_wait; a barrier after that wait makes it every thread's); zeros where !valid (src is
+// then not read, but must still be an address in the buffer). Both ends 16-byte aligned.
+template <typename Smem>
+__device__ __forceinline__ void cp_async_16(Smem& dst, int word, const bf16* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(&dst[word]);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+#elif defined(__CUDA_ARCH__)
+    __trap();  // the flash kernels need sm_80 or later
+#else
+    emu::cp_async_16(dst, word, src, valid);
+#endif
+}
+// Closes this thread's group of copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif !defined(__CUDA_ARCH__)
+    emu::cp_async_commit();
+#endif
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif !defined(__CUDA_ARCH__)
+    emu::cp_async_wait(N);
+#endif
+}
+
+// Rows first..first+n of a [rows, D] matrix into the shared tile at word `at` of `dst`, zeros
+// from row `end` on (first < end), 16 bytes a copy through cp_async_16: the caller commits and
+// waits. A warp's 32 copies are 4 rows of 128 bytes at D = 64 (2 at D = 128), each row's in
+// consecutive banks. src must be 16-byte aligned.
 template <int D, typename Smem>
-__device__ __forceinline__ void load_tile(Smem& dst, const bf16* src, int first, int n, int end) {
-    for (int e = threadIdx.x; e < n * D / 2; e += blockDim.x) {
-        const int r = e / (D / 2), p = e % (D / 2);
-        dst[r * Pitch<D>::words + p] = first + r < end ? ld_pair(src + (size_t)(first + r) * D + 2 * p) : 0u;
+__device__ __forceinline__ void load_tile_async(Smem& dst, int at, const bf16* src, int first, int n, int end) {
+    constexpr int pieces = D / 8;  // of 16 bytes a row
+    for (int e = threadIdx.x; e < n * pieces; e += blockDim.x) {
+        const int r = e / pieces, p = e % pieces;
+        const bool valid = first + r < end;
+        cp_async_16(dst, at + r * Pitch<D>::words + 4 * p, src + (size_t)(valid ? first + r : first) * D + 8 * p,
+                    valid);
     }
 }
 // Four 8×8 bf16 matrices of a shared tile into this lane's registers (ldmatrix .x4): lane l gives
@@ -1145,11 +1185,11 @@ __device__ __forceinline__ void frag_a_acc(const float* n0, const float* n1, uin
     a[2] = pack_f32(n1[0], n1[1]);
     a[3] = pack_f32(n1[2], n1[3]);
 }
-// acc[n] = A·Bᵀ over a shared tile of N rows (n: its rows in tiles of 8), A = fragments of D. Each
-// ldmatrix brings two tiles' B fragments: b0, b1 of rows n·8.. (columns 16kk.., 16kk + 8..), then
+// acc[n] = A·Bᵀ over the shared tile of N rows at word `at` (n: its rows in tiles of 8), A =
+// fragments of D. Each ldmatrix brings two tiles' B fragments: b0, b1 of rows n·8.. (columns 16kk.., 16kk + 8..), then
 // of rows (n + 1)·8.. (non-transposed: lane 4g + c gets row g, columns 2c and +1).
 template <int D, int N, typename Smem>
-__device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4], Smem& tile, int g, int c) {
+__device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4], Smem& tile, int at, int g, int c) {
     const int lane = 4 * g + c, m = lane >> 3, r8 = lane & 7;
 #pragma unroll
     for (int n = 0; n < N / 8; n += 2) {
@@ -1158,15 +1198,16 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4]
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             uint32_t b[4];
-            ldsm_x4<false>(tile, ((n + (m >> 1)) * 8 + r8) * Pitch<D>::words + 8 * kk + 4 * (m & 1), b);
+            ldsm_x4<false>(tile, at + ((n + (m >> 1)) * 8 + r8) * Pitch<D>::words + 8 * kk + 4 * (m & 1), b);
             mma_16816(acc[n], a[kk], b);
             mma_16816(acc[n + 1], a[kk], b + 2);
         }
     }
 }
-// out[n] += P·tile over its N rows (P: accumulator tiles of 8 of those rows), out over D.
+// out[n] += P·tile over the N rows of the shared tile at word `at` (P: accumulator tiles of 8 of
+// those rows), out over D.
 template <int D, int N, typename Smem>
-__device__ __forceinline__ void mma_cols(float (*out)[4], const float (*p)[4], Smem& tile, int g, int c) {
+__device__ __forceinline__ void mma_cols(float (*out)[4], const float (*p)[4], Smem& tile, int at, int g, int c) {
     const int lane = 4 * g + c, m = lane >> 3, r8 = lane & 7;
 #pragma unroll
     for (int j = 0; j < N / 16; ++j) {
@@ -1177,7 +1218,7 @@ __device__ __forceinline__ void mma_cols(float (*out)[4], const float (*p)[4], S
             // b0, b1 of columns n·8.. (rows 16j.., 16j + 8..), then of columns (n + 1)·8..
             // (transposed: lane 4g + c gets column g, rows 2c and +1)
             uint32_t b[4];
-            ldsm_x4<true>(tile, (16 * j + 8 * (m & 1) + r8) * Pitch<D>::words + 4 * (n + (m >> 1)), b);
+            ldsm_x4<true>(tile, at + (16 * j + 8 * (m & 1) + r8) * Pitch<D>::words + 4 * (n + (m >> 1)), b);
             mma_16816(out[n], a, b);
             mma_16816(out[n + 1], a, b + 2);
         }
@@ -1231,13 +1272,17 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     float ma = -INFINITY, mb = -INFINITY, la = 0.f, lb = 0.f;  // rows ra, rb: max, this lane's sum
 
     const int keys = min(s, s - t + at.last + 1);  // the keys the block's last row sees
+    // The tiles' loads overlap the arithmetic: a value tile's with S = Q·Kᵀ and the softmax, the
+    // next key tile's with O += P·V (FlashAttention-2's order; one buffer each).
+    load_tile_async<D>(ks, 0, kb, 0, FLASH_KEYS, keys);
+    cp_async_commit();
     for (int k0 = 0; k0 < keys; k0 += FLASH_KEYS) {
-        __syncthreads();  // the previous tile's readers are done
-        load_tile<D>(ks, kb, k0, FLASH_KEYS, keys);
-        load_tile<D>(vs, vb, k0, FLASH_KEYS, keys);
-        __syncthreads();
+        cp_async_wait<0>();
+        __syncthreads();  // the key tile is in, and every warp is done with the last value tile
+        load_tile_async<D>(vs, 0, vb, k0, FLASH_KEYS, keys);
+        cp_async_commit();
         float sc[FLASH_KEYS / 8][4];  // S = Q·Kᵀ, keys in tiles of 8
-        mma_rows<D, FLASH_KEYS>(sc, qf, ks, g, c);
+        mma_rows<D, FLASH_KEYS>(sc, qf, ks, 0, g, c);
         // x = scale·S + bias; keys past the block's last row's are −∞, rows past T 0 (unwritten)
         float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
@@ -1276,7 +1321,13 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
             la += sc[n][0] + sc[n][1];
             lb += sc[n][2] + sc[n][3];
         }
-        mma_cols<D, FLASH_KEYS>(o, sc, vs, g, c);  // O += P·V
+        cp_async_wait<0>();
+        __syncthreads();  // the value tile is in, and every warp is done with the key tile
+        if (k0 + FLASH_KEYS < keys) {
+            load_tile_async<D>(ks, 0, kb, k0 + FLASH_KEYS, FLASH_KEYS, keys);
+            cp_async_commit();
+        }
+        mma_cols<D, FLASH_KEYS>(o, sc, vs, 0, g, c);  // O += P·V
     }
     la = quad_sum(la);
     lb = quad_sum(lb);
@@ -1312,8 +1363,9 @@ template <int D, int KT>
 __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const float* bias,
                                        const bf16* y, const bf16* dy, const float* lse, bf16* dq, float* delta,
                                        int hkv, int g_heads, int t, int s, size_t kv_stride, float scale) {
-    __shared__ uint32_t ks[KT * Pitch<D>::words];
-    __shared__ uint32_t vs[KT * Pitch<D>::words];
+    constexpr int span = KT * Pitch<D>::words;  // a tile's words; two buffers of each: one read, the next loaded
+    __shared__ uint32_t ks[2 * span];
+    __shared__ uint32_t vs[2 * span];
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const FlashRows at = flash_rows(hkv, g_heads, t, g);
     const int ra = at.ra, rb = at.rb;
@@ -1346,14 +1398,21 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     const int keys = min(s, s - t + at.last + 1);
-    for (int k0 = 0; k0 < keys; k0 += KT) {
-        __syncthreads();
-        load_tile<D>(ks, kb, k0, KT, keys);
-        load_tile<D>(vs, vb, k0, KT, keys);
-        __syncthreads();
+    // the next key and value tiles load into the other buffers while this one's are used
+    const auto stage = [&](int k0, int buf) {
+        load_tile_async<D>(ks, buf * span, kb, k0, KT, keys);
+        load_tile_async<D>(vs, buf * span, vb, k0, KT, keys);
+        cp_async_commit();
+    };
+    stage(0, 0);
+    for (int k0 = 0, buf = 0; k0 < keys; k0 += KT, buf ^= 1) {
+        cp_async_wait<0>();
+        __syncthreads();  // this tile is in, and every warp is done with the other buffers
+        if (k0 + KT < keys) stage(k0 + KT, buf ^ 1);
+        const int now = buf * span;
         float sc[KT / 8][4], dp[KT / 8][4];
-        mma_rows<D, KT>(sc, qf, ks, g, c);  // S = Q·Kᵀ
-        mma_rows<D, KT>(dp, df, vs, g, c);  // dP = dO·Vᵀ
+        mma_rows<D, KT>(sc, qf, ks, now, g, c);  // S = Q·Kᵀ
+        mma_rows<D, KT>(dp, df, vs, now, g, c);  // dP = dO·Vᵀ
 #pragma unroll
         for (int n = 0; n < KT / 8; ++n) {
 #pragma unroll
@@ -1365,7 +1424,7 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
                 sc[n][e] = p * (dp[n][e] - (e < 2 ? da : db));  // dS
             }
         }
-        mma_cols<D, KT>(acc, sc, ks, g, c);  // dQ += dS·K
+        mma_cols<D, KT>(acc, sc, ks, now, g, c);  // dQ += dS·K
     }
     bf16* dqb = dq + rows;
 #pragma unroll
@@ -1403,10 +1462,11 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
                                         const bf16* dy, const float* lse, const float* delta, float* dk,
                                         float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride,
                                         float scale) {
-    __shared__ uint32_t qs[QR * Pitch<D>::words];
-    __shared__ uint32_t dos[QR * Pitch<D>::words];
-    __shared__ float ls[QR];
-    __shared__ float dl[QR];
+    constexpr int span = QR * Pitch<D>::words;  // a tile's words; two buffers of each: one read, the next loaded
+    __shared__ uint32_t qs[2 * span];
+    __shared__ uint32_t dos[2 * span];
+    __shared__ float ls[2 * QR];
+    __shared__ float dl[2 * QR];
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int tiles = (s + FLASH_ROWS - 1) / FLASH_ROWS, tile = blockIdx.x % tiles;
     const size_t bh = blockIdx.x / tiles, hq = (size_t)hkv * g_heads, b = bh / hq;
@@ -1427,32 +1487,40 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
 
     // the first query row that sees key k0 sits at key slot k0
     const int first = k0 > s - t ? k0 - (s - t) : 0;
-    for (int r0 = first / QR * QR; r0 < t; r0 += QR) {
-        __syncthreads();
-        load_tile<D>(qs, q + rows, r0, QR, t);
-        load_tile<D>(dos, dy + rows, r0, QR, t);
+    // the next tile of query rows loads into the other buffers while this one's are used
+    const auto stage = [&](int r0, int buf) {
+        load_tile_async<D>(qs, buf * span, q + rows, r0, QR, t);
+        load_tile_async<D>(dos, buf * span, dy + rows, r0, QR, t);
+        cp_async_commit();
         for (int i = threadIdx.x; i < QR; i += blockDim.x) {
-            ls[i] = r0 + i < t ? lse[bh * t + r0 + i] : 0.f;
-            dl[i] = r0 + i < t ? delta[bh * t + r0 + i] : 0.f;
+            ls[buf * QR + i] = r0 + i < t ? lse[bh * t + r0 + i] : 0.f;
+            dl[buf * QR + i] = r0 + i < t ? delta[bh * t + r0 + i] : 0.f;
         }
-        __syncthreads();
+    };
+    stage(first / QR * QR, 0);
+    for (int r0 = first / QR * QR, buf = 0; r0 < t; r0 += QR, buf ^= 1) {
+        cp_async_wait<0>();
+        __syncthreads();  // this tile is in, and every warp is done with the other buffers
+        if (r0 + QR < t) stage(r0 + QR, buf ^ 1);
+        const int now = buf * span;
         float st[QR / 8][4], dpt[QR / 8][4];
-        mma_rows<D, QR>(st, kf, qs, g, c);    // Sᵀ = K·Qᵀ, queries in tiles of 8
-        mma_rows<D, QR>(dpt, vf, dos, g, c);  // dPᵀ = V·dOᵀ
+        mma_rows<D, QR>(st, kf, qs, now, g, c);    // Sᵀ = K·Qᵀ, queries in tiles of 8
+        mma_rows<D, QR>(dpt, vf, dos, now, g, c);  // dPᵀ = V·dOᵀ
 #pragma unroll
         for (int n = 0; n < QR / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = n * 8 + 2 * c + (e & 1), row = r0 + i, key = e < 2 ? ka : kb;
                 const float p = row < t && key < s
-                                    ? __expf(flash_logit(st[n][e], scale, e < 2 ? bka : bkb, key, row, t, s) - ls[i])
+                                    ? __expf(flash_logit(st[n][e], scale, e < 2 ? bka : bkb, key, row, t, s) -
+                                             ls[buf * QR + i])
                                     : 0.f;
                 st[n][e] = p;
-                dpt[n][e] = p * (dpt[n][e] - dl[i]);  // dSᵀ
+                dpt[n][e] = p * (dpt[n][e] - dl[buf * QR + i]);  // dSᵀ
             }
         }
-        mma_cols<D, QR>(dva, st, dos, g, c);  // dV += Pᵀ·dO
-        mma_cols<D, QR>(dka, dpt, qs, g, c);  // dK += dSᵀ·Q
+        mma_cols<D, QR>(dva, st, dos, now, g, c);  // dV += Pᵀ·dO
+        mma_cols<D, QR>(dka, dpt, qs, now, g, c);  // dK += dSᵀ·Q
     }
     const size_t out = bh * s * D;
 #pragma unroll

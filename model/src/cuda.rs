@@ -1641,7 +1641,7 @@ pub fn flash_attention_backward(
     let Some((dq_kernel, dkv_kernel)) = launch::flash_attention_backward_kernels(a.d) else {
         return Ok(None);
     };
-    if y.dims() != q.dims() || dy.dims() != q.dims() || !bf16_pairs(y) || !bf16_pairs(dy) {
+    if y.dims() != q.dims() || dy.dims() != q.dims() || !bf16_aligned(y) || !bf16_aligned(dy) {
         return Ok(None);
     }
     let (q, bias, y, dy) = (
@@ -1689,9 +1689,10 @@ pub fn flash_attention_backward(
     Ok(Some((dq, per_kv(dk)?, per_kv(dv)?)))
 }
 
-/// Whether `x` is bf16 starting on a 4-byte boundary: the flash kernels load and store pairs.
-fn bf16_pairs(x: &Tensor) -> bool {
-    x.dtype() == DType::BF16 && x.layout().start_offset().is_multiple_of(2)
+/// Whether `x` is bf16 starting on a 16-byte boundary: the flash kernels copy their tiles into
+/// shared memory 16 bytes at a time (and load and store fragments in pairs).
+fn bf16_aligned(x: &Tensor) -> bool {
+    x.dtype() == DType::BF16 && x.layout().start_offset().is_multiple_of(8)
 }
 
 /// What the flash attention kernels take of their inputs, checked: the sizes and K's and V's
@@ -1734,9 +1735,10 @@ impl FlashArgs {
             _ => return Ok(None),
         };
         let kv_stride = k.layout().stride()[1];
-        let fits = bf16_pairs(q)
-            && bf16_pairs(k)
-            && bf16_pairs(v)
+        let fits = bf16_aligned(q)
+            && bf16_aligned(k)
+            && bf16_aligned(v)
+            && kv_stride.is_multiple_of(8)
             && bias.dtype() == DType::F32
             && t > 0
             && gt % t == 0

@@ -1920,6 +1920,26 @@ fn the_emulator_rejects_what_the_gpu_would_reject() {
     let two_warps = launch::rows(1, 64);
     let err = try_launch("emu_deadlock", two_warps, &[Arg::F32(vec![0.0; 64])]).unwrap_err();
     assert!(err.contains("deadlock"), "{err}");
+    // cp.async: the data (and a copy that is not valid: zeros) once waited for before the
+    // barrier; read while in flight (thread 0 waits after the barrier), a race
+    let x: Vec<f32> = (1..=8).map(|i| i as f32).collect();
+    let copied = try_launch(
+        "emu_async_copy",
+        one_warp,
+        &[Arg::F32(x.clone()), Arg::F32(vec![0.0; 32]), Arg::Int(1)],
+    )
+    .unwrap();
+    let want: Vec<f32> = (0..32)
+        .map(|i| if i % 8 < 4 { x[i % 8] } else { 0.0 })
+        .collect();
+    assert_eq!(copied[1].f32s(), want);
+    let err = try_launch(
+        "emu_async_copy",
+        one_warp,
+        &[Arg::F32(x), Arg::F32(vec![0.0; 32]), Arg::Int(0)],
+    )
+    .unwrap_err();
+    assert!(err.contains("race on shared `cell`"), "{err}");
     let ok = try_launch("softmax_fwd_f32", launch::rows(1, 64), &args).unwrap();
     assert!((ok[1].f32s().iter().sum::<f32>() - 1.0).abs() < 1e-6);
 }

@@ -72,7 +72,8 @@ std::tuple<A...> typed(std::vector<Arg>& args, std::index_sequence<I...>) {
 // Faulty kernels that the tests expect the emulator to reject: a shared-memory race (thread 0
 // writes what the others read with no barrier between), a read past the end of a buffer, a read
 // past the end of a thread's own array (on its fiber's stack), and a deadlock (thread 0 waits at
-// the block's barrier while its warp waits for it at a shuffle: a GPU would hang).
+// the block's barrier while its warp waits for it at a shuffle: a GPU would hang), and an
+// asynchronous copy read before it has landed.
 extern "C" __global__ void emu_racy(float* out) {
     EMU_SHARED(float, cell, 1);
     if (threadIdx.x == 0) cell = 1.f;
@@ -82,6 +83,21 @@ extern "C" __global__ void emu_overflow(const float* x, float* y) { y[threadIdx.
 extern "C" __global__ void emu_stack_overflow(float* y, int n) {
     float own[4] = {1.f, 2.f, 3.f, 4.f};
     y[threadIdx.x] = own[(threadIdx.x + n) % 8];
+}
+// cp.async of x's first 16 bytes (and 16 zero bytes, from a copy that is not valid) by thread 0,
+// read by every thread: correct with `wait_first` (thread 0 waits before the barrier), a race
+// without (it waits after the barrier, so the others read what is still in flight).
+extern "C" __global__ void emu_async_copy(const float* x, float* y, int wait_first) {
+    EMU_SHARED(uint32_t, cell, 8);
+    if (threadIdx.x == 0) {
+        cp_async_16(cell, 0, reinterpret_cast<const bf16*>(x), true);
+        cp_async_16(cell, 4, reinterpret_cast<const bf16*>(x), false);
+        cp_async_commit();
+        if (wait_first) cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && !wait_first) cp_async_wait<0>();
+    y[threadIdx.x] = __uint_as_float(cell[threadIdx.x % 8]);
 }
 extern "C" __global__ void emu_deadlock(float* y) {
     if (threadIdx.x == 0) __syncthreads();
@@ -137,6 +153,7 @@ int main() {
         {"emu_overflow", runner(emu_overflow)},
         {"emu_stack_overflow", runner(emu_stack_overflow)},
         {"emu_deadlock", runner(emu_deadlock)},
+        {"emu_async_copy", runner(emu_async_copy)},
     };
     std::string name(read<uint32_t>(), '\0');
     read(name.data(), name.size());
