@@ -835,15 +835,16 @@ fn flash_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) 
     {
         let bias = padded_causal_bias(b, t, s, 9)?.to_device(gpu)?;
         // 0 on the query rows that see no valid key (padding queries, whose output is never
-        // read and whose upstream gradient is 0 in training): both sides' outputs are multiplied
-        // by it, so those rows are neither compared nor given an upstream gradient
-        let sees: Vec<f32> = (0..b * hkv * g * t)
+        // read and whose upstream gradient is 0 in training): both sides' outputs, token-major
+        // [B, T, Hq·D], are multiplied by it, so those rows are neither compared nor given an
+        // upstream gradient
+        let sees: Vec<f32> = (0..b * t)
             .map(|i| {
-                let (bi, row) = (i / (hkv * g * t), i % t);
+                let (bi, row) = (i / t, i % t);
                 f32::from(u8::from(bi != 1 || s - t + row >= 9))
             })
             .collect();
-        let sees = Tensor::from_vec(sees, (b, hkv, g * t, 1), &Device::Cpu)?.to_device(gpu)?;
+        let sees = Tensor::from_vec(sees, (b, t, 1), &Device::Cpu)?.to_device(gpu)?;
         let seen =
             |y: Tensor| -> Result<Tensor> { Ok(y.broadcast_mul(&sees.to_dtype(y.dtype())?)?) };
         let seed = 90 + 3 * seed as u64;
@@ -860,7 +861,8 @@ fn flash_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) 
         let reference = |x: &[Tensor]| -> Result<Tensor> {
             let scores = x[0].matmul(&x[1].t()?)?.reshape((b, hkv, g, t, s))?;
             let p = ops::composed::masked_softmax(&scores, &bias, scale)?;
-            seen(p.reshape((b, hkv, g * t, s))?.matmul(&x[2])?)
+            let y = p.reshape((b, hkv, g * t, s))?.matmul(&x[2])?; // [B, Hkv, G·T, D]
+            seen(model::attention::token_major(&y, t)?)
         };
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let want = reference(&[f(&q)?, f(&k)?, f(&v)?])?;
@@ -1485,9 +1487,11 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
             reference: Box::new(move |x| {
                 let scores = x[0].matmul(&x[1].t()?)?.reshape((b, 2, 7, t, t))?;
                 let p = ops::composed::masked_softmax(&scores, &c2, 0.125)?;
-                Ok(p.to_dtype(DType::BF16)?
+                let y = p
+                    .to_dtype(DType::BF16)?
                     .reshape((b, 2, 7 * t, t))?
-                    .matmul(&x[2])?)
+                    .matmul(&x[2])?;
+                Ok(model::attention::token_major(&y, t)?)
             }),
         },
         Case {
@@ -2279,8 +2283,10 @@ fn glue_attention(gpu: &Device, rows: &mut Rows) -> Result<()> {
         shape,
         scale,
     )?;
+    // the kernel's output and its gradient are token-major, [B, T, Hq·D]
+    let want = model::attention::token_major(&want, t)?;
     glue_row_tol(rows, name, &y, &want, 2e-2)?;
-    let dy = bf(randn(&[b, hkv, g * t, d], 226, 1.0, DType::F32, &cpu)?)?;
+    let dy = bf(randn(&[b, t, hkv * g * d], 226, 1.0, DType::F32, &cpu)?)?;
     let grads = (&want * &dy)?.sum_all()?.backward()?;
     match ops::flash_attention_backward(&qg, &kg, &vg, &bg, &y, &on(&dy)?, &lse, scale)? {
         Some((dq, dk, dv)) => {

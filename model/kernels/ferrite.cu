@@ -1021,8 +1021,9 @@ extern "C" __global__ void decode_qkv_attention_d64_bf16(const bf16* q, const bf
 // or score tile rounded to bf16 straight from the accumulators (two m16n8 accumulators are one
 // m16k16 A fragment). bf16 only.
 //
-// q, y, dy, dq [B, Hkv, G·T, D] (query head h = kv·G + j at rows j·T.., so head (b, h)'s rows start
-// at (b·Hq + h)·T·D); key j of (b, kv) at k + (b·Hkv + kv)·kv_stride + j·D (a KV cache's buffers
+// q, dq [B, Hkv, G·T, D] (query head h = kv·G + j at rows j·T.., so head (b, h)'s rows start at
+// (b·Hq + h)·T·D); y, dy token-major [B, T, Hq·D], as the output projection takes them (head (b, h)'s
+// row i at (b·T + i)·Hq·D + h·D: no transpose either way); key j of (b, kv) at k + (b·Hkv + kv)·kv_stride + j·D (a KV cache's buffers
 // read in place, or kv_stride = S·D; likewise v); bias [B, 1, 1, T, S] f32; lse and delta [B·Hq·T]
 // f32. The bias must be causal, as every bias the model builds is (forward.rs's Batch): query row
 // i sees no key past S − T + i, and below that limit its bias is the last row's (0 for a valid
@@ -1130,17 +1131,18 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Rows first..first+n of a [rows, D] matrix into the shared tile at word `at` of `dst`, zeros
-// from row `end` on (first < end), 16 bytes a copy through cp_async_16: the caller commits and
-// waits. A warp's 32 copies are 4 rows of 128 bytes at D = 64 (2 at D = 128), each row's in
-// consecutive banks. src must be 16-byte aligned.
+// Rows first..first+n of a matrix of D columns whose rows start `stride` elements apart into the
+// shared tile at word `at` of `dst`, zeros from row `end` on (first < end), 16 bytes a copy
+// through cp_async_16: the caller commits and waits. A warp's 32 copies are 4 rows of 128 bytes
+// at D = 64 (2 at D = 128), each row's in consecutive banks. src and stride 16-byte aligned.
 template <int D, typename Smem>
-__device__ __forceinline__ void load_tile_async(Smem& dst, int at, const bf16* src, int first, int n, int end) {
+__device__ __forceinline__ void load_tile_async(Smem& dst, int at, const bf16* src, size_t stride, int first, int n,
+                                                int end) {
     constexpr int pieces = D / 8;  // of 16 bytes a row
     for (int e = threadIdx.x; e < n * pieces; e += blockDim.x) {
         const int r = e / pieces, p = e % pieces;
         const bool valid = first + r < end;
-        cp_async_16(dst, at + r * Pitch<D>::words + 4 * p, src + (size_t)(valid ? first + r : first) * D + 8 * p,
+        cp_async_16(dst, at + r * Pitch<D>::words + 4 * p, src + (size_t)(valid ? first + r : first) * stride + 8 * p,
                     valid);
     }
 }
@@ -1165,17 +1167,18 @@ __device__ __forceinline__ void ldsm_x4(Smem& tile, int word, uint32_t* r) {
     emu::ldmatrix_x4(tile, word, TRANS, r);
 #endif
 }
-// The A fragments of rows ra, rb (= ra + 8) of a [rows, D] matrix in global memory, D in steps of
-// 16; zeros for rows from `end` on.
+// The A fragments of rows ra, rb (= ra + 8) of a matrix of D columns in global memory whose rows
+// start `stride` elements apart, D in steps of 16; zeros for rows from `end` on.
 template <int D>
-__device__ __forceinline__ void frag_a_rows(const bf16* src, int ra, int rb, int end, int c, uint32_t (*a)[4]) {
+__device__ __forceinline__ void frag_a_rows(const bf16* src, size_t stride, int ra, int rb, int end, int c,
+                                            uint32_t (*a)[4]) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         const int d0 = 16 * kk + 2 * c;
-        a[kk][0] = ra < end ? ld_pair(src + (size_t)ra * D + d0) : 0u;
-        a[kk][1] = rb < end ? ld_pair(src + (size_t)rb * D + d0) : 0u;
-        a[kk][2] = ra < end ? ld_pair(src + (size_t)ra * D + d0 + 8) : 0u;
-        a[kk][3] = rb < end ? ld_pair(src + (size_t)rb * D + d0 + 8) : 0u;
+        a[kk][0] = ra < end ? ld_pair(src + ra * stride + d0) : 0u;
+        a[kk][1] = rb < end ? ld_pair(src + rb * stride + d0) : 0u;
+        a[kk][2] = ra < end ? ld_pair(src + ra * stride + d0 + 8) : 0u;
+        a[kk][3] = rb < end ? ld_pair(src + rb * stride + d0 + 8) : 0u;
     }
 }
 // The A fragment of accumulator tiles n0 (columns 0..8) and n1 (8..16), rounded to bf16.
@@ -1240,6 +1243,11 @@ struct FlashRows {
     size_t bh, kv, b;
     int ra, rb, last;
 };
+// Where query head bh = b·Hq + h's row 0 sits in a token-major [B, T, Hq·D] tensor (y and dy: the
+// output projection's input and its gradient), whose rows are Hq·D apart.
+__device__ __forceinline__ size_t token_major(size_t bh, size_t hq, int t, int d) {
+    return ((bh / hq) * t * hq + bh % hq) * d;
+}
 __device__ __forceinline__ FlashRows flash_rows(int hkv, int g_heads, int t, int lane_row) {
     const int tiles = (t + FLASH_ROWS - 1) / FLASH_ROWS, tile = blockIdx.x % tiles;
     const size_t bh = blockIdx.x / tiles, hq = (size_t)hkv * g_heads, b = bh / hq;
@@ -1265,7 +1273,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     const float* last = bias + (at.b * t + t - 1) * s;  // the bias's last row
 
     uint32_t qf[D / 16][4];
-    frag_a_rows<D>(q + at.bh * t * D, ra, rb, t, c, qf);
+    frag_a_rows<D>(q + at.bh * t * D, D, ra, rb, t, c, qf);
     float o[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -1274,12 +1282,12 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     const int keys = min(s, s - t + at.last + 1);  // the keys the block's last row sees
     // The tiles' loads overlap the arithmetic: a value tile's with S = Q·Kᵀ and the softmax, the
     // next key tile's with O += P·V (FlashAttention-2's order; one buffer each).
-    load_tile_async<D>(ks, 0, kb, 0, FLASH_KEYS, keys);
+    load_tile_async<D>(ks, 0, kb, D, 0, FLASH_KEYS, keys);
     cp_async_commit();
     for (int k0 = 0; k0 < keys; k0 += FLASH_KEYS) {
         cp_async_wait<0>();
         __syncthreads();  // the key tile is in, and every warp is done with the last value tile
-        load_tile_async<D>(vs, 0, vb, k0, FLASH_KEYS, keys);
+        load_tile_async<D>(vs, 0, vb, D, k0, FLASH_KEYS, keys);
         cp_async_commit();
         float sc[FLASH_KEYS / 8][4];  // S = Q·Kᵀ, keys in tiles of 8
         mma_rows<D, FLASH_KEYS>(sc, qf, ks, 0, g, c);
@@ -1324,7 +1332,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
         cp_async_wait<0>();
         __syncthreads();  // the value tile is in, and every warp is done with the key tile
         if (k0 + FLASH_KEYS < keys) {
-            load_tile_async<D>(ks, 0, kb, k0 + FLASH_KEYS, FLASH_KEYS, keys);
+            load_tile_async<D>(ks, 0, kb, D, k0 + FLASH_KEYS, FLASH_KEYS, keys);
             cp_async_commit();
         }
         mma_cols<D, FLASH_KEYS>(o, sc, vs, 0, g, c);  // O += P·V
@@ -1332,12 +1340,13 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     la = quad_sum(la);
     lb = quad_sum(lb);
     const float ia = 1.f / la, ib = 1.f / lb;
-    bf16* yb = y + at.bh * t * D;
+    const size_t hq = (size_t)hkv * g_heads, stride = hq * D;
+    bf16* yb = y + token_major(at.bh, hq, t, D);
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
         const int d = n * 8 + 2 * c;
-        if (ra < t) st_pair(yb + (size_t)ra * D + d, pack_f32(o[n][0] * ia, o[n][1] * ia));
-        if (rb < t) st_pair(yb + (size_t)rb * D + d, pack_f32(o[n][2] * ib, o[n][3] * ib));
+        if (ra < t) st_pair(yb + ra * stride + d, pack_f32(o[n][0] * ia, o[n][1] * ia));
+        if (rb < t) st_pair(yb + rb * stride + d, pack_f32(o[n][2] * ib, o[n][3] * ib));
     }
     if (c == 0 && ra < t) lse[at.bh * t + ra] = ma + logf(la);
     if (c == 0 && rb < t) lse[at.bh * t + rb] = mb + logf(lb);
@@ -1369,15 +1378,15 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const FlashRows at = flash_rows(hkv, g_heads, t, g);
     const int ra = at.ra, rb = at.rb;
-    const size_t rows = at.bh * t * D;
+    const size_t rows = at.bh * t * D, hq = (size_t)hkv * g_heads, tok = token_major(at.bh, hq, t, D);
     const bf16* kb = k + at.kv * kv_stride;
     const bf16* vb = v + at.kv * kv_stride;
     const float* last = bias + (at.b * t + t - 1) * s;  // the bias's last row
 
     uint32_t qf[D / 16][4], df[D / 16][4], yf[D / 16][4];
-    frag_a_rows<D>(q + rows, ra, rb, t, c, qf);
-    frag_a_rows<D>(dy + rows, ra, rb, t, c, df);
-    frag_a_rows<D>(y + rows, ra, rb, t, c, yf);
+    frag_a_rows<D>(q + rows, D, ra, rb, t, c, qf);
+    frag_a_rows<D>(dy + tok, hq * D, ra, rb, t, c, df);
+    frag_a_rows<D>(y + tok, hq * D, ra, rb, t, c, yf);
     float da = 0.f, db = 0.f;  // Δ of rows ra, rb
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -1400,8 +1409,8 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
     const int keys = min(s, s - t + at.last + 1);
     // the next key and value tiles load into the other buffers while this one's are used
     const auto stage = [&](int k0, int buf) {
-        load_tile_async<D>(ks, buf * span, kb, k0, KT, keys);
-        load_tile_async<D>(vs, buf * span, vb, k0, KT, keys);
+        load_tile_async<D>(ks, buf * span, kb, D, k0, KT, keys);
+        load_tile_async<D>(vs, buf * span, vb, D, k0, KT, keys);
         cp_async_commit();
     };
     stage(0, 0);
@@ -1472,13 +1481,13 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
     const size_t bh = blockIdx.x / tiles, hq = (size_t)hkv * g_heads, b = bh / hq;
     const size_t kv = b * hkv + (bh % hq) / g_heads;
     const int k0 = tile * FLASH_ROWS, ka = k0 + (threadIdx.x >> 5) * 16 + g, kb = ka + 8;
-    const size_t rows = bh * t * D;
+    const size_t rows = bh * t * D, tok = token_major(bh, hq, t, D);
     const float* last = bias + (b * t + t - 1) * s;  // the bias's last row, at the warp's keys
     const float bka = ka < s ? last[ka] : 0.f, bkb = kb < s ? last[kb] : 0.f;
 
     uint32_t kf[D / 16][4], vf[D / 16][4];
-    frag_a_rows<D>(k + kv * kv_stride, ka, kb, s, c, kf);
-    frag_a_rows<D>(v + kv * kv_stride, ka, kb, s, c, vf);
+    frag_a_rows<D>(k + kv * kv_stride, D, ka, kb, s, c, kf);
+    frag_a_rows<D>(v + kv * kv_stride, D, ka, kb, s, c, vf);
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
@@ -1489,8 +1498,8 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
     const int first = k0 > s - t ? k0 - (s - t) : 0;
     // the next tile of query rows loads into the other buffers while this one's are used
     const auto stage = [&](int r0, int buf) {
-        load_tile_async<D>(qs, buf * span, q + rows, r0, QR, t);
-        load_tile_async<D>(dos, buf * span, dy + rows, r0, QR, t);
+        load_tile_async<D>(qs, buf * span, q + rows, D, r0, QR, t);
+        load_tile_async<D>(dos, buf * span, dy + tok, hq * D, r0, QR, t);
         cp_async_commit();
         for (int i = threadIdx.x; i < QR; i += blockDim.x) {
             ls[buf * QR + i] = r0 + i < t ? lse[bh * t + r0 + i] : 0.f;

@@ -62,7 +62,8 @@ pub fn worth_chunking(batch: usize, heads: usize, queries: usize, keys: usize) -
 
 /// `softmax(scale·q·kᵀ + bias)·v` per query head, with `G` query heads sharing each K/V head:
 /// `q [B, Hkv, G·T, D]` (head `kv·G + j` at rows `j·T..`), `k, v [B, Hkv, S, D]`,
-/// `bias [B, 1, 1, T, S]` f32 → `[B, Hkv, G·T, D]` in `v`'s dtype; at most `chunk` query
+/// `bias [B, 1, 1, T, S]` f32 → `[B, T, Hq·D]` token-major in `v`'s dtype (head `h`'s `D`
+/// columns at `h·D`: the output projection's input, see [`token_major`]); at most `chunk` query
 /// rows of scores alive at a time. Differentiable in `q`, `k` and `v`.
 ///
 /// The bias must be causal: it masks every key slot past `S − T + i` for query row `i`, and
@@ -104,6 +105,16 @@ pub fn attention(
         let (dq, dk, dv) = op.backward(q, k, v, g)?;
         Ok([Some(dq), Some(dk), Some(dv)])
     })
+}
+
+/// `[B, Hkv, G·T, D]` (query head `kv·G + j`'s rows at `j·T..`) → `[B, T, Hq·D]`: the output
+/// projection's input, token-major (a copy, differentiable).
+pub fn token_major(x: &Tensor, t: usize) -> Result<Tensor> {
+    let (b, hkv, gt, d) = x.dims4()?;
+    let hq = hkv * gt / t;
+    Ok(x.reshape((b, hq, t, d))?
+        .transpose(1, 2)?
+        .reshape((b, t, hq * d))?)
 }
 
 struct ChunkedAttention {
@@ -153,6 +164,7 @@ impl ChunkedAttention {
         Ok((scores, bias))
     }
 
+    /// The output token-major, `[B, T, Hq·D]`: each chunk's rows go to their place in one copy.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, hkv, g, t, s, d) = self.dims(q, k)?;
         let v = v.contiguous()?;
@@ -166,12 +178,25 @@ impl ChunkedAttention {
                 .reshape((b, hkv, g * len, keys))?
                 .to_dtype(v.dtype())?;
             let v_c = v.narrow(2, 0, keys)?; // [B, Hkv, keys, D]
-            parts.push(p.matmul(&v_c)?.reshape((b, hkv, g, len, d))?); // [B, Hkv, G, len, D]
+            let y_c = p.matmul(&v_c)?.reshape((b, hkv, g, len, d))?; // [B, Hkv, G, len, D]
+            parts.push(y_c.permute((0, 3, 1, 2, 4))?); // [B, len, Hkv, G, D], a view
         }
-        Ok(Tensor::cat(&parts, 3)?.reshape((b, hkv, g * t, d))?)
+        Ok(Tensor::cat(&parts, 1)?.reshape((b, t, hkv * g * d))?)
     }
 
-    /// `(dq, dk, dv)` from the upstream `d_out [B, Hkv, G·T, D]`, chunk by chunk:
+    /// The query rows `start..start+len` of every head of a token-major `x [B, T, Hq·D]` as
+    /// `[B, Hkv, G·len, D]`.
+    fn token_rows(x: &Tensor, hkv: usize, g: usize, start: usize, len: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let d = x.dim(2)? / (hkv * g);
+        Ok(x.reshape((b, t, hkv, g, d))?
+            .narrow(1, start, len)?
+            .permute((0, 2, 3, 1, 4))?
+            .contiguous()?
+            .reshape((b, hkv, g * len, d))?)
+    }
+
+    /// `(dq, dk, dv)` from the upstream `d_out [B, T, Hq·D]` (token-major), chunk by chunk:
     /// `dv += pᵀ·dO`, `ds = scale·p∘(dO·vᵀ − Σ …)`, `dq = ds·k`, `dk += dsᵀ·q`, each over the
     /// chunk's visible keys only (the rest get nothing from it).
     fn backward(
@@ -194,7 +219,7 @@ impl ChunkedAttention {
             let keys = Self::visible_keys(t, s, start, len);
             let (k_c, v_c) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?); // [B, Hkv, keys, D]
             let q_c = Self::rows(&q, g, t, start, len)?; // [B, Hkv, G·len, D]
-            let do_c = Self::rows(&d_out, g, t, start, len)?; // [B, Hkv, G·len, D]
+            let do_c = Self::token_rows(&d_out, hkv, g, start, len)?; // [B, Hkv, G·len, D]
             let (scores, bias) = self.scores(&q_c, &k, g, start, len, keys)?; // [B, Hkv, G, len, keys]
             let dp = do_c.matmul(&v_c.t()?)?.reshape(scores.shape())?;
             let (p, ds) = attention_probs_backward(&scores, &bias, &dp, self.scale)?;
@@ -261,7 +286,7 @@ mod tests {
             .unwrap()
             .reshape((b, hkv, g * t, s))
             .unwrap();
-        p.matmul(v).unwrap()
+        token_major(&p.matmul(v).unwrap(), t).unwrap()
     }
 
     /// Causal mask over `t` queries at key slots `s − t..s` (an earlier `s − t` slots of shared
@@ -291,7 +316,7 @@ mod tests {
                 random(&[b, hkv, s, d], 2, 1.0),
                 random(&[b, hkv, s, d], 3, 1.0),
             );
-            let u = random(&[b, hkv, g * t, d], 4, 1.0);
+            let u = random(&[b, t, hkv * g * d], 4, 1.0); // token-major, as the output
             let mask = bias(b, t, s);
             let scale = 1.0 / (d as f64).sqrt();
             let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {

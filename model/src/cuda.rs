@@ -1583,7 +1583,8 @@ fn kv_rows(x: &Tensor, dims: [usize; 4], kv_stride: usize) -> bool {
 /// Attention over a batch of query rows in one kernel (see `flash_attention` in `ferrite.cu`):
 /// `q [B, Hkv, G·T, D]`, `k, v [B, Hkv, S, D]` (contiguous, or views of a KV cache's
 /// `[B, Hkv, capacity, D]` buffers, read in place), `bias [B, 1, 1, T, S]` f32 and causal →
-/// `[B, Hkv, G·T, D]`, all bf16, and each row's log-partition `[B·Hkv·G·T]` f32. None where the
+/// `[B, T, Hq·D]` token-major (the output projection's input, no transpose), all bf16, and each
+/// row's log-partition `[B·Hkv·G·T]` f32. None where the
 /// kernel does not apply: another dtype, D other than 64 or 128, S < T, or K / V rows not
 /// contiguous.
 pub fn flash_attention(
@@ -1615,7 +1616,10 @@ pub fn flash_attention(
     // (B·Hkv − 1)·kv_stride + S·D from their views' starts, which their layouts were checked to
     // cover; D is the kernel's.
     unsafe { l.launch(launch::flash_attention(a.heads(), a.t)) }?;
-    let y = wrap(half::bf16::wrap_cuda_slice(y, dev.clone()), q.shape());
+    let y = wrap(
+        half::bf16::wrap_cuda_slice(y, dev.clone()),
+        &a.token_major()[..],
+    );
     let lse = wrap(f32::wrap_cuda_slice(lse, dev), a.rows());
     Ok(Some((y, lse)))
 }
@@ -1641,7 +1645,8 @@ pub fn flash_attention_backward(
     let Some((dq_kernel, dkv_kernel)) = launch::flash_attention_backward_kernels(a.d) else {
         return Ok(None);
     };
-    if y.dims() != q.dims() || dy.dims() != q.dims() || !bf16_aligned(y) || !bf16_aligned(dy) {
+    let tokens = a.token_major();
+    if y.dims() != tokens || dy.dims() != tokens || !bf16_aligned(y) || !bf16_aligned(dy) {
         return Ok(None);
     }
     let (q, bias, y, dy) = (
@@ -1755,6 +1760,11 @@ impl FlashArgs {
             d,
             kv_stride,
         }))
+    }
+
+    /// The output's (and its gradient's) shape, token-major: `[B, T, Hq·D]`.
+    fn token_major(&self) -> [usize; 3] {
+        [self.b, self.t, self.hkv * self.g * self.d]
     }
 
     /// Query heads over the batch, B·Hkv·G.

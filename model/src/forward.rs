@@ -637,6 +637,8 @@ fn attention(
         true => crate::ops::flash_attention(&q, &k, &v, bias, scale)?.map(|(out, _)| out),
         false => None,
     };
+    // [B, T, Hq·D], token-major as the output projection takes it: the flash kernel and the
+    // chunked attention write it so, the composed ops transpose
     let out = if let Some(out) = flash {
         out
     } else if !cached && crate::attention::worth_chunking(b, hq, t, s) {
@@ -648,12 +650,9 @@ fn attention(
         let probs = crate::ops::masked_softmax(&scores, bias, scale)? // bias [B, 1, 1, T, S]
             .to_dtype(v.dtype())?
             .reshape((b, hkv, g * t, s))?;
-        probs.matmul(&v)? // [B, Hkv, G·T, D]; a cache view needs no copy
+        // [B, Hkv, G·T, D]; a cache view needs no copy
+        crate::attention::token_major(&probs.matmul(&v)?, t)?
     };
-    let out = out
-        .reshape((b, hq, t, d))?
-        .transpose(1, 2)?
-        .reshape((b, t, hq * d))?; // [B, T, Hq·D]
     Ok((linear(&out, &w.o_proj, None)?, k_new, v_new))
 }
 

@@ -1413,8 +1413,9 @@ fn flash_applies(q: &Tensor) -> bool {
 /// FlashAttention-2 forward on the tensor cores: no score leaves the chip): `q [B, Hkv, G·T, D]`,
 /// `k, v [B, Hkv, S, D]` (contiguous rows; a KV cache's views are read in place), a causal
 /// `bias [B, 1, 1, T, S]` f32 (as [`crate::attention::attention`] requires: the kernels read its
-/// last row) → the output `[B, Hkv, G·T, D]` and each row's log-partition
-/// `[B·Hkv·G·T]` f32 (for [`flash_attention_backward`]). No graph: [`crate::attention::attention`]
+/// last row) → the output token-major, `[B, T, Hq·D]` (query head `kv·G + j`'s `D` columns at
+/// `(kv·G + j)·D`: what the output projection takes, with no transpose), and each row's
+/// log-partition `[B·Hkv·G·T]` f32 (for [`flash_attention_backward`]). No graph: [`crate::attention::attention`]
 /// attaches the backward. None where it does not apply: the CPU, kernels or flash attention off,
 /// not bf16, D other than 64 or 128.
 pub fn flash_attention(
@@ -1451,7 +1452,7 @@ pub fn flash_calls() -> usize {
 }
 
 /// The gradients `(dq, dk, dv)` of [`flash_attention`] from its inputs, its output `y`, the
-/// upstream `dy` (like `y`) and its log-partitions `lse`, in two kernels on CUDA (dQ, then dK and
+/// upstream `dy` (token-major like `y`) and its log-partitions `lse`, in two kernels on CUDA (dQ, then dK and
 /// dV per query head, summed over each K/V head's G query heads). None where they do not apply:
 /// as the forward.
 #[allow(clippy::too_many_arguments)]

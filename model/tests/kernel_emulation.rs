@@ -1449,6 +1449,20 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
             .round(&random(&[b, hkv, g * t, d], seed + 3, 1.0))
             .broadcast_mul(&sees)
             .unwrap();
+        // the kernels' y and dy are token-major, [B, T, Hq·D]: to and from [B, Hkv, G·T, D]
+        let token_major = |x: &Tensor| {
+            x.reshape((b, hkv * g, t, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let head_major = |a: &Arg| {
+            let x = Tensor::from_vec(a.f32s(), (b, t, hkv * g, d), &Device::Cpu).unwrap();
+            let x = x.transpose(1, 2).unwrap().contiguous().unwrap();
+            Arg::F32(x.flatten_all().unwrap().to_vec1().unwrap())
+        };
         // a kernel's rows with the padding queries' zeroed
         let seen = |a: &Arg, cols: usize| {
             let x = Tensor::from_vec(a.f32s(), (b, hkv, g * t, cols), &Device::Cpu).unwrap();
@@ -1524,7 +1538,7 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
             .unwrap();
         assert_close(
             &format!("{kernel} {at}"),
-            &seen(y, d),
+            &seen(&head_major(y), d),
             &want,
             Ty::Bf16.tol(),
         );
@@ -1536,7 +1550,7 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
         );
 
         let (dq_kernel, dkv_kernel) = launch::flash_attention_backward_kernels(d).unwrap();
-        let dy = Ty::Bf16.buffer(&u);
+        let dy = Ty::Bf16.buffer(&token_major(&u));
         let out = launch(
             dq_kernel,
             launch::flash_attention(b * hkv * g, t),
@@ -1551,7 +1565,7 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
         let (dq, delta) = (&out[7], &out[8]);
         assert_close(&format!("{dq_kernel} {at}"), dq, &want_grads[0], 2e-2);
         // Δ = rowsum(dO∘O) from the kernel's own (bf16) output
-        let y_t = Tensor::from_vec(y.f32s(), (b, hkv, g * t, d), &Device::Cpu).unwrap();
+        let y_t = Tensor::from_vec(head_major(y).f32s(), (b, hkv, g * t, d), &Device::Cpu).unwrap();
         let want_delta = (&u * &y_t).unwrap().sum(D::Minus1).unwrap();
         assert_close(&format!("{dq_kernel} delta {at}"), delta, &want_delta, 1e-5);
 
