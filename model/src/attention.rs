@@ -1,7 +1,7 @@
 //! Grouped-query attention that keeps no `[T, S]` probabilities for the backward. On CUDA in
-//! bf16 it is FlashAttention-2 ([`flash_attention`], [`flash_attention_backward`]: kernels on the
-//! tensor cores that keep the scores on chip, the forward saving each row's log-partition for the
-//! backward). Elsewhere (the CPU, f32, a head dimension the kernels do not take) the forward
+//! bf16 it is FlashAttention-2 ([`crate::ops::flash_attention`], [`flash_attention_backward`]:
+//! kernels on the tensor cores that keep the scores on chip, the forward saving each row's
+//! log-partition for the backward). Elsewhere (the CPU, f32, a head dimension the kernels do not take) the forward
 //! runs in chunks of query rows and keeps only the output; the backward recomputes each chunk's
 //! probabilities from `q`, `k` and the mask and turns them into `dq`, `dk`, `dv` (the same
 //! recurrence at the granularity of a chunk of rows, on the device's matmuls). Between the
@@ -25,7 +25,7 @@ use candle_core::{DType, Tensor};
 use crate::attach::attach;
 use crate::error::Result;
 use crate::ops::{
-    attention_probs, attention_probs_backward, flash_attention, flash_attention_backward,
+    attention_probs, attention_probs_backward, flash_attention_backward, flash_attention_value,
 };
 
 /// Score elements one chunk may hold by default: 2²⁴ (64 MiB in f32).
@@ -88,8 +88,8 @@ pub fn attention(
     };
     let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
     // on CUDA in bf16: the flash kernels, forward and backward (the chunked backward where theirs
-    // does not apply: it needs only q, k and v)
-    if let Some((out, lse)) = flash_attention(&q0, &k0, &v0, bias, scale)? {
+    // does not apply: it needs only q, k and v); the graph takes the kernel's output buffer over
+    if let Some((out, lse)) = flash_attention_value(&q0, &k0, &v0, bias, scale)? {
         return attach(q, k, v, out, move |q, k, v, y, g| {
             let g = g.to_dtype(v.dtype())?;
             let (dq, dk, dv) =

@@ -1594,6 +1594,18 @@ pub fn flash_attention(
     bias: &Tensor,
     scale: f32,
 ) -> Result<Option<(Tensor, Tensor)>> {
+    Ok(flash_attention_storage(q, k, v, bias, scale)?.map(|(y, shape, lse)| (wrap(y, shape), lse)))
+}
+
+/// [`flash_attention`] with its output as the kernel wrote it, a fresh buffer and its shape:
+/// what [`crate::attach::attach`] takes over with no copy.
+pub fn flash_attention_storage(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f32,
+) -> Result<Option<(CudaStorage, Shape, Tensor)>> {
     let Some(a) = FlashArgs::new(q, k, v, bias)? else {
         return Ok(None);
     };
@@ -1616,12 +1628,9 @@ pub fn flash_attention(
     // (B·Hkv − 1)·kv_stride + S·D from their views' starts, which their layouts were checked to
     // cover; D is the kernel's.
     unsafe { l.launch(launch::flash_attention(a.heads(), a.t)) }?;
-    let y = wrap(
-        half::bf16::wrap_cuda_slice(y, dev.clone()),
-        &a.token_major()[..],
-    );
+    let y = half::bf16::wrap_cuda_slice(y, dev.clone());
     let lse = wrap(f32::wrap_cuda_slice(lse, dev), a.rows());
-    Ok(Some((y, lse)))
+    Ok(Some((y, Shape::from(&a.token_major()[..]), lse)))
 }
 
 /// The gradients `(dq, dk, dv)` of [`flash_attention`] (see `flash_attention_bwd_dq` and

@@ -1443,6 +1443,30 @@ pub fn flash_attention(
     Ok(None)
 }
 
+/// [`flash_attention`] with its output as an [`crate::attach::Value`] that the graph takes over
+/// with no copy (the kernel's fresh buffer), for [`crate::attention::attention`].
+pub(crate) fn flash_attention_value(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Option<(crate::attach::Value, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if flash_applies(q) {
+        let out = crate::cuda::flash_attention_storage(q, k, v, bias, scale as f32)?;
+        if out.is_some() {
+            FLASH_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        return Ok(out.map(|(y, shape, lse)| {
+            let y = crate::attach::Value::Storage(candle_core::Storage::Cuda(y), shape);
+            (y, lse)
+        }));
+    }
+    let _ = (q, k, v, bias, scale);
+    Ok(None)
+}
+
 static FLASH_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// How many times this process has run the flash attention kernel (a layer's forward counts

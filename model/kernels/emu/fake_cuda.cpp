@@ -60,9 +60,9 @@ inline bool memory_only() {
     return on;
 }
 
-// FAKE_CUDA_PROFILE=1: each library's launches (libcuda's kernels, libcublas's GEMMs) by kernel and
-// geometry, with their count and the host time they took, printed at exit: the costliest, then
-// the most frequent. Under FAKE_CUDA_MEMORY_ONLY the ones that take time are candle's launches of
+// FAKE_CUDA_PROFILE=1: each library's launches (libcuda's kernels and device-to-device copies,
+// libcublas's GEMMs) by kernel and geometry (a copy by its size), with their count and the host
+// time they took, printed at exit: the costliest, then the most frequent. Under FAKE_CUDA_MEMORY_ONLY the ones that take time are candle's launches of
 // at most 65,536 threads, so a costly row is a launch where few GPU threads walk much memory
 // (candle's full reduction is one block); the counts are what a step launches.
 struct Profile {
@@ -96,7 +96,7 @@ Profile* profile(const char* what) {
 // runs `work`, and with FAKE_CUDA_PROFILE counts it and its host time in the row `key()` names
 template <typename Key, typename Work>
 void profiled(const Key& key, const Work& work) {
-    Profile* p = profile(FAKE_CUDA_LIB == 2 ? "cuBLAS GEMMs" : "kernel launches");
+    Profile* p = profile(FAKE_CUDA_LIB == 2 ? "cuBLAS GEMMs" : "kernel launches and device-to-device copies");
     if (p == nullptr) return work();
     const auto start = std::chrono::steady_clock::now();
     work();
@@ -618,8 +618,11 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) {
-    if (untouched(n)) return CUDA_SUCCESS;
-    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+    // in the profile beside the kernels: a copy on the device moves memory as a kernel does
+    const auto key = [&] { return "device-to-device copy of " + std::to_string(n) + " bytes"; };
+    profiled(key, [&] {
+        if (!untouched(n)) std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+    });
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyPeerAsync(CUdeviceptr dst, void*, CUdeviceptr src, void*, size_t n, void*) {
