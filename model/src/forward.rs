@@ -399,7 +399,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let inner = dims[dims.len() - 1];
     let rows = x.elem_count() / inner.max(1);
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?; // [rows, out]
+    let y = crate::linear::matmul_t(&x.reshape((rows, inner))?, w)?; // [rows, out]
     let y = match bias {
         Some(b) => crate::ops::bias_add(&y, b)?,
         None => y,

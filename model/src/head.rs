@@ -174,7 +174,10 @@ impl OutputLogprobs {
         g: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let (n, _) = states.dims2()?;
-        let (sd, wd) = (states.detach(), weight.detach());
+        // detached, all of them: a gradient computed from a graph tensor (here `y`, the op's
+        // output) records its own backward and holds what it read for as long as it lives,
+        // which for the weight's is the whole backward
+        let (sd, wd, y) = (states.detach(), weight.detach(), &y.detach());
         let mut d_states = Vec::new();
         let mut d_weight: Option<Tensor> = None; // [V, H]; f32 once a second group adds to it
         let mut kept = self.kept.lock().ok().and_then(|mut k| k.take());

@@ -9,7 +9,8 @@
 //! - [`gguf`]: import of llama.cpp GGUF files (dequantized, HF names, Q/K rows un-permuted).
 //! - [`tokenizer`]: `tokenizer.json` and the chat template of `tokenizer_config.json`.
 //! - [`forward`]: the decoder itself, with an optional KV cache; long sequences take
-//!   [`attention`], which keeps no attention probabilities for the backward.
+//!   [`attention`], which keeps no attention probabilities for the backward; its projections
+//!   are [`linear`]'s product, whose backward writes each weight's gradient in its own layout.
 //! - [`checkpoint`]: optional per-layer activation checkpointing of training forwards.
 //! - [`logprobs`]: per-token log-probs and entropies of given completions, through [`head`]:
 //!   the output layer fused with log-softmax, in chunks of rows.
@@ -34,6 +35,7 @@ pub mod head;
 pub mod init;
 pub mod kv_cache;
 pub mod launch;
+pub mod linear;
 pub mod logprobs;
 pub mod ops;
 pub mod rng;

@@ -479,6 +479,34 @@ constexpr size_t total_memory = size_t(64) << 30;
 // A buffer of n bytes that the memory-only mode maps and never touches.
 bool untouched(size_t n) { return memory_only() && n > (size_t(1) << 20); }
 
+// FAKE_CUDA_PEAK=1: the live buffers by size at the process's highest use, printed at exit
+// (what a peak is made of).
+std::string last_launch;  // the kernel launched last (for the peak's log)
+struct PeakLog {
+    size_t bytes = 0;
+    std::string after;
+    std::map<size_t, size_t> sizes;  // size → count
+    ~PeakLog() {
+        if (sizes.empty()) return;
+        std::vector<std::pair<size_t, size_t>> by(sizes.begin(), sizes.end());
+        std::sort(by.begin(), by.end(), [](auto& a, auto& b) { return a.first * a.second > b.first * b.second; });
+        std::fprintf(stderr, "fake cuda: %.2f GiB live at the peak (after %s), by buffer size:\n",
+                     bytes / 1073741824.0, after.c_str());
+        for (size_t i = 0; i < by.size() && i < 25; ++i)
+            std::fprintf(stderr, "%10.3f GiB %6zu x %zu bytes\n", by[i].first * by[i].second / 1073741824.0,
+                         by[i].second, by[i].first);
+    }
+};
+void log_peak() {
+    static const bool on = env_flag("FAKE_CUDA_PEAK");
+    static PeakLog log;
+    if (!on || used <= log.bytes) return;
+    log.bytes = used;
+    log.after = last_launch;
+    log.sizes.clear();
+    for (const auto& a : allocations) ++log.sizes[a.second];
+}
+
 CUresult allocate(CUdeviceptr* p, size_t n) {
     void* m = nullptr;
     if (untouched(n)) {
@@ -495,6 +523,7 @@ CUresult allocate(CUdeviceptr* p, size_t n) {
     allocations[reinterpret_cast<uintptr_t>(m)] = n;
     used += n;
     used_high = std::max(used_high, used);
+    log_peak();
     *p = reinterpret_cast<CUdeviceptr>(m);
     return CUDA_SUCCESS;
 }
@@ -669,6 +698,7 @@ CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
 CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, void*, void** params, void** extra) {
     const auto* f = static_cast<Function*>(function);
+    last_launch = f->name;
     const size_t threads = size_t(gx) * gy * gz * bx * by * bz;
     const auto key = [&] {
         return f->name + " <<<" + std::to_string(gx * gy * gz) + ", " + std::to_string(bx * by * bz) + ">>>";
