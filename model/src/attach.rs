@@ -21,6 +21,18 @@ pub enum Value {
     Storage(Storage, Shape),
 }
 
+impl Value {
+    /// The value as a tensor outside any graph (a handed-over buffer wrapped, no copy).
+    pub fn into_tensor(self) -> Tensor {
+        match self {
+            Value::Tensor(t) => t,
+            Value::Storage(storage, shape) => {
+                Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false)
+            }
+        }
+    }
+}
+
 impl From<Tensor> for Value {
     fn from(t: Tensor) -> Self {
         Value::Tensor(t)

@@ -1584,22 +1584,11 @@ fn kv_rows(x: &Tensor, dims: [usize; 4], kv_stride: usize) -> bool {
 /// `q [B, Hkv, G·T, D]`, `k, v [B, Hkv, S, D]` (contiguous, or views of a KV cache's
 /// `[B, Hkv, capacity, D]` buffers, read in place), `bias [B, 1, 1, T, S]` f32 and causal →
 /// `[B, T, Hq·D]` token-major (the output projection's input, no transpose), all bf16, and each
-/// row's log-partition `[B·Hkv·G·T]` f32. None where the
+/// row's log-partition `[B·Hkv·G·T]` f32. The output comes as the kernel wrote it, a fresh
+/// buffer and its shape, for [`crate::attach::attach`] to take over with no copy. None where the
 /// kernel does not apply: another dtype, D other than 64 or 128, S < T, or K / V rows not
-/// contiguous.
+/// contiguous or not 16-byte aligned.
 pub fn flash_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: &Tensor,
-    scale: f32,
-) -> Result<Option<(Tensor, Tensor)>> {
-    Ok(flash_attention_storage(q, k, v, bias, scale)?.map(|(y, shape, lse)| (wrap(y, shape), lse)))
-}
-
-/// [`flash_attention`] with its output as the kernel wrote it, a fresh buffer and its shape:
-/// what [`crate::attach::attach`] takes over with no copy.
-pub fn flash_attention_storage(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -1415,9 +1415,9 @@ fn flash_applies(q: &Tensor) -> bool {
 /// `bias [B, 1, 1, T, S]` f32 (as [`crate::attention::attention`] requires: the kernels read its
 /// last row) → the output token-major, `[B, T, Hq·D]` (query head `kv·G + j`'s `D` columns at
 /// `(kv·G + j)·D`: what the output projection takes, with no transpose), and each row's
-/// log-partition `[B·Hkv·G·T]` f32 (for [`flash_attention_backward`]). No graph: [`crate::attention::attention`]
-/// attaches the backward. None where it does not apply: the CPU, kernels or flash attention off,
-/// not bf16, D other than 64 or 128.
+/// log-partition `[B·Hkv·G·T]` f32 (for [`flash_attention_backward`]). No graph:
+/// [`crate::attention::attention`] attaches the backward. None where it does not apply: the
+/// CPU, kernels or flash attention off, not bf16, D other than 64 or 128.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -1425,22 +1425,8 @@ pub fn flash_attention(
     bias: &Tensor,
     scale: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    #[cfg(feature = "cuda")]
-    if flash_applies(q) {
-        let out = crate::cuda::flash_attention(
-            &q.detach(),
-            &k.detach(),
-            &v.detach(),
-            bias,
-            scale as f32,
-        )?;
-        if out.is_some() {
-            FLASH_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        return Ok(out);
-    }
-    let _ = (q, k, v, bias, scale, flash_applies);
-    Ok(None)
+    let out = flash_attention_value(&q.detach(), &k.detach(), &v.detach(), bias, scale)?;
+    Ok(out.map(|(y, lse)| (y.into_tensor(), lse)))
 }
 
 /// [`flash_attention`] with its output as an [`crate::attach::Value`] that the graph takes over
@@ -1454,7 +1440,7 @@ pub(crate) fn flash_attention_value(
 ) -> Result<Option<(crate::attach::Value, Tensor)>> {
     #[cfg(feature = "cuda")]
     if flash_applies(q) {
-        let out = crate::cuda::flash_attention_storage(q, k, v, bias, scale as f32)?;
+        let out = crate::cuda::flash_attention(q, k, v, bias, scale as f32)?;
         if out.is_some() {
             FLASH_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -1463,7 +1449,7 @@ pub(crate) fn flash_attention_value(
             (y, lse)
         }));
     }
-    let _ = (q, k, v, bias, scale);
+    let _ = (q, k, v, bias, scale, flash_applies);
     Ok(None)
 }
 
