@@ -1449,15 +1449,8 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
             .round(&random(&[b, hkv, g * t, d], seed + 3, 1.0))
             .broadcast_mul(&sees)
             .unwrap();
-        // the kernels' y and dy are token-major, [B, T, Hq·D]: to and from [B, Hkv, G·T, D]
-        let token_major = |x: &Tensor| {
-            x.reshape((b, hkv * g, t, d))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-        };
+        // the kernels' y and dy are token-major, [B, T, Hq·D] (model::attention::token_major):
+        // back to [B, Hkv, G·T, D]
         let head_major = |a: &Arg| {
             let x = Tensor::from_vec(a.f32s(), (b, t, hkv * g, d), &Device::Cpu).unwrap();
             let x = x.transpose(1, 2).unwrap().contiguous().unwrap();
@@ -1550,7 +1543,7 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
         );
 
         let (dq_kernel, dkv_kernel) = launch::flash_attention_backward_kernels(d).unwrap();
-        let dy = Ty::Bf16.buffer(&token_major(&u));
+        let dy = Ty::Bf16.buffer(&model::attention::token_major(&u, t).unwrap());
         let out = launch(
             dq_kernel,
             launch::flash_attention(b * hkv * g, t),
