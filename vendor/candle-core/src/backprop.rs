@@ -1,6 +1,6 @@
 //! Methods for backpropagation of gradients.
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
-use crate::{Error, Result, Tensor, TensorId};
+use crate::{Error, Result, Shape, Tensor, TensorId};
 use std::collections::{hash_map::Entry, HashMap};
 
 // arg has been reduced to node via reduce_dims, expand it back to arg.
@@ -556,29 +556,10 @@ impl Tensor {
                         *sum_grad = sum_grad.sub(&grad)?
                     }
                     &Op::Narrow(ref arg, dim, start_idx, len) => {
-                        let arg_dims = arg.dims();
-                        let left_pad = if start_idx == 0 {
-                            None
-                        } else {
-                            let mut dims = arg_dims.to_vec();
-                            dims[dim] = start_idx;
-                            Some(Tensor::zeros(dims, grad.dtype(), grad.device())?)
-                        };
-                        let right_pad = arg_dims[dim] - start_idx - len;
-                        let right_pad = if right_pad == 0 {
-                            None
-                        } else {
-                            let mut dims = arg_dims.to_vec();
-                            dims[dim] = right_pad;
-                            Some(Tensor::zeros(dims, grad.dtype(), grad.device())?)
-                        };
-                        let arg_grad = match (left_pad, right_pad) {
-                            (None, None) => grad,
-                            (Some(l), None) => Tensor::cat(&[&l, &grad], dim)?,
-                            (None, Some(r)) => Tensor::cat(&[&grad, &r], dim)?,
-                            (Some(l), Some(r)) => Tensor::cat(&[&l, &grad, &r], dim)?,
-                        };
-                        grads.accumulate(arg, &arg_grad)?;
+                        // (ferrite patch) the slice's gradient is written into its place in the
+                        // argument's, where upstream pads it with zeros to the argument's size
+                        // and adds: see `GradStore::accumulate_narrow`
+                        grads.accumulate_narrow(arg, dim, start_idx, len, &grad)?;
                     }
                     Op::Unary(_, UnaryOp::Floor)
                     | Op::Unary(_, UnaryOp::Round)
@@ -700,8 +681,15 @@ impl Tensor {
 }
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
+///
+/// (ferrite patch) The second map holds, for a gradient that only slices' gradients have reached
+/// (`accumulate_narrow`), the regions `(dim, start, len)` they were written to: the buffer is the
+/// store's own and is zero everywhere else.
 #[derive(Default, Debug)]
-pub struct GradStore(HashMap<TensorId, Tensor>);
+pub struct GradStore(
+    HashMap<TensorId, Tensor>,
+    HashMap<TensorId, Vec<(usize, usize, usize)>>,
+);
 
 impl GradStore {
     /// Create a new gradient store
@@ -721,16 +709,19 @@ impl GradStore {
 
     /// Remove the gradient tensor associated with the given tensor, returning it if it exists
     pub fn remove(&mut self, tensor: &Tensor) -> Option<Tensor> {
+        self.1.remove(&tensor.id());
         self.0.remove(&tensor.id())
     }
 
     /// Insert a gradient tensor associated with the given tensor, returning the previous gradient tensor if it existed
     pub fn insert(&mut self, tensor: &Tensor, grad: Tensor) -> Option<Tensor> {
+        self.1.remove(&tensor.id());
         self.0.insert(tensor.id(), grad)
     }
 
     /// Insert a gradient tensor associated with the given tensor id, returning the previous gradient tensor if it existed
     pub fn insert_id(&mut self, id: TensorId, grad: Tensor) -> Option<Tensor> {
+        self.1.remove(&id);
         self.0.insert(id, grad)
     }
 
@@ -741,6 +732,8 @@ impl GradStore {
     /// shape: one allocation and two passes over the tensor less per graph node.
     /// (ferrite patch, see FERRITE-PATCH.md)
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        // the sum is no longer zero outside the slices' regions, if it was
+        self.1.remove(&tensor.id());
         match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => {
                 let sum = entry.into_mut();
@@ -770,7 +763,91 @@ impl GradStore {
         Ok(())
     }
 
+    /// Adds `grad`, the gradient of `tensor.narrow(dim, start, len)`, to the gradient of
+    /// `tensor`. (ferrite patch) Upstream pads `grad` with zeros to `tensor`'s shape and adds the
+    /// result: for a tensor split into k slices (a packed q/k/v projection, the halves of a
+    /// rotary embedding), k full-size zero tensors, k copies and k − 1 full-size adds. Here the
+    /// first slice's gradient goes into a zeroed buffer of `tensor`'s shape at its place, and
+    /// each later one that lands on a region no slice has written yet is copied into its place
+    /// in that same buffer: one memset, and each slice's gradient written once. A slice that
+    /// overlaps one already written, or a gradient that other ops have added to, takes
+    /// upstream's pad and add. Gradients are bit-identical: the regions copied in hold zeros.
+    fn accumulate_narrow(
+        &mut self,
+        tensor: &Tensor,
+        dim: usize,
+        start: usize,
+        len: usize,
+        grad: &Tensor,
+    ) -> Result<()> {
+        let dims = tensor.dims();
+        if len == dims[dim] {
+            return self.accumulate(tensor, grad);
+        }
+        // the checks the pad and add made upstream
+        let mut want = dims.to_vec();
+        want[dim] = len;
+        if grad.dims() != want.as_slice() {
+            Err(Error::ShapeMismatchBinaryOp {
+                lhs: Shape::from(want),
+                rhs: grad.shape().clone(),
+                op: "narrow-backward",
+            }
+            .bt())?
+        }
+        if grad.dtype() != tensor.dtype() {
+            Err(Error::DTypeMismatchBinaryOp {
+                lhs: tensor.dtype(),
+                rhs: grad.dtype(),
+                op: "narrow-backward",
+            }
+            .bt())?
+        }
+        let id = tensor.id();
+        let free = match (self.0.get(&id), self.1.get(&id)) {
+            (None, _) => {
+                let zeros = Tensor::zeros(dims, grad.dtype(), grad.device())?;
+                self.0.insert(id, zeros);
+                self.1.insert(id, Vec::new());
+                true
+            }
+            (Some(_), Some(written)) => written
+                .iter()
+                .all(|&(d, s, n)| d == dim && (s + n <= start || start + len <= s)),
+            (Some(_), None) => false,
+        };
+        if free {
+            self.0[&id].slice_set(&grad.contiguous()?, dim, start)?;
+            self.1.entry(id).or_default().push((dim, start, len));
+            return Ok(());
+        }
+        // upstream's pad and add; a sum that only slices had reached stays tracked, the new
+        // slice's region added to its regions
+        let written = self.1.remove(&id);
+        let pad = |n: usize| -> Result<Option<Tensor>> {
+            let mut d = dims.to_vec();
+            d[dim] = n;
+            Ok(match n {
+                0 => None,
+                _ => Some(Tensor::zeros(d, grad.dtype(), grad.device())?),
+            })
+        };
+        let (left, right) = (pad(start)?, pad(dims[dim] - start - len)?);
+        let parts: Vec<&Tensor> = [left.as_ref(), Some(grad), right.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        self.accumulate(tensor, &Tensor::cat(&parts, dim)?)?;
+        if let Some(mut written) = written {
+            written.push((dim, start, len));
+            self.1.insert(id, written);
+        }
+        Ok(())
+    }
+
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
+        // the caller replaces the whole sum
+        self.1.remove(&tensor.id());
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
@@ -786,6 +863,7 @@ impl GradStore {
     /// Otherwise simply inserts.
     pub fn extend(&mut self, other: Self) -> Result<()> {
         for (id, grad) in other.0 {
+            self.1.remove(&id);
             match self.0.entry(id) {
                 Entry::Occupied(mut entry) => {
                     let new_grad = entry.get().add(&grad)?;
