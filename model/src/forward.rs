@@ -452,7 +452,9 @@ fn mlp(w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
     linear(&act, &w.down_proj, None) // [B, T, H]
 }
 
-/// The new tokens' rotated keys and their values, `[B, Hkv, T, D]` each, from `x [B, T, H]`.
+/// The new tokens' rotated keys and their values, `[B, Hkv, T, D]` each, from `x [B, T, H]`:
+/// through the one q/k/v matmul where [`projections`] takes it (its q columns unused), so that
+/// they are the very numbers it computes.
 fn keys_values(
     c: &ModelConfig,
     w: &LayerWeights,
@@ -460,6 +462,10 @@ fn keys_values(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    if let Some((qkv, qkv_bias)) = packed_qkv(w, x)? {
+        let y = linear(x, &qkv, qkv_bias.as_ref())?;
+        return packed_keys_values(c, &y, cos, sin);
+    }
     let k = linear(x, &w.k_proj, w.k_bias.as_ref())?; // [B, T, Hkv·D]
     let v = heads(
         linear(x, &w.v_proj, w.v_bias.as_ref())?,
@@ -467,6 +473,21 @@ fn keys_values(
         c.head_dim,
     )?;
     Ok((rope_heads(&k, c.num_key_value_heads, cos, sin)?, v))
+}
+
+/// The rotated keys and the values `[B, Hkv, T, D]` of a packed projection
+/// `y [B, T, (Hq + 2·Hkv)·D]`, from views of its columns: in the backward each slice's gradient
+/// is written into its place in y's (the vendored candle's narrow backward).
+fn packed_keys_values(
+    c: &ModelConfig,
+    y: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let k = rope_heads(&y.narrow(2, hq * d, hkv * d)?, hkv, cos, sin)?;
+    let v = heads(y.narrow(2, (hq + hkv) * d, hkv * d)?, hkv, d)?;
+    Ok((k, v))
 }
 
 /// `[B, T, n·D]` → `[B, n, T, D]`.
@@ -495,18 +516,15 @@ fn projections(
     sin: &Tensor,
     keys: Keys,
 ) -> Result<Projections> {
-    let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let (hq, d) = (c.num_attention_heads, c.head_dim);
     // rotated q [B, Hq, T, D], rotated k and v [B, Hkv, T, D]
     let (q, k_new, v_new) = match packed_qkv(w, x)? {
         Some((qkv, qkv_bias)) => {
             // one matmul for q, k and v: [B, T, (Hq + 2·Hkv)·D]
             let y = linear(x, &qkv, qkv_bias.as_ref())?;
-            // views of its columns; in the backward each slice's gradient is written into its
-            // place in y's (the vendored candle's narrow backward)
-            let part = |at: usize, n: usize| y.narrow(2, at * d, n * d); // [B, T, n·D]
-            let q = rope_heads(&part(0, hq)?, hq, cos, sin)?;
-            let k = rope_heads(&part(hq, hkv)?, hkv, cos, sin)?;
-            (q, k, heads(part(hq + hkv, hkv)?, hkv, d)?)
+            let q = rope_heads(&y.narrow(2, 0, hq * d)?, hq, cos, sin)?;
+            let (k, v) = packed_keys_values(c, &y, cos, sin)?;
+            (q, k, v)
         }
         None => {
             let q = linear(x, &w.q_proj, w.q_bias.as_ref())?; // [B, T, Hq·D]
