@@ -336,23 +336,18 @@ pub fn hidden_states_shared(w: &Weights, s: &SharedPrompts) -> Result<Tensor> {
 }
 
 /// A layer's q, k and v projections as one matrix `[(Hq + 2·Hkv)·D, H]` (q's rows, then k's,
-/// then v's) and their biases as one vector, where they can be multiplied at once: a packed
-/// layer's own, or, for a forward that keeps a graph (the learner's), the trainable matrices
-/// concatenated for this call. The concatenation copies 1.2M elements a layer (Qwen2.5-0.5B); its
-/// backward hands each matrix a view of the one weight gradient. In return the step computes one
-/// matmul for q, k and v each way instead of three, and no gradient adds: three matmuls with 896,
-/// 128 and 128 outputs leave most of a large GPU idle. None for an unpacked layer with no graph
-/// to keep (a copy per call would only cost), or with some of the q/k/v biases but not all.
-fn packed_qkv(w: &LayerWeights, x: &Tensor) -> Result<Option<(Tensor, Option<Tensor>)>> {
+/// then v's) and their biases as one vector, so that every forward multiplies them at once: a
+/// packed layer's own, or an unpacked layer's (the learner's trainable `Var`s) concatenated for
+/// this call. The concatenation copies 1.2M elements a layer (Qwen2.5-0.5B); its backward hands
+/// each matrix a view of the one weight gradient. In return a learner step computes one matmul
+/// for q, k and v each way instead of three, and no gradient adds: three matmuls with 896, 128
+/// and 128 outputs leave most of a large GPU idle. Every forward, with a graph or without, takes
+/// the same matmul, so that a batch's log-probs with a graph and without, from the same weights,
+/// are the same numbers (at the reference, a DPO margin is exactly 0). None for a layer with some
+/// of the q/k/v biases but not all: it multiplies them apart.
+fn packed_qkv(w: &LayerWeights) -> Result<Option<(Tensor, Option<Tensor>)>> {
     if let Some(p) = &w.packed {
         return Ok(Some((p.qkv.clone(), p.qkv_bias.clone())));
-    }
-    if !(x.track_op()
-        || [&w.q_proj, &w.k_proj, &w.v_proj]
-            .iter()
-            .any(|t| t.track_op()))
-    {
-        return Ok(None);
     }
     let bias = match (&w.q_bias, &w.k_bias, &w.v_bias) {
         (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
@@ -462,7 +457,7 @@ fn keys_values(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    if let Some((qkv, qkv_bias)) = packed_qkv(w, x)? {
+    if let Some((qkv, qkv_bias)) = packed_qkv(w)? {
         let y = linear(x, &qkv, qkv_bias.as_ref())?;
         return packed_keys_values(c, &y, cos, sin);
     }
@@ -518,7 +513,7 @@ fn projections(
 ) -> Result<Projections> {
     let (hq, d) = (c.num_attention_heads, c.head_dim);
     // rotated q [B, Hq, T, D], rotated k and v [B, Hkv, T, D]
-    let (q, k_new, v_new) = match packed_qkv(w, x)? {
+    let (q, k_new, v_new) = match packed_qkv(w)? {
         Some((qkv, qkv_bias)) => {
             // one matmul for q, k and v: [B, T, (Hq + 2·Hkv)·D]
             let y = linear(x, &qkv, qkv_bias.as_ref())?;

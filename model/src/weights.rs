@@ -35,8 +35,8 @@ pub struct LayerWeights {
 /// A layer's q, k and v projections stored as one matrix, and its gate and up projections as
 /// another, so that a forward with no gradient multiplies once for each pair instead of three
 /// and two times (inference weights: [`Weights::snapshot`], [`Weights::packed`]). Trainable
-/// weights stay unpacked: each is its own `Var` (a forward that keeps a graph concatenates q, k
-/// and v for its call, so that it too multiplies once: see `forward::packed_qkv`).
+/// weights stay unpacked: each is its own `Var` (a forward concatenates an unpacked layer's q, k
+/// and v for its call, so that it too multiplies them once: see `forward::packed_qkv`).
 #[derive(Debug, Clone)]
 pub struct Packed {
     /// `[Hq·D + 2·Hkv·D, H]`: q's rows, then k's, then v's.
