@@ -1637,16 +1637,27 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
     };
     lines.push(bias_timing().unwrap_or_else(|e| format!("attention bias: error: {e}")));
 
-    // the matmuls of one decoder layer (q, k, v, o, gate, up, down), forward + backward: with 24
-    // layers and the output layer, most of the step's FLOPs
-    let layer = |x: &[Tensor]| -> Result<Tensor> {
-        let lin = |a: &Tensor, w: &Tensor| model::forward::linear(a, w, None);
-        let h = &x[0];
-        let (q, k, v) = (lin(h, &x[1])?, lin(h, &x[2])?, lin(h, &x[3])?);
-        let mlp = lin(&(lin(h, &x[5])? * lin(h, &x[6])?)?, &x[7])?;
-        Ok(Tensor::cat(&[(lin(&q, &x[4])? + mlp)?, k, v], 1)?)
-    };
+    // the matmuls of one decoder layer, forward + backward: with 24 layers and the output layer,
+    // most of the step's FLOPs. As the learner multiplies them (q, k and v in one matmul of their
+    // concatenated matrices, `forward::packed_qkv`; o, gate, up, down) and with q, k and v apart,
+    // as it did before: the pair says what packing them is worth on this card. o reads h here
+    // (in the model it reads the attention's output, of the same shape), so that both variants
+    // end in the same output: the o/MLP sum beside the q, k and v columns.
     let (hd, kv, ff) = (896usize, 128usize, 4864usize);
+    let layer = |packed: bool| {
+        move |x: &[Tensor]| -> Result<Tensor> {
+            let lin = |a: &Tensor, w: &Tensor| model::forward::linear(a, w, None);
+            let h = &x[0];
+            let qkv = match packed {
+                true => vec![lin(h, &Tensor::cat(&[&x[1], &x[2], &x[3]], 0)?)?],
+                false => vec![lin(h, &x[1])?, lin(h, &x[2])?, lin(h, &x[3])?],
+            };
+            let mlp = lin(&(lin(h, &x[5])? * lin(h, &x[6])?)?, &x[7])?;
+            let mut out = vec![(lin(h, &x[4])? + mlp)?];
+            out.extend(qkv);
+            Ok(Tensor::cat(&out, 1)?)
+        }
+    };
     let shapes = [
         vec![nt, hd],
         vec![hd, hd],
@@ -1657,26 +1668,30 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
         vec![ff, hd],
         vec![hd, ff],
     ];
-    let matmuls = || -> Result<f64> {
+    let matmuls = |packed: bool| -> Result<f64> {
         let inputs: Vec<Tensor> = shapes
             .iter()
             .enumerate()
             .map(|(i, s)| randn(s, 20 + i as u64, 0.03, DType::BF16, gpu))
             .collect::<Result<_>>()?;
-        time(5, || value_and_grads(&inputs, &[true; 8], &layer, 1), gpu)
+        let op = layer(packed);
+        time(5, || value_and_grads(&inputs, &[true; 8], &op, 1), gpu)
     };
     let flops = 6.0 * nt as f64 * (hd * (2 * hd + 2 * kv + 3 * ff)) as f64;
-    let matmuls = matmuls();
-    lines.push(match &matmuls {
-        Ok(secs) => format!(
-            "one layer's 7 matmuls [8192, 896] bf16 forward+backward: {:.2} ms ({:.0} TFLOP/s; x24 layers = {:.0} ms a step)",
+    let (packed, apart) = (matmuls(true), matmuls(false));
+    lines.push(match (&packed, &apart) {
+        (Ok(secs), Ok(apart)) => format!(
+            "one layer's matmuls [8192, 896] bf16 forward+backward, q/k/v in one: {:.2} ms ({:.0} TFLOP/s; x24 layers = {:.0} ms a step); q/k/v apart: {:.2} ms ({:.0} TFLOP/s), packed {:.2}x",
             secs * 1e3,
             flops / secs / 1e12,
-            24.0 * secs * 1e3
+            24.0 * secs * 1e3,
+            apart * 1e3,
+            flops / apart / 1e12,
+            apart / secs
         ),
-        Err(e) => format!("one layer's matmuls: error: {e}"),
+        (Err(e), _) | (_, Err(e)) => format!("one layer's matmuls: error: {e}"),
     });
-    if let Ok(secs) = matmuls {
+    if let Ok(secs) = packed {
         fused.push(("matmuls", secs));
     }
     let step = r.step;
@@ -1685,8 +1700,8 @@ fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
 }
 
 /// Where the learner step's time goes, by the kernels' own timings at its shapes: 24 layers of
-/// two RMSNorms, RoPE on q and k (k has 2 of q's 14 heads), SwiGLU, the q, k and v biases (k's
-/// and v's 128 wide to q's 896), attention and the seven matmuls, then the output layer, the
+/// two RMSNorms, RoPE on q and k (k has 2 of q's 14 heads), SwiGLU, the q/k/v bias (one add,
+/// 1,152 wide to the timed 896), attention and the matmuls (q/k/v in one), then the output layer, the
 /// embedding and the row selection, against the step measured whole (`step`: seconds and its
 /// forward / backward / AdamW phases); what is left is the ops without a timing of their own
 /// (residual adds, casts, transposes, the loss) and the gaps between launches.
