@@ -1024,13 +1024,62 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     composed::rope(x, cos, sin)
 }
 
-/// [`rope_heads`] on CUDA: the split into heads and the rotation in one pass each way.
-#[cfg(feature = "cuda")]
+/// [`rope_heads`]: the split into heads and the rotation in one pass each way, on the CPU as
+/// on CUDA.
 struct RopeHeads {
     heads: usize,
 }
 
-#[cfg(feature = "cuda")]
+/// The rotated heads `[B, n, T, D]` of `y [B, T, n·D]`: `data` is y's whole storage, read at
+/// its layout's start and row strides (rows of n·D contiguous, so a column slice of a packed
+/// projection is read in place); `cos, sin [B, 1, T, D]` contiguous.
+fn rope_heads_apply(data: &[f32], yl: &Layout, n: usize, cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    let (dims, st, start) = (yl.dims(), yl.stride(), yl.start_offset());
+    let (t, d) = (dims[1], dims[2] / n.max(1));
+    let mut out = vec![0f32; yl.shape().elem_count()];
+    out.par_chunks_mut((t * d).max(1))
+        .enumerate()
+        .for_each(|(bh, out)| {
+            let (bi, h) = (bh / n, bh % n);
+            for ti in 0..t {
+                let x = start + bi * st[0] + ti * st[1] + h * d;
+                let cs = (bi * t + ti) * d;
+                rope_row(
+                    &mut out[ti * d..(ti + 1) * d],
+                    &data[x..x + d],
+                    &cos[cs..cs + d],
+                    &sin[cs..cs + d],
+                    false,
+                );
+            }
+        });
+    out
+}
+
+/// The adjoint of [`rope_heads_apply`]: `g [B, n, T, D]` (contiguous) → `dy [B, T, n·D]`, written
+/// in the projection's order.
+fn rope_heads_adjoint(g: &[f32], dims: &[usize], cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    let (n, t, d) = (dims[1], dims[2], dims[3]);
+    let mut dy = vec![0f32; g.len()];
+    dy.par_chunks_mut((n * d).max(1))
+        .enumerate()
+        .for_each(|(row, dy)| {
+            let (bi, ti) = (row / t.max(1), row % t.max(1));
+            let cs = (bi * t + ti) * d;
+            for h in 0..n {
+                let at = ((bi * n + h) * t + ti) * d;
+                rope_row(
+                    &mut dy[h * d..(h + 1) * d],
+                    &g[at..at + d],
+                    &cos[cs..cs + d],
+                    &sin[cs..cs + d],
+                    true,
+                );
+            }
+        });
+    dy
+}
+
 impl CustomOp3 for RopeHeads {
     fn name(&self) -> &'static str {
         "ferrite-rope-heads"
@@ -1038,17 +1087,26 @@ impl CustomOp3 for RopeHeads {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        // rope_heads takes the composed path on the CPU
-        candle_core::bail!("ferrite-rope-heads runs on CUDA only")
+        let CpuStorage::F32(data) = ys else {
+            candle_core::bail!("fused op: expected f32");
+        };
+        let (b, t, nd) = yl.shape().dims3()?;
+        let n = self.heads;
+        if [cl, sl].iter().any(|l| l.dims() != [b, 1, t, nd / n]) {
+            candle_core::bail!("rope_heads: cos and sin must be [B, 1, T, D]");
+        }
+        let y = rope_heads_apply(data, yl, n, slice(cs, cl)?, slice(ss, sl)?);
+        Ok((CpuStorage::F32(y), Shape::from((b, n, t, nd / n))))
     }
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         ys: &candle_core::CudaStorage,
@@ -1069,18 +1127,31 @@ impl CustomOp3 for RopeHeads {
         _out: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(crate::cuda::rope_heads_bwd(g, cos, sin)?), None, None))
+        #[cfg(feature = "cuda")]
+        if on_gpu(g) {
+            return Ok((Some(crate::cuda::rope_heads_bwd(g, cos, sin)?), None, None));
+        }
+        let dims = g.dims().to_vec();
+        let (b, n, t, d) = g.dims4()?;
+        if [cos, sin].iter().any(|x| x.dims() != [b, 1, t, d]) {
+            candle_core::bail!("rope_heads: cos and sin must be [B, 1, T, D]");
+        }
+        let dy = with_data(g, |g| {
+            with_data(cos, |c| {
+                with_data(sin, |s| rope_heads_adjoint(g, &dims, c, s))
+            })
+        })???;
+        Ok((Some(tensor(dy, &Shape::from((b, t, n * d)))?), None, None))
     }
 }
 
 /// The rows of a projection `y [B, T, n·D]` split into `n` heads and rotated: `[B, n, T, D]`,
-/// [`rope`] of their head-major copy. On CUDA one pass reads the rows in place (any row stride:
-/// a narrow of a packed q/k/v projection too) and the backward writes `dy` in their order, so
-/// neither direction copies the transpose.
+/// [`rope`] of their head-major copy. With the kernels (the CPU's or CUDA's) one pass reads the
+/// rows in place (any row stride: a narrow of a packed q/k/v projection too) and the backward
+/// writes `dy` in their order, so neither direction copies the transpose.
 pub fn rope_heads(y: &Tensor, n: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, t, nd) = y.dims3()?;
-    #[cfg(feature = "cuda")]
-    if fused(&[y, cos, sin]) && on_gpu(y) && y.stride()[2] == 1 && n > 0 && nd % n == 0 {
+    if fused(&[y, cos, sin]) && y.stride()[2] == 1 && n > 0 && nd % n == 0 {
         return Ok(y.apply_op3(
             &cos.contiguous()?,
             &sin.contiguous()?,
@@ -1785,6 +1856,36 @@ mod tests {
             &[x, cos, sin],
             |t| rope(&t[0], &t[1], &t[2]).unwrap(),
             |t| composed::rope(&t[0], &t[1], &t[2]).unwrap(),
+            &[true, false, false],
+        );
+    }
+
+    #[test]
+    fn rope_of_a_projections_heads_matches_composed() {
+        // the rows of a projection [2, 5, 3·8] split into 3 heads, and k's columns of a packed
+        // q/k/v projection [2, 5, (3+1+1)·8] (a row stride of 40), read in place
+        let cos = random(&[2, 1, 5, 8], 7, 1.0);
+        let sin = random(&[2, 1, 5, 8], 8, 1.0);
+        let heads = |y: &Tensor, n: usize| {
+            let (b, t, nd) = y.dims3().unwrap();
+            let x = y
+                .reshape((b, t, n, nd / n))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            x.contiguous().unwrap()
+        };
+        check(
+            &[random(&[2, 5, 24], 12, 1.0), cos.clone(), sin.clone()],
+            |t| rope_heads(&t[0], 3, &t[1], &t[2]).unwrap(),
+            |t| composed::rope(&heads(&t[0], 3), &t[1], &t[2]).unwrap(),
+            &[true, false, false],
+        );
+        let k = |y: &Tensor| y.narrow(2, 24, 8).unwrap();
+        check(
+            &[random(&[2, 5, 40], 13, 1.0), cos, sin],
+            |t| rope_heads(&k(&t[0]), 1, &t[1], &t[2]).unwrap(),
+            |t| composed::rope(&heads(&k(&t[0]), 1), &t[1], &t[2]).unwrap(),
             &[true, false, false],
         );
     }
