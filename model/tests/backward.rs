@@ -1,6 +1,6 @@
 //! The vendored candle-core's backward (vendor/README.md): the first gradient reaching a node is
-//! stored as it is, not added to a fresh zero tensor, and a slice's gradient is written into its place
-//! in its argument's, not padded with zeros and added; with upstream's values and checks.
+//! stored as it is, not added to a fresh zero tensor, and a slice's gradient is written into its
+//! place in its argument's, not padded with zeros and added; with upstream's values and checks.
 
 use candle_core::{DType, Device, Tensor, Var};
 

@@ -766,12 +766,13 @@ impl GradStore {
     /// Adds `grad`, the gradient of `tensor.narrow(dim, start, len)`, to the gradient of
     /// `tensor`. (ferrite patch) Upstream pads `grad` with zeros to `tensor`'s shape and adds the
     /// result: for a tensor split into k slices (a packed q/k/v projection, the halves of a
-    /// rotary embedding), k full-size zero tensors, k copies and k − 1 full-size adds. Here the
+    /// rotary embedding), k zero-padded full-size copies and k − 1 full-size adds. Here the
     /// first slice's gradient goes into a zeroed buffer of `tensor`'s shape at its place, and
     /// each later one that lands on a region no slice has written yet is copied into its place
     /// in that same buffer: one memset, and each slice's gradient written once. A slice that
     /// overlaps one already written, or a gradient that other ops have added to, takes
-    /// upstream's pad and add. Gradients are bit-identical: the regions copied in hold zeros.
+    /// upstream's pad and add. Gradients are bit-identical (the regions copied into hold zeros)
+    /// but for a slice's `-0.0`, which upstream's `+0.0` padding added away.
     fn accumulate_narrow(
         &mut self,
         tensor: &Tensor,
