@@ -930,23 +930,31 @@ fn rope_row(y: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], transpose: bool)
     }
 }
 
-fn rope_apply(x: &[f32], cos: &[f32], sin: &[f32], dims: &[usize], transpose: bool) -> Vec<f32> {
-    // x [B, H, T, D]; cos, sin [B, 1, T, D]
-    let (h, t, d) = (dims[1], dims[2], dims[3]);
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(t * d)
-        .zip(x.par_chunks(t * d))
+/// `y [B, H, T, D]` (head-major): the rotation of `x`, or its adjoint where `transpose`, with `x`
+/// read from `start` at element strides `xs` of b, h and t, D contiguous: a contiguous
+/// `[B, H, T, D]` tensor, or a projection's rows `[B, T, H·D]` split into heads in place (a column
+/// slice of a packed projection too). `cos, sin [B, 1, T, D]` contiguous.
+fn rope_head_major(
+    x: &[f32],
+    start: usize,
+    xs: [usize; 3],
+    [b, h, t, d]: [usize; 4],
+    (cos, sin): (&[f32], &[f32]),
+    transpose: bool,
+) -> Vec<f32> {
+    let mut y = vec![0f32; b * h * t * d];
+    y.par_chunks_mut((t * d).max(1))
         .enumerate()
-        .for_each(|(bh, (y, x))| {
-            let bi = bh / h;
+        .for_each(|(bh, y)| {
+            let (bi, hi) = (bh / h, bh % h);
             for ti in 0..t {
-                let c = &cos[(bi * t + ti) * d..(bi * t + ti + 1) * d];
-                let s = &sin[(bi * t + ti) * d..(bi * t + ti + 1) * d];
+                let at = start + bi * xs[0] + hi * xs[1] + ti * xs[2];
+                let cs = (bi * t + ti) * d;
                 rope_row(
                     &mut y[ti * d..(ti + 1) * d],
-                    &x[ti * d..(ti + 1) * d],
-                    c,
-                    s,
+                    &x[at..at + d],
+                    &cos[cs..cs + d],
+                    &sin[cs..cs + d],
                     transpose,
                 );
             }
@@ -968,11 +976,13 @@ impl CustomOp3 for Rope {
         ss: &CpuStorage,
         sl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = rope_apply(
+        let (b, h, t, d) = xl.shape().dims4()?;
+        let y = rope_head_major(
             slice(xs, xl)?,
-            slice(cs, cl)?,
-            slice(ss, sl)?,
-            xl.dims(),
+            0,
+            [h * t * d, t * d, d],
+            [b, h, t, d],
+            (slice(cs, cl)?, slice(ss, sl)?),
             false,
         );
         Ok((CpuStorage::F32(y), xl.shape().clone()))
@@ -1004,10 +1014,12 @@ impl CustomOp3 for Rope {
         if on_gpu(g) {
             return Ok((Some(crate::cuda::rope_bwd(g, cos, sin)?), None, None));
         }
-        let dims = g.dims().to_vec();
+        let (b, h, t, d) = g.dims4()?;
         let dx = with_data(g, |g| {
             with_data(cos, |c| {
-                with_data(sin, |s| rope_apply(g, c, s, &dims, true))
+                with_data(sin, |s| {
+                    rope_head_major(g, 0, [h * t * d, t * d, d], [b, h, t, d], (c, s), true)
+                })
             })
         })???;
         Ok((Some(tensor(dx, g.shape())?), None, None))
@@ -1030,34 +1042,8 @@ struct RopeHeads {
     heads: usize,
 }
 
-/// The rotated heads `[B, n, T, D]` of `y [B, T, n·D]`: `data` is y's whole storage, read at
-/// its layout's start and row strides (rows of n·D contiguous, so a column slice of a packed
-/// projection is read in place); `cos, sin [B, 1, T, D]` contiguous.
-fn rope_heads_apply(data: &[f32], yl: &Layout, n: usize, cos: &[f32], sin: &[f32]) -> Vec<f32> {
-    let (dims, st, start) = (yl.dims(), yl.stride(), yl.start_offset());
-    let (t, d) = (dims[1], dims[2] / n.max(1));
-    let mut out = vec![0f32; yl.shape().elem_count()];
-    out.par_chunks_mut((t * d).max(1))
-        .enumerate()
-        .for_each(|(bh, out)| {
-            let (bi, h) = (bh / n, bh % n);
-            for ti in 0..t {
-                let x = start + bi * st[0] + ti * st[1] + h * d;
-                let cs = (bi * t + ti) * d;
-                rope_row(
-                    &mut out[ti * d..(ti + 1) * d],
-                    &data[x..x + d],
-                    &cos[cs..cs + d],
-                    &sin[cs..cs + d],
-                    false,
-                );
-            }
-        });
-    out
-}
-
-/// The adjoint of [`rope_heads_apply`]: `g [B, n, T, D]` (contiguous) → `dy [B, T, n·D]`, written
-/// in the projection's order.
+/// The adjoint of [`rope_head_major`] on a projection's heads: `g [B, n, T, D]` (contiguous) →
+/// `dy [B, T, n·D]`, written in the projection's order.
 fn rope_heads_adjoint(g: &[f32], dims: &[usize], cos: &[f32], sin: &[f32]) -> Vec<f32> {
     let (n, t, d) = (dims[1], dims[2], dims[3]);
     let mut dy = vec![0f32; g.len()];
@@ -1102,8 +1088,16 @@ impl CustomOp3 for RopeHeads {
         if [cl, sl].iter().any(|l| l.dims() != [b, 1, t, nd / n]) {
             candle_core::bail!("rope_heads: cos and sin must be [B, 1, T, D]");
         }
-        let y = rope_heads_apply(data, yl, n, slice(cs, cl)?, slice(ss, sl)?);
-        Ok((CpuStorage::F32(y), Shape::from((b, n, t, nd / n))))
+        let (st, d) = (yl.stride(), nd / n);
+        let y = rope_head_major(
+            data,
+            yl.start_offset(),
+            [st[0], d, st[1]],
+            [b, n, t, d],
+            (slice(cs, cl)?, slice(ss, sl)?),
+            false,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((b, n, t, d))))
     }
 
     #[cfg(feature = "cuda")]
