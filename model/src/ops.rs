@@ -1126,10 +1126,8 @@ impl CustomOp3 for RopeHeads {
             return Ok((Some(crate::cuda::rope_heads_bwd(g, cos, sin)?), None, None));
         }
         let dims = g.dims().to_vec();
+        // cos and sin [B, 1, T, D]: the forward checked them
         let (b, n, t, d) = g.dims4()?;
-        if [cos, sin].iter().any(|x| x.dims() != [b, 1, t, d]) {
-            candle_core::bail!("rope_heads: cos and sin must be [B, 1, T, D]");
-        }
         let dy = with_data(g, |g| {
             with_data(cos, |c| {
                 with_data(sin, |s| rope_heads_adjoint(g, &dims, c, s))

@@ -139,6 +139,8 @@ fn overlapping_slices_and_other_uses_add_up() {
 
 #[test]
 fn a_slices_gradient_of_the_wrong_dtype_or_shape_is_an_error() {
+    // a hand-written backward's wrong gradient for a slice is caught as it is accumulated for
+    // the slice, so that the slice's backward only ever places gradients of its own shape
     let x = x24();
     for bad in [
         Tensor::zeros((2, 2), DType::F64, &Device::Cpu).unwrap(),

@@ -1,6 +1,6 @@
 //! Methods for backpropagation of gradients.
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
-use crate::{Error, Result, Shape, Tensor, TensorId};
+use crate::{Error, Result, Tensor, TensorId};
 use std::collections::{hash_map::Entry, HashMap};
 
 // arg has been reduced to node via reduce_dims, expand it back to arg.
@@ -785,25 +785,8 @@ impl GradStore {
         if len == dims[dim] {
             return self.accumulate(tensor, grad);
         }
-        // the checks the pad and add made upstream
-        let mut want = dims.to_vec();
-        want[dim] = len;
-        if grad.dims() != want.as_slice() {
-            Err(Error::ShapeMismatchBinaryOp {
-                lhs: Shape::from(want),
-                rhs: grad.shape().clone(),
-                op: "narrow-backward",
-            }
-            .bt())?
-        }
-        if grad.dtype() != tensor.dtype() {
-            Err(Error::DTypeMismatchBinaryOp {
-                lhs: tensor.dtype(),
-                rhs: grad.dtype(),
-                op: "narrow-backward",
-            }
-            .bt())?
-        }
+        // `grad` has the slice's shape and dtype: the store's checks held it to them when it was
+        // accumulated for the slice (and `slice_set` checks them again)
         let id = tensor.id();
         let free = match (self.0.get(&id), self.1.get(&id)) {
             (None, _) => {
