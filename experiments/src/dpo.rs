@@ -181,6 +181,7 @@ pub fn dpo_stage(
                 "non-finite DPO loss or gradient: step skipped"
             );
         }
+        crate::run::warn_memory_retries(state.step, m.memory_retries, opt.fit());
         state.step += 1;
         state.policy_version += 1;
         state.samples_seen += batch.len() as u64;
@@ -193,6 +194,7 @@ pub fn dpo_stage(
             ("grad_norm".into(), m.grad_norm),
             ("lr".into(), lr),
             ("skipped".into(), f64::from(u8::from(m.skipped))),
+            ("memory_retries".into(), m.memory_retries as f64),
             ("pairs".into(), state.samples_seen as f64),
             ("time/train".into(), t0.elapsed().as_secs_f64()),
         ];

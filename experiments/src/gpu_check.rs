@@ -9,7 +9,8 @@
 //! composed ops on fresh random inputs, forward and backward, f32 and bf16; the device sampler against the host's (temperature, top-k, top-p);
 //! decode attention against the composed ops; the fused AdamW against the
 //! composed update; then a small model's GPU forward, backward (f32 and bf16) and greedy
-//! generation against the CPU path. `bench`: the Qwen2.5-0.5B shape — learner tokens/s and peak
+//! generation against the CPU path; then running out of device memory (recognised, and a
+//! learner step that runs again in pieces). `bench`: the Qwen2.5-0.5B shape — learner tokens/s and peak
 //! device memory at B=8, T=1024 with a per-phase and per-kernel split, generation tokens/s at
 //! B=64 and B=256 (128-token prompts, 256 new tokens), and the sampler's time per decode step at
 //! B=256. Each section prints its rows, lines and JSON lines (one per measurement) as it ends, and
@@ -1898,6 +1899,131 @@ fn jit(gpu: &Device) -> Result<()> {
 
 type Rows = Vec<(String, String, bool)>;
 
+// ---------------------------------------------------------------- running out of memory
+
+/// Running out of device memory. A tensor the device cannot hold fails with an error that
+/// `model::error::out_of_memory` recognises, and the device works after it. Then a policy step of
+/// the checks' model (bf16, 8 sequences of 128 tokens, one micro-batch) is run beside a ballast
+/// that leaves it room for a quarter of the way from what one sequence needs to what the whole
+/// needs, as measured: it must run out of memory, run again in pieces (`learner::fit`) and make
+/// the step it makes whole (its loss and gradient norm, within bf16's rounding).
+fn memory_checks(gpu: &Device, rows: &mut Rows) -> Result<()> {
+    use learner::fit::with_room;
+    use learner::step::{policy_step, Sequence, StepConfig, StepMetrics};
+    let Device::Cuda(dev) = gpu else {
+        return Err("needs a CUDA device: the CPU's allocations abort when they fail".into());
+    };
+    let mut check = |name: &str, value: String, ok: bool| rows.push((name.to_string(), value, ok));
+    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
+
+    let huge = Tensor::zeros(1usize << 50, DType::U8, gpu);
+    let (value, ok) = match &huge {
+        Ok(_) => ("allocated".to_string(), false),
+        Err(e) => {
+            let text = e.to_string();
+            (
+                text.lines().next().unwrap_or("").to_string(),
+                model::error::out_of_memory(e),
+            )
+        }
+    };
+    check("a 1 PiB tensor: out of memory, recognised", value, ok);
+    drop(huge);
+    let sum = Tensor::arange(0f32, 4.0, gpu)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    check(
+        "the device after it: Σ [0, 1, 2, 3]",
+        format!("{sum}"),
+        sum == 6.0,
+    );
+
+    let c = config();
+    let base = init::random_weights(&c, 0.05, 0, &Device::Cpu)?.to(DType::BF16, gpu)?;
+    let mut rng = model::rng::Rng::new(7);
+    let mut ids = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.below(c.vocab_size as u64) as u32)
+            .collect()
+    };
+    let seqs: Vec<Sequence> = (0..8)
+        .map(|i| {
+            let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
+            Sequence::new(ids(16), ids(112), vec![-7.0; 112], sign)
+        })
+        .collect();
+    let cfg = StepConfig {
+        loss: Default::default(),
+        micro_batch_tokens: 8 * 128,
+        temperature: 1.0,
+        max_completion_length: 112,
+        value: None,
+    };
+    let fresh = || -> Result<(Weights, AdamW)> {
+        let (vars, w) = base.to_vars()?;
+        Ok((w, AdamW::new(vars, AdamWConfig::default())?))
+    };
+    let allocated = || -> Result<u64> {
+        Ok(model::cuda::peak_allocated(gpu)?.ok_or("the GPU has no memory pool")?)
+    };
+    // what a step allocates beyond what is held before it: whole, and a sequence a piece
+    let need = |room: Option<usize>| -> Result<(StepMetrics, u64)> {
+        let (w, mut opt) = fresh()?;
+        model::cuda::release_cached(gpu)?;
+        model::cuda::reset_peak_allocated(gpu)?;
+        let before = allocated()?;
+        let mut step = || policy_step(&w, None, None, &mut opt, &seqs, &cfg, 1e-3);
+        let m = match room {
+            Some(tokens) => with_room(tokens, step)?,
+            None => step()?,
+        };
+        gpu.synchronize()?;
+        Ok((m, allocated()? - before))
+    };
+    let (whole, need_whole) = need(None)?;
+    let (_, need_piece) = need(Some(128))?;
+    let room = need_piece + (need_whole.saturating_sub(need_piece)) / 4;
+    let sizes = format!(
+        "whole {:.1} MiB, a sequence {:.1}, room {:.1}",
+        mib(need_whole),
+        mib(need_piece),
+        mib(room)
+    );
+    if need_whole < need_piece + (16 << 20) {
+        check("a step beside a ballast: sizes apart", sizes, false);
+        return Ok(());
+    }
+    let (w, mut opt) = fresh()?;
+    model::cuda::release_cached(gpu)?;
+    let (free, _) = dev.cuda_stream().context().mem_get_info()?;
+    let ballast_bytes = (free as u64).saturating_sub(room) as usize;
+    // SAFETY: never read or written, only held
+    let ballast = unsafe { dev.alloc::<u8>(ballast_bytes)? };
+    let result = policy_step(&w, None, None, &mut opt, &seqs, &cfg, 1e-3);
+    gpu.synchronize()?;
+    drop(ballast);
+    let name = "a step beside a ballast: runs again in pieces";
+    match result {
+        Ok(m) => {
+            let fit = opt.fit();
+            let loss = ((m.loss - whole.loss) / whole.loss).abs();
+            let norm = ((m.grad_norm - whole.grad_norm) / whole.grad_norm).abs();
+            check(
+                name,
+                format!(
+                    "{} retries, pieces of {:?} tokens{}; rel Δloss {loss:.1e}, Δ|g| {norm:.1e}; {sizes}",
+                    m.memory_retries,
+                    fit.piece_tokens,
+                    if fit.checkpointed { ", checkpointed" } else { "" },
+                ),
+                m.memory_retries >= 1 && fit.piece_tokens.is_some() && loss < 2e-2 && norm < 5e-2,
+            );
+        }
+        Err(e) => check(name, format!("{e}; {sizes}"), false),
+    }
+    Ok(())
+}
+
 /// What the sections found: check rows, bench lines and JSON lines. Each section's part is
 /// printed as soon as it ends, so that a run cut short (a hung kernel, the device call's time
 /// limit) still shows everything before; the whole table is printed again at the end.
@@ -2009,6 +2135,7 @@ fn run(what: &str) -> Result<()> {
             decode_qkv_attention_checks(&gpu, &mut r.rows)
         });
         r.section("model checks", |r| model_checks(&gpu, &mut r.rows));
+        r.section("memory checks", |r| memory_checks(&gpu, &mut r.rows));
     }
     if what != "checks" {
         let c = qwen05b();

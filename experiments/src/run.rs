@@ -121,12 +121,14 @@ fn sft_stage(
         let progress = step as f64 / c.sft.steps as f64;
         let lr = c.sft.lr * (1.0 - progress).max(c.sft.min_lr_ratio);
         let m = sft_step(&w, &mut opt, &batch, c.optimizer.micro_batch_tokens, lr)?;
+        warn_memory_retries(step, m.memory_retries, opt.fit());
         table.push(
             step + 1,
             &[
                 ("loss".into(), m.loss),
                 ("grad_norm".into(), m.grad_norm),
                 ("lr".into(), lr),
+                ("memory_retries".into(), m.memory_retries as f64),
                 ("tokens".into(), m.tokens as f64),
                 ("seconds".into(), start.elapsed().as_secs_f64()),
             ],
@@ -468,6 +470,7 @@ fn rl_stage(
             } else {
                 skipped_in_a_row = 0;
             }
+            warn_memory_retries(state.step, m.memory_retries, opt.fit());
             state.step += 1;
             state.policy_version += 1;
             state.samples_seen += samples.len() as u64;
@@ -533,6 +536,7 @@ fn rl_stage(
                 ("grad_norm".into(), m.grad_norm),
                 ("lr".into(), lr),
                 ("skipped".into(), f64::from(u8::from(m.skipped))),
+                ("memory_retries".into(), m.memory_retries as f64),
                 ("length_mean".into(), mean_std(&lengths).0),
                 (
                     "length_min".into(),
@@ -676,4 +680,26 @@ fn save(
     )?;
     checkpoint::prune(&root, c.run.keep_checkpoints)?;
     Ok(())
+}
+
+/// Says that a learner step ran out of device memory and ran again (`learner::fit`), and how
+/// the run's steps run from now on.
+pub(crate) fn warn_memory_retries(step: u64, retries: usize, fit: learner::fit::Fit) {
+    if retries == 0 {
+        return;
+    }
+    let pieces = match fit.piece_tokens {
+        Some(t) => format!("micro-batches in pieces of at most {t} padded tokens"),
+        None => "whole micro-batches".into(),
+    };
+    let layers = if fit.checkpointed {
+        ", with per-layer checkpointing"
+    } else {
+        ""
+    };
+    tracing::warn!(
+        step,
+        retries,
+        "out of device memory: the step ran again; steps now run {pieces}{layers}"
+    );
 }

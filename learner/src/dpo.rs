@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::device_sums::DeviceSums;
 use crate::error::{LearnerError, Result};
+use crate::fit::{by_tokens, fitted};
 use crate::optim::AdamW;
-use crate::step::{micro_batches, pack, Sequence};
+use crate::step::{pack, Sequence};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -157,17 +158,18 @@ pub struct Pair {
     pub rejected: Vec<u32>,
 }
 
+/// Each pair's row length (prompt and its longer completion): a pair is two rows of it.
+fn pair_lengths(pairs: &[Pair]) -> Vec<usize> {
+    pairs
+        .iter()
+        .map(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()))
+        .collect()
+}
+
 /// Splits pairs into micro-batches whose padded size (2 rows per pair × longest row) stays
 /// within `budget` tokens.
 fn pair_batches(pairs: &[Pair], budget: usize) -> Vec<std::ops::Range<usize>> {
-    let seqs: Vec<Sequence> = pairs
-        .iter()
-        .map(|p| {
-            let n = p.chosen.len().max(p.rejected.len());
-            Sequence::new(p.prompt.clone(), vec![0; n], vec![0.0; n], 0.0)
-        })
-        .collect();
-    micro_batches(&seqs, budget / 2)
+    by_tokens(&pair_lengths(pairs), 2, 0..pairs.len(), budget)
 }
 
 /// `[2n]` rows chosen₀, rejected₀, chosen₁, … of a micro-batch, and the summed completion
@@ -212,6 +214,8 @@ pub struct DpoMetrics {
     pub rejected_reward: f64,
     pub grad_norm: f64,
     pub skipped: bool,
+    /// Times the step ran again after running out of device memory ([`crate::fit`]).
+    pub memory_retries: usize,
 }
 
 /// One optimizer step of the DPO family on `pairs` with their cached reference log-probs.
@@ -230,50 +234,58 @@ pub fn dpo_step(
         ));
     }
     let device = policy.embed_tokens.device().clone();
-    let mut m = DpoMetrics::default();
-    let mut sums = DpoStats::default();
-    for range in pair_batches(pairs, budget) {
-        let mb = &pairs[range.clone()];
-        let (chosen, rejected) = summed_logprobs(policy, mb)?;
-        let refs = &reference[range];
-        let vec = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
-            Ok(Tensor::from_vec(
-                (0..mb.len()).map(f).collect(),
-                mb.len(),
-                &device,
-            )?)
+    let mut m = fitted(opt, &pair_lengths(pairs), 2, budget, |opt, plan| {
+        let mut m = DpoMetrics {
+            memory_retries: plan.retries,
+            ..Default::default()
         };
-        let ref_chosen = vec(&|i| refs[i].0)?;
-        let ref_rejected = vec(&|i| refs[i].1)?;
-        let chosen_tokens = vec(&|i| mb[i].chosen.len() as f32)?;
-        let rejected_tokens = vec(&|i| mb[i].rejected.len() as f32)?;
-        let x = PairLogprobs {
-            chosen: &chosen,
-            rejected: &rejected,
-            ref_chosen: &ref_chosen,
-            ref_rejected: &ref_rejected,
-            chosen_tokens: &chosen_tokens,
-            rejected_tokens: &rejected_tokens,
-        };
-        let (loss, pending) = dpo_loss(&x, cfg, pairs.len())?;
-        let (value, done) = opt.backward(&loss)?;
-        if done.is_none() {
-            m.skipped = true;
-            m.loss = value;
-            return Ok(m);
+        for piece in plan.pieces() {
+            let mb = &pairs[piece.range.clone()];
+            let (chosen, rejected) = summed_logprobs(policy, mb)?;
+            let refs = &reference[piece.range.clone()];
+            let vec = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
+                Ok(Tensor::from_vec(
+                    (0..mb.len()).map(f).collect(),
+                    mb.len(),
+                    &device,
+                )?)
+            };
+            let ref_chosen = vec(&|i| refs[i].0)?;
+            let ref_rejected = vec(&|i| refs[i].1)?;
+            let chosen_tokens = vec(&|i| mb[i].chosen.len() as f32)?;
+            let rejected_tokens = vec(&|i| mb[i].rejected.len() as f32)?;
+            let x = PairLogprobs {
+                chosen: &chosen,
+                rejected: &rejected,
+                ref_chosen: &ref_chosen,
+                ref_rejected: &ref_rejected,
+                chosen_tokens: &chosen_tokens,
+                rejected_tokens: &rejected_tokens,
+            };
+            let (loss, pending) = dpo_loss(&x, cfg, pairs.len())?;
+            let (value, done) = opt.backward(&loss)?;
+            if done.is_none() {
+                m.skipped = true;
+                m.loss = value;
+                return Ok(m);
+            }
+            let s = pending.read()?;
+            m.loss += value;
+            m.reward_accuracy += s.reward_accuracy;
+            m.margin += s.margin;
+            m.chosen_reward += s.chosen_reward;
+            m.rejected_reward += s.rejected_reward;
         }
-        let s = pending.read()?;
-        m.loss += value;
-        sums.reward_accuracy += s.reward_accuracy;
-        sums.margin += s.margin;
-        sums.chosen_reward += s.chosen_reward;
-        sums.rejected_reward += s.rejected_reward;
+        Ok(m)
+    })?;
+    if m.skipped {
+        return Ok(m);
     }
     let n = pairs.len() as f64;
-    m.reward_accuracy = sums.reward_accuracy / n;
-    m.margin = sums.margin / n;
-    m.chosen_reward = sums.chosen_reward / n;
-    m.rejected_reward = sums.rejected_reward / n;
+    m.reward_accuracy /= n;
+    m.margin /= n;
+    m.chosen_reward /= n;
+    m.rejected_reward /= n;
     let s = opt.step(lr)?;
     m.grad_norm = s.grad_norm;
     m.skipped = s.skipped;

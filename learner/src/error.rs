@@ -10,4 +10,18 @@ pub enum LearnerError {
     Invalid(String),
     #[error("optimizer state {path}: {message}")]
     State { path: String, message: String },
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
+}
+
+impl LearnerError {
+    /// Whether this is the device running out of memory, which a smaller piece of work may not.
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            LearnerError::Candle(e) => model::error::out_of_memory(e),
+            LearnerError::Model(e) => e.is_out_of_memory(),
+            LearnerError::OutOfMemory(_) => true,
+            _ => false,
+        }
+    }
 }

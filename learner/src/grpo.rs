@@ -154,6 +154,10 @@ pub struct PolicyInputs<'a> {
     /// `[B, T]` where KL and entropy count (Lopti restricts them to a token group); the
     /// denominators still use `mask`.
     pub kl_entropy_mask: Option<&'a Tensor>,
+    /// The valid tokens of the micro-batch these rows are a piece of (BNPO's denominator), when
+    /// it runs in pieces ([`crate::fit`]); None: the rows are the whole micro-batch, and `mask`
+    /// counts them.
+    pub micro_batch_valid: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -271,9 +275,13 @@ pub fn policy_loss(
             (per_seq.sum_all()? / totals.sequences.max(1) as f64)?
         }
         Aggregation::Bnpo => {
-            // this micro-batch's tokens, divided by on the device
-            let local = valid.clamp(1f32, f32::MAX)?;
-            (masked.sum_all()?.div(&local)? / totals.micro_batches.max(1) as f64)?
+            let per_micro_batch = match x.micro_batch_valid {
+                // a piece's share of its micro-batch's mean
+                Some(n) => (masked.sum_all()? / n.max(1.0))?,
+                // this micro-batch's tokens, divided by on the device
+                None => masked.sum_all()?.div(&valid.clamp(1f32, f32::MAX)?)?,
+            };
+            (per_micro_batch / totals.micro_batches.max(1) as f64)?
         }
         Aggregation::Dapo => (masked.sum_all()? / totals.tokens.max(1.0))?,
         Aggregation::DrGrpo => {

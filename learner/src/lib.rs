@@ -8,6 +8,7 @@ pub mod collect;
 pub mod device_sums;
 pub mod dpo;
 pub mod error;
+pub mod fit;
 pub mod grpo;
 pub mod optim;
 pub mod ppo;

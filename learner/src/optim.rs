@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use crate::error::{LearnerError as OptimError, Result};
+use crate::fit::Fit;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -81,6 +82,9 @@ pub struct AdamW {
     config: AdamWConfig,
     params: Vec<Param>,
     step: u64,
+    /// How much of a micro-batch the device has room for: learnt by the steps that accumulate
+    /// into this optimizer, and kept for the run ([`crate::fit`]).
+    pub(crate) fit: Fit,
 }
 
 impl AdamW {
@@ -136,6 +140,7 @@ impl AdamW {
             config,
             params,
             step: 0,
+            fit: Fit::default(),
         })
     }
 
@@ -144,6 +149,11 @@ impl AdamW {
     }
 
     /// Optimizer steps taken.
+    /// What the steps accumulating into this optimizer have learnt fits in device memory.
+    pub fn fit(&self) -> Fit {
+        self.fit
+    }
+
     pub fn steps(&self) -> u64 {
         self.step
     }

@@ -5,8 +5,9 @@ use candle_core::Tensor;
 use model::Weights;
 
 use crate::error::{LearnerError, Result};
+use crate::fit::fitted;
 use crate::optim::AdamW;
-use crate::step::{micro_batches, pack, Sequence};
+use crate::step::{pack, row_lengths, Sequence};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SftMetrics {
@@ -15,6 +16,8 @@ pub struct SftMetrics {
     pub tokens: usize,
     pub grad_norm: f64,
     pub skipped: bool,
+    /// Times the step ran again after running out of device memory ([`crate::fit`]).
+    pub memory_retries: usize,
 }
 
 /// One optimizer step of supervised fine-tuning on `(prompt, completion)` pairs.
@@ -36,25 +39,32 @@ pub fn sft_step(
         .iter()
         .map(|(p, c)| Sequence::new(p.clone(), c.clone(), vec![0.0; c.len()], 0.0))
         .collect();
-    let mut m = SftMetrics {
-        tokens,
-        ..Default::default()
-    };
     let device = w.embed_tokens.device().clone();
-    for range in micro_batches(&seqs, micro_batch_tokens) {
-        let p = pack(&seqs[range], &device)?;
-        let lp = p.logprobs(w, 1.0)?;
-        let loss: Tensor = (lp.logprobs.sum_all()?.neg()? / tokens as f64)?;
-        let (value, done) = opt.backward(&loss)?;
-        if done.is_none() {
-            m.skipped = true;
-            m.loss = value;
-            return Ok(m);
+    let lengths = row_lengths(&seqs);
+    let mut m = fitted(opt, &lengths, 1, micro_batch_tokens, |opt, plan| {
+        let mut m = SftMetrics {
+            tokens,
+            memory_retries: plan.retries,
+            ..Default::default()
+        };
+        for piece in plan.pieces() {
+            let p = pack(&seqs[piece.range.clone()], &device)?;
+            let lp = p.logprobs(w, 1.0)?;
+            let loss: Tensor = (lp.logprobs.sum_all()?.neg()? / tokens as f64)?;
+            let (value, done) = opt.backward(&loss)?;
+            if done.is_none() {
+                m.skipped = true;
+                m.loss = value;
+                return Ok(m);
+            }
+            m.loss += value;
         }
-        m.loss += value;
+        Ok(m)
+    })?;
+    if !m.skipped {
+        let s = opt.step(lr)?;
+        m.grad_norm = s.grad_norm;
+        m.skipped = s.skipped;
     }
-    let s = opt.step(lr)?;
-    m.grad_norm = s.grad_norm;
-    m.skipped = s.skipped;
     Ok(m)
 }

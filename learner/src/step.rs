@@ -12,6 +12,7 @@ use model::logprobs::{sequence_logprobs, shared_prompt_logprobs, SequenceLogprob
 use model::Weights;
 
 use crate::error::{LearnerError, Result};
+use crate::fit::fitted;
 use crate::grpo::{policy_loss, PolicyInputs, PolicyLossConfig, PolicyStats, StepTotals};
 use crate::optim::AdamW;
 use crate::ppo::{value_loss, ValueHead, ValueStats};
@@ -88,6 +89,8 @@ pub struct StepMetrics {
     pub optimizer_steps: usize,
     pub skipped: bool,
     pub micro_batches: usize,
+    /// Times the step ran again after running out of device memory ([`crate::fit`]).
+    pub memory_retries: usize,
     pub tokens: usize,
     pub seconds: f64,
 }
@@ -95,23 +98,14 @@ pub struct StepMetrics {
 /// Splits sequences into micro-batches whose padded size stays within `budget` tokens
 /// (a sequence longer than the budget gets a micro-batch of its own).
 pub fn micro_batches(seqs: &[Sequence], budget: usize) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut longest = 0;
-    for (i, s) in seqs.iter().enumerate() {
-        let len = s.prompt.len() + s.completion.len();
-        let rows = i - start + 1;
-        if i > start && rows * longest.max(len) > budget {
-            out.push(start..i);
-            start = i;
-            longest = 0;
-        }
-        longest = longest.max(len);
-    }
-    if start < seqs.len() {
-        out.push(start..seqs.len());
-    }
-    out
+    crate::fit::by_tokens(&row_lengths(seqs), 1, 0..seqs.len(), budget)
+}
+
+/// Each sequence's row length: prompt and completion tokens.
+pub(crate) fn row_lengths(seqs: &[Sequence]) -> Vec<usize> {
+    seqs.iter()
+        .map(|s| s.prompt.len() + s.completion.len())
+        .collect()
 }
 
 static SHARE_PROMPTS: AtomicBool = AtomicBool::new(true);
@@ -216,6 +210,11 @@ fn row_prompt(s: &Sequence, shared: bool) -> &[u32] {
 }
 
 pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
+    crate::fit::room_for(crate::fit::padded_tokens(
+        &row_lengths(seqs),
+        1,
+        0..seqs.len(),
+    ))?;
     let shared = distinct_prompts(seqs);
     let is_shared = shared.is_some();
     let t = seqs
@@ -302,87 +301,143 @@ pub fn policy_step(
 ) -> Result<StepMetrics> {
     let start = Instant::now();
     let device = policy.embed_tokens.device().clone();
-    let ranges = micro_batches(seqs, cfg.micro_batch_tokens);
     let tokens: usize = seqs.iter().map(|s| s.completion.len()).sum();
-    let totals = StepTotals {
-        sequences: seqs.len(),
-        tokens: tokens as f64,
-        micro_batches: ranges.len(),
-        max_completion_length: cfg.max_completion_length,
-    };
-    let mut m = StepMetrics {
-        micro_batches: ranges.len(),
-        tokens,
-        optimizer_steps: 1,
-        ..Default::default()
-    };
-    for range in ranges {
-        let mb = &seqs[range];
-        let p = pack(mb, &device)?;
-        let lp = p.logprobs(policy, cfg.temperature)?;
-        let reference_lp = match (reference, cfg.loss.kl_coef != 0.0) {
-            (Some(r), true) => Some(p.logprobs(r, cfg.temperature)?.logprobs.detach()),
-            (None, true) => {
-                return Err(LearnerError::Invalid(
-                    "a KL term needs reference weights".into(),
-                ))
+    let lengths = row_lengths(seqs);
+    let mut m = fitted(opt, &lengths, 1, cfg.micro_batch_tokens, |opt, plan| {
+        let totals = StepTotals {
+            sequences: seqs.len(),
+            tokens: tokens as f64,
+            micro_batches: plan.micro_batches(),
+            max_completion_length: cfg.max_completion_length,
+        };
+        let mut m = StepMetrics {
+            micro_batches: plan.micro_batches(),
+            tokens,
+            optimizer_steps: 1,
+            memory_retries: plan.retries,
+            ..Default::default()
+        };
+        for piece in plan.pieces() {
+            // BNPO's denominator, when the piece is part of a micro-batch
+            let valid = piece.part_of.as_ref().map(|micro| {
+                let s = &seqs[micro.clone()];
+                s.iter().map(|s| s.completion.len() as f64).sum()
+            });
+            let mb = &seqs[piece.range.clone()];
+            let inputs = PieceInputs {
+                policy,
+                reference,
+                head,
+                cfg,
+                totals: &totals,
+                micro_batch_valid: valid,
+                device: &device,
+            };
+            if !policy_piece(&inputs, opt, mb, &mut m)? {
+                m.skipped = true;
+                return Ok(m);
             }
-            _ => None,
-        };
-        let inputs = PolicyInputs {
-            logprobs: &lp.logprobs,
-            old_logprobs: &p.old,
-            advantages: &p.advantages,
-            mask: &lp.mask,
-            ref_logprobs: reference_lp.as_ref(),
-            entropy: Some(&lp.entropy),
-            kl_entropy_mask: Some(&(&p.active * &lp.mask)?),
-        };
-        let (mut loss, stats) = policy_loss(&inputs, &cfg.loss, &totals)?;
-        let mut value_stats = None;
-        if let Some(vc) = cfg.value {
-            let head = head
-                .ok_or_else(|| LearnerError::Invalid("a value loss needs a value head".into()))?;
-            let values = head.values(&lp.hidden)?; // [B, T−1]
-            let mask = (&p.active * &lp.mask)?;
-            let (vl, vs) = value_loss(
-                &values,
-                &p.old_values,
-                &p.returns,
-                &mask,
-                vc.clip,
-                totals.tokens,
-            )?;
-            loss = (loss + (vl * vc.vf_coef)?)?;
-            value_stats = Some(vs);
         }
-        let (value, missing) = opt.backward(&loss)?;
-        let Some(missing) = missing else {
-            m.skipped = true;
-            m.loss = value;
-            m.seconds = start.elapsed().as_secs_f64();
-            return Ok(m);
-        };
-        m.loss += value;
-        if !missing.is_empty() && mb.iter().flat_map(|s| &s.advantages).any(|&a| a != 0.0) {
-            return Err(LearnerError::Invalid(format!(
-                "no gradient reached {}",
-                missing.join(", ")
-            )));
-        }
-        // the statistics of an accumulated micro-batch, read back once its backward is queued
-        m.policy = m.policy.merge(&stats.read()?);
-        if let Some(pending) = value_stats {
-            let (vl, vs) = pending.read()?;
-            m.value_loss += vl;
-            m.value = m.value.merge(&vs);
-        }
+        Ok(m)
+    })?;
+    if !m.skipped {
+        let s = opt.step(lr)?;
+        m.grad_norm = s.grad_norm;
+        m.skipped = s.skipped;
     }
-    let s = opt.step(lr)?;
-    m.grad_norm = s.grad_norm;
-    m.skipped = s.skipped;
     m.seconds = start.elapsed().as_secs_f64();
     Ok(m)
+}
+
+/// What every piece of a policy step reads.
+struct PieceInputs<'a> {
+    policy: &'a Weights,
+    reference: Option<&'a Weights>,
+    head: Option<&'a ValueHead>,
+    cfg: &'a StepConfig,
+    totals: &'a StepTotals,
+    /// The valid tokens of the micro-batch the piece is part of (None: the piece is the whole).
+    micro_batch_valid: Option<f64>,
+    device: &'a Device,
+}
+
+/// Accumulates the policy (and value) loss's gradient of `mb`, a micro-batch or a piece of one,
+/// and its statistics into `m`. Returns false when the loss was not finite: the step's gradient
+/// is dropped, and `m.loss` is that loss.
+fn policy_piece(
+    x: &PieceInputs,
+    opt: &mut AdamW,
+    mb: &[Sequence],
+    m: &mut StepMetrics,
+) -> Result<bool> {
+    let PieceInputs {
+        policy,
+        reference,
+        head,
+        cfg,
+        totals,
+        micro_batch_valid,
+        device,
+    } = *x;
+    let p = pack(mb, device)?;
+    let lp = p.logprobs(policy, cfg.temperature)?;
+    let reference_lp = match (reference, cfg.loss.kl_coef != 0.0) {
+        (Some(r), true) => Some(p.logprobs(r, cfg.temperature)?.logprobs.detach()),
+        (None, true) => {
+            return Err(LearnerError::Invalid(
+                "a KL term needs reference weights".into(),
+            ))
+        }
+        _ => None,
+    };
+    let inputs = PolicyInputs {
+        logprobs: &lp.logprobs,
+        old_logprobs: &p.old,
+        advantages: &p.advantages,
+        mask: &lp.mask,
+        ref_logprobs: reference_lp.as_ref(),
+        entropy: Some(&lp.entropy),
+        kl_entropy_mask: Some(&(&p.active * &lp.mask)?),
+        micro_batch_valid,
+    };
+    let (mut loss, stats) = policy_loss(&inputs, &cfg.loss, totals)?;
+    let mut value_stats = None;
+    if let Some(vc) = cfg.value {
+        let head =
+            head.ok_or_else(|| LearnerError::Invalid("a value loss needs a value head".into()))?;
+        let values = head.values(&lp.hidden)?; // [B, T−1]
+        let mask = (&p.active * &lp.mask)?;
+        let (vl, vs) = value_loss(
+            &values,
+            &p.old_values,
+            &p.returns,
+            &mask,
+            vc.clip,
+            totals.tokens,
+        )?;
+        loss = (loss + (vl * vc.vf_coef)?)?;
+        value_stats = Some(vs);
+    }
+    let (value, missing) = opt.backward(&loss)?;
+    let Some(missing) = missing else {
+        m.loss = value;
+        return Ok(false);
+    };
+    m.loss += value;
+    if !missing.is_empty() && mb.iter().flat_map(|s| &s.advantages).any(|&a| a != 0.0) {
+        return Err(LearnerError::Invalid(format!(
+            "no gradient reached {}",
+            missing.join(", ")
+        )));
+    }
+    // the statistics of an accumulated micro-batch, read back once its backward is queued
+    m.policy = m.policy.merge(&stats.read()?);
+    if let Some(pending) = value_stats {
+        let (vl, vs) = pending.read()?;
+        m.value_loss += vl;
+        m.value = m.value.merge(&vs);
+    }
+    Ok(true)
 }
 
 /// How one RL step's batch becomes optimizer steps: PPO epochs over mini-batches, and Lopti's
@@ -490,6 +545,7 @@ pub fn update(
         grad_norm: mean(&|m| m.grad_norm),
         skipped: all.iter().any(|m| m.skipped),
         micro_batches: all.iter().map(|m| m.micro_batches).sum(),
+        memory_retries: all.iter().map(|m| m.memory_retries).sum(),
         tokens: seqs.iter().map(|s| s.completion.len()).sum(),
         optimizer_steps: all.len(),
         seconds: start.elapsed().as_secs_f64(),
@@ -558,20 +614,28 @@ pub fn critic_step(
 ) -> Result<(f64, ValueStats, f64)> {
     let device = critic.embed_tokens.device().clone();
     let tokens: f64 = seqs.iter().map(|s| s.completion.len() as f64).sum();
-    let mut loss_sum = 0.0;
-    let mut stats = ValueStats::default();
-    for range in micro_batches(seqs, micro_batch_tokens) {
-        let p = pack(&seqs[range], &device)?;
-        let values = head.values(&p.trunk(critic)?)?;
-        let mask = loss_mask_tensor(&p, &device)?;
-        let (loss, pending) = value_loss(&values, &p.old_values, &p.returns, &mask, clip, tokens)?;
-        let (v, done) = opt.backward(&loss)?;
-        if done.is_none() {
-            return Ok((v, stats, f64::NAN));
+    let lengths = row_lengths(seqs);
+    let (loss_sum, stats, finite) = fitted(opt, &lengths, 1, micro_batch_tokens, |opt, plan| {
+        let mut loss_sum = 0.0;
+        let mut stats = ValueStats::default();
+        for piece in plan.pieces() {
+            let p = pack(&seqs[piece.range.clone()], &device)?;
+            let values = head.values(&p.trunk(critic)?)?;
+            let mask = loss_mask_tensor(&p, &device)?;
+            let (loss, pending) =
+                value_loss(&values, &p.old_values, &p.returns, &mask, clip, tokens)?;
+            let (v, done) = opt.backward(&loss)?;
+            if done.is_none() {
+                return Ok((v, stats, false));
+            }
+            let (_, s) = pending.read()?;
+            loss_sum += v;
+            stats = stats.merge(&s);
         }
-        let (_, s) = pending.read()?;
-        loss_sum += v;
-        stats = stats.merge(&s);
+        Ok((loss_sum, stats, true))
+    })?;
+    if !finite {
+        return Ok((loss_sum, stats, f64::NAN));
     }
     let s = opt.step(lr)?;
     Ok((loss_sum, stats, s.grad_norm))

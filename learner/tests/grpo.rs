@@ -68,6 +68,7 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
             ref_logprobs: Some(&reference),
             entropy: Some(&entropy),
             kl_entropy_mask: None,
+            micro_batch_valid: None,
         };
         let (loss, _) = policy_loss(&inputs, &config, &totals).unwrap();
         let got = loss.to_scalar::<f32>().unwrap() as f64;
@@ -95,6 +96,7 @@ fn clip_statistics_count_the_clipped_tokens() {
         ref_logprobs: None,
         entropy: None,
         kl_entropy_mask: None,
+        micro_batch_valid: None,
     };
     let totals = StepTotals {
         sequences: 1,

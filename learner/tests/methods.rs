@@ -396,6 +396,7 @@ fn lopti_passes_split_the_single_pass_loss_and_match_the_reference() {
                 ref_logprobs: Some(&ref_t),
                 entropy: Some(&ent_t),
                 kl_entropy_mask: Some(&active),
+                micro_batch_valid: None,
             };
             let (loss, _) = policy_loss(&inputs, &cfg, &totals).unwrap();
             let want: f64 = parse(&case[name]["loss"]);

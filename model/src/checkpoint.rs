@@ -8,7 +8,7 @@
 //! them to the gradient store. Call [`backward`] instead of `Tensor::backward` when
 //! checkpointing may be on (the learner's optimizer does).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use candle_core::backprop::GradStore;
@@ -23,6 +23,8 @@ static RECOMPUTED: AtomicUsize = AtomicUsize::new(0);
 thread_local! {
     /// Weight gradients of recomputed layers, waiting for [`backward`] to collect them.
     static SET_ASIDE: RefCell<Vec<(Tensor, Tensor)>> = const { RefCell::new(Vec::new()) };
+    /// Checkpointing forced on for this thread ([`forced`]).
+    static FORCED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Turns per-layer checkpointing of training forwards on or off (off by default).
@@ -30,8 +32,23 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// Whether training forwards on this thread checkpoint their layers: turned on for the process
+/// ([`set_enabled`]) or for this thread ([`forced`]).
 pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
+    ENABLED.load(Ordering::Relaxed) || FORCED.with(Cell::get)
+}
+
+/// Runs `f` with checkpointing on for this thread when `on` (as it was otherwise): the learner
+/// turns it on for its steps once a sequence has not fitted in device memory without it.
+pub fn forced<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED.with(|c| c.replace(on || c.get())));
+    f()
 }
 
 /// How many layer backwards this process has recomputed.
@@ -42,8 +59,11 @@ pub fn recomputed_layers() -> usize {
 /// `loss.backward()` plus the weight gradients of checkpointed layers.
 pub fn backward(loss: &Tensor) -> Result<GradStore> {
     SET_ASIDE.with(|s| s.borrow_mut().clear());
-    let mut grads = loss.backward()?;
+    let grads = loss.backward();
+    // taken whether the backward failed or not: a failed one's (out of device memory, say) would
+    // hold their memory through the next forward
     let set_aside = SET_ASIDE.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let mut grads = grads?;
     for (param, g) in set_aside {
         let total = match grads.get(&param) {
             Some(acc) => (acc + g)?,

@@ -25,6 +25,17 @@ fn err(msg: impl Into<String>) -> candle_core::Error {
     candle_core::Error::Msg(msg.into())
 }
 
+/// Whether a CUDA error candle boxed is an allocation failing for want of device memory.
+pub(crate) fn out_of_memory(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    use candle_core::cuda_backend::cudarc::cublas::sys::cublasStatus_t;
+    use candle_core::cuda_backend::CudaError;
+    match e.downcast_ref::<CudaError>() {
+        Some(CudaError::Cuda(d)) => d.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+        Some(CudaError::Cublas(c)) => c.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED,
+        _ => false,
+    }
+}
+
 // ---------------------------------------------------------------- the device
 
 /// CUDA device `ordinal` (a fresh candle device: its own id, stream and cuBLAS handle), set up

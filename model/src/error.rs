@@ -43,6 +43,11 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// Whether this is the device running out of memory (see [`out_of_memory`]).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, ModelError::Candle(e) if out_of_memory(e))
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         ModelError::Io {
             path: path.into(),
@@ -73,4 +78,20 @@ pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Whether `e` is the device running out of memory: CUDA's allocator (a tensor, a kernel's
+/// buffer) or cuBLAS's (its workspace), through any context candle wrapped it in. Memory is
+/// freed as the failed work's tensors drop, so work that fits can run again on the same device.
+/// Never on the CPU, whose allocations abort the process instead.
+pub fn out_of_memory(e: &candle_core::Error) -> bool {
+    use candle_core::Error as E;
+    match e {
+        E::Context { inner, .. } | E::WithPath { inner, .. } | E::WithBacktrace { inner, .. } => {
+            out_of_memory(inner)
+        }
+        #[cfg(feature = "cuda")]
+        E::Cuda(e) => crate::cuda::out_of_memory(e.as_ref()),
+        _ => false,
+    }
 }

@@ -3,7 +3,8 @@
 // kernels/ferrite.cu (model/src/cuda.rs) run on a machine without a GPU: `scripts/fake-gpu.sh`
 // builds it and runs `ferrite gpu-check glue` against it.
 //
-// Device memory is host memory (a device address is the host address), copies are memcpy, and
+// Device memory is host memory (a device address is the host address; FAKE_CUDA_MEMORY_GIB of
+// it, 128 by default, past which an allocation fails as out of memory), copies are memcpy, and
 // streams, events and contexts are tokens: everything runs at once, in order. A launch of one of
 // ferrite's kernels runs it in the kernel emulator (cuda_emu.h: a fiber per CUDA thread, barriers,
 // shuffles, shared memory checked for races) with its parameters read from the launch's argument
@@ -469,7 +470,17 @@ size_t used = 0, used_high = 0;
 // wrote, so what the host reads back stays finite (plain malloc's garbage made the composed
 // ops' gradient norm non-finite, which skipped their update: their peak read 30.2 GiB, not 100.8).
 std::map<size_t, std::vector<void*>> spare;
-constexpr size_t total_memory = size_t(64) << 30;
+// The device's memory: FAKE_CUDA_MEMORY_GIB (128 by default, above the composed ops' 98.6 GiB
+// learner step under the memory-only mode), which allocations may not exceed between them, as on
+// a GPU: past it, one fails with CUDA_ERROR_OUT_OF_MEMORY.
+size_t total_memory() {
+    static const size_t total = [] {
+        const char* v = std::getenv("FAKE_CUDA_MEMORY_GIB");
+        const double gib = v != nullptr && *v != '\0' ? std::atof(v) : 128.0;
+        return static_cast<size_t>(gib * 1073741824.0);
+    }();
+    return total;
+}
 
 // With FAKE_CUDA_MEMORY_ONLY an allocation of more than 1 MiB is its own mapping, which takes no
 // host memory until it is touched, and copies and memsets of more than 1 MiB are skipped: a
@@ -478,6 +489,10 @@ constexpr size_t total_memory = size_t(64) << 30;
 // spent more time in mmap and munmap than the host code that made them.)
 // A buffer of n bytes that the memory-only mode maps and never touches.
 bool untouched(size_t n) { return memory_only() && n > (size_t(1) << 20); }
+// A buffer of n bytes that is its own mapping, which takes host memory only as it is touched: the
+// memory-only mode's, and any of a GiB or more (a ballast that fills the device, as
+// `gpu-check`'s memory checks allocate, costs the host nothing).
+bool mapped(size_t n) { return untouched(n) || n >= (size_t(1) << 30); }
 
 // FAKE_CUDA_PEAK=1: the live buffers by size at the process's highest use, printed at exit
 // (what a peak is made of).
@@ -508,20 +523,28 @@ void log_peak() {
 }
 
 CUresult allocate(CUdeviceptr* p, size_t n) {
+    {
+        // reserved first, so that allocations on several threads cannot overrun the device
+        std::lock_guard g(lock);
+        if (n > total_memory() - std::min(used, total_memory())) return CUDA_ERROR_OUT_OF_MEMORY;
+        used += n;
+    }
     void* m = nullptr;
-    if (untouched(n)) {
+    if (mapped(n)) {
         m = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+        if (m == MAP_FAILED) m = nullptr;
     }
     std::lock_guard g(lock);
-    if (auto s = spare.find(n); m == nullptr && s != spare.end() && !s->second.empty()) {
+    if (auto s = spare.find(n); m == nullptr && !mapped(n) && s != spare.end() && !s->second.empty()) {
         m = s->second.back();
         s->second.pop_back();
     }
-    if (m == nullptr) m = std::calloc(std::max<size_t>(n, 1), 1);
-    if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
+    if (m == nullptr && !mapped(n)) m = std::calloc(std::max<size_t>(n, 1), 1);
+    if (!m) {
+        used -= n;
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
     allocations[reinterpret_cast<uintptr_t>(m)] = n;
-    used += n;
     used_high = std::max(used_high, used);
     log_peak();
     *p = reinterpret_cast<CUdeviceptr>(m);
@@ -537,7 +560,7 @@ CUresult release(CUdeviceptr p) {
         return CUDA_ERROR_INVALID_VALUE;
     }
     used -= a->second;
-    if (untouched(a->second)) munmap(reinterpret_cast<void*>(p), a->second);
+    if (mapped(a->second)) munmap(reinterpret_cast<void*>(p), a->second);
     else if (memory_only()) spare[a->second].push_back(reinterpret_cast<void*>(p));
     else std::free(reinterpret_cast<void*>(p));
     allocations.erase(a);
@@ -615,8 +638,8 @@ CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
 CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return release(p); }
 CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
     std::lock_guard g(lock);
-    *total = total_memory;
-    *free = total_memory - std::min(used, total_memory);
+    *total = total_memory();
+    *free = total_memory() - std::min(used, total_memory());
     return CUDA_SUCCESS;
 }
 // the pool's used-memory attributes (7: current, 8: high watermark) are the allocations'

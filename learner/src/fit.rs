@@ -1,0 +1,209 @@
+//! Fitting a step in device memory. A step's micro-batches (of at most `micro_batch_tokens`
+//! padded tokens) are what its loss groups by (BNPO divides by each one's tokens). When one runs
+//! out of device memory, the step's gradient so far is dropped and the step runs again with each
+//! micro-batch in pieces, whose gradients add up to the micro-batch's own: the largest piece that
+//! failed is halved, down to one sequence (or pair) a piece, and then per-layer checkpointing is
+//! turned on. What fitted holds for the rest of the run (it lives in the optimizer, which every
+//! step of a run shares). A single sequence that does not fit even so is an error that says so.
+
+use std::cell::{Cell, RefCell};
+use std::ops::Range;
+
+use crate::error::{LearnerError, Result};
+use crate::optim::AdamW;
+
+/// How much of a micro-batch the device has room for, learnt from running out of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fit {
+    /// The most padded tokens a piece holds (None: micro-batches run whole).
+    pub piece_tokens: Option<usize>,
+    /// Per-layer checkpointing, turned on once a single sequence ran out of memory without it.
+    pub checkpointed: bool,
+}
+
+/// A piece of a step that runs as one forward and backward: a micro-batch, or part of one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// The step's items it holds.
+    pub range: Range<usize>,
+    /// The micro-batch it is part of, when it is not the whole of it.
+    pub part_of: Option<Range<usize>>,
+}
+
+/// A step's micro-batches in the pieces that [`fitted`] runs them in.
+pub struct Plan {
+    pieces: Vec<Piece>,
+    micro_batches: usize,
+    /// Runs the step made before this one (0: it fitted at once).
+    pub retries: usize,
+    /// The piece handed out last: the one running when an attempt fails.
+    running: RefCell<Option<Range<usize>>>,
+}
+
+impl Plan {
+    /// The pieces in order, each to run as it is handed out.
+    pub fn pieces(&self) -> impl Iterator<Item = &Piece> {
+        self.pieces.iter().inspect(|p| {
+            self.running.replace(Some(p.range.clone()));
+        })
+    }
+
+    /// The step's micro-batches (its loss's groups), however many pieces they run in.
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+}
+
+/// The padded tokens of `range`'s items, each `rows` rows of `lengths[i]` tokens, padded to the
+/// longest.
+pub fn padded_tokens(lengths: &[usize], rows: usize, range: Range<usize>) -> usize {
+    let longest = lengths[range.clone()].iter().copied().max().unwrap_or(0);
+    rows * range.len() * longest
+}
+
+/// Splits `range` of items into consecutive batches of at most `budget` padded tokens
+/// ([`padded_tokens`]); an item over the budget is a batch of its own.
+pub fn by_tokens(
+    lengths: &[usize],
+    rows: usize,
+    range: Range<usize>,
+    budget: usize,
+) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = range.start;
+    let mut longest = 0;
+    for (i, &len) in lengths.iter().enumerate().take(range.end).skip(range.start) {
+        let items = i - start + 1;
+        if i > start && rows * items * longest.max(len) > budget {
+            out.push(start..i);
+            start = i;
+            longest = 0;
+        }
+        longest = longest.max(len);
+    }
+    if start < range.end {
+        out.push(start..range.end);
+    }
+    out
+}
+
+/// Runs a step through `attempt` until it fits in device memory. The step's items are `rows`
+/// rows each of `lengths[i]` tokens, in micro-batches of `budget` padded tokens; `attempt` runs
+/// each micro-batch's pieces, accumulating their gradients in `opt`, under
+/// [`model::checkpoint::forced`] once [`Fit::checkpointed`]. It is called again, on a smaller
+/// plan, while it fails for want of device memory ([`LearnerError::is_out_of_memory`]); the
+/// gradient it had accumulated is dropped first.
+pub fn fitted<T>(
+    opt: &mut AdamW,
+    lengths: &[usize],
+    rows: usize,
+    budget: usize,
+    mut attempt: impl FnMut(&mut AdamW, &Plan) -> Result<T>,
+) -> Result<T> {
+    let micro = by_tokens(lengths, rows, 0..lengths.len(), budget);
+    let tokens = |r: &Range<usize>| padded_tokens(lengths, rows, r.clone());
+    let mut retries = 0;
+    loop {
+        let fit = opt.fit;
+        let pieces = micro.iter().flat_map(|m| {
+            let parts = match fit.piece_tokens {
+                Some(b) => by_tokens(lengths, rows, m.clone(), b),
+                None => vec![m.clone()],
+            };
+            let whole = parts.len() == 1;
+            parts.into_iter().map(move |range| Piece {
+                range,
+                part_of: (!whole).then(|| m.clone()),
+            })
+        });
+        let plan = Plan {
+            pieces: pieces.collect(),
+            micro_batches: micro.len(),
+            retries,
+            running: RefCell::new(None),
+        };
+        let error = match model::checkpoint::forced(fit.checkpointed, || attempt(opt, &plan)) {
+            Err(e) if e.is_out_of_memory() => e,
+            done => return done,
+        };
+        opt.zero_grad();
+        retries += 1;
+        // the piece that failed (the largest, if it failed before any)
+        let failed = plan.running.take().unwrap_or_else(|| {
+            let largest = plan
+                .pieces
+                .iter()
+                .map(|p| &p.range)
+                .max_by_key(|r| tokens(r));
+            largest.expect("a step has an item").clone()
+        });
+        opt.fit = if failed.len() > 1 {
+            Fit {
+                piece_tokens: Some(tokens(&failed) / 2),
+                ..fit
+            }
+        } else if !fit.checkpointed {
+            Fit {
+                piece_tokens: None,
+                checkpointed: true,
+            }
+        } else {
+            return Err(LearnerError::OutOfMemory(format!(
+                "a single sequence of {} padded tokens does not fit in device memory, even alone \
+                 and with per-layer checkpointing ({error}); shorten the longest prompts or \
+                 completions, or use a device with more memory",
+                tokens(&failed)
+            )));
+        };
+    }
+}
+
+thread_local! {
+    /// The padded tokens a piece may hold before [`room_for`] fails it ([`with_room`]).
+    static ROOM: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Runs `f` as if the device had room for pieces of at most `tokens` padded tokens on this
+/// thread: a larger one fails as out of memory when it is packed, after the pieces before it
+/// have run. Tests reach [`fitted`]'s retries with it on the CPU, whose allocations cannot fail.
+pub fn with_room<T>(tokens: usize, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ROOM.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(ROOM.with(|r| r.replace(Some(tokens))));
+    f()
+}
+
+/// Fails as out of memory when a piece of `tokens` padded tokens exceeds [`with_room`]'s room.
+pub(crate) fn room_for(tokens: usize) -> Result<()> {
+    match ROOM.with(Cell::get) {
+        Some(room) if tokens > room => Err(LearnerError::OutOfMemory(format!(
+            "{tokens} padded tokens where there is room for {room} (simulated)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_hold_their_budget_and_a_long_item_stands_alone() {
+        let lengths = [3, 5, 2, 9, 4, 4];
+        // rows × items × longest: [3, 5] = 10, then [2] + 9 would be 18
+        assert_eq!(
+            by_tokens(&lengths, 1, 0..6, 10),
+            vec![0..2, 2..3, 3..4, 4..6]
+        );
+        assert_eq!(
+            by_tokens(&lengths, 2, 0..6, 10),
+            vec![0..1, 1..2, 2..3, 3..4, 4..5, 5..6]
+        );
+        assert_eq!(by_tokens(&lengths, 1, 2..5, 100), vec![2..5]);
+        assert_eq!(padded_tokens(&lengths, 2, 3..6), 2 * 3 * 9);
+    }
+}
