@@ -962,6 +962,16 @@ fn rope_head_major(
     y
 }
 
+/// `cos` and `sin` are the `[B, 1, T, D]` tables that [`rope_head_major`] indexes.
+fn rope_tables_fit(tables: [&[usize]; 2], [b, t, d]: [usize; 3]) -> candle_core::Result<()> {
+    if tables.iter().any(|dims| *dims != [b, 1, t, d]) {
+        candle_core::bail!(
+            "rope: cos and sin must be [B, 1, T, D] = [{b}, 1, {t}, {d}], not {tables:?}"
+        );
+    }
+    Ok(())
+}
+
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         "ferrite-rope"
@@ -977,6 +987,7 @@ impl CustomOp3 for Rope {
         sl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, t, d) = xl.shape().dims4()?;
+        rope_tables_fit([cl.dims(), sl.dims()], [b, t, d])?;
         let y = rope_head_major(
             slice(xs, xl)?,
             0,
@@ -1015,6 +1026,7 @@ impl CustomOp3 for Rope {
             return Ok((Some(crate::cuda::rope_bwd(g, cos, sin)?), None, None));
         }
         let (b, h, t, d) = g.dims4()?;
+        rope_tables_fit([cos.dims(), sin.dims()], [b, t, d])?;
         let dx = with_data(g, |g| {
             with_data(cos, |c| {
                 with_data(sin, |s| {
@@ -1085,9 +1097,7 @@ impl CustomOp3 for RopeHeads {
         };
         let (b, t, nd) = yl.shape().dims3()?;
         let n = self.heads;
-        if [cl, sl].iter().any(|l| l.dims() != [b, 1, t, nd / n]) {
-            candle_core::bail!("rope_heads: cos and sin must be [B, 1, T, D]");
-        }
+        rope_tables_fit([cl.dims(), sl.dims()], [b, t, nd / n])?;
         let (st, d) = (yl.stride(), nd / n);
         let y = rope_head_major(
             data,
@@ -1850,6 +1860,20 @@ mod tests {
             |t| composed::rope(&t[0], &t[1], &t[2]).unwrap(),
             &[true, false, false],
         );
+    }
+
+    #[test]
+    fn rope_tables_of_another_shape_are_an_error() {
+        // fewer positions would index past the tables, more would rotate by the wrong rows
+        let x = random(&[2, 3, 5, 8], 6, 1.0);
+        for t in [4, 6] {
+            let cos = random(&[2, 1, t, 8], 7, 1.0);
+            let e = rope(&x, &cos, &cos).unwrap_err().to_string();
+            assert!(e.contains("[2, 1, 5, 8]"), "{e}");
+            let y = random(&[2, 5, 24], 12, 1.0);
+            let e = rope_heads(&y, 3, &cos, &cos).unwrap_err().to_string();
+            assert!(e.contains("[2, 1, 5, 8]"), "{e}");
+        }
     }
 
     #[test]
