@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device_sums::DeviceSums;
 use crate::error::{LearnerError, Result};
-use crate::fit::{by_tokens, fitted};
+use crate::fit::{by_tokens, fitted, halving};
 use crate::optim::AdamW;
 use crate::step::{pack, Sequence};
 
@@ -197,9 +197,16 @@ fn summed_logprobs(w: &Weights, pairs: &[Pair]) -> Result<(Tensor, Tensor)> {
 pub fn reference_logprobs(w: &Weights, pairs: &[Pair], budget: usize) -> Result<Vec<(f32, f32)>> {
     let w = w.detach();
     let mut out = Vec::with_capacity(pairs.len());
-    for range in pair_batches(pairs, budget) {
+    let mut run = |range: std::ops::Range<usize>| -> Result<Vec<(f32, f32)>> {
         let (c, r) = summed_logprobs(&w, &pairs[range])?;
-        out.extend(c.to_vec1::<f32>()?.into_iter().zip(r.to_vec1::<f32>()?));
+        Ok(c.to_vec1::<f32>()?
+            .into_iter()
+            .zip(r.to_vec1::<f32>()?)
+            .collect())
+    };
+    for range in pair_batches(pairs, budget) {
+        // no gradient: a micro-batch that does not fit in device memory runs in halves
+        out.extend(halving(range, &mut run)?);
     }
     Ok(out)
 }

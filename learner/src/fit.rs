@@ -158,6 +158,24 @@ pub fn fitted<T>(
     }
 }
 
+/// `f` of `range`'s items, or, where it fails for want of device memory, of its two halves in
+/// turn (recursively, down to single items), concatenated: for passes without a gradient, which
+/// hold nothing between pieces that a failure would have to drop.
+pub fn halving<T>(
+    range: Range<usize>,
+    f: &mut impl FnMut(Range<usize>) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    match f(range.clone()) {
+        Err(e) if e.is_out_of_memory() && range.len() > 1 => {
+            let mid = range.start + range.len() / 2;
+            let mut out = halving(range.start..mid, f)?;
+            out.extend(halving(mid..range.end, f)?);
+            Ok(out)
+        }
+        done => done,
+    }
+}
+
 thread_local! {
     /// The padded tokens a piece may hold before [`room_for`] fails it ([`with_room`]).
     static ROOM: Cell<Option<usize>> = const { Cell::new(None) };
@@ -190,6 +208,31 @@ pub(crate) fn room_for(tokens: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn halving_splits_what_does_not_fit_and_keeps_the_order() {
+        // room for 2 items: 0..5 → 0..2, 2..5 → 2..3, 3..5
+        let mut runs = Vec::new();
+        let mut f = |r: Range<usize>| {
+            runs.push(r.clone());
+            room_for(r.len())?;
+            Ok(r.collect::<Vec<_>>())
+        };
+        let got = with_room(2, || halving(0..5, &mut f)).unwrap();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+        assert_eq!(runs, vec![0..5, 0..2, 2..5, 2..3, 3..5]);
+        // an item that fits nowhere, or another error, is the error
+        assert!(with_room(0, || halving(0..3, &mut |r| {
+            room_for(r.len())?;
+            Ok(vec![r.start])
+        }))
+        .unwrap_err()
+        .is_out_of_memory());
+        let e = halving(0..3, &mut |_| -> Result<Vec<u8>> {
+            Err(LearnerError::Invalid("bad".into()))
+        });
+        assert!(matches!(e, Err(LearnerError::Invalid(_))));
+    }
 
     #[test]
     fn batches_hold_their_budget_and_a_long_item_stands_alone() {

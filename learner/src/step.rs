@@ -561,14 +561,23 @@ fn per_completion_token(
     f: impl Fn(&Packed) -> Result<Tensor>,
 ) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(seqs.len());
-    for range in micro_batches(seqs, micro_batch_tokens) {
+    let mut run = |range: std::ops::Range<usize>| -> Result<Vec<Vec<f32>>> {
         let mb = &seqs[range];
         let p = pack(mb, device)?;
         let rows = f(&p)?.detach().to_vec2::<f32>()?;
-        for ((s, row), pl) in mb.iter().zip(rows).zip(&p.prompt_len) {
-            let at = pl - 1;
-            out.push(row[at..at + s.completion.len()].to_vec());
-        }
+        let cut = mb
+            .iter()
+            .zip(rows)
+            .zip(&p.prompt_len)
+            .map(|((s, row), pl)| {
+                let at = pl - 1;
+                row[at..at + s.completion.len()].to_vec()
+            });
+        Ok(cut.collect())
+    };
+    for range in micro_batches(seqs, micro_batch_tokens) {
+        // no gradient: a micro-batch that does not fit in device memory runs in halves
+        out.extend(crate::fit::halving(range, &mut run)?);
     }
     Ok(out)
 }

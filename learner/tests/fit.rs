@@ -241,3 +241,40 @@ fn sft_and_dpo_steps_run_in_pieces_as_they_would_whole() {
     let d = max_diff(&want, &got);
     assert!(d < 1e-4, "weights differ by {d}");
 }
+
+#[test]
+fn passes_without_a_gradient_run_in_halves_where_they_do_not_fit() {
+    use learner::step::token_logprobs;
+    let base = model();
+    let seqs = sequences(&base);
+    // one micro-batch of 28 padded tokens; room for 7: its halves (10 and 14 tokens) fail too,
+    // and it runs a sequence at a time
+    let whole = token_logprobs(&base, &seqs, 1 << 12, 1.0).unwrap();
+    let halves = with_room(7, || token_logprobs(&base, &seqs, 1 << 12, 1.0)).unwrap();
+    assert_eq!(whole.len(), halves.len());
+    for (a, b) in whole.iter().zip(&halves) {
+        assert_eq!(a.len(), b.len());
+        let d = max_diff(a, b);
+        assert!(d < 1e-5, "{a:?} vs {b:?}");
+    }
+    let e = with_room(4, || token_logprobs(&base, &seqs, 1 << 12, 1.0)).unwrap_err();
+    assert!(e.is_out_of_memory(), "{e}");
+
+    let pairs: Vec<Pair> = seqs
+        .chunks(2)
+        .map(|s| Pair {
+            prompt: s[0].prompt.clone(),
+            chosen: s[0].completion.clone(),
+            rejected: s[1].completion.clone(),
+        })
+        .collect();
+    // two pairs of 2 rows, of 5 and 8 tokens: 32 padded tokens together, 10 and 16 apart
+    let whole = reference_logprobs(&base, &pairs, 1 << 12).unwrap();
+    let halves = with_room(16, || reference_logprobs(&base, &pairs, 1 << 12)).unwrap();
+    for ((c, r), (hc, hr)) in whole.iter().zip(&halves) {
+        assert!(
+            (c - hc).abs() < 1e-4 && (r - hr).abs() < 1e-4,
+            "{whole:?} vs {halves:?}"
+        );
+    }
+}
