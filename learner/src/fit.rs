@@ -1,9 +1,9 @@
 //! Fitting a step in device memory. A step's micro-batches (of at most `micro_batch_tokens`
 //! padded tokens) are what its loss groups by (BNPO divides by each one's tokens). When one runs
 //! out of device memory, the step's gradient so far is dropped and the step runs again with each
-//! micro-batch in pieces, whose gradients add up to the micro-batch's own: the largest piece that
-//! failed is halved, down to one sequence (or pair) a piece, and then per-layer checkpointing is
-//! turned on. What fitted holds for the rest of the run (it lives in the optimizer, which every
+//! micro-batch in pieces, whose gradients add up to the micro-batch's own: the piece that failed
+//! is halved, down to one sequence (or pair) a piece, and then per-layer checkpointing is turned
+//! on. What fitted holds for the rest of the run (it lives in the optimizer, which every
 //! step of a run shares). A single sequence that does not fit even so is an error that says so.
 
 use std::cell::{Cell, RefCell};

@@ -148,12 +148,12 @@ impl AdamW {
         &self.config
     }
 
-    /// Optimizer steps taken.
     /// What the steps accumulating into this optimizer have learnt fits in device memory.
     pub fn fit(&self) -> Fit {
         self.fit
     }
 
+    /// Optimizer steps taken.
     pub fn steps(&self) -> u64 {
         self.step
     }

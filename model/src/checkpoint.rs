@@ -38,7 +38,7 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed) || FORCED.with(Cell::get)
 }
 
-/// Runs `f` with checkpointing on for this thread when `on` (as it was otherwise): the learner
+/// Runs `f` with checkpointing on for this thread when `on` (otherwise as it is): the learner
 /// turns it on for its steps once a sequence has not fitted in device memory without it.
 pub fn forced<T>(on: bool, f: impl FnOnce() -> T) -> T {
     struct Restore(bool);
