@@ -62,6 +62,11 @@ pub struct Collector {
     ready: BTreeMap<u64, Ready>,
     /// How long to wait for a group before reporting the workers stuck.
     pub timeout: Duration,
+    /// Groups that failed since the last one generated.
+    failed_in_a_row: usize,
+    /// How many failed groups in a row stop the run: workers that fail every group would
+    /// otherwise keep the learner waiting for ever, skipping the whole dataset.
+    pub max_failed_in_a_row: usize,
 }
 
 impl Collector {
@@ -72,6 +77,8 @@ impl Collector {
             groups_per_step,
             ready: BTreeMap::new(),
             timeout: Duration::from_secs(600),
+            failed_in_a_row: 0,
+            max_failed_in_a_row: (4 * groups_per_step).max(32),
         }
     }
 
@@ -83,6 +90,7 @@ impl Collector {
     fn accept(&mut self, event: Event, out: &mut StepBatch) -> Result<()> {
         match event {
             Event::Rollout(r) => {
+                self.failed_in_a_row = 0;
                 let samples = from_batch(&r.batch)
                     .map_err(|e| LearnerError::Invalid(format!("a rollout batch: {e}")))?;
                 if let Some(id) = samples.first().map(|s| s.group_id) {
@@ -96,6 +104,14 @@ impl Collector {
                 }
             }
             Event::Failed { group_id, error } => {
+                self.failed_in_a_row += 1;
+                if self.failed_in_a_row >= self.max_failed_in_a_row {
+                    return Err(LearnerError::Invalid(format!(
+                        "rollout: {} groups in a row failed, none generated; the last, group \
+                         {group_id}: {error}",
+                        self.failed_in_a_row
+                    )));
+                }
                 out.failed_groups += 1;
                 out.failures.push(format!("group {group_id}: {error}"));
                 out.finished_groups.push(group_id);
@@ -220,5 +236,33 @@ mod tests {
         assert_eq!(step.groups.len(), 2);
         drop(tx);
         assert!(c.next_step(4).is_err(), "disconnected workers are an error");
+    }
+
+    #[test]
+    fn groups_that_all_fail_stop_the_run_and_a_generated_one_resets_the_count() {
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let mut c = Collector::new(rx, 0, 1);
+        assert_eq!(c.max_failed_in_a_row, 32);
+        c.max_failed_in_a_row = 3;
+        let failed = |id: u64| Event::Failed {
+            group_id: id,
+            error: format!("boom {id}"),
+        };
+        for e in [failed(1), failed(2), group(3, 0)] {
+            tx.send(e).unwrap();
+        }
+        assert_eq!(c.next_step(0).unwrap().failed_groups, 2);
+        for e in [failed(4), failed(5), group(6, 0)] {
+            tx.send(e).unwrap();
+        }
+        assert_eq!(c.next_step(0).unwrap().failed_groups, 2);
+        for id in 7..10 {
+            tx.send(failed(id)).unwrap();
+        }
+        let e = c.next_step(0).unwrap_err().to_string();
+        assert!(
+            e.contains("3 groups in a row failed") && e.contains("boom 9"),
+            "{e}"
+        );
     }
 }

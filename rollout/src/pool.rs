@@ -114,6 +114,64 @@ pub enum Event {
     Fatal(String),
 }
 
+/// Why a group could not be generated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutError {
+    pub message: String,
+    /// The device ran out of memory: the group may fit once other work (the learner's step, the
+    /// other workers' groups) has freed some.
+    pub out_of_memory: bool,
+}
+
+impl std::fmt::Display for RolloutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl RolloutError {
+    fn other(e: impl std::fmt::Display) -> Self {
+        RolloutError {
+            message: e.to_string(),
+            out_of_memory: false,
+        }
+    }
+}
+
+/// The waits before each new try of a group that ran out of device memory: 0.1 s doubling to
+/// 3.2 s, about 12 s in all, longer than a learner step holds its peak.
+const OUT_OF_MEMORY_WAITS: [f64; 8] = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 3.2, 3.2];
+
+/// `generate_group()`, tried again after each of [`OUT_OF_MEMORY_WAITS`] while it runs out of
+/// device memory (and `stop` is not set): a worker beside the learner on one GPU would otherwise
+/// drop every group it starts while the learner's step holds the memory. Other errors, and the
+/// last out-of-memory one, are the group's failure.
+pub fn retry_out_of_memory<T>(
+    stop: &AtomicBool,
+    mut wait: impl FnMut(Duration),
+    mut generate_group: impl FnMut() -> Result<T, RolloutError>,
+) -> Result<T, RolloutError> {
+    let mut waits = OUT_OF_MEMORY_WAITS.iter();
+    loop {
+        match generate_group() {
+            Err(e) if e.out_of_memory && !stop.load(Ordering::SeqCst) => match waits.next() {
+                Some(&s) => wait(Duration::from_secs_f64(s)),
+                None => {
+                    return Err(RolloutError {
+                        message: format!(
+                            "{} (out of device memory in {} tries)",
+                            e.message,
+                            OUT_OF_MEMORY_WAITS.len() + 1
+                        ),
+                        ..e
+                    })
+                }
+            },
+            done => return done,
+        }
+    }
+}
+
 /// The seed of a group's sampling streams.
 pub fn group_seed(seed: u64, group_id: u64) -> u64 {
     datasets::rng::mix(seed, 0x6E0, group_id)
@@ -127,15 +185,18 @@ pub fn rollout_group(
     group_id: u64,
     record: &Record,
     cfg: &PoolConfig,
-) -> Result<Vec<Sample>, String> {
-    let prompt = task.prompt_ids(record).map_err(|e| e.to_string())?;
+) -> Result<Vec<Sample>, RolloutError> {
+    let prompt = task.prompt_ids(record).map_err(RolloutError::other)?;
     let prompts = vec![prompt.clone(); cfg.group_size];
     let gen = GenerationConfig {
         seed: group_seed(cfg.seed, group_id),
         ..cfg.generation.clone()
     };
     let completions =
-        generate(w, &prompts, &gen, Some(&task.tokenizer)).map_err(|e| e.to_string())?;
+        generate(w, &prompts, &gen, Some(&task.tokenizer)).map_err(|e| RolloutError {
+            out_of_memory: e.is_out_of_memory(),
+            message: e.to_string(),
+        })?;
     let gold = task.gold(record);
     Ok(completions
         .into_iter()
@@ -268,15 +329,17 @@ fn work(
         let result = match policy.refresh(store, checksum) {
             Ok(_) => {
                 let snap = policy.snapshot();
-                rollout_group(task, &snap.weights, snap.version, group_id, &record, cfg)
+                retry_out_of_memory(stop, std::thread::sleep, || {
+                    rollout_group(task, &snap.weights, snap.version, group_id, &record, cfg)
+                })
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(RolloutError::other(e)),
         };
         let event = match result.and_then(|samples| {
             let tokens = samples.iter().map(|s| s.completion_ids.len()).sum();
             to_batch(&samples)
                 .map(|batch| (batch, tokens))
-                .map_err(|e| e.to_string())
+                .map_err(RolloutError::other)
         }) {
             Ok((batch, tokens)) => Event::Rollout(Rollout {
                 batch,
@@ -287,11 +350,91 @@ fn work(
             Err(error) => {
                 feed.lock().expect("feed lock").done(group_id);
                 admission.release(cfg.group_size);
-                Event::Failed { group_id, error }
+                Event::Failed {
+                    group_id,
+                    error: error.message,
+                }
             }
         };
         if sender.send(event).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oom(n: usize) -> RolloutError {
+        RolloutError {
+            message: format!("out of memory {n}"),
+            out_of_memory: true,
+        }
+    }
+
+    #[test]
+    fn a_group_out_of_memory_is_tried_again_after_waits_and_other_errors_are_not() {
+        let stop = AtomicBool::new(false);
+        let mut waited = Vec::new();
+        let mut tries = 0;
+        let r = retry_out_of_memory(
+            &stop,
+            |d| waited.push(d.as_secs_f64()),
+            || {
+                tries += 1;
+                if tries < 3 {
+                    Err(oom(tries))
+                } else {
+                    Ok(tries)
+                }
+            },
+        );
+        assert_eq!(r, Ok(3));
+        assert_eq!(waited, vec![0.1, 0.2]);
+
+        let mut tries = 0;
+        let r: Result<(), _> = retry_out_of_memory(
+            &stop,
+            |_| {},
+            || {
+                tries += 1;
+                Err(RolloutError::other("a bad prompt"))
+            },
+        );
+        assert_eq!(
+            (tries, r.unwrap_err().message.as_str()),
+            (1, "a bad prompt")
+        );
+
+        let mut waited = 0.0;
+        let mut tries = 0;
+        let e = retry_out_of_memory(
+            &stop,
+            |d| waited += d.as_secs_f64(),
+            || -> Result<(), _> {
+                tries += 1;
+                Err(oom(tries))
+            },
+        )
+        .unwrap_err();
+        assert_eq!(tries, 9);
+        assert!((waited - 12.7).abs() < 1e-9, "{waited}");
+        assert!(
+            e.out_of_memory && e.message == "out of memory 9 (out of device memory in 9 tries)"
+        );
+
+        // a pool that stops does not wait
+        stop.store(true, Ordering::SeqCst);
+        let mut tries = 0;
+        let r: Result<(), _> = retry_out_of_memory(
+            &stop,
+            |_| panic!("waited"),
+            || {
+                tries += 1;
+                Err(oom(tries))
+            },
+        );
+        assert_eq!((tries, r.is_err()), (1, true));
     }
 }
