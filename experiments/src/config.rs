@@ -283,6 +283,10 @@ pub struct RolloutConfig {
     pub stop: Vec<String>,
     /// Groups the channel to the learner holds.
     pub channel_capacity: usize,
+    /// The most groups a worker generates in one batch, as many as it may start at once: on a
+    /// GPU a decode step of many rows costs about what one of a few does. 1 (the default) keeps
+    /// a run reproducible; larger batches change the float rounding of the sampled rows.
+    pub groups_per_batch: usize,
 }
 
 impl Default for RolloutConfig {
@@ -298,6 +302,7 @@ impl Default for RolloutConfig {
             max_staleness: 0,
             stop: Vec::new(),
             channel_capacity: 64,
+            groups_per_batch: 1,
         }
     }
 }
@@ -562,8 +567,15 @@ impl Config {
                 r.group_size
             );
         }
-        if r.prompts_per_step == 0 || r.max_new_tokens == 0 || r.workers == 0 {
-            bail!("rollout.prompts_per_step, max_new_tokens and workers must be positive");
+        if r.prompts_per_step == 0
+            || r.max_new_tokens == 0
+            || r.workers == 0
+            || r.groups_per_batch == 0
+        {
+            bail!(
+                "rollout.prompts_per_step, max_new_tokens, workers and groups_per_batch must be \
+                 positive"
+            );
         }
         if r.temperature.is_nan() || r.temperature <= 0.0 {
             bail!("rollout.temperature = {}: must be positive", r.temperature);
@@ -736,6 +748,7 @@ mod tests {
         assert!(bad("algorithm.entropy_reward=tokens").contains("tokens"));
         assert!(bad("rollout.top_p=0.0").contains("rollout.top_p"));
         assert!(bad("rollout.top_p=1.5").contains("rollout.top_p"));
+        assert!(bad("rollout.groups_per_batch=0").contains("groups_per_batch"));
         let ok = Config::default()
             .with_overrides(&[
                 "algorithm.name=ppo".into(),

@@ -38,6 +38,7 @@ pub fn build_preferences(
         generation: setup::generation(c, &task.tokenizer),
         seed: c.run.seed ^ 0xD90,
         entropy_reward: Default::default(),
+        groups_per_batch: 1,
     };
     let w = w.detach();
     let mut out = Vec::new();

@@ -419,6 +419,7 @@ fn rl_stage(
             generation: setup::generation(c, &task.tokenizer),
             seed: c.run.seed,
             entropy_reward: c.algorithm.entropy_reward,
+            groups_per_batch: r.groups_per_batch,
         },
         Arc::new(task.clone()),
         feed.clone(),

@@ -95,20 +95,38 @@ struct Row {
     completion: Completion,
 }
 
+/// [`generate_continuous_streams`] with prompt `i` drawing from the stream `(cfg.seed, i)`.
+pub fn generate_continuous<F>(
+    w: &Weights,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    slots: usize,
+    on_done: F,
+) -> Result<()>
+where
+    F: FnMut(usize, Completion) -> Result<()>,
+{
+    let streams: Vec<(u64, u64)> = (0..prompts.len() as u64).map(|i| (cfg.seed, i)).collect();
+    generate_continuous_streams(w, prompts, &streams, cfg, tokenizer, slots, on_done)
+}
+
 /// Continuous batching: at most `slots` sequences decode together. When one finishes,
 /// `on_done(prompt index, completion)` receives it and the next waiting prompt is prefilled
 /// into its slot, so the batch stays full until the prompts run out; then it shrinks.
-/// Prompt `i` draws from the stream `(cfg.seed, i)` whatever its slot or neighbours, so the
-/// completions are those of [`generate`] for any `slots` (up to the float rounding of
-/// differently shaped matmuls).
+/// Prompt `i` draws from the stream `streams[i]` (a seed and an index) whatever its slot or
+/// neighbours, so the completions are those of [`generate`] for any `slots`, and several
+/// groups' prompts batched together sample what each group samples alone (up to the float
+/// rounding of differently shaped matmuls).
 ///
 /// Cache layout: every row is left-aligned to the shared length `L`; a row's sequence fills
 /// `[start, L)`. A new prompt's prefill is written to end at `L`, and when the cache is full
 /// the rows are moved down to the shortest common length (once every `longest prompt +
 /// max_new_tokens` steps at most).
-pub fn generate_continuous<F>(
+pub fn generate_continuous_streams<F>(
     w: &Weights,
     prompts: &[Vec<u32>],
+    streams: &[(u64, u64)],
     cfg: &GenerationConfig,
     tokenizer: Option<&Tokenizer>,
     slots: usize,
@@ -117,6 +135,13 @@ pub fn generate_continuous<F>(
 where
     F: FnMut(usize, Completion) -> Result<()>,
 {
+    if streams.len() != prompts.len() {
+        return Err(ModelError::Generation(format!(
+            "{} sampling streams for {} prompts",
+            streams.len(),
+            prompts.len()
+        )));
+    }
     if prompts.is_empty() {
         return Ok(());
     }
@@ -166,7 +191,7 @@ where
     let admit = |i: usize, end: usize| Row {
         prompt: i,
         start: end - prompts[i].len(),
-        rng: Rng::stream(cfg.seed, i as u64),
+        rng: Rng::stream(streams[i].0, streams[i].1),
         completion: empty(),
     };
     let mut logits = prefill(w, &first, longest, &mut cache)?;

@@ -126,6 +126,69 @@ fn continuous_batching_samples_what_one_batch_samples() {
 }
 
 #[test]
+fn groups_batched_with_their_own_streams_sample_what_each_samples_alone() {
+    // two groups of three rows (the rollout workers' case: a group's rows share its prompt and
+    // seed), of prompts 2 and 7 tokens long, sampled together and apart
+    let w = load("tiny-qwen2").detach();
+    let cfg = |seed| GenerationConfig {
+        max_new_tokens: 8,
+        sampling: SamplingParams {
+            temperature: 1.3,
+            ..Default::default()
+        },
+        stop_token_ids: vec![5],
+        seed,
+        ..Default::default()
+    };
+    let groups = [(vec![3u32, 9], 21u64), (vec![4, 8, 15, 16, 23, 42, 11], 22)];
+    let alone: Vec<Completion> = groups
+        .iter()
+        .flat_map(|(p, seed)| generate(&w, &vec![p.clone(); 3], &cfg(*seed), None).unwrap())
+        .collect();
+    let prompts: Vec<Vec<u32>> = groups
+        .iter()
+        .flat_map(|(p, _)| vec![p.clone(); 3])
+        .collect();
+    let streams: Vec<(u64, u64)> = groups
+        .iter()
+        .flat_map(|(_, seed)| (0..3).map(move |k| (*seed, k)))
+        .collect();
+    let mut together: Vec<Option<Completion>> = vec![None; 6];
+    model::generate::generate_continuous_streams(
+        &w,
+        &prompts,
+        &streams,
+        &cfg(0),
+        None,
+        6,
+        |i, c| {
+            together[i] = Some(c);
+            Ok(())
+        },
+    )
+    .unwrap();
+    let distinct: std::collections::HashSet<&Vec<u32>> = alone.iter().map(|c| &c.tokens).collect();
+    assert!(distinct.len() > 2, "the rows' streams differ");
+    for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
+        let b = b.as_ref().expect("every prompt completes");
+        assert_eq!(a.tokens, b.tokens, "row {k}");
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert!((x - y).abs() < 1e-4, "row {k}: {x} vs {y}");
+        }
+    }
+    let e = model::generate::generate_continuous_streams(
+        &w,
+        &prompts,
+        &streams[1..],
+        &cfg(0),
+        None,
+        6,
+        |_, _| Ok(()),
+    );
+    assert!(e.is_err(), "one stream a prompt");
+}
+
+#[test]
 fn kv_cache_decode_logits_equal_full_forward_logits() {
     for (name, w) in MODELS.iter().flat_map(|m| both_layouts(m)) {
         let w = w.detach();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use crossbeam_channel::Sender;
 use datasets::{Cursor, Loader, Record};
-use model::generate::{generate, FinishReason, GenerationConfig};
+use model::generate::{generate_continuous_streams, Completion, FinishReason, GenerationConfig};
 use model::Weights;
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +88,11 @@ pub struct PoolConfig {
     /// EM-RL: reward each completion by its own (negative) entropy instead of the verifier; the
     /// verifier's total is kept as the reward part `verifier`.
     pub entropy_reward: EntropyReward,
+    /// The most groups a worker generates in one batch, as many as the admission lets it start
+    /// at once (1: each group alone). Each group samples from its own streams either way; a
+    /// larger batch keeps a GPU busy, at the price of the float rounding of other batch shapes,
+    /// so that a run is reproducible only with 1.
+    pub groups_per_batch: usize,
 }
 
 /// One scored group.
@@ -186,20 +191,80 @@ pub fn rollout_group(
     record: &Record,
     cfg: &PoolConfig,
 ) -> Result<Vec<Sample>, RolloutError> {
-    let prompt = task.prompt_ids(record).map_err(RolloutError::other)?;
-    let prompts = vec![prompt.clone(); cfg.group_size];
-    let gen = GenerationConfig {
-        seed: group_seed(cfg.seed, group_id),
-        ..cfg.generation.clone()
-    };
-    let completions =
-        generate(w, &prompts, &gen, Some(&task.tokenizer)).map_err(|e| RolloutError {
-            out_of_memory: e.is_out_of_memory(),
-            message: e.to_string(),
-        })?;
+    let mut out = rollout_groups(task, w, version, &[(group_id, record.clone())], cfg)?;
+    out.pop().expect("one group in, one out")
+}
+
+/// Generates `groups` in one batch under `w` (detached weights of `version`), each from its own
+/// sampling streams (`group_seed`, row), and scores them: each group's samples, or why that group
+/// failed (its prompt). The error is generation's, which fails them all.
+pub fn rollout_groups(
+    task: &Task,
+    w: &Weights,
+    version: u64,
+    groups: &[(u64, Record)],
+    cfg: &PoolConfig,
+) -> Result<Vec<Result<Vec<Sample>, RolloutError>>, RolloutError> {
+    let prompts: Vec<Result<Vec<u32>, RolloutError>> = groups
+        .iter()
+        .map(|(_, record)| task.prompt_ids(record).map_err(RolloutError::other))
+        .collect();
+    // the rows of the groups whose prompts are good, each with its stream
+    let mut rows = Vec::new();
+    let mut streams = Vec::new();
+    for ((group_id, _), prompt) in groups.iter().zip(&prompts) {
+        if let Ok(prompt) = prompt {
+            let seed = group_seed(cfg.seed, *group_id);
+            for k in 0..cfg.group_size {
+                rows.push(prompt.clone());
+                streams.push((seed, k as u64));
+            }
+        }
+    }
+    let mut completions: Vec<Option<Completion>> = vec![None; rows.len()];
+    let tokenizer = Some(&task.tokenizer);
+    let slots = rows.len();
+    generate_continuous_streams(
+        w,
+        &rows,
+        &streams,
+        &cfg.generation,
+        tokenizer,
+        slots,
+        |i, c| {
+            completions[i] = Some(c);
+            Ok(())
+        },
+    )
+    .map_err(|e| RolloutError {
+        out_of_memory: e.is_out_of_memory(),
+        message: e.to_string(),
+    })?;
+    let mut completions = completions.into_iter().flatten();
+    Ok(groups
+        .iter()
+        .zip(prompts)
+        .map(|((group_id, record), prompt)| {
+            let group = completions.by_ref().take(cfg.group_size);
+            Ok(score_group(
+                task, version, *group_id, record, &prompt?, group, cfg,
+            ))
+        })
+        .collect())
+}
+
+/// One group's completions, scored into samples.
+fn score_group(
+    task: &Task,
+    version: u64,
+    group_id: u64,
+    record: &Record,
+    prompt: &[u32],
+    completions: impl Iterator<Item = Completion>,
+    cfg: &PoolConfig,
+) -> Vec<Sample> {
     let gold = task.gold(record);
-    Ok(completions
-        .into_iter()
+    completions
         .enumerate()
         .map(|(k, c)| {
             let text = c.text.unwrap_or_default();
@@ -229,7 +294,7 @@ pub fn rollout_group(
                 prompt_id: record.id,
                 group_id,
                 policy_version: version,
-                prompt_ids: prompt.clone(),
+                prompt_ids: prompt.to_vec(),
                 completion_ids: c.tokens,
                 behavior_logprobs: c.logprobs,
                 finish,
@@ -238,7 +303,7 @@ pub fn rollout_group(
                 completion_text: text,
             }
         })
-        .collect())
+        .collect()
 }
 
 /// Running rollout workers.
@@ -317,47 +382,65 @@ fn work(
         {
             continue;
         }
-        let next = feed.lock().expect("feed lock").next_group();
-        let (group_id, record) = match next {
-            Ok(x) => x,
+        // as many more groups as may start now, up to the batch
+        let mut admitted = 1;
+        while admitted < cfg.groups_per_batch.max(1)
+            && admission.admit(cfg.group_size, Duration::ZERO).is_some()
+        {
+            admitted += 1;
+        }
+        let drawn: datasets::Result<Vec<(u64, Record)>> = {
+            let mut feed = feed.lock().expect("feed lock");
+            (0..admitted).map(|_| feed.next_group()).collect()
+        };
+        let groups = match drawn {
+            Ok(groups) => groups,
             Err(e) => {
                 let _ = sender.send(Event::Fatal(e.to_string()));
                 return;
             }
         };
         let start = Instant::now();
-        let result = match policy.refresh(store, checksum) {
+        let results = match policy.refresh(store, checksum) {
             Ok(_) => {
                 let snap = policy.snapshot();
                 retry_out_of_memory(stop, std::thread::sleep, || {
-                    rollout_group(task, &snap.weights, snap.version, group_id, &record, cfg)
+                    rollout_groups(task, &snap.weights, snap.version, &groups, cfg)
                 })
             }
             Err(e) => Err(RolloutError::other(e)),
         };
-        let event = match result.and_then(|samples| {
-            let tokens = samples.iter().map(|s| s.completion_ids.len()).sum();
-            to_batch(&samples)
-                .map(|batch| (batch, tokens))
-                .map_err(RolloutError::other)
-        }) {
-            Ok((batch, tokens)) => Event::Rollout(Rollout {
-                batch,
-                worker,
-                seconds: start.elapsed().as_secs_f64(),
-                tokens,
-            }),
-            Err(error) => {
-                feed.lock().expect("feed lock").done(group_id);
-                admission.release(cfg.group_size);
-                Event::Failed {
-                    group_id,
-                    error: error.message,
-                }
-            }
+        let results = match results {
+            Ok(per_group) => per_group,
+            Err(e) => vec![Err(e); groups.len()],
         };
-        if sender.send(event).is_err() {
-            return;
+        // each group's share of the batch's time
+        let seconds = start.elapsed().as_secs_f64() / groups.len() as f64;
+        for ((group_id, _), result) in groups.iter().zip(results) {
+            let event = match result.and_then(|samples| {
+                let tokens = samples.iter().map(|s| s.completion_ids.len()).sum();
+                to_batch(&samples)
+                    .map(|batch| (batch, tokens))
+                    .map_err(RolloutError::other)
+            }) {
+                Ok((batch, tokens)) => Event::Rollout(Rollout {
+                    batch,
+                    worker,
+                    seconds,
+                    tokens,
+                }),
+                Err(error) => {
+                    feed.lock().expect("feed lock").done(*group_id);
+                    admission.release(cfg.group_size);
+                    Event::Failed {
+                        group_id: *group_id,
+                        error: error.message,
+                    }
+                }
+            };
+            if sender.send(event).is_err() {
+                return;
+            }
         }
     }
 }

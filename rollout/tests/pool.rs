@@ -34,6 +34,7 @@ fn addition_task() -> Task {
 fn setup(
     workers: usize,
     max_staleness: u64,
+    groups_per_batch: usize,
 ) -> (
     Pool,
     crossbeam_channel::Receiver<Event>,
@@ -67,6 +68,7 @@ fn setup(
             },
             seed: 11,
             entropy_reward: Default::default(),
+            groups_per_batch,
         },
         Arc::new(task),
         Arc::new(Mutex::new(feed)),
@@ -92,7 +94,7 @@ fn groups(rx: &crossbeam_channel::Receiver<Event>, n: usize) -> Vec<Vec<Sample>>
 
 #[test]
 fn synchronous_workers_make_one_batch_per_version_and_switch_between_generations() {
-    let (pool, rx, store, admission, w) = setup(2, 0);
+    let (pool, rx, store, admission, w) = setup(2, 0, 1);
     let first = groups(&rx, 2);
     assert_eq!(
         first.iter().map(|g| g[0].group_id).collect::<Vec<_>>(),
@@ -133,11 +135,11 @@ fn synchronous_workers_make_one_batch_per_version_and_switch_between_generations
 
 #[test]
 fn a_group_is_the_same_whichever_worker_makes_it() {
-    let (pool_a, rx_a, _, _, _) = setup(1, 0);
+    let (pool_a, rx_a, _, _, _) = setup(1, 0, 1);
     let a = groups(&rx_a, 2);
     drop(rx_a);
     pool_a.stop();
-    let (pool_b, rx_b, _, _, _) = setup(2, 0);
+    let (pool_b, rx_b, _, _, _) = setup(2, 0, 1);
     let b = groups(&rx_b, 2);
     drop(rx_b);
     pool_b.stop();
@@ -145,8 +147,61 @@ fn a_group_is_the_same_whichever_worker_makes_it() {
 }
 
 #[test]
+fn a_worker_batches_the_groups_it_may_start_and_each_samples_as_alone() {
+    // one worker, two groups a step: alone it makes them one after the other; with batches of
+    // two it generates both in one batch (each group timed at half of it)
+    let run = |groups_per_batch: usize| {
+        let (pool, rx, _, _, _) = setup(1, 0, groups_per_batch);
+        let mut rollouts: Vec<(Vec<Sample>, f64)> = (0..2)
+            .map(
+                |_| match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+                    Event::Rollout(r) => (from_batch(&r.batch).unwrap(), r.seconds),
+                    other => panic!("{other:?}"),
+                },
+            )
+            .collect();
+        drop(rx);
+        pool.stop();
+        rollouts.sort_by_key(|(g, _)| g[0].group_id);
+        rollouts
+    };
+    let (alone, batched) = (run(1), run(2));
+    assert_eq!(batched[0].1, batched[1].1, "one batch's time, shared");
+    assert_ne!(alone[0].1, alone[1].1);
+    for ((a, _), (b, _)) in alone.iter().zip(&batched) {
+        assert_eq!(a.len(), 4);
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(
+                (
+                    x.group_id,
+                    x.sample_id,
+                    &x.prompt_ids,
+                    &x.completion_ids,
+                    x.reward
+                ),
+                (
+                    y.group_id,
+                    y.sample_id,
+                    &y.prompt_ids,
+                    &y.completion_ids,
+                    y.reward
+                )
+            );
+            for (p, q) in x.behavior_logprobs.iter().zip(&y.behavior_logprobs) {
+                assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+            }
+        }
+    }
+    let distinct: std::collections::HashSet<_> = alone
+        .iter()
+        .flat_map(|(g, _)| g.iter().map(|s| &s.completion_ids))
+        .collect();
+    assert!(distinct.len() > 2, "rows sample from their own streams");
+}
+
+#[test]
 fn one_step_staleness_lets_workers_run_a_batch_ahead() {
-    let (pool, rx, _, _, _) = setup(2, 1);
+    let (pool, rx, _, _, _) = setup(2, 1, 1);
     let ahead = groups(&rx, 4);
     assert!(ahead.iter().flatten().all(|s| s.policy_version == 0));
     assert!(
@@ -182,6 +237,7 @@ fn entropy_rewards_come_from_the_sampling_policy() {
         },
         seed: 5,
         entropy_reward,
+        groups_per_batch: 1,
     };
     let plain = rollout_group(&task, &w, 0, 9, &record, &cfg(EntropyReward::None)).unwrap();
     let seq = rollout_group(&task, &w, 0, 9, &record, &cfg(EntropyReward::Sequence)).unwrap();
