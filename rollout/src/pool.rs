@@ -2,9 +2,11 @@
 //! `group_size` completions per prompt with the newest verified weights, score them, and send
 //! one Arrow record batch per group down a bounded channel.
 //!
-//! A group's sampling seed depends only on the run seed and its `group_id`, and every group is
-//! generated alone (one prompt, `group_size` rows, no padding), so a group's completions do not
-//! depend on which worker made them or when: with `max_staleness = 0` a run is reproducible.
+//! A group's sampling streams depend only on the run seed and its `group_id`, and by default
+//! every group is generated alone (one prompt, `group_size` rows, no padding), so a group's
+//! completions do not depend on which worker made them or when: with `max_staleness = 0` a run
+//! is reproducible. With `groups_per_batch` > 1 a worker batches the groups it may start at once,
+//! each still from its own streams: the same completions up to the rounding of the batch shape.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
