@@ -179,6 +179,32 @@ pub fn retry_out_of_memory<T>(
     }
 }
 
+/// One result per group of `groups`, from `generate` (which generates a batch of them, or fails
+/// them all). A batch that runs out of device memory is split in halves, recursively; a single
+/// group that does is tried again after waits ([`retry_out_of_memory`]). The halves' results
+/// stand apart: one that fails fails only its own groups.
+pub fn generate_fitting<G, R>(
+    stop: &AtomicBool,
+    wait: &mut impl FnMut(Duration),
+    groups: &[G],
+    generate: &mut impl FnMut(&[G]) -> Result<Vec<Result<R, RolloutError>>, RolloutError>,
+) -> Vec<Result<R, RolloutError>> {
+    let all = if groups.len() > 1 {
+        match generate(groups) {
+            Err(e) if e.out_of_memory => {
+                let (a, b) = groups.split_at(groups.len() / 2);
+                let mut out = generate_fitting(stop, wait, a, generate);
+                out.extend(generate_fitting(stop, wait, b, generate));
+                return out;
+            }
+            other => other,
+        }
+    } else {
+        retry_out_of_memory(stop, &mut *wait, || generate(groups))
+    };
+    all.unwrap_or_else(|e| groups.iter().map(|_| Err(e.clone())).collect())
+}
+
 /// The seed of a group's sampling streams.
 pub fn group_seed(seed: u64, group_id: u64) -> u64 {
     datasets::rng::mix(seed, 0x6E0, group_id)
@@ -406,15 +432,11 @@ fn work(
         let results = match policy.refresh(store, checksum) {
             Ok(_) => {
                 let snap = policy.snapshot();
-                retry_out_of_memory(stop, std::thread::sleep, || {
-                    rollout_groups(task, &snap.weights, snap.version, &groups, cfg)
+                generate_fitting(stop, &mut std::thread::sleep, &groups, &mut |part| {
+                    rollout_groups(task, &snap.weights, snap.version, part, cfg)
                 })
             }
-            Err(e) => Err(RolloutError::other(e)),
-        };
-        let results = match results {
-            Ok(per_group) => per_group,
-            Err(e) => vec![Err(e); groups.len()],
+            Err(e) => vec![Err(RolloutError::other(e)); groups.len()],
         };
         // each group's share of the batch's time
         let seconds = start.elapsed().as_secs_f64() / groups.len() as f64;
@@ -456,6 +478,53 @@ mod tests {
             message: format!("out of memory {n}"),
             out_of_memory: true,
         }
+    }
+
+    #[test]
+    fn a_batch_out_of_memory_is_split_and_a_single_group_waits() {
+        // room for two groups a batch, none with group 6; group 5 runs out twice alone as well
+        let stop = AtomicBool::new(false);
+        let mut batches = Vec::new();
+        let mut fives = 0;
+        let mut waits = 0;
+        let groups: Vec<usize> = (0..7).collect();
+        let out = generate_fitting(
+            &stop,
+            &mut |_| waits += 1,
+            &groups,
+            &mut |part: &[usize]| {
+                batches.push(part.to_vec());
+                if part == [5] {
+                    fives += 1;
+                }
+                if part.len() > 2 || part.contains(&6) || (part == [5] && fives <= 2) {
+                    return Err(oom(part.len()));
+                }
+                Ok(part.iter().map(|&g| Ok(10 * g)).collect())
+            },
+        );
+        let got: Vec<Result<usize, bool>> = out
+            .into_iter()
+            .map(|r| r.map_err(|e| e.out_of_memory))
+            .collect();
+        assert_eq!(
+            got,
+            vec![Ok(0), Ok(10), Ok(20), Ok(30), Ok(40), Ok(50), Err(true)]
+        );
+        // 0..7 → [0, 1, 2] → [0], [1, 2]; [3, 4, 5, 6] → [3, 4], [5, 6] → [5] (three tries),
+        // [6] (nine)
+        let split: Vec<Vec<usize>> = vec![
+            vec![0, 1, 2, 3, 4, 5, 6],
+            vec![0, 1, 2],
+            vec![0],
+            vec![1, 2],
+            vec![3, 4, 5, 6],
+            vec![3, 4],
+            vec![5, 6],
+        ];
+        assert_eq!(&batches[..7], &split[..]);
+        assert_eq!(batches.len(), 7 + 3 + 9);
+        assert_eq!(waits, 2 + 8);
     }
 
     #[test]
