@@ -180,9 +180,10 @@ pub fn retry_out_of_memory<T>(
 }
 
 /// One result per group of `groups`, from `generate` (which generates a batch of them, or fails
-/// them all). A batch that runs out of device memory is split in halves, recursively; a single
-/// group that does is tried again after waits ([`retry_out_of_memory`]). The halves' results
-/// stand apart: one that fails fails only its own groups.
+/// them all). A batch that fails is split in halves, recursively: one that ran out of device
+/// memory may fit so, and a group whose generation fails (a prompt token past the vocabulary,
+/// say) then fails alone, not with the groups beside it. A single group that runs out of memory
+/// is tried again after waits ([`retry_out_of_memory`]).
 pub fn generate_fitting<G, R>(
     stop: &AtomicBool,
     wait: &mut impl FnMut(Duration),
@@ -191,7 +192,7 @@ pub fn generate_fitting<G, R>(
 ) -> Vec<Result<R, RolloutError>> {
     let all = if groups.len() > 1 {
         match generate(groups) {
-            Err(e) if e.out_of_memory => {
+            Err(_) => {
                 let (a, b) = groups.split_at(groups.len() / 2);
                 let mut out = generate_fitting(stop, wait, a, generate);
                 out.extend(generate_fitting(stop, wait, b, generate));
@@ -481,8 +482,9 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_out_of_memory_is_split_and_a_single_group_waits() {
-        // room for two groups a batch, none with group 6; group 5 runs out twice alone as well
+    fn a_failed_batch_is_split_and_a_single_group_out_of_memory_waits() {
+        // room for two groups a batch, none with group 6; group 5 runs out twice alone as well;
+        // group 2 fails every batch it is in, for another reason
         let stop = AtomicBool::new(false);
         let mut batches = Vec::new();
         let mut fives = 0;
@@ -500,6 +502,9 @@ mod tests {
                 if part.len() > 2 || part.contains(&6) || (part == [5] && fives <= 2) {
                     return Err(oom(part.len()));
                 }
+                if part.contains(&2) {
+                    return Err(RolloutError::other("a token past the vocabulary"));
+                }
                 Ok(part.iter().map(|&g| Ok(10 * g)).collect())
             },
         );
@@ -509,21 +514,23 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            vec![Ok(0), Ok(10), Ok(20), Ok(30), Ok(40), Ok(50), Err(true)]
+            vec![Ok(0), Ok(10), Err(false), Ok(30), Ok(40), Ok(50), Err(true)]
         );
-        // 0..7 → [0, 1, 2] → [0], [1, 2]; [3, 4, 5, 6] → [3, 4], [5, 6] → [5] (three tries),
-        // [6] (nine)
+        // 0..7 → [0, 1, 2] → [0], [1, 2] → [1], [2] (once); [3, 4, 5, 6] → [3, 4], [5, 6] →
+        // [5] (three tries), [6] (nine)
         let split: Vec<Vec<usize>> = vec![
             vec![0, 1, 2, 3, 4, 5, 6],
             vec![0, 1, 2],
             vec![0],
             vec![1, 2],
+            vec![1],
+            vec![2],
             vec![3, 4, 5, 6],
             vec![3, 4],
             vec![5, 6],
         ];
-        assert_eq!(&batches[..7], &split[..]);
-        assert_eq!(batches.len(), 7 + 3 + 9);
+        assert_eq!(&batches[..9], &split[..]);
+        assert_eq!(batches.len(), 9 + 3 + 9);
         assert_eq!(waits, 2 + 8);
     }
 
