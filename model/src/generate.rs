@@ -114,8 +114,8 @@ where
 /// Continuous batching: at most `slots` sequences decode together. When one finishes,
 /// `on_done(prompt index, completion)` receives it and the next waiting prompt is prefilled
 /// into its slot, so the batch stays full until the prompts run out; then it shrinks.
-/// Prompt `i` draws from the stream `streams[i]` (a seed and an index) whatever its slot or
-/// neighbours, so the completions are those of [`generate`] for any `slots`, and several
+/// Prompt `i` draws from the stream `streams[i]` (a seed and an index; `cfg.seed` is not read)
+/// whatever its slot or neighbours, so the completions are those of [`generate`] for any `slots`, and several
 /// groups' prompts batched together sample what each group samples alone (up to the float
 /// rounding of differently shaped matmuls).
 ///
