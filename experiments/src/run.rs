@@ -166,6 +166,8 @@ fn sft_stage(
     Ok((w, feed, start.elapsed().as_secs_f64()))
 }
 
+/// The evaluation at `step`, its batch of `data.eval_batch` rows halved while it runs out of
+/// device memory.
 fn eval_row(
     c: &Config,
     w: &Weights,
@@ -174,15 +176,68 @@ fn eval_row(
     step: u64,
 ) -> anyhow::Result<EvalResult> {
     let generation = setup::generation(c, &task.tokenizer);
-    evaluate(
-        &w.detach(),
-        task,
-        records,
-        &generation,
-        c.data.eval_samples,
-        datasets::rng::mix(c.run.seed, 0xE7A1, step),
-        c.data.eval_batch,
-    )
+    let w = w.detach();
+    fewer_rows_while_out_of_memory(c.data.eval_batch, |rows| {
+        evaluate(
+            &w,
+            task,
+            records,
+            &generation,
+            c.data.eval_samples,
+            datasets::rng::mix(c.run.seed, 0xE7A1, step),
+            rows,
+        )
+    })
+}
+
+/// A due evaluation during training: its row, or, when it fails, a warning and none. The run
+/// goes on to its checkpoint: a failed evaluation (the device out of memory beside the workers,
+/// say) costs that row, not the steps since the last checkpoint.
+fn eval_during_training(
+    c: &Config,
+    w: &Weights,
+    task: &Task,
+    records: &[datasets::Record],
+    step: u64,
+) -> Option<EvalResult> {
+    match eval_row(c, w, task, records, step) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(step, "evaluation failed, the run goes on without it: {e:#}");
+            None
+        }
+    }
+}
+
+/// Whether `e`, anywhere in its chain, is the device running out of memory.
+fn out_of_memory(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<model::ModelError>()
+            .is_some_and(|m| m.is_out_of_memory())
+            || c.downcast_ref::<learner::error::LearnerError>()
+                .is_some_and(|l| l.is_out_of_memory())
+            || c.downcast_ref::<candle_core::Error>()
+                .is_some_and(model::error::out_of_memory)
+    })
+}
+
+/// `f(rows)`, with `rows` halved (down to 1) while `f` runs out of device memory.
+fn fewer_rows_while_out_of_memory<T>(
+    mut rows: usize,
+    mut f: impl FnMut(usize) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    loop {
+        match f(rows) {
+            Err(e) if rows > 1 && out_of_memory(&e) => {
+                rows /= 2;
+                tracing::warn!(
+                    rows,
+                    "out of device memory: evaluating in batches of fewer rows"
+                );
+            }
+            done => return done,
+        }
+    }
 }
 
 fn mean_std(xs: &[f64]) -> (f64, f64) {
@@ -319,9 +374,10 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             if c.run.eval_every > 0 && s.step.is_multiple_of(c.run.eval_every)
                 || s.step == c.run.steps
             {
-                let e = eval_row(c, &policy, &task, &eval_records, s.step)?;
-                eval_table.push(s.step, &e.row())?;
-                tracing::info!(step = s.step, accuracy = e.greedy_accuracy, "eval");
+                if let Some(e) = eval_during_training(c, &policy, &task, &eval_records, s.step) {
+                    eval_table.push(s.step, &e.row())?;
+                    tracing::info!(step = s.step, accuracy = e.greedy_accuracy, "eval");
+                }
             }
             if c.run.checkpoint_every > 0 && s.step.is_multiple_of(c.run.checkpoint_every)
                 || s.step == c.run.steps
@@ -592,14 +648,15 @@ fn rl_stage(
             let eval_due = c.run.eval_every > 0 && state.step.is_multiple_of(c.run.eval_every)
                 || state.step == c.run.steps;
             if eval_due {
-                let e = eval_row(c, policy, task, eval_records, state.step)?;
-                eval_table.push(state.step, &e.row())?;
-                tracing::info!(
-                    step = state.step,
-                    accuracy = e.greedy_accuracy,
-                    pass_at_k = e.pass_at_k,
-                    "eval"
-                );
+                if let Some(e) = eval_during_training(c, policy, task, eval_records, state.step) {
+                    eval_table.push(state.step, &e.row())?;
+                    tracing::info!(
+                        step = state.step,
+                        accuracy = e.greedy_accuracy,
+                        pass_at_k = e.pass_at_k,
+                        "eval"
+                    );
+                }
             }
             row.push(("time/eval".into(), t3.elapsed().as_secs_f64()));
             // the row goes to disk before the checkpoint, so a run killed right after its
@@ -703,4 +760,42 @@ pub(crate) fn warn_memory_retries(step: u64, retries: usize, fit: learner::fit::
         retries,
         "out of device memory: the step ran again; steps now run {pieces}{layers}"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use learner::error::LearnerError;
+
+    fn oom() -> anyhow::Error {
+        anyhow::Error::new(LearnerError::OutOfMemory("no room".into())).context("evaluating")
+    }
+
+    #[test]
+    fn an_evaluation_out_of_memory_runs_again_with_fewer_rows() {
+        let mut tried = Vec::new();
+        let rows = fewer_rows_while_out_of_memory(16, |rows| {
+            tried.push(rows);
+            if rows > 4 {
+                Err(oom())
+            } else {
+                Ok(rows)
+            }
+        });
+        assert_eq!((rows.unwrap(), tried), (4, vec![16, 8, 4]));
+        // another error is returned at once, and running out with one row is the error
+        let mut tries = 0;
+        let e = fewer_rows_while_out_of_memory(16, |_| -> anyhow::Result<()> {
+            tries += 1;
+            anyhow::bail!("a bad template")
+        });
+        assert!(e.is_err() && tries == 1);
+        let mut tried = Vec::new();
+        let e = fewer_rows_while_out_of_memory(3, |rows| -> anyhow::Result<()> {
+            tried.push(rows);
+            Err(oom())
+        });
+        assert!(out_of_memory(&e.unwrap_err()));
+        assert_eq!(tried, vec![3, 1]);
+    }
 }
