@@ -274,9 +274,11 @@ pub fn rollout_groups(
         .iter()
         .zip(prompts)
         .map(|((group_id, record), prompt)| {
+            // a group whose prompt failed has no rows among the completions
+            let prompt = prompt?;
             let group = completions.by_ref().take(cfg.group_size);
             Ok(score_group(
-                task, version, *group_id, record, &prompt?, group, cfg,
+                task, version, *group_id, record, &prompt, group, cfg,
             ))
         })
         .collect())

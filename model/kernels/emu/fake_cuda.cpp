@@ -535,11 +535,14 @@ CUresult allocate(CUdeviceptr* p, size_t n) {
         if (m == MAP_FAILED) m = nullptr;
     }
     std::lock_guard g(lock);
-    if (auto s = spare.find(n); m == nullptr && !mapped(n) && s != spare.end() && !s->second.empty()) {
-        m = s->second.back();
-        s->second.pop_back();
+    if (!mapped(n)) {  // (a mapping that failed is the failure, with no heap buffer instead)
+        if (auto s = spare.find(n); s != spare.end() && !s->second.empty()) {
+            m = s->second.back();
+            s->second.pop_back();
+        } else {
+            m = std::calloc(std::max<size_t>(n, 1), 1);
+        }
     }
-    if (m == nullptr && !mapped(n)) m = std::calloc(std::max<size_t>(n, 1), 1);
     if (!m) {
         used -= n;
         return CUDA_ERROR_OUT_OF_MEMORY;
