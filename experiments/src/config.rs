@@ -283,9 +283,11 @@ pub struct RolloutConfig {
     pub stop: Vec<String>,
     /// Groups the channel to the learner holds.
     pub channel_capacity: usize,
-    /// The most groups a worker generates in one batch, as many as it may start at once: on a
-    /// GPU a decode step of many rows costs about what one of a few does. 1 (the default) keeps
-    /// a run reproducible; larger batches change the float rounding of the sampled rows.
+    /// The groups a worker's batch holds (`groups_per_batch × group_size` rows): it starts as
+    /// many as it may at once, up to that many, and above 1 it refills the rows that finish
+    /// with the next groups it may start under the same policy version. On a GPU a decode step
+    /// of many rows costs about what one of a few does. 1 (the default) keeps a run
+    /// reproducible; larger batches change the float rounding of the sampled rows.
     pub groups_per_batch: usize,
 }
 

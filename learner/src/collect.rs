@@ -207,6 +207,7 @@ mod tests {
             worker: 0,
             seconds: 1.0,
             tokens: 2,
+            generation: 1,
         })
     }
 

@@ -111,18 +111,13 @@ where
     generate_continuous_streams(w, prompts, &streams, cfg, tokenizer, slots, on_done)
 }
 
-/// Continuous batching: at most `slots` sequences decode together. When one finishes,
-/// `on_done(prompt index, completion)` receives it and the next waiting prompt is prefilled
-/// into its slot, so the batch stays full until the prompts run out; then it shrinks.
-/// Prompt `i` draws from the stream `streams[i]` (a seed and an index; `cfg.seed` is not read)
-/// whatever its slot or neighbours, so the completions are those of [`generate`] for any `slots`, and several
-/// groups' prompts batched together sample what each group samples alone (up to the float
-/// rounding of differently shaped matmuls).
-///
-/// Cache layout: every row is left-aligned to the shared length `L`; a row's sequence fills
-/// `[start, L)`. A new prompt's prefill is written to end at `L`, and when the cache is full
-/// the rows are moved down to the shortest common length (once every `longest prompt +
-/// max_new_tokens` steps at most).
+/// Continuous batching over a fixed list of prompts: at most `slots` sequences decode together.
+/// When one finishes, `on_done(prompt index, completion)` receives it and the next waiting
+/// prompt is prefilled into its slot, so the batch stays full until the prompts run out; then
+/// it shrinks. Prompt `i` draws from the stream `streams[i]` (a seed and an index; `cfg.seed`
+/// is not read) whatever its slot or neighbours, so the completions are those of [`generate`]
+/// for any `slots`, and several groups' prompts batched together sample what each group
+/// samples alone (up to the float rounding of differently shaped matmuls).
 pub fn generate_continuous_streams<F>(
     w: &Weights,
     prompts: &[Vec<u32>],
@@ -130,7 +125,7 @@ pub fn generate_continuous_streams<F>(
     cfg: &GenerationConfig,
     tokenizer: Option<&Tokenizer>,
     slots: usize,
-    mut on_done: F,
+    on_done: F,
 ) -> Result<()>
 where
     F: FnMut(usize, Completion) -> Result<()>,
@@ -145,20 +140,94 @@ where
     if prompts.is_empty() {
         return Ok(());
     }
-    if prompts.iter().any(Vec::is_empty) {
-        return Err(ModelError::Generation("empty prompt".into()));
-    }
+    let room = Room {
+        slots: slots.clamp(1, prompts.len()),
+        longest: prompts.iter().map(Vec::len).max().unwrap_or(0),
+        refills: slots < prompts.len(),
+    };
+    let mut waiting = prompts.iter().zip(streams).map(|(ids, &stream)| Prompt {
+        ids: ids.clone(),
+        stream,
+    });
+    generate_stream(w, cfg, tokenizer, room, || waiting.next(), on_done)
+}
+
+/// A prompt for [`generate_stream`] and the sampling stream it draws from (a seed and an
+/// index).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub stream: (u64, u64),
+}
+
+/// How [`generate_stream`] sizes its batch and KV cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Room {
+    /// The most sequences that decode together.
+    pub slots: usize,
+    /// The longest prompt expected (a longer one grows the cache when it comes).
+    pub longest: usize,
+    /// Whether prompts may come after the first `slots`: the cache then holds twice a
+    /// sequence's span, so that refilled rows can run past the first ones before it is
+    /// compacted.
+    pub refills: bool,
+}
+
+/// Continuous batching over prompts that `next_prompt` hands out as slots free up: the first
+/// `room.slots` are prefilled together; when a sequence finishes, `on_done(i, completion)`
+/// receives it (`i` counts the prompts in the order they were handed out) and the next prompt
+/// is prefilled into its slot. Once `next_prompt` returns `None` it is not asked again, and the
+/// batch shrinks as its sequences finish. Each prompt draws from its own stream whatever its
+/// slot or neighbours.
+///
+/// Cache layout: every row is left-aligned to the shared length `L`; a row's sequence fills
+/// `[start, L)`. A new prompt's prefill is written to end at `L` (a prompt longer than `L`
+/// first moves the rows up), and when the cache is full the rows are moved down to the shortest
+/// common length (once every `longest prompt + max_new_tokens` steps at most).
+pub fn generate_stream<P, F>(
+    w: &Weights,
+    cfg: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    room: Room,
+    mut next_prompt: P,
+    mut on_done: F,
+) -> Result<()>
+where
+    P: FnMut() -> Option<Prompt>,
+    F: FnMut(usize, Completion) -> Result<()>,
+{
     if !cfg.stop_strings.is_empty() && tokenizer.is_none() {
         return Err(ModelError::Generation(
             "stop strings need a tokenizer".into(),
         ));
     }
     let vocab = w.config.vocab_size as u32;
-    if let Some(bad) = prompts.iter().flatten().find(|&&id| id >= vocab) {
-        return Err(ModelError::Generation(format!(
-            "prompt token {bad} ≥ vocab size {vocab}"
-        )));
-    }
+    let check = |p: &Prompt| {
+        if p.ids.is_empty() {
+            return Err(ModelError::Generation("empty prompt".into()));
+        }
+        match p.ids.iter().find(|&&id| id >= vocab) {
+            Some(bad) => Err(ModelError::Generation(format!(
+                "prompt token {bad} ≥ vocab size {vocab}"
+            ))),
+            None => Ok(()),
+        }
+    };
+    // up to `n` prompts, checked; fewer once `next_prompt` runs out
+    let mut exhausted = false;
+    let mut pull = |n: usize| -> Result<Vec<Prompt>> {
+        let mut out = Vec::new();
+        while out.len() < n && !exhausted {
+            match next_prompt() {
+                Some(p) => {
+                    check(&p)?;
+                    out.push(p);
+                }
+                None => exhausted = true,
+            }
+        }
+        Ok(out)
+    };
     let empty = || Completion {
         tokens: Vec::new(),
         logprobs: Vec::new(),
@@ -167,38 +236,52 @@ where
         text: None,
     };
     if cfg.max_new_tokens == 0 {
-        for i in 0..prompts.len() {
+        let mut i = 0;
+        while !pull(1)?.is_empty() {
             on_done(i, finished(empty(), cfg, tokenizer)?)?;
+            i += 1;
         }
+        return Ok(());
+    }
+    let first = pull(room.slots.max(1))?;
+    if first.is_empty() {
         return Ok(());
     }
     let device = w.embed_tokens.device().clone();
     let dtype = w.embed_tokens.dtype();
-    let slots = slots.clamp(1, prompts.len());
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let span = longest + cfg.max_new_tokens;
+    let mut longest = first
+        .iter()
+        .map(|p| p.ids.len())
+        .fold(room.longest, usize::max);
     // Refilled slots need room to run past the first sequences: twice the span, compacted
     // when full.
-    let capacity = if slots < prompts.len() {
-        2 * span
-    } else {
-        span
+    let capacity = |longest: usize| {
+        let span = longest + cfg.max_new_tokens;
+        if room.refills {
+            2 * span
+        } else {
+            span
+        }
     };
-    let mut cache = KvCache::new(&w.config, slots, capacity, dtype, &device)?;
+    let mut cache = KvCache::new(&w.config, first.len(), capacity(longest), dtype, &device)?;
 
-    let first: Vec<&[u32]> = prompts[..slots].iter().map(Vec::as_slice).collect();
     // Prompt `i`'s row, its prefill ending at cache slot `end`.
-    let admit = |i: usize, end: usize| Row {
+    let admit = |i: usize, p: &Prompt, end: usize| Row {
         prompt: i,
-        start: end - prompts[i].len(),
-        rng: Rng::stream(streams[i].0, streams[i].1),
+        start: end - p.ids.len(),
+        rng: Rng::stream(p.stream.0, p.stream.1),
         completion: empty(),
     };
-    let mut logits = prefill(w, &first, longest, &mut cache)?;
-    let mut rows: Vec<Option<Row>> = (0..slots).map(|i| Some(admit(i, longest))).collect();
-    let mut next = slots;
+    let ids: Vec<&[u32]> = first.iter().map(|p| p.ids.as_slice()).collect();
+    let mut logits = prefill(w, &ids, longest, &mut cache)?;
+    let mut rows: Vec<Option<Row>> = first
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Some(admit(i, p, longest)))
+        .collect();
+    let mut next = first.len();
     // The rows that `logits` holds, in order.
-    let mut fresh: Vec<usize> = (0..slots).collect();
+    let mut fresh: Vec<usize> = (0..rows.len()).collect();
     loop {
         // `fresh` is sorted: the streams of its rows, in its order
         let mut rngs: Vec<Option<&mut Rng>> = rows
@@ -226,24 +309,31 @@ where
         }
 
         // Refill free slots from the waiting prompts; their first tokens are drawn next.
-        let free: Vec<usize> = (0..rows.len())
-            .filter(|&r| rows[r].is_none())
-            .take(prompts.len() - next)
-            .collect();
-        if !free.is_empty() {
-            let new: Vec<&[u32]> = prompts[next..next + free.len()]
-                .iter()
-                .map(Vec::as_slice)
-                .collect();
-            let width = new.iter().map(|p| p.len()).max().unwrap_or(0);
+        let free: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].is_none()).collect();
+        let new = if free.is_empty() {
+            Vec::new()
+        } else {
+            pull(free.len())?
+        };
+        if !new.is_empty() {
+            let free = &free[..new.len()];
+            let width = new.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+            if width > longest {
+                longest = width;
+                cache.reserve(capacity(longest))?;
+            }
+            if width > cache.len() {
+                raise(&mut cache, &mut rows, width)?;
+            }
+            let ids: Vec<&[u32]> = new.iter().map(|p| p.ids.as_slice()).collect();
             let mut fill = KvCache::new(&w.config, new.len(), width, dtype, &device)?;
-            logits = prefill(w, &new, width, &mut fill)?;
-            cache.write_rows(&fill, &free)?;
-            for &r in &free {
-                rows[r] = Some(admit(next, cache.len()));
+            logits = prefill(w, &ids, width, &mut fill)?;
+            cache.write_rows(&fill, free)?;
+            for (&r, p) in free.iter().zip(&new) {
+                rows[r] = Some(admit(next, p, cache.len()));
                 next += 1;
             }
-            fresh = free;
+            fresh = free.to_vec();
             continue;
         }
         let live: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].is_some()).collect();
@@ -337,6 +427,20 @@ fn compact(cache: &mut KvCache, rows: &mut [Option<Row>], longest: usize) -> Res
     }
     cache.truncate(new_len);
     Ok(())
+}
+
+/// Moves every row's sequence up so that the rows end at `len` (> the cache's length): room to
+/// prefill a prompt of `len` tokens beside them.
+fn raise(cache: &mut KvCache, rows: &mut [Option<Row>], len: usize) -> Result<()> {
+    let l = cache.len();
+    for (r, row) in rows.iter_mut().enumerate() {
+        if let Some(row) = row {
+            let n = l - row.start;
+            cache.move_slots(r, row.start, len - n, n)?;
+            row.start = len - n;
+        }
+    }
+    cache.set_len(len)
 }
 
 /// Whether the last token ended the completion: a stop id, or a stop string in the text.

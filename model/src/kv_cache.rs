@@ -145,6 +145,36 @@ impl KvCache {
         Ok(())
     }
 
+    /// Sets the filled length to `len` (up to the capacity) after [`KvCache::move_slots`] moved
+    /// the rows up to end there.
+    pub(crate) fn set_len(&mut self, len: usize) -> Result<()> {
+        if len > self.capacity {
+            return Err(ModelError::Generation(format!(
+                "KV cache: {len} slots > capacity {}",
+                self.capacity
+            )));
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Makes the capacity at least `capacity`, copying the filled slots into larger buffers.
+    pub(crate) fn reserve(&mut self, capacity: usize) -> Result<()> {
+        if capacity <= self.capacity {
+            return Ok(());
+        }
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let (b, h, _, d) = buf.dims4()?;
+            let larger = Tensor::zeros((b, h, capacity, d), buf.dtype(), buf.device())?;
+            if self.len > 0 {
+                larger.slice_set(&buf.narrow(2, 0, self.len)?.force_contiguous()?, 2, 0)?;
+            }
+            *buf = larger;
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+
     /// Sets the filled length after [`KvCache::move_slots`] compacted the rows.
     pub(crate) fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

@@ -126,6 +126,115 @@ fn continuous_batching_samples_what_one_batch_samples() {
 }
 
 #[test]
+fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_samples() {
+    // Prompts handed out one at a time as slots free (the rollout workers' refills), the
+    // first two short: a later prompt longer than the rows' shared length moves them up, and
+    // one longer than the cache's span grows the cache. Every completion is still the one of
+    // one big batch, and once the source runs dry it is not asked again.
+    let w = load("tiny-qwen2").detach();
+    let lengths = [1usize, 2, 6, 3, 30, 1, 12, 2];
+    let prompts: Vec<Vec<u32>> = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n).map(|j| 3 + ((i * 11 + j * 7) % 40) as u32).collect())
+        .collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: 10,
+        sampling: SamplingParams {
+            temperature: 1.3,
+            ..Default::default()
+        },
+        stop_token_ids: vec![5, 7],
+        seed: 17,
+        ..Default::default()
+    };
+    let all = generate(&w, &prompts, &cfg, None).unwrap();
+    let room = model::generate::Room {
+        slots: 2,
+        longest: 0,
+        refills: true,
+    };
+    let mut asked = 0;
+    let mut out: Vec<Option<Completion>> = vec![None; prompts.len()];
+    model::generate::generate_stream(
+        &w,
+        &cfg,
+        None,
+        room,
+        || {
+            asked += 1;
+            prompts.get(asked - 1).map(|ids| model::generate::Prompt {
+                ids: ids.clone(),
+                stream: (17, asked as u64 - 1),
+            })
+        },
+        |i, c| {
+            assert!(out[i].is_none(), "prompt {i} completed twice");
+            out[i] = Some(c);
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(asked, prompts.len() + 1, "asked once past the end");
+    for (k, (a, b)) in all.iter().zip(&out).enumerate() {
+        let b = b.as_ref().expect("every prompt completes");
+        assert_eq!(a.tokens, b.tokens, "prompt {k}");
+        assert_eq!(a.finish, b.finish, "prompt {k}");
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert!((x - y).abs() < 1e-4, "prompt {k}: {x} vs {y}");
+        }
+    }
+    // with no new tokens to generate, every prompt gets an empty completion at once
+    let none = GenerationConfig {
+        max_new_tokens: 0,
+        ..cfg.clone()
+    };
+    let mut done = Vec::new();
+    let mut left = prompts.iter();
+    model::generate::generate_stream(
+        &w,
+        &none,
+        None,
+        room,
+        || {
+            left.next().map(|ids| model::generate::Prompt {
+                ids: ids.clone(),
+                stream: (0, 0),
+            })
+        },
+        |i, c| {
+            assert!(c.tokens.is_empty());
+            done.push(i);
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(done, (0..prompts.len()).collect::<Vec<_>>());
+    // a bad prompt from the stream is an error, as in a list
+    let bad = model::generate::generate_stream(
+        &w,
+        &cfg,
+        None,
+        room,
+        {
+            let mut n = 0;
+            move || {
+                n += 1;
+                (n <= 3).then(|| model::generate::Prompt {
+                    ids: vec![3, if n == 3 { 10_000 } else { 4 }],
+                    stream: (0, n),
+                })
+            }
+        },
+        |_, _| Ok(()),
+    );
+    assert!(
+        bad.unwrap_err().to_string().contains("vocab size"),
+        "a token past the vocabulary"
+    );
+}
+
+#[test]
 fn groups_batched_with_their_own_streams_sample_what_each_samples_alone() {
     // two groups of three rows (the rollout workers' case: a group's rows share its prompt and
     // seed), of prompts 2 and 7 tokens long, sampled together and apart

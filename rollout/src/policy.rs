@@ -180,6 +180,19 @@ impl Admission {
         }
     }
 
+    /// Admits `n` samples now if they fit the quota and no version after `version` has been
+    /// published: a worker refilling a running batch under the weights of `version` takes new
+    /// groups only while they are the newest, so that a batch never outlives its version.
+    pub fn admit_under(&self, n: usize, version: u64) -> bool {
+        let mut s = self.state.lock().expect("admission lock");
+        if s.stopped || s.version != version || s.started + n > self.quota() {
+            return false;
+        }
+        s.started += n;
+        s.outstanding += n;
+        true
+    }
+
     /// The learner published `version`.
     pub fn published(&self, version: u64) {
         let mut s = self.state.lock().expect("admission lock");
@@ -280,6 +293,24 @@ mod tests {
         a.published(2);
         assert_eq!((0..3).filter_map(|_| a.admit(4, t)).count(), 2);
         assert!(a.fresh(1, 2) && !a.fresh(0, 2));
+    }
+
+    #[test]
+    fn a_refill_is_admitted_only_under_the_newest_version_and_within_the_quota() {
+        let a = Admission::new(1, 8);
+        let t = Duration::from_millis(10);
+        assert_eq!(a.admit(4, t), Some(0));
+        assert!(a.admit_under(4, 0) && a.admit_under(8, 0));
+        assert!(
+            !a.admit_under(4, 0),
+            "two batches under way: the quota is full"
+        );
+        a.consumed(8);
+        a.published(1);
+        assert!(!a.admit_under(4, 0), "version 1 is out: no refill under 0");
+        assert!(a.admit_under(4, 1));
+        a.stop();
+        assert!(!a.admit_under(1, 1), "stopped");
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! A group's sampling streams depend only on the run seed and its `group_id`, and by default
 //! every group is generated alone (one prompt, `group_size` rows, no padding), so a group's
 //! completions do not depend on which worker made them or when: with `max_staleness = 0` a run
-//! is reproducible. With `groups_per_batch` > 1 a worker batches the groups it may start at once,
-//! each still from its own streams: the same completions up to the rounding of the batch shape.
+//! is reproducible. With `groups_per_batch` > 1 a worker batches the groups it may start at once
+//! and refills the batch as its rows finish (continuous batching across groups), each group
+//! still from its own streams: the same completions up to the rounding of the batch shape.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,11 +18,14 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use crossbeam_channel::Sender;
 use datasets::{Cursor, Loader, Record};
-use model::generate::{generate_continuous_streams, Completion, FinishReason, GenerationConfig};
+use model::generate::{
+    generate_continuous_streams, generate_stream, Completion, FinishReason, GenerationConfig,
+    Prompt, Room,
+};
 use model::Weights;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Admission, PolicyStore, WorkerPolicy};
+use crate::policy::{Admission, PolicyStore, Snapshot, WorkerPolicy};
 use crate::schema::{to_batch, Finish, Sample};
 use crate::task::{EntropyReward, Task};
 
@@ -90,10 +94,12 @@ pub struct PoolConfig {
     /// EM-RL: reward each completion by its own (negative) entropy instead of the verifier; the
     /// verifier's total is kept as the reward part `verifier`.
     pub entropy_reward: EntropyReward,
-    /// The most groups a worker generates in one batch, as many as the admission lets it start
-    /// at once (1: each group alone). Each group samples from its own streams either way; a
-    /// larger batch keeps a GPU busy, at the price of the float rounding of other batch shapes,
-    /// so that a run is reproducible only with 1.
+    /// The groups a worker's batch holds (1: each group alone). Above 1 a worker starts as many
+    /// as the admission lets it start at once, up to that many, and keeps the batch full: the
+    /// rows that finish are refilled with the next groups it may start under the same version
+    /// (`stream_groups`). Each group samples from its own streams either way; a larger batch
+    /// keeps a GPU busy, at the price of the float rounding of other batch shapes, so that a
+    /// run is reproducible only with 1.
     pub groups_per_batch: usize,
 }
 
@@ -106,6 +112,9 @@ pub struct Rollout {
     pub seconds: f64,
     /// Completion tokens generated.
     pub tokens: usize,
+    /// Which of its worker's generations made the group (counted per worker): groups
+    /// generated together share it.
+    pub generation: u64,
 }
 
 /// What workers send to the learner.
@@ -393,9 +402,63 @@ impl Pool {
     }
 }
 
+/// What a worker shares with the pool, and where its groups go.
+struct Worker<'a> {
+    index: usize,
+    cfg: &'a PoolConfig,
+    task: &'a Task,
+    feed: &'a Mutex<Feed>,
+    admission: &'a Admission,
+    sender: &'a Sender<Event>,
+    stop: &'a AtomicBool,
+    /// The worker's generations so far.
+    batches: u64,
+}
+
+impl Worker<'_> {
+    /// Sends a group's samples to the learner, or its failure (the group is done with and its
+    /// quota returned). False once the learner no longer listens.
+    fn send(&self, group_id: u64, result: Result<Vec<Sample>, RolloutError>, seconds: f64) -> bool {
+        let event = match result.and_then(|samples| {
+            let tokens = samples.iter().map(|s| s.completion_ids.len()).sum();
+            to_batch(&samples)
+                .map(|batch| (batch, tokens))
+                .map_err(RolloutError::other)
+        }) {
+            Ok((batch, tokens)) => Event::Rollout(Rollout {
+                batch,
+                worker: self.index,
+                seconds,
+                tokens,
+                generation: self.batches,
+            }),
+            Err(error) => {
+                self.feed.lock().expect("feed lock").done(group_id);
+                self.admission.release(self.cfg.group_size);
+                Event::Failed {
+                    group_id,
+                    error: error.message,
+                }
+            }
+        };
+        self.sender.send(event).is_ok()
+    }
+
+    /// The next group from the feed; on the feed's error, tells the learner the run must stop.
+    fn draw(&self) -> Option<(u64, Record)> {
+        match self.feed.lock().expect("feed lock").next_group() {
+            Ok(group) => Some(group),
+            Err(e) => {
+                let _ = self.sender.send(Event::Fatal(e.to_string()));
+                None
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn work(
-    worker: usize,
+    index: usize,
     cfg: &PoolConfig,
     task: &Task,
     feed: &Mutex<Feed>,
@@ -404,6 +467,16 @@ fn work(
     sender: &Sender<Event>,
     stop: &AtomicBool,
 ) {
+    let mut worker = Worker {
+        index,
+        cfg,
+        task,
+        feed,
+        admission,
+        sender,
+        stop,
+        batches: 0,
+    };
     let mut policy = WorkerPolicy::new(store);
     let checksum = |w: &Weights| w.checksum().unwrap_or(0);
     while !stop.load(Ordering::SeqCst) {
@@ -420,56 +493,186 @@ fn work(
         {
             admitted += 1;
         }
-        let drawn: datasets::Result<Vec<(u64, Record)>> = {
-            let mut feed = feed.lock().expect("feed lock");
-            (0..admitted).map(|_| feed.next_group()).collect()
+        let Some(groups) = (0..admitted)
+            .map(|_| worker.draw())
+            .collect::<Option<Vec<_>>>()
+        else {
+            return;
         };
-        let groups = match drawn {
-            Ok(groups) => groups,
-            Err(e) => {
-                let _ = sender.send(Event::Fatal(e.to_string()));
-                return;
-            }
-        };
-        let start = Instant::now();
-        let results = match policy.refresh(store, checksum) {
+        worker.batches += 1;
+        let listening = match policy.refresh(store, checksum) {
+            Ok(_) if cfg.groups_per_batch > 1 => stream_groups(&worker, policy.snapshot(), groups),
             Ok(_) => {
                 let snap = policy.snapshot();
-                generate_fitting(stop, &mut std::thread::sleep, &groups, &mut |part| {
-                    rollout_groups(task, &snap.weights, snap.version, part, cfg)
-                })
+                let start = Instant::now();
+                let results =
+                    generate_fitting(stop, &mut std::thread::sleep, &groups, &mut |part| {
+                        rollout_groups(task, &snap.weights, snap.version, part, cfg)
+                    });
+                // each group's share of the batch's time
+                let seconds = start.elapsed().as_secs_f64() / groups.len() as f64;
+                groups
+                    .iter()
+                    .zip(results)
+                    .all(|((group_id, _), result)| worker.send(*group_id, result, seconds))
             }
-            Err(e) => vec![Err(RolloutError::other(e)); groups.len()],
+            Err(e) => groups
+                .iter()
+                .all(|(group_id, _)| worker.send(*group_id, Err(RolloutError::other(&e)), 0.0)),
         };
-        // each group's share of the batch's time
-        let seconds = start.elapsed().as_secs_f64() / groups.len() as f64;
-        for ((group_id, _), result) in groups.iter().zip(results) {
-            let event = match result.and_then(|samples| {
-                let tokens = samples.iter().map(|s| s.completion_ids.len()).sum();
-                to_batch(&samples)
-                    .map(|batch| (batch, tokens))
-                    .map_err(RolloutError::other)
-            }) {
-                Ok((batch, tokens)) => Event::Rollout(Rollout {
-                    batch,
-                    worker,
-                    seconds,
-                    tokens,
-                }),
-                Err(error) => {
-                    feed.lock().expect("feed lock").done(*group_id);
-                    admission.release(cfg.group_size);
-                    Event::Failed {
-                        group_id: *group_id,
-                        error: error.message,
-                    }
-                }
-            };
-            if sender.send(event).is_err() {
-                return;
-            }
+        if !listening {
+            return;
         }
     }
+}
+
+/// A group under way in a streamed batch.
+struct InFlight {
+    group_id: u64,
+    record: Record,
+    prompt: Vec<u32>,
+    /// Its rows' completions, as they finish.
+    rows: Vec<Option<Completion>>,
+    left: usize,
+}
+
+/// The groups of one streamed batch and the rows handed to the generation.
+struct Streamed {
+    groups: Vec<Option<InFlight>>,
+    /// Rows not yet handed out: (group, row).
+    waiting: std::collections::VecDeque<(usize, usize)>,
+    /// The (group, row) of each prompt handed out, in order.
+    handed: Vec<(usize, usize)>,
+    /// When the last group was sent: each group is timed from there.
+    last: Instant,
+    /// The learner stopped listening, or the feed failed.
+    closed: bool,
+}
+
+/// Generates `groups` in one continuously batched generation of `groups_per_batch ×
+/// group_size` rows under `snap`, and refills it: as rows finish, the next waiting rows take
+/// their slots, and when none wait, another group is admitted while the quota allows and no newer
+/// policy has been published (a batch never outlives its version; see
+/// [`Admission::admit_under`]). Each group is scored and sent once its last row finishes, timed
+/// from the group sent before it. If the generation fails, the groups it left unfinished go
+/// through [`generate_fitting`] (in halves, a single group tried again after out-of-memory
+/// waits). False once the learner no longer listens.
+fn stream_groups(w: &Worker, snap: &Snapshot<Weights>, groups: Vec<(u64, Record)>) -> bool {
+    let cfg = w.cfg;
+    let state = std::cell::RefCell::new(Streamed {
+        groups: Vec::new(),
+        waiting: Default::default(),
+        handed: Vec::new(),
+        last: Instant::now(),
+        closed: false,
+    });
+    // a group's prompt, or its failure sent at once
+    let add =
+        |st: &mut Streamed, (group_id, record): (u64, Record)| match w.task.prompt_ids(&record) {
+            Ok(prompt) => {
+                let g = st.groups.len();
+                st.waiting.extend((0..cfg.group_size).map(|k| (g, k)));
+                st.groups.push(Some(InFlight {
+                    group_id,
+                    record,
+                    prompt,
+                    rows: vec![None; cfg.group_size],
+                    left: cfg.group_size,
+                }));
+            }
+            Err(e) => st.closed |= !w.send(group_id, Err(RolloutError::other(e)), 0.0),
+        };
+    for group in groups {
+        add(&mut state.borrow_mut(), group);
+    }
+    let next_prompt = || {
+        let mut st = state.borrow_mut();
+        loop {
+            if let Some((g, k)) = st.waiting.pop_front() {
+                st.handed.push((g, k));
+                let group = st.groups[g].as_ref().expect("a waiting row's group");
+                return Some(Prompt {
+                    ids: group.prompt.clone(),
+                    stream: (group_seed(cfg.seed, group.group_id), k as u64),
+                });
+            }
+            if st.closed
+                || w.stop.load(Ordering::SeqCst)
+                || !w.admission.admit_under(cfg.group_size, snap.version)
+            {
+                return None;
+            }
+            match w.draw() {
+                Some(group) => add(&mut st, group),
+                None => {
+                    st.closed = true;
+                    return None;
+                }
+            }
+        }
+    };
+    let on_done = |i: usize, c: Completion| {
+        let mut st = state.borrow_mut();
+        let (g, k) = st.handed[i];
+        let group = st.groups[g].as_mut().expect("a running row's group");
+        group.rows[k] = Some(c);
+        group.left -= 1;
+        if group.left == 0 {
+            let group = st.groups[g].take().expect("checked");
+            let samples = score_group(
+                w.task,
+                snap.version,
+                group.group_id,
+                &group.record,
+                &group.prompt,
+                group.rows.into_iter().flatten(),
+                cfg,
+            );
+            let seconds = st.last.elapsed().as_secs_f64();
+            st.last = Instant::now();
+            if !w.send(group.group_id, Ok(samples), seconds) {
+                st.closed = true;
+                return Err(model::ModelError::Generation(
+                    "the learner stopped taking rollouts".into(),
+                ));
+            }
+        }
+        Ok(())
+    };
+    let room = Room {
+        slots: cfg.groups_per_batch * cfg.group_size,
+        longest: 0,
+        refills: true,
+    };
+    let generated = generate_stream(
+        &snap.weights,
+        &cfg.generation,
+        Some(&w.task.tokenizer),
+        room,
+        next_prompt,
+        on_done,
+    );
+    let st = state.into_inner();
+    if st.closed {
+        return false;
+    }
+    if generated.is_ok() {
+        return true;
+    }
+    let unfinished: Vec<(u64, Record)> = st
+        .groups
+        .into_iter()
+        .flatten()
+        .map(|g| (g.group_id, g.record))
+        .collect();
+    let results = generate_fitting(w.stop, &mut std::thread::sleep, &unfinished, &mut |part| {
+        rollout_groups(w.task, &snap.weights, snap.version, part, cfg)
+    });
+    let seconds = st.last.elapsed().as_secs_f64() / unfinished.len().max(1) as f64;
+    unfinished
+        .iter()
+        .zip(results)
+        .all(|((group_id, _), result)| w.send(*group_id, result, seconds))
 }
 
 #[cfg(test)]

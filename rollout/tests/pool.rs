@@ -31,20 +31,36 @@ fn addition_task() -> Task {
     }
 }
 
-fn setup(
-    workers: usize,
-    max_staleness: u64,
-    groups_per_batch: usize,
-) -> (
+type Setup = (
     Pool,
     crossbeam_channel::Receiver<Event>,
     Arc<PolicyStore<Weights>>,
     Arc<Admission>,
     Weights,
-) {
+);
+
+/// A pool of `workers` on the tiny model, groups of 4, two groups a step.
+fn setup(workers: usize, max_staleness: u64, groups_per_batch: usize) -> Setup {
     let config = builtin::tiny_config(32, 1);
+    setup_with(
+        config,
+        addition_task(),
+        2,
+        workers,
+        max_staleness,
+        groups_per_batch,
+    )
+}
+
+fn setup_with(
+    config: model::ModelConfig,
+    task: Task,
+    groups_per_step: usize,
+    workers: usize,
+    max_staleness: u64,
+    groups_per_batch: usize,
+) -> Setup {
     let w = init::random_weights(&config, 0.02, 3, &Device::Cpu).unwrap();
-    let task = addition_task();
     let source = Source::open("builtin:addition", &SourceOptions::default()).unwrap();
     let feed = Feed::new(
         Loader::new(source, 0, false, 16).unwrap(),
@@ -55,7 +71,7 @@ fn setup(
         w.checksum().unwrap(),
         w.snapshot().unwrap(),
     ));
-    let admission = Arc::new(Admission::new(max_staleness, 2 * 4));
+    let admission = Arc::new(Admission::new(max_staleness, groups_per_step * 4));
     let (tx, rx) = crossbeam_channel::bounded(64);
     let pool = Pool::spawn(
         PoolConfig {
@@ -146,57 +162,183 @@ fn a_group_is_the_same_whichever_worker_makes_it() {
     assert_eq!(a, b);
 }
 
+/// Each group's samples and the worker's generation that made it, by group id.
+fn rollouts(rx: &crossbeam_channel::Receiver<Event>, n: usize) -> Vec<(Vec<Sample>, u64)> {
+    let mut out: Vec<(Vec<Sample>, u64)> = (0..n)
+        .map(
+            |_| match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+                Event::Rollout(r) => (from_batch(&r.batch).unwrap(), r.generation),
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    out.sort_by_key(|(g, _)| g[0].group_id);
+    out
+}
+
+/// The same samples up to the float rounding of another batch shape: ids, tokens and rewards
+/// equal, log-probs within 1e-4.
+fn assert_same_samples(a: &[Sample], b: &[Sample]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(
+            (
+                x.group_id,
+                x.sample_id,
+                &x.prompt_ids,
+                &x.completion_ids,
+                x.reward,
+                x.policy_version
+            ),
+            (
+                y.group_id,
+                y.sample_id,
+                &y.prompt_ids,
+                &y.completion_ids,
+                y.reward,
+                y.policy_version
+            )
+        );
+        for (p, q) in x.behavior_logprobs.iter().zip(&y.behavior_logprobs) {
+            assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+        }
+    }
+}
+
 #[test]
 fn a_worker_batches_the_groups_it_may_start_and_each_samples_as_alone() {
     // one worker, two groups a step: alone it makes them one after the other; with batches of
-    // two it generates both in one batch (each group timed at half of it)
+    // two it generates both in one batch
     let run = |groups_per_batch: usize| {
         let (pool, rx, _, _, _) = setup(1, 0, groups_per_batch);
-        let mut rollouts: Vec<(Vec<Sample>, f64)> = (0..2)
-            .map(
-                |_| match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
-                    Event::Rollout(r) => (from_batch(&r.batch).unwrap(), r.seconds),
-                    other => panic!("{other:?}"),
-                },
-            )
-            .collect();
+        let out = rollouts(&rx, 2);
         drop(rx);
         pool.stop();
-        rollouts.sort_by_key(|(g, _)| g[0].group_id);
-        rollouts
+        out
     };
     let (alone, batched) = (run(1), run(2));
-    assert_eq!(batched[0].1, batched[1].1, "one batch's time, shared");
+    assert_eq!(batched[0].1, batched[1].1, "one generation");
     assert_ne!(alone[0].1, alone[1].1);
     for ((a, _), (b, _)) in alone.iter().zip(&batched) {
         assert_eq!(a.len(), 4);
-        for (x, y) in a.iter().zip(b) {
-            assert_eq!(
-                (
-                    x.group_id,
-                    x.sample_id,
-                    &x.prompt_ids,
-                    &x.completion_ids,
-                    x.reward
-                ),
-                (
-                    y.group_id,
-                    y.sample_id,
-                    &y.prompt_ids,
-                    &y.completion_ids,
-                    y.reward
-                )
-            );
-            for (p, q) in x.behavior_logprobs.iter().zip(&y.behavior_logprobs) {
-                assert!((p - q).abs() < 1e-4, "{p} vs {q}");
-            }
-        }
+        assert_same_samples(a, b);
     }
     let distinct: std::collections::HashSet<_> = alone
         .iter()
         .flat_map(|(g, _)| g.iter().map(|s| &s.completion_ids))
         .collect();
     assert!(distinct.len() > 2, "rows sample from their own streams");
+}
+
+#[test]
+fn a_worker_refills_its_batch_with_groups_it_may_start_under_its_version() {
+    // One worker, batches of two groups, one step of staleness: the quota holds four groups.
+    // The worker starts two; as their rows finish it admits the other two into the running
+    // batch, so one generation makes all four, each group what it is alone. Then the quota is
+    // full until the learner publishes; the next groups are a new generation under the new
+    // version.
+    let (pool, rx, store, admission, w) = setup(1, 1, 2);
+    let streamed = rollouts(&rx, 4);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "bounded at two batches"
+    );
+    let first = streamed[0].1;
+    assert!(
+        streamed.iter().all(|(_, g)| *g == first),
+        "refilled: {:?}",
+        streamed.iter().map(|(_, g)| g).collect::<Vec<_>>()
+    );
+    let v1 = init::random_weights(&w.config, 0.02, 4, &Device::Cpu).unwrap();
+    store.publish(1, v1.checksum().unwrap(), v1).unwrap();
+    admission.consumed(8);
+    admission.published(1);
+    let next = rollouts(&rx, 2);
+    assert_eq!(
+        next.iter().map(|(g, _)| g[0].group_id).collect::<Vec<_>>(),
+        vec![4, 5]
+    );
+    assert!(next
+        .iter()
+        .flat_map(|(g, _)| g)
+        .all(|s| s.policy_version == 1));
+    assert!(next.iter().all(|(_, g)| *g == first + 1));
+    drop(rx);
+    pool.stop();
+
+    let (pool, rx, _, _, _) = setup(1, 1, 1);
+    let alone = rollouts(&rx, 4);
+    drop(rx);
+    pool.stop();
+    let generations: std::collections::HashSet<u64> = alone.iter().map(|(_, g)| *g).collect();
+    assert_eq!(generations.len(), 4, "one generation a group");
+    for ((a, _), (b, _)) in alone.iter().zip(&streamed) {
+        assert_same_samples(a, b);
+    }
+}
+
+#[test]
+fn a_group_that_fails_a_streamed_batch_fails_alone_and_the_others_are_as_alone() {
+    // A model of 30 tokens under a tokenizer of 100: a prompt with a 9 (token 30) fails
+    // generation. In a streamed batch that failure ends the generation (with all eight groups
+    // in it from the start, or after groups refilled into a batch of two were sent); the
+    // groups it left unfinished are generated again in halves, so that each bad group fails
+    // alone and every other group is what it is alone.
+    let run = |groups_per_batch: usize| {
+        let mut config = builtin::tiny_config(32, 1);
+        config.vocab_size = 30;
+        // the prompt is the expression alone, without the chat template's words
+        let mut task = Task {
+            prompt_template: Some("{expression}".into()),
+            ..addition_task()
+        };
+        task.tokenizer
+            .set_chat_template(Some("{{ messages[0].content }}".into()));
+        let (pool, rx, _, _, _) = setup_with(config, task, 8, 1, 0, groups_per_batch);
+        let mut out: Vec<(u64, Result<Vec<Sample>, String>)> = (0..8)
+            .map(
+                |_| match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+                    Event::Rollout(r) => {
+                        let g = from_batch(&r.batch).unwrap();
+                        (g[0].group_id, Ok(g))
+                    }
+                    Event::Failed { group_id, error } => (group_id, Err(error)),
+                    other => panic!("{other:?}"),
+                },
+            )
+            .collect();
+        drop(rx);
+        pool.stop();
+        out.sort_by_key(|(id, _)| *id);
+        out
+    };
+    let alone = run(1);
+    let failed: Vec<u64> = alone
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(
+        failed.len() < 8 && failed.iter().any(|&id| id > 1),
+        "some groups fail, one after the first two: {failed:?}"
+    );
+    // all eight in one batch from the start; two at first, the rest refilled
+    for (a_id, a, b_id, b) in [run(8), run(2)].iter().flat_map(|streamed| {
+        alone
+            .iter()
+            .zip(streamed)
+            .map(|((a_id, a), (b_id, b))| (a_id, a, b_id, b))
+    }) {
+        assert_eq!(a_id, b_id);
+        match (a, b) {
+            (Ok(a), Ok(b)) => assert_same_samples(a, b),
+            (Err(a), Err(b)) => {
+                assert!(a.contains("vocab size"), "{a}");
+                assert_eq!(a, b);
+            }
+            _ => panic!("group {a_id}: {a:?} alone, {b:?} streamed"),
+        }
+    }
 }
 
 #[test]
