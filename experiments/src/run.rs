@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -219,6 +219,30 @@ fn out_of_memory(e: &anyhow::Error) -> bool {
             || c.downcast_ref::<candle_core::Error>()
                 .is_some_and(model::error::out_of_memory)
     })
+}
+
+/// The policy's weights for the workers (a packed snapshot) and their checksum, after step
+/// `step`. On one GPU the workers' batches may hold the memory a snapshot needs while the step's
+/// update is in no checkpoint yet: one that runs out is tried again after the workers' waits
+/// (`rollout::pool::OUT_OF_MEMORY_WAITS`, about 13 s in all) as their batches finish, rather
+/// than ending the run there.
+fn publishable(policy: &Weights, step: u64) -> anyhow::Result<(Weights, u64)> {
+    let snapshot = || -> anyhow::Result<(Weights, u64)> {
+        let snap = policy.snapshot()?;
+        let checksum = snap.checksum()?;
+        Ok((snap, checksum))
+    };
+    let wait = |d: Duration| {
+        tracing::warn!(
+            step,
+            wait_s = d.as_secs_f64(),
+            "out of device memory for the policy's snapshot: trying again"
+        );
+        std::thread::sleep(d);
+    };
+    let never = AtomicBool::new(false);
+    rollout::pool::after_out_of_memory_waits(&never, wait, out_of_memory, snapshot)
+        .context("publishing the policy's weights to the workers")
 }
 
 /// `f(rows)`, with `rows` halved (down to 1) while `f` runs out of device memory.
@@ -532,8 +556,8 @@ fn rl_stage(
             state.policy_version += 1;
             state.samples_seen += samples.len() as u64;
             let t2 = Instant::now();
-            let snap = policy.snapshot()?;
-            store.publish(state.policy_version, snap.checksum()?, snap)?;
+            let (snap, checksum) = publishable(policy, state.step)?;
+            store.publish(state.policy_version, checksum, snap)?;
             admission.published(state.policy_version);
             let publish = t2.elapsed().as_secs_f64();
             // metrics

@@ -156,7 +156,7 @@ impl RolloutError {
 
 /// The waits before each new try of a group that ran out of device memory: 0.1 s doubling to
 /// 3.2 s, about 12 s in all, longer than a learner step holds its peak.
-const OUT_OF_MEMORY_WAITS: [f64; 8] = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 3.2, 3.2];
+pub const OUT_OF_MEMORY_WAITS: [f64; 8] = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 3.2, 3.2];
 
 /// `generate_group()`, tried again after each of [`OUT_OF_MEMORY_WAITS`] while it runs out of
 /// device memory (and `stop` is not set): a worker beside the learner on one GPU would otherwise
@@ -164,24 +164,39 @@ const OUT_OF_MEMORY_WAITS: [f64; 8] = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 3.2, 3.2];
 /// last out-of-memory one, are the group's failure.
 pub fn retry_out_of_memory<T>(
     stop: &AtomicBool,
-    mut wait: impl FnMut(Duration),
-    mut generate_group: impl FnMut() -> Result<T, RolloutError>,
+    wait: impl FnMut(Duration),
+    generate_group: impl FnMut() -> Result<T, RolloutError>,
 ) -> Result<T, RolloutError> {
+    after_out_of_memory_waits(stop, wait, |e| e.out_of_memory, generate_group).map_err(|e| {
+        if e.out_of_memory && !stop.load(Ordering::SeqCst) {
+            RolloutError {
+                message: format!(
+                    "{} (out of device memory in {} tries)",
+                    e.message,
+                    OUT_OF_MEMORY_WAITS.len() + 1
+                ),
+                ..e
+            }
+        } else {
+            e
+        }
+    })
+}
+
+/// `attempt()`, tried again after each of [`OUT_OF_MEMORY_WAITS`] while its error
+/// `is_out_of_memory` and `stop` is not set; otherwise its result, the last error included.
+pub fn after_out_of_memory_waits<T, E>(
+    stop: &AtomicBool,
+    mut wait: impl FnMut(Duration),
+    is_out_of_memory: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
     let mut waits = OUT_OF_MEMORY_WAITS.iter();
     loop {
-        match generate_group() {
-            Err(e) if e.out_of_memory && !stop.load(Ordering::SeqCst) => match waits.next() {
+        match attempt() {
+            Err(e) if is_out_of_memory(&e) && !stop.load(Ordering::SeqCst) => match waits.next() {
                 Some(&s) => wait(Duration::from_secs_f64(s)),
-                None => {
-                    return Err(RolloutError {
-                        message: format!(
-                            "{} (out of device memory in {} tries)",
-                            e.message,
-                            OUT_OF_MEMORY_WAITS.len() + 1
-                        ),
-                        ..e
-                    })
-                }
+                None => return Err(e),
             },
             done => return done,
         }
