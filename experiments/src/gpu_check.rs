@@ -392,6 +392,55 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         same == og.len(),
     );
 
+    // a stream of prompts in 2 slots (the rollout workers' refills): an 80-token prompt after
+    // short ones moves the running rows up in the cache and grows it. A third of the tokens
+    // stop a row, so that the rows finish at different steps.
+    let stream: Vec<Vec<u32>> = [(0, 4), (1, 6), (2, 5), (3, 80), (0, 7), (1, 3)]
+        .iter()
+        .map(|&(r, n)| ids[r][..n].to_vec())
+        .collect();
+    let cfg = GenerationConfig {
+        stop_token_ids: (0..c.vocab_size as u32).step_by(3).collect(),
+        ..cfg
+    };
+    let w_stream = w_gpu.detach();
+    let whole = generate(&w_stream, &stream, &cfg, None)?;
+    let mut streamed: Vec<Option<Vec<u32>>> = vec![None; stream.len()];
+    let mut waiting = stream.iter();
+    let room = model::generate::Room {
+        slots: 2,
+        longest: 0,
+        refills: true,
+    };
+    model::generate::generate_stream(
+        &w_stream,
+        &cfg,
+        None,
+        room,
+        || {
+            waiting.next().map(|p| model::generate::Prompt {
+                ids: p.clone(),
+                stream: (0, 0),
+            })
+        },
+        |i, c| {
+            streamed[i] = Some(c.tokens);
+            Ok(())
+        },
+    )?;
+    let same = whole
+        .iter()
+        .zip(&streamed)
+        .filter(|(a, b)| b.as_ref() == Some(&a.tokens))
+        .count();
+    let lengths: Vec<usize> = whole.iter().map(|c| c.tokens.len()).collect();
+    check(
+        "greedy, a stream of prompts in 2 slots (rows moved up, cache grown) vs one batch, rows \
+         identical",
+        format!("{same}/{}, lengths {lengths:?}", whole.len()),
+        same == whole.len(),
+    );
+
     Ok(())
 }
 
