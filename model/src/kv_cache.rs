@@ -115,10 +115,19 @@ impl KvCache {
                 self.len
             )));
         }
+        // runs of consecutive rows, each one copy a buffer: `(first j, first row, rows)`
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        for (j, &row) in rows.iter().enumerate() {
+            match runs.last_mut() {
+                Some((j0, r0, k)) if *j0 + *k == j && *r0 + *k == row => *k += 1,
+                _ => runs.push((j, row, 1)),
+            }
+        }
         for (dst, src) in self.buffers().zip(from.buffers()) {
-            for (j, &row) in rows.iter().enumerate() {
-                let s = src.narrow(0, j, 1)?.narrow(2, 0, n)?.force_contiguous()?;
-                dst.narrow(0, row, 1)?.slice_set(&s, 2, self.len - n)?;
+            for &(j, row, k) in &runs {
+                // a copy only where `from` holds more slots than it filled
+                let s = src.narrow(0, j, k)?.narrow(2, 0, n)?.contiguous()?;
+                dst.narrow(0, row, k)?.slice_set(&s, 2, self.len - n)?;
             }
         }
         Ok(())
@@ -199,5 +208,95 @@ impl KvCache {
 
     fn buffers(&self) -> impl Iterator<Item = &Tensor> {
         self.keys.iter().chain(&self.values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache of `batch` rows whose slots hold `base + 100·row + slot` in every element (keys)
+    /// and its negation (values), `len` of them filled.
+    fn filled(batch: usize, capacity: usize, len: usize, base: f32) -> KvCache {
+        let c = crate::builtin::tiny_config(32, 2);
+        let mut cache = KvCache::new(&c, batch, capacity, DType::F32, &Device::Cpu).unwrap();
+        let (h, d) = (c.num_key_value_heads, c.head_dim);
+        let v: Vec<f32> = (0..batch * h * len * d)
+            .map(|i| base + (100 * (i / (h * len * d)) + (i / d) % len) as f32)
+            .collect();
+        let k = Tensor::from_vec(v, (batch, h, len, d), &Device::Cpu).unwrap();
+        for layer in 0..c.num_hidden_layers {
+            cache.append(layer, &k, &k.neg().unwrap()).unwrap();
+        }
+        cache.advance(len);
+        cache
+    }
+
+    /// Every layer's keys of `row`, slot by slot (the first element of each), and its values'
+    /// negation, which must agree.
+    fn slots(cache: &KvCache, row: usize) -> Vec<f32> {
+        let key = |t: &Tensor| {
+            t.narrow(0, row, 1)
+                .unwrap()
+                .narrow(2, 0, cache.len())
+                .unwrap()
+                .i((0, 0, .., 0))
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let first = key(&cache.keys[0]);
+        for (k, v) in cache.keys.iter().zip(&cache.values) {
+            assert_eq!(key(k), first);
+            assert_eq!(key(&v.neg().unwrap()), first);
+        }
+        first
+    }
+
+    use candle_core::IndexOp;
+
+    #[test]
+    fn rows_written_from_a_prefill_land_in_their_rows_and_the_others_stay() {
+        // five rows of 6 slots; a prefill of 3 rows and 2 slots goes to rows 0, 2 and 3 (one
+        // run of two) at slots 4 and 5, from a prefill cache as full as its capacity, and from
+        // one with a slot to spare
+        for fill_capacity in [2, 3] {
+            let mut cache = filled(5, 8, 6, 0.0);
+            let fill = filled(3, fill_capacity, 2, 1000.0);
+            cache.write_rows(&fill, &[0, 2, 3]).unwrap();
+            let expect = |row: usize, from: Option<usize>| -> Vec<f32> {
+                (0..6)
+                    .map(|s| match from {
+                        Some(j) if s >= 4 => 1000.0 + (100 * j + s - 4) as f32,
+                        _ => (100 * row + s) as f32,
+                    })
+                    .collect()
+            };
+            let sources = [
+                (0, Some(0)),
+                (1, None),
+                (2, Some(1)),
+                (3, Some(2)),
+                (4, None),
+            ];
+            for (row, from) in sources {
+                assert_eq!(slots(&cache, row), expect(row, from), "row {row}");
+            }
+            let long = filled(1, 7, 7, 0.0);
+            assert!(cache.write_rows(&long, &[1]).is_err(), "7 slots before 6");
+        }
+    }
+
+    #[test]
+    fn a_reserved_cache_keeps_its_slots_and_a_length_stays_within_the_capacity() {
+        let mut cache = filled(2, 4, 3, 0.0);
+        cache.reserve(9).unwrap();
+        assert_eq!((cache.capacity(), cache.len()), (9, 3));
+        assert_eq!(slots(&cache, 1), vec![100.0, 101.0, 102.0]);
+        cache.reserve(5).unwrap();
+        assert_eq!(cache.capacity(), 9, "never shrinks");
+        assert!(cache.set_len(10).is_err());
+        cache.set_len(9).unwrap();
+        assert_eq!(cache.len(), 9);
     }
 }
