@@ -75,6 +75,32 @@ fn continuous(
         .collect()
 }
 
+/// Sampling at temperature 1.3 with two stop tokens, up to 10 new tokens.
+fn sampled(seed: u64) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: 10,
+        sampling: SamplingParams {
+            temperature: 1.3,
+            ..Default::default()
+        },
+        stop_token_ids: vec![5, 7],
+        seed,
+        ..Default::default()
+    }
+}
+
+/// Every prompt completed, with the tokens and finish of `all` and log-probs within 1e-4.
+fn assert_same_completions(all: &[Completion], out: &[Option<Completion>], label: &str) {
+    for (k, (a, b)) in all.iter().zip(out).enumerate() {
+        let b = b.as_ref().expect("every prompt completes");
+        assert_eq!(a.tokens, b.tokens, "{label}, prompt {k}");
+        assert_eq!(a.finish, b.finish, "{label}, prompt {k}");
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert!((x - y).abs() < 1e-4, "{label}, prompt {k}: {x} vs {y}");
+        }
+    }
+}
+
 #[test]
 fn continuous_batching_samples_what_one_batch_samples() {
     // Twelve prompts of 1–9 tokens with a stop token, sampled: every slot count gives each
@@ -92,16 +118,7 @@ fn continuous_batching_samples_what_one_batch_samples() {
                 .collect()
         })
         .collect();
-    let cfg = GenerationConfig {
-        max_new_tokens: 10,
-        sampling: SamplingParams {
-            temperature: 1.3,
-            ..Default::default()
-        },
-        stop_token_ids: vec![5, 7],
-        seed: 11,
-        ..Default::default()
-    };
+    let cfg = sampled(11);
     let all = generate(&w, &prompts, &cfg, None).unwrap();
     let stopped = all.iter().filter(|c| c.tokens.len() < 10).count();
     assert!(
@@ -112,16 +129,8 @@ fn continuous_batching_samples_what_one_batch_samples() {
     assert!(tokens / 2 > 2 * (9 + 10), "two slots must fill the cache");
     for slots in [1, 2, 3, 5] {
         let out = continuous(&w, &prompts, &cfg, slots);
-        for (k, (a, b)) in all.iter().zip(&out).enumerate() {
-            assert_eq!(a.tokens, b.tokens, "{slots} slots, prompt {k}");
-            assert_eq!(a.finish, b.finish, "{slots} slots, prompt {k}");
-            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
-                assert!(
-                    (x - y).abs() < 1e-4,
-                    "{slots} slots, prompt {k}: {x} vs {y}"
-                );
-            }
-        }
+        let out: Vec<Option<Completion>> = out.into_iter().map(Some).collect();
+        assert_same_completions(&all, &out, &format!("{slots} slots"));
     }
 }
 
@@ -138,16 +147,7 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
         .enumerate()
         .map(|(i, &n)| (0..n).map(|j| 3 + ((i * 11 + j * 7) % 40) as u32).collect())
         .collect();
-    let cfg = GenerationConfig {
-        max_new_tokens: 10,
-        sampling: SamplingParams {
-            temperature: 1.3,
-            ..Default::default()
-        },
-        stop_token_ids: vec![5, 7],
-        seed: 17,
-        ..Default::default()
-    };
+    let cfg = sampled(17);
     let all = generate(&w, &prompts, &cfg, None).unwrap();
     let room = model::generate::Room {
         slots: 2,
@@ -176,14 +176,7 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
     )
     .unwrap();
     assert_eq!(asked, prompts.len() + 1, "asked once past the end");
-    for (k, (a, b)) in all.iter().zip(&out).enumerate() {
-        let b = b.as_ref().expect("every prompt completes");
-        assert_eq!(a.tokens, b.tokens, "prompt {k}");
-        assert_eq!(a.finish, b.finish, "prompt {k}");
-        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
-            assert!((x - y).abs() < 1e-4, "prompt {k}: {x} vs {y}");
-        }
-    }
+    assert_same_completions(&all, &out, "a stream");
     // with no new tokens to generate, every prompt gets an empty completion at once
     let none = GenerationConfig {
         max_new_tokens: 0,
