@@ -1916,6 +1916,104 @@ fn generation_variants(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> 
     Ok(())
 }
 
+/// A worker's rollouts three ways, on the same 16 groups of 8 rows (128-token prompts, up to 256
+/// new tokens, every 128th token a stop, so that a random model's completions end at varied
+/// lengths, about 128 tokens on average): each group alone (`rollout.groups_per_batch = 1`);
+/// batches of 4 groups that shrink as their rows finish (what `groups_per_batch = 4` did before
+/// refills); and one stream of 32 slots refilled as rows finish (`groups_per_batch = 4` now,
+/// `generate_stream`). Each row samples from its group's stream in all three, so they generate
+/// the same tokens up to the rounding of the batch shapes: tokens/s is the comparison.
+fn rollout_batching(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
+    let (groups, group_size, per_batch, p, n) = (16usize, 8usize, 4usize, 128usize, 256usize);
+    let w = &w.packed()?;
+    let vocab = w.config.vocab_size as u32;
+    let (prompts, _) = batch_rows(groups, p, vocab);
+    let cfg = GenerationConfig {
+        max_new_tokens: n,
+        sampling: SamplingParams::default(),
+        stop_token_ids: (0..vocab).step_by(128).collect(),
+        ..Default::default()
+    };
+    // the rows of groups `g0..g1`, each with its group's stream
+    let rows = |g0: usize, g1: usize| -> (Vec<Vec<u32>>, Vec<(u64, u64)>) {
+        (g0..g1)
+            .flat_map(|g| (0..group_size).map(move |k| (g, k)))
+            .map(|(g, k)| (prompts[g].clone(), (g as u64, k as u64)))
+            .unzip()
+    };
+    let batched = |per: usize| -> Result<usize> {
+        let mut tokens = 0;
+        for g0 in (0..groups).step_by(per) {
+            let (rows, streams) = rows(g0, (g0 + per).min(groups));
+            let slots = rows.len();
+            model::generate::generate_continuous_streams(
+                w,
+                &rows,
+                &streams,
+                &cfg,
+                None,
+                slots,
+                |_, c| {
+                    tokens += c.tokens.len();
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(tokens)
+    };
+    let streamed = || -> Result<usize> {
+        let (rows, streams) = rows(0, groups);
+        let mut waiting = rows.into_iter().zip(streams);
+        let mut tokens = 0;
+        let room = model::generate::Room {
+            slots: per_batch * group_size,
+            longest: p,
+            refills: true,
+        };
+        model::generate::generate_stream(
+            w,
+            &cfg,
+            None,
+            room,
+            || {
+                waiting
+                    .next()
+                    .map(|(ids, stream)| model::generate::Prompt { ids, stream })
+            },
+            |_, c| {
+                tokens += c.tokens.len();
+                Ok(())
+            },
+        )?;
+        Ok(tokens)
+    };
+    // warmed up: the kernels loaded and the pool grown for the largest batch
+    batched(per_batch)?;
+    let mut run = |label: &str, f: &dyn Fn() -> Result<usize>| -> Result<()> {
+        gpu.synchronize()?;
+        let start = Instant::now();
+        let tokens = f()?;
+        gpu.synchronize()?;
+        let secs = start.elapsed().as_secs_f64();
+        r.lines.push(format!(
+            "rollouts, {groups} groups of {group_size}, {label}: {:.0} tok/s ({tokens} tokens in {secs:.2} s)",
+            tokens as f64 / secs
+        ));
+        r.json.push(format!(
+            r#"{{"kind": "rollout_batching", "variant": "{label}", "tokens": {tokens}, "s": {secs}}}"#
+        ));
+        Ok(())
+    };
+    run("each group alone", &|| batched(1))?;
+    run(&format!("{per_batch} groups a batch, shrinking"), &|| {
+        batched(per_batch)
+    })?;
+    run(
+        &format!("{} slots refilled as rows finish", per_batch * group_size),
+        &streamed,
+    )
+}
+
 /// `what`: `checks`, `bench` or `all`.
 pub fn main(what: &str) -> anyhow::Result<()> {
     run(what).map_err(|e| anyhow::anyhow!("{e}"))
@@ -2222,6 +2320,7 @@ fn run(what: &str) -> Result<()> {
             r.section("kernel timings", |r| kernel_timings(&gpu, r));
             r.section("sampler timing", |r| sampler_timing(&gpu, &mut r.lines));
             r.section("generation variants", |r| generation_variants(&gpu, w, r));
+            r.section("rollout batching", |r| rollout_batching(&gpu, w, r));
         }
     }
     r.finish()
