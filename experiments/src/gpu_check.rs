@@ -411,6 +411,7 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         slots: 2,
         longest: 0,
         refills: true,
+        refill_rows: 1,
     };
     model::generate::generate_stream(
         &w_stream,
@@ -1920,7 +1921,8 @@ fn generation_variants(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> 
 /// new tokens, every 128th token a stop, so that a random model's completions end at varied
 /// lengths, about 128 tokens on average): each group alone (`rollout.groups_per_batch = 1`);
 /// batches of 4 groups that shrink as their rows finish (what `groups_per_batch = 4` did before
-/// refills); and one stream of 32 slots refilled as rows finish (`groups_per_batch = 4` now,
+/// refills); and one stream of 32 slots refilled a group's 8 rows at a time as rows finish
+/// (`groups_per_batch = 4` now,
 /// `generate_stream`). Each row samples from its group's stream in all three, so they generate
 /// the same tokens up to the rounding of the batch shapes: tokens/s is the comparison.
 fn rollout_batching(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
@@ -1969,6 +1971,7 @@ fn rollout_batching(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
             slots: per_batch * group_size,
             longest: p,
             refills: true,
+            refill_rows: group_size,
         };
         model::generate::generate_stream(
             w,
@@ -2009,7 +2012,10 @@ fn rollout_batching(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
         batched(per_batch)
     })?;
     run(
-        &format!("{} slots refilled as rows finish", per_batch * group_size),
+        &format!(
+            "{} slots refilled {group_size} rows at a time",
+            per_batch * group_size
+        ),
         &streamed,
     )
 }

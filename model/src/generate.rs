@@ -144,6 +144,7 @@ where
         slots: slots.clamp(1, prompts.len()),
         longest: prompts.iter().map(Vec::len).max().unwrap_or(0),
         refills: slots < prompts.len(),
+        refill_rows: 1,
     };
     let mut waiting = prompts.iter().zip(streams).map(|(ids, &stream)| Prompt {
         ids: ids.clone(),
@@ -171,6 +172,10 @@ pub struct Room {
     /// sequence's span, so that refilled rows can run past the first ones before it is
     /// compacted.
     pub refills: bool,
+    /// Free slots are refilled once at least this many are free, this many at a time (a
+    /// rollout group's rows: one prefill of their shared prompt where the rows would each have
+    /// had their own, each a forward's worth of launches on a GPU). 1: as soon as one is free.
+    pub refill_rows: usize,
 }
 
 /// Continuous batching over prompts that `next_prompt` hands out as slots free up: the first
@@ -308,12 +313,14 @@ where
             on_done(row.prompt, finished(row.completion, cfg, tokenizer)?)?;
         }
 
-        // Refill free slots from the waiting prompts; their first tokens are drawn next.
+        // Refill free slots from the waiting prompts, `refill_rows` at a time; their first
+        // tokens are drawn next.
         let free: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].is_none()).collect();
-        let new = if free.is_empty() {
+        let step = room.refill_rows.clamp(1, rows.len());
+        let new = if free.len() < step {
             Vec::new()
         } else {
-            pull(free.len())?
+            pull(free.len() / step * step)?
         };
         if !new.is_empty() {
             let free = &free[..new.len()];

@@ -149,34 +149,66 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
         .collect();
     let cfg = sampled(17);
     let all = generate(&w, &prompts, &cfg, None).unwrap();
+    // the completions, and what happened in order: `Some(true)` a prompt handed out,
+    // `Some(false)` the source asked past its end, `None` a completion
+    let stream = |room: model::generate::Room| {
+        let mut events: Vec<Option<bool>> = Vec::new();
+        let events = std::cell::RefCell::new(&mut events);
+        let mut asked = 0;
+        let mut out: Vec<Option<Completion>> = vec![None; prompts.len()];
+        model::generate::generate_stream(
+            &w,
+            &cfg,
+            None,
+            room,
+            || {
+                asked += 1;
+                events.borrow_mut().push(Some(asked <= prompts.len()));
+                prompts.get(asked - 1).map(|ids| model::generate::Prompt {
+                    ids: ids.clone(),
+                    stream: (17, asked as u64 - 1),
+                })
+            },
+            |i, c| {
+                assert!(out[i].is_none(), "prompt {i} completed twice");
+                out[i] = Some(c);
+                events.borrow_mut().push(None);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let events = events.into_inner().clone();
+        (out, events)
+    };
     let room = model::generate::Room {
         slots: 2,
         longest: 0,
         refills: true,
+        refill_rows: 1,
     };
-    let mut asked = 0;
-    let mut out: Vec<Option<Completion>> = vec![None; prompts.len()];
-    model::generate::generate_stream(
-        &w,
-        &cfg,
-        None,
-        room,
-        || {
-            asked += 1;
-            prompts.get(asked - 1).map(|ids| model::generate::Prompt {
-                ids: ids.clone(),
-                stream: (17, asked as u64 - 1),
-            })
-        },
-        |i, c| {
-            assert!(out[i].is_none(), "prompt {i} completed twice");
-            out[i] = Some(c);
-            Ok(())
-        },
-    )
-    .unwrap();
-    assert_eq!(asked, prompts.len() + 1, "asked once past the end");
+    let (out, events) = stream(room);
+    let past_end = events.iter().filter(|e| **e == Some(false)).count();
+    assert_eq!(past_end, 1, "asked once past the end");
     assert_same_completions(&all, &out, "a stream");
+    // three slots refilled two at a time: after the first three, the prompts go out in pairs
+    // (the last may be cut short by the end)
+    let (out, events) = stream(model::generate::Room {
+        slots: 3,
+        refill_rows: 2,
+        ..room
+    });
+    assert_same_completions(&all, &out, "three slots, refilled in pairs");
+    let runs: Vec<usize> = events
+        .split(Option::is_none)
+        .map(|run| run.iter().filter(|e| **e == Some(true)).count())
+        .filter(|&n| n > 0)
+        .collect();
+    assert_eq!(runs[0], 3, "{runs:?}");
+    let (last, pairs) = runs[1..].split_last().expect("refills");
+    assert!(
+        pairs.iter().all(|&n| n % 2 == 0) && (1..=2).contains(last),
+        "{runs:?}"
+    );
     // with no new tokens to generate, every prompt gets an empty completion at once
     let none = GenerationConfig {
         max_new_tokens: 0,

@@ -565,8 +565,9 @@ struct Streamed {
 }
 
 /// Generates `groups` in one continuously batched generation of `groups_per_batch ×
-/// group_size` rows under `snap`, and refills it: as rows finish, the next waiting rows take
-/// their slots, and when none wait, another group is admitted while the quota allows and no newer
+/// group_size` rows under `snap`, and refills it: once a group's worth of rows have finished, the
+/// next waiting rows take their slots (a group's rows in one prefill of its prompt), and when
+/// none wait, another group is admitted while the quota allows and no newer
 /// policy has been published (a batch never outlives its version; see
 /// [`Admission::admit_under`]). Each group is scored and sent once its last row finishes, timed
 /// from the group sent before it. If the generation fails, the groups it left unfinished go
@@ -658,6 +659,7 @@ fn stream_groups(w: &Worker, snap: &Snapshot<Weights>, groups: Vec<(u64, Record)
         slots: cfg.groups_per_batch * cfg.group_size,
         longest: 0,
         refills: true,
+        refill_rows: cfg.group_size,
     };
     let generated = generate_stream(
         &snap.weights,
