@@ -253,7 +253,6 @@ where
         return Ok(());
     }
     let device = w.embed_tokens.device().clone();
-    let dtype = w.embed_tokens.dtype();
     let mut longest = first
         .iter()
         .map(|p| p.ids.len())
@@ -268,7 +267,6 @@ where
             span
         }
     };
-    let mut cache = KvCache::new(&w.config, first.len(), capacity(longest), dtype, &device)?;
 
     // Prompt `i`'s row, its prefill ending at cache slot `end`.
     let admit = |i: usize, p: &Prompt, end: usize| Row {
@@ -278,7 +276,7 @@ where
         completion: empty(),
     };
     let ids: Vec<&[u32]> = first.iter().map(|p| p.ids.as_slice()).collect();
-    let mut logits = prefill(w, &ids, longest, &mut cache)?;
+    let (mut logits, mut cache) = prefill(w, &ids, longest, capacity(longest))?;
     let mut rows: Vec<Option<Row>> = first
         .iter()
         .enumerate()
@@ -333,8 +331,8 @@ where
                 raise(&mut cache, &mut rows, width)?;
             }
             let ids: Vec<&[u32]> = new.iter().map(|p| p.ids.as_slice()).collect();
-            let mut fill = KvCache::new(&w.config, new.len(), width, dtype, &device)?;
-            logits = prefill(w, &ids, width, &mut fill)?;
+            let fill;
+            (logits, fill) = prefill(w, &ids, width, width)?;
             cache.write_rows(&fill, free)?;
             for (&r, p) in free.iter().zip(&new) {
                 rows[r] = Some(admit(next, p, cache.len()));
@@ -372,9 +370,15 @@ where
     }
 }
 
-/// Prefills `prompts`, left-padded to `width`, into the empty `cache`; the last logits `[k, V]`.
-/// Identical prompts (a GRPO group's) are prefilled once and their rows copied.
-fn prefill(w: &Weights, prompts: &[&[u32]], width: usize, cache: &mut KvCache) -> Result<Tensor> {
+/// Prefills `prompts`, left-padded to `width`, into a new cache of `capacity` slots a row: the
+/// last logits `[k, V]` and the cache. Identical prompts (a GRPO group's) are prefilled once and
+/// their rows copied.
+fn prefill(
+    w: &Weights,
+    prompts: &[&[u32]],
+    width: usize,
+    capacity: usize,
+) -> Result<(Tensor, KvCache)> {
     let device = w.embed_tokens.device();
     let mut distinct: Vec<&[u32]> = Vec::new();
     let copy_of: Vec<usize> = prompts
@@ -387,14 +391,11 @@ fn prefill(w: &Weights, prompts: &[&[u32]], width: usize, cache: &mut KvCache) -
         })
         .collect();
     if distinct.len() < prompts.len() {
-        let dtype = w.embed_tokens.dtype();
-        let mut once = KvCache::new(&w.config, distinct.len(), cache.capacity(), dtype, device)?;
-        let logits = prefill(w, &distinct, width, &mut once)?; // [P, V]
-        once.select_rows(&copy_of)?;
-        *cache = once;
+        let (logits, mut cache) = prefill(w, &distinct, width, capacity)?; // [P, V]
+        cache.select_rows(&copy_of)?;
         let copy_of: Vec<u32> = copy_of.iter().map(|&i| i as u32).collect();
         let copy_of = Tensor::from_vec(copy_of, prompts.len(), device)?;
-        return Ok(logits.index_select(&copy_of, 0)?); // [k, V]
+        return Ok((logits.index_select(&copy_of, 0)?, cache)); // [k, V]
     }
     let mut ids = Vec::with_capacity(prompts.len());
     let mut positions = Vec::with_capacity(prompts.len());
@@ -411,7 +412,10 @@ fn prefill(w: &Weights, prompts: &[&[u32]], width: usize, cache: &mut KvCache) -
         key_valid.push(valid);
     }
     let batch = Batch::from_parts(&ids, &positions, &key_valid, 0, width, device)?;
-    last_logits(w, &batch, cache)
+    let dtype = w.embed_tokens.dtype();
+    let mut cache = KvCache::new(&w.config, prompts.len(), capacity, dtype, device)?;
+    let logits = last_logits(w, &batch, &mut cache)?;
+    Ok((logits, cache))
 }
 
 /// Moves every row's sequence down so that the longest ends at the shortest length that still
