@@ -427,7 +427,7 @@ struct Worker<'a> {
     sender: &'a Sender<Event>,
     stop: &'a AtomicBool,
     /// The worker's generations so far.
-    batches: u64,
+    generations: u64,
 }
 
 impl Worker<'_> {
@@ -445,7 +445,7 @@ impl Worker<'_> {
                 worker: self.index,
                 seconds,
                 tokens,
-                generation: self.batches,
+                generation: self.generations,
             }),
             Err(error) => {
                 self.feed.lock().expect("feed lock").done(group_id);
@@ -490,7 +490,7 @@ fn work(
         admission,
         sender,
         stop,
-        batches: 0,
+        generations: 0,
     };
     let mut policy = WorkerPolicy::new(store);
     let checksum = |w: &Weights| w.checksum().unwrap_or(0);
@@ -514,7 +514,7 @@ fn work(
         else {
             return;
         };
-        worker.batches += 1;
+        worker.generations += 1;
         let listening = match policy.refresh(store, checksum) {
             Ok(_) if cfg.groups_per_batch > 1 => stream_groups(&worker, policy.snapshot(), groups),
             Ok(_) => {
