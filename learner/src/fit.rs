@@ -3,8 +3,13 @@
 //! out of device memory, the step's gradient so far is dropped and the step runs again with each
 //! micro-batch in pieces, whose gradients add up to the micro-batch's own: the piece that failed
 //! is halved, down to one sequence (or pair) a piece, and then per-layer checkpointing is turned
-//! on. What fitted holds for the rest of the run (it lives in the optimizer, which every
-//! step of a run shares). A single sequence that does not fit even so is an error that says so.
+//! on. What fitted holds for the steps after it (it lives in the optimizer, which every step of
+//! a run shares), and a single sequence that does not fit even so is an error that says so.
+//!
+//! A shortage may pass: on one GPU the rollout workers' batches come and go beside the learner.
+//! So after [`PROBE_EVERY`] steps under a reduced fit, a step tries the next larger one (pieces
+//! twice as large, then whole micro-batches, then without the checkpointing); if that step runs
+//! out of memory it runs again under the fit it had, and the next try waits twice as long.
 
 use std::cell::{Cell, RefCell};
 use std::ops::Range;
@@ -19,6 +24,61 @@ pub struct Fit {
     pub piece_tokens: Option<usize>,
     /// Per-layer checkpointing, turned on once a single sequence ran out of memory without it.
     pub checkpointed: bool,
+}
+
+impl Fit {
+    /// The next larger fit, for micro-batches of at most `budget` padded tokens: pieces twice
+    /// as large (whole micro-batches once they would hold one), then no checkpointing.
+    fn larger(self, budget: usize) -> Fit {
+        match self.piece_tokens {
+            Some(t) if 2 * t < budget => Fit {
+                piece_tokens: Some(2 * t),
+                ..self
+            },
+            Some(_) => Fit {
+                piece_tokens: None,
+                ..self
+            },
+            None => Fit::default(),
+        }
+    }
+}
+
+/// Steps run under a reduced fit before one tries the next larger fit (doubled after each try
+/// that runs out of memory).
+pub const PROBE_EVERY: usize = 32;
+
+/// A fit and when to try a larger one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fitting {
+    pub(crate) fit: Fit,
+    /// Steps that fitted under `fit` since it last changed.
+    steps: usize,
+    /// Steps under a reduced fit before the next tries a larger one.
+    probe_every: usize,
+    /// The fit to go back to if the step trying a larger one runs out of memory.
+    probing: Option<Fit>,
+}
+
+impl Default for Fitting {
+    fn default() -> Self {
+        Fitting {
+            fit: Fit::default(),
+            steps: 0,
+            probe_every: PROBE_EVERY,
+            probing: None,
+        }
+    }
+}
+
+impl Fitting {
+    /// Sets the fit the step runs under (a changed fit counts its steps afresh).
+    fn set(&mut self, fit: Fit) {
+        if fit != self.fit {
+            self.fit = fit;
+            self.steps = 0;
+        }
+    }
 }
 
 /// A piece of a step that runs as one forward and backward: a micro-batch, or part of one.
@@ -103,8 +163,13 @@ pub fn fitted<T>(
     let micro = by_tokens(lengths, rows, 0..lengths.len(), budget);
     let tokens = |r: &Range<usize>| padded_tokens(lengths, rows, r.clone());
     let mut retries = 0;
+    let f = &mut opt.fitting;
+    if f.fit != Fit::default() && f.steps >= f.probe_every {
+        f.probing = Some(f.fit);
+        f.set(f.fit.larger(budget));
+    }
     loop {
-        let fit = opt.fit;
+        let fit = opt.fitting.fit;
         let pieces = micro.iter().flat_map(|m| {
             let parts = match fit.piece_tokens {
                 Some(b) => by_tokens(lengths, rows, m.clone(), b),
@@ -124,10 +189,22 @@ pub fn fitted<T>(
         };
         let error = match model::checkpoint::forced(fit.checkpointed, || attempt(opt, &plan)) {
             Err(e) if e.is_out_of_memory() => e,
-            done => return done,
+            done => {
+                if done.is_ok() {
+                    opt.fitting.probing = None;
+                    opt.fitting.steps += 1;
+                }
+                return done;
+            }
         };
         opt.zero_grad();
         retries += 1;
+        // a larger fit tried and too large: back to the one that fitted, tried again later
+        if let Some(back) = opt.fitting.probing.take() {
+            opt.fitting.set(back);
+            opt.fitting.probe_every *= 2;
+            continue;
+        }
         // the piece that failed (the largest, if it failed before any)
         let failed = plan.running.take().unwrap_or_else(|| {
             let largest = plan
@@ -137,7 +214,7 @@ pub fn fitted<T>(
                 .max_by_key(|r| tokens(r));
             largest.expect("a step has an item").clone()
         });
-        opt.fit = if failed.len() > 1 {
+        let smaller = if failed.len() > 1 {
             Fit {
                 piece_tokens: Some(tokens(&failed) / 2),
                 ..fit
@@ -155,6 +232,7 @@ pub fn fitted<T>(
                 tokens(&failed)
             )));
         };
+        opt.fitting.set(smaller);
     }
 }
 

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use crate::error::{LearnerError as OptimError, Result};
-use crate::fit::Fit;
+use crate::fit::{Fit, Fitting};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -84,7 +84,7 @@ pub struct AdamW {
     step: u64,
     /// How much of a micro-batch the device has room for: learnt by the steps that accumulate
     /// into this optimizer, and kept for the run ([`crate::fit`]).
-    pub(crate) fit: Fit,
+    pub(crate) fitting: Fitting,
 }
 
 impl AdamW {
@@ -140,7 +140,7 @@ impl AdamW {
             config,
             params,
             step: 0,
-            fit: Fit::default(),
+            fitting: Fitting::default(),
         })
     }
 
@@ -150,7 +150,7 @@ impl AdamW {
 
     /// What the steps accumulating into this optimizer have learnt fits in device memory.
     pub fn fit(&self) -> Fit {
-        self.fit
+        self.fitting.fit
     }
 
     /// Optimizer steps taken.

@@ -168,6 +168,47 @@ fn a_sequence_that_fits_nowhere_is_an_error_and_the_weights_stay() {
 }
 
 #[test]
+fn a_reduced_fit_tries_a_larger_one_after_steps_that_fitted() {
+    use learner::fit::PROBE_EVERY;
+    let base = model();
+    let seqs = sequences(&base);
+    let (vars, w) = base.to_vars().unwrap();
+    let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+    let cfg = config(Aggregation::Dapo);
+    let mut step = |opt: &mut AdamW| {
+        policy_step(&w, None, None, opt, &seqs, &cfg, 1e-3)
+            .unwrap()
+            .memory_retries
+    };
+    let pieces = |t| Fit {
+        piece_tokens: Some(t),
+        checkpointed: false,
+    };
+    // room for 12 tokens: the first step runs again in pieces of 7, and so do the next
+    let retries: Vec<usize> = with_room(12, || (0..PROBE_EVERY).map(|_| step(&mut opt)).collect());
+    assert_eq!(retries[0], 1);
+    assert!(retries[1..].iter().all(|&r| r == 0), "{retries:?}");
+    assert_eq!(opt.fit(), pieces(7));
+    // the next tries pieces of 14, which run out: it runs again in pieces of 7
+    assert_eq!(with_room(12, || step(&mut opt)), 1);
+    assert_eq!(opt.fit(), pieces(7));
+    // the room grows; the next try waits twice as long, then pieces of 14 fit, and after as
+    // many steps again whole micro-batches (of 16 tokens) do
+    for _ in 1..2 * PROBE_EVERY {
+        assert_eq!(step(&mut opt), 0);
+        assert_eq!(opt.fit(), pieces(7));
+    }
+    assert_eq!(step(&mut opt), 0);
+    assert_eq!(opt.fit(), pieces(14));
+    for _ in 1..2 * PROBE_EVERY {
+        step(&mut opt);
+    }
+    assert_eq!(opt.fit(), pieces(14));
+    assert_eq!(step(&mut opt), 0);
+    assert_eq!(opt.fit(), Fit::default());
+}
+
+#[test]
 fn sft_and_dpo_steps_run_in_pieces_as_they_would_whole() {
     let base = model();
     let examples: Vec<(Vec<u32>, Vec<u32>)> = sequences(&base)
