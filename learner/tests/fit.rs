@@ -175,7 +175,7 @@ fn a_reduced_fit_tries_a_larger_one_after_steps_that_fitted() {
     let (vars, w) = base.to_vars().unwrap();
     let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
     let cfg = config(Aggregation::Dapo);
-    let mut step = |opt: &mut AdamW| {
+    let step = |opt: &mut AdamW| {
         policy_step(&w, None, None, opt, &seqs, &cfg, 1e-3)
             .unwrap()
             .memory_retries
