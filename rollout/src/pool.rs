@@ -417,6 +417,58 @@ impl Pool {
     }
 }
 
+/// Batches a worker's batch may try after it ran out of device memory, before it tries a larger
+/// one again (doubled after each larger batch that runs out).
+pub const PROBE_BATCHES: usize = 16;
+
+/// How many groups a worker's streamed batch holds: `groups_per_batch`, halved while batches run
+/// out of device memory (whose unfinished groups then go through [`generate_fitting`]), and
+/// doubled again after [`PROBE_BATCHES`] batches that fitted, so that a shortage beside the
+/// learner does not fail every batch, nor keep the batches small once it has passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFit {
+    pub groups: usize,
+    most: usize,
+    /// Batches that fitted since `groups` last changed.
+    fitted: usize,
+    probe_every: usize,
+    /// `groups` was just doubled: if that batch runs out, the next try waits twice as long.
+    probing: bool,
+}
+
+impl BatchFit {
+    pub fn new(groups_per_batch: usize) -> Self {
+        BatchFit {
+            groups: groups_per_batch.max(1),
+            most: groups_per_batch.max(1),
+            fitted: 0,
+            probe_every: PROBE_BATCHES,
+            probing: false,
+        }
+    }
+
+    /// A batch of `groups` groups ran out of device memory.
+    pub fn ran_out(&mut self) {
+        if self.probing {
+            self.probe_every *= 2;
+        }
+        self.probing = false;
+        self.groups = (self.groups / 2).max(1);
+        self.fitted = 0;
+    }
+
+    /// A batch of `groups` groups fitted.
+    pub fn fitted(&mut self) {
+        self.probing = false;
+        self.fitted += 1;
+        if self.groups < self.most && self.fitted >= self.probe_every {
+            self.groups = (2 * self.groups).min(self.most);
+            self.fitted = 0;
+            self.probing = true;
+        }
+    }
+}
+
 /// What a worker shares with the pool, and where its groups go.
 struct Worker<'a> {
     index: usize,
@@ -494,6 +546,7 @@ fn work(
     };
     let mut policy = WorkerPolicy::new(store);
     let checksum = |w: &Weights| w.checksum().unwrap_or(0);
+    let mut batch = BatchFit::new(cfg.groups_per_batch);
     while !stop.load(Ordering::SeqCst) {
         if admission
             .admit(cfg.group_size, Duration::from_millis(200))
@@ -503,9 +556,7 @@ fn work(
         }
         // as many more groups as may start now, up to the batch
         let mut admitted = 1;
-        while admitted < cfg.groups_per_batch.max(1)
-            && admission.admit(cfg.group_size, Duration::ZERO).is_some()
-        {
+        while admitted < batch.groups && admission.admit(cfg.group_size, Duration::ZERO).is_some() {
             admitted += 1;
         }
         let Some(groups) = (0..admitted)
@@ -516,7 +567,15 @@ fn work(
         };
         worker.generations += 1;
         let listening = match policy.refresh(store, checksum) {
-            Ok(_) if cfg.groups_per_batch > 1 => stream_groups(&worker, policy.snapshot(), groups),
+            Ok(_) if cfg.groups_per_batch > 1 => {
+                let streamed = stream_groups(&worker, policy.snapshot(), groups, batch.groups);
+                match streamed {
+                    Streamed::Generated => batch.fitted(),
+                    Streamed::OutOfMemory => batch.ran_out(),
+                    Streamed::Failed | Streamed::Closed => {}
+                }
+                streamed != Streamed::Closed
+            }
             Ok(_) => {
                 let snap = policy.snapshot();
                 let start = Instant::now();
@@ -552,7 +611,7 @@ struct InFlight {
 }
 
 /// The groups of one streamed batch and the rows handed to the generation.
-struct Streamed {
+struct StreamState {
     groups: Vec<Option<InFlight>>,
     /// Rows not yet handed out: (group, row).
     waiting: std::collections::VecDeque<(usize, usize)>,
@@ -564,7 +623,19 @@ struct Streamed {
     closed: bool,
 }
 
-/// Generates `groups` in one continuously batched generation of `groups_per_batch ×
+/// How a streamed batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Streamed {
+    Generated,
+    /// It ran out of device memory (its unfinished groups were then generated in halves).
+    OutOfMemory,
+    /// It failed otherwise (likewise).
+    Failed,
+    /// The learner no longer listens, or the feed failed: the worker stops.
+    Closed,
+}
+
+/// Generates `groups` in one continuously batched generation of `batch_groups ×
 /// group_size` rows under `snap`, and refills it: once a group's worth of rows have finished, the
 /// next waiting rows take their slots (a group's rows in one prefill of its prompt), and when
 /// none wait, another group is admitted while the quota allows and no newer
@@ -572,10 +643,15 @@ struct Streamed {
 /// [`Admission::admit_under`]). Each group is scored and sent once its last row finishes, timed
 /// from the group sent before it. If the generation fails, the groups it left unfinished go
 /// through [`generate_fitting`] (in halves, a single group tried again after out-of-memory
-/// waits). False once the learner no longer listens.
-fn stream_groups(w: &Worker, snap: &Snapshot<Weights>, groups: Vec<(u64, Record)>) -> bool {
+/// waits).
+fn stream_groups(
+    w: &Worker,
+    snap: &Snapshot<Weights>,
+    groups: Vec<(u64, Record)>,
+    batch_groups: usize,
+) -> Streamed {
     let cfg = w.cfg;
-    let state = std::cell::RefCell::new(Streamed {
+    let state = std::cell::RefCell::new(StreamState {
         groups: Vec::new(),
         waiting: Default::default(),
         handed: Vec::new(),
@@ -583,21 +659,23 @@ fn stream_groups(w: &Worker, snap: &Snapshot<Weights>, groups: Vec<(u64, Record)
         closed: false,
     });
     // a group's prompt, or its failure sent at once
-    let add =
-        |st: &mut Streamed, (group_id, record): (u64, Record)| match w.task.prompt_ids(&record) {
-            Ok(prompt) => {
-                let g = st.groups.len();
-                st.waiting.extend((0..cfg.group_size).map(|k| (g, k)));
-                st.groups.push(Some(InFlight {
-                    group_id,
-                    record,
-                    prompt,
-                    rows: vec![None; cfg.group_size],
-                    left: cfg.group_size,
-                }));
-            }
-            Err(e) => st.closed |= !w.send(group_id, Err(RolloutError::other(e)), 0.0),
-        };
+    let add = |st: &mut StreamState, (group_id, record): (u64, Record)| match w
+        .task
+        .prompt_ids(&record)
+    {
+        Ok(prompt) => {
+            let g = st.groups.len();
+            st.waiting.extend((0..cfg.group_size).map(|k| (g, k)));
+            st.groups.push(Some(InFlight {
+                group_id,
+                record,
+                prompt,
+                rows: vec![None; cfg.group_size],
+                left: cfg.group_size,
+            }));
+        }
+        Err(e) => st.closed |= !w.send(group_id, Err(RolloutError::other(e)), 0.0),
+    };
     for group in groups {
         add(&mut state.borrow_mut(), group);
     }
@@ -656,7 +734,7 @@ fn stream_groups(w: &Worker, snap: &Snapshot<Weights>, groups: Vec<(u64, Record)
         Ok(())
     };
     let room = Room {
-        slots: cfg.groups_per_batch * cfg.group_size,
+        slots: batch_groups * cfg.group_size,
         longest: 0,
         refills: true,
         refill_rows: cfg.group_size,
@@ -671,11 +749,13 @@ fn stream_groups(w: &Worker, snap: &Snapshot<Weights>, groups: Vec<(u64, Record)
     );
     let st = state.into_inner();
     if st.closed {
-        return false;
+        return Streamed::Closed;
     }
-    if generated.is_ok() {
-        return true;
-    }
+    let ended = match generated {
+        Ok(()) => return Streamed::Generated,
+        Err(e) if e.is_out_of_memory() => Streamed::OutOfMemory,
+        Err(_) => Streamed::Failed,
+    };
     let unfinished: Vec<(u64, Record)> = st
         .groups
         .into_iter()
@@ -686,10 +766,15 @@ fn stream_groups(w: &Worker, snap: &Snapshot<Weights>, groups: Vec<(u64, Record)
         rollout_groups(w.task, &snap.weights, snap.version, part, cfg)
     });
     let seconds = st.last.elapsed().as_secs_f64() / unfinished.len().max(1) as f64;
-    unfinished
+    let listening = unfinished
         .iter()
         .zip(results)
-        .all(|((group_id, _), result)| w.send(*group_id, result, seconds))
+        .all(|((group_id, _), result)| w.send(*group_id, result, seconds));
+    if listening {
+        ended
+    } else {
+        Streamed::Closed
+    }
 }
 
 #[cfg(test)]
@@ -701,6 +786,41 @@ mod tests {
             message: format!("out of memory {n}"),
             out_of_memory: true,
         }
+    }
+
+    #[test]
+    fn a_batch_halves_while_it_runs_out_and_grows_again_after_batches_that_fit() {
+        let mut b = BatchFit::new(8);
+        b.ran_out();
+        b.ran_out();
+        assert_eq!(b.groups, 2);
+        for _ in 1..PROBE_BATCHES {
+            b.fitted();
+        }
+        assert_eq!(b.groups, 2);
+        b.fitted();
+        assert_eq!(b.groups, 4, "tried larger after {PROBE_BATCHES} batches");
+        // too large: back to 2, and the next try waits twice as long
+        b.ran_out();
+        assert_eq!(b.groups, 2);
+        for _ in 1..2 * PROBE_BATCHES {
+            b.fitted();
+        }
+        assert_eq!(b.groups, 2);
+        b.fitted();
+        assert_eq!(b.groups, 4);
+        // it fits: as long again for the next, up to groups_per_batch
+        for _ in 0..2 * PROBE_BATCHES {
+            b.fitted();
+        }
+        assert_eq!(b.groups, 8);
+        for _ in 0..10 * PROBE_BATCHES {
+            b.fitted();
+        }
+        assert_eq!(b.groups, 8, "never past groups_per_batch");
+        let mut one = BatchFit::new(1);
+        one.ran_out();
+        assert_eq!(one.groups, 1, "at least a group");
     }
 
     #[test]
