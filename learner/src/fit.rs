@@ -9,7 +9,8 @@
 //! A shortage may pass: on one GPU the rollout workers' batches come and go beside the learner.
 //! So after [`PROBE_EVERY`] steps under a reduced fit, a step tries the next larger one (pieces
 //! twice as large, then whole micro-batches, then without the checkpointing); if that step runs
-//! out of memory it runs again under the fit it had, and the next try waits twice as long.
+//! out of memory it runs again under the fit it had, and the next try waits twice as long
+//! ([`model::error::Regrow`], which the rollout workers' batches follow too).
 
 use std::cell::{Cell, RefCell};
 use std::ops::Range;
@@ -28,18 +29,20 @@ pub struct Fit {
 
 impl Fit {
     /// The next larger fit, for micro-batches of at most `budget` padded tokens: pieces twice
-    /// as large (whole micro-batches once they would hold one), then no checkpointing.
-    fn larger(self, budget: usize) -> Fit {
+    /// as large (whole micro-batches once they would hold one), then no checkpointing; None
+    /// for whole micro-batches without it.
+    fn larger(self, budget: usize) -> Option<Fit> {
         match self.piece_tokens {
-            Some(t) if 2 * t < budget => Fit {
+            Some(t) if 2 * t < budget => Some(Fit {
                 piece_tokens: Some(2 * t),
                 ..self
-            },
-            Some(_) => Fit {
+            }),
+            Some(_) => Some(Fit {
                 piece_tokens: None,
                 ..self
-            },
-            None => Fit::default(),
+            }),
+            None if self.checkpointed => Some(Fit::default()),
+            None => None,
         }
     }
 }
@@ -47,39 +50,6 @@ impl Fit {
 /// Steps run under a reduced fit before one tries the next larger fit (doubled after each try
 /// that runs out of memory).
 pub const PROBE_EVERY: usize = 32;
-
-/// A fit and when to try a larger one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Fitting {
-    pub(crate) fit: Fit,
-    /// Steps that fitted under `fit` since it last changed.
-    steps: usize,
-    /// Steps under a reduced fit before the next tries a larger one.
-    probe_every: usize,
-    /// The fit to go back to if the step trying a larger one runs out of memory.
-    probing: Option<Fit>,
-}
-
-impl Default for Fitting {
-    fn default() -> Self {
-        Fitting {
-            fit: Fit::default(),
-            steps: 0,
-            probe_every: PROBE_EVERY,
-            probing: None,
-        }
-    }
-}
-
-impl Fitting {
-    /// Sets the fit the step runs under (a changed fit counts its steps afresh).
-    fn set(&mut self, fit: Fit) {
-        if fit != self.fit {
-            self.fit = fit;
-            self.steps = 0;
-        }
-    }
-}
 
 /// A piece of a step that runs as one forward and backward: a micro-batch, or part of one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,13 +133,9 @@ pub fn fitted<T>(
     let micro = by_tokens(lengths, rows, 0..lengths.len(), budget);
     let tokens = |r: &Range<usize>| padded_tokens(lengths, rows, r.clone());
     let mut retries = 0;
-    let f = &mut opt.fitting;
-    if f.fit != Fit::default() && f.steps >= f.probe_every {
-        f.probing = Some(f.fit);
-        f.set(f.fit.larger(budget));
-    }
+    opt.fitting.grow(|fit| fit.larger(budget));
     loop {
-        let fit = opt.fitting.fit;
+        let fit = opt.fitting.size();
         let pieces = micro.iter().flat_map(|m| {
             let parts = match fit.piece_tokens {
                 Some(b) => by_tokens(lengths, rows, m.clone(), b),
@@ -191,8 +157,7 @@ pub fn fitted<T>(
             Err(e) if e.is_out_of_memory() => e,
             done => {
                 if done.is_ok() {
-                    opt.fitting.probing = None;
-                    opt.fitting.steps += 1;
+                    opt.fitting.fitted();
                 }
                 return done;
             }
@@ -200,9 +165,7 @@ pub fn fitted<T>(
         opt.zero_grad();
         retries += 1;
         // a larger fit tried and too large: back to the one that fitted, tried again later
-        if let Some(back) = opt.fitting.probing.take() {
-            opt.fitting.set(back);
-            opt.fitting.probe_every *= 2;
+        if opt.fitting.ran_out() {
             continue;
         }
         // the piece that failed (the largest, if it failed before any)

@@ -15,7 +15,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use crate::error::{LearnerError as OptimError, Result};
-use crate::fit::{Fit, Fitting};
+use crate::fit::{Fit, PROBE_EVERY};
+use model::error::Regrow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -84,7 +85,7 @@ pub struct AdamW {
     step: u64,
     /// How much of a micro-batch the device has room for: learnt by the steps that accumulate
     /// into this optimizer, and kept for the run ([`crate::fit`]).
-    pub(crate) fitting: Fitting,
+    pub(crate) fitting: Regrow<Fit>,
 }
 
 impl AdamW {
@@ -140,7 +141,7 @@ impl AdamW {
             config,
             params,
             step: 0,
-            fitting: Fitting::default(),
+            fitting: Regrow::new(Fit::default(), PROBE_EVERY),
         })
     }
 
@@ -150,7 +151,7 @@ impl AdamW {
 
     /// What the steps accumulating into this optimizer have learnt fits in device memory.
     pub fn fit(&self) -> Fit {
-        self.fitting.fit
+        self.fitting.size()
     }
 
     /// Optimizer steps taken.

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{Admission, PolicyStore, Snapshot, WorkerPolicy};
 use crate::schema::{to_batch, Finish, Sample};
 use crate::task::{EntropyReward, Task};
+use model::error::Regrow;
 
 /// Where the prompt feed stands, as a checkpoint stores it: the first group the learner has
 /// not consumed, and the data cursor before it.
@@ -417,56 +418,20 @@ impl Pool {
     }
 }
 
-/// Batches a worker's batch may try after it ran out of device memory, before it tries a larger
-/// one again (doubled after each larger batch that runs out).
+/// Batches that fitted after a worker's batches were halved for want of device memory, before
+/// one tries twice as many groups again (doubled after each try that runs out).
 pub const PROBE_BATCHES: usize = 16;
 
-/// How many groups a worker's streamed batch holds: `groups_per_batch`, halved while batches run
-/// out of device memory (whose unfinished groups then go through [`generate_fitting`]), and
-/// doubled again after [`PROBE_BATCHES`] batches that fitted, so that a shortage beside the
-/// learner does not fail every batch, nor keep the batches small once it has passed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BatchFit {
-    pub groups: usize,
-    most: usize,
-    /// Batches that fitted since `groups` last changed.
-    fitted: usize,
-    probe_every: usize,
-    /// `groups` was just doubled: if that batch runs out, the next try waits twice as long.
-    probing: bool,
+/// How many groups a worker's streamed batch holds (`rollout.groups_per_batch`, halved while
+/// batches run out of device memory, down to one group; see [`Regrow`]), so that a shortage
+/// beside the learner neither fails every batch nor keeps the batches small once it has passed.
+pub fn batch_groups(groups_per_batch: usize) -> Regrow<usize> {
+    Regrow::new(groups_per_batch.max(1), PROBE_BATCHES)
 }
 
-impl BatchFit {
-    pub fn new(groups_per_batch: usize) -> Self {
-        BatchFit {
-            groups: groups_per_batch.max(1),
-            most: groups_per_batch.max(1),
-            fitted: 0,
-            probe_every: PROBE_BATCHES,
-            probing: false,
-        }
-    }
-
-    /// A batch of `groups` groups ran out of device memory.
-    pub fn ran_out(&mut self) {
-        if self.probing {
-            self.probe_every *= 2;
-        }
-        self.probing = false;
-        self.groups = (self.groups / 2).max(1);
-        self.fitted = 0;
-    }
-
-    /// A batch of `groups` groups fitted.
-    pub fn fitted(&mut self) {
-        self.probing = false;
-        self.fitted += 1;
-        if self.groups < self.most && self.fitted >= self.probe_every {
-            self.groups = (2 * self.groups).min(self.most);
-            self.fitted = 0;
-            self.probing = true;
-        }
-    }
+/// Twice `groups` groups, up to `most`; None at `most`.
+fn more_groups(groups: usize, most: usize) -> Option<usize> {
+    (groups < most).then(|| (2 * groups).min(most))
 }
 
 /// What a worker shares with the pool, and where its groups go.
@@ -546,7 +511,7 @@ fn work(
     };
     let mut policy = WorkerPolicy::new(store);
     let checksum = |w: &Weights| w.checksum().unwrap_or(0);
-    let mut batch = BatchFit::new(cfg.groups_per_batch);
+    let mut batch = batch_groups(cfg.groups_per_batch);
     while !stop.load(Ordering::SeqCst) {
         if admission
             .admit(cfg.group_size, Duration::from_millis(200))
@@ -555,8 +520,9 @@ fn work(
             continue;
         }
         // as many more groups as may start now, up to the batch
+        batch.grow(|groups| more_groups(groups, cfg.groups_per_batch));
         let mut admitted = 1;
-        while admitted < batch.groups && admission.admit(cfg.group_size, Duration::ZERO).is_some() {
+        while admitted < batch.size() && admission.admit(cfg.group_size, Duration::ZERO).is_some() {
             admitted += 1;
         }
         let Some(groups) = (0..admitted)
@@ -568,11 +534,13 @@ fn work(
         worker.generations += 1;
         let listening = match policy.refresh(store, checksum) {
             Ok(_) if cfg.groups_per_batch > 1 => {
-                let streamed = stream_groups(&worker, policy.snapshot(), groups, batch.groups);
+                let streamed = stream_groups(&worker, policy.snapshot(), groups, batch.size());
                 match streamed {
                     Streamed::Generated => batch.fitted(),
-                    Streamed::OutOfMemory => batch.ran_out(),
-                    Streamed::Failed | Streamed::Closed => {}
+                    Streamed::OutOfMemory if !batch.ran_out() => {
+                        batch.set((batch.size() / 2).max(1));
+                    }
+                    _ => {}
                 }
                 streamed != Streamed::Closed
             }
@@ -789,38 +757,11 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_halves_while_it_runs_out_and_grows_again_after_batches_that_fit() {
-        let mut b = BatchFit::new(8);
-        b.ran_out();
-        b.ran_out();
-        assert_eq!(b.groups, 2);
-        for _ in 1..PROBE_BATCHES {
-            b.fitted();
-        }
-        assert_eq!(b.groups, 2);
-        b.fitted();
-        assert_eq!(b.groups, 4, "tried larger after {PROBE_BATCHES} batches");
-        // too large: back to 2, and the next try waits twice as long
-        b.ran_out();
-        assert_eq!(b.groups, 2);
-        for _ in 1..2 * PROBE_BATCHES {
-            b.fitted();
-        }
-        assert_eq!(b.groups, 2);
-        b.fitted();
-        assert_eq!(b.groups, 4);
-        // it fits: as long again for the next, up to groups_per_batch
-        for _ in 0..2 * PROBE_BATCHES {
-            b.fitted();
-        }
-        assert_eq!(b.groups, 8);
-        for _ in 0..10 * PROBE_BATCHES {
-            b.fitted();
-        }
-        assert_eq!(b.groups, 8, "never past groups_per_batch");
-        let mut one = BatchFit::new(1);
-        one.ran_out();
-        assert_eq!(one.groups, 1, "at least a group");
+    fn a_batch_grows_by_doubling_up_to_groups_per_batch() {
+        assert_eq!(more_groups(1, 8), Some(2));
+        assert_eq!(more_groups(3, 4), Some(4));
+        assert_eq!(more_groups(4, 4), None);
+        assert_eq!(batch_groups(0).size(), 1, "at least a group");
     }
 
     #[test]
