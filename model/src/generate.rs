@@ -328,7 +328,8 @@ where
                 cache.reserve(capacity(longest))?;
             }
             if width > cache.len() {
-                raise(&mut cache, &mut rows, width)?;
+                // the rows move up to end at `width`: room for the prompts' prefill
+                realign(&mut cache, &mut rows, width)?;
             }
             let ids: Vec<&[u32]> = new.iter().map(|p| p.ids.as_slice()).collect();
             let fill;
@@ -429,20 +430,12 @@ fn compact(cache: &mut KvCache, rows: &mut [Option<Row>], longest: usize) -> Res
         .max()
         .unwrap_or(0)
         .max(longest);
-    for (r, row) in rows.iter_mut().enumerate() {
-        if let Some(row) = row {
-            let n = l - row.start;
-            cache.move_slots(r, row.start, new_len - n, n)?;
-            row.start = new_len - n;
-        }
-    }
-    cache.truncate(new_len);
-    Ok(())
+    realign(cache, rows, new_len)
 }
 
-/// Moves every row's sequence up so that the rows end at `len` (> the cache's length): room to
-/// prefill a prompt of `len` tokens beside them.
-fn raise(cache: &mut KvCache, rows: &mut [Option<Row>], len: usize) -> Result<()> {
+/// Moves every row's sequence to end at slot `len`, the cache's new length (down to compact
+/// it, up to make room for a longer prompt).
+fn realign(cache: &mut KvCache, rows: &mut [Option<Row>], len: usize) -> Result<()> {
     let l = cache.len();
     for (r, row) in rows.iter_mut().enumerate() {
         if let Some(row) = row {

@@ -155,7 +155,7 @@ impl KvCache {
     }
 
     /// Sets the filled length to `len` (up to the capacity) after [`KvCache::move_slots`] moved
-    /// the rows up to end there.
+    /// the rows to end there.
     pub(crate) fn set_len(&mut self, len: usize) -> Result<()> {
         if len > self.capacity {
             return Err(ModelError::Generation(format!(
@@ -182,11 +182,6 @@ impl KvCache {
         }
         self.capacity = capacity;
         Ok(())
-    }
-
-    /// Sets the filled length after [`KvCache::move_slots`] compacted the rows.
-    pub(crate) fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
     }
 
     /// Keeps only `rows` (in that order): the batch shrinks when its sequences run out.

@@ -9,7 +9,7 @@
 //! and refills the batch as its rows finish (continuous batching across groups), each group
 //! still from its own streams: the same completions up to the rounding of the batch shape.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use crossbeam_channel::Sender;
 use datasets::{Cursor, Loader, Record};
+use model::error::Regrow;
 use model::generate::{
     generate_continuous_streams, generate_stream, Completion, FinishReason, GenerationConfig,
     Prompt, Room,
@@ -28,7 +29,6 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{Admission, PolicyStore, Snapshot, WorkerPolicy};
 use crate::schema::{to_batch, Finish, Sample};
 use crate::task::{EntropyReward, Task};
-use model::error::Regrow;
 
 /// Where the prompt feed stands, as a checkpoint stores it: the first group the learner has
 /// not consumed, and the data cursor before it.
@@ -575,14 +575,13 @@ struct InFlight {
     prompt: Vec<u32>,
     /// Its rows' completions, as they finish.
     rows: Vec<Option<Completion>>,
-    left: usize,
 }
 
 /// The groups of one streamed batch and the rows handed to the generation.
 struct StreamState {
     groups: Vec<Option<InFlight>>,
     /// Rows not yet handed out: (group, row).
-    waiting: std::collections::VecDeque<(usize, usize)>,
+    waiting: VecDeque<(usize, usize)>,
     /// The (group, row) of each prompt handed out, in order.
     handed: Vec<(usize, usize)>,
     /// When the last group was sent: each group is timed from there.
@@ -603,7 +602,7 @@ enum Streamed {
     Closed,
 }
 
-/// Generates `groups` in one continuously batched generation of `batch_groups ×
+/// Generates `groups` in one continuously batched generation of `groups_in_batch ×
 /// group_size` rows under `snap`, and refills it: once a group's worth of rows have finished, the
 /// next waiting rows take their slots (a group's rows in one prefill of its prompt), and when
 /// none wait, another group is admitted while the quota allows and no newer
@@ -616,7 +615,7 @@ fn stream_groups(
     w: &Worker,
     snap: &Snapshot<Weights>,
     groups: Vec<(u64, Record)>,
-    batch_groups: usize,
+    groups_in_batch: usize,
 ) -> Streamed {
     let cfg = w.cfg;
     let state = std::cell::RefCell::new(StreamState {
@@ -639,7 +638,6 @@ fn stream_groups(
                 record,
                 prompt,
                 rows: vec![None; cfg.group_size],
-                left: cfg.group_size,
             }));
         }
         Err(e) => st.closed |= !w.send(group_id, Err(RolloutError::other(e)), 0.0),
@@ -678,8 +676,7 @@ fn stream_groups(
         let (g, k) = st.handed[i];
         let group = st.groups[g].as_mut().expect("a running row's group");
         group.rows[k] = Some(c);
-        group.left -= 1;
-        if group.left == 0 {
+        if group.rows.iter().all(Option::is_some) {
             let group = st.groups[g].take().expect("checked");
             let samples = score_group(
                 w.task,
@@ -702,7 +699,7 @@ fn stream_groups(
         Ok(())
     };
     let room = Room {
-        slots: batch_groups * cfg.group_size,
+        slots: groups_in_batch * cfg.group_size,
         longest: 0,
         refills: true,
         refill_rows: cfg.group_size,
