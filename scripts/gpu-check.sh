@@ -106,6 +106,28 @@ for o in ours:
         for r in ref:
             if r["kind"] == "rollout" and r["B"] == o["B"]:
                 print(f'generate B={o["B"]} vs HF generate: {o["gen_tok_s"]:8.0f} / {r["gen_tok_s"]:8.0f} tok/s = {o["gen_tok_s"]/r["gen_tok_s"]:.1f}x')
+# the issue's goals: the headline learner step >= 1.3x PyTorch's (sdpa, bf16) within its peak
+# memory allocated, and generation >= 10x HF generate at B=64 and B=256
+print("\ngoals (issue 7)")
+head = [o for o in ours if o["kind"] == "learner" and o.get("variant") == "CUDA kernels"]
+sdpa = [r for r in ref if r["kind"] == "learner" and r["attn"] == "sdpa" and not r["amp"]]
+if head and sdpa:
+    o, r = head[0], sdpa[0]
+    alloc = o.get("alloc_gib")
+    speed, fits = o["tok_s"] / r["tok_s"], alloc is not None and alloc <= r["peak_gib"]
+    print(f'learner B={o["B"]} T={o["T"]}: {speed:.2f}x PyTorch sdpa (goal 1.3x), peak allocated '
+          f'{alloc if alloc is not None else float("nan"):.1f} / {r["peak_gib"]:.1f} GiB: '
+          f'{"met" if speed >= 1.3 and fits else "NOT met"}')
+else:
+    print("learner: no headline step or no PyTorch sdpa step to compare")
+for b in (64, 256):
+    g = [o for o in ours if o["kind"] == "rollout" and o["B"] == b]
+    h = [r for r in ref if r["kind"] == "rollout" and r["B"] == b]
+    if g and h:
+        x = g[0]["gen_tok_s"] / h[0]["gen_tok_s"]
+        print(f'generate B={b}: {x:.1f}x HF generate (goal 10x): {"met" if x >= 10 else "NOT met"}')
+    else:
+        print(f"generate B={b}: no figure on one side")
 PY
 fi
 if has checks; then
