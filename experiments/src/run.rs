@@ -652,6 +652,11 @@ fn rl_stage(
                     batch.rollout_tokens as f64
                         / (batch.rollout_seconds / r.workers as f64).max(1e-9),
                 ),
+                // how full the workers' decode steps ran (NaN: no generation ended meanwhile)
+                (
+                    "rollout_rows_per_decode_step".into(),
+                    batch.decoded.rows as f64 / batch.decoded.steps as f64,
+                ),
                 (
                     "learner_tokens_per_s".into(),
                     m.tokens as f64 / train.max(1e-9),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use model::generate::Decoded;
 use rollout::pool::Event;
 use rollout::schema::{from_batch, Sample};
 
@@ -31,6 +32,8 @@ pub struct StepBatch {
     /// Worker-seconds spent generating the groups used, and the completion tokens they hold.
     pub rollout_seconds: f64,
     pub rollout_tokens: usize,
+    /// What the workers' generations that ended while this step gathered its groups decoded.
+    pub decoded: Decoded,
 }
 
 impl StepBatch {
@@ -117,6 +120,7 @@ impl Collector {
                 out.finished_groups.push(group_id);
             }
             Event::Fatal(e) => return Err(LearnerError::Invalid(format!("rollout: {e}"))),
+            Event::Decoded(d) => out.decoded += d,
         }
         Ok(())
     }
@@ -215,10 +219,20 @@ mod tests {
     fn stale_groups_are_dropped_and_counted_and_order_is_by_group() {
         let (tx, rx) = crossbeam_channel::bounded(16);
         let mut c = Collector::new(rx, 1, 2);
+        let decoded = |steps, rows| Event::Decoded(Decoded { steps, rows });
         for (id, v) in [(5, 3), (4, 1), (3, 2), (2, 3)] {
             tx.send(group(id, v)).unwrap();
+            tx.send(decoded(3, 5)).unwrap();
         }
         let step = c.next_step(3).unwrap();
+        // the generations' counts that came meanwhile add up
+        assert_eq!(
+            step.decoded,
+            Decoded {
+                steps: 12,
+                rows: 20
+            }
+        );
         // group 4 (version 1) is two versions old at learner version 3: dropped
         assert_eq!(step.dropped_rows, 2);
         let ids: Vec<u64> = step.groups.iter().map(|g| g[0].group_id).collect();
@@ -234,6 +248,11 @@ mod tests {
         tx.send(group(7, 4)).unwrap();
         let step = c.next_step(4).unwrap();
         assert_eq!(step.failed_groups, 1);
+        assert_eq!(
+            step.decoded,
+            Decoded::default(),
+            "counted in the step they came in"
+        );
         assert_eq!(step.groups.len(), 2);
         drop(tx);
         assert!(c.next_step(4).is_err(), "disconnected workers are an error");

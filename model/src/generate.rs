@@ -103,7 +103,7 @@ pub fn generate_continuous<F>(
     tokenizer: Option<&Tokenizer>,
     slots: usize,
     on_done: F,
-) -> Result<()>
+) -> Result<Decoded>
 where
     F: FnMut(usize, Completion) -> Result<()>,
 {
@@ -126,7 +126,7 @@ pub fn generate_continuous_streams<F>(
     tokenizer: Option<&Tokenizer>,
     slots: usize,
     on_done: F,
-) -> Result<()>
+) -> Result<Decoded>
 where
     F: FnMut(usize, Completion) -> Result<()>,
 {
@@ -138,7 +138,7 @@ where
         )));
     }
     if prompts.is_empty() {
-        return Ok(());
+        return Ok(Decoded::default());
     }
     let room = Room {
         slots: slots.clamp(1, prompts.len()),
@@ -159,6 +159,21 @@ where
 pub struct Prompt {
     pub ids: Vec<u32>,
     pub stream: (u64, u64),
+}
+
+/// What a generation decoded: its decode steps and the rows they decoded (the prefills not
+/// counted). `rows / steps` is how full its batches ran.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Decoded {
+    pub steps: usize,
+    pub rows: usize,
+}
+
+impl std::ops::AddAssign for Decoded {
+    fn add_assign(&mut self, other: Decoded) {
+        self.steps += other.steps;
+        self.rows += other.rows;
+    }
 }
 
 /// How [`generate_stream`] sizes its batch and KV cache.
@@ -196,7 +211,7 @@ pub fn generate_stream<P, F>(
     room: Room,
     mut next_prompt: P,
     mut on_done: F,
-) -> Result<()>
+) -> Result<Decoded>
 where
     P: FnMut() -> Option<Prompt>,
     F: FnMut(usize, Completion) -> Result<()>,
@@ -246,11 +261,11 @@ where
             on_done(i, finished(empty(), cfg, tokenizer)?)?;
             i += 1;
         }
-        return Ok(());
+        return Ok(Decoded::default());
     }
     let first = pull(room.slots.max(1))?;
     if first.is_empty() {
-        return Ok(());
+        return Ok(Decoded::default());
     }
     let device = w.embed_tokens.device().clone();
     let mut longest = first
@@ -283,6 +298,7 @@ where
         .map(|(i, p)| Some(admit(i, p, longest)))
         .collect();
     let mut next = first.len();
+    let mut decoded = Decoded::default();
     // The rows that `logits` holds, in order.
     let mut fresh: Vec<usize> = (0..rows.len()).collect();
     loop {
@@ -344,7 +360,7 @@ where
         }
         let live: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].is_some()).collect();
         if live.is_empty() {
-            return Ok(());
+            return Ok(decoded);
         }
         // No prompt waits: drop the finished slots once they are half the batch.
         if 2 * live.len() <= rows.len() {
@@ -368,6 +384,10 @@ where
         let batch = Batch::decode(&ids, &starts, l, &device)?;
         logits = last_logits(w, &batch, &mut cache)?;
         fresh = (0..rows.len()).collect();
+        decoded += Decoded {
+            steps: 1,
+            rows: live.len(),
+        };
     }
 }
 

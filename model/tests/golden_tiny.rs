@@ -156,7 +156,7 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
         let events = std::cell::RefCell::new(&mut events);
         let mut asked = 0;
         let mut out: Vec<Option<Completion>> = vec![None; prompts.len()];
-        model::generate::generate_stream(
+        let decoded = model::generate::generate_stream(
             &w,
             &cfg,
             None,
@@ -177,6 +177,10 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
             },
         )
         .unwrap();
+        // every token after a completion's first comes from a decode step in which its row ran
+        let after_first: usize = out.iter().flatten().map(|c| c.tokens.len() - 1).sum();
+        assert_eq!(decoded.rows, after_first, "{room:?}");
+        assert!(decoded.rows <= room.slots * decoded.steps);
         let events = events.into_inner().clone();
         (out, events)
     };

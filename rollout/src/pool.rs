@@ -20,8 +20,8 @@ use crossbeam_channel::Sender;
 use datasets::{Cursor, Loader, Record};
 use model::error::Regrow;
 use model::generate::{
-    generate_continuous_streams, generate_stream, Completion, FinishReason, GenerationConfig,
-    Prompt, Room,
+    generate_continuous_streams, generate_stream, Completion, Decoded, FinishReason,
+    GenerationConfig, Prompt, Room,
 };
 use model::Weights;
 use serde::{Deserialize, Serialize};
@@ -129,6 +129,9 @@ pub enum Event {
     },
     /// The feed cannot go on (e.g. too many bad rows): the run must stop.
     Fatal(String),
+    /// What one of a worker's generations decoded (sent after its groups): how full its
+    /// batches ran.
+    Decoded(Decoded),
 }
 
 /// Why a group could not be generated.
@@ -245,20 +248,24 @@ pub fn rollout_group(
     record: &Record,
     cfg: &PoolConfig,
 ) -> Result<Vec<Sample>, RolloutError> {
-    let mut out = rollout_groups(task, w, version, &[(group_id, record.clone())], cfg)?;
+    let (mut out, _) = rollout_groups(task, w, version, &[(group_id, record.clone())], cfg)?;
     out.pop().expect("one group in, one out")
 }
 
+/// Each group's samples, or why that group failed.
+pub type GroupResults = Vec<Result<Vec<Sample>, RolloutError>>;
+
 /// Generates `groups` in one batch under `w` (detached weights of `version`), each from its own
 /// sampling streams (`group_seed`, row), and scores them: each group's samples, or why that group
-/// failed (its prompt). The error is generation's, which fails them all.
+/// failed (its prompt), and what the generation decoded. The error is generation's, which fails
+/// them all.
 pub fn rollout_groups(
     task: &Task,
     w: &Weights,
     version: u64,
     groups: &[(u64, Record)],
     cfg: &PoolConfig,
-) -> Result<Vec<Result<Vec<Sample>, RolloutError>>, RolloutError> {
+) -> Result<(GroupResults, Decoded), RolloutError> {
     let prompts: Vec<Result<Vec<u32>, RolloutError>> = groups
         .iter()
         .map(|(_, record)| task.prompt_ids(record).map_err(RolloutError::other))
@@ -278,7 +285,7 @@ pub fn rollout_groups(
     let mut completions: Vec<Option<Completion>> = vec![None; rows.len()];
     let tokenizer = Some(&task.tokenizer);
     let slots = rows.len();
-    generate_continuous_streams(
+    let decoded = generate_continuous_streams(
         w,
         &rows,
         &streams,
@@ -295,7 +302,7 @@ pub fn rollout_groups(
         message: e.to_string(),
     })?;
     let mut completions = completions.into_iter().flatten();
-    Ok(groups
+    let results = groups
         .iter()
         .zip(prompts)
         .map(|((group_id, record), prompt)| {
@@ -306,7 +313,8 @@ pub fn rollout_groups(
                 task, version, *group_id, record, &prompt, group, cfg,
             ))
         })
-        .collect())
+        .collect();
+    Ok((results, decoded))
 }
 
 /// One group's completions, scored into samples.
@@ -545,18 +553,15 @@ fn work(
                 streamed != Streamed::Closed
             }
             Ok(_) => {
-                let snap = policy.snapshot();
                 let start = Instant::now();
-                let results =
-                    generate_fitting(stop, &mut std::thread::sleep, &groups, &mut |part| {
-                        rollout_groups(task, &snap.weights, snap.version, part, cfg)
-                    });
+                let (results, decoded) = generate_counted(&worker, policy.snapshot(), &groups);
                 // each group's share of the batch's time
                 let seconds = start.elapsed().as_secs_f64() / groups.len() as f64;
                 groups
                     .iter()
                     .zip(results)
                     .all(|((group_id, _), result)| worker.send(*group_id, result, seconds))
+                    && worker.sender.send(Event::Decoded(decoded)).is_ok()
             }
             Err(e) => groups
                 .iter()
@@ -566,6 +571,23 @@ fn work(
             return;
         }
     }
+}
+
+/// [`generate_fitting`] of `groups` under `snap` (in halves where a batch fails, a single group
+/// tried again after out-of-memory waits): each group's result, and what its generations
+/// decoded together.
+fn generate_counted(
+    w: &Worker,
+    snap: &Snapshot<Weights>,
+    groups: &[(u64, Record)],
+) -> (GroupResults, Decoded) {
+    let mut decoded = Decoded::default();
+    let results = generate_fitting(w.stop, &mut std::thread::sleep, groups, &mut |part| {
+        let (results, d) = rollout_groups(w.task, &snap.weights, snap.version, part, w.cfg)?;
+        decoded += d;
+        Ok(results)
+    });
+    (results, decoded)
 }
 
 /// A group under way in a streamed batch.
@@ -717,7 +739,10 @@ fn stream_groups(
         return Streamed::Closed;
     }
     let ended = match generated {
-        Ok(()) => return Streamed::Generated,
+        Ok(decoded) if w.sender.send(Event::Decoded(decoded)).is_ok() => {
+            return Streamed::Generated
+        }
+        Ok(_) => return Streamed::Closed,
         Err(e) if e.is_out_of_memory() => Streamed::OutOfMemory,
         Err(_) => Streamed::Failed,
     };
@@ -727,14 +752,13 @@ fn stream_groups(
         .flatten()
         .map(|g| (g.group_id, g.record))
         .collect();
-    let results = generate_fitting(w.stop, &mut std::thread::sleep, &unfinished, &mut |part| {
-        rollout_groups(w.task, &snap.weights, snap.version, part, cfg)
-    });
+    let (results, decoded) = generate_counted(w, snap, &unfinished);
     let seconds = st.last.elapsed().as_secs_f64() / unfinished.len().max(1) as f64;
     let listening = unfinished
         .iter()
         .zip(results)
-        .all(|((group_id, _), result)| w.send(*group_id, result, seconds));
+        .all(|((group_id, _), result)| w.send(*group_id, result, seconds))
+        && w.sender.send(Event::Decoded(decoded)).is_ok();
     if listening {
         ended
     } else {

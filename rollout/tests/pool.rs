@@ -7,7 +7,7 @@ use std::time::Duration;
 use candle_core::Device;
 use datasets::order::{Source, SourceOptions};
 use datasets::Loader;
-use model::generate::GenerationConfig;
+use model::generate::{Decoded, GenerationConfig};
 use model::{builtin, init, Weights};
 use rewards::compose::{Part, PartKind, RewardSpec};
 use rollout::policy::{Admission, PolicyStore};
@@ -95,14 +95,37 @@ fn setup_with(
     (pool, rx, store, admission, w)
 }
 
+/// The next event that is not a generation's count of what it decoded (those follow their
+/// groups).
+fn next_event(rx: &crossbeam_channel::Receiver<Event>) -> Event {
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+            Event::Decoded(_) => continue,
+            e => return e,
+        }
+    }
+}
+
+/// Whether no group (nor failure) arrives for `ms` milliseconds, and what the generations whose
+/// counts arrived meanwhile decoded.
+fn no_group_for(rx: &crossbeam_channel::Receiver<Event>, ms: u64) -> (bool, Decoded) {
+    let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+    let mut decoded = Decoded::default();
+    loop {
+        match rx.recv_deadline(deadline) {
+            Err(_) => return (true, decoded),
+            Ok(Event::Decoded(d)) => decoded += d,
+            Ok(_) => return (false, decoded),
+        }
+    }
+}
+
 fn groups(rx: &crossbeam_channel::Receiver<Event>, n: usize) -> Vec<Vec<Sample>> {
     let mut out: Vec<Vec<Sample>> = (0..n)
-        .map(
-            |_| match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
-                Event::Rollout(r) => from_batch(&r.batch).unwrap(),
-                other => panic!("{other:?}"),
-            },
-        )
+        .map(|_| match next_event(rx) {
+            Event::Rollout(r) => from_batch(&r.batch).unwrap(),
+            other => panic!("{other:?}"),
+        })
         .collect();
     out.sort_by_key(|g| g[0].group_id);
     out
@@ -126,7 +149,7 @@ fn synchronous_workers_make_one_batch_per_version_and_switch_between_generations
             .all(|s| s.behavior_logprobs.len() == s.completion_ids.len()));
     }
     // nothing more until the learner publishes
-    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    assert!(no_group_for(&rx, 300).0);
     let v1 = init::random_weights(&w.config, 0.02, 4, &Device::Cpu).unwrap();
     store.publish(1, v1.checksum().unwrap(), v1).unwrap();
     admission.consumed(8);
@@ -141,7 +164,7 @@ fn synchronous_workers_make_one_batch_per_version_and_switch_between_generations
     store.publish(2, 12345, w.snapshot().unwrap()).unwrap();
     admission.consumed(8);
     admission.published(2);
-    match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+    match next_event(&rx) {
         Event::Failed { error, .. } => assert!(error.contains("checksum"), "{error}"),
         other => panic!("{other:?}"),
     }
@@ -165,12 +188,10 @@ fn a_group_is_the_same_whichever_worker_makes_it() {
 /// Each group's samples and the worker's generation that made it, by group id.
 fn rollouts(rx: &crossbeam_channel::Receiver<Event>, n: usize) -> Vec<(Vec<Sample>, u64)> {
     let mut out: Vec<(Vec<Sample>, u64)> = (0..n)
-        .map(
-            |_| match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
-                Event::Rollout(r) => (from_batch(&r.batch).unwrap(), r.generation),
-                other => panic!("{other:?}"),
-            },
-        )
+        .map(|_| match next_event(rx) {
+            Event::Rollout(r) => (from_batch(&r.batch).unwrap(), r.generation),
+            other => panic!("{other:?}"),
+        })
         .collect();
     out.sort_by_key(|(g, _)| g[0].group_id);
     out
@@ -238,11 +259,7 @@ fn a_worker_refills_its_batch_with_groups_it_may_start_under_its_version() {
     // full until the learner publishes; the next groups are a new generation under the new
     // version.
     let (pool, rx, store, admission, w) = setup(1, 1, 2);
-    let streamed = rollouts(&rx, 4);
-    assert!(
-        rx.recv_timeout(Duration::from_millis(300)).is_err(),
-        "bounded at two batches"
-    );
+    let (streamed, decoded) = rollouts_decoded(&rx, 4);
     let first = streamed[0].1;
     assert!(
         streamed.iter().all(|(_, g)| *g == first),
@@ -267,7 +284,7 @@ fn a_worker_refills_its_batch_with_groups_it_may_start_under_its_version() {
     pool.stop();
 
     let (pool, rx, _, _, _) = setup(1, 1, 1);
-    let alone = rollouts(&rx, 4);
+    let (alone, decoded_alone) = rollouts_decoded(&rx, 4);
     drop(rx);
     pool.stop();
     let generations: std::collections::HashSet<u64> = alone.iter().map(|(_, g)| *g).collect();
@@ -275,6 +292,43 @@ fn a_worker_refills_its_batch_with_groups_it_may_start_under_its_version() {
     for ((a, _), (b, _)) in alone.iter().zip(&streamed) {
         assert_same_samples(a, b);
     }
+    // every completion token after the first comes from a decode step in which its row ran;
+    // the streamed batch ran more rows a step than a group alone has
+    let after_first: usize = streamed
+        .iter()
+        .flat_map(|(g, _)| g)
+        .map(|s| s.completion_ids.len() - 1)
+        .sum();
+    assert_eq!(decoded.rows, after_first);
+    assert_eq!(decoded_alone.rows, after_first);
+    let fill = |d: Decoded| d.rows as f64 / d.steps as f64;
+    assert!(
+        fill(decoded_alone) <= 4.0 && fill(decoded) > 4.0,
+        "{decoded:?} streamed, {decoded_alone:?} alone"
+    );
+}
+
+/// `n` groups with the worker's generation of each, and what the generations decoded (their
+/// counts that arrive with the groups and in the 300 ms after, when no group may come: the
+/// quota is full).
+fn rollouts_decoded(
+    rx: &crossbeam_channel::Receiver<Event>,
+    n: usize,
+) -> (Vec<(Vec<Sample>, u64)>, Decoded) {
+    let mut out = Vec::new();
+    let mut decoded = Decoded::default();
+    while out.len() < n {
+        match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+            Event::Rollout(r) => out.push((from_batch(&r.batch).unwrap(), r.generation)),
+            Event::Decoded(d) => decoded += d,
+            other => panic!("{other:?}"),
+        }
+    }
+    let (quiet, after) = no_group_for(rx, 300);
+    assert!(quiet, "bounded at two batches");
+    decoded += after;
+    out.sort_by_key(|(g, _)| g[0].group_id);
+    (out, decoded)
 }
 
 #[test]
@@ -296,16 +350,14 @@ fn a_group_that_fails_a_streamed_batch_fails_alone_and_the_others_are_as_alone()
             .set_chat_template(Some("{{ messages[0].content }}".into()));
         let (pool, rx, _, _, _) = setup_with(config, task, 8, 1, 0, groups_per_batch);
         let mut out: Vec<(u64, Result<Vec<Sample>, String>)> = (0..8)
-            .map(
-                |_| match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
-                    Event::Rollout(r) => {
-                        let g = from_batch(&r.batch).unwrap();
-                        (g[0].group_id, Ok(g))
-                    }
-                    Event::Failed { group_id, error } => (group_id, Err(error)),
-                    other => panic!("{other:?}"),
-                },
-            )
+            .map(|_| match next_event(&rx) {
+                Event::Rollout(r) => {
+                    let g = from_batch(&r.batch).unwrap();
+                    (g[0].group_id, Ok(g))
+                }
+                Event::Failed { group_id, error } => (group_id, Err(error)),
+                other => panic!("{other:?}"),
+            })
             .collect();
         drop(rx);
         pool.stop();
@@ -346,10 +398,7 @@ fn one_step_staleness_lets_workers_run_a_batch_ahead() {
     let (pool, rx, _, _, _) = setup(2, 1, 1);
     let ahead = groups(&rx, 4);
     assert!(ahead.iter().flatten().all(|s| s.policy_version == 0));
-    assert!(
-        rx.recv_timeout(Duration::from_millis(300)).is_err(),
-        "bounded at two batches"
-    );
+    assert!(no_group_for(&rx, 300).0, "bounded at two batches");
     drop(rx);
     pool.stop();
 }
