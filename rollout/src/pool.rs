@@ -484,6 +484,23 @@ impl Worker<'_> {
         self.sender.send(event).is_ok()
     }
 
+    /// Sends generated `groups`' results, each timed at its share of `seconds`, then what
+    /// their generations decoded. False once the learner no longer listens.
+    fn send_generated(
+        &self,
+        groups: &[(u64, Record)],
+        results: GroupResults,
+        seconds: f64,
+        decoded: Decoded,
+    ) -> bool {
+        let share = seconds / groups.len().max(1) as f64;
+        groups
+            .iter()
+            .zip(results)
+            .all(|((group_id, _), result)| self.send(*group_id, result, share))
+            && self.sender.send(Event::Decoded(decoded)).is_ok()
+    }
+
     /// The next group from the feed; on the feed's error, tells the learner the run must stop.
     fn draw(&self) -> Option<(u64, Record)> {
         match self.feed.lock().expect("feed lock").next_group() {
@@ -555,13 +572,8 @@ fn work(
             Ok(_) => {
                 let start = Instant::now();
                 let (results, decoded) = generate_counted(&worker, policy.snapshot(), &groups);
-                // each group's share of the batch's time
-                let seconds = start.elapsed().as_secs_f64() / groups.len() as f64;
-                groups
-                    .iter()
-                    .zip(results)
-                    .all(|((group_id, _), result)| worker.send(*group_id, result, seconds))
-                    && worker.sender.send(Event::Decoded(decoded)).is_ok()
+                let seconds = start.elapsed().as_secs_f64();
+                worker.send_generated(&groups, results, seconds, decoded)
             }
             Err(e) => groups
                 .iter()
@@ -753,13 +765,8 @@ fn stream_groups(
         .map(|g| (g.group_id, g.record))
         .collect();
     let (results, decoded) = generate_counted(w, snap, &unfinished);
-    let seconds = st.last.elapsed().as_secs_f64() / unfinished.len().max(1) as f64;
-    let listening = unfinished
-        .iter()
-        .zip(results)
-        .all(|((group_id, _), result)| w.send(*group_id, result, seconds))
-        && w.sender.send(Event::Decoded(decoded)).is_ok();
-    if listening {
+    let seconds = st.last.elapsed().as_secs_f64();
+    if w.send_generated(&unfinished, results, seconds, decoded) {
         ended
     } else {
         Streamed::Closed
