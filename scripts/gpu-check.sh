@@ -159,6 +159,21 @@ if has run; then
       RUN_RC=${PIPESTATUS[0]}
     fi
     [ -f "$OUT/run-cuda/summary.json" ] && cat "$OUT/run-cuda/summary.json"
+    # the RL steps' rollout speed and how full the workers' decode steps ran (metrics.parquet)
+    [ -f "$OUT/run-cuda/metrics.parquet" ] && python3 - "$OUT/run-cuda/metrics.parquet" <<'PY'
+import math, sys
+try:
+    import pyarrow.parquet as pq
+except ImportError:
+    sys.exit("metrics.parquet: no pyarrow here to read it")
+t = pq.read_table(sys.argv[1]).to_pydict()
+def mean(xs):
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+print(f'RL steps {len(t["step"])}: rollout {mean(t["rollout_tokens_per_s"]):.0f} tok/s, '
+      f'{mean(t["rollout_rows_per_decode_step"]):.1f} rows a decode step, learner '
+      f'{mean(t["learner_tokens_per_s"]):.0f} tok/s, {mean(t["time/wait_rollout"]):.2f} s a step waiting for rollouts')
+PY
     [ "$RUN_RC" = 0 ] || RC=$RUN_RC
   fi
 fi
