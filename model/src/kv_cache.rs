@@ -209,6 +209,7 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::IndexOp;
 
     /// A cache of `batch` rows whose slots hold `base + 100·row + slot` in every element (keys)
     /// and its negation (values), `len` of them filled.
@@ -247,8 +248,6 @@ mod tests {
         }
         first
     }
-
-    use candle_core::IndexOp;
 
     #[test]
     fn rows_written_from_a_prefill_land_in_their_rows_and_the_others_stay() {

@@ -152,8 +152,7 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
     // the completions, and what happened in order: `Some(true)` a prompt handed out,
     // `Some(false)` the source asked past its end, `None` a completion
     let stream = |room: model::generate::Room| {
-        let mut events: Vec<Option<bool>> = Vec::new();
-        let events = std::cell::RefCell::new(&mut events);
+        let events: std::cell::RefCell<Vec<Option<bool>>> = Default::default();
         let mut asked = 0;
         let mut out: Vec<Option<Completion>> = vec![None; prompts.len()];
         let decoded = model::generate::generate_stream(
@@ -181,7 +180,7 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
         let after_first: usize = out.iter().flatten().map(|c| c.tokens.len() - 1).sum();
         assert_eq!(decoded.rows, after_first, "{room:?}");
         assert!(decoded.rows <= room.slots * decoded.steps);
-        let events = events.into_inner().clone();
+        let events = events.into_inner();
         (out, events)
     };
     let room = model::generate::Room {
