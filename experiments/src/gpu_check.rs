@@ -311,6 +311,20 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         taken && worst.0 < 0.1,
     );
 
+    // a learner's attention of a few scores (under a chunk's) takes the flash kernels too: the
+    // log-probs with a graph are those of a forward without one, to the bit
+    let (_, trainable) = w64_bf16.to_vars()?;
+    let calls = ops::flash_calls();
+    let with_graph = sequence_logprobs(&trainable, &ids, &mask, &mask, 1.0)?.logprobs;
+    let taken = ops::flash_calls() > calls;
+    let without = sequence_logprobs(&w64_bf16.detach(), &ids, &mask, &mask, 1.0)?.logprobs;
+    let d = max_abs_diff(&with_graph, &without)?;
+    check(
+        "log-probs bf16 with a graph vs without (flash attention both, D=64), max|Δ|",
+        format!("{d:.2e}"),
+        taken && d == 0.0,
+    );
+
     // shared prompts: two 40-token prompts run once for the three 8-token completions of each
     let comp = |k: usize| &ids[2 + k % 2][8 * k..8 * k + 8];
     let whole: Vec<Vec<u32>> = (0..6)

@@ -679,8 +679,13 @@ fn attention(
     // chunked attention write it so, the composed ops transpose
     let out = if let Some(out) = flash {
         out
-    } else if !cached && crate::attention::worth_chunking(b, hq, t, s) {
-        // no [T, S] probabilities kept for the backward
+    } else if !cached
+        && (crate::attention::worth_chunking(b, hq, t, s) || crate::ops::flash_attention_takes(&q))
+    {
+        // no [T, S] probabilities kept for the backward. Where the flash kernels take it, at any
+        // size: fewer launches than the composed ops, and the very kernel a forward without a
+        // graph runs, so that a batch's log-probs with a graph and without are the same numbers
+        // (the reference's DPO margin exactly 0) at every length, not only past a chunk's.
         let chunk = crate::attention::chunk_rows(b, hq, s);
         crate::attention::attention(&q, &k, &v.contiguous()?, bias, scale, chunk)?
     } else {

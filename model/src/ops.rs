@@ -1481,6 +1481,16 @@ fn flash_applies(q: &Tensor) -> bool {
         && q.device().is_cuda()
 }
 
+/// Whether the flash kernels take the attention of queries `q [B, Hkv, G·T, D]` by their device,
+/// dtype and head dimension (bf16, D 64 or 128): then a learner's attention takes them at any
+/// size (see `forward::attention`), as a prefill's does.
+pub fn flash_attention_takes(q: &Tensor) -> bool {
+    let d = q.dims().last().copied().unwrap_or(0);
+    flash_applies(q)
+        && q.dtype() == DType::BF16
+        && crate::launch::flash_attention_kernel(d).is_some()
+}
+
 /// `softmax(scale·q·kᵀ + bias)·v` over a batch of query rows in one fused kernel on CUDA (the
 /// FlashAttention-2 forward on the tensor cores: no score leaves the chip): `q [B, Hkv, G·T, D]`,
 /// `k, v [B, Hkv, S, D]` (contiguous rows; a KV cache's views are read in place), a causal
