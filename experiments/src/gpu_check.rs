@@ -325,6 +325,31 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         taken && d == 0.0,
     );
 
+    // the training–inference log-prob gap: what a worker's generation records (the KV cache and
+    // the decode kernels, from a packed snapshot in bf16) against what the learner computes for
+    // the same tokens (the weights in a graph), f32 and bf16
+    let prompts: Vec<Vec<u32>> = ids
+        .iter()
+        .map(|r| r[..16 + r[1] as usize % 24].to_vec())
+        .collect();
+    let gaps = [
+        ("f32", w_gpu.detach(), w_gpu.clone(), 1e-3),
+        (
+            "bf16 packed snapshot, D=64",
+            w64_bf16.packed()?,
+            w64_bf16.clone(),
+            0.1,
+        ),
+    ];
+    for (label, w_gen, w_learn, tolerance) in gaps {
+        let (worst, mean, n) = behaviour_vs_learner(&w_gen, &w_learn, &prompts)?;
+        check(
+            &format!("behaviour vs learner log-probs, {label}: max|Δ| (mean)"),
+            format!("{worst:.2e} ({mean:.1e}, {n} tokens)"),
+            n > 0 && worst < tolerance,
+        );
+    }
+
     // shared prompts: two 40-token prompts run once for the three 8-token completions of each
     let comp = |k: usize| &ids[2 + k % 2][8 * k..8 * k + 8];
     let whole: Vec<Vec<u32>> = (0..6)
@@ -457,6 +482,57 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
     );
 
     Ok(())
+}
+
+/// Completions sampled at temperature 1 from `w_gen` (the KV cache and the decode kernels),
+/// their behaviour log-probs against the learner's for the same tokens (`w_learn`'s weights in a
+/// graph, as a step computes them): the largest and the mean |Δ|, and the tokens compared.
+fn behaviour_vs_learner(
+    w_gen: &Weights,
+    w_learn: &Weights,
+    prompts: &[Vec<u32>],
+) -> Result<(f32, f32, usize)> {
+    let cfg = GenerationConfig {
+        max_new_tokens: 24,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        },
+        seed: 7,
+        ..Default::default()
+    };
+    let out = generate(w_gen, prompts, &cfg, None)?;
+    let rows: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&out)
+        .map(|(p, c)| p.iter().chain(&c.tokens).copied().collect())
+        .collect();
+    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut ids, mut attn, mut scored) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, row) in prompts.iter().zip(&rows) {
+        let mut padded = row.clone();
+        padded.resize(t, 0);
+        ids.push(padded);
+        attn.push((0..t).map(|i| u8::from(i < row.len())).collect::<Vec<u8>>());
+        let own = |i: usize| i >= p.len() && i < row.len();
+        scored.push((0..t).map(|i| u8::from(own(i))).collect::<Vec<u8>>());
+    }
+    let (_, trainable) = w_learn.to_vars()?;
+    let learner = sequence_logprobs(&trainable, &ids, &attn, &scored, 1.0)?
+        .logprobs
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
+    let (mut worst, mut sum, mut n) = (0f32, 0f32, 0usize);
+    for (k, (p, c)) in prompts.iter().zip(&out).enumerate() {
+        for (i, &behaviour) in c.logprobs.iter().enumerate() {
+            let d = (learner[k][p.len() + i - 1] - behaviour).abs();
+            worst = worst.max(d);
+            sum += d;
+            n += 1;
+        }
+    }
+    Ok((worst, sum / n.max(1) as f32, n))
 }
 
 /// Random normal tensor of `shape` on `device` in `dtype` (drawn in f32 on the CPU).
