@@ -4,7 +4,8 @@
 //! micro-batch in pieces, whose gradients add up to the micro-batch's own: the piece that failed
 //! is halved, down to one sequence (or pair) a piece, and then per-layer checkpointing is turned
 //! on. What fitted holds for the steps after it (it lives in the optimizer, which every step of
-//! a run shares), and a single sequence that does not fit even so is an error that says so.
+//! a run shares, and goes into its checkpoints with it: a resumed run does not run out of memory
+//! again to learn it), and a single sequence that does not fit even so is an error that says so.
 //!
 //! A shortage may pass: on one GPU the rollout workers' batches come and go beside the learner.
 //! So after [`PROBE_EVERY`] steps under a reduced fit, a step tries the next larger one (pieces
@@ -19,7 +20,7 @@ use crate::error::{LearnerError, Result};
 use crate::optim::AdamW;
 
 /// How much of a micro-batch the device has room for, learnt from running out of it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Fit {
     /// The most padded tokens a piece holds (None: micro-batches run whole).
     pub piece_tokens: Option<usize>,

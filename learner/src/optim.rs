@@ -457,7 +457,13 @@ impl AdamW {
         }
         let st = dir.join("optimizer.safetensors");
         candle_core::safetensors::save(&tensors, &st)?;
-        let meta = serde_json::json!({"step": self.step, "config": self.config});
+        // what fitted in device memory, and when a larger fit is tried next: a resumed run
+        // neither runs out again to learn it nor tries a larger one sooner
+        let meta = serde_json::json!({
+            "step": self.step,
+            "config": self.config,
+            "fitting": self.fitting,
+        });
         std::fs::write(dir.join("optimizer.json"), meta.to_string()).map_err(|e| {
             OptimError::State {
                 path: dir.display().to_string(),
@@ -477,6 +483,11 @@ impl AdamW {
         )
         .map_err(|e| err(e.to_string()))?;
         self.step = meta["step"].as_u64().ok_or_else(|| err("no step".into()))?;
+        // (states saved before it was kept: the fit learnt afresh)
+        if let Some(fitting) = meta.get("fitting") {
+            self.fitting = serde_json::from_value(fitting.clone())
+                .map_err(|e| err(format!("fitting: {e}")))?;
+        }
         let tensors =
             candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
         for p in &mut self.params {

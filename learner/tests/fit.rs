@@ -209,6 +209,58 @@ fn a_reduced_fit_tries_a_larger_one_after_steps_that_fitted() {
 }
 
 #[test]
+fn a_resumed_optimizer_keeps_what_fitted_and_when_it_tries_a_larger_fit() {
+    use learner::fit::PROBE_EVERY;
+    let base = model();
+    let seqs = sequences(&base);
+    let cfg = config(Aggregation::Dapo);
+    let step = |w: &Weights, opt: &mut AdamW| {
+        policy_step(w, None, None, opt, &seqs, &cfg, 1e-3)
+            .unwrap()
+            .memory_retries
+    };
+    let pieces = |t| Fit {
+        piece_tokens: Some(t),
+        checkpointed: false,
+    };
+    // room for 12 tokens: pieces of 7 after one retry; the try of pieces of 14 runs out
+    let (vars, w) = base.to_vars().unwrap();
+    let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+    with_room(12, || {
+        for _ in 0..=PROBE_EVERY {
+            step(&w, &mut opt);
+        }
+    });
+    assert_eq!(opt.fit(), pieces(7));
+    let dir = std::env::temp_dir().join(format!("ferrite-fit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    opt.save(&dir).unwrap();
+
+    // a fresh optimizer runs out again; a resumed one takes pieces of 7 at once
+    let fresh = |dir: Option<&std::path::Path>| {
+        let (vars, w) = base.to_vars().unwrap();
+        let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+        if let Some(dir) = dir {
+            opt.load(dir).unwrap();
+        }
+        (w, opt)
+    };
+    let (w_new, mut new) = fresh(None);
+    assert_eq!(with_room(12, || step(&w_new, &mut new)), 1);
+    let (w_resumed, mut resumed) = fresh(Some(&dir));
+    assert_eq!(resumed.fit(), pieces(7));
+    assert_eq!(with_room(12, || step(&w_resumed, &mut resumed)), 0);
+    // and its next try waits twice as long, as the uninterrupted run's does
+    for _ in 2..2 * PROBE_EVERY {
+        assert_eq!(step(&w_resumed, &mut resumed), 0);
+        assert_eq!(resumed.fit(), pieces(7));
+    }
+    assert_eq!(step(&w_resumed, &mut resumed), 0);
+    assert_eq!(resumed.fit(), pieces(14));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn sft_and_dpo_steps_run_in_pieces_as_they_would_whole() {
     let base = model();
     let examples: Vec<(Vec<u32>, Vec<u32>)> = sequences(&base)

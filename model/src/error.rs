@@ -101,7 +101,7 @@ pub fn out_of_memory(e: &candle_core::Error) -> bool {
 /// beside the learner). After `every` runs that fitted at a reduced size, the next run tries
 /// the next larger one ([`Regrow::grow`] before each run); if that runs out of memory, it goes
 /// back to the size before, and the next try waits twice as long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Regrow<S> {
     size: S,
     /// The size before the larger one being tried.
