@@ -1557,6 +1557,34 @@ fn learner_benches(
     Ok(())
 }
 
+/// A GRPO step on an RL-like batch (`learner::synthetic::rl_like_step`: 16 prompts of 40–120
+/// tokens × 8 completions of 8–512) in micro-batches of 8,192 padded tokens, its sequences as
+/// they come and by length (`learner::step::by_length`): completion tokens/s and positions run.
+fn learner_order_bench(w: &Weights, r: &mut Report) -> Result<()> {
+    let (vars, trainable) = w.to_vars()?;
+    let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+    let seqs = learner::synthetic::rl_like_step(16, 8, w.config.vocab_size as u32, 3);
+    let tokens: usize = seqs.iter().map(|s| s.completion.len()).sum();
+    let [given, sorted] = learner::synthetic::compare_orders(&trainable, &mut opt, &seqs, 8192, 2)?;
+    let tok_s = |run: &learner::synthetic::OrderRun| tokens as f64 / run.seconds;
+    r.lines.push(format!(
+        "learner GRPO step bf16, RL-like lengths ({} rows, {tokens} completion tokens, micro-batches \
+         of 8192): as they come {:.0} tok/s ({} positions), by length {:.0} tok/s ({} positions): \
+         {:.2}×",
+        seqs.len(),
+        tok_s(&given),
+        given.positions,
+        tok_s(&sorted),
+        sorted.positions,
+        given.seconds / sorted.seconds
+    ));
+    r.json.push(format!(
+        r#"{{"kind": "learner_order", "tokens": {tokens}, "given_s": {}, "sorted_s": {}, "given_positions": {}, "sorted_positions": {}}}"#,
+        given.seconds, sorted.seconds, given.positions, sorted.positions
+    ));
+    Ok(())
+}
+
 /// Each fused kernel's forward + backward time against its composed reference at the learner's
 /// shapes (B=8, T=1024, Qwen2.5-0.5B's widths).
 fn kernel_timings(gpu: &Device, r: &mut Report) -> Result<()> {
@@ -2407,6 +2435,7 @@ fn run(what: &str) -> Result<()> {
                     ("CUDA kernels + layer checkpointing", true, true, true),
                 ];
                 learner_benches(&gpu, w, baseline, &variants, r)?;
+                learner_order_bench(w, r)?;
                 // what model::cuda::open's device settings gain, against candle's own
                 with_candle_defaults(w, |plain, w, before| {
                     let label = [("CUDA kernels, candle's device defaults", true, true, false)];

@@ -16,3 +16,4 @@ pub mod schedule;
 pub mod sft;
 pub mod step;
 pub mod subnetwork;
+pub mod synthetic;

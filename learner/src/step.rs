@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor};
 use model::forward::SharedPrompts;
@@ -115,6 +115,90 @@ static SHARE_PROMPTS: AtomicBool = AtomicBool::new(true);
 /// prompt again. Both give the same log-probs and gradients up to float rounding.
 pub fn set_share_prompts(on: bool) {
     SHARE_PROMPTS.store(on, Ordering::Relaxed);
+}
+
+static ORDER_BY_LENGTH: AtomicBool = AtomicBool::new(true);
+static ORDERED: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether a step may take its sequences shortest first when that pads fewer tokens (on by
+/// default; see [`by_length`]). Off, its micro-batches take them in the order they come. Either
+/// way gives the same numbers up to float rounding (BNPO's per-micro-batch denominators aside).
+pub fn set_order_by_length(on: bool) {
+    ORDER_BY_LENGTH.store(on, Ordering::Relaxed);
+}
+
+/// How many steps (and no-grad passes) of this process took their sequences by length.
+pub fn ordered_by_length() -> usize {
+    ORDERED.load(Ordering::Relaxed)
+}
+
+/// The token positions a micro-batch's forward runs, padding included, as [`pack`] lays it out:
+/// each distinct prompt once (less its last token) and each row's last prompt token and
+/// completion when the rows share prompts; every row whole otherwise.
+pub fn forward_positions(seqs: &[Sequence]) -> usize {
+    match distinct_prompts(seqs) {
+        Some((prompts, _)) => {
+            let prompt = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+            let row = seqs.iter().map(|s| 1 + s.completion.len()).max();
+            prompts.len() * prompt + seqs.len() * row.unwrap_or(0)
+        }
+        None => crate::fit::padded_tokens(&row_lengths(seqs), 1, 0..seqs.len()),
+    }
+}
+
+/// The positions the forwards of `seqs` run in micro-batches of `budget` padded tokens, in the
+/// order given.
+pub fn step_positions(seqs: &[Sequence], budget: usize) -> usize {
+    micro_batches(seqs, budget)
+        .into_iter()
+        .map(|r| forward_positions(&seqs[r]))
+        .sum()
+}
+
+/// The order in which a step's micro-batches of `budget` padded tokens take `seqs`: shortest
+/// first (ties as they come), by completion or by whole row, where that runs fewer positions
+/// ([`step_positions`]) than the order they come in; None to keep that order. RL completions of
+/// one prompt end at very different lengths, so micro-batches of a group's rows, as they come,
+/// pad most rows to the group's longest; by length, rows of like lengths share micro-batches, at
+/// the cost of running a prompt in each micro-batch its rows land in. The cost of each order is
+/// counted, and the cheapest taken.
+pub fn by_length(seqs: &[Sequence], budget: usize) -> Option<Vec<usize>> {
+    if !ORDER_BY_LENGTH.load(Ordering::Relaxed) {
+        return None;
+    }
+    let rows = row_lengths(seqs);
+    let keys: [&dyn Fn(usize) -> usize; 2] = [&|i| seqs[i].completion.len(), &|i| rows[i]];
+    let mut best: Option<(usize, Vec<usize>)> = None;
+    let given = step_positions(seqs, budget);
+    for key in keys {
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| key(i));
+        let positions = step_positions(&reordered(seqs, &order), budget);
+        if positions < best.as_ref().map_or(given, |b| b.0) {
+            best = Some((positions, order));
+        }
+    }
+    best.map(|(_, order)| {
+        ORDERED.fetch_add(1, Ordering::Relaxed);
+        order
+    })
+}
+
+/// `seqs[order[0]], seqs[order[1]], …`
+pub fn reordered(seqs: &[Sequence], order: &[usize]) -> Vec<Sequence> {
+    order.iter().map(|&i| seqs[i].clone()).collect()
+}
+
+/// `seqs` in the order its micro-batches of `budget` padded tokens take them ([`by_length`]),
+/// and that order (None: as they come).
+fn step_order(
+    seqs: &[Sequence],
+    budget: usize,
+) -> (std::borrow::Cow<'_, [Sequence]>, Option<Vec<usize>>) {
+    match by_length(seqs, budget) {
+        Some(order) => (reordered(seqs, &order).into(), Some(order)),
+        None => (seqs.into(), None),
+    }
 }
 
 /// Padded inputs of a micro-batch and `[B, T−1]` tensors aligned with its log-probs.
@@ -301,6 +385,8 @@ pub fn policy_step(
 ) -> Result<StepMetrics> {
     let start = Instant::now();
     let device = policy.embed_tokens.device().clone();
+    let (seqs, _) = step_order(seqs, cfg.micro_batch_tokens);
+    let seqs = &seqs[..];
     let tokens: usize = seqs.iter().map(|s| s.completion.len()).sum();
     let lengths = row_lengths(seqs);
     let mut m = fitted(opt, &lengths, 1, cfg.micro_batch_tokens, |opt, plan| {
@@ -560,6 +646,8 @@ fn per_completion_token(
     device: &Device,
     f: impl Fn(&Packed) -> Result<Tensor>,
 ) -> Result<Vec<Vec<f32>>> {
+    let (seqs, order) = step_order(seqs, micro_batch_tokens);
+    let seqs = &seqs[..];
     let mut out = Vec::with_capacity(seqs.len());
     let mut run = |range: std::ops::Range<usize>| -> Result<Vec<Vec<f32>>> {
         let mb = &seqs[range];
@@ -578,6 +666,14 @@ fn per_completion_token(
     for range in micro_batches(seqs, micro_batch_tokens) {
         // no gradient: a micro-batch that does not fit in device memory runs in halves
         out.extend(crate::fit::halving(range, &mut run)?);
+    }
+    // back in the order the sequences came in
+    if let Some(order) = order {
+        let mut given = vec![Vec::new(); out.len()];
+        for (row, i) in out.into_iter().zip(order) {
+            given[i] = row;
+        }
+        out = given;
     }
     Ok(out)
 }
@@ -622,6 +718,8 @@ pub fn critic_step(
     lr: f64,
 ) -> Result<(f64, ValueStats, f64)> {
     let device = critic.embed_tokens.device().clone();
+    let (seqs, _) = step_order(seqs, micro_batch_tokens);
+    let seqs = &seqs[..];
     let tokens: f64 = seqs.iter().map(|s| s.completion.len() as f64).sum();
     let lengths = row_lengths(seqs);
     let (loss_sum, stats, finite) = fitted(opt, &lengths, 1, micro_batch_tokens, |opt, plan| {

@@ -1,7 +1,8 @@
-//! The learner with and without shared prompts (`learner::step::set_share_prompts`): a GRPO
+//! The learner with and without shared prompts (`learner::step::set_share_prompts`), and with its
+//! sequences taken shortest first or as they come (`learner::step::set_order_by_length`): a GRPO
 //! update with a KL term to a reference and a value loss on a shared head, the reference
 //! log-probs and the values it reads, and an SFT step give the same numbers either way. Its own
-//! test binary: the switch is process-wide.
+//! test binary, one test: the switches are process-wide.
 
 mod common;
 
@@ -12,8 +13,8 @@ use learner::optim::{AdamW, AdamWConfig};
 use learner::ppo::ValueHead;
 use learner::sft::sft_step;
 use learner::step::{
-    predict_values, set_share_prompts, token_logprobs, update, Sequence, StepConfig, UpdateConfig,
-    ValueLossConfig, ValueTargets,
+    by_length, predict_values, set_order_by_length, set_share_prompts, step_positions,
+    token_logprobs, update, Sequence, StepConfig, UpdateConfig, ValueLossConfig, ValueTargets,
 };
 use model::Weights;
 
@@ -54,8 +55,11 @@ struct Outcome {
     sft_loss: f64,
 }
 
-fn run(share: bool) -> Outcome {
+/// The outcome with prompts shared or not, sequences taken by length or as they come, in
+/// micro-batches of `budget` padded tokens.
+fn run(share: bool, order: bool, budget: usize) -> Outcome {
     set_share_prompts(share);
+    set_order_by_length(order);
     let base = model();
     let (mut vars, w) = base.to_vars().unwrap();
     let head = ValueHead::from_values(
@@ -80,7 +84,7 @@ fn run(share: bool) -> Outcome {
             kl_coef: 0.1,
             ..Default::default()
         },
-        micro_batch_tokens: 1 << 12,
+        micro_batch_tokens: budget,
         temperature: 0.8,
         max_completion_length: 8,
         value: Some(ValueLossConfig {
@@ -104,13 +108,13 @@ fn run(share: bool) -> Outcome {
         )
         .unwrap();
     }
-    let reference = token_logprobs(&base, &seqs, 1 << 12, 0.8).unwrap();
-    let values = predict_values(&w.detach(), &head, &seqs, 1 << 12).unwrap();
+    let reference = token_logprobs(&base, &seqs, budget, 0.8).unwrap();
+    let values = predict_values(&w.detach(), &head, &seqs, budget).unwrap();
     let examples: Vec<(Vec<u32>, Vec<u32>)> = seqs
         .iter()
         .map(|s| (s.prompt.clone(), s.completion.clone()))
         .collect();
-    let sft = sft_step(&w, &mut opt, &examples, 1 << 12, 1.0).unwrap();
+    let sft = sft_step(&w, &mut opt, &examples, budget, 1.0).unwrap();
     Outcome {
         weights: vars
             .into_iter()
@@ -126,44 +130,19 @@ fn run(share: bool) -> Outcome {
 }
 
 #[test]
-fn shared_prompts_change_no_number() {
+fn shared_prompts_and_length_order_change_no_number() {
     let calls = model::forward::shared_prompt_calls;
     let before = calls();
-    let whole = run(false);
+    let whole = run(false, false, 1 << 12);
     assert_eq!(calls(), before, "sharing is off");
-    let shared = run(true);
+    let shared = run(true, false, 1 << 12);
     // the update's policy and reference passes, the reference log-probs, the values, SFT
     assert!(
         calls() >= before + 5,
         "sharing is on: {} calls",
         calls() - before
     );
-    let close = |a: f64, b: f64, what: &str| {
-        assert!(
-            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
-            "{what}: {a} vs {b}"
-        );
-    };
-    close(whole.loss, shared.loss, "policy loss");
-    close(whole.kl, shared.kl, "KL");
-    close(whole.value_loss, shared.value_loss, "value loss");
-    close(whole.sft_loss, shared.sft_loss, "SFT loss");
-    assert!(
-        whole.kl > 0.0 && whole.value_loss > 0.0,
-        "terms that mean something"
-    );
-    for (a, b) in whole.reference.iter().zip(&shared.reference) {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .for_each(|(x, y)| close(*x as f64, *y as f64, "reference log-prob"));
-    }
-    for (a, b) in whole.values.iter().zip(&shared.values) {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .for_each(|(x, y)| close(*x as f64, *y as f64, "value"));
-    }
+    assert_same(&whole, &shared);
     let base = model().named();
     let moved = whole
         .weights
@@ -174,8 +153,62 @@ fn shared_prompts_change_no_number() {
         moved > 1e-3,
         "the updates moved the weights by {moved} only"
     );
-    for ((name, a), (_, b)) in whole.weights.iter().zip(&shared.weights) {
-        let d = max_diff(a, b);
+
+    // micro-batches of 14 padded tokens: shortest first runs fewer positions than the groups as
+    // they come, and every pass takes that order (the reference and the values come back in
+    // the sequences' own order)
+    let (seqs, budget) = (sequences(), 14);
+    set_order_by_length(true);
+    let order = by_length(&seqs, budget).expect("by length pads less");
+    let sorted: Vec<Sequence> = order.iter().map(|&i| seqs[i].clone()).collect();
+    let (given, less) = (
+        step_positions(&seqs, budget),
+        step_positions(&sorted, budget),
+    );
+    assert!(less < given, "{less} positions vs {given}");
+    let as_they_come = run(true, false, budget);
+    let taken = learner::step::ordered_by_length();
+    let by_length = run(true, true, budget);
+    // the two updates' passes, the reference log-probs, the values, SFT
+    assert!(
+        learner::step::ordered_by_length() >= taken + 5,
+        "{} ordered",
+        learner::step::ordered_by_length() - taken
+    );
+    assert_same(&as_they_come, &by_length);
+    assert_same(&whole, &by_length);
+}
+
+/// The numbers of two outcomes agree within float rounding.
+fn assert_same(a: &Outcome, b: &Outcome) {
+    let close = |x: f64, y: f64, what: &str| {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "{what}: {x} vs {y}"
+        );
+    };
+    close(a.loss, b.loss, "policy loss");
+    close(a.kl, b.kl, "KL");
+    close(a.value_loss, b.value_loss, "value loss");
+    close(a.sft_loss, b.sft_loss, "SFT loss");
+    assert!(
+        a.kl > 0.0 && a.value_loss > 0.0,
+        "terms that mean something"
+    );
+    for (x, y) in a.reference.iter().zip(&b.reference) {
+        assert_eq!(x.len(), y.len());
+        x.iter()
+            .zip(y)
+            .for_each(|(p, q)| close(*p as f64, *q as f64, "reference log-prob"));
+    }
+    for (x, y) in a.values.iter().zip(&b.values) {
+        assert_eq!(x.len(), y.len());
+        x.iter()
+            .zip(y)
+            .for_each(|(p, q)| close(*p as f64, *q as f64, "value"));
+    }
+    for ((name, x), (_, y)) in a.weights.iter().zip(&b.weights) {
+        let d = max_diff(x, y);
         assert!(d < 1e-5, "{name}: weights differ by {d}");
     }
 }
