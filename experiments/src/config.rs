@@ -423,6 +423,9 @@ pub struct OptimizerConfig {
     /// Run each distinct prompt of a micro-batch through the model once for all the
     /// completions that continue it (a GRPO group's), instead of once per completion.
     pub share_prompts: bool,
+    /// Let a step's micro-batches take its sequences shortest first where that pads fewer
+    /// tokens than the order they come in (`learner::step::by_length`).
+    pub order_by_length: bool,
     /// Subnetwork-only RL: a `*.masks.safetensors` of `ferrite analyze subnetwork`; only the
     /// parameters it marks changed are trained (gradient and update, weight decay included).
     pub subnetwork_mask: String,
@@ -444,6 +447,7 @@ impl Default for OptimizerConfig {
             micro_batch_tokens: 8192,
             activation_checkpointing: false,
             share_prompts: true,
+            order_by_length: true,
             subnetwork_mask: String::new(),
             subnetwork_mask_kind: "tol".into(),
         }
