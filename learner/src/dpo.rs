@@ -9,7 +9,7 @@ use crate::device_sums::DeviceSums;
 use crate::error::{LearnerError, Result};
 use crate::fit::{by_tokens, fitted, halving};
 use crate::optim::AdamW;
-use crate::step::{pack, Sequence};
+use crate::step::{cheapest_order, forward_positions, in_given_order, pack, Sequence};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -172,16 +172,40 @@ fn pair_batches(pairs: &[Pair], budget: usize) -> Vec<std::ops::Range<usize>> {
     by_tokens(&pair_lengths(pairs), 2, 0..pairs.len(), budget)
 }
 
-/// `[2n]` rows chosen₀, rejected₀, chosen₁, … of a micro-batch, and the summed completion
-/// log-probs `[n]`, `[n]` under `w` (differentiable when `w` holds `Var`s).
-fn summed_logprobs(w: &Weights, pairs: &[Pair]) -> Result<(Tensor, Tensor)> {
-    let seqs: Vec<Sequence> = pairs
+/// The rows chosen₀, rejected₀, chosen₁, … of `pairs`.
+fn pair_rows(pairs: &[Pair]) -> Vec<Sequence> {
+    pairs
         .iter()
         .flat_map(|p| {
             [&p.chosen, &p.rejected]
                 .map(|c| Sequence::new(p.prompt.clone(), c.clone(), vec![0.0; c.len()], 0.0))
         })
-        .collect();
+        .collect()
+}
+
+/// The order in which micro-batches of `budget` padded tokens take `pairs`: the longer row of
+/// each pair shortest first where that runs fewer positions (padding included, a prompt once
+/// for its rows in a micro-batch) than the order they come in; None to keep that order (see
+/// [`crate::step::by_length`]).
+fn pairs_by_length(pairs: &[Pair], budget: usize) -> Option<Vec<usize>> {
+    let lengths = pair_lengths(pairs);
+    let positions = |order: Option<&[usize]>| {
+        let ordered: Vec<Pair> = match order {
+            Some(order) => order.iter().map(|&i| pairs[i].clone()).collect(),
+            None => pairs.to_vec(),
+        };
+        pair_batches(&ordered, budget)
+            .into_iter()
+            .map(|r| forward_positions(&pair_rows(&ordered[r])))
+            .sum()
+    };
+    cheapest_order(pairs.len(), &[&|i| lengths[i]], positions)
+}
+
+/// `[2n]` rows chosen₀, rejected₀, chosen₁, … of a micro-batch, and the summed completion
+/// log-probs `[n]`, `[n]` under `w` (differentiable when `w` holds `Var`s).
+fn summed_logprobs(w: &Weights, pairs: &[Pair]) -> Result<(Tensor, Tensor)> {
+    let seqs = pair_rows(pairs);
     let device = w.embed_tokens.device().clone();
     let p = pack(&seqs, &device)?;
     let lp = p.logprobs(w, 1.0)?;
@@ -196,6 +220,15 @@ fn summed_logprobs(w: &Weights, pairs: &[Pair]) -> Result<(Tensor, Tensor)> {
 /// before training and cached by the caller.
 pub fn reference_logprobs(w: &Weights, pairs: &[Pair], budget: usize) -> Result<Vec<(f32, f32)>> {
     let w = w.detach();
+    let order = pairs_by_length(pairs, budget);
+    let ordered: Vec<Pair>;
+    let pairs = match &order {
+        Some(order) => {
+            ordered = order.iter().map(|&i| pairs[i].clone()).collect();
+            &ordered[..]
+        }
+        None => pairs,
+    };
     let mut out = Vec::with_capacity(pairs.len());
     let mut run = |range: std::ops::Range<usize>| -> Result<Vec<(f32, f32)>> {
         let (c, r) = summed_logprobs(&w, &pairs[range])?;
@@ -208,7 +241,11 @@ pub fn reference_logprobs(w: &Weights, pairs: &[Pair], budget: usize) -> Result<
         // no gradient: a micro-batch that does not fit in device memory runs in halves
         out.extend(halving(range, &mut run)?);
     }
-    Ok(out)
+    // back in the order the pairs came in
+    Ok(match order {
+        Some(order) => in_given_order(out, &order),
+        None => out,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -241,6 +278,19 @@ pub fn dpo_step(
         ));
     }
     let device = policy.embed_tokens.device().clone();
+    // the longer rows shortest first where that pads less: the loss is a mean over the pairs,
+    // each with its own reference
+    let ordered: (Vec<Pair>, Vec<(f32, f32)>);
+    let (pairs, reference) = match pairs_by_length(pairs, budget) {
+        Some(order) => {
+            ordered = order
+                .iter()
+                .map(|&i| (pairs[i].clone(), reference[i]))
+                .unzip();
+            (&ordered.0[..], &ordered.1[..])
+        }
+        None => (pairs, reference),
+    };
     let mut m = fitted(opt, &pair_lengths(pairs), 2, budget, |opt, plan| {
         let mut m = DpoMetrics {
             memory_retries: plan.retries,

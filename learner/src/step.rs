@@ -163,25 +163,52 @@ pub fn step_positions(seqs: &[Sequence], budget: usize) -> usize {
 /// the cost of running a prompt in each micro-batch its rows land in. The cost of each order is
 /// counted, and the cheapest taken.
 pub fn by_length(seqs: &[Sequence], budget: usize) -> Option<Vec<usize>> {
+    let rows = row_lengths(seqs);
+    let keys: [&dyn Fn(usize) -> usize; 2] = [&|i| seqs[i].completion.len(), &|i| rows[i]];
+    cheapest_order(seqs.len(), &keys, |order| match order {
+        Some(order) => step_positions(&reordered(seqs, order), budget),
+        None => step_positions(seqs, budget),
+    })
+}
+
+/// Of `n` items in the order they come and sorted by each of `keys` (stable: ties as they
+/// come), the order whose micro-batches run the fewest positions (`positions(None)` for the
+/// order they come in, `positions(Some(order))` for another); None when that is the order they
+/// come in, or when ordering by length is off ([`set_order_by_length`]).
+pub(crate) fn cheapest_order(
+    n: usize,
+    keys: &[&dyn Fn(usize) -> usize],
+    positions: impl Fn(Option<&[usize]>) -> usize,
+) -> Option<Vec<usize>> {
     if !ORDER_BY_LENGTH.load(Ordering::Relaxed) {
         return None;
     }
-    let rows = row_lengths(seqs);
-    let keys: [&dyn Fn(usize) -> usize; 2] = [&|i| seqs[i].completion.len(), &|i| rows[i]];
     let mut best: Option<(usize, Vec<usize>)> = None;
-    let given = step_positions(seqs, budget);
+    let given = positions(None);
     for key in keys {
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| key(i));
-        let positions = step_positions(&reordered(seqs, &order), budget);
-        if positions < best.as_ref().map_or(given, |b| b.0) {
-            best = Some((positions, order));
+        let cost = positions(Some(&order));
+        if cost < best.as_ref().map_or(given, |b| b.0) {
+            best = Some((cost, order));
         }
     }
     best.map(|(_, order)| {
         ORDERED.fetch_add(1, Ordering::Relaxed);
         order
     })
+}
+
+/// Items that came in order `order` put back in the order they came: item `k` goes to
+/// `order[k]`.
+pub(crate) fn in_given_order<T: Default>(items: Vec<T>, order: &[usize]) -> Vec<T> {
+    let mut given: Vec<T> = std::iter::repeat_with(T::default)
+        .take(items.len())
+        .collect();
+    for (item, &i) in items.into_iter().zip(order) {
+        given[i] = item;
+    }
+    given
 }
 
 /// `seqs[order[0]], seqs[order[1]], …`
@@ -668,14 +695,10 @@ fn per_completion_token(
         out.extend(crate::fit::halving(range, &mut run)?);
     }
     // back in the order the sequences came in
-    if let Some(order) = order {
-        let mut given = vec![Vec::new(); out.len()];
-        for (row, i) in out.into_iter().zip(order) {
-            given[i] = row;
-        }
-        out = given;
-    }
-    Ok(out)
+    Ok(match order {
+        Some(order) => in_given_order(out, &order),
+        None => out,
+    })
 }
 
 /// Values `V(s_t)` of every completion token under `w` and `head` (detached), one vector per

@@ -8,6 +8,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::max_diff;
+use learner::dpo::{dpo_step, reference_logprobs, DpoConfig, DpoLoss, Pair};
 use learner::grpo::{Aggregation, PolicyLossConfig};
 use learner::optim::{AdamW, AdamWConfig};
 use learner::ppo::ValueHead;
@@ -53,6 +54,20 @@ struct Outcome {
     reference: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     sft_loss: f64,
+    dpo_reference: Vec<(f32, f32)>,
+    dpo_loss: f64,
+}
+
+/// Preference pairs on one prompt whose longer rows are 1, 9, 2 and 10 tokens: in micro-batches
+/// of 52 padded tokens (2 rows × 13 × 2 pairs), as they come the short pairs pad to the long
+/// ones beside them (88 positions); by length the two short pairs go together (60).
+fn pairs() -> Vec<Pair> {
+    let pair = |chosen: usize, rejected: usize| Pair {
+        prompt: vec![5, 6, 7],
+        chosen: (0..chosen).map(|j| 41 + j as u32).collect(),
+        rejected: (0..rejected).map(|j| 60 + j as u32).collect(),
+    };
+    vec![pair(1, 1), pair(9, 1), pair(1, 2), pair(10, 2)]
 }
 
 /// The outcome with prompts shared or not, sequences taken by length or as they come, in
@@ -115,6 +130,16 @@ fn run(share: bool, order: bool, budget: usize) -> Outcome {
         .map(|s| (s.prompt.clone(), s.completion.clone()))
         .collect();
     let sft = sft_step(&w, &mut opt, &examples, budget, 1.0).unwrap();
+    let pairs = pairs();
+    let dpo_reference = reference_logprobs(&base, &pairs, 52).unwrap();
+    let dpo = DpoConfig {
+        loss: DpoLoss::Sigmoid,
+        beta: 0.5,
+        label_smoothing: 0.0,
+    };
+    let dpo_loss = dpo_step(&w, &mut opt, &pairs, &dpo_reference, &dpo, 52, 1.0)
+        .unwrap()
+        .loss;
     Outcome {
         weights: vars
             .into_iter()
@@ -126,6 +151,8 @@ fn run(share: bool, order: bool, budget: usize) -> Outcome {
         reference,
         values,
         sft_loss: sft.loss,
+        dpo_reference,
+        dpo_loss,
     }
 }
 
@@ -169,9 +196,10 @@ fn shared_prompts_and_length_order_change_no_number() {
     let as_they_come = run(true, false, budget);
     let taken = learner::step::ordered_by_length();
     let by_length = run(true, true, budget);
-    // the two updates' passes, the reference log-probs, the values, SFT
+    // the two updates' passes, the reference log-probs, the values, SFT, and DPO's reference
+    // log-probs and step
     assert!(
-        learner::step::ordered_by_length() >= taken + 5,
+        learner::step::ordered_by_length() >= taken + 7,
         "{} ordered",
         learner::step::ordered_by_length() - taken
     );
@@ -191,6 +219,12 @@ fn assert_same(a: &Outcome, b: &Outcome) {
     close(a.kl, b.kl, "KL");
     close(a.value_loss, b.value_loss, "value loss");
     close(a.sft_loss, b.sft_loss, "SFT loss");
+    close(a.dpo_loss, b.dpo_loss, "DPO loss");
+    assert_eq!(a.dpo_reference.len(), b.dpo_reference.len());
+    for (x, y) in a.dpo_reference.iter().zip(&b.dpo_reference) {
+        close(x.0 as f64, y.0 as f64, "DPO reference, chosen");
+        close(x.1 as f64, y.1 as f64, "DPO reference, rejected");
+    }
     assert!(
         a.kl > 0.0 && a.value_loss > 0.0,
         "terms that mean something"
