@@ -173,6 +173,14 @@ def mean(xs):
 print(f'RL steps {len(t["step"])}: rollout {mean(t["rollout_tokens_per_s"]):.0f} tok/s, '
       f'{mean(t["rollout_rows_per_decode_step"]):.1f} rows a decode step, learner '
       f'{mean(t["learner_tokens_per_s"]):.0f} tok/s, {mean(t["time/wait_rollout"]):.2f} s a step waiting for rollouts')
+# the training-inference gap: the learner's log-probs against the sampler's, on the steps whose
+# samples are all of the policy's own version (the others add the policy's drift)
+stale = [c for c in t if c.startswith("staleness_") and c != "staleness_0"]
+own = [i for i in range(len(t["step"])) if all(not t[c][i] for c in stale)]
+if own:
+    print(f'sampler vs learner log-probs, {len(own)} steps of fresh samples: behaviour KL '
+          f'{mean([t["behaviour_kl"][i] for i in own]):.2e} (mean), largest |Δ| '
+          f'{max(t["logprob_diff_max"][i] for i in own):.2e}')
 PY
     [ "$RUN_RC" = 0 ] || RC=$RUN_RC
   fi

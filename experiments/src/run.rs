@@ -613,6 +613,8 @@ fn rl_stage(
                 ("clip_high_frac".into(), m.policy.clip_high_frac),
                 ("ratio_mean".into(), m.policy.ratio_mean),
                 ("ratio_max".into(), m.policy.ratio_max),
+                ("behaviour_kl".into(), m.policy.behaviour_kl),
+                ("logprob_diff_max".into(), m.policy.logprob_diff_max),
                 ("kl".into(), m.policy.kl_mean),
                 ("entropy".into(), m.policy.entropy_mean),
                 ("grad_norm".into(), m.grad_norm),

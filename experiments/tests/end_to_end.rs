@@ -64,6 +64,18 @@ fn grpo_beats_the_warm_start_on_held_out_addition() {
         .iter()
         .map(|&(_, r)| r)
         .collect();
+    // Synchronous, one optimizer step a batch: every step learns from samples of its own
+    // policy, so the learner's log-probs are the ones the sampler recorded (on the CPU the
+    // training–inference gap is absent by construction)
+    let gap = metrics
+        .iter()
+        .find(|(name, _)| name == "logprob_diff_max")
+        .expect("logprob_diff_max in metrics.parquet")
+        .1
+        .iter()
+        .map(|&(_, d)| d)
+        .fold(0f64, f64::max);
+    assert!(gap < 1e-4, "sampler vs learner log-probs differ by {gap}");
     let third = reward.len() / 3;
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
     let (early, late) = (

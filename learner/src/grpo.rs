@@ -167,6 +167,12 @@ pub struct PolicyStats {
     pub clip_high_frac: f64,
     pub ratio_mean: f64,
     pub ratio_max: f64,
+    /// The mean over valid tokens of `log π_behaviour − log π_θ`, the k1 estimate of
+    /// KL(behaviour ‖ policy) (verl's `ppo_kl`), and the largest `|log π_θ − log π_behaviour|`:
+    /// at a step's first optimizer step on samples of the policy's own version, the gap between
+    /// what the sampler recorded and what the learner computes.
+    pub behaviour_kl: f64,
+    pub logprob_diff_max: f64,
     pub kl_mean: f64,
     pub entropy_mean: f64,
     /// The valid tokens the statistics cover.
@@ -184,6 +190,8 @@ impl PolicyStats {
             clip_high_frac: mean(self.clip_high_frac, other.clip_high_frac),
             ratio_mean: mean(self.ratio_mean, other.ratio_mean),
             ratio_max: self.ratio_max.max(other.ratio_max),
+            behaviour_kl: mean(self.behaviour_kl, other.behaviour_kl),
+            logprob_diff_max: self.logprob_diff_max.max(other.logprob_diff_max),
             kl_mean: mean(self.kl_mean, other.kl_mean),
             entropy_mean: mean(self.entropy_mean, other.entropy_mean),
             tokens,
@@ -195,7 +203,8 @@ impl PolicyStats {
 /// the backward is queued (see [`DeviceSums`]).
 pub struct PendingStats {
     /// valid tokens, tokens clipped low, tokens clipped high, Σ ratio, max ratio, Σ KL,
-    /// Σ entropy (all over valid tokens).
+    /// Σ entropy, Σ (behaviour − policy log-prob), max |policy − behaviour log-prob| (all over
+    /// valid tokens).
     sums: DeviceSums,
 }
 
@@ -211,6 +220,8 @@ impl PendingStats {
             ratio_max: s[4],
             kl_mean: mean(s[5]),
             entropy_mean: mean(s[6]),
+            behaviour_kl: mean(s[7]),
+            logprob_diff_max: s[8],
             tokens: n,
         })
     }
@@ -227,7 +238,8 @@ pub fn policy_loss(
     let valid = mask.sum_all()?; // the micro-batch's valid tokens
     let sum = |t: &Tensor| -> Result<Tensor> { Ok((t * mask)?.sum_all()?) };
     let zero = || Tensor::zeros((), DType::F32, mask.device());
-    let log_ratio = (x.logprobs - x.old_logprobs)?.clamp(-20f32, 20f32)?; // [B, T]
+    let log_diff = (x.logprobs - x.old_logprobs)?; // [B, T]
+    let log_ratio = log_diff.clamp(-20f32, 20f32)?;
     let log_ratio = match c.ratio {
         RatioLevel::Token => log_ratio,
         RatioLevel::Sequence => {
@@ -299,6 +311,8 @@ pub fn policy_loss(
         .to_dtype(DType::F32)?
         .broadcast_mul(&a.gt(0f32)?.to_dtype(DType::F32)?)?;
     let ratio_max = (&ratio * mask)?.flatten_all()?.max(D::Minus1)?;
+    let log_diff = log_diff.detach();
+    let diff_max = (log_diff.abs()? * mask)?.flatten_all()?.max(D::Minus1)?;
     let sums = DeviceSums::stack(&[
         valid,
         sum(&low)?,
@@ -307,6 +321,8 @@ pub fn policy_loss(
         ratio_max,
         kl_sum,
         entropy_sum,
+        sum(&log_diff.neg()?)?,
+        diff_max,
     ])?;
     Ok((loss, PendingStats { sums }))
 }

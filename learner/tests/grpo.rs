@@ -82,6 +82,35 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
 }
 
 #[test]
+fn the_behaviour_gap_is_verls_ppo_kl_and_the_largest_difference_over_valid_tokens() {
+    // verl: ppo_kl = masked_mean(old_log_prob − log_prob) = (−0.2 + 0.5 + 0) / 3; the largest
+    // |log_prob − old_log_prob| is 0.5 (the padding's 5.2 is not counted)
+    let t = |v: [f32; 4]| Tensor::new(&[v], &Device::Cpu).unwrap();
+    let (logp, old) = (t([-1.0, -2.5, -0.2, 5.0]), t([-1.2, -2.0, -0.2, -0.2]));
+    let (mask, adv) = (t([1.0, 1.0, 1.0, 0.0]), t([1.0, -1.0, 1.0, 1.0]));
+    let inputs = PolicyInputs {
+        logprobs: &logp,
+        old_logprobs: &old,
+        advantages: &adv,
+        mask: &mask,
+        ref_logprobs: None,
+        entropy: None,
+        kl_entropy_mask: None,
+        micro_batch_valid: None,
+    };
+    let totals = StepTotals {
+        sequences: 1,
+        tokens: 3.0,
+        micro_batches: 1,
+        max_completion_length: 4,
+    };
+    let (_, s) = policy_loss(&inputs, &PolicyLossConfig::default(), &totals).unwrap();
+    let s = s.read().unwrap();
+    assert!((s.behaviour_kl - 0.1).abs() < 1e-6, "{s:?}");
+    assert!((s.logprob_diff_max - 0.5).abs() < 1e-6, "{s:?}");
+}
+
+#[test]
 fn clip_statistics_count_the_clipped_tokens() {
     let mask = Tensor::new(&[[1f32, 1.0, 1.0, 0.0]], &Device::Cpu).unwrap();
     // ratios e^0.5 ≈ 1.65 (A > 0: clipped high), e^-0.5 ≈ 0.61 (A < 0: clipped low), 1, padding

@@ -74,9 +74,13 @@ fn advantages_move_log_probs_in_their_direction() {
         let m = policy_step(&w, None, None, &mut opt, &seqs, &config(1 << 12), 2e-3).unwrap();
         assert!(!m.skipped, "{m:?}");
         if step == 0 {
-            // on-policy: every ratio is 1, nothing clipped
+            // on-policy: every ratio is 1, nothing clipped, no gap to the behaviour log-probs
             assert!(
                 (m.policy.ratio_mean - 1.0).abs() < 1e-5 && m.policy.clip_high_frac == 0.0,
+                "{m:?}"
+            );
+            assert!(
+                m.policy.logprob_diff_max < 1e-5 && m.policy.behaviour_kl.abs() < 1e-6,
                 "{m:?}"
             );
             assert!(m.grad_norm > 0.0);
