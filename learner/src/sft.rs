@@ -7,7 +7,7 @@ use model::Weights;
 use crate::error::{LearnerError, Result};
 use crate::fit::fitted;
 use crate::optim::AdamW;
-use crate::step::{by_length, pack, reordered, row_lengths, Sequence};
+use crate::step::{pack, row_lengths, step_order, Sequence};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SftMetrics {
@@ -40,10 +40,7 @@ pub fn sft_step(
         .map(|(p, c)| Sequence::new(p.clone(), c.clone(), vec![0.0; c.len()], 0.0))
         .collect();
     // shortest first where that pads fewer tokens: the loss is the whole step's token mean
-    let seqs = match by_length(&seqs, micro_batch_tokens) {
-        Some(order) => reordered(&seqs, &order),
-        None => seqs,
-    };
+    let (seqs, _) = step_order(&seqs, micro_batch_tokens);
     let device = w.embed_tokens.device().clone();
     let lengths = row_lengths(&seqs);
     let mut m = fitted(opt, &lengths, 1, micro_batch_tokens, |opt, plan| {

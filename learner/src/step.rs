@@ -218,7 +218,7 @@ pub fn reordered(seqs: &[Sequence], order: &[usize]) -> Vec<Sequence> {
 
 /// `seqs` in the order its micro-batches of `budget` padded tokens take them ([`by_length`]),
 /// and that order (None: as they come).
-fn step_order(
+pub(crate) fn step_order(
     seqs: &[Sequence],
     budget: usize,
 ) -> (std::borrow::Cow<'_, [Sequence]>, Option<Vec<usize>>) {

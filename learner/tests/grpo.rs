@@ -81,6 +81,35 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
     }
 }
 
+/// The inputs of one row: its log-probs, behaviour log-probs, advantages and mask, no reference.
+fn row_inputs<'a>(
+    logprobs: &'a Tensor,
+    old_logprobs: &'a Tensor,
+    advantages: &'a Tensor,
+    mask: &'a Tensor,
+) -> PolicyInputs<'a> {
+    PolicyInputs {
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        ref_logprobs: None,
+        entropy: None,
+        kl_entropy_mask: None,
+        micro_batch_valid: None,
+    }
+}
+
+/// A step of one sequence of three valid tokens (of four).
+fn three_tokens() -> StepTotals {
+    StepTotals {
+        sequences: 1,
+        tokens: 3.0,
+        micro_batches: 1,
+        max_completion_length: 4,
+    }
+}
+
 #[test]
 fn the_behaviour_gap_is_verls_ppo_kl_and_the_largest_difference_over_valid_tokens() {
     // verl: ppo_kl = masked_mean(old_log_prob − log_prob) = (−0.2 + 0.5 + 0) / 3; the largest
@@ -88,22 +117,8 @@ fn the_behaviour_gap_is_verls_ppo_kl_and_the_largest_difference_over_valid_token
     let t = |v: [f32; 4]| Tensor::new(&[v], &Device::Cpu).unwrap();
     let (logp, old) = (t([-1.0, -2.5, -0.2, 5.0]), t([-1.2, -2.0, -0.2, -0.2]));
     let (mask, adv) = (t([1.0, 1.0, 1.0, 0.0]), t([1.0, -1.0, 1.0, 1.0]));
-    let inputs = PolicyInputs {
-        logprobs: &logp,
-        old_logprobs: &old,
-        advantages: &adv,
-        mask: &mask,
-        ref_logprobs: None,
-        entropy: None,
-        kl_entropy_mask: None,
-        micro_batch_valid: None,
-    };
-    let totals = StepTotals {
-        sequences: 1,
-        tokens: 3.0,
-        micro_batches: 1,
-        max_completion_length: 4,
-    };
+    let inputs = row_inputs(&logp, &old, &adv, &mask);
+    let totals = three_tokens();
     let (_, s) = policy_loss(&inputs, &PolicyLossConfig::default(), &totals).unwrap();
     let s = s.read().unwrap();
     assert!((s.behaviour_kl - 0.1).abs() < 1e-6, "{s:?}");
@@ -117,22 +132,8 @@ fn clip_statistics_count_the_clipped_tokens() {
     let logp = Tensor::new(&[[0.5f32, -0.5, 0.0, 9.0]], &Device::Cpu).unwrap();
     let old = Tensor::zeros((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
     let adv = Tensor::new(&[[1f32, -1.0, 1.0, 1.0]], &Device::Cpu).unwrap();
-    let inputs = PolicyInputs {
-        logprobs: &logp,
-        old_logprobs: &old,
-        advantages: &adv,
-        mask: &mask,
-        ref_logprobs: None,
-        entropy: None,
-        kl_entropy_mask: None,
-        micro_batch_valid: None,
-    };
-    let totals = StepTotals {
-        sequences: 1,
-        tokens: 3.0,
-        micro_batches: 1,
-        max_completion_length: 4,
-    };
+    let inputs = row_inputs(&logp, &old, &adv, &mask);
+    let totals = three_tokens();
     let (_, s) = policy_loss(&inputs, &PolicyLossConfig::default(), &totals).unwrap();
     let s = s.read().unwrap();
     assert!(
