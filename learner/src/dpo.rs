@@ -9,7 +9,7 @@ use crate::device_sums::DeviceSums;
 use crate::error::{LearnerError, Result};
 use crate::fit::{by_tokens, fitted, halving};
 use crate::optim::AdamW;
-use crate::step::{cheapest_order, forward_positions, in_given_order, pack, Sequence};
+use crate::step::{cheapest_order, forward_positions, in_given_order, pack, reordered, Sequence};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -190,8 +190,8 @@ fn pair_rows(pairs: &[Pair]) -> Vec<Sequence> {
 fn pairs_by_length(pairs: &[Pair], budget: usize) -> Option<Vec<usize>> {
     let lengths = pair_lengths(pairs);
     let positions = |order: Option<&[usize]>| {
-        let ordered: Vec<Pair> = match order {
-            Some(order) => order.iter().map(|&i| pairs[i].clone()).collect(),
+        let ordered = match order {
+            Some(order) => reordered(pairs, order),
             None => pairs.to_vec(),
         };
         pair_batches(&ordered, budget)
@@ -224,7 +224,7 @@ pub fn reference_logprobs(w: &Weights, pairs: &[Pair], budget: usize) -> Result<
     let ordered: Vec<Pair>;
     let pairs = match &order {
         Some(order) => {
-            ordered = order.iter().map(|&i| pairs[i].clone()).collect();
+            ordered = reordered(pairs, order);
             &ordered[..]
         }
         None => pairs,
@@ -283,10 +283,7 @@ pub fn dpo_step(
     let ordered: (Vec<Pair>, Vec<(f32, f32)>);
     let (pairs, reference) = match pairs_by_length(pairs, budget) {
         Some(order) => {
-            ordered = order
-                .iter()
-                .map(|&i| (pairs[i].clone(), reference[i]))
-                .unzip();
+            ordered = (reordered(pairs, &order), reordered(reference, &order));
             (&ordered.0[..], &ordered.1[..])
         }
         None => (pairs, reference),

@@ -211,9 +211,9 @@ pub(crate) fn in_given_order<T: Default>(items: Vec<T>, order: &[usize]) -> Vec<
     given
 }
 
-/// `seqs[order[0]], seqs[order[1]], …`
-pub fn reordered(seqs: &[Sequence], order: &[usize]) -> Vec<Sequence> {
-    order.iter().map(|&i| seqs[i].clone()).collect()
+/// `items[order[0]], items[order[1]], …`
+pub fn reordered<T: Clone>(items: &[T], order: &[usize]) -> Vec<T> {
+    order.iter().map(|&i| items[i].clone()).collect()
 }
 
 /// `seqs` in the order its micro-batches of `budget` padded tokens take them ([`by_length`]),
