@@ -359,7 +359,6 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
     let scored: Vec<Vec<u8>> = (0..6)
         .map(|_| (0..48).map(|j| u8::from(j >= 40)).collect())
         .collect();
-    let lw = sequence_logprobs(&w_gpu, &whole, &ones, &scored, 1.0)?.logprobs; // [6, 47]
     let heads: Vec<Vec<u32>> = ids[..2].iter().map(|r| r[..39].to_vec()).collect();
     let own: Vec<Vec<u32>> = (0..6)
         .map(|k| {
@@ -380,15 +379,26 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         &own_mask,
         gpu,
     )?;
-    let ls =
-        model::logprobs::shared_prompt_logprobs(&w_gpu, &shared, &own, &own_scored, 1.0)?.logprobs; // [6, 8]
-    let d = max_abs_diff(&lw.narrow(1, 39, 8)?, &ls)?;
-    let size = max_abs(&ls)?;
-    check(
-        "shared prompts vs whole rows, max|Δ log-prob| (gpu)",
-        format!("{d:.2e} of {size:.1}"),
-        d < 1e-4 && size > 0.1,
-    );
+    // f32, and bf16 in a graph as the learner runs it (flash attention at D=64, the prompts'
+    // keys read before the rows' own)
+    let (_, w64_graph) = w64_bf16.to_vars()?;
+    for (label, w, bound) in [
+        ("gpu", &w_gpu, 1e-4),
+        ("gpu bf16 in a graph, D=64", &w64_graph, 0.1),
+    ] {
+        let calls = ops::flash_calls();
+        let lw = sequence_logprobs(w, &whole, &ones, &scored, 1.0)?.logprobs; // [6, 47]
+        let ls = model::logprobs::shared_prompt_logprobs(w, &shared, &own, &own_scored, 1.0)?;
+        let ls = ls.logprobs; // [6, 8]
+        let flash = ops::flash_calls() > calls;
+        let d = max_abs_diff(&lw.narrow(1, 39, 8)?, &ls)?;
+        let size = max_abs(&ls)?;
+        check(
+            &format!("shared prompts vs whole rows, max|Δ log-prob| ({label})"),
+            format!("{d:.2e} of {size:.1}"),
+            d < bound && size > 0.1 && flash == (w.embed_tokens.dtype() == DType::BF16),
+        );
+    }
 
     // greedy generation
     let prompts: Vec<Vec<u32>> = ids
