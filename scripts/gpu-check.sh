@@ -137,8 +137,8 @@ if has checks; then
 fi
 if has run; then
   # the built-in experiment, shortened (300 SFT steps, 20 GRPO steps, 200 held-out problems,
-  # each worker generating up to 8 groups in one batch, refilled as rows finish while one step
-  # of staleness lets it start more),
+  # each worker generating up to 16 groups in one batch, groups_per_batch's CUDA default at one
+  # step of staleness, refilled as rows finish while the staleness bound lets it start more),
   # then resumed on the GPU: the checkpoint, the base model and the optimizer's masters meet there
   LIMIT=$(share 240 0)
   echo; echo "ferrite run, model.device = cuda (at most $LIMIT s)"
@@ -147,7 +147,7 @@ if has run; then
   else
     timeout "$LIMIT" "$BIN" --no-progress --log-level warn run --out "$OUT/run-cuda" \
       --set model.device=cuda --set sft.steps=300 --set run.steps=20 --set run.eval_every=0 \
-      --set rollout.groups_per_batch=8 --set rollout.max_staleness=1 \
+      --set rollout.max_staleness=1 \
       --set run.checkpoint_every=0 --set data.eval_size=200 --set data.eval_samples=0 2>&1 | tail -5
     RUN_RC=${PIPESTATUS[0]}
     [ "$RUN_RC" = 124 ] && echo "ferrite run: timed out after $LIMIT s"

@@ -286,8 +286,9 @@ pub struct RolloutConfig {
     /// The groups a worker's batch holds (`groups_per_batch × group_size` rows): it starts as
     /// many as it may at once, up to that many, and above 1 it refills the rows that finish
     /// with the next groups it may start under the same policy version. On a GPU a decode step
-    /// of many rows costs about what one of a few does. 1 (the default) keeps a run
-    /// reproducible; larger batches change the float rounding of the sampled rows.
+    /// of many rows costs about what one of a few does. 1 keeps a run reproducible; larger
+    /// batches change the float rounding of the sampled rows. 0 (the default) is `auto`, resolved
+    /// by the device ([`Config::groups_per_batch`]).
     pub groups_per_batch: usize,
 }
 
@@ -304,7 +305,7 @@ impl Default for RolloutConfig {
             max_staleness: 0,
             stop: Vec::new(),
             channel_capacity: 64,
-            groups_per_batch: 1,
+            groups_per_batch: 0,
         }
     }
 }
@@ -557,6 +558,24 @@ impl Config {
 
     /// The same config with the model on the host in f32: offline analyses of a run's
     /// checkpoints (subnetwork, AlphaRL) do their arithmetic there, and the run's own device
+    /// The groups a rollout worker's batch holds: `rollout.groups_per_batch`, or for 0 (`auto`)
+    /// by the device. On the CPU 1: each group alone, so a run is reproducible bit for bit, and a
+    /// CPU decode step costs in proportion to its rows anyway. On CUDA a worker's share of the
+    /// groups the staleness bound lets start at once, ⌈(1 + max_staleness) · prompts_per_step /
+    /// workers⌉ (8 for the defaults): a GPU decode step of 64 rows costs about what one of 8
+    /// does, and a batch that runs out of device memory halves itself (`rollout::pool`).
+    pub fn groups_per_batch(&self) -> anyhow::Result<usize> {
+        let r = &self.rollout;
+        Ok(match (r.groups_per_batch, self.model.device_spec()?) {
+            (0, DeviceSpec::Cpu) => 1,
+            (0, _) => {
+                let quota = (1 + r.max_staleness as usize) * r.prompts_per_step;
+                quota.div_ceil(r.workers.max(1))
+            }
+            (n, _) => n,
+        })
+    }
+
     /// may be absent on the machine that analyses it.
     pub fn on_host(mut self) -> Config {
         self.model.device = "cpu".into();
@@ -573,15 +592,8 @@ impl Config {
                 r.group_size
             );
         }
-        if r.prompts_per_step == 0
-            || r.max_new_tokens == 0
-            || r.workers == 0
-            || r.groups_per_batch == 0
-        {
-            bail!(
-                "rollout.prompts_per_step, max_new_tokens, workers and groups_per_batch must be \
-                 positive"
-            );
+        if r.prompts_per_step == 0 || r.max_new_tokens == 0 || r.workers == 0 {
+            bail!("rollout.prompts_per_step, max_new_tokens and workers must be positive");
         }
         if r.temperature.is_nan() || r.temperature <= 0.0 {
             bail!("rollout.temperature = {}: must be positive", r.temperature);
@@ -711,6 +723,23 @@ mod tests {
     }
 
     #[test]
+    fn groups_per_batch_auto_is_one_on_the_cpu_and_a_workers_share_of_the_quota_on_cuda() {
+        let gpb = |set: &[&str]| {
+            Config::default_with(set)
+                .unwrap()
+                .groups_per_batch()
+                .unwrap()
+        };
+        assert_eq!(gpb(&[]), 1, "the CPU: each group alone");
+        // 16 prompts a step, 2 workers: 8 groups each; one step of staleness doubles the quota
+        assert_eq!(gpb(&["model.device=cuda"]), 8);
+        assert_eq!(gpb(&["model.device=cuda", "rollout.max_staleness=1"]), 16);
+        assert_eq!(gpb(&["model.device=cuda", "rollout.workers=3"]), 6);
+        assert_eq!(gpb(&["model.device=cuda", "rollout.groups_per_batch=1"]), 1);
+        assert_eq!(gpb(&["rollout.groups_per_batch=4"]), 4);
+    }
+
+    #[test]
     fn the_device_and_dtype_are_parsed_and_checked() {
         let with = Config::default_with;
         let c = with(&[]).unwrap();
@@ -754,7 +783,7 @@ mod tests {
         assert!(bad("algorithm.entropy_reward=tokens").contains("tokens"));
         assert!(bad("rollout.top_p=0.0").contains("rollout.top_p"));
         assert!(bad("rollout.top_p=1.5").contains("rollout.top_p"));
-        assert!(bad("rollout.groups_per_batch=0").contains("groups_per_batch"));
+        assert!(bad("rollout.workers=0").contains("workers"));
         let ok = Config::default()
             .with_overrides(&[
                 "algorithm.name=ppo".into(),

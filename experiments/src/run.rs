@@ -493,6 +493,11 @@ fn rl_stage(
     admission.published(state.policy_version);
     let feed = Arc::new(Mutex::new(Feed::new(setup::train_loader(c)?, state.feed)));
     let (sender, receiver) = crossbeam_channel::bounded(r.channel_capacity.max(1));
+    let groups_per_batch = c.groups_per_batch()?;
+    tracing::info!(
+        groups_per_batch,
+        "each rollout worker batches up to this many groups"
+    );
     let pool = Pool::spawn(
         PoolConfig {
             workers: r.workers,
@@ -500,7 +505,7 @@ fn rl_stage(
             generation: setup::generation(c, &task.tokenizer),
             seed: c.run.seed,
             entropy_reward: c.algorithm.entropy_reward,
-            groups_per_batch: r.groups_per_batch,
+            groups_per_batch,
         },
         Arc::new(task.clone()),
         feed.clone(),
