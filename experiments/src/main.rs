@@ -220,7 +220,25 @@ fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
     base.with_overrides(&args.sets)
 }
 
-/// Runs `f` on a blocking thread under tokio; Ctrl-C asks it to stop with a checkpoint.
+/// Resolves when the process is asked to stop: Ctrl-C (SIGINT), or on Unix SIGTERM (what `kill`
+/// and a cluster scheduler's preemption send); says which.
+async fn stop_requested() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "Ctrl-C",
+                _ = term.recv() => "SIGTERM",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "Ctrl-C"
+}
+
+/// Runs `f` on a blocking thread under tokio; Ctrl-C or SIGTERM asks it to stop with a
+/// checkpoint, and a second one aborts.
 fn orchestrate<T: Send + 'static>(
     f: impl FnOnce(Arc<AtomicBool>) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
@@ -236,12 +254,12 @@ fn orchestrate<T: Send + 'static>(
         });
         tokio::select! {
             done = &mut job => done?,
-            _ = tokio::signal::ctrl_c() => {
-                tracing::warn!("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to abort)");
+            signal = stop_requested() => {
+                tracing::warn!("{signal}: stopping after this step with a checkpoint (again to abort)");
                 stop.store(true, Ordering::SeqCst);
                 tokio::select! {
                     done = &mut job => done?,
-                    _ = tokio::signal::ctrl_c() => bail!("aborted"),
+                    signal = stop_requested() => bail!("aborted by {signal}"),
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! The `ferrite` binary end to end: a shortened built-in experiment improves held-out accuracy
-//! with GRPO; a run killed with SIGKILL and resumed reproduces the uninterrupted run's logs.
+//! with GRPO; a run killed with SIGKILL, or stopped by SIGTERM, and resumed reproduces the
+//! uninterrupted run's logs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -203,10 +204,60 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
         "killed before the end"
     );
     succeed(ferrite().args(["run", "--resume"]).arg(&killed));
+    assert_same_logs(&whole, &killed);
+    // the resumed run's checkpoints load in a fresh process
+    succeed(ferrite().args(["eval"]).arg(&killed));
 
+    // SIGTERM (`kill`, a scheduler's preemption): the run stops after the step under way with a
+    // checkpoint of it, losing no step, and resumes to the uninterrupted run's logs
+    let terminated = scratch("terminated");
+    let mut child = ferrite()
+        .args(["run", "--out"])
+        .arg(&terminated)
+        .args(args)
+        .spawn()
+        .unwrap();
+    let metrics = terminated.join("metrics.parquet");
+    while !terminated.join("checkpoints/step-000002").is_dir() {
+        assert!(Instant::now() < deadline, "no checkpoint");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(
+        child.wait().unwrap().success(),
+        "a stop on SIGTERM succeeds"
+    );
+    let steps = deterministic_metrics(&terminated, "metrics.parquet")[0]
+        .1
+        .len();
+    assert!(
+        metrics.is_file() && steps < 6,
+        "stopped early, after {steps} steps"
+    );
+    assert!(
+        terminated
+            .join(format!("checkpoints/step-{steps:06}/trainer_state.json"))
+            .is_file(),
+        "a checkpoint of the last step, {steps}"
+    );
+    succeed(ferrite().args(["run", "--resume"]).arg(&terminated));
+    assert_same_logs(&whole, &terminated);
+    for dir in [whole, killed, terminated] {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The logs of two runs (metrics and evaluations, timings aside) and their final accuracy agree
+/// exactly.
+fn assert_same_logs(whole: &Path, resumed: &Path) {
     for file in ["metrics.parquet", "eval.parquet"] {
-        let a = deterministic_metrics(&whole, file);
-        let b = deterministic_metrics(&killed, file);
+        let a = deterministic_metrics(whole, file);
+        let b = deterministic_metrics(resumed, file);
         assert_eq!(a.len(), b.len());
         for ((name, x), (_, y)) in a.iter().zip(&b) {
             assert_eq!(x.len(), y.len(), "{file} {name}: rows");
@@ -219,13 +270,10 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
             }
         }
     }
-    let a = summary(&whole);
-    let b = summary(&killed);
-    assert_eq!(a["accuracy_final"], b["accuracy_final"]);
-    // the resumed run's checkpoints load in a fresh process
-    succeed(ferrite().args(["eval"]).arg(&killed));
-    let _ = std::fs::remove_dir_all(&whole);
-    let _ = std::fs::remove_dir_all(&killed);
+    assert_eq!(
+        summary(whole)["accuracy_final"],
+        summary(resumed)["accuracy_final"]
+    );
 }
 
 /// A tiny run of an algorithm: 30 SFT steps, 4 RL steps, checkpoints every 2.
