@@ -267,6 +267,17 @@ fn orchestrate<T: Send + 'static>(
 }
 
 fn print_summary(dir: &Path, s: &run::Summary) {
+    if s.interrupted {
+        println!(
+            "stopped before the end; continue with: ferrite run --resume {}",
+            dir.display()
+        );
+        if s.steps == 0 {
+            // stopped in the warm start or before the first RL step: nothing measured yet
+            println!("run directory: {}", dir.display());
+            return;
+        }
+    }
     let initial = s
         .accuracy_initial
         .map(|a| format!("{a:.3} before the warm start, "))

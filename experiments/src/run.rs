@@ -86,31 +86,88 @@ fn progress_bar(len: u64, prefix: &str, show: bool) -> ProgressBar {
     bar
 }
 
+/// The checkpoint of a warm start stopped part way (Ctrl-C, SIGTERM), which `--resume` continues.
+const SFT_PARTIAL: &str = "sft-partial";
+
 /// The supervised warm start, or its checkpoint when a resumed run has one. Returns the weights
-/// after it and the data cursor where RL starts.
+/// after it and the data cursor where RL starts; None when a stop (Ctrl-C, SIGTERM) came during
+/// it: then the steps done are in a checkpoint of their own (`sft-partial`: weights, optimizer,
+/// data cursor), from which `--resume` continues to the warm start the whole stage would give.
 fn sft_stage(
     c: &Config,
     dir: &Path,
     base: &Weights,
     task: &Task,
     opts: &RunOptions,
-) -> anyhow::Result<(Weights, FeedState, f64)> {
-    let ckpt = dir.join("checkpoints").join("sft");
+) -> anyhow::Result<Option<(Weights, FeedState, f64)>> {
+    let root = dir.join("checkpoints");
+    let ckpt = root.join("sft");
     if opts.resume && ckpt.join(checkpoint::STATE_FILE).is_file() {
         let w = setup::load_weights(c, &ckpt)?;
-        return Ok((w, checkpoint::load_state(&ckpt)?.feed, 0.0));
+        return Ok(Some((w, checkpoint::load_state(&ckpt)?.feed, 0.0)));
     }
     if c.sft.steps == 0 {
-        return Ok((base.clone(), FeedState::default(), 0.0));
+        return Ok(Some((base.clone(), FeedState::default(), 0.0)));
     }
     let mut loader = setup::train_loader(c)?;
     let start = Instant::now();
-    let (vars, w) = base.to_vars()?;
+    let partial = root.join(SFT_PARTIAL);
+    let resumed = opts.resume && partial.join(checkpoint::STATE_FILE).is_file();
+    let (first, from) = match resumed {
+        true => {
+            let state = checkpoint::load_state(&partial)?;
+            loader.seek(state.feed.cursor);
+            tracing::info!(step = state.step, "resuming the warm start");
+            (state.step, setup::load_weights(c, &partial)?)
+        }
+        false => (0, base.clone()),
+    };
+    let (vars, w) = from.to_vars()?;
     let mut opt = AdamW::new(vars, adamw(c))?;
+    if resumed {
+        opt.load(&partial)?;
+    }
     let eos = setup::stop_ids(&task.tokenizer);
-    let mut table = StepTable::new(dir.join("sft.parquet"));
+    let table_path = dir.join("sft.parquet");
+    let mut table = match resumed {
+        true => StepTable::reopen(table_path, first)?,
+        false => StepTable::new(table_path),
+    };
     let bar = progress_bar(c.sft.steps, "sft", opts.progress);
-    for step in 0..c.sft.steps {
+    bar.set_position(first);
+    // the warm start's state after `step` steps, the data cursor where the next batch starts
+    let state_at = |step: u64, cursor| TrainerState {
+        step,
+        policy_version: 0,
+        feed: FeedState {
+            cursor,
+            next_group: 0,
+        },
+        seed: c.run.seed,
+        samples_seen: 0,
+        kl_coef: None,
+    };
+    for step in first..c.sft.steps {
+        if opts.stop.load(Ordering::SeqCst) {
+            bar.finish_and_clear();
+            let state = state_at(step, loader.cursor());
+            checkpoint::save(
+                &root,
+                SFT_PARTIAL,
+                &opt.master_weights(&w.snapshot()?)?,
+                &task.tokenizer,
+                Some(&opt),
+                &state,
+                &[(CONFIG_FILE, &c.to_toml())],
+                None,
+            )?;
+            tracing::info!(
+                step,
+                "stopped in the warm start; resume with --resume {}",
+                dir.display()
+            );
+            return Ok(None);
+        }
         let mut batch = Vec::with_capacity(c.sft.batch_size);
         for r in loader.take(c.sft.batch_size)? {
             let text = rollout::task::fill_template(&c.sft.completion_template, &r)?;
@@ -140,21 +197,10 @@ fn sft_stage(
         }
     }
     bar.finish_and_clear();
-    let feed = FeedState {
-        cursor: loader.cursor(),
-        next_group: 0,
-    };
-    let state = TrainerState {
-        step: 0,
-        policy_version: 0,
-        feed,
-        seed: c.run.seed,
-        samples_seen: 0,
-        kl_coef: None,
-    };
+    let state = state_at(0, loader.cursor());
     let w = w.snapshot()?;
     checkpoint::save(
-        &dir.join("checkpoints"),
+        &root,
         "sft",
         &opt.master_weights(&w)?,
         &task.tokenizer,
@@ -163,7 +209,10 @@ fn sft_stage(
         &[(CONFIG_FILE, &c.to_toml())],
         None,
     )?;
-    Ok((w, feed, start.elapsed().as_secs_f64()))
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| partial.display().to_string())?;
+    }
+    Ok(Some((w, state.feed, start.elapsed().as_secs_f64())))
 }
 
 /// The evaluation at `step`, its batch of `data.eval_batch` rows halved while it runs out of
@@ -298,7 +347,11 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             "held-out accuracy of the initial model"
         );
     }
-    let (start_weights, start_feed, sft_seconds) = sft_stage(c, dir, &base, &task, opts)?;
+    let Some((start_weights, start_feed, sft_seconds)) = sft_stage(c, dir, &base, &task, opts)?
+    else {
+        summary.interrupted = true;
+        return Ok(summary);
+    };
     summary.seconds_sft = sft_seconds;
     // the RL stage
     let (policy_init, state) = match &resume_from {

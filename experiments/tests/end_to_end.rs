@@ -223,11 +223,7 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
         assert!(child.try_wait().unwrap().is_none(), "the run ended first");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    terminate(&child);
     assert!(
         child.wait().unwrap().success(),
         "a stop on SIGTERM succeeds"
@@ -247,9 +243,57 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     );
     succeed(ferrite().args(["run", "--resume"]).arg(&terminated));
     assert_same_logs(&whole, &terminated);
-    for dir in [whole, killed, terminated] {
+
+    // SIGTERM in the warm start: its steps so far go into a checkpoint of their own, and the
+    // resumed run's warm start and RL are the uninterrupted run's
+    let warm = scratch("warm");
+    let mut child = ferrite()
+        .args(["run", "--out"])
+        .arg(&warm)
+        .args(args)
+        .spawn()
+        .unwrap();
+    while !warm.join("sft.parquet").is_file() {
+        assert!(Instant::now() < deadline, "no warm start");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    terminate(&child);
+    assert!(
+        child.wait().unwrap().success(),
+        "a stop on SIGTERM succeeds"
+    );
+    let partial = warm.join("checkpoints/sft-partial/trainer_state.json");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&partial).expect("sft-partial")).unwrap();
+    let done = state["step"].as_u64().unwrap();
+    let rows = deterministic_metrics(&warm, "sft.parquet")[0].1.len() as u64;
+    assert!(done < 40 && rows == done, "{done} steps done, {rows} rows");
+    assert!(!warm.join("checkpoints/sft").exists() && !warm.join("metrics.parquet").exists());
+    succeed(ferrite().args(["run", "--resume"]).arg(&warm));
+    assert!(
+        !warm.join("checkpoints/sft-partial").exists(),
+        "gone once the warm start is whole"
+    );
+    let curve = |dir: &Path| {
+        let mut columns = deterministic_metrics(dir, "sft.parquet");
+        columns.retain(|(name, _)| name != "seconds");
+        columns
+    };
+    assert_eq!(curve(&whole), curve(&warm), "the warm start's curve");
+    assert_same_logs(&whole, &warm);
+    for dir in [whole, killed, terminated, warm] {
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// Sends SIGTERM to `child`.
+fn terminate(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 /// The logs of two runs (metrics and evaluations, timings aside) and their final accuracy agree
