@@ -179,24 +179,7 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     succeed(ferrite().args(["run", "--out"]).arg(&whole).args(args));
 
     let killed = scratch("killed");
-    let mut child = ferrite()
-        .args(["run", "--out"])
-        .arg(&killed)
-        .args(args)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !killed
-        .join("checkpoints/step-000002/trainer_state.json")
-        .is_file()
-    {
-        assert!(Instant::now() < deadline, "no checkpoint");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it was killed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = run_until(&killed, &args, "checkpoints/step-000002/trainer_state.json");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(
@@ -211,18 +194,12 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     // SIGTERM (`kill`, a scheduler's preemption): the run stops after the step under way with a
     // checkpoint of it, losing no step, and resumes to the uninterrupted run's logs
     let terminated = scratch("terminated");
-    let mut child = ferrite()
-        .args(["run", "--out"])
-        .arg(&terminated)
-        .args(args)
-        .spawn()
-        .unwrap();
+    let mut child = run_until(
+        &terminated,
+        &args,
+        "checkpoints/step-000002/trainer_state.json",
+    );
     let metrics = terminated.join("metrics.parquet");
-    while !terminated.join("checkpoints/step-000002").is_dir() {
-        assert!(Instant::now() < deadline, "no checkpoint");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     terminate(&child);
     assert!(
         child.wait().unwrap().success(),
@@ -247,17 +224,7 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     // SIGTERM in the warm start: its steps so far go into a checkpoint of their own, and the
     // resumed run's warm start and RL are the uninterrupted run's
     let warm = scratch("warm");
-    let mut child = ferrite()
-        .args(["run", "--out"])
-        .arg(&warm)
-        .args(args)
-        .spawn()
-        .unwrap();
-    while !warm.join("sft.parquet").is_file() {
-        assert!(Instant::now() < deadline, "no warm start");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut child = run_until(&warm, &args, "sft.parquet");
     terminate(&child);
     assert!(
         child.wait().unwrap().success(),
@@ -285,6 +252,24 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     for dir in [whole, killed, terminated, warm] {
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// `ferrite run --out dir args`, returned once `dir/file` exists (within 10 minutes, and while
+/// the run has not ended).
+fn run_until(dir: &Path, args: &[&str], file: &str) -> std::process::Child {
+    let mut child = ferrite()
+        .args(["run", "--out"])
+        .arg(dir)
+        .args(args)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !dir.join(file).is_file() {
+        assert!(Instant::now() < deadline, "no {file}");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
 }
 
 /// Sends SIGTERM to `child`.
