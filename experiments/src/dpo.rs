@@ -3,6 +3,7 @@
 //! the same metrics, evaluation and checkpoint files as the RL stage.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -137,7 +138,8 @@ pub fn step_pairs(len: usize, n: usize, seed: u64, step: u64) -> Vec<usize> {
         .collect()
 }
 
-/// DPO optimizer steps from `state.step` to `run.steps`; one metrics row per step.
+/// DPO optimizer steps from `state.step` to `run.steps`, or until `stop` (Ctrl-C, SIGTERM) is
+/// set; one metrics row per step.
 #[allow(clippy::too_many_arguments)]
 pub fn dpo_stage(
     c: &Config,
@@ -148,6 +150,7 @@ pub fn dpo_stage(
     mut state: TrainerState,
     metrics: &mut StepTable,
     on_step: &mut dyn FnMut(&TrainerState, &AdamW) -> anyhow::Result<()>,
+    stop: &AtomicBool,
 ) -> anyhow::Result<TrainerState> {
     anyhow::ensure!(!pairs.is_empty(), "no preference pairs to train on");
     let cfg = DpoConfig {
@@ -156,7 +159,7 @@ pub fn dpo_stage(
         label_smoothing: c.algorithm.label_smoothing,
     };
     let start = Instant::now();
-    while state.step < c.run.steps {
+    while state.step < c.run.steps && !stop.load(Ordering::SeqCst) {
         let t0 = Instant::now();
         let idx = step_pairs(
             pairs.len(),

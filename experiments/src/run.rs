@@ -477,8 +477,14 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             state,
             &mut metrics,
             &mut on_step,
+            &opts.stop,
         )?;
         bar.finish_and_clear();
+        if end.step < c.run.steps {
+            // stopped (Ctrl-C, SIGTERM): a checkpoint of the last step
+            crate::dpo::save(c, dir, &task, &policy, &opt, &end)?;
+            summary.interrupted = true;
+        }
         summary.steps = end.step;
         summary.samples = end.samples_seen;
         if let Some(last) = eval_table.rows().len().checked_sub(1) {

@@ -257,15 +257,17 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
 /// `ferrite run --out dir args`, returned once `dir/file` exists (within 10 minutes, and while
 /// the run has not ended).
 fn run_until(dir: &Path, args: &[&str], file: &str) -> std::process::Child {
-    let mut child = ferrite()
-        .args(["run", "--out"])
-        .arg(dir)
-        .args(args)
-        .spawn()
-        .unwrap();
+    let mut cmd = ferrite();
+    cmd.args(["run", "--out"]).arg(dir).args(args);
+    spawn_until(&mut cmd, &dir.join(file))
+}
+
+/// `cmd` started, returned once `path` exists (within 10 minutes, and while it has not ended).
+fn spawn_until(cmd: &mut Command, path: &Path) -> std::process::Child {
+    let mut child = cmd.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !dir.join(file).is_file() {
-        assert!(Instant::now() < deadline, "no {file}");
+    while !path.is_file() {
+        assert!(Instant::now() < deadline, "no {}", path.display());
         assert!(child.try_wait().unwrap().is_none(), "the run ended first");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -558,6 +560,33 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
         metric(&dpo, "reward_margin"),
         metric(&from_file, "reward_margin")
     );
+    // SIGTERM stops a DPO run after the step under way with a checkpoint of it; resumed, it
+    // trains as the uninterrupted run does
+    let dpo_args = [
+        "algorithm.name=dpo",
+        &file,
+        "algorithm.dpo_pairs_per_step=8",
+        "run.checkpoint_every=50",
+    ];
+    let dpo_whole = root.join("dpo-whole");
+    succeed(&mut tiny("dpo", &dpo_whole, &dpo_args, 200));
+    let stopped = root.join("dpo-stopped");
+    let mut cmd = tiny("dpo", &stopped, &dpo_args, 200);
+    let mut child = spawn_until(&mut cmd, &stopped.join("metrics.parquet"));
+    terminate(&child);
+    assert!(
+        child.wait().unwrap().success(),
+        "a stop on SIGTERM succeeds"
+    );
+    let steps = metric(&stopped, "loss").len();
+    assert!(steps < 200, "stopped early, after {steps} steps");
+    assert!(stopped
+        .join(format!("checkpoints/step-{steps:06}/trainer_state.json"))
+        .is_file());
+    succeed(ferrite().args(["run", "--resume"]).arg(&stopped));
+    for col in ["loss", "reward_margin", "grad_norm"] {
+        assert_eq!(metric(&dpo_whole, col), metric(&stopped, col), "{col}");
+    }
     let _ = std::fs::remove_dir_all(&root);
 }
 
