@@ -199,7 +199,6 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
         &args,
         "checkpoints/step-000002/trainer_state.json",
     );
-    let metrics = terminated.join("metrics.parquet");
     terminate(&child);
     assert!(
         child.wait().unwrap().success(),
@@ -208,10 +207,7 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     let steps = deterministic_metrics(&terminated, "metrics.parquet")[0]
         .1
         .len();
-    assert!(
-        metrics.is_file() && steps < 6,
-        "stopped early, after {steps} steps"
-    );
+    assert!(steps < 6, "stopped early, after {steps} steps");
     assert!(
         terminated
             .join(format!("checkpoints/step-{steps:06}/trainer_state.json"))
