@@ -405,6 +405,40 @@ impl Default for AlgorithmConfig {
     }
 }
 
+/// A switch whose default the device decides: `"auto"`, `true` or `false` in TOML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoBool {
+    Auto,
+    Set(bool),
+}
+
+impl Serialize for AutoBool {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AutoBool::Auto => s.serialize_str("auto"),
+            AutoBool::Set(on) => s.serialize_bool(*on),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AutoBool {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Word(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Bool(on)) => Ok(AutoBool::Set(on)),
+            Ok(Raw::Word(w)) if w == "auto" => Ok(AutoBool::Auto),
+            _ => Err(serde::de::Error::custom(
+                "expected `\"auto\"`, `true` or `false`",
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimizerConfig {
@@ -427,6 +461,11 @@ pub struct OptimizerConfig {
     /// Let a step's micro-batches take its sequences shortest first where that pads fewer
     /// tokens than the order they come in (`learner::step::by_length`).
     pub order_by_length: bool,
+    /// Lay a micro-batch's sequences end to end in one row with no padding, each prompt that
+    /// several of them continue once (`learner::step::set_pack_rows`): `auto` (on the CPU; off
+    /// on CUDA, where each sequence's attention is its own kernel launches until a kernel takes a
+    /// packed row whole), `true` or `false`.
+    pub pack_rows: AutoBool,
     /// Subnetwork-only RL: a `*.masks.safetensors` of `ferrite analyze subnetwork`; only the
     /// parameters it marks changed are trained (gradient and update, weight decay included).
     pub subnetwork_mask: String,
@@ -449,6 +488,7 @@ impl Default for OptimizerConfig {
             activation_checkpointing: false,
             share_prompts: true,
             order_by_length: true,
+            pack_rows: AutoBool::Auto,
             subnetwork_mask: String::new(),
             subnetwork_mask_kind: "tol".into(),
         }
@@ -556,8 +596,18 @@ impl Config {
         toml::to_string_pretty(self).expect("the config serializes")
     }
 
-    /// The same config with the model on the host in f32: offline analyses of a run's
-    /// checkpoints (subnetwork, AlphaRL) do their arithmetic there, and the run's own device
+    /// Whether a learner step packs its micro-batches' rows (`optimizer.pack_rows`), `auto`
+    /// resolved by the device: on the CPU, where it runs the fewest positions; off on CUDA, where
+    /// each sequence's attention is its own kernel launches (a few dozen a layer) until a kernel
+    /// takes a packed row whole, so that a step of many short sequences would spend more on
+    /// launches than packing saves.
+    pub fn pack_rows(&self) -> anyhow::Result<bool> {
+        Ok(match self.optimizer.pack_rows {
+            AutoBool::Auto => self.model.device_spec()? == DeviceSpec::Cpu,
+            AutoBool::Set(on) => on,
+        })
+    }
+
     /// The groups a rollout worker's batch holds: `rollout.groups_per_batch`, or for 0 (`auto`)
     /// by the device. On the CPU 1: each group alone, so a run is reproducible bit for bit, and a
     /// CPU decode step costs in proportion to its rows anyway. On CUDA a worker's share of the
@@ -576,6 +626,8 @@ impl Config {
         })
     }
 
+    /// The same config with the model on the host in f32: offline analyses of a run's
+    /// checkpoints (subnetwork, AlphaRL) do their arithmetic there, and the run's own device
     /// may be absent on the machine that analyses it.
     pub fn on_host(mut self) -> Config {
         self.model.device = "cpu".into();
@@ -585,6 +637,7 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.model.bf16()?; // parses the device too
+        self.pack_rows()?;
         let r = &self.rollout;
         if r.group_size < 2 {
             bail!(
@@ -737,6 +790,25 @@ mod tests {
         assert_eq!(gpb(&["model.device=cuda", "rollout.workers=3"]), 6);
         assert_eq!(gpb(&["model.device=cuda", "rollout.groups_per_batch=1"]), 1);
         assert_eq!(gpb(&["rollout.groups_per_batch=4"]), 4);
+    }
+
+    #[test]
+    fn pack_rows_auto_packs_on_the_cpu_only_and_a_bad_value_is_an_error() {
+        let pack = |set: &[&str]| Config::default_with(set).unwrap().pack_rows().unwrap();
+        assert!(pack(&[]), "the CPU packs");
+        assert!(!pack(&["model.device=cuda"]));
+        assert!(pack(&["model.device=cuda", "optimizer.pack_rows=true"]));
+        assert!(!pack(&["optimizer.pack_rows=false"]));
+        let e = Config::default_with(&["optimizer.pack_rows=yes"]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains(r#"expected `"auto"`, `true` or `false`"#),
+            "{e:#}"
+        );
+        // the resolved config round-trips, `auto` and a set value alike
+        for set in [&[][..], &["optimizer.pack_rows=false"]] {
+            let c = Config::default_with(set).unwrap();
+            assert_eq!(Config::from_toml(&c.to_toml(), "resolved").unwrap(), c);
+        }
     }
 
     #[test]

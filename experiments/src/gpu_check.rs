@@ -400,6 +400,84 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         );
     }
 
+    // packed: the same rows end to end in one row (each prompt head once, its three rows after
+    // it), against the whole rows, log-probs and the weights' gradients of their sum, f32 and bf16
+    // in a graph (each row's attention through the flash kernels at D=64, forward and backward)
+    let mut tokens = Vec::new();
+    let mut segments = Vec::new();
+    let mut starts = Vec::new();
+    for (p, head) in heads.iter().enumerate() {
+        let at = tokens.len();
+        segments.push(model::forward::Segment {
+            start: at,
+            len: head.len(),
+            prefix: None,
+        });
+        tokens.extend_from_slice(head);
+        for row in &own[3 * p..3 * p + 3] {
+            starts.push(tokens.len());
+            segments.push(model::forward::Segment {
+                start: tokens.len(),
+                len: row.len(),
+                prefix: Some((at, head.len())),
+            });
+            tokens.extend_from_slice(row);
+        }
+    }
+    let packed = model::forward::PackedRows::new(&tokens, &segments, gpu)?;
+    let w64_f32 = w64.to(DType::F32, gpu)?;
+    for (label, w, bound, grad_bound) in [
+        ("f32, D=64", &w64_f32, 1e-4, 1e-3),
+        ("bf16 in a graph, D=64", &w64_bf16, 0.1, 0.1),
+    ] {
+        let summed = |packed_rows: bool| -> Result<(Tensor, Vec<(String, Tensor)>)> {
+            let (vars, trainable) = w.to_vars()?;
+            let (lp, mask) = if packed_rows {
+                let lp = model::logprobs::packed_logprobs(
+                    &trainable,
+                    &packed,
+                    &own,
+                    &own_scored,
+                    &starts,
+                    1.0,
+                    false,
+                )?;
+                (lp.logprobs, lp.mask)
+            } else {
+                let lp = sequence_logprobs(&trainable, &whole, &ones, &scored, 1.0)?;
+                (lp.logprobs.narrow(1, 39, 8)?, lp.mask.narrow(1, 39, 8)?)
+            };
+            let loss = (lp.to_dtype(DType::F32)? * mask)?.sum_all()?;
+            let grads = model::checkpoint::backward(&loss)?;
+            let mut out = Vec::new();
+            for (name, v) in vars {
+                let g = grads
+                    .get(v.as_tensor())
+                    .ok_or(format!("no gradient for {name}"))?;
+                out.push((name, g.clone()));
+            }
+            Ok((lp, out))
+        };
+        let calls = (ops::flash_calls(), model::attention::packed_calls());
+        let (lp_packed, g_packed) = summed(true)?;
+        let ran = (
+            ops::flash_calls() > calls.0,
+            model::attention::packed_calls() > calls.1,
+        );
+        let (lp_whole, g_whole) = summed(false)?;
+        let d = max_abs_diff(&lp_whole, &lp_packed)?;
+        let (worst, name) = worst_rel(&g_whole, &g_packed)?;
+        let flash_expected = w.embed_tokens.dtype() == DType::BF16;
+        check(
+            &format!("packed rows vs whole rows, max|Δ log-prob|, worst rel Δ gradient ({label})"),
+            format!(
+                "{d:.2e} of {:.1}; {worst:.2e} ({name})",
+                max_abs(&lp_whole)?
+            ),
+            d < bound && worst < grad_bound && ran.1 && ran.0 == flash_expected,
+        );
+    }
+
     // greedy generation
     let prompts: Vec<Vec<u32>> = ids
         .iter()
@@ -1568,29 +1646,38 @@ fn learner_benches(
 }
 
 /// A GRPO step on an RL-like batch (`learner::synthetic::rl_like_step`: 16 prompts of 40–120
-/// tokens × 8 completions of 8–512) in micro-batches of 8,192 padded tokens, its sequences as
-/// they come and by length (`learner::step::by_length`): completion tokens/s and positions run.
+/// tokens × 8 completions of 8–512) in micro-batches of 8,192 tokens, in each of
+/// `learner::synthetic::LAYOUTS` (padded as they come, padded by length, packed): completion
+/// tokens/s and positions run. Packing is off by default on CUDA (each sequence's attention its
+/// own launches); this line says what it costs or saves on this card.
 fn learner_order_bench(w: &Weights, r: &mut Report) -> Result<()> {
     let (vars, trainable) = w.to_vars()?;
     let mut opt = AdamW::new(vars, AdamWConfig::default())?;
     let seqs = learner::synthetic::rl_like_step(16, 8, w.config.vocab_size as u32, 3);
     let tokens: usize = seqs.iter().map(|s| s.completion.len()).sum();
-    let [given, sorted] = learner::synthetic::compare_orders(&trainable, &mut opt, &seqs, 8192, 2)?;
-    let tok_s = |run: &learner::synthetic::OrderRun| tokens as f64 / run.seconds;
+    let runs = learner::synthetic::compare_layouts(&trainable, &mut opt, &seqs, 8192, 2)?;
+    let each: Vec<String> = runs
+        .iter()
+        .zip(learner::synthetic::LAYOUTS)
+        .map(|(run, label)| {
+            format!(
+                "{label} {:.0} tok/s ({} positions, {:.2}×)",
+                tokens as f64 / run.seconds,
+                run.positions,
+                runs[0].seconds / run.seconds
+            )
+        })
+        .collect();
     r.lines.push(format!(
         "learner GRPO step bf16, RL-like lengths ({} rows, {tokens} completion tokens, micro-batches \
-         of 8192): as they come {:.0} tok/s ({} positions), by length {:.0} tok/s ({} positions): \
-         {:.2}×",
+         of 8192): {}",
         seqs.len(),
-        tok_s(&given),
-        given.positions,
-        tok_s(&sorted),
-        sorted.positions,
-        given.seconds / sorted.seconds
+        each.join(", ")
     ));
+    let [given, sorted, packed] = runs;
     r.json.push(format!(
-        r#"{{"kind": "learner_order", "tokens": {tokens}, "given_s": {}, "sorted_s": {}, "given_positions": {}, "sorted_positions": {}}}"#,
-        given.seconds, sorted.seconds, given.positions, sorted.positions
+        r#"{{"kind": "learner_layout", "tokens": {tokens}, "given_s": {}, "sorted_s": {}, "packed_s": {}, "given_positions": {}, "sorted_positions": {}, "packed_positions": {}}}"#,
+        given.seconds, sorted.seconds, packed.seconds, given.positions, sorted.positions, packed.positions
     ));
     Ok(())
 }
@@ -2394,6 +2481,9 @@ fn run(what: &str) -> Result<()> {
     if what == "jit" {
         return jit(&gpu);
     }
+    // the learner's steps as a CUDA run takes them (`optimizer.pack_rows = auto`): padded rows
+    // (the model section checks packed rows, and the learner variants time them)
+    learner::step::set_pack_rows(false);
     let mut r = Report::default();
     if what == "glue" {
         r.section("glue checks", |r| glue_checks(&gpu, &mut r.rows));

@@ -325,6 +325,11 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     model::checkpoint::set_enabled(c.optimizer.activation_checkpointing);
     learner::step::set_share_prompts(c.optimizer.share_prompts);
     learner::step::set_order_by_length(c.optimizer.order_by_length);
+    learner::step::set_pack_rows(c.pack_rows()?);
+    tracing::info!(
+        pack_rows = learner::step::packing_rows(),
+        "the learner's micro-batches pack their rows"
+    );
     let dir = &opts.dir;
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     std::fs::write(dir.join(CONFIG_FILE), c.to_toml())?;

@@ -1,18 +1,19 @@
-//! A GRPO step on completions of RL-like lengths, its micro-batches taking the sequences as they
-//! come (a group's rows together) and shortest first where that runs fewer positions
-//! (`learner::step::set_order_by_length`), both in this process: the positions each runs, its
-//! seconds a step and the ratio.
+//! A GRPO step on completions of RL-like lengths in three layouts, in this process: its
+//! micro-batches' rows padded to the longest with the sequences as they come (a group's rows
+//! together), padded with the sequences shortest first where that pads less
+//! (`learner::step::set_order_by_length`), and packed end to end with no padding, each prompt once
+//! (`learner::step::set_pack_rows`): the positions each runs, its seconds a step and the ratios.
 //!
 //!     cargo run --release -p ferrite-learner --example bench_order [hidden layers]
 //!
 //! 16 prompts of 40–120 tokens, 8 completions each of 8–512 tokens (uniform in the logarithm:
 //! many short ones, a few long: `learner::synthetic::rl_like_step`), micro-batches of 8,192
-//! padded tokens (the default `optimizer.micro_batch_tokens`), on the built-in model's shape
-//! (hidden 128, 4 layers) unless given another.
+//! tokens (the default `optimizer.micro_batch_tokens`), on the built-in model's shape (hidden 128,
+//! 4 layers) unless given another.
 
 use candle_core::Device;
 use learner::optim::{AdamW, AdamWConfig};
-use learner::synthetic::{compare_orders, rl_like_step};
+use learner::synthetic::{compare_layouts, rl_like_step, LAYOUTS};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     model::tune_process();
@@ -27,21 +28,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut opt = AdamW::new(vars, AdamWConfig::default())?;
     let seqs = rl_like_step(16, 8, config.vocab_size as u32, 3);
     let tokens: usize = seqs.iter().map(|s| s.completion.len()).sum();
-    println!("{} sequences, {tokens} completion tokens", seqs.len());
-    let runs = compare_orders(&w, &mut opt, &seqs, 8192, 3)?;
-    for (run, label) in runs.iter().zip(["as they come", "by length"]) {
+    let real: usize = seqs
+        .iter()
+        .map(|s| s.prompt.len() + s.completion.len())
+        .sum();
+    println!(
+        "{} sequences, {tokens} completion tokens ({real} prompt and completion tokens)",
+        seqs.len()
+    );
+    let runs = compare_layouts(&w, &mut opt, &seqs, 8192, 3)?;
+    for (run, label) in runs.iter().zip(LAYOUTS) {
         println!(
-            "BENCH order {label}: {:.2} s a step, {:.0} completion tokens/s, {} positions",
+            "BENCH layout {label}: {:.2} s a step, {:.0} completion tokens/s, {} positions \
+             ({:.2}× the first's speed)",
             run.seconds,
             tokens as f64 / run.seconds,
-            run.positions
+            run.positions,
+            runs[0].seconds / run.seconds
         );
     }
-    let [given, sorted] = runs;
-    println!(
-        "by length / as they come: {:.2}× the speed, {:.2}× the positions",
-        given.seconds / sorted.seconds,
-        sorted.positions as f64 / given.positions as f64
-    );
     Ok(())
 }

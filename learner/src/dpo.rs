@@ -7,9 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::device_sums::DeviceSums;
 use crate::error::{LearnerError, Result};
-use crate::fit::{by_tokens, fitted, halving};
+use crate::fit::{by_cost, fitted, halving, padded_tokens};
 use crate::optim::AdamW;
-use crate::step::{cheapest_order, forward_positions, in_given_order, pack, reordered, Sequence};
+use crate::step::{
+    cheapest_order, forward_positions, in_given_order, pack, packed_tokens, packing_rows,
+    reordered, Sequence,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -166,10 +169,20 @@ fn pair_lengths(pairs: &[Pair]) -> Vec<usize> {
         .collect()
 }
 
-/// Splits pairs into micro-batches whose padded size (2 rows per pair × longest row) stays
-/// within `budget` tokens.
+/// Splits pairs into micro-batches that hold at most `budget` tokens ([`pair_tokens`]).
 fn pair_batches(pairs: &[Pair], budget: usize) -> Vec<std::ops::Range<usize>> {
-    by_tokens(&pair_lengths(pairs), 2, 0..pairs.len(), budget)
+    by_cost(&pair_tokens(pairs), 0..pairs.len(), budget)
+}
+
+/// The tokens a micro-batch of `pairs[range]` holds on the device: its rows packed
+/// ([`packed_tokens`]: the prompt once, then both completions) or padded (2 rows per pair ×
+/// the longest row), as [`crate::step::set_pack_rows`] says.
+fn pair_tokens(pairs: &[Pair]) -> impl Fn(std::ops::Range<usize>) -> usize + '_ {
+    let lengths = pair_lengths(pairs);
+    move |r| match packing_rows() {
+        true => packed_tokens(&pair_rows(&pairs[r])),
+        false => padded_tokens(&lengths, 2, r),
+    }
 }
 
 /// The rows chosen₀, rejected₀, chosen₁, … of `pairs`.
@@ -208,7 +221,7 @@ fn summed_logprobs(w: &Weights, pairs: &[Pair]) -> Result<(Tensor, Tensor)> {
     let seqs = pair_rows(pairs);
     let device = w.embed_tokens.device().clone();
     let p = pack(&seqs, &device)?;
-    let lp = p.logprobs(w, 1.0)?;
+    let lp = p.logprobs(w, 1.0, false)?;
     let sums = (lp.logprobs * lp.mask)?.sum(1)?.reshape((pairs.len(), 2))?; // [n, 2]
     Ok((
         sums.narrow(1, 0, 1)?.squeeze(1)?,
@@ -288,50 +301,56 @@ pub fn dpo_step(
         }
         None => (pairs, reference),
     };
-    let mut m = fitted(opt, &pair_lengths(pairs), 2, budget, |opt, plan| {
-        let mut m = DpoMetrics {
-            memory_retries: plan.retries,
-            ..Default::default()
-        };
-        for piece in plan.pieces() {
-            let mb = &pairs[piece.range.clone()];
-            let (chosen, rejected) = summed_logprobs(policy, mb)?;
-            let refs = &reference[piece.range.clone()];
-            let vec = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
-                Ok(Tensor::from_vec(
-                    (0..mb.len()).map(f).collect(),
-                    mb.len(),
-                    &device,
-                )?)
+    let mut m = fitted(
+        opt,
+        pairs.len(),
+        &pair_tokens(pairs),
+        budget,
+        |opt, plan| {
+            let mut m = DpoMetrics {
+                memory_retries: plan.retries,
+                ..Default::default()
             };
-            let ref_chosen = vec(&|i| refs[i].0)?;
-            let ref_rejected = vec(&|i| refs[i].1)?;
-            let chosen_tokens = vec(&|i| mb[i].chosen.len() as f32)?;
-            let rejected_tokens = vec(&|i| mb[i].rejected.len() as f32)?;
-            let x = PairLogprobs {
-                chosen: &chosen,
-                rejected: &rejected,
-                ref_chosen: &ref_chosen,
-                ref_rejected: &ref_rejected,
-                chosen_tokens: &chosen_tokens,
-                rejected_tokens: &rejected_tokens,
-            };
-            let (loss, pending) = dpo_loss(&x, cfg, pairs.len())?;
-            let (value, done) = opt.backward(&loss)?;
-            if done.is_none() {
-                m.skipped = true;
-                m.loss = value;
-                return Ok(m);
+            for piece in plan.pieces() {
+                let mb = &pairs[piece.range.clone()];
+                let (chosen, rejected) = summed_logprobs(policy, mb)?;
+                let refs = &reference[piece.range.clone()];
+                let vec = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
+                    Ok(Tensor::from_vec(
+                        (0..mb.len()).map(f).collect(),
+                        mb.len(),
+                        &device,
+                    )?)
+                };
+                let ref_chosen = vec(&|i| refs[i].0)?;
+                let ref_rejected = vec(&|i| refs[i].1)?;
+                let chosen_tokens = vec(&|i| mb[i].chosen.len() as f32)?;
+                let rejected_tokens = vec(&|i| mb[i].rejected.len() as f32)?;
+                let x = PairLogprobs {
+                    chosen: &chosen,
+                    rejected: &rejected,
+                    ref_chosen: &ref_chosen,
+                    ref_rejected: &ref_rejected,
+                    chosen_tokens: &chosen_tokens,
+                    rejected_tokens: &rejected_tokens,
+                };
+                let (loss, pending) = dpo_loss(&x, cfg, pairs.len())?;
+                let (value, done) = opt.backward(&loss)?;
+                if done.is_none() {
+                    m.skipped = true;
+                    m.loss = value;
+                    return Ok(m);
+                }
+                let s = pending.read()?;
+                m.loss += value;
+                m.reward_accuracy += s.reward_accuracy;
+                m.margin += s.margin;
+                m.chosen_reward += s.chosen_reward;
+                m.rejected_reward += s.rejected_reward;
             }
-            let s = pending.read()?;
-            m.loss += value;
-            m.reward_accuracy += s.reward_accuracy;
-            m.margin += s.margin;
-            m.chosen_reward += s.chosen_reward;
-            m.rejected_reward += s.rejected_reward;
-        }
-        Ok(m)
-    })?;
+            Ok(m)
+        },
+    )?;
     if m.skipped {
         return Ok(m);
     }

@@ -100,17 +100,24 @@ pub fn by_tokens(
     range: Range<usize>,
     budget: usize,
 ) -> Vec<Range<usize>> {
+    by_cost(&|r| padded_tokens(lengths, rows, r), range, budget)
+}
+
+/// Splits `range` of items into consecutive batches of at most `budget` tokens as `tokens`
+/// counts a batch (which must not fall as a batch grows); an item over the budget is a batch of
+/// its own.
+pub fn by_cost(
+    tokens: &dyn Fn(Range<usize>) -> usize,
+    range: Range<usize>,
+    budget: usize,
+) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut start = range.start;
-    let mut longest = 0;
-    for (i, &len) in lengths.iter().enumerate().take(range.end).skip(range.start) {
-        let items = i - start + 1;
-        if i > start && rows * items * longest.max(len) > budget {
+    for i in range.clone() {
+        if i > start && tokens(start..i + 1) > budget {
             out.push(start..i);
             start = i;
-            longest = 0;
         }
-        longest = longest.max(len);
     }
     if start < range.end {
         out.push(start..range.end);
@@ -118,28 +125,28 @@ pub fn by_tokens(
     out
 }
 
-/// Runs a step through `attempt` until it fits in device memory. The step's items are `rows`
-/// rows each of `lengths[i]` tokens, in micro-batches of `budget` padded tokens; `attempt` runs
+/// Runs a step through `attempt` until it fits in device memory. The step's `n` items run in
+/// micro-batches of `budget` tokens as `tokens` counts a range of them (padded rows, or packed:
+/// what the device holds); `attempt` runs
 /// each micro-batch's pieces, accumulating their gradients in `opt`, under
 /// [`model::checkpoint::forced`] once [`Fit::checkpointed`]. It is called again, on a smaller
 /// plan, while it fails for want of device memory ([`LearnerError::is_out_of_memory`]); the
 /// gradient it had accumulated is dropped first.
 pub fn fitted<T>(
     opt: &mut AdamW,
-    lengths: &[usize],
-    rows: usize,
+    n: usize,
+    tokens: &dyn Fn(Range<usize>) -> usize,
     budget: usize,
     mut attempt: impl FnMut(&mut AdamW, &Plan) -> Result<T>,
 ) -> Result<T> {
-    let micro = by_tokens(lengths, rows, 0..lengths.len(), budget);
-    let tokens = |r: &Range<usize>| padded_tokens(lengths, rows, r.clone());
+    let micro = by_cost(tokens, 0..n, budget);
     let mut retries = 0;
     opt.fitting.grow(|fit| fit.larger(budget));
     loop {
         let fit = opt.fitting.size();
         let pieces = micro.iter().flat_map(|m| {
             let parts = match fit.piece_tokens {
-                Some(b) => by_tokens(lengths, rows, m.clone(), b),
+                Some(b) => by_cost(tokens, m.clone(), b),
                 None => vec![m.clone()],
             };
             let whole = parts.len() == 1;
@@ -175,12 +182,12 @@ pub fn fitted<T>(
                 .pieces
                 .iter()
                 .map(|p| &p.range)
-                .max_by_key(|r| tokens(r));
+                .max_by_key(|r| tokens((*r).clone()));
             largest.expect("a step has an item").clone()
         });
         let smaller = if failed.len() > 1 {
             Fit {
-                piece_tokens: Some(tokens(&failed) / 2),
+                piece_tokens: Some(tokens(failed.clone()) / 2),
                 ..fit
             }
         } else if !fit.checkpointed {
@@ -190,10 +197,10 @@ pub fn fitted<T>(
             }
         } else {
             return Err(LearnerError::OutOfMemory(format!(
-                "a single sequence of {} padded tokens does not fit in device memory, even alone \
+                "a single sequence of {} tokens does not fit in device memory, even alone \
                  and with per-layer checkpointing ({error}); shorten the longest prompts or \
                  completions, or use a device with more memory",
-                tokens(&failed)
+                tokens(failed.clone())
             )));
         };
         opt.fitting.set(smaller);

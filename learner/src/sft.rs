@@ -7,7 +7,7 @@ use model::Weights;
 use crate::error::{LearnerError, Result};
 use crate::fit::fitted;
 use crate::optim::AdamW;
-use crate::step::{pack, row_lengths, step_order, Sequence};
+use crate::step::{pack, step_order, tokens_of, Sequence};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SftMetrics {
@@ -42,27 +42,32 @@ pub fn sft_step(
     // shortest first where that pads fewer tokens: the loss is the whole step's token mean
     let (seqs, _) = step_order(&seqs, micro_batch_tokens);
     let device = w.embed_tokens.device().clone();
-    let lengths = row_lengths(&seqs);
-    let mut m = fitted(opt, &lengths, 1, micro_batch_tokens, |opt, plan| {
-        let mut m = SftMetrics {
-            tokens,
-            memory_retries: plan.retries,
-            ..Default::default()
-        };
-        for piece in plan.pieces() {
-            let p = pack(&seqs[piece.range.clone()], &device)?;
-            let lp = p.logprobs(w, 1.0)?;
-            let loss: Tensor = (lp.logprobs.sum_all()?.neg()? / tokens as f64)?;
-            let (value, done) = opt.backward(&loss)?;
-            if done.is_none() {
-                m.skipped = true;
-                m.loss = value;
-                return Ok(m);
+    let mut m = fitted(
+        opt,
+        seqs.len(),
+        &tokens_of(&seqs),
+        micro_batch_tokens,
+        |opt, plan| {
+            let mut m = SftMetrics {
+                tokens,
+                memory_retries: plan.retries,
+                ..Default::default()
+            };
+            for piece in plan.pieces() {
+                let p = pack(&seqs[piece.range.clone()], &device)?;
+                let lp = p.logprobs(w, 1.0, false)?;
+                let loss: Tensor = (lp.logprobs.sum_all()?.neg()? / tokens as f64)?;
+                let (value, done) = opt.backward(&loss)?;
+                if done.is_none() {
+                    m.skipped = true;
+                    m.loss = value;
+                    return Ok(m);
+                }
+                m.loss += value;
             }
-            m.loss += value;
-        }
-        Ok(m)
-    })?;
+            Ok(m)
+        },
+    )?;
     if !m.skipped {
         let s = opt.step(lr)?;
         m.grad_norm = s.grad_norm;

@@ -1,18 +1,21 @@
 //! One policy-gradient optimizer step over a batch of completions: micro-batches by a token
 //! budget, the GRPO-family loss with the step's denominators, gradient accumulation, AdamW.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor};
-use model::forward::SharedPrompts;
-use model::logprobs::{sequence_logprobs, shared_prompt_logprobs, SequenceLogprobs};
+use model::forward::{PackedRows, Segment, SharedPrompts};
+use model::logprobs::{
+    packed_logprobs, sequence_logprobs, shared_prompt_logprobs, unpack_rows, SequenceLogprobs,
+};
 use model::Weights;
 
 use crate::error::{LearnerError, Result};
-use crate::fit::fitted;
+use crate::fit::{fitted, padded_tokens};
 use crate::grpo::{policy_loss, PolicyInputs, PolicyLossConfig, PolicyStats, StepTotals};
 use crate::optim::AdamW;
 use crate::ppo::{value_loss, ValueHead, ValueStats};
@@ -95,10 +98,20 @@ pub struct StepMetrics {
     pub seconds: f64,
 }
 
-/// Splits sequences into micro-batches whose padded size stays within `budget` tokens
-/// (a sequence longer than the budget gets a micro-batch of its own).
-pub fn micro_batches(seqs: &[Sequence], budget: usize) -> Vec<std::ops::Range<usize>> {
-    crate::fit::by_tokens(&row_lengths(seqs), 1, 0..seqs.len(), budget)
+/// Splits sequences into micro-batches that hold at most `budget` tokens ([`tokens_of`]: packed,
+/// or padded rows; a sequence longer than the budget gets a micro-batch of its own).
+pub fn micro_batches(seqs: &[Sequence], budget: usize) -> Vec<Range<usize>> {
+    crate::fit::by_cost(&tokens_of(seqs), 0..seqs.len(), budget)
+}
+
+/// The tokens a micro-batch of `seqs[range]` holds on the device: [`packed_tokens`] when rows
+/// are packed ([`set_pack_rows`]), its rows padded to the longest otherwise.
+pub fn tokens_of(seqs: &[Sequence]) -> impl Fn(Range<usize>) -> usize + '_ {
+    let lengths = row_lengths(seqs);
+    move |r| match PACK_ROWS.load(Ordering::Relaxed) {
+        true => packed_tokens(&seqs[r]),
+        false => padded_tokens(&lengths, 1, r),
+    }
 }
 
 /// Each sequence's row length: prompt and completion tokens.
@@ -117,6 +130,22 @@ pub fn set_share_prompts(on: bool) {
     SHARE_PROMPTS.store(on, Ordering::Relaxed);
 }
 
+static PACK_ROWS: AtomicBool = AtomicBool::new(true);
+
+/// Whether a micro-batch lays its sequences end to end in one row with no padding (on by
+/// default; see [`model::forward::PackedRows`]): a prompt that several of its sequences continue
+/// runs once, before them, and each sequence attends to that prompt and to itself only. Off, its
+/// rows are padded to the longest (sharing prompts as [`set_share_prompts`] says). Both give the
+/// same numbers up to float rounding.
+pub fn set_pack_rows(on: bool) {
+    PACK_ROWS.store(on, Ordering::Relaxed);
+}
+
+/// Whether micro-batches pack their rows ([`set_pack_rows`]).
+pub fn packing_rows() -> bool {
+    PACK_ROWS.load(Ordering::Relaxed)
+}
+
 static ORDER_BY_LENGTH: AtomicBool = AtomicBool::new(true);
 static ORDERED: AtomicUsize = AtomicUsize::new(0);
 
@@ -127,15 +156,24 @@ pub fn set_order_by_length(on: bool) {
     ORDER_BY_LENGTH.store(on, Ordering::Relaxed);
 }
 
+/// Whether steps may take their sequences by length ([`set_order_by_length`]).
+pub fn ordering_by_length() -> bool {
+    ORDER_BY_LENGTH.load(Ordering::Relaxed)
+}
+
 /// How many steps (and no-grad passes) of this process took their sequences by length.
 pub fn ordered_by_length() -> usize {
     ORDERED.load(Ordering::Relaxed)
 }
 
 /// The token positions a micro-batch's forward runs, padding included, as [`pack`] lays it out:
-/// each distinct prompt once (less its last token) and each row's last prompt token and
-/// completion when the rows share prompts; every row whole otherwise.
+/// packed ([`packed_tokens`]); or padded, each distinct prompt once (less its last token) and
+/// each row's last prompt token and completion when the rows share prompts, every row whole
+/// otherwise.
 pub fn forward_positions(seqs: &[Sequence]) -> usize {
+    if packing_rows() {
+        return packed_tokens(seqs);
+    }
     match distinct_prompts(seqs) {
         Some((prompts, _)) => {
             let prompt = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -228,17 +266,19 @@ pub(crate) fn step_order(
     }
 }
 
-/// Padded inputs of a micro-batch and `[B, T−1]` tensors aligned with its log-probs.
+/// The inputs of a micro-batch, its rows `[B, T]` and `[B, T−1]` tensors aligned with its
+/// log-probs.
 ///
-/// When rows share prompts, a row holds its prompt's last token and the completion, and the
-/// rest of each distinct prompt runs once (`shared`); otherwise a row is prompt + completion.
+/// When a row shares its prompt, it holds the prompt's last token and the completion, and the
+/// rest of the prompt runs once for all the rows that continue it; otherwise a row is prompt +
+/// completion. The rows run through the trunk as `layout` says.
 pub(crate) struct Packed {
     pub(crate) ids: Vec<Vec<u32>>,
     pub(crate) attention: Vec<Vec<u8>>,
     pub(crate) loss_mask: Vec<Vec<u8>>,
     /// The prompt tokens at the start of each row (all of them, or the last one when shared).
     prompt_len: Vec<usize>,
-    shared: Option<SharedPrompts>,
+    layout: Layout,
     old: Tensor,
     advantages: Tensor,
     /// 1 on active completion tokens (KL and entropy; Lopti's group)
@@ -247,28 +287,134 @@ pub(crate) struct Packed {
     old_values: Tensor,
 }
 
+/// How a micro-batch's rows run through the trunk.
+enum Layout {
+    /// As padded rows (every row whole).
+    Padded,
+    /// As padded rows after their shared prompts (every row shares its prompt).
+    Shared(SharedPrompts),
+    /// End to end in one row, row `r` from `starts[r]`.
+    Packed { row: PackedRows, starts: Vec<usize> },
+}
+
 impl Packed {
-    /// Log-probs and entropies of the completion tokens under `w`, `[B, T−1]`.
-    pub(crate) fn logprobs(&self, w: &Weights, temperature: f64) -> Result<SequenceLogprobs> {
-        Ok(match &self.shared {
-            Some(s) => shared_prompt_logprobs(w, s, &self.ids, &self.loss_mask, temperature)?,
-            None => sequence_logprobs(w, &self.ids, &self.attention, &self.loss_mask, temperature)?,
+    /// Log-probs and entropies of the completion tokens under `w`, `[B, T−1]`; the hidden
+    /// states too when packed only `with_hidden` (the other layouts always have them).
+    pub(crate) fn logprobs(
+        &self,
+        w: &Weights,
+        temperature: f64,
+        with_hidden: bool,
+    ) -> Result<SequenceLogprobs> {
+        let (ids, mask) = (&self.ids, &self.loss_mask);
+        Ok(match &self.layout {
+            Layout::Padded => sequence_logprobs(w, ids, &self.attention, mask, temperature)?,
+            Layout::Shared(s) => shared_prompt_logprobs(w, s, ids, mask, temperature)?,
+            Layout::Packed { row, starts } => {
+                packed_logprobs(w, row, ids, mask, starts, temperature, with_hidden)?
+            }
         })
     }
 
     /// `[B, T−1, H]` final hidden states (position t predicts token t+1).
     fn trunk(&self, w: &Weights) -> Result<Tensor> {
-        let hidden = match &self.shared {
-            Some(s) => model::forward::hidden_states_shared(w, s)?,
-            None => {
+        let t = self.ids.first().map_or(1, Vec::len);
+        let hidden = match &self.layout {
+            Layout::Shared(s) => model::forward::hidden_states_shared(w, s)?,
+            Layout::Padded => {
                 let device = w.embed_tokens.device();
                 let batch = model::forward::Batch::new(&self.ids, &self.attention, device)?;
                 model::forward::hidden_states(w, &batch, None)?
             }
+            Layout::Packed { row, starts } => {
+                let hidden = model::forward::hidden_states_packed(w, row)?; // [1, N, H]
+                let lens: Vec<usize> = self
+                    .attention
+                    .iter()
+                    .map(|a| a.iter().filter(|&&m| m != 0).count())
+                    .collect();
+                return Ok(unpack_rows(&hidden.squeeze(0)?, starts, &lens, t - 1)?);
+            }
         };
-        let t = hidden.dim(1)?;
         Ok(hidden.narrow(1, 0, t - 1)?)
     }
+}
+
+/// The tokens of `seqs` packed into one row as [`pack`] lays them out: each prompt that several
+/// of them continue once (less its last token), those rows' last prompt token and completion,
+/// and every other row whole. No padding.
+pub fn packed_tokens(seqs: &[Sequence]) -> usize {
+    let heads = shared_heads(seqs);
+    let shared = heads.shared_rows(seqs.len());
+    let prompts: usize = heads.iter().map(|(head, _)| head.len()).sum();
+    let rows: usize = seqs
+        .iter()
+        .zip(shared)
+        .map(|(s, shared)| row_prompt(s, shared).len() + s.completion.len())
+        .sum();
+    prompts + rows
+}
+
+/// Rows grouped by the prompt head they continue, heads in the order they first come.
+#[derive(Default)]
+struct Heads<'a> {
+    order: Vec<&'a [u32]>,
+    rows: HashMap<&'a [u32], Vec<usize>>,
+}
+
+impl<'a> Heads<'a> {
+    fn push(&mut self, head: &'a [u32], row: usize) {
+        let rows = self.rows.entry(head).or_insert_with(|| {
+            self.order.push(head);
+            Vec::new()
+        });
+        rows.push(row);
+    }
+
+    /// Keeps the heads that at least two rows continue.
+    fn keep_repeated(&mut self) {
+        self.rows.retain(|_, rows| rows.len() >= 2);
+        let rows = &self.rows;
+        self.order.retain(|h| rows.contains_key(h));
+    }
+
+    /// Which of `n` rows continue a head.
+    fn shared_rows(&self, n: usize) -> Vec<bool> {
+        let mut shared = vec![false; n];
+        for rows in self.rows.values() {
+            for &r in rows {
+                shared[r] = true;
+            }
+        }
+        shared
+    }
+
+    /// `(head, rows)` in the order the heads first came.
+    fn iter(&self) -> impl Iterator<Item = (&'a [u32], &[usize])> + '_ {
+        self.order.iter().map(|&h| (h, &self.rows[h][..]))
+    }
+}
+
+/// A sequence's prompt less its last token: what rows continuing the same prompt share.
+fn head(s: &Sequence) -> &[u32] {
+    &s.prompt[..s.prompt.len().saturating_sub(1)]
+}
+
+/// The prompt heads ([`head`]) that rows of a packed micro-batch share, each with the rows that
+/// continue it, in the order they first come: those that at least two rows continue (a
+/// completion each, prompts of 2 tokens or more), none when sharing is off.
+fn shared_heads(seqs: &[Sequence]) -> Heads<'_> {
+    let mut groups = Heads::default();
+    if !SHARE_PROMPTS.load(Ordering::Relaxed) {
+        return groups;
+    }
+    for (i, s) in seqs.iter().enumerate() {
+        if s.prompt.len() >= 2 && !s.completion.is_empty() {
+            groups.push(head(s), i);
+        }
+    }
+    groups.keep_repeated();
+    groups
 }
 
 /// The distinct prompts of `seqs` without their last token, and the one each sequence
@@ -321,16 +467,22 @@ fn row_prompt(s: &Sequence, shared: bool) -> &[u32] {
 }
 
 pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
-    crate::fit::room_for(crate::fit::padded_tokens(
-        &row_lengths(seqs),
-        1,
-        0..seqs.len(),
-    ))?;
-    let shared = distinct_prompts(seqs);
-    let is_shared = shared.is_some();
+    crate::fit::room_for(tokens_of(seqs)(0..seqs.len()))?;
+    let packing = packing_rows();
+    // which rows share their prompt: in a packed row, those whose prompt another row continues;
+    // padded, all of them or none
+    let (heads, distinct) = match packing {
+        true => (shared_heads(seqs), None),
+        false => (Heads::default(), distinct_prompts(seqs)),
+    };
+    let shares = match &distinct {
+        Some(_) => vec![true; seqs.len()],
+        None => heads.shared_rows(seqs.len()),
+    };
     let t = seqs
         .iter()
-        .map(|s| row_prompt(s, is_shared).len() + s.completion.len())
+        .zip(&shares)
+        .map(|(s, &shared)| row_prompt(s, shared).len() + s.completion.len())
         .max()
         .unwrap_or(0);
     let mut ids = Vec::new();
@@ -353,7 +505,7 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
                 "a sequence needs a prompt and one behaviour log-prob, advantage (and active flag, return, value) per completion token".into(),
             ));
         }
-        let prompt = row_prompt(s, is_shared);
+        let prompt = row_prompt(s, shares[r]);
         let pl = prompt.len();
         let n = pl + s.completion.len();
         let mut row: Vec<u32> = prompt.iter().chain(&s.completion).copied().collect();
@@ -373,14 +525,15 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
             }
         }
     }
-    let shared = match shared {
+    let layout = match distinct {
+        _ if packing => packed_row(seqs, &heads, &ids, &prompt_len, device)?,
         Some((prompts, rows)) => {
             let (prompts, mask) = right_padded(&prompts);
-            Some(SharedPrompts::new(
+            Layout::Shared(SharedPrompts::new(
                 &prompts, &mask, &rows, &ids, &attention, device,
             )?)
         }
-        None => None,
+        None => Layout::Padded,
     };
     let b = seqs.len();
     let tensor = |v: Vec<f32>| Tensor::from_vec(v, (b, t - 1), device);
@@ -389,12 +542,62 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
         attention,
         loss_mask,
         prompt_len,
-        shared,
+        layout,
         old: tensor(old)?,
         advantages: tensor(adv)?,
         active: tensor(active)?,
         returns: tensor(returns)?,
         old_values: tensor(old_values)?,
+    })
+}
+
+/// The rows `ids` (right-padded) of `seqs` end to end in one row: each shared prompt head, then
+/// the rows that continue it (each after it), every other row alone, in the order the rows first
+/// come. A row holds its prompt and completion (`prompt_len[r]` prompt tokens: 1 when shared).
+fn packed_row(
+    seqs: &[Sequence],
+    heads: &Heads,
+    ids: &[Vec<u32>],
+    prompt_len: &[usize],
+    device: &Device,
+) -> Result<Layout> {
+    // each shared head with its rows, by the first row that continues it
+    let mut head_at: HashMap<usize, (&[u32], &[usize])> =
+        heads.iter().map(|(h, rows)| (rows[0], (h, rows))).collect();
+    let mut tokens = Vec::new();
+    let mut segments = Vec::new();
+    let mut starts = vec![None; seqs.len()];
+    for r in 0..seqs.len() {
+        if starts[r].is_some() {
+            continue;
+        }
+        let (prefix, rows) = match head_at.remove(&r) {
+            Some((head, rows)) => {
+                let start = tokens.len();
+                segments.push(Segment {
+                    start,
+                    len: head.len(),
+                    prefix: None,
+                });
+                tokens.extend_from_slice(head);
+                (Some((start, head.len())), rows)
+            }
+            None => (None, std::slice::from_ref(&r)),
+        };
+        for &row in rows {
+            let len = prompt_len[row] + seqs[row].completion.len();
+            starts[row] = Some(tokens.len());
+            segments.push(Segment {
+                start: tokens.len(),
+                len,
+                prefix,
+            });
+            tokens.extend_from_slice(&ids[row][..len]);
+        }
+    }
+    Ok(Layout::Packed {
+        row: PackedRows::new(&tokens, &segments, device)?,
+        starts: starts.into_iter().map(|s| s.unwrap_or(0)).collect(),
     })
 }
 
@@ -415,44 +618,50 @@ pub fn policy_step(
     let (seqs, _) = step_order(seqs, cfg.micro_batch_tokens);
     let seqs = &seqs[..];
     let tokens: usize = seqs.iter().map(|s| s.completion.len()).sum();
-    let lengths = row_lengths(seqs);
-    let mut m = fitted(opt, &lengths, 1, cfg.micro_batch_tokens, |opt, plan| {
-        let totals = StepTotals {
-            sequences: seqs.len(),
-            tokens: tokens as f64,
-            micro_batches: plan.micro_batches(),
-            max_completion_length: cfg.max_completion_length,
-        };
-        let mut m = StepMetrics {
-            micro_batches: plan.micro_batches(),
-            tokens,
-            optimizer_steps: 1,
-            memory_retries: plan.retries,
-            ..Default::default()
-        };
-        for piece in plan.pieces() {
-            // BNPO's denominator, when the piece is part of a micro-batch
-            let valid = piece.part_of.as_ref().map(|micro| {
-                let s = &seqs[micro.clone()];
-                s.iter().map(|s| s.completion.len() as f64).sum()
-            });
-            let mb = &seqs[piece.range.clone()];
-            let inputs = PieceInputs {
-                policy,
-                reference,
-                head,
-                cfg,
-                totals: &totals,
-                micro_batch_valid: valid,
-                device: &device,
+    let tokens_of = tokens_of(seqs);
+    let mut m = fitted(
+        opt,
+        seqs.len(),
+        &tokens_of,
+        cfg.micro_batch_tokens,
+        |opt, plan| {
+            let totals = StepTotals {
+                sequences: seqs.len(),
+                tokens: tokens as f64,
+                micro_batches: plan.micro_batches(),
+                max_completion_length: cfg.max_completion_length,
             };
-            if !policy_piece(&inputs, opt, mb, &mut m)? {
-                m.skipped = true;
-                return Ok(m);
+            let mut m = StepMetrics {
+                micro_batches: plan.micro_batches(),
+                tokens,
+                optimizer_steps: 1,
+                memory_retries: plan.retries,
+                ..Default::default()
+            };
+            for piece in plan.pieces() {
+                // BNPO's denominator, when the piece is part of a micro-batch
+                let valid = piece.part_of.as_ref().map(|micro| {
+                    let s = &seqs[micro.clone()];
+                    s.iter().map(|s| s.completion.len() as f64).sum()
+                });
+                let mb = &seqs[piece.range.clone()];
+                let inputs = PieceInputs {
+                    policy,
+                    reference,
+                    head,
+                    cfg,
+                    totals: &totals,
+                    micro_batch_valid: valid,
+                    device: &device,
+                };
+                if !policy_piece(&inputs, opt, mb, &mut m)? {
+                    m.skipped = true;
+                    return Ok(m);
+                }
             }
-        }
-        Ok(m)
-    })?;
+            Ok(m)
+        },
+    )?;
     if !m.skipped {
         let s = opt.step(lr)?;
         m.grad_norm = s.grad_norm;
@@ -493,9 +702,9 @@ fn policy_piece(
         device,
     } = *x;
     let p = pack(mb, device)?;
-    let lp = p.logprobs(policy, cfg.temperature)?;
+    let lp = p.logprobs(policy, cfg.temperature, cfg.value.is_some())?;
     let reference_lp = match (reference, cfg.loss.kl_coef != 0.0) {
-        (Some(r), true) => Some(p.logprobs(r, cfg.temperature)?.logprobs.detach()),
+        (Some(r), true) => Some(p.logprobs(r, cfg.temperature, false)?.logprobs.detach()),
         (None, true) => {
             return Err(LearnerError::Invalid(
                 "a KL term needs reference weights".into(),
@@ -518,7 +727,10 @@ fn policy_piece(
     if let Some(vc) = cfg.value {
         let head =
             head.ok_or_else(|| LearnerError::Invalid("a value loss needs a value head".into()))?;
-        let values = head.values(&lp.hidden)?; // [B, T−1]
+        let hidden = lp.hidden.as_ref().ok_or_else(|| {
+            LearnerError::Invalid("the policy's hidden states for its value head".into())
+        })?;
+        let values = head.values(hidden)?; // [B, T−1]
         let mask = (&p.active * &lp.mask)?;
         let (vl, vs) = value_loss(
             &values,
@@ -725,7 +937,7 @@ pub fn token_logprobs(
 ) -> Result<Vec<Vec<f32>>> {
     let device = w.embed_tokens.device().clone();
     per_completion_token(seqs, micro_batch_tokens, &device, |p| {
-        Ok(p.logprobs(w, temperature)?.logprobs)
+        Ok(p.logprobs(w, temperature, false)?.logprobs)
     })
 }
 
@@ -744,26 +956,32 @@ pub fn critic_step(
     let (seqs, _) = step_order(seqs, micro_batch_tokens);
     let seqs = &seqs[..];
     let tokens: f64 = seqs.iter().map(|s| s.completion.len() as f64).sum();
-    let lengths = row_lengths(seqs);
-    let (loss_sum, stats, finite) = fitted(opt, &lengths, 1, micro_batch_tokens, |opt, plan| {
-        let mut loss_sum = 0.0;
-        let mut stats = ValueStats::default();
-        for piece in plan.pieces() {
-            let p = pack(&seqs[piece.range.clone()], &device)?;
-            let values = head.values(&p.trunk(critic)?)?;
-            let mask = loss_mask_tensor(&p, &device)?;
-            let (loss, pending) =
-                value_loss(&values, &p.old_values, &p.returns, &mask, clip, tokens)?;
-            let (v, done) = opt.backward(&loss)?;
-            if done.is_none() {
-                return Ok((v, stats, false));
+    let tokens_of = tokens_of(seqs);
+    let (loss_sum, stats, finite) = fitted(
+        opt,
+        seqs.len(),
+        &tokens_of,
+        micro_batch_tokens,
+        |opt, plan| {
+            let mut loss_sum = 0.0;
+            let mut stats = ValueStats::default();
+            for piece in plan.pieces() {
+                let p = pack(&seqs[piece.range.clone()], &device)?;
+                let values = head.values(&p.trunk(critic)?)?;
+                let mask = loss_mask_tensor(&p, &device)?;
+                let (loss, pending) =
+                    value_loss(&values, &p.old_values, &p.returns, &mask, clip, tokens)?;
+                let (v, done) = opt.backward(&loss)?;
+                if done.is_none() {
+                    return Ok((v, stats, false));
+                }
+                let (_, s) = pending.read()?;
+                loss_sum += v;
+                stats = stats.merge(&s);
             }
-            let (_, s) = pending.read()?;
-            loss_sum += v;
-            stats = stats.merge(&s);
-        }
-        Ok((loss_sum, stats, true))
-    })?;
+            Ok((loss_sum, stats, true))
+        },
+    )?;
     if !finite {
         return Ok((loss_sum, stats, f64::NAN));
     }

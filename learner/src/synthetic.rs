@@ -33,25 +33,35 @@ pub fn rl_like_step(prompts: usize, group: usize, vocab: u32, seed: u64) -> Vec<
     out
 }
 
-/// What [`compare_orders`] measured for one order: seconds a step and positions run.
+/// What [`compare_layouts`] measured for one layout: seconds a step and positions run.
 #[derive(Debug, Clone, Copy)]
-pub struct OrderRun {
+pub struct LayoutRun {
     pub seconds: f64,
     pub positions: usize,
 }
 
+/// The layouts [`compare_layouts`] runs, in its order: padded rows as they come, padded rows by
+/// length ([`crate::step::set_order_by_length`]), and packed into one row
+/// ([`crate::step::set_pack_rows`]).
+pub const LAYOUTS: [&str; 3] = ["padded as they come", "padded by length", "packed"];
+
+/// `(pack, order by length)` for each of [`LAYOUTS`].
+const SWITCHES: [(bool, bool); 3] = [(false, false), (false, true), (true, true)];
+
 /// GRPO steps (DAPO's loss) of `policy` (reading `opt`'s `Var`s) on `seqs` in micro-batches of
-/// `budget` padded tokens, the sequences as they come and then by length
-/// ([`crate::step::set_order_by_length`]), alternately, `reps` of each after one warm-up each:
-/// the mean seconds a step and the positions each order runs. Leaves ordering on.
-pub fn compare_orders(
+/// `budget` tokens, in each of [`LAYOUTS`] in turn, `reps` rounds after a warm-up round: the
+/// mean seconds a step and the positions each runs. Leaves packing and ordering as they were.
+pub fn compare_layouts(
     policy: &model::Weights,
     opt: &mut crate::optim::AdamW,
     seqs: &[Sequence],
     budget: usize,
     reps: usize,
-) -> crate::error::Result<[OrderRun; 2]> {
-    use crate::step::{by_length, policy_step, set_order_by_length, step_positions, StepConfig};
+) -> crate::error::Result<[LayoutRun; 3]> {
+    use crate::step::{
+        by_length, ordering_by_length, packing_rows, policy_step, set_order_by_length,
+        set_pack_rows, step_positions, StepConfig,
+    };
     let cfg = StepConfig {
         loss: crate::grpo::PolicyLossConfig {
             aggregation: crate::grpo::Aggregation::Dapo,
@@ -62,26 +72,35 @@ pub fn compare_orders(
         max_completion_length: seqs.iter().map(|s| s.completion.len()).max().unwrap_or(1),
         value: None,
     };
-    set_order_by_length(true);
-    let sorted = by_length(seqs, budget).map(|order| crate::step::reordered(seqs, &order));
-    let positions = [
-        step_positions(seqs, budget),
-        step_positions(sorted.as_deref().unwrap_or(seqs), budget),
-    ];
-    let mut seconds = [0f64; 2];
-    for rep in 0..=reps {
-        for (k, order) in [false, true].into_iter().enumerate() {
-            set_order_by_length(order);
-            let start = std::time::Instant::now();
-            policy_step(policy, None, None, opt, seqs, &cfg, 1e-7)?;
-            if rep > 0 {
-                // the first of each is a warm-up
-                seconds[k] += start.elapsed().as_secs_f64() / reps as f64;
+    let was = (packing_rows(), ordering_by_length());
+    let set = |(pack, order): (bool, bool)| {
+        set_pack_rows(pack);
+        set_order_by_length(order);
+    };
+    let positions = SWITCHES.map(|switches| {
+        set(switches);
+        let sorted = by_length(seqs, budget).map(|order| crate::step::reordered(seqs, &order));
+        step_positions(sorted.as_deref().unwrap_or(seqs), budget)
+    });
+    let mut seconds = [0f64; 3];
+    let mut run = || -> crate::error::Result<()> {
+        for rep in 0..=reps {
+            for (k, switches) in SWITCHES.into_iter().enumerate() {
+                set(switches);
+                let start = std::time::Instant::now();
+                policy_step(policy, None, None, opt, seqs, &cfg, 1e-7)?;
+                if rep > 0 {
+                    // the first round is a warm-up
+                    seconds[k] += start.elapsed().as_secs_f64() / reps as f64;
+                }
             }
         }
-    }
-    set_order_by_length(true);
-    Ok([0, 1].map(|k| OrderRun {
+        Ok(())
+    };
+    let done = run();
+    set(was);
+    done?;
+    Ok([0, 1, 2].map(|k| LayoutRun {
         seconds: seconds[k],
         positions: positions[k],
     }))

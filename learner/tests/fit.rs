@@ -14,6 +14,12 @@ use learner::step::{policy_step, Sequence, StepConfig, StepMetrics};
 use model::logprobs::sequence_logprobs;
 use model::Weights;
 
+/// Every test here counts a piece's tokens as its rows padded to the longest (the fit's
+/// arithmetic is the same packed: `packed.rs` runs a packed step in pieces).
+fn padded_rows() {
+    learner::step::set_pack_rows(false);
+}
+
 fn model() -> Weights {
     let dir =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny-qwen2");
@@ -89,6 +95,7 @@ fn two_steps(
 
 #[test]
 fn a_step_out_of_memory_runs_again_in_pieces_and_updates_as_it_would_whole() {
+    padded_rows();
     let base = model();
     let seqs = sequences(&base);
     // BNPO divides by each micro-batch's tokens: its pieces must divide by their micro-batch's
@@ -134,6 +141,7 @@ fn a_step_out_of_memory_runs_again_in_pieces_and_updates_as_it_would_whole() {
 
 #[test]
 fn a_sequence_that_fits_nowhere_is_an_error_and_the_weights_stay() {
+    padded_rows();
     let base = model();
     let seqs = sequences(&base);
     let (vars, w) = base.to_vars().unwrap();
@@ -149,7 +157,7 @@ fn a_sequence_that_fits_nowhere_is_an_error_and_the_weights_stay() {
     assert!(e.is_out_of_memory(), "{e}");
     let text = e.to_string();
     assert!(
-        text.contains("a single sequence of 5 padded tokens") && text.contains("checkpointing"),
+        text.contains("a single sequence of 5 tokens") && text.contains("checkpointing"),
         "{text}"
     );
     assert!(opt.fit().checkpointed);
@@ -169,6 +177,7 @@ fn a_sequence_that_fits_nowhere_is_an_error_and_the_weights_stay() {
 
 #[test]
 fn a_reduced_fit_tries_a_larger_one_after_steps_that_fitted() {
+    padded_rows();
     use learner::fit::PROBE_EVERY;
     let base = model();
     let seqs = sequences(&base);
@@ -210,6 +219,7 @@ fn a_reduced_fit_tries_a_larger_one_after_steps_that_fitted() {
 
 #[test]
 fn a_resumed_optimizer_keeps_what_fitted_and_when_it_tries_a_larger_fit() {
+    padded_rows();
     use learner::fit::PROBE_EVERY;
     let base = model();
     let seqs = sequences(&base);
@@ -262,6 +272,7 @@ fn a_resumed_optimizer_keeps_what_fitted_and_when_it_tries_a_larger_fit() {
 
 #[test]
 fn sft_and_dpo_steps_run_in_pieces_as_they_would_whole() {
+    padded_rows();
     let base = model();
     let examples: Vec<(Vec<u32>, Vec<u32>)> = sequences(&base)
         .into_iter()
@@ -337,6 +348,7 @@ fn sft_and_dpo_steps_run_in_pieces_as_they_would_whole() {
 
 #[test]
 fn passes_without_a_gradient_run_in_halves_where_they_do_not_fit() {
+    padded_rows();
     use learner::step::token_logprobs;
     let base = model();
     let seqs = sequences(&base);

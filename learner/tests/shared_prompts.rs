@@ -1,8 +1,9 @@
-//! The learner with and without shared prompts (`learner::step::set_share_prompts`), and with its
-//! sequences taken shortest first or as they come (`learner::step::set_order_by_length`): a GRPO
-//! update with a KL term to a reference and a value loss on a shared head, the reference
-//! log-probs and the values it reads, and an SFT step give the same numbers either way. Its own
-//! test binary, one test: the switches are process-wide.
+//! The learner with its micro-batches packed into one row or padded (`learner::step::set_pack_rows`),
+//! with and without shared prompts (`learner::step::set_share_prompts`), and with its sequences
+//! taken shortest first or as they come (`learner::step::set_order_by_length`): a GRPO update
+//! with a KL term to a reference and a value loss on a shared head, the reference log-probs and
+//! the values it reads, an SFT step, and DPO's reference log-probs and step give the same numbers
+//! every way. Its own test binary, one test: the switches are process-wide.
 
 mod common;
 
@@ -14,8 +15,9 @@ use learner::optim::{AdamW, AdamWConfig};
 use learner::ppo::ValueHead;
 use learner::sft::sft_step;
 use learner::step::{
-    by_length, predict_values, set_order_by_length, set_share_prompts, step_positions,
-    token_logprobs, update, Sequence, StepConfig, UpdateConfig, ValueLossConfig, ValueTargets,
+    by_length, micro_batches, predict_values, set_order_by_length, set_pack_rows,
+    set_share_prompts, step_positions, token_logprobs, update, Sequence, StepConfig, UpdateConfig,
+    ValueLossConfig, ValueTargets,
 };
 use model::Weights;
 
@@ -70,9 +72,10 @@ fn pairs() -> Vec<Pair> {
     vec![pair(1, 1), pair(9, 1), pair(1, 2), pair(10, 2)]
 }
 
-/// The outcome with prompts shared or not, sequences taken by length or as they come, in
-/// micro-batches of `budget` padded tokens.
-fn run(share: bool, order: bool, budget: usize) -> Outcome {
+/// The outcome with rows packed or padded, prompts shared or not, sequences taken by length or as
+/// they come, in micro-batches of `budget` tokens.
+fn run(pack: bool, share: bool, order: bool, budget: usize) -> Outcome {
+    set_pack_rows(pack);
     set_share_prompts(share);
     set_order_by_length(order);
     let base = model();
@@ -157,12 +160,13 @@ fn run(share: bool, order: bool, budget: usize) -> Outcome {
 }
 
 #[test]
-fn shared_prompts_and_length_order_change_no_number() {
+fn packing_shared_prompts_and_length_order_change_no_number() {
+    padded_positions();
     let calls = model::forward::shared_prompt_calls;
     let before = calls();
-    let whole = run(false, false, 1 << 12);
+    let whole = run(false, false, false, 1 << 12);
     assert_eq!(calls(), before, "sharing is off");
-    let shared = run(true, false, 1 << 12);
+    let shared = run(false, true, false, 1 << 12);
     // the update's policy and reference passes, the reference log-probs, the values, SFT
     assert!(
         calls() >= before + 5,
@@ -185,6 +189,7 @@ fn shared_prompts_and_length_order_change_no_number() {
     // they come, and every pass takes that order (the reference and the values come back in
     // the sequences' own order)
     let (seqs, budget) = (sequences(), 14);
+    set_pack_rows(false);
     set_order_by_length(true);
     let order = by_length(&seqs, budget).expect("by length pads less");
     let sorted: Vec<Sequence> = order.iter().map(|&i| seqs[i].clone()).collect();
@@ -193,9 +198,9 @@ fn shared_prompts_and_length_order_change_no_number() {
         step_positions(&sorted, budget),
     );
     assert!(less < given, "{less} positions vs {given}");
-    let as_they_come = run(true, false, budget);
+    let as_they_come = run(false, true, false, budget);
     let taken = learner::step::ordered_by_length();
-    let by_length = run(true, true, budget);
+    let by_length = run(false, true, true, budget);
     // the two updates' passes, the reference log-probs, the values, SFT, and DPO's reference
     // log-probs and step
     assert!(
@@ -205,6 +210,61 @@ fn shared_prompts_and_length_order_change_no_number() {
     );
     assert_same(&as_they_come, &by_length);
     assert_same(&whole, &by_length);
+
+    // packed: the rows end to end, each prompt that several rows continue once, in one
+    // micro-batch, in several (14 tokens), and with every row whole (sharing off)
+    let packed_calls = model::attention::packed_calls;
+    let before = packed_calls();
+    let packed = run(true, true, false, 1 << 12);
+    // the update's two passes of two optimizer steps each... at least the five passes above
+    assert!(
+        packed_calls() >= before + 5,
+        "{} packed",
+        packed_calls() - before
+    );
+    assert_same(&whole, &packed);
+    set_share_prompts(true);
+    let micro = micro_batches(&seqs, budget).len();
+    assert!(
+        micro >= 3,
+        "{micro} packed micro-batches of {budget} tokens"
+    );
+    assert_same(&whole, &run(true, true, true, budget));
+    assert_same(&whole, &run(true, false, false, budget));
+}
+
+/// The positions padded micro-batches run and the orders they take (the defaults pack).
+fn padded_positions() {
+    set_pack_rows(false);
+    set_share_prompts(true);
+    let s = |n: usize| Sequence::new(vec![1; 2], vec![2; n], vec![0.0; n], 0.0);
+    let seqs = vec![s(2), s(2), s(6), s(1), s(30)];
+    // rows of 4 and 4 pad to 8, of 8 and 3 to 16
+    assert_eq!(micro_batches(&seqs, 16), vec![0..2, 2..4, 4..5]);
+    let group = |prompt: std::ops::Range<u32>, lengths: &[usize]| -> Vec<Sequence> {
+        let p: Vec<u32> = prompt.collect();
+        lengths
+            .iter()
+            .map(|&n| Sequence::new(p.clone(), vec![50; n], vec![0.0; n], 0.0))
+            .collect()
+    };
+    // two groups of 5-token prompts, each with one 30-token completion: as they come, each
+    // micro-batch of 140 padded tokens pads a group's rows to 31 (prompt once: 2 × (4 + 4 × 31));
+    // by length, six short rows share one (2 × 4 + 6 × 2) and the long two another (2 × 35)
+    let skewed = [group(1..6, &[1, 1, 1, 30]), group(6..11, &[1, 1, 1, 30])].concat();
+    assert_eq!(step_positions(&skewed, 140), 256);
+    assert_eq!(by_length(&skewed, 140), Some(vec![0, 1, 2, 4, 5, 6, 3, 7]));
+    // 20-token prompts, completions of 1 and 9 in each group: by length, each micro-batch would
+    // run both prompts (2 × (2 × 19) + 4 × 2 + 4 × 10 = 124) where the groups as they come run
+    // one each (2 × (19 + 4 × 10) = 118): they stay as they come
+    let even = [group(1..21, &[1, 9, 1, 9]), group(21..41, &[1, 9, 1, 9])].concat();
+    assert_eq!(step_positions(&even, 116), 118);
+    assert_eq!(by_length(&even, 116), None);
+    let sorted: Vec<Sequence> = [0, 2, 4, 6, 1, 3, 5, 7]
+        .iter()
+        .map(|&i| even[i].clone())
+        .collect();
+    assert_eq!(step_positions(&sorted, 116), 124);
 }
 
 /// The numbers of two outcomes agree within float rounding.

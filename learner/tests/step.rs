@@ -6,8 +6,8 @@ use learner::grpo::{Aggregation, PolicyLossConfig};
 use learner::optim::{AdamW, AdamWConfig};
 use learner::ppo::ValueHead;
 use learner::step::{
-    by_length, critic_step, micro_batches, policy_step, predict_values, step_positions, update,
-    Sequence, StepConfig, UpdateConfig, ValueLossConfig, ValueTargets,
+    by_length, critic_step, micro_batches, packed_tokens, policy_step, predict_values,
+    step_positions, update, Sequence, StepConfig, UpdateConfig, ValueLossConfig, ValueTargets,
 };
 use model::logprobs::sequence_logprobs;
 use model::Weights;
@@ -155,8 +155,17 @@ fn micro_batching_does_not_change_the_step() {
 fn micro_batches_respect_the_token_budget() {
     let s = |n: usize| Sequence::new(vec![1; 2], vec![2; n], vec![0.0; n], 0.0);
     let seqs = vec![s(2), s(2), s(6), s(1), s(30)];
+    // packed: the shared prompt's first token once, then each row's last prompt token and
+    // completion with no padding: 1 + 3 + 3 + 7 + 2 = 16 tokens
+    assert_eq!(packed_tokens(&seqs[..4]), 16);
     let r = micro_batches(&seqs, 16);
-    assert_eq!(r, vec![0..2, 2..4, 4..5]);
+    assert_eq!(r, vec![0..4, 4..5]);
+    // rows whose prompts no other row continues run whole
+    let lone = |p: u32, n: usize| Sequence::new(vec![p, p + 1], vec![2; n], vec![0.0; n], 0.0);
+    assert_eq!(
+        packed_tokens(&[lone(5, 2), lone(7, 5), s(1), s(4)]),
+        4 + 7 + 1 + 2 + 5
+    );
 }
 
 #[test]
@@ -168,23 +177,15 @@ fn a_step_takes_its_sequences_by_length_only_where_that_runs_fewer_positions() {
             .map(|&n| Sequence::new(p.clone(), vec![50; n], vec![0.0; n], 0.0))
             .collect()
     };
-    // two groups of 5-token prompts, each with one 30-token completion: as they come, each
-    // micro-batch of 140 padded tokens pads a group's rows to 31 (prompt once: 2 × (4 + 4 × 31));
-    // by length, six short rows share one (2 × 4 + 6 × 2) and the long two another (2 × 35)
+    // packed (the default: padded micro-batches' orders are `shared_prompts.rs`'s), two groups
+    // of 5-token prompts with one 30-token completion each run no padding as they come (each
+    // prompt once: 2 × (4 + 3 × 2 + 31) = 82 positions, one micro-batch); shortest first would
+    // split the groups and run each prompt twice: they stay as they come
     let skewed = [group(1..6, &[1, 1, 1, 30]), group(6..11, &[1, 1, 1, 30])].concat();
-    assert_eq!(step_positions(&skewed, 140), 256);
-    assert_eq!(by_length(&skewed, 140), Some(vec![0, 1, 2, 4, 5, 6, 3, 7]));
-    // 20-token prompts, completions of 1 and 9 in each group: by length, each micro-batch would
-    // run both prompts (2 × (2 × 19) + 4 × 2 + 4 × 10 = 124) where the groups as they come run
-    // one each (2 × (19 + 4 × 10) = 118): they stay as they come
-    let even = [group(1..21, &[1, 9, 1, 9]), group(21..41, &[1, 9, 1, 9])].concat();
-    assert_eq!(step_positions(&even, 116), 118);
-    assert_eq!(by_length(&even, 116), None);
-    let sorted: Vec<Sequence> = [0, 2, 4, 6, 1, 3, 5, 7]
-        .iter()
-        .map(|&i| even[i].clone())
-        .collect();
-    assert_eq!(step_positions(&sorted, 116), 124);
+    assert_eq!(step_positions(&skewed, 140), 82);
+    assert_eq!(by_length(&skewed, 140), None);
+    // in micro-batches of 41 tokens, a group each
+    assert_eq!(micro_batches(&skewed, 41), vec![0..4, 4..8]);
 }
 
 #[test]

@@ -243,6 +243,181 @@ impl ChunkedAttention {
     }
 }
 
+/// One sequence of a packed row ([`crate::forward::PackedRows`]): its `len` tokens from slot
+/// `start` attend causally to their own, after all of `prefix` (`(start, len)` of the row: the
+/// leading tokens of an earlier segment with no prefix of its own, the prompt it continues).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: usize,
+    pub len: usize,
+    pub prefix: Option<(usize, usize)>,
+}
+
+impl Segment {
+    /// The prefix's length (0 without one): the key slots before the segment's own.
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.map_or(0, |(_, len)| len)
+    }
+}
+
+static PACKED_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many attentions over packed rows this process has run (a layer's forward counts once).
+pub fn packed_calls() -> usize {
+    PACKED_CALLS.load(Ordering::Relaxed)
+}
+
+/// [`attention`] over one packed row of `N` tokens: `q [1, Hkv, G·N, D]`, `k, v [1, Hkv, N, D]`,
+/// whose `segments` (in order, covering the row) each attend to their prefix's keys and then
+/// causally to their own, `biases[i]` segment `i`'s causal bias `[1, 1, 1, len, prefix + len]`
+/// (all keys valid) → `[1, N, Hq·D]` token-major. No key of another segment is read, so a
+/// segment's scores are those of its sequence alone (after its prompt): no padding, and no
+/// `[N, N]` mask. Each segment runs as its own [`attention`] (the flash kernels on CUDA in bf16,
+/// the chunked path elsewhere) on copies of its queries and keys; the backward adds the prefix
+/// keys' gradients from every segment that reads them. Differentiable in `q`, `k` and `v`.
+pub fn packed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[Segment],
+    biases: &[Tensor],
+    scale: f64,
+) -> Result<Tensor> {
+    PACKED_CALLS.fetch_add(1, Ordering::Relaxed);
+    let op = PackedAttention {
+        segments: segments.to_vec(),
+        biases: biases.to_vec(),
+        scale,
+    };
+    let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
+    let hq = q.dim(1)? * (q.dim(2)? / k.dim(2)?.max(1));
+    let mut parts = Vec::with_capacity(segments.len());
+    let mut lse = Vec::with_capacity(segments.len());
+    for i in 0..segments.len() {
+        let (q_s, k_s, v_s) = op.inputs(&q0, &k0, &v0, i)?;
+        let bias = &op.biases[i];
+        match flash_attention_value(&q_s, &k_s, &v_s, bias, scale)? {
+            Some((y, l)) => {
+                parts.push(y.into_tensor());
+                lse.push(Some(l));
+            }
+            None => {
+                let chunked = op.chunked(i, chunk_rows(1, hq, k_s.dim(2)?));
+                parts.push(chunked.forward(&q_s, &k_s, &v_s)?);
+                lse.push(None);
+            }
+        }
+    }
+    let out = Tensor::cat(&parts, 1)?; // [1, N, Hq·D]
+    drop(parts);
+    attach(q, k, v, out, move |q, k, v, y, g| {
+        let (dq, dk, dv) = op.backward(q, k, v, y, g, &lse)?;
+        Ok([Some(dq), Some(dk), Some(dv)])
+    })
+}
+
+struct PackedAttention {
+    segments: Vec<Segment>,
+    biases: Vec<Tensor>,
+    scale: f64,
+}
+
+impl PackedAttention {
+    /// Segment `i`'s queries `[1, Hkv, G·len, D]` and its keys and values
+    /// `[1, Hkv, prefix + len, D]` (the prefix's, then its own), contiguous copies.
+    fn inputs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        i: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let s = self.segments[i];
+        let n = k.dim(2)?;
+        let g = q.dim(2)? / n;
+        let q_s = ChunkedAttention::rows(q, g, n, s.start, s.len)?;
+        let keys = |x: &Tensor| -> Result<Tensor> {
+            let own = x.narrow(2, s.start, s.len)?;
+            Ok(match s.prefix {
+                Some((p, len)) => Tensor::cat(&[&x.narrow(2, p, len)?, &own], 2)?,
+                None => own.contiguous()?,
+            })
+        };
+        Ok((q_s, keys(k)?, keys(v)?))
+    }
+
+    fn chunked(&self, i: usize, chunk: usize) -> ChunkedAttention {
+        ChunkedAttention {
+            bias: self.biases[i].clone(),
+            scale: self.scale,
+            chunk: chunk.max(1),
+        }
+    }
+
+    /// `(dq, dk, dv)` from the output `y` and its upstream `d_out [1, N, Hq·D]`, segment by
+    /// segment: each one's queries get their own rows of `dq`; its key and value gradients are
+    /// added (in f32) into its own slots and its prefix's.
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        y: &Tensor,
+        d_out: &Tensor,
+        lse: &[Option<Tensor>],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, hkv, gn, d) = q.dims4()?;
+        let n = k.dim(2)?;
+        let g = gn / n;
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let d_out = d_out.to_dtype(v.dtype())?;
+        let mut dq = Vec::with_capacity(self.segments.len());
+        let dk = Tensor::zeros((b, hkv, n, d), DType::F32, k.device())?;
+        let dv = Tensor::zeros((b, hkv, n, d), DType::F32, k.device())?;
+        for (i, s) in self.segments.iter().enumerate() {
+            let (q_s, k_s, v_s) = self.inputs(&q, &k, &v, i)?;
+            let do_s = d_out.narrow(1, s.start, s.len)?.contiguous()?; // [1, len, Hq·D]
+            let flash = match &lse[i] {
+                Some(l) => {
+                    let y_s = y.narrow(1, s.start, s.len)?.contiguous()?;
+                    let bias = &self.biases[i];
+                    flash_attention_backward(&q_s, &k_s, &v_s, bias, &y_s, &do_s, l, self.scale)?
+                }
+                None => None,
+            };
+            let (dq_s, dk_s, dv_s) = match flash {
+                Some(grads) => grads,
+                None => {
+                    let chunked = self.chunked(i, chunk_rows(1, g * hkv, k_s.dim(2)?));
+                    chunked.backward(&q_s, &k_s, &v_s, &do_s)?
+                }
+            };
+            dq.push(dq_s.reshape((b, hkv, g, s.len, d))?);
+            for (acc, part) in [(&dk, dk_s), (&dv, dv_s)] {
+                let part = part.to_dtype(DType::F32)?;
+                let pl = s.prefix_len();
+                if let Some((p, len)) = s.prefix {
+                    add_at(acc, &part.narrow(2, 0, len)?, p)?;
+                }
+                add_at(acc, &part.narrow(2, pl, s.len)?, s.start)?;
+            }
+        }
+        let dq = Tensor::cat(&dq, 3)?.reshape((b, hkv, gn, d))?;
+        Ok((
+            dq.to_dtype(q.dtype())?,
+            dk.to_dtype(k.dtype())?,
+            dv.to_dtype(v.dtype())?,
+        ))
+    }
+}
+
+/// `acc[.., at..at+len, ..] += part` along dim 2, in place.
+fn add_at(acc: &Tensor, part: &Tensor, at: usize) -> Result<()> {
+    let sum = (acc.narrow(2, at, part.dim(2)?)? + part)?;
+    acc.slice_set(&sum, 2, at)?;
+    Ok(())
+}
+
 /// `acc + part` over `part`'s leading key slots (dim 2), written into `acc` in place; with no
 /// `acc` yet, `part` padded with zeros to `s` slots.
 fn add_prefix(acc: Option<Tensor>, part: Tensor, s: usize) -> Result<Tensor> {

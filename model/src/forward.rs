@@ -181,6 +181,82 @@ impl SharedPrompts {
     }
 }
 
+pub use crate::attention::Segment;
+
+/// Sequences laid end to end in one row with no padding (a learner's packed micro-batch): each
+/// [`Segment`] attends to its prefix (the prompt it continues, which runs once for all the
+/// segments that continue it) and causally to its own tokens, and to no other token of the row.
+/// Rotary positions count from 0 in a segment without a prefix and continue the prefix's in one
+/// with, so a segment's states are those of its sequence alone.
+#[derive(Debug, Clone)]
+pub struct PackedRows {
+    /// `[1, N]` u32 token ids.
+    pub input_ids: Tensor,
+    /// `[N]` u32 rotary positions.
+    pub positions: Tensor,
+    /// The largest of `positions`.
+    pub max_position: u32,
+    /// The segments in order, covering the row.
+    pub segments: Arc<[Segment]>,
+    /// Each segment's causal bias `[1, 1, 1, len, prefix + len]` f32 (every key valid).
+    biases: Arc<[Tensor]>,
+}
+
+impl PackedRows {
+    /// `tokens` of the row and its `segments`: in order, each starting where the last ended,
+    /// the last ending at the row's end, none empty; a prefix must be the leading tokens of an
+    /// earlier segment that has none.
+    pub fn new(tokens: &[u32], segments: &[Segment], device: &Device) -> Result<Self> {
+        let malformed = |why: String| Err(ModelError::Generation(format!("packed row: {why}")));
+        let mut end = 0;
+        let mut positions = Vec::with_capacity(tokens.len());
+        let mut biases = Vec::with_capacity(segments.len());
+        for (i, s) in segments.iter().enumerate() {
+            if s.start != end || s.len == 0 {
+                return malformed(format!("segment {i} ({s:?}) does not start at {end}"));
+            }
+            if let Some((p, len)) = s.prefix {
+                let root = segments[..i]
+                    .iter()
+                    .any(|r| r.prefix.is_none() && r.start == p && len <= r.len);
+                if !root || len == 0 {
+                    return malformed(format!("segment {i}'s prefix {p}..{} is not one", p + len));
+                }
+            }
+            let pl = s.prefix_len();
+            positions.extend((pl..pl + s.len).map(|p| p as u32));
+            biases.push(crate::ops::attention_bias(
+                &[vec![true; pl + s.len]],
+                s.len,
+                pl,
+                MASKED,
+                device,
+            )?);
+            end += s.len;
+        }
+        if end != tokens.len() || end == 0 {
+            return malformed(format!("segments cover {end} of {} tokens", tokens.len()));
+        }
+        Ok(PackedRows {
+            input_ids: Tensor::from_slice(tokens, (1, end), device)?,
+            max_position: positions.iter().copied().max().unwrap_or(0),
+            positions: Tensor::from_vec(positions, end, device)?,
+            segments: segments.into(),
+            biases: biases.into(),
+        })
+    }
+
+    /// The row's tokens.
+    pub fn len(&self) -> usize {
+        self.positions.elem_count()
+    }
+
+    /// Never: a packed row holds a token at least.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// `true` where a mask (1 real token, 0 padding) holds a real token.
 fn valid_slots(mask: &[Vec<u8>]) -> Vec<Vec<bool>> {
     mask.iter()
@@ -224,22 +300,38 @@ fn embed(w: &Weights, batch: &Batch) -> Result<(Tensor, Tensor, Tensor, Tensor)>
 
 /// Final-norm hidden states `[B, T, H]` (the trunk, for value heads and chunked log-probs).
 pub fn hidden_states(w: &Weights, batch: &Batch, cache: Option<&mut KvCache>) -> Result<Tensor> {
-    let c = &w.config;
-    let (mut x, cos, sin, bias) = embed(w, batch)?;
-    if let Some(cache) = cache {
-        return hidden_states_cached(w, x, &cos, &sin, &bias, cache);
+    let (x, cos, sin, bias) = embed(w, batch)?;
+    let mask = Mask::Dense(bias);
+    match cache {
+        Some(cache) => hidden_states_cached(w, x, &cos, &sin, &mask, cache),
+        None => layers(w, x, &cos, &sin, &mask),
     }
+}
+
+/// The decoder layers over `x [B, T, H]` with no cache (each checkpointed where that is on),
+/// then the final norm.
+fn layers(w: &Weights, mut x: Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask) -> Result<Tensor> {
+    let c = &w.config;
     for layer in &w.layers {
         x = if crate::checkpoint::enabled() && layer.q_proj.is_variable() {
-            let (c, cos, sin, bias) = (c.clone(), cos.clone(), sin.clone(), bias.clone());
+            let (c, cos, sin, mask) = (c.clone(), cos.clone(), sin.clone(), mask.clone());
             crate::checkpoint::checkpointed(&x, layer, move |layer, x| {
-                decoder_layer(&c, layer, x, &cos, &sin, &bias, Keys::Own)
+                decoder_layer(&c, layer, x, &cos, &sin, &mask, Keys::Own)
             })?
         } else {
-            decoder_layer(c, layer, &x, &cos, &sin, &bias, Keys::Own)?
+            decoder_layer(c, layer, &x, cos, sin, mask, Keys::Own)?
         };
     }
     rms_norm(&x, &w.norm, c.rms_norm_eps)
+}
+
+/// Final-norm hidden states `[1, N, H]` of a packed row (see [`PackedRows`]).
+pub fn hidden_states_packed(w: &Weights, rows: &PackedRows) -> Result<Tensor> {
+    let n = rows.input_ids.dim(1)?;
+    let dtype = w.embed_tokens.dtype();
+    let (cos, sin) = rope_tables(&w.config, &rows.positions, rows.max_position, 1, n, dtype)?;
+    let x = crate::ops::embedding(&w.embed_tokens, &rows.input_ids)?; // [1, N, H]
+    layers(w, x, &cos, &sin, &Mask::Segments(rows.clone()))
 }
 
 /// [`hidden_states`] through a KV cache (a prefill, a decode step): the layers of
@@ -250,7 +342,7 @@ fn hidden_states_cached(
     mut x: Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    bias: &Tensor,
+    mask: &Mask,
     cache: &mut KvCache,
 ) -> Result<Tensor> {
     let (c, eps, t) = (&w.config, w.config.rms_norm_eps, x.dim(1)?);
@@ -258,7 +350,7 @@ fn hidden_states_cached(
     let mut h = rms_norm(&x, norms().next().expect("the final norm at least"), eps)?;
     for ((l, layer), next_norm) in w.layers.iter().enumerate().zip(norms().skip(1)) {
         let keys = Keys::Cache(cache, l);
-        let (x_mid, m, _, _) = layer_before_last_add(c, layer, &x, &h, cos, sin, bias, keys)?;
+        let (x_mid, m, _, _) = layer_before_last_add(c, layer, &x, &h, cos, sin, mask, keys)?;
         (x, h) = crate::ops::add_rms_norm(&x_mid, &m, next_norm, eps)?;
     }
     cache.advance(t);
@@ -272,6 +364,7 @@ pub fn hidden_states_shared(w: &Weights, s: &SharedPrompts) -> Result<Tensor> {
     let c = &w.config;
     let (mut xp, cos_p, sin_p, bias_p) = embed(w, &s.prompts)?; // [P, Lp, H]
     let (mut xs, cos_s, sin_s, bias_s) = embed(w, &s.batch)?; // [N, T, H]
+    let (bias_p, bias_s) = (Mask::Dense(bias_p), Mask::Dense(bias_s));
     let (p_dims, s_dims) = (xp.dims().to_vec(), xs.dims().to_vec());
     let n_layers = w.layers.len();
     for (l, layer) in w.layers.iter().enumerate() {
@@ -368,6 +461,15 @@ enum Keys<'a> {
     After(&'a Tensor, &'a Tensor),
 }
 
+/// Which keys each query may see among those of [`Keys`].
+#[derive(Clone)]
+enum Mask {
+    /// An additive bias `[B, 1, 1, T, S]` f32 (a [`Batch`]'s).
+    Dense(Tensor),
+    /// The segments of one packed row (`B = 1`, [`Keys::Own`]).
+    Segments(PackedRows),
+}
+
 /// One decoder layer: `x + attn(norm(x))`, then `+ mlp(norm(·))`; `[B, T, H]` in and out.
 fn decoder_layer(
     c: &ModelConfig,
@@ -375,10 +477,10 @@ fn decoder_layer(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    bias: &Tensor,
+    mask: &Mask,
     keys: Keys,
 ) -> Result<Tensor> {
-    Ok(decoder_layer_kv(c, layer, x, cos, sin, bias, keys)?.0)
+    Ok(decoder_layer_kv(c, layer, x, cos, sin, mask, keys)?.0)
 }
 
 /// [`decoder_layer`], also returning the new tokens' rotated keys and values `[B, Hkv, T, D]`.
@@ -388,11 +490,11 @@ fn decoder_layer_kv(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    bias: &Tensor,
+    mask: &Mask,
     keys: Keys,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
-    let (x, m, k, v) = layer_before_last_add(c, layer, x, &h, cos, sin, bias, keys)?;
+    let (x, m, k, v) = layer_before_last_add(c, layer, x, &h, cos, sin, mask, keys)?;
     Ok(((&x + &m)?, k, v))
 }
 
@@ -407,10 +509,10 @@ fn layer_before_last_add(
     h: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    bias: &Tensor,
+    mask: &Mask,
     keys: Keys,
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let (attn, k, v) = attention(c, layer, h, cos, sin, bias, keys)?;
+    let (attn, k, v) = attention(c, layer, h, cos, sin, mask, keys)?;
     let (x, h) =
         crate::ops::add_rms_norm(x, &attn, &layer.post_attention_layernorm, c.rms_norm_eps)?;
     Ok((x, mlp(layer, &h)?, k, v))
@@ -624,10 +726,23 @@ fn attention(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    bias: &Tensor,
+    mask: &Mask,
     keys: Keys,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, t, _) = x.dims3()?;
+    let bias = match mask {
+        Mask::Dense(bias) => bias,
+        Mask::Segments(rows) => {
+            let p = projections(c, w, x, cos, sin, keys)?;
+            let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+            let q = p.q.reshape((b, hkv, hq / hkv * t, d))?; // heads h = kv·G + j share K/V head kv
+            let scale = 1.0 / (d as f64).sqrt();
+            let (v, segments) = (p.v.contiguous()?, &rows.segments);
+            let out =
+                crate::attention::packed_attention(&q, &p.k, &v, segments, &rows.biases, scale)?;
+            return Ok((linear(&out, &w.o_proj, None)?, p.k_new, p.v_new));
+        }
+    };
     let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let g = hq / hkv;
     let cached = matches!(keys, Keys::Cache(..));

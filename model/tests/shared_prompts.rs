@@ -1,17 +1,20 @@
 //! Rows that continue shared prompts (`model::forward::SharedPrompts`): each distinct prompt runs
-//! through the trunk once and its rows attend to its keys and values. Their log-probs,
-//! entropies, hidden states and every parameter's gradient must equal those of the whole
-//! sequences run row by row (the path the golden tests check against transformers), on both
-//! tiny fixture models, with padding, unequal prompts and completions, plain, with per-layer
-//! checkpointing and with chunked attention. Its own test binary: both switches are
-//! process-wide.
+//! through the trunk once and its rows attend to its keys and values; and the same rows packed
+//! end to end in one row (`model::forward::PackedRows`), each prompt head once before the rows
+//! that continue it. Their log-probs, entropies, hidden states and every parameter's gradient
+//! must equal those of the whole sequences run row by row (the path the golden tests check
+//! against transformers), on both tiny fixture models, with padding, unequal prompts and
+//! completions, plain, with per-layer checkpointing and with chunked attention. Its own test
+//! binary: both switches are process-wide.
 
 mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use model::forward::SharedPrompts;
-use model::logprobs::{sequence_logprobs, shared_prompt_logprobs, SequenceLogprobs};
+use model::forward::{PackedRows, Segment, SharedPrompts};
+use model::logprobs::{
+    packed_logprobs, sequence_logprobs, shared_prompt_logprobs, SequenceLogprobs,
+};
 
 /// Completions and the index of the prompt each continues.
 type Rows = Vec<(usize, Vec<u32>)>;
@@ -131,44 +134,40 @@ fn check(name: &str) {
     )
     .unwrap();
     let part = shared_prompt_logprobs(&trainable, &shared, &own_ids, &own_loss, 0.7).unwrap();
+    // packed: each head, then the rows that continue it, end to end
+    let (mut tokens, mut segments, mut starts) = (Vec::new(), Vec::new(), vec![0; rows.len()]);
+    for (h, head) in heads.iter().enumerate() {
+        let prefix = Some((tokens.len(), head.len()));
+        segments.push(Segment {
+            start: tokens.len(),
+            len: head.len(),
+            prefix: None,
+        });
+        tokens.extend_from_slice(head);
+        for r in (0..rows.len()).filter(|&r| row_heads[r] == h) {
+            starts[r] = tokens.len();
+            segments.push(Segment {
+                start: tokens.len(),
+                len: own[r].len(),
+                prefix,
+            });
+            tokens.extend_from_slice(&own[r]);
+        }
+    }
+    let row = PackedRows::new(&tokens, &segments, &Device::Cpu).unwrap();
+    let packed =
+        packed_logprobs(&trainable, &row, &own_ids, &own_loss, &starts, 0.7, true).unwrap();
     let part_start = vec![0usize; rows.len()];
-
-    let pick = |lp: &SequenceLogprobs, start: &[usize]| {
-        (
-            completion_part(&lp.logprobs, start, &lens),
-            completion_part(&lp.entropy, start, &lens),
-            completion_part(&lp.hidden, start, &lens),
-            completion_part(&lp.mask, start, &lens),
-        )
-    };
-    let (a, b) = (pick(&full, &full_start), pick(&part, &part_start));
-    for r in 0..rows.len() {
-        assert!(
-            max_abs_diff(&a.0[r], &b.0[r]) < 1e-5,
-            "{name}: log-probs of row {r}"
-        );
-        assert!(
-            max_abs_diff(&a.1[r], &b.1[r]) < 1e-5,
-            "{name}: entropies of row {r}"
-        );
-        assert!(
-            max_abs_diff(&a.2[r], &b.2[r]) < 1e-4,
-            "{name}: hidden states of row {r}"
-        );
-        assert_eq!(
-            max_abs(&(&a.3[r] - 1.0).unwrap()),
-            0.0,
-            "{name}: mask of row {r}"
+    for (layout, part) in [("shared", &part), ("packed", &packed)] {
+        compare(
+            &format!("{name}, {layout}"),
+            &full,
+            &full_start,
+            part,
+            &part_start,
+            &lens,
         );
     }
-    // the same number of scored tokens: nothing else is masked in
-    let count = |lp: &SequenceLogprobs| lp.mask.sum_all().unwrap().to_scalar::<f32>().unwrap();
-    assert_eq!(count(&full), count(&part));
-    assert!(
-        max_abs(&full.logprobs) > 0.1,
-        "{name}: log-probs too small to compare"
-    );
-
     // gradients of a loss that weighs each completion token differently
     let loss = |lp: &SequenceLogprobs, start: &[usize]| {
         let mut total: Option<Tensor> = None;
@@ -189,18 +188,67 @@ fn check(name: &str) {
         total.unwrap()
     };
     let g_full = model::checkpoint::backward(&loss(&full, &full_start)).unwrap();
-    let g_part = model::checkpoint::backward(&loss(&part, &part_start)).unwrap();
-    for (param, var) in &vars {
-        let (x, y) = (g_full.get(var.as_tensor()), g_part.get(var.as_tensor()));
-        let x = x.unwrap_or_else(|| panic!("{name}: no gradient reached {param} (whole rows)"));
-        let y = y.unwrap_or_else(|| panic!("{name}: no gradient reached {param} (shared)"));
-        let scale = max_abs(x).max(1e-6);
-        let rel = max_abs_diff(x, y) / scale;
+    for (layout, part) in [("shared", &part), ("packed", &packed)] {
+        let g_part = model::checkpoint::backward(&loss(part, &part_start)).unwrap();
+        for (param, var) in &vars {
+            let (x, y) = (g_full.get(var.as_tensor()), g_part.get(var.as_tensor()));
+            let x = x.unwrap_or_else(|| panic!("{name}: no gradient reached {param} (whole rows)"));
+            let y = y.unwrap_or_else(|| panic!("{name}: no gradient reached {param} ({layout})"));
+            let scale = max_abs(x).max(1e-6);
+            let rel = max_abs_diff(x, y) / scale;
+            assert!(
+                rel < 1e-4,
+                "{name}, {layout}: gradient of {param} off by {rel:e} (relative)"
+            );
+        }
+    }
+}
+
+/// The completion tokens' log-probs, entropies, hidden states and masks of `part` (rows from
+/// `part_start`) against the whole rows' `full` (from `full_start`).
+fn compare(
+    name: &str,
+    full: &SequenceLogprobs,
+    full_start: &[usize],
+    part: &SequenceLogprobs,
+    part_start: &[usize],
+    lens: &[usize],
+) {
+    let pick = |lp: &SequenceLogprobs, start: &[usize]| {
+        (
+            completion_part(&lp.logprobs, start, lens),
+            completion_part(&lp.entropy, start, lens),
+            completion_part(lp.hidden.as_ref().expect("hidden states"), start, lens),
+            completion_part(&lp.mask, start, lens),
+        )
+    };
+    let (a, b) = (pick(full, full_start), pick(part, part_start));
+    for r in 0..lens.len() {
         assert!(
-            rel < 1e-4,
-            "{name}: gradient of {param} off by {rel:e} (relative)"
+            max_abs_diff(&a.0[r], &b.0[r]) < 1e-5,
+            "{name}: log-probs of row {r}"
+        );
+        assert!(
+            max_abs_diff(&a.1[r], &b.1[r]) < 1e-5,
+            "{name}: entropies of row {r}"
+        );
+        assert!(
+            max_abs_diff(&a.2[r], &b.2[r]) < 1e-4,
+            "{name}: hidden states of row {r}"
+        );
+        assert_eq!(
+            max_abs(&(&a.3[r] - 1.0).unwrap()),
+            0.0,
+            "{name}: mask of row {r}"
         );
     }
+    // the same number of scored tokens: nothing else is masked in
+    let count = |lp: &SequenceLogprobs| lp.mask.sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(count(full), count(part));
+    assert!(
+        max_abs(&full.logprobs) > 0.1,
+        "{name}: log-probs too small to compare"
+    );
 }
 
 #[test]
@@ -218,9 +266,11 @@ fn shared_prompts_match_whole_sequences() {
     model::checkpoint::set_enabled(false);
     model::attention::set_chunk_elements(8);
     let before = model::attention::chunked_calls();
+    let packed = model::attention::packed_calls();
     check("tiny-llama");
     assert!(
         model::attention::chunked_calls() > before,
         "the attention was not chunked"
     );
+    assert!(model::attention::packed_calls() > packed);
 }
