@@ -10,8 +10,8 @@ use crate::error::{LearnerError, Result};
 use crate::fit::{by_cost, fitted, halving, padded_tokens};
 use crate::optim::AdamW;
 use crate::step::{
-    cheapest_order, forward_positions, in_given_order, pack, packed_tokens, packing_rows,
-    reordered, Sequence,
+    cheapest_order, forward_positions, in_given_order, pack, packing_rows, reordered, PackedCost,
+    Sequence,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,11 +177,12 @@ fn pair_batches(pairs: &[Pair], budget: usize) -> Vec<std::ops::Range<usize>> {
 /// The tokens a micro-batch of `pairs[range]` holds on the device: its rows packed
 /// ([`packed_tokens`]: the prompt once, then both completions) or padded (2 rows per pair ×
 /// the longest row), as [`crate::step::set_pack_rows`] says.
-fn pair_tokens(pairs: &[Pair]) -> impl Fn(std::ops::Range<usize>) -> usize + '_ {
+fn pair_tokens(pairs: &[Pair]) -> impl Fn(std::ops::Range<usize>) -> usize {
     let lengths = pair_lengths(pairs);
-    move |r| match packing_rows() {
-        true => packed_tokens(&pair_rows(&pairs[r])),
-        false => padded_tokens(&lengths, 2, r),
+    let packed = packing_rows().then(|| PackedCost::new(&pair_rows(pairs)));
+    move |r| match &packed {
+        Some(cost) => cost.tokens(2 * r.start..2 * r.end),
+        None => padded_tokens(&lengths, 2, r),
     }
 }
 

@@ -106,11 +106,14 @@ pub fn micro_batches(seqs: &[Sequence], budget: usize) -> Vec<Range<usize>> {
 
 /// The tokens a micro-batch of `seqs[range]` holds on the device: [`packed_tokens`] when rows
 /// are packed ([`set_pack_rows`]), its rows padded to the longest otherwise.
-pub fn tokens_of(seqs: &[Sequence]) -> impl Fn(Range<usize>) -> usize + '_ {
-    let lengths = row_lengths(seqs);
-    move |r| match PACK_ROWS.load(Ordering::Relaxed) {
-        true => packed_tokens(&seqs[r]),
-        false => padded_tokens(&lengths, 1, r),
+pub fn tokens_of(seqs: &[Sequence]) -> impl Fn(Range<usize>) -> usize {
+    let (lengths, packed) = (
+        row_lengths(seqs),
+        packing_rows().then(|| PackedCost::new(seqs)),
+    );
+    move |r| match &packed {
+        Some(cost) => cost.tokens(r),
+        None => padded_tokens(&lengths, 1, r),
     }
 }
 
@@ -344,15 +347,68 @@ impl Packed {
 /// of them continue once (less its last token), those rows' last prompt token and completion,
 /// and every other row whole. No padding.
 pub fn packed_tokens(seqs: &[Sequence]) -> usize {
-    let heads = shared_heads(seqs);
-    let shared = heads.shared_rows(seqs.len());
-    let prompts: usize = heads.iter().map(|(head, _)| head.len()).sum();
-    let rows: usize = seqs
-        .iter()
-        .zip(shared)
-        .map(|(s, shared)| row_prompt(s, shared).len() + s.completion.len())
-        .sum();
-    prompts + rows
+    PackedCost::new(seqs).tokens(0..seqs.len())
+}
+
+/// [`packed_tokens`] of any range of a step's sequences, each prompt hashed once for the step
+/// (micro-batches are cut by growing a range a sequence at a time).
+pub(crate) struct PackedCost {
+    /// The prompt head each sequence may share (an index into `head_len`); None: it runs whole.
+    head: Vec<Option<usize>>,
+    head_len: Vec<usize>,
+    /// Each sequence's row: prompt and completion, or its last prompt token and completion.
+    whole: Vec<usize>,
+    shared: Vec<usize>,
+}
+
+impl PackedCost {
+    pub(crate) fn new(seqs: &[Sequence]) -> Self {
+        let share = SHARE_PROMPTS.load(Ordering::Relaxed);
+        let mut ids: HashMap<&[u32], usize> = HashMap::new();
+        let mut head_len = Vec::new();
+        let head = seqs
+            .iter()
+            .map(|s| {
+                let eligible = share && s.prompt.len() >= 2 && !s.completion.is_empty();
+                eligible.then(|| {
+                    *ids.entry(head(s)).or_insert_with(|| {
+                        head_len.push(head(s).len());
+                        head_len.len() - 1
+                    })
+                })
+            })
+            .collect();
+        PackedCost {
+            head,
+            head_len,
+            whole: seqs
+                .iter()
+                .map(|s| s.prompt.len() + s.completion.len())
+                .collect(),
+            shared: seqs.iter().map(|s| 1 + s.completion.len()).collect(),
+        }
+    }
+
+    /// The tokens of `range`'s sequences packed into one row.
+    pub(crate) fn tokens(&self, range: Range<usize>) -> usize {
+        let mut rows: HashMap<usize, usize> = HashMap::new();
+        for h in self.head[range.clone()].iter().flatten() {
+            *rows.entry(*h).or_default() += 1;
+        }
+        let shared = |h: &Option<usize>| h.is_some_and(|h| rows[&h] >= 2);
+        let heads: usize = rows
+            .iter()
+            .filter(|(_, &n)| n >= 2)
+            .map(|(&h, _)| self.head_len[h])
+            .sum();
+        let own: usize = range
+            .map(|i| match shared(&self.head[i]) {
+                true => self.shared[i],
+                false => self.whole[i],
+            })
+            .sum();
+        heads + own
+    }
 }
 
 /// Rows grouped by the prompt head they continue, heads in the order they first come.

@@ -15,7 +15,7 @@ use model::logprobs::sequence_logprobs;
 use model::Weights;
 
 /// Every test here counts a piece's tokens as its rows padded to the longest (the fit's
-/// arithmetic is the same packed: `packed.rs` runs a packed step in pieces).
+/// arithmetic is the same packed: `shared_prompts.rs` runs a packed step in pieces).
 fn padded_rows() {
     learner::step::set_pack_rows(false);
 }
