@@ -462,9 +462,9 @@ pub struct OptimizerConfig {
     /// tokens than the order they come in (`learner::step::by_length`).
     pub order_by_length: bool,
     /// Lay a micro-batch's sequences end to end in one row with no padding, each prompt that
-    /// several of them continue once (`learner::step::set_pack_rows`): `auto` (on the CPU; off
-    /// on CUDA, where each sequence's attention is its own kernel launches until a kernel takes a
-    /// packed row whole), `true` or `false`.
+    /// several of them continue once (`learner::step::set_pack_rows`): `auto` (on the CPU, and on
+    /// CUDA in bf16, where one flash kernel launch takes the packed row; not on CUDA in f32, where
+    /// each sequence's attention would be its own launches), `true` or `false`.
     pub pack_rows: AutoBool,
     /// Subnetwork-only RL: a `*.masks.safetensors` of `ferrite analyze subnetwork`; only the
     /// parameters it marks changed are trained (gradient and update, weight decay included).
@@ -597,13 +597,13 @@ impl Config {
     }
 
     /// Whether a learner step packs its micro-batches' rows (`optimizer.pack_rows`), `auto`
-    /// resolved by the device: on the CPU, where it runs the fewest positions; off on CUDA, where
-    /// each sequence's attention is its own kernel launches (a few dozen a layer) until a kernel
-    /// takes a packed row whole, so that a step of many short sequences would spend more on
-    /// launches than packing saves.
+    /// resolved by the device: on the CPU, and on CUDA in bf16, where the `_varlen` flash kernels
+    /// take a packed row in one launch each way; off on CUDA in f32, where the flash kernels do
+    /// not apply and each sequence's attention would be its own few launches, so that a step of
+    /// many short sequences would spend more on launches than packing saves.
     pub fn pack_rows(&self) -> anyhow::Result<bool> {
         Ok(match self.optimizer.pack_rows {
-            AutoBool::Auto => self.model.device_spec()? == DeviceSpec::Cpu,
+            AutoBool::Auto => self.model.device_spec()? == DeviceSpec::Cpu || self.model.bf16()?,
             AutoBool::Set(on) => on,
         })
     }
@@ -793,10 +793,11 @@ mod tests {
     }
 
     #[test]
-    fn pack_rows_auto_packs_on_the_cpu_only_and_a_bad_value_is_an_error() {
+    fn pack_rows_auto_packs_but_on_cuda_in_f32_and_a_bad_value_is_an_error() {
         let pack = |set: &[&str]| Config::default_with(set).unwrap().pack_rows().unwrap();
         assert!(pack(&[]), "the CPU packs");
-        assert!(!pack(&["model.device=cuda"]));
+        assert!(pack(&["model.device=cuda"]), "CUDA in bf16 (auto) packs");
+        assert!(!pack(&["model.device=cuda", "model.dtype=f32"]));
         assert!(pack(&["model.device=cuda", "optimizer.pack_rows=true"]));
         assert!(!pack(&["optimizer.pack_rows=false"]));
         let e = Config::default_with(&["optimizer.pack_rows=yes"]).unwrap_err();

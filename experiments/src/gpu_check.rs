@@ -1648,8 +1648,7 @@ fn learner_benches(
 /// A GRPO step on an RL-like batch (`learner::synthetic::rl_like_step`: 16 prompts of 40–120
 /// tokens × 8 completions of 8–512) in micro-batches of 8,192 tokens, in each of
 /// `learner::synthetic::LAYOUTS` (padded as they come, padded by length, packed): completion
-/// tokens/s and positions run. Packing is off by default on CUDA (each sequence's attention its
-/// own launches); this line says what it costs or saves on this card.
+/// tokens/s and positions run (packed is what a CUDA run in bf16 takes by default).
 fn learner_order_bench(w: &Weights, r: &mut Report) -> Result<()> {
     let (vars, trainable) = w.to_vars()?;
     let mut opt = AdamW::new(vars, AdamWConfig::default())?;
@@ -2481,9 +2480,6 @@ fn run(what: &str) -> Result<()> {
     if what == "jit" {
         return jit(&gpu);
     }
-    // the learner's steps as a CUDA run takes them (`optimizer.pack_rows = auto`): padded rows
-    // (the model section checks packed rows, and the learner variants time them)
-    learner::step::set_pack_rows(false);
     let mut r = Report::default();
     if what == "glue" {
         r.section("glue checks", |r| glue_checks(&gpu, &mut r.rows));

@@ -1052,6 +1052,31 @@ __device__ __forceinline__ float flash_logit(float sc, float scale, float last, 
     return key > s - t + row ? -INFINITY : scale * sc + last;
 }
 
+// Packed rows (the `_varlen` kernels): one row of T = S tokens (B = 1) in which each query row
+// belongs to a segment and sees its segment's keys up to its own slot, after its prefix's keys
+// (a shared prompt earlier in the row), and no other. seg [T·3] u32 holds each row's own
+// segment's first slot and its prefix's [p0, p1) (p0 = p1 without one). bounds [2·tiles] u32:
+// per tile of FLASH_ROWS query rows, the first key any of them sees (the forward and dQ start
+// their keys there), then per tile of FLASH_ROWS keys, one past the last query row that sees
+// any of them (dK/dV stop their rows there). The bias is never read. A query tile may hold rows
+// of segments that see none of its first key tile: their running max stays −∞ until a key they
+// see, and the online softmax takes that as "nothing yet" rather than e^(−∞ + ∞).
+struct SegRow {
+    int own, p0, p1;
+};
+__device__ __forceinline__ SegRow seg_row(const unsigned* seg, int t, int row) {
+    if (row >= t) return {0, 0, 0};
+    return {(int)seg[3 * row], (int)seg[3 * row + 1], (int)seg[3 * row + 2]};
+}
+__device__ __forceinline__ float varlen_logit(float sc, float scale, int key, int row, SegRow r) {
+    return (key >= r.own && key <= row) || (key >= r.p0 && key < r.p1) ? scale * sc : -INFINITY;
+}
+// e^(x − m), 0 where m is −∞ (a row that has seen no key yet; x is −∞ there too)
+template <bool V>
+__device__ __forceinline__ float exp_from(float x, float m) {
+    return V && m == -INFINITY ? 0.f : __expf(x - m);
+}
+
 __device__ __forceinline__ uint32_t ld_pair(const bf16* p) {
 #ifdef __CUDA_ARCH__
     return *reinterpret_cast<const uint32_t*>(p);
@@ -1260,9 +1285,10 @@ __device__ __forceinline__ FlashRows flash_rows(int hkv, int g_heads, int t, int
 // output rescaled when the max grows): S = Q·Kᵀ, then O += P·V. Writes y and each row's
 // log-partition lse = m + ln Σ e^(x − m) over x = scale·S + bias (the backward's P = e^(x − lse)).
 // D = 64 or 128. Grid: B·Hq·⌈T / FLASH_ROWS⌉ blocks.
-template <int D>
+template <int D, bool V = false>
 __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, const float* bias, bf16* y,
-                                float* lse, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale) {
+                                float* lse, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
+                                const unsigned* seg = nullptr, const unsigned* bounds = nullptr) {
     __shared__ uint32_t ks[FLASH_KEYS * Pitch<D>::words];
     __shared__ uint32_t vs[FLASH_KEYS * Pitch<D>::words];
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -1270,7 +1296,9 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     const int ra = at.ra, rb = at.rb;
     const bf16* kb = k + at.kv * kv_stride;
     const bf16* vb = v + at.kv * kv_stride;
-    const float* last = bias + (at.b * t + t - 1) * s;  // the bias's last row
+    const float* last = V ? nullptr : bias + (at.b * t + t - 1) * s;  // the bias's last row
+    const SegRow sa = V ? seg_row(seg, t, ra) : SegRow{}, sb = V ? seg_row(seg, t, rb) : SegRow{};
+    const int k_first = V ? bounds[blockIdx.x % ((t + FLASH_ROWS - 1) / FLASH_ROWS)] : 0;
 
     uint32_t qf[D / 16][4];
     frag_a_rows<D>(q + at.bh * t * D, D, ra, rb, t, c, qf);
@@ -1282,9 +1310,9 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     const int keys = min(s, s - t + at.last + 1);  // the keys the block's last row sees
     // The tiles' loads overlap the arithmetic: a value tile's with S = Q·Kᵀ and the softmax, the
     // next key tile's with O += P·V (FlashAttention-2's order; one buffer each).
-    load_tile_async<D>(ks, 0, kb, D, 0, FLASH_KEYS, keys);
+    load_tile_async<D>(ks, 0, kb, D, k_first, FLASH_KEYS, keys);
     cp_async_commit();
-    for (int k0 = 0; k0 < keys; k0 += FLASH_KEYS) {
+    for (int k0 = k_first; k0 < keys; k0 += FLASH_KEYS) {
         cp_async_wait<0>();
         __syncthreads();  // the key tile is in, and every warp is done with the last value tile
         load_tile_async<D>(vs, 0, vb, D, k0, FLASH_KEYS, keys);
@@ -1300,15 +1328,17 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
                 const int key = k0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
                 const float x = key >= keys ? -INFINITY
                                 : row >= t  ? 0.f
+                                : V         ? varlen_logit(sc[n][e], scale, key, row, e < 2 ? sa : sb)
                                             : flash_logit(sc[n][e], scale, last[key], key, row, t, s);
                 sc[n][e] = x;
                 if (e < 2) xa = fmaxf(xa, x);
                 else xb = fmaxf(xb, x);
             }
         }
-        // the online rescale (the first tile holds key 0, so every row's max is finite from it on)
+        // the online rescale (the first tile holds key 0, so every row's max is finite from it on;
+        // packed, a row's from the first tile with a key it sees)
         const float na = fmaxf(ma, quad_max(xa)), nb = fmaxf(mb, quad_max(xb));
-        const float aa = __expf(ma - na), ab = __expf(mb - nb);
+        const float aa = exp_from<V>(ma, na), ab = exp_from<V>(mb, nb);
         ma = na;
         mb = nb;
         la *= aa;
@@ -1322,10 +1352,10 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
         }
 #pragma unroll
         for (int n = 0; n < FLASH_KEYS / 8; ++n) {
-            sc[n][0] = __expf(sc[n][0] - ma);
-            sc[n][1] = __expf(sc[n][1] - ma);
-            sc[n][2] = __expf(sc[n][2] - mb);
-            sc[n][3] = __expf(sc[n][3] - mb);
+            sc[n][0] = exp_from<V>(sc[n][0], ma);
+            sc[n][1] = exp_from<V>(sc[n][1], ma);
+            sc[n][2] = exp_from<V>(sc[n][2], mb);
+            sc[n][3] = exp_from<V>(sc[n][3], mb);
             la += sc[n][0] + sc[n][1];
             lb += sc[n][2] + sc[n][3];
         }
@@ -1356,6 +1386,18 @@ extern "C" __global__ void flash_attention_d64_bf16(const bf16* q, const bf16* k
                                                     int g_heads, int t, int s, size_t kv_stride, float scale) {
     flash_attention<64>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale);
 }
+extern "C" __global__ void flash_attention_varlen_d64_bf16(const bf16* q, const bf16* k, const bf16* v,
+                                                           const float* bias, bf16* y, float* lse, int hkv,
+                                                           int g_heads, int t, int s, size_t kv_stride, float scale,
+                                                           const unsigned* seg, const unsigned* bounds) {
+    flash_attention<64, true>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale, seg, bounds);
+}
+extern "C" __global__ void flash_attention_varlen_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
+                                                            const float* bias, bf16* y, float* lse, int hkv,
+                                                            int g_heads, int t, int s, size_t kv_stride, float scale,
+                                                            const unsigned* seg, const unsigned* bounds) {
+    flash_attention<128, true>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale, seg, bounds);
+}
 extern "C" __global__ void flash_attention_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                      const float* bias, bf16* y, float* lse, int hkv,
                                                      int g_heads, int t, int s, size_t kv_stride, float scale) {
@@ -1368,10 +1410,11 @@ extern "C" __global__ void flash_attention_d128_bf16(const bf16* q, const bf16* 
 // flash_attention_bwd_dq: the forward's grid (query tiles); S and dP again per tile of KT keys,
 // then dQ += dS·K. It computes each row's Δ from dO and O first and writes it for the next kernel.
 // KT = FLASH_KEYS at D = 64, half that at D = 128 (fewer registers for S and dP).
-template <int D, int KT>
+template <int D, int KT, bool V = false>
 __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const float* bias,
                                        const bf16* y, const bf16* dy, const float* lse, bf16* dq, float* delta,
-                                       int hkv, int g_heads, int t, int s, size_t kv_stride, float scale) {
+                                       int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
+                                       const unsigned* seg = nullptr, const unsigned* bounds = nullptr) {
     constexpr int span = KT * Pitch<D>::words;  // a tile's words; two buffers of each: one read, the next loaded
     __shared__ uint32_t ks[2 * span];
     __shared__ uint32_t vs[2 * span];
@@ -1381,7 +1424,9 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
     const size_t rows = at.bh * t * D, hq = (size_t)hkv * g_heads, tok = token_major(at.bh, hq, t, D);
     const bf16* kb = k + at.kv * kv_stride;
     const bf16* vb = v + at.kv * kv_stride;
-    const float* last = bias + (at.b * t + t - 1) * s;  // the bias's last row
+    const float* last = V ? nullptr : bias + (at.b * t + t - 1) * s;  // the bias's last row
+    const SegRow sa = V ? seg_row(seg, t, ra) : SegRow{}, sb = V ? seg_row(seg, t, rb) : SegRow{};
+    const int k_first = V ? bounds[blockIdx.x % ((t + FLASH_ROWS - 1) / FLASH_ROWS)] : 0;
 
     uint32_t qf[D / 16][4], df[D / 16][4], yf[D / 16][4];
     frag_a_rows<D>(q + rows, D, ra, rb, t, c, qf);
@@ -1413,8 +1458,8 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
         load_tile_async<D>(vs, buf * span, vb, D, k0, KT, keys);
         cp_async_commit();
     };
-    stage(0, 0);
-    for (int k0 = 0, buf = 0; k0 < keys; k0 += KT, buf ^= 1) {
+    stage(k_first, 0);
+    for (int k0 = k_first, buf = 0; k0 < keys; k0 += KT, buf ^= 1) {
         cp_async_wait<0>();
         __syncthreads();  // this tile is in, and every warp is done with the other buffers
         if (k0 + KT < keys) stage(k0 + KT, buf ^ 1);
@@ -1427,9 +1472,10 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + n * 8 + 2 * c + (e & 1), row = e < 2 ? ra : rb;
-                const float p = key < keys && row < t
-                                    ? __expf(flash_logit(sc[n][e], scale, last[key], key, row, t, s) - (e < 2 ? lsa : lsb))
-                                    : 0.f;
+                const float x = V ? varlen_logit(sc[n][e], scale, key, row, e < 2 ? sa : sb)
+                                  : key < keys && row < t ? flash_logit(sc[n][e], scale, last[key], key, row, t, s)
+                                                          : -INFINITY;
+                const float p = key < keys && row < t ? __expf(x - (e < 2 ? lsa : lsb)) : 0.f;
                 sc[n][e] = p * (dp[n][e] - (e < 2 ? da : db));  // dS
             }
         }
@@ -1451,6 +1497,20 @@ extern "C" __global__ void flash_attention_bwd_dq_d64_bf16(const bf16* q, const 
     flash_attention_bwd_dq<64, FLASH_KEYS>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s, kv_stride,
                                            scale);
 }
+extern "C" __global__ void flash_attention_varlen_bwd_dq_d64_bf16(
+    const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* y, const bf16* dy, const float* lse,
+    bf16* dq, float* delta, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale, const unsigned* seg,
+    const unsigned* bounds) {
+    flash_attention_bwd_dq<64, FLASH_KEYS, true>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
+                                                 kv_stride, scale, seg, bounds);
+}
+extern "C" __global__ void flash_attention_varlen_bwd_dq_d128_bf16(
+    const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* y, const bf16* dy, const float* lse,
+    bf16* dq, float* delta, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale, const unsigned* seg,
+    const unsigned* bounds) {
+    flash_attention_bwd_dq<128, FLASH_KEYS / 2, true>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
+                                                      kv_stride, scale, seg, bounds);
+}
 extern "C" __global__ void flash_attention_bwd_dq_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                             const float* bias, const bf16* y, const bf16* dy,
                                                             const float* lse, bf16* dq, float* delta, int hkv,
@@ -1466,24 +1526,26 @@ extern "C" __global__ void flash_attention_bwd_dq_d128_bf16(const bf16* q, const
 // then dV += Pᵀ·dO and dK += dSᵀ·Q. Writes this head's share, dk and dv [B, Hkv, G, S, D] f32,
 // for the caller to sum over the G query heads of each K/V head (in order: deterministic).
 // QR = FLASH_ROWS at D = 64, a quarter of that at D = 128 (fewer registers for Sᵀ and dPᵀ).
-template <int D, int QR>
+template <int D, int QR, bool V = false>
 __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16* v, const float* bias,
                                         const bf16* dy, const float* lse, const float* delta, float* dk,
                                         float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride,
-                                        float scale) {
+                                        float scale, const unsigned* seg = nullptr, const unsigned* bounds = nullptr) {
     constexpr int span = QR * Pitch<D>::words;  // a tile's words; two buffers of each: one read, the next loaded
     __shared__ uint32_t qs[2 * span];
     __shared__ uint32_t dos[2 * span];
     __shared__ float ls[2 * QR];
     __shared__ float dl[2 * QR];
+    __shared__ SegRow sg[V ? 2 * QR : 1];
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int tiles = (s + FLASH_ROWS - 1) / FLASH_ROWS, tile = blockIdx.x % tiles;
     const size_t bh = blockIdx.x / tiles, hq = (size_t)hkv * g_heads, b = bh / hq;
     const size_t kv = b * hkv + (bh % hq) / g_heads;
     const int k0 = tile * FLASH_ROWS, ka = k0 + (threadIdx.x >> 5) * 16 + g, kb = ka + 8;
     const size_t rows = bh * t * D, tok = token_major(bh, hq, t, D);
-    const float* last = bias + (b * t + t - 1) * s;  // the bias's last row, at the warp's keys
-    const float bka = ka < s ? last[ka] : 0.f, bkb = kb < s ? last[kb] : 0.f;
+    const float* last = V ? nullptr : bias + (b * t + t - 1) * s;  // the bias's last row, at the warp's keys
+    const float bka = !V && ka < s ? last[ka] : 0.f, bkb = !V && kb < s ? last[kb] : 0.f;
+    const int rows_end = V ? bounds[tiles + tile] : t;  // packed: past the last row that sees these keys
 
     uint32_t kf[D / 16][4], vf[D / 16][4];
     frag_a_rows<D>(k + kv * kv_stride, D, ka, kb, s, c, kf);
@@ -1504,13 +1566,14 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
         for (int i = threadIdx.x; i < QR; i += blockDim.x) {
             ls[buf * QR + i] = r0 + i < t ? lse[bh * t + r0 + i] : 0.f;
             dl[buf * QR + i] = r0 + i < t ? delta[bh * t + r0 + i] : 0.f;
+            if (V) sg[buf * QR + i] = seg_row(seg, t, r0 + i);
         }
     };
     stage(first / QR * QR, 0);
-    for (int r0 = first / QR * QR, buf = 0; r0 < t; r0 += QR, buf ^= 1) {
+    for (int r0 = first / QR * QR, buf = 0; r0 < rows_end; r0 += QR, buf ^= 1) {
         cp_async_wait<0>();
         __syncthreads();  // this tile is in, and every warp is done with the other buffers
-        if (r0 + QR < t) stage(r0 + QR, buf ^ 1);
+        if (r0 + QR < rows_end) stage(r0 + QR, buf ^ 1);
         const int now = buf * span;
         float st[QR / 8][4], dpt[QR / 8][4];
         mma_rows<D, QR>(st, kf, qs, now, g, c);    // Sᵀ = K·Qᵀ, queries in tiles of 8
@@ -1520,10 +1583,9 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = n * 8 + 2 * c + (e & 1), row = r0 + i, key = e < 2 ? ka : kb;
-                const float p = row < t && key < s
-                                    ? __expf(flash_logit(st[n][e], scale, e < 2 ? bka : bkb, key, row, t, s) -
-                                             ls[buf * QR + i])
-                                    : 0.f;
+                const float x = V ? varlen_logit(st[n][e], scale, key, row, sg[buf * QR + i])
+                                  : flash_logit(st[n][e], scale, e < 2 ? bka : bkb, key, row, t, s);
+                const float p = row < t && key < s ? __expf(x - ls[buf * QR + i]) : 0.f;
                 st[n][e] = p;
                 dpt[n][e] = p * (dpt[n][e] - dl[buf * QR + i]);  // dSᵀ
             }
@@ -1551,6 +1613,20 @@ extern "C" __global__ void flash_attention_bwd_dkv_d64_bf16(const bf16* q, const
                                                             float scale) {
     flash_attention_bwd_dkv<64, FLASH_ROWS>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s, kv_stride,
                                             scale);
+}
+extern "C" __global__ void flash_attention_varlen_bwd_dkv_d64_bf16(
+    const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* dy, const float* lse,
+    const float* delta, float* dk, float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
+    const unsigned* seg, const unsigned* bounds) {
+    flash_attention_bwd_dkv<64, FLASH_ROWS, true>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
+                                                  kv_stride, scale, seg, bounds);
+}
+extern "C" __global__ void flash_attention_varlen_bwd_dkv_d128_bf16(
+    const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* dy, const float* lse,
+    const float* delta, float* dk, float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
+    const unsigned* seg, const unsigned* bounds) {
+    flash_attention_bwd_dkv<128, FLASH_ROWS / 4, true>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
+                                                       kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_bwd_dkv_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                              const float* bias, const bf16* dy, const float* lse,

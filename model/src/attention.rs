@@ -25,7 +25,8 @@ use candle_core::{DType, Tensor};
 use crate::attach::attach;
 use crate::error::Result;
 use crate::ops::{
-    attention_probs, attention_probs_backward, flash_attention_backward, flash_attention_value,
+    attention_probs, attention_probs_backward, flash_attention_backward,
+    flash_attention_packed_backward, flash_attention_packed_value, flash_attention_value,
 };
 
 /// Score elements one chunk may hold by default: 2²⁴ (64 MiB in f32).
@@ -260,6 +261,40 @@ impl Segment {
     }
 }
 
+/// What the flash kernels over a packed row of `n` tokens read of its `segments` (the `_varlen`
+/// kernels of `ferrite.cu`): each row's own segment's first slot and its prefix's range
+/// (`[n·3]`: own, p0, p1; p0 = p1 = 0 without a prefix), then per tile of
+/// [`crate::launch::FLASH_ROWS`] query rows the first key any of them sees, and per tile of as
+/// many keys one past the last query row that sees any of them (`[2·tiles]`).
+pub fn varlen_rows(segments: &[Segment], n: usize) -> (Vec<u32>, Vec<u32>) {
+    let tile = crate::launch::FLASH_ROWS;
+    let tiles = n.div_ceil(tile);
+    let mut seg = vec![0u32; 3 * n];
+    // each key's last viewer: the last row of its own segment, or of a segment it is a prefix of
+    let mut last = vec![0usize; n];
+    for s in segments {
+        let (p0, p1) = s.prefix.map_or((0, 0), |(p, len)| (p, p + len));
+        for i in s.start..s.start + s.len {
+            seg[3 * i..3 * i + 3].copy_from_slice(&[s.start as u32, p0 as u32, p1 as u32]);
+            last[i] = last[i].max(s.start + s.len - 1);
+        }
+        for j in p0..p1 {
+            last[j] = last[j].max(s.start + s.len - 1);
+        }
+    }
+    let mut bounds = vec![0u32; 2 * tiles];
+    for t in 0..tiles {
+        let rows = t * tile..((t + 1) * tile).min(n);
+        let first = rows.clone().map(|i| match seg[3 * i + 1] < seg[3 * i + 2] {
+            true => seg[3 * i + 1],
+            false => seg[3 * i],
+        });
+        bounds[t] = first.min().unwrap_or(0);
+        bounds[tiles + t] = rows.map(|j| last[j] + 1).max().unwrap_or(0) as u32;
+    }
+    (seg, bounds)
+}
+
 static PACKED_CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// How many attentions over packed rows this process has run (a layer's forward counts once).
@@ -272,15 +307,18 @@ pub fn packed_calls() -> usize {
 /// causally to their own, `biases[i]` segment `i`'s causal bias `[1, 1, 1, len, prefix + len]`
 /// (all keys valid) → `[1, N, Hq·D]` token-major. No key of another segment is read, so a
 /// segment's scores are those of its sequence alone (after its prompt): no padding, and no
-/// `[N, N]` mask. Each segment runs as its own [`attention`] (the flash kernels on CUDA in bf16,
-/// the chunked path elsewhere) on copies of its queries and keys; the backward adds the prefix
-/// keys' gradients from every segment that reads them. Differentiable in `q`, `k` and `v`.
+/// `[N, N]` mask. On CUDA in bf16 with `varlen` (the row's [`varlen_rows`] on the device), the
+/// whole row is one launch of the `_varlen` flash kernels each way. Elsewhere each segment runs
+/// as its own [`attention`] (the flash kernels, or the chunked path) on copies of its queries
+/// and keys, and the backward adds the prefix keys' gradients from every segment that reads
+/// them. Differentiable in `q`, `k` and `v`.
 pub fn packed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     segments: &[Segment],
     biases: &[Tensor],
+    varlen: Option<(&Tensor, &Tensor)>,
     scale: f64,
 ) -> Result<Tensor> {
     PACKED_CALLS.fetch_add(1, Ordering::Relaxed);
@@ -290,6 +328,21 @@ pub fn packed_attention(
         scale,
     };
     let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
+    if let Some((seg, bounds)) = varlen {
+        if let Some((out, lse)) = flash_attention_packed_value(&q0, &k0, &v0, seg, bounds, scale)? {
+            let (seg, bounds) = (seg.clone(), bounds.clone());
+            return attach(q, k, v, out, move |q, k, v, y, g| {
+                let g = g.to_dtype(v.dtype())?;
+                let grads =
+                    flash_attention_packed_backward(q, k, v, &seg, &bounds, y, &g, &lse, scale)?;
+                let (dq, dk, dv) = match grads {
+                    Some(grads) => grads,
+                    None => op.backward(q, k, v, y, &g, &vec![None; op.segments.len()])?,
+                };
+                Ok([Some(dq), Some(dk), Some(dv)])
+            });
+        }
+    }
     let hq = q.dim(1)? * (q.dim(2)? / k.dim(2)?.max(1));
     let mut parts = Vec::with_capacity(segments.len());
     let mut lse = Vec::with_capacity(segments.len());

@@ -1603,30 +1603,47 @@ pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    mask: FlashMask,
     scale: f32,
 ) -> Result<Option<(CudaStorage, Shape, Tensor)>> {
-    let Some(a) = FlashArgs::new(q, k, v, bias)? else {
+    let Some(a) = FlashArgs::new(q, k, v, &mask)? else {
         return Ok(None);
     };
-    let Some(kernel) = launch::flash_attention_kernel(a.d) else {
+    let kernel = match mask {
+        FlashMask::Bias(_) => launch::flash_attention_kernel(a.d),
+        FlashMask::Packed { .. } => launch::flash_attention_varlen_kernels(a.d).map(|k| k.0),
+    };
+    let Some(kernel) = kernel else {
         return Ok(None);
     };
-    let (q, bias) = (q.contiguous()?, bias.contiguous()?);
-    let guards = [&q, k, v, &bias].map(|t| t.storage_and_layout());
-    let [(qs, ql), (ks, kl), (vs, vl), (bs, bl)] = on_cuda(&guards)?;
+    let q = q.contiguous()?;
+    let guards = [&q, k, v].map(|t| t.storage_and_layout());
+    let [(qs, ql), (ks, kl), (vs, vl)] = on_cuda(&guards)?;
+    let mask_tensors = mask.tensors()?;
+    let mask_guards: Vec<_> = mask_tensors
+        .iter()
+        .map(|t| t.storage_and_layout())
+        .collect();
+    let views = MaskViews::new(&mask_guards, a.packed)?;
     let dev = qs.device().clone();
-    let (qv, bv) = (view::<half::bf16>(qs, ql)?, view::<f32>(bs, bl)?);
+    let qv = view::<half::bf16>(qs, ql)?;
     let (kv_, vv) = (a.kv_view(ks, kl)?, a.kv_view(vs, vl)?);
     let y = unsafe { dev.alloc::<half::bf16>(a.rows() * a.d)? };
     let lse = unsafe { dev.alloc::<f32>(a.rows())? };
     let mut l = Launch::new(&dev, kernel)?;
-    l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv).arg(&y).arg(&lse);
+    l.arg(&qv)
+        .arg(&kv_)
+        .arg(&vv)
+        .arg(views.bias(&lse))
+        .arg(&y)
+        .arg(&lse);
     let dims = a.dims(scale);
     dims.push_to(&mut l);
+    views.push_to(&mut l);
     // SAFETY: q and y hold B·Hkv·G·T·D, the bias B·T·S, lse B·Hkv·G·T; K and V span
     // (B·Hkv − 1)·kv_stride + S·D from their views' starts, which their layouts were checked to
-    // cover; D is the kernel's.
+    // cover; D is the kernel's. Packed (B = 1, T = S), seg holds T·3 and bounds 2·⌈T / 64⌉
+    // (checked), and the bias is never read.
     unsafe { l.launch(launch::flash_attention(a.heads(), a.t)) }?;
     let y = half::bf16::wrap_cuda_slice(y, dev.clone());
     let lse = wrap(f32::wrap_cuda_slice(lse, dev), a.rows());
@@ -1642,32 +1659,37 @@ pub fn flash_attention_backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    mask: FlashMask,
     y: &Tensor,
     dy: &Tensor,
     lse: &Tensor,
     scale: f32,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    let Some(a) = FlashArgs::new(q, k, v, bias)? else {
+    let Some(a) = FlashArgs::new(q, k, v, &mask)? else {
         return Ok(None);
     };
-    let Some((dq_kernel, dkv_kernel)) = launch::flash_attention_backward_kernels(a.d) else {
+    let kernels = match mask {
+        FlashMask::Bias(_) => launch::flash_attention_backward_kernels(a.d),
+        FlashMask::Packed { .. } => launch::flash_attention_varlen_kernels(a.d).map(|k| (k.1, k.2)),
+    };
+    let Some((dq_kernel, dkv_kernel)) = kernels else {
         return Ok(None);
     };
     let tokens = a.token_major();
     if y.dims() != tokens || dy.dims() != tokens || !bf16_aligned(y) || !bf16_aligned(dy) {
         return Ok(None);
     }
-    let (q, bias, y, dy) = (
-        q.contiguous()?,
-        bias.contiguous()?,
-        y.contiguous()?,
-        dy.contiguous()?,
-    );
-    let guards = [&q, k, v, &bias, &y, &dy, lse].map(|t| t.storage_and_layout());
-    let [(qs, ql), (ks, kl), (vs, vl), (bs, bl), (ys, yl), (gs, gl), (ls, ll)] = on_cuda(&guards)?;
+    let (q, y, dy) = (q.contiguous()?, y.contiguous()?, dy.contiguous()?);
+    let guards = [&q, k, v, &y, &dy, lse].map(|t| t.storage_and_layout());
+    let [(qs, ql), (ks, kl), (vs, vl), (ys, yl), (gs, gl), (ls, ll)] = on_cuda(&guards)?;
+    let mask_tensors = mask.tensors()?;
+    let mask_guards: Vec<_> = mask_tensors
+        .iter()
+        .map(|t| t.storage_and_layout())
+        .collect();
+    let views = MaskViews::new(&mask_guards, a.packed)?;
     let dev = qs.device().clone();
-    let (qv, bv) = (view::<half::bf16>(qs, ql)?, view::<f32>(bs, bl)?);
+    let qv = view::<half::bf16>(qs, ql)?;
     let (yv, gv, lv) = (
         view::<half::bf16>(ys, yl)?,
         view::<half::bf16>(gs, gl)?,
@@ -1678,18 +1700,20 @@ pub fn flash_attention_backward(
     let dq = unsafe { dev.alloc::<half::bf16>(a.rows() * a.d)? };
     let delta = unsafe { dev.alloc::<f32>(a.rows())? };
     let mut l = Launch::new(&dev, dq_kernel)?;
-    l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv);
+    l.arg(&qv).arg(&kv_).arg(&vv).arg(views.bias(&lv));
     l.arg(&yv).arg(&gv).arg(&lv).arg(&dq).arg(&delta);
     dims.push_to(&mut l);
+    views.push_to(&mut l);
     // SAFETY: as the forward's; y, dy and dq hold B·Hkv·G·T·D, lse and delta B·Hkv·G·T.
     unsafe { l.launch(launch::flash_attention(a.heads(), a.t)) }?;
     let per_head = a.heads() * a.s * a.d;
     let dk = unsafe { dev.alloc::<f32>(per_head)? };
     let dv = unsafe { dev.alloc::<f32>(per_head)? };
     let mut l = Launch::new(&dev, dkv_kernel)?;
-    l.arg(&qv).arg(&kv_).arg(&vv).arg(&bv);
+    l.arg(&qv).arg(&kv_).arg(&vv).arg(views.bias(&lv));
     l.arg(&gv).arg(&lv).arg(&delta).arg(&dk).arg(&dv);
     dims.push_to(&mut l);
+    views.push_to(&mut l);
     // SAFETY: as above; dk and dv hold B·Hkv·G·S·D, every element of which the kernel writes.
     unsafe { l.launch(launch::flash_attention_dkv(a.heads(), a.s)) }?;
     let dq = wrap(half::bf16::wrap_cuda_slice(dq, dev.clone()), q.shape());
@@ -1709,6 +1733,75 @@ fn bf16_aligned(x: &Tensor) -> bool {
     x.dtype() == DType::BF16 && x.layout().start_offset().is_multiple_of(8)
 }
 
+/// Which keys the flash kernels' query rows see.
+#[derive(Clone, Copy)]
+pub enum FlashMask<'a> {
+    /// A causal bias `[B, 1, 1, T, S]` f32, of which they read the last row.
+    Bias(&'a Tensor),
+    /// A packed row (B = 1, T = S): each row's segment `[T·3]` u32 and the tiles' bounds
+    /// `[2·⌈T / 64⌉]` u32 (`crate::attention::varlen_rows`).
+    Packed { seg: &'a Tensor, bounds: &'a Tensor },
+}
+
+impl FlashMask<'_> {
+    /// Its tensors, contiguous: the bias, or the segments and bounds.
+    fn tensors(&self) -> Result<Vec<Tensor>> {
+        Ok(match self {
+            FlashMask::Bias(b) => vec![b.contiguous()?],
+            FlashMask::Packed { seg, bounds } => vec![seg.contiguous()?, bounds.contiguous()?],
+        })
+    }
+}
+
+/// A [`FlashMask`]'s device views: the bias, or a packed row's segments and bounds.
+struct MaskViews<'a> {
+    bias: Option<CudaView<'a, f32>>,
+    packed: Option<(CudaView<'a, u32>, CudaView<'a, u32>)>,
+}
+
+impl<'a> MaskViews<'a> {
+    /// The views of [`FlashMask::tensors`] through their guards.
+    fn new<G: std::ops::Deref<Target = Storage>>(
+        guards: &'a [(G, &'a Layout)],
+        packed: bool,
+    ) -> Result<Self> {
+        let part = |i: usize| -> Result<(&'a CudaStorage, &'a Layout)> {
+            let (s, l) = guards
+                .get(i)
+                .ok_or_else(|| err("flash mask: a tensor missing"))?;
+            Ok((as_cuda(s)?, *l))
+        };
+        Ok(match packed {
+            false => MaskViews {
+                bias: Some(view::<f32>(part(0)?.0, part(0)?.1)?),
+                packed: None,
+            },
+            true => MaskViews {
+                bias: None,
+                packed: Some((
+                    view::<u32>(part(0)?.0, part(0)?.1)?,
+                    view::<u32>(part(1)?.0, part(1)?.1)?,
+                )),
+            },
+        })
+    }
+
+    /// The kernel's bias argument: the bias, or (packed: never read) `other`.
+    fn bias<'b>(&'b self, other: &'b dyn KernelArg) -> &'b dyn KernelArg {
+        match &self.bias {
+            Some(b) => b,
+            None => other,
+        }
+    }
+
+    /// The packed kernels' trailing segments and bounds.
+    fn push_to<'b>(&'b self, l: &mut Launch<'b>) {
+        if let Some((seg, bounds)) = &self.packed {
+            l.arg(seg).arg(bounds);
+        }
+    }
+}
+
 /// What the flash attention kernels take of their inputs, checked: the sizes and K's and V's
 /// head stride.
 struct FlashArgs {
@@ -1719,6 +1812,8 @@ struct FlashArgs {
     s: usize,
     d: usize,
     kv_stride: usize,
+    /// A packed row's (the `_varlen` kernels).
+    packed: bool,
 }
 
 /// The kernels' trailing scalar arguments: Hkv, G, T, S (i32), kv_stride, scale.
@@ -1738,26 +1833,39 @@ impl FlashDims {
 }
 
 impl FlashArgs {
-    /// The sizes of `q [B, Hkv, G·T, D]`, `k, v [B, Hkv, S, D]` and `bias [B, 1, 1, T, S]`; None
-    /// where the kernels do not take them (see [`flash_attention`]; D is checked by the caller,
-    /// against its kernels).
-    fn new(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Option<Self>> {
+    /// The sizes of `q [B, Hkv, G·T, D]`, `k, v [B, Hkv, S, D]` and the mask (a bias
+    /// `[B, 1, 1, T, S]`, or a packed row's `[T·3]` segments and `[2·⌈T / 64⌉]` bounds with
+    /// B = 1 and T = S); None where the kernels do not take them (see [`flash_attention`]; D is
+    /// checked by the caller, against its kernels).
+    fn new(q: &Tensor, k: &Tensor, v: &Tensor, mask: &FlashMask) -> Result<Option<Self>> {
         let (b, hkv, gt, d) = q.dims4()?;
         let s = k.dim(2)?;
-        let t = match bias.dims() {
-            &[_, 1, 1, t, _] => t,
-            _ => return Ok(None),
+        let (t, mask_fits) = match mask {
+            FlashMask::Bias(bias) => match bias.dims() {
+                &[_, 1, 1, t, _] => (
+                    t,
+                    bias.dtype() == DType::F32 && bias.dims() == [b, 1, 1, t, s],
+                ),
+                _ => return Ok(None),
+            },
+            FlashMask::Packed { seg, bounds } => (
+                s,
+                b == 1
+                    && seg.dtype() == DType::U32
+                    && bounds.dtype() == DType::U32
+                    && seg.dims() == [3 * s]
+                    && bounds.dims() == [2 * s.div_ceil(launch::FLASH_ROWS)],
+            ),
         };
         let kv_stride = k.layout().stride()[1];
         let fits = bf16_aligned(q)
             && bf16_aligned(k)
             && bf16_aligned(v)
             && kv_stride.is_multiple_of(8)
-            && bias.dtype() == DType::F32
+            && mask_fits
             && t > 0
             && gt % t == 0
             && s >= t
-            && bias.dims() == [b, 1, 1, t, s]
             && kv_rows(k, [b, hkv, s, d], kv_stride)
             && kv_rows(v, [b, hkv, s, d], kv_stride);
         Ok(fits.then_some(Self {
@@ -1768,6 +1876,7 @@ impl FlashArgs {
             s,
             d,
             kv_stride,
+            packed: matches!(mask, FlashMask::Packed { .. }),
         }))
     }
 

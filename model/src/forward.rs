@@ -200,6 +200,9 @@ pub struct PackedRows {
     pub segments: Arc<[Segment]>,
     /// Each segment's causal bias `[1, 1, 1, len, prefix + len]` f32 (every key valid).
     biases: Arc<[Tensor]>,
+    /// On CUDA, the row's segments and tiles' bounds for the `_varlen` flash kernels
+    /// ([`crate::attention::varlen_rows`]).
+    varlen: Option<(Tensor, Tensor)>,
 }
 
 impl PackedRows {
@@ -237,7 +240,19 @@ impl PackedRows {
         if end != tokens.len() || end == 0 {
             return malformed(format!("segments cover {end} of {} tokens", tokens.len()));
         }
+        let varlen = match device.is_cuda() {
+            true => {
+                let (seg, bounds) = crate::attention::varlen_rows(segments, end);
+                let n = bounds.len();
+                Some((
+                    Tensor::from_vec(seg, 3 * end, device)?,
+                    Tensor::from_vec(bounds, n, device)?,
+                ))
+            }
+            false => None,
+        };
         Ok(PackedRows {
+            varlen,
             input_ids: Tensor::from_slice(tokens, (1, end), device)?,
             max_position: positions.iter().copied().max().unwrap_or(0),
             positions: Tensor::from_vec(positions, end, device)?,
@@ -738,8 +753,10 @@ fn attention(
             let q = p.q.reshape((b, hkv, hq / hkv * t, d))?; // heads h = kv·G + j share K/V head kv
             let scale = 1.0 / (d as f64).sqrt();
             let (v, segments) = (p.v.contiguous()?, &rows.segments);
+            let varlen = rows.varlen.as_ref().map(|(s, b)| (s, b));
+            let (biases, k) = (&rows.biases, &p.k);
             let out =
-                crate::attention::packed_attention(&q, &p.k, &v, segments, &rows.biases, scale)?;
+                crate::attention::packed_attention(&q, k, &v, segments, biases, varlen, scale)?;
             return Ok((linear(&out, &w.o_proj, None)?, p.k_new, p.v_new));
         }
     };

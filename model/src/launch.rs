@@ -157,6 +157,26 @@ pub fn flash_attention_backward_kernels(d: usize) -> Option<(&'static str, &'sta
     }
 }
 
+/// The flash attention kernels over a packed row (forward, dQ, dK/dV; see `_varlen` in
+/// `ferrite.cu`) for head dimension `d`: the same geometry as the others.
+pub fn flash_attention_varlen_kernels(
+    d: usize,
+) -> Option<(&'static str, &'static str, &'static str)> {
+    match d {
+        64 => Some((
+            "flash_attention_varlen_d64_bf16",
+            "flash_attention_varlen_bwd_dq_d64_bf16",
+            "flash_attention_varlen_bwd_dkv_d64_bf16",
+        )),
+        128 => Some((
+            "flash_attention_varlen_d128_bf16",
+            "flash_attention_varlen_bwd_dq_d128_bf16",
+            "flash_attention_varlen_bwd_dkv_d128_bf16",
+        )),
+        _ => None,
+    }
+}
+
 /// The flash attention backward's dK/dV kernel: one block per [`FLASH_ROWS`] keys (16 a warp)
 /// of each (batch row, query head). (Its dQ kernel runs on the forward's grid.)
 pub fn flash_attention_dkv(batch_heads: usize, s: usize) -> Geometry {

@@ -1522,7 +1522,8 @@ pub(crate) fn flash_attention_value(
 ) -> Result<Option<(crate::attach::Value, Tensor)>> {
     #[cfg(feature = "cuda")]
     if flash_applies(q) {
-        let out = crate::cuda::flash_attention(q, k, v, bias, scale as f32)?;
+        let mask = crate::cuda::FlashMask::Bias(bias);
+        let out = crate::cuda::flash_attention(q, k, v, mask, scale as f32)?;
         if out.is_some() {
             FLASH_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -1560,11 +1561,12 @@ pub fn flash_attention_backward(
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     #[cfg(feature = "cuda")]
     if flash_applies(q) {
+        let mask = crate::cuda::FlashMask::Bias(bias);
         return Ok(crate::cuda::flash_attention_backward(
             q,
             k,
             v,
-            bias,
+            mask,
             y,
             dy,
             lse,
@@ -1572,6 +1574,65 @@ pub fn flash_attention_backward(
         )?);
     }
     let _ = (q, k, v, bias, y, dy, lse, scale);
+    Ok(None)
+}
+
+/// [`flash_attention_value`] over one packed row (`q [1, Hkv, G·N, D]`, `k, v [1, Hkv, N, D]`):
+/// each query row sees the keys its segment does (`seg [N·3]` and `bounds` u32, from
+/// [`crate::attention::varlen_rows`]), in one launch of the `_varlen` kernel. None where it does
+/// not apply: as the others.
+pub(crate) fn flash_attention_packed_value(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seg: &Tensor,
+    bounds: &Tensor,
+    scale: f64,
+) -> Result<Option<(crate::attach::Value, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if flash_applies(q) {
+        let mask = crate::cuda::FlashMask::Packed { seg, bounds };
+        let out = crate::cuda::flash_attention(q, k, v, mask, scale as f32)?;
+        if out.is_some() {
+            FLASH_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        return Ok(out.map(|(y, shape, lse)| {
+            let y = crate::attach::Value::Storage(candle_core::Storage::Cuda(y), shape);
+            (y, lse)
+        }));
+    }
+    let _ = (q, k, v, seg, bounds, scale);
+    Ok(None)
+}
+
+/// The gradients of [`flash_attention_packed_value`], as [`flash_attention_backward`]'s.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_attention_packed_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seg: &Tensor,
+    bounds: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    lse: &Tensor,
+    scale: f64,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if flash_applies(q) {
+        let mask = crate::cuda::FlashMask::Packed { seg, bounds };
+        return Ok(crate::cuda::flash_attention_backward(
+            q,
+            k,
+            v,
+            mask,
+            y,
+            dy,
+            lse,
+            scale as f32,
+        )?);
+    }
+    let _ = (q, k, v, seg, bounds, y, dy, lse, scale);
     Ok(None)
 }
 

@@ -1618,6 +1618,179 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
     );
 }
 
+/// The flash kernels over a packed row (`_varlen`) against the composed ops under the dense mask
+/// of its segments: a prompt head with three rows after it, a lone row, a second head with two,
+/// over three tiles of query rows and of keys (a tile's rows see none of its first key tile:
+/// the online softmax's "nothing yet"), at D = 64 with G = 2 and at D = 128 with two K/V heads.
+#[test]
+fn varlen_flash_attention_matches_the_composed_ops_over_segments() {
+    use model::attention::{varlen_rows, Segment};
+    let lens = [
+        (20, None),
+        (30, Some(0)),
+        (5, Some(0)),
+        (41, Some(0)),
+        (12, None),
+    ];
+    let lens = [&lens[..], &[(7, None), (20, Some(5)), (15, Some(5))]].concat();
+    let mut segments: Vec<Segment> = Vec::new();
+    for &(len, prefix) in &lens {
+        let start = segments.last().map_or(0, |s| s.start + s.len);
+        let prefix = prefix.map(|i: usize| (segments[i].start, segments[i].len));
+        segments.push(Segment { start, len, prefix });
+    }
+    let n = segments.iter().map(|s| s.len).sum::<usize>();
+    assert_eq!(n, 150);
+    // the dense mask: row i sees its prefix and its own segment up to itself
+    let mut visible = vec![false; n * n];
+    for s in &segments {
+        for i in s.start..s.start + s.len {
+            for j in s.start..=i {
+                visible[i * n + j] = true;
+            }
+            if let Some((p, len)) = s.prefix {
+                for j in p..p + len {
+                    visible[i * n + j] = true;
+                }
+            }
+        }
+    }
+    let dense: Vec<f32> = visible
+        .iter()
+        .map(|&v| if v { 0.0 } else { -1e9 })
+        .collect();
+    let bias = Tensor::from_vec(dense, (1, 1, 1, n, n), &Device::Cpu).unwrap();
+    // the tiles' bounds, from the mask
+    let (seg, bounds) = varlen_rows(&segments, n);
+    let tiles = n.div_ceil(64);
+    let visible = &visible;
+    for t in 0..tiles {
+        let rows = t * 64..((t + 1) * 64).min(n);
+        let first = rows
+            .clone()
+            .flat_map(|i| (0..n).filter(move |&j| visible[i * n + j]));
+        assert_eq!(bounds[t] as usize, first.min().unwrap(), "query tile {t}");
+        let viewers = rows.flat_map(|j| (0..n).filter(move |&i| visible[i * n + j]));
+        assert_eq!(
+            bounds[tiles + t] as usize,
+            viewers.max().unwrap() + 1,
+            "key tile {t}"
+        );
+    }
+    for (case, &(hkv, g, d)) in [(1usize, 2usize, 64usize), (2, 1, 128)].iter().enumerate() {
+        let seed = 700 + 10 * case as u64;
+        let q = Ty::Bf16.round(&random(&[1, hkv, g * n, d], seed, 2.0));
+        let k = Ty::Bf16.round(&random(&[1, hkv, n, d], seed + 1, 1.0));
+        let v = Ty::Bf16.round(&random(&[1, hkv, n, d], seed + 2, 1.0));
+        let u = Ty::Bf16.round(&random(&[1, hkv, g * n, d], seed + 3, 1.0));
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = |x: &[Tensor]| {
+            x[0].matmul(&x[1].t().unwrap())
+                .unwrap()
+                .reshape((1, hkv, g, n, n))
+                .unwrap()
+        };
+        let (want, want_grads) = with_grads(&[&q, &k, &v], &u, |x| {
+            composed::masked_softmax(&scores(x), &bias, scale)
+                .unwrap()
+                .reshape((1, hkv, g * n, n))
+                .unwrap()
+                .matmul(&x[2])
+                .unwrap()
+        });
+        let (fwd, dq_kernel, dkv_kernel) = launch::flash_attention_varlen_kernels(d).unwrap();
+        let at = format!("packed Hkv{hkv} G{g} N{n} D{d}");
+        let dims = [
+            Arg::Int(hkv as i32),
+            Arg::Int(g as i32),
+            Arg::Int(n as i32),
+            Arg::Int(n as i32),
+            Arg::Size(n * d),
+            Arg::Float(scale as f32),
+        ];
+        let packing = [Arg::U32(seg.clone()), Arg::U32(bounds.clone())];
+        let inputs = [
+            Ty::Bf16.buffer(&q),
+            Ty::Bf16.buffer(&k),
+            Ty::Bf16.buffer(&v),
+            Ty::F32.buffer(&bias.narrow(3, n - 1, 1).unwrap()), // never read
+        ];
+        let args = |rest: &[Arg]| -> Vec<Arg> {
+            inputs
+                .iter()
+                .chain(rest)
+                .chain(&dims)
+                .chain(&packing)
+                .cloned()
+                .collect()
+        };
+        let rows = vec![0f32; hkv * g * n];
+        let out = launch(
+            fwd,
+            launch::flash_attention(hkv * g, n),
+            &args(&[
+                Ty::Bf16.buffer(&q.zeros_like().unwrap()),
+                Arg::F32(rows.clone()),
+            ]),
+        );
+        let (y, lse) = (&out[4], &out[5]);
+        let y_heads = Tensor::from_vec(y.f32s(), (1, n, hkv * g, d), &Device::Cpu)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        assert_close(
+            &format!("{fwd} {at}"),
+            &Arg::F32(y_heads.flatten_all().unwrap().to_vec1().unwrap()),
+            &want,
+            Ty::Bf16.tol(),
+        );
+        let dy = Ty::Bf16.buffer(&model::attention::token_major(&u, n).unwrap());
+        let out = launch(
+            dq_kernel,
+            launch::flash_attention(hkv * g, n),
+            &args(&[
+                y.clone(),
+                dy.clone(),
+                lse.clone(),
+                Ty::Bf16.buffer(&q.zeros_like().unwrap()),
+                Arg::F32(rows),
+            ]),
+        );
+        let (dq, delta) = (&out[7], &out[8]);
+        assert_close(&format!("{dq_kernel} {at}"), dq, &want_grads[0], 2e-2);
+        let per_head = vec![0f32; hkv * g * n * d];
+        let out = launch(
+            dkv_kernel,
+            launch::flash_attention_dkv(hkv * g, n),
+            &args(&[
+                dy,
+                lse.clone(),
+                delta.clone(),
+                Arg::F32(per_head.clone()),
+                Arg::F32(per_head),
+            ]),
+        );
+        for (name, got, want) in [
+            ("dk", &out[7], &want_grads[1]),
+            ("dv", &out[8], &want_grads[2]),
+        ] {
+            let got = Tensor::from_vec(got.f32s(), (1, hkv, g, n, d), &Device::Cpu)
+                .unwrap()
+                .sum(2)
+                .unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_close(
+                &format!("{dkv_kernel} {name} {at}"),
+                &Arg::F32(got),
+                want,
+                2e-2,
+            );
+        }
+    }
+}
+
 #[test]
 fn the_launch_limits_match_the_kernel_source() {
     let define = |name: &str| -> usize {
