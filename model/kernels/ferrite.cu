@@ -1064,7 +1064,7 @@ __device__ __forceinline__ float flash_logit(float sc, float scale, float last, 
 struct SegRow {
     int own, p0, p1;
 };
-__device__ __forceinline__ SegRow seg_row(const unsigned* seg, int t, int row) {
+__device__ __forceinline__ SegRow seg_row(const uint32_t* seg, int t, int row) {
     if (row >= t) return {0, 0, 0};
     return {(int)seg[3 * row], (int)seg[3 * row + 1], (int)seg[3 * row + 2]};
 }
@@ -1288,7 +1288,7 @@ __device__ __forceinline__ FlashRows flash_rows(int hkv, int g_heads, int t, int
 template <int D, bool V = false>
 __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, const float* bias, bf16* y,
                                 float* lse, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
-                                const unsigned* seg = nullptr, const unsigned* bounds = nullptr) {
+                                const uint32_t* seg = nullptr, const uint32_t* bounds = nullptr) {
     __shared__ uint32_t ks[FLASH_KEYS * Pitch<D>::words];
     __shared__ uint32_t vs[FLASH_KEYS * Pitch<D>::words];
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -1389,13 +1389,13 @@ extern "C" __global__ void flash_attention_d64_bf16(const bf16* q, const bf16* k
 extern "C" __global__ void flash_attention_varlen_d64_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                            const float* bias, bf16* y, float* lse, int hkv,
                                                            int g_heads, int t, int s, size_t kv_stride, float scale,
-                                                           const unsigned* seg, const unsigned* bounds) {
+                                                           const uint32_t* seg, const uint32_t* bounds) {
     flash_attention<64, true>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_varlen_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                             const float* bias, bf16* y, float* lse, int hkv,
                                                             int g_heads, int t, int s, size_t kv_stride, float scale,
-                                                            const unsigned* seg, const unsigned* bounds) {
+                                                            const uint32_t* seg, const uint32_t* bounds) {
     flash_attention<128, true>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
@@ -1414,7 +1414,7 @@ template <int D, int KT, bool V = false>
 __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const float* bias,
                                        const bf16* y, const bf16* dy, const float* lse, bf16* dq, float* delta,
                                        int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
-                                       const unsigned* seg = nullptr, const unsigned* bounds = nullptr) {
+                                       const uint32_t* seg = nullptr, const uint32_t* bounds = nullptr) {
     constexpr int span = KT * Pitch<D>::words;  // a tile's words; two buffers of each: one read, the next loaded
     __shared__ uint32_t ks[2 * span];
     __shared__ uint32_t vs[2 * span];
@@ -1499,15 +1499,15 @@ extern "C" __global__ void flash_attention_bwd_dq_d64_bf16(const bf16* q, const 
 }
 extern "C" __global__ void flash_attention_varlen_bwd_dq_d64_bf16(
     const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* y, const bf16* dy, const float* lse,
-    bf16* dq, float* delta, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale, const unsigned* seg,
-    const unsigned* bounds) {
+    bf16* dq, float* delta, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale, const uint32_t* seg,
+    const uint32_t* bounds) {
     flash_attention_bwd_dq<64, FLASH_KEYS, true>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
                                                  kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_varlen_bwd_dq_d128_bf16(
     const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* y, const bf16* dy, const float* lse,
-    bf16* dq, float* delta, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale, const unsigned* seg,
-    const unsigned* bounds) {
+    bf16* dq, float* delta, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale, const uint32_t* seg,
+    const uint32_t* bounds) {
     flash_attention_bwd_dq<128, FLASH_KEYS / 2, true>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
                                                       kv_stride, scale, seg, bounds);
 }
@@ -1530,7 +1530,7 @@ template <int D, int QR, bool V = false>
 __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16* v, const float* bias,
                                         const bf16* dy, const float* lse, const float* delta, float* dk,
                                         float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride,
-                                        float scale, const unsigned* seg = nullptr, const unsigned* bounds = nullptr) {
+                                        float scale, const uint32_t* seg = nullptr, const uint32_t* bounds = nullptr) {
     constexpr int span = QR * Pitch<D>::words;  // a tile's words; two buffers of each: one read, the next loaded
     __shared__ uint32_t qs[2 * span];
     __shared__ uint32_t dos[2 * span];
@@ -1617,14 +1617,14 @@ extern "C" __global__ void flash_attention_bwd_dkv_d64_bf16(const bf16* q, const
 extern "C" __global__ void flash_attention_varlen_bwd_dkv_d64_bf16(
     const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* dy, const float* lse,
     const float* delta, float* dk, float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
-    const unsigned* seg, const unsigned* bounds) {
+    const uint32_t* seg, const uint32_t* bounds) {
     flash_attention_bwd_dkv<64, FLASH_ROWS, true>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
                                                   kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_varlen_bwd_dkv_d128_bf16(
     const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* dy, const float* lse,
     const float* delta, float* dk, float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
-    const unsigned* seg, const unsigned* bounds) {
+    const uint32_t* seg, const uint32_t* bounds) {
     flash_attention_bwd_dkv<128, FLASH_ROWS / 4, true>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
                                                        kv_stride, scale, seg, bounds);
 }

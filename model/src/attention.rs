@@ -278,8 +278,8 @@ pub fn varlen_rows(segments: &[Segment], n: usize) -> (Vec<u32>, Vec<u32>) {
             seg[3 * i..3 * i + 3].copy_from_slice(&[s.start as u32, p0 as u32, p1 as u32]);
             last[i] = last[i].max(s.start + s.len - 1);
         }
-        for j in p0..p1 {
-            last[j] = last[j].max(s.start + s.len - 1);
+        for l in &mut last[p0..p1] {
+            *l = (*l).max(s.start + s.len - 1);
         }
     }
     let mut bounds = vec![0u32; 2 * tiles];
