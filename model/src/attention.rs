@@ -19,8 +19,9 @@
 //! is being computed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::attach::attach;
 use crate::error::Result;
@@ -295,6 +296,80 @@ pub fn varlen_rows(segments: &[Segment], n: usize) -> (Vec<u32>, Vec<u32>) {
     (seg, bounds)
 }
 
+/// A packed row's segments and what its attention reads of them, each built the first time a
+/// path needs it: every segment's causal bias `[1, 1, 1, len, prefix + len]` f32 (all keys
+/// valid; the per-segment path), and on CUDA the row's [`varlen_rows`] (the `_varlen` flash
+/// kernels, which need no bias).
+#[derive(Debug)]
+pub struct PackedMask {
+    segments: Arc<[Segment]>,
+    /// The row's tokens.
+    n: usize,
+    /// The bias's value where a key is hidden.
+    masked: f32,
+    device: Device,
+    biases: OnceLock<Vec<Tensor>>,
+    varlen: OnceLock<(Tensor, Tensor)>,
+}
+
+impl PackedMask {
+    pub fn new(segments: Arc<[Segment]>, n: usize, masked: f32, device: &Device) -> Self {
+        PackedMask {
+            segments,
+            n,
+            masked,
+            device: device.clone(),
+            biases: OnceLock::new(),
+            varlen: OnceLock::new(),
+        }
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// Segment `i`'s causal bias.
+    fn bias(&self, i: usize) -> Result<&Tensor> {
+        if self.biases.get().is_none() {
+            let built = self
+                .segments
+                .iter()
+                .map(|s| {
+                    let keys = s.prefix_len() + s.len;
+                    let valid = [vec![true; keys]];
+                    crate::ops::attention_bias(
+                        &valid,
+                        s.len,
+                        s.prefix_len(),
+                        self.masked,
+                        &self.device,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let _ = self.biases.set(built); // another thread's, if it was first: the same
+        }
+        self.biases.get().and_then(|b| b.get(i)).ok_or_else(|| {
+            crate::error::ModelError::Generation(format!("packed row: no segment {i}"))
+        })
+    }
+
+    /// The row's segments and tiles' bounds on the device, for the `_varlen` flash kernels.
+    fn varlen(&self) -> Result<(Tensor, Tensor)> {
+        if self.varlen.get().is_none() {
+            let (seg, bounds) = varlen_rows(&self.segments, self.n);
+            let tiles = bounds.len();
+            let built = (
+                Tensor::from_vec(seg, 3 * self.n, &self.device)?,
+                Tensor::from_vec(bounds, tiles, &self.device)?,
+            );
+            let _ = self.varlen.set(built);
+        }
+        let missing = || crate::error::ModelError::Generation("packed row: no bounds".into());
+        let (seg, bounds) = self.varlen.get().ok_or_else(missing)?;
+        Ok((seg.clone(), bounds.clone()))
+    }
+}
+
 static PACKED_CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// How many attentions over packed rows this process has run (a layer's forward counts once).
@@ -303,12 +378,11 @@ pub fn packed_calls() -> usize {
 }
 
 /// [`attention`] over one packed row of `N` tokens: `q [1, Hkv, G·N, D]`, `k, v [1, Hkv, N, D]`,
-/// whose `segments` (in order, covering the row) each attend to their prefix's keys and then
-/// causally to their own, `biases[i]` segment `i`'s causal bias `[1, 1, 1, len, prefix + len]`
-/// (all keys valid) → `[1, N, Hq·D]` token-major. No key of another segment is read, so a
-/// segment's scores are those of its sequence alone (after its prompt): no padding, and no
-/// `[N, N]` mask. On CUDA in bf16 with `varlen` (the row's [`varlen_rows`] on the device), the
-/// whole row is one launch of the `_varlen` flash kernels each way. Elsewhere each segment runs
+/// whose segments (`mask`'s, in order, covering the row) each attend to their prefix's keys and
+/// then causally to their own → `[1, N, Hq·D]` token-major. No key of another segment is read,
+/// so a segment's scores are those of its sequence alone (after its prompt): no padding, and no
+/// `[N, N]` mask. Where the flash kernels take it (CUDA, bf16, D 64 or 128), the whole row is one
+/// launch of the `_varlen` flash kernels each way. Elsewhere each segment runs
 /// as its own [`attention`] (the flash kernels, or the chunked path) on copies of its queries
 /// and keys, and the backward adds the prefix keys' gradients from every segment that reads
 /// them. Differentiable in `q`, `k` and `v`.
@@ -316,28 +390,27 @@ pub fn packed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    segments: &[Segment],
-    biases: &[Tensor],
-    varlen: Option<(&Tensor, &Tensor)>,
+    mask: &Arc<PackedMask>,
     scale: f64,
 ) -> Result<Tensor> {
     PACKED_CALLS.fetch_add(1, Ordering::Relaxed);
     let op = PackedAttention {
-        segments: segments.to_vec(),
-        biases: biases.to_vec(),
+        mask: mask.clone(),
         scale,
     };
+    let segments = mask.segments();
     let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
-    if let Some((seg, bounds)) = varlen {
-        if let Some((out, lse)) = flash_attention_packed_value(&q0, &k0, &v0, seg, bounds, scale)? {
-            let (seg, bounds) = (seg.clone(), bounds.clone());
+    if crate::ops::flash_attention_takes(q) {
+        let (seg, bounds) = mask.varlen()?;
+        if let Some((out, lse)) = flash_attention_packed_value(&q0, &k0, &v0, &seg, &bounds, scale)?
+        {
             return attach(q, k, v, out, move |q, k, v, y, g| {
                 let g = g.to_dtype(v.dtype())?;
                 let grads =
                     flash_attention_packed_backward(q, k, v, &seg, &bounds, y, &g, &lse, scale)?;
                 let (dq, dk, dv) = match grads {
                     Some(grads) => grads,
-                    None => op.backward(q, k, v, y, &g, &vec![None; op.segments.len()])?,
+                    None => op.backward(q, k, v, y, &g, &vec![None; op.mask.segments.len()])?,
                 };
                 Ok([Some(dq), Some(dk), Some(dv)])
             });
@@ -348,14 +421,14 @@ pub fn packed_attention(
     let mut lse = Vec::with_capacity(segments.len());
     for i in 0..segments.len() {
         let (q_s, k_s, v_s) = op.inputs(&q0, &k0, &v0, i)?;
-        let bias = &op.biases[i];
+        let bias = op.mask.bias(i)?;
         match flash_attention_value(&q_s, &k_s, &v_s, bias, scale)? {
             Some((y, l)) => {
                 parts.push(y.into_tensor());
                 lse.push(Some(l));
             }
             None => {
-                let chunked = op.chunked(i, chunk_rows(1, hq, k_s.dim(2)?));
+                let chunked = op.chunked(i, chunk_rows(1, hq, k_s.dim(2)?))?;
                 parts.push(chunked.forward(&q_s, &k_s, &v_s)?);
                 lse.push(None);
             }
@@ -370,8 +443,7 @@ pub fn packed_attention(
 }
 
 struct PackedAttention {
-    segments: Vec<Segment>,
-    biases: Vec<Tensor>,
+    mask: Arc<PackedMask>,
     scale: f64,
 }
 
@@ -385,7 +457,7 @@ impl PackedAttention {
         v: &Tensor,
         i: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let s = self.segments[i];
+        let s = self.mask.segments[i];
         let n = k.dim(2)?;
         let g = q.dim(2)? / n;
         let q_s = ChunkedAttention::rows(q, g, n, s.start, s.len)?;
@@ -399,12 +471,12 @@ impl PackedAttention {
         Ok((q_s, keys(k)?, keys(v)?))
     }
 
-    fn chunked(&self, i: usize, chunk: usize) -> ChunkedAttention {
-        ChunkedAttention {
-            bias: self.biases[i].clone(),
+    fn chunked(&self, i: usize, chunk: usize) -> Result<ChunkedAttention> {
+        Ok(ChunkedAttention {
+            bias: self.mask.bias(i)?.clone(),
             scale: self.scale,
             chunk: chunk.max(1),
-        }
+        })
     }
 
     /// `(dq, dk, dv)` from the output `y` and its upstream `d_out [1, N, Hq·D]`, segment by
@@ -424,16 +496,17 @@ impl PackedAttention {
         let g = gn / n;
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
         let d_out = d_out.to_dtype(v.dtype())?;
-        let mut dq = Vec::with_capacity(self.segments.len());
+        let segments = &self.mask.segments;
+        let mut dq = Vec::with_capacity(segments.len());
         let dk = Tensor::zeros((b, hkv, n, d), DType::F32, k.device())?;
         let dv = Tensor::zeros((b, hkv, n, d), DType::F32, k.device())?;
-        for (i, s) in self.segments.iter().enumerate() {
+        for (i, s) in segments.iter().enumerate() {
             let (q_s, k_s, v_s) = self.inputs(&q, &k, &v, i)?;
             let do_s = d_out.narrow(1, s.start, s.len)?.contiguous()?; // [1, len, Hq·D]
             let flash = match &lse[i] {
                 Some(l) => {
                     let y_s = y.narrow(1, s.start, s.len)?.contiguous()?;
-                    let bias = &self.biases[i];
+                    let bias = self.mask.bias(i)?;
                     flash_attention_backward(&q_s, &k_s, &v_s, bias, &y_s, &do_s, l, self.scale)?
                 }
                 None => None,
@@ -441,7 +514,7 @@ impl PackedAttention {
             let (dq_s, dk_s, dv_s) = match flash {
                 Some(grads) => grads,
                 None => {
-                    let chunked = self.chunked(i, chunk_rows(1, g * hkv, k_s.dim(2)?));
+                    let chunked = self.chunked(i, chunk_rows(1, g * hkv, k_s.dim(2)?))?;
                     chunked.backward(&q_s, &k_s, &v_s, &do_s)?
                 }
             };

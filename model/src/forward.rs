@@ -181,6 +181,7 @@ impl SharedPrompts {
     }
 }
 
+use crate::attention::PackedMask;
 pub use crate::attention::Segment;
 
 /// Sequences laid end to end in one row with no padding (a learner's packed micro-batch): each
@@ -198,11 +199,8 @@ pub struct PackedRows {
     pub max_position: u32,
     /// The segments in order, covering the row.
     pub segments: Arc<[Segment]>,
-    /// Each segment's causal bias `[1, 1, 1, len, prefix + len]` f32 (every key valid).
-    biases: Arc<[Tensor]>,
-    /// On CUDA, the row's segments and tiles' bounds for the `_varlen` flash kernels
-    /// ([`crate::attention::varlen_rows`]).
-    varlen: Option<(Tensor, Tensor)>,
+    /// What the attention reads of them.
+    mask: Arc<PackedMask>,
 }
 
 impl PackedRows {
@@ -213,7 +211,6 @@ impl PackedRows {
         let malformed = |why: String| Err(ModelError::Generation(format!("packed row: {why}")));
         let mut end = 0;
         let mut positions = Vec::with_capacity(tokens.len());
-        let mut biases = Vec::with_capacity(segments.len());
         for (i, s) in segments.iter().enumerate() {
             if s.start != end || s.len == 0 {
                 return malformed(format!("segment {i} ({s:?}) does not start at {end}"));
@@ -228,36 +225,18 @@ impl PackedRows {
             }
             let pl = s.prefix_len();
             positions.extend((pl..pl + s.len).map(|p| p as u32));
-            biases.push(crate::ops::attention_bias(
-                &[vec![true; pl + s.len]],
-                s.len,
-                pl,
-                MASKED,
-                device,
-            )?);
             end += s.len;
         }
         if end != tokens.len() || end == 0 {
             return malformed(format!("segments cover {end} of {} tokens", tokens.len()));
         }
-        let varlen = match device.is_cuda() {
-            true => {
-                let (seg, bounds) = crate::attention::varlen_rows(segments, end);
-                let n = bounds.len();
-                Some((
-                    Tensor::from_vec(seg, 3 * end, device)?,
-                    Tensor::from_vec(bounds, n, device)?,
-                ))
-            }
-            false => None,
-        };
+        let segments: Arc<[Segment]> = segments.into();
         Ok(PackedRows {
-            varlen,
             input_ids: Tensor::from_slice(tokens, (1, end), device)?,
             max_position: positions.iter().copied().max().unwrap_or(0),
             positions: Tensor::from_vec(positions, end, device)?,
-            segments: segments.into(),
-            biases: biases.into(),
+            mask: Arc::new(PackedMask::new(segments.clone(), end, MASKED, device)),
+            segments,
         })
     }
 
@@ -752,11 +731,8 @@ fn attention(
             let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
             let q = p.q.reshape((b, hkv, hq / hkv * t, d))?; // heads h = kv·G + j share K/V head kv
             let scale = 1.0 / (d as f64).sqrt();
-            let (v, segments) = (p.v.contiguous()?, &rows.segments);
-            let varlen = rows.varlen.as_ref().map(|(s, b)| (s, b));
-            let (biases, k) = (&rows.biases, &p.k);
-            let out =
-                crate::attention::packed_attention(&q, k, &v, segments, biases, varlen, scale)?;
+            let v = p.v.contiguous()?;
+            let out = crate::attention::packed_attention(&q, &p.k, &v, &rows.mask, scale)?;
             return Ok((linear(&out, &w.o_proj, None)?, p.k_new, p.v_new));
         }
     };
