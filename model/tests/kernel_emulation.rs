@@ -1789,6 +1789,22 @@ fn varlen_flash_attention_matches_the_composed_ops_over_segments() {
             );
         }
     }
+    assert_eq!(
+        [64, 128, 96].map(launch::flash_attention_varlen_kernels),
+        [
+            Some((
+                "flash_attention_varlen_d64_bf16",
+                "flash_attention_varlen_bwd_dq_d64_bf16",
+                "flash_attention_varlen_bwd_dkv_d64_bf16"
+            )),
+            Some((
+                "flash_attention_varlen_d128_bf16",
+                "flash_attention_varlen_bwd_dq_d128_bf16",
+                "flash_attention_varlen_bwd_dkv_d128_bf16"
+            )),
+            None
+        ]
+    );
 }
 
 #[test]
