@@ -107,7 +107,13 @@ fn loss_and_grads(
     let (vars, trainable) = w.to_vars()?;
     let lp = sequence_logprobs(&trainable, ids, mask, mask, 1.0)?;
     let loss = (lp.logprobs.sum_all()?.neg()? / lp.mask.sum_all()?.to_scalar::<f32>()? as f64)?;
-    let grads = model::checkpoint::backward(&loss)?;
+    let grads = gradients(&loss, vars)?;
+    Ok((loss.to_scalar::<f32>()?, grads))
+}
+
+/// The gradient of `loss` for each of `vars`, by name; an error for one it did not reach.
+fn gradients(loss: &Tensor, vars: Vec<(String, Var)>) -> Result<Vec<(String, Tensor)>> {
+    let grads = model::checkpoint::backward(loss)?;
     let mut out = Vec::new();
     for (name, v) in vars {
         let g = grads
@@ -115,7 +121,7 @@ fn loss_and_grads(
             .ok_or(format!("no gradient for {name}"))?;
         out.push((name, g.clone()));
     }
-    Ok((loss.to_scalar::<f32>()?, out))
+    Ok(out)
 }
 
 /// The device sampler against the host's (`model::sampling::draw`, f64) on the same logits and
@@ -448,15 +454,7 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
                 (lp.logprobs.narrow(1, 39, 8)?, lp.mask.narrow(1, 39, 8)?)
             };
             let loss = (lp.to_dtype(DType::F32)? * mask)?.sum_all()?;
-            let grads = model::checkpoint::backward(&loss)?;
-            let mut out = Vec::new();
-            for (name, v) in vars {
-                let g = grads
-                    .get(v.as_tensor())
-                    .ok_or(format!("no gradient for {name}"))?;
-                out.push((name, g.clone()));
-            }
-            Ok((lp, out))
+            Ok((lp, gradients(&loss, vars)?))
         };
         let calls = (ops::flash_calls(), model::attention::packed_calls());
         let (lp_packed, g_packed) = summed(true)?;
@@ -2804,7 +2802,8 @@ fn glue_attention(gpu: &Device, rows: &mut Rows) -> Result<()> {
     glue_row_tol(rows, name, &y, &want, 2e-2)?;
     let dy = bf(randn(&[b, t, hkv * g * d], 226, 1.0, DType::F32, &cpu)?)?;
     let grads = (&want * &dy)?.sum_all()?.backward()?;
-    match ops::flash_attention_backward(&qg, &kg, &vg, &bg, &y, &on(&dy)?, &lse, scale)? {
+    let mask = ops::FlashMask::Bias(&bg);
+    match ops::flash_attention_backward(&qg, &kg, &vg, mask, &y, &on(&dy)?, &lse, scale)? {
         Some((dq, dk, dv)) => {
             for (what, (got, var)) in ["dq", "dk", "dv"]
                 .iter()

@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::max_diff;
+use common::{group, max_diff};
 use learner::dpo::{dpo_step, reference_logprobs, DpoConfig, DpoLoss, Pair};
 use learner::grpo::{Aggregation, PolicyLossConfig};
 use learner::optim::{AdamW, AdamWConfig};
@@ -283,13 +283,6 @@ fn padded_positions() {
     let seqs = vec![s(2), s(2), s(6), s(1), s(30)];
     // rows of 4 and 4 pad to 8, of 8 and 3 to 16
     assert_eq!(micro_batches(&seqs, 16), vec![0..2, 2..4, 4..5]);
-    let group = |prompt: std::ops::Range<u32>, lengths: &[usize]| -> Vec<Sequence> {
-        let p: Vec<u32> = prompt.collect();
-        lengths
-            .iter()
-            .map(|&n| Sequence::new(p.clone(), vec![50; n], vec![0.0; n], 0.0))
-            .collect()
-    };
     // two groups of 5-token prompts, each with one 30-token completion: as they come, each
     // micro-batch of 140 padded tokens pads a group's rows to 31 (prompt once: 2 × (4 + 4 × 31));
     // by length, six short rows share one (2 × 4 + 6 × 2) and the long two another (2 × 35)

@@ -1,7 +1,10 @@
 //! Policy steps on the tiny Qwen2 fixture model: positive advantages raise a completion's
 //! log-prob, negative ones lower it; micro-batching does not change the step.
 
+mod common;
+
 use candle_core::{DType, Device};
+use common::group;
 use learner::grpo::{Aggregation, PolicyLossConfig};
 use learner::optim::{AdamW, AdamWConfig};
 use learner::ppo::ValueHead;
@@ -170,13 +173,6 @@ fn micro_batches_respect_the_token_budget() {
 
 #[test]
 fn a_step_takes_its_sequences_by_length_only_where_that_runs_fewer_positions() {
-    let group = |prompt: std::ops::Range<u32>, lengths: &[usize]| -> Vec<Sequence> {
-        let p: Vec<u32> = prompt.collect();
-        lengths
-            .iter()
-            .map(|&n| Sequence::new(p.clone(), vec![50; n], vec![0.0; n], 0.0))
-            .collect()
-    };
     // packed (the default: padded micro-batches' orders are `shared_prompts.rs`'s), two groups
     // of 5-token prompts with one 30-token completion each run no padding as they come (each
     // prompt once: 2 × (4 + 3 × 2 + 31) = 82 positions, one micro-batch); shortest first would

@@ -26,8 +26,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::attach::attach;
 use crate::error::Result;
 use crate::ops::{
-    attention_probs, attention_probs_backward, flash_attention_backward,
-    flash_attention_packed_backward, flash_attention_packed_value, flash_attention_value,
+    attention_probs, attention_probs_backward, flash_attention_backward, flash_attention_value,
+    FlashMask,
 };
 
 /// Score elements one chunk may hold by default: 2²⁴ (64 MiB in f32).
@@ -91,14 +91,15 @@ pub fn attention(
     let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
     // on CUDA in bf16: the flash kernels, forward and backward (the chunked backward where theirs
     // does not apply: it needs only q, k and v); the graph takes the kernel's output buffer over
-    if let Some((out, lse)) = flash_attention_value(&q0, &k0, &v0, bias, scale)? {
+    if let Some((out, lse)) = flash_attention_value(&q0, &k0, &v0, FlashMask::Bias(bias), scale)? {
         return attach(q, k, v, out, move |q, k, v, y, g| {
             let g = g.to_dtype(v.dtype())?;
-            let (dq, dk, dv) =
-                match flash_attention_backward(q, k, v, &op.bias, y, &g, &lse, op.scale)? {
-                    Some(grads) => grads,
-                    None => op.backward(q, k, v, &g)?,
-                };
+            let mask = FlashMask::Bias(&op.bias);
+            let (dq, dk, dv) = match flash_attention_backward(q, k, v, mask, y, &g, &lse, op.scale)?
+            {
+                Some(grads) => grads,
+                None => op.backward(q, k, v, &g)?,
+            };
             Ok([Some(dq), Some(dk), Some(dv)])
         });
     }
@@ -402,12 +403,18 @@ pub fn packed_attention(
     let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
     if crate::ops::flash_attention_takes(q) {
         let (seg, bounds) = mask.varlen()?;
-        if let Some((out, lse)) = flash_attention_packed_value(&q0, &k0, &v0, &seg, &bounds, scale)?
-        {
+        let rows = FlashMask::Packed {
+            seg: &seg,
+            bounds: &bounds,
+        };
+        if let Some((out, lse)) = flash_attention_value(&q0, &k0, &v0, rows, scale)? {
             return attach(q, k, v, out, move |q, k, v, y, g| {
                 let g = g.to_dtype(v.dtype())?;
-                let grads =
-                    flash_attention_packed_backward(q, k, v, &seg, &bounds, y, &g, &lse, scale)?;
+                let rows = FlashMask::Packed {
+                    seg: &seg,
+                    bounds: &bounds,
+                };
+                let grads = flash_attention_backward(q, k, v, rows, y, &g, &lse, scale)?;
                 let (dq, dk, dv) = match grads {
                     Some(grads) => grads,
                     None => op.backward(q, k, v, y, &g, &vec![None; op.mask.segments.len()])?,
@@ -422,7 +429,7 @@ pub fn packed_attention(
     for i in 0..segments.len() {
         let (q_s, k_s, v_s) = op.inputs(&q0, &k0, &v0, i)?;
         let bias = op.mask.bias(i)?;
-        match flash_attention_value(&q_s, &k_s, &v_s, bias, scale)? {
+        match flash_attention_value(&q_s, &k_s, &v_s, FlashMask::Bias(bias), scale)? {
             Some((y, l)) => {
                 parts.push(y.into_tensor());
                 lse.push(Some(l));
@@ -507,7 +514,8 @@ impl PackedAttention {
                 Some(l) => {
                     let y_s = y.narrow(1, s.start, s.len)?.contiguous()?;
                     let bias = self.mask.bias(i)?;
-                    flash_attention_backward(&q_s, &k_s, &v_s, bias, &y_s, &do_s, l, self.scale)?
+                    let mask = FlashMask::Bias(bias);
+                    flash_attention_backward(&q_s, &k_s, &v_s, mask, &y_s, &do_s, l, self.scale)?
                 }
                 None => None,
             };

@@ -14,6 +14,7 @@ use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor, WithDType}
 use sys::CUmemPool_attribute as PoolAttr;
 
 use crate::launch;
+use crate::ops::FlashMask;
 use crate::signatures::{self, Arg, Elem};
 
 type Result<T> = candle_core::Result<T>;
@@ -1731,16 +1732,6 @@ pub fn flash_attention_backward(
 /// shared memory 16 bytes at a time (and load and store fragments in pairs).
 fn bf16_aligned(x: &Tensor) -> bool {
     x.dtype() == DType::BF16 && x.layout().start_offset().is_multiple_of(8)
-}
-
-/// Which keys the flash kernels' query rows see.
-#[derive(Clone, Copy)]
-pub enum FlashMask<'a> {
-    /// A causal bias `[B, 1, 1, T, S]` f32, of which they read the last row.
-    Bias(&'a Tensor),
-    /// A packed row (B = 1, T = S): each row's segment `[T·3]` u32 and the tiles' bounds
-    /// `[2·⌈T / 64⌉]` u32 (`crate::attention::varlen_rows`).
-    Packed { seg: &'a Tensor, bounds: &'a Tensor },
 }
 
 impl FlashMask<'_> {

@@ -1507,22 +1507,34 @@ pub fn flash_attention(
     bias: &Tensor,
     scale: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    let out = flash_attention_value(&q.detach(), &k.detach(), &v.detach(), bias, scale)?;
+    let (q, k, v) = (q.detach(), k.detach(), v.detach());
+    let out = flash_attention_value(&q, &k, &v, FlashMask::Bias(bias), scale)?;
     Ok(out.map(|(y, lse)| (y.into_tensor(), lse)))
 }
 
-/// [`flash_attention`] with its output as an [`crate::attach::Value`] that the graph takes over
-/// with no copy (the kernel's fresh buffer), for [`crate::attention::attention`].
+/// Which keys the flash kernels' query rows see.
+#[derive(Clone, Copy)]
+pub enum FlashMask<'a> {
+    /// A causal bias `[B, 1, 1, T, S]` f32, of which they read the last row.
+    Bias(&'a Tensor),
+    /// One packed row (B = 1, T = S, `crate::forward::PackedRows`): each row's segment
+    /// `[T·3]` u32 and the tiles' bounds `[2·⌈T / 64⌉]` u32 ([`crate::attention::varlen_rows`]),
+    /// for the `_varlen` kernels (one launch each way).
+    Packed { seg: &'a Tensor, bounds: &'a Tensor },
+}
+
+/// [`flash_attention`] under any [`FlashMask`], with its output as an [`crate::attach::Value`]
+/// that the graph takes over with no copy (the kernel's fresh buffer), for
+/// [`crate::attention::attention`] and [`crate::attention::packed_attention`].
 pub(crate) fn flash_attention_value(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    mask: FlashMask,
     scale: f64,
 ) -> Result<Option<(crate::attach::Value, Tensor)>> {
     #[cfg(feature = "cuda")]
     if flash_applies(q) {
-        let mask = crate::cuda::FlashMask::Bias(bias);
         let out = crate::cuda::flash_attention(q, k, v, mask, scale as f32)?;
         if out.is_some() {
             FLASH_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1532,7 +1544,7 @@ pub(crate) fn flash_attention_value(
             (y, lse)
         }));
     }
-    let _ = (q, k, v, bias, scale, flash_applies);
+    let _ = (q, k, v, mask, scale, flash_applies);
     Ok(None)
 }
 
@@ -1544,16 +1556,16 @@ pub fn flash_calls() -> usize {
     FLASH_CALLS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The gradients `(dq, dk, dv)` of [`flash_attention`] from its inputs, its output `y`, the
-/// upstream `dy` (token-major like `y`) and its log-partitions `lse`, in two kernels on CUDA (dQ, then dK and
-/// dV per query head, summed over each K/V head's G query heads). None where they do not apply:
-/// as the forward.
+/// The gradients `(dq, dk, dv)` of [`flash_attention`] (under `mask`, as the forward's) from its
+/// inputs, its output `y`, the upstream `dy` (token-major like `y`) and its log-partitions `lse`,
+/// in two kernels on CUDA (dQ, then dK and dV per query head, summed over each K/V head's G query
+/// heads). None where they do not apply: as the forward.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    mask: FlashMask,
     y: &Tensor,
     dy: &Tensor,
     lse: &Tensor,
@@ -1561,7 +1573,6 @@ pub fn flash_attention_backward(
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     #[cfg(feature = "cuda")]
     if flash_applies(q) {
-        let mask = crate::cuda::FlashMask::Bias(bias);
         return Ok(crate::cuda::flash_attention_backward(
             q,
             k,
@@ -1573,66 +1584,7 @@ pub fn flash_attention_backward(
             scale as f32,
         )?);
     }
-    let _ = (q, k, v, bias, y, dy, lse, scale);
-    Ok(None)
-}
-
-/// [`flash_attention_value`] over one packed row (`q [1, Hkv, G·N, D]`, `k, v [1, Hkv, N, D]`):
-/// each query row sees the keys its segment does (`seg [N·3]` and `bounds` u32, from
-/// [`crate::attention::varlen_rows`]), in one launch of the `_varlen` kernel. None where it does
-/// not apply: as the others.
-pub(crate) fn flash_attention_packed_value(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    seg: &Tensor,
-    bounds: &Tensor,
-    scale: f64,
-) -> Result<Option<(crate::attach::Value, Tensor)>> {
-    #[cfg(feature = "cuda")]
-    if flash_applies(q) {
-        let mask = crate::cuda::FlashMask::Packed { seg, bounds };
-        let out = crate::cuda::flash_attention(q, k, v, mask, scale as f32)?;
-        if out.is_some() {
-            FLASH_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        return Ok(out.map(|(y, shape, lse)| {
-            let y = crate::attach::Value::Storage(candle_core::Storage::Cuda(y), shape);
-            (y, lse)
-        }));
-    }
-    let _ = (q, k, v, seg, bounds, scale);
-    Ok(None)
-}
-
-/// The gradients of [`flash_attention_packed_value`], as [`flash_attention_backward`]'s.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn flash_attention_packed_backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    seg: &Tensor,
-    bounds: &Tensor,
-    y: &Tensor,
-    dy: &Tensor,
-    lse: &Tensor,
-    scale: f64,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    #[cfg(feature = "cuda")]
-    if flash_applies(q) {
-        let mask = crate::cuda::FlashMask::Packed { seg, bounds };
-        return Ok(crate::cuda::flash_attention_backward(
-            q,
-            k,
-            v,
-            mask,
-            y,
-            dy,
-            lse,
-            scale as f32,
-        )?);
-    }
-    let _ = (q, k, v, seg, bounds, y, dy, lse, scale);
+    let _ = (q, k, v, mask, y, dy, lse, scale);
     Ok(None)
 }
 
