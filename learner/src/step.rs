@@ -369,7 +369,7 @@ impl PackedCost {
         let head = seqs
             .iter()
             .map(|s| {
-                let eligible = share && s.prompt.len() >= 2 && !s.completion.is_empty();
+                let eligible = share && may_share(s);
                 eligible.then(|| {
                     *ids.entry(head(s)).or_insert_with(|| {
                         head_len.push(head(s).len());
@@ -451,6 +451,13 @@ impl<'a> Heads<'a> {
     }
 }
 
+/// Whether a sequence may share its prompt's head ([`head`]) with others: a prompt of 2 tokens
+/// or more, and a completion (a row that shares holds the prompt's last token and the
+/// completion).
+fn may_share(s: &Sequence) -> bool {
+    s.prompt.len() >= 2 && !s.completion.is_empty()
+}
+
 /// A sequence's prompt less its last token: what rows continuing the same prompt share.
 fn head(s: &Sequence) -> &[u32] {
     &s.prompt[..s.prompt.len().saturating_sub(1)]
@@ -465,7 +472,7 @@ fn shared_heads(seqs: &[Sequence]) -> Heads<'_> {
         return groups;
     }
     for (i, s) in seqs.iter().enumerate() {
-        if s.prompt.len() >= 2 && !s.completion.is_empty() {
+        if may_share(s) {
             groups.push(head(s), i);
         }
     }
@@ -476,11 +483,7 @@ fn shared_heads(seqs: &[Sequence]) -> Heads<'_> {
 /// The distinct prompts of `seqs` without their last token, and the one each sequence
 /// continues; None when sharing is off or would save little.
 fn distinct_prompts(seqs: &[Sequence]) -> Option<(Vec<&[u32]>, Vec<usize>)> {
-    if !SHARE_PROMPTS.load(Ordering::Relaxed)
-        || seqs
-            .iter()
-            .any(|s| s.prompt.len() < 2 || s.completion.is_empty())
-    {
+    if !SHARE_PROMPTS.load(Ordering::Relaxed) || seqs.iter().any(|s| !may_share(s)) {
         return None;
     }
     let mut index: HashMap<&[u32], usize> = HashMap::new();
