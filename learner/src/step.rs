@@ -409,45 +409,18 @@ impl PackedCost {
             .sum();
         heads + own
     }
-}
 
-/// Rows grouped by the prompt head they continue, heads in the order they first come.
-#[derive(Default)]
-struct Heads<'a> {
-    order: Vec<&'a [u32]>,
-    rows: HashMap<&'a [u32], Vec<usize>>,
-}
-
-impl<'a> Heads<'a> {
-    fn push(&mut self, head: &'a [u32], row: usize) {
-        let rows = self.rows.entry(head).or_insert_with(|| {
-            self.order.push(head);
-            Vec::new()
-        });
-        rows.push(row);
-    }
-
-    /// Keeps the heads that at least two rows continue.
-    fn keep_repeated(&mut self) {
-        self.rows.retain(|_, rows| rows.len() >= 2);
-        let rows = &self.rows;
-        self.order.retain(|h| rows.contains_key(h));
-    }
-
-    /// Which of `n` rows continue a head.
-    fn shared_rows(&self, n: usize) -> Vec<bool> {
-        let mut shared = vec![false; n];
-        for rows in self.rows.values() {
-            for &r in rows {
-                shared[r] = true;
-            }
+    /// The head each sequence shares in one packed row of them all (an id; the same for the
+    /// rows that continue the same head): those that at least two of them continue.
+    fn shared_heads(&self) -> Vec<Option<usize>> {
+        let mut rows = vec![0usize; self.head_len.len()];
+        for &h in self.head.iter().flatten() {
+            rows[h] += 1;
         }
-        shared
-    }
-
-    /// `(head, rows)` in the order the heads first came.
-    fn iter(&self) -> impl Iterator<Item = (&'a [u32], &[usize])> + '_ {
-        self.order.iter().map(|&h| (h, &self.rows[h][..]))
+        self.head
+            .iter()
+            .map(|h| h.filter(|&h| rows[h] >= 2))
+            .collect()
     }
 }
 
@@ -461,23 +434,6 @@ fn may_share(s: &Sequence) -> bool {
 /// A sequence's prompt less its last token: what rows continuing the same prompt share.
 fn head(s: &Sequence) -> &[u32] {
     &s.prompt[..s.prompt.len().saturating_sub(1)]
-}
-
-/// The prompt heads ([`head`]) that rows of a packed micro-batch share, each with the rows that
-/// continue it, in the order they first come: those that at least two rows continue (a
-/// completion each, prompts of 2 tokens or more), none when sharing is off.
-fn shared_heads(seqs: &[Sequence]) -> Heads<'_> {
-    let mut groups = Heads::default();
-    if !SHARE_PROMPTS.load(Ordering::Relaxed) {
-        return groups;
-    }
-    for (i, s) in seqs.iter().enumerate() {
-        if may_share(s) {
-            groups.push(head(s), i);
-        }
-    }
-    groups.keep_repeated();
-    groups
 }
 
 /// The distinct prompts of `seqs` without their last token, and the one each sequence
@@ -531,12 +487,12 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
     // which rows share their prompt: in a packed row, those whose prompt another row continues;
     // padded, all of them or none
     let (heads, distinct) = match packing {
-        true => (shared_heads(seqs), None),
-        false => (Heads::default(), distinct_prompts(seqs)),
+        true => (PackedCost::new(seqs).shared_heads(), None),
+        false => (vec![None; seqs.len()], distinct_prompts(seqs)),
     };
     let shares = match &distinct {
         Some(_) => vec![true; seqs.len()],
-        None => heads.shared_rows(seqs.len()),
+        None => heads.iter().map(Option::is_some).collect(),
     };
     let t = seqs
         .iter()
@@ -610,19 +566,23 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
     })
 }
 
-/// The rows `ids` (right-padded) of `seqs` end to end in one row: each shared prompt head, then
-/// the rows that continue it (each after it), every other row alone, in the order the rows first
-/// come. A row holds its prompt and completion (`prompt_len[r]` prompt tokens: 1 when shared).
+/// The rows `ids` (right-padded) of `seqs` end to end in one row: each shared prompt head
+/// (`heads`: [`PackedCost::shared_heads`]), then the rows that continue it (each after it),
+/// every other row alone, in the order the rows first come. A row holds its prompt and
+/// completion (`prompt_len[r]` prompt tokens: 1 when shared).
 fn packed_row(
     seqs: &[Sequence],
-    heads: &Heads,
+    heads: &[Option<usize>],
     ids: &[Vec<u32>],
     prompt_len: &[usize],
     device: &Device,
 ) -> Result<Layout> {
-    // each shared head with its rows, by the first row that continues it
-    let mut head_at: HashMap<usize, (&[u32], &[usize])> =
-        heads.iter().map(|(h, rows)| (rows[0], (h, rows))).collect();
+    let mut rows_of: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (r, h) in heads.iter().enumerate() {
+        if let Some(h) = h {
+            rows_of.entry(*h).or_default().push(r);
+        }
+    }
     let mut tokens = Vec::new();
     let mut segments = Vec::new();
     let mut starts = vec![None; seqs.len()];
@@ -630,16 +590,17 @@ fn packed_row(
         if starts[r].is_some() {
             continue;
         }
-        let (prefix, rows) = match head_at.remove(&r) {
-            Some((head, rows)) => {
-                let start = tokens.len();
+        // a shared head comes before the first row that continues it, then all those rows
+        let (prefix, rows) = match heads[r] {
+            Some(h) => {
+                let (start, head) = (tokens.len(), head(&seqs[r]));
                 segments.push(Segment {
                     start,
                     len: head.len(),
                     prefix: None,
                 });
                 tokens.extend_from_slice(head);
-                (Some((start, head.len())), rows)
+                (Some((start, head.len())), &rows_of[&h][..])
             }
             None => (None, std::slice::from_ref(&r)),
         };
