@@ -177,6 +177,15 @@ impl Algorithm {
     }
 
     /// A reference policy is needed for a KL loss or a KL penalty in the reward.
+    /// The optimizer steps taken so far by `opt` (the policy's) and a separate critic's.
+    pub fn optimizer_steps(&self, opt: &AdamW) -> u64 {
+        opt.steps()
+            + match &self.critic {
+                Critic::Separate(sc) => sc.opt.steps(),
+                _ => 0,
+            }
+    }
+
     pub fn needs_reference(c: &Config) -> bool {
         c.algorithm.kl_coef != 0.0
             || (c.algorithm.reward_kl_coef != 0.0

@@ -19,6 +19,7 @@ use rollout::task::Task;
 
 use crate::config::Config;
 use crate::logs::StepTable;
+use crate::run::StepTop;
 use crate::setup;
 
 pub const PREFERENCES_FILE: &str = "preferences.jsonl";
@@ -151,6 +152,7 @@ pub fn dpo_stage(
     metrics: &mut StepTable,
     on_step: &mut dyn FnMut(&TrainerState, &AdamW) -> anyhow::Result<()>,
     stop: &AtomicBool,
+    top: &mut Option<StepTop>,
 ) -> anyhow::Result<TrainerState> {
     anyhow::ensure!(!pairs.is_empty(), "no preference pairs to train on");
     let cfg = DpoConfig {
@@ -160,6 +162,10 @@ pub fn dpo_stage(
     };
     let start = Instant::now();
     while state.step < c.run.steps && !stop.load(Ordering::SeqCst) {
+        *top = Some(StepTop {
+            state: state.clone(),
+            optimizer_steps: opt.steps(),
+        });
         let t0 = Instant::now();
         let idx = step_pairs(
             pairs.len(),
@@ -170,6 +176,7 @@ pub fn dpo_stage(
         let batch: Vec<Pair> = idx.iter().map(|&i| pairs[i].clone()).collect();
         let refs: Vec<(f32, f32)> = idx.iter().map(|&i| reference[i]).collect();
         let lr = c.lr_at(c.optimizer.lr, state.step);
+        crate::failpoint::check("dpo-step", state.step)?;
         let m = dpo_step(
             policy,
             opt,
@@ -263,11 +270,12 @@ pub fn save(
     policy: &Weights,
     opt: &AdamW,
     state: &TrainerState,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let root = dir.join("checkpoints");
+    let name = checkpoint::step_name(state.step);
     checkpoint::save(
         &root,
-        &checkpoint::step_name(state.step),
+        &name,
         policy,
         &task.tokenizer,
         Some(opt),
@@ -276,7 +284,7 @@ pub fn save(
         None,
     )?;
     checkpoint::prune(&root, c.run.keep_checkpoints)?;
-    Ok(())
+    Ok(name)
 }
 
 #[cfg(test)]

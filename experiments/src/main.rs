@@ -11,6 +11,7 @@ mod bench;
 mod config;
 mod dpo;
 mod eval;
+mod failpoint;
 #[cfg(feature = "cuda")]
 mod gpu_check;
 mod logs;

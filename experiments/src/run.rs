@@ -147,20 +147,24 @@ fn sft_stage(
         samples_seen: 0,
         kl_coef: None,
     };
+    // the steps done so far in a checkpoint of their own, which `--resume` continues
+    let save_partial = |state: &TrainerState, opt: &AdamW| -> anyhow::Result<String> {
+        checkpoint::save(
+            &root,
+            SFT_PARTIAL,
+            &opt.master_weights(&w.snapshot()?)?,
+            &task.tokenizer,
+            Some(opt),
+            state,
+            &[(CONFIG_FILE, &c.to_toml())],
+            None,
+        )?;
+        Ok(SFT_PARTIAL.into())
+    };
     for step in first..c.sft.steps {
         if opts.stop.load(Ordering::SeqCst) {
             bar.finish_and_clear();
-            let state = state_at(step, loader.cursor());
-            checkpoint::save(
-                &root,
-                SFT_PARTIAL,
-                &opt.master_weights(&w.snapshot()?)?,
-                &task.tokenizer,
-                Some(&opt),
-                &state,
-                &[(CONFIG_FILE, &c.to_toml())],
-                None,
-            )?;
+            save_partial(&state_at(step, loader.cursor()), &opt)?;
             tracing::info!(
                 step,
                 "stopped in the warm start; resume with --resume {}",
@@ -168,16 +172,45 @@ fn sft_stage(
             );
             return Ok(None);
         }
-        let mut batch = Vec::with_capacity(c.sft.batch_size);
-        for r in loader.take(c.sft.batch_size)? {
-            let text = rollout::task::fill_template(&c.sft.completion_template, &r)?;
-            let mut completion = task.tokenizer.encode(&text, false)?;
-            completion.extend(eos.first());
-            batch.push((task.prompt_ids(&r)?, completion));
-        }
+        let top = StepTop {
+            state: state_at(step, loader.cursor()),
+            optimizer_steps: opt.steps(),
+        };
         let progress = step as f64 / c.sft.steps as f64;
         let lr = c.sft.lr * (1.0 - progress).max(c.sft.min_lr_ratio);
-        let m = sft_step(&w, &mut opt, &batch, c.optimizer.micro_batch_tokens, lr)?;
+        let done = (|| {
+            let mut batch = Vec::with_capacity(c.sft.batch_size);
+            for r in loader.take(c.sft.batch_size)? {
+                let text = rollout::task::fill_template(&c.sft.completion_template, &r)?;
+                let mut completion = task.tokenizer.encode(&text, false)?;
+                completion.extend(eos.first());
+                batch.push((task.prompt_ids(&r)?, completion));
+            }
+            crate::failpoint::check("sft-step", step)?;
+            anyhow::Ok(sft_step(
+                &w,
+                &mut opt,
+                &batch,
+                c.optimizer.micro_batch_tokens,
+                lr,
+            )?)
+        })();
+        let m = match done {
+            Ok(m) => m,
+            Err(e) => {
+                bar.finish_and_clear();
+                let steps = opt.steps();
+                return Err(rescued(
+                    e,
+                    "warm-start",
+                    Some(top),
+                    steps,
+                    first,
+                    dir,
+                    |s| save_partial(s, &opt),
+                ));
+            }
+        };
         warn_memory_retries(step, m.memory_retries, opt.fit());
         table.push(
             step + 1,
@@ -473,6 +506,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             bar.set_position(s.step);
             Ok(())
         };
+        let mut top = None;
         let end = crate::dpo::dpo_stage(
             c,
             &policy,
@@ -483,8 +517,18 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             &mut metrics,
             &mut on_step,
             &opts.stop,
-        )?;
+            &mut top,
+        );
         bar.finish_and_clear();
+        let end = match end {
+            Ok(end) => end,
+            Err(e) => {
+                let saved = checkpoint::list(&ckpt_root)?.last().map_or(0, |(s, _)| *s);
+                return Err(rescued(e, "DPO", top, opt.steps(), saved, dir, |s| {
+                    crate::dpo::save(c, dir, &task, &policy, &opt, s)
+                }));
+            }
+        };
         if end.step < c.run.steps {
             // stopped (Ctrl-C, SIGTERM): a checkpoint of the last step
             crate::dpo::save(c, dir, &task, &policy, &opt, &end)?;
@@ -582,12 +626,21 @@ fn rl_stage(
     let bar = progress_bar(c.run.steps, "grpo", opts.progress);
     bar.set_position(state.step);
     let mut skipped_in_a_row = 0;
+    let mut top: Option<StepTop> = None;
+    let mut saved = state.step; // the last step in a checkpoint (or the warm start's)
     let result = (|| -> anyhow::Result<()> {
         while state.step < c.run.steps {
             if opts.stop.load(Ordering::SeqCst) {
                 summary.interrupted = true;
                 break;
             }
+            top = Some(StepTop {
+                state: TrainerState {
+                    feed: feed.lock().expect("feed lock").state(),
+                    ..state.clone()
+                },
+                optimizer_steps: algorithm.optimizer_steps(opt),
+            });
             let t0 = Instant::now();
             let batch = collector.next_step(state.policy_version)?;
             {
@@ -606,6 +659,7 @@ fn rl_stage(
             let time_advantages = t_adv.elapsed().as_secs_f64();
             let lr = c.lr_at(c.optimizer.lr, state.step);
             let t1 = Instant::now();
+            crate::failpoint::check("rl-step", state.step)?;
             let critic_lr = c.lr_at(c.algorithm.critic_lr, state.step);
             let (m, critic) = algorithm.train(policy, reference, opt, &seqs, lr, critic_lr)?;
             state.kl_coef = Some(algorithm.kl.beta);
@@ -617,7 +671,10 @@ fn rl_stage(
                     loss = m.loss,
                     "non-finite loss or gradient: step skipped"
                 );
-                anyhow::ensure!(skipped_in_a_row < 5, "5 steps in a row with a non-finite loss or gradient; the last checkpoint is intact");
+                if skipped_in_a_row == 5 {
+                    top = None; // weights that gave five non-finite steps are not worth a checkpoint
+                    anyhow::bail!("5 steps in a row with a non-finite loss or gradient; the last checkpoint is intact");
+                }
             } else {
                 skipped_in_a_row = 0;
             }
@@ -769,7 +826,18 @@ fn rl_stage(
                 && state.step.is_multiple_of(c.run.checkpoint_every)
                 || state.step == c.run.steps;
             if ckpt_due {
-                save(c, opts, task, policy, opt, &algorithm.critic, &state, &feed)?;
+                let feed_state = feed.lock().expect("feed lock").state();
+                save(
+                    c,
+                    opts,
+                    task,
+                    policy,
+                    opt,
+                    &algorithm.critic,
+                    &state,
+                    feed_state,
+                )?;
+                saved = state.step;
                 if let Some(t) = tracker.as_mut() {
                     t.record(state.step, &policy.named())?;
                 }
@@ -792,9 +860,24 @@ fn rl_stage(
     bar.finish_and_clear();
     drop(collector);
     pool.stop();
-    result?;
+    if let Err(e) = result {
+        let steps = algorithm.optimizer_steps(opt);
+        return Err(rescued(e, "RL", top, steps, saved, &opts.dir, |s| {
+            save(c, opts, task, policy, opt, &algorithm.critic, s, s.feed)
+        }));
+    }
     if summary.interrupted {
-        save(c, opts, task, policy, opt, &algorithm.critic, &state, &feed)?;
+        let feed_state = feed.lock().expect("feed lock").state();
+        save(
+            c,
+            opts,
+            task,
+            policy,
+            opt,
+            &algorithm.critic,
+            &state,
+            feed_state,
+        )?;
         tracing::info!(
             step = state.step,
             "stopped; resume with --resume {}",
@@ -820,16 +903,17 @@ fn save(
     opt: &AdamW,
     critic: &Critic,
     state: &TrainerState,
-    feed: &Mutex<Feed>,
-) -> anyhow::Result<()> {
+    feed: FeedState,
+) -> anyhow::Result<String> {
     let state = TrainerState {
-        feed: feed.lock().expect("feed lock").state(),
+        feed,
         ..state.clone()
     };
     let root = opts.dir.join("checkpoints");
+    let name = checkpoint::step_name(state.step);
     checkpoint::save(
         &root,
-        &checkpoint::step_name(state.step),
+        &name,
         policy,
         &task.tokenizer,
         Some(opt),
@@ -838,7 +922,51 @@ fn save(
         Some(&|dir: &std::path::Path| critic.save(dir)),
     )?;
     checkpoint::prune(&root, c.run.keep_checkpoints)?;
-    Ok(())
+    Ok(name)
+}
+
+/// The run as it stood when the step under way began.
+pub(crate) struct StepTop {
+    /// Its state then (the data feed's included).
+    pub state: TrainerState,
+    /// The optimizer steps taken by then.
+    pub optimizer_steps: u64,
+}
+
+/// The error `e` that ended a `stage` in the step after `top` (None: not one a checkpoint
+/// should keep), with where the steps done are. When the step's update had not begun (no
+/// optimizer step since `top`: `optimizer_steps` now) and steps were done since the last
+/// checkpoint (the one of step `saved`), `save` first writes a checkpoint of `top`'s state,
+/// so that `ferrite run --resume` loses none of them. `save` returns the checkpoint's name.
+fn rescued(
+    e: anyhow::Error,
+    stage: &str,
+    top: Option<StepTop>,
+    optimizer_steps: u64,
+    saved: u64,
+    dir: &Path,
+    save: impl FnOnce(&TrainerState) -> anyhow::Result<String>,
+) -> anyhow::Error {
+    let Some(top) = top else { return e };
+    let (done, resume) = (
+        top.state.step,
+        format!("`ferrite run --resume {}`", dir.display()),
+    );
+    let failed = format!("{stage} step {} failed", done + 1);
+    let context = if top.optimizer_steps != optimizer_steps {
+        format!("{failed} during its update, so the weights are no step's; {resume} continues from the last checkpoint (step {saved})")
+    } else if done == saved {
+        format!("{failed}; the steps done are in the last checkpoint, and {resume} continues")
+    } else {
+        match save(&top.state) {
+            Ok(name) => {
+                tracing::warn!(step = done, checkpoint = %name, "{failed}: saved the steps done");
+                format!("{failed}; the {done} steps done are saved in checkpoints/{name}, and {resume} continues")
+            }
+            Err(s) => format!("{failed}, and saving the steps done failed too ({s:#}); {resume} continues from step {saved}"),
+        }
+    };
+    e.context(context)
 }
 
 /// Says that a learner step ran out of device memory and ran again (`learner::fit`), and how
@@ -898,5 +1026,62 @@ mod tests {
         });
         assert!(out_of_memory(&e.unwrap_err()));
         assert_eq!(tried, vec![3, 1]);
+    }
+    #[test]
+    fn a_failed_step_saves_the_steps_done_only_where_its_update_had_not_begun() {
+        let top = |step| StepTop {
+            state: TrainerState {
+                step,
+                policy_version: step,
+                feed: FeedState::default(),
+                seed: 0,
+                samples_seen: 0,
+                kl_coef: None,
+            },
+            optimizer_steps: 7,
+        };
+        let dir = Path::new("runs/x");
+        let mut saves = Vec::new();
+        let mut run = |top: Option<StepTop>, steps: u64, saved: u64, ok: bool| {
+            let e = rescued(
+                anyhow::anyhow!("out of memory"),
+                "RL",
+                top,
+                steps,
+                saved,
+                dir,
+                |s| {
+                    saves.push(s.step);
+                    match ok {
+                        true => Ok(checkpoint::step_name(s.step)),
+                        false => anyhow::bail!("disk full"),
+                    }
+                },
+            );
+            format!("{e:#}")
+        };
+        // steps done since the last checkpoint, no optimizer step since the step began: saved
+        let e = run(Some(top(5)), 7, 2, true);
+        assert!(
+            e.contains("RL step 6 failed") && e.contains("checkpoints/step-000005"),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("out of memory") && e.contains("--resume runs/x"),
+            "{e}"
+        );
+        // nothing since the last checkpoint; an update under way; no step to keep: not saved
+        let e = run(Some(top(5)), 7, 5, true);
+        assert!(e.contains("in the last checkpoint"), "{e}");
+        let e = run(Some(top(5)), 8, 2, true);
+        assert!(
+            e.contains("during its update") && e.contains("(step 2)"),
+            "{e}"
+        );
+        assert_eq!(run(None, 7, 2, true), "out of memory");
+        // a save that fails too says so, and where a resumed run starts
+        let e = run(Some(top(4)), 7, 2, false);
+        assert!(e.contains("disk full") && e.contains("from step 2"), "{e}");
+        assert_eq!(saves, [5, 4]);
     }
 }

@@ -1,6 +1,6 @@
 //! The `ferrite` binary end to end: a shortened built-in experiment improves held-out accuracy
-//! with GRPO; a run killed with SIGKILL, or stopped by SIGTERM, and resumed reproduces the
-//! uninterrupted run's logs.
+//! with GRPO; a run killed with SIGKILL, stopped by SIGTERM or ended by a failed step, and
+//! resumed, reproduces the uninterrupted run's logs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -245,9 +245,54 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     };
     assert_eq!(curve(&whole), curve(&warm), "the warm start's curve");
     assert_same_logs(&whole, &warm);
-    for dir in [whole, killed, terminated, warm] {
+
+    // a step that fails (the device out of memory, a lost worker: injected here) ends the run
+    // with an error, but the steps done since the last checkpoint go into one first, and the
+    // resumed run loses none of them: RL step 4 fails after the checkpoint of step 2
+    let failed = scratch("failed");
+    let err = fail(
+        ferrite().args(["run", "--out"]).arg(&failed).args(args),
+        "rl-step@3",
+    );
+    assert!(
+        err.contains("RL step 4 failed") && err.contains("checkpoints/step-000003"),
+        "{err}"
+    );
+    assert!(failed
+        .join("checkpoints/step-000003/trainer_state.json")
+        .is_file());
+    assert!(!failed.join("summary.json").exists());
+    succeed(ferrite().args(["run", "--resume"]).arg(&failed));
+    assert_same_logs(&whole, &failed);
+
+    // in the warm start, the steps done go into its partial checkpoint
+    let failed_warm = scratch("failed-warm");
+    let err = fail(
+        ferrite()
+            .args(["run", "--out"])
+            .arg(&failed_warm)
+            .args(args),
+        "sft-step@25",
+    );
+    assert!(err.contains("warm-start step 26 failed"), "{err}");
+    let partial = failed_warm.join("checkpoints/sft-partial/trainer_state.json");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&partial).expect("sft-partial")).unwrap();
+    assert_eq!(state["step"].as_u64(), Some(25));
+    succeed(ferrite().args(["run", "--resume"]).arg(&failed_warm));
+    assert_eq!(curve(&whole), curve(&failed_warm), "the warm start's curve");
+    assert_same_logs(&whole, &failed_warm);
+    for dir in [whole, killed, terminated, warm, failed, failed_warm] {
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// Runs `cmd` with `FERRITE_FAILPOINT=point` and returns its stderr, asserting that it fails.
+fn fail(cmd: &mut Command, point: &str) -> String {
+    let out = cmd.env("FERRITE_FAILPOINT", point).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{point} did not fail the run: {err}");
+    err
 }
 
 /// `ferrite run --out dir args`, returned once `dir/file` exists (within 10 minutes, and while
