@@ -397,7 +397,8 @@ fn metric(dir: &Path, column: &str) -> Vec<f64> {
 
 /// PPO with a separate critic and with a value head, REINFORCE++ with a KL penalty, GRPO with
 /// AR and Lopti, EM-RL and DPO all run from the CLI, log their own metrics, and a PPO run stopped
-/// at its step-2 checkpoint resumes (critic and value head restored) to the same metrics.
+/// at its step-2 checkpoint resumes (critic and value head restored) to the same metrics, as do
+/// a DPO run stopped by SIGTERM and one ended by a failed step.
 #[test]
 fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
     let root = scratch("algorithms");
@@ -625,8 +626,14 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
         .join(format!("checkpoints/step-{steps:06}/trainer_state.json"))
         .is_file());
     succeed(ferrite().args(["run", "--resume"]).arg(&stopped));
+    // a DPO step that fails saves the steps done since the checkpoint of step 100 first
+    let failed = root.join("dpo-failed");
+    let err = fail(&mut tiny("dpo", &failed, &dpo_args, 200), "dpo-step@120");
+    assert!(err.contains("checkpoints/step-000120"), "{err}");
+    succeed(ferrite().args(["run", "--resume"]).arg(&failed));
     for col in ["loss", "reward_margin", "grad_norm"] {
         assert_eq!(metric(&dpo_whole, col), metric(&stopped, col), "{col}");
+        assert_eq!(metric(&dpo_whole, col), metric(&failed, col), "{col}");
     }
     let _ = std::fs::remove_dir_all(&root);
 }
