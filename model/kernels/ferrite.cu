@@ -1055,12 +1055,14 @@ __device__ __forceinline__ float flash_logit(float sc, float scale, float last, 
 // Packed rows (the `_varlen` kernels): one row of T = S tokens (B = 1) in which each query row
 // belongs to a segment and sees its segment's keys up to its own slot, after its prefix's keys
 // (a shared prompt earlier in the row), and no other. seg [T·3] u32 holds each row's own
-// segment's first slot and its prefix's [p0, p1) (p0 = p1 without one). bounds [2·tiles] u32:
-// per tile of FLASH_ROWS query rows, the first key any of them sees (the forward and dQ start
-// their keys there), then per tile of FLASH_ROWS keys, one past the last query row that sees
-// any of them (dK/dV stop their rows there). The bias is never read. A query tile may hold rows
-// of segments that see none of its first key tile: their running max stays −∞ until a key they
-// see, and the online softmax takes that as "nothing yet" rather than e^(−∞ + ∞).
+// segment's first slot and its prefix's [p0, p1) (p0 = p1 without one). bounds [4·tiles] u32:
+// per tile of FLASH_ROWS query rows, the keys its rows see as two spans, [a0, a1) then b0 on
+// (the forward and dQ visit those keys only: a row of a GRPO group's later completion skips its
+// earlier siblings between the prompt and its own tokens), then per tile of FLASH_ROWS keys, one
+// past the last query row that sees any of them (dK/dV stop their rows there). The bias is
+// never read. A query tile may hold rows of segments that see none of its first key tile: their
+// running max stays −∞ until a key they see, and the online softmax takes that as "nothing yet"
+// rather than e^(−∞ + ∞).
 struct SegRow {
     int own, p0, p1;
 };
@@ -1070,6 +1072,23 @@ __device__ __forceinline__ SegRow seg_row(const uint32_t* seg, int t, int row) {
 }
 __device__ __forceinline__ float varlen_logit(float sc, float scale, int key, int row, SegRow r) {
     return (key >= r.own && key <= row) || (key >= r.p0 && key < r.p1) ? scale * sc : -INFINITY;
+}
+// The key tiles a query tile visits: from a0 while below a1, then from b0 on (one span: a0 = a1
+// = b0). Not packed, all of them from key 0.
+struct KeySpans {
+    int a0, a1, b0;
+    __device__ __forceinline__ int first() const { return a0 < a1 ? a0 : b0; }
+    // the tile after the one at k0 (`step` keys a tile); one that reaches past a1 jumps to b0
+    __device__ __forceinline__ int next(int k0, int step) const {
+        const int n = k0 + step;
+        return k0 < a1 && n >= a1 ? max(n, b0) : n;
+    }
+};
+template <bool V>
+__device__ __forceinline__ KeySpans key_spans(const uint32_t* bounds, int t) {
+    if (!V) return {0, 0, 0};
+    const int tile = blockIdx.x % ((t + FLASH_ROWS - 1) / FLASH_ROWS);
+    return {(int)bounds[3 * tile], (int)bounds[3 * tile + 1], (int)bounds[3 * tile + 2]};
 }
 // e^(x − m), 0 where m is −∞ (a row that has seen no key yet; x is −∞ there too)
 template <bool V>
@@ -1298,7 +1317,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     const bf16* vb = v + at.kv * kv_stride;
     const float* last = V ? nullptr : bias + (at.b * t + t - 1) * s;  // the bias's last row
     const SegRow sa = V ? seg_row(seg, t, ra) : SegRow{}, sb = V ? seg_row(seg, t, rb) : SegRow{};
-    const int k_first = V ? bounds[blockIdx.x % ((t + FLASH_ROWS - 1) / FLASH_ROWS)] : 0;
+    const KeySpans spans = key_spans<V>(bounds, t);
 
     uint32_t qf[D / 16][4];
     frag_a_rows<D>(q + at.bh * t * D, D, ra, rb, t, c, qf);
@@ -1310,9 +1329,9 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     const int keys = min(s, s - t + at.last + 1);  // the keys the block's last row sees
     // The tiles' loads overlap the arithmetic: a value tile's with S = Q·Kᵀ and the softmax, the
     // next key tile's with O += P·V (FlashAttention-2's order; one buffer each).
-    load_tile_async<D>(ks, 0, kb, D, k_first, FLASH_KEYS, keys);
+    load_tile_async<D>(ks, 0, kb, D, spans.first(), FLASH_KEYS, keys);
     cp_async_commit();
-    for (int k0 = k_first; k0 < keys; k0 += FLASH_KEYS) {
+    for (int k0 = spans.first(); k0 < keys; k0 = spans.next(k0, FLASH_KEYS)) {
         cp_async_wait<0>();
         __syncthreads();  // the key tile is in, and every warp is done with the last value tile
         load_tile_async<D>(vs, 0, vb, D, k0, FLASH_KEYS, keys);
@@ -1361,8 +1380,8 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
         }
         cp_async_wait<0>();
         __syncthreads();  // the value tile is in, and every warp is done with the key tile
-        if (k0 + FLASH_KEYS < keys) {
-            load_tile_async<D>(ks, 0, kb, D, k0 + FLASH_KEYS, FLASH_KEYS, keys);
+        if (spans.next(k0, FLASH_KEYS) < keys) {
+            load_tile_async<D>(ks, 0, kb, D, spans.next(k0, FLASH_KEYS), FLASH_KEYS, keys);
             cp_async_commit();
         }
         mma_cols<D, FLASH_KEYS>(o, sc, vs, 0, g, c);  // O += P·V
@@ -1426,7 +1445,7 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
     const bf16* vb = v + at.kv * kv_stride;
     const float* last = V ? nullptr : bias + (at.b * t + t - 1) * s;  // the bias's last row
     const SegRow sa = V ? seg_row(seg, t, ra) : SegRow{}, sb = V ? seg_row(seg, t, rb) : SegRow{};
-    const int k_first = V ? bounds[blockIdx.x % ((t + FLASH_ROWS - 1) / FLASH_ROWS)] : 0;
+    const KeySpans spans = key_spans<V>(bounds, t);
 
     uint32_t qf[D / 16][4], df[D / 16][4], yf[D / 16][4];
     frag_a_rows<D>(q + rows, D, ra, rb, t, c, qf);
@@ -1458,11 +1477,11 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
         load_tile_async<D>(vs, buf * span, vb, D, k0, KT, keys);
         cp_async_commit();
     };
-    stage(k_first, 0);
-    for (int k0 = k_first, buf = 0; k0 < keys; k0 += KT, buf ^= 1) {
+    stage(spans.first(), 0);
+    for (int k0 = spans.first(), buf = 0; k0 < keys; k0 = spans.next(k0, KT), buf ^= 1) {
         cp_async_wait<0>();
         __syncthreads();  // this tile is in, and every warp is done with the other buffers
-        if (k0 + KT < keys) stage(k0 + KT, buf ^ 1);
+        if (spans.next(k0, KT) < keys) stage(spans.next(k0, KT), buf ^ 1);
         const int now = buf * span;
         float sc[KT / 8][4], dp[KT / 8][4];
         mma_rows<D, KT>(sc, qf, ks, now, g, c);  // S = Q·Kᵀ
@@ -1545,7 +1564,7 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
     const size_t rows = bh * t * D, tok = token_major(bh, hq, t, D);
     const float* last = V ? nullptr : bias + (b * t + t - 1) * s;  // the bias's last row, at the warp's keys
     const float bka = !V && ka < s ? last[ka] : 0.f, bkb = !V && kb < s ? last[kb] : 0.f;
-    const int rows_end = V ? bounds[tiles + tile] : t;  // packed: past the last row that sees these keys
+    const int rows_end = V ? bounds[3 * tiles + tile] : t;  // packed: past the last row that sees these keys
 
     uint32_t kf[D / 16][4], vf[D / 16][4];
     frag_a_rows<D>(k + kv * kv_stride, D, ka, kb, s, c, kf);

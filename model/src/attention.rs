@@ -18,6 +18,7 @@
 //! chunk holds at most [`chunk_elements`] scores (default [`CHUNK_ELEMENTS`]), and only while it
 //! is being computed.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -265,9 +266,10 @@ impl Segment {
 
 /// What the flash kernels over a packed row of `n` tokens read of its `segments` (the `_varlen`
 /// kernels of `ferrite.cu`): each row's own segment's first slot and its prefix's range
-/// (`[n·3]`: own, p0, p1; p0 = p1 = 0 without a prefix), then per tile of
-/// [`crate::launch::FLASH_ROWS`] query rows the first key any of them sees, and per tile of as
-/// many keys one past the last query row that sees any of them (`[2·tiles]`).
+/// (`[n·3]`: own, p0, p1; p0 = p1 = 0 without a prefix), then the tiles' bounds (`[4·tiles]`):
+/// per tile of [`crate::launch::FLASH_ROWS`] query rows, the keys its rows see as two spans,
+/// `[a0, a1)` then `[b0, ..)` up to its last row (`key_spans`), and per tile of as many keys,
+/// one past the last query row that sees any of them.
 pub fn varlen_rows(segments: &[Segment], n: usize) -> (Vec<u32>, Vec<u32>) {
     let tile = crate::launch::FLASH_ROWS;
     let tiles = n.div_ceil(tile);
@@ -284,17 +286,48 @@ pub fn varlen_rows(segments: &[Segment], n: usize) -> (Vec<u32>, Vec<u32>) {
             *l = (*l).max(s.start + s.len - 1);
         }
     }
-    let mut bounds = vec![0u32; 2 * tiles];
+    let mut bounds = vec![0u32; 4 * tiles];
     for t in 0..tiles {
         let rows = t * tile..((t + 1) * tile).min(n);
-        let first = rows.clone().map(|i| match seg[3 * i + 1] < seg[3 * i + 2] {
-            true => seg[3 * i + 1],
-            false => seg[3 * i],
-        });
-        bounds[t] = first.min().unwrap_or(0);
-        bounds[tiles + t] = rows.map(|j| last[j] + 1).max().unwrap_or(0) as u32;
+        let spans = key_spans(rows.clone().map(|i| {
+            let (own, p0, p1) = (seg[3 * i], seg[3 * i + 1], seg[3 * i + 2]);
+            (own..i as u32 + 1, p0..p1)
+        }));
+        bounds[3 * t..3 * t + 3].copy_from_slice(&spans);
+        bounds[3 * tiles + t] = rows.map(|j| last[j] + 1).max().unwrap_or(0) as u32;
     }
     (seg, bounds)
+}
+
+/// The keys a tile of query rows visits, as `[a0, a1, b0]`: the span `[a0, a1)`, then from `b0`
+/// on to its last row, covering every key each row sees (`rows`: its own segment's keys up to
+/// it, and its prefix's). Where those keys are more than two spans, the spans cover the keys
+/// between them but for the widest gap; the kernels mask each key a row does not see anyway. A
+/// packed row as the learner lays it out ([`crate::forward::PackedRows`]) makes two at most: a
+/// tile's own keys run on from its first segment's start, and a later segment's prefix lies
+/// within them. One span: `a0 = a1 = b0`.
+fn key_spans(rows: impl Iterator<Item = (Range<u32>, Range<u32>)>) -> [u32; 3] {
+    let mut spans: Vec<Range<u32>> = rows
+        .flat_map(|(own, prefix)| [own, prefix])
+        .filter(|r| !r.is_empty())
+        .collect();
+    spans.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u32>> = Vec::new();
+    for r in spans {
+        match merged.last_mut() {
+            Some(m) if r.start <= m.end => m.end = m.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    let widest = merged
+        .windows(2)
+        .enumerate()
+        .max_by_key(|(_, w)| w[1].start - w[0].end)
+        .map(|(i, _)| i);
+    match widest {
+        Some(i) => [merged[0].start, merged[i].end, merged[i + 1].start],
+        None => [merged.first().map_or(0, |r| r.start); 3],
+    }
 }
 
 /// A packed row's segments and what its attention reads of them, each built the first time a
@@ -574,6 +607,22 @@ mod tests {
     use crate::ops::composed;
     use crate::test_util::{max_rel, random};
     use candle_core::{Device, Var};
+
+    #[test]
+    fn a_query_tiles_key_spans_skip_its_widest_gap() {
+        // rows of a GRPO group's third completion: the prompt, then their own keys
+        let rows = (300..364).map(|i| (250..i + 1, 0..40));
+        assert_eq!(key_spans(rows), [0, 40, 250]);
+        // four spans (rows that see 0..40 and 250.., others 400..420 and 500..): the two
+        // spans skip the widest gap (40..250) and visit the others masked
+        let rows = (300..364).map(|i| (250..i + 1, 0..40));
+        let next = (500..520).map(|i| (500..i + 1, 400..420));
+        assert_eq!(key_spans(rows.chain(next)), [0, 40, 250]);
+        // spans that touch merge; a lone row's keys are one span
+        let rows = (40..80).map(|i| (40..i + 1, 0..40));
+        assert_eq!(key_spans(rows), [0; 3]);
+        assert_eq!(key_spans((7..9).map(|i| (7..i + 1, 0..0))), [7; 3]);
+    }
 
     /// The composed attention (autograd through the full probabilities) as the reference.
     fn reference(

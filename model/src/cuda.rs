@@ -1643,7 +1643,7 @@ pub fn flash_attention(
     views.push_to(&mut l);
     // SAFETY: q and y hold B·Hkv·G·T·D, the bias B·T·S, lse B·Hkv·G·T; K and V span
     // (B·Hkv − 1)·kv_stride + S·D from their views' starts, which their layouts were checked to
-    // cover; D is the kernel's. Packed (B = 1, T = S), seg holds T·3 and bounds 2·⌈T / 64⌉
+    // cover; D is the kernel's. Packed (B = 1, T = S), seg holds T·3 and bounds 4·⌈T / 64⌉
     // (checked), and the bias is never read.
     unsafe { l.launch(launch::flash_attention(a.heads(), a.t)) }?;
     let y = half::bf16::wrap_cuda_slice(y, dev.clone());
@@ -1825,7 +1825,7 @@ impl FlashDims {
 
 impl FlashArgs {
     /// The sizes of `q [B, Hkv, G·T, D]`, `k, v [B, Hkv, S, D]` and the mask (a bias
-    /// `[B, 1, 1, T, S]`, or a packed row's `[T·3]` segments and `[2·⌈T / 64⌉]` bounds with
+    /// `[B, 1, 1, T, S]`, or a packed row's `[T·3]` segments and `[4·⌈T / 64⌉]` bounds with
     /// B = 1 and T = S); None where the kernels do not take them (see [`flash_attention`]; D is
     /// checked by the caller, against its kernels).
     fn new(q: &Tensor, k: &Tensor, v: &Tensor, mask: &FlashMask) -> Result<Option<Self>> {
@@ -1845,7 +1845,7 @@ impl FlashArgs {
                     && seg.dtype() == DType::U32
                     && bounds.dtype() == DType::U32
                     && seg.dims() == [3 * s]
-                    && bounds.dims() == [2 * s.div_ceil(launch::FLASH_ROWS)],
+                    && bounds.dims() == [4 * s.div_ceil(launch::FLASH_ROWS)],
             ),
         };
         let kv_stride = k.layout().stride()[1];

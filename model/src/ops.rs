@@ -1518,7 +1518,7 @@ pub enum FlashMask<'a> {
     /// A causal bias `[B, 1, 1, T, S]` f32, of which they read the last row.
     Bias(&'a Tensor),
     /// One packed row (B = 1, T = S, `crate::forward::PackedRows`): each row's segment
-    /// `[T·3]` u32 and the tiles' bounds `[2·⌈T / 64⌉]` u32 ([`crate::attention::varlen_rows`]),
+    /// `[T·3]` u32 and the tiles' bounds `[4·⌈T / 64⌉]` u32 ([`crate::attention::varlen_rows`]),
     /// for the `_varlen` kernels (one launch each way).
     Packed { seg: &'a Tensor, bounds: &'a Tensor },
 }

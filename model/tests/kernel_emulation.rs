@@ -1620,14 +1620,15 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
 
 /// The flash kernels over a packed row (`_varlen`) against the composed ops under the dense mask
 /// of its segments: a prompt head with three rows after it, a lone row, a second head with two,
-/// over three tiles of query rows and of keys (a tile's rows see none of its first key tile:
-/// the online softmax's "nothing yet"), at D = 64 with G = 2 and at D = 128 with two K/V heads.
+/// over three tiles of query rows and of keys (the last tile's rows skip the first rows' keys
+/// between the prompt and their own; some see none of its first key tile: the online softmax's
+/// "nothing yet"), at D = 64 with G = 2 and at D = 128 with two K/V heads.
 #[test]
 fn varlen_flash_attention_matches_the_composed_ops_over_segments() {
     use model::attention::{varlen_rows, Segment};
     let lens = [
         (20, None),
-        (30, Some(0)),
+        (70, Some(0)),
         (5, Some(0)),
         (41, Some(0)),
         (12, None),
@@ -1640,7 +1641,7 @@ fn varlen_flash_attention_matches_the_composed_ops_over_segments() {
         segments.push(Segment { start, len, prefix });
     }
     let n = segments.iter().map(|s| s.len).sum::<usize>();
-    assert_eq!(n, 150);
+    assert_eq!(n, 190);
     // the dense mask: row i sees its prefix and its own segment up to itself
     let mut visible = vec![false; n * n];
     for s in &segments {
@@ -1666,17 +1667,29 @@ fn varlen_flash_attention_matches_the_composed_ops_over_segments() {
     let visible = &visible;
     for t in 0..tiles {
         let rows = t * 64..((t + 1) * 64).min(n);
-        let first = rows
-            .clone()
-            .flat_map(|i| (0..n).filter(move |&j| visible[i * n + j]));
-        assert_eq!(bounds[t] as usize, first.min().unwrap(), "query tile {t}");
+        // a query tile's spans hold every key its rows see, and skip none it could
+        let seen: Vec<bool> = (0..n)
+            .map(|j| rows.clone().any(|i| visible[i * n + j]))
+            .collect();
+        let [a0, a1, b0] = [0, 1, 2].map(|i| bounds[3 * t + i] as usize);
+        assert_eq!(Some(a0), seen.iter().position(|&s| s), "query tile {t}");
+        assert!(seen[a0..]
+            .iter()
+            .enumerate()
+            .all(|(j, &s)| !s || a0 + j < a1 || a0 + j >= b0));
+        assert!(
+            a1 == b0 || seen[a1 - 1] && seen[b0],
+            "query tile {t}: [{a0}, {a1}), {b0}.."
+        );
         let viewers = rows.flat_map(|j| (0..n).filter(move |&i| visible[i * n + j]));
         assert_eq!(
-            bounds[tiles + t] as usize,
+            bounds[3 * tiles + t] as usize,
             viewers.max().unwrap() + 1,
             "key tile {t}"
         );
     }
+    // the last tile's rows of the first head's last row see its prompt and then their own keys
+    assert_eq!(bounds[6..9], [0, 20, 95]);
     for (case, &(hkv, g, d)) in [(1usize, 2usize, 64usize), (2, 1, 128)].iter().enumerate() {
         let seed = 700 + 10 * case as u64;
         let q = Ty::Bf16.round(&random(&[1, hkv, g * n, d], seed, 2.0));

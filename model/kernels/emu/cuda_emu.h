@@ -536,6 +536,7 @@ inline float __uint_as_float(uint32_t u) {
 }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 
 namespace emu {
 // The tensor cores' mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling thread's
