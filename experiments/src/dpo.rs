@@ -27,13 +27,14 @@ pub const PREFERENCES_FILE: &str = "preferences.jsonl";
 /// Samples `rollout.group_size` completions for each of `algorithm.preference_prompts` train
 /// prompts and pairs the best-rewarded completion (chosen) with the worst (rejected); prompts
 /// whose completions all score the same give no pair. Each pair keeps its prompt record's
-/// fields, so the prompt renders as it did.
+/// fields, so the prompt renders as it did. None when `stop` (Ctrl-C, SIGTERM) came first.
 pub fn build_preferences(
     c: &Config,
     w: &Weights,
     task: &Task,
     feed: &mut Feed,
-) -> anyhow::Result<Vec<Record>> {
+    stop: &AtomicBool,
+) -> anyhow::Result<Option<Vec<Record>>> {
     let cfg = PoolConfig {
         workers: 1,
         group_size: c.rollout.group_size.max(2),
@@ -45,6 +46,9 @@ pub fn build_preferences(
     let w = w.detach();
     let mut out = Vec::new();
     for _ in 0..c.algorithm.preference_prompts {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
         let (group_id, record) = feed.next_group()?;
         feed.done(group_id);
         let samples = match rollout_group(task, &w, 0, group_id, &record, &cfg) {
@@ -79,7 +83,7 @@ pub fn build_preferences(
             metadata,
         });
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// Tokenized pairs: the prompt as the task renders it, each completion's text and its
@@ -229,14 +233,16 @@ pub fn dpo_stage(
 }
 
 /// The preference pairs of a run: `algorithm.preferences`, or the pairs this run built (and
-/// saved in its directory) from the warm-started policy.
+/// saved in its directory) from the warm-started policy. None when a stop (Ctrl-C, SIGTERM)
+/// came while it built them: nothing is saved, and `--resume` builds them again.
 pub fn preferences(
     c: &Config,
     dir: &Path,
     start: &Weights,
     task: &Task,
     feed: &mut Feed,
-) -> anyhow::Result<Vec<Pair>> {
+    stop: &AtomicBool,
+) -> anyhow::Result<Option<Vec<Pair>>> {
     let records = if !c.algorithm.preferences.is_empty() {
         setup::preference_records(c, &c.algorithm.preferences)?
     } else {
@@ -245,7 +251,9 @@ pub fn preferences(
             setup::preference_records(c, path.to_str().context("a UTF-8 path")?)?
         } else {
             let t = Instant::now();
-            let records = build_preferences(c, start, task, feed)?;
+            let Some(records) = build_preferences(c, start, task, feed, stop)? else {
+                return Ok(None);
+            };
             datasets::jsonl::write(&path, &records)?;
             tracing::info!(
                 pairs = records.len(),
@@ -259,7 +267,7 @@ pub fn preferences(
     };
     let pairs = tokenize(task, &records)?;
     anyhow::ensure!(!pairs.is_empty(), "no preference pairs");
-    Ok(pairs)
+    Ok(Some(pairs))
 }
 
 /// Saves a DPO checkpoint (the RL stage's layout).

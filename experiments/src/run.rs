@@ -472,7 +472,15 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     let rl = if c.algorithm.name == "dpo" {
         let start = Instant::now();
         let mut feed = Feed::new(setup::train_loader(c)?, state.feed);
-        let pairs = crate::dpo::preferences(c, dir, &start_weights, &task, &mut feed)?;
+        let built = crate::dpo::preferences(c, dir, &start_weights, &task, &mut feed, &opts.stop)?;
+        let Some(pairs) = built else {
+            tracing::info!(
+                "stopped while building the preference pairs; resume with --resume {} (which builds them again)",
+                dir.display()
+            );
+            summary.interrupted = true;
+            return Ok(summary);
+        };
         let t = Instant::now();
         let cached = learner::dpo::reference_logprobs(
             &start_weights,
@@ -635,10 +643,7 @@ fn rl_stage(
                 break;
             }
             top = Some(StepTop {
-                state: TrainerState {
-                    feed: feed.lock().expect("feed lock").state(),
-                    ..state.clone()
-                },
+                state: with_feed(&state, &feed),
                 optimizer_steps: algorithm.optimizer_steps(opt),
             });
             let t0 = Instant::now();
@@ -826,17 +831,8 @@ fn rl_stage(
                 && state.step.is_multiple_of(c.run.checkpoint_every)
                 || state.step == c.run.steps;
             if ckpt_due {
-                let feed_state = feed.lock().expect("feed lock").state();
-                save(
-                    c,
-                    opts,
-                    task,
-                    policy,
-                    opt,
-                    &algorithm.critic,
-                    &state,
-                    feed_state,
-                )?;
+                let state = with_feed(&state, &feed);
+                save(c, opts, task, policy, opt, &algorithm.critic, &state)?;
                 saved = state.step;
                 if let Some(t) = tracker.as_mut() {
                     t.record(state.step, &policy.named())?;
@@ -863,21 +859,12 @@ fn rl_stage(
     if let Err(e) = result {
         let steps = algorithm.optimizer_steps(opt);
         return Err(rescued(e, "RL", top, steps, saved, &opts.dir, |s| {
-            save(c, opts, task, policy, opt, &algorithm.critic, s, s.feed)
+            save(c, opts, task, policy, opt, &algorithm.critic, s)
         }));
     }
     if summary.interrupted {
-        let feed_state = feed.lock().expect("feed lock").state();
-        save(
-            c,
-            opts,
-            task,
-            policy,
-            opt,
-            &algorithm.critic,
-            &state,
-            feed_state,
-        )?;
+        let state = with_feed(&state, &feed);
+        save(c, opts, task, policy, opt, &algorithm.critic, &state)?;
         tracing::info!(
             step = state.step,
             "stopped; resume with --resume {}",
@@ -894,6 +881,8 @@ fn rl_stage(
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// A checkpoint of the RL stage at `state` (the data feed's position included), old ones
+/// pruned; returns its name.
 #[allow(clippy::too_many_arguments)]
 fn save(
     c: &Config,
@@ -903,12 +892,7 @@ fn save(
     opt: &AdamW,
     critic: &Critic,
     state: &TrainerState,
-    feed: FeedState,
 ) -> anyhow::Result<String> {
-    let state = TrainerState {
-        feed,
-        ..state.clone()
-    };
     let root = opts.dir.join("checkpoints");
     let name = checkpoint::step_name(state.step);
     checkpoint::save(
@@ -917,12 +901,20 @@ fn save(
         policy,
         &task.tokenizer,
         Some(opt),
-        &state,
+        state,
         &[(CONFIG_FILE, &c.to_toml())],
         Some(&|dir: &std::path::Path| critic.save(dir)),
     )?;
     checkpoint::prune(&root, c.run.keep_checkpoints)?;
     Ok(name)
+}
+
+/// `state` with the data feed's position (where a resumed run draws its next prompts).
+fn with_feed(state: &TrainerState, feed: &Mutex<Feed>) -> TrainerState {
+    TrainerState {
+        feed: feed.lock().expect("feed lock").state(),
+        ..state.clone()
+    }
 }
 
 /// The run as it stood when the step under way began.

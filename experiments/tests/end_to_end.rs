@@ -398,7 +398,8 @@ fn metric(dir: &Path, column: &str) -> Vec<f64> {
 /// PPO with a separate critic and with a value head, REINFORCE++ with a KL penalty, GRPO with
 /// AR and Lopti, EM-RL and DPO all run from the CLI, log their own metrics, and a PPO run stopped
 /// at its step-2 checkpoint resumes (critic and value head restored) to the same metrics, as do
-/// a DPO run stopped by SIGTERM and one ended by a failed step.
+/// a DPO run stopped by SIGTERM and one ended by a failed step; SIGTERM while DPO builds its
+/// preference pairs stops it there.
 #[test]
 fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
     let root = scratch("algorithms");
@@ -635,6 +636,38 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
         assert_eq!(metric(&dpo_whole, col), metric(&stopped, col), "{col}");
         assert_eq!(metric(&dpo_whole, col), metric(&failed, col), "{col}");
     }
+    // SIGTERM while the run builds its preference pairs (far more prompts than it could sample
+    // in the test's time) stops it there; resumed (with fewer prompts), it builds them and trains
+    let building = root.join("dpo-building");
+    let many = ["algorithm.name=dpo", "algorithm.preference_prompts=1000000"];
+    let mut child = spawn_until(
+        &mut tiny("dpo", &building, &many, 2),
+        &building.join("eval.parquet"),
+    );
+    terminate(&child);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("SIGTERM did not stop the preference pairs' building");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "a stop on SIGTERM succeeds");
+    assert!(
+        !building.join("preferences.jsonl").exists() && !building.join("summary.json").exists()
+    );
+    succeed(
+        ferrite()
+            .args(["run", "--resume"])
+            .arg(&building)
+            .args(["--set", "algorithm.preference_prompts=64"]),
+    );
+    assert!(building.join("preferences.jsonl").is_file());
+    assert_eq!(metric(&building, "loss").len(), 2);
     let _ = std::fs::remove_dir_all(&root);
 }
 
