@@ -13,8 +13,8 @@ use learner::checkpoint::{self, TrainerState};
 use learner::dpo::{dpo_step, DpoConfig, Pair};
 use learner::optim::AdamW;
 use model::Weights;
-use rollout::pool::{rollout_group, Feed, PoolConfig};
-use rollout::schema::Finish;
+use rollout::pool::{generate_fitting, rollout_groups, Feed, PoolConfig};
+use rollout::schema::{Finish, Sample};
 use rollout::task::Task;
 
 use crate::config::Config;
@@ -27,7 +27,9 @@ pub const PREFERENCES_FILE: &str = "preferences.jsonl";
 /// Samples `rollout.group_size` completions for each of `algorithm.preference_prompts` train
 /// prompts and pairs the best-rewarded completion (chosen) with the worst (rejected); prompts
 /// whose completions all score the same give no pair. Each pair keeps its prompt record's
-/// fields, so the prompt renders as it did. None when `stop` (Ctrl-C, SIGTERM) came first.
+/// fields, so the prompt renders as it did. The groups are generated as the rollout workers
+/// batch theirs (`rollout.groups_per_batch`), each from its own sampling streams, so the pairs
+/// do not depend on the batching. None when `stop` (Ctrl-C, SIGTERM) came first.
 pub fn build_preferences(
     c: &Config,
     w: &Weights,
@@ -41,49 +43,63 @@ pub fn build_preferences(
         generation: setup::generation(c, &task.tokenizer),
         seed: c.run.seed ^ 0xD90,
         entropy_reward: Default::default(),
-        groups_per_batch: 1,
+        groups_per_batch: c.groups_per_batch()?,
     };
     let w = w.detach();
     let mut out = Vec::new();
-    for _ in 0..c.algorithm.preference_prompts {
+    let mut left = c.algorithm.preference_prompts;
+    while left > 0 {
         if stop.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        let (group_id, record) = feed.next_group()?;
-        feed.done(group_id);
-        let samples = match rollout_group(task, &w, 0, group_id, &record, &cfg) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("preference prompt {}: {e}", record.id);
-                continue;
-            }
-        };
-        let best = samples.iter().max_by(|a, b| a.reward.total_cmp(&b.reward));
-        let worst = samples.iter().min_by(|a, b| a.reward.total_cmp(&b.reward));
-        let (Some(best), Some(worst)) = (best, worst) else {
-            continue;
-        };
-        if best.reward <= worst.reward {
-            continue;
+        let mut groups = Vec::new();
+        for _ in 0..cfg.groups_per_batch.min(left) {
+            let (group_id, record) = feed.next_group()?;
+            feed.done(group_id);
+            groups.push((group_id, record));
         }
-        let mut metadata = record.metadata.clone();
-        metadata.insert("chosen_reward".into(), best.reward.into());
-        metadata.insert("rejected_reward".into(), worst.reward.into());
-        metadata.insert("chosen_stop".into(), (best.finish == Finish::Stop).into());
-        metadata.insert(
-            "rejected_stop".into(),
-            (worst.finish == Finish::Stop).into(),
-        );
-        out.push(Record {
-            id: record.id,
-            prompt: record.prompt.clone(),
-            answer: record.answer.clone(),
-            chosen: Some(Prompt::Text(best.completion_text.clone())),
-            rejected: Some(Prompt::Text(worst.completion_text.clone())),
-            metadata,
+        left -= groups.len();
+        let results = generate_fitting(stop, &mut std::thread::sleep, &groups, &mut |g| {
+            Ok(rollout_groups(task, &w, 0, g, &cfg)?.0)
         });
+        for ((_, record), samples) in groups.iter().zip(results) {
+            match samples {
+                Ok(samples) => out.extend(preference(record, &samples)),
+                Err(e) => tracing::warn!("preference prompt {}: {e}", record.id),
+            }
+        }
     }
     Ok(Some(out))
+}
+
+/// The pair of a prompt's samples: the best-rewarded (chosen) and the worst (rejected), with
+/// the prompt record's fields; None when they all score the same.
+fn preference(record: &Record, samples: &[Sample]) -> Option<Record> {
+    let best = samples
+        .iter()
+        .max_by(|a, b| a.reward.total_cmp(&b.reward))?;
+    let worst = samples
+        .iter()
+        .min_by(|a, b| a.reward.total_cmp(&b.reward))?;
+    if best.reward <= worst.reward {
+        return None;
+    }
+    let mut metadata = record.metadata.clone();
+    metadata.insert("chosen_reward".into(), best.reward.into());
+    metadata.insert("rejected_reward".into(), worst.reward.into());
+    metadata.insert("chosen_stop".into(), (best.finish == Finish::Stop).into());
+    metadata.insert(
+        "rejected_stop".into(),
+        (worst.finish == Finish::Stop).into(),
+    );
+    Some(Record {
+        id: record.id,
+        prompt: record.prompt.clone(),
+        answer: record.answer.clone(),
+        chosen: Some(Prompt::Text(best.completion_text.clone())),
+        rejected: Some(Prompt::Text(worst.completion_text.clone())),
+        metadata,
+    })
 }
 
 /// Tokenized pairs: the prompt as the task renders it, each completion's text and its
@@ -312,6 +328,46 @@ mod tests {
         assert_eq!(second, first);
         assert_eq!(step_pairs(len, 4, 7, 3), step_pairs(len, 4, 7, 3));
         assert_ne!(step_pairs(len, 10, 7, 0), step_pairs(len, 10, 8, 0));
+    }
+
+    #[test]
+    fn preference_pairs_do_not_depend_on_how_their_groups_are_batched() {
+        let build = |batch: &str| {
+            let set = [
+                format!("rollout.groups_per_batch={batch}"),
+                "algorithm.preference_prompts=64".into(),
+            ];
+            let c = Config::default_with(&set.each_ref().map(String::as_str)).unwrap();
+            let (w, tokenizer) = setup::load_model(&c).unwrap();
+            let task = setup::task(&c, tokenizer);
+            let mut feed = Feed::new(setup::train_loader(&c).unwrap(), Default::default());
+            let stop = AtomicBool::new(false);
+            let pairs = build_preferences(&c, &w, &task, &mut feed, &stop).unwrap();
+            (pairs.unwrap(), feed.state().next_group)
+        };
+        let (one, drawn) = build("1");
+        assert!(one.len() >= 3, "{} pairs", one.len());
+        assert_eq!(drawn, 64);
+        let (batched, drawn) = build("5"); // 12 batches of 5 and one of 4
+        assert_eq!(drawn, 64);
+        let key = |r: &Record| {
+            let text = |p: &Option<Prompt>| match p {
+                Some(Prompt::Text(t)) => t.clone(),
+                _ => String::new(),
+            };
+            (r.id, text(&r.chosen), text(&r.rejected))
+        };
+        assert_eq!(
+            one.iter().map(key).collect::<Vec<_>>(),
+            batched.iter().map(key).collect::<Vec<_>>()
+        );
+        // a stop before the first batch builds nothing
+        let c = Config::default();
+        let (w, tokenizer) = setup::load_model(&c).unwrap();
+        let task = setup::task(&c, tokenizer);
+        let mut feed = Feed::new(setup::train_loader(&c).unwrap(), Default::default());
+        let stopped = build_preferences(&c, &w, &task, &mut feed, &AtomicBool::new(true));
+        assert!(stopped.unwrap().is_none());
     }
 
     #[test]
