@@ -948,7 +948,7 @@ fn rescued(
     let context = if top.optimizer_steps != optimizer_steps {
         format!("{failed} during its update, so the weights are no step's; {resume} continues from the last checkpoint (step {saved})")
     } else if done == saved {
-        format!("{failed}; the steps done are in the last checkpoint, and {resume} continues")
+        format!("{failed}: the first since the last checkpoint (or the stage's start), so no step is lost, and {resume} continues")
     } else {
         match save(&top.state) {
             Ok(name) => {
@@ -1064,7 +1064,7 @@ mod tests {
         );
         // nothing since the last checkpoint; an update under way; no step to keep: not saved
         let e = run(Some(top(5)), 7, 5, true);
-        assert!(e.contains("in the last checkpoint"), "{e}");
+        assert!(e.contains("no step is lost"), "{e}");
         let e = run(Some(top(5)), 8, 2, true);
         assert!(
             e.contains("during its update") && e.contains("(step 2)"),
