@@ -531,7 +531,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         let end = match end {
             Ok(end) => end,
             Err(e) => {
-                let saved = checkpoint::list(&ckpt_root)?.last().map_or(0, |(s, _)| *s);
+                let saved = last_saved(&ckpt_root);
                 return Err(rescued(e, "DPO", top, opt.steps(), saved, dir, |s| {
                     crate::dpo::save(c, dir, &task, &policy, &opt, s)
                 }));
@@ -635,7 +635,6 @@ fn rl_stage(
     bar.set_position(state.step);
     let mut skipped_in_a_row = 0;
     let mut top: Option<StepTop> = None;
-    let mut saved = state.step; // the last step in a checkpoint (or the warm start's)
     let result = (|| -> anyhow::Result<()> {
         while state.step < c.run.steps {
             if opts.stop.load(Ordering::SeqCst) {
@@ -833,7 +832,6 @@ fn rl_stage(
             if ckpt_due {
                 let state = with_feed(&state, &feed);
                 save(c, opts, task, policy, opt, &algorithm.critic, &state)?;
-                saved = state.step;
                 if let Some(t) = tracker.as_mut() {
                     t.record(state.step, &policy.named())?;
                 }
@@ -858,6 +856,7 @@ fn rl_stage(
     pool.stop();
     if let Err(e) = result {
         let steps = algorithm.optimizer_steps(opt);
+        let saved = last_saved(&opts.dir.join("checkpoints"));
         return Err(rescued(e, "RL", top, steps, saved, &opts.dir, |s| {
             save(c, opts, task, policy, opt, &algorithm.critic, s)
         }));
@@ -915,6 +914,12 @@ fn with_feed(state: &TrainerState, feed: &Mutex<Feed>) -> TrainerState {
         feed: feed.lock().expect("feed lock").state(),
         ..state.clone()
     }
+}
+
+/// The step of the last checkpoint in `root` (0: none, or none readable).
+fn last_saved(root: &Path) -> u64 {
+    let list = checkpoint::list(root).unwrap_or_default();
+    list.last().map_or(0, |(step, _)| *step)
 }
 
 /// The run as it stood when the step under way began.
