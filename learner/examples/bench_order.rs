@@ -3,6 +3,8 @@
 //! together), padded with the sequences shortest first where that pads less
 //! (`learner::step::set_order_by_length`), and packed end to end with no padding, each prompt once
 //! (`learner::step::set_pack_rows`): the positions each runs, its seconds a step and the ratios.
+//! First, the keys the packed flash kernels' forward visits over those rows, with their query
+//! tiles' two spans and from each tile's first key (`learner::synthetic::packed_attention_keys`).
 //!
 //!     cargo run --release -p ferrite-learner --example bench_order [hidden layers]
 //!
@@ -13,7 +15,7 @@
 
 use candle_core::Device;
 use learner::optim::{AdamW, AdamWConfig};
-use learner::synthetic::{compare_layouts, rl_like_step, LAYOUTS};
+use learner::synthetic::{compare_layouts, packed_attention_keys, rl_like_step, LAYOUTS};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     model::tune_process();
@@ -35,6 +37,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{} sequences, {tokens} completion tokens ({real} prompt and completion tokens)",
         seqs.len()
+    );
+    // what the packed flash kernels' spans save (in keys: the same on any device)
+    let [spans, from_first, seen] = packed_attention_keys(&seqs, 8192)?;
+    println!(
+        "BENCH packed attention keys (summed over 64-row query tiles): {spans} visited with the \
+         spans, {from_first} from each tile's first key ({:.2}× fewer with the spans), {seen} seen \
+         by a tile's rows",
+        from_first as f64 / spans as f64
     );
     let runs = compare_layouts(&w, &mut opt, &seqs, 8192, 3)?;
     for (run, label) in runs.iter().zip(LAYOUTS) {

@@ -301,6 +301,14 @@ enum Layout {
 }
 
 impl Packed {
+    /// The one row the micro-batch runs as, when packed.
+    pub(crate) fn packed(&self) -> Option<&PackedRows> {
+        match &self.layout {
+            Layout::Packed { row, .. } => Some(row),
+            _ => None,
+        }
+    }
+
     /// Log-probs and entropies of the completion tokens under `w`, `[B, T−1]`; the hidden
     /// states too when packed only `with_hidden` (the other layouts always have them).
     pub(crate) fn logprobs(

@@ -33,6 +33,31 @@ pub fn rl_like_step(prompts: usize, group: usize, vocab: u32, seed: u64) -> Vec<
     out
 }
 
+/// The keys the packed attention's forward visits for `seqs` in micro-batches of `budget`
+/// tokens, each packed into one row ([`model::attention::varlen_work`], summed): with the
+/// query tiles' two spans, from each tile's first key on, and the keys some row of a tile sees.
+pub fn packed_attention_keys(seqs: &[Sequence], budget: usize) -> crate::error::Result<[usize; 3]> {
+    use crate::step::{micro_batches, pack, packing_rows, set_pack_rows};
+    let was = packing_rows();
+    set_pack_rows(true);
+    let work = (|| {
+        let mut sum = [0usize; 3];
+        for range in micro_batches(seqs, budget) {
+            let packed = pack(&seqs[range], &candle_core::Device::Cpu)?;
+            if let Some(row) = packed.packed() {
+                let n = row.segments.iter().map(|s| s.len).sum();
+                let work = model::attention::varlen_work(&row.segments, n);
+                for (s, w) in sum.iter_mut().zip(work) {
+                    *s += w;
+                }
+            }
+        }
+        Ok(sum)
+    })();
+    set_pack_rows(was);
+    work
+}
+
 /// What [`compare_layouts`] measured for one layout: seconds a step and positions run.
 #[derive(Debug, Clone, Copy)]
 pub struct LayoutRun {

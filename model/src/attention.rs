@@ -299,6 +299,43 @@ pub fn varlen_rows(segments: &[Segment], n: usize) -> (Vec<u32>, Vec<u32>) {
     (seg, bounds)
 }
 
+/// The attention work of the packed forward (and dQ) over a row of `n` tokens laid out as
+/// `segments`, in keys summed over its tiles of [`crate::launch::FLASH_ROWS`] query rows: the
+/// keys they visit (their tiles' two spans), the keys they would visit from each tile's first
+/// key on (before the spans), and the keys some row of the tile sees (the least a tiled kernel
+/// could visit).
+pub fn varlen_work(segments: &[Segment], n: usize) -> [usize; 3] {
+    let tile = crate::launch::FLASH_ROWS;
+    let (seg, bounds) = varlen_rows(segments, n);
+    let mut work = [0usize; 3];
+    for t in 0..n.div_ceil(tile) {
+        let rows = t * tile..((t + 1) * tile).min(n);
+        let keys = rows.end; // the tile's last row sees no key past itself
+        let [a0, a1, b0] = [0, 1, 2].map(|i| bounds[3 * t + i] as usize);
+        // as the kernels walk them: a tile of keys at a time, from a0 while below a1, then b0
+        let mut k0 = if a0 < a1 { a0 } else { b0 };
+        let first = k0;
+        while k0 < keys {
+            work[0] += tile.min(keys - k0);
+            let next = k0 + tile;
+            k0 = if k0 < a1 && next >= a1 {
+                next.max(b0)
+            } else {
+                next
+            };
+        }
+        work[1] += keys - first;
+        let mut seen = vec![false; keys];
+        for i in rows {
+            let (own, p0, p1) = (seg[3 * i] as usize, seg[3 * i + 1], seg[3 * i + 2]);
+            seen[own..=i].fill(true);
+            seen[p0 as usize..p1 as usize].fill(true);
+        }
+        work[2] += seen.iter().filter(|&&s| s).count();
+    }
+    work
+}
+
 /// The keys a tile of query rows visits, as `[a0, a1, b0]`: the span `[a0, a1)`, then from `b0`
 /// on to its last row, covering every key each row sees (`rows`: its own segment's keys up to
 /// it, and its prefix's). Where those keys are more than two spans, the spans cover the keys
@@ -607,6 +644,34 @@ mod tests {
     use crate::ops::composed;
     use crate::test_util::{max_rel, random};
     use candle_core::{Device, Var};
+
+    #[test]
+    fn varlen_work_counts_the_keys_the_spans_visit() {
+        // a 10-token prompt head with two rows of 90 and 100 tokens after it: the tiles of rows
+        // 128..192 and 192..200 see the prompt and keys 100.. (rows of the second), and visit
+        // 0..64, then 100 on (156 and 164 keys) rather than all from key 0 (192 and 200)
+        let segments = [
+            Segment {
+                start: 0,
+                len: 10,
+                prefix: None,
+            },
+            Segment {
+                start: 10,
+                len: 90,
+                prefix: Some((0, 10)),
+            },
+            Segment {
+                start: 100,
+                len: 100,
+                prefix: Some((0, 10)),
+            },
+        ];
+        let [visited, from_first, seen] = varlen_work(&segments, 200);
+        assert_eq!(visited, 64 + 128 + 156 + 164);
+        assert_eq!(from_first, 64 + 128 + 192 + 200);
+        assert_eq!(seen, 64 + 128 + 102 + 110);
+    }
 
     #[test]
     fn a_query_tiles_key_spans_skip_its_widest_gap() {
