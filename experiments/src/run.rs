@@ -178,7 +178,7 @@ fn sft_stage(
         };
         let progress = step as f64 / c.sft.steps as f64;
         let lr = c.sft.lr * (1.0 - progress).max(c.sft.min_lr_ratio);
-        let done = (|| {
+        let done = caught(|| {
             let mut batch = Vec::with_capacity(c.sft.batch_size);
             for r in loader.take(c.sft.batch_size)? {
                 let text = rollout::task::fill_template(&c.sft.completion_template, &r)?;
@@ -194,7 +194,7 @@ fn sft_stage(
                 c.optimizer.micro_batch_tokens,
                 lr,
             )?)
-        })();
+        });
         let m = match done {
             Ok(m) => m,
             Err(e) => {
@@ -515,18 +515,20 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             Ok(())
         };
         let mut top = None;
-        let end = crate::dpo::dpo_stage(
-            c,
-            &policy,
-            &mut opt,
-            &pairs,
-            &cached,
-            state,
-            &mut metrics,
-            &mut on_step,
-            &opts.stop,
-            &mut top,
-        );
+        let end = caught(|| {
+            crate::dpo::dpo_stage(
+                c,
+                &policy,
+                &mut opt,
+                &pairs,
+                &cached,
+                state,
+                &mut metrics,
+                &mut on_step,
+                &opts.stop,
+                &mut top,
+            )
+        });
         bar.finish_and_clear();
         let end = match end {
             Ok(end) => end,
@@ -635,7 +637,7 @@ fn rl_stage(
     bar.set_position(state.step);
     let mut skipped_in_a_row = 0;
     let mut top: Option<StepTop> = None;
-    let result = (|| -> anyhow::Result<()> {
+    let result = caught(|| -> anyhow::Result<()> {
         while state.step < c.run.steps {
             if opts.stop.load(Ordering::SeqCst) {
                 summary.interrupted = true;
@@ -850,7 +852,7 @@ fn rl_stage(
             );
         }
         Ok(())
-    })();
+    });
     bar.finish_and_clear();
     drop(collector);
     pool.stop();
@@ -914,6 +916,23 @@ fn with_feed(state: &TrainerState, feed: &Mutex<Feed>) -> TrainerState {
         feed: feed.lock().expect("feed lock").state(),
         ..state.clone()
     }
+}
+
+/// `f()`, with a panic in it (a bug) turned into its error, so that a stage's steps done are
+/// saved as for any failed step ([`rescued`]). What the panic left half done is judged there:
+/// weights that an optimizer step had begun to change are not saved.
+fn caught<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = match (
+            payload.downcast_ref::<&str>(),
+            payload.downcast_ref::<String>(),
+        ) {
+            (Some(s), _) => s.to_string(),
+            (_, Some(s)) => s.clone(),
+            _ => "no message".into(),
+        };
+        Err(anyhow::anyhow!("panicked: {message}"))
+    })
 }
 
 /// The step of the last checkpoint in `root` (0: none, or none readable).
@@ -1024,6 +1043,17 @@ mod tests {
         assert!(out_of_memory(&e.unwrap_err()));
         assert_eq!(tried, vec![3, 1]);
     }
+    #[test]
+    fn a_panic_is_the_steps_error() {
+        let e = caught(|| -> anyhow::Result<()> { panic!("index {} out of range", 7) });
+        assert_eq!(
+            format!("{:#}", e.unwrap_err()),
+            "panicked: index 7 out of range"
+        );
+        assert_eq!(caught(|| Ok(3)).unwrap(), 3);
+        assert!(caught(|| -> anyhow::Result<()> { anyhow::bail!("no room") }).is_err());
+    }
+
     #[test]
     fn a_failed_step_saves_the_steps_done_only_where_its_update_had_not_begun() {
         let top = |step| StepTop {

@@ -265,16 +265,20 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     succeed(ferrite().args(["run", "--resume"]).arg(&failed));
     assert_same_logs(&whole, &failed);
 
-    // in the warm start, the steps done go into its partial checkpoint
+    // in the warm start, the steps done go into its partial checkpoint; a panic (a bug) there
+    // is a failed step too
     let failed_warm = scratch("failed-warm");
     let err = fail(
         ferrite()
             .args(["run", "--out"])
             .arg(&failed_warm)
             .args(args),
-        "sft-step@25",
+        "sft-step@25:panic",
     );
-    assert!(err.contains("warm-start step 26 failed"), "{err}");
+    assert!(
+        err.contains("warm-start step 26 failed") && err.contains("panicked"),
+        "{err}"
+    );
     let partial = failed_warm.join("checkpoints/sft-partial/trainer_state.json");
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&partial).expect("sft-partial")).unwrap();
