@@ -923,14 +923,7 @@ fn with_feed(state: &TrainerState, feed: &Mutex<Feed>) -> TrainerState {
 /// weights that an optimizer step had begun to change are not saved.
 fn caught<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        let message = match (
-            payload.downcast_ref::<&str>(),
-            payload.downcast_ref::<String>(),
-        ) {
-            (Some(s), _) => s.to_string(),
-            (_, Some(s)) => s.clone(),
-            _ => "no message".into(),
-        };
+        let message = rollout::pool::panic_message(&*payload);
         Err(anyhow::anyhow!("panicked: {message}"))
     })
 }

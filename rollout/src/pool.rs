@@ -127,7 +127,7 @@ pub enum Event {
         group_id: u64,
         error: String,
     },
-    /// The feed cannot go on (e.g. too many bad rows): the run must stop.
+    /// The feed cannot go on (e.g. too many bad rows), or a worker panicked: the run must stop.
     Fatal(String),
     /// What one of a worker's generations decoded (sent after its groups): how full its
     /// batches ran.
@@ -401,9 +401,11 @@ impl Pool {
                 std::thread::Builder::new()
                     .name(format!("rollout-{worker}"))
                     .spawn(move || {
-                        work(
-                            worker, &cfg, &task, &feed, &store, &admission, &sender, &stop,
-                        )
+                        guarded(worker, &sender, || {
+                            work(
+                                worker, &cfg, &task, &feed, &store, &admission, &sender, &stop,
+                            )
+                        })
                     })
                     .expect("spawn a rollout worker")
             })
@@ -423,6 +425,30 @@ impl Pool {
         for h in self.handles {
             let _ = h.join();
         }
+    }
+}
+
+/// Runs worker `index`'s `work`. A panic in it (a bug) becomes an [`Event::Fatal`], so the
+/// learner ends the run (saving the steps done) rather than wait for the groups the worker
+/// had drawn, whose quota it would never return.
+pub fn guarded(index: usize, sender: &Sender<Event>, work: impl FnOnce()) {
+    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        let message = panic_message(&*payload);
+        let _ = sender.send(Event::Fatal(format!(
+            "rollout worker {index} panicked: {message}"
+        )));
+    }
+}
+
+/// The message a panic carries (its payload's text).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (
+        payload.downcast_ref::<&str>(),
+        payload.downcast_ref::<String>(),
+    ) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "no message".into(),
     }
 }
 

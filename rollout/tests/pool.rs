@@ -453,3 +453,21 @@ fn entropy_rewards_come_from_the_sampling_policy() {
         );
     }
 }
+
+/// A worker that panics (a bug) tells the learner the run must stop, where its drawn groups
+/// would otherwise never come (nor their quota return) and the learner would wait for ever.
+#[test]
+fn a_worker_that_panics_tells_the_learner_the_run_must_stop() {
+    use rollout::pool::guarded;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    guarded(3, &tx, || panic!("index {} out of range", 9));
+    match rx.try_recv() {
+        Ok(Event::Fatal(e)) => assert_eq!(e, "rollout worker 3 panicked: index 9 out of range"),
+        other => panic!("{other:?}"),
+    }
+    guarded(1, &tx, || {});
+    assert!(
+        rx.try_recv().is_err(),
+        "a worker that ends sends nothing more"
+    );
+}
