@@ -1621,10 +1621,7 @@ pub fn flash_attention(
     let guards = [&q, k, v].map(|t| t.storage_and_layout());
     let [(qs, ql), (ks, kl), (vs, vl)] = on_cuda(&guards)?;
     let mask_tensors = mask.tensors()?;
-    let mask_guards: Vec<_> = mask_tensors
-        .iter()
-        .map(|t| t.storage_and_layout())
-        .collect();
+    let mask_guards = storage_guards(&mask_tensors);
     let views = MaskViews::new(&mask_guards, a.packed)?;
     let dev = qs.device().clone();
     let qv = view::<half::bf16>(qs, ql)?;
@@ -1684,10 +1681,7 @@ pub fn flash_attention_backward(
     let guards = [&q, k, v, &y, &dy, lse].map(|t| t.storage_and_layout());
     let [(qs, ql), (ks, kl), (vs, vl), (ys, yl), (gs, gl), (ls, ll)] = on_cuda(&guards)?;
     let mask_tensors = mask.tensors()?;
-    let mask_guards: Vec<_> = mask_tensors
-        .iter()
-        .map(|t| t.storage_and_layout())
-        .collect();
+    let mask_guards = storage_guards(&mask_tensors);
     let views = MaskViews::new(&mask_guards, a.packed)?;
     let dev = qs.device().clone();
     let qv = view::<half::bf16>(qs, ql)?;
@@ -1742,6 +1736,13 @@ impl FlashMask<'_> {
             FlashMask::Packed { seg, bounds } => vec![seg.contiguous()?, bounds.contiguous()?],
         })
     }
+}
+
+/// The storage (read-locked) and layout of each of `tensors`, as a launch holds its inputs'.
+fn storage_guards(
+    tensors: &[Tensor],
+) -> Vec<(impl std::ops::Deref<Target = Storage> + '_, &Layout)> {
+    tensors.iter().map(|t| t.storage_and_layout()).collect()
 }
 
 /// A [`FlashMask`]'s device views: the bias, or a packed row's segments and bounds.
