@@ -46,7 +46,8 @@ pub fn packed_attention_keys(seqs: &[Sequence], budget: usize) -> crate::error::
             let packed = pack(&seqs[range], &candle_core::Device::Cpu)?;
             if let Some(row) = packed.packed() {
                 let n = row.segments.iter().map(|s| s.len).sum();
-                let work = model::attention::varlen_work(&row.segments, n);
+                let work =
+                    model::attention::varlen_work(&row.segments, n, model::launch::FLASH_KEYS);
                 for (s, w) in sum.iter_mut().zip(work) {
                     *s += w;
                 }

@@ -1075,6 +1075,13 @@ __device__ __forceinline__ float varlen_logit(float sc, float scale, int key, in
 }
 // The key tiles a query tile visits: from a0 while below a1, then from b0 on (one span: a0 = a1
 // = b0). Not packed, all of them from key 0.
+//
+// EMU_COUNT_KEYS(walk, keys): the kernel emulator counts the keys each block's walk visits (walk
+// 0: the forward's, 1: dQ's), which its test compares with model::attention::varlen_work; nothing
+// on a GPU.
+#ifndef EMU_COUNT_KEYS
+#define EMU_COUNT_KEYS(walk, keys)
+#endif
 struct KeySpans {
     int a0, a1, b0;
     __device__ __forceinline__ int first() const { return a0 < a1 ? a0 : b0; }
@@ -1332,6 +1339,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     load_tile_async<D>(ks, 0, kb, D, spans.first(), FLASH_KEYS, keys);
     cp_async_commit();
     for (int k0 = spans.first(); k0 < keys; k0 = spans.next(k0, FLASH_KEYS)) {
+        EMU_COUNT_KEYS(0, min(FLASH_KEYS, keys - k0));
         cp_async_wait<0>();
         __syncthreads();  // the key tile is in, and every warp is done with the last value tile
         load_tile_async<D>(vs, 0, vb, D, k0, FLASH_KEYS, keys);
@@ -1479,6 +1487,7 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
     };
     stage(spans.first(), 0);
     for (int k0 = spans.first(), buf = 0; k0 < keys; k0 = spans.next(k0, KT), buf ^= 1) {
+        EMU_COUNT_KEYS(1, min(KT, keys - k0));
         cp_async_wait<0>();
         __syncthreads();  // this tile is in, and every warp is done with the other buffers
         if (spans.next(k0, KT) < keys) stage(spans.next(k0, KT), buf ^ 1);

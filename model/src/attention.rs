@@ -301,10 +301,11 @@ pub fn varlen_rows(segments: &[Segment], n: usize) -> (Vec<u32>, Vec<u32>) {
 
 /// The attention work of the packed forward (and dQ) over a row of `n` tokens laid out as
 /// `segments`, in keys summed over its tiles of [`crate::launch::FLASH_ROWS`] query rows: the
-/// keys they visit (their tiles' two spans), the keys they would visit from each tile's first
-/// key on (before the spans), and the keys some row of the tile sees (the least a tiled kernel
-/// could visit).
-pub fn varlen_work(segments: &[Segment], n: usize) -> [usize; 3] {
+/// keys they visit (their tiles' two spans, walked `key_tile` keys at a time: the forward's
+/// [`crate::launch::FLASH_KEYS`]), the keys they would visit from each tile's first key on
+/// (before the spans), and the keys some row of the tile sees (the least a tiled kernel could
+/// visit). The kernel emulation test checks the first against the kernels' own walks.
+pub fn varlen_work(segments: &[Segment], n: usize, key_tile: usize) -> [usize; 3] {
     let tile = crate::launch::FLASH_ROWS;
     let (seg, bounds) = varlen_rows(segments, n);
     let mut work = [0usize; 3];
@@ -316,8 +317,8 @@ pub fn varlen_work(segments: &[Segment], n: usize) -> [usize; 3] {
         let mut k0 = if a0 < a1 { a0 } else { b0 };
         let first = k0;
         while k0 < keys {
-            work[0] += tile.min(keys - k0);
-            let next = k0 + tile;
+            work[0] += key_tile.min(keys - k0);
+            let next = k0 + key_tile;
             k0 = if k0 < a1 && next >= a1 {
                 next.max(b0)
             } else {
@@ -667,7 +668,7 @@ mod tests {
                 prefix: Some((0, 10)),
             },
         ];
-        let [visited, from_first, seen] = varlen_work(&segments, 200);
+        let [visited, from_first, seen] = varlen_work(&segments, 200, 64);
         assert_eq!(visited, 64 + 128 + 156 + 164);
         assert_eq!(from_first, 64 + 128 + 192 + 200);
         assert_eq!(seen, 64 + 128 + 102 + 110);

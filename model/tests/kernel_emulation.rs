@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use half::bf16;
-use model::launch::{self, Geometry};
+use model::launch::{self, Geometry, FLASH_KEYS};
 use model::ops::composed;
 use model::rng::Rng;
 use model::sampling::SamplingParams;
@@ -177,6 +177,12 @@ fn split<'a>(rest: &mut &'a [u8], n: usize) -> &'a [u8] {
 
 /// Runs `kernel` with `args`; returns the buffers after the launch, in argument order.
 fn try_launch(kernel: &str, g: Geometry, args: &[Arg]) -> Result<Vec<Arg>, String> {
+    emulate(kernel, g, args).map(|(buffers, _)| buffers)
+}
+
+/// Runs `kernel` with `args`: the buffers after the launch, in argument order, and the keys the
+/// flash kernels' blocks visited (the forward's walk, dQ's: `EMU_COUNT_KEYS` in ferrite.cu).
+fn emulate(kernel: &str, g: Geometry, args: &[Arg]) -> Result<(Vec<Arg>, [u64; 2]), String> {
     let mut input = Vec::new();
     input.extend((kernel.len() as u32).to_le_bytes());
     input.extend(kernel.as_bytes());
@@ -214,7 +220,8 @@ fn try_launch(kernel: &str, g: Geometry, args: &[Arg]) -> Result<Vec<Arg>, Strin
             _ => {}
         }
     }
-    Ok(buffers)
+    let keys_visited = [0, 1].map(|_| u64::from_le_bytes(split(&mut rest, 8).try_into().unwrap()));
+    Ok((buffers, keys_visited))
 }
 
 /// The next buffer of the emulator's output, of `like`'s type.
@@ -1411,6 +1418,54 @@ fn decode_qkv_attention_is_decode_qkv_then_decode_attention_bit_for_bit() {
     }
 }
 
+/// What the flash kernels' three launches give: the forward's output (token-major) and rows'
+/// log-partitions, dQ and Δ, each query head's dK and dV shares, and the keys the forward's and
+/// dQ's walks visited.
+struct Flash {
+    y: Arg,
+    lse: Arg,
+    dq: Arg,
+    delta: Arg,
+    dk: Arg,
+    dv: Arg,
+    keys_visited: [u64; 2],
+}
+
+/// The flash kernels' forward, dQ and dK/dV (`kernels`), as the launchers run them, over `heads`
+/// query heads (batch rows included) of `t` query rows against `s` keys of `d` columns: `args`
+/// puts each launch's own buffers after q, k, v and the bias, and before the dimensions (and a
+/// packed row's tables); `dy` is the upstream gradient, token-major.
+fn flash_launches(
+    (fwd, dq_kernel, dkv_kernel): (&str, &str, &str),
+    [heads, t, s, d]: [usize; 4],
+    dy: Arg,
+    args: impl Fn(&[Arg]) -> Vec<Arg>,
+) -> Flash {
+    let run = |kernel: &str, g: Geometry, rest: &[Arg]| {
+        emulate(kernel, g, &args(rest)).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let q_like = Arg::Bf16(vec![bf16::ZERO; heads * t * d]);
+    let rows = Arg::F32(vec![0f32; heads * t]);
+    let geometry = launch::flash_attention(heads, t);
+    let (out, [forward, _]) = run(fwd, geometry, &[q_like.clone(), rows.clone()]);
+    let (y, lse) = (out[4].clone(), out[5].clone());
+    let rest = [y.clone(), dy.clone(), lse.clone(), q_like, rows];
+    let (out, [_, dq_walk]) = run(dq_kernel, geometry, &rest);
+    let (dq, delta) = (out[7].clone(), out[8].clone());
+    let per_head = Arg::F32(vec![0f32; heads * s * d]);
+    let rest = [dy, lse.clone(), delta.clone(), per_head.clone(), per_head];
+    let (out, _) = run(dkv_kernel, launch::flash_attention_dkv(heads, s), &rest);
+    Flash {
+        y,
+        lse,
+        dq,
+        delta,
+        dk: out[7].clone(),
+        dv: out[8].clone(),
+        keys_visited: [forward, dq_walk],
+    }
+}
+
 #[test]
 fn flash_attention_forward_and_backward_match_the_composed_ops() {
     // (B, Hkv, G, T, S, capacity, D): Qwen2.5-0.5B's G and D over two row tiles (the second
@@ -1504,7 +1559,6 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
             Arg::Size(cap * d),
             Arg::Float(scale as f32),
         ];
-        let rows = vec![0f32; b * hkv * g * t];
         let inputs = [
             Ty::Bf16.buffer(&q),
             Ty::Bf16.buffer(&k_cache),
@@ -1514,15 +1568,15 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
         let args = |rest: &[Arg]| -> Vec<Arg> {
             inputs.iter().chain(rest).chain(&dims).cloned().collect()
         };
-        let out = launch(
-            kernel,
-            launch::flash_attention(b * hkv * g, t),
-            &args(&[
-                Ty::Bf16.buffer(&q.zeros_like().unwrap()),
-                Arg::F32(rows.clone()),
-            ]),
+        let (dq_kernel, dkv_kernel) = launch::flash_attention_backward_kernels(d).unwrap();
+        let dy = Ty::Bf16.buffer(&model::attention::token_major(&u, t).unwrap());
+        let run = flash_launches(
+            (kernel, dq_kernel, dkv_kernel),
+            [b * hkv * g, t, s, d],
+            dy,
+            args,
         );
-        let (y, lse) = (&out[4], &out[5]);
+        let (y, lse) = (&run.y, &run.lse);
         let want = want.broadcast_mul(&sees).unwrap();
         let want_lse = want_lse
             .reshape((b, hkv, g * t, 1))
@@ -1542,38 +1596,13 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
             1e-5,
         );
 
-        let (dq_kernel, dkv_kernel) = launch::flash_attention_backward_kernels(d).unwrap();
-        let dy = Ty::Bf16.buffer(&model::attention::token_major(&u, t).unwrap());
-        let out = launch(
-            dq_kernel,
-            launch::flash_attention(b * hkv * g, t),
-            &args(&[
-                y.clone(),
-                dy.clone(),
-                lse.clone(),
-                Ty::Bf16.buffer(&q.zeros_like().unwrap()),
-                Arg::F32(rows),
-            ]),
-        );
-        let (dq, delta) = (&out[7], &out[8]);
+        let (dq, delta) = (&run.dq, &run.delta);
         assert_close(&format!("{dq_kernel} {at}"), dq, &want_grads[0], 2e-2);
         // Δ = rowsum(dO∘O) from the kernel's own (bf16) output
         let y_t = Tensor::from_vec(head_major(y).f32s(), (b, hkv, g * t, d), &Device::Cpu).unwrap();
         let want_delta = (&u * &y_t).unwrap().sum(D::Minus1).unwrap();
         assert_close(&format!("{dq_kernel} delta {at}"), delta, &want_delta, 1e-5);
 
-        let per_head = vec![0f32; b * hkv * g * s * d];
-        let out = launch(
-            dkv_kernel,
-            launch::flash_attention_dkv(b * hkv * g, s),
-            &args(&[
-                dy,
-                lse.clone(),
-                delta.clone(),
-                Arg::F32(per_head.clone()),
-                Arg::F32(per_head),
-            ]),
-        );
         // each query head's share, summed over the G heads of its K/V head
         let summed = |a: &Arg| {
             Tensor::from_vec(a.f32s(), (b, hkv, g, s, d), &Device::Cpu)
@@ -1582,8 +1611,8 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
                 .unwrap()
         };
         for (name, got, want) in [
-            ("dk", &out[7], &want_grads[1]),
-            ("dv", &out[8], &want_grads[2]),
+            ("dk", &run.dk, &want_grads[1]),
+            ("dv", &run.dv, &want_grads[2]),
         ] {
             let got = summed(got).flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_close(
@@ -1737,17 +1766,9 @@ fn varlen_flash_attention_matches_the_composed_ops_over_segments() {
                 .cloned()
                 .collect()
         };
-        let rows = vec![0f32; hkv * g * n];
-        let out = launch(
-            fwd,
-            launch::flash_attention(hkv * g, n),
-            &args(&[
-                Ty::Bf16.buffer(&q.zeros_like().unwrap()),
-                Arg::F32(rows.clone()),
-            ]),
-        );
-        let (y, lse) = (&out[4], &out[5]);
-        let y_heads = Tensor::from_vec(y.f32s(), (1, n, hkv * g, d), &Device::Cpu)
+        let dy = Ty::Bf16.buffer(&model::attention::token_major(&u, n).unwrap());
+        let run = flash_launches((fwd, dq_kernel, dkv_kernel), [hkv * g, n, n, d], dy, args);
+        let y_heads = Tensor::from_vec(run.y.f32s(), (1, n, hkv * g, d), &Device::Cpu)
             .unwrap()
             .transpose(1, 2)
             .unwrap()
@@ -1759,35 +1780,21 @@ fn varlen_flash_attention_matches_the_composed_ops_over_segments() {
             &want,
             Ty::Bf16.tol(),
         );
-        let dy = Ty::Bf16.buffer(&model::attention::token_major(&u, n).unwrap());
-        let out = launch(
-            dq_kernel,
-            launch::flash_attention(hkv * g, n),
-            &args(&[
-                y.clone(),
-                dy.clone(),
-                lse.clone(),
-                Ty::Bf16.buffer(&q.zeros_like().unwrap()),
-                Arg::F32(rows),
-            ]),
-        );
-        let (dq, delta) = (&out[7], &out[8]);
-        assert_close(&format!("{dq_kernel} {at}"), dq, &want_grads[0], 2e-2);
-        let per_head = vec![0f32; hkv * g * n * d];
-        let out = launch(
-            dkv_kernel,
-            launch::flash_attention_dkv(hkv * g, n),
-            &args(&[
-                dy,
-                lse.clone(),
-                delta.clone(),
-                Arg::F32(per_head.clone()),
-                Arg::F32(per_head),
-            ]),
+        assert_close(&format!("{dq_kernel} {at}"), &run.dq, &want_grads[0], 2e-2);
+        // the forward and dQ walk the key tiles that model::attention::varlen_work counts (dQ's
+        // tiles of KT keys: FLASH_KEYS at D = 64, half at D = 128), for every query head
+        let dq_tile = if d == 64 { FLASH_KEYS } else { FLASH_KEYS / 2 };
+        let walks = [FLASH_KEYS, dq_tile].map(|tile| {
+            let [visited, ..] = model::attention::varlen_work(&segments, n, tile);
+            (hkv * g * visited) as u64
+        });
+        assert_eq!(
+            run.keys_visited, walks,
+            "{at}: keys the forward and dQ visit"
         );
         for (name, got, want) in [
-            ("dk", &out[7], &want_grads[1]),
-            ("dv", &out[8], &want_grads[2]),
+            ("dk", &run.dk, &want_grads[1]),
+            ("dv", &run.dv, &want_grads[2]),
         ] {
             let got = Tensor::from_vec(got.f32s(), (1, hkv, g, n, d), &Device::Cpu)
                 .unwrap()

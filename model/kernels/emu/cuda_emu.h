@@ -26,6 +26,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -482,6 +483,13 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
 #define blockIdx emu::block_idx
 #define blockDim emu::block_dim
 #define gridDim emu::grid_dim
+// The keys the flash kernels' blocks visit, by walk (ferrite.cu's EMU_COUNT_KEYS: 0 the forward,
+// 1 dQ), counted by each block's thread 0; driver.cpp writes them after the buffers.
+namespace emu {
+inline std::atomic<unsigned long long> keys_visited[2];
+}
+#define EMU_COUNT_KEYS(walk, keys) \
+    (threadIdx.x == 0 ? (void)(emu::keys_visited[walk] += (unsigned long long)(keys)) : (void)0)
 // The test rewrites `__shared__ T name[N];`, `__shared__ T name;` and `extern __shared__ T name[];`
 // to these.
 #define EMU_SHARED(T, name, n) static emu::Shared<T> name(#name, n)

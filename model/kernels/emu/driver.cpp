@@ -9,7 +9,8 @@
 //         'P' a table of device addresses (`const u64*`: u64 count, then per entry 'n' for a null
 //         address or a tagged buffer, which the table points to).
 // stdout: every buffer argument after the launch, in order, as its element count and elements (a
-//         table's buffers in its place).
+//         table's buffers in its place), then the keys the flash kernels' walks visited (two u64:
+//         the forward's, dQ's; see EMU_COUNT_KEYS).
 // Arguments must match the kernel's parameters in number, order and type, or the launch fails.
 #include "cuda_emu.h"
 
@@ -198,6 +199,10 @@ int main() {
         if (is_buffer(a.tag)) write_buffer(a);
         for (auto& t : a.table)
             if (t.tag != 'n') write_buffer(t);
+    }
+    for (const auto& keys : emu::keys_visited) {
+        const uint64_t n = keys;
+        std::fwrite(&n, 8, 1, stdout);
     }
     return 0;
 }
