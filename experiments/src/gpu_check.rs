@@ -587,38 +587,12 @@ fn behaviour_vs_learner(
         seed: 7,
         ..Default::default()
     };
-    let out = generate(w_gen, prompts, &cfg, None)?;
-    let rows: Vec<Vec<u32>> = prompts
-        .iter()
-        .zip(&out)
-        .map(|(p, c)| p.iter().chain(&c.tokens).copied().collect())
-        .collect();
-    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let (mut ids, mut attn, mut scored) = (Vec::new(), Vec::new(), Vec::new());
-    for (p, row) in prompts.iter().zip(&rows) {
-        let mut padded = row.clone();
-        padded.resize(t, 0);
-        ids.push(padded);
-        attn.push((0..t).map(|i| u8::from(i < row.len())).collect::<Vec<u8>>());
-        let own = |i: usize| i >= p.len() && i < row.len();
-        scored.push((0..t).map(|i| u8::from(own(i))).collect::<Vec<u8>>());
-    }
     let (_, trainable) = w_learn.to_vars()?;
-    let learner = sequence_logprobs(&trainable, &ids, &attn, &scored, 1.0)?
-        .logprobs
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()?;
-    let (mut worst, mut sum, mut n) = (0f32, 0f32, 0usize);
-    for (k, (p, c)) in prompts.iter().zip(&out).enumerate() {
-        for (i, &behaviour) in c.logprobs.iter().enumerate() {
-            let d = (learner[k][p.len() + i - 1] - behaviour).abs();
-            worst = worst.max(d);
-            sum += d;
-            n += 1;
-        }
-    }
-    Ok((worst, sum / n.max(1) as f32, n))
+    let tokens = model::logprobs::behaviour_and_learners(w_gen, &[&trainable], prompts, &cfg)?;
+    let gaps: Vec<f32> = tokens.iter().map(|t| (t[1] - t[0]).abs()).collect();
+    let n = gaps.len();
+    let worst = gaps.iter().fold(0f32, |a, &d| a.max(d));
+    Ok((worst, gaps.iter().sum::<f32>() / n.max(1) as f32, n))
 }
 
 /// Random normal tensor of `shape` on `device` in `dtype` (drawn in f32 on the CPU).

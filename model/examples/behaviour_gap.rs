@@ -8,10 +8,9 @@
 //!     cargo run --release -p ferrite-model --example behaviour_gap -- [bf16|f16|f32]
 
 use candle_core::{DType, Device};
-use model::generate::{generate, GenerationConfig};
-use model::logprobs::sequence_logprobs;
+use model::generate::GenerationConfig;
+use model::logprobs::behaviour_and_learners;
 use model::sampling::SamplingParams;
-use model::weights::Weights;
 
 const MODEL: &str = "assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const PROMPTS: [&str; 8] = [
@@ -51,38 +50,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed: 7,
         ..Default::default()
     };
-    let out = generate(&g.weights.snapshot()?, &prompts, &cfg, None)?;
-    // the rows padded to one length; each scores its completion's tokens
-    let rows: Vec<Vec<u32>> = prompts
-        .iter()
-        .zip(&out)
-        .map(|(p, c)| p.iter().chain(&c.tokens).copied().collect())
-        .collect();
-    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let (mut ids, mut attn, mut scored) = (Vec::new(), Vec::new(), Vec::new());
-    for (p, row) in prompts.iter().zip(&rows) {
-        ids.push([&row[..], &vec![0; t - row.len()]].concat());
-        attn.push((0..t).map(|i| u8::from(i < row.len())).collect::<Vec<u8>>());
-        let own = |i: usize| i >= p.len() && i < row.len();
-        scored.push((0..t).map(|i| u8::from(own(i))).collect::<Vec<u8>>());
-    }
-    let score = |w: &Weights| -> Result<Vec<Vec<f32>>, Box<dyn std::error::Error>> {
-        let lp = sequence_logprobs(w, &ids, &attn, &scored, 1.0)?.logprobs;
-        Ok(lp.to_dtype(DType::F32)?.to_vec2::<f32>()?)
-    };
     let (_, trainable) = g.weights.to_vars()?;
-    let learner = score(&trainable)?;
-    let exact = score(&g.weights.to(DType::F32, &Device::Cpu)?)?;
-    let (mut gap, mut sum, mut n, mut from_exact) = (0f32, 0f32, 0usize, [0f32; 2]);
-    for (k, (p, c)) in prompts.iter().zip(&out).enumerate() {
-        for (i, &behaviour) in c.logprobs.iter().enumerate() {
-            let at = p.len() + i - 1; // the state before token i of the completion
-            let d = (learner[k][at] - behaviour).abs();
-            (gap, sum, n) = (gap.max(d), sum + d, n + 1);
-            from_exact[0] = from_exact[0].max((behaviour - exact[k][at]).abs());
-            from_exact[1] = from_exact[1].max((learner[k][at] - exact[k][at]).abs());
-        }
+    let exact = g.weights.to(DType::F32, &Device::Cpu)?;
+    let tokens = behaviour_and_learners(
+        &g.weights.snapshot()?,
+        &[&trainable, &exact],
+        &prompts,
+        &cfg,
+    )?;
+    let (mut gap, mut sum, mut from_exact) = (0f32, 0f32, [0f32; 2]);
+    for t in &tokens {
+        let [behaviour, learner, exact] = [t[0], t[1], t[2]];
+        (gap, sum) = (
+            gap.max((learner - behaviour).abs()),
+            sum + (learner - behaviour).abs(),
+        );
+        from_exact[0] = from_exact[0].max((behaviour - exact).abs());
+        from_exact[1] = from_exact[1].max((learner - exact).abs());
     }
+    let n = tokens.len();
     println!(
         "{dtype:?}, {n} sampled tokens: |behaviour − learner| max {gap:.2e}, mean {:.2e}; \
          from f32: behaviour max {:.2e}, learner max {:.2e}",

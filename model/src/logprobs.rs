@@ -100,6 +100,58 @@ pub fn packed_logprobs(
     })
 }
 
+/// Both sides of the training–inference gap for sampled tokens: `generate` on `w_gen` samples
+/// `prompts`' completions as a rollout worker does (the KV cache, the decode kernels) and records
+/// each token's behaviour log-prob; each of `learners` then scores the same tokens over the whole
+/// rows ([`sequence_logprobs`], as the learner does). One entry per sampled token, row by row:
+/// the behaviour log-prob, then each learner's.
+pub fn behaviour_and_learners(
+    w_gen: &Weights,
+    learners: &[&Weights],
+    prompts: &[Vec<u32>],
+    cfg: &crate::generate::GenerationConfig,
+) -> Result<Vec<Vec<f32>>> {
+    let out = crate::generate::generate(w_gen, prompts, cfg, None)?;
+    // the rows padded to one length; each scores its own completion's tokens
+    let rows: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&out)
+        .map(|(p, c)| p.iter().chain(&c.tokens).copied().collect())
+        .collect();
+    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut ids, mut attn, mut scored) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, row) in prompts.iter().zip(&rows) {
+        ids.push([&row[..], &vec![0; t - row.len()]].concat());
+        attn.push((0..t).map(|i| u8::from(i < row.len())).collect::<Vec<u8>>());
+        let own = |i: usize| i >= p.len() && i < row.len();
+        scored.push((0..t).map(|i| u8::from(own(i))).collect::<Vec<u8>>());
+    }
+    let scores = learners
+        .iter()
+        .map(|w| {
+            let lp = sequence_logprobs(w, &ids, &attn, &scored, cfg.sampling.temperature.into())?;
+            Ok(lp
+                .logprobs
+                .to_device(&candle_core::Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut tokens = Vec::new();
+    for (k, (p, c)) in prompts.iter().zip(&out).enumerate() {
+        for (i, &behaviour) in c.logprobs.iter().enumerate() {
+            let at = p.len() + i - 1; // the state before the completion's token i
+            tokens.push(
+                [behaviour]
+                    .into_iter()
+                    .chain(scores.iter().map(|s| s[k][at]))
+                    .collect(),
+            );
+        }
+    }
+    Ok(tokens)
+}
+
 fn check_rows(input_ids: &[Vec<u32>], loss_mask: &[Vec<u8>]) -> Result<()> {
     if input_ids.first().map_or(0, Vec::len) < 2 || loss_mask.len() != input_ids.len() {
         return Err(crate::error::ModelError::Generation(

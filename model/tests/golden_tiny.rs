@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use model::generate::{generate, generate_continuous, Completion, GenerationConfig};
 use model::kv_cache::KvCache;
-use model::logprobs::sequence_logprobs;
+use model::logprobs::{behaviour_and_learners, sequence_logprobs};
 use model::sampling::SamplingParams;
 use model::{forward, Batch, Weights};
 
@@ -437,38 +437,18 @@ fn behaviour_logprobs_equal_training_logprobs_at_the_sampling_temperature() {
         seed: 5,
         ..Default::default()
     };
+    let tokens = behaviour_and_learners(&w.detach(), &[&w], &prompts, &cfg).unwrap();
     let out = generate(&w.detach(), &prompts, &cfg, None).unwrap();
-    let t = prompts
-        .iter()
-        .zip(&out)
-        .map(|(p, c)| p.len() + c.tokens.len())
-        .max()
-        .unwrap();
-    let mut ids = Vec::new();
-    let mut attn = Vec::new();
-    let mut loss = Vec::new();
-    for (p, c) in prompts.iter().zip(&out) {
-        let n = p.len() + c.tokens.len();
-        let mut row: Vec<u32> = p.iter().chain(&c.tokens).copied().collect();
-        row.resize(t, 0);
-        ids.push(row);
-        attn.push((0..t).map(|i| u8::from(i < n)).collect::<Vec<u8>>());
-        loss.push(
-            (0..t)
-                .map(|i| u8::from(i >= p.len() && i < n))
-                .collect::<Vec<u8>>(),
+    assert_eq!(
+        tokens.len(),
+        out.iter().map(|c| c.tokens.len()).sum::<usize>()
+    );
+    for (i, t) in tokens.iter().enumerate() {
+        let [behaviour, learner] = [t[0], t[1]];
+        assert!(
+            (learner - behaviour).abs() < 1e-5,
+            "sampled token {i}: {learner} vs {behaviour}"
         );
-    }
-    let lp = sequence_logprobs(&w, &ids, &attn, &loss, 0.7).unwrap();
-    let lp = lp.logprobs.to_vec2::<f32>().unwrap();
-    for (k, (p, c)) in prompts.iter().zip(&out).enumerate() {
-        for (i, &behaviour) in c.logprobs.iter().enumerate() {
-            let learner = lp[k][p.len() + i - 1];
-            assert!(
-                (learner - behaviour).abs() < 1e-5,
-                "row {k} token {i}: {learner} vs {behaviour}"
-            );
-        }
     }
 }
 
