@@ -220,7 +220,8 @@ fn emulate(kernel: &str, g: Geometry, args: &[Arg]) -> Result<(Vec<Arg>, [u64; 2
             _ => {}
         }
     }
-    let keys_visited = [0, 1].map(|_| u64::from_le_bytes(split(&mut rest, 8).try_into().unwrap()));
+    let keys_visited: [u64; 2] =
+        std::array::from_fn(|_| u64::from_le_bytes(split(&mut rest, 8).try_into().unwrap()));
     Ok((buffers, keys_visited))
 }
 
