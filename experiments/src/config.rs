@@ -101,6 +101,11 @@ pub struct ModelSection {
     /// On CUDA in bf16: attention over a batch of rows by the flash kernels (`true`), or the
     /// chunked attention (`false`).
     pub flash_attention: bool,
+    /// In bf16: the output layer's logits in f32, from the matmul's f32 accumulator, in the
+    /// sampler and the learner (`true`), or rounded to bf16 (`false`). f32 logits narrow the
+    /// gap between the sampler's log-probs and the learner's; the learner's backward then
+    /// recomputes its logits rather than keep them.
+    pub f32_logits: bool,
 }
 
 /// Where a run's model lives, parsed from `model.device`.
@@ -149,6 +154,7 @@ impl Default for ModelSection {
             dtype: "auto".into(),
             cuda_kernels: true,
             flash_attention: true,
+            f32_logits: false,
         }
     }
 }

@@ -355,6 +355,16 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
             n > 0 && worst < tolerance,
         );
     }
+    // the same with the output layer's logits in f32 (`model.f32_logits`), both sides
+    model::head::set_f32_logits(true);
+    let gap = behaviour_vs_learner(&w64_bf16.packed()?, &w64_bf16, &prompts);
+    model::head::set_f32_logits(false);
+    let (worst, mean, n) = gap?;
+    check(
+        "behaviour vs learner log-probs, bf16 packed snapshot, D=64, f32 logits: max|Δ| (mean)",
+        format!("{worst:.2e} ({mean:.1e}, {n} tokens)"),
+        n > 0 && worst < 0.1,
+    );
 
     // shared prompts: two 40-token prompts run once for the three 8-token completions of each
     let comp = |k: usize| &ids[2 + k % 2][8 * k..8 * k + 8];
@@ -2503,6 +2513,12 @@ fn run(what: &str) -> Result<()> {
                     ("CUDA kernels + layer checkpointing", true, true, true),
                 ];
                 learner_benches(&gpu, w, baseline, &variants, r)?;
+                // what f32 logits (`model.f32_logits`) cost: the backward recomputes its logits
+                model::head::set_f32_logits(true);
+                let label = [("CUDA kernels, f32 logits", true, true, false)];
+                let f32_logits = learner_benches(&gpu, w, baseline, &label, r);
+                model::head::set_f32_logits(false);
+                f32_logits?;
                 learner_order_bench(w, r)?;
                 // what model::cuda::open's device settings gain, against candle's own
                 with_candle_defaults(w, |plain, w, before| {
@@ -2553,6 +2569,16 @@ fn glue_checks(gpu: &Device, rows: &mut Rows) -> Result<()> {
     let (want_sum, want_y) = ops::add_rms_norm(&x, &r, &w, 1e-6)?;
     glue_row(rows, "add + rms_norm [3, 37, 96]: sum", &sum, &want_sum)?;
     glue_row(rows, "add + rms_norm [3, 37, 96]: y", &y, &want_y)?;
+
+    // the output layer's f32 logits from bf16 states and weight, against the widened product
+    let h = randn(&[37, 96], 206, 1.0, DType::BF16, &cpu)?;
+    let v = randn(&[300, 96], 207, 1.0, DType::BF16, &cpu)?;
+    let got = model::cuda::matmul_t_f32(&h.to_device(gpu)?, &v.to_device(gpu)?)?;
+    let want = h
+        .to_dtype(DType::F32)?
+        .matmul(&v.to_dtype(DType::F32)?.t()?)?;
+    let name = format!("matmul_t_f32 [37, 96]·[300, 96]ᵀ bf16 -> {:?}", got.dtype());
+    glue_row_tol(rows, &name, &got, &want, 1e-5)?;
 
     let a = randn(&[37, 160], 204, 1.0, DType::F32, &cpu)?;
     let b = randn(&[37, 160], 205, 1.0, DType::F32, &cpu)?;

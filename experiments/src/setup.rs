@@ -19,10 +19,11 @@ use rollout::task::Task;
 use crate::config::{Config, DeviceSpec};
 
 /// The device and compute dtype that `model.device` and `model.dtype` ask for; sets the
-/// process's CUDA kernel switches from `model.cuda_kernels` and `model.flash_attention`.
+/// process's switches from `model.cuda_kernels`, `model.flash_attention` and `model.f32_logits`.
 pub fn placement(c: &Config) -> anyhow::Result<(Device, DType)> {
     model::ops::set_cuda_kernels(c.model.cuda_kernels);
     model::ops::set_flash_attention(c.model.flash_attention);
+    model::head::set_f32_logits(c.model.f32_logits);
     let dtype = if c.model.bf16()? {
         DType::BF16
     } else {

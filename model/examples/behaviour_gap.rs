@@ -5,7 +5,10 @@
 //! the mean |behaviour − learner log-prob| over the sampled tokens, and each path's largest
 //! distance from the learner's path in f32 on the same (rounded) weights.
 //!
-//!     cargo run --release -p ferrite-model --example behaviour_gap -- [bf16|f16|f32]
+//! With `f32-logits`, the output layer gives its logits in f32 in both paths
+//! (`model.f32_logits`).
+//!
+//!     cargo run --release -p ferrite-model --example behaviour_gap -- [bf16|f16|f32] [f32-logits]
 
 use candle_core::{DType, Device};
 use model::generate::GenerationConfig;
@@ -32,6 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("f32") => DType::F32,
         Some(other) => return Err(format!("dtype {other}: bf16, f16 or f32").into()),
     };
+    let f32_logits = std::env::args().nth(2).as_deref() == Some("f32-logits");
+    model::head::set_f32_logits(f32_logits);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(MODEL);
@@ -58,23 +63,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &prompts,
         &cfg,
     )?;
-    let (mut gap, mut sum, mut from_exact) = (0f32, 0f32, [0f32; 2]);
-    for t in &tokens {
-        let [behaviour, learner, exact] = [t[0], t[1], t[2]];
-        (gap, sum) = (
-            gap.max((learner - behaviour).abs()),
-            sum + (learner - behaviour).abs(),
-        );
-        from_exact[0] = from_exact[0].max((behaviour - exact).abs());
-        from_exact[1] = from_exact[1].max((learner - exact).abs());
-    }
-    let n = tokens.len();
+    // max and mean |a − b| over the sampled tokens of columns a and b (0 behaviour, 1 learner,
+    // 2 the learner's path in f32)
+    let gap = |a: usize, b: usize| {
+        let d: Vec<f32> = tokens.iter().map(|t| (t[a] - t[b]).abs()).collect();
+        let max = d.iter().fold(0f32, |m, &x| m.max(x));
+        format!(
+            "max {max:.2e}, mean {:.2e}",
+            d.iter().sum::<f32>() / d.len().max(1) as f32
+        )
+    };
     println!(
-        "{dtype:?}, {n} sampled tokens: |behaviour − learner| max {gap:.2e}, mean {:.2e}; \
-         from f32: behaviour max {:.2e}, learner max {:.2e}",
-        sum / n.max(1) as f32,
-        from_exact[0],
-        from_exact[1],
+        "{dtype:?}{}, {} sampled tokens: |behaviour − learner| {}; from f32: behaviour {}, learner {}",
+        if f32_logits { ", f32 logits" } else { "" },
+        tokens.len(),
+        gap(0, 1),
+        gap(0, 2),
+        gap(1, 2),
     );
     Ok(())
 }

@@ -1905,6 +1905,74 @@ impl FlashArgs {
     }
 }
 
+// ---------------------------------------------------------------- the output layer in f32
+
+/// `x [N, H] · wᵀ` for `w [V, H]`, both bf16 → `[N, V]` f32: one cuBLAS GEMM with bf16 inputs
+/// and an f32 output, which gets the f32 accumulator as it is (the output layer's logits never
+/// rounded to bf16: [`crate::head::logits`]). No graph.
+pub fn matmul_t_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
+    use candle_core::cuda_backend::cudarc::cublas::sys as blas;
+    use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+    let ((n, h), (v, hw)) = (x.dims2()?, w.dims2()?);
+    if h != hw || x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+        return Err(err(format!(
+            "matmul_t_f32: bf16 [N, H] by bf16 [V, H], got {:?} {:?} by {:?} {:?}",
+            x.dtype(),
+            x.dims(),
+            w.dtype(),
+            w.dims()
+        )));
+    }
+    let dim = |d: usize| i32::try_from(d).map_err(|_| err("matmul_t_f32: a dimension past i32"));
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let dev = cuda_device(&x)?;
+    let stream = dev.cuda_stream();
+    let mut out = unsafe { dev.alloc::<f32>(n * v)? };
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let xv = view::<half::bf16>(as_cuda(&xs)?, xl)?;
+        let wv = view::<half::bf16>(as_cuda(&ws)?, wl)?;
+        let (xp, _x) = xv.device_ptr(&stream);
+        let (wp, _w) = wv.device_ptr(&stream);
+        let (op, _o) = out.device_ptr_mut(&stream);
+        let (alpha, beta) = (1f32, 0f32);
+        let blas_handle = dev.cublas_handle();
+        // column-major, as cuBLAS reads: outᵀ [V, N] = (w read as [H, V])ᵀ · (x read as [H, N])
+        // SAFETY: x holds N·H elements and w V·H, contiguous; out N·V; one batch, no strides.
+        unsafe {
+            gemm_strided_batched_ex(
+                *blas_handle.handle(),
+                blas::cublasOperation_t::CUBLAS_OP_T,
+                blas::cublasOperation_t::CUBLAS_OP_N,
+                dim(v)?,
+                dim(n)?,
+                dim(h)?,
+                (&alpha as *const f32).cast(),
+                wp as *const _,
+                blas::cudaDataType_t::CUDA_R_16BF,
+                dim(h)?,
+                0,
+                xp as *const _,
+                blas::cudaDataType_t::CUDA_R_16BF,
+                dim(h)?,
+                0,
+                (&beta as *const f32).cast(),
+                op as *mut _,
+                blas::cudaDataType_t::CUDA_R_32F,
+                dim(v)?,
+                0,
+                1,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .w()?;
+    }
+    Ok(wrap(f32::wrap_cuda_slice(out, dev.clone()), (n, v)))
+}
+
 // ---------------------------------------------------------------- AdamW and the gradient norm
 
 /// The device address of a contiguous CUDA tensor's first element, as a `T` buffer.

@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::forward::{hidden_states, linear, positions_of, Batch};
+use crate::forward::{hidden_states, positions_of, Batch};
 use crate::kv_cache::KvCache;
 use crate::rng::Rng;
 use crate::sampling::{draw, SamplingParams};
@@ -534,12 +534,13 @@ fn finished(
 }
 
 /// Runs the forward with the cache and returns each row's last-position logits `[B, V]` in the
-/// weights' dtype, on the model's device (the output layer runs on the last position only).
+/// weights' dtype or f32 ([`crate::head::logits`]), on the model's device (the output layer runs
+/// on the last position only).
 fn last_logits(w: &Weights, batch: &Batch, cache: &mut KvCache) -> Result<Tensor> {
     let hidden = hidden_states(w, batch, Some(cache))?; // [B, T, H]
     let t = hidden.dim(1)?;
     let last = hidden.narrow(1, t - 1, 1)?; // [B, 1, H]
-    Ok(linear(&last, w.output_weight(), None)?.squeeze(1)?) // [B, V]
+    crate::head::logits(&last.squeeze(1)?, w.output_weight()) // [B, V]
 }
 
 /// `(token, log-prob, entropy)` for every row of `logits [B, V]` (rows without a stream get a

@@ -30,6 +30,40 @@ use crate::error::Result;
 use crate::forward::linear;
 use crate::ops::{logprob_entropy_backward, logprob_entropy_stats};
 
+static F32_LOGITS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns f32 logits on or off process-wide (off by default; a run's `model.f32_logits`): on, an
+/// output layer of 16-bit weights gives its logits in f32 ([`logits`]), in the sampler and the
+/// learner alike, where they were rounded to 16 bits. bf16 rounds a logit of 8 to 16 by up to
+/// 0.03, which goes into the token's log-prob as it is, differently in the two paths.
+pub fn set_f32_logits(on: bool) {
+    F32_LOGITS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the output layer gives f32 logits (see [`set_f32_logits`]).
+pub fn f32_logits() -> bool {
+    F32_LOGITS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The output layer's logits `states [N, H] · weightᵀ` for `weight [V, H]` → `[N, V]`, with no
+/// graph: in the weight's dtype, or in f32 where [`f32_logits`] is on and the weight is 16-bit,
+/// straight from the matmul's f32 accumulator and never rounded to 16 bits (on CUDA one cuBLAS
+/// GEMM with bf16 inputs and an f32 output; elsewhere the inputs widened first, which is exact).
+pub fn logits(states: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if !f32_logits() || weight.dtype() == DType::F32 {
+        return linear(states, weight, None);
+    }
+    #[cfg(feature = "cuda")]
+    if states.device().is_cuda() && weight.dtype() == DType::BF16 && states.dtype() == DType::BF16 {
+        return Ok(crate::cuda::matmul_t_f32(states, weight)?);
+    }
+    linear(
+        &states.to_dtype(DType::F32)?,
+        &weight.to_dtype(DType::F32)?,
+        None,
+    )
+}
+
 /// Logit elements one chunk may hold: 2²⁵ (128 MiB in f32), e.g. 220 rows of a 151,936 vocab.
 pub const CHUNK_ELEMENTS: usize = 1 << 25;
 
@@ -105,8 +139,10 @@ pub fn output_logprobs_with(
     chunking: Chunking,
 ) -> Result<(Tensor, Tensor)> {
     let (n, _) = states.dims2()?;
-    // kept logits come in one piece, which only the fused kernels read without temporaries
+    // kept logits come in one piece, which only the fused kernels read without temporaries;
+    // f32 ones are not kept (the backward recomputes its 16-bit logits)
     let keep = chunking.keep_logits
+        && !f32_logits()
         && (states.track_op() || weight.track_op())
         && crate::ops::logprob_kernels_apply(weight);
     // whole chunks per group, so that the backward's chunks are the forward's
@@ -119,7 +155,7 @@ pub fn output_logprobs_with(
         let len = step.min(n - start);
         // z [c, V]; its stats [c, 3]: log-prob, entropy, log-partition (which spares the
         // backward a pass)
-        let z = linear(&sd.narrow(0, start, len)?, &wd, None)?;
+        let z = logits(&sd.narrow(0, start, len)?, &wd)?;
         parts.push(logprob_entropy_stats(
             &z,
             &targets.narrow(0, start, len)?,
