@@ -1,7 +1,10 @@
 //! The output layer's f32 logits (`model.f32_logits`, `model::head::set_f32_logits`). The switch
 //! is process-wide, so these checks have a test binary of their own and run in one test.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var, D};
+use common::{max_abs, max_abs_diff};
 use model::generate::{generate, GenerationConfig};
 use model::head::{output_logprobs, set_f32_logits};
 use model::rng::Rng;
@@ -13,19 +16,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
         .map(|_| rng.normal() as f32)
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Log-probs of `targets` and entropies of `softmax(z)`, `z [N, V]` f32, by candle's ops.
@@ -108,8 +98,7 @@ fn f32_logits_reach_the_learners_log_probs_and_the_samplers() {
         .backward()
         .unwrap();
     let want = want.get(s.as_tensor()).unwrap();
-    let scale = want.abs().unwrap().max_keepdim(1).unwrap().max(0).unwrap();
-    let rel = max_abs_diff(&got, want) / scale.to_vec1::<f32>().unwrap()[0];
+    let rel = max_abs_diff(&got, want) / max_abs(want);
     assert!(rel < 5e-2, "gradient: relative difference {rel}");
 
     // the sampler's side: a bf16 model draws the same first token with its logits in f32 or not
