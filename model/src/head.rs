@@ -18,6 +18,9 @@
 //!
 //! The logits stay in the matmul's dtype: the log-prob kernels read them as they are and apply
 //! the temperature as they go, and write `dz` in that dtype too, so a chunk costs no f32 copy.
+//! With [`set_f32_logits`] the forward's logits come in f32 from the matmul's accumulator
+//! ([`logits`]) and are not kept; the backward recomputes them in the weight's dtype and turns
+//! them into `dz` with the forward's f32 log-partitions.
 //! `dW = dzᵀ·h` runs once per *group* of chunks (about [`GROUP_BYTES`] of `dz`), not per chunk:
 //! a chunk's 220 rows would make it a thin matmul whose `[V, H]` result (136M entries for
 //! Qwen2.5-0.5B) is cast and added in f32 38 times a step at 8192 tokens; a group of 3,533 rows
