@@ -1,9 +1,9 @@
 //! The training–inference gap on a real model: SmolLM2-135M-Instruct (the GGUF that
-//! `scripts/fetch-assets.sh` fetches) samples 32 tokens for each of 8 prompts at temperature 1
+//! `scripts/fetch-assets.sh` fetches) samples 128 tokens for each of 8 prompts at temperature 1
 //! from its KV cache on a packed snapshot, as a rollout worker does, then the learner's path
 //! (the whole rows, unpacked trainable weights) scores the same tokens. Prints the largest and
-//! the mean |behaviour − learner log-prob| over the sampled tokens, and each path's largest
-//! distance from the learner's path in f32 on the same (rounded) weights.
+//! the mean |behaviour − learner log-prob| over the sampled tokens, and each path's largest and
+//! mean distance from the learner's path in f32 on the same (rounded) weights.
 //!
 //! With `f32-logits`, the output layer gives its logits in f32 in both paths
 //! (`model.f32_logits`).
@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|t| g.tokenizer.encode(t, false))
         .collect::<Result<_, _>>()?;
     let cfg = GenerationConfig {
-        max_new_tokens: 32,
+        max_new_tokens: 128,
         sampling: SamplingParams {
             temperature: 1.0,
             ..Default::default()
