@@ -363,10 +363,9 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
     named.insert("lm_head.weight".into(), head?);
     let peaked = Weights::from_named(&c64, &named)?.to(DType::BF16, gpu)?;
     for f32_logits in [false, true] {
-        model::head::set_f32_logits(f32_logits);
-        let gap = behaviour_vs_learner(&peaked.packed()?, &peaked, &prompts);
-        model::head::set_f32_logits(false);
-        let (worst, mean, n) = gap?;
+        let (worst, mean, n) = model::head::with_f32_logits(f32_logits, || {
+            behaviour_vs_learner(&peaked.packed()?, &peaked, &prompts)
+        })?;
         let logits = if f32_logits { "f32" } else { "bf16" };
         check(
             &format!(
@@ -2525,11 +2524,10 @@ fn run(what: &str) -> Result<()> {
                 ];
                 learner_benches(&gpu, w, baseline, &variants, r)?;
                 // what f32 logits (`model.f32_logits`) cost: the backward recomputes its logits
-                model::head::set_f32_logits(true);
                 let label = [("CUDA kernels, f32 logits", true, true, false)];
-                let f32_logits = learner_benches(&gpu, w, baseline, &label, r);
-                model::head::set_f32_logits(false);
-                f32_logits?;
+                model::head::with_f32_logits(true, || {
+                    learner_benches(&gpu, w, baseline, &label, r)
+                })?;
                 learner_order_bench(w, r)?;
                 // what model::cuda::open's device settings gain, against candle's own
                 with_candle_defaults(w, |plain, w, before| {

@@ -48,6 +48,14 @@ pub fn f32_logits() -> bool {
     F32_LOGITS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// `f()` with f32 logits `on`, then the switch as it was (a check or a bench comparing both).
+pub fn with_f32_logits<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let was = F32_LOGITS.swap(on, std::sync::atomic::Ordering::Relaxed);
+    let out = f();
+    set_f32_logits(was);
+    out
+}
+
 /// The output layer's logits `states [N, H] · weightᵀ` for `weight [V, H]` → `[N, V]`, with no
 /// graph: in the weight's dtype, or in f32 where [`f32_logits`] is on and the weight is 16-bit,
 /// straight from the matmul's f32 accumulator and never rounded to 16 bits (on CUDA one cuBLAS

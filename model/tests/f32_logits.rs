@@ -1,4 +1,4 @@
-//! The output layer's f32 logits (`model.f32_logits`, `model::head::set_f32_logits`). The switch
+//! The output layer's f32 logits (`model.f32_logits`, `model::head::with_f32_logits`). The switch
 //! is process-wide, so these checks have a test binary of their own and run in one test.
 
 mod common;
@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::{max_abs, max_abs_diff};
 use model::generate::{generate, GenerationConfig};
-use model::head::{output_logprobs, set_f32_logits};
+use model::head::{output_logprobs, with_f32_logits};
 use model::rng::Rng;
 use model::sampling::SamplingParams;
 
@@ -62,10 +62,10 @@ fn f32_logits_reach_the_learners_log_probs_and_the_samplers() {
 
     let var = Var::from_tensor(&states).unwrap();
     let scored = |on: bool| {
-        set_f32_logits(on);
-        let out = output_logprobs(var.as_tensor(), &weight, &targets, 1.0, 16).unwrap();
-        set_f32_logits(false);
-        out
+        with_f32_logits(on, || {
+            output_logprobs(var.as_tensor(), &weight, &targets, 1.0, 16)
+        })
+        .unwrap()
     };
     let (logp, entropy) = scored(true);
     let (dl, de) = (
@@ -118,12 +118,7 @@ fn f32_logits_reach_the_learners_log_probs_and_the_samplers() {
         ..Default::default()
     };
     let prompts = vec![vec![3, 4, 5, 6], vec![9, 8, 7]];
-    let sampled = |on: bool| {
-        set_f32_logits(on);
-        let out = generate(&w, &prompts, &cfg, None).unwrap();
-        set_f32_logits(false);
-        out
-    };
+    let sampled = |on: bool| with_f32_logits(on, || generate(&w, &prompts, &cfg, None)).unwrap();
     let (wide, narrow) = (sampled(true), sampled(false));
     assert_eq!(wide[0].tokens[0], narrow[0].tokens[0]);
     let first = |c: &[model::generate::Completion]| c[0].logprobs[0];
