@@ -3,6 +3,7 @@
 //! (and the nearest valid key).
 
 use anyhow::{bail, Context};
+use candle_core::DType;
 use learner::advantages::EntropyReward;
 use learner::dpo::DpoLoss;
 use learner::grpo::{Aggregation, KlEstimator, RatioLevel, ScaleRewards};
@@ -132,13 +133,16 @@ impl ModelSection {
         }
     }
 
-    /// Whether the weights compute in bf16 (`dtype`, with `auto` resolved by the device).
-    pub fn bf16(&self) -> anyhow::Result<bool> {
+    /// The dtype the weights compute in (`dtype`, with `auto` resolved by the device: f32 on the
+    /// CPU, bf16 elsewhere).
+    pub fn compute_dtype(&self) -> anyhow::Result<DType> {
         match self.dtype.as_str() {
-            "auto" => Ok(self.device_spec()? != DeviceSpec::Cpu),
-            "f32" | "float32" => Ok(false),
-            "bf16" | "bfloat16" => Ok(true),
-            other => bail!("model.dtype = {other:?}: `auto`, `f32` or `bf16`"),
+            "auto" if self.device_spec()? == DeviceSpec::Cpu => Ok(DType::F32),
+            "auto" => Ok(DType::BF16),
+            "f32" | "float32" => Ok(DType::F32),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            "f16" | "float16" | "fp16" => Ok(DType::F16),
+            other => bail!("model.dtype = {other:?}: `auto`, `f32`, `bf16` or `f16`"),
         }
     }
 }
@@ -469,7 +473,7 @@ pub struct OptimizerConfig {
     pub order_by_length: bool,
     /// Lay a micro-batch's sequences end to end in one row with no padding, each prompt that
     /// several of them continue once (`learner::step::set_pack_rows`): `auto` (on the CPU, and on
-    /// CUDA in bf16, where one flash kernel launch takes the packed row; not on CUDA in f32, where
+    /// CUDA in bf16, where one flash kernel launch takes the packed row; not on CUDA in f32 or f16, where
     /// each sequence's attention would be its own launches), `true` or `false`.
     pub pack_rows: AutoBool,
     /// Subnetwork-only RL: a `*.masks.safetensors` of `ferrite analyze subnetwork`; only the
@@ -477,6 +481,11 @@ pub struct OptimizerConfig {
     pub subnetwork_mask: String,
     /// Which of its masks: `tol` (|Δ| > tol) or `bf16` (bitwise).
     pub subnetwork_mask_kind: String,
+    /// With `model.dtype = "f16"`: the loss scale at the start (`learner::scaler`; it halves
+    /// when a scaled gradient overflows and the step runs again).
+    pub loss_scale: f64,
+    /// With `model.dtype = "f16"`: finite steps in a row after which the loss scale doubles.
+    pub loss_scale_window: u64,
 }
 
 impl Default for OptimizerConfig {
@@ -497,6 +506,8 @@ impl Default for OptimizerConfig {
             pack_rows: AutoBool::Auto,
             subnetwork_mask: String::new(),
             subnetwork_mask_kind: "tol".into(),
+            loss_scale: learner::scaler::INITIAL,
+            loss_scale_window: learner::scaler::GROWTH_INTERVAL,
         }
     }
 }
@@ -604,12 +615,15 @@ impl Config {
 
     /// Whether a learner step packs its micro-batches' rows (`optimizer.pack_rows`), `auto`
     /// resolved by the device: on the CPU, and on CUDA in bf16, where the `_varlen` flash kernels
-    /// take a packed row in one launch each way; off on CUDA in f32, where the flash kernels do
+    /// take a packed row in one launch each way; off on CUDA in f32 or f16, where the flash kernels do
     /// not apply and each sequence's attention would be its own few launches, so that a step of
     /// many short sequences would spend more on launches than packing saves.
     pub fn pack_rows(&self) -> anyhow::Result<bool> {
         Ok(match self.optimizer.pack_rows {
-            AutoBool::Auto => self.model.device_spec()? == DeviceSpec::Cpu || self.model.bf16()?,
+            AutoBool::Auto => {
+                self.model.device_spec()? == DeviceSpec::Cpu
+                    || self.model.compute_dtype()? == DType::BF16
+            }
             AutoBool::Set(on) => on,
         })
     }
@@ -642,7 +656,7 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        self.model.bf16()?; // parses the device too
+        self.model.compute_dtype()?; // parses the device too
         self.pack_rows()?;
         let r = &self.rollout;
         if r.group_size < 2 {
@@ -710,6 +724,15 @@ impl Config {
             || self.optimizer.micro_batch_tokens == 0
         {
             bail!("optimizer.lr must be ≥ 0 and optimizer.micro_batch_tokens positive");
+        }
+        let o = &self.optimizer;
+        if !(o.loss_scale.is_finite() && o.loss_scale >= 1.0) || o.loss_scale_window == 0 {
+            bail!(
+                "optimizer.loss_scale = {}, loss_scale_window = {}: the scale must be at least 1 \
+                 and the window positive",
+                o.loss_scale,
+                o.loss_scale_window
+            );
         }
         for p in &self.reward.parts {
             if ![
@@ -804,6 +827,10 @@ mod tests {
         assert!(pack(&[]), "the CPU packs");
         assert!(pack(&["model.device=cuda"]), "CUDA in bf16 (auto) packs");
         assert!(!pack(&["model.device=cuda", "model.dtype=f32"]));
+        assert!(
+            !pack(&["model.device=cuda", "model.dtype=f16"]),
+            "no f16 flash kernels"
+        );
         assert!(pack(&["model.device=cuda", "optimizer.pack_rows=true"]));
         assert!(!pack(&["optimizer.pack_rows=false"]));
         let e = Config::default_with(&["optimizer.pack_rows=yes"]).unwrap_err();
@@ -823,18 +850,22 @@ mod tests {
         let with = Config::default_with;
         let c = with(&[]).unwrap();
         assert_eq!(c.model.device_spec().unwrap(), DeviceSpec::Cpu);
-        assert!(!c.model.bf16().unwrap(), "auto is f32 on the CPU");
+        let dtype = |c: &Config| c.model.compute_dtype().unwrap();
+        assert_eq!(dtype(&c), DType::F32, "auto is f32 on the CPU");
         let c = with(&["model.device=cuda"]).unwrap();
         assert_eq!(c.model.device_spec().unwrap(), DeviceSpec::Cuda(0));
-        assert!(c.model.bf16().unwrap(), "auto is bf16 on CUDA");
+        assert_eq!(dtype(&c), DType::BF16, "auto is bf16 on CUDA");
         let c = with(&["model.device=cuda:3", "model.dtype=f32"]).unwrap();
         assert_eq!(c.model.device_spec().unwrap(), DeviceSpec::Cuda(3));
-        assert!(!c.model.bf16().unwrap());
-        assert!(with(&["model.dtype=bf16"]).unwrap().model.bf16().unwrap());
+        assert_eq!(dtype(&c), DType::F32);
+        assert_eq!(dtype(&with(&["model.dtype=bf16"]).unwrap()), DType::BF16);
+        assert_eq!(dtype(&with(&["model.dtype=fp16"]).unwrap()), DType::F16);
         for (set, key) in [
             ("model.device=tpu", "model.device"),
             ("model.device=cuda:x", "model.device"),
             ("model.dtype=fp8", "model.dtype"),
+            ("optimizer.loss_scale=0.5", "optimizer.loss_scale"),
+            ("optimizer.loss_scale_window=0", "loss_scale_window"),
         ] {
             let e = format!("{:#}", with(&[set]).unwrap_err());
             assert!(e.contains(key), "{set}: {e}");
@@ -842,7 +873,7 @@ mod tests {
         // analyses of a CUDA run's checkpoints happen on the host
         let c = with(&["model.device=cuda:1"]).unwrap().on_host();
         assert_eq!(c.model.device_spec().unwrap(), DeviceSpec::Cpu);
-        assert!(!c.model.bf16().unwrap());
+        assert_eq!(dtype(&c), DType::F32);
     }
 
     #[test]

@@ -226,9 +226,12 @@ pub fn dpo_stage(
             ("lr".into(), lr),
             ("skipped".into(), f64::from(u8::from(m.skipped))),
             ("memory_retries".into(), m.memory_retries as f64),
+        ];
+        row.extend(crate::run::loss_scale_columns(opt));
+        row.extend([
             ("pairs".into(), state.samples_seen as f64),
             ("time/train".into(), t0.elapsed().as_secs_f64()),
-        ];
+        ]);
         // the row goes to disk before the checkpoint, so a run killed right after its
         // checkpoint resumes with every row up to it
         row.push(("time/eval_checkpoint".into(), f64::NAN));

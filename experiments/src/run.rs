@@ -68,6 +68,8 @@ fn adamw(c: &Config) -> AdamWConfig {
         eps: o.eps,
         weight_decay: o.weight_decay,
         max_grad_norm: (o.grad_clip > 0.0).then_some(o.grad_clip),
+        initial_loss_scale: o.loss_scale,
+        loss_scale_window: o.loss_scale_window,
     }
 }
 
@@ -212,17 +214,18 @@ fn sft_stage(
             }
         };
         warn_memory_retries(step, m.memory_retries, opt.fit());
-        table.push(
-            step + 1,
-            &[
-                ("loss".into(), m.loss),
-                ("grad_norm".into(), m.grad_norm),
-                ("lr".into(), lr),
-                ("memory_retries".into(), m.memory_retries as f64),
-                ("tokens".into(), m.tokens as f64),
-                ("seconds".into(), start.elapsed().as_secs_f64()),
-            ],
-        )?;
+        let mut row = vec![
+            ("loss".into(), m.loss),
+            ("grad_norm".into(), m.grad_norm),
+            ("lr".into(), lr),
+            ("memory_retries".into(), m.memory_retries as f64),
+        ];
+        row.extend(loss_scale_columns(&opt));
+        row.extend([
+            ("tokens".into(), m.tokens as f64),
+            ("seconds".into(), start.elapsed().as_secs_f64()),
+        ]);
+        table.push(step + 1, &row)?;
         bar.set_position(step + 1);
         bar.set_message(format!("loss {:.3}", m.loss));
         if step % 100 == 0 {
@@ -753,6 +756,9 @@ fn rl_stage(
                 ("lr".into(), lr),
                 ("skipped".into(), f64::from(u8::from(m.skipped))),
                 ("memory_retries".into(), m.memory_retries as f64),
+            ]);
+            row.extend(loss_scale_columns(opt));
+            row.extend([
                 ("length_mean".into(), mean_std(&lengths).0),
                 (
                     "length_min".into(),
@@ -980,6 +986,17 @@ fn rescued(
 
 /// Says that a learner step ran out of device memory and ran again (`learner::fit`), and how
 /// the run's steps run from now on.
+/// An f16 run's loss scale after the step, and the overflows so far (each a backward run again
+/// at half the scale): none for other dtypes.
+pub(crate) fn loss_scale_columns(opt: &AdamW) -> Vec<(String, f64)> {
+    opt.loss_scale().map_or_else(Vec::new, |s| {
+        vec![
+            ("loss_scale".into(), s.scale),
+            ("loss_scale_overflows".into(), s.overflows as f64),
+        ]
+    })
+}
+
 pub(crate) fn warn_memory_retries(step: u64, retries: usize, fit: learner::fit::Fit) {
     if retries == 0 {
         return;

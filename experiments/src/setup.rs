@@ -24,12 +24,7 @@ pub fn placement(c: &Config) -> anyhow::Result<(Device, DType)> {
     model::ops::set_cuda_kernels(c.model.cuda_kernels);
     model::ops::set_flash_attention(c.model.flash_attention);
     model::head::set_f32_logits(c.model.f32_logits);
-    let dtype = if c.model.bf16()? {
-        DType::BF16
-    } else {
-        DType::F32
-    };
-    Ok((device(c.model.device_spec()?)?, dtype))
+    Ok((device(c.model.device_spec()?)?, c.model.compute_dtype()?))
 }
 
 fn device(spec: DeviceSpec) -> anyhow::Result<Device> {

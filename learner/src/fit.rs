@@ -131,7 +131,9 @@ pub fn by_cost(
 /// each micro-batch's pieces, accumulating their gradients in `opt`, under
 /// [`model::checkpoint::forced`] once [`Fit::checkpointed`]. It is called again, on a smaller
 /// plan, while it fails for want of device memory ([`LearnerError::is_out_of_memory`]); the
-/// gradient it had accumulated is dropped first.
+/// gradient it had accumulated is dropped first. With f16 parameters it is also called again,
+/// on the same plan, while the scaled gradient overflows ([`AdamW::overflowed`]): the loss scale
+/// halves each time.
 pub fn fitted<T>(
     opt: &mut AdamW,
     n: usize,
@@ -163,6 +165,8 @@ pub fn fitted<T>(
         };
         let error = match model::checkpoint::forced(fit.checkpointed, || attempt(opt, &plan)) {
             Err(e) if e.is_out_of_memory() => e,
+            // an f16 gradient that overflowed: the same plan again, at half the loss scale
+            Ok(_) if opt.overflowed()? => continue,
             done => {
                 if done.is_ok() {
                     opt.fitting.fitted();

@@ -12,6 +12,7 @@ pub mod fit;
 pub mod grpo;
 pub mod optim;
 pub mod ppo;
+pub mod scaler;
 pub mod schedule;
 pub mod sft;
 pub mod step;

@@ -3,7 +3,8 @@
 //! state that checkpoints exactly (candle-nn's AdamW exposes none of this).
 //!
 //! On the CPU the update is one fused, multi-threaded pass over host buffers per parameter; on
-//! other devices it is composed of tensor ops.
+//! other devices it is composed of tensor ops. Parameters that compute in f16 have their loss
+//! scaled ([`crate::scaler`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::error::{LearnerError as OptimError, Result};
 use crate::fit::{Fit, PROBE_EVERY};
+use crate::scaler::{self, LossScale};
 use model::error::Regrow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -26,6 +28,20 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (None: no clipping).
     pub max_grad_norm: Option<f64>,
+    /// The loss scale that f16 parameters start from ([`crate::scaler`]).
+    #[serde(default = "initial_loss_scale")]
+    pub initial_loss_scale: f64,
+    /// Finite steps in a row after which the loss scale doubles.
+    #[serde(default = "loss_scale_window")]
+    pub loss_scale_window: u64,
+}
+
+fn initial_loss_scale() -> f64 {
+    scaler::INITIAL
+}
+
+fn loss_scale_window() -> u64 {
+    scaler::GROWTH_INTERVAL
 }
 
 impl Default for AdamWConfig {
@@ -36,6 +52,8 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 0.0,
             max_grad_norm: Some(1.0),
+            initial_loss_scale: scaler::INITIAL,
+            loss_scale_window: scaler::GROWTH_INTERVAL,
         }
     }
 }
@@ -86,6 +104,10 @@ pub struct AdamW {
     /// How much of a micro-batch the device has room for: learnt by the steps that accumulate
     /// into this optimizer, and kept for the run ([`crate::fit`]).
     pub(crate) fitting: Regrow<Fit>,
+    /// The loss scale, where a parameter computes in f16 (None: none does).
+    scaler: Option<LossScale>,
+    /// The norm of the accumulated (scaled) gradient, where [`AdamW::overflowed`] took it.
+    checked_norm: Option<f64>,
 }
 
 impl AdamW {
@@ -137,11 +159,17 @@ impl AdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let f16 = params
+            .iter()
+            .any(|p| p.var.as_tensor().dtype() == DType::F16);
         Ok(AdamW {
             config,
             params,
             step: 0,
             fitting: Regrow::new(Fit::default(), PROBE_EVERY),
+            scaler: f16
+                .then(|| LossScale::new(config.initial_loss_scale, config.loss_scale_window)),
+            checked_norm: None,
         })
     }
 
@@ -157,6 +185,11 @@ impl AdamW {
     /// Optimizer steps taken.
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// The loss scale, where a parameter computes in f16.
+    pub fn loss_scale(&self) -> Option<LossScale> {
+        self.scaler
     }
 
     pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
@@ -195,7 +228,11 @@ impl AdamW {
     /// a non-CPU device, whose gradient stays as the backward left it: bf16 for a bf16
     /// parameter, which the update widens as it reads (the fused CUDA step in its registers), so
     /// that no f32 copy of every gradient is written. Either way the update sees the same values.
+    ///
+    /// With f16 parameters `grads` must be of the loss times the loss scale, as
+    /// [`AdamW::backward`] takes them: the step divides by it.
     pub fn accumulate(&mut self, grads: &GradStore, scale: f64) -> Result<Vec<String>> {
+        self.checked_norm = None;
         let mut missing = Vec::new();
         for p in &mut self.params {
             match grads.get(p.var.as_tensor()) {
@@ -234,8 +271,14 @@ impl AdamW {
     /// The backward is queued before the loss is read back: on a GPU, reading the loss first
     /// would leave the device idle while the host walks the backward graph. A non-finite loss
     /// (rare) costs a discarded backward instead.
+    ///
+    /// With f16 parameters the backward is of the loss times the loss scale; [`AdamW::step`]
+    /// divides the gradient by it.
     pub fn backward(&mut self, loss: &Tensor) -> Result<(f64, Option<Vec<String>>)> {
-        let grads = model::checkpoint::backward(loss)?;
+        let grads = match self.scaler {
+            Some(s) => model::checkpoint::backward(&(loss * s.scale)?)?,
+            None => model::checkpoint::backward(loss)?,
+        };
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             self.zero_grad();
@@ -246,16 +289,42 @@ impl AdamW {
 
     /// Drops the accumulated gradient (e.g. after a skipped step).
     pub fn zero_grad(&mut self) {
+        self.checked_norm = None;
         for p in &mut self.params {
             p.grad = None;
         }
     }
 
+    /// Whether the accumulated gradient, scaled for f16, overflowed where a smaller scale may
+    /// not: then the scale has halved and the gradient is dropped, for the step to run again
+    /// ([`crate::fit::fitted`] does). False without f16 parameters, for a finite gradient, and
+    /// at the smallest scale (the step then skips it as any non-finite gradient).
+    pub fn overflowed(&mut self) -> Result<bool> {
+        if self.scaler.is_none() {
+            return Ok(false);
+        }
+        let norm = self.sum_squares()?.sqrt();
+        if !norm.is_finite() && self.scaler.as_mut().is_some_and(LossScale::back_off) {
+            self.zero_grad();
+            return Ok(true);
+        }
+        self.checked_norm = Some(norm);
+        Ok(false)
+    }
+
     /// One AdamW step with learning rate `lr` on the accumulated gradient, then clears it.
     pub fn step(&mut self, lr: f64) -> Result<StepStats> {
-        let grad_norm = self.sum_squares()?.sqrt();
+        let raw_norm = match self.checked_norm.take() {
+            Some(n) => n,
+            None => self.sum_squares()?.sqrt(),
+        };
+        let unscale = self.scaler.map_or(1.0, |s| 1.0 / s.scale);
+        let grad_norm = raw_norm * unscale;
         if !grad_norm.is_finite() {
             self.zero_grad();
+            if let Some(s) = &mut self.scaler {
+                s.back_off(); // a step not run through `overflowed`: the next one runs smaller
+            }
             return Ok(StepStats {
                 grad_norm,
                 clipped: false,
@@ -266,12 +335,17 @@ impl AdamW {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
         };
+        if let Some(s) = &mut self.scaler {
+            s.stepped();
+        }
+        // what each (scaled) gradient is multiplied by: the clip and the loss scale's inverse
+        let factor = clip * unscale;
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2 = 1.0 - c.beta2.powi(t);
-        let fused = self.fused_step(lr, clip, bias1, bias2)?;
+        let fused = self.fused_step(lr, factor, bias1, bias2)?;
         for (p, fused) in self.params.iter_mut().zip(fused) {
             let Some(g) = p.grad.take() else { continue };
             if fused {
@@ -293,7 +367,7 @@ impl AdamW {
                         HostStep {
                             lr,
                             decay,
-                            clip,
+                            factor,
                             bias1,
                             bias2,
                             c,
@@ -303,7 +377,7 @@ impl AdamW {
                     p.var.set(&t)?;
                 }
                 Moments::Device { m, v, master } => {
-                    let g = (g.to_dtype(DType::F32)? * clip)?;
+                    let g = (g.to_dtype(DType::F32)? * factor)?;
                     *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                     *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
                     let w = match master {
@@ -368,7 +442,7 @@ impl AdamW {
     /// place; returns which parameters it stepped (none without the `cuda` feature, on other
     /// devices, or with the kernels off). Masked parameters take the composed update.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables, unused_mut))]
-    fn fused_step(&self, lr: f64, clip: f64, bias1: f64, bias2: f64) -> Result<Vec<bool>> {
+    fn fused_step(&self, lr: f64, factor: f64, bias1: f64, bias2: f64) -> Result<Vec<bool>> {
         let mut fused = vec![false; self.params.len()];
         #[cfg(feature = "cuda")]
         if model::ops::cuda_kernels() {
@@ -413,7 +487,7 @@ impl AdamW {
                     eps: c.eps as f32,
                     step_size: (lr / bias1) as f32,
                     sqrt_bias2: bias2.sqrt() as f32,
-                    clip: clip as f32,
+                    clip: factor as f32,
                 },
             )?;
         }
@@ -463,6 +537,7 @@ impl AdamW {
             "step": self.step,
             "config": self.config,
             "fitting": self.fitting,
+            "loss_scale": self.scaler,
         });
         std::fs::write(dir.join("optimizer.json"), meta.to_string()).map_err(|e| {
             OptimError::State {
@@ -487,6 +562,13 @@ impl AdamW {
         if let Some(fitting) = meta.get("fitting") {
             self.fitting = serde_json::from_value(fitting.clone())
                 .map_err(|e| err(format!("fitting: {e}")))?;
+        }
+        // an f16 run's loss scale (states without one keep the scale they start from)
+        if let (Some(s), Some(saved)) = (&mut self.scaler, meta.get("loss_scale")) {
+            if !saved.is_null() {
+                *s = serde_json::from_value(saved.clone())
+                    .map_err(|e| err(format!("loss_scale: {e}")))?;
+            }
         }
         let tensors =
             candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
@@ -532,7 +614,8 @@ impl AdamW {
 struct HostStep {
     lr: f64,
     decay: f64,
-    clip: f64,
+    /// What the gradient is multiplied by: the clip, and the loss scale's inverse.
+    factor: f64,
     bias1: f64,
     bias2: f64,
     c: AdamWConfig,
@@ -551,7 +634,7 @@ fn host_update(
     let (b1, b2) = (s.c.beta1 as f32, s.c.beta2 as f32);
     let step_size = (s.lr / s.bias1) as f32;
     let sqrt_bias2 = s.bias2.sqrt() as f32;
-    let (eps, decay, clip) = (s.c.eps as f32, s.decay as f32, s.clip as f32);
+    let (eps, decay, factor) = (s.c.eps as f32, s.decay as f32, s.factor as f32);
     w.par_chunks_mut(CHUNK)
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
@@ -563,7 +646,7 @@ fn host_update(
                 if mask.is_some_and(|mk| !mk[i]) {
                     continue;
                 }
-                let gi = g[i] * clip;
+                let gi = g[i] * factor;
                 m[i] = b1 * m[i] + (1.0 - b1) * gi;
                 v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
                 w[i] -= decay * w[i];

@@ -337,3 +337,113 @@ fn a_single_bf16_gradient_updates_as_the_f32_accumulated_one() {
         );
     }
 }
+
+/// f16 parameters: the loss is scaled before its backward and the gradient unscaled before the
+/// update. A gradient of 1e-9, below f16's smallest subnormal (6e-8), reaches the weights through
+/// the default scale (2¹⁶) and is flushed to zero without one (scale 1); the reported norm is the
+/// unscaled gradient's, as f32 parameters report it.
+#[test]
+fn the_loss_scale_carries_f16_gradients_below_f16s_range() {
+    use candle_core::DType;
+    let tiny = Tensor::new(&[1e-9f32, -1e-9], &Device::Cpu).unwrap();
+    let step = |dtype: DType, initial_loss_scale: f64| {
+        let init = Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap();
+        let w = Var::from_tensor(&init.to_dtype(dtype).unwrap()).unwrap();
+        let config = AdamWConfig {
+            initial_loss_scale,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], config).unwrap();
+        assert_eq!(opt.loss_scale().is_some(), dtype == DType::F16);
+        let loss = (w.as_tensor().to_dtype(DType::F32).unwrap() * &tiny)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        opt.backward(&loss).unwrap();
+        let stats = opt.step(0.1).unwrap();
+        let w = w.as_tensor().to_dtype(DType::F32).unwrap();
+        (stats.grad_norm, w.to_vec1::<f32>().unwrap())
+    };
+    let (norm32, w32) = step(DType::F32, 65536.0);
+    let (norm16, w16) = step(DType::F16, 65536.0);
+    assert!(
+        (norm16 - norm32).abs() < 1e-3 * norm32,
+        "{norm16:e} vs {norm32:e}"
+    );
+    // Adam's first step, g/(|g| + eps) = ±1/11 of lr (eps = 1e-8 damps a gradient this small):
+    // 0.991 and 1.009, which f16 holds to its spacing there (2⁻¹⁰)
+    assert!(w32[0] < 0.995 && w32[1] > 1.005, "{w32:?}");
+    for (a, b) in w16.iter().zip(&w32) {
+        assert!((a - b).abs() < 1e-3, "{w16:?} vs {w32:?}");
+    }
+    let (norm, w) = step(DType::F16, 1.0);
+    assert_eq!(
+        (norm, w),
+        (0.0, vec![1.0, 1.0]),
+        "unscaled, the gradient flushes to zero"
+    );
+}
+
+/// A scaled f16 gradient that overflows (3 · 2¹⁶ > 65504) halves the scale and the step runs
+/// again on the same batch through `fitted`, until it is finite (here at 2¹⁴): the step is taken,
+/// not skipped, with the unscaled gradient. Its state (scale, overflows) survives a save and load.
+/// Where even scale 1 overflows the gradient is the step's own: it is skipped, the scale stays 1.
+#[test]
+fn an_overflowing_f16_gradient_runs_again_at_half_the_scale() {
+    use candle_core::DType;
+    let dir = std::env::temp_dir().join(format!("ferrite-loss-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fresh = || {
+        let init = Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap();
+        let w = Var::from_tensor(&init.to_dtype(DType::F16).unwrap()).unwrap();
+        let opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default()).unwrap();
+        (w, opt)
+    };
+    let run = |w: &Var, opt: &mut AdamW, grad: [f32; 2]| {
+        let g = Tensor::new(&grad, &Device::Cpu).unwrap();
+        let mut calls = 0;
+        learner::fit::fitted(opt, 1, &|r| r.len(), 1, |opt, _| {
+            calls += 1;
+            let loss = (w.as_tensor().to_dtype(DType::F32)? * &g)?.sum_all()?;
+            opt.backward(&loss)
+        })
+        .unwrap();
+        (calls, opt.step(0.01).unwrap())
+    };
+    let (w, mut opt) = fresh();
+    let (calls, stats) = run(&w, &mut opt, [3.0, 1.0]);
+    let scale = opt.loss_scale().unwrap();
+    assert_eq!((calls, scale.scale, scale.overflows), (3, 16384.0, 2));
+    assert!(!stats.skipped);
+    assert!((stats.grad_norm - 10f64.sqrt()).abs() < 1e-6, "{stats:?}");
+    assert_eq!(opt.steps(), 1);
+
+    opt.save(&dir).unwrap();
+    let (_, mut resumed) = fresh();
+    resumed.load(&dir).unwrap();
+    assert_eq!(resumed.loss_scale(), opt.loss_scale());
+    std::fs::remove_dir_all(&dir).ok();
+
+    let before = w.as_tensor().to_dtype(DType::F32).unwrap();
+    let (calls, stats) = run(&w, &mut opt, [1e5, 1.0]);
+    let scale = opt.loss_scale().unwrap();
+    assert_eq!(
+        (calls, scale.scale),
+        (15, 1.0),
+        "16384 halves 14 times to 1"
+    );
+    assert!(stats.skipped && opt.steps() == 1, "{stats:?}");
+    let after = w.as_tensor().to_dtype(DType::F32).unwrap();
+    assert_eq!(max_diff(&before, &after), 0.0);
+
+    // a step taken without `fitted` skips an overflow and halves the scale for the next
+    let (w, mut opt) = fresh();
+    let loss = (w.as_tensor().to_dtype(DType::F32).unwrap()
+        * Tensor::new(&[3f32, 1.0], &Device::Cpu).unwrap())
+    .unwrap()
+    .sum_all()
+    .unwrap();
+    opt.backward(&loss).unwrap();
+    assert!(opt.step(0.01).unwrap().skipped);
+    assert_eq!(opt.loss_scale().unwrap().scale, 32768.0);
+}
