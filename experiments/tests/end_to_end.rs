@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use candle_core::DType;
+
 fn ferrite() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferrite"));
     c.args(["--no-progress", "--log-level", "warn"]);
@@ -679,45 +681,63 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
 /// trains, its checkpoints hold the optimizer's f32 master weights (not their bf16 rounding),
 /// and a run stopped at its step-1 checkpoint resumes from those masters to the same metrics.
 /// In a build without CUDA, `model.device = "cuda"` says how to get it.
+/// bf16 and f16 runs save f32 masters and resume exactly. The f16 run starts its loss scale at
+/// 2³⁰ and doubles it after every finite step, so that its scaled gradients overflow, its steps
+/// run again at half the scale, and its scale changes from step to step: a resumed run that
+/// lost the scale would scale differently, and f16 rounds (and flushes) differently with it.
 #[test]
-fn a_bf16_run_checkpoints_its_f32_masters_and_resumes_exactly() {
+fn a_bf16_or_f16_run_checkpoints_its_f32_masters_and_resumes_exactly() {
     let root = scratch("bf16");
-    let bf16 = ["model.dtype=bf16", "sft.steps=5", "run.checkpoint_every=1"];
-    let full = root.join("full");
-    succeed(&mut tiny("bf16", &full, &bf16, 3));
-    let grad_norm = metric(&full, "grad_norm");
-    // (a step whose groups all tie has no gradient)
-    assert!(
-        grad_norm.iter().all(|g| g.is_finite()) && grad_norm.iter().any(|g| *g > 0.0),
-        "{grad_norm:?}"
-    );
-    let part = root.join("part");
-    stopped_and_resumed("bf16", &part, &bf16, 1, 3);
-    for col in ["loss", "grad_norm", "reward_mean", "entropy"] {
-        assert_eq!(metric(&full, col), metric(&part, col), "{col}");
+    let f16 = [
+        "optimizer.loss_scale=1073741824",
+        "optimizer.loss_scale_window=1",
+    ];
+    for (dtype, extra) in [(DType::BF16, &[][..]), (DType::F16, &f16[..])] {
+        let name = format!("{dtype:?}").to_lowercase();
+        let dtype_set = format!("model.dtype={name}");
+        let mut set = vec![dtype_set.as_str(), "sft.steps=5", "run.checkpoint_every=1"];
+        set.extend(extra);
+        let full = root.join(format!("{name}-full"));
+        succeed(&mut tiny(&name, &full, &set, 3));
+        let grad_norm = metric(&full, "grad_norm");
+        // (a step whose groups all tie has no gradient)
+        assert!(
+            grad_norm.iter().all(|g| g.is_finite()) && grad_norm.iter().any(|g| *g > 0.0),
+            "{name}: {grad_norm:?}"
+        );
+        let part = root.join(format!("{name}-part"));
+        stopped_and_resumed(&name, &part, &set, 1, 3);
+        let mut cols = vec!["loss", "grad_norm", "reward_mean", "entropy"];
+        if dtype == DType::F16 {
+            let overflows = metric(&full, "loss_scale_overflows");
+            assert!(overflows[0] > 0.0, "{overflows:?}");
+            cols.extend(["loss_scale", "loss_scale_overflows"]);
+        }
+        for col in cols {
+            assert_eq!(metric(&full, col), metric(&part, col), "{name} {col}");
+        }
+        let saved = candle_core::safetensors::load(
+            full.join("checkpoints/step-000003/model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let t = &saved["model.layers.0.mlp.down_proj.weight"];
+        assert_eq!(t.dtype(), DType::F32);
+        let rounded = t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        let off = t
+            .ne(&rounded)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            off > 0.0,
+            "{name}: the checkpoint holds {name}-rounded weights"
+        );
     }
-    let saved = candle_core::safetensors::load(
-        full.join("checkpoints/step-000003/model.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let t = &saved["model.layers.0.mlp.down_proj.weight"];
-    assert_eq!(t.dtype(), candle_core::DType::F32);
-    let rounded = t
-        .to_dtype(candle_core::DType::BF16)
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap();
-    let off = t
-        .ne(&rounded)
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(off > 0.0, "the checkpoint holds bf16-rounded weights");
 
     if !cfg!(feature = "cuda") {
         let out = tiny("cuda", &root.join("cuda"), &["model.device=cuda:0"], 1)
