@@ -1,7 +1,8 @@
 // ferrite's fused CUDA kernels: the GPU side of model/src/ops.rs and model/src/head.rs.
 //
-// Every kernel has an f32 and a bf16 entry point (`<name>_f32`, `<name>_bf16`) over the same
-// template; arithmetic is f32 throughout, bf16 only at loads and stores. Row-wise kernels run one
+// Every kernel has an f32, a bf16 and an f16 entry point (`<name>_f32`, `<name>_bf16`, `<name>_f16`)
+// over the same template, but the flash attention kernels, which are bf16 only (their tensor-core
+// fragments are bf16); arithmetic is f32 throughout, bf16 or f16 only at loads and stores. Row-wise kernels run one
 // block per row (blockDim a multiple of 32, at most 1024); elementwise kernels one thread per
 // element. The CPU kernels in ops.rs are the reference: the formulas below are theirs.
 //
@@ -9,16 +10,20 @@
 // CudaDevice::get_or_load_custom_func.
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;
+typedef __half f16;
 typedef unsigned long long u64;
 
 __device__ __forceinline__ float ld(float x) { return x; }
 __device__ __forceinline__ float ld(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float ld(f16 x) { return __half2float(x); }
 template <typename T> __device__ __forceinline__ T st(float x);
 template <> __device__ __forceinline__ float st<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 st<bf16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ f16 st<f16>(float x) { return __float2half(x); }
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -82,6 +87,10 @@ extern "C" __global__ void gather_rows_bf16(const bf16* x, const uint32_t* rows,
                                             size_t n) {
     gather_rows<bf16>(x, rows, y, h, m, n);
 }
+extern "C" __global__ void gather_rows_f16(const f16* x, const uint32_t* rows, f16* y, int h, int m,
+                                           size_t n) {
+    gather_rows<f16>(x, rows, y, h, m, n);
+}
 
 template <typename T>
 __device__ void scatter_rows(const T* x, const uint32_t* rows, T* y, int h, int m, size_t n) {
@@ -97,6 +106,10 @@ extern "C" __global__ void scatter_rows_f32(const float* x, const uint32_t* rows
 extern "C" __global__ void scatter_rows_bf16(const bf16* x, const uint32_t* rows, bf16* y, int h, int m,
                                              size_t n) {
     scatter_rows<bf16>(x, rows, y, h, m, n);
+}
+extern "C" __global__ void scatter_rows_f16(const f16* x, const uint32_t* rows, f16* y, int h, int m,
+                                            size_t n) {
+    scatter_rows<f16>(x, rows, y, h, m, n);
 }
 
 template <typename T>
@@ -125,6 +138,10 @@ extern "C" __global__ void embedding_bwd_bf16(const bf16* g, const uint32_t* tab
                                               bf16* dw, float* scratch, int u, int n, int h) {
     embedding_bwd<bf16>(g, table, pieces, dw, scratch, u, n, h);
 }
+extern "C" __global__ void embedding_bwd_f16(const f16* g, const uint32_t* table, const uint32_t* pieces,
+                                             f16* dw, float* scratch, int u, int n, int h) {
+    embedding_bwd<f16>(g, table, pieces, dw, scratch, u, n, h);
+}
 
 // A split token's row: its pieces' partial sums added in piece order; merges (k, first slot, count).
 template <typename T>
@@ -148,6 +165,10 @@ extern "C" __global__ void embedding_merge_bf16(const uint32_t* table, const uin
                                                 bf16* dw, int n, int h) {
     embedding_merge<bf16>(table, merges, scratch, dw, n, h);
 }
+extern "C" __global__ void embedding_merge_f16(const uint32_t* table, const uint32_t* merges, const float* scratch,
+                                               f16* dw, int n, int h) {
+    embedding_merge<f16>(table, merges, scratch, dw, n, h);
+}
 
 // ------------------------------------------------------------------------------- bias add
 // y = x + b over rows of `out`, one thread per element, rounded to T once (as candle's add). Its
@@ -164,6 +185,9 @@ extern "C" __global__ void bias_add_f32(const float* x, const float* b, float* y
 }
 extern "C" __global__ void bias_add_bf16(const bf16* x, const bf16* b, bf16* y, int out, size_t n) {
     bias_add<bf16>(x, b, y, out, n);
+}
+extern "C" __global__ void bias_add_f16(const f16* x, const f16* b, f16* y, int out, size_t n) {
+    bias_add<f16>(x, b, y, out, n);
 }
 
 // ------------------------------------------------------------------------------- attention bias
@@ -211,6 +235,9 @@ extern "C" __global__ void rms_norm_fwd_f32(const float* x, const float* w, floa
 extern "C" __global__ void rms_norm_fwd_bf16(const bf16* x, const bf16* w, bf16* y, int h, float eps) {
     rms_norm_fwd<bf16>(x, w, y, h, eps);
 }
+extern "C" __global__ void rms_norm_fwd_f16(const f16* x, const f16* w, f16* y, int h, float eps) {
+    rms_norm_fwd<f16>(x, w, y, h, eps);
+}
 
 // The residual add and the RMSNorm after it, in one pass, where no gradient is taken (a decode
 // step, a prefill, a no-grad forward): s = x + res, rounded to T as a separate add stores it, and
@@ -240,6 +267,10 @@ extern "C" __global__ void add_rms_norm_f32(const float* x, const float* res, co
 extern "C" __global__ void add_rms_norm_bf16(const bf16* x, const bf16* res, const bf16* w, bf16* sum, bf16* y,
                                              int h, float eps) {
     add_rms_norm<bf16>(x, res, w, sum, y, h, eps);
+}
+extern "C" __global__ void add_rms_norm_f16(const f16* x, const f16* res, const f16* w, f16* sum, f16* y,
+                                            int h, float eps) {
+    add_rms_norm<f16>(x, res, w, sum, y, h, eps);
 }
 
 // dx = r·(w∘g) − r³·x·mean(x∘w∘g) per row; dw += Σ_rows g∘x·r into f32 `dw` (zeroed by the
@@ -280,6 +311,10 @@ extern "C" __global__ void rms_norm_bwd_bf16(const bf16* x, const bf16* w, const
                                              float* dw, int rows, int h, float eps) {
     rms_norm_bwd<bf16>(x, w, g, dx, dw, rows, h, eps);
 }
+extern "C" __global__ void rms_norm_bwd_f16(const f16* x, const f16* w, const f16* g, f16* dx,
+                                            float* dw, int rows, int h, float eps) {
+    rms_norm_bwd<f16>(x, w, g, dx, dw, rows, h, eps);
+}
 
 // ------------------------------------------------------------------------------- SwiGLU
 // y = silu(a)·b;  da = g·b·s·(1 + a·(1 − s)), db = g·a·s with s = sigmoid(a).
@@ -308,6 +343,9 @@ extern "C" __global__ void swiglu_fwd_f32(const float* a, const float* b, float*
 extern "C" __global__ void swiglu_fwd_bf16(const bf16* a, const bf16* b, bf16* y, size_t n) {
     swiglu_fwd<bf16>(a, b, y, n);
 }
+extern "C" __global__ void swiglu_fwd_f16(const f16* a, const f16* b, f16* y, size_t n) {
+    swiglu_fwd<f16>(a, b, y, n);
+}
 // y [rows, n] = silu(gu[:, :n])·gu[:, n:] of a packed gate/up projection gu [rows, 2n], forward only:
 // each element as swiglu_fwd computes it from the two halves.
 template <typename T>
@@ -326,6 +364,9 @@ extern "C" __global__ void swiglu_packed_fwd_f32(const float* gu, float* y, int 
 extern "C" __global__ void swiglu_packed_fwd_bf16(const bf16* gu, bf16* y, int n, size_t count) {
     swiglu_packed_fwd<bf16>(gu, y, n, count);
 }
+extern "C" __global__ void swiglu_packed_fwd_f16(const f16* gu, f16* y, int n, size_t count) {
+    swiglu_packed_fwd<f16>(gu, y, n, count);
+}
 extern "C" __global__ void swiglu_bwd_f32(const float* a, const float* b, const float* g, float* dab,
                                           size_t n) {
     swiglu_bwd<float>(a, b, g, dab, n);
@@ -333,6 +374,10 @@ extern "C" __global__ void swiglu_bwd_f32(const float* a, const float* b, const 
 extern "C" __global__ void swiglu_bwd_bf16(const bf16* a, const bf16* b, const bf16* g, bf16* dab,
                                            size_t n) {
     swiglu_bwd<bf16>(a, b, g, dab, n);
+}
+extern "C" __global__ void swiglu_bwd_f16(const f16* a, const f16* b, const f16* g, f16* dab,
+                                          size_t n) {
+    swiglu_bwd<f16>(a, b, g, dab, n);
 }
 
 // ------------------------------------------------------------------------------- RoPE
@@ -379,6 +424,11 @@ extern "C" __global__ void rope_bf16(const bf16* x, const bf16* c, const bf16* s
                                      int t, int d, size_t pairs, int transpose, size_t xb, size_t xh,
                                      size_t xt, size_t yb, size_t yh, size_t yt) {
     rope<bf16>(x, c, s, y, heads, t, d, pairs, transpose, xb, xh, xt, yb, yh, yt);
+}
+extern "C" __global__ void rope_f16(const f16* x, const f16* c, const f16* s, f16* y, int heads,
+                                    int t, int d, size_t pairs, int transpose, size_t xb, size_t xh,
+                                    size_t xt, size_t yb, size_t yh, size_t yt) {
+    rope<f16>(x, c, s, y, heads, t, d, pairs, transpose, xb, xh, xt, yb, yh, yt);
 }
 
 // ------------------------------------------------------------------------------- decode q/k/v
@@ -461,6 +511,14 @@ extern "C" __global__ void decode_qkv_bf16(const bf16* q, const bf16* k, const b
     decode_qkv<bf16>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, q_out, k_cache, v_cache, hq,
                      hkv, d, cap, slot, pairs);
 }
+extern "C" __global__ void decode_qkv_f16(const f16* q, const f16* k, const f16* v, int q_row, int k_row,
+                                          int v_row, const f16* qb, const f16* kb, const f16* vb,
+                                          int has_bias, const f16* cos, const f16* sin, f16* q_out,
+                                          f16* k_cache, f16* v_cache, int hq, int hkv, int d, int cap,
+                                          int slot, size_t pairs) {
+    decode_qkv<f16>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, q_out, k_cache, v_cache, hq,
+                    hkv, d, cap, slot, pairs);
+}
 
 // ------------------------------------------------------------------------------- softmax
 // Attention probabilities y = softmax(scale·x + bias), x [B, Hkv, G, T, S] (rows of S) in T,
@@ -502,9 +560,17 @@ extern "C" __global__ void masked_softmax_fwd_bf16(const bf16* x, const float* b
                                                    int t, int s, float scale) {
     masked_softmax_fwd<bf16, float>(x, bias, y, heads, t, s, scale);
 }
+extern "C" __global__ void masked_softmax_fwd_f16(const f16* x, const float* bias, float* y, int heads,
+                                                  int t, int s, float scale) {
+    masked_softmax_fwd<f16, float>(x, bias, y, heads, t, s, scale);
+}
 extern "C" __global__ void masked_softmax_fwd_bf16_bf16(const bf16* x, const float* bias, bf16* y, int heads,
                                                         int t, int s, float scale) {
     masked_softmax_fwd<bf16, bf16>(x, bias, y, heads, t, s, scale);
+}
+extern "C" __global__ void masked_softmax_fwd_f16_f16(const f16* x, const float* bias, f16* y, int heads,
+                                                       int t, int s, float scale) {
+    masked_softmax_fwd<f16, f16>(x, bias, y, heads, t, s, scale);
 }
 
 // Plain softmax over rows of n, same type in and out.
@@ -523,6 +589,7 @@ __device__ void softmax_fwd(const T* x, T* y, int n) {
 }
 extern "C" __global__ void softmax_fwd_f32(const float* x, float* y, int n) { softmax_fwd<float>(x, y, n); }
 extern "C" __global__ void softmax_fwd_bf16(const bf16* x, bf16* y, int n) { softmax_fwd<bf16>(x, y, n); }
+extern "C" __global__ void softmax_fwd_f16(const f16* x, f16* y, int n) { softmax_fwd<f16>(x, y, n); }
 
 // dx = scale · y ∘ (g − Σ y∘g) per row of n; y, g and dx of one type.
 template <typename T>
@@ -542,6 +609,9 @@ extern "C" __global__ void softmax_bwd_f32(const float* y, const float* g, float
 }
 extern "C" __global__ void softmax_bwd_bf16(const bf16* y, const bf16* g, bf16* dx, int n, float scale) {
     softmax_bwd<bf16>(y, g, dx, n, scale);
+}
+extern "C" __global__ void softmax_bwd_f16(const f16* y, const f16* g, f16* dx, int n, float scale) {
+    softmax_bwd<f16>(y, g, dx, n, scale);
 }
 
 // ------------------------------------------------------------------------------- chunked attention
@@ -579,6 +649,10 @@ extern "C" __global__ void attention_probs_bwd_f32(const float* x, const float* 
 extern "C" __global__ void attention_probs_bwd_bf16(const bf16* x, const float* bias, const bf16* dp, bf16* p,
                                                     bf16* ds, int heads, int t, int s, float scale) {
     attention_probs_bwd<bf16>(x, bias, dp, p, ds, heads, t, s, scale);
+}
+extern "C" __global__ void attention_probs_bwd_f16(const f16* x, const float* bias, const f16* dp, f16* p,
+                                                   f16* ds, int heads, int t, int s, float scale) {
+    attention_probs_bwd<f16>(x, bias, dp, p, ds, heads, t, s, scale);
 }
 
 // ------------------------------------------------------------------------------- log-probs
@@ -626,6 +700,10 @@ extern "C" __global__ void logprob_entropy_fwd_bf16(const bf16* z, const uint32_
                                                     float inv_t) {
     logprob_entropy_fwd<bf16>(z, targets, out, v, inv_t);
 }
+extern "C" __global__ void logprob_entropy_fwd_f16(const f16* z, const uint32_t* targets, float* out, int v,
+                                                   float inv_t) {
+    logprob_entropy_fwd<f16>(z, targets, out, v, inv_t);
+}
 
 // dz_j = inv_t·(−g_lp·p_j − g_h·p_j·(log p_j + H) + 1[j = t]·g_lp) with log p_j = x_j − L, from
 // y = (log p_t, H, L) and g [N, 3] (its third column unused): one pass over the logits. dz is
@@ -651,6 +729,10 @@ extern "C" __global__ void logprob_entropy_bwd_f32(const float* z, const uint32_
 extern "C" __global__ void logprob_entropy_bwd_bf16(const bf16* z, const uint32_t* targets, const float* y,
                                                     const float* g, bf16* dz, int v, float inv_t) {
     logprob_entropy_bwd<bf16>(z, targets, y, g, dz, v, inv_t);
+}
+extern "C" __global__ void logprob_entropy_bwd_f16(const f16* z, const uint32_t* targets, const float* y,
+                                                   const float* g, f16* dz, int v, float inv_t) {
+    logprob_entropy_bwd<f16>(z, targets, y, g, dz, v, inv_t);
 }
 
 // ------------------------------------------------------------------------------- sampling
@@ -820,6 +902,10 @@ extern "C" __global__ void sample_rows_bf16(const bf16* z, const float* u, float
                                             uint32_t* ids, float* logprobs, float* entropies, int v) {
     sample_rows<bf16>(z, u, inv_t, top_k, top_p, ids, logprobs, entropies, v);
 }
+extern "C" __global__ void sample_rows_f16(const f16* z, const float* u, float inv_t, int top_k, float top_p,
+                                           uint32_t* ids, float* logprobs, float* entropies, int v) {
+    sample_rows<f16>(z, u, inv_t, top_k, top_p, ids, logprobs, entropies, v);
+}
 
 // ------------------------------------------------------------------------------- decode attention
 // One decode step of grouped-query attention (one new token) over a KV cache, one block per
@@ -931,6 +1017,11 @@ extern "C" __global__ void decode_attention_bf16(const bf16* q, const bf16* k, c
                                                  int d, size_t kv_stride, float scale) {
     decode_attention<bf16, DECODE_MAX_D>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
 }
+extern "C" __global__ void decode_attention_f16(const f16* q, const f16* k, const f16* v,
+                                                const float* bias, f16* y, int hkv, int g_heads, int s,
+                                                int d, size_t kv_stride, float scale) {
+    decode_attention<f16, DECODE_MAX_D>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
+}
 extern "C" __global__ void decode_attention_d64_f32(const float* q, const float* k, const float* v,
                                                     const float* bias, float* y, int hkv, int g_heads,
                                                     int s, int d, size_t kv_stride, float scale) {
@@ -940,6 +1031,11 @@ extern "C" __global__ void decode_attention_d64_bf16(const bf16* q, const bf16* 
                                                      const float* bias, bf16* y, int hkv, int g_heads,
                                                      int s, int d, size_t kv_stride, float scale) {
     decode_attention<bf16, DECODE_SMALL_D>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
+}
+extern "C" __global__ void decode_attention_d64_f16(const f16* q, const f16* k, const f16* v,
+                                                    const float* bias, f16* y, int hkv, int g_heads,
+                                                    int s, int d, size_t kv_stride, float scale) {
+    decode_attention<f16, DECODE_SMALL_D>(q, k, v, bias, y, hkv, g_heads, s, d, kv_stride, scale);
 }
 
 // A decode step's q/k/v epilogue and its attention in one launch: decode_qkv's work for the block's
@@ -996,6 +1092,13 @@ extern "C" __global__ void decode_qkv_attention_bf16(const bf16* q, const bf16* 
     decode_qkv_attention<bf16, DECODE_MAX_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
                                       v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
 }
+extern "C" __global__ void decode_qkv_attention_f16(const f16* q, const f16* k, const f16* v, int q_row,
+       int k_row, int v_row, const f16* qb, const f16* kb, const f16* vb, int has_bias, const f16* cos,
+       const f16* sin, f16* k_cache, f16* v_cache, const float* bias, f16* y, int hkv, int g_heads, int d,
+       int cap, int slot, float scale) {
+    decode_qkv_attention<f16, DECODE_MAX_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+                                     v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
+}
 extern "C" __global__ void decode_qkv_attention_d64_f32(const float* q, const float* k, const float* v, int q_row,
         int k_row, int v_row, const float* qb, const float* kb, const float* vb, int has_bias, const float* cos,
         const float* sin, float* k_cache, float* v_cache, const float* bias, float* y, int hkv, int g_heads, int d,
@@ -1009,6 +1112,13 @@ extern "C" __global__ void decode_qkv_attention_d64_bf16(const bf16* q, const bf
         int cap, int slot, float scale) {
     decode_qkv_attention<bf16, DECODE_SMALL_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
                                       v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
+}
+extern "C" __global__ void decode_qkv_attention_d64_f16(const f16* q, const f16* k, const f16* v, int q_row,
+       int k_row, int v_row, const f16* qb, const f16* kb, const f16* vb, int has_bias, const f16* cos,
+       const f16* sin, f16* k_cache, f16* v_cache, const float* bias, f16* y, int hkv, int g_heads, int d,
+       int cap, int slot, float scale) {
+    decode_qkv_attention<f16, DECODE_SMALL_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+                                     v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
 }
 
 // ------------------------------------------------------------------------------- flash attention
@@ -1706,6 +1816,11 @@ extern "C" __global__ void sum_squares_bf16(const u64* addresses, const uint32_t
                                             int chunks, int chunk, float* partial) {
     sum_squares<bf16>(addresses, sizes, chunk_param, chunk_index, chunks, chunk, partial);
 }
+extern "C" __global__ void sum_squares_f16(const u64* addresses, const uint32_t* sizes,
+                                           const uint32_t* chunk_param, const uint32_t* chunk_index,
+                                           int chunks, int chunk, float* partial) {
+    sum_squares<f16>(addresses, sizes, chunk_param, chunk_index, chunks, chunk, partial);
+}
 
 // One AdamW step of every parameter, in place, as learner/src/optim.rs's host_update:
 //   g' = clip·g;  m = β1·m + (1−β1)·g';  v = β2·v + (1−β2)·g'²;
@@ -1756,10 +1871,24 @@ extern "C" __global__ void adamw_bf16(const u64* addresses, const uint32_t* size
     adamw<bf16, float>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2,
                        eps, step_size, sqrt_bias2, clip);
 }
+extern "C" __global__ void adamw_f16(const u64* addresses, const uint32_t* sizes, const float* decays,
+                                     const uint32_t* chunk_param, const uint32_t* chunk_index, int chunks,
+                                     int chunk, float beta1, float beta2, float eps, float step_size,
+                                     float sqrt_bias2, float clip) {
+    adamw<f16, float>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2,
+                      eps, step_size, sqrt_bias2, clip);
+}
 extern "C" __global__ void adamw_bf16_bf16(const u64* addresses, const uint32_t* sizes, const float* decays,
                                            const uint32_t* chunk_param, const uint32_t* chunk_index,
                                            int chunks, int chunk, float beta1, float beta2, float eps,
                                            float step_size, float sqrt_bias2, float clip) {
     adamw<bf16, bf16>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2,
                       eps, step_size, sqrt_bias2, clip);
+}
+extern "C" __global__ void adamw_f16_f16(const u64* addresses, const uint32_t* sizes, const float* decays,
+                                          const uint32_t* chunk_param, const uint32_t* chunk_index,
+                                          int chunks, int chunk, float beta1, float beta2, float eps,
+                                          float step_size, float sqrt_bias2, float clip) {
+    adamw<f16, f16>(addresses, sizes, decays, chunk_param, chunk_index, chunks, chunk, beta1, beta2,
+                    eps, step_size, sqrt_bias2, clip);
 }

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
-use half::bf16;
+use half::{bf16, f16};
 use model::launch::{self, Geometry, FLASH_KEYS};
 use model::ops::composed;
 use model::rng::Rng;
@@ -113,6 +113,7 @@ fn emulator() -> &'static Path {
 enum Arg {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    F16(Vec<f16>),
     U32(Vec<u32>),
     Int(i32),
     Size(usize),
@@ -126,6 +127,7 @@ impl Arg {
         match self {
             Arg::F32(v) => v.clone(),
             Arg::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Arg::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             a => panic!("not a float buffer: {a:?}"),
         }
     }
@@ -145,6 +147,10 @@ fn encode(a: &Arg) -> (u8, Vec<u8>) {
         Arg::F32(v) => (b'F', buffer(v.len(), v.iter().map(|x| x.to_le_bytes()))),
         Arg::Bf16(v) => (
             b'B',
+            buffer(v.len(), v.iter().map(|x| x.to_bits().to_le_bytes())),
+        ),
+        Arg::F16(v) => (
+            b'H',
             buffer(v.len(), v.iter().map(|x| x.to_bits().to_le_bytes())),
         ),
         Arg::U32(v) => (b'U', buffer(v.len(), v.iter().map(|x| x.to_le_bytes()))),
@@ -210,7 +216,9 @@ fn emulate(kernel: &str, g: Geometry, args: &[Arg]) -> Result<(Vec<Arg>, [u64; 2
     let mut buffers = Vec::new();
     for a in args {
         match a {
-            Arg::F32(_) | Arg::U32(_) | Arg::Bf16(_) => buffers.push(decode(&mut rest, a)),
+            Arg::F32(_) | Arg::U32(_) | Arg::Bf16(_) | Arg::F16(_) => {
+                buffers.push(decode(&mut rest, a))
+            }
             Arg::Table(entries) => buffers.push(Arg::Table(
                 entries
                     .iter()
@@ -228,7 +236,7 @@ fn emulate(kernel: &str, g: Geometry, args: &[Arg]) -> Result<(Vec<Arg>, [u64; 2
 /// The next buffer of the emulator's output, of `like`'s type.
 fn decode(rest: &mut &[u8], like: &Arg) -> Arg {
     let width = match like {
-        Arg::Bf16(_) => 2,
+        Arg::Bf16(_) | Arg::F16(_) => 2,
         _ => 4,
     };
     let n = u64::from_le_bytes(split(rest, 8).try_into().unwrap()) as usize;
@@ -242,6 +250,11 @@ fn decode(rest: &mut &[u8], like: &Arg) -> Arg {
         Arg::Bf16(_) => Arg::Bf16(
             chunks
                 .map(|c| bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())))
+                .collect(),
+        ),
+        Arg::F16(_) => Arg::F16(
+            chunks
+                .map(|c| f16::from_bits(u16::from_le_bytes(c.try_into().unwrap())))
                 .collect(),
         ),
         Arg::U32(_) => Arg::U32(
@@ -262,13 +275,18 @@ fn launch(kernel: &str, g: Geometry, args: &[Arg]) -> Vec<Arg> {
 enum Ty {
     F32,
     Bf16,
+    F16,
 }
+
+/// The element types every kernel but the flash kernels (bf16 only) has an entry point for.
+const TYS: [Ty; 3] = [Ty::F32, Ty::Bf16, Ty::F16];
 
 impl Ty {
     fn name(self, kernel: &str) -> String {
         match self {
             Ty::F32 => format!("{kernel}_f32"),
             Ty::Bf16 => format!("{kernel}_bf16"),
+            Ty::F16 => format!("{kernel}_f16"),
         }
     }
 
@@ -277,18 +295,27 @@ impl Ty {
         match self {
             Ty::F32 => Arg::F32(v),
             Ty::Bf16 => Arg::Bf16(v.into_iter().map(bf16::from_f32).collect()),
+            Ty::F16 => Arg::F16(v.into_iter().map(f16::from_f32).collect()),
         }
     }
 
-    /// `t` as the kernel sees it: rounded to bf16 for bf16 kernels.
+    /// `t` as the kernel sees it: rounded to bf16 or f16 for those kernels.
     fn round(self, t: &Tensor) -> Tensor {
         match self {
             Ty::F32 => t.clone(),
-            Ty::Bf16 => t
-                .to_dtype(DType::BF16)
+            Ty::Bf16 | Ty::F16 => t
+                .to_dtype(self.dtype())
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap(),
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Ty::F32 => DType::F32,
+            Ty::Bf16 => DType::BF16,
+            Ty::F16 => DType::F16,
         }
     }
 
@@ -297,6 +324,8 @@ impl Ty {
         match self {
             Ty::F32 => 1e-5,
             Ty::Bf16 => 1e-2,
+            // 3 more mantissa bits than bf16
+            Ty::F16 => 2e-3,
         }
     }
 }
@@ -370,7 +399,7 @@ fn row_gather_scatter_and_the_embedding_backward_match_index_select_and_index_ad
             t.index_select(&Tensor::new(rows, &Device::Cpu).unwrap(), 0)
                 .unwrap()
         };
-        for ty in [Ty::F32, Ty::Bf16] {
+        for ty in TYS {
             let (x, g) = (ty.round(&x), ty.round(&g));
             let at = format!("{ty:?}, h = {h}");
             for geometry in [launch::elems(n * h), fewer_blocks(launch::elems(n * h), 1)] {
@@ -490,7 +519,7 @@ fn row_gather_scatter_and_the_embedding_backward_match_index_select_and_index_ad
 fn bias_add_matches_broadcast_add() {
     let (rows, out) = (37, 96);
     let (x, b) = (random(&[rows, out], 40, 1.0), random(&[out], 41, 1.0));
-    for ty in [Ty::F32, Ty::Bf16] {
+    for ty in TYS {
         let (x, b) = (ty.round(&x), ty.round(&b));
         let want = x.broadcast_add(&b).unwrap();
         let n = rows * out;
@@ -574,7 +603,7 @@ fn rms_norm_forward_and_backward_match_the_composed_op() {
         let x = random(&[rows, h], 1, 1.0);
         let w = (random(&[h], 2, 0.2) + 1.0).unwrap();
         let u = random(&[rows, h], 3, 1.0);
-        for ty in [Ty::F32, Ty::Bf16] {
+        for ty in TYS {
             let (x, w, u) = (ty.round(&x), ty.round(&w), ty.round(&u));
             let at = format!("{ty:?} [{rows}, {h}]");
             let y = launch(
@@ -628,7 +657,7 @@ fn add_rms_norm_is_the_add_then_rms_norm_bit_for_bit() {
         let x = random(&[rows, h], 11, 1.0);
         let r = random(&[rows, h], 12, 1.0);
         let w = (random(&[h], 13, 0.2) + 1.0).unwrap();
-        for ty in [Ty::F32, Ty::Bf16] {
+        for ty in TYS {
             let (x, r, w) = (ty.round(&x), ty.round(&r), ty.round(&w));
             let at = format!("{ty:?} [{rows}, {h}]");
             let out = launch(
@@ -673,7 +702,7 @@ fn swiglu_forward_and_backward_match_the_composed_op() {
         random(&[n], 5, 1.0),
         random(&[n], 6, 1.0),
     );
-    for ty in [Ty::F32, Ty::Bf16] {
+    for ty in TYS {
         let (a, b, u) = (ty.round(&a), ty.round(&b), ty.round(&u));
         let (want, grads) = with_grads(&[&a, &b], &u, |t| (t[0].silu().unwrap() * &t[1]).unwrap());
         for g in [launch::elems(n), fewer_blocks(launch::elems(n), 1)] {
@@ -711,7 +740,7 @@ fn swiglu_of_a_packed_projection_is_swiglu_fwd_of_its_halves_bit_for_bit() {
     // rows [gate (n), up (n)], as a packed layer's one matmul gives them
     let (rows, n) = (7usize, 150usize);
     let gu = random(&[rows, 2 * n], 31, 2.0);
-    for ty in [Ty::F32, Ty::Bf16] {
+    for ty in TYS {
         let gu = ty.round(&gu);
         let half = |at: usize| gu.narrow(1, at, n).unwrap().contiguous().unwrap();
         let (gate, up) = (half(0), half(n));
@@ -762,7 +791,7 @@ fn rope_and_its_adjoint_match_the_composed_op() {
     let token_major = [t * h * d, d, h * d];
     // [B, H, T, D] stored in token-major order, and back
     let to_tokens = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
-    for ty in [Ty::F32, Ty::Bf16] {
+    for ty in TYS {
         let (x, u, cos, sin) = (ty.round(&x), ty.round(&u), ty.round(&cos), ty.round(&sin));
         let (want, grads) = with_grads(&[&x], &u, |v| composed::rope(&v[0], &cos, &sin).unwrap());
         let cases = [
@@ -831,7 +860,7 @@ fn masked_softmax_matches_the_composed_op() {
     let bias = causal_bias(b, t, s);
     let scale = 0.3;
     let rows = b * hkv * g * t;
-    for ty in [Ty::F32, Ty::Bf16] {
+    for ty in TYS {
         let x = ty.round(&x);
         let want = composed::masked_softmax(&x, &bias, scale).unwrap();
         let y = launch(
@@ -865,7 +894,7 @@ fn chunked_attention_probabilities_match_the_composed_ops() {
         .unwrap();
     let scale = 0.3;
     let rows = b * hkv * g * len;
-    for ty in [Ty::F32, Ty::Bf16] {
+    for ty in TYS {
         let (x, dp) = (ty.round(&x), ty.round(&dp));
         let p = composed::masked_softmax(&x, &bias, scale).unwrap(); // f32
         let dot = (&p * &dp).unwrap().sum_keepdim(D::Minus1).unwrap();
@@ -885,6 +914,7 @@ fn chunked_attention_probabilities_match_the_composed_ops() {
         let forward = match ty {
             Ty::F32 => "masked_softmax_fwd_f32",
             Ty::Bf16 => "masked_softmax_fwd_bf16_bf16",
+            Ty::F16 => "masked_softmax_fwd_f16_f16",
         };
         let y = launch(
             forward,
@@ -919,7 +949,7 @@ fn softmax_forward_and_backward_match_the_composed_op() {
     let x = random(&[rows, n], 11, 4.0);
     let u = random(&[rows, n], 12, 1.0);
     let scale = 0.7;
-    for ty in [Ty::F32, Ty::Bf16] {
+    for ty in TYS {
         let (x, u) = (ty.round(&x), ty.round(&u));
         let want = composed::softmax_last_dim(&x).unwrap();
         let y = launch(
@@ -972,7 +1002,7 @@ fn log_probs_and_entropies_forward_and_backward_match_the_composed_ops() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    for ty in [Ty::F32, Ty::Bf16] {
+    for ty in TYS {
         for temperature in [1.0f64, 0.7] {
             let z = Tensor::cat(&[random(&[rows - 1, v], 13, 3.0), rising.clone()], 0).unwrap();
             let z = ty.round(&z);
@@ -1077,9 +1107,9 @@ fn the_sampler_draws_what_the_host_draws() {
                 }
             })
             .collect();
-        // bf16: the logits as a bf16 output layer writes them, widened by the kernel (the host
-        // draws from the same rounded values)
-        for (ty, &(temperature, top_k, top_p)) in [Ty::F32, Ty::Bf16]
+        // bf16 and f16: the logits as a 16-bit output layer writes them, widened by the kernel
+        // (the host draws from the same rounded values)
+        for (ty, &(temperature, top_k, top_p)) in TYS
             .into_iter()
             .flat_map(|ty| cases.iter().map(move |c| (ty, c)))
         {
@@ -1088,6 +1118,10 @@ fn the_sampler_draws_what_the_host_draws() {
                 Ty::Bf16 => z
                     .iter()
                     .map(|r| r.iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
+                    .collect(),
+                Ty::F16 => z
+                    .iter()
+                    .map(|r| r.iter().map(|&x| f16::from_f32(x).to_f32()).collect())
                     .collect(),
             };
             let inv_t = if temperature > 0.0 {
@@ -1147,7 +1181,7 @@ fn decode_qkv_adds_the_biases_rotates_and_writes_the_cache_slot() {
     // 3 rows, 6 query heads over 2 KV heads of 8, a cache of 5 slots written at slot 3
     let (b, hq, hkv, d, cap, slot) = (3usize, 6usize, 2usize, 8usize, 5usize, 3usize);
     let pairs = b * (hq + 2 * hkv) * d / 2;
-    for ty in [Ty::F32, Ty::Bf16] {
+    for ty in TYS {
         let r = |shape: &[usize], seed| ty.round(&random(shape, seed, 1.0));
         let (q, k, v) = (
             r(&[b, hq * d], 21),
@@ -1259,7 +1293,7 @@ fn decode_attention_matches_the_composed_ops_over_a_cache_view() {
         let v_cache = random(&[b, hkv, cap, d], seed + 2, 1.0);
         let bias = causal_bias(b, 1, s); // [B, 1, 1, 1, S]: row 1 left-padded
         let scale = 1.0 / (d as f64).sqrt();
-        for ty in [Ty::F32, Ty::Bf16] {
+        for ty in TYS {
             let (q, k_cache, v_cache) = (ty.round(&q), ty.round(&k_cache), ty.round(&v_cache));
             let (k, v) = (
                 k_cache.narrow(2, 0, s).unwrap(),
@@ -1326,7 +1360,7 @@ fn decode_qkv_attention_is_decode_qkv_then_decode_attention_bit_for_bit() {
         let seed = 300 + 10 * case as u64;
         let (hq, s) = (hkv * g, slot + 1);
         let (nq, nkv) = (hq * d, hkv * d);
-        for ty in [Ty::F32, Ty::Bf16] {
+        for ty in TYS {
             let r = |shape: &[usize], k: u64| ty.round(&random(shape, seed + k, 1.0));
             // one packed matmul's rows [q | k | v]: k's buffer starts at row 0's k, v's at its v
             let packed = r(&[b, nq + 2 * nkv], 1).flatten_all().unwrap();
@@ -1872,7 +1906,7 @@ fn multi_tensor_args() -> (Arg, [Arg; 3]) {
 #[test]
 fn sum_squares_sums_each_chunk() {
     // f32 gradients, and bf16 ones as a bf16 parameter's backward leaves them
-    for ty in [Ty::F32, Ty::Bf16] {
+    for ty in TYS {
         let grads: Vec<Tensor> = MULTI_SIZES
             .iter()
             .enumerate()
@@ -1940,12 +1974,14 @@ fn adamw_matches_pytorchs_update() {
         .collect();
     let (sizes, table) = multi_tensor_args();
     let n_chunks = launch::chunk_table(&MULTI_SIZES, MULTI_CHUNK).0.len();
-    // f32 parameters (no compute copy), bf16 ones (the copy rewritten from the master), and bf16
-    // ones whose gradient is bf16 too (as their backward leaves it)
+    // f32 parameters (no compute copy), bf16 and f16 ones (the copy rewritten from the master),
+    // and bf16 and f16 ones whose gradient is in their dtype too (as their backward leaves it)
     for (ty, grad_ty, kernel) in [
         (Ty::F32, Ty::F32, "adamw_f32"),
         (Ty::Bf16, Ty::F32, "adamw_bf16"),
         (Ty::Bf16, Ty::Bf16, "adamw_bf16_bf16"),
+        (Ty::F16, Ty::F32, "adamw_f16"),
+        (Ty::F16, Ty::F16, "adamw_f16_f16"),
     ] {
         let grads: Vec<Tensor> = params
             .iter()
@@ -1978,6 +2014,7 @@ fn adamw_matches_pytorchs_update() {
                 let copy = match ty {
                     Ty::F32 => None,
                     Ty::Bf16 => Some(Arg::Bf16(vec![bf16::NAN; w.len()])),
+                    Ty::F16 => Some(Arg::F16(vec![f16::NAN; w.len()])),
                 };
                 [
                     Some(Arg::F32(w.clone())),
@@ -2018,10 +2055,10 @@ fn adamw_matches_pytorchs_update() {
                     assert_close(&at(what), entry(k), &t(&want[slot]), 1e-6);
                 }
                 assert_eq!(entry(1), &grad_ty.buffer(&grads[i]), "{}", at("g"));
-                if ty == Ty::Bf16 {
-                    // the copy is the new master rounded to bf16
+                if ty != Ty::F32 {
+                    // the copy is the new master rounded to the parameter's dtype
                     let copy = Tensor::new(entry(0).f32s(), &Device::Cpu).unwrap();
-                    assert_close(&at("copy"), entry(4), &Ty::Bf16.round(&copy), 1e-9);
+                    assert_close(&at("copy"), entry(4), &ty.round(&copy), 1e-9);
                 } else {
                     assert!(got[5 * i + 4].is_none());
                 }
@@ -2038,7 +2075,9 @@ fn every_kernel_is_emulated_by_a_test() {
     let untested: Vec<&String> = names
         .iter()
         .filter(|k| {
-            let family = k.trim_end_matches("_f32").trim_end_matches("_bf16");
+            let family = ["_f32", "_bf16", "_f16", "_bf16", "_f16"]
+                .iter()
+                .fold(k.as_str(), |k, suffix| k.trim_end_matches(suffix));
             // a family's kernels are launched as `ty.name("family")` (the family named in a
             // literal) or by their full name
             !this.contains(&format!("\"{k}\"")) && !this.contains(&format!("\"{family}\""))

@@ -4,7 +4,7 @@
 // per kernel) next to this file's copy.
 //
 // stdin:  name (u32 length, bytes), grid, block, shared bytes (u32 each), the argument count (u32),
-//         then per argument a tag byte and its value: 'F' f32 / 'B' bf16 / 'U' u32 buffer (u64
+//         then per argument a tag byte and its value: 'F' f32 / 'B' bf16 / 'H' f16 / 'U' u32 buffer (u64
 //         element count, then the elements), 'i' int (i32), 'z' size_t (u64), 'f' float (f32),
 //         'P' a table of device addresses (`const u64*`: u64 count, then per entry 'n' for a null
 //         address or a tagged buffer, which the table points to).
@@ -35,6 +35,7 @@ template <class E>
 constexpr char buffer_tag() {
     if constexpr (std::is_same_v<E, float>) return 'F';
     else if constexpr (std::is_same_v<E, bf16>) return 'B';
+    else if constexpr (std::is_same_v<E, f16>) return 'H';
     else if constexpr (std::is_same_v<E, uint32_t>) return 'U';
     else if constexpr (std::is_same_v<E, unsigned long long>) return 'P';
     else return '?';
@@ -130,8 +131,8 @@ T read() {
     return v;
 }
 
-size_t elem_size(char tag) { return tag == 'B' ? 2 : 4; }
-bool is_buffer(char tag) { return tag == 'F' || tag == 'B' || tag == 'U'; }
+size_t elem_size(char tag) { return tag == 'B' || tag == 'H' ? 2 : 4; }
+bool is_buffer(char tag) { return tag == 'F' || tag == 'B' || tag == 'H' || tag == 'U'; }
 
 void read_buffer(Arg& a) {
     const size_t n = read<uint64_t>() * elem_size(a.tag);

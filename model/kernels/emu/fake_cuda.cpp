@@ -154,12 +154,14 @@ struct Module {
 // binary `b<op>_<t>` and the comparisons `<eq|ne|lt|le|gt|ge>_<t>` (to u8), `affine_<t>`,
 // `cast_<a>_<b>`, `copy2d_<t>`, `fill_<t>`, the reductions `fast_<sum|max|min|argmax|argmin>_<t>`
 // and `fast_sum_small_<t>`, `where_<ids>_<t>`, `const_set_<t>` and the indexing kernels, for
-// f32, bf16, f64, u32, u8 and i64 (bf16 computed in f32, as candle's kernels do). Others are
+// f32, bf16, f16, f64, u32, u8 and i64 (bf16 and f16 computed in f32, as candle's kernels do;
+// f16 is the compiler's `_Float16`, which rounds to nearest even as the GPU does). Others are
 // refused.
-enum class Ty { F32, BF16, F64, U32, U8, I64, None };
+enum class Ty { F32, BF16, F16, F64, U32, U8, I64, None };
 Ty ty_of(const std::string& t) {
     return t == "f32"    ? Ty::F32
            : t == "bf16" ? Ty::BF16
+           : t == "f16"  ? Ty::F16
            : t == "f64"  ? Ty::F64
            : t == "u32"  ? Ty::U32
            : t == "u8"   ? Ty::U8
@@ -170,6 +172,7 @@ double load(Ty t, const void* p, size_t i) {
     switch (t) {
         case Ty::F32: return static_cast<const float*>(p)[i];
         case Ty::BF16: return __bfloat162float(static_cast<const bf16*>(p)[i]);
+        case Ty::F16: return float(static_cast<const _Float16*>(p)[i]);
         case Ty::U32: return static_cast<const uint32_t*>(p)[i];
         case Ty::U8: return static_cast<const uint8_t*>(p)[i];
         case Ty::F64: return static_cast<const double*>(p)[i];
@@ -181,6 +184,7 @@ void store(Ty t, void* p, size_t i, double v) {
     switch (t) {
         case Ty::F32: static_cast<float*>(p)[i] = float(v); break;
         case Ty::BF16: static_cast<bf16*>(p)[i] = __float2bfloat16(float(v)); break;
+        case Ty::F16: static_cast<_Float16*>(p)[i] = _Float16(float(v)); break;
         case Ty::U32: static_cast<uint32_t*>(p)[i] = uint32_t(v); break;
         case Ty::U8: static_cast<uint8_t*>(p)[i] = uint8_t(v); break;
         case Ty::F64: static_cast<double*>(p)[i] = v; break;
@@ -246,7 +250,7 @@ Host unary(const std::string& op, Ty t) {
 
 // `to`: the output's type (u8 for the comparisons)
 Host binary(const std::string& op, Ty t, Ty to) {
-    // in f64: rounded to f32 or bf16 as it is stored, + − × ÷ are then rounded once, as on a GPU
+    // in f64: rounded to f32, bf16 or f16 as it is stored, + − × ÷ are then rounded once, as on a GPU
     std::function<double(double, double)> f;
     if (op == "add") f = [](double x, double y) { return x + y; };
     else if (op == "sub") f = [](double x, double y) { return x - y; };
@@ -758,9 +762,15 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
 #include <thread>
 
 namespace {
-// an element of a column-major matrix of CUDA data type `type` (0: f32, 14: bf16)
+// CUDA data types: 0 f32, 2 f16, 14 bf16
+int bytes(int type) { return type == 0 ? 4 : 2; }
+// an element of a column-major matrix of CUDA data type `type`
 float element(int type, const void* p, long long i) {
-    return type == 14 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]) : static_cast<const float*>(p)[i];
+    switch (type) {
+        case 14: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+        case 2: return float(static_cast<const _Float16*>(p)[i]);
+        default: return static_cast<const float*>(p)[i];
+    }
 }
 }  // namespace
 
@@ -773,12 +783,12 @@ int cublasCreate_v2(void** handle) {
 int cublasDestroy_v2(void*) { return 0; }
 int cublasSetStream_v2(void*, void*) { return 0; }
 // C = α·op(A)·op(B) + β·C per batch, column-major, in f32 (compute types 32F, with f32 α and β);
-// A, B and C f32 or bf16. CUBLAS_STATUS_NOT_SUPPORTED (15) for anything else.
+// A, B and C f32, f16 or bf16. CUBLAS_STATUS_NOT_SUPPORTED (15) for anything else.
 int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, int k, const void* alpha, const void* a,
                                int atype, int lda, long long stride_a, const void* b, int btype, int ldb,
                                long long stride_b, const void* beta, void* c, int ctype, int ldc, long long stride_c,
                                int batches, int compute, int) {
-    const auto known = [](int t) { return t == 0 || t == 14; };
+    const auto known = [](int t) { return t == 0 || t == 2 || t == 14; };
     if (!known(atype) || !known(btype) || !known(ctype) || compute == 64 || compute == 65) {
         std::fprintf(stderr, "fake cuda: cuBLAS gemm of types %d, %d -> %d (compute %d) is not emulated\n", atype,
                      btype, ctype, compute);
@@ -787,7 +797,7 @@ int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, int 
     const auto key = [&] {
         std::string shape = "gemm " + std::to_string(m) + " x " + std::to_string(n) + " x " + std::to_string(k);
         if (batches > 1) shape += ", " + std::to_string(batches) + " batches";
-        return shape + (ctype == 14 ? " bf16" : " f32");
+        return shape + (ctype == 14 ? " bf16" : ctype == 2 ? " f16" : " f32");
     };
     if (memory_only()) {
         profiled(key, [] {});
@@ -800,9 +810,9 @@ int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, int 
         std::vector<float> ap(size_t(m) * k), bp(size_t(n) * k);
         const unsigned threads = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
         for (int bt = 0; bt < batches; ++bt) {
-            const void* ab = static_cast<const char*>(a) + bt * stride_a * (atype == 14 ? 2 : 4);
-            const void* bb = static_cast<const char*>(b) + bt * stride_b * (btype == 14 ? 2 : 4);
-            void* cb = static_cast<char*>(c) + bt * stride_c * (ctype == 14 ? 2 : 4);
+            const void* ab = static_cast<const char*>(a) + bt * stride_a * bytes(atype);
+            const void* bb = static_cast<const char*>(b) + bt * stride_b * bytes(btype);
+            void* cb = static_cast<char*>(c) + bt * stride_c * bytes(ctype);
             for (int i = 0; i < m; ++i)
                 for (int l = 0; l < k; ++l)
                     ap[size_t(i) * k + l] = element(atype, ab, transa ? l + (long long)i * lda : i + (long long)l * lda);
@@ -823,6 +833,7 @@ int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, int 
                         const float old = be == 0.f ? 0.f : element(ctype, cb, at);
                         const float v = al * acc + be * old;
                         if (ctype == 14) static_cast<__nv_bfloat16*>(cb)[at] = __float2bfloat16(v);
+                        else if (ctype == 2) static_cast<_Float16*>(cb)[at] = _Float16(v);
                         else static_cast<float*>(cb)[at] = v;
                     }
             };
