@@ -130,9 +130,9 @@ fn sampling_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Resu
     let (b, v) = (64usize, 151_936usize);
     let mut rng = model::rng::Rng::new(5);
     let u: Vec<f32> = (0..b).map(|_| rng.uniform() as f32).collect();
-    // f32 logits, and bf16 ones read as a bf16 output layer writes them (the host draws from
-    // the same values widened)
-    for dtype in [DType::F32, DType::BF16] {
+    // f32 logits, and bf16 and f16 ones read as a 16-bit output layer writes them (the host draws
+    // from the same values widened)
+    for dtype in KERNEL_DTYPES {
         let z = randn(&[b, v], 42, 3.0, dtype, gpu)?;
         let host = z
             .to_dtype(DType::F32)?
@@ -236,6 +236,22 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         "grads bf16: worst rel diff",
         format!("{:.2e} ({})", worst.0, worst.1),
         worst.0 < 0.15, // the CPU's bf16 composed ops: 5.0e-2
+    );
+    // f16 weights (`model.dtype = "f16"`): the kernels' f16 entry points, attention chunked
+    let w_f16 = w_cpu.to(DType::F16, gpu)?;
+    let lh = forward(&w_f16, &Batch::new(&ids, &mask, gpu)?, None)?;
+    let rel = max_abs_diff(&lc, &lh)? / max_abs(&lc)?;
+    check(
+        "forward f16 rel max|Δlogit|",
+        format!("{rel:.2e}"),
+        rel < 1e-2,
+    );
+    let (loss_h, gh) = loss_and_grads(&w_f16, &ids, &mask)?;
+    let worst = worst_rel(&gc, &gh)?;
+    check(
+        "loss cpu f32 / gpu f16; grads f16: worst rel diff",
+        format!("{loss_c:.4} / {loss_h:.4}; {:.2e} ({})", worst.0, worst.1),
+        ((loss_c - loss_h) / loss_c).abs() < 5e-3 && worst.0 < 0.05,
     );
 
     // the same gradients on the GPU with every layer recomputed in the backward
@@ -362,6 +378,14 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
     let head = named.get("lm_head.weight").ok_or("no lm_head.weight")? * 10.0;
     named.insert("lm_head.weight".into(), head?);
     let peaked = Weights::from_named(&c64, &named)?.to(DType::BF16, gpu)?;
+    // and in f16 (`model.dtype = "f16"`: 3 more mantissa bits than bf16)
+    let peaked16 = Weights::from_named(&c64, &named)?.to(DType::F16, gpu)?;
+    let (worst, mean, n) = behaviour_vs_learner(&peaked16.packed()?, &peaked16, &prompts)?;
+    check(
+        "behaviour vs learner log-probs, f16 packed snapshot, D=64, output layer ×10, f16 logits: max|Δ| (mean)",
+        format!("{worst:.2e} ({mean:.1e}, {n} tokens)"),
+        n > 0 && worst < 0.5,
+    );
     for f32_logits in [false, true] {
         let (worst, mean, n) = model::head::with_f32_logits(f32_logits, || {
             behaviour_vs_learner(&peaked.packed()?, &peaked, &prompts)
@@ -808,7 +832,7 @@ fn kernel_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result
         ),
     ];
     for (k, case) in cases.iter().enumerate() {
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in KERNEL_DTYPES {
             if let Err(e) = kernel_case(gpu, case, k, dtype, rows) {
                 rows.push((
                     format!("{} {dtype:?}", case.name),
@@ -903,7 +927,7 @@ fn kernel_case(
 /// The residual add fused with the RMSNorm after it (forward only, where no gradient is taken)
 /// against candle's add and the composed RMSNorm in f32.
 fn add_rms_norm_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in KERNEL_DTYPES {
         let x = randn(&[3, 37, 896], 41, 2.0, dtype, gpu)?;
         let r = randn(&[3, 37, 896], 42, 2.0, dtype, gpu)?;
         let w = randn(&[896], 43, 1.0, dtype, gpu)?;
@@ -924,7 +948,7 @@ fn add_rms_norm_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> 
 /// SwiGLU kernel on its two halves (bit for bit) and the composed op in f32.
 fn swiglu_packed_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
     let n = 4864;
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in KERNEL_DTYPES {
         let gu = randn(&[3, 37, 2 * n], 44, 2.0, dtype, gpu)?;
         let (gate, up) = (gu.narrow(2, 0, n)?, gu.narrow(2, n, n)?);
         let y = ops::swiglu_packed(&gu)?;
@@ -998,7 +1022,7 @@ fn embedding_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Res
         },
     ];
     for (k, case) in cases.iter().enumerate() {
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in KERNEL_DTYPES {
             if let Err(e) = kernel_case(gpu, case, 50 + k, dtype, rows) {
                 rows.push((
                     format!("{} {dtype:?}", case.name),
@@ -1021,7 +1045,7 @@ fn decode_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>)
         .collect();
     let bias = Tensor::from_vec(bias, (b, 1, 1, 1, s), &Device::Cpu)?.to_device(gpu)?;
     let scale = 1.0 / (d as f64).sqrt();
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in KERNEL_DTYPES {
         let q = randn(&[b, hkv, g, d], 61, 1.0, dtype, gpu)?;
         let k = randn(&[b, hkv, cap, d], 62, 1.0, dtype, gpu)?.narrow(2, 0, s)?;
         let v = randn(&[b, hkv, cap, d], 63, 1.0, dtype, gpu)?.narrow(2, 0, s)?;
@@ -1178,7 +1202,7 @@ fn attention_bias_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -
 /// and without biases.
 fn decode_qkv_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
     let (b, hq, hkv, d, cap, slot) = (64, 14, 2, 64, 400, 300);
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in KERNEL_DTYPES {
         let r = |shape: &[usize], seed| randn(shape, seed, 1.0, dtype, gpu);
         let (q, k, v) = (
             r(&[b, 1, hq * d], 71)?,
@@ -1256,7 +1280,7 @@ fn decode_qkv_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, boo
     let bias = Tensor::from_vec(bias, (b, 1, 1, 1, s), &Device::Cpu)?.to_device(gpu)?;
     for (hq, hkv, d) in [(14, 2, 64), (8, 2, 128)] {
         let scale = 1.0 / (d as f64).sqrt();
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in KERNEL_DTYPES {
             let r = |shape: &[usize], seed| randn(shape, seed, 1.0, dtype, gpu);
             let qkv = r(&[b, 1, (hq + 2 * hkv) * d], 81)?;
             let (nq, nkv) = (hq * d, hkv * d);
@@ -1301,11 +1325,15 @@ fn decode_qkv_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, boo
 }
 
 /// The multi-tensor AdamW and gradient-norm kernels against the composed update on the GPU:
-/// three steps on a bf16 matrix (through its f32 master), an f32 vector and an f32 matrix of
-/// three chunks, with weight decay and clipping.
+/// three steps on a bf16 and an f16 matrix (through their f32 masters; the loss scaled for the
+/// f16 one), an f32 vector and an f32 matrix of three chunks, with weight decay and clipping.
+/// The dtypes ferrite's kernels have entry points for (the flash kernels bf16 only).
+const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
 fn optimizer_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
-    let shapes: [(&[usize], DType); 3] = [
+    let shapes: [(&[usize], DType); 4] = [
         (&[64, 96], DType::BF16),
+        (&[64, 96], DType::F16),
         (&[96], DType::F32),
         (&[300, 500], DType::F32),
     ];
@@ -1323,6 +1351,8 @@ fn optimizer_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Res
         let config = AdamWConfig {
             weight_decay: 0.1,
             max_grad_norm: Some(1.0),
+            // (scaled gradients of N(0, 1) entries stay well inside f16's range)
+            initial_loss_scale: 1024.0,
             ..Default::default()
         };
         let named = vars
@@ -1338,7 +1368,7 @@ fn optimizer_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Res
                 let g = randn(shape, 10 * (i as u64 + 1) + k, 1.0, DType::F32, gpu)?;
                 loss = (loss + (v.as_tensor().to_dtype(DType::F32)? * g)?.sum_all()?)?;
             }
-            opt.accumulate(&loss.backward()?, 1.0)?;
+            opt.backward(&loss)?;
             norms.push(opt.step(1e-2)?.grad_norm);
         }
         Ok((vars.iter().map(|v| v.as_tensor().clone()).collect(), norms))
@@ -1347,9 +1377,14 @@ fn optimizer_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Res
     let composed = run(false);
     ops::set_cuda_kernels(true);
     let ((fused, fused_norms), (composed, composed_norms)) = (fused?, composed?);
-    for (name, (x, y)) in ["bf16 [64, 96]", "f32 [96]", "f32 [300, 500]"]
-        .iter()
-        .zip(fused.iter().zip(&composed))
+    for (name, (x, y)) in [
+        "bf16 [64, 96]",
+        "f16 [64, 96]",
+        "f32 [96]",
+        "f32 [300, 500]",
+    ]
+    .iter()
+    .zip(fused.iter().zip(&composed))
     {
         let e = rel(x, y)?;
         let tol = if x.dtype() == DType::F32 { 1e-5 } else { 1e-2 };
@@ -1603,6 +1638,7 @@ fn learner_benches(
     r: &mut Report,
 ) -> Result<()> {
     let (b, t) = (8usize, 1024usize);
+    let dtype = format!("{:?}", w.embed_tokens.dtype()).to_lowercase();
     for &(label, kernels, flash, checkpoint) in variants {
         ops::set_cuda_kernels(kernels);
         ops::set_flash_attention(flash);
@@ -1616,7 +1652,7 @@ fn learner_benches(
                 let (tok_s, allocated) = ((b * t) as f64 / m.secs, m.allocated_gib);
                 let alloc_text = allocated.map_or("?".into(), |g| format!("{g:.1}"));
                 r.lines.push(format!(
-                    "learner B={b} T={t} bf16, {label}: {tok_s:.0} tok/s, {:.0} ms/step (synchronized phases: forward + log-probs {forward:.0}, backward {backward:.0}, AdamW {adamw:.0}), peak allocated {alloc_text} GiB, device use {:.1} GiB above the context",
+                    "learner B={b} T={t} {dtype}, {label}: {tok_s:.0} tok/s, {:.0} ms/step (synchronized phases: forward + log-probs {forward:.0}, backward {backward:.0}, AdamW {adamw:.0}), peak allocated {alloc_text} GiB, device use {:.1} GiB above the context",
                     m.secs * 1e3,
                     m.device_gib,
                 ));
@@ -2528,6 +2564,17 @@ fn run(what: &str) -> Result<()> {
                 model::head::with_f32_logits(true, || {
                     learner_benches(&gpu, w, baseline, &label, r)
                 })?;
+                // `model.dtype = "f16"`: the kernels' f16 entry points, attention chunked (the
+                // flash kernels are bf16 only), the loss scaled
+                let w16 = w.to(DType::F16, &gpu)?;
+                let label = [(
+                    "CUDA kernels, chunked attention, loss scaled",
+                    true,
+                    true,
+                    false,
+                )];
+                learner_benches(&gpu, &w16, baseline, &label, r)?;
+                drop(w16);
                 learner_order_bench(w, r)?;
                 // what model::cuda::open's device settings gain, against candle's own
                 with_candle_defaults(w, |plain, w, before| {

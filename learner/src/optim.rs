@@ -421,7 +421,7 @@ impl AdamW {
         if model::ops::cuda_kernels()
             && grads
                 .iter()
-                .all(|g| g.device().is_cuda() && matches!(g.dtype(), DType::F32 | DType::BF16))
+                .all(|g| g.device().is_cuda() && model::ops::kernel_dtype(g.dtype()))
         {
             return Ok(model::cuda::sum_squares(&grads)?);
         }
@@ -455,10 +455,11 @@ impl AdamW {
                     continue;
                 };
                 let w = p.var.as_tensor();
-                // an f32 gradient, or a bf16 parameter's own bf16 one
+                // an f32 gradient, or a 16-bit parameter's own 16-bit one
                 let dtypes_ok = match master {
                     Some(_) => {
-                        w.dtype() == DType::BF16 && matches!(g.dtype(), DType::F32 | DType::BF16)
+                        matches!(w.dtype(), DType::BF16 | DType::F16)
+                            && (g.dtype() == DType::F32 || g.dtype() == w.dtype())
                     }
                     None => w.dtype() == DType::F32 && g.dtype() == DType::F32,
                 };

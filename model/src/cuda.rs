@@ -214,21 +214,23 @@ pub fn compile_modules(device: &candle_core::Device) -> Result<Vec<(&'static str
     })
 }
 
-/// The kernel name for element type `T`: `name_f32` or `name_bf16`.
+/// The kernel name for element type `T`: `name_f32`, `name_bf16` or `name_f16`.
 fn kernel<T: WithDType>(name: &str) -> Result<String> {
     match T::DTYPE {
         DType::F32 => Ok(format!("{name}_f32")),
         DType::BF16 => Ok(format!("{name}_bf16")),
+        DType::F16 => Ok(format!("{name}_f16")),
         d => Err(err(format!("ferrite cuda kernel {name}: no {d:?} variant"))),
     }
 }
 
-/// Calls `$f::<T>(args)` for the element type `$dtype` (f32 or bf16).
+/// Calls `$f::<T>(args)` for the element type `$dtype` (f32, bf16 or f16).
 macro_rules! by_dtype {
     ($dtype:expr, $f:ident ( $($a:expr),* $(,)? )) => {
         match $dtype {
             DType::F32 => $f::<f32>($($a),*),
             DType::BF16 => $f::<half::bf16>($($a),*),
+            DType::F16 => $f::<half::f16>($($a),*),
             d => Err(err(format!("ferrite cuda kernels: unsupported dtype {d:?}"))),
         }
     };
@@ -317,6 +319,9 @@ impl KernelElem for f32 {
 impl KernelElem for half::bf16 {
     const ELEM: Elem = Elem::Bf16;
 }
+impl KernelElem for half::f16 {
+    const ELEM: Elem = Elem::F16;
+}
 impl KernelElem for u32 {
     const ELEM: Elem = Elem::U32;
 }
@@ -324,10 +329,11 @@ impl KernelElem for u64 {
     const ELEM: Elem = Elem::U64;
 }
 
-/// The kernels' float types, f32 and bf16: their `_f32` and `_bf16` variants.
+/// The kernels' float types, f32, bf16 and f16: their `_f32`, `_bf16` and `_f16` variants.
 trait Float: CudaDType + DeviceRepr + WithDType + KernelElem {}
 impl Float for f32 {}
 impl Float for half::bf16 {}
+impl Float for half::f16 {}
 
 /// A launch argument: what it is, for the signature check, and how cudarc passes it.
 trait KernelArg {
@@ -1012,7 +1018,7 @@ where
     }
     let name = match (T::DTYPE, O::DTYPE) {
         (_, DType::F32) => kernel::<T>("masked_softmax_fwd")?,
-        (DType::BF16, DType::BF16) => "masked_softmax_fwd_bf16_bf16".to_string(),
+        (t, o) if t == o => kernel::<T>("masked_softmax_fwd")? + &kernel::<T>("")?,
         (t, o) => return Err(err(format!("masked_softmax: no {t:?} → {o:?} kernel"))),
     };
     let dev = x.device().clone();
@@ -1051,6 +1057,7 @@ pub fn masked_softmax_fwd(
     match x.dtype() {
         DType::F32 => masked_softmax_as::<f32, f32>(x, xl, bias, bl, scale),
         DType::BF16 => masked_softmax_as::<half::bf16, f32>(x, xl, bias, bl, scale),
+        DType::F16 => masked_softmax_as::<half::f16, f32>(x, xl, bias, bl, scale),
         d => Err(err(format!("masked_softmax: unsupported dtype {d:?}"))),
     }
 }
@@ -1093,7 +1100,7 @@ pub fn softmax_bwd(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- chunked attention
 
-/// `softmax(scale·x + bias)` in `x`'s dtype for scores `x [B, Hkv, G, T, S]` (f32 or bf16) and
+/// `softmax(scale·x + bias)` in `x`'s dtype for scores `x [B, Hkv, G, T, S]` (f32, bf16, f16) and
 /// `bias [B, 1, 1, T, S]` f32, outside autograd.
 pub fn attention_probs(x: &Tensor, bias: &Tensor, scale: f32) -> Result<Tensor> {
     let (x, bias) = (x.contiguous()?, bias.contiguous()?);
@@ -1102,6 +1109,7 @@ pub fn attention_probs(x: &Tensor, bias: &Tensor, scale: f32) -> Result<Tensor> 
     let y = match x.dtype() {
         DType::F32 => masked_softmax_as::<f32, f32>(xs, xl, bs, bl, scale)?,
         DType::BF16 => masked_softmax_as::<half::bf16, half::bf16>(xs, xl, bs, bl, scale)?,
+        DType::F16 => masked_softmax_as::<half::f16, half::f16>(xs, xl, bs, bl, scale)?,
         d => return Err(err(format!("attention_probs: unsupported dtype {d:?}"))),
     };
     Ok(wrap(y, x.shape()))
@@ -1907,17 +1915,22 @@ impl FlashArgs {
 
 // ---------------------------------------------------------------- the output layer in f32
 
-/// `x [N, H] · wᵀ` for `w [V, H]`, both bf16 → `[N, V]` f32: one cuBLAS GEMM with bf16 inputs
-/// and an f32 output, which gets the f32 accumulator as it is (the output layer's logits never
-/// rounded to bf16: [`crate::head::logits`]). No graph.
+/// `x [N, H] · wᵀ` for `w [V, H]`, both bf16 or both f16 → `[N, V]` f32: one cuBLAS GEMM with
+/// 16-bit inputs and an f32 output, which gets the f32 accumulator as it is (the output layer's
+/// logits never rounded to 16 bits: [`crate::head::logits`]). No graph.
 pub fn matmul_t_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
     use candle_core::cuda_backend::cudarc::cublas::sys as blas;
     use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
     let ((n, h), (v, hw)) = (x.dims2()?, w.dims2()?);
-    if h != hw || x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+    let input = match x.dtype() {
+        DType::BF16 => blas::cudaDataType_t::CUDA_R_16BF,
+        DType::F16 => blas::cudaDataType_t::CUDA_R_16F,
+        _ => blas::cudaDataType_t::CUDA_R_32F, // refused below
+    };
+    if h != hw || !matches!(x.dtype(), DType::BF16 | DType::F16) || w.dtype() != x.dtype() {
         return Err(err(format!(
-            "matmul_t_f32: bf16 [N, H] by bf16 [V, H], got {:?} {:?} by {:?} {:?}",
+            "matmul_t_f32: bf16 or f16 [N, H] by [V, H] of the same dtype, got {:?} {:?} by {:?} {:?}",
             x.dtype(),
             x.dims(),
             w.dtype(),
@@ -1930,12 +1943,11 @@ pub fn matmul_t_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let stream = dev.cuda_stream();
     let mut out = unsafe { dev.alloc::<f32>(n * v)? };
     {
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let xv = view::<half::bf16>(as_cuda(&xs)?, xl)?;
-        let wv = view::<half::bf16>(as_cuda(&ws)?, wl)?;
-        let (xp, _x) = xv.device_ptr(&stream);
-        let (wp, _w) = wv.device_ptr(&stream);
+        // (x and w stay alive until the GEMM is queued on the stream, as candle's own GEMMs read)
+        let (xp, wp) = match x.dtype() {
+            DType::BF16 => (address::<half::bf16>(&x)?, address::<half::bf16>(&w)?),
+            _ => (address::<half::f16>(&x)?, address::<half::f16>(&w)?),
+        };
         let (op, _o) = out.device_ptr_mut(&stream);
         let (alpha, beta) = (1f32, 0f32);
         let blas_handle = dev.cublas_handle();
@@ -1951,11 +1963,11 @@ pub fn matmul_t_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
                 dim(h)?,
                 (&alpha as *const f32).cast(),
                 wp as *const _,
-                blas::cudaDataType_t::CUDA_R_16BF,
+                input,
                 dim(h)?,
                 0,
                 xp as *const _,
-                blas::cudaDataType_t::CUDA_R_16BF,
+                input,
                 dim(h)?,
                 0,
                 (&beta as *const f32).cast(),
@@ -2074,13 +2086,14 @@ pub fn sum_squares(grads: &[&Tensor]) -> Result<f64> {
         |d: DType| -> Vec<&Tensor> { grads.iter().copied().filter(|g| g.dtype() == d).collect() };
     if let Some(g) = grads
         .iter()
-        .find(|g| !matches!(g.dtype(), DType::F32 | DType::BF16))
+        .find(|g| !matches!(g.dtype(), DType::F32 | DType::BF16 | DType::F16))
     {
         return Err(err(format!("sum_squares: no {:?} variant", g.dtype())));
     }
     let partial = [
         go::<f32>(&of(DType::F32))?,
         go::<half::bf16>(&of(DType::BF16))?,
+        go::<half::f16>(&of(DType::F16))?,
     ];
     Ok(partial.iter().flatten().map(|&x| x as f64).sum())
 }
@@ -2154,9 +2167,10 @@ pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
         };
         let decays: Vec<f32> = params.iter().map(|p| p.decay).collect();
         let decays = dev.cuda_stream().clone_htod(&decays).w()?;
+        // adamw_P (f32 gradients) or adamw_P_P (gradients in the copy's dtype)
         let name = match G::DTYPE {
             DType::F32 => kernel::<P>("adamw")?,
-            _ => kernel::<P>("adamw")? + "_bf16",
+            _ => kernel::<P>("adamw")? + &kernel::<G>("")?,
         };
         let mut l = Launch::new(&dev, &name)?;
         l.arg(&t.addresses).arg(&t.sizes).arg(&decays);
@@ -2175,10 +2189,10 @@ pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
             return Err(err("adamw: master and moments must be f32"));
         }
         let kind = (copy_dtype(p), p.grad.dtype());
-        if !matches!(
-            kind,
-            (DType::F32, DType::F32) | (DType::BF16, DType::F32) | (DType::BF16, DType::BF16)
-        ) {
+        let half = |d: DType| matches!(d, DType::BF16 | DType::F16);
+        if !(kind == (DType::F32, DType::F32)
+            || half(kind.0) && (kind.1 == DType::F32 || kind.1 == kind.0))
+        {
             return Err(err(format!(
                 "adamw: no variant for a {:?} copy with a {:?} gradient",
                 kind.0, kind.1
@@ -2193,5 +2207,7 @@ pub fn adamw(params: &[AdamWParam], s: AdamWStep) -> Result<()> {
     };
     go::<f32, f32>(&of(DType::F32, DType::F32), s)?;
     go::<half::bf16, f32>(&of(DType::BF16, DType::F32), s)?;
-    go::<half::bf16, half::bf16>(&of(DType::BF16, DType::BF16), s)
+    go::<half::bf16, half::bf16>(&of(DType::BF16, DType::BF16), s)?;
+    go::<half::f16, f32>(&of(DType::F16, DType::F32), s)?;
+    go::<half::f16, half::f16>(&of(DType::F16, DType::F16), s)
 }

@@ -564,10 +564,10 @@ fn sample_rows(
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() && crate::ops::cuda_kernels() {
         let u: Vec<f32> = u.iter().map(|&u| u as f32).collect();
-        // the kernel reads f32 or bf16 logits as they are; others are widened first
-        let logits = match logits.dtype() {
-            DType::F32 | DType::BF16 => logits.clone(),
-            _ => logits.to_dtype(DType::F32)?,
+        // the kernel reads f32, bf16 or f16 logits as they are; others are widened first
+        let logits = match crate::ops::kernel_dtype(logits.dtype()) {
+            true => logits.clone(),
+            false => logits.to_dtype(DType::F32)?,
         };
         return Ok(crate::cuda::sample_rows(&logits, &u, p)?);
     }

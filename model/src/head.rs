@@ -59,13 +59,14 @@ pub fn with_f32_logits<T>(on: bool, f: impl FnOnce() -> T) -> T {
 /// The output layer's logits `states [N, H] · weightᵀ` for `weight [V, H]` → `[N, V]`, with no
 /// graph: in the weight's dtype, or in f32 where [`f32_logits`] is on and the weight is 16-bit,
 /// straight from the matmul's f32 accumulator and never rounded to 16 bits (on CUDA one cuBLAS
-/// GEMM with bf16 inputs and an f32 output; elsewhere the inputs widened first, which is exact).
+/// GEMM with bf16 or f16 inputs and an f32 output; elsewhere the inputs widened first, which is
+/// exact).
 pub fn logits(states: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if !f32_logits() || weight.dtype() == DType::F32 {
         return linear(states, weight, None);
     }
     #[cfg(feature = "cuda")]
-    if states.device().is_cuda() && weight.dtype() == DType::BF16 && states.dtype() == DType::BF16 {
+    if states.device().is_cuda() && states.dtype() == weight.dtype() {
         return Ok(crate::cuda::matmul_t_f32(states, weight)?);
     }
     linear(

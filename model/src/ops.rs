@@ -28,8 +28,14 @@ pub fn cuda_kernels() -> bool {
     cfg!(feature = "cuda") && CUDA_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Whether ferrite's CUDA kernels have an entry point for `dtype` (f32, bf16, f16; the flash
+/// kernels bf16 only).
+pub fn kernel_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
 /// Whether the fused kernel takes `ts`: f32 CPU tensors, or (feature `cuda`) CUDA tensors of one
-/// dtype, f32 or bf16, on one device.
+/// dtype, f32, bf16 or f16, on one device.
 fn fused(ts: &[&Tensor]) -> bool {
     let Some(first) = ts.first() else {
         return false;
@@ -41,7 +47,7 @@ fn fused(ts: &[&Tensor]) -> bool {
     }
     cuda_kernels()
         && first.device().is_cuda()
-        && matches!(first.dtype(), DType::F32 | DType::BF16)
+        && kernel_dtype(first.dtype())
         && ts
             .iter()
             .all(|t| t.device().same_device(first.device()) && t.dtype() == first.dtype())
@@ -1316,7 +1322,7 @@ pub fn rows_buffer(
     device: &candle_core::Device,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if cuda_kernels() && device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) {
+    if cuda_kernels() && device.is_cuda() && kernel_dtype(dtype) {
         return Ok(crate::cuda::uninit((rows, v), dtype, device)?);
     }
     Ok(Tensor::zeros((rows, v), dtype, device)?)
@@ -1393,11 +1399,7 @@ pub fn decode_attention(
     scale: f64,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
-    if cuda_kernels()
-        && q.device().is_cuda()
-        && matches!(q.dtype(), DType::F32 | DType::BF16)
-        && !q.track_op()
-    {
+    if cuda_kernels() && q.device().is_cuda() && kernel_dtype(q.dtype()) && !q.track_op() {
         return Ok(crate::cuda::decode_attention(q, k, v, bias, scale as f32)?);
     }
     let _ = (q, k, v, bias, scale);
@@ -1594,7 +1596,7 @@ pub fn decode_qkv_applies(x: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && cuda_kernels()
         && x.device().is_cuda()
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && kernel_dtype(x.dtype())
         && !x.track_op()
 }
 

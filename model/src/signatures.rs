@@ -18,6 +18,7 @@ const SOURCE: &str = include_str!("../kernels/ferrite.cu");
 pub enum Elem {
     F32,
     Bf16,
+    F16,
     U32,
     U64,
 }
@@ -73,6 +74,7 @@ fn param(ty: &str) -> Option<Param> {
     let elem = match ty {
         "float" => Elem::F32,
         "bf16" => Elem::Bf16,
+        "f16" => Elem::F16,
         "uint32_t" => Elem::U32,
         "u64" => Elem::U64,
         _ => return None,
