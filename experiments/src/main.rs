@@ -83,7 +83,7 @@ enum Command {
         checkpoint: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        /// float32 or bfloat16.
+        /// float32, bfloat16 or float16.
         #[arg(long, default_value = "bfloat16")]
         dtype: String,
     },
@@ -391,7 +391,8 @@ fn main() -> anyhow::Result<()> {
             let dtype = match dtype.as_str() {
                 "float32" | "f32" => candle_core::DType::F32,
                 "bfloat16" | "bf16" => candle_core::DType::BF16,
-                other => bail!("--dtype {other}: float32 or bfloat16"),
+                "float16" | "f16" | "fp16" => candle_core::DType::F16,
+                other => bail!("--dtype {other}: float32, bfloat16 or float16"),
             };
             let w = model::Weights::load_dir(
                 &ckpt,

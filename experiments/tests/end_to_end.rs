@@ -737,6 +737,34 @@ fn a_bf16_or_f16_run_checkpoints_its_f32_masters_and_resumes_exactly() {
             off > 0.0,
             "{name}: the checkpoint holds {name}-rounded weights"
         );
+        // exported in the run's dtype, for transformers (`torch_dtype`)
+        let export = root.join(format!("{name}-export"));
+        let torch = match dtype {
+            DType::F16 => "float16",
+            _ => "bfloat16",
+        };
+        succeed(
+            ferrite()
+                .arg("export")
+                .arg(full.join("checkpoints/step-000003"))
+                .arg("--out")
+                .arg(&export)
+                .args(["--dtype", torch]),
+        );
+        let exported = candle_core::safetensors::load(
+            export.join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            exported["model.layers.0.mlp.down_proj.weight"].dtype(),
+            dtype
+        );
+        let config = std::fs::read_to_string(export.join("config.json")).unwrap();
+        assert!(
+            config.contains(&format!("\"torch_dtype\": \"{torch}\"")),
+            "{config}"
+        );
     }
 
     if !cfg!(feature = "cuda") {
