@@ -473,7 +473,7 @@ pub struct OptimizerConfig {
     pub order_by_length: bool,
     /// Lay a micro-batch's sequences end to end in one row with no padding, each prompt that
     /// several of them continue once (`learner::step::set_pack_rows`): `auto` (on the CPU, and on
-    /// CUDA in bf16, where one flash kernel launch takes the packed row; not on CUDA in f32 or f16, where
+    /// CUDA in bf16 or f16, where one flash kernel launch takes the packed row; not on CUDA in f32, where
     /// each sequence's attention would be its own launches), `true` or `false`.
     pub pack_rows: AutoBool,
     /// Subnetwork-only RL: a `*.masks.safetensors` of `ferrite analyze subnetwork`; only the
@@ -614,15 +614,15 @@ impl Config {
     }
 
     /// Whether a learner step packs its micro-batches' rows (`optimizer.pack_rows`), `auto`
-    /// resolved by the device: on the CPU, and on CUDA in bf16, where the `_varlen` flash kernels
-    /// take a packed row in one launch each way; off on CUDA in f32 or f16, where the flash kernels do
+    /// resolved by the device: on the CPU, and on CUDA in bf16 or f16, where the `_varlen` flash
+    /// kernels take a packed row in one launch each way; off on CUDA in f32, where the flash kernels do
     /// not apply and each sequence's attention would be its own few launches, so that a step of
     /// many short sequences would spend more on launches than packing saves.
     pub fn pack_rows(&self) -> anyhow::Result<bool> {
         Ok(match self.optimizer.pack_rows {
             AutoBool::Auto => {
                 self.model.device_spec()? == DeviceSpec::Cpu
-                    || self.model.compute_dtype()? == DType::BF16
+                    || self.model.compute_dtype()? != DType::F32
             }
             AutoBool::Set(on) => on,
         })
@@ -827,10 +827,7 @@ mod tests {
         assert!(pack(&[]), "the CPU packs");
         assert!(pack(&["model.device=cuda"]), "CUDA in bf16 (auto) packs");
         assert!(!pack(&["model.device=cuda", "model.dtype=f32"]));
-        assert!(
-            !pack(&["model.device=cuda", "model.dtype=f16"]),
-            "no f16 flash kernels"
-        );
+        assert!(pack(&["model.device=cuda", "model.dtype=f16"]));
         assert!(pack(&["model.device=cuda", "optimizer.pack_rows=true"]));
         assert!(!pack(&["optimizer.pack_rows=false"]));
         let e = Config::default_with(&["optimizer.pack_rows=yes"]).unwrap_err();

@@ -1,8 +1,9 @@
 // ferrite's fused CUDA kernels: the GPU side of model/src/ops.rs and model/src/head.rs.
 //
 // Every kernel has an f32, a bf16 and an f16 entry point (`<name>_f32`, `<name>_bf16`, `<name>_f16`)
-// over the same template, but the flash attention kernels, which are bf16 only (their tensor-core
-// fragments are bf16); arithmetic is f32 throughout, bf16 or f16 only at loads and stores. Row-wise kernels run one
+// over the same template, but the flash attention kernels, which have bf16 and f16 ones (their
+// tensor-core fragments are 16-bit); arithmetic is f32 throughout, bf16 or f16 only at loads and
+// stores (and, in the flash kernels, at the tensor cores' inputs). Row-wise kernels run one
 // block per row (blockDim a multiple of 32, at most 1024); elementwise kernels one thread per
 // element. The CPU kernels in ops.rs are the reference: the formulas below are theirs.
 //
@@ -1213,7 +1214,8 @@ __device__ __forceinline__ float exp_from(float x, float m) {
     return V && m == -INFINITY ? 0.f : __expf(x - m);
 }
 
-__device__ __forceinline__ uint32_t ld_pair(const bf16* p) {
+template <typename T>
+__device__ __forceinline__ uint32_t ld_pair(const T* p) {
 #ifdef __CUDA_ARCH__
     return *reinterpret_cast<const uint32_t*>(p);
 #else
@@ -1222,22 +1224,37 @@ __device__ __forceinline__ uint32_t ld_pair(const bf16* p) {
     return u;
 #endif
 }
-__device__ __forceinline__ void st_pair(bf16* p, uint32_t u) {
+template <typename T>
+__device__ __forceinline__ void st_pair(T* p, uint32_t u) {
 #ifdef __CUDA_ARCH__
     *reinterpret_cast<uint32_t*>(p) = u;
 #else
     memcpy(p, &u, 4);
 #endif
 }
-__device__ __forceinline__ uint32_t pack_f32(float lo, float hi) {
-    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16(lo)) |
-           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
+// A 16-bit value's bits, and back.
+__device__ __forceinline__ uint32_t bits16(bf16 x) { return __bfloat16_as_ushort(x); }
+__device__ __forceinline__ uint32_t bits16(f16 x) { return __half_as_ushort(x); }
+template <typename T> __device__ __forceinline__ float from_bits16(uint32_t u);
+template <> __device__ __forceinline__ float from_bits16<bf16>(uint32_t u) { return __uint_as_float(u << 16); }
+template <> __device__ __forceinline__ float from_bits16<f16>(uint32_t u) {
+    return __half2float(__ushort_as_half((unsigned short)u));
 }
-__device__ __forceinline__ float lo_f32(uint32_t u) { return __uint_as_float(u << 16); }
-__device__ __forceinline__ float hi_f32(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+// Two floats rounded to T in a u32 (lo in the low half), and each half of such a u32 as a float.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_f32(float lo, float hi) {
+    return bits16(st<T>(lo)) | (bits16(st<T>(hi)) << 16);
+}
+template <typename T>
+__device__ __forceinline__ float lo_f32(uint32_t u) { return from_bits16<T>(u & 0xffffu); }
+template <typename T>
+__device__ __forceinline__ float hi_f32(uint32_t u) { return from_bits16<T>(u >> 16); }
 
-// c += a·b for one warp's m16n8k16 tile (layouts above).
-__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uint32_t* b) {
+// c += a·b for one warp's m16n8k16 tile of T (bf16 or f16; the layouts above are both's).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uint32_t* b);
+template <>
+__device__ __forceinline__ void mma_16816<bf16>(float* c, const uint32_t* a, const uint32_t* b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
@@ -1250,6 +1267,20 @@ __device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uin
     emu::mma_m16n8k16_bf16(c, a, b);
 #endif
 }
+template <>
+__device__ __forceinline__ void mma_16816<f16>(float* c, const uint32_t* a, const uint32_t* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(__CUDA_ARCH__)
+    __trap();  // the flash kernels need sm_80 or later
+#else
+    emu::mma_m16n8k16_f16(c, a, b);
+#endif
+}
 
 // A tile in shared memory: rows of D/2 pairs, padded by 4 words so that a fragment's 32 loads
 // (either kind below) hit 32 banks.
@@ -1258,12 +1289,12 @@ struct Pitch {
     static constexpr int words = D / 2 + 4;
 };
 
-// 16 bytes (8 bf16) of global memory into words word..word+3 of a shared array, asynchronously
+// 16 bytes (8 bf16 or f16) of global memory into words word..word+3 of a shared array, asynchronously
 // (cp.async, sm_80 on: the copy bypasses the registers and is in flight until the issuing thread's
 // cp_async_wait; a barrier after that wait makes it every thread's); zeros where !valid (src is
 // then not read, but must still be an address in the buffer). Both ends 16-byte aligned.
-template <typename Smem>
-__device__ __forceinline__ void cp_async_16(Smem& dst, int word, const bf16* src, bool valid) {
+template <typename Smem, typename T>
+__device__ __forceinline__ void cp_async_16(Smem& dst, int word, const T* src, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const uint32_t addr = (uint32_t)__cvta_generic_to_shared(&dst[word]);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(valid ? 16 : 0)
@@ -1296,8 +1327,8 @@ __device__ __forceinline__ void cp_async_wait() {
 // shared tile at word `at` of `dst`, zeros from row `end` on (first < end), 16 bytes a copy
 // through cp_async_16: the caller commits and waits. A warp's 32 copies are 4 rows of 128 bytes
 // at D = 64 (2 at D = 128), each row's in consecutive banks. src and stride 16-byte aligned.
-template <int D, typename Smem>
-__device__ __forceinline__ void load_tile_async(Smem& dst, int at, const bf16* src, size_t stride, int first, int n,
+template <int D, typename Smem, typename T>
+__device__ __forceinline__ void load_tile_async(Smem& dst, int at, const T* src, size_t stride, int first, int n,
                                                 int end) {
     constexpr int pieces = D / 8;  // of 16 bytes a row
     for (int e = threadIdx.x; e < n * pieces; e += blockDim.x) {
@@ -1330,8 +1361,8 @@ __device__ __forceinline__ void ldsm_x4(Smem& tile, int word, uint32_t* r) {
 }
 // The A fragments of rows ra, rb (= ra + 8) of a matrix of D columns in global memory whose rows
 // start `stride` elements apart, D in steps of 16; zeros for rows from `end` on.
-template <int D>
-__device__ __forceinline__ void frag_a_rows(const bf16* src, size_t stride, int ra, int rb, int end, int c,
+template <int D, typename T>
+__device__ __forceinline__ void frag_a_rows(const T* src, size_t stride, int ra, int rb, int end, int c,
                                             uint32_t (*a)[4]) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -1342,17 +1373,18 @@ __device__ __forceinline__ void frag_a_rows(const bf16* src, size_t stride, int 
         a[kk][3] = rb < end ? ld_pair(src + rb * stride + d0 + 8) : 0u;
     }
 }
-// The A fragment of accumulator tiles n0 (columns 0..8) and n1 (8..16), rounded to bf16.
+// The A fragment of accumulator tiles n0 (columns 0..8) and n1 (8..16), rounded to T.
+template <typename T>
 __device__ __forceinline__ void frag_a_acc(const float* n0, const float* n1, uint32_t* a) {
-    a[0] = pack_f32(n0[0], n0[1]);
-    a[1] = pack_f32(n0[2], n0[3]);
-    a[2] = pack_f32(n1[0], n1[1]);
-    a[3] = pack_f32(n1[2], n1[3]);
+    a[0] = pack_f32<T>(n0[0], n0[1]);
+    a[1] = pack_f32<T>(n0[2], n0[3]);
+    a[2] = pack_f32<T>(n1[0], n1[1]);
+    a[3] = pack_f32<T>(n1[2], n1[3]);
 }
 // acc[n] = A·Bᵀ over the shared tile of N rows at word `at` (n: its rows in tiles of 8), A =
 // fragments of D. Each ldmatrix brings two tiles' B fragments: b0, b1 of rows n·8.. (columns 16kk.., 16kk + 8..), then
 // of rows (n + 1)·8.. (non-transposed: lane 4g + c gets row g, columns 2c and +1).
-template <int D, int N, typename Smem>
+template <typename T, int D, int N, typename Smem>
 __device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4], Smem& tile, int at, int g, int c) {
     const int lane = 4 * g + c, m = lane >> 3, r8 = lane & 7;
 #pragma unroll
@@ -1363,28 +1395,28 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4]
         for (int kk = 0; kk < D / 16; ++kk) {
             uint32_t b[4];
             ldsm_x4<false>(tile, at + ((n + (m >> 1)) * 8 + r8) * Pitch<D>::words + 8 * kk + 4 * (m & 1), b);
-            mma_16816(acc[n], a[kk], b);
-            mma_16816(acc[n + 1], a[kk], b + 2);
+            mma_16816<T>(acc[n], a[kk], b);
+            mma_16816<T>(acc[n + 1], a[kk], b + 2);
         }
     }
 }
 // out[n] += P·tile over the N rows of the shared tile at word `at` (P: accumulator tiles of 8 of
 // those rows), out over D.
-template <int D, int N, typename Smem>
+template <typename T, int D, int N, typename Smem>
 __device__ __forceinline__ void mma_cols(float (*out)[4], const float (*p)[4], Smem& tile, int at, int g, int c) {
     const int lane = 4 * g + c, m = lane >> 3, r8 = lane & 7;
 #pragma unroll
     for (int j = 0; j < N / 16; ++j) {
         uint32_t a[4];
-        frag_a_acc(p[2 * j], p[2 * j + 1], a);
+        frag_a_acc<T>(p[2 * j], p[2 * j + 1], a);
 #pragma unroll
         for (int n = 0; n < D / 8; n += 2) {
             // b0, b1 of columns n·8.. (rows 16j.., 16j + 8..), then of columns (n + 1)·8..
             // (transposed: lane 4g + c gets column g, rows 2c and +1)
             uint32_t b[4];
             ldsm_x4<true>(tile, at + (16 * j + 8 * (m & 1) + r8) * Pitch<D>::words + 4 * (n + (m >> 1)), b);
-            mma_16816(out[n], a, b);
-            mma_16816(out[n + 1], a, b + 2);
+            mma_16816<T>(out[n], a, b);
+            mma_16816<T>(out[n + 1], a, b + 2);
         }
     }
 }
@@ -1421,8 +1453,8 @@ __device__ __forceinline__ FlashRows flash_rows(int hkv, int g_heads, int t, int
 // output rescaled when the max grows): S = Q·Kᵀ, then O += P·V. Writes y and each row's
 // log-partition lse = m + ln Σ e^(x − m) over x = scale·S + bias (the backward's P = e^(x − lse)).
 // D = 64 or 128. Grid: B·Hq·⌈T / FLASH_ROWS⌉ blocks.
-template <int D, bool V = false>
-__device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, const float* bias, bf16* y,
+template <typename T, int D, bool V = false>
+__device__ void flash_attention(const T* q, const T* k, const T* v, const float* bias, T* y,
                                 float* lse, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
                                 const uint32_t* seg = nullptr, const uint32_t* bounds = nullptr) {
     __shared__ uint32_t ks[FLASH_KEYS * Pitch<D>::words];
@@ -1430,8 +1462,8 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const FlashRows at = flash_rows(hkv, g_heads, t, g);
     const int ra = at.ra, rb = at.rb;
-    const bf16* kb = k + at.kv * kv_stride;
-    const bf16* vb = v + at.kv * kv_stride;
+    const T* kb = k + at.kv * kv_stride;
+    const T* vb = v + at.kv * kv_stride;
     const float* last = V ? nullptr : bias + (at.b * t + t - 1) * s;  // the bias's last row
     const SegRow sa = V ? seg_row(seg, t, ra) : SegRow{}, sb = V ? seg_row(seg, t, rb) : SegRow{};
     const KeySpans spans = key_spans<V>(bounds, t);
@@ -1455,7 +1487,7 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
         load_tile_async<D>(vs, 0, vb, D, k0, FLASH_KEYS, keys);
         cp_async_commit();
         float sc[FLASH_KEYS / 8][4];  // S = Q·Kᵀ, keys in tiles of 8
-        mma_rows<D, FLASH_KEYS>(sc, qf, ks, 0, g, c);
+        mma_rows<T, D, FLASH_KEYS>(sc, qf, ks, 0, g, c);
         // x = scale·S + bias; keys past the block's last row's are −∞, rows past T 0 (unwritten)
         float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
@@ -1502,18 +1534,18 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
             load_tile_async<D>(ks, 0, kb, D, spans.next(k0, FLASH_KEYS), FLASH_KEYS, keys);
             cp_async_commit();
         }
-        mma_cols<D, FLASH_KEYS>(o, sc, vs, 0, g, c);  // O += P·V
+        mma_cols<T, D, FLASH_KEYS>(o, sc, vs, 0, g, c);  // O += P·V
     }
     la = quad_sum(la);
     lb = quad_sum(lb);
     const float ia = 1.f / la, ib = 1.f / lb;
     const size_t hq = (size_t)hkv * g_heads, stride = hq * D;
-    bf16* yb = y + token_major(at.bh, hq, t, D);
+    T* yb = y + token_major(at.bh, hq, t, D);
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
         const int d = n * 8 + 2 * c;
-        if (ra < t) st_pair(yb + ra * stride + d, pack_f32(o[n][0] * ia, o[n][1] * ia));
-        if (rb < t) st_pair(yb + rb * stride + d, pack_f32(o[n][2] * ib, o[n][3] * ib));
+        if (ra < t) st_pair(yb + ra * stride + d, pack_f32<T>(o[n][0] * ia, o[n][1] * ia));
+        if (rb < t) st_pair(yb + rb * stride + d, pack_f32<T>(o[n][2] * ib, o[n][3] * ib));
     }
     if (c == 0 && ra < t) lse[at.bh * t + ra] = ma + logf(la);
     if (c == 0 && rb < t) lse[at.bh * t + rb] = mb + logf(lb);
@@ -1521,24 +1553,46 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, con
 extern "C" __global__ void flash_attention_d64_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                     const float* bias, bf16* y, float* lse, int hkv,
                                                     int g_heads, int t, int s, size_t kv_stride, float scale) {
-    flash_attention<64>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale);
+    flash_attention<bf16, 64>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale);
+}
+extern "C" __global__ void flash_attention_d64_f16(const f16* q, const f16* k, const f16* v,
+                                                   const float* bias, f16* y, float* lse, int hkv,
+                                                   int g_heads, int t, int s, size_t kv_stride, float scale) {
+    flash_attention<f16, 64>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale);
 }
 extern "C" __global__ void flash_attention_varlen_d64_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                            const float* bias, bf16* y, float* lse, int hkv,
                                                            int g_heads, int t, int s, size_t kv_stride, float scale,
                                                            const uint32_t* seg, const uint32_t* bounds) {
-    flash_attention<64, true>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale, seg, bounds);
+    flash_attention<bf16, 64, true>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale, seg, bounds);
+}
+extern "C" __global__ void flash_attention_varlen_d64_f16(const f16* q, const f16* k, const f16* v,
+                                                          const float* bias, f16* y, float* lse, int hkv,
+                                                          int g_heads, int t, int s, size_t kv_stride, float scale,
+                                                          const uint32_t* seg, const uint32_t* bounds) {
+    flash_attention<f16, 64, true>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_varlen_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                             const float* bias, bf16* y, float* lse, int hkv,
                                                             int g_heads, int t, int s, size_t kv_stride, float scale,
                                                             const uint32_t* seg, const uint32_t* bounds) {
-    flash_attention<128, true>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale, seg, bounds);
+    flash_attention<bf16, 128, true>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale, seg, bounds);
+}
+extern "C" __global__ void flash_attention_varlen_d128_f16(const f16* q, const f16* k, const f16* v,
+                                                           const float* bias, f16* y, float* lse, int hkv,
+                                                           int g_heads, int t, int s, size_t kv_stride, float scale,
+                                                           const uint32_t* seg, const uint32_t* bounds) {
+    flash_attention<f16, 128, true>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                      const float* bias, bf16* y, float* lse, int hkv,
                                                      int g_heads, int t, int s, size_t kv_stride, float scale) {
-    flash_attention<128>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale);
+    flash_attention<bf16, 128>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale);
+}
+extern "C" __global__ void flash_attention_d128_f16(const f16* q, const f16* k, const f16* v,
+                                                    const float* bias, f16* y, float* lse, int hkv,
+                                                    int g_heads, int t, int s, size_t kv_stride, float scale) {
+    flash_attention<f16, 128>(q, k, v, bias, y, lse, hkv, g_heads, t, s, kv_stride, scale);
 }
 
 // The backward, in two kernels, neither with atomics. With x = scale·S + bias, P = e^(x − lse),
@@ -1547,9 +1601,9 @@ extern "C" __global__ void flash_attention_d128_bf16(const bf16* q, const bf16* 
 // flash_attention_bwd_dq: the forward's grid (query tiles); S and dP again per tile of KT keys,
 // then dQ += dS·K. It computes each row's Δ from dO and O first and writes it for the next kernel.
 // KT = FLASH_KEYS at D = 64, half that at D = 128 (fewer registers for S and dP).
-template <int D, int KT, bool V = false>
-__device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const float* bias,
-                                       const bf16* y, const bf16* dy, const float* lse, bf16* dq, float* delta,
+template <typename T, int D, int KT, bool V = false>
+__device__ void flash_attention_bwd_dq(const T* q, const T* k, const T* v, const float* bias,
+                                       const T* y, const T* dy, const float* lse, T* dq, float* delta,
                                        int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
                                        const uint32_t* seg = nullptr, const uint32_t* bounds = nullptr) {
     constexpr int span = KT * Pitch<D>::words;  // a tile's words; two buffers of each: one read, the next loaded
@@ -1559,8 +1613,8 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
     const FlashRows at = flash_rows(hkv, g_heads, t, g);
     const int ra = at.ra, rb = at.rb;
     const size_t rows = at.bh * t * D, hq = (size_t)hkv * g_heads, tok = token_major(at.bh, hq, t, D);
-    const bf16* kb = k + at.kv * kv_stride;
-    const bf16* vb = v + at.kv * kv_stride;
+    const T* kb = k + at.kv * kv_stride;
+    const T* vb = v + at.kv * kv_stride;
     const float* last = V ? nullptr : bias + (at.b * t + t - 1) * s;  // the bias's last row
     const SegRow sa = V ? seg_row(seg, t, ra) : SegRow{}, sb = V ? seg_row(seg, t, rb) : SegRow{};
     const KeySpans spans = key_spans<V>(bounds, t);
@@ -1574,7 +1628,7 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
     for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const float p = lo_f32(df[kk][i]) * lo_f32(yf[kk][i]) + hi_f32(df[kk][i]) * hi_f32(yf[kk][i]);
+            const float p = lo_f32<T>(df[kk][i]) * lo_f32<T>(yf[kk][i]) + hi_f32<T>(df[kk][i]) * hi_f32<T>(yf[kk][i]);
             if (i & 1) db += p;
             else da += p;
         }
@@ -1603,8 +1657,8 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
         if (spans.next(k0, KT) < keys) stage(spans.next(k0, KT), buf ^ 1);
         const int now = buf * span;
         float sc[KT / 8][4], dp[KT / 8][4];
-        mma_rows<D, KT>(sc, qf, ks, now, g, c);  // S = Q·Kᵀ
-        mma_rows<D, KT>(dp, df, vs, now, g, c);  // dP = dO·Vᵀ
+        mma_rows<T, D, KT>(sc, qf, ks, now, g, c);  // S = Q·Kᵀ
+        mma_rows<T, D, KT>(dp, df, vs, now, g, c);  // dP = dO·Vᵀ
 #pragma unroll
         for (int n = 0; n < KT / 8; ++n) {
 #pragma unroll
@@ -1617,14 +1671,14 @@ __device__ void flash_attention_bwd_dq(const bf16* q, const bf16* k, const bf16*
                 sc[n][e] = p * (dp[n][e] - (e < 2 ? da : db));  // dS
             }
         }
-        mma_cols<D, KT>(acc, sc, ks, now, g, c);  // dQ += dS·K
+        mma_cols<T, D, KT>(acc, sc, ks, now, g, c);  // dQ += dS·K
     }
-    bf16* dqb = dq + rows;
+    T* dqb = dq + rows;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
         const int d = n * 8 + 2 * c;
-        if (ra < t) st_pair(dqb + (size_t)ra * D + d, pack_f32(scale * acc[n][0], scale * acc[n][1]));
-        if (rb < t) st_pair(dqb + (size_t)rb * D + d, pack_f32(scale * acc[n][2], scale * acc[n][3]));
+        if (ra < t) st_pair(dqb + (size_t)ra * D + d, pack_f32<T>(scale * acc[n][0], scale * acc[n][1]));
+        if (rb < t) st_pair(dqb + (size_t)rb * D + d, pack_f32<T>(scale * acc[n][2], scale * acc[n][3]));
     }
 }
 extern "C" __global__ void flash_attention_bwd_dq_d64_bf16(const bf16* q, const bf16* k, const bf16* v,
@@ -1632,30 +1686,60 @@ extern "C" __global__ void flash_attention_bwd_dq_d64_bf16(const bf16* q, const 
                                                            const float* lse, bf16* dq, float* delta, int hkv,
                                                            int g_heads, int t, int s, size_t kv_stride,
                                                            float scale) {
-    flash_attention_bwd_dq<64, FLASH_KEYS>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s, kv_stride,
+    flash_attention_bwd_dq<bf16, 64, FLASH_KEYS>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s, kv_stride,
                                            scale);
+}
+extern "C" __global__ void flash_attention_bwd_dq_d64_f16(const f16* q, const f16* k, const f16* v,
+                                                          const float* bias, const f16* y, const f16* dy,
+                                                          const float* lse, f16* dq, float* delta, int hkv,
+                                                          int g_heads, int t, int s, size_t kv_stride,
+                                                          float scale) {
+    flash_attention_bwd_dq<f16, 64, FLASH_KEYS>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s, kv_stride,
+                                          scale);
 }
 extern "C" __global__ void flash_attention_varlen_bwd_dq_d64_bf16(
     const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* y, const bf16* dy, const float* lse,
     bf16* dq, float* delta, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale, const uint32_t* seg,
     const uint32_t* bounds) {
-    flash_attention_bwd_dq<64, FLASH_KEYS, true>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
+    flash_attention_bwd_dq<bf16, 64, FLASH_KEYS, true>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
                                                  kv_stride, scale, seg, bounds);
+}
+extern "C" __global__ void flash_attention_varlen_bwd_dq_d64_f16(
+   const f16* q, const f16* k, const f16* v, const float* bias, const f16* y, const f16* dy, const float* lse,
+   f16* dq, float* delta, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale, const uint32_t* seg,
+   const uint32_t* bounds) {
+    flash_attention_bwd_dq<f16, 64, FLASH_KEYS, true>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
+                                                kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_varlen_bwd_dq_d128_bf16(
     const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* y, const bf16* dy, const float* lse,
     bf16* dq, float* delta, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale, const uint32_t* seg,
     const uint32_t* bounds) {
-    flash_attention_bwd_dq<128, FLASH_KEYS / 2, true>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
+    flash_attention_bwd_dq<bf16, 128, FLASH_KEYS / 2, true>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
                                                       kv_stride, scale, seg, bounds);
+}
+extern "C" __global__ void flash_attention_varlen_bwd_dq_d128_f16(
+   const f16* q, const f16* k, const f16* v, const float* bias, const f16* y, const f16* dy, const float* lse,
+   f16* dq, float* delta, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale, const uint32_t* seg,
+   const uint32_t* bounds) {
+    flash_attention_bwd_dq<f16, 128, FLASH_KEYS / 2, true>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
+                                                     kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_bwd_dq_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                             const float* bias, const bf16* y, const bf16* dy,
                                                             const float* lse, bf16* dq, float* delta, int hkv,
                                                             int g_heads, int t, int s, size_t kv_stride,
                                                             float scale) {
-    flash_attention_bwd_dq<128, FLASH_KEYS / 2>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
+    flash_attention_bwd_dq<bf16, 128, FLASH_KEYS / 2>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
                                                 kv_stride, scale);
+}
+extern "C" __global__ void flash_attention_bwd_dq_d128_f16(const f16* q, const f16* k, const f16* v,
+                                                           const float* bias, const f16* y, const f16* dy,
+                                                           const float* lse, f16* dq, float* delta, int hkv,
+                                                           int g_heads, int t, int s, size_t kv_stride,
+                                                           float scale) {
+    flash_attention_bwd_dq<f16, 128, FLASH_KEYS / 2>(q, k, v, bias, y, dy, lse, dq, delta, hkv, g_heads, t, s,
+                                               kv_stride, scale);
 }
 
 // flash_attention_bwd_dkv: a block per FLASH_ROWS keys of one query head (grid B·Hq·⌈S /
@@ -1664,9 +1748,9 @@ extern "C" __global__ void flash_attention_bwd_dq_d128_bf16(const bf16* q, const
 // then dV += Pᵀ·dO and dK += dSᵀ·Q. Writes this head's share, dk and dv [B, Hkv, G, S, D] f32,
 // for the caller to sum over the G query heads of each K/V head (in order: deterministic).
 // QR = FLASH_ROWS at D = 64, a quarter of that at D = 128 (fewer registers for Sᵀ and dPᵀ).
-template <int D, int QR, bool V = false>
-__device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16* v, const float* bias,
-                                        const bf16* dy, const float* lse, const float* delta, float* dk,
+template <typename T, int D, int QR, bool V = false>
+__device__ void flash_attention_bwd_dkv(const T* q, const T* k, const T* v, const float* bias,
+                                        const T* dy, const float* lse, const float* delta, float* dk,
                                         float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride,
                                         float scale, const uint32_t* seg = nullptr, const uint32_t* bounds = nullptr) {
     constexpr int span = QR * Pitch<D>::words;  // a tile's words; two buffers of each: one read, the next loaded
@@ -1714,8 +1798,8 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
         if (r0 + QR < rows_end) stage(r0 + QR, buf ^ 1);
         const int now = buf * span;
         float st[QR / 8][4], dpt[QR / 8][4];
-        mma_rows<D, QR>(st, kf, qs, now, g, c);    // Sᵀ = K·Qᵀ, queries in tiles of 8
-        mma_rows<D, QR>(dpt, vf, dos, now, g, c);  // dPᵀ = V·dOᵀ
+        mma_rows<T, D, QR>(st, kf, qs, now, g, c);    // Sᵀ = K·Qᵀ, queries in tiles of 8
+        mma_rows<T, D, QR>(dpt, vf, dos, now, g, c);  // dPᵀ = V·dOᵀ
 #pragma unroll
         for (int n = 0; n < QR / 8; ++n) {
 #pragma unroll
@@ -1728,8 +1812,8 @@ __device__ void flash_attention_bwd_dkv(const bf16* q, const bf16* k, const bf16
                 dpt[n][e] = p * (dpt[n][e] - dl[buf * QR + i]);  // dSᵀ
             }
         }
-        mma_cols<D, QR>(dva, st, dos, now, g, c);  // dV += Pᵀ·dO
-        mma_cols<D, QR>(dka, dpt, qs, now, g, c);  // dK += dSᵀ·Q
+        mma_cols<T, D, QR>(dva, st, dos, now, g, c);  // dV += Pᵀ·dO
+        mma_cols<T, D, QR>(dka, dpt, qs, now, g, c);  // dK += dSᵀ·Q
     }
     const size_t out = bh * s * D;
 #pragma unroll
@@ -1749,30 +1833,60 @@ extern "C" __global__ void flash_attention_bwd_dkv_d64_bf16(const bf16* q, const
                                                             const float* delta, float* dk, float* dv, int hkv,
                                                             int g_heads, int t, int s, size_t kv_stride,
                                                             float scale) {
-    flash_attention_bwd_dkv<64, FLASH_ROWS>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s, kv_stride,
+    flash_attention_bwd_dkv<bf16, 64, FLASH_ROWS>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s, kv_stride,
                                             scale);
+}
+extern "C" __global__ void flash_attention_bwd_dkv_d64_f16(const f16* q, const f16* k, const f16* v,
+                                                           const float* bias, const f16* dy, const float* lse,
+                                                           const float* delta, float* dk, float* dv, int hkv,
+                                                           int g_heads, int t, int s, size_t kv_stride,
+                                                           float scale) {
+    flash_attention_bwd_dkv<f16, 64, FLASH_ROWS>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s, kv_stride,
+                                           scale);
 }
 extern "C" __global__ void flash_attention_varlen_bwd_dkv_d64_bf16(
     const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* dy, const float* lse,
     const float* delta, float* dk, float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
     const uint32_t* seg, const uint32_t* bounds) {
-    flash_attention_bwd_dkv<64, FLASH_ROWS, true>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
+    flash_attention_bwd_dkv<bf16, 64, FLASH_ROWS, true>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
                                                   kv_stride, scale, seg, bounds);
+}
+extern "C" __global__ void flash_attention_varlen_bwd_dkv_d64_f16(
+   const f16* q, const f16* k, const f16* v, const float* bias, const f16* dy, const float* lse,
+   const float* delta, float* dk, float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
+   const uint32_t* seg, const uint32_t* bounds) {
+    flash_attention_bwd_dkv<f16, 64, FLASH_ROWS, true>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
+                                                 kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_varlen_bwd_dkv_d128_bf16(
     const bf16* q, const bf16* k, const bf16* v, const float* bias, const bf16* dy, const float* lse,
     const float* delta, float* dk, float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
     const uint32_t* seg, const uint32_t* bounds) {
-    flash_attention_bwd_dkv<128, FLASH_ROWS / 4, true>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
+    flash_attention_bwd_dkv<bf16, 128, FLASH_ROWS / 4, true>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
                                                        kv_stride, scale, seg, bounds);
+}
+extern "C" __global__ void flash_attention_varlen_bwd_dkv_d128_f16(
+   const f16* q, const f16* k, const f16* v, const float* bias, const f16* dy, const float* lse,
+   const float* delta, float* dk, float* dv, int hkv, int g_heads, int t, int s, size_t kv_stride, float scale,
+   const uint32_t* seg, const uint32_t* bounds) {
+    flash_attention_bwd_dkv<f16, 128, FLASH_ROWS / 4, true>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
+                                                      kv_stride, scale, seg, bounds);
 }
 extern "C" __global__ void flash_attention_bwd_dkv_d128_bf16(const bf16* q, const bf16* k, const bf16* v,
                                                              const float* bias, const bf16* dy, const float* lse,
                                                              const float* delta, float* dk, float* dv, int hkv,
                                                              int g_heads, int t, int s, size_t kv_stride,
                                                              float scale) {
-    flash_attention_bwd_dkv<128, FLASH_ROWS / 4>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
+    flash_attention_bwd_dkv<bf16, 128, FLASH_ROWS / 4>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
                                                  kv_stride, scale);
+}
+extern "C" __global__ void flash_attention_bwd_dkv_d128_f16(const f16* q, const f16* k, const f16* v,
+                                                            const float* bias, const f16* dy, const float* lse,
+                                                            const float* delta, float* dk, float* dv, int hkv,
+                                                            int g_heads, int t, int s, size_t kv_stride,
+                                                            float scale) {
+    flash_attention_bwd_dkv<f16, 128, FLASH_ROWS / 4>(q, k, v, bias, dy, lse, delta, dk, dv, hkv, g_heads, t, s,
+                                                kv_stride, scale);
 }
 
 // ------------------------------------------------------------------------------- AdamW

@@ -1615,12 +1615,28 @@ pub fn flash_attention(
     mask: FlashMask,
     scale: f32,
 ) -> Result<Option<(CudaStorage, Shape, Tensor)>> {
+    match q.dtype() {
+        DType::BF16 => flash_forward::<half::bf16>(q, k, v, mask, scale),
+        DType::F16 => flash_forward::<half::f16>(q, k, v, mask, scale),
+        _ => Ok(None),
+    }
+}
+
+fn flash_forward<T: Float>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: FlashMask,
+    scale: f32,
+) -> Result<Option<(CudaStorage, Shape, Tensor)>> {
     let Some(a) = FlashArgs::new(q, k, v, &mask)? else {
         return Ok(None);
     };
     let kernel = match mask {
-        FlashMask::Bias(_) => launch::flash_attention_kernel(a.d),
-        FlashMask::Packed { .. } => launch::flash_attention_varlen_kernels(a.d).map(|k| k.0),
+        FlashMask::Bias(_) => launch::flash_attention_kernel(a.d, T::DTYPE),
+        FlashMask::Packed { .. } => {
+            launch::flash_attention_varlen_kernels(a.d, T::DTYPE).map(|k| k.0)
+        }
     };
     let Some(kernel) = kernel else {
         return Ok(None);
@@ -1632,11 +1648,11 @@ pub fn flash_attention(
     let mask_guards = storage_guards(&mask_tensors);
     let views = MaskViews::new(&mask_guards, a.packed)?;
     let dev = qs.device().clone();
-    let qv = view::<half::bf16>(qs, ql)?;
-    let (kv_, vv) = (a.kv_view(ks, kl)?, a.kv_view(vs, vl)?);
-    let y = unsafe { dev.alloc::<half::bf16>(a.rows() * a.d)? };
+    let qv = view::<T>(qs, ql)?;
+    let (kv_, vv) = (a.kv_view::<T>(ks, kl)?, a.kv_view::<T>(vs, vl)?);
+    let y = unsafe { dev.alloc::<T>(a.rows() * a.d)? };
     let lse = unsafe { dev.alloc::<f32>(a.rows())? };
-    let mut l = Launch::new(&dev, kernel)?;
+    let mut l = Launch::new(&dev, &kernel)?;
     l.arg(&qv)
         .arg(&kv_)
         .arg(&vv)
@@ -1651,7 +1667,7 @@ pub fn flash_attention(
     // cover; D is the kernel's. Packed (B = 1, T = S), seg holds T·3 and bounds 4·⌈T / 64⌉
     // (checked), and the bias is never read.
     unsafe { l.launch(launch::flash_attention(a.heads(), a.t)) }?;
-    let y = half::bf16::wrap_cuda_slice(y, dev.clone());
+    let y = T::wrap_cuda_slice(y, dev.clone());
     let lse = wrap(f32::wrap_cuda_slice(lse, dev), a.rows());
     Ok(Some((y, Shape::from(&a.token_major()[..]), lse)))
 }
@@ -1671,18 +1687,42 @@ pub fn flash_attention_backward(
     lse: &Tensor,
     scale: f32,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    match q.dtype() {
+        DType::BF16 => flash_backward::<half::bf16>(q, k, v, mask, y, dy, lse, scale),
+        DType::F16 => flash_backward::<half::f16>(q, k, v, mask, y, dy, lse, scale),
+        _ => Ok(None),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn flash_backward<T: Float>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: FlashMask,
+    y: &Tensor,
+    dy: &Tensor,
+    lse: &Tensor,
+    scale: f32,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let Some(a) = FlashArgs::new(q, k, v, &mask)? else {
         return Ok(None);
     };
     let kernels = match mask {
-        FlashMask::Bias(_) => launch::flash_attention_backward_kernels(a.d),
-        FlashMask::Packed { .. } => launch::flash_attention_varlen_kernels(a.d).map(|k| (k.1, k.2)),
+        FlashMask::Bias(_) => launch::flash_attention_backward_kernels(a.d, T::DTYPE),
+        FlashMask::Packed { .. } => {
+            launch::flash_attention_varlen_kernels(a.d, T::DTYPE).map(|k| (k.1, k.2))
+        }
     };
     let Some((dq_kernel, dkv_kernel)) = kernels else {
         return Ok(None);
     };
     let tokens = a.token_major();
-    if y.dims() != tokens || dy.dims() != tokens || !bf16_aligned(y) || !bf16_aligned(dy) {
+    if y.dims() != tokens
+        || dy.dims() != tokens
+        || !aligned16(y, T::DTYPE)
+        || !aligned16(dy, T::DTYPE)
+    {
         return Ok(None);
     }
     let (q, y, dy) = (q.contiguous()?, y.contiguous()?, dy.contiguous()?);
@@ -1692,17 +1732,13 @@ pub fn flash_attention_backward(
     let mask_guards = storage_guards(&mask_tensors);
     let views = MaskViews::new(&mask_guards, a.packed)?;
     let dev = qs.device().clone();
-    let qv = view::<half::bf16>(qs, ql)?;
-    let (yv, gv, lv) = (
-        view::<half::bf16>(ys, yl)?,
-        view::<half::bf16>(gs, gl)?,
-        view::<f32>(ls, ll)?,
-    );
-    let (kv_, vv) = (a.kv_view(ks, kl)?, a.kv_view(vs, vl)?);
+    let qv = view::<T>(qs, ql)?;
+    let (yv, gv, lv) = (view::<T>(ys, yl)?, view::<T>(gs, gl)?, view::<f32>(ls, ll)?);
+    let (kv_, vv) = (a.kv_view::<T>(ks, kl)?, a.kv_view::<T>(vs, vl)?);
     let dims = a.dims(scale);
-    let dq = unsafe { dev.alloc::<half::bf16>(a.rows() * a.d)? };
+    let dq = unsafe { dev.alloc::<T>(a.rows() * a.d)? };
     let delta = unsafe { dev.alloc::<f32>(a.rows())? };
-    let mut l = Launch::new(&dev, dq_kernel)?;
+    let mut l = Launch::new(&dev, &dq_kernel)?;
     l.arg(&qv).arg(&kv_).arg(&vv).arg(views.bias(&lv));
     l.arg(&yv).arg(&gv).arg(&lv).arg(&dq).arg(&delta);
     dims.push_to(&mut l);
@@ -1712,28 +1748,28 @@ pub fn flash_attention_backward(
     let per_head = a.heads() * a.s * a.d;
     let dk = unsafe { dev.alloc::<f32>(per_head)? };
     let dv = unsafe { dev.alloc::<f32>(per_head)? };
-    let mut l = Launch::new(&dev, dkv_kernel)?;
+    let mut l = Launch::new(&dev, &dkv_kernel)?;
     l.arg(&qv).arg(&kv_).arg(&vv).arg(views.bias(&lv));
     l.arg(&gv).arg(&lv).arg(&delta).arg(&dk).arg(&dv);
     dims.push_to(&mut l);
     views.push_to(&mut l);
     // SAFETY: as above; dk and dv hold B·Hkv·G·S·D, every element of which the kernel writes.
     unsafe { l.launch(launch::flash_attention_dkv(a.heads(), a.s)) }?;
-    let dq = wrap(half::bf16::wrap_cuda_slice(dq, dev.clone()), q.shape());
+    let dq = wrap(T::wrap_cuda_slice(dq, dev.clone()), q.shape());
     let per_kv = |x: CudaSlice<f32>| -> Result<Tensor> {
         let x = wrap(
             f32::wrap_cuda_slice(x, dev.clone()),
             (a.b, a.hkv, a.g, a.s, a.d),
         );
-        x.sum(2)?.to_dtype(DType::BF16) // [B, Hkv, S, D]
+        x.sum(2)?.to_dtype(T::DTYPE) // [B, Hkv, S, D]
     };
     Ok(Some((dq, per_kv(dk)?, per_kv(dv)?)))
 }
 
-/// Whether `x` is bf16 starting on a 16-byte boundary: the flash kernels copy their tiles into
-/// shared memory 16 bytes at a time (and load and store fragments in pairs).
-fn bf16_aligned(x: &Tensor) -> bool {
-    x.dtype() == DType::BF16 && x.layout().start_offset().is_multiple_of(8)
+/// Whether `x` is of the 16-bit `dtype` and starts on a 16-byte boundary: the flash kernels copy
+/// their tiles into shared memory 16 bytes at a time (and load and store fragments in pairs).
+fn aligned16(x: &Tensor, dtype: DType) -> bool {
+    x.dtype() == dtype && x.layout().start_offset().is_multiple_of(8)
 }
 
 impl FlashMask<'_> {
@@ -1858,9 +1894,11 @@ impl FlashArgs {
             ),
         };
         let kv_stride = k.layout().stride()[1];
-        let fits = bf16_aligned(q)
-            && bf16_aligned(k)
-            && bf16_aligned(v)
+        let dtype = q.dtype();
+        let fits = matches!(dtype, DType::BF16 | DType::F16)
+            && aligned16(q, dtype)
+            && aligned16(k, dtype)
+            && aligned16(v, dtype)
             && kv_stride.is_multiple_of(8)
             && mask_fits
             && t > 0
@@ -1896,8 +1934,8 @@ impl FlashArgs {
     }
 
     /// K's or V's elements from the view's first to the last (b, kv)'s last key.
-    fn kv_view<'a>(&self, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, half::bf16>> {
-        strided::<half::bf16>(
+    fn kv_view<'a, T: Float>(&self, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+        strided::<T>(
             s,
             l,
             (self.b * self.hkv - 1) * self.kv_stride + self.s * self.d,

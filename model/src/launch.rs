@@ -3,6 +3,8 @@
 //! emulation tests (`tests/kernel_emulation.rs`, which run the kernels' source on the CPU) launch
 //! them exactly as [`crate::cuda`] does on the GPU.
 
+use candle_core::DType;
+
 /// One 1-D launch: `grid` blocks of `block` threads with `shared_bytes` of dynamic shared memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
@@ -122,14 +124,20 @@ pub const FLASH_ROWS: usize = 16 * FLASH_WARPS;
 /// Keys a flash attention block's tile holds (`FLASH_KEYS`).
 pub const FLASH_KEYS: usize = 64;
 
-/// The flash attention kernel for head dimension `d` (bf16 only; its tiles are sized for
-/// D = 64 and D = 128), None for any other.
-pub fn flash_attention_kernel(d: usize) -> Option<&'static str> {
-    match d {
-        64 => Some("flash_attention_d64_bf16"),
-        128 => Some("flash_attention_d128_bf16"),
+/// The flash kernels' element type in their names: bf16 and f16 (None for any other).
+fn flash_elem(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::BF16 => Some("bf16"),
+        DType::F16 => Some("f16"),
         _ => None,
     }
+}
+
+/// The flash attention kernel for head dimension `d` and `dtype` (bf16 or f16; its tiles are
+/// sized for D = 64 and D = 128), None for any other.
+pub fn flash_attention_kernel(d: usize, dtype: DType) -> Option<String> {
+    let t = flash_elem(dtype)?;
+    matches!(d, 64 | 128).then(|| format!("flash_attention_d{d}_{t}"))
 }
 
 /// Flash attention: one block per [`FLASH_ROWS`] query rows of each (batch row, query head).
@@ -141,40 +149,29 @@ pub fn flash_attention(batch_heads: usize, t: usize) -> Geometry {
     }
 }
 
-/// The flash attention backward's two kernels (dQ, then dK/dV) for head dimension `d`: D = 64
-/// or 128, None for any other.
-pub fn flash_attention_backward_kernels(d: usize) -> Option<(&'static str, &'static str)> {
-    match d {
-        64 => Some((
-            "flash_attention_bwd_dq_d64_bf16",
-            "flash_attention_bwd_dkv_d64_bf16",
-        )),
-        128 => Some((
-            "flash_attention_bwd_dq_d128_bf16",
-            "flash_attention_bwd_dkv_d128_bf16",
-        )),
-        _ => None,
-    }
+/// The flash attention backward's two kernels (dQ, then dK/dV) for head dimension `d` and
+/// `dtype`: D = 64 or 128, bf16 or f16, None for any other.
+pub fn flash_attention_backward_kernels(d: usize, dtype: DType) -> Option<(String, String)> {
+    let t = flash_elem(dtype)?;
+    matches!(d, 64 | 128).then(|| {
+        (
+            format!("flash_attention_bwd_dq_d{d}_{t}"),
+            format!("flash_attention_bwd_dkv_d{d}_{t}"),
+        )
+    })
 }
 
 /// The flash attention kernels over a packed row (forward, dQ, dK/dV; see `_varlen` in
-/// `ferrite.cu`) for head dimension `d`: the same geometry as the others.
-pub fn flash_attention_varlen_kernels(
-    d: usize,
-) -> Option<(&'static str, &'static str, &'static str)> {
-    match d {
-        64 => Some((
-            "flash_attention_varlen_d64_bf16",
-            "flash_attention_varlen_bwd_dq_d64_bf16",
-            "flash_attention_varlen_bwd_dkv_d64_bf16",
-        )),
-        128 => Some((
-            "flash_attention_varlen_d128_bf16",
-            "flash_attention_varlen_bwd_dq_d128_bf16",
-            "flash_attention_varlen_bwd_dkv_d128_bf16",
-        )),
-        _ => None,
-    }
+/// `ferrite.cu`) for head dimension `d` and `dtype`: the same geometry as the others.
+pub fn flash_attention_varlen_kernels(d: usize, dtype: DType) -> Option<(String, String, String)> {
+    let t = flash_elem(dtype)?;
+    matches!(d, 64 | 128).then(|| {
+        (
+            format!("flash_attention_varlen_d{d}_{t}"),
+            format!("flash_attention_varlen_bwd_dq_d{d}_{t}"),
+            format!("flash_attention_varlen_bwd_dkv_d{d}_{t}"),
+        )
+    })
 }
 
 /// The flash attention backward's dK/dV kernel: one block per [`FLASH_ROWS`] keys (16 a warp)

@@ -29,7 +29,7 @@ pub fn cuda_kernels() -> bool {
 }
 
 /// Whether ferrite's CUDA kernels have an entry point for `dtype` (f32, bf16, f16; the flash
-/// kernels bf16 only).
+/// kernels bf16 and f16 only).
 pub fn kernel_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
@@ -1484,13 +1484,11 @@ fn flash_applies(q: &Tensor) -> bool {
 }
 
 /// Whether the flash kernels take the attention of queries `q [B, Hkv, G·T, D]` by their device,
-/// dtype and head dimension (bf16, D 64 or 128): then a learner's attention takes them at any
-/// size (see `forward::attention`), as a prefill's does.
+/// dtype and head dimension (bf16 or f16, D 64 or 128): then a learner's attention takes them at
+/// any size (see `forward::attention`), as a prefill's does.
 pub fn flash_attention_takes(q: &Tensor) -> bool {
     let d = q.dims().last().copied().unwrap_or(0);
-    flash_applies(q)
-        && q.dtype() == DType::BF16
-        && crate::launch::flash_attention_kernel(d).is_some()
+    flash_applies(q) && crate::launch::flash_attention_kernel(d, q.dtype()).is_some()
 }
 
 /// `softmax(scale·q·kᵀ + bias)·v` over a batch of query rows in one fused kernel on CUDA (the

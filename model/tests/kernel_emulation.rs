@@ -1471,6 +1471,7 @@ struct Flash {
 /// puts each launch's own buffers after q, k, v and the bias, and before the dimensions (and a
 /// packed row's tables); `dy` is the upstream gradient, token-major.
 fn flash_launches(
+    ty: Ty,
     (fwd, dq_kernel, dkv_kernel): (&str, &str, &str),
     [heads, t, s, d]: [usize; 4],
     dy: Arg,
@@ -1479,7 +1480,11 @@ fn flash_launches(
     let run = |kernel: &str, g: Geometry, rest: &[Arg]| {
         emulate(kernel, g, &args(rest)).unwrap_or_else(|e| panic!("{e}"))
     };
-    let q_like = Arg::Bf16(vec![bf16::ZERO; heads * t * d]);
+    let q_like = match ty {
+        Ty::Bf16 => Arg::Bf16(vec![bf16::ZERO; heads * t * d]),
+        Ty::F16 => Arg::F16(vec![f16::ZERO; heads * t * d]),
+        Ty::F32 => panic!("the flash kernels are bf16 and f16"),
+    };
     let rows = Arg::F32(vec![0f32; heads * t]);
     let geometry = launch::flash_attention(heads, t);
     let (out, [forward, _]) = run(fwd, geometry, &[q_like.clone(), rows.clone()]);
@@ -1518,167 +1523,191 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
     .enumerate()
     {
         let seed = 300 + 10 * case as u64;
-        // q scaled up: peaked rows, whose max moves from one key tile to the next
-        let q = Ty::Bf16.round(&random(&[b, hkv, g * t, d], seed, 2.0));
-        let k_cache = Ty::Bf16.round(&random(&[b, hkv, cap, d], seed + 1, 1.0));
-        let v_cache = Ty::Bf16.round(&random(&[b, hkv, cap, d], seed + 2, 1.0));
-        let bias = causal_bias(b, t, s); // batch row 1 left-padded
-                                         // query rows that see no valid key (padding queries): their output is never read and
-                                         // their upstream gradient is 0, as in training (the kernels and the composed ops give
-                                         // them different garbage)
-        let sees: Vec<f32> = (0..b * hkv * g * t)
-            .map(|i| {
-                let (bi, row) = (i / (hkv * g * t), i % t);
-                let visible = bias.i((bi, 0, 0, row)).unwrap().to_vec1::<f32>().unwrap();
-                f32::from(u8::from(visible.contains(&0.0)))
-            })
-            .collect();
-        let sees = Tensor::from_vec(sees, (b, hkv, g * t, 1), &Device::Cpu).unwrap();
-        // the upstream dO, 0 on padding queries
-        let u = Ty::Bf16
-            .round(&random(&[b, hkv, g * t, d], seed + 3, 1.0))
-            .broadcast_mul(&sees)
-            .unwrap();
-        // the kernels' y and dy are token-major, [B, T, Hq·D] (model::attention::token_major):
-        // back to [B, Hkv, G·T, D]
-        let head_major = |a: &Arg| {
-            let x = Tensor::from_vec(a.f32s(), (b, t, hkv * g, d), &Device::Cpu).unwrap();
-            let x = x.transpose(1, 2).unwrap().contiguous().unwrap();
-            Arg::F32(x.flatten_all().unwrap().to_vec1().unwrap())
-        };
-        // a kernel's rows with the padding queries' zeroed
-        let seen = |a: &Arg, cols: usize| {
-            let x = Tensor::from_vec(a.f32s(), (b, hkv, g * t, cols), &Device::Cpu).unwrap();
-            Arg::F32(
-                x.broadcast_mul(&sees)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap(),
-            )
-        };
-        let scale = 1.0 / (d as f64).sqrt();
-        let (k, v) = (
-            k_cache.narrow(2, 0, s).unwrap().contiguous().unwrap(),
-            v_cache.narrow(2, 0, s).unwrap().contiguous().unwrap(),
-        );
-        let scores = |x: &[Tensor]| {
-            x[0].matmul(&x[1].t().unwrap())
-                .unwrap()
-                .reshape((b, hkv, g, t, s))
-                .unwrap()
-        };
-        let (want, want_grads) = with_grads(&[&q, &k, &v], &u, |x| {
-            composed::masked_softmax(&scores(x), &bias, scale)
-                .unwrap()
-                .reshape((b, hkv, g * t, s))
-                .unwrap()
-                .matmul(&x[2])
-                .unwrap() // [B, Hkv, G·T, D]
-        });
-        // the rows' log-partitions, over x = scale·S + bias
-        let x = (scores(&[q.clone(), k.clone()]) * scale)
-            .unwrap()
-            .broadcast_add(&bias)
-            .unwrap();
-        let want_lse = x.exp().unwrap().sum(D::Minus1).unwrap().log().unwrap();
-
-        let kernel = launch::flash_attention_kernel(d).unwrap();
-        let at = format!("B{b} Hkv{hkv} G{g} T{t} S{s} D{d}");
-        let dims = [
-            Arg::Int(hkv as i32),
-            Arg::Int(g as i32),
-            Arg::Int(t as i32),
-            Arg::Int(s as i32),
-            Arg::Size(cap * d),
-            Arg::Float(scale as f32),
-        ];
-        let inputs = [
-            Ty::Bf16.buffer(&q),
-            Ty::Bf16.buffer(&k_cache),
-            Ty::Bf16.buffer(&v_cache),
-            Ty::F32.buffer(&bias),
-        ];
-        let args = |rest: &[Arg]| -> Vec<Arg> {
-            inputs.iter().chain(rest).chain(&dims).cloned().collect()
-        };
-        let (dq_kernel, dkv_kernel) = launch::flash_attention_backward_kernels(d).unwrap();
-        let dy = Ty::Bf16.buffer(&model::attention::token_major(&u, t).unwrap());
-        let run = flash_launches(
-            (kernel, dq_kernel, dkv_kernel),
-            [b * hkv * g, t, s, d],
-            dy,
-            args,
-        );
-        let (y, lse) = (&run.y, &run.lse);
-        let want = want.broadcast_mul(&sees).unwrap();
-        let want_lse = want_lse
-            .reshape((b, hkv, g * t, 1))
-            .unwrap()
-            .broadcast_mul(&sees)
-            .unwrap();
-        assert_close(
-            &format!("{kernel} {at}"),
-            &seen(&head_major(y), d),
-            &want,
-            Ty::Bf16.tol(),
-        );
-        assert_close(
-            &format!("{kernel} lse {at}"),
-            &seen(lse, 1),
-            &want_lse,
-            1e-5,
-        );
-
-        let (dq, delta) = (&run.dq, &run.delta);
-        assert_close(&format!("{dq_kernel} {at}"), dq, &want_grads[0], 2e-2);
-        // Δ = rowsum(dO∘O) from the kernel's own (bf16) output
-        let y_t = Tensor::from_vec(head_major(y).f32s(), (b, hkv, g * t, d), &Device::Cpu).unwrap();
-        let want_delta = (&u * &y_t).unwrap().sum(D::Minus1).unwrap();
-        assert_close(&format!("{dq_kernel} delta {at}"), delta, &want_delta, 1e-5);
-
-        // each query head's share, summed over the G heads of its K/V head
-        let summed = |a: &Arg| {
-            Tensor::from_vec(a.f32s(), (b, hkv, g, s, d), &Device::Cpu)
-                .unwrap()
-                .sum(2)
-                .unwrap()
-        };
-        for (name, got, want) in [
-            ("dk", &run.dk, &want_grads[1]),
-            ("dv", &run.dv, &want_grads[2]),
-        ] {
-            let got = summed(got).flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_close(
-                &format!("{dkv_kernel} {name} {at}"),
-                &Arg::F32(got),
-                want,
-                2e-2,
+        for ty in [Ty::Bf16, Ty::F16] {
+            // q scaled up: peaked rows, whose max moves from one key tile to the next
+            let q = ty.round(&random(&[b, hkv, g * t, d], seed, 2.0));
+            let k_cache = ty.round(&random(&[b, hkv, cap, d], seed + 1, 1.0));
+            let v_cache = ty.round(&random(&[b, hkv, cap, d], seed + 2, 1.0));
+            let bias = causal_bias(b, t, s); // batch row 1 left-padded
+                                             // query rows that see no valid key (padding queries): their output is never read and
+                                             // their upstream gradient is 0, as in training (the kernels and the composed ops give
+                                             // them different garbage)
+            let sees: Vec<f32> = (0..b * hkv * g * t)
+                .map(|i| {
+                    let (bi, row) = (i / (hkv * g * t), i % t);
+                    let visible = bias.i((bi, 0, 0, row)).unwrap().to_vec1::<f32>().unwrap();
+                    f32::from(u8::from(visible.contains(&0.0)))
+                })
+                .collect();
+            let sees = Tensor::from_vec(sees, (b, hkv, g * t, 1), &Device::Cpu).unwrap();
+            // the upstream dO, 0 on padding queries
+            let u = Ty::Bf16
+                .round(&random(&[b, hkv, g * t, d], seed + 3, 1.0))
+                .broadcast_mul(&sees)
+                .unwrap();
+            // the kernels' y and dy are token-major, [B, T, Hq·D] (model::attention::token_major):
+            // back to [B, Hkv, G·T, D]
+            let head_major = |a: &Arg| {
+                let x = Tensor::from_vec(a.f32s(), (b, t, hkv * g, d), &Device::Cpu).unwrap();
+                let x = x.transpose(1, 2).unwrap().contiguous().unwrap();
+                Arg::F32(x.flatten_all().unwrap().to_vec1().unwrap())
+            };
+            // a kernel's rows with the padding queries' zeroed
+            let seen = |a: &Arg, cols: usize| {
+                let x = Tensor::from_vec(a.f32s(), (b, hkv, g * t, cols), &Device::Cpu).unwrap();
+                Arg::F32(
+                    x.broadcast_mul(&sees)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                )
+            };
+            let scale = 1.0 / (d as f64).sqrt();
+            let (k, v) = (
+                k_cache.narrow(2, 0, s).unwrap().contiguous().unwrap(),
+                v_cache.narrow(2, 0, s).unwrap().contiguous().unwrap(),
             );
+            let scores = |x: &[Tensor]| {
+                x[0].matmul(&x[1].t().unwrap())
+                    .unwrap()
+                    .reshape((b, hkv, g, t, s))
+                    .unwrap()
+            };
+            let (want, want_grads) = with_grads(&[&q, &k, &v], &u, |x| {
+                composed::masked_softmax(&scores(x), &bias, scale)
+                    .unwrap()
+                    .reshape((b, hkv, g * t, s))
+                    .unwrap()
+                    .matmul(&x[2])
+                    .unwrap() // [B, Hkv, G·T, D]
+            });
+            // the rows' log-partitions, over x = scale·S + bias
+            let x = (scores(&[q.clone(), k.clone()]) * scale)
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let want_lse = x.exp().unwrap().sum(D::Minus1).unwrap().log().unwrap();
+
+            let kernel = launch::flash_attention_kernel(d, ty.dtype()).unwrap();
+            let at = format!("B{b} Hkv{hkv} G{g} T{t} S{s} D{d} {ty:?}");
+            let dims = [
+                Arg::Int(hkv as i32),
+                Arg::Int(g as i32),
+                Arg::Int(t as i32),
+                Arg::Int(s as i32),
+                Arg::Size(cap * d),
+                Arg::Float(scale as f32),
+            ];
+            let inputs = [
+                ty.buffer(&q),
+                ty.buffer(&k_cache),
+                ty.buffer(&v_cache),
+                Ty::F32.buffer(&bias),
+            ];
+            let args = |rest: &[Arg]| -> Vec<Arg> {
+                inputs.iter().chain(rest).chain(&dims).cloned().collect()
+            };
+            let (dq_kernel, dkv_kernel) =
+                launch::flash_attention_backward_kernels(d, ty.dtype()).unwrap();
+            let dy = ty.buffer(&model::attention::token_major(&u, t).unwrap());
+            let run = flash_launches(
+                ty,
+                (&kernel, &dq_kernel, &dkv_kernel),
+                [b * hkv * g, t, s, d],
+                dy,
+                args,
+            );
+            let (y, lse) = (&run.y, &run.lse);
+            let want = want.broadcast_mul(&sees).unwrap();
+            let want_lse = want_lse
+                .reshape((b, hkv, g * t, 1))
+                .unwrap()
+                .broadcast_mul(&sees)
+                .unwrap();
+            assert_close(
+                &format!("{kernel} {at}"),
+                &seen(&head_major(y), d),
+                &want,
+                ty.tol(),
+            );
+            assert_close(
+                &format!("{kernel} lse {at}"),
+                &seen(lse, 1),
+                &want_lse,
+                1e-5,
+            );
+
+            let (dq, delta) = (&run.dq, &run.delta);
+            assert_close(&format!("{dq_kernel} {at}"), dq, &want_grads[0], 2e-2);
+            // Δ = rowsum(dO∘O) from the kernel's own (bf16) output
+            let y_t =
+                Tensor::from_vec(head_major(y).f32s(), (b, hkv, g * t, d), &Device::Cpu).unwrap();
+            let want_delta = (&u * &y_t).unwrap().sum(D::Minus1).unwrap();
+            assert_close(&format!("{dq_kernel} delta {at}"), delta, &want_delta, 1e-5);
+
+            // each query head's share, summed over the G heads of its K/V head
+            let summed = |a: &Arg| {
+                Tensor::from_vec(a.f32s(), (b, hkv, g, s, d), &Device::Cpu)
+                    .unwrap()
+                    .sum(2)
+                    .unwrap()
+            };
+            for (name, got, want) in [
+                ("dk", &run.dk, &want_grads[1]),
+                ("dv", &run.dv, &want_grads[2]),
+            ] {
+                let got = summed(got).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_close(
+                    &format!("{dkv_kernel} {name} {at}"),
+                    &Arg::F32(got),
+                    want,
+                    2e-2,
+                );
+            }
         }
     }
+    let names = |dtype| {
+        [64, 128, 96].map(|d| {
+            launch::flash_attention_kernel(d, dtype)
+                .zip(launch::flash_attention_backward_kernels(d, dtype))
+                .map(|(f, (dq, dkv))| [f, dq, dkv])
+        })
+    };
+    let strings = |k: [&str; 3]| Some(k.map(String::from));
+    assert_eq!(names(DType::F32), [None, None, None]);
     assert_eq!(
-        [64, 128, 96].map(launch::flash_attention_kernel),
-        [
-            Some("flash_attention_d64_bf16"),
-            Some("flash_attention_d128_bf16"),
-            None
-        ]
+        names(DType::F16)[0],
+        strings([
+            "flash_attention_d64_f16",
+            "flash_attention_bwd_dq_d64_f16",
+            "flash_attention_bwd_dkv_d64_f16"
+        ])
     );
     assert_eq!(
-        [64, 128, 96].map(launch::flash_attention_backward_kernels),
-        [
-            Some((
-                "flash_attention_bwd_dq_d64_bf16",
-                "flash_attention_bwd_dkv_d64_bf16"
-            )),
-            Some((
-                "flash_attention_bwd_dq_d128_bf16",
-                "flash_attention_bwd_dkv_d128_bf16"
-            )),
-            None
-        ]
+        names(DType::F16)[1],
+        strings([
+            "flash_attention_d128_f16",
+            "flash_attention_bwd_dq_d128_f16",
+            "flash_attention_bwd_dkv_d128_f16"
+        ])
+    );
+    assert_eq!(
+        names(DType::BF16)[0],
+        strings([
+            "flash_attention_d64_bf16",
+            "flash_attention_bwd_dq_d64_bf16",
+            "flash_attention_bwd_dkv_d64_bf16"
+        ])
+    );
+    assert_eq!(
+        names(DType::BF16)[1],
+        strings([
+            "flash_attention_d128_bf16",
+            "flash_attention_bwd_dq_d128_bf16",
+            "flash_attention_bwd_dkv_d128_bf16"
+        ])
     );
 }
 
@@ -1756,110 +1785,141 @@ fn varlen_flash_attention_matches_the_composed_ops_over_segments() {
     assert_eq!(bounds[6..9], [0, 20, 95]);
     for (case, &(hkv, g, d)) in [(1usize, 2usize, 64usize), (2, 1, 128)].iter().enumerate() {
         let seed = 700 + 10 * case as u64;
-        let q = Ty::Bf16.round(&random(&[1, hkv, g * n, d], seed, 2.0));
-        let k = Ty::Bf16.round(&random(&[1, hkv, n, d], seed + 1, 1.0));
-        let v = Ty::Bf16.round(&random(&[1, hkv, n, d], seed + 2, 1.0));
-        let u = Ty::Bf16.round(&random(&[1, hkv, g * n, d], seed + 3, 1.0));
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = |x: &[Tensor]| {
-            x[0].matmul(&x[1].t().unwrap())
-                .unwrap()
-                .reshape((1, hkv, g, n, n))
-                .unwrap()
-        };
-        let (want, want_grads) = with_grads(&[&q, &k, &v], &u, |x| {
-            composed::masked_softmax(&scores(x), &bias, scale)
-                .unwrap()
-                .reshape((1, hkv, g * n, n))
-                .unwrap()
-                .matmul(&x[2])
-                .unwrap()
-        });
-        let (fwd, dq_kernel, dkv_kernel) = launch::flash_attention_varlen_kernels(d).unwrap();
-        let at = format!("packed Hkv{hkv} G{g} N{n} D{d}");
-        let dims = [
-            Arg::Int(hkv as i32),
-            Arg::Int(g as i32),
-            Arg::Int(n as i32),
-            Arg::Int(n as i32),
-            Arg::Size(n * d),
-            Arg::Float(scale as f32),
-        ];
-        let packing = [Arg::U32(seg.clone()), Arg::U32(bounds.clone())];
-        let inputs = [
-            Ty::Bf16.buffer(&q),
-            Ty::Bf16.buffer(&k),
-            Ty::Bf16.buffer(&v),
-            Ty::F32.buffer(&bias.narrow(3, n - 1, 1).unwrap()), // never read
-        ];
-        let args = |rest: &[Arg]| -> Vec<Arg> {
-            inputs
-                .iter()
-                .chain(rest)
-                .chain(&dims)
-                .chain(&packing)
-                .cloned()
-                .collect()
-        };
-        let dy = Ty::Bf16.buffer(&model::attention::token_major(&u, n).unwrap());
-        let run = flash_launches((fwd, dq_kernel, dkv_kernel), [hkv * g, n, n, d], dy, args);
-        let y_heads = Tensor::from_vec(run.y.f32s(), (1, n, hkv * g, d), &Device::Cpu)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap();
-        assert_close(
-            &format!("{fwd} {at}"),
-            &Arg::F32(y_heads.flatten_all().unwrap().to_vec1().unwrap()),
-            &want,
-            Ty::Bf16.tol(),
-        );
-        assert_close(&format!("{dq_kernel} {at}"), &run.dq, &want_grads[0], 2e-2);
-        // the forward and dQ walk the key tiles that model::attention::varlen_work counts (dQ's
-        // tiles of KT keys: FLASH_KEYS at D = 64, half at D = 128), for every query head
-        let dq_tile = if d == 64 { FLASH_KEYS } else { FLASH_KEYS / 2 };
-        let walks = [FLASH_KEYS, dq_tile].map(|tile| {
-            let [visited, ..] = model::attention::varlen_work(&segments, n, tile);
-            (hkv * g * visited) as u64
-        });
-        assert_eq!(
-            run.keys_visited, walks,
-            "{at}: keys the forward and dQ visit"
-        );
-        for (name, got, want) in [
-            ("dk", &run.dk, &want_grads[1]),
-            ("dv", &run.dv, &want_grads[2]),
-        ] {
-            let got = Tensor::from_vec(got.f32s(), (1, hkv, g, n, d), &Device::Cpu)
-                .unwrap()
-                .sum(2)
-                .unwrap();
-            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_close(
-                &format!("{dkv_kernel} {name} {at}"),
-                &Arg::F32(got),
-                want,
-                2e-2,
+        for ty in [Ty::Bf16, Ty::F16] {
+            let q = ty.round(&random(&[1, hkv, g * n, d], seed, 2.0));
+            let k = ty.round(&random(&[1, hkv, n, d], seed + 1, 1.0));
+            let v = ty.round(&random(&[1, hkv, n, d], seed + 2, 1.0));
+            let u = ty.round(&random(&[1, hkv, g * n, d], seed + 3, 1.0));
+            let scale = 1.0 / (d as f64).sqrt();
+            let scores = |x: &[Tensor]| {
+                x[0].matmul(&x[1].t().unwrap())
+                    .unwrap()
+                    .reshape((1, hkv, g, n, n))
+                    .unwrap()
+            };
+            let (want, want_grads) = with_grads(&[&q, &k, &v], &u, |x| {
+                composed::masked_softmax(&scores(x), &bias, scale)
+                    .unwrap()
+                    .reshape((1, hkv, g * n, n))
+                    .unwrap()
+                    .matmul(&x[2])
+                    .unwrap()
+            });
+            let (fwd, dq_kernel, dkv_kernel) =
+                launch::flash_attention_varlen_kernels(d, ty.dtype()).unwrap();
+            let at = format!("packed Hkv{hkv} G{g} N{n} D{d} {ty:?}");
+            let dims = [
+                Arg::Int(hkv as i32),
+                Arg::Int(g as i32),
+                Arg::Int(n as i32),
+                Arg::Int(n as i32),
+                Arg::Size(n * d),
+                Arg::Float(scale as f32),
+            ];
+            let packing = [Arg::U32(seg.clone()), Arg::U32(bounds.clone())];
+            let inputs = [
+                ty.buffer(&q),
+                ty.buffer(&k),
+                ty.buffer(&v),
+                Ty::F32.buffer(&bias.narrow(3, n - 1, 1).unwrap()), // never read
+            ];
+            let args = |rest: &[Arg]| -> Vec<Arg> {
+                inputs
+                    .iter()
+                    .chain(rest)
+                    .chain(&dims)
+                    .chain(&packing)
+                    .cloned()
+                    .collect()
+            };
+            let dy = ty.buffer(&model::attention::token_major(&u, n).unwrap());
+            let run = flash_launches(
+                ty,
+                (&fwd, &dq_kernel, &dkv_kernel),
+                [hkv * g, n, n, d],
+                dy,
+                args,
             );
+            let y_heads = Tensor::from_vec(run.y.f32s(), (1, n, hkv * g, d), &Device::Cpu)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            assert_close(
+                &format!("{fwd} {at}"),
+                &Arg::F32(y_heads.flatten_all().unwrap().to_vec1().unwrap()),
+                &want,
+                ty.tol(),
+            );
+            assert_close(&format!("{dq_kernel} {at}"), &run.dq, &want_grads[0], 2e-2);
+            // the forward and dQ walk the key tiles that model::attention::varlen_work counts (dQ's
+            // tiles of KT keys: FLASH_KEYS at D = 64, half at D = 128), for every query head
+            let dq_tile = if d == 64 { FLASH_KEYS } else { FLASH_KEYS / 2 };
+            let walks = [FLASH_KEYS, dq_tile].map(|tile| {
+                let [visited, ..] = model::attention::varlen_work(&segments, n, tile);
+                (hkv * g * visited) as u64
+            });
+            assert_eq!(
+                run.keys_visited, walks,
+                "{at}: keys the forward and dQ visit"
+            );
+            for (name, got, want) in [
+                ("dk", &run.dk, &want_grads[1]),
+                ("dv", &run.dv, &want_grads[2]),
+            ] {
+                let got = Tensor::from_vec(got.f32s(), (1, hkv, g, n, d), &Device::Cpu)
+                    .unwrap()
+                    .sum(2)
+                    .unwrap();
+                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_close(
+                    &format!("{dkv_kernel} {name} {at}"),
+                    &Arg::F32(got),
+                    want,
+                    2e-2,
+                );
+            }
         }
     }
+    let names = |dtype| {
+        [64, 128, 96]
+            .map(|d| launch::flash_attention_varlen_kernels(d, dtype).map(<[String; 3]>::from))
+    };
+    let strings = |k: [&str; 3]| Some(k.map(String::from));
     assert_eq!(
-        [64, 128, 96].map(launch::flash_attention_varlen_kernels),
+        names(DType::BF16),
         [
-            Some((
+            strings([
                 "flash_attention_varlen_d64_bf16",
                 "flash_attention_varlen_bwd_dq_d64_bf16",
                 "flash_attention_varlen_bwd_dkv_d64_bf16"
-            )),
-            Some((
+            ]),
+            strings([
                 "flash_attention_varlen_d128_bf16",
                 "flash_attention_varlen_bwd_dq_d128_bf16",
                 "flash_attention_varlen_bwd_dkv_d128_bf16"
-            )),
+            ]),
             None
         ]
     );
+    assert_eq!(
+        names(DType::F16),
+        [
+            strings([
+                "flash_attention_varlen_d64_f16",
+                "flash_attention_varlen_bwd_dq_d64_f16",
+                "flash_attention_varlen_bwd_dkv_d64_f16"
+            ]),
+            strings([
+                "flash_attention_varlen_d128_f16",
+                "flash_attention_varlen_bwd_dq_d128_f16",
+                "flash_attention_varlen_bwd_dkv_d128_f16"
+            ]),
+            None
+        ]
+    );
+    assert_eq!(names(DType::F32), [None, None, None]);
 }
 
 #[test]

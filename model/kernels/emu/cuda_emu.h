@@ -552,8 +552,10 @@ namespace emu {
 // a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..); B's b0 = (rows 2c, 2c+1, col g),
 // b1 = (rows 2c+8.., col g); C's c0, c1 = (row g, cols 2c, 2c+1), c2, c3 = (row g+8, ...); two
 // bf16 to a u32, the lower index in the low half. Every lane of a full warp must call it (it is
-// .sync.aligned); the products are summed in f32 in k order.
-inline void mma_m16n8k16_bf16(float* c, const uint32_t* a, const uint32_t* b) {
+// .sync.aligned); the products are summed in f32 in k order. F16: the .f16 variant, whose
+// fragments are laid out alike.
+template <bool F16>
+inline void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
     const unsigned t = threadIdx.x, lane = t & 31, base = t - lane;
     if (blockDim.x < base + 32) fail("mma.sync needs a full warp");
     auto& warp = *warp_barriers[t / 32];
@@ -562,7 +564,14 @@ inline void mma_m16n8k16_bf16(float* c, const uint32_t* a, const uint32_t* b) {
     mma_regs[6 * t + 5] = b[1];
     warp.arrive_and_wait();
     const auto half = [](uint32_t r, int k) {
-        const uint32_t u = (k & 1 ? r >> 16 : r & 0xffffu) << 16;
+        const uint32_t bits = k & 1 ? r >> 16 : r & 0xffffu;
+        if constexpr (F16) {
+            const uint16_t b16 = uint16_t(bits);
+            _Float16 h;
+            std::memcpy(&h, &b16, 2);
+            return float(h);
+        }
+        const uint32_t u = bits << 16;
         float f;
         std::memcpy(&f, &u, 4);
         return f;
@@ -591,6 +600,8 @@ inline void mma_m16n8k16_bf16(float* c, const uint32_t* a, const uint32_t* b) {
     warp.arrive_and_wait();
     for (int e = 0; e < 4; ++e) c[e] = d[e];
 }
+inline void mma_m16n8k16_bf16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8k16<false>(c, a, b); }
+inline void mma_m16n8k16_f16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8k16<true>(c, a, b); }
 }  // namespace emu
 
 namespace emu {

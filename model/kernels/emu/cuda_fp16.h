@@ -7,3 +7,17 @@ typedef _Float16 __half;
 
 inline float __half2float(__half x) { return float(x); }
 inline __half __float2half(float f) { return __half(f); }
+
+#include <cstdint>
+#include <cstring>
+
+inline unsigned short __half_as_ushort(__half x) {
+    unsigned short u;
+    std::memcpy(&u, &x, 2);
+    return u;
+}
+inline __half __ushort_as_half(unsigned short u) {
+    __half x;
+    std::memcpy(&x, &u, 2);
+    return x;
+}
