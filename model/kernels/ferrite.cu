@@ -1251,34 +1251,23 @@ template <typename T>
 __device__ __forceinline__ float hi_f32(uint32_t u) { return from_bits16<T>(u >> 16); }
 
 // c += a·b for one warp's m16n8k16 tile of T (bf16 or f16; the layouts above are both's).
+template <typename T> struct TensorCore;  // whether the tensor cores read T as f16 (else bf16)
+template <> struct TensorCore<bf16> { static constexpr bool f16 = false; };
+template <> struct TensorCore<f16> { static constexpr bool f16 = true; };
+#define MMA_16816(TY)                                                                               \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0, %1, %2, %3}, "       \
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                                   \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                    \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
 template <typename T>
-__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uint32_t* b);
-template <>
-__device__ __forceinline__ void mma_16816<bf16>(float* c, const uint32_t* a, const uint32_t* b) {
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uint32_t* b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    if constexpr (TensorCore<T>::f16) MMA_16816("f16");
+    else MMA_16816("bf16");
 #elif defined(__CUDA_ARCH__)
-    __trap();  // tensor-core bf16 needs sm_80 or later
+    __trap();  // the tensor cores' 16-bit mma needs sm_80 or later
 #else
-    emu::mma_m16n8k16_bf16(c, a, b);
-#endif
-}
-template <>
-__device__ __forceinline__ void mma_16816<f16>(float* c, const uint32_t* a, const uint32_t* b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#elif defined(__CUDA_ARCH__)
-    __trap();  // the flash kernels need sm_80 or later
-#else
-    emu::mma_m16n8k16_f16(c, a, b);
+    emu::mma_m16n8k16<TensorCore<T>::f16>(c, a, b);
 #endif
 }
 

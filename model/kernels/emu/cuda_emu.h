@@ -600,8 +600,6 @@ inline void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
     warp.arrive_and_wait();
     for (int e = 0; e < 4; ++e) c[e] = d[e];
 }
-inline void mma_m16n8k16_bf16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8k16<false>(c, a, b); }
-inline void mma_m16n8k16_f16(float* c, const uint32_t* a, const uint32_t* b) { mma_m16n8k16<true>(c, a, b); }
 }  // namespace emu
 
 namespace emu {
