@@ -758,6 +758,10 @@ fn rl_stage(
                 ("memory_retries".into(), m.memory_retries as f64),
             ]);
             row.extend(loss_scale_columns(opt));
+            if let crate::algo::Critic::Separate(sc) = &algorithm.critic {
+                let critic = loss_scale_columns(&sc.opt).into_iter();
+                row.extend(critic.map(|(name, v)| (format!("critic_{name}"), v)));
+            }
             row.extend([
                 ("length_mean".into(), mean_std(&lengths).0),
                 (
