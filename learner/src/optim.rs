@@ -29,19 +29,9 @@ pub struct AdamWConfig {
     /// Clip the global gradient norm to this (None: no clipping).
     pub max_grad_norm: Option<f64>,
     /// The loss scale that f16 parameters start from ([`crate::scaler`]).
-    #[serde(default = "initial_loss_scale")]
     pub initial_loss_scale: f64,
     /// Finite steps in a row after which the loss scale doubles.
-    #[serde(default = "loss_scale_window")]
     pub loss_scale_window: u64,
-}
-
-fn initial_loss_scale() -> f64 {
-    scaler::INITIAL
-}
-
-fn loss_scale_window() -> u64 {
-    scaler::GROWTH_INTERVAL
 }
 
 impl Default for AdamWConfig {

@@ -1466,6 +1466,21 @@ struct Flash {
     keys_visited: [u64; 2],
 }
 
+impl Flash {
+    /// dK and dV, each query head's share summed over the G heads of its K/V head (`shares`:
+    /// `[B, Hkv, G, S, D]`), against the composed ops' gradients of k and v.
+    fn assert_dkv(&self, shares: (usize, usize, usize, usize, usize), want: &[Tensor], at: &str) {
+        for (name, got, want) in [("dk", &self.dk, &want[0]), ("dv", &self.dv, &want[1])] {
+            let got = Tensor::from_vec(got.f32s(), shares, &Device::Cpu)
+                .unwrap()
+                .sum(2)
+                .unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_close(&format!("{name} {at}"), &Arg::F32(got), want, 2e-2);
+        }
+    }
+}
+
 /// The flash kernels' forward, dQ and dK/dV (`kernels`), as the launchers run them, over `heads`
 /// query heads (batch rows included) of `t` query rows against `s` keys of `d` columns: `args`
 /// puts each launch's own buffers after q, k, v and the bias, and before the dimensions (and a
@@ -1647,68 +1662,63 @@ fn flash_attention_forward_and_backward_match_the_composed_ops() {
             let want_delta = (&u * &y_t).unwrap().sum(D::Minus1).unwrap();
             assert_close(&format!("{dq_kernel} delta {at}"), delta, &want_delta, 1e-5);
 
-            // each query head's share, summed over the G heads of its K/V head
-            let summed = |a: &Arg| {
-                Tensor::from_vec(a.f32s(), (b, hkv, g, s, d), &Device::Cpu)
-                    .unwrap()
-                    .sum(2)
-                    .unwrap()
-            };
-            for (name, got, want) in [
-                ("dk", &run.dk, &want_grads[1]),
-                ("dv", &run.dv, &want_grads[2]),
-            ] {
-                let got = summed(got).flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                assert_close(
-                    &format!("{dkv_kernel} {name} {at}"),
-                    &Arg::F32(got),
-                    want,
-                    2e-2,
-                );
-            }
+            run.assert_dkv(
+                (b, hkv, g, s, d),
+                &want_grads[1..],
+                &format!("{dkv_kernel} {at}"),
+            );
         }
     }
-    let names = |dtype| {
-        [64, 128, 96].map(|d| {
+    assert_flash_names(
+        |d, dtype| {
             launch::flash_attention_kernel(d, dtype)
                 .zip(launch::flash_attention_backward_kernels(d, dtype))
                 .map(|(f, (dq, dkv))| [f, dq, dkv])
-        })
-    };
-    let strings = |k: [&str; 3]| Some(k.map(String::from));
-    assert_eq!(names(DType::F32), [None, None, None]);
-    assert_eq!(
-        names(DType::F16)[0],
-        strings([
-            "flash_attention_d64_f16",
-            "flash_attention_bwd_dq_d64_f16",
-            "flash_attention_bwd_dkv_d64_f16"
-        ])
+        },
+        [
+            [
+                [
+                    "flash_attention_d64_bf16",
+                    "flash_attention_bwd_dq_d64_bf16",
+                    "flash_attention_bwd_dkv_d64_bf16",
+                ],
+                [
+                    "flash_attention_d128_bf16",
+                    "flash_attention_bwd_dq_d128_bf16",
+                    "flash_attention_bwd_dkv_d128_bf16",
+                ],
+            ],
+            [
+                [
+                    "flash_attention_d64_f16",
+                    "flash_attention_bwd_dq_d64_f16",
+                    "flash_attention_bwd_dkv_d64_f16",
+                ],
+                [
+                    "flash_attention_d128_f16",
+                    "flash_attention_bwd_dq_d128_f16",
+                    "flash_attention_bwd_dkv_d128_f16",
+                ],
+            ],
+        ],
     );
-    assert_eq!(
-        names(DType::F16)[1],
-        strings([
-            "flash_attention_d128_f16",
-            "flash_attention_bwd_dq_d128_f16",
-            "flash_attention_bwd_dkv_d128_f16"
-        ])
-    );
-    assert_eq!(
-        names(DType::BF16)[0],
-        strings([
-            "flash_attention_d64_bf16",
-            "flash_attention_bwd_dq_d64_bf16",
-            "flash_attention_bwd_dkv_d64_bf16"
-        ])
-    );
-    assert_eq!(
-        names(DType::BF16)[1],
-        strings([
-            "flash_attention_d128_bf16",
-            "flash_attention_bwd_dq_d128_bf16",
-            "flash_attention_bwd_dkv_d128_bf16"
-        ])
-    );
+}
+
+/// The flash kernels (forward, dQ, dK/dV) that `names(d, dtype)` gives: `want`'s for D = 64 and
+/// 128 in bf16 and in f16 (as the source declares them), none for D = 96 or in f32.
+fn assert_flash_names(
+    names: impl Fn(usize, DType) -> Option<[String; 3]>,
+    want: [[[&str; 3]; 2]; 2],
+) {
+    for (dtype, [d64, d128]) in [DType::BF16, DType::F16].into_iter().zip(want) {
+        let want = [
+            Some(d64.map(String::from)),
+            Some(d128.map(String::from)),
+            None,
+        ];
+        assert_eq!([64, 128, 96].map(|d| names(d, dtype)), want, "{dtype:?}");
+    }
+    assert_eq!([64, 128].map(|d| names(d, DType::F32)), [None, None]);
 }
 
 /// The flash kernels over a packed row (`_varlen`) against the composed ops under the dense mask
@@ -1864,62 +1874,42 @@ fn varlen_flash_attention_matches_the_composed_ops_over_segments() {
                 run.keys_visited, walks,
                 "{at}: keys the forward and dQ visit"
             );
-            for (name, got, want) in [
-                ("dk", &run.dk, &want_grads[1]),
-                ("dv", &run.dv, &want_grads[2]),
-            ] {
-                let got = Tensor::from_vec(got.f32s(), (1, hkv, g, n, d), &Device::Cpu)
-                    .unwrap()
-                    .sum(2)
-                    .unwrap();
-                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                assert_close(
-                    &format!("{dkv_kernel} {name} {at}"),
-                    &Arg::F32(got),
-                    want,
-                    2e-2,
-                );
-            }
+            run.assert_dkv(
+                (1, hkv, g, n, d),
+                &want_grads[1..],
+                &format!("{dkv_kernel} {at}"),
+            );
         }
     }
-    let names = |dtype| {
-        [64, 128, 96]
-            .map(|d| launch::flash_attention_varlen_kernels(d, dtype).map(<[String; 3]>::from))
-    };
-    let strings = |k: [&str; 3]| Some(k.map(String::from));
-    assert_eq!(
-        names(DType::BF16),
+    assert_flash_names(
+        |d, dtype| launch::flash_attention_varlen_kernels(d, dtype).map(<[String; 3]>::from),
         [
-            strings([
-                "flash_attention_varlen_d64_bf16",
-                "flash_attention_varlen_bwd_dq_d64_bf16",
-                "flash_attention_varlen_bwd_dkv_d64_bf16"
-            ]),
-            strings([
-                "flash_attention_varlen_d128_bf16",
-                "flash_attention_varlen_bwd_dq_d128_bf16",
-                "flash_attention_varlen_bwd_dkv_d128_bf16"
-            ]),
-            None
-        ]
+            [
+                [
+                    "flash_attention_varlen_d64_bf16",
+                    "flash_attention_varlen_bwd_dq_d64_bf16",
+                    "flash_attention_varlen_bwd_dkv_d64_bf16",
+                ],
+                [
+                    "flash_attention_varlen_d128_bf16",
+                    "flash_attention_varlen_bwd_dq_d128_bf16",
+                    "flash_attention_varlen_bwd_dkv_d128_bf16",
+                ],
+            ],
+            [
+                [
+                    "flash_attention_varlen_d64_f16",
+                    "flash_attention_varlen_bwd_dq_d64_f16",
+                    "flash_attention_varlen_bwd_dkv_d64_f16",
+                ],
+                [
+                    "flash_attention_varlen_d128_f16",
+                    "flash_attention_varlen_bwd_dq_d128_f16",
+                    "flash_attention_varlen_bwd_dkv_d128_f16",
+                ],
+            ],
+        ],
     );
-    assert_eq!(
-        names(DType::F16),
-        [
-            strings([
-                "flash_attention_varlen_d64_f16",
-                "flash_attention_varlen_bwd_dq_d64_f16",
-                "flash_attention_varlen_bwd_dkv_d64_f16"
-            ]),
-            strings([
-                "flash_attention_varlen_d128_f16",
-                "flash_attention_varlen_bwd_dq_d128_f16",
-                "flash_attention_varlen_bwd_dkv_d128_f16"
-            ]),
-            None
-        ]
-    );
-    assert_eq!(names(DType::F32), [None, None, None]);
 }
 
 #[test]
