@@ -653,7 +653,7 @@ fn rl_stage(
             let t0 = Instant::now();
             let batch = collector.next_step(state.policy_version)?;
             {
-                let mut f = feed.lock().expect("feed lock");
+                let mut f = Feed::locked(&feed);
                 for id in &batch.finished_groups {
                     f.done(*id);
                 }
@@ -923,7 +923,7 @@ fn save(
 /// `state` with the data feed's position (where a resumed run draws its next prompts).
 fn with_feed(state: &TrainerState, feed: &Mutex<Feed>) -> TrainerState {
     TrainerState {
-        feed: feed.lock().expect("feed lock").state(),
+        feed: Feed::locked(feed).state(),
         ..state.clone()
     }
 }

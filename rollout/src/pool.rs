@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,15 @@ impl Feed {
     /// The learner consumed (or dropped) a group.
     pub fn done(&mut self, group_id: u64) {
         self.pending.remove(&group_id);
+    }
+
+    /// The feed behind `feed`'s lock, also where a thread panicked while holding it (a bug
+    /// in a worker, say): the learner still saves the run's checkpoint. What the lock guards is
+    /// consistent at every point such a panic can leave it: a draw records its group as
+    /// pending only once its record is read, and [`Feed::state`] resumes from the first
+    /// pending group's cursor, so at worst a prompt is drawn again.
+    pub fn locked(feed: &Mutex<Feed>) -> MutexGuard<'_, Feed> {
+        feed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Resuming here regenerates every group not yet consumed.
@@ -499,7 +508,7 @@ impl Worker<'_> {
                 generation: self.generations,
             }),
             Err(error) => {
-                self.feed.lock().expect("feed lock").done(group_id);
+                Feed::locked(self.feed).done(group_id);
                 self.admission.release(self.cfg.group_size);
                 Event::Failed {
                     group_id,
@@ -529,7 +538,7 @@ impl Worker<'_> {
 
     /// The next group from the feed; on the feed's error, tells the learner the run must stop.
     fn draw(&self) -> Option<(u64, Record)> {
-        match self.feed.lock().expect("feed lock").next_group() {
+        match Feed::locked(self.feed).next_group() {
             Ok(group) => Some(group),
             Err(e) => {
                 let _ = self.sender.send(Event::Fatal(e.to_string()));

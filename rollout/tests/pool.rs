@@ -471,3 +471,35 @@ fn a_worker_that_panics_tells_the_learner_the_run_must_stop() {
         "a worker that ends sends nothing more"
     );
 }
+
+/// A thread that panics while it holds the feed's lock poisons the lock; the feed stays readable,
+/// so that the learner still saves where the run stands, and resumes from the first group it
+/// has not consumed.
+#[test]
+fn a_panic_holding_the_feed_lock_leaves_the_feed_readable() {
+    let source = Source::open("builtin:addition", &SourceOptions::default()).unwrap();
+    let feed = Arc::new(Mutex::new(Feed::new(
+        Loader::new(source, 0, false, 16).unwrap(),
+        FeedState::default(),
+    )));
+    let (first, second) = {
+        let mut f = Feed::locked(&feed);
+        (f.next_group().unwrap(), f.next_group().unwrap())
+    };
+    let before = Feed::locked(&feed).state();
+    let held = feed.clone();
+    let worker = std::thread::spawn(move || {
+        let mut f = held.lock().unwrap();
+        f.done(0);
+        panic!("a bug while drawing");
+    });
+    assert!(worker.join().is_err());
+    assert!(feed.is_poisoned());
+    let mut f = Feed::locked(&feed);
+    // group 0 was consumed before the panic: a resume regenerates group 1 on
+    let state = f.state();
+    assert_eq!((first.0, second.0, state.next_group), (0, 1, 1));
+    assert_ne!(state.cursor, before.cursor);
+    let (third, _) = f.next_group().unwrap();
+    assert_eq!(third, 2);
+}
