@@ -335,6 +335,28 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         );
     }
 
+    // the same step twice gives the same bits: no float is added atomically across blocks
+    // (RMSNorm's weight gradient is summed over its blocks in a fixed order, the flash backward
+    // has no atomics), so a run repeats itself and a resumed one its lost steps
+    let w64_gpu = w64.to(DType::F32, gpu)?;
+    for w in [&w64_gpu, &w64_bf16, &w_gpu, &w_bf16] {
+        let d = w.config.head_dim;
+        let dtype = format!("{:?}", w.embed_tokens.dtype()).to_lowercase();
+        let ((loss_a, a), (loss_b, b)) = (
+            loss_and_grads(w, &ids, &mask)?,
+            loss_and_grads(w, &ids, &mask)?,
+        );
+        let mut differ = 0;
+        for ((_, a), (_, b)) in a.iter().zip(&b) {
+            differ += usize::from(max_abs_diff(a, b)? != 0.0);
+        }
+        check(
+            &format!("{dtype} loss and grads (D={d}) twice: tensors that differ in a bit"),
+            format!("{differ} of {} (loss {loss_a} / {loss_b})", a.len()),
+            differ == 0 && loss_a.to_bits() == loss_b.to_bits(),
+        );
+    }
+
     // a learner's attention of a few scores (under a chunk's) takes the flash kernels too: the
     // log-probs with a graph are those of a forward without one, to the bit
     let (_, trainable) = w64_bf16.to_vars()?;

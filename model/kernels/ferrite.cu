@@ -274,12 +274,14 @@ extern "C" __global__ void add_rms_norm_f16(const f16* x, const f16* res, const 
     add_rms_norm<f16>(x, res, w, sum, y, h, eps);
 }
 
-// dx = r·(w∘g) − r³·x·mean(x∘w∘g) per row; dw += Σ_rows g∘x·r into f32 `dw` (zeroed by the
-// caller). A grid-stride loop over rows; each block sums its rows' dw in shared memory (h floats
-// of dynamic shared memory) and adds it to `dw` once.
+// dx = r·(w∘g) − r³·x·mean(x∘w∘g) per row; dw = Σ_rows g∘x·r. A grid-stride loop over rows; each
+// block sums its rows' dw in shared memory (h floats of dynamic shared memory) and writes it as
+// its row of the f32 `dw_blocks` [gridDim.x, h], which the caller sums over the blocks in a fixed
+// order: float atomic adds of the blocks' shares into one row (as this kernel had) round in
+// whatever order the blocks finish, so two runs of one step could differ in their last bits.
 template <typename T>
-__device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, float* dw, int rows, int h,
-                             float eps) {
+__device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, float* dw_blocks, int rows,
+                             int h, float eps) {
     extern __shared__ float dw_block[];
     for (int i = threadIdx.x; i < h; i += blockDim.x) dw_block[i] = 0.f;
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -301,20 +303,21 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, float* d
             dw_block[i] += gv * xv * r;
         }
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < h; i += blockDim.x) atomicAdd(dw + i, dw_block[i]);
+    // each thread wrote only its own columns of dw_block: no barrier needed before the store
+    float* own = dw_blocks + (size_t)blockIdx.x * h;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) own[i] = dw_block[i];
 }
 extern "C" __global__ void rms_norm_bwd_f32(const float* x, const float* w, const float* g, float* dx,
-                                            float* dw, int rows, int h, float eps) {
-    rms_norm_bwd<float>(x, w, g, dx, dw, rows, h, eps);
+                                            float* dw_blocks, int rows, int h, float eps) {
+    rms_norm_bwd<float>(x, w, g, dx, dw_blocks, rows, h, eps);
 }
 extern "C" __global__ void rms_norm_bwd_bf16(const bf16* x, const bf16* w, const bf16* g, bf16* dx,
-                                             float* dw, int rows, int h, float eps) {
-    rms_norm_bwd<bf16>(x, w, g, dx, dw, rows, h, eps);
+                                             float* dw_blocks, int rows, int h, float eps) {
+    rms_norm_bwd<bf16>(x, w, g, dx, dw_blocks, rows, h, eps);
 }
 extern "C" __global__ void rms_norm_bwd_f16(const f16* x, const f16* w, const f16* g, f16* dx,
-                                            float* dw, int rows, int h, float eps) {
-    rms_norm_bwd<f16>(x, w, g, dx, dw, rows, h, eps);
+                                            float* dw_blocks, int rows, int h, float eps) {
+    rms_norm_bwd<f16>(x, w, g, dx, dw_blocks, rows, h, eps);
 }
 
 // ------------------------------------------------------------------------------- SwiGLU

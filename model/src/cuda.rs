@@ -671,7 +671,8 @@ pub fn rms_norm_fwd(
     by_dtype!(x.dtype(), go(x, xl, w, wl, eps))
 }
 
-/// `(dx, dw)` of RMSNorm; `dw` is summed in f32 and returned in `w`'s dtype.
+/// `(dx, dw)` of RMSNorm; `dw` is summed in f32, in the same order every run, and returned in
+/// `w`'s dtype.
 pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
     fn go<T: Float>(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
         let (x, w, g) = (
@@ -690,22 +691,27 @@ pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Ten
         })?;
         let (xv, wv, gv) = (view::<T>(xs, xl)?, view::<T>(ws, wl)?, view::<T>(gs, gl)?);
         let dx = unsafe { dev.alloc::<T>(rows * h)? };
-        let dw = dev.alloc_zeros::<f32>(h)?;
+        let blocks = geometry.grid as usize;
+        let dw_blocks = unsafe { dev.alloc::<f32>(blocks * h)? };
         let (rows32, h32) = (rows as i32, h as i32);
         let mut b = Launch::new(&dev, &kernel::<T>("rms_norm_bwd")?)?;
         b.arg(&xv)
             .arg(&wv)
             .arg(&gv)
             .arg(&dx)
-            .arg(&dw)
+            .arg(&dw_blocks)
             .arg(&rows32)
             .arg(&h32)
             .arg(&eps);
-        // SAFETY: reads rows·h of x and g, h of w; writes rows·h of dx, adds into h of dw.
+        // SAFETY: reads rows·h of x and g, h of w; writes rows·h of dx and each block's h of
+        // dw_blocks.
         unsafe { b.launch(geometry) }?;
         let dx = wrap(T::wrap_cuda_slice(dx, dev.clone()), x.shape());
-        let dw = wrap(f32::wrap_cuda_slice(dw, dev), w.shape()).to_dtype(w.dtype())?;
-        Ok((dx, dw))
+        // the blocks' shares summed in a fixed order (candle's sum: one block a column, a tree
+        // in shared memory), so that a step's dw is the same bits from run to run
+        let dw_blocks = f32::wrap_cuda_slice(dw_blocks, dev);
+        let dw = wrap(dw_blocks, (blocks, h)).sum(0)?;
+        Ok((dx, dw.reshape(w.shape())?.to_dtype(w.dtype())?))
     }
     by_dtype!(x.dtype(), go(x, w, g, eps))
 }

@@ -57,7 +57,8 @@ pub fn multi_tensor(chunks: usize) -> Geometry {
 pub const MAX_SHARED_BYTES: usize = 48 * 1024;
 
 /// RMSNorm's backward: grid-stride over `rows` rows of `h` with at most 1024 blocks, each summing
-/// its rows' weight gradient in `h` floats of shared memory. None when `h` floats exceed
+/// its rows' weight gradient in `h` floats of shared memory and writing it as its row of a
+/// `[grid, h]` f32 buffer, which the caller sums. None when `h` floats exceed
 /// [`MAX_SHARED_BYTES`].
 pub fn rms_norm_bwd(rows_: usize, h: usize) -> Option<Geometry> {
     (h * 4 <= MAX_SHARED_BYTES).then(|| Geometry {

@@ -188,7 +188,42 @@ fn try_launch(kernel: &str, g: Geometry, args: &[Arg]) -> Result<Vec<Arg>, Strin
 
 /// Runs `kernel` with `args`: the buffers after the launch, in argument order, and the keys the
 /// flash kernels' blocks visited (the forward's walk, dQ's: `EMU_COUNT_KEYS` in ferrite.cu).
+/// A grid of several blocks runs twice, first to last and last to first, and must give the same
+/// bits both ways: a GPU runs blocks in any order, so a result that depends on it (a block that
+/// reads what another wrote, floats added atomically across blocks) would be a race or differ
+/// from run to run.
 fn emulate(kernel: &str, g: Geometry, args: &[Arg]) -> Result<(Vec<Arg>, [u64; 2]), String> {
+    let first = emulate_in(false, kernel, g, args)?;
+    if g.grid > 1 {
+        let last = emulate_in(true, kernel, g, args)?;
+        if let Some(at) = first_difference(&first.0, &last.0) {
+            return Err(format!(
+                "{kernel}: its result depends on the order its {} blocks run: {at} differs \
+                 between first to last and last to first",
+                g.grid
+            ));
+        }
+    }
+    Ok(first)
+}
+
+/// Where two launches' buffers first differ in their bits: the buffer's argument position and
+/// the element.
+fn first_difference(a: &[Arg], b: &[Arg]) -> Option<String> {
+    a.iter().zip(b).enumerate().find_map(|(i, (a, b))| {
+        let (a, b) = (encode(a).1, encode(b).1);
+        let byte = a.iter().zip(&b).position(|(x, y)| x != y)?;
+        Some(format!("output buffer {i} near byte {byte}"))
+    })
+}
+
+/// Runs `kernel` once, its blocks last to first where `reversed` (`EMU_BLOCK_ORDER`, cuda_emu.h).
+fn emulate_in(
+    reversed: bool,
+    kernel: &str,
+    g: Geometry,
+    args: &[Arg],
+) -> Result<(Vec<Arg>, [u64; 2]), String> {
     let mut input = Vec::new();
     input.extend((kernel.len() as u32).to_le_bytes());
     input.extend(kernel.as_bytes());
@@ -200,6 +235,10 @@ fn emulate(kernel: &str, g: Geometry, args: &[Arg]) -> Result<(Vec<Arg>, [u64; 2
         input.extend(bytes);
     }
     let mut child = Command::new(emulator())
+        .env(
+            "EMU_BLOCK_ORDER",
+            if reversed { "reverse" } else { "forward" },
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -631,7 +670,7 @@ fn rms_norm_forward_and_backward_match_the_composed_op() {
                         ty.buffer(&w),
                         ty.buffer(&u),
                         ty.buffer(&x.zeros_like().unwrap()),
-                        Arg::F32(vec![0.0; h]),
+                        Arg::F32(vec![f32::NAN; g.grid as usize * h]),
                         Arg::Int(rows as i32),
                         Arg::Int(h as i32),
                         Arg::Float(eps as f32),
@@ -644,7 +683,18 @@ fn rms_norm_forward_and_backward_match_the_composed_op() {
                     &grads[0],
                     ty.tol(),
                 );
-                assert_close(&format!("rms_norm_bwd dw {at}"), &out[4], &grads[1], 1e-4);
+                // each block's share of dw is its row, every row written (NaN where not):
+                // summed over the blocks as the caller sums them
+                let shares = out[4].f32s();
+                let dw: Vec<f32> = (0..h)
+                    .map(|i| shares.chunks(h).map(|row| row[i]).sum())
+                    .collect();
+                assert_close(
+                    &format!("rms_norm_bwd dw {at}"),
+                    &Arg::F32(dw),
+                    &grads[1],
+                    1e-4,
+                );
             }
         }
     }
@@ -2222,6 +2272,22 @@ fn the_emulator_rejects_what_the_gpu_would_reject() {
     )
     .unwrap();
     assert_eq!(within[0].f32s(), [1.0, 2.0, 3.0, 4.0]);
+    // a block that reads what an earlier block of the launch wrote: right first to last only
+    let chain = Geometry {
+        grid: 4,
+        block: 1,
+        shared_bytes: 0,
+    };
+    let err = try_launch("emu_block_order", chain, &[Arg::F32(vec![0.0; 4])]).unwrap_err();
+    assert!(
+        err.contains("depends on the order its 4 blocks run"),
+        "{err}"
+    );
+    let one = Geometry { grid: 1, ..chain };
+    assert_eq!(
+        try_launch("emu_block_order", one, &[Arg::F32(vec![0.0; 4])]).unwrap()[0].f32s(),
+        [1.0, 0.0, 0.0, 0.0]
+    );
     // a deadlock fails the launch rather than hanging it
     let two_warps = launch::rows(1, 64);
     let err = try_launch("emu_deadlock", two_warps, &[Arg::F32(vec![0.0; 64])]).unwrap_err();

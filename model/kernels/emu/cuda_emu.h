@@ -408,6 +408,29 @@ inline void start_fiber(Fiber& f, unsigned t) {
 }
 #endif
 
+// The order a grid's blocks run in: first to last, or as EMU_BLOCK_ORDER says: `reverse` (last
+// to first) or `shuffle` (a permutation of its own for every launch of the process). A GPU runs
+// a grid's blocks in any order, at once or not, so a kernel whose result depends on the order (a
+// block reading what another wrote in the same launch, or floats added atomically across
+// blocks, whose rounding follows the order of the adds) is a bug, or nondeterministic: the
+// kernel tests run every launch first to last and last to first and ask for the same bits, and
+// the CUDA stand-in under `shuffle` runs a step twice in two orders.
+inline std::vector<unsigned> block_order(unsigned grid) {
+    std::vector<unsigned> order(grid);
+    for (unsigned i = 0; i < grid; ++i) order[i] = i;
+    const char* v = std::getenv("EMU_BLOCK_ORDER");
+    if (v != nullptr && std::strcmp(v, "reverse") == 0) std::reverse(order.begin(), order.end());
+    if (v != nullptr && std::strcmp(v, "shuffle") == 0) {
+        static uint64_t launches = 0;
+        uint64_t state = 0x9e3779b97f4a7c15ull * ++launches;
+        for (unsigned i = grid; i > 1; --i) {  // Fisher–Yates, a 64-bit LCG's high bits
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            std::swap(order[i - 1], order[(state >> 33) % i]);
+        }
+    }
+    return order;
+}
+
 template <class F>
 void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
     if (block == 0 || block > 1024) fail("block size must be 1..=1024 threads");
@@ -436,7 +459,7 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
     }
 #endif
     for (unsigned t = 0; t < block; ++t) fibers[t].stack = static_cast<char*>(stacks) + t * fiber_stride;
-    for (unsigned b = 0; b < grid; ++b) {
+    for (const unsigned b : block_order(grid)) {
         Barrier bar(block);
         block_barrier = &bar;
         warp_barriers.clear();

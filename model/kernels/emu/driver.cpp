@@ -74,8 +74,8 @@ std::tuple<A...> typed(std::vector<Arg>& args, std::index_sequence<I...>) {
 // Faulty kernels that the tests expect the emulator to reject: a shared-memory race (thread 0
 // writes what the others read with no barrier between), a read past the end of a buffer, a read
 // past the end of a thread's own array (on its fiber's stack), and a deadlock (thread 0 waits at
-// the block's barrier while its warp waits for it at a shuffle: a GPU would hang), and an
-// asynchronous copy read before it has landed.
+// the block's barrier while its warp waits for it at a shuffle: a GPU would hang), an
+// asynchronous copy read before it has landed, and blocks that depend on the order they run in.
 extern "C" __global__ void emu_racy(float* out) {
     EMU_SHARED(float, cell, 1);
     if (threadIdx.x == 0) cell = 1.f;
@@ -100,6 +100,11 @@ extern "C" __global__ void emu_async_copy(const float* x, float* y, int wait_fir
     __syncthreads();
     if (threadIdx.x == 0 && !wait_first) cp_async_wait<0>();
     y[threadIdx.x] = __uint_as_float(cell[threadIdx.x % 8]);
+}
+// Each block reads what the block before it wrote, in the same launch: right only where the
+// blocks run first to last, which a GPU does not promise.
+extern "C" __global__ void emu_block_order(float* y) {
+    if (threadIdx.x == 0) y[blockIdx.x] = blockIdx.x == 0 ? 1.f : y[blockIdx.x - 1] + 1.f;
 }
 extern "C" __global__ void emu_deadlock(float* y) {
     if (threadIdx.x == 0) __syncthreads();
@@ -155,6 +160,7 @@ int main() {
         {"emu_overflow", runner(emu_overflow)},
         {"emu_stack_overflow", runner(emu_stack_overflow)},
         {"emu_deadlock", runner(emu_deadlock)},
+        {"emu_block_order", runner(emu_block_order)},
         {"emu_async_copy", runner(emu_async_copy)},
     };
     std::string name(read<uint32_t>(), '\0');
