@@ -56,19 +56,42 @@ fn config() -> ModelConfig {
     }
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let d = (a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?
-        - b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?;
-    Ok(d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+/// The largest of `xs` (0 for none), and NaN where one of them is: `f32::max` and candle's `max`
+/// pass over a NaN, which made a check whose output held NaNs (memory a kernel never wrote, say)
+/// read as close as its finite elements.
+fn nan_max(xs: impl IntoIterator<Item = f64>) -> f64 {
+    xs.into_iter().fold(0.0, |m, x| {
+        if m.is_nan() || x.is_nan() {
+            f64::NAN
+        } else {
+            m.max(x)
+        }
+    })
 }
 
+/// A tensor's elements in f32, on the host.
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// max|a| over a tensor's elements, NaN where one is NaN.
 fn max_abs(a: &Tensor) -> Result<f32> {
-    Ok(a.to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?)
+    Ok(nan_max(host_f32(a)?.into_iter().map(|x| f64::from(x.abs()))) as f32)
+}
+
+/// max|a − b| over the elements, NaN where one holds a NaN (equal infinities, a mask's, differ
+/// by 0; an infinity against a finite value by infinity).
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    if a.dims() != b.dims() {
+        return Err(format!("shape {:?} against {:?}", a.dims(), b.dims()).into());
+    }
+    let (a, b) = (host_f32(a)?, host_f32(b)?);
+    let d = a.iter().zip(&b).map(|(&x, &y)| match x == y {
+        true => 0.0,
+        false => f64::from(x - y).abs(),
+    });
+    Ok(nan_max(d) as f32)
 }
 
 /// The largest of the per-tensor `max|a − b| / max|a|` over two gradient lists, and its name.
@@ -76,7 +99,7 @@ fn worst_rel(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> Result<(f32, Str
     let mut worst = (0f32, String::new());
     for ((name, a), (_, b)) in a.iter().zip(b) {
         let rel = max_abs_diff(a, b)? / max_abs(a)?.max(1e-12);
-        if rel > worst.0 {
+        if !worst.0.is_nan() && (rel.is_nan() || rel > worst.0) {
             worst = (rel, name.clone());
         }
     }
@@ -171,9 +194,7 @@ fn sampler_rows(
             let (id, glp, gh) = drawn[i];
             if id as usize == want {
                 same += 1;
-                worst = worst
-                    .max((glp as f64 - lp).abs())
-                    .max((gh as f64 - h).abs());
+                worst = nan_max([worst, (glp as f64 - lp).abs(), (gh as f64 - h).abs()]);
             }
         }
         rows.push((
@@ -659,7 +680,7 @@ fn behaviour_vs_learner(
     let tokens = model::logprobs::behaviour_and_learners(w_gen, &[&trainable], prompts, &cfg)?;
     let gaps: Vec<f32> = tokens.iter().map(|t| (t[1] - t[0]).abs()).collect();
     let n = gaps.len();
-    let worst = gaps.iter().fold(0f32, |a, &d| a.max(d));
+    let worst = nan_max(gaps.iter().map(|&d| d as f64)) as f32;
     Ok((worst, gaps.iter().sum::<f32>() / n.max(1) as f32, n))
 }
 
@@ -1278,13 +1299,14 @@ fn decode_qkv_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Re
             want_k.slice_set(&rot(add(&k, &kb, hkv)?)?, 2, slot)?;
             want_v.slice_set(&add(&v, &vb, hkv)?, 2, slot)?;
             let f = |t: &Tensor| t.to_dtype(DType::F32);
-            let e = [
-                rel(&f(&y.reshape((b, hq, 1, d))?)?, &f(&want_q)?)?,
-                rel(&f(&k_cache)?, &f(&want_k)?)?,
-                rel(&f(&v_cache)?, &f(&want_v)?)?,
-            ]
-            .into_iter()
-            .fold(0f32, f32::max);
+            let e = nan_max(
+                [
+                    rel(&f(&y.reshape((b, hq, 1, d))?)?, &f(&want_q)?)?,
+                    rel(&f(&k_cache)?, &f(&want_k)?)?,
+                    rel(&f(&v_cache)?, &f(&want_v)?)?,
+                ]
+                .map(f64::from),
+            ) as f32;
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
             rows.push((name, format!("{e:.2e}"), e < tol));
         }
@@ -1422,8 +1444,8 @@ fn optimizer_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Res
     let e = fused_norms
         .iter()
         .zip(&composed_norms)
-        .map(|(a, b)| (a - b).abs() / b)
-        .fold(0f64, f64::max);
+        .map(|(a, b)| (a - b).abs() / b);
+    let e = nan_max(e);
     rows.push((
         "gradient norm, multi-tensor vs composed, rel".into(),
         format!("{e:.2e}"),

@@ -526,6 +526,18 @@ void log_peak() {
     for (const auto& a : allocations) ++log.sizes[a.second];
 }
 
+// A fresh allocation holds what the GPU's memory pool hands out: whatever an earlier kernel left
+// there, not zeros. Here it is 0xFF bytes (NaN in f32, bf16 and f16; 2^32 - 1 in u32), so that
+// a launcher allocating with `alloc` where it needs `alloc_zeros`, or a kernel leaving part of
+// an output unwritten, gives NaNs in the checks, where calloc's zeros passed for a right answer.
+// FAKE_CUDA_ZEROED=1 hands out zeros instead. The memory-only mode (whose values are wrong
+// anyway, and whose buffers are never touched) and mappings of 1 GiB or more (the memory checks'
+// ballasts) are left as they come.
+void poison(void* m, size_t n) {
+    static const bool zeroed = env_flag("FAKE_CUDA_ZEROED");
+    if (!zeroed && !memory_only() && !mapped(n)) std::memset(m, 0xff, n);
+}
+
 CUresult allocate(CUdeviceptr* p, size_t n) {
     {
         // reserved first, so that allocations on several threads cannot overrun the device
@@ -551,6 +563,7 @@ CUresult allocate(CUdeviceptr* p, size_t n) {
         used -= n;
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
+    poison(m, n);
     allocations[reinterpret_cast<uintptr_t>(m)] = n;
     used_high = std::max(used_high, used);
     log_peak();
