@@ -1217,11 +1217,17 @@ __device__ __forceinline__ float exp_from(float x, float m) {
     return V && m == -INFINITY ? 0.f : __expf(x - m);
 }
 
+// Two 16-bit elements as one 32-bit load or store, which a GPU faults on ("misaligned address",
+// and the context is lost) unless p is 4-byte aligned: the emulator checks it (EMU_ALIGNED).
+#ifndef EMU_ALIGNED
+#define EMU_ALIGNED(p, bytes)
+#endif
 template <typename T>
 __device__ __forceinline__ uint32_t ld_pair(const T* p) {
 #ifdef __CUDA_ARCH__
     return *reinterpret_cast<const uint32_t*>(p);
 #else
+    EMU_ALIGNED(p, 4);
     uint32_t u;
     memcpy(&u, p, 4);
     return u;
@@ -1232,6 +1238,7 @@ __device__ __forceinline__ void st_pair(T* p, uint32_t u) {
 #ifdef __CUDA_ARCH__
     *reinterpret_cast<uint32_t*>(p) = u;
 #else
+    EMU_ALIGNED(p, 4);
     memcpy(p, &u, 4);
 #endif
 }

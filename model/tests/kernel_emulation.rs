@@ -2288,6 +2288,24 @@ fn the_emulator_rejects_what_the_gpu_would_reject() {
         try_launch("emu_block_order", one, &[Arg::F32(vec![0.0; 4])]).unwrap()[0].f32s(),
         [1.0, 0.0, 0.0, 0.0]
     );
+    // two bf16 elements loaded as one u32 at an odd element: a misaligned address
+    let pair = |offset| {
+        try_launch(
+            "emu_misaligned",
+            launch::rows(1, 32),
+            &[
+                Arg::Bf16(vec![bf16::ONE; 4]),
+                Arg::F32(vec![0.0; 32]),
+                Arg::Int(offset),
+            ],
+        )
+    };
+    assert_eq!(
+        pair(2).unwrap()[1].f32s(),
+        [f32::from(bf16::ONE.to_bits()); 32]
+    );
+    let err = pair(1).unwrap_err();
+    assert!(err.contains("a misaligned 4-byte access"), "{err}");
     // a deadlock fails the launch rather than hanging it
     let two_warps = launch::rows(1, 64);
     let err = try_launch("emu_deadlock", two_warps, &[Arg::F32(vec![0.0; 64])]).unwrap_err();

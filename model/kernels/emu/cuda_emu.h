@@ -515,6 +515,11 @@ inline std::atomic<unsigned long long> keys_visited[2];
     (threadIdx.x == 0 ? (void)(emu::keys_visited[walk] += (unsigned long long)(keys)) : (void)0)
 // The test rewrites `__shared__ T name[N];`, `__shared__ T name;` and `extern __shared__ T name[];`
 // to these.
+// A wide load or store at p (ferrite.cu's ld_pair, st_pair) must be `bytes`-aligned, or the GPU
+// faults.
+#define EMU_ALIGNED(p, bytes)                                                             \
+    (reinterpret_cast<uintptr_t>(p) % (bytes) == 0 ? (void)0                              \
+                                                   : emu::fail("a misaligned " #bytes "-byte access"))
 #define EMU_SHARED(T, name, n) static emu::Shared<T> name(#name, n)
 #define EMU_DYNAMIC_SHARED(T, name)                                               \
     static_assert(std::is_same_v<T, float>, "dynamic shared memory holds floats"); \

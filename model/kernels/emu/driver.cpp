@@ -75,7 +75,8 @@ std::tuple<A...> typed(std::vector<Arg>& args, std::index_sequence<I...>) {
 // writes what the others read with no barrier between), a read past the end of a buffer, a read
 // past the end of a thread's own array (on its fiber's stack), and a deadlock (thread 0 waits at
 // the block's barrier while its warp waits for it at a shuffle: a GPU would hang), an
-// asynchronous copy read before it has landed, and blocks that depend on the order they run in.
+// asynchronous copy read before it has landed, blocks that depend on the order they run in,
+// and a misaligned 32-bit load.
 extern "C" __global__ void emu_racy(float* out) {
     EMU_SHARED(float, cell, 1);
     if (threadIdx.x == 0) cell = 1.f;
@@ -105,6 +106,11 @@ extern "C" __global__ void emu_async_copy(const float* x, float* y, int wait_fir
 // blocks run first to last, which a GPU does not promise.
 extern "C" __global__ void emu_block_order(float* y) {
     if (threadIdx.x == 0) y[blockIdx.x] = blockIdx.x == 0 ? 1.f : y[blockIdx.x - 1] + 1.f;
+}
+// Two bf16 elements as one 32-bit load (ferrite.cu's ld_pair) at x + offset: an odd offset is a
+// misaligned address.
+extern "C" __global__ void emu_misaligned(const bf16* x, float* y, int offset) {
+    y[threadIdx.x] = float(ld_pair(x + offset) & 0xffffu);
 }
 extern "C" __global__ void emu_deadlock(float* y) {
     if (threadIdx.x == 0) __syncthreads();
@@ -161,6 +167,7 @@ int main() {
         {"emu_stack_overflow", runner(emu_stack_overflow)},
         {"emu_deadlock", runner(emu_deadlock)},
         {"emu_block_order", runner(emu_block_order)},
+        {"emu_misaligned", runner(emu_misaligned)},
         {"emu_async_copy", runner(emu_async_copy)},
     };
     std::string name(read<uint32_t>(), '\0');
