@@ -188,19 +188,20 @@ fn try_launch(kernel: &str, g: Geometry, args: &[Arg]) -> Result<Vec<Arg>, Strin
 
 /// Runs `kernel` with `args`: the buffers after the launch, in argument order, and the keys the
 /// flash kernels' blocks visited (the forward's walk, dQ's: `EMU_COUNT_KEYS` in ferrite.cu).
-/// A grid of several blocks runs twice, first to last and last to first, and must give the same
-/// bits both ways: a GPU runs blocks in any order, so a result that depends on it (a block that
-/// reads what another wrote, floats added atomically across blocks) would be a race or differ
-/// from run to run.
+/// Every launch of more than one thread runs twice, its blocks and each block's threads first
+/// to last, then last to first, and must give the same bits both ways: a GPU runs blocks in any
+/// order and a block's warps in any order between barriers, so a result that depends on it (a
+/// thread reading global memory another wrote with no barrier between, floats added atomically)
+/// would be a race or differ from run to run.
 fn emulate(kernel: &str, g: Geometry, args: &[Arg]) -> Result<(Vec<Arg>, [u64; 2]), String> {
     let first = emulate_in(false, kernel, g, args)?;
-    if g.grid > 1 {
+    if g.grid > 1 || g.block > 1 {
         let last = emulate_in(true, kernel, g, args)?;
         if let Some(at) = first_difference(&first.0, &last.0) {
             return Err(format!(
-                "{kernel}: its result depends on the order its {} blocks run: {at} differs \
-                 between first to last and last to first",
-                g.grid
+                "{kernel}: its result depends on the order its {} blocks of {} threads run: \
+                 {at} differs between first to last and last to first",
+                g.grid, g.block
             ));
         }
     }
@@ -2272,22 +2273,22 @@ fn the_emulator_rejects_what_the_gpu_would_reject() {
     )
     .unwrap();
     assert_eq!(within[0].f32s(), [1.0, 2.0, 3.0, 4.0]);
-    // a block that reads what an earlier block of the launch wrote: right first to last only
-    let chain = Geometry {
-        grid: 4,
-        block: 1,
-        shared_bytes: 0,
+    // a thread that reads what the grid's previous thread wrote (no barrier): right first to
+    // last only, across blocks and within one
+    let chain = |grid, block| {
+        let g = Geometry {
+            grid,
+            block,
+            shared_bytes: 0,
+        };
+        try_launch("emu_chain", g, &[Arg::F32(vec![0.0; 4])])
     };
-    let err = try_launch("emu_block_order", chain, &[Arg::F32(vec![0.0; 4])]).unwrap_err();
-    assert!(
-        err.contains("depends on the order its 4 blocks run"),
-        "{err}"
-    );
-    let one = Geometry { grid: 1, ..chain };
-    assert_eq!(
-        try_launch("emu_block_order", one, &[Arg::F32(vec![0.0; 4])]).unwrap()[0].f32s(),
-        [1.0, 0.0, 0.0, 0.0]
-    );
+    for (grid, block) in [(4, 1), (1, 4), (2, 2)] {
+        let err = chain(grid, block).unwrap_err();
+        let want = format!("depends on the order its {grid} blocks of {block} threads run");
+        assert!(err.contains(&want), "{err}");
+    }
+    assert_eq!(chain(1, 1).unwrap()[0].f32s(), [1.0, 0.0, 0.0, 0.0]);
     // two bf16 elements loaded as one u32 at an odd element: a misaligned address
     let pair = |offset| {
         try_launch(

@@ -409,7 +409,8 @@ inline void start_fiber(Fiber& f, unsigned t) {
 #endif
 
 // The order a grid's blocks run in: first to last, or as EMU_BLOCK_ORDER says: `reverse` (last
-// to first) or `shuffle` (a permutation of its own for every launch of the process). A GPU runs
+// to first, and each block's threads last to first too) or `shuffle` (a permutation of its own
+// for every launch of the process). A GPU runs
 // a grid's blocks in any order, at once or not, so a kernel whose result depends on the order (a
 // block reading what another wrote in the same launch, or floats added atomically across
 // blocks, whose rounding follows the order of the adds) is a bug, or nondeterministic: the
@@ -459,6 +460,9 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
     }
 #endif
     for (unsigned t = 0; t < block; ++t) fibers[t].stack = static_cast<char*>(stacks) + t * fiber_stride;
+    // under `reverse` the threads of a block run last to first as well, between each two barriers
+    const char* order = std::getenv("EMU_BLOCK_ORDER");
+    const bool reverse_threads = order != nullptr && std::strcmp(order, "reverse") == 0;
     for (const unsigned b : block_order(grid)) {
         Barrier bar(block);
         block_barrier = &bar;
@@ -484,7 +488,8 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
         block_idx = {b, 0, 0};
         for (unsigned live = block; live > 0;) {
             progress = false;
-            for (unsigned t = 0; t < block; ++t) {
+            for (unsigned i = 0; i < block; ++i) {
+                const unsigned t = reverse_threads ? block - 1 - i : i;
                 Fiber& f = fibers[t];
                 if (f.done) continue;
                 thread_idx = {t, 0, 0};

@@ -75,7 +75,8 @@ std::tuple<A...> typed(std::vector<Arg>& args, std::index_sequence<I...>) {
 // writes what the others read with no barrier between), a read past the end of a buffer, a read
 // past the end of a thread's own array (on its fiber's stack), and a deadlock (thread 0 waits at
 // the block's barrier while its warp waits for it at a shuffle: a GPU would hang), an
-// asynchronous copy read before it has landed, blocks that depend on the order they run in,
+// asynchronous copy read before it has landed, blocks or threads that depend on the order they
+// run in,
 // and a misaligned 32-bit load.
 extern "C" __global__ void emu_racy(float* out) {
     EMU_SHARED(float, cell, 1);
@@ -102,10 +103,11 @@ extern "C" __global__ void emu_async_copy(const float* x, float* y, int wait_fir
     if (threadIdx.x == 0 && !wait_first) cp_async_wait<0>();
     y[threadIdx.x] = __uint_as_float(cell[threadIdx.x % 8]);
 }
-// Each block reads what the block before it wrote, in the same launch: right only where the
-// blocks run first to last, which a GPU does not promise.
-extern "C" __global__ void emu_block_order(float* y) {
-    if (threadIdx.x == 0) y[blockIdx.x] = blockIdx.x == 0 ? 1.f : y[blockIdx.x - 1] + 1.f;
+// Each thread reads what the thread before it (in the grid) wrote, with no barrier, in the same
+// launch: right only where blocks and threads run first to last, which a GPU does not promise.
+extern "C" __global__ void emu_chain(float* y) {
+    const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    y[i] = i == 0 ? 1.f : y[i - 1] + 1.f;
 }
 // Two bf16 elements as one 32-bit load (ferrite.cu's ld_pair) at x + offset: an odd offset is a
 // misaligned address.
@@ -166,7 +168,7 @@ int main() {
         {"emu_overflow", runner(emu_overflow)},
         {"emu_stack_overflow", runner(emu_stack_overflow)},
         {"emu_deadlock", runner(emu_deadlock)},
-        {"emu_block_order", runner(emu_block_order)},
+        {"emu_chain", runner(emu_chain)},
         {"emu_misaligned", runner(emu_misaligned)},
         {"emu_async_copy", runner(emu_async_copy)},
     };
