@@ -87,10 +87,10 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         return Err(format!("shape {:?} against {:?}", a.dims(), b.dims()).into());
     }
     let (a, b) = (host_f32(a)?, host_f32(b)?);
-    let d = a.iter().zip(&b).map(|(&x, &y)| match x == y {
-        true => 0.0,
-        false => f64::from(x - y).abs(),
-    });
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| if x == y { 0.0 } else { f64::from(x - y).abs() });
     Ok(nan_max(d) as f32)
 }
 

@@ -408,20 +408,27 @@ inline void start_fiber(Fiber& f, unsigned t) {
 }
 #endif
 
-// The order a grid's blocks run in: first to last, or as EMU_BLOCK_ORDER says: `reverse` (last
-// to first, and each block's threads last to first too) or `shuffle` (a permutation of its own
-// for every launch of the process). A GPU runs
-// a grid's blocks in any order, at once or not, so a kernel whose result depends on the order (a
-// block reading what another wrote in the same launch, or floats added atomically across
-// blocks, whose rounding follows the order of the adds) is a bug, or nondeterministic: the
-// kernel tests run every launch first to last and last to first and ask for the same bits, and
-// the CUDA stand-in under `shuffle` runs a step twice in two orders.
-inline std::vector<unsigned> block_order(unsigned grid) {
+// The order blocks and threads run in, EMU_BLOCK_ORDER: first to last (unset), `reverse` (a
+// grid's blocks last to first, and each block's threads last to first between two barriers) or
+// `shuffle` (the blocks in a permutation of its own for every launch of the process). A GPU runs
+// a grid's blocks in any order, at once or not, and a block's warps in any order between
+// barriers, so a kernel whose result depends on the order (a thread reading global memory
+// another wrote in the same launch with no barrier between, floats added atomically, whose
+// rounding follows the order of the adds) is a bug, or nondeterministic: the kernel tests run
+// every launch first to last and in reverse and ask for the same bits, and the CUDA stand-in
+// under `shuffle` runs a step twice in two orders.
+enum class Order { Forward, Reverse, Shuffle };
+inline Order run_order() {
+    const char* v = std::getenv("EMU_BLOCK_ORDER");
+    if (v != nullptr && std::strcmp(v, "reverse") == 0) return Order::Reverse;
+    if (v != nullptr && std::strcmp(v, "shuffle") == 0) return Order::Shuffle;
+    return Order::Forward;
+}
+inline std::vector<unsigned> block_order(unsigned grid, Order how) {
     std::vector<unsigned> order(grid);
     for (unsigned i = 0; i < grid; ++i) order[i] = i;
-    const char* v = std::getenv("EMU_BLOCK_ORDER");
-    if (v != nullptr && std::strcmp(v, "reverse") == 0) std::reverse(order.begin(), order.end());
-    if (v != nullptr && std::strcmp(v, "shuffle") == 0) {
+    if (how == Order::Reverse) std::reverse(order.begin(), order.end());
+    if (how == Order::Shuffle) {
         static uint64_t launches = 0;
         uint64_t state = 0x9e3779b97f4a7c15ull * ++launches;
         for (unsigned i = grid; i > 1; --i) {  // Fisher–Yates, a 64-bit LCG's high bits
@@ -460,10 +467,9 @@ void launch(unsigned grid, unsigned block, size_t shared_bytes, F kernel) {
     }
 #endif
     for (unsigned t = 0; t < block; ++t) fibers[t].stack = static_cast<char*>(stacks) + t * fiber_stride;
-    // under `reverse` the threads of a block run last to first as well, between each two barriers
-    const char* order = std::getenv("EMU_BLOCK_ORDER");
-    const bool reverse_threads = order != nullptr && std::strcmp(order, "reverse") == 0;
-    for (const unsigned b : block_order(grid)) {
+    const Order how = run_order();
+    const bool reverse_threads = how == Order::Reverse;
+    for (const unsigned b : block_order(grid, how)) {
         Barrier bar(block);
         block_barrier = &bar;
         warp_barriers.clear();
@@ -518,13 +524,13 @@ inline std::atomic<unsigned long long> keys_visited[2];
 }
 #define EMU_COUNT_KEYS(walk, keys) \
     (threadIdx.x == 0 ? (void)(emu::keys_visited[walk] += (unsigned long long)(keys)) : (void)0)
-// The test rewrites `__shared__ T name[N];`, `__shared__ T name;` and `extern __shared__ T name[];`
-// to these.
 // A wide load or store at p (ferrite.cu's ld_pair, st_pair) must be `bytes`-aligned, or the GPU
 // faults.
 #define EMU_ALIGNED(p, bytes)                                                             \
     (reinterpret_cast<uintptr_t>(p) % (bytes) == 0 ? (void)0                              \
                                                    : emu::fail("a misaligned " #bytes "-byte access"))
+// The test rewrites `__shared__ T name[N];`, `__shared__ T name;` and `extern __shared__ T name[];`
+// to these.
 #define EMU_SHARED(T, name, n) static emu::Shared<T> name(#name, n)
 #define EMU_DYNAMIC_SHARED(T, name)                                               \
     static_assert(std::is_same_v<T, float>, "dynamic shared memory holds floats"); \
