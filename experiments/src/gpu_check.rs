@@ -80,9 +80,10 @@ fn max_abs(a: &Tensor) -> Result<f32> {
     Ok(nan_max(host_f32(a)?.into_iter().map(|x| f64::from(x.abs()))) as f32)
 }
 
-/// max|a − b| over the elements, NaN where one holds a NaN (equal infinities, a mask's, differ
-/// by 0; an infinity against a finite value by infinity).
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+/// `max|a − b|`, `max|a|` and `max|b|` over the elements, from one host copy of each: NaN where
+/// one holds a NaN (equal infinities, a mask's, differ by 0; an infinity against a finite value
+/// by infinity).
+fn compare(a: &Tensor, b: &Tensor) -> Result<[f32; 3]> {
     if a.dims() != b.dims() {
         return Err(format!("shape {:?} against {:?}", a.dims(), b.dims()).into());
     }
@@ -91,14 +92,21 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         .iter()
         .zip(&b)
         .map(|(&x, &y)| if x == y { 0.0 } else { f64::from(x - y).abs() });
-    Ok(nan_max(d) as f32)
+    let largest = |v: &[f32]| nan_max(v.iter().map(|x| f64::from(x.abs()))) as f32;
+    Ok([nan_max(d) as f32, largest(&a), largest(&b)])
+}
+
+/// max|a − b| (see [`compare`]).
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok(compare(a, b)?[0])
 }
 
 /// The largest of the per-tensor `max|a − b| / max|a|` over two gradient lists, and its name.
 fn worst_rel(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> Result<(f32, String)> {
     let mut worst = (0f32, String::new());
     for ((name, a), (_, b)) in a.iter().zip(b) {
-        let rel = max_abs_diff(a, b)? / max_abs(a)?.max(1e-12);
+        let [d, scale, _] = compare(a, b)?;
+        let rel = d / scale.max(1e-12);
         if !worst.0.is_nan() && (rel.is_nan() || rel > worst.0) {
             worst = (rel, name.clone());
         }
@@ -735,7 +743,8 @@ fn value_and_grads(
 
 /// Relative max difference of `a` from the reference `b`.
 fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
-    Ok(max_abs_diff(a, b)? / max_abs(b)?.max(1e-12))
+    let [d, _, scale] = compare(a, b)?;
+    Ok(d / scale.max(1e-12))
 }
 
 type Op = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
