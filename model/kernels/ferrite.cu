@@ -320,6 +320,27 @@ extern "C" __global__ void rms_norm_bwd_f16(const f16* x, const f16* w, const f1
     rms_norm_bwd<f16>(x, w, g, dx, dw_blocks, rows, h, eps);
 }
 
+// out[c] = Σ_r in[r·h + c] over `rows` rows of f32, in one fixed order: a block of 1024 threads
+// takes 32 columns; thread (lane x, warp y) adds rows y, y + 32, … of column x, and lane x of
+// warp 0 then adds the 32 partial sums in the order y = 0, 1, …, 31. A warp reads 32 adjacent
+// floats of a row (one 128-byte line), where a reduction with a block per column reads a float
+// per 32-byte sector. RMSNorm's backward sums its blocks' weight-gradient rows with it.
+extern "C" __global__ void column_sum_f32(const float* in, float* out, int rows, int h) {
+    __shared__ float part[32 * 32];
+    const int x = threadIdx.x % 32, y = threadIdx.x / 32;
+    const int c = blockIdx.x * 32 + x;
+    float s = 0.f;
+    if (c < h)
+        for (int r = y; r < rows; r += 32) s += in[(size_t)r * h + c];
+    part[y * 32 + x] = s;
+    __syncthreads();
+    if (y == 0 && c < h) {
+        float total = 0.f;
+        for (int k = 0; k < 32; ++k) total += part[k * 32 + x];
+        out[c] = total;
+    }
+}
+
 // ------------------------------------------------------------------------------- SwiGLU
 // y = silu(a)·b;  da = g·b·s·(1 + a·(1 − s)), db = g·a·s with s = sigmoid(a).
 // The backward writes [da; db] into one buffer of 2n.

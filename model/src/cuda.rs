@@ -707,11 +707,16 @@ pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Ten
         // dw_blocks.
         unsafe { b.launch(geometry) }?;
         let dx = wrap(T::wrap_cuda_slice(dx, dev.clone()), x.shape());
-        // the blocks' shares summed in a fixed order (candle's sum: one block a column, a tree
-        // in shared memory), so that a step's dw is the same bits from run to run
-        let dw_blocks = f32::wrap_cuda_slice(dw_blocks, dev);
-        let dw = wrap(dw_blocks, (blocks, h)).sum(0)?;
-        Ok((dx, dw.reshape(w.shape())?.to_dtype(w.dtype())?))
+        // the blocks' shares summed in a fixed order, so that a step's dw is the same bits from
+        // run to run
+        let dw = unsafe { dev.alloc::<f32>(h)? };
+        let blocks32 = blocks as i32;
+        let mut b = Launch::new(&dev, "column_sum_f32")?;
+        b.arg(&dw_blocks).arg(&dw).arg(&blocks32).arg(&h32);
+        // SAFETY: reads blocks·h f32 of dw_blocks, all written above; writes h of dw.
+        unsafe { b.launch(launch::column_sum(h)) }?;
+        let dw = wrap(f32::wrap_cuda_slice(dw, dev), w.shape());
+        Ok((dx, dw.to_dtype(w.dtype())?))
     }
     by_dtype!(x.dtype(), go(x, w, g, eps))
 }

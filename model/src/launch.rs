@@ -68,6 +68,15 @@ pub fn rms_norm_bwd(rows_: usize, h: usize) -> Option<Geometry> {
     })
 }
 
+/// `column_sum_f32` over `h` columns: a block of 1024 threads per 32 columns.
+pub fn column_sum(h: usize) -> Geometry {
+    Geometry {
+        grid: h.div_ceil(32).max(1) as u32,
+        block: 1024,
+        shared_bytes: 0,
+    }
+}
+
 /// The sampler: one block of 1024 threads per row (each scans a contiguous segment of the row).
 pub fn sample_rows(rows: usize) -> Geometry {
     Geometry {

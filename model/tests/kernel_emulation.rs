@@ -686,18 +686,68 @@ fn rms_norm_forward_and_backward_match_the_composed_op() {
                 );
                 // each block's share of dw is its row, every row written (NaN where not):
                 // summed over the blocks as the caller sums them
-                let shares = out[4].f32s();
-                let dw: Vec<f32> = (0..h)
-                    .map(|i| shares.chunks(h).map(|row| row[i]).sum())
-                    .collect();
-                assert_close(
-                    &format!("rms_norm_bwd dw {at}"),
-                    &Arg::F32(dw),
-                    &grads[1],
-                    1e-4,
+                let dw = launch(
+                    "column_sum_f32",
+                    launch::column_sum(h),
+                    &[
+                        out[4].clone(),
+                        Arg::F32(vec![f32::NAN; h]),
+                        Arg::Int(g.grid as i32),
+                        Arg::Int(h as i32),
+                    ],
                 );
+                assert_close(&format!("rms_norm_bwd dw {at}"), &dw[1], &grads[1], 1e-4);
             }
         }
+    }
+}
+
+#[test]
+fn the_column_sum_adds_in_its_documented_order() {
+    // 5 rows: warps past the last row add nothing; 1024 and 1030 rows of 1500 and 40 columns:
+    // 32 rows a warp and more, a partly idle last block of columns
+    for (rows, h) in [(5usize, 40usize), (1030, 40), (1024, 1500)] {
+        let x = random(&[rows, h], 21, 1.0)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let out = launch(
+            "column_sum_f32",
+            launch::column_sum(h),
+            &[
+                Arg::F32(x.clone()),
+                Arg::F32(vec![f32::NAN; h]),
+                Arg::Int(rows as i32),
+                Arg::Int(h as i32),
+            ],
+        );
+        // warp y's partial sum of rows y, y + 32, …, then the partials in the order y = 0..31
+        let want: Vec<f32> = (0..h)
+            .map(|c| {
+                let partial = |y: usize| (y..rows).step_by(32).fold(0f32, |s, r| s + x[r * h + c]);
+                (0..32).fold(0f32, |s, y| s + partial(y))
+            })
+            .collect();
+        let got = out[1].f32s();
+        let differ = (0..h)
+            .filter(|&c| got[c].to_bits() != want[c].to_bits())
+            .count();
+        assert_eq!(
+            differ, 0,
+            "column_sum_f32 [{rows}, {h}]: {differ} of {h} sums differ"
+        );
+        // and it is the sum, to f32's rounding
+        let exact: Vec<f32> = (0..h)
+            .map(|c| (0..rows).map(|r| x[r * h + c] as f64).sum::<f64>() as f32)
+            .collect();
+        let exact = Tensor::new(exact, &Device::Cpu).unwrap();
+        assert_close(
+            &format!("column_sum_f32 [{rows}, {h}]"),
+            &out[1],
+            &exact,
+            1e-5,
+        );
     }
 }
 
