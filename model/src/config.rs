@@ -127,10 +127,13 @@ impl ModelConfig {
             .and_then(Value::as_f64)
             .ok_or_else(|| ModelError::field(CONFIG, "rms_norm_eps", "a number"))?;
         let (rope_theta, rope_scaling) = rope_of(v)?;
-        let qkv_bias = match architecture {
-            Architecture::Qwen2 => true,
-            Architecture::Llama => bool_or(v, "attention_bias", false)?,
-        };
+        // Llama's attention_bias puts a bias on o_proj as well as on q, k and v
+        let qkv_bias = architecture == Architecture::Qwen2;
+        if architecture == Architecture::Llama && bool_or(v, "attention_bias", false)? {
+            return Err(ModelError::Unsupported(
+                "attention_bias = true (biases on q/k/v and o_proj)".into(),
+            ));
+        }
         if bool_or(v, "mlp_bias", false)? {
             return Err(ModelError::Unsupported("mlp_bias = true".into()));
         }
@@ -230,7 +233,7 @@ impl ModelConfig {
             json!(self.tie_word_embeddings),
         );
         if self.architecture == Architecture::Llama {
-            m.insert("attention_bias".into(), json!(self.qkv_bias));
+            m.insert("attention_bias".into(), json!(false));
             m.insert("mlp_bias".into(), json!(false));
         } else {
             m.insert("use_sliding_window".into(), json!(false));
@@ -437,6 +440,17 @@ mod tests {
         v["architectures"] = json!(["Qwen3ForCausalLM"]);
         let e = ModelConfig::from_json(&v).unwrap_err().to_string();
         assert!(e.contains("Qwen3ForCausalLM"), "{e}");
+    }
+
+    #[test]
+    fn llama_attention_bias_is_unsupported() {
+        // transformers puts it on o_proj as well as on q, k and v; ferrite has no o_proj bias
+        let mut v = qwen();
+        v["architectures"] = json!(["LlamaForCausalLM"]);
+        assert!(!ModelConfig::from_json(&v).unwrap().qkv_bias);
+        v["attention_bias"] = json!(true);
+        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("attention_bias"), "{e}");
     }
 
     #[test]

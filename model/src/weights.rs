@@ -165,6 +165,13 @@ pub struct Weights {
     pub lm_head: Option<Tensor>,
 }
 
+/// A checkpoint's tensor that is not a parameter and that loading may pass over: older
+/// checkpoints' rotary `inv_freq` buffers (derived from the config) and a tied model's copy of
+/// the embedding as `lm_head.weight`.
+fn ignorable(c: &ModelConfig, name: &str) -> bool {
+    name.ends_with(".rotary_emb.inv_freq") || (c.tie_word_embeddings && name == "lm_head.weight")
+}
+
 /// The HF parameter names of a config, in a stable order, with their shapes.
 pub fn parameter_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
@@ -378,6 +385,23 @@ impl Weights {
         // directory it is reading (new checkpoints go to a temporary directory, then rename).
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
         let wanted = parameter_shapes(&config);
+        let known: std::collections::HashSet<&str> =
+            wanted.iter().map(|(n, _)| n.as_str()).collect();
+        // a tensor the config does not explain is a part of the model ferrite would not run
+        // (an o_proj bias, a norm of another architecture): an error, never dropped in silence
+        if let Some((name, _)) = st
+            .tensors()
+            .into_iter()
+            .find(|(n, _)| !known.contains(n.as_str()) && !ignorable(&config, n))
+        {
+            return Err(ModelError::tensor(
+                &name,
+                format!(
+                    "in the checkpoint but not a parameter of this {} config",
+                    config.architecture.hf_class()
+                ),
+            ));
+        }
         let mut named = BTreeMap::new();
         for (name, _) in &wanted {
             let t = st

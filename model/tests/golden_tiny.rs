@@ -547,6 +547,36 @@ fn bad_model_files_are_clear_errors() {
 }
 
 #[test]
+fn a_tensor_the_config_does_not_explain_is_an_error() {
+    let dir = std::env::temp_dir().join(format!("ferrite-extra-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("tiny-qwen2/config.json"), dir.join("config.json")).unwrap();
+    let w = load("tiny-qwen2");
+    let with = |extra: &[(&str, Tensor)]| {
+        let mut named: std::collections::HashMap<String, Tensor> = w.named().into_iter().collect();
+        for (name, t) in extra {
+            named.insert(name.to_string(), t.clone());
+        }
+        candle_core::safetensors::save(&named, dir.join("model.safetensors")).unwrap();
+        Weights::load_dir(&dir, DType::F32, &Device::Cpu)
+    };
+    // an o_proj bias (Llama's attention_bias) would change every output: not dropped
+    let bias = Tensor::zeros(64, DType::F32, &Device::Cpu).unwrap();
+    let e = with(&[("model.layers.0.self_attn.o_proj.bias", bias.clone())])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.0.self_attn.o_proj.bias") && e.contains("Qwen2ForCausalLM"),
+        "{e}"
+    );
+    // older checkpoints' rotary buffers are derived from the config: passed over
+    let inv_freq = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
+    let back = with(&[("model.layers.1.self_attn.rotary_emb.inv_freq", inv_freq)]).unwrap();
+    assert_eq!(back.checksum().unwrap(), w.checksum().unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn malformed_batches_are_errors() {
     let w = load("tiny-qwen2");
     let ragged = vec![vec![1, 2, 3], vec![4, 5]];
