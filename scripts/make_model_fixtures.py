@@ -2,8 +2,9 @@
 """Golden values for the model crate, computed by Hugging Face transformers.
 
 Writes model/tests/fixtures/:
-  tiny-qwen2/, tiny-llama/   random tiny models saved by transformers' save_pretrained
-                             (Qwen2: q/k/v bias, untied lm_head, f32; Llama: tied, grouped-query, bf16)
+  tiny-qwen2/, tiny-llama/, tiny-qwen3/   random tiny models saved by transformers' save_pretrained
+                             (Qwen2: q/k/v bias, untied lm_head, f32; Llama: tied, grouped-query, bf16;
+                             Qwen3: q/k norms, head_dim 24 apart from hidden / heads, tied, f32)
   <name>/golden.safetensors  padded-batch logits, log-prob loss gradients, greedy decode logits
   <name>/golden.json         inputs, loss, greedy completions
   tokenizer_golden.json      token ids and chat-template strings for the Qwen2.5 / Qwen3 and
@@ -13,6 +14,7 @@ Writes model/tests/fixtures/:
 
 Usage:
   python scripts/make_model_fixtures.py                 # everything
+  python scripts/make_model_fixtures.py --only tiny-qwen3   # one tiny model (the others' files untouched)
   python scripts/make_model_fixtures.py --check-ferrite DIR MODEL
         load a checkpoint written by ferrite (DIR) in transformers, report missing / unexpected
         keys, and compare its logits with the fixture model MODEL (tiny-qwen2 or tiny-llama), or
@@ -45,6 +47,11 @@ TINY = {
         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, dtype=torch.bfloat16,
     ),
+    "tiny-qwen3": dict(
+        arch="qwen3", vocab_size=88, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, dtype=torch.float32,
+    ),
 }
 
 # Rows of the padded batch: (tokens, padding side). Lengths differ on purpose.
@@ -54,7 +61,8 @@ NEW_TOKENS = 32
 
 
 def make_model(name, spec, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     kw = {k: v for k, v in spec.items() if k not in ("arch", "dtype")}
     # A wide initializer keeps greedy choices well separated (no near-ties that rounding flips).
@@ -62,6 +70,8 @@ def make_model(name, spec, seed):
     torch.manual_seed(seed)
     if spec["arch"] == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**kw))
+    elif spec["arch"] == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**kw))
     else:
         model = LlamaForCausalLM(LlamaConfig(**kw))
     with torch.no_grad():  # norms and biases away from their 1 / 0 init, so mistakes show
@@ -121,6 +131,10 @@ def forward_golden(model):
         "grad.model.layers.1.mlp.down_proj.weight": named["model.layers.1.mlp.down_proj.weight"].grad,
         "grad.model.norm.weight": named["model.norm.weight"].grad,
     }
+    for norm in ("q_norm", "k_norm"):
+        if f"model.layers.0.self_attn.{norm}.weight" in named:
+            key = f"grad.model.layers.0.self_attn.{norm}.weight"
+            grads[key] = named[f"model.layers.0.self_attn.{norm}.weight"].grad
     if "model.layers.0.self_attn.q_proj.bias" in named:
         grads["grad.model.layers.0.self_attn.q_proj.bias"] = named["model.layers.0.self_attn.q_proj.bias"].grad
     if "lm_head.weight" in named and model.config.tie_word_embeddings is False:
@@ -159,8 +173,10 @@ def greedy_golden(model):
     return completions, tensors, min_gap
 
 
-def tiny_fixtures():
+def tiny_fixtures(only=None):
     for k, (name, spec) in enumerate(TINY.items()):
+        if only is not None and name != only:
+            continue
         for seed in range(100 + k * 10, 110 + k * 10):
             model = make_model(name, spec, seed)
             completions, dec, gap = greedy_golden(model)
@@ -315,13 +331,15 @@ def check_ferrite(ckpt, name):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-ferrite", nargs=2, metavar=("DIR", "MODEL"))
-    ap.add_argument("--only", choices=["tiny", "tokenizer"], default=None)
+    ap.add_argument("--only", choices=["tiny", "tokenizer", *TINY], default=None)
     args = ap.parse_args()
     if args.check_ferrite:
         check_ferrite(*args.check_ferrite)
     os.makedirs(FIX, exist_ok=True)
     if args.only in (None, "tiny"):
         tiny_fixtures()
+    if args.only in TINY:
+        tiny_fixtures(args.only)
     if args.only in (None, "tokenizer"):
         tok = tokenizer_fixtures()
         smollm2_fixture(tok)

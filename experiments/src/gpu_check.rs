@@ -216,6 +216,89 @@ fn sampler_rows(
     Ok(())
 }
 
+/// A small Qwen3 (each query and key head RMS-normed before the rotation; head_dim 128, twice
+/// hidden / heads, as in the Qwen3 models, where no flash kernel applies) on the GPU against the
+/// CPU: forward (f32, bf16), loss and gradients (f32), and greedy generation, which takes the
+/// composed q/k/v path where a decode step's fused epilogue has no norm.
+fn qwen3_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
+    let cpu = Device::Cpu;
+    let c = ModelConfig {
+        architecture: Architecture::Qwen3,
+        hidden_size: 256,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        head_dim: 128,
+        tie_word_embeddings: true,
+        qkv_bias: false,
+        ..config()
+    };
+    let w_cpu = init::random_weights(&c, 0.05, 3, &cpu)?;
+    // the norms away from their init of ones, so that a dropped norm shows
+    let mut named = w_cpu.named();
+    for (name, t) in named.iter_mut() {
+        if name.ends_with("_norm.weight") {
+            let v: Vec<f32> = (0..t.elem_count())
+                .map(|i| 1.0 + 0.3 * (i as f32 * 0.37).sin())
+                .collect();
+            *t = Tensor::from_vec(v, t.shape(), &cpu)?;
+        }
+    }
+    let w_cpu = Weights::from_named(&c, &named)?;
+    let w_gpu = w_cpu.to(DType::F32, gpu)?;
+    let mut check = |name: &str, value: String, ok: bool| rows.push((name.to_string(), value, ok));
+    let (ids, mask) = batch_rows(4, 96, c.vocab_size as u32);
+    let lc = forward(&w_cpu, &Batch::new(&ids, &mask, &cpu)?, None)?;
+    let lg = forward(&w_gpu, &Batch::new(&ids, &mask, gpu)?, None)?;
+    let d = max_abs_diff(&lc, &lg)?;
+    check(
+        "qwen3 forward f32 max|Δlogit|",
+        format!("{d:.2e}"),
+        d < 1e-3,
+    );
+    let w_bf16 = w_cpu.to(DType::BF16, gpu)?;
+    let l16 = forward(&w_bf16, &Batch::new(&ids, &mask, gpu)?, None)?;
+    let rel = max_abs_diff(&lc, &l16)? / max_abs(&lc)?;
+    check(
+        "qwen3 forward bf16 max|Δlogit| / max|logit|",
+        format!("{rel:.2e}"),
+        rel < 5e-2,
+    );
+    let (loss_c, gc) = loss_and_grads(&w_cpu, &ids, &mask)?;
+    let (loss_g, gg) = loss_and_grads(&w_gpu, &ids, &mask)?;
+    check(
+        "qwen3 loss cpu / gpu",
+        format!("{loss_c:.6} / {loss_g:.6}"),
+        (loss_c - loss_g).abs() < 1e-4,
+    );
+    let worst = worst_rel(&gc, &gg)?;
+    check(
+        &format!("qwen3 grads: worst rel diff ({} tensors)", gc.len()),
+        format!("{:.2e} ({})", worst.0, worst.1),
+        worst.0 < 1e-3,
+    );
+    let prompts: Vec<Vec<u32>> = ids.iter().map(|r| r[..16].to_vec()).collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: 32,
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    };
+    let oc = generate(&w_cpu.detach(), &prompts, &cfg, None)?;
+    for (label, w) in [("", w_gpu.detach()), (", packed weights", w_gpu.packed()?)] {
+        let og = generate(&w, &prompts, &cfg, None)?;
+        let same = oc
+            .iter()
+            .zip(&og)
+            .filter(|(a, b)| a.tokens == b.tokens)
+            .count();
+        check(
+            &format!("qwen3 greedy 32 tokens{label}, rows identical"),
+            format!("{same}/{}", oc.len()),
+            same == oc.len(),
+        );
+    }
+    Ok(())
+}
+
 /// The small model's GPU forward (f32, bf16), backward and greedy generation against the CPU.
 fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
     let cpu = Device::Cpu;
@@ -2598,6 +2681,7 @@ fn run(what: &str) -> Result<()> {
             decode_qkv_attention_checks(&gpu, &mut r.rows)
         });
         r.section("model checks", |r| model_checks(&gpu, &mut r.rows));
+        r.section("qwen3 checks", |r| qwen3_checks(&gpu, &mut r.rows));
         r.section("memory checks", |r| memory_checks(&gpu, &mut r.rows));
     }
     if what != "checks" {

@@ -1,7 +1,8 @@
 //! Model configuration read from Hugging Face `config.json` and `generation_config.json`.
 //!
-//! Supported: `Qwen2ForCausalLM` (q/k/v projections with bias) and `LlamaForCausalLM`
-//! (no bias unless `attention_bias`). Rope theta comes from the top-level `rope_theta` or from
+//! Supported: `Qwen2ForCausalLM` (q/k/v projections with bias), `Qwen3ForCausalLM` (no bias;
+//! each query and key head RMS-normed before the rotary embedding) and `LlamaForCausalLM` (no
+//! bias). Rope theta comes from the top-level `rope_theta` or from
 //! transformers 5's `rope_parameters`. Anything we cannot run exactly (sliding windows, MLP bias,
 //! unknown rope scaling) is an error that names the field, never a silent approximation.
 
@@ -14,6 +15,7 @@ use crate::error::{read_json, ModelError, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Qwen2,
+    Qwen3,
     Llama,
 }
 
@@ -21,6 +23,7 @@ impl Architecture {
     pub fn hf_class(self) -> &'static str {
         match self {
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
             Architecture::Llama => "LlamaForCausalLM",
         }
     }
@@ -28,6 +31,7 @@ impl Architecture {
     pub fn model_type(self) -> &'static str {
         match self {
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
             Architecture::Llama => "llama",
         }
     }
@@ -127,9 +131,9 @@ impl ModelConfig {
             .and_then(Value::as_f64)
             .ok_or_else(|| ModelError::field(CONFIG, "rms_norm_eps", "a number"))?;
         let (rope_theta, rope_scaling) = rope_of(v)?;
-        // Llama's attention_bias puts a bias on o_proj as well as on q, k and v
+        // Llama's and Qwen3's attention_bias puts a bias on o_proj as well as on q, k and v
         let qkv_bias = architecture == Architecture::Qwen2;
-        if architecture == Architecture::Llama && bool_or(v, "attention_bias", false)? {
+        if architecture != Architecture::Qwen2 && bool_or(v, "attention_bias", false)? {
             return Err(ModelError::Unsupported(
                 "attention_bias = true (biases on q/k/v and o_proj)".into(),
             ));
@@ -139,6 +143,15 @@ impl ModelConfig {
         }
         if bool_or(v, "use_sliding_window", false)? {
             return Err(ModelError::Unsupported("use_sliding_window = true".into()));
+        }
+        if let Some(kind) = v
+            .get("layer_types")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|t| t.as_str() != Some("full_attention"))
+        {
+            return Err(ModelError::Unsupported(format!("layer_types with {kind}")));
         }
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
@@ -180,6 +193,12 @@ impl ModelConfig {
         }
     }
 
+    /// Whether each query and key head is RMS-normed over its `head_dim` before the rotary
+    /// embedding (Qwen3's `q_norm` and `k_norm`, one `[head_dim]` weight each a layer).
+    pub fn qk_norm(&self) -> bool {
+        self.architecture == Architecture::Qwen3
+    }
+
     pub fn num_kv_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
     }
@@ -190,7 +209,8 @@ impl ModelConfig {
         let q = self.num_attention_heads * d;
         let kv = self.num_key_value_heads * d;
         let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
-        let layer = 2 * h + h * q + 2 * h * kv + q * h + bias + 3 * h * i;
+        let qk_norm = if self.qk_norm() { 2 * d } else { 0 };
+        let layer = 2 * h + h * q + 2 * h * kv + q * h + bias + qk_norm + 3 * h * i;
         let head = if self.tie_word_embeddings {
             0
         } else {
@@ -232,8 +252,10 @@ impl ModelConfig {
             "tie_word_embeddings".into(),
             json!(self.tie_word_embeddings),
         );
-        if self.architecture == Architecture::Llama {
+        if self.architecture != Architecture::Qwen2 {
             m.insert("attention_bias".into(), json!(false));
+        }
+        if self.architecture == Architecture::Llama {
             m.insert("mlp_bias".into(), json!(false));
         } else {
             m.insert("use_sliding_window".into(), json!(false));
@@ -285,6 +307,7 @@ fn architecture_of(v: &Value) -> Result<Architecture> {
     let model_type = v.get("model_type").and_then(Value::as_str);
     match (class, model_type) {
         (Some("Qwen2ForCausalLM"), _) | (None, Some("qwen2")) => Ok(Architecture::Qwen2),
+        (Some("Qwen3ForCausalLM"), _) | (None, Some("qwen3")) => Ok(Architecture::Qwen3),
         (Some("LlamaForCausalLM"), _) | (None, Some("llama")) => Ok(Architecture::Llama),
         (Some(other), _) => Err(ModelError::UnsupportedArchitecture(other.to_string())),
         (None, Some(other)) => Err(ModelError::UnsupportedArchitecture(other.to_string())),
@@ -437,9 +460,46 @@ mod tests {
         let e = ModelConfig::from_json(&v).unwrap_err().to_string();
         assert!(e.contains("intermediate_size"), "{e}");
         let mut v = qwen();
-        v["architectures"] = json!(["Qwen3ForCausalLM"]);
+        v["architectures"] = json!(["Qwen3MoeForCausalLM"]);
         let e = ModelConfig::from_json(&v).unwrap_err().to_string();
-        assert!(e.contains("Qwen3ForCausalLM"), "{e}");
+        assert!(e.contains("Qwen3MoeForCausalLM"), "{e}");
+    }
+
+    /// Qwen3-0.6B's `config.json` (transformers 4.51), its fields as published.
+    fn qwen3() -> Value {
+        json!({
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": false,
+            "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+            "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02,
+            "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28,
+            "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000,
+            "sliding_window": null, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+            "use_cache": true, "use_sliding_window": false, "vocab_size": 151936
+        })
+    }
+
+    #[test]
+    fn qwen3_0_6b_config_counts_596m_parameters() {
+        let c = ModelConfig::from_json(&qwen3()).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen3);
+        assert!(c.qk_norm() && !c.qkv_bias);
+        // head_dim 128, not hidden / heads = 64: q_proj is 1024 → 2048
+        assert_eq!(c.head_dim, 128);
+        // 596,049,920: transformers' Qwen3ForCausalLM of this config, its parameters counted
+        // (model card: 0.6B, 0.44B of them not the embedding)
+        assert_eq!(c.num_parameters(), 596_049_920);
+        assert_eq!(
+            ModelConfig::from_json(&c.to_hf_json("bfloat16")).unwrap(),
+            c
+        );
+        let mut v = qwen3();
+        v["attention_bias"] = json!(true);
+        assert!(ModelConfig::from_json(&v).is_err());
+        let mut v = qwen3();
+        v["layer_types"] = json!(["full_attention", "sliding_attention"]);
+        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("sliding_attention"), "{e}");
     }
 
     #[test]

@@ -555,7 +555,7 @@ fn keys_values(
 ) -> Result<(Tensor, Tensor)> {
     if let Some((qkv, qkv_bias)) = packed_qkv(w)? {
         let y = linear(x, &qkv, qkv_bias.as_ref())?;
-        return packed_keys_values(c, &y, cos, sin);
+        return packed_keys_values(c, w, &y, cos, sin);
     }
     let k = linear(x, &w.k_proj, w.k_bias.as_ref())?; // [B, T, Hkv·D]
     let v = heads(
@@ -563,7 +563,8 @@ fn keys_values(
         c.num_key_value_heads,
         c.head_dim,
     )?;
-    Ok((rope_heads(&k, c.num_key_value_heads, cos, sin)?, v))
+    let k = rotated(c, &k, c.num_key_value_heads, w.k_norm.as_ref(), cos, sin)?;
+    Ok((k, v))
 }
 
 /// The rotated keys and the values `[B, Hkv, T, D]` of a packed projection
@@ -571,14 +572,36 @@ fn keys_values(
 /// is written into its place in y's (the vendored candle's narrow backward).
 fn packed_keys_values(
     c: &ModelConfig,
+    w: &LayerWeights,
     y: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let k = rope_heads(&y.narrow(2, hq * d, hkv * d)?, hkv, cos, sin)?;
+    let k = y.narrow(2, hq * d, hkv * d)?;
+    let k = rotated(c, &k, hkv, w.k_norm.as_ref(), cos, sin)?;
     let v = heads(y.narrow(2, (hq + hkv) * d, hkv * d)?, hkv, d)?;
     Ok((k, v))
+}
+
+/// The rotated heads `[B, n, T, D]` of `y [B, T, n·D]`, a layer's query or key projection:
+/// each head RMS-normed over its D first where the layer has that norm (`norm [D]`: Qwen3's
+/// `q_norm`, `k_norm`), as transformers does before the rotary embedding.
+fn rotated(
+    c: &ModelConfig,
+    y: &Tensor,
+    n: usize,
+    norm: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let Some(norm) = norm else {
+        return rope_heads(y, n, cos, sin);
+    };
+    let (b, t, _) = y.dims3()?;
+    let d = c.head_dim;
+    let normed = rms_norm(&y.reshape((b, t, n, d))?, norm, c.rms_norm_eps)?; // [B, T, n, D]
+    rope_heads(&normed.reshape((b, t, n * d))?, n, cos, sin)
 }
 
 /// `[B, T, n·D]` → `[B, n, T, D]`.
@@ -613,14 +636,14 @@ fn projections(
         Some((qkv, qkv_bias)) => {
             // one matmul for q, k and v: [B, T, (Hq + 2·Hkv)·D]
             let y = linear(x, &qkv, qkv_bias.as_ref())?;
-            let q = rope_heads(&y.narrow(2, 0, hq * d)?, hq, cos, sin)?;
-            let (k, v) = packed_keys_values(c, &y, cos, sin)?;
+            let q = rotated(c, &y.narrow(2, 0, hq * d)?, hq, w.q_norm.as_ref(), cos, sin)?;
+            let (k, v) = packed_keys_values(c, w, &y, cos, sin)?;
             (q, k, v)
         }
         None => {
             let q = linear(x, &w.q_proj, w.q_bias.as_ref())?; // [B, T, Hq·D]
             let (k, v) = keys_values(c, w, x, cos, sin)?; // [B, Hkv, T, D]
-            (rope_heads(&q, hq, cos, sin)?, k, v)
+            (rotated(c, &q, hq, w.q_norm.as_ref(), cos, sin)?, k, v)
         }
     };
     let (k, v) = match keys {
@@ -649,8 +672,9 @@ enum DecodeStep {
 /// A decode step's attention, or its [`Projections`], with the fused kernels after the q/k/v
 /// matmul(s) (CUDA: `ops::decode_qkv`): biases, rotary embedding and the cache write in place,
 /// and the attention over the cache in the same launch where it fits. None where they do not
-/// apply, with nothing computed or written: the CPU, kernels off, a graph to keep, or a model with
-/// some of the q/k/v biases but not all, or biases in another dtype than its activations.
+/// apply, with nothing computed or written: the CPU, kernels off, a graph to keep, a model with
+/// some of the q/k/v biases but not all, or biases in another dtype than its activations, or
+/// with query and key norms (Qwen3: the epilogue has no norm before its rotation).
 #[allow(clippy::too_many_arguments)]
 fn decode_step(
     c: &ModelConfig,
@@ -668,7 +692,7 @@ fn decode_step(
         _ => return Ok(None),
     };
     let same_dtype = bias.is_none_or(|bs| bs.iter().all(|t| t.dtype() == x.dtype()));
-    if !same_dtype || !crate::ops::decode_qkv_applies(x) {
+    if !same_dtype || w.q_norm.is_some() || !crate::ops::decode_qkv_applies(x) {
         return Ok(None);
     }
     let (b, hq, d) = (x.dim(0)?, c.num_attention_heads, c.head_dim);

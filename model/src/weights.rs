@@ -23,6 +23,10 @@ pub struct LayerWeights {
     pub k_bias: Option<Tensor>,
     pub v_proj: Tensor,
     pub v_bias: Option<Tensor>,
+    /// Qwen3's RMSNorm weights `[head_dim]` of each query and key head (before the rotary
+    /// embedding); None elsewhere.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
     pub o_proj: Tensor,
     pub post_attention_layernorm: Tensor,
     pub gate_proj: Tensor,
@@ -62,9 +66,15 @@ impl LayerWeights {
             &self.down_proj,
         ];
         out.extend(
-            [&self.q_bias, &self.k_bias, &self.v_bias]
-                .into_iter()
-                .flatten(),
+            [
+                &self.q_bias,
+                &self.k_bias,
+                &self.v_bias,
+                &self.q_norm,
+                &self.k_norm,
+            ]
+            .into_iter()
+            .flatten(),
         );
         out
     }
@@ -121,8 +131,11 @@ impl LayerWeights {
     /// The layer with the tensors that are never packed (the norms, the output and down
     /// projections) through `f`, the others as they are.
     fn map_never_packed(&self, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let opt = |t: &Option<Tensor>| t.as_ref().map(f).transpose();
         Ok(LayerWeights {
             input_layernorm: f(&self.input_layernorm)?,
+            q_norm: opt(&self.q_norm)?,
+            k_norm: opt(&self.k_norm)?,
             o_proj: f(&self.o_proj)?,
             post_attention_layernorm: f(&self.post_attention_layernorm)?,
             down_proj: f(&self.down_proj)?,
@@ -192,6 +205,10 @@ pub fn parameter_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             out.push((p("self_attn.k_proj.bias"), vec![kv]));
             out.push((p("self_attn.v_proj.bias"), vec![kv]));
         }
+        if c.qk_norm() {
+            out.push((p("self_attn.q_norm.weight"), vec![d]));
+            out.push((p("self_attn.k_norm.weight"), vec![d]));
+        }
         out.push((p("self_attn.o_proj.weight"), vec![h, q]));
         out.push((p("post_attention_layernorm.weight"), vec![h]));
         out.push((p("mlp.gate_proj.weight"), vec![i, h]));
@@ -225,6 +242,7 @@ impl Weights {
             .map(|l| {
                 let p = |s: &str| format!("model.layers.{l}.{s}");
                 let bias = |s: &str| config.qkv_bias.then(|| get(&p(s)));
+                let qk_norm = |s: &str| config.qk_norm().then(|| get(&p(s)));
                 LayerWeights {
                     input_layernorm: get(&p("input_layernorm.weight")),
                     q_proj: get(&p("self_attn.q_proj.weight")),
@@ -233,6 +251,8 @@ impl Weights {
                     k_bias: bias("self_attn.k_proj.bias"),
                     v_proj: get(&p("self_attn.v_proj.weight")),
                     v_bias: bias("self_attn.v_proj.bias"),
+                    q_norm: qk_norm("self_attn.q_norm.weight"),
+                    k_norm: qk_norm("self_attn.k_norm.weight"),
                     o_proj: get(&p("self_attn.o_proj.weight")),
                     post_attention_layernorm: get(&p("post_attention_layernorm.weight")),
                     gate_proj: get(&p("mlp.gate_proj.weight")),
@@ -272,6 +292,8 @@ impl Weights {
                 ("self_attn.q_proj.bias", &w.q_bias),
                 ("self_attn.k_proj.bias", &w.k_bias),
                 ("self_attn.v_proj.bias", &w.v_bias),
+                ("self_attn.q_norm.weight", &w.q_norm),
+                ("self_attn.k_norm.weight", &w.k_norm),
             ] {
                 if let Some(b) = b {
                     out.insert(p(name), b.clone());

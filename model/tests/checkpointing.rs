@@ -10,7 +10,7 @@ use common::*;
 #[test]
 fn checkpointed_layers_match_transformers() {
     model::checkpoint::set_enabled(true);
-    for name in ["tiny-qwen2", "tiny-llama"] {
+    for name in ["tiny-qwen2", "tiny-llama", "tiny-qwen3"] {
         check_padded_batch_logits(name);
         let before = model::checkpoint::recomputed_layers();
         check_logprob_loss_gradients(name);

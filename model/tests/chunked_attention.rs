@@ -10,7 +10,7 @@ use common::*;
 #[test]
 fn chunked_attention_matches_transformers() {
     model::attention::set_chunk_elements(8);
-    for name in ["tiny-qwen2", "tiny-llama"] {
+    for name in ["tiny-qwen2", "tiny-llama", "tiny-qwen3"] {
         check_padded_batch_logits(name);
         check_logprob_loss_gradients(name);
     }

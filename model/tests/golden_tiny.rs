@@ -12,7 +12,7 @@ use model::logprobs::{behaviour_and_learners, sequence_logprobs};
 use model::sampling::SamplingParams;
 use model::{forward, Batch, Weights};
 
-const MODELS: [&str; 2] = ["tiny-qwen2", "tiny-llama"];
+const MODELS: [&str; 3] = ["tiny-qwen2", "tiny-llama", "tiny-qwen3"];
 
 #[test]
 fn padded_batch_logits_match_transformers() {

@@ -253,7 +253,7 @@ fn compare(
 
 #[test]
 fn shared_prompts_match_whole_sequences() {
-    for name in ["tiny-qwen2", "tiny-llama"] {
+    for name in ["tiny-qwen2", "tiny-llama", "tiny-qwen3"] {
         check(name);
     }
     model::checkpoint::set_enabled(true);
