@@ -217,8 +217,8 @@ fn sampler_rows(
 }
 
 /// A small Qwen3 (each query and key head RMS-normed before the rotation; head_dim 128, twice
-/// hidden / heads, as in the Qwen3 models, where no flash kernel applies) on the GPU against the
-/// CPU: forward (f32, bf16), loss and gradients (f32), and greedy generation, which takes the
+/// hidden / heads, as in the Qwen3 models: the flash kernels' D = 128 in bf16) on the GPU against
+/// the CPU: forward (f32, bf16), loss and gradients (f32), and greedy generation, which takes the
 /// composed q/k/v path where a decode step's fused epilogue has no norm.
 fn qwen3_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
     let cpu = Device::Cpu;
