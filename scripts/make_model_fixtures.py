@@ -226,6 +226,16 @@ CHATS = {
 }
 
 
+def chat_cases(tok, **kwargs):
+    chats = []
+    for name, msgs in CHATS.items():
+        for gen in (False, True):
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **kwargs)
+            chats.append({"name": name, "add_generation_prompt": gen, "text": text,
+                          "ids": tok.encode(text, add_special_tokens=False)})
+    return chats
+
+
 def tokenizer_cases(tok, template=None):
     if template is not None:
         tok.chat_template = template
@@ -233,13 +243,7 @@ def tokenizer_cases(tok, template=None):
             "ids_special": tok.encode(t, add_special_tokens=True),
             "decoded": tok.decode(tok.encode(t, add_special_tokens=False), skip_special_tokens=False)}
            for t in TEXTS]
-    chats = []
-    for name, msgs in CHATS.items():
-        for gen in (False, True):
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-            chats.append({"name": name, "add_generation_prompt": gen, "text": text,
-                          "ids": tok.encode(text, add_special_tokens=False)})
-    return {"encode": enc, "chat": chats}
+    return {"encode": enc, "chat": chat_cases(tok)}
 
 
 def tokenizer_fixtures():
@@ -255,6 +259,9 @@ def tokenizer_fixtures():
         qwen25_template = f.read()
     out["qwen2.5"] = tokenizer_cases(AutoTokenizer.from_pretrained(qwen_dir), qwen25_template)
     out["qwen3"] = tokenizer_cases(AutoTokenizer.from_pretrained(qwen_dir))
+    # the template's keyword arguments (model.chat_template_kwargs): Qwen3 without thinking
+    out["qwen3_kwargs"] = {"kwargs": {"enable_thinking": False},
+                           "chat": chat_cases(AutoTokenizer.from_pretrained(qwen_dir), enable_thinking=False)}
     tok = AutoTokenizer.from_pretrained(os.path.dirname(smol), gguf_file=os.path.basename(smol))
     # transformers' GGUF converter gives every byte-level file GPT-2's split; the real SmolLM2
     # tokenizer.json (and llama.cpp's "smollm" pre-tokenizer) first isolate each digit.

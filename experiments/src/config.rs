@@ -90,6 +90,10 @@ pub struct ModelSection {
     pub layers: usize,
     /// A Jinja chat template file that replaces the model's.
     pub chat_template: Option<String>,
+    /// Extra variables of the chat template, as the keyword arguments of transformers'
+    /// `apply_chat_template` (TRL's `chat_template_kwargs`): `{ enable_thinking = false }` for
+    /// Qwen3's template, whose generation prompt then closes an empty `<think>` block.
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
     /// Where the policy (and its rollouts, reference and critic) runs: `cpu`, `cuda` or
     /// `cuda:N` (CUDA needs a binary built with `--features cuda`).
     pub device: String,
@@ -154,6 +158,7 @@ impl Default for ModelSection {
             hidden: 128,
             layers: 4,
             chat_template: None,
+            chat_template_kwargs: serde_json::Map::new(),
             device: "cpu".into(),
             dtype: "auto".into(),
             cuda_kernels: true,
@@ -819,6 +824,22 @@ mod tests {
         assert_eq!(gpb(&["model.device=cuda", "rollout.workers=3"]), 6);
         assert_eq!(gpb(&["model.device=cuda", "rollout.groups_per_batch=1"]), 1);
         assert_eq!(gpb(&["rollout.groups_per_batch=4"]), 4);
+    }
+
+    #[test]
+    fn chat_template_kwargs_come_from_a_table_or_a_set_and_round_trip() {
+        let set =
+            Config::default_with(&["model.chat_template_kwargs.enable_thinking=false"]).unwrap();
+        let toml = "[model.chat_template_kwargs]\nenable_thinking = false\n";
+        let file = Config::from_toml(toml, "test").unwrap();
+        for c in [&set, &file] {
+            assert_eq!(
+                c.model.chat_template_kwargs.get("enable_thinking"),
+                Some(&serde_json::Value::Bool(false))
+            );
+            assert_eq!(&Config::from_toml(&c.to_toml(), "resolved").unwrap(), c);
+        }
+        assert!(Config::default().model.chat_template_kwargs.is_empty());
     }
 
     #[test]

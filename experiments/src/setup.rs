@@ -133,7 +133,8 @@ pub fn reward_spec(c: &Config) -> RewardSpec {
     RewardSpec { parts }
 }
 
-pub fn task(c: &Config, tokenizer: Tokenizer) -> Task {
+pub fn task(c: &Config, mut tokenizer: Tokenizer) -> Task {
+    tokenizer.set_template_kwargs(c.model.chat_template_kwargs.clone());
     Task {
         tokenizer,
         prompt_template: c.data.prompt_template.clone().filter(|t| !t.is_empty()),

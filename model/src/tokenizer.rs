@@ -36,6 +36,8 @@ pub struct Tokenizer {
     eos_token: Option<String>,
     pad_token: Option<String>,
     unk_token: Option<String>,
+    /// Extra variables of the chat template (transformers' `apply_chat_template(**kwargs)`).
+    template_kwargs: serde_json::Map<String, Value>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -75,6 +77,7 @@ impl Tokenizer {
             eos_token: token("eos_token"),
             pad_token: token("pad_token"),
             unk_token: token("unk_token"),
+            template_kwargs: serde_json::Map::new(),
         }
     }
 
@@ -88,6 +91,14 @@ impl Tokenizer {
 
     pub fn set_chat_template(&mut self, template: Option<String>) {
         self.chat_template = template;
+    }
+
+    /// Extra variables every rendering of the chat template sees, as the keyword arguments of
+    /// transformers' `apply_chat_template` (Qwen3's `enable_thinking = false`, say); the
+    /// template's own variables (`messages`, `add_generation_prompt`, the special tokens) keep
+    /// their values.
+    pub fn set_template_kwargs(&mut self, kwargs: serde_json::Map<String, Value>) {
+        self.template_kwargs = kwargs;
     }
 
     pub fn set_special_tokens(&mut self, bos: Option<String>, eos: Option<String>) {
@@ -176,6 +187,7 @@ impl Tokenizer {
             unk_token => self.unk_token.clone(),
             tools => JinjaValue::from(()),
             documents => JinjaValue::from(()),
+            ..JinjaValue::from_serialize(&self.template_kwargs)
         };
         template
             .render(ctx)

@@ -40,6 +40,11 @@ fn check_tokenizer(name: &str, tok: &Tokenizer, golden: &Value) {
             "{name}: decode of {text:?}"
         );
     }
+    check_chats(name, tok, cases, golden);
+}
+
+/// The chat cases of `cases` rendered and tokenized as transformers did.
+fn check_chats(name: &str, tok: &Tokenizer, cases: &Value, golden: &Value) {
     let chats = &golden["chats"];
     for case in cases["chat"].as_array().unwrap() {
         let conv = case["name"].as_str().unwrap();
@@ -71,6 +76,23 @@ fn qwen_tokenizer_and_chat_templates_match_transformers() {
     .unwrap();
     tok.set_chat_template(Some(template));
     check_tokenizer("qwen2.5", &tok, &golden);
+}
+
+#[test]
+fn chat_template_kwargs_reach_the_template_as_in_transformers() {
+    // Qwen3's template with enable_thinking = false: the generation prompt closes an empty
+    // <think> block, and an assistant turn's is not dropped
+    let golden = tokenizer_golden();
+    let cases = &golden["qwen3_kwargs"];
+    let mut tok = Tokenizer::from_dir(&asset("qwen3-tokenizer")).unwrap();
+    let plain = tok.render_chat(&golden["chats"]["user"], true).unwrap();
+    tok.set_template_kwargs(cases["kwargs"].as_object().unwrap().clone());
+    check_chats("qwen3_kwargs", &tok, cases, &golden);
+    let without = tok.render_chat(&golden["chats"]["user"], true).unwrap();
+    assert!(
+        without.ends_with("<think>\n\n</think>\n\n") && !plain.contains("<think>"),
+        "{plain:?} / {without:?}"
+    );
 }
 
 fn smollm2() -> gguf::GgufModel {
