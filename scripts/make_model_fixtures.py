@@ -7,6 +7,8 @@ Writes model/tests/fixtures/:
                              Qwen3: q/k norms, head_dim 24 apart from hidden / heads, tied, f32)
   <name>/golden.safetensors  padded-batch logits, log-prob loss gradients, greedy decode logits
   <name>/golden.json         inputs, loss, greedy completions
+  tiny-qwen3/model.gguf      the tiny Qwen3's f32 weights written by gguf-py as llama.cpp's converter
+                             names them (a toy 88-token byte-level vocabulary beside them)
   tokenizer_golden.json      token ids and chat-template strings for the Qwen2.5 / Qwen3 and
                              SmolLM2 tokenizers (needs scripts/fetch-assets.sh first)
   smollm2_golden.safetensors / .json   logits and greedy tokens of SmolLM2-135M-Instruct loaded
@@ -15,6 +17,7 @@ Writes model/tests/fixtures/:
 Usage:
   python scripts/make_model_fixtures.py                 # everything
   python scripts/make_model_fixtures.py --only tiny-qwen3   # one tiny model (the others' files untouched)
+  python scripts/make_model_fixtures.py --only gguf         # tiny-qwen3/model.gguf from its safetensors
   python scripts/make_model_fixtures.py --check-ferrite DIR MODEL
         load a checkpoint written by ferrite (DIR) in transformers, report missing / unexpected
         keys, and compare its logits with the fixture model MODEL (tiny-qwen2 or tiny-llama), or
@@ -173,6 +176,48 @@ def greedy_golden(model):
     return completions, tensors, min_gap
 
 
+def qwen3_gguf():
+    """tiny-qwen3's weights as a GGUF file: names from gguf-py's tensor map for the qwen3
+    architecture, f32, unpermuted (llama.cpp permutes only `llama` Q/K rows)."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    src = os.path.join(FIX, "tiny-qwen3")
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, cfg["num_hidden_layers"])
+    w = gguf.GGUFWriter(os.path.join(src, "model.gguf"), "qwen3")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    # a toy byte-level BPE vocabulary of the model's 88 entries: 86 printable bytes, two merges
+    tokens = [chr(33 + i) for i in range(86)] + ["ab", "abc"]
+    assert len(tokens) == cfg["vocab_size"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(["a b", "ab c"])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_pad_token_id(cfg["pad_token_id"])
+    for name, t in sorted(tensors.items()):
+        base, suffix = name.rsplit(".", 1)
+        w.add_tensor(f"{names.get_name(base)}.{suffix}", t.float().numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"tiny-qwen3: model.gguf, {len(tensors)} tensors")
+
+
 def tiny_fixtures(only=None):
     for k, (name, spec) in enumerate(TINY.items()):
         if only is not None and name != only:
@@ -190,6 +235,8 @@ def tiny_fixtures(only=None):
         with open(os.path.join(FIX, name, "golden.json"), "w") as f:
             json.dump(meta, f)
         print(f"{name}: seed {seed}, loss {meta['loss']:.6f}, min greedy gap {gap:.3f}")
+        if name == "tiny-qwen3":
+            qwen3_gguf()
 
 
 TEXTS = [
@@ -338,7 +385,7 @@ def check_ferrite(ckpt, name):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-ferrite", nargs=2, metavar=("DIR", "MODEL"))
-    ap.add_argument("--only", choices=["tiny", "tokenizer", *TINY], default=None)
+    ap.add_argument("--only", choices=["tiny", "tokenizer", "gguf", *TINY], default=None)
     args = ap.parse_args()
     if args.check_ferrite:
         check_ferrite(*args.check_ferrite)
@@ -347,6 +394,8 @@ def main():
         tiny_fixtures()
     if args.only in TINY:
         tiny_fixtures(args.only)
+    if args.only == "gguf":
+        qwen3_gguf()
     if args.only in (None, "tokenizer"):
         tok = tokenizer_fixtures()
         smollm2_fixture(tok)

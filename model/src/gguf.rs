@@ -3,7 +3,8 @@
 //!
 //! llama.cpp stores the Q and K projections of `llama` models with rows permuted for its own
 //! rope layout; we undo that permutation as transformers' GGUF loader does, so logits match
-//! the original HF model. `qwen2` files are stored unpermuted.
+//! the original HF model. `qwen2` and `qwen3` files are stored unpermuted. A tensor whose name
+//! maps to no parameter is an error that names it, unless the config derives it (`rope_freqs`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -37,7 +38,16 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
     let mut named = BTreeMap::new();
     for (gguf_name, info) in &content.tensor_infos {
         let Some(hf) = hf_name(gguf_name) else {
-            continue; // e.g. rope_freqs: derived from the config, not a parameter
+            if derived(gguf_name) {
+                continue;
+            }
+            return Err(ModelError::tensor(
+                gguf_name,
+                format!(
+                    "in the GGUF file but not a parameter ferrite maps ({arch_name} file)",
+                    arch_name = config.architecture.model_type()
+                ),
+            ));
         };
         let q = content
             .tensor(&mut file, gguf_name, &Device::Cpu)
@@ -77,6 +87,12 @@ pub fn unpermute_rope_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
+/// A GGUF tensor that the config derives and loading passes over: llama.cpp's rotary
+/// frequencies (`rope_freqs.weight`, and the older per-layer `attn_rot_embd`).
+fn derived(gguf: &str) -> bool {
+    gguf.starts_with("rope_freqs.") || gguf.ends_with(".attn_rot_embd")
+}
+
 fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -98,6 +114,8 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_k.bias" => "self_attn.k_proj.bias",
         "attn_v.weight" => "self_attn.v_proj.weight",
         "attn_v.bias" => "self_attn.v_proj.bias",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
         "attn_output.weight" => "self_attn.o_proj.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
         "ffn_gate.weight" => "mlp.gate_proj.weight",
@@ -161,6 +179,7 @@ fn config_from(md: &Metadata) -> Result<ModelConfig> {
     let architecture = match arch_name {
         "llama" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
         other => return Err(ModelError::UnsupportedArchitecture(format!("GGUF {other}"))),
     };
     let k = |s: &str| format!("{arch_name}.{s}");
@@ -350,6 +369,20 @@ mod tests {
             .unwrap();
         let back = unpermute_rope_rows(&permuted, h).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn tensor_names_map_or_are_derived_or_are_errors() {
+        assert_eq!(
+            hf_name("blk.3.attn_k_norm.weight").as_deref(),
+            Some("model.layers.3.self_attn.k_norm.weight")
+        );
+        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
+        assert!(hf_name("rope_freqs.weight").is_none() && derived("rope_freqs.weight"));
+        // an o_proj bias, an MoE router: parameters ferrite has no place for, not passed over
+        for name in ["blk.0.attn_output.bias", "blk.0.ffn_gate_inp.weight"] {
+            assert!(hf_name(name).is_none() && !derived(name), "{name}");
+        }
     }
 
     #[test]

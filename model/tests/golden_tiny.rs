@@ -577,6 +577,22 @@ fn a_tensor_the_config_does_not_explain_is_an_error() {
 }
 
 #[test]
+fn a_qwen3_gguf_imports_as_its_safetensors() {
+    // tiny-qwen3's weights written by gguf-py under llama.cpp's names (q/k norms included)
+    let g = model::gguf::load(&fixture("tiny-qwen3/model.gguf"), DType::F32, &Device::Cpu).unwrap();
+    let w = load("tiny-qwen3");
+    let mut config = g.weights.config.clone();
+    // GGUF stores the epsilon as an f32, which is what the norms compute with
+    assert_eq!(config.rms_norm_eps as f32, w.config.rms_norm_eps as f32);
+    config.rms_norm_eps = w.config.rms_norm_eps;
+    assert_eq!(config, w.config);
+    assert_eq!(g.weights.checksum().unwrap(), w.checksum().unwrap());
+    // its toy vocabulary: 86 bytes and two merges
+    assert_eq!(g.tokenizer.encode("abc", false).unwrap(), vec![87]);
+    assert_eq!(g.tokenizer.encode("ab!", false).unwrap(), vec![86, 0]);
+}
+
+#[test]
 fn malformed_batches_are_errors() {
     let w = load("tiny-qwen2");
     let ragged = vec![vec![1, 2, 3], vec![4, 5]];
