@@ -216,6 +216,98 @@ fn sampler_rows(
     Ok(())
 }
 
+/// The greedy generation of the model checks: 32 new tokens.
+fn greedy_32() -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: 32,
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    }
+}
+
+/// What [`f32_rows`] computed, for the rows that hold other copies against it.
+struct F32Run {
+    /// The CPU's logits, loss and gradients.
+    logits: Tensor,
+    loss: f32,
+    grads: Vec<(String, Tensor)>,
+    /// The GPU copy's gradients.
+    gpu_grads: Vec<(String, Tensor)>,
+}
+
+/// A CPU model and its f32 copy on the GPU on one batch: the rows `{prefix}forward f32
+/// max|Δlogit|`, `{prefix}loss cpu / gpu` and `{prefix}grads: worst rel diff`.
+fn f32_rows(
+    prefix: &str,
+    w_cpu: &Weights,
+    w_gpu: &Weights,
+    ids: &[Vec<u32>],
+    mask: &[Vec<u8>],
+    check: &mut dyn FnMut(&str, String, bool),
+) -> Result<F32Run> {
+    let lc = forward(w_cpu, &Batch::new(ids, mask, &Device::Cpu)?, None)?;
+    let lg = forward(
+        w_gpu,
+        &Batch::new(ids, mask, w_gpu.embed_tokens.device())?,
+        None,
+    )?;
+    let d = max_abs_diff(&lc, &lg)?;
+    check(
+        &format!("{prefix}forward f32 max|Δlogit|"),
+        format!("{d:.2e}"),
+        d < 1e-3,
+    );
+    let (loss_c, gc) = loss_and_grads(w_cpu, ids, mask)?;
+    let (loss_g, gg) = loss_and_grads(w_gpu, ids, mask)?;
+    check(
+        &format!("{prefix}loss cpu / gpu"),
+        format!("{loss_c:.6} / {loss_g:.6}"),
+        (loss_c - loss_g).abs() < 1e-4,
+    );
+    let worst = worst_rel(&gc, &gg)?;
+    check(
+        &format!("{prefix}grads: worst rel diff ({} tensors)", gc.len()),
+        format!("{:.2e} ({})", worst.0, worst.1),
+        worst.0 < 1e-3,
+    );
+    Ok(F32Run {
+        logits: lc,
+        loss: loss_c,
+        grads: gc,
+        gpu_grads: gg,
+    })
+}
+
+/// Greedy completions ([`greedy_32`]) of `prompts` from `w_cpu` against each labelled GPU copy
+/// of `on_gpu`: a row each, `{prefix}greedy 32 tokens{label}, rows identical`; the GPU copies'
+/// completions, in order.
+fn greedy_rows(
+    prefix: &str,
+    w_cpu: &Weights,
+    on_gpu: &[(&str, Weights)],
+    prompts: &[Vec<u32>],
+    check: &mut dyn FnMut(&str, String, bool),
+) -> Result<Vec<Vec<model::generate::Completion>>> {
+    let cfg = greedy_32();
+    let oc = generate(&w_cpu.detach(), prompts, &cfg, None)?;
+    let mut out = Vec::new();
+    for (label, w) in on_gpu {
+        let og = generate(w, prompts, &cfg, None)?;
+        let same = oc
+            .iter()
+            .zip(&og)
+            .filter(|(a, b)| a.tokens == b.tokens)
+            .count();
+        check(
+            &format!("{prefix}greedy 32 tokens{label}, rows identical"),
+            format!("{same}/{}", oc.len()),
+            same == oc.len(),
+        );
+        out.push(og);
+    }
+    Ok(out)
+}
+
 /// A small Qwen3 (each query and key head RMS-normed before the rotation; head_dim 128, twice
 /// hidden / heads, as in the Qwen3 models: the flash kernels' D = 128 in bf16) on the GPU against
 /// the CPU: forward (f32, bf16), loss and gradients (f32), and greedy generation, which takes the
@@ -247,14 +339,7 @@ fn qwen3_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
     let w_gpu = w_cpu.to(DType::F32, gpu)?;
     let mut check = |name: &str, value: String, ok: bool| rows.push((name.to_string(), value, ok));
     let (ids, mask) = batch_rows(4, 96, c.vocab_size as u32);
-    let lc = forward(&w_cpu, &Batch::new(&ids, &mask, &cpu)?, None)?;
-    let lg = forward(&w_gpu, &Batch::new(&ids, &mask, gpu)?, None)?;
-    let d = max_abs_diff(&lc, &lg)?;
-    check(
-        "qwen3 forward f32 max|Δlogit|",
-        format!("{d:.2e}"),
-        d < 1e-3,
-    );
+    let lc = f32_rows("qwen3 ", &w_cpu, &w_gpu, &ids, &mask, &mut check)?.logits;
     let w_bf16 = w_cpu.to(DType::BF16, gpu)?;
     let l16 = forward(&w_bf16, &Batch::new(&ids, &mask, gpu)?, None)?;
     let rel = max_abs_diff(&lc, &l16)? / max_abs(&lc)?;
@@ -263,39 +348,9 @@ fn qwen3_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         format!("{rel:.2e}"),
         rel < 5e-2,
     );
-    let (loss_c, gc) = loss_and_grads(&w_cpu, &ids, &mask)?;
-    let (loss_g, gg) = loss_and_grads(&w_gpu, &ids, &mask)?;
-    check(
-        "qwen3 loss cpu / gpu",
-        format!("{loss_c:.6} / {loss_g:.6}"),
-        (loss_c - loss_g).abs() < 1e-4,
-    );
-    let worst = worst_rel(&gc, &gg)?;
-    check(
-        &format!("qwen3 grads: worst rel diff ({} tensors)", gc.len()),
-        format!("{:.2e} ({})", worst.0, worst.1),
-        worst.0 < 1e-3,
-    );
     let prompts: Vec<Vec<u32>> = ids.iter().map(|r| r[..16].to_vec()).collect();
-    let cfg = GenerationConfig {
-        max_new_tokens: 32,
-        sampling: SamplingParams::greedy(),
-        ..Default::default()
-    };
-    let oc = generate(&w_cpu.detach(), &prompts, &cfg, None)?;
-    for (label, w) in [("", w_gpu.detach()), (", packed weights", w_gpu.packed()?)] {
-        let og = generate(&w, &prompts, &cfg, None)?;
-        let same = oc
-            .iter()
-            .zip(&og)
-            .filter(|(a, b)| a.tokens == b.tokens)
-            .count();
-        check(
-            &format!("qwen3 greedy 32 tokens{label}, rows identical"),
-            format!("{same}/{}", oc.len()),
-            same == oc.len(),
-        );
-    }
+    let on_gpu = [("", w_gpu.detach()), (", packed weights", w_gpu.packed()?)];
+    greedy_rows("qwen3 ", &w_cpu, &on_gpu, &prompts, &mut check)?;
     Ok(())
 }
 
@@ -307,28 +362,15 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
     let w_gpu = w_cpu.to(DType::F32, gpu)?;
     let mut check = |name: &str, value: String, ok: bool| rows.push((name.to_string(), value, ok));
 
-    // forward, f32
+    // forward and backward, f32
     let (ids, mask) = batch_rows(4, 96, c.vocab_size as u32);
-    let lc = forward(&w_cpu, &Batch::new(&ids, &mask, &cpu)?, None)?;
-    let lg = forward(&w_gpu, &Batch::new(&ids, &mask, gpu)?, None)?;
-    let d = max_abs_diff(&lc, &lg)?;
-    check("forward f32 max|Δlogit|", format!("{d:.2e}"), d < 1e-3);
+    let F32Run {
+        logits: lc,
+        loss: loss_c,
+        grads: gc,
+        gpu_grads: gg,
+    } = f32_rows("", &w_cpu, &w_gpu, &ids, &mask, &mut check)?;
     let w_bf16 = w_cpu.to(DType::BF16, gpu)?;
-
-    // backward
-    let (loss_c, gc) = loss_and_grads(&w_cpu, &ids, &mask)?;
-    let (loss_g, gg) = loss_and_grads(&w_gpu, &ids, &mask)?;
-    check(
-        "loss cpu / gpu",
-        format!("{loss_c:.6} / {loss_g:.6}"),
-        (loss_c - loss_g).abs() < 1e-4,
-    );
-    let worst = worst_rel(&gc, &gg)?;
-    check(
-        &format!("grads: worst rel diff ({} tensors)", gc.len()),
-        format!("{:.2e} ({})", worst.0, worst.1),
-        worst.0 < 1e-3,
-    );
     // 16-bit weights, what a CUDA run trains (bf16, f16; at this model's D = 32 no flash kernel
     // applies): logits, loss and gradients near the f32 CPU ones, within tolerances
     // of each dtype's (the grads' 0.15 in bf16: the CPU's bf16 composed ops read 5.0e-2)
@@ -662,27 +704,10 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
         .take(4)
         .map(|r| r[..16 + 8 * (r[0] as usize % 3)].to_vec())
         .collect();
-    let cfg = GenerationConfig {
-        max_new_tokens: 32,
-        sampling: SamplingParams::greedy(),
-        ..Default::default()
-    };
-    let oc = generate(&w_cpu.detach(), &prompts, &cfg, None)?;
-    let og = generate(&w_gpu.detach(), &prompts, &cfg, None)?;
     // packed weights (a rollout snapshot's): one q/k/v and one gate/up matmul per layer
-    let op = generate(&w_gpu.packed()?, &prompts, &cfg, None)?;
-    for (label, gpu_rows) in [("", &og), (", packed weights", &op)] {
-        let same = oc
-            .iter()
-            .zip(gpu_rows)
-            .filter(|(a, b)| a.tokens == b.tokens)
-            .count();
-        check(
-            &format!("greedy 32 tokens{label}, rows identical"),
-            format!("{same}/{}", oc.len()),
-            same == oc.len(),
-        );
-    }
+    let on_gpu = [("", w_gpu.detach()), (", packed weights", w_gpu.packed()?)];
+    let og = greedy_rows("", &w_cpu, &on_gpu, &prompts, &mut check)?.swap_remove(0);
+    let cfg = greedy_32();
 
     // continuous batching on the GPU: two slots for the four prompts give the same rows
     let mut oc2: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
