@@ -82,8 +82,8 @@ impl Default for RunConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// `builtin:tiny` (random init, the built-in character tokenizer), an HF directory, or a
-    /// `.gguf` file.
+    /// `builtin:tiny` (random init, the built-in character tokenizer; `builtin:tiny-qwen3` the
+    /// same in the Qwen3 architecture), an HF directory, or a `.gguf` file.
     pub path: String,
     /// Size of `builtin:tiny`.
     pub hidden: usize,

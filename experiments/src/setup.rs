@@ -64,18 +64,26 @@ pub fn load_weights(c: &Config, dir: &Path) -> anyhow::Result<Weights> {
     Weights::load_dir(dir, dtype, &device).with_context(|| dir.display().to_string())
 }
 
-/// The model named by `model.path` (`builtin:tiny`, an HF directory, or a `.gguf` file), on
+/// The model named by `model.path` (`builtin:tiny` or `builtin:tiny-qwen3`, an HF directory, or
+/// a `.gguf` file), on
 /// the device and in the dtype of `model.device` and `model.dtype`.
 pub fn load_model(c: &Config) -> anyhow::Result<(Weights, Tokenizer)> {
     let m = &c.model;
     let (device, dtype) = placement(c)?;
-    let (weights, mut tokenizer) = if m.path == "builtin:tiny" {
-        let config = builtin::tiny_config(m.hidden, m.layers);
+    let builtin = match m.path.as_str() {
+        "builtin:tiny" => Some(builtin::tiny_config(m.hidden, m.layers)),
+        "builtin:tiny-qwen3" => Some(builtin::tiny_qwen3_config(m.hidden, m.layers)),
+        _ => None,
+    };
+    let (weights, mut tokenizer) = if let Some(config) = builtin {
         // drawn on the host by our seeded RNG, so that every device starts from the same model
         let w = init::random_weights(&config, 0.02, c.run.seed, &Device::Cpu)?;
         (w.to(dtype, &device)?, builtin::char_tokenizer()?)
     } else if let Some(other) = m.path.strip_prefix("builtin:") {
-        bail!("model.path = \"builtin:{other}\": the built-in model is `builtin:tiny`");
+        bail!(
+            "model.path = \"builtin:{other}\": the built-in models are `builtin:tiny` and \
+             `builtin:tiny-qwen3`"
+        );
     } else {
         let path = Path::new(&m.path);
         if path.extension().is_some_and(|e| e == "gguf") {

@@ -685,6 +685,48 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
 /// 2³⁰ and doubles it after every finite step, so that its scaled gradients overflow, its steps
 /// run again at half the scale, and its scale changes from step to step: a resumed run that
 /// lost the scale would scale differently, and f16 rounds (and flushes) differently with it.
+/// The built-in model in the Qwen3 architecture (q/k norms, no q/k/v biases) through a whole
+/// run: warm start, GRPO, checkpoints with the norms under transformers' names, a run stopped at
+/// its step-1 checkpoint resuming to the uninterrupted run's metrics, and an export.
+#[test]
+fn a_qwen3_run_checkpoints_its_qk_norms_and_resumes_exactly() {
+    let root = scratch("qwen3");
+    let set = [
+        "model.path=builtin:tiny-qwen3",
+        "sft.steps=5",
+        "run.checkpoint_every=1",
+    ];
+    let full = root.join("full");
+    succeed(&mut tiny("qwen3", &full, &set, 3));
+    let part = root.join("part");
+    stopped_and_resumed("qwen3", &part, &set, 1, 3);
+    for col in ["loss", "grad_norm", "reward_mean", "entropy"] {
+        assert_eq!(metric(&full, col), metric(&part, col), "qwen3 {col}");
+    }
+    let saved = candle_core::safetensors::load(
+        full.join("checkpoints/step-000003/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(!saved.contains_key("model.layers.0.self_attn.q_proj.bias"));
+    let (norm, before) = ("model.layers.0.self_attn.q_norm.weight", 1f32);
+    let q_norm = saved[norm].to_vec1::<f32>().unwrap();
+    // initialised to ones, moved by the warm start and the RL steps
+    assert!(q_norm.iter().any(|&x| x != before), "{norm}: {q_norm:?}");
+    let export = root.join("export");
+    succeed(
+        ferrite()
+            .arg("export")
+            .arg(full.join("checkpoints/step-000003"))
+            .arg("--out")
+            .arg(&export),
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "Qwen3ForCausalLM");
+}
+
 #[test]
 fn a_bf16_or_f16_run_checkpoints_its_f32_masters_and_resumes_exactly() {
     let root = scratch("bf16");

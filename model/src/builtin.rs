@@ -52,6 +52,16 @@ pub fn char_tokenizer() -> Result<Tokenizer> {
 }
 
 /// A tiny Qwen2 (q/k/v bias, tied embeddings) for the char tokenizer's 100-token vocabulary.
+/// [`tiny_config`] in the Qwen3 architecture (`builtin:tiny-qwen3`): no q/k/v biases, each
+/// query and key head RMS-normed before the rotation.
+pub fn tiny_qwen3_config(hidden: usize, layers: usize) -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Qwen3,
+        qkv_bias: false,
+        ..tiny_config(hidden, layers)
+    }
+}
+
 pub fn tiny_config(hidden: usize, layers: usize) -> ModelConfig {
     ModelConfig {
         architecture: Architecture::Qwen2,
