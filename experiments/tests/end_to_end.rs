@@ -677,14 +677,6 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// bf16 weights (`model.dtype = "bf16"`, what a CUDA run computes in) on the CPU: the run
-/// trains, its checkpoints hold the optimizer's f32 master weights (not their bf16 rounding),
-/// and a run stopped at its step-1 checkpoint resumes from those masters to the same metrics.
-/// In a build without CUDA, `model.device = "cuda"` says how to get it.
-/// bf16 and f16 runs save f32 masters and resume exactly. The f16 run starts its loss scale at
-/// 2³⁰ and doubles it after every finite step, so that its scaled gradients overflow, its steps
-/// run again at half the scale, and its scale changes from step to step: a resumed run that
-/// lost the scale would scale differently, and f16 rounds (and flushes) differently with it.
 /// The built-in model in the Qwen3 architecture (q/k norms, no q/k/v biases) through a whole
 /// run: warm start, GRPO, checkpoints with the norms under transformers' names, a run stopped at
 /// its step-1 checkpoint resuming to the uninterrupted run's metrics, and an export.
@@ -725,8 +717,17 @@ fn a_qwen3_run_checkpoints_its_qk_norms_and_resumes_exactly() {
         serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
             .unwrap();
     assert_eq!(config["architectures"][0], "Qwen3ForCausalLM");
+    let _ = std::fs::remove_dir_all(&root);
 }
 
+/// bf16 weights (`model.dtype = "bf16"`, what a CUDA run computes in) on the CPU: the run
+/// trains, its checkpoints hold the optimizer's f32 master weights (not their bf16 rounding),
+/// and a run stopped at its step-1 checkpoint resumes from those masters to the same metrics.
+/// In a build without CUDA, `model.device = "cuda"` says how to get it.
+/// bf16 and f16 runs save f32 masters and resume exactly. The f16 run starts its loss scale at
+/// 2³⁰ and doubles it after every finite step, so that its scaled gradients overflow, its steps
+/// run again at half the scale, and its scale changes from step to step: a resumed run that
+/// lost the scale would scale differently, and f16 rounds (and flushes) differently with it.
 #[test]
 fn a_bf16_or_f16_run_checkpoints_its_f32_masters_and_resumes_exactly() {
     let root = scratch("bf16");
