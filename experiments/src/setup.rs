@@ -65,8 +65,7 @@ pub fn load_weights(c: &Config, dir: &Path) -> anyhow::Result<Weights> {
 }
 
 /// The model named by `model.path` (`builtin:tiny` or `builtin:tiny-qwen3`, an HF directory, or
-/// a `.gguf` file), on
-/// the device and in the dtype of `model.device` and `model.dtype`.
+/// a `.gguf` file), on the device and in the dtype of `model.device` and `model.dtype`.
 pub fn load_model(c: &Config) -> anyhow::Result<(Weights, Tokenizer)> {
     let m = &c.model;
     let (device, dtype) = placement(c)?;

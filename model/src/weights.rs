@@ -178,7 +178,7 @@ pub struct Weights {
     pub lm_head: Option<Tensor>,
 }
 
-/// A checkpoint's tensor that is not a parameter and that loading may pass over: older
+/// A checkpoint's tensor that is not a parameter and that loading passes over: older
 /// checkpoints' rotary `inv_freq` buffers (derived from the config) and a tied model's copy of
 /// the embedding as `lm_head.weight`.
 fn ignorable(c: &ModelConfig, name: &str) -> bool {
@@ -223,9 +223,27 @@ pub fn parameter_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 }
 
 impl Weights {
-    /// Builds the structure from a name → tensor map, checking every name and shape.
+    /// Builds the structure from a name → tensor map, checking every name and shape. A tensor
+    /// the config does not explain (an o_proj bias, a norm of another architecture: a part of
+    /// the model ferrite would not run) is an error that names it, never dropped in silence;
+    /// older checkpoints' rotary buffers and a tied model's `lm_head.weight` are passed over.
     pub fn from_named(config: &ModelConfig, named: &BTreeMap<String, Tensor>) -> Result<Self> {
-        for (name, shape) in parameter_shapes(config) {
+        let shapes = parameter_shapes(config);
+        let known: std::collections::HashSet<&str> =
+            shapes.iter().map(|(n, _)| n.as_str()).collect();
+        if let Some(name) = named
+            .keys()
+            .find(|n| !known.contains(n.as_str()) && !ignorable(config, n))
+        {
+            return Err(ModelError::tensor(
+                name,
+                format!(
+                    "not a parameter of this {} config",
+                    config.architecture.hf_class()
+                ),
+            ));
+        }
+        for (name, shape) in shapes {
             let t = named
                 .get(&name)
                 .ok_or_else(|| ModelError::tensor(&name, "missing from the checkpoint"))?;
@@ -406,39 +424,25 @@ impl Weights {
         // SAFETY: the files are memory-mapped read-only; ferrite never writes to a checkpoint
         // directory it is reading (new checkpoints go to a temporary directory, then rename).
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
-        let wanted = parameter_shapes(&config);
-        let known: std::collections::HashSet<&str> =
-            wanted.iter().map(|(n, _)| n.as_str()).collect();
-        // a tensor the config does not explain is a part of the model ferrite would not run
-        // (an o_proj bias, a norm of another architecture): an error, never dropped in silence
-        if let Some((name, _)) = st
-            .tensors()
-            .into_iter()
-            .find(|(n, _)| !known.contains(n.as_str()) && !ignorable(&config, n))
-        {
-            return Err(ModelError::tensor(
-                &name,
-                format!(
-                    "in the checkpoint but not a parameter of this {} config",
-                    config.architecture.hf_class()
-                ),
-            ));
-        }
+        // every tensor of the files, so that `from_named` sees one the config does not explain
         let mut named = BTreeMap::new();
-        for (name, _) in &wanted {
+        for (name, _) in st.tensors() {
+            if ignorable(&config, &name) {
+                continue;
+            }
             let t = st
-                .load(name, device)
-                .map_err(|e| ModelError::tensor(name, format!("cannot load: {e}")))?;
+                .load(&name, device)
+                .map_err(|e| ModelError::tensor(&name, format!("cannot load: {e}")))?;
             match t.dtype() {
                 DType::F32 | DType::BF16 | DType::F16 => {}
                 other => {
                     return Err(ModelError::tensor(
-                        name,
+                        &name,
                         format!("dtype {other:?} (supported: f32, bf16, f16)"),
                     ))
                 }
             }
-            named.insert(name.clone(), t.to_dtype(dtype)?);
+            named.insert(name, t.to_dtype(dtype)?);
         }
         Self::from_named(&config, &named)
     }
@@ -573,6 +577,26 @@ mod tests {
             assert_eq!(t.dims(), b[name].dims(), "{name}");
             assert_eq!(values(t), values(&b[name]), "{name}");
         }
+    }
+
+    #[test]
+    fn a_tensor_the_config_does_not_explain_is_an_error_from_any_source() {
+        // e.g. a qwen2 GGUF file holding q/k norms: mapped to HF names, then refused here
+        let w = tiny();
+        let mut named = w.named();
+        let norm = "model.layers.0.self_attn.q_norm.weight";
+        named.insert(
+            norm.into(),
+            Tensor::ones(32, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = Weights::from_named(&w.config, &named)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(norm) && e.contains("Qwen2ForCausalLM"), "{e}");
+        // a tied model's lm_head copy is passed over
+        let mut named = w.named();
+        named.insert("lm_head.weight".into(), w.embed_tokens.clone());
+        assert!(Weights::from_named(&w.config, &named).is_ok());
     }
 
     #[test]
