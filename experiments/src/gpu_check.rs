@@ -1394,8 +1394,9 @@ fn decode_qkv_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Re
             } else {
                 &[q.clone(), k.clone(), v.clone()]
             };
-            let Some(y) =
-                ops::decode_qkv(qi, ki, vi, bias, &cos, &sin, &k_cache, &v_cache, slot, None)?
+            let Some(y) = ops::decode_qkv(
+                qi, ki, vi, bias, &cos, &sin, &k_cache, &v_cache, slot, None, None,
+            )?
             else {
                 rows.push((name, "kernel not taken".into(), false));
                 continue;
@@ -1464,10 +1465,10 @@ fn decode_qkv_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, boo
                 Ok((r(&[b, hkv, cap, d], 87)?, r(&[b, hkv, cap, d], 88)?))
             };
             let (k2, v2) = caches()?;
-            let q2 = ops::decode_qkv(&q, &k, &v, biases, &cos, &sin, &k2, &v2, slot, None)?;
+            let q2 = ops::decode_qkv(&q, &k, &v, biases, &cos, &sin, &k2, &v2, slot, None, None)?;
             let (k1, v1) = caches()?;
             let attend = Some((&bias, scale));
-            let y1 = ops::decode_qkv(&q, &k, &v, biases, &cos, &sin, &k1, &v1, slot, attend)?;
+            let y1 = ops::decode_qkv(&q, &k, &v, biases, &cos, &sin, &k1, &v1, slot, attend, None)?;
             let (Some(q2), Some(y1)) = (q2, y1) else {
                 rows.push((name, "kernel not taken".into(), false));
                 continue;

@@ -1071,17 +1071,95 @@ extern "C" __global__ void decode_attention_d64_f16(const f16* q, const f16* k, 
 // [B, Hkv, cap, D]) and decode_attention's (bias [B, slot + 1] f32, y [B, Hkv, G, D]); the same
 // values as those two launches, bit for bit. One block per (b, kv), DECODE_WARPS warps.
 
+//
+// With has_norm (Qwen3), each query and key head is RMS-normed over its D before the rotation,
+// by the weights qn, kn [D], as the RMSNorm kernel would do it (x·r·w rounded to T, r from the
+// head's biased values rounded to T): the heads are first kept unrotated (q in q_rot, k in k_raw),
+// a warp sums each head's squares, and the pairs are then normed and rotated in place. The sum's
+// order is not the RMSNorm kernel's, so r may differ in its last bit from the unfused path's.
+
+// One (head, i) pair (x_lo, x_hi: elements i and i + D/2) normed by r·w and rounded to T as the
+// RMSNorm kernel stores it, then rotated by the row's cos, sin [D]: f32 (lo, hi), which the
+// caller rounds as it stores them.
+template <typename T>
+__device__ __forceinline__ void normed_pair(float x_lo, float x_hi, const T* w, float r, const T* cos,
+                                            const T* sin, int i, int half, float& lo, float& hi) {
+    const float a = ld(st<T>(x_lo * r * ld(w[i])));
+    const float bv = ld(st<T>(x_hi * r * ld(w[i + half])));
+    lo = a * ld(cos[i]) - bv * ld(sin[i]);
+    hi = bv * ld(cos[i + half]) + a * ld(sin[i + half]);
+}
+
 template <typename T, int MAX_D>
 __device__ void decode_qkv_attention(const T* q, const T* k, const T* v, int q_row, int k_row, int v_row,
-                                     const T* qb, const T* kb, const T* vb, int has_bias, const T* cos,
-                                     const T* sin, T* k_cache, T* v_cache, const float* bias, T* y, int hkv,
-                                     int g_heads, int d, int cap, int slot, float scale) {
+                                     const T* qb, const T* kb, const T* vb, int has_bias, const T* qn,
+                                     const T* kn, int has_norm, float eps, const T* cos, const T* sin,
+                                     T* k_cache, T* v_cache, const float* bias, T* y, int hkv, int g_heads,
+                                     int d, int cap, int slot, float scale) {
     __shared__ float q_rot[DECODE_MAX_G * MAX_D];
+    __shared__ float k_raw[MAX_D];
+    __shared__ float inv_rms[DECODE_MAX_G + 1];
     const size_t bk = blockIdx.x, b = bk / hkv;
     const int kv = bk % hkv, half = d / 2;
     const T *cs = cos + b * d, *sn = sin + b * d;
     T* k_rows = k_cache + bk * cap * d;
     T* v_rows = v_cache + bk * cap * d;
+    if (has_norm) {
+        // the heads biased and rounded to T, unrotated; the value to its slot
+        for (int p = threadIdx.x; p < (g_heads + 2) * half; p += blockDim.x) {
+            const int j = p / half, i = p % half;
+            float lo, hi;
+            if (j < g_heads) {
+                const size_t h = (size_t)kv * g_heads + j;
+                qkv_pair(q + b * q_row + h * d, qb + h * d, has_bias, false, cs, sn, i, half, lo, hi);
+                q_rot[j * d + i] = ld(st<T>(lo));
+                q_rot[j * d + i + half] = ld(st<T>(hi));
+            } else if (j == g_heads) {
+                qkv_pair(k + b * k_row + (size_t)kv * d, kb + (size_t)kv * d, has_bias, false, cs, sn, i, half, lo,
+                         hi);
+                k_raw[i] = ld(st<T>(lo));
+                k_raw[i + half] = ld(st<T>(hi));
+            } else {
+                qkv_pair(v + b * v_row + (size_t)kv * d, vb + (size_t)kv * d, has_bias, false, cs, sn, i, half, lo,
+                         hi);
+                T* dst = v_rows + (size_t)slot * d;
+                dst[i] = st<T>(lo);
+                dst[i + half] = st<T>(hi);
+            }
+        }
+        __syncthreads();
+        // r = 1/√(mean of squares + eps) of each query head and the key head, a warp a head
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+        for (int j = warp; j <= g_heads; j += warps) {
+            float ss = 0.f;
+            for (int i = lane; i < d; i += 32) {
+                const float x = j < g_heads ? q_rot[j * d + i] : k_raw[i];
+                ss += x * x;
+            }
+            ss = warp_sum(ss);
+            if (lane == 0) inv_rms[j] = rsqrtf(ss / d + eps);
+        }
+        __syncthreads();
+        // normed, rotated: the queries in place, the key to its slot
+        for (int p = threadIdx.x; p < (g_heads + 1) * half; p += blockDim.x) {
+            const int j = p / half, i = p % half;
+            float lo, hi;
+            if (j < g_heads) {
+                normed_pair<T>(q_rot[j * d + i], q_rot[j * d + i + half], qn, inv_rms[j], cs, sn, i, half, lo, hi);
+                q_rot[j * d + i] = ld(st<T>(lo));
+                q_rot[j * d + i + half] = ld(st<T>(hi));
+            } else {
+                normed_pair<T>(k_raw[i], k_raw[i + half], kn, inv_rms[j], cs, sn, i, half, lo, hi);
+                T* dst = k_rows + (size_t)slot * d;
+                dst[i] = st<T>(lo);
+                dst[i + half] = st<T>(hi);
+            }
+        }
+        __syncthreads();
+        const int s = slot + 1;
+        decode_attend<T, MAX_D>(q_rot, k_rows, v_rows, bias + b * s, y + bk * g_heads * d, g_heads, s, d, scale);
+        return;
+    }
     for (int p = threadIdx.x; p < (g_heads + 2) * half; p += blockDim.x) {
         const int j = p / half, i = p % half;
         float lo, hi;
@@ -1104,45 +1182,51 @@ __device__ void decode_qkv_attention(const T* q, const T* k, const T* v, int q_r
     decode_attend<T, MAX_D>(q_rot, k_rows, v_rows, bias + b * s, y + bk * g_heads * d, g_heads, s, d, scale);
 }
 extern "C" __global__ void decode_qkv_attention_f32(const float* q, const float* k, const float* v, int q_row,
-        int k_row, int v_row, const float* qb, const float* kb, const float* vb, int has_bias, const float* cos,
+        int k_row, int v_row, const float* qb, const float* kb, const float* vb, int has_bias, const float* qn,
+        const float* kn, int has_norm, float eps, const float* cos,
         const float* sin, float* k_cache, float* v_cache, const float* bias, float* y, int hkv, int g_heads, int d,
         int cap, int slot, float scale) {
-    decode_qkv_attention<float, DECODE_MAX_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+    decode_qkv_attention<float, DECODE_MAX_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, qn, kn, has_norm, eps, cos, sin, k_cache,
                                       v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
 }
 extern "C" __global__ void decode_qkv_attention_bf16(const bf16* q, const bf16* k, const bf16* v, int q_row,
-        int k_row, int v_row, const bf16* qb, const bf16* kb, const bf16* vb, int has_bias, const bf16* cos,
+        int k_row, int v_row, const bf16* qb, const bf16* kb, const bf16* vb, int has_bias, const bf16* qn,
+        const bf16* kn, int has_norm, float eps, const bf16* cos,
         const bf16* sin, bf16* k_cache, bf16* v_cache, const float* bias, bf16* y, int hkv, int g_heads, int d,
         int cap, int slot, float scale) {
-    decode_qkv_attention<bf16, DECODE_MAX_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+    decode_qkv_attention<bf16, DECODE_MAX_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, qn, kn, has_norm, eps, cos, sin, k_cache,
                                       v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
 }
 extern "C" __global__ void decode_qkv_attention_f16(const f16* q, const f16* k, const f16* v, int q_row,
-       int k_row, int v_row, const f16* qb, const f16* kb, const f16* vb, int has_bias, const f16* cos,
+       int k_row, int v_row, const f16* qb, const f16* kb, const f16* vb, int has_bias, const f16* qn,
+        const f16* kn, int has_norm, float eps, const f16* cos,
        const f16* sin, f16* k_cache, f16* v_cache, const float* bias, f16* y, int hkv, int g_heads, int d,
        int cap, int slot, float scale) {
-    decode_qkv_attention<f16, DECODE_MAX_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+    decode_qkv_attention<f16, DECODE_MAX_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, qn, kn, has_norm, eps, cos, sin, k_cache,
                                      v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
 }
 extern "C" __global__ void decode_qkv_attention_d64_f32(const float* q, const float* k, const float* v, int q_row,
-        int k_row, int v_row, const float* qb, const float* kb, const float* vb, int has_bias, const float* cos,
+        int k_row, int v_row, const float* qb, const float* kb, const float* vb, int has_bias, const float* qn,
+        const float* kn, int has_norm, float eps, const float* cos,
         const float* sin, float* k_cache, float* v_cache, const float* bias, float* y, int hkv, int g_heads, int d,
         int cap, int slot, float scale) {
-    decode_qkv_attention<float, DECODE_SMALL_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+    decode_qkv_attention<float, DECODE_SMALL_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, qn, kn, has_norm, eps, cos, sin, k_cache,
                                       v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
 }
 extern "C" __global__ void decode_qkv_attention_d64_bf16(const bf16* q, const bf16* k, const bf16* v, int q_row,
-        int k_row, int v_row, const bf16* qb, const bf16* kb, const bf16* vb, int has_bias, const bf16* cos,
+        int k_row, int v_row, const bf16* qb, const bf16* kb, const bf16* vb, int has_bias, const bf16* qn,
+        const bf16* kn, int has_norm, float eps, const bf16* cos,
         const bf16* sin, bf16* k_cache, bf16* v_cache, const float* bias, bf16* y, int hkv, int g_heads, int d,
         int cap, int slot, float scale) {
-    decode_qkv_attention<bf16, DECODE_SMALL_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+    decode_qkv_attention<bf16, DECODE_SMALL_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, qn, kn, has_norm, eps, cos, sin, k_cache,
                                       v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
 }
 extern "C" __global__ void decode_qkv_attention_d64_f16(const f16* q, const f16* k, const f16* v, int q_row,
-       int k_row, int v_row, const f16* qb, const f16* kb, const f16* vb, int has_bias, const f16* cos,
+       int k_row, int v_row, const f16* qb, const f16* kb, const f16* vb, int has_bias, const f16* qn,
+        const f16* kn, int has_norm, float eps, const f16* cos,
        const f16* sin, f16* k_cache, f16* v_cache, const float* bias, f16* y, int hkv, int g_heads, int d,
        int cap, int slot, float scale) {
-    decode_qkv_attention<f16, DECODE_SMALL_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, cos, sin, k_cache,
+    decode_qkv_attention<f16, DECODE_SMALL_D>(q, k, v, q_row, k_row, v_row, qb, kb, vb, has_bias, qn, kn, has_norm, eps, cos, sin, k_cache,
                                      v_cache, bias, y, hkv, g_heads, d, cap, slot, scale);
 }
 

@@ -1382,6 +1382,7 @@ pub fn decode_qkv(
     v_cache: &Tensor,
     slot: usize,
     attend: Option<(&Tensor, f32)>,
+    norm: Option<([&Tensor; 2], f32)>,
 ) -> Result<Tensor> {
     #[allow(clippy::too_many_arguments)]
     fn go<T: Float>(
@@ -1395,6 +1396,7 @@ pub fn decode_qkv(
         v_cache: &Tensor,
         slot: usize,
         attend: Option<(&Tensor, f32)>,
+        norm: Option<([&Tensor; 2], f32)>,
     ) -> Result<Tensor> {
         let (b, hkv, cap, d) = k_cache.dims4()?;
         let hq = q.elem_count() / (b * d);
@@ -1421,6 +1423,10 @@ pub fn decode_qkv(
                     && g * hkv == hq
                     && g <= launch::DECODE_MAX_G
                     && d <= launch::DECODE_MAX_D
+            })
+            // the query and key norms only in the launch with the attention
+            && norm.is_none_or(|([qn, kn], _)| {
+                attend.is_some() && qn.elem_count() == d && kn.elem_count() == d
             });
         if !shapes_ok {
             return Err(err("decode_qkv: shapes do not match the cache"));
@@ -1443,6 +1449,8 @@ pub fn decode_qkv(
         // attention bias when there is no attention
         let [qb, kb, vb] = bias.unwrap_or([&cos; 3]).map(|t| t.contiguous());
         let (qb, kb, vb) = (qb?, kb?, vb?);
+        let [qn, kn] = norm.map_or([&cos; 2], |(n, _)| n).map(|t| t.contiguous());
+        let (qn, kn) = (qn?, kn?);
         let attention_bias = attend.map(|(bias, _)| bias.contiguous()).transpose()?;
         let dev = cuda_device(&q)?;
         let out = unsafe { dev.alloc::<T>(b * hq * d)? };
@@ -1458,7 +1466,7 @@ pub fn decode_qkv(
             .zip(rows)
             .map(|((s, l), (_, row, n))| strided::<T>(as_cuda(s)?, l, (b - 1) * row + n))
             .collect::<Result<Vec<_>>>()?;
-        let guards = [&qb, &kb, &vb, &cos, &sin].map(|t| t.storage_and_layout());
+        let guards = [&qb, &kb, &vb, &cos, &sin, &qn, &kn].map(|t| t.storage_and_layout());
         let views = guards
             .iter()
             .map(|(s, l)| view::<T>(as_cuda(s)?, l))
@@ -1470,6 +1478,7 @@ pub fn decode_qkv(
         };
         let pairs = b * (hq + 2 * hkv) * d / 2;
         let has_bias = i32::from(bias.is_some());
+        let (has_norm, eps) = (i32::from(norm.is_some()), norm.map_or(0.0, |(_, eps)| eps));
         let (hq32, hkv32, g32, d32, cap32, slot32) = (
             hq as i32,
             hkv as i32,
@@ -1491,7 +1500,11 @@ pub fn decode_qkv(
         for view in &views[..3] {
             l.arg(view);
         }
-        l.arg(&has_bias).arg(&views[3]).arg(&views[4]);
+        l.arg(&has_bias);
+        if attend.is_some() {
+            l.arg(&views[5]).arg(&views[6]).arg(&has_norm).arg(&eps);
+        }
+        l.arg(&views[3]).arg(&views[4]);
         let scale = attend.map_or(0.0, |(_, scale)| scale);
         let geometry = match &bias_view {
             // SAFETY (below): bias holds B·(slot + 1) f32 and out B·Hkv·G·D = B·Hq·D (checked
@@ -1523,13 +1536,14 @@ pub fn decode_qkv(
     let same = [k, v, cos, sin, k_cache, v_cache]
         .iter()
         .chain(bias.iter().flatten())
+        .chain(norm.iter().flat_map(|(n, _)| n))
         .all(|t| t.dtype() == dtype);
     if !same {
         return Err(err("decode_qkv: inputs of mixed dtypes"));
     }
     by_dtype!(
         dtype,
-        go(q, k, v, bias, cos, sin, k_cache, v_cache, slot, attend)
+        go(q, k, v, bias, cos, sin, k_cache, v_cache, slot, attend, norm)
     )
 }
 

@@ -673,8 +673,9 @@ enum DecodeStep {
 /// matmul(s) (CUDA: `ops::decode_qkv`): biases, rotary embedding and the cache write in place,
 /// and the attention over the cache in the same launch where it fits. None where they do not
 /// apply, with nothing computed or written: the CPU, kernels off, a graph to keep, a model with
-/// some of the q/k/v biases but not all, or biases in another dtype than its activations, or
-/// with query and key norms (Qwen3: the epilogue has no norm before its rotation).
+/// some of the q/k/v biases but not all, or biases in another dtype than its activations; with
+/// query and key norms (Qwen3), also where the attention does not fit the fused launch (the
+/// epilogue alone has no norm).
 #[allow(clippy::too_many_arguments)]
 fn decode_step(
     c: &ModelConfig,
@@ -692,7 +693,7 @@ fn decode_step(
         _ => return Ok(None),
     };
     let same_dtype = bias.is_none_or(|bs| bs.iter().all(|t| t.dtype() == x.dtype()));
-    if !same_dtype || w.q_norm.is_some() || !crate::ops::decode_qkv_applies(x) {
+    if !same_dtype || !crate::ops::decode_qkv_applies(x) {
         return Ok(None);
     }
     let (b, hq, d) = (x.dim(0)?, c.num_attention_heads, c.head_dim);
@@ -715,8 +716,15 @@ fn decode_step(
     };
     let (k_cache, v_cache, slot) = cache.next_slot(layer)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let fused =
-        |attend| crate::ops::decode_qkv(&q, &k, &v, bias, cos, sin, k_cache, v_cache, slot, attend);
+    let norm = match (&w.q_norm, &w.k_norm) {
+        (Some(qn), Some(kn)) => Some(([qn, kn], c.rms_norm_eps)),
+        _ => None,
+    };
+    let fused = |attend| {
+        crate::ops::decode_qkv(
+            &q, &k, &v, bias, cos, sin, k_cache, v_cache, slot, attend, norm,
+        )
+    };
     let attended = fused(Some((attention_bias, scale)))?;
     let projected = match attended {
         Some(_) => None,

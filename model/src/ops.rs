@@ -1606,9 +1606,12 @@ pub fn decode_qkv_applies(x: &Tensor) -> bool {
 /// place. Returns the rotated q `[B, Hq·D]`; or, with `attend` = (the step's attention bias
 /// `[B, 1, 1, 1, slot + 1]` f32, scale), those queries' attention over the cache's slots
 /// 0 … slot in the same launch, `[B, Hkv, G, D]` (heads h = kv·G + j), as [`decode_attention`]
-/// computes it. None where the kernel does not apply (the CPU, kernels off, a graph to keep; with
-/// `attend`, also G or D past the decode attention's limits), with nothing written: the caller
-/// then takes the unfused path, which computes the same.
+/// computes it. With `norm` (`[q_norm, k_norm]` `[D]` and the epsilon: Qwen3), each query and
+/// key head is RMS-normed before its rotation, in the launch with the attention only. None where
+/// the kernel does not apply (the CPU, kernels off, a graph to keep; with `attend`, also G or D
+/// past the decode attention's limits; `norm` without `attend`), with nothing written: the
+/// caller then takes the unfused path, which computes the same (with `norm`, up to the last bit
+/// of a head's norm: its sum of squares runs in another order).
 #[allow(clippy::too_many_arguments)]
 pub fn decode_qkv(
     q: &Tensor,
@@ -1621,6 +1624,7 @@ pub fn decode_qkv(
     v_cache: &Tensor,
     slot: usize,
     attend: Option<(&Tensor, f64)>,
+    norm: Option<([&Tensor; 2], f64)>,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     if decode_qkv_applies(q) {
@@ -1629,15 +1633,18 @@ pub fn decode_qkv(
         let fits = hq.is_multiple_of(hkv.max(1))
             && hq / hkv.max(1) <= crate::launch::DECODE_MAX_G
             && d <= crate::launch::DECODE_MAX_D;
-        if attend.is_some() && !fits {
+        if (attend.is_some() && !fits) || (norm.is_some() && attend.is_none()) {
             return Ok(None);
         }
         let attend = attend.map(|(bias, scale)| (bias, scale as f32));
+        let norm = norm.map(|(n, eps)| (n, eps as f32));
         return Ok(Some(crate::cuda::decode_qkv(
-            q, k, v, bias, cos, sin, k_cache, v_cache, slot, attend,
+            q, k, v, bias, cos, sin, k_cache, v_cache, slot, attend, norm,
         )?));
     }
-    let _ = (q, k, v, bias, cos, sin, k_cache, v_cache, slot, attend);
+    let _ = (
+        q, k, v, bias, cos, sin, k_cache, v_cache, slot, attend, norm,
+    );
     Ok(None)
 }
 

@@ -1519,8 +1519,15 @@ fn decode_qkv_attention_is_decode_qkv_then_decode_attention_bit_for_bit() {
                     Arg::Float(scale),
                 ],
             );
-            // the one launch
-            let mut args = projections.to_vec();
+            // the one launch (no q/k norms: the norm weights' buffers unread)
+            let mut args = projections[..10].to_vec();
+            args.extend([
+                ty.buffer(&cos),
+                ty.buffer(&cos),
+                Arg::Int(0),
+                Arg::Float(1e-6),
+            ]);
+            args.extend(projections[10..].iter().cloned());
             args.extend([
                 ty.buffer(&k_cache),
                 ty.buffer(&v_cache),
@@ -1546,10 +1553,151 @@ fn decode_qkv_attention_is_decode_qkv_then_decode_attention_bit_for_bit() {
             for family in families {
                 let fused = launch(&ty.name(family), launch::decode_attention(b * hkv), &args);
                 let at = format!("{family} {ty:?} B{b} Hkv{hkv} G{g} D{d} slot {slot}");
-                assert_eq!(&fused[8], k_written, "{at}: the key cache");
-                assert_eq!(&fused[9], v_written, "{at}: the value cache");
-                assert_eq!(fused[11], attention[4], "{at}: the attention");
+                assert_eq!(&fused[10], k_written, "{at}: the key cache");
+                assert_eq!(&fused[11], v_written, "{at}: the value cache");
+                assert_eq!(fused[13], attention[4], "{at}: the attention");
             }
+        }
+    }
+}
+
+#[test]
+fn decode_qkv_attention_norms_each_head_as_the_rms_norm_kernel_before_it_rotates() {
+    // Qwen3's q/k norms: the fused launch against the two launches fed the heads normed on the
+    // host as the RMSNorm kernel computes them (x·r·w rounded, r from the biased, rounded heads)
+    // (B, Hkv, G, D, capacity, slot): Qwen3's D = 128; the _d64 entry at the kernel's largest G
+    for (case, &(b, hkv, g, d, cap, slot)) in [(2, 2, 3, 128, 12, 7), (1, 1, 16, 64, 5, 4)]
+        .iter()
+        .enumerate()
+    {
+        let seed = 400 + 10 * case as u64;
+        let (hq, s, eps) = (hkv * g, slot + 1, 1e-6f32);
+        let (nq, nkv, width) = (hq * d, hkv * d, hkv * g * d + 2 * hkv * d);
+        for ty in TYS {
+            let r = |shape: &[usize], k: u64| ty.round(&random(shape, seed + k, 1.0));
+            let host = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let packed = host(&r(&[b, width], 1));
+            let biases = [host(&r(&[nq], 6)), host(&r(&[nkv], 7)), host(&r(&[nkv], 8))];
+            let (qn, kn) = (r(&[d], 9).affine(0.3, 1.0).unwrap(), r(&[d], 10));
+            let (qn, kn) = (ty.round(&qn), ty.round(&kn));
+            let (cos, sin) = (r(&[b, d], 2), r(&[b, d], 3));
+            let (k_cache, v_cache) = (r(&[b, hkv, cap, d], 4), r(&[b, hkv, cap, d], 5));
+            let bias = causal_bias(b, 1, s);
+            let scale = (1.0 / (d as f64).sqrt()) as f32;
+            let round = |x: f32| {
+                ty.round(&Tensor::new(&[x], &Device::Cpu).unwrap())
+                    .to_vec1::<f32>()
+                    .unwrap()[0]
+            };
+            // the row with its biases added (rounded), each q and k head normed (rounded)
+            let mut normed = packed.clone();
+            let [qw, kw] = [host(&qn), host(&kn)];
+            for row in normed.chunks_mut(width) {
+                for (at, bias) in [(0, &biases[0]), (nq, &biases[1]), (nq + nkv, &biases[2])] {
+                    for (x, b) in row[at..at + bias.len()].iter_mut().zip(bias) {
+                        *x = round(*x + b);
+                    }
+                }
+                for (head, w) in row[..nq + nkv]
+                    .chunks_mut(d)
+                    .zip(std::iter::repeat_n(&qw, hq).chain(std::iter::repeat_n(&kw, hkv)))
+                {
+                    let ss: f32 = head.iter().map(|x| x * x).sum();
+                    let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+                    for (x, w) in head.iter_mut().zip(w) {
+                        *x = round(*x * inv * w);
+                    }
+                }
+            }
+            let buffer =
+                |v: &[f32], at: usize| ty.buffer(&Tensor::new(&v[at..], &Device::Cpu).unwrap());
+            let row = Arg::Int(width as i32);
+            let with = |v: &[f32], has_bias: i32| {
+                vec![
+                    buffer(v, 0),
+                    buffer(v, nq),
+                    buffer(v, nq + nkv),
+                    row.clone(),
+                    row.clone(),
+                    row.clone(),
+                    ty.buffer(&Tensor::new(biases[0].as_slice(), &Device::Cpu).unwrap()),
+                    ty.buffer(&Tensor::new(biases[1].as_slice(), &Device::Cpu).unwrap()),
+                    ty.buffer(&Tensor::new(biases[2].as_slice(), &Device::Cpu).unwrap()),
+                    Arg::Int(has_bias),
+                ]
+            };
+            let zeros = Tensor::zeros((b, nq), DType::F32, &Device::Cpu).unwrap();
+            // the reference: the epilogue on the normed row (no biases: added), the attention
+            let pairs = b * (hq + 2 * hkv) * d / 2;
+            let mut args = with(&normed, 0);
+            args.extend([
+                ty.buffer(&cos),
+                ty.buffer(&sin),
+                ty.buffer(&zeros),
+                ty.buffer(&k_cache),
+                ty.buffer(&v_cache),
+                Arg::Int(hq as i32),
+                Arg::Int(hkv as i32),
+                Arg::Int(d as i32),
+                Arg::Int(cap as i32),
+                Arg::Int(slot as i32),
+                Arg::Size(pairs),
+            ]);
+            let epilogue = launch(&ty.name("decode_qkv"), launch::elems(pairs), &args);
+            let attention = launch(
+                &ty.name(launch::decode_attention_kernel(d)),
+                launch::decode_attention(b * hkv),
+                &[
+                    epilogue[8].clone(),
+                    epilogue[9].clone(),
+                    epilogue[10].clone(),
+                    Ty::F32.buffer(&bias),
+                    ty.buffer(&zeros),
+                    Arg::Int(hkv as i32),
+                    Arg::Int(g as i32),
+                    Arg::Int(s as i32),
+                    Arg::Int(d as i32),
+                    Arg::Size(cap * d),
+                    Arg::Float(scale),
+                ],
+            );
+            // the one launch, from the raw row with its biases and norms
+            let mut args = with(&packed, 1);
+            args.extend([
+                ty.buffer(&qn),
+                ty.buffer(&kn),
+                Arg::Int(1),
+                Arg::Float(eps),
+                ty.buffer(&cos),
+                ty.buffer(&sin),
+                ty.buffer(&k_cache),
+                ty.buffer(&v_cache),
+                Ty::F32.buffer(&bias),
+                ty.buffer(&zeros),
+                Arg::Int(hkv as i32),
+                Arg::Int(g as i32),
+                Arg::Int(d as i32),
+                Arg::Int(cap as i32),
+                Arg::Int(slot as i32),
+                Arg::Float(scale),
+            ]);
+            let family = launch::decode_qkv_attention_kernel(d);
+            let fused = launch(&ty.name(family), launch::decode_attention(b * hkv), &args);
+            let at = format!("{family} with norms {ty:?} B{b} Hkv{hkv} G{g} D{d} slot {slot}");
+            let t = |a: &Arg| Tensor::new(a.f32s().as_slice(), &Device::Cpu).unwrap();
+            assert_eq!(&fused[11], &epilogue[10], "{at}: the value cache");
+            assert_close(
+                &format!("{at}: the key cache"),
+                &fused[10],
+                &t(&epilogue[9]),
+                ty.tol(),
+            );
+            assert_close(
+                &format!("{at}: the attention"),
+                &fused[13],
+                &t(&attention[4]),
+                ty.tol(),
+            );
         }
     }
 }
