@@ -310,8 +310,8 @@ fn greedy_rows(
 
 /// A small Qwen3 (each query and key head RMS-normed before the rotation; head_dim 128, twice
 /// hidden / heads, as in the Qwen3 models: the flash kernels' D = 128 in bf16) on the GPU against
-/// the CPU: forward (f32, bf16), loss and gradients (f32), and greedy generation, which takes the
-/// composed q/k/v path where a decode step's fused epilogue has no norm.
+/// the CPU: forward (f32, bf16), loss and gradients (f32), and greedy generation, whose decode
+/// steps norm the heads in the fused q/k/v epilogue and attention (`decode_qkv_attention`).
 fn qwen3_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<()> {
     let cpu = Device::Cpu;
     let c = ModelConfig {
