@@ -1104,29 +1104,33 @@ __device__ void decode_qkv_attention(const T* q, const T* k, const T* v, int q_r
     const T *cs = cos + b * d, *sn = sin + b * d;
     T* k_rows = k_cache + bk * cap * d;
     T* v_rows = v_cache + bk * cap * d;
-    if (has_norm) {
-        // the heads biased and rounded to T, unrotated; the value to its slot
-        for (int p = threadIdx.x; p < (g_heads + 2) * half; p += blockDim.x) {
-            const int j = p / half, i = p % half;
-            float lo, hi;
-            if (j < g_heads) {
-                const size_t h = (size_t)kv * g_heads + j;
-                qkv_pair(q + b * q_row + h * d, qb + h * d, has_bias, false, cs, sn, i, half, lo, hi);
-                q_rot[j * d + i] = ld(st<T>(lo));
-                q_rot[j * d + i + half] = ld(st<T>(hi));
-            } else if (j == g_heads) {
-                qkv_pair(k + b * k_row + (size_t)kv * d, kb + (size_t)kv * d, has_bias, false, cs, sn, i, half, lo,
-                         hi);
+    // the heads biased and rounded to T: the queries into shared memory, the key and the value
+    // to the cache's slot; with the norms the query and key heads stay unrotated (the key in
+    // k_raw) until normed below
+    const bool rotate = !has_norm;
+    for (int p = threadIdx.x; p < (g_heads + 2) * half; p += blockDim.x) {
+        const int j = p / half, i = p % half;
+        float lo, hi;
+        if (j < g_heads) {
+            const size_t h = (size_t)kv * g_heads + j;
+            qkv_pair(q + b * q_row + h * d, qb + h * d, has_bias, rotate, cs, sn, i, half, lo, hi);
+            q_rot[j * d + i] = ld(st<T>(lo));
+            q_rot[j * d + i + half] = ld(st<T>(hi));
+        } else {
+            const bool is_k = j == g_heads;
+            const T* src = is_k ? k + b * k_row + (size_t)kv * d : v + b * v_row + (size_t)kv * d;
+            qkv_pair(src, (is_k ? kb : vb) + (size_t)kv * d, has_bias, is_k && rotate, cs, sn, i, half, lo, hi);
+            if (is_k && has_norm) {
                 k_raw[i] = ld(st<T>(lo));
                 k_raw[i + half] = ld(st<T>(hi));
             } else {
-                qkv_pair(v + b * v_row + (size_t)kv * d, vb + (size_t)kv * d, has_bias, false, cs, sn, i, half, lo,
-                         hi);
-                T* dst = v_rows + (size_t)slot * d;
+                T* dst = (is_k ? k_rows : v_rows) + (size_t)slot * d;
                 dst[i] = st<T>(lo);
                 dst[i + half] = st<T>(hi);
             }
         }
+    }
+    if (has_norm) {
         __syncthreads();
         // r = 1/√(mean of squares + eps) of each query head and the key head, a warp a head
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -1154,27 +1158,6 @@ __device__ void decode_qkv_attention(const T* q, const T* k, const T* v, int q_r
                 dst[i] = st<T>(lo);
                 dst[i + half] = st<T>(hi);
             }
-        }
-        __syncthreads();
-        const int s = slot + 1;
-        decode_attend<T, MAX_D>(q_rot, k_rows, v_rows, bias + b * s, y + bk * g_heads * d, g_heads, s, d, scale);
-        return;
-    }
-    for (int p = threadIdx.x; p < (g_heads + 2) * half; p += blockDim.x) {
-        const int j = p / half, i = p % half;
-        float lo, hi;
-        if (j < g_heads) {
-            const size_t h = (size_t)kv * g_heads + j;
-            qkv_pair(q + b * q_row + h * d, qb + h * d, has_bias, true, cs, sn, i, half, lo, hi);
-            q_rot[j * d + i] = ld(st<T>(lo));
-            q_rot[j * d + i + half] = ld(st<T>(hi));
-        } else {
-            const bool is_k = j == g_heads;
-            const T* src = is_k ? k + b * k_row + (size_t)kv * d : v + b * v_row + (size_t)kv * d;
-            qkv_pair(src, (is_k ? kb : vb) + (size_t)kv * d, has_bias, is_k, cs, sn, i, half, lo, hi);
-            T* dst = (is_k ? k_rows : v_rows) + (size_t)slot * d;
-            dst[i] = st<T>(lo);
-            dst[i + half] = st<T>(hi);
         }
     }
     __syncthreads();

@@ -1446,11 +1446,161 @@ fn decode_attention_matches_the_composed_ops_over_a_cache_view() {
     }
 }
 
+/// A decode step's shapes: (B, Hkv, G, D, cache capacity, slot).
+type DecodeDims = (usize, usize, usize, usize, usize, usize);
+
+/// A decode step's inputs beside the projection rows: cos, sin `[B, D]`, the caches
+/// `[B, Hkv, cap, D]` and the attention bias `[B, 1, 1, 1, slot + 1]`.
+struct DecodeInputs {
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    bias: Tensor,
+}
+
+/// The unfused step: `decode_qkv` on `rows` (q, k, v, their row strides, their biases, the bias
+/// flag), then `decode_attention` over the cache it wrote: the two launches' buffers (the
+/// epilogue's rotated q, key and value caches at 8, 9, 10; the attention at 4).
+fn decode_two_launches(
+    ty: Ty,
+    rows: &[Arg],
+    x: &DecodeInputs,
+    dims: DecodeDims,
+) -> (Vec<Arg>, Vec<Arg>) {
+    let (b, hkv, g, d, cap, slot) = dims;
+    let hq = hkv * g;
+    let zeros = Tensor::zeros((b, hq * d), DType::F32, &Device::Cpu).unwrap();
+    let pairs = b * (hq + 2 * hkv) * d / 2;
+    let mut args = rows.to_vec();
+    args.extend([
+        ty.buffer(&x.cos),
+        ty.buffer(&x.sin),
+        ty.buffer(&zeros),
+        ty.buffer(&x.k_cache),
+        ty.buffer(&x.v_cache),
+        Arg::Int(hq as i32),
+        Arg::Int(hkv as i32),
+        Arg::Int(d as i32),
+        Arg::Int(cap as i32),
+        Arg::Int(slot as i32),
+        Arg::Size(pairs),
+    ]);
+    let epilogue = launch(&ty.name("decode_qkv"), launch::elems(pairs), &args);
+    let attention = launch(
+        &ty.name(launch::decode_attention_kernel(d)),
+        launch::decode_attention(b * hkv),
+        &[
+            epilogue[8].clone(),
+            epilogue[9].clone(),
+            epilogue[10].clone(),
+            Ty::F32.buffer(&x.bias),
+            ty.buffer(&zeros),
+            Arg::Int(hkv as i32),
+            Arg::Int(g as i32),
+            Arg::Int((slot + 1) as i32),
+            Arg::Int(d as i32),
+            Arg::Size(cap * d),
+            Arg::Float((1.0 / (d as f64).sqrt()) as f32),
+        ],
+    );
+    (epilogue, attention)
+}
+
+/// The fused step, `family` (`decode_qkv_attention` or its `_d64` entry) on `rows` as above and
+/// `norm` (Qwen3's q and k norm weights `[D]` and epsilon) if any: its buffers (the key and value
+/// caches at 10, 11; the attention at 13).
+fn decode_fused(
+    ty: Ty,
+    family: &str,
+    rows: &[Arg],
+    norm: Option<(&Tensor, &Tensor, f32)>,
+    x: &DecodeInputs,
+    dims: DecodeDims,
+) -> Vec<Arg> {
+    let (b, hkv, g, d, cap, slot) = dims;
+    let zeros = Tensor::zeros((b, hkv * g * d), DType::F32, &Device::Cpu).unwrap();
+    let mut args = rows.to_vec();
+    // without norms the norm weights' buffers are not read: cos stands in
+    let (qn, kn, eps) = norm.unwrap_or((&x.cos, &x.cos, 1e-6));
+    args.extend([
+        ty.buffer(qn),
+        ty.buffer(kn),
+        Arg::Int(i32::from(norm.is_some())),
+        Arg::Float(eps),
+        ty.buffer(&x.cos),
+        ty.buffer(&x.sin),
+        ty.buffer(&x.k_cache),
+        ty.buffer(&x.v_cache),
+        Ty::F32.buffer(&x.bias),
+        ty.buffer(&zeros),
+        Arg::Int(hkv as i32),
+        Arg::Int(g as i32),
+        Arg::Int(d as i32),
+        Arg::Int(cap as i32),
+        Arg::Int(slot as i32),
+        Arg::Float((1.0 / (d as f64).sqrt()) as f32),
+    ]);
+    launch(&ty.name(family), launch::decode_attention(b * hkv), &args)
+}
+
+/// A decode step's random inputs in `ty`'s precision, seeded.
+fn decode_inputs(ty: Ty, dims: DecodeDims, seed: u64) -> DecodeInputs {
+    let (b, hkv, _, d, cap, slot) = dims;
+    let r = |shape: &[usize], k: u64| ty.round(&random(shape, seed + k, 1.0));
+    DecodeInputs {
+        cos: r(&[b, d], 2),
+        sin: r(&[b, d], 3),
+        k_cache: r(&[b, hkv, cap, d], 4),
+        v_cache: r(&[b, hkv, cap, d], 5),
+        bias: causal_bias(b, 1, slot + 1), // row 1 left-padded
+    }
+}
+
+/// The projection rows' arguments: one packed matmul's rows `[q | k | v]` of `packed` (k's
+/// buffer starts at row 0's k, v's at its v), the biases, and whether to add them.
+fn decode_rows(
+    ty: Ty,
+    packed: &[f32],
+    biases: &[Vec<f32>; 3],
+    dims: DecodeDims,
+    has_bias: bool,
+) -> Vec<Arg> {
+    let (_, hkv, g, d, ..) = dims;
+    let (nq, nkv) = (hkv * g * d, hkv * d);
+    let host = |v: &[f32]| ty.buffer(&Tensor::new(v, &Device::Cpu).unwrap());
+    let row = Arg::Int((nq + 2 * nkv) as i32);
+    vec![
+        host(packed),
+        host(&packed[nq..]),
+        host(&packed[nq + nkv..]),
+        row.clone(),
+        row.clone(),
+        row,
+        host(&biases[0]),
+        host(&biases[1]),
+        host(&biases[2]),
+        Arg::Int(i32::from(has_bias)),
+    ]
+}
+
+/// A decode step's projections, flat `[B, Hq·D + 2·Hkv·D]`, and its q, k and v biases, seeded.
+fn decode_projections(ty: Ty, dims: DecodeDims, seed: u64) -> (Vec<f32>, [Vec<f32>; 3]) {
+    let (b, hkv, g, d, ..) = dims;
+    let (nq, nkv) = (hkv * g * d, hkv * d);
+    let host = |shape: &[usize], k: u64| {
+        let t = ty.round(&random(shape, seed + k, 1.0));
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let biases = [host(&[nq], 6), host(&[nkv], 7), host(&[nkv], 8)];
+    (host(&[b, nq + 2 * nkv], 1), biases)
+}
+
 #[test]
 fn decode_qkv_attention_is_decode_qkv_then_decode_attention_bit_for_bit() {
     // (B, Hkv, G, D, capacity, slot): Qwen2.5-0.5B's G and D (the _d64 entry); the kernel's
     // largest G and D with fewer keys than warps; a D that is no multiple of 32
-    for (case, &(b, hkv, g, d, cap, slot)) in [
+    for (case, &dims) in [
         (3, 2, 7, 64, 50, 36),
         (2, 1, 16, 128, 8, 2),
         (2, 3, 1, 48, 20, 19),
@@ -1459,87 +1609,12 @@ fn decode_qkv_attention_is_decode_qkv_then_decode_attention_bit_for_bit() {
     .enumerate()
     {
         let seed = 300 + 10 * case as u64;
-        let (hq, s) = (hkv * g, slot + 1);
-        let (nq, nkv) = (hq * d, hkv * d);
+        let (b, hkv, g, d, _, slot) = dims;
         for ty in TYS {
-            let r = |shape: &[usize], k: u64| ty.round(&random(shape, seed + k, 1.0));
-            // one packed matmul's rows [q | k | v]: k's buffer starts at row 0's k, v's at its v
-            let packed = r(&[b, nq + 2 * nkv], 1).flatten_all().unwrap();
-            let from = |at: usize| packed.narrow(0, at, packed.dim(0).unwrap() - at).unwrap();
-            let row = Arg::Int((nq + 2 * nkv) as i32);
-            let (cos, sin) = (r(&[b, d], 2), r(&[b, d], 3));
-            let (k_cache, v_cache) = (r(&[b, hkv, cap, d], 4), r(&[b, hkv, cap, d], 5));
-            let bias = causal_bias(b, 1, s); // [B, 1, 1, 1, S]: row 1 left-padded
-            let scale = (1.0 / (d as f64).sqrt()) as f32;
-            // the two launches: the epilogue, then the attention over the cache it wrote
-            let projections = [
-                ty.buffer(&from(0)),
-                ty.buffer(&from(nq)),
-                ty.buffer(&from(nq + nkv)),
-                row.clone(),
-                row.clone(),
-                row,
-                ty.buffer(&r(&[nq], 6)),
-                ty.buffer(&r(&[nkv], 7)),
-                ty.buffer(&r(&[nkv], 8)),
-                Arg::Int(1),
-                ty.buffer(&cos),
-                ty.buffer(&sin),
-            ];
-            let zeros = Tensor::zeros((b, nq), DType::F32, &Device::Cpu).unwrap();
-            let pairs = b * (hq + 2 * hkv) * d / 2;
-            let mut args = projections.to_vec();
-            args.extend([
-                ty.buffer(&zeros),
-                ty.buffer(&k_cache),
-                ty.buffer(&v_cache),
-                Arg::Int(hq as i32),
-                Arg::Int(hkv as i32),
-                Arg::Int(d as i32),
-                Arg::Int(cap as i32),
-                Arg::Int(slot as i32),
-                Arg::Size(pairs),
-            ]);
-            let epilogue = launch(&ty.name("decode_qkv"), launch::elems(pairs), &args);
-            let (q_rot, k_written, v_written) = (&epilogue[8], &epilogue[9], &epilogue[10]);
-            let attention = launch(
-                &ty.name(launch::decode_attention_kernel(d)),
-                launch::decode_attention(b * hkv),
-                &[
-                    q_rot.clone(),
-                    k_written.clone(),
-                    v_written.clone(),
-                    Ty::F32.buffer(&bias),
-                    ty.buffer(&zeros),
-                    Arg::Int(hkv as i32),
-                    Arg::Int(g as i32),
-                    Arg::Int(s as i32),
-                    Arg::Int(d as i32),
-                    Arg::Size(cap * d),
-                    Arg::Float(scale),
-                ],
-            );
-            // the one launch (no q/k norms: the norm weights' buffers unread)
-            let mut args = projections[..10].to_vec();
-            args.extend([
-                ty.buffer(&cos),
-                ty.buffer(&cos),
-                Arg::Int(0),
-                Arg::Float(1e-6),
-            ]);
-            args.extend(projections[10..].iter().cloned());
-            args.extend([
-                ty.buffer(&k_cache),
-                ty.buffer(&v_cache),
-                Ty::F32.buffer(&bias),
-                ty.buffer(&zeros),
-                Arg::Int(hkv as i32),
-                Arg::Int(g as i32),
-                Arg::Int(d as i32),
-                Arg::Int(cap as i32),
-                Arg::Int(slot as i32),
-                Arg::Float(scale),
-            ]);
+            let (packed, biases) = decode_projections(ty, dims, seed);
+            let rows = decode_rows(ty, &packed, &biases, dims, true);
+            let x = decode_inputs(ty, dims, seed);
+            let (epilogue, attention) = decode_two_launches(ty, &rows, &x, dims);
             // the general kernel takes every D; the launcher picks the D ≤ 64 one when it can
             let families: &[&str] = if d <= 64 {
                 &["decode_qkv_attention", "decode_qkv_attention_d64"]
@@ -1551,10 +1626,10 @@ fn decode_qkv_attention_is_decode_qkv_then_decode_attention_bit_for_bit() {
                 *families.last().unwrap()
             );
             for family in families {
-                let fused = launch(&ty.name(family), launch::decode_attention(b * hkv), &args);
+                let fused = decode_fused(ty, family, &rows, None, &x, dims);
                 let at = format!("{family} {ty:?} B{b} Hkv{hkv} G{g} D{d} slot {slot}");
-                assert_eq!(&fused[10], k_written, "{at}: the key cache");
-                assert_eq!(&fused[11], v_written, "{at}: the value cache");
+                assert_eq!(fused[10], epilogue[9], "{at}: the key cache");
+                assert_eq!(fused[11], epilogue[10], "{at}: the value cache");
                 assert_eq!(fused[13], attention[4], "{at}: the attention");
             }
         }
@@ -1566,42 +1641,31 @@ fn decode_qkv_attention_norms_each_head_as_the_rms_norm_kernel_before_it_rotates
     // Qwen3's q/k norms: the fused launch against the two launches fed the heads normed on the
     // host as the RMSNorm kernel computes them (x·r·w rounded, r from the biased, rounded heads)
     // (B, Hkv, G, D, capacity, slot): Qwen3's D = 128; the _d64 entry at the kernel's largest G
-    for (case, &(b, hkv, g, d, cap, slot)) in [(2, 2, 3, 128, 12, 7), (1, 1, 16, 64, 5, 4)]
+    for (case, &dims) in [(2, 2, 3, 128, 12, 7), (1, 1, 16, 64, 5, 4)]
         .iter()
         .enumerate()
     {
         let seed = 400 + 10 * case as u64;
-        let (hq, s, eps) = (hkv * g, slot + 1, 1e-6f32);
-        let (nq, nkv, width) = (hq * d, hkv * d, hkv * g * d + 2 * hkv * d);
+        let (b, hkv, g, d, _, slot) = dims;
+        let (hq, eps) = (hkv * g, 1e-6f32);
+        let (nq, nkv) = (hq * d, hkv * d);
         for ty in TYS {
-            let r = |shape: &[usize], k: u64| ty.round(&random(shape, seed + k, 1.0));
-            let host = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let packed = host(&r(&[b, width], 1));
-            let biases = [host(&r(&[nq], 6)), host(&r(&[nkv], 7)), host(&r(&[nkv], 8))];
-            let (qn, kn) = (r(&[d], 9).affine(0.3, 1.0).unwrap(), r(&[d], 10));
-            let (qn, kn) = (ty.round(&qn), ty.round(&kn));
-            let (cos, sin) = (r(&[b, d], 2), r(&[b, d], 3));
-            let (k_cache, v_cache) = (r(&[b, hkv, cap, d], 4), r(&[b, hkv, cap, d], 5));
-            let bias = causal_bias(b, 1, s);
-            let scale = (1.0 / (d as f64).sqrt()) as f32;
-            let round = |x: f32| {
-                ty.round(&Tensor::new(&[x], &Device::Cpu).unwrap())
-                    .to_vec1::<f32>()
-                    .unwrap()[0]
-            };
+            let (packed, biases) = decode_projections(ty, dims, seed);
+            let r = |k: u64| ty.round(&random(&[d], seed + k, 1.0));
+            let (qn, kn) = (ty.round(&r(9).affine(0.3, 1.0).unwrap()), r(10));
+            let host = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+            let round = |x: f32| host(&ty.round(&Tensor::new(&[x], &Device::Cpu).unwrap()))[0];
             // the row with its biases added (rounded), each q and k head normed (rounded)
             let mut normed = packed.clone();
             let [qw, kw] = [host(&qn), host(&kn)];
-            for row in normed.chunks_mut(width) {
+            for row in normed.chunks_mut(nq + 2 * nkv) {
                 for (at, bias) in [(0, &biases[0]), (nq, &biases[1]), (nq + nkv, &biases[2])] {
                     for (x, b) in row[at..at + bias.len()].iter_mut().zip(bias) {
                         *x = round(*x + b);
                     }
                 }
-                for (head, w) in row[..nq + nkv]
-                    .chunks_mut(d)
-                    .zip(std::iter::repeat_n(&qw, hq).chain(std::iter::repeat_n(&kw, hkv)))
-                {
+                let weights = std::iter::repeat_n(&qw, hq).chain(std::iter::repeat_n(&kw, hkv));
+                for (head, w) in row[..nq + nkv].chunks_mut(d).zip(weights) {
                     let ss: f32 = head.iter().map(|x| x * x).sum();
                     let inv = 1.0 / (ss / d as f32 + eps).sqrt();
                     for (x, w) in head.iter_mut().zip(w) {
@@ -1609,83 +1673,21 @@ fn decode_qkv_attention_norms_each_head_as_the_rms_norm_kernel_before_it_rotates
                     }
                 }
             }
-            let buffer =
-                |v: &[f32], at: usize| ty.buffer(&Tensor::new(&v[at..], &Device::Cpu).unwrap());
-            let row = Arg::Int(width as i32);
-            let with = |v: &[f32], has_bias: i32| {
-                vec![
-                    buffer(v, 0),
-                    buffer(v, nq),
-                    buffer(v, nq + nkv),
-                    row.clone(),
-                    row.clone(),
-                    row.clone(),
-                    ty.buffer(&Tensor::new(biases[0].as_slice(), &Device::Cpu).unwrap()),
-                    ty.buffer(&Tensor::new(biases[1].as_slice(), &Device::Cpu).unwrap()),
-                    ty.buffer(&Tensor::new(biases[2].as_slice(), &Device::Cpu).unwrap()),
-                    Arg::Int(has_bias),
-                ]
-            };
-            let zeros = Tensor::zeros((b, nq), DType::F32, &Device::Cpu).unwrap();
+            let x = decode_inputs(ty, dims, seed);
             // the reference: the epilogue on the normed row (no biases: added), the attention
-            let pairs = b * (hq + 2 * hkv) * d / 2;
-            let mut args = with(&normed, 0);
-            args.extend([
-                ty.buffer(&cos),
-                ty.buffer(&sin),
-                ty.buffer(&zeros),
-                ty.buffer(&k_cache),
-                ty.buffer(&v_cache),
-                Arg::Int(hq as i32),
-                Arg::Int(hkv as i32),
-                Arg::Int(d as i32),
-                Arg::Int(cap as i32),
-                Arg::Int(slot as i32),
-                Arg::Size(pairs),
-            ]);
-            let epilogue = launch(&ty.name("decode_qkv"), launch::elems(pairs), &args);
-            let attention = launch(
-                &ty.name(launch::decode_attention_kernel(d)),
-                launch::decode_attention(b * hkv),
-                &[
-                    epilogue[8].clone(),
-                    epilogue[9].clone(),
-                    epilogue[10].clone(),
-                    Ty::F32.buffer(&bias),
-                    ty.buffer(&zeros),
-                    Arg::Int(hkv as i32),
-                    Arg::Int(g as i32),
-                    Arg::Int(s as i32),
-                    Arg::Int(d as i32),
-                    Arg::Size(cap * d),
-                    Arg::Float(scale),
-                ],
+            let (epilogue, attention) = decode_two_launches(
+                ty,
+                &decode_rows(ty, &normed, &biases, dims, false),
+                &x,
+                dims,
             );
             // the one launch, from the raw row with its biases and norms
-            let mut args = with(&packed, 1);
-            args.extend([
-                ty.buffer(&qn),
-                ty.buffer(&kn),
-                Arg::Int(1),
-                Arg::Float(eps),
-                ty.buffer(&cos),
-                ty.buffer(&sin),
-                ty.buffer(&k_cache),
-                ty.buffer(&v_cache),
-                Ty::F32.buffer(&bias),
-                ty.buffer(&zeros),
-                Arg::Int(hkv as i32),
-                Arg::Int(g as i32),
-                Arg::Int(d as i32),
-                Arg::Int(cap as i32),
-                Arg::Int(slot as i32),
-                Arg::Float(scale),
-            ]);
             let family = launch::decode_qkv_attention_kernel(d);
-            let fused = launch(&ty.name(family), launch::decode_attention(b * hkv), &args);
+            let rows = decode_rows(ty, &packed, &biases, dims, true);
+            let fused = decode_fused(ty, family, &rows, Some((&qn, &kn, eps)), &x, dims);
             let at = format!("{family} with norms {ty:?} B{b} Hkv{hkv} G{g} D{d} slot {slot}");
             let t = |a: &Arg| Tensor::new(a.f32s().as_slice(), &Device::Cpu).unwrap();
-            assert_eq!(&fused[11], &epilogue[10], "{at}: the value cache");
+            assert_eq!(fused[11], epilogue[10], "{at}: the value cache");
             assert_close(
                 &format!("{at}: the key cache"),
                 &fused[10],
