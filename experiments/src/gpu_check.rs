@@ -1486,6 +1486,84 @@ fn decode_qkv_attention_checks(gpu: &Device, rows: &mut Vec<(String, String, boo
             rows.push((name, value, e < tol && caches_equal));
         }
     }
+    decode_qk_norm_checks(gpu, &bias, rows)
+}
+
+/// Qwen3's shape (16 query heads, 8 KV heads, D = 128) with q/k norms: the fused epilogue and
+/// attention, which norms each head itself, against the heads biased and normed by the RMSNorm
+/// kernel, then the unfused epilogue (no biases: added) and the decode attention. Within
+/// tolerance, not to the bit: the two sum a head's squares in different orders.
+fn decode_qk_norm_checks(
+    gpu: &Device,
+    bias: &Tensor,
+    rows: &mut Vec<(String, String, bool)>,
+) -> Result<()> {
+    let (b, cap, slot, eps) = (64, 400, 300, 1e-6);
+    let (hq, hkv, d) = (16, 8, 128);
+    let (nq, nkv, scale) = (hq * d, hkv * d, 1.0 / (d as f64).sqrt());
+    for dtype in KERNEL_DTYPES {
+        let r = |shape: &[usize], seed| randn(shape, seed, 1.0, dtype, gpu);
+        let qkv = r(&[b, 1, nq + 2 * nkv], 91)?;
+        let (q, k, v) = (
+            qkv.narrow(2, 0, nq)?,
+            qkv.narrow(2, nq, nkv)?,
+            qkv.narrow(2, nq + nkv, nkv)?,
+        );
+        let (qb, kb, vb) = (r(&[nq], 92)?, r(&[nkv], 93)?, r(&[nkv], 94)?);
+        let (qn, kn) = ((r(&[d], 95)? * 0.3)?.affine(1.0, 1.0)?, r(&[d], 96)?);
+        let (cos, sin) = (r(&[b, 1, 1, d], 97)?, r(&[b, 1, 1, d], 98)?);
+        let caches = || -> Result<(Tensor, Tensor)> {
+            Ok((r(&[b, hkv, cap, d], 99)?, r(&[b, hkv, cap, d], 100)?))
+        };
+        let name =
+            format!("decode q/k/v + attention, q/k norms [64, {hq} + 2·{hkv}, {d}] {dtype:?}");
+        // the heads biased, then normed by the RMSNorm kernel, each over its D
+        let normed = |x: &Tensor, bias: &Tensor, w: &Tensor, n: usize| -> Result<Tensor> {
+            let x = x.broadcast_add(bias)?.reshape((b, 1, n, d))?;
+            Ok(ops::rms_norm(&x, w, eps)?.reshape((b, 1, n * d))?)
+        };
+        let (q2, k2) = (normed(&q, &qb, &qn, hq)?, normed(&k, &kb, &kn, hkv)?);
+        let v2 = v.broadcast_add(&vb)?;
+        let (kc2, vc2) = caches()?;
+        let unfused = ops::decode_qkv(
+            &q2, &k2, &v2, None, &cos, &sin, &kc2, &vc2, slot, None, None,
+        )?;
+        let (kc1, vc1) = caches()?;
+        let attend = Some((bias, scale));
+        let norm = Some(([&qn, &kn], eps));
+        let fused = ops::decode_qkv(
+            &q,
+            &k,
+            &v,
+            Some([&qb, &kb, &vb]),
+            &cos,
+            &sin,
+            &kc1,
+            &vc1,
+            slot,
+            attend,
+            norm,
+        )?;
+        let (Some(q_rot), Some(y1)) = (unfused, fused) else {
+            rows.push((name, "kernel not taken".into(), false));
+            continue;
+        };
+        let s = slot + 1;
+        let q_rot = q_rot.reshape((b, hkv, hq / hkv, d))?;
+        let (kf, vf) = (kc2.narrow(2, 0, s)?, vc2.narrow(2, 0, s)?);
+        let Some(y2) = ops::decode_attention(&q_rot, &kf, &vf, bias, scale)? else {
+            rows.push((name, "decode attention not taken".into(), false));
+            continue;
+        };
+        let (e, ek) = (rel(&y1, &y2)?, rel(&kc1, &kc2)?);
+        let values_equal = max_abs_diff(&vc1, &vc2)? == 0.0;
+        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+        rows.push((
+            name,
+            format!("{e:.1e}, key cache {ek:.1e}, value cache equal: {values_equal}"),
+            e < tol && ek < tol && values_equal,
+        ));
+    }
     Ok(())
 }
 
