@@ -1340,33 +1340,21 @@ fn decode_qkv_adds_the_biases_rotates_and_writes_the_cache_slot() {
                     "separate" => separate.clone(),
                     _ => sliced.clone(),
                 };
-                let out = launch(
-                    &ty.name("decode_qkv"),
-                    geometry,
-                    &[
-                        ty.buffer(&q),
-                        ty.buffer(&k),
-                        ty.buffer(&v),
-                        Arg::Int(q_row as i32),
-                        Arg::Int(k_row as i32),
-                        Arg::Int(v_row as i32),
-                        ty.buffer(&qb),
-                        ty.buffer(&kb),
-                        ty.buffer(&vb),
-                        Arg::Int(i32::from(with_bias)),
-                        ty.buffer(&cos),
-                        ty.buffer(&sin),
-                        ty.buffer(&Tensor::zeros((b, nq), DType::F32, &Device::Cpu).unwrap()),
-                        ty.buffer(&k_cache),
-                        ty.buffer(&v_cache),
-                        Arg::Int(hq as i32),
-                        Arg::Int(hkv as i32),
-                        Arg::Int(d as i32),
-                        Arg::Int(cap as i32),
-                        Arg::Int(slot as i32),
-                        Arg::Size(pairs),
-                    ],
-                );
+                let rows = [
+                    ty.buffer(&q),
+                    ty.buffer(&k),
+                    ty.buffer(&v),
+                    Arg::Int(q_row as i32),
+                    Arg::Int(k_row as i32),
+                    Arg::Int(v_row as i32),
+                    ty.buffer(&qb),
+                    ty.buffer(&kb),
+                    ty.buffer(&vb),
+                    Arg::Int(i32::from(with_bias)),
+                ];
+                let inputs = [&cos, &sin, &k_cache, &v_cache];
+                let dims = (b, hkv, hq / hkv, d, cap, slot);
+                let out = decode_qkv_launch(ty, &rows, inputs, dims, geometry);
                 let what = format!("decode_qkv {ty:?}, bias {with_bias}, {layout}, {geometry:?}");
                 assert_close(&format!("{what}: q"), &out[8], &want_q, ty.tol());
                 assert_close(&format!("{what}: k cache"), &out[9], &want_k, ty.tol());
@@ -1459,6 +1447,34 @@ struct DecodeInputs {
     bias: Tensor,
 }
 
+/// `decode_qkv` on `rows` (q, k, v, their row strides, their biases, the bias flag) with
+/// `[cos, sin, k_cache, v_cache]` and `geometry`: its buffers (the rotated q at 8, the key and
+/// value caches at 9, 10).
+fn decode_qkv_launch(
+    ty: Ty,
+    rows: &[Arg],
+    [cos, sin, k_cache, v_cache]: [&Tensor; 4],
+    (b, hkv, g, d, cap, slot): DecodeDims,
+    geometry: Geometry,
+) -> Vec<Arg> {
+    let hq = hkv * g;
+    let mut args = rows.to_vec();
+    args.extend([
+        ty.buffer(cos),
+        ty.buffer(sin),
+        ty.buffer(&Tensor::zeros((b, hq * d), DType::F32, &Device::Cpu).unwrap()),
+        ty.buffer(k_cache),
+        ty.buffer(v_cache),
+        Arg::Int(hq as i32),
+        Arg::Int(hkv as i32),
+        Arg::Int(d as i32),
+        Arg::Int(cap as i32),
+        Arg::Int(slot as i32),
+        Arg::Size(b * (hq + 2 * hkv) * d / 2),
+    ]);
+    launch(&ty.name("decode_qkv"), geometry, &args)
+}
+
 /// The unfused step: `decode_qkv` on `rows` (q, k, v, their row strides, their biases, the bias
 /// flag), then `decode_attention` over the cache it wrote: the two launches' buffers (the
 /// epilogue's rotated q, key and value caches at 8, 9, 10; the attention at 4).
@@ -1469,24 +1485,10 @@ fn decode_two_launches(
     dims: DecodeDims,
 ) -> (Vec<Arg>, Vec<Arg>) {
     let (b, hkv, g, d, cap, slot) = dims;
-    let hq = hkv * g;
-    let zeros = Tensor::zeros((b, hq * d), DType::F32, &Device::Cpu).unwrap();
-    let pairs = b * (hq + 2 * hkv) * d / 2;
-    let mut args = rows.to_vec();
-    args.extend([
-        ty.buffer(&x.cos),
-        ty.buffer(&x.sin),
-        ty.buffer(&zeros),
-        ty.buffer(&x.k_cache),
-        ty.buffer(&x.v_cache),
-        Arg::Int(hq as i32),
-        Arg::Int(hkv as i32),
-        Arg::Int(d as i32),
-        Arg::Int(cap as i32),
-        Arg::Int(slot as i32),
-        Arg::Size(pairs),
-    ]);
-    let epilogue = launch(&ty.name("decode_qkv"), launch::elems(pairs), &args);
+    let inputs = [&x.cos, &x.sin, &x.k_cache, &x.v_cache];
+    let pairs = b * (hkv * g + 2 * hkv) * d / 2;
+    let epilogue = decode_qkv_launch(ty, rows, inputs, dims, launch::elems(pairs));
+    let zeros = Tensor::zeros((b, hkv * g * d), DType::F32, &Device::Cpu).unwrap();
     let attention = launch(
         &ty.name(launch::decode_attention_kernel(d)),
         launch::decode_attention(b * hkv),
