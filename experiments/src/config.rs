@@ -346,6 +346,14 @@ pub struct AlgorithmConfig {
     /// Lopti's threshold η: low-probability tokens (`π_old < η`) are updated first, then the rest
     /// (negative: the reversed order). None: off.
     pub lopti_eta: Option<f64>,
+    /// DAPO's dynamic sampling (verl's `algorithm.filter_groups`): a group whose rewards are
+    /// all equal is dropped on arrival and counted, and the workers draw more prompts under the
+    /// same policy version until the step has `prompts_per_step` groups with a signal.
+    pub filter_groups: bool,
+    /// With `filter_groups`: a step that still lacks groups after filtering out more than
+    /// `(this − 1) × prompts_per_step` of them ends the run with an error (verl's
+    /// `max_num_gen_batches`; 0: no limit, which never ends on data the model always solves).
+    pub filter_groups_max_batches: usize,
     /// Passes over each step's batch, and optimizer steps per pass.
     pub epochs: usize,
     pub mini_batches: usize,
@@ -397,6 +405,8 @@ impl Default for AlgorithmConfig {
             entropy_coef: 0.0,
             ar_alpha: 0.0,
             lopti_eta: None,
+            filter_groups: false,
+            filter_groups_max_batches: 10,
             epochs: 1,
             mini_batches: 1,
             entropy_reward: EntropyReward::None,
@@ -705,6 +715,12 @@ impl Config {
                 bail!("algorithm.lopti_eta = {eta}: must lie in (−1, 0) or (0, 1)");
             }
         }
+        if a.filter_groups && a.name == "dpo" {
+            bail!(
+                "algorithm.filter_groups: DPO trains on preference pairs, not on groups of \
+                 rollouts; filter_groups is for the policy-gradient methods"
+            );
+        }
         if a.epochs == 0 || a.mini_batches == 0 || a.dpo_pairs_per_step == 0 {
             bail!("algorithm.epochs, mini_batches and dpo_pairs_per_step must be positive");
         }
@@ -919,9 +935,20 @@ mod tests {
                 "algorithm.ar_alpha=0.3".into(),
                 "algorithm.entropy_reward=token".into(),
                 "algorithm.dpo_loss=ipo".into(),
+                "algorithm.filter_groups=true".into(),
             ])
             .unwrap();
         assert_eq!(ok.algorithm.lopti_eta, Some(-0.5));
+        assert!(ok.algorithm.filter_groups);
+        let dpo = [
+            "algorithm.name=dpo".into(),
+            "algorithm.filter_groups=true".into(),
+        ];
+        let e = Config::default().with_overrides(&dpo).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("not on groups of rollouts"),
+            "{e:#}"
+        );
         assert_eq!(Config::from_toml(&ok.to_toml(), "resolved").unwrap(), ok);
     }
 

@@ -2694,6 +2694,10 @@ impl Report {
         print_rows(&self.rows);
         println!();
         self.lines.iter().for_each(|l| println!("{l}"));
+        if self.rows.is_empty() && self.lines.is_empty() {
+            let only = std::env::var("GPU_CHECK_ONLY").unwrap_or_default();
+            return Err(format!("no section ran: GPU_CHECK_ONLY = {only:?} names none").into());
+        }
         let failed = self.rows.iter().filter(|(_, _, ok)| !ok).count();
         if failed > 0 {
             return Err(format!("{failed} GPU checks failed").into());
@@ -2704,14 +2708,17 @@ impl Report {
     /// Runs one section; its error or panic becomes a FAIL row and the next section still runs
     /// (a CUDA fault may leave the context unusable: the later sections then fail fast).
     fn section(&mut self, name: &str, f: impl FnOnce(&mut Report) -> Result<()>) {
-        // GPU_CHECK_ONLY=word,word: only the sections whose names contain one of the words
-        if let Ok(only) = std::env::var("GPU_CHECK_ONLY") {
-            if !only
-                .split(',')
-                .any(|w| !w.is_empty() && name.contains(w.trim()))
-            {
-                return;
-            }
+        // GPU_CHECK_ONLY=word,word: only the sections whose names contain one of the words (set
+        // but empty, as `GPU_CHECK_ONLY=$WORDS` with WORDS unset leaves it: every section, not
+        // none, which would print an empty table that reads as a pass)
+        let only = std::env::var("GPU_CHECK_ONLY").unwrap_or_default();
+        let words: Vec<&str> = only
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .collect();
+        if !words.is_empty() && !words.iter().any(|w| name.contains(w)) {
+            return;
         }
         let (rows, lines, json) = (self.rows.len(), self.lines.len(), self.json.len());
         let start = Instant::now();

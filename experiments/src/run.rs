@@ -54,6 +54,8 @@ pub struct Summary {
     pub steps: u64,
     pub samples: u64,
     pub dropped_rows: u64,
+    /// Groups with equal rewards dropped by `algorithm.filter_groups`.
+    pub filtered_groups: u64,
     pub seconds_sft: f64,
     pub seconds_rl: f64,
     /// True when the run stopped early (Ctrl-C) with a checkpoint.
@@ -635,6 +637,10 @@ fn rl_stage(
         sender,
     );
     let mut collector = Collector::new(receiver, r.max_staleness, r.prompts_per_step);
+    if c.algorithm.filter_groups {
+        let max = c.algorithm.filter_groups_max_batches;
+        collector = collector.filtering(admission.clone(), max);
+    }
     let part_names: Vec<String> = task.reward.parts.iter().map(|p| p.name.clone()).collect();
     let bar = progress_bar(c.run.steps, "grpo", opts.progress);
     bar.set_position(state.step);
@@ -788,6 +794,8 @@ fn rl_stage(
             );
             row.extend([
                 ("dropped_rows".into(), batch.dropped_rows as f64),
+                ("filtered_groups".into(), batch.filtered_groups as f64),
+                ("frac_reward_zero_std".into(), batch.zero_std_frac()),
                 ("failed_groups".into(), batch.failed_groups as f64),
                 ("policy_version".into(), state.policy_version as f64),
                 ("samples".into(), state.samples_seen as f64),
@@ -817,6 +825,7 @@ fn rl_stage(
                 tracing::warn!("rollout failed: {f}");
             }
             summary.dropped_rows += batch.dropped_rows as u64;
+            summary.filtered_groups += batch.filtered_groups as u64;
             rollouts.write(state.step, &batch.batches, advantages)?;
             let t3 = Instant::now();
             let eval_due = c.run.eval_every > 0 && state.step.is_multiple_of(c.run.eval_every)

@@ -334,24 +334,29 @@ fn terminate(child: &std::process::Child) {
 /// exactly.
 fn assert_same_logs(whole: &Path, resumed: &Path) {
     for file in ["metrics.parquet", "eval.parquet"] {
-        let a = deterministic_metrics(whole, file);
-        let b = deterministic_metrics(resumed, file);
-        assert_eq!(a.len(), b.len());
-        for ((name, x), (_, y)) in a.iter().zip(&b) {
-            assert_eq!(x.len(), y.len(), "{file} {name}: rows");
-            for ((sx, vx), (sy, vy)) in x.iter().zip(y) {
-                assert_eq!(sx, sy);
-                assert!(
-                    vx == vy || (vx.is_nan() && vy.is_nan()),
-                    "{file} {name} step {sx}: {vx} vs {vy}"
-                );
-            }
-        }
+        assert_same_table(whole, resumed, file);
     }
     assert_eq!(
         summary(whole)["accuracy_final"],
         summary(resumed)["accuracy_final"]
     );
+}
+
+/// Two runs' `file` (timings aside) agree exactly.
+fn assert_same_table(whole: &Path, resumed: &Path, file: &str) {
+    let a = deterministic_metrics(whole, file);
+    let b = deterministic_metrics(resumed, file);
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x.len(), y.len(), "{file} {name}: rows");
+        for ((sx, vx), (sy, vy)) in x.iter().zip(y) {
+            assert_eq!(sx, sy);
+            assert!(
+                vx == vy || (vx.is_nan() && vy.is_nan()),
+                "{file} {name} step {sx}: {vx} vs {vy}"
+            );
+        }
+    }
 }
 
 /// A tiny run of an algorithm: 30 SFT steps, 4 RL steps, checkpoints every 2.
@@ -680,6 +685,113 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
 /// The built-in model in the Qwen3 architecture (q/k norms, no q/k/v biases) through a whole
 /// run: warm start, GRPO, checkpoints with the norms under transformers' names, a run stopped at
 /// its step-1 checkpoint resuming to the uninterrupted run's metrics, and an export.
+/// `rollouts.parquet`'s rewards by group, over all steps.
+fn rewards_by_group(dir: &Path) -> std::collections::BTreeMap<u64, Vec<f32>> {
+    use arrow::array::{AsArray, RecordBatch};
+    use arrow::datatypes::{Float32Type, UInt64Type};
+    let mut groups = std::collections::BTreeMap::<u64, Vec<f32>>::new();
+    for e in std::fs::read_dir(dir.join("rollouts.parquet")).unwrap() {
+        let f = std::fs::File::open(e.unwrap().path()).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in reader {
+            let b: RecordBatch = b.unwrap();
+            let ids = b
+                .column_by_name("group_id")
+                .unwrap()
+                .as_primitive::<UInt64Type>();
+            let rewards = b
+                .column_by_name("reward")
+                .unwrap()
+                .as_primitive::<Float32Type>();
+            for r in 0..b.num_rows() {
+                groups
+                    .entry(ids.value(r))
+                    .or_default()
+                    .push(rewards.value(r));
+            }
+        }
+    }
+    groups
+}
+
+/// DAPO's dynamic sampling: with `algorithm.filter_groups` every group a step trains on has
+/// rewards that differ, the groups of equal rewards are counted, the steps still hold
+/// `prompts_per_step` groups, and a run stopped at step 1 resumes to the same metrics (the
+/// filtered groups' prompts are not drawn again). The same run unfiltered trains on groups of
+/// equal rewards, and a limit of one batch ends the run with an error that says what to raise.
+#[test]
+fn filtered_groups_are_dropped_counted_and_replaced_and_a_run_resumes_exactly() {
+    let root = scratch("filter");
+    // after 100 warm-start steps about 4 groups in 5 are all wrong (or all right)
+    let set = [
+        "algorithm.filter_groups=true",
+        "rollout.prompts_per_step=8",
+        "sft.steps=100",
+    ];
+    let full = root.join("full");
+    succeed(&mut tiny("filter", &full, &set, 3));
+    let groups = rewards_by_group(&full);
+    assert_eq!(groups.len(), 3 * 8, "three steps of 8 groups");
+    for (id, r) in &groups {
+        assert!(
+            r.iter().any(|&x| x != r[0]),
+            "group {id} trained on equal rewards {r:?}"
+        );
+    }
+    let filtered = metric(&full, "filtered_groups");
+    assert!(
+        filtered.iter().sum::<f64>() > 0.0,
+        "nothing was filtered: {filtered:?}"
+    );
+    // the ids the filtered groups took are missing between the trained ones
+    let last = *groups.keys().last().unwrap() as f64;
+    assert_eq!(
+        last + 1.0,
+        24.0 + filtered.iter().sum::<f64>(),
+        "{groups:?}"
+    );
+    assert_eq!(
+        summary(&full)["filtered_groups"],
+        filtered.iter().sum::<f64>() as u64
+    );
+    let frac = metric(&full, "frac_reward_zero_std");
+    for (f, n) in frac.iter().zip(&filtered) {
+        assert_eq!(*f, n / (n + 8.0), "every filtered group, no trained one");
+    }
+    let part = root.join("part");
+    stopped_and_resumed("filter", &part, &set, 1, 3);
+    // (the stopped run evaluated at its last step, which the whole run did not)
+    assert_same_table(&full, &part, "metrics.parquet");
+    let plain = root.join("plain");
+    succeed(&mut tiny("filter", &plain, &set[1..], 3));
+    let equal = rewards_by_group(&plain)
+        .values()
+        .filter(|r| r.iter().all(|&x| x == r[0]))
+        .count();
+    assert!(equal > 0, "unfiltered, some groups have equal rewards");
+    let frac: f64 = metric(&plain, "frac_reward_zero_std").iter().sum();
+    assert_eq!(frac * 8.0, equal as f64);
+    // a limit of one batch: the plain run's first group of equal rewards ends the run
+    let limit = [
+        set[0],
+        set[1],
+        set[2],
+        "algorithm.filter_groups_max_batches=1",
+    ];
+    let out = tiny("filter", &root.join("limit"), &limit, 3)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("filter_groups_max_batches"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[test]
 fn a_qwen3_run_checkpoints_its_qk_norms_and_resumes_exactly() {
     let root = scratch("qwen3");
