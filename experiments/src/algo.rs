@@ -15,7 +15,7 @@ use learner::step::{
     UpdateConfig, ValueLossConfig, ValueTargets,
 };
 use model::Weights;
-use rollout::schema::Sample;
+use rollout::schema::{Finish, Sample};
 
 use crate::config::Config;
 
@@ -206,8 +206,10 @@ impl Algorithm {
         let lengths: Vec<usize> = samples.iter().map(|s| s.completion_ids.len()).collect();
         let mut seqs: Vec<Sequence> = samples
             .iter()
-            .map(|s| {
-                Sequence::new(
+            .map(|s| Sequence {
+                // TRL's mask_truncated_completions: the advantages still count it
+                masked: a.mask_truncated && s.finish == Finish::Length,
+                ..Sequence::new(
                     s.prompt_ids.clone(),
                     s.completion_ids.clone(),
                     s.behavior_logprobs.clone(),

@@ -354,6 +354,10 @@ pub struct AlgorithmConfig {
     /// `(this − 1) × prompts_per_step` of them ends the run with an error (verl's
     /// `max_num_gen_batches`; 0: no limit, which never ends on data the model always solves).
     pub filter_groups_max_batches: usize,
+    /// TRL's `mask_truncated_completions` (DAPO's overlong filtering): a completion cut at
+    /// `max_new_tokens` keeps its reward in the advantages of its group but leaves the policy
+    /// loss (see `learner::step::Sequence::masked`).
+    pub mask_truncated: bool,
     /// Passes over each step's batch, and optimizer steps per pass.
     pub epochs: usize,
     pub mini_batches: usize,
@@ -407,6 +411,7 @@ impl Default for AlgorithmConfig {
             lopti_eta: None,
             filter_groups: false,
             filter_groups_max_batches: 10,
+            mask_truncated: false,
             epochs: 1,
             mini_batches: 1,
             entropy_reward: EntropyReward::None,
@@ -715,10 +720,10 @@ impl Config {
                 bail!("algorithm.lopti_eta = {eta}: must lie in (−1, 0) or (0, 1)");
             }
         }
-        if a.filter_groups && a.name == "dpo" {
+        if (a.filter_groups || a.mask_truncated) && a.name == "dpo" {
             bail!(
-                "algorithm.filter_groups: DPO trains on preference pairs, not on groups of \
-                 rollouts; filter_groups is for the policy-gradient methods"
+                "algorithm.filter_groups and mask_truncated: DPO trains on preference pairs, not \
+                 on groups of rollouts; they are for the policy-gradient methods"
             );
         }
         if a.epochs == 0 || a.mini_batches == 0 || a.dpo_pairs_per_step == 0 {
@@ -940,15 +945,17 @@ mod tests {
             .unwrap();
         assert_eq!(ok.algorithm.lopti_eta, Some(-0.5));
         assert!(ok.algorithm.filter_groups);
-        let dpo = [
-            "algorithm.name=dpo".into(),
-            "algorithm.filter_groups=true".into(),
-        ];
-        let e = Config::default().with_overrides(&dpo).unwrap_err();
-        assert!(
-            format!("{e:#}").contains("not on groups of rollouts"),
-            "{e:#}"
-        );
+        for set in [
+            "algorithm.filter_groups=true",
+            "algorithm.mask_truncated=true",
+        ] {
+            let dpo = ["algorithm.name=dpo".into(), set.into()];
+            let e = Config::default().with_overrides(&dpo).unwrap_err();
+            assert!(
+                format!("{e:#}").contains("not on groups of rollouts"),
+                "{e:#}"
+            );
+        }
         assert_eq!(Config::from_toml(&ok.to_toml(), "resolved").unwrap(), ok);
     }
 

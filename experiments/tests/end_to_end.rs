@@ -792,6 +792,26 @@ fn filtered_groups_are_dropped_counted_and_replaced_and_a_run_resumes_exactly() 
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.mask_truncated` reaches the learner: at 2 new tokens most completions are cut, and
+/// the first step (the same samples either way) has the same rewards and advantages but another
+/// loss once they leave it.
+#[test]
+fn masked_truncated_completions_change_the_loss_not_the_samples() {
+    let root = scratch("truncated");
+    let set = ["rollout.max_new_tokens=2", "algorithm.mask_truncated=true"];
+    let (masked, plain) = (root.join("masked"), root.join("plain"));
+    succeed(&mut tiny("truncated", &masked, &set, 1));
+    succeed(&mut tiny("truncated", &plain, &set[..1], 1));
+    let truncated = metric(&masked, "truncated_frac")[0];
+    assert!(truncated > 0.0 && truncated < 1.0, "{truncated}");
+    for same in ["truncated_frac", "reward_mean", "advantage_std"] {
+        assert_eq!(metric(&masked, same), metric(&plain, same), "{same}");
+    }
+    let (a, b) = (metric(&masked, "loss")[0], metric(&plain, "loss")[0]);
+    assert!(a != b, "loss {a} either way");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[test]
 fn a_qwen3_run_checkpoints_its_qk_norms_and_resumes_exactly() {
     let root = scratch("qwen3");

@@ -33,6 +33,12 @@ pub struct Sequence {
     pub active: Option<Vec<bool>>,
     /// PPO: the value targets and the values at rollout, one per completion token.
     pub values: Option<ValueTargets>,
+    /// Left out of the policy loss (TRL's `mask_truncated_completions`: a completion cut at the
+    /// length limit): its tokens carry no policy-gradient, KL or entropy term and leave the
+    /// statistics and BNPO's per-micro-batch denominator, but still count in the step's
+    /// sequences and tokens (the GRPO, DAPO and Dr. GRPO denominators), as in TRL, where the
+    /// mask is applied after `num_items_in_batch` is taken. A value loss keeps them.
+    pub masked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +63,7 @@ impl Sequence {
             advantages: vec![advantage; n],
             active: None,
             values: None,
+            masked: false,
         }
     }
 }
@@ -286,6 +293,8 @@ pub(crate) struct Packed {
     advantages: Tensor,
     /// 1 on active completion tokens (KL and entropy; Lopti's group)
     active: Tensor,
+    /// 0 on the rows of masked sequences ([`Sequence::masked`]), 1 elsewhere; None: none masked.
+    kept: Option<Tensor>,
     returns: Tensor,
     old_values: Tensor,
 }
@@ -560,6 +569,14 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
     };
     let b = seqs.len();
     let tensor = |v: Vec<f32>| Tensor::from_vec(v, (b, t - 1), device);
+    let kept = match seqs.iter().any(|s| s.masked) {
+        true => {
+            let rows = seqs.iter().map(|s| f32::from(u8::from(!s.masked)));
+            let rows = Tensor::from_vec(rows.collect::<Vec<_>>(), (b, 1), device)?;
+            Some(rows.broadcast_as((b, t - 1))?.contiguous()?)
+        }
+        false => None,
+    };
     Ok(Packed {
         ids,
         attention,
@@ -569,6 +586,7 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
         old: tensor(old)?,
         advantages: tensor(adv)?,
         active: tensor(active)?,
+        kept,
         returns: tensor(returns)?,
         old_values: tensor(old_values)?,
     })
@@ -669,8 +687,8 @@ pub fn policy_step(
             for piece in plan.pieces() {
                 // BNPO's denominator, when the piece is part of a micro-batch
                 let valid = piece.part_of.as_ref().map(|micro| {
-                    let s = &seqs[micro.clone()];
-                    s.iter().map(|s| s.completion.len() as f64).sum()
+                    let s = seqs[micro.clone()].iter().filter(|s| !s.masked);
+                    s.map(|s| s.completion.len() as f64).sum()
                 });
                 let mb = &seqs[piece.range.clone()];
                 let inputs = PieceInputs {
@@ -740,14 +758,18 @@ fn policy_piece(
         }
         _ => None,
     };
+    let policy_mask = match &p.kept {
+        Some(kept) => (&lp.mask * kept)?,
+        None => lp.mask.clone(),
+    };
     let inputs = PolicyInputs {
         logprobs: &lp.logprobs,
         old_logprobs: &p.old,
         advantages: &p.advantages,
-        mask: &lp.mask,
+        mask: &policy_mask,
         ref_logprobs: reference_lp.as_ref(),
         entropy: Some(&lp.entropy),
-        kl_entropy_mask: Some(&(&p.active * &lp.mask)?),
+        kl_entropy_mask: Some(&(&p.active * &policy_mask)?),
         micro_batch_valid,
     };
     let (mut loss, stats) = policy_loss(&inputs, &cfg.loss, totals)?;

@@ -97,9 +97,15 @@ fn two_steps(
 fn a_step_out_of_memory_runs_again_in_pieces_and_updates_as_it_would_whole() {
     padded_rows();
     let base = model();
-    let seqs = sequences(&base);
-    // BNPO divides by each micro-batch's tokens: its pieces must divide by their micro-batch's
-    for aggregation in [Aggregation::Bnpo, Aggregation::Dapo, Aggregation::Grpo] {
+    let mut seqs = sequences(&base);
+    // BNPO divides by each micro-batch's tokens: its pieces must divide by their micro-batch's,
+    // without those of a masked sequence (a truncated completion: `Sequence::masked`)
+    let cases = [Aggregation::Bnpo, Aggregation::Dapo, Aggregation::Grpo]
+        .into_iter()
+        .map(|a| (a, false))
+        .chain([(Aggregation::Bnpo, true)]);
+    for (aggregation, masked) in cases {
+        seqs[3].masked = masked;
         let cfg = config(aggregation);
         let (whole, fit, want) = two_steps(&base, &seqs, &cfg, None);
         assert_eq!(fit, Fit::default());

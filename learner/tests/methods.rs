@@ -354,6 +354,7 @@ fn lopti_passes_split_the_single_pass_loss_and_match_the_reference() {
                 advantages: reweight(a, o, alpha),
                 active: None,
                 values: None,
+                masked: false,
             })
             .collect();
         let [first, second] = lopti_passes(&seqs, eta);

@@ -154,6 +154,50 @@ fn micro_batching_does_not_change_the_step() {
     assert!(d < 1e-6, "weights differ by {d}");
 }
 
+/// TRL's `mask_truncated_completions`: a masked sequence leaves the loss's numerator, the
+/// statistics and BNPO's token mean, but its completion still counts in GRPO's sequence mean,
+/// DAPO's `num_items_in_batch` and Dr. GRPO's `B × L_max`. So the step with sequence 3 (5 of the
+/// 14 tokens) masked is the step without it, scaled by 3/4 (GRPO, Dr. GRPO), 9/14 (DAPO) or 1
+/// (BNPO, one micro-batch), entropy bonus included.
+#[test]
+fn a_masked_sequence_leaves_the_loss_and_counts_where_trl_counts_it() {
+    let base = model();
+    let mut masked = sequences(&base);
+    masked[3].masked = true;
+    let without = sequences(&base)[..3].to_vec();
+    let run = |seqs: &[Sequence], aggregation: Aggregation| {
+        let (vars, w) = base.to_vars().unwrap();
+        let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+        let mut cfg = config(1 << 12);
+        cfg.loss.aggregation = aggregation;
+        cfg.loss.entropy_coef = 0.01;
+        policy_step(&w, None, None, &mut opt, seqs, &cfg, 1e-3).unwrap()
+    };
+    for (aggregation, scale) in [
+        (Aggregation::Grpo, 3.0 / 4.0),
+        (Aggregation::Bnpo, 1.0),
+        (Aggregation::Dapo, 9.0 / 14.0),
+        (Aggregation::DrGrpo, 3.0 / 4.0),
+    ] {
+        let (m, m0) = (run(&masked, aggregation), run(&without, aggregation));
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
+        assert!(
+            close(m.loss, m0.loss * scale) && close(m.grad_norm, m0.grad_norm * scale),
+            "{aggregation:?}: loss {} vs {} × {scale}, |g| {} vs {}",
+            m.loss,
+            m0.loss,
+            m.grad_norm,
+            m0.grad_norm
+        );
+        assert_eq!(
+            m.policy.tokens, 9.0,
+            "{aggregation:?}: statistics over the kept tokens"
+        );
+        assert!(close(m.policy.entropy_mean, m0.policy.entropy_mean));
+        assert_eq!(m.tokens, 14, "the learner still ran every token");
+    }
+}
+
 #[test]
 fn micro_batches_respect_the_token_budget() {
     let s = |n: usize| Sequence::new(vec![1; 2], vec![2; n], vec![0.0; n], 0.0);
