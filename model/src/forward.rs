@@ -675,7 +675,7 @@ enum DecodeStep {
 /// apply, with nothing computed or written: the CPU, kernels off, a graph to keep, a model with
 /// some of the q/k/v biases but not all, or biases in another dtype than its activations; with
 /// query and key norms (Qwen3), also where the attention does not fit the fused launch (the
-/// epilogue alone has no norm).
+/// epilogue alone has no norm), known before the q/k/v matmul, which the caller then runs.
 #[allow(clippy::too_many_arguments)]
 fn decode_step(
     c: &ModelConfig,
@@ -697,6 +697,13 @@ fn decode_step(
         return Ok(None);
     }
     let (b, hq, d) = (x.dim(0)?, c.num_attention_heads, c.head_dim);
+    let norm = match (&w.q_norm, &w.k_norm) {
+        (Some(qn), Some(kn)) => Some(([qn, kn], c.rms_norm_eps)),
+        _ => None,
+    };
+    if norm.is_some() && !crate::launch::decode_attention_fits(hq, c.num_key_value_heads, d) {
+        return Ok(None);
+    }
     let (q, k, v) = match &w.packed {
         Some(p) => {
             // one matmul; the kernel reads each part in place, rows of (Hq + 2·Hkv)·D apart
@@ -716,10 +723,6 @@ fn decode_step(
     };
     let (k_cache, v_cache, slot) = cache.next_slot(layer)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let norm = match (&w.q_norm, &w.k_norm) {
-        (Some(qn), Some(kn)) => Some(([qn, kn], c.rms_norm_eps)),
-        _ => None,
-    };
     let fused = |attend| {
         crate::ops::decode_qkv(
             &q, &k, &v, bias, cos, sin, k_cache, v_cache, slot, attend, norm,

@@ -91,6 +91,12 @@ pub fn sample_rows(rows: usize) -> Geometry {
 pub const DECODE_MAX_G: usize = 16;
 /// Head dimension that the decode attention kernel takes (`DECODE_MAX_D`).
 pub const DECODE_MAX_D: usize = 128;
+/// Whether the decode attention kernels (and the fused q/k/v + attention launch) take `hq` query
+/// heads over `hkv` KV heads of dimension `d`.
+pub fn decode_attention_fits(hq: usize, hkv: usize, d: usize) -> bool {
+    hkv > 0 && hq.is_multiple_of(hkv) && hq / hkv <= DECODE_MAX_G && d <= DECODE_MAX_D
+}
+
 /// Head dimension up to which the decode attention's `_d64` entries serve (`DECODE_SMALL_D`):
 /// their per-lane rows are half as long, so they need fewer registers and less shared memory.
 pub const DECODE_SMALL_D: usize = 64;

@@ -1630,9 +1630,7 @@ pub fn decode_qkv(
     if decode_qkv_applies(q) {
         let (b, hkv, _, d) = k_cache.dims4()?;
         let hq = q.elem_count() / (b * d).max(1);
-        let fits = hq.is_multiple_of(hkv.max(1))
-            && hq / hkv.max(1) <= crate::launch::DECODE_MAX_G
-            && d <= crate::launch::DECODE_MAX_D;
+        let fits = crate::launch::decode_attention_fits(hq, hkv, d);
         if (attend.is_some() && !fits) || (norm.is_some() && attend.is_none()) {
             return Ok(None);
         }
