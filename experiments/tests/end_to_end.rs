@@ -120,18 +120,22 @@ fn grpo_beats_the_warm_start_on_held_out_addition() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The record batches of a Parquet file.
+fn read_parquet(path: &Path) -> Vec<arrow::array::RecordBatch> {
+    let f = std::fs::File::open(path).unwrap();
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
 /// Every metric except wall-clock timings, speeds and how full the decode steps ran.
 fn deterministic_metrics(dir: &Path, file: &str) -> Vec<(String, Vec<(u64, f64)>)> {
-    use arrow::array::{AsArray, RecordBatch};
+    use arrow::array::AsArray;
     use arrow::datatypes::{Float64Type, UInt64Type};
-    let f = std::fs::File::open(dir.join(file)).unwrap();
-    let batches: Vec<RecordBatch> =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .unwrap()
-            .build()
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+    let batches = read_parquet(&dir.join(file));
     let schema = batches[0].schema();
     let mut out = Vec::new();
     for (i, field) in schema.fields().iter().enumerate().skip(1) {
@@ -682,35 +686,19 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// The built-in model in the Qwen3 architecture (q/k norms, no q/k/v biases) through a whole
-/// run: warm start, GRPO, checkpoints with the norms under transformers' names, a run stopped at
-/// its step-1 checkpoint resuming to the uninterrupted run's metrics, and an export.
 /// `rollouts.parquet`'s rewards by group, over all steps.
 fn rewards_by_group(dir: &Path) -> std::collections::BTreeMap<u64, Vec<f32>> {
-    use arrow::array::{AsArray, RecordBatch};
+    use arrow::array::AsArray;
     use arrow::datatypes::{Float32Type, UInt64Type};
     let mut groups = std::collections::BTreeMap::<u64, Vec<f32>>::new();
     for e in std::fs::read_dir(dir.join("rollouts.parquet")).unwrap() {
-        let f = std::fs::File::open(e.unwrap().path()).unwrap();
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .unwrap()
-            .build()
-            .unwrap();
-        for b in reader {
-            let b: RecordBatch = b.unwrap();
-            let ids = b
-                .column_by_name("group_id")
-                .unwrap()
-                .as_primitive::<UInt64Type>();
-            let rewards = b
-                .column_by_name("reward")
-                .unwrap()
-                .as_primitive::<Float32Type>();
-            for r in 0..b.num_rows() {
-                groups
-                    .entry(ids.value(r))
-                    .or_default()
-                    .push(rewards.value(r));
+        for b in read_parquet(&e.unwrap().path()) {
+            let column = |name| b.column_by_name(name).unwrap().clone();
+            let (ids, rewards) = (column("group_id"), column("reward"));
+            let ids = ids.as_primitive::<UInt64Type>();
+            let rewards = rewards.as_primitive::<Float32Type>();
+            for (id, reward) in ids.values().iter().zip(rewards.values()) {
+                groups.entry(*id).or_default().push(*reward);
             }
         }
     }
@@ -812,6 +800,9 @@ fn masked_truncated_completions_change_the_loss_not_the_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// The built-in model in the Qwen3 architecture (q/k norms, no q/k/v biases) through a whole
+/// run: warm start, GRPO, checkpoints with the norms under transformers' names, a run stopped at
+/// its step-1 checkpoint resuming to the uninterrupted run's metrics, and an export.
 #[test]
 fn a_qwen3_run_checkpoints_its_qk_norms_and_resumes_exactly() {
     let root = scratch("qwen3");
