@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Golden values for the learner, from PyTorch: AdamW steps with gradient clipping, the GRPO-family
-losses and their gradients (spec section 5, written out independently here), TRL's group
+losses and their gradients (spec section 5, written out independently here; CISPO as TRL's
+`loss_type="cispo"` computes it), TRL's group
 advantages; the estimators of issue 5 (RLOO, REINFORCE++ with and without baseline, PPO's token
 rewards, GAE and whitening, AR, EM-RL rewards, the adaptive KL controller), the clipped value
 loss, the DPO family and Lopti's two passes, each with gradients where it is a loss.
@@ -57,7 +58,12 @@ def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals):
         seq = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
         log_ratio = seq.expand_as(mask)
     r = torch.exp(log_ratio)
-    pg = torch.max(-adv * r, -adv * r.clamp(1 - cfg["clip_low"], 1 + cfg["clip_high"]))
+    if cfg.get("loss") == "cispo":
+        # CISPO (MiniMax-M1; TRL's loss_type="cispo"): the importance weight capped above and
+        # detached, times the advantage and the log-prob
+        pg = -r.clamp(max=cfg["cispo_max"]).detach() * adv * logp
+    else:
+        pg = torch.max(-adv * r, -adv * r.clamp(1 - cfg["clip_low"], 1 + cfg["clip_high"]))
     if cfg["dual_clip"] is not None:
         pg = torch.where(adv < 0, torch.min(pg, -adv * cfg["dual_clip"]), pg)
     loss_t = pg
@@ -94,6 +100,18 @@ def grpo():
                 for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01), (0.1, "k1", 0.0), (0.1, "k2", 0.0)]:
                     cfg = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": dual, "ratio": ratio, "aggregation": agg,
                            "kl": kind, "kl_coef": kl_coef, "entropy_coef": ent_coef}
+                    x = logp.clone().requires_grad_(True)
+                    loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals)
+                    loss.backward()
+                    cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
+    # CISPO under every aggregation and ratio level, with the weight's cap above (1.1: some
+    # weights capped) or past (5.0, ScaleRL's value) the batch's ratios
+    for agg in ["grpo", "bnpo", "dapo", "dr_grpo"]:
+        for ratio in ["token", "sequence"]:
+            for cap in [1.1, 5.0]:
+                for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01)]:
+                    cfg = {"loss": "cispo", "cispo_max": cap, "clip_low": 0.2, "clip_high": 0.28, "dual_clip": None,
+                           "ratio": ratio, "aggregation": agg, "kl": kind, "kl_coef": kl_coef, "entropy_coef": ent_coef}
                     x = logp.clone().requires_grad_(True)
                     loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals)
                     loss.backward()

@@ -17,7 +17,7 @@ use learner::step::{
 use model::Weights;
 use rollout::schema::{Finish, Sample};
 
-use crate::config::Config;
+use crate::config::{Config, PolicyLoss};
 
 const HEAD_FILE: &str = "value_head.safetensors";
 const CRITIC_DIR: &str = "critic";
@@ -152,6 +152,7 @@ impl Algorithm {
                     kl: a.kl_estimator,
                     kl_coef: a.kl_coef,
                     entropy_coef: a.entropy_coef,
+                    cispo: (a.policy_loss == PolicyLoss::Cispo).then_some(a.cispo_max),
                 },
                 micro_batch_tokens: c.optimizer.micro_batch_tokens,
                 temperature: f64::from(c.rollout.temperature),

@@ -325,6 +325,17 @@ impl Default for RolloutConfig {
     }
 }
 
+/// The policy-gradient surrogate of the GRPO family, RLOO, REINFORCE++ and PPO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyLoss {
+    /// PPO's clipped surrogate (`clip_low`, `clip_high`, `dual_clip`).
+    #[default]
+    Clip,
+    /// CISPO: `−sg(min(r, cispo_max))·A·log π` (MiniMax-M1; TRL's `loss_type = "cispo"`).
+    Cispo,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlgorithmConfig {
@@ -335,6 +346,10 @@ pub struct AlgorithmConfig {
     pub std_eps: f64,
     pub loss_aggregation: Aggregation,
     pub ratio: RatioLevel,
+    /// `clip` (PPO's clipped surrogate) or `cispo`.
+    pub policy_loss: PolicyLoss,
+    /// CISPO's cap on the importance weight (ScaleRL's and TRL's recommended 5.0).
+    pub cispo_max: f64,
     pub clip_low: f64,
     pub clip_high: f64,
     pub dual_clip: Option<f64>,
@@ -401,6 +416,8 @@ impl Default for AlgorithmConfig {
             std_eps: 1e-4,
             loss_aggregation: Aggregation::Dapo,
             ratio: RatioLevel::Token,
+            policy_loss: PolicyLoss::Clip,
+            cispo_max: 5.0,
             clip_low: 0.2,
             clip_high: 0.28,
             dual_clip: None,
@@ -720,6 +737,17 @@ impl Config {
                 bail!("algorithm.lopti_eta = {eta}: must lie in (−1, 0) or (0, 1)");
             }
         }
+        if a.policy_loss == PolicyLoss::Cispo {
+            if !(a.cispo_max.is_finite() && a.cispo_max > 0.0) {
+                bail!("algorithm.cispo_max = {}: must be positive", a.cispo_max);
+            }
+            if a.dual_clip.is_some() || a.name == "dpo" {
+                bail!(
+                    "algorithm.policy_loss = \"cispo\" replaces the clipped surrogate: no \
+                     dual_clip with it, and DPO has no surrogate"
+                );
+            }
+        }
         if (a.filter_groups || a.mask_truncated) && a.name == "dpo" {
             bail!(
                 "algorithm.filter_groups and mask_truncated: DPO trains on preference pairs, not \
@@ -956,6 +984,20 @@ mod tests {
                 "{e:#}"
             );
         }
+        let cispo = |with: &str| {
+            let sets = ["algorithm.policy_loss=cispo".into(), with.into()];
+            Config::default().with_overrides(&sets)
+        };
+        let err = |with: &str| format!("{:#}", cispo(with).unwrap_err());
+        assert!(err("algorithm.dual_clip=3.0").contains("dual_clip"));
+        assert!(err("algorithm.cispo_max=0").contains("cispo_max"));
+        assert!(err("algorithm.name=dpo").contains("DPO"));
+        let c = cispo("algorithm.cispo_max=4.0").unwrap();
+        assert_eq!(
+            (c.algorithm.policy_loss, c.algorithm.cispo_max),
+            (PolicyLoss::Cispo, 4.0)
+        );
+        assert!(bad("algorithm.policy_loss=sapo").contains("sapo"));
         assert_eq!(Config::from_toml(&ok.to_toml(), "resolved").unwrap(), ok);
     }
 

@@ -780,6 +780,22 @@ fn filtered_groups_are_dropped_counted_and_replaced_and_a_run_resumes_exactly() 
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.policy_loss = "cispo"` reaches the learner: the first step's samples are the same,
+/// its loss another, and no token counts as clipped low.
+#[test]
+fn cispo_changes_the_loss_not_the_samples() {
+    let root = scratch("cispo");
+    let (cispo, plain) = (root.join("cispo"), root.join("plain"));
+    let set = ["algorithm.policy_loss=cispo", "algorithm.cispo_max=1.0"];
+    succeed(&mut tiny("cispo", &cispo, &set, 1));
+    succeed(&mut tiny("cispo", &plain, &[], 1));
+    assert_eq!(metric(&cispo, "reward_mean"), metric(&plain, "reward_mean"));
+    let (a, b) = (metric(&cispo, "loss")[0], metric(&plain, "loss")[0]);
+    assert!(a != b, "loss {a} either way");
+    assert_eq!(metric(&cispo, "clip_low_frac"), vec![0.0]);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `algorithm.mask_truncated` reaches the learner: at 2 new tokens most completions are cut, and
 /// the first step (the same samples either way) has the same rewards and advantages but another
 /// loss once they leave it.

@@ -111,6 +111,11 @@ pub struct PolicyLossConfig {
     /// β; with 0 no reference log-probs are needed.
     pub kl_coef: f64,
     pub entropy_coef: f64,
+    /// CISPO's cap ε_max (MiniMax-M1; ScaleRL; TRL's `loss_type = "cispo"`, where
+    /// `epsilon_high` holds it): the surrogate becomes `−sg(min(r, ε_max))·A·log π`, every token
+    /// keeping a gradient; `clip_low`, `clip_high` and `dual_clip` are then unused. None: the
+    /// clipped surrogate.
+    pub cispo: Option<f64>,
 }
 
 impl Default for PolicyLossConfig {
@@ -124,6 +129,7 @@ impl Default for PolicyLossConfig {
             kl: KlEstimator::K3,
             kl_coef: 0.0,
             entropy_coef: 0.0,
+            cispo: None,
         }
     }
 }
@@ -251,16 +257,25 @@ pub fn policy_loss(
     };
     let ratio = log_ratio.exp()?; // [B, T]
     let a = x.advantages;
-    let clipped = ratio.clamp((1.0 - c.clip_low) as f32, (1.0 + c.clip_high) as f32)?;
-    // pg = max(−A·r, −A·clip(r))
-    let pg = (ratio.broadcast_mul(a)?.neg()?).maximum(&clipped.broadcast_mul(a)?.neg()?)?;
+    let pg = match c.cispo {
+        // pg = −sg(min(r, ε_max))·A·log π
+        Some(max) => {
+            let weight = ratio.clamp(0f32, max as f32)?.detach();
+            (weight.broadcast_mul(a)? * x.logprobs)?.neg()?
+        }
+        None => {
+            let clipped = ratio.clamp((1.0 - c.clip_low) as f32, (1.0 + c.clip_high) as f32)?;
+            // pg = max(−A·r, −A·clip(r))
+            (ratio.broadcast_mul(a)?.neg()?).maximum(&clipped.broadcast_mul(a)?.neg()?)?
+        }
+    };
     let pg = match c.dual_clip {
-        Some(cap) => {
+        Some(cap) if c.cispo.is_none() => {
             let capped = pg.minimum(&(a.neg()? * cap)?)?;
             let negative = a.lt(0f32)?;
             negative.where_cond(&capped, &pg)?
         }
-        None => pg,
+        _ => pg,
     };
     let aux_mask = x.kl_entropy_mask.unwrap_or(mask);
     let mut per_token = pg;
@@ -302,14 +317,23 @@ pub fn policy_loss(
         }
     };
     let ratio = ratio.detach();
-    let low = ratio
-        .lt((1.0 - c.clip_low) as f32)?
-        .to_dtype(DType::F32)?
-        .broadcast_mul(&a.lt(0f32)?.to_dtype(DType::F32)?)?;
-    let high = ratio
-        .gt((1.0 + c.clip_high) as f32)?
-        .to_dtype(DType::F32)?
-        .broadcast_mul(&a.gt(0f32)?.to_dtype(DType::F32)?)?;
+    let (low, high) = match c.cispo {
+        // CISPO clips no token's gradient; `high` counts the weights capped
+        Some(max) => (
+            ratio.zeros_like()?,
+            ratio.gt(max as f32)?.to_dtype(DType::F32)?,
+        ),
+        None => (
+            ratio
+                .lt((1.0 - c.clip_low) as f32)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&a.lt(0f32)?.to_dtype(DType::F32)?)?,
+            ratio
+                .gt((1.0 + c.clip_high) as f32)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&a.gt(0f32)?.to_dtype(DType::F32)?)?,
+        ),
+    };
     let ratio_max = (&ratio * mask)?.flatten_all()?.max(D::Minus1)?;
     let log_diff = log_diff.detach();
     let diff_max = (log_diff.abs()? * mask)?.flatten_all()?.max(D::Minus1)?;

@@ -46,7 +46,7 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
         max_completion_length: parse(&tot["max_completion_length"]),
     };
     let cases = f["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 64);
+    assert_eq!(cases.len(), 96, "64 clipped-surrogate cases, 32 CISPO");
     for case in cases {
         let c = &case["config"];
         let config = PolicyLossConfig {
@@ -58,6 +58,7 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
             kl: parse::<KlEstimator>(&c["kl"]),
             kl_coef: parse(&c["kl_coef"]),
             entropy_coef: parse(&c["entropy_coef"]),
+            cispo: (c["loss"] == "cispo").then(|| parse(&c["cispo_max"])),
         };
         let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
         let inputs = PolicyInputs {
@@ -143,6 +144,18 @@ fn clip_statistics_count_the_clipped_tokens() {
     assert!(
         (s.ratio_max - 0.5f64.exp()).abs() < 1e-5,
         "padding is not counted: {s:?}"
+    );
+    // CISPO clips no gradient; a weight above its cap counts as clipped high, whatever the
+    // advantage's sign: at a cap of 0.9, the ratios 1.65 and 1 (not the padding's)
+    let cispo = PolicyLossConfig {
+        cispo: Some(0.9),
+        ..Default::default()
+    };
+    let (_, s) = policy_loss(&inputs, &cispo, &totals).unwrap();
+    let s = s.read().unwrap();
+    assert!(
+        (s.clip_high_frac - 2.0 / 3.0).abs() < 1e-9 && s.clip_low_frac == 0.0,
+        "{s:?}"
     );
     let kl = PolicyLossConfig {
         kl_coef: 0.1,
