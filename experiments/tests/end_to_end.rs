@@ -780,39 +780,45 @@ fn filtered_groups_are_dropped_counted_and_replaced_and_a_run_resumes_exactly() 
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// `algorithm.policy_loss = "cispo"` reaches the learner: the first step's samples are the same,
-/// its loss another, and no token counts as clipped low.
+/// One tiny RL step with `base` and `option` set, and one with `base` only, under `root`: the
+/// same samples (reward and advantage statistics) and another loss, so the option reached the
+/// learner. Returns the two runs' directories.
+fn one_step_either_way(root: &Path, base: &[&str], option: &str) -> (PathBuf, PathBuf) {
+    let (with, without) = (root.join("with"), root.join("without"));
+    let set: Vec<&str> = base.iter().copied().chain([option]).collect();
+    succeed(&mut tiny("either-way", &with, &set, 1));
+    succeed(&mut tiny("either-way", &without, base, 1));
+    for same in ["truncated_frac", "reward_mean", "advantage_std"] {
+        assert_eq!(
+            metric(&with, same),
+            metric(&without, same),
+            "{option}: {same}"
+        );
+    }
+    let (a, b) = (metric(&with, "loss")[0], metric(&without, "loss")[0]);
+    assert!(a != b, "{option}: loss {a} either way");
+    (with, without)
+}
+
+/// `algorithm.policy_loss = "cispo"` reaches the learner, and no token counts as clipped low.
 #[test]
 fn cispo_changes_the_loss_not_the_samples() {
     let root = scratch("cispo");
-    let (cispo, plain) = (root.join("cispo"), root.join("plain"));
-    let set = ["algorithm.policy_loss=cispo", "algorithm.cispo_max=1.0"];
-    succeed(&mut tiny("cispo", &cispo, &set, 1));
-    succeed(&mut tiny("cispo", &plain, &[], 1));
-    assert_eq!(metric(&cispo, "reward_mean"), metric(&plain, "reward_mean"));
-    let (a, b) = (metric(&cispo, "loss")[0], metric(&plain, "loss")[0]);
-    assert!(a != b, "loss {a} either way");
+    let base = ["algorithm.cispo_max=1.0"];
+    let (cispo, _) = one_step_either_way(&root, &base, "algorithm.policy_loss=cispo");
     assert_eq!(metric(&cispo, "clip_low_frac"), vec![0.0]);
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// `algorithm.mask_truncated` reaches the learner: at 2 new tokens most completions are cut, and
-/// the first step (the same samples either way) has the same rewards and advantages but another
-/// loss once they leave it.
+/// `algorithm.mask_truncated` reaches the learner: at 2 new tokens part of the completions are
+/// cut, and they leave the loss, not the advantages.
 #[test]
 fn masked_truncated_completions_change_the_loss_not_the_samples() {
     let root = scratch("truncated");
-    let set = ["rollout.max_new_tokens=2", "algorithm.mask_truncated=true"];
-    let (masked, plain) = (root.join("masked"), root.join("plain"));
-    succeed(&mut tiny("truncated", &masked, &set, 1));
-    succeed(&mut tiny("truncated", &plain, &set[..1], 1));
+    let base = ["rollout.max_new_tokens=2"];
+    let (masked, _) = one_step_either_way(&root, &base, "algorithm.mask_truncated=true");
     let truncated = metric(&masked, "truncated_frac")[0];
     assert!(truncated > 0.0 && truncated < 1.0, "{truncated}");
-    for same in ["truncated_frac", "reward_mean", "advantage_std"] {
-        assert_eq!(metric(&masked, same), metric(&plain, same), "{same}");
-    }
-    let (a, b) = (metric(&masked, "loss")[0], metric(&plain, "loss")[0]);
-    assert!(a != b, "loss {a} either way");
     let _ = std::fs::remove_dir_all(&root);
 }
 
