@@ -709,7 +709,8 @@ fn rewards_by_group(dir: &Path) -> std::collections::BTreeMap<u64, Vec<f32>> {
 /// rewards that differ, the groups of equal rewards are counted, the steps still hold
 /// `prompts_per_step` groups, and a run stopped at step 1 resumes to the same metrics (the
 /// filtered groups' prompts are not drawn again). The same run unfiltered trains on groups of
-/// equal rewards, and a limit of one batch ends the run with an error that says what to raise.
+/// equal rewards, one version of asynchrony still fills every step with groups that carry a
+/// signal, and a limit of one batch ends the run with an error that says what to raise.
 #[test]
 fn filtered_groups_are_dropped_counted_and_replaced_and_a_run_resumes_exactly() {
     let root = scratch("filter");
@@ -762,6 +763,18 @@ fn filtered_groups_are_dropped_counted_and_replaced_and_a_run_resumes_exactly() 
     assert!(equal > 0, "unfiltered, some groups have equal rewards");
     let frac: f64 = metric(&plain, "frac_reward_zero_std").iter().sum();
     assert_eq!(frac * 8.0, equal as f64);
+    // one step of asynchrony: the workers run a version ahead while filtered groups hand their
+    // quota back; every step still fills with groups that carry a signal
+    let ahead = root.join("ahead");
+    let one_ahead = [set[0], set[1], set[2], "rollout.max_staleness=1"];
+    succeed(&mut tiny("filter", &ahead, &one_ahead, 3));
+    let groups = rewards_by_group(&ahead);
+    assert_eq!(groups.len(), 3 * 8);
+    assert!(groups.values().all(|r| r.iter().any(|&x| x != r[0])));
+    assert!(
+        metric(&ahead, "staleness_1").iter().sum::<f64>() > 0.0,
+        "no sample was a version old"
+    );
     // a limit of one batch: the plain run's first group of equal rewards ends the run
     let limit = [
         set[0],
