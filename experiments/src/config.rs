@@ -1001,6 +1001,37 @@ mod tests {
         assert_eq!(Config::from_toml(&ok.to_toml(), "resolved").unwrap(), ok);
     }
 
+    /// `configs/default.toml` is what the README says it is: the built-in default, every key
+    /// written out.
+    #[test]
+    fn the_default_preset_is_the_built_in_default_with_every_key_shown() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        assert_eq!(
+            Config::from_toml(&text, "default.toml").unwrap(),
+            Config::default()
+        );
+        // section.key paths (an array of tables by its first table's keys)
+        fn keys(t: &toml::Table, at: &str, out: &mut Vec<String>) {
+            for (k, v) in t {
+                let path = format!("{at}{k}");
+                match v {
+                    toml::Value::Table(inner) => keys(inner, &format!("{path}."), out),
+                    toml::Value::Array(a) => match a.first() {
+                        Some(toml::Value::Table(inner)) => keys(inner, &format!("{path}."), out),
+                        _ => out.push(path),
+                    },
+                    _ => out.push(path),
+                }
+            }
+        }
+        let (mut shown, mut all) = (Vec::new(), Vec::new());
+        keys(&text.parse().unwrap(), "", &mut shown);
+        keys(&Config::default().to_toml().parse().unwrap(), "", &mut all);
+        let missing: Vec<&String> = all.iter().filter(|k| !shown.contains(k)).collect();
+        assert!(missing.is_empty(), "default.toml does not show {missing:?}");
+    }
+
     #[test]
     fn every_shipped_preset_parses_and_its_sweep_variants_apply() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
