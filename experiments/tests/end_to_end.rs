@@ -399,6 +399,25 @@ fn stopped_and_resumed(name: &str, dir: &Path, extra: &[&str], stop: u64, steps:
     );
 }
 
+/// The tiny run of `steps` RL steps whole (`root/<name>-whole`), and the same run stopped at its
+/// step-1 checkpoint, then resumed to `steps` (`root/<name>-resumed`).
+fn whole_and_resumed(name: &str, root: &Path, extra: &[&str], steps: u64) -> (PathBuf, PathBuf) {
+    let whole = root.join(format!("{name}-whole"));
+    succeed(&mut tiny(name, &whole, extra, steps));
+    let resumed = root.join(format!("{name}-resumed"));
+    stopped_and_resumed(name, &resumed, extra, 1, steps);
+    (whole, resumed)
+}
+
+/// The weights a run's step-`step` checkpoint holds, by name.
+fn checkpoint_weights(
+    run: &Path,
+    step: u64,
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let path = run.join(format!("checkpoints/step-{step:06}/model.safetensors"));
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()
+}
+
 fn metric(dir: &Path, column: &str) -> Vec<f64> {
     let out = deterministic_metrics(dir, "metrics.parquet");
     out.into_iter()
@@ -720,8 +739,7 @@ fn filtered_groups_are_dropped_counted_and_replaced_and_a_run_resumes_exactly() 
         "rollout.prompts_per_step=8",
         "sft.steps=100",
     ];
-    let full = root.join("full");
-    succeed(&mut tiny("filter", &full, &set, 3));
+    let (full, part) = whole_and_resumed("filter", &root, &set, 3);
     let groups = rewards_by_group(&full);
     assert_eq!(groups.len(), 3 * 8, "three steps of 8 groups");
     for (id, r) in &groups {
@@ -750,8 +768,6 @@ fn filtered_groups_are_dropped_counted_and_replaced_and_a_run_resumes_exactly() 
     for (f, n) in frac.iter().zip(&filtered) {
         assert_eq!(*f, n / (n + 8.0), "every filtered group, no trained one");
     }
-    let part = root.join("part");
-    stopped_and_resumed("filter", &part, &set, 1, 3);
     // (the stopped run evaluated at its last step, which the whole run did not)
     assert_same_table(&full, &part, "metrics.parquet");
     let plain = root.join("plain");
@@ -846,18 +862,11 @@ fn a_qwen3_run_checkpoints_its_qk_norms_and_resumes_exactly() {
         "sft.steps=5",
         "run.checkpoint_every=1",
     ];
-    let full = root.join("full");
-    succeed(&mut tiny("qwen3", &full, &set, 3));
-    let part = root.join("part");
-    stopped_and_resumed("qwen3", &part, &set, 1, 3);
+    let (full, part) = whole_and_resumed("qwen3", &root, &set, 3);
     for col in ["loss", "grad_norm", "reward_mean", "entropy"] {
         assert_eq!(metric(&full, col), metric(&part, col), "qwen3 {col}");
     }
-    let saved = candle_core::safetensors::load(
-        full.join("checkpoints/step-000003/model.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let saved = checkpoint_weights(&full, 3);
     assert!(!saved.contains_key("model.layers.0.self_attn.q_proj.bias"));
     let (norm, before) = ("model.layers.0.self_attn.q_norm.weight", 1f32);
     let q_norm = saved[norm].to_vec1::<f32>().unwrap();
@@ -898,16 +907,13 @@ fn a_bf16_or_f16_run_checkpoints_its_f32_masters_and_resumes_exactly() {
         let dtype_set = format!("model.dtype={name}");
         let mut set = vec![dtype_set.as_str(), "sft.steps=5", "run.checkpoint_every=1"];
         set.extend(extra);
-        let full = root.join(format!("{name}-full"));
-        succeed(&mut tiny(&name, &full, &set, 3));
+        let (full, part) = whole_and_resumed(&name, &root, &set, 3);
         let grad_norm = metric(&full, "grad_norm");
         // (a step whose groups all tie has no gradient)
         assert!(
             grad_norm.iter().all(|g| g.is_finite()) && grad_norm.iter().any(|g| *g > 0.0),
             "{name}: {grad_norm:?}"
         );
-        let part = root.join(format!("{name}-part"));
-        stopped_and_resumed(&name, &part, &set, 1, 3);
         let mut cols = vec!["loss", "grad_norm", "reward_mean", "entropy"];
         if dtype == DType::F16 {
             let overflows = metric(&full, "loss_scale_overflows");
@@ -917,11 +923,7 @@ fn a_bf16_or_f16_run_checkpoints_its_f32_masters_and_resumes_exactly() {
         for col in cols {
             assert_eq!(metric(&full, col), metric(&part, col), "{name} {col}");
         }
-        let saved = candle_core::safetensors::load(
-            full.join("checkpoints/step-000003/model.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
+        let saved = checkpoint_weights(&full, 3);
         let t = &saved["model.layers.0.mlp.down_proj.weight"];
         assert_eq!(t.dtype(), DType::F32);
         let rounded = t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();

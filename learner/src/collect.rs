@@ -49,6 +49,14 @@ pub struct StepBatch {
 }
 
 impl StepBatch {
+    /// A group generated and done with (trained on or filtered): the feed forgets it, and its
+    /// generation counts in the step's rollout time and tokens.
+    fn generated(&mut self, group_id: u64, seconds: f64, tokens: usize) {
+        self.finished_groups.push(group_id);
+        self.rollout_seconds += seconds;
+        self.rollout_tokens += tokens;
+    }
+
     /// The share of groups with all rewards equal (TRL's `frac_reward_zero_std`) among those
     /// the step trained on and those it filtered out.
     pub fn zero_std_frac(&self) -> f64 {
@@ -147,9 +155,7 @@ impl Collector {
                 if let Some(id) = samples.first().map(|s| s.group_id) {
                     if let (true, Some(f)) = (equal_rewards(&samples), &self.filter) {
                         out.filtered_groups += 1;
-                        out.finished_groups.push(id);
-                        out.rollout_seconds += r.seconds;
-                        out.rollout_tokens += r.tokens;
+                        out.generated(id, r.seconds, r.tokens);
                         f.admission.release(samples.len());
                         let short = self.ready.len() < self.groups_per_step;
                         if short && f.max_filtered.is_some_and(|m| out.filtered_groups > m) {
@@ -242,9 +248,7 @@ impl Collector {
             .collect();
         for id in ids {
             let g = self.ready.remove(&id).expect("listed");
-            out.rollout_seconds += g.seconds;
-            out.rollout_tokens += g.tokens;
-            out.finished_groups.push(id);
+            out.generated(id, g.seconds, g.tokens);
             out.groups.push(g.samples);
             out.batches.push(g.batch);
         }
