@@ -4,7 +4,9 @@ losses and their gradients (spec section 5, written out independently here; CISP
 `loss_type="cispo"` computes it), TRL's group
 advantages; the estimators of issue 5 (RLOO, REINFORCE++ with and without baseline, PPO's token
 rewards, GAE and whitening, AR, EM-RL rewards, the adaptive KL controller), the clipped value
-loss, the DPO family and Lopti's two passes, each with gradients where it is a loss.
+loss, the DPO family and Lopti's two passes, each with gradients where it is a loss; TRL's
+importance-sampling correction of the sampler's log-probs (`vllm_importance_sampling_mode`: token or
+sequence, truncated or masked at a cap) and the policy losses it weights.
 
 Everything is computed on padded [B, T] tensors with masks (the Rust side works on ragged rows),
 from the formulas of shared/spec/algorithms.md sections 1 and 5 and verl's / TRL's definitions.
@@ -51,8 +53,27 @@ def kl(logp, ref, kind):
     return (torch.exp(x) - x - 1).clamp(-10, 10)
 
 
-def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals):
-    """The spec's formulas (section 5.2-5.4), written out in PyTorch."""
+def is_weights(old, sampling, mask, mode, cap):
+    """TRL's importance_sampling_ratio (grpo_trainer.py, `_generate_and_score_completions`): the
+    trainer's log-probs at the start of the step against the sampler's, per token or summed over
+    the sequence, truncated (clamp max) or masked (0 above the cap). Returns the weights and the
+    values TRL's statistics take (masked tokens, or one per sequence) with their raw values."""
+    diff = (old - sampling) * mask
+    sequence = mode.startswith("sequence")
+    if sequence:
+        diff = diff.sum(-1, keepdim=True)
+    raw = torch.exp(diff)
+    if mode.endswith("truncate"):
+        w = raw.clamp(max=cap)
+    else:
+        w = raw.masked_fill(raw > cap, 0.0)
+    flat, flat_raw = (w.flatten(), raw.flatten()) if sequence else (w[mask.bool()], raw[mask.bool()])
+    return w.expand_as(mask), flat, flat_raw
+
+
+def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None):
+    """The spec's formulas (section 5.2-5.4), written out in PyTorch; `weights` multiply the
+    policy term before KL and entropy join it, as TRL applies its importance-sampling ratio."""
     log_ratio = (logp - old).clamp(-20, 20)
     if cfg["ratio"] == "sequence":  # GSPO
         seq = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
@@ -66,6 +87,8 @@ def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals):
         pg = torch.max(-adv * r, -adv * r.clamp(1 - cfg["clip_low"], 1 + cfg["clip_high"]))
     if cfg["dual_clip"] is not None:
         pg = torch.where(adv < 0, torch.min(pg, -adv * cfg["dual_clip"]), pg)
+    if weights is not None:
+        pg = pg * weights
     loss_t = pg
     if cfg["kl_coef"]:
         loss_t = loss_t + cfg["kl_coef"] * kl(logp, ref, cfg["kl"])
@@ -116,8 +139,37 @@ def grpo():
                     loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals)
                     loss.backward()
                     cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
+    # the sampler's log-probs for the importance-sampling correction (`old` is then the learner's
+    # own at the start of the step), from a generator of their own so that the cases above keep
+    # their values
+    g = torch.Generator().manual_seed(7)
+    sampling = (old + 0.5 * torch.randn(b, t, generator=g)) * mask
+    cap = 1.5
+    correction = {}
+    for mode in ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]:
+        w, flat, flat_raw = is_weights(old, sampling, mask, mode, cap)
+        correction[mode] = {"weights": w.tolist(), "min": flat.min().item(), "mean": flat.mean().item(),
+                            "max": flat.max().item(), "capped_frac": (flat_raw > cap).float().mean().item()}
+        for agg in ["grpo", "dapo"]:
+            for ratio in ["token", "sequence"]:
+                for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01)]:
+                    cfg = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": None, "ratio": ratio,
+                           "aggregation": agg, "kl": kind, "kl_coef": kl_coef, "entropy_coef": ent_coef,
+                           "correction": mode}
+                    x = logp.clone().requires_grad_(True)
+                    loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals, w)
+                    loss.backward()
+                    cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
+        cfg = {"loss": "cispo", "cispo_max": 5.0, "clip_low": 0.2, "clip_high": 0.28, "dual_clip": None,
+               "ratio": "token", "aggregation": "dapo", "kl": "k3", "kl_coef": 0.0, "entropy_coef": 0.0,
+               "correction": mode}
+        x = logp.clone().requires_grad_(True)
+        loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals, w)
+        loss.backward()
+        cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
     return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
-            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
+            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases,
+            "sampling": sampling.tolist(), "correction_cap": cap, "correction": correction}
 
 
 def advantages():

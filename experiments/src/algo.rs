@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use learner::advantages::{self, KlController};
+use learner::correction::{importance_weights, BehaviourCorrection, CorrectionStats};
 use learner::grpo::{group_advantages, PolicyLossConfig};
 use learner::optim::AdamW;
 use learner::ppo::ValueHead;
@@ -124,6 +125,8 @@ pub struct AdvantageStats {
     /// Mean per-token k1 KL of the behaviour policy to the reference (KL in the reward).
     pub reward_kl: f64,
     pub reward_kl_coef: f64,
+    /// The behaviour correction's statistics (None: off).
+    pub correction: Option<CorrectionStats>,
 }
 
 /// A separate critic's step: (loss, value clip fraction, grad norm).
@@ -222,6 +225,30 @@ impl Algorithm {
             reward_kl_coef: self.kl.beta,
             ..Default::default()
         };
+        // the behaviour correction: from here on the learner's own log-probs at the start of the
+        // step are the old policy (the ratio, the reward KL, AR, Lopti), as verl recomputes
+        // `old_log_prob`; the sampler's only set the importance weights
+        if a.behaviour_correction != BehaviourCorrection::None {
+            let proximal = token_logprobs(
+                &policy.detach(),
+                &seqs,
+                c.optimizer.micro_batch_tokens,
+                self.step.temperature,
+            )?;
+            let behaviour: Vec<Vec<f32>> =
+                seqs.iter().map(|s| s.behavior_logprobs.clone()).collect();
+            let (weights, correction) = importance_weights(
+                &proximal,
+                &behaviour,
+                a.behaviour_correction,
+                a.behaviour_cap,
+            );
+            for ((s, p), w) in seqs.iter_mut().zip(proximal).zip(weights) {
+                s.behavior_logprobs = p;
+                s.importance_weights = Some(w);
+            }
+            stats.correction = Some(correction);
+        }
         let per_seq = |seqs: &mut Vec<Sequence>, adv: &[f32]| {
             for (s, &x) in seqs.iter_mut().zip(adv) {
                 s.advantages = vec![x; s.completion.len()];

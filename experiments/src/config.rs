@@ -5,6 +5,7 @@
 use anyhow::{bail, Context};
 use candle_core::DType;
 use learner::advantages::EntropyReward;
+use learner::correction::BehaviourCorrection;
 use learner::dpo::DpoLoss;
 use learner::grpo::{Aggregation, KlEstimator, RatioLevel, ScaleRewards};
 use learner::schedule::Schedule;
@@ -373,6 +374,14 @@ pub struct AlgorithmConfig {
     /// `max_new_tokens` keeps its reward in the advantages of its group but leaves the policy
     /// loss (see `learner::step::Sequence::masked`).
     pub mask_truncated: bool,
+    /// Correction of the sampler's log-probs (TRL's `vllm_importance_sampling_mode`, AReaL's
+    /// decoupled PPO): `none`, or `token_truncate`, `token_mask`, `sequence_truncate`,
+    /// `sequence_mask`: the learner recomputes the log-probs at the start of each step, clips
+    /// against them, and weights each token's policy term by `π_prox / π_behav` bounded at
+    /// `behaviour_cap` (see `learner::correction`).
+    pub behaviour_correction: BehaviourCorrection,
+    /// The cap of the correction's importance weight (TRL's `vllm_importance_sampling_cap`).
+    pub behaviour_cap: f64,
     /// Passes over each step's batch, and optimizer steps per pass.
     pub epochs: usize,
     pub mini_batches: usize,
@@ -429,6 +438,8 @@ impl Default for AlgorithmConfig {
             filter_groups: false,
             filter_groups_max_batches: 10,
             mask_truncated: false,
+            behaviour_correction: BehaviourCorrection::None,
+            behaviour_cap: 3.0,
             epochs: 1,
             mini_batches: 1,
             entropy_reward: EntropyReward::None,
@@ -748,10 +759,18 @@ impl Config {
                 );
             }
         }
-        if (a.filter_groups || a.mask_truncated) && a.name == "dpo" {
+        let corrected = a.behaviour_correction != BehaviourCorrection::None;
+        if (a.filter_groups || a.mask_truncated || corrected) && a.name == "dpo" {
             bail!(
-                "algorithm.filter_groups and mask_truncated: DPO trains on preference pairs, not \
-                 on groups of rollouts; they are for the policy-gradient methods"
+                "algorithm.filter_groups, mask_truncated and behaviour_correction: DPO trains on \
+                 preference pairs, not on groups of rollouts; they are for the policy-gradient \
+                 methods"
+            );
+        }
+        if corrected && !(a.behaviour_cap.is_finite() && a.behaviour_cap > 0.0) {
+            bail!(
+                "algorithm.behaviour_cap = {}: must be positive",
+                a.behaviour_cap
             );
         }
         if a.epochs == 0 || a.mini_batches == 0 || a.dpo_pairs_per_step == 0 {
@@ -998,6 +1017,22 @@ mod tests {
             (PolicyLoss::Cispo, 4.0)
         );
         assert!(bad("algorithm.policy_loss=sapo").contains("sapo"));
+        let corrected = |with: &str| {
+            let sets = [
+                "algorithm.behaviour_correction=sequence_mask".into(),
+                with.into(),
+            ];
+            Config::default().with_overrides(&sets)
+        };
+        let c = corrected("algorithm.behaviour_cap=2.0").unwrap();
+        assert_eq!(
+            (c.algorithm.behaviour_correction, c.algorithm.behaviour_cap),
+            (BehaviourCorrection::SequenceMask, 2.0)
+        );
+        let err = |with: &str| format!("{:#}", corrected(with).unwrap_err());
+        assert!(err("algorithm.behaviour_cap=0").contains("behaviour_cap"));
+        assert!(err("algorithm.name=dpo").contains("DPO"));
+        assert!(bad("algorithm.behaviour_correction=tis").contains("tis"));
         assert_eq!(Config::from_toml(&ok.to_toml(), "resolved").unwrap(), ok);
     }
 

@@ -741,6 +741,24 @@ fn rl_stage(
                 ),
                 ("reward_kl".into(), adv.reward_kl),
                 ("reward_kl_coef".into(), adv.reward_kl_coef),
+            ]);
+            // the behaviour correction's (NaN when off)
+            let corr = |f: fn(&learner::correction::CorrectionStats) -> f64| {
+                adv.correction.as_ref().map_or(f64::NAN, f)
+            };
+            row.extend([
+                (
+                    "sampler_logprob_diff_mean".into(),
+                    corr(|c| c.logprob_diff_mean),
+                ),
+                (
+                    "sampler_logprob_diff_max".into(),
+                    corr(|c| c.logprob_diff_max),
+                ),
+                ("is_weight_min".into(), corr(|c| c.weight_min)),
+                ("is_weight_mean".into(), corr(|c| c.weight_mean)),
+                ("is_weight_max".into(), corr(|c| c.weight_max)),
+                ("is_capped_frac".into(), corr(|c| c.capped_frac)),
                 ("value_loss".into(), critic.map_or(m.value_loss, |c| c.0)),
                 (
                     "value_clip_frac".into(),

@@ -839,6 +839,76 @@ fn cispo_changes_the_loss_not_the_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// The behaviour correction (`algorithm.behaviour_correction`) with one version of asynchrony:
+/// the learner recomputes the old log-probs at the start of each step, so the ratio at its one
+/// optimizer step is 1 on every token (`logprob_diff_max` at float rounding) where the
+/// uncorrected run's is not on its stale samples; the sampler's gap shows in
+/// `sampler_logprob_diff_max` on the steps with stale samples and is float rounding on fresh
+/// ones; the weights are logged within their cap, and an uncorrected run logs NaN for them.
+#[test]
+fn behaviour_correction_recomputes_the_old_policy_and_weights_stale_samples() {
+    let root = scratch("correction");
+    let (corrected, plain) = (root.join("corrected"), root.join("plain"));
+    let ahead = "rollout.max_staleness=1";
+    let set = [
+        ahead,
+        "algorithm.behaviour_correction=token_truncate",
+        "algorithm.behaviour_cap=1.02",
+    ];
+    succeed(&mut tiny("correction", &corrected, &set, 4));
+    succeed(&mut tiny("correction", &plain, &[ahead], 4));
+    let stale = metric(&corrected, "staleness_1");
+    assert!(
+        stale.iter().sum::<f64>() > 0.0,
+        "no sample was a version old"
+    );
+    let gap = metric(&corrected, "sampler_logprob_diff_max");
+    let own = metric(&corrected, "logprob_diff_max");
+    let (capped, top) = (
+        metric(&corrected, "is_capped_frac"),
+        metric(&corrected, "is_weight_max"),
+    );
+    for step in 0..4 {
+        assert!(
+            own[step] < 1e-4,
+            "step {step}: the learner's own gap {}",
+            own[step]
+        );
+        if stale[step] > 0.0 {
+            assert!(
+                gap[step] > 1e-3,
+                "step {step}: stale samples, gap {}",
+                gap[step]
+            );
+            assert!(capped[step] > 0.0, "step {step}: no weight passed 1.02");
+        } else {
+            assert!(
+                gap[step] < 1e-4,
+                "step {step}: fresh samples, gap {}",
+                gap[step]
+            );
+        }
+        assert!(
+            top[step] <= 1.02 + 1e-6,
+            "step {step}: weight {}",
+            top[step]
+        );
+    }
+    let (plain_stale, plain_gap) = (
+        metric(&plain, "staleness_1"),
+        metric(&plain, "logprob_diff_max"),
+    );
+    for step in (0..4).filter(|&s| plain_stale[s] > 0.0) {
+        assert!(
+            plain_gap[step] > 1e-3,
+            "uncorrected step {step}: {}",
+            plain_gap[step]
+        );
+    }
+    assert!(metric(&plain, "is_weight_mean").iter().all(|x| x.is_nan()));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `algorithm.mask_truncated` reaches the learner: at 2 new tokens part of the completions are
 /// cut, and they leave the loss, not the advantages.
 #[test]

@@ -157,6 +157,9 @@ pub struct PolicyInputs<'a> {
     pub ref_logprobs: Option<&'a Tensor>,
     /// `[B, T]` entropies (needed when `entropy_coef > 0`).
     pub entropy: Option<&'a Tensor>,
+    /// `[B, T]` detached weights that multiply each token's policy term, before KL and entropy
+    /// are added (TRL's `importance_sampling_ratio`; [`crate::correction`]); None: 1.
+    pub importance_weights: Option<&'a Tensor>,
     /// `[B, T]` where KL and entropy count (Lopti restricts them to a token group); the
     /// denominators still use `mask`.
     pub kl_entropy_mask: Option<&'a Tensor>,
@@ -276,6 +279,10 @@ pub fn policy_loss(
             negative.where_cond(&capped, &pg)?
         }
         _ => pg,
+    };
+    let pg = match x.importance_weights {
+        Some(w) => (pg * w)?,
+        None => pg,
     };
     let aux_mask = x.kl_entropy_mask.unwrap_or(mask);
     let mut per_token = pg;

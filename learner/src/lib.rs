@@ -5,6 +5,7 @@ pub mod advantages;
 pub mod alpharl;
 pub mod checkpoint;
 pub mod collect;
+pub mod correction;
 pub mod device_sums;
 pub mod dpo;
 pub mod error;

@@ -25,7 +25,8 @@ use crate::ppo::{value_loss, ValueHead, ValueStats};
 pub struct Sequence {
     pub prompt: Vec<u32>,
     pub completion: Vec<u32>,
-    /// Log-prob of each completion token under the policy that sampled it.
+    /// Log-prob of each completion token under the old policy: the one that sampled it, or, with
+    /// a behaviour correction ([`crate::correction`]), the learner's at the start of the step.
     pub behavior_logprobs: Vec<f32>,
     /// One advantage per completion token.
     pub advantages: Vec<f32>,
@@ -39,6 +40,9 @@ pub struct Sequence {
     /// sequences and tokens (the GRPO, DAPO and Dr. GRPO denominators), as in TRL, where the
     /// mask is applied after `num_items_in_batch` is taken. A value loss keeps them.
     pub masked: bool,
+    /// One detached importance weight per completion token that multiplies its policy term
+    /// ([`crate::correction`]: `π_prox / π_behav`, truncated or masked); None: 1.
+    pub importance_weights: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +68,7 @@ impl Sequence {
             active: None,
             values: None,
             masked: false,
+            importance_weights: None,
         }
     }
 }
@@ -295,6 +300,9 @@ pub(crate) struct Packed {
     active: Tensor,
     /// 0 on the rows of masked sequences ([`Sequence::masked`]), 1 elsewhere; None: none masked.
     kept: Option<Tensor>,
+    /// The importance weights ([`Sequence::importance_weights`]; 1 where a sequence has none);
+    /// None: no sequence has any.
+    importance_weights: Option<Tensor>,
     returns: Tensor,
     old_values: Tensor,
 }
@@ -524,11 +532,14 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
     let cells = seqs.len() * t.saturating_sub(1);
     let (mut old, mut adv, mut active) = (vec![0f32; cells], vec![0f32; cells], vec![0f32; cells]);
     let (mut returns, mut old_values) = (vec![0f32; cells], vec![0f32; cells]);
+    let weighted = seqs.iter().any(|s| s.importance_weights.is_some());
+    let mut weights = vec![1f32; if weighted { cells } else { 0 }];
     for (r, s) in seqs.iter().enumerate() {
         let n = s.completion.len();
         let lengths_ok = s.behavior_logprobs.len() == n
             && s.advantages.len() == n
             && s.active.as_ref().is_none_or(|a| a.len() == n)
+            && s.importance_weights.as_ref().is_none_or(|w| w.len() == n)
             && s.values
                 .as_ref()
                 .is_none_or(|v| v.returns.len() == n && v.old_values.len() == n);
@@ -554,6 +565,9 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
             if let Some(v) = &s.values {
                 returns[at] = v.returns[j];
                 old_values[at] = v.old_values[j];
+            }
+            if let Some(w) = &s.importance_weights {
+                weights[at] = w[j];
             }
         }
     }
@@ -587,6 +601,7 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
         advantages: tensor(adv)?,
         active: tensor(active)?,
         kept,
+        importance_weights: weighted.then(|| tensor(weights)).transpose()?,
         returns: tensor(returns)?,
         old_values: tensor(old_values)?,
     })
@@ -769,6 +784,7 @@ fn policy_piece(
         mask: &policy_mask,
         ref_logprobs: reference_lp.as_ref(),
         entropy: Some(&lp.entropy),
+        importance_weights: p.importance_weights.as_ref(),
         kl_entropy_mask: Some(&(&p.active * &policy_mask)?),
         micro_batch_valid,
     };

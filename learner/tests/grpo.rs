@@ -1,12 +1,13 @@
 //! GRPO-family losses and gradients against the spec's formulas written out in PyTorch
 //! (scripts/make_learner_fixtures.py), on a padded batch of unequal lengths; TRL's group
-//! advantages.
+//! advantages; TRL's importance-sampling correction of the sampler's log-probs.
 
 mod common;
 
 use common::max_diff;
 
 use candle_core::{Device, Tensor, Var};
+use learner::correction::{importance_weights, BehaviourCorrection};
 use learner::grpo::{
     group_advantages, policy_loss, Aggregation, KlEstimator, PolicyInputs, PolicyLossConfig,
     RatioLevel, ScaleRewards, StepTotals,
@@ -46,9 +47,18 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
         max_completion_length: parse(&tot["max_completion_length"]),
     };
     let cases = f["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 96, "64 clipped-surrogate cases, 32 CISPO");
+    assert_eq!(
+        cases.len(),
+        132,
+        "64 clipped-surrogate cases, 32 CISPO, 36 importance-weighted"
+    );
     for case in cases {
         let c = &case["config"];
+        // the weights as the learner computes them from ragged rows (`old` is the proximal policy)
+        let weights = (!c["correction"].is_null()).then(|| {
+            let mode = parse::<BehaviourCorrection>(&c["correction"]);
+            corrected(&f, mode).0
+        });
         let config = PolicyLossConfig {
             clip_low: parse(&c["clip_low"]),
             clip_high: parse(&c["clip_high"]),
@@ -68,6 +78,7 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
             mask: &mask,
             ref_logprobs: Some(&reference),
             entropy: Some(&entropy),
+            importance_weights: weights.as_ref(),
             kl_entropy_mask: None,
             micro_batch_valid: None,
         };
@@ -79,6 +90,60 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
         let g = grads.get(logp.as_tensor()).unwrap();
         let d = max_diff(g, &t2(&case["grad"]));
         assert!(d < 1e-5, "{c}: gradient off by {d}");
+    }
+}
+
+/// The fixture's valid tokens of `key` (`[B, T]`), one vector per row.
+fn ragged(f: &Value, key: &str) -> Vec<Vec<f32>> {
+    let rows: Vec<Vec<f32>> = parse(&f[key]);
+    let mask: Vec<Vec<f32>> = parse(&f["mask"]);
+    rows.iter()
+        .zip(&mask)
+        .map(|(r, m)| r[..m.iter().filter(|&&x| x > 0.0).count()].to_vec())
+        .collect()
+}
+
+/// `importance_weights` on the fixture's rows (the step's own log-probs `old` against the
+/// sampler's), padded back to `[B, T]` with ones.
+fn corrected(
+    f: &Value,
+    mode: BehaviourCorrection,
+) -> (Tensor, learner::correction::CorrectionStats) {
+    let cap: f64 = parse(&f["correction_cap"]);
+    let (w, stats) = importance_weights(&ragged(f, "old"), &ragged(f, "sampling"), mode, cap);
+    let t = f["mask"][0].as_array().unwrap().len();
+    let padded: Vec<Vec<f32>> = w
+        .into_iter()
+        .map(|mut r| {
+            r.resize(t, 1.0);
+            r
+        })
+        .collect();
+    (Tensor::new(padded, &Device::Cpu).unwrap(), stats)
+}
+
+#[test]
+fn importance_weights_and_their_statistics_match_trl() {
+    let f = fixture("grpo");
+    let mask = t2(&f["mask"]);
+    for (name, want) in f["correction"].as_object().unwrap() {
+        let mode = parse::<BehaviourCorrection>(&Value::String(name.clone()));
+        let (w, s) = corrected(&f, mode);
+        // on the valid tokens (TRL's padding holds weights of its own, never used)
+        let d = max_diff(
+            &(w * &mask).unwrap(),
+            &(t2(&want["weights"]) * &mask).unwrap(),
+        );
+        assert!(d < 1e-5, "{name}: weights off by {d}");
+        for (got, key) in [
+            (s.weight_min, "min"),
+            (s.weight_mean, "mean"),
+            (s.weight_max, "max"),
+            (s.capped_frac, "capped_frac"),
+        ] {
+            let want: f64 = parse(&want[key]);
+            assert!((got - want).abs() < 1e-5, "{name} {key}: {got} vs {want}");
+        }
     }
 }
 
@@ -96,6 +161,7 @@ fn row_inputs<'a>(
         mask,
         ref_logprobs: None,
         entropy: None,
+        importance_weights: None,
         kl_entropy_mask: None,
         micro_batch_valid: None,
     }

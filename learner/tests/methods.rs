@@ -355,6 +355,7 @@ fn lopti_passes_split_the_single_pass_loss_and_match_the_reference() {
                 active: None,
                 values: None,
                 masked: false,
+                importance_weights: None,
             })
             .collect();
         let [first, second] = lopti_passes(&seqs, eta);
@@ -396,6 +397,7 @@ fn lopti_passes_split_the_single_pass_loss_and_match_the_reference() {
                 mask: &mask,
                 ref_logprobs: Some(&ref_t),
                 entropy: Some(&ent_t),
+                importance_weights: None,
                 kl_entropy_mask: Some(&active),
                 micro_batch_valid: None,
             };

@@ -198,6 +198,67 @@ fn a_masked_sequence_leaves_the_loss_and_counts_where_trl_counts_it() {
     }
 }
 
+/// Importance weights ([`Sequence::importance_weights`], the behaviour correction's) scale each
+/// token's policy term and nothing else: weights of ½ on every token halve every aggregation's
+/// loss and gradient. A weight of 0 on every token of sequence 3 (TRL's masking of a sequence
+/// whose weight passes the cap) drops its terms but, unlike `masked`, keeps its 5 tokens in
+/// every denominator and in the statistics: BNPO and DAPO scale the other three's step by 9/14.
+#[test]
+fn importance_weights_scale_the_policy_term_and_keep_the_denominators() {
+    let base = model();
+    let weighted = |w: &dyn Fn(usize) -> f32| {
+        let mut seqs = sequences(&base);
+        for (i, s) in seqs.iter_mut().enumerate() {
+            s.importance_weights = Some(vec![w(i); s.completion.len()]);
+        }
+        seqs
+    };
+    let run = |seqs: &[Sequence], aggregation: Aggregation| {
+        let (vars, w) = base.to_vars().unwrap();
+        let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+        let mut cfg = config(1 << 12);
+        cfg.loss.aggregation = aggregation;
+        policy_step(&w, None, None, &mut opt, seqs, &cfg, 1e-3).unwrap()
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
+    let aggregations = [
+        Aggregation::Grpo,
+        Aggregation::Bnpo,
+        Aggregation::Dapo,
+        Aggregation::DrGrpo,
+    ];
+    for aggregation in aggregations {
+        let m = run(&weighted(&|_| 0.5), aggregation);
+        let m0 = run(&sequences(&base), aggregation);
+        assert!(
+            close(m.loss, m0.loss * 0.5) && close(m.grad_norm, m0.grad_norm * 0.5),
+            "{aggregation:?}: loss {} vs {} / 2, |g| {} vs {} / 2",
+            m.loss,
+            m0.loss,
+            m.grad_norm,
+            m0.grad_norm
+        );
+    }
+    let without = sequences(&base)[..3].to_vec();
+    for (aggregation, scale) in aggregations
+        .into_iter()
+        .zip([0.75, 9.0 / 14.0, 9.0 / 14.0, 0.75])
+    {
+        let m = run(&weighted(&|i| f32::from(u8::from(i != 3))), aggregation);
+        let m0 = run(&without, aggregation);
+        assert!(
+            close(m.loss, m0.loss * scale) && close(m.grad_norm, m0.grad_norm * scale),
+            "{aggregation:?}: loss {} vs {} × {scale}",
+            m.loss,
+            m0.loss
+        );
+        assert_eq!(
+            m.policy.tokens, 14.0,
+            "{aggregation:?}: statistics over every token"
+        );
+    }
+}
+
 #[test]
 fn micro_batches_respect_the_token_budget() {
     let s = |n: usize| Sequence::new(vec![1; 2], vec![2; n], vec![0.0; n], 0.0);
