@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Golden values for the learner, from PyTorch: AdamW steps with gradient clipping, the GRPO-family
 losses and their gradients (spec section 5, written out independently here; CISPO as TRL's
-`loss_type="cispo"` computes it), TRL's group
+`loss_type="cispo"` and SAPO as its `loss_type="sapo"` compute them), TRL's group
 advantages; the estimators of issue 5 (RLOO, REINFORCE++ with and without baseline, PPO's token
 rewards, GAE and whitening, AR, EM-RL rewards, the adaptive KL controller), the clipped value
 loss, the DPO family and Lopti's two passes, each with gradients where it is a loss; TRL's
@@ -83,6 +83,11 @@ def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None):
         # CISPO (MiniMax-M1; TRL's loss_type="cispo"): the importance weight capped above and
         # detached, times the advantage and the log-prob
         pg = -r.clamp(max=cfg["cispo_max"]).detach() * adv * logp
+    elif cfg.get("loss") == "sapo":
+        # SAPO (TRL's loss_type="sapo", get_sapo_token_loss): a soft gate sigmoid(tau (r - 1)) 4/tau
+        # in place of the clip, tau by the advantage's sign (positive: tau_pos, else tau_neg)
+        tau = torch.where(adv > 0, torch.tensor(cfg["sapo_tau_pos"]), torch.tensor(cfg["sapo_tau_neg"]))
+        pg = -torch.sigmoid(tau * (r - 1)) * (4.0 / tau) * adv
     else:
         pg = torch.max(-adv * r, -adv * r.clamp(1 - cfg["clip_low"], 1 + cfg["clip_high"]))
     if cfg["dual_clip"] is not None:
@@ -135,6 +140,18 @@ def grpo():
                 for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01)]:
                     cfg = {"loss": "cispo", "cispo_max": cap, "clip_low": 0.2, "clip_high": 0.28, "dual_clip": None,
                            "ratio": ratio, "aggregation": agg, "kl": kind, "kl_coef": kl_coef, "entropy_coef": ent_coef}
+                    x = logp.clone().requires_grad_(True)
+                    loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals)
+                    loss.backward()
+                    cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
+    # SAPO under every aggregation and ratio level, at TRL's temperatures and at sharper ones
+    for agg in ["grpo", "bnpo", "dapo", "dr_grpo"]:
+        for ratio in ["token", "sequence"]:
+            for tau_pos, tau_neg in [(1.0, 1.05), (4.0, 6.0)]:
+                for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01)]:
+                    cfg = {"loss": "sapo", "sapo_tau_pos": tau_pos, "sapo_tau_neg": tau_neg, "clip_low": 0.2,
+                           "clip_high": 0.28, "dual_clip": None, "ratio": ratio, "aggregation": agg, "kl": kind,
+                           "kl_coef": kl_coef, "entropy_coef": ent_coef}
                     x = logp.clone().requires_grad_(True)
                     loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals)
                     loss.backward()

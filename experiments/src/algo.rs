@@ -8,7 +8,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use learner::advantages::{self, KlController};
 use learner::correction::{importance_weights, BehaviourCorrection, CorrectionStats};
-use learner::grpo::{group_advantages, PolicyLossConfig};
+use learner::grpo::{group_advantages, PolicyLossConfig, Surrogate};
 use learner::optim::AdamW;
 use learner::ppo::ValueHead;
 use learner::step::{
@@ -155,7 +155,14 @@ impl Algorithm {
                     kl: a.kl_estimator,
                     kl_coef: a.kl_coef,
                     entropy_coef: a.entropy_coef,
-                    cispo: (a.policy_loss == PolicyLoss::Cispo).then_some(a.cispo_max),
+                    surrogate: match a.policy_loss {
+                        PolicyLoss::Clip => Surrogate::Clip,
+                        PolicyLoss::Cispo => Surrogate::Cispo { max: a.cispo_max },
+                        PolicyLoss::Sapo => Surrogate::Sapo {
+                            tau_pos: a.sapo_tau_pos,
+                            tau_neg: a.sapo_tau_neg,
+                        },
+                    },
                 },
                 micro_batch_tokens: c.optimizer.micro_batch_tokens,
                 temperature: f64::from(c.rollout.temperature),

@@ -335,6 +335,9 @@ pub enum PolicyLoss {
     Clip,
     /// CISPO: `−sg(min(r, cispo_max))·A·log π` (MiniMax-M1; TRL's `loss_type = "cispo"`).
     Cispo,
+    /// SAPO: `−σ(τ·(r − 1))·(4/τ)·A`, τ = `sapo_tau_pos` or `sapo_tau_neg` by the advantage's
+    /// sign (TRL's `loss_type = "sapo"`).
+    Sapo,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -347,10 +350,14 @@ pub struct AlgorithmConfig {
     pub std_eps: f64,
     pub loss_aggregation: Aggregation,
     pub ratio: RatioLevel,
-    /// `clip` (PPO's clipped surrogate) or `cispo`.
+    /// `clip` (PPO's clipped surrogate), `cispo` or `sapo`.
     pub policy_loss: PolicyLoss,
     /// CISPO's cap on the importance weight (ScaleRL's and TRL's recommended 5.0).
     pub cispo_max: f64,
+    /// SAPO's gate temperatures for positive and other advantages (TRL's
+    /// `sapo_temperature_pos` 1.0 and `sapo_temperature_neg` 1.05).
+    pub sapo_tau_pos: f64,
+    pub sapo_tau_neg: f64,
     pub clip_low: f64,
     pub clip_high: f64,
     pub dual_clip: Option<f64>,
@@ -427,6 +434,8 @@ impl Default for AlgorithmConfig {
             ratio: RatioLevel::Token,
             policy_loss: PolicyLoss::Clip,
             cispo_max: 5.0,
+            sapo_tau_pos: 1.0,
+            sapo_tau_neg: 1.05,
             clip_low: 0.2,
             clip_high: 0.28,
             dual_clip: None,
@@ -748,16 +757,25 @@ impl Config {
                 bail!("algorithm.lopti_eta = {eta}: must lie in (−1, 0) or (0, 1)");
             }
         }
-        if a.policy_loss == PolicyLoss::Cispo {
-            if !(a.cispo_max.is_finite() && a.cispo_max > 0.0) {
-                bail!("algorithm.cispo_max = {}: must be positive", a.cispo_max);
-            }
-            if a.dual_clip.is_some() || a.name == "dpo" {
-                bail!(
-                    "algorithm.policy_loss = \"cispo\" replaces the clipped surrogate: no \
-                     dual_clip with it, and DPO has no surrogate"
-                );
-            }
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if a.policy_loss == PolicyLoss::Cispo && !positive(a.cispo_max) {
+            bail!("algorithm.cispo_max = {}: must be positive", a.cispo_max);
+        }
+        if a.policy_loss == PolicyLoss::Sapo
+            && !(positive(a.sapo_tau_pos) && positive(a.sapo_tau_neg))
+        {
+            bail!(
+                "algorithm.sapo_tau_pos = {}, sapo_tau_neg = {}: must be positive",
+                a.sapo_tau_pos,
+                a.sapo_tau_neg
+            );
+        }
+        if a.policy_loss != PolicyLoss::Clip && (a.dual_clip.is_some() || a.name == "dpo") {
+            bail!(
+                "algorithm.policy_loss = {:?} replaces the clipped surrogate: no dual_clip with \
+                 it, and DPO has no surrogate",
+                a.policy_loss
+            );
         }
         let corrected = a.behaviour_correction != BehaviourCorrection::None;
         if (a.filter_groups || a.mask_truncated || corrected) && a.name == "dpo" {
@@ -1016,7 +1034,23 @@ mod tests {
             (c.algorithm.policy_loss, c.algorithm.cispo_max),
             (PolicyLoss::Cispo, 4.0)
         );
-        assert!(bad("algorithm.policy_loss=sapo").contains("sapo"));
+        let sapo = |with: &str| {
+            let sets = ["algorithm.policy_loss=sapo".into(), with.into()];
+            Config::default().with_overrides(&sets)
+        };
+        let err = |with: &str| format!("{:#}", sapo(with).unwrap_err());
+        assert!(err("algorithm.sapo_tau_neg=0").contains("sapo_tau_neg"));
+        assert!(err("algorithm.dual_clip=3.0").contains("dual_clip"));
+        let c = sapo("algorithm.sapo_tau_pos=2.0").unwrap();
+        assert_eq!(
+            (
+                c.algorithm.policy_loss,
+                c.algorithm.sapo_tau_pos,
+                c.algorithm.sapo_tau_neg
+            ),
+            (PolicyLoss::Sapo, 2.0, 1.05)
+        );
+        assert!(bad("algorithm.policy_loss=vespo").contains("vespo"));
         let corrected = |with: &str| {
             let sets = [
                 "algorithm.behaviour_correction=sequence_mask".into(),

@@ -909,6 +909,15 @@ fn behaviour_correction_recomputes_the_old_policy_and_weights_stale_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.policy_loss = "sapo"` reaches the learner.
+#[test]
+fn sapo_changes_the_loss_not_the_samples() {
+    let root = scratch("sapo");
+    let base = ["algorithm.sapo_tau_pos=4.0"];
+    one_step_either_way(&root, &base, "algorithm.policy_loss=sapo");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `algorithm.mask_truncated` reaches the learner: at 2 new tokens part of the completions are
 /// cut, and they leave the loss, not the advantages.
 #[test]

@@ -99,11 +99,29 @@ pub enum KlEstimator {
     K3,
 }
 
+/// The per-token policy-gradient term, of the ratio `r = π_θ / π_old` and the advantage `A`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub enum Surrogate {
+    /// PPO's clipped surrogate `max(−A·r, −A·clip(r, 1 − ε_low, 1 + ε_high))`, with verl's
+    /// dual clip for negative advantages where `dual_clip` is set.
+    #[default]
+    Clip,
+    /// CISPO (MiniMax-M1; ScaleRL; TRL's `loss_type = "cispo"`, where `epsilon_high` holds the
+    /// cap): `−sg(min(r, max))·A·log π`, every token keeping a gradient.
+    Cispo { max: f64 },
+    /// SAPO (Soft Adaptive Policy Optimization; TRL's `loss_type = "sapo"`): a soft gate in place
+    /// of the clip, `−σ(τ·(r − 1))·(4/τ)·A`, with `τ = tau_pos` where `A > 0` and `tau_neg`
+    /// elsewhere. At `r = 1` its gradient is the unclipped surrogate's; away from 1 it fades
+    /// smoothly instead of stopping.
+    Sapo { tau_pos: f64, tau_neg: f64 },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PolicyLossConfig {
     pub clip_low: f64,
     pub clip_high: f64,
-    /// verl's dual-clip constant `c` for negative advantages (None: off).
+    /// verl's dual-clip constant `c` for negative advantages (None: off; the clipped surrogate
+    /// only).
     pub dual_clip: Option<f64>,
     pub ratio: RatioLevel,
     pub aggregation: Aggregation,
@@ -111,11 +129,9 @@ pub struct PolicyLossConfig {
     /// β; with 0 no reference log-probs are needed.
     pub kl_coef: f64,
     pub entropy_coef: f64,
-    /// CISPO's cap ε_max (MiniMax-M1; ScaleRL; TRL's `loss_type = "cispo"`, where
-    /// `epsilon_high` holds it): the surrogate becomes `−sg(min(r, ε_max))·A·log π`, every token
-    /// keeping a gradient; `clip_low`, `clip_high` and `dual_clip` are then unused. None: the
-    /// clipped surrogate.
-    pub cispo: Option<f64>,
+    /// The per-token term; `clip_low`, `clip_high` and `dual_clip` shape the clipped one only
+    /// (SAPO's statistics still count the tokens outside the clip range, as TRL's do).
+    pub surrogate: Surrogate,
 }
 
 impl Default for PolicyLossConfig {
@@ -129,7 +145,7 @@ impl Default for PolicyLossConfig {
             kl: KlEstimator::K3,
             kl_coef: 0.0,
             entropy_coef: 0.0,
-            cispo: None,
+            surrogate: Surrogate::Clip,
         }
     }
 }
@@ -260,20 +276,31 @@ pub fn policy_loss(
     };
     let ratio = log_ratio.exp()?; // [B, T]
     let a = x.advantages;
-    let pg = match c.cispo {
+    let pg = match c.surrogate {
         // pg = −sg(min(r, ε_max))·A·log π
-        Some(max) => {
+        Surrogate::Cispo { max } => {
             let weight = ratio.clamp(0f32, max as f32)?.detach();
             (weight.broadcast_mul(a)? * x.logprobs)?.neg()?
         }
-        None => {
+        // pg = −σ(τ·(r − 1))·(4/τ)·A, τ by the advantage's sign
+        Surrogate::Sapo { tau_pos, tau_neg } => {
+            let positive = a.gt(0f32)?;
+            let tau = positive.where_cond(
+                &Tensor::full(tau_pos as f32, a.shape(), a.device())?,
+                &Tensor::full(tau_neg as f32, a.shape(), a.device())?,
+            )?; // [B, T]
+                // σ(z) = 1 / (1 + e^−z), z ≥ −τ since r ≥ 0: no overflow
+            let gate = ((((&ratio - 1.0)? * &tau)?.neg()?.exp()? + 1.0)?).recip()?;
+            ((gate * 4.0)?.div(&tau)? * a)?.neg()?
+        }
+        Surrogate::Clip => {
             let clipped = ratio.clamp((1.0 - c.clip_low) as f32, (1.0 + c.clip_high) as f32)?;
             // pg = max(−A·r, −A·clip(r))
             (ratio.broadcast_mul(a)?.neg()?).maximum(&clipped.broadcast_mul(a)?.neg()?)?
         }
     };
     let pg = match c.dual_clip {
-        Some(cap) if c.cispo.is_none() => {
+        Some(cap) if c.surrogate == Surrogate::Clip => {
             let capped = pg.minimum(&(a.neg()? * cap)?)?;
             let negative = a.lt(0f32)?;
             negative.where_cond(&capped, &pg)?
@@ -324,13 +351,13 @@ pub fn policy_loss(
         }
     };
     let ratio = ratio.detach();
-    let (low, high) = match c.cispo {
+    let (low, high) = match c.surrogate {
         // CISPO clips no token's gradient; `high` counts the weights capped
-        Some(max) => (
+        Surrogate::Cispo { max } => (
             ratio.zeros_like()?,
             ratio.gt(max as f32)?.to_dtype(DType::F32)?,
         ),
-        None => (
+        Surrogate::Clip | Surrogate::Sapo { .. } => (
             ratio
                 .lt((1.0 - c.clip_low) as f32)?
                 .to_dtype(DType::F32)?

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor, Var};
 use learner::correction::{importance_weights, BehaviourCorrection};
 use learner::grpo::{
     group_advantages, policy_loss, Aggregation, KlEstimator, PolicyInputs, PolicyLossConfig,
-    RatioLevel, ScaleRewards, StepTotals,
+    RatioLevel, ScaleRewards, StepTotals, Surrogate,
 };
 use serde_json::Value;
 
@@ -49,8 +49,8 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
     let cases = f["cases"].as_array().unwrap();
     assert_eq!(
         cases.len(),
-        132,
-        "64 clipped-surrogate cases, 32 CISPO, 36 importance-weighted"
+        164,
+        "64 clipped-surrogate cases, 32 CISPO, 32 SAPO, 36 importance-weighted"
     );
     for case in cases {
         let c = &case["config"];
@@ -68,7 +68,16 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
             kl: parse::<KlEstimator>(&c["kl"]),
             kl_coef: parse(&c["kl_coef"]),
             entropy_coef: parse(&c["entropy_coef"]),
-            cispo: (c["loss"] == "cispo").then(|| parse(&c["cispo_max"])),
+            surrogate: match c["loss"].as_str() {
+                Some("cispo") => Surrogate::Cispo {
+                    max: parse(&c["cispo_max"]),
+                },
+                Some("sapo") => Surrogate::Sapo {
+                    tau_pos: parse(&c["sapo_tau_pos"]),
+                    tau_neg: parse(&c["sapo_tau_neg"]),
+                },
+                _ => Surrogate::Clip,
+            },
         };
         let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
         let inputs = PolicyInputs {
@@ -214,7 +223,7 @@ fn clip_statistics_count_the_clipped_tokens() {
     // CISPO clips no gradient; a weight above its cap counts as clipped high, whatever the
     // advantage's sign: at a cap of 0.9, the ratios 1.65 and 1 (not the padding's)
     let cispo = PolicyLossConfig {
-        cispo: Some(0.9),
+        surrogate: Surrogate::Cispo { max: 0.9 },
         ..Default::default()
     };
     let (_, s) = policy_loss(&inputs, &cispo, &totals).unwrap();
