@@ -83,7 +83,12 @@ where
     let y = layer(&w.detach(), &x.detach())?;
     // A weight joins the op's inputs so that the op stays in the graph even when `x` does not
     // need a gradient (its gradient comes through the set-aside store, not through the op).
-    let anchor = w.q_proj.clone();
+    let anchor = w
+        .tensors()
+        .into_iter()
+        .find(|t| t.is_variable())
+        .unwrap_or(&w.q_proj)
+        .clone();
     let w = w.clone();
     crate::attach::attach(x, &anchor, &anchor, y, move |x, _, _, _, g| {
         RECOMPUTED.fetch_add(1, Ordering::Relaxed);

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::lora::Target;
 use crate::ops::rope_heads;
 use crate::weights::{LayerWeights, Weights};
 
@@ -307,7 +308,7 @@ pub fn hidden_states(w: &Weights, batch: &Batch, cache: Option<&mut KvCache>) ->
 fn layers(w: &Weights, mut x: Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask) -> Result<Tensor> {
     let c = &w.config;
     for layer in &w.layers {
-        x = if crate::checkpoint::enabled() && layer.q_proj.is_variable() {
+        x = if crate::checkpoint::enabled() && layer.trains() {
             let (c, cos, sin, mask) = (c.clone(), cos.clone(), sin.clone(), mask.clone());
             crate::checkpoint::checkpointed(&x, layer, move |layer, x| {
                 decoder_layer(&c, layer, x, &cos, &sin, &mask, Keys::Own)
@@ -388,7 +389,7 @@ pub fn hidden_states_shared(w: &Weights, s: &SharedPrompts) -> Result<Tensor> {
                 )?;
                 Ok((xp, xs))
             };
-        (xp, xs) = if crate::checkpoint::enabled() && layer.q_proj.is_variable() {
+        (xp, xs) = if crate::checkpoint::enabled() && layer.trains() {
             // one tensor in and out: the prompts' rows, then the continuations'
             let (np, ns) = (
                 xp.elem_count() / c.hidden_size,
@@ -435,6 +436,10 @@ pub fn hidden_states_shared(w: &Weights, s: &SharedPrompts) -> Result<Tensor> {
 fn packed_qkv(w: &LayerWeights) -> Result<Option<(Tensor, Option<Tensor>)>> {
     if let Some(p) = &w.packed {
         return Ok(Some((p.qkv.clone(), p.qkv_bias.clone())));
+    }
+    if w.lora.is_some() {
+        // each projection with its own update
+        return Ok(None);
     }
     let bias = match (&w.q_bias, &w.k_bias, &w.v_bias) {
         (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
@@ -535,12 +540,26 @@ fn mlp(w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
         // one matmul for gate and up: [B, T, 2·I]
         Some(p) => crate::ops::swiglu_packed(&linear(x, &p.gate_up, None)?)?,
         None => {
-            let gate = linear(x, &w.gate_proj, None)?; // [B, T, I]
-            let up = linear(x, &w.up_proj, None)?; // [B, T, I]
+            let gate = project(x, w, Target::Gate, None)?; // [B, T, I]
+            let up = project(x, w, Target::Up, None)?; // [B, T, I]
             crate::ops::swiglu(&gate, &up)?
         }
     };
-    linear(&act, &w.down_proj, None) // [B, T, H]
+    project(&act, w, Target::Down, None) // [B, T, H]
+}
+
+/// A layer's projection `target` of `x [.., in]`: `x·Wᵀ (+ bias)`, plus its LoRA update where
+/// the layer has one ([`crate::lora::delta`]).
+fn project(x: &Tensor, w: &LayerWeights, target: Target, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = linear(x, target.weight(w), bias)?;
+    match w
+        .lora
+        .as_ref()
+        .and_then(|l| Some((l.get(target)?, l.scale)))
+    {
+        Some((adapter, scale)) => Ok((y + crate::lora::delta(x, adapter, scale)?)?),
+        None => Ok(y),
+    }
 }
 
 /// The new tokens' rotated keys and their values, `[B, Hkv, T, D]` each, from `x [B, T, H]`:
@@ -557,9 +576,9 @@ fn keys_values(
         let y = linear(x, &qkv, qkv_bias.as_ref())?;
         return packed_keys_values(c, w, &y, cos, sin);
     }
-    let k = linear(x, &w.k_proj, w.k_bias.as_ref())?; // [B, T, Hkv·D]
+    let k = project(x, w, Target::K, w.k_bias.as_ref())?; // [B, T, Hkv·D]
     let v = heads(
-        linear(x, &w.v_proj, w.v_bias.as_ref())?,
+        project(x, w, Target::V, w.v_bias.as_ref())?,
         c.num_key_value_heads,
         c.head_dim,
     )?;
@@ -641,7 +660,7 @@ fn projections(
             (q, k, v)
         }
         None => {
-            let q = linear(x, &w.q_proj, w.q_bias.as_ref())?; // [B, T, Hq·D]
+            let q = project(x, w, Target::Q, w.q_bias.as_ref())?; // [B, T, Hq·D]
             let (k, v) = keys_values(c, w, x, cos, sin)?; // [B, Hkv, T, D]
             (rotated(c, &q, hq, w.q_norm.as_ref(), cos, sin)?, k, v)
         }
@@ -688,6 +707,7 @@ fn decode_step(
     layer: usize,
 ) -> Result<Option<DecodeStep>> {
     let bias = match (&w.q_bias, &w.k_bias, &w.v_bias) {
+        _ if w.lora.is_some() => return Ok(None),
         (Some(qb), Some(kb), Some(vb)) => Some([qb, kb, vb]),
         (None, None, None) => None,
         _ => return Ok(None),
@@ -768,7 +788,7 @@ fn attention(
             let scale = 1.0 / (d as f64).sqrt();
             let v = p.v.contiguous()?;
             let out = crate::attention::packed_attention(&q, &p.k, &v, &rows.mask, scale)?;
-            return Ok((linear(&out, &w.o_proj, None)?, p.k_new, p.v_new));
+            return Ok((project(&out, w, Target::O, None)?, p.k_new, p.v_new));
         }
     };
     let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -799,7 +819,7 @@ fn attention(
     } = match step {
         DecodeStep::Attended(out, k_new, v_new) => {
             let out = out.reshape((b, 1, hq * d))?; // [B, Hkv, G, D] → [B, 1, Hq·D]
-            return Ok((linear(&out, &w.o_proj, None)?, k_new, v_new));
+            return Ok((project(&out, w, Target::O, None)?, k_new, v_new));
         }
         DecodeStep::Projected(p) => p,
     };
@@ -810,7 +830,7 @@ fn attention(
         // a decode step: one fused kernel on CUDA, reading the cache in place
         if let Some(out) = crate::ops::decode_attention(&q, &k, &v, bias, scale)? {
             let out = out.reshape((b, 1, hq * d))?; // [B, Hkv, G, D] → [B, 1, Hq·D]
-            return Ok((linear(&out, &w.o_proj, None)?, k_new, v_new));
+            return Ok((project(&out, w, Target::O, None)?, k_new, v_new));
         }
     }
     // no graph to keep (a prefill): one kernel on CUDA, reading a cache in place
@@ -839,7 +859,7 @@ fn attention(
         // [B, Hkv, G·T, D]; a cache view needs no copy
         crate::attention::token_major(&probs.matmul(&v)?, t)?
     };
-    Ok((linear(&out, &w.o_proj, None)?, k_new, v_new))
+    Ok((project(&out, w, Target::O, None)?, k_new, v_new))
 }
 
 /// Inverse frequencies `[D/2]` computed in f32 as transformers does, with rope scaling.

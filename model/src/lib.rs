@@ -37,6 +37,7 @@ pub mod kv_cache;
 pub mod launch;
 pub mod linear;
 pub mod logprobs;
+pub mod lora;
 pub mod ops;
 pub mod rng;
 pub mod sampling;

@@ -34,6 +34,9 @@ pub struct LayerWeights {
     pub down_proj: Tensor,
     /// Where set, `q_proj` … `v_bias`, `gate_proj` and `up_proj` are row views of these.
     pub packed: Option<Packed>,
+    /// LoRA adapters on the projections ([`crate::lora`]); never on packed weights, which are
+    /// merged first.
+    pub lora: Option<crate::lora::LayerLora>,
 }
 
 /// A layer's q, k and v projections stored as one matrix, and its gate and up projections as
@@ -76,7 +79,16 @@ impl LayerWeights {
             .into_iter()
             .flatten(),
         );
+        for (_, ad) in self.lora.iter().flat_map(|l| &l.adapters) {
+            out.extend([&ad.a, &ad.b]);
+        }
         out
+    }
+
+    /// Whether a forward through the layer trains it: some tensor of it (a weight, or with LoRA
+    /// an adapter) is a `Var`.
+    pub fn trains(&self) -> bool {
+        self.tensors().iter().any(|t| t.is_variable())
     }
 
     /// The same tensors cut from any autograd graph (storage shared).
@@ -89,7 +101,10 @@ impl LayerWeights {
     /// matrices (its views cut again from the results), an unpacked layer's every tensor.
     fn map(&self, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
         let opt = |t: &Option<Tensor>| t.as_ref().map(f).transpose();
-        let layer = self.map_never_packed(f)?;
+        let layer = LayerWeights {
+            lora: self.map_lora(f)?,
+            ..self.map_never_packed(f)?
+        };
         match &self.packed {
             Some(p) => layer.with_packed(Packed {
                 qkv: f(&p.qkv)?,
@@ -277,6 +292,7 @@ impl Weights {
                     up_proj: get(&p("mlp.up_proj.weight")),
                     down_proj: get(&p("mlp.down_proj.weight")),
                     packed: None,
+                    lora: None,
                 }
             })
             .collect();
@@ -375,13 +391,13 @@ impl Weights {
     /// workers, so that later optimizer steps (which update the `Var`s in place) never reach it,
     /// and generation multiplies once for q/k/v and once for gate/up.
     pub fn snapshot(&self) -> Result<Self> {
-        self.detach().map(|t| Ok(t.copy()?), true)
+        self.detach().merged()?.map(|t| Ok(t.copy()?), true)
     }
 
     /// The same weights cut from any graph with their layers packed ([`Packed`]): only the
     /// packed matrices are new storage.
     pub fn packed(&self) -> Result<Self> {
-        self.detach().map(|t| Ok(t.clone()), true)
+        self.detach().merged()?.map(|t| Ok(t.clone()), true)
     }
 
     /// The weights with every tensor they store through `f` (see [`LayerWeights::map`]), and
