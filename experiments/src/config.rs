@@ -22,7 +22,45 @@ pub struct Config {
     pub rollout: RolloutConfig,
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
+    pub lora: LoraSection,
     pub sweep: SweepConfig,
+}
+
+/// LoRA for the RL stage (PEFT's `LoraConfig`): with `rank > 0` the RL start's weights are
+/// frozen and adapters of that rank on `targets` train (see `model::lora`); the warm start
+/// trains every weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    /// 0: full fine-tuning.
+    pub rank: usize,
+    /// The update is scaled by `alpha / rank`.
+    pub alpha: f64,
+    pub targets: Vec<model::lora::Target>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            rank: 0,
+            alpha: 16.0,
+            targets: model::lora::Target::ALL.to_vec(),
+        }
+    }
+}
+
+impl LoraSection {
+    /// The adapters' configuration, None for full fine-tuning.
+    pub fn config(&self) -> Option<model::lora::LoraConfig> {
+        let mut targets = self.targets.clone();
+        targets.sort();
+        targets.dedup();
+        (self.rank > 0).then_some(model::lora::LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            targets,
+        })
+    }
 }
 
 /// `ferrite sweep`: every variant (a list of `--set` overrides) for every seed; the variants of
@@ -714,6 +752,23 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.model.compute_dtype()?; // parses the device too
+        let l = &self.lora;
+        if l.rank > 0 {
+            if !(l.alpha.is_finite() && l.alpha > 0.0) || l.targets.is_empty() {
+                bail!(
+                    "lora.alpha = {}, lora.targets = {:?}: a positive alpha and at least one target",
+                    l.alpha,
+                    l.targets
+                );
+            }
+            if self.algorithm.name == "dpo" || !self.optimizer.subnetwork_mask.is_empty() {
+                bail!(
+                    "lora.rank = {}: LoRA trains the policy-gradient methods' RL stage; not with \
+                     DPO or optimizer.subnetwork_mask (which masks full weights)",
+                    l.rank
+                );
+            }
+        }
         self.pack_rows()?;
         let r = &self.rollout;
         if r.group_size < 2 {
@@ -1051,6 +1106,20 @@ mod tests {
             (PolicyLoss::Sapo, 2.0, 1.05)
         );
         assert!(bad("algorithm.policy_loss=vespo").contains("vespo"));
+        let lora = |with: &str| {
+            let sets = ["lora.rank=8".into(), with.into()];
+            Config::default().with_overrides(&sets)
+        };
+        let c = lora("lora.targets=[\"v_proj\", \"q_proj\", \"q_proj\"]").unwrap();
+        let lc = c.lora.config().unwrap();
+        assert_eq!((lc.rank, lc.alpha, lc.scale()), (8, 16.0, 2.0));
+        assert_eq!(lc.targets, [model::lora::Target::Q, model::lora::Target::V]);
+        assert_eq!(Config::default().lora.config(), None);
+        let err = |with: &str| format!("{:#}", lora(with).unwrap_err());
+        assert!(err("lora.alpha=0").contains("lora.alpha"));
+        assert!(err("lora.targets=[]").contains("target"));
+        assert!(err("lora.targets=[\"lm_head\"]").contains("lm_head"));
+        assert!(err("algorithm.name=dpo").contains("DPO"));
         let corrected = |with: &str| {
             let sets = [
                 "algorithm.behaviour_correction=sequence_mask".into(),

@@ -397,10 +397,32 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     };
     summary.seconds_sft = sft_seconds;
     // the RL stage
+    // with LoRA the RL start stays frozen and the adapters train: fresh, or a checkpoint's
+    let lora = c.lora.config();
     let (policy_init, state) = match &resume_from {
-        Some((_, ckpt)) => (setup::load_weights(c, ckpt)?, checkpoint::load_state(ckpt)?),
+        Some((_, ckpt)) => (
+            match &lora {
+                Some(lc) => {
+                    let adapter = ckpt.join(model::lora::ADAPTER_DIR);
+                    let (saved, named) = model::lora::load_adapter(&adapter)?;
+                    if saved != *lc {
+                        anyhow::bail!(
+                            "{}: its adapter is {saved:?}, the config asks for {lc:?}: resume \
+                             with the run's [lora]",
+                            ckpt.display()
+                        );
+                    }
+                    start_weights.with_lora_named(lc, &named)?
+                }
+                None => setup::load_weights(c, ckpt)?,
+            },
+            checkpoint::load_state(ckpt)?,
+        ),
         None => (
-            start_weights.clone(),
+            match &lora {
+                Some(lc) => start_weights.with_lora(lc, c.run.seed)?,
+                None => start_weights.clone(),
+            },
             TrainerState {
                 step: 0,
                 policy_version: 0,
@@ -419,7 +441,18 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     let (critic, head_vars) = Critic::new(c, &start_weights, ckpt_dir, critic_adamw)?;
     let algorithm = Algorithm::new(c, critic, state.kl_coef);
     let reference = Algorithm::needs_reference(c).then(|| start_weights.clone());
-    let (mut vars, policy) = policy_init.to_vars()?;
+    let (mut vars, policy) = match &lora {
+        Some(_) => policy_init.lora_to_vars()?,
+        None => policy_init.to_vars()?,
+    };
+    let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let parameters: usize = start_weights.named().values().map(|t| t.elem_count()).sum();
+    tracing::info!(
+        trainable,
+        parameters,
+        lora_rank = c.lora.rank,
+        "the RL stage's trainable parameters"
+    );
     vars.extend(head_vars);
     let mut opt = AdamW::new(vars, adamw(c))?;
     if !c.optimizer.subnetwork_mask.is_empty() {
@@ -460,7 +493,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     };
     if let (Some(t), Some(step)) = (tracker.as_mut(), last) {
         if step > 0 && !t.has(step) {
-            t.record(step, &policy_init.named())?;
+            t.record(step, &policy_init.merged()?.named())?;
         }
     }
     if last.is_none() {
@@ -872,7 +905,7 @@ fn rl_stage(
                 let state = with_feed(&state, &feed);
                 save(c, opts, task, policy, opt, &algorithm.critic, &state)?;
                 if let Some(t) = tracker.as_mut() {
-                    t.record(state.step, &policy.named())?;
+                    t.record(state.step, &policy.merged()?.named())?;
                 }
             }
             metrics.set_last("time/checkpoint", t4.elapsed().as_secs_f64())?;

@@ -930,6 +930,79 @@ fn masked_truncated_completions_change_the_loss_not_the_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// LoRA (`lora.rank`): the RL stage trains adapters on the frozen RL start. A step checkpoint's
+/// model is the RL start plus `(α/r)·B·A` from the PEFT adapter saved beside it (so each
+/// projection's update has rank at most r), every other weight is the RL start's bit for bit,
+/// the optimizer holds the adapters only, and a run stopped at step 1 resumes to the same
+/// metrics and weights.
+#[test]
+fn a_lora_run_trains_adapters_on_the_frozen_start_and_resumes_exactly() {
+    let root = scratch("lora");
+    let set = [
+        "lora.rank=2",
+        "lora.alpha=4.0",
+        "lora.targets=[\"q_proj\", \"down_proj\"]",
+    ];
+    let (whole, resumed) = whole_and_resumed("lora", &root, &set, 3);
+    assert_same_table(&whole, &resumed, "metrics.parquet");
+    let load = |p: PathBuf| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let start = load(whole.join("checkpoints/sft/model.safetensors"));
+    let end = checkpoint_weights(&whole, 3);
+    let step = whole.join("checkpoints/step-000003");
+    let adapter = load(step.join("adapter/adapter_model.safetensors"));
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(step.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&config["peft_type"], &config["r"]),
+        (&"LORA".into(), &2.into())
+    );
+    assert_eq!(
+        adapter.len(),
+        4 * 2 * 2,
+        "A and B of 2 projections in 4 layers"
+    );
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let mut changed = 0;
+    for (name, w) in &end {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let a = adapter.get(&format!("base_model.model.{module}.lora_A.weight"));
+        let b = adapter.get(&format!("base_model.model.{module}.lora_B.weight"));
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                let update = (b.matmul(a).unwrap() * 2.0).unwrap(); // α/r = 2
+                assert!(diff(w, &(&start[name] + update).unwrap()) < 1e-6, "{name}");
+                changed += usize::from(diff(w, &start[name]) > 0.0);
+            }
+            _ => assert_eq!(diff(w, &start[name]), 0.0, "{name} moved"),
+        }
+    }
+    assert_eq!(changed, 8, "every adapted projection moved");
+    let moments = load(step.join("optimizer.safetensors"));
+    assert!(
+        moments.keys().all(|k| k.contains(".lora_")),
+        "{:?}",
+        moments.keys().collect::<Vec<_>>()
+    );
+    let resumed_end = checkpoint_weights(&resumed, 3);
+    for (name, w) in &end {
+        assert_eq!(diff(w, &resumed_end[name]), 0.0, "{name} after the resume");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// The built-in model in the Qwen3 architecture (q/k norms, no q/k/v biases) through a whole
 /// run: warm start, GRPO, checkpoints with the norms under transformers' names, a run stopped at
 /// its step-1 checkpoint resuming to the uninterrupted run's metrics, and an export.

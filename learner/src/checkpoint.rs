@@ -76,11 +76,17 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
     // f32 on disk; parameters trained in bf16 from the optimizer's f32 master
-    match optimizer {
+    let weights = match optimizer {
         Some(opt) => opt.master_weights(weights)?,
         None => weights.clone(),
+    };
+    // with LoRA: the merged model (what transformers loads alone) and, in a directory of its
+    // own, the adapter (PEFT's files, what a resumed run reads back onto its frozen base). Beside
+    // the model, transformers would find `adapter_config.json` and apply the adapter again.
+    if weights.lora_config().is_some() {
+        weights.save_adapter(&tmp.join(model::lora::ADAPTER_DIR), DType::F32, None)?;
     }
-    .save_dir(&tmp, DType::F32, 4 << 30)?;
+    weights.merged()?.save_dir(&tmp, DType::F32, 4 << 30)?;
     tokenizer.save_dir(&tmp)?;
     if let Some(opt) = optimizer {
         opt.save(&tmp)?;

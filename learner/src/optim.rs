@@ -489,13 +489,20 @@ impl AdamW {
     /// by its f32 master (on the host): what a checkpoint saves, so that the model on disk keeps
     /// the precision its updates accumulated in (its bf16 rounding is the compute copy exactly).
     pub fn master_weights(&self, weights: &Weights) -> Result<Weights> {
-        let mut named = weights.named();
+        let (mut named, mut adapters) = (weights.named(), weights.lora_named());
         for p in &self.params {
-            if let (Some(master), Some(t)) = (master_of(p)?, named.get_mut(&p.name)) {
+            let Some(master) = master_of(p)? else {
+                continue;
+            };
+            if let Some(t) = named.get_mut(&p.name).or(adapters.get_mut(&p.name)) {
                 *t = master.reshape(t.shape())?;
             }
         }
-        Ok(Weights::from_named(&weights.config, &named)?)
+        let w = Weights::from_named(&weights.config, &named)?;
+        Ok(match weights.lora_config() {
+            Some(c) => w.with_lora_named(&c, &adapters)?,
+            None => w,
+        })
     }
 
     /// Writes the moments and the step count (`optimizer.safetensors`, `optimizer.json`).

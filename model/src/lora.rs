@@ -174,6 +174,8 @@ pub fn peft_name(layer: usize, target: Target, which: &str) -> String {
 }
 
 pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
+/// A checkpoint's directory of its adapter (beside the merged model).
+pub const ADAPTER_DIR: &str = "adapter";
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 
 /// PEFT's `adapter_config.json` fields that ferrite reads and writes.
@@ -256,11 +258,6 @@ impl Weights {
         let mut used = 0;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
-            if layer.packed.is_some() {
-                return Err(ModelError::Unsupported(
-                    "LoRA on packed (inference) weights".into(),
-                ));
-            }
             let mut adapters = Vec::new();
             for &t in &c.targets {
                 let (out, inp) = t.weight(layer).dims2()?;
@@ -282,7 +279,10 @@ impl Weights {
                 let b = get("lora_B", (out, c.rank))?;
                 adapters.push((t, Adapter { a, b }));
             }
+            // a packed layer's projections are row views of its packed matrices: the base
+            // reads them as they are, and each projection takes its own update
             let mut layer = layer.clone();
+            layer.packed = None;
             layer.lora = Some(LayerLora {
                 scale: c.scale(),
                 adapters,
@@ -396,8 +396,8 @@ impl Weights {
     }
 
     /// Writes the adapters as PEFT does (`adapter_model.safetensors` in `dtype`,
-    /// `adapter_config.json`), `base` naming the base model.
-    pub fn save_adapter(&self, dir: &Path, dtype: DType, base: &str) -> Result<()> {
+    /// `adapter_config.json`), `base` naming the base model where known.
+    pub fn save_adapter(&self, dir: &Path, dtype: DType, base: Option<&str>) -> Result<()> {
         let c = self.lora_config().ok_or_else(|| {
             ModelError::Unsupported("saving the adapter of weights without LoRA".into())
         })?;
@@ -413,7 +413,7 @@ impl Weights {
             use_rslora: false,
             use_dora: false,
             fan_in_fan_out: false,
-            base_model_name_or_path: Some(base.to_string()),
+            base_model_name_or_path: base.map(str::to_string),
             inference_mode: true,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),

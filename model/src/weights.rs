@@ -34,8 +34,8 @@ pub struct LayerWeights {
     pub down_proj: Tensor,
     /// Where set, `q_proj` … `v_bias`, `gate_proj` and `up_proj` are row views of these.
     pub packed: Option<Packed>,
-    /// LoRA adapters on the projections ([`crate::lora`]); never on packed weights, which are
-    /// merged first.
+    /// LoRA adapters on the projections ([`crate::lora`]). A layer with adapters is unpacked:
+    /// packing merges them first, and adapters given to a packed layer unpack it.
     pub lora: Option<crate::lora::LayerLora>,
 }
 
@@ -359,7 +359,8 @@ impl Weights {
                 h = h.wrapping_mul(0x0100_0000_01b3);
             }
         };
-        for (name, t) in self.named() {
+        // with LoRA, of the merged weights: what a snapshot of these holds
+        for (name, t) in self.merged()?.named() {
             eat(name.as_bytes());
             let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             for v in values {

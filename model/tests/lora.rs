@@ -94,7 +94,11 @@ fn adapter_gradients_match_peft_with_the_base_frozen() {
         let recomputed = model::checkpoint::recomputed_layers();
         let grads = model::checkpoint::backward(&loss).unwrap();
         let layers = model::checkpoint::recomputed_layers() - recomputed;
-        assert_eq!(layers, if checkpointing { 2 } else { 0 }, "layers recomputed");
+        assert_eq!(
+            layers,
+            if checkpointing { 2 } else { 0 },
+            "layers recomputed"
+        );
         let mut checked = 0;
         for (key, reference) in golden.iter().filter(|(k, _)| k.starts_with("grad.")) {
             let name = &key["grad.".len()..];
@@ -119,7 +123,8 @@ fn adapter_gradients_match_peft_with_the_base_frozen() {
 fn a_saved_adapter_reads_back_and_a_fresh_one_changes_nothing() {
     let w = adapted();
     let dir = std::env::temp_dir().join(format!("ferrite-lora-{}", std::process::id()));
-    w.save_adapter(&dir, DType::F32, "tiny-qwen2").unwrap();
+    w.save_adapter(&dir, DType::F32, Some("tiny-qwen2"))
+        .unwrap();
     let (c, named) = load_adapter(&dir).unwrap();
     assert_eq!(Some(c.clone()), w.lora_config());
     for (n, t) in w.lora_named() {
