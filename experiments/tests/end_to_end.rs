@@ -934,7 +934,7 @@ fn masked_truncated_completions_change_the_loss_not_the_samples() {
 /// model is the RL start plus `(α/r)·B·A` from the PEFT adapter saved beside it (so each
 /// projection's update has rank at most r), every other weight is the RL start's bit for bit,
 /// the optimizer holds the adapters only, and a run stopped at step 1 resumes to the same
-/// metrics and weights.
+/// metrics and weights, in f32 and in bf16.
 #[test]
 fn a_lora_run_trains_adapters_on_the_frozen_start_and_resumes_exactly() {
     let root = scratch("lora");
@@ -1000,6 +1000,11 @@ fn a_lora_run_trains_adapters_on_the_frozen_start_and_resumes_exactly() {
     for (name, w) in &end {
         assert_eq!(diff(w, &resumed_end[name]), 0.0, "{name} after the resume");
     }
+    // bf16: the adapters train in bf16 from f32 masters, which the checkpoint keeps and a resumed
+    // run continues from
+    let set16 = [set[0], set[1], set[2], "model.dtype=bf16"];
+    let (whole16, resumed16) = whole_and_resumed("lora16", &root, &set16, 2);
+    assert_same_table(&whole16, &resumed16, "metrics.parquet");
     let _ = std::fs::remove_dir_all(&root);
 }
 

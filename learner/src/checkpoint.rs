@@ -86,7 +86,9 @@ pub fn save(
     if weights.lora_config().is_some() {
         weights.save_adapter(&tmp.join(model::lora::ADAPTER_DIR), DType::F32, None)?;
     }
-    weights.merged()?.save_dir(&tmp, DType::F32, 4 << 30)?;
+    weights
+        .merged_as(Some(DType::F32))?
+        .save_dir(&tmp, DType::F32, 4 << 30)?;
     tokenizer.save_dir(&tmp)?;
     if let Some(opt) = optimizer {
         opt.save(&tmp)?;

@@ -158,11 +158,11 @@ pub fn delta(x: &Tensor, adapter: &Adapter, scale: f64) -> Result<Tensor> {
     Ok((crate::forward::linear(&down, &adapter.b, None)? * scale)?)
 }
 
-/// `W + (α/r)·B·A` in f32, returned in `w`'s dtype.
-pub fn merged(w: &Tensor, adapter: &Adapter, scale: f64) -> Result<Tensor> {
+/// `W + (α/r)·B·A` in f32, returned in `dtype` (None: `w`'s).
+pub fn merged(w: &Tensor, adapter: &Adapter, scale: f64, dtype: Option<DType>) -> Result<Tensor> {
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let update = (f32(&adapter.b)?.matmul(&f32(&adapter.a)?)? * scale)?; // [out, in]
-    Ok((f32(w)? + update)?.to_dtype(w.dtype())?)
+    Ok((f32(w)? + update)?.to_dtype(dtype.unwrap_or(w.dtype()))?)
 }
 
 /// PEFT's name of a layer's adapter matrix (`which`: `lora_A` or `lora_B`).
@@ -382,6 +382,13 @@ impl Weights {
     /// The weights with every adapter folded in (`W + (α/r)·B·A`) and none left; weights
     /// without LoRA as they are (storage shared).
     pub fn merged(&self) -> Result<Weights> {
+        self.merged_as(None)
+    }
+
+    /// [`Weights::merged`] with the merged projections in `dtype` (None: their own): a
+    /// checkpoint of bf16 weights writes `W + (α/r)·B·A` in f32, not its bf16 rounding, in which
+    /// a small update would vanish.
+    pub fn merged_as(&self, dtype: Option<DType>) -> Result<Weights> {
         let mut out = self.clone();
         for layer in &mut out.layers {
             let Some(lora) = layer.lora.take() else {
@@ -389,7 +396,7 @@ impl Weights {
             };
             for (t, ad) in &lora.adapters {
                 let w = t.weight(layer).detach();
-                *t.weight_mut(layer) = merged(&w, &ad.detach(), lora.scale)?;
+                *t.weight_mut(layer) = merged(&w, &ad.detach(), lora.scale, dtype)?;
             }
         }
         Ok(out)
