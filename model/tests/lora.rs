@@ -99,18 +99,8 @@ fn adapter_gradients_match_peft_with_the_base_frozen() {
             if checkpointing { 2 } else { 0 },
             "layers recomputed"
         );
-        let mut checked = 0;
-        for (key, reference) in golden.iter().filter(|(k, _)| k.starts_with("grad.")) {
-            let name = &key["grad.".len()..];
-            let var = &vars.iter().find(|(n, _)| n == name).unwrap().1;
-            let g = grads.get(var.as_tensor()).unwrap();
-            let rel = max_abs_diff(g, reference) / max_abs(reference);
-            assert!(
-                rel < 1e-4,
-                "checkpointing {checkpointing}: {name} off by {rel:e}"
-            );
-            checked += 1;
-        }
+        let label = format!("checkpointing {checkpointing}");
+        let checked = check_gradients(&label, &grads, &vars, &golden);
         assert_eq!(checked, 6);
         assert!(
             grads.get(&w.layers[0].q_proj).is_none() && grads.get(&w.embed_tokens).is_none(),

@@ -123,6 +123,29 @@ pub fn check_padded_batch_logits(model: &str) {
     }
 }
 
+/// The gradient of each `Var` that `golden` holds one for (`grad.<its name>`) against it, within
+/// 1e-4 relative; returns how many were checked.
+pub fn check_gradients(
+    label: &str,
+    grads: &candle_core::backprop::GradStore,
+    vars: &[(String, candle_core::Var)],
+    golden: &HashMap<String, Tensor>,
+) -> usize {
+    let mut checked = 0;
+    for (key, reference) in golden.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let param = &key["grad.".len()..];
+        let var = &vars.iter().find(|(n, _)| n == param).unwrap().1;
+        let g = grads.get(var.as_tensor()).unwrap();
+        let rel = max_abs_diff(g, reference) / max_abs(reference);
+        assert!(
+            rel < 1e-4,
+            "{label}: gradient of {param} off by {rel:e} (relative)"
+        );
+        checked += 1;
+    }
+    checked
+}
+
 /// `name`'s log-prob loss and every parameter's gradient against transformers'.
 pub fn check_logprob_loss_gradients(name: &str) {
     {
@@ -161,18 +184,7 @@ pub fn check_logprob_loss_gradients(name: &str) {
             let g = grads.get(var.as_tensor());
             assert!(g.is_some(), "{name}: no gradient reached {param}");
         }
-        let mut checked = 0;
-        for (key, reference) in golden.iter().filter(|(k, _)| k.starts_with("grad.")) {
-            let param = &key["grad.".len()..];
-            let var = &vars.iter().find(|(n, _)| n == param).unwrap().1;
-            let g = grads.get(var.as_tensor()).unwrap();
-            let rel = max_abs_diff(g, reference) / max_abs(reference);
-            assert!(
-                rel < 1e-4,
-                "{name}: gradient of {param} off by {rel:e} (relative)"
-            );
-            checked += 1;
-        }
+        let checked = check_gradients(name, &grads, &vars, &golden);
         assert!(
             checked >= 5,
             "{name}: only {checked} gradients in the fixture"
