@@ -121,6 +121,14 @@ def grpo():
     ent = torch.rand(b, t) * 2
     adv = torch.tensor([1.2, -0.7, 0.3, -1.5])[:, None].expand(b, t).contiguous()
     totals = {"sequences": 8, "tokens": 27.0, "micro_batches": 2, "max_completion_length": 6}
+
+    def case(cfg, weights=None):
+        """The loss of `cfg` on the batch and its gradient in the log-probs."""
+        x = logp.clone().requires_grad_(True)
+        loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals, weights)
+        loss.backward()
+        return {"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()}
+
     cases = []
     for agg in ["grpo", "bnpo", "dapo", "dr_grpo"]:
         for ratio in ["token", "sequence"]:
@@ -128,10 +136,7 @@ def grpo():
                 for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01), (0.1, "k1", 0.0), (0.1, "k2", 0.0)]:
                     cfg = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": dual, "ratio": ratio, "aggregation": agg,
                            "kl": kind, "kl_coef": kl_coef, "entropy_coef": ent_coef}
-                    x = logp.clone().requires_grad_(True)
-                    loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals)
-                    loss.backward()
-                    cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
+                    cases.append(case(cfg))
     # CISPO under every aggregation and ratio level, with the weight's cap above (1.1: some
     # weights capped) or past (5.0, ScaleRL's value) the batch's ratios
     for agg in ["grpo", "bnpo", "dapo", "dr_grpo"]:
@@ -140,10 +145,7 @@ def grpo():
                 for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01)]:
                     cfg = {"loss": "cispo", "cispo_max": cap, "clip_low": 0.2, "clip_high": 0.28, "dual_clip": None,
                            "ratio": ratio, "aggregation": agg, "kl": kind, "kl_coef": kl_coef, "entropy_coef": ent_coef}
-                    x = logp.clone().requires_grad_(True)
-                    loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals)
-                    loss.backward()
-                    cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
+                    cases.append(case(cfg))
     # SAPO under every aggregation and ratio level, at TRL's temperatures and at sharper ones
     for agg in ["grpo", "bnpo", "dapo", "dr_grpo"]:
         for ratio in ["token", "sequence"]:
@@ -152,10 +154,7 @@ def grpo():
                     cfg = {"loss": "sapo", "sapo_tau_pos": tau_pos, "sapo_tau_neg": tau_neg, "clip_low": 0.2,
                            "clip_high": 0.28, "dual_clip": None, "ratio": ratio, "aggregation": agg, "kl": kind,
                            "kl_coef": kl_coef, "entropy_coef": ent_coef}
-                    x = logp.clone().requires_grad_(True)
-                    loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals)
-                    loss.backward()
-                    cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
+                    cases.append(case(cfg))
     # the sampler's log-probs for the importance-sampling correction (`old` is then the learner's
     # own at the start of the step), from a generator of their own so that the cases above keep
     # their values
@@ -173,17 +172,11 @@ def grpo():
                     cfg = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": None, "ratio": ratio,
                            "aggregation": agg, "kl": kind, "kl_coef": kl_coef, "entropy_coef": ent_coef,
                            "correction": mode}
-                    x = logp.clone().requires_grad_(True)
-                    loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals, w)
-                    loss.backward()
-                    cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
+                    cases.append(case(cfg, w))
         cfg = {"loss": "cispo", "cispo_max": 5.0, "clip_low": 0.2, "clip_high": 0.28, "dual_clip": None,
                "ratio": "token", "aggregation": "dapo", "kl": "k3", "kl_coef": 0.0, "entropy_coef": 0.0,
                "correction": mode}
-        x = logp.clone().requires_grad_(True)
-        loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals, w)
-        loss.backward()
-        cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
+        cases.append(case(cfg, w))
     return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
             "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases,
             "sampling": sampling.tolist(), "correction_cap": cap, "correction": correction}

@@ -62,14 +62,7 @@ fn adapter_gradients_match_peft_with_the_base_frozen() {
     let (json, golden) = golden("tiny-qwen2-lora");
     let ids = u32_rows(&json["input_ids"]);
     let mask = u8_rows(&json["attention_mask"]);
-    let loss_mask: Vec<Vec<u8>> = mask
-        .iter()
-        .map(|m| {
-            (0..m.len())
-                .map(|t| u8::from(t > 0 && m[t] == 1 && m[t - 1] == 1))
-                .collect()
-        })
-        .collect();
+    let loss_mask = scored(&mask);
     for checkpointing in [false, true] {
         let (vars, w) = adapted().lora_to_vars().unwrap();
         assert_eq!(

@@ -146,6 +146,18 @@ pub fn check_gradients(
     checked
 }
 
+/// The fixture scripts' loss mask of a padded batch's attention `mask`: token t is scored when it
+/// and its predecessor are real.
+pub fn scored(mask: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    mask.iter()
+        .map(|m| {
+            (0..m.len())
+                .map(|t| u8::from(t > 0 && m[t] == 1 && m[t - 1] == 1))
+                .collect()
+        })
+        .collect()
+}
+
 /// `name`'s log-prob loss and every parameter's gradient against transformers'.
 pub fn check_logprob_loss_gradients(name: &str) {
     {
@@ -153,15 +165,7 @@ pub fn check_logprob_loss_gradients(name: &str) {
         let (json, golden) = golden(name);
         let ids = u32_rows(&json["input_ids"]);
         let mask = u8_rows(&json["attention_mask"]);
-        // token t is scored when it and its predecessor are real (as in the fixture script)
-        let loss_mask: Vec<Vec<u8>> = mask
-            .iter()
-            .map(|m| {
-                (0..m.len())
-                    .map(|t| u8::from(t > 0 && m[t] == 1 && m[t - 1] == 1))
-                    .collect()
-            })
-            .collect();
+        let loss_mask = scored(&mask);
         let (vars, trainable) = w.to_vars().unwrap();
         let lp = sequence_logprobs(&trainable, &ids, &mask, &loss_mask, 1.0).unwrap();
         let count = lp.mask.sum_all().unwrap();
