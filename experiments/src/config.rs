@@ -761,10 +761,9 @@ impl Config {
                     l.targets
                 );
             }
-            if self.algorithm.name == "dpo" || !self.optimizer.subnetwork_mask.is_empty() {
+            if !self.optimizer.subnetwork_mask.is_empty() {
                 bail!(
-                    "lora.rank = {}: LoRA trains the policy-gradient methods' RL stage; not with \
-                     DPO or optimizer.subnetwork_mask (which masks full weights)",
+                    "lora.rank = {}: not with optimizer.subnetwork_mask, which masks full weights",
                     l.rank
                 );
             }
@@ -1119,7 +1118,8 @@ mod tests {
         assert!(err("lora.alpha=0").contains("lora.alpha"));
         assert!(err("lora.targets=[]").contains("target"));
         assert!(err("lora.targets=[\"lm_head\"]").contains("lm_head"));
-        assert!(err("algorithm.name=dpo").contains("DPO"));
+        assert!(err("optimizer.subnetwork_mask=m.masks.safetensors").contains("subnetwork_mask"));
+        assert!(lora("algorithm.name=dpo").is_ok());
         let corrected = |with: &str| {
             let sets = [
                 "algorithm.behaviour_correction=sequence_mask".into(),

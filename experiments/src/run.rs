@@ -546,7 +546,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             {
                 crate::dpo::save(c, dir, &task, &policy, opt, s)?;
                 if let Some(t) = tracker.as_mut() {
-                    t.record(s.step, &policy.named())?;
+                    t.record(s.step, &policy.merged()?.named())?;
                 }
             }
             bar.set_position(s.step);

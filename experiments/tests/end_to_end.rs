@@ -940,7 +940,7 @@ fn masked_truncated_completions_change_the_loss_not_the_samples() {
 /// model is the RL start plus `(α/r)·B·A` from the PEFT adapter saved beside it (so each
 /// projection's update has rank at most r), every other weight is the RL start's bit for bit,
 /// the optimizer holds the adapters only, and a run stopped at step 1 resumes to the same
-/// metrics and weights, in f32 and in bf16.
+/// metrics and weights, in f32 and in bf16; DPO trains the adapters against the frozen start.
 #[test]
 fn a_lora_run_trains_adapters_on_the_frozen_start_and_resumes_exactly() {
     let root = scratch("lora");
@@ -1006,6 +1006,20 @@ fn a_lora_run_trains_adapters_on_the_frozen_start_and_resumes_exactly() {
     let set16 = [set[0], set[1], set[2], "model.dtype=bf16"];
     let (whole16, resumed16) = whole_and_resumed("lora16", &root, &set16, 2);
     assert_same_table(&whole16, &resumed16, "metrics.parquet");
+    // DPO trains the adapters too, its reference the frozen start: at the first step the policy
+    // is the reference (B = 0), so the margin is exactly 0
+    let dpo = root.join("dpo");
+    let set_dpo = [
+        set[0],
+        "algorithm.name=dpo",
+        "algorithm.preference_prompts=64",
+    ];
+    succeed(&mut tiny("lora-dpo", &dpo, &set_dpo, 2));
+    let margin = metric(&dpo, "reward_margin");
+    assert!(margin[0] == 0.0 && margin[1] != 0.0, "{margin:?}");
+    assert!(dpo
+        .join("checkpoints/step-000002/adapter/adapter_model.safetensors")
+        .is_file());
     let _ = std::fs::remove_dir_all(&root);
 }
 
