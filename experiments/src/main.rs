@@ -72,7 +72,7 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         subnetwork_mask: Option<PathBuf>,
     },
-    /// Held-out accuracy, pass@1 and pass@k of a checkpoint (or a run's latest one).
+    /// Held-out accuracy, pass@1, pass@k and (math answers) maj@k of a checkpoint (or a run's latest one).
     Eval {
         checkpoint: PathBuf,
         #[command(flatten)]
@@ -367,8 +367,12 @@ fn main() -> anyhow::Result<()> {
             };
             let r = eval::evaluate_checkpoint(&c, &ckpt)?;
             let sampled = if r.k > 0 {
+                let maj = r
+                    .maj_at_k
+                    .map(|m| format!(", maj@{} {m:.3}", r.k))
+                    .unwrap_or_default();
                 format!(
-                    ", pass@1 {:.3}, pass@{} {:.3}",
+                    ", pass@1 {:.3}, pass@{} {:.3}{maj}",
                     r.pass_at_1, r.k, r.pass_at_k
                 )
             } else {

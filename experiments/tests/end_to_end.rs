@@ -37,7 +37,7 @@ fn summary(dir: &Path) -> serde_json::Value {
 
 /// The default experiment without its intermediate evaluations and checkpoints: greedy
 /// accuracy and pass@1 (4 samples at the rollout temperature) on 1000 held-out problems before
-/// and after GRPO (fixed seeds: the numbers are the same on every run).
+/// and after GRPO (and maj@4 within pass@4) (fixed seeds: the numbers are the same on every run).
 const SHORT: &[&str] = &[
     "--set",
     "run.eval_every=0",
@@ -108,6 +108,13 @@ fn grpo_beats_the_warm_start_on_held_out_addition() {
         after >= before - 0.01,
         "GRPO must not cost greedy accuracy: {before:.3} -> {after:.3}"
     );
+    // maj@4: a prompt whose majority answer is right has a right sample, so maj@4 ≤ pass@4
+    let evals = deterministic_metrics(&dir, "eval.parquet");
+    let column = |c: &str| evals.iter().find(|(n, _)| n == c).map(|(_, v)| v.clone());
+    let (maj, pass) = (column("maj@4").expect("maj@4"), column("pass@4").unwrap());
+    for ((step, m), (_, p)) in maj.iter().zip(&pass) {
+        assert!(*m > 0.0 && m <= p, "step {step}: maj@4 {m}, pass@4 {p}");
+    }
     for f in [
         "metrics.parquet",
         "eval.parquet",

@@ -60,6 +60,33 @@ pub fn verify(completion: &str, gold: &str) -> MathVerdict {
     }
 }
 
+/// Majority voting (maj@k) over the answers extracted from k completions: the answers are grouped
+/// by [`answers_equal`] (so `1/2`, `0.5` and `\frac{1}{2}` vote together, where a string vote
+/// would split them), and the index of the first answer of the largest group is returned (ties
+/// go to the group that appeared first); None when no completion has an answer.
+pub fn majority(answers: &[Option<&str>]) -> Option<usize> {
+    // (first index, size) of each group, in order of appearance
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    for (i, a) in answers.iter().enumerate() {
+        let Some(a) = a else { continue };
+        let same = groups.iter_mut().find(|(first, _)| {
+            let rep = answers[*first].unwrap_or_default();
+            answers_equal(rep, a, &mut Budget::default()).is_ok()
+        });
+        match same {
+            Some(g) => g.1 += 1,
+            None => groups.push((i, 1)),
+        }
+    }
+    groups
+        .iter()
+        .fold(None, |best: Option<(usize, usize)>, &g| match best {
+            Some(b) if b.1 >= g.1 => Some(b),
+            _ => Some(g),
+        })
+        .map(|(first, _)| first)
+}
+
 /// Whether two answer strings denote the same answer; `Err` says why not.
 pub fn answers_equal(gold: &str, predicted: &str, budget: &mut Budget) -> Result<(), String> {
     const MAX_LEN: usize = 2000;
@@ -278,5 +305,32 @@ mod digit_tests {
         assert_eq!(digit_match("75", "57"), 0.0);
         assert_eq!(digit_match("no number", "57"), 0.0);
         assert_eq!(digit_match("the answer is 108", "108"), 1.0);
+    }
+}
+
+#[cfg(test)]
+mod majority_tests {
+    use super::majority;
+
+    #[test]
+    fn equivalent_answers_vote_together_and_ties_go_to_the_first_group() {
+        // 1/2, 0.5 and \frac{1}{2} are one group of three against two 3s
+        let votes = [
+            Some("3"),
+            Some("1/2"),
+            Some("3"),
+            Some("0.5"),
+            Some("\\frac{1}{2}"),
+        ];
+        assert_eq!(majority(&votes), Some(1));
+        // two against two: the group seen first
+        assert_eq!(
+            majority(&[Some("7"), Some("8"), Some("8"), Some("7")]),
+            Some(0)
+        );
+        // completions without an answer do not vote
+        assert_eq!(majority(&[None, Some("4"), None]), Some(1));
+        assert_eq!(majority(&[None, None]), None);
+        assert_eq!(majority(&[]), None);
     }
 }
