@@ -432,14 +432,11 @@ pub fn hidden_states_shared(w: &Weights, s: &SharedPrompts) -> Result<Tensor> {
 /// and 128 outputs leave most of a large GPU idle. Every forward, with a graph or without, takes
 /// the same matmul, so that a batch's log-probs with a graph and without, from the same weights,
 /// are the same numbers (at the reference, a DPO margin is exactly 0). None for a layer with some
-/// of the q/k/v biases but not all: it multiplies them apart.
+/// of the q/k/v biases but not all: it multiplies them apart. A layer with LoRA adapters takes the
+/// same product, their updates added beside it ([`with_qkv_lora`]).
 fn packed_qkv(w: &LayerWeights) -> Result<Option<(Tensor, Option<Tensor>)>> {
     if let Some(p) = &w.packed {
         return Ok(Some((p.qkv.clone(), p.qkv_bias.clone())));
-    }
-    if w.lora.is_some() {
-        // each projection with its own update
-        return Ok(None);
     }
     let bias = match (&w.q_bias, &w.k_bias, &w.v_bias) {
         (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
@@ -448,6 +445,31 @@ fn packed_qkv(w: &LayerWeights) -> Result<Option<(Tensor, Option<Tensor>)>> {
     };
     let qkv = Tensor::cat(&[&w.q_proj, &w.k_proj, &w.v_proj], 0)?;
     Ok(Some((qkv, bias)))
+}
+
+/// `y [B, T, (Hq + 2·Hkv)·D]`, the one q/k/v product of `x`, plus the layer's LoRA updates of q,
+/// k and v side by side (a zero block for a projection without one): the base still multiplies
+/// once for the three, and only the thin adapter products are apart.
+fn with_qkv_lora(x: &Tensor, w: &LayerWeights, y: Tensor) -> Result<Tensor> {
+    let Some(lora) = &w.lora else {
+        return Ok(y);
+    };
+    let parts = [Target::Q, Target::K, Target::V];
+    if parts.iter().all(|&t| lora.get(t).is_none()) {
+        return Ok(y);
+    }
+    let deltas = parts
+        .iter()
+        .map(|&t| match lora.get(t) {
+            Some(adapter) => crate::lora::delta(x, adapter, lora.scale),
+            None => {
+                let mut shape = x.dims().to_vec();
+                *shape.last_mut().expect("rank >= 1") = t.weight(w).dim(0)?;
+                Ok(Tensor::zeros(shape, y.dtype(), y.device())?)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((y + Tensor::cat(&deltas, x.rank() - 1)?)?)
 }
 
 /// The keys and values a layer's queries attend to, besides their own.
@@ -573,7 +595,7 @@ fn keys_values(
     sin: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     if let Some((qkv, qkv_bias)) = packed_qkv(w)? {
-        let y = linear(x, &qkv, qkv_bias.as_ref())?;
+        let y = with_qkv_lora(x, w, linear(x, &qkv, qkv_bias.as_ref())?)?;
         return packed_keys_values(c, w, &y, cos, sin);
     }
     let k = project(x, w, Target::K, w.k_bias.as_ref())?; // [B, T, Hkv·D]
@@ -654,7 +676,7 @@ fn projections(
     let (q, k_new, v_new) = match packed_qkv(w)? {
         Some((qkv, qkv_bias)) => {
             // one matmul for q, k and v: [B, T, (Hq + 2·Hkv)·D]
-            let y = linear(x, &qkv, qkv_bias.as_ref())?;
+            let y = with_qkv_lora(x, w, linear(x, &qkv, qkv_bias.as_ref())?)?;
             let q = rotated(c, &y.narrow(2, 0, hq * d)?, hq, w.q_norm.as_ref(), cos, sin)?;
             let (k, v) = packed_keys_values(c, w, &y, cos, sin)?;
             (q, k, v)

@@ -177,3 +177,43 @@ fn a_saved_adapter_reads_back_and_a_fresh_one_changes_nothing() {
     assert!(max_abs(&down.a) <= bound && max_abs(&down.a) > 0.5 * bound);
     assert_eq!(down.a.dims(), [8, base.config.intermediate_size]);
 }
+
+/// Adapters on some of q, k and v only (the others get a zero block beside the one q/k/v
+/// product): the adapted forward equals the merged weights' forward.
+#[test]
+fn adapters_on_part_of_q_k_v_give_the_merged_models_logits() {
+    let (json, _) = golden("tiny-qwen2");
+    let (c, named) = load_adapter(&fixture("tiny-qwen2-lora")).unwrap();
+    for targets in [
+        vec![Target::Q],
+        vec![Target::K, Target::Down],
+        vec![Target::V, Target::O],
+    ] {
+        let part = LoraConfig {
+            targets: targets.clone(),
+            ..c.clone()
+        };
+        let keep = |n: &String| {
+            targets
+                .iter()
+                .any(|t| n.contains(&format!(".{}.", t.module())))
+        };
+        let named = named
+            .iter()
+            .filter(|(n, _)| keep(n))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        let w = load("tiny-qwen2").with_lora_named(&part, &named).unwrap();
+        let merged = w.merged().unwrap();
+        let ids = u32_rows(&json["input_ids"]);
+        let mask = u8_rows(&json["attention_mask"]);
+        let batch = Batch::new(&ids, &mask, &Device::Cpu).unwrap();
+        let reference = forward(&merged, &batch, None).unwrap();
+        let d = logits_diff(&w, &json, &reference);
+        assert!(d < 1e-4, "{targets:?}: {d:e}");
+        assert!(
+            logits_diff(&load("tiny-qwen2"), &json, &reference) > 1e-3,
+            "{targets:?} changed nothing"
+        );
+    }
+}
