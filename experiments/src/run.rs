@@ -253,6 +253,27 @@ fn sft_stage(
     Ok(Some((w, state.feed, start.elapsed().as_secs_f64())))
 }
 
+/// The policy the RL stage starts from: the RL start `start`, or a resumed run's checkpoint
+/// `ckpt`. With LoRA the start stays frozen and the adapters train: fresh ones (seeded from
+/// `run.seed`), or the checkpoint's, read back onto the start.
+fn policy_start(c: &Config, start: &Weights, ckpt: Option<&Path>) -> anyhow::Result<Weights> {
+    Ok(match (c.lora.config(), ckpt) {
+        (None, None) => start.clone(),
+        (None, Some(ckpt)) => setup::load_weights(c, ckpt)?,
+        (Some(lc), None) => start.with_lora(&lc, c.run.seed)?,
+        (Some(lc), Some(ckpt)) => {
+            let (saved, named) = model::lora::load_adapter(&ckpt.join(model::lora::ADAPTER_DIR))?;
+            anyhow::ensure!(
+                saved == lc,
+                "{}: its adapter is {saved:?}, the config asks for {lc:?}: resume with the run's \
+                 [lora]",
+                ckpt.display()
+            );
+            start.with_lora_named(&lc, &named)?
+        }
+    })
+}
+
 /// The evaluation at `step`, its batch of `data.eval_batch` rows halved while it runs out of
 /// device memory.
 fn eval_row(
@@ -397,43 +418,20 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     };
     summary.seconds_sft = sft_seconds;
     // the RL stage
-    // with LoRA the RL start stays frozen and the adapters train: fresh, or a checkpoint's
     let lora = c.lora.config();
-    let (policy_init, state) = match &resume_from {
-        Some((_, ckpt)) => (
-            match &lora {
-                Some(lc) => {
-                    let adapter = ckpt.join(model::lora::ADAPTER_DIR);
-                    let (saved, named) = model::lora::load_adapter(&adapter)?;
-                    if saved != *lc {
-                        anyhow::bail!(
-                            "{}: its adapter is {saved:?}, the config asks for {lc:?}: resume \
-                             with the run's [lora]",
-                            ckpt.display()
-                        );
-                    }
-                    start_weights.with_lora_named(lc, &named)?
-                }
-                None => setup::load_weights(c, ckpt)?,
-            },
-            checkpoint::load_state(ckpt)?,
-        ),
-        None => (
-            match &lora {
-                Some(lc) => start_weights.with_lora(lc, c.run.seed)?,
-                None => start_weights.clone(),
-            },
-            TrainerState {
-                step: 0,
-                policy_version: 0,
-                feed: start_feed,
-                seed: c.run.seed,
-                samples_seen: 0,
-                kl_coef: None,
-            },
-        ),
-    };
     let ckpt_dir = resume_from.as_ref().map(|(_, p)| p.as_path());
+    let policy_init = policy_start(c, &start_weights, ckpt_dir)?;
+    let state = match ckpt_dir {
+        Some(ckpt) => checkpoint::load_state(ckpt)?,
+        None => TrainerState {
+            step: 0,
+            policy_version: 0,
+            feed: start_feed,
+            seed: c.run.seed,
+            samples_seen: 0,
+            kl_coef: None,
+        },
+    };
     let critic_adamw = learner::optim::AdamWConfig {
         weight_decay: 0.0,
         ..adamw(c)

@@ -66,12 +66,13 @@ pub fn importance_weights(
     mode: BehaviourCorrection,
     cap: f64,
 ) -> (Vec<Vec<f32>>, CorrectionStats) {
+    // the weight and whether it passed the cap
     let bound = |w: f64| -> (f64, bool) {
-        let over = w > cap;
-        match (over, mode.masks()) {
-            (false, _) => (w, false),
-            (true, true) => (0.0, true),
-            (true, false) => (cap, true),
+        match (mode, w > cap) {
+            (BehaviourCorrection::None, _) => (1.0, false),
+            (_, false) => (w, false),
+            (_, true) if mode.masks() => (0.0, true),
+            (_, true) => (cap, true),
         }
     };
     let (mut diff_sum, mut diff_max, mut tokens) = (0f64, 0f64, 0usize);
@@ -115,19 +116,7 @@ pub fn importance_weights(
         weight_max: taken.iter().map(|w| w.0).fold(0.0, f64::max),
         capped_frac: taken.iter().filter(|w| w.1).count() as f64 / n,
     };
-    match mode {
-        BehaviourCorrection::None => (
-            proximal.iter().map(|p| vec![1.0; p.len()]).collect(),
-            CorrectionStats {
-                weight_min: 1.0,
-                weight_mean: 1.0,
-                weight_max: 1.0,
-                capped_frac: 0.0,
-                ..stats
-            },
-        ),
-        _ => (weights, stats),
-    }
+    (weights, stats)
 }
 
 #[cfg(test)]
