@@ -107,7 +107,23 @@ def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None):
         return m.sum() / mask.sum() / totals["micro_batches"]
     if agg == "dapo":
         return m.sum() / totals["tokens"]
+    if agg == "seq_sum":  # verl's seq-mean-token-sum
+        return m.sum() / totals["sequences"]
     return m.sum() / (totals["sequences"] * totals["max_completion_length"])  # dr_grpo
+
+
+def luspo_trl(logp, old, adv, mask, cfg, totals):
+    """TRL's loss_type="luspo" as its `_compute_loss` writes it: the sequence-level importance
+    weight (B, 1), the clipped surrogate, `(per_token_loss * mask.sum(1, keepdim=True)).mean()` over
+    the micro-batch's rows and divided by the gradient-accumulation steps: here 4 rows of a step of
+    8 sequences in 2 micro-batches, so the mean / 2 is the sum / 8."""
+    seq = (logp - old) * mask
+    coef_1 = torch.exp(seq.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+    coef_2 = coef_1.clamp(1 - cfg["clip_low"], 1 + cfg["clip_high"])
+    a = adv[:, :1]
+    per_token_loss = -torch.min(coef_1 * a, coef_2 * a)  # (B, 1)
+    rows, accumulation = mask.shape[0], totals["sequences"] // mask.shape[0]
+    return (per_token_loss * mask.sum(1, keepdim=True)).mean() * rows / (rows * accumulation)
 
 
 def grpo():
@@ -155,6 +171,24 @@ def grpo():
                            "clip_high": 0.28, "dual_clip": None, "ratio": ratio, "aggregation": agg, "kl": kind,
                            "kl_coef": kl_coef, "entropy_coef": ent_coef}
                     cases.append(case(cfg))
+    # verl's seq-mean-token-sum under both ratio levels, with and without dual clip, KL and entropy
+    for ratio in ["token", "sequence"]:
+        for dual in [None, 3.0]:
+            for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01), (0.1, "k1", 0.0), (0.1, "k2", 0.0)]:
+                cfg = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": dual, "ratio": ratio,
+                       "aggregation": "seq_sum", "kl": kind, "kl_coef": kl_coef, "entropy_coef": ent_coef}
+                cases.append(case(cfg))
+    # LUSPO from TRL's own formula: seq_sum with the sequence ratio, a clip that binds (the
+    # sequence ratios are 0.91, 1.17, 0.76 and 1.06: with the advantages negated, 0.91 and 0.76
+    # pass 1 - 0.05 against a negative advantage and 1.17 passes 1 + 0.05 against a positive one)
+    # and one that does not
+    for eps in [0.05, 0.28]:
+        cfg = {"clip_low": eps, "clip_high": eps, "dual_clip": None, "ratio": "sequence", "aggregation": "seq_sum",
+               "kl": "k3", "kl_coef": 0.0, "entropy_coef": 0.0, "luspo": True, "negate_advantages": True}
+        x = logp.clone().requires_grad_(True)
+        loss = luspo_trl(x, old, -adv, mask, cfg, totals)
+        loss.backward()
+        cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()})
     # the sampler's log-probs for the importance-sampling correction (`old` is then the learner's
     # own at the start of the step), from a generator of their own so that the cases above keep
     # their values

@@ -922,6 +922,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("mean"), "{e}");
+        let luspo = Config::from_toml(
+            "[algorithm]\nloss_aggregation = \"seq_sum\"\nratio = \"sequence\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(luspo.algorithm.loss_aggregation, Aggregation::SeqSum);
     }
 
     #[test]

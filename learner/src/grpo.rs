@@ -78,6 +78,10 @@ pub enum Aggregation {
     Dapo,
     /// `Σ M·ℓ / (sequences of the step · max_completion_length)`.
     DrGrpo,
+    /// `Σ M·ℓ / sequences of the step`: each sequence's token sum, averaged over the sequences
+    /// (verl's `seq-mean-token-sum`). With `ratio = "sequence"` it is LUSPO (TRL's
+    /// `loss_type = "luspo"`, `mean_i(ℓ_i·|o_i|)`: a sequence's loss scaled by its length).
+    SeqSum,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,6 +349,7 @@ pub fn policy_loss(
             (per_micro_batch / totals.micro_batches.max(1) as f64)?
         }
         Aggregation::Dapo => (masked.sum_all()? / totals.tokens.max(1.0))?,
+        Aggregation::SeqSum => (masked.sum_all()? / totals.sequences.max(1) as f64)?,
         Aggregation::DrGrpo => {
             (masked.sum_all()?
                 / (totals.sequences.max(1) * totals.max_completion_length.max(1)) as f64)?

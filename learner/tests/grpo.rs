@@ -49,8 +49,9 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
     let cases = f["cases"].as_array().unwrap();
     assert_eq!(
         cases.len(),
-        164,
-        "64 clipped-surrogate cases, 32 CISPO, 32 SAPO, 36 importance-weighted"
+        182,
+        "64 clipped-surrogate cases, 32 CISPO, 32 SAPO, 16 seq-sum, 2 LUSPO (TRL's formula), 36 \
+         importance-weighted"
     );
     for case in cases {
         let c = &case["config"];
@@ -83,7 +84,11 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
         let inputs = PolicyInputs {
             logprobs: logp.as_tensor(),
             old_logprobs: &old,
-            advantages: &adv,
+            advantages: &if c["negate_advantages"] == true {
+                adv.neg().unwrap()
+            } else {
+                adv.clone()
+            },
             mask: &mask,
             ref_logprobs: Some(&reference),
             entropy: Some(&entropy),
