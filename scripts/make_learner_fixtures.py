@@ -71,7 +71,7 @@ def is_weights(old, sampling, mask, mode, cap):
     return w.expand_as(mask), flat, flat_raw
 
 
-def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None):
+def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None, sampler=None):
     """The spec's formulas (section 5.2-5.4), written out in PyTorch; `weights` multiply the
     policy term before KL and entropy join it, as TRL applies its importance-sampling ratio."""
     log_ratio = (logp - old).clamp(-20, 20)
@@ -92,6 +92,12 @@ def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None):
         pg = torch.max(-adv * r, -adv * r.clamp(1 - cfg["clip_low"], 1 + cfg["clip_high"]))
     if cfg["dual_clip"] is not None:
         pg = torch.where(adv < 0, torch.min(pg, -adv * cfg["dual_clip"]), pg)
+    if cfg.get("off_policy_mask") is not None:
+        # TRL's get_off_policy_mask (DeepSeek-V3.2's off-policy sequence masking): keep a sequence
+        # whose advantage is >= 0 or whose mean sampler-minus-policy log-prob is <= the threshold
+        seq_kl = ((sampler - logp.detach()) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        keep = ((adv >= 0) | (seq_kl <= cfg["off_policy_mask"])).float()
+        pg = pg * keep
     if weights is not None:
         pg = pg * weights
     loss_t = pg
@@ -138,10 +144,10 @@ def grpo():
     adv = torch.tensor([1.2, -0.7, 0.3, -1.5])[:, None].expand(b, t).contiguous()
     totals = {"sequences": 8, "tokens": 27.0, "micro_batches": 2, "max_completion_length": 6}
 
-    def case(cfg, weights=None):
+    def case(cfg, weights=None, sampler=None):
         """The loss of `cfg` on the batch and its gradient in the log-probs."""
         x = logp.clone().requires_grad_(True)
-        loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals, weights)
+        loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals, weights, sampler)
         loss.backward()
         return {"config": cfg, "loss": loss.item(), "grad": x.grad.tolist()}
 
@@ -211,6 +217,19 @@ def grpo():
                "ratio": "token", "aggregation": "dapo", "kl": "k3", "kl_coef": 0.0, "entropy_coef": 0.0,
                "correction": mode}
         cases.append(case(cfg, w))
+    # off-policy sequence masking against the sampler's log-probs, alone and with the correction's
+    # weights (the learner's own log-probs `old` the old policy), at thresholds that mask both
+    # negative-advantage sequences (their mean sampler-minus-policy log-probs are -0.55 and -1.08),
+    # one of them, and none
+    truncated = is_weights(old, sampling, mask, "token_truncate", cap)[0]
+    for delta in [-2.0, -0.8, 0.0]:
+        for agg in ["grpo", "dapo"]:
+            for mode, w in [(None, None), ("token_truncate", truncated)]:
+                cfg = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": None, "ratio": "token", "aggregation": agg,
+                       "kl": "k3", "kl_coef": 0.04, "entropy_coef": 0.01, "off_policy_mask": delta}
+                if mode:
+                    cfg["correction"] = mode
+                cases.append(case(cfg, w, sampling))
     return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
             "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases,
             "sampling": sampling.tolist(), "correction_cap": cap, "correction": correction}

@@ -155,6 +155,7 @@ impl Algorithm {
                     kl: a.kl_estimator,
                     kl_coef: a.kl_coef,
                     entropy_coef: a.entropy_coef,
+                    off_policy_mask: a.off_policy_mask,
                     surrogate: match a.policy_loss {
                         PolicyLoss::Clip => Surrogate::Clip,
                         PolicyLoss::Cispo => Surrogate::Cispo { max: a.cispo_max },
@@ -251,7 +252,7 @@ impl Algorithm {
                 a.behaviour_cap,
             );
             for ((s, p), w) in seqs.iter_mut().zip(proximal).zip(weights) {
-                s.behavior_logprobs = p;
+                s.sampler_logprobs = Some(std::mem::replace(&mut s.behavior_logprobs, p));
                 s.importance_weights = Some(w);
             }
             stats.correction = Some(correction);

@@ -427,6 +427,10 @@ pub struct AlgorithmConfig {
     pub behaviour_correction: BehaviourCorrection,
     /// The cap of the correction's importance weight (TRL's `vllm_importance_sampling_cap`).
     pub behaviour_cap: f64,
+    /// Off-policy sequence masking δ (DeepSeek-V3.2; TRL's `off_policy_mask_threshold`): the
+    /// tokens of negative advantage in a sequence whose mean `log π_sampler − log π_θ` exceeds δ
+    /// leave the policy loss. None: off.
+    pub off_policy_mask: Option<f64>,
     /// Passes over each step's batch, and optimizer steps per pass.
     pub epochs: usize,
     pub mini_batches: usize,
@@ -487,6 +491,7 @@ impl Default for AlgorithmConfig {
             mask_truncated: false,
             behaviour_correction: BehaviourCorrection::None,
             behaviour_cap: 3.0,
+            off_policy_mask: None,
             epochs: 1,
             mini_batches: 1,
             entropy_reward: EntropyReward::None,
@@ -832,12 +837,16 @@ impl Config {
             );
         }
         let corrected = a.behaviour_correction != BehaviourCorrection::None;
-        if (a.filter_groups || a.mask_truncated || corrected) && a.name == "dpo" {
+        let rollout_only = a.filter_groups || a.mask_truncated || a.off_policy_mask.is_some();
+        if (rollout_only || corrected) && a.name == "dpo" {
             bail!(
-                "algorithm.filter_groups, mask_truncated and behaviour_correction: DPO trains on \
-                 preference pairs, not on groups of rollouts; they are for the policy-gradient \
-                 methods"
+                "algorithm.filter_groups, mask_truncated, behaviour_correction and \
+                 off_policy_mask: DPO trains on preference pairs, not on groups of rollouts; they \
+                 are for the policy-gradient methods"
             );
+        }
+        if a.off_policy_mask.is_some_and(|d| !d.is_finite()) {
+            bail!("algorithm.off_policy_mask must be a finite threshold");
         }
         if corrected && !(a.behaviour_cap.is_finite() && a.behaviour_cap > 0.0) {
             bail!(
@@ -1142,6 +1151,18 @@ mod tests {
         assert!(err("algorithm.behaviour_cap=0").contains("behaviour_cap"));
         assert!(err("algorithm.name=dpo").contains("DPO"));
         assert!(bad("algorithm.behaviour_correction=tis").contains("tis"));
+        let masked = Config::default()
+            .with_overrides(&["algorithm.off_policy_mask=0.5".into()])
+            .unwrap();
+        assert_eq!(masked.algorithm.off_policy_mask, Some(0.5));
+        let dpo = [
+            "algorithm.off_policy_mask=0.5".into(),
+            "algorithm.name=dpo".into(),
+        ];
+        assert!(
+            format!("{:#}", Config::default().with_overrides(&dpo).unwrap_err())
+                .contains("off_policy_mask")
+        );
         assert_eq!(Config::from_toml(&ok.to_toml(), "resolved").unwrap(), ok);
     }
 

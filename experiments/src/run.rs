@@ -805,6 +805,10 @@ fn rl_stage(
                 ("ratio_max".into(), m.policy.ratio_max),
                 ("behaviour_kl".into(), m.policy.behaviour_kl),
                 ("logprob_diff_max".into(), m.policy.logprob_diff_max),
+                (
+                    "off_policy_masked_frac".into(),
+                    m.policy.off_policy_masked_frac,
+                ),
                 ("kl".into(), m.policy.kl_mean),
                 ("entropy".into(), m.policy.entropy_mean),
                 ("grad_norm".into(), m.grad_norm),

@@ -931,6 +931,21 @@ fn sapo_changes_the_loss_not_the_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.off_policy_mask` reaches the learner: on the CPU the sampler's log-probs are the
+/// learner's to rounding, so a threshold below every sequence's gap takes out every token of
+/// negative advantage (some, not most: the rest have advantages ≥ 0) and one above them takes
+/// out none.
+#[test]
+fn off_policy_masking_changes_the_loss_not_the_samples() {
+    let root = scratch("opsm");
+    let above = ["algorithm.off_policy_mask=10.0"];
+    let (masked, none) = one_step_either_way(&root, &above, "algorithm.off_policy_mask=-1.0");
+    let share = metric(&masked, "off_policy_masked_frac")[0];
+    assert!(share > 0.0 && share < 0.5, "{share}");
+    assert_eq!(metric(&none, "off_policy_masked_frac"), vec![0.0]);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `algorithm.mask_truncated` reaches the learner: at 2 new tokens part of the completions are
 /// cut, and they leave the loss, not the advantages.
 #[test]

@@ -136,6 +136,10 @@ pub struct PolicyLossConfig {
     /// The per-token term; `clip_low`, `clip_high` and `dual_clip` shape the clipped one only
     /// (SAPO's statistics still count the tokens outside the clip range, as TRL's do).
     pub surrogate: Surrogate,
+    /// Off-policy sequence masking δ (DeepSeek-V3.2; TRL's `off_policy_mask_threshold`): a
+    /// token with a negative advantage in a sequence whose mean `log π_sampler − log π_θ`
+    /// (π_θ detached) exceeds δ loses its policy term. None: off.
+    pub off_policy_mask: Option<f64>,
 }
 
 impl Default for PolicyLossConfig {
@@ -150,6 +154,7 @@ impl Default for PolicyLossConfig {
             kl_coef: 0.0,
             entropy_coef: 0.0,
             surrogate: Surrogate::Clip,
+            off_policy_mask: None,
         }
     }
 }
@@ -180,6 +185,9 @@ pub struct PolicyInputs<'a> {
     /// `[B, T]` detached weights that multiply each token's policy term, before KL and entropy
     /// are added (TRL's `importance_sampling_ratio`; [`crate::correction`]); None: 1.
     pub importance_weights: Option<&'a Tensor>,
+    /// `[B, T]` the sampler's log-probs where they are not `old_logprobs` (a behaviour
+    /// correction replaced those): what off-policy sequence masking compares with.
+    pub sampler_logprobs: Option<&'a Tensor>,
     /// `[B, T]` where KL and entropy count (Lopti restricts them to a token group); the
     /// denominators still use `mask`.
     pub kl_entropy_mask: Option<&'a Tensor>,
@@ -204,6 +212,8 @@ pub struct PolicyStats {
     pub logprob_diff_max: f64,
     pub kl_mean: f64,
     pub entropy_mean: f64,
+    /// The share of valid tokens off-policy sequence masking took out (0 when off).
+    pub off_policy_masked_frac: f64,
     /// The valid tokens the statistics cover.
     pub tokens: f64,
 }
@@ -223,6 +233,7 @@ impl PolicyStats {
             logprob_diff_max: self.logprob_diff_max.max(other.logprob_diff_max),
             kl_mean: mean(self.kl_mean, other.kl_mean),
             entropy_mean: mean(self.entropy_mean, other.entropy_mean),
+            off_policy_masked_frac: mean(self.off_policy_masked_frac, other.off_policy_masked_frac),
             tokens,
         }
     }
@@ -232,8 +243,8 @@ impl PolicyStats {
 /// the backward is queued (see [`DeviceSums`]).
 pub struct PendingStats {
     /// valid tokens, tokens clipped low, tokens clipped high, Σ ratio, max ratio, Σ KL,
-    /// Σ entropy, Σ (behaviour − policy log-prob), max |policy − behaviour log-prob| (all over
-    /// valid tokens).
+    /// Σ entropy, Σ (behaviour − policy log-prob), max |policy − behaviour log-prob|, tokens
+    /// off-policy masked (all over valid tokens).
     sums: DeviceSums,
 }
 
@@ -251,6 +262,7 @@ impl PendingStats {
             entropy_mean: mean(s[6]),
             behaviour_kl: mean(s[7]),
             logprob_diff_max: s[8],
+            off_policy_masked_frac: mean(s[9]),
             tokens: n,
         })
     }
@@ -310,6 +322,23 @@ pub fn policy_loss(
             negative.where_cond(&capped, &pg)?
         }
         _ => pg,
+    };
+    // off-policy sequence masking: keep = A ≥ 0 or the sequence's mean sampler KL ≤ δ
+    let (pg, off_policy_masked) = match c.off_policy_mask {
+        Some(delta) => {
+            let sampler = x.sampler_logprobs.unwrap_or(x.old_logprobs);
+            let kl = ((sampler - x.logprobs.detach())? * mask)?
+                .sum_keepdim(1)?
+                .broadcast_div(&mask.sum_keepdim(1)?.clamp(1f32, f32::MAX)?)?; // [B, 1]
+            let low_kl = kl.le(delta as f32)?.to_dtype(DType::F32)?;
+            let keep = a
+                .ge(0f32)?
+                .to_dtype(DType::F32)?
+                .broadcast_maximum(&low_kl)?; // [B, T]
+            let masked = sum(&(1.0 - &keep)?)?;
+            ((pg * keep)?, masked)
+        }
+        None => (pg, zero()?),
     };
     let pg = match x.importance_weights {
         Some(w) => (pg * w)?,
@@ -386,6 +415,7 @@ pub fn policy_loss(
         entropy_sum,
         sum(&log_diff.neg()?)?,
         diff_max,
+        off_policy_masked,
     ])?;
     Ok((loss, PendingStats { sums }))
 }

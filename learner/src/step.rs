@@ -43,6 +43,10 @@ pub struct Sequence {
     /// One detached importance weight per completion token that multiplies its policy term
     /// ([`crate::correction`]: `π_prox / π_behav`, truncated or masked); None: 1.
     pub importance_weights: Option<Vec<f32>>,
+    /// The sampler's log-probs where a behaviour correction replaced `behavior_logprobs` with
+    /// the learner's (off-policy sequence masking compares with them); None: those are the
+    /// sampler's.
+    pub sampler_logprobs: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +73,7 @@ impl Sequence {
             values: None,
             masked: false,
             importance_weights: None,
+            sampler_logprobs: None,
         }
     }
 }
@@ -303,6 +308,9 @@ pub(crate) struct Packed {
     /// The importance weights ([`Sequence::importance_weights`]; 1 where a sequence has none);
     /// None: no sequence has any.
     importance_weights: Option<Tensor>,
+    /// The sampler's log-probs ([`Sequence::sampler_logprobs`]; `old`'s where a sequence has
+    /// none); None: no sequence has any.
+    sampler: Option<Tensor>,
     returns: Tensor,
     old_values: Tensor,
 }
@@ -534,12 +542,15 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
     let (mut returns, mut old_values) = (vec![0f32; cells], vec![0f32; cells]);
     let weighted = seqs.iter().any(|s| s.importance_weights.is_some());
     let mut weights = vec![1f32; if weighted { cells } else { 0 }];
+    let resampled = seqs.iter().any(|s| s.sampler_logprobs.is_some());
+    let mut sampler = vec![0f32; if resampled { cells } else { 0 }];
     for (r, s) in seqs.iter().enumerate() {
         let n = s.completion.len();
         let lengths_ok = s.behavior_logprobs.len() == n
             && s.advantages.len() == n
             && s.active.as_ref().is_none_or(|a| a.len() == n)
             && s.importance_weights.as_ref().is_none_or(|w| w.len() == n)
+            && s.sampler_logprobs.as_ref().is_none_or(|l| l.len() == n)
             && s.values
                 .as_ref()
                 .is_none_or(|v| v.returns.len() == n && v.old_values.len() == n);
@@ -568,6 +579,9 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
             }
             if let Some(w) = &s.importance_weights {
                 weights[at] = w[j];
+            }
+            if resampled {
+                sampler[at] = s.sampler_logprobs.as_ref().map_or(lp, |l| l[j]);
             }
         }
     }
@@ -602,6 +616,7 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
         active: tensor(active)?,
         kept,
         importance_weights: weighted.then(|| tensor(weights)).transpose()?,
+        sampler: resampled.then(|| tensor(sampler)).transpose()?,
         returns: tensor(returns)?,
         old_values: tensor(old_values)?,
     })
@@ -785,6 +800,7 @@ fn policy_piece(
         ref_logprobs: reference_lp.as_ref(),
         entropy: Some(&lp.entropy),
         importance_weights: p.importance_weights.as_ref(),
+        sampler_logprobs: p.sampler.as_ref(),
         kl_entropy_mask: Some(&(&p.active * &policy_mask)?),
         micro_batch_valid,
     };

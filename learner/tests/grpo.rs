@@ -39,6 +39,7 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
         t2(&f["advantages"]),
         t2(&f["mask"]),
     );
+    let sampling = t2(&f["sampling"]);
     let tot = &f["totals"];
     let totals = StepTotals {
         sequences: parse(&tot["sequences"]),
@@ -49,9 +50,9 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
     let cases = f["cases"].as_array().unwrap();
     assert_eq!(
         cases.len(),
-        182,
+        194,
         "64 clipped-surrogate cases, 32 CISPO, 32 SAPO, 16 seq-sum, 2 LUSPO (TRL's formula), 36 \
-         importance-weighted"
+         importance-weighted, 12 off-policy masked"
     );
     for case in cases {
         let c = &case["config"];
@@ -79,6 +80,7 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
                 },
                 _ => Surrogate::Clip,
             },
+            off_policy_mask: parse(&c["off_policy_mask"]),
         };
         let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
         let inputs = PolicyInputs {
@@ -93,6 +95,7 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
             ref_logprobs: Some(&reference),
             entropy: Some(&entropy),
             importance_weights: weights.as_ref(),
+            sampler_logprobs: Some(&sampling),
             kl_entropy_mask: None,
             micro_batch_valid: None,
         };
@@ -176,6 +179,7 @@ fn row_inputs<'a>(
         ref_logprobs: None,
         entropy: None,
         importance_weights: None,
+        sampler_logprobs: None,
         kl_entropy_mask: None,
         micro_batch_valid: None,
     }

@@ -356,6 +356,7 @@ fn lopti_passes_split_the_single_pass_loss_and_match_the_reference() {
                 values: None,
                 masked: false,
                 importance_weights: None,
+                sampler_logprobs: None,
             })
             .collect();
         let [first, second] = lopti_passes(&seqs, eta);
@@ -398,6 +399,7 @@ fn lopti_passes_split_the_single_pass_loss_and_match_the_reference() {
                 ref_logprobs: Some(&ref_t),
                 entropy: Some(&ent_t),
                 importance_weights: None,
+                sampler_logprobs: None,
                 kl_entropy_mask: Some(&active),
                 micro_batch_valid: None,
             };
