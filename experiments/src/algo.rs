@@ -243,8 +243,10 @@ impl Algorithm {
                 c.optimizer.micro_batch_tokens,
                 self.step.temperature,
             )?;
-            let behaviour: Vec<Vec<f32>> =
-                seqs.iter().map(|s| s.behavior_logprobs.clone()).collect();
+            let behaviour: Vec<&[f32]> = seqs
+                .iter()
+                .map(|s| s.behavior_logprobs.as_slice())
+                .collect();
             let (weights, correction) = importance_weights(
                 &proximal,
                 &behaviour,

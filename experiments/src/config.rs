@@ -52,14 +52,8 @@ impl Default for LoraSection {
 impl LoraSection {
     /// The adapters' configuration, None for full fine-tuning.
     pub fn config(&self) -> Option<model::lora::LoraConfig> {
-        let mut targets = self.targets.clone();
-        targets.sort();
-        targets.dedup();
-        (self.rank > 0).then_some(model::lora::LoraConfig {
-            rank: self.rank,
-            alpha: self.alpha,
-            targets,
-        })
+        let c = model::lora::LoraConfig::new(self.rank, self.alpha, self.targets.clone());
+        (self.rank > 0).then_some(c)
     }
 }
 
@@ -1051,12 +1045,7 @@ mod tests {
 
     #[test]
     fn algorithm_settings_are_checked() {
-        let bad = |set: &str| {
-            let e = Config::default()
-                .with_overrides(&[set.to_string()])
-                .unwrap_err();
-            format!("{e:#}")
-        };
+        let bad = |set: &str| format!("{:#}", Config::default_with(&[set]).unwrap_err());
         assert!(bad("algorithm.name=ppoo").contains("one of grpo, rloo"));
         assert!(bad("algorithm.lopti_eta=0.0").contains("lopti_eta"));
         assert!(bad("algorithm.ar_alpha=1.5").contains("ar_alpha"));
@@ -1067,50 +1056,40 @@ mod tests {
         assert!(bad("rollout.top_p=0.0").contains("rollout.top_p"));
         assert!(bad("rollout.top_p=1.5").contains("rollout.top_p"));
         assert!(bad("rollout.workers=0").contains("workers"));
-        let ok = Config::default()
-            .with_overrides(&[
-                "algorithm.name=ppo".into(),
-                "algorithm.lopti_eta=-0.5".into(),
-                "algorithm.ar_alpha=0.3".into(),
-                "algorithm.entropy_reward=token".into(),
-                "algorithm.dpo_loss=ipo".into(),
-                "algorithm.filter_groups=true".into(),
-            ])
-            .unwrap();
+        let ok = Config::default_with(&[
+            "algorithm.name=ppo",
+            "algorithm.lopti_eta=-0.5",
+            "algorithm.ar_alpha=0.3",
+            "algorithm.entropy_reward=token",
+            "algorithm.dpo_loss=ipo",
+            "algorithm.filter_groups=true",
+        ])
+        .unwrap();
         assert_eq!(ok.algorithm.lopti_eta, Some(-0.5));
         assert!(ok.algorithm.filter_groups);
+        // an option and what it is combined with: the config, or its error as printed
+        let both = |option: &str, with: &str| Config::default_with(&[option, with]);
+        let both_err = |option: &str, with: &str| format!("{:#}", both(option, with).unwrap_err());
         for set in [
             "algorithm.filter_groups=true",
             "algorithm.mask_truncated=true",
         ] {
-            let dpo = ["algorithm.name=dpo".into(), set.into()];
-            let e = Config::default().with_overrides(&dpo).unwrap_err();
-            assert!(
-                format!("{e:#}").contains("not on groups of rollouts"),
-                "{e:#}"
-            );
+            let e = both_err("algorithm.name=dpo", set);
+            assert!(e.contains("not on groups of rollouts"), "{e}");
         }
-        let cispo = |with: &str| {
-            let sets = ["algorithm.policy_loss=cispo".into(), with.into()];
-            Config::default().with_overrides(&sets)
-        };
-        let err = |with: &str| format!("{:#}", cispo(with).unwrap_err());
-        assert!(err("algorithm.dual_clip=3.0").contains("dual_clip"));
-        assert!(err("algorithm.cispo_max=0").contains("cispo_max"));
-        assert!(err("algorithm.name=dpo").contains("DPO"));
-        let c = cispo("algorithm.cispo_max=4.0").unwrap();
+        let cispo = "algorithm.policy_loss=cispo";
+        assert!(both_err(cispo, "algorithm.dual_clip=3.0").contains("dual_clip"));
+        assert!(both_err(cispo, "algorithm.cispo_max=0").contains("cispo_max"));
+        assert!(both_err(cispo, "algorithm.name=dpo").contains("DPO"));
+        let c = both(cispo, "algorithm.cispo_max=4.0").unwrap();
         assert_eq!(
             (c.algorithm.policy_loss, c.algorithm.cispo_max),
             (PolicyLoss::Cispo, 4.0)
         );
-        let sapo = |with: &str| {
-            let sets = ["algorithm.policy_loss=sapo".into(), with.into()];
-            Config::default().with_overrides(&sets)
-        };
-        let err = |with: &str| format!("{:#}", sapo(with).unwrap_err());
-        assert!(err("algorithm.sapo_tau_neg=0").contains("sapo_tau_neg"));
-        assert!(err("algorithm.dual_clip=3.0").contains("dual_clip"));
-        let c = sapo("algorithm.sapo_tau_pos=2.0").unwrap();
+        let sapo = "algorithm.policy_loss=sapo";
+        assert!(both_err(sapo, "algorithm.sapo_tau_neg=0").contains("sapo_tau_neg"));
+        assert!(both_err(sapo, "algorithm.dual_clip=3.0").contains("dual_clip"));
+        let c = both(sapo, "algorithm.sapo_tau_pos=2.0").unwrap();
         assert_eq!(
             (
                 c.algorithm.policy_loss,
@@ -1120,49 +1099,31 @@ mod tests {
             (PolicyLoss::Sapo, 2.0, 1.05)
         );
         assert!(bad("algorithm.policy_loss=vespo").contains("vespo"));
-        let lora = |with: &str| {
-            let sets = ["lora.rank=8".into(), with.into()];
-            Config::default().with_overrides(&sets)
-        };
-        let c = lora("lora.targets=[\"v_proj\", \"q_proj\", \"q_proj\"]").unwrap();
+        let lora = "lora.rank=8";
+        let c = both(lora, "lora.targets=[\"v_proj\", \"q_proj\", \"q_proj\"]").unwrap();
         let lc = c.lora.config().unwrap();
         assert_eq!((lc.rank, lc.alpha, lc.scale()), (8, 16.0, 2.0));
         assert_eq!(lc.targets, [model::lora::Target::Q, model::lora::Target::V]);
         assert_eq!(Config::default().lora.config(), None);
-        let err = |with: &str| format!("{:#}", lora(with).unwrap_err());
-        assert!(err("lora.alpha=0").contains("lora.alpha"));
-        assert!(err("lora.targets=[]").contains("target"));
-        assert!(err("lora.targets=[\"lm_head\"]").contains("lm_head"));
-        assert!(err("optimizer.subnetwork_mask=m.masks.safetensors").contains("subnetwork_mask"));
-        assert!(lora("algorithm.name=dpo").is_ok());
-        let corrected = |with: &str| {
-            let sets = [
-                "algorithm.behaviour_correction=sequence_mask".into(),
-                with.into(),
-            ];
-            Config::default().with_overrides(&sets)
-        };
-        let c = corrected("algorithm.behaviour_cap=2.0").unwrap();
+        assert!(both_err(lora, "lora.alpha=0").contains("lora.alpha"));
+        assert!(both_err(lora, "lora.targets=[]").contains("target"));
+        assert!(both_err(lora, "lora.targets=[\"lm_head\"]").contains("lm_head"));
+        let mask = "optimizer.subnetwork_mask=m.masks.safetensors";
+        assert!(both_err(lora, mask).contains("subnetwork_mask"));
+        assert!(both(lora, "algorithm.name=dpo").is_ok());
+        let corrected = "algorithm.behaviour_correction=sequence_mask";
+        let c = both(corrected, "algorithm.behaviour_cap=2.0").unwrap();
         assert_eq!(
             (c.algorithm.behaviour_correction, c.algorithm.behaviour_cap),
             (BehaviourCorrection::SequenceMask, 2.0)
         );
-        let err = |with: &str| format!("{:#}", corrected(with).unwrap_err());
-        assert!(err("algorithm.behaviour_cap=0").contains("behaviour_cap"));
-        assert!(err("algorithm.name=dpo").contains("DPO"));
+        assert!(both_err(corrected, "algorithm.behaviour_cap=0").contains("behaviour_cap"));
+        assert!(both_err(corrected, "algorithm.name=dpo").contains("DPO"));
         assert!(bad("algorithm.behaviour_correction=tis").contains("tis"));
-        let masked = Config::default()
-            .with_overrides(&["algorithm.off_policy_mask=0.5".into()])
-            .unwrap();
+        let masked = Config::default_with(&["algorithm.off_policy_mask=0.5"]).unwrap();
         assert_eq!(masked.algorithm.off_policy_mask, Some(0.5));
-        let dpo = [
-            "algorithm.off_policy_mask=0.5".into(),
-            "algorithm.name=dpo".into(),
-        ];
-        assert!(
-            format!("{:#}", Config::default().with_overrides(&dpo).unwrap_err())
-                .contains("off_policy_mask")
-        );
+        let e = both_err("algorithm.off_policy_mask=0.5", "algorithm.name=dpo");
+        assert!(e.contains("off_policy_mask"), "{e}");
         assert_eq!(Config::from_toml(&ok.to_toml(), "resolved").unwrap(), ok);
     }
 

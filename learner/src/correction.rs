@@ -60,9 +60,9 @@ pub struct CorrectionStats {
 /// One weight per completion token of each sequence, and the step's statistics, from the
 /// learner's recomputed log-probs `proximal` and the sampler's `behaviour` (same lengths).
 /// `BehaviourCorrection::None` gives weights of 1.
-pub fn importance_weights(
+pub fn importance_weights<B: AsRef<[f32]>>(
     proximal: &[Vec<f32>],
-    behaviour: &[Vec<f32>],
+    behaviour: &[B],
     mode: BehaviourCorrection,
     cap: f64,
 ) -> (Vec<Vec<f32>>, CorrectionStats) {
@@ -83,7 +83,7 @@ pub fn importance_weights(
         .map(|(p, b)| {
             let log_w: Vec<f64> = p
                 .iter()
-                .zip(b)
+                .zip(b.as_ref())
                 .map(|(&p, &b)| f64::from(p) - f64::from(b))
                 .collect();
             for d in &log_w {

@@ -556,7 +556,7 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
                 .is_none_or(|v| v.returns.len() == n && v.old_values.len() == n);
         if !lengths_ok || s.prompt.is_empty() {
             return Err(LearnerError::Invalid(
-                "a sequence needs a prompt and one behaviour log-prob, advantage (and active flag, return, value) per completion token".into(),
+                "a sequence needs a prompt and one behaviour log-prob, advantage (and active flag, return, value, importance weight, sampler log-prob) per completion token".into(),
             ));
         }
         let prompt = row_prompt(s, shares[r]);

@@ -104,6 +104,18 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// The configuration with its targets in one order and each once (as PEFT's set of
+    /// `target_modules`: the order written does not matter).
+    pub fn new(rank: usize, alpha: f64, mut targets: Vec<Target>) -> LoraConfig {
+        targets.sort();
+        targets.dedup();
+        LoraConfig {
+            rank,
+            alpha,
+            targets,
+        }
+    }
+
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
     }
@@ -509,20 +521,10 @@ pub fn load_adapter(dir: &Path) -> Result<(LoraConfig, BTreeMap<String, Tensor>)
         .iter()
         .map(|n| Target::from_name(n).ok_or_else(|| unsupported(&format!("target module {n}"))))
         .collect::<Result<Vec<_>>>()?;
-    let mut targets = targets;
-    targets.sort();
-    targets.dedup();
     let file = dir.join(ADAPTER_FILE);
     let named: BTreeMap<String, Tensor> = candle_core::safetensors::load(&file, &Device::Cpu)?
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
-    Ok((
-        LoraConfig {
-            rank: pc.r,
-            alpha: pc.lora_alpha,
-            targets,
-        },
-        named,
-    ))
+    Ok((LoraConfig::new(pc.r, pc.lora_alpha, targets), named))
 }
