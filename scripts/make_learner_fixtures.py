@@ -328,6 +328,13 @@ def estimators():
     alpha = 0.3
     a_seq = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.8, 0.0])[:, None] * mask
     ar = (alpha * torch.exp(old) + 1 - alpha) * a_seq * mask
+    # on-policy distillation (slime's apply_opd_kl_to_advantages): A - coef * (old - teacher), on
+    # the estimator's advantages (a_seq here); its own generator keeps the earlier values as they were
+    gen = torch.Generator().manual_seed(11)
+    teacher = (old - 0.8 * torch.rand(b, t, generator=gen) + 0.3 * torch.randn(b, t, generator=gen)) * mask
+    opd_coef = 0.5
+    reverse_kl = (old - teacher) * mask
+    opd = (a_seq - opd_coef * reverse_kl) * mask
     # EM-RL rewards
     em_seq = (old * mask).sum(-1)
     em_tok = -(ent * mask).sum(-1)
@@ -344,7 +351,8 @@ def estimators():
             "rloo": rloo.tolist(), "token_rewards": rows(tok_r), "reinforce_pp": rows(rpp),
             "reinforce_pp_baseline": rows(rppb), "values": rows(values), "gae_advantages": rows(adv),
             "gae_returns": rows(gae_returns), "gae_whitened": rows(whitened), "alpha": alpha,
-            "advantages": rows(a_seq), "ar": rows(ar), "em_sequence": em_seq.tolist(),
+            "advantages": rows(a_seq), "ar": rows(ar), "teacher": rows(teacher), "opd_coef": opd_coef,
+            "opd": rows(opd), "opd_reverse_kl": rows(reverse_kl), "em_sequence": em_seq.tolist(),
             "em_token": em_tok.tolist(), "kl_controller": {"beta0": 0.2, "target": 0.1, "horizon": 10000,
                                                             "updates": ctl}}
 

@@ -127,6 +127,17 @@ pub struct AdvantageStats {
     pub reward_kl_coef: f64,
     /// The behaviour correction's statistics (None: off).
     pub correction: Option<CorrectionStats>,
+    /// On-policy distillation: the mean over completion tokens of `log π_old − log π_teacher`
+    /// (slime's `opd_reverse_kl`; None: no teacher).
+    pub reverse_kl: Option<f64>,
+}
+
+/// On-policy distillation's frozen teacher (`[distill]`).
+pub struct Teacher {
+    pub weights: Weights,
+    pub kl_coef: f64,
+    /// The teacher's term alone, the estimator's advantages left out.
+    pub pure: bool,
 }
 
 /// A separate critic's step: (loss, value clip fraction, grad norm).
@@ -139,6 +150,7 @@ pub struct Algorithm {
     pub critic: Critic,
     pub kl: KlController,
     pub value_clip: Option<f64>,
+    pub teacher: Option<Teacher>,
 }
 
 impl Algorithm {
@@ -185,6 +197,7 @@ impl Algorithm {
                 horizon: a.kl_horizon,
             },
             value_clip: a.value_clip,
+            teacher: None,
         }
     }
 
@@ -363,6 +376,27 @@ impl Algorithm {
                 self.kl.update(stats.reward_kl, samples.len());
             }
             other => anyhow::bail!("algorithm {other} has no advantage estimator"),
+        }
+        // on-policy distillation: the teacher's term joins the estimator's advantages (slime
+        // adds it after the estimator, before any whitening of its own; AR reweights the sum)
+        if let Some(t) = &self.teacher {
+            let teacher = token_logprobs(
+                &t.weights,
+                &seqs,
+                c.optimizer.micro_batch_tokens,
+                self.step.temperature,
+            )?;
+            let (mut sum, mut tokens) = (0.0, 0usize);
+            for (s, lp) in seqs.iter_mut().zip(teacher) {
+                if t.pure {
+                    s.advantages.fill(0.0);
+                }
+                let kl =
+                    advantages::distill(&mut s.advantages, &s.behavior_logprobs, &lp, t.kl_coef);
+                sum += kl.iter().map(|&x| f64::from(x)).sum::<f64>();
+                tokens += kl.len();
+            }
+            stats.reverse_kl = Some(sum / tokens.max(1) as f64);
         }
         if a.ar_alpha > 0.0 {
             for s in &mut seqs {

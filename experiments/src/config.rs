@@ -23,6 +23,7 @@ pub struct Config {
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
     pub lora: LoraSection,
+    pub distill: DistillSection,
     pub sweep: SweepConfig,
 }
 
@@ -54,6 +55,31 @@ impl LoraSection {
     pub fn config(&self) -> Option<model::lora::LoraConfig> {
         let c = model::lora::LoraConfig::new(self.rank, self.alpha, self.targets.clone());
         (self.rank > 0).then_some(c)
+    }
+}
+
+/// On-policy distillation (Thinking Machines' tinker cookbook; slime's `--use-opd`,
+/// `--opd-kl-coef`): a frozen teacher scores every completion token the student sampled, and the
+/// token's advantage, after the estimator's, gains `−kl_coef · (log π_old − log π_teacher)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillSection {
+    /// An HF model directory, a `.gguf` file, a ferrite checkpoint, or a run directory (its
+    /// newest checkpoint), with the student's tokenizer; empty: off.
+    pub teacher: String,
+    pub kl_coef: f64,
+    /// The teacher's term alone: the estimator's advantages are left out (the rewards are still
+    /// computed and logged); tinker's and slime's pure distillation.
+    pub pure: bool,
+}
+
+impl Default for DistillSection {
+    fn default() -> Self {
+        DistillSection {
+            teacher: String::new(),
+            kl_coef: 1.0,
+            pure: false,
+        }
     }
 }
 
@@ -768,6 +794,7 @@ impl Config {
             }
         }
         self.pack_rows()?;
+        self.validate_distill()?;
         let r = &self.rollout;
         if r.group_size < 2 {
             bail!(
@@ -899,6 +926,30 @@ impl Config {
                     p.kind
                 );
             }
+        }
+        Ok(())
+    }
+
+    fn validate_distill(&self) -> anyhow::Result<()> {
+        let (d, a) = (&self.distill, &self.algorithm);
+        if d.teacher.is_empty() {
+            if d.pure {
+                bail!("distill.pure = true: distillation needs a teacher (distill.teacher)");
+            }
+            return Ok(());
+        }
+        if !(d.kl_coef.is_finite() && d.kl_coef > 0.0) {
+            bail!("distill.kl_coef = {}: must be positive", d.kl_coef);
+        }
+        if a.name == "dpo" {
+            bail!(
+                "distill.teacher: DPO trains on preference pairs; on-policy distillation scores                  the student's own rollouts (a policy-gradient method)"
+            );
+        }
+        if d.pure && (a.filter_groups || a.name == "ppo") {
+            bail!(
+                "distill.pure = true leaves the task's advantages out: not with                  algorithm.filter_groups (which drops groups by their rewards) or PPO (whose                  critic learns the rewards' returns)"
+            );
         }
         Ok(())
     }
@@ -1124,6 +1175,25 @@ mod tests {
         assert_eq!(masked.algorithm.off_policy_mask, Some(0.5));
         let e = both_err("algorithm.off_policy_mask=0.5", "algorithm.name=dpo");
         assert!(e.contains("off_policy_mask"), "{e}");
+        let teacher = "distill.teacher=runs/teacher";
+        let c = both(teacher, "distill.kl_coef=0.5").unwrap();
+        assert_eq!(
+            (
+                c.distill.teacher.as_str(),
+                c.distill.kl_coef,
+                c.distill.pure
+            ),
+            ("runs/teacher", 0.5, false)
+        );
+        assert!(both(teacher, "distill.pure=true").is_ok());
+        assert!(both_err(teacher, "distill.kl_coef=0").contains("kl_coef"));
+        assert!(both_err(teacher, "algorithm.name=dpo").contains("DPO"));
+        assert!(bad("distill.pure=true").contains("needs a teacher"));
+        let pure = Config::default_with(&[teacher, "distill.pure=true", "algorithm.name=ppo"]);
+        assert!(format!("{:#}", pure.unwrap_err()).contains("PPO"));
+        let pure = [teacher, "distill.pure=true", "algorithm.filter_groups=true"];
+        let e = format!("{:#}", Config::default_with(&pure).unwrap_err());
+        assert!(e.contains("filter_groups"), "{e}");
         assert_eq!(Config::from_toml(&ok.to_toml(), "resolved").unwrap(), ok);
     }
 

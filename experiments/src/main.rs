@@ -356,7 +356,7 @@ fn main() -> anyhow::Result<()> {
             print_summary(&dir, &summary);
         }
         Command::Eval { checkpoint, config } => {
-            let ckpt = resolve_checkpoint(&checkpoint)?;
+            let ckpt = setup::resolve_checkpoint(&checkpoint)?;
             let c = match config.config {
                 Some(_) => load_config(&config)?,
                 None => match std::fs::read_to_string(ckpt.join(run::CONFIG_FILE)) {
@@ -391,7 +391,7 @@ fn main() -> anyhow::Result<()> {
             out,
             dtype,
         } => {
-            let ckpt = resolve_checkpoint(&checkpoint)?;
+            let ckpt = setup::resolve_checkpoint(&checkpoint)?;
             let dtype = match dtype.as_str() {
                 "float32" | "f32" => candle_core::DType::F32,
                 "bfloat16" | "bf16" => candle_core::DType::BF16,
@@ -470,18 +470,4 @@ fn main() -> anyhow::Result<()> {
         Command::GpuCheck { what } => gpu_check::main(&what)?,
     }
     Ok(())
-}
-
-/// A checkpoint directory, or a run directory (its newest checkpoint).
-fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
-    if path.join("config.json").is_file() {
-        return Ok(path.to_path_buf());
-    }
-    if let Some((_, newest)) = learner::checkpoint::list(&path.join("checkpoints"))?.pop() {
-        return Ok(newest);
-    }
-    bail!(
-        "{}: neither a checkpoint nor a run directory with checkpoints",
-        path.display()
-    )
 }

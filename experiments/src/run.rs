@@ -394,6 +394,8 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     std::fs::write(dir.join(CONFIG_FILE), c.to_toml())?;
     let (base, tokenizer) = setup::load_model(c)?;
     let task = setup::task(c, tokenizer);
+    // before the warm start, so that a teacher that cannot serve ends the run at once
+    let teacher = setup::load_teacher(c, &task.tokenizer, base.config.vocab_size)?;
     let eval_records = setup::eval_records(c)?;
     let mut summary = Summary::default();
     let ckpt_root = dir.join("checkpoints");
@@ -437,7 +439,12 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         ..adamw(c)
     };
     let (critic, head_vars) = Critic::new(c, &start_weights, ckpt_dir, critic_adamw)?;
-    let algorithm = Algorithm::new(c, critic, state.kl_coef);
+    let mut algorithm = Algorithm::new(c, critic, state.kl_coef);
+    algorithm.teacher = teacher.map(|weights| crate::algo::Teacher {
+        weights,
+        kl_coef: c.distill.kl_coef,
+        pure: c.distill.pure,
+    });
     let reference = Algorithm::needs_reference(c).then(|| start_weights.clone());
     let (mut vars, policy) = match &lora {
         Some(_) => policy_init.lora_to_vars()?,
@@ -790,6 +797,7 @@ fn rl_stage(
                 ("is_weight_mean".into(), corr(|c| c.weight_mean)),
                 ("is_weight_max".into(), corr(|c| c.weight_max)),
                 ("is_capped_frac".into(), corr(|c| c.capped_frac)),
+                ("opd_reverse_kl".into(), adv.reverse_kl.unwrap_or(f64::NAN)),
                 ("value_loss".into(), critic.map_or(m.value_loss, |c| c.0)),
                 (
                     "value_clip_frac".into(),

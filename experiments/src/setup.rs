@@ -1,7 +1,7 @@
 //! From a config to the things a run needs: the model and tokenizer, the task (prompt rendering
 //! and reward), the train loader and the held-out records.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
@@ -84,21 +84,8 @@ pub fn load_model(c: &Config) -> anyhow::Result<(Weights, Tokenizer)> {
              `builtin:tiny-qwen3`"
         );
     } else {
-        let path = Path::new(&m.path);
-        if path.extension().is_some_and(|e| e == "gguf") {
-            let g = model::gguf::load(path, dtype, &device)
-                .with_context(|| format!("model.path = {}", m.path))?;
-            (g.weights, g.tokenizer)
-        } else if path.is_dir() {
-            let w = Weights::load_dir(path, dtype, &device)
-                .with_context(|| format!("model.path = {}", m.path))?;
-            (w, Tokenizer::from_dir(path)?)
-        } else {
-            bail!(
-                "model.path = {}: neither `builtin:tiny`, an HF model directory, nor a .gguf file",
-                m.path
-            );
-        }
+        load_path(Path::new(&m.path), dtype, &device)
+            .with_context(|| format!("model.path = {}", m.path))?
     };
     if let Some(t) = &m.chat_template {
         let text =
@@ -106,6 +93,107 @@ pub fn load_model(c: &Config) -> anyhow::Result<(Weights, Tokenizer)> {
         tokenizer.set_chat_template(Some(text));
     }
     Ok((weights, tokenizer))
+}
+
+/// A model and its tokenizer from an HF directory (a ferrite checkpoint is one) or a `.gguf` file.
+fn load_path(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<(Weights, Tokenizer)> {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let g = model::gguf::load(path, dtype, device)?;
+        Ok((g.weights, g.tokenizer))
+    } else if path.is_dir() {
+        Ok((
+            Weights::load_dir(path, dtype, device)?,
+            Tokenizer::from_dir(path)?,
+        ))
+    } else {
+        bail!("neither `builtin:tiny`, an HF model directory, nor a .gguf file")
+    }
+}
+
+/// A checkpoint directory, or a run directory (its newest checkpoint).
+pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.join("config.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if let Some((_, newest)) = learner::checkpoint::list(&path.join("checkpoints"))?.pop() {
+        return Ok(newest);
+    }
+    bail!(
+        "{}: neither a checkpoint nor a run directory with checkpoints",
+        path.display()
+    )
+}
+
+/// On-policy distillation's teacher (`distill.teacher`; None when off) on the run's device, in
+/// its dtype. Its tokenizer must be the student's, token for token, and its output layer must
+/// cover every id the student can sample.
+pub fn load_teacher(
+    c: &Config,
+    student: &Tokenizer,
+    student_vocab: usize,
+) -> anyhow::Result<Option<Weights>> {
+    let name = &c.distill.teacher;
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let at = || format!("distill.teacher = {name}");
+    if name.starts_with("builtin:") {
+        bail!(
+            "{}: a teacher must be a trained model (an HF directory, a .gguf file, a checkpoint \
+             or a run directory)",
+            at()
+        );
+    }
+    let path = Path::new(name);
+    let path = if path.extension().is_some_and(|e| e == "gguf") {
+        path.to_path_buf()
+    } else {
+        resolve_checkpoint(path).with_context(at)?
+    };
+    let (device, dtype) = placement(c)?;
+    let (weights, tokenizer) = load_path(&path, dtype, &device).with_context(at)?;
+    same_vocabulary(student, &tokenizer).with_context(at)?;
+    if weights.config.vocab_size < student_vocab {
+        bail!(
+            "{}: its output layer has {} rows, the student's {}: a token the student samples \
+             past row {} would have no teacher log-prob",
+            at(),
+            weights.config.vocab_size,
+            student_vocab,
+            weights.config.vocab_size
+        );
+    }
+    tracing::info!(
+        teacher = %path.display(),
+        parameters = weights.named().values().map(|t| t.elem_count()).sum::<usize>(),
+        hidden = weights.config.hidden_size,
+        layers = weights.config.num_hidden_layers,
+        "on-policy distillation's teacher"
+    );
+    Ok(Some(weights))
+}
+
+/// The two tokenizers map the same tokens to the same ids.
+fn same_vocabulary(student: &Tokenizer, teacher: &Tokenizer) -> anyhow::Result<()> {
+    let s = student.inner().get_vocab(true);
+    let t = teacher.inner().get_vocab(true);
+    if s == t {
+        return Ok(());
+    }
+    let first = s
+        .iter()
+        .filter(|(token, id)| t.get(*token) != Some(id))
+        .min_by_key(|(_, id)| **id)
+        .map(|(token, id)| {
+            format!("; the student's token {token:?} (id {id}) is not the teacher's")
+        })
+        .unwrap_or_default();
+    bail!(
+        "the teacher's tokenizer is not the student's ({} tokens against {}{first}): its log-probs \
+         would score other tokens",
+        t.len(),
+        s.len()
+    )
 }
 
 pub fn reward_spec(c: &Config) -> RewardSpec {

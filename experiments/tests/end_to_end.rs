@@ -958,6 +958,91 @@ fn masked_truncated_completions_change_the_loss_not_the_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// On-policy distillation (`[distill]`). A student whose warm start is its teacher (the same
+/// tiny SFT, another shape than the default, sampling at temperature 0.7) scores a reverse KL of
+/// 0 at its first step, whose samples come from that start: the teacher's log-probs are the
+/// sampler's, token for token, at the sampling temperature, so pure distillation leaves every
+/// advantage at 0. A random student distilled from a trained teacher of another shape (named by
+/// its run directory) closes the gap step by step. GRPO with the teacher's term resumes to the
+/// same metrics, and without a teacher the metric is NaN. A teacher whose tokenizer numbers the
+/// tokens otherwise is refused by name, before the warm start.
+#[test]
+fn on_policy_distillation_scores_the_students_tokens_by_the_teacher() {
+    let root = scratch("distill");
+    let shape = [
+        "rollout.temperature=0.7",
+        "model.hidden=64",
+        "model.layers=2",
+    ];
+    let teacher = root.join("teacher");
+    succeed(&mut tiny("teacher", &teacher, &shape, 1));
+    let own_start = format!(
+        "distill.teacher={}",
+        teacher.join("checkpoints/sft").display()
+    );
+    let own = root.join("own");
+    let set: Vec<&str> = shape
+        .iter()
+        .copied()
+        .chain([own_start.as_str(), "distill.pure=true"])
+        .collect();
+    succeed(&mut tiny("own", &own, &set, 1));
+    let kl = metric(&own, "opd_reverse_kl")[0];
+    assert!(kl.abs() < 1e-5, "the start against itself: {kl}");
+    let adv = metric(&own, "advantage_abs_max")[0];
+    assert!(adv < 1e-4, "pure distillation from its own start: {adv}");
+
+    let from = format!("distill.teacher={}", teacher.display());
+    let student = root.join("student");
+    let set = [
+        "sft.steps=0",
+        "optimizer.lr=1e-3",
+        from.as_str(),
+        "distill.pure=true",
+    ];
+    succeed(&mut tiny("student", &student, &set, 6));
+    let kl = metric(&student, "opd_reverse_kl");
+    let (first, last) = ((kl[0] + kl[1]) / 2.0, (kl[4] + kl[5]) / 2.0);
+    assert!(first > 1.0 && last < 0.85 * first, "{kl:?}");
+
+    let (whole, resumed) = whole_and_resumed("opd", &root, &[&from, "distill.kl_coef=0.5"], 3);
+    assert_same_table(&whole, &resumed, "metrics.parquet");
+    assert!(metric(&whole, "opd_reverse_kl")
+        .iter()
+        .all(|k| k.is_finite() && *k > 0.0));
+    let plain = metric(&teacher, "opd_reverse_kl");
+    assert!(plain.iter().all(|k| k.is_nan()), "{plain:?}");
+
+    // the teacher's step-1 checkpoint with "1" and "2" numbered the other way round
+    let swapped = root.join("swapped");
+    std::fs::create_dir_all(&swapped).unwrap();
+    let ckpt = teacher.join("checkpoints/step-000001");
+    for f in ["config.json", "model.safetensors", "tokenizer_config.json"] {
+        std::fs::copy(ckpt.join(f), swapped.join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(ckpt.join("tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vocab = &mut json["model"]["vocab"];
+    let (one, two) = (vocab["1"].clone(), vocab["2"].clone());
+    (vocab["1"], vocab["2"]) = (two, one);
+    std::fs::write(swapped.join("tokenizer.json"), json.to_string()).unwrap();
+    let refused = format!("distill.teacher={}", swapped.display());
+    let out = tiny("refused", &root.join("refused"), &[&refused], 1)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("tokenizer is not the student's") && err.contains("\"1\""),
+        "{err}"
+    );
+    assert!(
+        !root.join("refused/sft.parquet").exists(),
+        "refused after the warm start"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// LoRA (`lora.rank`): the RL stage trains adapters on the frozen RL start. A step checkpoint's
 /// model is the RL start plus `(α/r)·B·A` from the PEFT adapter saved beside it (so each
 /// projection's update has rank at most r), every other weight is the RL start's bit for bit,

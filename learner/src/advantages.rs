@@ -1,6 +1,7 @@
 //! Advantage estimators beside GRPO's (spec §1.3, §5.5, §5.7 and verl's `core_algos`): RLOO,
 //! REINFORCE++ with and without a group baseline, PPO's token rewards and GAE, masked whitening,
-//! Advantage Reweighting, Lopti's token split and the entropy-minimisation rewards.
+//! Advantage Reweighting, Lopti's token split, the entropy-minimisation rewards and on-policy
+//! distillation's teacher term.
 //!
 //! Everything here is computed once per step from detached numbers, so it works on ragged
 //! per-sequence vectors: `xs[i][t]` is completion token t of sequence i (no padding).
@@ -159,6 +160,27 @@ pub fn reweight(advantages: &[f32], old_logprobs: &[f32], alpha: f64) -> Vec<f32
         .iter()
         .zip(old_logprobs)
         .map(|(&a, &lp)| ((alpha * f64::from(lp).exp() + 1.0 - alpha) * f64::from(a)) as f32)
+        .collect()
+}
+
+/// On-policy distillation (Thinking Machines' tinker cookbook; slime's
+/// `apply_opd_kl_to_advantages`): each token's advantage minus `coef · (log π_old − log π_teacher)`,
+/// the sampled-token estimate of the reverse KL `KL(π_old ‖ π_teacher)` at that token. Returns the
+/// per-token estimates (`log π_old − log π_teacher`).
+pub fn distill(
+    advantages: &mut [f32],
+    old_logprobs: &[f32],
+    teacher: &[f32],
+    coef: f64,
+) -> Vec<f32> {
+    advantages
+        .iter_mut()
+        .zip(old_logprobs.iter().zip(teacher))
+        .map(|(a, (&old, &t))| {
+            let reverse_kl = f64::from(old) - f64::from(t);
+            *a = (f64::from(*a) - coef * reverse_kl) as f32;
+            reverse_kl as f32
+        })
         .collect()
 }
 

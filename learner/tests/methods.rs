@@ -1,12 +1,13 @@
 //! Issue 5's estimators and losses against independent PyTorch values
 //! (scripts/make_learner_fixtures.py) on padded batches of unequal lengths: RLOO, REINFORCE++
 //! with and without baseline, PPO token rewards and GAE, whitening, AR, EM-RL rewards, the
-//! adaptive KL controller, the clipped value loss, the DPO family and Lopti's two passes.
+//! adaptive KL controller, on-policy distillation's teacher term, the clipped value loss, the DPO
+//! family and Lopti's two passes.
 
 use candle_core::{Device, Tensor, Var};
 use learner::advantages::{
-    discounted_returns, gae, reinforce_pp, reinforce_pp_baseline, reweight, rloo, token_rewards,
-    whiten, EntropyReward, KlController,
+    discounted_returns, distill, gae, reinforce_pp, reinforce_pp_baseline, reweight, rloo,
+    token_rewards, whiten, EntropyReward, KlController,
 };
 use learner::dpo::{dpo_loss, DpoConfig, DpoLoss, PairLogprobs};
 use learner::grpo::{
@@ -130,6 +131,17 @@ fn estimators_match_the_reference() {
         .map(|(a, o)| reweight(a, o, alpha))
         .collect();
     close_rows(&ar, &rows(&f["ar"]), "advantage reweighting");
+
+    // on-policy distillation's teacher term on the same advantages
+    let coef: f64 = parse(&f["opd_coef"]);
+    let mut opd = rows(&f["advantages"]);
+    let reverse_kl: Vec<Vec<f32>> = opd
+        .iter_mut()
+        .zip(old.iter().zip(&rows(&f["teacher"])))
+        .map(|(a, (o, t))| distill(a, o, t, coef))
+        .collect();
+    close_rows(&opd, &rows(&f["opd"]), "on-policy distillation");
+    close_rows(&reverse_kl, &rows(&f["opd_reverse_kl"]), "reverse KL");
 
     let entropy = rows(&f["entropy"]);
     let em = |kind: EntropyReward| -> Vec<f32> {
