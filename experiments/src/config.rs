@@ -120,6 +120,9 @@ pub struct RunConfig {
     pub subnetwork_tol: f64,
     /// Runs go to `output_dir/name-<time>` unless `--out` names the directory.
     pub output_dir: String,
+    /// Mirror the step tables into TensorBoard event files (`tensorboard/` in the run directory;
+    /// `tensorboard --logdir runs`).
+    pub tensorboard: bool,
 }
 
 impl Default for RunConfig {
@@ -134,6 +137,7 @@ impl Default for RunConfig {
             track_subnetwork: true,
             subnetwork_tol: 1e-5,
             output_dir: "runs".into(),
+            tensorboard: true,
         }
     }
 }

@@ -19,6 +19,8 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+use crate::tensorboard::{Board, NamedRows};
+
 fn props() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
@@ -42,6 +44,8 @@ pub struct StepTable {
     path: PathBuf,
     columns: Vec<String>,
     rows: Vec<(u64, Vec<f64>)>,
+    /// Each row also goes to this TensorBoard event file, tagged `prefix/column`.
+    board: Option<(Arc<Board>, String)>,
 }
 
 impl StepTable {
@@ -50,7 +54,26 @@ impl StepTable {
             path,
             columns: Vec::new(),
             rows: Vec::new(),
+            board: None,
         }
+    }
+
+    /// Every row from now on also goes to `board` under `prefix/`.
+    pub fn mirror(&mut self, board: &Arc<Board>, prefix: &str) {
+        self.board = Some((board.clone(), prefix.to_string()));
+    }
+
+    /// The rows with their column names (what [`Board::rebuild`] takes).
+    pub fn named_rows(&self) -> NamedRows {
+        self.rows
+            .iter()
+            .map(|(step, row)| {
+                (
+                    *step,
+                    self.columns.iter().cloned().zip(row.clone()).collect(),
+                )
+            })
+            .collect()
     }
 
     /// Reopens a table, keeping the rows of steps `≤ last_step` (a resumed run continues it).
@@ -110,7 +133,11 @@ impl StepTable {
             })
             .collect();
         self.rows.push((step, row));
-        self.flush()
+        self.flush()?;
+        match &self.board {
+            Some((board, prefix)) => board.scalars(prefix, step, values),
+            None => Ok(()),
+        }
     }
 
     /// Sets column `name` of the last row (a timing known only after the row had to be on disk)
@@ -121,9 +148,14 @@ impl StepTable {
             .iter()
             .position(|c| c == name)
             .with_context(|| format!("no column {name}"))?;
-        let (_, row) = self.rows.last_mut().context("no row")?;
+        let (step, row) = self.rows.last_mut().context("no row")?;
         row[c] = value;
-        self.flush()
+        let step = *step;
+        self.flush()?;
+        match &self.board {
+            Some((board, prefix)) => board.scalars(prefix, step, &[(name.to_string(), value)]),
+            None => Ok(()),
+        }
     }
 
     fn flush(&self) -> anyhow::Result<()> {

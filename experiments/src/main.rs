@@ -19,6 +19,7 @@ mod report;
 mod run;
 mod setup;
 mod sweep;
+mod tensorboard;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

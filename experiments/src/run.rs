@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::eval::{evaluate, EvalResult};
 use crate::logs::{RolloutLog, StepTable};
 use crate::setup;
+use crate::tensorboard::Board;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const SUMMARY_FILE: &str = "summary.json";
@@ -137,6 +138,10 @@ fn sft_stage(
         true => StepTable::reopen(table_path, first)?,
         false => StepTable::new(table_path),
     };
+    if c.run.tensorboard {
+        let board = Board::rebuild(dir, &[("sft", table.named_rows())])?;
+        table.mirror(&board, "sft");
+    }
     let bar = progress_bar(c.sft.steps, "sft", opts.progress);
     bar.set_position(first);
     // the warm start's state after `step` steps, the data cursor where the next batch starts
@@ -482,6 +487,23 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         ),
         None => (StepTable::new(metrics_path), StepTable::new(eval_path)),
     };
+    if c.run.tensorboard {
+        // the warm start's rows from its table, the RL stage's as they stand (a resumed run's
+        // up to its checkpoint)
+        let sft_path = dir.join("sft.parquet");
+        let sft = match sft_path.is_file() {
+            true => StepTable::reopen(sft_path, u64::MAX)?.named_rows(),
+            false => Vec::new(),
+        };
+        let tables = [
+            ("sft", sft),
+            ("train", metrics.named_rows()),
+            ("eval", eval_table.named_rows()),
+        ];
+        let board = Board::rebuild(dir, &tables)?;
+        metrics.mirror(&board, "train");
+        eval_table.mirror(&board, "eval");
+    }
     let rollouts = RolloutLog::open(dir.join("rollouts.parquet"), last)?;
     // live subnetwork tracking: every checkpoint against the RL start
     let mut tracker = if c.run.track_subnetwork {

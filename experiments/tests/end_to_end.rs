@@ -166,6 +166,114 @@ fn deterministic_metrics(dir: &Path, file: &str) -> Vec<(String, Vec<(u64, f64)>
     out
 }
 
+/// A protocol-buffer field's value.
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed32([u8; 4]),
+    Fixed64,
+}
+
+fn read_varint(b: &[u8], at: &mut usize) -> u64 {
+    let mut x = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = b[*at];
+        *at += 1;
+        x |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            break;
+        }
+    }
+    x
+}
+
+/// The fields of an encoded message, in order.
+fn fields(b: &[u8]) -> Vec<(u64, Field<'_>)> {
+    let (mut at, mut out) = (0, Vec::new());
+    while at < b.len() {
+        let key = read_varint(b, &mut at);
+        let value = match key & 7 {
+            0 => Field::Varint(read_varint(b, &mut at)),
+            1 => {
+                at += 8;
+                Field::Fixed64
+            }
+            2 => {
+                let n = read_varint(b, &mut at) as usize;
+                at += n;
+                Field::Bytes(&b[at - n..at])
+            }
+            5 => {
+                at += 4;
+                Field::Fixed32(b[at - 4..at].try_into().unwrap())
+            }
+            w => panic!("wire type {w}"),
+        };
+        out.push((key >> 3, value));
+    }
+    out
+}
+
+/// The scalars of a run's TensorBoard event file (the one file `tensorboard/` holds), by tag:
+/// the TFRecords' `Event` messages (step: field 2, summary: 5) and their `Summary.Value`s (tag:
+/// 1, simple_value: 2), in file order.
+fn board_scalars(run: &Path) -> std::collections::BTreeMap<String, Vec<(u64, f32)>> {
+    let files: Vec<PathBuf> = std::fs::read_dir(run.join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let data = std::fs::read(&files[0]).unwrap();
+    let (mut at, mut out) = (0, std::collections::BTreeMap::new());
+    while at < data.len() {
+        let len = u64::from_le_bytes(data[at..at + 8].try_into().unwrap()) as usize;
+        let event = &data[at + 12..at + 12 + len];
+        at += 16 + len;
+        let mut step = 0;
+        for (field, value) in fields(event) {
+            match (field, value) {
+                (2, Field::Varint(s)) => step = s,
+                (5, Field::Bytes(summary)) => {
+                    for (_, value) in fields(summary) {
+                        let Field::Bytes(value) = value else { continue };
+                        let (mut tag, mut v) = (String::new(), f32::NAN);
+                        for (f, x) in fields(value) {
+                            match (f, x) {
+                                (1, Field::Bytes(t)) => {
+                                    tag = String::from_utf8(t.to_vec()).unwrap()
+                                }
+                                (2, Field::Fixed32(b)) => v = f32::from_le_bytes(b),
+                                _ => {}
+                            }
+                        }
+                        out.entry(tag).or_insert_with(Vec::new).push((step, v));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// A run's TensorBoard scalars are its tables' rows, each once (a killed run's rows past its
+/// checkpoint gone), for the warm start's loss, the RL steps' loss and reward, and the
+/// evaluations' accuracy.
+fn assert_board_mirrors_the_tables(run: &Path) {
+    let board = board_scalars(run);
+    for (file, column, tag) in [
+        ("sft.parquet", "loss", "sft/loss"),
+        ("metrics.parquet", "loss", "train/loss"),
+        ("metrics.parquet", "reward_mean", "train/reward_mean"),
+        ("eval.parquet", "greedy_accuracy", "eval/greedy_accuracy"),
+    ] {
+        let table = deterministic_metrics(run, file);
+        let (_, rows) = table.iter().find(|(c, _)| c == column).unwrap();
+        let want: Vec<(u64, f32)> = rows.iter().map(|&(s, v)| (s, v as f32)).collect();
+        assert_eq!(board.get(tag), Some(&want), "{tag}");
+    }
+}
+
 #[test]
 fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     let args = [
@@ -201,6 +309,7 @@ fn a_killed_run_resumes_and_reproduces_the_uninterrupted_run() {
     );
     succeed(ferrite().args(["run", "--resume"]).arg(&killed));
     assert_same_logs(&whole, &killed);
+    assert_board_mirrors_the_tables(&killed);
     // the resumed run's checkpoints load in a fresh process
     succeed(ferrite().args(["eval"]).arg(&killed));
 
