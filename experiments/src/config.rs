@@ -67,6 +67,7 @@ pub struct DistillSection {
     /// An HF model directory, a `.gguf` file, a ferrite checkpoint, or a run directory (its
     /// newest checkpoint), with the student's tokenizer; empty: off.
     pub teacher: String,
+    /// 0: the teacher's reverse KL is logged (`opd_reverse_kl`), not trained on.
     pub kl_coef: f64,
     /// The teacher's term alone: the estimator's advantages are left out (the rewards are still
     /// computed and logged); tinker's and slime's pure distillation.
@@ -942,8 +943,12 @@ impl Config {
             }
             return Ok(());
         }
-        if !(d.kl_coef.is_finite() && d.kl_coef > 0.0) {
-            bail!("distill.kl_coef = {}: must be positive", d.kl_coef);
+        if !(d.kl_coef.is_finite() && d.kl_coef >= 0.0) || (d.pure && d.kl_coef == 0.0) {
+            bail!(
+                "distill.kl_coef = {}: must be positive (or 0 without distill.pure: the teacher's \
+                 reverse KL logged, not trained on)",
+                d.kl_coef
+            );
         }
         if a.name == "dpo" {
             bail!(
@@ -1190,7 +1195,10 @@ mod tests {
             ("runs/teacher", 0.5, false)
         );
         assert!(both(teacher, "distill.pure=true").is_ok());
-        assert!(both_err(teacher, "distill.kl_coef=0").contains("kl_coef"));
+        assert!(both_err(teacher, "distill.kl_coef=-1").contains("kl_coef"));
+        assert!(both(teacher, "distill.kl_coef=0").is_ok());
+        let pure = Config::default_with(&[teacher, "distill.pure=true", "distill.kl_coef=0"]);
+        assert!(format!("{:#}", pure.unwrap_err()).contains("kl_coef"));
         assert!(both_err(teacher, "algorithm.name=dpo").contains("DPO"));
         assert!(bad("distill.pure=true").contains("needs a teacher"));
         let pure = Config::default_with(&[teacher, "distill.pure=true", "algorithm.name=ppo"]);
