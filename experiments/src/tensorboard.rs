@@ -138,10 +138,7 @@ pub struct Board {
 impl Board {
     /// `run_dir/tensorboard/` written anew: earlier event files removed, then one file with the
     /// rows of `tables` (prefix, rows of (step, [(column, value)])).
-    pub fn rebuild(
-        run_dir: &Path,
-        tables: &[(&str, NamedRows)],
-    ) -> anyhow::Result<Arc<Board>> {
+    pub fn rebuild(run_dir: &Path, tables: &[(&str, NamedRows)]) -> anyhow::Result<Arc<Board>> {
         let dir = run_dir.join(DIR);
         std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
         for entry in std::fs::read_dir(&dir)? {

@@ -1073,7 +1073,8 @@ fn masked_truncated_completions_change_the_loss_not_the_samples() {
 /// sampler's, token for token, at the sampling temperature, so pure distillation leaves every
 /// advantage at 0. A random student distilled from a trained teacher of another shape (named by
 /// its run directory) closes the gap step by step. GRPO with the teacher's term resumes to the
-/// same metrics, and without a teacher the metric is NaN. A teacher whose tokenizer numbers the
+/// same metrics; with `kl_coef = 0` the teacher's reverse KL is logged and the update is GRPO's,
+/// and without a teacher the metric is NaN. A teacher whose tokenizer numbers the
 /// tokens otherwise is refused by name, before the warm start.
 #[test]
 fn on_policy_distillation_scores_the_students_tokens_by_the_teacher() {
@@ -1121,6 +1122,17 @@ fn on_policy_distillation_scores_the_students_tokens_by_the_teacher() {
         .all(|k| k.is_finite() && *k > 0.0));
     let plain = metric(&teacher, "opd_reverse_kl");
     assert!(plain.iter().all(|k| k.is_nan()), "{plain:?}");
+    // kl_coef = 0: the teacher's reverse KL logged, the update GRPO's own
+    let (logged, alone) = (root.join("logged"), root.join("alone"));
+    succeed(&mut tiny(
+        "logged",
+        &logged,
+        &[&from, "distill.kl_coef=0"],
+        2,
+    ));
+    succeed(&mut tiny("alone", &alone, &[], 2));
+    assert_eq!(metric(&logged, "loss"), metric(&alone, "loss"));
+    assert!(metric(&logged, "opd_reverse_kl").iter().all(|k| *k > 0.1));
 
     // the teacher's step-1 checkpoint with "1" and "2" numbered the other way round
     let swapped = root.join("swapped");
