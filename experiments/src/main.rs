@@ -10,6 +10,7 @@ mod analyze;
 mod bench;
 mod config;
 mod dpo;
+mod dryrun;
 mod eval;
 mod failpoint;
 #[cfg(feature = "cuda")]
@@ -72,6 +73,11 @@ enum Command {
         /// subnetwork` (sets `optimizer.subnetwork_mask`).
         #[arg(long, value_name = "PATH")]
         subnetwork_mask: Option<PathBuf>,
+        /// Check everything the run reads (config, model, tokenizer, teacher, data, prompts
+        /// against the context, the reward of each record's reference completion) and stop:
+        /// nothing trained, no run directory written; problems found end it with an error.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Held-out accuracy, pass@1, pass@k and (math answers) maj@k of a checkpoint (or a run's latest one).
     Eval {
@@ -314,6 +320,7 @@ fn main() -> anyhow::Result<()> {
         out: None,
         resume: None,
         subnetwork_mask: None,
+        dry_run: false,
     });
     match command {
         Command::Run {
@@ -321,6 +328,7 @@ fn main() -> anyhow::Result<()> {
             out,
             resume,
             subnetwork_mask,
+            dry_run,
         } => {
             if let Some(mask) = subnetwork_mask {
                 config.sets.push(format!(
@@ -347,6 +355,18 @@ fn main() -> anyhow::Result<()> {
                     (c, dir, false)
                 }
             };
+            if dry_run {
+                let problems = dryrun::dry_run(&c)?;
+                if !problems.is_empty() {
+                    bail!(
+                        "the dry run found {} problem(s):\n  - {}",
+                        problems.len(),
+                        problems.join("\n  - ")
+                    );
+                }
+                println!("dry run: no problems found");
+                return Ok(());
+            }
             let opts = run::RunOptions {
                 dir: dir.clone(),
                 resume,

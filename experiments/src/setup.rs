@@ -263,7 +263,7 @@ pub fn generation(c: &Config, tokenizer: &Tokenizer) -> GenerationConfig {
     }
 }
 
-fn open(c: &Config, spec: &str, split: Split) -> anyhow::Result<Source> {
+pub fn open(c: &Config, spec: &str, split: Split) -> anyhow::Result<Source> {
     open_with(c, spec, split, Fields::default())
 }
 

@@ -1164,6 +1164,94 @@ fn on_policy_distillation_scores_the_students_tokens_by_the_teacher() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `ferrite run --dry-run` checks what a run reads and writes nothing: the default job's
+/// reference answers all score right; a file whose answers sit in a field the reader does not
+/// know has records without a gold answer, an error that names `data.answer_field` (its malformed
+/// row counted on the way), and naming the field mends it; a generation budget past the model's
+/// context is an error too.
+#[test]
+fn a_dry_run_checks_what_a_run_reads_and_writes_nothing() {
+    let root = scratch("dry-run");
+    let dir = root.join("never");
+    let dry = |sets: &[&str]| {
+        let mut cmd = ferrite();
+        cmd.args(["run", "--dry-run", "--out"]).arg(&dir);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = dry(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("256 right, 0 wrong, 0 failed, 0 without a gold answer"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("no problems found"), "{stdout}");
+    assert!(!dir.exists(), "a dry run writes no run directory");
+
+    std::fs::create_dir_all(&root).unwrap();
+    let file = root.join("sums.jsonl");
+    let mut rows: Vec<String> = (0..20)
+        .map(|i| {
+            let (a, b) = (i + 3, 2 * i + 1);
+            format!(
+                r#"{{"question": "{a}+{b}=", "expression": "{a}+{b}", "result": "{}"}}"#,
+                a + b
+            )
+        })
+        .collect();
+    rows.push("not json".into());
+    std::fs::write(&file, rows.join("\n")).unwrap();
+    let train = format!("data.train={}", file.display());
+    let base = [
+        train.as_str(),
+        "data.max_bad_fraction=0.1",
+        "data.test_fraction=0.5",
+    ];
+    let out = dry(&base);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("1 of 21 rows malformed"), "{stdout}");
+    assert!(
+        stderr.contains("no gold answer") && stderr.contains("data.answer_field"),
+        "{stderr}"
+    );
+    let named: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["data.answer_field=result"])
+        .collect();
+    let out = dry(&named);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("mean reward 1.000") && stdout.contains(" 0 wrong"),
+        "{stdout}"
+    );
+
+    let out = dry(&["rollout.max_new_tokens=2000"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("past the model's 1024"),
+        "{stderr}"
+    );
+    assert!(!dir.exists());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// LoRA (`lora.rank`): the RL stage trains adapters on the frozen RL start. A step checkpoint's
 /// model is the RL start plus `(α/r)·B·A` from the PEFT adapter saved beside it (so each
 /// projection's update has rank at most r), every other weight is the RL start's bit for bit,
