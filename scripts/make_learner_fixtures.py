@@ -15,6 +15,7 @@ Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti}
 Needs: pip install torch
 """
 import json
+import math
 import os
 
 import torch
@@ -386,6 +387,9 @@ def value():
 
 
 def dpo():
+    """TRL's DPOTrainer losses (and CPOTrainer's SimPO), over a micro-batch of 5 pairs of an
+    optimizer step of 8 pairs and 40 chosen tokens; RPO adds rpo_alpha x the chosen completions'
+    token-mean NLL (TRL's nll_loss, over the step's chosen tokens)."""
     torch.manual_seed(6)
     n = 5
     pc = -torch.rand(n) * 20
@@ -397,31 +401,67 @@ def dpo():
     lc = torch.tensor([3.0, 7.0, 1.0, 12.0, 5.0])
     lr = torch.tensor([4.0, 2.0, 9.0, 6.0, 5.0])
     total = 8
+    total_chosen_tokens = 40
     cases = []
-    for loss_type, beta, eps in [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("sigmoid", 0.1, 0.2),
-                                 ("ipo", 0.1, 0.0), ("ipo", 0.5, 0.0), ("robust", 0.1, 0.1),
-                                 ("robust", 0.3, 0.3), ("hinge", 0.1, 0.0), ("hinge", 0.5, 0.0)]:
+    # (loss type, beta, label smoothing, extra config: simpo_gamma, discopop_tau, rpo_alpha)
+    specs = [("sigmoid", 0.1, 0.0, {}), ("sigmoid", 0.5, 0.0, {}), ("sigmoid", 0.1, 0.2, {}),
+             ("ipo", 0.1, 0.0, {}), ("ipo", 0.5, 0.0, {}), ("robust", 0.1, 0.1, {}),
+             ("robust", 0.3, 0.3, {}), ("hinge", 0.1, 0.0, {}), ("hinge", 0.5, 0.0, {}),
+             ("exo_pair", 0.1, 0.0, {}), ("exo_pair", 0.5, 0.2, {}),
+             ("nca_pair", 0.1, 0.0, {}), ("nca_pair", 0.5, 0.0, {}),
+             ("sppo_hard", 0.1, 0.0, {}), ("sppo_hard", 0.5, 0.0, {}),
+             ("apo_zero", 0.1, 0.0, {}), ("apo_zero", 0.5, 0.0, {}),
+             ("apo_down", 0.1, 0.0, {}), ("apo_down", 0.5, 0.0, {}),
+             ("discopop", 0.1, 0.0, {"discopop_tau": 0.05}), ("discopop", 0.5, 0.0, {"discopop_tau": 0.2}),
+             ("simpo", 2.0, 0.0, {"simpo_gamma": 0.5}), ("simpo", 2.5, 0.1, {"simpo_gamma": 1.0}),
+             ("sigmoid", 0.1, 0.0, {"rpo_alpha": 1.0}), ("simpo", 2.0, 0.0, {"simpo_gamma": 0.5, "rpo_alpha": 0.5})]
+    for loss_type, beta, eps, extra in specs:
         c = pc.clone().requires_grad_(True)
         r = pr.clone().requires_grad_(True)
-        hw, hl = c - rc, r - rr
-        logits = hw - hl
-        if loss_type == "sigmoid":
-            per = -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
-        elif loss_type == "robust":
-            per = (-(1 - eps) * F.logsigmoid(beta * logits) + eps * F.logsigmoid(-beta * logits)) / (1 - 2 * eps)
-        elif loss_type == "hinge":
-            per = torch.relu(1 - beta * logits)
+        if loss_type == "simpo":
+            hw, hl = c / lc, r / lr  # CPOTrainer: length-averaged log-probs, no reference
         else:
+            hw, hl = c - rc, r - rr
+        logits = hw - hl
+        z = beta * logits
+        if loss_type == "sigmoid":
+            per = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+        elif loss_type == "robust":
+            per = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+        elif loss_type == "hinge":
+            per = torch.relu(1 - z)
+        elif loss_type == "ipo":
             per = (hw / lc - hl / lr - 1 / (2 * beta)) ** 2
+        elif loss_type == "exo_pair":
+            e = eps if eps != 0 else 1e-3
+            per = z.sigmoid() * (F.logsigmoid(z) - math.log(1 - e)) + (-z).sigmoid() * (F.logsigmoid(-z) - math.log(e))
+        elif loss_type == "nca_pair":
+            cw, rl = hw * beta, hl * beta
+            per = -F.logsigmoid(cw) - 0.5 * F.logsigmoid(-cw) - 0.5 * F.logsigmoid(-rl)
+        elif loss_type == "sppo_hard":
+            per = (hw - 0.5 / beta) ** 2 + (hl + 0.5 / beta) ** 2
+        elif loss_type == "apo_zero":
+            per = (1 - torch.sigmoid(beta * hw)) + torch.sigmoid(beta * hl)
+        elif loss_type == "apo_down":
+            per = torch.sigmoid(beta * hw) + (1 - torch.sigmoid(beta * (hw - hl)))
+        elif loss_type == "discopop":
+            m = torch.sigmoid(z / extra["discopop_tau"])
+            per = -F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m
+        else:  # simpo
+            u = logits - extra["simpo_gamma"] / beta
+            per = -F.logsigmoid(beta * u) * (1 - eps) - F.logsigmoid(-beta * u) * eps
         loss = per.sum() / total
+        if extra.get("rpo_alpha"):
+            loss = loss + extra["rpo_alpha"] * (-c.sum() / total_chosen_tokens)
         loss.backward()
         rw, rl = (beta * hw).detach(), (beta * hl).detach()
-        cases.append({"loss_type": loss_type, "beta": beta, "label_smoothing": eps, "loss": loss.item(),
+        cases.append({"loss_type": loss_type, "beta": beta, "label_smoothing": eps, **extra, "loss": loss.item(),
                       "grad_chosen": c.grad.tolist(), "grad_rejected": r.grad.tolist(),
                       "reward_accuracy": (rw > rl).float().sum().item(), "margin": (rw - rl).sum().item(),
                       "chosen_reward": rw.sum().item(), "rejected_reward": rl.sum().item()})
     return {"chosen": pc.tolist(), "rejected": pr.tolist(), "ref_chosen": rc.tolist(), "ref_rejected": rr.tolist(),
-            "chosen_tokens": lc.tolist(), "rejected_tokens": lr.tolist(), "total_pairs": total, "cases": cases}
+            "chosen_tokens": lc.tolist(), "rejected_tokens": lr.tolist(), "total_pairs": total,
+            "total_chosen_tokens": total_chosen_tokens, "cases": cases}
 
 
 def lopti():

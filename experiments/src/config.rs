@@ -478,10 +478,17 @@ pub struct AlgorithmConfig {
     pub vf_coef: f64,
     /// Value clipping range (None: unclipped).
     pub value_clip: Option<f64>,
-    /// DPO: loss `sigmoid` / `ipo` / `robust` / `hinge`, β, label smoothing ε.
+    /// DPO: loss (`sigmoid`, `ipo`, `robust`, `hinge`, `exo_pair`, `nca_pair`, `sppo_hard`,
+    /// `apo_zero`, `apo_down`, `discopop`, `simpo`), β, label smoothing ε.
     pub dpo_loss: DpoLoss,
     pub dpo_beta: f64,
     pub label_smoothing: f64,
+    /// SimPO's target margin γ.
+    pub simpo_gamma: f64,
+    /// DiscoPOP's temperature τ.
+    pub discopop_tau: f64,
+    /// RPO: α × the chosen completions' negative log-likelihood joins any DPO loss (0: off).
+    pub rpo_alpha: f64,
     /// DPO: pairs per optimizer step.
     pub dpo_pairs_per_step: usize,
     /// DPO: a JSONL or Parquet file of `prompt`, `chosen`, `rejected`; empty: build the pairs
@@ -533,6 +540,9 @@ impl Default for AlgorithmConfig {
             dpo_loss: DpoLoss::Sigmoid,
             dpo_beta: 0.1,
             label_smoothing: 0.0,
+            simpo_gamma: 0.5,
+            discopop_tau: 0.05,
+            rpo_alpha: 0.0,
             dpo_pairs_per_step: 64,
             preferences: String::new(),
             preference_prompts: 512,
@@ -899,6 +909,17 @@ impl Config {
         if a.dpo_beta <= 0.0 || !(0.0..0.5).contains(&a.label_smoothing) {
             bail!("algorithm.dpo_beta must be positive and label_smoothing in [0, 0.5)");
         }
+        if !(a.simpo_gamma.is_finite() && positive(a.discopop_tau))
+            || !(a.rpo_alpha.is_finite() && a.rpo_alpha >= 0.0)
+        {
+            bail!(
+                "algorithm.simpo_gamma = {}, discopop_tau = {}, rpo_alpha = {}: a finite γ, a \
+                 positive τ and α ≥ 0",
+                a.simpo_gamma,
+                a.discopop_tau,
+                a.rpo_alpha
+            );
+        }
         if self.optimizer.lr.is_nan()
             || self.optimizer.lr < 0.0
             || self.optimizer.micro_batch_tokens == 0
@@ -1112,6 +1133,14 @@ mod tests {
         assert!(bad("algorithm.critic=shared").contains("critic"));
         assert!(bad("algorithm.label_smoothing=0.5").contains("label_smoothing"));
         assert!(bad("algorithm.dpo_loss=kto").contains("kto"));
+        assert!(bad("algorithm.discopop_tau=0").contains("discopop_tau"));
+        assert!(bad("algorithm.rpo_alpha=-1").contains("rpo_alpha"));
+        let simpo = Config::default_with(&["algorithm.dpo_loss=simpo", "algorithm.rpo_alpha=1"]);
+        let a = simpo.unwrap().algorithm;
+        assert_eq!(
+            (a.dpo_loss, a.simpo_gamma, a.rpo_alpha),
+            (DpoLoss::Simpo, 0.5, 1.0)
+        );
         assert!(bad("algorithm.entropy_reward=tokens").contains("tokens"));
         assert!(bad("rollout.top_p=0.0").contains("rollout.top_p"));
         assert!(bad("rollout.top_p=1.5").contains("rollout.top_p"));

@@ -175,10 +175,14 @@ pub fn dpo_stage(
     top: &mut Option<StepTop>,
 ) -> anyhow::Result<TrainerState> {
     anyhow::ensure!(!pairs.is_empty(), "no preference pairs to train on");
+    let a = &c.algorithm;
     let cfg = DpoConfig {
-        loss: c.algorithm.dpo_loss,
-        beta: c.algorithm.dpo_beta,
-        label_smoothing: c.algorithm.label_smoothing,
+        loss: a.dpo_loss,
+        beta: a.dpo_beta,
+        label_smoothing: a.label_smoothing,
+        simpo_gamma: a.simpo_gamma,
+        discopop_tau: a.discopop_tau,
+        rpo_alpha: a.rpo_alpha,
     };
     let start = Instant::now();
     while state.step < c.run.steps && !stop.load(Ordering::SeqCst) {

@@ -547,11 +547,14 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             return Ok(summary);
         };
         let t = Instant::now();
-        let cached = learner::dpo::reference_logprobs(
-            &start_weights,
-            &pairs,
-            c.optimizer.micro_batch_tokens,
-        )?;
+        let cached = match c.algorithm.dpo_loss.reference_free() {
+            true => vec![(0.0, 0.0); pairs.len()],
+            false => learner::dpo::reference_logprobs(
+                &start_weights,
+                &pairs,
+                c.optimizer.micro_batch_tokens,
+            )?,
+        };
         tracing::info!(
             pairs = pairs.len(),
             seconds = t.elapsed().as_secs_f64(),

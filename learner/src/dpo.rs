@@ -1,5 +1,7 @@
 //! The DPO family (spec §5.6, TRL's `DPOTrainer`): sigmoid (with cDPO label smoothing), IPO on
-//! length-averaged log-ratios, robust DPO and hinge (SLiC), and their implicit-reward metrics.
+//! length-averaged log-ratios, robust DPO, hinge (SLiC), EXO, NCA, SPPO (hard), APO-zero and
+//! APO-down, DiscoPOP, the reference-free SimPO (TRL's `CPOTrainer`), RPO's negative
+//! log-likelihood term on the chosen completions, and their implicit-reward metrics.
 
 use candle_core::{DType, Tensor};
 use model::Weights;
@@ -25,6 +27,29 @@ pub enum DpoLoss {
     Robust,
     /// `max(0, 1 − βΔ)`.
     Hinge,
+    /// EXO (TRL's `exo_pair`): `σ(βΔ)·(log σ(βΔ) − log(1−ε)) + σ(−βΔ)·(log σ(−βΔ) − log ε)`,
+    /// ε = `label_smoothing` (1e-3 when 0).
+    ExoPair,
+    /// NCA (`nca_pair`): `−log σ(βh_w) − ½·log σ(−βh_w) − ½·log σ(−βh_l)`.
+    NcaPair,
+    /// SPPO with hard probabilities (`sppo_hard`): `(h_w − 1/(2β))² + (h_l + 1/(2β))²`.
+    SppoHard,
+    /// APO-zero (`apo_zero`): `1 − σ(βh_w) + σ(βh_l)`.
+    ApoZero,
+    /// APO-down (`apo_down`): `σ(βh_w) + 1 − σ(βΔ)`.
+    ApoDown,
+    /// DiscoPOP (`discopop`): `−log σ(βΔ)·(1 − m) + e^{−βΔ}·m`, `m = σ(βΔ/τ)`.
+    Discopop,
+    /// SimPO (TRL's `CPOTrainer`, `loss_type = "simpo"`), reference-free on length-averaged
+    /// log-probs: `−(1−ε)·log σ(βu) − ε·log σ(−βu)`, `u = ā_w − ā_l − γ/β`.
+    Simpo,
+}
+
+impl DpoLoss {
+    /// SimPO needs no reference model.
+    pub fn reference_free(self) -> bool {
+        self == DpoLoss::Simpo
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -32,6 +57,13 @@ pub struct DpoConfig {
     pub loss: DpoLoss,
     pub beta: f64,
     pub label_smoothing: f64,
+    /// SimPO's target margin γ (TRL's `simpo_gamma`).
+    pub simpo_gamma: f64,
+    /// DiscoPOP's temperature τ (TRL's `discopop_tau`).
+    pub discopop_tau: f64,
+    /// RPO (TRL's `rpo_alpha`): the loss gains α × the negative log-likelihood of the chosen
+    /// completions, a mean over their tokens; 0: off.
+    pub rpo_alpha: f64,
 }
 
 impl Default for DpoConfig {
@@ -40,6 +72,9 @@ impl Default for DpoConfig {
             loss: DpoLoss::Sigmoid,
             beta: 0.1,
             label_smoothing: 0.0,
+            simpo_gamma: 0.5,
+            discopop_tau: 0.05,
+            rpo_alpha: 0.0,
         }
     }
 }
@@ -102,13 +137,19 @@ fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((out + std::f64::consts::LN_2)?)
 }
 
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(log_sigmoid(x)?.exp()?)
+}
+
 /// The loss of a micro-batch: the sum over its pairs divided by `total_pairs` (the pairs of the
-/// whole optimizer step), so micro-batch losses add up to the step's mean; and its implicit-reward
+/// whole optimizer step), so micro-batch losses add up to the step's mean, plus RPO's term over
+/// the `total_chosen_tokens` of the step's chosen completions; and its implicit-reward
 /// statistics, still on the device.
 pub fn dpo_loss(
     x: &PairLogprobs,
     c: &DpoConfig,
     total_pairs: usize,
+    total_chosen_tokens: usize,
 ) -> Result<(Tensor, PendingDpoStats)> {
     let eps = c.label_smoothing;
     if c.loss == DpoLoss::Robust && !(0.0..0.5).contains(&eps) {
@@ -116,18 +157,56 @@ pub fn dpo_loss(
             "robust DPO needs 0 ≤ label_smoothing < 0.5".into(),
         ));
     }
-    let h_w = (x.chosen - x.ref_chosen)?; // [B]
-    let h_l = (x.rejected - x.ref_rejected)?;
+    let (h_w, h_l) = if c.loss == DpoLoss::Simpo {
+        // SimPO's log-probs are length averages, and it has no reference
+        (
+            x.chosen.div(x.chosen_tokens)?,
+            x.rejected.div(x.rejected_tokens)?,
+        )
+    } else {
+        ((x.chosen - x.ref_chosen)?, (x.rejected - x.ref_rejected)?) // [B]
+    };
     let delta = (&h_w - &h_l)?;
     let z = (&delta * c.beta)?;
+    // −(1−ε)·log σ(z) − ε·log σ(−z)
+    let smoothed = |z: &Tensor| -> Result<Tensor> {
+        let pos = (log_sigmoid(z)? * -(1.0 - eps))?;
+        Ok(if eps != 0.0 {
+            (pos - (log_sigmoid(&z.neg()?)? * eps)?)?
+        } else {
+            pos
+        })
+    };
     let per_pair = match c.loss {
-        DpoLoss::Sigmoid => {
-            let pos = (log_sigmoid(&z)? * -(1.0 - eps))?;
-            if eps != 0.0 {
-                (pos - (log_sigmoid(&z.neg()?)? * eps)?)?
-            } else {
-                pos
-            }
+        DpoLoss::Sigmoid => smoothed(&z)?,
+        DpoLoss::Simpo => smoothed(&(z - c.simpo_gamma)?)?,
+        DpoLoss::ExoPair => {
+            let e = if eps == 0.0 { 1e-3 } else { eps };
+            let pos = (sigmoid(&z)? * (log_sigmoid(&z)? - (1.0 - e).ln())?)?;
+            let neg = (sigmoid(&z.neg()?)? * (log_sigmoid(&z.neg()?)? - e.ln())?)?;
+            (pos + neg)?
+        }
+        DpoLoss::NcaPair => {
+            let (w, l) = ((&h_w * c.beta)?, (&h_l * c.beta)?);
+            let a = log_sigmoid(&w)?.neg()?;
+            ((a - (log_sigmoid(&w.neg()?)? * 0.5)?)? - (log_sigmoid(&l.neg()?)? * 0.5)?)?
+        }
+        DpoLoss::SppoHard => {
+            let half = 0.5 / c.beta;
+            ((&h_w - half)?.sqr()? + (&h_l + half)?.sqr()?)?
+        }
+        DpoLoss::ApoZero => {
+            let w = sigmoid(&(&h_w * c.beta)?)?;
+            ((w.neg()? + 1.0)? + sigmoid(&(&h_l * c.beta)?)?)?
+        }
+        DpoLoss::ApoDown => {
+            let w = sigmoid(&(&h_w * c.beta)?)?;
+            (w + (sigmoid(&z)?.neg()? + 1.0)?)?
+        }
+        DpoLoss::Discopop => {
+            let m = sigmoid(&(&z / c.discopop_tau)?)?;
+            let logistic = (log_sigmoid(&z)?.neg()? * (m.neg()? + 1.0)?)?;
+            (logistic + (z.neg()?.exp()? * m)?)?
         }
         DpoLoss::Robust => {
             let pos = (log_sigmoid(&z)? * -(1.0 - eps))?;
@@ -140,7 +219,11 @@ pub fn dpo_loss(
             avg.sqr()?
         }
     };
-    let loss = (per_pair.sum_all()? / total_pairs.max(1) as f64)?;
+    let mut loss = (per_pair.sum_all()? / total_pairs.max(1) as f64)?;
+    if c.rpo_alpha != 0.0 {
+        let nll = (x.chosen.sum_all()? * (-c.rpo_alpha / total_chosen_tokens.max(1) as f64))?;
+        loss = (loss + nll)?;
+    }
     let r_w = (h_w.detach() * c.beta)?;
     let r_l = (h_l.detach() * c.beta)?;
     let sums = DeviceSums::stack(&[
@@ -292,6 +375,7 @@ pub fn dpo_step(
         ));
     }
     let device = policy.embed_tokens.device().clone();
+    let step_chosen_tokens: usize = pairs.iter().map(|p| p.chosen.len()).sum();
     // the longer rows shortest first where that pads less: the loss is a mean over the pairs,
     // each with its own reference
     let ordered: (Vec<Pair>, Vec<(f32, f32)>);
@@ -335,7 +419,7 @@ pub fn dpo_step(
                     chosen_tokens: &chosen_tokens,
                     rejected_tokens: &rejected_tokens,
                 };
-                let (loss, pending) = dpo_loss(&x, cfg, pairs.len())?;
+                let (loss, pending) = dpo_loss(&x, cfg, pairs.len(), step_chosen_tokens)?;
                 let (value, done) = opt.backward(&loss)?;
                 if done.is_none() {
                     m.skipped = true;

@@ -2,7 +2,7 @@
 //! (scripts/make_learner_fixtures.py) on padded batches of unequal lengths: RLOO, REINFORCE++
 //! with and without baseline, PPO token rewards and GAE, whitening, AR, EM-RL rewards, the
 //! adaptive KL controller, on-policy distillation's teacher term, the clipped value loss, the DPO
-//! family and Lopti's two passes.
+//! family (TRL's DPO losses, SimPO, RPO) and Lopti's two passes.
 
 use candle_core::{Device, Tensor, Var};
 use learner::advantages::{
@@ -244,13 +244,18 @@ fn dpo_losses_gradients_and_metrics_match_the_reference() {
     let f = fixture("dpo");
     let v = |k: &str| Tensor::new(parse::<Vec<f32>>(&f[k]), &Device::Cpu).unwrap();
     let total: usize = parse(&f["total_pairs"]);
+    let chosen_tokens: usize = parse(&f["total_chosen_tokens"]);
     let cases = f["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 9);
+    assert_eq!(cases.len(), 25);
     for case in cases {
+        let or = |key: &str, default: f64| case.get(key).map_or(default, parse::<f64>);
         let cfg = DpoConfig {
             loss: parse::<DpoLoss>(&case["loss_type"]),
             beta: parse(&case["beta"]),
             label_smoothing: parse(&case["label_smoothing"]),
+            simpo_gamma: or("simpo_gamma", 0.5),
+            discopop_tau: or("discopop_tau", 0.05),
+            rpo_alpha: or("rpo_alpha", 0.0),
         };
         let chosen = Var::from_tensor(&v("chosen")).unwrap();
         let rejected = Var::from_tensor(&v("rejected")).unwrap();
@@ -268,7 +273,7 @@ fn dpo_losses_gradients_and_metrics_match_the_reference() {
             chosen_tokens: &lc,
             rejected_tokens: &lr,
         };
-        let (loss, pending) = dpo_loss(&x, &cfg, total).unwrap();
+        let (loss, pending) = dpo_loss(&x, &cfg, total, chosen_tokens).unwrap();
         let want: f64 = parse(&case["loss"]);
         assert!(
             (scalar(&loss) - want).abs() < TOL,
@@ -304,6 +309,7 @@ fn dpo_losses_gradients_and_metrics_match_the_reference() {
         loss: DpoLoss::Robust,
         beta: 0.1,
         label_smoothing: 0.5,
+        ..DpoConfig::default()
     };
     let z = v("chosen");
     let x = PairLogprobs {
@@ -315,7 +321,7 @@ fn dpo_losses_gradients_and_metrics_match_the_reference() {
         rejected_tokens: &z,
     };
     assert!(
-        dpo_loss(&x, &bad, 1).is_err(),
+        dpo_loss(&x, &bad, 1, 1).is_err(),
         "robust DPO with ε = 0.5 divides by zero"
     );
 }
