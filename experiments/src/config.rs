@@ -909,8 +909,10 @@ impl Config {
         if a.dpo_beta <= 0.0 || !(0.0..0.5).contains(&a.label_smoothing) {
             bail!("algorithm.dpo_beta must be positive and label_smoothing in [0, 0.5)");
         }
-        if !(a.simpo_gamma.is_finite() && positive(a.discopop_tau))
-            || !(a.rpo_alpha.is_finite() && a.rpo_alpha >= 0.0)
+        if !(a.simpo_gamma.is_finite()
+            && positive(a.discopop_tau)
+            && a.rpo_alpha.is_finite()
+            && a.rpo_alpha >= 0.0)
         {
             bail!(
                 "algorithm.simpo_gamma = {}, discopop_tau = {}, rpo_alpha = {}: a finite γ, a \

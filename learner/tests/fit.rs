@@ -322,6 +322,7 @@ fn sft_and_dpo_steps_run_in_pieces_as_they_would_whole() {
         loss: DpoLoss::Sigmoid,
         beta: 0.5,
         label_smoothing: 0.0,
+        ..DpoConfig::default()
     };
     let dpo = |room: Option<usize>| {
         let (vars, w) = base.to_vars().unwrap();

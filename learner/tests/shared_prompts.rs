@@ -139,6 +139,7 @@ fn run(pack: bool, share: bool, order: bool, budget: usize) -> Outcome {
         loss: DpoLoss::Sigmoid,
         beta: 0.5,
         label_smoothing: 0.0,
+        ..DpoConfig::default()
     };
     let dpo_loss = dpo_step(&w, &mut opt, &pairs, &dpo_reference, &dpo, 52, 1.0)
         .unwrap()

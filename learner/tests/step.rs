@@ -474,17 +474,38 @@ fn dpo_steps_prefer_the_chosen_completions_and_ignore_micro_batching() {
         assert!((completion_logprob(&base, &seq(&p.prompt, &p.chosen)) - c).abs() < 1e-4);
         assert!((completion_logprob(&base, &seq(&p.prompt, &p.rejected)) - r).abs() < 1e-4);
     }
-    for loss in [
+    let every = [
         DpoLoss::Sigmoid,
         DpoLoss::Ipo,
         DpoLoss::Hinge,
         DpoLoss::Robust,
-    ] {
-        let cfg = DpoConfig {
-            loss,
-            beta: 0.5,
-            label_smoothing: if loss == DpoLoss::Robust { 0.1 } else { 0.0 },
-        };
+        DpoLoss::ExoPair,
+        DpoLoss::NcaPair,
+        DpoLoss::SppoHard,
+        DpoLoss::ApoZero,
+        DpoLoss::ApoDown,
+        DpoLoss::Discopop,
+        DpoLoss::Simpo,
+    ];
+    let configs = every.iter().map(|&loss| DpoConfig {
+        loss,
+        // SPPO's squared targets ±1/(2β) lie 5 nats out at 0.1 (at 0.5, ±1 nat, five steps of
+        // 1e-3 overshoot them)
+        beta: match loss {
+            DpoLoss::Simpo => 2.0,
+            DpoLoss::SppoHard => 0.1,
+            _ => 0.5,
+        },
+        label_smoothing: if loss == DpoLoss::Robust { 0.1 } else { 0.0 },
+        ..DpoConfig::default()
+    });
+    // RPO's term is a mean over the step's chosen tokens, whatever the micro-batches
+    let rpo = DpoConfig {
+        rpo_alpha: 1.0,
+        ..DpoConfig::default()
+    };
+    for cfg in configs.chain([rpo]) {
+        let loss = cfg.loss;
         let run = |budget: usize, steps: usize| {
             let (vars, w) = base.to_vars().unwrap();
             let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
@@ -499,8 +520,8 @@ fn dpo_steps_prefer_the_chosen_completions_and_ignore_micro_batching() {
         // differ from the reference's by float rounding
         assert!((one[0].loss - split[0].loss).abs() < 1e-5, "{loss:?}");
         assert!((one[0].grad_norm - split[0].grad_norm).abs() < 1e-5 * one[0].grad_norm);
-        // at the reference every margin is 0
-        assert!(one[0].margin.abs() < 1e-6);
+        // at the reference every margin is 0 (SimPO's are of the policy alone)
+        assert!(loss.reference_free() || one[0].margin.abs() < 1e-6);
         let (ms, w) = run(1 << 12, 5);
         assert!(
             ms[4].loss < ms[0].loss,
