@@ -1173,25 +1173,21 @@ fn on_policy_distillation_scores_the_students_tokens_by_the_teacher() {
 fn a_dry_run_checks_what_a_run_reads_and_writes_nothing() {
     let root = scratch("dry-run");
     let dir = root.join("never");
+    // (success, stdout, stderr)
     let dry = |sets: &[&str]| {
         let mut cmd = ferrite();
         cmd.args(["run", "--dry-run", "--out"]).arg(&dir);
         for s in sets {
             cmd.args(["--set", s]);
         }
-        cmd.output().unwrap()
+        let out = cmd.output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
     };
-    let out = dry(&[]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("256 right, 0 wrong, 0 failed, 0 without a gold answer"),
-        "{stdout}"
-    );
+    let (ok, stdout, stderr) = dry(&[]);
+    assert!(ok, "{stderr}");
+    let all_right = "256 right, 0 wrong, 0 failed, 0 without a gold answer";
+    assert!(stdout.contains(all_right), "{stdout}");
     assert!(stdout.contains("no problems found"), "{stdout}");
     assert!(!dir.exists(), "a dry run writes no run directory");
 
@@ -1200,10 +1196,8 @@ fn a_dry_run_checks_what_a_run_reads_and_writes_nothing() {
     let mut rows: Vec<String> = (0..20)
         .map(|i| {
             let (a, b) = (i + 3, 2 * i + 1);
-            format!(
-                r#"{{"question": "{a}+{b}=", "expression": "{a}+{b}", "result": "{}"}}"#,
-                a + b
-            )
+            let (q, e, r) = (format!("{a}+{b}="), format!("{a}+{b}"), a + b);
+            format!(r#"{{"question": "{q}", "expression": "{e}", "result": "{r}"}}"#)
         })
         .collect();
     rows.push("not json".into());
@@ -1214,40 +1208,20 @@ fn a_dry_run_checks_what_a_run_reads_and_writes_nothing() {
         "data.max_bad_fraction=0.1",
         "data.test_fraction=0.5",
     ];
-    let out = dry(&base);
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(!out.status.success(), "{stdout}");
+    let (ok, stdout, stderr) = dry(&base);
+    assert!(!ok, "{stdout}");
     assert!(stdout.contains("1 of 21 rows malformed"), "{stdout}");
     assert!(
         stderr.contains("no gold answer") && stderr.contains("data.answer_field"),
         "{stderr}"
     );
-    let named: Vec<&str> = base
-        .iter()
-        .copied()
-        .chain(["data.answer_field=result"])
-        .collect();
-    let out = dry(&named);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("mean reward 1.000") && stdout.contains(" 0 wrong"),
-        "{stdout}"
-    );
+    let (ok, stdout, stderr) = dry(&[&base[..], &["data.answer_field=result"]].concat());
+    assert!(ok, "{stderr}");
+    let right = stdout.contains("mean reward 1.000") && stdout.contains(" 0 wrong");
+    assert!(right, "{stdout}");
 
-    let out = dry(&["rollout.max_new_tokens=2000"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("past the model's 1024"),
-        "{stderr}"
-    );
+    let (ok, _, stderr) = dry(&["rollout.max_new_tokens=2000"]);
+    assert!(!ok && stderr.contains("past the model's 1024"), "{stderr}");
     assert!(!dir.exists());
     let _ = std::fs::remove_dir_all(&root);
 }
