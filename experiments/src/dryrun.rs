@@ -27,7 +27,7 @@ pub fn dry_run(c: &Config) -> anyhow::Result<Vec<String>> {
     let (device, dtype) = setup::placement(c)?;
     let (weights, tokenizer) = setup::load_model(c)?;
     let m = &weights.config;
-    let parameters: usize = weights.named().values().map(|t| t.elem_count()).sum();
+    let parameters = m.num_parameters();
     println!(
         "model      {}: {} layers, hidden {}, vocabulary {}, {parameters} parameters, {} \
          positions; {}, {}",
@@ -50,10 +50,13 @@ pub fn dry_run(c: &Config) -> anyhow::Result<Vec<String>> {
         }
     );
     if let Some(t) = setup::load_teacher(c, &tokenizer, m.vocab_size)? {
-        let n: usize = t.named().values().map(|t| t.elem_count()).sum();
+        let t = &t.config;
         println!(
-            "teacher    {}: {} layers, hidden {}, {n} parameters, the student's tokenizer",
-            c.distill.teacher, t.config.num_hidden_layers, t.config.hidden_size
+            "teacher    {}: {} layers, hidden {}, {} parameters, the student's tokenizer",
+            c.distill.teacher,
+            t.num_hidden_layers,
+            t.hidden_size,
+            t.num_parameters()
         );
     }
     let task = setup::task(c, tokenizer);

@@ -76,15 +76,22 @@ impl StepTable {
             .collect()
     }
 
+    /// A table as its file holds it (empty when there is none), for reading.
+    pub fn read(path: PathBuf) -> anyhow::Result<Self> {
+        let mut t = StepTable::new(path);
+        if t.path.exists() {
+            (t.columns, t.rows) = read_step_table(&t.path)?;
+        }
+        Ok(t)
+    }
+
     /// Reopens a table, keeping the rows of steps `≤ last_step` (a resumed run continues it).
     pub fn reopen(path: PathBuf, last_step: u64) -> anyhow::Result<Self> {
-        let mut t = StepTable::new(path);
+        let mut t = StepTable::read(path)?;
         if !t.path.exists() {
             return Ok(t);
         }
-        let (columns, rows) = read_step_table(&t.path)?;
-        t.columns = columns;
-        t.rows = rows.into_iter().filter(|(s, _)| *s <= last_step).collect();
+        t.rows.retain(|(s, _)| *s <= last_step);
         t.flush()?;
         Ok(t)
     }

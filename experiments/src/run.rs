@@ -490,13 +490,11 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     if c.run.tensorboard {
         // the warm start's rows from its table, the RL stage's as they stand (a resumed run's
         // up to its checkpoint)
-        let sft_path = dir.join("sft.parquet");
-        let sft = match sft_path.is_file() {
-            true => StepTable::reopen(sft_path, u64::MAX)?.named_rows(),
-            false => Vec::new(),
-        };
         let tables = [
-            ("sft", sft),
+            (
+                "sft",
+                StepTable::read(dir.join("sft.parquet"))?.named_rows(),
+            ),
             ("train", metrics.named_rows()),
             ("eval", eval_table.named_rows()),
         ];

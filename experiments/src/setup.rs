@@ -165,7 +165,7 @@ pub fn load_teacher(
     }
     tracing::info!(
         teacher = %path.display(),
-        parameters = weights.named().values().map(|t| t.elem_count()).sum::<usize>(),
+        parameters = weights.config.num_parameters(),
         hidden = weights.config.hidden_size,
         layers = weights.config.num_hidden_layers,
         "on-policy distillation's teacher"
