@@ -132,14 +132,6 @@ pub struct AdvantageStats {
     pub reverse_kl: Option<f64>,
 }
 
-/// On-policy distillation's frozen teacher (`[distill]`).
-pub struct Teacher {
-    pub weights: Weights,
-    pub kl_coef: f64,
-    /// The teacher's term alone, the estimator's advantages left out.
-    pub pure: bool,
-}
-
 /// A separate critic's step: (loss, value clip fraction, grad norm).
 pub type CriticMetrics = (f64, f64, f64);
 
@@ -150,7 +142,8 @@ pub struct Algorithm {
     pub critic: Critic,
     pub kl: KlController,
     pub value_clip: Option<f64>,
-    pub teacher: Option<Teacher>,
+    /// On-policy distillation's frozen teacher (`[distill]`).
+    pub teacher: Option<Weights>,
 }
 
 impl Algorithm {
@@ -380,19 +373,20 @@ impl Algorithm {
         // on-policy distillation: the teacher's term joins the estimator's advantages (slime
         // adds it after the estimator, before any whitening of its own; AR reweights the sum)
         if let Some(t) = &self.teacher {
+            let d = &c.distill;
             let teacher = token_logprobs(
-                &t.weights,
+                t,
                 &seqs,
                 c.optimizer.micro_batch_tokens,
                 self.step.temperature,
             )?;
             let (mut sum, mut tokens) = (0.0, 0usize);
             for (s, lp) in seqs.iter_mut().zip(teacher) {
-                if t.pure {
+                if d.pure {
                     s.advantages.fill(0.0);
                 }
                 let kl =
-                    advantages::distill(&mut s.advantages, &s.behavior_logprobs, &lp, t.kl_coef);
+                    advantages::distill(&mut s.advantages, &s.behavior_logprobs, &lp, d.kl_coef);
                 sum += kl.iter().map(|&x| f64::from(x)).sum::<f64>();
                 tokens += kl.len();
             }

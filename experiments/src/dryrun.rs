@@ -144,13 +144,13 @@ fn reference_rewards(
             Some(true) => correct += 1,
             Some(false) => {
                 wrong += 1;
-                first_wrong.get_or_insert((rec.id, completion.clone()));
+                first_wrong.get_or_insert_with(|| (rec.id, completion.clone()));
             }
             None => {}
         }
         if let Some((part, why)) = s.failures.first() {
             failed += 1;
-            first_failure.get_or_insert(format!("{part}: {why}"));
+            first_failure.get_or_insert_with(|| format!("{part}: {why}"));
         }
     }
     let n = records.len();

@@ -445,11 +445,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     };
     let (critic, head_vars) = Critic::new(c, &start_weights, ckpt_dir, critic_adamw)?;
     let mut algorithm = Algorithm::new(c, critic, state.kl_coef);
-    algorithm.teacher = teacher.map(|weights| crate::algo::Teacher {
-        weights,
-        kl_coef: c.distill.kl_coef,
-        pure: c.distill.pure,
-    });
+    algorithm.teacher = teacher;
     let reference = Algorithm::needs_reference(c).then(|| start_weights.clone());
     let (mut vars, policy) = match &lora {
         Some(_) => policy_init.lora_to_vars()?,
