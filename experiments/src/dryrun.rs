@@ -49,7 +49,7 @@ pub fn dry_run(c: &Config) -> anyhow::Result<Vec<String>> {
             "none (the prompt as it is)"
         }
     );
-    if let Some(t) = setup::load_teacher(c, &tokenizer, m.vocab_size)? {
+    if let Some(t) = setup::load_teacher(c, &tokenizer, m.vocab_size, None)? {
         let t = &t.config;
         println!(
             "teacher    {}: {} layers, hidden {}, {} parameters, the student's tokenizer",

@@ -400,7 +400,8 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     let (base, tokenizer) = setup::load_model(c)?;
     let task = setup::task(c, tokenizer);
     // before the warm start, so that a teacher that cannot serve ends the run at once
-    let teacher = setup::load_teacher(c, &task.tokenizer, base.config.vocab_size)?;
+    let run = Some((dir.as_path(), opts.resume));
+    let teacher = setup::load_teacher(c, &task.tokenizer, base.config.vocab_size, run)?;
     let eval_records = setup::eval_records(c)?;
     let mut summary = Summary::default();
     let ckpt_root = dir.join("checkpoints");

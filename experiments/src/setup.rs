@@ -124,13 +124,88 @@ pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Where a run's teacher is pinned: `teacher.json` in the run directory.
+const TEACHER_PIN: &str = "teacher.json";
+
+/// The checkpoint a run's teacher resolved to when the run started, and the size and
+/// modification time of each of its weight files: a resumed run distills from that one even
+/// when `distill.teacher` (a run directory) now resolves to a newer checkpoint, and refuses it
+/// when its files changed.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct TeacherPin {
+    path: PathBuf,
+    /// (file name, bytes, modified: nanoseconds since the epoch)
+    files: Vec<(String, u64, u128)>,
+}
+
+impl TeacherPin {
+    fn of(path: &Path) -> anyhow::Result<TeacherPin> {
+        let weight_files: Vec<PathBuf> = if path.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<_, _>>()?;
+            v.retain(|p| p.extension().is_some_and(|e| e == "safetensors"));
+            v.sort();
+            v
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let files = weight_files
+            .iter()
+            .map(|f| -> anyhow::Result<(String, u64, u128)> {
+                let m = std::fs::metadata(f).with_context(|| f.display().to_string())?;
+                let modified = m.modified()?.duration_since(std::time::UNIX_EPOCH)?;
+                let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+                Ok((name.unwrap_or_default(), m.len(), modified.as_nanos()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(TeacherPin {
+            path: path.to_path_buf(),
+            files,
+        })
+    }
+}
+
+/// The teacher's checkpoint for a run in `run`: on a resume the one pinned when the run started
+/// (checked unchanged), otherwise `resolved`, pinned there now.
+fn pinned_teacher(resolved: PathBuf, run: &Path, resume: bool) -> anyhow::Result<PathBuf> {
+    let file = run.join(TEACHER_PIN);
+    if resume && file.is_file() {
+        let pin: TeacherPin = serde_json::from_str(&std::fs::read_to_string(&file)?)
+            .with_context(|| file.display().to_string())?;
+        if pin.path != resolved {
+            tracing::info!(
+                pinned = %pin.path.display(),
+                now = %resolved.display(),
+                "the resumed run keeps the teacher it started with"
+            );
+        }
+        let now = TeacherPin::of(&pin.path)
+            .with_context(|| format!("the run's teacher {}", pin.path.display()))?;
+        if now != pin {
+            bail!(
+                "the run's teacher {} changed since the run started (its weight files differ \
+                 from {}): resuming would distill from another model",
+                pin.path.display(),
+                file.display()
+            );
+        }
+        return Ok(pin.path);
+    }
+    let pin = TeacherPin::of(&resolved)?;
+    std::fs::write(&file, serde_json::to_string_pretty(&pin)?)?;
+    Ok(resolved)
+}
+
 /// On-policy distillation's teacher (`distill.teacher`; None when off) on the run's device, in
 /// its dtype. Its tokenizer must be the student's, token for token, and its output layer must
-/// cover every id the student can sample.
+/// cover every id the student can sample. With `run` (the run directory and whether it
+/// resumes), the checkpoint is pinned there ([`TeacherPin`]).
 pub fn load_teacher(
     c: &Config,
     student: &Tokenizer,
     student_vocab: usize,
+    run: Option<(&Path, bool)>,
 ) -> anyhow::Result<Option<Weights>> {
     let name = &c.distill.teacher;
     if name.is_empty() {
@@ -149,6 +224,10 @@ pub fn load_teacher(
         path.to_path_buf()
     } else {
         resolve_checkpoint(path).with_context(at)?
+    };
+    let path = match run {
+        Some((dir, resume)) => pinned_teacher(path, dir, resume).with_context(at)?,
+        None => path,
     };
     let (device, dtype) = placement(c)?;
     let (weights, tokenizer) = load_path(&path, dtype, &device).with_context(at)?;

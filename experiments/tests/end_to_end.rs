@@ -1073,7 +1073,8 @@ fn masked_truncated_completions_change_the_loss_not_the_samples() {
 /// sampler's, token for token, at the sampling temperature, so pure distillation leaves every
 /// advantage at 0. A random student distilled from a trained teacher of another shape (named by
 /// its run directory) closes the gap step by step. GRPO with the teacher's term resumes to the
-/// same metrics; with `kl_coef = 0` the teacher's reverse KL is logged and the update is GRPO's,
+/// same metrics, with the teacher it started with though the teacher's run has moved on (and
+/// refuses a pinned teacher whose weight file was written again); with `kl_coef = 0` the teacher's reverse KL is logged and the update is GRPO's,
 /// and without a teacher the metric is NaN. A teacher whose tokenizer numbers the
 /// tokens otherwise is refused by name, before the warm start.
 #[test]
@@ -1115,8 +1116,39 @@ fn on_policy_distillation_scores_the_students_tokens_by_the_teacher() {
     let (first, last) = ((kl[0] + kl[1]) / 2.0, (kl[4] + kl[5]) / 2.0);
     assert!(first > 1.0 && last < 0.85 * first, "{kl:?}");
 
-    let (whole, resumed) = whole_and_resumed("opd", &root, &[&from, "distill.kl_coef=0.5"], 3);
+    // GRPO with the teacher's term, whole and stopped at step 1; meanwhile the teacher's run
+    // goes on, so its directory's newest checkpoint is another model: the resumed student keeps
+    // the teacher it started with (pinned in teacher.json) and ends as the whole run does
+    let set = [from.as_str(), "distill.kl_coef=0.5"];
+    let (whole, resumed) = (root.join("opd-whole"), root.join("opd-resumed"));
+    succeed(&mut tiny("opd", &whole, &set, 3));
+    succeed(&mut tiny("opd", &resumed, &set, 1));
+    let more = ["--set", "run.steps=2"];
+    succeed(ferrite().args(["run", "--resume"]).arg(&teacher).args(more));
+    assert!(teacher.join("checkpoints/step-000002").is_dir());
+    let resume = |run: &Path| {
+        ferrite()
+            .args(["run", "--resume"])
+            .arg(run)
+            .args(["--set", "run.steps=3"])
+            .output()
+            .unwrap()
+    };
+    assert!(resume(&resumed).status.success());
     assert_same_table(&whole, &resumed, "metrics.parquet");
+    // a pinned teacher whose weight file was written again (the same bytes, a new
+    // modification time) is refused
+    let again = root.join("opd-again");
+    succeed(&mut tiny("opd", &again, &set, 1)); // pins step 2, now the newest
+    std::thread::sleep(Duration::from_millis(20));
+    let pinned = teacher.join("checkpoints/step-000002/model.safetensors");
+    std::fs::write(&pinned, std::fs::read(&pinned).unwrap()).unwrap();
+    let out = resume(&again);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("changed since the run started"),
+        "{err}"
+    );
     assert!(metric(&whole, "opd_reverse_kl")
         .iter()
         .all(|k| k.is_finite() && *k > 0.0));
