@@ -60,9 +60,9 @@ pub fn dry_run(c: &Config) -> anyhow::Result<Vec<String>> {
         );
     }
     let task = setup::task(c, tokenizer);
-    let (size, per_epoch) = source_size(c, &c.data.train, datasets::order::Split::Train)?;
-    println!("train      {}: {size}", c.data.train);
     let mut loader = setup::train_loader(c)?;
+    let (size, per_epoch) = source_size(loader.source());
+    println!("train      {}: {size}", c.data.train);
     let records = loader.take(per_epoch.map_or(CHECKED, |n| n.min(CHECKED as u64) as usize))?;
     let eval = setup::eval_records(c)?;
     println!(
@@ -182,24 +182,19 @@ fn reference_rewards(
     Ok(problems)
 }
 
-/// "N records, M malformed rows skipped of T" for a file, "generated" for a built-in source;
-/// and the records of an epoch (None: unlimited).
-fn source_size(
-    c: &Config,
-    spec: &str,
-    split: datasets::order::Split,
-) -> anyhow::Result<(String, Option<u64>)> {
-    let source = setup::open(c, spec, split)?;
+/// "N records in the train split, M of T rows malformed and skipped" for a file, "generated"
+/// for a built-in source; and the records of an epoch (None: unlimited).
+fn source_size(source: &datasets::order::Source) -> (String, Option<u64>) {
     let per_epoch = source.records_per_epoch();
     let text = match (per_epoch, source.report()) {
         (Some(n), Some(report)) => format!(
-            "{n} records in the {split:?} split; {} of {} rows malformed and skipped",
+            "{n} records in the train split; {} of {} rows malformed and skipped",
             report.bad_rows, report.total_rows
         ),
-        (Some(n), None) => format!("{n} records in the {split:?} split"),
+        (Some(n), None) => format!("{n} records in the train split"),
         (None, _) => "generated, unlimited".into(),
     };
-    Ok((text, per_epoch))
+    (text, per_epoch)
 }
 
 /// `text` cut to `max` characters, with an ellipsis when cut.

@@ -342,7 +342,7 @@ pub fn generation(c: &Config, tokenizer: &Tokenizer) -> GenerationConfig {
     }
 }
 
-pub fn open(c: &Config, spec: &str, split: Split) -> anyhow::Result<Source> {
+fn open(c: &Config, spec: &str, split: Split) -> anyhow::Result<Source> {
     open_with(c, spec, split, Fields::default())
 }
 

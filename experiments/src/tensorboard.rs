@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 
 /// The run directory's subdirectory of event files.
-pub const DIR: &str = "tensorboard";
+const DIR: &str = "tensorboard";
 
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), TFRecord's checksum.
 fn crc32c(data: &[u8]) -> u32 {
@@ -76,7 +76,7 @@ fn bytes_field(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
 }
 
 /// What an event carries beside its time and step.
-pub enum Body<'a> {
+enum Body<'a> {
     /// The first event of a file: `brain.Event:2`, written by `ferrite`.
     FileVersion,
     /// A `Summary` of scalar values (tag, value).
@@ -84,7 +84,7 @@ pub enum Body<'a> {
 }
 
 /// An `Event` message (proto3: a zero step is left out, as protobuf leaves it out).
-pub fn event(wall_time: f64, step: u64, body: Body) -> Vec<u8> {
+fn event(wall_time: f64, step: u64, body: Body) -> Vec<u8> {
     let mut out = Vec::new();
     key(&mut out, 1, 1); // wall_time: double
     out.extend_from_slice(&wall_time.to_le_bytes());
@@ -115,7 +115,7 @@ pub fn event(wall_time: f64, step: u64, body: Body) -> Vec<u8> {
 }
 
 /// The encoded record of an event.
-pub fn event_record(wall_time: f64, step: u64, body: Body) -> Vec<u8> {
+fn event_record(wall_time: f64, step: u64, body: Body) -> Vec<u8> {
     record(&event(wall_time, step, body))
 }
 
