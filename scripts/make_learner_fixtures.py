@@ -11,7 +11,9 @@ sequence, truncated or masked at a cap) and the policy losses it weights.
 Everything is computed on padded [B, T] tensors with masks (the Rust side works on ragged rows),
 from the formulas of shared/spec/algorithms.md sections 1 and 5 and verl's / TRL's definitions.
 
-Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti}.json.
+Clip-Cov and KL-Cov as verl computes them (the tokens picked and the loss with them).
+
+Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti,covariance}.json.
 Needs: pip install torch
 """
 import json
@@ -72,9 +74,10 @@ def is_weights(old, sampling, mask, mode, cap):
     return w.expand_as(mask), flat, flat_raw
 
 
-def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None, sampler=None):
+def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None, sampler=None, selected=None):
     """The spec's formulas (section 5.2-5.4), written out in PyTorch; `weights` multiply the
-    policy term before KL and entropy join it, as TRL applies its importance-sampling ratio."""
+    policy term before KL and entropy join it, as TRL applies its importance-sampling ratio;
+    `selected` marks the tokens Clip-Cov or KL-Cov picked (`cov_select`)."""
     log_ratio = (logp - old).clamp(-20, 20)
     if cfg["ratio"] == "sequence":  # GSPO
         seq = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
@@ -89,8 +92,15 @@ def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None, sampler
         # in place of the clip, tau by the advantage's sign (positive: tau_pos, else tau_neg)
         tau = torch.where(adv > 0, torch.tensor(cfg["sapo_tau_pos"]), torch.tensor(cfg["sapo_tau_neg"]))
         pg = -torch.sigmoid(tau * (r - 1)) * (4.0 / tau) * adv
+    elif cfg.get("loss") == "kl_cov":
+        # verl's compute_policy_loss_kl_cov: the unclipped surrogate, and on the picked tokens
+        # ppo_kl_coef * |log_prob - old_log_prob|
+        pg = torch.where(selected > 0, -adv * r + cfg["kl_cov_coef"] * (logp - old).abs(), -adv * r)
     else:
         pg = torch.max(-adv * r, -adv * r.clamp(1 - cfg["clip_low"], 1 + cfg["clip_high"]))
+        if cfg.get("loss") == "clip_cov":
+            # verl's compute_policy_loss_clip_cov: the picked tokens' term times corr = 0
+            pg = pg * (1 - selected)
     if cfg["dual_clip"] is not None:
         pg = torch.where(adv < 0, torch.min(pg, -adv * cfg["dual_clip"]), pg)
     if cfg.get("off_policy_mask") is not None:
@@ -234,6 +244,66 @@ def grpo():
     return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
             "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases,
             "sampling": sampling.tolist(), "correction_cap": cap, "correction": correction}
+
+
+def cov_select(old, adv, mask, cfg):
+    """The tokens verl's Clip-Cov / KL-Cov pick, with its formulas evaluated at the start of the
+    optimizer step (log_prob = old_log_prob: the covariance of the log-probs the batch was sampled
+    with, and no token clipped by origin, every ratio being 1). Clip-Cov draws clip_num of its
+    candidates at random (torch.randperm); the cases here have at most clip_num candidates, so
+    every candidate is picked whatever the draw."""
+    if cfg["loss"] == "kl_cov":
+        valid = mask > 0
+        valid_idx = torch.nonzero(valid.reshape(-1), as_tuple=True)[0]
+        a, lp = adv[valid].reshape(-1), old[valid].reshape(-1)
+        cov = (a - a.mean()) * (lp - lp.mean())
+        k = max(1, int(len(cov) * cfg["kl_cov_ratio"]))
+        picked = valid_idx[torch.topk(cov, k, largest=True).indices]
+        selected = torch.zeros(mask.numel())
+        selected[picked] = 1.0
+        return selected.reshape(mask.shape), k
+    masked_mean = lambda x: (x * mask).sum() / mask.sum()
+    cov = (adv - masked_mean(adv)) * (old - masked_mean(old))
+    cov[mask == 0] = -torch.inf
+    clip_num = max(int(cfg["clip_cov_ratio"] * mask.sum().item()), 1)
+    candidates = (cov < cfg["clip_cov_ub"]) & (cov > cfg["clip_cov_lb"]) & (mask > 0)
+    assert 0 < candidates.sum().item() <= clip_num, (candidates.sum().item(), clip_num)
+    return candidates.float(), clip_num
+
+
+def covariance():
+    """Clip-Cov and KL-Cov (verl's `policy_loss = "clip_cov"` / `"kl_cov"`, from the Entropy
+    Mechanism paper's code): the tokens each picks and the loss and gradient with them, under the
+    token-mean and sequence-mean aggregations, alone and with KL and entropy terms."""
+    torch.manual_seed(11)
+    lengths = [6, 3, 5, 1, 4]
+    b, t = len(lengths), 6
+    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths])
+    old = (-torch.rand(b, t) * 3) * mask
+    logp = old + 0.3 * torch.randn(b, t)
+    ref = logp + 0.2 * torch.randn(b, t)
+    ent = torch.rand(b, t) * 2
+    adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9])[:, None].expand(b, t).contiguous()
+    tokens = mask.sum().item()
+    totals = {"sequences": b, "tokens": tokens, "micro_batches": 1, "max_completion_length": t}
+    cases = []
+    for sel_cfg in [{"loss": "kl_cov", "kl_cov_ratio": 0.2, "kl_cov_coef": 1.0},
+                    {"loss": "kl_cov", "kl_cov_ratio": 0.5, "kl_cov_coef": 0.3},
+                    {"loss": "kl_cov", "kl_cov_ratio": 1e-4, "kl_cov_coef": 2.0},
+                    {"loss": "clip_cov", "clip_cov_ratio": 0.2, "clip_cov_lb": 0.6, "clip_cov_ub": 5.0},
+                    {"loss": "clip_cov", "clip_cov_ratio": 0.5, "clip_cov_lb": -0.1, "clip_cov_ub": 0.4}]:
+        selected, count = cov_select(old, adv, mask, sel_cfg)
+        for agg in ["dapo", "grpo"]:
+            for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01)]:
+                cfg = dict(sel_cfg, clip_low=0.2, clip_high=0.28, dual_clip=None, ratio="token", aggregation=agg,
+                           kl=kind, kl_coef=kl_coef, entropy_coef=ent_coef)
+                x = logp.clone().requires_grad_(True)
+                loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals, selected=selected)
+                loss.backward()
+                cases.append({"config": cfg, "selected": selected.tolist(), "count": count,
+                              "loss": loss.item(), "grad": x.grad.tolist()})
+    return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
+            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
 
 
 def advantages():
@@ -504,7 +574,8 @@ def lopti():
 def main():
     os.makedirs(OUT, exist_ok=True)
     for name, fn in [("adamw", adamw), ("grpo", grpo), ("advantages", advantages),
-                     ("estimators", estimators), ("value", value), ("dpo", dpo), ("lopti", lopti)]:
+                     ("estimators", estimators), ("value", value), ("dpo", dpo), ("lopti", lopti),
+                     ("covariance", covariance)]:
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(fn(), f)
     print("learner fixtures written")

@@ -168,6 +168,15 @@ impl Algorithm {
                             tau_pos: a.sapo_tau_pos,
                             tau_neg: a.sapo_tau_neg,
                         },
+                        PolicyLoss::ClipCov => Surrogate::ClipCov {
+                            ratio: a.clip_cov_ratio,
+                            low: a.clip_cov_lb,
+                            high: a.clip_cov_ub,
+                        },
+                        PolicyLoss::KlCov => Surrogate::KlCov {
+                            ratio: a.kl_cov_ratio,
+                            coef: a.kl_cov_coef,
+                        },
                     },
                 },
                 micro_batch_tokens: c.optimizer.micro_batch_tokens,
@@ -182,6 +191,7 @@ impl Algorithm {
                 epochs: a.epochs,
                 mini_batches: a.mini_batches,
                 lopti_eta: a.lopti_eta,
+                seed: c.run.seed,
             },
             critic,
             kl: KlController {

@@ -401,6 +401,16 @@ pub enum PolicyLoss {
     /// SAPO: `−σ(τ·(r − 1))·(4/τ)·A`, τ = `sapo_tau_pos` or `sapo_tau_neg` by the advantage's
     /// sign (TRL's `loss_type = "sapo"`).
     Sapo,
+    /// Clip-Cov (verl's `policy_loss = "clip_cov"`): the clipped surrogate; `clip_cov_ratio` of
+    /// each optimizer step's tokens, drawn among those whose covariance of log-prob and advantage
+    /// lies in (`clip_cov_lb`, `clip_cov_ub`), lose their gradient.
+    #[serde(rename = "clip_cov")]
+    ClipCov,
+    /// KL-Cov (verl's `policy_loss = "kl_cov"`): the unclipped surrogate, and a penalty
+    /// `kl_cov_coef·|log π − log π_old|` on the `kl_cov_ratio` of the tokens of the largest
+    /// covariance.
+    #[serde(rename = "kl_cov")]
+    KlCov,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -413,7 +423,7 @@ pub struct AlgorithmConfig {
     pub std_eps: f64,
     pub loss_aggregation: Aggregation,
     pub ratio: RatioLevel,
-    /// `clip` (PPO's clipped surrogate), `cispo` or `sapo`.
+    /// `clip` (PPO's clipped surrogate), `cispo`, `sapo`, `clip_cov` or `kl_cov`.
     pub policy_loss: PolicyLoss,
     /// CISPO's cap on the importance weight (ScaleRL's and TRL's recommended 5.0).
     pub cispo_max: f64,
@@ -421,6 +431,15 @@ pub struct AlgorithmConfig {
     /// `sapo_temperature_pos` 1.0 and `sapo_temperature_neg` 1.05).
     pub sapo_tau_pos: f64,
     pub sapo_tau_neg: f64,
+    /// Clip-Cov's share of the tokens and covariance band (verl's `clip_cov_ratio` 2e-4,
+    /// `clip_cov_lb` 1, `clip_cov_ub` 5).
+    pub clip_cov_ratio: f64,
+    pub clip_cov_lb: f64,
+    pub clip_cov_ub: f64,
+    /// KL-Cov's share of the tokens and penalty coefficient (verl's `kl_cov_ratio` 2e-4 and
+    /// `ppo_kl_coef` 1).
+    pub kl_cov_ratio: f64,
+    pub kl_cov_coef: f64,
     pub clip_low: f64,
     pub clip_high: f64,
     pub dual_clip: Option<f64>,
@@ -510,6 +529,11 @@ impl Default for AlgorithmConfig {
             cispo_max: 5.0,
             sapo_tau_pos: 1.0,
             sapo_tau_neg: 1.05,
+            clip_cov_ratio: 2e-4,
+            clip_cov_lb: 1.0,
+            clip_cov_ub: 5.0,
+            kl_cov_ratio: 2e-4,
+            kl_cov_coef: 1.0,
             clip_low: 0.2,
             clip_high: 0.28,
             dual_clip: None,
@@ -865,6 +889,37 @@ impl Config {
                 a.sapo_tau_neg
             );
         }
+        let share = |x: f64| x > 0.0 && x <= 1.0;
+        if a.policy_loss == PolicyLoss::ClipCov
+            && !(share(a.clip_cov_ratio) && a.clip_cov_lb < a.clip_cov_ub)
+        {
+            bail!(
+                "algorithm.clip_cov_ratio = {}, clip_cov_lb = {}, clip_cov_ub = {}: the ratio \
+                 must lie in (0, 1] and the band be lb < ub",
+                a.clip_cov_ratio,
+                a.clip_cov_lb,
+                a.clip_cov_ub
+            );
+        }
+        if a.policy_loss == PolicyLoss::KlCov
+            && !(share(a.kl_cov_ratio) && a.kl_cov_coef.is_finite() && a.kl_cov_coef >= 0.0)
+        {
+            bail!(
+                "algorithm.kl_cov_ratio = {}, kl_cov_coef = {}: the ratio must lie in (0, 1] \
+                 and the coefficient be ≥ 0",
+                a.kl_cov_ratio,
+                a.kl_cov_coef
+            );
+        }
+        if matches!(a.policy_loss, PolicyLoss::ClipCov | PolicyLoss::KlCov)
+            && a.ratio == RatioLevel::Sequence
+        {
+            bail!(
+                "algorithm.policy_loss = {:?} picks single tokens (verl's is token-level): not \
+                 with ratio = \"sequence\"",
+                a.policy_loss
+            );
+        }
         if a.policy_loss != PolicyLoss::Clip && (a.dual_clip.is_some() || a.name == "dpo") {
             bail!(
                 "algorithm.policy_loss = {:?} replaces the clipped surrogate: no dual_clip with \
@@ -1168,6 +1223,21 @@ mod tests {
             let e = both_err("algorithm.name=dpo", set);
             assert!(e.contains("not on groups of rollouts"), "{e}");
         }
+        let clip_cov = "algorithm.policy_loss=clip_cov";
+        assert!(both_err(clip_cov, "algorithm.clip_cov_ratio=0").contains("clip_cov_ratio"));
+        assert!(both_err(clip_cov, "algorithm.clip_cov_ub=0.5").contains("lb < ub"));
+        assert!(both_err(clip_cov, "algorithm.ratio=sequence").contains("token-level"));
+        assert!(both_err(clip_cov, "algorithm.dual_clip=3.0").contains("dual_clip"));
+        let kl_cov = "algorithm.policy_loss=kl_cov";
+        assert!(both_err(kl_cov, "algorithm.kl_cov_ratio=1.5").contains("kl_cov_ratio"));
+        assert!(both_err(kl_cov, "algorithm.kl_cov_coef=-1").contains("kl_cov_coef"));
+        let c = both(kl_cov, "algorithm.kl_cov_ratio=0.002")
+            .unwrap()
+            .algorithm;
+        assert_eq!(
+            (c.policy_loss, c.kl_cov_ratio, c.kl_cov_coef),
+            (PolicyLoss::KlCov, 0.002, 1.0)
+        );
         let cispo = "algorithm.policy_loss=cispo";
         assert!(both_err(cispo, "algorithm.dual_clip=3.0").contains("dual_clip"));
         assert!(both_err(cispo, "algorithm.cispo_max=0").contains("cispo_max"));

@@ -837,6 +837,10 @@ fn rl_stage(
                     "off_policy_masked_frac".into(),
                     m.policy.off_policy_masked_frac,
                 ),
+                (
+                    "covariance_selected_frac".into(),
+                    m.policy.covariance_selected_frac,
+                ),
                 ("kl".into(), m.policy.kl_mean),
                 ("entropy".into(), m.policy.entropy_mean),
                 ("grad_norm".into(), m.grad_norm),

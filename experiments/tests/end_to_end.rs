@@ -961,6 +961,33 @@ fn cispo_changes_the_loss_not_the_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.policy_loss = "clip_cov"` and `"kl_cov"` reach the learner, each optimizer step
+/// picking its share of the tokens (⌊ratio·N⌋ of N: at most the ratio, within a token of it).
+/// Clip-Cov changes the loss at the step's first optimizer step already; KL-Cov's penalty is 0
+/// there (every ratio is 1) and counts at the second mini-batch.
+#[test]
+fn clip_cov_and_kl_cov_change_the_loss_not_the_samples() {
+    let root = scratch("covariance");
+    let base = [
+        "algorithm.mini_batches=2",
+        "algorithm.clip_cov_lb=-100",
+        "algorithm.clip_cov_ub=100",
+        "algorithm.clip_cov_ratio=0.1",
+        "algorithm.kl_cov_ratio=0.1",
+    ];
+    for (name, option) in [
+        ("clip", "algorithm.policy_loss=clip_cov"),
+        ("kl", "algorithm.policy_loss=kl_cov"),
+    ] {
+        let (picked, plain) = one_step_either_way(&root.join(name), &base, option);
+        let share = metric(&picked, "covariance_selected_frac")[0];
+        assert!(share > 0.08 && share <= 0.1, "{option}: {share}");
+        assert_eq!(metric(&plain, "covariance_selected_frac"), vec![0.0]);
+        assert_eq!(metric(&picked, "optimizer_steps"), vec![2.0]);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// The behaviour correction (`algorithm.behaviour_correction`) with one version of asynchrony:
 /// the learner recomputes the old log-probs at the start of each step, so the ratio at its one
 /// optimizer step is 1 on every token (`logprob_diff_max` at float rounding) where the

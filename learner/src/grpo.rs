@@ -118,6 +118,14 @@ pub enum Surrogate {
     /// elsewhere. At `r = 1` its gradient is the unclipped surrogate's; away from 1 it fades
     /// smoothly instead of stopping.
     Sapo { tau_pos: f64, tau_neg: f64 },
+    /// Clip-Cov ([`crate::covariance`]; verl's `policy_loss = "clip_cov"`): the clipped
+    /// surrogate, less the tokens the step's covariance selection picked (`ratio` of the tokens,
+    /// drawn among those whose covariance lies in `(low, high)`), whose term is 0.
+    ClipCov { ratio: f64, low: f64, high: f64 },
+    /// KL-Cov ([`crate::covariance`]; verl's `policy_loss = "kl_cov"`): the unclipped surrogate
+    /// `−A·r`, plus `coef·|log π_θ − log π_old|` on the `ratio` of the tokens of the largest
+    /// covariance.
+    KlCov { ratio: f64, coef: f64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -134,7 +142,8 @@ pub struct PolicyLossConfig {
     pub kl_coef: f64,
     pub entropy_coef: f64,
     /// The per-token term; `clip_low`, `clip_high` and `dual_clip` shape the clipped one only
-    /// (SAPO's statistics still count the tokens outside the clip range, as TRL's do).
+    /// (`clip_low` and `clip_high` Clip-Cov's too; the statistics of SAPO and KL-Cov still count
+    /// the tokens outside the clip range, as TRL's do SAPO's).
     pub surrogate: Surrogate,
     /// Off-policy sequence masking δ (DeepSeek-V3.2; TRL's `off_policy_mask_threshold`): a
     /// token with a negative advantage in a sequence whose mean `log π_sampler − log π_θ`
@@ -188,6 +197,9 @@ pub struct PolicyInputs<'a> {
     /// `[B, T]` the sampler's log-probs where they are not `old_logprobs` (a behaviour
     /// correction replaced those): what off-policy sequence masking compares with.
     pub sampler_logprobs: Option<&'a Tensor>,
+    /// `[B, T]` 1 on the tokens Clip-Cov or KL-Cov picked ([`crate::covariance::select`]);
+    /// needed by those surrogates, ignored by the others.
+    pub covariance_selected: Option<&'a Tensor>,
     /// `[B, T]` where KL and entropy count (Lopti restricts them to a token group); the
     /// denominators still use `mask`.
     pub kl_entropy_mask: Option<&'a Tensor>,
@@ -214,6 +226,8 @@ pub struct PolicyStats {
     pub entropy_mean: f64,
     /// The share of valid tokens off-policy sequence masking took out (0 when off).
     pub off_policy_masked_frac: f64,
+    /// The share of valid tokens Clip-Cov or KL-Cov picked (0 for the other surrogates).
+    pub covariance_selected_frac: f64,
     /// The valid tokens the statistics cover.
     pub tokens: f64,
 }
@@ -234,6 +248,10 @@ impl PolicyStats {
             kl_mean: mean(self.kl_mean, other.kl_mean),
             entropy_mean: mean(self.entropy_mean, other.entropy_mean),
             off_policy_masked_frac: mean(self.off_policy_masked_frac, other.off_policy_masked_frac),
+            covariance_selected_frac: mean(
+                self.covariance_selected_frac,
+                other.covariance_selected_frac,
+            ),
             tokens,
         }
     }
@@ -244,7 +262,7 @@ impl PolicyStats {
 pub struct PendingStats {
     /// valid tokens, tokens clipped low, tokens clipped high, Σ ratio, max ratio, Σ KL,
     /// Σ entropy, Σ (behaviour − policy log-prob), max |policy − behaviour log-prob|, tokens
-    /// off-policy masked (all over valid tokens).
+    /// off-policy masked, tokens Clip-Cov or KL-Cov picked (all over valid tokens).
     sums: DeviceSums,
 }
 
@@ -263,6 +281,7 @@ impl PendingStats {
             behaviour_kl: mean(s[7]),
             logprob_diff_max: s[8],
             off_policy_masked_frac: mean(s[9]),
+            covariance_selected_frac: mean(s[10]),
             tokens: n,
         })
     }
@@ -292,6 +311,18 @@ pub fn policy_loss(
     };
     let ratio = log_ratio.exp()?; // [B, T]
     let a = x.advantages;
+    let selected = || {
+        x.covariance_selected.ok_or_else(|| {
+            crate::error::LearnerError::Invalid(
+                "Clip-Cov and KL-Cov need the step's covariance selection".into(),
+            )
+        })
+    };
+    let clipped_surrogate = || -> Result<Tensor> {
+        let clipped = ratio.clamp((1.0 - c.clip_low) as f32, (1.0 + c.clip_high) as f32)?;
+        // max(−A·r, −A·clip(r))
+        Ok((ratio.broadcast_mul(a)?.neg()?).maximum(&clipped.broadcast_mul(a)?.neg()?)?)
+    };
     let pg = match c.surrogate {
         // pg = −sg(min(r, ε_max))·A·log π
         Surrogate::Cispo { max } => {
@@ -309,11 +340,18 @@ pub fn policy_loss(
             let gate = ((((&ratio - 1.0)? * &tau)?.neg()?.exp()? + 1.0)?).recip()?;
             ((gate * 4.0)?.div(&tau)? * a)?.neg()?
         }
-        Surrogate::Clip => {
-            let clipped = ratio.clamp((1.0 - c.clip_low) as f32, (1.0 + c.clip_high) as f32)?;
-            // pg = max(−A·r, −A·clip(r))
-            (ratio.broadcast_mul(a)?.neg()?).maximum(&clipped.broadcast_mul(a)?.neg()?)?
+        Surrogate::Clip => clipped_surrogate()?,
+        // pg = max(−A·r, −A·clip(r))·(1 − selected)
+        Surrogate::ClipCov { .. } => (clipped_surrogate()? * (1.0 - selected()?)?)?,
+        // pg = −A·r + coef·selected·|log π_θ − log π_old|
+        Surrogate::KlCov { coef, .. } => {
+            let penalty = ((log_diff.abs()? * selected()?)? * coef)?;
+            (ratio.broadcast_mul(a)?.neg()? + penalty)?
         }
+    };
+    let covariance_selected = match c.surrogate {
+        Surrogate::ClipCov { .. } | Surrogate::KlCov { .. } => sum(selected()?)?,
+        _ => zero()?,
     };
     let pg = match c.dual_clip {
         Some(cap) if c.surrogate == Surrogate::Clip => {
@@ -391,7 +429,10 @@ pub fn policy_loss(
             ratio.zeros_like()?,
             ratio.gt(max as f32)?.to_dtype(DType::F32)?,
         ),
-        Surrogate::Clip | Surrogate::Sapo { .. } => (
+        Surrogate::Clip
+        | Surrogate::Sapo { .. }
+        | Surrogate::ClipCov { .. }
+        | Surrogate::KlCov { .. } => (
             ratio
                 .lt((1.0 - c.clip_low) as f32)?
                 .to_dtype(DType::F32)?
@@ -416,6 +457,7 @@ pub fn policy_loss(
         sum(&log_diff.neg()?)?,
         diff_max,
         off_policy_masked,
+        covariance_selected,
     ])?;
     Ok((loss, PendingStats { sums }))
 }

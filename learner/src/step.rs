@@ -14,6 +14,7 @@ use model::logprobs::{
 };
 use model::Weights;
 
+use crate::covariance;
 use crate::error::{LearnerError, Result};
 use crate::fit::{fitted, padded_tokens};
 use crate::grpo::{policy_loss, PolicyInputs, PolicyLossConfig, PolicyStats, StepTotals};
@@ -47,6 +48,9 @@ pub struct Sequence {
     /// the learner's (off-policy sequence masking compares with them); None: those are the
     /// sampler's.
     pub sampler_logprobs: Option<Vec<f32>>,
+    /// The completion tokens Clip-Cov or KL-Cov picked in this optimizer step
+    /// ([`crate::covariance::select`], which [`update`] runs); None: none.
+    pub covariance_selected: Option<Vec<bool>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +78,7 @@ impl Sequence {
             masked: false,
             importance_weights: None,
             sampler_logprobs: None,
+            covariance_selected: None,
         }
     }
 }
@@ -311,6 +316,8 @@ pub(crate) struct Packed {
     /// The sampler's log-probs ([`Sequence::sampler_logprobs`]; `old`'s where a sequence has
     /// none); None: no sequence has any.
     sampler: Option<Tensor>,
+    /// 1 on the tokens of [`Sequence::covariance_selected`]; None: no sequence has any.
+    selected: Option<Tensor>,
     returns: Tensor,
     old_values: Tensor,
 }
@@ -544,6 +551,8 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
     let mut weights = vec![1f32; if weighted { cells } else { 0 }];
     let resampled = seqs.iter().any(|s| s.sampler_logprobs.is_some());
     let mut sampler = vec![0f32; if resampled { cells } else { 0 }];
+    let picked = seqs.iter().any(|s| s.covariance_selected.is_some());
+    let mut selected = vec![0f32; if picked { cells } else { 0 }];
     for (r, s) in seqs.iter().enumerate() {
         let n = s.completion.len();
         let lengths_ok = s.behavior_logprobs.len() == n
@@ -551,12 +560,13 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
             && s.active.as_ref().is_none_or(|a| a.len() == n)
             && s.importance_weights.as_ref().is_none_or(|w| w.len() == n)
             && s.sampler_logprobs.as_ref().is_none_or(|l| l.len() == n)
+            && s.covariance_selected.as_ref().is_none_or(|c| c.len() == n)
             && s.values
                 .as_ref()
                 .is_none_or(|v| v.returns.len() == n && v.old_values.len() == n);
         if !lengths_ok || s.prompt.is_empty() {
             return Err(LearnerError::Invalid(
-                "a sequence needs a prompt and one behaviour log-prob, advantage (and active flag, return, value, importance weight, sampler log-prob) per completion token".into(),
+                "a sequence needs a prompt and one behaviour log-prob, advantage (and active flag, return, value, importance weight, sampler log-prob, covariance flag) per completion token".into(),
             ));
         }
         let prompt = row_prompt(s, shares[r]);
@@ -582,6 +592,9 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
             }
             if resampled {
                 sampler[at] = s.sampler_logprobs.as_ref().map_or(lp, |l| l[j]);
+            }
+            if let Some(c) = &s.covariance_selected {
+                selected[at] = f32::from(u8::from(c[j]));
             }
         }
     }
@@ -617,6 +630,7 @@ pub(crate) fn pack(seqs: &[Sequence], device: &Device) -> Result<Packed> {
         kept,
         importance_weights: weighted.then(|| tensor(weights)).transpose()?,
         sampler: resampled.then(|| tensor(sampler)).transpose()?,
+        selected: picked.then(|| tensor(selected)).transpose()?,
         returns: tensor(returns)?,
         old_values: tensor(old_values)?,
     })
@@ -801,6 +815,7 @@ fn policy_piece(
         entropy: Some(&lp.entropy),
         importance_weights: p.importance_weights.as_ref(),
         sampler_logprobs: p.sampler.as_ref(),
+        covariance_selected: p.selected.as_ref(),
         kl_entropy_mask: Some(&(&p.active * &policy_mask)?),
         micro_batch_valid,
     };
@@ -856,6 +871,9 @@ pub struct UpdateConfig {
     pub mini_batches: usize,
     /// Lopti's threshold η (None: one pass over every token).
     pub lopti_eta: Option<f64>,
+    /// Seeds Clip-Cov's draws: each optimizer step draws from the stream of this seed and the
+    /// optimizer's step count, so a resumed run draws the same tokens.
+    pub seed: u64,
 }
 
 impl Default for UpdateConfig {
@@ -864,6 +882,7 @@ impl Default for UpdateConfig {
             epochs: 1,
             mini_batches: 1,
             lopti_eta: None,
+            seed: 0,
         }
     }
 }
@@ -898,7 +917,8 @@ pub fn lopti_passes(seqs: &[Sequence], eta: f64) -> [Vec<Sequence>; 2] {
 }
 
 /// The whole update of one RL step: for each Lopti pass (one without Lopti), `epochs` passes
-/// over `mini_batches` contiguous mini-batches, each one optimizer step. The metrics are means
+/// over `mini_batches` contiguous mini-batches, each one optimizer step (Clip-Cov and KL-Cov
+/// pick their tokens in each, [`covariance::select`]). The metrics are means
 /// over the optimizer steps, except the loss, which sums the Lopti passes (their losses add up to
 /// the one-pass loss).
 #[allow(clippy::too_many_arguments)]
@@ -933,6 +953,22 @@ pub fn update(
     for pass in &passes {
         for _ in 0..up.epochs.max(1) {
             for chunk in pass.chunks(per) {
+                let mut rng = model::rng::Rng::stream(up.seed, opt.steps());
+                let marked: Vec<Sequence>;
+                let chunk = match covariance::select(chunk, step.loss.surrogate, &mut rng) {
+                    Some(flags) => {
+                        marked = chunk
+                            .iter()
+                            .zip(flags)
+                            .map(|(s, f)| Sequence {
+                                covariance_selected: Some(f),
+                                ..s.clone()
+                            })
+                            .collect();
+                        &marked[..]
+                    }
+                    None => chunk,
+                };
                 all.push(policy_step(policy, reference, head, opt, chunk, step, lr)?);
             }
         }

@@ -8,10 +8,13 @@ use common::max_diff;
 
 use candle_core::{Device, Tensor, Var};
 use learner::correction::{importance_weights, BehaviourCorrection};
+use learner::covariance::select;
 use learner::grpo::{
     group_advantages, policy_loss, Aggregation, KlEstimator, PolicyInputs, PolicyLossConfig,
     RatioLevel, ScaleRewards, StepTotals, Surrogate,
 };
+use learner::step::Sequence;
+use model::rng::Rng;
 use serde_json::Value;
 
 fn fixture(name: &str) -> Value {
@@ -96,6 +99,7 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
             entropy: Some(&entropy),
             importance_weights: weights.as_ref(),
             sampler_logprobs: Some(&sampling),
+            covariance_selected: None,
             kl_entropy_mask: None,
             micro_batch_valid: None,
         };
@@ -107,6 +111,102 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
         let g = grads.get(logp.as_tensor()).unwrap();
         let d = max_diff(g, &t2(&case["grad"]));
         assert!(d < 1e-5, "{c}: gradient off by {d}");
+    }
+}
+
+/// Clip-Cov and KL-Cov against verl's formulas: the tokens [`select`] picks from the ragged rows
+/// (the behaviour log-probs `old` and the advantages) are verl's, and the loss and its gradient
+/// with them match.
+#[test]
+fn clip_cov_and_kl_cov_pick_verls_tokens_and_match_its_loss() {
+    let f = fixture("covariance");
+    let (old, reference, entropy, adv, mask) = (
+        t2(&f["old"]),
+        t2(&f["ref"]),
+        t2(&f["entropy"]),
+        t2(&f["advantages"]),
+        t2(&f["mask"]),
+    );
+    let tot = &f["totals"];
+    let totals = StepTotals {
+        sequences: parse(&tot["sequences"]),
+        tokens: parse(&tot["tokens"]),
+        micro_batches: parse(&tot["micro_batches"]),
+        max_completion_length: parse(&tot["max_completion_length"]),
+    };
+    let seqs: Vec<Sequence> = ragged(&f, "old")
+        .into_iter()
+        .zip(ragged(&f, "advantages"))
+        .map(|(o, a)| Sequence::new(vec![1], vec![2; o.len()], o, a[0]))
+        .collect();
+    let cases = f["cases"].as_array().unwrap();
+    assert_eq!(
+        cases.len(),
+        20,
+        "3 KL-Cov and 2 Clip-Cov selections × 4 losses"
+    );
+    for case in cases {
+        let c = &case["config"];
+        let surrogate = match c["loss"].as_str() {
+            Some("kl_cov") => Surrogate::KlCov {
+                ratio: parse(&c["kl_cov_ratio"]),
+                coef: parse(&c["kl_cov_coef"]),
+            },
+            _ => Surrogate::ClipCov {
+                ratio: parse(&c["clip_cov_ratio"]),
+                low: parse(&c["clip_cov_lb"]),
+                high: parse(&c["clip_cov_ub"]),
+            },
+        };
+        let picked = select(&seqs, surrogate, &mut Rng::new(0)).unwrap();
+        let t = mask.dim(1).unwrap();
+        let picked: Vec<Vec<f32>> = picked
+            .iter()
+            .map(|row| {
+                (0..t)
+                    .map(|j| f32::from(u8::from(row.get(j) == Some(&true))))
+                    .collect()
+            })
+            .collect();
+        let want: Vec<Vec<f32>> = parse(&case["selected"]);
+        assert_eq!(picked, want, "{c}: the tokens picked");
+        let count: f32 = parse(&case["count"]);
+        assert_eq!(picked.iter().flatten().sum::<f32>(), count, "{c}");
+        let selected = Tensor::new(picked, &Device::Cpu).unwrap();
+        let config = PolicyLossConfig {
+            aggregation: parse::<Aggregation>(&c["aggregation"]),
+            kl: parse::<KlEstimator>(&c["kl"]),
+            kl_coef: parse(&c["kl_coef"]),
+            entropy_coef: parse(&c["entropy_coef"]),
+            surrogate,
+            ..PolicyLossConfig::default()
+        };
+        let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
+        let inputs = PolicyInputs {
+            covariance_selected: Some(&selected),
+            ref_logprobs: Some(&reference),
+            entropy: Some(&entropy),
+            ..row_inputs(logp.as_tensor(), &old, &adv, &mask)
+        };
+        let (loss, stats) = policy_loss(&inputs, &config, &totals).unwrap();
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        let want: f64 = parse(&case["loss"]);
+        assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
+        let share = stats.read().unwrap().covariance_selected_frac;
+        assert!(
+            (share - f64::from(count) / totals.tokens).abs() < 1e-9,
+            "{c}: {share}"
+        );
+        let grads = loss.backward().unwrap();
+        let g = grads.get(logp.as_tensor()).unwrap();
+        let d = max_diff(g, &t2(&case["grad"]));
+        assert!(d < 1e-5, "{c}: gradient off by {d}");
+        // without the selection the loss refuses to run
+        let none = PolicyInputs {
+            covariance_selected: None,
+            ..row_inputs(logp.as_tensor(), &old, &adv, &mask)
+        };
+        assert!(policy_loss(&none, &config, &totals).is_err());
     }
 }
 
@@ -180,6 +280,7 @@ fn row_inputs<'a>(
         entropy: None,
         importance_weights: None,
         sampler_logprobs: None,
+        covariance_selected: None,
         kl_entropy_mask: None,
         micro_batch_valid: None,
     }

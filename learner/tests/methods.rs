@@ -375,6 +375,7 @@ fn lopti_passes_split_the_single_pass_loss_and_match_the_reference() {
                 masked: false,
                 importance_weights: None,
                 sampler_logprobs: None,
+                covariance_selected: None,
             })
             .collect();
         let [first, second] = lopti_passes(&seqs, eta);
@@ -418,6 +419,7 @@ fn lopti_passes_split_the_single_pass_loss_and_match_the_reference() {
                 entropy: Some(&ent_t),
                 importance_weights: None,
                 sampler_logprobs: None,
+                covariance_selected: None,
                 kl_entropy_mask: Some(&active),
                 micro_batch_valid: None,
             };

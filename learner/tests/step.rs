@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::group;
-use learner::grpo::{Aggregation, PolicyLossConfig};
+use learner::grpo::{Aggregation, PolicyLossConfig, Surrogate};
 use learner::optim::{AdamW, AdamWConfig};
 use learner::ppo::ValueHead;
 use learner::step::{
@@ -392,8 +392,39 @@ fn lopti_takes_two_optimizer_steps_whose_first_losses_sum_to_the_plain_loss() {
         epochs: 2,
         mini_batches: 2,
         lopti_eta: Some(eta),
+        ..Default::default()
     };
     assert_eq!(run_update(&base, &seqs, &many, 1e-3).0.optimizer_steps, 8);
+}
+
+/// [`update`] picks Clip-Cov's tokens in each optimizer step: with the whole band and a ratio of
+/// 1 every token is picked and no gradient is left; half of them leave a gradient.
+#[test]
+fn clip_cov_picks_its_tokens_in_each_optimizer_step() {
+    let base = model();
+    let seqs = sequences(&base);
+    let run = |ratio: f64| {
+        let (vars, w) = base.to_vars().unwrap();
+        let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+        let mut step = config(1 << 12);
+        step.loss.surrogate = Surrogate::ClipCov {
+            ratio,
+            low: f64::NEG_INFINITY,
+            high: f64::INFINITY,
+        };
+        let up = UpdateConfig {
+            mini_batches: 2,
+            ..Default::default()
+        };
+        update(&w, None, None, &mut opt, &seqs, &step, &up, 1e-3).unwrap()
+    };
+    let all = run(1.0);
+    assert_eq!((all.loss, all.grad_norm), (0.0, 0.0));
+    assert_eq!(all.policy.covariance_selected_frac, 1.0);
+    let half = run(0.5);
+    assert!(half.grad_norm > 0.0);
+    let share = half.policy.covariance_selected_frac;
+    assert!(share > 0.4 && share <= 0.5, "{share}");
 }
 
 #[test]
