@@ -284,7 +284,8 @@ impl Default for DataConfig {
 #[serde(deny_unknown_fields)]
 pub struct RewardPart {
     pub name: String,
-    /// `math`, `countdown`, `knights_knaves`, `format`, `overlong`.
+    /// `math`, `digits`, `countdown`, `knights_knaves`, `format`, `overlong`, `cosine`,
+    /// `repetition`.
     pub kind: String,
     #[serde(default = "one")]
     pub weight: f32,
@@ -294,10 +295,73 @@ pub struct RewardPart {
     pub max_tokens: usize,
     #[serde(default)]
     pub cache_tokens: usize,
+    /// `cosine` (Open-R1's `get_cosine_scaled_reward`): the length scale in characters and the
+    /// ends of the scale for wrong and right answers (its defaults 1000, −1, −0.5, 0.5, 1).
+    #[serde(default = "thousand")]
+    pub max_chars: usize,
+    #[serde(default = "minus_one")]
+    pub min_value_wrong: f64,
+    #[serde(default = "minus_half")]
+    pub max_value_wrong: f64,
+    #[serde(default = "half")]
+    pub min_value_correct: f64,
+    #[serde(default = "one_f64")]
+    pub max_value_correct: f64,
+    /// `repetition` (Open-R1's `get_repetition_penalty_reward`): the n-gram size and the penalty
+    /// of a text made of one repeated n-gram (≤ 0; its defaults 3 and −1).
+    #[serde(default = "three")]
+    pub ngram_size: usize,
+    #[serde(default = "minus_one")]
+    pub max_penalty: f64,
 }
 
 fn one() -> f32 {
     1.0
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+fn minus_half() -> f64 {
+    -0.5
+}
+
+fn minus_one() -> f64 {
+    -1.0
+}
+
+fn three() -> usize {
+    3
+}
+
+fn thousand() -> usize {
+    1000
+}
+
+impl RewardPart {
+    /// A part of `kind` named `name`, every other key at its default.
+    pub fn new(name: &str, kind: &str) -> RewardPart {
+        RewardPart {
+            name: name.into(),
+            kind: kind.into(),
+            weight: 1.0,
+            think_in_prompt: false,
+            max_tokens: 0,
+            cache_tokens: 0,
+            max_chars: thousand(),
+            min_value_wrong: minus_one(),
+            max_value_wrong: minus_half(),
+            min_value_correct: half(),
+            max_value_correct: one_f64(),
+            ngram_size: three(),
+            max_penalty: minus_one(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -309,14 +373,7 @@ pub struct RewardConfig {
 impl Default for RewardConfig {
     fn default() -> Self {
         RewardConfig {
-            parts: vec![RewardPart {
-                name: "answer".into(),
-                kind: "math".into(),
-                weight: 1.0,
-                think_in_prompt: false,
-                max_tokens: 0,
-                cache_tokens: 0,
-            }],
+            parts: vec![RewardPart::new("answer", "math")],
         }
     }
 }
@@ -1000,13 +1057,41 @@ impl Config {
                 "knights_knaves",
                 "format",
                 "overlong",
+                "cosine",
+                "repetition",
             ]
             .contains(&p.kind.as_str())
             {
                 bail!(
-                    "reward part `{}`: kind {:?} is not one of math, digits, countdown, knights_knaves, format, overlong",
+                    "reward part `{}`: kind {:?} is not one of math, digits, countdown, \
+                     knights_knaves, format, overlong, cosine, repetition",
                     p.name,
                     p.kind
+                );
+            }
+            let ends = [
+                p.min_value_wrong,
+                p.max_value_wrong,
+                p.min_value_correct,
+                p.max_value_correct,
+            ];
+            if p.kind == "cosine" && (p.max_chars == 0 || !ends.iter().all(|x| x.is_finite())) {
+                bail!(
+                    "reward part `{}`: max_chars = {} must be positive and the four values \
+                     finite",
+                    p.name,
+                    p.max_chars
+                );
+            }
+            if p.kind == "repetition"
+                && (p.ngram_size == 0 || !(p.max_penalty.is_finite() && p.max_penalty <= 0.0))
+            {
+                bail!(
+                    "reward part `{}`: ngram_size = {}, max_penalty = {}: the size must be \
+                     positive and the penalty ≤ 0",
+                    p.name,
+                    p.ngram_size,
+                    p.max_penalty
                 );
             }
         }
@@ -1223,6 +1308,26 @@ mod tests {
             let e = both_err("algorithm.name=dpo", set);
             assert!(e.contains("not on groups of rollouts"), "{e}");
         }
+        // the shaped reward parts: parsed with Open-R1's defaults, bad values refused
+        let parts = |body: &str| {
+            Config::from_toml(&format!("[[reward.parts]]\nname = \"p\"\n{body}"), "test")
+        };
+        let c = parts("kind = \"cosine\"\nmax_chars = 64").unwrap();
+        let p = &c.reward.parts[0];
+        assert_eq!(
+            (
+                p.max_chars,
+                p.min_value_wrong,
+                p.max_value_correct,
+                p.ngram_size
+            ),
+            (64, -1.0, 1.0, 3)
+        );
+        let err = |body: &str| format!("{:#}", parts(body).unwrap_err());
+        assert!(err("kind = \"cosine\"\nmax_chars = 0").contains("max_chars"));
+        assert!(err("kind = \"repetition\"\nmax_penalty = 0.5").contains("penalty ≤ 0"));
+        assert!(err("kind = \"repetition\"\nngram_size = 0").contains("ngram_size"));
+        assert!(err("kind = \"cosines\"").contains("cosine, repetition"));
         let clip_cov = "algorithm.policy_loss=clip_cov";
         assert!(both_err(clip_cov, "algorithm.clip_cov_ratio=0").contains("clip_cov_ratio"));
         assert!(both_err(clip_cov, "algorithm.clip_cov_ub=0.5").contains("lb < ub"));

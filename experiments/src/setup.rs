@@ -14,6 +14,7 @@ use model::sampling::SamplingParams;
 use model::tokenizer::Tokenizer;
 use model::{builtin, init, Weights};
 use rewards::compose::{Part, PartKind, RewardSpec};
+use rewards::format::CosineRewards;
 use rollout::task::Task;
 
 use crate::config::{Config, DeviceSpec};
@@ -167,8 +168,13 @@ impl TeacherPin {
 }
 
 /// The teacher's checkpoint for a run in `run`: on a resume the one pinned when the run started
-/// (checked unchanged), otherwise `resolved`, pinned there now.
-fn pinned_teacher(resolved: PathBuf, run: &Path, resume: bool) -> anyhow::Result<PathBuf> {
+/// (checked unchanged), otherwise `resolved` and its pin, which [`load_teacher`] writes once the
+/// teacher has loaded and passed its checks.
+fn pinned_teacher(
+    resolved: PathBuf,
+    run: &Path,
+    resume: bool,
+) -> anyhow::Result<(PathBuf, Option<TeacherPin>)> {
     let file = run.join(TEACHER_PIN);
     if resume && file.is_file() {
         let pin: TeacherPin = serde_json::from_str(&std::fs::read_to_string(&file)?)
@@ -190,11 +196,10 @@ fn pinned_teacher(resolved: PathBuf, run: &Path, resume: bool) -> anyhow::Result
                 file.display()
             );
         }
-        return Ok(pin.path);
+        return Ok((pin.path, None));
     }
     let pin = TeacherPin::of(&resolved)?;
-    std::fs::write(&file, serde_json::to_string_pretty(&pin)?)?;
-    Ok(resolved)
+    Ok((resolved, Some(pin)))
 }
 
 /// On-policy distillation's teacher (`distill.teacher`; None when off) on the run's device, in
@@ -225,9 +230,9 @@ pub fn load_teacher(
     } else {
         resolve_checkpoint(path).with_context(at)?
     };
-    let path = match run {
+    let (path, pin) = match run {
         Some((dir, resume)) => pinned_teacher(path, dir, resume).with_context(at)?,
-        None => path,
+        None => (path, None),
     };
     let (device, dtype) = placement(c)?;
     let (weights, tokenizer) = load_path(&path, dtype, &device).with_context(at)?;
@@ -241,6 +246,10 @@ pub fn load_teacher(
             student_vocab,
             weights.config.vocab_size
         );
+    }
+    if let (Some(pin), Some((dir, _))) = (pin, run) {
+        let json = serde_json::to_string_pretty(&pin)?;
+        std::fs::write(dir.join(TEACHER_PIN), json)?;
     }
     tracing::info!(
         teacher = %path.display(),
@@ -292,6 +301,20 @@ pub fn reward_spec(c: &Config) -> RewardSpec {
                 },
                 "format" => PartKind::TagFormat {
                     think_in_prompt: p.think_in_prompt,
+                },
+                "cosine" => PartKind::Cosine {
+                    rewards: CosineRewards {
+                        min_wrong: p.min_value_wrong,
+                        max_wrong: p.max_value_wrong,
+                        min_correct: p.min_value_correct,
+                        max_correct: p.max_value_correct,
+                        max_chars: p.max_chars,
+                    },
+                    think_in_prompt: p.think_in_prompt,
+                },
+                "repetition" => PartKind::Repetition {
+                    ngram_size: p.ngram_size,
+                    max_penalty: p.max_penalty,
                 },
                 _ => PartKind::Overlong {
                     max_tokens: if p.max_tokens == 0 {
@@ -442,6 +465,42 @@ mod tests {
         .to_scalar::<f32>()
         .unwrap();
         assert_eq!(diff, 0.0);
+    }
+
+    /// The config's cosine and repetition parts become the verifier's, their keys carried over.
+    #[test]
+    fn shaped_reward_parts_reach_the_verifier() {
+        let text = "[[reward.parts]]\nname = \"len\"\nkind = \"cosine\"\nmax_chars = 8\n\
+                    min_value_correct = 0.25\n[[reward.parts]]\nname = \"rep\"\n\
+                    kind = \"repetition\"\nngram_size = 1\nmax_penalty = -0.5\nweight = 0.2";
+        let spec = reward_spec(&Config::from_toml(text, "test").unwrap());
+        let cosine = rewards::format::CosineRewards {
+            max_chars: 8,
+            min_correct: 0.25,
+            ..Default::default()
+        };
+        assert_eq!(
+            spec.parts
+                .iter()
+                .map(|p| (p.kind.clone(), p.weight))
+                .collect::<Vec<_>>(),
+            vec![
+                (
+                    PartKind::Cosine {
+                        rewards: cosine,
+                        think_in_prompt: false
+                    },
+                    1.0
+                ),
+                (
+                    PartKind::Repetition {
+                        ngram_size: 1,
+                        max_penalty: -0.5
+                    },
+                    0.2
+                ),
+            ]
+        );
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -1103,7 +1103,7 @@ fn masked_truncated_completions_change_the_loss_not_the_samples() {
 /// same metrics, with the teacher it started with though the teacher's run has moved on (and
 /// refuses a pinned teacher whose weight file was written again); with `kl_coef = 0` the teacher's reverse KL is logged and the update is GRPO's,
 /// and without a teacher the metric is NaN. A teacher whose tokenizer numbers the
-/// tokens otherwise is refused by name, before the warm start.
+/// tokens otherwise is refused by name, before the warm start, and leaves no pin.
 #[test]
 fn on_policy_distillation_scores_the_students_tokens_by_the_teacher() {
     let root = scratch("distill");
@@ -1219,6 +1219,10 @@ fn on_policy_distillation_scores_the_students_tokens_by_the_teacher() {
     assert!(
         !root.join("refused/sft.parquet").exists(),
         "refused after the warm start"
+    );
+    assert!(
+        !root.join("refused/teacher.json").exists(),
+        "a refused teacher left its pin behind"
     );
     let _ = std::fs::remove_dir_all(&root);
 }

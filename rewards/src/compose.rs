@@ -38,6 +38,15 @@ pub enum PartKind {
         max_tokens: usize,
         cache_tokens: usize,
     },
+    /// Open-R1's cosine-scaled reward ([`format::cosine_scaled`]): the task's correctness (a math,
+    /// countdown or knights-and-knaves gold answer, judged as those parts judge it) scaled by the
+    /// completion's length in characters.
+    Cosine {
+        rewards: format::CosineRewards,
+        think_in_prompt: bool,
+    },
+    /// Open-R1's n-gram repetition penalty ([`format::repetition_penalty`], 0 to `max_penalty`).
+    Repetition { ngram_size: usize, max_penalty: f64 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,11 +125,7 @@ fn score_part(kind: &PartKind, s: &Sample) -> Result<(f32, Option<bool>), String
             (r, Some(r == countdown::CORRECT))
         }
         (PartKind::KnightsKnaves { think_in_prompt }, Gold::KnightsKnaves(solution)) => {
-            let text = if *think_in_prompt {
-                format!("<think>{}", s.completion)
-            } else {
-                s.completion.to_string()
-            };
+            let text = with_think(s.completion, *think_in_prompt);
             let r = knights::score(&text, solution).reward;
             (r, Some(r == knights::CORRECT))
         }
@@ -140,8 +145,52 @@ fn score_part(kind: &PartKind, s: &Sample) -> Result<(f32, Option<bool>), String
             format::overlong_penalty(s.completion_tokens, *max_tokens, *cache_tokens),
             None,
         ),
+        (
+            PartKind::Cosine {
+                rewards,
+                think_in_prompt,
+            },
+            gold,
+        ) => {
+            let correct = match gold {
+                Gold::Math(g) => math::verify(s.completion, g).correct,
+                Gold::Countdown { target, nums } => {
+                    countdown::score(s.completion, *target, nums).reward == countdown::CORRECT
+                }
+                Gold::KnightsKnaves(solution) => {
+                    let text = with_think(s.completion, *think_in_prompt);
+                    knights::score(&text, solution).reward == knights::CORRECT
+                }
+                Gold::None => return wrong_gold(),
+            };
+            let chars = s.completion.chars().count();
+            (
+                format::cosine_scaled(chars, correct, rewards),
+                Some(correct),
+            )
+        }
+        (
+            PartKind::Repetition {
+                ngram_size,
+                max_penalty,
+            },
+            _,
+        ) => (
+            format::repetition_penalty(s.completion, *ngram_size, *max_penalty),
+            None,
+        ),
         _ => return wrong_gold(),
     })
+}
+
+/// The completion as the knights-and-knaves verifier reads it: after the `<think>` the prompt
+/// ends with, when it does.
+fn with_think(completion: &str, think_in_prompt: bool) -> String {
+    if think_in_prompt {
+        format!("<think>{completion}")
+    } else {
+        completion.to_string()
+    }
 }
 
 #[cfg(test)]

@@ -54,6 +54,60 @@ pub fn group_length_reward(lengths: &[usize], correct: &[bool]) -> Vec<f32> {
         .collect()
 }
 
+/// Open-R1's cosine-scaled reward (`get_cosine_scaled_reward`; Yeo et al. 2025, "Demystifying
+/// Long Chain-of-Thought Reasoning in LLMs"): the answer's correctness scaled by the completion's
+/// length in characters along half a cosine, `lo + ½(hi − lo)(1 + cos(π·chars / max_chars))`:
+/// a correct answer from `max_correct` (empty) down to `min_correct` (at `max_chars`), a wrong
+/// one from `max_wrong`'s opposite end: `min_wrong` when empty, rising to `max_wrong`, so a
+/// short wrong answer costs more than a long one. Past `max_chars` the cosine turns back up, as
+/// Open-R1's does.
+pub fn cosine_scaled(chars: usize, correct: bool, r: &CosineRewards) -> f32 {
+    let cosine = (chars as f64 / r.max_chars.max(1) as f64 * std::f64::consts::PI).cos();
+    // a wrong answer swaps the ends: its largest value is at max_chars
+    let (lo, hi) = match correct {
+        true => (r.min_correct, r.max_correct),
+        false => (r.max_wrong, r.min_wrong),
+    };
+    (lo + 0.5 * (hi - lo) * (1.0 + cosine)) as f32
+}
+
+/// The four ends of [`cosine_scaled`] and its length scale (Open-R1's defaults: −1, −0.5, 0.5, 1
+/// and 1000 characters).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CosineRewards {
+    pub min_wrong: f64,
+    pub max_wrong: f64,
+    pub min_correct: f64,
+    pub max_correct: f64,
+    pub max_chars: usize,
+}
+
+impl Default for CosineRewards {
+    fn default() -> Self {
+        CosineRewards {
+            min_wrong: -1.0,
+            max_wrong: -0.5,
+            min_correct: 0.5,
+            max_correct: 1.0,
+            max_chars: 1000,
+        }
+    }
+}
+
+/// Open-R1's n-gram repetition penalty (`get_repetition_penalty_reward`; Yeo et al. 2025,
+/// appendix C.2): over the lower-cased whitespace-separated words, `max_penalty · (1 − distinct
+/// n-grams / n-grams)`, 0 for a text of fewer than `ngram_size` words. `max_penalty ≤ 0`.
+pub fn repetition_penalty(text: &str, ngram_size: usize, max_penalty: f64) -> f32 {
+    let lower = text.to_lowercase();
+    let words: Vec<&str> = lower.split_whitespace().collect();
+    if ngram_size == 0 || words.len() < ngram_size {
+        return 0.0;
+    }
+    let ngrams: Vec<&[&str]> = words.windows(ngram_size).collect();
+    let distinct: std::collections::HashSet<&[&str]> = ngrams.iter().copied().collect();
+    ((1.0 - distinct.len() as f64 / ngrams.len() as f64) * max_penalty) as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
