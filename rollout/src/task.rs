@@ -62,7 +62,9 @@ impl Task {
         Ok(self.tokenizer.encode(&text, false)?)
     }
 
-    /// The gold answer in the shape the reward's first task part expects.
+    /// The gold answer in the shape the reward's first task part expects (a cosine-scaled part
+    /// judges the gold answer of the part before it, and with none, the record's answer as a
+    /// math answer, as Open-R1's does).
     pub fn gold(&self, r: &Record) -> Gold {
         let task_part = self.reward.parts.iter().find(|p| {
             matches!(
@@ -71,13 +73,14 @@ impl Task {
                     | PartKind::DigitMatch
                     | PartKind::Countdown
                     | PartKind::KnightsKnaves { .. }
+                    | PartKind::Cosine { .. }
             )
         });
         let Some(part) = task_part else {
             return Gold::None;
         };
         match part.kind {
-            PartKind::MathAnswer | PartKind::DigitMatch => {
+            PartKind::MathAnswer | PartKind::DigitMatch | PartKind::Cosine { .. } => {
                 r.answer.clone().map_or(Gold::None, Gold::Math)
             }
             PartKind::Countdown => {
@@ -190,6 +193,28 @@ mod tests {
         let bad = task(PartKind::MathAnswer, Some("{nope}"));
         let e = bad.prompt_ids(&r).unwrap_err().to_string();
         assert!(e.contains("`nope`"), "{e}");
+    }
+
+    /// A cosine-scaled part alone judges the record's answer as a math answer.
+    #[test]
+    fn a_cosine_part_alone_takes_the_math_answer() {
+        let r = Arithmetic {
+            max_digits: 2,
+            max_operands: 2,
+            operators: vec!['+'],
+        }
+        .generate(0, 0, 3);
+        let cosine = PartKind::Cosine {
+            rewards: rewards::format::CosineRewards::default(),
+            think_in_prompt: false,
+        };
+        let t = task(cosine, None);
+        let gold = t.gold(&r);
+        assert!(matches!(gold, Gold::Math(_)), "{gold:?}");
+        let answer = r.answer.clone().unwrap();
+        let s = t.score(&answer, 3, &gold);
+        assert_eq!(s.correct, Some(true));
+        assert!(s.total > 0.99, "{}", s.total);
     }
 
     #[test]
