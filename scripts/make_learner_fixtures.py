@@ -11,9 +11,10 @@ sequence, truncated or masked at a cap) and the policy losses it weights.
 Everything is computed on padded [B, T] tensors with masks (the Rust side works on ragged rows),
 from the formulas of shared/spec/algorithms.md sections 1 and 5 and verl's / TRL's definitions.
 
-Clip-Cov and KL-Cov as verl computes them (the tokens picked and the loss with them).
+Clip-Cov and KL-Cov as verl computes them (the tokens picked and the loss with them); DPPO-Binary-TV
+and -KL as verl computes them.
 
-Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti,covariance}.json.
+Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti,covariance,dppo}.json.
 Needs: pip install torch
 """
 import json
@@ -92,6 +93,20 @@ def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None, sampler
         # in place of the clip, tau by the advantage's sign (positive: tau_pos, else tau_neg)
         tau = torch.where(adv > 0, torch.tensor(cfg["sapo_tau_pos"]), torch.tensor(cfg["sapo_tau_neg"]))
         pg = -torch.sigmoid(tau * (r - 1)) * (4.0 / tau) * adv
+    elif cfg.get("loss") in ("dppo_tv", "dppo_kl"):
+        # verl's compute_policy_loss_dppo_tv / _kl: the detached ratio truncated at clip_ratio_c
+        # times the log-prob, on the tokens inside the probability's trust region
+        prob, old_prob = torch.exp(logp), torch.exp(old)
+        if cfg["loss"] == "dppo_tv":
+            up_ok = (prob - old_prob) <= cfg["dppo_high"]
+            down_ok = (prob - old_prob) >= -cfg["dppo_low"]
+        else:
+            binary_kl = old_prob * (old - logp) + (1 - old_prob) * torch.log(
+                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+            up_ok = (binary_kl <= cfg["dppo_high"]) | (prob <= old_prob)
+            down_ok = (binary_kl <= cfg["dppo_low"]) | (prob >= old_prob)
+        valid = torch.where(adv > 0, up_ok, down_ok).detach().float()
+        pg = -adv * r.clamp(max=cfg["dppo_cap"]).detach() * logp * valid
     elif cfg.get("loss") == "kl_cov":
         # verl's compute_policy_loss_kl_cov: the unclipped surrogate, and on the picked tokens
         # ppo_kl_coef * |log_prob - old_log_prob|
@@ -302,6 +317,51 @@ def covariance():
                 loss.backward()
                 cases.append({"config": cfg, "selected": selected.tolist(), "count": count,
                               "loss": loss.item(), "grad": x.grad.tolist()})
+    return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
+            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
+
+
+def dppo():
+    """DPPO-Binary-TV and -KL (verl's `policy_loss = "dppo_tv"` / `"dppo_kl"`): the loss, its
+    gradient and the share of tokens outside the trust region, with regions that bind on some
+    tokens and a cap that binds on some ratios."""
+    torch.manual_seed(13)
+    lengths = [6, 3, 5, 1, 4]
+    b, t = len(lengths), 6
+    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths])
+    old = -torch.rand(b, t) * 2.5
+    logp = old + 0.6 * torch.randn(b, t)
+    ref = logp + 0.2 * torch.randn(b, t)
+    ent = torch.rand(b, t) * 2
+    adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9])[:, None].expand(b, t).contiguous()
+    totals = {"sequences": b, "tokens": mask.sum().item(), "micro_batches": 1, "max_completion_length": t}
+    cases = []
+    for loss, regions in [("dppo_tv", [(0.01, 0.1), (0.2, 0.2)]), ("dppo_kl", [(0.001, 0.02), (0.05, 0.2)])]:
+        for low, high in regions:
+            for cap in [1.5, 3.0]:
+                for agg in ["dapo", "grpo"]:
+                    for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01)]:
+                        cfg = {"loss": loss, "dppo_low": low, "dppo_high": high, "dppo_cap": cap, "clip_low": 0.2,
+                               "clip_high": 0.28, "dual_clip": None, "ratio": "token", "aggregation": agg,
+                               "kl": kind, "kl_coef": kl_coef, "entropy_coef": ent_coef}
+                        x = logp.clone().requires_grad_(True)
+                        value = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals)
+                        value.backward()
+                        # the tokens outside the region, by the advantage's sign (over valid tokens)
+                        prob, old_prob = torch.exp(logp), torch.exp(old)
+                        if loss == "dppo_tv":
+                            up_ok = (prob - old_prob) <= high
+                            down_ok = (prob - old_prob) >= -low
+                        else:
+                            bkl = old_prob * (old - logp) + (1 - old_prob) * torch.log(
+                                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+                            up_ok = (bkl <= high) | (prob <= old_prob)
+                            down_ok = (bkl <= low) | (prob >= old_prob)
+                        outside = 1.0 - torch.where(adv > 0, up_ok, down_ok).float()
+                        n = mask.sum()
+                        cases.append({"config": cfg, "loss": value.item(), "grad": x.grad.tolist(),
+                                      "outside_negative": ((outside * (adv <= 0) * mask).sum() / n).item(),
+                                      "outside_positive": ((outside * (adv > 0) * mask).sum() / n).item()})
     return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
             "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
 
@@ -575,7 +635,7 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     for name, fn in [("adamw", adamw), ("grpo", grpo), ("advantages", advantages),
                      ("estimators", estimators), ("value", value), ("dpo", dpo), ("lopti", lopti),
-                     ("covariance", covariance)]:
+                     ("covariance", covariance), ("dppo", dppo)]:
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(fn(), f)
     print("learner fixtures written")

@@ -177,6 +177,16 @@ impl Algorithm {
                             ratio: a.kl_cov_ratio,
                             coef: a.kl_cov_coef,
                         },
+                        PolicyLoss::DppoTv => Surrogate::DppoTv {
+                            low: a.dppo_low,
+                            high: a.dppo_high,
+                            cap: a.dppo_cap,
+                        },
+                        PolicyLoss::DppoKl => Surrogate::DppoKl {
+                            low: a.dppo_low,
+                            high: a.dppo_high,
+                            cap: a.dppo_cap,
+                        },
                     },
                 },
                 micro_batch_tokens: c.optimizer.micro_batch_tokens,

@@ -468,6 +468,15 @@ pub enum PolicyLoss {
     /// covariance.
     #[serde(rename = "kl_cov")]
     KlCov,
+    /// DPPO-Binary-TV (verl's `policy_loss = "dppo_tv"`): `−A·sg(min(r, dppo_cap))·log π` on
+    /// the tokens whose probability rose by at most `dppo_high` (A > 0) or fell by at most
+    /// `dppo_low` (A ≤ 0) since they were sampled.
+    #[serde(rename = "dppo_tv")]
+    DppoTv,
+    /// DPPO-Binary-KL (verl's `"dppo_kl"`): the same with the binary KL of the token's
+    /// probability in place of the difference.
+    #[serde(rename = "dppo_kl")]
+    DppoKl,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -497,6 +506,12 @@ pub struct AlgorithmConfig {
     /// `ppo_kl_coef` 1).
     pub kl_cov_ratio: f64,
     pub kl_cov_coef: f64,
+    /// DPPO's trust region for tokens of negative and positive advantage, and the cap on its
+    /// detached ratio (verl reads the two from `clip_ratio_low` / `clip_ratio_high`, 0.2 by
+    /// default, and the cap from `clip_ratio_c`, 3.0).
+    pub dppo_low: f64,
+    pub dppo_high: f64,
+    pub dppo_cap: f64,
     pub clip_low: f64,
     pub clip_high: f64,
     pub dual_clip: Option<f64>,
@@ -591,6 +606,9 @@ impl Default for AlgorithmConfig {
             clip_cov_ub: 5.0,
             kl_cov_ratio: 2e-4,
             kl_cov_coef: 1.0,
+            dppo_low: 0.2,
+            dppo_high: 0.2,
+            dppo_cap: 3.0,
             clip_low: 0.2,
             clip_high: 0.28,
             dual_clip: None,
@@ -968,11 +986,25 @@ impl Config {
                 a.kl_cov_coef
             );
         }
-        if matches!(a.policy_loss, PolicyLoss::ClipCov | PolicyLoss::KlCov)
-            && a.ratio == RatioLevel::Sequence
+        if matches!(a.policy_loss, PolicyLoss::DppoTv | PolicyLoss::DppoKl)
+            && !(positive(a.dppo_low) && positive(a.dppo_high) && positive(a.dppo_cap))
         {
             bail!(
-                "algorithm.policy_loss = {:?} picks single tokens (verl's is token-level): not \
+                "algorithm.dppo_low = {}, dppo_high = {}, dppo_cap = {}: must be positive",
+                a.dppo_low,
+                a.dppo_high,
+                a.dppo_cap
+            );
+        }
+        let token_level = [
+            PolicyLoss::ClipCov,
+            PolicyLoss::KlCov,
+            PolicyLoss::DppoTv,
+            PolicyLoss::DppoKl,
+        ];
+        if token_level.contains(&a.policy_loss) && a.ratio == RatioLevel::Sequence {
+            bail!(
+                "algorithm.policy_loss = {:?} judges single tokens (verl's is token-level): not \
                  with ratio = \"sequence\"",
                 a.policy_loss
             );
@@ -1332,6 +1364,17 @@ mod tests {
         assert!(both_err(clip_cov, "algorithm.clip_cov_ratio=0").contains("clip_cov_ratio"));
         assert!(both_err(clip_cov, "algorithm.clip_cov_ub=0.5").contains("lb < ub"));
         assert!(both_err(clip_cov, "algorithm.ratio=sequence").contains("token-level"));
+        let dppo = "algorithm.policy_loss=dppo_kl";
+        assert!(both_err(dppo, "algorithm.ratio=sequence").contains("token-level"));
+        assert!(both_err(dppo, "algorithm.dppo_low=0").contains("dppo_low"));
+        assert!(
+            both_err("algorithm.policy_loss=dppo_tv", "algorithm.dppo_cap=-1").contains("dppo_cap")
+        );
+        let c = both(dppo, "algorithm.dppo_high=0.05").unwrap().algorithm;
+        assert_eq!(
+            (c.policy_loss, c.dppo_low, c.dppo_high, c.dppo_cap),
+            (PolicyLoss::DppoKl, 0.2, 0.05, 3.0)
+        );
         assert!(both_err(clip_cov, "algorithm.dual_clip=3.0").contains("dual_clip"));
         let kl_cov = "algorithm.policy_loss=kl_cov";
         assert!(both_err(kl_cov, "algorithm.kl_cov_ratio=1.5").contains("kl_cov_ratio"));

@@ -988,6 +988,20 @@ fn clip_cov_and_kl_cov_change_the_loss_not_the_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.policy_loss = "dppo_tv"` / `"dppo_kl"` reach the learner: the loss is
+/// `−A·r·log π` where the clipped surrogate's is `−A·r`, so it differs from the first step on.
+#[test]
+fn dppo_changes_the_loss_not_the_samples() {
+    let root = scratch("dppo");
+    for (name, option) in [
+        ("tv", "algorithm.policy_loss=dppo_tv"),
+        ("kl", "algorithm.policy_loss=dppo_kl"),
+    ] {
+        one_step_either_way(&root.join(name), &[], option);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// The behaviour correction (`algorithm.behaviour_correction`) with one version of asynchrony:
 /// the learner recomputes the old log-probs at the start of each step, so the ratio at its one
 /// optimizer step is 1 on every token (`logprob_diff_max` at float rounding) where the

@@ -126,6 +126,15 @@ pub enum Surrogate {
     /// `−A·r`, plus `coef·|log π_θ − log π_old|` on the `ratio` of the tokens of the largest
     /// covariance.
     KlCov { ratio: f64, coef: f64 },
+    /// DPPO-Binary-TV (verl's `policy_loss = "dppo_tv"`; PRIME-RL's default loss is of this
+    /// family): a trust region on the probability itself in place of the ratio's clip,
+    /// `−A·sg(min(r, cap))·log π` on the tokens whose probability rose by at most `high`
+    /// (A > 0) or fell by at most `low` (A ≤ 0) since π_old, 0 on the others.
+    DppoTv { low: f64, high: f64, cap: f64 },
+    /// DPPO-Binary-KL (verl's `"dppo_kl"`): as [`Surrogate::DppoTv`], the region the binary KL
+    /// `p_old·log(p_old/p) + (1 − p_old)·log((1 − p_old)/(1 − p))` ≤ `high` (A > 0) or `low`
+    /// (A ≤ 0), and every token whose probability moved against its advantage.
+    DppoKl { low: f64, high: f64, cap: f64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -323,7 +332,39 @@ pub fn policy_loss(
         // max(−A·r, −A·clip(r))
         Ok((ratio.broadcast_mul(a)?.neg()?).maximum(&clipped.broadcast_mul(a)?.neg()?)?)
     };
+    // DPPO's trust region: 1 where the token may still move with its advantage
+    let inside = |low: f64, high: f64, kl: bool| -> Result<Tensor> {
+        let (lp, old) = (x.logprobs.detach(), x.old_logprobs);
+        let (p, p_old) = (lp.exp()?, old.exp()?);
+        let moved = (&p - &p_old)?; // [B, T]
+        let (up_ok, down_ok) = if kl {
+            // p_old·(log p_old − log p) + (1 − p_old)·log((1 − p_old + 1e-8) / (1 − p + 1e-8))
+            let rest = ((1.0 - &p_old)? + 1e-8)?
+                .log()?
+                .sub(&((1.0 - &p)? + 1e-8)?.log()?)?;
+            let bkl = ((&p_old * (old - &lp)?)? + ((1.0 - &p_old)? * rest)?)?;
+            let fell = moved.le(0f32)?.to_dtype(DType::F32)?;
+            let rose = moved.ge(0f32)?.to_dtype(DType::F32)?;
+            (
+                bkl.le(high as f32)?.to_dtype(DType::F32)?.maximum(&fell)?,
+                bkl.le(low as f32)?.to_dtype(DType::F32)?.maximum(&rose)?,
+            )
+        } else {
+            (
+                moved.le(high as f32)?.to_dtype(DType::F32)?,
+                moved.ge(-low as f32)?.to_dtype(DType::F32)?,
+            )
+        };
+        Ok(a.gt(0f32)?.where_cond(&up_ok, &down_ok)?)
+    };
+    let dppo = |low: f64, high: f64, cap: f64, kl: bool| -> Result<Tensor> {
+        // pg = −A·sg(min(r, cap))·log π·inside
+        let weight = ratio.clamp(0f32, cap as f32)?.detach();
+        Ok(((weight.broadcast_mul(a)? * x.logprobs)?.neg()? * inside(low, high, kl)?)?)
+    };
     let pg = match c.surrogate {
+        Surrogate::DppoTv { low, high, cap } => dppo(low, high, cap, false)?,
+        Surrogate::DppoKl { low, high, cap } => dppo(low, high, cap, true)?,
         // pg = −sg(min(r, ε_max))·A·log π
         Surrogate::Cispo { max } => {
             let weight = ratio.clamp(0f32, max as f32)?.detach();
@@ -424,6 +465,13 @@ pub fn policy_loss(
     };
     let ratio = ratio.detach();
     let (low, high) = match c.surrogate {
+        // DPPO: the tokens outside its trust region, by their advantage's sign
+        Surrogate::DppoTv { low, high, .. } | Surrogate::DppoKl { low, high, .. } => {
+            let kl = matches!(c.surrogate, Surrogate::DppoKl { .. });
+            let outside = (1.0 - inside(low, high, kl)?)?;
+            let positive = a.gt(0f32)?.to_dtype(DType::F32)?;
+            ((&outside * (1.0 - &positive)?)?, (outside * positive)?)
+        }
         // CISPO clips no token's gradient; `high` counts the weights capped
         Surrogate::Cispo { max } => (
             ratio.zeros_like()?,

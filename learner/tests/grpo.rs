@@ -210,6 +210,71 @@ fn clip_cov_and_kl_cov_pick_verls_tokens_and_match_its_loss() {
     }
 }
 
+/// DPPO-Binary-TV and -KL against verl's formulas: the loss, its gradient, and the tokens outside
+/// the trust region as the clip statistics count them (by the advantage's sign).
+#[test]
+fn dppo_matches_verls_loss_and_trust_region() {
+    let f = fixture("dppo");
+    let (old, reference, entropy, adv, mask) = (
+        t2(&f["old"]),
+        t2(&f["ref"]),
+        t2(&f["entropy"]),
+        t2(&f["advantages"]),
+        t2(&f["mask"]),
+    );
+    let tot = &f["totals"];
+    let totals = StepTotals {
+        sequences: parse(&tot["sequences"]),
+        tokens: parse(&tot["tokens"]),
+        micro_batches: parse(&tot["micro_batches"]),
+        max_completion_length: parse(&tot["max_completion_length"]),
+    };
+    let cases = f["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 32, "2 losses × 2 regions × 2 caps × 4 losses");
+    for case in cases {
+        let c = &case["config"];
+        let (low, high, cap) = (
+            parse(&c["dppo_low"]),
+            parse(&c["dppo_high"]),
+            parse(&c["dppo_cap"]),
+        );
+        let surrogate = match c["loss"].as_str() {
+            Some("dppo_tv") => Surrogate::DppoTv { low, high, cap },
+            _ => Surrogate::DppoKl { low, high, cap },
+        };
+        let config = PolicyLossConfig {
+            aggregation: parse::<Aggregation>(&c["aggregation"]),
+            kl: parse::<KlEstimator>(&c["kl"]),
+            kl_coef: parse(&c["kl_coef"]),
+            entropy_coef: parse(&c["entropy_coef"]),
+            surrogate,
+            ..PolicyLossConfig::default()
+        };
+        let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
+        let inputs = PolicyInputs {
+            ref_logprobs: Some(&reference),
+            entropy: Some(&entropy),
+            ..row_inputs(logp.as_tensor(), &old, &adv, &mask)
+        };
+        let (loss, stats) = policy_loss(&inputs, &config, &totals).unwrap();
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        let want: f64 = parse(&case["loss"]);
+        assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
+        let stats = stats.read().unwrap();
+        for (got, key) in [
+            (stats.clip_low_frac, "outside_negative"),
+            (stats.clip_high_frac, "outside_positive"),
+        ] {
+            let want: f64 = parse(&case[key]);
+            assert!((got - want).abs() < 1e-6, "{c} {key}: {got} vs {want}");
+        }
+        let grads = loss.backward().unwrap();
+        let g = grads.get(logp.as_tensor()).unwrap();
+        let d = max_diff(g, &t2(&case["grad"]));
+        assert!(d < 1e-5, "{c}: gradient off by {d}");
+    }
+}
+
 /// The fixture's valid tokens of `key` (`[B, T]`), one vector per row.
 fn ragged(f: &Value, key: &str) -> Vec<Vec<f32>> {
     let rows: Vec<Vec<f32>> = parse(&f[key]);
