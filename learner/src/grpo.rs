@@ -332,39 +332,18 @@ pub fn policy_loss(
         // max(−A·r, −A·clip(r))
         Ok((ratio.broadcast_mul(a)?.neg()?).maximum(&clipped.broadcast_mul(a)?.neg()?)?)
     };
-    // DPPO's trust region: 1 where the token may still move with its advantage
-    let inside = |low: f64, high: f64, kl: bool| -> Result<Tensor> {
-        let (lp, old) = (x.logprobs.detach(), x.old_logprobs);
-        let (p, p_old) = (lp.exp()?, old.exp()?);
-        let moved = (&p - &p_old)?; // [B, T]
-        let (up_ok, down_ok) = if kl {
-            // p_old·(log p_old − log p) + (1 − p_old)·log((1 − p_old + 1e-8) / (1 − p + 1e-8))
-            let rest = ((1.0 - &p_old)? + 1e-8)?
-                .log()?
-                .sub(&((1.0 - &p)? + 1e-8)?.log()?)?;
-            let bkl = ((&p_old * (old - &lp)?)? + ((1.0 - &p_old)? * rest)?)?;
-            let fell = moved.le(0f32)?.to_dtype(DType::F32)?;
-            let rose = moved.ge(0f32)?.to_dtype(DType::F32)?;
-            (
-                bkl.le(high as f32)?.to_dtype(DType::F32)?.maximum(&fell)?,
-                bkl.le(low as f32)?.to_dtype(DType::F32)?.maximum(&rose)?,
-            )
-        } else {
-            (
-                moved.le(high as f32)?.to_dtype(DType::F32)?,
-                moved.ge(-low as f32)?.to_dtype(DType::F32)?,
-            )
-        };
-        Ok(a.gt(0f32)?.where_cond(&up_ok, &down_ok)?)
-    };
-    let dppo = |low: f64, high: f64, cap: f64, kl: bool| -> Result<Tensor> {
-        // pg = −A·sg(min(r, cap))·log π·inside
-        let weight = ratio.clamp(0f32, cap as f32)?.detach();
-        Ok(((weight.broadcast_mul(a)? * x.logprobs)?.neg()? * inside(low, high, kl)?)?)
-    };
+    // DPPO's trust region, kept for its statistics
+    let mut region = None;
     let pg = match c.surrogate {
-        Surrogate::DppoTv { low, high, cap } => dppo(low, high, cap, false)?,
-        Surrogate::DppoKl { low, high, cap } => dppo(low, high, cap, true)?,
+        // pg = −A·sg(min(r, cap))·log π·inside
+        Surrogate::DppoTv { low, high, cap } | Surrogate::DppoKl { low, high, cap } => {
+            let kl = matches!(c.surrogate, Surrogate::DppoKl { .. });
+            let inside = trust_region(x, low, high, kl)?;
+            let weight = ratio.clamp(0f32, cap as f32)?.detach();
+            let pg = ((weight.broadcast_mul(a)? * x.logprobs)?.neg()? * &inside)?;
+            region = Some(inside);
+            pg
+        }
         // pg = −sg(min(r, ε_max))·A·log π
         Surrogate::Cispo { max } => {
             let weight = ratio.clamp(0f32, max as f32)?.detach();
@@ -464,23 +443,19 @@ pub fn policy_loss(
         }
     };
     let ratio = ratio.detach();
-    let (low, high) = match c.surrogate {
+    let (low, high) = match (c.surrogate, region) {
         // DPPO: the tokens outside its trust region, by their advantage's sign
-        Surrogate::DppoTv { low, high, .. } | Surrogate::DppoKl { low, high, .. } => {
-            let kl = matches!(c.surrogate, Surrogate::DppoKl { .. });
-            let outside = (1.0 - inside(low, high, kl)?)?;
+        (_, Some(inside)) => {
+            let outside = (1.0 - inside)?;
             let positive = a.gt(0f32)?.to_dtype(DType::F32)?;
             ((&outside * (1.0 - &positive)?)?, (outside * positive)?)
         }
         // CISPO clips no token's gradient; `high` counts the weights capped
-        Surrogate::Cispo { max } => (
+        (Surrogate::Cispo { max }, None) => (
             ratio.zeros_like()?,
             ratio.gt(max as f32)?.to_dtype(DType::F32)?,
         ),
-        Surrogate::Clip
-        | Surrogate::Sapo { .. }
-        | Surrogate::ClipCov { .. }
-        | Surrogate::KlCov { .. } => (
+        _ => (
             ratio
                 .lt((1.0 - c.clip_low) as f32)?
                 .to_dtype(DType::F32)?
@@ -508,6 +483,35 @@ pub fn policy_loss(
         covariance_selected,
     ])?;
     Ok((loss, PendingStats { sums }))
+}
+
+/// DPPO's trust region `[B, T]`: 1 on the tokens whose probability (`kl`: its binary KL) moved
+/// from π_old by at most `high` where A > 0 and `low` elsewhere, as verl's
+/// `compute_policy_loss_dppo_tv` / `_kl` bound them; 0 on the others.
+fn trust_region(x: &PolicyInputs, low: f64, high: f64, kl: bool) -> Result<Tensor> {
+    let (lp, old) = (x.logprobs.detach(), x.old_logprobs);
+    let (p, p_old) = (lp.exp()?, old.exp()?);
+    let moved = (&p - &p_old)?; // [B, T]
+    let (up_ok, down_ok) = if kl {
+        // p_old·(log p_old − log p) + (1 − p_old)·log((1 − p_old + 1e-8) / (1 − p + 1e-8))
+        let rest = ((1.0 - &p_old)? + 1e-8)?
+            .log()?
+            .sub(&((1.0 - &p)? + 1e-8)?.log()?)?;
+        let bkl = ((&p_old * (old - &lp)?)? + ((1.0 - &p_old)? * rest)?)?;
+        // a token that moved against its advantage is always inside
+        let fell = moved.le(0f32)?.to_dtype(DType::F32)?;
+        let rose = moved.ge(0f32)?.to_dtype(DType::F32)?;
+        (
+            bkl.le(high as f32)?.to_dtype(DType::F32)?.maximum(&fell)?,
+            bkl.le(low as f32)?.to_dtype(DType::F32)?.maximum(&rose)?,
+        )
+    } else {
+        (
+            moved.le(high as f32)?.to_dtype(DType::F32)?,
+            moved.ge(-low as f32)?.to_dtype(DType::F32)?,
+        )
+    };
+    Ok(x.advantages.gt(0f32)?.where_cond(&up_ok, &down_ok)?)
 }
 
 /// Per-token KL estimate between the policy and the reference at the sampled tokens.
