@@ -467,8 +467,29 @@ def estimators():
     reverse_kl = (old - teacher) * mask
     opd = (a_seq - opd_coef * reverse_kl) * mask
     # EM-RL rewards
+    rows = lambda x: [x[i, :n].tolist() for i, n in enumerate(lengths)]
     em_seq = (old * mask).sum(-1)
     em_tok = -(ent * mask).sum(-1)
+    # GDPO (verl's compute_gdpo_outcome_advantage): each reward part GRPO-normalised within its
+    # group (torch.std, eps 1e-6; or only centred, norm_adv_by_std_in_grpo = False), the parts
+    # summed by their weights, masked_whiten over the response tokens. Part 1 is constant within
+    # group 0, so it adds nothing there.
+    gdpo_parts = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0, 0.0],
+                               [1.0, 1.0, 1.0, 0.0, 1.0, 0.0],
+                               [0.9, -0.7, 0.6, 0.8, -0.9, -0.6]], dtype=torch.float64)
+    gdpo_weights = [1.0, 0.1, 0.5]
+    gdpo_eps = 1e-6
+    gdpo = {}
+    for name, by_std in [("gdpo", True), ("gdpo_no_std", False)]:
+        total = torch.zeros(b, dtype=torch.float64)
+        for part, w in zip(gdpo_parts, gdpo_weights):
+            normalised = torch.zeros(b, dtype=torch.float64)
+            for g in set(groups):
+                members = part[gid == g]
+                centred = members - members.mean()
+                normalised[gid == g] = centred / (members.std() + gdpo_eps) if by_std else centred
+            total += w * normalised
+        gdpo[name] = rows(masked_whiten(total.float()[:, None] * mask, mask))
     # adaptive KL controller: a few updates
     ctl = []
     coef = 0.2
@@ -476,8 +497,8 @@ def estimators():
         err = min(max(kl_value / 0.1 - 1, -0.2), 0.2)
         coef = coef * (1 + err * n / 10000)
         ctl.append({"kl": kl_value, "n": n, "beta": coef})
-    rows = lambda x: [x[i, :n].tolist() for i, n in enumerate(lengths)]
-    return {"lengths": lengths, "old": rows(old), "ref": rows(ref), "entropy": rows(ent),
+    return {"lengths": lengths, "gdpo_parts": gdpo_parts.tolist(), "gdpo_weights": gdpo_weights,
+            "gdpo_eps": gdpo_eps, "gdpo": gdpo["gdpo"], "gdpo_no_std": gdpo["gdpo_no_std"], "old": rows(old), "ref": rows(ref), "entropy": rows(ent),
             "scores": scores.tolist(), "groups": groups, "beta": beta, "gamma": gamma, "lambda": lam,
             "rloo": rloo.tolist(), "token_rewards": rows(tok_r), "reinforce_pp": rows(rpp),
             "reinforce_pp_baseline": rows(rppb), "values": rows(values), "gae_advantages": rows(adv),

@@ -320,6 +320,19 @@ impl Algorithm {
                 &group_advantages(&rewards, &group_ids, a.scale_rewards, a.std_eps),
             ),
             "rloo" => per_seq(&mut seqs, &advantages::rloo(&rewards, &group_ids)),
+            "gdpo" => {
+                let adv = advantages::gdpo(
+                    &reward_parts(c, samples)?,
+                    &c.reward.parts.iter().map(|p| p.weight).collect::<Vec<_>>(),
+                    &group_ids,
+                    a.scale_rewards,
+                    a.std_eps,
+                    &lengths,
+                );
+                for (s, x) in seqs.iter_mut().zip(adv) {
+                    s.advantages = x;
+                }
+            }
             "reinforce_pp_baseline" => {
                 let adv = advantages::reinforce_pp_baseline(&rewards, &group_ids, &lengths);
                 for (s, x) in seqs.iter_mut().zip(adv) {
@@ -471,4 +484,27 @@ impl Algorithm {
         )?;
         Ok((m, critic))
     }
+}
+
+/// Each reward part's values over `samples` (`parts[k][i]`: the config's part k of sample i), as
+/// the workers recorded them, unweighted (GDPO's input).
+fn reward_parts(c: &Config, samples: &[&Sample]) -> anyhow::Result<Vec<Vec<f32>>> {
+    c.reward
+        .parts
+        .iter()
+        .enumerate()
+        .map(|(k, part)| {
+            samples
+                .iter()
+                .map(|s| match s.reward_parts.get(k) {
+                    Some((name, v)) if *name == part.name => Ok(*v),
+                    _ => anyhow::bail!(
+                        "sample {}: no value of reward part `{}` where the config has it",
+                        s.sample_id,
+                        part.name
+                    ),
+                })
+                .collect()
+        })
+        .collect()
 }

@@ -483,7 +483,8 @@ pub enum PolicyLoss {
 #[serde(deny_unknown_fields, default)]
 pub struct AlgorithmConfig {
     /// `grpo` (the GRPO family; GSPO with `ratio = "sequence"`), `rloo`, `reinforce_pp`,
-    /// `reinforce_pp_baseline`, `ppo` (GAE over a critic) or `dpo` (preference pairs).
+    /// `reinforce_pp_baseline`, `ppo` (GAE over a critic), `gdpo` (GRPO's normalisation per
+    /// reward part, the parts summed by weight and whitened) or `dpo` (preference pairs).
     pub name: String,
     pub scale_rewards: ScaleRewards,
     pub std_eps: f64,
@@ -932,8 +933,9 @@ impl Config {
             );
         }
         let a = &self.algorithm;
-        const NAMES: [&str; 6] = [
+        const NAMES: [&str; 7] = [
             "grpo",
+            "gdpo",
             "rloo",
             "reinforce_pp",
             "reinforce_pp_baseline",
@@ -942,6 +944,12 @@ impl Config {
         ];
         if !NAMES.contains(&a.name.as_str()) {
             bail!("algorithm.name = {:?}: one of {}", a.name, NAMES.join(", "));
+        }
+        if a.name == "gdpo" && a.entropy_reward != EntropyReward::None {
+            bail!(
+                "algorithm.name = \"gdpo\" normalises the verifier's reward parts; \
+                 entropy_reward replaces the verifier's reward: not both"
+            );
         }
         if !(0.0..=1.0).contains(&a.ar_alpha) {
             bail!("algorithm.ar_alpha = {}: must lie in [0, 1]", a.ar_alpha);
@@ -1316,6 +1324,12 @@ mod tests {
             (DpoLoss::Simpo, 0.5, 1.0)
         );
         assert!(bad("algorithm.entropy_reward=tokens").contains("tokens"));
+        let e = format!(
+            "{:#}",
+            Config::default_with(&["algorithm.name=gdpo", "algorithm.entropy_reward=token"])
+                .unwrap_err()
+        );
+        assert!(e.contains("gdpo") && e.contains("entropy_reward"), "{e}");
         assert!(bad("rollout.top_p=0.0").contains("rollout.top_p"));
         assert!(bad("rollout.top_p=1.5").contains("rollout.top_p"));
         assert!(bad("rollout.workers=0").contains("workers"));

@@ -1002,6 +1002,31 @@ fn dppo_changes_the_loss_not_the_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.name = "gdpo"` normalises each reward part within its group, sums them by weight and
+/// whitens the sum over the batch's tokens: on GRPO's samples (the same rewards), other
+/// advantages, of mean 0 and standard deviation 1 over the tokens.
+#[test]
+fn gdpo_normalises_each_reward_part_and_whitens_the_sum() {
+    let root = scratch("gdpo");
+    let parts =
+        r#"reward.parts=[{name="answer",kind="math"},{name="digits",kind="digits",weight=0.5}]"#;
+    let (gdpo, grpo) = (root.join("gdpo"), root.join("grpo"));
+    succeed(&mut tiny("gdpo", &gdpo, &[parts, "algorithm.name=gdpo"], 1));
+    succeed(&mut tiny("grpo", &grpo, &[parts], 1));
+    assert_eq!(metric(&gdpo, "reward_mean"), metric(&grpo, "reward_mean"));
+    assert_ne!(metric(&gdpo, "loss"), metric(&grpo, "loss"));
+    let (mean, std) = (
+        metric(&gdpo, "advantage_mean")[0],
+        metric(&gdpo, "advantage_std")[0],
+    );
+    assert!(
+        mean.abs() < 1e-4 && (std - 1.0).abs() < 0.01,
+        "{mean} {std}"
+    );
+    assert!(metric(&gdpo, "reward/digits")[0] > 0.0);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// The behaviour correction (`algorithm.behaviour_correction`) with one version of asynchrony:
 /// the learner recomputes the old log-probs at the start of each step, so the ratio at its one
 /// optimizer step is 1 on every token (`logprob_diff_max` at float rounding) where the

@@ -117,6 +117,35 @@ pub fn reinforce_pp(token_rewards: &[Vec<f32>], gamma: f64) -> Vec<Vec<f32>> {
     whiten(&returns)
 }
 
+/// GDPO (Group reward-Decoupled normalization Policy Optimization, arXiv 2601.05242; verl's
+/// `adv_estimator = "gdpo"`): each reward part is normalised within its group on its own
+/// (`parts[k][i]`, part k of sample i, as [`crate::grpo::group_advantages`] normalises a total),
+/// the normalised parts are summed by `weights`, and the sum, on every completion token of
+/// `lengths`, is whitened over the batch ([`whiten`]). A part whose values a group shares
+/// contributes 0 to that group, where in the summed reward it would shift every member alike.
+pub fn gdpo(
+    parts: &[Vec<f32>],
+    weights: &[f32],
+    group_ids: &[u64],
+    scale: crate::grpo::ScaleRewards,
+    eps: f64,
+    lengths: &[usize],
+) -> Vec<Vec<f32>> {
+    let mut sum = vec![0f64; group_ids.len()];
+    for (values, &w) in parts.iter().zip(weights) {
+        let normalised = crate::grpo::group_advantages(values, group_ids, scale, eps);
+        for (s, a) in sum.iter_mut().zip(normalised) {
+            *s += f64::from(w) * f64::from(a);
+        }
+    }
+    let tokens: Vec<Vec<f32>> = sum
+        .iter()
+        .zip(lengths)
+        .map(|(&a, &n)| vec![a as f32; n])
+        .collect();
+    whiten(&tokens)
+}
+
 /// REINFORCE++-baseline (verl `compute_reinforce_plus_plus_baseline_outcome_advantage`): the
 /// score minus its group's mean on every token, whitened over the batch.
 pub fn reinforce_pp_baseline(

@@ -1,17 +1,17 @@
 //! Issue 5's estimators and losses against independent PyTorch values
 //! (scripts/make_learner_fixtures.py) on padded batches of unequal lengths: RLOO, REINFORCE++
-//! with and without baseline, PPO token rewards and GAE, whitening, AR, EM-RL rewards, the
+//! with and without baseline, GDPO, PPO token rewards and GAE, whitening, AR, EM-RL rewards, the
 //! adaptive KL controller, on-policy distillation's teacher term, the clipped value loss, the DPO
 //! family (TRL's DPO losses, SimPO, RPO) and Lopti's two passes.
 
 use candle_core::{Device, Tensor, Var};
 use learner::advantages::{
-    discounted_returns, distill, gae, reinforce_pp, reinforce_pp_baseline, reweight, rloo,
+    discounted_returns, distill, gae, gdpo, reinforce_pp, reinforce_pp_baseline, reweight, rloo,
     token_rewards, whiten, EntropyReward, KlController,
 };
 use learner::dpo::{dpo_loss, DpoConfig, DpoLoss, PairLogprobs};
 use learner::grpo::{
-    policy_loss, Aggregation, KlEstimator, PolicyInputs, PolicyLossConfig, StepTotals,
+    policy_loss, Aggregation, KlEstimator, PolicyInputs, PolicyLossConfig, ScaleRewards, StepTotals,
 };
 use learner::ppo::value_loss;
 use learner::step::{lopti_passes, Sequence};
@@ -109,6 +109,16 @@ fn estimators_match_the_reference() {
         &rows(&f["reinforce_pp_baseline"]),
         "reinforce++ baseline",
     );
+    let parts: Vec<Vec<f32>> = parse(&f["gdpo_parts"]);
+    let weights: Vec<f32> = parse(&f["gdpo_weights"]);
+    let eps: f64 = parse(&f["gdpo_eps"]);
+    for (scale, key) in [
+        (ScaleRewards::Group, "gdpo"),
+        (ScaleRewards::None, "gdpo_no_std"),
+    ] {
+        let got = gdpo(&parts, &weights, &groups, scale, eps, &lengths);
+        close_rows(&got, &rows(&f[key]), key);
+    }
 
     let values = rows(&f["values"]);
     let (adv, ret): (Vec<Vec<f32>>, Vec<Vec<f32>>) = tok
