@@ -121,8 +121,9 @@ pub fn reinforce_pp(token_rewards: &[Vec<f32>], gamma: f64) -> Vec<Vec<f32>> {
 /// `adv_estimator = "gdpo"`): each reward part is normalised within its group on its own
 /// (`parts[k][i]`, part k of sample i, as [`crate::grpo::group_advantages`] normalises a total),
 /// the normalised parts are summed by `weights`, and the sum, on every completion token of
-/// `lengths`, is whitened over the batch ([`whiten`]). A part whose values a group shares
-/// contributes 0 to that group, where in the summed reward it would shift every member alike.
+/// `lengths`, is whitened over the batch ([`whiten`]). Within a group every part that varies
+/// counts at unit spread (times its weight), where GRPO's normalised sum lets the part of larger
+/// variance drown the others.
 pub fn gdpo(
     parts: &[Vec<f32>],
     weights: &[f32],
