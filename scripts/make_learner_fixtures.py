@@ -75,6 +75,22 @@ def is_weights(old, sampling, mask, mode, cap):
     return w.expand_as(mask), flat, flat_raw
 
 
+def dppo_inside(logp, old, adv, cfg):
+    """verl's DPPO valid mask (detached, 0/1): the token's probability moved by at most
+    dppo_high (A > 0) / dppo_low (A <= 0), as a difference (dppo_tv) or a binary KL (dppo_kl,
+    where a token that moved against its advantage is always inside)."""
+    prob, old_prob = torch.exp(logp), torch.exp(old)
+    if cfg["loss"] == "dppo_tv":
+        up_ok = (prob - old_prob) <= cfg["dppo_high"]
+        down_ok = (prob - old_prob) >= -cfg["dppo_low"]
+    else:
+        binary_kl = old_prob * (old - logp) + (1 - old_prob) * torch.log(
+            (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+        up_ok = (binary_kl <= cfg["dppo_high"]) | (prob <= old_prob)
+        down_ok = (binary_kl <= cfg["dppo_low"]) | (prob >= old_prob)
+    return torch.where(adv > 0, up_ok, down_ok).detach().float()
+
+
 def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None, sampler=None, selected=None):
     """The spec's formulas (section 5.2-5.4), written out in PyTorch; `weights` multiply the
     policy term before KL and entropy join it, as TRL applies its importance-sampling ratio;
@@ -96,17 +112,7 @@ def grpo_loss(logp, old, adv, mask, ref, ent, cfg, totals, weights=None, sampler
     elif cfg.get("loss") in ("dppo_tv", "dppo_kl"):
         # verl's compute_policy_loss_dppo_tv / _kl: the detached ratio truncated at clip_ratio_c
         # times the log-prob, on the tokens inside the probability's trust region
-        prob, old_prob = torch.exp(logp), torch.exp(old)
-        if cfg["loss"] == "dppo_tv":
-            up_ok = (prob - old_prob) <= cfg["dppo_high"]
-            down_ok = (prob - old_prob) >= -cfg["dppo_low"]
-        else:
-            binary_kl = old_prob * (old - logp) + (1 - old_prob) * torch.log(
-                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
-            up_ok = (binary_kl <= cfg["dppo_high"]) | (prob <= old_prob)
-            down_ok = (binary_kl <= cfg["dppo_low"]) | (prob >= old_prob)
-        valid = torch.where(adv > 0, up_ok, down_ok).detach().float()
-        pg = -adv * r.clamp(max=cfg["dppo_cap"]).detach() * logp * valid
+        pg = -adv * r.clamp(max=cfg["dppo_cap"]).detach() * logp * dppo_inside(logp, old, adv, cfg)
     elif cfg.get("loss") == "kl_cov":
         # verl's compute_policy_loss_kl_cov: the unclipped surrogate, and on the picked tokens
         # ppo_kl_coef * |log_prob - old_log_prob|
@@ -348,16 +354,7 @@ def dppo():
                         value = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals)
                         value.backward()
                         # the tokens outside the region, by the advantage's sign (over valid tokens)
-                        prob, old_prob = torch.exp(logp), torch.exp(old)
-                        if loss == "dppo_tv":
-                            up_ok = (prob - old_prob) <= high
-                            down_ok = (prob - old_prob) >= -low
-                        else:
-                            bkl = old_prob * (old - logp) + (1 - old_prob) * torch.log(
-                                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
-                            up_ok = (bkl <= high) | (prob <= old_prob)
-                            down_ok = (bkl <= low) | (prob >= old_prob)
-                        outside = 1.0 - torch.where(adv > 0, up_ok, down_ok).float()
+                        outside = 1.0 - dppo_inside(logp, old, adv, cfg)
                         n = mask.sum()
                         cases.append({"config": cfg, "loss": value.item(), "grad": x.grad.tolist(),
                                       "outside_negative": ((outside * (adv <= 0) * mask).sum() / n).item(),

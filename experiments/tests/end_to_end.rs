@@ -964,7 +964,8 @@ fn cispo_changes_the_loss_not_the_samples() {
 /// `algorithm.policy_loss = "clip_cov"` and `"kl_cov"` reach the learner, each optimizer step
 /// picking its share of the tokens (⌊ratio·N⌋ of N: at most the ratio, within a token of it).
 /// Clip-Cov changes the loss at the step's first optimizer step already; KL-Cov's penalty is 0
-/// there (every ratio is 1) and counts at the second mini-batch.
+/// there (every ratio is 1) and counts at the second mini-batch. A Clip-Cov run stopped and
+/// resumed draws the tokens the whole run drew.
 #[test]
 fn clip_cov_and_kl_cov_change_the_loss_not_the_samples() {
     let root = scratch("covariance");
@@ -984,6 +985,17 @@ fn clip_cov_and_kl_cov_change_the_loss_not_the_samples() {
         assert!(share > 0.08 && share <= 0.1, "{option}: {share}");
         assert_eq!(metric(&plain, "covariance_selected_frac"), vec![0.0]);
         assert_eq!(metric(&picked, "optimizer_steps"), vec![2.0]);
+    }
+    // Clip-Cov's draws come from the run's seed and the optimizer's step count: a run stopped at
+    // step 1 and resumed draws what the whole run drew
+    let clip_cov: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["algorithm.policy_loss=clip_cov"])
+        .collect();
+    let (whole, resumed) = whole_and_resumed("clip-cov", &root, &clip_cov, 2);
+    for col in ["loss", "covariance_selected_frac", "grad_norm"] {
+        assert_eq!(metric(&whole, col), metric(&resumed, col), "{col}");
     }
     let _ = std::fs::remove_dir_all(&root);
 }

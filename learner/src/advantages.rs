@@ -8,22 +8,6 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Which estimator turns rewards into advantages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Estimator {
-    /// Group-normalised (spec §5.1).
-    Grpo,
-    /// Leave-one-out baseline: `r_i − mean_{j≠i} r_j`.
-    Rloo,
-    /// REINFORCE++: discounted token returns of the score (and the KL penalty), whitened over the batch.
-    ReinforcePp,
-    /// REINFORCE++-baseline: `r_i − mean_group(r)` on every token, whitened over the batch.
-    ReinforcePpBaseline,
-    /// PPO: GAE over a learned value.
-    Gae,
-}
-
 /// RLOO (Ahmadian et al.; verl `compute_rloo_outcome_advantage`): each response's baseline is the
 /// mean of the other responses of its prompt; a group of one gets advantage 0.
 pub fn rloo(rewards: &[f32], group_ids: &[u64]) -> Vec<f32> {

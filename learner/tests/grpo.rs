@@ -32,24 +32,46 @@ fn parse<T: serde::de::DeserializeOwned>(v: &Value) -> T {
     serde_json::from_value(v.clone()).unwrap()
 }
 
+/// A fixture's padded batch: the behaviour and reference log-probs, entropies, advantages and
+/// mask (`[B, T]`), and the step's totals.
+struct Batch {
+    old: Tensor,
+    reference: Tensor,
+    entropy: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    totals: StepTotals,
+}
+
+fn batch(f: &Value) -> Batch {
+    let tot = &f["totals"];
+    Batch {
+        old: t2(&f["old"]),
+        reference: t2(&f["ref"]),
+        entropy: t2(&f["entropy"]),
+        adv: t2(&f["advantages"]),
+        mask: t2(&f["mask"]),
+        totals: StepTotals {
+            sequences: parse(&tot["sequences"]),
+            tokens: parse(&tot["tokens"]),
+            micro_batches: parse(&tot["micro_batches"]),
+            max_completion_length: parse(&tot["max_completion_length"]),
+        },
+    }
+}
+
 #[test]
 fn losses_and_gradients_match_the_reference_for_every_variant() {
     let f = fixture("grpo");
-    let (old, reference, entropy, adv, mask) = (
-        t2(&f["old"]),
-        t2(&f["ref"]),
-        t2(&f["entropy"]),
-        t2(&f["advantages"]),
-        t2(&f["mask"]),
-    );
+    let Batch {
+        old,
+        reference,
+        entropy,
+        adv,
+        mask,
+        totals,
+    } = batch(&f);
     let sampling = t2(&f["sampling"]);
-    let tot = &f["totals"];
-    let totals = StepTotals {
-        sequences: parse(&tot["sequences"]),
-        tokens: parse(&tot["tokens"]),
-        micro_batches: parse(&tot["micro_batches"]),
-        max_completion_length: parse(&tot["max_completion_length"]),
-    };
     let cases = f["cases"].as_array().unwrap();
     assert_eq!(
         cases.len(),
@@ -120,20 +142,14 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
 #[test]
 fn clip_cov_and_kl_cov_pick_verls_tokens_and_match_its_loss() {
     let f = fixture("covariance");
-    let (old, reference, entropy, adv, mask) = (
-        t2(&f["old"]),
-        t2(&f["ref"]),
-        t2(&f["entropy"]),
-        t2(&f["advantages"]),
-        t2(&f["mask"]),
-    );
-    let tot = &f["totals"];
-    let totals = StepTotals {
-        sequences: parse(&tot["sequences"]),
-        tokens: parse(&tot["tokens"]),
-        micro_batches: parse(&tot["micro_batches"]),
-        max_completion_length: parse(&tot["max_completion_length"]),
-    };
+    let Batch {
+        old,
+        reference,
+        entropy,
+        adv,
+        mask,
+        totals,
+    } = batch(&f);
     let seqs: Vec<Sequence> = ragged(&f, "old")
         .into_iter()
         .zip(ragged(&f, "advantages"))
@@ -173,14 +189,7 @@ fn clip_cov_and_kl_cov_pick_verls_tokens_and_match_its_loss() {
         let count: f32 = parse(&case["count"]);
         assert_eq!(picked.iter().flatten().sum::<f32>(), count, "{c}");
         let selected = Tensor::new(picked, &Device::Cpu).unwrap();
-        let config = PolicyLossConfig {
-            aggregation: parse::<Aggregation>(&c["aggregation"]),
-            kl: parse::<KlEstimator>(&c["kl"]),
-            kl_coef: parse(&c["kl_coef"]),
-            entropy_coef: parse(&c["entropy_coef"]),
-            surrogate,
-            ..PolicyLossConfig::default()
-        };
+        let config = token_loss(c, surrogate);
         let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
         let inputs = PolicyInputs {
             covariance_selected: Some(&selected),
@@ -215,20 +224,14 @@ fn clip_cov_and_kl_cov_pick_verls_tokens_and_match_its_loss() {
 #[test]
 fn dppo_matches_verls_loss_and_trust_region() {
     let f = fixture("dppo");
-    let (old, reference, entropy, adv, mask) = (
-        t2(&f["old"]),
-        t2(&f["ref"]),
-        t2(&f["entropy"]),
-        t2(&f["advantages"]),
-        t2(&f["mask"]),
-    );
-    let tot = &f["totals"];
-    let totals = StepTotals {
-        sequences: parse(&tot["sequences"]),
-        tokens: parse(&tot["tokens"]),
-        micro_batches: parse(&tot["micro_batches"]),
-        max_completion_length: parse(&tot["max_completion_length"]),
-    };
+    let Batch {
+        old,
+        reference,
+        entropy,
+        adv,
+        mask,
+        totals,
+    } = batch(&f);
     let cases = f["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 32, "2 losses × 2 regions × 2 caps × 4 losses");
     for case in cases {
@@ -242,14 +245,7 @@ fn dppo_matches_verls_loss_and_trust_region() {
             Some("dppo_tv") => Surrogate::DppoTv { low, high, cap },
             _ => Surrogate::DppoKl { low, high, cap },
         };
-        let config = PolicyLossConfig {
-            aggregation: parse::<Aggregation>(&c["aggregation"]),
-            kl: parse::<KlEstimator>(&c["kl"]),
-            kl_coef: parse(&c["kl_coef"]),
-            entropy_coef: parse(&c["entropy_coef"]),
-            surrogate,
-            ..PolicyLossConfig::default()
-        };
+        let config = token_loss(c, surrogate);
         let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
         let inputs = PolicyInputs {
             ref_logprobs: Some(&reference),
@@ -272,6 +268,18 @@ fn dppo_matches_verls_loss_and_trust_region() {
         let g = grads.get(logp.as_tensor()).unwrap();
         let d = max_diff(g, &t2(&case["grad"]));
         assert!(d < 1e-5, "{c}: gradient off by {d}");
+    }
+}
+
+/// A case's aggregation, KL and entropy terms with `surrogate`, the clip at its defaults.
+fn token_loss(c: &Value, surrogate: Surrogate) -> PolicyLossConfig {
+    PolicyLossConfig {
+        aggregation: parse::<Aggregation>(&c["aggregation"]),
+        kl: parse::<KlEstimator>(&c["kl"]),
+        kl_coef: parse(&c["kl_coef"]),
+        entropy_coef: parse(&c["entropy_coef"]),
+        surrogate,
+        ..PolicyLossConfig::default()
     }
 }
 
