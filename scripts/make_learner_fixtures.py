@@ -487,6 +487,29 @@ def estimators():
                 normalised[gid == g] = centred / (members.std() + gdpo_eps) if by_std else centred
             total += w * normalised
         gdpo[name] = rows(masked_whiten(total.float()[:, None] * mask, mask))
+    # GRPO pass@k (verl's compute_grpo_passk_outcome_advantage): the group's best response gets
+    # r_max - r_second (/ (torch.std + eps) with norm_adv_by_std_in_grpo), every other one 0; on
+    # the scores and on scores whose best responses tie
+    passk_eps = 1e-6
+    passk = {}
+    for key, sc in [("scores", scores), ("tied", torch.tensor([1.0, 1.0, 0.0, 0.5, 0.0, 0.5], dtype=torch.float64))]:
+        for by_std in [True, False]:
+            adv_k = torch.zeros(b, dtype=torch.float64)
+            for g in sorted(set(groups)):
+                idx = [i for i in range(b) if groups[i] == g]
+                r = sc[idx]
+                top, top_idx = torch.topk(r, 2)
+                a = top[0] - top[1]
+                if by_std:
+                    a = a / (torch.std(r) + passk_eps)
+                adv_k[idx[top_idx[0].item()]] = a
+            passk[f"{key}_{'std' if by_std else 'no_std'}"] = {"scores": sc.tolist(), "advantages": adv_k.tolist()}
+    # OPO (verl's compute_opo_outcome_advantage): r minus the group's length-weighted mean reward
+    lens = torch.tensor(lengths, dtype=torch.float64)
+    opo = torch.zeros(b, dtype=torch.float64)
+    for g in set(groups):
+        sel = gid == g
+        opo[sel] = scores[sel] - (lens[sel] * scores[sel]).sum() / lens[sel].sum()
     # adaptive KL controller: a few updates
     ctl = []
     coef = 0.2
@@ -495,7 +518,8 @@ def estimators():
         coef = coef * (1 + err * n / 10000)
         ctl.append({"kl": kl_value, "n": n, "beta": coef})
     return {"lengths": lengths, "gdpo_parts": gdpo_parts.tolist(), "gdpo_weights": gdpo_weights,
-            "gdpo_eps": gdpo_eps, "gdpo": gdpo["gdpo"], "gdpo_no_std": gdpo["gdpo_no_std"], "old": rows(old), "ref": rows(ref), "entropy": rows(ent),
+            "gdpo_eps": gdpo_eps, "gdpo": gdpo["gdpo"], "gdpo_no_std": gdpo["gdpo_no_std"],
+            "passk_eps": passk_eps, "grpo_passk": passk, "opo": opo.tolist(), "old": rows(old), "ref": rows(ref), "entropy": rows(ent),
             "scores": scores.tolist(), "groups": groups, "beta": beta, "gamma": gamma, "lambda": lam,
             "rloo": rloo.tolist(), "token_rewards": rows(tok_r), "reinforce_pp": rows(rpp),
             "reinforce_pp_baseline": rows(rppb), "values": rows(values), "gae_advantages": rows(adv),

@@ -320,6 +320,11 @@ impl Algorithm {
                 &group_advantages(&rewards, &group_ids, a.scale_rewards, a.std_eps),
             ),
             "rloo" => per_seq(&mut seqs, &advantages::rloo(&rewards, &group_ids)),
+            "grpo_passk" => per_seq(
+                &mut seqs,
+                &advantages::grpo_passk(&rewards, &group_ids, a.scale_rewards, a.std_eps),
+            ),
+            "opo" => per_seq(&mut seqs, &advantages::opo(&rewards, &group_ids, &lengths)),
             "gdpo" => {
                 let adv = advantages::gdpo(
                     &reward_parts(c, samples)?,

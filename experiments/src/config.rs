@@ -484,7 +484,9 @@ pub enum PolicyLoss {
 pub struct AlgorithmConfig {
     /// `grpo` (the GRPO family; GSPO with `ratio = "sequence"`), `rloo`, `reinforce_pp`,
     /// `reinforce_pp_baseline`, `ppo` (GAE over a critic), `gdpo` (GRPO's normalisation per
-    /// reward part, the parts summed by weight and whitened) or `dpo` (preference pairs).
+    /// reward part, the parts summed by weight and whitened), `grpo_passk` (only each group's
+    /// best response learns, `r_max − r_second`), `opo` (`r` − the group's length-weighted mean
+    /// reward) or `dpo` (preference pairs).
     pub name: String,
     pub scale_rewards: ScaleRewards,
     pub std_eps: f64,
@@ -933,9 +935,11 @@ impl Config {
             );
         }
         let a = &self.algorithm;
-        const NAMES: [&str; 7] = [
+        const NAMES: [&str; 9] = [
             "grpo",
             "gdpo",
+            "grpo_passk",
+            "opo",
             "rloo",
             "reinforce_pp",
             "reinforce_pp_baseline",

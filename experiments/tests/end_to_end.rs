@@ -1039,6 +1039,29 @@ fn gdpo_normalises_each_reward_part_and_whitens_the_sum() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.name = "grpo_passk"` and `"opo"` run from the CLI on GRPO's samples, with losses of
+/// their own; pass@k's advantages average above 0 (only each group's best response has one, ≥ 0).
+#[test]
+fn grpo_passk_and_opo_run_on_grpos_samples() {
+    let root = scratch("passk-opo");
+    let (passk, opo, grpo) = (root.join("passk"), root.join("opo"), root.join("grpo"));
+    succeed(&mut tiny(
+        "passk",
+        &passk,
+        &["algorithm.name=grpo_passk"],
+        1,
+    ));
+    succeed(&mut tiny("opo", &opo, &["algorithm.name=opo"], 1));
+    succeed(&mut tiny("grpo", &grpo, &[], 1));
+    for run in [&passk, &opo] {
+        assert_eq!(metric(run, "reward_mean"), metric(&grpo, "reward_mean"));
+        assert_ne!(metric(run, "loss"), metric(&grpo, "loss"));
+    }
+    let mean = metric(&passk, "advantage_mean")[0];
+    assert!(mean > 0.0, "{mean}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// The behaviour correction (`algorithm.behaviour_correction`) with one version of asynchrony:
 /// the learner recomputes the old log-probs at the start of each step, so the ratio at its one
 /// optimizer step is 1 on every token (`logprob_diff_max` at float rounding) where the

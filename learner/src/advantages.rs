@@ -101,6 +101,85 @@ pub fn reinforce_pp(token_rewards: &[Vec<f32>], gamma: f64) -> Vec<Vec<f32>> {
     whiten(&returns)
 }
 
+/// The finite rewards of each group, by group id.
+fn finite_groups(rewards: &[f32], group_ids: &[u64]) -> std::collections::HashMap<u64, Vec<usize>> {
+    let mut groups: std::collections::HashMap<u64, Vec<usize>> = Default::default();
+    for (i, (&r, &g)) in rewards.iter().zip(group_ids).enumerate() {
+        if r.is_finite() {
+            groups.entry(g).or_default().push(i);
+        }
+    }
+    groups
+}
+
+/// The Bessel-corrected standard deviation of `xs` (NaN for fewer than two).
+fn sample_std(xs: &[f64]) -> f64 {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+}
+
+/// GRPO for pass@k (Chen et al. 2025, arXiv 2503.19595; verl's `adv_estimator = "grpo_passk"`):
+/// only the best response of each group learns, with advantage `r_max − r_second`, divided by
+/// the group's standard deviation + `eps` (`scale_rewards = "group"`; the batch's with `"batch"`,
+/// none with `"none"`); every other response, a group of one and a non-finite reward get 0. Of
+/// tied best responses the first learns (its advantage is then 0 anyway).
+pub fn grpo_passk(
+    rewards: &[f32],
+    group_ids: &[u64],
+    scale: crate::grpo::ScaleRewards,
+    eps: f64,
+) -> Vec<f32> {
+    let mut out = vec![0f32; rewards.len()];
+    let all: Vec<f64> = rewards
+        .iter()
+        .filter(|r| r.is_finite())
+        .map(|&r| f64::from(r))
+        .collect();
+    let batch_std = sample_std(&all);
+    for members in finite_groups(rewards, group_ids).values() {
+        if members.len() < 2 {
+            continue;
+        }
+        let mut order = members.clone();
+        // best first; of equals the earlier
+        order.sort_by(|&a, &b| rewards[b].total_cmp(&rewards[a]).then(a.cmp(&b)));
+        let gap = f64::from(rewards[order[0]]) - f64::from(rewards[order[1]]);
+        let values: Vec<f64> = members.iter().map(|&i| f64::from(rewards[i])).collect();
+        let a = match scale {
+            crate::grpo::ScaleRewards::Group => gap / (sample_std(&values) + eps),
+            crate::grpo::ScaleRewards::Batch => gap / (batch_std + eps),
+            crate::grpo::ScaleRewards::None => gap,
+        };
+        out[order[0]] = if a.is_finite() { a as f32 } else { 0.0 };
+    }
+    out
+}
+
+/// OPO (Hao et al. 2025, arXiv 2505.23585; verl's `adv_estimator = "opo"`): `r − b`, the
+/// baseline `b` the group's mean reward weighted by each response's length in tokens
+/// (`Σ |o|·r / Σ |o|`, the optimal baseline when the gradient's norm grows with the length);
+/// a group of one has baseline 0; a non-finite reward gets 0.
+pub fn opo(rewards: &[f32], group_ids: &[u64], lengths: &[usize]) -> Vec<f32> {
+    let mut out = vec![0f32; rewards.len()];
+    for members in finite_groups(rewards, group_ids).values() {
+        let baseline = if members.len() == 1 {
+            0.0
+        } else {
+            let weight: f64 = members.iter().map(|&i| lengths[i] as f64).sum();
+            let sum: f64 = members
+                .iter()
+                .map(|&i| lengths[i] as f64 * f64::from(rewards[i]))
+                .sum();
+            sum / weight.max(1.0)
+        };
+        for &i in members {
+            out[i] = (f64::from(rewards[i]) - baseline) as f32;
+        }
+    }
+    out
+}
+
 /// GDPO (Group reward-Decoupled normalization Policy Optimization, arXiv 2601.05242; verl's
 /// `adv_estimator = "gdpo"`): each reward part is normalised within its group on its own
 /// (`parts[k][i]`, part k of sample i, as [`crate::grpo::group_advantages`] normalises a total),
@@ -232,5 +311,29 @@ impl KlController {
             let error = (kl / target - 1.0).clamp(-0.2, 0.2);
             self.beta *= 1.0 + error * n_steps as f64 / self.horizon;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpo::ScaleRewards;
+
+    /// What verl's formulas leave open: a group of one, a non-finite reward, the batch's std.
+    #[test]
+    fn passk_and_opo_edge_cases() {
+        let rewards = [1.0, 0.0, f32::NAN, 2.0, 0.5];
+        let groups = [0, 0, 0, 1, 2];
+        let none = grpo_passk(&rewards, &groups, ScaleRewards::None, 1e-6);
+        assert_eq!(none, vec![1.0, 0.0, 0.0, 0.0, 0.0]);
+        // the batch's finite rewards 1, 0, 2, 0.5: std √(35/48)
+        let batch = grpo_passk(&rewards, &groups, ScaleRewards::Batch, 0.0);
+        assert!((f64::from(batch[0]) - 1.0 / (35.0f64 / 48.0).sqrt()).abs() < 1e-6);
+        let lengths = [2, 6, 3, 4, 1];
+        // group 0: (2·1 + 6·0) / 8 = 0.25; a group of one has baseline 0
+        assert_eq!(
+            opo(&rewards, &groups, &lengths),
+            vec![0.75, -0.25, 0.0, 2.0, 0.5]
+        );
     }
 }

@@ -1,13 +1,13 @@
 //! Issue 5's estimators and losses against independent PyTorch values
 //! (scripts/make_learner_fixtures.py) on padded batches of unequal lengths: RLOO, REINFORCE++
-//! with and without baseline, GDPO, PPO token rewards and GAE, whitening, AR, EM-RL rewards, the
+//! with and without baseline, GDPO, GRPO pass@k, OPO, PPO token rewards and GAE, whitening, AR, EM-RL rewards, the
 //! adaptive KL controller, on-policy distillation's teacher term, the clipped value loss, the DPO
 //! family (TRL's DPO losses, SimPO, RPO) and Lopti's two passes.
 
 use candle_core::{Device, Tensor, Var};
 use learner::advantages::{
-    discounted_returns, distill, gae, gdpo, reinforce_pp, reinforce_pp_baseline, reweight, rloo,
-    token_rewards, whiten, EntropyReward, KlController,
+    discounted_returns, distill, gae, gdpo, grpo_passk, opo, reinforce_pp, reinforce_pp_baseline,
+    reweight, rloo, token_rewards, whiten, EntropyReward, KlController,
 };
 use learner::dpo::{dpo_loss, DpoConfig, DpoLoss, PairLogprobs};
 use learner::grpo::{
@@ -119,6 +119,25 @@ fn estimators_match_the_reference() {
         let got = gdpo(&parts, &weights, &groups, scale, eps, &lengths);
         close_rows(&got, &rows(&f[key]), key);
     }
+    let passk_eps: f64 = parse(&f["passk_eps"]);
+    for (key, case) in f["grpo_passk"].as_object().unwrap() {
+        let scale = match key.ends_with("_no_std") {
+            true => ScaleRewards::None,
+            false => ScaleRewards::Group,
+        };
+        let got = grpo_passk(
+            &parse::<Vec<f32>>(&case["scores"]),
+            &groups,
+            scale,
+            passk_eps,
+        );
+        close(&got, &parse::<Vec<f32>>(&case["advantages"]), key);
+    }
+    close(
+        &opo(&scores, &groups, &lengths),
+        &parse::<Vec<f32>>(&f["opo"]),
+        "opo",
+    );
 
     let values = rows(&f["values"]);
     let (adv, ret): (Vec<Vec<f32>>, Vec<Vec<f32>>) = tok
