@@ -937,14 +937,14 @@ impl Config {
         let a = &self.algorithm;
         const NAMES: [&str; 9] = [
             "grpo",
-            "gdpo",
-            "grpo_passk",
-            "opo",
             "rloo",
             "reinforce_pp",
             "reinforce_pp_baseline",
             "ppo",
             "dpo",
+            "gdpo",
+            "grpo_passk",
+            "opo",
         ];
         if !NAMES.contains(&a.name.as_str()) {
             bail!("algorithm.name = {:?}: one of {}", a.name, NAMES.join(", "));
