@@ -17,7 +17,10 @@ fn time_split(dir: &Path) -> anyhow::Result<Vec<(String, f64)>> {
     Ok(cols
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.starts_with("time/") && c.as_str() != "time/elapsed")
+        .filter(|(_, c)| {
+            c.starts_with("time/")
+                && !["time/elapsed", crate::logs::WALL_TIME].contains(&c.as_str())
+        })
         .map(|(i, c)| (c.clone(), rows.iter().map(|(_, r)| r[i]).sum()))
         .collect())
 }

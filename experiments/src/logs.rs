@@ -38,7 +38,18 @@ pub fn write_atomic(path: &Path, batch: &RecordBatch) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A table of a `step` column and named f64 columns, one row per step.
+/// The column of every [`StepTable`] row that holds when the row was logged (seconds since the
+/// Unix epoch): what its TensorBoard events carry as their wall time, rebuilt or not.
+pub const WALL_TIME: &str = "time/wall";
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A table of a `step` column and named f64 columns, one row per step; the last column,
+/// [`WALL_TIME`], is when each row was logged.
 #[derive(Debug, Clone, Default)]
 pub struct StepTable {
     path: PathBuf,
@@ -63,15 +74,15 @@ impl StepTable {
         self.board = Some((board.clone(), prefix.to_string()));
     }
 
-    /// The rows with their column names (what [`Board::rebuild`] takes).
+    /// The rows with their column names and the time each was logged (what [`Board::rebuild`]
+    /// takes; NaN for a row of a table written before [`WALL_TIME`] was).
     pub fn named_rows(&self) -> NamedRows {
-        self.rows
-            .iter()
-            .map(|(step, row)| {
-                (
-                    *step,
-                    self.columns.iter().cloned().zip(row.clone()).collect(),
-                )
+        (0..self.rows.len())
+            .map(|i| {
+                let (step, row) = &self.rows[i];
+                let values = self.columns.iter().cloned().zip(row.iter().copied());
+                let values = values.filter(|(c, _)| c != WALL_TIME).collect();
+                (*step, self.value(i, WALL_TIME), values)
             })
             .collect()
     }
@@ -129,20 +140,27 @@ impl StepTable {
         if self.columns.is_empty() {
             self.columns = values.iter().map(|(n, _)| n.clone()).collect();
         }
+        // a table written before the column was, reopened: NaN for its earlier rows
+        if !self.columns.iter().any(|c| c == WALL_TIME) {
+            self.columns.push(WALL_TIME.into());
+            self.rows.iter_mut().for_each(|(_, r)| r.push(f64::NAN));
+        }
+        let wall = now();
         let row = self
             .columns
             .iter()
-            .map(|c| {
-                values
+            .map(|c| match c.as_str() {
+                WALL_TIME => wall,
+                _ => values
                     .iter()
                     .find(|(n, _)| n == c)
-                    .map_or(f64::NAN, |(_, v)| *v)
+                    .map_or(f64::NAN, |(_, v)| *v),
             })
             .collect();
         self.rows.push((step, row));
         self.flush()?;
         match &self.board {
-            Some((board, prefix)) => board.scalars(prefix, step, values),
+            Some((board, prefix)) => board.scalars(prefix, step, wall, values),
             None => Ok(()),
         }
     }
@@ -159,8 +177,11 @@ impl StepTable {
         row[c] = value;
         let step = *step;
         self.flush()?;
+        let wall = self.value(self.rows.len() - 1, WALL_TIME);
         match &self.board {
-            Some((board, prefix)) => board.scalars(prefix, step, &[(name.to_string(), value)]),
+            Some((board, prefix)) => {
+                board.scalars(prefix, step, wall, &[(name.to_string(), value)])
+            }
             None => Ok(()),
         }
     }
@@ -298,8 +319,12 @@ mod tests {
             .unwrap();
         }
         let (cols, rows) = read_step_table(&path).unwrap();
-        assert_eq!(cols, vec!["loss", "reward"]);
-        assert_eq!(rows[3], (4, vec![4.0, 2.0]));
+        assert_eq!(cols, vec!["loss", "reward", WALL_TIME]);
+        assert_eq!((rows[3].0, &rows[3].1[..2]), (4, &[4.0, 2.0][..]));
+        // when each row was logged, in order
+        assert!(rows
+            .windows(2)
+            .all(|w| w[0].1[2] <= w[1].1[2] && w[0].1[2] > 1.7e9));
         let t = StepTable::reopen(path.clone(), 2).unwrap();
         assert_eq!(t.rows().len(), 2);
         assert_eq!(read_step_table(&path).unwrap().1.len(), 2);

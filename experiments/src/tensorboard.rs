@@ -125,8 +125,8 @@ fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// A table's rows: (step, [(column, value)]).
-pub type NamedRows = Vec<(u64, Vec<(String, f64)>)>;
+/// A table's rows: (step, when it was logged, [(column, value)]).
+pub type NamedRows = Vec<(u64, f64, Vec<(String, f64)>)>;
 
 /// A run's event file, appended to by every table that mirrors into it.
 #[derive(Debug)]
@@ -137,7 +137,8 @@ pub struct Board {
 
 impl Board {
     /// `run_dir/tensorboard/` written anew: earlier event files removed, then one file with the
-    /// rows of `tables` (prefix, rows of (step, [(column, value)])).
+    /// rows of `tables` (prefix, rows of (step, wall time, [(column, value)])), each at the wall
+    /// time it was first logged.
     pub fn rebuild(run_dir: &Path, tables: &[(&str, NamedRows)]) -> anyhow::Result<Arc<Board>> {
         let dir = run_dir.join(DIR);
         std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
@@ -164,15 +165,22 @@ impl Board {
         };
         board.write(&event_record(now(), 0, Body::FileVersion))?;
         for (prefix, rows) in tables {
-            for (step, values) in rows {
-                board.scalars(prefix, *step, values)?;
+            for (step, wall, values) in rows {
+                board.scalars(prefix, *step, *wall, values)?;
             }
         }
         Ok(Arc::new(board))
     }
 
-    /// One event of the finite values of a row, tagged `prefix/column`.
-    pub fn scalars(&self, prefix: &str, step: u64, values: &[(String, f64)]) -> anyhow::Result<()> {
+    /// One event of the finite values of a row, tagged `prefix/column`, at `wall_time` (seconds
+    /// since the Unix epoch; now where it is not finite).
+    pub fn scalars(
+        &self,
+        prefix: &str,
+        step: u64,
+        wall_time: f64,
+        values: &[(String, f64)],
+    ) -> anyhow::Result<()> {
         let scalars: Vec<(String, f32)> = values
             .iter()
             .filter(|(_, v)| v.is_finite())
@@ -181,7 +189,12 @@ impl Board {
         if scalars.is_empty() {
             return Ok(());
         }
-        self.write(&event_record(now(), step, Body::Scalars(&scalars)))
+        let wall_time = if wall_time.is_finite() {
+            wall_time
+        } else {
+            now()
+        };
+        self.write(&event_record(wall_time, step, Body::Scalars(&scalars)))
     }
 
     fn write(&self, bytes: &[u8]) -> anyhow::Result<()> {

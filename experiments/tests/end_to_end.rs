@@ -171,7 +171,7 @@ enum Field<'a> {
     Varint(u64),
     Bytes(&'a [u8]),
     Fixed32([u8; 4]),
-    Fixed64,
+    Fixed64([u8; 8]),
 }
 
 fn read_varint(b: &[u8], at: &mut usize) -> u64 {
@@ -196,7 +196,7 @@ fn fields(b: &[u8]) -> Vec<(u64, Field<'_>)> {
             0 => Field::Varint(read_varint(b, &mut at)),
             1 => {
                 at += 8;
-                Field::Fixed64
+                Field::Fixed64(b[at - 8..at].try_into().unwrap())
             }
             2 => {
                 let n = read_varint(b, &mut at) as usize;
@@ -215,9 +215,9 @@ fn fields(b: &[u8]) -> Vec<(u64, Field<'_>)> {
 }
 
 /// The scalars of a run's TensorBoard event file (the one file `tensorboard/` holds), by tag:
-/// the TFRecords' `Event` messages (step: field 2, summary: 5) and their `Summary.Value`s (tag:
-/// 1, simple_value: 2), in file order.
-fn board_scalars(run: &Path) -> std::collections::BTreeMap<String, Vec<(u64, f32)>> {
+/// the TFRecords' `Event` messages (wall_time: field 1, step: 2, summary: 5) and their
+/// `Summary.Value`s (tag: 1, simple_value: 2), in file order, as (step, wall time, value).
+fn board_scalars(run: &Path) -> std::collections::BTreeMap<String, Vec<(u64, f64, f32)>> {
     let files: Vec<PathBuf> = std::fs::read_dir(run.join("tensorboard"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -229,9 +229,10 @@ fn board_scalars(run: &Path) -> std::collections::BTreeMap<String, Vec<(u64, f32
         let len = u64::from_le_bytes(data[at..at + 8].try_into().unwrap()) as usize;
         let event = &data[at + 12..at + 12 + len];
         at += 16 + len;
-        let mut step = 0;
+        let (mut step, mut wall) = (0, f64::NAN);
         for (field, value) in fields(event) {
             match (field, value) {
+                (1, Field::Fixed64(w)) => wall = f64::from_le_bytes(w),
                 (2, Field::Varint(s)) => step = s,
                 (5, Field::Bytes(summary)) => {
                     for (_, value) in fields(summary) {
@@ -246,7 +247,9 @@ fn board_scalars(run: &Path) -> std::collections::BTreeMap<String, Vec<(u64, f32
                                 _ => {}
                             }
                         }
-                        out.entry(tag).or_insert_with(Vec::new).push((step, v));
+                        out.entry(tag)
+                            .or_insert_with(Vec::new)
+                            .push((step, wall, v));
                     }
                 }
                 _ => {}
@@ -258,8 +261,11 @@ fn board_scalars(run: &Path) -> std::collections::BTreeMap<String, Vec<(u64, f32
 
 /// A run's TensorBoard scalars are its tables' rows, each once (a killed run's rows past its
 /// checkpoint gone), for the warm start's loss, the RL steps' loss and reward, and the
-/// evaluations' accuracy.
+/// evaluations' accuracy, each at the wall time its row was logged (`time/wall`), also when the
+/// file was rebuilt on a resume.
 fn assert_board_mirrors_the_tables(run: &Path) {
+    use arrow::array::AsArray;
+    use arrow::datatypes::Float64Type;
     let board = board_scalars(run);
     for (file, column, tag) in [
         ("sft.parquet", "loss", "sft/loss"),
@@ -269,7 +275,18 @@ fn assert_board_mirrors_the_tables(run: &Path) {
     ] {
         let table = deterministic_metrics(run, file);
         let (_, rows) = table.iter().find(|(c, _)| c == column).unwrap();
-        let want: Vec<(u64, f32)> = rows.iter().map(|&(s, v)| (s, v as f32)).collect();
+        let walls: Vec<f64> = read_parquet(&run.join(file))
+            .iter()
+            .flat_map(|b| {
+                let w = b.column_by_name("time/wall").unwrap();
+                w.as_primitive::<Float64Type>().values().to_vec()
+            })
+            .collect();
+        let want: Vec<(u64, f64, f32)> = rows
+            .iter()
+            .zip(walls)
+            .map(|(&(s, v), w)| (s, w, v as f32))
+            .collect();
         assert_eq!(board.get(tag), Some(&want), "{tag}");
     }
 }
