@@ -19,7 +19,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use crate::tensorboard::{Board, NamedRows};
+use crate::tensorboard::{now, Board, NamedRows};
 
 fn props() -> WriterProperties {
     WriterProperties::builder()
@@ -41,12 +41,6 @@ pub fn write_atomic(path: &Path, batch: &RecordBatch) -> anyhow::Result<()> {
 /// The column of every [`StepTable`] row that holds when the row was logged (seconds since the
 /// Unix epoch): what its TensorBoard events carry as their wall time, rebuilt or not.
 pub const WALL_TIME: &str = "time/wall";
-
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
 
 /// A table of a `step` column and named f64 columns, one row per step; the last column,
 /// [`WALL_TIME`], is when each row was logged.

@@ -119,7 +119,8 @@ fn event_record(wall_time: f64, step: u64, body: Body) -> Vec<u8> {
     record(&event(wall_time, step, body))
 }
 
-fn now() -> f64 {
+/// Seconds since the Unix epoch (an event's wall time).
+pub(crate) fn now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
