@@ -479,6 +479,13 @@ pub enum PolicyLoss {
     DppoKl,
 }
 
+impl PolicyLoss {
+    /// The name a config gives it (`"clip_cov"`), quoted.
+    pub fn name(self) -> String {
+        toml::Value::try_from(self).map_or_else(|_| format!("{self:?}"), |v| v.to_string())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlgorithmConfig {
@@ -1016,16 +1023,16 @@ impl Config {
         ];
         if token_level.contains(&a.policy_loss) && a.ratio == RatioLevel::Sequence {
             bail!(
-                "algorithm.policy_loss = {:?} judges single tokens (verl's is token-level): not \
+                "algorithm.policy_loss = {} judges single tokens (verl's is token-level): not \
                  with ratio = \"sequence\"",
-                a.policy_loss
+                a.policy_loss.name()
             );
         }
         if a.policy_loss != PolicyLoss::Clip && (a.dual_clip.is_some() || a.name == "dpo") {
             bail!(
-                "algorithm.policy_loss = {:?} replaces the clipped surrogate: no dual_clip with \
+                "algorithm.policy_loss = {} replaces the clipped surrogate: no dual_clip with \
                  it, and DPO has no surrogate",
-                a.policy_loss
+                a.policy_loss.name()
             );
         }
         let corrected = a.behaviour_correction != BehaviourCorrection::None;
@@ -1393,7 +1400,8 @@ mod tests {
             (c.policy_loss, c.dppo_low, c.dppo_high, c.dppo_cap),
             (PolicyLoss::DppoKl, 0.2, 0.05, 3.0)
         );
-        assert!(both_err(clip_cov, "algorithm.dual_clip=3.0").contains("dual_clip"));
+        let e = both_err(clip_cov, "algorithm.dual_clip=3.0");
+        assert!(e.contains("dual_clip") && e.contains("\"clip_cov\""), "{e}");
         let kl_cov = "algorithm.policy_loss=kl_cov";
         assert!(both_err(kl_cov, "algorithm.kl_cov_ratio=1.5").contains("kl_cov_ratio"));
         assert!(both_err(kl_cov, "algorithm.kl_cov_coef=-1").contains("kl_cov_coef"));
