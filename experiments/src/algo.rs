@@ -290,6 +290,11 @@ impl Algorithm {
                 s.advantages = vec![x; s.completion.len()];
             }
         };
+        let per_token = |seqs: &mut Vec<Sequence>, adv: Vec<Vec<f32>>| {
+            for (s, x) in seqs.iter_mut().zip(adv) {
+                s.advantages = x;
+            }
+        };
         // k1 KL of the behaviour policy to the reference, per token (for the token rewards)
         let token_kl = |seqs: &[Sequence]| -> anyhow::Result<Option<Vec<Vec<f32>>>> {
             let (Some(r), true) = (reference, a.reward_kl_coef != 0.0) else {
@@ -325,25 +330,21 @@ impl Algorithm {
                 &advantages::grpo_passk(&rewards, &group_ids, a.scale_rewards, a.std_eps),
             ),
             "opo" => per_seq(&mut seqs, &advantages::opo(&rewards, &group_ids, &lengths)),
-            "gdpo" => {
-                let adv = advantages::gdpo(
+            "gdpo" => per_token(
+                &mut seqs,
+                advantages::gdpo(
                     &reward_parts(c, samples)?,
                     &c.reward.parts.iter().map(|p| p.weight).collect::<Vec<_>>(),
                     &group_ids,
                     a.scale_rewards,
                     a.std_eps,
                     &lengths,
-                );
-                for (s, x) in seqs.iter_mut().zip(adv) {
-                    s.advantages = x;
-                }
-            }
-            "reinforce_pp_baseline" => {
-                let adv = advantages::reinforce_pp_baseline(&rewards, &group_ids, &lengths);
-                for (s, x) in seqs.iter_mut().zip(adv) {
-                    s.advantages = x;
-                }
-            }
+                ),
+            ),
+            "reinforce_pp_baseline" => per_token(
+                &mut seqs,
+                advantages::reinforce_pp_baseline(&rewards, &group_ids, &lengths),
+            ),
             "reinforce_pp" | "ppo" => {
                 let kl = token_kl(&seqs)?;
                 if let Some(kl) = &kl {
@@ -364,12 +365,7 @@ impl Algorithm {
                     })
                     .collect();
                 if a.name == "reinforce_pp" {
-                    for (s, x) in seqs
-                        .iter_mut()
-                        .zip(advantages::reinforce_pp(&token_rewards, a.gamma))
-                    {
-                        s.advantages = x;
-                    }
+                    per_token(&mut seqs, advantages::reinforce_pp(&token_rewards, a.gamma));
                 } else {
                     let values = match &self.critic {
                         Critic::Head(head) => predict_values(

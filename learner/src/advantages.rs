@@ -112,13 +112,6 @@ fn finite_groups(rewards: &[f32], group_ids: &[u64]) -> std::collections::HashMa
     groups
 }
 
-/// The Bessel-corrected standard deviation of `xs` (NaN for fewer than two).
-fn sample_std(xs: &[f64]) -> f64 {
-    let n = xs.len() as f64;
-    let mean = xs.iter().sum::<f64>() / n;
-    (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-}
-
 /// GRPO for pass@k (Chen et al. 2025, arXiv 2503.19595; verl's `adv_estimator = "grpo_passk"`):
 /// only the best response of each group learns, with advantage `r_max − r_second`, divided by
 /// the group's standard deviation + `eps` (`scale_rewards = "group"`; the batch's with `"batch"`,
@@ -131,12 +124,17 @@ pub fn grpo_passk(
     eps: f64,
 ) -> Vec<f32> {
     let mut out = vec![0f32; rewards.len()];
-    let all: Vec<f64> = rewards
-        .iter()
-        .filter(|r| r.is_finite())
-        .map(|&r| f64::from(r))
-        .collect();
-    let batch_std = sample_std(&all);
+    let batch_std = match scale {
+        crate::grpo::ScaleRewards::Batch => {
+            let all: Vec<f64> = rewards
+                .iter()
+                .filter(|r| r.is_finite())
+                .map(|&r| f64::from(r))
+                .collect();
+            crate::grpo::mean_and_std(&all).1
+        }
+        _ => f64::NAN,
+    };
     for members in finite_groups(rewards, group_ids).values() {
         if members.len() < 2 {
             continue;
@@ -147,7 +145,7 @@ pub fn grpo_passk(
         let gap = f64::from(rewards[order[0]]) - f64::from(rewards[order[1]]);
         let values: Vec<f64> = members.iter().map(|&i| f64::from(rewards[i])).collect();
         let a = match scale {
-            crate::grpo::ScaleRewards::Group => gap / (sample_std(&values) + eps),
+            crate::grpo::ScaleRewards::Group => gap / (crate::grpo::mean_and_std(&values).1 + eps),
             crate::grpo::ScaleRewards::Batch => gap / (batch_std + eps),
             crate::grpo::ScaleRewards::None => gap,
         };

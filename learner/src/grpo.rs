@@ -22,6 +22,14 @@ pub enum ScaleRewards {
     None,
 }
 
+/// The mean and the Bessel-corrected standard deviation of `xs` (NaN std for fewer than two).
+pub(crate) fn mean_and_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
 /// TRL's group advantages: `nanmean` / `nanstd` (Bessel-corrected) over each group; a NaN reward
 /// is left out of the statistics and gets advantage 0, as does a group whose std is undefined.
 pub fn group_advantages(
@@ -30,18 +38,12 @@ pub fn group_advantages(
     scale: ScaleRewards,
     eps: f64,
 ) -> Vec<f32> {
-    let stats = |xs: &[f64]| -> (f64, f64) {
-        let n = xs.len() as f64;
-        let mean = xs.iter().sum::<f64>() / n;
-        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
-        (mean, var.sqrt())
-    };
     let finite = |ids: &mut dyn Iterator<Item = usize>| -> Vec<f64> {
         ids.filter(|&i| rewards[i].is_finite())
             .map(|i| rewards[i] as f64)
             .collect()
     };
-    let batch_std = stats(&finite(&mut (0..rewards.len()))).1;
+    let batch_std = mean_and_std(&finite(&mut (0..rewards.len()))).1;
     rewards
         .iter()
         .enumerate()
@@ -50,7 +52,7 @@ pub fn group_advantages(
             let (mean, std) = if group.is_empty() {
                 (f64::NAN, f64::NAN)
             } else {
-                stats(&group)
+                mean_and_std(&group)
             };
             let mean = if group.len() == 1 { group[0] } else { mean };
             let a = match scale {
