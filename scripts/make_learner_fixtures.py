@@ -14,7 +14,7 @@ from the formulas of shared/spec/algorithms.md sections 1 and 5 and verl's / TRL
 Clip-Cov and KL-Cov as verl computes them (the tokens picked and the loss with them); DPPO-Binary-TV
 and -KL as verl computes them.
 
-Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti,covariance,dppo}.json.
+Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti,covariance,dppo,kto}.json.
 Needs: pip install torch
 """
 import json
@@ -636,6 +636,51 @@ def dpo():
             "total_chosen_tokens": total_chosen_tokens, "cases": cases}
 
 
+def kto():
+    """TRL's KTOTrainer loss (loss_type "kto" and "apo_zero_unpaired") over a micro-batch of 7
+    unpaired examples of an optimizer step of 10: the reference point z0 is the mean of
+    log pi(y'|x) - log pi_ref(y'|x) over the step's mismatched pairs, detached and clamped at 0;
+    the losses, weighted by desirable_weight / undesirable_weight, are summed over the step's
+    examples (TRL's nanmean over the step's batch) and divided by them."""
+    torch.manual_seed(8)
+    n, total = 7, 10
+    logps = -torch.rand(n) * 20
+    ref = logps + torch.randn(n) * 2
+    ref[3] = logps[3]  # one example at the reference
+    labels = [True, False, True, True, False, False, True]
+    # the step's mismatched pairs: one set whose mean log-ratio is positive, one negative (z0 = 0)
+    kl_policy = -torch.rand(total) * 20
+    kl_sets = {"positive": kl_policy - torch.rand(total) * 1.5, "negative": kl_policy + torch.rand(total) * 1.5}
+    cases = []
+    for loss_type, beta, wd, wu, kl_set in [("kto", 0.1, 1.0, 1.0, "positive"), ("kto", 0.5, 1.0, 1.0, "positive"),
+                                            ("kto", 0.1, 1.33, 1.0, "negative"), ("kto", 0.3, 1.0, 2.0, "positive"),
+                                            ("apo_zero_unpaired", 0.1, 1.0, 1.0, "positive"),
+                                            ("apo_zero_unpaired", 0.5, 1.0, 1.5, "positive")]:
+        x = logps.clone().requires_grad_(True)
+        if loss_type == "kto":
+            z0 = (kl_policy - kl_sets[kl_set]).mean().detach().clamp(min=0)
+        else:
+            z0 = torch.zeros(())
+        d = torch.tensor(labels)
+        h = x - ref
+        if loss_type == "kto":
+            chosen = 1 - torch.sigmoid(beta * (h[d] - z0))
+            rejected = 1 - torch.sigmoid(beta * (z0 - h[~d]))
+        else:
+            chosen = 1 - torch.sigmoid(beta * h[d])
+            rejected = torch.sigmoid(beta * h[~d])
+        losses = torch.cat((wd * chosen, wu * rejected))
+        loss = losses.sum() / total
+        loss.backward()
+        r = (beta * h).detach()
+        cases.append({"loss_type": loss_type, "beta": beta, "desirable_weight": wd, "undesirable_weight": wu,
+                      "kl_set": kl_set, "kl": float(z0), "loss": loss.item(), "grad": x.grad.tolist(),
+                      "chosen_reward": r[d].sum().item(), "rejected_reward": r[~d].sum().item()})
+    return {"logps": logps.tolist(), "ref_logps": ref.tolist(), "labels": labels, "total": total,
+            "kl_policy": kl_policy.tolist(), "kl_reference": {k: v.tolist() for k, v in kl_sets.items()},
+            "cases": cases}
+
+
 def lopti():
     """Lopti's two passes (spec 1.4) at the same parameters, with AR applied first: token-mean
     dual-clip loss over all valid tokens, KL (k3) and entropy masked to the active group."""
@@ -677,7 +722,7 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     for name, fn in [("adamw", adamw), ("grpo", grpo), ("advantages", advantages),
                      ("estimators", estimators), ("value", value), ("dpo", dpo), ("lopti", lopti),
-                     ("covariance", covariance), ("dppo", dppo)]:
+                     ("covariance", covariance), ("dppo", dppo), ("kto", kto)]:
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(fn(), f)
     print("learner fixtures written")

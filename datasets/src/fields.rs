@@ -16,6 +16,10 @@ pub struct Fields {
     pub answer: Vec<String>,
     /// When set, rows must carry `chosen` and `rejected`.
     pub preference: Option<(String, String)>,
+    /// With `preference`: a row may instead carry a `completion` and a boolean `label` (TRL's
+    /// unpaired preference format: true for a desirable completion), kept as `chosen` or
+    /// `rejected` by its label, or only one of `chosen` and `rejected`.
+    pub unpaired: bool,
 }
 
 impl Default for Fields {
@@ -40,6 +44,7 @@ impl Default for Fields {
                 "label",
             ]),
             preference: None,
+            unpaired: false,
         }
     }
 }
@@ -49,6 +54,14 @@ impl Fields {
         Fields {
             preference: Some(("chosen".into(), "rejected".into())),
             ..Fields::default()
+        }
+    }
+
+    /// Unpaired preference rows (KTO): `completion` and `label`, or `chosen` and / or `rejected`.
+    pub fn unpaired() -> Self {
+        Fields {
+            unpaired: true,
+            ..Fields::preference()
         }
     }
 
@@ -73,6 +86,46 @@ impl Fields {
             .ok_or_else(|| format!("no prompt field (looked for {})", self.prompt.join(", ")))?;
         let prompt = to_prompt(row.remove(&prompt_key).expect("present"))
             .map_err(|e| format!("field `{prompt_key}`: {e}"))?;
+        // before the answer: TRL's unpaired `label` is also a name answers go by
+        let (chosen, rejected) = match &self.preference {
+            None => (None, None),
+            Some((c, r)) => {
+                let take = |row: &mut Map<String, Value>, k: &str| match row.remove(k) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(v) => to_completion(v)
+                        .map(Some)
+                        .map_err(|e| format!("field `{k}`: {e}")),
+                };
+                if self.unpaired && row.contains_key("completion") {
+                    let completion = take(&mut row, "completion")?;
+                    match row.remove("label") {
+                        Some(Value::Bool(true)) => (completion, None),
+                        Some(Value::Bool(false)) => (None, completion),
+                        Some(other) => {
+                            return Err(format!(
+                                "field `label`: expected a boolean, found {}",
+                                kind(&other)
+                            ))
+                        }
+                        None => return Err("a `completion` without a `label` field".into()),
+                    }
+                } else {
+                    let (chosen, rejected) = (take(&mut row, c)?, take(&mut row, r)?);
+                    let missing = |k: &str| format!("no `{k}` field");
+                    match (&chosen, &rejected, self.unpaired) {
+                        (None, None, true) => {
+                            return Err(format!(
+                                "no `completion` and `label`, `{c}` or `{r}` field"
+                            ))
+                        }
+                        (None, _, false) => return Err(missing(c)),
+                        (_, None, false) => return Err(missing(r)),
+                        _ => {}
+                    }
+                    (chosen, rejected)
+                }
+            }
+        };
         let answer = match self
             .answer
             .iter()
@@ -83,16 +136,6 @@ impl Fields {
                 to_answer(row.remove(k).expect("present"))
                     .map_err(|e| format!("field `{k}`: {e}"))?,
             ),
-        };
-        let (chosen, rejected) = match &self.preference {
-            None => (None, None),
-            Some((c, r)) => {
-                let mut take = |k: &str| -> Result<Prompt, String> {
-                    let v = row.remove(k).ok_or_else(|| format!("no `{k}` field"))?;
-                    to_prompt(v).map_err(|e| format!("field `{k}`: {e}"))
-                };
-                (Some(take(c)?), Some(take(r)?))
-            }
         };
         Ok(Record {
             id,
@@ -143,6 +186,15 @@ fn to_prompt(v: Value) -> Result<Prompt, String> {
             "expected a string or a list of messages, found {}",
             kind(&other)
         )),
+    }
+}
+
+/// A completion: as a prompt, but it may be empty text (a sample that ended at once, its
+/// end-of-sequence token alone).
+fn to_completion(v: Value) -> Result<Prompt, String> {
+    match v {
+        Value::String(s) => Ok(Prompt::Text(s)),
+        other => to_prompt(other),
     }
 }
 
@@ -222,6 +274,39 @@ mod tests {
             .record(3, json!({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}))
             .unwrap();
         assert_eq!(pref.rejected, Some(Prompt::Text("b".into())));
+        // TRL's unpaired rows: the label says which side the completion is, and is no answer
+        let u = Fields::unpaired();
+        let good = u
+            .record(
+                4,
+                json!({"prompt": "p", "completion": "c", "label": true, "answer": 3}),
+            )
+            .unwrap();
+        assert_eq!(
+            (good.chosen, good.rejected),
+            (Some(Prompt::Text("c".into())), None)
+        );
+        assert_eq!(good.answer.as_deref(), Some("3"));
+        let bad = u
+            .record(5, json!({"prompt": "p", "completion": "c", "label": false}))
+            .unwrap();
+        assert_eq!(
+            (bad.chosen, bad.rejected),
+            (None, Some(Prompt::Text("c".into())))
+        );
+        assert_eq!(bad.answer, None);
+        // pairs, and one side of a pair, too
+        let pair = u
+            .record(6, json!({"prompt": "p", "chosen": "a", "rejected": "b"}))
+            .unwrap();
+        assert!(pair.chosen.is_some() && pair.rejected.is_some());
+        let one = u
+            .record(7, json!({"prompt": "p", "rejected": "b"}))
+            .unwrap();
+        assert_eq!(
+            (one.chosen, one.rejected),
+            (None, Some(Prompt::Text("b".into())))
+        );
     }
 
     #[test]
@@ -247,5 +332,18 @@ mod tests {
             .record(0, json!({"prompt": "p", "chosen": "a"}))
             .unwrap_err()
             .contains("rejected"));
+        let u = Fields::unpaired();
+        let err = |row| u.record(0, row).unwrap_err();
+        assert!(err(json!({"prompt": "p", "completion": "c"})).contains("without a `label`"));
+        assert!(err(json!({"prompt": "p", "completion": "c", "label": 1})).contains("boolean"));
+        assert!(err(json!({"prompt": "p", "answer": "3"})).contains("no `completion` and `label`"));
+        assert!(err(json!({"prompt": "", "completion": "c", "label": true})).contains("empty"));
+        assert!(err(json!({"prompt": "p", "completion": 3, "label": true})).contains("number"));
+        // a completion may be empty: a sample that ended at once (its end-of-sequence token)
+        let ended = u.record(0, json!({"prompt": "p", "completion": "", "label": false}));
+        assert_eq!(ended.unwrap().rejected, Some(Prompt::Text(String::new())));
+        let pair =
+            Fields::preference().record(0, json!({"prompt": "p", "chosen": "a", "rejected": ""}));
+        assert_eq!(pair.unwrap().rejected, Some(Prompt::Text(String::new())));
     }
 }

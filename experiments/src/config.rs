@@ -8,6 +8,7 @@ use learner::advantages::EntropyReward;
 use learner::correction::BehaviourCorrection;
 use learner::dpo::DpoLoss;
 use learner::grpo::{Aggregation, KlEstimator, RatioLevel, ScaleRewards};
+use learner::kto::{KtoConfig, KtoLoss};
 use learner::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 
@@ -493,13 +494,14 @@ pub struct AlgorithmConfig {
     /// `reinforce_pp_baseline`, `ppo` (GAE over a critic), `gdpo` (GRPO's normalisation per
     /// reward part, the parts summed by weight and whitened), `grpo_passk` (only each group's
     /// best response learns, `r_max − r_second`), `opo` (`r` − the group's length-weighted mean
-    /// reward) or `dpo` (preference pairs).
+    /// reward), `dpo` (preference pairs) or `kto` (unpaired desirable / undesirable examples).
     pub name: String,
     pub scale_rewards: ScaleRewards,
     pub std_eps: f64,
     pub loss_aggregation: Aggregation,
     pub ratio: RatioLevel,
-    /// `clip` (PPO's clipped surrogate), `cispo`, `sapo`, `clip_cov` or `kl_cov`.
+    /// `clip` (PPO's clipped surrogate), `cispo`, `sapo`, `clip_cov`, `kl_cov`, `dppo_tv` or
+    /// `dppo_kl`.
     pub policy_loss: PolicyLoss,
     /// CISPO's cap on the importance weight (ScaleRL's and TRL's recommended 5.0).
     pub cispo_max: f64,
@@ -590,10 +592,18 @@ pub struct AlgorithmConfig {
     pub discopop_tau: f64,
     /// RPO: α × the chosen completions' negative log-likelihood joins any DPO loss (0: off).
     pub rpo_alpha: f64,
-    /// DPO: pairs per optimizer step.
+    /// KTO (`name = "kto"`, TRL's `KTOTrainer`): `kto` or `apo_zero_unpaired`; β is
+    /// `dpo_beta`. The weights of desirable and undesirable examples' losses (TRL's
+    /// `desirable_weight`, `undesirable_weight`).
+    pub kto_loss: KtoLoss,
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+    /// DPO: pairs per optimizer step (KTO: examples).
     pub dpo_pairs_per_step: usize,
-    /// DPO: a JSONL or Parquet file of `prompt`, `chosen`, `rejected`; empty: build the pairs
-    /// from the warm-started model's own samples on the train prompts, ranked by the verifier.
+    /// DPO: a JSONL or Parquet file of `prompt`, `chosen`, `rejected` (KTO: also TRL's unpaired
+    /// `prompt`, `completion`, `label`); empty: build the pairs from the warm-started model's own
+    /// samples on the train prompts, ranked by the verifier (KTO: every sample, desirable where
+    /// the verifier judged it correct).
     pub preferences: String,
     /// DPO self-built pairs: prompts sampled (each `rollout.group_size` times).
     pub preference_prompts: usize,
@@ -652,6 +662,9 @@ impl Default for AlgorithmConfig {
             simpo_gamma: 0.5,
             discopop_tau: 0.05,
             rpo_alpha: 0.0,
+            kto_loss: KtoLoss::Kto,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
             dpo_pairs_per_step: 64,
             preferences: String::new(),
             preference_prompts: 512,
@@ -853,6 +866,22 @@ impl Config {
         )
     }
 
+    /// Whether the run trains on preference data (DPO, KTO) rather than on its rollouts.
+    pub fn preference_stage(&self) -> bool {
+        matches!(self.algorithm.name.as_str(), "dpo" | "kto")
+    }
+
+    /// KTO's loss as the config sets it (β is `dpo_beta`).
+    pub fn kto(&self) -> KtoConfig {
+        let a = &self.algorithm;
+        KtoConfig {
+            loss: a.kto_loss,
+            beta: a.dpo_beta,
+            desirable_weight: a.desirable_weight,
+            undesirable_weight: a.undesirable_weight,
+        }
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("the config serializes")
     }
@@ -942,7 +971,7 @@ impl Config {
             );
         }
         let a = &self.algorithm;
-        const NAMES: [&str; 9] = [
+        const NAMES: [&str; 10] = [
             "grpo",
             "rloo",
             "reinforce_pp",
@@ -952,6 +981,7 @@ impl Config {
             "gdpo",
             "grpo_passk",
             "opo",
+            "kto",
         ];
         if !NAMES.contains(&a.name.as_str()) {
             bail!("algorithm.name = {:?}: one of {}", a.name, NAMES.join(", "));
@@ -1028,20 +1058,37 @@ impl Config {
                 a.policy_loss.name()
             );
         }
-        if a.policy_loss != PolicyLoss::Clip && (a.dual_clip.is_some() || a.name == "dpo") {
+        let preference = self.preference_stage();
+        if a.policy_loss != PolicyLoss::Clip && (a.dual_clip.is_some() || preference) {
             bail!(
                 "algorithm.policy_loss = {} replaces the clipped surrogate: no dual_clip with \
-                 it, and DPO has no surrogate",
+                 it, and DPO and KTO have no surrogate",
                 a.policy_loss.name()
             );
         }
         let corrected = a.behaviour_correction != BehaviourCorrection::None;
         let rollout_only = a.filter_groups || a.mask_truncated || a.off_policy_mask.is_some();
-        if (rollout_only || corrected) && a.name == "dpo" {
+        if (rollout_only || corrected) && preference {
             bail!(
                 "algorithm.filter_groups, mask_truncated, behaviour_correction and \
-                 off_policy_mask: DPO trains on preference pairs, not on groups of rollouts; they \
-                 are for the policy-gradient methods"
+                 off_policy_mask: DPO and KTO train on preference data, not on groups of \
+                 rollouts; they are for the policy-gradient methods"
+            );
+        }
+        if a.name == "kto" && (a.dpo_loss != DpoLoss::Sigmoid || a.rpo_alpha != 0.0) {
+            bail!(
+                "algorithm.dpo_loss and rpo_alpha are DPO's; KTO's loss is algorithm.kto_loss \
+                 (`kto` or `apo_zero_unpaired`)"
+            );
+        }
+        if a.name != "kto" && a.kto_loss != KtoLoss::Kto {
+            bail!("algorithm.kto_loss is KTO's: set algorithm.name = \"kto\" with it");
+        }
+        if !(positive(a.desirable_weight) && positive(a.undesirable_weight)) {
+            bail!(
+                "algorithm.desirable_weight = {}, undesirable_weight = {}: must be positive",
+                a.desirable_weight,
+                a.undesirable_weight
             );
         }
         if a.off_policy_mask.is_some_and(|d| !d.is_finite()) {
@@ -1164,14 +1211,17 @@ impl Config {
                 d.kl_coef
             );
         }
-        if a.name == "dpo" {
+        if self.preference_stage() {
             bail!(
-                "distill.teacher: DPO trains on preference pairs; on-policy distillation scores                  the student's own rollouts (a policy-gradient method)"
+                "distill.teacher: DPO and KTO train on preference data; on-policy distillation \
+                 scores the student's own rollouts (a policy-gradient method)"
             );
         }
         if d.pure && (a.filter_groups || a.name == "ppo") {
             bail!(
-                "distill.pure = true leaves the task's advantages out: not with                  algorithm.filter_groups (which drops groups by their rewards) or PPO (whose                  critic learns the rewards' returns)"
+                "distill.pure = true leaves the task's advantages out: not with \
+                 algorithm.filter_groups (which drops groups by their rewards) or PPO (whose \
+                 critic learns the rewards' returns)"
             );
         }
         Ok(())
@@ -1341,6 +1391,34 @@ mod tests {
                 .unwrap_err()
         );
         assert!(e.contains("gdpo") && e.contains("entropy_reward"), "{e}");
+        // KTO: its own loss and weights; DPO's loss keys are refused with it, and its with others
+        let both = |set: &[&str]| format!("{:#}", Config::default_with(set).unwrap_err());
+        let e = both(&["algorithm.name=kto", "algorithm.dpo_loss=ipo"]);
+        assert!(e.contains("kto_loss"), "{e}");
+        assert!(both(&["algorithm.name=kto", "algorithm.rpo_alpha=1"]).contains("rpo_alpha"));
+        assert!(bad("algorithm.kto_loss=apo_zero_unpaired").contains("name = \"kto\""));
+        assert!(bad("algorithm.kto_loss=bco").contains("bco"));
+        assert!(bad("algorithm.desirable_weight=0").contains("desirable_weight"));
+        assert!(bad("algorithm.undesirable_weight=nan").contains("undesirable_weight"));
+        let e = both(&["algorithm.name=kto", "algorithm.mask_truncated=true"]);
+        assert!(e.contains("preference data"), "{e}");
+        let kto = Config::default_with(&[
+            "algorithm.name=kto",
+            "algorithm.kto_loss=apo_zero_unpaired",
+            "algorithm.desirable_weight=1.33",
+            "algorithm.dpo_beta=0.2",
+        ])
+        .unwrap();
+        assert!(kto.preference_stage());
+        assert_eq!(
+            kto.kto(),
+            KtoConfig {
+                loss: KtoLoss::ApoZeroUnpaired,
+                beta: 0.2,
+                desirable_weight: 1.33,
+                undesirable_weight: 1.0,
+            }
+        );
         assert!(bad("rollout.top_p=0.0").contains("rollout.top_p"));
         assert!(bad("rollout.top_p=1.5").contains("rollout.top_p"));
         assert!(bad("rollout.workers=0").contains("workers"));

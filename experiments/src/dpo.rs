@@ -1,6 +1,7 @@
-//! The DPO stage of a run: preference pairs from a file, or built from the warm-started model's
-//! own samples ranked by the verifier; reference log-probs computed once; the DPO-family loss;
-//! the same metrics, evaluation and checkpoint files as the RL stage.
+//! The preference stage of a run (`algorithm.name = "dpo"` or `"kto"`): preference pairs (DPO)
+//! or unpaired examples (KTO) from a file, or built from the warm-started model's own samples
+//! judged by the verifier; reference log-probs computed once; the DPO-family or KTO loss; the
+//! same metrics, evaluation and checkpoint files as the RL stage.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +12,7 @@ use datasets::record::Prompt;
 use datasets::Record;
 use learner::checkpoint::{self, TrainerState};
 use learner::dpo::{dpo_step, DpoConfig, Pair};
+use learner::kto::{kto_step, Example};
 use learner::optim::AdamW;
 use model::Weights;
 use rollout::pool::{generate_fitting, rollout_groups, Feed, PoolConfig};
@@ -26,8 +28,9 @@ pub const PREFERENCES_FILE: &str = "preferences.jsonl";
 
 /// Samples `rollout.group_size` completions for each of `algorithm.preference_prompts` train
 /// prompts and pairs the best-rewarded completion (chosen) with the worst (rejected); prompts
-/// whose completions all score the same give no pair. Each pair keeps its prompt record's
-/// fields, so the prompt renders as it did. The groups are generated as the rollout workers
+/// whose completions all score the same give no pair. For KTO every sample is an example of its
+/// own: desirable (`chosen`) where the verifier judged it correct, undesirable (`rejected`)
+/// otherwise. Each record keeps its prompt record's fields, so the prompt renders as it did. The groups are generated as the rollout workers
 /// batch theirs (`rollout.groups_per_batch`), each from its own sampling streams, so the pairs
 /// do not depend on the batching. None when `stop` (Ctrl-C, SIGTERM) came first.
 pub fn build_preferences(
@@ -64,6 +67,9 @@ pub fn build_preferences(
         });
         for ((_, record), samples) in groups.iter().zip(results) {
             match samples {
+                Ok(samples) if c.algorithm.name == "kto" => {
+                    out.extend(samples.iter().map(|s| unpaired(record, s)))
+                }
                 Ok(samples) => out.extend(preference(record, &samples)),
                 Err(e) => tracing::warn!("preference prompt {}: {e}", record.id),
             }
@@ -102,48 +108,106 @@ fn preference(record: &Record, samples: &[Sample]) -> Option<Record> {
     })
 }
 
+/// A sample as an unpaired example: its completion as `chosen` where the verifier judged it
+/// correct (its reward part `correct`), as `rejected` otherwise, with the prompt record's fields.
+fn unpaired(record: &Record, sample: &Sample) -> Record {
+    let correct = sample
+        .reward_parts
+        .iter()
+        .any(|(name, v)| name == "correct" && *v >= 0.5);
+    let side = if correct { "chosen" } else { "rejected" };
+    let mut metadata = record.metadata.clone();
+    metadata.insert(format!("{side}_reward"), sample.reward.into());
+    metadata.insert(
+        format!("{side}_stop"),
+        (sample.finish == Finish::Stop).into(),
+    );
+    let completion = Some(Prompt::Text(sample.completion_text.clone()));
+    Record {
+        id: record.id,
+        prompt: record.prompt.clone(),
+        answer: record.answer.clone(),
+        chosen: if correct { completion.clone() } else { None },
+        rejected: if correct { None } else { completion },
+        metadata,
+    }
+}
+
 /// Tokenized pairs: the prompt as the task renders it, each completion's text and its
 /// end-of-sequence token (unless the record says the sample was cut at the length limit).
 pub fn tokenize(task: &Task, records: &[Record]) -> anyhow::Result<Vec<Pair>> {
-    let eos = setup::stop_ids(&task.tokenizer);
-    let text = |p: &Option<Prompt>, what: &str| -> anyhow::Result<String> {
-        match p {
-            Some(Prompt::Text(t)) => Ok(t.clone()),
-            Some(Prompt::Messages(m)) => Ok(m
-                .iter()
-                .filter(|m| m.role == "assistant")
-                .map(|m| m.content.clone())
-                .collect::<Vec<_>>()
-                .join("")),
-            None => anyhow::bail!("no {what} completion"),
-        }
-    };
     let mut pairs = Vec::with_capacity(records.len());
     for r in records {
-        let completion = |p: &Option<Prompt>, what: &str| -> anyhow::Result<Vec<u32>> {
-            let mut ids = task.tokenizer.encode(&text(p, what)?, false)?;
-            let stopped = r
-                .metadata
-                .get(&format!("{what}_stop"))
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(true);
-            if stopped {
-                ids.extend(eos.first());
-            }
-            anyhow::ensure!(!ids.is_empty(), "an empty {what} completion");
-            Ok(ids)
-        };
         let pair = (|| -> anyhow::Result<Pair> {
             Ok(Pair {
                 prompt: task.prompt_ids(r)?,
-                chosen: completion(&r.chosen, "chosen")?,
-                rejected: completion(&r.rejected, "rejected")?,
+                chosen: completion_ids(task, r, &r.chosen, "chosen")?,
+                rejected: completion_ids(task, r, &r.rejected, "rejected")?,
             })
         })()
         .with_context(|| format!("preference record {}", r.id))?;
         pairs.push(pair);
     }
     Ok(pairs)
+}
+
+/// Tokenized unpaired examples (KTO): a record's `chosen` completion is a desirable example, its
+/// `rejected` one an undesirable example (a pair gives both), each given another example's
+/// completion for KTO's KL estimate ([`learner::kto::mismatched`], seeded by `seed`).
+pub fn tokenize_unpaired(
+    task: &Task,
+    records: &[Record],
+    seed: u64,
+) -> anyhow::Result<Vec<Example>> {
+    let mut items = Vec::with_capacity(records.len());
+    for r in records {
+        let prompt = task
+            .prompt_ids(r)
+            .with_context(|| format!("preference record {}", r.id))?;
+        for (p, what, desirable) in [
+            (&r.chosen, "chosen", true),
+            (&r.rejected, "rejected", false),
+        ] {
+            if p.is_some() {
+                let ids = completion_ids(task, r, p, what)
+                    .with_context(|| format!("preference record {}", r.id))?;
+                items.push((prompt.clone(), ids, desirable));
+            }
+        }
+    }
+    Ok(learner::kto::mismatched(items, seed))
+}
+
+/// A record's `chosen` or `rejected` completion (`what`), tokenized: its text (a conversation's
+/// assistant turns) and its end-of-sequence token, unless the record says the sample was cut at
+/// the length limit (`{what}_stop` false).
+fn completion_ids(
+    task: &Task,
+    r: &Record,
+    p: &Option<Prompt>,
+    what: &str,
+) -> anyhow::Result<Vec<u32>> {
+    let text = match p {
+        Some(Prompt::Text(t)) => t.clone(),
+        Some(Prompt::Messages(m)) => m
+            .iter()
+            .filter(|m| m.role == "assistant")
+            .map(|m| m.content.clone())
+            .collect::<Vec<_>>()
+            .join(""),
+        None => anyhow::bail!("no {what} completion"),
+    };
+    let mut ids = task.tokenizer.encode(&text, false)?;
+    let stopped = r
+        .metadata
+        .get(&format!("{what}_stop"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(true);
+    if stopped {
+        ids.extend(setup::stop_ids(&task.tokenizer).first());
+    }
+    anyhow::ensure!(!ids.is_empty(), "an empty {what} completion");
+    Ok(ids)
 }
 
 /// The pairs of one step: `n` pairs from a seeded order over the set, a fresh permutation each
@@ -159,24 +223,41 @@ pub fn step_pairs(len: usize, n: usize, seed: u64, step: u64) -> Vec<usize> {
         .collect()
 }
 
-/// DPO optimizer steps from `state.step` to `run.steps`, or until `stop` (Ctrl-C, SIGTERM) is
-/// set; one metrics row per step.
+/// What the preference stage trains on, with the reference model's summed log-probs of it
+/// (computed once, before training).
+pub enum Preferences {
+    /// DPO's pairs, and the reference's (chosen, rejected) log-probs.
+    Pairs(Vec<Pair>, Vec<(f32, f32)>),
+    /// KTO's examples, and the reference's (completion, mismatched completion) log-probs.
+    Examples(Vec<Example>, Vec<(f32, f32)>),
+}
+
+impl Preferences {
+    pub fn len(&self) -> usize {
+        match self {
+            Preferences::Pairs(p, _) => p.len(),
+            Preferences::Examples(e, _) => e.len(),
+        }
+    }
+}
+
+/// Preference optimizer steps (DPO or KTO) from `state.step` to `run.steps`, or until `stop`
+/// (Ctrl-C, SIGTERM) is set; one metrics row per step.
 #[allow(clippy::too_many_arguments)]
 pub fn dpo_stage(
     c: &Config,
     policy: &Weights,
     opt: &mut AdamW,
-    pairs: &[Pair],
-    reference: &[(f32, f32)],
+    data: &Preferences,
     mut state: TrainerState,
     metrics: &mut StepTable,
     on_step: &mut dyn FnMut(&TrainerState, &AdamW) -> anyhow::Result<()>,
     stop: &AtomicBool,
     top: &mut Option<StepTop>,
 ) -> anyhow::Result<TrainerState> {
-    anyhow::ensure!(!pairs.is_empty(), "no preference pairs to train on");
+    anyhow::ensure!(data.len() > 0, "no preference data to train on");
     let a = &c.algorithm;
-    let cfg = DpoConfig {
+    let dpo = DpoConfig {
         loss: a.dpo_loss,
         beta: a.dpo_beta,
         label_smoothing: a.label_smoothing,
@@ -184,6 +265,8 @@ pub fn dpo_stage(
         discopop_tau: a.discopop_tau,
         rpo_alpha: a.rpo_alpha,
     };
+    let kto = c.kto();
+    let budget = c.optimizer.micro_batch_tokens;
     let start = Instant::now();
     while state.step < c.run.steps && !stop.load(Ordering::SeqCst) {
         *top = Some(StepTop {
@@ -191,49 +274,63 @@ pub fn dpo_stage(
             optimizer_steps: opt.steps(),
         });
         let t0 = Instant::now();
-        let idx = step_pairs(
-            pairs.len(),
-            c.algorithm.dpo_pairs_per_step,
-            c.run.seed,
-            state.step,
-        );
-        let batch: Vec<Pair> = idx.iter().map(|&i| pairs[i].clone()).collect();
-        let refs: Vec<(f32, f32)> = idx.iter().map(|&i| reference[i]).collect();
+        let idx = step_pairs(data.len(), a.dpo_pairs_per_step, c.run.seed, state.step);
         let lr = c.lr_at(c.optimizer.lr, state.step);
         crate::failpoint::check("dpo-step", state.step)?;
-        let m = dpo_step(
-            policy,
-            opt,
-            &batch,
-            &refs,
-            &cfg,
-            c.optimizer.micro_batch_tokens,
-            lr,
-        )?;
-        if m.skipped {
+        let picked = |reference: &[(f32, f32)]| idx.iter().map(|&i| reference[i]).collect();
+        let (mut row, skipped, retries, counted) = match data {
+            Preferences::Pairs(pairs, reference) => {
+                let batch: Vec<Pair> = idx.iter().map(|&i| pairs[i].clone()).collect();
+                let refs: Vec<(f32, f32)> = picked(reference);
+                let m = dpo_step(policy, opt, &batch, &refs, &dpo, budget, lr)?;
+                let row = vec![
+                    ("loss".to_string(), m.loss),
+                    ("reward_accuracy".into(), m.reward_accuracy),
+                    ("reward_margin".into(), m.margin),
+                    ("chosen_reward".into(), m.chosen_reward),
+                    ("rejected_reward".into(), m.rejected_reward),
+                    ("grad_norm".into(), m.grad_norm),
+                ];
+                (row, m.skipped, m.memory_retries, "pairs")
+            }
+            Preferences::Examples(examples, reference) => {
+                let batch: Vec<Example> = idx.iter().map(|&i| examples[i].clone()).collect();
+                let refs: Vec<(f32, f32)> = picked(reference);
+                let m = kto_step(policy, opt, &batch, &refs, &kto, budget, lr)?;
+                let row = vec![
+                    ("loss".to_string(), m.loss),
+                    ("kl".into(), m.kl),
+                    ("reward_margin".into(), m.chosen_reward - m.rejected_reward),
+                    ("chosen_reward".into(), m.chosen_reward),
+                    ("rejected_reward".into(), m.rejected_reward),
+                    (
+                        "desirable_frac".into(),
+                        m.desirable as f64 / batch.len() as f64,
+                    ),
+                    ("grad_norm".into(), m.grad_norm),
+                ];
+                (row, m.skipped, m.memory_retries, "examples")
+            }
+        };
+        if skipped {
             tracing::warn!(
                 step = state.step,
-                "non-finite DPO loss or gradient: step skipped"
+                "non-finite {} loss or gradient: step skipped",
+                a.name
             );
         }
-        crate::run::warn_memory_retries(state.step, m.memory_retries, opt.fit());
+        crate::run::warn_memory_retries(state.step, retries, opt.fit());
         state.step += 1;
         state.policy_version += 1;
-        state.samples_seen += batch.len() as u64;
-        let mut row = vec![
-            ("loss".to_string(), m.loss),
-            ("reward_accuracy".into(), m.reward_accuracy),
-            ("reward_margin".into(), m.margin),
-            ("chosen_reward".into(), m.chosen_reward),
-            ("rejected_reward".into(), m.rejected_reward),
-            ("grad_norm".into(), m.grad_norm),
+        state.samples_seen += idx.len() as u64;
+        row.extend([
             ("lr".into(), lr),
-            ("skipped".into(), f64::from(u8::from(m.skipped))),
-            ("memory_retries".into(), m.memory_retries as f64),
-        ];
+            ("skipped".into(), f64::from(u8::from(skipped))),
+            ("memory_retries".into(), retries as f64),
+        ]);
         row.extend(crate::run::loss_scale_columns(opt));
         row.extend([
-            ("pairs".into(), state.samples_seen as f64),
+            (counted.into(), state.samples_seen as f64),
             ("time/train".into(), t0.elapsed().as_secs_f64()),
         ]);
         // the row goes to disk before the checkpoint, so a run killed right after its
@@ -246,18 +343,22 @@ pub fn dpo_stage(
         metrics.set_last("time/eval_checkpoint", t1.elapsed().as_secs_f64())?;
         tracing::info!(
             step = state.step,
-            loss = m.loss,
-            accuracy = m.reward_accuracy,
-            margin = m.margin,
-            "dpo"
+            loss = row[0].1,
+            margin = row
+                .iter()
+                .find(|r| r.0 == "reward_margin")
+                .map_or(f64::NAN, |r| r.1),
+            "{}",
+            a.name
         );
     }
     Ok(state)
 }
 
-/// The preference pairs of a run: `algorithm.preferences`, or the pairs this run built (and
-/// saved in its directory) from the warm-started policy. None when a stop (Ctrl-C, SIGTERM)
-/// came while it built them: nothing is saved, and `--resume` builds them again.
+/// The preference data of a run: `algorithm.preferences`, or the records this run built (and
+/// saved in its directory) from the warm-started policy `start`, tokenized as the algorithm
+/// trains on them, with `start`'s (the reference's) log-probs of them. None when a stop (Ctrl-C,
+/// SIGTERM) came while it built them: nothing is saved, and `--resume` builds them again.
 pub fn preferences(
     c: &Config,
     dir: &Path,
@@ -265,13 +366,18 @@ pub fn preferences(
     task: &Task,
     feed: &mut Feed,
     stop: &AtomicBool,
-) -> anyhow::Result<Option<Vec<Pair>>> {
+) -> anyhow::Result<Option<Preferences>> {
+    let kto = c.algorithm.name == "kto";
+    let read = |path: &str| match kto {
+        true => setup::unpaired_records(c, path),
+        false => setup::preference_records(c, path),
+    };
     let records = if !c.algorithm.preferences.is_empty() {
-        setup::preference_records(c, &c.algorithm.preferences)?
+        read(&c.algorithm.preferences)?
     } else {
         let path = dir.join(PREFERENCES_FILE);
         if path.is_file() {
-            setup::preference_records(c, path.to_str().context("a UTF-8 path")?)?
+            read(path.to_str().context("a UTF-8 path")?)?
         } else {
             let t = Instant::now();
             let Some(records) = build_preferences(c, start, task, feed, stop)? else {
@@ -279,18 +385,58 @@ pub fn preferences(
             };
             datasets::jsonl::write(&path, &records)?;
             tracing::info!(
-                pairs = records.len(),
+                records = records.len(),
                 prompts = c.algorithm.preference_prompts,
                 seconds = t.elapsed().as_secs_f64(),
                 path = %path.display(),
-                "preference pairs built from the model's own samples"
+                "preference data built from the model's own samples"
             );
             records
         }
     };
-    let pairs = tokenize(task, &records)?;
-    anyhow::ensure!(!pairs.is_empty(), "no preference pairs");
-    Ok(Some(pairs))
+    let t = Instant::now();
+    let budget = c.optimizer.micro_batch_tokens;
+    let data = if kto {
+        let examples = tokenize_unpaired(task, &records, c.run.seed)?;
+        anyhow::ensure!(!examples.is_empty(), "no KTO examples");
+        warn_imbalance(c, &examples);
+        let cfg = c.kto();
+        let reference = learner::kto::reference_logprobs(start, &examples, cfg.uses_kl(), budget)?;
+        Preferences::Examples(examples, reference)
+    } else {
+        let pairs = tokenize(task, &records)?;
+        anyhow::ensure!(!pairs.is_empty(), "no preference pairs");
+        let reference = match c.algorithm.dpo_loss.reference_free() {
+            true => vec![(0.0, 0.0); pairs.len()],
+            false => learner::dpo::reference_logprobs(start, &pairs, budget)?,
+        };
+        Preferences::Pairs(pairs, reference)
+    };
+    tracing::info!(
+        items = data.len(),
+        seconds = t.elapsed().as_secs_f64(),
+        "reference log-probs cached"
+    );
+    Ok(Some(data))
+}
+
+/// TRL's advice for KTO's class balance: `desirable_weight·n_D / (undesirable_weight·n_U)`
+/// within [1, 4/3]; a warning naming the weight that would bring it there otherwise.
+fn warn_imbalance(c: &Config, examples: &[Example]) {
+    let d = examples.iter().filter(|e| e.desirable).count() as f64;
+    let u = examples.len() as f64 - d;
+    let (wd, wu) = (c.algorithm.desirable_weight, c.algorithm.undesirable_weight);
+    let ratio = wd * d / (wu * u);
+    if !(1.0..=4.0 / 3.0).contains(&ratio) {
+        tracing::warn!(
+            desirable = d,
+            undesirable = u,
+            ratio,
+            "KTO's weighted desirable : undesirable ratio is outside TRL's advised [1, 4/3]; \
+             algorithm.desirable_weight = {:.3} would make it 1",
+            wu * u / d.max(1.0)
+        );
+    }
 }
 
 /// Saves a DPO checkpoint (the RL stage's layout).

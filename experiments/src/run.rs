@@ -529,33 +529,19 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
         summary.pass_at_k_start = eval_table.value_like(0, "pass@", "pass@1");
         summary.pass_at_1_start = eval_table.value(0, "pass@1");
     }
-    let rl = if c.algorithm.name == "dpo" {
+    let rl = if c.preference_stage() {
         let start = Instant::now();
         let mut feed = Feed::new(setup::train_loader(c)?, state.feed);
         let built = crate::dpo::preferences(c, dir, &start_weights, &task, &mut feed, &opts.stop)?;
-        let Some(pairs) = built else {
+        let Some(data) = built else {
             tracing::info!(
-                "stopped while building the preference pairs; resume with --resume {} (which builds them again)",
+                "stopped while building the preference data; resume with --resume {} (which builds it again)",
                 dir.display()
             );
             summary.interrupted = true;
             return Ok(summary);
         };
-        let t = Instant::now();
-        let cached = match c.algorithm.dpo_loss.reference_free() {
-            true => vec![(0.0, 0.0); pairs.len()],
-            false => learner::dpo::reference_logprobs(
-                &start_weights,
-                &pairs,
-                c.optimizer.micro_batch_tokens,
-            )?,
-        };
-        tracing::info!(
-            pairs = pairs.len(),
-            seconds = t.elapsed().as_secs_f64(),
-            "reference log-probs cached"
-        );
-        let bar = progress_bar(c.run.steps, "dpo", opts.progress);
+        let bar = progress_bar(c.run.steps, &c.algorithm.name, opts.progress);
         bar.set_position(state.step);
         let mut on_step = |s: &TrainerState, opt: &AdamW| -> anyhow::Result<()> {
             if c.run.eval_every > 0 && s.step.is_multiple_of(c.run.eval_every)
@@ -583,8 +569,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
                 c,
                 &policy,
                 &mut opt,
-                &pairs,
-                &cached,
+                &data,
                 state,
                 &mut metrics,
                 &mut on_step,
@@ -597,7 +582,8 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             Ok(end) => end,
             Err(e) => {
                 let saved = last_saved(&ckpt_root);
-                return Err(rescued(e, "DPO", top, opt.steps(), saved, dir, |s| {
+                let stage = c.algorithm.name.to_uppercase();
+                return Err(rescued(e, &stage, top, opt.steps(), saved, dir, |s| {
                     crate::dpo::save(c, dir, &task, &policy, &opt, s)
                 }));
             }

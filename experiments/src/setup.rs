@@ -371,6 +371,16 @@ fn open(c: &Config, spec: &str, split: Split) -> anyhow::Result<Source> {
 
 /// Every record of a preference file (`prompt`, `chosen`, `rejected`), in file order.
 pub fn preference_records(c: &Config, path: &str) -> anyhow::Result<Vec<Record>> {
+    records_with(c, path, Fields::preference())
+}
+
+/// Every record of an unpaired preference file (KTO: TRL's `prompt`, `completion`, `label`, or
+/// rows with `chosen` and / or `rejected`), in file order.
+pub fn unpaired_records(c: &Config, path: &str) -> anyhow::Result<Vec<Record>> {
+    records_with(c, path, Fields::unpaired())
+}
+
+fn records_with(c: &Config, path: &str, fields: Fields) -> anyhow::Result<Vec<Record>> {
     let source = open_with(
         &Config {
             data: crate::config::DataConfig {
@@ -381,7 +391,7 @@ pub fn preference_records(c: &Config, path: &str) -> anyhow::Result<Vec<Record>>
         },
         path,
         Split::Train,
-        Fields::preference(),
+        fields,
     )?;
     let n = source
         .records_per_epoch()

@@ -1079,6 +1079,86 @@ fn grpo_passk_and_opo_run_on_grpos_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.name = "kto"` (TRL's KTOTrainer): every sample of the warm start on the
+/// preference prompts is an example, desirable where the verifier judged it correct; the same
+/// examples from a file in TRL's unpaired format train alike; the weights and the resume hold.
+#[test]
+fn kto_trains_on_unpaired_examples_from_samples_or_a_file() {
+    let root = scratch("kto");
+    let base = [
+        "algorithm.name=kto",
+        "algorithm.preference_prompts=64",
+        "algorithm.dpo_pairs_per_step=32",
+    ];
+    let kto = root.join("kto");
+    succeed(&mut tiny("kto", &kto, &base, 3));
+    // 64 prompts × 8 samples, each one side of a pair: chosen (desirable) or rejected
+    let text = std::fs::read_to_string(kto.join("preferences.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 512);
+    let desirable = rows.iter().filter(|r| r.get("chosen").is_some()).count();
+    assert!(rows
+        .iter()
+        .all(|r| r.get("chosen").is_some() != r.get("rejected").is_some()));
+    assert!(desirable > 0 && desirable < 512, "{desirable} desirable");
+    // the first step starts at the reference: every log-ratio and z₀ are 0, every loss 1 − σ(0)
+    let (loss, kl) = (metric(&kto, "loss"), metric(&kto, "kl"));
+    assert!((loss[0] - 0.5).abs() < 1e-6, "{loss:?}");
+    assert_eq!(kl[0], 0.0);
+    assert!(
+        kl.iter().all(|k| *k >= 0.0) && loss[2] != 0.5,
+        "{loss:?} {kl:?}"
+    );
+    // the same examples in TRL's format (prompt, completion, label) train the same
+    let trl: String = rows
+        .iter()
+        .map(|r| {
+            let mut row = r.as_object().unwrap().clone();
+            let label = row.contains_key("chosen");
+            let completion = row
+                .remove("chosen")
+                .or_else(|| row.remove("rejected"))
+                .unwrap();
+            row.insert("completion".into(), completion);
+            row.insert("label".into(), label.into());
+            format!("{}\n", serde_json::Value::Object(row))
+        })
+        .collect();
+    let file = root.join("unpaired.jsonl");
+    std::fs::write(&file, trl).unwrap();
+    let from_file = root.join("kto-file");
+    let set_file = format!("algorithm.preferences={}", file.display());
+    let with_file = [base[0], base[2], &set_file];
+    succeed(&mut tiny("kto", &from_file, &with_file, 3));
+    for col in ["loss", "kl", "desirable_frac", "grad_norm"] {
+        assert_eq!(metric(&kto, col), metric(&from_file, col), "{col}");
+    }
+    // desirable examples weighted 2: the first step's loss is ½·(2·f + (1 − f))
+    let weighted = root.join("kto-weighted");
+    let mut set = with_file.to_vec();
+    set.push("algorithm.desirable_weight=2");
+    succeed(&mut tiny("kto", &weighted, &set, 1));
+    let f = metric(&weighted, "desirable_frac")[0];
+    let loss = metric(&weighted, "loss")[0];
+    assert!(
+        (loss - 0.5 * (1.0 + f)).abs() < 1e-6,
+        "{loss} with {f} desirable"
+    );
+    // the unpaired APO-zero has no reference point
+    let apo = root.join("kto-apo");
+    set = with_file.to_vec();
+    set.push("algorithm.kto_loss=apo_zero_unpaired");
+    succeed(&mut tiny("kto", &apo, &set, 2));
+    assert_eq!(metric(&apo, "kl"), vec![0.0, 0.0]);
+    assert_ne!(metric(&apo, "loss")[1], metric(&from_file, "loss")[1]);
+    // stopped after a step and resumed, the run is the uninterrupted one
+    let (whole, resumed) = whole_and_resumed("kto", &root, &with_file, 3);
+    assert_same_table(&whole, &resumed, "metrics.parquet");
+}
+
 /// The behaviour correction (`algorithm.behaviour_correction`) with one version of asynchrony:
 /// the learner recomputes the old log-probs at the start of each step, so the ratio at its one
 /// optimizer step is 1 on every token (`logprob_diff_max` at float rounding) where the

@@ -137,7 +137,7 @@ fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((out + std::f64::consts::LN_2)?)
 }
 
-fn sigmoid(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok(log_sigmoid(x)?.exp()?)
 }
 
@@ -299,14 +299,19 @@ fn pairs_by_length(pairs: &[Pair], budget: usize) -> Option<Vec<usize>> {
     cheapest_order(pairs.len(), &[&|i| lengths[i]], positions)
 }
 
+/// The summed completion log-probs `[n]` of `seqs` (one row each) under `w`, at temperature 1
+/// (differentiable when `w` holds `Var`s).
+pub(crate) fn completion_logprobs(w: &Weights, seqs: &[Sequence]) -> Result<Tensor> {
+    let device = w.embed_tokens.device().clone();
+    let p = pack(seqs, &device)?;
+    let lp = p.logprobs(w, 1.0, false)?;
+    Ok((lp.logprobs * lp.mask)?.sum(1)?)
+}
+
 /// `[2n]` rows chosen₀, rejected₀, chosen₁, … of a micro-batch, and the summed completion
 /// log-probs `[n]`, `[n]` under `w` (differentiable when `w` holds `Var`s).
 fn summed_logprobs(w: &Weights, pairs: &[Pair]) -> Result<(Tensor, Tensor)> {
-    let seqs = pair_rows(pairs);
-    let device = w.embed_tokens.device().clone();
-    let p = pack(&seqs, &device)?;
-    let lp = p.logprobs(w, 1.0, false)?;
-    let sums = (lp.logprobs * lp.mask)?.sum(1)?.reshape((pairs.len(), 2))?; // [n, 2]
+    let sums = completion_logprobs(w, &pair_rows(pairs))?.reshape((pairs.len(), 2))?; // [n, 2]
     Ok((
         sums.narrow(1, 0, 1)?.squeeze(1)?,
         sums.narrow(1, 1, 1)?.squeeze(1)?,

@@ -12,6 +12,7 @@ pub mod dpo;
 pub mod error;
 pub mod fit;
 pub mod grpo;
+pub mod kto;
 pub mod optim;
 pub mod ppo;
 pub mod scaler;

@@ -2,7 +2,8 @@
 //! (scripts/make_learner_fixtures.py) on padded batches of unequal lengths: RLOO, REINFORCE++
 //! with and without baseline, GDPO, GRPO pass@k, OPO, PPO token rewards and GAE, whitening, AR, EM-RL rewards, the
 //! adaptive KL controller, on-policy distillation's teacher term, the clipped value loss, the DPO
-//! family (TRL's DPO losses, SimPO, RPO) and Lopti's two passes.
+//! family (TRL's DPO losses, SimPO, RPO), KTO (TRL's `kto` and `apo_zero_unpaired`) and Lopti's
+//! two passes.
 
 use candle_core::{Device, Tensor, Var};
 use learner::advantages::{
@@ -13,6 +14,7 @@ use learner::dpo::{dpo_loss, DpoConfig, DpoLoss, PairLogprobs};
 use learner::grpo::{
     policy_loss, Aggregation, KlEstimator, PolicyInputs, PolicyLossConfig, ScaleRewards, StepTotals,
 };
+use learner::kto::{kto_loss, reference_point, KtoConfig, KtoLoss};
 use learner::ppo::value_loss;
 use learner::step::{lopti_passes, Sequence};
 use serde_json::Value;
@@ -353,6 +355,63 @@ fn dpo_losses_gradients_and_metrics_match_the_reference() {
         dpo_loss(&x, &bad, 1, 1).is_err(),
         "robust DPO with ε = 0.5 divides by zero"
     );
+}
+
+#[test]
+fn kto_losses_gradients_and_reference_point_match_trl() {
+    let f = fixture("kto");
+    let v = |k: &str| Tensor::new(parse::<Vec<f32>>(&f[k]), &Device::Cpu).unwrap();
+    let labels: Vec<bool> = parse(&f["labels"]);
+    let total: usize = parse(&f["total"]);
+    let kl_policy: Vec<f32> = parse(&f["kl_policy"]);
+    let cases = f["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    for case in cases {
+        let cfg = KtoConfig {
+            loss: parse::<KtoLoss>(&case["loss_type"]),
+            beta: parse(&case["beta"]),
+            desirable_weight: parse(&case["desirable_weight"]),
+            undesirable_weight: parse(&case["undesirable_weight"]),
+        };
+        // z₀ from the step's mismatched pairs (clamped at 0 for the "negative" set)
+        let kl_set = case["kl_set"].as_str().unwrap();
+        let kl_reference: Vec<f32> = parse(&f["kl_reference"][kl_set]);
+        let kl = match cfg.uses_kl() {
+            true => reference_point(&kl_policy, &kl_reference),
+            false => 0.0,
+        };
+        let want_kl: f64 = parse(&case["kl"]);
+        assert!((kl - want_kl).abs() < 1e-5, "{cfg:?}: z₀ {kl} vs {want_kl}");
+        assert_eq!(kl == 0.0, kl_set == "negative" || !cfg.uses_kl(), "{cfg:?}");
+        let logps = Var::from_tensor(&v("logps")).unwrap();
+        let (loss, pending) =
+            kto_loss(logps.as_tensor(), &v("ref_logps"), &labels, kl, &cfg, total).unwrap();
+        let want: f64 = parse(&case["loss"]);
+        assert!(
+            (scalar(&loss) - want).abs() < TOL,
+            "{cfg:?}: {} vs {want}",
+            scalar(&loss)
+        );
+        let g = loss.backward().unwrap();
+        let got = g.get(logps.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        close(
+            &got,
+            &parse::<Vec<f32>>(&case["grad"]),
+            &format!("{cfg:?} grad"),
+        );
+        let stats = pending.read().unwrap();
+        for (got, key) in [
+            (stats.chosen_reward, "chosen_reward"),
+            (stats.rejected_reward, "rejected_reward"),
+        ] {
+            let want: f64 = parse(&case[key]);
+            assert!((got - want).abs() < 1e-4, "{cfg:?} {key}: {got} vs {want}");
+        }
+        assert_eq!((stats.desirable, stats.undesirable), (4.0, 3.0));
+    }
+    // labels that do not match the log-probs are an error, not a panic
+    let cfg = KtoConfig::default();
+    assert!(kto_loss(&v("logps"), &v("ref_logps"), &labels[..3], 0.0, &cfg, total).is_err());
 }
 
 /// Lopti's two passes, built by `lopti_passes` from AR-reweighted advantages, against the
