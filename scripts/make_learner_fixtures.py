@@ -14,7 +14,7 @@ from the formulas of shared/spec/algorithms.md sections 1 and 5 and verl's / TRL
 Clip-Cov and KL-Cov as verl computes them (the tokens picked and the loss with them); DPPO-Binary-TV
 and -KL as verl computes them.
 
-Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti,covariance,dppo,kto}.json.
+Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti,covariance,dppo,kto,gmpo_gpg}.json.
 Needs: pip install torch
 """
 import json
@@ -359,6 +359,66 @@ def dppo():
                         cases.append({"config": cfg, "loss": value.item(), "grad": x.grad.tolist(),
                                       "outside_negative": ((outside * (adv <= 0) * mask).sum() / n).item(),
                                       "outside_positive": ((outside * (adv > 0) * mask).sum() / n).item()})
+    return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
+            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
+
+
+def gmpo_gpg():
+    """GMPO (verl's `compute_policy_loss_geo_mean`) and GPG (`compute_policy_loss_gpg`), written
+    out from verl's code: a micro-batch of 5 sequences of an optimizer step of 10. GMPO's term is
+    verl's `torch.mean` over the micro-batch's sequences (times 5/10, the micro-batch's share of
+    the step), its KL and entropy terms aggregated seq-mean-token-mean; GPG's `-A log pi` under
+    the case's aggregation. The advantages vary within rows (PPO-style token advantages, one row
+    of both signs and a zero) and between them."""
+    torch.manual_seed(21)
+    lengths = [6, 3, 5, 1, 4]
+    b, t = len(lengths), 6
+    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths])
+    old = -torch.rand(b, t) * 2.5
+    logp = old + 0.5 * torch.randn(b, t)
+    ref = logp + 0.2 * torch.randn(b, t)
+    ent = torch.rand(b, t) * 2
+    adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9])[:, None].expand(b, t).contiguous().clone()
+    adv[2] = torch.tensor([0.3, -0.4, 0.0, 0.8, 0.2, 0.1])  # token-level, both signs and a zero
+    totals = {"sequences": 10, "tokens": 2 * mask.sum().item(), "micro_batches": 2, "max_completion_length": t}
+    share = b / totals["sequences"]
+    cases = []
+    for low, high in [(0.4, 0.4), (0.1, 0.2)]:
+        for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01)]:
+            x = logp.clone().requires_grad_(True)
+            neg_kl = x - old
+            sgn = torch.sign(adv)
+            clamp = torch.clamp(neg_kl, -low, high)
+            neg_kl_min = sgn * torch.min(sgn * neg_kl, sgn * clamp)
+            n = mask.sum(-1)
+            ratio = torch.exp((neg_kl_min * mask).sum(-1) / (n + 1e-8))
+            a = (adv * mask).sum(-1) / (n + 1e-8)
+            pg = torch.mean(-a * ratio) * share
+            aux = kl_coef * kl(x, ref, kind) - ent_coef * ent
+            loss = pg + ((aux * mask).sum(-1) / n).sum() / totals["sequences"]
+            loss.backward()
+            clipped = torch.ne(neg_kl, clamp).float()
+            valid = mask.sum()
+            cases.append({"config": {"loss": "geo_mean", "clip_low": low, "clip_high": high, "dual_clip": None,
+                                     "ratio": "token", "aggregation": "grpo", "kl": kind, "kl_coef": kl_coef,
+                                     "entropy_coef": ent_coef},
+                          "loss": loss.item(), "grad": x.grad.tolist(),
+                          "clip_high_frac": ((clipped * (adv > 0) * mask).sum() / valid).item(),
+                          "clip_low_frac": ((clipped * (adv < 0) * mask).sum() / valid).item()})
+    for agg in ["dapo", "grpo"]:
+        for kl_coef, kind, ent_coef in [(0.0, "k3", 0.0), (0.04, "k3", 0.01)]:
+            cfg = {"loss": "gpg", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": None, "ratio": "token",
+                   "aggregation": agg, "kl": kind, "kl_coef": kl_coef, "entropy_coef": ent_coef}
+            x = logp.clone().requires_grad_(True)
+            per = -x * adv + kl_coef * kl(x, ref, kind) - ent_coef * ent
+            m = per * mask
+            if agg == "dapo":
+                loss = m.sum() / totals["tokens"]
+            else:
+                loss = (m.sum(-1) / mask.sum(-1)).sum() / totals["sequences"]
+            loss.backward()
+            cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist(),
+                          "clip_high_frac": 0.0, "clip_low_frac": 0.0})
     return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
             "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
 
@@ -722,7 +782,8 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     for name, fn in [("adamw", adamw), ("grpo", grpo), ("advantages", advantages),
                      ("estimators", estimators), ("value", value), ("dpo", dpo), ("lopti", lopti),
-                     ("covariance", covariance), ("dppo", dppo), ("kto", kto)]:
+                     ("covariance", covariance), ("dppo", dppo), ("kto", kto),
+                     ("gmpo_gpg", gmpo_gpg)]:
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(fn(), f)
     print("learner fixtures written")

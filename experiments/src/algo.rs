@@ -187,6 +187,8 @@ impl Algorithm {
                             high: a.dppo_high,
                             cap: a.dppo_cap,
                         },
+                        PolicyLoss::GeoMean => Surrogate::GeoMean,
+                        PolicyLoss::Gpg => Surrogate::Gpg,
                     },
                 },
                 micro_batch_tokens: c.optimizer.micro_batch_tokens,

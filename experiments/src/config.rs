@@ -478,6 +478,13 @@ pub enum PolicyLoss {
     /// probability in place of the difference.
     #[serde(rename = "dppo_kl")]
     DppoKl,
+    /// GMPO (verl's `policy_loss = "geo_mean"`): `−Ā·exp(mean_t clipped log r_t)` per sequence,
+    /// each token's log-ratio clipped to [−`clip_low`, `clip_high`] (log space, as verl reads
+    /// them; the paper's range is 0.4 each) by its advantage's sign.
+    #[serde(rename = "geo_mean")]
+    GeoMean,
+    /// GPG (verl's `"gpg"`): `−A·log π`, no ratio and no clip.
+    Gpg,
 }
 
 impl PolicyLoss {
@@ -500,8 +507,8 @@ pub struct AlgorithmConfig {
     pub std_eps: f64,
     pub loss_aggregation: Aggregation,
     pub ratio: RatioLevel,
-    /// `clip` (PPO's clipped surrogate), `cispo`, `sapo`, `clip_cov`, `kl_cov`, `dppo_tv` or
-    /// `dppo_kl`.
+    /// `clip` (PPO's clipped surrogate), `cispo`, `sapo`, `clip_cov`, `kl_cov`, `dppo_tv`,
+    /// `dppo_kl`, `geo_mean` (GMPO) or `gpg`.
     pub policy_loss: PolicyLoss,
     /// CISPO's cap on the importance weight (ScaleRL's and TRL's recommended 5.0).
     pub cispo_max: f64,
@@ -1059,6 +1066,25 @@ impl Config {
             );
         }
         let preference = self.preference_stage();
+        let sequence_level = [PolicyLoss::GeoMean, PolicyLoss::Gpg];
+        if sequence_level.contains(&a.policy_loss) && a.ratio == RatioLevel::Sequence {
+            bail!(
+                "algorithm.policy_loss = {}: GMPO's ratio is its own sequence-level geometric \
+                 mean and GPG has no ratio: not with ratio = \"sequence\"",
+                a.policy_loss.name()
+            );
+        }
+        if a.policy_loss == PolicyLoss::GeoMean
+            && (a.loss_aggregation != Aggregation::Grpo
+                || a.behaviour_correction != BehaviourCorrection::None)
+        {
+            bail!(
+                "algorithm.policy_loss = \"geo_mean\" averages its per-sequence terms over the \
+                 sequences (verl's GMPO): it needs loss_aggregation = \"grpo\", and no \
+                 behaviour_correction (whose per-token weights GMPO would aggregate by a \
+                 geometric mean ferrite does not compute)"
+            );
+        }
         if a.policy_loss != PolicyLoss::Clip && (a.dual_clip.is_some() || preference) {
             bail!(
                 "algorithm.policy_loss = {} replaces the clipped surrogate: no dual_clip with \
@@ -1512,6 +1538,31 @@ mod tests {
             (PolicyLoss::Sapo, 2.0, 1.05)
         );
         assert!(bad("algorithm.policy_loss=vespo").contains("vespo"));
+        // GMPO: its own sequence mean, so the GRPO aggregation and no per-token correction
+        let gmpo = "algorithm.policy_loss=geo_mean";
+        assert!(bad(gmpo).contains("loss_aggregation = \"grpo\""));
+        let grpo_agg = "algorithm.loss_aggregation=grpo";
+        let c = both(gmpo, grpo_agg).unwrap();
+        assert_eq!(c.algorithm.policy_loss, PolicyLoss::GeoMean);
+        let e = format!(
+            "{:#}",
+            Config::default_with(&[
+                gmpo,
+                grpo_agg,
+                "algorithm.behaviour_correction=token_truncate"
+            ])
+            .unwrap_err()
+        );
+        assert!(e.contains("behaviour_correction"), "{e}");
+        let e = format!(
+            "{:#}",
+            Config::default_with(&[gmpo, grpo_agg, "algorithm.ratio=sequence"]).unwrap_err()
+        );
+        assert!(e.contains("ratio = \"sequence\""), "{e}");
+        assert!(both_err("algorithm.policy_loss=gpg", "algorithm.ratio=sequence").contains("gpg"));
+        assert!(
+            both_err("algorithm.policy_loss=gpg", "algorithm.dual_clip=3").contains("dual_clip")
+        );
         let lora = "lora.rank=8";
         let c = both(lora, "lora.targets=[\"v_proj\", \"q_proj\", \"q_proj\"]").unwrap();
         let lc = c.lora.config().unwrap();

@@ -978,6 +978,23 @@ fn cispo_changes_the_loss_not_the_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.policy_loss = "gpg"` and `"geo_mean"` (GMPO) reach the learner. GPG's `−A·log π`
+/// differs from the surrogate `−A·r` at once; GMPO's sequence term equals the clipped
+/// surrogate's at a step's first optimizer step (every ratio 1), and differs at its second
+/// mini-batch, where the geometric mean of the ratios is not their mean.
+#[test]
+fn gpg_and_gmpo_change_the_loss_not_the_samples() {
+    let root = scratch("gpg-gmpo");
+    let (gpg, _) = one_step_either_way(&root.join("gpg"), &[], "algorithm.policy_loss=gpg");
+    assert_eq!(metric(&gpg, "clip_high_frac"), vec![0.0]);
+    let base = [
+        "algorithm.loss_aggregation=grpo",
+        "algorithm.mini_batches=2",
+    ];
+    one_step_either_way(&root.join("gmpo"), &base, "algorithm.policy_loss=geo_mean");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `algorithm.policy_loss = "clip_cov"` and `"kl_cov"` reach the learner, each optimizer step
 /// picking its share of the tokens (⌊ratio·N⌋ of N: at most the ratio, within a token of it).
 /// Clip-Cov changes the loss at the step's first optimizer step already; KL-Cov's penalty is 0

@@ -137,6 +137,17 @@ pub enum Surrogate {
     /// `p_old·log(p_old/p) + (1 − p_old)·log((1 − p_old)/(1 − p))` ≤ `high` (A > 0) or `low`
     /// (A ≤ 0), and every token whose probability moved against its advantage.
     DppoKl { low: f64, high: f64, cap: f64 },
+    /// GMPO (Geometric-Mean Policy Optimization, arXiv 2507.20673; verl's `policy_loss =
+    /// "geo_mean"`): a sequence's ratio is the geometric mean of its tokens' ratios, each token's
+    /// log-ratio clipped to `[−clip_low, clip_high]` (in log space, as verl reads them) on the
+    /// side its advantage would push it; `−Ā·exp(mean_t clipped log r_t)`, `Ā` the sequence's
+    /// mean advantage, averaged over the step's sequences (verl's `torch.mean`, whatever the
+    /// aggregation: the config requires `loss_aggregation = "grpo"`, whose per-sequence token
+    /// mean of this constant is the sequence's term).
+    GeoMean,
+    /// GPG (Group Policy Gradient, verl's `policy_loss = "gpg"`): `−A·log π`, no ratio and no
+    /// clip (the on-policy gradient of the surrogate, at every step of an off-policy update).
+    Gpg,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -346,6 +357,26 @@ pub fn policy_loss(
             region = Some(inside);
             pg
         }
+        // pg = −A·log π
+        Surrogate::Gpg => (a * x.logprobs)?.neg()?,
+        // pg = −Ā·exp(Σ_t m_t / n) on each of the sequence's tokens, m_t the log-ratio clipped
+        // at `clip_high` where A > 0, at `−clip_low` where A < 0, 0 where A = 0
+        Surrogate::GeoMean => {
+            let high = Tensor::full(c.clip_high as f32, a.shape(), a.device())?;
+            let low = Tensor::full(-c.clip_low as f32, a.shape(), a.device())?;
+            let up = log_ratio.gt(&high)?.where_cond(&high, &log_ratio)?;
+            let down = log_ratio.lt(&low)?.where_cond(&low, &log_ratio)?;
+            let m = a
+                .gt(0f32)?
+                .where_cond(&up, &a.lt(0f32)?.where_cond(&down, &a.zeros_like()?)?)?; // [B, T]
+            let n = mask.sum_keepdim(1)?.clamp(1f32, f32::MAX)?; // [B, 1]
+            let geo = (m * mask)?.sum_keepdim(1)?.broadcast_div(&n)?.exp()?; // [B, 1]
+            let a_seq = (a * mask)?.sum_keepdim(1)?.broadcast_div(&n)?; // [B, 1]
+            (a_seq * geo)?
+                .neg()?
+                .broadcast_as(mask.shape())?
+                .contiguous()?
+        }
         // pg = −sg(min(r, ε_max))·A·log π
         Surrogate::Cispo { max } => {
             let weight = ratio.clamp(0f32, max as f32)?.detach();
@@ -451,6 +482,19 @@ pub fn policy_loss(
             let outside = (1.0 - inside)?;
             let positive = a.gt(0f32)?.to_dtype(DType::F32)?;
             ((&outside * (1.0 - &positive)?)?, (outside * positive)?)
+        }
+        // GPG has no ratio to clip
+        (Surrogate::Gpg, None) => (ratio.zeros_like()?, ratio.zeros_like()?),
+        // GMPO: the tokens whose log-ratio lies outside [−clip_low, clip_high], by their
+        // advantage's sign (verl's `pg_clipfrac_lower` / `pg_clipfrac`)
+        (Surrogate::GeoMean, None) => {
+            let lr = log_ratio.detach();
+            let outside = (lr.lt(-c.clip_low as f32)?.to_dtype(DType::F32)?
+                + lr.gt(c.clip_high as f32)?.to_dtype(DType::F32)?)?;
+            (
+                outside.broadcast_mul(&a.lt(0f32)?.to_dtype(DType::F32)?)?,
+                outside.broadcast_mul(&a.gt(0f32)?.to_dtype(DType::F32)?)?,
+            )
         }
         // CISPO clips no token's gradient; `high` counts the weights capped
         (Surrogate::Cispo { max }, None) => (

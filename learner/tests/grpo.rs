@@ -271,6 +271,58 @@ fn dppo_matches_verls_loss_and_trust_region() {
     }
 }
 
+#[test]
+fn gmpo_and_gpg_match_verls_losses() {
+    let f = fixture("gmpo_gpg");
+    let Batch {
+        old,
+        reference,
+        entropy,
+        adv,
+        mask,
+        totals,
+    } = batch(&f);
+    let cases = f["cases"].as_array().unwrap();
+    assert_eq!(
+        cases.len(),
+        8,
+        "GMPO: 2 clip ranges × 2 losses; GPG: 2 aggregations × 2"
+    );
+    for case in cases {
+        let c = &case["config"];
+        let config = match c["loss"].as_str() {
+            Some("geo_mean") => PolicyLossConfig {
+                clip_low: parse(&c["clip_low"]),
+                clip_high: parse(&c["clip_high"]),
+                ..token_loss(c, Surrogate::GeoMean)
+            },
+            _ => token_loss(c, Surrogate::Gpg),
+        };
+        let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
+        let inputs = PolicyInputs {
+            ref_logprobs: Some(&reference),
+            entropy: Some(&entropy),
+            ..row_inputs(logp.as_tensor(), &old, &adv, &mask)
+        };
+        let (loss, stats) = policy_loss(&inputs, &config, &totals).unwrap();
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        let want: f64 = parse(&case["loss"]);
+        assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
+        let stats = stats.read().unwrap();
+        for (got, key) in [
+            (stats.clip_low_frac, "clip_low_frac"),
+            (stats.clip_high_frac, "clip_high_frac"),
+        ] {
+            let want: f64 = parse(&case[key]);
+            assert!((got - want).abs() < 1e-6, "{c} {key}: {got} vs {want}");
+        }
+        let grads = loss.backward().unwrap();
+        let g = grads.get(logp.as_tensor()).unwrap();
+        let d = max_diff(g, &t2(&case["grad"]));
+        assert!(d < 1e-5, "{c}: gradient off by {d}");
+    }
+}
+
 /// A case's aggregation, KL and entropy terms with `surrogate`, the clip at its defaults.
 fn token_loss(c: &Value, surrogate: Surrogate) -> PolicyLossConfig {
     PolicyLossConfig {
