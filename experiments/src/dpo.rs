@@ -241,6 +241,11 @@ impl Preferences {
     }
 }
 
+/// The items at `idx`, in its order.
+fn picked<T: Clone>(items: &[T], idx: &[usize]) -> Vec<T> {
+    idx.iter().map(|&i| items[i].clone()).collect()
+}
+
 /// Preference optimizer steps (DPO or KTO) from `state.step` to `run.steps`, or until `stop`
 /// (Ctrl-C, SIGTERM) is set; one metrics row per step.
 #[allow(clippy::too_many_arguments)]
@@ -277,11 +282,9 @@ pub fn dpo_stage(
         let idx = step_pairs(data.len(), a.dpo_pairs_per_step, c.run.seed, state.step);
         let lr = c.lr_at(c.optimizer.lr, state.step);
         crate::failpoint::check("dpo-step", state.step)?;
-        let picked = |reference: &[(f32, f32)]| idx.iter().map(|&i| reference[i]).collect();
         let (mut row, skipped, retries, counted) = match data {
             Preferences::Pairs(pairs, reference) => {
-                let batch: Vec<Pair> = idx.iter().map(|&i| pairs[i].clone()).collect();
-                let refs: Vec<(f32, f32)> = picked(reference);
+                let (batch, refs) = (picked(pairs, &idx), picked(reference, &idx));
                 let m = dpo_step(policy, opt, &batch, &refs, &dpo, budget, lr)?;
                 let row = vec![
                     ("loss".to_string(), m.loss),
@@ -294,8 +297,7 @@ pub fn dpo_stage(
                 (row, m.skipped, m.memory_retries, "pairs")
             }
             Preferences::Examples(examples, reference) => {
-                let batch: Vec<Example> = idx.iter().map(|&i| examples[i].clone()).collect();
-                let refs: Vec<(f32, f32)> = picked(reference);
+                let (batch, refs) = (picked(examples, &idx), picked(reference, &idx));
                 let m = kto_step(policy, opt, &batch, &refs, &kto, budget, lr)?;
                 let row = vec![
                     ("loss".to_string(), m.loss),

@@ -224,14 +224,7 @@ fn clip_cov_and_kl_cov_pick_verls_tokens_and_match_its_loss() {
 #[test]
 fn dppo_matches_verls_loss_and_trust_region() {
     let f = fixture("dppo");
-    let Batch {
-        old,
-        reference,
-        entropy,
-        adv,
-        mask,
-        totals,
-    } = batch(&f);
+    let b = batch(&f);
     let cases = f["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 32, "2 losses × 2 regions × 2 caps × 4 losses");
     for case in cases {
@@ -245,43 +238,43 @@ fn dppo_matches_verls_loss_and_trust_region() {
             Some("dppo_tv") => Surrogate::DppoTv { low, high, cap },
             _ => Surrogate::DppoKl { low, high, cap },
         };
-        let config = token_loss(c, surrogate);
-        let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
-        let inputs = PolicyInputs {
-            ref_logprobs: Some(&reference),
-            entropy: Some(&entropy),
-            ..row_inputs(logp.as_tensor(), &old, &adv, &mask)
-        };
-        let (loss, stats) = policy_loss(&inputs, &config, &totals).unwrap();
-        let got = loss.to_scalar::<f32>().unwrap() as f64;
-        let want: f64 = parse(&case["loss"]);
-        assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
-        let stats = stats.read().unwrap();
-        for (got, key) in [
-            (stats.clip_low_frac, "outside_negative"),
-            (stats.clip_high_frac, "outside_positive"),
-        ] {
-            let want: f64 = parse(&case[key]);
-            assert!((got - want).abs() < 1e-6, "{c} {key}: {got} vs {want}");
-        }
-        let grads = loss.backward().unwrap();
-        let g = grads.get(logp.as_tensor()).unwrap();
-        let d = max_diff(g, &t2(&case["grad"]));
-        assert!(d < 1e-5, "{c}: gradient off by {d}");
+        let keys = ["outside_negative", "outside_positive"];
+        assert_case(&f, &b, case, &token_loss(c, surrogate), keys);
     }
+}
+
+/// A fixture case's loss, gradient and clip shares (`keys`: the low and the high one) under
+/// `config`, on the fixture's batch with its reference log-probs and entropies.
+fn assert_case(f: &Value, b: &Batch, case: &Value, config: &PolicyLossConfig, keys: [&str; 2]) {
+    let c = &case["config"];
+    let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
+    let inputs = PolicyInputs {
+        ref_logprobs: Some(&b.reference),
+        entropy: Some(&b.entropy),
+        ..row_inputs(logp.as_tensor(), &b.old, &b.adv, &b.mask)
+    };
+    let (loss, stats) = policy_loss(&inputs, config, &b.totals).unwrap();
+    let got = loss.to_scalar::<f32>().unwrap() as f64;
+    let want: f64 = parse(&case["loss"]);
+    assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
+    let stats = stats.read().unwrap();
+    for (got, key) in [
+        (stats.clip_low_frac, keys[0]),
+        (stats.clip_high_frac, keys[1]),
+    ] {
+        let want: f64 = parse(&case[key]);
+        assert!((got - want).abs() < 1e-6, "{c} {key}: {got} vs {want}");
+    }
+    let grads = loss.backward().unwrap();
+    let g = grads.get(logp.as_tensor()).unwrap();
+    let d = max_diff(g, &t2(&case["grad"]));
+    assert!(d < 1e-5, "{c}: gradient off by {d}");
 }
 
 #[test]
 fn gmpo_and_gpg_match_verls_losses() {
     let f = fixture("gmpo_gpg");
-    let Batch {
-        old,
-        reference,
-        entropy,
-        adv,
-        mask,
-        totals,
-    } = batch(&f);
+    let b = batch(&f);
     let cases = f["cases"].as_array().unwrap();
     assert_eq!(
         cases.len(),
@@ -298,28 +291,7 @@ fn gmpo_and_gpg_match_verls_losses() {
             },
             _ => token_loss(c, Surrogate::Gpg),
         };
-        let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
-        let inputs = PolicyInputs {
-            ref_logprobs: Some(&reference),
-            entropy: Some(&entropy),
-            ..row_inputs(logp.as_tensor(), &old, &adv, &mask)
-        };
-        let (loss, stats) = policy_loss(&inputs, &config, &totals).unwrap();
-        let got = loss.to_scalar::<f32>().unwrap() as f64;
-        let want: f64 = parse(&case["loss"]);
-        assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
-        let stats = stats.read().unwrap();
-        for (got, key) in [
-            (stats.clip_low_frac, "clip_low_frac"),
-            (stats.clip_high_frac, "clip_high_frac"),
-        ] {
-            let want: f64 = parse(&case[key]);
-            assert!((got - want).abs() < 1e-6, "{c} {key}: {got} vs {want}");
-        }
-        let grads = loss.backward().unwrap();
-        let g = grads.get(logp.as_tensor()).unwrap();
-        let d = max_diff(g, &t2(&case["grad"]));
-        assert!(d < 1e-5, "{c}: gradient off by {d}");
+        assert_case(&f, &b, case, &config, ["clip_low_frac", "clip_high_frac"]);
     }
 }
 
