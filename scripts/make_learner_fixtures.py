@@ -14,7 +14,7 @@ from the formulas of shared/spec/algorithms.md sections 1 and 5 and verl's / TRL
 Clip-Cov and KL-Cov as verl computes them (the tokens picked and the loss with them); DPPO-Binary-TV
 and -KL as verl computes them.
 
-Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti,covariance,dppo,kto,gmpo_gpg}.json.
+Writes learner/tests/fixtures/{adamw,grpo,advantages,estimators,value,dpo,lopti,covariance,dppo,kto,gmpo_gpg,top_entropy}.json.
 Needs: pip install torch
 """
 import json
@@ -423,6 +423,36 @@ def gmpo_gpg():
             "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
 
 
+def top_entropy():
+    """TRL's top_entropy_quantile: `get_high_entropy_mask` (torch.quantile of the valid tokens'
+    entropies at 1 - rho, tokens at or above it kept) and the clipped surrogate's loss with the
+    mask on the policy term (KL and entropy terms unmasked), at rho 0.2, 0.5 and 1/3 (a quantile
+    that falls between two entropies)."""
+    torch.manual_seed(23)
+    lengths = [6, 3, 5, 1, 4]
+    b, t = len(lengths), 6
+    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths])
+    old = -torch.rand(b, t) * 2.5
+    logp = old + 0.3 * torch.randn(b, t)
+    ref = logp + 0.2 * torch.randn(b, t)
+    ent = torch.rand(b, t) * 2
+    adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9])[:, None].expand(b, t).contiguous()
+    totals = {"sequences": b, "tokens": mask.sum().item(), "micro_batches": 1, "max_completion_length": t}
+    cases = []
+    for rho in [0.2, 0.5, 1.0 / 3.0]:
+        threshold = torch.quantile(ent[mask.bool()].float(), 1 - rho)
+        keep = ((ent * mask) >= threshold).float()
+        for agg, kl_coef, ent_coef in [("dapo", 0.0, 0.0), ("grpo", 0.04, 0.01)]:
+            cfg = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": None, "ratio": "token", "aggregation": agg,
+                   "kl": "k3", "kl_coef": kl_coef, "entropy_coef": ent_coef, "top_entropy_quantile": rho}
+            x = logp.clone().requires_grad_(True)
+            loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals, weights=keep)
+            loss.backward()
+            cases.append({"config": cfg, "keep": keep.tolist(), "loss": loss.item(), "grad": x.grad.tolist()})
+    return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
+            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
+
+
 def advantages():
     """TRL's group advantages (nanmean / nanstd with Bessel's correction, eps 1e-4)."""
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, float("nan"), 0.0, 1.0, 3.0])
@@ -783,7 +813,7 @@ def main():
     for name, fn in [("adamw", adamw), ("grpo", grpo), ("advantages", advantages),
                      ("estimators", estimators), ("value", value), ("dpo", dpo), ("lopti", lopti),
                      ("covariance", covariance), ("dppo", dppo), ("kto", kto),
-                     ("gmpo_gpg", gmpo_gpg)]:
+                     ("gmpo_gpg", gmpo_gpg), ("top_entropy", top_entropy)]:
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(fn(), f)
     print("learner fixtures written")

@@ -204,6 +204,7 @@ impl Algorithm {
                 mini_batches: a.mini_batches,
                 lopti_eta: a.lopti_eta,
                 seed: c.run.seed,
+                top_entropy_quantile: a.top_entropy_quantile,
             },
             critic,
             kl: KlController {

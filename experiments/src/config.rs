@@ -566,6 +566,11 @@ pub struct AlgorithmConfig {
     /// tokens of negative advantage in a sequence whose mean `log π_sampler − log π_θ` exceeds δ
     /// leave the policy loss. None: off.
     pub off_policy_mask: Option<f64>,
+    /// TRL's `top_entropy_quantile` ρ ("Beyond the 80/20 Rule", Wang et al. 2025): each
+    /// optimizer step trains the policy term of only its tokens whose entropy under the current
+    /// policy is in the top ρ of the step's tokens (one extra forward without gradient per
+    /// optimizer step); 1: every token. KL and entropy terms keep every token.
+    pub top_entropy_quantile: f64,
     /// Passes over each step's batch, and optimizer steps per pass.
     pub epochs: usize,
     pub mini_batches: usize,
@@ -650,6 +655,7 @@ impl Default for AlgorithmConfig {
             behaviour_correction: BehaviourCorrection::None,
             behaviour_cap: 3.0,
             off_policy_mask: None,
+            top_entropy_quantile: 1.0,
             epochs: 1,
             mini_batches: 1,
             entropy_reward: EntropyReward::None,
@@ -1076,13 +1082,14 @@ impl Config {
         }
         if a.policy_loss == PolicyLoss::GeoMean
             && (a.loss_aggregation != Aggregation::Grpo
-                || a.behaviour_correction != BehaviourCorrection::None)
+                || a.behaviour_correction != BehaviourCorrection::None
+                || a.top_entropy_quantile != 1.0)
         {
             bail!(
                 "algorithm.policy_loss = \"geo_mean\" averages its per-sequence terms over the \
                  sequences (verl's GMPO): it needs loss_aggregation = \"grpo\", and no \
-                 behaviour_correction (whose per-token weights GMPO would aggregate by a \
-                 geometric mean ferrite does not compute)"
+                 behaviour_correction or top_entropy_quantile (per-token weights, which GMPO \
+                 would aggregate by a geometric mean ferrite does not compute)"
             );
         }
         if a.policy_loss != PolicyLoss::Clip && (a.dual_clip.is_some() || preference) {
@@ -1093,12 +1100,20 @@ impl Config {
             );
         }
         let corrected = a.behaviour_correction != BehaviourCorrection::None;
-        let rollout_only = a.filter_groups || a.mask_truncated || a.off_policy_mask.is_some();
+        let focused = a.top_entropy_quantile != 1.0;
+        let rollout_only =
+            a.filter_groups || a.mask_truncated || a.off_policy_mask.is_some() || focused;
         if (rollout_only || corrected) && preference {
             bail!(
-                "algorithm.filter_groups, mask_truncated, behaviour_correction and \
-                 off_policy_mask: DPO and KTO train on preference data, not on groups of \
-                 rollouts; they are for the policy-gradient methods"
+                "algorithm.filter_groups, mask_truncated, behaviour_correction, off_policy_mask \
+                 and top_entropy_quantile: DPO and KTO train on preference data, not on groups \
+                 of rollouts; they are for the policy-gradient methods"
+            );
+        }
+        if !(a.top_entropy_quantile > 0.0 && a.top_entropy_quantile <= 1.0) {
+            bail!(
+                "algorithm.top_entropy_quantile = {}: must lie in (0, 1] (1: every token)",
+                a.top_entropy_quantile
             );
         }
         if a.name == "kto" && (a.dpo_loss != DpoLoss::Sigmoid || a.rpo_alpha != 0.0) {
@@ -1560,6 +1575,16 @@ mod tests {
         );
         assert!(e.contains("ratio = \"sequence\""), "{e}");
         assert!(both_err("algorithm.policy_loss=gpg", "algorithm.ratio=sequence").contains("gpg"));
+        assert!(bad("algorithm.top_entropy_quantile=0").contains("top_entropy_quantile"));
+        assert!(bad("algorithm.top_entropy_quantile=1.5").contains("(0, 1]"));
+        let e = both_err("algorithm.top_entropy_quantile=0.2", "algorithm.name=kto");
+        assert!(e.contains("top_entropy_quantile"), "{e}");
+        let e = format!(
+            "{:#}",
+            Config::default_with(&[gmpo, grpo_agg, "algorithm.top_entropy_quantile=0.2"])
+                .unwrap_err()
+        );
+        assert!(e.contains("top_entropy_quantile"), "{e}");
         assert!(
             both_err("algorithm.policy_loss=gpg", "algorithm.dual_clip=3").contains("dual_clip")
         );

@@ -995,6 +995,15 @@ fn gpg_and_gmpo_change_the_loss_not_the_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `algorithm.top_entropy_quantile` (TRL's) reaches the learner: the same samples, the policy
+/// term of fewer tokens.
+#[test]
+fn top_entropy_quantile_changes_the_loss_not_the_samples() {
+    let root = scratch("top-entropy");
+    one_step_either_way(&root, &[], "algorithm.top_entropy_quantile=0.2");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `algorithm.policy_loss = "clip_cov"` and `"kl_cov"` reach the learner, each optimizer step
 /// picking its share of the tokens (⌊ratio·N⌋ of N: at most the ratio, within a token of it).
 /// Clip-Cov changes the loss at the step's first optimizer step already; KL-Cov's penalty is 0

@@ -874,6 +874,11 @@ pub struct UpdateConfig {
     /// Seeds Clip-Cov's draws: each optimizer step draws from the stream of this seed and the
     /// optimizer's step count, so a resumed run draws the same tokens.
     pub seed: u64,
+    /// TRL's `top_entropy_quantile` ρ (Wang et al. 2025, "Beyond the 80/20 Rule"): each
+    /// optimizer step keeps the policy term of its tokens whose entropy under the current policy
+    /// is at least the (1 − ρ) quantile of its valid tokens' ([`high_entropy`]), at the cost of
+    /// one forward without gradient; 1: every token (off).
+    pub top_entropy_quantile: f64,
 }
 
 impl Default for UpdateConfig {
@@ -882,6 +887,7 @@ impl Default for UpdateConfig {
             epochs: 1,
             mini_batches: 1,
             lopti_eta: None,
+            top_entropy_quantile: 1.0,
             seed: 0,
         }
     }
@@ -969,6 +975,14 @@ pub fn update(
                     }
                     None => chunk,
                 };
+                let focused: Vec<Sequence>;
+                let chunk = match up.top_entropy_quantile < 1.0 {
+                    true => {
+                        focused = entropy_focused(policy, chunk, step, up.top_entropy_quantile)?;
+                        &focused[..]
+                    }
+                    false => chunk,
+                };
                 all.push(policy_step(policy, reference, head, opt, chunk, step, lr)?);
             }
         }
@@ -993,6 +1007,70 @@ pub fn update(
         optimizer_steps: all.len(),
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// `seqs` with the policy term of their low-entropy tokens weighted 0 (in
+/// [`Sequence::importance_weights`], which multiply it as TRL's entropy mask does, after the
+/// off-policy mask): the tokens kept are those [`high_entropy`] picks from the entropies under
+/// `policy` at the step's temperature.
+fn entropy_focused(
+    policy: &Weights,
+    seqs: &[Sequence],
+    step: &StepConfig,
+    top: f64,
+) -> Result<Vec<Sequence>> {
+    let device = policy.embed_tokens.device().clone();
+    let w = policy.detach();
+    let entropies = per_completion_token(seqs, step.micro_batch_tokens, &device, |p| {
+        Ok(p.logprobs(&w, step.temperature, false)?.entropy)
+    })?;
+    let valid: Vec<bool> = seqs.iter().map(|s| !s.masked).collect();
+    let keep = high_entropy(&entropies, &valid, top);
+    Ok(seqs
+        .iter()
+        .zip(keep)
+        .map(|(s, k)| {
+            let w = (0..s.completion.len())
+                .map(|j| {
+                    let w = s.importance_weights.as_ref().map_or(1.0, |w| w[j]);
+                    if k[j] {
+                        w
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Sequence {
+                importance_weights: Some(w),
+                ..s.clone()
+            }
+        })
+        .collect())
+}
+
+/// TRL's `get_high_entropy_mask` with `top_entropy_quantile` = `top`: each token whose entropy
+/// is at least the `1 − top` quantile of the entropies of the `valid` sequences' tokens
+/// (`torch.quantile`: linear interpolation between the sorted values). Every token when no
+/// sequence is valid.
+pub fn high_entropy(entropies: &[Vec<f32>], valid: &[bool], top: f64) -> Vec<Vec<bool>> {
+    let mut pool: Vec<f32> = entropies
+        .iter()
+        .zip(valid)
+        .filter(|(_, &v)| v)
+        .flat_map(|(e, _)| e.iter().copied())
+        .collect();
+    if pool.is_empty() {
+        return entropies.iter().map(|e| vec![true; e.len()]).collect();
+    }
+    pool.sort_by(f32::total_cmp);
+    let at = (1.0 - top).clamp(0.0, 1.0) * (pool.len() - 1) as f64;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    let (a, b) = (f64::from(pool[lo]), f64::from(pool[hi]));
+    let threshold = a + (b - a) * (at - lo as f64);
+    entropies
+        .iter()
+        .map(|e| e.iter().map(|&h| f64::from(h) >= threshold).collect())
+        .collect()
 }
 
 /// A per-position quantity `[B, T−1]` of packed micro-batches, cut to each sequence's

@@ -13,7 +13,7 @@ use learner::grpo::{
     group_advantages, policy_loss, Aggregation, KlEstimator, PolicyInputs, PolicyLossConfig,
     RatioLevel, ScaleRewards, StepTotals, Surrogate,
 };
-use learner::step::Sequence;
+use learner::step::{high_entropy, Sequence};
 use model::rng::Rng;
 use serde_json::Value;
 
@@ -293,6 +293,56 @@ fn gmpo_and_gpg_match_verls_losses() {
         };
         assert_case(&f, &b, case, &config, ["clip_low_frac", "clip_high_frac"]);
     }
+}
+
+/// TRL's `top_entropy_quantile`: the tokens kept (at or above the valid tokens' `1 − ρ`
+/// quantile of entropy) and the loss with the others' policy term weighted 0.
+#[test]
+fn top_entropy_tokens_and_loss_match_trl() {
+    let f = fixture("top_entropy");
+    let b = batch(&f);
+    let cases = f["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 6, "3 quantiles × 2 losses");
+    let entropies = ragged(&f, "entropy");
+    for case in cases {
+        let c = &case["config"];
+        let rho: f64 = parse(&c["top_entropy_quantile"]);
+        let keep = high_entropy(&entropies, &[true; 5], rho);
+        let want: Vec<Vec<f32>> = parse(&case["keep"]);
+        for (got, want) in keep.iter().zip(&want) {
+            let want: Vec<bool> = want[..got.len()].iter().map(|&k| k > 0.0).collect();
+            assert_eq!(got, &want, "ρ {rho}");
+        }
+        // the low-entropy tokens' policy term weighted 0, as `update` weights it
+        let t = want[0].len();
+        let weights: Vec<Vec<f32>> = keep
+            .iter()
+            .map(|k| {
+                let mut w: Vec<f32> = k.iter().map(|&k| f32::from(u8::from(k))).collect();
+                w.resize(t, 1.0);
+                w
+            })
+            .collect();
+        let weights = Tensor::new(weights, &Device::Cpu).unwrap();
+        let config = token_loss(c, Surrogate::Clip);
+        let logp = Var::from_tensor(&t2(&f["logp"])).unwrap();
+        let inputs = PolicyInputs {
+            ref_logprobs: Some(&b.reference),
+            entropy: Some(&b.entropy),
+            importance_weights: Some(&weights),
+            ..row_inputs(logp.as_tensor(), &b.old, &b.adv, &b.mask)
+        };
+        let (loss, _) = policy_loss(&inputs, &config, &b.totals).unwrap();
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        let want: f64 = parse(&case["loss"]);
+        assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
+        let grads = loss.backward().unwrap();
+        let d = max_diff(grads.get(logp.as_tensor()).unwrap(), &t2(&case["grad"]));
+        assert!(d < 1e-5, "{c}: gradient off by {d}");
+    }
+    // no valid token: every token kept
+    let all = high_entropy(&entropies, &[false; 5], 0.2);
+    assert!(all.iter().flatten().all(|&k| k));
 }
 
 /// A case's aggregation, KL and entropy terms with `surrogate`, the clip at its defaults.
