@@ -30,9 +30,10 @@ pub const PREFERENCES_FILE: &str = "preferences.jsonl";
 /// prompts and pairs the best-rewarded completion (chosen) with the worst (rejected); prompts
 /// whose completions all score the same give no pair. For KTO every sample is an example of its
 /// own: desirable (`chosen`) where the verifier judged it correct, undesirable (`rejected`)
-/// otherwise. Each record keeps its prompt record's fields, so the prompt renders as it did. The groups are generated as the rollout workers
-/// batch theirs (`rollout.groups_per_batch`), each from its own sampling streams, so the pairs
-/// do not depend on the batching. None when `stop` (Ctrl-C, SIGTERM) came first.
+/// otherwise. Each record keeps its prompt record's fields, so the prompt renders as it did.
+/// The groups are generated as the rollout workers batch theirs (`rollout.groups_per_batch`),
+/// each from its own sampling streams, so the records do not depend on the batching. None when
+/// `stop` (Ctrl-C, SIGTERM) came first.
 pub fn build_preferences(
     c: &Config,
     w: &Weights,
