@@ -267,6 +267,31 @@ def grpo():
             "sampling": sampling.tolist(), "correction_cap": cap, "correction": correction}
 
 
+def five_rows(seed, spread, old_scale=2.5, mask_old=False):
+    """A padded batch of 5 rows of 6, 3, 5, 1 and 4 completion tokens (of 6) drawn after
+    seeding with `seed`: the mask, behaviour log-probs `old` (zero on padding with `mask_old`),
+    current log-probs `spread` away from them, reference log-probs, entropies and per-row
+    advantages."""
+    torch.manual_seed(seed)
+    lengths = [6, 3, 5, 1, 4]
+    b, t = len(lengths), 6
+    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths])
+    old = -torch.rand(b, t) * old_scale
+    if mask_old:
+        old = old * mask
+    logp = old + spread * torch.randn(b, t)
+    ref = logp + 0.2 * torch.randn(b, t)
+    ent = torch.rand(b, t) * 2
+    adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9])[:, None].expand(b, t).contiguous()
+    return mask, old, logp, ref, ent, adv
+
+
+def batch_json(mask, old, logp, ref, ent, adv, totals, cases):
+    """A fixture of one batch and its cases."""
+    return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
+            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
+
+
 def cov_select(old, adv, mask, cfg):
     """The tokens verl's Clip-Cov / KL-Cov pick, with its formulas evaluated at the start of the
     optimizer step (log_prob = old_log_prob: the covariance of the log-probs the batch was sampled
@@ -296,15 +321,8 @@ def covariance():
     """Clip-Cov and KL-Cov (verl's `policy_loss = "clip_cov"` / `"kl_cov"`, from the Entropy
     Mechanism paper's code): the tokens each picks and the loss and gradient with them, under the
     token-mean and sequence-mean aggregations, alone and with KL and entropy terms."""
-    torch.manual_seed(11)
-    lengths = [6, 3, 5, 1, 4]
-    b, t = len(lengths), 6
-    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths])
-    old = (-torch.rand(b, t) * 3) * mask
-    logp = old + 0.3 * torch.randn(b, t)
-    ref = logp + 0.2 * torch.randn(b, t)
-    ent = torch.rand(b, t) * 2
-    adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9])[:, None].expand(b, t).contiguous()
+    mask, old, logp, ref, ent, adv = five_rows(11, 0.3, old_scale=3.0, mask_old=True)
+    b, t = mask.shape
     tokens = mask.sum().item()
     totals = {"sequences": b, "tokens": tokens, "micro_batches": 1, "max_completion_length": t}
     cases = []
@@ -323,23 +341,15 @@ def covariance():
                 loss.backward()
                 cases.append({"config": cfg, "selected": selected.tolist(), "count": count,
                               "loss": loss.item(), "grad": x.grad.tolist()})
-    return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
-            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
+    return batch_json(mask, old, logp, ref, ent, adv, totals, cases)
 
 
 def dppo():
     """DPPO-Binary-TV and -KL (verl's `policy_loss = "dppo_tv"` / `"dppo_kl"`): the loss, its
     gradient and the share of tokens outside the trust region, with regions that bind on some
     tokens and a cap that binds on some ratios."""
-    torch.manual_seed(13)
-    lengths = [6, 3, 5, 1, 4]
-    b, t = len(lengths), 6
-    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths])
-    old = -torch.rand(b, t) * 2.5
-    logp = old + 0.6 * torch.randn(b, t)
-    ref = logp + 0.2 * torch.randn(b, t)
-    ent = torch.rand(b, t) * 2
-    adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9])[:, None].expand(b, t).contiguous()
+    mask, old, logp, ref, ent, adv = five_rows(13, 0.6)
+    b, t = mask.shape
     totals = {"sequences": b, "tokens": mask.sum().item(), "micro_batches": 1, "max_completion_length": t}
     cases = []
     for loss, regions in [("dppo_tv", [(0.01, 0.1), (0.2, 0.2)]), ("dppo_kl", [(0.001, 0.02), (0.05, 0.2)])]:
@@ -359,8 +369,7 @@ def dppo():
                         cases.append({"config": cfg, "loss": value.item(), "grad": x.grad.tolist(),
                                       "outside_negative": ((outside * (adv <= 0) * mask).sum() / n).item(),
                                       "outside_positive": ((outside * (adv > 0) * mask).sum() / n).item()})
-    return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
-            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
+    return batch_json(mask, old, logp, ref, ent, adv, totals, cases)
 
 
 def gmpo_gpg():
@@ -370,15 +379,9 @@ def gmpo_gpg():
     the step), its KL and entropy terms aggregated seq-mean-token-mean; GPG's `-A log pi` under
     the case's aggregation. The advantages vary within rows (PPO-style token advantages, one row
     of both signs and a zero) and between them."""
-    torch.manual_seed(21)
-    lengths = [6, 3, 5, 1, 4]
-    b, t = len(lengths), 6
-    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths])
-    old = -torch.rand(b, t) * 2.5
-    logp = old + 0.5 * torch.randn(b, t)
-    ref = logp + 0.2 * torch.randn(b, t)
-    ent = torch.rand(b, t) * 2
-    adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9])[:, None].expand(b, t).contiguous().clone()
+    mask, old, logp, ref, ent, adv = five_rows(21, 0.5)
+    b, t = mask.shape
+    adv = adv.clone()
     adv[2] = torch.tensor([0.3, -0.4, 0.0, 0.8, 0.2, 0.1])  # token-level, both signs and a zero
     totals = {"sequences": 10, "tokens": 2 * mask.sum().item(), "micro_batches": 2, "max_completion_length": t}
     share = b / totals["sequences"]
@@ -419,8 +422,7 @@ def gmpo_gpg():
             loss.backward()
             cases.append({"config": cfg, "loss": loss.item(), "grad": x.grad.tolist(),
                           "clip_high_frac": 0.0, "clip_low_frac": 0.0})
-    return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
-            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
+    return batch_json(mask, old, logp, ref, ent, adv, totals, cases)
 
 
 def top_entropy():
@@ -428,15 +430,8 @@ def top_entropy():
     entropies at 1 - rho, tokens at or above it kept) and the clipped surrogate's loss with the
     mask on the policy term (KL and entropy terms unmasked), at rho 0.2, 0.5 and 1/3 (a quantile
     that falls between two entropies)."""
-    torch.manual_seed(23)
-    lengths = [6, 3, 5, 1, 4]
-    b, t = len(lengths), 6
-    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths])
-    old = -torch.rand(b, t) * 2.5
-    logp = old + 0.3 * torch.randn(b, t)
-    ref = logp + 0.2 * torch.randn(b, t)
-    ent = torch.rand(b, t) * 2
-    adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9])[:, None].expand(b, t).contiguous()
+    mask, old, logp, ref, ent, adv = five_rows(23, 0.3)
+    b, t = mask.shape
     totals = {"sequences": b, "tokens": mask.sum().item(), "micro_batches": 1, "max_completion_length": t}
     cases = []
     for rho in [0.2, 0.5, 1.0 / 3.0]:
@@ -449,8 +444,7 @@ def top_entropy():
             loss = grpo_loss(x, old, adv, mask, ref, ent, cfg, totals, weights=keep)
             loss.backward()
             cases.append({"config": cfg, "keep": keep.tolist(), "loss": loss.item(), "grad": x.grad.tolist()})
-    return {"logp": logp.tolist(), "old": old.tolist(), "ref": ref.tolist(), "entropy": ent.tolist(),
-            "advantages": adv.tolist(), "mask": mask.tolist(), "totals": totals, "cases": cases}
+    return batch_json(mask, old, logp, ref, ent, adv, totals, cases)
 
 
 def advantages():

@@ -126,14 +126,19 @@ fn losses_and_gradients_match_the_reference_for_every_variant() {
             micro_batch_valid: None,
         };
         let (loss, _) = policy_loss(&inputs, &config, &totals).unwrap();
-        let got = loss.to_scalar::<f32>().unwrap() as f64;
-        let want: f64 = parse(&case["loss"]);
-        assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
-        let grads = loss.backward().unwrap();
-        let g = grads.get(logp.as_tensor()).unwrap();
-        let d = max_diff(g, &t2(&case["grad"]));
-        assert!(d < 1e-5, "{c}: gradient off by {d}");
+        assert_loss_and_gradient(case, &loss, &logp);
     }
+}
+
+/// `loss` against the case's `loss`, and its gradient in `logp` against the case's `grad`.
+fn assert_loss_and_gradient(case: &Value, loss: &Tensor, logp: &Var) {
+    let c = &case["config"];
+    let got = loss.to_scalar::<f32>().unwrap() as f64;
+    let want: f64 = parse(&case["loss"]);
+    assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
+    let grads = loss.backward().unwrap();
+    let d = max_diff(grads.get(logp.as_tensor()).unwrap(), &t2(&case["grad"]));
+    assert!(d < 1e-5, "{c}: gradient off by {d}");
 }
 
 /// Clip-Cov and KL-Cov against verl's formulas: the tokens [`select`] picks from the ragged rows
@@ -198,18 +203,12 @@ fn clip_cov_and_kl_cov_pick_verls_tokens_and_match_its_loss() {
             ..row_inputs(logp.as_tensor(), &old, &adv, &mask)
         };
         let (loss, stats) = policy_loss(&inputs, &config, &totals).unwrap();
-        let got = loss.to_scalar::<f32>().unwrap() as f64;
-        let want: f64 = parse(&case["loss"]);
-        assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
         let share = stats.read().unwrap().covariance_selected_frac;
         assert!(
             (share - f64::from(count) / totals.tokens).abs() < 1e-9,
             "{c}: {share}"
         );
-        let grads = loss.backward().unwrap();
-        let g = grads.get(logp.as_tensor()).unwrap();
-        let d = max_diff(g, &t2(&case["grad"]));
-        assert!(d < 1e-5, "{c}: gradient off by {d}");
+        assert_loss_and_gradient(case, &loss, &logp);
         // without the selection the loss refuses to run
         let none = PolicyInputs {
             covariance_selected: None,
@@ -254,9 +253,6 @@ fn assert_case(f: &Value, b: &Batch, case: &Value, config: &PolicyLossConfig, ke
         ..row_inputs(logp.as_tensor(), &b.old, &b.adv, &b.mask)
     };
     let (loss, stats) = policy_loss(&inputs, config, &b.totals).unwrap();
-    let got = loss.to_scalar::<f32>().unwrap() as f64;
-    let want: f64 = parse(&case["loss"]);
-    assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
     let stats = stats.read().unwrap();
     for (got, key) in [
         (stats.clip_low_frac, keys[0]),
@@ -265,10 +261,7 @@ fn assert_case(f: &Value, b: &Batch, case: &Value, config: &PolicyLossConfig, ke
         let want: f64 = parse(&case[key]);
         assert!((got - want).abs() < 1e-6, "{c} {key}: {got} vs {want}");
     }
-    let grads = loss.backward().unwrap();
-    let g = grads.get(logp.as_tensor()).unwrap();
-    let d = max_diff(g, &t2(&case["grad"]));
-    assert!(d < 1e-5, "{c}: gradient off by {d}");
+    assert_loss_and_gradient(case, &loss, &logp);
 }
 
 #[test]
@@ -333,12 +326,7 @@ fn top_entropy_tokens_and_loss_match_trl() {
             ..row_inputs(logp.as_tensor(), &b.old, &b.adv, &b.mask)
         };
         let (loss, _) = policy_loss(&inputs, &config, &b.totals).unwrap();
-        let got = loss.to_scalar::<f32>().unwrap() as f64;
-        let want: f64 = parse(&case["loss"]);
-        assert!((got - want).abs() < 1e-5, "{c}: loss {got} vs {want}");
-        let grads = loss.backward().unwrap();
-        let d = max_diff(grads.get(logp.as_tensor()).unwrap(), &t2(&case["grad"]));
-        assert!(d < 1e-5, "{c}: gradient off by {d}");
+        assert_loss_and_gradient(case, &loss, &logp);
     }
     // no valid token: every token kept
     let all = high_entropy(&entropies, &[false; 5], 0.2);
