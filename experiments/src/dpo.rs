@@ -428,6 +428,15 @@ pub fn preferences(
 fn warn_imbalance(c: &Config, examples: &[Example]) {
     let d = examples.iter().filter(|e| e.desirable).count() as f64;
     let u = examples.len() as f64 - d;
+    if d == 0.0 || u == 0.0 {
+        tracing::warn!(
+            desirable = d,
+            undesirable = u,
+            "KTO's examples are all of one kind: no weight balances them, and the other kind's \
+             loss never counts"
+        );
+        return;
+    }
     let (wd, wu) = (c.algorithm.desirable_weight, c.algorithm.undesirable_weight);
     let ratio = wd * d / (wu * u);
     if !(1.0..=4.0 / 3.0).contains(&ratio) {
