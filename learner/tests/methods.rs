@@ -68,6 +68,12 @@ fn padded(rows: &[Vec<f32>]) -> (Tensor, Tensor) {
     )
 }
 
+/// A scalar loss against the case's `loss`, within [`TOL`].
+fn assert_loss(loss: &Tensor, case: &Value, what: &str) {
+    let (got, want) = (scalar(loss), parse::<f64>(&case["loss"]));
+    assert!((got - want).abs() < TOL, "{what}: {got} vs {want}");
+}
+
 fn scalar(t: &Tensor) -> f64 {
     f64::from(t.to_scalar::<f32>().unwrap())
 }
@@ -245,15 +251,11 @@ fn clipped_value_loss_and_gradient_match_the_reference() {
         let v = Var::from_tensor(&t("values")).unwrap();
         let (loss, pending) =
             value_loss(v.as_tensor(), &old_values, &returns, &mask, clip, tokens).unwrap();
-        let want: f64 = parse(&case["loss"]);
-        assert!(
-            (scalar(&loss) - want).abs() < TOL,
-            "clip {clip:?}: {} vs {want}",
-            scalar(&loss)
-        );
+        assert_loss(&loss, case, &format!("clip {clip:?}"));
         // the statistics read back in one transfer: the loss's value, verl's vf_clipfrac and
         // the mean value over the micro-batch's valid tokens
         let (value, stats) = pending.read().unwrap();
+        let want: f64 = parse(&case["loss"]);
         assert!((value - want).abs() < TOL, "clip {clip:?}: read {value}");
         assert_eq!(stats.tokens, parse::<f64>(&case["valid_tokens"]));
         let clip_frac: f64 = parse(&case["clip_frac"]);
@@ -305,12 +307,7 @@ fn dpo_losses_gradients_and_metrics_match_the_reference() {
             rejected_tokens: &lr,
         };
         let (loss, pending) = dpo_loss(&x, &cfg, total, chosen_tokens).unwrap();
-        let want: f64 = parse(&case["loss"]);
-        assert!(
-            (scalar(&loss) - want).abs() < TOL,
-            "{cfg:?}: {} vs {want}",
-            scalar(&loss)
-        );
+        assert_loss(&loss, case, &format!("{cfg:?}"));
         let g = loss.backward().unwrap();
         for (var, key) in [(&chosen, "grad_chosen"), (&rejected, "grad_rejected")] {
             let got = g.get(var.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
@@ -386,12 +383,7 @@ fn kto_losses_gradients_and_reference_point_match_trl() {
         let logps = Var::from_tensor(&v("logps")).unwrap();
         let (loss, pending) =
             kto_loss(logps.as_tensor(), &v("ref_logps"), &labels, kl, &cfg, total).unwrap();
-        let want: f64 = parse(&case["loss"]);
-        assert!(
-            (scalar(&loss) - want).abs() < TOL,
-            "{cfg:?}: {} vs {want}",
-            scalar(&loss)
-        );
+        assert_loss(&loss, case, &format!("{cfg:?}"));
         let g = loss.backward().unwrap();
         let got = g.get(logps.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         close(
