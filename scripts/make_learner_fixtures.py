@@ -594,6 +594,14 @@ def estimators():
     for g in set(groups):
         sel = gid == g
         opo[sel] = scores[sel] - (lens[sel] * scores[sel]).sum() / lens[sel].sum()
+    # ReMax (verl's compute_remax_outcome_advantage): the returns-to-go of the token rewards (the
+    # score on the last token) minus the greedy completion's reward, on every valid token
+    remax_baselines = torch.tensor([0.5, 0.5, 0.5, 1.0, 1.0, 1.0], dtype=torch.float64)
+    outcome = torch.zeros(b, t, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        outcome[i, n - 1] = scores[i]
+    returns = (outcome * mask).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+    remax = returns - remax_baselines.unsqueeze(-1) * mask
     # adaptive KL controller: a few updates
     ctl = []
     coef = 0.2
@@ -603,7 +611,8 @@ def estimators():
         ctl.append({"kl": kl_value, "n": n, "beta": coef})
     return {"lengths": lengths, "gdpo_parts": gdpo_parts.tolist(), "gdpo_weights": gdpo_weights,
             "gdpo_eps": gdpo_eps, "gdpo": gdpo["gdpo"], "gdpo_no_std": gdpo["gdpo_no_std"],
-            "passk_eps": passk_eps, "grpo_passk": passk, "opo": opo.tolist(), "old": rows(old), "ref": rows(ref), "entropy": rows(ent),
+            "passk_eps": passk_eps, "grpo_passk": passk, "opo": opo.tolist(),
+            "remax_baselines": remax_baselines.tolist(), "remax": rows(remax.float()), "old": rows(old), "ref": rows(ref), "entropy": rows(ent),
             "scores": scores.tolist(), "groups": groups, "beta": beta, "gamma": gamma, "lambda": lam,
             "rloo": rloo.tolist(), "token_rewards": rows(tok_r), "reinforce_pp": rows(rpp),
             "reinforce_pp_baseline": rows(rppb), "values": rows(values), "gae_advantages": rows(adv),

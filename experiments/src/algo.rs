@@ -328,6 +328,10 @@ impl Algorithm {
                 &group_advantages(&rewards, &group_ids, a.scale_rewards, a.std_eps),
             ),
             "rloo" => per_seq(&mut seqs, &advantages::rloo(&rewards, &group_ids)),
+            "remax" => per_seq(
+                &mut seqs,
+                &advantages::remax(&rewards, &named_part(samples, "greedy_reward")?),
+            ),
             "grpo_passk" => per_seq(
                 &mut seqs,
                 &advantages::grpo_passk(&rewards, &group_ids, a.scale_rewards, a.std_eps),
@@ -492,6 +496,21 @@ impl Algorithm {
 
 /// Each reward part's values over `samples` (`parts[k][i]`: the config's part k of sample i), as
 /// the workers recorded them, unweighted (GDPO's input).
+/// Each sample's reward part `name` (one the rollout added, as ReMax's `greedy_reward`).
+fn named_part(samples: &[&Sample], name: &str) -> anyhow::Result<Vec<f32>> {
+    samples
+        .iter()
+        .map(|s| match s.reward_parts.iter().find(|(n, _)| n == name) {
+            Some(&(_, v)) => Ok(v),
+            None => anyhow::bail!(
+                "sample {}: no reward part `{name}` (a sample generated under another \
+                 algorithm?)",
+                s.sample_id
+            ),
+        })
+        .collect()
+}
+
 fn reward_parts(c: &Config, samples: &[&Sample]) -> anyhow::Result<Vec<Vec<f32>>> {
     c.reward
         .parts

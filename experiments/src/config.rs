@@ -501,7 +501,9 @@ pub struct AlgorithmConfig {
     /// `reinforce_pp_baseline`, `ppo` (GAE over a critic), `gdpo` (GRPO's normalisation per
     /// reward part, the parts summed by weight and whitened), `grpo_passk` (only each group's
     /// best response learns, `r_max − r_second`), `opo` (`r` − the group's length-weighted mean
-    /// reward), `dpo` (preference pairs) or `kto` (unpaired desirable / undesirable examples).
+    /// reward), `remax` (`r` − the reward of the prompt's greedy completion, which the workers
+    /// generate beside each group), `dpo` (preference pairs) or `kto` (unpaired desirable /
+    /// undesirable examples).
     pub name: String,
     pub scale_rewards: ScaleRewards,
     pub std_eps: f64,
@@ -962,9 +964,10 @@ impl Config {
         self.pack_rows()?;
         self.validate_distill()?;
         let r = &self.rollout;
-        if r.group_size < 2 {
+        // ReMax's baseline is the greedy completion: one sample a prompt is its original setting
+        if r.group_size < 2 && !(r.group_size == 1 && self.algorithm.name == "remax") {
             bail!(
-                "rollout.group_size = {}: GRPO needs at least 2",
+                "rollout.group_size = {}: GRPO needs at least 2 (ReMax at least 1)",
                 r.group_size
             );
         }
@@ -984,9 +987,10 @@ impl Config {
             );
         }
         let a = &self.algorithm;
-        const NAMES: [&str; 10] = [
+        const NAMES: [&str; 11] = [
             "grpo",
             "rloo",
+            "remax",
             "reinforce_pp",
             "reinforce_pp_baseline",
             "ppo",
@@ -1003,6 +1007,14 @@ impl Config {
             bail!(
                 "algorithm.name = \"gdpo\" normalises the verifier's reward parts; \
                  entropy_reward replaces the verifier's reward: not both"
+            );
+        }
+        if a.name == "remax" && (a.entropy_reward != EntropyReward::None || a.filter_groups) {
+            bail!(
+                "algorithm.name = \"remax\" takes the verifier's reward of the greedy completion \
+                 as each sample's baseline: not with entropy_reward (which replaces the samples' \
+                 reward) nor filter_groups (a group whose samples all score alike still learns \
+                 against its greedy completion)"
             );
         }
         if !(0.0..=1.0).contains(&a.ar_alpha) {
@@ -1432,8 +1444,19 @@ mod tests {
                 .unwrap_err()
         );
         assert!(e.contains("gdpo") && e.contains("entropy_reward"), "{e}");
-        // KTO: its own loss and weights; DPO's loss keys are refused with it, and its with others
+        // ReMax: one sample a prompt is enough (GRPO needs two); no reward it cannot baseline
         let both = |set: &[&str]| format!("{:#}", Config::default_with(set).unwrap_err());
+        assert!(bad("rollout.group_size=1").contains("at least 2"));
+        let one = Config::default_with(&["algorithm.name=remax", "rollout.group_size=1"]);
+        assert_eq!(one.unwrap().rollout.group_size, 1);
+        for other in [
+            "algorithm.entropy_reward=token",
+            "algorithm.filter_groups=true",
+        ] {
+            let e = both(&["algorithm.name=remax", other]);
+            assert!(e.contains("greedy completion"), "{other}: {e}");
+        }
+        // KTO: its own loss and weights; DPO's loss keys are refused with it, and its with others
         let e = both(&["algorithm.name=kto", "algorithm.dpo_loss=ipo"]);
         assert!(e.contains("kto_loss"), "{e}");
         assert!(both(&["algorithm.name=kto", "algorithm.rpo_alpha=1"]).contains("rpo_alpha"));

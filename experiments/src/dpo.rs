@@ -48,6 +48,7 @@ pub fn build_preferences(
         seed: c.run.seed ^ 0xD90,
         entropy_reward: Default::default(),
         groups_per_batch: c.groups_per_batch()?,
+        greedy_baseline: false,
     };
     let w = w.detach();
     let mut out = Vec::new();

@@ -673,6 +673,7 @@ fn rl_stage(
             seed: c.run.seed,
             entropy_reward: c.algorithm.entropy_reward,
             groups_per_batch,
+            greedy_baseline: c.algorithm.name == "remax",
         },
         Arc::new(task.clone()),
         feed.clone(),
@@ -768,10 +769,17 @@ fn rl_stage(
                 }))
                 .0
             };
+            // ReMax's greedy completions (NaN under other algorithms)
+            let greedy = |name: &str| match c.algorithm.name == "remax" {
+                true => part(name),
+                false => f64::NAN,
+            };
             let mut row: Vec<(String, f64)> = vec![
                 ("reward_mean".into(), reward_mean),
                 ("reward_std".into(), reward_std),
                 ("accuracy".into(), part("correct")),
+                ("greedy_reward".into(), greedy("greedy_reward")),
+                ("greedy_accuracy".into(), greedy("greedy_correct")),
             ];
             row.extend(part_names.iter().map(|n| (format!("reward/{n}"), part(n))));
             row.extend([

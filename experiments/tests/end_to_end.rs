@@ -844,21 +844,51 @@ fn every_algorithm_runs_from_the_cli_and_ppo_resumes_exactly() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// `rollouts.parquet`'s rewards by group, over all steps.
-fn rewards_by_group(dir: &Path) -> std::collections::BTreeMap<u64, Vec<f32>> {
-    use arrow::array::AsArray;
+/// One row of `rollouts.parquet`: a sample's step, group, reward, logged advantage and reward
+/// parts.
+struct RolloutRow {
+    step: u64,
+    group: u64,
+    reward: f32,
+    advantage: f32,
+    parts: Vec<(String, f32)>,
+}
+
+/// `rollouts.parquet`'s rows, over all steps.
+fn rollout_rows(dir: &Path) -> Vec<RolloutRow> {
+    use arrow::array::{Array, AsArray};
     use arrow::datatypes::{Float32Type, UInt64Type};
-    let mut groups = std::collections::BTreeMap::<u64, Vec<f32>>::new();
+    let mut rows = Vec::new();
     for e in std::fs::read_dir(dir.join("rollouts.parquet")).unwrap() {
         for b in read_parquet(&e.unwrap().path()) {
             let column = |name| b.column_by_name(name).unwrap().clone();
-            let (ids, rewards) = (column("group_id"), column("reward"));
-            let ids = ids.as_primitive::<UInt64Type>();
-            let rewards = rewards.as_primitive::<Float32Type>();
-            for (id, reward) in ids.values().iter().zip(rewards.values()) {
-                groups.entry(*id).or_default().push(*reward);
+            let (steps, ids, rewards) = (column("step"), column("group_id"), column("reward"));
+            let (advantages, parts) = (column("advantage"), column("reward_parts"));
+            let parts = parts.as_map();
+            for i in 0..b.num_rows() {
+                let entries = parts.value(i);
+                let names = entries.column(0).as_string::<i32>();
+                let values = entries.column(1).as_primitive::<Float32Type>();
+                rows.push(RolloutRow {
+                    step: steps.as_primitive::<UInt64Type>().value(i),
+                    group: ids.as_primitive::<UInt64Type>().value(i),
+                    reward: rewards.as_primitive::<Float32Type>().value(i),
+                    advantage: advantages.as_primitive::<Float32Type>().value(i),
+                    parts: (0..entries.len())
+                        .map(|k| (names.value(k).to_string(), values.value(k)))
+                        .collect(),
+                });
             }
         }
+    }
+    rows
+}
+
+/// `rollouts.parquet`'s rewards by group, over all steps.
+fn rewards_by_group(dir: &Path) -> std::collections::BTreeMap<u64, Vec<f32>> {
+    let mut groups = std::collections::BTreeMap::<u64, Vec<f32>>::new();
+    for row in rollout_rows(dir) {
+        groups.entry(row.group).or_default().push(row.reward);
     }
     groups
 }
@@ -1102,6 +1132,58 @@ fn grpo_passk_and_opo_run_on_grpos_samples() {
     }
     let mean = metric(&passk, "advantage_mean")[0];
     assert!(mean > 0.0, "{mean}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `algorithm.name = "remax"` (verl's): the workers score each prompt's greedy completion and
+/// add its reward to every sample of the group, and each sample's advantage is its reward minus
+/// that baseline; the samples are GRPO's, the loss another. One sample a prompt (ReMax's own
+/// setting) runs too; GRPO logs no greedy reward.
+#[test]
+fn remax_learns_against_each_prompts_greedy_completion() {
+    let root = scratch("remax");
+    let (remax, grpo) = (root.join("remax"), root.join("grpo"));
+    succeed(&mut tiny("remax", &remax, &["algorithm.name=remax"], 2));
+    succeed(&mut tiny("grpo", &grpo, &[], 1));
+    assert_eq!(
+        metric(&remax, "reward_mean")[0],
+        metric(&grpo, "reward_mean")[0]
+    );
+    assert_ne!(metric(&remax, "loss")[0], metric(&grpo, "loss")[0]);
+    assert!(metric(&grpo, "greedy_reward")[0].is_nan());
+    let part = |row: &RolloutRow, name: &str| {
+        let p = row.parts.iter().find(|(n, _)| n == name);
+        p.unwrap_or_else(|| panic!("no part {name}: {:?}", row.parts))
+            .1
+    };
+    let rows = rollout_rows(&remax);
+    assert_eq!(rows.len(), 2 * 16 * 8);
+    let mut baselines = std::collections::BTreeMap::<u64, f32>::new();
+    for row in &rows {
+        let b = part(row, "greedy_reward");
+        assert_eq!(row.advantage, row.reward - b);
+        assert_eq!(
+            *baselines.entry(row.group).or_insert(b),
+            b,
+            "one baseline a group"
+        );
+        assert!([0.0, 1.0].contains(&part(row, "greedy_correct")));
+    }
+    // each step logs its samples' mean
+    let logged = metric(&remax, "greedy_reward");
+    let first = rows.iter().map(|r| r.step).min().unwrap();
+    for (k, logged) in logged.iter().enumerate() {
+        let step = rows.iter().filter(|r| r.step == first + k as u64);
+        let sum: f64 = step.map(|r| f64::from(part(r, "greedy_reward"))).sum();
+        assert!(
+            (logged - sum / 128.0).abs() < 1e-6,
+            "step {k}: {logged} {sum}"
+        );
+    }
+    let single = root.join("single");
+    let one = ["algorithm.name=remax", "rollout.group_size=1"];
+    succeed(&mut tiny("remax-1", &single, &one, 1));
+    assert_eq!(rollout_rows(&single).len(), 16);
     let _ = std::fs::remove_dir_all(&root);
 }
 

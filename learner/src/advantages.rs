@@ -154,6 +154,27 @@ pub fn grpo_passk(
     out
 }
 
+/// ReMax (Li et al. 2023, arXiv 2310.10505; verl's `adv_estimator = "remax"`): `r − b`, the
+/// baseline `b` the reward of the prompt's greedy completion under the policy that sampled `r`
+/// (one per response: the reward part `greedy_reward` that rollout workers add with
+/// `PoolConfig::greedy_baseline`); no normalisation. A non-finite reward or baseline gets 0.
+/// verl takes the returns-to-go of its token rewards minus `b` on every token, which with the
+/// score on the last token alone is this value on each.
+pub fn remax(rewards: &[f32], baselines: &[f32]) -> Vec<f32> {
+    rewards
+        .iter()
+        .zip(baselines)
+        .map(|(&r, &b)| {
+            let a = r - b;
+            if a.is_finite() {
+                a
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
 /// OPO (Hao et al. 2025, arXiv 2505.23585; verl's `adv_estimator = "opo"`): `r − b`, the
 /// baseline `b` the group's mean reward weighted by each response's length in tokens
 /// (`Σ |o|·r / Σ |o|`, the optimal baseline when the gradient's norm grows with the length);

@@ -1,6 +1,6 @@
 //! Issue 5's estimators and losses against independent PyTorch values
 //! (scripts/make_learner_fixtures.py) on padded batches of unequal lengths: RLOO, REINFORCE++
-//! with and without baseline, GDPO, GRPO pass@k, OPO, PPO token rewards and GAE, whitening, AR, EM-RL rewards, the
+//! with and without baseline, GDPO, GRPO pass@k, OPO, ReMax, PPO token rewards and GAE, whitening, AR, EM-RL rewards, the
 //! adaptive KL controller, on-policy distillation's teacher term, the clipped value loss, the DPO
 //! family (TRL's DPO losses, SimPO, RPO), KTO (TRL's `kto` and `apo_zero_unpaired`) and Lopti's
 //! two passes.
@@ -8,7 +8,7 @@
 use candle_core::{Device, Tensor, Var};
 use learner::advantages::{
     discounted_returns, distill, gae, gdpo, grpo_passk, opo, reinforce_pp, reinforce_pp_baseline,
-    reweight, rloo, token_rewards, whiten, EntropyReward, KlController,
+    remax, reweight, rloo, token_rewards, whiten, EntropyReward, KlController,
 };
 use learner::dpo::{dpo_loss, DpoConfig, DpoLoss, PairLogprobs};
 use learner::grpo::{
@@ -146,6 +146,13 @@ fn estimators_match_the_reference() {
         &parse::<Vec<f32>>(&f["opo"]),
         "opo",
     );
+    // ReMax: one advantage per response, on each of its tokens as verl's are
+    let remax_rows: Vec<Vec<f32>> = remax(&scores, &parse::<Vec<f32>>(&f["remax_baselines"]))
+        .iter()
+        .zip(&lengths)
+        .map(|(&a, &n)| vec![a; n])
+        .collect();
+    close_rows(&remax_rows, &rows(&f["remax"]), "remax");
 
     let values = rows(&f["values"]);
     let (adv, ret): (Vec<Vec<f32>>, Vec<Vec<f32>>) = tok

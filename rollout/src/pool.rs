@@ -23,7 +23,8 @@ use model::generate::{
     generate_continuous_streams, generate_stream, Completion, Decoded, FinishReason,
     GenerationConfig, Prompt, Room,
 };
-use model::Weights;
+use model::sampling::SamplingParams;
+use model::{ModelError, Weights};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{Admission, PolicyStore, Snapshot, WorkerPolicy};
@@ -111,6 +112,11 @@ pub struct PoolConfig {
     /// keeps a GPU busy, at the price of the float rounding of other batch shapes, so that a
     /// run is reproducible only with 1.
     pub groups_per_batch: usize,
+    /// ReMax (verl's `adv_estimator = "remax"`): each group also generates its prompt's greedy
+    /// completion under the same weights, scored as the samples are; its reward and correctness
+    /// join every sample of the group as the reward parts `greedy_reward` and `greedy_correct`
+    /// (the baseline; the greedy completion itself is not trained on).
+    pub greedy_baseline: bool,
 }
 
 /// One scored group.
@@ -163,6 +169,13 @@ impl RolloutError {
         RolloutError {
             message: e.to_string(),
             out_of_memory: false,
+        }
+    }
+
+    fn generation(e: ModelError) -> Self {
+        RolloutError {
+            out_of_memory: e.is_out_of_memory(),
+            message: e.to_string(),
         }
     }
 }
@@ -294,7 +307,7 @@ pub fn rollout_groups(
     let mut completions: Vec<Option<Completion>> = vec![None; rows.len()];
     let tokenizer = Some(&task.tokenizer);
     let slots = rows.len();
-    let decoded = generate_continuous_streams(
+    let mut decoded = generate_continuous_streams(
         w,
         &rows,
         &streams,
@@ -306,27 +319,90 @@ pub fn rollout_groups(
             Ok(())
         },
     )
-    .map_err(|e| RolloutError {
-        out_of_memory: e.is_out_of_memory(),
-        message: e.to_string(),
-    })?;
+    .map_err(RolloutError::generation)?;
+    let mut baselines = Vec::new().into_iter();
+    if cfg.greedy_baseline {
+        let good: Vec<(&Record, &[u32])> = groups
+            .iter()
+            .zip(&prompts)
+            .filter_map(|((_, record), prompt)| Some((record, prompt.as_deref().ok()?)))
+            .collect();
+        let (b, d) = greedy_baselines(task, w, &good, cfg)?;
+        baselines = b.into_iter();
+        decoded += d;
+    }
     let mut completions = completions.into_iter().flatten();
     let results = groups
         .iter()
         .zip(prompts)
         .map(|((group_id, record), prompt)| {
-            // a group whose prompt failed has no rows among the completions
+            // a group whose prompt failed has no rows among the completions, nor a baseline
             let prompt = prompt?;
             let group = completions.by_ref().take(cfg.group_size);
+            let baseline = baselines.next();
             Ok(score_group(
-                task, version, *group_id, record, &prompt, group, cfg,
+                task, version, *group_id, record, &prompt, group, baseline, cfg,
             ))
         })
         .collect();
     Ok((results, decoded))
 }
 
-/// One group's completions, scored into samples.
+/// ReMax's baseline for one prompt: its greedy completion's reward and whether it is correct.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Baseline {
+    pub reward: f32,
+    pub correct: f32,
+}
+
+/// ReMax's baselines (Li et al. 2023, arXiv 2310.10505; verl generates them with
+/// `do_sample = False` and scores them with the same reward function): each prompt's greedy
+/// completion under `w`, scored as the samples are, in one batch; and what it decoded.
+pub fn greedy_baselines(
+    task: &Task,
+    w: &Weights,
+    prompts: &[(&Record, &[u32])],
+    cfg: &PoolConfig,
+) -> Result<(Vec<Baseline>, Decoded), RolloutError> {
+    let rows: Vec<Vec<u32>> = prompts.iter().map(|(_, p)| p.to_vec()).collect();
+    // greedy decoding draws nothing from its streams
+    let streams: Vec<(u64, u64)> = (0..rows.len() as u64).map(|i| (0, i)).collect();
+    let greedy = GenerationConfig {
+        sampling: SamplingParams::greedy(),
+        ..cfg.generation.clone()
+    };
+    let mut done: Vec<Option<Completion>> = vec![None; rows.len()];
+    let decoded = generate_continuous_streams(
+        w,
+        &rows,
+        &streams,
+        &greedy,
+        Some(&task.tokenizer),
+        rows.len(),
+        |i, c| {
+            done[i] = Some(c);
+            Ok(())
+        },
+    )
+    .map_err(RolloutError::generation)?;
+    let baselines = prompts
+        .iter()
+        .zip(done)
+        .map(|((record, _), c)| {
+            let c = c.ok_or_else(|| RolloutError::other("a greedy completion went missing"))?;
+            let text = c.text.unwrap_or_default();
+            let scored = task.score(&text, c.tokens.len(), &task.gold(record));
+            Ok(Baseline {
+                reward: scored.total,
+                correct: f32::from(u8::from(scored.correct == Some(true))),
+            })
+        })
+        .collect::<Result<_, RolloutError>>()?;
+    Ok((baselines, decoded))
+}
+
+/// One group's completions, scored into samples (with ReMax's baseline as two reward parts).
+#[allow(clippy::too_many_arguments)]
 fn score_group(
     task: &Task,
     version: u64,
@@ -334,6 +410,7 @@ fn score_group(
     record: &Record,
     prompt: &[u32],
     completions: impl Iterator<Item = Completion>,
+    baseline: Option<Baseline>,
     cfg: &PoolConfig,
 ) -> Vec<Sample> {
     let gold = task.gold(record);
@@ -362,6 +439,10 @@ fn score_group(
                 }
                 None => scored.total,
             };
+            if let Some(b) = baseline {
+                parts.push(("greedy_reward".into(), b.reward));
+                parts.push(("greedy_correct".into(), b.correct));
+            }
             Sample {
                 sample_id: group_id * cfg.group_size as u64 + k as u64,
                 prompt_id: record.id,
@@ -644,6 +725,8 @@ struct InFlight {
     prompt: Vec<u32>,
     /// Its rows' completions, as they finish.
     rows: Vec<Option<Completion>>,
+    /// ReMax's baseline, generated when the group joined the batch.
+    baseline: Option<Baseline>,
 }
 
 /// The groups of one streamed batch and the rows handed to the generation.
@@ -655,6 +738,8 @@ struct StreamState {
     handed: Vec<(usize, usize)>,
     /// When the last group was sent: each group is timed from there.
     last: Instant,
+    /// What the groups' greedy baselines decoded (each alone, as its group joined).
+    baselines_decoded: Decoded,
     /// The learner stopped listening, or the feed failed.
     closed: bool,
 }
@@ -692,24 +777,35 @@ fn stream_groups(
         waiting: Default::default(),
         handed: Vec::new(),
         last: Instant::now(),
+        baselines_decoded: Decoded::default(),
         closed: false,
     });
-    // a group's prompt, or its failure sent at once
-    let add = |st: &mut StreamState, (group_id, record): (u64, Record)| match w
-        .task
-        .prompt_ids(&record)
-    {
-        Ok(prompt) => {
-            let g = st.groups.len();
-            st.waiting.extend((0..cfg.group_size).map(|k| (g, k)));
-            st.groups.push(Some(InFlight {
-                group_id,
-                record,
-                prompt,
-                rows: vec![None; cfg.group_size],
-            }));
+    // a group's prompt (and ReMax's baseline), or its failure sent at once
+    let add = |st: &mut StreamState, (group_id, record): (u64, Record)| {
+        let prompt = w.task.prompt_ids(&record).map_err(RolloutError::other);
+        let baseline = match (&prompt, cfg.greedy_baseline) {
+            (Ok(p), true) => {
+                greedy_baselines(w.task, &snap.weights, &[(&record, p)], cfg).map(|(b, d)| {
+                    st.baselines_decoded += d;
+                    b.first().copied()
+                })
+            }
+            _ => Ok(None),
+        };
+        match prompt.and_then(|p| Ok((p, baseline?))) {
+            Ok((prompt, baseline)) => {
+                let g = st.groups.len();
+                st.waiting.extend((0..cfg.group_size).map(|k| (g, k)));
+                st.groups.push(Some(InFlight {
+                    group_id,
+                    record,
+                    prompt,
+                    rows: vec![None; cfg.group_size],
+                    baseline,
+                }));
+            }
+            Err(e) => st.closed |= !w.send(group_id, Err(e), 0.0),
         }
-        Err(e) => st.closed |= !w.send(group_id, Err(RolloutError::other(e)), 0.0),
     };
     for group in groups {
         add(&mut state.borrow_mut(), group);
@@ -754,6 +850,7 @@ fn stream_groups(
                 &group.record,
                 &group.prompt,
                 group.rows.into_iter().flatten(),
+                group.baseline,
                 cfg,
             );
             let seconds = st.last.elapsed().as_secs_f64();
@@ -786,10 +883,13 @@ fn stream_groups(
         return Streamed::Closed;
     }
     let ended = match generated {
-        Ok(decoded) if w.sender.send(Event::Decoded(decoded)).is_ok() => {
-            return Streamed::Generated
+        Ok(mut decoded) => {
+            decoded += st.baselines_decoded;
+            if w.sender.send(Event::Decoded(decoded)).is_err() {
+                return Streamed::Closed;
+            }
+            return Streamed::Generated;
         }
-        Ok(_) => return Streamed::Closed,
         Err(e) if e.is_out_of_memory() => Streamed::OutOfMemory,
         Err(_) => Streamed::Failed,
     };

@@ -42,23 +42,33 @@ type Setup = (
 /// A pool of `workers` on the tiny model, groups of 4, two groups a step.
 fn setup(workers: usize, max_staleness: u64, groups_per_batch: usize) -> Setup {
     let config = builtin::tiny_config(32, 1);
-    setup_with(
-        config,
-        addition_task(),
-        2,
+    let pool = pool_config(workers, groups_per_batch);
+    setup_with(config, addition_task(), 2, max_staleness, pool)
+}
+
+/// Groups of 4 completions of up to 4 tokens, seed 11.
+fn pool_config(workers: usize, groups_per_batch: usize) -> PoolConfig {
+    PoolConfig {
         workers,
-        max_staleness,
+        group_size: 4,
+        generation: GenerationConfig {
+            max_new_tokens: 4,
+            stop_token_ids: vec![2],
+            ..Default::default()
+        },
+        seed: 11,
+        entropy_reward: Default::default(),
         groups_per_batch,
-    )
+        greedy_baseline: false,
+    }
 }
 
 fn setup_with(
     config: model::ModelConfig,
     task: Task,
     groups_per_step: usize,
-    workers: usize,
     max_staleness: u64,
-    groups_per_batch: usize,
+    pool: PoolConfig,
 ) -> Setup {
     let w = init::random_weights(&config, 0.02, 3, &Device::Cpu).unwrap();
     let source = Source::open("builtin:addition", &SourceOptions::default()).unwrap();
@@ -74,18 +84,7 @@ fn setup_with(
     let admission = Arc::new(Admission::new(max_staleness, groups_per_step * 4));
     let (tx, rx) = crossbeam_channel::bounded(64);
     let pool = Pool::spawn(
-        PoolConfig {
-            workers,
-            group_size: 4,
-            generation: GenerationConfig {
-                max_new_tokens: 4,
-                stop_token_ids: vec![2],
-                ..Default::default()
-            },
-            seed: 11,
-            entropy_reward: Default::default(),
-            groups_per_batch,
-        },
+        pool,
         Arc::new(task),
         Arc::new(Mutex::new(feed)),
         store.clone(),
@@ -348,7 +347,7 @@ fn a_group_that_fails_a_streamed_batch_fails_alone_and_the_others_are_as_alone()
         };
         task.tokenizer
             .set_chat_template(Some("{{ messages[0].content }}".into()));
-        let (pool, rx, _, _, _) = setup_with(config, task, 8, 1, 0, groups_per_batch);
+        let (pool, rx, _, _, _) = setup_with(config, task, 8, 0, pool_config(1, groups_per_batch));
         let mut out: Vec<(u64, Result<Vec<Sample>, String>)> = (0..8)
             .map(|_| match next_event(&rx) {
                 Event::Rollout(r) => {
@@ -429,6 +428,7 @@ fn entropy_rewards_come_from_the_sampling_policy() {
         seed: 5,
         entropy_reward,
         groups_per_batch: 1,
+        greedy_baseline: false,
     };
     let plain = rollout_group(&task, &w, 0, 9, &record, &cfg(EntropyReward::None)).unwrap();
     let seq = rollout_group(&task, &w, 0, 9, &record, &cfg(EntropyReward::Sequence)).unwrap();
@@ -452,6 +452,74 @@ fn entropy_rewards_come_from_the_sampling_policy() {
             t.reward
         );
     }
+}
+
+/// ReMax: every sample of a group carries its prompt's greedy completion's reward and
+/// correctness (the baseline) under the weights that sampled the group, whether the group was
+/// generated alone or joined a streamed batch.
+#[test]
+fn remax_groups_carry_their_prompts_greedy_completions_reward() {
+    use model::generate::generate;
+    use model::sampling::SamplingParams;
+    use rollout::pool::rollout_group;
+    // a length penalty past 1 token and generation that stops at a newline, which the random
+    // model's greedy completions start with and its samples seldom draw: they score apart
+    let mut task = addition_task();
+    task.reward.parts.push(Part {
+        name: "length".into(),
+        kind: PartKind::Overlong {
+            max_tokens: 4,
+            cache_tokens: 3,
+        },
+        weight: 1.0,
+    });
+    let newline = task.tokenizer.encode("\n", false).unwrap()[0];
+    let cfg = |groups_per_batch| PoolConfig {
+        generation: GenerationConfig {
+            max_new_tokens: 4,
+            stop_token_ids: vec![newline],
+            ..Default::default()
+        },
+        greedy_baseline: true,
+        ..pool_config(1, groups_per_batch)
+    };
+    let config = builtin::tiny_config(32, 1);
+    let (pool, rx, _, _, w) = setup_with(config, task.clone(), 4, 0, cfg(2));
+    let streamed = groups(&rx, 4);
+    drop(rx);
+    pool.stop();
+    let source = Source::open("builtin:addition", &SourceOptions::default()).unwrap();
+    let records = Loader::new(source, 0, false, 16).unwrap().take(4).unwrap();
+    let v = w.detach();
+    let greedy = GenerationConfig {
+        sampling: SamplingParams::greedy(),
+        ..cfg(1).generation
+    };
+    let part = |s: &Sample, name: &str| {
+        let p = s.reward_parts.iter().find(|(n, _)| n == name);
+        p.unwrap_or_else(|| panic!("no part {name}: {:?}", s.reward_parts))
+            .1
+    };
+    let mut differs = false;
+    for group in &streamed {
+        let record = records.iter().find(|r| r.id == group[0].prompt_id).unwrap();
+        let prompt = [group[0].prompt_ids.clone()];
+        let c = &generate(&v, &prompt, &greedy, Some(&task.tokenizer)).unwrap()[0];
+        let text = c.text.as_deref().unwrap_or("");
+        let scored = task.score(text, c.tokens.len(), &task.gold(record));
+        let correct = f32::from(u8::from(scored.correct == Some(true)));
+        let alone = rollout_group(&task, &v, 0, group[0].group_id, record, &cfg(1)).unwrap();
+        for (s, a) in group.iter().zip(&alone) {
+            assert_eq!(part(s, "greedy_reward"), scored.total);
+            assert_eq!(part(s, "greedy_correct"), correct);
+            assert_eq!(part(a, "greedy_reward"), scored.total, "alone");
+            differs |= s.reward != scored.total;
+        }
+    }
+    assert!(
+        differs,
+        "some sample scores other than its greedy completion"
+    );
 }
 
 /// A worker that panics (a bug) tells the learner the run must stop, where its drawn groups
