@@ -752,6 +752,7 @@ fn model_checks(gpu: &Device, rows: &mut Vec<(String, String, bool)>) -> Result<
             waiting.next().map(|p| model::generate::Prompt {
                 ids: p.clone(),
                 stream: (0, 0),
+                greedy: false,
             })
         },
         |i, c| {
@@ -2471,9 +2472,11 @@ fn rollout_batching(gpu: &Device, w: &Weights, r: &mut Report) -> Result<()> {
             None,
             room,
             || {
-                waiting
-                    .next()
-                    .map(|(ids, stream)| model::generate::Prompt { ids, stream })
+                waiting.next().map(|(ids, stream)| model::generate::Prompt {
+                    ids,
+                    stream,
+                    greedy: false,
+                })
             },
             |_, c| {
                 tokens += c.tokens.len();

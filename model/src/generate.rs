@@ -92,6 +92,8 @@ struct Row {
     /// that had the slot before).
     start: usize,
     rng: Rng,
+    /// Decoded greedily ([`Prompt::greedy`]).
+    greedy: bool,
     completion: Completion,
 }
 
@@ -137,19 +139,36 @@ where
             prompts.len()
         )));
     }
+    let prompts = prompts.iter().zip(streams).map(|(ids, &stream)| Prompt {
+        ids: ids.clone(),
+        stream,
+        greedy: false,
+    });
+    generate_prompts(w, prompts.collect(), cfg, tokenizer, slots, on_done)
+}
+
+/// [`generate_continuous_streams`] of prompts that may be decoded greedily ([`Prompt::greedy`]).
+pub fn generate_prompts<F>(
+    w: &Weights,
+    prompts: Vec<Prompt>,
+    cfg: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    slots: usize,
+    on_done: F,
+) -> Result<Decoded>
+where
+    F: FnMut(usize, Completion) -> Result<()>,
+{
     if prompts.is_empty() {
         return Ok(Decoded::default());
     }
     let room = Room {
         slots: slots.clamp(1, prompts.len()),
-        longest: prompts.iter().map(Vec::len).max().unwrap_or(0),
+        longest: prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0),
         refills: slots < prompts.len(),
         refill_rows: 1,
     };
-    let mut waiting = prompts.iter().zip(streams).map(|(ids, &stream)| Prompt {
-        ids: ids.clone(),
-        stream,
-    });
+    let mut waiting = prompts.into_iter();
     generate_stream(w, cfg, tokenizer, room, || waiting.next(), on_done)
 }
 
@@ -159,6 +178,9 @@ where
 pub struct Prompt {
     pub ids: Vec<u32>,
     pub stream: (u64, u64),
+    /// Decoded greedily whatever `cfg.sampling` says, drawing nothing from its stream (ReMax's
+    /// baseline row beside its group's sampled rows, in the same batch).
+    pub greedy: bool,
 }
 
 /// What a generation decoded: its decode steps and the rows they decoded (the prefills not
@@ -288,6 +310,7 @@ where
         prompt: i,
         start: end - p.ids.len(),
         rng: Rng::stream(p.stream.0, p.stream.1),
+        greedy: p.greedy,
         completion: empty(),
     };
     let ids: Vec<&[u32]> = first.iter().map(|p| p.ids.as_slice()).collect();
@@ -302,14 +325,17 @@ where
     // The rows that `logits` holds, in order.
     let mut fresh: Vec<usize> = (0..rows.len()).collect();
     loop {
-        // `fresh` is sorted: the streams of its rows, in its order
-        let mut rngs: Vec<Option<&mut Rng>> = rows
+        // `fresh` is sorted: the streams of its rows, in its order, and which are greedy
+        let (mut rngs, greedy): (Vec<Option<&mut Rng>>, Vec<bool>) = rows
             .iter_mut()
             .enumerate()
             .filter(|(r, _)| fresh.binary_search(r).is_ok())
-            .map(|(_, row)| row.as_mut().map(|row| &mut row.rng))
-            .collect();
-        let drawn = sample_rows(&logits, &cfg.sampling, &mut rngs)?;
+            .map(|(_, row)| match row {
+                Some(row) => (Some(&mut row.rng), row.greedy),
+                None => (None, false),
+            })
+            .unzip();
+        let drawn = sample_mixed(&logits, &cfg.sampling, &mut rngs, &greedy)?;
         for (&r, (token, logprob, entropy)) in fresh.iter().zip(drawn) {
             let Some(row) = rows[r].as_mut() else {
                 continue;
@@ -541,6 +567,43 @@ fn last_logits(w: &Weights, batch: &Batch, cache: &mut KvCache) -> Result<Tensor
     let t = hidden.dim(1)?;
     let last = hidden.narrow(1, t - 1, 1)?; // [B, 1, H]
     crate::head::logits(&last.squeeze(1)?, w.output_weight()) // [B, V]
+}
+
+/// [`sample_rows`] where the `greedy` rows (ReMax's baseline rows) are decoded greedily: their
+/// logits go through it apart, under greedy settings, and draw nothing from their streams.
+fn sample_mixed(
+    logits: &Tensor,
+    p: &SamplingParams,
+    rngs: &mut [Option<&mut Rng>],
+    greedy: &[bool],
+) -> Result<Vec<(u32, f32, f32)>> {
+    if p.is_greedy() || !greedy.contains(&true) {
+        return sample_rows(logits, p, rngs);
+    }
+    let mut out = vec![(0, 0.0, 0.0); greedy.len()];
+    let mut part = |rows: Vec<usize>, p: &SamplingParams, rngs: &mut [Option<&mut Rng>]| {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let at: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let at = Tensor::new(at.as_slice(), logits.device())?;
+        let drawn = sample_rows(&logits.index_select(&at, 0)?, p, rngs)?;
+        for (r, d) in rows.into_iter().zip(drawn) {
+            out[r] = d;
+        }
+        Ok::<(), ModelError>(())
+    };
+    let (mut g_rngs, mut s_rngs): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
+    let (mut g_rows, mut s_rows) = (Vec::new(), Vec::new());
+    for (r, (rng, &g)) in rngs.iter_mut().zip(greedy).enumerate() {
+        match g {
+            true => (g_rows.push(r), g_rngs.push(rng.as_deref_mut())),
+            false => (s_rows.push(r), s_rngs.push(rng.as_deref_mut())),
+        };
+    }
+    part(s_rows, p, &mut s_rngs)?;
+    part(g_rows, &SamplingParams::greedy(), &mut g_rngs)?;
+    Ok(out)
 }
 
 /// `(token, log-prob, entropy)` for every row of `logits [B, V]` (rows without a stream get a

@@ -166,6 +166,7 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
                 prompts.get(asked - 1).map(|ids| model::generate::Prompt {
                     ids: ids.clone(),
                     stream: (17, asked as u64 - 1),
+                    greedy: false,
                 })
             },
             |i, c| {
@@ -228,6 +229,7 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
             left.next().map(|ids| model::generate::Prompt {
                 ids: ids.clone(),
                 stream: (0, 0),
+                greedy: false,
             })
         },
         |i, c| {
@@ -251,6 +253,7 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
                 (n <= 3).then(|| model::generate::Prompt {
                     ids: vec![3, if n == 3 { 10_000 } else { 4 }],
                     stream: (0, n),
+                    greedy: false,
                 })
             }
         },
@@ -265,7 +268,7 @@ fn a_stream_of_prompts_raises_and_grows_the_cache_and_samples_what_one_batch_sam
 #[test]
 fn groups_batched_with_their_own_streams_sample_what_each_samples_alone() {
     // two groups of three rows (the rollout workers' case: a group's rows share its prompt and
-    // seed), of prompts 2 and 7 tokens long, sampled together and apart
+    // seed), of prompts 2 and 7 tokens long, sampled together and apart, and with a greedy row
     let w = load("tiny-qwen2").detach();
     let cfg = |seed| GenerationConfig {
         max_new_tokens: 8,
@@ -312,6 +315,39 @@ fn groups_batched_with_their_own_streams_sample_what_each_samples_alone() {
         for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
             assert!((x - y).abs() < 1e-4, "row {k}: {x} vs {y}");
         }
+    }
+    // each group with a greedy row after its three (ReMax's baseline): the sampled rows are
+    // as before, the greedy rows what greedy decoding of the prompt alone gives
+    let rows: Vec<model::generate::Prompt> = groups
+        .iter()
+        .flat_map(|(p, seed)| {
+            (0..4).map(move |k| model::generate::Prompt {
+                ids: p.clone(),
+                stream: (*seed, k),
+                greedy: k == 3,
+            })
+        })
+        .collect();
+    let mut mixed: Vec<Option<Completion>> = vec![None; 8];
+    model::generate::generate_prompts(&w, rows, &cfg(0), None, 8, |i, c| {
+        mixed[i] = Some(c);
+        Ok(())
+    })
+    .unwrap();
+    let greedy = GenerationConfig {
+        sampling: SamplingParams::greedy(),
+        ..cfg(0)
+    };
+    for (g, (p, _)) in groups.iter().enumerate() {
+        let got = |k: usize| mixed[4 * g + k].as_ref().expect("every row completes");
+        for k in 0..3 {
+            assert_eq!(got(k).tokens, alone[3 * g + k].tokens, "group {g} row {k}");
+        }
+        let want = &generate(&w, std::slice::from_ref(p), &greedy, None).unwrap()[0];
+        assert_eq!(got(3).tokens, want.tokens, "group {g}'s greedy row");
+        assert!(alone[3 * g..3 * g + 3]
+            .iter()
+            .any(|c| c.tokens != want.tokens));
     }
     let e = model::generate::generate_continuous_streams(
         &w,

@@ -20,10 +20,9 @@ use crossbeam_channel::Sender;
 use datasets::{Cursor, Loader, Record};
 use model::error::Regrow;
 use model::generate::{
-    generate_continuous_streams, generate_stream, Completion, Decoded, FinishReason,
-    GenerationConfig, Prompt, Room,
+    generate_prompts, generate_stream, Completion, Decoded, FinishReason, GenerationConfig, Prompt,
+    Room,
 };
-use model::sampling::SamplingParams;
 use model::{ModelError, Weights};
 use serde::{Deserialize, Serialize};
 
@@ -112,10 +111,10 @@ pub struct PoolConfig {
     /// keeps a GPU busy, at the price of the float rounding of other batch shapes, so that a
     /// run is reproducible only with 1.
     pub groups_per_batch: usize,
-    /// ReMax (verl's `adv_estimator = "remax"`): each group also generates its prompt's greedy
-    /// completion under the same weights, scored as the samples are; its reward and correctness
-    /// join every sample of the group as the reward parts `greedy_reward` and `greedy_correct`
-    /// (the baseline; the greedy completion itself is not trained on).
+    /// ReMax (verl's `adv_estimator = "remax"`): each group also decodes its prompt greedily,
+    /// as one more row of its batch ([`rows_of`]), scored as the samples are; its reward and
+    /// correctness join every sample of the group as the reward parts `greedy_reward` and
+    /// `greedy_correct` (the baseline; the greedy completion itself is not trained on).
     pub greedy_baseline: bool,
 }
 
@@ -292,27 +291,21 @@ pub fn rollout_groups(
         .iter()
         .map(|(_, record)| task.prompt_ids(record).map_err(RolloutError::other))
         .collect();
-    // the rows of the groups whose prompts are good, each with its stream
+    // the rows of the groups whose prompts are good, each with its stream (and ReMax's greedy
+    // row last)
     let mut rows = Vec::new();
-    let mut streams = Vec::new();
     for ((group_id, _), prompt) in groups.iter().zip(&prompts) {
         if let Ok(prompt) = prompt {
-            let seed = group_seed(cfg.seed, *group_id);
-            for k in 0..cfg.group_size {
-                rows.push(prompt.clone());
-                streams.push((seed, k as u64));
-            }
+            rows.extend((0..rows_of(cfg)).map(|k| group_row(cfg, *group_id, prompt, k)));
         }
     }
     let mut completions: Vec<Option<Completion>> = vec![None; rows.len()];
-    let tokenizer = Some(&task.tokenizer);
     let slots = rows.len();
-    let mut decoded = generate_continuous_streams(
+    let decoded = generate_prompts(
         w,
-        &rows,
-        &streams,
+        rows,
         &cfg.generation,
-        tokenizer,
+        Some(&task.tokenizer),
         slots,
         |i, c| {
             completions[i] = Some(c);
@@ -320,101 +313,61 @@ pub fn rollout_groups(
         },
     )
     .map_err(RolloutError::generation)?;
-    let mut baselines = Vec::new().into_iter();
-    if cfg.greedy_baseline {
-        let good: Vec<(&Record, &[u32])> = groups
-            .iter()
-            .zip(&prompts)
-            .filter_map(|((_, record), prompt)| Some((record, prompt.as_deref().ok()?)))
-            .collect();
-        let (b, d) = greedy_baselines(task, w, &good, cfg)?;
-        baselines = b.into_iter();
-        decoded += d;
-    }
     let mut completions = completions.into_iter().flatten();
     let results = groups
         .iter()
         .zip(prompts)
         .map(|((group_id, record), prompt)| {
-            // a group whose prompt failed has no rows among the completions, nor a baseline
+            // a group whose prompt failed has no rows among the completions
             let prompt = prompt?;
-            let group = completions.by_ref().take(cfg.group_size);
-            let baseline = baselines.next();
+            let rows = completions.by_ref().take(rows_of(cfg)).collect();
             Ok(score_group(
-                task, version, *group_id, record, &prompt, group, baseline, cfg,
+                task, version, *group_id, record, &prompt, rows, cfg,
             ))
         })
         .collect();
     Ok((results, decoded))
 }
 
-/// ReMax's baseline for one prompt: its greedy completion's reward and whether it is correct.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Baseline {
-    pub reward: f32,
-    pub correct: f32,
+/// The rows a group generates: `group_size` samples, and with ReMax its greedy completion.
+fn rows_of(cfg: &PoolConfig) -> usize {
+    cfg.group_size + usize::from(cfg.greedy_baseline)
 }
 
-/// ReMax's baselines (Li et al. 2023, arXiv 2310.10505; verl generates them with
-/// `do_sample = False` and scores them with the same reward function): each prompt's greedy
-/// completion under `w`, scored as the samples are, in one batch; and what it decoded.
-pub fn greedy_baselines(
-    task: &Task,
-    w: &Weights,
-    prompts: &[(&Record, &[u32])],
-    cfg: &PoolConfig,
-) -> Result<(Vec<Baseline>, Decoded), RolloutError> {
-    let rows: Vec<Vec<u32>> = prompts.iter().map(|(_, p)| p.to_vec()).collect();
-    // greedy decoding draws nothing from its streams
-    let streams: Vec<(u64, u64)> = (0..rows.len() as u64).map(|i| (0, i)).collect();
-    let greedy = GenerationConfig {
-        sampling: SamplingParams::greedy(),
-        ..cfg.generation.clone()
-    };
-    let mut done: Vec<Option<Completion>> = vec![None; rows.len()];
-    let decoded = generate_continuous_streams(
-        w,
-        &rows,
-        &streams,
-        &greedy,
-        Some(&task.tokenizer),
-        rows.len(),
-        |i, c| {
-            done[i] = Some(c);
-            Ok(())
-        },
-    )
-    .map_err(RolloutError::generation)?;
-    let baselines = prompts
-        .iter()
-        .zip(done)
-        .map(|((record, _), c)| {
-            let c = c.ok_or_else(|| RolloutError::other("a greedy completion went missing"))?;
-            let text = c.text.unwrap_or_default();
-            let scored = task.score(&text, c.tokens.len(), &task.gold(record));
-            Ok(Baseline {
-                reward: scored.total,
-                correct: f32::from(u8::from(scored.correct == Some(true))),
-            })
-        })
-        .collect::<Result<_, RolloutError>>()?;
-    Ok((baselines, decoded))
+/// Row `k` of a group: a sample from the group's stream `k`, or (`k = group_size`) ReMax's
+/// greedy completion of its prompt.
+fn group_row(cfg: &PoolConfig, group_id: u64, prompt: &[u32], k: usize) -> Prompt {
+    Prompt {
+        ids: prompt.to_vec(),
+        stream: (group_seed(cfg.seed, group_id), k as u64),
+        greedy: k == cfg.group_size,
+    }
 }
 
-/// One group's completions, scored into samples (with ReMax's baseline as two reward parts).
-#[allow(clippy::too_many_arguments)]
+/// One group's rows ([`rows_of`]) scored into samples; ReMax's greedy row, last, scored as
+/// the samples are, adds its reward and correctness to each as the reward parts
+/// `greedy_reward` and `greedy_correct`.
 fn score_group(
     task: &Task,
     version: u64,
     group_id: u64,
     record: &Record,
     prompt: &[u32],
-    completions: impl Iterator<Item = Completion>,
-    baseline: Option<Baseline>,
+    mut rows: Vec<Completion>,
     cfg: &PoolConfig,
 ) -> Vec<Sample> {
     let gold = task.gold(record);
-    completions
+    let baseline = match cfg.greedy_baseline {
+        true => rows.pop().map(|c| {
+            let scored = task.score(&c.text.unwrap_or_default(), c.tokens.len(), &gold);
+            (
+                scored.total,
+                f32::from(u8::from(scored.correct == Some(true))),
+            )
+        }),
+        false => None,
+    };
+    rows.into_iter()
         .enumerate()
         .map(|(k, c)| {
             let text = c.text.unwrap_or_default();
@@ -439,9 +392,9 @@ fn score_group(
                 }
                 None => scored.total,
             };
-            if let Some(b) = baseline {
-                parts.push(("greedy_reward".into(), b.reward));
-                parts.push(("greedy_correct".into(), b.correct));
+            if let Some((reward, correct)) = baseline {
+                parts.push(("greedy_reward".into(), reward));
+                parts.push(("greedy_correct".into(), correct));
             }
             Sample {
                 sample_id: group_id * cfg.group_size as u64 + k as u64,
@@ -723,10 +676,8 @@ struct InFlight {
     group_id: u64,
     record: Record,
     prompt: Vec<u32>,
-    /// Its rows' completions, as they finish.
+    /// Its rows' completions ([`rows_of`]), as they finish.
     rows: Vec<Option<Completion>>,
-    /// ReMax's baseline, generated when the group joined the batch.
-    baseline: Option<Baseline>,
 }
 
 /// The groups of one streamed batch and the rows handed to the generation.
@@ -738,8 +689,6 @@ struct StreamState {
     handed: Vec<(usize, usize)>,
     /// When the last group was sent: each group is timed from there.
     last: Instant,
-    /// What the groups' greedy baselines decoded (each alone, as its group joined).
-    baselines_decoded: Decoded,
     /// The learner stopped listening, or the feed failed.
     closed: bool,
 }
@@ -777,35 +726,24 @@ fn stream_groups(
         waiting: Default::default(),
         handed: Vec::new(),
         last: Instant::now(),
-        baselines_decoded: Decoded::default(),
         closed: false,
     });
-    // a group's prompt (and ReMax's baseline), or its failure sent at once
-    let add = |st: &mut StreamState, (group_id, record): (u64, Record)| {
-        let prompt = w.task.prompt_ids(&record).map_err(RolloutError::other);
-        let baseline = match (&prompt, cfg.greedy_baseline) {
-            (Ok(p), true) => {
-                greedy_baselines(w.task, &snap.weights, &[(&record, p)], cfg).map(|(b, d)| {
-                    st.baselines_decoded += d;
-                    b.first().copied()
-                })
-            }
-            _ => Ok(None),
-        };
-        match prompt.and_then(|p| Ok((p, baseline?))) {
-            Ok((prompt, baseline)) => {
-                let g = st.groups.len();
-                st.waiting.extend((0..cfg.group_size).map(|k| (g, k)));
-                st.groups.push(Some(InFlight {
-                    group_id,
-                    record,
-                    prompt,
-                    rows: vec![None; cfg.group_size],
-                    baseline,
-                }));
-            }
-            Err(e) => st.closed |= !w.send(group_id, Err(e), 0.0),
+    // a group's prompt, or its failure sent at once
+    let add = |st: &mut StreamState, (group_id, record): (u64, Record)| match w
+        .task
+        .prompt_ids(&record)
+    {
+        Ok(prompt) => {
+            let g = st.groups.len();
+            st.waiting.extend((0..rows_of(cfg)).map(|k| (g, k)));
+            st.groups.push(Some(InFlight {
+                group_id,
+                record,
+                prompt,
+                rows: vec![None; rows_of(cfg)],
+            }));
         }
+        Err(e) => st.closed |= !w.send(group_id, Err(RolloutError::other(e)), 0.0),
     };
     for group in groups {
         add(&mut state.borrow_mut(), group);
@@ -816,10 +754,7 @@ fn stream_groups(
             if let Some((g, k)) = st.waiting.pop_front() {
                 st.handed.push((g, k));
                 let group = st.groups[g].as_ref().expect("a waiting row's group");
-                return Some(Prompt {
-                    ids: group.prompt.clone(),
-                    stream: (group_seed(cfg.seed, group.group_id), k as u64),
-                });
+                return Some(group_row(cfg, group.group_id, &group.prompt, k));
             }
             if st.closed
                 || w.stop.load(Ordering::SeqCst)
@@ -849,8 +784,7 @@ fn stream_groups(
                 group.group_id,
                 &group.record,
                 &group.prompt,
-                group.rows.into_iter().flatten(),
-                group.baseline,
+                group.rows.into_iter().flatten().collect(),
                 cfg,
             );
             let seconds = st.last.elapsed().as_secs_f64();
@@ -865,10 +799,10 @@ fn stream_groups(
         Ok(())
     };
     let room = Room {
-        slots: groups_in_batch * cfg.group_size,
+        slots: groups_in_batch * rows_of(cfg),
         longest: 0,
         refills: true,
-        refill_rows: cfg.group_size,
+        refill_rows: rows_of(cfg),
     };
     let generated = generate_stream(
         &snap.weights,
@@ -883,8 +817,7 @@ fn stream_groups(
         return Streamed::Closed;
     }
     let ended = match generated {
-        Ok(mut decoded) => {
-            decoded += st.baselines_decoded;
+        Ok(decoded) => {
             if w.sender.send(Event::Decoded(decoded)).is_err() {
                 return Streamed::Closed;
             }

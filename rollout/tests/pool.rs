@@ -456,7 +456,8 @@ fn entropy_rewards_come_from_the_sampling_policy() {
 
 /// ReMax: every sample of a group carries its prompt's greedy completion's reward and
 /// correctness (the baseline) under the weights that sampled the group, whether the group was
-/// generated alone or joined a streamed batch.
+/// generated alone or joined a streamed batch; the greedy row, decoded in the group's batch,
+/// leaves its samples as they are without it.
 #[test]
 fn remax_groups_carry_their_prompts_greedy_completions_reward() {
     use model::generate::generate;
@@ -509,6 +510,15 @@ fn remax_groups_carry_their_prompts_greedy_completions_reward() {
         let scored = task.score(text, c.tokens.len(), &task.gold(record));
         let correct = f32::from(u8::from(scored.correct == Some(true)));
         let alone = rollout_group(&task, &v, 0, group[0].group_id, record, &cfg(1)).unwrap();
+        // the greedy row leaves the sampled ones as they are without it
+        let plain = PoolConfig {
+            greedy_baseline: false,
+            ..cfg(1)
+        };
+        let plain = rollout_group(&task, &v, 0, group[0].group_id, record, &plain).unwrap();
+        for (a, p) in alone.iter().zip(&plain) {
+            assert_eq!((&a.completion_ids, a.reward), (&p.completion_ids, p.reward));
+        }
         for (s, a) in group.iter().zip(&alone) {
             assert_eq!(part(s, "greedy_reward"), scored.total);
             assert_eq!(part(s, "greedy_correct"), correct);
