@@ -271,7 +271,7 @@ impl Evaluator {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
-        let task = setup::task(&config, tokenizer.clone());
+        let task = setup::task(&config, tokenizer.clone())?;
         let records = setup::eval_records(&config)?;
         let generation = setup::generation(&config, &task.tokenizer);
         Ok(Evaluator {

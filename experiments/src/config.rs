@@ -286,7 +286,7 @@ impl Default for DataConfig {
 pub struct RewardPart {
     pub name: String,
     /// `math`, `digits`, `countdown`, `knights_knaves`, `format`, `overlong`, `cosine`,
-    /// `repetition`.
+    /// `repetition`, `command`.
     pub kind: String,
     #[serde(default = "one")]
     pub weight: f32,
@@ -314,6 +314,17 @@ pub struct RewardPart {
     pub ngram_size: usize,
     #[serde(default = "minus_one")]
     pub max_penalty: f64,
+    /// `command` (an external program, `rewards::command`): the program and its arguments (run
+    /// in ferrite's working directory), and how long one answer may take before the program is
+    /// stopped and the completion's part fails.
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default = "ten_seconds")]
+    pub timeout_ms: u64,
+}
+
+fn ten_seconds() -> u64 {
+    10_000
 }
 
 fn one() -> f32 {
@@ -361,6 +372,8 @@ impl RewardPart {
             max_value_correct: one_f64(),
             ngram_size: three(),
             max_penalty: minus_one(),
+            command: Vec::new(),
+            timeout_ms: ten_seconds(),
         }
     }
 }
@@ -1210,14 +1223,24 @@ impl Config {
                 "overlong",
                 "cosine",
                 "repetition",
+                "command",
             ]
             .contains(&p.kind.as_str())
             {
                 bail!(
                     "reward part `{}`: kind {:?} is not one of math, digits, countdown, \
-                     knights_knaves, format, overlong, cosine, repetition",
+                     knights_knaves, format, overlong, cosine, repetition, command",
                     p.name,
                     p.kind
+                );
+            }
+            // a program exactly where the kind is `command`
+            if (p.kind == "command") == p.command.is_empty() || p.timeout_ms == 0 {
+                bail!(
+                    "reward part `{}`: kind = \"command\" needs its program in `command` \
+                     (e.g. [\"python3\", \"verify.py\"]), no other kind takes one, and \
+                     timeout_ms must be positive",
+                    p.name
                 );
             }
             let ends = [
@@ -1527,6 +1550,17 @@ mod tests {
         assert!(err("kind = \"repetition\"\nmax_penalty = 0.5").contains("penalty ≤ 0"));
         assert!(err("kind = \"repetition\"\nngram_size = 0").contains("ngram_size"));
         assert!(err("kind = \"cosines\"").contains("cosine, repetition"));
+        // an external program: its argv and deadline; a program only where the kind takes one
+        let c = parts("kind = \"command\"\ncommand = [\"python3\", \"v.py\"]").unwrap();
+        let p = &c.reward.parts[0];
+        assert_eq!((p.command.len(), p.timeout_ms), (2, 10_000));
+        for bad in [
+            "kind = \"command\"",
+            "kind = \"command\"\ncommand = [\"x\"]\ntimeout_ms = 0",
+            "kind = \"math\"\ncommand = [\"x\"]",
+        ] {
+            assert!(err(bad).contains("needs its program"), "{bad}");
+        }
         let clip_cov = "algorithm.policy_loss=clip_cov";
         assert!(both_err(clip_cov, "algorithm.clip_cov_ratio=0").contains("clip_cov_ratio"));
         assert!(both_err(clip_cov, "algorithm.clip_cov_ub=0.5").contains("lb < ub"));

@@ -505,7 +505,7 @@ mod tests {
             ];
             let c = Config::default_with(&set.each_ref().map(String::as_str)).unwrap();
             let (w, tokenizer) = setup::load_model(&c).unwrap();
-            let task = setup::task(&c, tokenizer);
+            let task = setup::task(&c, tokenizer).unwrap();
             let mut feed = Feed::new(setup::train_loader(&c).unwrap(), Default::default());
             let stop = AtomicBool::new(false);
             let pairs = build_preferences(&c, &w, &task, &mut feed, &stop).unwrap();
@@ -530,7 +530,7 @@ mod tests {
         // a stop before the first batch builds nothing
         let c = Config::default();
         let (w, tokenizer) = setup::load_model(&c).unwrap();
-        let task = setup::task(&c, tokenizer);
+        let task = setup::task(&c, tokenizer).unwrap();
         let mut feed = Feed::new(setup::train_loader(&c).unwrap(), Default::default());
         let stopped = build_preferences(&c, &w, &task, &mut feed, &AtomicBool::new(true));
         assert!(stopped.unwrap().is_none());
@@ -540,7 +540,7 @@ mod tests {
     fn pairs_keep_their_end_of_sequence_unless_cut() {
         let c = Config::default();
         let (_, tokenizer) = setup::load_model(&c).unwrap();
-        let task = setup::task(&c, tokenizer);
+        let task = setup::task(&c, tokenizer).unwrap();
         let eos = setup::stop_ids(&task.tokenizer)[0];
         let mut r = Record {
             id: 3,

@@ -59,7 +59,7 @@ pub fn dry_run(c: &Config) -> anyhow::Result<Vec<String>> {
             t.num_parameters()
         );
     }
-    let task = setup::task(c, tokenizer);
+    let task = setup::task(c, tokenizer)?;
     let mut loader = setup::train_loader(c)?;
     let (size, per_epoch) = source_size(loader.source());
     println!("train      {}: {size}", c.data.train);
@@ -129,16 +129,16 @@ fn reference_rewards(
     let mut first_failure = None;
     let mut first_wrong = None;
     for rec in records {
-        let gold = task.gold(rec);
-        if matches!(gold, rewards::compose::Gold::None) {
-            no_gold += 1;
-        }
+        let reference = task.reference(rec);
+        // an external program judges by the record itself
+        let gold_less = matches!(reference.gold, rewards::compose::Gold::None) && !task.external();
         let completion = rollout::task::fill_template(&c.sft.completion_template, rec)?;
         let tokens = task.tokenizer.encode(&completion, false)?.len();
-        if matches!(gold, rewards::compose::Gold::None) {
-            continue; // counted above: the reward has nothing to compare with
+        if gold_less {
+            no_gold += 1;
+            continue; // the reward has nothing to compare with
         }
-        let s = task.score(&completion, tokens, &gold);
+        let s = task.score(&completion, tokens, &reference);
         sum += f64::from(s.total);
         match s.correct {
             Some(true) => correct += 1,

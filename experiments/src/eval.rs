@@ -75,9 +75,9 @@ fn sample(
         slots,
         |k, comp| {
             let text = comp.text.as_deref().unwrap_or_default();
-            let gold = task.gold(&records[k / n]);
-            let s = task.score(text, comp.tokens.len(), &gold);
-            let answer = match gold {
+            let reference = task.reference(&records[k / n]);
+            let s = task.score(text, comp.tokens.len(), &reference);
+            let answer = match reference.gold {
                 rewards::Gold::Math(_) => {
                     rewards::math::extract::extract_answer(text).map(|e| e.answer)
                 }
@@ -165,7 +165,7 @@ pub fn evaluate_checkpoint(
     use crate::setup;
     let w = setup::load_weights(c, checkpoint)?;
     let tokenizer = model::tokenizer::Tokenizer::from_dir(checkpoint)?;
-    let task = setup::task(c, tokenizer);
+    let task = setup::task(c, tokenizer)?;
     let records = setup::eval_records(c)?;
     let generation = setup::generation(c, &task.tokenizer);
     evaluate(

@@ -398,7 +398,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     std::fs::write(dir.join(CONFIG_FILE), c.to_toml())?;
     let (base, tokenizer) = setup::load_model(c)?;
-    let task = setup::task(c, tokenizer);
+    let task = setup::task(c, tokenizer)?;
     // before the warm start, so that a teacher that cannot serve ends the run at once
     let run = Some((dir.as_path(), opts.resume));
     let teacher = setup::load_teacher(c, &task.tokenizer, base.config.vocab_size, run)?;

@@ -2,6 +2,8 @@
 //! and reward), the train loader and the held-out records.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
@@ -13,6 +15,7 @@ use model::generate::GenerationConfig;
 use model::sampling::SamplingParams;
 use model::tokenizer::Tokenizer;
 use model::{builtin, init, Weights};
+use rewards::command::Command;
 use rewards::compose::{Part, PartKind, RewardSpec};
 use rewards::format::CosineRewards;
 use rollout::task::Task;
@@ -316,6 +319,10 @@ pub fn reward_spec(c: &Config) -> RewardSpec {
                     ngram_size: p.ngram_size,
                     max_penalty: p.max_penalty,
                 },
+                "command" => PartKind::Command(Arc::new(Command::new(
+                    p.command.clone(),
+                    Duration::from_millis(p.timeout_ms),
+                ))),
                 _ => PartKind::Overlong {
                     max_tokens: if p.max_tokens == 0 {
                         c.rollout.max_new_tokens
@@ -330,14 +337,23 @@ pub fn reward_spec(c: &Config) -> RewardSpec {
     RewardSpec { parts }
 }
 
-pub fn task(c: &Config, mut tokenizer: Tokenizer) -> Task {
+/// The task of `c`, its external reward programs started (an error if one cannot start).
+pub fn task(c: &Config, mut tokenizer: Tokenizer) -> anyhow::Result<Task> {
     tokenizer.set_template_kwargs(c.model.chat_template_kwargs.clone());
-    Task {
+    let reward = reward_spec(c);
+    for part in &reward.parts {
+        if let PartKind::Command(program) = &part.kind {
+            program
+                .start()
+                .map_err(|e| anyhow::anyhow!("reward part `{}`: {e}", part.name))?;
+        }
+    }
+    Ok(Task {
         tokenizer,
         prompt_template: c.data.prompt_template.clone().filter(|t| !t.is_empty()),
         system_prompt: c.data.system_prompt.clone().filter(|t| !t.is_empty()),
-        reward: reward_spec(c),
-    }
+        reward,
+    })
 }
 
 /// Token ids generation stops at: the tokenizer's end-of-sequence token and `<|im_end|>`.

@@ -1135,6 +1135,72 @@ fn grpo_passk_and_opo_run_on_grpos_samples() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `kind = "command"`: an external program scores every sample from one JSON line holding the
+/// completion and its record, and its answers join the reward; one that hangs fails its parts
+/// (counted in `error_frac`), not the run; one that cannot start ends the run before anything.
+#[test]
+fn an_external_reward_program_scores_every_sample_and_one_that_hangs_fails_parts_not_the_run() {
+    let root = scratch("command");
+    std::fs::create_dir_all(&root).unwrap();
+    let log = root.join("requests.jsonl");
+    let parts = |program: &str, timeout_ms: u64| {
+        format!(
+            r#"reward.parts=[{{name="answer",kind="math"}},{{name="mine",kind="command",weight=2.0,timeout_ms={timeout_ms},command=["sh","-c",'{program}']}}]"#
+        )
+    };
+    let logs = format!(
+        r#"while IFS= read -r l; do printf "%s\n" "$l" >> {}; echo 0.5; done"#,
+        log.display()
+    );
+    let run = root.join("run");
+    succeed(&mut tiny("command", &run, &[&parts(&logs, 10_000)], 1));
+    let requests: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // the step's samples, and the evaluations' and the next batch's that the run ended before
+    assert!(requests.len() >= 16 * 8, "{}", requests.len());
+    for r in &requests {
+        assert!(
+            r["completion"].is_string() && r["completion_tokens"].is_u64(),
+            "{r}"
+        );
+        assert!(r["prompt"].is_string() && r["answer"].is_string(), "{r}");
+        assert!(r["metadata"].is_object(), "{r}");
+    }
+    let rows = rollout_rows(&run);
+    assert_eq!(rows.len(), 16 * 8);
+    for row in rows {
+        let part = |name: &str| row.parts.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(part("mine"), 0.5);
+        assert_eq!(row.reward, part("answer") + 1.0);
+    }
+    assert_eq!(metric(&run, "reward/mine"), vec![0.5]);
+    assert_eq!(metric(&run, "error_frac"), vec![0.0]);
+    // a program that never answers: every sample's part fails at its deadline
+    let hangs = root.join("hangs");
+    let slow = parts("while read -r l; do sleep 5; echo 1; done", 100);
+    let few = "rollout.prompts_per_step=2";
+    succeed(&mut tiny("hangs", &hangs, &[&slow, few], 1));
+    assert_eq!(metric(&hangs, "error_frac"), vec![1.0]);
+    assert_eq!(metric(&hangs, "reward/mine"), vec![0.0]);
+    // one that cannot start
+    let missing = parts("exec /nonexistent/verifier", 100).replace(
+        r#"["sh","-c",'exec /nonexistent/verifier']"#,
+        r#"["/nonexistent/verifier"]"#,
+    );
+    let out = tiny("missing", &root.join("missing"), &[&missing], 1)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("reward part `mine`: cannot start"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `algorithm.name = "remax"` (verl's): the workers score each prompt's greedy completion and
 /// add its reward to every sample of the group, and each sample's advantage is its reward minus
 /// that baseline; the samples are GRPO's, the loss another. One sample a prompt (ReMax's own

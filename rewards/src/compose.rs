@@ -3,6 +3,9 @@
 //! A part that panics (which no verifier of this crate should) is caught, scored 0 and recorded
 //! as failed, so one bad completion never takes a rollout worker down.
 
+use std::sync::Arc;
+
+use crate::command::Command;
 use crate::knights::Role;
 use crate::{countdown, format, knights, math};
 
@@ -47,6 +50,9 @@ pub enum PartKind {
     },
     /// Open-R1's n-gram repetition penalty ([`format::repetition_penalty`], 0 to `max_penalty`).
     Repetition { ngram_size: usize, max_penalty: f64 },
+    /// An external program's reward ([`crate::command`]): the completion and the record's
+    /// context go to it as one JSON line, its answer comes back as one.
+    Command(Arc<Command>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +68,9 @@ pub struct Sample<'a> {
     pub completion: &'a str,
     pub completion_tokens: usize,
     pub gold: &'a Gold,
+    /// The record as one JSON object (its `prompt`, `answer` and `metadata`) for an external
+    /// program ([`PartKind::Command`]); `{}` where there is none.
+    pub context: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -179,8 +188,23 @@ fn score_part(kind: &PartKind, s: &Sample) -> Result<(f32, Option<bool>), String
             format::repetition_penalty(s.completion, *ngram_size, *max_penalty),
             None,
         ),
+        (PartKind::Command(program), _) => program.score(&request(s))?,
         _ => return wrong_gold(),
     })
+}
+
+/// The request line of an external program: the completion, its length in tokens and the
+/// fields of the sample's context, as one JSON object.
+pub fn request(s: &Sample) -> String {
+    let completion = serde_json::Value::from(s.completion);
+    let head = format!(
+        "{{\"completion\":{completion},\"completion_tokens\":{}",
+        s.completion_tokens
+    );
+    match s.context.trim().strip_prefix('{').map(str::trim_start) {
+        Some(rest) if rest != "}" && !rest.is_empty() => format!("{head},{rest}"),
+        _ => format!("{head}}}"),
+    }
 }
 
 /// The completion as the knights-and-knaves verifier reads it: after the `<think>` the prompt
@@ -196,6 +220,28 @@ fn with_think(completion: &str, think_in_prompt: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_external_programs_request_is_the_completion_and_the_context_in_one_object() {
+        let gold = Gold::None;
+        let s = |completion, context| Sample {
+            completion,
+            completion_tokens: 7,
+            gold: &gold,
+            context,
+        };
+        let one = request(&s("a \"b\"\nc", r#"{"prompt":"p","answer":null}"#));
+        assert_eq!(
+            one,
+            r#"{"completion":"a \"b\"\nc","completion_tokens":7,"prompt":"p","answer":null}"#
+        );
+        for empty in ["{}", " { } ", ""] {
+            let bare = request(&s("x", empty));
+            assert_eq!(bare, r#"{"completion":"x","completion_tokens":7}"#);
+        }
+        let parsed: serde_json::Value = serde_json::from_str(&one).unwrap();
+        assert_eq!(parsed["completion"], "a \"b\"\nc");
+    }
 
     #[test]
     fn weighted_parts_are_all_recorded() {
@@ -228,6 +274,7 @@ mod tests {
             completion: "<think>6*7</think><answer>42</answer>",
             completion_tokens: 90,
             gold: &gold,
+            context: "{}",
         };
         let r = spec.score(&s);
         assert_eq!(

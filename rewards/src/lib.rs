@@ -6,9 +6,11 @@
 //! - [`countdown`]: TinyZero's Countdown verifier.
 //! - [`knights`]: Logic-RL's knights-and-knaves verifier.
 //! - [`format`]: tag structure, DAPO's overlong penalty, Kimi's length reward.
+//! - [`command`]: an external program's reward, under a deadline.
 //! - [`compose`]: weighted sums of named parts.
 
 pub mod budget;
+pub mod command;
 pub mod compose;
 pub mod countdown;
 pub mod format;

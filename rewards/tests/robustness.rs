@@ -56,6 +56,7 @@ fn score_all(text: &str) -> Duration {
             completion: text,
             completion_tokens: 10,
             gold: &gold,
+            context: "{}",
         });
         assert!(s.total.is_finite() && s.failures.is_empty());
     });

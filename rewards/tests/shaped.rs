@@ -90,6 +90,7 @@ fn cosine_and_repetition_parts_score_completions() {
             completion,
             completion_tokens: 0,
             gold: &gold,
+            context: "{}",
         })
     };
     let short_right = score("42");
@@ -117,6 +118,7 @@ fn cosine_and_repetition_parts_score_completions() {
         completion: "42",
         completion_tokens: 1,
         gold: &Gold::None,
+        context: "{}",
     });
     assert_eq!(none.failures.len(), 1);
     assert_eq!(none.failures[0].0, "cosine");

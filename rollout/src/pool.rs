@@ -356,10 +356,10 @@ fn score_group(
     mut rows: Vec<Completion>,
     cfg: &PoolConfig,
 ) -> Vec<Sample> {
-    let gold = task.gold(record);
+    let reference = task.reference(record);
     let baseline = match cfg.greedy_baseline {
         true => rows.pop().map(|c| {
-            let scored = task.score(&c.text.unwrap_or_default(), c.tokens.len(), &gold);
+            let scored = task.score(&c.text.unwrap_or_default(), c.tokens.len(), &reference);
             (
                 scored.total,
                 f32::from(u8::from(scored.correct == Some(true))),
@@ -371,7 +371,7 @@ fn score_group(
         .enumerate()
         .map(|(k, c)| {
             let text = c.text.unwrap_or_default();
-            let scored = task.score(&text, c.tokens.len(), &gold);
+            let scored = task.score(&text, c.tokens.len(), &reference);
             let finish = if !scored.failures.is_empty() {
                 Finish::Error
             } else {

@@ -103,13 +103,52 @@ impl Task {
         }
     }
 
-    pub fn score(&self, completion: &str, completion_tokens: usize, gold: &Gold) -> Scored {
+    /// Whether a reward part is an external program ([`PartKind::Command`]).
+    pub fn external(&self) -> bool {
+        let parts = &self.reward.parts;
+        parts.iter().any(|p| matches!(p.kind, PartKind::Command(_)))
+    }
+
+    /// What scoring a record's completions needs: the gold answer ([`Task::gold`]) and, when a
+    /// reward part is an external program, the record as the JSON object it receives (`prompt`
+    /// as the record gives it, text or messages, `answer`, `metadata`).
+    pub fn reference(&self, r: &Record) -> Reference {
+        let context = match self.external() {
+            true => serde_json::json!({
+                "prompt": r.prompt,
+                "answer": r.answer,
+                "metadata": r.metadata,
+            })
+            .to_string(),
+            false => "{}".into(),
+        };
+        Reference {
+            gold: self.gold(r),
+            context,
+        }
+    }
+
+    pub fn score(
+        &self,
+        completion: &str,
+        completion_tokens: usize,
+        reference: &Reference,
+    ) -> Scored {
         self.reward.score(&Sample {
             completion,
             completion_tokens,
-            gold,
+            gold: &reference.gold,
+            context: &reference.context,
         })
     }
+}
+
+/// A record's side of scoring ([`Task::reference`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reference {
+    pub gold: Gold,
+    /// The record as one JSON object, for external reward programs; `{}` without one.
+    pub context: String,
 }
 
 /// `template` with `{prompt}` (the last message), `{answer}` and `{field}` (any metadata field)
@@ -189,7 +228,7 @@ mod tests {
             format!("<|im_start|>user\n{expr}=<|im_end|>\n<|im_start|>assistant\n")
         );
         let answer = r.answer.clone().unwrap();
-        assert_eq!(t.score(&answer, 3, &t.gold(&r)).total, 1.0);
+        assert_eq!(t.score(&answer, 3, &t.reference(&r)).total, 1.0);
         let bad = task(PartKind::MathAnswer, Some("{nope}"));
         let e = bad.prompt_ids(&r).unwrap_err().to_string();
         assert!(e.contains("`nope`"), "{e}");
@@ -212,7 +251,7 @@ mod tests {
         let gold = t.gold(&r);
         assert!(matches!(gold, Gold::Math(_)), "{gold:?}");
         let answer = r.answer.clone().unwrap();
-        let s = t.score(&answer, 3, &gold);
+        let s = t.score(&answer, 3, &t.reference(&r));
         assert_eq!(s.correct, Some(true));
         assert!(s.total > 0.99, "{}", s.total);
     }
@@ -224,7 +263,11 @@ mod tests {
         let gold = t.gold(&r);
         assert!(matches!(gold, Gold::Countdown { .. }), "{gold:?}");
         let solution = r.metadata["solution"].as_str().unwrap();
-        let s = t.score(&format!("<answer>{solution}</answer>"), 10, &gold);
+        let s = t.score(
+            &format!("<answer>{solution}</answer>"),
+            10,
+            &t.reference(&r),
+        );
         assert_eq!(s.correct, Some(true));
     }
 }

@@ -507,7 +507,7 @@ fn remax_groups_carry_their_prompts_greedy_completions_reward() {
         let prompt = [group[0].prompt_ids.clone()];
         let c = &generate(&v, &prompt, &greedy, Some(&task.tokenizer)).unwrap()[0];
         let text = c.text.as_deref().unwrap_or("");
-        let scored = task.score(text, c.tokens.len(), &task.gold(record));
+        let scored = task.score(text, c.tokens.len(), &task.reference(record));
         let correct = f32::from(u8::from(scored.correct == Some(true)));
         let alone = rollout_group(&task, &v, 0, group[0].group_id, record, &cfg(1)).unwrap();
         // the greedy row leaves the sampled ones as they are without it
