@@ -811,12 +811,76 @@ def lopti():
     return out
 
 
+class RunningMoments:
+    """TRL's RunningMoments (trl/trainer/utils.py) as BCO uses it, on one device: each update
+    with a 0-dim tensor (a batch of one) moves the mean by delta * 1 / (count + 1)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+
+    def update(self, xs):
+        xs_count = xs.numel()
+        xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+        delta = xs_mean.double() - self.mean
+        tot_count = self.count + xs_count
+        old_sum = self.var * self.count + delta ** 2 * self.count * xs_count / tot_count
+        self.mean += (delta * xs_count / tot_count).item()
+        self.var = ((old_sum + xs_var * xs_count) / tot_count).item()
+        self.count = tot_count
+
+
+def dpo_coupled():
+    """TRL's DPOTrainer losses that couple a batch's pairs, over a step of 6 pairs taken as one
+    batch: aot and aot_pair (torch.sort of the batch's log-ratios, compared rank by rank with the
+    label-smoothed sigmoid loss) and bco_pair (the rewards shifted by RunningMoments' mean, updated
+    first with the batch's mean reward, after earlier updates); the loss is TRL's mean over the
+    pairs, the gradient with respect to each pair's summed chosen and rejected log-probs."""
+    torch.manual_seed(12)
+    n = 6
+    pc = -torch.rand(n, dtype=torch.float64) * 20
+    pr = -torch.rand(n, dtype=torch.float64) * 20
+    rc = pc + torch.randn(n, dtype=torch.float64) * 2
+    rr = pr + torch.randn(n, dtype=torch.float64) * 2
+    cases = []
+    for loss_type, beta, eps, earlier in [("aot", 0.1, 0.0, []), ("aot", 0.5, 0.2, []),
+                                          ("aot_pair", 0.1, 0.0, []), ("aot_pair", 0.3, 0.1, []),
+                                          ("bco_pair", 0.1, 0.0, []), ("bco_pair", 0.5, 0.0, [0.3, -0.1])]:
+        c = pc.clone().requires_grad_(True)
+        r = pr.clone().requires_grad_(True)
+        running = RunningMoments()
+        for x in earlier:
+            running.update(torch.tensor(x, dtype=torch.float64))
+        if loss_type == "aot":
+            s_pi, _ = torch.sort(c - r, dim=0)
+            s_ref, _ = torch.sort(rc - rr, dim=0)
+            delta = s_pi - s_ref
+            losses = -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
+        elif loss_type == "aot_pair":
+            s_w, _ = torch.sort(c - rc, dim=0)
+            s_l, _ = torch.sort(r - rr, dim=0)
+            delta = s_w - s_l
+            losses = -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
+        else:
+            hw, hl = c - rc, r - rr
+            rewards = torch.cat((beta * hw, beta * hl), 0).mean().detach()
+            running.update(rewards)
+            delta = running.mean
+            losses = -F.logsigmoid(beta * hw - delta) - F.logsigmoid(-(beta * hl - delta))
+        loss = losses.mean()
+        loss.backward()
+        cases.append({"loss_type": loss_type, "beta": beta, "label_smoothing": eps, "earlier": earlier,
+                      "loss": loss.item(), "grad_chosen": c.grad.tolist(), "grad_rejected": r.grad.tolist(),
+                      "running_mean": running.mean})
+    return {"chosen": pc.tolist(), "rejected": pr.tolist(), "ref_chosen": rc.tolist(),
+            "ref_rejected": rr.tolist(), "cases": cases}
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for name, fn in [("adamw", adamw), ("grpo", grpo), ("advantages", advantages),
                      ("estimators", estimators), ("value", value), ("dpo", dpo), ("lopti", lopti),
                      ("covariance", covariance), ("dppo", dppo), ("kto", kto),
-                     ("gmpo_gpg", gmpo_gpg), ("top_entropy", top_entropy)]:
+                     ("gmpo_gpg", gmpo_gpg), ("top_entropy", top_entropy), ("dpo_coupled", dpo_coupled)]:
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(fn(), f)
     print("learner fixtures written")

@@ -609,7 +609,8 @@ pub struct AlgorithmConfig {
     /// Value clipping range (None: unclipped).
     pub value_clip: Option<f64>,
     /// DPO: loss (`sigmoid`, `ipo`, `robust`, `hinge`, `exo_pair`, `nca_pair`, `sppo_hard`,
-    /// `apo_zero`, `apo_down`, `discopop`, `simpo`), β, label smoothing ε.
+    /// `apo_zero`, `apo_down`, `discopop`, `simpo`, and the step-coupled `aot`, `aot_pair`,
+    /// `bco_pair`), β, label smoothing ε.
     pub dpo_loss: DpoLoss,
     pub dpo_beta: f64,
     pub label_smoothing: f64,

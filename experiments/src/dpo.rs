@@ -11,7 +11,7 @@ use anyhow::Context;
 use datasets::record::Prompt;
 use datasets::Record;
 use learner::checkpoint::{self, TrainerState};
-use learner::dpo::{dpo_step, DpoConfig, Pair};
+use learner::dpo::{dpo_step, DpoConfig, DpoLoss, Pair};
 use learner::kto::{kto_step, Example};
 use learner::optim::AdamW;
 use model::Weights;
@@ -274,6 +274,8 @@ pub fn dpo_stage(
     };
     let kto = c.kto();
     let budget = c.optimizer.micro_batch_tokens;
+    // BCO-pair's running mean, carried across checkpoints
+    let mut bco = state.bco_reward_mean.unwrap_or_default();
     let start = Instant::now();
     while state.step < c.run.steps && !stop.load(Ordering::SeqCst) {
         *top = Some(StepTop {
@@ -287,7 +289,14 @@ pub fn dpo_stage(
         let (mut row, skipped, retries, counted) = match data {
             Preferences::Pairs(pairs, reference) => {
                 let (batch, refs) = (picked(pairs, &idx), picked(reference, &idx));
-                let m = dpo_step(policy, opt, &batch, &refs, &dpo, budget, lr)?;
+                let m = dpo_step(policy, opt, &batch, &refs, &dpo, &mut bco, budget, lr)?;
+                let bco_delta = match dpo.loss {
+                    DpoLoss::BcoPair => {
+                        state.bco_reward_mean = Some(bco);
+                        bco.mean
+                    }
+                    _ => f64::NAN,
+                };
                 let row = vec![
                     ("loss".to_string(), m.loss),
                     ("reward_accuracy".into(), m.reward_accuracy),
@@ -295,6 +304,7 @@ pub fn dpo_stage(
                     ("chosen_reward".into(), m.chosen_reward),
                     ("rejected_reward".into(), m.rejected_reward),
                     ("grad_norm".into(), m.grad_norm),
+                    ("bco_delta".into(), bco_delta),
                 ];
                 (row, m.skipped, m.memory_retries, "pairs")
             }

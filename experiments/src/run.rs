@@ -155,6 +155,7 @@ fn sft_stage(
         seed: c.run.seed,
         samples_seen: 0,
         kl_coef: None,
+        bco_reward_mean: None,
     };
     // the steps done so far in a checkpoint of their own, which `--resume` continues
     let save_partial = |state: &TrainerState, opt: &AdamW| -> anyhow::Result<String> {
@@ -438,6 +439,7 @@ pub fn run(c: &Config, opts: &RunOptions) -> anyhow::Result<Summary> {
             seed: c.run.seed,
             samples_seen: 0,
             kl_coef: None,
+            bco_reward_mean: None,
         },
     };
     let critic_adamw = learner::optim::AdamWConfig {
@@ -1166,6 +1168,7 @@ mod tests {
                 seed: 0,
                 samples_seen: 0,
                 kl_coef: None,
+                bco_reward_mean: None,
             },
             optimizer_steps: 7,
         };

@@ -1253,6 +1253,73 @@ fn remax_learns_against_each_prompts_greedy_completion() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// TRL's batch-coupled DPO losses (`aot`, `aot_pair`, `bco_pair`) from the CLI: at the first
+/// step every log-ratio is 0 (loss log 2; BCO's 2·log 2 with its running mean at 0); the loss and
+/// gradient do not depend on the micro-batching (the step's pairs are sorted together, not per
+/// micro-batch); a BCO run stopped after a step resumes with its running mean.
+#[test]
+fn coupled_dpo_losses_train_alike_in_any_micro_batching_and_bco_resumes() {
+    let root = scratch("dpo-coupled");
+    let aot = root.join("aot");
+    let base = ["algorithm.name=dpo", "algorithm.dpo_pairs_per_step=16"];
+    let set = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let args = set(&["algorithm.dpo_loss=aot", "algorithm.preference_prompts=64"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    succeed(&mut tiny("aot", &aot, &args, 2));
+    let ln2 = std::f64::consts::LN_2;
+    assert!((metric(&aot, "loss")[0] - ln2).abs() < 1e-5);
+    let file = format!(
+        "algorithm.preferences={}",
+        aot.join("preferences.jsonl").display()
+    );
+    let run = |name: &str, extra: &[&str], steps: u64| {
+        let dir = root.join(name);
+        let args = set(&[&[file.as_str()], extra].concat());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        succeed(&mut tiny(name, &dir, &args, steps));
+        dir
+    };
+    // the same pairs in micro-batches of about 2 pairs: the same loss and gradient
+    let small = run(
+        "aot-small",
+        &["algorithm.dpo_loss=aot", "optimizer.micro_batch_tokens=32"],
+        2,
+    );
+    for col in ["loss", "grad_norm", "reward_margin"] {
+        let (a, b) = (metric(&aot, col), metric(&small, col));
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                "{col}: {a:?} {b:?}"
+            );
+        }
+    }
+    let pair = run("aot-pair", &["algorithm.dpo_loss=aot_pair"], 2);
+    let loss = metric(&pair, "loss");
+    assert!(
+        (loss[0] - ln2).abs() < 1e-5 && loss[1] != loss[0],
+        "{loss:?}"
+    );
+    let bco = run("bco", &["algorithm.dpo_loss=bco_pair"], 3);
+    let (loss, delta) = (metric(&bco, "loss"), metric(&bco, "bco_delta"));
+    assert!(
+        (loss[0] - 2.0 * ln2).abs() < 1e-5 && delta[0].abs() < 1e-6,
+        "{loss:?}"
+    );
+    assert!(delta[2] != 0.0, "{delta:?}");
+    assert!(metric(&aot, "bco_delta").iter().all(|d| d.is_nan()));
+    let args = set(&[file.as_str(), "algorithm.dpo_loss=bco_pair"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (whole, resumed) = whole_and_resumed("bco", &root, &args, 3);
+    for col in ["loss", "bco_delta", "grad_norm"] {
+        assert_eq!(metric(&whole, col), metric(&resumed, col), "{col}");
+    }
+    assert_eq!(metric(&whole, "bco_delta"), delta);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `algorithm.name = "kto"` (TRL's KTOTrainer): every sample of the warm start on the
 /// preference prompts is an example, desirable where the verifier judged it correct; the same
 /// examples from a file in TRL's unpaired format train alike; the weights and the resume hold.

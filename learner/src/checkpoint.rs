@@ -34,6 +34,9 @@ pub struct TrainerState {
     /// The adaptive KL controller's current β (token-reward KL penalty).
     #[serde(default)]
     pub kl_coef: Option<f64>,
+    /// BCO-pair's running mean of the implicit reward ([`crate::coupled::RunningMean`]).
+    #[serde(default)]
+    pub bco_reward_mean: Option<crate::coupled::RunningMean>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> LearnerError {
@@ -187,6 +190,7 @@ mod tests {
             seed: 7,
             samples_seen: 192,
             kl_coef: None,
+            bco_reward_mean: None,
         };
         let dir = save(
             &root,

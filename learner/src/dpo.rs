@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 use model::Weights;
 use serde::{Deserialize, Serialize};
 
+use crate::coupled::{coupled_loss, RunningMean};
 use crate::device_sums::DeviceSums;
 use crate::error::{LearnerError, Result};
 use crate::fit::{by_cost, fitted, halving, padded_tokens};
@@ -43,12 +44,26 @@ pub enum DpoLoss {
     /// SimPO (TRL's `CPOTrainer`, `loss_type = "simpo"`), reference-free on length-averaged
     /// log-probs: `−(1−ε)·log σ(βu) − ε·log σ(−βu)`, `u = ā_w − ā_l − γ/β`.
     Simpo,
+    /// AOT (`aot`): the step's policy log-ratios `log π(y_w) − log π(y_l)` and the reference's,
+    /// each sorted, compared rank by rank with the sigmoid loss ([`crate::coupled`]).
+    Aot,
+    /// AOT-pair (`aot_pair`): the step's chosen log-ratios `h_w` and rejected ones `h_l`, each
+    /// sorted, rank by rank ([`crate::coupled`]).
+    AotPair,
+    /// BCO-pair (`bco_pair`): `−log σ(βh_w − δ) − log σ(−(βh_l − δ))`, δ a running mean of the
+    /// steps' mean implicit reward ([`crate::coupled`]).
+    BcoPair,
 }
 
 impl DpoLoss {
     /// SimPO needs no reference model.
     pub fn reference_free(self) -> bool {
         self == DpoLoss::Simpo
+    }
+
+    /// Whether a pair's term depends on the step's other pairs ([`crate::coupled`]).
+    pub fn couples_pairs(self) -> bool {
+        matches!(self, DpoLoss::Aot | DpoLoss::AotPair | DpoLoss::BcoPair)
     }
 }
 
@@ -218,22 +233,47 @@ pub fn dpo_loss(
                 - 1.0 / (2.0 * c.beta))?;
             avg.sqr()?
         }
+        DpoLoss::Aot | DpoLoss::AotPair | DpoLoss::BcoPair => {
+            return Err(LearnerError::Invalid(format!(
+                "{:?} couples the step's pairs: see coupled::coupled_loss",
+                c.loss
+            )))
+        }
     };
-    let mut loss = (per_pair.sum_all()? / total_pairs.max(1) as f64)?;
-    if c.rpo_alpha != 0.0 {
-        let nll = (x.chosen.sum_all()? * (-c.rpo_alpha / total_chosen_tokens.max(1) as f64))?;
-        loss = (loss + nll)?;
+    let loss = (per_pair.sum_all()? / total_pairs.max(1) as f64)?;
+    Ok((
+        with_rpo(loss, x.chosen, c, total_chosen_tokens)?,
+        implicit_rewards(&h_w, &h_l, c.beta)?,
+    ))
+}
+
+/// `loss` plus RPO's term: α × the negative log-likelihood of the chosen completions, a mean
+/// over the `total_chosen_tokens` of the step's.
+fn with_rpo(
+    loss: Tensor,
+    chosen: &Tensor,
+    c: &DpoConfig,
+    total_chosen_tokens: usize,
+) -> Result<Tensor> {
+    if c.rpo_alpha == 0.0 {
+        return Ok(loss);
     }
-    let r_w = (h_w.detach() * c.beta)?;
-    let r_l = (h_l.detach() * c.beta)?;
+    let scale = -c.rpo_alpha / total_chosen_tokens.max(1) as f64;
+    Ok((loss + (chosen.sum_all()? * scale)?)?)
+}
+
+/// The micro-batch's implicit-reward statistics from its log-ratios `[B]`, on the device.
+fn implicit_rewards(h_w: &Tensor, h_l: &Tensor, beta: f64) -> Result<PendingDpoStats> {
+    let r_w = (h_w.detach() * beta)?;
+    let r_l = (h_l.detach() * beta)?;
     let sums = DeviceSums::stack(&[
         r_w.gt(&r_l)?.to_dtype(DType::F32)?.sum_all()?,
         (&r_w - &r_l)?.sum_all()?,
         r_w.sum_all()?,
         r_l.sum_all()?,
     ])?;
-    let pairs = delta.dim(0)?;
-    Ok((loss, PendingDpoStats { sums, pairs }))
+    let pairs = r_w.dim(0)?;
+    Ok(PendingDpoStats { sums, pairs })
 }
 
 /// One preference pair, tokenized: the completions end with their end-of-sequence token.
@@ -364,13 +404,17 @@ pub struct DpoMetrics {
     pub memory_retries: usize,
 }
 
-/// One optimizer step of the DPO family on `pairs` with their cached reference log-probs.
+/// One optimizer step of the DPO family on `pairs` with their cached reference log-probs. The
+/// losses that couple the step's pairs ([`crate::coupled`]) take one pass without gradient first
+/// and update BCO's running mean `bco`.
+#[allow(clippy::too_many_arguments)]
 pub fn dpo_step(
     policy: &Weights,
     opt: &mut AdamW,
     pairs: &[Pair],
     reference: &[(f32, f32)],
     cfg: &DpoConfig,
+    bco: &mut RunningMean,
     budget: usize,
     lr: f64,
 ) -> Result<DpoMetrics> {
@@ -390,6 +434,30 @@ pub fn dpo_step(
             (&ordered.0[..], &ordered.1[..])
         }
         None => (pairs, reference),
+    };
+    // the coupled losses: the step's loss and each log-prob's gradient, from a pass without one
+    let coupled = match cfg.loss.couples_pairs() {
+        true => {
+            let now = reference_logprobs(policy, pairs, budget)?;
+            let wide = |x: f32| f64::from(x);
+            let (chosen, rejected): (Vec<f64>, Vec<f64>) =
+                now.iter().map(|&(c, r)| (wide(c), wide(r))).unzip();
+            let refs: Vec<(f64, f64)> =
+                reference.iter().map(|&(c, r)| (wide(c), wide(r))).collect();
+            let (loss, g_w, g_l) = coupled_loss(&chosen, &rejected, &refs, cfg, bco)
+                .ok_or_else(|| LearnerError::Invalid("not a coupled DPO loss".into()))?;
+            if !loss.is_finite() {
+                return Ok(DpoMetrics {
+                    loss,
+                    skipped: true,
+                    ..Default::default()
+                });
+            }
+            let nll =
+                -cfg.rpo_alpha * chosen.iter().sum::<f64>() / step_chosen_tokens.max(1) as f64;
+            Some((loss + nll, g_w, g_l))
+        }
+        false => None,
     };
     let mut m = fitted(
         opt,
@@ -424,7 +492,19 @@ pub fn dpo_step(
                     chosen_tokens: &chosen_tokens,
                     rejected_tokens: &rejected_tokens,
                 };
-                let (loss, pending) = dpo_loss(&x, cfg, pairs.len(), step_chosen_tokens)?;
+                let (loss, pending) = match &coupled {
+                    // Σ g·log π: the coupled loss's gradient on this micro-batch's log-probs
+                    Some((_, g_w, g_l)) => {
+                        let g = |g: &[f64]| vec(&|i| g[piece.range.start + i] as f32);
+                        let linear = ((&chosen * g(g_w)?)?.sum_all()?
+                            + (&rejected * g(g_l)?)?.sum_all()?)?;
+                        let linear = with_rpo(linear, &chosen, cfg, step_chosen_tokens)?;
+                        let h_w = (&chosen - &ref_chosen)?;
+                        let h_l = (&rejected - &ref_rejected)?;
+                        (linear, implicit_rewards(&h_w, &h_l, cfg.beta)?)
+                    }
+                    None => dpo_loss(&x, cfg, pairs.len(), step_chosen_tokens)?,
+                };
                 let (value, done) = opt.backward(&loss)?;
                 if done.is_none() {
                     m.skipped = true;
@@ -432,7 +512,10 @@ pub fn dpo_step(
                     return Ok(m);
                 }
                 let s = pending.read()?;
-                m.loss += value;
+                m.loss += match &coupled {
+                    Some(_) => 0.0,
+                    None => value,
+                };
                 m.reward_accuracy += s.reward_accuracy;
                 m.margin += s.margin;
                 m.chosen_reward += s.chosen_reward;
@@ -443,6 +526,9 @@ pub fn dpo_step(
     )?;
     if m.skipped {
         return Ok(m);
+    }
+    if let Some((loss, _, _)) = &coupled {
+        m.loss = *loss;
     }
     let n = pairs.len() as f64;
     m.reward_accuracy /= n;

@@ -6,6 +6,7 @@ pub mod alpharl;
 pub mod checkpoint;
 pub mod collect;
 pub mod correction;
+pub mod coupled;
 pub mod covariance;
 pub mod device_sums;
 pub mod dpo;

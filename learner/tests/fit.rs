@@ -327,7 +327,19 @@ fn sft_and_dpo_steps_run_in_pieces_as_they_would_whole() {
     let dpo = |room: Option<usize>| {
         let (vars, w) = base.to_vars().unwrap();
         let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
-        let mut step = || dpo_step(&w, &mut opt, &pairs, &reference, &cfg, 1 << 12, 1e-3).unwrap();
+        let mut step = || {
+            dpo_step(
+                &w,
+                &mut opt,
+                &pairs,
+                &reference,
+                &cfg,
+                &mut Default::default(),
+                1 << 12,
+                1e-3,
+            )
+            .unwrap()
+        };
         let m = match room {
             Some(room) => with_room(room, &mut step),
             None => step(),

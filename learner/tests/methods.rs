@@ -1,15 +1,16 @@
 //! Issue 5's estimators and losses against independent PyTorch values
 //! (scripts/make_learner_fixtures.py) on padded batches of unequal lengths: RLOO, REINFORCE++
-//! with and without baseline, GDPO, GRPO pass@k, OPO, ReMax, PPO token rewards and GAE, whitening, AR, EM-RL rewards, the
-//! adaptive KL controller, on-policy distillation's teacher term, the clipped value loss, the DPO
-//! family (TRL's DPO losses, SimPO, RPO), KTO (TRL's `kto` and `apo_zero_unpaired`) and Lopti's
-//! two passes.
+//! with and without baseline, GDPO, GRPO pass@k, OPO, ReMax, PPO token rewards and GAE,
+//! whitening, AR, EM-RL rewards, the adaptive KL controller, on-policy distillation's teacher
+//! term, the clipped value loss, the DPO family (TRL's DPO losses, SimPO, RPO, the batch-coupled
+//! AOT and BCO-pair), KTO (TRL's `kto` and `apo_zero_unpaired`) and Lopti's two passes.
 
 use candle_core::{Device, Tensor, Var};
 use learner::advantages::{
     discounted_returns, distill, gae, gdpo, grpo_passk, opo, reinforce_pp, reinforce_pp_baseline,
     remax, reweight, rloo, token_rewards, whiten, EntropyReward, KlController,
 };
+use learner::coupled::{coupled_loss, RunningMean};
 use learner::dpo::{dpo_loss, DpoConfig, DpoLoss, PairLogprobs};
 use learner::grpo::{
     policy_loss, Aggregation, KlEstimator, PolicyInputs, PolicyLossConfig, ScaleRewards, StepTotals,
@@ -359,6 +360,54 @@ fn dpo_losses_gradients_and_metrics_match_the_reference() {
         dpo_loss(&x, &bad, 1, 1).is_err(),
         "robust DPO with ε = 0.5 divides by zero"
     );
+}
+
+/// TRL's losses that couple a batch's pairs (`aot`, `aot_pair`: sorted log-ratios; `bco_pair`:
+/// rewards shifted by a running mean): loss, gradient and the running mean, over a step of 6
+/// pairs taken as one batch.
+#[test]
+fn coupled_dpo_losses_sort_and_shift_as_trl_does() {
+    let f = fixture("dpo_coupled");
+    let v = |k: &str| parse::<Vec<f64>>(&f[k]);
+    let (chosen, rejected) = (v("chosen"), v("rejected"));
+    let reference: Vec<(f64, f64)> = v("ref_chosen").into_iter().zip(v("ref_rejected")).collect();
+    let cases = f["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    let near = |got: f64, want: f64, what: &str| {
+        assert!(
+            (got - want).abs() < 1e-9 * (1.0 + want.abs()),
+            "{what}: {got} vs {want}"
+        );
+    };
+    for case in cases {
+        let cfg = DpoConfig {
+            loss: parse::<DpoLoss>(&case["loss_type"]),
+            beta: parse(&case["beta"]),
+            label_smoothing: parse(&case["label_smoothing"]),
+            ..DpoConfig::default()
+        };
+        let mut bco = RunningMean::default();
+        for x in parse::<Vec<f64>>(&case["earlier"]) {
+            bco.update(x);
+        }
+        let what = format!("{cfg:?}");
+        let (loss, g_w, g_l) =
+            coupled_loss(&chosen, &rejected, &reference, &cfg, &mut bco).unwrap();
+        near(loss, parse(&case["loss"]), &what);
+        for (got, key) in [(&g_w, "grad_chosen"), (&g_l, "grad_rejected")] {
+            for (g, want) in got.iter().zip(parse::<Vec<f64>>(&case[key])) {
+                near(*g, want, &format!("{what} {key}"));
+            }
+        }
+        near(
+            bco.mean,
+            parse(&case["running_mean"]),
+            &format!("{what} running mean"),
+        );
+    }
+    let plain = DpoConfig::default();
+    let mut bco = RunningMean::default();
+    assert!(coupled_loss(&chosen, &rejected, &reference, &plain, &mut bco).is_none());
 }
 
 #[test]

@@ -141,9 +141,18 @@ fn run(pack: bool, share: bool, order: bool, budget: usize) -> Outcome {
         label_smoothing: 0.0,
         ..DpoConfig::default()
     };
-    let dpo_loss = dpo_step(&w, &mut opt, &pairs, &dpo_reference, &dpo, 52, 1.0)
-        .unwrap()
-        .loss;
+    let dpo_loss = dpo_step(
+        &w,
+        &mut opt,
+        &pairs,
+        &dpo_reference,
+        &dpo,
+        &mut Default::default(),
+        52,
+        1.0,
+    )
+    .unwrap()
+    .loss;
     Outcome {
         weights: vars
             .into_iter()

@@ -541,7 +541,19 @@ fn dpo_steps_prefer_the_chosen_completions_and_ignore_micro_batching() {
             let (vars, w) = base.to_vars().unwrap();
             let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
             let ms: Vec<_> = (0..steps)
-                .map(|_| dpo_step(&w, &mut opt, &pairs, &reference, &cfg, budget, 1e-3).unwrap())
+                .map(|_| {
+                    dpo_step(
+                        &w,
+                        &mut opt,
+                        &pairs,
+                        &reference,
+                        &cfg,
+                        &mut Default::default(),
+                        budget,
+                        1e-3,
+                    )
+                    .unwrap()
+                })
                 .collect();
             (ms, w.detach())
         };
