@@ -637,6 +637,13 @@ pub struct AlgorithmConfig {
     pub preference_prompts: usize,
 }
 
+impl AlgorithmConfig {
+    /// ReMax: each group also decodes its prompt greedily, for the baseline.
+    pub fn greedy_baseline(&self) -> bool {
+        self.name == "remax"
+    }
+}
+
 impl Default for AlgorithmConfig {
     fn default() -> Self {
         AlgorithmConfig {

@@ -675,7 +675,7 @@ fn rl_stage(
             seed: c.run.seed,
             entropy_reward: c.algorithm.entropy_reward,
             groups_per_batch,
-            greedy_baseline: c.algorithm.name == "remax",
+            greedy_baseline: c.algorithm.greedy_baseline(),
         },
         Arc::new(task.clone()),
         feed.clone(),
@@ -772,7 +772,7 @@ fn rl_stage(
                 .0
             };
             // ReMax's greedy completions (NaN under other algorithms)
-            let greedy = |name: &str| match c.algorithm.name == "remax" {
+            let greedy = |name: &str| match c.algorithm.greedy_baseline() {
                 true => part(name),
                 false => f64::NAN,
             };

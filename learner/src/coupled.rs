@@ -54,24 +54,32 @@ pub fn coupled_loss(
         let value = -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z);
         (value, beta * (sigmoid(z) - (1.0 - eps)))
     };
+    // `left` and `right` each sorted, rank against rank: the pairs (j, k) they pair up, and the
+    // term's value and slope at `left[j] − right[k]`
+    let ranked = |left: &[f64], right: &[f64]| -> Vec<(usize, usize, f64, f64)> {
+        let (by_left, by_right) = (ascending(left), ascending(right));
+        let ranks = by_left.into_iter().zip(by_right);
+        ranks
+            .map(|(j, k)| {
+                let (value, slope) = smoothed(left[j] - right[k]);
+                (j, k, value, slope)
+            })
+            .collect()
+    };
     match c.loss {
         DpoLoss::Aot => {
-            // the policy's log-ratios and the reference's, each sorted, rank against rank
+            // the policy's log-ratios against the reference's
             let pi: Vec<f64> = (0..n).map(|i| chosen[i] - rejected[i]).collect();
             let refs: Vec<f64> = reference.iter().map(|r| r.0 - r.1).collect();
-            let (by_pi, by_ref) = (ascending(&pi), ascending(&refs));
-            for (&j, &k) in by_pi.iter().zip(&by_ref) {
-                let (value, slope) = smoothed(pi[j] - refs[k]);
+            for (j, _, value, slope) in ranked(&pi, &refs) {
                 loss += value;
                 g_w[j] += slope;
                 g_l[j] -= slope;
             }
         }
         DpoLoss::AotPair => {
-            // the chosen log-ratios and the rejected ones, each sorted, rank against rank
-            let (by_w, by_l) = (ascending(&h_w), ascending(&h_l));
-            for (&j, &k) in by_w.iter().zip(&by_l) {
-                let (value, slope) = smoothed(h_w[j] - h_l[k]);
+            // the chosen log-ratios against the rejected ones
+            for (j, k, value, slope) in ranked(&h_w, &h_l) {
                 loss += value;
                 g_w[j] += slope;
                 g_l[k] -= slope;

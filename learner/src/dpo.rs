@@ -512,10 +512,7 @@ pub fn dpo_step(
                     return Ok(m);
                 }
                 let s = pending.read()?;
-                m.loss += match &coupled {
-                    Some(_) => 0.0,
-                    None => value,
-                };
+                m.loss += value; // a coupled loss's value is the host's, set below
                 m.reward_accuracy += s.reward_accuracy;
                 m.margin += s.margin;
                 m.chosen_reward += s.chosen_reward;
