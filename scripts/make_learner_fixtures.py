@@ -875,12 +875,49 @@ def dpo_coupled():
             "ref_rejected": rr.tolist(), "cases": cases}
 
 
+def m2po():
+    """AReaL's M2PO masking (areal/trainer/ppo/actor.py: _apply_m2po_masking, _get_m2po_loss_mask):
+    the second moments (old_logp - prox_logp)^2 of the valid tokens sorted in descending order,
+    the suffix means, the first index where the mean of the rest falls below the threshold (all
+    but one when none does); on ragged rows, pooled over the batch, at thresholds that mask some,
+    none, and all but one."""
+    torch.manual_seed(13)
+    lengths = [5, 2, 4, 1, 3, 6]
+    b, t = len(lengths), 6
+    mask = torch.tensor([[j < n for j in range(t)] for n in lengths])
+    prox = -torch.rand(b, t, dtype=torch.float64) * 3
+    old = prox + torch.randn(b, t, dtype=torch.float64) * 0.3
+    cases = []
+    for threshold in [0.04, 0.01, 0.002, 1.0, 1e-9]:
+        delta = old - prox
+        m2 = delta * delta
+        flat = mask.view(-1)
+        selected = m2.view(-1)[flat]
+        sorted_m2, indices = torch.sort(selected, descending=True)
+        restored = torch.argsort(indices)
+        n = sorted_m2.numel()
+        suffix = sorted_m2.flip(0).cumsum(0).flip(0)
+        counts = torch.arange(n, 0, -1, dtype=sorted_m2.dtype)
+        below = torch.where(suffix / counts < threshold)[0]
+        num = below[0].item() if len(below) > 0 else n - 1
+        keep_sorted = torch.ones(n, dtype=torch.bool)
+        keep_sorted[:num] = False
+        full = torch.zeros_like(flat)
+        full[flat] = keep_sorted[restored]
+        kept = full.view(b, t)
+        cases.append({"threshold": threshold, "kept": [[bool(kept[i, j]) for j in range(lengths[i])] for i in range(b)],
+                      "masked": num, "m2": selected.mean().item()})
+    return {"lengths": lengths, "proximal": [prox[i, :n].tolist() for i, n in enumerate(lengths)],
+            "behaviour": [old[i, :n].tolist() for i, n in enumerate(lengths)], "cases": cases}
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for name, fn in [("adamw", adamw), ("grpo", grpo), ("advantages", advantages),
                      ("estimators", estimators), ("value", value), ("dpo", dpo), ("lopti", lopti),
                      ("covariance", covariance), ("dppo", dppo), ("kto", kto),
-                     ("gmpo_gpg", gmpo_gpg), ("top_entropy", top_entropy), ("dpo_coupled", dpo_coupled)]:
+                     ("gmpo_gpg", gmpo_gpg), ("top_entropy", top_entropy), ("dpo_coupled", dpo_coupled),
+                     ("m2po", m2po)]:
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(fn(), f)
     print("learner fixtures written")

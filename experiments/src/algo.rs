@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use learner::advantages::{self, KlController};
-use learner::correction::{importance_weights, BehaviourCorrection, CorrectionStats};
+use learner::correction::{importance_weights, m2_kept, BehaviourCorrection, CorrectionStats};
 use learner::grpo::{group_advantages, PolicyLossConfig, Surrogate};
 use learner::optim::AdamW;
 use learner::ppo::ValueHead;
@@ -127,6 +127,9 @@ pub struct AdvantageStats {
     pub reward_kl_coef: f64,
     /// The behaviour correction's statistics (None: off).
     pub correction: Option<CorrectionStats>,
+    /// M2PO: the mean second moment `(log π_prox − log π_behav)²` of the step's tokens and the
+    /// share it masked (None: off).
+    pub m2po: Option<(f64, f64)>,
     /// On-policy distillation: the mean over completion tokens of `log π_old − log π_teacher`
     /// (slime's `opd_reverse_kl`; None: no teacher).
     pub reverse_kl: Option<f64>,
@@ -276,12 +279,27 @@ impl Algorithm {
                 .iter()
                 .map(|s| s.behavior_logprobs.as_slice())
                 .collect();
-            let (weights, correction) = importance_weights(
+            let (mut weights, correction) = importance_weights(
                 &proximal,
                 &behaviour,
                 a.behaviour_correction,
                 a.behaviour_cap,
             );
+            if let Some(tau) = a.m2_threshold {
+                let valid: Vec<bool> = seqs.iter().map(|s| !s.masked).collect();
+                let (kept, m2) = m2_kept(&proximal, &behaviour, &valid, tau);
+                let (mut masked, mut tokens) = (0usize, 0usize);
+                for ((w, k), v) in weights.iter_mut().zip(kept).zip(&valid) {
+                    for (x, k) in w.iter_mut().zip(k) {
+                        masked += usize::from(!k);
+                        if !k {
+                            *x = 0.0;
+                        }
+                    }
+                    tokens += if *v { w.len() } else { 0 };
+                }
+                stats.m2po = Some((m2, masked as f64 / tokens.max(1) as f64));
+            }
             for ((s, p), w) in seqs.iter_mut().zip(proximal).zip(weights) {
                 s.sampler_logprobs = Some(std::mem::replace(&mut s.behavior_logprobs, p));
                 s.importance_weights = Some(w);

@@ -577,6 +577,10 @@ pub struct AlgorithmConfig {
     pub behaviour_correction: BehaviourCorrection,
     /// The cap of the correction's importance weight (TRL's `vllm_importance_sampling_cap`).
     pub behaviour_cap: f64,
+    /// M2PO's threshold τ (AReaL's `m2_threshold`, the paper's 0.04), with a behaviour
+    /// correction: the tokens of the largest `(log π_prox − log π_behav)²` leave the policy term
+    /// until the mean of the rest is below τ (`learner::correction::m2_kept`). None: off.
+    pub m2_threshold: Option<f64>,
     /// Off-policy sequence masking δ (DeepSeek-V3.2; TRL's `off_policy_mask_threshold`): the
     /// tokens of negative advantage in a sequence whose mean `log π_sampler − log π_θ` exceeds δ
     /// leave the policy loss. None: off.
@@ -677,6 +681,7 @@ impl Default for AlgorithmConfig {
             mask_truncated: false,
             behaviour_correction: BehaviourCorrection::None,
             behaviour_cap: 3.0,
+            m2_threshold: None,
             off_policy_mask: None,
             top_entropy_quantile: 1.0,
             epochs: 1,
@@ -1167,6 +1172,15 @@ impl Config {
         }
         if a.off_policy_mask.is_some_and(|d| !d.is_finite()) {
             bail!("algorithm.off_policy_mask must be a finite threshold");
+        }
+        if let Some(tau) = a.m2_threshold {
+            if !(corrected && tau.is_finite() && tau > 0.0) {
+                bail!(
+                    "algorithm.m2_threshold = {tau}: M2PO compares the learner's recomputed \
+                     log-probs with the sampler's, so it needs a behaviour_correction, and a \
+                     positive threshold"
+                );
+            }
         }
         if corrected && !(a.behaviour_cap.is_finite() && a.behaviour_cap > 0.0) {
             bail!(
@@ -1674,6 +1688,11 @@ mod tests {
         assert!(both_err(corrected, "algorithm.behaviour_cap=0").contains("behaviour_cap"));
         assert!(both_err(corrected, "algorithm.name=dpo").contains("DPO"));
         assert!(bad("algorithm.behaviour_correction=tis").contains("tis"));
+        // M2PO compares the recomputed log-probs with the sampler's: only with a correction
+        let m2 = both(corrected, "algorithm.m2_threshold=0.04").unwrap();
+        assert_eq!(m2.algorithm.m2_threshold, Some(0.04));
+        assert!(bad("algorithm.m2_threshold=0.04").contains("needs a behaviour_correction"));
+        assert!(both_err(corrected, "algorithm.m2_threshold=0").contains("m2_threshold"));
         let masked = Config::default_with(&["algorithm.off_policy_mask=0.5"]).unwrap();
         assert_eq!(masked.algorithm.off_policy_mask, Some(0.5));
         let e = both_err("algorithm.off_policy_mask=0.5", "algorithm.name=dpo");

@@ -813,6 +813,8 @@ fn rl_stage(
                 ("is_weight_mean".into(), corr(|c| c.weight_mean)),
                 ("is_weight_max".into(), corr(|c| c.weight_max)),
                 ("is_capped_frac".into(), corr(|c| c.capped_frac)),
+                ("m2".into(), adv.m2po.map_or(f64::NAN, |m| m.0)),
+                ("m2_masked_frac".into(), adv.m2po.map_or(f64::NAN, |m| m.1)),
                 ("opd_reverse_kl".into(), adv.reverse_kl.unwrap_or(f64::NAN)),
                 ("value_loss".into(), critic.map_or(m.value_loss, |c| c.0)),
                 (

@@ -1406,6 +1406,7 @@ fn kto_trains_on_unpaired_examples_from_samples_or_a_file() {
 /// uncorrected run's is not on its stale samples; the sampler's gap shows in
 /// `sampler_logprob_diff_max` on the steps with stale samples and is float rounding on fresh
 /// ones; the weights are logged within their cap, and an uncorrected run logs NaN for them.
+/// With M2PO (`m2_threshold`) the steps with stale samples mask tokens and the fresh ones none.
 #[test]
 fn behaviour_correction_recomputes_the_old_policy_and_weights_stale_samples() {
     let root = scratch("correction");
@@ -1467,6 +1468,30 @@ fn behaviour_correction_recomputes_the_old_policy_and_weights_stale_samples() {
         );
     }
     assert!(metric(&plain, "is_weight_mean").iter().all(|x| x.is_nan()));
+    // M2PO on top: the steps with stale samples mask tokens (their second moments pass 1e-7),
+    // the fresh ones (float rounding) none
+    let m2po = root.join("m2po");
+    let with_m2 = [set[0], set[1], set[2], "algorithm.m2_threshold=1e-7"];
+    succeed(&mut tiny("m2po", &m2po, &with_m2, 4));
+    let (stale, masked) = (
+        metric(&m2po, "staleness_1"),
+        metric(&m2po, "m2_masked_frac"),
+    );
+    let m2 = metric(&m2po, "m2");
+    assert!(
+        stale.iter().sum::<f64>() > 0.0,
+        "no sample was a version old"
+    );
+    for step in 0..4 {
+        match stale[step] > 0.0 {
+            true => assert!(masked[step] > 0.0 && m2[step] > 1e-7, "step {step}: {m2:?}"),
+            false => assert!(
+                masked[step] == 0.0 && m2[step] < 1e-7,
+                "step {step}: {m2:?}"
+            ),
+        }
+    }
+    assert!(metric(&corrected, "m2").iter().all(|x| x.is_nan()));
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -119,9 +119,84 @@ pub fn importance_weights<B: AsRef<[f32]>>(
     (weights, stats)
 }
 
+/// M2PO (Zheng et al. 2025, "Prosperity before Collapse", arXiv 2510.01161; AReaL's
+/// `m2_threshold`): which completion tokens keep their policy term so that the mean second moment
+/// `(log π_prox − log π_behav)²` of the tokens kept falls below `threshold`. The tokens of the
+/// largest second moment go first, one by one, until the mean of the rest is below it (all but
+/// one when none is: AReaL's `_get_m2po_loss_mask`); ties go by position. Over the tokens of the
+/// `valid` sequences (the others are left out of the policy loss anyway, and kept here), pooled
+/// over the step where AReaL pools each micro-batch. Also the mean second moment before masking.
+pub fn m2_kept<B: AsRef<[f32]>>(
+    proximal: &[Vec<f32>],
+    behaviour: &[B],
+    valid: &[bool],
+    threshold: f64,
+) -> (Vec<Vec<bool>>, f64) {
+    let m2: Vec<Vec<f64>> = proximal
+        .iter()
+        .zip(behaviour)
+        .map(|(p, b)| {
+            p.iter()
+                .zip(b.as_ref())
+                .map(|(&p, &b)| (f64::from(p) - f64::from(b)).powi(2))
+                .collect()
+        })
+        .collect();
+    let mut kept: Vec<Vec<bool>> = m2.iter().map(|r| vec![true; r.len()]).collect();
+    // the valid tokens, largest second moment first
+    let mut order: Vec<(usize, usize)> = (0..m2.len())
+        .filter(|&i| valid[i])
+        .flat_map(|i| (0..m2[i].len()).map(move |t| (i, t)))
+        .collect();
+    let n = order.len();
+    if n == 0 {
+        return (kept, f64::NAN);
+    }
+    order.sort_by(|&(i, t), &(j, u)| m2[j][u].total_cmp(&m2[i][t]).then((i, t).cmp(&(j, u))));
+    let total: f64 = order.iter().map(|&(i, t)| m2[i][t]).sum();
+    // masking the first k leaves the mean of the rest; the first k with that below the threshold
+    let mut rest = total;
+    let mut masked = n - 1;
+    for (k, &(i, t)) in order.iter().enumerate() {
+        if rest / ((n - k) as f64) < threshold {
+            masked = k;
+            break;
+        }
+        rest -= m2[i][t];
+    }
+    for &(i, t) in &order[..masked] {
+        kept[i][t] = false;
+    }
+    (kept, total / n as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn m2po_masks_the_largest_second_moments_until_the_rest_is_below_the_threshold() {
+        // second moments 0.09, 0.01, 0.25 | 0.0001 | 0.04 (a left-out sequence's: kept)
+        let behaviour = vec![vec![0.3f32, -0.1, 0.5], vec![0.01], vec![0.2]];
+        let proximal = vec![vec![0.0f32; 3], vec![0.0], vec![0.0]];
+        let valid = [true, true, false];
+        let run = |tau| m2_kept(&proximal, &behaviour, &valid, tau);
+        let (kept, m2) = run(0.05);
+        // 0.3501 / 4 ≥ 0.05; without 0.25: 0.1001 / 3 < 0.05
+        assert_eq!(kept, vec![vec![true, true, false], vec![true], vec![true]]);
+        assert!((m2 - 0.3501 / 4.0).abs() < 1e-6);
+        let (kept, _) = run(0.1);
+        assert!(
+            kept.iter().flatten().all(|&k| k),
+            "below the threshold already"
+        );
+        let (kept, _) = run(1e-9);
+        // none suffices: all but the one of the smallest second moment
+        assert_eq!(
+            kept,
+            vec![vec![false, false, false], vec![true], vec![true]]
+        );
+    }
 
     #[test]
     fn weights_are_truncated_or_masked_per_token_or_sequence() {

@@ -374,6 +374,37 @@ fn corrected(
     (Tensor::new(padded, &Device::Cpu).unwrap(), stats)
 }
 
+/// M2PO's token mask against AReaL's `_get_m2po_loss_mask` on ragged rows: thresholds that mask
+/// some tokens, none, and all but one.
+#[test]
+fn m2po_keeps_the_tokens_areal_keeps() {
+    let f = fixture("m2po");
+    let (proximal, behaviour): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+        (parse(&f["proximal"]), parse(&f["behaviour"]));
+    let valid = vec![true; proximal.len()];
+    let cases = f["cases"].as_array().unwrap();
+    for case in cases {
+        let threshold: f64 = parse(&case["threshold"]);
+        let (kept, m2) = learner::correction::m2_kept(&proximal, &behaviour, &valid, threshold);
+        assert_eq!(
+            kept,
+            parse::<Vec<Vec<bool>>>(&case["kept"]),
+            "at {threshold}"
+        );
+        let masked = kept.iter().flatten().filter(|&&k| !k).count();
+        assert_eq!(masked, parse::<usize>(&case["masked"]), "at {threshold}");
+        assert!(
+            (m2 - parse::<f64>(&case["m2"])).abs() < 1e-6,
+            "at {threshold}"
+        );
+    }
+    let masked: Vec<usize> = cases.iter().map(|c| parse(&c["masked"])).collect();
+    assert!(
+        masked.contains(&0) && masked.iter().any(|&m| m > 0 && m < 20),
+        "{masked:?}"
+    );
+}
+
 #[test]
 fn importance_weights_and_their_statistics_match_trl() {
     let f = fixture("grpo");
