@@ -418,7 +418,6 @@ fn entropy_rewards_come_from_the_sampling_policy() {
         .unwrap()
         .remove(0);
     let cfg = |entropy_reward| PoolConfig {
-        workers: 1,
         group_size: 3,
         generation: GenerationConfig {
             max_new_tokens: 5,
@@ -427,8 +426,7 @@ fn entropy_rewards_come_from_the_sampling_policy() {
         },
         seed: 5,
         entropy_reward,
-        groups_per_batch: 1,
-        greedy_baseline: false,
+        ..pool_config(1, 1)
     };
     let plain = rollout_group(&task, &w, 0, 9, &record, &cfg(EntropyReward::None)).unwrap();
     let seq = rollout_group(&task, &w, 0, 9, &record, &cfg(EntropyReward::Sequence)).unwrap();
