@@ -9,8 +9,9 @@
 //! `{"completion": …, "completion_tokens": …}` with the record's `prompt`, `answer` and
 //! `metadata` fields added; the program answers one line: a number (the reward), or an object
 //! `{"reward": x}` with, optionally, `"correct": true / false` (which sets the accuracy when the
-//! part is the task's first). The programs stay up between requests: one per caller at a time
-//! (a rollout worker), started as needed and kept for the next request.
+//! part is the task's first), and nothing else on stdout (logs go to stderr). The programs stay
+//! up between requests: one per caller at a time (a rollout worker), started as needed and kept
+//! for the next request after each good answer.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Stdio};
@@ -110,14 +111,23 @@ impl Command {
     }
 
     /// The program's answer to one request line (a JSON object): the reward and, if it says,
-    /// whether the completion is correct. An instance that missed the deadline, exited or could
-    /// not take the request is dropped (killed); one that answered, even wrongly, is kept.
+    /// whether the completion is correct. An instance is kept for the next request only after
+    /// a good answer; one that missed the deadline, exited, answered nonsense or wrote lines it
+    /// was not asked for is dropped (killed), so that its answers never go to the wrong request.
     pub fn score(&self, request: &str) -> Result<(f32, Option<bool>), String> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut p = match idle {
             Some(p) => p,
             None => self.spawn()?,
         };
+        let stray = p.lines.try_iter().count();
+        if stray > 0 {
+            return Err(format!(
+                "`{}` wrote {stray} line(s) it was not asked for (one answer line a request; \
+                 logs go to stderr): stopped",
+                self.name()
+            ));
+        }
         let sent = writeln!(p.stdin, "{request}").and_then(|_| p.stdin.flush());
         if let Err(e) = sent {
             return Err(format!("`{}` did not take the request: {e}", self.name()));
@@ -137,8 +147,9 @@ impl Command {
                 return Err(format!("`{}` exited ({status})", self.name()));
             }
         };
+        let answer = parse_answer(&line)?;
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(p);
-        parse_answer(&line)
+        Ok(answer)
     }
 }
 

@@ -103,10 +103,22 @@ fn a_program_that_hangs_crashes_or_answers_nonsense_fails_the_part_and_is_replac
         let why = failure(&score(&crashes, "x", "{}"));
         assert!(why.contains("exited") && why.contains('3'), "{why}");
     }
-    // answers nonsense: the part fails, the instance (still in step) is kept
+    // answers nonsense: the part fails (and the instance is replaced)
     let chatty = spec(sh("while read -r l; do echo hello; done", 5000));
     let why = failure(&score(&chatty, "x", "{}"));
     assert!(why.contains("\"hello\""), "{why}");
+    // answers twice: the first answer counts, the extra line fails the next request instead of
+    // answering it
+    let twice = spec(sh("while read -r l; do echo 1; echo 2; done", 5000));
+    assert_eq!(score(&twice, "x", "{}").total, 2.0);
+    std::thread::sleep(Duration::from_millis(100));
+    let why = failure(&score(&twice, "x", "{}"));
+    assert!(why.contains("not asked for"), "{why}");
+    assert_eq!(
+        score(&twice, "x", "{}").total,
+        2.0,
+        "a fresh instance answers"
+    );
     let not_finite = spec(sh(
         r#"while read -r l; do echo '{"reward": NaN}'; done"#,
         5000,
